@@ -1,0 +1,48 @@
+//! Devices and the run-time choice between them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(Error::Input(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)"))),
+            },
+        }
+    }
+}
+
+/// The backend that runs the model on `device`: the fast CPU path, or CUDA.
+pub fn backend_for(device: Device) -> Result<std::sync::Arc<dyn crate::backend::Backend>, Error> {
+    match device {
+        Device::Cpu => Ok(std::sync::Arc::new(crate::cpu::CpuBackend::fast())),
+        Device::Cuda(_) => Err(Error::Unsupported(
+            "the CUDA model backend is not built yet (only its first kernel, the fused residual + LayerNorm, \
+             exists and is tested); use --device cpu"
+                .into(),
+        )),
+    }
+}

@@ -1,0 +1,63 @@
+//! The library's one error type. Every message names the file, tensor or field at fault so a
+//! user can act on it without a backtrace.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The OS refused to open, read or write a file.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A file exists but its content is malformed (not JSON, truncated safetensors, ...).
+    #[error("{}: {msg}", path.display())]
+    Malformed { path: PathBuf, msg: String },
+
+    /// A config field is missing, of the wrong type, or has a value we do not support.
+    #[error("{}: field `{field}`: {msg}", path.display())]
+    Config { path: PathBuf, field: String, msg: String },
+
+    /// A named tensor in a file is missing, of the wrong dtype or shape, or holds bad values.
+    #[error("{}: tensor `{name}`: {msg}", path.display())]
+    Tensor { path: PathBuf, name: String, msg: String },
+
+    /// Two tensors handed to an operation do not fit together. A bug in the caller, not a file.
+    #[error("shape mismatch in {op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    /// A user-supplied value (token id, mask, sequence length, option) is out of range.
+    #[error("invalid input: {0}")]
+    Input(String),
+
+    /// A feature that exists in the Python library but that we refuse rather than ignore.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// The tokenizer could not be loaded or failed on a text.
+    #[error("{}: tokenizer: {msg}", path.display())]
+    Tokenizer { path: PathBuf, msg: String },
+
+    /// The CUDA driver, NVRTC or cuBLAS failed, or no GPU is present.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub(crate) fn malformed(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Malformed { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
+    }
+    pub(crate) fn tensor(path: impl Into<PathBuf>, name: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor { path: path.into(), name: name.into(), msg: msg.into() }
+    }
+    pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Shape { op, msg: msg.into() }
+    }
+}
