@@ -1,0 +1,168 @@
+//! The fast CPU path against the plain reference, op by op, on random inputs at awkward shapes.
+
+mod common;
+
+use bert_adapters::{Activation, Backend, CpuBackend, Tensor, TokenBatch};
+use common::{assert_close, random_vec};
+use rand::{rngs::StdRng, SeedableRng};
+
+fn both() -> (CpuBackend, CpuBackend) {
+    (CpuBackend::fast(), CpuBackend::reference())
+}
+
+fn t(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
+    Tensor::from_vec(random_vec(rng, shape.iter().product(), scale), shape).unwrap()
+}
+
+fn compare(name: &str, fast: &Tensor, reference: &Tensor) {
+    assert_eq!(fast.shape(), reference.shape(), "{name}");
+    assert_close(name, fast.cpu_data().unwrap(), reference.cpu_data().unwrap(), 1e-5);
+}
+
+#[test]
+fn linear_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (fast, reference) = both();
+    for &(rows, d_in, d_out) in &[(1, 1, 1), (7, 48, 100), (130, 100, 48), (3, 384, 1536), (700, 33, 65)] {
+        let x = t(&mut rng, &[rows, d_in], 1.0);
+        let w = t(&mut rng, &[d_out, d_in], 0.5);
+        let b = t(&mut rng, &[d_out], 0.5);
+        for bias in [None, Some(&b)] {
+            let name = format!("linear {rows}x{d_in}->{d_out} bias={}", bias.is_some());
+            compare(&name, &fast.linear(&x, &w, bias).unwrap(), &reference.linear(&x, &w, bias).unwrap());
+        }
+    }
+}
+
+#[test]
+fn linear_reference_is_the_definition() {
+    // A hand-computed case: [1, 2] · [[1, 0], [2, 3], [-1, 1]]ᵀ + [0.5, 0, 1] = [1.5, 8, 2].
+    let x = Tensor::from_vec(vec![1.0, 2.0], &[1, 2]).unwrap();
+    let w = Tensor::from_vec(vec![1.0, 0.0, 2.0, 3.0, -1.0, 1.0], &[3, 2]).unwrap();
+    let b = Tensor::from_vec(vec![0.5, 0.0, 1.0], &[3]).unwrap();
+    for be in [CpuBackend::fast(), CpuBackend::reference()] {
+        assert_eq!(be.linear(&x, &w, Some(&b)).unwrap().cpu_data().unwrap(), &[1.5, 8.0, 2.0]);
+    }
+}
+
+#[test]
+fn layernorm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (fast, reference) = both();
+    for &(rows, cols) in &[(1, 1), (5, 31), (130, 48), (9, 768), (3, 4099)] {
+        let x = t(&mut rng, &[rows, cols], 3.0);
+        let r = t(&mut rng, &[rows, cols], 3.0);
+        let g = t(&mut rng, &[cols], 1.0);
+        let b = t(&mut rng, &[cols], 1.0);
+        for res in [None, Some(&r)] {
+            for eps in [1e-12, 1e-5] {
+                let name = format!("layernorm {rows}x{cols} residual={} eps={eps}", res.is_some());
+                compare(&name, &fast.residual_layernorm(&x, res, &g, &b, eps).unwrap(), &reference.residual_layernorm(&x, res, &g, &b, eps).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn layernorm_reference_normalises() {
+    // γ=1, β=0: every row must come out with mean 0 and biased variance 1 (up to eps).
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, -10.0, 0.0, 10.0, 20.0], &[2, 4]).unwrap();
+    let g = Tensor::from_vec(vec![1.0; 4], &[4]).unwrap();
+    let b = Tensor::zeros(&[4]);
+    let y = CpuBackend::reference().residual_layernorm(&x, None, &g, &b, 1e-12).unwrap();
+    for row in y.cpu_data().unwrap().chunks(4) {
+        let mean: f32 = row.iter().sum::<f32>() / 4.0;
+        let var: f32 = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "mean {mean} var {var}");
+    }
+    // [1,2,3,4]: mean 2.5, var 1.25 -> first element (1-2.5)/sqrt(1.25).
+    assert!((y.cpu_data().unwrap()[0] - (-1.5 / 1.25f32.sqrt())).abs() < 1e-6);
+}
+
+#[test]
+fn attention_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (fast, reference) = both();
+    for &(batch, seq, hidden, heads) in &[(1, 1, 4, 1), (2, 7, 48, 3), (3, 13, 40, 5), (2, 33, 384, 12)] {
+        let q = t(&mut rng, &[batch, seq, hidden], 2.0);
+        let k = t(&mut rng, &[batch, seq, hidden], 2.0);
+        let v = t(&mut rng, &[batch, seq, hidden], 2.0);
+        // Right padding of a different length per example; the first token is always real.
+        let mask: Vec<f32> = (0..batch * seq).map(|i| if i % seq < seq - (i / seq) % seq { 0.0 } else { f32::MIN }).collect();
+        let mask = Tensor::from_vec(mask, &[batch, seq]).unwrap();
+        let name = format!("attention B{batch} T{seq} H{hidden} heads{heads}");
+        compare(&name, &fast.attention(&q, &k, &v, &mask, heads).unwrap(), &reference.attention(&q, &k, &v, &mask, heads).unwrap());
+    }
+}
+
+#[test]
+fn attention_ignores_masked_keys() {
+    // With key 1 masked, changing its value vector must not change any output.
+    let mut rng = StdRng::seed_from_u64(4);
+    let (b, s, h) = (1, 3, 8);
+    let q = t(&mut rng, &[b, s, h], 1.0);
+    let k = t(&mut rng, &[b, s, h], 1.0);
+    let v1 = t(&mut rng, &[b, s, h], 1.0);
+    let mut v2 = v1.clone();
+    v2.cpu_data_mut().unwrap()[h..2 * h].iter_mut().for_each(|x| *x += 100.0);
+    let mask = Tensor::from_vec(vec![0.0, f32::MIN, 0.0], &[b, s]).unwrap();
+    for be in [CpuBackend::fast(), CpuBackend::reference()] {
+        let a = be.attention(&q, &k, &v1, &mask, 2).unwrap();
+        let c = be.attention(&q, &k, &v2, &mask, 2).unwrap();
+        assert_eq!(a.cpu_data().unwrap(), c.cpu_data().unwrap(), "{}", be.name());
+    }
+}
+
+#[test]
+fn activations_match_reference_and_known_values() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (fast, reference) = both();
+    let x = t(&mut rng, &[1000, 7], 6.0);
+    for act in [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid] {
+        compare(&format!("{act:?}"), &fast.activation(&x, act).unwrap(), &reference.activation(&x, act).unwrap());
+    }
+    // Known values: gelu(1) = 0.8413447460685429, gelu_new(1) = 0.8411919906082768, swish(1) = 0.7310585786300049.
+    assert!((Activation::Gelu.apply_f64(1.0) - 0.841_344_746_068_542_9).abs() < 1e-15);
+    assert!((Activation::GeluNew.apply_f64(1.0) - 0.841_191_990_608_276_8).abs() < 1e-15);
+    assert!((Activation::Swish.apply_f64(1.0) - 0.731_058_578_630_004_9).abs() < 1e-15);
+    assert_eq!(Activation::Relu.apply_f64(-0.5), 0.0);
+}
+
+#[test]
+fn embedding_matches_reference_and_rejects_bad_ids() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let (fast, reference) = both();
+    let (vocab, types, positions, hidden) = (50, 3, 16, 24);
+    let word = t(&mut rng, &[vocab, hidden], 1.0);
+    let pos = t(&mut rng, &[positions, hidden], 1.0);
+    let ty = t(&mut rng, &[types, hidden], 1.0);
+    let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 % vocab) as u32).collect();
+    let tts: Vec<u32> = (0..2 * 9).map(|i| (i % types) as u32).collect();
+    let tokens = TokenBatch { batch: 2, seq_len: 9, input_ids: &ids, token_type_ids: &tts };
+    let a = fast.embedding(&tokens, &word, &pos, &ty).unwrap();
+    compare("embedding", &a, &reference.embedding(&tokens, &word, &pos, &ty).unwrap());
+    // Row 1 (b=0, t=1) is word[7] + type[1] + pos[1].
+    let (w, p, tt) = (word.cpu_data().unwrap(), pos.cpu_data().unwrap(), ty.cpu_data().unwrap());
+    assert_eq!(a.cpu_data().unwrap()[hidden], (w[7 * hidden] + tt[hidden]) + p[hidden]);
+
+    let bad: Vec<u32> = ids.iter().map(|&i| if i == 7 { vocab as u32 } else { i }).collect();
+    let tokens = TokenBatch { batch: 2, seq_len: 9, input_ids: &bad, token_type_ids: &tts };
+    let err = fast.embedding(&tokens, &word, &pos, &ty).unwrap_err().to_string();
+    assert!(err.contains("token id 50 >= vocabulary size 50"), "{err}");
+}
+
+#[test]
+fn shape_errors_are_errors_not_panics() {
+    let be = CpuBackend::fast();
+    let x = Tensor::zeros(&[2, 3]);
+    let w = Tensor::zeros(&[4, 5]);
+    let err = be.linear(&x, &w, None).unwrap_err().to_string();
+    assert!(err.contains("linear") && err.contains("[2, 3]"), "{err}");
+    let g = Tensor::zeros(&[4]);
+    let err = be.residual_layernorm(&x, None, &g, &g, 1e-5).unwrap_err().to_string();
+    assert!(err.contains("gamma has shape [4], expected [3]"), "{err}");
+    let q = Tensor::zeros(&[1, 2, 6]);
+    let m = Tensor::zeros(&[1, 2]);
+    let err = be.attention(&q, &q, &q, &m, 4).unwrap_err().to_string();
+    assert!(err.contains("not divisible by 4 heads"), "{err}");
+}
