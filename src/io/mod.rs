@@ -1,0 +1,9 @@
+//! Files in and out: safetensors tensors, HF BERT weights, input batches, output dumps.
+
+pub mod batch;
+pub mod tensor_file;
+pub mod weights;
+
+pub use batch::InputBatch;
+pub use tensor_file::{write_safetensors, OutTensor, TensorFile};
+pub use weights::{BertWeights, LayerWeights, LoadOptions, LoadReport};

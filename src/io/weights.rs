@@ -1,0 +1,237 @@
+//! BERT weights from a Hugging Face `model.safetensors`, with a load report.
+//!
+//! Accepted: keys with or without the `bert.` prefix (BertModel vs. BertFor* checkpoints), the
+//! legacy `LayerNorm.gamma/beta` names, F32/F16/BF16 data. Ignored: `embeddings.position_ids`
+//! (a buffer, not a weight) and `cls.*` (pre-training heads). Strict by default: a missing or
+//! mis-shaped tensor is an error naming the key and both shapes, and so is an unexpected key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::backend::Backend;
+use crate::config::BertConfig;
+use crate::error::{Error, Result};
+use crate::io::tensor_file::TensorFile;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Refuse unexpected keys too (missing and mis-shaped tensors are always refused, since
+    /// the model cannot run without them).
+    pub strict: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { strict: true }
+    }
+}
+
+/// What loading found, by canonical key (no `bert.` prefix, `LayerNorm.weight/bias`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    /// `(key, expected shape, shape in the file)`.
+    pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Keys that are known not to be weights of a BertModel and were skipped on purpose.
+    pub ignored: Vec<String>,
+    pub has_pooler: bool,
+}
+
+pub struct LayerWeights {
+    pub query_w: Tensor,
+    pub query_b: Tensor,
+    pub key_w: Tensor,
+    pub key_b: Tensor,
+    pub value_w: Tensor,
+    pub value_b: Tensor,
+    pub attn_out_w: Tensor,
+    pub attn_out_b: Tensor,
+    pub attn_ln_gamma: Tensor,
+    pub attn_ln_beta: Tensor,
+    pub intermediate_w: Tensor,
+    pub intermediate_b: Tensor,
+    pub output_w: Tensor,
+    pub output_b: Tensor,
+    pub output_ln_gamma: Tensor,
+    pub output_ln_beta: Tensor,
+}
+
+pub struct BertWeights {
+    pub word_embeddings: Tensor,
+    pub position_embeddings: Tensor,
+    pub token_type_embeddings: Tensor,
+    pub embeddings_ln_gamma: Tensor,
+    pub embeddings_ln_beta: Tensor,
+    pub layers: Vec<LayerWeights>,
+    /// `(dense weight, dense bias)` when the checkpoint has a pooler.
+    pub pooler: Option<(Tensor, Tensor)>,
+}
+
+const POOLER_KEYS: [&str; 2] = ["pooler.dense.weight", "pooler.dense.bias"];
+
+/// The canonical key of a file key: no `bert.` prefix, legacy LayerNorm names renamed.
+pub fn canonical_key(key: &str) -> String {
+    let k = key.strip_prefix("bert.").unwrap_or(key);
+    if let Some(base) = k.strip_suffix("LayerNorm.gamma") {
+        format!("{base}LayerNorm.weight")
+    } else if let Some(base) = k.strip_suffix("LayerNorm.beta") {
+        format!("{base}LayerNorm.bias")
+    } else {
+        k.to_string()
+    }
+}
+
+fn is_ignored(canonical: &str) -> bool {
+    canonical == "embeddings.position_ids" || canonical.starts_with("cls.")
+}
+
+/// Every tensor a BertModel with this config has, with its shape, in a stable order.
+pub fn expected_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
+        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, h]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, h]),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}.");
+        for (name, shape) in [
+            ("attention.self.query.weight", vec![h, h]),
+            ("attention.self.query.bias", vec![h]),
+            ("attention.self.key.weight", vec![h, h]),
+            ("attention.self.key.bias", vec![h]),
+            ("attention.self.value.weight", vec![h, h]),
+            ("attention.self.value.bias", vec![h]),
+            ("attention.output.dense.weight", vec![h, h]),
+            ("attention.output.dense.bias", vec![h]),
+            ("attention.output.LayerNorm.weight", vec![h]),
+            ("attention.output.LayerNorm.bias", vec![h]),
+            ("intermediate.dense.weight", vec![i, h]),
+            ("intermediate.dense.bias", vec![i]),
+            ("output.dense.weight", vec![h, i]),
+            ("output.dense.bias", vec![h]),
+            ("output.LayerNorm.weight", vec![h]),
+            ("output.LayerNorm.bias", vec![h]),
+        ] {
+            v.push((format!("{p}{name}"), shape));
+        }
+    }
+    v.push((POOLER_KEYS[0].into(), vec![h, h]));
+    v.push((POOLER_KEYS[1].into(), vec![h]));
+    v
+}
+
+impl BertWeights {
+    /// Load `path` for `cfg` onto `backend`'s device. Returns the weights and the report; errors
+    /// (strict mode) name the file, the key and both shapes.
+    pub fn load(path: impl AsRef<Path>, cfg: &BertConfig, backend: &dyn Backend, opts: LoadOptions) -> Result<(Self, LoadReport)> {
+        let file = TensorFile::open(path.as_ref())?;
+        let path = file.path().to_path_buf();
+
+        // canonical key -> file key; two file keys for one canonical key is ambiguous.
+        let mut by_canonical: BTreeMap<String, String> = BTreeMap::new();
+        let mut report = LoadReport::default();
+        for key in file.names() {
+            let canon = canonical_key(&key);
+            if is_ignored(&canon) {
+                report.ignored.push(key);
+                continue;
+            }
+            if let Some(prev) = by_canonical.insert(canon.clone(), key.clone()) {
+                return Err(Error::tensor(&path, &key, format!("duplicates `{prev}` (both name `{canon}`)")));
+            }
+        }
+        let expected = expected_shapes(cfg);
+        let expected_names: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+        report.has_pooler = POOLER_KEYS.iter().any(|k| by_canonical.contains_key(*k));
+        for (key, shape) in &expected {
+            let optional_pooler = !report.has_pooler && POOLER_KEYS.contains(&key.as_str());
+            match by_canonical.get(key) {
+                None if optional_pooler => {}
+                None => report.missing.push(key.clone()),
+                Some(file_key) => {
+                    let got = &file.info(file_key).expect("listed by the file").shape;
+                    if got != shape {
+                        report.mismatched.push((key.clone(), shape.clone(), got.clone()));
+                    } else {
+                        report.loaded.push(key.clone());
+                    }
+                }
+            }
+        }
+        report.unexpected = by_canonical.keys().filter(|k| !expected_names.contains(k.as_str())).cloned().collect();
+
+        if let Some((key, want, got)) = report.mismatched.first() {
+            return Err(Error::tensor(&path, key, format!("shape {got:?} in the file, but the config needs {want:?}")));
+        }
+        if !report.missing.is_empty() {
+            let n = report.missing.len();
+            let more = if n > 1 { format!(" (and {} more missing)", n - 1) } else { String::new() };
+            return Err(Error::tensor(&path, &report.missing[0], format!("missing from the file{more}")));
+        }
+        if opts.strict && !report.unexpected.is_empty() {
+            let n = report.unexpected.len();
+            let more = if n > 1 { format!(" (and {} more)", n - 1) } else { String::new() };
+            return Err(Error::tensor(&path, &report.unexpected[0], format!("unexpected for a BertModel with this config{more}")));
+        }
+
+        let get = |key: &str| -> Result<Tensor> {
+            let file_key = &by_canonical[key];
+            let (data, shape) = file.read_f32(file_key)?;
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                return Err(Error::tensor(&path, file_key, format!("non-finite value {} at element {i}", data[i])));
+            }
+            backend.from_host(data, &shape)
+        };
+        let layer = |l: usize| -> Result<LayerWeights> {
+            let k = |name: &str| get(&format!("encoder.layer.{l}.{name}"));
+            Ok(LayerWeights {
+                query_w: k("attention.self.query.weight")?,
+                query_b: k("attention.self.query.bias")?,
+                key_w: k("attention.self.key.weight")?,
+                key_b: k("attention.self.key.bias")?,
+                value_w: k("attention.self.value.weight")?,
+                value_b: k("attention.self.value.bias")?,
+                attn_out_w: k("attention.output.dense.weight")?,
+                attn_out_b: k("attention.output.dense.bias")?,
+                attn_ln_gamma: k("attention.output.LayerNorm.weight")?,
+                attn_ln_beta: k("attention.output.LayerNorm.bias")?,
+                intermediate_w: k("intermediate.dense.weight")?,
+                intermediate_b: k("intermediate.dense.bias")?,
+                output_w: k("output.dense.weight")?,
+                output_b: k("output.dense.bias")?,
+                output_ln_gamma: k("output.LayerNorm.weight")?,
+                output_ln_beta: k("output.LayerNorm.bias")?,
+            })
+        };
+        let weights = BertWeights {
+            word_embeddings: get("embeddings.word_embeddings.weight")?,
+            position_embeddings: get("embeddings.position_embeddings.weight")?,
+            token_type_embeddings: get("embeddings.token_type_embeddings.weight")?,
+            embeddings_ln_gamma: get("embeddings.LayerNorm.weight")?,
+            embeddings_ln_beta: get("embeddings.LayerNorm.bias")?,
+            layers: (0..cfg.num_hidden_layers).map(layer).collect::<Result<_>>()?,
+            pooler: if report.has_pooler { Some((get(POOLER_KEYS[0])?, get(POOLER_KEYS[1])?)) } else { None },
+        };
+        Ok((weights, report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_keys() {
+        assert_eq!(canonical_key("bert.encoder.layer.0.output.LayerNorm.gamma"), "encoder.layer.0.output.LayerNorm.weight");
+        assert_eq!(canonical_key("embeddings.LayerNorm.beta"), "embeddings.LayerNorm.bias");
+        assert_eq!(canonical_key("pooler.dense.weight"), "pooler.dense.weight");
+        assert!(is_ignored(&canonical_key("bert.embeddings.position_ids")));
+        assert!(is_ignored("cls.predictions.bias"));
+    }
+}
