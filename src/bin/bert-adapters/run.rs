@@ -1,0 +1,128 @@
+//! `bert-adapters run`: one forward pass, outputs dumped to safetensors. Its flags are a
+//! contract that outside checks call exactly so.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{ArgGroup, Args};
+
+use bert_adapters::io::{write_safetensors, OutTensor};
+use bert_adapters::{device, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["inputs", "text"])))]
+#[command(group(ArgGroup::new("setup").args(["active", "parallel"])))]
+pub struct RunArgs {
+    /// Hugging Face model folder: config.json + model.safetensors (+ tokenizer.json for --text).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// safetensors with `input_ids` [B,T] (I64 or I32), optional `attention_mask` and `token_type_ids`.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+    /// UTF-8 text, one input per line, tokenized with the model's tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// Where to write the outputs (safetensors, F32).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// An adapter folder (adapter_config.json + adapter.safetensors); repeatable.
+    #[arg(long, value_name = "DIR")]
+    adapter: Vec<PathBuf>,
+    /// Activate one adapter by name.
+    #[arg(long, value_name = "NAME")]
+    active: Option<String>,
+    /// Activate adapters in Parallel, e.g. scorenn,tasknn.
+    #[arg(long, value_name = "NAME,NAME[,...]", value_delimiter = ',')]
+    parallel: Vec<String>,
+    /// Make these adapters trainable and write gradients of the probe loss.
+    #[arg(long, value_name = "NAME[,NAME...]", value_delimiter = ',', requires = "grad_probe")]
+    train: Vec<String>,
+    /// safetensors with `W` shaped like last_hidden_state; loss = Σ last_hidden_state ⊙ W.
+    #[arg(long, value_name = "FILE", requires = "train")]
+    grad_probe: Option<PathBuf>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Options of the contract that this build does not implement yet: refused, never ignored.
+fn refuse_unimplemented(args: &RunArgs) -> Result<()> {
+    let refuse = |flag: &str, what: &str| Err(Error::Unsupported(format!("{flag}: {what} are not implemented in this version")));
+    if !args.adapter.is_empty() {
+        return refuse("--adapter", "adapters");
+    }
+    if args.active.is_some() {
+        return refuse("--active", "adapters");
+    }
+    if !args.parallel.is_empty() {
+        return refuse("--parallel", "Parallel adapter setups");
+    }
+    if !args.train.is_empty() || args.grad_probe.is_some() {
+        return refuse("--train/--grad-probe", "training and gradients");
+    }
+    Ok(())
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::Malformed {
+        path: path.to_path_buf(),
+        msg: format!("not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+    })?;
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return Err(Error::Malformed { path: path.to_path_buf(), msg: "no non-empty lines to encode".into() });
+    }
+    Ok(lines)
+}
+
+fn f32_out(backend: &dyn bert_adapters::Backend, t: &bert_adapters::Tensor) -> Result<OutTensor> {
+    Ok(OutTensor::F32 { shape: t.shape().to_vec(), data: backend.to_host(t)? })
+}
+
+fn i64_out(batch: &InputBatch, values: &[u32]) -> OutTensor {
+    OutTensor::I64 { shape: vec![batch.batch, batch.seq_len], data: values.iter().map(|&v| v as i64).collect() }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    refuse_unimplemented(&args)?;
+    let device: Device = args.device.parse()?;
+    let backend = device::backend_for(device)?;
+    let start = Instant::now();
+    let (model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
+    let cfg = model.config();
+    let batch = match (&args.inputs, &args.text) {
+        (Some(inputs), _) => InputBatch::from_file(inputs, cfg)?,
+        (None, Some(text)) => {
+            let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), cfg.max_position_embeddings)?;
+            tokenizer.encode_batch(&read_lines(text)?, cfg)?
+        }
+        (None, None) => return Err(Error::Input("one of --inputs or --text is required".into())),
+    };
+    let out = model.forward(&batch)?;
+
+    let be = backend.as_ref();
+    let mut tensors = vec![("last_hidden_state".to_string(), f32_out(be, &out.last_hidden_state)?)];
+    if let Some(p) = &out.pooler_output {
+        tensors.push(("pooler_output".into(), f32_out(be, p)?));
+    }
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        tensors.push((format!("hidden_states.{i}"), f32_out(be, h)?));
+    }
+    if args.text.is_some() {
+        tensors.push(("input_ids".into(), i64_out(&batch, &batch.input_ids)));
+        tensors.push(("attention_mask".into(), i64_out(&batch, &batch.attention_mask)));
+    }
+    write_safetensors(&args.out, &tensors, Some(&[("format", "pt")]))?;
+    println!(
+        "wrote {}: last_hidden_state {:?}{}, {} hidden states ({} tokens on {}, {:.2} s)",
+        args.out.display(),
+        out.last_hidden_state.shape(),
+        out.pooler_output.as_ref().map_or(String::new(), |p| format!(", pooler_output {:?}", p.shape())),
+        out.hidden_states.len(),
+        batch.batch * batch.seq_len,
+        backend.name(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
