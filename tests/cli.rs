@@ -1,0 +1,198 @@
+//! The `run` command as outside checks call it: outputs, and one clear line for every bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bert_adapters::io::TensorFile;
+use common::{assert_close, fixtures, read_f32, read_raw_safetensors, write_raw_safetensors};
+use safetensors::Dtype;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny_bert")
+}
+
+/// Run `bert-adapters run ...`; returns (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().arg("run").args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The command must fail with exactly one line that contains every one of `says`, and no panic.
+fn expect_failure(args: &[&str], says: &[&str]) {
+    let (ok, _, err) = run(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?} panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got: {err}");
+    for s in says {
+        assert!(err.contains(s), "{args:?}: `{s}` not in: {err}");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn run_inputs_writes_pytorch_equal_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inputs = tiny().join("inputs.safetensors");
+    let (ok, stdout, stderr) = run(&["--model", s(&tiny()), "--inputs", s(&inputs), "--out", s(&out)]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("last_hidden_state [4, 11, 48]"), "{stdout}");
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(tiny().join("expected.safetensors")).unwrap();
+    let mut names = got.names();
+    names.sort();
+    assert_eq!(names, ["hidden_states.0", "hidden_states.1", "hidden_states.2", "last_hidden_state", "pooler_output"]);
+    for name in names {
+        assert_eq!(got.info(&name).unwrap().dtype, Dtype::F32);
+        assert_close(&name, &read_f32(&got, &name).0, &read_f32(&want, &name).0, 1e-5);
+    }
+}
+
+#[test]
+fn run_text_writes_the_ids_it_used() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    if !model.join("tokenizer.json").is_file() {
+        assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing", model.display());
+        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", model.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let text = fixtures().join("minilm/sentences.txt");
+    let (ok, _, stderr) = run(&["--model", s(&model), "--text", s(&text), "--out", s(&out)]);
+    assert!(ok, "{stderr}");
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(fixtures().join("minilm/expected.safetensors")).unwrap();
+    for name in ["input_ids", "attention_mask"] {
+        assert_eq!(got.info(name).unwrap().dtype, Dtype::I64);
+        assert_eq!(got.read_i64(name).unwrap(), want.read_i64(name).unwrap(), "{name}");
+    }
+    assert_eq!(got.info("last_hidden_state").unwrap().shape, vec![5, 12, 384]);
+    assert!(got.contains("pooler_output") && got.contains("hidden_states.6"));
+
+    let bad = dir.path().join("latin1.txt");
+    std::fs::write(&bad, b"caf\xe9\n").unwrap();
+    expect_failure(&["--model", s(&model), "--text", s(&bad), "--out", s(&out)], &["latin1.txt", "not UTF-8"]);
+}
+
+/// Rewrite the tiny inputs with one tensor replaced (or removed, when `tensor` is None).
+fn inputs_with(dir: &Path, name: &str, tensor: Option<(Dtype, Vec<usize>, Vec<u8>)>) -> PathBuf {
+    let mut raw = read_raw_safetensors(&tiny().join("inputs.safetensors"));
+    raw.retain(|r| r.0 != name);
+    if let Some((d, shape, bytes)) = tensor {
+        raw.push((name.to_string(), d, shape, bytes));
+    }
+    let path = dir.join(format!("inputs_{name}.safetensors"));
+    write_raw_safetensors(&path, &raw);
+    path
+}
+
+fn i64_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out.safetensors");
+    let model = tiny();
+    let go = |inputs: &Path, says: &[&str]| expect_failure(&["--model", s(&model), "--inputs", s(inputs), "--out", s(&out)], says);
+
+    go(&d.join("nope.safetensors"), &["nope.safetensors", "No such file"]);
+    std::fs::write(d.join("garbage.safetensors"), b"this is not a safetensors file at all").unwrap();
+    go(&d.join("garbage.safetensors"), &["garbage.safetensors", "not a valid safetensors file"]);
+    let good = std::fs::read(tiny().join("inputs.safetensors")).unwrap();
+    std::fs::write(d.join("truncated.safetensors"), &good[..good.len() - 10]).unwrap();
+    go(&d.join("truncated.safetensors"), &["truncated.safetensors", "not a valid safetensors file"]);
+
+    let mut ids: Vec<i64> = vec![5; 4 * 11];
+    let p = inputs_with(d, "input_ids", Some((Dtype::F32, vec![4, 11], vec![0; 4 * 44])));
+    go(&p, &["tensor `input_ids`", "dtype F32 is not an integer type"]);
+    let p = inputs_with(d, "input_ids", Some((Dtype::I64, vec![4, 11, 1], i64_bytes(&ids))));
+    go(&p, &["tensor `input_ids`", "shape [4, 11, 1] is not [batch, seq_len]"]);
+    ids[13] = 120;
+    let p = inputs_with(d, "input_ids", Some((Dtype::I64, vec![4, 11], i64_bytes(&ids))));
+    go(&p, &["tensor `input_ids`", "value 120 at [1, 2] is out of range (must be < vocab_size 120)"]);
+    ids[13] = -1;
+    let p = inputs_with(d, "input_ids", Some((Dtype::I64, vec![4, 11], i64_bytes(&ids))));
+    go(&p, &["tensor `input_ids`", "value -1 at [1, 2]"]);
+    let p = inputs_with(d, "input_ids", None);
+    go(&p, &["tensor `input_ids`: missing"]);
+
+    // Too long: 41 > max_position_embeddings 40 (mask and types dropped so only ids speak).
+    let long = i64_bytes(&vec![5; 41]);
+    let mut raw = vec![("input_ids".to_string(), Dtype::I64, vec![1, 41], long)];
+    let p = d.join("long.safetensors");
+    write_raw_safetensors(&p, &raw);
+    go(&p, &["tensor `input_ids`", "sequence length 41 exceeds max_position_embeddings 40"]);
+    raw[0] = ("input_ids".to_string(), Dtype::I32, vec![1, 3], [1i32, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect());
+    raw.push(("attention_mask".to_string(), Dtype::I64, vec![1, 4], i64_bytes(&[1, 1, 1, 0])));
+    write_raw_safetensors(&p, &raw);
+    go(&p, &["tensor `attention_mask`", "shape [1, 4] differs from input_ids [1, 3]"]);
+
+    let mut mask = vec![1i64; 44];
+    mask[3] = 2;
+    let p = inputs_with(d, "attention_mask", Some((Dtype::I64, vec![4, 11], i64_bytes(&mask))));
+    go(&p, &["tensor `attention_mask`", "value 2 at [0, 3] is out of range (must be 0 or 1)"]);
+    let mut types = vec![0i64; 44];
+    types[40] = 2;
+    let p = inputs_with(d, "token_type_ids", Some((Dtype::I64, vec![4, 11], i64_bytes(&types))));
+    go(&p, &["tensor `token_type_ids`", "value 2 at [3, 7]", "type_vocab_size 2"]);
+}
+
+#[test]
+fn bad_model_text_and_out_paths_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let inputs = tiny().join("inputs.safetensors");
+    let out = d.join("out.safetensors");
+    expect_failure(&["--model", "/no/such/model", "--inputs", s(&inputs), "--out", s(&out)], &["/no/such/model"]);
+    // --text needs tokenizer.json, which the tiny model does not have.
+    std::fs::write(d.join("t.txt"), "hello\n").unwrap();
+    expect_failure(&["--model", s(&tiny()), "--text", s(&d.join("t.txt")), "--out", s(&out)], &["tokenizer.json", "not found"]);
+    let minilm_like = d.join("m");
+    std::fs::create_dir(&minilm_like).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny().join(f), minilm_like.join(f)).unwrap();
+    }
+    std::fs::write(minilm_like.join("tokenizer.json"), "{ not a tokenizer").unwrap();
+    expect_failure(&["--model", s(&minilm_like), "--text", s(&d.join("t.txt")), "--out", s(&out)], &["tokenizer.json", "tokenizer: cannot load"]);
+    expect_failure(&["--model", s(&tiny()), "--inputs", s(&inputs), "--out", "/no/such/dir/out.safetensors"], &["/no/such/dir/out.safetensors"]);
+    let corrupt = d.join("c");
+    std::fs::create_dir(&corrupt).unwrap();
+    std::fs::copy(tiny().join("config.json"), corrupt.join("config.json")).unwrap();
+    std::fs::write(corrupt.join("model.safetensors"), b"\x10\0\0\0\0\0\0\0{}").unwrap();
+    expect_failure(&["--model", s(&corrupt), "--inputs", s(&inputs), "--out", s(&out)], &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn unimplemented_options_are_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let model = tiny();
+    let base = ["--model", s(&model), "--inputs", "x.safetensors", "--out", s(&out)];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    for (extra, says) in [
+        (&["--adapter", "some/dir"][..], "--adapter"),
+        (&["--active", "a"][..], "--active"),
+        (&["--parallel", "a,b"][..], "--parallel"),
+        (&["--train", "a", "--grad-probe", "w.safetensors"][..], "--train"),
+        (&["--device", "cuda"][..], "CUDA model backend is not built yet"),
+        (&["--device", "tpu"][..], "unknown device `tpu`"),
+    ] {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_failure(&args, &[says]);
+    }
+    assert!(!out.exists(), "a refused run must not write its output");
+}
