@@ -1,0 +1,289 @@
+//! Launcher for `kernels/layernorm.cu`: fused residual-add + LayerNorm forward.
+//!
+//! Launch configuration (see the kernel header for the thread mapping and numerics):
+//! - `cols <= 1024`: one warp per row, 8 rows per block (256 threads). BERT widths (384, 768)
+//!   land here: 12-24 columns per lane, reductions entirely in shuffles, no block barriers.
+//! - `cols > 1024`: one block per row with about 16 columns per thread (128..1024 threads), so
+//!   wide rows still spread over enough threads to hide memory latency.
+//! - The row's `x + residual` is cached in dynamic shared memory when `rows_per_block · cols`
+//!   floats fit in the 48 KiB a kernel gets without an opt-in (cols <= 12224 block-per-row);
+//!   otherwise the kernel re-reads x and residual in each of its three passes.
+//!
+//! The launcher validates every length against `rows`/`cols` and returns [`Error::Shape`] before
+//! launching, so the kernel never indexes outside the views it is given. It enqueues on the
+//! runtime's stream and does not synchronise.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::registry::layernorm::RESIDUAL_LAYERNORM_FORWARD_F32;
+use super::runtime::{driver_err, CudaRuntime};
+use crate::error::{Error, Result};
+
+const OP: &str = "cuda::residual_layernorm_forward";
+
+/// Dynamic shared memory the kernel may use without `cuFuncSetAttribute` (48 KiB), less a margin
+/// for its 128 bytes of static reduction scratch.
+pub const MAX_ROW_CACHE_BYTES: usize = 48 * 1024 - 256;
+
+/// The inputs: `x` and `residual` are `[rows, cols]`, `gamma`/`beta` are `[cols]`.
+pub struct LayerNormInputs<'a> {
+    pub x: CudaView<'a, f32>,
+    /// Added to `x` before normalising; `None` for a plain LayerNorm.
+    pub residual: Option<CudaView<'a, f32>>,
+    pub gamma: CudaView<'a, f32>,
+    pub beta: CudaView<'a, f32>,
+    pub rows: usize,
+    pub cols: usize,
+    pub eps: f32,
+}
+
+/// The outputs: `y` is `[rows, cols]`; `mean` and `rstd` (`1/sqrt(var + eps)`) are `[rows]`,
+/// saved for the backward.
+pub struct LayerNormOutputs<'a> {
+    pub y: CudaViewMut<'a, f32>,
+    pub mean: CudaViewMut<'a, f32>,
+    pub rstd: CudaViewMut<'a, f32>,
+}
+
+/// How the kernel is launched. [`LayerNormPlan::auto`] is what production uses; other plans
+/// exist so tests and benches can exercise every code path of the kernel at any width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerNormPlan {
+    /// Threads cooperating on one row: a multiple of 32, at most 1024.
+    pub threads_per_row: u32,
+    /// Rows per block; must be 1 when `threads_per_row > 32` (the kernel's reduction scratch
+    /// serves one team per block).
+    pub rows_per_block: u32,
+    /// Keep `x + residual` in shared memory between the kernel's passes.
+    pub cache_row: bool,
+}
+
+impl LayerNormPlan {
+    /// The configuration described in the module docs.
+    pub fn auto(cols: usize) -> Self {
+        let (threads_per_row, rows_per_block) = if cols <= 1024 {
+            (32, 8)
+        } else {
+            let per_16 = cols.div_ceil(16).div_ceil(32) * 32;
+            (per_16.clamp(128, 1024) as u32, 1)
+        };
+        let cache_row = rows_per_block as usize * cols * 4 <= MAX_ROW_CACHE_BYTES;
+        LayerNormPlan { threads_per_row, rows_per_block, cache_row }
+    }
+
+    /// Dynamic shared memory for `cols`-wide rows.
+    pub fn shared_mem_bytes(&self, cols: usize) -> usize {
+        if self.cache_row {
+            self.rows_per_block as usize * cols * std::mem::size_of::<f32>()
+        } else {
+            0
+        }
+    }
+
+    /// Checks the plan against the kernel's contract for `cols`-wide rows.
+    pub fn validate(&self, cols: usize) -> Result<()> {
+        let t = self.threads_per_row;
+        let bad = |msg: String| Err(Error::shape(OP, format!("launch plan {self:?}: {msg}")));
+        if t == 0 || !t.is_multiple_of(32) || t > 1024 {
+            return bad("threads_per_row must be a multiple of 32 in 32..=1024".into());
+        }
+        if self.rows_per_block == 0 || t as u64 * self.rows_per_block as u64 > 1024 {
+            return bad("rows_per_block must be >= 1 with at most 1024 threads per block".into());
+        }
+        if t > 32 && self.rows_per_block != 1 {
+            return bad("rows_per_block must be 1 when a row has more than one warp".into());
+        }
+        let smem = self.shared_mem_bytes(cols);
+        if smem > MAX_ROW_CACHE_BYTES {
+            return bad(format!("row cache needs {smem} bytes of shared memory, more than {MAX_ROW_CACHE_BYTES}"));
+        }
+        Ok(())
+    }
+
+    fn launch_config(&self, rows: usize, cols: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(self.rows_per_block as usize) as u32, 1, 1),
+            block_dim: (self.threads_per_row, self.rows_per_block, 1),
+            shared_mem_bytes: self.shared_mem_bytes(cols) as u32,
+        }
+    }
+}
+
+/// The lengths a launch needs, checked before anything is enqueued. Pure, so it is unit-tested
+/// without a GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNormSizes {
+    pub rows: usize,
+    pub cols: usize,
+    pub x: usize,
+    pub residual: Option<usize>,
+    pub gamma: usize,
+    pub beta: usize,
+    pub y: usize,
+    pub mean: usize,
+    pub rstd: usize,
+}
+
+impl LayerNormSizes {
+    pub fn check(&self, eps: f32) -> Result<()> {
+        let (rows, cols) = (self.rows, self.cols);
+        let fail = |msg: String| Err(Error::shape(OP, msg));
+        if cols == 0 {
+            return fail("cols must be at least 1".into());
+        }
+        // The kernel takes int sizes; its offsets are 64-bit.
+        if rows > i32::MAX as usize || cols > i32::MAX as usize {
+            return fail(format!("rows {rows} and cols {cols} must each fit in an i32"));
+        }
+        let Some(n) = rows.checked_mul(cols) else {
+            return fail(format!("rows {rows} x cols {cols} overflows usize"));
+        };
+        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
+            if got != want {
+                return fail(format!("{name} has {got} elements, expected {want} ({what}) for rows={rows}, cols={cols}"));
+            }
+            Ok(())
+        };
+        expect("x", self.x, n, "rows·cols")?;
+        if let Some(r) = self.residual {
+            expect("residual", r, n, "rows·cols")?;
+        }
+        expect("gamma", self.gamma, cols, "cols")?;
+        expect("beta", self.beta, cols, "cols")?;
+        expect("y", self.y, n, "rows·cols")?;
+        expect("mean", self.mean, rows, "rows")?;
+        expect("rstd", self.rstd, rows, "rows")?;
+        if !eps.is_finite() || eps < 0.0 {
+            return Err(Error::Input(format!("{OP}: eps must be finite and >= 0, got {eps}")));
+        }
+        Ok(())
+    }
+}
+
+/// `y = LayerNorm(x + residual)` row-wise with the automatic launch plan; writes `mean`/`rstd`.
+pub fn residual_layernorm_forward(rt: &CudaRuntime, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
+    residual_layernorm_forward_with_plan(rt, inputs, outputs, LayerNormPlan::auto(inputs.cols))
+}
+
+/// As [`residual_layernorm_forward`], with an explicit launch plan (validated).
+pub fn residual_layernorm_forward_with_plan(
+    rt: &CudaRuntime,
+    inputs: &LayerNormInputs<'_>,
+    outputs: &mut LayerNormOutputs<'_>,
+    plan: LayerNormPlan,
+) -> Result<()> {
+    let (rows, cols) = (inputs.rows, inputs.cols);
+    LayerNormSizes {
+        rows,
+        cols,
+        x: inputs.x.len(),
+        residual: inputs.residual.as_ref().map(|r| r.len()),
+        gamma: inputs.gamma.len(),
+        beta: inputs.beta.len(),
+        y: outputs.y.len(),
+        mean: outputs.mean.len(),
+        rstd: outputs.rstd.len(),
+    }
+    .check(inputs.eps)?;
+    plan.validate(cols)?;
+    if rows == 0 {
+        return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
+    }
+
+    let func = rt.function(RESIDUAL_LAYERNORM_FORWARD_F32)?;
+    let (rows_i, cols_i, cache) = (rows as i32, cols as i32, plan.cache_row as i32);
+    // The kernel tests `residual != nullptr`; a 64-bit zero is that null pointer.
+    let null_ptr: u64 = 0;
+    let stream = rt.stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&mut outputs.y).arg(&mut outputs.mean).arg(&mut outputs.rstd).arg(&inputs.x);
+    match &inputs.residual {
+        Some(r) => launch.arg(r),
+        None => launch.arg(&null_ptr),
+    };
+    launch.arg(&inputs.gamma).arg(&inputs.beta).arg(&rows_i).arg(&cols_i).arg(&inputs.eps).arg(&cache);
+    // SAFETY: the argument list matches the kernel signature in kernels/layernorm.cu (y, mean,
+    // rstd, x, residual, gamma, beta, int rows, int cols, float eps, int cache_row); every view
+    // was checked above to have exactly the length the kernel indexes, and the plan was checked
+    // against the kernel's block-shape and shared-memory contract.
+    unsafe { launch.launch(plan.launch_config(rows, cols)) }.map_err(driver_err("launching residual_layernorm_forward_f32"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(rows: usize, cols: usize) -> LayerNormSizes {
+        let n = rows * cols;
+        LayerNormSizes { rows, cols, x: n, residual: Some(n), gamma: cols, beta: cols, y: n, mean: rows, rstd: rows }
+    }
+
+    #[test]
+    fn consistent_sizes_pass() {
+        assert!(sizes(7, 31).check(1e-5).is_ok());
+        assert!(sizes(0, 31).check(1e-5).is_ok());
+        assert!(LayerNormSizes { residual: None, ..sizes(3, 4) }.check(0.0).is_ok());
+    }
+
+    #[test]
+    fn every_wrong_length_is_an_error() {
+        let ok = sizes(5, 8);
+        let cases = [
+            LayerNormSizes { x: 39, ..ok },
+            LayerNormSizes { x: 41, ..ok },
+            LayerNormSizes { residual: Some(8), ..ok },
+            LayerNormSizes { gamma: 7, ..ok },
+            LayerNormSizes { beta: 9, ..ok },
+            LayerNormSizes { y: 39, ..ok },
+            LayerNormSizes { mean: 4, ..ok },
+            LayerNormSizes { rstd: 6, ..ok },
+            LayerNormSizes { cols: 0, ..ok },
+        ];
+        for c in cases {
+            let err = c.check(1e-5).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{c:?}: {err}");
+        }
+        assert!(sizes(1, 1usize << 31).check(1e-5).is_err());
+        assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+        assert!(ok.check(-1.0).is_err());
+    }
+
+    #[test]
+    fn auto_plans_follow_the_documented_rules() {
+        for cols in [1, 31, 48, 384, 768, 1000, 1024] {
+            let p = LayerNormPlan::auto(cols);
+            assert_eq!((p.threads_per_row, p.rows_per_block, p.cache_row), (32, 8, true), "cols {cols}");
+            p.validate(cols).unwrap();
+        }
+        let p = LayerNormPlan::auto(1025);
+        assert_eq!((p.threads_per_row, p.rows_per_block, p.cache_row), (128, 1, true));
+        let p = LayerNormPlan::auto(4099);
+        assert_eq!((p.threads_per_row, p.rows_per_block, p.cache_row), (288, 1, true));
+        let p = LayerNormPlan::auto(12224);
+        assert!(p.cache_row);
+        let p = LayerNormPlan::auto(12225);
+        assert!(!p.cache_row);
+        let p = LayerNormPlan::auto(1 << 20);
+        assert_eq!((p.threads_per_row, p.rows_per_block, p.cache_row), (1024, 1, false));
+        for cols in [1025, 4099, 12225, 1 << 20] {
+            LayerNormPlan::auto(cols).validate(cols).unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_plans_are_rejected() {
+        let bad = [
+            LayerNormPlan { threads_per_row: 48, rows_per_block: 1, cache_row: false },
+            LayerNormPlan { threads_per_row: 0, rows_per_block: 1, cache_row: false },
+            LayerNormPlan { threads_per_row: 2048, rows_per_block: 1, cache_row: false },
+            LayerNormPlan { threads_per_row: 64, rows_per_block: 2, cache_row: false },
+            LayerNormPlan { threads_per_row: 32, rows_per_block: 33, cache_row: false },
+            LayerNormPlan { threads_per_row: 32, rows_per_block: 0, cache_row: false },
+            LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: true }, // 8·2000·4 > 48 KiB
+        ];
+        for p in bad {
+            assert!(p.validate(2000).is_err(), "{p:?}");
+        }
+    }
+}

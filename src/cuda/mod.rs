@@ -1,0 +1,16 @@
+//! CUDA backend: NVRTC-compiled kernels (see kernels/), cuBLAS for dense products.
+//!
+//! - [`registry`]: every `kernels/*.cu` embedded in the binary, with typed kernel names;
+//! - [`probe`]: "is there NVRTC / a GPU?" without panicking, and the test skip helpers;
+//! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
+//! - one launcher module per kernel family ([`layernorm`]).
+//!
+//! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
+//! entry point checks that they can be loaded before touching them.
+
+pub mod layernorm;
+pub mod probe;
+pub mod registry;
+pub mod runtime;
+
+pub use runtime::{compile_with_report, CompileReport, CudaRuntime, KernelResources};

@@ -1,0 +1,158 @@
+//! Probing for NVRTC and a GPU without panicking.
+//!
+//! cudarc (dynamic loading) panics on the first call into a library it cannot `dlopen`, so every
+//! probe first asks `is_culib_present()` and then wraps the real call in `catch_unwind` (a missing
+//! symbol in an old library panics too). Answers are cached: a process does not gain a GPU.
+//!
+//! Test helpers: [`require_gpu!`](crate::require_gpu) and [`nvrtc_for_test`]. A skipped test is
+//! reported as passed by libtest, so the skip line is written straight to stderr (visible without
+//! `--nocapture`), and the env vars `REQUIRE_GPU=1` / `REQUIRE_NVRTC=1` turn a skip into a failure
+//! on machines where the hardware or library must be there.
+
+use std::io::Write as _;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::CudaContext;
+
+/// Whether `libnvrtc` can be loaded (it needs no GPU and no driver).
+pub fn nvrtc_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only dlopens and closes the library; no symbol is called.
+    *AVAILABLE.get_or_init(|| catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false))
+}
+
+/// Whether the CUDA driver library (`libcuda`) can be loaded. It may still have no device.
+pub fn driver_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    // SAFETY: as above.
+    *AVAILABLE.get_or_init(|| catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false))
+}
+
+/// Why NVRTC is not usable, or `None` if it is.
+pub fn nvrtc_unavailable_reason() -> Option<String> {
+    if nvrtc_available() {
+        None
+    } else {
+        Some(format!(
+            "libnvrtc (CUDA 13.0) cannot be loaded; LD_LIBRARY_PATH={:?}. \
+             Run `source scripts/install-cuda-tools.sh` to install it from PyPI",
+            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+        ))
+    }
+}
+
+/// Opens device `ordinal`, or says why not. Never panics. The device-0 result is cached.
+pub fn probe_gpu(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+    static DEVICE0: OnceLock<Result<Arc<CudaContext>, String>> = OnceLock::new();
+    if ordinal == 0 {
+        return DEVICE0.get_or_init(|| open(0)).clone();
+    }
+    open(ordinal)
+}
+
+/// `Some(context)` if libcuda loads and device 0 opens; `None` otherwise. Never panics.
+pub fn try_gpu() -> Option<Arc<CudaContext>> {
+    probe_gpu(0).ok()
+}
+
+fn open(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+    if !driver_available() {
+        return Err("no CUDA driver (libcuda.so.1 cannot be loaded)".into());
+    }
+    match catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal))) {
+        Ok(Ok(ctx)) => Ok(ctx),
+        Ok(Err(e)) => Err(format!("CUDA device {ordinal} cannot be opened: {e:?}")),
+        Err(panic) => Err(format!("CUDA driver panicked while opening device {ordinal}: {}", panic_message(&*panic))),
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+/// True when `var` is set to something other than empty or `0`.
+pub fn env_flag(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Writes one line to the process's real stderr, bypassing libtest's output capture, so that
+/// skips are visible in a plain `cargo test`.
+pub fn report_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// For tests: the device-0 context, or `None` after printing `SKIPPED: <label>: <reason>`.
+///
+/// # Panics
+/// When `REQUIRE_GPU` is set (see [`env_flag`]) and no GPU is usable: on a GPU machine a silent
+/// skip would hide a broken library path. This is the one intended panic, and only tests call it.
+pub fn gpu_for_test(label: &str) -> Option<Arc<CudaContext>> {
+    match probe_gpu(0) {
+        Ok(ctx) => Some(ctx),
+        Err(reason) if env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but {label} cannot run: {reason}"),
+        Err(reason) => {
+            report_line(&format!("SKIPPED: {label}: {reason}"));
+            None
+        }
+    }
+}
+
+/// For tests: whether NVRTC is usable; if not, prints `SKIPPED: <label>: <reason>` and returns false.
+///
+/// # Panics
+/// When `REQUIRE_NVRTC` is set and NVRTC cannot be loaded (the CI script sets it after installing
+/// the wheels, so a broken install fails instead of skipping).
+pub fn nvrtc_for_test(label: &str) -> bool {
+    match nvrtc_unavailable_reason() {
+        None => true,
+        Some(reason) if env_flag("REQUIRE_NVRTC") => panic!("REQUIRE_NVRTC is set but {label} cannot run: {reason}"),
+        Some(reason) => {
+            report_line(&format!("SKIPPED: {label}: {reason}"));
+            false
+        }
+    }
+}
+
+/// In a test: `let ctx = require_gpu!();` (or `require_gpu!("label")`) binds the device-0
+/// context, or returns early after printing `SKIPPED: ...`; fails under `REQUIRE_GPU=1`.
+#[macro_export]
+macro_rules! require_gpu {
+    () => {
+        $crate::require_gpu!(module_path!())
+    };
+    ($label:expr) => {
+        match $crate::cuda::probe::gpu_for_test($label) {
+            Some(ctx) => ctx,
+            None => return,
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probing_never_panics_and_is_stable() {
+        let first = try_gpu().is_some();
+        assert_eq!(first, try_gpu().is_some());
+        if !driver_available() {
+            assert!(probe_gpu(0).unwrap_err().contains("libcuda"));
+        }
+        let _ = nvrtc_available();
+    }
+
+    #[test]
+    fn env_flag_semantics() {
+        // A name no one sets; the helper must treat unset as false.
+        assert!(!env_flag("BERT_ADAPTERS_SURELY_UNSET_FLAG"));
+    }
+}

@@ -1,0 +1,86 @@
+//! Every embedded kernel source compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200) to a
+//! CUBIN, ptxas reports every kernel, and no kernel spills. Needs libnvrtc, not a GPU.
+//!
+//! Without NVRTC the tests print `SKIPPED: ...` and pass, unless `REQUIRE_NVRTC=1` (set by the
+//! project's test script after `scripts/install-cuda-tools.sh`), where they fail.
+
+use bert_adapters::cuda::probe::{nvrtc_for_test, report_line};
+use bert_adapters::cuda::registry::ALL_SOURCES;
+use bert_adapters::cuda::runtime::{cached_cubin, nvrtc_compilations, nvrtc_version};
+use bert_adapters::cuda::{compile_with_report, CompileReport};
+
+const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+fn compile(file: &str, code: &str, arch: &str) -> CompileReport {
+    match compile_with_report(code, arch, &[]) {
+        Ok(r) => r,
+        Err(e) => panic!("{file} for {arch}: {e}"),
+    }
+}
+
+#[test]
+fn every_kernel_compiles_without_spills() {
+    if !nvrtc_for_test("nvrtc_compile::every_kernel_compiles_without_spills") {
+        return;
+    }
+    let (major, minor) = nvrtc_version().expect("NVRTC loads, so its version is readable");
+    report_line(&format!("NVRTC {major}.{minor}"));
+    for src in ALL_SOURCES {
+        for arch in ARCHS {
+            let report = compile(src.file, src.code, arch);
+            assert!(!report.cubin.is_empty(), "{} {arch}: empty CUBIN", src.file);
+            for &kernel in src.kernels {
+                let Some(k) = report.kernel(kernel) else {
+                    panic!("{} {arch}: ptxas did not report `{kernel}`; log:\n{}", src.file, report.log);
+                };
+                report_line(&format!(
+                    "{arch} {kernel}: {} registers, {} B stack, {} B spill stores, {} B spill loads, {} B smem, {} barriers",
+                    k.registers, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes, k.smem_bytes, k.barriers
+                ));
+                assert_eq!(k.arch, arch, "{kernel}: report for the wrong arch");
+                assert!(k.registers > 0, "{kernel} {arch}: register count not parsed; log:\n{}", report.log);
+                assert_eq!(
+                    (k.spill_store_bytes, k.spill_load_bytes),
+                    (0, 0),
+                    "{kernel} {arch} spills; log:\n{}",
+                    report.log
+                );
+            }
+            // Nothing but the kernels of this file may show up (a typo'd registry would not).
+            for k in &report.kernels {
+                assert!(src.kernels.contains(&k.name.as_str()), "{}: unexpected kernel {} in report", src.file, k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn compile_errors_carry_the_nvrtc_log() {
+    if !nvrtc_for_test("nvrtc_compile::compile_errors_carry_the_nvrtc_log") {
+        return;
+    }
+    let bad = "extern \"C\" __global__ void broken(float* y) { y[0] = undefined_name; }";
+    let err = compile_with_report(bad, "sm_90", &[]).unwrap_err().to_string();
+    assert!(err.contains("undefined_name"), "the log should name the error: {err}");
+    let err = compile_with_report("", "sm_90", &["--no-such-option"]).unwrap_err().to_string();
+    assert!(err.contains("no-such-option") || err.contains("INVALID_OPTION"), "{err}");
+    assert!(compile_with_report("", "compute_90", &[]).is_err());
+    assert!(compile_with_report("", "sm_90", &["a\0b"]).is_err());
+}
+
+#[test]
+fn cubins_compile_once_per_process() {
+    if !nvrtc_for_test("nvrtc_compile::cubins_compile_once_per_process") {
+        return;
+    }
+    let src = ALL_SOURCES[0];
+    // Private defines make these keys unique to this test, so parallel tests cannot interfere.
+    let first = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"]).expect("compiles");
+    let compiled = nvrtc_compilations();
+    assert!(compiled >= 1);
+    let second = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"]).expect("cached");
+    assert!(std::sync::Arc::ptr_eq(&first, &second), "the second request must be served from the cache");
+    // A different option set is a different key.
+    let other = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=2"]).expect("compiles");
+    assert!(!std::sync::Arc::ptr_eq(&first, &other));
+}
