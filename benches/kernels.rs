@@ -1,0 +1,113 @@
+//! Kernel micro-benchmarks: `cargo bench --bench kernels`.
+//!
+//! Groups are `residual_layernorm/<rows>x<cols>` with `Throughput::Bytes` (x and residual read
+//! once, y written once: the minimum traffic), so criterion reports GB/s:
+//! - `cpu_reference`: the f64 spec (`cpu::reference`), for scale only;
+//! - `cpu_fast`: the rayon path the CPU backend runs;
+//! - `cuda`: the NVRTC kernel, timed with CUDA events around `iters` back-to-back launches on
+//!   the runtime's stream (no host sync inside the loop, so launch overhead overlaps as it does
+//!   in a model). Skipped, with a printed line, when there is no GPU.
+//!
+//! Runs are short on purpose (10 samples, 2 s measurement) so the bench fits a GPU session.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bert_adapters::cpu::{fast, reference};
+use bert_adapters::cuda::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
+use bert_adapters::cuda::probe::probe_gpu;
+use bert_adapters::cuda::CudaRuntime;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use cudarc::driver::sys::CUevent_flags;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const ROWS: usize = 4096;
+const EPS: f32 = 1e-12;
+
+fn gpu_runtime() -> Option<CudaRuntime> {
+    match probe_gpu(0).and_then(|ctx| CudaRuntime::new(ctx).map_err(|e| e.to_string())) {
+        Ok(rt) => Some(rt),
+        Err(reason) => {
+            println!("SKIPPED: cuda benchmarks: {reason}");
+            None
+        }
+    }
+}
+
+fn residual_layernorm(c: &mut Criterion) {
+    let gpu = gpu_runtime();
+    let mut rng = StdRng::seed_from_u64(42);
+    for cols in [384usize, 768] {
+        let n = ROWS * cols;
+        let mut v = |len: usize| (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<f32>>();
+        let (x, residual, gamma, beta) = (v(n), v(n), v(cols), v(cols));
+
+        let mut group = c.benchmark_group(format!("residual_layernorm/{ROWS}x{cols}"));
+        group.throughput(Throughput::Bytes((3 * n * std::mem::size_of::<f32>()) as u64));
+        group.bench_function("cpu_reference", |b| {
+            b.iter(|| reference::residual_layernorm(black_box(&x), Some(black_box(&residual)), &gamma, &beta, cols, EPS))
+        });
+        group.bench_function("cpu_fast", |b| {
+            b.iter(|| fast::residual_layernorm(black_box(&x), Some(black_box(&residual)), &gamma, &beta, cols, EPS))
+        });
+        if let Some(rt) = &gpu {
+            bench_cuda(&mut group, rt, &x, &residual, &gamma, &beta, cols);
+        }
+        group.finish();
+    }
+}
+
+fn bench_cuda(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &CudaRuntime,
+    x: &[f32],
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    cols: usize,
+) {
+    let s = rt.stream();
+    let up = |v: &[f32]| s.clone_htod(v).expect("upload");
+    let (dx, dres, dgamma, dbeta) = (up(x), up(residual), up(gamma), up(beta));
+    let mut dy = s.alloc_zeros::<f32>(x.len()).expect("alloc y");
+    let mut dmean = s.alloc_zeros::<f32>(ROWS).expect("alloc mean");
+    let mut drstd = s.alloc_zeros::<f32>(ROWS).expect("alloc rstd");
+    let inputs = LayerNormInputs {
+        x: dx.as_view(),
+        residual: Some(dres.as_view()),
+        gamma: dgamma.as_view(),
+        beta: dbeta.as_view(),
+        rows: ROWS,
+        cols,
+        eps: EPS,
+    };
+    let mut outputs = LayerNormOutputs { y: dy.as_view_mut(), mean: dmean.as_view_mut(), rstd: drstd.as_view_mut() };
+    // Compile, load and warm the kernel outside the timed region.
+    residual_layernorm_forward(rt, &inputs, &mut outputs).expect("first launch");
+    rt.synchronize().expect("sync");
+
+    group.bench_function("cuda", |b| {
+        b.iter_custom(|iters| {
+            let start = rt.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            let end = rt.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            start.record(s).expect("record");
+            for _ in 0..iters {
+                residual_layernorm_forward(rt, &inputs, &mut outputs).expect("launch");
+            }
+            end.record(s).expect("record");
+            let ms = start.elapsed_ms(&end).expect("elapsed");
+            Duration::from_secs_f64(ms as f64 / 1e3)
+        })
+    });
+}
+
+criterion_group! {
+    name = kernels;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = residual_layernorm
+}
+criterion_main!(kernels);

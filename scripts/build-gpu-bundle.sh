@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build everything the GPU machine needs into gpu-bundle/ (git-ignored), here, on the GPU-less box:
+#   - every test executable of `cargo test --release` (lib and bin unit tests, tests/*.rs),
+#     named test-<name>, unit-lib-<name>, unit-bin-<name>;
+#   - the criterion bench executable(s) from `cargo bench --no-run`, named bench-<name>;
+#   - the release `bert-adapters` binary.
+# All stripped. Release, not debug: a debug test binary is ~55 MB, and what travels to the GPU
+# machine must stay well under 64 MiB in total. The machine then only needs scripts/device-check.sh.
+#
+# It also records the crate root these binaries were compiled in (gpu-bundle/MANIFEST_DIR):
+# tests that find fixtures through env!("CARGO_MANIFEST_DIR") look there, and device-check.sh
+# links that path to the repository copy on the GPU machine when it differs.
+#
+# Usage: bash scripts/build-gpu-bundle.sh        (then: scripts/device-check.sh on the GPU machine)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BUNDLE=gpu-bundle
+LIMIT_MIB=48   # fail early: the transfer limit is 64 MiB and the tree itself needs room too
+
+for tool in jq strip cargo; do
+    command -v "$tool" >/dev/null || { echo "error: $tool is required" >&2; exit 1; }
+done
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "building release test executables ..." >&2
+cargo test --release --no-run --message-format=json >"$tmp/test.json"
+echo "building release bench executables ..." >&2
+cargo bench --no-run --message-format=json >"$tmp/bench.json"
+echo "building release binary ..." >&2
+cargo build --release --bin bert-adapters --message-format=json >"$tmp/bin.json"
+
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE"
+
+# One line per executable artifact: <bundle name> <path>.
+jq -r '
+  select(.reason == "compiler-artifact" and .executable != null)
+  | (.target.kind[0]) as $kind
+  | (if .profile.test then
+       (if $kind == "test" then "test-" + .target.name
+        elif $kind == "bench" then "bench-" + .target.name
+        elif $kind == "lib" then "unit-lib-" + .target.name
+        else "unit-" + $kind + "-" + .target.name end)
+     elif $kind == "bench" then "bench-" + .target.name
+     elif $kind == "bin" then .target.name
+     else empty end) as $name
+  | "\($name) \(.executable)"' "$tmp/test.json" "$tmp/bench.json" "$tmp/bin.json" | sort -u >"$tmp/list"
+
+while read -r name path; do
+    strip -o "$BUNDLE/$name" "$path"
+    chmod +x "$BUNDLE/$name"
+done <"$tmp/list"
+
+pwd -P >"$BUNDLE/MANIFEST_DIR"
+{
+    echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo 'no commit')"
+    echo "dirty files: $(git status --porcelain 2>/dev/null | wc -l)"
+    rustc --version
+} >"$BUNDLE/BUILD_INFO"
+
+ls -l "$BUNDLE" >&2
+bytes=$(du -cb "$BUNDLE"/* | tail -1 | cut -f1)
+mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
+echo "gpu-bundle: $(wc -l <"$tmp/list") executables, $mib MiB in total"
+if [ "$bytes" -gt $((LIMIT_MIB * 1048576)) ]; then
+    echo "error: gpu-bundle is over ${LIMIT_MIB} MiB; it must fit the 64 MiB transfer limit" >&2
+    exit 1
+fi
