@@ -342,6 +342,11 @@ def save_adapter_dir(model, name, d):
         if d.exists():
             shutil.rmtree(d)
         model.save_adapter(str(d), name, use_safetensors=False)
+        # Also the same state dict as safetensors, each tensor cloned so the shared LayerNorm is
+        # stored under both of its keys: readers without a .bin loader can use this one.
+        sd = torch.load(str(d / "pytorch_adapter.bin"), weights_only=True)
+        save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(d / "adapter.safetensors"))
+        note += " `adapter.safetensors` beside it holds the same dict (shared tensors cloned under both keys)."
     files = sorted(os.listdir(d))
     return files, note
 
