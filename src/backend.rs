@@ -73,7 +73,7 @@ pub trait Backend: Send + Sync {
 
     // ---- memory ------------------------------------------------------------------------------
     /// Move host data onto this backend's device.
-    fn from_host(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor>;
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor>;
     /// Copy a tensor back to the host.
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;
 

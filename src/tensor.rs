@@ -73,8 +73,7 @@ impl Tensor {
     }
     /// Number of rows when the tensor is seen as `[elem_count / last_dim, last_dim]`.
     pub fn rows(&self) -> usize {
-        let d = self.last_dim();
-        if d == 0 { 0 } else { self.elem_count() / d }
+        self.elem_count().checked_div(self.last_dim()).unwrap_or(0)
     }
 
     /// The same elements under another shape with the same element count.

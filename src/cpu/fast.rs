@@ -29,6 +29,7 @@ struct MatRef {
 ///
 /// # Safety
 /// Every view must cover its `m×k`, `k×n` and `m×n` extent.
+#[allow(clippy::too_many_arguments)] // a thin wrapper over gemm's 19-argument entry point
 unsafe fn matmul(dst: *mut f32, ld_dst: usize, accumulate: bool, lhs: MatRef, rhs: MatRef, m: usize, n: usize, k: usize, par: Parallelism) {
     gemm::gemm(
         m,

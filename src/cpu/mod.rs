@@ -64,7 +64,7 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn from_host(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         Tensor::from_vec(data, shape)
     }
 

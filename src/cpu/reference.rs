@@ -59,16 +59,16 @@ pub fn residual_layernorm(
     let mut out = LayerNormOut { y: vec![0.0; x.len()], mean: vec![0.0; rows], rstd: vec![0.0; rows] };
     let mut z = vec![0f64; cols];
     for r in 0..rows {
-        for c in 0..cols {
+        for (c, zc) in z.iter_mut().enumerate() {
             let i = r * cols + c;
             // The sum is rounded to f32 first, exactly as PyTorch materialises `x + residual`.
-            z[c] = (x[i] + residual.map_or(0.0, |res| res[i])) as f64;
+            *zc = (x[i] + residual.map_or(0.0, |res| res[i])) as f64;
         }
         let mean = z.iter().sum::<f64>() / cols as f64;
         let var = z.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / cols as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
-        for c in 0..cols {
-            out.y[r * cols + c] = ((z[c] - mean) * rstd * gamma[c] as f64 + beta[c] as f64) as f32;
+        for (c, y) in out.y[r * cols..(r + 1) * cols].iter_mut().enumerate() {
+            *y = ((z[c] - mean) * rstd * gamma[c] as f64 + beta[c] as f64) as f32;
         }
         out.mean[r] = mean as f32;
         out.rstd[r] = rstd as f32;

@@ -186,7 +186,7 @@ impl BertWeights {
             if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(Error::tensor(&path, file_key, format!("non-finite value {} at element {i}", data[i])));
             }
-            backend.from_host(data, &shape)
+            backend.upload(data, &shape)
         };
         let layer = |l: usize| -> Result<LayerWeights> {
             let k = |name: &str| get(&format!("encoder.layer.{l}.{name}"));

@@ -54,7 +54,7 @@ impl BertModel {
     /// The additive attention bias of HF: `(1 - mask)·f32::MIN`, `[B, T]`.
     fn mask_bias(&self, batch: &InputBatch) -> Result<Tensor> {
         let bias = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
-        self.backend.from_host(bias, &[batch.batch, batch.seq_len])
+        self.backend.upload(bias, &[batch.batch, batch.seq_len])
     }
 
     /// Eval-mode forward (no dropout). The batch must have been validated against this model's
