@@ -65,6 +65,78 @@ pub struct TokenBatch<'a> {
     pub token_type_ids: &'a [u32],
 }
 
+/// A LayerNorm's parameters and epsilon.
+#[derive(Clone, Copy)]
+pub struct LayerNormParams<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f32,
+}
+
+/// How an adapter's up-projection output is scaled.
+#[derive(Clone, Copy)]
+pub enum ScalingParam<'a> {
+    Fixed(f32),
+    /// A learned scalar, shape [1].
+    Learned(&'a Tensor),
+    /// A learned per-channel vector, shape [H].
+    Channel(&'a Tensor),
+}
+
+/// One bottleneck adapter's weights and core options at one location (spec §3.4).
+#[derive(Clone, Copy)]
+pub struct BottleneckParams<'a> {
+    /// `[m, H]`, `[m]`.
+    pub down_w: &'a Tensor,
+    pub down_b: &'a Tensor,
+    /// `[H, m]`, `[H]`.
+    pub up_w: &'a Tensor,
+    pub up_b: &'a Tensor,
+    pub activation: Activation,
+    /// Adapter-internal LayerNorms (eps 1e-5).
+    pub ln_before: Option<LayerNormParams<'a>>,
+    pub ln_after: Option<LayerNormParams<'a>>,
+    pub scaling: ScalingParam<'a>,
+    /// Gate `Linear(H, 1)`: weight `[1, H]`, bias `[1]`.
+    pub gate: Option<(&'a Tensor, &'a Tensor)>,
+    pub adapter_residual_before_ln: bool,
+}
+
+/// The pre and post steps of an adapter location (spec §4): the pre step follows the FIRST
+/// child's config, the post step the LAST child's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocationSteps {
+    pub residual_before_ln: crate::config::ResidualBeforeLn,
+    pub original_ln_before: bool,
+    pub original_ln_after: bool,
+}
+
+/// One adapter location for all N branches at once: the Parallel path is one call, not a loop.
+pub struct AdapterLocation<'a> {
+    /// The sub-layer output `h` and its input `r`: `[B, T, H]` when `replicate`, else `[N·B, T, H]`.
+    pub h: &'a Tensor,
+    pub r: &'a Tensor,
+    /// The BERT LayerNorm of this location (used by the pre and post steps).
+    pub layer_norm: LayerNormParams<'a>,
+    pub steps: LocationSteps,
+    /// Branch i owns rows `[i·B, (i+1)·B)` of the output.
+    pub branches: &'a [BottleneckParams<'a>],
+    /// Tile `h` and `r` N times first (the lazy replication of Parallel, fused into this op).
+    pub replicate: bool,
+    /// Sequence length T (the gate averages over it).
+    pub seq_len: usize,
+}
+
+/// NICE coupling weights (spec §5.1): `F: s2 → s1` and `G: s1 → s2`, two Linears each.
+#[derive(Clone, Copy)]
+pub struct NiceParams<'a> {
+    pub f0: (&'a Tensor, &'a Tensor),
+    pub f2: (&'a Tensor, &'a Tensor),
+    pub g0: (&'a Tensor, &'a Tensor),
+    pub g2: (&'a Tensor, &'a Tensor),
+    pub activation: Activation,
+}
+
 /// The op families. Forward methods allocate their outputs.
 pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
@@ -104,6 +176,14 @@ pub trait Backend: Send + Sync {
 
     // ---- activation family ---------------------------------------------------------------------
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
+
+    // ---- adapter location family -------------------------------------------------------------
+    /// Pre step, N bottleneck cores, post step: returns the location's output, `[N·B, T, H]`.
+    fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor>;
+
+    // ---- invertible coupling family ----------------------------------------------------------
+    /// NICE on the last dimension: forward `y1 = x1 + F(x2), y2 = x2 + G(y1)`, or its inverse.
+    fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor>;
 
     // ---- gather ----------------------------------------------------------------------------------
     /// The first token of every sequence: `[B, T, H] -> [B, H]` (the pooler's input).

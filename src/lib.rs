@@ -29,11 +29,11 @@ pub mod tensor;
 pub mod tokenize;
 
 pub use backend::{Activation, Backend, TokenBatch};
-pub use config::{BertConfig, HiddenAct};
+pub use config::{AdapterConfig, BertConfig, HiddenAct, Location};
 pub use cpu::{CpuBackend, CpuMode};
 pub use device::Device;
 pub use error::{Error, Result};
 pub use io::{BertWeights, InputBatch, LoadOptions, LoadReport};
-pub use model::{BertModel, BertOutput};
+pub use model::{Adapter, AdapterSetup, BertModel, BertOutput};
 pub use tensor::{DType, Tensor};
 pub use tokenize::BertTokenizer;

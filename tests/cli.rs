@@ -183,9 +183,6 @@ fn unimplemented_options_are_refused_not_ignored() {
     let base = ["--model", s(&model), "--inputs", "x.safetensors", "--out", s(&out)];
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
     for (extra, says) in [
-        (&["--adapter", "some/dir"][..], "--adapter"),
-        (&["--active", "a"][..], "--active"),
-        (&["--parallel", "a,b"][..], "--parallel"),
         (&["--train", "a", "--grad-probe", "w.safetensors"][..], "--train"),
         (&["--device", "cuda"][..], "CUDA model backend is not built yet"),
         (&["--device", "tpu"][..], "unknown device `tpu`"),
@@ -195,4 +192,104 @@ fn unimplemented_options_are_refused_not_ignored() {
         expect_failure(&args, &[says]);
     }
     assert!(!out.exists(), "a refused run must not write its output");
+}
+
+fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+#[test]
+fn run_with_adapters_matches_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inputs = tiny().join("inputs.safetensors");
+    let (a, b) = (adapter_dir("pfeiffer_inv"), adapter_dir("pfeiffer"));
+    let model = tiny();
+    let base = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&a), "--adapter", s(&b)];
+    for (extra, expected) in [
+        (["--active", "pfeiffer_inv"], "expected_pfeiffer_inv.safetensors"),
+        (["--parallel", "pfeiffer,pfeiffer_inv"], "expected_parallel_pfeiffer__pfeiffer_inv.safetensors"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let (ok, _, stderr) = run(&args);
+        assert!(ok, "{stderr}");
+        let got = TensorFile::open(&out).unwrap();
+        let want = TensorFile::open(fixtures().join("adapters").join(expected)).unwrap();
+        for name in want.names() {
+            let (g, gs) = read_f32(&got, &name);
+            let (w, ws) = read_f32(&want, &name);
+            assert_eq!(gs, ws, "{expected} {name}");
+            assert_close(&format!("{expected} {name}"), &g, &w, 1e-5);
+        }
+    }
+    // Loaded but not activated: plain BERT, as load_adapter in the library.
+    let (ok, _, stderr) = run(&base);
+    assert!(ok, "{stderr}");
+    let got = TensorFile::open(&out).unwrap();
+    let plain = TensorFile::open(tiny().join("expected.safetensors")).unwrap();
+    assert_close("inactive", &read_f32(&got, "last_hidden_state").0, &read_f32(&plain, "last_hidden_state").0, 1e-5);
+}
+
+#[test]
+fn bad_adapter_options_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out.safetensors");
+    let inputs = tiny().join("inputs.safetensors");
+    let model = tiny();
+    let go = |extra: &[&str], says: &[&str]| {
+        let args: Vec<&str> = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out)].iter().chain(extra).copied().collect();
+        expect_failure(&args, says);
+    };
+    let (p, h) = (adapter_dir("pfeiffer"), adapter_dir("houlsby"));
+    go(&["--adapter", s(&p), "--active", "nope"], &["no adapter named `nope` (adapters: pfeiffer)"]);
+    go(&["--adapter", s(&p), "--adapter", s(&h), "--parallel", "pfeiffer,houlsby"], &["Parallel(pfeiffer, houlsby)", "every Parallel child"]);
+    go(&["--adapter", s(&p), "--adapter", s(&p)], &["`pfeiffer` already exists"]);
+    go(&["--adapter", s(&d.join("missing"))], &["missing", "adapter folder not found"]);
+    // A usage error is clap's: exit code 2 with the usage lines.
+    let (ok, _, err) = run(&["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--active", "a", "--parallel", "a,b"]);
+    assert!(!ok && err.contains("'--active <NAME>' cannot be used with '--parallel"), "{err}");
+
+    // Broken adapter folders: config errors name the file and field, weight errors the tensor.
+    let copy = |name: &str| -> PathBuf {
+        let to = d.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["adapter_config.json", "adapter.safetensors"] {
+            std::fs::copy(adapter_dir("pfeiffer").join(f), to.join(f)).unwrap();
+        }
+        to
+    };
+    let edit_config = |dir: &Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.join("adapter_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let c = copy("scaling_int");
+    edit_config(&c, &|v| v["config"]["scaling"] = serde_json::json!(1));
+    go(&["--adapter", s(&c)], &["adapter_config.json", "config.scaling", "unknown scaling type 1"]);
+    let c = copy("glow");
+    edit_config(&c, &|v| {
+        v["config"]["inv_adapter"] = serde_json::json!("glow");
+        v["config"]["inv_adapter_reduction_factor"] = serde_json::json!(2);
+    });
+    go(&["--adapter", s(&c)], &["unsupported", "glow"]);
+    let c = copy("phm");
+    edit_config(&c, &|v| v["config"]["phm_layer"] = serde_json::json!(true));
+    go(&["--adapter", s(&c)], &["config.phm_layer", "not supported"]);
+    let c = copy("hidden");
+    edit_config(&c, &|v| v["hidden_size"] = serde_json::json!(64));
+    go(&["--adapter", s(&c)], &["field `hidden_size`: 64 does not match the model's hidden size 48"]);
+    let c = copy("dotted");
+    edit_config(&c, &|v| v["name"] = serde_json::json!("a.b"));
+    go(&["--adapter", s(&c)], &["field `name`", "contains '.'"]);
+    let c = copy("rf");
+    edit_config(&c, &|v| v["config"]["reduction_factor"] = serde_json::json!(8));
+    go(&["--adapter", s(&c)], &["adapter.safetensors", "adapter_down.0.bias", "shape [3] in the file, but the config needs [6]"]);
+    let c = copy("houlsby_cfg");
+    edit_config(&c, &|v| v["config"]["mh_adapter"] = serde_json::json!(true));
+    go(&["--adapter", s(&c)], &["adapter.safetensors", "encoder.layer.0.attention.output.adapters.pfeiffer.adapter_down.0.weight", "missing"]);
+    let c = copy("garbled");
+    std::fs::write(c.join("adapter_config.json"), "{").unwrap();
+    go(&["--adapter", s(&c)], &["adapter_config.json", "not valid JSON"]);
 }

@@ -8,65 +8,10 @@ use std::sync::Arc;
 
 use bert_adapters::io::TensorFile;
 use bert_adapters::{Backend, BertModel, BertTokenizer, CpuBackend, InputBatch, LoadOptions};
-use common::{assert_close, fixtures, read_f32};
-
-const TOL: f64 = 1e-5;
+use common::{check_outputs, fixtures};
 
 fn backends() -> Vec<Arc<dyn Backend>> {
     vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())]
-}
-
-/// Run `model` on `batch` and compare every tensor `expected` holds.
-fn check_outputs(label: &str, model: &BertModel, batch: &InputBatch, expected: &TensorFile) {
-    let out = model.forward(batch).unwrap();
-    let be = model.backend();
-    let mut checked = 0;
-    for name in expected.names() {
-        let got = if name == "last_hidden_state" {
-            &out.last_hidden_state
-        } else if name == "pooler_output" {
-            out.pooler_output.as_ref().unwrap_or_else(|| panic!("{label}: fixture has a pooler output, model has no pooler"))
-        } else if let Some(i) = name.strip_prefix("hidden_states.") {
-            &out.hidden_states[i.parse::<usize>().unwrap()]
-        } else {
-            continue;
-        };
-        let (want, shape) = read_f32(expected, &name);
-        assert_eq!(got.shape(), shape.as_slice(), "{label} {name}");
-        let got = be.to_host(got).unwrap();
-        let label = format!("{label} [{}] {name}", be.name());
-        // last_hidden_state is the last hidden state; its float64 padding rows are stored once.
-        let as_hidden = match name.as_str() {
-            "last_hidden_state" => format!("hidden_states.{}", model.config().num_hidden_layers),
-            other => other.to_string(),
-        };
-        let f64_key = format!("padding_rows_f64.{as_hidden}");
-        match expected.info(&f64_key) {
-            None => assert_close(&label, &got, &want, TOL),
-            Some(_) => check_with_padding(&label, &got, &want, expected, &f64_key, &batch.attention_mask),
-        }
-        checked += 1;
-    }
-    assert!(checked >= 2, "{label}: only {checked} tensors compared");
-    assert_eq!(out.hidden_states.len(), model.config().num_hidden_layers + 1);
-}
-
-/// Real tokens meet the 1e-5 bound against PyTorch's float32 output. Padding rows are masked out
-/// of every attention and ill-conditioned (PyTorch's own float32 differs from its float64 there by
-/// ~1.5e-4), so there we must be no further from PyTorch's float64 result than 2× PyTorch's own
-/// float32 error, the convention flash-attention's tests use for low precision.
-fn check_with_padding(label: &str, got: &[f32], want: &[f32], expected: &TensorFile, f64_key: &str, mask: &[u32]) {
-    let hidden = got.len() / mask.len();
-    let rows = |v: &[f32], keep: u32| -> Vec<f32> {
-        v.chunks(hidden).zip(mask).filter(|(_, &m)| m == keep).flat_map(|(r, _)| r.iter().copied()).collect()
-    };
-    assert_close(&format!("{label} (real tokens)"), &rows(got, 1), &rows(want, 1), TOL);
-    let (want64, _) = read_f32(expected, f64_key);
-    let max_err = |v: &[f32]| v.iter().zip(&want64).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    let (ours, torch32) = (max_err(&rows(got, 0)), max_err(&rows(want, 0)));
-    let max_ref = want64.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let bound = (2.0 * torch32 as f64).max(TOL * (1.0 + max_ref));
-    assert!(ours as f64 <= bound, "{label} (padding rows): {ours:.3e} from float64, PyTorch float32 is {torch32:.3e}, bound {bound:.3e}");
 }
 
 fn tiny_case(dir: &str, expected_file: &str, use_inputs: bool) {

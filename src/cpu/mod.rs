@@ -1,10 +1,11 @@
 //! The CPU backend: a plain reference (`reference`, the spec) and a fast path (`fast`, what the
 //! model uses), behind one `Backend` implementation that checks shapes once for both.
 
+mod adapter;
 pub mod fast;
 pub mod reference;
 
-use crate::backend::{Activation, Backend, TokenBatch};
+use crate::backend::{Activation, AdapterLocation, Backend, NiceParams, TokenBatch};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -166,6 +167,14 @@ impl Backend for CpuBackend {
             CpuMode::Fast => fast::activation(xs, act),
         };
         Tensor::from_vec(y, x.shape())
+    }
+
+    fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
+        adapter::adapter_location(adapter::Prims(self.mode), loc)
+    }
+
+    fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor> {
+        adapter::nice(adapter::Prims(self.mode), x, params, inverse)
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {

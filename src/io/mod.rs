@@ -1,5 +1,6 @@
 //! Files in and out: safetensors tensors, HF BERT weights, input batches, output dumps.
 
+pub mod adapter_files;
 pub mod batch;
 pub mod tensor_file;
 pub mod weights;

@@ -1,18 +1,24 @@
 //! BERT encoder in eval mode with HF `BertModel` semantics.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{Activation, Backend};
-use crate::config::BertConfig;
+use crate::backend::{Activation, AdapterLocation, Backend, LayerNormParams, LocationSteps};
+use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
+use crate::model::adapters::{Adapter, AdapterSetup};
 use crate::tensor::Tensor;
 
 pub struct BertModel {
     config: BertConfig,
     weights: BertWeights,
     backend: Arc<dyn Backend>,
+    adapters: BTreeMap<String, Adapter>,
+    active: Option<AdapterSetup>,
+    /// Seed of the next `add_adapter`; advanced per adapter so each gets its own draws.
+    next_adapter_seed: u64,
 }
 
 /// What a forward pass returns, on the backend's device.
@@ -27,7 +33,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), active: None, next_adapter_seed: 0 }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -51,14 +57,138 @@ impl BertModel {
         self.weights.pooler.is_some()
     }
 
-    /// The additive attention bias of HF: `(1 - mask)·f32::MIN`, `[B, T]`.
-    fn mask_bias(&self, batch: &InputBatch) -> Result<Tensor> {
-        let bias = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
-        self.backend.upload(bias, &[batch.batch, batch.seq_len])
+    // ---- adapters ------------------------------------------------------------------------------
+
+    /// Add adapter `name` with `config`, initialised as the config says ("bert": N(0, 0.02)
+    /// weights, zero biases) from the model's seeded RNG. Does not activate it.
+    pub fn add_adapter(&mut self, name: &str, config: AdapterConfig) -> Result<()> {
+        let seed = self.next_adapter_seed;
+        self.next_adapter_seed += 1;
+        self.add_adapter_seeded(name, config, seed)
     }
 
-    /// Eval-mode forward (no dropout). The batch must have been validated against this model's
-    /// config (`InputBatch::new` does that); ids are re-checked by the embedding op regardless.
+    /// `add_adapter` with an explicit seed.
+    pub fn add_adapter_seeded(&mut self, name: &str, config: AdapterConfig, seed: u64) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            return Err(Error::Input(format!("an adapter named `{name}` already exists")));
+        }
+        let adapter = Adapter::init(name, config, &self.config, seed, self.backend.as_ref())?;
+        self.adapters.insert(name.to_string(), adapter);
+        Ok(())
+    }
+
+    /// Load an adapter folder (`adapter_config.json` + `adapter.safetensors`); the name comes
+    /// from the config, as in the library. Returns the name. Does not activate it.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<String> {
+        self.load_adapter_as(dir, None)
+    }
+
+    /// `load_adapter` under another name (`load_as` in the library); `None` keeps the saved one.
+    pub fn load_adapter_as(&mut self, dir: impl AsRef<Path>, load_as: Option<&str>) -> Result<String> {
+        let adapter = crate::io::adapter_files::load_adapter_dir(dir.as_ref(), load_as, &self.config, self.backend.as_ref())?;
+        let name = adapter.name().to_string();
+        self.insert_adapter(adapter)?;
+        Ok(name)
+    }
+
+    /// Insert an adapter built elsewhere (e.g. loaded from files).
+    pub fn insert_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        if self.adapters.contains_key(adapter.name()) {
+            return Err(Error::Input(format!("an adapter named `{}` already exists", adapter.name())));
+        }
+        self.adapters.insert(adapter.name().to_string(), adapter);
+        Ok(())
+    }
+
+    /// Remove an adapter. If the active setup uses it, no adapter stays active (as the library
+    /// does when the only active adapter is deleted).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<Adapter> {
+        let adapter = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
+        if self.active.as_ref().is_some_and(|s| s.names().iter().any(|n| n == name)) {
+            self.active = None;
+        }
+        Ok(adapter)
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<&Adapter> {
+        self.adapters.get(name)
+    }
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.keys().map(String::as_str).collect()
+    }
+    pub fn active_adapters(&self) -> Option<&AdapterSetup> {
+        self.active.as_ref()
+    }
+
+    fn unknown(&self, name: &str) -> Error {
+        let known = if self.adapters.is_empty() { "none".to_string() } else { self.adapter_names().join(", ") };
+        Error::Input(format!("no adapter named `{name}` (adapters: {known})"))
+    }
+
+    /// Choose what runs: `None`, one adapter, or Parallel. Every Parallel child must have a module
+    /// wherever another child has one (the library crashes otherwise); this is checked here.
+    pub fn set_active_adapters(&mut self, setup: Option<AdapterSetup>) -> Result<()> {
+        if let Some(s) = &setup {
+            self.validate_setup(s)?;
+        }
+        self.active = setup;
+        Ok(())
+    }
+
+    fn validate_setup(&self, setup: &AdapterSetup) -> Result<()> {
+        let names = setup.names();
+        if names.is_empty() {
+            return Err(Error::Input("Parallel needs at least one adapter".into()));
+        }
+        let children = names.iter().map(|n| self.adapters.get(n).ok_or_else(|| self.unknown(n))).collect::<Result<Vec<_>>>()?;
+        for layer in 0..self.config.num_hidden_layers {
+            for location in Location::BOTH {
+                let has: Vec<bool> = children.iter().map(|a| a.config().has_location(layer, location)).collect();
+                if let (Some(with), Some(without)) = (has.iter().position(|&b| b), has.iter().position(|&b| !b)) {
+                    let place = match location {
+                        Location::MultiHead => "attention output (mh_adapter)",
+                        Location::Output => "FFN output (output_adapter)",
+                    };
+                    return Err(Error::Input(format!(
+                        "{setup}: adapter `{}` has no module at layer {layer} {place} where `{}` has one; \
+                         every Parallel child must exist at the same locations",
+                        names[without], names[with]
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn active_children(&self) -> Result<Vec<&Adapter>> {
+        match &self.active {
+            None => Ok(Vec::new()),
+            Some(s) => s.names().iter().map(|n| self.adapters.get(n).ok_or_else(|| self.unknown(n))).collect(),
+        }
+    }
+
+    /// The inverse of the active setup's NICE block (the first adapter's, as the library's LM
+    /// heads apply it). Errors when that adapter has no invertible adapter.
+    pub fn invertible_adapter_inverse(&self, x: &Tensor) -> Result<Tensor> {
+        let children = self.active_children()?;
+        let first = children.first().ok_or_else(|| Error::Input("no active adapter".into()))?;
+        let nice = first.nice()?.ok_or_else(|| Error::Input(format!("adapter `{}` has no invertible adapter", first.name())))?;
+        self.backend.nice(x, &nice, true)
+    }
+
+    /// One adapter's NICE block, forward or inverse, on any `[.., H]` tensor.
+    pub fn invertible_adapter(&self, name: &str, x: &Tensor, inverse: bool) -> Result<Tensor> {
+        let adapter = self.adapters.get(name).ok_or_else(|| self.unknown(name))?;
+        let nice = adapter.nice()?.ok_or_else(|| Error::Input(format!("adapter `{name}` has no invertible adapter")))?;
+        self.backend.nice(x, &nice, inverse)
+    }
+
+    // ---- forward -------------------------------------------------------------------------------
+
+    /// Eval-mode forward (no dropout) with the active adapter setup. The batch must have been
+    /// validated against this model's config (`InputBatch::new` does that); ids are re-checked by
+    /// the embedding op regardless. Under Parallel the outputs have N·B rows after the first
+    /// adapter location, and `hidden_states` before it keep B rows, as in the library.
     pub fn forward(&self, batch: &InputBatch) -> Result<BertOutput> {
         let be = self.backend.as_ref();
         let cfg = &self.config;
@@ -69,22 +199,40 @@ impl BertModel {
                 batch.seq_len, cfg.max_position_embeddings
             )));
         }
+        let children = self.active_children()?;
+        if let Some(setup) = &self.active {
+            self.validate_setup(setup)?;
+        }
+        let parallel = self.active.as_ref().is_some_and(AdapterSetup::is_parallel);
+
         let emb = be.embedding(&batch.tokens(), &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
         let mut x = be.residual_layernorm(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps)?;
-        let mask = self.mask_bias(batch)?;
+        // Only the first adapter of the setup applies its NICE, before any replication.
+        if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
+            x = be.nice(&x, &nice, false)?;
+        }
+        let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
+        let mut mask = be.upload(mask_bias.clone(), &[batch.batch, batch.seq_len])?;
+        let mut replicated = false;
         let act = Activation::from(cfg.hidden_act);
         let mut hidden_states = Vec::with_capacity(cfg.num_hidden_layers + 1);
-        for layer in &w.layers {
+        for (l, layer) in w.layers.iter().enumerate() {
             hidden_states.push(x.clone());
             let q = be.linear(&x, &layer.query_w, Some(&layer.query_b))?;
             let k = be.linear(&x, &layer.key_w, Some(&layer.key_b))?;
             let v = be.linear(&x, &layer.value_w, Some(&layer.value_b))?;
             let context = be.attention(&q, &k, &v, &mask, cfg.num_attention_heads)?;
             let h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
-            let x_attn = be.residual_layernorm(&h1, Some(&x), &layer.attn_ln_gamma, &layer.attn_ln_beta, cfg.layer_norm_eps)?;
+            let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
+            let x_attn = self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len)?;
             let inter = be.activation(&be.linear(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b))?, act)?;
             let h2 = be.linear(&inter, &layer.output_w, Some(&layer.output_b))?;
-            x = be.residual_layernorm(&h2, Some(&x_attn), &layer.output_ln_gamma, &layer.output_ln_beta, cfg.layer_norm_eps)?;
+            let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
+            x = self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len)?;
+            if replicated && mask.shape()[0] == batch.batch && children.len() > 1 {
+                // The library tiles the mask the same way when rows outgrow it.
+                mask = be.upload(mask_bias.repeat(children.len()), &[children.len() * batch.batch, batch.seq_len])?;
+            }
         }
         hidden_states.push(x.clone());
         let pooler_output = match &w.pooler {
@@ -92,5 +240,35 @@ impl BertModel {
             None => None,
         };
         Ok(BertOutput { last_hidden_state: x, pooler_output, hidden_states })
+    }
+
+    /// One adapter location: plain `LN(h + r)` where no active adapter has a module, otherwise
+    /// the backend's location op for all children at once.
+    #[allow(clippy::too_many_arguments)]
+    fn location(
+        &self,
+        children: &[&Adapter],
+        layer: usize,
+        location: Location,
+        h: &Tensor,
+        r: &Tensor,
+        ln: LayerNormParams,
+        parallel: bool,
+        replicated: &mut bool,
+        seq_len: usize,
+    ) -> Result<Tensor> {
+        let branches = children.iter().filter_map(|a| a.bottleneck(layer, location).transpose()).collect::<Result<Vec<_>>>()?;
+        if branches.is_empty() {
+            return self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps);
+        }
+        let (first, last) = (children[0].config(), children[children.len() - 1].config());
+        let steps = LocationSteps {
+            residual_before_ln: first.residual_before_ln,
+            original_ln_before: first.original_ln_before,
+            original_ln_after: last.original_ln_after,
+        };
+        let replicate = parallel && !*replicated;
+        *replicated |= parallel;
+        self.backend.adapter_location(&AdapterLocation { h, r, layer_norm: ln, steps, branches: &branches, replicate, seq_len })
     }
 }

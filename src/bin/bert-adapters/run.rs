@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{ArgGroup, Args};
 
 use bert_adapters::io::{write_safetensors, OutTensor};
-use bert_adapters::{device, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
+use bert_adapters::{device, AdapterSetup, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["inputs", "text"])))]
@@ -47,20 +47,24 @@ pub struct RunArgs {
 
 /// Options of the contract that this build does not implement yet: refused, never ignored.
 fn refuse_unimplemented(args: &RunArgs) -> Result<()> {
-    let refuse = |flag: &str, what: &str| Err(Error::Unsupported(format!("{flag}: {what} are not implemented in this version")));
-    if !args.adapter.is_empty() {
-        return refuse("--adapter", "adapters");
-    }
-    if args.active.is_some() {
-        return refuse("--active", "adapters");
-    }
-    if !args.parallel.is_empty() {
-        return refuse("--parallel", "Parallel adapter setups");
-    }
     if !args.train.is_empty() || args.grad_probe.is_some() {
-        return refuse("--train/--grad-probe", "training and gradients");
+        return Err(Error::Unsupported("--train/--grad-probe: training and gradients are not implemented in this version".into()));
     }
     Ok(())
+}
+
+/// Load every `--adapter` folder and activate `--active` or `--parallel` (nothing otherwise, as
+/// `load_adapter` in the library activates nothing).
+fn apply_adapters(model: &mut BertModel, args: &RunArgs) -> Result<()> {
+    for dir in &args.adapter {
+        model.load_adapter(dir)?;
+    }
+    let setup = match (&args.active, args.parallel.as_slice()) {
+        (Some(name), _) => Some(AdapterSetup::Single(name.clone())),
+        (None, []) => None,
+        (None, names) => Some(AdapterSetup::Parallel(names.to_vec())),
+    };
+    model.set_active_adapters(setup)
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>> {
@@ -89,7 +93,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     let backend = device::backend_for(device)?;
     let start = Instant::now();
-    let (model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
+    let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
+    apply_adapters(&mut model, &args)?;
     let cfg = model.config();
     let batch = match (&args.inputs, &args.text) {
         (Some(inputs), _) => InputBatch::from_file(inputs, cfg)?,
