@@ -79,6 +79,11 @@ fn parallel_in_both_orders_and_three_way_matches_the_library() {
         &["houlsby_inv", "houlsby"],
         &["houlsby", "houlsby_inv"],
         &["pfeiffer", "pfeiffer_inv", "pfeiffer_b"],
+        // Mixed configs: the pre step follows the first child, the post step the last.
+        &["pfeiffer", "opt_residual_before_ln_false"],
+        &["opt_residual_before_ln_false", "pfeiffer"],
+        &["houlsby", "opt_original_ln_after_false"],
+        &["opt_original_ln_after_false", "houlsby"],
     ] {
         tiny_case(names, names, &format!("expected_parallel_{}.safetensors", names.join("__")));
     }

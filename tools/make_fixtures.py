@@ -393,6 +393,15 @@ TINY_PARALLEL = [
     ("pfeiffer", "pfeiffer_inv", "pfeiffer_b"),
 ]
 
+# Children of different configs at the same locations: the pre step follows the FIRST child and
+# the post step the LAST (spec §6.4). Only last_hidden_state and pooler_output are stored.
+TINY_PARALLEL_MIXED = [
+    ("pfeiffer", "opt_residual_before_ln_false"),
+    ("opt_residual_before_ln_false", "pfeiffer"),
+    ("houlsby", "opt_original_ln_after_false"),
+    ("opt_original_ln_after_false", "houlsby"),
+]
+
 MINILM_ADAPTERS = [("scorenn", "pfeiffer"), ("tasknn", "pfeiffer"), ("houlsby", "houlsby")]
 MINILM_SINGLE = ["scorenn", "houlsby"]
 MINILM_PARALLEL = [("scorenn", "tasknn")]
@@ -445,6 +454,11 @@ def make_adapters(minilm):
         B = inputs["input_ids"].shape[0]
         assert exp["last_hidden_state"].shape[0] == len(names) * B
         lines.append(f"| `Parallel({', '.join(names)})` | `{fname}` | {describe(exp)} |")
+    for names in TINY_PARALLEL_MIXED:
+        model.set_active_adapters(Parallel(*names))
+        fname = f"expected_parallel_{'__'.join(names)}.safetensors"
+        exp = save_tensors(d / fname, run_bert(model, inputs, hidden_states=False))
+        lines.append(f"| `Parallel({', '.join(names)})` (mixed configs) | `{fname}` | {describe(exp)} |")
     readme.append(("Parallel on tiny_bert (rows i*B..(i+1)*B = branch i; hidden_states keep B rows "
                    "until the first adapter location)", lines))
 
@@ -478,6 +492,9 @@ def make_adapters(minilm):
     for names in TINY_PARALLEL:
         fresh.set_active_adapters(Parallel(*names))
         assert_same(d / f"expected_parallel_{'__'.join(names)}.safetensors", run_bert(fresh, inputs))
+    for names in TINY_PARALLEL_MIXED:
+        fresh.set_active_adapters(Parallel(*names))
+        assert_same(d / f"expected_parallel_{'__'.join(names)}.safetensors", run_bert(fresh, inputs, hidden_states=False))
     for name in ("pfeiffer_inv", "houlsby_inv"):
         with torch.no_grad():
             inv = fresh.invertible_adapters[name]
