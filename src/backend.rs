@@ -137,7 +137,38 @@ pub struct NiceParams<'a> {
     pub activation: Activation,
 }
 
-/// The op families. Forward methods allocate their outputs.
+/// Gradients of one bottleneck adapter at one location, shaped like its parameters.
+pub struct BottleneckGrads {
+    pub down_w: Tensor,
+    pub down_b: Tensor,
+    pub up_w: Tensor,
+    pub up_b: Tensor,
+    pub ln_before: Option<(Tensor, Tensor)>,
+    pub ln_after: Option<(Tensor, Tensor)>,
+    /// Learned (`[1]`) or channel (`[H]`) scaling.
+    pub scaling: Option<Tensor>,
+    pub gate: Option<(Tensor, Tensor)>,
+}
+
+/// What the backward of an adapter location returns.
+pub struct LocationGrads {
+    /// `∂L/∂h` and `∂L/∂r` (B rows when the location replicated), when asked for.
+    pub dh: Option<Tensor>,
+    pub dr: Option<Tensor>,
+    /// Per branch, in the order given: parameter gradients of the trainable ones.
+    pub branches: Vec<Option<BottleneckGrads>>,
+}
+
+/// Parameter gradients of a NICE block: `(weight, bias)` of F.0, F.2, G.0, G.2.
+pub struct NiceGrads {
+    pub f0: (Tensor, Tensor),
+    pub f2: (Tensor, Tensor),
+    pub g0: (Tensor, Tensor),
+    pub g2: (Tensor, Tensor),
+}
+
+/// The op families. Forward methods allocate their outputs. Backward methods compute only what
+/// they are asked for: frozen weights never get a weight-gradient product.
 pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// A short human name, e.g. "cpu (fast)".
@@ -184,6 +215,32 @@ pub trait Backend: Send + Sync {
     // ---- invertible coupling family ----------------------------------------------------------
     /// NICE on the last dimension: forward `y1 = x1 + F(x2), y2 = x2 + G(y1)`, or its inverse.
     fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor>;
+
+    // ---- backward ----------------------------------------------------------------------------
+    /// `dx = dy·W` (the input gradient of `linear`; no weight gradient).
+    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor>;
+    /// `(dW, db) = (dyᵀ·x, Σ_rows dy)` for a trainable Linear.
+    fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// `dx = dy ⊙ act'(pre)`.
+    fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor>;
+    /// Input gradient of `LN(x + residual)` with frozen γ, β: returns `∂L/∂(x + residual)`, which
+    /// is the gradient of both `x` and `residual`.
+    fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor>;
+    /// `(dq, dk, dv)` of `attention`, probabilities recomputed.
+    fn attention_backward(&self, dctx: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<[Tensor; 3]>;
+    /// Backward of `adapter_location` for the branches given (the live ones; `loc.h`/`loc.r` hold
+    /// their rows). `trainable[i]` asks for branch i's parameter gradients; `need_input_grads`
+    /// for `dh` and `dr`.
+    fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads>;
+    /// Parameter gradients of the NICE forward at input `x` for upstream `dy`.
+    fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads>;
+
+    // ---- elementwise and layout ----------------------------------------------------------------
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// Rows `ranges` of dim 0, concatenated (a Parallel branch is a contiguous block of rows).
+    fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor>;
+    /// The adjoint of `first_token`: `[B, H] -> [B, T, H]`, zero except at position 0.
+    fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor>;
 
     // ---- gather ----------------------------------------------------------------------------------
     /// The first token of every sequence: `[B, T, H] -> [B, H]` (the pooler's input).

@@ -1,39 +1,73 @@
 //! Adapter location and NICE coupling on the CPU, composed from the primitive ops of the chosen
 //! mode (reference or fast), so the reference path is the specification of the fused kernels.
 
-use crate::backend::{Activation, AdapterLocation, BottleneckParams, NiceParams, ScalingParam};
+use crate::backend::{
+    Activation, AdapterLocation, BottleneckParams, NiceParams, ScalingParam,
+};
 use crate::config::ResidualBeforeLn;
-use crate::cpu::{fast, reference, CpuMode};
+use crate::cpu::adapter_backward::core_forward;
+use crate::cpu::{fast, reference, CpuMode, GemmKind, GemmStats};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// The primitive row ops of one CPU mode.
+/// The primitive row ops of one CPU mode, counting matrix products as they go.
 #[derive(Clone, Copy)]
-pub(crate) struct Prims(pub CpuMode);
+pub(crate) struct Prims<'a> {
+    pub mode: CpuMode,
+    pub stats: &'a GemmStats,
+}
 
-impl Prims {
+impl Prims<'_> {
     pub fn linear(self, x: &[f32], w: &Tensor, b: &Tensor, d_in: usize) -> Result<Vec<f32>> {
         let d_out = w.shape()[0];
         let rows = x.len() / d_in.max(1);
         let (w, b) = (w.cpu_data()?, Some(b.cpu_data()?));
-        Ok(match self.0 {
+        self.stats.count(GemmKind::Forward);
+        Ok(match self.mode {
             CpuMode::Reference => reference::linear(x, w, b, rows, d_in, d_out),
             CpuMode::Fast => fast::linear(x, w, b, rows, d_in, d_out),
         })
     }
+    /// `dx = dy·W` for `w: [d_out, d_in]`.
+    pub fn linear_dx(self, dy: &[f32], w: &Tensor) -> Result<Vec<f32>> {
+        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+        let rows = dy.len() / d_out.max(1);
+        self.stats.count(GemmKind::InputGrad);
+        let w = w.cpu_data()?;
+        Ok(match self.mode {
+            CpuMode::Reference => reference::linear_backward_input(dy, w, rows, d_in, d_out),
+            CpuMode::Fast => fast::linear_backward_input(dy, w, rows, d_in, d_out),
+        })
+    }
+    /// `(dW, db)` for a Linear with input `x` (`[rows, d_in]`) and output gradient `dy`.
+    pub fn linear_dw(self, dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+        let rows = dy.len() / d_out.max(1);
+        self.stats.count(GemmKind::WeightGrad);
+        match self.mode {
+            CpuMode::Reference => reference::linear_backward_params(dy, x, rows, d_in, d_out),
+            CpuMode::Fast => fast::linear_backward_params(dy, x, rows, d_in, d_out),
+        }
+    }
     pub fn layernorm(self, x: &[f32], residual: Option<&[f32]>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Vec<f32>> {
         let cols = gamma.elem_count();
         let (g, b) = (gamma.cpu_data()?, beta.cpu_data()?);
-        Ok(match self.0 {
+        Ok(match self.mode {
             CpuMode::Reference => reference::residual_layernorm(x, residual, g, b, cols, eps).y,
             CpuMode::Fast => fast::residual_layernorm(x, residual, g, b, cols, eps),
         })
     }
+    /// `(dz, dγ, dβ)` of `LN(z)`.
+    pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(reference::layernorm_backward(dy, z, gamma.cpu_data()?, gamma.elem_count(), eps))
+    }
     pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
-        match self.0 {
+        match self.mode {
             CpuMode::Reference => reference::activation(x, act),
             CpuMode::Fast => fast::activation(x, act),
         }
+    }
+    pub fn activation_backward(self, dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
+        reference::activation_backward(dy, pre, act)
     }
 }
 
@@ -67,52 +101,8 @@ fn check_branch(p: &BottleneckParams, hidden: usize) -> Result<()> {
     Ok(())
 }
 
-/// The adapter core of spec §3.4 on `rows` rows: returns `y`.
-fn bottleneck_core(prims: Prims, p: &BottleneckParams, x: &[f32], rho: &[f32], hidden: usize, seq_len: usize) -> Result<Vec<f32>> {
-    let z = match &p.ln_before {
-        Some(ln) => prims.layernorm(x, None, ln.gamma, ln.beta, ln.eps)?,
-        None => x.to_vec(),
-    };
-    let down = prims.activation(&prims.linear(&z, p.down_w, p.down_b, hidden)?, p.activation);
-    let mut u = prims.linear(&down, p.up_w, p.up_b, p.down_w.shape()[0])?;
-    match p.scaling {
-        ScalingParam::Fixed(s) => u.iter_mut().for_each(|v| *v *= s),
-        ScalingParam::Learned(s) => {
-            let s = s.cpu_data()?[0];
-            u.iter_mut().for_each(|v| *v *= s);
-        }
-        ScalingParam::Channel(s) => {
-            let s = s.cpu_data()?;
-            u.chunks_mut(hidden).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
-        }
-    }
-    if let Some((gw, gb)) = p.gate {
-        // One scalar per example: the mean over all T positions (padding included) of σ(x·w + b).
-        let logits = prims.linear(x, gw, gb, hidden)?;
-        let gates = prims.activation(&logits, Activation::Sigmoid);
-        for (example, g) in gates.chunks(seq_len).enumerate() {
-            let mean = (g.iter().map(|&v| v as f64).sum::<f64>() / seq_len as f64) as f32;
-            u[example * seq_len * hidden..][..seq_len * hidden].iter_mut().for_each(|v| *v *= mean);
-        }
-    }
-    let add = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-    Ok(if p.adapter_residual_before_ln {
-        add(&mut u, rho);
-        match &p.ln_after {
-            Some(ln) => prims.layernorm(&u, None, ln.gamma, ln.beta, ln.eps)?,
-            None => u,
-        }
-    } else {
-        let mut y = match &p.ln_after {
-            Some(ln) => prims.layernorm(&u, None, ln.gamma, ln.beta, ln.eps)?,
-            None => u,
-        };
-        add(&mut y, rho);
-        y
-    })
-}
-
-pub(crate) fn adapter_location(prims: Prims, loc: &AdapterLocation) -> Result<Tensor> {
+/// Check a location's shapes; returns `(branches, examples per branch, hidden)`.
+pub(crate) fn validate_location(loc: &AdapterLocation) -> Result<(usize, usize, usize)> {
     const OP: &str = "adapter_location";
     let shape = loc.h.shape();
     check(OP, "r", loc.r, shape)?;
@@ -124,15 +114,21 @@ pub(crate) fn adapter_location(prims: Prims, loc: &AdapterLocation) -> Result<Te
         return Err(Error::shape(OP, "no branches".to_string()));
     }
     let hidden = shape[2];
-    let examples = if loc.replicate { shape[0] } else { shape[0] / n };
     if !loc.replicate && !shape[0].is_multiple_of(n) {
         return Err(Error::shape(OP, format!("{} rows do not split into {n} branches", shape[0])));
     }
+    let examples = if loc.replicate { shape[0] } else { shape[0] / n };
     check(OP, "LayerNorm gamma", loc.layer_norm.gamma, &[hidden])?;
     check(OP, "LayerNorm beta", loc.layer_norm.beta, &[hidden])?;
     for b in loc.branches {
         check_branch(b, hidden)?;
     }
+    Ok((n, examples, hidden))
+}
+
+pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Result<Tensor> {
+    const OP: &str = "adapter_location";
+    let (n, examples, hidden) = validate_location(loc)?;
     let (h, r) = (loc.h.cpu_data()?, loc.r.cpu_data()?);
     let ln = &loc.layer_norm;
 
@@ -153,7 +149,7 @@ pub(crate) fn adapter_location(prims: Prims, loc: &AdapterLocation) -> Result<Te
     let mut y = Vec::with_capacity(n * block);
     for (i, branch) in loc.branches.iter().enumerate() {
         let at = if loc.replicate { 0 } else { i * block };
-        y.extend(bottleneck_core(prims, branch, &x[at..at + block], &rho[at..at + block], hidden, loc.seq_len)?);
+        y.extend(core_forward(prims, branch, &x[at..at + block], &rho[at..at + block], hidden, loc.seq_len)?.0);
     }
 
     // Post step (the last child's config), against r tiled like the branches.
@@ -167,11 +163,11 @@ pub(crate) fn adapter_location(prims: Prims, loc: &AdapterLocation) -> Result<Te
 }
 
 /// Columns `[start, start+width)` of a row-major `[rows, cols]` matrix.
-fn columns(x: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
+pub(crate) fn columns(x: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
     x.chunks(cols).flat_map(|row| row[start..start + width].iter().copied()).collect()
 }
 
-pub(crate) fn nice(prims: Prims, x: &Tensor, p: &NiceParams, inverse: bool) -> Result<Tensor> {
+pub(crate) fn nice(prims: Prims<'_>, x: &Tensor, p: &NiceParams, inverse: bool) -> Result<Tensor> {
     const OP: &str = "nice";
     let hidden = x.last_dim();
     if hidden < 2 || x.rank() == 0 {

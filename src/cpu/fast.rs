@@ -179,3 +179,100 @@ fn activation_f32(x: f32, act: Activation) -> f32 {
         Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
     }
 }
+
+// ---- backward ----------------------------------------------------------------------------------
+
+/// `dx = dy·W` with `w: [d_out, d_in]`.
+pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; rows * d_in];
+    if rows == 0 || d_in == 0 {
+        return dx;
+    }
+    let lhs = MatRef { ptr: dy.as_ptr(), row_stride: d_out as isize, col_stride: 1 };
+    let rhs = MatRef { ptr: w.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+    // SAFETY: dy is rows×d_out, w is d_out×d_in, dx is rows×d_in, all row-major.
+    unsafe { matmul(dx.as_mut_ptr(), d_in, false, lhs, rhs, rows, d_in, d_out, gemm_parallelism(rows * d_in * d_out)) };
+    dx
+}
+
+/// `dw = dyᵀ·x`, `db = Σ_rows dy`.
+pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dw = vec![0f32; d_out * d_in];
+    if rows > 0 && d_in > 0 && d_out > 0 {
+        // dyᵀ[o, r] = dy[r, o]: a transposed view.
+        let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
+        let rhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+        // SAFETY: dy is rows×d_out, x is rows×d_in, dw is d_out×d_in.
+        unsafe { matmul(dw.as_mut_ptr(), d_in, false, lhs, rhs, d_out, d_in, rows, gemm_parallelism(rows * d_in * d_out)) };
+    }
+    let mut db = vec![0f64; d_out];
+    for row in dy.chunks(d_out.max(1)) {
+        db.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
+    }
+    (dw, db.into_iter().map(|v| v as f32).collect())
+}
+
+/// Attention backward per (batch, head) in parallel, probabilities recomputed with gemm.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dctx: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask_bias: &[f32],
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = hidden / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = batch * seq * hidden;
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    struct SendPtr(*mut f32);
+    unsafe impl Sync for SendPtr {}
+    let (pq, pk, pv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    (0..batch * heads).into_par_iter().for_each_init(
+        || (vec![0f32; seq * seq], vec![0f32; seq * seq]),
+        |(p, dp), bh| {
+            let (b, h) = (bh / heads, bh % heads);
+            let base = b * seq * hidden + h * d;
+            let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
+            let view_t = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: 1, col_stride: hidden as isize };
+            let sq = |m: &[f32]| MatRef { ptr: m.as_ptr(), row_stride: seq as isize, col_stride: 1 };
+            let sq_t = |m: &[f32]| MatRef { ptr: m.as_ptr(), row_stride: 1, col_stride: seq as isize };
+            let _ = (&pq, &pk, &pv);
+            // SAFETY (all calls): views stay inside this (b, h)'s T×d blocks and the T×T scratch;
+            // the destination blocks belong to this task alone.
+            unsafe {
+                matmul(p.as_mut_ptr(), seq, false, view(q), view_t(k), seq, seq, d, Parallelism::None);
+                let bias = &mask_bias[b * seq..][..seq];
+                for row in p.chunks_mut(seq) {
+                    let mut max = f32::NEG_INFINITY;
+                    for (s, m) in row.iter_mut().zip(bias) {
+                        *s = *s * scale + m;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    row.iter_mut().for_each(|s| *s /= sum);
+                }
+                // dV = Pᵀ·dctx; dP = dctx·Vᵀ
+                matmul(pv.0.add(base), hidden, false, sq_t(p), view(dctx), seq, d, seq, Parallelism::None);
+                matmul(dp.as_mut_ptr(), seq, false, view(dctx), view_t(v), seq, seq, d, Parallelism::None);
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled
+                for (prow, dprow) in p.chunks(seq).zip(dp.chunks_mut(seq)) {
+                    let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                    dprow.iter_mut().zip(prow).for_each(|(g, &pp)| *g = pp * (*g - dot) * scale);
+                }
+                // dQ = dS·K; dK = dSᵀ·Q
+                matmul(pq.0.add(base), hidden, false, sq(dp), view(k), seq, d, seq, Parallelism::None);
+                matmul(pk.0.add(base), hidden, false, sq_t(dp), view(q), seq, d, seq, Parallelism::None);
+            }
+        },
+    );
+    (dq, dk, dv)
+}

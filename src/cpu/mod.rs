@@ -2,10 +2,14 @@
 //! model uses), behind one `Backend` implementation that checks shapes once for both.
 
 mod adapter;
+mod adapter_backward;
 pub mod fast;
 pub mod reference;
 
-use crate::backend::{Activation, AdapterLocation, Backend, NiceParams, TokenBatch};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::backend::{Activation, AdapterLocation, Backend, LocationGrads, NiceGrads, NiceParams, TokenBatch};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -19,14 +23,73 @@ pub enum CpuMode {
     Fast,
 }
 
+/// Kinds of matrix product, for the counters that prove the backward skips frozen work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKind {
+    Forward,
+    /// `dy·W`: an input gradient.
+    InputGrad,
+    /// `dyᵀ·x`: a weight gradient.
+    WeightGrad,
+}
+
+/// How many matrix products of each kind a backend has run.
+#[derive(Debug, Default)]
+pub struct GemmStats {
+    forward: AtomicUsize,
+    input_grad: AtomicUsize,
+    weight_grad: AtomicUsize,
+}
+
+/// A snapshot of `GemmStats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemmCounts {
+    pub forward: usize,
+    pub input_grad: usize,
+    pub weight_grad: usize,
+}
+
+impl GemmStats {
+    pub(crate) fn count(&self, kind: GemmKind) {
+        let c = match kind {
+            GemmKind::Forward => &self.forward,
+            GemmKind::InputGrad => &self.input_grad,
+            GemmKind::WeightGrad => &self.weight_grad,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> GemmCounts {
+        GemmCounts {
+            forward: self.forward.load(Ordering::Relaxed),
+            input_grad: self.input_grad.load(Ordering::Relaxed),
+            weight_grad: self.weight_grad.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::ops::Sub for GemmCounts {
+    type Output = GemmCounts;
+    fn sub(self, o: GemmCounts) -> GemmCounts {
+        GemmCounts { forward: self.forward - o.forward, input_grad: self.input_grad - o.input_grad, weight_grad: self.weight_grad - o.weight_grad }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     mode: CpuMode,
+    stats: Arc<GemmStats>,
 }
 
 impl CpuBackend {
     pub fn new(mode: CpuMode) -> Self {
-        CpuBackend { mode }
+        CpuBackend { mode, stats: Arc::new(GemmStats::default()) }
+    }
+    /// Matrix products run so far, by kind (attention's batched products count once per call).
+    pub fn gemm_counts(&self) -> GemmCounts {
+        self.stats.snapshot()
+    }
+    fn prims(&self) -> adapter::Prims<'_> {
+        adapter::Prims { mode: self.mode, stats: &self.stats }
     }
     pub fn fast() -> Self {
         Self::new(CpuMode::Fast)
@@ -84,6 +147,7 @@ impl Backend for CpuBackend {
             expect_shape(OP, "bias", b, &[d_out])?;
         }
         let rows = x.rows();
+        self.stats.count(GemmKind::Forward);
         let (xs, ws, bs) = (x.cpu_data()?, w.cpu_data()?, b.map(|b| b.cpu_data()).transpose()?);
         let y = match self.mode {
             CpuMode::Reference => reference::linear(xs, ws, bs, rows, d_in, d_out),
@@ -170,11 +234,114 @@ impl Backend for CpuBackend {
     }
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
-        adapter::adapter_location(adapter::Prims(self.mode), loc)
+        adapter::adapter_location(self.prims(), loc)
     }
 
     fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor> {
-        adapter::nice(adapter::Prims(self.mode), x, params, inverse)
+        adapter::nice(self.prims(), x, params, inverse)
+    }
+
+    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        const OP: &str = "linear_backward_input";
+        expect_rank(OP, "weight", w, 2)?;
+        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+        if dy.rank() == 0 || dy.last_dim() != d_out {
+            return Err(Error::shape(OP, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
+        }
+        let dx = self.prims().linear_dx(dy.cpu_data()?, w)?;
+        let mut shape = dy.shape().to_vec();
+        *shape.last_mut().expect("rank checked above") = d_in;
+        Tensor::from_vec(dx, &shape)
+    }
+
+    fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "linear_backward_params";
+        if dy.rows() != x.rows() || dy.rank() == 0 || x.rank() == 0 {
+            return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
+        }
+        let (d_in, d_out) = (x.last_dim(), dy.last_dim());
+        let (dw, db) = self.prims().linear_dw(dy.cpu_data()?, x.cpu_data()?, d_in, d_out);
+        Ok((Tensor::from_vec(dw, &[d_out, d_in])?, Tensor::from_vec(db, &[d_out])?))
+    }
+
+    fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        expect_shape("activation_backward", "input", pre, dy.shape())?;
+        Tensor::from_vec(self.prims().activation_backward(dy.cpu_data()?, pre.cpu_data()?, act), dy.shape())
+    }
+
+    fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "layernorm_backward_input";
+        expect_shape(OP, "input", x, dy.shape())?;
+        if let Some(r) = residual {
+            expect_shape(OP, "residual", r, dy.shape())?;
+        }
+        expect_shape(OP, "gamma", gamma, &[dy.last_dim()])?;
+        let z: Vec<f32> = match residual {
+            Some(r) => x.cpu_data()?.iter().zip(r.cpu_data()?).map(|(a, b)| a + b).collect(),
+            None => x.cpu_data()?.to_vec(),
+        };
+        let (dz, _, _) = self.prims().layernorm_backward(dy.cpu_data()?, &z, gamma, eps)?;
+        Tensor::from_vec(dz, dy.shape())
+    }
+
+    fn attention_backward(&self, dctx: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+        const OP: &str = "attention_backward";
+        expect_rank(OP, "query", q, 3)?;
+        for (what, t) in [("key", k), ("value", v), ("gradient", dctx)] {
+            expect_shape(OP, what, t, q.shape())?;
+        }
+        let (batch, seq, hidden) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        expect_shape(OP, "mask", mask_bias, &[batch, seq])?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
+        }
+        self.stats.count(GemmKind::InputGrad);
+        let (d, qs, ks, vs, ms) = (dctx.cpu_data()?, q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
+        let (dq, dk, dv) = match self.mode {
+            CpuMode::Reference => reference::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads),
+            CpuMode::Fast => fast::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads),
+        };
+        Ok([Tensor::from_vec(dq, q.shape())?, Tensor::from_vec(dk, q.shape())?, Tensor::from_vec(dv, q.shape())?])
+    }
+
+    fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
+        adapter_backward::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
+    }
+
+    fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
+        adapter_backward::nice_backward(self.prims(), x, params, dy)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        expect_shape("add", "right operand", b, a.shape())?;
+        Tensor::from_vec(a.cpu_data()?.iter().zip(b.cpu_data()?).map(|(x, y)| x + y).collect(), a.shape())
+    }
+
+    fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
+        let rows = t.shape().first().copied().unwrap_or(0);
+        let per_row: usize = t.shape()[1..].iter().product();
+        let mut out = Vec::new();
+        let mut n = 0;
+        for r in ranges {
+            if r.start > r.end || r.end > rows {
+                return Err(Error::shape("select_rows", format!("rows {r:?} of a tensor of {rows}")));
+            }
+            out.extend_from_slice(&t.cpu_data()?[r.start * per_row..r.end * per_row]);
+            n += r.end - r.start;
+        }
+        let mut shape = t.shape().to_vec();
+        shape[0] = n;
+        Tensor::from_vec(out, &shape)
+    }
+
+    fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
+        expect_rank("first_token_backward", "gradient", d, 2)?;
+        let (b, h) = (d.shape()[0], d.shape()[1]);
+        let mut out = vec![0f32; b * seq_len * h];
+        for (i, row) in d.cpu_data()?.chunks(h).enumerate() {
+            out[i * seq_len * h..][..h].copy_from_slice(row);
+        }
+        Tensor::from_vec(out, &[b, seq_len, h])
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {

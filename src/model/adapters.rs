@@ -236,6 +236,11 @@ impl Adapter {
         &self.params
     }
 
+    /// Mutable parameters, for optimizers. Shapes must not change.
+    pub fn params_mut(&mut self) -> &mut BTreeMap<String, Tensor> {
+        &mut self.params
+    }
+
     fn get(&self, key: &str) -> Result<&Tensor> {
         self.params.get(key).ok_or_else(|| Error::Input(format!("adapter `{}` has no tensor `{key}`", self.name)))
     }

@@ -1,6 +1,6 @@
 //! BERT encoder in eval mode with HF `BertModel` semantics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,14 +9,17 @@ use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
+use crate::model::backward::{LayerTape, Tape};
 use crate::tensor::Tensor;
 
 pub struct BertModel {
-    config: BertConfig,
-    weights: BertWeights,
-    backend: Arc<dyn Backend>,
-    adapters: BTreeMap<String, Adapter>,
-    active: Option<AdapterSetup>,
+    pub(crate) config: BertConfig,
+    pub(crate) weights: BertWeights,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) adapters: BTreeMap<String, Adapter>,
+    pub(crate) active: Option<AdapterSetup>,
+    /// Adapters whose parameters get gradients (`train_adapter`).
+    pub(crate) trainable: BTreeSet<String>,
     /// Seed of the next `add_adapter`; advanced per adapter so each gets its own draws.
     next_adapter_seed: u64,
 }
@@ -33,7 +36,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), active: None, next_adapter_seed: 0 }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0 }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -160,7 +163,7 @@ impl BertModel {
         Ok(())
     }
 
-    fn active_children(&self) -> Result<Vec<&Adapter>> {
+    pub(crate) fn active_children(&self) -> Result<Vec<&Adapter>> {
         match &self.active {
             None => Ok(Vec::new()),
             Some(s) => s.names().iter().map(|n| self.adapters.get(n).ok_or_else(|| self.unknown(n))).collect(),
@@ -190,6 +193,16 @@ impl BertModel {
     /// the embedding op regardless. Under Parallel the outputs have N·B rows after the first
     /// adapter location, and `hidden_states` before it keep B rows, as in the library.
     pub fn forward(&self, batch: &InputBatch) -> Result<BertOutput> {
+        self.run(batch, false).map(|(out, _)| out)
+    }
+
+    /// Forward that also keeps what `backward` needs (eval numerics: no dropout).
+    pub fn forward_train(&self, batch: &InputBatch) -> Result<(BertOutput, Tape)> {
+        let (out, tape) = self.run(batch, true)?;
+        Ok((out, tape.ok_or_else(|| Error::Input("internal: no tape recorded".into()))?))
+    }
+
+    fn run(&self, batch: &InputBatch, record: bool) -> Result<(BertOutput, Option<Tape>)> {
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let w = &self.weights;
@@ -207,6 +220,7 @@ impl BertModel {
 
         let emb = be.embedding(&batch.tokens(), &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
         let mut x = be.residual_layernorm(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps)?;
+        let embeddings = record.then(|| x.clone());
         // Only the first adapter of the setup applies its NICE, before any replication.
         if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
             x = be.nice(&x, &nice, false)?;
@@ -216,6 +230,7 @@ impl BertModel {
         let mut replicated = false;
         let act = Activation::from(cfg.hidden_act);
         let mut hidden_states = Vec::with_capacity(cfg.num_hidden_layers + 1);
+        let mut layers = Vec::new();
         for (l, layer) in w.layers.iter().enumerate() {
             hidden_states.push(x.clone());
             let q = be.linear(&x, &layer.query_w, Some(&layer.query_b))?;
@@ -224,22 +239,39 @@ impl BertModel {
             let context = be.attention(&q, &k, &v, &mask, cfg.num_attention_heads)?;
             let h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
-            let x_attn = self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len)?;
-            let inter = be.activation(&be.linear(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b))?, act)?;
+            let (x_attn, rep_mh) = self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len)?;
+            let inter_pre = be.linear(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b))?;
+            let inter = be.activation(&inter_pre, act)?;
             let h2 = be.linear(&inter, &layer.output_w, Some(&layer.output_b))?;
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
-            x = self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len)?;
+            let (x_out, rep_out) = self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len)?;
+            if record {
+                layers.push(LayerTape { x_in: x, q, k, v, mask: mask.clone(), h1, x_attn, inter_pre, h2, replicated_at: [rep_mh, rep_out] });
+            }
+            x = x_out;
             if replicated && mask.shape()[0] == batch.batch && children.len() > 1 {
                 // The library tiles the mask the same way when rows outgrow it.
                 mask = be.upload(mask_bias.repeat(children.len()), &[children.len() * batch.batch, batch.seq_len])?;
             }
         }
         hidden_states.push(x.clone());
-        let pooler_output = match &w.pooler {
-            Some((pw, pb)) => Some(be.activation(&be.linear(&be.first_token(&x)?, pw, Some(pb))?, Activation::Tanh)?),
-            None => None,
+        let (pooler_output, pooler_pre) = match &w.pooler {
+            Some((pw, pb)) => {
+                let pre = be.linear(&be.first_token(&x)?, pw, Some(pb))?;
+                (Some(be.activation(&pre, Activation::Tanh)?), Some(pre))
+            }
+            None => (None, None),
         };
-        Ok(BertOutput { last_hidden_state: x, pooler_output, hidden_states })
+        let tape = embeddings.map(|embeddings| Tape {
+            batch: batch.batch,
+            seq_len: batch.seq_len,
+            branches: children.len().max(1),
+            replicated: parallel && replicated,
+            embeddings,
+            layers,
+            pooler_pre,
+        });
+        Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states }, tape))
     }
 
     /// One adapter location: plain `LN(h + r)` where no active adapter has a module, otherwise
@@ -256,10 +288,10 @@ impl BertModel {
         parallel: bool,
         replicated: &mut bool,
         seq_len: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, bool)> {
         let branches = children.iter().filter_map(|a| a.bottleneck(layer, location).transpose()).collect::<Result<Vec<_>>>()?;
         if branches.is_empty() {
-            return self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps);
+            return Ok((self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps)?, false));
         }
         let (first, last) = (children[0].config(), children[children.len() - 1].config());
         let steps = LocationSteps {
@@ -269,6 +301,7 @@ impl BertModel {
         };
         let replicate = parallel && !*replicated;
         *replicated |= parallel;
-        self.backend.adapter_location(&AdapterLocation { h, r, layer_norm: ln, steps, branches: &branches, replicate, seq_len })
+        let out = self.backend.adapter_location(&AdapterLocation { h, r, layer_norm: ln, steps, branches: &branches, replicate, seq_len })?;
+        Ok((out, replicate))
     }
 }

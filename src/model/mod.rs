@@ -1,7 +1,9 @@
 //! The model, written once against `Backend`; nothing here names a device.
 
 pub mod adapters;
+pub mod backward;
 pub mod bert;
 
 pub use adapters::{Adapter, AdapterSetup};
+pub use backward::{Gradients, Tape};
 pub use bert::{BertModel, BertOutput};

@@ -1,0 +1,308 @@
+//! Training state and the manual backward.
+//!
+//! The backward is planned, not discovered: from the trainable adapters and the active setup the
+//! model decides which Parallel branches carry gradient ("live") and the lowest position that
+//! holds a trainable parameter; it then walks down from the output to that position and stops.
+//! Frozen weights never get a weight-gradient product; rows of a branch whose path reaches no
+//! trainable parameter are dropped before the first product.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use crate::backend::{Activation, AdapterLocation, BottleneckGrads, LayerNormParams, LocationSteps};
+use crate::config::Location;
+use crate::error::{Error, Result};
+use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
+use crate::model::bert::BertModel;
+use crate::tensor::Tensor;
+
+/// What one layer's forward keeps for the backward.
+pub struct LayerTape {
+    pub(crate) x_in: Tensor,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) mask: Tensor,
+    pub(crate) h1: Tensor,
+    pub(crate) x_attn: Tensor,
+    pub(crate) inter_pre: Tensor,
+    pub(crate) h2: Tensor,
+    /// Whether the Parallel replication happened at [attention location, FFN location].
+    pub(crate) replicated_at: [bool; 2],
+}
+
+/// What `forward_train` keeps: per-layer tensors plus the embedding output (NICE's input).
+pub struct Tape {
+    pub(crate) batch: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) branches: usize,
+    pub(crate) replicated: bool,
+    pub(crate) embeddings: Tensor,
+    pub(crate) layers: Vec<LayerTape>,
+    pub(crate) pooler_pre: Option<Tensor>,
+}
+
+/// Gradients of the trainable tensors, by library key (no `bert.` prefix).
+pub type Gradients = BTreeMap<String, Tensor>;
+
+/// Position of a location in forward order: 0 is the embedding output (NICE).
+fn position(layer: usize, location: Location) -> usize {
+    match location {
+        Location::MultiHead => 1 + 2 * layer,
+        Location::Output => 2 + 2 * layer,
+    }
+}
+
+/// The backward plan for one (setup, trainable set).
+struct Plan {
+    /// Per branch: does any trainable parameter lie on its path?
+    live: Vec<bool>,
+    /// Per branch: is its adapter trainable?
+    trainable: Vec<bool>,
+    nice_trainable: bool,
+    /// The lowest position holding a trainable parameter on a live path.
+    lowest: usize,
+}
+
+impl BertModel {
+    /// Make exactly these adapters trainable (their bottleneck parameters at every location and
+    /// their invertible adapter); everything else is frozen. Unlike the library's
+    /// `train_adapter`, this does not change the active setup: Parallel(scorenn, tasknn) keeps
+    /// running both while one trains.
+    pub fn train_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if !self.adapters.contains_key(*n) {
+                return Err(Error::Input(format!("train_adapter: no adapter named `{n}` (adapters: {})", self.adapter_names().join(", "))));
+            }
+        }
+        self.trainable = names.iter().map(|n| n.to_string()).collect();
+        Ok(())
+    }
+
+    /// Freeze every adapter.
+    pub fn freeze_all(&mut self) {
+        self.trainable.clear();
+    }
+
+    pub fn trainable_adapters(&self) -> &BTreeSet<String> {
+        &self.trainable
+    }
+
+    /// Every trainable tensor with its library key, in key order.
+    pub fn trainable_tensors(&self) -> Vec<(&str, &Tensor)> {
+        let mut all: Vec<(&str, &Tensor)> = self
+            .trainable
+            .iter()
+            .filter_map(|n| self.adapters.get(n))
+            .flat_map(|a| a.params().iter().map(|(k, t)| (k.as_str(), t)))
+            .collect();
+        all.sort_by_key(|(k, _)| *k);
+        all
+    }
+
+    /// Mutable access for an optimizer: the parameters of one adapter by key.
+    pub fn adapter_params_mut(&mut self, name: &str) -> Result<&mut BTreeMap<String, Tensor>> {
+        let known = self.adapter_names().join(", ");
+        self.adapters
+            .get_mut(name)
+            .map(Adapter::params_mut)
+            .ok_or_else(|| Error::Input(format!("no adapter named `{name}` (adapters: {known})")))
+    }
+
+    fn plan(&self, children: &[&Adapter]) -> Option<Plan> {
+        let trainable: Vec<bool> = children.iter().map(|a| self.trainable.contains(a.name())).collect();
+        let nice_trainable = trainable.first().copied().unwrap_or(false) && children[0].config().inv_adapter;
+        let live: Vec<bool> = trainable.iter().map(|&t| t || nice_trainable).collect();
+        let mut lowest = None;
+        if nice_trainable {
+            lowest = Some(0);
+        } else {
+            'search: for layer in 0..self.config.num_hidden_layers {
+                for location in Location::BOTH {
+                    if children.iter().zip(&trainable).any(|(a, &t)| t && a.config().has_location(layer, location)) {
+                        lowest = Some(position(layer, location));
+                        break 'search;
+                    }
+                }
+            }
+        }
+        lowest.map(|lowest| Plan { live, trainable, nice_trainable, lowest })
+    }
+
+    /// Gradients of every trainable tensor for `d_last = ∂L/∂last_hidden_state` (and optionally
+    /// `∂L/∂pooler_output`), from a `forward_train` tape of the same setup. Trainable tensors that
+    /// receive no gradient come back as zeros.
+    pub fn backward(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>) -> Result<Gradients> {
+        let be = self.backend.as_ref();
+        let cfg = &self.config;
+        let children = self.active_children()?;
+        let mut grads: Gradients = BTreeMap::new();
+        for (key, t) in self.trainable_tensors() {
+            grads.insert(key.to_string(), Tensor::zeros(t.shape()));
+        }
+        let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
+        let want = [rows_out, tape.seq_len, cfg.hidden_size];
+        if d_last.shape() != want {
+            return Err(Error::Input(format!("gradient of last_hidden_state has shape {:?}, expected {want:?}", d_last.shape())));
+        }
+        let Some(plan) = self.plan(&children) else {
+            return Ok(grads); // nothing trainable is reached by this setup
+        };
+
+        // Branch row blocks that carry gradient (all rows before replication).
+        let n = tape.branches;
+        let block = tape.batch;
+        let live_ranges: Vec<Range<usize>> =
+            (0..n).filter(|&i| plan.live.get(i).copied().unwrap_or(true)).map(|i| i * block..(i + 1) * block).collect();
+        let all_live = live_ranges.len() == n;
+        let live_rows = |t: &Tensor| -> Result<Tensor> {
+            if all_live || t.shape()[0] != n * block || n == 1 {
+                Ok(t.clone())
+            } else {
+                be.select_rows(t, &live_ranges)
+            }
+        };
+
+        let mut d = d_last.clone();
+        if let (Some(dp), Some(pre), Some((pw, _))) = (d_pooler, &tape.pooler_pre, &self.weights.pooler) {
+            let dpre = be.activation_backward(dp, pre, Activation::Tanh)?;
+            let dfirst = be.linear_backward_input(&dpre, pw)?;
+            d = be.add(&d, &be.first_token_backward(&dfirst, tape.seq_len)?)?;
+        }
+        d = live_rows(&d)?;
+        let live_children: Vec<&Adapter> = children.iter().zip(&plan.live).filter(|(_, &l)| l).map(|(a, _)| *a).collect();
+        let live_trainable: Vec<bool> = plan.trainable.iter().zip(&plan.live).filter(|(_, &l)| l).map(|(&t, _)| t).collect();
+
+        let act = Activation::from(cfg.hidden_act);
+        for (l, (lt, w)) in tape.layers.iter().zip(&self.weights.layers).enumerate().rev() {
+            // FFN output location.
+            let ln2 = LayerNormParams { gamma: &w.output_ln_gamma, beta: &w.output_ln_beta, eps: cfg.layer_norm_eps };
+            let below = plan.lowest < position(l, Location::Output);
+            let (dh2, dx_attn) = self.location_backward(
+                &live_children, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, lt.replicated_at[1],
+                tape.seq_len, &d, below, &live_rows, &mut grads,
+            )?;
+            if !below {
+                break;
+            }
+            let (dh2, mut dx_attn) = both(dh2, dx_attn)?;
+            let dinter = be.linear_backward_input(&dh2, &w.output_w)?;
+            let dpre = be.activation_backward(&dinter, &live_rows(&lt.inter_pre)?, act)?;
+            dx_attn = be.add(&dx_attn, &be.linear_backward_input(&dpre, &w.intermediate_w)?)?;
+
+            // Attention output location.
+            let ln1 = LayerNormParams { gamma: &w.attn_ln_gamma, beta: &w.attn_ln_beta, eps: cfg.layer_norm_eps };
+            let below = plan.lowest < position(l, Location::MultiHead);
+            let (dh1, dx_in) = self.location_backward(
+                &live_children, &live_trainable, &children, l, Location::MultiHead, &lt.h1, &lt.x_in, ln1, lt.replicated_at[0],
+                tape.seq_len, &dx_attn, below, &live_rows, &mut grads,
+            )?;
+            if !below {
+                break;
+            }
+            let (dh1, mut dx_in) = both(dh1, dx_in)?;
+            let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
+            let [dq, dk, dv] = be.attention_backward(
+                &dctx,
+                &live_rows(&lt.q)?,
+                &live_rows(&lt.k)?,
+                &live_rows(&lt.v)?,
+                &live_rows(&lt.mask)?,
+                cfg.num_attention_heads,
+            )?;
+            for (dproj, wproj) in [(&dq, &w.query_w), (&dk, &w.key_w), (&dv, &w.value_w)] {
+                dx_in = be.add(&dx_in, &be.linear_backward_input(dproj, wproj)?)?;
+            }
+            d = dx_in;
+        }
+        if plan.nice_trainable {
+            let first = children[0];
+            let nice = first.nice()?.ok_or_else(|| Error::Input(format!("adapter `{}` lost its NICE block", first.name())))?;
+            let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
+            let p = nice_prefix(first.name());
+            for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
+                grads.insert(format!("{p}{sub}.weight"), w);
+                grads.insert(format!("{p}{sub}.bias"), b);
+            }
+        }
+        Ok(grads)
+    }
+
+    /// Backward of one location for the live branches: writes parameter gradients into `grads`
+    /// and returns `(dh, dr)` when `need_input` (plain locations always return them).
+    #[allow(clippy::too_many_arguments)]
+    fn location_backward(
+        &self,
+        live_children: &[&Adapter],
+        live_trainable: &[bool],
+        children: &[&Adapter],
+        layer: usize,
+        location: Location,
+        h: &Tensor,
+        r: &Tensor,
+        ln: LayerNormParams,
+        replicated_here: bool,
+        seq_len: usize,
+        d_out: &Tensor,
+        need_input: bool,
+        live_rows: &dyn Fn(&Tensor) -> Result<Tensor>,
+        grads: &mut Gradients,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let be = self.backend.as_ref();
+        let branches = live_children.iter().filter_map(|a| a.bottleneck(layer, location).transpose()).collect::<Result<Vec<_>>>()?;
+        if branches.is_empty() {
+            // Plain LN(h + r): the same gradient flows to h and to r.
+            let (h, r) = (live_rows(h)?, live_rows(r)?);
+            let dz = be.layernorm_backward_input(d_out, &h, Some(&r), ln.gamma, ln.eps)?;
+            return Ok((Some(dz.clone()), Some(dz)));
+        }
+        let (first, last) = (children[0].config(), children[children.len() - 1].config());
+        let steps = LocationSteps {
+            residual_before_ln: first.residual_before_ln,
+            original_ln_before: first.original_ln_before,
+            original_ln_after: last.original_ln_after,
+        };
+        // Before replication h and r have B rows shared by every branch; after, live rows only.
+        let (h, r) = if replicated_here { (h.clone(), r.clone()) } else { (live_rows(h)?, live_rows(r)?) };
+        let loc = AdapterLocation { h: &h, r: &r, layer_norm: ln, steps, branches: &branches, replicate: replicated_here, seq_len };
+        let out = be.adapter_location_backward(&loc, d_out, live_trainable, need_input)?;
+        for (adapter, g) in live_children.iter().zip(out.branches) {
+            if let Some(g) = g {
+                insert_bottleneck_grads(grads, adapter, layer, location, g);
+            }
+        }
+        Ok((out.dh, out.dr))
+    }
+}
+
+/// Input gradients a location returned when asked for them.
+fn both(dh: Option<Tensor>, dr: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+    match (dh, dr) {
+        (Some(dh), Some(dr)) => Ok((dh, dr)),
+        _ => Err(Error::Shape { op: "adapter_location_backward", msg: "input gradients were asked for but not returned".into() }),
+    }
+}
+
+fn insert_bottleneck_grads(grads: &mut Gradients, adapter: &Adapter, layer: usize, location: Location, g: BottleneckGrads) {
+    let p = location_prefix(adapter.name(), layer, location);
+    let down = if adapter.config().ln_before { "adapter_down.1" } else { "adapter_down.0" };
+    grads.insert(format!("{p}{down}.weight"), g.down_w);
+    grads.insert(format!("{p}{down}.bias"), g.down_b);
+    grads.insert(format!("{p}adapter_up.weight"), g.up_w);
+    grads.insert(format!("{p}adapter_up.bias"), g.up_b);
+    if let Some((w, b)) = g.ln_before {
+        grads.insert(format!("{p}adapter_norm_before.weight"), w);
+        grads.insert(format!("{p}adapter_norm_before.bias"), b);
+    }
+    if let Some((w, b)) = g.ln_after {
+        grads.insert(format!("{p}adapter_norm_after.weight"), w);
+        grads.insert(format!("{p}adapter_norm_after.bias"), b);
+    }
+    if let Some(s) = g.scaling {
+        grads.insert(format!("{p}scaling"), s);
+    }
+    if let Some((w, b)) = g.gate {
+        grads.insert(format!("{p}gate.weight"), w);
+        grads.insert(format!("{p}gate.bias"), b);
+    }
+}
