@@ -111,3 +111,50 @@ fn parallel_agrees_with_finite_differences() {
         directional_check(&format!("{active:?} train {train:?}"), active, active, train);
     }
 }
+
+/// Backward products `(input-gradient calls, weight-gradient calls, their multiply-adds)` for one
+/// probe-loss backward of `active` while training `train`.
+fn backward_products(model: &mut BertModel, be: &CpuBackend, batch: &InputBatch, active: &[&str], train: &[&str]) -> bert_adapters::cpu::GemmCounts {
+    model.set_active_adapters(Some(setup(active))).unwrap();
+    model.train_adapter(train).unwrap();
+    let (out, tape) = model.forward_train(batch).unwrap();
+    let d = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape()).unwrap();
+    let before = be.gemm_counts();
+    model.backward(&tape, &d, None).unwrap();
+    be.gemm_counts() - before
+}
+
+#[test]
+fn backward_skips_frozen_work() {
+    let be = CpuBackend::fast();
+    let (mut model, batch) = tiny(Arc::new(be.clone()));
+    for d in ["pfeiffer", "pfeiffer_b"] {
+        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+    }
+    let leave = bert_adapters::AdapterConfig::named("pfeiffer").unwrap().with_overrides(&serde_json::json!({"leave_out": [0]})).unwrap();
+    model.add_adapter("top_only", leave).unwrap();
+    let (rows, h, m, i) = (44, 48, 3, 100);
+
+    // pfeiffer alone (FFN-output adapters in layers 0 and 1): the weight-gradient products are
+    // exactly the adapter's down and up projections at 2 locations — none for BERT's weights.
+    let single = backward_products(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer"]);
+    assert_eq!(single.weight_grad(), (4, 4 * rows * h * m));
+    // Input gradients: layer 1 adapter (up, down), FFN (2), attention out + attention + Q, K, V
+    // (5), then layer 0's adapter up only: its input gradient is below the lowest parameter.
+    assert_eq!(single.input_grad().0, 2 + 2 + 5 + 1);
+    let attention = 5 * 4 * 11 * 11 * h;
+    assert_eq!(single.input_grad().1, 3 * rows * h * m + rows * h * i * 2 + rows * h * h * 4 + attention);
+
+    // Nothing below the lowest trainable layer: with leave_out [0] only layer 1's adapter runs.
+    let top = backward_products(&mut model, &be, &batch, &["top_only"], &["top_only"]);
+    assert_eq!((top.weight_grad().0, top.input_grad().0), (2, 1));
+
+    // A frozen Parallel branch costs nothing: Parallel(pfeiffer_b, pfeiffer) training pfeiffer
+    // does exactly the products of pfeiffer alone, on the same number of rows.
+    let parallel = backward_products(&mut model, &be, &batch, &["pfeiffer_b", "pfeiffer"], &["pfeiffer"]);
+    assert_eq!((parallel.input_grad(), parallel.weight_grad()), (single.input_grad(), single.weight_grad()));
+
+    // Nothing trainable in the setup: no products at all.
+    let none = backward_products(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer_b"]);
+    assert_eq!((none.input_grad(), none.weight_grad()), ((0, 0), (0, 0)));
+}

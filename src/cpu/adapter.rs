@@ -22,7 +22,7 @@ impl Prims<'_> {
         let d_out = w.shape()[0];
         let rows = x.len() / d_in.max(1);
         let (w, b) = (w.cpu_data()?, Some(b.cpu_data()?));
-        self.stats.count(GemmKind::Forward);
+        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
         Ok(match self.mode {
             CpuMode::Reference => reference::linear(x, w, b, rows, d_in, d_out),
             CpuMode::Fast => fast::linear(x, w, b, rows, d_in, d_out),
@@ -32,7 +32,7 @@ impl Prims<'_> {
     pub fn linear_dx(self, dy: &[f32], w: &Tensor) -> Result<Vec<f32>> {
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
         let rows = dy.len() / d_out.max(1);
-        self.stats.count(GemmKind::InputGrad);
+        self.stats.count(GemmKind::InputGrad, rows * d_in * d_out);
         let w = w.cpu_data()?;
         Ok(match self.mode {
             CpuMode::Reference => reference::linear_backward_input(dy, w, rows, d_in, d_out),
@@ -42,7 +42,7 @@ impl Prims<'_> {
     /// `(dW, db)` for a Linear with input `x` (`[rows, d_in]`) and output gradient `dy`.
     pub fn linear_dw(self, dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
         let rows = dy.len() / d_out.max(1);
-        self.stats.count(GemmKind::WeightGrad);
+        self.stats.count(GemmKind::WeightGrad, rows * d_in * d_out);
         match self.mode {
             CpuMode::Reference => reference::linear_backward_params(dy, x, rows, d_in, d_out),
             CpuMode::Fast => fast::linear_backward_params(dy, x, rows, d_in, d_out),

@@ -26,43 +26,47 @@ pub enum CpuMode {
 /// Kinds of matrix product, for the counters that prove the backward skips frozen work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKind {
-    Forward,
+    Forward = 0,
     /// `dy·W`: an input gradient.
-    InputGrad,
+    InputGrad = 1,
     /// `dyᵀ·x`: a weight gradient.
-    WeightGrad,
+    WeightGrad = 2,
 }
 
-/// How many matrix products of each kind a backend has run.
+/// How many matrix products of each kind a backend has run, and their multiply-adds.
 #[derive(Debug, Default)]
 pub struct GemmStats {
-    forward: AtomicUsize,
-    input_grad: AtomicUsize,
-    weight_grad: AtomicUsize,
+    calls: [AtomicUsize; 3],
+    macs: [AtomicUsize; 3],
 }
 
-/// A snapshot of `GemmStats`.
+/// A snapshot of `GemmStats`: `[forward, input gradient, weight gradient]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GemmCounts {
-    pub forward: usize,
-    pub input_grad: usize,
-    pub weight_grad: usize,
+    pub calls: [usize; 3],
+    pub macs: [usize; 3],
+}
+
+impl GemmCounts {
+    pub fn input_grad(&self) -> (usize, usize) {
+        (self.calls[1], self.macs[1])
+    }
+    pub fn weight_grad(&self) -> (usize, usize) {
+        (self.calls[2], self.macs[2])
+    }
 }
 
 impl GemmStats {
-    pub(crate) fn count(&self, kind: GemmKind) {
-        let c = match kind {
-            GemmKind::Forward => &self.forward,
-            GemmKind::InputGrad => &self.input_grad,
-            GemmKind::WeightGrad => &self.weight_grad,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+    /// One product of `macs` multiply-adds.
+    pub(crate) fn count(&self, kind: GemmKind, macs: usize) {
+        let i = kind as usize;
+        self.calls[i].fetch_add(1, Ordering::Relaxed);
+        self.macs[i].fetch_add(macs, Ordering::Relaxed);
     }
     pub fn snapshot(&self) -> GemmCounts {
         GemmCounts {
-            forward: self.forward.load(Ordering::Relaxed),
-            input_grad: self.input_grad.load(Ordering::Relaxed),
-            weight_grad: self.weight_grad.load(Ordering::Relaxed),
+            calls: std::array::from_fn(|i| self.calls[i].load(Ordering::Relaxed)),
+            macs: std::array::from_fn(|i| self.macs[i].load(Ordering::Relaxed)),
         }
     }
 }
@@ -70,7 +74,10 @@ impl GemmStats {
 impl std::ops::Sub for GemmCounts {
     type Output = GemmCounts;
     fn sub(self, o: GemmCounts) -> GemmCounts {
-        GemmCounts { forward: self.forward - o.forward, input_grad: self.input_grad - o.input_grad, weight_grad: self.weight_grad - o.weight_grad }
+        GemmCounts {
+            calls: std::array::from_fn(|i| self.calls[i] - o.calls[i]),
+            macs: std::array::from_fn(|i| self.macs[i] - o.macs[i]),
+        }
     }
 }
 
@@ -147,7 +154,7 @@ impl Backend for CpuBackend {
             expect_shape(OP, "bias", b, &[d_out])?;
         }
         let rows = x.rows();
-        self.stats.count(GemmKind::Forward);
+        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
         let (xs, ws, bs) = (x.cpu_data()?, w.cpu_data()?, b.map(|b| b.cpu_data()).transpose()?);
         let y = match self.mode {
             CpuMode::Reference => reference::linear(xs, ws, bs, rows, d_in, d_out),
@@ -295,7 +302,8 @@ impl Backend for CpuBackend {
         if heads == 0 || hidden % heads != 0 {
             return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
         }
-        self.stats.count(GemmKind::InputGrad);
+        // Five T×T×d products per head: scores again, dV, dP, dQ, dK.
+        self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * hidden);
         let (d, qs, ks, vs, ms) = (dctx.cpu_data()?, q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
         let (dq, dk, dv) = match self.mode {
             CpuMode::Reference => reference::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads),
