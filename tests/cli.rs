@@ -183,7 +183,6 @@ fn unimplemented_options_are_refused_not_ignored() {
     let base = ["--model", s(&model), "--inputs", "x.safetensors", "--out", s(&out)];
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
     for (extra, says) in [
-        (&["--train", "a", "--grad-probe", "w.safetensors"][..], "--train"),
         (&["--device", "cuda"][..], "CUDA model backend is not built yet"),
         (&["--device", "tpu"][..], "unknown device `tpu`"),
     ] {
@@ -292,4 +291,44 @@ fn bad_adapter_options_are_named() {
     let c = copy("garbled");
     std::fs::write(c.join("adapter_config.json"), "{").unwrap();
     go(&["--adapter", s(&c)], &["adapter_config.json", "not valid JSON"]);
+}
+
+#[test]
+fn run_train_grad_probe_writes_autograd_equal_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inputs = tiny().join("inputs.safetensors");
+    let model = tiny();
+    // The fixture holds `W` (the probe), the loss and PyTorch's gradients.
+    let probe = fixtures().join("training/grad_parallel_pfeiffer_inv__pfeiffer__train_pfeiffer_inv.safetensors");
+    let (a, b) = (adapter_dir("pfeiffer_inv"), adapter_dir("pfeiffer"));
+    let args = [
+        "--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&a), "--adapter", s(&b),
+        "--parallel", "pfeiffer_inv,pfeiffer", "--train", "pfeiffer_inv", "--grad-probe", s(&probe),
+    ];
+    let (ok, _, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(&probe).unwrap();
+    let grads: Vec<String> = want.names().into_iter().filter(|n| n.starts_with("grad.")).collect();
+    assert_eq!(grads.len(), 16);
+    for name in &grads {
+        assert_close(name, &read_f32(&got, name).0, &read_f32(&want, name).0, 1e-4);
+    }
+    assert_eq!(got.names().iter().filter(|n| n.starts_with("grad.")).count(), 16, "only trainable tensors get grad.*");
+    assert_eq!(got.info("loss").unwrap().shape, vec![1]);
+    assert!((read_f32(&got, "loss").0[0] - read_f32(&want, "loss").0[0]).abs() < 1e-2);
+
+    // A probe of the wrong shape, an unknown trained name, and --train without a probe.
+    let wrong = fixtures().join("training/grad_pfeiffer.safetensors");
+    let mut bad = args.to_vec();
+    let last = bad.len() - 1;
+    bad[last] = s(&wrong);
+    expect_failure(&bad, &["grad_pfeiffer.safetensors", "tensor `W`", "shape [4, 11, 48] differs from last_hidden_state [8, 11, 48]"]);
+    let mut bad = args.to_vec();
+    let train_at = bad.len() - 3;
+    bad[train_at] = "nope";
+    expect_failure(&bad, &["train_adapter: no adapter named `nope`"]);
+    let (ok, _, err) = run(&args[..args.len() - 2]);
+    assert!(!ok && err.contains("--grad-probe"), "{err}");
 }

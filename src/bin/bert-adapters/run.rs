@@ -45,14 +45,6 @@ pub struct RunArgs {
     device: String,
 }
 
-/// Options of the contract that this build does not implement yet: refused, never ignored.
-fn refuse_unimplemented(args: &RunArgs) -> Result<()> {
-    if !args.train.is_empty() || args.grad_probe.is_some() {
-        return Err(Error::Unsupported("--train/--grad-probe: training and gradients are not implemented in this version".into()));
-    }
-    Ok(())
-}
-
 /// Load every `--adapter` folder and activate `--active` or `--parallel` (nothing otherwise, as
 /// `load_adapter` in the library activates nothing).
 fn apply_adapters(model: &mut BertModel, args: &RunArgs) -> Result<()> {
@@ -80,6 +72,20 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// The probe weights `W`, shaped like last_hidden_state.
+fn read_probe(path: &Path, shape: &[usize]) -> Result<Vec<f32>> {
+    let file = bert_adapters::io::TensorFile::open(path)?;
+    let (w, got) = file.read_f32("W")?;
+    if got != shape {
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            name: "W".into(),
+            msg: format!("shape {got:?} differs from last_hidden_state {shape:?}"),
+        });
+    }
+    Ok(w)
+}
+
 fn f32_out(backend: &dyn bert_adapters::Backend, t: &bert_adapters::Tensor) -> Result<OutTensor> {
     Ok(OutTensor::F32 { shape: t.shape().to_vec(), data: backend.to_host(t)? })
 }
@@ -89,7 +95,6 @@ fn i64_out(batch: &InputBatch, values: &[u32]) -> OutTensor {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    refuse_unimplemented(&args)?;
     let device: Device = args.device.parse()?;
     let backend = device::backend_for(device)?;
     let start = Instant::now();
@@ -104,7 +109,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         (None, None) => return Err(Error::Input("one of --inputs or --text is required".into())),
     };
-    let out = model.forward(&batch)?;
+    let (out, probe) = if args.train.is_empty() {
+        (model.forward(&batch)?, None)
+    } else {
+        let names: Vec<&str> = args.train.iter().map(String::as_str).collect();
+        model.train_adapter(&names)?;
+        let (out, tape) = model.forward_train(&batch)?;
+        let probe_path = args.grad_probe.as_ref().ok_or_else(|| Error::Input("--train needs --grad-probe FILE".into()))?;
+        let w = read_probe(probe_path, out.last_hidden_state.shape())?;
+        let last = backend.to_host(&out.last_hidden_state)?;
+        let loss: f64 = last.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let grads = model.backward(&tape, &backend.upload(w, out.last_hidden_state.shape())?, None)?;
+        (out, Some((loss as f32, grads)))
+    };
 
     let be = backend.as_ref();
     let mut tensors = vec![("last_hidden_state".to_string(), f32_out(be, &out.last_hidden_state)?)];
@@ -117,6 +134,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.text.is_some() {
         tensors.push(("input_ids".into(), i64_out(&batch, &batch.input_ids)));
         tensors.push(("attention_mask".into(), i64_out(&batch, &batch.attention_mask)));
+    }
+    if let Some((loss, grads)) = &probe {
+        tensors.push(("loss".into(), OutTensor::F32 { shape: vec![1], data: vec![*loss] }));
+        for (key, g) in grads {
+            tensors.push((format!("grad.{key}"), f32_out(be, g)?));
+        }
     }
     write_safetensors(&args.out, &tensors, Some(&[("format", "pt")]))?;
     println!(

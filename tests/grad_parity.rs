@@ -1,0 +1,82 @@
+//! Gradients of the probe loss Σ last_hidden_state ⊙ W against PyTorch autograd through the
+//! `adapters` library (tests/fixtures/training, eval mode), for every config alone and for
+//! Parallel in both orders training each child. Bound: 1e-4·(1 + max|ref|) per tensor.
+
+mod common;
+
+use std::sync::Arc;
+
+use bert_adapters::io::TensorFile;
+use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions};
+use common::{assert_close, fixtures, read_f32, TOL};
+
+const GRAD_TOL: f64 = 1e-4;
+
+fn case(file: &str, active: &[&str], train: &[&str]) {
+    let fx = TensorFile::open(fixtures().join("training").join(format!("grad_{file}.safetensors"))).unwrap();
+    for backend in [Arc::new(CpuBackend::fast()) as Arc<dyn Backend>, Arc::new(CpuBackend::reference())] {
+        let dir = fixtures().join("tiny_bert");
+        let (mut model, _) = BertModel::from_dir(&dir, backend.clone(), LoadOptions::default()).unwrap();
+        let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+        for name in active {
+            if model.adapter(name).is_none() {
+                model.load_adapter(fixtures().join("adapters").join(name)).unwrap();
+            }
+        }
+        let setup = match active {
+            [one] => AdapterSetup::Single(one.to_string()),
+            many => AdapterSetup::Parallel(many.iter().map(|s| s.to_string()).collect()),
+        };
+        model.set_active_adapters(Some(setup)).unwrap();
+        model.train_adapter(train).unwrap();
+        let (out, tape) = model.forward_train(&batch).unwrap();
+        let label = format!("{file} [{}]", backend.name());
+        assert_close(&format!("{label} last_hidden_state"), out.last_hidden_state.cpu_data().unwrap(), &read_f32(&fx, "last_hidden_state").0, TOL);
+        let (w, shape) = read_f32(&fx, "W");
+        let terms: Vec<f64> = out.last_hidden_state.cpu_data().unwrap().iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
+        let (loss, magnitude) = (terms.iter().sum::<f64>(), terms.iter().map(|t| t.abs()).sum::<f64>());
+        // A sum with cancellation: its rounding error scales with Σ|terms|, not with |Σ terms|.
+        let ref_loss = read_f32(&fx, "loss").0[0] as f64;
+        assert!((loss - ref_loss).abs() <= TOL * (1.0 + magnitude), "{label} loss {loss} vs {ref_loss} (Σ|terms| {magnitude})");
+        let grads = model.backward(&tape, &backend.upload(w, &shape).unwrap(), None).unwrap();
+        let mut want: Vec<String> = fx.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(String::from)).collect();
+        want.sort();
+        assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), want, "{label}: gradient keys");
+        for key in want {
+            let got = grads[&key].cpu_data().unwrap();
+            assert_close(&format!("{label} grad.{key}"), got, &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+        }
+    }
+}
+
+#[test]
+fn single_adapters_match_autograd() {
+    for name in [
+        "pfeiffer",
+        "houlsby",
+        "pfeiffer_inv",
+        "houlsby_inv",
+        "opt_residual_before_ln_false",
+        "opt_ln_before_after",
+        "opt_scaling_learned",
+        "opt_scaling_channel",
+        "opt_gating",
+        "opt_leave_out",
+        "opt_gelu",
+        "opt_rf_map",
+        "opt_original_ln_after_false",
+        "opt_post_add",
+    ] {
+        case(name, &[name], &[name]);
+    }
+}
+
+#[test]
+fn parallel_in_both_orders_matches_autograd() {
+    for (a, b) in [("pfeiffer_inv", "pfeiffer"), ("pfeiffer", "pfeiffer_inv"), ("houlsby_inv", "houlsby"), ("houlsby", "houlsby_inv")] {
+        for train in [a, b] {
+            case(&format!("parallel_{a}__{b}__train_{train}"), &[a, b], &[train]);
+        }
+    }
+    case("parallel_pfeiffer_inv__pfeiffer__train_both", &["pfeiffer_inv", "pfeiffer"], &["pfeiffer_inv", "pfeiffer"]);
+}
