@@ -6,14 +6,22 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use bert_adapters::{BertModel, BertTokenizer, CpuBackend, LoadOptions};
+//! use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, CpuBackend, LoadOptions, Tensor};
 //!
 //! let backend = Arc::new(CpuBackend::fast());
-//! let (model, _report) = BertModel::from_dir("models/all-MiniLM-L6-v2", backend.clone(), LoadOptions::default())?;
-//! let tok = BertTokenizer::from_file("models/all-MiniLM-L6-v2/tokenizer.json", model.config().max_position_embeddings)?;
-//! let batch = tok.encode_batch(&["Adapters are small.".to_string()], model.config())?;
-//! let out = model.forward(&batch)?;
-//! println!("{:?}", out.last_hidden_state.shape());
+//! let (mut model, _report) = BertModel::from_dir("models/all-MiniLM-L6-v2", backend.clone(), LoadOptions::default())?;
+//! let tokenizer = BertTokenizer::from_file("models/all-MiniLM-L6-v2/tokenizer.json", model.config().max_position_embeddings)?;
+//! let batch = tokenizer.encode_batch(&["Adapters are small.".to_string()], model.config())?;
+//!
+//! // The seed workflow: two adapters on one BERT, run together, trained one at a time.
+//! model.add_adapter("scorenn", AdapterConfig::named("pfeiffer+inv")?)?;
+//! model.add_adapter("tasknn", AdapterConfig::named("pfeiffer")?)?;
+//! model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["scorenn".into(), "tasknn".into()])))?;
+//! model.train_adapter(&["tasknn"])?;                 // unlike the library, Parallel stays active
+//!
+//! let (out, tape) = model.forward_train(&batch)?;    // last_hidden_state: [2·B, T, H]
+//! let d_last = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape())?;
+//! let grads = model.backward(&tape, &d_last, None)?; // by library key, only tasknn's tensors
 //! # Ok::<(), bert_adapters::Error>(())
 //! ```
 
@@ -27,6 +35,7 @@ pub mod io;
 pub mod model;
 pub mod tensor;
 pub mod tokenize;
+pub mod train;
 
 pub use backend::{Activation, Backend, TokenBatch};
 pub use config::{AdapterConfig, BertConfig, HiddenAct, Location};

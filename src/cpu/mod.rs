@@ -345,6 +345,9 @@ impl Backend for CpuBackend {
     fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
         expect_rank("first_token_backward", "gradient", d, 2)?;
         let (b, h) = (d.shape()[0], d.shape()[1]);
+        if seq_len == 0 && b > 0 {
+            return Err(Error::shape("first_token_backward", "sequence length 0".to_string()));
+        }
         let mut out = vec![0f32; b * seq_len * h];
         for (i, row) in d.cpu_data()?.chunks(h).enumerate() {
             out[i * seq_len * h..][..h].copy_from_slice(row);

@@ -1,0 +1,164 @@
+//! Counter-based dropout: the mask is a pure function of `(seed, stream, element index)`.
+//!
+//! Nothing is stored between the forward and the backward: the backward recomputes the mask from
+//! the same `(seed, stream)`. The generator is Philox4x32-10 (Salmon, Moraes, Dror, Shaw,
+//! "Parallel random numbers: as easy as 1, 2, 3", SC'11 — the Random123 library), written out
+//! here so that a CUDA kernel can reproduce every bit of it with 32-bit integer multiplies.
+//!
+//! Mapping of an element to the generator (also what `curand_init(seed, subsequence, offset)`
+//! does with its Philox state, which keeps a CUDA port obvious):
+//! - key     = `[seed_lo, seed_hi]`;
+//! - counter = `[block_lo, block_hi, stream_lo, stream_hi]` with `block = i / 4`;
+//! - element `i` uses output word `i % 4` of that block.
+//!
+//! An element is dropped iff its 32-bit word is `< threshold(p)`, with
+//! `threshold(p) = round(p·2³²)` computed once on the host: an integer compare, so the CPU and
+//! any GPU agree exactly (no float rounding in the keep decision). Kept values are multiplied by
+//! `scale(p) = f32(1/(1−p))`, as torch's dropout does.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+// Philox4x32 round constants (Random123 `philox.h`: PHILOX_M4x32_0/1 multipliers,
+// PHILOX_W32_0/1 Weyl key increments — the golden ratio and √3−1, as 32-bit fractions).
+const PHILOX_M0: u32 = 0xD251_1F53;
+const PHILOX_M1: u32 = 0xCD9E_8D57;
+const PHILOX_W0: u32 = 0x9E37_79B9;
+const PHILOX_W1: u32 = 0xBB67_AE85;
+/// Philox4x32-10: ten rounds, the variant Random123 recommends and curand implements.
+const PHILOX_ROUNDS: usize = 10;
+
+#[inline(always)]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = a as u64 * b as u64;
+    ((p >> 32) as u32, p as u32)
+}
+
+#[inline(always)]
+fn philox_round(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (hi0, lo0) = mulhilo(PHILOX_M0, ctr[0]);
+    let (hi1, lo1) = mulhilo(PHILOX_M1, ctr[2]);
+    [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0]
+}
+
+/// One Philox4x32-10 block: 4 independent 32-bit words for `(counter, key)`.
+#[inline]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut ctr, mut key) = (counter, key);
+    ctr = philox_round(ctr, key);
+    for _ in 1..PHILOX_ROUNDS {
+        // The key is bumped between rounds, never before the first.
+        key = [key[0].wrapping_add(PHILOX_W0), key[1].wrapping_add(PHILOX_W1)];
+        ctr = philox_round(ctr, key);
+    }
+    ctr
+}
+
+/// The dropout generator: only a seed. Streams separate the dropout sites and steps that share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutRng {
+    pub seed: u64,
+}
+
+/// The integer drop threshold and the keep scale for a probability `p` (validated).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutParams {
+    /// A word `< threshold` drops its element. 0 for p = 0.
+    pub threshold: u32,
+    /// `f32(1/(1−p))`.
+    pub scale: f32,
+}
+
+impl DropoutParams {
+    /// `p` must be in `[0, 1)`; p = 1 would drop everything and divide by zero, like torch's
+    /// refusal of a meaningless rescale.
+    pub fn new(p: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Input(format!("dropout probability {p} is not in [0, 1)")));
+        }
+        // p < 1 in f32 is at most 1 − 2⁻²⁴, so p·2³² ≤ 2³² − 2⁸ and the threshold fits in u32.
+        let threshold = (p as f64 * 4_294_967_296.0).round() as u32;
+        Ok(DropoutParams { threshold, scale: (1.0 / (1.0 - p as f64)) as f32 })
+    }
+}
+
+/// Elements per parallel chunk; a multiple of 4 so a Philox block never straddles two chunks.
+const CHUNK: usize = 1 << 14;
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        DropoutRng { seed }
+    }
+
+    fn key(&self) -> [u32; 2] {
+        [self.seed as u32, (self.seed >> 32) as u32]
+    }
+
+    /// The 4 words of Philox block `block` of `stream`.
+    pub fn block(&self, stream: u64, block: u64) -> [u32; 4] {
+        philox4x32_10([block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32], self.key())
+    }
+
+    /// The raw 32-bit word of element `index` of `stream`.
+    pub fn word(&self, stream: u64, index: u64) -> u32 {
+        self.block(stream, index / 4)[(index % 4) as usize]
+    }
+
+    /// Calls `f(i, keep)` for the elements `offset..offset + len` of `stream`, in order.
+    fn for_each_keep(&self, stream: u64, offset: usize, len: usize, threshold: u32, mut f: impl FnMut(usize, bool)) {
+        let end = offset + len;
+        let mut i = offset;
+        while i < end {
+            let words = self.block(stream, (i / 4) as u64);
+            let lane_end = ((i / 4) * 4 + 4).min(end);
+            for j in i..lane_end {
+                f(j - offset, words[j % 4] >= threshold);
+            }
+            i = lane_end;
+        }
+    }
+
+    /// The keep mask of the first `n` elements of `stream` (true = kept). p = 0 keeps all.
+    pub fn keep_mask(&self, stream: u64, n: usize, p: f32) -> Result<Vec<bool>> {
+        let params = DropoutParams::new(p)?;
+        let mut mask = vec![true; n];
+        if params.threshold == 0 {
+            return Ok(mask);
+        }
+        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let len = chunk.len();
+            self.for_each_keep(stream, c * CHUNK, len, params.threshold, |j, keep| chunk[j] = keep);
+        });
+        Ok(mask)
+    }
+
+    /// Zero the dropped elements of `x` and scale the kept ones by `1/(1−p)`, in place.
+    fn apply(&self, x: &mut [f32], p: f32, stream: u64) -> Result<()> {
+        let params = DropoutParams::new(p)?;
+        if p == 0.0 {
+            // An exact identity: no scale, no draws.
+            return Ok(());
+        }
+        let DropoutParams { threshold, scale } = params;
+        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let len = chunk.len();
+            self.for_each_keep(stream, c * CHUNK, len, threshold, |j, keep| {
+                chunk[j] = if keep { chunk[j] * scale } else { 0.0 };
+            });
+        });
+        Ok(())
+    }
+}
+
+/// Training-mode dropout of `x` in place: element i of `stream` is kept with probability 1−p and
+/// then scaled by `1/(1−p)`. p = 0 is the identity and draws nothing; p outside [0, 1) is an error.
+pub fn dropout_forward(x: &mut [f32], p: f32, rng: &DropoutRng, stream: u64) -> Result<()> {
+    rng.apply(x, p, stream)
+}
+
+/// The backward of `dropout_forward` with the same `(p, rng, stream)`: the gradient passes through
+/// the same mask with the same scale (dropout is linear, and its own adjoint).
+pub fn dropout_backward(dy: &mut [f32], p: f32, rng: &DropoutRng, stream: u64) -> Result<()> {
+    rng.apply(dy, p, stream)
+}

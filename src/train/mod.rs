@@ -1,0 +1,11 @@
+//! Training building blocks: the optimizer, gradient clipping and counter-based dropout.
+//!
+//! Everything here follows PyTorch's semantics (`torch.optim.AdamW`,
+//! `torch.nn.utils.clip_grad_norm_`, `nn.Dropout` scaling) so that a training run can be checked
+//! step by step against the library it re-implements.
+
+pub mod dropout;
+pub mod optim;
+
+pub use dropout::{dropout_backward, dropout_forward, philox4x32_10, DropoutParams, DropoutRng};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, ParamState};

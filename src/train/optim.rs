@@ -1,0 +1,269 @@
+//! AdamW and gradient-norm clipping with PyTorch's exact semantics, on host tensors.
+//!
+//! `AdamW` mirrors `torch.optim.AdamW` (PyTorch 2.x, `amsgrad=False`, `maximize=False`, the
+//! single-tensor path torch takes for CPU tensors), including where torch rounds: scalars
+//! (`lr`, betas, bias corrections) are Python floats, i.e. f64, and are rounded to f32 once,
+//! where torch's kernels convert them; the per-element arithmetic is f32 in torch's order.
+//! `clip_grad_norm` mirrors `torch.nn.utils.clip_grad_norm_` (L2 norm).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// `torch.optim.AdamW` hyper-parameters, with torch's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+impl AdamWConfig {
+    /// torch's constructor checks (`0 ≤ lr`, `0 ≤ eps`, `0 ≤ β < 1`, `0 ≤ weight_decay`), plus
+    /// finiteness, which torch leaves to chance.
+    pub fn validate(&self) -> Result<()> {
+        let (b1, b2) = self.betas;
+        let checks = [
+            ("lr", self.lr, self.lr >= 0.0),
+            ("eps", self.eps, self.eps >= 0.0),
+            ("betas.0", b1, (0.0..1.0).contains(&b1)),
+            ("betas.1", b2, (0.0..1.0).contains(&b2)),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0),
+        ];
+        for (name, v, ok) in checks {
+            if !ok || !v.is_finite() {
+                return Err(Error::Input(format!("AdamW {name} = {v} is out of range")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Optimizer state of one parameter: torch's `state[p]` = `{step, exp_avg, exp_avg_sq}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamState {
+    /// Steps this parameter has taken (torch counts per parameter: one without a gradient at
+    /// some `step()` call falls behind the others).
+    pub step: u64,
+    pub shape: Vec<usize>,
+    /// First moment `m`, row-major like the parameter.
+    pub exp_avg: Vec<f32>,
+    /// Second moment `v`.
+    pub exp_avg_sq: Vec<f32>,
+}
+
+/// Everything needed to resume an `AdamW`: plain vectors, for checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWState {
+    pub config: AdamWConfig,
+    /// `step()` calls that updated at least one parameter.
+    pub steps: u64,
+    pub params: BTreeMap<String, ParamState>,
+}
+
+/// `torch.optim.AdamW` over named host tensors. State is created for a key the first time it
+/// gets a gradient, so an optimizer only ever holds the parameters it has updated.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    steps: u64,
+    state: BTreeMap<String, ParamState>,
+}
+
+fn expect_cpu(what: &str, key: &str, t: &Tensor) -> Result<()> {
+    match t.device() {
+        Device::Cpu => Ok(()),
+        d => Err(Error::Unsupported(format!("AdamW runs on host tensors; {what} `{key}` is on {d}"))),
+    }
+}
+
+/// The scalars of one update at per-parameter step `t`, rounded where torch rounds them.
+struct StepScalars {
+    /// `1 − lr·wd` (torch `param.mul_`), None when wd = 0 (torch skips the multiply).
+    decay: Option<f32>,
+    /// lerp weight `1 − β1` and whether torch takes its small-weight branch.
+    w1: f32,
+    w1_small: bool,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// `√(1 − β2ᵗ)`.
+    bc2_sqrt: f32,
+    eps: f32,
+    /// `−lr/(1 − β1ᵗ)`.
+    neg_step_size: f32,
+}
+
+impl StepScalars {
+    fn new(c: &AdamWConfig, t: u64) -> Self {
+        let (b1, b2) = c.betas;
+        // torch: `beta ** step` with step a Python float: C pow, not repeated multiplication.
+        let t = t as f64;
+        let bias_correction1 = 1.0 - b1.powf(t);
+        let bias_correction2 = 1.0 - b2.powf(t);
+        let w1 = 1.0 - b1;
+        StepScalars {
+            decay: (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32),
+            w1: w1 as f32,
+            w1_small: w1.abs() < 0.5,
+            beta2: b2 as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            bc2_sqrt: bias_correction2.sqrt() as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-(c.lr / bias_correction1)) as f32,
+        }
+    }
+
+    /// One element, f32 throughout, in torch's operation order.
+    #[inline]
+    fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        if let Some(d) = self.decay {
+            *p *= d;
+        }
+        // `exp_avg.lerp_(grad, w)`: torch's vectorised CPU kernel (and its CUDA kernel) compute
+        // `fma(w, g − m, m)` for |w| < 0.5, else `fma(w − 1, g − m, g)`: one rounding.
+        *m = if self.w1_small { self.w1.mul_add(g - *m, *m) } else { (self.w1 - 1.0).mul_add(g - *m, g) };
+        // `exp_avg_sq.mul_(β2).addcmul_(g, g, value=1−β2)`: `v·β2`, then `v + (s·g)·g` with the
+        // last multiply-add fused, as torch's FMA-built CPU kernel evaluates it (of the fused and
+        // unfused readings, this one reproduces the torch fixtures bit for bit most often).
+        *v *= self.beta2;
+        *v = (self.one_minus_beta2 * g).mul_add(g, *v);
+        // `denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)`; `param.addcdiv_(m, denom, value=−step_size)`.
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        *p += self.neg_step_size * *m / denom;
+    }
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(AdamW { config, steps: 0, state: BTreeMap::new() })
+    }
+
+    /// Resume from a saved state (lengths and config checked).
+    pub fn from_state(state: AdamWState) -> Result<Self> {
+        state.config.validate()?;
+        for (key, s) in &state.params {
+            let n: usize = s.shape.iter().product();
+            if s.exp_avg.len() != n || s.exp_avg_sq.len() != n {
+                return Err(Error::shape(
+                    "AdamW::from_state",
+                    format!("`{key}`: shape {:?} needs {n} elements, got exp_avg {} and exp_avg_sq {}", s.shape, s.exp_avg.len(), s.exp_avg_sq.len()),
+                ));
+            }
+        }
+        Ok(AdamW { config: state.config, steps: state.steps, state: state.params })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Change the learning rate (for a schedule); like editing torch's `param_groups[0]["lr"]`.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let config = AdamWConfig { lr, ..self.config };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// `step()` calls that updated at least one parameter.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The state of one parameter, if it has been updated.
+    pub fn param_state(&self, key: &str) -> Option<&ParamState> {
+        self.state.get(key)
+    }
+
+    /// A copy of the whole state, for a checkpoint.
+    pub fn state(&self) -> AdamWState {
+        AdamWState { config: self.config, steps: self.steps, params: self.state.clone() }
+    }
+
+    /// One update of every parameter in `params` that has a gradient in `grads`; parameters
+    /// without a gradient are skipped (torch's `p.grad is None`). A gradient without a parameter,
+    /// or any shape mismatch, is an error, and nothing is changed then.
+    pub fn step(&mut self, params: &mut BTreeMap<String, Tensor>, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+        // Validate everything first, so that an error leaves params and state untouched.
+        for (key, g) in grads {
+            let p = params
+                .get(key)
+                .ok_or_else(|| Error::Input(format!("AdamW: gradient `{key}` has no parameter of that name")))?;
+            if p.shape() != g.shape() {
+                return Err(Error::shape("AdamW::step", format!("`{key}`: parameter {:?}, gradient {:?}", p.shape(), g.shape())));
+            }
+            if let Some(s) = self.state.get(key) {
+                if s.shape != p.shape() {
+                    return Err(Error::shape("AdamW::step", format!("`{key}`: parameter {:?}, optimizer state {:?}", p.shape(), s.shape)));
+                }
+            }
+            expect_cpu("parameter", key, p)?;
+            expect_cpu("gradient", key, g)?;
+        }
+        for (key, g) in grads {
+            let p = params.get_mut(key).expect("checked above");
+            let s = self.state.entry(key.clone()).or_insert_with(|| ParamState {
+                step: 0,
+                shape: p.shape().to_vec(),
+                exp_avg: vec![0.0; g.elem_count()],
+                exp_avg_sq: vec![0.0; g.elem_count()],
+            });
+            s.step += 1;
+            let sc = StepScalars::new(&self.config, s.step);
+            let (pd, gd) = (p.cpu_data_mut()?, g.cpu_data()?);
+            for (((p, &g), m), v) in pd.iter_mut().zip(gd).zip(s.exp_avg.iter_mut()).zip(s.exp_avg_sq.iter_mut()) {
+                sc.update(p, g, m, v);
+            }
+        }
+        if !grads.is_empty() {
+            self.steps += 1;
+        }
+        Ok(())
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_(grads, max_norm)` (L2): returns the total norm before
+/// clipping and, when `max_norm/(total + 1e-6) < 1`, multiplies every gradient by that factor.
+///
+/// torch takes the norm of each tensor, then the norm of those norms, in f32. Here each per-tensor
+/// norm is accumulated in f64 and rounded to f32 (torch's f32 lane sums differ from it by a few
+/// ulp at most), then the norm of norms likewise. The factor is computed in f32 as torch does
+/// (`(total + 1e-6).reciprocal() * max_norm`). A non-finite norm poisons the gradients exactly as
+/// in torch with `error_if_nonfinite=False`; check the returned norm.
+pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f32) -> Result<f32> {
+    if !(max_norm.is_finite() && max_norm >= 0.0) {
+        return Err(Error::Input(format!("clip_grad_norm: max_norm {max_norm} must be finite and >= 0")));
+    }
+    let mut sum_sq = 0f64;
+    for (key, g) in grads.iter() {
+        if g.device() != Device::Cpu {
+            return Err(Error::Unsupported(format!("clip_grad_norm runs on host tensors; gradient `{key}` is on {}", g.device())));
+        }
+        let n = g.cpu_data()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+        sum_sq += (n as f64) * (n as f64);
+    }
+    let total = sum_sq.sqrt() as f32;
+    let coef = (1.0f32 / (total + 1e-6f32)) * max_norm;
+    // torch multiplies by `clamp(coef, max=1)` unconditionally; ×1 is the identity, and a NaN
+    // coefficient must still propagate.
+    if coef.is_nan() || coef < 1.0 {
+        for g in grads.values_mut() {
+            for x in g.cpu_data_mut()? {
+                *x *= coef;
+            }
+        }
+    }
+    Ok(total)
+}
