@@ -88,14 +88,12 @@ impl BertModel {
         &self.trainable
     }
 
-    /// Every trainable tensor with its library key, in key order.
+    /// Every trainable tensor with its library key, in key order: the trainable adapters'
+    /// parameters and NICE blocks, and their heads.
     pub fn trainable_tensors(&self) -> Vec<(&str, &Tensor)> {
-        let mut all: Vec<(&str, &Tensor)> = self
-            .trainable
-            .iter()
-            .filter_map(|n| self.adapters.get(n))
-            .flat_map(|a| a.params().iter().map(|(k, t)| (k.as_str(), t)))
-            .collect();
+        let adapters = self.trainable.iter().filter_map(|n| self.adapters.get(n)).flat_map(|a| a.params().iter());
+        let heads = self.trainable.iter().filter_map(|n| self.heads.get(n)).flat_map(|h| h.params().iter());
+        let mut all: Vec<(&str, &Tensor)> = adapters.chain(heads).map(|(k, t)| (k.as_str(), t)).collect();
         all.sort_by_key(|(k, _)| *k);
         all
     }

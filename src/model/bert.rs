@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
 use crate::model::backward::{LayerTape, Tape};
+use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
 pub struct BertModel {
@@ -18,10 +19,12 @@ pub struct BertModel {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) adapters: BTreeMap<String, Adapter>,
     pub(crate) active: Option<AdapterSetup>,
+    /// Classification heads, named like the adapter that owns them.
+    pub(crate) heads: BTreeMap<String, ClassificationHead>,
     /// Adapters whose parameters get gradients (`train_adapter`).
     pub(crate) trainable: BTreeSet<String>,
     /// Seed of the next `add_adapter`; advanced per adapter so each gets its own draws.
-    next_adapter_seed: u64,
+    pub(crate) next_adapter_seed: u64,
 }
 
 /// What a forward pass returns, on the backend's device.
@@ -32,11 +35,13 @@ pub struct BertOutput {
     pub pooler_output: Option<Tensor>,
     /// `L + 1` tensors of `[B, T, H]`: the embedding output, then each layer's output.
     pub hidden_states: Vec<Tensor>,
+    /// How many row blocks the outputs hold: N under a replicated Parallel, else 1.
+    pub branches: usize,
 }
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0 }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0 }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -107,6 +112,8 @@ impl BertModel {
     /// does when the only active adapter is deleted).
     pub fn delete_adapter(&mut self, name: &str) -> Result<Adapter> {
         let adapter = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
+        self.heads.remove(name);
+        self.trainable.remove(name);
         if self.active.as_ref().is_some_and(|s| s.names().iter().any(|n| n == name)) {
             self.active = None;
         }
@@ -271,7 +278,8 @@ impl BertModel {
             layers,
             pooler_pre,
         });
-        Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states }, tape))
+        let branches = if parallel && replicated { children.len() } else { 1 };
+        Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states, branches }, tape))
     }
 
     /// One adapter location: plain `LN(h + r)` where no active adapter has a module, otherwise

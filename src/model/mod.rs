@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod backward;
 pub mod bert;
+pub mod task;
 pub mod heads;
 
 pub use adapters::{Adapter, AdapterSetup};

@@ -1,0 +1,184 @@
+//! Heads owned by adapters, the classification objective, and optimizer steps.
+//!
+//! A head is named like its adapter and trains with it (the library never freezes heads; ours
+//! follow their adapter so that alternating training updates one network at a time). Under
+//! Parallel, head i reads branch i's rows and the loss is the sum of the head losses, as in the
+//! library's multi-head output.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::io::InputBatch;
+use crate::model::backward::{Gradients, Tape};
+use crate::model::bert::{BertModel, BertOutput};
+use crate::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadTape};
+use crate::tensor::Tensor;
+use crate::train::optim::AdamW;
+
+/// Logits of one branch's head, with what its backward needs.
+pub struct BranchLogits {
+    pub adapter: String,
+    /// `[B, C]`.
+    pub logits: Tensor,
+    pub(crate) tape: HeadTape,
+}
+
+/// One classification step's results.
+pub struct ClassificationStep {
+    /// The summed cross-entropy over the branches (each a batch mean).
+    pub loss: f32,
+    /// Per branch, in setup order.
+    pub logits: Vec<Tensor>,
+    /// Gradients of every trainable tensor: adapters and their heads.
+    pub grads: Gradients,
+}
+
+impl BertModel {
+    /// Add a classification head for adapter `name` (N(0, 0.02) init from the model's seeded RNG).
+    pub fn add_classification_head(&mut self, name: &str, config: HeadConfig) -> Result<()> {
+        let seed = self.next_adapter_seed;
+        self.next_adapter_seed += 1;
+        let head = ClassificationHead::new(self.backend.as_ref(), name, config, self.config.hidden_size, seed)?;
+        self.insert_head(head)
+    }
+
+    /// Attach a head built elsewhere; its name must be an existing adapter's.
+    pub fn insert_head(&mut self, head: ClassificationHead) -> Result<()> {
+        if !self.adapters.contains_key(head.name()) {
+            return Err(Error::Input(format!("head `{}` has no adapter of the same name", head.name())));
+        }
+        if head.hidden_size() != self.config.hidden_size {
+            return Err(Error::Input(format!("head `{}` has hidden size {}, the model {}", head.name(), head.hidden_size(), self.config.hidden_size)));
+        }
+        if self.heads.contains_key(head.name()) {
+            return Err(Error::Input(format!("adapter `{}` already has a head", head.name())));
+        }
+        self.heads.insert(head.name().to_string(), head);
+        Ok(())
+    }
+
+    pub fn head(&self, name: &str) -> Option<&ClassificationHead> {
+        self.heads.get(name)
+    }
+
+    pub fn delete_head(&mut self, name: &str) -> Option<ClassificationHead> {
+        self.heads.remove(name)
+    }
+
+    /// Logits of every active branch's head on a forward's output.
+    pub fn head_logits(&self, out: &BertOutput) -> Result<Vec<BranchLogits>> {
+        let be = self.backend.as_ref();
+        let children = self.active_children()?;
+        if children.is_empty() {
+            return Err(Error::Input("no active adapter, so no head to apply".into()));
+        }
+        let rows = out.last_hidden_state.shape()[0];
+        let n = out.branches;
+        let block = rows / n.max(1);
+        let mut result = Vec::with_capacity(children.len());
+        for (i, child) in children.iter().enumerate() {
+            let head = self.heads.get(child.name()).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", child.name())))?;
+            // Before any replication (no adapter location at all) every branch reads the same rows.
+            let range = if n == 1 { 0..rows } else { i * block..(i + 1) * block };
+            let last = be.select_rows(&out.last_hidden_state, std::slice::from_ref(&range))?;
+            let pooled = out.pooler_output.as_ref().map(|p| be.select_rows(p, std::slice::from_ref(&range))).transpose()?;
+            let (logits, tape) = head.forward(be, &last, pooled.as_ref())?;
+            result.push(BranchLogits { adapter: child.name().to_string(), logits, tape });
+        }
+        Ok(result)
+    }
+
+    /// Backward of the heads for `dlogits` (one per branch): the heads' parameter gradients (only
+    /// for heads of trainable adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`)
+    /// for `backward`.
+    pub fn heads_backward(&self, branches: &[BranchLogits], dlogits: &[Tensor], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
+        let be = self.backend.as_ref();
+        if branches.len() != dlogits.len() {
+            return Err(Error::Input(format!("{} logit gradients for {} heads", dlogits.len(), branches.len())));
+        }
+        let mut grads = BTreeMap::new();
+        let mut d_last_blocks = Vec::new();
+        let mut d_pool_blocks = Vec::new();
+        for (b, d) in branches.iter().zip(dlogits) {
+            let head = self.heads.get(&b.adapter).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", b.adapter)))?;
+            let (g, d_in) = head.backward(be, &b.tape, d)?;
+            if self.trainable.contains(&b.adapter) {
+                grads.extend(g);
+            }
+            if head.config().use_pooler {
+                d_pool_blocks.push(d_in);
+            } else {
+                d_last_blocks.push(d_in);
+            }
+        }
+        let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
+        let hidden = self.config.hidden_size;
+        // Replicated: branch i's gradient fills rows [i·B, (i+1)·B). Not replicated (no adapter
+        // location ran): every head read the same rows, so their gradients add.
+        let combine = |blocks: Vec<Tensor>, shape: Vec<usize>| -> Result<Tensor> {
+            if !tape.replicated {
+                let mut it = blocks.into_iter();
+                let first = it.next().ok_or_else(|| Error::Input("no head gradients".into()))?;
+                return it.try_fold(first, |acc, b| be.add(&acc, &b));
+            }
+            let mut data = Vec::new();
+            for b in &blocks {
+                data.extend(be.to_host(b)?);
+            }
+            be.upload(data, &shape)
+        };
+        if !d_last_blocks.is_empty() && !d_pool_blocks.is_empty() {
+            return Err(Error::Unsupported("heads of one setup must all read the pooler or all the first token".into()));
+        }
+        let d_last = if d_last_blocks.is_empty() {
+            Tensor::zeros(&[rows_out, tape.seq_len, hidden])
+        } else {
+            combine(d_last_blocks, vec![rows_out, tape.seq_len, hidden])?
+        };
+        let d_pool = if d_pool_blocks.is_empty() { None } else { Some(combine(d_pool_blocks, vec![rows_out, hidden])?) };
+        Ok((grads, d_last, d_pool))
+    }
+
+    /// Forward, the summed cross-entropy of every branch's head against `labels` (`[B]`, the same
+    /// labels for every branch), and gradients of every trainable tensor.
+    pub fn classification_step(&self, batch: &InputBatch, labels: &[usize]) -> Result<ClassificationStep> {
+        let be = self.backend.as_ref();
+        let (out, tape) = self.forward_train(batch)?;
+        let branches = self.head_logits(&out)?;
+        let mut loss = 0f32;
+        let mut dlogits = Vec::new();
+        for b in &branches {
+            let (l, d) = cross_entropy(be, &b.logits, labels)?;
+            loss += l;
+            dlogits.push(d);
+        }
+        let (head_grads, d_last, d_pool) = self.heads_backward(&branches, &dlogits, &tape)?;
+        let mut grads = self.backward(&tape, &d_last, d_pool.as_ref())?;
+        grads.extend(head_grads);
+        Ok(ClassificationStep { loss, logits: branches.into_iter().map(|b| b.logits).collect(), grads })
+    }
+
+    /// One AdamW update of adapter `name` and its head with the gradients in `grads` that belong
+    /// to them (others are ignored, so one gradient map can serve several optimizers).
+    pub fn adamw_step(&mut self, name: &str, optimizer: &mut AdamW, grads: &Gradients) -> Result<()> {
+        let known = self.adapter_names().join(", ");
+        let adapter = self.adapters.get_mut(name).ok_or_else(|| Error::Input(format!("no adapter named `{name}` (adapters: {known})")))?;
+        // One parameter map for the step, so the optimizer counts one step; moved, not copied.
+        let mut params = std::mem::take(adapter.params_mut());
+        let head_params = self.heads.get_mut(name).map(|h| std::mem::take(h.params_mut()));
+        let head_keys: Vec<String> = head_params.as_ref().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        if let Some(hp) = head_params {
+            params.extend(hp);
+        }
+        let mine: Gradients = grads.iter().filter(|(k, _)| params.contains_key(*k)).map(|(k, g)| (k.clone(), g.clone())).collect();
+        let result = optimizer.step(&mut params, &mine);
+        // Put everything back whether or not the step succeeded (it changes nothing on error).
+        if let Some(head) = self.heads.get_mut(name) {
+            *head.params_mut() = head_keys.iter().filter_map(|k| params.remove_entry(k)).collect();
+        }
+        if let Some(adapter) = self.adapters.get_mut(name) {
+            *adapter.params_mut() = params;
+        }
+        result
+    }
+}

@@ -1,0 +1,165 @@
+//! Training through the model: heads owned by adapters, the summed cross-entropy under Parallel,
+//! alternating AdamW steps — against PyTorch + `adapters` (tests/fixtures/training) — and the
+//! gradient-flow check (trainable tensors move, frozen ones stay bit-identical).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bert_adapters::io::TensorFile;
+use bert_adapters::model::heads::{ClassificationHead, HeadConfigFile};
+use bert_adapters::train::optim::{AdamW, AdamWConfig};
+use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
+use common::{assert_close, fixtures, read_f32, TOL};
+
+const GRAD_TOL: f64 = 1e-4;
+
+fn training(file: &str) -> TensorFile {
+    TensorFile::open(fixtures().join("training").join(file)).unwrap()
+}
+
+fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
+    let dir = fixtures().join("tiny_bert");
+    let (model, _) = BertModel::from_dir(&dir, backend, LoadOptions::default()).unwrap();
+    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+    (model, batch)
+}
+
+/// Head `name` from the library's files (`head_<from>.safetensors`, `head_<from>_config.json`),
+/// or from `prefix<key>` tensors of `file` renamed from `from` to `name`.
+fn head(name: &str, from: &str, tensors: Option<(&TensorFile, &str)>) -> ClassificationHead {
+    let cfg_path = fixtures().join(format!("training/head_{from}_config.json"));
+    let cfg = HeadConfigFile::from_json(&cfg_path, &std::fs::read_to_string(&cfg_path).unwrap()).unwrap().config;
+    let mut params = BTreeMap::new();
+    for suffix in ["1.weight", "1.bias", "4.weight", "4.bias"] {
+        let (data, shape) = match tensors {
+            None => read_f32(&training(&format!("head_{from}.safetensors")), &format!("heads.{from}.{suffix}")),
+            Some((file, prefix)) => read_f32(file, &format!("{prefix}heads.{name}.{suffix}")),
+        };
+        params.insert(format!("heads.{name}.{suffix}"), Tensor::from_vec(data, &shape).unwrap());
+    }
+    ClassificationHead::from_params(name, cfg, params).unwrap()
+}
+
+fn labels(fx: &TensorFile) -> Vec<usize> {
+    fx.read_i64("labels").unwrap().0.into_iter().map(|v| v as usize).collect()
+}
+
+#[test]
+fn head_cross_entropy_matches_the_library() {
+    for backend in [Arc::new(CpuBackend::fast()) as Arc<dyn Backend>, Arc::new(CpuBackend::reference())] {
+        // One adapter with its head.
+        let fx = training("ce_pfeiffer.safetensors");
+        let (mut model, batch) = tiny(backend.clone());
+        model.load_adapter(fixtures().join("adapters/pfeiffer")).unwrap();
+        model.insert_head(head("pfeiffer", "pfeiffer", None)).unwrap();
+        model.set_active_adapters(Some(AdapterSetup::Single("pfeiffer".into()))).unwrap();
+        model.train_adapter(&["pfeiffer"]).unwrap();
+        let step = model.classification_step(&batch, &labels(&fx)).unwrap();
+        assert_close("ce loss", &[step.loss], &read_f32(&fx, "loss").0, TOL);
+        assert_close("ce logits", step.logits[0].cpu_data().unwrap(), &read_f32(&fx, "logits").0, TOL);
+        let want: Vec<String> = fx.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(String::from)).collect();
+        assert_eq!(step.grads.len(), 12);
+        for key in &want {
+            assert_close(&format!("ce grad.{key}"), step.grads[key].cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+        }
+
+        // Parallel: head i reads branch i, the loss is the sum. The library never freezes heads, so
+        // its fixture also has the frozen adapter's head gradient; ours trains a head with its
+        // adapter only, and every gradient we do produce must equal the library's.
+        let fx = training("ce_parallel_pfeiffer_inv__pfeiffer__train_pfeiffer_inv.safetensors");
+        let (mut model, batch) = tiny(backend.clone());
+        for d in ["pfeiffer_inv", "pfeiffer"] {
+            model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+            model.insert_head(head(d, d, None)).unwrap();
+        }
+        model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer_inv".into(), "pfeiffer".into()]))).unwrap();
+        model.train_adapter(&["pfeiffer_inv"]).unwrap();
+        let step = model.classification_step(&batch, &labels(&fx)).unwrap();
+        assert_close("parallel ce loss", &[step.loss], &read_f32(&fx, "loss").0, TOL);
+        for i in 0..2 {
+            assert_close(&format!("logits.{i}"), step.logits[i].cpu_data().unwrap(), &read_f32(&fx, &format!("logits.{i}")).0, TOL);
+        }
+        assert_eq!(step.grads.len(), 8 + 8 + 4, "pfeiffer_inv's adapter, NICE and head");
+        assert!(step.grads.keys().all(|k| !k.starts_with("heads.pfeiffer.")));
+        for (key, g) in &step.grads {
+            assert_close(&format!("parallel ce grad.{key}"), g.cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+        }
+    }
+}
+
+/// Parallel(scorenn, tasknn) with heads, six alternating AdamW steps (scorenn, tasknn, ...), one
+/// optimizer per adapter: every parameter after the six steps equals PyTorch's.
+#[test]
+fn six_alternating_adamw_steps_match_pytorch() {
+    let fx = training("adamw_parallel.safetensors");
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    model.load_adapter_as(fixtures().join("adapters/pfeiffer_inv"), Some("scorenn")).unwrap();
+    model.load_adapter_as(fixtures().join("adapters/pfeiffer"), Some("tasknn")).unwrap();
+    model.insert_head(head("scorenn", "pfeiffer_inv", Some((&fx, "initial.")))).unwrap();
+    model.insert_head(head("tasknn", "pfeiffer", Some((&fx, "initial.")))).unwrap();
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["scorenn".into(), "tasknn".into()]))).unwrap();
+    let cfg = AdamWConfig { lr: 1e-2, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 };
+    let mut optimizers = [AdamW::new(cfg).unwrap(), AdamW::new(cfg).unwrap()];
+    let labels = labels(&fx);
+    for k in 0..6 {
+        let (name, opt) = if k % 2 == 0 { ("scorenn", &mut optimizers[0]) } else { ("tasknn", &mut optimizers[1]) };
+        model.train_adapter(&[name]).unwrap();
+        let step = model.classification_step(&batch, &labels).unwrap();
+        assert_close(&format!("loss.{k}"), &[step.loss], &read_f32(&fx, &format!("loss.{k}")).0, TOL);
+        model.adamw_step(name, opt, &step.grads).unwrap();
+    }
+    let mut compared = 0;
+    for name in fx.names().into_iter().filter(|n| n.starts_with("param.")) {
+        let key = &name["param.".len()..];
+        let adapter = if key.contains("scorenn") { "scorenn" } else { "tasknn" };
+        let got = match model.adapter(adapter).unwrap().params().get(key) {
+            Some(t) => t.cpu_data().unwrap().to_vec(),
+            None => model.head(adapter).unwrap().params()[key].cpu_data().unwrap().to_vec(),
+        };
+        assert_close(&name, &got, &read_f32(&fx, &name).0, TOL);
+        compared += 1;
+    }
+    assert_eq!(compared, 32);
+}
+
+#[test]
+fn after_a_step_trainable_tensors_moved_and_frozen_ones_are_bit_identical() {
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    for d in ["pfeiffer_inv", "pfeiffer"] {
+        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+        model.insert_head(head(d, d, None)).unwrap();
+    }
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer_inv".into(), "pfeiffer".into()]))).unwrap();
+    let snapshot = |m: &BertModel| -> BTreeMap<String, Vec<f32>> {
+        let mut all = BTreeMap::new();
+        for name in ["pfeiffer_inv", "pfeiffer"] {
+            for (k, t) in m.adapter(name).unwrap().params().iter().chain(m.head(name).unwrap().params()) {
+                all.insert(k.clone(), t.cpu_data().unwrap().to_vec());
+            }
+        }
+        all
+    };
+    let plain_before = {
+        let (plain, _) = tiny(Arc::new(CpuBackend::fast()));
+        plain.forward(&batch).unwrap().last_hidden_state.into_cpu_vec().unwrap()
+    };
+    let before = snapshot(&model);
+    model.train_adapter(&["pfeiffer_inv"]).unwrap();
+    let step = model.classification_step(&batch, &[2, 0, 1, 2]).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    model.adamw_step("pfeiffer_inv", &mut opt, &step.grads).unwrap();
+    let after = snapshot(&model);
+    for (key, old) in &before {
+        let new = &after[key];
+        if key.contains("pfeiffer_inv") {
+            assert!(old.iter().zip(new).all(|(a, b)| a != b), "trainable `{key}`: some element did not move");
+        } else {
+            assert_eq!(old, new, "frozen `{key}` changed");
+        }
+    }
+    // The base model is untouched: with no adapter active it still gives the plain BERT output.
+    model.set_active_adapters(None).unwrap();
+    assert_eq!(model.forward(&batch).unwrap().last_hidden_state.into_cpu_vec().unwrap(), plain_before);
+}
