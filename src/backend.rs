@@ -65,6 +65,26 @@ pub struct TokenBatch<'a> {
     pub token_type_ids: &'a [u32],
 }
 
+/// Training-mode dropout at one site. The mask is a pure function of `(seed, stream, block,
+/// element)`, so the backward recomputes it. A tensor's rows split evenly into `blocks.len()`
+/// blocks (Parallel branches); block j draws from stream `(stream << 8) | blocks[j]` with element
+/// indices counted from the block's start, so a subset of branches (the backward keeps only the
+/// live ones) sees the same masks as the whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DropoutSpec {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+    pub blocks: Vec<u64>,
+}
+
+impl DropoutSpec {
+    /// The stream of block `j`.
+    pub fn block_stream(&self, j: usize) -> u64 {
+        (self.stream << 8) | self.blocks.get(j).copied().unwrap_or(0)
+    }
+}
+
 /// A LayerNorm's parameters and epsilon.
 #[derive(Clone, Copy)]
 pub struct LayerNormParams<'a> {
@@ -84,7 +104,7 @@ pub enum ScalingParam<'a> {
 }
 
 /// One bottleneck adapter's weights and core options at one location (spec §3.4).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct BottleneckParams<'a> {
     /// `[m, H]`, `[m]`.
     pub down_w: &'a Tensor,
@@ -100,6 +120,8 @@ pub struct BottleneckParams<'a> {
     /// Gate `Linear(H, 1)`: weight `[1, H]`, bias `[1]`.
     pub gate: Option<(&'a Tensor, &'a Tensor)>,
     pub adapter_residual_before_ln: bool,
+    /// The adapter's own dropout on the scaled up-projection (train mode, p > 0); one block.
+    pub dropout: Option<DropoutSpec>,
 }
 
 /// The pre and post steps of an adapter location (spec §4): the pre step follows the FIRST
@@ -203,7 +225,8 @@ pub trait Backend: Send + Sync {
     /// Multi-head scaled dot-product attention, HF eager semantics. `q, k, v: [B, T, H]` with the
     /// heads side by side in H; `mask_bias: [B, T]` is added to every query's scores for key t
     /// (0 for a real token, `f32::MIN` for padding). Returns the context `[B, T, H]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<Tensor>;
+    /// `dropout` applies to the attention probabilities (train mode).
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
 
     // ---- activation family ---------------------------------------------------------------------
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
@@ -227,7 +250,16 @@ pub trait Backend: Send + Sync {
     /// is the gradient of both `x` and `residual`.
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor>;
     /// `(dq, dk, dv)` of `attention`, probabilities recomputed.
-    fn attention_backward(&self, dctx: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<[Tensor; 3]>;
+    fn attention_backward(
+        &self,
+        dctx: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask_bias: &Tensor,
+        heads: usize,
+        dropout: Option<&DropoutSpec>,
+    ) -> Result<[Tensor; 3]>;
     /// Backward of `adapter_location` for the branches given (the live ones; `loc.h`/`loc.r` hold
     /// their rows). `trainable[i]` asks for branch i's parameter gradients; `need_input_grads`
     /// for `dh` and `dr`.
@@ -236,6 +268,8 @@ pub trait Backend: Send + Sync {
     fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads>;
 
     // ---- elementwise and layout ----------------------------------------------------------------
+    /// Dropout with the spec's mask; also its own backward (the same mask and scale).
+    fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor>;
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// Rows `ranges` of dim 0, concatenated (a Parallel branch is a contiguous block of rows).
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor>;

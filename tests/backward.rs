@@ -23,19 +23,33 @@ fn setup(names: &[&str]) -> AdapterSetup {
     }
 }
 
-/// Loss Σ out ⊙ W in f64.
+/// Loss Σ out ⊙ W in f64 (through forward_train, so dropout applies when set).
 fn probe_loss(model: &BertModel, batch: &InputBatch, w: &[f32]) -> f64 {
-    let out = model.forward(batch).unwrap().last_hidden_state.into_cpu_vec().unwrap();
+    let out = model.forward_train(batch).unwrap().0.last_hidden_state.into_cpu_vec().unwrap();
     out.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 /// Compare ⟨∇L, u⟩ with (L(θ+εu) − L(θ−εu)) / 2ε along a random direction u over every
 /// trainable tensor. One number per check, so f32 noise averages out.
 fn directional_check(label: &str, dirs: &[&str], active: &[&str], train: &[&str]) {
+    directional_check_with(label, dirs, active, train, None, 0.0);
+}
+
+/// As `directional_check`, with dropout masks from `dropout_seed` (BERT's p = 0.1 in the tiny
+/// config) and every adapter's own dropout set to `adapter_p`.
+fn directional_check_with(label: &str, dirs: &[&str], active: &[&str], train: &[&str], dropout_seed: Option<u64>, adapter_p: f64) {
     let (mut model, batch) = tiny(Arc::new(CpuBackend::reference()));
     for d in dirs {
-        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+        let name = model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+        if adapter_p > 0.0 {
+            // Re-create the adapter with the same weights and a dropout.
+            let adapter = model.delete_adapter(&name).unwrap();
+            let cfg = adapter.config().with_overrides(&serde_json::json!({ "dropout": adapter_p })).unwrap();
+            let rebuilt = bert_adapters::Adapter::from_params(&name, cfg, model.config(), adapter.params().clone()).unwrap();
+            model.insert_adapter(rebuilt).unwrap();
+        }
     }
+    model.set_dropout(dropout_seed);
     model.set_active_adapters(Some(setup(active))).unwrap();
     model.train_adapter(train).unwrap();
     let (out, tape) = model.forward_train(&batch).unwrap();
@@ -66,7 +80,7 @@ fn directional_check(label: &str, dirs: &[&str], active: &[&str], train: &[&str]
         probe_loss(&model, &batch, &w)
     };
     let mut tried = Vec::new();
-    for eps in [1e-2f32, 3e-3, 1e-3, 3e-4, 1e-4] {
+    for eps in [1e-2f32, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5] {
         let plus = shifted(eps);
         let minus = shifted(-2.0 * eps);
         shifted(eps);
@@ -157,4 +171,37 @@ fn backward_skips_frozen_work() {
     // Nothing trainable in the setup: no products at all.
     let none = backward_products(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer_b"]);
     assert_eq!((none.input_grad(), none.weight_grad()), ((0, 0), (0, 0)));
+}
+
+#[test]
+fn dropout_backward_uses_the_forward_masks() {
+    // Masks are a pure function of the seed, so the loss is a fixed smooth-almost-everywhere
+    // function of the weights and finite differences apply; a backward that drew other masks
+    // (or skipped one) would disagree. BERT p = 0.1 (hidden and attention), adapters p = 0.3.
+    for (active, train) in [
+        (&["houlsby_inv"][..], &["houlsby_inv"][..]),
+        (&["opt_gating"], &["opt_gating"]),
+        // Branch 1 alone is live: its row block must keep its own masks in the backward.
+        (&["pfeiffer_b", "pfeiffer"], &["pfeiffer"]),
+        (&["pfeiffer_inv", "pfeiffer"], &["pfeiffer_inv"]),
+    ] {
+        directional_check_with(&format!("dropout {active:?} train {train:?}"), active, active, train, Some(1234), 0.3);
+    }
+}
+
+#[test]
+fn dropout_is_seeded_and_only_in_forward_train() {
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    model.load_adapter(fixtures().join("adapters/houlsby")).unwrap();
+    model.set_active_adapters(Some(setup(&["houlsby"]))).unwrap();
+    let eval = model.forward(&batch).unwrap().last_hidden_state.into_cpu_vec().unwrap();
+    let train = |m: &BertModel| m.forward_train(&batch).unwrap().0.last_hidden_state.into_cpu_vec().unwrap();
+    assert_eq!(train(&model), eval, "no seed: eval numerics");
+    model.set_dropout(Some(1));
+    let (a, b) = (train(&model), train(&model));
+    assert_eq!(a, b, "same seed, same masks");
+    assert_ne!(a, eval);
+    assert_eq!(model.forward(&batch).unwrap().last_hidden_state.into_cpu_vec().unwrap(), eval, "forward never drops out");
+    model.set_dropout(Some(2));
+    assert_ne!(train(&model), a, "another seed, other masks");
 }

@@ -7,6 +7,7 @@ use crate::backend::{
 };
 use crate::config::ResidualBeforeLn;
 use crate::cpu::adapter::{columns, validate_location, Prims};
+use crate::cpu::apply_dropout;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -25,7 +26,7 @@ pub(crate) struct CoreTape {
     act: Vec<f32>,
     /// `A·Wuᵀ + b_u`, before scaling.
     up: Vec<f32>,
-    /// Scaled (not yet gated) output, needed for the gate's gradient.
+    /// Scaled and dropped-out (not yet gated) output, needed for the gate's gradient.
     scaled: Vec<f32>,
     /// Per-row gate sigmoid and per-example gate value.
     gate: Option<(Vec<f32>, Vec<f32>)>,
@@ -53,6 +54,9 @@ pub(crate) fn core_forward(prims: Prims<'_>, p: &BottleneckParams, x: &[f32], rh
             let s = s.cpu_data()?;
             u.chunks_mut(hidden).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
         }
+    }
+    if let Some(d) = &p.dropout {
+        apply_dropout(&mut u, d)?;
     }
     let scaled = u.clone();
     let gate = match p.gate {
@@ -137,6 +141,10 @@ fn core_backward(
         if need_dx {
             dx_gate = Some(prims.linear_dx(&dlogit, gw)?);
         }
+    }
+    // The adapter's dropout sits between the scaling and the gate: pass its mask back.
+    if let Some(d) = &p.dropout {
+        apply_dropout(&mut du, d)?;
     }
     // Scaling.
     let mut dup = du.clone();

@@ -5,6 +5,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::backend::{Activation, TokenBatch};
+use crate::cpu::reference::ProbDropout;
 
 /// Below this many multiply-adds a product runs on one thread: forking costs more than it saves.
 const PARALLEL_GEMM_MIN_WORK: usize = 1 << 18;
@@ -114,7 +115,17 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a
 /// second gemm, all on strided views of the `[B, T, H]` inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask_bias: &[f32],
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&ProbDropout>,
+) -> Vec<f32> {
     let d = hidden / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; batch * seq * hidden];
@@ -145,6 +156,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask_bias: &[f32], batch: usiz
                 }
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|s| *s *= inv);
+            }
+            if let Some(drop) = dropout {
+                let mut keep = vec![1f32; seq];
+                for (i, row) in scores.chunks_mut(seq).enumerate() {
+                    drop(b, h, i, &mut keep);
+                    row.iter_mut().zip(&keep).for_each(|(s, k)| *s *= k);
+                }
             }
             let p = MatRef { ptr: scores.as_ptr(), row_stride: seq as isize, col_stride: 1 };
             let _ = &out_ptr;
@@ -224,6 +242,7 @@ pub fn attention_backward(
     seq: usize,
     hidden: usize,
     heads: usize,
+    dropout: Option<&ProbDropout>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = hidden / heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -233,8 +252,8 @@ pub fn attention_backward(
     unsafe impl Sync for SendPtr {}
     let (pq, pk, pv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     (0..batch * heads).into_par_iter().for_each_init(
-        || (vec![0f32; seq * seq], vec![0f32; seq * seq]),
-        |(p, dp), bh| {
+        || (vec![0f32; seq * seq], vec![0f32; seq * seq], vec![1f32; seq * seq]),
+        |(p, dp, keep), bh| {
             let (b, h) = (bh / heads, bh % heads);
             let base = b * seq * hidden + h * d;
             let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
@@ -260,9 +279,20 @@ pub fn attention_backward(
                     }
                     row.iter_mut().for_each(|s| *s /= sum);
                 }
-                // dV = Pᵀ·dctx; dP = dctx·Vᵀ
-                matmul(pv.0.add(base), hidden, false, sq_t(p), view(dctx), seq, d, seq, Parallelism::None);
+                // With dropout ctx = (P ⊙ keep)·V: dV uses the dropped P, dP gets the mask back.
+                if let Some(drop) = dropout {
+                    for (i, krow) in keep.chunks_mut(seq).enumerate() {
+                        drop(b, h, i, krow);
+                    }
+                    let dropped: Vec<f32> = p.iter().zip(keep.iter()).map(|(a, k)| a * k).collect();
+                    matmul(pv.0.add(base), hidden, false, sq_t(&dropped), view(dctx), seq, d, seq, Parallelism::None);
+                } else {
+                    matmul(pv.0.add(base), hidden, false, sq_t(p), view(dctx), seq, d, seq, Parallelism::None);
+                }
                 matmul(dp.as_mut_ptr(), seq, false, view(dctx), view_t(v), seq, seq, d, Parallelism::None);
+                if dropout.is_some() {
+                    dp.iter_mut().zip(keep.iter()).for_each(|(g, k)| *g *= k);
+                }
                 // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled
                 for (prow, dprow) in p.chunks(seq).zip(dp.chunks_mut(seq)) {
                     let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();

@@ -9,7 +9,8 @@ pub mod reference;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::backend::{Activation, AdapterLocation, Backend, LocationGrads, NiceGrads, NiceParams, TokenBatch};
+use crate::backend::{Activation, AdapterLocation, Backend, DropoutSpec, LocationGrads, NiceGrads, NiceParams, TokenBatch};
+use crate::train::dropout::{dropout_range, DropoutRng};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -107,6 +108,39 @@ impl CpuBackend {
     pub fn mode(&self) -> CpuMode {
         self.mode
     }
+}
+
+/// Apply `spec` to a row-major buffer whose rows split evenly into the spec's blocks.
+pub(crate) fn apply_dropout(data: &mut [f32], spec: &DropoutSpec) -> Result<()> {
+    let n = spec.blocks.len().max(1);
+    if data.len() % n != 0 {
+        return Err(Error::shape("dropout", format!("{} elements do not split into {n} blocks", data.len())));
+    }
+    let rng = DropoutRng::new(spec.seed);
+    let block = data.len() / n;
+    for (j, chunk) in data.chunks_mut(block.max(1)).enumerate() {
+        dropout_range(chunk, spec.p, &rng, spec.block_stream(j), 0)?;
+    }
+    Ok(())
+}
+
+/// The attention-probability dropout of `spec` as per-row multipliers: probability `(b, h, i, j)`
+/// is element `((b_local·heads + h)·T + i)·T + j` of its block's stream.
+fn prob_dropout(spec: &DropoutSpec, batch: usize, seq: usize, heads: usize) -> Result<Box<reference::ProbDropout>> {
+    let n = spec.blocks.len().max(1);
+    if batch % n != 0 {
+        return Err(Error::shape("attention", format!("batch {batch} does not split into {n} dropout blocks")));
+    }
+    crate::train::dropout::DropoutParams::new(spec.p)?;
+    let per_block = batch / n;
+    let spec = spec.clone();
+    Ok(Box::new(move |b: usize, h: usize, i: usize, factors: &mut [f32]| {
+        factors.iter_mut().for_each(|f| *f = 1.0);
+        let (j, b_local) = (b / per_block, b % per_block);
+        let offset = ((b_local * heads + h) * seq + i) * seq;
+        // p was validated above, so this cannot fail.
+        let _ = dropout_range(factors, spec.p, &DropoutRng::new(spec.seed), spec.block_stream(j), offset);
+    }))
 }
 
 fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
@@ -213,7 +247,7 @@ impl Backend for CpuBackend {
         Tensor::from_vec(y, x.shape())
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "attention";
         expect_rank(OP, "query", q, 3)?;
         expect_shape(OP, "key", k, q.shape())?;
@@ -224,9 +258,11 @@ impl Backend for CpuBackend {
             return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
         }
         let (qs, ks, vs, ms) = (q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
+        let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
+        let drop = factors.as_deref();
         let y = match self.mode {
-            CpuMode::Reference => reference::attention(qs, ks, vs, ms, batch, seq, hidden, heads),
-            CpuMode::Fast => fast::attention(qs, ks, vs, ms, batch, seq, hidden, heads),
+            CpuMode::Reference => reference::attention(qs, ks, vs, ms, batch, seq, hidden, heads, drop),
+            CpuMode::Fast => fast::attention(qs, ks, vs, ms, batch, seq, hidden, heads, drop),
         };
         Tensor::from_vec(y, q.shape())
     }
@@ -291,7 +327,16 @@ impl Backend for CpuBackend {
         Tensor::from_vec(dz, dy.shape())
     }
 
-    fn attention_backward(&self, dctx: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+    fn attention_backward(
+        &self,
+        dctx: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask_bias: &Tensor,
+        heads: usize,
+        dropout: Option<&DropoutSpec>,
+    ) -> Result<[Tensor; 3]> {
         const OP: &str = "attention_backward";
         expect_rank(OP, "query", q, 3)?;
         for (what, t) in [("key", k), ("value", v), ("gradient", dctx)] {
@@ -305,9 +350,11 @@ impl Backend for CpuBackend {
         // Five T×T×d products per head: scores again, dV, dP, dQ, dK.
         self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * hidden);
         let (d, qs, ks, vs, ms) = (dctx.cpu_data()?, q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
+        let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
+        let drop = factors.as_deref();
         let (dq, dk, dv) = match self.mode {
-            CpuMode::Reference => reference::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads),
-            CpuMode::Fast => fast::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads),
+            CpuMode::Reference => reference::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads, drop),
+            CpuMode::Fast => fast::attention_backward(d, qs, ks, vs, ms, batch, seq, hidden, heads, drop),
         };
         Ok([Tensor::from_vec(dq, q.shape())?, Tensor::from_vec(dk, q.shape())?, Tensor::from_vec(dv, q.shape())?])
     }
@@ -318,6 +365,12 @@ impl Backend for CpuBackend {
 
     fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
         adapter_backward::nice_backward(self.prims(), x, params, dy)
+    }
+
+    fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
+        let mut out = x.cpu_data()?.to_vec();
+        apply_dropout(&mut out, spec)?;
+        Tensor::from_vec(out, x.shape())
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

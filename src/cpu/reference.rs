@@ -76,7 +76,10 @@ pub fn residual_layernorm(
     out
 }
 
-/// Multi-head attention, HF eager semantics: `softmax(QKᵀ/√d + mask)·V` per head.
+/// Fills `factors[j]` with the dropout multiplier (0 or 1/(1−p)) of probability `(b, h, i, j)`.
+pub type ProbDropout = dyn Fn(usize, usize, usize, &mut [f32]) + Sync;
+
+/// Multi-head attention, HF eager semantics: `dropout(softmax(QKᵀ/√d + mask))·V` per head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -87,11 +90,13 @@ pub fn attention(
     seq: usize,
     hidden: usize,
     heads: usize,
+    dropout: Option<&ProbDropout>,
 ) -> Vec<f32> {
     let d = hidden / heads;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; batch * seq * hidden];
     let mut p = vec![0f64; seq];
+    let mut keep = vec![1f32; seq];
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..seq {
@@ -109,10 +114,13 @@ pub fn attention(
                     *pj = (*pj - max).exp();
                     sum += *pj;
                 }
+                if let Some(drop) = dropout {
+                    drop(b, h, i, &mut keep);
+                }
                 for c in 0..d {
                     let mut acc = 0.0;
                     for (j, pj) in p.iter().enumerate() {
-                        acc += pj / sum * v[(b * seq + j) * hidden + h * d + c] as f64;
+                        acc += pj / sum * keep[j] as f64 * v[(b * seq + j) * hidden + h * d + c] as f64;
                     }
                     out[(b * seq + i) * hidden + h * d + c] = acc as f32;
                 }
@@ -246,11 +254,13 @@ pub fn attention_backward(
     seq: usize,
     hidden: usize,
     heads: usize,
+    dropout: Option<&ProbDropout>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = hidden / heads;
     let scale = 1.0 / (d as f64).sqrt();
     let n = batch * seq * hidden;
     let (mut dq, mut dk, mut dv) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+    let mut keep = vec![1f32; seq];
     let at = |b: usize, t: usize, h: usize, c: usize| (b * seq + t) * hidden + h * d + c;
     let mut p = vec![0f64; seq];
     let mut dp = vec![0f64; seq];
@@ -268,10 +278,15 @@ pub fn attention_backward(
                     sum += *pj;
                 }
                 p.iter_mut().for_each(|pj| *pj /= sum);
+                if let Some(drop) = dropout {
+                    drop(b, h, i, &mut keep);
+                }
+                // ctx = (P ⊙ keep)·V: dV uses the dropped probabilities, dP passes the mask back.
                 for j in 0..seq {
-                    dp[j] = (0..d).map(|c| dctx[at(b, i, h, c)] as f64 * v[at(b, j, h, c)] as f64).sum();
+                    let kj = keep[j] as f64;
+                    dp[j] = kj * (0..d).map(|c| dctx[at(b, i, h, c)] as f64 * v[at(b, j, h, c)] as f64).sum::<f64>();
                     for c in 0..d {
-                        dv[at(b, j, h, c)] += p[j] * dctx[at(b, i, h, c)] as f64;
+                        dv[at(b, j, h, c)] += p[j] * kj * dctx[at(b, i, h, c)] as f64;
                     }
                 }
                 let row_dot: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();

@@ -271,6 +271,7 @@ impl Adapter {
             },
             gate: if self.config.use_gating { Some((k("gate.weight")?, k("gate.bias")?)) } else { None },
             adapter_residual_before_ln: self.config.adapter_residual_before_ln,
+            dropout: None,
         }))
     }
 

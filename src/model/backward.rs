@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use crate::backend::{Activation, AdapterLocation, BottleneckGrads, LayerNormParams, LocationSteps};
+use crate::backend::{Activation, AdapterLocation, BottleneckGrads, DropoutSpec, LayerNormParams, LocationSteps};
 use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
@@ -40,6 +40,25 @@ pub struct Tape {
     pub(crate) embeddings: Tensor,
     pub(crate) layers: Vec<LayerTape>,
     pub(crate) pooler_pre: Option<Tensor>,
+    /// The dropout seed of the forward, if it dropped out.
+    pub(crate) dropout_seed: Option<u64>,
+}
+
+/// The dropout at `site` of `layer`, if training with a seed and `p > 0`.
+pub(crate) fn dropout_spec(seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
+    let seed = seed?;
+    (p > 0.0).then(|| DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks })
+}
+
+/// The places that drop out, numbering their mask streams (with the layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DropoutSite {
+    Embeddings = 1,
+    AttentionProbs = 2,
+    AttentionOutput = 3,
+    FfnOutput = 4,
+    AdapterAttention = 5,
+    AdapterOutput = 6,
 }
 
 /// Gradients of the trainable tensors, by library key (no `bert.` prefix).
@@ -172,18 +191,36 @@ impl BertModel {
         let live_trainable: Vec<bool> = plan.trainable.iter().zip(&plan.live).filter(|(_, &l)| l).map(|(&t, _)| t).collect();
 
         let act = Activation::from(cfg.hidden_act);
+        // Where the batch was replicated, so dropout masks can be matched to their row blocks.
+        let replicated_at = tape.layers.iter().enumerate().find_map(|(l, lt)| {
+            lt.replicated_at.iter().position(|&r| r).map(|i| position(l, if i == 0 { Location::MultiHead } else { Location::Output }))
+        });
+        let live_ids: Vec<u64> = (0..n).filter(|&i| plan.live.get(i).copied().unwrap_or(true)).map(|i| i as u64).collect();
+        let blocks = |pos: usize| -> Vec<u64> {
+            match replicated_at {
+                Some(r) if r < pos && n > 1 => live_ids.clone(),
+                _ => vec![0],
+            }
+        };
+        let (p_hidden, p_attn) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
+        let seed = tape.dropout_seed;
         for (l, (lt, w)) in tape.layers.iter().zip(&self.weights.layers).enumerate().rev() {
             // FFN output location.
             let ln2 = LayerNormParams { gamma: &w.output_ln_gamma, beta: &w.output_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::Output);
             let (dh2, dx_attn) = self.location_backward(
-                &live_children, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, lt.replicated_at[1],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, lt.replicated_at[1],
                 tape.seq_len, &d, below, &live_rows, &mut grads,
             )?;
             if !below {
                 break;
             }
-            let (dh2, mut dx_attn) = both(dh2, dx_attn)?;
+            let (mut dh2, mut dx_attn) = both(dh2, dx_attn)?;
+            // h2 is the FFN output after dropout; rows are replicated if that happened at or before
+            // this layer's attention location.
+            if let Some(spec) = dropout_spec(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
+                dh2 = be.dropout(&dh2, &spec)?;
+            }
             let dinter = be.linear_backward_input(&dh2, &w.output_w)?;
             let dpre = be.activation_backward(&dinter, &live_rows(&lt.inter_pre)?, act)?;
             dx_attn = be.add(&dx_attn, &be.linear_backward_input(&dpre, &w.intermediate_w)?)?;
@@ -192,14 +229,19 @@ impl BertModel {
             let ln1 = LayerNormParams { gamma: &w.attn_ln_gamma, beta: &w.attn_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::MultiHead);
             let (dh1, dx_in) = self.location_backward(
-                &live_children, &live_trainable, &children, l, Location::MultiHead, &lt.h1, &lt.x_in, ln1, lt.replicated_at[0],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead, &lt.h1, &lt.x_in, ln1, lt.replicated_at[0],
                 tape.seq_len, &dx_attn, below, &live_rows, &mut grads,
             )?;
             if !below {
                 break;
             }
-            let (dh1, mut dx_in) = both(dh1, dx_in)?;
+            let (mut dh1, mut dx_in) = both(dh1, dx_in)?;
+            let attn_blocks = blocks(position(l, Location::MultiHead));
+            if let Some(spec) = dropout_spec(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone()) {
+                dh1 = be.dropout(&dh1, &spec)?;
+            }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
+            let prob_dropout = dropout_spec(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
             let [dq, dk, dv] = be.attention_backward(
                 &dctx,
                 &live_rows(&lt.q)?,
@@ -207,6 +249,7 @@ impl BertModel {
                 &live_rows(&lt.v)?,
                 &live_rows(&lt.mask)?,
                 cfg.num_attention_heads,
+                prob_dropout.as_ref(),
             )?;
             for (dproj, wproj) in [(&dq, &w.query_w), (&dk, &w.key_w), (&dv, &w.value_w)] {
                 dx_in = be.add(&dx_in, &be.linear_backward_input(dproj, wproj)?)?;
@@ -232,6 +275,8 @@ impl BertModel {
     fn location_backward(
         &self,
         live_children: &[&Adapter],
+        live_ids: &[u64],
+        dropout_seed: Option<u64>,
         live_trainable: &[bool],
         children: &[&Adapter],
         layer: usize,
@@ -247,7 +292,7 @@ impl BertModel {
         grads: &mut Gradients,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let be = self.backend.as_ref();
-        let branches = live_children.iter().filter_map(|a| a.bottleneck(layer, location).transpose()).collect::<Result<Vec<_>>>()?;
+        let branches = self.location_branches(live_children, live_ids.to_vec(), layer, location, dropout_seed)?;
         if branches.is_empty() {
             // Plain LN(h + r): the same gradient flows to h and to r.
             let (h, r) = (live_rows(h)?, live_rows(r)?);

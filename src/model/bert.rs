@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{Activation, AdapterLocation, Backend, LayerNormParams, LocationSteps};
+use crate::backend::{Activation, AdapterLocation, Backend, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps};
 use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
-use crate::model::backward::{LayerTape, Tape};
+use crate::model::backward::{dropout_spec, DropoutSite, LayerTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
@@ -25,6 +25,8 @@ pub struct BertModel {
     pub(crate) trainable: BTreeSet<String>,
     /// Seed of the next `add_adapter`; advanced per adapter so each gets its own draws.
     pub(crate) next_adapter_seed: u64,
+    /// Training-mode dropout for `forward_train`: the seed its masks derive from.
+    pub(crate) dropout_seed: Option<u64>,
 }
 
 /// What a forward pass returns, on the backend's device.
@@ -41,7 +43,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0 }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -203,13 +205,30 @@ impl BertModel {
         self.run(batch, false).map(|(out, _)| out)
     }
 
-    /// Forward that also keeps what `backward` needs (eval numerics: no dropout).
+    /// Training-mode dropout for `forward_train` (BERT's hidden and attention-probability dropout,
+    /// and each adapter's own): masks are derived from `seed`, so change it every step. `None`
+    /// (the default) trains with eval numerics. `forward` never drops out.
+    pub fn set_dropout(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
+    }
+
+    /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.
     pub fn forward_train(&self, batch: &InputBatch) -> Result<(BertOutput, Tape)> {
         let (out, tape) = self.run(batch, true)?;
         Ok((out, tape.ok_or_else(|| Error::Input("internal: no tape recorded".into()))?))
     }
 
     fn run(&self, batch: &InputBatch, record: bool) -> Result<(BertOutput, Option<Tape>)> {
+        let training = record && self.dropout_seed.is_some();
+        let drop = |p: f32, layer: usize, site: DropoutSite, rows: usize| -> Option<DropoutSpec> {
+            if !training {
+                return None;
+            }
+            let n = self.active.as_ref().map_or(1, |s| s.names().len());
+            let blocks = if n > 1 && rows == n * batch.batch { (0..n as u64).collect() } else { vec![0] };
+            dropout_spec(self.dropout_seed, p, layer, site, blocks)
+        };
+        let (p_hidden, p_attn) = (self.config.hidden_dropout_prob, self.config.attention_probs_dropout_prob);
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let w = &self.weights;
@@ -227,6 +246,9 @@ impl BertModel {
 
         let emb = be.embedding(&batch.tokens(), &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
         let mut x = be.residual_layernorm(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps)?;
+        if let Some(d) = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch) {
+            x = be.dropout(&x, &d)?;
+        }
         let embeddings = record.then(|| x.clone());
         // Only the first adapter of the setup applies its NICE, before any replication.
         if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
@@ -243,15 +265,24 @@ impl BertModel {
             let q = be.linear(&x, &layer.query_w, Some(&layer.query_b))?;
             let k = be.linear(&x, &layer.key_w, Some(&layer.key_b))?;
             let v = be.linear(&x, &layer.value_w, Some(&layer.value_b))?;
-            let context = be.attention(&q, &k, &v, &mask, cfg.num_attention_heads)?;
-            let h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
+            let rows = x.shape()[0];
+            let context = be.attention(&q, &k, &v, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
+            let mut h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
+            if let Some(d) = drop(p_hidden, l, DropoutSite::AttentionOutput, rows) {
+                h1 = be.dropout(&h1, &d)?;
+            }
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
-            let (x_attn, rep_mh) = self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len)?;
+            let (x_attn, rep_mh) =
+                self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len, training)?;
             let inter_pre = be.linear(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b))?;
             let inter = be.activation(&inter_pre, act)?;
-            let h2 = be.linear(&inter, &layer.output_w, Some(&layer.output_b))?;
+            let mut h2 = be.linear(&inter, &layer.output_w, Some(&layer.output_b))?;
+            if let Some(d) = drop(p_hidden, l, DropoutSite::FfnOutput, x_attn.shape()[0]) {
+                h2 = be.dropout(&h2, &d)?;
+            }
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
-            let (x_out, rep_out) = self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len)?;
+            let (x_out, rep_out) =
+                self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training)?;
             if record {
                 layers.push(LayerTape { x_in: x, q, k, v, mask: mask.clone(), h1, x_attn, inter_pre, h2, replicated_at: [rep_mh, rep_out] });
             }
@@ -277,9 +308,34 @@ impl BertModel {
             embeddings,
             layers,
             pooler_pre,
+            dropout_seed: if training { self.dropout_seed } else { None },
         });
         let branches = if parallel && replicated { children.len() } else { 1 };
         Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states, branches }, tape))
+    }
+
+    /// The bottleneck weights of `children` (whose Parallel branch ids are `ids`) at one location,
+    /// each with its adapter dropout when `dropout_seed` is given.
+    pub(crate) fn location_branches<'a>(
+        &self,
+        children: &[&'a Adapter],
+        ids: Vec<u64>,
+        layer: usize,
+        location: Location,
+        dropout_seed: Option<u64>,
+    ) -> Result<Vec<BottleneckParams<'a>>> {
+        let site = match location {
+            Location::MultiHead => DropoutSite::AdapterAttention,
+            Location::Output => DropoutSite::AdapterOutput,
+        };
+        let mut out = Vec::new();
+        for (a, id) in children.iter().zip(ids) {
+            if let Some(mut p) = a.bottleneck(layer, location)? {
+                p.dropout = dropout_spec(dropout_seed, a.config().dropout as f32, layer, site, vec![id]);
+                out.push(p);
+            }
+        }
+        Ok(out)
     }
 
     /// One adapter location: plain `LN(h + r)` where no active adapter has a module, otherwise
@@ -296,8 +352,10 @@ impl BertModel {
         parallel: bool,
         replicated: &mut bool,
         seq_len: usize,
+        training: bool,
     ) -> Result<(Tensor, bool)> {
-        let branches = children.iter().filter_map(|a| a.bottleneck(layer, location).transpose()).collect::<Result<Vec<_>>>()?;
+        let seed = if training { self.dropout_seed } else { None };
+        let branches = self.location_branches(children, (0..children.len() as u64).collect(), layer, location, seed)?;
         if branches.is_empty() {
             return Ok((self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps)?, false));
         }

@@ -5,6 +5,7 @@ pub mod backward;
 pub mod bert;
 pub mod task;
 pub mod heads;
+pub mod persist;
 
 pub use adapters::{Adapter, AdapterSetup};
 pub use backward::{Gradients, Tape};

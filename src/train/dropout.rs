@@ -151,6 +151,17 @@ impl DropoutRng {
     }
 }
 
+/// Dropout of a slice that holds elements `offset..offset + x.len()` of `stream` (for a block of a
+/// larger tensor, e.g. one head's attention probabilities), in place.
+pub fn dropout_range(x: &mut [f32], p: f32, rng: &DropoutRng, stream: u64, offset: usize) -> Result<()> {
+    let DropoutParams { threshold, scale } = DropoutParams::new(p)?;
+    if threshold == 0 {
+        return Ok(());
+    }
+    rng.for_each_keep(stream, offset, x.len(), threshold, |j, keep| x[j] = if keep { x[j] * scale } else { 0.0 });
+    Ok(())
+}
+
 /// Training-mode dropout of `x` in place: element i of `stream` is kept with probability 1−p and
 /// then scaled by `1/(1−p)`. p = 0 is the identity and draws nothing; p outside [0, 1) is an error.
 pub fn dropout_forward(x: &mut [f32], p: f32, rng: &DropoutRng, stream: u64) -> Result<()> {
