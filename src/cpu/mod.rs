@@ -113,7 +113,7 @@ impl CpuBackend {
 /// Apply `spec` to a row-major buffer whose rows split evenly into the spec's blocks.
 pub(crate) fn apply_dropout(data: &mut [f32], spec: &DropoutSpec) -> Result<()> {
     let n = spec.blocks.len().max(1);
-    if data.len() % n != 0 {
+    if !data.len().is_multiple_of(n) {
         return Err(Error::shape("dropout", format!("{} elements do not split into {n} blocks", data.len())));
     }
     let rng = DropoutRng::new(spec.seed);
@@ -128,7 +128,7 @@ pub(crate) fn apply_dropout(data: &mut [f32], spec: &DropoutSpec) -> Result<()> 
 /// is element `((b_local·heads + h)·T + i)·T + j` of its block's stream.
 fn prob_dropout(spec: &DropoutSpec, batch: usize, seq: usize, heads: usize) -> Result<Box<reference::ProbDropout>> {
     let n = spec.blocks.len().max(1);
-    if batch % n != 0 {
+    if !batch.is_multiple_of(n) {
         return Err(Error::shape("attention", format!("batch {batch} does not split into {n} dropout blocks")));
     }
     crate::train::dropout::DropoutParams::new(spec.p)?;

@@ -47,7 +47,7 @@ pub struct Tape {
 /// The dropout at `site` of `layer`, if training with a seed and `p > 0`.
 pub(crate) fn dropout_spec(seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
     let seed = seed?;
-    (p > 0.0).then(|| DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks })
+    (p > 0.0).then_some(DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks })
 }
 
 /// The places that drop out, numbering their mask streams (with the layer).
