@@ -91,7 +91,7 @@ fn attention_matches_reference() {
         let mask: Vec<f32> = (0..batch * seq).map(|i| if i % seq < seq - (i / seq) % seq { 0.0 } else { f32::MIN }).collect();
         let mask = Tensor::from_vec(mask, &[batch, seq]).unwrap();
         let name = format!("attention B{batch} T{seq} H{hidden} heads{heads}");
-        compare(&name, &fast.attention(&q, &k, &v, &mask, heads).unwrap(), &reference.attention(&q, &k, &v, &mask, heads).unwrap());
+        compare(&name, &fast.attention(&q, &k, &v, &mask, heads, None).unwrap(), &reference.attention(&q, &k, &v, &mask, heads, None).unwrap());
     }
 }
 
@@ -107,8 +107,8 @@ fn attention_ignores_masked_keys() {
     v2.cpu_data_mut().unwrap()[h..2 * h].iter_mut().for_each(|x| *x += 100.0);
     let mask = Tensor::from_vec(vec![0.0, f32::MIN, 0.0], &[b, s]).unwrap();
     for be in [CpuBackend::fast(), CpuBackend::reference()] {
-        let a = be.attention(&q, &k, &v1, &mask, 2).unwrap();
-        let c = be.attention(&q, &k, &v2, &mask, 2).unwrap();
+        let a = be.attention(&q, &k, &v1, &mask, 2, None).unwrap();
+        let c = be.attention(&q, &k, &v2, &mask, 2, None).unwrap();
         assert_eq!(a.cpu_data().unwrap(), c.cpu_data().unwrap(), "{}", be.name());
     }
 }
@@ -163,6 +163,98 @@ fn shape_errors_are_errors_not_panics() {
     assert!(err.contains("gamma has shape [4], expected [3]"), "{err}");
     let q = Tensor::zeros(&[1, 2, 6]);
     let m = Tensor::zeros(&[1, 2]);
-    let err = be.attention(&q, &q, &q, &m, 4).unwrap_err().to_string();
+    let err = be.attention(&q, &q, &q, &m, 4, None).unwrap_err().to_string();
     assert!(err.contains("not divisible by 4 heads"), "{err}");
+}
+
+// ---- backward ops --------------------------------------------------------------------------------
+
+/// ⟨f(x + εu) − f(x − εu), w⟩ / 2ε against ⟨∇, u⟩ for a scalar probe `⟨f(x), w⟩`.
+fn directional(f: &dyn Fn(&[f32]) -> Vec<f32>, x: &[f32], w: &[f32], grad: &[f32], u: &[f32]) -> (f64, f64) {
+    let eps = 1e-3f32;
+    let shift = |s: f32| -> f64 {
+        let xs: Vec<f32> = x.iter().zip(u).map(|(a, b)| a + s * b).collect();
+        f(&xs).iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    let numeric = (shift(eps) - shift(-eps)) / (2.0 * eps as f64);
+    let analytic: f64 = grad.iter().zip(u).map(|(g, u)| *g as f64 * *u as f64).sum();
+    (numeric, analytic)
+}
+
+fn assert_directional(name: &str, (numeric, analytic): (f64, f64)) {
+    assert!((numeric - analytic).abs() <= 1e-3 * (1.0 + analytic.abs()), "{name}: finite differences {numeric} vs backward {analytic}");
+}
+
+#[test]
+fn backward_ops_match_finite_differences_and_fast_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (fast, reference) = both();
+    let (rows, d_in, d_out) = (13, 24, 17);
+    let x = t(&mut rng, &[rows, d_in], 1.0);
+    let w = t(&mut rng, &[d_out, d_in], 0.5);
+    let dy = t(&mut rng, &[rows, d_out], 1.0);
+    let u = random_vec(&mut rng, rows * d_in, 1.0);
+    // Linear: input gradient and parameter gradients.
+    let dx = reference.linear_backward_input(&dy, &w).unwrap();
+    compare("linear dx", &fast.linear_backward_input(&dy, &w).unwrap(), &dx);
+    let f = |xs: &[f32]| reference.linear(&Tensor::from_vec(xs.to_vec(), &[rows, d_in]).unwrap(), &w, None).unwrap().into_cpu_vec().unwrap();
+    assert_directional("linear dx", directional(&f, x.cpu_data().unwrap(), dy.cpu_data().unwrap(), dx.cpu_data().unwrap(), &u));
+    let (dw, db) = reference.linear_backward_params(&dy, &x).unwrap();
+    let (fdw, fdb) = fast.linear_backward_params(&dy, &x).unwrap();
+    compare("linear dw", &fdw, &dw);
+    compare("linear db", &fdb, &db);
+    let uw = random_vec(&mut rng, d_out * d_in, 1.0);
+    let fw = |ws: &[f32]| reference.linear(&x, &Tensor::from_vec(ws.to_vec(), &[d_out, d_in]).unwrap(), None).unwrap().into_cpu_vec().unwrap();
+    assert_directional("linear dw", directional(&fw, w.cpu_data().unwrap(), dy.cpu_data().unwrap(), dw.cpu_data().unwrap(), &uw));
+
+    // LayerNorm input gradient (frozen γ, β), through x + residual.
+    let (cols, eps) = (31, 1e-5);
+    let z = t(&mut rng, &[rows, cols], 2.0);
+    let r = t(&mut rng, &[rows, cols], 2.0);
+    let g = t(&mut rng, &[cols], 1.0);
+    let b = t(&mut rng, &[cols], 1.0);
+    let dyl = t(&mut rng, &[rows, cols], 1.0);
+    let dz = reference.layernorm_backward_input(&dyl, &z, Some(&r), &g, eps).unwrap();
+    compare("layernorm dz", &fast.layernorm_backward_input(&dyl, &z, Some(&r), &g, eps).unwrap(), &dz);
+    let fl = |zs: &[f32]| {
+        reference.residual_layernorm(&Tensor::from_vec(zs.to_vec(), &[rows, cols]).unwrap(), Some(&r), &g, &b, eps).unwrap().into_cpu_vec().unwrap()
+    };
+    let uz = random_vec(&mut rng, rows * cols, 1.0);
+    assert_directional("layernorm dz", directional(&fl, z.cpu_data().unwrap(), dyl.cpu_data().unwrap(), dz.cpu_data().unwrap(), &uz));
+
+    // Activations.
+    // Kept away from relu's kink at 0, where a finite difference straddles two slopes.
+    let pre: Vec<f32> = random_vec(&mut rng, rows * cols, 3.0).into_iter().map(|v| if v.abs() < 0.05 { v.signum() * 0.05 + v } else { v }).collect();
+    let pre = Tensor::from_vec(pre, &[rows, cols]).unwrap();
+    for act in [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid] {
+        let da = reference.activation_backward(&dyl, &pre, act).unwrap();
+        compare(&format!("{act:?} backward"), &fast.activation_backward(&dyl, &pre, act).unwrap(), &da);
+        let fa = |ps: &[f32]| reference.activation(&Tensor::from_vec(ps.to_vec(), &[rows, cols]).unwrap(), act).unwrap().into_cpu_vec().unwrap();
+        assert_directional(&format!("{act:?}"), directional(&fa, pre.cpu_data().unwrap(), dyl.cpu_data().unwrap(), da.cpu_data().unwrap(), &uz));
+    }
+
+    // Attention, with and without probability dropout, q, k and v each.
+    let (batch, seq, hidden, heads) = (2, 7, 12, 3);
+    let q = t(&mut rng, &[batch, seq, hidden], 1.0);
+    let k = t(&mut rng, &[batch, seq, hidden], 1.0);
+    let v = t(&mut rng, &[batch, seq, hidden], 1.0);
+    let mask = Tensor::from_vec((0..batch * seq).map(|i| if i == 6 { f32::MIN } else { 0.0 }).collect(), &[batch, seq]).unwrap();
+    let dctx = t(&mut rng, &[batch, seq, hidden], 1.0);
+    let ua = random_vec(&mut rng, batch * seq * hidden, 1.0);
+    let spec = bert_adapters::backend::DropoutSpec { p: 0.2, seed: 5, stream: 9, blocks: vec![0, 1] };
+    for dropout in [None, Some(&spec)] {
+        let [dq, dk, dv] = reference.attention_backward(&dctx, &q, &k, &v, &mask, heads, dropout).unwrap();
+        let [fq, fk, fv] = fast.attention_backward(&dctx, &q, &k, &v, &mask, heads, dropout).unwrap();
+        compare("attention dq", &fq, &dq);
+        compare("attention dk", &fk, &dk);
+        compare("attention dv", &fv, &dv);
+        compare("attention forward", &fast.attention(&q, &k, &v, &mask, heads, dropout).unwrap(), &reference.attention(&q, &k, &v, &mask, heads, dropout).unwrap());
+        let sh = q.shape().to_vec();
+        let run = |qq: &Tensor, kk: &Tensor, vv: &Tensor| reference.attention(qq, kk, vv, &mask, heads, dropout).unwrap().into_cpu_vec().unwrap();
+        let mk = |xs: &[f32]| Tensor::from_vec(xs.to_vec(), &sh).unwrap();
+        let d = dctx.cpu_data().unwrap();
+        assert_directional("attention dq", directional(&|xs| run(&mk(xs), &k, &v), q.cpu_data().unwrap(), d, dq.cpu_data().unwrap(), &ua));
+        assert_directional("attention dk", directional(&|xs| run(&q, &mk(xs), &v), k.cpu_data().unwrap(), d, dk.cpu_data().unwrap(), &ua));
+        assert_directional("attention dv", directional(&|xs| run(&q, &k, &mk(xs)), v.cpu_data().unwrap(), d, dv.cpu_data().unwrap(), &ua));
+    }
 }
