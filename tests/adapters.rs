@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::{AdapterConfig, AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
-use common::{assert_close, check_outputs, fixtures, read_f32, TOL};
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
+use common::{assert_close, check_outputs, fixtures, read_f32, setup, tiny, SINGLE_ADAPTERS, TOL};
 
 fn adapters_dir() -> PathBuf {
     fixtures().join("adapters")
@@ -18,19 +18,7 @@ fn backends() -> Vec<Arc<dyn Backend>> {
     vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())]
 }
 
-fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
-    let dir = fixtures().join("tiny_bert");
-    let (model, _) = BertModel::from_dir(&dir, backend, LoadOptions::default()).unwrap();
-    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
-    (model, batch)
-}
 
-fn setup(names: &[&str]) -> AdapterSetup {
-    match names {
-        [one] => AdapterSetup::Single(one.to_string()),
-        many => AdapterSetup::Parallel(many.iter().map(|s| s.to_string()).collect()),
-    }
-}
 
 /// Load `dirs` into the tiny model, activate `names`, compare with `expected`.
 fn tiny_case(dirs: &[&str], names: &[&str], expected: &str) {
@@ -46,27 +34,10 @@ fn tiny_case(dirs: &[&str], names: &[&str], expected: &str) {
     }
 }
 
-const SINGLE: [&str; 15] = [
-    "pfeiffer",
-    "houlsby",
-    "pfeiffer_inv",
-    "houlsby_inv",
-    "pfeiffer_b",
-    "opt_residual_before_ln_false",
-    "opt_ln_before_after",
-    "opt_scaling_learned",
-    "opt_scaling_channel",
-    "opt_gating",
-    "opt_leave_out",
-    "opt_gelu",
-    "opt_rf_map",
-    "opt_original_ln_after_false",
-    "opt_post_add",
-];
 
 #[test]
 fn every_single_adapter_matches_the_library() {
-    for name in SINGLE {
+    for name in SINGLE_ADAPTERS.iter().chain(&["pfeiffer_b"]) {
         tiny_case(&[name], &[name], &format!("expected_{name}.safetensors"));
     }
 }

@@ -5,23 +5,11 @@ mod common;
 
 use std::sync::Arc;
 
-use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
-use common::{fixtures, random_vec};
+use bert_adapters::{BertModel, CpuBackend, InputBatch, Tensor};
+use common::{fixtures, random_vec, setup, tiny, SINGLE_ADAPTERS};
 use rand::{rngs::StdRng, SeedableRng};
 
-fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
-    let dir = fixtures().join("tiny_bert");
-    let (model, _) = BertModel::from_dir(&dir, backend, LoadOptions::default()).unwrap();
-    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
-    (model, batch)
-}
 
-fn setup(names: &[&str]) -> AdapterSetup {
-    match names {
-        [one] => AdapterSetup::Single(one.to_string()),
-        many => AdapterSetup::Parallel(many.iter().map(|s| s.to_string()).collect()),
-    }
-}
 
 /// Loss Σ out ⊙ W in f64 (through forward_train, so dropout applies when set).
 fn probe_loss(model: &BertModel, batch: &InputBatch, w: &[f32]) -> f64 {
@@ -93,22 +81,7 @@ fn directional_check_with(label: &str, dirs: &[&str], active: &[&str], train: &[
 
 #[test]
 fn every_config_agrees_with_finite_differences() {
-    for name in [
-        "pfeiffer",
-        "houlsby",
-        "pfeiffer_inv",
-        "houlsby_inv",
-        "opt_residual_before_ln_false",
-        "opt_ln_before_after",
-        "opt_scaling_learned",
-        "opt_scaling_channel",
-        "opt_gating",
-        "opt_leave_out",
-        "opt_gelu",
-        "opt_rf_map",
-        "opt_original_ln_after_false",
-        "opt_post_add",
-    ] {
+    for name in SINGLE_ADAPTERS {
         directional_check(name, &[name], &[name], &[name]);
     }
 }

@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions};
-use common::{assert_close, fixtures, read_f32, TOL};
+use bert_adapters::{Backend, BertModel, CpuBackend, InputBatch, LoadOptions};
+use common::{assert_close, fixtures, read_f32, setup, SINGLE_ADAPTERS, TOL};
 
 const GRAD_TOL: f64 = 1e-4;
 
@@ -23,11 +23,7 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
                 model.load_adapter(fixtures().join("adapters").join(name)).unwrap();
             }
         }
-        let setup = match active {
-            [one] => AdapterSetup::Single(one.to_string()),
-            many => AdapterSetup::Parallel(many.iter().map(|s| s.to_string()).collect()),
-        };
-        model.set_active_adapters(Some(setup)).unwrap();
+        model.set_active_adapters(Some(setup(active))).unwrap();
         model.train_adapter(train).unwrap();
         let (out, tape) = model.forward_train(&batch).unwrap();
         let label = format!("{file} [{}]", backend.name());
@@ -51,22 +47,7 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
 
 #[test]
 fn single_adapters_match_autograd() {
-    for name in [
-        "pfeiffer",
-        "houlsby",
-        "pfeiffer_inv",
-        "houlsby_inv",
-        "opt_residual_before_ln_false",
-        "opt_ln_before_after",
-        "opt_scaling_learned",
-        "opt_scaling_channel",
-        "opt_gating",
-        "opt_leave_out",
-        "opt_gelu",
-        "opt_rf_map",
-        "opt_original_ln_after_false",
-        "opt_post_add",
-    ] {
+    for name in SINGLE_ADAPTERS {
         case(name, &[name], &[name]);
     }
 }

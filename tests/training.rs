@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bert_adapters::io::TensorFile;
 use bert_adapters::model::heads::{ClassificationHead, HeadConfigFile};
 use bert_adapters::train::optim::{AdamW, AdamWConfig};
-use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
-use common::{assert_close, fixtures, read_f32, TOL};
+use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, Tensor};
+use common::{assert_close, fixtures, read_f32, tiny, TOL};
 
 const GRAD_TOL: f64 = 1e-4;
 
@@ -19,12 +19,6 @@ fn training(file: &str) -> TensorFile {
     TensorFile::open(fixtures().join("training").join(file)).unwrap()
 }
 
-fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
-    let dir = fixtures().join("tiny_bert");
-    let (model, _) = BertModel::from_dir(&dir, backend, LoadOptions::default()).unwrap();
-    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
-    (model, batch)
-}
 
 /// Head `name` from the library's files (`head_<from>.safetensors`, `head_<from>_config.json`),
 /// or from `prefix<key>` tensors of `file` renamed from `from` to `name`.

@@ -112,6 +112,30 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
     y
 }
 
+/// `P = softmax(Q·Kᵀ·scale + bias)` of one (batch, head) block starting at element `base` of the
+/// `[B, T, H]` inputs, into the `T×T` buffer `p`.
+#[allow(clippy::too_many_arguments)]
+fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, hidden: usize, d: usize, scale: f32) {
+    let qv = MatRef { ptr: q[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
+    let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: hidden as isize };
+    // SAFETY: both views stay inside this (b, h)'s T×d block; p holds T×T values.
+    unsafe { matmul(p.as_mut_ptr(), seq, false, qv, kt, seq, seq, d, Parallelism::None) };
+    for row in p.chunks_mut(seq) {
+        let mut max = f32::NEG_INFINITY;
+        for (s, m) in row.iter_mut().zip(bias) {
+            *s = *s * scale + m;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a
 /// second gemm, all on strided views of the `[B, T, H]` inputs.
 #[allow(clippy::too_many_arguments)]
@@ -139,24 +163,7 @@ pub fn attention(
             let (b, h) = (bh / heads, bh % heads);
             let base = b * seq * hidden + h * d;
             let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
-            let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: hidden as isize };
-            // SAFETY: all views stay inside this (b, h)'s T×d block of tensors of B·T·H elements.
-            unsafe { matmul(scores.as_mut_ptr(), seq, false, view(q), kt, seq, seq, d, Parallelism::None) };
-            let bias = &mask_bias[b * seq..][..seq];
-            for row in scores.chunks_mut(seq) {
-                let mut max = f32::NEG_INFINITY;
-                for (s, m) in row.iter_mut().zip(bias) {
-                    *s = *s * scale + m;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            attention_probs(scores, q, k, &mask_bias[b * seq..][..seq], base, seq, hidden, d, scale);
             if let Some(drop) = dropout {
                 let mut keep = vec![1f32; seq];
                 for (i, row) in scores.chunks_mut(seq).enumerate() {
@@ -264,21 +271,7 @@ pub fn attention_backward(
             // SAFETY (all calls): views stay inside this (b, h)'s T×d blocks and the T×T scratch;
             // the destination blocks belong to this task alone.
             unsafe {
-                matmul(p.as_mut_ptr(), seq, false, view(q), view_t(k), seq, seq, d, Parallelism::None);
-                let bias = &mask_bias[b * seq..][..seq];
-                for row in p.chunks_mut(seq) {
-                    let mut max = f32::NEG_INFINITY;
-                    for (s, m) in row.iter_mut().zip(bias) {
-                        *s = *s * scale + m;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    row.iter_mut().for_each(|s| *s /= sum);
-                }
+                attention_probs(p, q, k, &mask_bias[b * seq..][..seq], base, seq, hidden, d, scale);
                 // With dropout ctx = (P ⊙ keep)·V: dV uses the dropped P, dP gets the mask back.
                 if let Some(drop) = dropout {
                     for (i, krow) in keep.chunks_mut(seq).enumerate() {

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::{BertModel, InputBatch};
+use std::sync::Arc;
+
+use bert_adapters::{AdapterSetup, Backend, BertModel, InputBatch, LoadOptions};
 
 /// The fp32 output bound: max|out − ref| ≤ TOL·(1 + max|ref|).
 pub const TOL: f64 = 1e-5;
@@ -122,3 +124,37 @@ pub fn check_with_padding(label: &str, got: &[f32], want: &[f32], expected: &Ten
     assert!(ours as f64 <= bound, "{label} (padding rows): {ours:.3e} from float64, PyTorch float32 is {torch32:.3e}, bound {bound:.3e}");
 }
 
+
+/// The tiny fixture BERT on `backend`, with its input batch.
+pub fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
+    let dir = fixtures().join("tiny_bert");
+    let (model, _) = BertModel::from_dir(&dir, backend, LoadOptions::default()).unwrap();
+    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+    (model, batch)
+}
+
+/// One name is that adapter alone; several are Parallel.
+pub fn setup(names: &[&str]) -> AdapterSetup {
+    match names {
+        [one] => AdapterSetup::Single(one.to_string()),
+        many => AdapterSetup::Parallel(many.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+/// Every single-adapter fixture in tests/fixtures/adapters (the four configs and the options).
+pub const SINGLE_ADAPTERS: [&str; 14] = [
+    "pfeiffer",
+    "houlsby",
+    "pfeiffer_inv",
+    "houlsby_inv",
+    "opt_residual_before_ln_false",
+    "opt_ln_before_after",
+    "opt_scaling_learned",
+    "opt_scaling_channel",
+    "opt_gating",
+    "opt_leave_out",
+    "opt_gelu",
+    "opt_rf_map",
+    "opt_original_ln_after_false",
+    "opt_post_add",
+];
