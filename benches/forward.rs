@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bert_adapters::{Backend, BertModel, BertTokenizer, CpuBackend, InputBatch, LoadOptions};
+use bert_adapters::{AdapterConfig, AdapterSetup, Backend, BertModel, BertTokenizer, CpuBackend, InputBatch, LoadOptions, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn model(dir: &Path, backend: Arc<dyn Backend>) -> BertModel {
@@ -42,5 +42,36 @@ fn minilm_forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tiny_forward, minilm_forward);
+/// One probe-loss training step on MiniLM under Parallel(scorenn, tasknn), training tasknn:
+/// forward with the tape plus the planned backward (scorenn's branch is skipped).
+fn minilm_train_step(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!("skipping cpu_train_step_minilm: run scripts/fetch-model.sh first");
+        return;
+    }
+    let mut m = model(&dir, Arc::new(CpuBackend::fast()));
+    for name in ["scorenn", "tasknn"] {
+        m.add_adapter(name, AdapterConfig::named("pfeiffer").expect("named config")).expect("adapter");
+    }
+    m.set_active_adapters(Some(AdapterSetup::Parallel(vec!["scorenn".into(), "tasknn".into()]))).expect("setup");
+    m.train_adapter(&["tasknn"]).expect("train");
+    let tok = BertTokenizer::from_file(dir.join("tokenizer.json"), 64).expect("tokenizer loads");
+    let text = "adapters train a few parameters on a frozen encoder ".repeat(8);
+    let batch = tok.encode_batch(&vec![text; 16], m.config()).expect("tokenizes");
+    let mut group = c.benchmark_group("cpu_train_step_minilm_parallel_16x64");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements((batch.batch * batch.seq_len) as u64));
+    group.bench_function("forward_only", |b| b.iter(|| m.forward(&batch).expect("forward")));
+    group.bench_function("forward_train_and_backward", |b| {
+        b.iter(|| {
+            let (out, tape) = m.forward_train(&batch).expect("forward");
+            let d = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape()).expect("shape");
+            m.backward(&tape, &d, None).expect("backward")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, tiny_forward, minilm_forward, minilm_train_step);
 criterion_main!(benches);
