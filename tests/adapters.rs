@@ -174,6 +174,12 @@ fn invalid_setups_and_names_are_refused() {
     assert!(e.contains("contains '.'"), "{e}");
     let e = err(model.add_adapter("p", AdapterConfig::named("pfeiffer").unwrap()));
     assert!(e.contains("`p` already exists"), "{e}");
+    let huge = AdapterConfig::named("pfeiffer").unwrap().with_overrides(&serde_json::json!({"reduction_factor": 1e-9})).unwrap();
+    let e = err(model.add_adapter("huge", huge));
+    assert!(e.contains("more than 64× the hidden size 48"), "{e}");
+    let thin = AdapterConfig::named("pfeiffer+inv").unwrap().with_overrides(&serde_json::json!({"inv_adapter_reduction_factor": 100})).unwrap();
+    let e = err(model.add_adapter("thin", thin));
+    assert!(e.contains("NICE sub-networks of 0 and 0 units"), "{e}");
     // Parallel of a child with itself is legal and gives identical halves.
     model.set_active_adapters(Some(setup(&["p", "p"]))).unwrap();
 }

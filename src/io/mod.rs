@@ -2,6 +2,7 @@
 
 pub mod adapter_files;
 pub mod batch;
+pub mod pickle;
 pub mod tensor_file;
 pub mod weights;
 

@@ -12,6 +12,9 @@ use crate::config::{AdapterConfig, BertConfig, InitWeights, Location, Scaling};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// The widest bottleneck accepted, as a multiple of the hidden size.
+pub const MAX_BOTTLENECK_RATIO: usize = 64;
+
 /// Adapter-internal LayerNorms use PyTorch's default eps, not BERT's (spec gotcha 4).
 pub const ADAPTER_LN_EPS: f32 = 1e-5;
 
@@ -93,6 +96,13 @@ pub fn param_specs(name: &str, config: &AdapterConfig, bert: &BertConfig) -> Res
             }
             let p = location_prefix(name, layer, location);
             let m = config.bottleneck_size(layer, h)?;
+            // A tiny reduction factor would ask for an absurd allocation; the library has no use
+            // for a bottleneck wider than this either.
+            if m > MAX_BOTTLENECK_RATIO * h {
+                return Err(Error::Input(format!(
+                    "adapter `{name}`: reduction_factor gives a bottleneck of {m} at layer {layer}, more than {MAX_BOTTLENECK_RATIO}× the hidden size {h}"
+                )));
+            }
             let down = if config.ln_before {
                 push(format!("{p}adapter_norm_before.weight"), vec![h], Init::Constant(1.0));
                 push(format!("{p}adapter_norm_before.bias"), vec![h], zero);
@@ -123,6 +133,13 @@ pub fn param_specs(name: &str, config: &AdapterConfig, bert: &BertConfig) -> Res
         let rf = config.inv_adapter_reduction_factor.unwrap_or(2.0);
         let (s1, s2) = (h / 2, h - h / 2);
         let k = |n: usize| (n as f64 / rf).floor() as usize;
+        if k(s1.min(s2)) == 0 || k(s1.max(s2)) > MAX_BOTTLENECK_RATIO * h {
+            return Err(Error::Input(format!(
+                "adapter `{name}`: inv_adapter_reduction_factor {rf} gives NICE sub-networks of {} and {} units",
+                k(s2),
+                k(s1)
+            )));
+        }
         let p = nice_prefix(name);
         for (sub, d_in, d_out) in [("F", s2, s1), ("G", s1, s2)] {
             push(format!("{p}{sub}.0.weight"), vec![k(d_in), d_in], Init::Normal(0.02));

@@ -95,10 +95,8 @@ impl BertModel {
 
     /// `load_adapter` under another name (`load_as` in the library); `None` keeps the saved one.
     pub fn load_adapter_as(&mut self, dir: impl AsRef<Path>, load_as: Option<&str>) -> Result<String> {
-        let adapter = crate::io::adapter_files::load_adapter_dir(dir.as_ref(), load_as, &self.config, self.backend.as_ref())?;
-        let name = adapter.name().to_string();
-        self.insert_adapter(adapter)?;
-        Ok(name)
+        let opts = crate::io::adapter_files::AdapterLoadOptions { load_as: load_as.map(str::to_string), ..Default::default() };
+        self.load_adapter_with(dir, &opts).map(|report| report.name)
     }
 
     /// Insert an adapter built elsewhere (e.g. loaded from files).

@@ -4,8 +4,11 @@
 //! `save_adapter(dir, name, use_safetensors=True)`), plus `head_config.json` and
 //! `model_head.safetensors` when the adapter has a head. Every file is first written in full to a
 //! temporary file in the same folder and fsynced; only when all of them are on disk are they
-//! renamed over the old ones (config last), so a failure while writing leaves an earlier save
-//! untouched. A `pytorch_adapter.bin` already in the folder is left alone: our loader and the
+//! renamed over the old ones (config last), so a failure while writing (a full disk, a size
+//! limit, a permission) leaves an earlier save untouched. Only a rename failing within the folder,
+//! after every byte is on disk, could leave new weights beside the old config.
+//!
+//! A `pytorch_adapter.bin` already in the folder is left alone: our loader and the
 //! library's `use_safetensors=True` prefer `adapter.safetensors`, but the library's default load
 //! reads only the .bin, so delete it if the folder is meant for that.
 
@@ -28,6 +31,8 @@ use crate::model::heads::ClassificationHead;
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
     /// Also write the adapter's head, if it has one (the library's `with_head`, default true).
+    /// When no head is written, head files of an earlier save in the folder are removed, so a
+    /// load does not attach a stale head.
     pub with_head: bool,
     /// `model_name` in the config files: the base model's name or path ("" when unknown, as the
     /// library writes for a model built from a config).
@@ -54,8 +59,11 @@ struct Staged {
 
 fn stage(dest: PathBuf, bytes: &[u8]) -> Result<Staged> {
     let tmp = staging_path(&dest);
+    // A leftover from a crashed save goes; a folder in the way stays and fails the save.
+    remove_if_file(&tmp);
     let written = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        // create_new: never follow a link someone placed at the temporary name.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();

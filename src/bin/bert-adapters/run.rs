@@ -25,7 +25,7 @@ pub struct RunArgs {
     /// Where to write the outputs (safetensors, F32).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// An adapter folder (adapter_config.json + adapter.safetensors); repeatable.
+    /// An adapter folder (adapter_config.json + adapter.safetensors or pytorch_adapter.bin); repeatable.
     #[arg(long, value_name = "DIR")]
     adapter: Vec<PathBuf>,
     /// Activate one adapter by name.
