@@ -126,23 +126,44 @@ pub(crate) fn validate_location(loc: &AdapterLocation) -> Result<(usize, usize, 
     Ok((n, examples, hidden))
 }
 
+/// The pre step of a location (spec §4): `v = h + r` when the original LayerNorm comes first,
+/// the adapter input `x`, and (through `rho`) the adapter residual.
+pub(crate) struct PreStep {
+    pub v: Option<Vec<f32>>,
+    pub x: Vec<f32>,
+}
+
+impl PreStep {
+    pub fn run(prims: Prims<'_>, loc: &AdapterLocation, h: &[f32], r: &[f32]) -> Result<Self> {
+        let ln = &loc.layer_norm;
+        let v: Option<Vec<f32>> = loc.steps.original_ln_before.then(|| h.iter().zip(r).map(|(a, b)| a + b).collect());
+        let x = match &v {
+            Some(v) => prims.layernorm(v, None, ln.gamma, ln.beta, ln.eps)?,
+            None => h.to_vec(),
+        };
+        Ok(PreStep { v, x })
+    }
+
+    /// ρ: `h`, `x`, or `v` by `residual_before_ln`.
+    pub fn rho<'a>(&'a self, loc: &AdapterLocation, h: &'a [f32]) -> Result<&'a [f32]> {
+        Ok(match loc.steps.residual_before_ln {
+            ResidualBeforeLn::True => h,
+            ResidualBeforeLn::False => &self.x,
+            ResidualBeforeLn::PostAdd => {
+                self.v.as_deref().ok_or_else(|| Error::shape("adapter_location", "post_add needs original_ln_before".to_string()))?
+            }
+        })
+    }
+}
+
 pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Result<Tensor> {
-    const OP: &str = "adapter_location";
     let (n, examples, hidden) = validate_location(loc)?;
     let (h, r) = (loc.h.cpu_data()?, loc.r.cpu_data()?);
     let ln = &loc.layer_norm;
 
     // Pre step, once for all rows (the first child's config).
-    let v: Option<Vec<f32>> = loc.steps.original_ln_before.then(|| h.iter().zip(r).map(|(a, b)| a + b).collect());
-    let x: Vec<f32> = match &v {
-        Some(v) => prims.layernorm(v, None, ln.gamma, ln.beta, ln.eps)?,
-        None => h.to_vec(),
-    };
-    let rho: &[f32] = match loc.steps.residual_before_ln {
-        ResidualBeforeLn::True => h,
-        ResidualBeforeLn::False => &x,
-        ResidualBeforeLn::PostAdd => v.as_deref().ok_or_else(|| Error::shape(OP, "post_add needs original_ln_before".to_string()))?,
-    };
+    let pre = PreStep::run(prims, loc, h, r)?;
+    let (x, rho) = (&pre.x, pre.rho(loc, h)?);
 
     // Cores: branch i reads rows [i·B, (i+1)·B) of x and ρ, or all of them when replicating.
     let block = examples * loc.seq_len * hidden;

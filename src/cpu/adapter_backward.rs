@@ -6,7 +6,7 @@ use crate::backend::{
     Activation, AdapterLocation, BottleneckGrads, BottleneckParams, LocationGrads, NiceGrads, NiceParams, ScalingParam,
 };
 use crate::config::ResidualBeforeLn;
-use crate::cpu::adapter::{columns, validate_location, Prims};
+use crate::cpu::adapter::{columns, validate_location, Prims, PreStep};
 use crate::cpu::apply_dropout;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -230,16 +230,8 @@ pub(crate) fn adapter_location_backward(
     let ln = &loc.layer_norm;
 
     // Forward again: pre step, cores (with tapes), post step input.
-    let v: Option<Vec<f32>> = loc.steps.original_ln_before.then(|| h.iter().zip(r).map(|(a, b)| a + b).collect());
-    let x: Vec<f32> = match &v {
-        Some(v) => prims.layernorm(v, None, ln.gamma, ln.beta, ln.eps)?,
-        None => h.to_vec(),
-    };
-    let rho: &[f32] = match loc.steps.residual_before_ln {
-        ResidualBeforeLn::True => h,
-        ResidualBeforeLn::False => &x,
-        ResidualBeforeLn::PostAdd => v.as_deref().ok_or_else(|| Error::shape(OP, "post_add needs original_ln_before".to_string()))?,
-    };
+    let pre = PreStep::run(prims, loc, h, r)?;
+    let (x, v, rho) = (&pre.x, &pre.v, pre.rho(loc, h)?);
     let at = |i: usize| if loc.replicate { 0 } else { i * block };
     let mut y = Vec::with_capacity(n * block);
     let mut tapes = Vec::with_capacity(n);

@@ -9,11 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use crate::backend::{Activation, AdapterLocation, BottleneckGrads, DropoutSpec, LayerNormParams, LocationSteps};
+use crate::backend::{Activation, AdapterLocation, BottleneckGrads, DropoutSpec, LayerNormParams};
 use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
-use crate::model::bert::BertModel;
+use crate::model::bert::{location_steps, BertModel};
 use crate::tensor::Tensor;
 
 /// What one layer's forward keeps for the backward.
@@ -299,12 +299,7 @@ impl BertModel {
             let dz = be.layernorm_backward_input(d_out, &h, Some(&r), ln.gamma, ln.eps)?;
             return Ok((Some(dz.clone()), Some(dz)));
         }
-        let (first, last) = (children[0].config(), children[children.len() - 1].config());
-        let steps = LocationSteps {
-            residual_before_ln: first.residual_before_ln,
-            original_ln_before: first.original_ln_before,
-            original_ln_after: last.original_ln_after,
-        };
+        let steps = location_steps(children);
         // Before replication h and r have B rows shared by every branch; after, live rows only.
         let (h, r) = if replicated_here { (h.clone(), r.clone()) } else { (live_rows(h)?, live_rows(r)?) };
         let loc = AdapterLocation { h: &h, r: &r, layer_norm: ln, steps, branches: &branches, replicate: replicated_here, seq_len };

@@ -13,6 +13,16 @@ use crate::model::backward::{dropout_spec, DropoutSite, LayerTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
+/// The pre step follows the FIRST child of the setup, the post step the LAST (spec §6.4).
+pub(crate) fn location_steps(children: &[&Adapter]) -> LocationSteps {
+    let (first, last) = (children[0].config(), children[children.len() - 1].config());
+    LocationSteps {
+        residual_before_ln: first.residual_before_ln,
+        original_ln_before: first.original_ln_before,
+        original_ln_after: last.original_ln_after,
+    }
+}
+
 pub struct BertModel {
     pub(crate) config: BertConfig,
     pub(crate) weights: BertWeights,
@@ -357,12 +367,7 @@ impl BertModel {
         if branches.is_empty() {
             return Ok((self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps)?, false));
         }
-        let (first, last) = (children[0].config(), children[children.len() - 1].config());
-        let steps = LocationSteps {
-            residual_before_ln: first.residual_before_ln,
-            original_ln_before: first.original_ln_before,
-            original_ln_after: last.original_ln_after,
-        };
+        let steps = location_steps(children);
         let replicate = parallel && !*replicated;
         *replicated |= parallel;
         let out = self.backend.adapter_location(&AdapterLocation { h, r, layer_norm: ln, steps, branches: &branches, replicate, seq_len })?;
