@@ -1,0 +1,397 @@
+//! Loading an adapter folder: matching the weights file against what the config implies,
+//! validating, and reporting what a lenient load let pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{read_adapter_config, read_capped, AdapterConfigFile};
+use super::weights::{StoredTensor, WeightsFile};
+use super::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, MAX_CONFIG_BYTES, MAX_WIDTH_FACTOR, TORCH_HEAD_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, WEIGHTS_FILE};
+use crate::backend::Backend;
+use crate::config::{AdapterConfig, BertConfig, Location, ReductionFactor};
+use crate::error::{Error, Result};
+use crate::model::adapters::{param_specs, validate_adapter_name, Adapter};
+use crate::model::heads::{ClassificationHead, HeadConfigFile};
+use crate::tensor::Tensor;
+
+/// How to load an adapter folder.
+#[derive(Clone, Debug)]
+pub struct AdapterLoadOptions {
+    /// Load under this name instead of the saved one (the library's `load_as`).
+    pub load_as: Option<String>,
+    /// Refuse unexpected tensors and a config that names layers the model lacks (default). When
+    /// false, such tensors are skipped and missing ones initialised as `add_adapter` would (seed
+    /// 0), all listed in the report. Mis-shaped tensors are an error either way, as in the library.
+    pub strict: bool,
+    /// Restore a prediction head from `head_config.json` when the folder has one.
+    pub with_head: bool,
+}
+
+impl Default for AdapterLoadOptions {
+    fn default() -> Self {
+        AdapterLoadOptions { load_as: None, strict: true, with_head: true }
+    }
+}
+
+/// What a load found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdapterLoadReport {
+    /// The name the adapter was loaded under.
+    pub name: String,
+    /// The name in `adapter_config.json`.
+    pub saved_name: String,
+    pub weights_file: PathBuf,
+    /// Tensors the config implies that the file lacks (lenient loads only; they were initialised).
+    pub missing: Vec<String>,
+    /// Tensors in the file that the adapter does not have (lenient loads only; skipped), as
+    /// named in the file.
+    pub unexpected: Vec<String>,
+    /// Whether a head was loaded.
+    pub head: bool,
+    /// Anything else a lenient load let pass.
+    pub notes: Vec<String>,
+}
+
+/// An adapter and its head, read from a folder but not yet part of a model.
+pub struct LoadedAdapter {
+    pub adapter: Adapter,
+    pub head: Option<ClassificationHead>,
+    pub report: AdapterLoadReport,
+}
+
+/// An adapter folder whose config has been read and whose weights file has been found.
+#[derive(Clone, Debug)]
+pub struct AdapterDir {
+    pub dir: PathBuf,
+    pub config: AdapterConfigFile,
+    /// `adapter.safetensors` if present, else `pytorch_adapter.bin`.
+    pub weights_path: PathBuf,
+}
+
+impl AdapterDir {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "adapter folder not found")));
+        }
+        let config = read_adapter_config(&dir.join(CONFIG_FILE))?;
+        // Like the library's `use_safetensors=True`: safetensors first, the .bin as fallback.
+        let weights_path = [WEIGHTS_FILE, TORCH_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file()).ok_or_else(|| {
+            Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("no adapter weights: neither {WEIGHTS_FILE} nor {TORCH_WEIGHTS_FILE}")),
+            )
+        })?;
+        Ok(AdapterDir { dir: dir.to_path_buf(), config, weights_path })
+    }
+
+    /// The name a load with `opts` gives the adapter.
+    pub fn target_name<'a>(&'a self, opts: &'a AdapterLoadOptions) -> &'a str {
+        opts.load_as.as_deref().unwrap_or(&self.config.name)
+    }
+
+    /// Read the weights (and head) for a BERT of `bert`.
+    pub fn load(&self, opts: &AdapterLoadOptions, bert: &BertConfig, backend: &dyn Backend) -> Result<LoadedAdapter> {
+        let weights = WeightsFile::open(&self.weights_path)?;
+        let (adapter, mut report) = build_adapter(&self.config, &self.dir.join(CONFIG_FILE), &weights, opts, bert, backend)?;
+        let head = if opts.with_head { load_head(&self.dir, &self.config.name, adapter.name(), opts, bert, backend, &mut report)? } else { None };
+        report.head = head.is_some();
+        Ok(LoadedAdapter { adapter, head, report })
+    }
+}
+
+/// Load an adapter folder for a BERT of `bert`, under its saved name or `load_as`, strictly and
+/// without its head.
+pub fn load_adapter_dir(dir: &Path, load_as: Option<&str>, bert: &BertConfig, backend: &dyn Backend) -> Result<Adapter> {
+    let opts = AdapterLoadOptions { load_as: load_as.map(str::to_string), strict: true, with_head: false };
+    Ok(AdapterDir::open(dir)?.load(&opts, bert, backend)?.adapter)
+}
+
+/// The library's renames of adapter-transformers (v1–v3) module names.
+const LEGACY_NAMES: [(&str, &str); 5] = [
+    ("attention_text_task_adapters", "adapters"),
+    ("attention_text_lang_adapters", "adapters"),
+    ("layer_text_task_adapters", "adapters"),
+    ("layer_text_lang_adapters", "adapters"),
+    ("invertible_lang_adapters", "invertible_adapters"),
+];
+
+/// A file key as the model names it: no `bert.` prefix, current module names, the new name.
+fn canonical_key(file_key: &str, saved: &str, name: &str) -> String {
+    let mut k = file_key.strip_prefix("bert.").unwrap_or(file_key).to_string();
+    for (old, new) in LEGACY_NAMES {
+        if k.contains(old) {
+            k = k.replace(old, new);
+        }
+    }
+    if saved != name {
+        k = k.replace(&format!("adapters.{saved}."), &format!("adapters.{name}."));
+    }
+    k
+}
+
+/// Refuse a config that does not fit the model. In lenient mode the harmless mismatches (layers
+/// the model does not have) become notes.
+fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict: bool, notes: &mut Vec<String>) -> Result<()> {
+    let h = bert.hidden_size;
+    let layers = bert.num_hidden_layers;
+    if let Some(saved) = cfg.hidden_size {
+        if saved != h {
+            return Err(Error::config(path, "hidden_size", format!("{saved} does not match the model's hidden size {h}")));
+        }
+    }
+    let c = &cfg.config;
+    let mut soft = |field: &str, msg: String| -> Result<()> {
+        if strict {
+            Err(Error::config(path, field, msg))
+        } else {
+            notes.push(format!("config.{field}: {msg}"));
+            Ok(())
+        }
+    };
+    if let Some(&l) = c.leave_out.iter().find(|&&l| l >= layers) {
+        soft("config.leave_out", format!("layer {l} does not exist: the model has {layers} layers"))?;
+    }
+    if let ReductionFactor::PerLayer { layers: map, .. } = &c.reduction_factor {
+        if let Some(&l) = map.keys().find(|&&l| l >= layers) {
+            soft("config.reduction_factor", format!("has an entry for layer {l}, but the model has {layers} layers"))?;
+        }
+    }
+    let max = MAX_WIDTH_FACTOR.saturating_mul(h);
+    for layer in 0..layers {
+        if Location::BOTH.iter().any(|&loc| c.has_location(layer, loc)) {
+            let m = c.bottleneck_size(layer, h).map_err(|e| Error::config(path, "config.reduction_factor", e.to_string()))?;
+            if m > max {
+                return Err(Error::config(
+                    path,
+                    "config.reduction_factor",
+                    format!("gives a bottleneck of {m} at layer {layer}, more than {MAX_WIDTH_FACTOR}× the hidden size {h}"),
+                ));
+            }
+        }
+    }
+    if let (true, Some(rf)) = (c.inv_adapter, c.inv_adapter_reduction_factor) {
+        let k = (h as f64 / 2.0 / rf).floor();
+        if k > max as f64 {
+            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{rf} gives a NICE layer of {k} units for hidden size {h}")));
+        }
+        if k < 1.0 {
+            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{rf} leaves the NICE layer no units for hidden size {h}")));
+        }
+    }
+    Ok(())
+}
+
+/// Why `key` (canonical) is not a tensor of adapter `name`, for the error message.
+fn explain_unexpected(key: &str, saved: &str, name: &str, bert: &BertConfig, config: &AdapterConfig) -> String {
+    let layers = bert.num_hidden_layers;
+    if let Some(rest) = key.strip_prefix("encoder.layer.") {
+        if let Some(l) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+            if l >= layers {
+                return format!("layer {l} does not exist: the model has {layers} layers (saved from a deeper BERT?)");
+            }
+            if config.leave_out.contains(&l) {
+                return format!("layer {l} is in the config's leave_out");
+            }
+        }
+    }
+    if key.starts_with("heads.") {
+        return format!("a prediction head tensor; heads belong in {HEAD_CONFIG_FILE} + {HEAD_WEIGHTS_FILE}");
+    }
+    let owner = ["invertible_adapters.", "adapters."].iter().find_map(|p| {
+        let i = key.find(p)?;
+        key[i + p.len()..].split('.').next()
+    });
+    match owner {
+        Some(o) if o != name => format!("belongs to adapter `{o}`, not to `{saved}` (the name in {CONFIG_FILE})"),
+        Some(_) => format!("not a tensor of adapter `{saved}` with its config (a location, LayerNorm, scaling or gate the config does not enable?)"),
+        None => "not an adapter tensor".into(),
+    }
+}
+
+/// Build adapter `name` from a parsed config and an opened weights file, checking the file
+/// against what the config implies. Used by folder loads and by the fuzz targets.
+pub fn build_adapter(
+    cfg: &AdapterConfigFile,
+    cfg_path: &Path,
+    weights: &WeightsFile,
+    opts: &AdapterLoadOptions,
+    bert: &BertConfig,
+    backend: &dyn Backend,
+) -> Result<(Adapter, AdapterLoadReport)> {
+    let wpath = weights.path();
+    let saved = cfg.name.as_str();
+    let name = opts.load_as.as_deref().unwrap_or(saved);
+    validate_adapter_name(name)?;
+    let mut report = AdapterLoadReport { name: name.into(), saved_name: saved.into(), weights_file: wpath.to_path_buf(), ..Default::default() };
+    check_fit(cfg, cfg_path, bert, opts.strict, &mut report.notes)?;
+    let specs = param_specs(name, &cfg.config, bert).map_err(|e| Error::config(cfg_path, "config", e.to_string()))?;
+    let expected: BTreeMap<&str, &[usize]> = specs.iter().map(|s| (s.key.as_str(), s.shape.as_slice())).collect();
+
+    // Match every file tensor to a parameter before reading any data.
+    let mut found: BTreeMap<String, &StoredTensor> = BTreeMap::new();
+    let mut aliases: Vec<(String, &StoredTensor)> = Vec::new();
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for t in weights.tensors() {
+        let key = canonical_key(&t.name, saved, name);
+        if let Some(first) = seen.insert(key.clone(), &t.name) {
+            return Err(Error::tensor(wpath, &t.name, format!("names the same parameter as `{first}` (with and without `bert.`, or a legacy name)")));
+        }
+        // With ln_before the library registers its LayerNorm twice: `adapter_norm_before.*` and
+        // `adapter_down.0.*` are the same tensors. We keep one and check the other equals it.
+        if cfg.config.ln_before {
+            if let Some(stem) = key.strip_suffix("adapter_down.0.weight").or_else(|| key.strip_suffix("adapter_down.0.bias")) {
+                let canon = format!("{stem}adapter_norm_before.{}", if key.ends_with("weight") { "weight" } else { "bias" });
+                if expected.contains_key(canon.as_str()) {
+                    aliases.push((canon, t));
+                    continue;
+                }
+            }
+        }
+        if expected.contains_key(key.as_str()) {
+            found.insert(key, t);
+        } else if opts.strict {
+            return Err(Error::tensor(wpath, &t.name, format!("unexpected: {}", explain_unexpected(&key, saved, name, bert, &cfg.config))));
+        } else {
+            report.unexpected.push(t.name.clone());
+        }
+    }
+    let check = |t: &StoredTensor, shape: &[usize]| -> Result<()> {
+        if t.float.is_none() {
+            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+        }
+        if t.shape != shape {
+            return Err(Error::tensor(wpath, &t.name, format!("shape {:?} in the file, but the config needs {shape:?}", t.shape)));
+        }
+        Ok(())
+    };
+    for (key, t) in &found {
+        check(t, expected[key.as_str()])?;
+    }
+    for (canon, t) in &aliases {
+        check(t, expected[canon.as_str()])?;
+    }
+
+    let read = |t: &StoredTensor| -> Result<Vec<f32>> {
+        let data = weights.read_f32(&t.name)?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::tensor(wpath, &t.name, format!("non-finite value {} at element {i}", data[i])));
+        }
+        Ok(data)
+    };
+    let mut host: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for (key, t) in &found {
+        host.insert(key.clone(), read(t)?);
+    }
+    for (canon, t) in &aliases {
+        let data = read(t)?;
+        match host.get(canon) {
+            Some(d) if *d == data => {}
+            Some(_) => return Err(Error::tensor(wpath, &t.name, format!("differs from `{canon}`, which it aliases (ln_before stores one LayerNorm twice)"))),
+            None => {
+                host.insert(canon.clone(), data);
+            }
+        }
+    }
+
+    let mut fresh: Option<Adapter> = None;
+    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
+    for spec in &specs {
+        let tensor = match host.remove(&spec.key) {
+            Some(data) => backend.upload(data, &spec.shape)?,
+            None if opts.strict => {
+                return Err(Error::tensor(wpath, &spec.key, format!("missing: adapter `{saved}` with its config needs it (shape {:?})", spec.shape)))
+            }
+            None => {
+                report.missing.push(spec.key.clone());
+                if fresh.is_none() {
+                    fresh = Some(Adapter::init(name, cfg.config.clone(), bert, 0, backend)?);
+                }
+                fresh.as_ref().and_then(|a| a.params().get(&spec.key).cloned()).ok_or_else(|| Error::tensor(wpath, &spec.key, "missing"))?
+            }
+        };
+        params.insert(spec.key.clone(), tensor);
+    }
+    let adapter = Adapter::from_params(name, cfg.config.clone(), bert, params)?;
+    Ok((adapter, report))
+}
+
+/// The head saved beside an adapter, if any, loaded under the adapter's name.
+fn load_head(
+    dir: &Path,
+    saved_adapter: &str,
+    name: &str,
+    opts: &AdapterLoadOptions,
+    bert: &BertConfig,
+    backend: &dyn Backend,
+    report: &mut AdapterLoadReport,
+) -> Result<Option<ClassificationHead>> {
+    let cfg_path = dir.join(HEAD_CONFIG_FILE);
+    if !cfg_path.is_file() {
+        return Ok(None);
+    }
+    // In a lenient load a head we cannot use is skipped with a note rather than failing.
+    let soft = |e: Error, report: &mut AdapterLoadReport| -> Result<Option<ClassificationHead>> {
+        if opts.strict {
+            Err(e)
+        } else {
+            report.notes.push(format!("head not loaded: {e}"));
+            Ok(None)
+        }
+    };
+    let bytes = read_capped(&cfg_path, MAX_CONFIG_BYTES)?;
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t) => t,
+        Err(e) => return soft(Error::malformed(&cfg_path, format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to())), report),
+    };
+    let file = match HeadConfigFile::from_json(&cfg_path, text) {
+        Ok(f) => f,
+        Err(e) => return soft(e, report),
+    };
+    if file.name != saved_adapter {
+        report.notes.push(format!("{}: head `{}` saved beside adapter `{saved_adapter}`; loaded as `{name}`'s head", cfg_path.display(), file.name));
+    }
+    if file.hidden_size != bert.hidden_size {
+        return Err(Error::config(&cfg_path, "hidden_size", format!("{} does not match the model's hidden size {}", file.hidden_size, bert.hidden_size)));
+    }
+    let Some(wpath) = [HEAD_WEIGHTS_FILE, TORCH_HEAD_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+        let e = Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{HEAD_CONFIG_FILE} but neither {HEAD_WEIGHTS_FILE} nor {TORCH_HEAD_WEIGHTS_FILE}")),
+        );
+        return soft(e, report);
+    };
+    let weights = WeightsFile::open(&wpath)?;
+    let expected: BTreeMap<String, Vec<usize>> = ClassificationHead::expected_shapes(name, &file.config, bert.hidden_size).into_iter().collect();
+    let (old, new) = (format!("heads.{}.", file.name), format!("heads.{name}."));
+    let mut params = BTreeMap::new();
+    for t in weights.tensors() {
+        let key = t.name.replacen(&old, &new, 1);
+        let Some(shape) = expected.get(&key) else {
+            if opts.strict {
+                return Err(Error::tensor(&wpath, &t.name, format!("unexpected for head `{}` ({} layers, {} labels)", file.name, file.config.layers, file.config.num_labels)));
+            }
+            report.unexpected.push(format!("{}: {}", wpath.display(), t.name));
+            continue;
+        };
+        if t.float.is_none() {
+            return Err(Error::tensor(&wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+        }
+        if &t.shape != shape {
+            return Err(Error::tensor(&wpath, &t.name, format!("shape {:?} in the file, but the head config needs {shape:?}", t.shape)));
+        }
+        let data = weights.read_f32(&t.name)?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::tensor(&wpath, &t.name, format!("non-finite value {} at element {i}", data[i])));
+        }
+        if params.insert(key.clone(), backend.upload(data, shape)?).is_some() {
+            return Err(Error::tensor(&wpath, &t.name, "appears twice"));
+        }
+    }
+    if let Some(missing) = expected.keys().find(|k| !params.contains_key(*k)) {
+        // A head with random layers predicts nothing useful: missing head tensors are an error
+        // in lenient loads too.
+        return Err(Error::tensor(&wpath, missing, format!("missing from head `{}`", file.name)));
+    }
+    ClassificationHead::from_params(name, file.config, params).map(Some)
+}
