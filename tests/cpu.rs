@@ -258,3 +258,107 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
         assert_directional("attention dv", directional(&|xs| run(&q, &k, &mk(xs)), v.cpu_data().unwrap(), d, dv.cpu_data().unwrap(), &ua));
     }
 }
+
+// ---- f64 finite differences against independent f64 forwards ------------------------------------
+
+/// Central differences of `⟨f(x), w⟩` in f64, element by element.
+fn fd64(f: &dyn Fn(&[f64]) -> Vec<f64>, x: &[f64], w: &[f64]) -> Vec<f64> {
+    let h = 1e-6;
+    let probe = |xs: &[f64]| -> f64 { f(xs).iter().zip(w).map(|(a, b)| a * b).sum() };
+    (0..x.len())
+        .map(|i| {
+            let mut xp = x.to_vec();
+            xp[i] += h;
+            let mut xm = x.to_vec();
+            xm[i] -= h;
+            (probe(&xp) - probe(&xm)) / (2.0 * h)
+        })
+        .collect()
+}
+
+fn to64(t: &Tensor) -> Vec<f64> {
+    t.cpu_data().unwrap().iter().map(|&v| v as f64).collect()
+}
+
+/// Our f32 gradient against the f64 finite differences: the bound covers f32 rounding only.
+fn assert_grad(name: &str, ours: &Tensor, fd: &[f64]) {
+    let max = fd.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let worst = ours.cpu_data().unwrap().iter().zip(fd).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+    assert!(worst <= 1e-4 * (1.0 + max), "{name}: max |backward − f64 finite differences| = {worst:.3e} (max |grad| {max:.3})");
+}
+
+#[test]
+fn backward_ops_match_f64_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for be in [CpuBackend::fast(), CpuBackend::reference()] {
+        // LayerNorm: y = (z − μ)·rstd·γ + β over rows of 9.
+        let (rows, cols, eps) = (3, 9, 1e-5f32);
+        let (z, g, b, dy) = (t(&mut rng, &[rows, cols], 2.0), t(&mut rng, &[cols], 1.0), t(&mut rng, &[cols], 1.0), t(&mut rng, &[rows, cols], 1.0));
+        let (g64, b64) = (to64(&g), to64(&b));
+        let ln64 = |zs: &[f64]| -> Vec<f64> {
+            zs.chunks(cols)
+                .flat_map(|r| {
+                    let mean = r.iter().sum::<f64>() / cols as f64;
+                    let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+                    let rstd = 1.0 / (var + eps as f64).sqrt();
+                    r.iter().enumerate().map(|(c, v)| (v - mean) * rstd * g64[c] + b64[c]).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let dz = be.layernorm_backward_input(&dy, &z, None, &g, eps).unwrap();
+        assert_grad(&format!("{} layernorm", be.name()), &dz, &fd64(&ln64, &to64(&z), &to64(&dy)));
+
+        // Activations, away from relu's kink.
+        let pre: Vec<f32> = random_vec(&mut rng, 40, 3.0).into_iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { v }).collect();
+        let pre = Tensor::from_vec(pre, &[4, 10]).unwrap();
+        let dya = t(&mut rng, &[4, 10], 1.0);
+        for act in [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid] {
+            let f = |xs: &[f64]| xs.iter().map(|&x| act.apply_f64(x)).collect::<Vec<_>>();
+            let da = be.activation_backward(&dya, &pre, act).unwrap();
+            assert_grad(&format!("{} {act:?}", be.name()), &da, &fd64(&f, &to64(&pre), &to64(&dya)));
+        }
+
+        // Linear: dx and dW.
+        let (n, d_in, d_out) = (4, 5, 3);
+        let (x, w, dyl) = (t(&mut rng, &[n, d_in], 1.0), t(&mut rng, &[d_out, d_in], 1.0), t(&mut rng, &[n, d_out], 1.0));
+        let (x64, w64) = (to64(&x), to64(&w));
+        let lin = |xs: &[f64], ws: &[f64]| -> Vec<f64> {
+            (0..n).flat_map(|r| (0..d_out).map(move |o| (0..d_in).map(|i| xs[r * d_in + i] * ws[o * d_in + i]).sum::<f64>())).collect()
+        };
+        assert_grad("linear dx", &be.linear_backward_input(&dyl, &w).unwrap(), &fd64(&|xs| lin(xs, &w64), &x64, &to64(&dyl)));
+        let (dw, _) = be.linear_backward_params(&dyl, &x).unwrap();
+        assert_grad("linear dW", &dw, &fd64(&|ws| lin(&x64, ws), &w64, &to64(&dyl)));
+
+        // Attention (2 heads, a padded key), dq, dk and dv.
+        let (bt, seq, hidden, heads) = (1, 4, 6, 2);
+        let dh = hidden / heads;
+        let (q, k, v, dc) = (
+            t(&mut rng, &[bt, seq, hidden], 1.0),
+            t(&mut rng, &[bt, seq, hidden], 1.0),
+            t(&mut rng, &[bt, seq, hidden], 1.0),
+            t(&mut rng, &[bt, seq, hidden], 1.0),
+        );
+        let mask = Tensor::from_vec(vec![0.0, 0.0, 0.0, f32::MIN], &[bt, seq]).unwrap();
+        let attn64 = |q: &[f64], k: &[f64], v: &[f64]| -> Vec<f64> {
+            let mut out = vec![0.0; seq * hidden];
+            for h in 0..heads {
+                for i in 0..seq {
+                    // Key 3 is padding: it gets no weight.
+                    let s: Vec<f64> = (0..seq - 1).map(|j| (0..dh).map(|c| q[i * hidden + h * dh + c] * k[j * hidden + h * dh + c]).sum::<f64>() / (dh as f64).sqrt()).collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..dh {
+                        out[i * hidden + h * dh + c] = (0..seq - 1).map(|j| e[j] / sum * v[j * hidden + h * dh + c]).sum();
+                    }
+                }
+            }
+            out
+        };
+        let [dq, dk, dv] = be.attention_backward(&dc, &q, &k, &v, &mask, heads, None).unwrap();
+        let (q64, k64, v64, d64) = (to64(&q), to64(&k), to64(&v), to64(&dc));
+        assert_grad("attention dq", &dq, &fd64(&|x| attn64(x, &k64, &v64), &q64, &d64));
+        assert_grad("attention dk", &dk, &fd64(&|x| attn64(&q64, x, &v64), &k64, &d64));
+        assert_grad("attention dv", &dv, &fd64(&|x| attn64(&q64, &k64, x), &v64, &d64));
+    }
+}
