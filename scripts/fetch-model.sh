@@ -21,13 +21,8 @@ if [[ $have_all == 1 ]]; then
     exit 0
 fi
 
-PIP="${PIP:-}"
-if [[ -z "$PIP" ]]; then
-    if command -v pip3 >/dev/null 2>&1; then PIP="pip3"
-    elif command -v pip >/dev/null 2>&1; then PIP="pip"
-    else PIP="python3 -m pip"
-    fi
-fi
+# shellcheck source=pip.sh
+source scripts/pip.sh
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
