@@ -12,13 +12,12 @@
 //! library's `use_safetensors=True` prefer `adapter.safetensors`, but the library's default load
 //! reads only the .bin, so delete it if the folder is meant for that.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::backend::Backend;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
+use crate::io::atomic::{clean_leftovers, commit_all, StagedFile};
 use crate::io::adapter_files::{
     adapter_config_json, adapter_tensors, head_config_json, head_tensors, safetensors_bytes, AdapterDir, AdapterLoadOptions,
     AdapterLoadReport, CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, WEIGHTS_FILE,
@@ -45,67 +44,10 @@ impl Default for SaveOptions {
     }
 }
 
-/// The temporary file a save writes `dest` through before renaming it into place.
-pub fn staging_path(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// A file written in full and fsynced under its staging name.
-struct Staged {
-    tmp: PathBuf,
-    dest: PathBuf,
-}
-
-fn stage(dest: PathBuf, bytes: &[u8]) -> Result<Staged> {
-    let tmp = staging_path(&dest);
-    // A leftover from a crashed save goes; a folder in the way stays and fails the save.
-    remove_if_file(&tmp);
-    let written = (|| -> std::io::Result<()> {
-        // create_new: never follow a link someone placed at the temporary name.
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    match written {
-        Ok(()) => Ok(Staged { tmp, dest }),
-        Err(e) => {
-            remove_if_file(&tmp);
-            Err(Error::io(&dest, e))
-        }
-    }
-}
-
-/// Remove a leftover temporary file, never a folder or anything we did not create.
-fn remove_if_file(path: &Path) {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Write `files` into `dir` all or nothing: stage every one, then rename them in order.
+/// Write `files` into `dir` all or nothing: stage every one in full, then rename them in order.
 fn commit(dir: &Path, files: Vec<(&str, Vec<u8>)>) -> Result<()> {
-    let mut staged: Vec<Staged> = Vec::with_capacity(files.len());
-    for (name, bytes) in files {
-        match stage(dir.join(name), &bytes) {
-            Ok(s) => staged.push(s),
-            Err(e) => {
-                staged.iter().for_each(|s| remove_if_file(&s.tmp));
-                return Err(e);
-            }
-        }
-    }
-    for (i, s) in staged.iter().enumerate() {
-        if let Err(e) = std::fs::rename(&s.tmp, &s.dest) {
-            staged[i..].iter().for_each(|s| remove_if_file(&s.tmp));
-            return Err(Error::io(&s.dest, e));
-        }
-    }
-    // Make the renames durable where the platform allows.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let staged = files.into_iter().map(|(name, bytes)| StagedFile::with_bytes(&dir.join(name), &bytes)).collect::<Result<Vec<_>>>()?;
+    commit_all(staged)
 }
 
 /// Save `adapter` (and `head`) for a BERT of `bert` into `dir`, creating it if needed.
@@ -121,6 +63,9 @@ pub fn save_adapter_files(
         return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a folder")));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // Temporaries a killed save left here (only ours, only of processes no longer running).
+    // Best effort: a leftover that cannot be removed does not stop the save.
+    let _ = clean_leftovers(dir, &[WEIGHTS_FILE, CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE], &[]);
     let weights = safetensors_bytes(&adapter_tensors(adapter, bert, backend)?, &dir.join(WEIGHTS_FILE))?;
     let config = adapter_config_json(adapter.name(), adapter.config(), bert.hidden_size, &opts.model_name);
     let mut files: Vec<(&str, Vec<u8>)> = vec![(WEIGHTS_FILE, weights)];
@@ -188,5 +133,23 @@ impl BertModel {
             }
         }
         Ok(loaded.report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_staged_stops_the_whole_commit() {
+        let d = tempfile::tempdir().unwrap();
+        commit(d.path(), vec![("weights", b"old w".to_vec()), ("config", b"old c".to_vec())]).unwrap();
+        // The second file's folder does not exist, so staging it fails after the first is staged.
+        let err = commit(d.path(), vec![("weights", b"new w".to_vec()), ("missing/config", b"new c".to_vec())]).unwrap_err();
+        assert!(err.to_string().contains("missing/config"), "{err}");
+        assert_eq!(std::fs::read(d.path().join("weights")).unwrap(), b"old w");
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["config", "weights"], "a temporary was left behind");
     }
 }
