@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -15,12 +14,11 @@ use bert_adapters::io::adapter_files::{
 };
 use bert_adapters::io::TensorFile;
 use bert_adapters::model::heads::HeadConfig;
-use bert_adapters::model::persist::{save_adapter_files, staging_path, SaveOptions};
+use bert_adapters::model::persist::{save_adapter_files, SaveOptions};
 use bert_adapters::{Adapter, AdapterConfig, AdapterSetup, Backend, BertConfig, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
-use common::{assert_close, check_outputs, fixtures, read_f32, read_raw_safetensors, write_raw_safetensors, TOL};
+use common::{member, unzip, zip_members, assert_close, check_outputs, fixtures, read_f32, read_raw_safetensors, write_raw_safetensors, TOL};
 use safetensors::Dtype;
 use serde_json::Value;
-use zip::write::SimpleFileOptions;
 use zip::CompressionMethod;
 
 fn adapters_dir() -> PathBuf {
@@ -82,28 +80,6 @@ fn host_params(model: &BertModel, name: &str) -> BTreeMap<String, Vec<f32>> {
     model.adapter(name).unwrap().params().iter().map(|(k, t)| (k.clone(), be.to_host(t).unwrap())).collect()
 }
 
-/// Every member of a zip archive, in order.
-fn unzip(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mut z = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
-    (0..z.len())
-        .map(|i| {
-            let mut f = z.by_index(i).unwrap();
-            let mut data = Vec::new();
-            f.read_to_end(&mut data).unwrap();
-            (f.name().unwrap().to_string(), data)
-        })
-        .collect()
-}
-
-fn zip_members(members: &[(String, Vec<u8>)], method: CompressionMethod) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    for (name, data) in members {
-        w.start_file(name.as_str(), SimpleFileOptions::default().compression_method(method)).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
 /// The `.bin` fixture with `edit` applied to its members, in a folder with its config.
 fn edited_bin(edit: impl FnOnce(&mut Vec<(String, Vec<u8>)>)) -> tempfile::TempDir {
     let dir = ln_bin_dir();
@@ -114,9 +90,6 @@ fn edited_bin(edit: impl FnOnce(&mut Vec<(String, Vec<u8>)>)) -> tempfile::TempD
     dir
 }
 
-fn member<'a>(members: &'a mut [(String, Vec<u8>)], suffix: &str) -> &'a mut Vec<u8> {
-    &mut members.iter_mut().find(|(n, _)| n.ends_with(suffix)).unwrap_or_else(|| panic!("no member {suffix}")).1
-}
 
 /// The houlsby fixture with its safetensors rewritten by `edit` (name, dtype, shape, bytes).
 fn edited_safetensors(edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
@@ -348,30 +321,19 @@ fn a_save_that_fails_half_way_leaves_the_earlier_save_intact() {
     let (mut second, _) = tiny();
     second.load_adapter_as(adapters_dir().join("houlsby"), Some("a")).unwrap();
 
-    // 1. A stale temporary file (or a link planted there) is replaced, never written through.
-    let tmp = staging_path(&dir.path().join(WEIGHTS_FILE));
+    // 1. A link planted at the temporary name earlier versions used (`.NAME.tmp-PID`) is never
+    //    written through: temporaries are created with create_new under an unpredictable name.
+    let tmp = dir.path().join(format!(".{WEIGHTS_FILE}.tmp-{}", std::process::id()));
     let target = dir.path().join("victim");
     std::fs::write(&target, b"keep").unwrap();
     std::os::unix::fs::symlink(&target, &tmp).unwrap();
     first.save_adapter(dir.path(), "a").unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"keep");
     std::fs::remove_file(&target).unwrap();
+    std::fs::remove_file(&tmp).unwrap();
     assert_eq!(snapshot(dir.path()), before);
 
-    // 2. The config, staged after the weights, cannot be created: nothing is renamed either.
-    let blocker = staging_path(&dir.path().join(CONFIG_FILE));
-    std::fs::create_dir(&blocker).unwrap();
-    let err = second.save_adapter(dir.path(), "a").unwrap_err().to_string();
-    assert_has(&err, &[CONFIG_FILE]);
-    assert_eq!(snapshot(dir.path()), before, "the earlier save changed");
-    let left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(left.iter().filter(|n| n.contains(".tmp-")).count(), 1, "{left:?}"); // only our blocker
-    let (mut check, _) = tiny();
-    check.load_adapter(dir.path()).unwrap();
-    assert_eq!(host_params(&check, "a"), host_params(&first, "a"));
-
-    // Once the obstacle is gone the new save replaces both files.
-    std::fs::remove_dir(&blocker).unwrap();
+    // The new save replaces both files.
     second.save_adapter(dir.path(), "a").unwrap();
     let (mut check, _) = tiny();
     check.load_adapter(dir.path()).unwrap();
@@ -739,6 +701,28 @@ fn zip_bombs_are_refused_before_decompressing() {
     for t in a.tensors() {
         assert_eq!(a.read_f32(&t.name).unwrap(), b.read_f32(&t.name).unwrap(), "{}", t.name);
     }
+}
+
+#[test]
+fn a_storage_far_larger_than_its_tensor_is_refused_unread() {
+    // Storage `3` (adapter_down.1.bias, 3 floats) declared and stored as 4,000,000 floats (16 MB
+    // of zeros, deflated to ~16 KB): sizes agree, so only the tensors' needs can refuse it.
+    let src = std::fs::read(adapters_dir().join("opt_ln_before_after").join(TORCH_WEIGHTS_FILE)).unwrap();
+    let mut members = unzip(&src);
+    let pkl = member(&mut members, "data.pkl");
+    // BINUNICODE '3', BINPUT, BINGET 'cpu', BININT1 3 (the numel), TUPLE: the numel becomes BININT 4e6.
+    let at = pkl.windows(7).position(|w| w == b"X\x01\x00\x00\x003q").expect("storage key `3` in the pickle");
+    assert_eq!(&pkl[at + 8..at + 13], b"h\x06K\x03t");
+    pkl.splice(at + 10..at + 12, [b'J'].into_iter().chain(4_000_000u32.to_le_bytes()));
+    *member(&mut members, "data/3") = vec![0; 16_000_000];
+    let bytes = zip_members(&members, CompressionMethod::Deflated);
+    assert!(bytes.len() < 1 << 20);
+    let dir = ln_bin_dir();
+    std::fs::write(dir.path().join(TORCH_WEIGHTS_FILE), &bytes).unwrap();
+    assert_has(
+        &load_err(dir.path()),
+        &[TORCH_WEIGHTS_FILE, "storage `pytorch_adapter/data/3` holds 16000000 bytes, but its tensors use only 12 of them", "at most 64 unused bytes"],
+    );
 }
 
 // ---- the command --------------------------------------------------------------------------------

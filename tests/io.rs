@@ -193,3 +193,103 @@ fn model_dir_errors_name_the_file() {
     let err = BertModel::from_dir(dir.path(), backend, LoadOptions::default()).err().unwrap();
     assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("config.json: field `hidden_size`: 48 is not divisible"), "{err}");
 }
+
+// ---- configs that do not fit the weights file, and absurd sizes ----------------------------------
+
+/// A copy of tiny_bert whose `config.json` has `edits` applied (field, JSON value).
+fn with_config(edits: &[(&str, serde_json::Value)]) -> tempfile::TempDir {
+    let dir = copy_model("tiny_bert");
+    let path = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (field, value) in edits {
+        v[*field] = value.clone();
+    }
+    std::fs::write(&path, v.to_string()).unwrap();
+    dir
+}
+
+fn from_dir_err(dir: &Path) -> Error {
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
+    match BertModel::from_dir(dir, backend, LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn an_absurd_layer_count_is_refused_by_the_config_before_anything_is_allocated() {
+    // Before the bound this built 16·10⁹ key strings and the process aborted on memory.
+    let dir = with_config(&[("num_hidden_layers", 1_000_000_000.into())]);
+    let err = from_dir_err(dir.path());
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Config { ref field, .. } if field == "num_hidden_layers"), "{msg}");
+    assert!(msg.contains("config.json: field `num_hidden_layers`: 1000000000 is more than the 1000 supported"), "{msg}");
+}
+
+#[test]
+fn a_config_that_disagrees_with_the_weights_file_is_refused_naming_the_file() {
+    // More layers than the file holds, up to the bound: refused from the header alone.
+    for layers in [3usize, 1000] {
+        let dir = with_config(&[("num_hidden_layers", layers.into())]);
+        let err = from_dir_err(dir.path());
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Malformed { .. }), "{msg}");
+        let want = format!("model.safetensors: the config says num_hidden_layers {layers}, but the file holds 2 encoder layers (encoder.layer.0 to encoder.layer.1)");
+        assert!(msg.contains(&want), "{msg}");
+    }
+    // A vocabulary 10x larger than the file's.
+    let dir = with_config(&[("vocab_size", 1200.into())]);
+    let msg = from_dir_err(dir.path()).to_string();
+    assert!(msg.contains("model.safetensors: tensor `embeddings.word_embeddings.weight`: shape [120, 48] in the file, but the config needs [1200, 48]"), "{msg}");
+    // Huge but within every bound (9·10⁶ × 4096 floats, 147 GB): refused from the header, nothing read.
+    let dir = with_config(&[("vocab_size", 9_000_000.into()), ("hidden_size", 4096.into()), ("num_attention_heads", 64.into())]);
+    let msg = from_dir_err(dir.path()).to_string();
+    assert!(msg.contains("model.safetensors: tensor `embeddings.word_embeddings.weight`: shape [120, 48] in the file, but the config needs [9000000, 4096]"), "{msg}");
+    // Fewer layers than the file holds: the extra layer's tensors are unexpected (strict) ...
+    let dir = with_config(&[("num_hidden_layers", 1.into())]);
+    let msg = from_dir_err(dir.path()).to_string();
+    assert!(msg.contains("model.safetensors: tensor `encoder.layer.1.attention.output.LayerNorm.bias`: unexpected for a BertModel with this config (and 15 more)"), "{msg}");
+    // ... and reported when lenient, so a truncated model still loads on request.
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
+    let (model, report) = BertModel::from_dir(dir.path(), backend, LoadOptions { strict: false }).unwrap();
+    assert_eq!((model.config().num_hidden_layers, report.unexpected.len(), report.loaded.len()), (1, 16, 5 + 16 + 2));
+}
+
+#[test]
+fn masks_may_be_bool_but_ids_must_be_i64_or_i32() {
+    let cfg = tiny_config();
+    let src = fixtures().join("tiny_bert/inputs.safetensors");
+    let want = InputBatch::from_file(&src, &cfg).unwrap();
+    let raw: Raw = read_raw_safetensors(&src);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inputs.safetensors");
+    let narrowed = |name: &str, dtype: Dtype| -> Raw {
+        raw.iter()
+            .map(|(n, d, s, b)| {
+                if n != name {
+                    return (n.clone(), *d, s.clone(), b.clone());
+                }
+                let values = b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()));
+                match dtype {
+                    Dtype::I32 => (n.clone(), dtype, s.clone(), values.flat_map(|v| (v as i32).to_le_bytes()).collect()),
+                    _ => (n.clone(), dtype, s.clone(), values.map(|v| v as u8).collect()),
+                }
+            })
+            .collect()
+    };
+    // HF masks are often bool: BOOL, U8 and I8 masks give the same batch.
+    for dtype in [Dtype::BOOL, Dtype::U8, Dtype::I8, Dtype::I32] {
+        write_raw_safetensors(&path, &narrowed("attention_mask", dtype));
+        assert_eq!(InputBatch::from_file(&path, &cfg).unwrap(), want, "attention_mask {dtype:?}");
+    }
+    for name in ["input_ids", "token_type_ids"] {
+        write_raw_safetensors(&path, &narrowed(name, Dtype::I32));
+        assert_eq!(InputBatch::from_file(&path, &cfg).unwrap(), want, "{name} I32");
+        for dtype in [Dtype::BOOL, Dtype::U8, Dtype::I8] {
+            write_raw_safetensors(&path, &narrowed(name, dtype));
+            let err = InputBatch::from_file(&path, &cfg).unwrap_err().to_string();
+            let says = format!("inputs.safetensors: tensor `{name}`: dtype {dtype:?} is not accepted (expected I64 or I32)");
+            assert!(err.contains(&says), "{err}");
+        }
+    }
+}

@@ -44,6 +44,27 @@ pub struct BertConfig {
     pub pad_token_id: usize,
 }
 
+/// Upper bounds on the sizes a `config.json` may declare. They are generous (each is far above any
+/// published BERT-family model) and exist so that a tiny hostile config cannot make the loader
+/// build or allocate anything absurd before the weights file is compared with it: with these
+/// bounds every product of sizes (embedding rows × hidden, layers × per-layer parameters) fits in
+/// 64 bits, and the weights loader then checks the config against what the file actually holds.
+pub mod limits {
+    /// The largest public BERT-family models have at most ~100 layers (BERT-large 24,
+    /// Megatron-BERT 3.9B and DeBERTa-v2-xxlarge 48); 10x that is still a sane config.
+    pub const MAX_LAYERS: usize = 1_000;
+    /// BERT-large is 1024 wide, Megatron-BERT 3.9B 2560; 64 Ki is 25x the widest.
+    pub const MAX_HIDDEN: usize = 65_536;
+    /// 4 × MAX_HIDDEN, BERT's usual intermediate ratio.
+    pub const MAX_INTERMEDIATE: usize = 262_144;
+    /// Multilingual vocabularies are ~250 K tokens (XLM-R); 10 M is 40x that.
+    pub const MAX_VOCAB: usize = 10_000_000;
+    /// BERT uses 512 positions, long-document variants 4 Ki–16 Ki; 1 Mi is far beyond them.
+    pub const MAX_POSITIONS: usize = 1 << 20;
+    /// BERT uses 2 token types; 1 Ki leaves room for any segment scheme.
+    pub const MAX_TYPE_VOCAB: usize = 1_024;
+}
+
 /// `config.json` as written; every field optional so a missing one gets a precise message.
 #[derive(Deserialize)]
 struct RawBertConfig {
@@ -77,9 +98,11 @@ impl BertConfig {
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let raw: RawBertConfig =
             serde_json::from_str(text).map_err(|e| Error::malformed(path, format!("not a valid config.json: {e}")))?;
-        let need = |v: Option<usize>, field: &str| -> Result<usize> {
+        // Positive and at most `max`, checked before anything is built from the value.
+        let need = |v: Option<usize>, field: &str, max: usize| -> Result<usize> {
             match v {
                 Some(0) => Err(Error::config(path, field, "must be positive")),
+                Some(v) if v > max => Err(Error::config(path, field, format!("{v} is more than the {max} supported"))),
                 Some(v) => Ok(v),
                 None => Err(Error::config(path, field, "missing")),
             }
@@ -89,8 +112,15 @@ impl BertConfig {
                 return Err(Error::config(path, "model_type", format!("`{t}` is not supported (only `bert`)")));
             }
         }
-        let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let hidden_size = need(raw.hidden_size, "hidden_size", limits::MAX_HIDDEN)?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads", usize::MAX)?;
+        if num_attention_heads > hidden_size {
+            return Err(Error::config(
+                path,
+                "num_attention_heads",
+                format!("{num_attention_heads} is more than hidden_size {hidden_size} (a head needs at least one dimension)"),
+            ));
+        }
         if hidden_size % num_attention_heads != 0 {
             return Err(Error::config(
                 path,
@@ -131,29 +161,53 @@ impl BertConfig {
         if !(layer_norm_eps >= 0.0 && layer_norm_eps.is_finite()) {
             return Err(Error::config(path, "layer_norm_eps", format!("{layer_norm_eps} must be a finite number >= 0")));
         }
-        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let vocab_size = need(raw.vocab_size, "vocab_size", limits::MAX_VOCAB)?;
         let pad_token_id = raw.pad_token_id.unwrap_or(0);
         if pad_token_id >= vocab_size {
             return Err(Error::config(path, "pad_token_id", format!("{pad_token_id} >= vocab_size {vocab_size}")));
         }
-        Ok(BertConfig {
+        let config = BertConfig {
             vocab_size,
             hidden_size,
-            num_hidden_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers: need(raw.num_hidden_layers, "num_hidden_layers", limits::MAX_LAYERS)?,
             num_attention_heads,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size", limits::MAX_INTERMEDIATE)?,
             hidden_act,
             hidden_dropout_prob: prob(raw.hidden_dropout_prob, "hidden_dropout_prob")?,
             attention_probs_dropout_prob: prob(raw.attention_probs_dropout_prob, "attention_probs_dropout_prob")?,
-            max_position_embeddings: need(raw.max_position_embeddings, "max_position_embeddings")?,
-            type_vocab_size: need(raw.type_vocab_size.or(Some(2)), "type_vocab_size")?,
+            max_position_embeddings: need(raw.max_position_embeddings, "max_position_embeddings", limits::MAX_POSITIONS)?,
+            type_vocab_size: need(raw.type_vocab_size.or(Some(2)), "type_vocab_size", limits::MAX_TYPE_VOCAB)?,
             layer_norm_eps,
             pad_token_id,
-        })
+        };
+        // Within the bounds this fits in 64 bits (5.3e13 at most); a 32-bit usize can overflow.
+        if config.num_parameters().is_none() {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers",
+                format!(
+                    "{} layers of hidden_size {hidden_size} and intermediate_size {} with vocab_size {vocab_size} are more parameters than this machine can address",
+                    config.num_hidden_layers, config.intermediate_size
+                ),
+            ));
+        }
+        Ok(config)
     }
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// The parameters of a BertModel with this config, pooler included, counted with checked
+    /// arithmetic: `None` when the count does not fit in a `usize`.
+    pub fn num_parameters(&self) -> Option<usize> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let linear = |fan_in: usize, fan_out: usize| fan_in.checked_mul(fan_out)?.checked_add(fan_out);
+        let rows = self.vocab_size.checked_add(self.max_position_embeddings)?.checked_add(self.type_vocab_size)?;
+        let embeddings = rows.checked_mul(h)?.checked_add(h.checked_mul(2)?)?;
+        let attention = linear(h, h)?.checked_mul(4)?;
+        let layer = attention.checked_add(linear(h, i)?)?.checked_add(linear(i, h)?)?.checked_add(h.checked_mul(4)?)?;
+        embeddings.checked_add(layer.checked_mul(self.num_hidden_layers)?)?.checked_add(linear(h, h)?)
     }
 }
 
@@ -180,6 +234,56 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
         v[field] = serde_json::from_str(value).unwrap();
         v.to_string()
+    }
+
+    #[test]
+    fn bounds_every_size_and_accepts_the_bounds_themselves() {
+        let over = [
+            ("num_hidden_layers", "1001", "1001 is more than the 1000 supported"),
+            ("hidden_size", "65538", "65538 is more than the 65536 supported"),
+            ("intermediate_size", "262145", "262145 is more than the 262144 supported"),
+            ("vocab_size", "10000001", "10000001 is more than the 10000000 supported"),
+            ("max_position_embeddings", "1048577", "1048577 is more than the 1048576 supported"),
+            ("type_vocab_size", "1025", "1025 is more than the 1024 supported"),
+            ("num_attention_heads", "49", "49 is more than hidden_size 48"),
+            ("num_hidden_layers", "1000000000", "1000000000 is more than the 1000 supported"),
+            ("vocab_size", "18446744073709551615", "18446744073709551615 is more than the 10000000 supported"),
+        ];
+        for (field, value, says) in over {
+            let err = parse(&with(field, value)).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(&err, Error::Config { field: f, .. } if f == field), "{field}={value}: {msg}");
+            assert!(msg.starts_with(&format!("config.json: field `{field}`: {says}")), "{field}={value}: {msg}");
+        }
+        let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+        for (field, value) in [
+            ("num_hidden_layers", 1000),
+            ("hidden_size", 65536),
+            ("num_attention_heads", 65536),
+            ("intermediate_size", 262144),
+            ("vocab_size", 10_000_000),
+            ("max_position_embeddings", 1 << 20),
+            ("type_vocab_size", 1024),
+        ] {
+            v[field] = value.into();
+        }
+        let c = parse(&v.to_string()).unwrap();
+        assert_eq!((c.num_hidden_layers, c.hidden_size, c.head_dim(), c.vocab_size), (1000, 65536, 1, 10_000_000));
+        // 1000 layers of 65536 x 262144 still count in 64 bits (5.2e13 parameters, 209 TB of f32).
+        assert_eq!(c.num_parameters(), Some(52_268_901_269_504));
+    }
+
+    #[test]
+    fn parameter_count_is_exact_and_checked() {
+        // tiny_bert's 48 920 parameters (embeddings 7 872, two layers of 19 348, pooler 2 352).
+        let c = parse(r#"{"vocab_size":120,"hidden_size":48,"num_hidden_layers":2,"num_attention_heads":3,
+            "intermediate_size":100,"max_position_embeddings":40}"#).unwrap();
+        assert_eq!(c.num_parameters(), Some(48_920));
+        // Sizes past the bounds (only reachable by building the struct) overflow to None, not a panic.
+        let huge = BertConfig { vocab_size: usize::MAX / 2, hidden_size: 4, ..c.clone() };
+        assert_eq!(huge.num_parameters(), None);
+        let huge = BertConfig { num_hidden_layers: usize::MAX, ..c };
+        assert_eq!(huge.num_parameters(), None);
     }
 
     #[test]

@@ -77,15 +77,13 @@ impl InputBatch {
         Ok(InputBatch { batch, seq_len, input_ids: ids, attention_mask: mask, token_type_ids: types })
     }
 
-    /// Read `input_ids` [B,T] (I64 or I32) and the optional `attention_mask` and `token_type_ids`.
+    /// Read `input_ids` [B,T] and the optional `token_type_ids` (I64 or I32) and `attention_mask`
+    /// (I64, I32, BOOL, U8 or I8).
     pub fn from_file(path: impl AsRef<Path>, cfg: &BertConfig) -> Result<Self> {
         let file = TensorFile::open(path.as_ref())?;
         let (ids, shape) = file.read_i64("input_ids")?;
-        let read_opt = |name: &str| -> Result<Option<(Vec<i64>, Vec<usize>)>> {
-            if file.contains(name) { file.read_i64(name).map(Some) } else { Ok(None) }
-        };
-        let mask = read_opt("attention_mask")?;
-        let types = read_opt("token_type_ids")?;
+        let mask = if file.contains("attention_mask") { Some(file.read_mask("attention_mask")?) } else { None };
+        let types = if file.contains("token_type_ids") { Some(file.read_i64("token_type_ids")?) } else { None };
         Self::new(file.path(), &shape, &ids, as_view(&mask), as_view(&types), cfg)
     }
 

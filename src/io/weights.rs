@@ -88,6 +88,17 @@ fn is_ignored(canonical: &str) -> bool {
     canonical == "embeddings.position_ids" || canonical.starts_with("cls.")
 }
 
+/// How many encoder layers a file's canonical keys reach: one more than the largest `N` of an
+/// `encoder.layer.N.` key (0 when there is none). Keys whose `N` is not a number are left to the
+/// unexpected-key check.
+fn layers_held<'a>(canonical_keys: impl Iterator<Item = &'a String>) -> usize {
+    canonical_keys
+        .filter_map(|k| k.strip_prefix("encoder.layer.")?.split_once('.')?.0.parse::<usize>().ok())
+        .map(|n| n.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Every tensor a BertModel with this config has, with its shape, in a stable order.
 pub fn expected_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
@@ -145,6 +156,16 @@ impl BertWeights {
             if let Some(prev) = by_canonical.insert(canon.clone(), key.clone()) {
                 return Err(Error::tensor(&path, &key, format!("duplicates `{prev}` (both name `{canon}`)")));
             }
+        }
+        // Compare the layer count with the file before building anything per layer: a config may
+        // declare up to 1000 layers, the file's header says how many it can hold.
+        let held = layers_held(by_canonical.keys());
+        if cfg.num_hidden_layers > held {
+            let range = if held == 0 { "none".to_string() } else { format!("encoder.layer.0 to encoder.layer.{}", held - 1) };
+            return Err(Error::malformed(
+                &path,
+                format!("the config says num_hidden_layers {}, but the file holds {held} encoder layers ({range})", cfg.num_hidden_layers),
+            ));
         }
         let expected = expected_shapes(cfg);
         let expected_names: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
@@ -233,5 +254,16 @@ mod tests {
         assert_eq!(canonical_key("pooler.dense.weight"), "pooler.dense.weight");
         assert!(is_ignored(&canonical_key("bert.embeddings.position_ids")));
         assert!(is_ignored("cls.predictions.bias"));
+    }
+
+    #[test]
+    fn layers_held_is_one_past_the_largest_layer_index() {
+        let keys = |ks: &[&str]| -> Vec<String> { ks.iter().map(|k| k.to_string()).collect() };
+        assert_eq!(layers_held(keys(&["embeddings.LayerNorm.weight", "pooler.dense.bias"]).iter()), 0);
+        assert_eq!(layers_held(keys(&["encoder.layer.0.output.dense.bias", "encoder.layer.11.output.dense.bias"]).iter()), 12);
+        // Not numbers, or too large for a usize: left to the unexpected-key check.
+        let odd = keys(&["encoder.layer.x.output.dense.bias", "encoder.layer.99999999999999999999999.a", "encoder.layer.3"]);
+        assert_eq!(layers_held(odd.iter()), 0);
+        assert_eq!(layers_held([format!("encoder.layer.{}.a", usize::MAX)].iter()), usize::MAX);
     }
 }

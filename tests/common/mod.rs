@@ -158,3 +158,57 @@ pub const SINGLE_ADAPTERS: [&str; 14] = [
     "opt_original_ln_after_false",
     "opt_post_add",
 ];
+
+/// The tiny BERT with the tiny tokenizer, in one folder as `train` reads it. Its attention value
+/// and output projections are scaled ×10: at the fixture's random N(0, 0.02) weights attention
+/// adds ~2% to the residual, so [CLS] barely sees the text (its output moves by < 1% from one
+/// sentence to another) and nothing is learnable in a few steps; scaled, [CLS] carries a mean of
+/// the words, as in a trained BERT.
+pub fn trainable_tiny_model(root: &Path) -> PathBuf {
+    use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
+    let dir = root.join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("tiny_bert");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(fixtures().join("train/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let weights = TensorFile::open(src.join("model.safetensors")).unwrap();
+    let tensors: Vec<(String, OutTensor)> = weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let (mut data, shape) = weights.read_f32(&name).unwrap();
+            if name.ends_with("attention.self.value.weight") || name.ends_with("attention.output.dense.weight") {
+                data.iter_mut().for_each(|v| *v *= 10.0);
+            }
+            (name, OutTensor::F32 { shape, data })
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &tensors, None).unwrap();
+    dir
+}
+
+/// Every member of a zip archive, in order.
+pub fn unzip(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut data).unwrap();
+            (f.name().unwrap().to_string(), data)
+        })
+        .collect()
+}
+
+pub fn zip_members(members: &[(String, Vec<u8>)], method: zip::CompressionMethod) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in members {
+        w.start_file(name.as_str(), zip::write::SimpleFileOptions::default().compression_method(method)).unwrap();
+        std::io::Write::write_all(&mut w, data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+pub fn member<'a>(members: &'a mut [(String, Vec<u8>)], suffix: &str) -> &'a mut Vec<u8> {
+    &mut members.iter_mut().find(|(n, _)| n.ends_with(suffix)).unwrap_or_else(|| panic!("no member {suffix}")).1
+}

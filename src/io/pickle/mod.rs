@@ -14,7 +14,9 @@
 //!
 //! Every other opcode and global is refused with an error naming it. Sizes are checked against
 //! the bytes before anything is allocated, so a hostile file costs at most its own size in
-//! memory (plus bounded decompression; see [`TorchArchive`]).
+//! memory (plus bounded decompression; see [`TorchArchive`]). A storage larger than what its
+//! tensors use is refused, and each storage is inflated at most once however many tensors view
+//! it, so reading costs time in proportion to the tensor data returned.
 
 mod archive;
 mod interpreter;
