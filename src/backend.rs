@@ -201,6 +201,9 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor>;
     /// Copy a tensor back to the host.
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Whether every element is finite (no NaN, no ±inf): one read of the tensor where it lives,
+    /// answering one bool (the model checks each layer's output with it).
+    fn all_finite(&self, t: &Tensor) -> Result<bool>;
 
     // ---- GEMM family ---------------------------------------------------------------------------
     /// `y[rows, out] = x[rows, in]·Wᵀ + b`, with `w: [out, in]` and `b: [out]`.

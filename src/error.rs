@@ -42,6 +42,12 @@ pub enum Error {
     /// The CUDA driver, NVRTC or cuBLAS failed, or no GPU is present.
     #[error("CUDA: {0}")]
     Cuda(String),
+
+    /// A forward or backward produced NaN or ±inf (weights, scalings or inputs so large that float32
+    /// overflows). `at` names the first place they appeared, e.g. "layer 3's FFN output location
+    /// (adapter `tasknn`)", "the embeddings" or "the gradient of `<key>`".
+    #[error("non-finite values (NaN or ±inf) first appear in {at}")]
+    NonFinite { at: String },
 }
 
 impl Error {

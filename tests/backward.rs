@@ -178,3 +178,51 @@ fn dropout_is_seeded_and_only_in_forward_train() {
     model.set_dropout(Some(2));
     assert_ne!(train(&model), a, "another seed, other masks");
 }
+
+/// Gradients of the probe loss Σ last_hidden_state ⊙ W of `model`'s current setup.
+fn probe_gradients(model: &BertModel, batch: &InputBatch, w: &[f32]) -> bert_adapters::model::Gradients {
+    let (out, tape) = model.forward_train(batch).unwrap();
+    assert_eq!(out.last_hidden_state.elem_count(), w.len(), "probe size");
+    let d = Tensor::from_vec(w.to_vec(), out.last_hidden_state.shape()).unwrap();
+    model.backward(&tape, &d, None).unwrap()
+}
+
+/// `Parallel(A, A)` is legal in the library (spec §6 item 9) and its loss sums both branches, so
+/// every parameter of A gets the sum of both branches' gradients. Computed independently: A alone
+/// with the top half of the probe plus A alone with the bottom half.
+#[test]
+fn parallel_of_one_adapter_twice_sums_both_branches() {
+    for name in ["pfeiffer", "houlsby", "pfeiffer_inv", "houlsby_inv", "opt_scaling_learned", "opt_scaling_channel", "opt_gating", "opt_ln_before_after"] {
+        let (mut model, batch) = tiny(Arc::new(CpuBackend::reference()));
+        model.load_adapter(fixtures().join("adapters").join(name)).unwrap();
+        model.train_adapter(&[name]).unwrap();
+        let rows = batch.batch * batch.seq_len * model.config().hidden_size;
+        let mut rng = StdRng::seed_from_u64(11);
+        let w = random_vec(&mut rng, 2 * rows, 1.0);
+
+        model.set_active_adapters(Some(setup(&[name, name]))).unwrap();
+        let out = model.forward(&batch).unwrap();
+        assert_eq!(out.last_hidden_state.shape(), [2 * batch.batch, batch.seq_len, model.config().hidden_size], "{name}");
+        let halves = out.last_hidden_state.into_cpu_vec().unwrap();
+        assert_eq!(halves[..rows], halves[rows..], "{name}: Parallel(A, A) gives identical halves");
+        let parallel = probe_gradients(&model, &batch, &w);
+
+        model.set_active_adapters(Some(setup(&[name]))).unwrap();
+        let top = probe_gradients(&model, &batch, &w[..rows]);
+        let bottom = probe_gradients(&model, &batch, &w[rows..]);
+        assert_eq!(parallel.keys().collect::<Vec<_>>(), top.keys().collect::<Vec<_>>(), "{name}: gradient keys");
+        for (key, g) in &parallel {
+            let want: Vec<f32> = top[key].cpu_data().unwrap().iter().zip(bottom[key].cpu_data().unwrap()).map(|(a, b)| a + b).collect();
+            common::assert_close(&format!("Parallel({name}, {name}) grad {key}"), g.cpu_data().unwrap(), &want, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn parallel_of_one_adapter_twice_agrees_with_finite_differences() {
+    for name in ["pfeiffer", "houlsby_inv", "opt_gating"] {
+        directional_check(&format!("Parallel({name}, {name})"), &[name], &[name, name], &[name]);
+    }
+    // With dropout the two branches draw different masks, so they are no longer identical.
+    directional_check_with("dropout Parallel(houlsby, houlsby)", &["houlsby"], &["houlsby", "houlsby"], &["houlsby"], Some(99), 0.3);
+}

@@ -157,3 +157,27 @@ fn after_a_step_trainable_tensors_moved_and_frozen_ones_are_bit_identical() {
     model.set_active_adapters(None).unwrap();
     assert_eq!(model.forward(&batch).unwrap().last_hidden_state.into_cpu_vec().unwrap(), plain_before);
 }
+
+/// `Parallel(A, A)` with A's head: both branches are identical without dropout, so the loss is
+/// twice A's alone and so is every gradient, of the adapter and of the head (applied twice).
+#[test]
+fn parallel_of_one_adapter_twice_with_its_head_doubles_every_gradient() {
+    for backend in [Arc::new(CpuBackend::fast()) as Arc<dyn Backend>, Arc::new(CpuBackend::reference())] {
+        let fx = training("ce_pfeiffer.safetensors");
+        let (mut model, batch) = tiny(backend.clone());
+        model.load_adapter(fixtures().join("adapters/pfeiffer")).unwrap();
+        model.insert_head(head("pfeiffer", "pfeiffer", None)).unwrap();
+        model.train_adapter(&["pfeiffer"]).unwrap();
+        model.set_active_adapters(Some(AdapterSetup::Single("pfeiffer".into()))).unwrap();
+        let single = model.classification_step(&batch, &labels(&fx)).unwrap();
+        model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer".into(), "pfeiffer".into()]))).unwrap();
+        let double = model.classification_step(&batch, &labels(&fx)).unwrap();
+        assert_close("Parallel(A, A) loss", &[double.loss], &[2.0 * single.loss], TOL);
+        assert_eq!(double.grads.keys().collect::<Vec<_>>(), single.grads.keys().collect::<Vec<_>>());
+        assert!(double.grads.keys().any(|k| k.starts_with("heads.pfeiffer.")));
+        for (key, g) in &double.grads {
+            let want: Vec<f32> = single.grads[key].cpu_data().unwrap().iter().map(|v| 2.0 * v).collect();
+            assert_close(&format!("Parallel(A, A) grad {key}"), g.cpu_data().unwrap(), &want, GRAD_TOL);
+        }
+    }
+}

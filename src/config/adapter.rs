@@ -232,7 +232,16 @@ impl AdapterConfig {
         }
         let scaling = match &json["scaling"] {
             // The library accepts only a Python float: JSON `1` is an int and raises there.
-            Value::Number(n) if n.is_f64() => Scaling::Fixed(n.as_f64().unwrap_or(1.0)),
+            Value::Number(n) if n.is_f64() => {
+                let x = n.as_f64().unwrap_or(1.0);
+                // Adapters scale float32 activations, so a scaling beyond float32's range is ±inf
+                // there (in the library too): every output would be inf or NaN. Smaller values,
+                // however large, are the forward's business (it stops at the first non-finite layer).
+                if x.abs() > f32::MAX as f64 {
+                    return Err(err("scaling", format!("{x:e} is beyond the float32 range (±{:e}): the adapter's output would be ±inf", f32::MAX)));
+                }
+                Scaling::Fixed(x)
+            }
             Value::String(s) if s == "learned" => Scaling::Learned,
             Value::String(s) if s == "channel" => Scaling::Channel,
             other => return Err(err("scaling", format!("unknown scaling type {other} (expected a float such as 1.0, \"learned\" or \"channel\")"))),
@@ -404,6 +413,8 @@ mod tests {
         let cases = [
             (json!({"scaling": 1}), "unknown scaling type 1"),
             (json!({"scaling": "half"}), "unknown scaling type"),
+            (json!({"scaling": 1e308}), "1e308 is beyond the float32 range"),
+            (json!({"scaling": -3.5e38}), "-3.5e38 is beyond the float32 range"),
             (json!({"non_linearity": "prelu"}), "`prelu` is not supported"),
             (json!({"residual_before_ln": "yes"}), "expected true, false or \"post_add\""),
             (json!({"original_ln_before": false, "residual_before_ln": "post_add"}), "needs original_ln_before"),

@@ -18,6 +18,22 @@ fn gemm_parallelism(work: usize) -> Parallelism {
     }
 }
 
+/// Elements per block of the finiteness scan: large enough to amortise a rayon task, small
+/// enough that a non-finite value early on stops the scan soon.
+const FINITE_BLOCK: usize = 1 << 16;
+
+/// Whether no element is NaN or ±inf: blocks in parallel; inside a block the test has no early
+/// exit (an OR over the exponent bits), so it vectorises.
+pub fn all_finite(x: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000; // all exponent bits set: inf or NaN
+    let block_ok = |b: &[f32]| !b.iter().fold(false, |bad, v| bad | (v.to_bits() & EXP == EXP));
+    if x.len() <= FINITE_BLOCK {
+        block_ok(x)
+    } else {
+        x.par_chunks(FINITE_BLOCK).all(block_ok)
+    }
+}
+
 /// A strided view of a row-major-or-not f32 matrix for `gemm`.
 #[derive(Clone, Copy)]
 struct MatRef {

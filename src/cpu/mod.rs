@@ -177,6 +177,14 @@ impl Backend for CpuBackend {
         Ok(t.cpu_data()?.to_vec())
     }
 
+    fn all_finite(&self, t: &Tensor) -> Result<bool> {
+        let x = t.cpu_data()?;
+        Ok(match self.mode {
+            CpuMode::Reference => reference::all_finite(x),
+            CpuMode::Fast => fast::all_finite(x),
+        })
+    }
+
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "linear";
         expect_rank(OP, "weight", w, 2)?;

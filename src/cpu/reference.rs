@@ -21,6 +21,11 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize,
     y
 }
 
+/// Whether no element is NaN or ±inf.
+pub fn all_finite(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
 /// `word[id] + position[t] + token_type[tt]` for every token, `[B·T, H]`.
 pub fn embedding(tokens: &TokenBatch, word: &[f32], position: &[f32], token_type: &[f32], hidden: usize) -> Vec<f32> {
     let mut y = vec![0f32; tokens.batch * tokens.seq_len * hidden];

@@ -6,10 +6,11 @@
 //! Frozen weights never get a weight-gradient product; rows of a branch whose path reaches no
 //! trainable parameter are dropped before the first product.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use crate::backend::{Activation, AdapterLocation, BottleneckGrads, DropoutSpec, LayerNormParams};
+use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, DropoutSpec, LayerNormParams};
 use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
@@ -148,22 +149,23 @@ impl BertModel {
 
     /// Gradients of every trainable tensor for `d_last = ∂L/∂last_hidden_state` (and optionally
     /// `∂L/∂pooler_output`), from a `forward_train` tape of the same setup. Trainable tensors that
-    /// receive no gradient come back as zeros.
+    /// receive no gradient come back as zeros. A parameter reached by several branches (the same
+    /// adapter twice in Parallel) gets the sum of their gradients. A gradient holding NaN or ±inf
+    /// is an `Error::NonFinite` naming its key (the first in key order).
     pub fn backward(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>) -> Result<Gradients> {
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let children = self.active_children()?;
+        // Contributions accumulate: a parameter used by several branches (`Parallel(a, a)`) gets
+        // the sum of their gradients. Trainable tensors that receive none are zeros at the end.
         let mut grads: Gradients = BTreeMap::new();
-        for (key, t) in self.trainable_tensors() {
-            grads.insert(key.to_string(), Tensor::zeros(t.shape()));
-        }
         let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
         let want = [rows_out, tape.seq_len, cfg.hidden_size];
         if d_last.shape() != want {
             return Err(Error::Input(format!("gradient of last_hidden_state has shape {:?}, expected {want:?}", d_last.shape())));
         }
         let Some(plan) = self.plan(&children) else {
-            return Ok(grads); // nothing trainable is reached by this setup
+            return self.finish_gradients(grads); // nothing trainable is reached by this setup
         };
 
         // Branch row blocks that carry gradient (all rows before replication).
@@ -262,8 +264,24 @@ impl BertModel {
             let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
             for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
-                grads.insert(format!("{p}{sub}.weight"), w);
-                grads.insert(format!("{p}{sub}.bias"), b);
+                accumulate(be, &mut grads, format!("{p}{sub}.weight"), w)?;
+                accumulate(be, &mut grads, format!("{p}{sub}.bias"), b)?;
+            }
+        }
+        // One pass over each gradient computed (adapter-sized, small next to the backward).
+        for (key, g) in &grads {
+            if !be.all_finite(g)? {
+                return Err(Error::NonFinite { at: format!("the gradient of `{key}`") });
+            }
+        }
+        self.finish_gradients(grads)
+    }
+
+    /// Zeros for every trainable tensor that received no gradient.
+    fn finish_gradients(&self, mut grads: Gradients) -> Result<Gradients> {
+        for (key, t) in self.trainable_tensors() {
+            if !grads.contains_key(key) {
+                grads.insert(key.to_string(), Tensor::zeros(t.shape()));
             }
         }
         Ok(grads)
@@ -306,7 +324,7 @@ impl BertModel {
         let out = be.adapter_location_backward(&loc, d_out, live_trainable, need_input)?;
         for (adapter, g) in live_children.iter().zip(out.branches) {
             if let Some(g) = g {
-                insert_bottleneck_grads(grads, adapter, layer, location, g);
+                insert_bottleneck_grads(be, grads, adapter, layer, location, g)?;
             }
         }
         Ok((out.dh, out.dr))
@@ -321,26 +339,42 @@ fn both(dh: Option<Tensor>, dr: Option<Tensor>) -> Result<(Tensor, Tensor)> {
     }
 }
 
-fn insert_bottleneck_grads(grads: &mut Gradients, adapter: &Adapter, layer: usize, location: Location, g: BottleneckGrads) {
+/// Add `g` to the gradient of `key`: a parameter reached along several paths (the same adapter
+/// in two Parallel branches, a head applied to two branches) gets the sum of their gradients.
+pub(crate) fn accumulate(be: &dyn Backend, grads: &mut Gradients, key: String, g: Tensor) -> Result<()> {
+    match grads.entry(key) {
+        Entry::Vacant(e) => {
+            e.insert(g);
+        }
+        Entry::Occupied(mut e) => {
+            let sum = be.add(e.get(), &g)?;
+            e.insert(sum);
+        }
+    }
+    Ok(())
+}
+
+fn insert_bottleneck_grads(be: &dyn Backend, grads: &mut Gradients, adapter: &Adapter, layer: usize, location: Location, g: BottleneckGrads) -> Result<()> {
     let p = location_prefix(adapter.name(), layer, location);
     let down = if adapter.config().ln_before { "adapter_down.1" } else { "adapter_down.0" };
-    grads.insert(format!("{p}{down}.weight"), g.down_w);
-    grads.insert(format!("{p}{down}.bias"), g.down_b);
-    grads.insert(format!("{p}adapter_up.weight"), g.up_w);
-    grads.insert(format!("{p}adapter_up.bias"), g.up_b);
+    let mut all = vec![(format!("{p}{down}.weight"), g.down_w), (format!("{p}{down}.bias"), g.down_b), (format!("{p}adapter_up.weight"), g.up_w), (format!("{p}adapter_up.bias"), g.up_b)];
     if let Some((w, b)) = g.ln_before {
-        grads.insert(format!("{p}adapter_norm_before.weight"), w);
-        grads.insert(format!("{p}adapter_norm_before.bias"), b);
+        all.push((format!("{p}adapter_norm_before.weight"), w));
+        all.push((format!("{p}adapter_norm_before.bias"), b));
     }
     if let Some((w, b)) = g.ln_after {
-        grads.insert(format!("{p}adapter_norm_after.weight"), w);
-        grads.insert(format!("{p}adapter_norm_after.bias"), b);
+        all.push((format!("{p}adapter_norm_after.weight"), w));
+        all.push((format!("{p}adapter_norm_after.bias"), b));
     }
     if let Some(s) = g.scaling {
-        grads.insert(format!("{p}scaling"), s);
+        all.push((format!("{p}scaling"), s));
     }
     if let Some((w, b)) = g.gate {
-        grads.insert(format!("{p}gate.weight"), w);
-        grads.insert(format!("{p}gate.bias"), b);
+        all.push((format!("{p}gate.weight"), w));
+        all.push((format!("{p}gate.bias"), b));
     }
+    for (key, t) in all {
+        accumulate(be, grads, key, t)?;
+    }
+    Ok(())
 }

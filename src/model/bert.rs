@@ -209,6 +209,12 @@ impl BertModel {
     /// validated against this model's config (`InputBatch::new` does that); ids are re-checked by
     /// the embedding op regardless. Under Parallel the outputs have N·B rows after the first
     /// adapter location, and `hidden_states` before it keep B rows, as in the library.
+    ///
+    /// Non-finite values (float32 overflow from huge weights or scalings) are an error, not an
+    /// output: `Error::NonFinite` names the first place they appear (the embeddings, the NICE
+    /// block, a layer's attention / attention output location / FFN / FFN output location with
+    /// its adapter, or the pooler). Each layer's output is scanned once; nothing else is checked
+    /// unless that scan fails.
     pub fn forward(&self, batch: &InputBatch) -> Result<BertOutput> {
         self.run(batch, false).map(|(out, _)| out)
     }
@@ -257,10 +263,16 @@ impl BertModel {
         if let Some(d) = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch) {
             x = be.dropout(&x, &d)?;
         }
+        if !be.all_finite(&x)? {
+            return Err(Error::NonFinite { at: "the embeddings".into() });
+        }
         let embeddings = record.then(|| x.clone());
         // Only the first adapter of the setup applies its NICE, before any replication.
         if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
             x = be.nice(&x, &nice, false)?;
+            if !be.all_finite(&x)? {
+                return Err(Error::NonFinite { at: format!("the invertible adapter (NICE) of `{}`", children[0].name()) });
+            }
         }
         let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
         let mut mask = be.upload(mask_bias.clone(), &[batch.batch, batch.seq_len])?;
@@ -291,6 +303,10 @@ impl BertModel {
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
             let (x_out, rep_out) =
                 self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training)?;
+            // One pass over the layer's output; only when it fails are the intermediates scanned.
+            if !be.all_finite(&x_out)? {
+                return Err(self.locate_non_finite(&children, l, [&h1, &x_attn, &h2, &x_out], batch.batch)?);
+            }
             if record {
                 layers.push(LayerTape { x_in: x, q, k, v, mask: mask.clone(), h1, x_attn, inter_pre, h2, replicated_at: [rep_mh, rep_out] });
             }
@@ -304,7 +320,11 @@ impl BertModel {
         let (pooler_output, pooler_pre) = match &w.pooler {
             Some((pw, pb)) => {
                 let pre = be.linear(&be.first_token(&x)?, pw, Some(pb))?;
-                (Some(be.activation(&pre, Activation::Tanh)?), Some(pre))
+                let pooled = be.activation(&pre, Activation::Tanh)?;
+                if !be.all_finite(&pooled)? {
+                    return Err(Error::NonFinite { at: "the pooler".into() });
+                }
+                (Some(pooled), Some(pre))
             }
             None => (None, None),
         };
@@ -320,6 +340,46 @@ impl BertModel {
         });
         let branches = if parallel && replicated { children.len() } else { 1 };
         Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states, branches }, tape))
+    }
+
+    /// The error for layer `layer` whose output holds non-finite values: the first of its
+    /// `[attention, attention output location, FFN, FFN output location]` outputs that holds them,
+    /// and at an adapter location the adapter (under Parallel, the first branch whose rows hold
+    /// them). Runs only on the error path.
+    fn locate_non_finite(&self, children: &[&Adapter], layer: usize, outputs: [&Tensor; 4], batch: usize) -> Result<Error> {
+        let be = self.backend.as_ref();
+        const OPS: [(&str, Option<Location>); 4] =
+            [("attention", None), ("attention output location", Some(Location::MultiHead)), ("FFN", None), ("FFN output location", Some(Location::Output))];
+        for (t, (op, location)) in outputs.into_iter().zip(OPS) {
+            if be.all_finite(t)? {
+                continue;
+            }
+            let mut at = format!("layer {layer}'s {op}");
+            let here: Vec<&Adapter> = match location {
+                Some(loc) => children.iter().copied().filter(|a| a.config().has_location(layer, loc)).collect(),
+                None => Vec::new(),
+            };
+            let n = here.len();
+            if n == 1 {
+                at += &format!(" (adapter `{}`)", here[0].name());
+            } else if n > 1 {
+                let mut culprit = None;
+                if t.shape()[0] == n * batch {
+                    for (i, a) in here.iter().enumerate() {
+                        if !be.all_finite(&be.select_rows(t, std::slice::from_ref(&(i * batch..(i + 1) * batch)))?)? {
+                            culprit = Some(a.name());
+                            break;
+                        }
+                    }
+                }
+                match culprit {
+                    Some(name) => at += &format!(" (adapter `{name}`)"),
+                    None => at += &format!(" (adapters {})", here.iter().map(|a| format!("`{}`", a.name())).collect::<Vec<_>>().join(", ")),
+                }
+            }
+            return Ok(Error::NonFinite { at });
+        }
+        Ok(Error::NonFinite { at: format!("layer {layer}'s output") })
     }
 
     /// The bottleneck weights of `children` (whose Parallel branch ids are `ids`) at one location,

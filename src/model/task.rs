@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::io::InputBatch;
-use crate::model::backward::{Gradients, Tape};
+use crate::model::backward::{accumulate, Gradients, Tape};
 use crate::model::bert::{BertModel, BertOutput};
 use crate::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadTape};
 use crate::tensor::Tensor;
@@ -103,7 +103,10 @@ impl BertModel {
             let head = self.heads.get(&b.adapter).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", b.adapter)))?;
             let (g, d_in) = head.backward(be, &b.tape, d)?;
             if self.trainable.contains(&b.adapter) {
-                grads.extend(g);
+                // A head applied to several branches (`Parallel(a, a)`) gets the sum of their gradients.
+                for (key, t) in g {
+                    accumulate(be, &mut grads, key, t)?;
+                }
             }
             if head.config().use_pooler {
                 d_pool_blocks.push(d_in);
