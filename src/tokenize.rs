@@ -12,7 +12,19 @@ use crate::io::InputBatch;
 pub struct BertTokenizer {
     path: PathBuf,
     inner: Tokenizer,
+    /// Characters of a text handed to the tokenizer (see `MAX_CHARS_PER_TOKEN`).
+    max_chars: usize,
+    /// What padding writes: the pad token's id and type id.
+    pad: (u32, u32),
 }
+
+/// A text is cut to `MAX_CHARS_PER_TOKEN · max_len` characters before tokenizing, so a huge
+/// line costs memory in proportion to `max_len`, not to its length (the tokenizer keeps offsets
+/// and strings per character). WordPiece tokens average ~4 characters in English and a word
+/// longer than 100 characters is one `[UNK]`, so 64 leaves a wide margin: only a text whose
+/// first `max_len` tokens span more than 64 characters each on average (long runs of spaces or
+/// symbols) can tokenize differently than uncut.
+pub const MAX_CHARS_PER_TOKEN: usize = 64;
 
 impl BertTokenizer {
     /// Load `tokenizer.json` and set padding (longest, the file's pad token or `[PAD]`) and
@@ -32,21 +44,48 @@ impl BertTokenizer {
             PaddingParams { pad_id, pad_token, ..Default::default() }
         });
         padding.strategy = PaddingStrategy::BatchLongest;
+        let pad = (padding.pad_id, padding.pad_type_id);
         padding.pad_to_multiple_of = None;
         inner.with_padding(Some(padding));
         let truncation = TruncationParams { max_length: max_len, ..inner.get_truncation().cloned().unwrap_or_default() };
         inner.with_truncation(Some(truncation)).map_err(|e| tok_err(format!("cannot set truncation: {e}")))?;
-        Ok(BertTokenizer { path, inner })
+        Ok(BertTokenizer { path, inner, max_chars: max_len.clamp(1, usize::MAX / MAX_CHARS_PER_TOKEN) * MAX_CHARS_PER_TOKEN, pad })
+    }
+
+    /// Characters kept of each text (the rest is cut before tokenizing).
+    pub fn max_chars(&self) -> usize {
+        self.max_chars
+    }
+
+    /// Tokens per text at most, [CLS] and [SEP] included.
+    pub fn max_len(&self) -> usize {
+        self.max_chars / MAX_CHARS_PER_TOKEN
+    }
+
+    /// Tokenize `texts` as one batch padded to `seq_len` tokens (at least the longest text's),
+    /// so that batches of one stream of texts share one length.
+    pub fn encode_batch_to(&self, texts: &[impl AsRef<str>], cfg: &BertConfig, seq_len: usize) -> Result<InputBatch> {
+        let b = self.encode_batch(texts, cfg)?;
+        if b.seq_len >= seq_len {
+            return Ok(b);
+        }
+        let pad = |v: &[u32], with: u32| -> Vec<i64> {
+            v.chunks(b.seq_len).flat_map(|row| row.iter().map(|&x| x as i64).chain(std::iter::repeat_n(with as i64, seq_len - b.seq_len))).collect()
+        };
+        let shape = [b.batch, seq_len];
+        let (ids, mask, types) = (pad(&b.input_ids, self.pad.0), pad(&b.attention_mask, 0), pad(&b.token_type_ids, self.pad.1));
+        InputBatch::new(&self.path, &shape, &ids, Some((&mask, &shape)), Some((&types, &shape)), cfg)
     }
 
     /// Tokenize `texts` as one batch and validate the ids against `cfg`.
-    pub fn encode_batch(&self, texts: &[String], cfg: &BertConfig) -> Result<InputBatch> {
+    pub fn encode_batch(&self, texts: &[impl AsRef<str>], cfg: &BertConfig) -> Result<InputBatch> {
         if texts.is_empty() {
             return Err(Error::Input("no texts to tokenize".into()));
         }
+        let cut: Vec<&str> = texts.iter().map(|t| truncate_chars(t.as_ref(), self.max_chars)).collect();
         let encodings = self
             .inner
-            .encode_batch(texts.to_vec(), true)
+            .encode_batch(cut, true)
             .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
         let seq_len = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
         let (mut ids, mut mask, mut types) = (Vec::new(), Vec::new(), Vec::new());
@@ -57,5 +96,25 @@ impl BertTokenizer {
         }
         let shape = [texts.len(), seq_len];
         InputBatch::new(&self.path, &shape, &ids, Some((&mask, &shape)), Some((&types, &shape)), cfg)
+    }
+}
+
+/// The first `max` characters of `text` (all of it when shorter).
+pub fn truncate_chars(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate_chars("héllo", 2), "hé");
+        assert_eq!(truncate_chars("hé", 5), "hé");
+        assert_eq!(truncate_chars("", 0), "");
     }
 }
