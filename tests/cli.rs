@@ -81,7 +81,7 @@ fn run_text_writes_the_ids_it_used() {
 
     let bad = dir.path().join("latin1.txt");
     std::fs::write(&bad, b"caf\xe9\n").unwrap();
-    expect_failure(&["--model", s(&model), "--text", s(&bad), "--out", s(&out)], &["latin1.txt", "not UTF-8"]);
+    expect_failure(&["--model", s(&model), "--text", s(&bad), "--out", s(&out)], &["latin1.txt", "line 1: invalid UTF-8"]);
 }
 
 /// Rewrite the tiny inputs with one tensor replaced (or removed, when `tensor` is None).
@@ -148,6 +148,19 @@ fn bad_inputs_exit_nonzero_with_one_clear_line() {
     types[40] = 2;
     let p = inputs_with(d, "token_type_ids", Some((Dtype::I64, vec![4, 11], i64_bytes(&types))));
     go(&p, &["tensor `token_type_ids`", "value 2 at [3, 7]", "type_vocab_size 2"]);
+
+    // Ids are I64 or I32 only (small valid values, so only the dtype can be at fault); a mask may
+    // also be BOOL, U8 or I8, and that is tested in tests/io.rs.
+    for (name, dtype, says) in [
+        ("input_ids", Dtype::U8, "dtype U8 is not accepted (expected I64 or I32)"),
+        ("input_ids", Dtype::BOOL, "dtype BOOL is not accepted (expected I64 or I32)"),
+        ("input_ids", Dtype::I8, "dtype I8 is not accepted (expected I64 or I32)"),
+        ("token_type_ids", Dtype::U8, "dtype U8 is not accepted (expected I64 or I32)"),
+        ("token_type_ids", Dtype::BOOL, "dtype BOOL is not accepted (expected I64 or I32)"),
+    ] {
+        let p = inputs_with(d, name, Some((dtype, vec![4, 11], vec![1; 44])));
+        go(&p, &[&format!("inputs_{name}.safetensors: tensor `{name}`"), says]);
+    }
 }
 
 #[test]

@@ -11,44 +11,17 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod common;
+
+use common::{fixtures, trainable_tiny_model as tiny_model};
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn data() -> PathBuf {
     fixtures().join("train/reviews.csv")
-}
-
-/// The tiny BERT with the tiny tokenizer, in one folder as `train` reads it. Its attention value
-/// and output projections are scaled ×10: at the fixture's random N(0, 0.02) weights attention
-/// adds ~2% to the residual, so [CLS] barely sees the text (its output moves by < 1% from one
-/// sentence to another) and nothing is learnable in a few steps; scaled, [CLS] carries a mean of
-/// the words, as in a trained BERT.
-fn tiny_model(root: &Path) -> PathBuf {
-    use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
-    let dir = root.join("model");
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = fixtures().join("tiny_bert");
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    std::fs::copy(fixtures().join("train/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let weights = TensorFile::open(src.join("model.safetensors")).unwrap();
-    let tensors: Vec<(String, OutTensor)> = weights
-        .names()
-        .into_iter()
-        .map(|name| {
-            let (mut data, shape) = weights.read_f32(&name).unwrap();
-            if name.ends_with("attention.self.value.weight") || name.ends_with("attention.output.dense.weight") {
-                data.iter_mut().for_each(|v| *v *= 10.0);
-            }
-            (name, OutTensor::F32 { shape, data })
-        })
-        .collect();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, None).unwrap();
-    dir
 }
 
 /// A short run: 150 examples (120 train / 15 / 15), batches of 16, tasknn and scorenn 4 steps each.

@@ -12,17 +12,20 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use bert_adapters::io::tensor_file::write_atomic;
+use bert_adapters::io::adapter_files::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, WEIGHTS_FILE};
+use bert_adapters::io::atomic::{replace_dir, write_atomic, Tree};
 use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
 use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, ParamState};
 use bert_adapters::{BertModel, Error, Result};
 
 use crate::metrics::{EvalRecord, StepRecord};
+use crate::train::{SCORENN, TASKNN, TRAIN_INFO};
 
 pub const DIR: &str = "checkpoint";
 const STATE: &str = "state.json";
 const MOMENTS: &str = "optimizer.safetensors";
-const FORMAT: u32 = 1;
+/// 2: settings fingerprint the model's weights and parsed config (1 hashed config.json's bytes).
+const FORMAT: u32 = 2;
 
 /// Settings that decide the training trajectory: a resume must use the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,28 +36,36 @@ pub struct Settings {
     pub lr: f64,
     pub alternate: u64,
     pub seed: u64,
-    /// The data file as given, and a fingerprint of its bytes.
+    /// The data file (its canonical path, for messages only) and a fingerprint of its bytes: the
+    /// same data moved or spelled `./data.csv` resumes, other data does not.
     pub data: String,
     pub data_fingerprint: String,
-    /// Fingerprint of the model's config.json.
-    pub model_fingerprint: String,
+    /// The model folder (canonical path, for messages only), a fingerprint of its parsed config
+    /// (whitespace and key order do not matter) and one of its weights file's bytes.
+    pub model: String,
+    pub model_config_fingerprint: String,
+    pub model_weights_fingerprint: String,
 }
 
 impl Settings {
     /// The first field in which `self` (the checkpoint's) and `run` differ, as an error.
     pub fn check_same(&self, run: &Settings, path: &Path) -> Result<()> {
-        let fields: [(&str, String, String); 8] = [
+        let with_path = |f: &str, p: &str| format!("{f} ({p})");
+        let fields: [(&str, String, String); 9] = [
             ("config", self.config.clone(), run.config.clone()),
             ("batch_size", self.batch_size.to_string(), run.batch_size.to_string()),
             ("max_len", self.max_len.to_string(), run.max_len.to_string()),
             ("lr", self.lr.to_string(), run.lr.to_string()),
             ("alternate", self.alternate.to_string(), run.alternate.to_string()),
             ("seed", self.seed.to_string(), run.seed.to_string()),
-            ("data_fingerprint", format!("{} ({})", self.data_fingerprint, self.data), format!("{} ({})", run.data_fingerprint, run.data)),
-            ("model_fingerprint", self.model_fingerprint.clone(), run.model_fingerprint.clone()),
+            ("data_fingerprint", with_path(&self.data_fingerprint, &self.data), with_path(&run.data_fingerprint, &run.data)),
+            ("model_config_fingerprint", with_path(&self.model_config_fingerprint, &self.model), with_path(&run.model_config_fingerprint, &run.model)),
+            ("model_weights_fingerprint", with_path(&self.model_weights_fingerprint, &self.model), with_path(&run.model_weights_fingerprint, &run.model)),
         ];
+        // The paths are only shown: compare the fingerprints alone.
+        let key = |field: &str, v: &str| if field.ends_with("fingerprint") { v.split(' ').next().unwrap_or(v).to_string() } else { v.to_string() };
         for (field, saved, now) in fields {
-            if saved != now {
+            if key(field, &saved) != key(field, &now) {
                 return Err(Error::Config {
                     path: path.to_path_buf(),
                     field: field.into(),
@@ -109,42 +120,25 @@ pub struct Snapshot<'a> {
     pub elapsed_s: f64,
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io { path: path.to_path_buf(), source: e }
+/// What `save_adapter` writes into an adapter folder, and `train` beside it.
+pub static ADAPTER_TREE: Tree = Tree { files: &[CONFIG_FILE, WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, TRAIN_INFO], dirs: &[] };
+/// What a checkpoint folder holds.
+pub static CHECKPOINT_TREE: Tree = Tree { files: &[STATE, MOMENTS], dirs: &[(SCORENN, &ADAPTER_TREE), (TASKNN, &ADAPTER_TREE)] };
+
+fn damaged(path: PathBuf, msg: String) -> Error {
+    Error::Malformed { path, msg: format!("{msg}: the checkpoint is damaged (restore it, or start afresh without --resume)") }
 }
 
-/// Fill `dest` by `fill(staging folder)`, then swap it into place: the old folder is renamed
-/// away first and removed last, so `dest` is always either complete or (briefly) absent with
-/// the complete old one beside it.
-pub fn replace_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dir".into());
-    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let stage = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    for p in [&stage, &old] {
-        if p.exists() {
-            std::fs::remove_dir_all(p).map_err(io_err(p))?;
-        }
-    }
-    std::fs::create_dir_all(&stage).map_err(io_err(&stage))?;
-    if let Err(e) = fill(&stage) {
-        let _ = std::fs::remove_dir_all(&stage);
-        return Err(e);
-    }
-    if dest.exists() {
-        std::fs::rename(dest, &old).map_err(io_err(dest))?;
-    }
-    std::fs::rename(&stage, dest).map_err(io_err(dest))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-    }
-    Ok(())
+/// `damaged` for an error that may already name `path`.
+fn damaged_by(path: PathBuf, e: Error) -> Error {
+    let text = e.to_string();
+    let msg = text.strip_prefix(&format!("{}: ", path.display())).unwrap_or(&text).to_string();
+    damaged(path, msg)
 }
 
 /// Save the checkpoint into `<out>/checkpoint`.
 pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
-    replace_dir(&out.join(DIR), |dir| {
+    replace_dir(&out.join(DIR), &CHECKPOINT_TREE, |dir| {
         let mut moments = Vec::new();
         let mut optimizers = BTreeMap::new();
         for (name, opt) in snap.optimizers {
@@ -175,44 +169,53 @@ pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
     })
 }
 
-/// The checkpoint folder under `out`, if there is one (also the one a crash between the two
-/// renames of `replace_dir` left beside it).
+/// The checkpoint folder under `out`, if there is one (a copy a crash left between the two
+/// renames of a swap is put back by `outdir::prepare` before this is asked).
 pub fn find(out: &Path) -> Option<PathBuf> {
     let dir = out.join(DIR);
-    if dir.join(STATE).is_file() {
-        return Some(dir);
-    }
-    let prefix = format!(".{DIR}.old-");
-    std::fs::read_dir(out).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)) && p.join(STATE).is_file()
-    })
+    dir.join(STATE).is_file().then_some(dir)
 }
 
 /// Read the checkpoint in `dir` without touching the model (to check settings and labels first).
 pub fn read(dir: &Path) -> Result<Restored> {
     let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let state: StateFile = serde_json::from_str(&text).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not a checkpoint state: {e}") })?;
-    if state.format != FORMAT {
-        return Err(Error::Config { path, field: "format".into(), msg: format!("{} is not the supported {FORMAT}", state.format) });
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(path.clone(), format!("not JSON ({e})")))?;
+    // The format first: an older checkpoint is not a damaged one.
+    match value.get("format").and_then(serde_json::Value::as_u64) {
+        Some(f) if f == u64::from(FORMAT) => {}
+        Some(f) => {
+            return Err(Error::Config { path, field: "format".into(), msg: format!("{f} is not the supported {FORMAT} (written by another version of bert-adapters); start afresh without --resume") })
+        }
+        None => return Err(damaged(path, "no `format` field".into())),
     }
-    let moments = TensorFile::open(dir.join(MOMENTS))?;
+    let state: StateFile = serde_json::from_value(value).map_err(|e| damaged(path.clone(), format!("not a checkpoint state ({e})")))?;
+    if state.labels.len() < 2 || state.optimizers.keys().map(String::as_str).ne([SCORENN, TASKNN]) {
+        return Err(damaged(path, format!("{} labels and optimizers {:?}; expected at least 2 labels and optimizers of scorenn and tasknn", state.labels.len(), state.optimizers.keys().collect::<Vec<_>>())));
+    }
+    let moments = TensorFile::open(dir.join(MOMENTS)).map_err(|e| damaged_by(dir.join(MOMENTS), e))?;
     let mut optimizers = BTreeMap::new();
     for (name, meta) in state.optimizers {
         let mut params = BTreeMap::new();
         for (key, (step, shape)) in meta.params {
             let read = |what: &str| -> Result<Vec<f32>> {
                 let tensor = format!("{name}.{what}.{key}");
-                let (data, got) = moments.read_f32(&tensor)?;
+                let (data, got) = moments.read_f32(&tensor).map_err(|e| damaged_by(dir.join(MOMENTS), e))?;
                 if got != shape {
-                    return Err(Error::Tensor { path: dir.join(MOMENTS), name: tensor, msg: format!("shape {got:?}, state.json says {shape:?}") });
+                    return Err(damaged(dir.join(MOMENTS), format!("tensor `{tensor}` has shape {got:?}, state.json says {shape:?}")));
+                }
+                // Second moments are squares: negative or non-finite ones only come from damage.
+                let bad = data.iter().position(|v| !v.is_finite() || (what == "exp_avg_sq" && *v < 0.0));
+                if let Some(i) = bad {
+                    return Err(damaged(dir.join(MOMENTS), format!("tensor `{tensor}` holds {} at element {i}", data[i])));
                 }
                 Ok(data)
             };
             let (exp_avg, exp_avg_sq) = (read("exp_avg")?, read("exp_avg_sq")?);
             params.insert(key, ParamState { step, shape, exp_avg, exp_avg_sq });
         }
-        optimizers.insert(name, AdamW::from_state(AdamWState { config: meta.config, steps: meta.steps, params })?);
+        let optimizer = AdamW::from_state(AdamWState { config: meta.config, steps: meta.steps, params }).map_err(|e| damaged(path.clone(), format!("optimizer `{name}`: {e}")))?;
+        optimizers.insert(name, optimizer);
     }
     Ok(Restored {
         step: state.step,

@@ -62,7 +62,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
     let save = SaveOptions { with_head: true, model_name: folder.config.model_name.clone() };
     save_adapter_files(&args.out_dir, &loaded.adapter, loaded.head.as_ref(), &bert, backend.as_ref(), &save)?;
     let from = folder.weights_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    println!(
+    say!(
         "converted {} ({from}, {} tensors{}) to {} as adapter `{}`",
         args.in_dir.display(),
         loaded.adapter.params().len(),

@@ -1,9 +1,14 @@
-//! What `train` (evaluation) and `predict` share: the device choice and batched prediction with
-//! one adapter and its head, so both see exactly the same computation.
+//! What `train` (evaluation), `predict` and `run` share: the device choice, reading one text per
+//! line with bounded memory, and batched prediction with one adapter and its head, so train and
+//! predict see exactly the same computation.
 
+use std::io::BufRead;
+use std::path::Path;
 use std::sync::Arc;
 
 use bert_adapters::{device, AdapterSetup, Backend, BertModel, BertTokenizer, Device, Error, Result};
+
+use crate::limits;
 
 /// `auto` (CUDA when it can be used, else the CPU), `cpu`, `cuda` or `cuda:N`.
 pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
@@ -13,8 +18,62 @@ pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
     }
 }
 
-/// Texts per forward when predicting.
-pub const BATCH: usize = 64;
+/// Every line of `path`, one text each: blank lines keep their row, a trailing newline does not
+/// make an empty last text, `\r\n` is one line end. Each line is cut to `max_chars` characters
+/// while it is read, so a 40 MB line costs no more memory than a short one; the tokenizer would
+/// cut it anyway (see `BertTokenizer::max_chars`). Invalid UTF-8 is an error naming the line.
+pub fn read_text_lines(path: &Path, max_chars: usize) -> Result<Vec<String>> {
+    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let max_bytes = max_chars.saturating_mul(4); // a char is at most 4 bytes
+    let (mut lines, mut line, mut cut) = (Vec::new(), Vec::new(), false);
+    loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            if !line.is_empty() || cut {
+                finish_line(path, &mut lines, &mut line, cut, max_chars)?;
+            }
+            break;
+        }
+        let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max_bytes.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut |= chunk.len() > room;
+        let used = newline.unwrap_or(buf.len());
+        reader.consume(used);
+        if newline.is_some() {
+            finish_line(path, &mut lines, &mut line, cut, max_chars)?;
+            cut = false;
+        }
+    }
+    if lines.is_empty() {
+        return Err(Error::Malformed { path: path.to_path_buf(), msg: "the file is empty (one text per line expected)".into() });
+    }
+    Ok(lines)
+}
+
+/// Decode one line read by `read_text_lines` (cut to `max_chars` if `cut`) and append it.
+fn finish_line(path: &Path, lines: &mut Vec<String>, line: &mut Vec<u8>, cut: bool, max_chars: usize) -> Result<()> {
+    if line.last() == Some(&b'\r') && !cut {
+        line.pop();
+    }
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t,
+        // A multi-byte character split by the cut: keep what precedes it.
+        Err(e) if cut && e.error_len().is_none() => std::str::from_utf8(&line[..e.valid_up_to()]).unwrap_or_default(),
+        Err(e) => {
+            let msg = format!("line {}: invalid UTF-8 (byte offset {} in the line)", lines.len() + 1, e.valid_up_to());
+            return Err(Error::Malformed { path: path.to_path_buf(), msg });
+        }
+    };
+    lines.push(bert_adapters::tokenize::truncate_chars(text, max_chars).to_string());
+    line.clear();
+    Ok(())
+}
 
 /// The arg-max label of `adapter`'s head for every text, run with `adapter` alone active (as its
 /// saved folder runs anywhere else). Texts are batched by length, so that little is padding;
@@ -22,24 +81,29 @@ pub const BATCH: usize = 64;
 pub fn predict(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str]) -> Result<Vec<usize>> {
     let previous = model.active_adapters().cloned();
     model.set_active_adapters(Some(AdapterSetup::Single(adapter.to_string())))?;
-    let result = predict_active(model, tokenizer, texts);
+    let result = predict_active(model, tokenizer, adapter, texts);
     model.set_active_adapters(previous)?;
     result
 }
 
-fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, texts: &[&str]) -> Result<Vec<usize>> {
+fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str]) -> Result<Vec<usize>> {
     let be = model.backend().clone();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (texts[i].len(), i));
     let mut out = vec![0usize; texts.len()];
-    for chunk in order.chunks(BATCH) {
-        let batch_texts: Vec<String> = chunk.iter().map(|&i| texts[i].to_string()).collect();
+    for chunk in order.chunks(limits::rows_per_chunk(tokenizer.max_len())) {
+        let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
         let batch = tokenizer.encode_batch(&batch_texts, model.config())?;
         let output = model.forward(&batch)?;
         let branches = model.head_logits(&output)?;
         let logits = branches.first().ok_or_else(|| Error::Input("no head output".into()))?;
         let c = logits.logits.shape()[1];
         let host = be.to_host(&logits.logits)?;
+        // A label from NaN logits would be an answer made up: refuse it.
+        if let Some(at) = host.iter().position(|v| !v.is_finite()) {
+            let i = chunk[at / c];
+            return Err(Error::NonFinite { at: format!("the logits of head `{adapter}` ({}) for text {}", host[at], i + 1) });
+        }
         for (&i, row) in chunk.iter().zip(host.chunks(c)) {
             out[i] = argmax(row);
         }
@@ -47,11 +111,11 @@ fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, texts: &[&str]) 
     Ok(out)
 }
 
-/// Index of the largest value; the first of ties; NaN never wins.
+/// Index of the largest value; the first of ties. Rows are checked finite before.
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (j, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
+        if v > row[best] {
             best = j;
         }
     }
@@ -65,12 +129,33 @@ mod tests {
     #[test]
     fn argmax_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 0.7, 0.7]), 1);
-        assert_eq!(argmax(&[f32::NAN, -1.0]), 1);
+        assert_eq!(argmax(&[-3.0, -1.0]), 1);
     }
 
     #[test]
     fn unknown_device_is_an_error() {
         assert!(backend("tpu").err().unwrap().to_string().contains("--device `tpu`"));
         assert!(backend("cpu").is_ok());
+    }
+
+    fn lines_of(content: &[u8], max_chars: usize) -> Result<Vec<String>> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.txt");
+        std::fs::write(&p, content).unwrap();
+        read_text_lines(&p, max_chars)
+    }
+
+    #[test]
+    fn lines_keep_blank_rows_and_are_cut_while_read() {
+        assert_eq!(lines_of(b"a\n\nb\r\nc", 10).unwrap(), ["a", "", "b", "c"]);
+        assert_eq!(lines_of(b"a\n\n", 10).unwrap(), ["a", ""]);
+        assert_eq!(lines_of(b"abcdef\nxy\n", 3).unwrap(), ["abc", "xy"]);
+        // A cut inside a multi-byte character keeps the characters before it.
+        assert_eq!(lines_of("ééé\n".as_bytes(), 2).unwrap(), ["éé"]);
+        let long = vec![b'w'; 3 << 20];
+        assert_eq!(lines_of(&long, 8).unwrap(), ["wwwwwwww"]);
+        let e = lines_of(b"ok\nbad \xff here\n", 100).unwrap_err().to_string();
+        assert!(e.contains("line 2: invalid UTF-8"), "{e}");
+        assert!(lines_of(b"", 10).unwrap_err().to_string().contains("the file is empty"));
     }
 }

@@ -1,10 +1,14 @@
 //! The `bert-adapters` command. The only place in the project that prints or exits.
 
+#[macro_use]
+mod console;
 mod checkpoint;
 mod convert;
 mod infer;
+mod limits;
 mod metrics;
 mod objective;
+mod outdir;
 mod plot;
 mod predict;
 mod run;
@@ -44,7 +48,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            warn!("error: {e}");
             ExitCode::FAILURE
         }
     }

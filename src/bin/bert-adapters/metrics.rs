@@ -76,10 +76,13 @@ pub fn mean_of(steps: &[StepRecord], adapter: &str, f: impl Fn(&StepRecord) -> f
 }
 
 /// metrics.csv: a header and one row per evaluation, written atomically.
+/// The first line of `metrics.csv`.
+pub const HEADER: &str = "step,split,examples,accuracy,macro_f1,tasknn_loss,tasknn_ce,scorenn_loss,tokens_per_s,elapsed_s";
+
 pub fn write_csv(path: &Path, evals: &[EvalRecord]) -> Result<()> {
     let to_err = |e: csv::Error| Error::Malformed { path: path.to_path_buf(), msg: format!("cannot write CSV: {e}") };
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["step", "split", "examples", "accuracy", "macro_f1", "tasknn_loss", "tasknn_ce", "scorenn_loss", "tokens_per_s", "elapsed_s"])
+    w.write_record(HEADER.split(','))
         .map_err(to_err)?;
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for e in evals {

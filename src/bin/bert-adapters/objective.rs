@@ -46,6 +46,9 @@ fn rows(logits: &[f32], c: usize) -> impl Iterator<Item = Vec<f64>> + '_ {
     logits.chunks(c).map(|r| r.iter().map(|&v| v as f64).collect())
 }
 
+/// The start of the message for a non-finite logit, so the caller can tell it from a bug.
+pub const NON_FINITE_LOGIT: &str = "a head logit is not finite";
+
 /// Check the shapes and values the objectives rely on; `Err` says what is wrong.
 fn check(s: &[f32], t: &[f32], labels: &[usize], c: usize) -> Result<(), String> {
     let b = labels.len();
@@ -56,7 +59,7 @@ fn check(s: &[f32], t: &[f32], labels: &[usize], c: usize) -> Result<(), String>
         return Err(format!("label {y} is out of range for {c} classes"));
     }
     if let Some(v) = s.iter().chain(t).find(|v| !v.is_finite()) {
-        return Err(format!("a logit is {v}: training has diverged (try a lower --lr)"));
+        return Err(format!("{NON_FINITE_LOGIT} ({v})"));
     }
     Ok(())
 }
@@ -172,6 +175,6 @@ mod tests {
         assert!(scorenn(&S, &T, &[3, 0], 3, 1.0, 0.1).unwrap_err().contains("out of range"));
         let mut nan = S;
         nan[1] = f32::NAN;
-        assert!(tasknn(&nan, &T, &Y, 3, 0.1).unwrap_err().contains("diverged"));
+        assert!(tasknn(&nan, &T, &Y, 3, 0.1).unwrap_err().contains(NON_FINITE_LOGIT));
     }
 }

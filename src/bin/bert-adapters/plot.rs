@@ -5,6 +5,9 @@ use std::fmt::Write;
 use std::path::Path;
 
 use bert_adapters::io::tensor_file::write_atomic;
+
+/// A comment every plot carries near its start, so a run can tell its own plot from a user's.
+pub const MARK: &str = "<!-- training plot written by bert-adapters -->";
 use bert_adapters::Result;
 
 use crate::metrics::{EvalRecord, StepRecord};
@@ -130,6 +133,8 @@ pub fn render(steps: &[StepRecord], evals: &[EvalRecord], total_steps: u64) -> S
     let h = TOP + 2.0 * PANEL_H + GAP + 48.0;
     let mut svg = String::new();
     let _ = writeln!(svg, r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif">"##);
+    // Marks the file as ours: `train --overwrite` replaces only a plot that carries it.
+    let _ = writeln!(svg, "{MARK}");
     let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
     let smoothing = if k > 1 { format!(" (dots: each step; lines: mean of its last {k})") } else { String::new() };
     loss.frame(&mut svg, &format!("training loss{smoothing}"), "loss");

@@ -32,21 +32,6 @@ pub struct PredictArgs {
     device: String,
 }
 
-/// Every line of `path` (a trailing newline does not make an empty last input; `\r\n` is one end).
-fn read_lines(path: &std::path::Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
-        Error::Malformed { path: path.to_path_buf(), msg: format!("line {line}: invalid UTF-8 (byte offset {at})") }
-    })?;
-    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-    if lines.is_empty() {
-        return Err(Error::Malformed { path: path.to_path_buf(), msg: "the file is empty (one text per line expected)".into() });
-    }
-    Ok(lines)
-}
-
 /// The max length recorded by `train` beside the adapter, if any.
 fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
     let path = args.adapter.join(TRAIN_INFO);
@@ -85,7 +70,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         }
     }
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), max_len)?;
-    let lines = read_lines(&args.text)?;
+    let lines = infer::read_text_lines(&args.text, tokenizer.max_chars())?;
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let pred = infer::predict(&mut model, &tokenizer, &name, &refs)?;
     let stdout = std::io::stdout();

@@ -12,15 +12,17 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use bert_adapters::data::{derive_seed, fingerprint, Dataset, Split, SplitMix64};
+use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Dataset, Split, SplitMix64};
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
-use bert_adapters::io::tensor_file::write_atomic;
+use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
 use bert_adapters::train::{clip_grad_norm, AdamW, AdamWConfig};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, InputBatch, LoadOptions, Result};
 
-use crate::checkpoint::{self, Restored, Settings, Snapshot};
+use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
+use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
+use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
 use crate::{infer, objective, plot};
 
 pub const SCORENN: &str = "scorenn";
@@ -86,17 +88,16 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto")]
     device: String,
     /// Continue from <out>/checkpoint (same settings; --steps may grow).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start afresh in an --out that holds a previous run, removing that run's outputs (only
+    /// files bert-adapters wrote; anything else there is never touched).
+    #[arg(long)]
+    overwrite: bool,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     quiet: bool,
 }
-
-/// Output files under `--out`.
-const METRICS: &str = "metrics.csv";
-const PLOT: &str = "training.svg";
-const PREDICTIONS: &str = "test_predictions.csv";
 
 fn validate(args: &TrainArgs) -> Result<()> {
     let positive = [("--steps", args.steps), ("--batch-size", args.batch_size as u64), ("--alternate", args.alternate), ("--eval-every", args.eval_every), ("--eval-size", args.eval_size as u64)];
@@ -108,6 +109,9 @@ fn validate(args: &TrainArgs) -> Result<()> {
     }
     if args.max_len < 2 {
         return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]", args.max_len)));
+    }
+    if args.batch_size > MAX_BATCH_SIZE {
+        return Err(Error::Input(format!("--batch-size {} is more than the {MAX_BATCH_SIZE} texts a step may hold", args.batch_size)));
     }
     Ok(())
 }
@@ -164,7 +168,7 @@ struct Log {
 
 impl Log {
     fn line(&self, msg: &str) {
-        self.bar.suspend(|| println!("{msg}"));
+        self.bar.suspend(|| say!("{msg}"));
     }
 }
 
@@ -197,7 +201,7 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     } else {
         objective::scorenn(&s, &t, labels, c, objective::MARGIN, objective::SCORE_CE)
     }
-    .map_err(Error::Input)?;
+    .map_err(|e| if e.starts_with(objective::NON_FINITE_LOGIT) { Error::NonFinite { at: format!("the head logits of Parallel(scorenn, tasknn): {e}") } } else { Error::Input(e) })?;
     let zeros = vec![0f32; s.len()];
     let (ds, dt) = if adapter == TASKNN { (zeros, loss.dlogits.clone()) } else { (loss.dlogits.clone(), zeros) };
     let dlogits = [be.upload(ds, &shape)?, be.upload(dt, &shape)?];
@@ -208,6 +212,24 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     clip_grad_norm(&mut grads, MAX_GRAD_NORM)?;
     model.adamw_step(adapter, optimizer, &grads)?;
     Ok(loss)
+}
+
+/// What a failed step means: non-finite values before any update come from the model or data
+/// (no learning rate is to blame); after updates, training has diverged.
+fn step_failed(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite { at } if step == 0 => Error::NonFinite { at: format!("{at}, at step 1 before any update: the base model's weights overflow float32 on this data") },
+        Error::NonFinite { at } => Error::NonFinite { at: format!("{at} at step {}: training has diverged (try a lower --lr)", step + 1) },
+        other => Error::Input(format!("step {}: {other}", step + 1)),
+    }
+}
+
+/// An evaluation after `step` updates that meets non-finite values: the updates diverged.
+fn diverged_after(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite { at } if step > 0 => Error::NonFinite { at: format!("{at} when evaluating after step {step}: training has diverged (try a lower --lr)") },
+        other => other,
+    }
 }
 
 /// Everything a run carries from step to step.
@@ -331,7 +353,7 @@ impl Run<'_> {
             "config": self.args.config,
         });
         for name in [SCORENN, TASKNN] {
-            checkpoint::replace_dir(&self.args.out.join(name), |dir| {
+            replace_dir(&self.args.out.join(name), &ADAPTER_TREE, |dir| {
                 self.model.save_adapter(dir, name)?;
                 write_atomic(&dir.join(TRAIN_INFO), serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes())
             })?;
@@ -346,7 +368,7 @@ impl Run<'_> {
         let path = self.args.out.join(PREDICTIONS);
         let to_err = |e: &dyn std::fmt::Display| Error::Malformed { path: path.clone(), msg: format!("cannot write CSV: {e}") };
         let mut w = csv::Writer::from_writer(Vec::new());
-        w.write_record(["text", "label", "predicted"]).map_err(|e| to_err(&e))?;
+        w.write_record(outdir::PREDICTIONS_HEADER.split(',')).map_err(|e| to_err(&e))?;
         for (&i, &p) in indices.iter().zip(pred) {
             let ex = &self.data.examples[i];
             w.write_record([ex.text.as_str(), &self.data.labels[ex.label], &self.data.labels[p]]).map_err(|e| to_err(&e))?;
@@ -363,13 +385,13 @@ fn install_ctrlc() -> Arc<AtomicBool> {
     let f = flag.clone();
     let handler = ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
-            eprintln!("\ninterrupted again: exiting without a new checkpoint");
+            warn!("\ninterrupted again: exiting without a new checkpoint");
             std::process::exit(EXIT_INTERRUPTED);
         }
-        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        warn!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
     });
     if let Err(e) = handler {
-        eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
+        warn!("warning: Ctrl-C will not save a checkpoint ({e})");
     }
     flag
 }
@@ -405,8 +427,23 @@ fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result
                 msg: format!("{} labels, the checkpoint's label map has {}", head.num_labels(), labels.len()),
             });
         }
+        // The head must name its outputs as state.json does: a swapped map would train and
+        // predict under the wrong names.
+        let want: BTreeMap<String, usize> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
+        if head.config().label2id.as_ref() != Some(&want) {
+            return Err(Error::Config {
+                path: folder.join(HEAD_CONFIG_FILE),
+                field: "label2id".into(),
+                msg: format!("{:?} differs from the checkpoint's labels {labels:?} (state.json): the checkpoint is damaged", head.config().label2id),
+            });
+        }
     }
     Ok(())
+}
+
+/// An absolute spelling of `path` for messages (as given when it cannot be resolved).
+fn canonical(path: &Path) -> String {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
 
 fn progress_bar(args: &TrainArgs, start: u64) -> ProgressBar {
@@ -436,13 +473,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.config
         )));
     }
+    let start_mode = match (args.resume, args.overwrite) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Overwrite,
+        (false, false) => Start::Fresh,
+    };
     let backend = infer::backend(&args.device)?;
+    // Before anything slow: a fresh run must not land on a previous one.
+    let prepared = outdir::prepare(&args.out, start_mode)?;
+    for line in &prepared.cleaned {
+        say!("{}: {line} (left by an interrupted run)", args.out.display());
+    }
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
     let max_pos = model.config().max_position_embeddings;
     if args.max_len > max_pos {
         return Err(Error::Input(format!("--max-len {} exceeds the model's max_position_embeddings {max_pos}", args.max_len)));
     }
+    limits::check_fits(
+        &format!("a training step of {} texts × {} tokens", args.batch_size, args.max_len),
+        limits::training_step_bytes(model.config(), 2 * args.batch_size, args.max_len),
+        "lower --batch-size or --max-len",
+    )?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), args.max_len)?;
+    // Read once: `--data <(…)` is a pipe that cannot be read twice.
+    let data_bytes = std::fs::read(&args.data).map_err(|e| Error::Io { path: args.data.clone(), source: e })?;
     let settings = Settings {
         config: args.config.clone(),
         batch_size: args.batch_size,
@@ -450,9 +504,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         lr: args.lr,
         alternate: args.alternate,
         seed: args.seed,
-        data: args.data.display().to_string(),
-        data_fingerprint: fingerprint(&args.data)?,
-        model_fingerprint: fingerprint(args.model.join("config.json"))?,
+        data: canonical(&args.data),
+        data_fingerprint: fingerprint_bytes(&data_bytes),
+        model: canonical(&args.model),
+        model_config_fingerprint: fingerprint_bytes(format!("{:?}", model.config()).as_bytes()),
+        model_weights_fingerprint: fingerprint_file(args.model.join("model.safetensors"))?,
     };
 
     let restored = if args.resume {
@@ -467,11 +523,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         None
     };
-    let data = Dataset::load(&args.data, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
+    let data = Dataset::from_bytes(&args.data, &data_bytes, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
+    drop(data_bytes);
     let split = data.split(args.seed, VALIDATION, TEST)?;
     let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
         Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, .. })) => {
-            println!("resuming from {} at step {step}", dir.display());
+            say!("resuming from {} at step {step}", dir.display());
             (step, optimizers, steps, evals, elapsed_s)
         }
         None => {
@@ -486,10 +543,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         evals.retain(|e| e.split != "test");
     }
     model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))?;
+    if start_mode == Start::Overwrite && !prepared.previous.is_empty() {
+        // Everything is loaded and checked: only now does the previous run go, all of it, so
+        // its files never end up beside this run's.
+        outdir::clear_previous(&args.out)?;
+        say!("{}: removed the previous run ({})", args.out.display(), prepared.previous.join(", "));
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e })?;
 
     let n_val = args.eval_size.min(split.validation.len());
-    println!(
+    say!(
         "training Parallel(scorenn, tasknn) ({}) on {}: {} train / {} validation ({n_val} per evaluation) / {} test examples; labels {}; {} steps of {}, alternating every {}",
         args.config,
         backend.name(),
@@ -529,7 +592,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if stop.load(Ordering::SeqCst) {
             run.save_checkpoint(s)?;
             bar.abandon();
-            eprintln!("stopped at step {s}: checkpoint saved in {}; continue with --resume", args.out.join(checkpoint::DIR).display());
+            warn!("stopped at step {s}: checkpoint saved in {}; continue with --resume", args.out.join(checkpoint::DIR).display());
             std::process::exit(EXIT_INTERRUPTED);
         }
         let adapter = trained_at(s, args.alternate);
@@ -542,7 +605,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Input(format!("no optimizer for `{adapter}`")))?;
-        let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| Error::Input(format!("step {}: {e}", s + 1)))?;
+        let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| step_failed(e, s))?;
         let secs = t0.elapsed().as_secs_f64();
         run.train_secs += secs;
         run.window_secs += secs;
@@ -558,13 +621,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             run.log.line(&format!("step {}/{}{}{}, {speed:.0} tokens/s", s + 1, args.steps, mean(TASKNN), mean(SCORENN)));
         }
         if (s + 1).is_multiple_of(args.eval_every) && s + 1 < args.steps {
-            run.validate(s + 1)?;
+            run.validate(s + 1).map_err(|e| diverged_after(e, s + 1))?;
         }
     }
     let end = start.max(args.steps);
-    run.finish(end)?;
+    run.finish(end).map_err(|e| diverged_after(e, end))?;
     bar.finish_and_clear();
-    println!(
+    say!(
         "done: {end} steps in {} ({:.0} tokens/s this session); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
         fmt_duration(Duration::from_secs_f64(run.elapsed())),
         Run::tokens_per_s(run.train_tokens, run.train_secs),
