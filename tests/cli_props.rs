@@ -254,9 +254,6 @@ fn train_one_step_on_random_flags_keeps_the_contract() {
                 prop_assert!(stderr.contains("invalid value") && !stderr.contains("panicked"), "{c:?}: {stderr}");
                 return Ok(());
             }
-            if std::env::var_os("PROPS_DEBUG").is_some() {
-                eprintln!("{c:?}: {:?} {}", o.status.code(), String::from_utf8_lossy(&o.stderr).trim_end());
-            }
             if contract(&format!("train {c:?}"), &o)? {
                 trained.fetch_add(1, Ordering::Relaxed);
                 for f in ["scorenn/adapter.safetensors", "tasknn/adapter.safetensors", "checkpoint/optimizer.safetensors"] {

@@ -474,6 +474,23 @@ fn an_adapter_twice_in_parallel_gets_the_sum_of_both_gradients() {
 
 // ---- 6: non-finite results are errors ------------------------------------------------------
 
+/// A copy of the model folder `src` (config, tokenizer if any) at `dest` whose LayerNorm tensors
+/// picked by `pick` have γ = β = 3e38: some normalised value is ≥ 1/√47, so the output overflows.
+fn overflowing_copy(src: &Path, dest: &Path, pick: impl Fn(&str) -> bool) -> PathBuf {
+    std::fs::create_dir_all(dest).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), dest.join(f)).unwrap();
+        }
+    }
+    let mut tensors = read_raw_safetensors(&src.join("model.safetensors"));
+    for t in tensors.iter_mut().filter(|t| pick(&t.0)) {
+        t.3 = 3e38f32.to_le_bytes().repeat(48);
+    }
+    write_raw_safetensors(&dest.join("model.safetensors"), &tensors);
+    dest.to_path_buf()
+}
+
 /// Values that overflow float32 stop `run` with one line naming where they appeared; no output.
 #[test]
 fn run_refuses_non_finite_results() {
@@ -481,16 +498,8 @@ fn run_refuses_non_finite_results() {
     let d = dir.path();
     let out = d.join("out.safetensors");
     let inputs = tiny().join("inputs.safetensors");
-    // A copy of the tiny model whose embedding LayerNorm has γ = β = 3e38: some normalised value
-    // is ≥ 1/√47, so the embedding output overflows.
-    let model = d.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    std::fs::copy(tiny().join("config.json"), model.join("config.json")).unwrap();
-    let mut tensors = read_raw_safetensors(&tiny().join("model.safetensors"));
-    for t in tensors.iter_mut().filter(|t| t.0.starts_with("embeddings.LayerNorm.")) {
-        t.3 = 3e38f32.to_le_bytes().repeat(48);
-    }
-    write_raw_safetensors(&model.join("model.safetensors"), &tensors);
+    // The tiny model with its embedding LayerNorm overflowing.
+    let model = overflowing_copy(&tiny(), &d.join("model"), |name| name.starts_with("embeddings.LayerNorm."));
     expect_failure(&["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out)], &["non-finite values", "the embeddings"]);
     assert!(!out.exists(), "no output may be written");
 }
@@ -504,16 +513,7 @@ fn train_and_predict_refuse_non_finite_values_and_name_the_cause() {
     let out = tmp.path().join("out");
     ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
 
-    let broken = tmp.path().join("broken");
-    std::fs::create_dir(&broken).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(model.join(f), broken.join(f)).unwrap();
-    }
-    let mut tensors = read_raw_safetensors(&model.join("model.safetensors"));
-    for t in tensors.iter_mut().filter(|t| t.0 == "encoder.layer.1.output.LayerNorm.weight" || t.0 == "encoder.layer.1.output.LayerNorm.bias") {
-        t.3 = 3e38f32.to_le_bytes().repeat(48);
-    }
-    write_raw_safetensors(&broken.join("model.safetensors"), &tensors);
+    let broken = overflowing_copy(&model, &tmp.path().join("broken"), |name| name.starts_with("encoder.layer.1.output.LayerNorm."));
     let err = fails(train_cmd(&broken, &data(), &tmp.path().join("out2"), &[]).output().unwrap(), &["non-finite values", "layer 1's FFN output location", "before any update"]);
     assert!(!err.contains("--lr"), "{err}");
 

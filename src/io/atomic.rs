@@ -207,7 +207,7 @@ pub fn foreign_entry(dir: &Path, tree: &Tree) -> Result<Option<PathBuf>> {
                 }
                 continue;
             }
-            if ours_by_name(&tree.dirs.iter().map(|(n, _)| *n).collect::<Vec<_>>()) {
+            if tree.dirs.iter().any(|(n, _)| parse_sibling(&name, n).is_some()) {
                 continue; // a staged or old copy of one of our folders
             }
         }
@@ -338,7 +338,8 @@ pub fn clean_leftovers(dir: &Path, names: &[&str], trees: &[(&str, &Tree)]) -> R
             }
         }
     }
-    // Older folders first by name is arbitrary; restore at most one per name.
+    // A fixed order; of several previous folders of one name the first is put back and the
+    // others, finding the name taken, are removed.
     found.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, name, kind) in found {
         let meta = match std::fs::symlink_metadata(&path) {
@@ -388,6 +389,20 @@ mod tests {
         std::fs::create_dir(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/a.txt"), tag).unwrap();
         Ok(())
+    }
+
+    /// `DIR/ck` filled with "1", as a first save leaves it.
+    fn saved_once(d: &Path) -> PathBuf {
+        let dest = d.join("ck");
+        replace_dir(&dest, &ROOT, |s| fill(s, "1")).unwrap();
+        dest
+    }
+
+    /// The first save is still there, whole, and nothing else is.
+    fn assert_first_save_intact(d: &Path) {
+        assert_eq!(std::fs::read_to_string(d.join("ck/state.json")).unwrap(), "1");
+        assert_eq!(std::fs::read_to_string(d.join("ck/sub/a.txt")).unwrap(), "1");
+        assert_eq!(listing(d), ["ck"]);
     }
 
     fn listing(dir: &Path) -> Vec<String> {
@@ -447,14 +462,14 @@ mod tests {
     #[test]
     fn replace_dir_refuses_a_folder_holding_a_foreign_file_and_keeps_it() {
         let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("ck");
-        replace_dir(&dest, &ROOT, |s| fill(s, "1")).unwrap();
+        let dest = saved_once(d.path());
         std::fs::write(dest.join("sub/NOTES.txt"), "mine").unwrap();
         let err = replace_dir(&dest, &ROOT, |s| fill(s, "2")).unwrap_err().to_string();
         assert!(err.contains("NOTES.txt") && err.contains("did not write"), "{err}");
         assert_eq!(std::fs::read_to_string(dest.join("sub/NOTES.txt")).unwrap(), "mine");
-        assert_eq!(std::fs::read_to_string(dest.join("state.json")).unwrap(), "1");
-        assert_eq!(listing(d.path()), ["ck"], "the staged folder was not cleaned up");
+        std::fs::remove_file(dest.join("sub/NOTES.txt")).unwrap();
+        assert_first_save_intact(d.path()); // and the staged folder was cleaned up
+        std::fs::write(dest.join("sub/NOTES.txt"), "mine").unwrap();
         assert!(remove_ours(&dest, &ROOT).is_err());
         assert!(dest.join("sub/NOTES.txt").is_file());
     }
@@ -462,24 +477,20 @@ mod tests {
     #[test]
     fn a_failed_second_rename_puts_the_old_folder_back() {
         let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("ck");
-        replace_dir(&dest, &ROOT, |s| fill(s, "1")).unwrap();
+        let dest = saved_once(d.path());
         FAIL_SECOND_RENAME.with(|f| f.set(true));
         let err = replace_dir(&dest, &ROOT, |s| fill(s, "2")).unwrap_err().to_string();
         assert!(err.contains("injected failure"), "{err}");
-        assert_eq!(std::fs::read_to_string(dest.join("state.json")).unwrap(), "1");
-        assert_eq!(listing(d.path()), ["ck"]);
+        assert_first_save_intact(d.path());
     }
 
     #[test]
     fn a_failed_fill_leaves_the_old_folder() {
         let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("ck");
-        replace_dir(&dest, &ROOT, |s| fill(s, "1")).unwrap();
+        let dest = saved_once(d.path());
         let err = replace_dir(&dest, &ROOT, |_| Err(Error::Input("disk full".into()))).unwrap_err();
         assert!(err.to_string().contains("disk full"));
-        assert_eq!(std::fs::read_to_string(dest.join("state.json")).unwrap(), "1");
-        assert_eq!(listing(d.path()), ["ck"]);
+        assert_first_save_intact(d.path());
     }
 
     /// A pid that is not running: a child that has exited and been reaped.

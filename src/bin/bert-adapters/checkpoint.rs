@@ -50,26 +50,29 @@ pub struct Settings {
 impl Settings {
     /// The first field in which `self` (the checkpoint's) and `run` differ, as an error.
     pub fn check_same(&self, run: &Settings, path: &Path) -> Result<()> {
-        let with_path = |f: &str, p: &str| format!("{f} ({p})");
-        let fields: [(&str, String, String); 9] = [
-            ("config", self.config.clone(), run.config.clone()),
-            ("batch_size", self.batch_size.to_string(), run.batch_size.to_string()),
-            ("max_len", self.max_len.to_string(), run.max_len.to_string()),
-            ("lr", self.lr.to_string(), run.lr.to_string()),
-            ("alternate", self.alternate.to_string(), run.alternate.to_string()),
-            ("seed", self.seed.to_string(), run.seed.to_string()),
-            ("data_fingerprint", with_path(&self.data_fingerprint, &self.data), with_path(&run.data_fingerprint, &run.data)),
-            ("model_config_fingerprint", with_path(&self.model_config_fingerprint, &self.model), with_path(&run.model_config_fingerprint, &run.model)),
-            ("model_weights_fingerprint", with_path(&self.model_weights_fingerprint, &self.model), with_path(&run.model_weights_fingerprint, &run.model)),
+        // (field, checkpoint's value, this run's value, and how each is shown): fingerprints are
+        // compared alone, shown with the path they came from.
+        let plain = |field: &'static str, saved: String, now: String| (field, saved.clone(), now.clone(), saved, now);
+        let located = |field: &'static str, saved: &str, saved_path: &str, now: &str, now_path: &str| {
+            (field, saved.to_string(), now.to_string(), format!("{saved} ({saved_path})"), format!("{now} ({now_path})"))
+        };
+        let fields = [
+            plain("config", self.config.clone(), run.config.clone()),
+            plain("batch_size", self.batch_size.to_string(), run.batch_size.to_string()),
+            plain("max_len", self.max_len.to_string(), run.max_len.to_string()),
+            plain("lr", self.lr.to_string(), run.lr.to_string()),
+            plain("alternate", self.alternate.to_string(), run.alternate.to_string()),
+            plain("seed", self.seed.to_string(), run.seed.to_string()),
+            located("data_fingerprint", &self.data_fingerprint, &self.data, &run.data_fingerprint, &run.data),
+            located("model_config_fingerprint", &self.model_config_fingerprint, &self.model, &run.model_config_fingerprint, &run.model),
+            located("model_weights_fingerprint", &self.model_weights_fingerprint, &self.model, &run.model_weights_fingerprint, &run.model),
         ];
-        // The paths are only shown: compare the fingerprints alone.
-        let key = |field: &str, v: &str| if field.ends_with("fingerprint") { v.split(' ').next().unwrap_or(v).to_string() } else { v.to_string() };
-        for (field, saved, now) in fields {
-            if key(field, &saved) != key(field, &now) {
+        for (field, saved, now, saved_shown, now_shown) in fields {
+            if saved != now {
                 return Err(Error::Config {
                     path: path.to_path_buf(),
                     field: field.into(),
-                    msg: format!("the checkpoint was trained with {saved}, this run has {now}; resume with the same settings, or drop --resume to start afresh"),
+                    msg: format!("the checkpoint was trained with {saved_shown}, this run has {now_shown}; resume with the same settings, or drop --resume to start afresh"),
                 });
             }
         }

@@ -10,6 +10,8 @@
 //!
 //! Everything is computed on the host in f64; the gradients come back per branch as f32.
 
+use bert_adapters::{Error, Result};
+
 /// Weight of the energy term in tasknn's loss.
 pub const LAMBDA: f64 = 0.1;
 /// Margin of scorenn's hinge.
@@ -46,26 +48,23 @@ fn rows(logits: &[f32], c: usize) -> impl Iterator<Item = Vec<f64>> + '_ {
     logits.chunks(c).map(|r| r.iter().map(|&v| v as f64).collect())
 }
 
-/// The start of the message for a non-finite logit, so the caller can tell it from a bug.
-pub const NON_FINITE_LOGIT: &str = "a head logit is not finite";
-
 /// Check the shapes and values the objectives rely on; `Err` says what is wrong.
-fn check(s: &[f32], t: &[f32], labels: &[usize], c: usize) -> Result<(), String> {
+fn check(s: &[f32], t: &[f32], labels: &[usize], c: usize) -> Result<()> {
     let b = labels.len();
     if b == 0 || c < 2 || s.len() != b * c || t.len() != b * c {
-        return Err(format!("logits of {} and {} values for {b} labels of {c} classes", s.len(), t.len()));
+        return Err(Error::Input(format!("logits of {} and {} values for {b} labels of {c} classes", s.len(), t.len())));
     }
     if let Some(&y) = labels.iter().find(|&&y| y >= c) {
-        return Err(format!("label {y} is out of range for {c} classes"));
+        return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
     }
     if let Some(v) = s.iter().chain(t).find(|v| !v.is_finite()) {
-        return Err(format!("{NON_FINITE_LOGIT} ({v})"));
+        return Err(Error::NonFinite { at: format!("the head logits of Parallel(scorenn, tasknn) (a logit is {v})") });
     }
     Ok(())
 }
 
 /// tasknn's objective and its gradient with respect to tasknn's logits `t`.
-pub fn tasknn(s: &[f32], t: &[f32], labels: &[usize], c: usize, lambda: f64) -> Result<Loss, String> {
+pub fn tasknn(s: &[f32], t: &[f32], labels: &[usize], c: usize, lambda: f64) -> Result<Loss> {
     check(s, t, labels, c)?;
     let b = labels.len() as f64;
     let (mut ce_sum, mut energy_sum) = (0.0, 0.0);
@@ -87,7 +86,7 @@ pub fn tasknn(s: &[f32], t: &[f32], labels: &[usize], c: usize, lambda: f64) -> 
 }
 
 /// scorenn's objective and its gradient with respect to scorenn's logits `s`.
-pub fn scorenn(s: &[f32], t: &[f32], labels: &[usize], c: usize, margin: f64, ce_weight: f64) -> Result<Loss, String> {
+pub fn scorenn(s: &[f32], t: &[f32], labels: &[usize], c: usize, margin: f64, ce_weight: f64) -> Result<Loss> {
     check(s, t, labels, c)?;
     let b = labels.len() as f64;
     let (mut hinge_sum, mut ce_sum) = (0.0, 0.0);
@@ -171,10 +170,10 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        assert!(tasknn(&S, &T[..5], &Y, 3, 0.1).unwrap_err().contains("logits"));
-        assert!(scorenn(&S, &T, &[3, 0], 3, 1.0, 0.1).unwrap_err().contains("out of range"));
+        assert!(tasknn(&S, &T[..5], &Y, 3, 0.1).unwrap_err().to_string().contains("logits"));
+        assert!(scorenn(&S, &T, &[3, 0], 3, 1.0, 0.1).unwrap_err().to_string().contains("out of range"));
         let mut nan = S;
         nan[1] = f32::NAN;
-        assert!(tasknn(&nan, &T, &Y, 3, 0.1).unwrap_err().contains(NON_FINITE_LOGIT));
+        assert!(matches!(tasknn(&nan, &T, &Y, 3, 0.1).unwrap_err(), Error::NonFinite { .. }));
     }
 }

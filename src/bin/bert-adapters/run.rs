@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{ArgGroup, Args};
 
 use bert_adapters::io::atomic::clean_leftovers;
-use bert_adapters::io::{write_safetensors, OutDtype, OutTensor, SafetensorsWriter};
+use bert_adapters::io::{OutDtype, SafetensorsWriter};
 use bert_adapters::{device, AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
 
 use crate::{infer, limits};
@@ -76,14 +76,6 @@ fn read_probe(path: &Path, shape: &[usize]) -> Result<Vec<f32>> {
     Ok(w)
 }
 
-fn f32_out(backend: &dyn bert_adapters::Backend, t: &bert_adapters::Tensor) -> Result<OutTensor> {
-    Ok(OutTensor::F32 { shape: t.shape().to_vec(), data: backend.to_host(t)? })
-}
-
-fn i64_out(batch: &InputBatch, values: &[u32]) -> OutTensor {
-    OutTensor::I64 { shape: vec![batch.batch, batch.seq_len], data: values.iter().map(|&v| v as i64).collect() }
-}
-
 /// Where the rows come from: a validated batch from `--inputs`, or lines of `--text`.
 enum Source {
     Ids(InputBatch),
@@ -136,71 +128,67 @@ impl Source {
     }
 }
 
-/// One output tensor of a streamed run: its name, and per batch its data with how many row
+/// One output tensor, or the part of it one chunk of rows produced: its data and how many row
 /// blocks (Parallel branches) it holds.
 struct Piece {
     name: String,
+    dtype: OutDtype,
     shape: Vec<usize>,
     data: Vec<u8>,
     blocks: usize,
 }
 
+impl Piece {
+    fn f32(be: &dyn bert_adapters::Backend, name: String, t: &bert_adapters::Tensor, rows: usize) -> Result<Piece> {
+        let data = be.to_host(t)?;
+        Ok(Piece { name, dtype: OutDtype::F32, shape: t.shape().to_vec(), data: bytemuck::cast_slice(&data).to_vec(), blocks: t.shape().first().map_or(1, |&r| r / rows) })
+    }
+}
+
 /// The tensors of one forward, in file order.
 fn pieces(be: &dyn bert_adapters::Backend, out: &bert_adapters::BertOutput, batch: &InputBatch, with_ids: bool) -> Result<Vec<Piece>> {
     let rows = batch.batch;
-    let mut v = Vec::new();
-    let mut push = |name: String, t: &bert_adapters::Tensor| -> Result<()> {
-        let data = be.to_host(t)?;
-        let blocks = t.shape()[0] / rows;
-        v.push(Piece { name, shape: t.shape().to_vec(), data: bytemuck::cast_slice(&data).to_vec(), blocks });
-        Ok(())
-    };
-    push("last_hidden_state".into(), &out.last_hidden_state)?;
+    let mut v = vec![Piece::f32(be, "last_hidden_state".into(), &out.last_hidden_state, rows)?];
     if let Some(p) = &out.pooler_output {
-        push("pooler_output".into(), p)?;
+        v.push(Piece::f32(be, "pooler_output".into(), p, rows)?);
     }
     for (i, h) in out.hidden_states.iter().enumerate() {
-        push(format!("hidden_states.{i}"), h)?;
+        v.push(Piece::f32(be, format!("hidden_states.{i}"), h, rows)?);
     }
     if with_ids {
         for (name, values) in [("input_ids", &batch.input_ids), ("attention_mask", &batch.attention_mask)] {
             let data: Vec<u8> = values.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
-            v.push(Piece { name: name.into(), shape: vec![rows, batch.seq_len], data, blocks: 1 });
+            v.push(Piece { name: name.into(), dtype: OutDtype::I64, shape: vec![rows, batch.seq_len], data, blocks: 1 });
         }
     }
     Ok(v)
 }
 
+/// A file's tensors: name, dtype, shape.
+type Layout = Vec<(String, OutDtype, Vec<usize>)>;
+
 /// Eval forward over all rows, a bounded chunk at a time, streamed into `--out` in row order:
-/// memory stays that of one chunk whatever the number of rows. Returns (last_hidden_state's
-/// shape, pooler_output's shape, number of hidden states).
-fn forward_streamed(model: &BertModel, source: &Source, out_path: &Path) -> Result<(Vec<usize>, Option<Vec<usize>>, usize)> {
+/// memory stays that of one chunk whatever the number of rows.
+fn forward_streamed(model: &BertModel, source: &Source, out_path: &Path) -> Result<Layout> {
     let cfg = model.config();
     let be = model.backend().as_ref();
     let (n, seq_len) = (source.rows(), source.seq_len(cfg)?);
     let chunk = limits::rows_per_chunk(seq_len);
     let with_ids = matches!(source, Source::Text { .. });
-    let mut writer: Option<(SafetensorsWriter, Vec<Vec<usize>>)> = None;
+    let mut writer: Option<SafetensorsWriter> = None;
+    let mut layout = Layout::new();
     for start in (0..n).step_by(chunk) {
         let range = start..(start + chunk).min(n);
         let batch = source.batch(range.clone(), seq_len, cfg)?;
-        let out = model.forward(&batch)?;
-        let pieces = pieces(be, &out, &batch, with_ids)?;
-        if writer.is_none() {
-            // The first chunk fixes the layout: each tensor holds `blocks` row blocks of n rows.
-            let specs: Vec<(String, OutDtype, Vec<usize>)> = pieces
-                .iter()
-                .map(|p| {
-                    let mut shape = p.shape.clone();
-                    shape[0] = p.blocks * n;
-                    let dtype = if p.name == "input_ids" || p.name == "attention_mask" { OutDtype::I64 } else { OutDtype::F32 };
-                    (p.name.clone(), dtype, shape)
-                })
-                .collect();
-            let shapes = specs.iter().map(|s| s.2.clone()).collect();
-            writer = Some((SafetensorsWriter::create(out_path, &specs, Some(&[("format", "pt")]))?, shapes));
-        }
-        let (w, _) = writer.as_mut().ok_or_else(|| Error::Input("internal: no writer".into()))?;
+        let pieces = pieces(be, &model.forward(&batch)?, &batch, with_ids)?;
+        let w = match writer.as_mut() {
+            Some(w) => w,
+            None => {
+                // The first chunk fixes the layout: each tensor holds `blocks` row blocks of n rows.
+                layout = pieces.iter().map(|p| (p.name.clone(), p.dtype, [&[p.blocks * n], &p.shape[1..]].concat())).collect();
+                writer.insert(SafetensorsWriter::create(out_path, &layout, Some(&[("format", "pt")]))?)
+            }
+        };
         for (t, p) in pieces.iter().enumerate() {
             // Block i of this chunk is rows [i·n + start, i·n + end) of the output.
             let block_bytes = p.data.len() / p.blocks;
@@ -210,15 +198,13 @@ fn forward_streamed(model: &BertModel, source: &Source, out_path: &Path) -> Resu
             }
         }
     }
-    let (w, shapes) = writer.ok_or_else(|| Error::Input("no rows to run".into()))?;
-    w.commit()?;
-    let pooler = model.has_pooler().then(|| shapes[1].clone());
-    Ok((shapes[0].clone(), pooler, cfg.num_hidden_layers + 1))
+    writer.ok_or_else(|| Error::Input("no rows to run".into()))?.commit()?;
+    Ok(layout)
 }
 
 /// `--train --grad-probe`: one forward and backward over the whole batch (the probe's loss
 /// couples every row), refused up front if it cannot fit in memory.
-fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Result<Vec<(String, OutTensor)>> {
+fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Result<Layout> {
     let cfg = model.config().clone();
     let seq_len = source.seq_len(&cfg)?;
     let branches = args.parallel.len().max(1);
@@ -231,33 +217,29 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
     let names: Vec<&str> = args.train.iter().map(String::as_str).collect();
     model.train_adapter(&names)?;
     let backend = model.backend().clone();
+    let be = backend.as_ref();
     let (out, tape) = model.forward_train(&batch)?;
     let probe_path = args.grad_probe.as_ref().ok_or_else(|| Error::Input("--train needs --grad-probe FILE".into()))?;
     let w = read_probe(probe_path, out.last_hidden_state.shape())?;
-    let last = backend.to_host(&out.last_hidden_state)?;
+    let last = be.to_host(&out.last_hidden_state)?;
     let loss: f64 = last.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
     if !loss.is_finite() {
         return Err(Error::Input(format!("{}: the probe loss Σ last_hidden_state ⊙ W is {loss}", probe_path.display())));
     }
-    let grads = model.backward(&tape, &backend.upload(w, out.last_hidden_state.shape())?, None)?;
+    let grads = model.backward(&tape, &be.upload(w, out.last_hidden_state.shape())?, None)?;
 
-    let be = backend.as_ref();
-    let mut tensors = vec![("last_hidden_state".to_string(), f32_out(be, &out.last_hidden_state)?)];
-    if let Some(p) = &out.pooler_output {
-        tensors.push(("pooler_output".into(), f32_out(be, p)?));
-    }
-    for (i, h) in out.hidden_states.iter().enumerate() {
-        tensors.push((format!("hidden_states.{i}"), f32_out(be, h)?));
-    }
-    if matches!(source, Source::Text { .. }) {
-        tensors.push(("input_ids".into(), i64_out(&batch, &batch.input_ids)));
-        tensors.push(("attention_mask".into(), i64_out(&batch, &batch.attention_mask)));
-    }
-    tensors.push(("loss".into(), OutTensor::F32 { shape: vec![1], data: vec![loss as f32] }));
+    let mut all = pieces(be, &out, &batch, matches!(source, Source::Text { .. }))?;
+    all.push(Piece { name: "loss".into(), dtype: OutDtype::F32, shape: vec![1], data: (loss as f32).to_le_bytes().to_vec(), blocks: 1 });
     for (key, g) in &grads {
-        tensors.push((format!("grad.{key}"), f32_out(be, g)?));
+        all.push(Piece::f32(be, format!("grad.{key}"), g, 1)?);
     }
-    Ok(tensors)
+    let layout: Layout = all.iter().map(|p| (p.name.clone(), p.dtype, p.shape.clone())).collect();
+    let mut writer = SafetensorsWriter::create(&args.out, &layout, Some(&[("format", "pt")]))?;
+    for (t, p) in all.iter().enumerate() {
+        writer.write_at(t, 0, &p.data)?;
+    }
+    writer.commit()?;
+    Ok(layout)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -266,31 +248,21 @@ pub fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
     apply_adapters(&mut model, &args)?;
-    let cfg = model.config().clone();
-    let source = Source::read(&args, &cfg)?;
+    let source = Source::read(&args, model.config())?;
     // A temporary of `--out` that an interrupted run left (only ours, of processes no longer running).
     if let (Some(dir), Some(name)) = (args.out.parent(), args.out.file_name().and_then(|n| n.to_str())) {
         let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         let _ = clean_leftovers(dir, &[name], &[]); // best effort: it never blocks the run
     }
-    let (last_shape, pooler_shape, hidden) = if args.train.is_empty() {
-        forward_streamed(&model, &source, &args.out)?
-    } else {
-        let tensors = probe_gradients(&mut model, &args, &source)?;
-        let shape = |name: &str| {
-            tensors.iter().find(|(n, _)| n == name).map(|(_, t)| match t {
-                OutTensor::F32 { shape, .. } | OutTensor::I64 { shape, .. } => shape.clone(),
-            })
-        };
-        let shapes = (shape("last_hidden_state").unwrap_or_default(), shape("pooler_output"), cfg.num_hidden_layers + 1);
-        write_safetensors(&args.out, &tensors, Some(&[("format", "pt")]))?;
-        shapes
-    };
+    let layout = if args.train.is_empty() { forward_streamed(&model, &source, &args.out)? } else { probe_gradients(&mut model, &args, &source)? };
+    let shape = |name: &str| layout.iter().find(|(n, _, _)| n == name).map(|(_, _, s)| s.clone());
+    let last_shape = shape("last_hidden_state").unwrap_or_default();
     // The file is written; a reader that went away (`| head`) changes nothing.
     say!(
-        "wrote {}: last_hidden_state {last_shape:?}{}, {hidden} hidden states ({} tokens on {}, {:.2} s)",
+        "wrote {}: last_hidden_state {last_shape:?}{}, {} hidden states ({} tokens on {}, {:.2} s)",
         args.out.display(),
-        pooler_shape.map_or(String::new(), |p| format!(", pooler_output {p:?}")),
+        shape("pooler_output").map_or(String::new(), |p| format!(", pooler_output {p:?}")),
+        layout.iter().filter(|(n, _, _)| n.starts_with("hidden_states.")).count(),
         source.rows() * last_shape.get(1).copied().unwrap_or(0),
         backend.name(),
         start.elapsed().as_secs_f64()

@@ -197,11 +197,10 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     let c = shape[1];
     let (s, t) = (be.to_host(&branches[0].logits)?, be.to_host(&branches[1].logits)?);
     let loss = if adapter == TASKNN {
-        objective::tasknn(&s, &t, labels, c, objective::LAMBDA)
+        objective::tasknn(&s, &t, labels, c, objective::LAMBDA)?
     } else {
-        objective::scorenn(&s, &t, labels, c, objective::MARGIN, objective::SCORE_CE)
-    }
-    .map_err(|e| if e.starts_with(objective::NON_FINITE_LOGIT) { Error::NonFinite { at: format!("the head logits of Parallel(scorenn, tasknn): {e}") } } else { Error::Input(e) })?;
+        objective::scorenn(&s, &t, labels, c, objective::MARGIN, objective::SCORE_CE)?
+    };
     let zeros = vec![0f32; s.len()];
     let (ds, dt) = if adapter == TASKNN { (zeros, loss.dlogits.clone()) } else { (loss.dlogits.clone(), zeros) };
     let dlogits = [be.upload(ds, &shape)?, be.upload(dt, &shape)?];
