@@ -48,6 +48,10 @@ pub enum Error {
     /// (adapter `tasknn`)", "the embeddings" or "the gradient of `<key>`".
     #[error("non-finite values (NaN or ±inf) first appear in {at}")]
     NonFinite { at: String },
+
+    /// A broken internal invariant: a bug in bert-adapters, never the user's input.
+    #[error("internal error (a bug in bert-adapters, please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -1,53 +1,293 @@
 //! A dense, row-major tensor that lives on exactly one device.
 //!
-//! The model only ever sees `Tensor`; the backend that made a tensor is the only code that reads
-//! its storage. There are no implicit copies between devices: `Backend::to_host` is the one way
-//! back to the CPU.
+//! A `Tensor` is a handle: `(storage, dtype, offset, shape)`. The storage is shared and
+//! reference-counted, so `clone` never copies elements, and a contiguous block of a tensor (the
+//! rows of one Parallel branch, one parameter inside an adapter's flat arena) is a view of the
+//! same storage at another offset.
+//!
+//! `Storage` has one variant per backend. The CPU variant is a host buffer behind a lock; a device
+//! backend adds its own variant and touches nothing else. The model only ever sees `Tensor`; the
+//! backend that made a tensor is the only code that reads its elements. There are no implicit
+//! copies between devices: `Backend::to_host` is the one way back to the CPU.
+//!
+//! Writes go through the backend too (ops that write into a given output). A CPU op takes its
+//! input locks before its output lock and never waits for a lock: an output that aliases one of
+//! the op's inputs, or a tensor written by one thread while another uses it, is an error, never a
+//! deadlock or a data race.
+
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut, Range};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+
+use half::{bf16, f16};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 
-/// Element type of a tensor's storage. Everything computes in f32 today; bf16/f16 storage
-/// arrives with the mixed-precision work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Element type of a tensor's storage. Arithmetic is f32 (bf16/f16 storage is widened to f32
+/// and accumulated in f32); U32 holds token ids and masks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    BF16,
+    F16,
+    U32,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    /// Whether the elements are floating point (and so can be cast to and from f32).
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::U32)
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::U32 => "u32",
+        })
+    }
+}
+
+/// A host buffer of one element type.
+#[derive(Debug)]
+pub enum CpuBuffer {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    U32(Vec<u32>),
+}
+
+impl CpuBuffer {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuBuffer::F32(_) => DType::F32,
+            CpuBuffer::BF16(_) => DType::BF16,
+            CpuBuffer::F16(_) => DType::F16,
+            CpuBuffer::U32(_) => DType::U32,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            CpuBuffer::F32(v) => v.len(),
+            CpuBuffer::BF16(v) => v.len(),
+            CpuBuffer::F16(v) => v.len(),
+            CpuBuffer::U32(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn zeros(dtype: DType, n: usize) -> Self {
+        match dtype {
+            DType::F32 => CpuBuffer::F32(vec![0.0; n]),
+            DType::BF16 => CpuBuffer::BF16(vec![bf16::ZERO; n]),
+            DType::F16 => CpuBuffer::F16(vec![f16::ZERO; n]),
+            DType::U32 => CpuBuffer::U32(vec![0; n]),
         }
     }
 }
 
-/// Where a tensor's elements are.
-#[derive(Clone, Debug)]
-pub enum Storage {
-    Cpu(Vec<f32>),
+/// Element types a CPU tensor can be read or written as.
+pub trait CpuElement: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn slice(buf: &CpuBuffer) -> Option<&[Self]>;
+    fn slice_mut(buf: &mut CpuBuffer) -> Option<&mut [Self]>;
+    fn wrap(v: Vec<Self>) -> CpuBuffer;
 }
 
+macro_rules! cpu_element {
+    ($t:ty, $variant:ident) => {
+        impl CpuElement for $t {
+            const DTYPE: DType = DType::$variant;
+            fn slice(buf: &CpuBuffer) -> Option<&[Self]> {
+                match buf {
+                    CpuBuffer::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(buf: &mut CpuBuffer) -> Option<&mut [Self]> {
+                match buf {
+                    CpuBuffer::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(v: Vec<Self>) -> CpuBuffer {
+                CpuBuffer::$variant(v)
+            }
+        }
+    };
+}
+cpu_element!(f32, F32);
+cpu_element!(bf16, BF16);
+cpu_element!(f16, F16);
+cpu_element!(u32, U32);
+
+/// Where a tensor's elements are: one variant per backend.
 #[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(Arc<RwLock<CpuBuffer>>),
+}
+
+impl Storage {
+    /// Bytes held by the whole storage (all views of it together).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Storage::Cpu(b) => {
+                let g = b.read().unwrap_or_else(|e| e.into_inner());
+                g.len() * g.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct Tensor {
-    shape: Vec<usize>,
-    dtype: DType,
     storage: Storage,
+    dtype: DType,
+    /// First element of this view, in elements of `dtype`.
+    offset: usize,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({}, {:?}, {}, offset {})", self.device(), self.shape, self.dtype, self.offset)
+    }
+}
+
+/// A read view of a CPU tensor's elements (holds the storage's read lock).
+pub struct CpuRead<'a, T> {
+    guard: RwLockReadGuard<'a, CpuBuffer>,
+    range: Range<usize>,
+    _t: PhantomData<T>,
+}
+
+impl<T: CpuElement> Deref for CpuRead<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // The element type was checked when the view was made.
+        &T::slice(&self.guard).unwrap_or(&[])[self.range.clone()]
+    }
+}
+
+impl<T: CpuElement + std::fmt::Debug> std::fmt::Debug for CpuRead<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl<T: CpuElement + PartialEq> PartialEq for CpuRead<'_, T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: CpuElement + PartialEq, const N: usize> PartialEq<&[T; N]> for CpuRead<'_, T> {
+    fn eq(&self, other: &&[T; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+impl<T: CpuElement + PartialEq> PartialEq<&[T]> for CpuRead<'_, T> {
+    fn eq(&self, other: &&[T]) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: CpuElement + PartialEq> PartialEq<Vec<T>> for CpuRead<'_, T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        **self == other[..]
+    }
+}
+
+impl<'a, T: CpuElement> IntoIterator for &'a CpuRead<'_, T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// A write view of a CPU tensor's elements (holds the storage's write lock).
+pub struct CpuWrite<'a, T> {
+    guard: RwLockWriteGuard<'a, CpuBuffer>,
+    range: Range<usize>,
+    _t: PhantomData<T>,
+}
+
+impl<T: CpuElement> Deref for CpuWrite<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &T::slice(&self.guard).unwrap_or(&[])[self.range.clone()]
+    }
+}
+
+impl<T: CpuElement> DerefMut for CpuWrite<'_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        let range = self.range.clone();
+        &mut T::slice_mut(&mut self.guard).unwrap_or(&mut [])[range]
+    }
+}
+
+/// A tensor's elements as f32: borrowed when it is f32, widened when it is bf16 or f16.
+pub enum F32Data<'a> {
+    Borrowed(CpuRead<'a, f32>),
+    Widened(Vec<f32>),
+}
+
+impl Deref for F32Data<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Data::Borrowed(r) => r,
+            F32Data::Widened(v) => v,
+        }
+    }
+}
+
+fn check_len(op: &'static str, shape: &[usize], n: usize) -> Result<()> {
+    let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if want != Some(n) {
+        return Err(Error::shape(op, format!("shape {shape:?} needs {} elements, got {n}", want.map_or("too many".into(), |w| w.to_string()))));
+    }
+    Ok(())
 }
 
 impl Tensor {
-    /// A CPU tensor from its elements; fails if `data.len()` is not the product of `shape`.
+    /// A CPU f32 tensor from its elements; fails if `data.len()` is not the product of `shape`.
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if n != data.len() {
-            return Err(Error::shape("Tensor::from_vec", format!("shape {shape:?} needs {n} elements, got {}", data.len())));
-        }
-        Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Cpu(data) })
+        Self::from_elems(data, shape)
     }
 
+    /// A CPU tensor of any element type from its elements.
+    pub fn from_elems<T: CpuElement>(data: Vec<T>, shape: &[usize]) -> Result<Self> {
+        check_len("Tensor::from_vec", shape, data.len())?;
+        Ok(Self::whole(T::wrap(data), shape))
+    }
+
+    fn whole(buf: CpuBuffer, shape: &[usize]) -> Self {
+        let dtype = buf.dtype();
+        Tensor { storage: Storage::Cpu(Arc::new(RwLock::new(buf))), dtype, offset: 0, shape: shape.to_vec() }
+    }
+
+    /// A CPU f32 tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
-        let n = shape.iter().product();
-        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Cpu(vec![0.0; n]) }
+        Self::zeros_of(DType::F32, shape)
+    }
+
+    /// A CPU tensor of zeros of any element type.
+    pub fn zeros_of(dtype: DType, shape: &[usize]) -> Self {
+        Self::whole(CpuBuffer::zeros(dtype, shape.iter().product()), shape)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -55,6 +295,13 @@ impl Tensor {
     }
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    /// First element of this view inside its storage.
+    pub fn offset(&self) -> usize {
+        self.offset
     }
     pub fn device(&self) -> Device {
         match self.storage {
@@ -67,6 +314,10 @@ impl Tensor {
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Bytes of this view's elements.
+    pub fn size_in_bytes(&self) -> usize {
+        self.elem_count() * self.dtype.size_in_bytes()
+    }
     /// Size of the last dimension (the feature dimension for activations).
     pub fn last_dim(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
@@ -76,7 +327,19 @@ impl Tensor {
         self.elem_count().checked_div(self.last_dim()).unwrap_or(0)
     }
 
-    /// The same elements under another shape with the same element count.
+    /// Whether two tensors are views of the same storage (clones and views are).
+    pub fn shares_storage(&self, other: &Tensor) -> bool {
+        match (&self.storage, &other.storage) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => Arc::ptr_eq(a, b),
+        }
+    }
+
+    /// Whether the element ranges of two views of one storage overlap.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        self.shares_storage(other) && self.offset < other.offset + other.elem_count() && other.offset < self.offset + self.elem_count()
+    }
+
+    /// The same elements under another shape with the same element count (no copy).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != self.elem_count() {
@@ -85,20 +348,155 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), ..self })
     }
 
-    /// Host elements of a CPU tensor. Device tensors go through `Backend::to_host`.
-    pub fn cpu_data(&self) -> Result<&[f32]> {
-        match &self.storage {
-            Storage::Cpu(v) => Ok(v),
+    /// Rows `[start, start + len)` of dim 0, as a view of the same storage (no copy).
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Self> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if start.checked_add(len).is_none_or(|end| end > rows) || self.rank() == 0 {
+            return Err(Error::shape("Tensor::narrow_rows", format!("rows {start}..{} of a tensor of shape {:?}", start.saturating_add(len), self.shape)));
+        }
+        let per_row: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Ok(Tensor { storage: self.storage.clone(), dtype: self.dtype, offset: self.offset + start * per_row, shape })
+    }
+
+    /// Elements `[offset, offset + prod(shape))` of this (flat) view as a tensor of `shape`, a view
+    /// of the same storage (how an arena hands out its parameters).
+    pub fn view(&self, offset: usize, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if offset.checked_add(n).is_none_or(|end| end > self.elem_count()) {
+            return Err(Error::shape("Tensor::view", format!("elements {offset}..{} of a tensor of {}", offset.saturating_add(n), self.elem_count())));
+        }
+        Ok(Tensor { storage: self.storage.clone(), dtype: self.dtype, offset: self.offset + offset, shape: shape.to_vec() })
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.elem_count()
+    }
+
+    fn expect_dtype(&self, want: DType) -> Result<()> {
+        if self.dtype != want {
+            return Err(Error::Unsupported(format!("a {} tensor was given where {want} is needed (shape {:?})", self.dtype, self.shape)));
+        }
+        Ok(())
+    }
+
+    /// Host elements of a CPU tensor of element type `T`. Waits for no lock: a tensor being
+    /// written right now is an error. Device tensors go through `Backend::to_host`.
+    pub fn cpu_slice<T: CpuElement>(&self) -> Result<CpuRead<'_, T>> {
+        self.expect_dtype(T::DTYPE)?;
+        let Storage::Cpu(buf) = &self.storage;
+        let guard = match buf.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Internal(format!("a tensor {:?} was read while it is being written (an op's output aliases its input)", self.shape)))
+            }
+        };
+        Ok(CpuRead { guard, range: self.range(), _t: PhantomData })
+    }
+
+    /// Host elements of a CPU f32 tensor.
+    pub fn cpu_data(&self) -> Result<CpuRead<'_, f32>> {
+        self.cpu_slice()
+    }
+
+    /// Host elements as f32 for any float dtype (bf16/f16 widened exactly).
+    pub fn f32_data(&self) -> Result<F32Data<'_>> {
+        match self.dtype {
+            DType::F32 => Ok(F32Data::Borrowed(self.cpu_slice()?)),
+            DType::BF16 => Ok(F32Data::Widened(self.cpu_slice::<bf16>()?.iter().map(|v| v.to_f32()).collect())),
+            DType::F16 => Ok(F32Data::Widened(self.cpu_slice::<f16>()?.iter().map(|v| v.to_f32()).collect())),
+            DType::U32 => Err(Error::Unsupported(format!("a u32 tensor {:?} was given where floats are needed", self.shape))),
         }
     }
-    pub fn cpu_data_mut(&mut self) -> Result<&mut [f32]> {
-        match &mut self.storage {
-            Storage::Cpu(v) => Ok(v),
-        }
+
+    /// Writable host elements of a CPU tensor of type `T`: every view of the storage is locked
+    /// while this lives. Fails (never waits) when the storage is being read or written.
+    pub fn cpu_slice_mut<T: CpuElement>(&self) -> Result<CpuWrite<'_, T>> {
+        self.expect_dtype(T::DTYPE)?;
+        let Storage::Cpu(buf) = &self.storage;
+        let guard = match buf.try_write() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Internal(format!("a tensor {:?} was written while it is being read (an op's output aliases its input)", self.shape)))
+            }
+        };
+        Ok(CpuWrite { guard, range: self.range(), _t: PhantomData })
     }
+
+    /// Writable host elements of a CPU f32 tensor.
+    pub fn cpu_data_mut(&self) -> Result<CpuWrite<'_, f32>> {
+        self.cpu_slice_mut()
+    }
+
+    /// The elements as a host vector: moved out when this handle is the storage's only one and
+    /// covers all of it, copied otherwise.
     pub fn into_cpu_vec(self) -> Result<Vec<f32>> {
-        match self.storage {
-            Storage::Cpu(v) => Ok(v),
+        self.expect_dtype(DType::F32)?;
+        let whole = self.offset == 0;
+        let n = self.elem_count();
+        let Storage::Cpu(buf) = self.storage;
+        match Arc::try_unwrap(buf) {
+            Ok(lock) => match lock.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                CpuBuffer::F32(v) if whole && v.len() == n => Ok(v),
+                CpuBuffer::F32(v) => Ok(v[self.offset..self.offset + n].to_vec()),
+                _ => Err(Error::Internal("tensor dtype disagrees with its storage".into())),
+            },
+            Err(buf) => {
+                let t = Tensor { storage: Storage::Cpu(buf), dtype: DType::F32, offset: self.offset, shape: self.shape };
+                let v = t.cpu_data()?.to_vec();
+                Ok(v)
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_and_views_share_storage() {
+        let t = Tensor::from_vec((0..12).map(|v| v as f32).collect(), &[4, 3]).unwrap();
+        let c = t.clone();
+        assert!(c.shares_storage(&t));
+        let rows = t.narrow_rows(1, 2).unwrap();
+        assert_eq!(rows.shape(), &[2, 3]);
+        assert_eq!(&*rows.cpu_data().unwrap(), &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        // A write through one handle is seen by the others: it is one storage.
+        rows.cpu_data_mut().unwrap()[0] = 100.0;
+        assert_eq!(t.cpu_data().unwrap()[3], 100.0);
+        assert!(rows.overlaps(&t));
+        assert!(!rows.overlaps(&t.narrow_rows(3, 1).unwrap()));
+        assert!(t.narrow_rows(3, 2).is_err());
+    }
+
+    #[test]
+    fn aliasing_write_is_an_error_not_a_deadlock() {
+        let t = Tensor::from_vec(vec![1.0; 4], &[4]).unwrap();
+        let read = t.cpu_data().unwrap();
+        assert!(matches!(t.cpu_data_mut().err(), Some(Error::Internal(_))));
+        drop(read);
+        let write = t.cpu_data_mut().unwrap();
+        assert!(matches!(t.cpu_data().err(), Some(Error::Internal(_))));
+        drop(write);
+    }
+
+    #[test]
+    fn into_cpu_vec_of_a_view_copies_only_its_range() {
+        let t = Tensor::from_vec((0..6).map(|v| v as f32).collect(), &[3, 2]).unwrap();
+        let v = t.narrow_rows(2, 1).unwrap();
+        assert_eq!(v.into_cpu_vec().unwrap(), vec![4.0, 5.0]);
+        assert_eq!(t.into_cpu_vec().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn dtype_is_checked_on_access() {
+        let t = Tensor::zeros_of(DType::BF16, &[2]);
+        assert!(t.cpu_data().is_err());
+        assert_eq!(&*t.f32_data().unwrap(), &[0.0, 0.0]);
+        assert_eq!(t.size_in_bytes(), 4);
     }
 }

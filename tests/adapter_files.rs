@@ -801,7 +801,7 @@ fn blown_up(model: &BertModel, name: &str, config: AdapterConfig, seed: u64) -> 
     let mut adapter = Adapter::init(name, config, model.config(), seed, model.backend().as_ref()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
     for (key, t) in adapter.params_mut().iter_mut() {
-        let data = t.cpu_data_mut().unwrap();
+        let mut data = t.cpu_data_mut().unwrap();
         let norm = key.contains("adapter_norm_") || key.ends_with("scaling");
         for v in data.iter_mut() {
             *v = if norm {

@@ -212,8 +212,8 @@ fn parallel_of_one_adapter_twice_sums_both_branches() {
         let bottom = probe_gradients(&model, &batch, &w[rows..]);
         assert_eq!(parallel.keys().collect::<Vec<_>>(), top.keys().collect::<Vec<_>>(), "{name}: gradient keys");
         for (key, g) in &parallel {
-            let want: Vec<f32> = top[key].cpu_data().unwrap().iter().zip(bottom[key].cpu_data().unwrap()).map(|(a, b)| a + b).collect();
-            common::assert_close(&format!("Parallel({name}, {name}) grad {key}"), g.cpu_data().unwrap(), &want, 1e-4);
+            let want: Vec<f32> = top[key].cpu_data().unwrap().iter().zip(&bottom[key].cpu_data().unwrap()).map(|(a, b)| a + b).collect();
+            common::assert_close(&format!("Parallel({name}, {name}) grad {key}"), &g.cpu_data().unwrap(), &want, 1e-4);
         }
     }
 }

@@ -16,7 +16,7 @@ fn t(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
 
 fn compare(name: &str, fast: &Tensor, reference: &Tensor) {
     assert_eq!(fast.shape(), reference.shape(), "{name}");
-    assert_close(name, fast.cpu_data().unwrap(), reference.cpu_data().unwrap(), 1e-5);
+    assert_close(name, &fast.cpu_data().unwrap(), &reference.cpu_data().unwrap(), 1e-5);
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn embedding_matches_reference_and_rejects_bad_ids() {
     let a = fast.embedding(&tokens, &word, &pos, &ty).unwrap();
     compare("embedding", &a, &reference.embedding(&tokens, &word, &pos, &ty).unwrap());
     // Row 1 (b=0, t=1) is word[7] + type[1] + pos[1].
-    let (w, p, tt) = (word.cpu_data().unwrap(), pos.cpu_data().unwrap(), ty.cpu_data().unwrap());
+    let (w, p, tt) = (&word.cpu_data().unwrap(), &pos.cpu_data().unwrap(), &ty.cpu_data().unwrap());
     assert_eq!(a.cpu_data().unwrap()[hidden], (w[7 * hidden] + tt[hidden]) + p[hidden]);
 
     let bad: Vec<u32> = ids.iter().map(|&i| if i == 7 { vocab as u32 } else { i }).collect();
@@ -198,14 +198,14 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
     let dx = reference.linear_backward_input(&dy, &w).unwrap();
     compare("linear dx", &fast.linear_backward_input(&dy, &w).unwrap(), &dx);
     let f = |xs: &[f32]| reference.linear(&Tensor::from_vec(xs.to_vec(), &[rows, d_in]).unwrap(), &w, None).unwrap().into_cpu_vec().unwrap();
-    assert_directional("linear dx", directional(&f, x.cpu_data().unwrap(), dy.cpu_data().unwrap(), dx.cpu_data().unwrap(), &u));
+    assert_directional("linear dx", directional(&f, &x.cpu_data().unwrap(), &dy.cpu_data().unwrap(), &dx.cpu_data().unwrap(), &u));
     let (dw, db) = reference.linear_backward_params(&dy, &x).unwrap();
     let (fdw, fdb) = fast.linear_backward_params(&dy, &x).unwrap();
     compare("linear dw", &fdw, &dw);
     compare("linear db", &fdb, &db);
     let uw = random_vec(&mut rng, d_out * d_in, 1.0);
     let fw = |ws: &[f32]| reference.linear(&x, &Tensor::from_vec(ws.to_vec(), &[d_out, d_in]).unwrap(), None).unwrap().into_cpu_vec().unwrap();
-    assert_directional("linear dw", directional(&fw, w.cpu_data().unwrap(), dy.cpu_data().unwrap(), dw.cpu_data().unwrap(), &uw));
+    assert_directional("linear dw", directional(&fw, &w.cpu_data().unwrap(), &dy.cpu_data().unwrap(), &dw.cpu_data().unwrap(), &uw));
 
     // LayerNorm input gradient (frozen γ, β), through x + residual.
     let (cols, eps) = (31, 1e-5);
@@ -220,7 +220,7 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
         reference.residual_layernorm(&Tensor::from_vec(zs.to_vec(), &[rows, cols]).unwrap(), Some(&r), &g, &b, eps).unwrap().into_cpu_vec().unwrap()
     };
     let uz = random_vec(&mut rng, rows * cols, 1.0);
-    assert_directional("layernorm dz", directional(&fl, z.cpu_data().unwrap(), dyl.cpu_data().unwrap(), dz.cpu_data().unwrap(), &uz));
+    assert_directional("layernorm dz", directional(&fl, &z.cpu_data().unwrap(), &dyl.cpu_data().unwrap(), &dz.cpu_data().unwrap(), &uz));
 
     // Activations.
     // Kept away from relu's kink at 0, where a finite difference straddles two slopes.
@@ -230,7 +230,7 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
         let da = reference.activation_backward(&dyl, &pre, act).unwrap();
         compare(&format!("{act:?} backward"), &fast.activation_backward(&dyl, &pre, act).unwrap(), &da);
         let fa = |ps: &[f32]| reference.activation(&Tensor::from_vec(ps.to_vec(), &[rows, cols]).unwrap(), act).unwrap().into_cpu_vec().unwrap();
-        assert_directional(&format!("{act:?}"), directional(&fa, pre.cpu_data().unwrap(), dyl.cpu_data().unwrap(), da.cpu_data().unwrap(), &uz));
+        assert_directional(&format!("{act:?}"), directional(&fa, &pre.cpu_data().unwrap(), &dyl.cpu_data().unwrap(), &da.cpu_data().unwrap(), &uz));
     }
 
     // Attention, with and without probability dropout, q, k and v each.
@@ -253,9 +253,9 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
         let run = |qq: &Tensor, kk: &Tensor, vv: &Tensor| reference.attention(qq, kk, vv, &mask, heads, dropout).unwrap().into_cpu_vec().unwrap();
         let mk = |xs: &[f32]| Tensor::from_vec(xs.to_vec(), &sh).unwrap();
         let d = dctx.cpu_data().unwrap();
-        assert_directional("attention dq", directional(&|xs| run(&mk(xs), &k, &v), q.cpu_data().unwrap(), d, dq.cpu_data().unwrap(), &ua));
-        assert_directional("attention dk", directional(&|xs| run(&q, &mk(xs), &v), k.cpu_data().unwrap(), d, dk.cpu_data().unwrap(), &ua));
-        assert_directional("attention dv", directional(&|xs| run(&q, &k, &mk(xs)), v.cpu_data().unwrap(), d, dv.cpu_data().unwrap(), &ua));
+        assert_directional("attention dq", directional(&|xs| run(&mk(xs), &k, &v), &q.cpu_data().unwrap(), &d, &dq.cpu_data().unwrap(), &ua));
+        assert_directional("attention dk", directional(&|xs| run(&q, &mk(xs), &v), &k.cpu_data().unwrap(), &d, &dk.cpu_data().unwrap(), &ua));
+        assert_directional("attention dv", directional(&|xs| run(&q, &k, &mk(xs)), &v.cpu_data().unwrap(), &d, &dv.cpu_data().unwrap(), &ua));
     }
 }
 

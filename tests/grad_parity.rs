@@ -27,7 +27,7 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
         model.train_adapter(train).unwrap();
         let (out, tape) = model.forward_train(&batch).unwrap();
         let label = format!("{file} [{}]", backend.name());
-        assert_close(&format!("{label} last_hidden_state"), out.last_hidden_state.cpu_data().unwrap(), &read_f32(&fx, "last_hidden_state").0, TOL);
+        assert_close(&format!("{label} last_hidden_state"), &out.last_hidden_state.cpu_data().unwrap(), &read_f32(&fx, "last_hidden_state").0, TOL);
         let (w, shape) = read_f32(&fx, "W");
         let terms: Vec<f64> = out.last_hidden_state.cpu_data().unwrap().iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
         let (loss, magnitude) = (terms.iter().sum::<f64>(), terms.iter().map(|t| t.abs()).sum::<f64>());
@@ -40,7 +40,7 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
         assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), want, "{label}: gradient keys");
         for key in want {
             let got = grads[&key].cpu_data().unwrap();
-            assert_close(&format!("{label} grad.{key}"), got, &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+            assert_close(&format!("{label} grad.{key}"), &got, &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
         }
     }
 }

@@ -121,7 +121,7 @@ fn cross_entropy_gradient_matches_finite_differences() {
         let want = ce64(&l64, c, &labels);
         assert!((loss as f64 - want).abs() <= 1e-6 * want.abs(), "{name}: loss {loss} vs {want}");
         let numeric: Vec<f64> = (0..b * c).map(|i| fd(&mut l64, i, &|v| ce64(v, c, &labels))).collect();
-        assert_grad(&format!("{name}: dlogits"), d.cpu_data().unwrap(), &numeric);
+        assert_grad(&format!("{name}: dlogits"), &d.cpu_data().unwrap(), &numeric);
         // (softmax − onehot)/B: every row sums to 0.
         for r in d.cpu_data().unwrap().chunks(c) {
             assert!(r.iter().sum::<f32>().abs() < 1e-7);
@@ -199,7 +199,7 @@ fn head_gradients_match_finite_differences() {
             let (logits, tape) = head.forward(&be, &hidden, Some(&pooled)).unwrap();
             assert_eq!(logits.shape(), &[b, c]);
             let want: Vec<f32> = oracle.logits(&x64, b).iter().map(|&v| v as f32).collect();
-            common::assert_close(&format!("{label}: logits"), logits.cpu_data().unwrap(), &want, 1e-6);
+            common::assert_close(&format!("{label}: logits"), &logits.cpu_data().unwrap(), &want, 1e-6);
 
             let (_, dlogits) = cross_entropy(&be, &logits, &labels).unwrap();
             let (grads, d_input) = head.backward(&be, &tape, &dlogits).unwrap();
@@ -226,7 +226,7 @@ fn head_gradients_match_finite_differences() {
                         (loss_at(1e-5) - loss_at(-1e-5)) / 2e-5
                     })
                     .collect();
-                assert_grad(&format!("{label}: {key}"), g.cpu_data().unwrap(), &numeric);
+                assert_grad(&format!("{label}: {key}"), &g.cpu_data().unwrap(), &numeric);
             }
 
             // Input gradient: [B, T, H] zero except token 0, or [B, H] for the pooler.
@@ -235,7 +235,7 @@ fn head_gradients_match_finite_differences() {
             let d = d_input.cpu_data().unwrap();
             if config.use_pooler {
                 assert_eq!(d_input.shape(), &[b, h]);
-                assert_grad(&format!("{label}: d pooler"), d, &numeric);
+                assert_grad(&format!("{label}: d pooler"), &d, &numeric);
             } else {
                 assert_eq!(d_input.shape(), &[b, seq, h]);
                 let first: Vec<f32> = d.chunks(seq * h).flat_map(|s| s[..h].to_vec()).collect();
@@ -300,12 +300,12 @@ fn matches_the_library_head_and_loss() {
                 let x = x.reshape(&[rows.len(), 1, 48]).unwrap();
                 let (logits, tape) = head.forward(&be, &x, None).unwrap();
                 let label = format!("{fname} {bname} head {name}");
-                common::assert_close(&format!("{label}: logits"), logits.cpu_data().unwrap(), read(&f, logits_name).cpu_data().unwrap(), 1e-5);
+                common::assert_close(&format!("{label}: logits"), &logits.cpu_data().unwrap(), &read(&f, logits_name).cpu_data().unwrap(), 1e-5);
                 let (l, d) = cross_entropy(&be, &logits, &labels).unwrap();
                 loss += l;
                 let (grads, _) = head.backward(&be, &tape, &d).unwrap();
                 for (k, g) in &grads {
-                    common::assert_close(&format!("{label}: {k}"), g.cpu_data().unwrap(), read(&f, &format!("grad.{k}")).cpu_data().unwrap(), 1e-5);
+                    common::assert_close(&format!("{label}: {k}"), &g.cpu_data().unwrap(), &read(&f, &format!("grad.{k}")).cpu_data().unwrap(), 1e-5);
                 }
             }
             // Under Parallel the library's loss is the sum of the heads' mean losses.

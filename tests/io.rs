@@ -88,7 +88,7 @@ fn half_precision_files_widen_exactly() {
                 _ => half::f16::from_f32(v).to_f32(),
             })
             .collect();
-        assert_eq!(w.word_embeddings.cpu_data().unwrap(), want.as_slice(), "{dtype:?}");
+        assert_eq!(&*w.word_embeddings.cpu_data().unwrap(), want.as_slice(), "{dtype:?}");
     }
 }
 

@@ -265,7 +265,7 @@ fn check_params(label: &str, got: &BTreeMap<String, Tensor>, want: &BTreeMap<Str
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{label}: keys");
     let (mut same, mut total) = (0, 0);
     for (k, w) in want {
-        let (g, w) = (got[k].cpu_data().unwrap(), w.cpu_data().unwrap());
+        let (g, w) = (&got[k].cpu_data().unwrap(), &w.cpu_data().unwrap());
         // torch's kernels round a few elements differently (vector body vs scalar tail, FMA
         // contraction), so allow a few ulp; a formula error is orders of magnitude larger.
         common::assert_close(&format!("{label} {k}"), g, w, 2e-7);

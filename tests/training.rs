@@ -52,11 +52,11 @@ fn head_cross_entropy_matches_the_library() {
         model.train_adapter(&["pfeiffer"]).unwrap();
         let step = model.classification_step(&batch, &labels(&fx)).unwrap();
         assert_close("ce loss", &[step.loss], &read_f32(&fx, "loss").0, TOL);
-        assert_close("ce logits", step.logits[0].cpu_data().unwrap(), &read_f32(&fx, "logits").0, TOL);
+        assert_close("ce logits", &step.logits[0].cpu_data().unwrap(), &read_f32(&fx, "logits").0, TOL);
         let want: Vec<String> = fx.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(String::from)).collect();
         assert_eq!(step.grads.len(), 12);
         for key in &want {
-            assert_close(&format!("ce grad.{key}"), step.grads[key].cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+            assert_close(&format!("ce grad.{key}"), &step.grads[key].cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
         }
 
         // Parallel: head i reads branch i, the loss is the sum. The library never freezes heads, so
@@ -73,12 +73,12 @@ fn head_cross_entropy_matches_the_library() {
         let step = model.classification_step(&batch, &labels(&fx)).unwrap();
         assert_close("parallel ce loss", &[step.loss], &read_f32(&fx, "loss").0, TOL);
         for i in 0..2 {
-            assert_close(&format!("logits.{i}"), step.logits[i].cpu_data().unwrap(), &read_f32(&fx, &format!("logits.{i}")).0, TOL);
+            assert_close(&format!("logits.{i}"), &step.logits[i].cpu_data().unwrap(), &read_f32(&fx, &format!("logits.{i}")).0, TOL);
         }
         assert_eq!(step.grads.len(), 8 + 8 + 4, "pfeiffer_inv's adapter, NICE and head");
         assert!(step.grads.keys().all(|k| !k.starts_with("heads.pfeiffer.")));
         for (key, g) in &step.grads {
-            assert_close(&format!("parallel ce grad.{key}"), g.cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
+            assert_close(&format!("parallel ce grad.{key}"), &g.cpu_data().unwrap(), &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
         }
     }
 }
@@ -177,7 +177,7 @@ fn parallel_of_one_adapter_twice_with_its_head_doubles_every_gradient() {
         assert!(double.grads.keys().any(|k| k.starts_with("heads.pfeiffer.")));
         for (key, g) in &double.grads {
             let want: Vec<f32> = single.grads[key].cpu_data().unwrap().iter().map(|v| 2.0 * v).collect();
-            assert_close(&format!("Parallel(A, A) grad {key}"), g.cpu_data().unwrap(), &want, GRAD_TOL);
+            assert_close(&format!("Parallel(A, A) grad {key}"), &g.cpu_data().unwrap(), &want, GRAD_TOL);
         }
     }
 }

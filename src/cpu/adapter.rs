@@ -21,7 +21,7 @@ impl Prims<'_> {
     pub fn linear(self, x: &[f32], w: &Tensor, b: &Tensor, d_in: usize) -> Result<Vec<f32>> {
         let d_out = w.shape()[0];
         let rows = x.len() / d_in.max(1);
-        let (w, b) = (w.cpu_data()?, Some(b.cpu_data()?));
+        let (w, b) = (&*w.f32_data()?, Some(&*b.f32_data()?));
         self.stats.count(GemmKind::Forward, rows * d_in * d_out);
         Ok(match self.mode {
             CpuMode::Reference => reference::linear(x, w, b, rows, d_in, d_out),
@@ -33,7 +33,7 @@ impl Prims<'_> {
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
         let rows = dy.len() / d_out.max(1);
         self.stats.count(GemmKind::InputGrad, rows * d_in * d_out);
-        let w = w.cpu_data()?;
+        let w = &*w.f32_data()?;
         Ok(match self.mode {
             CpuMode::Reference => reference::linear_backward_input(dy, w, rows, d_in, d_out),
             CpuMode::Fast => fast::linear_backward_input(dy, w, rows, d_in, d_out),
@@ -50,7 +50,7 @@ impl Prims<'_> {
     }
     pub fn layernorm(self, x: &[f32], residual: Option<&[f32]>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Vec<f32>> {
         let cols = gamma.elem_count();
-        let (g, b) = (gamma.cpu_data()?, beta.cpu_data()?);
+        let (g, b) = (&*gamma.f32_data()?, &*beta.f32_data()?);
         Ok(match self.mode {
             CpuMode::Reference => reference::residual_layernorm(x, residual, g, b, cols, eps).y,
             CpuMode::Fast => fast::residual_layernorm(x, residual, g, b, cols, eps),
@@ -58,7 +58,7 @@ impl Prims<'_> {
     }
     /// `(dz, dγ, dβ)` of `LN(z)`.
     pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(reference::layernorm_backward(dy, z, gamma.cpu_data()?, gamma.elem_count(), eps))
+        Ok(reference::layernorm_backward(dy, z, &*gamma.f32_data()?, gamma.elem_count(), eps))
     }
     pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
         match self.mode {
@@ -158,7 +158,7 @@ impl PreStep {
 
 pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Result<Tensor> {
     let (n, examples, hidden) = validate_location(loc)?;
-    let (h, r) = (loc.h.cpu_data()?, loc.r.cpu_data()?);
+    let (h, r) = (&*loc.h.f32_data()?, &*loc.r.f32_data()?);
     let ln = &loc.layer_norm;
 
     // Pre step, once for all rows (the first child's config).
@@ -208,7 +208,7 @@ pub(crate) fn nice(prims: Prims<'_>, x: &Tensor, p: &NiceParams, inverse: bool) 
         let a = prims.activation(&prims.linear(z, l0.0, l0.1, d_in)?, p.activation);
         prims.linear(&a, l2.0, l2.1, l0.0.shape()[0])
     };
-    let data = x.cpu_data()?;
+    let data = &*x.f32_data()?;
     let (a, b) = (columns(data, hidden, 0, s1), columns(data, hidden, s1, s2));
     let (first, second) = if !inverse {
         // y1 = x1 + F(x2); y2 = x2 + G(y1)

@@ -47,11 +47,11 @@ pub(crate) fn core_forward(prims: Prims<'_>, p: &BottleneckParams, x: &[f32], rh
     match p.scaling {
         ScalingParam::Fixed(s) => u.iter_mut().for_each(|v| *v *= s),
         ScalingParam::Learned(s) => {
-            let s = s.cpu_data()?[0];
+            let s = s.f32_data()?[0];
             u.iter_mut().for_each(|v| *v *= s);
         }
         ScalingParam::Channel(s) => {
-            let s = s.cpu_data()?;
+            let s = &*s.f32_data()?;
             u.chunks_mut(hidden).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
         }
     }
@@ -154,13 +154,13 @@ fn core_backward(
             None
         }
         ScalingParam::Learned(s) => {
-            let s = s.cpu_data()?[0];
+            let s = s.f32_data()?[0];
             dup.iter_mut().for_each(|v| *v *= s);
             let ds: f64 = du.iter().zip(&tape.up).map(|(a, b)| *a as f64 * *b as f64).sum();
             Some(t(vec![ds as f32], &[1])?)
         }
         ScalingParam::Channel(s) => {
-            let s = s.cpu_data()?;
+            let s = &*s.f32_data()?;
             let mut ds = vec![0f64; hidden];
             for (row, (drow, urow)) in dup.chunks_mut(hidden).zip(du.chunks(hidden).zip(tape.up.chunks(hidden))) {
                 for c in 0..hidden {
@@ -226,7 +226,7 @@ pub(crate) fn adapter_location_backward(
     if d_out.elem_count() != n * block {
         return Err(Error::shape(OP, format!("output gradient {:?} for {n} branches of {block} values", d_out.shape())));
     }
-    let (h, r, d_out) = (loc.h.cpu_data()?, loc.r.cpu_data()?, d_out.cpu_data()?);
+    let (h, r, d_out) = (&*loc.h.f32_data()?, &*loc.r.f32_data()?, &*d_out.f32_data()?);
     let ln = &loc.layer_norm;
 
     // Forward again: pre step, cores (with tapes), post step input.
@@ -328,7 +328,7 @@ pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &T
     }
     let hidden = x.last_dim();
     let (s1, s2) = (hidden / 2, hidden - hidden / 2);
-    let data = x.cpu_data()?;
+    let data = &*x.f32_data()?;
     let (x1, x2) = (columns(data, hidden, 0, s1), columns(data, hidden, s1, s2));
     // Forward again for y1 = x1 + F(x2), the input of G.
     let f = {
@@ -336,7 +336,7 @@ pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &T
         prims.linear(&a, p.f2.0, p.f2.1, p.f0.0.shape()[0])?
     };
     let y1: Vec<f32> = x1.iter().zip(&f).map(|(a, b)| a + b).collect();
-    let d = dy.cpu_data()?;
+    let d = &*dy.f32_data()?;
     let (mut g1, g2) = (columns(d, hidden, 0, s1), columns(d, hidden, s1, s2));
     let (g0, g2w, dy1) = subnet_backward(prims, &y1, p.g0, p.g2, p.activation, &g2, true)?;
     add_into(&mut g1, &dy1.unwrap_or_default());

@@ -174,11 +174,11 @@ impl Backend for CpuBackend {
     }
 
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(t.cpu_data()?.to_vec())
+        Ok(t.f32_data()?.to_vec())
     }
 
     fn all_finite(&self, t: &Tensor) -> Result<bool> {
-        let x = t.cpu_data()?;
+        let x = &*t.f32_data()?;
         Ok(match self.mode {
             CpuMode::Reference => reference::all_finite(x),
             CpuMode::Fast => fast::all_finite(x),
@@ -197,7 +197,8 @@ impl Backend for CpuBackend {
         }
         let rows = x.rows();
         self.stats.count(GemmKind::Forward, rows * d_in * d_out);
-        let (xs, ws, bs) = (x.cpu_data()?, w.cpu_data()?, b.map(|b| b.cpu_data()).transpose()?);
+        let (xs, ws, bs) = (&*x.f32_data()?, &*w.f32_data()?, b.map(|b| b.f32_data()).transpose()?);
+        let bs = bs.as_deref();
         let y = match self.mode {
             CpuMode::Reference => reference::linear(xs, ws, bs, rows, d_in, d_out),
             CpuMode::Fast => fast::linear(xs, ws, bs, rows, d_in, d_out),
@@ -230,7 +231,7 @@ impl Backend for CpuBackend {
         if let Some(t) = tokens.token_type_ids.iter().find(|&&t| t as usize >= types) {
             return Err(Error::Input(format!("token type id {t} >= type vocabulary size {types}")));
         }
-        let (w, p, t) = (word.cpu_data()?, position.cpu_data()?, token_type.cpu_data()?);
+        let (w, p, t) = (&*word.f32_data()?, &*position.f32_data()?, &*token_type.f32_data()?);
         let y = match self.mode {
             CpuMode::Reference => reference::embedding(tokens, w, p, t, hidden),
             CpuMode::Fast => fast::embedding(tokens, w, p, t, hidden),
@@ -246,8 +247,9 @@ impl Backend for CpuBackend {
         }
         expect_shape(OP, "gamma", gamma, &[cols])?;
         expect_shape(OP, "beta", beta, &[cols])?;
-        let (xs, rs) = (x.cpu_data()?, residual.map(|r| r.cpu_data()).transpose()?);
-        let (g, b) = (gamma.cpu_data()?, beta.cpu_data()?);
+        let (xs, rs) = (&*x.f32_data()?, residual.map(|r| r.f32_data()).transpose()?);
+        let rs = rs.as_deref();
+        let (g, b) = (&*gamma.f32_data()?, &*beta.f32_data()?);
         let y = match self.mode {
             CpuMode::Reference => reference::residual_layernorm(xs, rs, g, b, cols, eps).y,
             CpuMode::Fast => fast::residual_layernorm(xs, rs, g, b, cols, eps),
@@ -265,7 +267,7 @@ impl Backend for CpuBackend {
         if heads == 0 || hidden % heads != 0 {
             return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
         }
-        let (qs, ks, vs, ms) = (q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
+        let (qs, ks, vs, ms) = (&*q.f32_data()?, &*k.f32_data()?, &*v.f32_data()?, &*mask_bias.f32_data()?);
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
         let drop = factors.as_deref();
         let y = match self.mode {
@@ -276,7 +278,7 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let xs = x.cpu_data()?;
+        let xs = &*x.f32_data()?;
         let y = match self.mode {
             CpuMode::Reference => reference::activation(xs, act),
             CpuMode::Fast => fast::activation(xs, act),
@@ -299,7 +301,7 @@ impl Backend for CpuBackend {
         if dy.rank() == 0 || dy.last_dim() != d_out {
             return Err(Error::shape(OP, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
         }
-        let dx = self.prims().linear_dx(dy.cpu_data()?, w)?;
+        let dx = self.prims().linear_dx(&*dy.f32_data()?, w)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rank checked above") = d_in;
         Tensor::from_vec(dx, &shape)
@@ -311,13 +313,13 @@ impl Backend for CpuBackend {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
         }
         let (d_in, d_out) = (x.last_dim(), dy.last_dim());
-        let (dw, db) = self.prims().linear_dw(dy.cpu_data()?, x.cpu_data()?, d_in, d_out);
+        let (dw, db) = self.prims().linear_dw(&*dy.f32_data()?, &*x.f32_data()?, d_in, d_out);
         Ok((Tensor::from_vec(dw, &[d_out, d_in])?, Tensor::from_vec(db, &[d_out])?))
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         expect_shape("activation_backward", "input", pre, dy.shape())?;
-        Tensor::from_vec(self.prims().activation_backward(dy.cpu_data()?, pre.cpu_data()?, act), dy.shape())
+        Tensor::from_vec(self.prims().activation_backward(&*dy.f32_data()?, &*pre.f32_data()?, act), dy.shape())
     }
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
@@ -328,10 +330,10 @@ impl Backend for CpuBackend {
         }
         expect_shape(OP, "gamma", gamma, &[dy.last_dim()])?;
         let z: Vec<f32> = match residual {
-            Some(r) => x.cpu_data()?.iter().zip(r.cpu_data()?).map(|(a, b)| a + b).collect(),
-            None => x.cpu_data()?.to_vec(),
+            Some(r) => x.f32_data()?.iter().zip(&*r.f32_data()?).map(|(a, b)| a + b).collect(),
+            None => x.f32_data()?.to_vec(),
         };
-        let (dz, _, _) = self.prims().layernorm_backward(dy.cpu_data()?, &z, gamma, eps)?;
+        let (dz, _, _) = self.prims().layernorm_backward(&*dy.f32_data()?, &z, gamma, eps)?;
         Tensor::from_vec(dz, dy.shape())
     }
 
@@ -357,7 +359,7 @@ impl Backend for CpuBackend {
         }
         // Five T×T×d products per head: scores again, dV, dP, dQ, dK.
         self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * hidden);
-        let (d, qs, ks, vs, ms) = (dctx.cpu_data()?, q.cpu_data()?, k.cpu_data()?, v.cpu_data()?, mask_bias.cpu_data()?);
+        let (d, qs, ks, vs, ms) = (&*dctx.f32_data()?, &*q.f32_data()?, &*k.f32_data()?, &*v.f32_data()?, &*mask_bias.f32_data()?);
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
         let drop = factors.as_deref();
         let (dq, dk, dv) = match self.mode {
@@ -376,14 +378,14 @@ impl Backend for CpuBackend {
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
-        let mut out = x.cpu_data()?.to_vec();
+        let mut out = x.f32_data()?.to_vec();
         apply_dropout(&mut out, spec)?;
         Tensor::from_vec(out, x.shape())
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         expect_shape("add", "right operand", b, a.shape())?;
-        Tensor::from_vec(a.cpu_data()?.iter().zip(b.cpu_data()?).map(|(x, y)| x + y).collect(), a.shape())
+        Tensor::from_vec(a.f32_data()?.iter().zip(&*b.f32_data()?).map(|(x, y)| x + y).collect(), a.shape())
     }
 
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
@@ -410,7 +412,7 @@ impl Backend for CpuBackend {
             return Err(Error::shape("first_token_backward", "sequence length 0".to_string()));
         }
         let mut out = vec![0f32; b * seq_len * h];
-        for (i, row) in d.cpu_data()?.chunks(h).enumerate() {
+        for (i, row) in d.f32_data()?.chunks(h).enumerate() {
             out[i * seq_len * h..][..h].copy_from_slice(row);
         }
         Tensor::from_vec(out, &[b, seq_len, h])
@@ -422,6 +424,6 @@ impl Backend for CpuBackend {
         if t == 0 {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
-        Tensor::from_vec(reference::first_token(x.cpu_data()?, b, t, h), &[b, h])
+        Tensor::from_vec(reference::first_token(&*x.f32_data()?, b, t, h), &[b, h])
     }
 }

@@ -222,8 +222,8 @@ impl AdamW {
             });
             s.step += 1;
             let sc = StepScalars::new(&self.config, s.step);
-            let (pd, gd) = (p.cpu_data_mut()?, g.cpu_data()?);
-            for (((p, &g), m), v) in pd.iter_mut().zip(gd).zip(s.exp_avg.iter_mut()).zip(s.exp_avg_sq.iter_mut()) {
+            let (mut pd, gd) = (p.cpu_data_mut()?, g.cpu_data()?);
+            for (((p, &g), m), v) in pd.iter_mut().zip(gd.iter()).zip(s.exp_avg.iter_mut()).zip(s.exp_avg_sq.iter_mut()) {
                 sc.update(p, g, m, v);
             }
         }
@@ -260,7 +260,7 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f32) -> Re
     // coefficient must still propagate.
     if coef.is_nan() || coef < 1.0 {
         for g in grads.values_mut() {
-            for x in g.cpu_data_mut()? {
+            for x in g.cpu_data_mut()?.iter_mut() {
                 *x *= coef;
             }
         }
