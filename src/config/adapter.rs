@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::backend::Activation;
+use super::Activation;
 use crate::error::{Error, Result};
 
 /// `reduction_factor`: a number, or a per-layer map keyed by the layer index as a string with an

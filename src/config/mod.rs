@@ -1,7 +1,9 @@
 //! Model and adapter configuration, read from the JSON files HF and AdapterHub write.
 
+pub mod activation;
 pub mod adapter;
 pub mod bert;
 
+pub use activation::Activation;
 pub use adapter::{AdapterConfig, InitWeights, Location, ReductionFactor, ResidualBeforeLn, Scaling};
 pub use bert::{BertConfig, HiddenAct};
