@@ -120,6 +120,17 @@ fn named_json(name: &str) -> Option<Map<String, Value>> {
     Some(m)
 }
 
+/// Refuse names the library cannot hold (it keys modules by name in a ModuleDict).
+pub fn validate_adapter_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::Input("an adapter name must not be empty".into()));
+    }
+    if name.contains('.') {
+        return Err(Error::Input(format!("adapter name `{name}` contains '.', which the adapters library refuses")));
+    }
+    Ok(())
+}
+
 /// Parses activation names as transformers' ACT2FN does (lower-cased).
 pub fn parse_activation(s: &str) -> Option<Activation> {
     match s.to_ascii_lowercase().as_str() {

@@ -3,7 +3,9 @@
 pub mod activation;
 pub mod adapter;
 pub mod bert;
+pub mod head;
 
 pub use activation::Activation;
-pub use adapter::{AdapterConfig, InitWeights, Location, ReductionFactor, ResidualBeforeLn, Scaling};
+pub use adapter::{validate_adapter_name, AdapterConfig, InitWeights, Location, ReductionFactor, ResidualBeforeLn, Scaling};
 pub use bert::{BertConfig, HiddenAct};
+pub use head::{HeadConfig, HeadConfigFile};
