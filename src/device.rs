@@ -1,4 +1,4 @@
-//! Devices and the run-time choice between them.
+//! Devices and their names (`cpu`, `cuda:N`); the backend for one is chosen in `crate::backends`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,17 +32,5 @@ impl FromStr for Device {
                 _ => Err(Error::Input(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)"))),
             },
         }
-    }
-}
-
-/// The backend that runs the model on `device`: the fast CPU path, or CUDA.
-pub fn backend_for(device: Device) -> Result<std::sync::Arc<dyn crate::backend::Backend>, Error> {
-    match device {
-        Device::Cpu => Ok(std::sync::Arc::new(crate::cpu::CpuBackend::fast())),
-        Device::Cuda(_) => Err(Error::Unsupported(
-            "the CUDA model backend is not built yet (only its first kernel, the fused residual + LayerNorm, \
-             exists and is tested); use --device cpu"
-                .into(),
-        )),
     }
 }

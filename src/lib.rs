@@ -26,6 +26,7 @@
 //! ```
 
 pub mod backend;
+pub mod backends;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
@@ -39,6 +40,7 @@ pub mod tokenize;
 pub mod train;
 
 pub use backend::{Activation, Backend, TokenBatch};
+pub use backends::backend_for;
 pub use config::{AdapterConfig, BertConfig, HiddenAct, Location};
 pub use cpu::{CpuBackend, CpuMode};
 pub use device::Device;

@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use bert_adapters::io::adapter_files::{adapter_config_json, build_adapter, parse_adapter_config, AdapterLoadOptions, WeightsFile};
+use bert_adapters::io::adapter_files::{adapter_config_json, parse_adapter_config, AdapterLoadOptions, WeightsFile};
+use bert_adapters::model::persist::build_adapter;
 use bert_adapters::CpuBackend;
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use bert_adapters::io::adapter_files::{build_adapter, parse_adapter_config, AdapterConfigFile, AdapterLoadOptions, WeightsFile};
+use bert_adapters::io::adapter_files::{parse_adapter_config, AdapterConfigFile, AdapterLoadOptions, WeightsFile};
+use bert_adapters::model::persist::build_adapter;
 use bert_adapters::{BertConfig, CpuBackend};
 
 pub fn tiny_bert() -> BertConfig {

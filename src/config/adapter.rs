@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::backend::Activation;
+use super::Activation;
 use crate::error::{Error, Result};
 
 /// `reduction_factor`: a number, or a per-layer map keyed by the layer index as a string with an
@@ -118,6 +118,17 @@ fn named_json(name: &str) -> Option<Map<String, Value>> {
         m.insert("inv_adapter_reduction_factor".into(), json!(2));
     }
     Some(m)
+}
+
+/// Refuse names the library cannot hold (it keys modules by name in a ModuleDict).
+pub fn validate_adapter_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::Input("an adapter name must not be empty".into()));
+    }
+    if name.contains('.') {
+        return Err(Error::Input(format!("adapter name `{name}` contains '.', which the adapters library refuses")));
+    }
+    Ok(())
 }
 
 /// Parses activation names as transformers' ACT2FN does (lower-cased).

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 use crate::backend::{Backend, BottleneckParams, LayerNormParams, NiceParams, ScalingParam};
+pub use crate::config::validate_adapter_name;
 use crate::config::{AdapterConfig, BertConfig, InitWeights, Location, Scaling};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -183,17 +184,6 @@ pub struct Adapter {
     /// By library key without a `bert.` prefix; `ln_before`'s LayerNorm lives under
     /// `adapter_norm_before.*` only (the library's `adapter_down.0.*` alias is not stored twice).
     params: BTreeMap<String, Tensor>,
-}
-
-/// Refuse names the library cannot hold (it keys modules by name in a ModuleDict).
-pub fn validate_adapter_name(name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Err(Error::Input("an adapter name must not be empty".into()));
-    }
-    if name.contains('.') {
-        return Err(Error::Input(format!("adapter name `{name}` contains '.', which the adapters library refuses")));
-    }
-    Ok(())
 }
 
 impl Adapter {

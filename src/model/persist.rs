@@ -1,4 +1,6 @@
-//! Saving adapters in AdapterHub's folder format and loading them with their heads.
+//! Saving adapters in AdapterHub's folder format and loading them with their heads: the mapping
+//! between the model's adapters and heads and the plain data (configs, named host tensors) that
+//! `crate::io::adapter_files` reads and writes.
 //!
 //! A save writes `adapter_config.json` and `adapter.safetensors` (what the library writes with
 //! `save_adapter(dir, name, use_safetensors=True)`), plus `head_config.json` and
@@ -12,6 +14,7 @@
 //! library's `use_safetensors=True` prefer `adapter.safetensors`, but the library's default load
 //! reads only the .bin, so delete it if the folder is meant for that.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::Backend;
@@ -19,12 +22,14 @@ use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::{clean_leftovers, commit_all, StagedFile};
 use crate::io::adapter_files::{
-    adapter_config_json, adapter_tensors, head_config_json, head_tensors, safetensors_bytes, AdapterDir, AdapterLoadOptions,
-    AdapterLoadReport, CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, WEIGHTS_FILE,
+    adapter_config_json, check_fit, head_config_json, read_adapter_tensors, read_head, read_head_tensors, safetensors_bytes, with_ln_before_aliases,
+    AdapterConfigFile, AdapterDir, AdapterLoadOptions, AdapterLoadReport, NamedTensor, WeightsFile, CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE,
+    WEIGHTS_FILE,
 };
-use crate::model::adapters::Adapter;
+use crate::model::adapters::{param_specs, validate_adapter_name, Adapter};
 use crate::model::bert::BertModel;
 use crate::model::heads::ClassificationHead;
+use crate::tensor::Tensor;
 
 /// How to save an adapter.
 #[derive(Clone, Debug)]
@@ -78,7 +83,7 @@ pub fn save_adapter_files(
             return Err(Error::Input(format!("head `{}`: tensor `{k}` holds non-finite values ({} of them); refusing to save it", head.name(), d.iter().filter(|v| !v.is_finite()).count())));
         }
         files.push((HEAD_WEIGHTS_FILE, safetensors_bytes(&tensors, &dir.join(HEAD_WEIGHTS_FILE))?));
-        files.push((HEAD_CONFIG_FILE, head_config_json(head, &opts.model_name)?.into_bytes()));
+        files.push((HEAD_CONFIG_FILE, head_config_json(head.name(), head.config(), head.hidden_size(), &opts.model_name)?.into_bytes()));
     }
     files.push((CONFIG_FILE, config.into_bytes()));
     commit(dir, files)?;
@@ -92,6 +97,118 @@ pub fn save_adapter_files(
         }
     }
     Ok(())
+}
+
+/// The tensors of `adapter` as the library saves them, in its state-dict order, without the
+/// `bert.` prefix (a `BertModel` has none), `ln_before`'s LayerNorm under both of its names (see
+/// [`with_ln_before_aliases`]).
+pub fn adapter_tensors(adapter: &Adapter, bert: &BertConfig, backend: &dyn Backend) -> Result<Vec<NamedTensor>> {
+    let name = adapter.name();
+    let specs = param_specs(name, adapter.config(), bert)?;
+    let mut out: Vec<NamedTensor> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let t = adapter.params().get(&spec.key).ok_or_else(|| Error::Input(format!("adapter `{name}` has no tensor `{}`", spec.key)))?;
+        let data = backend.to_host(t)?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!("adapter `{name}`: tensor `{}` holds {} at element {i}; refusing to save it", spec.key, data[i])));
+        }
+        out.push((spec.key, t.shape().to_vec(), data));
+    }
+    Ok(with_ln_before_aliases(out))
+}
+
+/// A head's tensors by state-dict key (`heads.<name>.<i>.weight/bias`).
+pub fn head_tensors(head: &ClassificationHead, backend: &dyn Backend) -> Result<Vec<NamedTensor>> {
+    head.params().iter().map(|(k, t)| Ok((k.clone(), t.shape().to_vec(), backend.to_host(t)?))).collect()
+}
+
+/// An adapter and its head, read from a folder but not yet part of a model.
+pub struct LoadedAdapter {
+    pub adapter: Adapter,
+    pub head: Option<ClassificationHead>,
+    pub report: AdapterLoadReport,
+}
+
+impl AdapterDir {
+    /// Read the weights (and head) for a BERT of `bert`.
+    pub fn load(&self, opts: &AdapterLoadOptions, bert: &BertConfig, backend: &dyn Backend) -> Result<LoadedAdapter> {
+        let weights = WeightsFile::open(&self.weights_path)?;
+        let (adapter, mut report) = build_adapter(&self.config, &self.dir.join(CONFIG_FILE), &weights, opts, bert, backend)?;
+        let head = if opts.with_head { load_head(&self.dir, &self.config.name, adapter.name(), opts, bert, backend, &mut report)? } else { None };
+        report.head = head.is_some();
+        Ok(LoadedAdapter { adapter, head, report })
+    }
+}
+
+/// Load an adapter folder for a BERT of `bert`, under its saved name or `load_as`, strictly and
+/// without its head.
+pub fn load_adapter_dir(dir: &Path, load_as: Option<&str>, bert: &BertConfig, backend: &dyn Backend) -> Result<Adapter> {
+    let opts = AdapterLoadOptions { load_as: load_as.map(str::to_string), strict: true, with_head: false };
+    Ok(AdapterDir::open(dir)?.load(&opts, bert, backend)?.adapter)
+}
+
+/// Build adapter `name` from a parsed config and an opened weights file, checking the file
+/// against what the config implies. Used by folder loads and by the fuzz targets.
+pub fn build_adapter(
+    cfg: &AdapterConfigFile,
+    cfg_path: &Path,
+    weights: &WeightsFile,
+    opts: &AdapterLoadOptions,
+    bert: &BertConfig,
+    backend: &dyn Backend,
+) -> Result<(Adapter, AdapterLoadReport)> {
+    let wpath = weights.path();
+    let saved = cfg.name.as_str();
+    let name = opts.load_as.as_deref().unwrap_or(saved);
+    validate_adapter_name(name)?;
+    let mut report = AdapterLoadReport { name: name.into(), saved_name: saved.into(), weights_file: wpath.to_path_buf(), ..Default::default() };
+    check_fit(cfg, cfg_path, bert, opts.strict, &mut report.notes)?;
+    let specs = param_specs(name, &cfg.config, bert).map_err(|e| Error::config(cfg_path, "config", e.to_string()))?;
+    let expected: BTreeMap<&str, &[usize]> = specs.iter().map(|s| (s.key.as_str(), s.shape.as_slice())).collect();
+    let mut host = read_adapter_tensors(cfg, weights, &expected, name, bert, opts.strict, &mut report)?;
+
+    let mut fresh: Option<Adapter> = None;
+    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
+    for spec in &specs {
+        let tensor = match host.remove(&spec.key) {
+            Some(data) => backend.upload(data, &spec.shape)?,
+            None if opts.strict => {
+                return Err(Error::tensor(wpath, &spec.key, format!("missing: adapter `{saved}` with its config needs it (shape {:?})", spec.shape)))
+            }
+            None => {
+                report.missing.push(spec.key.clone());
+                if fresh.is_none() {
+                    fresh = Some(Adapter::init(name, cfg.config.clone(), bert, 0, backend)?);
+                }
+                fresh.as_ref().and_then(|a| a.params().get(&spec.key).cloned()).ok_or_else(|| Error::tensor(wpath, &spec.key, "missing"))?
+            }
+        };
+        params.insert(spec.key.clone(), tensor);
+    }
+    let adapter = Adapter::from_params(name, cfg.config.clone(), bert, params)?;
+    Ok((adapter, report))
+}
+
+/// The head saved beside an adapter, if any, loaded under the adapter's name.
+fn load_head(
+    dir: &Path,
+    saved_adapter: &str,
+    name: &str,
+    opts: &AdapterLoadOptions,
+    bert: &BertConfig,
+    backend: &dyn Backend,
+    report: &mut AdapterLoadReport,
+) -> Result<Option<ClassificationHead>> {
+    let Some(head) = read_head(dir, saved_adapter, name, opts.strict, bert.hidden_size, report)? else {
+        return Ok(None);
+    };
+    let expected: BTreeMap<String, Vec<usize>> = ClassificationHead::expected_shapes(name, &head.file.config, bert.hidden_size).into_iter().collect();
+    let mut params = BTreeMap::new();
+    for (key, data) in read_head_tensors(&head, name, &expected, opts.strict, report)? {
+        let t = backend.upload(data, &expected[&key])?;
+        params.insert(key, t);
+    }
+    ClassificationHead::from_params(name, head.file.config, params).map(Some)
 }
 
 impl BertModel {

@@ -6,15 +6,15 @@ use std::io::BufRead;
 use std::path::Path;
 use std::sync::Arc;
 
-use bert_adapters::{device, AdapterSetup, Backend, BertModel, BertTokenizer, Device, Error, Result};
+use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer, Device, Error, Result};
 
 use crate::limits;
 
 /// `auto` (CUDA when it can be used, else the CPU), `cpu`, `cuda` or `cuda:N`.
 pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
     match choice {
-        "auto" => device::backend_for(Device::Cuda(0)).or_else(|_| device::backend_for(Device::Cpu)),
-        other => device::backend_for(other.parse::<Device>().map_err(|_| Error::Input(format!("--device `{other}`: expected auto, cpu, cuda or cuda:N")))?),
+        "auto" => backend_for(Device::Cuda(0)).or_else(|_| backend_for(Device::Cpu)),
+        other => backend_for(other.parse::<Device>().map_err(|_| Error::Input(format!("--device `{other}`: expected auto, cpu, cuda or cuda:N")))?),
     }
 }
 

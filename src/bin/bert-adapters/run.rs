@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args};
 
 use bert_adapters::io::atomic::clean_leftovers;
 use bert_adapters::io::{OutDtype, SafetensorsWriter};
-use bert_adapters::{device, AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
+use bert_adapters::{backend_for, AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
 
 use crate::{infer, limits};
 
@@ -244,7 +244,7 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
 
 pub fn run(args: RunArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
-    let backend = device::backend_for(device)?;
+    let backend = backend_for(device)?;
     let start = Instant::now();
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
     apply_adapters(&mut model, &args)?;

@@ -7,10 +7,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{LIBRARY_VERSION, MAX_CONFIG_BYTES};
-use crate::config::AdapterConfig;
+use crate::config::{validate_adapter_name, AdapterConfig, HeadConfig, HeadConfigFile};
 use crate::error::{Error, Result};
-use crate::model::adapters::validate_adapter_name;
-use crate::model::heads::{ClassificationHead, HeadConfigFile};
 
 /// What `adapter_config.json` says about the adapter.
 #[derive(Clone, Debug)]
@@ -91,19 +89,19 @@ pub fn adapter_config_json(name: &str, config: &AdapterConfig, hidden_size: usiz
     to_python_json(&v)
 }
 
-/// `head_config.json` as the library writes it for a classification head of a
-/// `BertAdapterModel` (the only model class with flexible heads).
-pub fn head_config_json(head: &ClassificationHead, model_name: &str) -> Result<String> {
+/// `head_config.json` as the library writes it for classification head `name` (of `config`, on
+/// hidden size `hidden_size`) of a `BertAdapterModel` (the only model class with flexible heads).
+pub fn head_config_json(name: &str, config: &HeadConfig, hidden_size: usize, model_name: &str) -> Result<String> {
     let file = HeadConfigFile {
-        config: head.config().clone(),
-        hidden_size: head.hidden_size(),
+        config: config.clone(),
+        hidden_size,
         model_class: "BertAdapterModel".into(),
         model_name: model_name.into(),
         model_type: "bert".into(),
-        name: head.name().into(),
+        name: name.into(),
         version: LIBRARY_VERSION.into(),
     };
-    let v = serde_json::to_value(&file).map_err(|e| Error::Input(format!("head `{}`: {e}", head.name())))?;
+    let v = serde_json::to_value(&file).map_err(|e| Error::Input(format!("head `{name}`: {e}")))?;
     Ok(to_python_json(&v))
 }
 

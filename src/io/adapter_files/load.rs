@@ -1,5 +1,6 @@
-//! Loading an adapter folder: matching the weights file against what the config implies,
-//! validating, and reporting what a lenient load let pass.
+//! Reading an adapter folder as plain data: matching the weights file against the tensors the
+//! caller expects (keys and shapes), validating, and reporting what a lenient load let pass.
+//! Building adapters and heads from what is read is `crate::model::persist`'s job.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,12 +8,8 @@ use std::path::{Path, PathBuf};
 use super::config::{read_adapter_config, read_capped, AdapterConfigFile};
 use super::weights::{StoredTensor, WeightsFile};
 use super::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, MAX_CONFIG_BYTES, MAX_WIDTH_FACTOR, TORCH_HEAD_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, WEIGHTS_FILE};
-use crate::backend::Backend;
-use crate::config::{AdapterConfig, BertConfig, Location, ReductionFactor};
+use crate::config::{AdapterConfig, BertConfig, HeadConfigFile, Location, ReductionFactor};
 use crate::error::{Error, Result};
-use crate::model::adapters::{param_specs, validate_adapter_name, Adapter};
-use crate::model::heads::{ClassificationHead, HeadConfigFile};
-use crate::tensor::Tensor;
 
 /// How to load an adapter folder.
 #[derive(Clone, Debug)]
@@ -52,14 +49,8 @@ pub struct AdapterLoadReport {
     pub notes: Vec<String>,
 }
 
-/// An adapter and its head, read from a folder but not yet part of a model.
-pub struct LoadedAdapter {
-    pub adapter: Adapter,
-    pub head: Option<ClassificationHead>,
-    pub report: AdapterLoadReport,
-}
-
-/// An adapter folder whose config has been read and whose weights file has been found.
+/// An adapter folder whose config has been read and whose weights file has been found
+/// (`AdapterDir::load`, in `crate::model::persist`, builds the adapter and its head from it).
 #[derive(Clone, Debug)]
 pub struct AdapterDir {
     pub dir: PathBuf,
@@ -89,22 +80,6 @@ impl AdapterDir {
     pub fn target_name<'a>(&'a self, opts: &'a AdapterLoadOptions) -> &'a str {
         opts.load_as.as_deref().unwrap_or(&self.config.name)
     }
-
-    /// Read the weights (and head) for a BERT of `bert`.
-    pub fn load(&self, opts: &AdapterLoadOptions, bert: &BertConfig, backend: &dyn Backend) -> Result<LoadedAdapter> {
-        let weights = WeightsFile::open(&self.weights_path)?;
-        let (adapter, mut report) = build_adapter(&self.config, &self.dir.join(CONFIG_FILE), &weights, opts, bert, backend)?;
-        let head = if opts.with_head { load_head(&self.dir, &self.config.name, adapter.name(), opts, bert, backend, &mut report)? } else { None };
-        report.head = head.is_some();
-        Ok(LoadedAdapter { adapter, head, report })
-    }
-}
-
-/// Load an adapter folder for a BERT of `bert`, under its saved name or `load_as`, strictly and
-/// without its head.
-pub fn load_adapter_dir(dir: &Path, load_as: Option<&str>, bert: &BertConfig, backend: &dyn Backend) -> Result<Adapter> {
-    let opts = AdapterLoadOptions { load_as: load_as.map(str::to_string), strict: true, with_head: false };
-    Ok(AdapterDir::open(dir)?.load(&opts, bert, backend)?.adapter)
 }
 
 /// The library's renames of adapter-transformers (v1–v3) module names.
@@ -132,7 +107,7 @@ fn canonical_key(file_key: &str, saved: &str, name: &str) -> String {
 
 /// Refuse a config that does not fit the model. In lenient mode the harmless mismatches (layers
 /// the model does not have) become notes.
-fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict: bool, notes: &mut Vec<String>) -> Result<()> {
+pub fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict: bool, notes: &mut Vec<String>) -> Result<()> {
     let h = bert.hidden_size;
     let layers = bert.num_hidden_layers;
     if let Some(saved) = cfg.hidden_size {
@@ -209,24 +184,22 @@ fn explain_unexpected(key: &str, saved: &str, name: &str, bert: &BertConfig, con
     }
 }
 
-/// Build adapter `name` from a parsed config and an opened weights file, checking the file
-/// against what the config implies. Used by folder loads and by the fuzz targets.
-pub fn build_adapter(
+/// The tensors of adapter `name` (saved as `cfg.name`) in `weights`, as f32 on the host by the
+/// key the model gives them, checked against `expected` (key → shape: every tensor the config
+/// implies). Legacy and `bert.`-prefixed names are mapped, and `ln_before`'s second LayerNorm
+/// name must hold the same values. Strictly, unexpected tensors are an error; leniently they are
+/// skipped and listed in `report`. Missing tensors are simply absent from the result.
+pub fn read_adapter_tensors(
     cfg: &AdapterConfigFile,
-    cfg_path: &Path,
     weights: &WeightsFile,
-    opts: &AdapterLoadOptions,
+    expected: &BTreeMap<&str, &[usize]>,
+    name: &str,
     bert: &BertConfig,
-    backend: &dyn Backend,
-) -> Result<(Adapter, AdapterLoadReport)> {
+    strict: bool,
+    report: &mut AdapterLoadReport,
+) -> Result<BTreeMap<String, Vec<f32>>> {
     let wpath = weights.path();
     let saved = cfg.name.as_str();
-    let name = opts.load_as.as_deref().unwrap_or(saved);
-    validate_adapter_name(name)?;
-    let mut report = AdapterLoadReport { name: name.into(), saved_name: saved.into(), weights_file: wpath.to_path_buf(), ..Default::default() };
-    check_fit(cfg, cfg_path, bert, opts.strict, &mut report.notes)?;
-    let specs = param_specs(name, &cfg.config, bert).map_err(|e| Error::config(cfg_path, "config", e.to_string()))?;
-    let expected: BTreeMap<&str, &[usize]> = specs.iter().map(|s| (s.key.as_str(), s.shape.as_slice())).collect();
 
     // Match every file tensor to a parameter before reading any data.
     let mut found: BTreeMap<String, &StoredTensor> = BTreeMap::new();
@@ -250,7 +223,7 @@ pub fn build_adapter(
         }
         if expected.contains_key(key.as_str()) {
             found.insert(key, t);
-        } else if opts.strict {
+        } else if strict {
             return Err(Error::tensor(wpath, &t.name, format!("unexpected: {}", explain_unexpected(&key, saved, name, bert, &cfg.config))));
         } else {
             report.unexpected.push(t.name.clone());
@@ -293,46 +266,26 @@ pub fn build_adapter(
             }
         }
     }
-
-    let mut fresh: Option<Adapter> = None;
-    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
-    for spec in &specs {
-        let tensor = match host.remove(&spec.key) {
-            Some(data) => backend.upload(data, &spec.shape)?,
-            None if opts.strict => {
-                return Err(Error::tensor(wpath, &spec.key, format!("missing: adapter `{saved}` with its config needs it (shape {:?})", spec.shape)))
-            }
-            None => {
-                report.missing.push(spec.key.clone());
-                if fresh.is_none() {
-                    fresh = Some(Adapter::init(name, cfg.config.clone(), bert, 0, backend)?);
-                }
-                fresh.as_ref().and_then(|a| a.params().get(&spec.key).cloned()).ok_or_else(|| Error::tensor(wpath, &spec.key, "missing"))?
-            }
-        };
-        params.insert(spec.key.clone(), tensor);
-    }
-    let adapter = Adapter::from_params(name, cfg.config.clone(), bert, params)?;
-    Ok((adapter, report))
+    Ok(host)
 }
 
-/// The head saved beside an adapter, if any, loaded under the adapter's name.
-fn load_head(
-    dir: &Path,
-    saved_adapter: &str,
-    name: &str,
-    opts: &AdapterLoadOptions,
-    bert: &BertConfig,
-    backend: &dyn Backend,
-    report: &mut AdapterLoadReport,
-) -> Result<Option<ClassificationHead>> {
+/// A head saved beside an adapter: its `head_config.json` and its opened weights file.
+pub struct StoredHead {
+    pub config_path: PathBuf,
+    pub file: HeadConfigFile,
+    pub weights: WeightsFile,
+}
+
+/// The head saved in `dir` beside adapter `saved_adapter` (loaded as `name`), if the folder has
+/// one, for a model of hidden size `hidden_size`. In a lenient load a head we cannot use is
+/// skipped with a note rather than failing.
+pub fn read_head(dir: &Path, saved_adapter: &str, name: &str, strict: bool, hidden_size: usize, report: &mut AdapterLoadReport) -> Result<Option<StoredHead>> {
     let cfg_path = dir.join(HEAD_CONFIG_FILE);
     if !cfg_path.is_file() {
         return Ok(None);
     }
-    // In a lenient load a head we cannot use is skipped with a note rather than failing.
-    let soft = |e: Error, report: &mut AdapterLoadReport| -> Result<Option<ClassificationHead>> {
-        if opts.strict {
+    let soft = |e: Error, report: &mut AdapterLoadReport| -> Result<Option<StoredHead>> {
+        if strict {
             Err(e)
         } else {
             report.notes.push(format!("head not loaded: {e}"));
@@ -351,8 +304,8 @@ fn load_head(
     if file.name != saved_adapter {
         report.notes.push(format!("{}: head `{}` saved beside adapter `{saved_adapter}`; loaded as `{name}`'s head", cfg_path.display(), file.name));
     }
-    if file.hidden_size != bert.hidden_size {
-        return Err(Error::config(&cfg_path, "hidden_size", format!("{} does not match the model's hidden size {}", file.hidden_size, bert.hidden_size)));
+    if file.hidden_size != hidden_size {
+        return Err(Error::config(&cfg_path, "hidden_size", format!("{} does not match the model's hidden size {hidden_size}", file.hidden_size)));
     }
     let Some(wpath) = [HEAD_WEIGHTS_FILE, TORCH_HEAD_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
         let e = Error::io(
@@ -362,36 +315,49 @@ fn load_head(
         return soft(e, report);
     };
     let weights = WeightsFile::open(&wpath)?;
-    let expected: BTreeMap<String, Vec<usize>> = ClassificationHead::expected_shapes(name, &file.config, bert.hidden_size).into_iter().collect();
+    Ok(Some(StoredHead { config_path: cfg_path, file, weights }))
+}
+
+/// The tensors of `head`, renamed from `heads.<saved>.` to `heads.<name>.`, as f32 on the host,
+/// checked against `expected` (key → shape). Every expected tensor must be there: a head with
+/// random layers predicts nothing useful, so missing head tensors are an error in lenient loads
+/// too. Unexpected ones are an error strictly, skipped and listed in `report` leniently.
+pub fn read_head_tensors(
+    head: &StoredHead,
+    name: &str,
+    expected: &BTreeMap<String, Vec<usize>>,
+    strict: bool,
+    report: &mut AdapterLoadReport,
+) -> Result<BTreeMap<String, Vec<f32>>> {
+    let (file, weights) = (&head.file, &head.weights);
+    let wpath = weights.path();
     let (old, new) = (format!("heads.{}.", file.name), format!("heads.{name}."));
-    let mut params = BTreeMap::new();
+    let mut host = BTreeMap::new();
     for t in weights.tensors() {
         let key = t.name.replacen(&old, &new, 1);
         let Some(shape) = expected.get(&key) else {
-            if opts.strict {
-                return Err(Error::tensor(&wpath, &t.name, format!("unexpected for head `{}` ({} layers, {} labels)", file.name, file.config.layers, file.config.num_labels)));
+            if strict {
+                return Err(Error::tensor(wpath, &t.name, format!("unexpected for head `{}` ({} layers, {} labels)", file.name, file.config.layers, file.config.num_labels)));
             }
             report.unexpected.push(format!("{}: {}", wpath.display(), t.name));
             continue;
         };
         if t.float.is_none() {
-            return Err(Error::tensor(&wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
         }
         if &t.shape != shape {
-            return Err(Error::tensor(&wpath, &t.name, format!("shape {:?} in the file, but the head config needs {shape:?}", t.shape)));
+            return Err(Error::tensor(wpath, &t.name, format!("shape {:?} in the file, but the head config needs {shape:?}", t.shape)));
         }
         let data = weights.read_f32(&t.name)?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::tensor(&wpath, &t.name, format!("non-finite value {} at element {i}", data[i])));
+            return Err(Error::tensor(wpath, &t.name, format!("non-finite value {} at element {i}", data[i])));
         }
-        if params.insert(key.clone(), backend.upload(data, shape)?).is_some() {
-            return Err(Error::tensor(&wpath, &t.name, "appears twice"));
+        if host.insert(key.clone(), data).is_some() {
+            return Err(Error::tensor(wpath, &t.name, "appears twice"));
         }
     }
-    if let Some(missing) = expected.keys().find(|k| !params.contains_key(*k)) {
-        // A head with random layers predicts nothing useful: missing head tensors are an error
-        // in lenient loads too.
-        return Err(Error::tensor(&wpath, missing, format!("missing from head `{}`", file.name)));
+    if let Some(missing) = expected.keys().find(|k| !host.contains_key(*k)) {
+        return Err(Error::tensor(wpath, missing, format!("missing from head `{}`", file.name)));
     }
-    ClassificationHead::from_params(name, file.config, params).map(Some)
+    Ok(host)
 }

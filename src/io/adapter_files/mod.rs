@@ -8,6 +8,9 @@
 //! nothing else may be, and the config must fit the model. The library itself only logs missing
 //! and unexpected keys; [`AdapterLoadOptions::strict`]` = false` mirrors that and returns what it
 //! found in an [`AdapterLoadReport`] instead.
+//!
+//! This layer reads and writes plain data only: configs, and named f32 tensors checked against the
+//! keys and shapes the caller expects. `crate::model::persist` maps them onto adapters and heads.
 
 mod config;
 mod load;
@@ -17,8 +20,8 @@ mod weights;
 pub use config::{
     adapter_config_json, head_config_json, parse_adapter_config, python_float_repr, read_adapter_config, to_python_json, AdapterConfigFile,
 };
-pub use load::{build_adapter, load_adapter_dir, AdapterDir, AdapterLoadOptions, AdapterLoadReport, LoadedAdapter};
-pub use save::{adapter_tensors, head_tensors, safetensors_bytes, NamedTensor};
+pub use load::{check_fit, read_adapter_tensors, read_head, read_head_tensors, AdapterDir, AdapterLoadOptions, AdapterLoadReport, StoredHead};
+pub use save::{safetensors_bytes, with_ln_before_aliases, NamedTensor};
 pub use weights::{StoredTensor, WeightsFile};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
