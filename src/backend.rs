@@ -11,7 +11,7 @@
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 // Defined below the seam (configs name activations too); re-exported so backend paths keep working.
 pub use crate::config::Activation;
@@ -161,8 +161,14 @@ pub trait Backend: Send + Sync {
     // ---- memory ------------------------------------------------------------------------------
     /// Move host data onto this backend's device.
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor>;
-    /// Copy a tensor back to the host.
+    /// Copy a tensor back to the host (any float dtype, widened to f32).
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Move host u32 data (token ids, labels, counters) onto this backend's device.
+    fn upload_u32(&self, data: Vec<u32>, shape: &[usize]) -> Result<Tensor>;
+    /// Copy a u32 tensor back to the host.
+    fn to_host_u32(&self, t: &Tensor) -> Result<Vec<u32>>;
+    /// A tensor of zeros on this backend's device.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;
     /// Whether every element is finite (no NaN, no ±inf): one read of the tensor where it lives,
     /// answering one bool (the model checks each layer's output with it).
     fn all_finite(&self, t: &Tensor) -> Result<bool>;
@@ -189,7 +195,9 @@ pub trait Backend: Send + Sync {
     // ---- attention family ----------------------------------------------------------------------
     /// Multi-head scaled dot-product attention, HF eager semantics. `q, k, v: [B, T, H]` with the
     /// heads side by side in H; `mask_bias: [B, T]` is added to every query's scores for key t
-    /// (0 for a real token, `f32::MIN` for padding). Returns the context `[B, T, H]`.
+    /// (0 for a real token, `f32::MIN` for padding). The mask may have fewer rows B' than q (B'
+    /// dividing B): row b reads mask row `b % B'`, so replicated Parallel branches share one mask.
+    /// Returns the context `[B, T, H]`.
     /// `dropout` applies to the attention probabilities (train mode).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
 
@@ -245,4 +253,34 @@ pub trait Backend: Send + Sync {
     // ---- gather ----------------------------------------------------------------------------------
     /// The first token of every sequence: `[B, T, H] -> [B, H]` (the pooler's input).
     fn first_token(&self, x: &Tensor) -> Result<Tensor>;
+
+    // ---- dtype, fill, in-place -------------------------------------------------------------------
+    /// `t` converted to `dtype`. Narrowing to bf16/f16 rounds to nearest, ties to even, and is
+    /// bit-exact with the `half` crate (NaN stays NaN, overflow goes to ±inf, subnormals are
+    /// kept); widening is exact. Same dtype is a view (no copy).
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// Set every element of `t` (any view) to `value`.
+    fn fill(&self, t: &Tensor, value: f32) -> Result<()>;
+    /// `dst += src`, elementwise, in place (gradients reached along several paths).
+    fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()>;
+    /// Copy host values into an existing buffer of this device (a fixed input buffer).
+    fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()>;
+    /// Copy host values into an existing f32 buffer of this device.
+    fn write_f32(&self, dst: &Tensor, data: &[f32]) -> Result<()>;
+
+    // ---- training tail -----------------------------------------------------------------------------
+    /// One objective on `[B, C]` logits (spec in `crate::train::loss`): writes ∂loss/∂(trained
+    /// logits) into `dlogits` and `[total, cross-entropy part]` into `loss` (`[2]`, on the device:
+    /// nothing is read back). Non-finite logits make the loss NaN, which the caller checks
+    /// when it reads the loss.
+    fn loss(&self, op: &crate::train::loss::LossOp, dlogits: &Tensor, loss: &Tensor) -> Result<()>;
+    /// `torch.nn.utils.clip_grad_norm_` over `grads` (any views): the total L2 norm (norm of the
+    /// per-tensor norms) goes to `norm` (`[1]`), and every gradient is multiplied by
+    /// `max_norm / (norm + 1e-6)` when that is below 1 (a NaN factor propagates, as in torch);
+    /// `max_norm = +inf` only measures.
+    fn clip_grad_norm(&self, grads: &[Tensor], max_norm: f32, norm: &Tensor) -> Result<()>;
+    /// One `torch.optim.AdamW` update of the segments of a flat arena that received a gradient,
+    /// reading each segment's step count and the learning rate from device buffers (so the call
+    /// is the same every step).
+    fn adamw(&self, step: &crate::train::optim::AdamWLaunch) -> Result<()>;
 }

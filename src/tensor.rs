@@ -339,6 +339,18 @@ impl Tensor {
         self.shares_storage(other) && self.offset < other.offset + other.elem_count() && other.offset < self.offset + self.elem_count()
     }
 
+    /// A new storage holding a copy of this view's elements (`clone` shares the storage; a
+    /// snapshot that later in-place updates must not change needs this). CPU tensors; a device
+    /// backend copies on its device.
+    pub fn copy(&self) -> Result<Self> {
+        match self.dtype {
+            DType::F32 => Self::from_elems(self.cpu_slice::<f32>()?.to_vec(), &self.shape),
+            DType::BF16 => Self::from_elems(self.cpu_slice::<bf16>()?.to_vec(), &self.shape),
+            DType::F16 => Self::from_elems(self.cpu_slice::<f16>()?.to_vec(), &self.shape),
+            DType::U32 => Self::from_elems(self.cpu_slice::<u32>()?.to_vec(), &self.shape),
+        }
+    }
+
     /// The same elements under another shape with the same element count (no copy).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();

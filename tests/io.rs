@@ -123,7 +123,7 @@ fn unexpected_key_is_an_error_when_strict_and_reported_when_lenient() {
     let (_d, path) = rewrite(|raw| raw.push(("encoder.layer.7.output.dense.bias".into(), Dtype::F32, vec![48], vec![0; 192])));
     let err = load_err(&path);
     assert!(err.contains("`encoder.layer.7.output.dense.bias`: unexpected"), "{err}");
-    let (_, report) = load(&path, LoadOptions { strict: false }).unwrap();
+    let (_, report) = load(&path, LoadOptions { strict: false, ..Default::default() }).unwrap();
     assert_eq!(report.unexpected, vec!["encoder.layer.7.output.dense.bias".to_string()]);
 }
 
@@ -251,7 +251,7 @@ fn a_config_that_disagrees_with_the_weights_file_is_refused_naming_the_file() {
     assert!(msg.contains("model.safetensors: tensor `encoder.layer.1.attention.output.LayerNorm.bias`: unexpected for a BertModel with this config (and 15 more)"), "{msg}");
     // ... and reported when lenient, so a truncated model still loads on request.
     let backend: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
-    let (model, report) = BertModel::from_dir(dir.path(), backend, LoadOptions { strict: false }).unwrap();
+    let (model, report) = BertModel::from_dir(dir.path(), backend, LoadOptions { strict: false, ..Default::default() }).unwrap();
     assert_eq!((model.config().num_hidden_layers, report.unexpected.len(), report.loaded.len()), (1, 16, 5 + 16 + 2));
 }
 

@@ -142,7 +142,8 @@ fn adamw_state_round_trips_through_json() {
     let g = |s: f32| map(&[("w", t(&[0.3 * s, -0.1, 0.7], &[3])), ("b", t(&[s], &[1]))]);
     let init = map(&[("w", t(&[0.1, 0.2, 0.3], &[3])), ("b", t(&[-1.0], &[1]))]);
 
-    let mut straight = init.clone();
+    // Deep copies: `clone` shares storage, and AdamW updates in place.
+    let mut straight: BTreeMap<String, Tensor> = init.iter().map(|(k, v)| (k.clone(), v.copy().unwrap())).collect();
     let mut opt = AdamW::new(cfg).unwrap();
     for s in [1.0, -2.0, 0.5, 3.0] {
         opt.step(&mut straight, &g(s)).unwrap();
@@ -166,7 +167,7 @@ fn adamw_state_round_trips_through_json() {
 fn adamw_errors_leave_everything_untouched() {
     let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
     let mut params = map(&[("w", t(&[1.0, 2.0], &[2])), ("u", t(&[3.0], &[1]))]);
-    let before = params.clone();
+    let before: BTreeMap<String, Tensor> = params.iter().map(|(k, v)| (k.clone(), v.copy().unwrap())).collect();
 
     // A gradient without a parameter (checked before anything moves, even in a later key).
     let e = opt.step(&mut params, &map(&[("u", t(&[1.0], &[1])), ("zz", t(&[1.0], &[1]))])).unwrap_err();

@@ -179,7 +179,7 @@ pub fn attention(
             let (b, h) = (bh / heads, bh % heads);
             let base = b * seq * hidden + h * d;
             let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
-            attention_probs(scores, q, k, &mask_bias[b * seq..][..seq], base, seq, hidden, d, scale);
+            attention_probs(scores, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base, seq, hidden, d, scale);
             if let Some(drop) = dropout {
                 let mut keep = vec![1f32; seq];
                 for (i, row) in scores.chunks_mut(seq).enumerate() {
@@ -287,7 +287,7 @@ pub fn attention_backward(
             // SAFETY (all calls): views stay inside this (b, h)'s T×d blocks and the T×T scratch;
             // the destination blocks belong to this task alone.
             unsafe {
-                attention_probs(p, q, k, &mask_bias[b * seq..][..seq], base, seq, hidden, d, scale);
+                attention_probs(p, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base, seq, hidden, d, scale);
                 // With dropout ctx = (P ⊙ keep)·V: dV uses the dropped P, dP gets the mask back.
                 if let Some(drop) = dropout {
                     for (i, krow) in keep.chunks_mut(seq).enumerate() {

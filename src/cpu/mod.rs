@@ -5,6 +5,7 @@ mod adapter;
 mod adapter_backward;
 pub mod fast;
 pub mod reference;
+mod train_ops;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -82,15 +83,67 @@ impl std::ops::Sub for GemmCounts {
     }
 }
 
+/// Host↔device traffic of a backend (on the CPU backend, the calls that would be transfers on a
+/// device): the counter behind "only what a user asks for comes back".
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    uploads: AtomicUsize,
+    upload_bytes: AtomicUsize,
+    readbacks: AtomicUsize,
+    readback_bytes: AtomicUsize,
+}
+
+/// A snapshot of `TransferStats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferCounts {
+    /// Host → device copies (uploads and writes into device buffers) and their bytes.
+    pub uploads: usize,
+    pub upload_bytes: usize,
+    /// Device → host copies and their bytes.
+    pub readbacks: usize,
+    pub readback_bytes: usize,
+}
+
+impl std::ops::Sub for TransferCounts {
+    type Output = TransferCounts;
+    fn sub(self, o: TransferCounts) -> TransferCounts {
+        TransferCounts { uploads: self.uploads - o.uploads, upload_bytes: self.upload_bytes - o.upload_bytes, readbacks: self.readbacks - o.readbacks, readback_bytes: self.readback_bytes - o.readback_bytes }
+    }
+}
+
+impl TransferStats {
+    fn up(&self, bytes: usize) {
+        self.uploads.fetch_add(1, Ordering::Relaxed);
+        self.upload_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn down(&self, bytes: usize) {
+        self.readbacks.fetch_add(1, Ordering::Relaxed);
+        self.readback_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> TransferCounts {
+        TransferCounts {
+            uploads: self.uploads.load(Ordering::Relaxed),
+            upload_bytes: self.upload_bytes.load(Ordering::Relaxed),
+            readbacks: self.readbacks.load(Ordering::Relaxed),
+            readback_bytes: self.readback_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     mode: CpuMode,
     stats: Arc<GemmStats>,
+    transfers: Arc<TransferStats>,
 }
 
 impl CpuBackend {
     pub fn new(mode: CpuMode) -> Self {
-        CpuBackend { mode, stats: Arc::new(GemmStats::default()) }
+        CpuBackend { mode, stats: Arc::new(GemmStats::default()), transfers: Arc::new(TransferStats::default()) }
+    }
+    /// Host↔device copies so far (uploads, writes, readbacks).
+    pub fn transfer_counts(&self) -> TransferCounts {
+        self.transfers.snapshot()
     }
     /// Matrix products run so far, by kind (attention's batched products count once per call).
     pub fn gemm_counts(&self) -> GemmCounts {
@@ -150,6 +203,16 @@ fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Re
     Ok(())
 }
 
+/// The attention mask is `[B, T]` and is read at row `b % B`, so the N·B rows of replicated
+/// Parallel branches share one mask (never tiled).
+fn expect_mask(op: &'static str, mask: &Tensor, batch: usize, seq: usize) -> Result<()> {
+    let rows = mask.shape().first().copied().unwrap_or(0);
+    if mask.rank() != 2 || mask.shape()[1] != seq || rows == 0 || !batch.is_multiple_of(rows) {
+        return Err(Error::shape(op, format!("mask has shape {:?}, expected [B, {seq}] with B dividing {batch}", mask.shape())));
+    }
+    Ok(())
+}
+
 fn expect_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.rank() != rank {
         return Err(Error::shape(op, format!("{what} has shape {:?}, expected rank {rank}", t.shape())));
@@ -170,14 +233,32 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        self.transfers.up(data.len() * 4);
         Tensor::from_vec(data, shape)
     }
 
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.transfers.down(t.size_in_bytes());
         Ok(t.f32_data()?.to_vec())
     }
 
+    fn upload_u32(&self, data: Vec<u32>, shape: &[usize]) -> Result<Tensor> {
+        self.transfers.up(data.len() * 4);
+        Tensor::from_elems(data, shape)
+    }
+
+    fn to_host_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        self.transfers.down(t.size_in_bytes());
+        Ok(t.cpu_slice::<u32>()?.to_vec())
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: crate::tensor::DType) -> Result<Tensor> {
+        Ok(Tensor::zeros_of(dtype, shape))
+    }
+
     fn all_finite(&self, t: &Tensor) -> Result<bool> {
+        // One bool back to the host: a device sync and a transfer on a GPU.
+        self.transfers.down(1);
         let x = &*t.f32_data()?;
         Ok(match self.mode {
             CpuMode::Reference => reference::all_finite(x),
@@ -263,7 +344,7 @@ impl Backend for CpuBackend {
         expect_shape(OP, "key", k, q.shape())?;
         expect_shape(OP, "value", v, q.shape())?;
         let (batch, seq, hidden) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        expect_shape(OP, "mask", mask_bias, &[batch, seq])?;
+        expect_mask(OP, mask_bias, batch, seq)?;
         if heads == 0 || hidden % heads != 0 {
             return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
         }
@@ -353,7 +434,7 @@ impl Backend for CpuBackend {
             expect_shape(OP, what, t, q.shape())?;
         }
         let (batch, seq, hidden) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        expect_shape(OP, "mask", mask_bias, &[batch, seq])?;
+        expect_mask(OP, mask_bias, batch, seq)?;
         if heads == 0 || hidden % heads != 0 {
             return Err(Error::shape(OP, format!("hidden {hidden} is not divisible by {heads} heads")));
         }
@@ -425,5 +506,47 @@ impl Backend for CpuBackend {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
         Tensor::from_vec(reference::first_token(&*x.f32_data()?, b, t, h), &[b, h])
+    }
+
+    fn cast(&self, t: &Tensor, dtype: crate::tensor::DType) -> Result<Tensor> {
+        train_ops::cast(t, dtype)
+    }
+
+    fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
+        train_ops::fill(t, value)
+    }
+
+    fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        train_ops::add_into(dst, src)
+    }
+
+    fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()> {
+        if dst.elem_count() != data.len() {
+            return Err(Error::shape("write_u32", format!("{} values into a buffer of shape {:?}", data.len(), dst.shape())));
+        }
+        self.transfers.up(data.len() * 4);
+        dst.cpu_slice_mut::<u32>()?.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_f32(&self, dst: &Tensor, data: &[f32]) -> Result<()> {
+        if dst.elem_count() != data.len() {
+            return Err(Error::shape("write_f32", format!("{} values into a buffer of shape {:?}", data.len(), dst.shape())));
+        }
+        self.transfers.up(data.len() * 4);
+        dst.cpu_data_mut()?.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn loss(&self, op: &crate::train::loss::LossOp, dlogits: &Tensor, loss: &Tensor) -> Result<()> {
+        train_ops::loss(op, dlogits, loss)
+    }
+
+    fn clip_grad_norm(&self, grads: &[Tensor], max_norm: f32, norm: &Tensor) -> Result<()> {
+        train_ops::clip_grad_norm(grads, max_norm, norm)
+    }
+
+    fn adamw(&self, step: &crate::train::optim::AdamWLaunch) -> Result<()> {
+        train_ops::adamw(step)
     }
 }

@@ -111,7 +111,7 @@ pub fn attention(
                     let dot: f64 = qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum();
                     // The bias is added in f32 like PyTorch, so a fully masked row becomes
                     // uniform there and here alike.
-                    *pj = ((dot * scale) as f32 + mask_bias[b * seq + j]) as f64;
+                    *pj = ((dot * scale) as f32 + mask_bias[(b % (mask_bias.len() / seq)) * seq + j]) as f64;
                 }
                 let max = p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0;
@@ -274,7 +274,7 @@ pub fn attention_backward(
             for i in 0..seq {
                 for j in 0..seq {
                     let dot: f64 = (0..d).map(|c| q[at(b, i, h, c)] as f64 * k[at(b, j, h, c)] as f64).sum();
-                    p[j] = ((dot * scale) as f32 + mask_bias[b * seq + j]) as f64;
+                    p[j] = ((dot * scale) as f32 + mask_bias[(b % (mask_bias.len() / seq)) * seq + j]) as f64;
                 }
                 let max = p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0;

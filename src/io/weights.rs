@@ -12,18 +12,21 @@ use crate::backend::Backend;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::io::tensor_file::TensorFile;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     /// Refuse unexpected keys too (missing and mis-shaped tensors are always refused, since
     /// the model cannot run without them).
     pub strict: bool,
+    /// Storage of the frozen base: F32, or BF16/F16 (half the memory; every op widens to f32 and
+    /// accumulates in f32). Adapters always keep f32 master weights.
+    pub dtype: DType,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { strict: true }
+        LoadOptions { strict: true, dtype: DType::F32 }
     }
 }
 
@@ -141,6 +144,9 @@ impl BertWeights {
     /// Load `path` for `cfg` onto `backend`'s device. Returns the weights and the report; errors
     /// (strict mode) name the file, the key and both shapes.
     pub fn load(path: impl AsRef<Path>, cfg: &BertConfig, backend: &dyn Backend, opts: LoadOptions) -> Result<(Self, LoadReport)> {
+        if !opts.dtype.is_float() {
+            return Err(Error::Input(format!("the base model's weights cannot be stored as {}", opts.dtype)));
+        }
         let file = TensorFile::open(path.as_ref())?;
         let path = file.path().to_path_buf();
 
@@ -207,7 +213,8 @@ impl BertWeights {
             if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(Error::tensor(&path, file_key, format!("non-finite value {} at element {i}", data[i])));
             }
-            backend.upload(data, &shape)
+            let t = backend.upload(data, &shape)?;
+            backend.cast(&t, opts.dtype)
         };
         let layer = |l: usize| -> Result<LayerWeights> {
             let k = |name: &str| get(&format!("encoder.layer.{l}.{name}"));

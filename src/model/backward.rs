@@ -147,12 +147,20 @@ impl BertModel {
         lowest.map(|lowest| Plan { live, trainable, nice_trainable, lowest })
     }
 
-    /// Gradients of every trainable tensor for `d_last = ∂L/∂last_hidden_state` (and optionally
-    /// `∂L/∂pooler_output`), from a `forward_train` tape of the same setup. Trainable tensors that
-    /// receive no gradient come back as zeros. A parameter reached by several branches (the same
-    /// adapter twice in Parallel) gets the sum of their gradients. A gradient holding NaN or ±inf
-    /// is an `Error::NonFinite` naming its key (the first in key order).
+    /// Gradients of the trainable tensors for `d_last = ∂L/∂last_hidden_state` (and optionally
+    /// `∂L/∂pooler_output`), from a `forward_train` tape of the same setup. A trainable tensor
+    /// that the setup never reaches (an inactive adapter, the NICE of a Parallel child that is
+    /// not the first) has no entry, like torch's `grad is None`, so AdamW skips it rather than
+    /// decaying it. A parameter reached by several branches (the same adapter twice in Parallel)
+    /// gets the sum of their gradients. A gradient holding NaN or ±inf is an `Error::NonFinite`
+    /// naming its key (the first in key order).
     pub fn backward(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>) -> Result<Gradients> {
+        self.backward_with(tape, d_last, d_pooler, true)
+    }
+
+    /// `backward`; `check_finite` scans every gradient (one host read each: a training step on a
+    /// device checks the gradient norm instead).
+    pub(crate) fn backward_with(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>, check_finite: bool) -> Result<Gradients> {
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let children = self.active_children()?;
@@ -165,7 +173,7 @@ impl BertModel {
             return Err(Error::Input(format!("gradient of last_hidden_state has shape {:?}, expected {want:?}", d_last.shape())));
         }
         let Some(plan) = self.plan(&children) else {
-            return self.finish_gradients(grads); // nothing trainable is reached by this setup
+            return Ok(grads); // nothing trainable is reached by this setup
         };
 
         // Branch row blocks that carry gradient (all rows before replication).
@@ -260,7 +268,7 @@ impl BertModel {
         }
         if plan.nice_trainable {
             let first = children[0];
-            let nice = first.nice()?.ok_or_else(|| Error::Input(format!("adapter `{}` lost its NICE block", first.name())))?;
+            let nice = first.nice()?.ok_or_else(|| Error::Internal(format!("adapter `{}` lost its NICE block", first.name())))?;
             let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
             for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
@@ -269,19 +277,11 @@ impl BertModel {
             }
         }
         // One pass over each gradient computed (adapter-sized, small next to the backward).
-        for (key, g) in &grads {
-            if !be.all_finite(g)? {
-                return Err(Error::NonFinite { at: format!("the gradient of `{key}`") });
-            }
-        }
-        self.finish_gradients(grads)
-    }
-
-    /// Zeros for every trainable tensor that received no gradient.
-    fn finish_gradients(&self, mut grads: Gradients) -> Result<Gradients> {
-        for (key, t) in self.trainable_tensors() {
-            if !grads.contains_key(key) {
-                grads.insert(key.to_string(), Tensor::zeros(t.shape()));
+        if check_finite {
+            for (key, g) in &grads {
+                if !be.all_finite(g)? {
+                    return Err(Error::NonFinite { at: format!("the gradient of `{key}`") });
+                }
             }
         }
         Ok(grads)

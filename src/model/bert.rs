@@ -37,6 +37,20 @@ pub struct BertModel {
     pub(crate) next_adapter_seed: u64,
     /// Training-mode dropout for `forward_train`: the seed its masks derive from.
     pub(crate) dropout_seed: Option<u64>,
+    /// Flat arenas of the adapters `train_step` has trained, by adapter name.
+    pub(crate) arenas: BTreeMap<String, crate::model::arena::TrainArena>,
+}
+
+/// What a forward computes beyond the encoder, and what it checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunOptions {
+    /// Keep the tape for `backward`.
+    pub record: bool,
+    /// Scan each layer's output for NaN/inf (one host read per layer: a training step on a
+    /// device skips it and checks its loss and gradient norm instead).
+    pub check_finite: bool,
+    /// Compute the pooler (only when something reads it).
+    pub pooler: bool,
 }
 
 /// What a forward pass returns, on the backend's device.
@@ -53,7 +67,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, arenas: BTreeMap::new() }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -72,6 +86,10 @@ impl BertModel {
     }
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+    /// The frozen base's weights (in the dtype they were loaded as).
+    pub fn weights(&self) -> &BertWeights {
+        &self.weights
     }
     pub fn has_pooler(&self) -> bool {
         self.weights.pooler.is_some()
@@ -124,6 +142,7 @@ impl BertModel {
         let adapter = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
         self.heads.remove(name);
         self.trainable.remove(name);
+        self.arenas.remove(name);
         if self.active.as_ref().is_some_and(|s| s.names().iter().any(|n| n == name)) {
             self.active = None;
         }
@@ -216,7 +235,7 @@ impl BertModel {
     /// its adapter, or the pooler). Each layer's output is scanned once; nothing else is checked
     /// unless that scan fails.
     pub fn forward(&self, batch: &InputBatch) -> Result<BertOutput> {
-        self.run(batch, false).map(|(out, _)| out)
+        self.run(batch, RunOptions { record: false, check_finite: true, pooler: true }).map(|(out, _)| out)
     }
 
     /// Training-mode dropout for `forward_train` (BERT's hidden and attention-probability dropout,
@@ -228,11 +247,16 @@ impl BertModel {
 
     /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.
     pub fn forward_train(&self, batch: &InputBatch) -> Result<(BertOutput, Tape)> {
-        let (out, tape) = self.run(batch, true)?;
-        Ok((out, tape.ok_or_else(|| Error::Input("internal: no tape recorded".into()))?))
+        self.forward_train_with(batch, RunOptions { record: true, check_finite: true, pooler: true })
     }
 
-    fn run(&self, batch: &InputBatch, record: bool) -> Result<(BertOutput, Option<Tape>)> {
+    pub(crate) fn forward_train_with(&self, batch: &InputBatch, opts: RunOptions) -> Result<(BertOutput, Tape)> {
+        let (out, tape) = self.run(batch, RunOptions { record: true, ..opts })?;
+        Ok((out, tape.ok_or_else(|| Error::Internal("forward_train recorded no tape".into()))?))
+    }
+
+    fn run(&self, batch: &InputBatch, opts: RunOptions) -> Result<(BertOutput, Option<Tape>)> {
+        let RunOptions { record, check_finite, pooler: want_pooler } = opts;
         let training = record && self.dropout_seed.is_some();
         let drop = |p: f32, layer: usize, site: DropoutSite, rows: usize| -> Option<DropoutSpec> {
             if !training {
@@ -263,19 +287,20 @@ impl BertModel {
         if let Some(d) = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch) {
             x = be.dropout(&x, &d)?;
         }
-        if !be.all_finite(&x)? {
+        if check_finite && !be.all_finite(&x)? {
             return Err(Error::NonFinite { at: "the embeddings".into() });
         }
         let embeddings = record.then(|| x.clone());
         // Only the first adapter of the setup applies its NICE, before any replication.
         if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
             x = be.nice(&x, &nice, false)?;
-            if !be.all_finite(&x)? {
+            if check_finite && !be.all_finite(&x)? {
                 return Err(Error::NonFinite { at: format!("the invertible adapter (NICE) of `{}`", children[0].name()) });
             }
         }
         let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
-        let mut mask = be.upload(mask_bias.clone(), &[batch.batch, batch.seq_len])?;
+        // [B, T] for every branch: the attention op reads row `b % B` (never tiled).
+        let mask = be.upload(mask_bias, &[batch.batch, batch.seq_len])?;
         let mut replicated = false;
         let act = Activation::from(cfg.hidden_act);
         let mut hidden_states = Vec::with_capacity(cfg.num_hidden_layers + 1);
@@ -304,29 +329,25 @@ impl BertModel {
             let (x_out, rep_out) =
                 self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training)?;
             // One pass over the layer's output; only when it fails are the intermediates scanned.
-            if !be.all_finite(&x_out)? {
+            if check_finite && !be.all_finite(&x_out)? {
                 return Err(self.locate_non_finite(&children, l, [&h1, &x_attn, &h2, &x_out], batch.batch)?);
             }
             if record {
                 layers.push(LayerTape { x_in: x, q, k, v, mask: mask.clone(), h1, x_attn, inter_pre, h2, replicated_at: [rep_mh, rep_out] });
             }
             x = x_out;
-            if replicated && mask.shape()[0] == batch.batch && children.len() > 1 {
-                // The library tiles the mask the same way when rows outgrow it.
-                mask = be.upload(mask_bias.repeat(children.len()), &[children.len() * batch.batch, batch.seq_len])?;
-            }
         }
         hidden_states.push(x.clone());
         let (pooler_output, pooler_pre) = match &w.pooler {
-            Some((pw, pb)) => {
+            Some((pw, pb)) if want_pooler => {
                 let pre = be.linear(&be.first_token(&x)?, pw, Some(pb))?;
                 let pooled = be.activation(&pre, Activation::Tanh)?;
-                if !be.all_finite(&pooled)? {
+                if check_finite && !be.all_finite(&pooled)? {
                     return Err(Error::NonFinite { at: "the pooler".into() });
                 }
                 (Some(pooled), Some(pre))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         let tape = embeddings.map(|embeddings| Tape {
             batch: batch.batch,

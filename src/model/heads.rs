@@ -192,6 +192,12 @@ impl ClassificationHead {
     /// `∂L/∂last_hidden_state` `[B, T, H]`, zero except at position 0, or `∂L/∂pooler_output`
     /// `[B, H]` when `use_pooler`.
     pub fn backward(&self, backend: &dyn Backend, tape: &HeadTape, dlogits: &Tensor) -> Result<(BTreeMap<String, Tensor>, Tensor)> {
+        self.backward_with(backend, tape, dlogits, true)
+    }
+
+    /// `backward`, computing parameter gradients only when `want_params` (a frozen head runs
+    /// input-gradient products only, and returns an empty map).
+    pub fn backward_with(&self, backend: &dyn Backend, tape: &HeadTape, dlogits: &Tensor, want_params: bool) -> Result<(BTreeMap<String, Tensor>, Tensor)> {
         let batch = tape.input.shape()[0];
         let c = self.config.num_labels;
         if dlogits.shape() != [batch, c] {
@@ -204,17 +210,21 @@ impl ClassificationHead {
         let name = &self.name;
         let mut grads = BTreeMap::new();
         let x_out = tape.hidden.as_ref().map_or(&tape.input, |(_, a)| a);
-        let (dw, db) = backend.linear_backward_params(dlogits, x_out)?;
-        grads.insert(format!("heads.{name}.{out}.weight"), dw);
-        if self.config.bias {
-            grads.insert(format!("heads.{name}.{out}.bias"), db);
+        if want_params {
+            let (dw, db) = backend.linear_backward_params(dlogits, x_out)?;
+            grads.insert(format!("heads.{name}.{out}.weight"), dw);
+            if self.config.bias {
+                grads.insert(format!("heads.{name}.{out}.bias"), db);
+            }
         }
         let mut dx = backend.linear_backward_input(dlogits, self.param(out, "weight")?)?;
         if let (Some(i), Some((pre, _))) = (hid, tape.hidden.as_ref()) {
             let dpre = backend.activation_backward(&dx, pre, self.activation)?;
-            let (dw, db) = backend.linear_backward_params(&dpre, &tape.input)?;
-            grads.insert(format!("heads.{name}.{i}.weight"), dw);
-            grads.insert(format!("heads.{name}.{i}.bias"), db);
+            if want_params {
+                let (dw, db) = backend.linear_backward_params(&dpre, &tape.input)?;
+                grads.insert(format!("heads.{name}.{i}.weight"), dw);
+                grads.insert(format!("heads.{name}.{i}.bias"), db);
+            }
             dx = backend.linear_backward_input(&dpre, self.param(i, "weight")?)?;
         }
         let d_input = match tape.seq_len {

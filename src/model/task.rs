@@ -92,53 +92,45 @@ impl BertModel {
     /// for heads of trainable adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`)
     /// for `backward`.
     pub fn heads_backward(&self, branches: &[BranchLogits], dlogits: &[Tensor], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
+        let d: Vec<Option<&Tensor>> = dlogits.iter().map(Some).collect();
+        self.heads_backward_some(branches, &d, tape)
+    }
+
+    /// `heads_backward` where a branch may have no logit gradient (`None`: the loss does not
+    /// depend on it), which then costs nothing. A frozen head (its adapter is not trainable)
+    /// runs input-gradient products only. The branches' input gradients are written into row
+    /// blocks of one buffer on the device (no host round trip).
+    pub fn heads_backward_some(&self, branches: &[BranchLogits], dlogits: &[Option<&Tensor>], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
         let be = self.backend.as_ref();
         if branches.len() != dlogits.len() {
             return Err(Error::Input(format!("{} logit gradients for {} heads", dlogits.len(), branches.len())));
         }
         let mut grads = BTreeMap::new();
-        let mut d_last_blocks = Vec::new();
-        let mut d_pool_blocks = Vec::new();
-        for (b, d) in branches.iter().zip(dlogits) {
-            let head = self.heads.get(&b.adapter).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", b.adapter)))?;
-            let (g, d_in) = head.backward(be, &b.tape, d)?;
-            if self.trainable.contains(&b.adapter) {
-                // A head applied to several branches (`Parallel(a, a)`) gets the sum of their gradients.
-                for (key, t) in g {
-                    accumulate(be, &mut grads, key, t)?;
-                }
-            }
-            if head.config().use_pooler {
-                d_pool_blocks.push(d_in);
-            } else {
-                d_last_blocks.push(d_in);
-            }
-        }
         let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
         let hidden = self.config.hidden_size;
-        // Replicated: branch i's gradient fills rows [i·B, (i+1)·B). Not replicated (no adapter
-        // location ran): every head read the same rows, so their gradients add.
-        let combine = |blocks: Vec<Tensor>, shape: Vec<usize>| -> Result<Tensor> {
-            if !tape.replicated {
-                let mut it = blocks.into_iter();
-                let first = it.next().ok_or_else(|| Error::Input("no head gradients".into()))?;
-                return it.try_fold(first, |acc, b| be.add(&acc, &b));
-            }
-            let mut data = Vec::new();
-            for b in &blocks {
-                data.extend(be.to_host(b)?);
-            }
-            be.upload(data, &shape)
-        };
-        if !d_last_blocks.is_empty() && !d_pool_blocks.is_empty() {
+        let heads: Vec<&ClassificationHead> =
+            branches.iter().map(|b| self.heads.get(&b.adapter).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", b.adapter)))).collect::<Result<_>>()?;
+        let pooled = heads.iter().filter(|h| h.config().use_pooler).count();
+        if pooled != 0 && pooled != heads.len() {
             return Err(Error::Unsupported("heads of one setup must all read the pooler or all the first token".into()));
         }
-        let d_last = if d_last_blocks.is_empty() {
-            Tensor::zeros(&[rows_out, tape.seq_len, hidden])
-        } else {
-            combine(d_last_blocks, vec![rows_out, tape.seq_len, hidden])?
-        };
-        let d_pool = if d_pool_blocks.is_empty() { None } else { Some(combine(d_pool_blocks, vec![rows_out, hidden])?) };
+        let use_pooler = pooled != 0;
+        let d_last = be.zeros(&[rows_out, tape.seq_len, hidden], crate::tensor::DType::F32)?;
+        let d_pool = if use_pooler { Some(be.zeros(&[rows_out, hidden], crate::tensor::DType::F32)?) } else { None };
+        for (i, ((b, d), head)) in branches.iter().zip(dlogits).zip(&heads).enumerate() {
+            let Some(d) = d else { continue };
+            let trainable = self.trainable.contains(&b.adapter);
+            let (g, d_in) = head.backward_with(be, &b.tape, d, trainable)?;
+            // A head applied to several branches (`Parallel(a, a)`) gets the sum of their gradients.
+            for (key, t) in g {
+                accumulate(be, &mut grads, key, t)?;
+            }
+            // Replicated: branch i's gradient fills rows [i·B, (i+1)·B). Not replicated (no
+            // adapter location ran): every head read the same rows, so their gradients add.
+            let target = d_pool.as_ref().unwrap_or(&d_last);
+            let block = if tape.replicated { target.narrow_rows(i * tape.batch, tape.batch)? } else { target.clone() };
+            be.add_into(&block, &d_in)?;
+        }
         Ok((grads, d_last, d_pool))
     }
 

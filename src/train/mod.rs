@@ -5,7 +5,9 @@
 //! step by step against the library it re-implements.
 
 pub mod dropout;
+pub mod loss;
 pub mod optim;
 
 pub use dropout::{dropout_backward, dropout_forward, philox4x32_10, DropoutParams, DropoutRng};
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, ParamState};
+pub use loss::{LossOp, LossValue, Objective};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWLaunch, AdamWState, ArenaEntry, ParamState};

@@ -7,9 +7,12 @@
 //! `clip_grad_norm` mirrors `torch.nn.utils.clip_grad_norm_` (L2 norm).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -72,19 +75,154 @@ pub struct AdamWState {
     pub params: BTreeMap<String, ParamState>,
 }
 
-/// `torch.optim.AdamW` over named host tensors. State is created for a key the first time it
-/// gets a gradient, so an optimizer only ever holds the parameters it has updated.
-#[derive(Clone, Debug)]
+/// `torch.optim.AdamW`, over named host tensors (`step`, the reference) or over a flat arena on
+/// the model's device (`step_arena`, what training runs). State is created for a key the first
+/// time it gets a gradient, so an optimizer only ever holds the parameters it has updated.
+#[derive(Clone)]
 pub struct AdamW {
     config: AdamWConfig,
     steps: u64,
+    /// Host state (the reference path, and the arena path's state when it is not bound).
     state: BTreeMap<String, ParamState>,
+    /// The moments on the device, once `step_arena` has run; then the source of truth.
+    device: Option<DeviceMoments>,
+}
+
+impl std::fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW").field("config", &self.config).field("steps", &self.steps).field("on_device", &self.device.is_some()).finish()
+    }
+}
+
+/// One entry of an arena's table: a parameter's key, where it starts and its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArenaEntry {
+    pub key: String,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+impl ArenaEntry {
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.shape.iter().product::<usize>()
+    }
+}
+
+/// AdamW moments laid out like a parameter arena, on the arena's device.
+#[derive(Clone)]
+struct DeviceMoments {
+    backend: Arc<dyn Backend>,
+    table: Vec<ArenaEntry>,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// U32 `[tensors]`: per-tensor step counts (torch counts per parameter).
+    steps: Tensor,
+    /// Whether each tensor has state yet (it has taken a step).
+    started: Vec<bool>,
+    /// F32 `[2]`: the learning rate as an f64 split in two f32s (`split_f64`).
+    lr: Tensor,
+    lr_on_device: f64,
+}
+
+/// `v` as `[hi, lo]` f32s with `hi + lo` (summed in f64) equal to `v` to about 48 bits: how a
+/// device buffer of f32s carries torch's f64 learning rate without rounding it to f32.
+pub fn split_f64(v: f64) -> [f32; 2] {
+    let hi = v as f32;
+    [hi, (v - hi as f64) as f32]
+}
+
+/// The inverse of `split_f64`.
+pub fn join_f64(hi_lo: &[f32]) -> f64 {
+    hi_lo.iter().map(|&x| x as f64).sum()
+}
+
+/// One AdamW launch over a flat arena (`Backend::adamw`): everything that changes from step to
+/// step is in device buffers, so the launch itself is the same every step.
+pub struct AdamWLaunch<'a> {
+    /// Betas, eps and weight decay; `lr` here is ignored (it is read from `lr`).
+    pub config: AdamWConfig,
+    /// `[N]` f32 each: the parameter arena, its gradients, and the two moments.
+    pub params: &'a Tensor,
+    pub grads: &'a Tensor,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    /// `(tensor index, element range)` of the tensors that received a gradient; others are
+    /// skipped, as torch skips `grad is None`.
+    pub segments: &'a [(usize, Range<usize>)],
+    /// U32 `[tensors]`: per-tensor step counts, incremented here for each updated tensor.
+    pub steps: &'a Tensor,
+    /// F32 `[2]`: the learning rate (`split_f64`).
+    pub lr: &'a Tensor,
+    /// F32 `[1]`: when it is not finite (a NaN or infinite gradient norm), nothing is updated.
+    pub skip_unless_finite: Option<&'a Tensor>,
+}
+
+/// The host reference of `Backend::adamw`, on plain slices (what the CPU backend runs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_arena_reference(config: &AdamWConfig, lr: f64, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], segments: &[(usize, Range<usize>)], steps: &mut [u32]) -> Result<()> {
+    let config = AdamWConfig { lr, ..*config };
+    for (i, r) in segments {
+        let step = steps.get_mut(*i).ok_or_else(|| Error::shape("adamw", format!("tensor {i} of {}", params.len())))?;
+        if r.end > params.len() || r.end > grads.len() || r.end > exp_avg.len() || r.end > exp_avg_sq.len() {
+            return Err(Error::shape("adamw", format!("segment {r:?} is outside an arena of {}", params.len())));
+        }
+        *step += 1;
+        let sc = StepScalars::new(&config, *step as u64);
+        for j in r.clone() {
+            sc.update(&mut params[j], grads[j], &mut exp_avg[j], &mut exp_avg_sq[j]);
+        }
+    }
+    Ok(())
 }
 
 fn expect_cpu(what: &str, key: &str, t: &Tensor) -> Result<()> {
     match t.device() {
         Device::Cpu => Ok(()),
         d => Err(Error::Unsupported(format!("AdamW runs on host tensors; {what} `{key}` is on {d}"))),
+    }
+}
+
+impl DeviceMoments {
+    fn bind(backend: &Arc<dyn Backend>, table: &[ArenaEntry], host: &BTreeMap<String, ParamState>) -> Result<Self> {
+        let n = table.last().map_or(0, |e| e.range().end);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let mut steps = vec![0u32; table.len()];
+        let mut started = vec![false; table.len()];
+        for (i, e) in table.iter().enumerate() {
+            if let Some(s) = host.get(&e.key) {
+                if s.shape != e.shape {
+                    return Err(Error::shape("AdamW", format!("`{}`: optimizer state {:?}, parameter {:?}", e.key, s.shape, e.shape)));
+                }
+                m[e.range()].copy_from_slice(&s.exp_avg);
+                v[e.range()].copy_from_slice(&s.exp_avg_sq);
+                steps[i] = u32::try_from(s.step).map_err(|_| Error::Input(format!("AdamW: `{}` has taken {} steps, more than 2^32", e.key, s.step)))?;
+                started[i] = true;
+            }
+        }
+        let upload = |data: Vec<f32>| backend.upload(data, &[n]);
+        let steps_t = backend.upload_u32(steps, &[table.len()])?;
+        Ok(DeviceMoments {
+            backend: backend.clone(),
+            table: table.to_vec(),
+            exp_avg: upload(m)?,
+            exp_avg_sq: upload(v)?,
+            steps: steps_t,
+            started,
+            lr: backend.upload(vec![f32::NAN; 2], &[2])?,
+            lr_on_device: f64::NAN,
+        })
+    }
+
+    /// The per-key host state of the tensors that have taken a step.
+    fn to_host(&self) -> Result<BTreeMap<String, ParamState>> {
+        let be = &self.backend;
+        let (m, v) = (be.to_host(&self.exp_avg)?, be.to_host(&self.exp_avg_sq)?);
+        let steps = be.to_host_u32(&self.steps)?;
+        let mut out = BTreeMap::new();
+        for (i, e) in self.table.iter().enumerate().filter(|(i, _)| self.started[*i]) {
+            out.insert(e.key.clone(), ParamState { step: steps[i] as u64, shape: e.shape.clone(), exp_avg: m[e.range()].to_vec(), exp_avg_sq: v[e.range()].to_vec() });
+        }
+        Ok(out)
     }
 }
 
@@ -147,7 +285,7 @@ impl StepScalars {
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Result<Self> {
         config.validate()?;
-        Ok(AdamW { config, steps: 0, state: BTreeMap::new() })
+        Ok(AdamW { config, steps: 0, state: BTreeMap::new(), device: None })
     }
 
     /// Resume from a saved state (lengths and config checked).
@@ -162,7 +300,7 @@ impl AdamW {
                 ));
             }
         }
-        Ok(AdamW { config: state.config, steps: state.steps, state: state.params })
+        Ok(AdamW { config: state.config, steps: state.steps, state: state.params, device: None })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -182,20 +320,76 @@ impl AdamW {
         self.steps
     }
 
-    /// The state of one parameter, if it has been updated.
-    pub fn param_state(&self, key: &str) -> Option<&ParamState> {
-        self.state.get(key)
+    /// The state of one parameter, if it has been updated (read back from the device when the
+    /// optimizer runs there).
+    pub fn param_state(&self, key: &str) -> Option<ParamState> {
+        self.state().params.remove(key)
     }
 
-    /// A copy of the whole state, for a checkpoint.
+    /// A copy of the whole state, for a checkpoint (read back from the device when the optimizer
+    /// runs there: a requested transfer). A device read that fails leaves the host copy.
     pub fn state(&self) -> AdamWState {
-        AdamWState { config: self.config, steps: self.steps, params: self.state.clone() }
+        let params = match &self.device {
+            Some(d) => d.to_host().unwrap_or_else(|_| self.state.clone()),
+            None => self.state.clone(),
+        };
+        AdamWState { config: self.config, steps: self.steps, params }
     }
 
-    /// One update of every parameter in `params` that has a gradient in `grads`; parameters
+    /// One update over a flat arena on `backend`'s device: `params` and `grads` are `[N]` arenas
+    /// laid out by `table`, and `with_grad[i]` says whether tensor `i` received a gradient this
+    /// step (those without are skipped, with no decay). Binds the optimizer to the arena on first
+    /// use (moving any host state there); after that nothing is transferred unless the learning
+    /// rate changes. `skip_unless_finite` is the gradient norm: a non-finite one updates nothing.
+    pub fn step_arena(&mut self, backend: &Arc<dyn Backend>, table: &[ArenaEntry], params: &Tensor, grads: &Tensor, with_grad: &[bool], skip_unless_finite: Option<&Tensor>) -> Result<()> {
+        if with_grad.len() != table.len() {
+            return Err(Error::Internal(format!("AdamW: {} gradient flags for {} tensors", with_grad.len(), table.len())));
+        }
+        let n = table.last().map_or(0, |e| e.range().end);
+        if params.elem_count() != n || grads.elem_count() != n {
+            return Err(Error::shape("AdamW::step_arena", format!("arena of {n} elements, parameters {:?}, gradients {:?}", params.shape(), grads.shape())));
+        }
+        if self.device.as_ref().is_none_or(|d| d.table != table) {
+            // First use, or a new layout (an adapter re-packed): carry the state over by key.
+            let mut host = self.state();
+            self.device = None;
+            self.state = std::mem::take(&mut host.params);
+            self.device = Some(DeviceMoments::bind(backend, table, &self.state)?);
+        }
+        let d = self.device.as_mut().expect("bound above");
+        if d.lr_on_device != self.config.lr {
+            backend.write_f32(&d.lr, &split_f64(self.config.lr))?;
+            d.lr_on_device = self.config.lr;
+        }
+        let segments: Vec<(usize, Range<usize>)> = table.iter().enumerate().filter(|(i, _)| with_grad[*i]).map(|(i, e)| (i, e.range())).collect();
+        backend.adamw(&AdamWLaunch {
+            config: self.config,
+            params,
+            grads,
+            exp_avg: &d.exp_avg,
+            exp_avg_sq: &d.exp_avg_sq,
+            segments: &segments,
+            steps: &d.steps,
+            lr: &d.lr,
+            skip_unless_finite,
+        })?;
+        for (i, _) in &segments {
+            d.started[*i] = true;
+        }
+        if !segments.is_empty() {
+            self.steps += 1;
+        }
+        Ok(())
+    }
+
+    /// One update of every parameter in `params` that has a gradient in `grads` (the host
+    /// reference; an optimizer bound to a device arena by `step_arena` refuses it); parameters
     /// without a gradient are skipped (torch's `p.grad is None`). A gradient without a parameter,
     /// or any shape mismatch, is an error, and nothing is changed then.
     pub fn step(&mut self, params: &mut BTreeMap<String, Tensor>, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+        if self.device.is_some() {
+            return Err(Error::Unsupported("AdamW::step on host tensors after step_arena bound this optimizer to a device arena".into()));
+        }
         // Validate everything first, so that an error leaves params and state untouched.
         for (key, g) in grads {
             let p = params

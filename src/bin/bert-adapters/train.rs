@@ -16,7 +16,8 @@ use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Data
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
-use bert_adapters::train::{clip_grad_norm, AdamW, AdamWConfig};
+use bert_adapters::model::step::{StepValues, TrainStepConfig};
+use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, InputBatch, LoadOptions, Result};
 
 use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
@@ -184,33 +185,30 @@ fn fmt_duration(d: Duration) -> String {
 }
 
 /// One training step: a Parallel forward, the objective of the adapter being trained, its
-/// gradients through its head and branch only, clipping, and its AdamW update.
-fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW) -> Result<objective::Loss> {
-    let be = model.backend().clone();
-    let (out, tape) = model.forward_train(batch)?;
-    let branches = model.head_logits(&out)?;
-    let names: Vec<&str> = branches.iter().map(|b| b.adapter.as_str()).collect();
+/// gradients through its head and branch only, clipping, and its AdamW update, all on the
+/// model's device; the loss and gradient norm are read back because the run logs every step.
+/// A non-finite loss or gradient norm (no update was applied) is located by a checked forward
+/// of the same batch when it can be.
+fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW) -> Result<StepValues> {
+    let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
-        return Err(Error::Input(format!("expected head outputs of Parallel(scorenn, tasknn), got {names:?}")));
+        return Err(Error::Input(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
     }
-    let shape = branches[0].logits.shape().to_vec();
-    let c = shape[1];
-    let (s, t) = (be.to_host(&branches[0].logits)?, be.to_host(&branches[1].logits)?);
-    let loss = if adapter == TASKNN {
-        objective::tasknn(&s, &t, labels, c, objective::LAMBDA)?
+    let objective = if adapter == TASKNN {
+        Objective::TaskEnergy { lambda: objective::LAMBDA }
     } else {
-        objective::scorenn(&s, &t, labels, c, objective::MARGIN, objective::SCORE_CE)?
+        Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
     };
-    let zeros = vec![0f32; s.len()];
-    let (ds, dt) = if adapter == TASKNN { (zeros, loss.dlogits.clone()) } else { (loss.dlogits.clone(), zeros) };
-    let dlogits = [be.upload(ds, &shape)?, be.upload(dt, &shape)?];
-    let (head_grads, d_last, d_pool) = model.heads_backward(&branches, &dlogits, &tape)?;
-    let mut grads = model.backward(&tape, &d_last, d_pool.as_ref())?;
-    grads.extend(head_grads);
-    drop((out, tape, branches));
-    clip_grad_norm(&mut grads, MAX_GRAD_NORM)?;
-    model.adamw_step(adapter, optimizer, &grads)?;
-    Ok(loss)
+    let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
+    let out = model.train_step(batch, labels, &cfg, optimizer)?;
+    match out.read(model.backend().as_ref()) {
+        Ok(v) => Ok(v),
+        Err(Error::NonFinite { at }) => match model.forward_train(batch) {
+            Err(located @ Error::NonFinite { .. }) => Err(located),
+            _ => Err(Error::NonFinite { at }),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// What a failed step means: non-finite values before any update come from the model or data
@@ -610,10 +608,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         run.window_secs += secs;
         run.train_tokens += tokens;
         run.window_tokens += tokens;
-        run.steps.push(StepRecord { step: s + 1, adapter: adapter.into(), loss: loss.total, ce: loss.ce, tokens });
+        run.steps.push(StepRecord { step: s + 1, adapter: adapter.into(), loss: loss.loss as f64, ce: loss.ce as f64, tokens });
         let speed = Run::tokens_per_s(run.train_tokens, run.train_secs);
         bar.set_position(s + 1);
-        bar.set_message(format!("{adapter:7} loss {:.4} | {speed:.0} tok/s", loss.total));
+        bar.set_message(format!("{adapter:7} loss {:.4} | {speed:.0} tok/s", loss.loss));
         if args.quiet && (s + 1).is_multiple_of(log_every) {
             let recent = &run.steps[run.steps.len().saturating_sub(log_every as usize)..];
             let mean = |name: &str| metrics::mean_of(recent, name, |r| r.loss).map_or(String::new(), |v| format!(", {name} loss {v:.4}"));

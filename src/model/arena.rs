@@ -1,0 +1,83 @@
+//! Flat parameter arenas: every trainable tensor of one adapter (its bottleneck modules at every
+//! location, its invertible adapter, and its head) in one contiguous device buffer, with a
+//! key → (offset, shape) table.
+//!
+//! The adapter and head keep their `key → Tensor` maps, but each entry becomes a view of the
+//! arena, so forward, save/load, `--grad-probe` and `trainable_tensors` see the library's
+//! state-dict keys unchanged, while the optimizer, the gradient norm and the gradient buffer
+//! work on one buffer per adapter (one launch, one all-reduce later). A map entry replaced by a
+//! tensor that is not a view of the arena (a user assigning a new tensor) is noticed and the
+//! arena is rebuilt from the map.
+
+use std::collections::BTreeMap;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use crate::train::optim::ArenaEntry;
+
+/// One adapter's trainable tensors, packed, with a gradient buffer of the same layout.
+pub struct TrainArena {
+    /// In key order: the adapter's keys, then its head's.
+    pub table: Vec<ArenaEntry>,
+    /// `[N]` f32: the parameters; the adapter's and head's maps hold views of it.
+    pub params: Tensor,
+    /// `[N]` f32: the gradients of one step.
+    pub grads: Tensor,
+}
+
+impl TrainArena {
+    /// Pack `maps` (the adapter's parameters, then its head's) into one arena and replace every
+    /// entry by a view of it. Values are copied on the device.
+    pub fn pack(backend: &dyn Backend, maps: &mut [&mut BTreeMap<String, Tensor>]) -> Result<Self> {
+        let mut table = Vec::new();
+        let mut n = 0usize;
+        for map in maps.iter() {
+            for (key, t) in map.iter() {
+                if t.dtype() != DType::F32 {
+                    return Err(Error::Unsupported(format!("trainable tensor `{key}` is {}; adapters keep f32 master weights", t.dtype())));
+                }
+                table.push(ArenaEntry { key: key.clone(), offset: n, shape: t.shape().to_vec() });
+                n += t.elem_count();
+            }
+        }
+        let params = backend.zeros(&[n], DType::F32)?;
+        let grads = backend.zeros(&[n], DType::F32)?;
+        let mut i = 0;
+        for map in maps.iter_mut() {
+            for (_, t) in map.iter_mut() {
+                let e = &table[i];
+                let view = params.view(e.offset, &e.shape)?;
+                backend.add_into(&view, t)?; // the arena starts at zero, so this copies (−0 becomes +0)
+                *t = view;
+                i += 1;
+            }
+        }
+        Ok(TrainArena { table, params, grads })
+    }
+
+    /// Whether `maps` still hold exactly this arena's views, key for key.
+    pub fn is_current(&self, maps: &[&BTreeMap<String, Tensor>]) -> bool {
+        let mut entries = self.table.iter();
+        for map in maps {
+            for (key, t) in map.iter() {
+                match entries.next() {
+                    Some(e) if e.key == *key && e.shape == t.shape() && t.shares_storage(&self.params) && t.offset() == self.params.offset() + e.offset => {}
+                    _ => return false,
+                }
+            }
+        }
+        entries.next().is_none()
+    }
+
+    /// The gradient buffer's view for entry `i`.
+    pub fn grad(&self, i: usize) -> Result<Tensor> {
+        let e = self.table.get(i).ok_or_else(|| Error::Internal(format!("arena entry {i} of {}", self.table.len())))?;
+        self.grads.view(e.offset, &e.shape)
+    }
+
+    /// Bytes of parameters (the gradient buffer is the same again).
+    pub fn bytes(&self) -> usize {
+        self.params.size_in_bytes()
+    }
+}

@@ -1,0 +1,147 @@
+//! One training step on the model's device: forward, the trained branch's head and objective,
+//! backward, gradient-norm clipping and AdamW over the adapter's flat arena.
+//!
+//! Nothing comes back to the host unless asked: the loss and gradient norm stay in device
+//! buffers (`TrainStepOutput::read` fetches them, three floats), the per-layer finiteness scans
+//! of `forward` are replaced by the gradient norm (a non-finite norm makes AdamW update nothing,
+//! and `read` reports it), and the only uploads are the batch's inputs.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::InputBatch;
+use crate::model::arena::TrainArena;
+use crate::model::bert::{BertModel, RunOptions};
+use crate::tensor::{DType, Tensor};
+use crate::train::loss::{LossOp, Objective};
+use crate::train::optim::AdamW;
+
+/// What one step optimises.
+#[derive(Clone, Debug)]
+pub struct TrainStepConfig {
+    /// The objective on the trained branch's logits (two-branch objectives read the other
+    /// branch of a two-adapter Parallel as a constant).
+    pub objective: Objective,
+    /// The adapter (and its head) that AdamW updates; it must be trainable and active.
+    pub trained: String,
+    /// `clip_grad_norm_` threshold; `None` measures the norm without clipping.
+    pub max_grad_norm: Option<f32>,
+}
+
+/// A step's results, on the device.
+pub struct TrainStepOutput {
+    /// `[2]`: the objective and its cross-entropy part.
+    pub loss: Tensor,
+    /// `[1]`: the gradient norm before clipping.
+    pub grad_norm: Tensor,
+    /// Per branch, in setup order: the head logits `[B, C]`.
+    pub logits: Vec<Tensor>,
+}
+
+/// The scalars a user prints.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepValues {
+    pub loss: f32,
+    pub ce: f32,
+    pub grad_norm: f32,
+}
+
+impl TrainStepOutput {
+    /// Fetch the loss and the gradient norm (two small reads). A NaN or infinite value is an
+    /// `Error::NonFinite`; the step that produced it updated nothing.
+    pub fn read(&self, backend: &dyn Backend) -> Result<StepValues> {
+        let loss = backend.to_host(&self.loss)?;
+        let norm = backend.to_host(&self.grad_norm)?;
+        let v = StepValues { loss: loss[0], ce: loss[1], grad_norm: norm[0] };
+        if !v.loss.is_finite() {
+            return Err(Error::NonFinite { at: "the loss (no update was applied)".into() });
+        }
+        if !v.grad_norm.is_finite() {
+            return Err(Error::NonFinite { at: "the gradient norm (no update was applied)".into() });
+        }
+        Ok(v)
+    }
+}
+
+impl BertModel {
+    /// One training step of adapter `cfg.trained` (and its head) on `batch` with `labels`
+    /// (`[B]`, the same for every branch). See the module docs for what stays on the device.
+    pub fn train_step(&mut self, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW) -> Result<TrainStepOutput> {
+        let be = self.backend.clone();
+        let names: Vec<String> = self.active.as_ref().map(|s| s.names().to_vec()).unwrap_or_default();
+        let i = names.iter().position(|n| *n == cfg.trained).ok_or_else(|| Error::Input(format!("train_step: `{}` is not in the active setup ({})", cfg.trained, names.join(", "))))?;
+        if !self.trainable.contains(&cfg.trained) {
+            return Err(Error::Input(format!("train_step: `{}` is not trainable (call train_adapter first)", cfg.trained)));
+        }
+        let other = match cfg.objective {
+            Objective::CrossEntropy => None,
+            _ if names.len() == 2 => Some(1 - i),
+            _ => return Err(Error::Input(format!("{:?} needs a Parallel of exactly two adapters, the setup has {}", cfg.objective, names.len()))),
+        };
+        if labels.len() != batch.batch {
+            return Err(Error::Input(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
+        }
+        self.ensure_arena(&cfg.trained)?;
+        let pooler = names.iter().filter_map(|n| self.heads.get(n)).any(|h| h.config().use_pooler);
+        let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
+        let branches = self.head_logits(&out)?;
+        let c = branches[i].logits.shape()[1];
+        if let Some(&y) = labels.iter().find(|&&y| y >= c) {
+            return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
+        }
+        let labels_t = be.upload_u32(labels.iter().map(|&y| y as u32).collect(), &[labels.len()])?;
+        let dlogits = be.zeros(&[batch.batch, c], DType::F32)?;
+        let loss = be.zeros(&[2], DType::F32)?;
+        let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
+        be.loss(&op, &dlogits, &loss)?;
+        let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
+        d[i] = Some(&dlogits);
+        let (head_grads, d_last, d_pool) = self.heads_backward_some(&branches, &d, &tape)?;
+        let mut grads = self.backward_with(&tape, &d_last, d_pool.as_ref(), false)?;
+        grads.extend(head_grads);
+        let logits = branches.into_iter().map(|b| b.logits).collect();
+        drop((out, tape));
+
+        // Gradients into the arena; tensors the step did not reach keep no gradient.
+        let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
+        be.fill(&arena.grads, 0.0)?;
+        let mut with_grad = vec![false; arena.table.len()];
+        let mut views = Vec::new();
+        for (k, e) in arena.table.iter().enumerate() {
+            if let Some(g) = grads.get(&e.key) {
+                let v = arena.grad(k)?;
+                be.add_into(&v, g)?;
+                with_grad[k] = true;
+                views.push(v);
+            }
+        }
+        let grad_norm = be.zeros(&[1], DType::F32)?;
+        be.clip_grad_norm(&views, cfg.max_grad_norm.unwrap_or(f32::INFINITY), &grad_norm)?;
+        optimizer.step_arena(&self.backend, &arena.table, &arena.params, &arena.grads, &with_grad, Some(&grad_norm))?;
+        Ok(TrainStepOutput { loss, grad_norm, logits })
+    }
+
+    /// Pack adapter `name` and its head into a flat arena, unless they already are.
+    fn ensure_arena(&mut self, name: &str) -> Result<()> {
+        let adapter = self.adapters.get_mut(name).ok_or_else(|| Error::Input(format!("no adapter named `{name}`")))?;
+        let head = self.heads.get_mut(name);
+        let current = match (self.arenas.get(name), &head) {
+            (Some(a), Some(h)) => a.is_current(&[adapter.params(), h.params()]),
+            (Some(a), None) => a.is_current(&[adapter.params()]),
+            (None, _) => false,
+        };
+        if !current {
+            let be = self.backend.clone();
+            let arena = match head {
+                Some(h) => TrainArena::pack(be.as_ref(), &mut [adapter.params_mut(), h.params_mut()])?,
+                None => TrainArena::pack(be.as_ref(), &mut [adapter.params_mut()])?,
+            };
+            self.arenas.insert(name.to_string(), arena);
+        }
+        Ok(())
+    }
+
+    /// The flat arena of adapter `name`, once a training step has packed it.
+    pub fn arena(&self, name: &str) -> Option<&TrainArena> {
+        self.arenas.get(name)
+    }
+}
