@@ -1,9 +1,13 @@
 //! The CPU backend: a plain reference (`reference`, the spec) and a fast path (`fast`, what the
 //! model uses), behind one `Backend` implementation that checks shapes once for both.
 
+// One file (or folder) per op family, forward and backward side by side, as the CUDA kernels have
+// them. The files depend one way, adapter, nice -> prims -> fast -> reference, besides the shared
+// types and dropout here.
 mod adapter;
-mod adapter_backward;
 pub mod fast;
+mod nice;
+mod prims;
 pub mod reference;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,8 +100,8 @@ impl CpuBackend {
     pub fn gemm_counts(&self) -> GemmCounts {
         self.stats.snapshot()
     }
-    fn prims(&self) -> adapter::Prims<'_> {
-        adapter::Prims { mode: self.mode, stats: &self.stats }
+    fn prims(&self) -> prims::Prims<'_> {
+        prims::Prims { mode: self.mode, stats: &self.stats }
     }
     pub fn fast() -> Self {
         Self::new(CpuMode::Fast)
@@ -291,7 +295,7 @@ impl Backend for CpuBackend {
     }
 
     fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor> {
-        adapter::nice(self.prims(), x, params, inverse)
+        nice::nice(self.prims(), x, params, inverse)
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -370,11 +374,11 @@ impl Backend for CpuBackend {
     }
 
     fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
-        adapter_backward::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
+        adapter::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
     }
 
     fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
-        adapter_backward::nice_backward(self.prims(), x, params, dy)
+        nice::nice_backward(self.prims(), x, params, dy)
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
