@@ -305,7 +305,7 @@ impl Backend for CpuBackend {
         if dy.rank() == 0 || dy.last_dim() != d_out {
             return Err(Error::shape(OP, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
         }
-        let dx = self.prims().linear_dx(&*dy.f32_data()?, w)?;
+        let dx = self.prims().linear_dx(&dy.f32_data()?, w)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rank checked above") = d_in;
         Tensor::from_vec(dx, &shape)
@@ -317,13 +317,13 @@ impl Backend for CpuBackend {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
         }
         let (d_in, d_out) = (x.last_dim(), dy.last_dim());
-        let (dw, db) = self.prims().linear_dw(&*dy.f32_data()?, &*x.f32_data()?, d_in, d_out);
+        let (dw, db) = self.prims().linear_dw(&dy.f32_data()?, &x.f32_data()?, d_in, d_out);
         Ok((Tensor::from_vec(dw, &[d_out, d_in])?, Tensor::from_vec(db, &[d_out])?))
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         expect_shape("activation_backward", "input", pre, dy.shape())?;
-        Tensor::from_vec(self.prims().activation_backward(&*dy.f32_data()?, &*pre.f32_data()?, act), dy.shape())
+        Tensor::from_vec(self.prims().activation_backward(&dy.f32_data()?, &pre.f32_data()?, act), dy.shape())
     }
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
@@ -337,7 +337,7 @@ impl Backend for CpuBackend {
             Some(r) => x.f32_data()?.iter().zip(&*r.f32_data()?).map(|(a, b)| a + b).collect(),
             None => x.f32_data()?.to_vec(),
         };
-        let (dz, _, _) = self.prims().layernorm_backward(&*dy.f32_data()?, &z, gamma, eps)?;
+        let (dz, _, _) = self.prims().layernorm_backward(&dy.f32_data()?, &z, gamma, eps)?;
         Tensor::from_vec(dz, dy.shape())
     }
 
@@ -428,6 +428,6 @@ impl Backend for CpuBackend {
         if t == 0 {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
-        Tensor::from_vec(reference::first_token(&*x.f32_data()?, b, t, h), &[b, h])
+        Tensor::from_vec(reference::first_token(&x.f32_data()?, b, t, h), &[b, h])
     }
 }

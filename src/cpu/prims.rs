@@ -58,7 +58,7 @@ impl Prims<'_> {
     }
     /// `(dz, dγ, dβ)` of `LN(z)`.
     pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(reference::layernorm_backward(dy, z, &*gamma.f32_data()?, gamma.elem_count(), eps))
+        Ok(reference::layernorm_backward(dy, z, &gamma.f32_data()?, gamma.elem_count(), eps))
     }
     pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
         match self.mode {
