@@ -103,7 +103,8 @@ fn attention_ignores_masked_keys() {
     let q = t(&mut rng, &[b, s, h], 1.0);
     let k = t(&mut rng, &[b, s, h], 1.0);
     let v1 = t(&mut rng, &[b, s, h], 1.0);
-    let mut v2 = v1.clone();
+    // A copy, not a clone: a clone shares v1's storage, so the write below would change both.
+    let v2 = Tensor::from_vec(v1.cpu_data().unwrap().to_vec(), v1.shape()).unwrap();
     v2.cpu_data_mut().unwrap()[h..2 * h].iter_mut().for_each(|x| *x += 100.0);
     let mask = Tensor::from_vec(vec![0.0, f32::MIN, 0.0], &[b, s]).unwrap();
     for be in [CpuBackend::fast(), CpuBackend::reference()] {

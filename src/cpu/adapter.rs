@@ -1,82 +1,31 @@
-//! Adapter location and NICE coupling on the CPU, composed from the primitive ops of the chosen
-//! mode (reference or fast), so the reference path is the specification of the fused kernels.
+//! One adapter location on the CPU (spec §4, §3.4, §7.3), forward and backward side by side,
+//! composed from `Prims` so that the reference mode is the specification of the fused kernel.
+//! Pre step: `v = h + r` and `x = LN(v)` when the original LayerNorm comes first (else `x = h`),
+//! adapter residual ρ = `h`, `x` or `v`. Per branch, the bottleneck core:
+//! `u = g·dropout(s ⊙ (act(LN_before(x)·Wdᵀ + bd)·Wuᵀ + bu))` with the gate `g` the per-example mean
+//! of `σ(x·wgᵀ + bg)`, then `y = LN_after(u + ρ)` or `LN_after(u) + ρ`. Post step: `out = LN(y + r)`
+//! or `y`. The backward recomputes the forward from `h` and `r` (two small products per branch, as
+//! the fused kernel will) and walks it back, skipping frozen branches' parameter gradients and, when
+//! not asked for, the input gradients.
+//! Layout: `h`, `r` `[rows, T, H]` row-major; branch i reads rows `[i·B, (i+1)·B)`, or all of them
+//! when replicating (its input gradients then sum onto the shared rows); the output stacks the
+//! branches' `[B, T, H]` blocks. Numerics: the mode's; gate means and gate and scaling gradients
+//! accumulate in f64.
 
 use crate::backend::{
-    Activation, AdapterLocation, BottleneckParams, NiceParams, ScalingParam,
+    Activation, AdapterLocation, BottleneckGrads, BottleneckParams, LocationGrads, ScalingParam,
 };
 use crate::config::ResidualBeforeLn;
-use crate::cpu::adapter_backward::core_forward;
-use crate::cpu::{fast, reference, CpuMode, GemmKind, GemmStats};
+use crate::cpu::apply_dropout;
+use crate::cpu::prims::{add_into, check, Prims};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// The primitive row ops of one CPU mode, counting matrix products as they go.
-#[derive(Clone, Copy)]
-pub(crate) struct Prims<'a> {
-    pub mode: CpuMode,
-    pub stats: &'a GemmStats,
+fn t(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape)
 }
 
-impl Prims<'_> {
-    pub fn linear(self, x: &[f32], w: &Tensor, b: &Tensor, d_in: usize) -> Result<Vec<f32>> {
-        let d_out = w.shape()[0];
-        let rows = x.len() / d_in.max(1);
-        let (w, b) = (&*w.f32_data()?, Some(&*b.f32_data()?));
-        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
-        Ok(match self.mode {
-            CpuMode::Reference => reference::linear(x, w, b, rows, d_in, d_out),
-            CpuMode::Fast => fast::linear(x, w, b, rows, d_in, d_out),
-        })
-    }
-    /// `dx = dy·W` for `w: [d_out, d_in]`.
-    pub fn linear_dx(self, dy: &[f32], w: &Tensor) -> Result<Vec<f32>> {
-        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
-        let rows = dy.len() / d_out.max(1);
-        self.stats.count(GemmKind::InputGrad, rows * d_in * d_out);
-        let w = &*w.f32_data()?;
-        Ok(match self.mode {
-            CpuMode::Reference => reference::linear_backward_input(dy, w, rows, d_in, d_out),
-            CpuMode::Fast => fast::linear_backward_input(dy, w, rows, d_in, d_out),
-        })
-    }
-    /// `(dW, db)` for a Linear with input `x` (`[rows, d_in]`) and output gradient `dy`.
-    pub fn linear_dw(self, dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
-        let rows = dy.len() / d_out.max(1);
-        self.stats.count(GemmKind::WeightGrad, rows * d_in * d_out);
-        match self.mode {
-            CpuMode::Reference => reference::linear_backward_params(dy, x, rows, d_in, d_out),
-            CpuMode::Fast => fast::linear_backward_params(dy, x, rows, d_in, d_out),
-        }
-    }
-    pub fn layernorm(self, x: &[f32], residual: Option<&[f32]>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Vec<f32>> {
-        let cols = gamma.elem_count();
-        let (g, b) = (&*gamma.f32_data()?, &*beta.f32_data()?);
-        Ok(match self.mode {
-            CpuMode::Reference => reference::residual_layernorm(x, residual, g, b, cols, eps).y,
-            CpuMode::Fast => fast::residual_layernorm(x, residual, g, b, cols, eps),
-        })
-    }
-    /// `(dz, dγ, dβ)` of `LN(z)`.
-    pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(reference::layernorm_backward(dy, z, &*gamma.f32_data()?, gamma.elem_count(), eps))
-    }
-    pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
-        match self.mode {
-            CpuMode::Reference => reference::activation(x, act),
-            CpuMode::Fast => fast::activation(x, act),
-        }
-    }
-    pub fn activation_backward(self, dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
-        reference::activation_backward(dy, pre, act)
-    }
-}
-
-fn check(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
-    if t.shape() != shape {
-        return Err(Error::shape(op, format!("{what} has shape {:?}, expected {shape:?}", t.shape())));
-    }
-    Ok(())
-}
+// ---- validation --------------------------------------------------------------------------------
 
 fn check_branch(p: &BottleneckParams, hidden: usize) -> Result<()> {
     const OP: &str = "adapter_location";
@@ -102,7 +51,7 @@ fn check_branch(p: &BottleneckParams, hidden: usize) -> Result<()> {
 }
 
 /// Check a location's shapes; returns `(branches, examples per branch, hidden)`.
-pub(crate) fn validate_location(loc: &AdapterLocation) -> Result<(usize, usize, usize)> {
+fn validate_location(loc: &AdapterLocation) -> Result<(usize, usize, usize)> {
     const OP: &str = "adapter_location";
     let shape = loc.h.shape();
     check(OP, "r", loc.r, shape)?;
@@ -126,9 +75,11 @@ pub(crate) fn validate_location(loc: &AdapterLocation) -> Result<(usize, usize, 
     Ok((n, examples, hidden))
 }
 
+// ---- pre step ----------------------------------------------------------------------------------
+
 /// The pre step of a location (spec §4): `v = h + r` when the original LayerNorm comes first,
 /// the adapter input `x`, and (through `rho`) the adapter residual.
-pub(crate) struct PreStep {
+struct PreStep {
     pub v: Option<Vec<f32>>,
     pub x: Vec<f32>,
 }
@@ -155,6 +106,201 @@ impl PreStep {
         })
     }
 }
+
+// ---- bottleneck core: forward, backward ---------------------------------------------------------
+
+/// What the core forward keeps for its backward.
+struct CoreTape {
+    z0: Vec<f32>,
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    /// `A·Wuᵀ + b_u`, before scaling.
+    up: Vec<f32>,
+    /// Scaled and dropped-out (not yet gated) output, needed for the gate's gradient.
+    scaled: Vec<f32>,
+    /// Per-row gate sigmoid and per-example gate value.
+    gate: Option<(Vec<f32>, Vec<f32>)>,
+    /// Input of LN_after (when the adapter has one).
+    ln_after_in: Option<Vec<f32>>,
+}
+
+/// The adapter core of spec §3.4 on a block of rows: returns `y` and what the backward needs.
+fn core_forward(prims: Prims<'_>, p: &BottleneckParams, x: &[f32], rho: &[f32], hidden: usize, seq_len: usize) -> Result<(Vec<f32>, CoreTape)> {
+    let z0 = match &p.ln_before {
+        Some(ln) => prims.layernorm(x, None, ln.gamma, ln.beta, ln.eps)?,
+        None => x.to_vec(),
+    };
+    let pre = prims.linear(&z0, p.down_w, p.down_b, hidden)?;
+    let act = prims.activation(&pre, p.activation);
+    let up = prims.linear(&act, p.up_w, p.up_b, p.down_w.shape()[0])?;
+    let mut u = up.clone();
+    match p.scaling {
+        ScalingParam::Fixed(s) => u.iter_mut().for_each(|v| *v *= s),
+        ScalingParam::Learned(s) => {
+            let s = s.f32_data()?[0];
+            u.iter_mut().for_each(|v| *v *= s);
+        }
+        ScalingParam::Channel(s) => {
+            let s = &*s.f32_data()?;
+            u.chunks_mut(hidden).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
+        }
+    }
+    if let Some(d) = &p.dropout {
+        apply_dropout(&mut u, d)?;
+    }
+    let scaled = u.clone();
+    let gate = match p.gate {
+        Some((gw, gb)) => {
+            let sig = prims.activation(&prims.linear(x, gw, gb, hidden)?, Activation::Sigmoid);
+            let means: Vec<f32> =
+                sig.chunks(seq_len).map(|g| (g.iter().map(|&v| v as f64).sum::<f64>() / seq_len as f64) as f32).collect();
+            for (e, &g) in means.iter().enumerate() {
+                u[e * seq_len * hidden..][..seq_len * hidden].iter_mut().for_each(|v| *v *= g);
+            }
+            Some((sig, means))
+        }
+        None => None,
+    };
+    let (y, ln_after_in) = if p.adapter_residual_before_ln {
+        add_into(&mut u, rho);
+        match &p.ln_after {
+            Some(ln) => (prims.layernorm(&u, None, ln.gamma, ln.beta, ln.eps)?, Some(u)),
+            None => (u, None),
+        }
+    } else {
+        let (mut y, saved) = match &p.ln_after {
+            Some(ln) => (prims.layernorm(&u, None, ln.gamma, ln.beta, ln.eps)?, Some(u)),
+            None => (u, None),
+        };
+        add_into(&mut y, rho);
+        (y, saved)
+    };
+    Ok((y, CoreTape { z0, pre, act, up, scaled, gate, ln_after_in }))
+}
+
+/// `(dx if asked for, dρ, parameter gradients if trainable)` of one core.
+type CoreGrads = (Option<Vec<f32>>, Vec<f32>, Option<BottleneckGrads>);
+
+/// `(dx, dρ, parameter gradients)` of the core for output gradient `dy`.
+#[allow(clippy::too_many_arguments)]
+fn core_backward(
+    prims: Prims<'_>,
+    p: &BottleneckParams,
+    tape: &CoreTape,
+    x: &[f32],
+    dy: &[f32],
+    hidden: usize,
+    seq_len: usize,
+    trainable: bool,
+    need_dx: bool,
+) -> Result<CoreGrads> {
+    let rows = x.len() / hidden;
+    let m = p.down_w.shape()[0];
+    // Through LN_after and the adapter residual.
+    let mut ln_after_grads = None;
+    let (mut du, drho) = match (&p.ln_after, &tape.ln_after_in) {
+        (Some(ln), Some(input)) => {
+            let (dz, dg, db) = prims.layernorm_backward(dy, input, ln.gamma, ln.eps)?;
+            ln_after_grads = Some((t(dg, &[hidden])?, t(db, &[hidden])?));
+            if p.adapter_residual_before_ln {
+                (dz.clone(), dz)
+            } else {
+                (dz, dy.to_vec())
+            }
+        }
+        _ => (dy.to_vec(), dy.to_vec()),
+    };
+    // Gate: u_final = u·g_e with g_e = mean_t σ(x·w_g + b_g).
+    let mut gate_grads = None;
+    let mut dx_gate = None;
+    if let (Some((gw, _)), Some((sig, means))) = (p.gate, &tape.gate) {
+        let mut dlogit = vec![0f32; rows];
+        for (e, &g) in means.iter().enumerate() {
+            let block = e * seq_len * hidden..(e + 1) * seq_len * hidden;
+            let dg: f64 = du[block.clone()].iter().zip(&tape.scaled[block.clone()]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            du[block].iter_mut().for_each(|v| *v *= g);
+            for r in e * seq_len..(e + 1) * seq_len {
+                let s = sig[r] as f64;
+                dlogit[r] = (dg / seq_len as f64 * s * (1.0 - s)) as f32;
+            }
+        }
+        if trainable {
+            let (dw, db) = prims.linear_dw(&dlogit, x, hidden, 1);
+            gate_grads = Some((t(dw, &[1, hidden])?, t(db, &[1])?));
+        }
+        if need_dx {
+            dx_gate = Some(prims.linear_dx(&dlogit, gw)?);
+        }
+    }
+    // The adapter's dropout sits between the scaling and the gate: pass its mask back.
+    if let Some(d) = &p.dropout {
+        apply_dropout(&mut du, d)?;
+    }
+    // Scaling.
+    let mut dup = du.clone();
+    let scaling_grad = match p.scaling {
+        ScalingParam::Fixed(s) => {
+            dup.iter_mut().for_each(|v| *v *= s);
+            None
+        }
+        ScalingParam::Learned(s) => {
+            let s = s.f32_data()?[0];
+            dup.iter_mut().for_each(|v| *v *= s);
+            let ds: f64 = du.iter().zip(&tape.up).map(|(a, b)| *a as f64 * *b as f64).sum();
+            Some(t(vec![ds as f32], &[1])?)
+        }
+        ScalingParam::Channel(s) => {
+            let s = &*s.f32_data()?;
+            let mut ds = vec![0f64; hidden];
+            for (row, (drow, urow)) in dup.chunks_mut(hidden).zip(du.chunks(hidden).zip(tape.up.chunks(hidden))) {
+                for c in 0..hidden {
+                    ds[c] += drow[c] as f64 * urow[c] as f64;
+                    row[c] = drow[c] * s[c];
+                }
+            }
+            Some(t(ds.into_iter().map(|v| v as f32).collect(), &[hidden])?)
+        }
+    };
+    // Up projection, activation, down projection.
+    let up_grads = trainable.then(|| prims.linear_dw(&dup, &tape.act, m, hidden));
+    let dact = prims.linear_dx(&dup, p.up_w)?;
+    let dpre = prims.activation_backward(&dact, &tape.pre, p.activation);
+    let down_grads = trainable.then(|| prims.linear_dw(&dpre, &tape.z0, hidden, m));
+    let mut ln_before_grads = None;
+    let dx = if need_dx || (trainable && p.ln_before.is_some()) {
+        let dz0 = prims.linear_dx(&dpre, p.down_w)?;
+        let mut dx = match &p.ln_before {
+            Some(ln) => {
+                let (dx, dg, db) = prims.layernorm_backward(&dz0, x, ln.gamma, ln.eps)?;
+                ln_before_grads = Some((t(dg, &[hidden])?, t(db, &[hidden])?));
+                dx
+            }
+            None => dz0,
+        };
+        if let Some(g) = &dx_gate {
+            add_into(&mut dx, g);
+        }
+        need_dx.then_some(dx)
+    } else {
+        None
+    };
+    let grads = match (up_grads, down_grads) {
+        (Some((duw, dub)), Some((ddw, ddb))) => Some(BottleneckGrads {
+            down_w: t(ddw, &[m, hidden])?,
+            down_b: t(ddb, &[m])?,
+            up_w: t(duw, &[hidden, m])?,
+            up_b: t(dub, &[hidden])?,
+            ln_before: ln_before_grads,
+            ln_after: ln_after_grads,
+            scaling: scaling_grad,
+            gate: gate_grads,
+        }),
+        _ => None,
+    };
+    Ok((dx, drho, grads))
+}
+
+// ---- the location: forward, backward ------------------------------------------------------------
 
 pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Result<Tensor> {
     let (n, examples, hidden) = validate_location(loc)?;
@@ -183,44 +329,90 @@ pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Resul
     Tensor::from_vec(out, &[n * examples, loc.seq_len, hidden])
 }
 
-/// Columns `[start, start+width)` of a row-major `[rows, cols]` matrix.
-pub(crate) fn columns(x: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
-    x.chunks(cols).flat_map(|row| row[start..start + width].iter().copied()).collect()
-}
-
-pub(crate) fn nice(prims: Prims<'_>, x: &Tensor, p: &NiceParams, inverse: bool) -> Result<Tensor> {
-    const OP: &str = "nice";
-    let hidden = x.last_dim();
-    if hidden < 2 || x.rank() == 0 {
-        return Err(Error::shape(OP, format!("input {:?} has fewer than 2 features to split", x.shape())));
+pub(crate) fn adapter_location_backward(
+    prims: Prims<'_>,
+    loc: &AdapterLocation,
+    d_out: &Tensor,
+    trainable: &[bool],
+    need_input_grads: bool,
+) -> Result<LocationGrads> {
+    const OP: &str = "adapter_location_backward";
+    let (n, examples, hidden) = validate_location(loc)?;
+    if trainable.len() != n {
+        return Err(Error::shape(OP, format!("{} trainable flags for {n} branches", trainable.len())));
     }
-    let (s1, s2) = (hidden / 2, hidden - hidden / 2);
-    let (kf, kg) = (p.f0.0.shape().first().copied().unwrap_or(0), p.g0.0.shape().first().copied().unwrap_or(0));
-    check(OP, "F.0.weight", p.f0.0, &[kf, s2])?;
-    check(OP, "F.0.bias", p.f0.1, &[kf])?;
-    check(OP, "F.2.weight", p.f2.0, &[s1, kf])?;
-    check(OP, "F.2.bias", p.f2.1, &[s1])?;
-    check(OP, "G.0.weight", p.g0.0, &[kg, s1])?;
-    check(OP, "G.0.bias", p.g0.1, &[kg])?;
-    check(OP, "G.2.weight", p.g2.0, &[s2, kg])?;
-    check(OP, "G.2.bias", p.g2.1, &[s2])?;
-    let subnet = |z: &[f32], l0: (&Tensor, &Tensor), l2: (&Tensor, &Tensor), d_in: usize| -> Result<Vec<f32>> {
-        let a = prims.activation(&prims.linear(z, l0.0, l0.1, d_in)?, p.activation);
-        prims.linear(&a, l2.0, l2.1, l0.0.shape()[0])
-    };
-    let data = &*x.f32_data()?;
-    let (a, b) = (columns(data, hidden, 0, s1), columns(data, hidden, s1, s2));
-    let (first, second) = if !inverse {
-        // y1 = x1 + F(x2); y2 = x2 + G(y1)
-        let y1: Vec<f32> = a.iter().zip(subnet(&b, p.f0, p.f2, s2)?).map(|(x, f)| x + f).collect();
-        let y2: Vec<f32> = b.iter().zip(subnet(&y1, p.g0, p.g2, s1)?).map(|(x, g)| x + g).collect();
-        (y1, y2)
+    let block = examples * loc.seq_len * hidden;
+    if d_out.elem_count() != n * block {
+        return Err(Error::shape(OP, format!("output gradient {:?} for {n} branches of {block} values", d_out.shape())));
+    }
+    let (h, r, d_out) = (&*loc.h.f32_data()?, &*loc.r.f32_data()?, &*d_out.f32_data()?);
+    let ln = &loc.layer_norm;
+
+    // Forward again: pre step, cores (with tapes), post step input.
+    let pre = PreStep::run(prims, loc, h, r)?;
+    let (x, v, rho) = (&pre.x, &pre.v, pre.rho(loc, h)?);
+    let at = |i: usize| if loc.replicate { 0 } else { i * block };
+    let mut y = Vec::with_capacity(n * block);
+    let mut tapes = Vec::with_capacity(n);
+    for (i, branch) in loc.branches.iter().enumerate() {
+        let (yi, tape) = core_forward(prims, branch, &x[at(i)..at(i) + block], &rho[at(i)..at(i) + block], hidden, loc.seq_len)?;
+        y.extend(yi);
+        tapes.push(tape);
+    }
+
+    // Post step backward.
+    let r_full: Vec<f32> = if loc.replicate { r.iter().copied().cycle().take(n * block).collect() } else { r.to_vec() };
+    let (dy, dr_post) = if loc.steps.original_ln_after {
+        let mut z = y;
+        add_into(&mut z, &r_full);
+        let (dz, _, _) = prims.layernorm_backward(d_out, &z, ln.gamma, ln.eps)?;
+        (dz.clone(), Some(dz))
     } else {
-        // x2 = y2 - G(y1); x1 = y1 - F(x2)
-        let x2: Vec<f32> = b.iter().zip(subnet(&a, p.g0, p.g2, s1)?).map(|(y, g)| y - g).collect();
-        let x1: Vec<f32> = a.iter().zip(subnet(&x2, p.f0, p.f2, s2)?).map(|(y, f)| y - f).collect();
-        (x1, x2)
+        (d_out.to_vec(), None)
     };
-    let out: Vec<f32> = first.chunks(s1).zip(second.chunks(s2)).flat_map(|(l, r)| l.iter().chain(r).copied()).collect();
-    Tensor::from_vec(out, x.shape())
+
+    // Cores backward; with replication the branches' input gradients sum onto the shared rows.
+    let rows_in = if loc.replicate { block } else { n * block };
+    let mut dx = vec![0f32; rows_in];
+    let mut drho = vec![0f32; rows_in];
+    let mut grads = Vec::with_capacity(n);
+    for (i, branch) in loc.branches.iter().enumerate() {
+        let xi = &x[at(i)..at(i) + block];
+        let (dxi, drhoi, g) =
+            core_backward(prims, branch, &tapes[i], xi, &dy[i * block..(i + 1) * block], hidden, loc.seq_len, trainable[i], need_input_grads)?;
+        if need_input_grads {
+            add_into(&mut dx[at(i)..at(i) + block], &dxi.unwrap_or_default());
+            add_into(&mut drho[at(i)..at(i) + block], &drhoi);
+        }
+        grads.push(g);
+    }
+    if !need_input_grads {
+        return Ok(LocationGrads { dh: None, dr: None, branches: grads });
+    }
+
+    // Pre step backward.
+    let mut dh = vec![0f32; rows_in];
+    let mut dv = vec![0f32; if v.is_some() { rows_in } else { 0 }];
+    match loc.steps.residual_before_ln {
+        ResidualBeforeLn::True => add_into(&mut dh, &drho),
+        ResidualBeforeLn::False => add_into(&mut dx, &drho),
+        ResidualBeforeLn::PostAdd => add_into(&mut dv, &drho),
+    }
+    let mut dr = vec![0f32; rows_in];
+    match &v {
+        Some(v) => {
+            let (dxv, _, _) = prims.layernorm_backward(&dx, v, ln.gamma, ln.eps)?;
+            add_into(&mut dv, &dxv);
+            add_into(&mut dh, &dv);
+            add_into(&mut dr, &dv);
+        }
+        None => add_into(&mut dh, &dx),
+    }
+    if let Some(dp) = dr_post {
+        for (i, chunk) in dp.chunks(block).enumerate() {
+            add_into(&mut dr[at(i)..at(i) + block], chunk);
+        }
+    }
+    let shape = [rows_in / (loc.seq_len * hidden), loc.seq_len, hidden];
+    Ok(LocationGrads { dh: Some(t(dh, &shape)?), dr: Some(t(dr, &shape)?), branches: grads })
 }

@@ -1,9 +1,13 @@
 //! The CPU backend: a plain reference (`reference`, the spec) and a fast path (`fast`, what the
 //! model uses), behind one `Backend` implementation that checks shapes once for both.
 
+// One file (or folder) per op family, forward and backward side by side, as the CUDA kernels have
+// them. The files depend one way, adapter, nice -> prims -> fast -> reference, besides the shared
+// types and dropout here.
 mod adapter;
-mod adapter_backward;
 pub mod fast;
+mod nice;
+mod prims;
 pub mod reference;
 mod train_ops;
 
@@ -149,8 +153,8 @@ impl CpuBackend {
     pub fn gemm_counts(&self) -> GemmCounts {
         self.stats.snapshot()
     }
-    fn prims(&self) -> adapter::Prims<'_> {
-        adapter::Prims { mode: self.mode, stats: &self.stats }
+    fn prims(&self) -> prims::Prims<'_> {
+        prims::Prims { mode: self.mode, stats: &self.stats }
     }
     pub fn fast() -> Self {
         Self::new(CpuMode::Fast)
@@ -372,7 +376,7 @@ impl Backend for CpuBackend {
     }
 
     fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor> {
-        adapter::nice(self.prims(), x, params, inverse)
+        nice::nice(self.prims(), x, params, inverse)
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -382,7 +386,7 @@ impl Backend for CpuBackend {
         if dy.rank() == 0 || dy.last_dim() != d_out {
             return Err(Error::shape(OP, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
         }
-        let dx = self.prims().linear_dx(&*dy.f32_data()?, w)?;
+        let dx = self.prims().linear_dx(&dy.f32_data()?, w)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rank checked above") = d_in;
         Tensor::from_vec(dx, &shape)
@@ -394,13 +398,13 @@ impl Backend for CpuBackend {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
         }
         let (d_in, d_out) = (x.last_dim(), dy.last_dim());
-        let (dw, db) = self.prims().linear_dw(&*dy.f32_data()?, &*x.f32_data()?, d_in, d_out);
+        let (dw, db) = self.prims().linear_dw(&dy.f32_data()?, &x.f32_data()?, d_in, d_out);
         Ok((Tensor::from_vec(dw, &[d_out, d_in])?, Tensor::from_vec(db, &[d_out])?))
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         expect_shape("activation_backward", "input", pre, dy.shape())?;
-        Tensor::from_vec(self.prims().activation_backward(&*dy.f32_data()?, &*pre.f32_data()?, act), dy.shape())
+        Tensor::from_vec(self.prims().activation_backward(&dy.f32_data()?, &pre.f32_data()?, act), dy.shape())
     }
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
@@ -414,7 +418,7 @@ impl Backend for CpuBackend {
             Some(r) => x.f32_data()?.iter().zip(&*r.f32_data()?).map(|(a, b)| a + b).collect(),
             None => x.f32_data()?.to_vec(),
         };
-        let (dz, _, _) = self.prims().layernorm_backward(&*dy.f32_data()?, &z, gamma, eps)?;
+        let (dz, _, _) = self.prims().layernorm_backward(&dy.f32_data()?, &z, gamma, eps)?;
         Tensor::from_vec(dz, dy.shape())
     }
 
@@ -451,11 +455,11 @@ impl Backend for CpuBackend {
     }
 
     fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
-        adapter_backward::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
+        adapter::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
     }
 
     fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
-        adapter_backward::nice_backward(self.prims(), x, params, dy)
+        nice::nice_backward(self.prims(), x, params, dy)
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
@@ -505,7 +509,7 @@ impl Backend for CpuBackend {
         if t == 0 {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
-        Tensor::from_vec(reference::first_token(&*x.f32_data()?, b, t, h), &[b, h])
+        Tensor::from_vec(reference::first_token(&x.f32_data()?, b, t, h), &[b, h])
     }
 
     fn cast(&self, t: &Tensor, dtype: crate::tensor::DType) -> Result<Tensor> {

@@ -1,0 +1,53 @@
+//! Linear and its gradients on gemm: `y = x·Wᵀ + b` (gemm accumulates onto the preloaded bias),
+//! `dx = dy·W`, `dW = dyᵀ·x` (transposes are strided views, not copies), `db = Σ_rows dy`.
+//! Layout as `reference::linear`: `x` `[rows, d_in]`, `w` `[d_out, d_in]`, row-major. Numerics:
+//! f32 accumulation in gemm; `db` sums in f64.
+
+use crate::cpu::fast::matmul::{gemm_parallelism, matmul, MatRef};
+
+/// `y = x·Wᵀ + b` with `w: [d_out, d_in]`.
+pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    let mut y = match b {
+        Some(b) => b.iter().copied().cycle().take(rows * d_out).collect(),
+        None => vec![0f32; rows * d_out],
+    };
+    if rows == 0 || d_out == 0 {
+        return y;
+    }
+    let lhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+    // Wᵀ[i, o] = w[o, i]: a transposed view, no copy.
+    let rhs = MatRef { ptr: w.as_ptr(), row_stride: 1, col_stride: d_in as isize };
+    // SAFETY: x is rows×d_in, w is d_out×d_in, y is rows×d_out, all row-major and checked by the caller.
+    unsafe { matmul(y.as_mut_ptr(), d_out, b.is_some(), lhs, rhs, rows, d_out, d_in, gemm_parallelism(rows * d_in * d_out)) };
+    y
+}
+
+/// `dx = dy·W` with `w: [d_out, d_in]`.
+pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; rows * d_in];
+    if rows == 0 || d_in == 0 {
+        return dx;
+    }
+    let lhs = MatRef { ptr: dy.as_ptr(), row_stride: d_out as isize, col_stride: 1 };
+    let rhs = MatRef { ptr: w.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+    // SAFETY: dy is rows×d_out, w is d_out×d_in, dx is rows×d_in, all row-major.
+    unsafe { matmul(dx.as_mut_ptr(), d_in, false, lhs, rhs, rows, d_in, d_out, gemm_parallelism(rows * d_in * d_out)) };
+    dx
+}
+
+/// `dw = dyᵀ·x`, `db = Σ_rows dy`.
+pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dw = vec![0f32; d_out * d_in];
+    if rows > 0 && d_in > 0 && d_out > 0 {
+        // dyᵀ[o, r] = dy[r, o]: a transposed view.
+        let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
+        let rhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+        // SAFETY: dy is rows×d_out, x is rows×d_in, dw is d_out×d_in.
+        unsafe { matmul(dw.as_mut_ptr(), d_in, false, lhs, rhs, d_out, d_in, rows, gemm_parallelism(rows * d_in * d_out)) };
+    }
+    let mut db = vec![0f64; d_out];
+    for row in dy.chunks(d_out.max(1)) {
+        db.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
+    }
+    (dw, db.into_iter().map(|v| v as f32).collect())
+}

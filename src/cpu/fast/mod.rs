@@ -1,0 +1,36 @@
+//! The fast CPU path the model runs on: `gemm` for every matrix product, rayon across rows and
+//! heads, f32 accumulation. Tested against `reference` at awkward shapes in `tests/cpu.rs`.
+//! One file per op family with its forward and backward side by side, as in `reference`; the
+//! gradients this path has no version of (LayerNorm, activations) are `reference`'s in both modes
+//! (see `Prims`). This file keeps the finiteness scan, which belongs to no family.
+
+mod activation;
+mod attention;
+mod embedding;
+mod layernorm;
+mod linear;
+mod matmul;
+
+use rayon::prelude::*;
+
+pub use activation::activation;
+pub use attention::{attention, attention_backward};
+pub use embedding::embedding;
+pub use layernorm::residual_layernorm;
+pub use linear::{linear, linear_backward_input, linear_backward_params};
+
+/// Elements per block of the finiteness scan: large enough to amortise a rayon task, small
+/// enough that a non-finite value early on stops the scan soon.
+const FINITE_BLOCK: usize = 1 << 16;
+
+/// Whether no element is NaN or ±inf: blocks in parallel; inside a block the test has no early
+/// exit (an OR over the exponent bits), so it vectorises.
+pub fn all_finite(x: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000; // all exponent bits set: inf or NaN
+    let block_ok = |b: &[f32]| !b.iter().fold(false, |bad, v| bad | (v.to_bits() & EXP == EXP));
+    if x.len() <= FINITE_BLOCK {
+        block_ok(x)
+    } else {
+        x.par_chunks(FINITE_BLOCK).all(block_ok)
+    }
+}

@@ -1,0 +1,90 @@
+//! The row primitives that the composite ops (adapter location, NICE) are built from, in the
+//! backend's CPU mode: `Prims` sends each to `reference` or `fast` and counts every matrix product
+//! by kind in the backend's `GemmStats` (how the tests prove that frozen work is skipped). Also the
+//! slice helpers both composites share. Layout: activations are row-major `[rows, cols]` slices,
+//! weights and LayerNorm parameters tensors (`w: [d_out, d_in]`). Numerics: the mode's, except the
+//! LayerNorm and activation gradients, which are the f64 reference in both modes.
+
+use crate::backend::Activation;
+use crate::cpu::{fast, reference, CpuMode, GemmKind, GemmStats};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// The primitive row ops of one CPU mode, counting matrix products as they go.
+#[derive(Clone, Copy)]
+pub(crate) struct Prims<'a> {
+    pub mode: CpuMode,
+    pub stats: &'a GemmStats,
+}
+
+impl Prims<'_> {
+    pub fn linear(self, x: &[f32], w: &Tensor, b: &Tensor, d_in: usize) -> Result<Vec<f32>> {
+        let d_out = w.shape()[0];
+        let rows = x.len() / d_in.max(1);
+        let (w, b) = (&*w.f32_data()?, Some(&*b.f32_data()?));
+        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
+        Ok(match self.mode {
+            CpuMode::Reference => reference::linear(x, w, b, rows, d_in, d_out),
+            CpuMode::Fast => fast::linear(x, w, b, rows, d_in, d_out),
+        })
+    }
+    /// `dx = dy·W` for `w: [d_out, d_in]`.
+    pub fn linear_dx(self, dy: &[f32], w: &Tensor) -> Result<Vec<f32>> {
+        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+        let rows = dy.len() / d_out.max(1);
+        self.stats.count(GemmKind::InputGrad, rows * d_in * d_out);
+        let w = &*w.f32_data()?;
+        Ok(match self.mode {
+            CpuMode::Reference => reference::linear_backward_input(dy, w, rows, d_in, d_out),
+            CpuMode::Fast => fast::linear_backward_input(dy, w, rows, d_in, d_out),
+        })
+    }
+    /// `(dW, db)` for a Linear with input `x` (`[rows, d_in]`) and output gradient `dy`.
+    pub fn linear_dw(self, dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+        let rows = dy.len() / d_out.max(1);
+        self.stats.count(GemmKind::WeightGrad, rows * d_in * d_out);
+        match self.mode {
+            CpuMode::Reference => reference::linear_backward_params(dy, x, rows, d_in, d_out),
+            CpuMode::Fast => fast::linear_backward_params(dy, x, rows, d_in, d_out),
+        }
+    }
+    pub fn layernorm(self, x: &[f32], residual: Option<&[f32]>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Vec<f32>> {
+        let cols = gamma.elem_count();
+        let (g, b) = (&*gamma.f32_data()?, &*beta.f32_data()?);
+        Ok(match self.mode {
+            CpuMode::Reference => reference::residual_layernorm(x, residual, g, b, cols, eps).y,
+            CpuMode::Fast => fast::residual_layernorm(x, residual, g, b, cols, eps),
+        })
+    }
+    /// `(dz, dγ, dβ)` of `LN(z)`.
+    pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(reference::layernorm_backward(dy, z, &gamma.f32_data()?, gamma.elem_count(), eps))
+    }
+    pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
+        match self.mode {
+            CpuMode::Reference => reference::activation(x, act),
+            CpuMode::Fast => fast::activation(x, act),
+        }
+    }
+    pub fn activation_backward(self, dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
+        reference::activation_backward(dy, pre, act)
+    }
+}
+
+/// `t` has exactly `shape`, else a shape error of `op`.
+pub(crate) fn check(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::shape(op, format!("{what} has shape {:?}, expected {shape:?}", t.shape())));
+    }
+    Ok(())
+}
+
+/// Columns `[start, start+width)` of a row-major `[rows, cols]` matrix.
+pub(crate) fn columns(x: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
+    x.chunks(cols).flat_map(|row| row[start..start + width].iter().copied()).collect()
+}
+
+/// `a += b`, element by element.
+pub(crate) fn add_into(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+}
