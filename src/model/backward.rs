@@ -260,7 +260,7 @@ impl BertModel {
         }
         if plan.nice_trainable {
             let first = children[0];
-            let nice = first.nice()?.ok_or_else(|| Error::Input(format!("adapter `{}` lost its NICE block", first.name())))?;
+            let nice = first.nice()?.ok_or_else(|| Error::internal(format!("adapter `{}` lost its NICE block", first.name())))?;
             let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
             for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
@@ -335,7 +335,7 @@ impl BertModel {
 fn both(dh: Option<Tensor>, dr: Option<Tensor>) -> Result<(Tensor, Tensor)> {
     match (dh, dr) {
         (Some(dh), Some(dr)) => Ok((dh, dr)),
-        _ => Err(Error::Shape { op: "adapter_location_backward", msg: "input gradients were asked for but not returned".into() }),
+        _ => Err(Error::internal("adapter_location_backward: input gradients were asked for but not returned")),
     }
 }
 

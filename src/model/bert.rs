@@ -229,7 +229,7 @@ impl BertModel {
     /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.
     pub fn forward_train(&self, batch: &InputBatch) -> Result<(BertOutput, Tape)> {
         let (out, tape) = self.run(batch, true)?;
-        Ok((out, tape.ok_or_else(|| Error::Input("internal: no tape recorded".into()))?))
+        Ok((out, tape.ok_or_else(|| Error::internal("forward_train recorded no tape"))?))
     }
 
     fn run(&self, batch: &InputBatch, record: bool) -> Result<(BertOutput, Option<Tape>)> {

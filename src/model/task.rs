@@ -121,7 +121,7 @@ impl BertModel {
         let combine = |blocks: Vec<Tensor>, shape: Vec<usize>| -> Result<Tensor> {
             if !tape.replicated {
                 let mut it = blocks.into_iter();
-                let first = it.next().ok_or_else(|| Error::Input("no head gradients".into()))?;
+                let first = it.next().ok_or_else(|| Error::internal("no head gradients"))?;
                 return it.try_fold(first, |acc, b| be.add(&acc, &b));
             }
             let mut data = Vec::new();

@@ -191,7 +191,7 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     let branches = model.head_logits(&out)?;
     let names: Vec<&str> = branches.iter().map(|b| b.adapter.as_str()).collect();
     if names != [SCORENN, TASKNN] {
-        return Err(Error::Input(format!("expected head outputs of Parallel(scorenn, tasknn), got {names:?}")));
+        return Err(Error::Internal(format!("expected head outputs of Parallel(scorenn, tasknn), got {names:?}")));
     }
     let shape = branches[0].logits.shape().to_vec();
     let c = shape[1];
@@ -219,6 +219,8 @@ fn step_failed(e: Error, step: u64) -> Error {
     match e {
         Error::NonFinite { at } if step == 0 => Error::NonFinite { at: format!("{at}, at step 1 before any update: the base model's weights overflow float32 on this data") },
         Error::NonFinite { at } => Error::NonFinite { at: format!("{at} at step {}: training has diverged (try a lower --lr)", step + 1) },
+        // A bug stays a bug: reported as internal, not as bad input.
+        Error::Internal(msg) => Error::Internal(format!("step {}: {msg}", step + 1)),
         other => Error::Input(format!("step {}: {other}", step + 1)),
     }
 }
@@ -354,7 +356,8 @@ impl Run<'_> {
         for name in [SCORENN, TASKNN] {
             replace_dir(&self.args.out.join(name), &ADAPTER_TREE, |dir| {
                 self.model.save_adapter(dir, name)?;
-                write_atomic(&dir.join(TRAIN_INFO), serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes())
+                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("{TRAIN_INFO}: {e}")))?;
+                write_atomic(&dir.join(TRAIN_INFO), text.as_bytes())
             })?;
         }
         self.write_reports()?;
@@ -603,7 +606,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let t0 = Instant::now();
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
-        let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Input(format!("no optimizer for `{adapter}`")))?;
+        let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| step_failed(e, s))?;
         let secs = t0.elapsed().as_secs_f64();
         run.train_secs += secs;

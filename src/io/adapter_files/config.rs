@@ -103,7 +103,7 @@ pub fn head_config_json(head: &ClassificationHead, model_name: &str) -> Result<S
         name: head.name().into(),
         version: LIBRARY_VERSION.into(),
     };
-    let v = serde_json::to_value(&file).map_err(|e| Error::Input(format!("head `{}`: {e}", head.name())))?;
+    let v = serde_json::to_value(&file).map_err(|e| Error::internal(format!("head `{}`: {e}", head.name())))?;
     Ok(to_python_json(&v))
 }
 
