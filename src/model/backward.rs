@@ -108,6 +108,30 @@ impl BertModel {
         &self.trainable
     }
 
+    /// Trainable parameters the active setup never reaches, one sentence per adapter (empty when
+    /// all are reached); check after `train_adapter` and `set_active_adapters`. As in the library,
+    /// only the first child's invertible adapter (NICE) runs, so a trainable adapter with
+    /// `inv_adapter` that is not the first child gets zero gradients for its NICE block: it
+    /// learns nothing there (AdamW's weight decay alone shrinks it). A trainable adapter outside
+    /// the active setup gets zero gradients for everything. Not an error: the bottleneck modules
+    /// of an active adapter still train.
+    pub fn training_warnings(&self) -> Vec<String> {
+        let active: &[String] = self.active.as_ref().map_or(&[], |s| s.names());
+        let mut warnings = Vec::new();
+        for name in &self.trainable {
+            let Some(adapter) = self.adapters.get(name) else { continue };
+            if !active.contains(name) {
+                warnings.push(format!("adapter `{name}` is trainable but not in the active setup: all its gradients are zero, so it will not be trained"));
+            } else if adapter.config().inv_adapter && active.first() != Some(name) {
+                warnings.push(format!(
+                    "adapter `{name}` has an invertible adapter, but the active setup runs only its first adapter's (`{}`): `{name}`'s is not run, its gradients are zero, and it will not be trained",
+                    active[0]
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Every trainable tensor with its library key, in key order: the trainable adapters'
     /// parameters and NICE blocks, and their heads.
     pub fn trainable_tensors(&self) -> Vec<(&str, &Tensor)> {

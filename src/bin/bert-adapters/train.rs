@@ -213,6 +213,18 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     Ok(loss)
 }
 
+/// The library's warnings for each adapter this run trains (each is trained alone, in turn),
+/// e.g. an invertible adapter that Parallel never runs; printed once when training starts.
+fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for name in [SCORENN, TASKNN] {
+        model.train_adapter(&[name])?;
+        all.extend(model.training_warnings());
+    }
+    model.freeze_all();
+    Ok(all)
+}
+
 /// What a failed step means: non-finite values before any update come from the model or data
 /// (no learning rate is to blame); after updates, training has diverged.
 fn step_failed(e: Error, step: u64) -> Error {
@@ -566,6 +578,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    for line in training_warnings(&mut model)? {
+        warn!("warning: {line}");
+    }
 
     let stop = install_ctrlc();
     let bar = progress_bar(&args, start.min(args.steps));
