@@ -2,6 +2,16 @@
 //! BERT, run as Parallel(scorenn, tasknn) in every forward and trained in alternation (see
 //! `objective.rs` for the losses), with progress, periodic validation, a checkpoint that
 //! `--resume` continues bit for bit, and Ctrl-C that saves before exiting.
+//!
+//! A training batch is padded to the smallest multiple of 16 tokens that holds its longest text,
+//! capped at `--max-len` (`bert_adapters::tokenize::bucket_len`), not to its longest text: random
+//! batches then share a few shapes, which a backend that plans or allocates per shape reuses. On
+//! the CPU backend that buys nothing and the extra padding costs a little compute (the README
+//! gives the measurement). Padding is masked, so only float reassociation would change a
+//! result, but training uses dropout, whose masks are drawn per element of the padded batch: a
+//! run is reproducible (and resumes bit for bit), yet differs from one padded another way as one
+//! dropout draw differs from another. Evaluation pads to its longest text (its batches are sorted
+//! by length, so already tight), exactly as `predict` does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +76,8 @@ pub struct TrainArgs {
     steps: u64,
     #[arg(long, value_name = "B", default_value_t = 16)]
     batch_size: usize,
-    /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated.
+    /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated. A training batch is
+    /// padded to a multiple of 16 tokens covering its longest text, at most T.
     #[arg(long, value_name = "T", default_value_t = 64)]
     max_len: usize,
     /// AdamW learning rate (constant), for both adapters.
@@ -616,7 +627,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let idx = order.batch(s, args.batch_size);
         let texts: Vec<String> = idx.iter().map(|&i| run.data.examples[i].text.clone()).collect();
         let labels: Vec<usize> = idx.iter().map(|&i| run.data.examples[i].label).collect();
-        let batch = run.tokenizer.encode_batch(&texts, run.model.config())?;
+        // Padded to a multiple of 16 (capped at --max-len) so step shapes repeat; see `bucket_len`.
+        let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config())?;
         let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
         let t0 = Instant::now();
         run.model.train_adapter(&[adapter])?;
