@@ -49,7 +49,8 @@ pub enum Error {
     #[error("non-finite values (NaN or ±inf) first appear in {at}")]
     NonFinite { at: String },
 
-    /// A broken internal invariant: a bug in bert-adapters, never the user's input.
+    /// An invariant of the library itself broke (a tape not recorded, a gradient not returned):
+    /// no input can cause it, so it is a bug to report, never something to fix in the input.
     #[error("internal error (a bug in bert-adapters, please report it): {0}")]
     Internal(String),
 }
@@ -69,5 +70,20 @@ impl Error {
     }
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape { op, msg: msg.into() }
+    }
+    pub(crate) fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn internal_errors_say_they_are_a_bug() {
+        let e = Error::internal("no tape recorded");
+        assert!(matches!(e, Error::Internal(_)));
+        assert_eq!(e.to_string(), "internal error (a bug in bert-adapters, please report it): no tape recorded");
     }
 }

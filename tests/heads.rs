@@ -262,19 +262,15 @@ fn head_backward_runs_exactly_the_needed_products() {
 
 #[test]
 fn matches_the_library_head_and_loss() {
-    let dir = common::fixtures().join("training");
-    if !dir.join("ce_pfeiffer.safetensors").exists() {
-        eprintln!("skipping: training fixtures missing");
-        return;
-    }
+    let dir = common::committed_fixture("training");
     let read = |f: &TensorFile, n: &str| {
         let (d, s) = common::read_f32(f, n);
         t(d, &s)
     };
     let head_of = |name: &str| {
-        let f = TensorFile::open(dir.join(format!("head_{name}.safetensors"))).unwrap();
+        let f = TensorFile::open(common::committed_fixture(&format!("training/head_{name}.safetensors"))).unwrap();
         let params: BTreeMap<String, Tensor> = f.names().into_iter().map(|n| (n.clone(), read(&f, &n))).collect();
-        let text = std::fs::read_to_string(dir.join(format!("head_{name}_config.json"))).unwrap();
+        let text = std::fs::read_to_string(common::committed_fixture(&format!("training/head_{name}_config.json"))).unwrap();
         let cfg = HeadConfigFile::from_json(&dir.join(format!("head_{name}_config.json")), &text).unwrap();
         ClassificationHead::from_params(name, cfg.config, params).unwrap()
     };
@@ -288,7 +284,7 @@ fn matches_the_library_head_and_loss() {
         ),
     ];
     for (fname, heads) in cases {
-        let f = TensorFile::open(dir.join(fname)).unwrap();
+        let f = TensorFile::open(common::committed_fixture(&format!("training/{fname}"))).unwrap();
         let labels: Vec<usize> = f.read_i64("labels").unwrap().0.into_iter().map(|l| l as usize).collect();
         let cls = read(&f, "cls_output");
         for (bname, be) in backends() {
@@ -317,11 +313,8 @@ fn matches_the_library_head_and_loss() {
 
 #[test]
 fn head_config_json_round_trips_like_the_library() {
-    let path = common::fixtures().join("training/head_pfeiffer_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("skipping: {} missing", path.display());
-        return;
-    };
+    let path = common::committed_fixture("training/head_pfeiffer_config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
     let f = HeadConfigFile::from_json(&path, &text).unwrap();
     let c = &f.config;
     assert_eq!((c.head_type.as_str(), c.num_labels, c.layers, c.activation.as_str(), c.use_pooler, c.bias), ("classification", 3, 2, "tanh", false, true));

@@ -240,13 +240,8 @@ fn clip_scales_only_above_max_norm() {
 
 // ---- parity with torch (tests/fixtures/training, see its README §3) ----------------------------
 
-fn fixture(name: &str) -> Option<TensorFile> {
-    let path = common::fixtures().join("training").join(name);
-    if !path.exists() {
-        eprintln!("skipping: {} is missing", path.display());
-        return None;
-    }
-    Some(TensorFile::open(&path).unwrap())
+fn fixture(name: &str) -> TensorFile {
+    TensorFile::open(common::committed_fixture(&format!("training/{name}"))).unwrap()
 }
 
 fn load_all(file: &TensorFile, prefix: &str, rename: impl Fn(&str) -> String) -> BTreeMap<String, Tensor> {
@@ -278,7 +273,7 @@ fn check_params(label: &str, got: &BTreeMap<String, Tensor>, want: &BTreeMap<Str
 
 #[test]
 fn adamw_with_clipping_matches_torch_single() {
-    let Some(file) = fixture("adamw_single.safetensors") else { return };
+    let file = fixture("adamw_single.safetensors");
     let init = TensorFile::open(common::fixtures().join("adapters/pfeiffer/adapter.safetensors")).unwrap();
     let mut params = load_all(&init, "", str::to_string);
     assert_eq!(params.len(), 8);
@@ -299,7 +294,7 @@ fn adamw_with_clipping_matches_torch_single() {
 
 #[test]
 fn alternating_optimizers_match_torch_parallel() {
-    let Some(file) = fixture("adamw_parallel.safetensors") else { return };
+    let file = fixture("adamw_parallel.safetensors");
     let adapters = common::fixtures().join("adapters");
     let rename = |from: &'static str, to: &'static str| move |k: &str| k.replace(&format!("adapters.{from}."), &format!("adapters.{to}."));
     let mut params = load_all(&TensorFile::open(adapters.join("pfeiffer_inv/adapter.safetensors")).unwrap(), "", rename("pfeiffer_inv", "scorenn"));

@@ -181,3 +181,41 @@ fn parallel_of_one_adapter_twice_with_its_head_doubles_every_gradient() {
         }
     }
 }
+
+/// Under Parallel only the first child's invertible adapter runs: a trainable adapter with one
+/// further right is named by `training_warnings`, and its NICE block indeed gets no gradient.
+#[test]
+fn training_warnings_name_a_trainable_nice_that_parallel_never_runs() {
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    for d in ["pfeiffer_inv", "pfeiffer", "houlsby"] {
+        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+    }
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer".into(), "pfeiffer_inv".into()]))).unwrap();
+    model.train_adapter(&["pfeiffer"]).unwrap();
+    assert!(model.training_warnings().is_empty(), "{:?}", model.training_warnings());
+    model.train_adapter(&["pfeiffer_inv"]).unwrap();
+    let w = model.training_warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("`pfeiffer_inv`") && w[0].contains("invertible adapter") && w[0].contains("`pfeiffer`") && w[0].contains("not be trained"), "{}", w[0]);
+    // What the warning says: the NICE block gets no gradient (torch's `None`), the bottleneck
+    // modules get non-zero ones.
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    let ones = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape()).unwrap();
+    let grads = model.backward(&tape, &ones, None).unwrap();
+    let (nice, rest): (Vec<_>, Vec<_>) = grads.iter().partition(|(k, _)| k.starts_with("invertible_adapters.pfeiffer_inv."));
+    assert!(nice.is_empty(), "{:?}", nice.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    assert!(rest.iter().any(|(_, g)| g.cpu_data().unwrap().iter().any(|&v| v != 0.0)));
+
+    // First child: its NICE runs, no warning.
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer_inv".into(), "pfeiffer".into()]))).unwrap();
+    assert!(model.training_warnings().is_empty(), "{:?}", model.training_warnings());
+    model.set_active_adapters(Some(AdapterSetup::Single("pfeiffer_inv".into()))).unwrap();
+    assert!(model.training_warnings().is_empty());
+    // Trainable but not active at all: nothing of it trains.
+    model.train_adapter(&["houlsby", "pfeiffer_inv"]).unwrap();
+    let w = model.training_warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("`houlsby`") && w[0].contains("not in the active setup"), "{}", w[0]);
+    model.freeze_all();
+    assert!(model.training_warnings().is_empty());
+}

@@ -148,6 +148,6 @@ impl HeadConfigFile {
 
     /// The file as the library writes it (`json.dump(indent=2, sort_keys=True)`).
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::Input(format!("head config: {e}")))
+        serde_json::to_string_pretty(self).map_err(|e| Error::internal(format!("head config: {e}")))
     }
 }

@@ -185,7 +185,7 @@ impl SafetensorsWriter {
             slots.push(Slot { name: name.clone(), start: offset, len, written: 0 });
             offset += len;
         }
-        let mut header_bytes = serde_json::to_vec(&header).map_err(|e| Error::malformed(path, e.to_string()))?;
+        let mut header_bytes = serde_json::to_vec(&header).map_err(|e| Error::internal(format!("{}: header: {e}", path.display())))?;
         // Pad the header with spaces so the data section starts 8-byte aligned, as the format allows.
         while (header_bytes.len() + 8) % 8 != 0 {
             header_bytes.push(b' ');

@@ -108,6 +108,30 @@ impl BertModel {
         &self.trainable
     }
 
+    /// Trainable parameters the active setup never reaches, one sentence per adapter (empty when
+    /// all are reached); check after `train_adapter` and `set_active_adapters`. As in the library,
+    /// only the first child's invertible adapter (NICE) runs, so a trainable adapter with
+    /// `inv_adapter` that is not the first child gets no gradient for its NICE block: it learns
+    /// nothing there, and AdamW skips it (no decay), as torch does for `grad is None`. A
+    /// trainable adapter outside the active setup gets no gradients at all. Not an error: the
+    /// bottleneck modules of an active adapter still train.
+    pub fn training_warnings(&self) -> Vec<String> {
+        let active: &[String] = self.active.as_ref().map_or(&[], |s| s.names());
+        let mut warnings = Vec::new();
+        for name in &self.trainable {
+            let Some(adapter) = self.adapters.get(name) else { continue };
+            if !active.contains(name) {
+                warnings.push(format!("adapter `{name}` is trainable but not in the active setup: it gets no gradients, so it will not be trained (nor decayed)"));
+            } else if adapter.config().inv_adapter && active.first() != Some(name) {
+                warnings.push(format!(
+                    "adapter `{name}` has an invertible adapter, but the active setup runs only its first adapter's (`{}`): `{name}`'s is not run, gets no gradients, and will not be trained (nor decayed)",
+                    active[0]
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Every trainable tensor with its library key, in key order: the trainable adapters'
     /// parameters and NICE blocks, and their heads.
     pub fn trainable_tensors(&self) -> Vec<(&str, &Tensor)> {
@@ -268,7 +292,7 @@ impl BertModel {
         }
         if plan.nice_trainable {
             let first = children[0];
-            let nice = first.nice()?.ok_or_else(|| Error::Internal(format!("adapter `{}` lost its NICE block", first.name())))?;
+            let nice = first.nice()?.ok_or_else(|| Error::internal(format!("adapter `{}` lost its NICE block", first.name())))?;
             let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
             for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
@@ -335,7 +359,7 @@ impl BertModel {
 fn both(dh: Option<Tensor>, dr: Option<Tensor>) -> Result<(Tensor, Tensor)> {
     match (dh, dr) {
         (Some(dh), Some(dr)) => Ok((dh, dr)),
-        _ => Err(Error::Shape { op: "adapter_location_backward", msg: "input gradients were asked for but not returned".into() }),
+        _ => Err(Error::internal("adapter_location_backward: input gradients were asked for but not returned")),
     }
 }
 

@@ -80,7 +80,7 @@ impl ClassificationHead {
             return Err(Error::Input(format!("head `{name}`: hidden_size must be > 0")));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Input(format!("initializer: {e}")))?;
+        let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::internal(format!("initializer: {e}")))?;
         let mut params = BTreeMap::new();
         for (key, shape) in Self::expected_shapes(name, &config, hidden_size) {
             let n: usize = shape.iter().product();

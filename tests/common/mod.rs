@@ -15,6 +15,15 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// A committed fixture under tests/fixtures: missing is a failure naming the file, never a skip
+/// (a silent skip would let a lost fixture turn a parity test into a no-op).
+#[track_caller]
+pub fn committed_fixture(rel: &str) -> PathBuf {
+    let path = fixtures().join(rel);
+    assert!(path.exists(), "committed fixture {} is missing (restore it from git, or regenerate it as its folder's README says)", path.display());
+    path
+}
+
 /// `max|out − ref|` and the project's bound `rel·(1 + max|ref|)`.
 pub fn assert_close(name: &str, out: &[f32], reference: &[f32], rel: f64) {
     assert_eq!(out.len(), reference.len(), "{name}: length {} vs reference {}", out.len(), reference.len());

@@ -167,7 +167,7 @@ pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
             elapsed_s: snap.elapsed_s,
         };
         let path = dir.join(STATE);
-        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Malformed { path: path.clone(), msg: e.to_string() })?;
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
         write_atomic(&path, json.as_bytes())
     })
 }

@@ -96,7 +96,7 @@ fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, t
         let batch = tokenizer.encode_batch(&batch_texts, model.config())?;
         let output = model.forward(&batch)?;
         let branches = model.head_logits(&output)?;
-        let logits = branches.first().ok_or_else(|| Error::Input("no head output".into()))?;
+        let logits = branches.first().ok_or_else(|| Error::Internal("no head output".into()))?;
         let c = logits.logits.shape()[1];
         let host = be.to_host(&logits.logits)?;
         // A label from NaN logits would be an answer made up: refuse it.

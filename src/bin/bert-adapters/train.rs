@@ -2,6 +2,16 @@
 //! BERT, run as Parallel(scorenn, tasknn) in every forward and trained in alternation (see
 //! `objective.rs` for the losses), with progress, periodic validation, a checkpoint that
 //! `--resume` continues bit for bit, and Ctrl-C that saves before exiting.
+//!
+//! A training batch is padded to the smallest multiple of 16 tokens that holds its longest text,
+//! capped at `--max-len` (`bert_adapters::tokenize::bucket_len`), not to its longest text: random
+//! batches then share a few shapes, which a backend that plans or allocates per shape reuses. On
+//! the CPU backend that buys nothing and the extra padding costs a little compute (the README
+//! gives the measurement). Padding is masked, so only float reassociation would change a
+//! result, but training uses dropout, whose masks are drawn per element of the padded batch: a
+//! run is reproducible (and resumes bit for bit), yet differs from one padded another way as one
+//! dropout draw differs from another. Evaluation pads to its longest text (its batches are sorted
+//! by length, so already tight), exactly as `predict` does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -67,7 +77,8 @@ pub struct TrainArgs {
     steps: u64,
     #[arg(long, value_name = "B", default_value_t = 16)]
     batch_size: usize,
-    /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated.
+    /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated. A training batch is
+    /// padded to a multiple of 16 tokens covering its longest text, at most T.
     #[arg(long, value_name = "T", default_value_t = 64)]
     max_len: usize,
     /// AdamW learning rate (constant), for both adapters.
@@ -192,7 +203,7 @@ fn fmt_duration(d: Duration) -> String {
 fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW) -> Result<StepValues> {
     let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
-        return Err(Error::Input(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
+        return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
     }
     let objective = if adapter == TASKNN {
         Objective::TaskEnergy { lambda: objective::LAMBDA }
@@ -211,12 +222,26 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     }
 }
 
+/// The library's warnings for each adapter this run trains (each is trained alone, in turn),
+/// e.g. an invertible adapter that Parallel never runs; printed once when training starts.
+fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for name in [SCORENN, TASKNN] {
+        model.train_adapter(&[name])?;
+        all.extend(model.training_warnings());
+    }
+    model.freeze_all();
+    Ok(all)
+}
+
 /// What a failed step means: non-finite values before any update come from the model or data
 /// (no learning rate is to blame); after updates, training has diverged.
 fn step_failed(e: Error, step: u64) -> Error {
     match e {
         Error::NonFinite { at } if step == 0 => Error::NonFinite { at: format!("{at}, at step 1 before any update: the base model's weights overflow float32 on this data") },
         Error::NonFinite { at } => Error::NonFinite { at: format!("{at} at step {}: training has diverged (try a lower --lr)", step + 1) },
+        // A bug stays a bug: reported as internal, not as bad input.
+        Error::Internal(msg) => Error::Internal(format!("step {}: {msg}", step + 1)),
         other => Error::Input(format!("step {}: {other}", step + 1)),
     }
 }
@@ -352,7 +377,8 @@ impl Run<'_> {
         for name in [SCORENN, TASKNN] {
             replace_dir(&self.args.out.join(name), &ADAPTER_TREE, |dir| {
                 self.model.save_adapter(dir, name)?;
-                write_atomic(&dir.join(TRAIN_INFO), serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes())
+                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("{TRAIN_INFO}: {e}")))?;
+                write_atomic(&dir.join(TRAIN_INFO), text.as_bytes())
             })?;
         }
         self.write_reports()?;
@@ -561,6 +587,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    for line in training_warnings(&mut model)? {
+        warn!("warning: {line}");
+    }
 
     let stop = install_ctrlc();
     let bar = progress_bar(&args, start.min(args.steps));
@@ -596,12 +625,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let idx = order.batch(s, args.batch_size);
         let texts: Vec<String> = idx.iter().map(|&i| run.data.examples[i].text.clone()).collect();
         let labels: Vec<usize> = idx.iter().map(|&i| run.data.examples[i].label).collect();
-        let batch = run.tokenizer.encode_batch(&texts, run.model.config())?;
+        // Padded to a multiple of 16 (capped at --max-len) so step shapes repeat; see `bucket_len`.
+        let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config())?;
         let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
         let t0 = Instant::now();
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
-        let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Input(format!("no optimizer for `{adapter}`")))?;
+        let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| step_failed(e, s))?;
         let secs = t0.elapsed().as_secs_f64();
         run.train_secs += secs;

@@ -101,7 +101,7 @@ pub fn head_config_json(name: &str, config: &HeadConfig, hidden_size: usize, mod
         name: name.into(),
         version: LIBRARY_VERSION.into(),
     };
-    let v = serde_json::to_value(&file).map_err(|e| Error::Input(format!("head `{name}`: {e}")))?;
+    let v = serde_json::to_value(&file).map_err(|e| Error::internal(format!("head `{name}`: {e}")))?;
     Ok(to_python_json(&v))
 }
 
