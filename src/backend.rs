@@ -157,6 +157,12 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// A short human name, e.g. "cpu (fast)".
     fn name(&self) -> String;
+    /// The sequence-length granularity at which this backend profits from repeated shapes
+    /// (plans, graphs or buffers reused per shape): `train` pads its batches to multiples of it.
+    /// 1 means padding to the longest text is best (no per-shape work to reuse).
+    fn length_bucket(&self) -> usize {
+        crate::tokenize::LENGTH_BUCKET
+    }
 
     // ---- memory ------------------------------------------------------------------------------
     /// Move host data onto this backend's device.

@@ -26,18 +26,21 @@ pub struct BertTokenizer {
 /// symbols) can tokenize differently than uncut.
 pub const MAX_CHARS_PER_TOKEN: usize = 64;
 
-/// Training batches are padded to a multiple of this many tokens (see [`bucket_len`]).
+/// Training batches on a backend that reuses per-shape work are padded to a multiple of this
+/// many tokens (see [`bucket_len`] and `Backend::length_bucket`).
 pub const LENGTH_BUCKET: usize = 16;
 
 /// The padded length of a batch whose longest text has `longest` tokens: the smallest multiple of
-/// [`LENGTH_BUCKET`] that covers it, capped at `max_len` (and never below `longest`). Random
+/// `bucket` (e.g. [`LENGTH_BUCKET`]; 1 pads to the longest text) that covers it, capped at
+/// `max_len` (and never below `longest`). Random
 /// training batches then take a few lengths (4 at `--max-len 64`) instead of one per batch, so a
 /// backend that plans, compiles or allocates per shape reuses that work. Padding is masked out of
 /// every attention and every loss, so without dropout results change only by float
 /// reassociation; with dropout the masks are drawn per element of the padded batch, so another
 /// length draws other (equally distributed) masks for the same tokens.
-pub fn bucket_len(longest: usize, max_len: usize) -> usize {
-    longest.div_ceil(LENGTH_BUCKET).saturating_mul(LENGTH_BUCKET).min(max_len).max(longest)
+pub fn bucket_len(longest: usize, max_len: usize, bucket: usize) -> usize {
+    let bucket = bucket.max(1);
+    longest.div_ceil(bucket).saturating_mul(bucket).min(max_len).max(longest)
 }
 
 impl BertTokenizer {
@@ -82,11 +85,11 @@ impl BertTokenizer {
         self.pad_to(self.encode_batch(texts, cfg)?, cfg, seq_len)
     }
 
-    /// Tokenize `texts` as one batch padded to [`bucket_len`] of its longest text, capped at
-    /// `max_len()` and the model's positions: what `train` feeds its steps.
-    pub fn encode_batch_bucketed(&self, texts: &[impl AsRef<str>], cfg: &BertConfig) -> Result<InputBatch> {
+    /// Tokenize `texts` as one batch padded to [`bucket_len`] of its longest text (multiples of
+    /// `bucket`), capped at `max_len()` and the model's positions: what `train` feeds its steps.
+    pub fn encode_batch_bucketed(&self, texts: &[impl AsRef<str>], cfg: &BertConfig, bucket: usize) -> Result<InputBatch> {
         let b = self.encode_batch(texts, cfg)?;
-        let seq_len = bucket_len(b.seq_len, self.max_len().min(cfg.max_position_embeddings));
+        let seq_len = bucket_len(b.seq_len, self.max_len().min(cfg.max_position_embeddings), bucket);
         self.pad_to(b, cfg, seq_len)
     }
 
@@ -141,12 +144,13 @@ mod tests {
     fn buckets_are_multiples_of_16_capped_at_max_len() {
         assert_eq!(LENGTH_BUCKET, 16);
         for (longest, max_len, want) in [(1, 64, 16), (2, 64, 16), (16, 64, 16), (17, 64, 32), (33, 64, 48), (49, 64, 64), (64, 64, 64), (40, 40, 40), (33, 40, 40), (7, 10, 10), (3, 2, 3)] {
-            assert_eq!(bucket_len(longest, max_len), want, "longest {longest}, max_len {max_len}");
+            assert_eq!(bucket_len(longest, max_len, LENGTH_BUCKET), want, "longest {longest}, max_len {max_len}");
         }
         // The smallest covering multiple, never more than max_len, never less than the longest text.
         for max_len in 2..=130 {
             for longest in 1..=max_len {
-                let b = bucket_len(longest, max_len);
+                let b = bucket_len(longest, max_len, LENGTH_BUCKET);
+                assert_eq!(bucket_len(longest, max_len, 1), longest, "bucket 1 pads to the longest text");
                 assert!(b >= longest && b <= max_len && (b.is_multiple_of(16) || b == max_len) && (b < 16 || b - 16 < longest || b == max_len), "{longest} {max_len} -> {b}");
             }
         }

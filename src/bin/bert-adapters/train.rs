@@ -3,11 +3,11 @@
 //! `objective.rs` for the losses), with progress, periodic validation, a checkpoint that
 //! `--resume` continues bit for bit, and Ctrl-C that saves before exiting.
 //!
-//! A training batch is padded to the smallest multiple of 16 tokens that holds its longest text,
-//! capped at `--max-len` (`bert_adapters::tokenize::bucket_len`), not to its longest text: random
-//! batches then share a few shapes, which a backend that plans or allocates per shape reuses. On
-//! the CPU backend that buys nothing and the extra padding costs a little compute (the README
-//! gives the measurement). Padding is masked, so only float reassociation would change a
+//! A training batch is padded to the smallest multiple of the backend's length bucket
+//! (`Backend::length_bucket`: 16 on a device, where per-shape plans, graphs and buffers are
+//! reused) that holds its longest text, capped at `--max-len` (`bert_adapters::tokenize::bucket_len`).
+//! The CPU backend reuses nothing per shape, so its bucket is 1: batches are padded to their
+//! longest text, as before (the README gives the measurement of 16 there). Padding is masked, so only float reassociation would change a
 //! result, but training uses dropout, whose masks are drawn per element of the padded batch: a
 //! run is reproducible (and resumes bit for bit), yet differs from one padded another way as one
 //! dropout draw differs from another. Evaluation pads to its longest text (its batches are sorted
@@ -625,8 +625,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let idx = order.batch(s, args.batch_size);
         let texts: Vec<String> = idx.iter().map(|&i| run.data.examples[i].text.clone()).collect();
         let labels: Vec<usize> = idx.iter().map(|&i| run.data.examples[i].label).collect();
-        // Padded to a multiple of 16 (capped at --max-len) so step shapes repeat; see `bucket_len`.
-        let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config())?;
+        // Padded to the backend's length bucket (capped at --max-len) so step shapes repeat where
+        // that pays; see `bucket_len`.
+        let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config(), run.model.backend().length_bucket())?;
         let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
         let t0 = Instant::now();
         run.model.train_adapter(&[adapter])?;
