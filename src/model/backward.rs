@@ -17,32 +17,82 @@ use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
 use crate::model::bert::{location_steps, BertModel};
 use crate::tensor::Tensor;
 
-/// What one layer's forward keeps for the backward.
+/// What one layer's forward keeps for the backward: the FFN output location's inputs always,
+/// the rest only when the backward goes below that location (see `Plan::lowest`).
 pub struct LayerTape {
-    pub(crate) x_in: Tensor,
-    pub(crate) q: Tensor,
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    pub(crate) mask: Tensor,
-    pub(crate) h1: Tensor,
-    pub(crate) x_attn: Tensor,
-    pub(crate) inter_pre: Tensor,
+    /// Inputs of the FFN output location (`h2` after dropout).
     pub(crate) h2: Tensor,
-    /// Whether the Parallel replication happened at [attention location, FFN location].
-    pub(crate) replicated_at: [bool; 2],
+    pub(crate) x_attn: Tensor,
+    /// The FFN's pre-activation, and the attention output location's inputs: when the backward
+    /// reaches the attention output location.
+    pub(crate) inter_pre: Option<Tensor>,
+    pub(crate) h1: Option<Tensor>,
+    pub(crate) x_in: Option<Tensor>,
+    /// Q, K, V and the `[B, T]` mask: when the backward goes through the attention.
+    pub(crate) qkv: Option<[Tensor; 3]>,
+    pub(crate) mask: Option<Tensor>,
 }
 
-/// What `forward_train` keeps: per-layer tensors plus the embedding output (NICE's input).
+/// What `forward_train` keeps: the plan it was made for, and per layer only what the backward of
+/// that plan reads (layers below the lowest trainable position keep nothing; after the Parallel
+/// replication only the rows of live branches are kept).
 pub struct Tape {
     pub(crate) batch: usize,
     pub(crate) seq_len: usize,
     pub(crate) branches: usize,
     pub(crate) replicated: bool,
-    pub(crate) embeddings: Tensor,
-    pub(crate) layers: Vec<LayerTape>,
+    /// The embedding output (NICE's input), when the NICE block is trainable.
+    pub(crate) embeddings: Option<Tensor>,
+    pub(crate) layers: Vec<Option<LayerTape>>,
+    /// Whether the Parallel replication happened at [attention location, FFN location], per layer.
+    pub(crate) replicated_at: Vec<[bool; 2]>,
     pub(crate) pooler_pre: Option<Tensor>,
     /// The dropout seed of the forward, if it dropped out.
     pub(crate) dropout_seed: Option<u64>,
+    /// The backward plan (None: nothing trainable is reached) and what it was made under.
+    pub(crate) plan: Option<Plan>,
+    pub(crate) setup: Vec<String>,
+    pub(crate) trainable: BTreeSet<String>,
+    pub(crate) version: u64,
+}
+
+impl Tape {
+    /// Bytes of activations this tape holds (each storage counted once: the mask shared by all
+    /// layers, and views, are not counted twice).
+    pub fn bytes(&self) -> usize {
+        let mut seen: Vec<(*const (), usize)> = Vec::new();
+        let mut total = 0;
+        let mut add = |t: &Tensor| {
+            let crate::tensor::Storage::Cpu(buf) = t.storage();
+            let key = (std::sync::Arc::as_ptr(buf) as *const (), t.offset());
+            if !seen.contains(&key) {
+                seen.push(key);
+                total += t.size_in_bytes();
+            }
+        };
+        for lt in self.layers.iter().flatten() {
+            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
+                add(t);
+            }
+            for t in lt.qkv.iter().flatten() {
+                add(t);
+            }
+        }
+        for t in self.embeddings.iter().chain(&self.pooler_pre) {
+            add(t);
+        }
+        total
+    }
+
+    /// Layers that keep anything.
+    pub fn layers_kept(&self) -> usize {
+        self.layers.iter().filter(|l| l.is_some()).count()
+    }
+}
+
+/// A tensor the plan said the tape would keep.
+fn kept<'a>(t: &'a Option<Tensor>, what: &str, layer: usize) -> Result<&'a Tensor> {
+    t.as_ref().ok_or_else(|| Error::internal(format!("the tape of layer {layer} lacks {what}, which its plan needs")))
 }
 
 /// The dropout at `site` of `layer`, if training with a seed and `p > 0`.
@@ -66,22 +116,23 @@ pub(crate) enum DropoutSite {
 pub type Gradients = BTreeMap<String, Tensor>;
 
 /// Position of a location in forward order: 0 is the embedding output (NICE).
-fn position(layer: usize, location: Location) -> usize {
+pub(crate) fn position(layer: usize, location: Location) -> usize {
     match location {
         Location::MultiHead => 1 + 2 * layer,
         Location::Output => 2 + 2 * layer,
     }
 }
 
-/// The backward plan for one (setup, trainable set).
-struct Plan {
+/// The backward plan for one (setup, trainable set), made by `forward_train`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Plan {
     /// Per branch: does any trainable parameter lie on its path?
-    live: Vec<bool>,
+    pub(crate) live: Vec<bool>,
     /// Per branch: is its adapter trainable?
-    trainable: Vec<bool>,
-    nice_trainable: bool,
+    pub(crate) trainable: Vec<bool>,
+    pub(crate) nice_trainable: bool,
     /// The lowest position holding a trainable parameter on a live path.
-    lowest: usize,
+    pub(crate) lowest: usize,
 }
 
 impl BertModel {
@@ -90,6 +141,7 @@ impl BertModel {
     /// `train_adapter`, this does not change the active setup: Parallel(scorenn, tasknn) keeps
     /// running both while one trains.
     pub fn train_adapter(&mut self, names: &[&str]) -> Result<()> {
+        self.version += 1;
         for n in names {
             if !self.adapters.contains_key(*n) {
                 return Err(Error::Input(format!("train_adapter: no adapter named `{n}` (adapters: {})", self.adapter_names().join(", "))));
@@ -101,6 +153,7 @@ impl BertModel {
 
     /// Freeze every adapter.
     pub fn freeze_all(&mut self) {
+        self.version += 1;
         self.trainable.clear();
     }
 
@@ -144,6 +197,7 @@ impl BertModel {
 
     /// Mutable access for an optimizer: the parameters of one adapter by key.
     pub fn adapter_params_mut(&mut self, name: &str) -> Result<&mut BTreeMap<String, Tensor>> {
+        self.version += 1;
         let known = self.adapter_names().join(", ");
         self.adapters
             .get_mut(name)
@@ -151,7 +205,7 @@ impl BertModel {
             .ok_or_else(|| Error::Input(format!("no adapter named `{name}` (adapters: {known})")))
     }
 
-    fn plan(&self, children: &[&Adapter]) -> Option<Plan> {
+    pub(crate) fn plan(&self, children: &[&Adapter]) -> Option<Plan> {
         let trainable: Vec<bool> = children.iter().map(|a| self.trainable.contains(a.name())).collect();
         let nice_trainable = trainable.first().copied().unwrap_or(false) && children[0].config().inv_adapter;
         let live: Vec<bool> = trainable.iter().map(|&t| t || nice_trainable).collect();
@@ -196,7 +250,21 @@ impl BertModel {
         if d_last.shape() != want {
             return Err(Error::Input(format!("gradient of last_hidden_state has shape {:?}, expected {want:?}", d_last.shape())));
         }
-        let Some(plan) = self.plan(&children) else {
+        // The tape holds what its plan needs: a tape made under another setup, trainable set or
+        // parameter version cannot serve this backward.
+        let setup: Vec<String> = children.iter().map(|a| a.name().to_string()).collect();
+        if tape.setup != setup || tape.trainable != self.trainable || tape.version != self.version {
+            let why = if tape.setup != setup {
+                format!("the active setup was [{}] and is [{}]", tape.setup.join(", "), setup.join(", "))
+            } else if tape.trainable != self.trainable {
+                let names = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+                format!("the trainable adapters were [{}] and are [{}]", names(&tape.trainable), names(&self.trainable))
+            } else {
+                "adapters, heads or their parameters changed since".to_string()
+            };
+            return Err(Error::Input(format!("backward: this tape was recorded by forward_train under another setup ({why}); run forward_train again")));
+        }
+        let Some(plan) = tape.plan.clone() else {
             return Ok(grads); // nothing trainable is reached by this setup
         };
 
@@ -226,8 +294,8 @@ impl BertModel {
 
         let act = Activation::from(cfg.hidden_act);
         // Where the batch was replicated, so dropout masks can be matched to their row blocks.
-        let replicated_at = tape.layers.iter().enumerate().find_map(|(l, lt)| {
-            lt.replicated_at.iter().position(|&r| r).map(|i| position(l, if i == 0 { Location::MultiHead } else { Location::Output }))
+        let replicated_at = tape.replicated_at.iter().enumerate().find_map(|(l, rep)| {
+            rep.iter().position(|&r| r).map(|i| position(l, if i == 0 { Location::MultiHead } else { Location::Output }))
         });
         let live_ids: Vec<u64> = (0..n).filter(|&i| plan.live.get(i).copied().unwrap_or(true)).map(|i| i as u64).collect();
         let blocks = |pos: usize| -> Vec<u64> {
@@ -239,11 +307,13 @@ impl BertModel {
         let (p_hidden, p_attn) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
         let seed = tape.dropout_seed;
         for (l, (lt, w)) in tape.layers.iter().zip(&self.weights.layers).enumerate().rev() {
+            let lt = lt.as_ref().ok_or_else(|| Error::internal(format!("the tape keeps nothing of layer {l}, which its plan reaches")))?;
+            let rep = tape.replicated_at[l];
             // FFN output location.
             let ln2 = LayerNormParams { gamma: &w.output_ln_gamma, beta: &w.output_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::Output);
             let (dh2, dx_attn) = self.location_backward(
-                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, lt.replicated_at[1],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, rep[1],
                 tape.seq_len, &d, below, &live_rows, &mut grads,
             )?;
             if !below {
@@ -256,14 +326,14 @@ impl BertModel {
                 dh2 = be.dropout(&dh2, &spec)?;
             }
             let dinter = be.linear_backward_input(&dh2, &w.output_w)?;
-            let dpre = be.activation_backward(&dinter, &live_rows(&lt.inter_pre)?, act)?;
+            let dpre = be.activation_backward(&dinter, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
             dx_attn = be.add(&dx_attn, &be.linear_backward_input(&dpre, &w.intermediate_w)?)?;
 
             // Attention output location.
             let ln1 = LayerNormParams { gamma: &w.attn_ln_gamma, beta: &w.attn_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::MultiHead);
             let (dh1, dx_in) = self.location_backward(
-                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead, &lt.h1, &lt.x_in, ln1, lt.replicated_at[0],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead, kept(&lt.h1, "h1", l)?, kept(&lt.x_in, "the layer input", l)?, ln1, rep[0],
                 tape.seq_len, &dx_attn, below, &live_rows, &mut grads,
             )?;
             if !below {
@@ -276,12 +346,13 @@ impl BertModel {
             }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
             let prob_dropout = dropout_spec(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
+            let [q, k, v] = lt.qkv.as_ref().ok_or_else(|| Error::internal(format!("the tape of layer {l} lacks Q, K, V, which its plan needs")))?;
             let [dq, dk, dv] = be.attention_backward(
                 &dctx,
-                &live_rows(&lt.q)?,
-                &live_rows(&lt.k)?,
-                &live_rows(&lt.v)?,
-                &live_rows(&lt.mask)?,
+                &live_rows(q)?,
+                &live_rows(k)?,
+                &live_rows(v)?,
+                kept(&lt.mask, "the mask", l)?,
                 cfg.num_attention_heads,
                 prob_dropout.as_ref(),
             )?;
@@ -293,7 +364,8 @@ impl BertModel {
         if plan.nice_trainable {
             let first = children[0];
             let nice = first.nice()?.ok_or_else(|| Error::internal(format!("adapter `{}` lost its NICE block", first.name())))?;
-            let g = be.nice_backward(&tape.embeddings, &nice, &d)?;
+            let embeddings = tape.embeddings.as_ref().ok_or_else(|| Error::internal("the tape lacks the embeddings its plan needs"))?;
+            let g = be.nice_backward(embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
             for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
                 accumulate(be, &mut grads, format!("{p}{sub}.weight"), w)?;

@@ -9,7 +9,7 @@ use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
-use crate::model::backward::{dropout_spec, DropoutSite, LayerTape, Tape};
+use crate::model::backward::{dropout_spec, position, DropoutSite, LayerTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
@@ -37,6 +37,9 @@ pub struct BertModel {
     pub(crate) next_adapter_seed: u64,
     /// Training-mode dropout for `forward_train`: the seed its masks derive from.
     pub(crate) dropout_seed: Option<u64>,
+    /// Bumped by every change to adapters, heads, the setup or the trainable set, so `backward`
+    /// can refuse a tape recorded before it.
+    pub(crate) version: u64,
     /// Flat arenas of the adapters `train_step` has trained, by adapter name.
     pub(crate) arenas: BTreeMap<String, crate::model::arena::TrainArena>,
 }
@@ -67,7 +70,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, arenas: BTreeMap::new() }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, version: 0, arenas: BTreeMap::new() }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -107,6 +110,7 @@ impl BertModel {
 
     /// `add_adapter` with an explicit seed.
     pub fn add_adapter_seeded(&mut self, name: &str, config: AdapterConfig, seed: u64) -> Result<()> {
+        self.version += 1;
         if self.adapters.contains_key(name) {
             return Err(Error::Input(format!("an adapter named `{name}` already exists")));
         }
@@ -129,6 +133,7 @@ impl BertModel {
 
     /// Insert an adapter built elsewhere (e.g. loaded from files).
     pub fn insert_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        self.version += 1;
         if self.adapters.contains_key(adapter.name()) {
             return Err(Error::Input(format!("an adapter named `{}` already exists", adapter.name())));
         }
@@ -139,6 +144,7 @@ impl BertModel {
     /// Remove an adapter. If the active setup uses it, no adapter stays active (as the library
     /// does when the only active adapter is deleted).
     pub fn delete_adapter(&mut self, name: &str) -> Result<Adapter> {
+        self.version += 1;
         let adapter = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
         self.heads.remove(name);
         self.trainable.remove(name);
@@ -167,6 +173,7 @@ impl BertModel {
     /// Choose what runs: `None`, one adapter, or Parallel. Every Parallel child must have a module
     /// wherever another child has one (the library crashes otherwise); this is checked here.
     pub fn set_active_adapters(&mut self, setup: Option<AdapterSetup>) -> Result<()> {
+        self.version += 1;
         if let Some(s) = &setup {
             self.validate_setup(s)?;
         }
@@ -290,7 +297,23 @@ impl BertModel {
         if check_finite && !be.all_finite(&x)? {
             return Err(Error::NonFinite { at: "the embeddings".into() });
         }
-        let embeddings = record.then(|| x.clone());
+        // The backward plan, made now from the trainable set (the tape keeps only what it reads).
+        let plan = if record { self.plan(&children) } else { None };
+        let n_branches = children.len().max(1);
+        let live_ranges: Vec<std::ops::Range<usize>> = match &plan {
+            Some(p) => (0..n_branches).filter(|&i| p.live.get(i).copied().unwrap_or(true)).map(|i| i * batch.batch..(i + 1) * batch.batch).collect(),
+            None => Vec::new(),
+        };
+        // Rows of frozen Parallel branches are not kept (copied out, so their storage is freed).
+        let keep = |t: Tensor| -> Result<Tensor> {
+            if live_ranges.len() < n_branches && n_branches > 1 && t.shape()[0] == n_branches * batch.batch {
+                be.select_rows(&t, &live_ranges)
+            } else {
+                Ok(t)
+            }
+        };
+        let lowest = plan.as_ref().map(|p| p.lowest);
+        let embeddings = if plan.as_ref().is_some_and(|p| p.nice_trainable) { Some(x.clone()) } else { None };
         // Only the first adapter of the setup applies its NICE, before any replication.
         if let Some(nice) = children.first().map(|a| a.nice()).transpose()?.flatten() {
             x = be.nice(&x, &nice, false)?;
@@ -305,6 +328,7 @@ impl BertModel {
         let act = Activation::from(cfg.hidden_act);
         let mut hidden_states = Vec::with_capacity(cfg.num_hidden_layers + 1);
         let mut layers = Vec::new();
+        let mut replicated_at = Vec::new();
         for (l, layer) in w.layers.iter().enumerate() {
             hidden_states.push(x.clone());
             let q = be.linear(&x, &layer.query_w, Some(&layer.query_b))?;
@@ -333,7 +357,26 @@ impl BertModel {
                 return Err(self.locate_non_finite(&children, l, [&h1, &x_attn, &h2, &x_out], batch.batch)?);
             }
             if record {
-                layers.push(LayerTape { x_in: x, q, k, v, mask: mask.clone(), h1, x_attn, inter_pre, h2, replicated_at: [rep_mh, rep_out] });
+                replicated_at.push([rep_mh, rep_out]);
+                // Keep what the backward of the plan reads at this layer, nothing below `lowest`.
+                let kept = match lowest {
+                    Some(lowest) if lowest <= position(l, Location::Output) => {
+                        let below_ffn = lowest < position(l, Location::Output);
+                        let through_attention = lowest < position(l, Location::MultiHead);
+                        let opt = |keep_it: bool, t: Tensor| -> Result<Option<Tensor>> { if keep_it { keep(t).map(Some) } else { Ok(None) } };
+                        Some(LayerTape {
+                            h2: keep(h2)?,
+                            x_attn: keep(x_attn.clone())?,
+                            inter_pre: opt(below_ffn, inter_pre)?,
+                            h1: opt(below_ffn, h1)?,
+                            x_in: opt(below_ffn, x.clone())?,
+                            qkv: if through_attention { Some([keep(q)?, keep(k)?, keep(v)?]) } else { None },
+                            mask: through_attention.then(|| mask.clone()),
+                        })
+                    }
+                    _ => None,
+                };
+                layers.push(kept);
             }
             x = x_out;
         }
@@ -349,15 +392,20 @@ impl BertModel {
             }
             _ => (None, None),
         };
-        let tape = embeddings.map(|embeddings| Tape {
+        let tape = record.then(|| Tape {
             batch: batch.batch,
             seq_len: batch.seq_len,
             branches: children.len().max(1),
             replicated: parallel && replicated,
             embeddings,
             layers,
-            pooler_pre,
+            replicated_at,
+            pooler_pre: pooler_pre.filter(|_| plan.is_some()),
             dropout_seed: if training { self.dropout_seed } else { None },
+            plan,
+            setup: children.iter().map(|a| a.name().to_string()).collect(),
+            trainable: self.trainable.clone(),
+            version: self.version,
         });
         let branches = if parallel && replicated { children.len() } else { 1 };
         Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states, branches }, tape))

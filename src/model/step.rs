@@ -117,6 +117,7 @@ impl BertModel {
         let grad_norm = be.zeros(&[1], DType::F32)?;
         be.clip_grad_norm(&views, cfg.max_grad_norm.unwrap_or(f32::INFINITY), &grad_norm)?;
         optimizer.step_arena(&self.backend, &arena.table, &arena.params, &arena.grads, &with_grad, Some(&grad_norm))?;
+        self.version += 1; // the parameters changed: earlier tapes are stale
         Ok(TrainStepOutput { loss, grad_norm, logits })
     }
 

@@ -44,6 +44,7 @@ impl BertModel {
 
     /// Attach a head built elsewhere; its name must be an existing adapter's.
     pub fn insert_head(&mut self, head: ClassificationHead) -> Result<()> {
+        self.version += 1;
         if !self.adapters.contains_key(head.name()) {
             return Err(Error::Input(format!("head `{}` has no adapter of the same name", head.name())));
         }
@@ -62,6 +63,7 @@ impl BertModel {
     }
 
     pub fn delete_head(&mut self, name: &str) -> Option<ClassificationHead> {
+        self.version += 1;
         self.heads.remove(name)
     }
 
@@ -156,6 +158,7 @@ impl BertModel {
     /// One AdamW update of adapter `name` and its head with the gradients in `grads` that belong
     /// to them (others are ignored, so one gradient map can serve several optimizers).
     pub fn adamw_step(&mut self, name: &str, optimizer: &mut AdamW, grads: &Gradients) -> Result<()> {
+        self.version += 1;
         let known = self.adapter_names().join(", ");
         let adapter = self.adapters.get_mut(name).ok_or_else(|| Error::Input(format!("no adapter named `{name}` (adapters: {known})")))?;
         // One parameter map for the step, so the optimizer counts one step; moved, not copied.

@@ -1,0 +1,108 @@
+//! The tape keeps what the backward of its plan reads, no more, and `backward` refuses a tape
+//! recorded under another setup, trainable set or parameter version.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, Error, InputBatch, LoadOptions, Tensor};
+
+use common::{setup, tiny};
+
+fn ones_like(t: &Tensor) -> Tensor {
+    Tensor::from_vec(vec![1.0; t.elem_count()], t.shape()).unwrap()
+}
+
+/// The figure: MiniLM, Parallel(scorenn, tasknn) pfeiffer, tasknn trained.
+///
+/// pfeiffer has one module per layer, at the FFN output; the batch is replicated there in layer
+/// 0. The backward stops at layer 0's FFN output location (tasknn's lowest parameter), where it
+/// needs only that location's inputs `h2` and `x_attn`, both still B rows (before replication).
+/// Every higher layer keeps, for tasknn's B rows only: `h2`, `x_attn`, `h1`, the layer input, Q,
+/// K, V (7·H floats per token) and the FFN pre-activation (I floats). Add the `[B, T]` mask once
+/// (one storage shared by every layer) and the pooler's pre-activation `[2B, H]`.
+#[test]
+fn minilm_parallel_tape_keeps_what_the_backward_reads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    if !dir.join("model.safetensors").is_file() {
+        assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing", dir.display());
+        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", dir.display());
+        return;
+    }
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
+    let (mut model, _) = BertModel::from_dir(&dir, be, LoadOptions::default()).unwrap();
+    let (b, t) = (4usize, 16usize);
+    let ids: Vec<i64> = (0..b * t).map(|i| 1000 + (i as i64 * 37) % 20000).collect();
+    let batch = InputBatch::new(Path::new("ids"), &[b, t], &ids, None, None, model.config()).unwrap();
+    for name in ["scorenn", "tasknn"] {
+        model.add_adapter(name, AdapterConfig::named("pfeiffer").unwrap()).unwrap();
+    }
+    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
+    model.train_adapter(&["tasknn"]).unwrap();
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    let cfg = model.config();
+    let (h, i, layers) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
+    let tokens = b * t;
+    let per_token_per_layer = (7 * h + i) * 4; // 16,896 bytes for MiniLM
+    let want = tokens * 2 * h * 4 + (layers - 1) * tokens * per_token_per_layer + tokens * 4 + 2 * b * h * 4;
+    assert_eq!(tape.bytes(), want, "tape bytes");
+    assert_eq!(per_token_per_layer, 16_896);
+    assert_eq!(tape.layers_kept(), layers);
+    // Before this change every layer kept all 9 activations for both branches after layer 0:
+    // (7H + I)·4 bytes per token at layer 0, twice that above it, and a mask per layer.
+    let before = tokens * per_token_per_layer * (1 + 2 * (layers - 1));
+    assert!(tape.bytes() * 2 < before, "{} vs {before}", tape.bytes());
+    // And it still serves the backward.
+    let grads = model.backward(&tape, &ones_like(&out.last_hidden_state), None).unwrap();
+    assert_eq!(grads.len(), 4 * layers);
+}
+
+#[test]
+fn layers_below_the_lowest_trainable_adapter_record_nothing() {
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    let leave_out_0 = AdapterConfig::named("houlsby").unwrap().with_overrides(&serde_json::json!({ "leave_out": [0] })).unwrap();
+    model.add_adapter("a", leave_out_0).unwrap();
+    model.add_adapter("frozen", AdapterConfig::named("houlsby").unwrap()).unwrap();
+    model.set_active_adapters(Some(setup(&["a"]))).unwrap();
+    model.train_adapter(&["a"]).unwrap();
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    assert_eq!(tape.layers_kept(), model.config().num_hidden_layers - 1, "layer 0 holds no trainable parameter");
+    let grads = model.backward(&tape, &ones_like(&out.last_hidden_state), None).unwrap();
+    assert!(!grads.is_empty() && grads.keys().all(|k| k.contains(".adapters.a.")));
+    // Nothing trainable active: the tape keeps nothing at all, and the backward gives nothing.
+    model.train_adapter(&["frozen"]).unwrap();
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    assert_eq!((tape.layers_kept(), tape.bytes()), (0, 0));
+    assert!(model.backward(&tape, &ones_like(&out.last_hidden_state), None).unwrap().is_empty());
+}
+
+#[test]
+fn backward_refuses_a_tape_of_another_setup_trainable_set_or_parameter_version() {
+    let (mut model, batch) = tiny(Arc::new(CpuBackend::fast()));
+    for n in ["a", "b"] {
+        model.add_adapter(n, AdapterConfig::named("pfeiffer").unwrap()).unwrap();
+    }
+    model.set_active_adapters(Some(setup(&["a", "b"]))).unwrap();
+    model.train_adapter(&["a"]).unwrap();
+    let refused = |model: &BertModel, tape: &bert_adapters::model::Tape, d: &Tensor, want: &str| {
+        let e = model.backward(tape, d, None).unwrap_err();
+        assert!(matches!(&e, Error::Input(m) if m.contains(want) && m.contains("forward_train again")), "{e}");
+    };
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    let d = ones_like(&out.last_hidden_state);
+    model.train_adapter(&["b"]).unwrap();
+    refused(&model, &tape, &d, "trainable adapters were [a] and are [b]");
+    model.train_adapter(&["a"]).unwrap();
+    refused(&model, &tape, &d, "parameters changed"); // train_adapter itself bumps the version
+    let (_, tape) = model.forward_train(&batch).unwrap();
+    model.set_active_adapters(Some(setup(&["b", "a"]))).unwrap();
+    refused(&model, &tape, &d, "active setup was [a, b] and is [b, a]");
+    model.set_active_adapters(Some(setup(&["a", "b"]))).unwrap();
+    let (_, tape) = model.forward_train(&batch).unwrap();
+    model.adapter_params_mut("a").unwrap();
+    refused(&model, &tape, &d, "parameters changed");
+    // A fresh tape works.
+    let (_, tape) = model.forward_train(&batch).unwrap();
+    assert!(model.backward(&tape, &d, None).is_ok());
+}
