@@ -207,6 +207,10 @@ pub trait Backend: Send + Sync {
     /// `dropout` applies to the attention probabilities (train mode).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
 
+    /// `attention` on Q, K and V packed side by side in one `[B, T, 3H]` tensor (the output of
+    /// the packed `[3H, H]` product): what the model runs. Returns the context `[B, T, H]`.
+    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
+
     // ---- activation family ---------------------------------------------------------------------
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
 
@@ -240,6 +244,9 @@ pub trait Backend: Send + Sync {
         heads: usize,
         dropout: Option<&DropoutSpec>,
     ) -> Result<[Tensor; 3]>;
+    /// The gradient of `attention_packed` with respect to its packed input: `[B, T, 3H]`, ready
+    /// for one input-gradient product with the packed weight.
+    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
     /// Backward of `adapter_location` for the branches given (the live ones; `loc.h`/`loc.r` hold
     /// their rows). `trainable[i]` asks for branch i's parameter gradients; `need_input_grads`
     /// for `dh` and `dr`.

@@ -131,9 +131,10 @@ fn backward_skips_frozen_work() {
     // exactly the adapter's down and up projections at 2 locations — none for BERT's weights.
     let single = backward_products(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer"]);
     assert_eq!(single.weight_grad(), (4, 4 * rows * h * m));
-    // Input gradients: layer 1 adapter (up, down), FFN (2), attention out + attention + Q, K, V
-    // (5), then layer 0's adapter up only: its input gradient is below the lowest parameter.
-    assert_eq!(single.input_grad().0, 2 + 2 + 5 + 1);
+    // Input gradients: layer 1 adapter (up, down), FFN (2), attention out + attention + the
+    // packed Q, K, V (3: one product through the [3H, H] weight, not three), then layer 0's
+    // adapter up only: its input gradient is below the lowest parameter.
+    assert_eq!(single.input_grad().0, 2 + 2 + 3 + 1);
     let attention = 5 * 4 * 11 * 11 * h;
     assert_eq!(single.input_grad().1, 3 * rows * h * m + rows * h * i * 2 + rows * h * h * 4 + attention);
 

@@ -217,6 +217,18 @@ fn expect_mask(op: &'static str, mask: &Tensor, batch: usize, seq: usize) -> Res
     Ok(())
 }
 
+/// Q, K and V of a packed `[B, T, 3H]` tensor as three `[B, T, H]` tensors.
+fn split_qkv(qkv: &Tensor) -> Result<[Tensor; 3]> {
+    let s = qkv.shape();
+    if s.len() != 3 || s[2] % 3 != 0 {
+        return Err(Error::shape("attention_packed", format!("packed Q, K, V has shape {s:?}, expected [B, T, 3H]")));
+    }
+    let h = s[2] / 3;
+    let data = qkv.f32_data()?;
+    let part = |i: usize| -> Result<Tensor> { Tensor::from_vec(data.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect(), &[s[0], s[1], h]) };
+    Ok([part(0)?, part(1)?, part(2)?])
+}
+
 fn expect_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.rank() != rank {
         return Err(Error::shape(op, format!("{what} has shape {:?}, expected rank {rank}", t.shape())));
@@ -366,6 +378,27 @@ impl Backend for CpuBackend {
             CpuMode::Fast => fast::attention(qs, ks, vs, ms, batch, seq, hidden, heads, drop),
         };
         Tensor::from_vec(y, q.shape())
+    }
+
+    // The CPU kernels take Q, K, V apart; splitting the packed product costs three row copies,
+    // small next to the attention itself, and the packed GEMM is the gain.
+    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let [q, k, v] = split_qkv(qkv)?;
+        self.attention(&q, &k, &v, mask_bias, heads, dropout)
+    }
+
+    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let [q, k, v] = split_qkv(qkv)?;
+        let [dq, dk, dv] = self.attention_backward(dctx, &q, &k, &v, mask_bias, heads, dropout)?;
+        let h = q.last_dim();
+        let (dq, dk, dv) = (dq.cpu_data()?, dk.cpu_data()?, dv.cpu_data()?);
+        let mut out = Vec::with_capacity(3 * dq.len());
+        for ((a, b), c) in dq.chunks(h).zip(dk.chunks(h)).zip(dv.chunks(h)) {
+            out.extend_from_slice(a);
+            out.extend_from_slice(b);
+            out.extend_from_slice(c);
+        }
+        Tensor::from_vec(out, qkv.shape())
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {

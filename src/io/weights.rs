@@ -44,12 +44,10 @@ pub struct LoadReport {
 }
 
 pub struct LayerWeights {
-    pub query_w: Tensor,
-    pub query_b: Tensor,
-    pub key_w: Tensor,
-    pub key_b: Tensor,
-    pub value_w: Tensor,
-    pub value_b: Tensor,
+    /// Query, key and value packed at load into one product: `[3H, H]` (rows Q, then K, then V)
+    /// and `[3H]`, so the forward runs one GEMM and the backward one input-gradient product.
+    pub qkv_w: Tensor,
+    pub qkv_b: Tensor,
     pub attn_out_w: Tensor,
     pub attn_out_b: Tensor,
     pub attn_ln_gamma: Tensor,
@@ -207,24 +205,37 @@ impl BertWeights {
             return Err(Error::tensor(&path, &report.unexpected[0], format!("unexpected for a BertModel with this config{more}")));
         }
 
-        let get = |key: &str| -> Result<Tensor> {
+        let read = |key: &str| -> Result<(Vec<f32>, Vec<usize>)> {
             let file_key = &by_canonical[key];
             let (data, shape) = file.read_f32(file_key)?;
             if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(Error::tensor(&path, file_key, format!("non-finite value {} at element {i}", data[i])));
             }
-            let t = backend.upload(data, &shape)?;
-            backend.cast(&t, opts.dtype)
+            Ok((data, shape))
+        };
+        let upload = |data: Vec<f32>, shape: &[usize]| -> Result<Tensor> { backend.cast(&backend.upload(data, shape)?, opts.dtype) };
+        let get = |key: &str| -> Result<Tensor> {
+            let (data, shape) = read(key)?;
+            upload(data, &shape)
+        };
+        // Q, K, V stacked along the output dimension (shapes were checked above).
+        let packed = |l: usize, what: &str| -> Result<Tensor> {
+            let mut data = Vec::new();
+            let mut rows = 0;
+            let mut tail = Vec::new();
+            for proj in ["query", "key", "value"] {
+                let (d, shape) = read(&format!("encoder.layer.{l}.attention.self.{proj}.{what}"))?;
+                rows += shape[0];
+                tail = shape[1..].to_vec();
+                data.extend(d);
+            }
+            upload(data, &[&[rows][..], &tail].concat())
         };
         let layer = |l: usize| -> Result<LayerWeights> {
             let k = |name: &str| get(&format!("encoder.layer.{l}.{name}"));
             Ok(LayerWeights {
-                query_w: k("attention.self.query.weight")?,
-                query_b: k("attention.self.query.bias")?,
-                key_w: k("attention.self.key.weight")?,
-                key_b: k("attention.self.key.bias")?,
-                value_w: k("attention.self.value.weight")?,
-                value_b: k("attention.self.value.bias")?,
+                qkv_w: packed(l, "weight")?,
+                qkv_b: packed(l, "bias")?,
                 attn_out_w: k("attention.output.dense.weight")?,
                 attn_out_b: k("attention.output.dense.bias")?,
                 attn_ln_gamma: k("attention.output.LayerNorm.weight")?,

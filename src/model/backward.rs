@@ -28,8 +28,9 @@ pub struct LayerTape {
     pub(crate) inter_pre: Option<Tensor>,
     pub(crate) h1: Option<Tensor>,
     pub(crate) x_in: Option<Tensor>,
-    /// Q, K, V and the `[B, T]` mask: when the backward goes through the attention.
-    pub(crate) qkv: Option<[Tensor; 3]>,
+    /// The packed Q, K, V `[rows, T, 3H]` and the `[B, T]` mask: when the backward goes through
+    /// the attention.
+    pub(crate) qkv: Option<Tensor>,
     pub(crate) mask: Option<Tensor>,
 }
 
@@ -71,10 +72,7 @@ impl Tape {
             }
         };
         for lt in self.layers.iter().flatten() {
-            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
-                add(t);
-            }
-            for t in lt.qkv.iter().flatten() {
+            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.qkv.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
                 add(t);
             }
         }
@@ -346,19 +344,10 @@ impl BertModel {
             }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
             let prob_dropout = dropout_spec(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
-            let [q, k, v] = lt.qkv.as_ref().ok_or_else(|| Error::internal(format!("the tape of layer {l} lacks Q, K, V, which its plan needs")))?;
-            let [dq, dk, dv] = be.attention_backward(
-                &dctx,
-                &live_rows(q)?,
-                &live_rows(k)?,
-                &live_rows(v)?,
-                kept(&lt.mask, "the mask", l)?,
-                cfg.num_attention_heads,
-                prob_dropout.as_ref(),
-            )?;
-            for (dproj, wproj) in [(&dq, &w.query_w), (&dk, &w.key_w), (&dv, &w.value_w)] {
-                dx_in = be.add(&dx_in, &be.linear_backward_input(dproj, wproj)?)?;
-            }
+            let qkv = live_rows(kept(&lt.qkv, "Q, K, V", l)?)?;
+            let dqkv = be.attention_packed_backward(&dctx, &qkv, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;
+            // One input-gradient product through the packed [3H, H] weight.
+            dx_in = be.add(&dx_in, &be.linear_backward_input(&dqkv, &w.qkv_w)?)?;
             d = dx_in;
         }
         if plan.nice_trainable {

@@ -331,11 +331,9 @@ impl BertModel {
         let mut replicated_at = Vec::new();
         for (l, layer) in w.layers.iter().enumerate() {
             hidden_states.push(x.clone());
-            let q = be.linear(&x, &layer.query_w, Some(&layer.query_b))?;
-            let k = be.linear(&x, &layer.key_w, Some(&layer.key_b))?;
-            let v = be.linear(&x, &layer.value_w, Some(&layer.value_b))?;
+            let qkv = be.linear(&x, &layer.qkv_w, Some(&layer.qkv_b))?;
             let rows = x.shape()[0];
-            let context = be.attention(&q, &k, &v, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
+            let context = be.attention_packed(&qkv, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
             let mut h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
             if let Some(d) = drop(p_hidden, l, DropoutSite::AttentionOutput, rows) {
                 h1 = be.dropout(&h1, &d)?;
@@ -370,7 +368,7 @@ impl BertModel {
                             inter_pre: opt(below_ffn, inter_pre)?,
                             h1: opt(below_ffn, h1)?,
                             x_in: opt(below_ffn, x.clone())?,
-                            qkv: if through_attention { Some([keep(q)?, keep(k)?, keep(v)?]) } else { None },
+                            qkv: opt(through_attention, qkv)?,
                             mask: through_attention.then(|| mask.clone()),
                         })
                     }
