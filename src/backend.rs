@@ -182,6 +182,15 @@ pub trait Backend: Send + Sync {
     // ---- GEMM family ---------------------------------------------------------------------------
     /// `y[rows, out] = x[rows, in]·Wᵀ + b`, with `w: [out, in]` and `b: [out]`.
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+    /// `dropout(x·Wᵀ + b)`: the dropout applied by the op that produces its input (a GEMM
+    /// epilogue on a device), not as a separate pass. `None` is `linear`.
+    fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
+    /// Bias + activation fused into the product: returns `(act(x·Wᵀ + b), x·Wᵀ + b)`, the
+    /// pre-activation being what the backward reads (a GELU-aux epilogue on a device).
+    fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)>;
+    /// The backward of `linear_act`'s consumer through it: `(dy·W) ⊙ act'(pre)`, the activation
+    /// gradient computed in the same pass as the input-gradient product (a dGELU epilogue).
+    fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor>;
 
     // ---- embedding family ----------------------------------------------------------------------
     /// `word[ids] + pos[t] + type[tt]`, giving `[batch, seq_len, H]`. Positions are `0..seq_len`.
@@ -197,6 +206,9 @@ pub trait Backend: Send + Sync {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor>;
+    /// `dropout(LN(x + residual))`, the dropout fused into the LayerNorm (the embeddings').
+    #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus the dropout
+    fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
 
     // ---- attention family ----------------------------------------------------------------------
     /// Multi-head scaled dot-product attention, HF eager semantics. `q, k, v: [B, T, H]` with the

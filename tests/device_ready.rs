@@ -242,3 +242,46 @@ fn frozen_heads_and_adapters_get_no_weight_gradient_products() {
     let layers = model.config().num_hidden_layers;
     assert_eq!(calls, 2 * layers + 2);
 }
+
+/// The fused ops the seam expresses (dropout in its producer, bias + activation in the product,
+/// the activation gradient in the input-gradient product, packed Q, K, V) equal the unfused
+/// sequences bit for bit on both CPU paths.
+#[test]
+fn fused_ops_equal_their_unfused_sequences() {
+    use bert_adapters::backend::DropoutSpec;
+    use bert_adapters::Activation;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut t = |shape: &[usize]| Tensor::from_vec(common::random_vec(&mut rng, shape.iter().product(), 1.0), shape).unwrap();
+    let (x, w, b, dy) = (t(&[2, 5, 8]), t(&[6, 8]), t(&[6]), t(&[2, 5, 6]));
+    let (g, beta) = (t(&[8]), t(&[8]));
+    let qkv = t(&[2, 5, 12]);
+    let mask = Tensor::from_vec(vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0], &[2, 5]).unwrap();
+    let dctx = t(&[2, 5, 4]);
+    let spec = DropoutSpec { p: 0.3, seed: 5, stream: 9, blocks: vec![0] };
+    for be in [CpuBackend::fast(), CpuBackend::reference()] {
+        let bits = |t: &Tensor| t.cpu_data().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let unfused = be.dropout(&be.linear(&x, &w, Some(&b)).unwrap(), &spec).unwrap();
+        assert_eq!(bits(&be.linear_dropout(&x, &w, Some(&b), Some(&spec)).unwrap()), bits(&unfused), "{}", be.name());
+        for act in [Activation::Gelu, Activation::GeluNew, Activation::Tanh, Activation::Relu] {
+            let pre = be.linear(&x, &w, Some(&b)).unwrap();
+            let (y, kept) = be.linear_act(&x, &w, Some(&b), act).unwrap();
+            assert_eq!((bits(&y), bits(&kept)), (bits(&be.activation(&pre, act).unwrap()), bits(&pre)), "{act:?}");
+            let unfused = be.activation_backward(&be.linear_backward_input(&dy, &w).unwrap(), &x, act).unwrap();
+            assert_eq!(bits(&be.linear_backward_input_act(&dy, &w, &x, act).unwrap()), bits(&unfused), "{act:?}");
+        }
+        let unfused = be.dropout(&be.residual_layernorm(&x, Some(&x), &g, &beta, 1e-5).unwrap(), &spec).unwrap();
+        assert_eq!(bits(&be.residual_layernorm_dropout(&x, Some(&x), &g, &beta, 1e-5, Some(&spec)).unwrap()), bits(&unfused));
+        // Packed Q, K, V: the context and the packed gradient equal the three-tensor op's.
+        let cols = |i: usize| {
+            let d: Vec<f32> = qkv.cpu_data().unwrap().chunks(12).flat_map(|r| r[i * 4..(i + 1) * 4].to_vec()).collect();
+            Tensor::from_vec(d, &[2, 5, 4]).unwrap()
+        };
+        let (q, k, v) = (cols(0), cols(1), cols(2));
+        let ctx = be.attention(&q, &k, &v, &mask, 2, Some(&spec)).unwrap();
+        assert_eq!(bits(&be.attention_packed(&qkv, &mask, 2, Some(&spec)).unwrap()), bits(&ctx));
+        let [dq, dk, dv] = be.attention_backward(&dctx, &q, &k, &v, &mask, 2, Some(&spec)).unwrap();
+        let packed = be.attention_packed_backward(&dctx, &qkv, &mask, 2, Some(&spec)).unwrap();
+        let want: Vec<u32> = (0..10).flat_map(|r| [&dq, &dk, &dv].into_iter().flat_map(move |t| bits(t)[r * 4..(r + 1) * 4].to_vec())).collect();
+        assert_eq!(bits(&packed), want);
+    }
+}

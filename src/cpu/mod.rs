@@ -220,7 +220,7 @@ fn expect_mask(op: &'static str, mask: &Tensor, batch: usize, seq: usize) -> Res
 /// Q, K and V of a packed `[B, T, 3H]` tensor as three `[B, T, H]` tensors.
 fn split_qkv(qkv: &Tensor) -> Result<[Tensor; 3]> {
     let s = qkv.shape();
-    if s.len() != 3 || s[2] % 3 != 0 {
+    if s.len() != 3 || !s[2].is_multiple_of(3) {
         return Err(Error::shape("attention_packed", format!("packed Q, K, V has shape {s:?}, expected [B, T, 3H]")));
     }
     let h = s[2] / 3;
@@ -340,6 +340,43 @@ impl Backend for CpuBackend {
             CpuMode::Fast => fast::embedding(tokens, w, p, t, hidden),
         };
         Tensor::from_vec(y, &[tokens.batch, tokens.seq_len, hidden])
+    }
+
+    // The CPU fuses by applying the epilogue to the product's own output buffer, in place: no
+    // second tensor, no second pass over memory that left the cache.
+    fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let y = self.linear(x, w, b)?;
+        if let Some(spec) = dropout {
+            apply_dropout(&mut y.cpu_data_mut()?, spec)?;
+        }
+        Ok(y)
+    }
+
+    fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
+        let pre = self.linear(x, w, b)?;
+        let y = self.activation(&pre, act)?;
+        Ok((y, pre))
+    }
+
+    fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        let d = self.linear_backward_input(dy, w)?;
+        expect_shape("linear_backward_input_act", "pre-activation", pre, d.shape())?;
+        {
+            let pre = pre.f32_data()?;
+            let mut dm = d.cpu_data_mut()?;
+            for (g, &x) in dm.iter_mut().zip(pre.iter()) {
+                *g = (*g as f64 * reference::activation_derivative(act, x as f64)) as f32;
+            }
+        }
+        Ok(d)
+    }
+
+    fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
+        if let Some(spec) = dropout {
+            apply_dropout(&mut y.cpu_data_mut()?, spec)?;
+        }
+        Ok(y)
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {

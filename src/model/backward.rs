@@ -323,8 +323,7 @@ impl BertModel {
             if let Some(spec) = dropout_spec(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
                 dh2 = be.dropout(&dh2, &spec)?;
             }
-            let dinter = be.linear_backward_input(&dh2, &w.output_w)?;
-            let dpre = be.activation_backward(&dinter, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
+            let dpre = be.linear_backward_input_act(&dh2, &w.output_w, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
             dx_attn = be.add(&dx_attn, &be.linear_backward_input(&dpre, &w.intermediate_w)?)?;
 
             // Attention output location.

@@ -290,10 +290,8 @@ impl BertModel {
         let parallel = self.active.as_ref().is_some_and(AdapterSetup::is_parallel);
 
         let emb = be.embedding(&batch.tokens(), &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
-        let mut x = be.residual_layernorm(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps)?;
-        if let Some(d) = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch) {
-            x = be.dropout(&x, &d)?;
-        }
+        let embed_drop = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch);
+        let mut x = be.residual_layernorm_dropout(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps, embed_drop.as_ref())?;
         if check_finite && !be.all_finite(&x)? {
             return Err(Error::NonFinite { at: "the embeddings".into() });
         }
@@ -334,19 +332,12 @@ impl BertModel {
             let qkv = be.linear(&x, &layer.qkv_w, Some(&layer.qkv_b))?;
             let rows = x.shape()[0];
             let context = be.attention_packed(&qkv, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
-            let mut h1 = be.linear(&context, &layer.attn_out_w, Some(&layer.attn_out_b))?;
-            if let Some(d) = drop(p_hidden, l, DropoutSite::AttentionOutput, rows) {
-                h1 = be.dropout(&h1, &d)?;
-            }
+            let h1 = be.linear_dropout(&context, &layer.attn_out_w, Some(&layer.attn_out_b), drop(p_hidden, l, DropoutSite::AttentionOutput, rows).as_ref())?;
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
             let (x_attn, rep_mh) =
                 self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len, training)?;
-            let inter_pre = be.linear(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b))?;
-            let inter = be.activation(&inter_pre, act)?;
-            let mut h2 = be.linear(&inter, &layer.output_w, Some(&layer.output_b))?;
-            if let Some(d) = drop(p_hidden, l, DropoutSite::FfnOutput, x_attn.shape()[0]) {
-                h2 = be.dropout(&h2, &d)?;
-            }
+            let (inter, inter_pre) = be.linear_act(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b), act)?;
+            let h2 = be.linear_dropout(&inter, &layer.output_w, Some(&layer.output_b), drop(p_hidden, l, DropoutSite::FfnOutput, x_attn.shape()[0]).as_ref())?;
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
             let (x_out, rep_out) =
                 self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training)?;
@@ -381,8 +372,7 @@ impl BertModel {
         hidden_states.push(x.clone());
         let (pooler_output, pooler_pre) = match &w.pooler {
             Some((pw, pb)) if want_pooler => {
-                let pre = be.linear(&be.first_token(&x)?, pw, Some(pb))?;
-                let pooled = be.activation(&pre, Activation::Tanh)?;
+                let (pooled, pre) = be.linear_act(&be.first_token(&x)?, pw, Some(pb), Activation::Tanh)?;
                 if check_finite && !be.all_finite(&pooled)? {
                     return Err(Error::NonFinite { at: "the pooler".into() });
                 }
