@@ -184,6 +184,20 @@ pub struct Adapter {
     /// By library key without a `bert.` prefix; `ln_before`'s LayerNorm lives under
     /// `adapter_norm_before.*` only (the library's `adapter_down.0.*` alias is not stored twice).
     params: BTreeMap<String, Tensor>,
+    /// Per layer, [attention output, FFN output]: the location's tensors resolved from `params`
+    /// once (not by formatting keys and searching the map on every call). Clones share storage,
+    /// so in-place updates (AdamW) are seen; `params_mut` drops the cache.
+    descriptors: std::sync::OnceLock<Vec<[Option<LocationTensors>; 2]>>,
+}
+
+/// One location's tensors (see `Adapter::descriptors`).
+struct LocationTensors {
+    down: (Tensor, Tensor),
+    up: (Tensor, Tensor),
+    ln_before: Option<(Tensor, Tensor)>,
+    ln_after: Option<(Tensor, Tensor)>,
+    scaling: Option<Tensor>,
+    gate: Option<(Tensor, Tensor)>,
 }
 
 impl Adapter {
@@ -205,7 +219,7 @@ impl Adapter {
             let data = draw(spec.init, spec.shape.iter().product(), &mut rng);
             params.insert(spec.key, backend.upload(data, &spec.shape)?);
         }
-        Ok(Adapter { name: name.to_string(), config, params })
+        Ok(Adapter { name: name.to_string(), config, params, descriptors: std::sync::OnceLock::new() })
     }
 
     /// An adapter from loaded tensors; every parameter the config implies must be there with its
@@ -229,7 +243,7 @@ impl Adapter {
         if let Some(extra) = params.keys().next() {
             return Err(Error::Input(format!("adapter `{name}`: tensor `{extra}` is unexpected for its config")));
         }
-        Ok(Adapter { name: name.to_string(), config, params: out })
+        Ok(Adapter { name: name.to_string(), config, params: out, descriptors: std::sync::OnceLock::new() })
     }
 
     pub fn name(&self) -> &str {
@@ -245,6 +259,7 @@ impl Adapter {
 
     /// Mutable parameters, for optimizers. Shapes must not change.
     pub fn params_mut(&mut self) -> &mut BTreeMap<String, Tensor> {
+        self.descriptors = std::sync::OnceLock::new(); // entries may be replaced
         &mut self.params
     }
 
@@ -252,31 +267,78 @@ impl Adapter {
         self.params.get(key).ok_or_else(|| Error::Input(format!("adapter `{}` has no tensor `{key}`", self.name)))
     }
 
+    /// The tensors of one location, looked up in the map.
+    fn resolve(&self, layer: usize, location: Location) -> Result<LocationTensors> {
+        let p = location_prefix(&self.name, layer, location);
+        let k = |s: &str| self.get(&format!("{p}{s}")).cloned();
+        let pair = |which: &str| -> Result<(Tensor, Tensor)> { Ok((k(&format!("{which}.weight"))?, k(&format!("{which}.bias"))?)) };
+        let down = if self.config.ln_before { "adapter_down.1" } else { "adapter_down.0" };
+        Ok(LocationTensors {
+            down: pair(down)?,
+            up: pair("adapter_up")?,
+            ln_before: if self.config.ln_before { Some(pair("adapter_norm_before")?) } else { None },
+            ln_after: if self.config.ln_after { Some(pair("adapter_norm_after")?) } else { None },
+            scaling: match self.config.scaling {
+                Scaling::Fixed(_) => None,
+                Scaling::Learned | Scaling::Channel => Some(k("scaling")?),
+            },
+            gate: if self.config.use_gating { Some(pair("gate")?) } else { None },
+        })
+    }
+
+    /// Every location's tensors, resolved once (layers counted from the keys present).
+    fn descriptors(&self) -> Result<&[[Option<LocationTensors>; 2]]> {
+        if let Some(d) = self.descriptors.get() {
+            return Ok(d);
+        }
+        let layers = self
+            .params
+            .keys()
+            .filter_map(|k| k.strip_prefix("encoder.layer.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |l| l + 1);
+        let mut all = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            let mut both: [Option<LocationTensors>; 2] = [None, None];
+            for (i, location) in Location::BOTH.into_iter().enumerate() {
+                if self.config.has_location(layer, location) {
+                    both[i] = Some(self.resolve(layer, location)?);
+                }
+            }
+            all.push(both);
+        }
+        Ok(self.descriptors.get_or_init(|| all))
+    }
+
     /// The weights at one location, if the adapter has a module there.
     pub fn bottleneck(&self, layer: usize, location: Location) -> Result<Option<BottleneckParams<'_>>> {
         if !self.config.has_location(layer, location) {
             return Ok(None);
         }
-        let p = location_prefix(&self.name, layer, location);
-        let k = |s: &str| self.get(&format!("{p}{s}"));
-        let ln = |which: &str| -> Result<LayerNormParams<'_>> {
-            Ok(LayerNormParams { gamma: k(&format!("{which}.weight"))?, beta: k(&format!("{which}.bias"))?, eps: ADAPTER_LN_EPS })
+        let slot = Location::BOTH.iter().position(|&l| l == location).unwrap_or(0);
+        let t = match self.descriptors()?.get(layer).and_then(|d| d[slot].as_ref()) {
+            Some(t) => t,
+            // A location beyond the stored layers: name the first missing tensor.
+            None => return Err(self.resolve(layer, location).err().unwrap_or_else(|| Error::internal(format!("adapter `{}`: location {layer} not resolved", self.name)))),
         };
-        let down = if self.config.ln_before { "adapter_down.1" } else { "adapter_down.0" };
+        fn ln(p: &Option<(Tensor, Tensor)>) -> Option<LayerNormParams<'_>> {
+            p.as_ref().map(|(g, b)| LayerNormParams { gamma: g, beta: b, eps: ADAPTER_LN_EPS })
+        }
         Ok(Some(BottleneckParams {
-            down_w: k(&format!("{down}.weight"))?,
-            down_b: k(&format!("{down}.bias"))?,
-            up_w: k("adapter_up.weight")?,
-            up_b: k("adapter_up.bias")?,
+            down_w: &t.down.0,
+            down_b: &t.down.1,
+            up_w: &t.up.0,
+            up_b: &t.up.1,
             activation: self.config.non_linearity,
-            ln_before: if self.config.ln_before { Some(ln("adapter_norm_before")?) } else { None },
-            ln_after: if self.config.ln_after { Some(ln("adapter_norm_after")?) } else { None },
-            scaling: match self.config.scaling {
-                Scaling::Fixed(s) => ScalingParam::Fixed(s as f32),
-                Scaling::Learned => ScalingParam::Learned(k("scaling")?),
-                Scaling::Channel => ScalingParam::Channel(k("scaling")?),
+            ln_before: ln(&t.ln_before),
+            ln_after: ln(&t.ln_after),
+            scaling: match (self.config.scaling, &t.scaling) {
+                (Scaling::Learned, Some(s)) => ScalingParam::Learned(s),
+                (Scaling::Channel, Some(s)) => ScalingParam::Channel(s),
+                (Scaling::Fixed(s), _) => ScalingParam::Fixed(s as f32),
+                _ => return Err(Error::internal(format!("adapter `{}`: scaling tensor not resolved", self.name))),
             },
-            gate: if self.config.use_gating { Some((k("gate.weight")?, k("gate.bias")?)) } else { None },
+            gate: t.gate.as_ref().map(|(w, b)| (w, b)),
             adapter_residual_before_ln: self.config.adapter_residual_before_ln,
             dropout: None,
         }))
