@@ -83,7 +83,7 @@ impl BertModel {
         self.ensure_arena(&cfg.trained)?;
         let pooler = names.iter().filter_map(|n| self.heads.get(n)).any(|h| h.config().use_pooler);
         let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
-        let branches = self.head_logits(&out)?;
+        let branches = self.head_logits_train(&out, &tape)?;
         let c = branches[i].logits.shape()[1];
         if let Some(&y) = labels.iter().find(|&&y| y >= c) {
             return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
