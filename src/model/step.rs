@@ -1,5 +1,6 @@
 //! One training step on the model's device: forward, the trained branch's head and objective,
-//! backward, gradient-norm clipping and AdamW over the adapter's flat arena.
+//! backward, gradient-norm clipping and AdamW over the adapter's flat arena. With a dropout seed
+//! (`set_dropout`) the encoder and every head run in training mode (`head_logits_train`).
 //!
 //! Nothing comes back to the host unless asked: the loss and gradient norm stay in device
 //! buffers (`TrainStepOutput::read` fetches them, three floats), the per-layer finiteness scans

@@ -108,9 +108,9 @@ impl BertModel {
         Ok(result)
     }
 
-    /// Backward of the heads for `dlogits` (one per branch): the heads' parameter gradients (only
-    /// for heads of trainable adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`)
-    /// for `backward`.
+    /// Backward of the heads for `dlogits` (one per branch), through the dropout masks their
+    /// forward applied (if any): the heads' parameter gradients (only for heads of trainable
+    /// adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`) for `backward`.
     pub fn heads_backward(&self, branches: &[BranchLogits], dlogits: &[Tensor], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
         let d: Vec<Option<&Tensor>> = dlogits.iter().map(Some).collect();
         self.heads_backward_some(branches, &d, tape)
