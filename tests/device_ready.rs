@@ -149,8 +149,8 @@ fn a_training_step_transfers_only_its_inputs_and_the_scalars_asked_for() {
 }
 
 /// The step on the device equals the host composition it replaced (objective on the host,
-/// clipping and AdamW on maps), step after step, alternating the two adapters with dropout on,
-/// as `train` runs them.
+/// clipping and AdamW on maps), step after step, alternating the two adapters with dropout on
+/// (in the encoder and in the heads), as `train` runs them.
 #[test]
 fn the_device_step_equals_the_host_path_it_replaced() {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
@@ -174,8 +174,10 @@ fn the_device_step_equals_the_host_path_it_replaced() {
         let v = dev.train_step(&batch, &labels, &c, &mut o_dev[i]).unwrap().read(be.as_ref()).unwrap();
         // The host path.
         let (out, tape) = host.forward_train(&batch).unwrap();
-        let branches = host.head_logits(&out).unwrap();
+        let branches = host.head_logits_train(&out, &tape).unwrap();
         let logits: Vec<Vec<f32>> = branches.iter().map(|b| be.to_host(&b.logits).unwrap()).collect();
+        // The heads drop out too: their eval logits on the same encoder output differ.
+        assert_ne!(be.to_host(&host.head_logits(&out).unwrap()[i].logits).unwrap(), logits[i], "{step}: head dropout is off");
         let want = match objective {
             Objective::CrossEntropy => loss::reference(objective, &logits[i], None, &y, 3).unwrap(),
             _ => loss::reference(objective, &logits[i], Some(&logits[1 - i]), &y, 3).unwrap(),

@@ -12,8 +12,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadConfigFile};
-use bert_adapters::train::{AdamW, AdamWConfig};
+use bert_adapters::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadConfigFile, HeadDropout};
+use bert_adapters::train::{AdamW, AdamWConfig, DropoutParams, DropoutRng};
 use bert_adapters::{Activation, Backend, CpuBackend, Error, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -37,6 +37,8 @@ struct Head64 {
     act: Activation,
     /// (weight [out, in], bias [out]) per Linear, in order.
     linears: Vec<(Vec<f64>, Vec<f64>, usize, usize)>,
+    /// Training mode: the factor (0 or 1/(1−p)) of each element of each Linear's input.
+    masks: [Option<Vec<f64>>; 2],
 }
 
 fn linear64(x: &[f64], rows: usize, w: &[f64], b: &[f64], d_out: usize, d_in: usize) -> Vec<f64> {
@@ -61,12 +63,15 @@ impl Head64 {
                 (host(w), b, w.shape()[0], w.shape()[1])
             })
             .collect();
-        Head64 { layers: head.config().layers, act: head.config().activation().unwrap_or(Activation::Tanh), linears }
+        Head64 { layers: head.config().layers, act: head.config().activation().unwrap_or(Activation::Tanh), linears, masks: [None, None] }
     }
 
     fn logits(&self, x: &[f64], rows: usize) -> Vec<f64> {
         let mut h = x.to_vec();
         for (j, (w, b, o, i)) in self.linears.iter().enumerate() {
+            if let Some(m) = &self.masks[j] {
+                h = h.iter().zip(m).map(|(v, f)| v * f).collect();
+            }
             h = linear64(&h, rows, w, b, *o, *i);
             if self.layers == 2 && j == 0 {
                 h = h.into_iter().map(|v| self.act.apply_f64(v)).collect();
@@ -244,6 +249,102 @@ fn head_gradients_match_finite_differences() {
             }
         }
     }
+}
+
+/// The factors of Dropout module `module` of `d` over `n` elements, from the crate's generator
+/// (`DropoutRng`) by the spec's stream: 0 where dropped, `f32(1/(1−p))` where kept.
+fn dropout_factors(d: &HeadDropout, module: usize, n: usize) -> Vec<f64> {
+    let spec = d.spec(module).unwrap();
+    let scale = DropoutParams::new(spec.p).unwrap().scale as f64;
+    DropoutRng::new(spec.seed).keep_mask(spec.block_stream(0), n, spec.p).unwrap().into_iter().map(|k| if k { scale } else { 0.0 }).collect()
+}
+
+/// Training mode: with a fixed seed the masks are fixed, so the dropped-out loss is a smooth
+/// function of the parameters and the input, and the backward (through the same masks) must be
+/// its derivative. The oracle applies the masks drawn from `DropoutRng` at the documented stream.
+#[test]
+fn head_gradients_with_dropout_match_finite_differences_of_the_dropped_out_loss() {
+    let (b, seq, h, c) = (3, 4, 6, 3);
+    let labels = [2usize, 0, 1];
+    let dropout = HeadDropout { seed: 42, p: 0.3, branch: 1 };
+    for (ci, (layers, act, use_pooler)) in [(2, "tanh", false), (2, "gelu", true), (1, "tanh", false), (1, "tanh", true)].into_iter().enumerate() {
+        let config = HeadConfig { layers, activation: act.into(), use_pooler, ..HeadConfig::classification(c) };
+        let head = random_head("task", config, h, 30 + ci as u64);
+        let with_masks = |head: &ClassificationHead| {
+            let mut o = Head64::from(head);
+            o.masks = [Some(dropout_factors(&dropout, 0, b * h)), (layers == 2).then(|| dropout_factors(&dropout, 3, b * h))];
+            o
+        };
+        let oracle = with_masks(&head);
+        for m in oracle.masks.iter().flatten() {
+            assert!(m.contains(&0.0) && m.iter().any(|&f| f > 1.0), "p = 0.3 over {} elements drops some and keeps some", m.len());
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(200 + ci as u64);
+        let hidden = t(common::random_vec(&mut rng, b * seq * h, 1.5), &[b, seq, h]);
+        let pooled = t(common::random_vec(&mut rng, b * h, 1.0), &[b, h]);
+        let x64: Vec<f64> = if use_pooler { host(&pooled) } else { host(&hidden).chunks(seq * h).flat_map(|s| s[..h].to_vec()).collect() };
+        for (bname, be) in backends() {
+            let label = format!("{bname}, layers {layers}, {act}, pooler {use_pooler}, dropout");
+            let (logits, tape) = head.forward_with(&be, &hidden, Some(&pooled), Some(&dropout)).unwrap();
+            let want: Vec<f32> = oracle.logits(&x64, b).iter().map(|&v| v as f32).collect();
+            common::assert_close(&format!("{label}: logits"), &logits.cpu_data().unwrap(), &want, 1e-6);
+            let (eval, _) = head.forward(&be, &hidden, Some(&pooled)).unwrap();
+            assert_ne!(&*eval.cpu_data().unwrap(), &*logits.cpu_data().unwrap(), "{label}: dropout changed nothing");
+
+            let (_, dlogits) = cross_entropy(&be, &logits, &labels).unwrap();
+            let (grads, d_input) = head.backward(&be, &tape, &dlogits).unwrap();
+            assert_eq!(grads.len(), head.params().len(), "{label}");
+            for (key, g) in &grads {
+                let (lin, is_bias) = (usize::from(key.contains(".4.")), key.ends_with(".bias"));
+                let numeric: Vec<f64> = (0..g.elem_count())
+                    .map(|e| {
+                        let loss_at = |delta: f64| {
+                            let mut o = with_masks(&head);
+                            let l = &mut o.linears[lin];
+                            (if is_bias { &mut l.1 } else { &mut l.0 })[e] += delta;
+                            ce64(&o.logits(&x64, b), c, &labels)
+                        };
+                        (loss_at(1e-5) - loss_at(-1e-5)) / 2e-5
+                    })
+                    .collect();
+                assert_grad(&format!("{label}: {key}"), &g.cpu_data().unwrap(), &numeric);
+            }
+            let mut xv = x64.clone();
+            let numeric: Vec<f64> = (0..b * h).map(|i| fd(&mut xv, i, &|v| ce64(&oracle.logits(v, b), c, &labels))).collect();
+            let d = d_input.cpu_data().unwrap();
+            let first: Vec<f32> = if use_pooler { d.to_vec() } else { d.chunks(seq * h).flat_map(|s| s[..h].to_vec()).collect() };
+            assert_grad(&format!("{label}: input gradient"), &first, &numeric);
+            // A dropped input element gets no gradient at all.
+            for (i, f) in oracle.masks[0].as_ref().unwrap().iter().enumerate() {
+                assert!(*f != 0.0 || first[i] == 0.0, "{label}: dropped input {i} has gradient {}", first[i]);
+            }
+        }
+    }
+}
+
+/// p = 0 is an exact identity (no draws, no scale): training mode equals eval mode bit for bit,
+/// forward and backward. The masks are a function of (seed, module, branch) only.
+#[test]
+fn head_dropout_with_p_zero_is_eval_and_masks_depend_on_seed_and_branch_only() {
+    let be = CpuBackend::fast();
+    let head = random_head("x", HeadConfig::classification(4), 8, 5);
+    let hidden = t(common::random_vec(&mut rand::rngs::StdRng::seed_from_u64(6), 2 * 3 * 8, 1.0), &[2, 3, 8]);
+    let run = |d: Option<&HeadDropout>| {
+        let (logits, tape) = head.forward_with(&be, &hidden, None, d).unwrap();
+        let (_, dl) = cross_entropy(&be, &logits, &[1, 3]).unwrap();
+        let (g, dx) = head.backward(&be, &tape, &dl).unwrap();
+        let mut all = vec![logits.cpu_data().unwrap().to_vec(), dx.cpu_data().unwrap().to_vec()];
+        all.extend(g.values().map(|t| t.cpu_data().unwrap().to_vec()));
+        all
+    };
+    let eval = run(None);
+    assert_eq!(run(Some(&HeadDropout { seed: 9, p: 0.0, branch: 0 })), eval);
+    let d = HeadDropout { seed: 9, p: 0.5, branch: 0 };
+    assert_eq!(run(Some(&d)), run(Some(&d)), "the same seed and branch draw the same masks");
+    assert_ne!(run(Some(&d)), eval);
+    assert_ne!(run(Some(&HeadDropout { branch: 1, ..d })), run(Some(&d)), "another branch draws other masks");
+    assert_ne!(run(Some(&HeadDropout { seed: 10, ..d })), run(Some(&d)), "another seed draws other masks");
+    assert!(d.spec(0).unwrap().stream != d.spec(3).unwrap().stream && d.spec(1).is_none() && HeadDropout { p: 0.0, ..d }.spec(0).is_none());
 }
 
 #[test]

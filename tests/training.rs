@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::model::heads::{ClassificationHead, HeadConfigFile};
+use bert_adapters::model::heads::{ClassificationHead, HeadConfig, HeadConfigFile, HeadDropout};
 use bert_adapters::train::optim::{AdamW, AdamWConfig};
 use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, Tensor};
 use common::{assert_close, fixtures, read_f32, tiny, TOL};
@@ -180,6 +180,89 @@ fn parallel_of_one_adapter_twice_with_its_head_doubles_every_gradient() {
             assert_close(&format!("Parallel(A, A) grad {key}"), &g.cpu_data().unwrap(), &want, GRAD_TOL);
         }
     }
+}
+
+/// `h` with another `dropout_prob`.
+fn with_dropout_prob(h: &ClassificationHead, p: Option<f64>) -> ClassificationHead {
+    ClassificationHead::from_params(h.name(), HeadConfig { dropout_prob: p, ..h.config().clone() }, h.params().clone()).unwrap()
+}
+
+fn host_all(ts: &[Tensor]) -> Vec<Vec<f32>> {
+    ts.iter().map(|t| t.cpu_data().unwrap().to_vec()).collect()
+}
+
+/// Head dropout (`dropout_prob`) in training: after a `forward_train` that dropped out, every
+/// head drops out too (p = its `dropout_prob`, else the model's `hidden_dropout_prob`), the same
+/// for the same seed, with branch i's masks keyed by (seed, i) alone; `classification_step` is
+/// that training mode. Eval (`forward` + `head_logits`) stays dropout-free with a seed set, and
+/// p = 0 or no seed is eval bit for bit, forward and backward.
+#[test]
+fn heads_drop_out_in_training_only() {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
+    let (mut model, batch) = tiny(be.clone());
+    for d in ["pfeiffer_inv", "pfeiffer"] {
+        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+    }
+    // Branch 0's head has its own probability, branch 1's inherits hidden_dropout_prob.
+    model.insert_head(with_dropout_prob(&head("pfeiffer_inv", "pfeiffer_inv", None), Some(0.3))).unwrap();
+    model.insert_head(with_dropout_prob(&head("pfeiffer", "pfeiffer", None), None)).unwrap();
+    model.set_active_adapters(Some(AdapterSetup::Parallel(vec!["pfeiffer_inv".into(), "pfeiffer".into()]))).unwrap();
+    model.train_adapter(&["pfeiffer"]).unwrap();
+    let p_hidden = model.config().hidden_dropout_prob;
+    assert!(p_hidden > 0.0);
+    let eval = |m: &BertModel| host_all(&m.head_logits(&m.forward(&batch).unwrap()).unwrap().into_iter().map(|b| b.logits).collect::<Vec<_>>());
+    let eval_plain = eval(&model);
+    let labels = [2, 0, 1, 2];
+
+    model.set_dropout(Some(7));
+    assert_eq!(eval(&model), eval_plain, "forward + head_logits is eval mode even with a dropout seed");
+    let train = |m: &BertModel| {
+        let (out, tape) = m.forward_train(&batch).unwrap();
+        let logits: Vec<Tensor> = m.head_logits_train(&out, &tape).unwrap().into_iter().map(|b| b.logits).collect();
+        (out, host_all(&logits))
+    };
+    let (out, logits) = train(&model);
+    assert_eq!(train(&model).1, logits, "the same seed draws the same masks");
+    let on_train_output = host_all(&model.head_logits(&out).unwrap().into_iter().map(|b| b.logits).collect::<Vec<_>>());
+    let b = batch.batch;
+    for (i, (name, p)) in [("pfeiffer_inv", 0.3f32), ("pfeiffer", p_hidden)].into_iter().enumerate() {
+        assert_ne!(logits[i], on_train_output[i], "branch {i}: the head dropped nothing");
+        // Branch i's masks: (seed, i) and the head's probability, whatever the other branches.
+        let d = HeadDropout { seed: 7, p, branch: i as u64 };
+        let rows = out.last_hidden_state.narrow_rows(i * b, b).unwrap();
+        let (alone, _) = model.head(name).unwrap().forward_with(be.as_ref(), &rows, None, Some(&d)).unwrap();
+        assert_eq!(alone.cpu_data().unwrap().to_vec(), logits[i], "branch {i}");
+    }
+    model.set_dropout(Some(8));
+    assert_ne!(train(&model).1, logits, "another seed draws other masks");
+    model.set_dropout(Some(7));
+    assert_eq!(host_all(&model.classification_step(&batch, &labels).unwrap().logits), logits, "classification_step is training mode");
+
+    // p = 0: training-mode heads are eval heads, forward and backward, on a dropped-out encoder.
+    for name in ["pfeiffer_inv", "pfeiffer"] {
+        let h = model.delete_head(name).unwrap();
+        model.insert_head(with_dropout_prob(&h, Some(0.0))).unwrap();
+    }
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    let (trained, evald) = (model.head_logits_train(&out, &tape).unwrap(), model.head_logits(&out).unwrap());
+    let logits = |bs: &[bert_adapters::model::task::BranchLogits]| host_all(&bs.iter().map(|b| b.logits.clone()).collect::<Vec<_>>());
+    assert_eq!(logits(&trained), logits(&evald));
+    let d: Vec<Tensor> = (0..2).map(|_| Tensor::from_vec((0..b * 3).map(|v| v as f32 * 0.1 - 0.5).collect(), &[b, 3]).unwrap()).collect();
+    let (g1, dl1, _) = model.heads_backward(&trained, &d, &tape).unwrap();
+    let (g2, dl2, _) = model.heads_backward(&evald, &d, &tape).unwrap();
+    assert_eq!(dl1.cpu_data().unwrap().to_vec(), dl2.cpu_data().unwrap().to_vec());
+    assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
+    for (k, g) in &g1 {
+        assert_eq!(g.cpu_data().unwrap().to_vec(), g2[k].cpu_data().unwrap().to_vec(), "{k}");
+    }
+
+    // No seed: the training step's logits are the eval logits, whatever the heads' probability.
+    for name in ["pfeiffer_inv", "pfeiffer"] {
+        let h = model.delete_head(name).unwrap();
+        model.insert_head(with_dropout_prob(&h, Some(0.5))).unwrap();
+    }
+    model.set_dropout(None);
+    assert_eq!(host_all(&model.classification_step(&batch, &labels).unwrap().logits), eval_plain);
 }
 
 /// Under Parallel only the first child's invertible adapter runs: a trainable adapter with one

@@ -108,6 +108,10 @@ pub(crate) enum DropoutSite {
     FfnOutput = 4,
     AdapterAttention = 5,
     AdapterOutput = 6,
+    /// A classification head's Dropout modules (layer 0; the block is the branch index):
+    /// module 0, before the first Linear, and module 3, before the output Linear of two layers.
+    HeadInput = 7,
+    HeadHidden = 8,
 }
 
 /// Gradients of the trainable tensors, by library key (no `bert.` prefix).

@@ -3,7 +3,8 @@
 //!
 //! `add_classification_head(name, num_labels, layers, activation_function, use_pooler)` builds
 //! `heads.<name>` as an `nn.Sequential` where every layer starts with a Dropout (identity in eval
-//! mode), so the module indices, and therefore the state-dict keys, are:
+//! mode; `forward_with` applies them in training mode), so the module indices, and therefore the
+//! state-dict keys, are:
 //! - `layers = 2`: `0` Dropout, `1` Linear(H, H), `2` activation, `3` Dropout, `4` Linear(H, C);
 //! - `layers = 1`: `0` Dropout, `1` Linear(H, C).
 //!
@@ -15,20 +16,50 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, DropoutSpec};
 pub use crate::config::{HeadConfig, HeadConfigFile};
 use crate::error::{Error, Result};
+use crate::model::backward::{dropout_spec, DropoutSite};
 use crate::tensor::Tensor;
+
+/// Training-mode dropout of one head application: the masks of its Dropout modules are a pure
+/// function of `(seed, module, branch, element)`, so the backward recomputes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadDropout {
+    pub seed: u64,
+    /// The probability (`ClassificationHead::dropout_prob` resolves the config's default).
+    pub p: f32,
+    /// The Parallel branch the head reads (0 outside Parallel): the masks' block id, as in the
+    /// encoder, so branch i draws the same masks whichever other branches exist.
+    pub branch: u64,
+}
+
+impl HeadDropout {
+    /// The dropout of Sequential module `module` (0, or 3 before the output Linear of a 2-layer
+    /// head); None for p = 0 (an exact identity) or another index.
+    pub fn spec(&self, module: usize) -> Option<DropoutSpec> {
+        let site = match module {
+            0 => DropoutSite::HeadInput,
+            3 => DropoutSite::HeadHidden,
+            _ => return None,
+        };
+        dropout_spec(Some(self.seed), self.p, 0, site, vec![self.branch])
+    }
+}
 
 /// What `ClassificationHead::forward` keeps for the backward.
 #[derive(Clone, Debug)]
 pub struct HeadTape {
     /// The head input `x`, `[B, H]`.
     input: Tensor,
-    /// `W1·x + b1` and its activation, for `layers = 2`.
+    /// What the first Linear read: `x` after Dropout 0 (`x` itself in eval mode).
+    x0: Tensor,
+    /// `W1·x0 + b1` and its activation after Dropout 3 (what the output Linear read), for `layers = 2`.
     hidden: Option<(Tensor, Tensor)>,
     /// T of `last_hidden_state`, or None when the input was the pooler output.
     seq_len: Option<usize>,
+    /// The dropouts of modules 0 and 3 that the forward applied; the backward applies the same.
+    dropout: [Option<DropoutSpec>; 2],
 }
 
 impl HeadTape {
@@ -38,7 +69,8 @@ impl HeadTape {
     }
 }
 
-/// A classification head `heads.<name>`, eval-mode semantics (its dropouts are the identity).
+/// A classification head `heads.<name>`: `forward` is eval mode (its dropouts are the identity),
+/// `forward_with` given a `HeadDropout` is training mode.
 #[derive(Clone, Debug)]
 pub struct ClassificationHead {
     name: String,
@@ -46,6 +78,14 @@ pub struct ClassificationHead {
     activation: Activation,
     hidden_size: usize,
     params: BTreeMap<String, Tensor>,
+}
+
+/// `x` through `spec`'s dropout, or `x` itself (eval mode, p = 0).
+fn maybe_dropout(backend: &dyn Backend, x: Tensor, spec: &Option<DropoutSpec>) -> Result<Tensor> {
+    match spec {
+        Some(s) => backend.dropout(&x, s),
+        None => Ok(x),
+    }
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -132,6 +172,12 @@ impl ClassificationHead {
         self.config.num_labels
     }
 
+    /// The probability of the head's Dropout modules in training mode: `dropout_prob`, or the
+    /// model's `hidden_dropout_prob` when it is None (as the library builds them).
+    pub fn dropout_prob(&self, hidden_dropout_prob: f32) -> f32 {
+        self.config.dropout_prob.map_or(hidden_dropout_prob, |p| p as f32)
+    }
+
     /// The parameters by state-dict key.
     pub fn params(&self) -> &BTreeMap<String, Tensor> {
         &self.params
@@ -156,9 +202,16 @@ impl ClassificationHead {
         }
     }
 
-    /// Logits `[B, C]` and the tape for `backward`. `pooler_output` (`[B, H]`) is required when
-    /// the head was configured with `use_pooler`, and ignored otherwise.
+    /// Eval-mode logits `[B, C]` and the tape for `backward`. `pooler_output` (`[B, H]`) is
+    /// required when the head was configured with `use_pooler`, and ignored otherwise.
     pub fn forward(&self, backend: &dyn Backend, last_hidden_state: &Tensor, pooler_output: Option<&Tensor>) -> Result<(Tensor, HeadTape)> {
+        self.forward_with(backend, last_hidden_state, pooler_output, None)
+    }
+
+    /// `forward`, in training mode when `dropout` is given: Dropout 0 on the input and, with two
+    /// layers, Dropout 3 on the activation, with the masks of `dropout` (kept in the tape, so
+    /// `backward` passes the gradient through the same masks).
+    pub fn forward_with(&self, backend: &dyn Backend, last_hidden_state: &Tensor, pooler_output: Option<&Tensor>, dropout: Option<&HeadDropout>) -> Result<(Tensor, HeadTape)> {
         const OP: &str = "ClassificationHead::forward";
         let h = self.hidden_size;
         let (input, seq_len) = if self.config.use_pooler {
@@ -175,17 +228,20 @@ impl ClassificationHead {
             (backend.first_token(last_hidden_state)?, Some(s[1]))
         };
         let (hid, out) = self.config.linear_indices();
+        let spec = |module: usize| dropout.and_then(|d| d.spec(module));
+        let dropout = [spec(0), hid.and_then(|_| spec(3))];
+        let x0 = maybe_dropout(backend, input.clone(), &dropout[0])?;
         let hidden = match hid {
             Some(i) => {
-                let pre = backend.linear(&input, self.param(i, "weight")?, Some(self.param(i, "bias")?))?;
-                let act = backend.activation(&pre, self.activation)?;
+                let pre = backend.linear(&x0, self.param(i, "weight")?, Some(self.param(i, "bias")?))?;
+                let act = maybe_dropout(backend, backend.activation(&pre, self.activation)?, &dropout[1])?;
                 Some((pre, act))
             }
             None => None,
         };
-        let x_out = hidden.as_ref().map_or(&input, |(_, a)| a);
+        let x_out = hidden.as_ref().map_or(&x0, |(_, a)| a);
         let logits = backend.linear(x_out, self.param(out, "weight")?, self.out_bias(out)?)?;
-        Ok((logits, HeadTape { input, hidden, seq_len }))
+        Ok((logits, HeadTape { input, x0, hidden, seq_len, dropout }))
     }
 
     /// Parameter gradients (keyed like `params()`) and the gradient of the head's input:
@@ -209,7 +265,7 @@ impl ClassificationHead {
         }
         let name = &self.name;
         let mut grads = BTreeMap::new();
-        let x_out = tape.hidden.as_ref().map_or(&tape.input, |(_, a)| a);
+        let x_out = tape.hidden.as_ref().map_or(&tape.x0, |(_, a)| a);
         if want_params {
             let (dw, db) = backend.linear_backward_params(dlogits, x_out)?;
             grads.insert(format!("heads.{name}.{out}.weight"), dw);
@@ -218,15 +274,18 @@ impl ClassificationHead {
             }
         }
         let mut dx = backend.linear_backward_input(dlogits, self.param(out, "weight")?)?;
+        // Dropout is linear and its own adjoint: the same mask and scale.
         if let (Some(i), Some((pre, _))) = (hid, tape.hidden.as_ref()) {
+            dx = maybe_dropout(backend, dx, &tape.dropout[1])?;
             let dpre = backend.activation_backward(&dx, pre, self.activation)?;
             if want_params {
-                let (dw, db) = backend.linear_backward_params(&dpre, &tape.input)?;
+                let (dw, db) = backend.linear_backward_params(&dpre, &tape.x0)?;
                 grads.insert(format!("heads.{name}.{i}.weight"), dw);
                 grads.insert(format!("heads.{name}.{i}.bias"), db);
             }
             dx = backend.linear_backward_input(&dpre, self.param(i, "weight")?)?;
         }
+        dx = maybe_dropout(backend, dx, &tape.dropout[0])?;
         let d_input = match tape.seq_len {
             Some(t) => backend.first_token_backward(&dx, t)?,
             None => dx,

@@ -1,5 +1,6 @@
 //! One training step on the model's device: forward, the trained branch's head and objective,
-//! backward, gradient-norm clipping and AdamW over the adapter's flat arena.
+//! backward, gradient-norm clipping and AdamW over the adapter's flat arena. With a dropout seed
+//! (`set_dropout`) the encoder and every head run in training mode (`head_logits_train`).
 //!
 //! Nothing comes back to the host unless asked: the loss and gradient norm stay in device
 //! buffers (`TrainStepOutput::read` fetches them, three floats), the per-layer finiteness scans
@@ -83,7 +84,7 @@ impl BertModel {
         self.ensure_arena(&cfg.trained)?;
         let pooler = names.iter().filter_map(|n| self.heads.get(n)).any(|h| h.config().use_pooler);
         let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
-        let branches = self.head_logits(&out)?;
+        let branches = self.head_logits_train(&out, &tape)?;
         let c = branches[i].logits.shape()[1];
         if let Some(&y) = labels.iter().find(|&&y| y >= c) {
             return Err(Error::Input(format!("label {y} is out of range for {c} classes")));

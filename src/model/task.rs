@@ -3,7 +3,8 @@
 //! A head is named like its adapter and trains with it (the library never freezes heads; ours
 //! follow their adapter so that alternating training updates one network at a time). Under
 //! Parallel, head i reads branch i's rows and the loss is the sum of the head losses, as in the
-//! library's multi-head output.
+//! library's multi-head output. In training (`head_logits_train` after a `forward_train` that
+//! dropped out) each head applies its Dropout modules, with masks of its own per branch.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::InputBatch;
 use crate::model::backward::{accumulate, Gradients, Tape};
 use crate::model::bert::{BertModel, BertOutput};
-use crate::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadTape};
+use crate::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadDropout, HeadTape};
 use crate::tensor::Tensor;
 use crate::train::optim::AdamW;
 
@@ -67,8 +68,25 @@ impl BertModel {
         self.heads.remove(name)
     }
 
-    /// Logits of every active branch's head on a forward's output.
+    /// Eval-mode logits of every active branch's head on a forward's output (no dropout, even
+    /// on a `forward_train` output: `head_logits_train` is the training mode).
     pub fn head_logits(&self, out: &BertOutput) -> Result<Vec<BranchLogits>> {
+        self.branch_logits(out, None)
+    }
+
+    /// `head_logits` in training mode on the output of `forward_train` that recorded `tape`:
+    /// when that forward dropped out (`set_dropout` gave a seed), each head applies its Dropout
+    /// modules with p = its `dropout_prob`, or the model's `hidden_dropout_prob` when None. Branch
+    /// i's masks are keyed by the seed and i alone; `heads_backward` applies the same masks.
+    pub fn head_logits_train(&self, out: &BertOutput, tape: &Tape) -> Result<Vec<BranchLogits>> {
+        let rows = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
+        if out.last_hidden_state.shape()[0] != rows {
+            return Err(Error::Input(format!("head_logits_train: the output has {} rows, its tape {rows}", out.last_hidden_state.shape()[0])));
+        }
+        self.branch_logits(out, tape.dropout_seed)
+    }
+
+    fn branch_logits(&self, out: &BertOutput, dropout_seed: Option<u64>) -> Result<Vec<BranchLogits>> {
         let be = self.backend.as_ref();
         let children = self.active_children()?;
         if children.is_empty() {
@@ -81,18 +99,20 @@ impl BertModel {
         for (i, child) in children.iter().enumerate() {
             let head = self.heads.get(child.name()).ok_or_else(|| Error::Input(format!("adapter `{}` has no head", child.name())))?;
             // Before any replication (no adapter location at all) every branch reads the same rows.
-            let range = if n == 1 { 0..rows } else { i * block..(i + 1) * block };
-            let last = be.select_rows(&out.last_hidden_state, std::slice::from_ref(&range))?;
-            let pooled = out.pooler_output.as_ref().map(|p| be.select_rows(p, std::slice::from_ref(&range))).transpose()?;
-            let (logits, tape) = head.forward(be, &last, pooled.as_ref())?;
+            let (start, len) = if n == 1 { (0, rows) } else { (i * block, block) };
+            let last = out.last_hidden_state.narrow_rows(start, len)?;
+            let pooled = out.pooler_output.as_ref().map(|p| p.narrow_rows(start, len)).transpose()?;
+            // The block id is the branch index, even where all branches read the same rows.
+            let dropout = dropout_seed.map(|seed| HeadDropout { seed, p: head.dropout_prob(self.config.hidden_dropout_prob), branch: i as u64 });
+            let (logits, tape) = head.forward_with(be, &last, pooled.as_ref(), dropout.as_ref())?;
             result.push(BranchLogits { adapter: child.name().to_string(), logits, tape });
         }
         Ok(result)
     }
 
-    /// Backward of the heads for `dlogits` (one per branch): the heads' parameter gradients (only
-    /// for heads of trainable adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`)
-    /// for `backward`.
+    /// Backward of the heads for `dlogits` (one per branch), through the dropout masks their
+    /// forward applied (if any): the heads' parameter gradients (only for heads of trainable
+    /// adapters) and `∂L/∂last_hidden_state` (and `∂L/∂pooler_output`) for `backward`.
     pub fn heads_backward(&self, branches: &[BranchLogits], dlogits: &[Tensor], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
         let d: Vec<Option<&Tensor>> = dlogits.iter().map(Some).collect();
         self.heads_backward_some(branches, &d, tape)
@@ -137,11 +157,12 @@ impl BertModel {
     }
 
     /// Forward, the summed cross-entropy of every branch's head against `labels` (`[B]`, the same
-    /// labels for every branch), and gradients of every trainable tensor.
+    /// labels for every branch), and gradients of every trainable tensor. Training mode: with a
+    /// dropout seed the encoder and the heads drop out.
     pub fn classification_step(&self, batch: &InputBatch, labels: &[usize]) -> Result<ClassificationStep> {
         let be = self.backend.as_ref();
         let (out, tape) = self.forward_train(batch)?;
-        let branches = self.head_logits(&out)?;
+        let branches = self.head_logits_train(&out, &tape)?;
         let mut loss = 0f32;
         let mut dlogits = Vec::new();
         for b in &branches {
