@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bert_adapters::{AdapterConfig, AdapterSetup, Backend, BertModel, BertTokenizer, CpuBackend, InputBatch, LoadOptions, Tensor};
+use bert_adapters::model::heads::HeadConfig;
+use bert_adapters::model::step::TrainStepConfig;
+use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn model(dir: &Path, backend: Arc<dyn Backend>) -> BertModel {
@@ -69,6 +72,19 @@ fn minilm_train_step(c: &mut Criterion) {
             let d = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape()).expect("shape");
             m.backward(&tape, &d, None).expect("backward")
         })
+    });
+    // The whole step `train` runs: forward, heads, tasknn's objective, backward, clipping and
+    // AdamW over tasknn's arena, with the loss read back as `train` does every step.
+    for name in ["scorenn", "tasknn"] {
+        m.add_classification_head(name, HeadConfig::classification(3)).expect("head");
+    }
+    m.set_dropout(Some(7));
+    let labels: Vec<usize> = (0..batch.batch).map(|i| i % 3).collect();
+    let cfg = TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-5, ..AdamWConfig::default() }).expect("optimizer");
+    let be = m.backend().clone();
+    group.bench_function("train_step", |b| {
+        b.iter(|| m.train_step(&batch, &labels, &cfg, &mut opt).expect("step").read(be.as_ref()).expect("finite"))
     });
     group.finish();
 }

@@ -217,6 +217,20 @@ fn expect_mask(op: &'static str, mask: &Tensor, batch: usize, seq: usize) -> Res
     Ok(())
 }
 
+/// `(B, T, H)` of a packed `[B, T, 3H]` Q, K, V, checked with its mask and head count.
+fn packed_dims(op: &'static str, qkv: &Tensor, mask: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
+    let s = qkv.shape();
+    if s.len() != 3 || !s[2].is_multiple_of(3) {
+        return Err(Error::shape(op, format!("packed Q, K, V has shape {s:?}, expected [B, T, 3H]")));
+    }
+    let (batch, seq, h) = (s[0], s[1], s[2] / 3);
+    if heads == 0 || !h.is_multiple_of(heads) {
+        return Err(Error::shape(op, format!("hidden {h} is not divisible by {heads} heads")));
+    }
+    expect_mask(op, mask, batch, seq)?;
+    Ok((batch, seq, h))
+}
+
 /// Q, K and V of a packed `[B, T, 3H]` tensor as three `[B, T, H]` tensors.
 fn split_qkv(qkv: &Tensor) -> Result<[Tensor; 3]> {
     let s = qkv.shape();
@@ -417,25 +431,39 @@ impl Backend for CpuBackend {
         Tensor::from_vec(y, q.shape())
     }
 
-    // The CPU kernels take Q, K, V apart; splitting the packed product costs three row copies,
-    // small next to the attention itself, and the packed GEMM is the gain.
+    // The fast kernels read Q, K, V in place from the packed product (rows 3H apart) and write
+    // the packed gradient; the reference takes them apart (it is the plain spec, not a path).
     fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let [q, k, v] = split_qkv(qkv)?;
-        self.attention(&q, &k, &v, mask_bias, heads, dropout)
+        let (batch, seq, h) = packed_dims("attention_packed", qkv, mask_bias, heads)?;
+        if self.mode == CpuMode::Reference || batch * seq == 0 {
+            let [q, k, v] = split_qkv(qkv)?;
+            return self.attention(&q, &k, &v, mask_bias, heads, dropout);
+        }
+        let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
+        let (x, ms) = (qkv.f32_data()?, mask_bias.f32_data()?);
+        let y = fast::attention_strided(&x, &x[h..], &x[2 * h..], 3 * h, &ms, batch, seq, h, heads, factors.as_deref());
+        Tensor::from_vec(y, &[batch, seq, h])
     }
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let [q, k, v] = split_qkv(qkv)?;
-        let [dq, dk, dv] = self.attention_backward(dctx, &q, &k, &v, mask_bias, heads, dropout)?;
-        let h = q.last_dim();
-        let (dq, dk, dv) = (dq.cpu_data()?, dk.cpu_data()?, dv.cpu_data()?);
-        let mut out = Vec::with_capacity(3 * dq.len());
-        for ((a, b), c) in dq.chunks(h).zip(dk.chunks(h)).zip(dv.chunks(h)) {
-            out.extend_from_slice(a);
-            out.extend_from_slice(b);
-            out.extend_from_slice(c);
+        let (batch, seq, h) = packed_dims("attention_packed_backward", qkv, mask_bias, heads)?;
+        expect_shape("attention_packed_backward", "gradient", dctx, &[batch, seq, h])?;
+        if self.mode == CpuMode::Reference || batch * seq == 0 {
+            let [q, k, v] = split_qkv(qkv)?;
+            let [dq, dk, dv] = self.attention_backward(dctx, &q, &k, &v, mask_bias, heads, dropout)?;
+            let (dq, dk, dv) = (dq.cpu_data()?, dk.cpu_data()?, dv.cpu_data()?);
+            let mut out = Vec::with_capacity(3 * dq.len());
+            for ((a, b), c) in dq.chunks(h.max(1)).zip(dk.chunks(h.max(1))).zip(dv.chunks(h.max(1))) {
+                out.extend_from_slice(a);
+                out.extend_from_slice(b);
+                out.extend_from_slice(c);
+            }
+            return Tensor::from_vec(out, qkv.shape());
         }
-        Tensor::from_vec(out, qkv.shape())
+        self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * h);
+        let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
+        let (d, x, ms) = (dctx.f32_data()?, qkv.f32_data()?, mask_bias.f32_data()?);
+        Tensor::from_vec(fast::attention_backward_packed(&d, &x, &ms, batch, seq, h, heads, factors.as_deref()), qkv.shape())
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {

@@ -11,11 +11,11 @@ use crate::cpu::fast::matmul::{matmul, MatRef};
 use crate::cpu::reference::ProbDropout;
 
 /// `P = softmax(Q·Kᵀ·scale + bias)` of one (batch, head) block starting at element `base` of the
-/// `[B, T, H]` inputs, into the `T×T` buffer `p`.
+/// inputs (rows `ld` elements apart), into the `T×T` buffer `p`.
 #[allow(clippy::too_many_arguments)]
-fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, hidden: usize, d: usize, scale: f32) {
-    let qv = MatRef { ptr: q[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
-    let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: hidden as isize };
+fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
+    let qv = MatRef { ptr: q[base..].as_ptr(), row_stride: ld as isize, col_stride: 1 };
+    let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: ld as isize };
     // SAFETY: both views stay inside this (b, h)'s T×d block; p holds T×T values.
     unsafe { matmul(p.as_mut_ptr(), seq, false, qv, kt, seq, seq, d, Parallelism::None) };
     for row in p.chunks_mut(seq) {
@@ -37,10 +37,19 @@ fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usiz
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a
 /// second gemm, all on strided views of the `[B, T, H]` inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
+    attention_strided(q, k, v, hidden, mask_bias, batch, seq, hidden, heads, dropout)
+}
+
+/// `attention` on inputs whose rows are `ld` elements apart: `ld = H` for separate Q, K, V, and
+/// `ld = 3H` with `q, k, v` starting at columns 0, H, 2H of one packed `[B, T, 3H]` product (no
+/// copy). The context is `[B, T, H]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_strided(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    ld: usize,
     mask_bias: &[f32],
     batch: usize,
     seq: usize,
@@ -59,9 +68,8 @@ pub fn attention(
         || vec![0f32; seq * seq],
         |scores, bh| {
             let (b, h) = (bh / heads, bh % heads);
-            let base = b * seq * hidden + h * d;
-            let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
-            attention_probs(scores, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base, seq, hidden, d, scale);
+            let (base_in, base_out) = (b * seq * ld + h * d, b * seq * hidden + h * d);
+            attention_probs(scores, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base_in, seq, ld, d, scale);
             if let Some(drop) = dropout {
                 let mut keep = vec![1f32; seq];
                 for (i, row) in scores.chunks_mut(seq).enumerate() {
@@ -70,9 +78,10 @@ pub fn attention(
                 }
             }
             let p = MatRef { ptr: scores.as_ptr(), row_stride: seq as isize, col_stride: 1 };
+            let vv = MatRef { ptr: v[base_in..].as_ptr(), row_stride: ld as isize, col_stride: 1 };
             let _ = &out_ptr;
             // SAFETY: the destination block is this (b, h)'s own T×d columns; no other task writes it.
-            unsafe { matmul(out_ptr.0.add(base), hidden, false, p, view(v), seq, d, seq, Parallelism::None) };
+            unsafe { matmul(out_ptr.0.add(base_out), hidden, false, p, vv, seq, d, seq, Parallelism::None) };
         },
     );
     out
@@ -92,38 +101,77 @@ pub fn attention_backward(
     heads: usize,
     dropout: Option<&ProbDropout>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let d = hidden / heads;
-    let scale = 1.0 / (d as f32).sqrt();
     let n = batch * seq * hidden;
     let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    // SAFETY: three separate [B, T, H] outputs with rows `hidden` apart.
+    unsafe { attention_backward_into(dctx, q, k, v, hidden, mask_bias, batch, seq, hidden, heads, dropout, [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()], hidden) };
+    (dq, dk, dv)
+}
+
+/// `attention_backward` on a packed `[B, T, 3H]` Q, K, V (rows `3H` apart, no copy), writing the
+/// packed gradient `[B, T, 3H]` (dQ, dK, dV side by side) for one product through `[3H, H]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_packed(dctx: &[f32], qkv: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
+    let ld = 3 * hidden;
+    let mut out = vec![0f32; batch * seq * ld];
+    let p = out.as_mut_ptr();
+    // SAFETY: dQ, dK, dV are the column blocks [0, H), [H, 2H), [2H, 3H) of `out`, rows `3H` apart.
+    unsafe { attention_backward_into(dctx, qkv, &qkv[hidden..], &qkv[2 * hidden..], ld, mask_bias, batch, seq, hidden, heads, dropout, [p, p.add(hidden), p.add(2 * hidden)], ld) };
+    out
+}
+
+/// The backward kernel: inputs with rows `ld_in` apart, outputs at `out` with rows `ld_out` apart.
+///
+/// # Safety
+/// Each output pointer must address `batch·seq` rows of `hidden` columns at row stride `ld_out`,
+/// and no two (b, h) blocks of them may overlap.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_backward_into(
+    dctx: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld_in: usize,
+    mask_bias: &[f32],
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&ProbDropout>,
+    out: [*mut f32; 3],
+    ld_out: usize,
+) {
+    let d = hidden / heads;
+    let scale = 1.0 / (d as f32).sqrt();
     struct SendPtr(*mut f32);
     unsafe impl Sync for SendPtr {}
-    let (pq, pk, pv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let (pq, pk, pv) = (SendPtr(out[0]), SendPtr(out[1]), SendPtr(out[2]));
     (0..batch * heads).into_par_iter().for_each_init(
         || (vec![0f32; seq * seq], vec![0f32; seq * seq], vec![1f32; seq * seq]),
         |(p, dp, keep), bh| {
             let (b, h) = (bh / heads, bh % heads);
-            let base = b * seq * hidden + h * d;
-            let view = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
-            let view_t = |m: &[f32]| MatRef { ptr: m[base..].as_ptr(), row_stride: 1, col_stride: hidden as isize };
+            let (base_in, base_d, base_out) = (b * seq * ld_in + h * d, b * seq * hidden + h * d, b * seq * ld_out + h * d);
+            let view = |m: &[f32]| MatRef { ptr: m[base_in..].as_ptr(), row_stride: ld_in as isize, col_stride: 1 };
+            let view_t = |m: &[f32]| MatRef { ptr: m[base_in..].as_ptr(), row_stride: 1, col_stride: ld_in as isize };
+            let dview = MatRef { ptr: dctx[base_d..].as_ptr(), row_stride: hidden as isize, col_stride: 1 };
             let sq = |m: &[f32]| MatRef { ptr: m.as_ptr(), row_stride: seq as isize, col_stride: 1 };
             let sq_t = |m: &[f32]| MatRef { ptr: m.as_ptr(), row_stride: 1, col_stride: seq as isize };
             let _ = (&pq, &pk, &pv);
             // SAFETY (all calls): views stay inside this (b, h)'s T×d blocks and the T×T scratch;
-            // the destination blocks belong to this task alone.
+            // the destination blocks belong to this task alone (the caller's contract).
             unsafe {
-                attention_probs(p, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base, seq, hidden, d, scale);
+                attention_probs(p, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base_in, seq, ld_in, d, scale);
                 // With dropout ctx = (P ⊙ keep)·V: dV uses the dropped P, dP gets the mask back.
                 if let Some(drop) = dropout {
                     for (i, krow) in keep.chunks_mut(seq).enumerate() {
                         drop(b, h, i, krow);
                     }
                     let dropped: Vec<f32> = p.iter().zip(keep.iter()).map(|(a, k)| a * k).collect();
-                    matmul(pv.0.add(base), hidden, false, sq_t(&dropped), view(dctx), seq, d, seq, Parallelism::None);
+                    matmul(pv.0.add(base_out), ld_out, false, sq_t(&dropped), dview, seq, d, seq, Parallelism::None);
                 } else {
-                    matmul(pv.0.add(base), hidden, false, sq_t(p), view(dctx), seq, d, seq, Parallelism::None);
+                    matmul(pv.0.add(base_out), ld_out, false, sq_t(p), dview, seq, d, seq, Parallelism::None);
                 }
-                matmul(dp.as_mut_ptr(), seq, false, view(dctx), view_t(v), seq, seq, d, Parallelism::None);
+                matmul(dp.as_mut_ptr(), seq, false, dview, view_t(v), seq, seq, d, Parallelism::None);
                 if dropout.is_some() {
                     dp.iter_mut().zip(keep.iter()).for_each(|(g, k)| *g *= k);
                 }
@@ -133,10 +181,9 @@ pub fn attention_backward(
                     dprow.iter_mut().zip(prow).for_each(|(g, &pp)| *g = pp * (*g - dot) * scale);
                 }
                 // dQ = dS·K; dK = dSᵀ·Q
-                matmul(pq.0.add(base), hidden, false, sq(dp), view(k), seq, d, seq, Parallelism::None);
-                matmul(pk.0.add(base), hidden, false, sq_t(dp), view(q), seq, d, seq, Parallelism::None);
+                matmul(pq.0.add(base_out), ld_out, false, sq(dp), view(k), seq, d, seq, Parallelism::None);
+                matmul(pk.0.add(base_out), ld_out, false, sq_t(dp), view(q), seq, d, seq, Parallelism::None);
             }
         },
     );
-    (dq, dk, dv)
 }

@@ -14,7 +14,7 @@ mod matmul;
 use rayon::prelude::*;
 
 pub use activation::activation;
-pub use attention::{attention, attention_backward};
+pub use attention::{attention, attention_backward, attention_backward_packed, attention_strided};
 pub use embedding::embedding;
 pub use layernorm::residual_layernorm;
 pub use linear::{linear, linear_backward_input, linear_backward_params};
