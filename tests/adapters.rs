@@ -100,12 +100,7 @@ fn nice_forward_and_inverse_match_the_library() {
 
 #[test]
 fn minilm_adapters_match_the_library() {
-    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    if !model_dir.join("model.safetensors").is_file() {
-        assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing", model_dir.display());
-        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", model_dir.display());
-        return;
-    }
+    let Some(model_dir) = common::minilm() else { return };
     let inputs = TensorFile::open(fixtures().join("minilm/expected.safetensors")).unwrap();
     for (dirs, names, expected) in [
         (&["minilm_scorenn"][..], &["scorenn"][..], "expected_minilm_scorenn.safetensors"),

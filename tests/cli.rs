@@ -59,12 +59,7 @@ fn run_inputs_writes_pytorch_equal_outputs() {
 
 #[test]
 fn run_text_writes_the_ids_it_used() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    if !model.join("tokenizer.json").is_file() {
-        assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing", model.display());
-        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", model.display());
-        return;
-    }
+    let Some(model) = common::minilm() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let text = fixtures().join("minilm/sentences.txt");

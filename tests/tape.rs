@@ -24,12 +24,7 @@ fn ones_like(t: &Tensor) -> Tensor {
 /// (one storage shared by every layer) and the pooler's pre-activation `[2B, H]`.
 #[test]
 fn minilm_parallel_tape_keeps_what_the_backward_reads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    if !dir.join("model.safetensors").is_file() {
-        assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing", dir.display());
-        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", dir.display());
-        return;
-    }
+    let Some(dir) = common::minilm() else { return };
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
     let (mut model, _) = BertModel::from_dir(&dir, be, LoadOptions::default()).unwrap();
     let (b, t) = (4usize, 16usize);

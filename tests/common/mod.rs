@@ -134,6 +134,18 @@ pub fn check_with_padding(label: &str, got: &[f32], want: &[f32], expected: &Ten
 }
 
 
+/// The downloaded all-MiniLM-L6-v2 folder, or None (printing why the caller skips) when
+/// scripts/fetch-model.sh has not run; with REQUIRE_MODEL set a missing model fails the test.
+pub fn minilm() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+        return Some(dir);
+    }
+    assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing (run scripts/fetch-model.sh)", dir.display());
+    eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", dir.display());
+    None
+}
+
 /// The tiny fixture BERT on `backend`, with its input batch.
 pub fn tiny(backend: Arc<dyn Backend>) -> (BertModel, InputBatch) {
     let dir = fixtures().join("tiny_bert");
