@@ -220,8 +220,10 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
 
     /// `attention` on Q, K and V packed side by side in one `[B, T, 3H]` tensor (the output of
-    /// the packed `[3H, H]` product): what the model runs. Returns the context `[B, T, H]`.
-    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
+    /// the packed `[3H, H]` product): what the model runs. Returns the context `[B, T, H]` and the
+    /// row log-sum-exp of the scaled, masked scores, `[B, heads, T]`, which the backward reads to
+    /// recompute probabilities without a `[B, heads, T, T]` tensor ever being kept.
+    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)>;
 
     // ---- activation family ---------------------------------------------------------------------
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
@@ -258,7 +260,8 @@ pub trait Backend: Send + Sync {
     ) -> Result<[Tensor; 3]>;
     /// The gradient of `attention_packed` with respect to its packed input: `[B, T, 3H]`, ready
     /// for one input-gradient product with the packed weight.
-    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
+    #[allow(clippy::too_many_arguments)] // `attention_packed`'s inputs, its log-sum-exp and the gradient
+    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
     /// Backward of `adapter_location` for the branches given (the live ones; `loc.h`/`loc.r` hold
     /// their rows). `trainable[i]` asks for branch i's parameter gradients; `need_input_grads`
     /// for `dh` and `dr`.

@@ -273,17 +273,23 @@ fn fused_ops_equal_their_unfused_sequences() {
         }
         let unfused = be.dropout(&be.residual_layernorm(&x, Some(&x), &g, &beta, 1e-5).unwrap(), &spec).unwrap();
         assert_eq!(bits(&be.residual_layernorm_dropout(&x, Some(&x), &g, &beta, 1e-5, Some(&spec)).unwrap()), bits(&unfused));
-        // Packed Q, K, V: the context and the packed gradient equal the three-tensor op's.
+        // Packed Q, K, V: the context equals the three-tensor op's; the log-sum-exp equals the
+        // f64 reference; the packed gradient (probabilities recomputed from the log-sum-exp on
+        // the fast path, one f32 rounding away from the softmax) matches the three-tensor op's.
         let cols = |i: usize| {
             let d: Vec<f32> = qkv.cpu_data().unwrap().chunks(12).flat_map(|r| r[i * 4..(i + 1) * 4].to_vec()).collect();
             Tensor::from_vec(d, &[2, 5, 4]).unwrap()
         };
         let (q, k, v) = (cols(0), cols(1), cols(2));
         let ctx = be.attention(&q, &k, &v, &mask, 2, Some(&spec)).unwrap();
-        assert_eq!(bits(&be.attention_packed(&qkv, &mask, 2, Some(&spec)).unwrap()), bits(&ctx));
+        let (packed_ctx, lse) = be.attention_packed(&qkv, &mask, 2, Some(&spec)).unwrap();
+        assert_eq!(bits(&packed_ctx), bits(&ctx));
+        let want_lse = bert_adapters::cpu::reference::attention_lse(&q.cpu_data().unwrap(), &k.cpu_data().unwrap(), &mask.cpu_data().unwrap(), 2, 5, 4, 2);
+        assert_eq!(lse.shape(), &[2, 2, 5]);
+        common::assert_close("log-sum-exp", &lse.cpu_data().unwrap(), &want_lse, 1e-6);
         let [dq, dk, dv] = be.attention_backward(&dctx, &q, &k, &v, &mask, 2, Some(&spec)).unwrap();
-        let packed = be.attention_packed_backward(&dctx, &qkv, &mask, 2, Some(&spec)).unwrap();
-        let want: Vec<u32> = (0..10).flat_map(|r| [&dq, &dk, &dv].into_iter().flat_map(move |t| bits(t)[r * 4..(r + 1) * 4].to_vec())).collect();
-        assert_eq!(bits(&packed), want);
+        let packed = be.attention_packed_backward(&dctx, &qkv, &lse, &mask, 2, Some(&spec)).unwrap();
+        let want: Vec<f32> = (0..10).flat_map(|r| [&dq, &dk, &dv].into_iter().flat_map(move |t| t.cpu_data().unwrap()[r * 4..(r + 1) * 4].to_vec())).collect();
+        common::assert_close(&format!("packed attention gradient [{}]", be.name()), &packed.cpu_data().unwrap(), &want, 1e-5);
     }
 }

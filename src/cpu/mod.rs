@@ -431,23 +431,28 @@ impl Backend for CpuBackend {
         Tensor::from_vec(y, q.shape())
     }
 
-    // The fast kernels read Q, K, V in place from the packed product (rows 3H apart) and write
-    // the packed gradient; the reference takes them apart (it is the plain spec, not a path).
-    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+    // The fast kernels read Q, K, V in place from the packed product (rows 3H apart), save the
+    // row log-sum-exp, and recompute probabilities from it in the backward; the reference takes
+    // Q, K, V apart and recomputes everything (it is the plain spec, not a path).
+    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
         let (batch, seq, h) = packed_dims("attention_packed", qkv, mask_bias, heads)?;
         if self.mode == CpuMode::Reference || batch * seq == 0 {
             let [q, k, v] = split_qkv(qkv)?;
-            return self.attention(&q, &k, &v, mask_bias, heads, dropout);
+            let ctx = self.attention(&q, &k, &v, mask_bias, heads, dropout)?;
+            let lse = reference::attention_lse(&q.cpu_data()?, &k.cpu_data()?, &mask_bias.f32_data()?, batch, seq, h, heads);
+            return Ok((ctx, Tensor::from_vec(lse, &[batch, heads, seq])?));
         }
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
         let (x, ms) = (qkv.f32_data()?, mask_bias.f32_data()?);
-        let y = fast::attention_strided(&x, &x[h..], &x[2 * h..], 3 * h, &ms, batch, seq, h, heads, factors.as_deref());
-        Tensor::from_vec(y, &[batch, seq, h])
+        let (y, lse) = fast::attention_strided(&x, &x[h..], &x[2 * h..], 3 * h, &ms, batch, seq, h, heads, factors.as_deref());
+        Ok((Tensor::from_vec(y, &[batch, seq, h])?, Tensor::from_vec(lse, &[batch, heads, seq])?))
     }
 
-    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let (batch, seq, h) = packed_dims("attention_packed_backward", qkv, mask_bias, heads)?;
-        expect_shape("attention_packed_backward", "gradient", dctx, &[batch, seq, h])?;
+    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        const OP: &str = "attention_packed_backward";
+        let (batch, seq, h) = packed_dims(OP, qkv, mask_bias, heads)?;
+        expect_shape(OP, "gradient", dctx, &[batch, seq, h])?;
+        expect_shape(OP, "log-sum-exp", lse, &[batch, heads, seq])?;
         if self.mode == CpuMode::Reference || batch * seq == 0 {
             let [q, k, v] = split_qkv(qkv)?;
             let [dq, dk, dv] = self.attention_backward(dctx, &q, &k, &v, mask_bias, heads, dropout)?;
@@ -462,8 +467,8 @@ impl Backend for CpuBackend {
         }
         self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * h);
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
-        let (d, x, ms) = (dctx.f32_data()?, qkv.f32_data()?, mask_bias.f32_data()?);
-        Tensor::from_vec(fast::attention_backward_packed(&d, &x, &ms, batch, seq, h, heads, factors.as_deref()), qkv.shape())
+        let (d, x, l, ms) = (dctx.f32_data()?, qkv.f32_data()?, lse.f32_data()?, mask_bias.f32_data()?);
+        Tensor::from_vec(fast::attention_backward_packed(&d, &x, &l, &ms, batch, seq, h, heads, factors.as_deref()), qkv.shape())
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {

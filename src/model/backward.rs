@@ -31,6 +31,9 @@ pub struct LayerTape {
     /// The packed Q, K, V `[rows, T, 3H]` and the `[B, T]` mask: when the backward goes through
     /// the attention.
     pub(crate) qkv: Option<Tensor>,
+    /// The attention's row log-sum-exp `[rows, heads, T]`, from which the backward recomputes
+    /// the probabilities.
+    pub(crate) lse: Option<Tensor>,
     pub(crate) mask: Option<Tensor>,
 }
 
@@ -72,7 +75,7 @@ impl Tape {
             }
         };
         for lt in self.layers.iter().flatten() {
-            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.qkv.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
+            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.qkv.as_ref(), lt.lse.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
                 add(t);
             }
         }
@@ -348,7 +351,8 @@ impl BertModel {
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
             let prob_dropout = dropout_spec(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
             let qkv = live_rows(kept(&lt.qkv, "Q, K, V", l)?)?;
-            let dqkv = be.attention_packed_backward(&dctx, &qkv, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;
+            let lse = live_rows(kept(&lt.lse, "the attention log-sum-exp", l)?)?;
+            let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;
             // One input-gradient product through the packed [3H, H] weight.
             dx_in = be.add(&dx_in, &be.linear_backward_input(&dqkv, &w.qkv_w)?)?;
             d = dx_in;

@@ -331,7 +331,7 @@ impl BertModel {
             hidden_states.push(x.clone());
             let qkv = be.linear(&x, &layer.qkv_w, Some(&layer.qkv_b))?;
             let rows = x.shape()[0];
-            let context = be.attention_packed(&qkv, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
+            let (context, lse) = be.attention_packed(&qkv, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
             let h1 = be.linear_dropout(&context, &layer.attn_out_w, Some(&layer.attn_out_b), drop(p_hidden, l, DropoutSite::AttentionOutput, rows).as_ref())?;
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
             let (x_attn, rep_mh) =
@@ -360,6 +360,7 @@ impl BertModel {
                             h1: opt(below_ffn, h1)?,
                             x_in: opt(below_ffn, x.clone())?,
                             qkv: opt(through_attention, qkv)?,
+                            lse: opt(through_attention, lse)?,
                             mask: through_attention.then(|| mask.clone()),
                         })
                     }

@@ -11,14 +11,12 @@ use crate::cpu::fast::matmul::{matmul, MatRef};
 use crate::cpu::reference::ProbDropout;
 
 /// `P = softmax(Q·Kᵀ·scale + bias)` of one (batch, head) block starting at element `base` of the
-/// inputs (rows `ld` elements apart), into the `T×T` buffer `p`.
+/// inputs (rows `ld` elements apart), into the `T×T` buffer `p`; each row's log-sum-exp of the
+/// scaled, masked scores goes to `lse` when given.
 #[allow(clippy::too_many_arguments)]
-fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
-    let qv = MatRef { ptr: q[base..].as_ptr(), row_stride: ld as isize, col_stride: 1 };
-    let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: ld as isize };
-    // SAFETY: both views stay inside this (b, h)'s T×d block; p holds T×T values.
-    unsafe { matmul(p.as_mut_ptr(), seq, false, qv, kt, seq, seq, d, Parallelism::None) };
-    for row in p.chunks_mut(seq) {
+fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32, mut lse: Option<&mut [f32]>) {
+    scores(p, q, k, base, seq, ld, d);
+    for (i, row) in p.chunks_mut(seq).enumerate() {
         let mut max = f32::NEG_INFINITY;
         for (s, m) in row.iter_mut().zip(bias) {
             *s = *s * scale + m;
@@ -31,6 +29,29 @@ fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usiz
         }
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|s| *s *= inv);
+        if let Some(l) = lse.as_deref_mut() {
+            l[i] = max + sum.ln();
+        }
+    }
+}
+
+/// `S = Q·Kᵀ` of one (batch, head) block into the `T×T` buffer `p`.
+fn scores(p: &mut [f32], q: &[f32], k: &[f32], base: usize, seq: usize, ld: usize, d: usize) {
+    let qv = MatRef { ptr: q[base..].as_ptr(), row_stride: ld as isize, col_stride: 1 };
+    let kt = MatRef { ptr: k[base..].as_ptr(), row_stride: 1, col_stride: ld as isize };
+    // SAFETY: both views stay inside this (b, h)'s T×d block; p holds T×T values.
+    unsafe { matmul(p.as_mut_ptr(), seq, false, qv, kt, seq, seq, d, Parallelism::None) };
+}
+
+/// `P` recomputed from the saved row log-sum-exp: `exp(S·scale + bias − lse)`, one pass, no
+/// row reductions (what the backward does, as a flash-attention backward does).
+#[allow(clippy::too_many_arguments)]
+fn attention_probs_from_lse(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], lse: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
+    scores(p, q, k, base, seq, ld, d);
+    for (row, &l) in p.chunks_mut(seq).zip(lse) {
+        for (s, m) in row.iter_mut().zip(bias) {
+            *s = (*s * scale + m - l).exp();
+        }
     }
 }
 
@@ -38,12 +59,13 @@ fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usiz
 /// second gemm, all on strided views of the `[B, T, H]` inputs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
-    attention_strided(q, k, v, hidden, mask_bias, batch, seq, hidden, heads, dropout)
+    attention_strided(q, k, v, hidden, mask_bias, batch, seq, hidden, heads, dropout).0
 }
 
 /// `attention` on inputs whose rows are `ld` elements apart: `ld = H` for separate Q, K, V, and
 /// `ld = 3H` with `q, k, v` starting at columns 0, H, 2H of one packed `[B, T, 3H]` product (no
-/// copy). The context is `[B, T, H]`.
+/// copy). Returns the context `[B, T, H]` and each row's log-sum-exp `[B, heads, T]` (of the
+/// scaled, masked scores, before dropout) for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_strided(
     q: &[f32],
@@ -56,20 +78,26 @@ pub fn attention_strided(
     hidden: usize,
     heads: usize,
     dropout: Option<&ProbDropout>,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let d = hidden / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; batch * seq * hidden];
-    // Each (b, h) writes a disjoint column block of its batch's rows; hand out raw pointers.
+    let mut lse = vec![0f32; batch * heads * seq];
+    // Each (b, h) writes a disjoint column block of its batch's rows, and its own T log-sum-exps;
+    // hand out raw pointers.
     struct SendPtr(*mut f32);
     unsafe impl Sync for SendPtr {}
     let out_ptr = SendPtr(out.as_mut_ptr());
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
     (0..batch * heads).into_par_iter().for_each_init(
         || vec![0f32; seq * seq],
         |scores, bh| {
             let (b, h) = (bh / heads, bh % heads);
             let (base_in, base_out) = (b * seq * ld + h * d, b * seq * hidden + h * d);
-            attention_probs(scores, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base_in, seq, ld, d, scale);
+            let _ = &lse_ptr;
+            // SAFETY: elements [bh·T, (bh+1)·T) of `lse` belong to this task alone.
+            let lse_row = unsafe { std::slice::from_raw_parts_mut(lse_ptr.0.add(bh * seq), seq) };
+            attention_probs(scores, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base_in, seq, ld, d, scale, Some(lse_row));
             if let Some(drop) = dropout {
                 let mut keep = vec![1f32; seq];
                 for (i, row) in scores.chunks_mut(seq).enumerate() {
@@ -84,7 +112,7 @@ pub fn attention_strided(
             unsafe { matmul(out_ptr.0.add(base_out), hidden, false, p, vv, seq, d, seq, Parallelism::None) };
         },
     );
-    out
+    (out, lse)
 }
 
 /// Attention backward per (batch, head) in parallel, probabilities recomputed with gemm.
@@ -104,23 +132,25 @@ pub fn attention_backward(
     let n = batch * seq * hidden;
     let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     // SAFETY: three separate [B, T, H] outputs with rows `hidden` apart.
-    unsafe { attention_backward_into(dctx, q, k, v, hidden, mask_bias, batch, seq, hidden, heads, dropout, [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()], hidden) };
+    unsafe { attention_backward_into(dctx, q, k, v, hidden, None, mask_bias, batch, seq, hidden, heads, dropout, [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()], hidden) };
     (dq, dk, dv)
 }
 
-/// `attention_backward` on a packed `[B, T, 3H]` Q, K, V (rows `3H` apart, no copy), writing the
-/// packed gradient `[B, T, 3H]` (dQ, dK, dV side by side) for one product through `[3H, H]`.
+/// `attention_backward` on a packed `[B, T, 3H]` Q, K, V (rows `3H` apart, no copy), with the
+/// probabilities recomputed from the forward's row log-sum-exp `lse` (`[B, heads, T]`), writing
+/// the packed gradient `[B, T, 3H]` (dQ, dK, dV side by side) for one product through `[3H, H]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward_packed(dctx: &[f32], qkv: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
+pub fn attention_backward_packed(dctx: &[f32], qkv: &[f32], lse: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
     let ld = 3 * hidden;
     let mut out = vec![0f32; batch * seq * ld];
     let p = out.as_mut_ptr();
     // SAFETY: dQ, dK, dV are the column blocks [0, H), [H, 2H), [2H, 3H) of `out`, rows `3H` apart.
-    unsafe { attention_backward_into(dctx, qkv, &qkv[hidden..], &qkv[2 * hidden..], ld, mask_bias, batch, seq, hidden, heads, dropout, [p, p.add(hidden), p.add(2 * hidden)], ld) };
+    unsafe { attention_backward_into(dctx, qkv, &qkv[hidden..], &qkv[2 * hidden..], ld, Some(lse), mask_bias, batch, seq, hidden, heads, dropout, [p, p.add(hidden), p.add(2 * hidden)], ld) };
     out
 }
 
-/// The backward kernel: inputs with rows `ld_in` apart, outputs at `out` with rows `ld_out` apart.
+/// The backward kernel: inputs with rows `ld_in` apart, outputs at `out` with rows `ld_out` apart;
+/// `P` from the saved log-sum-exp when given (`[B, heads, T]`), else recomputed with its softmax.
 ///
 /// # Safety
 /// Each output pointer must address `batch·seq` rows of `hidden` columns at row stride `ld_out`,
@@ -132,6 +162,7 @@ unsafe fn attention_backward_into(
     k: &[f32],
     v: &[f32],
     ld_in: usize,
+    lse: Option<&[f32]>,
     mask_bias: &[f32],
     batch: usize,
     seq: usize,
@@ -160,7 +191,11 @@ unsafe fn attention_backward_into(
             // SAFETY (all calls): views stay inside this (b, h)'s T×d blocks and the T×T scratch;
             // the destination blocks belong to this task alone (the caller's contract).
             unsafe {
-                attention_probs(p, q, k, &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq], base_in, seq, ld_in, d, scale);
+                let bias = &mask_bias[(b % (mask_bias.len() / seq)) * seq..][..seq];
+                match lse {
+                    Some(l) => attention_probs_from_lse(p, q, k, bias, &l[bh * seq..][..seq], base_in, seq, ld_in, d, scale),
+                    None => attention_probs(p, q, k, bias, base_in, seq, ld_in, d, scale, None),
+                }
                 // With dropout ctx = (P ⊙ keep)·V: dV uses the dropped P, dP gets the mask back.
                 if let Some(drop) = dropout {
                     for (i, krow) in keep.chunks_mut(seq).enumerate() {

@@ -9,6 +9,32 @@
 /// Fills `factors[j]` with the dropout multiplier (0 or 1/(1−p)) of probability `(b, h, i, j)`.
 pub type ProbDropout = dyn Fn(usize, usize, usize, &mut [f32]) + Sync;
 
+/// The log-sum-exp of every row of scaled, masked scores, `[B, heads, T]`, in f64 (rounded to
+/// f32 once): what the attention forward saves for its backward.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_lse(q: &[f32], k: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize) -> Vec<f32> {
+    let d = hidden / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::with_capacity(batch * heads * seq);
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..seq {
+                let qi = &q[(b * seq + i) * hidden + h * d..][..d];
+                let s: Vec<f64> = (0..seq)
+                    .map(|j| {
+                        let kj = &k[(b * seq + j) * hidden + h * d..][..d];
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum();
+                        ((dot * scale) as f32 + mask_bias[(b % (mask_bias.len() / seq)) * seq + j]) as f64
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                out.push((max + s.iter().map(|v| (v - max).exp()).sum::<f64>().ln()) as f32);
+            }
+        }
+    }
+    out
+}
+
 /// Multi-head attention, HF eager semantics: `dropout(softmax(QKᵀ/√d + mask))·V` per head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
