@@ -206,6 +206,13 @@ pub trait Backend: Send + Sync {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor>;
+    /// `LN(x + residual)` for a training forward: also returns `z = x + residual` (rounded to
+    /// f32, the residual stream) and each row's `[mean, rstd]` (`[.., 2]`, the rows of `x`), which
+    /// the backward reads instead of both inputs and instead of recomputing the statistics.
+    fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Input gradient of a LayerNorm with frozen γ, from its input `z` and the forward's
+    /// `[mean, rstd]`: `dz = rstd·(gy − mean(gy) − x̂·mean(gy⊙x̂))`, `gy = dy⊙γ`, `x̂ = (z − mean)·rstd`.
+    fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor>;
     /// `dropout(LN(x + residual))`, the dropout fused into the LayerNorm (the embeddings').
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus the dropout
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor>;

@@ -293,3 +293,22 @@ fn fused_ops_equal_their_unfused_sequences() {
         common::assert_close(&format!("packed attention gradient [{}]", be.name()), &packed.cpu_data().unwrap(), &want, 1e-5);
     }
 }
+
+/// The LayerNorm a training forward runs where no adapter sits returns the residual stream and
+/// each row's `[mean, rstd]`; its backward from them equals the backward that recomputes them.
+#[test]
+fn layernorm_statistics_serve_the_backward() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut t = |shape: &[usize], scale: f32| Tensor::from_vec(common::random_vec(&mut rng, shape.iter().product(), scale), shape).unwrap();
+    let (x, r, g, b, dy) = (t(&[3, 4, 16], 2.0), t(&[3, 4, 16], 1.0), t(&[16], 1.5), t(&[16], 0.5), t(&[3, 4, 16], 1.0));
+    for be in [CpuBackend::fast(), CpuBackend::reference()] {
+        let (y, z, stats) = be.residual_layernorm_stats(&x, Some(&r), &g, &b, 1e-12).unwrap();
+        assert_eq!(y.cpu_data().unwrap(), be.residual_layernorm(&x, Some(&r), &g, &b, 1e-12).unwrap().cpu_data().unwrap(), "{}", be.name());
+        let sum: Vec<f32> = x.cpu_data().unwrap().iter().zip(r.cpu_data().unwrap().iter()).map(|(a, b)| a + b).collect();
+        assert_eq!(&*z.cpu_data().unwrap(), sum.as_slice());
+        assert_eq!(stats.shape(), &[3, 4, 2]);
+        let want = be.layernorm_backward_input(&dy, &x, Some(&r), &g, 1e-12).unwrap();
+        let got = be.layernorm_backward_stats(&dy, &z, &stats, &g).unwrap();
+        common::assert_close(&format!("LayerNorm backward from statistics [{}]", be.name()), &got.cpu_data().unwrap(), &want.cpu_data().unwrap(), 1e-5);
+    }
+}

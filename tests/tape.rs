@@ -19,9 +19,11 @@ fn ones_like(t: &Tensor) -> Tensor {
 /// pfeiffer has one module per layer, at the FFN output; the batch is replicated there in layer
 /// 0. The backward stops at layer 0's FFN output location (tasknn's lowest parameter), where it
 /// needs only that location's inputs `h2` and `x_attn`, both still B rows (before replication).
-/// Every higher layer keeps, for tasknn's B rows only: `h2`, `x_attn`, `h1`, the layer input, Q,
-/// K, V (7·H floats per token), the FFN pre-activation (I floats) and the attention's row
-/// log-sum-exp (one float per head; no `[B, heads, T, T]` probabilities). Add the `[B, T]` mask once
+/// Every higher layer keeps, for tasknn's B rows only: the FFN output location's inputs `h2` and
+/// `x_attn` (2·H floats per token), the plain attention output LayerNorm's input `z = h1 + x` and
+/// its `[mean, rstd]` (H + 2), the packed Q, K, V (3·H), the FFN pre-activation (I) and the
+/// attention's row log-sum-exp (one float per head; no `[B, heads, T, T]` probabilities). Add
+/// the `[B, T]` mask once
 /// (one storage shared by every layer) and the pooler's pre-activation `[2B, H]`.
 #[test]
 fn minilm_parallel_tape_keeps_what_the_backward_reads() {
@@ -40,10 +42,10 @@ fn minilm_parallel_tape_keeps_what_the_backward_reads() {
     let cfg = model.config();
     let (h, i, heads, layers) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers);
     let tokens = b * t;
-    let per_token_per_layer = (7 * h + i + heads) * 4; // 16,944 bytes for MiniLM
+    let per_token_per_layer = (6 * h + 2 + i + heads) * 4; // 15,416 bytes for MiniLM
     let want = tokens * 2 * h * 4 + (layers - 1) * tokens * per_token_per_layer + tokens * 4 + 2 * b * h * 4;
     assert_eq!(tape.bytes(), want, "tape bytes");
-    assert_eq!(per_token_per_layer, 16_944);
+    assert_eq!(per_token_per_layer, 15_416);
     assert_eq!(tape.layers_kept(), layers);
     // Before this change every layer kept all 9 activations for both branches after layer 0:
     // (7H + I)·4 bytes per token at layer 0, twice that above it, and a mask per layer.

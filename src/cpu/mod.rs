@@ -385,6 +385,46 @@ impl Backend for CpuBackend {
         Ok(d)
     }
 
+    fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "residual_layernorm_stats";
+        let cols = x.last_dim();
+        if let Some(r) = residual {
+            expect_shape(OP, "residual", r, x.shape())?;
+        }
+        expect_shape(OP, "gamma", gamma, &[cols])?;
+        expect_shape(OP, "beta", beta, &[cols])?;
+        // z rounded to f32 first, as PyTorch materialises `x + residual`.
+        let z: Vec<f32> = match residual {
+            Some(r) => x.f32_data()?.iter().zip(r.f32_data()?.iter()).map(|(a, b)| a + b).collect(),
+            None => x.f32_data()?.to_vec(),
+        };
+        let (g, b) = (gamma.f32_data()?, beta.f32_data()?);
+        let (y, stats) = match self.mode {
+            CpuMode::Reference => {
+                let o = reference::residual_layernorm(&z, None, &g, &b, cols, eps);
+                (o.y, o.mean.iter().zip(&o.rstd).flat_map(|(&m, &r)| [m, r]).collect())
+            }
+            CpuMode::Fast => fast::layernorm_with_stats(&z, &g, &b, cols, eps),
+        };
+        let mut stats_shape = x.shape().to_vec();
+        *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
+        Ok((Tensor::from_vec(y, x.shape())?, Tensor::from_vec(z, x.shape())?, Tensor::from_vec(stats, &stats_shape)?))
+    }
+
+    fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+        const OP: &str = "layernorm_backward_stats";
+        expect_shape(OP, "input", z, dy.shape())?;
+        let cols = dy.last_dim();
+        expect_shape(OP, "gamma", gamma, &[cols])?;
+        if stats.elem_count() != 2 * dy.rows() {
+            return Err(Error::shape(OP, format!("statistics {:?} for {} rows", stats.shape(), dy.rows())));
+        }
+        let st = stats.f32_data()?;
+        let (mean, rstd): (Vec<f32>, Vec<f32>) = st.chunks(2).map(|p| (p[0], p[1])).unzip();
+        let dz = reference::layernorm_backward_from_stats(&dy.f32_data()?, &z.f32_data()?, &mean, &rstd, &gamma.f32_data()?, cols);
+        Tensor::from_vec(dz, dy.shape())
+    }
+
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
         if let Some(spec) = dropout {

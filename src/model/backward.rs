@@ -17,17 +17,31 @@ use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
 use crate::model::bert::{location_steps, BertModel};
 use crate::tensor::Tensor;
 
-/// What one layer's forward keeps for the backward: the FFN output location's inputs always,
-/// the rest only when the backward goes below that location (see `Plan::lowest`).
+/// What the backward of one LayerNorm location reads.
+pub(crate) enum LocationTape {
+    /// No adapter here: `LN(h + r)` needs only its input `z = h + r` and `[mean, rstd]`.
+    Plain { z: Tensor, stats: Tensor },
+    /// An adapter location: its inputs `h` (the sub-layer output) and `r` (the residual).
+    Adapter { h: Tensor, r: Tensor },
+}
+
+impl LocationTape {
+    fn tensors(&self) -> [&Tensor; 2] {
+        match self {
+            LocationTape::Plain { z, stats } => [z, stats],
+            LocationTape::Adapter { h, r } => [h, r],
+        }
+    }
+}
+
+/// What one layer's forward keeps for the backward: the FFN output location always, the rest
+/// only when the backward goes below that location (see `Plan::lowest`).
 pub struct LayerTape {
-    /// Inputs of the FFN output location (`h2` after dropout).
-    pub(crate) h2: Tensor,
-    pub(crate) x_attn: Tensor,
-    /// The FFN's pre-activation, and the attention output location's inputs: when the backward
-    /// reaches the attention output location.
+    pub(crate) ffn: LocationTape,
+    /// The FFN's pre-activation and the attention output location: when the backward reaches
+    /// the attention output location.
     pub(crate) inter_pre: Option<Tensor>,
-    pub(crate) h1: Option<Tensor>,
-    pub(crate) x_in: Option<Tensor>,
+    pub(crate) attn: Option<LocationTape>,
     /// The packed Q, K, V `[rows, T, 3H]` and the `[B, T]` mask: when the backward goes through
     /// the attention.
     pub(crate) qkv: Option<Tensor>,
@@ -75,7 +89,8 @@ impl Tape {
             }
         };
         for lt in self.layers.iter().flatten() {
-            for t in [Some(&lt.h2), Some(&lt.x_attn), lt.inter_pre.as_ref(), lt.h1.as_ref(), lt.x_in.as_ref(), lt.qkv.as_ref(), lt.lse.as_ref(), lt.mask.as_ref()].into_iter().flatten() {
+            let locations = lt.ffn.tensors().into_iter().chain(lt.attn.iter().flat_map(LocationTape::tensors));
+            for t in locations.chain([lt.inter_pre.as_ref(), lt.qkv.as_ref(), lt.lse.as_ref(), lt.mask.as_ref()].into_iter().flatten()) {
                 add(t);
             }
         }
@@ -318,7 +333,7 @@ impl BertModel {
             let ln2 = LayerNormParams { gamma: &w.output_ln_gamma, beta: &w.output_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::Output);
             let (dh2, dx_attn) = self.location_backward(
-                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.h2, &lt.x_attn, ln2, rep[1],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.ffn, ln2, rep[1],
                 tape.seq_len, &d, below, &live_rows, &mut grads,
             )?;
             if !below {
@@ -337,7 +352,8 @@ impl BertModel {
             let ln1 = LayerNormParams { gamma: &w.attn_ln_gamma, beta: &w.attn_ln_beta, eps: cfg.layer_norm_eps };
             let below = plan.lowest < position(l, Location::MultiHead);
             let (dh1, dx_in) = self.location_backward(
-                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead, kept(&lt.h1, "h1", l)?, kept(&lt.x_in, "the layer input", l)?, ln1, rep[0],
+                &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead,
+                lt.attn.as_ref().ok_or_else(|| Error::internal(format!("the tape of layer {l} lacks the attention output location")))?, ln1, rep[0],
                 tape.seq_len, &dx_attn, below, &live_rows, &mut grads,
             )?;
             if !below {
@@ -391,8 +407,7 @@ impl BertModel {
         children: &[&Adapter],
         layer: usize,
         location: Location,
-        h: &Tensor,
-        r: &Tensor,
+        saved: &LocationTape,
         ln: LayerNormParams,
         replicated_here: bool,
         seq_len: usize,
@@ -403,12 +418,16 @@ impl BertModel {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let be = self.backend.as_ref();
         let branches = self.location_branches(live_children, live_ids.to_vec(), layer, location, dropout_seed)?;
-        if branches.is_empty() {
-            // Plain LN(h + r): the same gradient flows to h and to r.
-            let (h, r) = (live_rows(h)?, live_rows(r)?);
-            let dz = be.layernorm_backward_input(d_out, &h, Some(&r), ln.gamma, ln.eps)?;
-            return Ok((Some(dz.clone()), Some(dz)));
-        }
+        let (h, r) = match (saved, branches.is_empty()) {
+            (LocationTape::Plain { z, stats }, true) => {
+                // Plain LN(h + r) from its saved input and statistics: the same gradient flows
+                // to h and to r.
+                let dz = be.layernorm_backward_stats(d_out, &live_rows(z)?, &live_rows(stats)?, ln.gamma)?;
+                return Ok((Some(dz.clone()), Some(dz)));
+            }
+            (LocationTape::Adapter { h, r }, false) => (h, r),
+            _ => return Err(Error::internal(format!("layer {layer}: the tape's location kind disagrees with the adapters there"))),
+        };
         let steps = location_steps(children);
         // Before replication h and r have B rows shared by every branch; after, live rows only.
         let (h, r) = if replicated_here { (h.clone(), r.clone()) } else { (live_rows(h)?, live_rows(r)?) };

@@ -9,7 +9,7 @@ use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
-use crate::model::backward::{dropout_spec, position, DropoutSite, LayerTape, Tape};
+use crate::model::backward::{dropout_spec, position, DropoutSite, LayerTape, LocationTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
@@ -334,13 +334,13 @@ impl BertModel {
             let (context, lse) = be.attention_packed(&qkv, &mask, cfg.num_attention_heads, drop(p_attn, l, DropoutSite::AttentionProbs, rows).as_ref())?;
             let h1 = be.linear_dropout(&context, &layer.attn_out_w, Some(&layer.attn_out_b), drop(p_hidden, l, DropoutSite::AttentionOutput, rows).as_ref())?;
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
-            let (x_attn, rep_mh) =
-                self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len, training)?;
+            let (x_attn, rep_mh, attn_saved) =
+                self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len, training, record)?;
             let (inter, inter_pre) = be.linear_act(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b), act)?;
             let h2 = be.linear_dropout(&inter, &layer.output_w, Some(&layer.output_b), drop(p_hidden, l, DropoutSite::FfnOutput, x_attn.shape()[0]).as_ref())?;
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
-            let (x_out, rep_out) =
-                self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training)?;
+            let (x_out, rep_out, ffn_saved) =
+                self.location(&children, l, Location::Output, &h2, &x_attn, ln2, parallel, &mut replicated, batch.seq_len, training, record)?;
             // One pass over the layer's output; only when it fails are the intermediates scanned.
             if check_finite && !be.all_finite(&x_out)? {
                 return Err(self.locate_non_finite(&children, l, [&h1, &x_attn, &h2, &x_out], batch.batch)?);
@@ -353,12 +353,17 @@ impl BertModel {
                         let below_ffn = lowest < position(l, Location::Output);
                         let through_attention = lowest < position(l, Location::MultiHead);
                         let opt = |keep_it: bool, t: Tensor| -> Result<Option<Tensor>> { if keep_it { keep(t).map(Some) } else { Ok(None) } };
+                        let keep_location = |saved: Option<LocationTape>| -> Result<LocationTape> {
+                            match saved {
+                                Some(LocationTape::Plain { z, stats }) => Ok(LocationTape::Plain { z: keep(z)?, stats: keep(stats)? }),
+                                Some(LocationTape::Adapter { h, r }) => Ok(LocationTape::Adapter { h: keep(h)?, r: keep(r)? }),
+                                None => Err(Error::internal("a recording forward saved no location")),
+                            }
+                        };
                         Some(LayerTape {
-                            h2: keep(h2)?,
-                            x_attn: keep(x_attn.clone())?,
+                            ffn: keep_location(ffn_saved)?,
                             inter_pre: opt(below_ffn, inter_pre)?,
-                            h1: opt(below_ffn, h1)?,
-                            x_in: opt(below_ffn, x.clone())?,
+                            attn: if below_ffn { Some(keep_location(attn_saved)?) } else { None },
                             qkv: opt(through_attention, qkv)?,
                             lse: opt(through_attention, lse)?,
                             mask: through_attention.then(|| mask.clone()),
@@ -465,7 +470,8 @@ impl BertModel {
     }
 
     /// One adapter location: plain `LN(h + r)` where no active adapter has a module, otherwise
-    /// the backend's location op for all children at once.
+    /// the backend's location op for all children at once. With `record`, also what its
+    /// backward reads: `z` and `[mean, rstd]` for a plain one, `h` and `r` for an adapter one.
     #[allow(clippy::too_many_arguments)]
     fn location(
         &self,
@@ -479,16 +485,21 @@ impl BertModel {
         replicated: &mut bool,
         seq_len: usize,
         training: bool,
-    ) -> Result<(Tensor, bool)> {
+        record: bool,
+    ) -> Result<(Tensor, bool, Option<LocationTape>)> {
         let seed = if training { self.dropout_seed } else { None };
         let branches = self.location_branches(children, (0..children.len() as u64).collect(), layer, location, seed)?;
         if branches.is_empty() {
-            return Ok((self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps)?, false));
+            if record {
+                let (y, z, stats) = self.backend.residual_layernorm_stats(h, Some(r), ln.gamma, ln.beta, ln.eps)?;
+                return Ok((y, false, Some(LocationTape::Plain { z, stats })));
+            }
+            return Ok((self.backend.residual_layernorm(h, Some(r), ln.gamma, ln.beta, ln.eps)?, false, None));
         }
         let steps = location_steps(children);
         let replicate = parallel && !*replicated;
         *replicated |= parallel;
         let out = self.backend.adapter_location(&AdapterLocation { h, r, layer_norm: ln, steps, branches: &branches, replicate, seq_len })?;
-        Ok((out, replicate))
+        Ok((out, replicate, record.then(|| LocationTape::Adapter { h: h.clone(), r: r.clone() })))
     }
 }

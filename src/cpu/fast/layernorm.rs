@@ -29,3 +29,22 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
     });
     y
 }
+
+/// `LN(z)` of an already summed residual stream `z`, with each row's `(mean, rstd)`: the same
+/// arithmetic as `residual_layernorm`, so `y` is bit-identical to it.
+pub fn layernorm_with_stats(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; z.len()];
+    let mut stats = vec![0f32; 2 * (z.len() / cols.max(1))];
+    y.par_chunks_mut(cols).zip(stats.par_chunks_mut(2)).enumerate().for_each(|(r, (out, st))| {
+        let zr = &z[r * cols..][..cols];
+        let mean = zr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+        let var = zr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+        let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
+        let mean = mean as f32;
+        for c in 0..cols {
+            out[c] = (zr[c] - mean) * rstd * gamma[c] + beta[c];
+        }
+        st.copy_from_slice(&[mean, rstd]);
+    });
+    (y, stats)
+}

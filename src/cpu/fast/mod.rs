@@ -16,7 +16,7 @@ use rayon::prelude::*;
 pub use activation::activation;
 pub use attention::{attention, attention_backward, attention_backward_packed, attention_strided};
 pub use embedding::embedding;
-pub use layernorm::residual_layernorm;
+pub use layernorm::{layernorm_with_stats, residual_layernorm};
 pub use linear::{linear, linear_backward_input, linear_backward_params};
 
 /// Elements per block of the finiteness scan: large enough to amortise a rayon task, small

@@ -67,3 +67,20 @@ pub fn layernorm_backward(dy: &[f32], z: &[f32], gamma: &[f32], cols: usize, eps
     }
     (dz, dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
 }
+
+/// LayerNorm backward from its input `z` and the forward's statistics (`mean`, `rstd` per row):
+/// the same formula as `layernorm_backward`, in f64, without recomputing them.
+pub fn layernorm_backward_from_stats(dy: &[f32], z: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
+    let mut dz = vec![0f32; z.len()];
+    for (r, (dzr, (zr, dyr))) in dz.chunks_mut(cols).zip(z.chunks(cols).zip(dy.chunks(cols))).enumerate() {
+        let (m, rs) = (mean[r] as f64, rstd[r] as f64);
+        let xhat: Vec<f64> = zr.iter().map(|&v| (v as f64 - m) * rs).collect();
+        let gy: Vec<f64> = dyr.iter().zip(gamma).map(|(&d, &g)| d as f64 * g as f64).collect();
+        let mean_gy = gy.iter().sum::<f64>() / cols as f64;
+        let mean_gyx = gy.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            dzr[c] = (rs * (gy[c] - mean_gy - xhat[c] * mean_gyx)) as f32;
+        }
+    }
+    dz
+}

@@ -13,7 +13,7 @@ mod linear;
 pub use activation::{activation, activation_backward, activation_derivative};
 pub use attention::{attention, attention_backward, attention_lse, ProbDropout};
 pub use embedding::embedding;
-pub use layernorm::{layernorm_backward, residual_layernorm, LayerNormOut};
+pub use layernorm::{layernorm_backward, layernorm_backward_from_stats, residual_layernorm, LayerNormOut};
 pub use linear::{linear, linear_backward_input, linear_backward_params};
 
 /// Whether no element is NaN or ±inf.
