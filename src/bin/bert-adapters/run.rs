@@ -226,7 +226,14 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
     if !loss.is_finite() {
         return Err(Error::Input(format!("{}: the probe loss Σ last_hidden_state ⊙ W is {loss}", probe_path.display())));
     }
-    let grads = model.backward(&tape, &be.upload(w, out.last_hidden_state.shape())?, None)?;
+    let mut grads = model.backward(&tape, &be.upload(w, out.last_hidden_state.shape())?, None)?;
+    // The probe's contract (and the Python script's): every trainable tensor, zeros where the
+    // setup sends no gradient (the library leaves `.grad` None there).
+    for (key, t) in model.trainable_tensors() {
+        if !grads.contains_key(key) {
+            grads.insert(key.to_string(), be.zeros(t.shape(), bert_adapters::DType::F32)?);
+        }
+    }
 
     let mut all = pieces(be, &out, &batch, matches!(source, Source::Text { .. }))?;
     all.push(Piece { name: "loss".into(), dtype: OutDtype::F32, shape: vec![1], data: (loss as f32).to_le_bytes().to_vec(), blocks: 1 });
