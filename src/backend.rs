@@ -32,12 +32,28 @@ pub struct TokenBatch<'a> {
 /// blocks (Parallel branches); block j draws from stream `(stream << 8) | blocks[j]` with element
 /// indices counted from the block's start, so a subset of branches (the backward keeps only the
 /// live ones) sees the same masks as the whole.
+///
+/// The seed changes every step. When `seed_buffer` is given (the model's, written once per step by
+/// `set_dropout`), kernels read the seed from that device buffer rather than from `seed`, so a
+/// captured launch replays with the next step's masks; `seed` then only says what it holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DropoutSpec {
     pub p: f32,
     pub seed: u64,
     pub stream: u64,
     pub blocks: Vec<u64>,
+    pub seed_buffer: Option<SeedBuffer>,
+}
+
+/// A U32 `[2]` device buffer holding a dropout seed (low word first).
+#[derive(Clone, Debug)]
+pub struct SeedBuffer(pub Tensor);
+
+impl PartialEq for SeedBuffer {
+    /// The same buffer, not the same contents: its contents change every step.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.shares_storage(&other.0) && self.0.offset() == other.0.offset()
+    }
 }
 
 impl DropoutSpec {

@@ -259,7 +259,7 @@ fn fused_ops_equal_their_unfused_sequences() {
     let qkv = t(&[2, 5, 12]);
     let mask = Tensor::from_vec(vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0], &[2, 5]).unwrap();
     let dctx = t(&[2, 5, 4]);
-    let spec = DropoutSpec { p: 0.3, seed: 5, stream: 9, blocks: vec![0] };
+    let spec = DropoutSpec { p: 0.3, seed: 5, stream: 9, blocks: vec![0], seed_buffer: None };
     for be in [CpuBackend::fast(), CpuBackend::reference()] {
         let bits = |t: &Tensor| t.cpu_data().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let unfused = be.dropout(&be.linear(&x, &w, Some(&b)).unwrap(), &spec).unwrap();
@@ -311,4 +311,36 @@ fn layernorm_statistics_serve_the_backward() {
         let got = be.layernorm_backward_stats(&dy, &z, &stats, &g).unwrap();
         common::assert_close(&format!("LayerNorm backward from statistics [{}]", be.name()), &got.cpu_data().unwrap(), &want.cpu_data().unwrap(), 1e-5);
     }
+}
+
+/// The dropout seed lives in a device buffer that the kernels read, so the launches are the same
+/// every step: a spec's buffer wins over its `seed` argument, `set_dropout` writes 8 bytes, and a
+/// tape recorded under the previous seed is refused.
+#[test]
+fn the_dropout_seed_is_read_from_a_device_buffer() {
+    use bert_adapters::backend::{DropoutSpec, SeedBuffer};
+    let cpu = Arc::new(CpuBackend::fast());
+    let ones = Tensor::from_vec(vec![1.0; 64], &[8, 8]).unwrap();
+    let seed7 = DropoutSpec { p: 0.5, seed: 7, stream: 3, blocks: vec![0], seed_buffer: None };
+    let buffer = cpu.upload_u32(vec![7, 0], &[2]).unwrap();
+    let via_buffer = DropoutSpec { seed: 1, seed_buffer: Some(SeedBuffer(buffer)), ..seed7.clone() };
+    let (a, b) = (cpu.dropout(&ones, &seed7).unwrap(), cpu.dropout(&ones, &via_buffer).unwrap());
+    assert_eq!(a.cpu_data().unwrap(), b.cpu_data().unwrap());
+    assert_ne!(a.cpu_data().unwrap(), cpu.dropout(&ones, &DropoutSpec { seed: 1, ..seed7 }).unwrap().cpu_data().unwrap());
+
+    let (mut model, batch, labels) = parallel_model(cpu.clone(), "pfeiffer");
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    model.set_dropout(Some(1));
+    model.train_step(&batch, &labels, &cfg(Objective::CrossEntropy), &mut opt).unwrap();
+    for step in 2..5u64 {
+        let before = cpu.transfer_counts();
+        model.set_dropout(Some(step));
+        model.train_step(&batch, &labels, &cfg(Objective::CrossEntropy), &mut opt).unwrap();
+        let d = cpu.transfer_counts() - before;
+        assert_eq!((d.uploads, d.upload_bytes, d.readbacks), (3, 8 + (batch.batch * batch.seq_len + batch.batch) * 4, 0), "seed, mask, labels");
+    }
+    let (out, tape) = model.forward_train(&batch).unwrap();
+    model.set_dropout(Some(99));
+    let d = Tensor::from_vec(vec![1.0; out.last_hidden_state.elem_count()], out.last_hidden_state.shape()).unwrap();
+    assert!(model.backward(&tape, &d, None).is_err(), "a tape of the previous seed");
 }

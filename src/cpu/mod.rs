@@ -167,13 +167,27 @@ impl CpuBackend {
     }
 }
 
+/// The seed of `spec`: read from its device buffer when it has one (as a kernel does).
+fn spec_seed(spec: &DropoutSpec) -> Result<u64> {
+    match &spec.seed_buffer {
+        Some(buf) => {
+            let words = buf.0.cpu_slice::<u32>()?;
+            match &words[..] {
+                [lo, hi] => Ok(*lo as u64 | (*hi as u64) << 32),
+                other => Err(Error::shape("dropout", format!("seed buffer of {} words, expected 2", other.len()))),
+            }
+        }
+        None => Ok(spec.seed),
+    }
+}
+
 /// Apply `spec` to a row-major buffer whose rows split evenly into the spec's blocks.
 pub(crate) fn apply_dropout(data: &mut [f32], spec: &DropoutSpec) -> Result<()> {
     let n = spec.blocks.len().max(1);
     if !data.len().is_multiple_of(n) {
         return Err(Error::shape("dropout", format!("{} elements do not split into {n} blocks", data.len())));
     }
-    let rng = DropoutRng::new(spec.seed);
+    let rng = DropoutRng::new(spec_seed(spec)?);
     let block = data.len() / n;
     for (j, chunk) in data.chunks_mut(block.max(1)).enumerate() {
         dropout_range(chunk, spec.p, &rng, spec.block_stream(j), 0)?;
@@ -190,13 +204,14 @@ fn prob_dropout(spec: &DropoutSpec, batch: usize, seq: usize, heads: usize) -> R
     }
     crate::train::dropout::DropoutParams::new(spec.p)?;
     let per_block = batch / n;
+    let rng = DropoutRng::new(spec_seed(spec)?);
     let spec = spec.clone();
     Ok(Box::new(move |b: usize, h: usize, i: usize, factors: &mut [f32]| {
         factors.iter_mut().for_each(|f| *f = 1.0);
         let (j, b_local) = (b / per_block, b % per_block);
         let offset = ((b_local * heads + h) * seq + i) * seq;
         // p was validated above, so this cannot fail.
-        let _ = dropout_range(factors, spec.p, &DropoutRng::new(spec.seed), spec.block_stream(j), offset);
+        let _ = dropout_range(factors, spec.p, &rng, spec.block_stream(j), offset);
     }))
 }
 
@@ -241,6 +256,17 @@ fn split_qkv(qkv: &Tensor) -> Result<[Tensor; 3]> {
     let data = qkv.f32_data()?;
     let part = |i: usize| -> Result<Tensor> { Tensor::from_vec(data.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect(), &[s[0], s[1], h]) };
     Ok([part(0)?, part(1)?, part(2)?])
+}
+
+/// The shapes of `LN(x + residual)`; returns the normalised width.
+fn check_layernorm(op: &'static str, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor) -> Result<usize> {
+    let cols = x.last_dim();
+    if let Some(r) = residual {
+        expect_shape(op, "residual", r, x.shape())?;
+    }
+    expect_shape(op, "gamma", gamma, &[cols])?;
+    expect_shape(op, "beta", beta, &[cols])?;
+    Ok(cols)
 }
 
 fn expect_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
@@ -387,12 +413,7 @@ impl Backend for CpuBackend {
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
         const OP: &str = "residual_layernorm_stats";
-        let cols = x.last_dim();
-        if let Some(r) = residual {
-            expect_shape(OP, "residual", r, x.shape())?;
-        }
-        expect_shape(OP, "gamma", gamma, &[cols])?;
-        expect_shape(OP, "beta", beta, &[cols])?;
+        let cols = check_layernorm(OP, x, residual, gamma, beta)?;
         // z rounded to f32 first, as PyTorch materialises `x + residual`.
         let z: Vec<f32> = match residual {
             Some(r) => x.f32_data()?.iter().zip(r.f32_data()?.iter()).map(|(a, b)| a + b).collect(),
@@ -434,13 +455,7 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-        const OP: &str = "residual_layernorm";
-        let cols = x.last_dim();
-        if let Some(r) = residual {
-            expect_shape(OP, "residual", r, x.shape())?;
-        }
-        expect_shape(OP, "gamma", gamma, &[cols])?;
-        expect_shape(OP, "beta", beta, &[cols])?;
+        let cols = check_layernorm("residual_layernorm", x, residual, gamma, beta)?;
         let (xs, rs) = (&*x.f32_data()?, residual.map(|r| r.f32_data()).transpose()?);
         let rs = rs.as_deref();
         let (g, b) = (&*gamma.f32_data()?, &*beta.f32_data()?);

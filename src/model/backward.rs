@@ -114,7 +114,25 @@ fn kept<'a>(t: &'a Option<Tensor>, what: &str, layer: usize) -> Result<&'a Tenso
 /// The dropout at `site` of `layer`, if training with a seed and `p > 0`.
 pub(crate) fn dropout_spec(seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
     let seed = seed?;
-    (p > 0.0).then_some(DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks })
+    (p > 0.0).then_some(DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks, seed_buffer: None })
+}
+
+impl BertModel {
+    /// `dropout_spec`, reading the seed from the model's device buffer when `seed` is the one
+    /// `set_dropout` wrote there (always, for a tape the version check accepts).
+    pub(crate) fn dropout_site(&self, seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
+        let mut spec = dropout_spec(seed, p, layer, site, blocks)?;
+        spec.seed_buffer = self.seed_buffer_for(spec.seed);
+        Some(spec)
+    }
+
+    /// The model's seed buffer, when it holds `seed`.
+    pub(crate) fn seed_buffer_for(&self, seed: u64) -> Option<crate::backend::SeedBuffer> {
+        match &self.seed_buffer {
+            Some((value, buf)) if *value == seed => Some(crate::backend::SeedBuffer(buf.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// The places that drop out, numbering their mask streams (with the layer).
@@ -342,7 +360,7 @@ impl BertModel {
             let (mut dh2, mut dx_attn) = both(dh2, dx_attn)?;
             // h2 is the FFN output after dropout; rows are replicated if that happened at or before
             // this layer's attention location.
-            if let Some(spec) = dropout_spec(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
+            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
                 dh2 = be.dropout(&dh2, &spec)?;
             }
             let dpre = be.linear_backward_input_act(&dh2, &w.output_w, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
@@ -361,11 +379,11 @@ impl BertModel {
             }
             let (mut dh1, mut dx_in) = both(dh1, dx_in)?;
             let attn_blocks = blocks(position(l, Location::MultiHead));
-            if let Some(spec) = dropout_spec(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone()) {
+            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone()) {
                 dh1 = be.dropout(&dh1, &spec)?;
             }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
-            let prob_dropout = dropout_spec(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
+            let prob_dropout = self.dropout_site(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
             let qkv = live_rows(kept(&lt.qkv, "Q, K, V", l)?)?;
             let lse = live_rows(kept(&lt.lse, "the attention log-sum-exp", l)?)?;
             let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;

@@ -9,7 +9,7 @@ use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
-use crate::model::backward::{dropout_spec, position, DropoutSite, LayerTape, LocationTape, Tape};
+use crate::model::backward::{position, DropoutSite, LayerTape, LocationTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
@@ -37,6 +37,9 @@ pub struct BertModel {
     pub(crate) next_adapter_seed: u64,
     /// Training-mode dropout for `forward_train`: the seed its masks derive from.
     pub(crate) dropout_seed: Option<u64>,
+    /// That seed in a U32 `[2]` device buffer, which every dropout kernel reads (so the launches
+    /// are the same from step to step); written by `set_dropout`.
+    pub(crate) seed_buffer: Option<(u64, Tensor)>,
     /// Bumped by every change to adapters, heads, the setup or the trainable set, so `backward`
     /// can refuse a tape recorded before it.
     pub(crate) version: u64,
@@ -70,7 +73,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, version: 0, arenas: BTreeMap::new() }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, arenas: BTreeMap::new() }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -248,8 +251,20 @@ impl BertModel {
     /// Training-mode dropout for `forward_train` (BERT's hidden and attention-probability dropout,
     /// and each adapter's own): masks are derived from `seed`, so change it every step. `None`
     /// (the default) trains with eval numerics. `forward` never drops out.
+    ///
+    /// The seed goes into a small device buffer that the dropout kernels read (one 8-byte upload
+    /// per call); a tape recorded under the previous seed is refused by `backward`.
     pub fn set_dropout(&mut self, seed: Option<u64>) {
+        self.version += 1;
         self.dropout_seed = seed;
+        let Some(seed) = seed else { return };
+        let words = [seed as u32, (seed >> 32) as u32];
+        let written = match &self.seed_buffer {
+            Some((_, buf)) => self.backend.write_u32(buf, &words).map(|_| buf.clone()),
+            None => self.backend.upload_u32(words.to_vec(), &[2]),
+        };
+        // Without a buffer (a device write failed) kernels fall back to the seed as an argument.
+        self.seed_buffer = written.ok().map(|buf| (seed, buf));
     }
 
     /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.
@@ -271,7 +286,7 @@ impl BertModel {
             }
             let n = self.active.as_ref().map_or(1, |s| s.names().len());
             let blocks = if n > 1 && rows == n * batch.batch { (0..n as u64).collect() } else { vec![0] };
-            dropout_spec(self.dropout_seed, p, layer, site, blocks)
+            self.dropout_site(self.dropout_seed, p, layer, site, blocks)
         };
         let (p_hidden, p_attn) = (self.config.hidden_dropout_prob, self.config.attention_probs_dropout_prob);
         let be = self.backend.as_ref();
@@ -462,7 +477,7 @@ impl BertModel {
         let mut out = Vec::new();
         for (a, id) in children.iter().zip(ids) {
             if let Some(mut p) = a.bottleneck(layer, location)? {
-                p.dropout = dropout_spec(dropout_seed, a.config().dropout as f32, layer, site, vec![id]);
+                p.dropout = self.dropout_site(dropout_seed, a.config().dropout as f32, layer, site, vec![id]);
                 out.push(p);
             }
         }

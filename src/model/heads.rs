@@ -24,9 +24,11 @@ use crate::tensor::Tensor;
 
 /// Training-mode dropout of one head application: the masks of its Dropout modules are a pure
 /// function of `(seed, module, branch, element)`, so the backward recomputes them.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HeadDropout {
     pub seed: u64,
+    /// The device buffer holding `seed`, read by the kernels when given (see `DropoutSpec`).
+    pub seed_buffer: Option<crate::backend::SeedBuffer>,
     /// The probability (`ClassificationHead::dropout_prob` resolves the config's default).
     pub p: f32,
     /// The Parallel branch the head reads (0 outside Parallel): the masks' block id, as in the
@@ -43,7 +45,9 @@ impl HeadDropout {
             3 => DropoutSite::HeadHidden,
             _ => return None,
         };
-        dropout_spec(Some(self.seed), self.p, 0, site, vec![self.branch])
+        let mut spec = dropout_spec(Some(self.seed), self.p, 0, site, vec![self.branch])?;
+        spec.seed_buffer = self.seed_buffer.clone();
+        Some(spec)
     }
 }
 

@@ -19,13 +19,7 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
             }
             None => out.copy_from_slice(xr),
         }
-        let mean = out.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-        let var = out.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-        let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
-        let mean = mean as f32;
-        for c in 0..cols {
-            out[c] = (out[c] - mean) * rstd * gamma[c] + beta[c];
-        }
+        normalize_row(out, gamma, beta, eps);
     });
     y
 }
@@ -33,18 +27,25 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
 /// `LN(z)` of an already summed residual stream `z`, with each row's `(mean, rstd)`: the same
 /// arithmetic as `residual_layernorm`, so `y` is bit-identical to it.
 pub fn layernorm_with_stats(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0f32; z.len()];
+    let mut y = z.to_vec();
     let mut stats = vec![0f32; 2 * (z.len() / cols.max(1))];
-    y.par_chunks_mut(cols).zip(stats.par_chunks_mut(2)).enumerate().for_each(|(r, (out, st))| {
-        let zr = &z[r * cols..][..cols];
-        let mean = zr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-        let var = zr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-        let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
-        let mean = mean as f32;
-        for c in 0..cols {
-            out[c] = (zr[c] - mean) * rstd * gamma[c] + beta[c];
-        }
+    y.par_chunks_mut(cols).zip(stats.par_chunks_mut(2)).for_each(|(out, st)| {
+        let (mean, rstd) = normalize_row(out, gamma, beta, eps);
         st.copy_from_slice(&[mean, rstd]);
     });
     (y, stats)
+}
+
+/// Normalise one row in place (it holds `z` on entry): two-pass statistics in f64, the
+/// normalisation in f32. Returns the row's `(mean, rstd)`.
+fn normalize_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) -> (f32, f32) {
+    let cols = row.len();
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+    let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
+    let mean = mean as f32;
+    for c in 0..cols {
+        row[c] = (row[c] - mean) * rstd * gamma[c] + beta[c];
+    }
+    (mean, rstd)
 }
