@@ -210,7 +210,9 @@ pub trait Backend: Send + Sync {
 
     // ---- embedding family ----------------------------------------------------------------------
     /// `word[ids] + pos[t] + type[tt]`, giving `[batch, seq_len, H]`. Positions are `0..seq_len`.
-    fn embedding(&self, tokens: &TokenBatch, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor>;
+    /// `input_ids` and `token_type_ids` are U32 `[batch, seq_len]` tensors on this device (the
+    /// model's fixed input buffers), each id in range (checked on the host before they were written).
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor>;
 
     // ---- residual + LayerNorm family -----------------------------------------------------------
     /// `LN(x + residual)` over the last dimension with biased variance: `(z-μ)/√(σ²+eps)·γ + β`.

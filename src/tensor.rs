@@ -334,6 +334,14 @@ impl Tensor {
         }
     }
 
+    /// Whether this is the only handle on its storage (no clone or view of it is alive elsewhere),
+    /// so writing into it cannot change what another holder reads.
+    pub fn is_unique(&self) -> bool {
+        match &self.storage {
+            Storage::Cpu(a) => Arc::strong_count(a) == 1,
+        }
+    }
+
     /// Whether the element ranges of two views of one storage overlap.
     pub fn overlaps(&self, other: &Tensor) -> bool {
         self.shares_storage(other) && self.offset < other.offset + other.elem_count() && other.offset < self.offset + self.elem_count()

@@ -2,7 +2,7 @@
 
 mod common;
 
-use bert_adapters::{Activation, Backend, CpuBackend, Tensor, TokenBatch};
+use bert_adapters::{Activation, Backend, CpuBackend, Tensor};
 use common::{assert_close, random_vec};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -139,16 +139,15 @@ fn embedding_matches_reference_and_rejects_bad_ids() {
     let ty = t(&mut rng, &[types, hidden], 1.0);
     let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 % vocab) as u32).collect();
     let tts: Vec<u32> = (0..2 * 9).map(|i| (i % types) as u32).collect();
-    let tokens = TokenBatch { batch: 2, seq_len: 9, input_ids: &ids, token_type_ids: &tts };
-    let a = fast.embedding(&tokens, &word, &pos, &ty).unwrap();
-    compare("embedding", &a, &reference.embedding(&tokens, &word, &pos, &ty).unwrap());
+    let (id_t, tt_t) = (Tensor::from_elems(ids.clone(), &[2, 9]).unwrap(), Tensor::from_elems(tts.clone(), &[2, 9]).unwrap());
+    let a = fast.embedding(&id_t, &tt_t, &word, &pos, &ty).unwrap();
+    compare("embedding", &a, &reference.embedding(&id_t, &tt_t, &word, &pos, &ty).unwrap());
     // Row 1 (b=0, t=1) is word[7] + type[1] + pos[1].
     let (w, p, tt) = (&word.cpu_data().unwrap(), &pos.cpu_data().unwrap(), &ty.cpu_data().unwrap());
     assert_eq!(a.cpu_data().unwrap()[hidden], (w[7 * hidden] + tt[hidden]) + p[hidden]);
 
     let bad: Vec<u32> = ids.iter().map(|&i| if i == 7 { vocab as u32 } else { i }).collect();
-    let tokens = TokenBatch { batch: 2, seq_len: 9, input_ids: &bad, token_type_ids: &tts };
-    let err = fast.embedding(&tokens, &word, &pos, &ty).unwrap_err().to_string();
+    let err = fast.embedding(&Tensor::from_elems(bad, &[2, 9]).unwrap(), &tt_t, &word, &pos, &ty).unwrap_err().to_string();
     assert!(err.contains("token id 50 >= vocabulary size 50"), "{err}");
 }
 

@@ -138,8 +138,10 @@ fn a_training_step_transfers_only_its_inputs_and_the_scalars_asked_for() {
         let out = model.train_step(&batch, &labels, &c, &mut opt).unwrap();
         let during = cpu.transfer_counts() - before;
         assert_eq!(during.readbacks, 0, "a step reads nothing back: {during:?}");
-        // The attention mask and the labels: the batch's inputs (ids go to the embedding op).
-        assert_eq!(during.uploads, 2, "{during:?}");
+        // The batch's inputs only (ids, token types, mask, labels), written into the same fixed
+        // buffers as the step before: no upload creates a buffer.
+        let (bt, b) = (batch.batch * batch.seq_len, batch.batch);
+        assert_eq!((during.uploads, during.upload_bytes, during.new_buffers), (4, (3 * bt + b) * 4, 0), "{during:?}");
         let before = cpu.transfer_counts();
         let v = out.read(cpu.as_ref()).unwrap();
         let read = cpu.transfer_counts() - before;
@@ -337,7 +339,7 @@ fn the_dropout_seed_is_read_from_a_device_buffer() {
         model.set_dropout(Some(step));
         model.train_step(&batch, &labels, &cfg(Objective::CrossEntropy), &mut opt).unwrap();
         let d = cpu.transfer_counts() - before;
-        assert_eq!((d.uploads, d.upload_bytes, d.readbacks), (3, 8 + (batch.batch * batch.seq_len + batch.batch) * 4, 0), "seed, mask, labels");
+        assert_eq!((d.uploads, d.upload_bytes, d.readbacks, d.new_buffers), (5, 8 + (3 * batch.batch * batch.seq_len + batch.batch) * 4, 0, 0), "seed, ids, types, mask, labels");
     }
     let (out, tape) = model.forward_train(&batch).unwrap();
     model.set_dropout(Some(99));

@@ -91,6 +91,7 @@ impl std::ops::Sub for GemmCounts {
 /// device): the counter behind "only what a user asks for comes back".
 #[derive(Debug, Default)]
 pub struct TransferStats {
+    new_buffers: AtomicUsize,
     uploads: AtomicUsize,
     upload_bytes: AtomicUsize,
     readbacks: AtomicUsize,
@@ -100,6 +101,8 @@ pub struct TransferStats {
 /// A snapshot of `TransferStats`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TransferCounts {
+    /// Uploads that created a buffer (rather than writing into an existing one).
+    pub new_buffers: usize,
     /// Host → device copies (uploads and writes into device buffers) and their bytes.
     pub uploads: usize,
     pub upload_bytes: usize,
@@ -111,7 +114,7 @@ pub struct TransferCounts {
 impl std::ops::Sub for TransferCounts {
     type Output = TransferCounts;
     fn sub(self, o: TransferCounts) -> TransferCounts {
-        TransferCounts { uploads: self.uploads - o.uploads, upload_bytes: self.upload_bytes - o.upload_bytes, readbacks: self.readbacks - o.readbacks, readback_bytes: self.readback_bytes - o.readback_bytes }
+        TransferCounts { new_buffers: self.new_buffers - o.new_buffers, uploads: self.uploads - o.uploads, upload_bytes: self.upload_bytes - o.upload_bytes, readbacks: self.readbacks - o.readbacks, readback_bytes: self.readback_bytes - o.readback_bytes }
     }
 }
 
@@ -126,6 +129,7 @@ impl TransferStats {
     }
     pub fn snapshot(&self) -> TransferCounts {
         TransferCounts {
+            new_buffers: self.new_buffers.load(Ordering::Relaxed),
             uploads: self.uploads.load(Ordering::Relaxed),
             upload_bytes: self.upload_bytes.load(Ordering::Relaxed),
             readbacks: self.readbacks.load(Ordering::Relaxed),
@@ -296,6 +300,7 @@ impl Backend for CpuBackend {
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         self.transfers.up(data.len() * 4);
+        self.transfers.new_buffers.fetch_add(1, Ordering::Relaxed);
         Tensor::from_vec(data, shape)
     }
 
@@ -306,6 +311,7 @@ impl Backend for CpuBackend {
 
     fn upload_u32(&self, data: Vec<u32>, shape: &[usize]) -> Result<Tensor> {
         self.transfers.up(data.len() * 4);
+        self.transfers.new_buffers.fetch_add(1, Ordering::Relaxed);
         Tensor::from_elems(data, shape)
     }
 
@@ -351,8 +357,12 @@ impl Backend for CpuBackend {
         Tensor::from_vec(y, &shape)
     }
 
-    fn embedding(&self, tokens: &TokenBatch, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
         const OP: &str = "embedding";
+        expect_rank(OP, "input ids", input_ids, 2)?;
+        expect_shape(OP, "token type ids", token_type_ids, input_ids.shape())?;
+        let (ids, tts) = (input_ids.cpu_slice::<u32>()?, token_type_ids.cpu_slice::<u32>()?);
+        let tokens = &TokenBatch { batch: input_ids.shape()[0], seq_len: input_ids.shape()[1], input_ids: &ids, token_type_ids: &tts };
         expect_rank(OP, "word embeddings", word, 2)?;
         let hidden = word.shape()[1];
         let n = tokens.batch * tokens.seq_len;

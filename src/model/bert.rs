@@ -43,8 +43,20 @@ pub struct BertModel {
     /// Bumped by every change to adapters, heads, the setup or the trainable set, so `backward`
     /// can refuse a tape recorded before it.
     pub(crate) version: u64,
+    /// The fixed device buffers of the last batch's inputs (see `input_buffers`).
+    pub(crate) inputs: std::sync::Mutex<Option<InputBuffers>>,
+    /// `train_step`'s fixed U32 label buffer.
+    pub(crate) labels: Option<Tensor>,
     /// Flat arenas of the adapters `train_step` has trained, by adapter name.
     pub(crate) arenas: BTreeMap<String, crate::model::arena::TrainArena>,
+}
+
+/// A batch's inputs on the device: U32 ids and token types `[B, T]`, and the f32 mask bias `[B, T]`.
+#[derive(Clone)]
+pub(crate) struct InputBuffers {
+    ids: Tensor,
+    types: Tensor,
+    mask: Tensor,
 }
 
 /// What a forward computes beyond the encoder, and what it checks.
@@ -73,7 +85,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, arenas: BTreeMap::new() }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new() }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -304,7 +316,8 @@ impl BertModel {
         }
         let parallel = self.active.as_ref().is_some_and(AdapterSetup::is_parallel);
 
-        let emb = be.embedding(&batch.tokens(), &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
+        let inputs = self.input_buffers(batch)?;
+        let emb = be.embedding(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
         let embed_drop = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch);
         let mut x = be.residual_layernorm_dropout(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps, embed_drop.as_ref())?;
         if check_finite && !be.all_finite(&x)? {
@@ -334,9 +347,8 @@ impl BertModel {
                 return Err(Error::NonFinite { at: format!("the invertible adapter (NICE) of `{}`", children[0].name()) });
             }
         }
-        let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
         // [B, T] for every branch: the attention op reads row `b % B` (never tiled).
-        let mask = be.upload(mask_bias, &[batch.batch, batch.seq_len])?;
+        let mask = inputs.mask;
         let mut replicated = false;
         let act = Activation::from(cfg.hidden_act);
         let mut hidden_states = Vec::with_capacity(cfg.num_hidden_layers + 1);
@@ -418,6 +430,32 @@ impl BertModel {
         });
         let branches = if parallel && replicated { children.len() } else { 1 };
         Ok((BertOutput { last_hidden_state: x, pooler_output, hidden_states, branches }, tape))
+    }
+
+    /// The batch's ids, token types and mask bias in the model's fixed device buffers: written in
+    /// place when the last batch had this shape and nothing else still holds those buffers (a
+    /// tape of an earlier step keeps its own mask), allocated afresh otherwise. So a training loop
+    /// of repeated shapes writes its inputs into the same three buffers every step.
+    fn input_buffers(&self, batch: &InputBatch) -> Result<InputBuffers> {
+        let be = self.backend.as_ref();
+        let shape = [batch.batch, batch.seq_len];
+        let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
+        let mut slot = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = slot.as_ref() {
+            if b.ids.shape() == shape && b.ids.is_unique() && b.types.is_unique() && b.mask.is_unique() {
+                be.write_u32(&b.ids, &batch.input_ids)?;
+                be.write_u32(&b.types, &batch.token_type_ids)?;
+                be.write_f32(&b.mask, &mask_bias)?;
+                return Ok(b.clone());
+            }
+        }
+        let fresh = InputBuffers {
+            ids: be.upload_u32(batch.input_ids.clone(), &shape)?,
+            types: be.upload_u32(batch.token_type_ids.clone(), &shape)?,
+            mask: be.upload(mask_bias, &shape)?,
+        };
+        *slot = Some(fresh.clone());
+        Ok(fresh)
     }
 
     /// The error for layer `layer` whose output holds non-finite values: the first of its

@@ -89,7 +89,16 @@ impl BertModel {
         if let Some(&y) = labels.iter().find(|&&y| y >= c) {
             return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
         }
-        let labels_t = be.upload_u32(labels.iter().map(|&y| y as u32).collect(), &[labels.len()])?;
+        // The labels go into a fixed buffer, written in place while the batch size repeats.
+        let y: Vec<u32> = labels.iter().map(|&y| y as u32).collect();
+        let labels_t = match self.labels.take() {
+            Some(t) if t.shape() == [y.len()] && t.is_unique() => {
+                be.write_u32(&t, &y)?;
+                t
+            }
+            _ => be.upload_u32(y, &[labels.len()])?,
+        };
+        self.labels = Some(labels_t.clone());
         let dlogits = be.zeros(&[batch.batch, c], DType::F32)?;
         let loss = be.zeros(&[2], DType::F32)?;
         let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
