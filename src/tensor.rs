@@ -245,6 +245,16 @@ pub enum F32Data<'a> {
     Widened(Vec<f32>),
 }
 
+impl F32Data<'_> {
+    /// The elements as an owned vector (moved when they were widened, copied when borrowed).
+    pub fn into_vec(self) -> Vec<f32> {
+        match self {
+            F32Data::Borrowed(r) => r.to_vec(),
+            F32Data::Widened(v) => v,
+        }
+    }
+}
+
 impl Deref for F32Data<'_> {
     type Target = [f32];
     fn deref(&self) -> &[f32] {

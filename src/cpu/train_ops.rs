@@ -21,7 +21,7 @@ pub(crate) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
     let x = t.f32_data()?;
     match dtype {
-        DType::F32 => Tensor::from_vec(x.to_vec(), t.shape()),
+        DType::F32 => Tensor::from_vec(x.into_vec(), t.shape()),
         DType::BF16 => Tensor::from_elems(x.iter().map(|&v| bf16::from_f32(v)).collect(), t.shape()),
         DType::F16 => Tensor::from_elems(x.iter().map(|&v| f16::from_f32(v)).collect(), t.shape()),
         DType::U32 => unreachable!("refused above"),
