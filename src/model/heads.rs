@@ -299,8 +299,9 @@ impl ClassificationHead {
 }
 
 /// `torch.nn.CrossEntropyLoss()` (mean over the batch) of `logits` `[B, C]` for class indices
-/// `labels`, and its gradient `dlogits = (softmax − onehot)/B`, computed on the host in f64 with
-/// the max subtracted (stable for any finite logits). Non-finite logits are an error: they mean
+/// `labels`, and its gradient `dlogits = (softmax − onehot)/B`, on the device
+/// (`Backend::loss`, f64 per row with the max subtracted: stable for any finite logits); only
+/// the loss is read back. Non-finite logits are an error: they mean
 /// training has diverged, and torch would return NaN.
 pub fn cross_entropy(backend: &dyn Backend, logits: &Tensor, labels: &[usize]) -> Result<(f32, Tensor)> {
     const OP: &str = "cross_entropy";
@@ -317,21 +318,20 @@ pub fn cross_entropy(backend: &dyn Backend, logits: &Tensor, labels: &[usize]) -
     if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= c) {
         return Err(Error::Input(format!("label {l} (batch row {i}) is out of range for {c} classes")));
     }
-    let host = backend.to_host(logits)?;
-    let mut total = 0f64;
-    let mut d = vec![0f32; b * c];
-    for (i, (row, &label)) in host.chunks(c).zip(labels).enumerate() {
-        if let Some(j) = row.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Input(format!("cross_entropy: logit [{i}, {j}] is {}", row[j])));
+    // The backend's fused softmax cross-entropy (`train::loss`), then one read of the loss.
+    let labels_t = backend.upload_u32(labels.iter().map(|&l| l as u32).collect(), &[b])?;
+    let dlogits = backend.zeros(&[b, c], crate::tensor::DType::F32)?;
+    let loss = backend.zeros(&[2], crate::tensor::DType::F32)?;
+    let op = crate::train::loss::LossOp { objective: crate::train::loss::Objective::CrossEntropy, trained: logits, other: None, labels: &labels_t };
+    backend.loss(&op, &dlogits, &loss)?;
+    let value = backend.to_host(&loss)?[0];
+    if !value.is_finite() {
+        // Name the first non-finite logit (the error path reads the logits back).
+        let host = backend.to_host(logits)?;
+        if let Some(k) = host.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!("cross_entropy: logit [{}, {}] is {}", k / c, k % c, host[k])));
         }
-        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-        let exps: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
-        let sum: f64 = exps.iter().sum();
-        total += max + sum.ln() - row[label] as f64;
-        for (j, e) in exps.iter().enumerate() {
-            let onehot = if j == label { 1.0 } else { 0.0 };
-            d[i * c + j] = ((e / sum - onehot) / b as f64) as f32;
-        }
+        return Err(Error::NonFinite { at: "the cross-entropy".into() });
     }
-    Ok(((total / b as f64) as f32, backend.upload(d, &[b, c])?))
+    Ok((value, dlogits))
 }
