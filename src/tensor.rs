@@ -135,7 +135,126 @@ cpu_element!(u32, U32);
 /// Where a tensor's elements are: one variant per backend.
 #[derive(Clone, Debug)]
 pub enum Storage {
-    Cpu(Arc<RwLock<CpuBuffer>>),
+    Cpu(Arc<CpuStorage>),
+}
+
+/// A host buffer behind its lock, and the pool it goes back to when its last handle drops.
+#[derive(Debug)]
+pub struct CpuStorage {
+    buf: RwLock<CpuBuffer>,
+    pool: Option<Arc<HostPool>>,
+}
+
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            let buf = self.buf.get_mut().unwrap_or_else(|e| e.into_inner());
+            if let CpuBuffer::F32(v) = std::mem::replace(buf, CpuBuffer::F32(Vec::new())) {
+                pool.give(v);
+            }
+        }
+    }
+}
+
+/// A caching pool of f32 host buffers, by exact length: what a device backend's caching allocator
+/// is to device memory. A tensor made from the pool returns its buffer when its last handle
+/// drops, so a loop of repeated shapes draws every buffer from the pool after its first pass,
+/// in the same order. Buffers kept idle are bounded (`MAX_IDLE_BYTES`); beyond that they are freed.
+#[derive(Debug, Default)]
+pub struct HostPool {
+    free: std::sync::Mutex<std::collections::HashMap<usize, Vec<Vec<f32>>>>,
+    idle_bytes: std::sync::atomic::AtomicUsize,
+    created: std::sync::atomic::AtomicUsize,
+    reused: std::sync::atomic::AtomicUsize,
+    wrapped: std::sync::atomic::AtomicUsize,
+    /// Addresses handed out, in order, while tracing (`trace`).
+    trace: std::sync::Mutex<Option<Vec<usize>>>,
+}
+
+/// Storages made outside any pool (`from_vec`, `from_elems`, `zeros_of`), process-wide: with
+/// the pool's counters, what proves that a loop creates no buffer.
+static UNPOOLED_STORAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tensor storages have been made outside a pool in this process.
+pub fn unpooled_storages() -> usize {
+    UNPOOLED_STORAGES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many bytes of idle buffers a pool keeps at most (beyond it, returned buffers are freed).
+pub const MAX_IDLE_BYTES: usize = 4 << 30;
+
+/// Buffers a pool has allocated and handed out again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Buffers allocated because no idle one of the length was there.
+    pub created: usize,
+    /// Buffers handed out again.
+    pub reused: usize,
+    /// Tensors made on pool buffers (`Tensor::from_pool`): equal to `created + reused` when
+    /// every pooled tensor's buffer came from the pool.
+    pub wrapped: usize,
+}
+
+impl std::ops::Sub for PoolCounts {
+    type Output = PoolCounts;
+    fn sub(self, o: PoolCounts) -> PoolCounts {
+        PoolCounts { created: self.created - o.created, reused: self.reused - o.reused, wrapped: self.wrapped - o.wrapped }
+    }
+}
+
+impl HostPool {
+    /// A zeroed buffer of `n` elements: an idle one of that length when there is one.
+    pub fn take_zeroed(&self, n: usize) -> Vec<f32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        // The lowest idle address of that length: which buffer serves a request depends only on
+        // which are idle, not on the order they came back, so repeated work gets the same buffers.
+        let idle = self.free.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&n).and_then(|list| {
+            let i = (0..list.len()).min_by_key(|&i| list[i].as_ptr() as usize)?;
+            Some(list.swap_remove(i))
+        });
+        let v = match idle {
+            Some(mut v) => {
+                self.idle_bytes.fetch_sub(n * 4, Relaxed);
+                self.reused.fetch_add(1, Relaxed);
+                v.fill(0.0);
+                v
+            }
+            None => {
+                self.created.fetch_add(1, Relaxed);
+                vec![0f32; n]
+            }
+        };
+        if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            trace.push(v.as_ptr() as usize);
+        }
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = v.len() * 4;
+        if v.is_empty() || self.idle_bytes.load(Relaxed) + bytes > MAX_IDLE_BYTES {
+            return; // freed
+        }
+        self.idle_bytes.fetch_add(bytes, Relaxed);
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).entry(v.len()).or_default().push(v);
+    }
+
+    /// Start recording the address of every buffer handed out (replacing a running trace).
+    pub fn start_trace(&self) {
+        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// Stop recording and return the addresses handed out since `start_trace`, in order: equal
+    /// sequences for two runs of the same work mean a captured replay would find its buffers.
+    pub fn take_trace(&self) -> Vec<usize> {
+        self.trace.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        PoolCounts { created: self.created.load(Relaxed), reused: self.reused.load(Relaxed), wrapped: self.wrapped.load(Relaxed) }
+    }
 }
 
 impl Storage {
@@ -143,9 +262,16 @@ impl Storage {
     pub fn bytes(&self) -> usize {
         match self {
             Storage::Cpu(b) => {
-                let g = b.read().unwrap_or_else(|e| e.into_inner());
+                let g = b.buf.read().unwrap_or_else(|e| e.into_inner());
                 g.len() * g.dtype().size_in_bytes()
             }
+        }
+    }
+
+    /// An address that identifies the storage (for counting shared storage once).
+    pub fn id(&self) -> usize {
+        match self {
+            Storage::Cpu(b) => Arc::as_ptr(b) as usize,
         }
     }
 }
@@ -286,8 +412,17 @@ impl Tensor {
     }
 
     fn whole(buf: CpuBuffer, shape: &[usize]) -> Self {
+        UNPOOLED_STORAGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dtype = buf.dtype();
-        Tensor { storage: Storage::Cpu(Arc::new(RwLock::new(buf))), dtype, offset: 0, shape: shape.to_vec() }
+        Tensor { storage: Storage::Cpu(Arc::new(CpuStorage { buf: RwLock::new(buf), pool: None })), dtype, offset: 0, shape: shape.to_vec() }
+    }
+
+    /// A CPU f32 tensor of `data` (taken from `pool`) that gives its buffer back to `pool` when its
+    /// last handle drops.
+    pub fn from_pool(pool: &Arc<HostPool>, data: Vec<f32>, shape: &[usize]) -> Result<Self> {
+        check_len("Tensor::from_pool", shape, data.len())?;
+        pool.wrapped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Tensor { storage: Storage::Cpu(Arc::new(CpuStorage { buf: RwLock::new(CpuBuffer::F32(data)), pool: Some(pool.clone()) })), dtype: DType::F32, offset: 0, shape: shape.to_vec() })
     }
 
     /// A CPU f32 tensor of zeros.
@@ -415,8 +550,8 @@ impl Tensor {
     /// written right now is an error. Device tensors go through `Backend::to_host`.
     pub fn cpu_slice<T: CpuElement>(&self) -> Result<CpuRead<'_, T>> {
         self.expect_dtype(T::DTYPE)?;
-        let Storage::Cpu(buf) = &self.storage;
-        let guard = match buf.try_read() {
+        let Storage::Cpu(st) = &self.storage;
+        let guard = match st.buf.try_read() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => {
@@ -445,8 +580,8 @@ impl Tensor {
     /// while this lives. Fails (never waits) when the storage is being read or written.
     pub fn cpu_slice_mut<T: CpuElement>(&self) -> Result<CpuWrite<'_, T>> {
         self.expect_dtype(T::DTYPE)?;
-        let Storage::Cpu(buf) = &self.storage;
-        let guard = match buf.try_write() {
+        let Storage::Cpu(st) = &self.storage;
+        let guard = match st.buf.try_write() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => {
@@ -461,25 +596,9 @@ impl Tensor {
         self.cpu_slice_mut()
     }
 
-    /// The elements as a host vector: moved out when this handle is the storage's only one and
-    /// covers all of it, copied otherwise.
+    /// The elements of this view as a host vector (a copy).
     pub fn into_cpu_vec(self) -> Result<Vec<f32>> {
-        self.expect_dtype(DType::F32)?;
-        let whole = self.offset == 0;
-        let n = self.elem_count();
-        let Storage::Cpu(buf) = self.storage;
-        match Arc::try_unwrap(buf) {
-            Ok(lock) => match lock.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                CpuBuffer::F32(v) if whole && v.len() == n => Ok(v),
-                CpuBuffer::F32(v) => Ok(v[self.offset..self.offset + n].to_vec()),
-                _ => Err(Error::Internal("tensor dtype disagrees with its storage".into())),
-            },
-            Err(buf) => {
-                let t = Tensor { storage: Storage::Cpu(buf), dtype: DType::F32, offset: self.offset, shape: self.shape };
-                let v = t.cpu_data()?.to_vec();
-                Ok(v)
-            }
-        }
+        Ok(self.cpu_data()?.to_vec())
     }
 }
 

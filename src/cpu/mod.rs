@@ -10,6 +10,7 @@ mod nice;
 mod prims;
 pub mod reference;
 mod train_ops;
+pub(crate) mod pool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -143,11 +144,25 @@ pub struct CpuBackend {
     mode: CpuMode,
     stats: Arc<GemmStats>,
     transfers: Arc<TransferStats>,
+    /// Where op outputs come from and go back to (see `cpu::pool`).
+    pool: Arc<crate::tensor::HostPool>,
 }
 
 impl CpuBackend {
     pub fn new(mode: CpuMode) -> Self {
-        CpuBackend { mode, stats: Arc::new(GemmStats::default()), transfers: Arc::new(TransferStats::default()) }
+        CpuBackend { mode, stats: Arc::new(GemmStats::default()), transfers: Arc::new(TransferStats::default()), pool: Arc::default() }
+    }
+    /// The output pool's counters (buffers created, reused, wrapped).
+    pub fn pool_counts(&self) -> crate::tensor::PoolCounts {
+        self.pool.counts()
+    }
+    /// The output pool (to trace the buffers a step uses).
+    pub fn pool(&self) -> &Arc<crate::tensor::HostPool> {
+        &self.pool
+    }
+    /// An op output on a pool buffer (the kernel took it from `pool::zeros` inside the op's scope).
+    fn wrap(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_pool(&self.pool, v, shape)
     }
     /// Host↔device copies so far (uploads, writes, readbacks).
     pub fn transfer_counts(&self) -> TransferCounts {
@@ -158,7 +173,7 @@ impl CpuBackend {
         self.stats.snapshot()
     }
     fn prims(&self) -> prims::Prims<'_> {
-        prims::Prims { mode: self.mode, stats: &self.stats }
+        prims::Prims { mode: self.mode, stats: &self.stats, pool: &self.pool }
     }
     pub fn fast() -> Self {
         Self::new(CpuMode::Fast)
@@ -321,6 +336,9 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: &[usize], dtype: crate::tensor::DType) -> Result<Tensor> {
+        if dtype == crate::tensor::DType::F32 {
+            return self.wrap(self.pool.take_zeroed(shape.iter().product()), shape);
+        }
         Ok(Tensor::zeros_of(dtype, shape))
     }
 
@@ -335,6 +353,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "linear";
         expect_rank(OP, "weight", w, 2)?;
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
@@ -354,10 +373,11 @@ impl Backend for CpuBackend {
         };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rank checked above") = d_out;
-        Tensor::from_vec(y, &shape)
+        self.wrap(y, &shape)
     }
 
     fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "embedding";
         expect_rank(OP, "input ids", input_ids, 2)?;
         expect_shape(OP, "token type ids", token_type_ids, input_ids.shape())?;
@@ -389,12 +409,13 @@ impl Backend for CpuBackend {
             CpuMode::Reference => reference::embedding(tokens, w, p, t, hidden),
             CpuMode::Fast => fast::embedding(tokens, w, p, t, hidden),
         };
-        Tensor::from_vec(y, &[tokens.batch, tokens.seq_len, hidden])
+        self.wrap(y, &[tokens.batch, tokens.seq_len, hidden])
     }
 
     // The CPU fuses by applying the epilogue to the product's own output buffer, in place: no
     // second tensor, no second pass over memory that left the cache.
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let y = self.linear(x, w, b)?;
         if let Some(spec) = dropout {
             apply_dropout(&mut y.cpu_data_mut()?, spec)?;
@@ -403,12 +424,14 @@ impl Backend for CpuBackend {
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
+        let _pool = pool::Scope::enter(&self.pool);
         let pre = self.linear(x, w, b)?;
         let y = self.activation(&pre, act)?;
         Ok((y, pre))
     }
 
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let d = self.linear_backward_input(dy, w)?;
         expect_shape("linear_backward_input_act", "pre-activation", pre, d.shape())?;
         {
@@ -422,13 +445,15 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "residual_layernorm_stats";
         let cols = check_layernorm(OP, x, residual, gamma, beta)?;
         // z rounded to f32 first, as PyTorch materialises `x + residual`.
-        let z: Vec<f32> = match residual {
-            Some(r) => x.f32_data()?.iter().zip(r.f32_data()?.iter()).map(|(a, b)| a + b).collect(),
-            None => x.f32_data()?.to_vec(),
-        };
+        let mut z = pool::zeros(x.elem_count());
+        match residual {
+            Some(r) => z.iter_mut().zip(x.f32_data()?.iter().zip(r.f32_data()?.iter())).for_each(|(o, (a, b))| *o = a + b),
+            None => z.copy_from_slice(&x.f32_data()?),
+        }
         let (g, b) = (gamma.f32_data()?, beta.f32_data()?);
         let (y, stats) = match self.mode {
             CpuMode::Reference => {
@@ -439,10 +464,11 @@ impl Backend for CpuBackend {
         };
         let mut stats_shape = x.shape().to_vec();
         *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
-        Ok((Tensor::from_vec(y, x.shape())?, Tensor::from_vec(z, x.shape())?, Tensor::from_vec(stats, &stats_shape)?))
+        Ok((self.wrap(y, x.shape())?, self.wrap(z, x.shape())?, self.wrap(stats, &stats_shape)?))
     }
 
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "layernorm_backward_stats";
         expect_shape(OP, "input", z, dy.shape())?;
         let cols = dy.last_dim();
@@ -453,10 +479,11 @@ impl Backend for CpuBackend {
         let st = stats.f32_data()?;
         let (mean, rstd): (Vec<f32>, Vec<f32>) = st.chunks(2).map(|p| (p[0], p[1])).unzip();
         let dz = reference::layernorm_backward_from_stats(&dy.f32_data()?, &z.f32_data()?, &mean, &rstd, &gamma.f32_data()?, cols);
-        Tensor::from_vec(dz, dy.shape())
+        self.wrap(dz, dy.shape())
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
         if let Some(spec) = dropout {
             apply_dropout(&mut y.cpu_data_mut()?, spec)?;
@@ -465,6 +492,7 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let cols = check_layernorm("residual_layernorm", x, residual, gamma, beta)?;
         let (xs, rs) = (&*x.f32_data()?, residual.map(|r| r.f32_data()).transpose()?);
         let rs = rs.as_deref();
@@ -473,7 +501,7 @@ impl Backend for CpuBackend {
             CpuMode::Reference => reference::residual_layernorm(xs, rs, g, b, cols, eps).y,
             CpuMode::Fast => fast::residual_layernorm(xs, rs, g, b, cols, eps),
         };
-        Tensor::from_vec(y, x.shape())
+        self.wrap(y, x.shape())
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
@@ -500,20 +528,22 @@ impl Backend for CpuBackend {
     // row log-sum-exp, and recompute probabilities from it in the backward; the reference takes
     // Q, K, V apart and recomputes everything (it is the plain spec, not a path).
     fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
+        let _pool = pool::Scope::enter(&self.pool);
         let (batch, seq, h) = packed_dims("attention_packed", qkv, mask_bias, heads)?;
         if self.mode == CpuMode::Reference || batch * seq == 0 {
             let [q, k, v] = split_qkv(qkv)?;
             let ctx = self.attention(&q, &k, &v, mask_bias, heads, dropout)?;
             let lse = reference::attention_lse(&q.cpu_data()?, &k.cpu_data()?, &mask_bias.f32_data()?, batch, seq, h, heads);
-            return Ok((ctx, Tensor::from_vec(lse, &[batch, heads, seq])?));
+            return Ok((ctx, self.wrap(lse, &[batch, heads, seq])?));
         }
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
         let (x, ms) = (qkv.f32_data()?, mask_bias.f32_data()?);
         let (y, lse) = fast::attention_strided(&x, &x[h..], &x[2 * h..], 3 * h, &ms, batch, seq, h, heads, factors.as_deref());
-        Ok((Tensor::from_vec(y, &[batch, seq, h])?, Tensor::from_vec(lse, &[batch, heads, seq])?))
+        Ok((self.wrap(y, &[batch, seq, h])?, self.wrap(lse, &[batch, heads, seq])?))
     }
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "attention_packed_backward";
         let (batch, seq, h) = packed_dims(OP, qkv, mask_bias, heads)?;
         expect_shape(OP, "gradient", dctx, &[batch, seq, h])?;
@@ -528,21 +558,22 @@ impl Backend for CpuBackend {
                 out.extend_from_slice(b);
                 out.extend_from_slice(c);
             }
-            return Tensor::from_vec(out, qkv.shape());
+            return self.wrap(out, qkv.shape());
         }
         self.stats.count(GemmKind::InputGrad, 5 * batch * seq * seq * h);
         let factors = dropout.map(|d| prob_dropout(d, batch, seq, heads)).transpose()?;
         let (d, x, l, ms) = (dctx.f32_data()?, qkv.f32_data()?, lse.f32_data()?, mask_bias.f32_data()?);
-        Tensor::from_vec(fast::attention_backward_packed(&d, &x, &l, &ms, batch, seq, h, heads, factors.as_deref()), qkv.shape())
+        self.wrap(fast::attention_backward_packed(&d, &x, &l, &ms, batch, seq, h, heads, factors.as_deref()), qkv.shape())
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let xs = &*x.f32_data()?;
         let y = match self.mode {
             CpuMode::Reference => reference::activation(xs, act),
             CpuMode::Fast => fast::activation(xs, act),
         };
-        Tensor::from_vec(y, x.shape())
+        self.wrap(y, x.shape())
     }
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
@@ -554,6 +585,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "linear_backward_input";
         expect_rank(OP, "weight", w, 2)?;
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
@@ -563,22 +595,24 @@ impl Backend for CpuBackend {
         let dx = self.prims().linear_dx(&dy.f32_data()?, w)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rank checked above") = d_in;
-        Tensor::from_vec(dx, &shape)
+        self.wrap(dx, &shape)
     }
 
     fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _pool = pool::Scope::enter(&self.pool);
         const OP: &str = "linear_backward_params";
         if dy.rows() != x.rows() || dy.rank() == 0 || x.rank() == 0 {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
         }
         let (d_in, d_out) = (x.last_dim(), dy.last_dim());
         let (dw, db) = self.prims().linear_dw(&dy.f32_data()?, &x.f32_data()?, d_in, d_out);
-        Ok((Tensor::from_vec(dw, &[d_out, d_in])?, Tensor::from_vec(db, &[d_out])?))
+        Ok((self.wrap(dw, &[d_out, d_in])?, self.wrap(db, &[d_out])?))
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         expect_shape("activation_backward", "input", pre, dy.shape())?;
-        Tensor::from_vec(self.prims().activation_backward(&dy.f32_data()?, &pre.f32_data()?, act), dy.shape())
+        self.wrap(self.prims().activation_backward(&dy.f32_data()?, &pre.f32_data()?, act), dy.shape())
     }
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
@@ -637,53 +671,71 @@ impl Backend for CpuBackend {
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
-        let mut out = x.f32_data()?.to_vec();
+        let _pool = pool::Scope::enter(&self.pool);
+        let mut out = pool::zeros(x.elem_count());
+        out.copy_from_slice(&x.f32_data()?);
         apply_dropout(&mut out, spec)?;
-        Tensor::from_vec(out, x.shape())
+        self.wrap(out, x.shape())
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         expect_shape("add", "right operand", b, a.shape())?;
-        Tensor::from_vec(a.f32_data()?.iter().zip(&*b.f32_data()?).map(|(x, y)| x + y).collect(), a.shape())
+        let mut out = pool::zeros(a.elem_count());
+        for ((o, x), y) in out.iter_mut().zip(a.f32_data()?.iter()).zip(b.f32_data()?.iter()) {
+            *o = x + y;
+        }
+        self.wrap(out, a.shape())
     }
 
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         let rows = t.shape().first().copied().unwrap_or(0);
         let per_row: usize = t.shape()[1..].iter().product();
-        let mut out = Vec::new();
-        let mut n = 0;
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > rows) {
+            return Err(Error::shape("select_rows", format!("rows {r:?} of a tensor of {rows}")));
+        }
+        let n: usize = ranges.iter().map(|r| r.end - r.start).sum();
+        let mut out = pool::zeros(n * per_row);
+        let data = t.cpu_data()?;
+        let mut at = 0;
         for r in ranges {
-            if r.start > r.end || r.end > rows {
-                return Err(Error::shape("select_rows", format!("rows {r:?} of a tensor of {rows}")));
-            }
-            out.extend_from_slice(&t.cpu_data()?[r.start * per_row..r.end * per_row]);
-            n += r.end - r.start;
+            let len = (r.end - r.start) * per_row;
+            out[at..at + len].copy_from_slice(&data[r.start * per_row..r.end * per_row]);
+            at += len;
         }
         let mut shape = t.shape().to_vec();
         shape[0] = n;
-        Tensor::from_vec(out, &shape)
+        self.wrap(out, &shape)
     }
 
     fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         expect_rank("first_token_backward", "gradient", d, 2)?;
         let (b, h) = (d.shape()[0], d.shape()[1]);
         if seq_len == 0 && b > 0 {
             return Err(Error::shape("first_token_backward", "sequence length 0".to_string()));
         }
-        let mut out = vec![0f32; b * seq_len * h];
+        let mut out = pool::zeros(b * seq_len * h);
         for (i, row) in d.f32_data()?.chunks(h).enumerate() {
             out[i * seq_len * h..][..h].copy_from_slice(row);
         }
-        Tensor::from_vec(out, &[b, seq_len, h])
+        self.wrap(out, &[b, seq_len, h])
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {
+        let _pool = pool::Scope::enter(&self.pool);
         expect_rank("first_token", "input", x, 3)?;
         let (b, t, h) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         if t == 0 {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
-        Tensor::from_vec(reference::first_token(&x.f32_data()?, b, t, h), &[b, h])
+        let mut out = pool::zeros(b * h);
+        let data = x.f32_data()?;
+        for (i, row) in out.chunks_mut(h.max(1)).enumerate() {
+            row.copy_from_slice(&data[i * t * h..][..h]);
+        }
+        self.wrap(out, &[b, h])
     }
 
     fn cast(&self, t: &Tensor, dtype: crate::tensor::DType) -> Result<Tensor> {

@@ -78,11 +78,10 @@ impl Tape {
     /// Bytes of activations this tape holds (each storage counted once: the mask shared by all
     /// layers, and views, are not counted twice).
     pub fn bytes(&self) -> usize {
-        let mut seen: Vec<(*const (), usize)> = Vec::new();
+        let mut seen: Vec<(usize, usize)> = Vec::new();
         let mut total = 0;
         let mut add = |t: &Tensor| {
-            let crate::tensor::Storage::Cpu(buf) = t.storage();
-            let key = (std::sync::Arc::as_ptr(buf) as *const (), t.offset());
+            let key = (t.storage().id(), t.offset());
             if !seen.contains(&key) {
                 seen.push(key);
                 total += t.size_in_bytes();

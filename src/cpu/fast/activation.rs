@@ -6,7 +6,8 @@ use rayon::prelude::*;
 use crate::backend::Activation;
 
 pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
-    let mut y = x.to_vec();
+    let mut y = crate::cpu::pool::zeros(x.len());
+    y.copy_from_slice(x);
     y.par_chunks_mut(4096).for_each(|chunk| {
         for v in chunk {
             *v = activation_f32(*v, act);

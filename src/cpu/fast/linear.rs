@@ -7,10 +7,10 @@ use crate::cpu::fast::matmul::{gemm_parallelism, matmul, MatRef};
 
 /// `y = x·Wᵀ + b` with `w: [d_out, d_in]`.
 pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut y = match b {
-        Some(b) => b.iter().copied().cycle().take(rows * d_out).collect(),
-        None => vec![0f32; rows * d_out],
-    };
+    let mut y = crate::cpu::pool::zeros(rows * d_out);
+    if let Some(b) = b {
+        y.chunks_mut(d_out.max(1)).for_each(|row| row.copy_from_slice(b));
+    }
     if rows == 0 || d_out == 0 {
         return y;
     }
@@ -24,7 +24,7 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize,
 
 /// `dx = dy·W` with `w: [d_out, d_in]`.
 pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; rows * d_in];
+    let mut dx = crate::cpu::pool::zeros(rows * d_in);
     if rows == 0 || d_in == 0 {
         return dx;
     }
@@ -37,7 +37,7 @@ pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_
 
 /// `dw = dyᵀ·x`, `db = Σ_rows dy`.
 pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut dw = vec![0f32; d_out * d_in];
+    let mut dw = crate::cpu::pool::zeros(d_out * d_in);
     if rows > 0 && d_in > 0 && d_out > 0 {
         // dyᵀ[o, r] = dy[r, o]: a transposed view.
         let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
@@ -49,5 +49,7 @@ pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d
     for row in dy.chunks(d_out.max(1)) {
         db.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
     }
-    (dw, db.into_iter().map(|v| v as f32).collect())
+    let mut db32 = crate::cpu::pool::zeros(d_out);
+    db32.iter_mut().zip(db).for_each(|(o, v)| *o = v as f32);
+    (dw, db32)
 }

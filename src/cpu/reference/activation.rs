@@ -44,5 +44,7 @@ pub fn activation_derivative(act: Activation, x: f64) -> f64 {
 
 /// `dx = dy ⊙ act'(pre)`.
 pub fn activation_backward(dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
-    dy.iter().zip(pre).map(|(&g, &x)| (g as f64 * activation_derivative(act, x as f64)) as f32).collect()
+    let mut dx = crate::cpu::pool::zeros(dy.len());
+    dx.iter_mut().zip(dy.iter().zip(pre)).for_each(|(o, (&g, &x))| *o = (g as f64 * activation_derivative(act, x as f64)) as f32);
+    dx
 }
