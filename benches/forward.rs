@@ -86,6 +86,20 @@ fn minilm_train_step(c: &mut Criterion) {
     group.bench_function("train_step", |b| {
         b.iter(|| m.train_step(&batch, &labels, &cfg, &mut opt).expect("step").read(be.as_ref()).expect("finite"))
     });
+    // The same step on the pooled CPU backend (no buffer created after the first steps).
+    let mut p = model(&dir, Arc::new(CpuBackend::pooled(bert_adapters::CpuMode::Fast)));
+    for name in ["scorenn", "tasknn"] {
+        p.add_adapter(name, AdapterConfig::named("pfeiffer").expect("named config")).expect("adapter");
+        p.add_classification_head(name, HeadConfig::classification(3)).expect("head");
+    }
+    p.set_active_adapters(Some(AdapterSetup::Parallel(vec!["scorenn".into(), "tasknn".into()]))).expect("setup");
+    p.train_adapter(&["tasknn"]).expect("train");
+    p.set_dropout(Some(7));
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-5, ..AdamWConfig::default() }).expect("optimizer");
+    let pbe = p.backend().clone();
+    group.bench_function("train_step_pooled", |b| {
+        b.iter(|| p.train_step(&batch, &labels, &cfg, &mut opt).expect("step").read(pbe.as_ref()).expect("finite"))
+    });
     group.finish();
 }
 

@@ -205,6 +205,14 @@ impl std::ops::Sub for PoolCounts {
 impl HostPool {
     /// A zeroed buffer of `n` elements: an idle one of that length when there is one.
     pub fn take_zeroed(&self, n: usize) -> Vec<f32> {
+        let mut v = self.take(n);
+        v.fill(0.0);
+        v
+    }
+
+    /// A buffer of `n` elements whose contents are unspecified (an idle one keeps what it held):
+    /// for outputs the kernel overwrites entirely.
+    pub fn take(&self, n: usize) -> Vec<f32> {
         use std::sync::atomic::Ordering::Relaxed;
         // The lowest idle address of that length: which buffer serves a request depends only on
         // which are idle, not on the order they came back, so repeated work gets the same buffers.
@@ -213,10 +221,9 @@ impl HostPool {
             Some(list.swap_remove(i))
         });
         let v = match idle {
-            Some(mut v) => {
+            Some(v) => {
                 self.idle_bytes.fetch_sub(n * 4, Relaxed);
                 self.reused.fetch_add(1, Relaxed);
-                v.fill(0.0);
                 v
             }
             None => {

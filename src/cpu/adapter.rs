@@ -198,7 +198,7 @@ fn core_backward(
     let (mut du, drho) = match (&p.ln_after, &tape.ln_after_in) {
         (Some(ln), Some(input)) => {
             let (dz, dg, db) = prims.layernorm_backward(dy, input, ln.gamma, ln.eps)?;
-            ln_after_grads = Some((prims.tensor(&dg, &[hidden])?, prims.tensor(&db, &[hidden])?));
+            ln_after_grads = Some((prims.tensor(dg, &[hidden])?, prims.tensor(db, &[hidden])?));
             if p.adapter_residual_before_ln {
                 (dz.clone(), dz)
             } else {
@@ -223,7 +223,7 @@ fn core_backward(
         }
         if trainable {
             let (dw, db) = prims.linear_dw(&dlogit, x, hidden, 1);
-            gate_grads = Some((prims.tensor(&dw, &[1, hidden])?, prims.tensor(&db, &[1])?));
+            gate_grads = Some((prims.tensor(dw, &[1, hidden])?, prims.tensor(db, &[1])?));
         }
         if need_dx {
             dx_gate = Some(prims.linear_dx(&dlogit, gw)?);
@@ -244,7 +244,7 @@ fn core_backward(
             let s = s.f32_data()?[0];
             dup.iter_mut().for_each(|v| *v *= s);
             let ds: f64 = du.iter().zip(&tape.up).map(|(a, b)| *a as f64 * *b as f64).sum();
-            Some(prims.tensor(&[ds as f32], &[1])?)
+            Some(prims.tensor(vec![ds as f32], &[1])?)
         }
         ScalingParam::Channel(s) => {
             let s = &*s.f32_data()?;
@@ -255,7 +255,7 @@ fn core_backward(
                     row[c] = drow[c] * s[c];
                 }
             }
-            Some(prims.tensor(&ds.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), &[hidden])?)
+            Some(prims.tensor(ds.into_iter().map(|v| v as f32).collect(), &[hidden])?)
         }
     };
     // Up projection, activation, down projection.
@@ -269,7 +269,7 @@ fn core_backward(
         let mut dx = match &p.ln_before {
             Some(ln) => {
                 let (dx, dg, db) = prims.layernorm_backward(&dz0, x, ln.gamma, ln.eps)?;
-                ln_before_grads = Some((prims.tensor(&dg, &[hidden])?, prims.tensor(&db, &[hidden])?));
+                ln_before_grads = Some((prims.tensor(dg, &[hidden])?, prims.tensor(db, &[hidden])?));
                 dx
             }
             None => dz0,
@@ -283,10 +283,10 @@ fn core_backward(
     };
     let grads = match (up_grads, down_grads) {
         (Some((duw, dub)), Some((ddw, ddb))) => Some(BottleneckGrads {
-            down_w: prims.tensor(&ddw, &[m, hidden])?,
-            down_b: prims.tensor(&ddb, &[m])?,
-            up_w: prims.tensor(&duw, &[hidden, m])?,
-            up_b: prims.tensor(&dub, &[hidden])?,
+            down_w: prims.tensor(ddw, &[m, hidden])?,
+            down_b: prims.tensor(ddb, &[m])?,
+            up_w: prims.tensor(duw, &[hidden, m])?,
+            up_b: prims.tensor(dub, &[hidden])?,
             ln_before: ln_before_grads,
             ln_after: ln_after_grads,
             scaling: scaling_grad,
@@ -323,7 +323,7 @@ pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Resul
     } else {
         y
     };
-    prims.tensor(&out, &[n * examples, loc.seq_len, hidden])
+    prims.tensor(out, &[n * examples, loc.seq_len, hidden])
 }
 
 pub(crate) fn adapter_location_backward(
@@ -411,5 +411,5 @@ pub(crate) fn adapter_location_backward(
         }
     }
     let shape = [rows_in / (loc.seq_len * hidden), loc.seq_len, hidden];
-    Ok(LocationGrads { dh: Some(prims.tensor(&dh, &shape)?), dr: Some(prims.tensor(&dr, &shape)?), branches: grads })
+    Ok(LocationGrads { dh: Some(prims.tensor(dh, &shape)?), dr: Some(prims.tensor(dr, &shape)?), branches: grads })
 }

@@ -144,25 +144,41 @@ pub struct CpuBackend {
     mode: CpuMode,
     stats: Arc<GemmStats>,
     transfers: Arc<TransferStats>,
-    /// Where op outputs come from and go back to (see `cpu::pool`).
-    pool: Arc<crate::tensor::HostPool>,
+    /// Where op outputs come from and go back to, in pooled mode (see `cpu::pool`).
+    pool: Option<Arc<crate::tensor::HostPool>>,
 }
 
 impl CpuBackend {
     pub fn new(mode: CpuMode) -> Self {
-        CpuBackend { mode, stats: Arc::new(GemmStats::default()), transfers: Arc::new(TransferStats::default()), pool: Arc::default() }
+        CpuBackend { mode, stats: Arc::new(GemmStats::default()), transfers: Arc::new(TransferStats::default()), pool: None }
     }
-    /// The output pool's counters (buffers created, reused, wrapped).
+    /// A backend whose op outputs come from a caching pool and go back to it (see `cpu::pool`):
+    /// after the first steps of a repeated shape, a training step creates no buffer and reuses the
+    /// same ones in the same order, as a device backend's caching allocator lets a step be
+    /// captured. Not the default on the CPU: it holds every buffer size it has seen (up to
+    /// `tensor::MAX_IDLE_BYTES`), and its speed against plain allocation could not be separated
+    /// from this machine's run-to-run noise (±15%).
+    pub fn pooled(mode: CpuMode) -> Self {
+        CpuBackend { pool: Some(Arc::default()), ..Self::new(mode) }
+    }
+    /// The output pool's counters (buffers created, reused, wrapped); zeros when not pooled.
     pub fn pool_counts(&self) -> crate::tensor::PoolCounts {
-        self.pool.counts()
+        self.pool.as_ref().map(|p| p.counts()).unwrap_or_default()
     }
-    /// The output pool (to trace the buffers a step uses).
-    pub fn pool(&self) -> &Arc<crate::tensor::HostPool> {
-        &self.pool
+    /// The output pool, in pooled mode (to trace the buffers a step uses).
+    pub fn pool(&self) -> Option<&Arc<crate::tensor::HostPool>> {
+        self.pool.as_ref()
     }
-    /// An op output on a pool buffer (the kernel took it from `pool::zeros` inside the op's scope).
+    /// An op output (in pooled mode the kernel took it from `pool::zeros` inside the op's scope).
     fn wrap(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_pool(&self.pool, v, shape)
+        match &self.pool {
+            Some(pool) => Tensor::from_pool(pool, v, shape),
+            None => Tensor::from_vec(v, shape),
+        }
+    }
+    /// The op's output scope: kernels draw their outputs from the pool while it lives.
+    fn scope(&self) -> Option<pool::Scope> {
+        self.pool.as_ref().map(pool::Scope::enter)
     }
     /// Host↔device copies so far (uploads, writes, readbacks).
     pub fn transfer_counts(&self) -> TransferCounts {
@@ -173,7 +189,7 @@ impl CpuBackend {
         self.stats.snapshot()
     }
     fn prims(&self) -> prims::Prims<'_> {
-        prims::Prims { mode: self.mode, stats: &self.stats, pool: &self.pool }
+        prims::Prims { mode: self.mode, stats: &self.stats, pool: self.pool.as_ref() }
     }
     pub fn fast() -> Self {
         Self::new(CpuMode::Fast)
@@ -336,8 +352,8 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: &[usize], dtype: crate::tensor::DType) -> Result<Tensor> {
-        if dtype == crate::tensor::DType::F32 {
-            return self.wrap(self.pool.take_zeroed(shape.iter().product()), shape);
+        if let (Some(pool), crate::tensor::DType::F32) = (&self.pool, dtype) {
+            return self.wrap(pool.take_zeroed(shape.iter().product()), shape);
         }
         Ok(Tensor::zeros_of(dtype, shape))
     }
@@ -353,7 +369,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "linear";
         expect_rank(OP, "weight", w, 2)?;
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
@@ -377,7 +393,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "embedding";
         expect_rank(OP, "input ids", input_ids, 2)?;
         expect_shape(OP, "token type ids", token_type_ids, input_ids.shape())?;
@@ -415,7 +431,7 @@ impl Backend for CpuBackend {
     // The CPU fuses by applying the epilogue to the product's own output buffer, in place: no
     // second tensor, no second pass over memory that left the cache.
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let y = self.linear(x, w, b)?;
         if let Some(spec) = dropout {
             apply_dropout(&mut y.cpu_data_mut()?, spec)?;
@@ -424,14 +440,14 @@ impl Backend for CpuBackend {
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let pre = self.linear(x, w, b)?;
         let y = self.activation(&pre, act)?;
         Ok((y, pre))
     }
 
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let d = self.linear_backward_input(dy, w)?;
         expect_shape("linear_backward_input_act", "pre-activation", pre, d.shape())?;
         {
@@ -445,11 +461,11 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "residual_layernorm_stats";
         let cols = check_layernorm(OP, x, residual, gamma, beta)?;
         // z rounded to f32 first, as PyTorch materialises `x + residual`.
-        let mut z = pool::zeros(x.elem_count());
+        let mut z = pool::buffer(x.elem_count());
         match residual {
             Some(r) => z.iter_mut().zip(x.f32_data()?.iter().zip(r.f32_data()?.iter())).for_each(|(o, (a, b))| *o = a + b),
             None => z.copy_from_slice(&x.f32_data()?),
@@ -468,7 +484,7 @@ impl Backend for CpuBackend {
     }
 
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "layernorm_backward_stats";
         expect_shape(OP, "input", z, dy.shape())?;
         let cols = dy.last_dim();
@@ -483,7 +499,7 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
         if let Some(spec) = dropout {
             apply_dropout(&mut y.cpu_data_mut()?, spec)?;
@@ -492,7 +508,7 @@ impl Backend for CpuBackend {
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let cols = check_layernorm("residual_layernorm", x, residual, gamma, beta)?;
         let (xs, rs) = (&*x.f32_data()?, residual.map(|r| r.f32_data()).transpose()?);
         let rs = rs.as_deref();
@@ -528,7 +544,7 @@ impl Backend for CpuBackend {
     // row log-sum-exp, and recompute probabilities from it in the backward; the reference takes
     // Q, K, V apart and recomputes everything (it is the plain spec, not a path).
     fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let (batch, seq, h) = packed_dims("attention_packed", qkv, mask_bias, heads)?;
         if self.mode == CpuMode::Reference || batch * seq == 0 {
             let [q, k, v] = split_qkv(qkv)?;
@@ -543,7 +559,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "attention_packed_backward";
         let (batch, seq, h) = packed_dims(OP, qkv, mask_bias, heads)?;
         expect_shape(OP, "gradient", dctx, &[batch, seq, h])?;
@@ -567,7 +583,7 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let xs = &*x.f32_data()?;
         let y = match self.mode {
             CpuMode::Reference => reference::activation(xs, act),
@@ -585,7 +601,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "linear_backward_input";
         expect_rank(OP, "weight", w, 2)?;
         let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
@@ -599,7 +615,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         const OP: &str = "linear_backward_params";
         if dy.rows() != x.rows() || dy.rank() == 0 || x.rank() == 0 {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
@@ -610,7 +626,7 @@ impl Backend for CpuBackend {
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         expect_shape("activation_backward", "input", pre, dy.shape())?;
         self.wrap(self.prims().activation_backward(&dy.f32_data()?, &pre.f32_data()?, act), dy.shape())
     }
@@ -671,17 +687,17 @@ impl Backend for CpuBackend {
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
-        let mut out = pool::zeros(x.elem_count());
+        let _pool = self.scope();
+        let mut out = pool::buffer(x.elem_count());
         out.copy_from_slice(&x.f32_data()?);
         apply_dropout(&mut out, spec)?;
         self.wrap(out, x.shape())
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         expect_shape("add", "right operand", b, a.shape())?;
-        let mut out = pool::zeros(a.elem_count());
+        let mut out = pool::buffer(a.elem_count());
         for ((o, x), y) in out.iter_mut().zip(a.f32_data()?.iter()).zip(b.f32_data()?.iter()) {
             *o = x + y;
         }
@@ -689,14 +705,14 @@ impl Backend for CpuBackend {
     }
 
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         let rows = t.shape().first().copied().unwrap_or(0);
         let per_row: usize = t.shape()[1..].iter().product();
         if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > rows) {
             return Err(Error::shape("select_rows", format!("rows {r:?} of a tensor of {rows}")));
         }
         let n: usize = ranges.iter().map(|r| r.end - r.start).sum();
-        let mut out = pool::zeros(n * per_row);
+        let mut out = pool::buffer(n * per_row);
         let data = t.cpu_data()?;
         let mut at = 0;
         for r in ranges {
@@ -710,7 +726,7 @@ impl Backend for CpuBackend {
     }
 
     fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         expect_rank("first_token_backward", "gradient", d, 2)?;
         let (b, h) = (d.shape()[0], d.shape()[1]);
         if seq_len == 0 && b > 0 {
@@ -724,13 +740,13 @@ impl Backend for CpuBackend {
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {
-        let _pool = pool::Scope::enter(&self.pool);
+        let _pool = self.scope();
         expect_rank("first_token", "input", x, 3)?;
         let (b, t, h) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         if t == 0 {
             return Err(Error::shape("first_token", "empty sequence".to_string()));
         }
-        let mut out = pool::zeros(b * h);
+        let mut out = pool::buffer(b * h);
         let data = x.f32_data()?;
         for (i, row) in out.chunks_mut(h.max(1)).enumerate() {
             row.copy_from_slice(&data[i * t * h..][..h]);

@@ -46,7 +46,7 @@ pub(crate) fn nice(prims: Prims<'_>, x: &Tensor, p: &NiceParams, inverse: bool) 
         (x1, x2)
     };
     let out: Vec<f32> = first.chunks(s1).zip(second.chunks(s2)).flat_map(|(l, r)| l.iter().chain(r).copied()).collect();
-    prims.tensor(&out, x.shape())
+    prims.tensor(out, x.shape())
 }
 
 /// Backward of one NICE subnet `o = act(z·W0ᵀ + b0)·W2ᵀ + b2`: parameter gradients and,
@@ -70,7 +70,7 @@ fn subnet_backward(
     let dpre = prims.activation_backward(&da, &pre, act);
     let (dw0, db0) = prims.linear_dw(&dpre, z, d_in, k);
     let dz = if need_dz { Some(prims.linear_dx(&dpre, l0.0)?) } else { None };
-    Ok(((prims.tensor(&dw0, &[k, d_in])?, prims.tensor(&db0, &[k])?), (prims.tensor(&dw2, &[d_out, k])?, prims.tensor(&db2, &[d_out])?), dz))
+    Ok(((prims.tensor(dw0, &[k, d_in])?, prims.tensor(db0, &[k])?), (prims.tensor(dw2, &[d_out, k])?, prims.tensor(db2, &[d_out])?), dz))
 }
 
 pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {

@@ -21,6 +21,15 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     })
 }
 
+/// An output buffer of `n` elements that the caller overwrites entirely (its contents are
+/// unspecified when it comes from the pool: zeroing it would be a wasted pass over memory).
+pub(crate) fn buffer(n: usize) -> Vec<f32> {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(pool) => pool.take(n),
+        None => vec![0f32; n],
+    })
+}
+
 /// Makes `pool` the output pool of this thread until dropped (restoring the previous one).
 pub(crate) struct Scope(Option<Arc<HostPool>>);
 

@@ -15,17 +15,22 @@ use crate::tensor::Tensor;
 pub(crate) struct Prims<'a> {
     pub mode: CpuMode,
     pub stats: &'a GemmStats,
-    /// The backend's output pool: a composite op's outputs are copied onto pool buffers (its
-    /// kernels run on their own scratch).
-    pub pool: &'a std::sync::Arc<crate::tensor::HostPool>,
+    /// The backend's output pool, in pooled mode: a composite op's outputs are copied onto pool
+    /// buffers (its kernels run on their own scratch).
+    pub pool: Option<&'a std::sync::Arc<crate::tensor::HostPool>>,
 }
 
 impl Prims<'_> {
-    /// An output tensor of a composite op: `data` copied onto a pool buffer.
-    pub fn tensor(self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        let mut out = self.pool.take_zeroed(data.len());
-        out.copy_from_slice(data);
-        Tensor::from_pool(self.pool, out, shape)
+    /// An output tensor of a composite op (in pooled mode, `data` copied onto a pool buffer).
+    pub fn tensor(self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        match self.pool {
+            Some(pool) => {
+                let mut out = pool.take(data.len());
+                out.copy_from_slice(&data);
+                Tensor::from_pool(pool, out, shape)
+            }
+            None => Tensor::from_vec(data, shape),
+        }
     }
 
     pub fn linear(self, x: &[f32], w: &Tensor, b: &Tensor, d_in: usize) -> Result<Vec<f32>> {

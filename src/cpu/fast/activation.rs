@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::backend::Activation;
 
 pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
-    let mut y = crate::cpu::pool::zeros(x.len());
+    let mut y = crate::cpu::pool::buffer(x.len());
     y.copy_from_slice(x);
     y.par_chunks_mut(4096).for_each(|chunk| {
         for v in chunk {

@@ -81,8 +81,8 @@ pub fn attention_strided(
 ) -> (Vec<f32>, Vec<f32>) {
     let d = hidden / heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = crate::cpu::pool::zeros(batch * seq * hidden);
-    let mut lse = crate::cpu::pool::zeros(batch * heads * seq);
+    let mut out = crate::cpu::pool::buffer(batch * seq * hidden);
+    let mut lse = crate::cpu::pool::buffer(batch * heads * seq);
     // Each (b, h) writes a disjoint column block of its batch's rows, and its own T log-sum-exps;
     // hand out raw pointers.
     struct SendPtr(*mut f32);
@@ -142,7 +142,7 @@ pub fn attention_backward(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_packed(dctx: &[f32], qkv: &[f32], lse: &[f32], mask_bias: &[f32], batch: usize, seq: usize, hidden: usize, heads: usize, dropout: Option<&ProbDropout>) -> Vec<f32> {
     let ld = 3 * hidden;
-    let mut out = crate::cpu::pool::zeros(batch * seq * ld);
+    let mut out = crate::cpu::pool::buffer(batch * seq * ld);
     let p = out.as_mut_ptr();
     // SAFETY: dQ, dK, dV are the column blocks [0, H), [H, 2H), [2H, 3H) of `out`, rows `3H` apart.
     unsafe { attention_backward_into(dctx, qkv, &qkv[hidden..], &qkv[2 * hidden..], ld, Some(lse), mask_bias, batch, seq, hidden, heads, dropout, [p, p.add(hidden), p.add(2 * hidden)], ld) };

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::backend::TokenBatch;
 
 pub fn embedding(tokens: &TokenBatch, word: &[f32], position: &[f32], token_type: &[f32], hidden: usize) -> Vec<f32> {
-    let mut y = crate::cpu::pool::zeros(tokens.batch * tokens.seq_len * hidden);
+    let mut y = crate::cpu::pool::buffer(tokens.batch * tokens.seq_len * hidden);
     y.par_chunks_mut(hidden).enumerate().for_each(|(row, out)| {
         let t = row % tokens.seq_len;
         let w = &word[tokens.input_ids[row] as usize * hidden..][..hidden];

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 /// `LN(x + residual)`, one row per rayon task; the two-pass statistics accumulate in f64, which
 /// costs nothing next to the row traffic and keeps parity with PyTorch within a few ulps.
 pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
-    let mut y = crate::cpu::pool::zeros(x.len());
+    let mut y = crate::cpu::pool::buffer(x.len());
     y.par_chunks_mut(cols).enumerate().for_each(|(r, out)| {
         let xr = &x[r * cols..][..cols];
         match residual {
@@ -27,9 +27,9 @@ pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], be
 /// `LN(z)` of an already summed residual stream `z`, with each row's `(mean, rstd)`: the same
 /// arithmetic as `residual_layernorm`, so `y` is bit-identical to it.
 pub fn layernorm_with_stats(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut y = crate::cpu::pool::zeros(z.len());
+    let mut y = crate::cpu::pool::buffer(z.len());
     y.copy_from_slice(z);
-    let mut stats = crate::cpu::pool::zeros(2 * (z.len() / cols.max(1)));
+    let mut stats = crate::cpu::pool::buffer(2 * (z.len() / cols.max(1)));
     y.par_chunks_mut(cols).zip(stats.par_chunks_mut(2)).for_each(|(out, st)| {
         let (mean, rstd) = normalize_row(out, gamma, beta, eps);
         st.copy_from_slice(&[mean, rstd]);

@@ -7,9 +7,12 @@ use crate::cpu::fast::matmul::{gemm_parallelism, matmul, MatRef};
 
 /// `y = x·Wᵀ + b` with `w: [d_out, d_in]`.
 pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut y = crate::cpu::pool::zeros(rows * d_out);
-    if let Some(b) = b {
-        y.chunks_mut(d_out.max(1)).for_each(|row| row.copy_from_slice(b));
+    // Every element is written: the bias rows, or the product (gemm overwrites, k = 0 aside).
+    let mut y = crate::cpu::pool::buffer(rows * d_out);
+    match b {
+        Some(b) => y.chunks_mut(d_out.max(1)).for_each(|row| row.copy_from_slice(b)),
+        None if d_in == 0 => y.fill(0.0),
+        None => {}
     }
     if rows == 0 || d_out == 0 {
         return y;
@@ -24,8 +27,9 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_in: usize,
 
 /// `dx = dy·W` with `w: [d_out, d_in]`.
 pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut dx = crate::cpu::pool::zeros(rows * d_in);
-    if rows == 0 || d_in == 0 {
+    let mut dx = crate::cpu::pool::buffer(rows * d_in);
+    if rows == 0 || d_in == 0 || d_out == 0 {
+        dx.fill(0.0); // an empty sum (k = 0); the product overwrites otherwise
         return dx;
     }
     let lhs = MatRef { ptr: dy.as_ptr(), row_stride: d_out as isize, col_stride: 1 };
@@ -37,8 +41,10 @@ pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_
 
 /// `dw = dyᵀ·x`, `db = Σ_rows dy`.
 pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut dw = crate::cpu::pool::zeros(d_out * d_in);
-    if rows > 0 && d_in > 0 && d_out > 0 {
+    let mut dw = crate::cpu::pool::buffer(d_out * d_in);
+    if rows == 0 {
+        dw.fill(0.0); // a sum over no rows
+    } else if d_in > 0 && d_out > 0 {
         // dyᵀ[o, r] = dy[r, o]: a transposed view.
         let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
         let rhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
@@ -49,7 +55,7 @@ pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d
     for row in dy.chunks(d_out.max(1)) {
         db.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
     }
-    let mut db32 = crate::cpu::pool::zeros(d_out);
+    let mut db32 = crate::cpu::pool::buffer(d_out);
     db32.iter_mut().zip(db).for_each(|(o, v)| *o = v as f32);
     (dw, db32)
 }

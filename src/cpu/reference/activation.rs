@@ -44,7 +44,7 @@ pub fn activation_derivative(act: Activation, x: f64) -> f64 {
 
 /// `dx = dy ⊙ act'(pre)`.
 pub fn activation_backward(dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
-    let mut dx = crate::cpu::pool::zeros(dy.len());
+    let mut dx = crate::cpu::pool::buffer(dy.len());
     dx.iter_mut().zip(dy.iter().zip(pre)).for_each(|(o, (&g, &x))| *o = (g as f64 * activation_derivative(act, x as f64)) as f32);
     dx
 }

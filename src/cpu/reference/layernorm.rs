@@ -71,7 +71,7 @@ pub fn layernorm_backward(dy: &[f32], z: &[f32], gamma: &[f32], cols: usize, eps
 /// LayerNorm backward from its input `z` and the forward's statistics (`mean`, `rstd` per row):
 /// the same formula as `layernorm_backward`, in f64, without recomputing them.
 pub fn layernorm_backward_from_stats(dy: &[f32], z: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
-    let mut dz = crate::cpu::pool::zeros(z.len());
+    let mut dz = crate::cpu::pool::buffer(z.len());
     for (r, (dzr, (zr, dyr))) in dz.chunks_mut(cols).zip(z.chunks(cols).zip(dy.chunks(cols))).enumerate() {
         let (m, rs) = (mean[r] as f64, rstd[r] as f64);
         let xhat: Vec<f64> = zr.iter().map(|&v| (v as f64 - m) * rs).collect();
