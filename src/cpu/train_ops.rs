@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use crate::train::loss::{self, LossOp};
-use crate::train::optim::{adamw_arena_reference, join_f64, AdamWLaunch};
+use crate::train::optim::{adamw_arena_reference, clip_in_place, join_f64, AdamWLaunch};
 
 /// `t` as `dtype`: narrowing rounds to nearest even through `half` (bit-exact with it by
 /// construction), widening is exact. U32 converts only to and from U32.
@@ -73,8 +73,7 @@ pub(crate) fn loss(op: &LossOp, dlogits: &Tensor, loss_out: &Tensor) -> Result<(
     Ok(())
 }
 
-/// torch's `clip_grad_norm_`: per-tensor norms accumulated in f64 and rounded to f32, then the
-/// norm of those norms likewise; the factor in f32 as torch computes it.
+/// torch's `clip_grad_norm_` (`train::optim::clip_in_place`), the norm written to `norm_out`.
 pub(crate) fn clip_grad_norm(grads: &[Tensor], max_norm: f32, norm_out: &Tensor) -> Result<()> {
     // +inf measures the norm without clipping.
     if max_norm.is_nan() || max_norm < 0.0 {
@@ -83,18 +82,7 @@ pub(crate) fn clip_grad_norm(grads: &[Tensor], max_norm: f32, norm_out: &Tensor)
     if norm_out.shape() != [1] {
         return Err(Error::shape("clip_grad_norm", format!("norm output {:?}, expected [1]", norm_out.shape())));
     }
-    let mut sum_sq = 0f64;
-    for g in grads {
-        let n = g.cpu_data()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
-        sum_sq += (n as f64) * (n as f64);
-    }
-    let total = sum_sq.sqrt() as f32;
-    let coef = (1.0f32 / (total + 1e-6f32)) * max_norm;
-    if max_norm.is_finite() && (coef.is_nan() || coef < 1.0) {
-        for g in grads {
-            g.cpu_data_mut()?.iter_mut().for_each(|x| *x *= coef);
-        }
-    }
+    let total = clip_in_place(grads, max_norm)?;
     norm_out.cpu_data_mut()?[0] = total;
     Ok(())
 }

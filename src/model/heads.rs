@@ -320,10 +320,8 @@ pub fn cross_entropy(backend: &dyn Backend, logits: &Tensor, labels: &[usize]) -
     }
     // The backend's fused softmax cross-entropy (`train::loss`), then one read of the loss.
     let labels_t = backend.upload_u32(labels.iter().map(|&l| l as u32).collect(), &[b])?;
-    let dlogits = backend.zeros(&[b, c], crate::tensor::DType::F32)?;
-    let loss = backend.zeros(&[2], crate::tensor::DType::F32)?;
     let op = crate::train::loss::LossOp { objective: crate::train::loss::Objective::CrossEntropy, trained: logits, other: None, labels: &labels_t };
-    backend.loss(&op, &dlogits, &loss)?;
+    let (dlogits, loss) = op.run(backend)?;
     let value = backend.to_host(&loss)?[0];
     if !value.is_finite() {
         // Name the first non-finite logit (the error path reads the logits back).

@@ -99,10 +99,8 @@ impl BertModel {
             _ => be.upload_u32(y, &[labels.len()])?,
         };
         self.labels = Some(labels_t.clone());
-        let dlogits = be.zeros(&[batch.batch, c], DType::F32)?;
-        let loss = be.zeros(&[2], DType::F32)?;
         let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
-        be.loss(&op, &dlogits, &loss)?;
+        let (dlogits, loss) = op.run(be.as_ref())?;
         let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
         d[i] = Some(&dlogits);
         let (head_grads, d_last, d_pool) = self.heads_backward_some(&branches, &d, &tape)?;

@@ -63,6 +63,20 @@ impl LossOp<'_> {
     }
 }
 
+impl LossOp<'_> {
+    /// Run the op on `backend` into fresh outputs: `(dlogits [B, C], loss [2])`, on the device.
+    pub fn run(&self, backend: &dyn crate::backend::Backend) -> Result<(Tensor, Tensor)> {
+        let s = self.trained.shape();
+        if s.len() != 2 {
+            return Err(Error::shape("loss", format!("logits have shape {s:?}, expected [B, C]")));
+        }
+        let dlogits = backend.zeros(s, DType::F32)?;
+        let loss = backend.zeros(&[2], DType::F32)?;
+        backend.loss(self, &dlogits, &loss)?;
+        Ok((dlogits, loss))
+    }
+}
+
 /// What the reference computes for one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossValue {

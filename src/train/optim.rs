@@ -440,11 +440,21 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f32) -> Re
     if !(max_norm.is_finite() && max_norm >= 0.0) {
         return Err(Error::Input(format!("clip_grad_norm: max_norm {max_norm} must be finite and >= 0")));
     }
-    let mut sum_sq = 0f64;
     for (key, g) in grads.iter() {
         if g.device() != Device::Cpu {
             return Err(Error::Unsupported(format!("clip_grad_norm runs on host tensors; gradient `{key}` is on {}", g.device())));
         }
+    }
+    let views: Vec<Tensor> = grads.values().cloned().collect(); // handles: the same storage
+    clip_in_place(&views, max_norm)
+}
+
+/// The arithmetic of `clip_grad_norm_` on CPU tensors (the host function above and the CPU
+/// backend's op both run it): the norm of the per-tensor norms, each accumulated in f64 and
+/// rounded to f32, and the factor in f32 as torch computes it; `max_norm = +inf` only measures.
+pub(crate) fn clip_in_place(grads: &[Tensor], max_norm: f32) -> Result<f32> {
+    let mut sum_sq = 0f64;
+    for g in grads {
         let n = g.cpu_data()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
         sum_sq += (n as f64) * (n as f64);
     }
@@ -452,11 +462,9 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f32) -> Re
     let coef = (1.0f32 / (total + 1e-6f32)) * max_norm;
     // torch multiplies by `clamp(coef, max=1)` unconditionally; ×1 is the identity, and a NaN
     // coefficient must still propagate.
-    if coef.is_nan() || coef < 1.0 {
-        for g in grads.values_mut() {
-            for x in g.cpu_data_mut()?.iter_mut() {
-                *x *= coef;
-            }
+    if max_norm.is_finite() && (coef.is_nan() || coef < 1.0) {
+        for g in grads {
+            g.cpu_data_mut()?.iter_mut().for_each(|x| *x *= coef);
         }
     }
     Ok(total)

@@ -20,8 +20,3 @@ pub use linear::{linear, linear_backward_input, linear_backward_params};
 pub fn all_finite(x: &[f32]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
-
-/// `[B, T, H] -> [B, H]`, the first token of each sequence.
-pub fn first_token(x: &[f32], batch: usize, seq: usize, hidden: usize) -> Vec<f32> {
-    (0..batch).flat_map(|b| x[b * seq * hidden..][..hidden].iter().copied()).collect()
-}
