@@ -102,12 +102,28 @@ fn bench_cuda(
     });
 }
 
+/// The dense products of a MiniLM Parallel step (2 branches × 16 × 64 rows): QKV, attention
+/// output, FFN in and out. `Throughput::Elements` counts floating-point operations (2·m·n·k), so
+/// criterion's `elem/s` reads as FLOP/s.
+fn linear(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let rows = 2048;
+    for (d_in, d_out) in [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)] {
+        let mut v = |len: usize| (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+        let (x, w, b) = (v(rows * d_in), v(d_out * d_in), v(d_out));
+        let mut group = c.benchmark_group(format!("linear/{rows}x{d_in}x{d_out}"));
+        group.throughput(Throughput::Elements((2 * rows * d_in * d_out) as u64));
+        group.bench_function("cpu_fast", |bn| bn.iter(|| fast::linear(black_box(&x), &w, Some(&b), rows, d_in, d_out)));
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = residual_layernorm
+    targets = residual_layernorm, linear
 }
 criterion_main!(kernels);

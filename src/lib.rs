@@ -35,6 +35,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod profile;
 pub mod tensor;
 pub mod tokenize;
 pub mod train;
