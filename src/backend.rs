@@ -204,6 +204,11 @@ pub trait Backend: Send + Sync {
     /// Bias + activation fused into the product: returns `(act(x·Wᵀ + b), x·Wᵀ + b)`, the
     /// pre-activation being what the backward reads (a GELU-aux epilogue on a device).
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)>;
+    /// `act(x·Wᵀ + b)` when nothing will read the pre-activation (an inference forward): one
+    /// output instead of two.
+    fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        Ok(self.linear_act(x, w, b, act)?.0)
+    }
     /// The backward of `linear_act`'s consumer through it: `(dy·W) ⊙ act'(pre)`, the activation
     /// gradient computed in the same pass as the input-gradient product (a dGELU epilogue).
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor>;

@@ -135,6 +135,10 @@ impl Backend for ProfiledBackend {
         self.time("linear_act", || self.inner.linear_act(x, w, b, act))
     }
 
+    fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        self.time("linear_act_only", || self.inner.linear_act_only(x, w, b, act))
+    }
+
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         self.time("linear_backward_input_act", || self.inner.linear_backward_input_act(dy, w, pre, act))
     }

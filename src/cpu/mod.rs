@@ -218,14 +218,27 @@ fn spec_seed(spec: &DropoutSpec) -> Result<u64> {
 
 /// Apply `spec` to a row-major buffer whose rows split evenly into the spec's blocks.
 pub(crate) fn apply_dropout(data: &mut [f32], spec: &DropoutSpec) -> Result<()> {
+    let total = data.len();
+    apply_dropout_at(data, spec, total, 0)
+}
+
+/// `apply_dropout` on elements `start..start + data.len()` of a tensor of `total` elements (one
+/// row block of a product's output, in its epilogue): each element draws what it would draw in
+/// the whole tensor.
+pub(crate) fn apply_dropout_at(data: &mut [f32], spec: &DropoutSpec, total: usize, start: usize) -> Result<()> {
     let n = spec.blocks.len().max(1);
-    if !data.len().is_multiple_of(n) {
-        return Err(Error::shape("dropout", format!("{} elements do not split into {n} blocks", data.len())));
+    if !total.is_multiple_of(n) || start + data.len() > total {
+        return Err(Error::shape("dropout", format!("{total} elements do not split into {n} blocks")));
     }
     let rng = DropoutRng::new(spec_seed(spec)?);
-    let block = data.len() / n;
-    for (j, chunk) in data.chunks_mut(block.max(1)).enumerate() {
-        dropout_range(chunk, spec.p, &rng, spec.block_stream(j), 0)?;
+    let block = (total / n).max(1);
+    let (mut at, mut rest) = (start, data);
+    while !rest.is_empty() {
+        let (j, offset) = (at / block, at % block);
+        let (head, tail) = rest.split_at_mut((block - offset).min(rest.len()));
+        dropout_range(head, spec.p, &rng, spec.block_stream(j), offset)?;
+        at += head.len();
+        rest = tail;
     }
     Ok(())
 }
@@ -311,6 +324,53 @@ fn expect_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<
     Ok(())
 }
 
+/// `(d_out, d_in)` of an input-gradient product `dy·W`, after checking `dy` ends in `d_out`.
+fn linear_backward_dims(op: &'static str, dy: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    expect_rank(op, "weight", w, 2)?;
+    let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+    if dy.rank() == 0 || dy.last_dim() != d_out {
+        return Err(Error::shape(op, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
+    }
+    Ok((d_out, d_in))
+}
+
+impl CpuBackend {
+    /// `linear`'s checks and product with an epilogue: in fast mode applied per row block right
+    /// after the block's product (see `fast::linear_epilogue`), in reference mode once over the
+    /// whole output. With `aux`, a second output of the product's shape is handed to it.
+    fn linear_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, aux: bool, epilogue: Option<fast::Epilogue>) -> Result<(Tensor, Option<Tensor>)> {
+        let _pool = self.scope();
+        const OP: &str = "linear";
+        expect_rank(OP, "weight", w, 2)?;
+        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+        if x.rank() == 0 || x.last_dim() != d_in {
+            return Err(Error::shape(OP, format!("input {:?} does not end in {d_in} (weight {:?})", x.shape(), w.shape())));
+        }
+        if let Some(b) = b {
+            expect_shape(OP, "bias", b, &[d_out])?;
+        }
+        let rows = x.rows();
+        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
+        let (xs, ws, bs) = (&*x.f32_data()?, &*w.f32_data()?, b.map(|b| b.f32_data()).transpose()?);
+        let bs = bs.as_deref();
+        let mut aux_out = aux.then(|| pool::buffer(rows * d_out));
+        let y = match self.mode {
+            CpuMode::Reference => {
+                let mut y = reference::linear(xs, ws, bs, rows, d_in, d_out);
+                if let Some(f) = epilogue {
+                    f(0, &mut y, aux_out.as_deref_mut())?;
+                }
+                y
+            }
+            CpuMode::Fast => fast::linear_epilogue(xs, ws, bs, rows, d_in, d_out, aux_out.as_deref_mut(), epilogue)?,
+        };
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("rank checked above") = d_out;
+        let aux_out = aux_out.map(|a| self.wrap(a, &shape)).transpose()?;
+        Ok((self.wrap(y, &shape)?, aux_out))
+    }
+}
+
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
         Device::Cpu
@@ -369,27 +429,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let _pool = self.scope();
-        const OP: &str = "linear";
-        expect_rank(OP, "weight", w, 2)?;
-        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
-        if x.rank() == 0 || x.last_dim() != d_in {
-            return Err(Error::shape(OP, format!("input {:?} does not end in {d_in} (weight {:?})", x.shape(), w.shape())));
-        }
-        if let Some(b) = b {
-            expect_shape(OP, "bias", b, &[d_out])?;
-        }
-        let rows = x.rows();
-        self.stats.count(GemmKind::Forward, rows * d_in * d_out);
-        let (xs, ws, bs) = (&*x.f32_data()?, &*w.f32_data()?, b.map(|b| b.f32_data()).transpose()?);
-        let bs = bs.as_deref();
-        let y = match self.mode {
-            CpuMode::Reference => reference::linear(xs, ws, bs, rows, d_in, d_out),
-            CpuMode::Fast => fast::linear(xs, ws, bs, rows, d_in, d_out),
-        };
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("rank checked above") = d_out;
-        self.wrap(y, &shape)
+        Ok(self.linear_with(x, w, b, false, None)?.0)
     }
 
     fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
@@ -431,33 +471,72 @@ impl Backend for CpuBackend {
     // The CPU fuses by applying the epilogue to the product's own output buffer, in place: no
     // second tensor, no second pass over memory that left the cache.
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let _pool = self.scope();
-        let y = self.linear(x, w, b)?;
-        if let Some(spec) = dropout {
-            apply_dropout(&mut y.cpu_data_mut()?, spec)?;
-        }
-        Ok(y)
+        let Some(spec) = dropout else { return self.linear(x, w, b) };
+        let total = x.rows() * w.shape().first().copied().unwrap_or(0);
+        let width = w.shape().first().copied().unwrap_or(0);
+        let epilogue = |r0: usize, y: &mut [f32], _: Option<&mut [f32]>| apply_dropout_at(y, spec, total, r0 * width);
+        Ok(self.linear_with(x, w, b, false, Some(&epilogue))?.0)
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
         let _pool = self.scope();
-        let pre = self.linear(x, w, b)?;
-        let y = self.activation(&pre, act)?;
+        if self.mode == CpuMode::Reference {
+            let pre = self.linear(x, w, b)?;
+            let y = self.activation(&pre, act)?;
+            return Ok((y, pre));
+        }
+        // The product is the pre-activation; each block's activation goes to the second output.
+        let epilogue = |_: usize, pre: &mut [f32], y: Option<&mut [f32]>| {
+            let y = y.ok_or_else(|| Error::internal("linear_act: no activation output block"))?;
+            y.copy_from_slice(pre);
+            fast::activation_in_place(y, act);
+            Ok(())
+        };
+        let (pre, y) = self.linear_with(x, w, b, true, Some(&epilogue))?;
+        let y = y.ok_or_else(|| Error::internal("linear_act: no activation output"))?;
         Ok((y, pre))
+    }
+
+    fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        if self.mode == CpuMode::Reference {
+            return Ok(self.linear_act(x, w, b, act)?.0);
+        }
+        let epilogue = |_: usize, y: &mut [f32], _: Option<&mut [f32]>| {
+            fast::activation_in_place(y, act);
+            Ok(())
+        };
+        Ok(self.linear_with(x, w, b, false, Some(&epilogue))?.0)
     }
 
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         let _pool = self.scope();
-        let d = self.linear_backward_input(dy, w)?;
-        expect_shape("linear_backward_input_act", "pre-activation", pre, d.shape())?;
-        {
-            let pre = pre.f32_data()?;
-            let mut dm = d.cpu_data_mut()?;
-            for (g, &x) in dm.iter_mut().zip(pre.iter()) {
-                *g = (*g as f64 * reference::activation_derivative(act, x as f64)) as f32;
+        if self.mode == CpuMode::Reference {
+            let d = self.linear_backward_input(dy, w)?;
+            expect_shape("linear_backward_input_act", "pre-activation", pre, d.shape())?;
+            {
+                let pre = pre.f32_data()?;
+                let mut dm = d.cpu_data_mut()?;
+                for (g, &x) in dm.iter_mut().zip(pre.iter()) {
+                    *g = (*g as f64 * reference::activation_derivative(act, x as f64)) as f32;
+                }
             }
+            return Ok(d);
         }
-        Ok(d)
+        const OP: &str = "linear_backward_input_act";
+        let (d_out, d_in) = linear_backward_dims(OP, dy, w)?;
+        let mut shape = dy.shape().to_vec();
+        *shape.last_mut().expect("rank checked") = d_in;
+        expect_shape(OP, "pre-activation", pre, &shape)?;
+        let rows = dy.rows();
+        self.stats.count(GemmKind::InputGrad, rows * d_in * d_out);
+        let pre = pre.f32_data()?;
+        // The activation gradient of each block of rows right after its product.
+        let epilogue = |r0: usize, d: &mut [f32], _: Option<&mut [f32]>| {
+            fast::activation_backward_in_place(d, &pre[r0 * d_in..r0 * d_in + d.len()], act);
+            Ok(())
+        };
+        let dx = fast::linear_backward_input_epilogue(&dy.f32_data()?, &w.f32_data()?, rows, d_in, d_out, Some(&epilogue))?;
+        self.wrap(dx, &shape)
     }
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
@@ -602,15 +681,10 @@ impl Backend for CpuBackend {
 
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
         let _pool = self.scope();
-        const OP: &str = "linear_backward_input";
-        expect_rank(OP, "weight", w, 2)?;
-        let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
-        if dy.rank() == 0 || dy.last_dim() != d_out {
-            return Err(Error::shape(OP, format!("gradient {:?} does not end in {d_out} (weight {:?})", dy.shape(), w.shape())));
-        }
+        let (_, d_in) = linear_backward_dims("linear_backward_input", dy, w)?;
         let dx = self.prims().linear_dx(&dy.f32_data()?, w)?;
         let mut shape = dy.shape().to_vec();
-        *shape.last_mut().expect("rank checked above") = d_in;
+        *shape.last_mut().expect("rank checked") = d_in;
         self.wrap(dx, &shape)
     }
 

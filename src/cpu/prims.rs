@@ -82,7 +82,10 @@ impl Prims<'_> {
         }
     }
     pub fn activation_backward(self, dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32> {
-        reference::activation_backward(dy, pre, act)
+        match self.mode {
+            CpuMode::Reference => reference::activation_backward(dy, pre, act),
+            CpuMode::Fast => fast::activation_backward(dy, pre, act),
+        }
     }
 }
 

@@ -363,7 +363,13 @@ impl BertModel {
             let ln1 = LayerNormParams { gamma: &layer.attn_ln_gamma, beta: &layer.attn_ln_beta, eps: cfg.layer_norm_eps };
             let (x_attn, rep_mh, attn_saved) =
                 self.location(&children, l, Location::MultiHead, &h1, &x, ln1, parallel, &mut replicated, batch.seq_len, training, record)?;
-            let (inter, inter_pre) = be.linear_act(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b), act)?;
+            // The pre-activation is kept only where the plan's backward reads it.
+            let (inter, inter_pre) = if record && lowest.is_some_and(|lo| lo < position(l, Location::Output)) {
+                let (y, pre) = be.linear_act(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b), act)?;
+                (y, Some(pre))
+            } else {
+                (be.linear_act_only(&x_attn, &layer.intermediate_w, Some(&layer.intermediate_b), act)?, None)
+            };
             let h2 = be.linear_dropout(&inter, &layer.output_w, Some(&layer.output_b), drop(p_hidden, l, DropoutSite::FfnOutput, x_attn.shape()[0]).as_ref())?;
             let ln2 = LayerNormParams { gamma: &layer.output_ln_gamma, beta: &layer.output_ln_beta, eps: cfg.layer_norm_eps };
             let (x_out, rep_out, ffn_saved) =
@@ -389,7 +395,10 @@ impl BertModel {
                         };
                         Some(LayerTape {
                             ffn: keep_location(ffn_saved)?,
-                            inter_pre: opt(below_ffn, inter_pre)?,
+                            inter_pre: match inter_pre {
+                                Some(pre) if below_ffn => Some(keep(pre)?),
+                                _ => None,
+                            },
                             attn: if below_ffn { Some(keep_location(attn_saved)?) } else { None },
                             qkv: opt(through_attention, qkv)?,
                             lse: opt(through_attention, lse)?,

@@ -2,11 +2,12 @@
 //! `[B, T, H]` inputs (head `h` is columns `[h·d, (h+1)·d)`) and `T×T` scratch per task.
 //! Forward: `P = softmax(Q·Kᵀ·scale + mask)`, dropout on `P`, `ctx = P·V`. Backward recomputes `P`,
 //! then `dV = (P⊙keep)ᵀ·dctx`, `dP = (dctx·Vᵀ)⊙keep`, `dS = P⊙(dP − rowsum(dP⊙P))·scale`,
-//! `dQ = dS·K`, `dK = dSᵀ·Q`. Numerics: f32 throughout, the softmax max-subtracted.
+//! `dQ = dS·K`, `dK = dSᵀ·Q`. Numerics: f32 throughout, the softmax max-subtracted, `exp` the vectorised `math::exp`.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::cpu::fast::math;
 use crate::cpu::fast::matmul::{matmul, MatRef};
 use crate::cpu::reference::ProbDropout;
 
@@ -16,23 +17,28 @@ use crate::cpu::reference::ProbDropout;
 #[allow(clippy::too_many_arguments)]
 fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32, mut lse: Option<&mut [f32]>) {
     scores(p, q, k, base, seq, ld, d);
-    for (i, row) in p.chunks_mut(seq).enumerate() {
-        let mut max = f32::NEG_INFINITY;
-        for (s, m) in row.iter_mut().zip(bias) {
-            *s = *s * scale + m;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
-        if let Some(l) = lse.as_deref_mut() {
-            l[i] = max + sum.ln();
-        }
-    }
+    math::simd(
+        #[inline(always)]
+        || {
+            for (i, row) in p.chunks_mut(seq).enumerate() {
+                let mut max = f32::NEG_INFINITY;
+                for (s, m) in row.iter_mut().zip(bias) {
+                    *s = *s * scale + m;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    *s = math::exp(*s - max);
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+                if let Some(l) = lse.as_deref_mut() {
+                    l[i] = max + sum.ln();
+                }
+            }
+        },
+    )
 }
 
 /// `S = Q·Kᵀ` of one (batch, head) block into the `T×T` buffer `p`.
@@ -48,11 +54,16 @@ fn scores(p: &mut [f32], q: &[f32], k: &[f32], base: usize, seq: usize, ld: usiz
 #[allow(clippy::too_many_arguments)]
 fn attention_probs_from_lse(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], lse: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
     scores(p, q, k, base, seq, ld, d);
-    for (row, &l) in p.chunks_mut(seq).zip(lse) {
-        for (s, m) in row.iter_mut().zip(bias) {
-            *s = (*s * scale + m - l).exp();
-        }
-    }
+    math::simd(
+        #[inline(always)]
+        || {
+            for (row, &l) in p.chunks_mut(seq).zip(lse) {
+                for (s, m) in row.iter_mut().zip(bias) {
+                    *s = math::exp(*s * scale + m - l);
+                }
+            }
+        },
+    )
 }
 
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a

@@ -6,7 +6,7 @@
 use gemm::Parallelism;
 
 /// Below this many multiply-adds a product runs on one thread: forking costs more than it saves.
-const PARALLEL_GEMM_MIN_WORK: usize = 1 << 18;
+pub(super) const PARALLEL_GEMM_MIN_WORK: usize = 1 << 18;
 
 pub(super) fn gemm_parallelism(work: usize) -> Parallelism {
     if work >= PARALLEL_GEMM_MIN_WORK {

@@ -1,0 +1,83 @@
+//! The fast path's vectorised elementwise functions (`cpu::fast::math`) against f64, over dense
+//! grids and at their edges, and the fast activations against the f64 reference.
+
+use bert_adapters::cpu::{fast, reference};
+use bert_adapters::Activation;
+use fast::math;
+
+fn grid(lo: f32, hi: f32, n: usize) -> Vec<f32> {
+    (0..=n).map(|i| lo + (hi - lo) * i as f32 / n as f32).collect()
+}
+
+#[test]
+fn exp_is_within_two_ulp_and_handles_the_edges() {
+    let mut worst = 0f64;
+    for x in grid(-87.0, 88.5, 400_000) {
+        let want = (x as f64).exp();
+        let rel = ((math::exp(x) as f64 - want) / want).abs();
+        worst = worst.max(rel);
+    }
+    assert!(worst < 2.5e-7, "exp: worst relative error {worst:e}");
+    assert_eq!(math::exp(0.0), 1.0);
+    assert_eq!(math::exp(-90.0), 0.0);
+    assert_eq!(math::exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(math::exp(89.0), f32::INFINITY);
+    assert_eq!(math::exp(f32::INFINITY), f32::INFINITY);
+    assert!(math::exp(f32::NAN).is_nan());
+    // The top of the range: finite, and right.
+    let (top, want) = (math::exp(88.72), (88.72f32 as f64).exp());
+    assert!(top.is_finite() && ((top as f64 - want) / want).abs() < 2.5e-7);
+}
+
+#[test]
+fn gelu_and_its_derivative_match_f64_in_both_tails() {
+    let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+    let (mut worst_y, mut worst_d) = (0f64, 0f64);
+    for x in grid(-15.0, 15.0, 300_000) {
+        let xd = x as f64;
+        let y = xd * phi(xd);
+        let d = phi(xd) + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        // The documented bound: absolute error ≤ 3e-7·|x| (x·Φ(x) with Φ off by ≤ 3e-7).
+        worst_y = worst_y.max((math::gelu(x) as f64 - y).abs() / xd.abs().max(1e-6));
+        worst_d = worst_d.max((math::gelu_grad(x) as f64 - d).abs() / xd.abs().max(1.0));
+    }
+    assert!(worst_y < 5e-7, "gelu: worst scaled error {worst_y:e}");
+    assert!(worst_d < 5e-7, "gelu': worst scaled error {worst_d:e}");
+    // The negative tail is small but not flushed: GELU(-5) = -5·Φ(-5) ≈ -1.43e-6, to 1e-6 relative.
+    let want = -5.0 * phi(-5.0);
+    assert!(((math::gelu(-5.0) as f64 - want) / want).abs() < 1e-6);
+    assert_eq!(math::gelu(0.0), 0.0);
+    assert_eq!(math::gelu(f32::INFINITY), f32::INFINITY);
+    assert!(math::gelu(f32::NAN).is_nan() && math::gelu_grad(f32::NAN).is_nan());
+}
+
+#[test]
+fn sigmoid_matches_f64() {
+    for x in grid(-80.0, 80.0, 100_000) {
+        let want = 1.0 / (1.0 + (-(x as f64)).exp());
+        assert!((math::sigmoid(x) as f64 - want).abs() <= 3e-7 * want + 1e-38, "sigmoid({x})");
+    }
+}
+
+/// The AVX2 clone and the baseline build round every operation the same way.
+#[test]
+fn simd_dispatch_changes_no_bit() {
+    let xs = grid(-20.0, 20.0, 10_007);
+    let plain: Vec<u32> = xs.iter().map(|&x| math::gelu(x).to_bits()).collect();
+    let vector: Vec<u32> = math::simd(|| xs.iter().map(|&x| math::gelu(x).to_bits()).collect());
+    assert_eq!(plain, vector);
+}
+
+#[test]
+fn fast_activations_and_gradients_match_the_reference() {
+    let x: Vec<f32> = grid(-9.0, 9.0, 70_001);
+    let dy: Vec<f32> = x.iter().map(|v| (v * 1.7).sin() * 3.0).collect();
+    for act in [Activation::Gelu, Activation::GeluNew, Activation::Relu, Activation::Swish, Activation::Tanh, Activation::Sigmoid] {
+        let (want, got) = (reference::activation(&x, act), fast::activation(&x, act));
+        let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5 * (1.0 + 9.0), "{act:?} forward: {err:e}");
+        let (want, got) = (reference::activation_backward(&dy, &x, act), fast::activation_backward(&dy, &x, act));
+        let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5 * (1.0 + 3.0), "{act:?} backward: {err:e}");
+    }
+}
