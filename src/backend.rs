@@ -137,7 +137,9 @@ pub struct NiceParams<'a> {
     pub activation: Activation,
 }
 
-/// Gradients of one bottleneck adapter at one location, shaped like its parameters.
+/// Gradients of one bottleneck adapter at one location, shaped like its parameters (or, given to
+/// `adapter_location_backward_into`, where to put them).
+#[derive(Clone, Debug)]
 pub struct BottleneckGrads {
     pub down_w: Tensor,
     pub down_b: Tensor,
@@ -150,6 +152,23 @@ pub struct BottleneckGrads {
     pub gate: Option<(Tensor, Tensor)>,
 }
 
+impl BottleneckGrads {
+    /// Destinations shaped like `p`'s parameters, from `alloc(shape)`.
+    pub fn shaped_like(p: &BottleneckParams, mut alloc: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<Self> {
+        let mut pair = |a: &Tensor, b: &Tensor| -> Result<(Tensor, Tensor)> { Ok((alloc(a.shape())?, alloc(b.shape())?)) };
+        let (down_w, down_b) = pair(p.down_w, p.down_b)?;
+        let (up_w, up_b) = pair(p.up_w, p.up_b)?;
+        let ln_before = p.ln_before.map(|ln| pair(ln.gamma, ln.beta)).transpose()?;
+        let ln_after = p.ln_after.map(|ln| pair(ln.gamma, ln.beta)).transpose()?;
+        let gate = p.gate.map(|(w, b)| pair(w, b)).transpose()?;
+        let scaling = match p.scaling {
+            ScalingParam::Fixed(_) => None,
+            ScalingParam::Learned(s) | ScalingParam::Channel(s) => Some(alloc(s.shape())?),
+        };
+        Ok(BottleneckGrads { down_w, down_b, up_w, up_b, ln_before, ln_after, scaling, gate })
+    }
+}
+
 /// What the backward of an adapter location returns.
 pub struct LocationGrads {
     /// `∂L/∂h` and `∂L/∂r` (B rows when the location replicated), when asked for.
@@ -159,7 +178,9 @@ pub struct LocationGrads {
     pub branches: Vec<Option<BottleneckGrads>>,
 }
 
-/// Parameter gradients of a NICE block: `(weight, bias)` of F.0, F.2, G.0, G.2.
+/// Parameter gradients of a NICE block: `(weight, bias)` of F.0, F.2, G.0, G.2 (or, given to
+/// `nice_backward_into`, where to put them).
+#[derive(Clone, Debug)]
 pub struct NiceGrads {
     pub f0: (Tensor, Tensor),
     pub f2: (Tensor, Tensor),
@@ -167,8 +188,27 @@ pub struct NiceGrads {
     pub g2: (Tensor, Tensor),
 }
 
+impl NiceGrads {
+    /// Destinations shaped like `p`'s parameters, from `alloc(shape)`.
+    pub fn shaped_like(p: &NiceParams, mut alloc: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<Self> {
+        let mut pair = |(w, b): (&Tensor, &Tensor)| -> Result<(Tensor, Tensor)> { Ok((alloc(w.shape())?, alloc(b.shape())?)) };
+        Ok(NiceGrads { f0: pair(p.f0)?, f2: pair(p.f2)?, g0: pair(p.g0)?, g2: pair(p.g2)? })
+    }
+}
+
+/// Where an `_into` backward puts parameter gradients: `grads` are destinations shaped like the
+/// parameters (views of a gradient arena, say), overwritten when `accumulate` is false (the first
+/// contribution to them) and added to when it is true (a parameter reached again: the same
+/// adapter in another Parallel branch).
+#[derive(Clone, Debug)]
+pub struct GradsOut<G> {
+    pub grads: G,
+    pub accumulate: bool,
+}
+
 /// The op families. Forward methods allocate their outputs. Backward methods compute only what
-/// they are asked for: frozen weights never get a weight-gradient product.
+/// they are asked for (frozen weights never get a weight-gradient product) and write into given
+/// outputs (see the backward section).
 pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// A short human name, e.g. "cpu (fast)".
@@ -191,6 +231,11 @@ pub trait Backend: Send + Sync {
     fn to_host_u32(&self, t: &Tensor) -> Result<Vec<u32>>;
     /// A tensor of zeros on this backend's device.
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// A tensor whose contents are unspecified, for an op to overwrite entirely (the destinations
+    /// that the allocating forms of the `_into` ops make). `zeros` unless a backend can skip the fill.
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.zeros(shape, dtype)
+    }
     /// Whether every element is finite (no NaN, no ±inf): one read of the tensor where it lives,
     /// answering one bool (the model checks each layer's output with it).
     fn all_finite(&self, t: &Tensor) -> Result<bool>;
@@ -267,10 +312,39 @@ pub trait Backend: Send + Sync {
     fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor>;
 
     // ---- backward ----------------------------------------------------------------------------
-    /// `dx = dy·W` (the input gradient of `linear`; no weight gradient).
-    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor>;
-    /// `(dW, db) = (dyᵀ·x, Σ_rows dy)` for a trainable Linear.
-    fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)>;
+    // The backward ops write into given destinations. `accumulate: false` overwrites them (the
+    // first contribution); `true` adds to what they hold: a residual-stream gradient reached along
+    // a second path, a parameter used twice (on a device, a GEMM with beta = 1). A destination
+    // must have the shape the op computes (else `Error::Shape` naming the op and the tensor) and
+    // must not share storage with an input (else `Error::Internal`); the destinations of one op
+    // must not overlap each other, but may be disjoint views of one buffer (a gradient arena).
+    // The allocating forms (`linear_backward_input`, ...) are provided: they make destinations
+    // with `empty` and call the `_into` op, so each backward has one implementation.
+
+    /// `out = dy·W`, or `out += dy·W` when `accumulate` (the input gradient of `linear`; no
+    /// weight gradient). `out` has `dy`'s shape with the last dimension `in`.
+    fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()>;
+    /// `dx = dy·W` in a new tensor.
+    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let mut shape = dy.shape().to_vec();
+        if let (Some(last), Some(&d_in)) = (shape.last_mut(), w.shape().get(1)) {
+            *last = d_in;
+        }
+        let out = self.empty(&shape, DType::F32)?;
+        self.linear_backward_input_into(dy, w, &out, false)?;
+        Ok(out)
+    }
+    /// `(dW, db) = (dyᵀ·x, Σ_rows dy)` for a trainable Linear, written into (or, when
+    /// `accumulate`, added to) `dw` (`[out, in]`) and `db` (`[out]`; None for a Linear without
+    /// bias).
+    fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()>;
+    /// `(dW, db)` in new tensors.
+    fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (d_out, d_in) = (dy.last_dim(), x.last_dim());
+        let (dw, db) = (self.empty(&[d_out, d_in], DType::F32)?, self.empty(&[d_out], DType::F32)?);
+        self.linear_backward_params_into(dy, x, &dw, Some(&db), false)?;
+        Ok((dw, db))
+    }
     /// `dx = dy ⊙ act'(pre)`.
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor>;
     /// Input gradient of `LN(x + residual)` with frozen γ, β: returns `∂L/∂(x + residual)`, which
@@ -293,11 +367,34 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)] // `attention_packed`'s inputs, its log-sum-exp and the gradient
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor>;
     /// Backward of `adapter_location` for the branches given (the live ones; `loc.h`/`loc.r` hold
-    /// their rows). `trainable[i]` asks for branch i's parameter gradients; `need_input_grads`
-    /// for `dh` and `dr`.
-    fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads>;
-    /// Parameter gradients of the NICE forward at input `x` for upstream `dy`.
-    fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads>;
+    /// their rows): branch i's parameter gradients go into `grads[i]` (None: frozen, none
+    /// computed), whose tensors are shaped like its parameters (an option it lacks, such as a
+    /// gate, has no destination). Branches run in order, so two branches of the same adapter may
+    /// name the same destinations, the later one accumulating. Returns `(dh, dr)` when
+    /// `need_input_grads`.
+    fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)>;
+    /// `adapter_location_backward_into` with new tensors for the branches where `trainable[i]`.
+    fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
+        if trainable.len() != loc.branches.len() {
+            return Err(crate::error::Error::shape("adapter_location_backward", format!("{} trainable flags for {} branches", trainable.len(), loc.branches.len())));
+        }
+        let mut grads = Vec::with_capacity(trainable.len());
+        for (p, &t) in loc.branches.iter().zip(trainable) {
+            let g = t.then(|| BottleneckGrads::shaped_like(p, |s| self.empty(s, DType::F32))).transpose()?;
+            grads.push(g.map(|grads| GradsOut { grads, accumulate: false }));
+        }
+        let (dh, dr) = self.adapter_location_backward_into(loc, d_out, &grads, need_input_grads)?;
+        Ok(LocationGrads { dh, dr, branches: grads.into_iter().map(|g| g.map(|g| g.grads)).collect() })
+    }
+    /// Parameter gradients of the NICE forward at input `x` for upstream `dy`, into `out`
+    /// (shaped like the parameters).
+    fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()>;
+    /// `nice_backward_into` with new tensors.
+    fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
+        let out = GradsOut { grads: NiceGrads::shaped_like(params, |s| self.empty(s, DType::F32))?, accumulate: false };
+        self.nice_backward_into(x, params, dy, &out)?;
+        Ok(out.grads)
+    }
 
     // ---- elementwise and layout ----------------------------------------------------------------
     /// Dropout with the spec's mask; also its own backward (the same mask and scale).
@@ -305,8 +402,17 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// Rows `ranges` of dim 0, concatenated (a Parallel branch is a contiguous block of rows).
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor>;
+    /// The adjoint of `first_token` into `out` (`[B, T, H]`): position 0 of each sequence gets `d`
+    /// (`[B, H]`), added to what it holds when `accumulate`; the other positions are zeroed when
+    /// writing and left as they are when accumulating.
+    fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()>;
     /// The adjoint of `first_token`: `[B, H] -> [B, T, H]`, zero except at position 0.
-    fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor>;
+    fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
+        let (b, h) = (d.shape().first().copied().unwrap_or(0), d.shape().get(1).copied().unwrap_or(0));
+        let out = self.empty(&[b, seq_len, h], DType::F32)?;
+        self.first_token_backward_into(d, &out, false)?;
+        Ok(out)
+    }
 
     // ---- gather ----------------------------------------------------------------------------------
     /// The first token of every sequence: `[B, T, H] -> [B, H]` (the pooler's input).

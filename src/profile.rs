@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Activation, AdapterLocation, Backend, DropoutSpec, LocationGrads, NiceGrads, NiceParams};
+use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LocationGrads, NiceGrads, NiceParams};
 use crate::device::Device;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
@@ -119,6 +119,10 @@ impl Backend for ProfiledBackend {
         self.time("zeros", || self.inner.zeros(shape, dtype))
     }
 
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.time("empty", || self.inner.empty(shape, dtype))
+    }
+
     fn all_finite(&self, t: &Tensor) -> Result<bool> {
         self.time("all_finite", || self.inner.all_finite(t))
     }
@@ -185,8 +189,16 @@ impl Backend for ProfiledBackend {
         self.time("nice", || self.inner.nice(x, params, inverse))
     }
 
+    fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        self.time("linear_backward_input_into", || self.inner.linear_backward_input_into(dy, w, out, accumulate))
+    }
+
     fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
         self.time("linear_backward_input", || self.inner.linear_backward_input(dy, w))
+    }
+
+    fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
+        self.time("linear_backward_params_into", || self.inner.linear_backward_params_into(dy, x, dw, db, accumulate))
     }
 
     fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -211,8 +223,16 @@ impl Backend for ProfiledBackend {
         self.time("attention_packed_backward", || self.inner.attention_packed_backward(dctx, qkv, lse, mask_bias, heads, dropout))
     }
 
+    fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.time("adapter_location_backward_into", || self.inner.adapter_location_backward_into(loc, d_out, grads, need_input_grads))
+    }
+
     fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
         self.time("adapter_location_backward", || self.inner.adapter_location_backward(loc, d_out, trainable, need_input_grads))
+    }
+
+    fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
+        self.time("nice_backward_into", || self.inner.nice_backward_into(x, params, dy, out))
     }
 
     fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
@@ -229,6 +249,10 @@ impl Backend for ProfiledBackend {
 
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
         self.time("select_rows", || self.inner.select_rows(t, ranges))
+    }
+
+    fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        self.time("first_token_backward_into", || self.inner.first_token_backward_into(d, out, accumulate))
     }
 
     fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
@@ -269,4 +293,5 @@ impl Backend for ProfiledBackend {
 
     fn adamw(&self, step: &crate::train::optim::AdamWLaunch) -> Result<()> {
         self.time("adamw", || self.inner.adamw(step))
-    }}
+    }
+}

@@ -103,8 +103,13 @@ fn frozen_base_in_bf16_equals_the_f32_model_on_bf16_rounded_weights() {
 
 /// Parallel(scorenn, tasknn) on the tiny BERT, heads on both, tasknn trainable.
 fn parallel_model(be: Arc<dyn Backend>, tasknn_config: &str) -> (BertModel, InputBatch, Vec<usize>) {
+    parallel_model_of(be, "pfeiffer", tasknn_config)
+}
+
+/// `parallel_model` with scorenn of `scorenn_config` (Parallel children share their locations).
+fn parallel_model_of(be: Arc<dyn Backend>, scorenn_config: &str, tasknn_config: &str) -> (BertModel, InputBatch, Vec<usize>) {
     let (mut model, batch) = tiny(be);
-    model.add_adapter_seeded("scorenn", AdapterConfig::named("pfeiffer").unwrap(), 1).unwrap();
+    model.add_adapter_seeded("scorenn", AdapterConfig::named(scorenn_config).unwrap(), 1).unwrap();
     model.add_adapter_seeded("tasknn", AdapterConfig::named(tasknn_config).unwrap(), 2).unwrap();
     for n in ["scorenn", "tasknn"] {
         model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
@@ -202,6 +207,87 @@ fn the_device_step_equals_the_host_path_it_replaced() {
             for (k, t) in dev.head(name).unwrap().params() {
                 common::assert_close(&format!("{label} {k}"), &t.cpu_data().unwrap(), &host.head(name).unwrap().params()[k].cpu_data().unwrap(), 1e-6);
             }
+        }
+    }
+}
+
+/// The gradients of one step of `trained` (branch `i`) on the host path: `heads_backward_some`
+/// and `backward` returning maps, the objective's logit gradient on branch `i` only.
+fn host_gradients(model: &BertModel, batch: &InputBatch, labels: &[usize], i: usize, objective: Objective) -> bert_adapters::model::Gradients {
+    let be = model.backend().clone();
+    let (out, tape) = model.forward_train(batch).unwrap();
+    let branches = model.head_logits_train(&out, &tape).unwrap();
+    let logits: Vec<Vec<f32>> = branches.iter().map(|b| be.to_host(&b.logits).unwrap()).collect();
+    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let want = match objective {
+        Objective::CrossEntropy => loss::reference(objective, &logits[i], None, &y, 3).unwrap(),
+        _ => loss::reference(objective, &logits[i], Some(&logits[1 - i]), &y, 3).unwrap(),
+    };
+    let dlogits = be.upload(want.dlogits, &[batch.batch, 3]).unwrap();
+    let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
+    d[i] = Some(&dlogits);
+    let (head_grads, d_last, d_pool) = model.heads_backward_some(&branches, &d, &tape).unwrap();
+    let mut grads = model.backward(&tape, &d_last, d_pool.as_ref()).unwrap();
+    grads.extend(head_grads);
+    grads
+}
+
+/// `train_step` has the backward write straight into the arena's gradient views (the first
+/// contribution to a tensor overwrites, later ones add; nothing is zeroed first). Those views
+/// equal the gradients the returned-tensor path gives for the same batch and masks, key for key:
+/// with the same adapter and head in both Parallel branches (accumulation), and with an `+inv`
+/// adapter that is not the first child (its NICE is never reached: marked without gradient, so
+/// its stale values, poisoned with NaN here, feed neither the norm nor AdamW).
+#[test]
+fn arena_gradients_equal_the_returned_gradients() {
+    let cases = [
+        (["scorenn", "tasknn"], "pfeiffer", "pfeiffer", Objective::TaskEnergy { lambda: 0.1 }, 0),
+        (["tasknn", "tasknn"], "houlsby", "houlsby", Objective::CrossEntropy, 0),
+        (["scorenn", "tasknn"], "pfeiffer", "pfeiffer+inv", Objective::CrossEntropy, 8),
+        (["tasknn", "scorenn"], "houlsby", "houlsby+inv", Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }, 0),
+    ];
+    for be in [Arc::new(CpuBackend::fast()) as Arc<dyn Backend>, Arc::new(CpuBackend::reference())] {
+        for (active, scorenn, config, objective, unreached) in cases {
+            let label = format!("{active:?}, tasknn {config} [{}]", be.name());
+            let (mut model, batch, labels) = parallel_model_of(be.clone(), scorenn, config);
+            model.set_active_adapters(Some(setup(&active))).unwrap();
+            model.train_adapter(&["tasknn"]).unwrap();
+            let i = active.iter().position(|n| *n == "tasknn").unwrap();
+            let c = TrainStepConfig { objective, trained: "tasknn".into(), max_grad_norm: None };
+            let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.5, ..AdamWConfig::default() }).unwrap();
+            model.set_dropout(Some(7));
+            model.train_step(&batch, &labels, &c, &mut opt).unwrap(); // packs the arena
+            // Every reached entry must be overwritten, not added to; the others keep the poison.
+            be.fill(&model.arena("tasknn").unwrap().grads, f32::NAN).unwrap();
+            model.set_dropout(Some(8));
+            let want = host_gradients(&model, &batch, &labels, i, objective);
+            let params_before: Vec<Vec<f32>> = model.arena("tasknn").unwrap().table.iter().map(|e| model.adapter("tasknn").unwrap().params().get(&e.key).or_else(|| model.head("tasknn").unwrap().params().get(&e.key)).unwrap().cpu_data().unwrap().to_vec()).collect();
+            // A NaN that reached the norm would make `read` an error.
+            let v = model.train_step(&batch, &labels, &c, &mut opt).unwrap().read(be.as_ref()).unwrap();
+            let arena = model.arena("tasknn").unwrap();
+            let mut sq = 0f64;
+            let mut missing = 0;
+            for (k, e) in arena.table.iter().enumerate() {
+                assert_eq!(arena.with_grad[k], want.contains_key(&e.key), "{label}: is `{}` reached?", e.key);
+                let got = arena.grad(k).unwrap().cpu_data().unwrap().to_vec();
+                match want.get(&e.key) {
+                    Some(g) => {
+                        common::assert_close(&format!("{label} arena gradient of {}", e.key), &got, &g.cpu_data().unwrap(), 1e-6);
+                        sq += got.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+                    }
+                    None => {
+                        missing += 1;
+                        assert!(got.iter().all(|x| x.is_nan()), "{label}: `{}` got no gradient, its buffer was not written", e.key);
+                        let now = model.adapter("tasknn").unwrap().params()[&e.key].cpu_data().unwrap().to_vec();
+                        assert_eq!(now, params_before[k], "{label}: `{}` got no gradient and is neither updated nor decayed", e.key);
+                        assert!(opt.param_state(&e.key).is_none(), "{label}: `{}` has no optimizer state", e.key);
+                    }
+                }
+            }
+            assert_eq!(missing, unreached, "{label}: tensors without gradient");
+            assert!(arena.table.iter().any(|e| e.key.starts_with("heads.")) && want.keys().any(|k| k.starts_with("heads.tasknn")), "{label}: the head's gradients are compared");
+            let norm = sq.sqrt();
+            assert!((v.grad_norm as f64 - norm).abs() <= 1e-5 * norm, "{label}: gradient norm {} vs {norm}", v.grad_norm);
         }
     }
 }

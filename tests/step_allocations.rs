@@ -1,6 +1,7 @@
 //! A training step of a repeated shape creates no buffer (issue 10): after the first steps, every
 //! tensor the backend makes draws its buffer from the backend's pool, the same buffers in the same
-//! order each time, so the step could be captured and replayed. Alone in its binary: the count of storages made outside
+//! order each time, so the step could be captured and replayed; and it asks the pool for no
+//! buffer per parameter gradient (they are written into the arena). Alone in its binary: the count of storages made outside
 //! a pool is process-wide.
 
 mod common;
@@ -41,7 +42,7 @@ fn steps_two_to_five_create_no_buffer() {
     let (pool, unpooled) = (cpu.pool_counts(), unpooled_storages());
     // The counters see the first steps' allocations (so they can see a later one).
     let first = pool - pool0;
-    assert!(first.created > 50 && first.wrapped == first.created + first.reused, "{first:?}");
+    assert!(first.created > 30 && first.wrapped == first.created + first.reused, "{first:?}");
     eprintln!("steps 0-1: {first:?}, unpooled storages {}", unpooled - unpooled0);
     // Steps 2 and 4 train tasknn, 3 and 5 scorenn: each pair must use the same buffers in the
     // same order (what a captured graph needs).
@@ -52,6 +53,12 @@ fn steps_two_to_five_create_no_buffer() {
         traces.push(cpu.pool().unwrap().take_trace());
     }
     assert!(!traces[0].is_empty());
+    // The backward writes parameter gradients into the arena's views and accumulates the
+    // residual-stream gradients into the product's destination: 65 buffers per step. When each
+    // backward op returned a new tensor, residual gradients were summed by `add` and every
+    // gradient was copied into the arena afterwards, a step asked for 92.
+    let requests: Vec<usize> = traces.iter().map(Vec::len).collect();
+    assert!(requests.iter().all(|&n| n <= 65), "pool requests per step {requests:?}, 65 expected (92 with the copy path)");
     assert_eq!(traces[0], traces[2], "tasknn steps 2 and 4 use the same buffers in the same order");
     assert_eq!(traces[1], traces[3], "scorenn steps 3 and 5 use the same buffers in the same order");
     let (pool, unpooled) = (cpu.pool_counts() - pool, unpooled_storages() - unpooled);

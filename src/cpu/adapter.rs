@@ -12,12 +12,10 @@
 //! branches' `[B, T, H]` blocks. Numerics: the mode's; gate means and gate and scaling gradients
 //! accumulate in f64.
 
-use crate::backend::{
-    Activation, AdapterLocation, BottleneckGrads, BottleneckParams, LocationGrads, ScalingParam,
-};
+use crate::backend::{Activation, AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, ScalingParam};
 use crate::config::ResidualBeforeLn;
 use crate::cpu::apply_dropout;
-use crate::cpu::prims::{add_into, check, Prims};
+use crate::cpu::prims::{add_into, bias_grad_into, check, check_destinations, store_tensor, Prims};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -45,6 +43,46 @@ fn check_branch(p: &BottleneckParams, hidden: usize) -> Result<()> {
         check(OP, "gate bias", b, &[1])?;
     }
     Ok(())
+}
+
+/// Check branch `i`'s gradient destinations against its parameters: the same shapes, an option
+/// the adapter lacks given none, no overlap among them and no storage shared with an input.
+/// Returns them by name.
+fn check_grads_out<'a>(loc: &AdapterLocation, d_out: &Tensor, i: usize, g: &'a BottleneckGrads) -> Result<Vec<(&'static str, &'a Tensor)>> {
+    const OP: &str = "adapter_location_backward_into";
+    let p = &loc.branches[i];
+    let mut pairs: Vec<(&'static str, &Tensor, &Tensor)> = vec![("down weight", &g.down_w, p.down_w), ("down bias", &g.down_b, p.down_b), ("up weight", &g.up_w, p.up_w), ("up bias", &g.up_b, p.up_b)];
+    let mismatch = |what: &str| Error::shape(OP, format!("branch {i}: a {what} gradient destination is given if and only if the adapter has one"));
+    match (&g.ln_before, &p.ln_before) {
+        (Some((dg, db)), Some(ln)) => pairs.extend([("LayerNorm-before gamma", dg, ln.gamma), ("LayerNorm-before beta", db, ln.beta)]),
+        (None, None) => {}
+        _ => return Err(mismatch("LayerNorm-before")),
+    }
+    match (&g.ln_after, &p.ln_after) {
+        (Some((dg, db)), Some(ln)) => pairs.extend([("LayerNorm-after gamma", dg, ln.gamma), ("LayerNorm-after beta", db, ln.beta)]),
+        (None, None) => {}
+        _ => return Err(mismatch("LayerNorm-after")),
+    }
+    match (&g.scaling, p.scaling) {
+        (Some(ds), ScalingParam::Learned(s) | ScalingParam::Channel(s)) => pairs.push(("scaling", ds, s)),
+        (None, ScalingParam::Fixed(_)) => {}
+        _ => return Err(mismatch("scaling")),
+    }
+    match (&g.gate, p.gate) {
+        (Some((dw, db)), Some((w, b))) => pairs.extend([("gate weight", dw, w), ("gate bias", db, b)]),
+        (None, None) => {}
+        _ => return Err(mismatch("gate")),
+    }
+    for (what, dest, param) in &pairs {
+        if dest.shape() != param.shape() {
+            return Err(Error::shape(OP, format!("branch {i}: the {what} gradient destination has shape {:?}, expected {:?}", dest.shape(), param.shape())));
+        }
+    }
+    let outs: Vec<(&'static str, &Tensor)> = pairs.iter().map(|(what, dest, _)| (*what, *dest)).collect();
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("h", loc.h), ("r", loc.r), ("d_out", d_out), ("LayerNorm gamma", loc.layer_norm.gamma), ("LayerNorm beta", loc.layer_norm.beta)];
+    inputs.extend(pairs.iter().map(|(what, _, param)| (*what, *param)));
+    check_destinations(OP, &outs, &inputs)?;
+    Ok(outs)
 }
 
 /// Check a location's shapes; returns `(branches, examples per branch, hidden)`.
@@ -175,10 +213,11 @@ fn core_forward(prims: Prims<'_>, p: &BottleneckParams, x: &[f32], rho: &[f32], 
     Ok((y, CoreTape { z0, pre, act, up, scaled, gate, ln_after_in }))
 }
 
-/// `(dx if asked for, dρ, parameter gradients if trainable)` of one core.
-type CoreGrads = (Option<Vec<f32>>, Vec<f32>, Option<BottleneckGrads>);
+/// `(dx if asked for, dρ)` of one core; its parameter gradients go into `dest` (trainable).
+type CoreGrads = (Option<Vec<f32>>, Vec<f32>);
 
-/// `(dx, dρ, parameter gradients)` of the core for output gradient `dy`.
+/// `(dx, dρ)` of the core for output gradient `dy`, its parameter gradients written into (or
+/// added to) `dest` when it is trainable. Each destination is locked only while it is written.
 #[allow(clippy::too_many_arguments)]
 fn core_backward(
     prims: Prims<'_>,
@@ -188,17 +227,21 @@ fn core_backward(
     dy: &[f32],
     hidden: usize,
     seq_len: usize,
-    trainable: bool,
+    dest: Option<&GradsOut<BottleneckGrads>>,
     need_dx: bool,
 ) -> Result<CoreGrads> {
     let rows = x.len() / hidden;
     let m = p.down_w.shape()[0];
+    let acc = dest.is_some_and(|d| d.accumulate);
+    let out = dest.map(|d| &d.grads);
     // Through LN_after and the adapter residual.
-    let mut ln_after_grads = None;
     let (mut du, drho) = match (&p.ln_after, &tape.ln_after_in) {
         (Some(ln), Some(input)) => {
             let (dz, dg, db) = prims.layernorm_backward(dy, input, ln.gamma, ln.eps)?;
-            ln_after_grads = Some((prims.tensor(dg, &[hidden])?, prims.tensor(db, &[hidden])?));
+            if let Some((g, b)) = out.and_then(|o| o.ln_after.as_ref()) {
+                store_tensor(g, &dg, acc)?;
+                store_tensor(b, &db, acc)?;
+            }
             if p.adapter_residual_before_ln {
                 (dz.clone(), dz)
             } else {
@@ -208,7 +251,6 @@ fn core_backward(
         _ => (dy.to_vec(), dy.to_vec()),
     };
     // Gate: u_final = u·g_e with g_e = mean_t σ(x·w_g + b_g).
-    let mut gate_grads = None;
     let mut dx_gate = None;
     if let (Some((gw, _)), Some((sig, means))) = (p.gate, &tape.gate) {
         let mut dlogit = vec![0f32; rows];
@@ -221,9 +263,9 @@ fn core_backward(
                 dlogit[r] = (dg / seq_len as f64 * s * (1.0 - s)) as f32;
             }
         }
-        if trainable {
-            let (dw, db) = prims.linear_dw(&dlogit, x, hidden, 1);
-            gate_grads = Some((prims.tensor(dw, &[1, hidden])?, prims.tensor(db, &[1])?));
+        if let Some((dw, db)) = out.and_then(|o| o.gate.as_ref()) {
+            prims.linear_dw_into(&dlogit, x, hidden, 1, &mut dw.cpu_data_mut()?, acc);
+            bias_grad_into(&dlogit, &mut db.cpu_data_mut()?, acc);
         }
         if need_dx {
             dx_gate = Some(prims.linear_dx(&dlogit, gw)?);
@@ -235,16 +277,15 @@ fn core_backward(
     }
     // Scaling.
     let mut dup = du.clone();
-    let scaling_grad = match p.scaling {
-        ScalingParam::Fixed(s) => {
-            dup.iter_mut().for_each(|v| *v *= s);
-            None
-        }
+    match p.scaling {
+        ScalingParam::Fixed(s) => dup.iter_mut().for_each(|v| *v *= s),
         ScalingParam::Learned(s) => {
             let s = s.f32_data()?[0];
             dup.iter_mut().for_each(|v| *v *= s);
-            let ds: f64 = du.iter().zip(&tape.up).map(|(a, b)| *a as f64 * *b as f64).sum();
-            Some(prims.tensor(vec![ds as f32], &[1])?)
+            if let Some(dest) = out.and_then(|o| o.scaling.as_ref()) {
+                let ds: f64 = du.iter().zip(&tape.up).map(|(a, b)| *a as f64 * *b as f64).sum();
+                store_tensor(dest, &[ds as f32], acc)?;
+            }
         }
         ScalingParam::Channel(s) => {
             let s = &*s.f32_data()?;
@@ -255,21 +296,33 @@ fn core_backward(
                     row[c] = drow[c] * s[c];
                 }
             }
-            Some(prims.tensor(ds.into_iter().map(|v| v as f32).collect(), &[hidden])?)
+            if let Some(dest) = out.and_then(|o| o.scaling.as_ref()) {
+                store_tensor(dest, &ds.into_iter().map(|v| v as f32).collect::<Vec<_>>(), acc)?;
+            }
         }
-    };
-    // Up projection, activation, down projection.
-    let up_grads = trainable.then(|| prims.linear_dw(&dup, &tape.act, m, hidden));
+    }
+    // Up projection, activation, down projection: weight gradients straight into their
+    // destinations (accumulated in the product on the fast path).
+    if let Some(o) = out {
+        prims.linear_dw_into(&dup, &tape.act, m, hidden, &mut o.up_w.cpu_data_mut()?, acc);
+        bias_grad_into(&dup, &mut o.up_b.cpu_data_mut()?, acc);
+    }
     let dact = prims.linear_dx(&dup, p.up_w)?;
     let dpre = prims.activation_backward(&dact, &tape.pre, p.activation);
-    let down_grads = trainable.then(|| prims.linear_dw(&dpre, &tape.z0, hidden, m));
-    let mut ln_before_grads = None;
-    let dx = if need_dx || (trainable && p.ln_before.is_some()) {
+    if let Some(o) = out {
+        prims.linear_dw_into(&dpre, &tape.z0, hidden, m, &mut o.down_w.cpu_data_mut()?, acc);
+        bias_grad_into(&dpre, &mut o.down_b.cpu_data_mut()?, acc);
+    }
+    let ln_before_dest = out.and_then(|o| o.ln_before.as_ref());
+    let dx = if need_dx || ln_before_dest.is_some() {
         let dz0 = prims.linear_dx(&dpre, p.down_w)?;
         let mut dx = match &p.ln_before {
             Some(ln) => {
                 let (dx, dg, db) = prims.layernorm_backward(&dz0, x, ln.gamma, ln.eps)?;
-                ln_before_grads = Some((prims.tensor(dg, &[hidden])?, prims.tensor(db, &[hidden])?));
+                if let Some((g, b)) = ln_before_dest {
+                    store_tensor(g, &dg, acc)?;
+                    store_tensor(b, &db, acc)?;
+                }
                 dx
             }
             None => dz0,
@@ -281,20 +334,7 @@ fn core_backward(
     } else {
         None
     };
-    let grads = match (up_grads, down_grads) {
-        (Some((duw, dub)), Some((ddw, ddb))) => Some(BottleneckGrads {
-            down_w: prims.tensor(ddw, &[m, hidden])?,
-            down_b: prims.tensor(ddb, &[m])?,
-            up_w: prims.tensor(duw, &[hidden, m])?,
-            up_b: prims.tensor(dub, &[hidden])?,
-            ln_before: ln_before_grads,
-            ln_after: ln_after_grads,
-            scaling: scaling_grad,
-            gate: gate_grads,
-        }),
-        _ => None,
-    };
-    Ok((dx, drho, grads))
+    Ok((dx, drho))
 }
 
 // ---- the location: forward, backward ------------------------------------------------------------
@@ -330,13 +370,18 @@ pub(crate) fn adapter_location_backward(
     prims: Prims<'_>,
     loc: &AdapterLocation,
     d_out: &Tensor,
-    trainable: &[bool],
+    grads: &[Option<GradsOut<BottleneckGrads>>],
     need_input_grads: bool,
-) -> Result<LocationGrads> {
-    const OP: &str = "adapter_location_backward";
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "adapter_location_backward_into";
     let (n, examples, hidden) = validate_location(loc)?;
-    if trainable.len() != n {
-        return Err(Error::shape(OP, format!("{} trainable flags for {n} branches", trainable.len())));
+    if grads.len() != n {
+        return Err(Error::shape(OP, format!("{} gradient destinations for {n} branches", grads.len())));
+    }
+    for (i, g) in grads.iter().enumerate() {
+        if let Some(g) = g {
+            check_grads_out(loc, d_out, i, &g.grads)?;
+        }
     }
     let block = examples * loc.seq_len * hidden;
     if d_out.elem_count() != n * block {
@@ -372,19 +417,17 @@ pub(crate) fn adapter_location_backward(
     let rows_in = if loc.replicate { block } else { n * block };
     let mut dx = vec![0f32; rows_in];
     let mut drho = vec![0f32; rows_in];
-    let mut grads = Vec::with_capacity(n);
     for (i, branch) in loc.branches.iter().enumerate() {
         let xi = &x[at(i)..at(i) + block];
-        let (dxi, drhoi, g) =
-            core_backward(prims, branch, &tapes[i], xi, &dy[i * block..(i + 1) * block], hidden, loc.seq_len, trainable[i], need_input_grads)?;
+        let (dxi, drhoi) =
+            core_backward(prims, branch, &tapes[i], xi, &dy[i * block..(i + 1) * block], hidden, loc.seq_len, grads[i].as_ref(), need_input_grads)?;
         if need_input_grads {
             add_into(&mut dx[at(i)..at(i) + block], &dxi.unwrap_or_default());
             add_into(&mut drho[at(i)..at(i) + block], &drhoi);
         }
-        grads.push(g);
     }
     if !need_input_grads {
-        return Ok(LocationGrads { dh: None, dr: None, branches: grads });
+        return Ok((None, None));
     }
 
     // Pre step backward.
@@ -411,5 +454,5 @@ pub(crate) fn adapter_location_backward(
         }
     }
     let shape = [rows_in / (loc.seq_len * hidden), loc.seq_len, hidden];
-    Ok(LocationGrads { dh: Some(prims.tensor(dh, &shape)?), dr: Some(prims.tensor(dr, &shape)?), branches: grads })
+    Ok((Some(prims.tensor(dh, &shape)?), Some(prims.tensor(dr, &shape)?)))
 }

@@ -15,7 +15,7 @@ pub(crate) mod pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::backend::{Activation, AdapterLocation, Backend, DropoutSpec, LocationGrads, NiceGrads, NiceParams, TokenBatch};
+use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, NiceGrads, NiceParams, TokenBatch};
 use crate::train::dropout::{dropout_range, DropoutRng};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -418,6 +418,14 @@ impl Backend for CpuBackend {
         Ok(Tensor::zeros_of(dtype, shape))
     }
 
+    // Pooled: an idle buffer as it is (the op overwrites it), no fill.
+    fn empty(&self, shape: &[usize], dtype: crate::tensor::DType) -> Result<Tensor> {
+        if let (Some(pool), crate::tensor::DType::F32) = (&self.pool, dtype) {
+            return self.wrap(pool.take(shape.iter().product()), shape);
+        }
+        Ok(Tensor::zeros_of(dtype, shape))
+    }
+
     fn all_finite(&self, t: &Tensor) -> Result<bool> {
         // One bool back to the host: a device sync and a transfer on a GPU.
         self.transfers.down(1);
@@ -679,24 +687,37 @@ impl Backend for CpuBackend {
         nice::nice(self.prims(), x, params, inverse)
     }
 
-    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let _pool = self.scope();
-        let (_, d_in) = linear_backward_dims("linear_backward_input", dy, w)?;
-        let dx = self.prims().linear_dx(&dy.f32_data()?, w)?;
+    fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        const OP: &str = "linear_backward_input_into";
+        let (_, d_in) = linear_backward_dims(OP, dy, w)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rank checked") = d_in;
-        self.wrap(dx, &shape)
+        expect_shape(OP, "destination `out`", out, &shape)?;
+        prims::check_destinations(OP, &[("out", out)], &[("dy", dy), ("w", w)])?;
+        let dy = dy.f32_data()?;
+        self.prims().linear_dx_into(&dy, w, &mut out.cpu_data_mut()?, accumulate)
     }
 
-    fn linear_backward_params(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let _pool = self.scope();
-        const OP: &str = "linear_backward_params";
+    fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
+        const OP: &str = "linear_backward_params_into";
         if dy.rows() != x.rows() || dy.rank() == 0 || x.rank() == 0 {
             return Err(Error::shape(OP, format!("gradient {:?} and input {:?} have different rows", dy.shape(), x.shape())));
         }
         let (d_in, d_out) = (x.last_dim(), dy.last_dim());
-        let (dw, db) = self.prims().linear_dw(&dy.f32_data()?, &x.f32_data()?, d_in, d_out);
-        Ok((self.wrap(dw, &[d_out, d_in])?, self.wrap(db, &[d_out])?))
+        expect_shape(OP, "destination `dw`", dw, &[d_out, d_in])?;
+        let mut outs = vec![("dw", dw)];
+        if let Some(db) = db {
+            expect_shape(OP, "destination `db`", db, &[d_out])?;
+            outs.push(("db", db));
+        }
+        prims::check_destinations(OP, &outs, &[("dy", dy), ("x", x)])?;
+        let (dys, xs) = (dy.f32_data()?, x.f32_data()?);
+        // One destination locked at a time: dw and db may be views of one gradient arena.
+        self.prims().linear_dw_into(&dys, &xs, d_in, d_out, &mut dw.cpu_data_mut()?, accumulate);
+        if let Some(db) = db {
+            prims::bias_grad_into(&dys, &mut db.cpu_data_mut()?, accumulate);
+        }
+        Ok(())
     }
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
@@ -752,12 +773,12 @@ impl Backend for CpuBackend {
         Ok([Tensor::from_vec(dq, q.shape())?, Tensor::from_vec(dk, q.shape())?, Tensor::from_vec(dv, q.shape())?])
     }
 
-    fn adapter_location_backward(&self, loc: &AdapterLocation, d_out: &Tensor, trainable: &[bool], need_input_grads: bool) -> Result<LocationGrads> {
-        adapter::adapter_location_backward(self.prims(), loc, d_out, trainable, need_input_grads)
+    fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        adapter::adapter_location_backward(self.prims(), loc, d_out, grads, need_input_grads)
     }
 
-    fn nice_backward(&self, x: &Tensor, params: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
-        nice::nice_backward(self.prims(), x, params, dy)
+    fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
+        nice::nice_backward(self.prims(), x, params, dy, out)
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
@@ -799,18 +820,25 @@ impl Backend for CpuBackend {
         self.wrap(out, &shape)
     }
 
-    fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
-        let _pool = self.scope();
-        expect_rank("first_token_backward", "gradient", d, 2)?;
-        let (b, h) = (d.shape()[0], d.shape()[1]);
+    fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        const OP: &str = "first_token_backward_into";
+        expect_rank(OP, "gradient", d, 2)?;
+        expect_rank(OP, "destination `out`", out, 3)?;
+        let (b, h, seq_len) = (d.shape()[0], d.shape()[1], out.shape()[1]);
+        expect_shape(OP, "destination `out`", out, &[b, seq_len, h])?;
         if seq_len == 0 && b > 0 {
-            return Err(Error::shape("first_token_backward", "sequence length 0".to_string()));
+            return Err(Error::shape(OP, "sequence length 0".to_string()));
         }
-        let mut out = pool::zeros(b * seq_len * h);
-        for (i, row) in d.f32_data()?.chunks(h).enumerate() {
-            out[i * seq_len * h..][..h].copy_from_slice(row);
+        prims::check_destinations(OP, &[("out", out)], &[("d", d)])?;
+        let src = d.f32_data()?;
+        let mut o = out.cpu_data_mut()?;
+        if !accumulate {
+            o.fill(0.0);
         }
-        self.wrap(out, &[b, seq_len, h])
+        for (i, row) in src.chunks(h.max(1)).enumerate() {
+            prims::store(&mut o[i * seq_len * h..][..h], row, accumulate);
+        }
+        Ok(())
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {

@@ -6,8 +6,8 @@
 //! Layout: `x` `[.., H]` row-major; the halves are copied out as `[rows, s1]` and `[rows, s2]`.
 //! Numerics: the mode's (see `Prims`).
 
-use crate::backend::{Activation, NiceGrads, NiceParams};
-use crate::cpu::prims::{add_into, check, columns, Prims};
+use crate::backend::{Activation, GradsOut, NiceGrads, NiceParams};
+use crate::cpu::prims::{add_into, bias_grad_into, check, check_destinations, columns, Prims};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -49,9 +49,9 @@ pub(crate) fn nice(prims: Prims<'_>, x: &Tensor, p: &NiceParams, inverse: bool) 
     prims.tensor(out, x.shape())
 }
 
-/// Backward of one NICE subnet `o = act(z·W0ᵀ + b0)·W2ᵀ + b2`: parameter gradients and,
-/// if asked, `dz`.
-#[allow(clippy::type_complexity)]
+/// Backward of one NICE subnet `o = act(z·W0ᵀ + b0)·W2ᵀ + b2`: parameter gradients written into
+/// (or added to) `d0` and `d2`, and, if asked, `dz`.
+#[allow(clippy::too_many_arguments)]
 fn subnet_backward(
     prims: Prims<'_>,
     z: &[f32],
@@ -59,24 +59,52 @@ fn subnet_backward(
     l2: (&Tensor, &Tensor),
     act: Activation,
     dout: &[f32],
+    (d0, d2): (&(Tensor, Tensor), &(Tensor, Tensor)),
+    accumulate: bool,
     need_dz: bool,
-) -> Result<((Tensor, Tensor), (Tensor, Tensor), Option<Vec<f32>>)> {
+) -> Result<Option<Vec<f32>>> {
     let (k, d_in) = (l0.0.shape()[0], l0.0.shape()[1]);
     let d_out = l2.0.shape()[0];
     let pre = prims.linear(z, l0.0, l0.1, d_in)?;
     let a = prims.activation(&pre, act);
-    let (dw2, db2) = prims.linear_dw(dout, &a, k, d_out);
+    prims.linear_dw_into(dout, &a, k, d_out, &mut d2.0.cpu_data_mut()?, accumulate);
+    bias_grad_into(dout, &mut d2.1.cpu_data_mut()?, accumulate);
     let da = prims.linear_dx(dout, l2.0)?;
     let dpre = prims.activation_backward(&da, &pre, act);
-    let (dw0, db0) = prims.linear_dw(&dpre, z, d_in, k);
-    let dz = if need_dz { Some(prims.linear_dx(&dpre, l0.0)?) } else { None };
-    Ok(((prims.tensor(dw0, &[k, d_in])?, prims.tensor(db0, &[k])?), (prims.tensor(dw2, &[d_out, k])?, prims.tensor(db2, &[d_out])?), dz))
+    prims.linear_dw_into(&dpre, z, d_in, k, &mut d0.0.cpu_data_mut()?, accumulate);
+    bias_grad_into(&dpre, &mut d0.1.cpu_data_mut()?, accumulate);
+    if need_dz {
+        Ok(Some(prims.linear_dx(&dpre, l0.0)?))
+    } else {
+        Ok(None)
+    }
 }
 
-pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &Tensor) -> Result<NiceGrads> {
+pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
+    const OP: &str = "nice_backward_into";
     if dy.shape() != x.shape() {
-        return Err(Error::shape("nice_backward", format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
+        return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
     }
+    let g = &out.grads;
+    let pairs = [
+        ("F.0.weight", &g.f0.0, p.f0.0),
+        ("F.0.bias", &g.f0.1, p.f0.1),
+        ("F.2.weight", &g.f2.0, p.f2.0),
+        ("F.2.bias", &g.f2.1, p.f2.1),
+        ("G.0.weight", &g.g0.0, p.g0.0),
+        ("G.0.bias", &g.g0.1, p.g0.1),
+        ("G.2.weight", &g.g2.0, p.g2.0),
+        ("G.2.bias", &g.g2.1, p.g2.1),
+    ];
+    for (what, dest, param) in &pairs {
+        if dest.shape() != param.shape() {
+            return Err(Error::shape(OP, format!("the {what} gradient destination has shape {:?}, expected {:?}", dest.shape(), param.shape())));
+        }
+    }
+    let outs: Vec<(&str, &Tensor)> = pairs.iter().map(|(what, dest, _)| (*what, *dest)).collect();
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("x", x), ("dy", dy)];
+    inputs.extend(pairs.iter().map(|(what, _, param)| (*what, *param)));
+    check_destinations(OP, &outs, &inputs)?;
     let hidden = x.last_dim();
     let (s1, s2) = (hidden / 2, hidden - hidden / 2);
     let data = &*x.f32_data()?;
@@ -89,8 +117,8 @@ pub(crate) fn nice_backward(prims: Prims<'_>, x: &Tensor, p: &NiceParams, dy: &T
     let y1: Vec<f32> = x1.iter().zip(&f).map(|(a, b)| a + b).collect();
     let d = &*dy.f32_data()?;
     let (mut g1, g2) = (columns(d, hidden, 0, s1), columns(d, hidden, s1, s2));
-    let (g0, g2w, dy1) = subnet_backward(prims, &y1, p.g0, p.g2, p.activation, &g2, true)?;
+    let dy1 = subnet_backward(prims, &y1, p.g0, p.g2, p.activation, &g2, (&g.g0, &g.g2), out.accumulate, true)?;
     add_into(&mut g1, &dy1.unwrap_or_default());
-    let (f0, f2, _) = subnet_backward(prims, &x2, p.f0, p.f2, p.activation, &g1, false)?;
-    Ok(NiceGrads { f0, f2, g0, g2: g2w })
+    subnet_backward(prims, &x2, p.f0, p.f2, p.activation, &g1, (&g.f0, &g.f2), out.accumulate, false)?;
+    Ok(())
 }

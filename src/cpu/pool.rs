@@ -1,6 +1,6 @@
 //! Output buffers of the CPU ops from the backend's `HostPool` (what a device caching allocator
 //! is to device memory): a simple op runs inside `Scope`, and its kernel takes the output it
-//! returns from `zeros`, so the tensor that wraps it (`Tensor::from_pool`) gives it back when
+//! returns from `buffer`, so the tensor that wraps it (`Tensor::from_pool`) gives it back when
 //! dropped. Kernels called outside a scope (the temporaries inside the adapter and NICE ops,
 //! scratch that a device kernel keeps in registers or a workspace) allocate as before.
 
@@ -11,14 +11,6 @@ use crate::tensor::HostPool;
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<HostPool>>> = const { RefCell::new(None) };
-}
-
-/// A zeroed output buffer of `n` elements: from the pool of the op running on this thread, if any.
-pub(crate) fn zeros(n: usize) -> Vec<f32> {
-    CURRENT.with(|c| match c.borrow().as_ref() {
-        Some(pool) => pool.take_zeroed(n),
-        None => vec![0f32; n],
-    })
 }
 
 /// An output buffer of `n` elements that the caller overwrites entirely (its contents are

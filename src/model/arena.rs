@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::backward::{GradSink, Gradients};
 use crate::tensor::{DType, Tensor};
 use crate::train::optim::ArenaEntry;
 
@@ -22,8 +23,13 @@ pub struct TrainArena {
     pub table: Vec<ArenaEntry>,
     /// `[N]` f32: the parameters; the adapter's and head's maps hold views of it.
     pub params: Tensor,
-    /// `[N]` f32: the gradients of one step.
+    /// `[N]` f32: the gradients of one step. The backward writes them in place (its first
+    /// contribution to a tensor overwrites, later ones add), so an entry that got no gradient
+    /// this step holds stale values: `with_grad` says which did.
     pub grads: Tensor,
+    /// Per table entry: whether the last training step gave it a gradient (clipping and AdamW
+    /// read only those).
+    pub with_grad: Vec<bool>,
 }
 
 impl TrainArena {
@@ -53,7 +59,8 @@ impl TrainArena {
                 i += 1;
             }
         }
-        Ok(TrainArena { table, params, grads })
+        let with_grad = vec![false; table.len()];
+        Ok(TrainArena { table, params, grads, with_grad })
     }
 
     /// Whether `maps` still hold exactly this arena's views, key for key.
@@ -79,5 +86,37 @@ impl TrainArena {
     /// Bytes of parameters (the gradient buffer is the same again).
     pub fn bytes(&self) -> usize {
         self.params.size_in_bytes()
+    }
+}
+
+/// A training step's gradient destinations: the arena's gradient views, marked as they are
+/// reached. A key outside the arena (an adapter that is trainable but not the one this step
+/// updates) gets a new tensor, which the step drops.
+pub(crate) struct ArenaSink<'a> {
+    arena: &'a TrainArena,
+    index: std::collections::HashMap<&'a str, usize>,
+    pub with_grad: Vec<bool>,
+    others: Gradients,
+}
+
+impl<'a> ArenaSink<'a> {
+    /// No entry reached yet: nothing needs zeroing, as every first contribution overwrites.
+    pub fn new(arena: &'a TrainArena) -> Self {
+        let index = arena.table.iter().enumerate().map(|(i, e)| (e.key.as_str(), i)).collect();
+        ArenaSink { arena, index, with_grad: vec![false; arena.table.len()], others: Gradients::new() }
+    }
+}
+
+impl GradSink for ArenaSink<'_> {
+    fn dest(&mut self, be: &dyn Backend, key: &str, shape: &[usize]) -> Result<(Tensor, bool)> {
+        let Some(&i) = self.index.get(key) else {
+            return self.others.dest(be, key, shape);
+        };
+        let view = self.arena.grad(i)?;
+        if view.shape() != shape {
+            return Err(Error::Internal(format!("the arena holds `{key}` as {:?}, its gradient is {shape:?}", view.shape())));
+        }
+        let again = std::mem::replace(&mut self.with_grad[i], true);
+        Ok((view, again))
     }
 }

@@ -6,11 +6,10 @@
 //! Frozen weights never get a weight-gradient product; rows of a branch whose path reaches no
 //! trainable parameter are dropped before the first product.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, DropoutSpec, LayerNormParams};
+use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, BottleneckParams, DropoutSpec, GradsOut, LayerNormParams, NiceGrads};
 use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
@@ -152,6 +151,60 @@ pub(crate) enum DropoutSite {
 /// Gradients of the trainable tensors, by library key (no `bert.` prefix).
 pub type Gradients = BTreeMap<String, Tensor>;
 
+/// Where a backward puts parameter gradients, by key. The first contribution to a key overwrites
+/// its destination; later ones (the same adapter in two Parallel branches, a head applied to two
+/// branches) add to it, so nothing needs zeroing first.
+pub(crate) trait GradSink {
+    /// The destination of `key`'s gradient (of `shape`), and whether it already holds a
+    /// contribution of this backward (then the op accumulates). The key counts as reached.
+    fn dest(&mut self, be: &dyn Backend, key: &str, shape: &[usize]) -> Result<(Tensor, bool)>;
+}
+
+/// Returned gradients: a new tensor per key, made on first use (`Backend::empty`: the first
+/// contribution overwrites it).
+impl GradSink for Gradients {
+    fn dest(&mut self, be: &dyn Backend, key: &str, shape: &[usize]) -> Result<(Tensor, bool)> {
+        if let Some(t) = self.get(key) {
+            if t.shape() != shape {
+                return Err(Error::internal(format!("the gradient of `{key}` was made {:?} and is now {shape:?}", t.shape())));
+            }
+            return Ok((t.clone(), true));
+        }
+        let t = be.empty(shape, crate::tensor::DType::F32)?;
+        self.insert(key.to_string(), t.clone());
+        Ok((t, false))
+    }
+}
+
+/// The destinations of tensors one op writes together (one module's weight and bias, one
+/// adapter's modules at a location): all first contributions or all later ones.
+pub(crate) fn dests<const N: usize>(sink: &mut dyn GradSink, be: &dyn Backend, keys: [(String, &[usize]); N]) -> Result<([Tensor; N], bool)> {
+    let mut out = Vec::with_capacity(N);
+    let mut seen = None;
+    for (key, shape) in &keys {
+        let (t, again) = sink.dest(be, key, shape)?;
+        if seen.is_some_and(|s| s != again) {
+            return Err(Error::internal(format!("`{key}` was reached {} the other tensors of its module", if again { "before" } else { "after" })));
+        }
+        seen = Some(again);
+        out.push(t);
+    }
+    let out: [Tensor; N] = out.try_into().map_err(|_| Error::internal("gradient destinations"))?;
+    Ok((out, seen.unwrap_or(false)))
+}
+
+/// `t` itself when no other handle shares its storage, else a copy: a buffer about to be
+/// accumulated into must not change what another holder reads (a plain location returns one
+/// gradient for both `h` and `r`; a caller keeps the gradient it passed in).
+pub(crate) fn owned(be: &dyn Backend, t: Tensor) -> Result<Tensor> {
+    if t.is_unique() {
+        return Ok(t);
+    }
+    let copy = be.zeros(t.shape(), t.dtype())?;
+    be.add_into(&copy, &t)?;
+    Ok(copy)
+}
+
 /// Position of a location in forward order: 0 is the embedding output (NICE).
 pub(crate) fn position(layer: usize, location: Location) -> usize {
     match location {
@@ -270,18 +323,28 @@ impl BertModel {
     /// gets the sum of their gradients. A gradient holding NaN or ±inf is an `Error::NonFinite`
     /// naming its key (the first in key order).
     pub fn backward(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>) -> Result<Gradients> {
-        self.backward_with(tape, d_last, d_pooler, true)
+        let mut grads = Gradients::new();
+        self.backward_into(tape, d_last.clone(), d_pooler, &mut grads)?;
+        // One pass over each gradient computed (adapter-sized, small next to the backward).
+        let be = self.backend.as_ref();
+        for (key, g) in &grads {
+            if !be.all_finite(g)? {
+                return Err(Error::NonFinite { at: format!("the gradient of `{key}`") });
+            }
+        }
+        Ok(grads)
     }
 
-    /// `backward`; `check_finite` scans every gradient (one host read each: a training step on a
-    /// device checks the gradient norm instead).
-    pub(crate) fn backward_with(&self, tape: &Tape, d_last: &Tensor, d_pooler: Option<&Tensor>, check_finite: bool) -> Result<Gradients> {
+    /// `backward` with the parameter gradients written into `sink`'s destinations (a training
+    /// step's are views of the gradient arena) and no finiteness scan (a training step checks the
+    /// gradient norm instead). `d_last` is taken by value: when the caller keeps no other handle,
+    /// the pooler's gradient accumulates into it rather than into a copy.
+    pub(crate) fn backward_into(&self, tape: &Tape, d_last: Tensor, d_pooler: Option<&Tensor>, sink: &mut dyn GradSink) -> Result<()> {
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let children = self.active_children()?;
         // Contributions accumulate: a parameter used by several branches (`Parallel(a, a)`) gets
-        // the sum of their gradients. Trainable tensors that receive none are zeros at the end.
-        let mut grads: Gradients = BTreeMap::new();
+        // the sum of their gradients (the sink says which contribution is the first).
         let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
         let want = [rows_out, tape.seq_len, cfg.hidden_size];
         if d_last.shape() != want {
@@ -302,7 +365,7 @@ impl BertModel {
             return Err(Error::Input(format!("backward: this tape was recorded by forward_train under another setup ({why}); run forward_train again")));
         }
         let Some(plan) = tape.plan.clone() else {
-            return Ok(grads); // nothing trainable is reached by this setup
+            return Ok(()); // nothing trainable is reached by this setup
         };
 
         // Branch row blocks that carry gradient (all rows before replication).
@@ -319,11 +382,12 @@ impl BertModel {
             }
         };
 
-        let mut d = d_last.clone();
+        let mut d = d_last;
         if let (Some(dp), Some(pre), Some((pw, _))) = (d_pooler, &tape.pooler_pre, &self.weights.pooler) {
             let dpre = be.activation_backward(dp, pre, Activation::Tanh)?;
             let dfirst = be.linear_backward_input(&dpre, pw)?;
-            d = be.add(&d, &be.first_token_backward(&dfirst, tape.seq_len)?)?;
+            d = owned(be, d)?;
+            be.first_token_backward_into(&dfirst, &d, true)?;
         }
         d = live_rows(&d)?;
         let live_children: Vec<&Adapter> = children.iter().zip(&plan.live).filter(|(_, &l)| l).map(|(a, _)| *a).collect();
@@ -351,19 +415,23 @@ impl BertModel {
             let below = plan.lowest < position(l, Location::Output);
             let (dh2, dx_attn) = self.location_backward(
                 &live_children, &live_ids, seed, &live_trainable, &children, l, Location::Output, &lt.ffn, ln2, rep[1],
-                tape.seq_len, &d, below, &live_rows, &mut grads,
+                tape.seq_len, &d, below, &live_rows, sink,
             )?;
             if !below {
                 break;
             }
-            let (mut dh2, mut dx_attn) = both(dh2, dx_attn)?;
+            let (mut dh2, dx_attn) = both(dh2, dx_attn)?;
             // h2 is the FFN output after dropout; rows are replicated if that happened at or before
             // this layer's attention location.
             if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
                 dh2 = be.dropout(&dh2, &spec)?;
             }
             let dpre = be.linear_backward_input_act(&dh2, &w.output_w, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
-            dx_attn = be.add(&dx_attn, &be.linear_backward_input(&dpre, &w.intermediate_w)?)?;
+            // The residual stream's gradient gets the FFN's in the product (dx_attn += dpre·W).
+            // dh2 is read no more: dropped, a plain location's dx_attn (its clone) is unique.
+            drop(dh2);
+            let dx_attn = owned(be, dx_attn)?;
+            be.linear_backward_input_into(&dpre, &w.intermediate_w, &dx_attn, true)?;
 
             // Attention output location.
             let ln1 = LayerNormParams { gamma: &w.attn_ln_gamma, beta: &w.attn_ln_beta, eps: cfg.layer_norm_eps };
@@ -371,45 +439,53 @@ impl BertModel {
             let (dh1, dx_in) = self.location_backward(
                 &live_children, &live_ids, seed, &live_trainable, &children, l, Location::MultiHead,
                 lt.attn.as_ref().ok_or_else(|| Error::internal(format!("the tape of layer {l} lacks the attention output location")))?, ln1, rep[0],
-                tape.seq_len, &dx_attn, below, &live_rows, &mut grads,
+                tape.seq_len, &dx_attn, below, &live_rows, sink,
             )?;
             if !below {
                 break;
             }
-            let (mut dh1, mut dx_in) = both(dh1, dx_in)?;
+            let (mut dh1, dx_in) = both(dh1, dx_in)?;
             let attn_blocks = blocks(position(l, Location::MultiHead));
             if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone()) {
                 dh1 = be.dropout(&dh1, &spec)?;
             }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
+            drop(dh1); // read no more (see dh2)
             let prob_dropout = self.dropout_site(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
             let qkv = live_rows(kept(&lt.qkv, "Q, K, V", l)?)?;
             let lse = live_rows(kept(&lt.lse, "the attention log-sum-exp", l)?)?;
             let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;
-            // One input-gradient product through the packed [3H, H] weight.
-            dx_in = be.add(&dx_in, &be.linear_backward_input(&dqkv, &w.qkv_w)?)?;
+            // One input-gradient product through the packed [3H, H] weight, into the residual's.
+            let dx_in = owned(be, dx_in)?;
+            be.linear_backward_input_into(&dqkv, &w.qkv_w, &dx_in, true)?;
             d = dx_in;
         }
         if plan.nice_trainable {
             let first = children[0];
             let nice = first.nice()?.ok_or_else(|| Error::internal(format!("adapter `{}` lost its NICE block", first.name())))?;
             let embeddings = tape.embeddings.as_ref().ok_or_else(|| Error::internal("the tape lacks the embeddings its plan needs"))?;
-            let g = be.nice_backward(embeddings, &nice, &d)?;
             let p = nice_prefix(first.name());
-            for (sub, (w, b)) in [("F.0", g.f0), ("F.2", g.f2), ("G.0", g.g0), ("G.2", g.g2)] {
-                accumulate(be, &mut grads, format!("{p}{sub}.weight"), w)?;
-                accumulate(be, &mut grads, format!("{p}{sub}.bias"), b)?;
-            }
+            let key = |sub: &str, what: &str| format!("{p}{sub}.{what}");
+            let shape = |(w, b): (&Tensor, &Tensor)| (w.shape().to_vec(), b.shape().to_vec());
+            let [(f0w, f0b), (f2w, f2b), (g0w, g0b), (g2w, g2b)] = [shape(nice.f0), shape(nice.f2), shape(nice.g0), shape(nice.g2)];
+            let ([f0w, f0b, f2w, f2b, g0w, g0b, g2w, g2b], accumulate) = dests(
+                sink,
+                be,
+                [
+                    (key("F.0", "weight"), &f0w),
+                    (key("F.0", "bias"), &f0b),
+                    (key("F.2", "weight"), &f2w),
+                    (key("F.2", "bias"), &f2b),
+                    (key("G.0", "weight"), &g0w),
+                    (key("G.0", "bias"), &g0b),
+                    (key("G.2", "weight"), &g2w),
+                    (key("G.2", "bias"), &g2b),
+                ],
+            )?;
+            let out = GradsOut { grads: NiceGrads { f0: (f0w, f0b), f2: (f2w, f2b), g0: (g0w, g0b), g2: (g2w, g2b) }, accumulate };
+            be.nice_backward_into(embeddings, &nice, &d, &out)?;
         }
-        // One pass over each gradient computed (adapter-sized, small next to the backward).
-        if check_finite {
-            for (key, g) in &grads {
-                if !be.all_finite(g)? {
-                    return Err(Error::NonFinite { at: format!("the gradient of `{key}`") });
-                }
-            }
-        }
-        Ok(grads)
+        Ok(())
     }
 
     /// Backward of one location for the live branches: writes parameter gradients into `grads`
@@ -431,7 +507,7 @@ impl BertModel {
         d_out: &Tensor,
         need_input: bool,
         live_rows: &dyn Fn(&Tensor) -> Result<Tensor>,
-        grads: &mut Gradients,
+        sink: &mut dyn GradSink,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let be = self.backend.as_ref();
         let branches = self.location_branches(live_children, live_ids.to_vec(), layer, location, dropout_seed)?;
@@ -449,13 +525,12 @@ impl BertModel {
         // Before replication h and r have B rows shared by every branch; after, live rows only.
         let (h, r) = if replicated_here { (h.clone(), r.clone()) } else { (live_rows(h)?, live_rows(r)?) };
         let loc = AdapterLocation { h: &h, r: &r, layer_norm: ln, steps, branches: &branches, replicate: replicated_here, seq_len };
-        let out = be.adapter_location_backward(&loc, d_out, live_trainable, need_input)?;
-        for (adapter, g) in live_children.iter().zip(out.branches) {
-            if let Some(g) = g {
-                insert_bottleneck_grads(be, grads, adapter, layer, location, g)?;
-            }
+        // Destinations in branch order: a second branch of the same adapter accumulates.
+        let mut grads = Vec::with_capacity(branches.len());
+        for ((adapter, p), &trainable) in live_children.iter().zip(&branches).zip(live_trainable) {
+            grads.push(if trainable { Some(bottleneck_dests(sink, be, adapter, layer, location, p)?) } else { None });
         }
-        Ok((out.dh, out.dr))
+        be.adapter_location_backward_into(&loc, d_out, &grads, need_input)
     }
 }
 
@@ -467,42 +542,56 @@ fn both(dh: Option<Tensor>, dr: Option<Tensor>) -> Result<(Tensor, Tensor)> {
     }
 }
 
-/// Add `g` to the gradient of `key`: a parameter reached along several paths (the same adapter
-/// in two Parallel branches, a head applied to two branches) gets the sum of their gradients.
-pub(crate) fn accumulate(be: &dyn Backend, grads: &mut Gradients, key: String, g: Tensor) -> Result<()> {
-    match grads.entry(key) {
-        Entry::Vacant(e) => {
-            e.insert(g);
-        }
-        Entry::Occupied(mut e) => {
-            let sum = be.add(e.get(), &g)?;
-            e.insert(sum);
-        }
-    }
-    Ok(())
-}
-
-fn insert_bottleneck_grads(be: &dyn Backend, grads: &mut Gradients, adapter: &Adapter, layer: usize, location: Location, g: BottleneckGrads) -> Result<()> {
+/// The destinations of one adapter's parameter gradients at one location, by state-dict key.
+fn bottleneck_dests(sink: &mut dyn GradSink, be: &dyn Backend, adapter: &Adapter, layer: usize, location: Location, params: &BottleneckParams) -> Result<GradsOut<BottleneckGrads>> {
     let p = location_prefix(adapter.name(), layer, location);
     let down = if adapter.config().ln_before { "adapter_down.1" } else { "adapter_down.0" };
-    let mut all = vec![(format!("{p}{down}.weight"), g.down_w), (format!("{p}{down}.bias"), g.down_b), (format!("{p}adapter_up.weight"), g.up_w), (format!("{p}adapter_up.bias"), g.up_b)];
-    if let Some((w, b)) = g.ln_before {
-        all.push((format!("{p}adapter_norm_before.weight"), w));
-        all.push((format!("{p}adapter_norm_before.bias"), b));
+    let mut first = None;
+    // Named in the order the shapes are asked for by `shaped_like`.
+    let mut names = vec![format!("{p}{down}.weight"), format!("{p}{down}.bias"), format!("{p}adapter_up.weight"), format!("{p}adapter_up.bias")];
+    if params.ln_before.is_some() {
+        names.extend([format!("{p}adapter_norm_before.weight"), format!("{p}adapter_norm_before.bias")]);
     }
-    if let Some((w, b)) = g.ln_after {
-        all.push((format!("{p}adapter_norm_after.weight"), w));
-        all.push((format!("{p}adapter_norm_after.bias"), b));
+    if params.ln_after.is_some() {
+        names.extend([format!("{p}adapter_norm_after.weight"), format!("{p}adapter_norm_after.bias")]);
     }
-    if let Some(s) = g.scaling {
-        all.push((format!("{p}scaling"), s));
+    if params.gate.is_some() {
+        names.extend([format!("{p}gate.weight"), format!("{p}gate.bias")]);
     }
-    if let Some((w, b)) = g.gate {
-        all.push((format!("{p}gate.weight"), w));
-        all.push((format!("{p}gate.bias"), b));
+    if !matches!(params.scaling, crate::backend::ScalingParam::Fixed(_)) {
+        names.push(format!("{p}scaling"));
     }
-    for (key, t) in all {
-        accumulate(be, grads, key, t)?;
+    let mut names = names.into_iter();
+    let grads = BottleneckGrads::shaped_like(params, |shape| {
+        let key = names.next().ok_or_else(|| Error::internal("more bottleneck gradients than keys"))?;
+        let (t, again) = sink.dest(be, &key, shape)?;
+        if first.get_or_insert(again) != &again {
+            return Err(Error::internal(format!("`{key}` was reached {} the other tensors of its adapter", if again { "before" } else { "after" })));
+        }
+        Ok(t)
+    })?;
+    Ok(GradsOut { grads, accumulate: first.unwrap_or(false) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+
+    /// A buffer shared with another handle (a plain location's `dz.clone()` for both `h` and
+    /// `r`) is copied before anything accumulates into it; a unique one is used as it is.
+    #[test]
+    fn only_a_unique_buffer_is_accumulated_into_in_place() {
+        let be = CpuBackend::fast();
+        let dz = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+        let dh = dz.clone();
+        let dr = owned(&be, dz).unwrap();
+        assert!(!dr.shares_storage(&dh), "a shared gradient must be copied");
+        let w = Tensor::from_vec(vec![1.0, 0.0, 0.0, 1.0], &[2, 2]).unwrap();
+        be.linear_backward_input_into(&w, &w, &dr, true).unwrap();
+        assert_eq!(&*dh.cpu_data().unwrap(), &[1.0, 2.0, 3.0, 4.0], "the other handle still reads the old gradient");
+        assert_eq!(&*dr.cpu_data().unwrap(), &[2.0, 2.0, 3.0, 5.0]);
+        let storage = dr.storage().id();
+        assert_eq!(owned(&be, dr).unwrap().storage().id(), storage, "a unique gradient is not copied");
     }
-    Ok(())
 }

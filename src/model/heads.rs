@@ -19,7 +19,7 @@ use rand_distr::{Distribution, Normal};
 use crate::backend::{Activation, Backend, DropoutSpec};
 pub use crate::config::{HeadConfig, HeadConfigFile};
 use crate::error::{Error, Result};
-use crate::model::backward::{dropout_spec, DropoutSite};
+use crate::model::backward::{dests, dropout_spec, DropoutSite, GradSink};
 use crate::tensor::Tensor;
 
 /// Training-mode dropout of one head application: the masks of its Dropout modules are a pure
@@ -258,6 +258,22 @@ impl ClassificationHead {
     /// `backward`, computing parameter gradients only when `want_params` (a frozen head runs
     /// input-gradient products only, and returns an empty map).
     pub fn backward_with(&self, backend: &dyn Backend, tape: &HeadTape, dlogits: &Tensor, want_params: bool) -> Result<(BTreeMap<String, Tensor>, Tensor)> {
+        let mut grads = BTreeMap::new();
+        let batch = tape.input.shape()[0];
+        let shape = match tape.seq_len {
+            Some(t) => vec![batch, t, tape.input.last_dim()],
+            None => tape.input.shape().to_vec(),
+        };
+        let d_input = backend.zeros(&shape, crate::tensor::DType::F32)?;
+        self.backward_into(backend, tape, dlogits, want_params.then_some(&mut grads as &mut dyn GradSink), &d_input)?;
+        Ok((grads, d_input))
+    }
+
+    /// The backward with the parameter gradients written into `sink`'s destinations (None: a
+    /// frozen head, input-gradient products only) and the input gradient added to `d_input`
+    /// (`[B, T, H]`, position 0 only, or `[B, H]` when `use_pooler`): heads of several branches
+    /// sum into one buffer.
+    pub(crate) fn backward_into(&self, backend: &dyn Backend, tape: &HeadTape, dlogits: &Tensor, mut sink: Option<&mut dyn GradSink>, d_input: &Tensor) -> Result<()> {
         let batch = tape.input.shape()[0];
         let c = self.config.num_labels;
         if dlogits.shape() != [batch, c] {
@@ -267,34 +283,39 @@ impl ClassificationHead {
         if hid.is_some() != tape.hidden.is_some() || tape.input.last_dim() != self.hidden_size || tape.seq_len.is_none() != self.config.use_pooler {
             return Err(Error::Input(format!("head `{}`: the tape comes from a head of another configuration", self.name)));
         }
-        let name = &self.name;
-        let mut grads = BTreeMap::new();
         let x_out = tape.hidden.as_ref().map_or(&tape.x0, |(_, a)| a);
-        if want_params {
-            let (dw, db) = backend.linear_backward_params(dlogits, x_out)?;
-            grads.insert(format!("heads.{name}.{out}.weight"), dw);
-            if self.config.bias {
-                grads.insert(format!("heads.{name}.{out}.bias"), db);
-            }
+        if let Some(sink) = sink.as_mut() {
+            self.linear_params_into(backend, &mut **sink, out, self.config.bias, dlogits, x_out)?;
         }
         let mut dx = backend.linear_backward_input(dlogits, self.param(out, "weight")?)?;
         // Dropout is linear and its own adjoint: the same mask and scale.
         if let (Some(i), Some((pre, _))) = (hid, tape.hidden.as_ref()) {
             dx = maybe_dropout(backend, dx, &tape.dropout[1])?;
             let dpre = backend.activation_backward(&dx, pre, self.activation)?;
-            if want_params {
-                let (dw, db) = backend.linear_backward_params(&dpre, &tape.x0)?;
-                grads.insert(format!("heads.{name}.{i}.weight"), dw);
-                grads.insert(format!("heads.{name}.{i}.bias"), db);
+            if let Some(sink) = sink.as_mut() {
+                self.linear_params_into(backend, &mut **sink, i, true, &dpre, &tape.x0)?;
             }
             dx = backend.linear_backward_input(&dpre, self.param(i, "weight")?)?;
         }
         dx = maybe_dropout(backend, dx, &tape.dropout[0])?;
-        let d_input = match tape.seq_len {
-            Some(t) => backend.first_token_backward(&dx, t)?,
-            None => dx,
-        };
-        Ok((grads, d_input))
+        match tape.seq_len {
+            Some(_) => backend.first_token_backward_into(&dx, d_input, true),
+            None => backend.add_into(d_input, &dx),
+        }
+    }
+
+    /// The gradients of Linear `idx` (input `x`, output gradient `dy`) into the sink.
+    fn linear_params_into(&self, backend: &dyn Backend, sink: &mut dyn GradSink, idx: usize, bias: bool, dy: &Tensor, x: &Tensor) -> Result<()> {
+        let name = &self.name;
+        let w = self.param(idx, "weight")?;
+        if bias {
+            let b = self.param(idx, "bias")?;
+            let ([dw, db], accumulate) = dests(sink, backend, [(format!("heads.{name}.{idx}.weight"), w.shape()), (format!("heads.{name}.{idx}.bias"), b.shape())])?;
+            backend.linear_backward_params_into(dy, x, &dw, Some(&db), accumulate)
+        } else {
+            let ([dw], accumulate) = dests(sink, backend, [(format!("heads.{name}.{idx}.weight"), w.shape())])?;
+            backend.linear_backward_params_into(dy, x, &dw, None, accumulate)
+        }
     }
 }
 

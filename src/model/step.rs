@@ -10,7 +10,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::InputBatch;
-use crate::model::arena::TrainArena;
+use crate::model::arena::{ArenaSink, TrainArena};
 use crate::model::bert::{BertModel, RunOptions};
 use crate::tensor::{DType, Tensor};
 use crate::train::loss::{LossOp, Objective};
@@ -103,28 +103,23 @@ impl BertModel {
         let (dlogits, loss) = op.run(be.as_ref())?;
         let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
         d[i] = Some(&dlogits);
-        let (head_grads, d_last, d_pool) = self.heads_backward_some(&branches, &d, &tape)?;
-        let mut grads = self.backward_with(&tape, &d_last, d_pool.as_ref(), false)?;
-        grads.extend(head_grads);
+        // Gradients straight into the arena's views: the first contribution to a tensor writes
+        // it, later ones add; tensors the step did not reach keep no gradient.
+        let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
+        let mut sink = ArenaSink::new(arena);
+        let (d_last, d_pool) = self.heads_backward_into(&branches, &d, &tape, &mut sink)?;
+        self.backward_into(&tape, d_last, d_pool.as_ref(), &mut sink)?;
+        let with_grad = sink.with_grad;
         let logits = branches.into_iter().map(|b| b.logits).collect();
         drop((out, tape));
 
-        // Gradients into the arena; tensors the step did not reach keep no gradient.
-        let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
-        be.fill(&arena.grads, 0.0)?;
-        let mut with_grad = vec![false; arena.table.len()];
-        let mut views = Vec::new();
-        for (k, e) in arena.table.iter().enumerate() {
-            if let Some(g) = grads.get(&e.key) {
-                let v = arena.grad(k)?;
-                be.add_into(&v, g)?;
-                with_grad[k] = true;
-                views.push(v);
-            }
-        }
+        let views = (0..arena.table.len()).filter(|&k| with_grad[k]).map(|k| arena.grad(k)).collect::<Result<Vec<_>>>()?;
         let grad_norm = be.zeros(&[1], DType::F32)?;
         be.clip_grad_norm(&views, cfg.max_grad_norm.unwrap_or(f32::INFINITY), &grad_norm)?;
         optimizer.step_arena(&self.backend, &arena.table, &arena.params, &arena.grads, &with_grad, Some(&grad_norm))?;
+        if let Some(arena) = self.arenas.get_mut(&cfg.trained) {
+            arena.with_grad = with_grad;
+        }
         self.version += 1; // the parameters changed: earlier tapes are stale
         Ok(TrainStepOutput { loss, grad_norm, logits })
     }

@@ -6,11 +6,10 @@
 //! library's multi-head output. In training (`head_logits_train` after a `forward_train` that
 //! dropped out) each head applies its Dropout modules, with masks of its own per branch.
 
-use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::io::InputBatch;
-use crate::model::backward::{accumulate, Gradients, Tape};
+use crate::model::backward::{GradSink, Gradients, Tape};
 use crate::model::bert::{BertModel, BertOutput};
 use crate::model::heads::{cross_entropy, ClassificationHead, HeadConfig, HeadDropout, HeadTape};
 use crate::tensor::Tensor;
@@ -123,11 +122,19 @@ impl BertModel {
     /// runs input-gradient products only. The branches' input gradients are written into row
     /// blocks of one buffer on the device (no host round trip).
     pub fn heads_backward_some(&self, branches: &[BranchLogits], dlogits: &[Option<&Tensor>], tape: &Tape) -> Result<(Gradients, Tensor, Option<Tensor>)> {
+        let mut grads = Gradients::new();
+        let (d_last, d_pool) = self.heads_backward_into(branches, dlogits, tape, &mut grads)?;
+        Ok((grads, d_last, d_pool))
+    }
+
+    /// `heads_backward_some` with the heads' parameter gradients written into `sink`'s
+    /// destinations: a head applied to several branches (`Parallel(a, a)`) writes its first and
+    /// accumulates the others.
+    pub(crate) fn heads_backward_into(&self, branches: &[BranchLogits], dlogits: &[Option<&Tensor>], tape: &Tape, sink: &mut dyn GradSink) -> Result<(Tensor, Option<Tensor>)> {
         let be = self.backend.as_ref();
         if branches.len() != dlogits.len() {
             return Err(Error::Input(format!("{} logit gradients for {} heads", dlogits.len(), branches.len())));
         }
-        let mut grads = BTreeMap::new();
         let rows_out = if tape.replicated { tape.branches * tape.batch } else { tape.batch };
         let hidden = self.config.hidden_size;
         let heads: Vec<&ClassificationHead> =
@@ -137,23 +144,20 @@ impl BertModel {
             return Err(Error::Unsupported("heads of one setup must all read the pooler or all the first token".into()));
         }
         let use_pooler = pooled != 0;
+        // Zeros: branches without a logit gradient leave their rows as they are, and every
+        // head adds its input gradient in.
         let d_last = be.zeros(&[rows_out, tape.seq_len, hidden], crate::tensor::DType::F32)?;
         let d_pool = if use_pooler { Some(be.zeros(&[rows_out, hidden], crate::tensor::DType::F32)?) } else { None };
         for (i, ((b, d), head)) in branches.iter().zip(dlogits).zip(&heads).enumerate() {
             let Some(d) = d else { continue };
             let trainable = self.trainable.contains(&b.adapter);
-            let (g, d_in) = head.backward_with(be, &b.tape, d, trainable)?;
-            // A head applied to several branches (`Parallel(a, a)`) gets the sum of their gradients.
-            for (key, t) in g {
-                accumulate(be, &mut grads, key, t)?;
-            }
-            // Replicated: branch i's gradient fills rows [i·B, (i+1)·B). Not replicated (no
+            // Replicated: branch i's gradient goes to rows [i·B, (i+1)·B). Not replicated (no
             // adapter location ran): every head read the same rows, so their gradients add.
             let target = d_pool.as_ref().unwrap_or(&d_last);
             let block = if tape.replicated { target.narrow_rows(i * tape.batch, tape.batch)? } else { target.clone() };
-            be.add_into(&block, &d_in)?;
+            head.backward_into(be, &b.tape, d, if trainable { Some(&mut *sink) } else { None }, &block)?;
         }
-        Ok((grads, d_last, d_pool))
+        Ok((d_last, d_pool))
     }
 
     /// Forward, the summed cross-entropy of every branch's head against `labels` (`[B]`, the same

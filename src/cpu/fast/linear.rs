@@ -77,54 +77,82 @@ pub fn linear_epilogue(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, d_i
 
 /// `dx = dy·W` with `w: [d_out, d_in]`.
 pub fn linear_backward_input(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    linear_backward_input_epilogue(dy, w, rows, d_in, d_out, None).expect("an epilogue-free product cannot fail")
+    let mut dx = crate::cpu::pool::buffer(rows * d_in);
+    linear_backward_input_into(dy, w, &mut dx, false, rows, d_in, d_out, None).expect("an epilogue-free product cannot fail");
+    dx
 }
 
 /// `dx = epilogue(dy·W)`, the epilogue applied per row block right after its product.
 pub fn linear_backward_input_epilogue(dy: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize, epilogue: Option<Epilogue>) -> Result<Vec<f32>> {
     let mut dx = crate::cpu::pool::buffer(rows * d_in);
+    linear_backward_input_into(dy, w, &mut dx, false, rows, d_in, d_out, epilogue)?;
+    Ok(dx)
+}
+
+/// `dx = dy·W`, or `dx += dy·W` when `accumulate` (gemm reads the destination: no second pass),
+/// one row block per thread, each followed by `epilogue` on its rows of `dx`.
+#[allow(clippy::too_many_arguments)] // the product's shape, plus the destination mode and epilogue
+pub fn linear_backward_input_into(dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool, rows: usize, d_in: usize, d_out: usize, epilogue: Option<Epilogue>) -> Result<()> {
     if rows == 0 || d_in == 0 {
-        return Ok(dx);
+        return Ok(());
     }
+    debug_assert!(dy.len() >= rows * d_out && w.len() >= d_out * d_in && dx.len() >= rows * d_in, "linear_backward_input_into: slices shorter than their shapes");
     let block = rows_per_block(rows, rows * d_in * d_out);
     let whole = block >= rows;
-    dx.par_chunks_mut(block * d_in).enumerate().try_for_each(|(i, db)| -> Result<()> {
+    dx[..rows * d_in].par_chunks_mut(block * d_in).enumerate().try_for_each(|(i, db)| -> Result<()> {
         let r0 = i * block;
         let n = db.len() / d_in;
         if d_out == 0 {
-            db.fill(0.0); // an empty sum (k = 0); the product overwrites otherwise
+            if !accumulate {
+                db.fill(0.0); // an empty sum (k = 0); the product overwrites otherwise
+            }
         } else {
             let lhs = MatRef { ptr: dy[r0 * d_out..].as_ptr(), row_stride: d_out as isize, col_stride: 1 };
             let rhs = MatRef { ptr: w.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
             let par = if whole { gemm_parallelism(rows * d_in * d_out) } else { gemm::Parallelism::None };
-            // SAFETY: rows r0..r0+n of dy (n×d_out), w (d_out×d_in), the block db (n×d_in).
-            unsafe { matmul(db.as_mut_ptr(), d_in, false, lhs, rhs, n, d_in, d_out, par) };
+            // SAFETY: rows r0..r0+n of dy (n×d_out), w (d_out×d_in), the block db (n×d_in), all
+            // row-major, lengths checked by the caller.
+            unsafe { matmul(db.as_mut_ptr(), d_in, accumulate, lhs, rhs, n, d_in, d_out, par) };
         }
         match epilogue {
             Some(f) => f(r0, db, None),
             None => Ok(()),
         }
-    })?;
-    Ok(dx)
+    })
 }
 
 /// `dw = dyᵀ·x`, `db = Σ_rows dy`.
 pub fn linear_backward_params(dy: &[f32], x: &[f32], rows: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
     let mut dw = crate::cpu::pool::buffer(d_out * d_in);
-    if rows == 0 {
-        dw.fill(0.0); // a sum over no rows
-    } else if d_in > 0 && d_out > 0 {
-        // dyᵀ[o, r] = dy[r, o]: a transposed view.
-        let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
-        let rhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
-        // SAFETY: dy is rows×d_out, x is rows×d_in, dw is d_out×d_in.
-        unsafe { matmul(dw.as_mut_ptr(), d_in, false, lhs, rhs, d_out, d_in, rows, gemm_parallelism(rows * d_in * d_out)) };
+    linear_backward_weight_into(dy, x, &mut dw, false, rows, d_in, d_out);
+    let mut db = crate::cpu::pool::buffer(d_out);
+    bias_backward_into(dy, &mut db, false, d_out);
+    (dw, db)
+}
+
+/// `dw = dyᵀ·x`, or `dw += dyᵀ·x` when `accumulate` (in the product).
+pub fn linear_backward_weight_into(dy: &[f32], x: &[f32], dw: &mut [f32], accumulate: bool, rows: usize, d_in: usize, d_out: usize) {
+    if rows == 0 || d_in == 0 || d_out == 0 {
+        if !accumulate {
+            dw.fill(0.0); // a sum over no rows
+        }
+        return;
     }
-    let mut db = vec![0f64; d_out];
+    // dyᵀ[o, r] = dy[r, o]: a transposed view.
+    let lhs = MatRef { ptr: dy.as_ptr(), row_stride: 1, col_stride: d_out as isize };
+    let rhs = MatRef { ptr: x.as_ptr(), row_stride: d_in as isize, col_stride: 1 };
+    debug_assert!(dy.len() >= rows * d_out && x.len() >= rows * d_in && dw.len() >= d_out * d_in, "linear_backward_weight_into: slices shorter than their shapes");
+    // SAFETY: dy is rows×d_out, x is rows×d_in, dw is d_out×d_in, checked by the caller.
+    unsafe { matmul(dw.as_mut_ptr(), d_in, accumulate, lhs, rhs, d_out, d_in, rows, gemm_parallelism(rows * d_in * d_out)) };
+}
+
+/// `db = Σ_rows dy` (summed in f64, rounded once), or `db += Σ_rows dy` when `accumulate`.
+pub fn bias_backward_into(dy: &[f32], db: &mut [f32], accumulate: bool, d_out: usize) {
+    let mut sum = vec![0f64; d_out];
     for row in dy.chunks(d_out.max(1)) {
-        db.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
+        sum.iter_mut().zip(row).for_each(|(a, &g)| *a += g as f64);
     }
-    let mut db32 = crate::cpu::pool::buffer(d_out);
-    db32.iter_mut().zip(db).for_each(|(o, v)| *o = v as f32);
-    (dw, db32)
+    for (o, v) in db.iter_mut().zip(sum) {
+        *o = if accumulate { *o + v as f32 } else { v as f32 };
+    }
 }

@@ -17,7 +17,7 @@ pub use activation::{activation, activation_backward, activation_backward_in_pla
 pub use attention::{attention, attention_backward, attention_backward_packed, attention_strided};
 pub use embedding::embedding;
 pub use layernorm::{layernorm_with_stats, residual_layernorm};
-pub use linear::{linear, linear_backward_input, linear_backward_input_epilogue, linear_backward_params, linear_epilogue, Epilogue};
+pub use linear::{bias_backward_into, linear, linear_backward_input, linear_backward_input_epilogue, linear_backward_input_into, linear_backward_params, linear_backward_weight_into, linear_epilogue, Epilogue};
 
 /// Elements per block of the finiteness scan: large enough to amortise a rayon task, small
 /// enough that a non-finite value early on stops the scan soon.
