@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bert_adapters::cpu::{fast, reference};
+use bert_adapters::Activation;
 use bert_adapters::cuda::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
 use bert_adapters::cuda::probe::probe_gpu;
 use bert_adapters::cuda::CudaRuntime;
@@ -118,12 +119,27 @@ fn linear(c: &mut Criterion) {
     }
 }
 
+/// GELU forward and backward over one FFN activation of the MiniLM step (2048 × 1536),
+/// `Throughput::Elements`: the vectorised fast path against the f64 reference.
+fn gelu(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(9);
+    let n = 2048 * 1536;
+    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+    let dy: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut group = c.benchmark_group("gelu/2048x1536");
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function("cpu_fast_forward", |b| b.iter(|| fast::activation(black_box(&x), Activation::Gelu)));
+    group.bench_function("cpu_fast_backward", |b| b.iter(|| fast::activation_backward(black_box(&dy), &x, Activation::Gelu)));
+    group.bench_function("cpu_reference_forward", |b| b.iter(|| reference::activation(black_box(&x), Activation::Gelu)));
+    group.finish();
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = residual_layernorm, linear
+    targets = residual_layernorm, linear, gelu
 }
 criterion_main!(kernels);

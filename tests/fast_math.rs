@@ -59,13 +59,18 @@ fn sigmoid_matches_f64() {
     }
 }
 
-/// The AVX2 clone and the baseline build round every operation the same way.
+/// The AVX2 clone (what `fast::activation` runs here) and the baseline build (the plain
+/// functions, called outside any kernel) round every operation the same way.
 #[test]
-fn simd_dispatch_changes_no_bit() {
+fn simd_kernels_change_no_bit() {
     let xs = grid(-20.0, 20.0, 10_007);
     let plain: Vec<u32> = xs.iter().map(|&x| math::gelu(x).to_bits()).collect();
-    let vector: Vec<u32> = math::simd(|| xs.iter().map(|&x| math::gelu(x).to_bits()).collect());
-    assert_eq!(plain, vector);
+    let kernel: Vec<u32> = fast::activation(&xs, Activation::Gelu).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(plain, kernel);
+    let dy = vec![1f32; xs.len()];
+    let plain: Vec<u32> = xs.iter().map(|&x| math::gelu_grad(x).to_bits()).collect();
+    let kernel: Vec<u32> = fast::activation_backward(&dy, &xs, Activation::Gelu).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(plain, kernel);
 }
 
 #[test]

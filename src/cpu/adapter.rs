@@ -14,7 +14,9 @@
 
 use crate::backend::{Activation, AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, ScalingParam};
 use crate::config::ResidualBeforeLn;
-use crate::cpu::apply_dropout;
+use rayon::prelude::*;
+
+use crate::cpu::{apply_dropout, CpuMode};
 use crate::cpu::prims::{add_into, bias_grad_into, check, check_destinations, store_tensor, Prims};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -339,10 +341,68 @@ fn core_backward(
 
 // ---- the location: forward, backward ------------------------------------------------------------
 
+/// Examples per chunk of the fast forward: about 64 rows, so a chunk's buffers stay in L2.
+fn examples_per_chunk(seq_len: usize) -> usize {
+    (64 / seq_len.max(1)).max(1)
+}
+
+/// `adapter_location`'s output in chunks of whole examples (the gate averages over an example),
+/// in parallel: the pre step once per chunk of `h`'s rows, then per (branch, chunk) the core and
+/// the post step. Every op is row-local, so this is the whole-tensor composition up to how gemm
+/// rounds a row of a small product for the number of rows it is given (1 ulp measured).
+#[allow(clippy::too_many_arguments)]
+fn location_forward_chunked(prims: Prims<'_>, loc: &AdapterLocation, h: &[f32], r: &[f32], n: usize, examples: usize, hidden: usize) -> Result<Vec<f32>> {
+    let t = loc.seq_len;
+    let k = examples_per_chunk(t);
+    let per_branch = examples.div_ceil(k);
+    let sources = if loc.replicate { 1 } else { n }; // blocks of h's rows the branches read
+    let span = |c: usize| (c * k, ((c + 1) * k).min(examples)); // examples of chunk c
+    let rows_of = |src: usize, c: usize| {
+        let (e0, e1) = span(c);
+        (src * examples + e0) * t * hidden..(src * examples + e1) * t * hidden
+    };
+    // Pre step per chunk of h's rows.
+    let pre: Vec<PreStep> = (0..sources * per_branch)
+        .into_par_iter()
+        .map(|q| {
+            let rows = rows_of(q / per_branch, q % per_branch);
+            PreStep::run(prims, loc, &h[rows.clone()], &r[rows])
+        })
+        .collect::<Result<_>>()?;
+    let mut out = crate::cpu::pool::buffer(n * examples * t * hidden);
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut((examples * t * hidden).max(1))
+        .enumerate()
+        .flat_map(|(i, block)| block.chunks_mut((k * t * hidden).max(1)).enumerate().map(move |(c, chunk)| (i, c, chunk)))
+        .collect();
+    let ln = &loc.layer_norm;
+    tasks.into_par_iter().try_for_each(|(i, c, dst)| -> Result<()> {
+        let src = if loc.replicate { 0 } else { i };
+        let rows = rows_of(src, c);
+        let step = &pre[src * per_branch + c];
+        let (hc, rc) = (&h[rows.clone()], &r[rows]);
+        let (y, _) = core_forward(prims, &loc.branches[i], &step.x, step.rho(loc, hc)?, hidden, t)?;
+        if loc.steps.original_ln_after {
+            dst.copy_from_slice(&prims.layernorm(&y, Some(rc), ln.gamma, ln.beta, ln.eps)?);
+        } else {
+            dst.copy_from_slice(&y);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 pub(crate) fn adapter_location(prims: Prims<'_>, loc: &AdapterLocation) -> Result<Tensor> {
     let (n, examples, hidden) = validate_location(loc)?;
     let (h, r) = (&*loc.h.f32_data()?, &*loc.r.f32_data()?);
     let ln = &loc.layer_norm;
+    // The fast path runs the location in chunks of whole examples on every thread, each chunk
+    // through pre step, core and post step while it is in cache. A branch's own dropout counts
+    // elements from its block's start, so those locations (training with adapter dropout) run whole.
+    if prims.mode == CpuMode::Fast && loc.branches.iter().all(|b| b.dropout.is_none()) {
+        let out = location_forward_chunked(prims, loc, h, r, n, examples, hidden)?;
+        return prims.tensor(out, &[n * examples, loc.seq_len, hidden]);
+    }
 
     // Pre step, once for all rows (the first child's config).
     let pre = PreStep::run(prims, loc, h, r)?;

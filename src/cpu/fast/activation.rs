@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::backend::Activation;
-use crate::cpu::fast::math;
+use crate::cpu::fast::math::{self, simd_fn};
 
 const CHUNK: usize = 1 << 14;
 
@@ -17,22 +17,43 @@ pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
     y
 }
 
-/// `x ← act(x)` on one block, on the calling thread.
-pub fn activation_in_place(x: &mut [f32], act: Activation) {
-    math::simd(
-        #[inline(always)]
-        || match act {
-            Activation::Gelu => x.iter_mut().for_each(|v| *v = math::gelu(*v)),
-            Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Swish => x.iter_mut().for_each(|v| *v *= math::sigmoid(*v)),
-            Activation::Sigmoid => x.iter_mut().for_each(|v| *v = math::sigmoid(*v)),
-            Activation::Tanh => x.iter_mut().for_each(|v| *v = v.tanh()),
-            Activation::GeluNew => x.iter_mut().for_each(|v| {
+simd_fn! {
+    /// `x ← act(x)` on one block, on the calling thread.
+    pub fn activation_in_place(x: &mut [f32], act: Activation) {
+        match act {
+            Activation::Gelu => {
+                for v in x.iter_mut() {
+                    *v = math::gelu(*v);
+                }
+            }
+            Activation::Relu => {
+                for v in x.iter_mut() {
+                    *v = v.max(0.0);
+                }
+            }
+            Activation::Swish => {
+                for v in x.iter_mut() {
+                    *v *= math::sigmoid(*v);
+                }
+            }
+            Activation::Sigmoid => {
+                for v in x.iter_mut() {
+                    *v = math::sigmoid(*v);
+                }
+            }
+            Activation::Tanh => {
+                for v in x.iter_mut() {
+                    *v = v.tanh();
+                }
+            }
+            Activation::GeluNew => {
                 const C: f32 = 0.797_884_6; // √(2/π)
-                *v = 0.5 * *v * (1.0 + (C * (*v + 0.044715 * *v * *v * *v)).tanh());
-            }),
-        },
-    )
+                for v in x.iter_mut() {
+                    *v = 0.5 * *v * (1.0 + (C * (*v + 0.044715 * *v * *v * *v)).tanh());
+                }
+            }
+        }
+    }
 }
 
 /// `dx = dy ⊙ act'(pre)`.
@@ -43,33 +64,48 @@ pub fn activation_backward(dy: &[f32], pre: &[f32], act: Activation) -> Vec<f32>
     dx
 }
 
-/// `d ← d ⊙ act'(pre)` on one block, on the calling thread.
-pub fn activation_backward_in_place(d: &mut [f32], pre: &[f32], act: Activation) {
-    math::simd(
-        #[inline(always)]
-        || {
-            let it = d.iter_mut().zip(pre);
-            match act {
-                Activation::Gelu => it.for_each(|(g, &x)| *g *= math::gelu_grad(x)),
-                Activation::Relu => it.for_each(|(g, &x)| *g *= if x > 0.0 { 1.0 } else { 0.0 }), // NaN·0 stays NaN, as in the reference
-                Activation::Swish => it.for_each(|(g, &x)| {
-                    let s = math::sigmoid(x);
-                    *g *= s * (1.0 + x * (1.0 - s));
-                }),
-                Activation::Sigmoid => it.for_each(|(g, &x)| {
-                    let s = math::sigmoid(x);
-                    *g *= s * (1.0 - s);
-                }),
-                Activation::Tanh => it.for_each(|(g, &x)| {
-                    let t = x.tanh();
-                    *g *= 1.0 - t * t;
-                }),
-                Activation::GeluNew => it.for_each(|(g, &x)| {
-                    const C: f32 = 0.797_884_6;
-                    let t = (C * (x + 0.044715 * x * x * x)).tanh();
-                    *g *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * x * x);
-                }),
+simd_fn! {
+    /// `d ← d ⊙ act'(pre)` on one block, on the calling thread.
+    pub fn activation_backward_in_place(d: &mut [f32], pre: &[f32], act: Activation) {
+        let n = d.len().min(pre.len());
+        let (d, pre) = (&mut d[..n], &pre[..n]);
+        match act {
+            Activation::Gelu => {
+                for i in 0..n {
+                    d[i] *= math::gelu_grad(pre[i]);
+                }
             }
-        },
-    )
+            Activation::Relu => {
+                for i in 0..n {
+                    d[i] *= if pre[i] > 0.0 { 1.0 } else { 0.0 }; // NaN·0 stays NaN, as in the reference
+                }
+            }
+            Activation::Swish => {
+                for i in 0..n {
+                    let s = math::sigmoid(pre[i]);
+                    d[i] *= s * (1.0 + pre[i] * (1.0 - s));
+                }
+            }
+            Activation::Sigmoid => {
+                for i in 0..n {
+                    let s = math::sigmoid(pre[i]);
+                    d[i] *= s * (1.0 - s);
+                }
+            }
+            Activation::Tanh => {
+                for i in 0..n {
+                    let t = pre[i].tanh();
+                    d[i] *= 1.0 - t * t;
+                }
+            }
+            Activation::GeluNew => {
+                const C: f32 = 0.797_884_6;
+                for i in 0..n {
+                    let x = pre[i];
+                    let t = (C * (x + 0.044715 * x * x * x)).tanh();
+                    d[i] *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * x * x);
+                }
+            }
+        }
+    }
 }

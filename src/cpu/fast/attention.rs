@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::fast::math;
+use crate::cpu::fast::math::{self, simd_fn};
 use crate::cpu::fast::matmul::{matmul, MatRef};
 use crate::cpu::reference::ProbDropout;
 
@@ -15,30 +15,52 @@ use crate::cpu::reference::ProbDropout;
 /// inputs (rows `ld` elements apart), into the `T×T` buffer `p`; each row's log-sum-exp of the
 /// scaled, masked scores goes to `lse` when given.
 #[allow(clippy::too_many_arguments)]
-fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32, mut lse: Option<&mut [f32]>) {
+fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32, lse: Option<&mut [f32]>) {
     scores(p, q, k, base, seq, ld, d);
-    math::simd(
-        #[inline(always)]
-        || {
-            for (i, row) in p.chunks_mut(seq).enumerate() {
-                let mut max = f32::NEG_INFINITY;
-                for (s, m) in row.iter_mut().zip(bias) {
-                    *s = *s * scale + m;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = math::exp(*s - max);
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-                if let Some(l) = lse.as_deref_mut() {
-                    l[i] = max + sum.ln();
-                }
+    softmax_rows(p, bias, seq, scale, lse);
+}
+
+/// Lanes of the partial sums in the softmax: eight independent accumulators let the row sum
+/// vectorise (a single f32 accumulator is a serial chain the compiler may not reorder).
+const LANES: usize = 8;
+
+simd_fn! {
+    /// Row softmax of `p` (`T×T`) after `s·scale + bias`, in place, with each row's
+    /// log-sum-exp into `lse` when given.
+    fn softmax_rows(p: &mut [f32], bias: &[f32], seq: usize, scale: f32, lse: Option<&mut [f32]>) {
+        let mut lse = lse;
+        for (i, row) in p.chunks_mut(seq).enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..seq {
+                row[j] = row[j] * scale + bias[j];
+                max = max.max(row[j]);
             }
-        },
-    )
+            let mut lanes = [0f32; LANES];
+            for j in 0..seq {
+                row[j] = math::exp(row[j] - max);
+                lanes[j % LANES] += row[j];
+            }
+            let sum: f32 = lanes.iter().sum();
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+            if let Some(l) = lse.as_deref_mut() {
+                l[i] = max + sum.ln();
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `p ← exp(p·scale + bias − lse[row])`: probabilities from the saved log-sum-exp.
+    fn exp_rows_from_lse(p: &mut [f32], bias: &[f32], lse: &[f32], seq: usize, scale: f32) {
+        for (row, &l) in p.chunks_mut(seq).zip(lse) {
+            for j in 0..seq {
+                row[j] = math::exp(row[j] * scale + bias[j] - l);
+            }
+        }
+    }
 }
 
 /// `S = Q·Kᵀ` of one (batch, head) block into the `T×T` buffer `p`.
@@ -54,16 +76,7 @@ fn scores(p: &mut [f32], q: &[f32], k: &[f32], base: usize, seq: usize, ld: usiz
 #[allow(clippy::too_many_arguments)]
 fn attention_probs_from_lse(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], lse: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
     scores(p, q, k, base, seq, ld, d);
-    math::simd(
-        #[inline(always)]
-        || {
-            for (row, &l) in p.chunks_mut(seq).zip(lse) {
-                for (s, m) in row.iter_mut().zip(bias) {
-                    *s = math::exp(*s * scale + m - l);
-                }
-            }
-        },
-    )
+    exp_rows_from_lse(p, bias, lse, seq, scale);
 }
 
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a

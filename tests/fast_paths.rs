@@ -1,0 +1,115 @@
+//! The fast CPU path's restructurings (issue 11) change no result: the adapter location run in
+//! chunks of examples equals the whole-tensor composition (to rounding), and the products'
+//! per-row-block epilogues (dropout, activation, activation gradient) equal the separate ops bit
+//! for bit, at shapes that leave ragged blocks.
+
+mod common;
+
+use bert_adapters::backend::{AdapterLocation, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::config::ResidualBeforeLn;
+use bert_adapters::{Activation, Backend, CpuBackend, Tensor};
+use common::random_vec;
+use rand::{rngs::StdRng, SeedableRng};
+
+fn t(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
+    Tensor::from_vec(random_vec(rng, shape.iter().product(), scale), shape).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.cpu_data().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+fn drop_spec(p: f32, blocks: usize) -> DropoutSpec {
+    DropoutSpec { p, seed: 1234, stream: 3, blocks: (0..blocks as u64).collect(), seed_buffer: None }
+}
+
+/// Every option with parameters (LayerNorms before and after, gate, channel scaling).
+struct Branch(Vec<Tensor>);
+
+impl Branch {
+    fn new(rng: &mut StdRng, h: usize, m: usize) -> Self {
+        let shapes: [&[usize]; 11] = [&[m, h], &[m], &[h, m], &[h], &[h], &[h], &[h], &[h], &[1, h], &[1], &[h]];
+        Branch(shapes.iter().map(|s| t(rng, s, 0.7)).collect())
+    }
+    fn params(&self, dropout: Option<DropoutSpec>, residual_before_ln: bool) -> BottleneckParams<'_> {
+        let t = &self.0;
+        BottleneckParams {
+            down_w: &t[0],
+            down_b: &t[1],
+            up_w: &t[2],
+            up_b: &t[3],
+            activation: Activation::Gelu,
+            ln_before: Some(LayerNormParams { gamma: &t[4], beta: &t[5], eps: 1e-5 }),
+            ln_after: Some(LayerNormParams { gamma: &t[6], beta: &t[7], eps: 1e-5 }),
+            scaling: ScalingParam::Channel(&t[10]),
+            gate: Some((&t[8], &t[9])),
+            adapter_residual_before_ln: residual_before_ln,
+            dropout,
+        }
+    }
+}
+
+/// A branch dropout of p = 0 is the identity but sends the location down the whole-tensor path:
+/// the chunked path must agree to rounding. Not bit for bit: gemm may round a row's small
+/// products differently with the number of rows it is handed (measured: 1 ulp); a chunk read
+/// from the wrong rows would be off by O(1).
+#[test]
+fn chunked_adapter_location_equals_the_whole_tensor_path() {
+    let be = CpuBackend::fast();
+    let mut rng = StdRng::seed_from_u64(11);
+    // T = 5: 12 examples per chunk; 30 examples leave a ragged last chunk.
+    for (examples, seq, hidden, m) in [(30usize, 5usize, 24usize, 6usize), (3, 64, 40, 8), (5, 70, 16, 4)] {
+        let (b0, b1) = (Branch::new(&mut rng, hidden, m), Branch::new(&mut rng, hidden, m));
+        let (g, beta) = (t(&mut rng, &[hidden], 1.0), t(&mut rng, &[hidden], 0.5));
+        for replicate in [true, false] {
+            let rows = if replicate { examples } else { 2 * examples };
+            let (hs, rs) = (t(&mut rng, &[rows, seq, hidden], 1.5), t(&mut rng, &[rows, seq, hidden], 1.5));
+            for (residual, before, after) in [(ResidualBeforeLn::True, true, true), (ResidualBeforeLn::PostAdd, true, false), (ResidualBeforeLn::False, false, true)] {
+                let steps = LocationSteps { residual_before_ln: residual, original_ln_before: before, original_ln_after: after };
+                let run = |dropout: Option<DropoutSpec>| {
+                    let branches = [b0.params(dropout.clone(), true), b1.params(dropout, false)];
+                    let loc = AdapterLocation { h: &hs, r: &rs, layer_norm: LayerNormParams { gamma: &g, beta: &beta, eps: 1e-12 }, steps, branches: &branches, replicate, seq_len: seq };
+                    be.adapter_location(&loc).unwrap()
+                };
+                let (chunked, whole) = (run(None), run(Some(drop_spec(0.0, 1))));
+                assert_eq!(chunked.shape(), whole.shape());
+                let (c, w) = (chunked.cpu_data().unwrap().to_vec(), whole.cpu_data().unwrap().to_vec());
+                let diff = c.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(diff <= 1e-6 * (1.0 + scale), "chunked location differs by {diff:e}: {examples}x{seq}x{hidden}, replicate {replicate}, {residual:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn product_epilogues_equal_the_separate_ops() {
+    let be = CpuBackend::fast();
+    let mut rng = StdRng::seed_from_u64(12);
+    // 1000 rows: row blocks of 512 and 488 on two threads; 7 rows: one block.
+    for (rows, d_in, d_out) in [(1000usize, 96usize, 130usize), (7, 33, 20), (300, 384, 1536)] {
+        let (x, w, b) = (t(&mut rng, &[rows, d_in], 1.0), t(&mut rng, &[d_out, d_in], 0.2), t(&mut rng, &[d_out], 0.5));
+        let plain = be.linear(&x, &w, Some(&b)).unwrap();
+        for blocks in [1usize, 2] {
+            if rows % blocks != 0 {
+                continue;
+            }
+            let spec = drop_spec(0.3, blocks);
+            let fused = be.linear_dropout(&x, &w, Some(&b), Some(&spec)).unwrap();
+            assert_eq!(bits(&fused), bits(&be.dropout(&plain, &spec).unwrap()), "linear_dropout {rows}x{d_in}x{d_out}, {blocks} blocks");
+        }
+        for act in [Activation::Gelu, Activation::Relu, Activation::Tanh] {
+            let (y, pre) = be.linear_act(&x, &w, Some(&b), act).unwrap();
+            assert_eq!(bits(&pre), bits(&plain), "linear_act's pre-activation");
+            let separate = be.activation(&plain, act).unwrap();
+            assert_eq!(bits(&y), bits(&separate), "linear_act {act:?}");
+            assert_eq!(bits(&be.linear_act_only(&x, &w, Some(&b), act).unwrap()), bits(&separate), "linear_act_only {act:?}");
+
+            let dy = t(&mut rng, &[rows, d_out], 1.0);
+            let pre_in = t(&mut rng, &[rows, d_in], 2.0);
+            let fused_ok = be.linear_backward_input_act(&dy, &w, &pre_in, act).unwrap();
+            let separate = be.activation_backward(&be.linear_backward_input(&dy, &w).unwrap(), &pre_in, act).unwrap();
+            assert_eq!(bits(&fused_ok), bits(&separate), "linear_backward_input_act {act:?}");
+        }
+    }
+}
