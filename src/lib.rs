@@ -36,6 +36,7 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod profile;
+mod simd;
 pub mod tensor;
 pub mod tokenize;
 pub mod train;

@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::train::{clip_grad_norm, dropout_backward, dropout_forward, philox4x32_10, AdamW, AdamWConfig, AdamWState, DropoutParams, DropoutRng};
+use bert_adapters::train::{clip_grad_norm, dropout_backward, dropout_forward, dropout_range, philox4x32_10, AdamW, AdamWConfig, AdamWState, DropoutParams, DropoutRng};
 use bert_adapters::{Error, Tensor};
 
 fn t(data: &[f32], shape: &[usize]) -> Tensor {
@@ -326,6 +326,27 @@ fn philox4x32_10_known_answers() {
     ];
     for (ctr, key, want) in kat {
         assert_eq!(philox4x32_10(ctr, key), want, "counter {ctr:08x?} key {key:08x?}");
+    }
+}
+
+/// `dropout_range` runs whole groups of Philox blocks vectorised and the ragged ends one block
+/// at a time: at every offset and length each element must be decided by its own word,
+/// `word(stream, offset + j) >= threshold(p)`, and kept values scaled by `1/(1−p)`.
+#[test]
+fn dropout_range_matches_the_per_element_definition_at_any_offset() {
+    let rng = DropoutRng::new(0x0123_4567_89ab_cdef);
+    let (p, stream) = (0.37f32, (5u64 << 8) | 1);
+    let DropoutParams { threshold, scale } = DropoutParams::new(p).unwrap();
+    for offset in [0usize, 1, 2, 3, 4, 31, 32, 33, 1000, (1 << 33) + 1] {
+        for len in [0usize, 1, 3, 4, 5, 31, 32, 33, 64, 95, 100, 257] {
+            let x: Vec<f32> = (0..len).map(|j| 1.0 + j as f32).collect();
+            let mut got = x.clone();
+            dropout_range(&mut got, p, &rng, stream, offset).unwrap();
+            for (j, (&g, &v)) in got.iter().zip(&x).enumerate() {
+                let want = if rng.word(stream, (offset + j) as u64) >= threshold { v * scale } else { 0.0 };
+                assert_eq!(g.to_bits(), want.to_bits(), "offset {offset}, len {len}, element {j}");
+            }
+        }
     }
 }
 

@@ -377,6 +377,9 @@ impl BertModel {
         let live_rows = |t: &Tensor| -> Result<Tensor> {
             if all_live || t.shape()[0] != n * block || n == 1 {
                 Ok(t.clone())
+            } else if let [one] = &live_ranges[..] {
+                // One live branch is one contiguous block of rows: a view, no copy.
+                t.narrow_rows(one.start, one.len())
             } else {
                 be.select_rows(t, &live_ranges)
             }

@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::simd::simd_fn;
 
 // Philox4x32 round constants (Random123 `philox.h`: PHILOX_M4x32_0/1 multipliers,
 // PHILOX_W32_0/1 Weyl key increments — the golden ratio and √3−1, as 32-bit fractions).
@@ -135,31 +136,83 @@ impl DropoutRng {
 
     /// Zero the dropped elements of `x` and scale the kept ones by `1/(1−p)`, in place.
     fn apply(&self, x: &mut [f32], p: f32, stream: u64) -> Result<()> {
-        let params = DropoutParams::new(p)?;
+        DropoutParams::new(p)?;
         if p == 0.0 {
             // An exact identity: no scale, no draws.
             return Ok(());
         }
-        let DropoutParams { threshold, scale } = params;
-        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let len = chunk.len();
-            self.for_each_keep(stream, c * CHUNK, len, threshold, |j, keep| {
-                chunk[j] = if keep { chunk[j] * scale } else { 0.0 };
-            });
-        });
-        Ok(())
+        x.par_chunks_mut(CHUNK).enumerate().try_for_each(|(c, chunk)| dropout_range(chunk, p, self, stream, c * CHUNK))
     }
 }
 
 /// Dropout of a slice that holds elements `offset..offset + x.len()` of `stream` (for a block of a
-/// larger tensor, e.g. one head's attention probabilities), in place.
+/// larger tensor, e.g. one head's attention probabilities), in place. The elements of whole
+/// groups of `PHILOX_LANES` blocks go through `dropout_lanes` (vectorised); the rest one block
+/// at a time. Both draw the same words.
 pub fn dropout_range(x: &mut [f32], p: f32, rng: &DropoutRng, stream: u64, offset: usize) -> Result<()> {
     let DropoutParams { threshold, scale } = DropoutParams::new(p)?;
     if threshold == 0 {
         return Ok(());
     }
-    rng.for_each_keep(stream, offset, x.len(), threshold, |j, keep| x[j] = if keep { x[j] * scale } else { 0.0 });
+    let keep_or_drop = |x: &mut [f32], at: usize| rng.for_each_keep(stream, at, x.len(), threshold, |j, keep| x[j] = if keep { x[j] * scale } else { 0.0 });
+    // Up to the first element of a block, then whole groups of blocks, then the tail.
+    let head = ((4 - offset % 4) % 4).min(x.len());
+    let body = (x.len() - head) / (4 * PHILOX_LANES) * (4 * PHILOX_LANES);
+    let (first, rest) = x.split_at_mut(head);
+    let (middle, last) = rest.split_at_mut(body);
+    keep_or_drop(first, offset);
+    dropout_lanes(middle, rng.key(), stream, ((offset + head) / 4) as u64, threshold, scale);
+    keep_or_drop(last, offset + head + body);
     Ok(())
+}
+
+/// Philox blocks computed side by side in `dropout_lanes`.
+const PHILOX_LANES: usize = 8;
+
+simd_fn! {
+    /// Dropout of `x` (a whole number of `PHILOX_LANES`-block groups) whose element 0 is element
+    /// 0 of block `first_block`: the ten Philox rounds run on `PHILOX_LANES` counters at once,
+    /// the 32×32→64-bit products as vector multiplies.
+    fn dropout_lanes(x: &mut [f32], key: [u32; 2], stream: u64, first_block: u64, threshold: u32, scale: f32) {
+        let mut block = first_block;
+        for group in x.chunks_exact_mut(4 * PHILOX_LANES) {
+            let mut c = [[0u32; PHILOX_LANES]; 4];
+            for l in 0..PHILOX_LANES {
+                let b = block + l as u64;
+                c[0][l] = b as u32;
+                c[1][l] = (b >> 32) as u32;
+                c[2][l] = stream as u32;
+                c[3][l] = (stream >> 32) as u32;
+            }
+            let mut k = key;
+            for round in 0..PHILOX_ROUNDS {
+                if round > 0 {
+                    k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
+                }
+                for l in 0..PHILOX_LANES {
+                    let (hi0, lo0) = mulhilo(PHILOX_M0, c[0][l]);
+                    let (hi1, lo1) = mulhilo(PHILOX_M1, c[2][l]);
+                    let next = [hi1 ^ c[1][l] ^ k[0], lo1, hi0 ^ c[3][l] ^ k[1], lo0];
+                    for w in 0..4 {
+                        c[w][l] = next[w];
+                    }
+                }
+            }
+            // Element 4·l + w takes word w of block l: lay the words out in element order, then
+            // one branch-free pass over the group.
+            let mut words = [0u32; 4 * PHILOX_LANES];
+            for l in 0..PHILOX_LANES {
+                for w in 0..4 {
+                    words[4 * l + w] = c[w][l];
+                }
+            }
+            for e in 0..4 * PHILOX_LANES {
+                let kept = group[e] * scale;
+                group[e] = if words[e] >= threshold { kept } else { 0.0 };
+            }
+            block += PHILOX_LANES as u64;
+        }
+    }
 }
 
 /// Training-mode dropout of `x` in place: element i of `stream` is kept with probability 1−p and

@@ -30,17 +30,35 @@ simd_fn! {
     fn softmax_rows(p: &mut [f32], bias: &[f32], seq: usize, scale: f32, lse: Option<&mut [f32]>) {
         let mut lse = lse;
         for (i, row) in p.chunks_mut(seq).enumerate() {
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..seq {
-                row[j] = row[j] * scale + bias[j];
-                max = max.max(row[j]);
+            // Lane-wise maxima and sums over blocks of LANES, so the loops vectorise.
+            let mut lane_max = [f32::NEG_INFINITY; LANES];
+            let mut blocks = row.chunks_exact_mut(LANES);
+            let mut at = 0;
+            for block in &mut blocks {
+                for l in 0..LANES {
+                    block[l] = block[l] * scale + bias[at + l];
+                    lane_max[l] = lane_max[l].max(block[l]);
+                }
+                at += LANES;
+            }
+            let mut max = lane_max.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            for (j, v) in blocks.into_remainder().iter_mut().enumerate() {
+                *v = *v * scale + bias[at + j];
+                max = max.max(*v);
             }
             let mut lanes = [0f32; LANES];
-            for j in 0..seq {
-                row[j] = math::exp(row[j] - max);
-                lanes[j % LANES] += row[j];
+            let mut blocks = row.chunks_exact_mut(LANES);
+            for block in &mut blocks {
+                for l in 0..LANES {
+                    block[l] = math::exp(block[l] - max);
+                    lanes[l] += block[l];
+                }
             }
-            let sum: f32 = lanes.iter().sum();
+            let mut sum: f32 = lanes.iter().sum();
+            for v in blocks.into_remainder() {
+                *v = math::exp(*v - max);
+                sum += *v;
+            }
             let inv = 1.0 / sum;
             for v in row.iter_mut() {
                 *v *= inv;

@@ -15,28 +15,7 @@
 //! Plain `a*b + c` is used, never `mul_add`: every CPU rounds it the same way, so the AVX2 clone
 //! and the baseline build give bit-identical results.
 
-/// Defines a function whose body is compiled twice: for AVX2+FMA, picked at run time when the
-/// CPU has them, and for the build's baseline. Loops in the body must be plain `for` loops or
-/// inlined calls: a generic helper such as `Iterator::for_each` is instantiated outside the
-/// AVX2 clone and would run at the baseline (measured: 4× slower).
-macro_rules! simd_fn {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2_fma($($arg: $ty),*) $body
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the features this clone is compiled for were detected on this CPU.
-                    return unsafe { avx2_fma($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
-}
-pub(crate) use simd_fn;
+pub(crate) use crate::simd::simd_fn;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4; // 0x3f318000: 9 significant bits, so n·LN2_HI is exact for |n| < 2^15
