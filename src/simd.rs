@@ -12,10 +12,13 @@ macro_rules! simd_fn {
     };
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])*
+        // Kernels index by position on purpose: counted loops over fixed lanes vectorise.
+        #[allow(clippy::needless_range_loop)]
         $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::needless_range_loop)]
                 fn avx2_fma($($arg: $ty),*) -> $ret $body
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the features this clone is compiled for were detected on this CPU.
