@@ -134,12 +134,27 @@ fn gelu(c: &mut Criterion) {
     group.finish();
 }
 
+/// Attention on a packed QKV product at the MiniLM Parallel shape (32 sequences of 64 tokens,
+/// 12 heads of 32), forward and backward, `Throughput::Elements` = the four T×T×d products'
+/// FLOPs (forward) and the five of the backward.
+fn attention(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(10);
+    let (batch, seq, hidden, heads) = (32usize, 64usize, 384usize, 12usize);
+    let qkv: Vec<f32> = (0..batch * seq * 3 * hidden).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mask = vec![0f32; batch * seq];
+    let (q, k, v) = (&qkv[..], &qkv[hidden..], &qkv[2 * hidden..]);
+    let mut group = c.benchmark_group("attention/32x64x384");
+    group.throughput(Throughput::Elements((4 * batch * seq * seq * hidden) as u64));
+    group.bench_function("cpu_fast_forward", |b| b.iter(|| fast::attention_strided(black_box(q), k, v, 3 * hidden, &mask, batch, seq, hidden, heads, None)));
+    group.finish();
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = residual_layernorm, linear, gelu
+    targets = residual_layernorm, linear, gelu, attention
 }
 criterion_main!(kernels);

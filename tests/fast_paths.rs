@@ -113,3 +113,28 @@ fn product_epilogues_equal_the_separate_ops() {
         }
     }
 }
+
+/// The fast LayerNorm backward (f32 lane sums, row blocks in parallel, `dγ`/`dβ` summed per block)
+/// against the f64 reference, at widths that leave lane remainders and a ragged last block.
+#[test]
+fn fast_layernorm_backward_matches_the_reference() {
+    use bert_adapters::cpu::{fast, reference};
+    let mut rng = StdRng::seed_from_u64(13);
+    for (rows, cols) in [(130usize, 37usize), (200, 384), (3, 5)] {
+        let z = random_vec(&mut rng, rows * cols, 3.0);
+        let dy = random_vec(&mut rng, rows * cols, 1.0);
+        let gamma = random_vec(&mut rng, cols, 1.5);
+        let (want_dz, want_dg, want_db) = reference::layernorm_backward(&dy, &z, &gamma, cols, 1e-5);
+        let (dz, dg, db) = fast::layernorm_backward(&dy, &z, &gamma, cols, 1e-5);
+        for (name, got, want) in [("dz", &dz, &want_dz), ("dgamma", &dg, &want_dg), ("dbeta", &db, &want_db)] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-5 * (1.0 + scale), "{name} {rows}x{cols}: {err:e} (scale {scale})");
+        }
+        // From the forward's statistics: the same dz.
+        let (_, stats) = fast::layernorm_with_stats(&z, &gamma, &vec![0.0; cols], cols, 1e-5);
+        let (mean, rstd): (Vec<f32>, Vec<f32>) = stats.chunks(2).map(|s| (s[0], s[1])).unzip();
+        let from_stats = fast::layernorm_backward_from_stats(&dy, &z, &mean, &rstd, &gamma, cols);
+        assert_eq!(from_stats, dz, "from stats {rows}x{cols}");
+    }
+}

@@ -581,7 +581,11 @@ impl Backend for CpuBackend {
         }
         let st = stats.f32_data()?;
         let (mean, rstd): (Vec<f32>, Vec<f32>) = st.chunks(2).map(|p| (p[0], p[1])).unzip();
-        let dz = reference::layernorm_backward_from_stats(&dy.f32_data()?, &z.f32_data()?, &mean, &rstd, &gamma.f32_data()?, cols);
+        let (dys, zs, gs) = (&*dy.f32_data()?, &*z.f32_data()?, &*gamma.f32_data()?);
+        let dz = match self.mode {
+            CpuMode::Reference => reference::layernorm_backward_from_stats(dys, zs, &mean, &rstd, gs, cols),
+            CpuMode::Fast => fast::layernorm_backward_from_stats(dys, zs, &mean, &rstd, gs, cols),
+        };
         self.wrap(dz, dy.shape())
     }
 

@@ -2,8 +2,7 @@
 //! backend's CPU mode: `Prims` sends each to `reference` or `fast` and counts every matrix product
 //! by kind in the backend's `GemmStats` (how the tests prove that frozen work is skipped). Also the
 //! slice helpers both composites share. Layout: activations are row-major `[rows, cols]` slices,
-//! weights and LayerNorm parameters tensors (`w: [d_out, d_in]`). Numerics: the mode's, except the
-//! LayerNorm and activation gradients, which are the f64 reference in both modes.
+//! weights and LayerNorm parameters tensors (`w: [d_out, d_in]`). Numerics: the mode's.
 
 use crate::backend::Activation;
 use crate::cpu::{fast, reference, CpuMode, GemmKind, GemmStats};
@@ -84,7 +83,11 @@ impl Prims<'_> {
     }
     /// `(dz, dγ, dβ)` of `LN(z)`.
     pub fn layernorm_backward(self, dy: &[f32], z: &[f32], gamma: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(reference::layernorm_backward(dy, z, &gamma.f32_data()?, gamma.elem_count(), eps))
+        let g = &*gamma.f32_data()?;
+        Ok(match self.mode {
+            CpuMode::Reference => reference::layernorm_backward(dy, z, g, gamma.elem_count(), eps),
+            CpuMode::Fast => fast::layernorm_backward(dy, z, g, gamma.elem_count(), eps),
+        })
     }
     pub fn activation(self, x: &[f32], act: Activation) -> Vec<f32> {
         match self.mode {

@@ -1,7 +1,6 @@
 //! The fast CPU path the model runs on: `gemm` for every matrix product, rayon across rows and
 //! heads, f32 accumulation. Tested against `reference` at awkward shapes in `tests/cpu.rs`.
-//! One file per op family with its forward and backward side by side, as in `reference`; the
-//! gradient this path has no version of (LayerNorm's) is `reference`'s in both modes (see `Prims`). This file keeps the finiteness scan, which belongs to no family.
+//! One file per op family with its forward and backward side by side, as in `reference`. This file keeps the finiteness scan, which belongs to no family.
 
 mod activation;
 mod attention;
@@ -16,7 +15,7 @@ use rayon::prelude::*;
 pub use activation::{activation, activation_backward, activation_backward_in_place, activation_in_place};
 pub use attention::{attention, attention_backward, attention_backward_packed, attention_strided};
 pub use embedding::embedding;
-pub use layernorm::{layernorm_with_stats, residual_layernorm};
+pub use layernorm::{layernorm_backward, layernorm_backward_from_stats, layernorm_with_stats, residual_layernorm};
 pub use linear::{bias_backward_into, linear, linear_backward_input, linear_backward_input_epilogue, linear_backward_input_into, linear_backward_params, linear_backward_weight_into, linear_epilogue, Epilogue};
 
 /// Elements per block of the finiteness scan: large enough to amortise a rayon task, small
