@@ -83,7 +83,7 @@ fn minilm_train_step(c: &mut Criterion) {
     let cfg = TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-5, ..AdamWConfig::default() }).expect("optimizer");
     let be = m.backend().clone();
-    group.bench_function("train_step", |b| {
+    group.bench_function("full_step", |b| {
         b.iter(|| m.train_step(&batch, &labels, &cfg, &mut opt).expect("step").read(be.as_ref()).expect("finite"))
     });
     // The same step on the pooled CPU backend (no buffer created after the first steps).
@@ -97,7 +97,7 @@ fn minilm_train_step(c: &mut Criterion) {
     p.set_dropout(Some(7));
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-5, ..AdamWConfig::default() }).expect("optimizer");
     let pbe = p.backend().clone();
-    group.bench_function("train_step_pooled", |b| {
+    group.bench_function("full_step_pooled", |b| {
         b.iter(|| p.train_step(&batch, &labels, &cfg, &mut opt).expect("step").read(pbe.as_ref()).expect("finite"))
     });
     group.finish();

@@ -18,7 +18,7 @@ Steps (each the median of --steps runs after --warmup runs):
   full_step                    train mode: encoder + heads, tasknn's objective CE(t, y) + λ·E with
                                E = −mean⟨softmax(t), s⟩ (s detached), backward, clip_grad_norm_(1.0),
                                AdamW over tasknn's adapter and head, zero_grad
-Ours: `full_step` corresponds to the bench function `train_step` (the step `train` runs).
+Ours: `full_step` is the step `train` runs (`BertModel::train_step`).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_GROUP = "cpu_train_step_minilm_parallel_16x64"
-PAIRS = [("forward_only", "forward_only"), ("forward_train_and_backward", "forward_train_and_backward"), ("full_step", "train_step")]
+PAIRS = [("forward_only", "forward_only"), ("forward_train_and_backward", "forward_train_and_backward"), ("full_step", "full_step")]
 
 
 def median_ms(fn, warmup, steps):
