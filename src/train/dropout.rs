@@ -19,7 +19,6 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::simd::simd_fn;
 
 // Philox4x32 round constants (Random123 `philox.h`: PHILOX_M4x32_0/1 multipliers,
 // PHILOX_W32_0/1 Weyl key increments — the golden ratio and √3−1, as 32-bit fractions).
@@ -166,52 +165,82 @@ pub fn dropout_range(x: &mut [f32], p: f32, rng: &DropoutRng, stream: u64, offse
     Ok(())
 }
 
-/// Philox blocks computed side by side in `dropout_lanes`.
+/// Philox blocks computed side by side in `dropout_lanes` (one 256-bit vector of counters).
 const PHILOX_LANES: usize = 8;
 
-simd_fn! {
-    /// Dropout of `x` (a whole number of `PHILOX_LANES`-block groups) whose element 0 is element
-    /// 0 of block `first_block`: the ten Philox rounds run on `PHILOX_LANES` counters at once,
-    /// the 32×32→64-bit products as vector multiplies.
-    fn dropout_lanes(x: &mut [f32], key: [u32; 2], stream: u64, first_block: u64, threshold: u32, scale: f32) {
-        let mut block = first_block;
-        for group in x.chunks_exact_mut(4 * PHILOX_LANES) {
-            let mut c = [[0u32; PHILOX_LANES]; 4];
-            for l in 0..PHILOX_LANES {
-                let b = block + l as u64;
-                c[0][l] = b as u32;
-                c[1][l] = (b >> 32) as u32;
-                c[2][l] = stream as u32;
-                c[3][l] = (stream >> 32) as u32;
-            }
-            let mut k = key;
-            for round in 0..PHILOX_ROUNDS {
-                if round > 0 {
-                    k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
-                }
-                for l in 0..PHILOX_LANES {
-                    let (hi0, lo0) = mulhilo(PHILOX_M0, c[0][l]);
-                    let (hi1, lo1) = mulhilo(PHILOX_M1, c[2][l]);
-                    let next = [hi1 ^ c[1][l] ^ k[0], lo1, hi0 ^ c[3][l] ^ k[1], lo0];
-                    for w in 0..4 {
-                        c[w][l] = next[w];
-                    }
-                }
-            }
-            // Element 4·l + w takes word w of block l: lay the words out in element order, then
-            // one branch-free pass over the group.
-            let mut words = [0u32; 4 * PHILOX_LANES];
-            for l in 0..PHILOX_LANES {
-                for w in 0..4 {
-                    words[4 * l + w] = c[w][l];
-                }
-            }
-            for e in 0..4 * PHILOX_LANES {
-                let kept = group[e] * scale;
-                group[e] = if words[e] >= threshold { kept } else { 0.0 };
-            }
-            block += PHILOX_LANES as u64;
+/// Dropout of `x` (a whole number of `PHILOX_LANES`-block groups) whose element 0 is element 0
+/// of block `first_block`: with AVX2, eight Philox counters per vector; otherwise block by block.
+/// Both give the words `philox4x32_10` gives.
+fn dropout_lanes(x: &mut [f32], key: [u32; 2], stream: u64, first_block: u64, threshold: u32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU just now.
+            return unsafe { dropout_lanes_avx2(x, key, stream, first_block, threshold, scale) };
         }
+    }
+    let counter = |b: u64| [b as u32, (b >> 32) as u32, stream as u32, (stream >> 32) as u32];
+    for (i, quad) in x.chunks_exact_mut(4).enumerate() {
+        let words = philox4x32_10(counter(first_block + i as u64), key);
+        for (v, w) in quad.iter_mut().zip(words) {
+            *v = if w >= threshold { *v * scale } else { 0.0 };
+        }
+    }
+}
+
+/// `dropout_lanes` with the ten rounds on eight counters at once: the 32×32→64-bit products of
+/// even and odd lanes by two `vpmuludq`, their high and low halves put back in lane order by blends.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dropout_lanes_avx2(x: &mut [f32], key: [u32; 2], stream: u64, first_block: u64, threshold: u32, scale: f32) {
+    use std::arch::x86_64::*;
+    // (high, low) 32-bit halves of m·c for each lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mulhilo8(m: __m256i, c: __m256i) -> (__m256i, __m256i) {
+        let even = _mm256_mul_epu32(c, m); // lanes 0, 2, 4, 6 as 64-bit products
+        let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(c), m); // lanes 1, 3, 5, 7
+        let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+        let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+        (hi, lo)
+    }
+    let (m0, m1) = (_mm256_set1_epi32(PHILOX_M0 as i32), _mm256_set1_epi32(PHILOX_M1 as i32));
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut block = first_block;
+    for group in x.chunks_exact_mut(4 * PHILOX_LANES) {
+        // Blocks block..block+8; the high word is the same for all unless the low one wraps.
+        let lo = block as u32;
+        let mut c0 = _mm256_add_epi32(_mm256_set1_epi32(lo as i32), lanes);
+        let mut c1 = if lo.checked_add(PHILOX_LANES as u32 - 1).is_some() {
+            _mm256_set1_epi32((block >> 32) as i32)
+        } else {
+            let hi: [u32; PHILOX_LANES] = std::array::from_fn(|l| ((block + l as u64) >> 32) as u32);
+            _mm256_setr_epi32(hi[0] as i32, hi[1] as i32, hi[2] as i32, hi[3] as i32, hi[4] as i32, hi[5] as i32, hi[6] as i32, hi[7] as i32)
+        };
+        let mut c2 = _mm256_set1_epi32(stream as i32);
+        let mut c3 = _mm256_set1_epi32((stream >> 32) as i32);
+        let mut k = key;
+        for round in 0..PHILOX_ROUNDS {
+            if round > 0 {
+                k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
+            }
+            let (hi0, lo0) = mulhilo8(m0, c0);
+            let (hi1, lo1) = mulhilo8(m1, c2);
+            let n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k[0] as i32));
+            let n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k[1] as i32));
+            (c0, c1, c2, c3) = (n0, lo1, n2, lo0);
+        }
+        let mut words = [[0u32; PHILOX_LANES]; 4];
+        for (w, v) in words.iter_mut().zip([c0, c1, c2, c3]) {
+            // SAFETY: an unaligned store of 8 u32 into an array of 8 u32.
+            unsafe { _mm256_storeu_si256(w.as_mut_ptr().cast(), v) };
+        }
+        // Element 4·l + w takes word w of block l.
+        for (e, v) in group.iter_mut().enumerate() {
+            let word = words[e % 4][e / 4];
+            *v = if word >= threshold { *v * scale } else { 0.0 };
+        }
+        block += PHILOX_LANES as u64;
     }
 }
 
