@@ -7,10 +7,10 @@
 
 mod common;
 
-use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps, NiceGrads, NiceParams, ScalingParam};
+use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps, NiceGrads, NiceParams};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::{Activation, Backend, CpuBackend, Error, Tensor};
-use common::{assert_close, random_vec};
+use common::{assert_close, random_vec, FullBranch};
 use rand::{rngs::StdRng, SeedableRng};
 
 /// Accumulating in the product changes only the rounding: the old value joins the sum at the
@@ -139,35 +139,6 @@ fn first_token_gradient_into() {
     }
 }
 
-/// A branch with every option that has parameters: LayerNorms before and after, a gate, a
-/// channel scaling.
-struct Branch {
-    t: Vec<Tensor>,
-}
-
-impl Branch {
-    fn new(rng: &mut StdRng, h: usize, m: usize) -> Self {
-        let shapes: [&[usize]; 12] = [&[m, h], &[m], &[h, m], &[h], &[h], &[h], &[h], &[h], &[h], &[1, h], &[1], &[h]];
-        Branch { t: shapes.iter().map(|s| t(rng, s, 0.5)).collect() }
-    }
-    fn params(&self) -> BottleneckParams<'_> {
-        let t = &self.t;
-        BottleneckParams {
-            down_w: &t[0],
-            down_b: &t[1],
-            up_w: &t[2],
-            up_b: &t[3],
-            activation: Activation::Gelu,
-            ln_before: Some(LayerNormParams { gamma: &t[4], beta: &t[5], eps: 1e-5 }),
-            ln_after: Some(LayerNormParams { gamma: &t[6], beta: &t[7], eps: 1e-5 }),
-            scaling: ScalingParam::Channel(&t[11]),
-            gate: Some((&t[9], &t[10])),
-            adapter_residual_before_ln: false,
-            dropout: None,
-        }
-    }
-}
-
 fn grads_list(g: &BottleneckGrads) -> Vec<Tensor> {
     let mut v = vec![g.down_w.clone(), g.down_b.clone(), g.up_w.clone(), g.up_b.clone()];
     for (a, b) in [&g.ln_before, &g.ln_after, &g.gate].into_iter().flatten() {
@@ -184,7 +155,7 @@ fn adapter_location_gradients_into() {
     let (hs, rs) = (t(&mut rng, &[b, seq, h], 1.0), t(&mut rng, &[b, seq, h], 1.0));
     let (g, beta) = (t(&mut rng, &[h], 1.0), t(&mut rng, &[h], 0.5));
     let d_out = t(&mut rng, &[2 * b, seq, h], 1.0);
-    let (b0, b1) = (Branch::new(&mut rng, h, m), Branch::new(&mut rng, h, m));
+    let (b0, b1) = (FullBranch::new(&mut rng, h, m, 0.5), FullBranch::new(&mut rng, h, m, 0.5));
     let branches = [b0.params(), b1.params()];
     let steps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: true, original_ln_after: true };
     let loc = AdapterLocation { h: &hs, r: &rs, layer_norm: LayerNormParams { gamma: &g, beta: &beta, eps: 1e-12 }, steps, branches: &branches, replicate: true, seq_len: seq };
@@ -279,7 +250,7 @@ fn wrong_destination_shapes_are_errors_naming_the_op_and_the_tensor() {
     // An adapter destination: wrong shape, and a gate gradient for an adapter without a gate.
     let (b, seq, h, m) = (1, 2, 8, 4);
     let (hs, rs, g, beta, d_out) = (t(&mut rng, &[b, seq, h], 1.0), t(&mut rng, &[b, seq, h], 1.0), t(&mut rng, &[h], 1.0), t(&mut rng, &[h], 1.0), t(&mut rng, &[b, seq, h], 1.0));
-    let branch = Branch::new(&mut rng, h, m);
+    let branch = FullBranch::new(&mut rng, h, m, 0.5);
     let p = BottleneckParams { gate: None, ..branch.params() };
     let branches = [p];
     let steps = LocationSteps { residual_before_ln: ResidualBeforeLn::False, original_ln_before: false, original_ln_after: true };

@@ -5,10 +5,10 @@
 
 mod common;
 
-use bert_adapters::backend::{AdapterLocation, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::backend::{AdapterLocation, DropoutSpec, LayerNormParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::{Activation, Backend, CpuBackend, Tensor};
-use common::random_vec;
+use common::{random_vec, FullBranch};
 use rand::{rngs::StdRng, SeedableRng};
 
 fn t(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
@@ -23,32 +23,6 @@ fn drop_spec(p: f32, blocks: usize) -> DropoutSpec {
     DropoutSpec { p, seed: 1234, stream: 3, blocks: (0..blocks as u64).collect(), seed_buffer: None }
 }
 
-/// Every option with parameters (LayerNorms before and after, gate, channel scaling).
-struct Branch(Vec<Tensor>);
-
-impl Branch {
-    fn new(rng: &mut StdRng, h: usize, m: usize) -> Self {
-        let shapes: [&[usize]; 11] = [&[m, h], &[m], &[h, m], &[h], &[h], &[h], &[h], &[h], &[1, h], &[1], &[h]];
-        Branch(shapes.iter().map(|s| t(rng, s, 0.7)).collect())
-    }
-    fn params(&self, dropout: Option<DropoutSpec>, residual_before_ln: bool) -> BottleneckParams<'_> {
-        let t = &self.0;
-        BottleneckParams {
-            down_w: &t[0],
-            down_b: &t[1],
-            up_w: &t[2],
-            up_b: &t[3],
-            activation: Activation::Gelu,
-            ln_before: Some(LayerNormParams { gamma: &t[4], beta: &t[5], eps: 1e-5 }),
-            ln_after: Some(LayerNormParams { gamma: &t[6], beta: &t[7], eps: 1e-5 }),
-            scaling: ScalingParam::Channel(&t[10]),
-            gate: Some((&t[8], &t[9])),
-            adapter_residual_before_ln: residual_before_ln,
-            dropout,
-        }
-    }
-}
-
 /// A branch dropout of p = 0 is the identity but sends the location down the whole-tensor path:
 /// the chunked path must agree to rounding. Not bit for bit: gemm may round a row's small
 /// products differently with the number of rows it is handed (measured: 1 ulp); a chunk read
@@ -59,7 +33,7 @@ fn chunked_adapter_location_equals_the_whole_tensor_path() {
     let mut rng = StdRng::seed_from_u64(11);
     // T = 5: 12 examples per chunk; 30 examples leave a ragged last chunk.
     for (examples, seq, hidden, m) in [(30usize, 5usize, 24usize, 6usize), (3, 64, 40, 8), (5, 70, 16, 4)] {
-        let (b0, b1) = (Branch::new(&mut rng, hidden, m), Branch::new(&mut rng, hidden, m));
+        let (b0, b1) = (FullBranch::new(&mut rng, hidden, m, 0.7), FullBranch::new(&mut rng, hidden, m, 0.7));
         let (g, beta) = (t(&mut rng, &[hidden], 1.0), t(&mut rng, &[hidden], 0.5));
         for replicate in [true, false] {
             let rows = if replicate { examples } else { 2 * examples };
@@ -67,7 +41,7 @@ fn chunked_adapter_location_equals_the_whole_tensor_path() {
             for (residual, before, after) in [(ResidualBeforeLn::True, true, true), (ResidualBeforeLn::PostAdd, true, false), (ResidualBeforeLn::False, false, true)] {
                 let steps = LocationSteps { residual_before_ln: residual, original_ln_before: before, original_ln_after: after };
                 let run = |dropout: Option<DropoutSpec>| {
-                    let branches = [b0.params(dropout.clone(), true), b1.params(dropout, false)];
+                    let branches = [b0.params_with(dropout.clone(), true), b1.params_with(dropout, false)];
                     let loc = AdapterLocation { h: &hs, r: &rs, layer_norm: LayerNormParams { gamma: &g, beta: &beta, eps: 1e-12 }, steps, branches: &branches, replicate, seq_len: seq };
                     be.adapter_location(&loc).unwrap()
                 };

@@ -233,3 +233,37 @@ pub fn zip_members(members: &[(String, Vec<u8>)], method: zip::CompressionMethod
 pub fn member<'a>(members: &'a mut [(String, Vec<u8>)], suffix: &str) -> &'a mut Vec<u8> {
     &mut members.iter_mut().find(|(n, _)| n.ends_with(suffix)).unwrap_or_else(|| panic!("no member {suffix}")).1
 }
+
+/// One bottleneck adapter's tensors with every option that has parameters: LayerNorms before and
+/// after, a gate, a channel scaling (random, `scale` wide).
+pub struct FullBranch(pub Vec<bert_adapters::Tensor>);
+
+impl FullBranch {
+    pub fn new(rng: &mut impl rand::Rng, h: usize, m: usize, scale: f32) -> Self {
+        let shapes: [&[usize]; 11] = [&[m, h], &[m], &[h, m], &[h], &[h], &[h], &[h], &[h], &[1, h], &[1], &[h]];
+        FullBranch(shapes.iter().map(|s| bert_adapters::Tensor::from_vec(random_vec(rng, s.iter().product(), scale), s).unwrap()).collect())
+    }
+
+    /// Its parameters, no dropout, the residual added after `ln_after`.
+    pub fn params(&self) -> bert_adapters::backend::BottleneckParams<'_> {
+        self.params_with(None, false)
+    }
+
+    pub fn params_with(&self, dropout: Option<bert_adapters::backend::DropoutSpec>, adapter_residual_before_ln: bool) -> bert_adapters::backend::BottleneckParams<'_> {
+        use bert_adapters::backend::{BottleneckParams, LayerNormParams, ScalingParam};
+        let t = &self.0;
+        BottleneckParams {
+            down_w: &t[0],
+            down_b: &t[1],
+            up_w: &t[2],
+            up_b: &t[3],
+            activation: bert_adapters::Activation::Gelu,
+            ln_before: Some(LayerNormParams { gamma: &t[4], beta: &t[5], eps: 1e-5 }),
+            ln_after: Some(LayerNormParams { gamma: &t[6], beta: &t[7], eps: 1e-5 }),
+            scaling: ScalingParam::Channel(&t[10]),
+            gate: Some((&t[8], &t[9])),
+            adapter_residual_before_ln,
+            dropout,
+        }
+    }
+}
