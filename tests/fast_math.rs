@@ -59,18 +59,33 @@ fn sigmoid_matches_f64() {
     }
 }
 
-/// The AVX2 clone (what `fast::activation` runs here) and the baseline build (the plain
-/// functions, called outside any kernel) round every operation the same way.
+/// The fused forms (`*_with::<true>`, what the AVX2+FMA clone of a kernel runs) meet the same
+/// bounds as the plain ones, and `fast::activation` (whichever clone this CPU picks) does too.
 #[test]
-fn simd_kernels_change_no_bit() {
-    let xs = grid(-20.0, 20.0, 10_007);
-    let plain: Vec<u32> = xs.iter().map(|&x| math::gelu(x).to_bits()).collect();
-    let kernel: Vec<u32> = fast::activation(&xs, Activation::Gelu).iter().map(|v| v.to_bits()).collect();
-    assert_eq!(plain, kernel);
-    let dy = vec![1f32; xs.len()];
-    let plain: Vec<u32> = xs.iter().map(|&x| math::gelu_grad(x).to_bits()).collect();
-    let kernel: Vec<u32> = fast::activation_backward(&dy, &xs, Activation::Gelu).iter().map(|v| v.to_bits()).collect();
-    assert_eq!(plain, kernel);
+fn fused_forms_and_the_kernels_meet_the_same_bounds() {
+    let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+    let xs = grid(-15.0, 15.0, 100_003);
+    let kernel = fast::activation(&xs, Activation::Gelu);
+    let ones = vec![1f32; xs.len()];
+    let kernel_grad = fast::activation_backward(&ones, &xs, Activation::Gelu);
+    for (i, &x) in xs.iter().enumerate() {
+        let xd = x as f64;
+        let y = xd * phi(xd);
+        let d = phi(xd) + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        for (what, got) in [("gelu_with::<true>", math::gelu_with::<true>(x)), ("fast::activation", kernel[i])] {
+            assert!((got as f64 - y).abs() <= 5e-7 * xd.abs().max(1e-6), "{what}({x}) = {got}, want {y}");
+        }
+        for (what, got) in [("gelu_grad_with::<true>", math::gelu_grad_with::<true>(x)), ("fast::activation_backward", kernel_grad[i])] {
+            assert!((got as f64 - d).abs() <= 5e-7 * xd.abs().max(1.0), "{what}({x}) = {got}, want {d}");
+        }
+    }
+    for x in grid(-87.0, 88.5, 100_000) {
+        let want = (x as f64).exp();
+        assert!(((math::exp_with::<true>(x) as f64 - want) / want).abs() < 2.5e-7, "exp_with::<true>({x})");
+    }
+    assert_eq!(math::exp_with::<true>(-90.0), 0.0);
+    assert_eq!(math::exp_with::<true>(89.0), f32::INFINITY);
+    assert!(math::exp_with::<true>(f32::NAN).is_nan() && math::gelu_with::<true>(f32::NAN).is_nan());
 }
 
 #[test]

@@ -23,7 +23,7 @@ simd_fn! {
         match act {
             Activation::Gelu => {
                 for v in x.iter_mut() {
-                    *v = math::gelu(*v);
+                    *v = math::gelu_with::<FMA>(*v);
                 }
             }
             Activation::Relu => {
@@ -33,12 +33,12 @@ simd_fn! {
             }
             Activation::Swish => {
                 for v in x.iter_mut() {
-                    *v *= math::sigmoid(*v);
+                    *v *= math::sigmoid_with::<FMA>(*v);
                 }
             }
             Activation::Sigmoid => {
                 for v in x.iter_mut() {
-                    *v = math::sigmoid(*v);
+                    *v = math::sigmoid_with::<FMA>(*v);
                 }
             }
             Activation::Tanh => {
@@ -72,7 +72,7 @@ simd_fn! {
         match act {
             Activation::Gelu => {
                 for i in 0..n {
-                    d[i] *= math::gelu_grad(pre[i]);
+                    d[i] *= math::gelu_grad_with::<FMA>(pre[i]);
                 }
             }
             Activation::Relu => {
@@ -82,13 +82,13 @@ simd_fn! {
             }
             Activation::Swish => {
                 for i in 0..n {
-                    let s = math::sigmoid(pre[i]);
+                    let s = math::sigmoid_with::<FMA>(pre[i]);
                     d[i] *= s * (1.0 + pre[i] * (1.0 - s));
                 }
             }
             Activation::Sigmoid => {
                 for i in 0..n {
-                    let s = math::sigmoid(pre[i]);
+                    let s = math::sigmoid_with::<FMA>(pre[i]);
                     d[i] *= s * (1.0 - s);
                 }
             }

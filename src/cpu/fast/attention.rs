@@ -50,13 +50,13 @@ simd_fn! {
             let mut blocks = row.chunks_exact_mut(LANES);
             for block in &mut blocks {
                 for l in 0..LANES {
-                    block[l] = math::exp(block[l] - max);
+                    block[l] = math::exp_with::<FMA>(block[l] - max);
                     lanes[l] += block[l];
                 }
             }
             let mut sum: f32 = lanes.iter().sum();
             for v in blocks.into_remainder() {
-                *v = math::exp(*v - max);
+                *v = math::exp_with::<FMA>(*v - max);
                 sum += *v;
             }
             let inv = 1.0 / sum;
@@ -75,7 +75,7 @@ simd_fn! {
     fn exp_rows_from_lse(p: &mut [f32], bias: &[f32], lse: &[f32], seq: usize, scale: f32) {
         for (row, &l) in p.chunks_mut(seq).zip(lse) {
             for j in 0..seq {
-                row[j] = math::exp(row[j] * scale + bias[j] - l);
+                row[j] = math::exp_with::<FMA>(row[j] * scale + bias[j] - l);
             }
         }
     }

@@ -12,8 +12,10 @@
 //! - `gelu(x) = x·Φ(x)` with `Φ(x) = erfc(−x/√2)/2` taken from the side where it is small, so both
 //!   tails stay accurate: absolute error ≤ 3e-7·|x|.
 //!
-//! Plain `a*b + c` is used, never `mul_add`: every CPU rounds it the same way, so the AVX2 clone
-//! and the baseline build give bit-identical results.
+//! Each function comes in two forms: `f` with plain `a*b + c` (what the baseline clone of a
+//! `simd_fn!` kernel runs, and the form the tests read), and `f_with::<FMA>`, which the AVX2+FMA
+//! clone runs with fused multiply-adds (one rounding instead of two, and half the latency of the
+//! polynomial chains). The two forms differ in the last bits; both meet the bounds above.
 
 pub(crate) use crate::simd::simd_fn;
 
@@ -26,14 +28,40 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 const EXP_MIN_X: f32 = -87.336_55;
 const EXP_MAX_X: f32 = 88.722_83;
 
-/// `e^x` (see the module docs for its error bound).
+/// `a·b + c`: fused (one rounding) in the FMA clone of a kernel, a multiply then an add otherwise.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `Σ cᵢ·xⁱ` by Horner's rule, coefficients from the highest degree down.
+#[inline(always)]
+fn horner<const FMA: bool, const N: usize>(x: f32, coeffs: [f32; N]) -> f32 {
+    let mut acc = coeffs[0];
+    for &c in &coeffs[1..] {
+        acc = madd::<FMA>(acc, x, c);
+    }
+    acc
+}
+
+/// `e^x` (see the module docs for its error bound), with plain multiplies and adds.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// `exp`, fused multiply-adds when `FMA` (what `simd_fn!`'s AVX2 clone passes).
+#[inline(always)]
+pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     let xc = x.clamp(EXP_MIN_X, EXP_MAX_X);
-    let shifted = xc * LOG2E + ROUND_MAGIC;
+    let shifted = madd::<FMA>(xc, LOG2E, ROUND_MAGIC);
     let n = shifted - ROUND_MAGIC;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, xc));
+    let p = horner::<FMA, 8>(r, [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0]);
     // 2^n by its exponent bits; n ∈ [-126, 128], and 2^128 (x near the top) is split in two.
     // The integer n sits in the low mantissa bits of `shifted` (a float in [2^23, 2^24)): an
     // integer subtraction reads it, where `n as i32` would compile to scalar saturating code.
@@ -53,19 +81,22 @@ pub fn exp(x: f32) -> f32 {
 
 /// `erfc(z)` for `z ≥ 0` (a NaN stays NaN).
 #[inline(always)]
+pub fn erfc_nonneg_with<const FMA: bool>(z: f32) -> f32 {
+    let t = 1.0 / madd::<FMA>(0.5, z, 1.0);
+    let poly = horner::<FMA, 10>(t, [0.170_872_77, -0.822_152_23, 1.488_515_9, -1.135_204, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7, -1.265_512_2]);
+    t * exp_with::<FMA>(madd::<FMA>(-z, z, poly))
+}
+
+/// `erfc(z)` for `z ≥ 0`, plain multiplies and adds.
+#[inline(always)]
 pub fn erfc_nonneg(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18 + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    t * exp(-z * z + poly)
+    erfc_nonneg_with::<false>(z)
 }
 
 /// The standard normal CDF `Φ(x) = erfc(−x/√2)/2`, from whichever tail is small.
 #[inline(always)]
-pub fn normal_cdf(x: f32) -> f32 {
-    let half_tail = 0.5 * erfc_nonneg(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+pub fn normal_cdf_with<const FMA: bool>(x: f32) -> f32 {
+    let half_tail = 0.5 * erfc_nonneg_with::<FMA>(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
     if x < 0.0 {
         half_tail
     } else {
@@ -73,21 +104,39 @@ pub fn normal_cdf(x: f32) -> f32 {
     }
 }
 
-/// `GELU(x) = x·Φ(x)` (BERT's erf GELU).
+/// `GELU(x) = x·Φ(x)` (BERT's erf GELU), plain multiplies and adds.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    x * normal_cdf(x)
+    gelu_with::<false>(x)
 }
 
-/// `GELU'(x) = Φ(x) + x·φ(x)`, `φ(x) = e^{−x²/2}/√(2π)`.
+/// `gelu`, fused multiply-adds when `FMA`.
+#[inline(always)]
+pub fn gelu_with<const FMA: bool>(x: f32) -> f32 {
+    x * normal_cdf_with::<FMA>(x)
+}
+
+/// `GELU'(x) = Φ(x) + x·φ(x)`, `φ(x) = e^{−x²/2}/√(2π)`, plain multiplies and adds.
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
+    gelu_grad_with::<false>(x)
+}
+
+/// `gelu_grad`, fused multiply-adds when `FMA`.
+#[inline(always)]
+pub fn gelu_grad_with<const FMA: bool>(x: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+    madd::<FMA>(x * INV_SQRT_2PI, exp_with::<FMA>(-0.5 * x * x), normal_cdf_with::<FMA>(x))
 }
 
 /// `σ(x) = 1/(1 + e^{−x})`.
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+    sigmoid_with::<false>(x)
+}
+
+/// `sigmoid`, fused multiply-adds when `FMA`.
+#[inline(always)]
+pub fn sigmoid_with<const FMA: bool>(x: f32) -> f32 {
+    1.0 / (1.0 + exp_with::<FMA>(-x))
 }
