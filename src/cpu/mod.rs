@@ -480,8 +480,8 @@ impl Backend for CpuBackend {
     // second tensor, no second pass over memory that left the cache.
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         let Some(spec) = dropout else { return self.linear(x, w, b) };
-        let total = x.rows() * w.shape().first().copied().unwrap_or(0);
         let width = w.shape().first().copied().unwrap_or(0);
+        let total = x.rows() * width;
         let epilogue = |r0: usize, y: &mut [f32], _: Option<&mut [f32]>| apply_dropout_at(y, spec, total, r0 * width);
         Ok(self.linear_with(x, w, b, false, Some(&epilogue))?.0)
     }
