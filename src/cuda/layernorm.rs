@@ -100,7 +100,8 @@ impl LayerNormPlan {
         Ok(())
     }
 
-    fn launch_config(&self, rows: usize, cols: usize) -> LaunchConfig {
+    /// Grid, block and dynamic shared memory for `rows` rows of `cols` columns.
+    pub fn launch_config(&self, rows: usize, cols: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (rows.div_ceil(self.rows_per_block as usize) as u32, 1, 1),
             block_dim: (self.threads_per_row, self.rows_per_block, 1),
@@ -208,6 +209,82 @@ pub fn residual_layernorm_forward_with_plan(
     // against the kernel's block-shape and shared-memory contract.
     unsafe { launch.launch(plan.launch_config(rows, cols)) }.map_err(driver_err("launching residual_layernorm_forward_f32"))?;
     Ok(())
+}
+
+/// Host-memory inputs for [`residual_layernorm_forward_sim`]; the same shapes as [`LayerNormInputs`].
+#[cfg(feature = "cuda-sim")]
+pub struct HostLayerNormInputs<'a> {
+    pub x: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub eps: f32,
+}
+
+/// Host-memory outputs for [`residual_layernorm_forward_sim`].
+#[cfg(feature = "cuda-sim")]
+pub struct HostLayerNormOutputs<'a> {
+    pub y: &'a mut [f32],
+    pub mean: &'a mut [f32],
+    pub rstd: &'a mut [f32],
+}
+
+/// As [`residual_layernorm_forward_with_plan`], on the `cuda-sim` CPU executor: the same size
+/// checks, plan validation, launch configuration and argument order, host pointers for device
+/// pointers. Synchronous.
+#[cfg(feature = "cuda-sim")]
+pub fn residual_layernorm_forward_sim(
+    inputs: &HostLayerNormInputs<'_>,
+    outputs: &mut HostLayerNormOutputs<'_>,
+    plan: LayerNormPlan,
+    schedule: super::sim::Schedule,
+) -> Result<()> {
+    use super::sim::arg;
+    let (rows, cols) = (inputs.rows, inputs.cols);
+    LayerNormSizes {
+        rows,
+        cols,
+        x: inputs.x.len(),
+        residual: inputs.residual.map(|r| r.len()),
+        gamma: inputs.gamma.len(),
+        beta: inputs.beta.len(),
+        y: outputs.y.len(),
+        mean: outputs.mean.len(),
+        rstd: outputs.rstd.len(),
+    }
+    .check(inputs.eps)?;
+    plan.validate(cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (mut rows_i, mut cols_i, mut cache, mut eps) = (rows as i32, cols as i32, plan.cache_row as i32, inputs.eps);
+    let mut y = outputs.y.as_mut_ptr();
+    let mut mean = outputs.mean.as_mut_ptr();
+    let mut rstd = outputs.rstd.as_mut_ptr();
+    let mut x = inputs.x.as_ptr();
+    let mut residual = inputs.residual.map_or(std::ptr::null(), |r| r.as_ptr());
+    let mut gamma = inputs.gamma.as_ptr();
+    let mut beta = inputs.beta.as_ptr();
+    // The kernel's parameter order: y, mean, rstd, x, residual, gamma, beta, rows, cols, eps, cache_row.
+    let mut args = [
+        arg(&mut y),
+        arg(&mut mean),
+        arg(&mut rstd),
+        arg(&mut x),
+        arg(&mut residual),
+        arg(&mut gamma),
+        arg(&mut beta),
+        arg(&mut rows_i),
+        arg(&mut cols_i),
+        arg(&mut eps),
+        arg(&mut cache),
+    ];
+    // SAFETY: the argument array matches the kernel signature in kernels/layernorm.cu, and every
+    // slice was checked above to have exactly the length the kernel indexes.
+    unsafe { super::sim::launch(RESIDUAL_LAYERNORM_FORWARD_F32, plan.launch_config(rows, cols), &mut args, schedule) }
+        .map_err(|e| Error::Cuda(format!("cuda-sim: {e}")))
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! - [`registry`]: every `kernels/*.cu` embedded in the binary, with typed kernel names;
 //! - [`probe`]: "is there NVRTC / a GPU?" without panicking, and the test skip helpers;
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
-//! - one launcher module per kernel family ([`layernorm`]).
+//! - one launcher module per kernel family ([`layernorm`]);
+//! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
@@ -12,5 +13,7 @@ pub mod layernorm;
 pub mod probe;
 pub mod registry;
 pub mod runtime;
+#[cfg(feature = "cuda-sim")]
+pub mod sim;
 
 pub use runtime::{compile_with_report, CompileReport, CudaRuntime, KernelResources};

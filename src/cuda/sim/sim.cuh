@@ -1,0 +1,105 @@
+// cuda-sim: the header every kernel translation unit includes first when kernels/*.cu run on the
+// CPU (cargo feature `cuda-sim`; see src/cuda/sim.rs and docs/KERNELS_ON_CPU.md in shared/docs).
+//
+// The kernel text is compiled by g++ unmodified, except `extern __shared__ T name[];`, which
+// build.rs rewrites (on the same line) into SIM_EXTERN_SHARED(T, name); a per-launch buffer.
+// One fiber runs each CUDA thread; fibers switch only at __syncthreads, warp collectives and
+// exit, and the runtime (sim_runtime.cpp) checks strict Volta+ rules at each of those points.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+#include <utility>
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+
+namespace sim {
+
+// One kernel compiled into the executor; `launch` unpacks a cuLaunchKernel-style argument array.
+struct KernelEntry {
+    const char* name;
+    const char* family;
+    unsigned nparams;
+    void (*launch)(void** args);
+};
+
+extern thread_local const uint3* tl_thread_idx;
+extern thread_local uint3 tl_block_idx;
+extern thread_local dim3 tl_block_dim;
+extern thread_local dim3 tl_grid_dim;
+extern thread_local unsigned char* tl_dynamic_shared;
+
+enum WarpOp : int { SHFL_UP = 0, SHFL_DOWN = 1, SHFL_BFLY = 2, SHFL_IDX = 3, SYNCWARP = 4 };
+
+void syncthreads_at(const char* file, int line);
+void syncwarp_at(const char* file, int line, unsigned mask);
+uint64_t warp_op_at(const char* file, int line, int op, unsigned mask, uint64_t bits, unsigned size, int b, int width);
+
+template <class T>
+inline T shfl(const char* file, int line, int op, unsigned mask, T v, int b, int width) {
+    static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move 4- or 8-byte values");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    bits = warp_op_at(file, line, op, mask, bits, sizeof(T), b, width);
+    T r;
+    memcpy(&r, &bits, sizeof(T));
+    return r;
+}
+
+// Optional trailing arguments of the CUDA intrinsics (width = 32, mask = all lanes).
+constexpr int width_or_32() { return 32; }
+constexpr int width_or_32(int w) { return w; }
+constexpr unsigned mask_or_full() { return 0xffffffffu; }
+constexpr unsigned mask_or_full(unsigned m) { return m; }
+
+template <class... A, size_t... I>
+inline void call_with(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+template <class... A>
+inline void call(void (*f)(A...), void** args) {
+    call_with(f, args, std::index_sequence_for<A...>{});
+}
+template <class... A>
+constexpr unsigned param_count(void (*)(A...)) {
+    return sizeof...(A);
+}
+
+}  // namespace sim
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+#define SIM_EXTERN_SHARED(T, name) T* const name = reinterpret_cast<T*>(::sim::tl_dynamic_shared)
+
+#define threadIdx (*::sim::tl_thread_idx)
+#define blockIdx (static_cast<const uint3&>(::sim::tl_block_idx))
+#define blockDim (static_cast<const dim3&>(::sim::tl_block_dim))
+#define gridDim (static_cast<const dim3&>(::sim::tl_grid_dim))
+#define warpSize 32
+
+#define __syncthreads() ::sim::syncthreads_at(__FILE__, __LINE__)
+#define __syncwarp(...) ::sim::syncwarp_at(__FILE__, __LINE__, ::sim::mask_or_full(__VA_ARGS__))
+#define __shfl_xor_sync(mask, v, b, ...) ::sim::shfl(__FILE__, __LINE__, ::sim::SHFL_BFLY, mask, v, b, ::sim::width_or_32(__VA_ARGS__))
+#define __shfl_down_sync(mask, v, b, ...) ::sim::shfl(__FILE__, __LINE__, ::sim::SHFL_DOWN, mask, v, b, ::sim::width_or_32(__VA_ARGS__))
+#define __shfl_up_sync(mask, v, b, ...) ::sim::shfl(__FILE__, __LINE__, ::sim::SHFL_UP, mask, v, b, ::sim::width_or_32(__VA_ARGS__))
+#define __shfl_sync(mask, v, b, ...) ::sim::shfl(__FILE__, __LINE__, ::sim::SHFL_IDX, mask, v, b, ::sim::width_or_32(__VA_ARGS__))
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }

@@ -1,0 +1,432 @@
+// cuda-sim runtime: runs a kernel compiled from kernels/*.cu on the CPU with one ucontext fiber per
+// CUDA thread, one block at a time per worker OS thread, under strict Volta+ rules. Every failure
+// is returned as a message naming the kernel, block, thread and source line; nothing aborts.
+//
+// Cost: ucontext's swapcontext saves and restores the signal mask (two syscalls per switch), about
+// 1 us per switch; a hand-written context switch would be 5-8x faster. Fibers switch only at
+// __syncthreads, warp collectives and exit.
+#include "sim.cuh"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern "C" const sim::KernelEntry* const bert_sim_kernels[];
+extern "C" const size_t bert_sim_kernel_total;
+
+namespace sim {
+
+thread_local const uint3* tl_thread_idx;
+thread_local uint3 tl_block_idx;
+thread_local dim3 tl_block_dim;
+thread_local dim3 tl_grid_dim;
+thread_local unsigned char* tl_dynamic_shared;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // mapped lazily (MAP_NORESERVE): only touched pages cost
+constexpr size_t kCanaryBytes = 64;
+constexpr unsigned char kCanary = 0xA5;
+constexpr uint32_t kSharedPoison = 0x7fc0dead;  // a quiet NaN as f32: an unwritten read shows up
+constexpr uint64_t kLanePoison = 0x7ff8dead7fc0deadull;  // NaN as f32 (low half) and as f64
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a kernel gets without cuFuncSetAttribute
+
+enum class St { Ready, Barrier, Warp, Exited };
+
+struct Fiber {
+    ucontext_t ctx;
+    uint3 idx;
+    unsigned linear;
+    St st;
+    const char* file;  // the sync point it waits at (or last passed)
+    int line;
+    int op;  // the warp operation it waits at or last passed; -1: __syncthreads
+    unsigned mask;
+    uint64_t val;
+    unsigned size;
+    int b;
+    int width;
+    uint64_t result;
+};
+
+std::string format(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+const char* op_name(int op) {
+    switch (op) {
+        case SHFL_UP: return "__shfl_up_sync";
+        case SHFL_DOWN: return "__shfl_down_sync";
+        case SHFL_BFLY: return "__shfl_xor_sync";
+        case SHFL_IDX: return "__shfl_sync";
+        default: return "__syncwarp";
+    }
+}
+
+struct Launch {
+    const KernelEntry* k;
+    dim3 grid, block;
+    size_t smem;
+    void** args;
+    int schedule;  // 0 forward, 1 reverse, 2 random
+    uint64_t seed;
+    std::atomic<uint64_t> next_block{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    std::string error;
+    void fail(std::string msg) {
+        std::lock_guard<std::mutex> g(mu);
+        if (error.empty()) error = std::move(msg);
+        failed = true;
+    }
+};
+
+// One worker's state while it runs a block.
+struct Worker {
+    Launch* L;
+    std::vector<Fiber> fibers;
+    std::vector<void*> stacks;
+    std::vector<unsigned> order;
+    std::vector<unsigned char> smem_store;
+    unsigned char* smem = nullptr;
+    ucontext_t sched;
+    Fiber* cur = nullptr;
+    std::string error;  // set by a fiber that hit a violation; the block stops
+    uint3 bidx;
+    ~Worker() {
+        for (void* s : stacks) munmap(s, kStackBytes);
+    }
+    std::string where(const Fiber& f) const {
+        return format("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", L->k->name, bidx.x, bidx.y, bidx.z, f.idx.x, f.idx.y, f.idx.z);
+    }
+    std::string thread(const Fiber& f) const { return format("thread (%u,%u,%u)", f.idx.x, f.idx.y, f.idx.z); }
+};
+
+thread_local Worker* tl_worker;
+
+// Called on a fiber: record the violation and never run this fiber again.
+[[noreturn]] void fiber_fail(std::string msg) {
+    Worker* W = tl_worker;
+    W->error = W->where(*W->cur) + ": " + msg;
+    Fiber* f = W->cur;
+    swapcontext(&f->ctx, &W->sched);
+    abort();  // unreachable: a failed fiber is never resumed
+}
+
+void fiber_main() {
+    Worker* W = tl_worker;
+    W->L->k->launch(W->L->args);
+    Fiber* f = W->cur;
+    f->st = St::Exited;
+    swapcontext(&f->ctx, &W->sched);
+    abort();
+}
+
+void block_wait(Fiber* f) {
+    Worker* W = tl_worker;
+    swapcontext(&f->ctx, &W->sched);
+}
+
+std::string sync_point(const char* file, int line, const char* op = nullptr) {
+    return format("%s at %s:%d", op ? op : "__syncthreads", file, line);
+}
+
+bool canary_ok(const Worker& W) {
+    const unsigned char* c = W.smem + W.L->smem;
+    for (size_t i = 0; i < kCanaryBytes; ++i)
+        if (c[i] != kCanary) return false;
+    return true;
+}
+
+// Resolves every warp collective whose named lanes have all arrived. Returns true on progress,
+// sets W.error on a violation.
+bool resolve_warps(Worker& W) {
+    const unsigned n = (unsigned)W.fibers.size();
+    bool progress = false;
+    for (unsigned w0 = 0; w0 < n; w0 += 32) {
+        const unsigned lanes = std::min(32u, n - w0);
+        for (unsigned l = 0; l < lanes; ++l) {
+            Fiber& f = W.fibers[w0 + l];
+            if (f.st != St::Warp) continue;
+            bool complete = true;
+            for (unsigned j = 0; j < 32; ++j) {
+                if (!((f.mask >> j) & 1u)) continue;
+                if (j >= lanes) {
+                    W.error = W.where(f) + format(": %s (%s:%d) with mask 0x%08x names lane %u, which does not exist (the block has %u threads)",
+                                                  op_name(f.op), f.file, f.line, f.mask, j, n);
+                    return false;
+                }
+                const Fiber& g = W.fibers[w0 + j];
+                if (g.st == St::Exited) {
+                    W.error = W.where(f) + format(": %s (%s:%d) with mask 0x%08x waits for lane %u (%s), which has exited",
+                                                  op_name(f.op), f.file, f.line, f.mask, j, W.thread(g).c_str());
+                    return false;
+                }
+                if (g.st != St::Warp || g.mask != f.mask || g.op != f.op || g.size != f.size) complete = false;
+            }
+            if (!complete) continue;
+            // Every lane of the mask is here with the same operation: apply the PTX shfl.sync rules.
+            for (unsigned j = 0; j < 32; ++j) {
+                if (!((f.mask >> j) & 1u)) continue;
+                Fiber& g = W.fibers[w0 + j];
+                if (g.op != SYNCWARP) {
+                    const int seg = (32 - g.width) & 31;
+                    const int cval = g.op == SHFL_UP ? 0 : 31;
+                    const int lane = (int)j, bv = g.b & 31;
+                    const int max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
+                    int src;
+                    bool in;
+                    switch (g.op) {
+                        case SHFL_UP: src = lane - bv; in = src >= max_lane; break;
+                        case SHFL_DOWN: src = lane + bv; in = src <= max_lane; break;
+                        case SHFL_BFLY: src = lane ^ bv; in = src <= max_lane; break;
+                        default: src = min_lane | (bv & ~seg); in = src <= max_lane; break;
+                    }
+                    if (!in) src = lane;
+                    // Reading a lane outside the mask is undefined on a GPU: poison it.
+                    g.result = ((f.mask >> src) & 1u) ? W.fibers[w0 + src].val : kLanePoison;
+                }
+                g.st = St::Ready;
+            }
+            progress = true;
+        }
+    }
+    return progress;
+}
+
+// Describes why no fiber can make progress.
+std::string deadlock(const Worker& W) {
+    const unsigned n = (unsigned)W.fibers.size();
+    for (const Fiber& f : W.fibers) {
+        if (f.st != St::Warp) continue;
+        const unsigned w0 = f.linear & ~31u;
+        for (unsigned j = 0; j < 32 && w0 + j < n; ++j) {
+            if (!((f.mask >> j) & 1u)) continue;
+            const Fiber& g = W.fibers[w0 + j];
+            if (g.st == St::Warp && g.mask == f.mask && g.op == f.op && g.size == f.size) continue;
+            std::string other = g.st == St::Barrier ? format("is at __syncthreads (%s:%d)", g.file, g.line)
+                                                    : format("is at %s (%s:%d) with mask 0x%08x", op_name(g.op), g.file, g.line, g.mask);
+            return W.where(f) + format(": deadlock: %s (%s:%d) with mask 0x%08x waits for lane %u (%s), which %s",
+                                       op_name(f.op), f.file, f.line, f.mask, j, W.thread(g).c_str(), other.c_str());
+        }
+    }
+    return format("kernel `%s`, block (%u,%u,%u): deadlock", W.L->k->name, W.bidx.x, W.bidx.y, W.bidx.z);
+}
+
+void run_block(Worker& W, uint64_t b) {
+    Launch& L = *W.L;
+    const dim3 g = L.grid, bd = L.block;
+    W.bidx = uint3{(unsigned)(b % g.x), (unsigned)(b / g.x % g.y), (unsigned)(b / ((uint64_t)g.x * g.y))};
+    tl_block_idx = W.bidx;
+    tl_block_dim = bd;
+    tl_grid_dim = g;
+    const unsigned n = bd.x * bd.y * bd.z;
+    // Dynamic shared memory: exactly L.smem bytes, poisoned, then a canary.
+    for (size_t i = 0; i + 4 <= L.smem; i += 4) memcpy(W.smem + i, &kSharedPoison, 4);
+    for (size_t i = L.smem & ~size_t(3); i < L.smem; ++i) W.smem[i] = 0xff;
+    memset(W.smem + L.smem, kCanary, kCanaryBytes);
+    tl_dynamic_shared = W.smem;
+
+    W.fibers.resize(n);
+    while (W.stacks.size() < n) {
+        void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+        if (s == MAP_FAILED) {
+            W.error = "cuda-sim: cannot map a fiber stack";
+            return;
+        }
+        W.stacks.push_back(s);
+    }
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = W.fibers[i];
+        f = Fiber{};
+        f.idx = uint3{i % bd.x, i / bd.x % bd.y, i / (bd.x * bd.y)};
+        f.linear = i;
+        f.st = St::Ready;
+        f.file = "(kernel start)";
+        f.line = 0;
+        f.op = -1;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = W.stacks[i];
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    W.order.resize(n);
+    for (unsigned i = 0; i < n; ++i) W.order[i] = L.schedule == 1 ? n - 1 - i : i;
+    std::mt19937_64 rng(L.seed ^ (b * 0x9e3779b97f4a7c15ull));
+
+    for (;;) {
+        if (L.schedule == 2) std::shuffle(W.order.begin(), W.order.end(), rng);
+        for (unsigned i : W.order) {
+            Fiber& f = W.fibers[i];
+            if (f.st != St::Ready) continue;
+            const char* from_file = f.file;
+            const int from_line = f.line;
+            const int from_op = f.op;
+            W.cur = &f;
+            tl_thread_idx = &f.idx;
+            swapcontext(&W.sched, &f.ctx);
+            if (!W.error.empty()) return;
+            if (!canary_ok(W)) {
+                const std::string from = from_line == 0 ? std::string("the kernel's start") : sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
+                const std::string to = f.st == St::Exited ? std::string("its exit") : sync_point(f.file, f.line, f.op >= 0 ? op_name(f.op) : nullptr);
+                W.error = W.where(f) + format(": wrote past the end of dynamic shared memory (%zu bytes; its canary changed) between %s and %s", L.smem,
+                                              from.c_str(), to.c_str());
+                return;
+            }
+        }
+        if (resolve_warps(W)) continue;
+        if (!W.error.empty()) return;
+        unsigned live = 0, at_barrier = 0;
+        const Fiber* exited = nullptr;
+        const Fiber* first_barrier = nullptr;
+        for (const Fiber& f : W.fibers) {
+            if (f.st == St::Exited) {
+                if (!exited) exited = &f;
+                continue;
+            }
+            ++live;
+            if (f.st == St::Barrier) {
+                ++at_barrier;
+                if (!first_barrier) first_barrier = &f;
+            }
+        }
+        if (live == 0) return;  // the block finished
+        if (at_barrier == live) {
+            if (exited) {
+                W.error = W.where(*exited) + format(": exited while %u other threads wait at __syncthreads (%s:%d)", at_barrier,
+                                                    first_barrier->file, first_barrier->line);
+                return;
+            }
+            for (const Fiber& f : W.fibers) {
+                if (f.line != first_barrier->line || strcmp(f.file, first_barrier->file) != 0) {
+                    W.error = W.where(f) + format(": reached __syncthreads at %s:%d while %s waits at %s:%d", f.file, f.line,
+                                                  W.thread(*first_barrier).c_str(), first_barrier->file, first_barrier->line);
+                    return;
+                }
+            }
+            for (Fiber& f : W.fibers) f.st = St::Ready;
+            continue;
+        }
+        W.error = deadlock(W);
+        return;
+    }
+}
+
+void worker_main(Launch* L) {
+    Worker W;
+    W.L = L;
+    tl_worker = &W;
+    W.smem_store.resize(L->smem + kCanaryBytes + 16);
+    W.smem = W.smem_store.data() + ((16 - ((uintptr_t)W.smem_store.data() & 15)) & 15);
+    const uint64_t blocks = (uint64_t)L->grid.x * L->grid.y * L->grid.z;
+    for (;;) {
+        if (L->failed) break;
+        const uint64_t b = L->next_block.fetch_add(1);
+        if (b >= blocks) break;
+        run_block(W, b);
+        if (!W.error.empty()) {
+            L->fail(W.error);
+            break;
+        }
+    }
+    tl_worker = nullptr;
+}
+
+}  // namespace
+
+void syncthreads_at(const char* file, int line) {
+    Worker* W = tl_worker;
+    Fiber* f = W->cur;
+    f->st = St::Barrier;
+    f->op = -1;
+    f->file = file;
+    f->line = line;
+    block_wait(f);
+}
+
+uint64_t warp_op_at(const char* file, int line, int op, unsigned mask, uint64_t bits, unsigned size, int b, int width) {
+    Worker* W = tl_worker;
+    Fiber* f = W->cur;
+    f->file = file;
+    f->line = line;
+    const unsigned lane = f->linear & 31u;
+    if (!((mask >> lane) & 1u))
+        fiber_fail(format("%s at %s:%d with mask 0x%08x, which does not include the calling lane %u", op_name(op), file, line, mask, lane));
+    if (op != SYNCWARP && (width < 1 || width > 32 || (width & (width - 1)) != 0))
+        fiber_fail(format("%s at %s:%d with width %d (must be a power of two in 1..32)", op_name(op), file, line, width));
+    f->op = op;
+    f->mask = mask;
+    f->val = bits;
+    f->size = size;
+    f->b = b;
+    f->width = width;
+    f->st = St::Warp;
+    block_wait(f);
+    return f->result;
+}
+
+void syncwarp_at(const char* file, int line, unsigned mask) { warp_op_at(file, line, SYNCWARP, mask, 0, 0, 0, 32); }
+
+}  // namespace sim
+
+// cuLaunchKernel's shape: kernel by name, grid, block, dynamic shared bytes, one pointer per
+// parameter. Returns 0, or 1 with a message in `err` (truncated to err_len).
+extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, void** args, size_t nargs, int schedule,
+                               uint64_t seed, char* err, size_t err_len) {
+    auto fail = [&](const std::string& msg) {
+        if (err_len) snprintf(err, err_len, "%s", msg.c_str());
+        return 1;
+    };
+    const sim::KernelEntry* k = nullptr;
+    for (size_t i = 0; i < bert_sim_kernel_total; ++i)
+        if (strcmp(bert_sim_kernels[i]->name, name) == 0) k = bert_sim_kernels[i];
+    if (!k) return fail(sim::format("cuda-sim: no kernel named `%s` is compiled into the executor", name));
+    if (nargs != k->nparams) return fail(sim::format("cuda-sim: kernel `%s` takes %u parameters, %zu given", name, k->nparams, nargs));
+    const uint64_t threads = (uint64_t)block[0] * block[1] * block[2];
+    if (block[0] == 0 || block[1] == 0 || block[2] == 0 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0)
+        return fail(sim::format("cuda-sim: kernel `%s`: launch with a zero grid (%u,%u,%u) or block (%u,%u,%u) dimension is invalid", name, grid[0],
+                                grid[1], grid[2], block[0], block[1], block[2]));
+    if (threads > 1024 || block[2] > 64 || grid[1] > 65535 || grid[2] > 65535)
+        return fail(sim::format("cuda-sim: kernel `%s`: block (%u,%u,%u) / grid (%u,%u,%u) exceeds the device limits (1024 threads, z <= 64, grid y,z <= 65535)",
+                                name, block[0], block[1], block[2], grid[0], grid[1], grid[2]));
+    if (smem > sim::kMaxDynamicShared)
+        return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu a kernel gets without an opt-in", name, smem,
+                                sim::kMaxDynamicShared));
+    if (schedule < 0 || schedule > 2) return fail(sim::format("cuda-sim: unknown schedule %d", schedule));
+    sim::Launch L;
+    L.k = k;
+    L.grid = dim3{grid[0], grid[1], grid[2]};
+    L.block = dim3{block[0], block[1], block[2]};
+    L.smem = smem;
+    L.args = args;
+    L.schedule = schedule;
+    L.seed = seed;
+    const uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+    if (const char* e = getenv("CUDA_SIM_THREADS")) workers = std::max(1, atoi(e));
+    workers = (unsigned)std::min<uint64_t>(workers, blocks);
+    std::vector<std::thread> pool;
+    for (unsigned i = 0; i < workers; ++i) pool.emplace_back(sim::worker_main, &L);
+    for (auto& t : pool) t.join();
+    if (!L.error.empty()) return fail(L.error);
+    return 0;
+}
+
+extern "C" size_t bert_sim_kernel_count() { return bert_sim_kernel_total; }
+extern "C" const char* bert_sim_kernel_name(size_t i) { return i < bert_sim_kernel_total ? bert_sim_kernels[i]->name : nullptr; }
