@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The cuda-sim executor is C++20, built by the `cc` crate: say what is missing before cargo does.
+command -v "${CXX:-c++}" >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || {
+    echo "error: the cuda-sim tests need a C++20 compiler (e.g. apt-get install g++)" >&2; exit 1; }
+
 # shellcheck source=install-cuda-tools.sh
 source scripts/install-cuda-tools.sh
 [ -e "$_CUDA_TOOLS_LIB/libnvrtc.so.13" ] || { echo "error: NVRTC install failed" >&2; exit 1; }
