@@ -125,6 +125,31 @@ pub struct LayerNormSizes {
     pub rstd: usize,
 }
 
+/// The sizes of a launch's inputs and outputs (device or host buffers: both have `len`).
+macro_rules! launch_sizes {
+    ($inputs:expr, $outputs:expr) => {
+        LayerNormSizes {
+            rows: $inputs.rows,
+            cols: $inputs.cols,
+            x: $inputs.x.len(),
+            residual: $inputs.residual.as_ref().map(|r| r.len()),
+            gamma: $inputs.gamma.len(),
+            beta: $inputs.beta.len(),
+            y: $outputs.y.len(),
+            mean: $outputs.mean.len(),
+            rstd: $outputs.rstd.len(),
+        }
+    };
+}
+
+/// The checks every launcher makes before it launches (the GPU's and cuda-sim's): sizes, eps,
+/// plan. `false` when there are no rows, so nothing is to be launched.
+fn checked_launch(sizes: LayerNormSizes, eps: f32, plan: LayerNormPlan) -> Result<bool> {
+    sizes.check(eps)?;
+    plan.validate(sizes.cols)?;
+    Ok(sizes.rows > 0)
+}
+
 impl LayerNormSizes {
     pub fn check(&self, eps: f32) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
@@ -174,20 +199,7 @@ pub fn residual_layernorm_forward_with_plan(
     plan: LayerNormPlan,
 ) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
-    LayerNormSizes {
-        rows,
-        cols,
-        x: inputs.x.len(),
-        residual: inputs.residual.as_ref().map(|r| r.len()),
-        gamma: inputs.gamma.len(),
-        beta: inputs.beta.len(),
-        y: outputs.y.len(),
-        mean: outputs.mean.len(),
-        rstd: outputs.rstd.len(),
-    }
-    .check(inputs.eps)?;
-    plan.validate(cols)?;
-    if rows == 0 {
+    if !checked_launch(launch_sizes!(inputs, outputs), inputs.eps, plan)? {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
 
@@ -243,20 +255,7 @@ pub fn residual_layernorm_forward_sim(
 ) -> Result<()> {
     use super::sim::arg;
     let (rows, cols) = (inputs.rows, inputs.cols);
-    LayerNormSizes {
-        rows,
-        cols,
-        x: inputs.x.len(),
-        residual: inputs.residual.map(|r| r.len()),
-        gamma: inputs.gamma.len(),
-        beta: inputs.beta.len(),
-        y: outputs.y.len(),
-        mean: outputs.mean.len(),
-        rstd: outputs.rstd.len(),
-    }
-    .check(inputs.eps)?;
-    plan.validate(cols)?;
-    if rows == 0 {
+    if !checked_launch(launch_sizes!(inputs, outputs), inputs.eps, plan)? {
         return Ok(());
     }
     let (mut rows_i, mut cols_i, mut cache, mut eps) = (rows as i32, cols as i32, plan.cache_row as i32, inputs.eps);
