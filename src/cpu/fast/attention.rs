@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::fast::math::{self, simd_fn};
+use crate::cpu::fast::math::{self, simd_fn, LANES};
 use crate::cpu::fast::matmul::{matmul, MatRef};
 use crate::cpu::reference::ProbDropout;
 
@@ -19,10 +19,6 @@ fn attention_probs(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], base: usiz
     scores(p, q, k, base, seq, ld, d);
     softmax_rows(p, bias, seq, scale, lse);
 }
-
-/// Lanes of the partial sums in the softmax: eight independent accumulators let the row sum
-/// vectorise (a single f32 accumulator is a serial chain the compiler may not reorder).
-const LANES: usize = 8;
 
 simd_fn! {
     /// Row softmax of `p` (`T×T`) after `s·scale + bias`, in place, with each row's

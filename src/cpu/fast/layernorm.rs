@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::fast::math::simd_fn;
+use crate::cpu::fast::math::{simd_fn, LANES};
 
 /// `LN(x + residual)`, one row per rayon task (statistics as in `normalize_row`).
 pub fn residual_layernorm(x: &[f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
@@ -38,9 +38,6 @@ pub fn layernorm_with_stats(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize,
     });
     (y, stats)
 }
-
-/// Lanes of the row sums: independent accumulators, so the reductions vectorise.
-const LANES: usize = 8;
 
 simd_fn! {
     /// Normalise one row in place (it holds `z` on entry): two-pass statistics in f32 over

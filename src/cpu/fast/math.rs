@@ -12,12 +12,16 @@
 //! - `gelu(x) = x·Φ(x)` with `Φ(x) = erfc(−x/√2)/2` taken from the side where it is small, so both
 //!   tails stay accurate: absolute error ≤ 3e-7·|x|.
 //!
-//! Each function comes in two forms: `f` with plain `a*b + c` (what the baseline clone of a
-//! `simd_fn!` kernel runs, and the form the tests read), and `f_with::<FMA>`, which the AVX2+FMA
+//! `exp`, `gelu`, `gelu_grad` and `sigmoid` come in two forms: `f` with plain `a*b + c` (what the
+//! baseline clone of a `simd_fn!` kernel runs, and the form the tests read), and `f_with::<FMA>`, which the AVX2+FMA
 //! clone runs with fused multiply-adds (one rounding instead of two, and half the latency of the
 //! polynomial chains). The two forms differ in the last bits; both meet the bounds above.
 
 pub(crate) use crate::simd::simd_fn;
+
+/// Independent accumulators of a kernel's row reductions (sums, maxima): eight let the loop
+/// vectorise, where a single f32 accumulator is a serial chain the compiler may not reorder.
+pub(crate) const LANES: usize = 8;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4; // 0x3f318000: 9 significant bits, so n·LN2_HI is exact for |n| < 2^15
@@ -30,7 +34,7 @@ const EXP_MAX_X: f32 = 88.722_83;
 
 /// `a·b + c`: fused (one rounding) in the FMA clone of a kernel, a multiply then an add otherwise.
 #[inline(always)]
-pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
@@ -85,12 +89,6 @@ pub fn erfc_nonneg_with<const FMA: bool>(z: f32) -> f32 {
     let t = 1.0 / madd::<FMA>(0.5, z, 1.0);
     let poly = horner::<FMA, 10>(t, [0.170_872_77, -0.822_152_23, 1.488_515_9, -1.135_204, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7, -1.265_512_2]);
     t * exp_with::<FMA>(madd::<FMA>(-z, z, poly))
-}
-
-/// `erfc(z)` for `z ≥ 0`, plain multiplies and adds.
-#[inline(always)]
-pub fn erfc_nonneg(z: f32) -> f32 {
-    erfc_nonneg_with::<false>(z)
 }
 
 /// The standard normal CDF `Φ(x) = erfc(−x/√2)/2`, from whichever tail is small.
