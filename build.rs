@@ -147,7 +147,13 @@ struct Family {
     module: String,
     file_name: String,
     path: PathBuf,
-    kernels: Vec<String>,
+    kernels: Vec<Signature>,
+}
+
+/// A kernel's name and its parameters as (Rust `ParamKind` expression, parameter name).
+struct Signature {
+    name: String,
+    params: Vec<(String, String)>,
 }
 
 fn generate(kernel_dir: &Path) -> Result<String, String> {
@@ -177,7 +183,7 @@ fn generate(kernel_dir: &Path) -> Result<String, String> {
                     path.display()
                 ));
             }
-            let kernels = find_kernels(&read(&path)?, &path)?;
+            let kernels = kernel_signatures(&read(&path)?, &path)?;
             if kernels.is_empty() {
                 return Err(format!("{}: no `extern \"C\" __global__ void NAME(` kernel found", path.display()));
             }
@@ -189,8 +195,8 @@ fn generate(kernel_dir: &Path) -> Result<String, String> {
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
     for f in &families {
         for k in &f.kernels {
-            if let Some(other) = seen.insert(k, &f.file_name) {
-                return Err(format!("kernel `{k}` is defined in both {other} and {}", f.file_name));
+            if let Some(other) = seen.insert(&k.name, &f.file_name) {
+                return Err(format!("kernel `{}` is defined in both {other} and {}", k.name, f.file_name));
             }
         }
     }
@@ -200,7 +206,7 @@ fn generate(kernel_dir: &Path) -> Result<String, String> {
     for f in &families {
         let _ = writeln!(out, "/// `kernels/{}`{}.", f.file_name, if common.is_some() { " with `kernels/common.cuh` prepended" } else { "" });
         let _ = writeln!(out, "pub mod {} {{", f.module);
-        out.push_str("    use super::{KernelName, KernelSource};\n\n");
+        out.push_str("    use super::{KernelName, KernelParam, KernelSource, ParamKind, ScalarType};\n\n");
         out.push_str("    pub const SOURCE: KernelSource = KernelSource {\n");
         let _ = writeln!(out, "        family: {:?},", f.module);
         let _ = writeln!(out, "        file: {:?},", format!("kernels/{}", f.file_name));
@@ -213,15 +219,19 @@ fn generate(kernel_dir: &Path) -> Result<String, String> {
         let _ = writeln!(out, "            {:?},", format!("\n#line 1 \"{}\"\n", f.file_name));
         let _ = writeln!(out, "            include_str!({:?}),", path_str(&f.path)?);
         out.push_str("        ),\n");
-        let names: Vec<String> = f.kernels.iter().map(|k| format!("{k:?}")).collect();
+        let names: Vec<String> = f.kernels.iter().map(|k| format!("{:?}", k.name)).collect();
         let _ = writeln!(out, "        kernels: &[{}],", names.join(", "));
         out.push_str("    };\n");
         for k in &f.kernels {
-            let _ = writeln!(out, "\n    /// `{k}` in `kernels/{}`.", f.file_name);
+            let name = &k.name;
+            let params: Vec<String> =
+                k.params.iter().map(|(kind, pname)| format!("KernelParam {{ name: {pname:?}, kind: {kind} }}")).collect();
+            let _ = writeln!(out, "\n    /// `{name}` in `kernels/{}`.", f.file_name);
             let _ = writeln!(
                 out,
-                "    pub const {}: KernelName = KernelName {{ source: &SOURCE, name: {k:?} }};",
-                k.to_ascii_uppercase()
+                "    pub const {}: KernelName = KernelName {{ source: &SOURCE, name: {name:?}, params: &[{}] }};",
+                name.to_ascii_uppercase(),
+                params.join(", ")
             );
         }
         out.push_str("}\n\n");
@@ -295,6 +305,73 @@ fn find_kernels(text: &str, path: &Path) -> Result<Vec<String>, String> {
         }
     }
     Ok(names)
+}
+
+/// The kernels of `text` with their parameter lists, for the typed launch checks of the runtime
+/// (`registry::KernelParam`). A parameter type the runtime cannot pack stops the build.
+fn kernel_signatures(text: &str, path: &Path) -> Result<Vec<Signature>, String> {
+    let names = find_kernels(text, path)?;
+    let toks = tokenize(&strip_comments(text));
+    let mut out = Vec::new();
+    for name in names {
+        // The definition is the one `NAME (` preceded by `void`.
+        let at = toks
+            .windows(3)
+            .position(|w| w[0] == "void" && w[1] == name && w[2] == "(")
+            .ok_or_else(|| format!("{}: cannot find the parameter list of `{name}`", path.display()))?;
+        let mut params = Vec::new();
+        let mut current: Vec<&str> = Vec::new();
+        let mut depth = 0i32;
+        for t in &toks[at + 3..] {
+            match t.as_str() {
+                "(" | "[" | "<" => depth += 1,
+                ")" if depth == 0 => break,
+                ")" | "]" | ">" => depth -= 1,
+                "," if depth == 0 => {
+                    params.push(param_kind(&current, &name, path)?);
+                    current.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            current.push(t);
+        }
+        if !current.is_empty() {
+            params.push(param_kind(&current, &name, path)?);
+        }
+        out.push(Signature { name, params });
+    }
+    Ok(out)
+}
+
+/// `const float* __restrict__ x` -> (`ParamKind::Pointer(ScalarType::F32)`, `x`).
+fn param_kind(toks: &[&str], kernel: &str, path: &Path) -> Result<(String, String), String> {
+    let text = toks.join(" ");
+    let bad = |why: &str| format!("{}: kernel `{kernel}`, parameter `{text}`: {why}", path.display());
+    let (name, ty) = toks.split_last().ok_or_else(|| bad("empty parameter"))?;
+    if !is_c_identifier(name) {
+        return Err(bad("expected `TYPE NAME`"));
+    }
+    let pointers = ty.iter().filter(|t| **t == "*").count();
+    let base: Vec<&str> = ty.iter().copied().filter(|t| !matches!(*t, "*" | "const" | "__restrict__" | "volatile")).collect();
+    let scalar = match base.join(" ").as_str() {
+        "float" => "F32",
+        "__half" => "F16",
+        "__nv_bfloat16" => "BF16",
+        "int" | "int32_t" => "I32",
+        "unsigned" | "unsigned int" | "uint32_t" => "U32",
+        "long long" | "int64_t" => "I64",
+        "unsigned long long" | "uint64_t" | "size_t" => "U64",
+        "unsigned short" | "uint16_t" => "U16",
+        "unsigned char" | "uint8_t" => "U8",
+        other => return Err(bad(&format!("type `{other}` cannot be packed by the launch runtime (use float, __half, __nv_bfloat16, int, unsigned, long long, unsigned long long, unsigned short, unsigned char or a pointer to one)"))),
+    };
+    let kind = match pointers {
+        0 => format!("ParamKind::Scalar(ScalarType::{scalar})"),
+        1 => format!("ParamKind::Pointer(ScalarType::{scalar})"),
+        _ => return Err(bad("pointers to pointers cannot be passed")),
+    };
+    Ok((kind, name.to_string()))
 }
 
 fn is_c_identifier(s: &str) -> bool {

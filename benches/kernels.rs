@@ -17,17 +17,16 @@ use bert_adapters::cpu::{fast, reference};
 use bert_adapters::Activation;
 use bert_adapters::cuda::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
 use bert_adapters::cuda::probe::probe_gpu;
-use bert_adapters::cuda::CudaRuntime;
+use bert_adapters::cuda::Gpu;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cudarc::driver::sys::CUevent_flags;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const ROWS: usize = 4096;
 const EPS: f32 = 1e-12;
 
-fn gpu_runtime() -> Option<CudaRuntime> {
-    match probe_gpu(0).and_then(|ctx| CudaRuntime::new(ctx).map_err(|e| e.to_string())) {
+fn gpu_runtime() -> Option<Gpu> {
+    match probe_gpu(0).and_then(|_| Gpu::cuda(0).map_err(|e| e.to_string())) {
         Ok(rt) => Some(rt),
         Err(reason) => {
             println!("SKIPPED: cuda benchmarks: {reason}");
@@ -52,8 +51,8 @@ fn residual_layernorm(c: &mut Criterion) {
         group.bench_function("cpu_fast", |b| {
             b.iter(|| fast::residual_layernorm(black_box(&x), Some(black_box(&residual)), &gamma, &beta, cols, EPS))
         });
-        if let Some(rt) = &gpu {
-            bench_cuda(&mut group, rt, &x, &residual, &gamma, &beta, cols);
+        if let Some(g) = &gpu {
+            bench_cuda(&mut group, g, &x, &residual, &gamma, &beta, cols);
         }
         group.finish();
     }
@@ -61,43 +60,33 @@ fn residual_layernorm(c: &mut Criterion) {
 
 fn bench_cuda(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    rt: &CudaRuntime,
+    gpu: &Gpu,
     x: &[f32],
     residual: &[f32],
     gamma: &[f32],
     beta: &[f32],
     cols: usize,
 ) {
-    let s = rt.stream();
-    let up = |v: &[f32]| s.clone_htod(v).expect("upload");
+    let up = |v: &[f32]| gpu.upload(v).expect("upload");
     let (dx, dres, dgamma, dbeta) = (up(x), up(residual), up(gamma), up(beta));
-    let mut dy = s.alloc_zeros::<f32>(x.len()).expect("alloc y");
-    let mut dmean = s.alloc_zeros::<f32>(ROWS).expect("alloc mean");
-    let mut drstd = s.alloc_zeros::<f32>(ROWS).expect("alloc rstd");
-    let inputs = LayerNormInputs {
-        x: dx.as_view(),
-        residual: Some(dres.as_view()),
-        gamma: dgamma.as_view(),
-        beta: dbeta.as_view(),
-        rows: ROWS,
-        cols,
-        eps: EPS,
-    };
-    let mut outputs = LayerNormOutputs { y: dy.as_view_mut(), mean: dmean.as_view_mut(), rstd: drstd.as_view_mut() };
+    let mut dy = gpu.alloc_zeros::<f32>(x.len()).expect("alloc y");
+    let mut dmean = gpu.alloc_zeros::<f32>(ROWS).expect("alloc mean");
+    let mut drstd = gpu.alloc_zeros::<f32>(ROWS).expect("alloc rstd");
+    let inputs = LayerNormInputs { x: dx.view(), residual: Some(dres.view()), gamma: dgamma.view(), beta: dbeta.view(), rows: ROWS, cols, eps: EPS };
+    let mut outputs = LayerNormOutputs { y: dy.view_mut(), mean: dmean.view_mut(), rstd: drstd.view_mut() };
     // Compile, load and warm the kernel outside the timed region.
-    residual_layernorm_forward(rt, &inputs, &mut outputs).expect("first launch");
-    rt.synchronize().expect("sync");
+    residual_layernorm_forward(gpu, &inputs, &mut outputs).expect("first launch");
+    gpu.synchronize().expect("sync");
 
+    // CUDA events around the launches: GPU time, not host enqueue time.
     group.bench_function("cuda", |b| {
         b.iter_custom(|iters| {
-            let start = rt.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
-            let end = rt.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
-            start.record(s).expect("record");
+            let start = gpu.record_event().expect("event");
             for _ in 0..iters {
-                residual_layernorm_forward(rt, &inputs, &mut outputs).expect("launch");
+                residual_layernorm_forward(gpu, &inputs, &mut outputs).expect("launch");
             }
-            end.record(s).expect("record");
-            let ms = start.elapsed_ms(&end).expect("elapsed");
+            let end = gpu.record_event().expect("event");
+            let ms = gpu.elapsed_ms(&start, &end).expect("elapsed");
             Duration::from_secs_f64(ms as f64 / 1e3)
         })
     });

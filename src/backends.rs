@@ -12,10 +12,19 @@ use crate::error::{Error, Result};
 pub fn backend_for(device: Device) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Arc::new(CpuBackend::fast())),
-        Device::Cuda(_) => Err(Error::Unsupported(
-            "the CUDA model backend is not built yet (only its first kernel, the fused residual + LayerNorm, \
-             exists and is tested); use --device cpu"
-                .into(),
-        )),
+        Device::Cuda(_) => Err(cuda_backend_missing()),
+        Device::CudaSim => {
+            // Says so first when the binary cannot run the executor at all.
+            crate::cuda::Gpu::open(device)?;
+            Err(cuda_backend_missing())
+        }
     }
+}
+
+fn cuda_backend_missing() -> Error {
+    Error::Unsupported(
+        "the CUDA model backend is not built yet (its device-runtime layer and first kernel, the fused residual + \
+         LayerNorm, exist and are tested on cuda-sim); use --device cpu"
+            .into(),
+    )
 }

@@ -10,6 +10,9 @@ pub enum Device {
     Cpu,
     /// A CUDA device by ordinal.
     Cuda(usize),
+    /// The CUDA kernels on the CPU executor (`cuda-sim`, in binaries built with that feature):
+    /// for tests and for kernel authors without a GPU, not for speed.
+    CudaSim,
 }
 
 impl fmt::Display for Device {
@@ -17,6 +20,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::CudaSim => write!(f, "cuda-sim"),
         }
     }
 }
@@ -27,9 +31,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            "cuda-sim" => Ok(Device::CudaSim),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => Err(Error::Input(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)"))),
+                _ => Err(Error::Input(format!("unknown device `{s}` (expected cpu, cuda, cuda:N or cuda-sim)"))),
             },
         }
     }

@@ -1,122 +1,20 @@
-//! The CUDA kernels of kernels/*.cu executed on the CPU by `cuda-sim` (feature `cuda-sim`), under
-//! strict CUDA semantics, against the CPU reference; and the executor's checks proven on
-//! deliberately broken kernels (tests/sim_kernels/planted_bugs.cu).
-//!
-//! Tolerance as in tests/layernorm.rs: max|out - ref| <= 1e-5 · (1 + max|ref|). Outputs start as
-//! NaN, so an element the kernel never writes cannot pass. Every case runs in all three
-//! schedules, which must agree bit for bit (the kernel is race-free and its reductions have a
-//! fixed order).
+//! The `cuda-sim` executor's checks, proven on deliberately broken kernels
+//! (tests/sim_kernels/planted_bugs.cu), and its warp-shuffle semantics. The kernels of
+//! kernels/*.cu run through their launchers in their own test files (tests/layernorm.rs), on the
+//! executor and on a GPU from one test body.
 #![cfg(feature = "cuda-sim")]
 
-use bert_adapters::cpu::reference;
-use bert_adapters::cuda::layernorm::{residual_layernorm_forward_sim, HostLayerNormInputs, HostLayerNormOutputs, LayerNormPlan};
-use bert_adapters::cuda::sim::{self, arg, Schedule, SimError};
+use bert_adapters::cuda::sim::{self, arg, LaunchOptions, Schedule, SimError};
 use cudarc::driver::LaunchConfig;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::Reverse, Schedule::Random(0x51b)];
-
-struct Out {
-    y: Vec<f32>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
-fn run_layernorm(inputs: &HostLayerNormInputs<'_>, plan: LayerNormPlan, schedule: Schedule) -> Out {
-    let (rows, cols) = (inputs.rows, inputs.cols);
-    let mut out = Out { y: vec![f32::NAN; rows * cols], mean: vec![f32::NAN; rows], rstd: vec![f32::NAN; rows] };
-    let mut outputs = HostLayerNormOutputs { y: &mut out.y, mean: &mut out.mean, rstd: &mut out.rstd };
-    residual_layernorm_forward_sim(inputs, &mut outputs, plan, schedule).unwrap_or_else(|e| panic!("rows={rows} cols={cols} {plan:?} {schedule:?}: {e}"));
-    out
-}
-
-fn assert_close(what: &str, label: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{label}: {what} length");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let tol = 1e-5 * (1.0 + scale);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(!err.is_nan() && err <= tol, "{label}: {what}[{i}] = {g}, reference {w}, |err| {err:e} > tol {tol:e}");
-    }
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// Every plan the launcher chooses or accepts for these widths: the automatic one (warp per row,
-/// 8 rows per block, row cache), and the other code paths of the kernel (no cache, one row per
-/// block, several warps per row with the shared-memory exchange, a full 1024-thread block).
-fn plans(cols: usize) -> Vec<LayerNormPlan> {
-    let mut v = vec![LayerNormPlan::auto(cols)];
-    for (t, r, c) in [(32, 8, false), (32, 1, true), (64, 1, true), (96, 1, false), (128, 1, true), (1024, 1, false)] {
-        let p = LayerNormPlan { threads_per_row: t, rows_per_block: r, cache_row: c };
-        if p.validate(cols).is_ok() && !v.contains(&p) {
-            v.push(p);
-        }
-    }
-    v
-}
-
-#[test]
-fn layernorm_matches_reference_for_every_plan_and_schedule() {
-    let mut rng = StdRng::seed_from_u64(0x51_3a7e);
-    let mut launches = 0;
-    for cols in [40usize, 384] {
-        for with_residual in [false, true] {
-            let rows = 7;
-            let mut v = |n: usize, lo: f32, hi: f32| (0..n).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>();
-            let x = v(rows * cols, -2.0, 2.0);
-            let residual = with_residual.then(|| v(rows * cols, -2.0, 2.0));
-            let gamma = v(cols, 0.5, 1.5);
-            let beta = v(cols, -0.5, 0.5);
-            let eps = 1e-12;
-            let want = reference::residual_layernorm(&x, residual.as_deref(), &gamma, &beta, cols, eps);
-            let inputs = HostLayerNormInputs { x: &x, residual: residual.as_deref(), gamma: &gamma, beta: &beta, rows, cols, eps };
-            for plan in plans(cols) {
-                let mut first: Option<Out> = None;
-                for schedule in SCHEDULES {
-                    let label = format!("rows={rows} cols={cols} residual={with_residual} {plan:?} {schedule:?}");
-                    let got = run_layernorm(&inputs, plan, schedule);
-                    launches += 1;
-                    assert_close("y", &label, &got.y, &want.y);
-                    assert_close("mean", &label, &got.mean, &want.mean);
-                    assert_close("rstd", &label, &got.rstd, &want.rstd);
-                    match &first {
-                        None => first = Some(got),
-                        Some(f) => {
-                            assert_eq!(bits(&f.y), bits(&got.y), "{label}: y differs from the forward schedule");
-                            assert_eq!(bits(&f.rstd), bits(&got.rstd), "{label}: rstd differs from the forward schedule");
-                        }
-                    }
-                }
-            }
-        }
-    }
-    println!("cuda-sim: {launches} residual_layernorm_forward_f32 launches match the reference");
-}
-
-#[test]
-fn layernorm_sim_launcher_checks_sizes_first() {
-    let (rows, cols) = (4, 8);
-    let x = vec![1f32; rows * cols];
-    let gamma = vec![1f32; cols - 1];
-    let beta = vec![0f32; cols];
-    let mut out = Out { y: vec![f32::NAN; rows * cols], mean: vec![f32::NAN; rows], rstd: vec![f32::NAN; rows] };
-    let inputs = HostLayerNormInputs { x: &x, residual: None, gamma: &gamma, beta: &beta, rows, cols, eps: 1e-5 };
-    let mut outputs = HostLayerNormOutputs { y: &mut out.y, mean: &mut out.mean, rstd: &mut out.rstd };
-    let err = residual_layernorm_forward_sim(&inputs, &mut outputs, LayerNormPlan::auto(cols), Schedule::Forward).unwrap_err();
-    assert!(matches!(err, bert_adapters::Error::Shape { .. }), "{err}");
-    assert!(out.y.iter().all(|v| v.is_nan()), "a rejected launch wrote y");
-}
 
 /// Launches a one-argument test kernel over `out`.
 fn launch_planted(name: &str, block: u32, smem: u32, out: &mut [f32], schedule: Schedule) -> Result<(), SimError> {
     let mut p = out.as_mut_ptr();
     let cfg = LaunchConfig { grid_dim: (2, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: each planted kernel takes one float* and touches out[0..blockDim.x].
-    unsafe { sim::launch_by_name(name, cfg, &mut [arg(&mut p)], schedule) }
+    unsafe { sim::launch_by_name(name, cfg, &mut [arg(&mut p)], &LaunchOptions { schedule, ..LaunchOptions::default() }) }
 }
 
 fn expect_error(name: &str, block: u32, smem: u32, needles: &[&str]) {
@@ -171,7 +69,7 @@ fn launch_errors_are_messages() {
     let mut p = out.as_mut_ptr();
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: refused before running: the argument count is wrong.
-    let err = unsafe { sim::launch_by_name("planted_early_return", cfg, &mut [arg(&mut p), arg(&mut p)], Schedule::Forward) }.unwrap_err().0;
+    let err = unsafe { sim::launch_by_name("planted_early_return", cfg, &mut [arg(&mut p), arg(&mut p)], &LaunchOptions::default()) }.unwrap_err().0;
     assert!(err.contains("takes 1 parameters, 2 given"), "{err}");
     assert!(sim::kernel_names().iter().any(|k| k == "residual_layernorm_forward_f32"));
 }
@@ -189,7 +87,7 @@ fn shuffles_follow_ptx_rules() {
             let mut w = width;
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (n as u32, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: sim_shuffle_modes(int* out, int width) writes out[0..4 * blockDim.x].
-            unsafe { sim::launch_by_name("sim_shuffle_modes", cfg, &mut [arg(&mut p), arg(&mut w)], schedule) }.unwrap();
+            unsafe { sim::launch_by_name("sim_shuffle_modes", cfg, &mut [arg(&mut p), arg(&mut w)], &LaunchOptions { schedule, ..LaunchOptions::default() }) }.unwrap();
             let w = width as usize;
             for t in 0..n {
                 let (lane, base) = (t % 32, t - t % 32);

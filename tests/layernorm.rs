@@ -1,8 +1,10 @@
 //! CUDA fused residual + LayerNorm forward vs the f64 CPU reference
 //! (`bert_adapters::cpu::reference::residual_layernorm`, the spec).
 //!
-//! Needs a GPU: without one every test prints `SKIPPED: ...` and passes; with `REQUIRE_GPU=1`
-//! (set on the GPU machine by scripts/device-check.sh) a missing GPU fails instead.
+//! One body per test, run by `test_device!` on every device: `*::cuda_sim` on the CPU executor
+//! (feature `cuda-sim`, as in CI) in the forward, reverse and random schedules, which must agree
+//! bit for bit; `*::cuda` on a GPU, which prints `SKIPPED: ...` without one and fails under
+//! `REQUIRE_GPU=1` (set on the GPU machine by scripts/device-check.sh).
 //!
 //! Tolerance, for y, mean and rstd alike: max|out - ref| <= 1e-5 · (1 + max|ref|).
 //! Why that is the right size for an fp32 kernel against an f64 reference: the kernel adds
@@ -16,12 +18,10 @@
 //! Outputs start as NaN, so an element the kernel never writes cannot pass.
 
 use bert_adapters::cpu::reference;
-use bert_adapters::cuda::layernorm::{
-    residual_layernorm_forward, residual_layernorm_forward_with_plan, LayerNormInputs, LayerNormOutputs, LayerNormPlan,
-};
+use bert_adapters::cuda::gpu::{Gpu, GpuKind};
+use bert_adapters::cuda::layernorm::{residual_layernorm_forward, residual_layernorm_forward_with_plan, LayerNormInputs, LayerNormOutputs, LayerNormPlan};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::cuda::CudaRuntime;
-use bert_adapters::Error;
+use bert_adapters::{test_device, Error};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -55,40 +55,36 @@ struct Outputs {
     rstd: Vec<f32>,
 }
 
-fn runtime(ctx: std::sync::Arc<cudarc::driver::CudaContext>) -> CudaRuntime {
-    CudaRuntime::new(ctx).unwrap_or_else(|e| panic!("CUDA runtime: {e}"))
+fn up(gpu: &Gpu, v: &[f32]) -> bert_adapters::cuda::DeviceBuffer<f32> {
+    gpu.upload(v).unwrap_or_else(|e| panic!("upload: {e}"))
 }
 
 /// Uploads `case`, runs the kernel (auto plan if `plan` is None), and downloads the outputs.
-fn run_gpu(rt: &CudaRuntime, case: &Case, plan: Option<LayerNormPlan>) -> Result<Outputs, Error> {
-    let s = rt.stream();
-    let up = |v: &[f32]| s.clone_htod(v).unwrap_or_else(|e| panic!("upload: {e:?}"));
+fn run(gpu: &Gpu, case: &Case, plan: Option<LayerNormPlan>) -> Result<Outputs, Error> {
     let n = case.rows * case.cols;
-    let (dx, dgamma, dbeta) = (up(&case.x), up(&case.gamma), up(&case.beta));
-    let dres = case.residual.as_deref().map(up);
+    let (dx, dgamma, dbeta) = (up(gpu, &case.x), up(gpu, &case.gamma), up(gpu, &case.beta));
+    let dres = case.residual.as_deref().map(|r| up(gpu, r));
     // NaN sentinels: an output element the kernel skips fails the comparison.
-    let mut dy = up(&vec![f32::NAN; n]);
-    let mut dmean = up(&vec![f32::NAN; case.rows]);
-    let mut drstd = up(&vec![f32::NAN; case.rows]);
+    let mut dy = up(gpu, &vec![f32::NAN; n]);
+    let mut dmean = up(gpu, &vec![f32::NAN; case.rows]);
+    let mut drstd = up(gpu, &vec![f32::NAN; case.rows]);
     {
         let inputs = LayerNormInputs {
-            x: dx.as_view(),
-            residual: dres.as_ref().map(|r| r.as_view()),
-            gamma: dgamma.as_view(),
-            beta: dbeta.as_view(),
+            x: dx.view(),
+            residual: dres.as_ref().map(|r| r.view()),
+            gamma: dgamma.view(),
+            beta: dbeta.view(),
             rows: case.rows,
             cols: case.cols,
             eps: case.eps,
         };
-        let mut outputs = LayerNormOutputs { y: dy.as_view_mut(), mean: dmean.as_view_mut(), rstd: drstd.as_view_mut() };
+        let mut outputs = LayerNormOutputs { y: dy.view_mut(), mean: dmean.view_mut(), rstd: drstd.view_mut() };
         match plan {
-            None => residual_layernorm_forward(rt, &inputs, &mut outputs)?,
-            Some(p) => residual_layernorm_forward_with_plan(rt, &inputs, &mut outputs, p)?,
+            None => residual_layernorm_forward(gpu, &inputs, &mut outputs)?,
+            Some(p) => residual_layernorm_forward_with_plan(gpu, &inputs, &mut outputs, p)?,
         }
     }
-    rt.synchronize()?;
-    let down = |d: &cudarc::driver::CudaSlice<f32>| s.clone_dtoh(d).unwrap_or_else(|e| panic!("download: {e:?}"));
-    Ok(Outputs { y: down(&dy), mean: down(&dmean), rstd: down(&drstd) })
+    Ok(Outputs { y: gpu.download(&dy.view())?, mean: gpu.download(&dmean.view())?, rstd: gpu.download(&drstd.view())? })
 }
 
 /// Asserts the tolerance and returns how much of it was used (max |err| / tol).
@@ -107,41 +103,62 @@ fn assert_close(what: &str, label: &str, got: &[f32], want: &[f32]) -> f32 {
     worst
 }
 
-/// Runs one case against the reference; returns the largest fraction of the tolerance used.
-fn check(rt: &CudaRuntime, case: &Case, plan: Option<LayerNormPlan>, label: &str) -> f32 {
-    let got = run_gpu(rt, case, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let want = reference::residual_layernorm(&case.x, case.residual.as_deref(), &case.gamma, &case.beta, case.cols, case.eps);
-    assert_close("y", label, &got.y, &want.y)
-        .max(assert_close("mean", label, &got.mean, &want.mean))
-        .max(assert_close("rstd", label, &got.rstd, &want.rstd))
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
-#[test]
-fn matches_reference_at_awkward_shapes() {
-    let ctx = bert_adapters::require_gpu!("layernorm::matches_reference_at_awkward_shapes");
-    let rt = runtime(ctx);
-    let mut rng = StdRng::seed_from_u64(0x1a7e_5eed);
-    let mut worst = (0f32, String::new());
+/// Runs one case against the reference; returns the outputs and the largest fraction of the
+/// tolerance used.
+fn check(gpu: &Gpu, case: &Case, plan: Option<LayerNormPlan>, label: &str) -> (Outputs, f32) {
+    let label = format!("{} {label}", gpu.describe());
+    let got = run(gpu, case, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let want = reference::residual_layernorm(&case.x, case.residual.as_deref(), &case.gamma, &case.beta, case.cols, case.eps);
+    let used = assert_close("y", &label, &got.y, &want.y)
+        .max(assert_close("mean", &label, &got.mean, &want.mean))
+        .max(assert_close("rstd", &label, &got.rstd, &want.rstd));
+    (got, used)
+}
+
+/// The awkward shapes: widths below, at and above a warp and the 1024-column switch to
+/// block-per-row, odd widths, BERT's 384/768, and row counts that leave a partial last block.
+/// The executor runs 1000 rows only at narrow widths (a CPU thread per CUDA thread is slow);
+/// every width and every row count still runs there.
+fn awkward_shapes(gpu: &Gpu) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
     for rows in [1, 7, 130, 1000] {
         for cols in [1, 31, 48, 384, 768, 1000, 4099] {
-            for with_residual in [false, true] {
-                let case = Case::random(&mut rng, rows, cols, with_residual, BERT_EPS);
-                let label = format!("rows={rows} cols={cols} residual={with_residual} (auto plan)");
-                let used = check(&rt, &case, None, &label);
-                if used > worst.0 {
-                    worst = (used, label);
-                }
+            if gpu.kind() == GpuKind::Sim && rows * cols > 130 * 4099 {
+                continue;
+            }
+            v.push((rows, cols));
+        }
+    }
+    v
+}
+
+fn matches_reference_at_awkward_shapes(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x1a7e_5eed);
+    let mut worst = (0f32, String::new());
+    let mut cases = 0;
+    for (rows, cols) in awkward_shapes(gpu) {
+        for with_residual in [false, true] {
+            let case = Case::random(&mut rng, rows, cols, with_residual, BERT_EPS);
+            let label = format!("rows={rows} cols={cols} residual={with_residual} (auto plan)");
+            let (_, used) = check(gpu, &case, None, &label);
+            cases += 1;
+            if used > worst.0 {
+                worst = (used, label);
             }
         }
     }
     // Recorded in docs/gpu-log.md: how close the kernel came to the tolerance.
-    report_line(&format!("layernorm: 56 cases pass; worst max|err|/tol = {:.3} at {}", worst.0, worst.1));
+    report_line(&format!("layernorm on {}: {cases} cases pass; worst max|err|/tol = {:.3} at {}", gpu.describe(), worst.0, worst.1));
 }
+test_device!(awkward_shapes_match_reference, matches_reference_at_awkward_shapes);
 
-#[test]
-fn every_launch_plan_matches_reference() {
-    let ctx = bert_adapters::require_gpu!("layernorm::every_launch_plan_matches_reference");
-    let rt = runtime(ctx);
+/// Every plan the launcher accepts: the other code paths of the kernel (no cache, one row per
+/// block, several warps per row with the shared-memory exchange, a full 1024-thread block).
+fn every_launch_plan_matches_reference(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(7);
     let plans = [
         LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false },
@@ -151,72 +168,70 @@ fn every_launch_plan_matches_reference() {
         LayerNormPlan { threads_per_row: 1024, rows_per_block: 1, cache_row: true },
         LayerNormPlan { threads_per_row: 1024, rows_per_block: 1, cache_row: false },
     ];
+    let rows = if gpu.kind() == GpuKind::Sim { 7 } else { 130 };
     for plan in plans {
-        for cols in [1, 33, 768, 4099] {
+        for cols in [1, 33, 384, 768, 4099] {
             if plan.validate(cols).is_err() {
                 continue;
             }
-            let case = Case::random(&mut rng, 130, cols, true, 1e-5);
-            let label = format!("cols={cols} {plan:?}");
-            check(&rt, &case, Some(plan), &label);
+            let case = Case::random(&mut rng, rows, cols, true, 1e-5);
+            let label = format!("rows={rows} cols={cols} {plan:?}");
+            let (a, _) = check(gpu, &case, Some(plan), &label);
             // Fixed reduction order: the same launch must give the same bits.
-            let a = run_gpu(&rt, &case, Some(plan)).unwrap_or_else(|e| panic!("{label}: {e}"));
-            let b = run_gpu(&rt, &case, Some(plan)).unwrap_or_else(|e| panic!("{label}: {e}"));
-            assert!(a.y.iter().zip(&b.y).all(|(p, q)| p.to_bits() == q.to_bits()), "{label}: not deterministic");
+            let b = run(gpu, &case, Some(plan)).unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert_eq!(bits(&a.y), bits(&b.y), "{label}: not deterministic");
+        }
+    }
+}
+test_device!(every_plan_matches_reference, every_launch_plan_matches_reference);
+
+/// The executor's schedules reorder the threads of a block between sync points; a race-free
+/// kernel with fixed-order reductions gives the same bits in each of them.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn schedules_agree_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(0x51_3a7e);
+    for (cols, plan) in [(384, LayerNormPlan::auto(384)), (40, LayerNormPlan { threads_per_row: 96, rows_per_block: 1, cache_row: true })] {
+        let case = Case::random(&mut rng, 7, cols, true, BERT_EPS);
+        let runs: Vec<Outputs> = bert_adapters::cuda::gpu::sims_for_test().iter().map(|gpu| check(gpu, &case, Some(plan), &format!("cols={cols}")).0).collect();
+        for r in &runs[1..] {
+            assert_eq!(bits(&runs[0].y), bits(&r.y), "cols={cols} {plan:?}: y differs between schedules");
+            assert_eq!(bits(&runs[0].rstd), bits(&r.rstd), "cols={cols} {plan:?}: rstd differs between schedules");
         }
     }
 }
 
-#[test]
-fn wrong_sizes_are_errors_and_nothing_is_written() {
-    let ctx = bert_adapters::require_gpu!("layernorm::wrong_sizes_are_errors_and_nothing_is_written");
-    let rt = runtime(ctx);
-    let s = rt.stream();
+fn wrong_sizes_are_errors_and_nothing_is_written(gpu: &Gpu) {
     let (rows, cols) = (4, 8);
-    let x = s.clone_htod(&vec![1f32; rows * cols]).expect("upload");
-    let short_gamma = s.clone_htod(&vec![1f32; cols - 1]).expect("upload");
-    let beta = s.clone_htod(&vec![0f32; cols]).expect("upload");
-    let mut y = s.clone_htod(&vec![f32::NAN; rows * cols]).expect("upload");
-    let mut mean = s.clone_htod(&vec![f32::NAN; rows]).expect("upload");
-    let mut rstd = s.clone_htod(&vec![f32::NAN; rows]).expect("upload");
+    let x = up(gpu, &vec![1f32; rows * cols]);
+    let short_gamma = up(gpu, &vec![1f32; cols - 1]);
+    let beta = up(gpu, &vec![0f32; cols]);
+    let mut y = up(gpu, &vec![f32::NAN; rows * cols]);
+    let mut mean = up(gpu, &vec![f32::NAN; rows]);
+    let mut rstd = up(gpu, &vec![f32::NAN; rows]);
     {
-        let inputs = LayerNormInputs {
-            x: x.as_view(),
-            residual: None,
-            gamma: short_gamma.as_view(),
-            beta: beta.as_view(),
-            rows,
-            cols,
-            eps: 1e-5,
-        };
-        let mut out = LayerNormOutputs { y: y.as_view_mut(), mean: mean.as_view_mut(), rstd: rstd.as_view_mut() };
-        let err = residual_layernorm_forward(&rt, &inputs, &mut out).expect_err("gamma is one short");
+        let inputs = LayerNormInputs { x: x.view(), residual: None, gamma: short_gamma.view(), beta: beta.view(), rows, cols, eps: 1e-5 };
+        let mut out = LayerNormOutputs { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+        let err = residual_layernorm_forward(gpu, &inputs, &mut out).expect_err("gamma is one short");
         assert!(matches!(err, Error::Shape { .. }), "{err}");
-        // A residual of the wrong length, and a y view of the wrong length.
-        let inputs = LayerNormInputs { gamma: beta.as_view(), residual: Some(x.slice(0..cols)), ..inputs };
-        assert!(matches!(residual_layernorm_forward(&rt, &inputs, &mut out), Err(Error::Shape { .. })));
+        // A residual of the wrong length.
+        let inputs = LayerNormInputs { gamma: beta.view(), residual: Some(x.slice(0..cols).unwrap()), ..inputs };
+        assert!(matches!(residual_layernorm_forward(gpu, &inputs, &mut out), Err(Error::Shape { .. })));
+        // An invalid plan.
+        let inputs = LayerNormInputs { residual: None, ..inputs };
+        let bad = LayerNormPlan { threads_per_row: 48, rows_per_block: 1, cache_row: false };
+        assert!(matches!(residual_layernorm_forward_with_plan(gpu, &inputs, &mut out, bad), Err(Error::Shape { .. })));
     }
-    rt.synchronize().expect("sync");
-    assert!(s.clone_dtoh(&y).expect("download").iter().all(|v| v.is_nan()), "a rejected launch wrote y");
+    assert!(gpu.download(&y.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote y");
 }
+test_device!(wrong_sizes_are_refused, wrong_sizes_are_errors_and_nothing_is_written);
 
-#[test]
-fn zero_rows_is_a_no_op() {
-    let ctx = bert_adapters::require_gpu!("layernorm::zero_rows_is_a_no_op");
-    let rt = runtime(ctx);
-    let s = rt.stream();
-    let mut buf = s.clone_htod(&[0f32; 16]).expect("upload");
-    let params = s.clone_htod(&[1f32; 16]).expect("upload");
-    let (mut a, mut b) = (s.clone_htod(&[0f32; 1]).expect("upload"), s.clone_htod(&[0f32; 1]).expect("upload"));
-    let inputs = LayerNormInputs {
-        x: params.slice(0..0),
-        residual: None,
-        gamma: params.as_view(),
-        beta: params.as_view(),
-        rows: 0,
-        cols: 16,
-        eps: 1e-5,
-    };
-    let mut out = LayerNormOutputs { y: buf.slice_mut(0..0), mean: a.slice_mut(0..0), rstd: b.slice_mut(0..0) };
-    residual_layernorm_forward(&rt, &inputs, &mut out).expect("zero rows is valid");
+fn zero_rows_is_a_no_op(gpu: &Gpu) {
+    let mut buf = up(gpu, &[0f32; 16]);
+    let params = up(gpu, &[1f32; 16]);
+    let (mut a, mut b) = (up(gpu, &[0f32; 1]), up(gpu, &[0f32; 1]));
+    let inputs = LayerNormInputs { x: params.slice(0..0).unwrap(), residual: None, gamma: params.view(), beta: params.view(), rows: 0, cols: 16, eps: 1e-5 };
+    let mut out = LayerNormOutputs { y: buf.slice_mut(0..0).unwrap(), mean: a.slice_mut(0..0).unwrap(), rstd: b.slice_mut(0..0).unwrap() };
+    residual_layernorm_forward(gpu, &inputs, &mut out).expect("zero rows is valid");
 }
+test_device!(zero_rows, zero_rows_is_a_no_op);

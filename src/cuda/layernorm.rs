@@ -10,13 +10,14 @@
 //!   otherwise the kernel re-reads x and residual in each of its three passes.
 //!
 //! The launcher validates every length against `rows`/`cols` and returns [`Error::Shape`] before
-//! launching, so the kernel never indexes outside the views it is given. It enqueues on the
-//! runtime's stream and does not synchronise.
+//! launching, so the kernel never indexes outside the views it is given. It is written once over
+//! [`Gpu`]: it enqueues on a real GPU's stream without synchronising, and runs to completion on
+//! the `cuda-sim` executor.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
+use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::layernorm::RESIDUAL_LAYERNORM_FORWARD_F32;
-use super::runtime::{driver_err, CudaRuntime};
 use crate::error::{Error, Result};
 
 const OP: &str = "cuda::residual_layernorm_forward";
@@ -27,11 +28,11 @@ pub const MAX_ROW_CACHE_BYTES: usize = 48 * 1024 - 256;
 
 /// The inputs: `x` and `residual` are `[rows, cols]`, `gamma`/`beta` are `[cols]`.
 pub struct LayerNormInputs<'a> {
-    pub x: CudaView<'a, f32>,
+    pub x: DeviceView<'a, f32>,
     /// Added to `x` before normalising; `None` for a plain LayerNorm.
-    pub residual: Option<CudaView<'a, f32>>,
-    pub gamma: CudaView<'a, f32>,
-    pub beta: CudaView<'a, f32>,
+    pub residual: Option<DeviceView<'a, f32>>,
+    pub gamma: DeviceView<'a, f32>,
+    pub beta: DeviceView<'a, f32>,
     pub rows: usize,
     pub cols: usize,
     pub eps: f32,
@@ -40,9 +41,9 @@ pub struct LayerNormInputs<'a> {
 /// The outputs: `y` is `[rows, cols]`; `mean` and `rstd` (`1/sqrt(var + eps)`) are `[rows]`,
 /// saved for the backward.
 pub struct LayerNormOutputs<'a> {
-    pub y: CudaViewMut<'a, f32>,
-    pub mean: CudaViewMut<'a, f32>,
-    pub rstd: CudaViewMut<'a, f32>,
+    pub y: DeviceViewMut<'a, f32>,
+    pub mean: DeviceViewMut<'a, f32>,
+    pub rstd: DeviceViewMut<'a, f32>,
 }
 
 /// How the kernel is launched. [`LayerNormPlan::auto`] is what production uses; other plans
@@ -125,7 +126,7 @@ pub struct LayerNormSizes {
     pub rstd: usize,
 }
 
-/// The sizes of a launch's inputs and outputs (device or host buffers: both have `len`).
+/// The sizes of a launch's inputs and outputs.
 macro_rules! launch_sizes {
     ($inputs:expr, $outputs:expr) => {
         LayerNormSizes {
@@ -140,14 +141,6 @@ macro_rules! launch_sizes {
             rstd: $outputs.rstd.len(),
         }
     };
-}
-
-/// The checks every launcher makes before it launches (the GPU's and cuda-sim's): sizes, eps,
-/// plan. `false` when there are no rows, so nothing is to be launched.
-fn checked_launch(sizes: LayerNormSizes, eps: f32, plan: LayerNormPlan) -> Result<bool> {
-    sizes.check(eps)?;
-    plan.validate(sizes.cols)?;
-    Ok(sizes.rows > 0)
 }
 
 impl LayerNormSizes {
@@ -187,103 +180,36 @@ impl LayerNormSizes {
 }
 
 /// `y = LayerNorm(x + residual)` row-wise with the automatic launch plan; writes `mean`/`rstd`.
-pub fn residual_layernorm_forward(rt: &CudaRuntime, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
-    residual_layernorm_forward_with_plan(rt, inputs, outputs, LayerNormPlan::auto(inputs.cols))
+pub fn residual_layernorm_forward(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
+    residual_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.cols))
 }
 
 /// As [`residual_layernorm_forward`], with an explicit launch plan (validated).
-pub fn residual_layernorm_forward_with_plan(
-    rt: &CudaRuntime,
-    inputs: &LayerNormInputs<'_>,
-    outputs: &mut LayerNormOutputs<'_>,
-    plan: LayerNormPlan,
-) -> Result<()> {
+pub fn residual_layernorm_forward_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
-    if !checked_launch(launch_sizes!(inputs, outputs), inputs.eps, plan)? {
+    launch_sizes!(inputs, outputs).check(inputs.eps)?;
+    plan.validate(cols)?;
+    if rows == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
-
-    let func = rt.function(RESIDUAL_LAYERNORM_FORWARD_F32)?;
-    let (rows_i, cols_i, cache) = (rows as i32, cols as i32, plan.cache_row as i32);
-    // The kernel tests `residual != nullptr`; a 64-bit zero is that null pointer.
-    let null_ptr: u64 = 0;
-    let stream = rt.stream();
-    let mut launch = stream.launch_builder(&func);
-    launch.arg(&mut outputs.y).arg(&mut outputs.mean).arg(&mut outputs.rstd).arg(&inputs.x);
-    match &inputs.residual {
-        Some(r) => launch.arg(r),
-        None => launch.arg(&null_ptr),
-    };
-    launch.arg(&inputs.gamma).arg(&inputs.beta).arg(&rows_i).arg(&cols_i).arg(&inputs.eps).arg(&cache);
-    // SAFETY: the argument list matches the kernel signature in kernels/layernorm.cu (y, mean,
-    // rstd, x, residual, gamma, beta, int rows, int cols, float eps, int cache_row); every view
-    // was checked above to have exactly the length the kernel indexes, and the plan was checked
-    // against the kernel's block-shape and shared-memory contract.
-    unsafe { launch.launch(plan.launch_config(rows, cols)) }.map_err(driver_err("launching residual_layernorm_forward_f32"))?;
-    Ok(())
-}
-
-/// Host-memory inputs for [`residual_layernorm_forward_sim`]; the same shapes as [`LayerNormInputs`].
-#[cfg(feature = "cuda-sim")]
-pub struct HostLayerNormInputs<'a> {
-    pub x: &'a [f32],
-    pub residual: Option<&'a [f32]>,
-    pub gamma: &'a [f32],
-    pub beta: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub eps: f32,
-}
-
-/// Host-memory outputs for [`residual_layernorm_forward_sim`].
-#[cfg(feature = "cuda-sim")]
-pub struct HostLayerNormOutputs<'a> {
-    pub y: &'a mut [f32],
-    pub mean: &'a mut [f32],
-    pub rstd: &'a mut [f32],
-}
-
-/// As [`residual_layernorm_forward_with_plan`], on the `cuda-sim` CPU executor: the same size
-/// checks, plan validation, launch configuration and argument order, host pointers for device
-/// pointers. Synchronous.
-#[cfg(feature = "cuda-sim")]
-pub fn residual_layernorm_forward_sim(
-    inputs: &HostLayerNormInputs<'_>,
-    outputs: &mut HostLayerNormOutputs<'_>,
-    plan: LayerNormPlan,
-    schedule: super::sim::Schedule,
-) -> Result<()> {
-    use super::sim::arg;
-    let (rows, cols) = (inputs.rows, inputs.cols);
-    if !checked_launch(launch_sizes!(inputs, outputs), inputs.eps, plan)? {
-        return Ok(());
-    }
-    let (mut rows_i, mut cols_i, mut cache, mut eps) = (rows as i32, cols as i32, plan.cache_row as i32, inputs.eps);
-    let mut y = outputs.y.as_mut_ptr();
-    let mut mean = outputs.mean.as_mut_ptr();
-    let mut rstd = outputs.rstd.as_mut_ptr();
-    let mut x = inputs.x.as_ptr();
-    let mut residual = inputs.residual.map_or(std::ptr::null(), |r| r.as_ptr());
-    let mut gamma = inputs.gamma.as_ptr();
-    let mut beta = inputs.beta.as_ptr();
-    // The kernel's parameter order: y, mean, rstd, x, residual, gamma, beta, rows, cols, eps, cache_row.
-    let mut args = [
-        arg(&mut y),
-        arg(&mut mean),
-        arg(&mut rstd),
-        arg(&mut x),
-        arg(&mut residual),
-        arg(&mut gamma),
-        arg(&mut beta),
-        arg(&mut rows_i),
-        arg(&mut cols_i),
-        arg(&mut eps),
-        arg(&mut cache),
+    // The kernel's parameter order: y, mean, rstd, x, residual (null for none), gamma, beta,
+    // rows, cols, eps, cache_row; Gpu::launch checks it against kernels/layernorm.cu.
+    let args = [
+        outputs.y.arg(),
+        outputs.mean.arg(),
+        outputs.rstd.arg(),
+        inputs.x.arg(),
+        inputs.residual.as_ref().map_or(KernelArg::Null, |r| r.arg()),
+        inputs.gamma.arg(),
+        inputs.beta.arg(),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(cols as i32),
+        KernelArg::F32(inputs.eps),
+        KernelArg::I32(plan.cache_row as i32),
     ];
-    // SAFETY: the argument array matches the kernel signature in kernels/layernorm.cu, and every
-    // slice was checked above to have exactly the length the kernel indexes.
-    unsafe { super::sim::launch(RESIDUAL_LAYERNORM_FORWARD_F32, plan.launch_config(rows, cols), &mut args, schedule) }
-        .map_err(|e| Error::Cuda(format!("cuda-sim: {e}")))
+    // SAFETY: every view was checked above to have exactly the length the kernel indexes for
+    // these rows/cols, and the plan against the kernel's block-shape and shared-memory contract.
+    unsafe { gpu.launch(RESIDUAL_LAYERNORM_FORWARD_F32, plan.launch_config(rows, cols), &args) }
 }
 
 #[cfg(test)]

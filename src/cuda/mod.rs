@@ -3,12 +3,15 @@
 //! - [`registry`]: every `kernels/*.cu` embedded in the binary, with typed kernel names;
 //! - [`probe`]: "is there NVRTC / a GPU?" without panicking, and the test skip helpers;
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
+//! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
+//!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
 //! - one launcher module per kernel family ([`layernorm`]);
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod gpu;
 pub mod layernorm;
 pub mod probe;
 pub mod registry;
@@ -16,4 +19,5 @@ pub mod runtime;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
+pub use gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
 pub use runtime::{compile_with_report, CompileReport, CudaRuntime, KernelResources};

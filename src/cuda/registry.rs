@@ -18,11 +18,68 @@ pub struct KernelSource {
     pub kernels: &'static [&'static str],
 }
 
-/// A kernel that exists in one of the embedded sources.
+/// A kernel that exists in one of the embedded sources, with its parameter list as written
+/// there, so a launch whose arguments do not match the signature is refused before it runs.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelName {
     pub source: &'static KernelSource,
     pub name: &'static str,
+    pub params: &'static [KernelParam],
+}
+
+/// The element types kernels take, by value or through a pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScalarType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    U32,
+    I64,
+    U64,
+    U16,
+    U8,
+}
+
+impl ScalarType {
+    /// The CUDA C spelling, for messages.
+    pub fn c_name(self) -> &'static str {
+        match self {
+            ScalarType::F32 => "float",
+            ScalarType::F16 => "__half",
+            ScalarType::BF16 => "__nv_bfloat16",
+            ScalarType::I32 => "int",
+            ScalarType::U32 => "unsigned",
+            ScalarType::I64 => "long long",
+            ScalarType::U64 => "unsigned long long",
+            ScalarType::U16 => "unsigned short",
+            ScalarType::U8 => "unsigned char",
+        }
+    }
+}
+
+/// How one kernel parameter is passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    Scalar(ScalarType),
+    /// A device pointer to elements of this type (const or not).
+    Pointer(ScalarType),
+}
+
+impl std::fmt::Display for ParamKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamKind::Scalar(t) => write!(f, "{}", t.c_name()),
+            ParamKind::Pointer(t) => write!(f, "{}*", t.c_name()),
+        }
+    }
+}
+
+/// One parameter of a kernel: its name in the source and how it is passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelParam {
+    pub name: &'static str,
+    pub kind: ParamKind,
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernel_registry.rs"));
@@ -37,6 +94,21 @@ mod tests {
         assert_eq!(k.name, "residual_layernorm_forward_f32");
         assert!(k.source.kernels.contains(&k.name));
         assert_eq!(k.source.file, "kernels/layernorm.cu");
+    }
+
+    #[test]
+    fn parameter_lists_are_read_from_the_source() {
+        // kernels/layernorm.cu: (float* y, float* mean_out, float* rstd_out, const float* x,
+        // const float* residual, const float* gamma, const float* beta, int rows, int cols,
+        // float eps, int cache_row)
+        let k = layernorm::RESIDUAL_LAYERNORM_FORWARD_F32;
+        let names: Vec<&str> = k.params.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["y", "mean_out", "rstd_out", "x", "residual", "gamma", "beta", "rows", "cols", "eps", "cache_row"]);
+        let f32p = ParamKind::Pointer(ScalarType::F32);
+        assert!(k.params[..7].iter().all(|p| p.kind == f32p));
+        assert_eq!(k.params[7].kind, ParamKind::Scalar(ScalarType::I32));
+        assert_eq!(k.params[9].kind, ParamKind::Scalar(ScalarType::F32));
+        assert_eq!(k.params[10].kind.to_string(), "int");
     }
 
     #[test]

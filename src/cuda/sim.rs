@@ -92,13 +92,70 @@ pub fn kernel_names() -> Vec<String> {
     }
 }
 
+/// How a launch runs: the fiber order, and the dynamic shared memory this launch may use (the
+/// runtime computes it from the target arch and any opt-in, as the driver does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchOptions {
+    pub schedule: Schedule,
+    pub max_dynamic_shared_bytes: usize,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions { schedule: Schedule::Forward, max_dynamic_shared_bytes: 48 * 1024 }
+    }
+}
+
+/// Memory for kernels on the executor ("device" memory), 16-byte aligned, NaN-poisoned.
+#[derive(Debug)]
+pub struct SimAllocation {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value; kernels and copies synchronise through launches.
+unsafe impl Send for SimAllocation {}
+unsafe impl Sync for SimAllocation {}
+
+impl SimAllocation {
+    pub fn new(bytes: usize) -> Result<SimAllocation, SimError> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(16), 16).map_err(|e| SimError(format!("cuda-sim: cannot allocate {bytes} bytes: {e}")))?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            return Err(SimError(format!("cuda-sim: out of memory allocating {bytes} bytes")));
+        }
+        for i in 0..layout.size() / 4 {
+            // SAFETY: inside the allocation, 4-byte aligned.
+            unsafe { ptr.cast::<u32>().add(i).write(0x7fc0_dead) };
+        }
+        Ok(SimAllocation { ptr, len: bytes })
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SimAllocation {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, std::alloc::Layout::from_size_align_unchecked(self.len.max(16), 16)) };
+    }
+}
+
 /// Launches a registry kernel; see [`launch_by_name`].
 ///
 /// # Safety
 /// As [`launch_by_name`].
-pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_void], schedule: Schedule) -> Result<(), SimError> {
+pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_void], opts: &LaunchOptions) -> Result<(), SimError> {
     // SAFETY: forwarded to the caller.
-    unsafe { launch_by_name(kernel.name, cfg, args, schedule) }
+    unsafe { launch_by_name(kernel.name, cfg, args, opts) }
 }
 
 /// Runs `name` over `cfg.grid_dim` blocks of `cfg.block_dim` threads and returns when every
@@ -108,7 +165,11 @@ pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_v
 /// `args` holds one pointer per kernel parameter, in order, each pointing at a value of that
 /// parameter's exact type (a device pointer is a host pointer here, passed as a pointer to it),
 /// and every memory access the kernel makes through those pointers must be valid.
-pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], schedule: Schedule) -> Result<(), SimError> {
+pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], opts: &LaunchOptions) -> Result<(), SimError> {
+    if cfg.shared_mem_bytes as usize > opts.max_dynamic_shared_bytes {
+        return Err(SimError(format!("cuda-sim: kernel `{name}`: {} bytes of dynamic shared memory exceed the limit of {} for this launch", cfg.shared_mem_bytes, opts.max_dynamic_shared_bytes)));
+    }
+    let schedule = opts.schedule;
     let cname = CString::new(name).map_err(|_| SimError(format!("kernel name `{name}` contains NUL")))?;
     let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
     let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];

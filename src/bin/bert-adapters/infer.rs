@@ -14,7 +14,7 @@ use crate::limits;
 pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
     match choice {
         "auto" => backend_for(Device::Cuda(0)).or_else(|_| backend_for(Device::Cpu)),
-        other => backend_for(other.parse::<Device>().map_err(|_| Error::Input(format!("--device `{other}`: expected auto, cpu, cuda or cuda:N")))?),
+        other => backend_for(other.parse::<Device>().map_err(|_| Error::Input(format!("--device `{other}`: expected auto, cpu, cuda, cuda:N or cuda-sim")))?),
     }
 }
 

@@ -1,0 +1,816 @@
+//! The device-runtime layer the CUDA backend is written over: allocate, copy, memset, launch a
+//! kernel by its registry name with a `cuLaunchKernel`-style argument array, dense products,
+//! events. Two implementations behind one type, [`Gpu`]:
+//!
+//! - **cuda**: a real GPU through cudarc (one context, one stream of our own, cudarc's
+//!   per-allocation event tracking turned off: with a single stream, stream order is the
+//!   synchronisation, and the tracking would add two event calls per kernel argument);
+//! - **cuda-sim** (cargo feature `cuda-sim`): the CPU executor of [`super::sim`], which runs the
+//!   same kernel text under strict CUDA rules; its memory is host memory with guard pages, its
+//!   launches are synchronous.
+//!
+//! Launchers (e.g. [`super::layernorm`]) take a `&Gpu` and [`DeviceView`]s, so their size checks,
+//! launch plans and argument packing run in CI on the executor and unchanged on a GPU.
+//!
+//! Every launch is checked before it is enqueued, on both implementations, as the driver would:
+//! the arguments against the kernel's parameter list read from its source (count, scalar types,
+//! pointer element types), block and grid dimensions against the device limits, and dynamic
+//! shared memory against 48 KiB or the kernel's opt-in ([`Gpu::allow_dynamic_shared`]).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::driver::{result as drv, CudaEvent, CudaSlice, DevicePtr, LaunchConfig};
+
+use super::registry::{KernelName, ParamKind, ScalarType};
+use super::runtime::{driver_err, CudaRuntime};
+use crate::error::{Error, Result};
+
+// ---- element types ------------------------------------------------------------------------------
+
+/// A type kernels read and write in device memory.
+pub trait DeviceScalar: bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync + 'static {
+    const TYPE: ScalarType;
+}
+
+macro_rules! device_scalars {
+    ($($t:ty => $s:ident),* $(,)?) => {$(
+        impl DeviceScalar for $t {
+            const TYPE: ScalarType = ScalarType::$s;
+        }
+    )*};
+}
+device_scalars!(f32 => F32, half::f16 => F16, half::bf16 => BF16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, u16 => U16, u8 => U8);
+
+// ---- limits --------------------------------------------------------------------------------------
+
+/// What a launch may ask for on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchLimits {
+    pub max_threads_per_block: u32,
+    pub max_block_dim: (u32, u32, u32),
+    pub max_grid_dim: (u32, u32, u32),
+    /// Dynamic shared memory every kernel gets without an opt-in.
+    pub default_dynamic_shared_bytes: usize,
+    /// The most a kernel may opt in to (`cudaDevAttrMaxSharedMemoryPerBlockOptin`), static and
+    /// dynamic together.
+    pub max_shared_bytes_opt_in: usize,
+}
+
+impl LaunchLimits {
+    /// The documented limits of compute capability `major.minor` (CUDA C++ Programming Guide,
+    /// "Technical Specifications per Compute Capability"). A real GPU reads them from the driver.
+    pub fn for_compute_capability(major: i32, minor: i32) -> LaunchLimits {
+        let opt_in_kib = match (major, minor) {
+            (7, 0) | (7, 2) => 96,
+            (7, _) => 64,
+            (8, 0) | (8, 7) => 163,
+            (8, _) => 99,
+            (9, _) | (10, _) | (11, _) => 227,
+            _ => 99,
+        };
+        LaunchLimits {
+            max_threads_per_block: 1024,
+            max_block_dim: (1024, 1024, 64),
+            max_grid_dim: (i32::MAX as u32, 65535, 65535),
+            default_dynamic_shared_bytes: 48 * 1024,
+            max_shared_bytes_opt_in: opt_in_kib * 1024,
+        }
+    }
+}
+
+// ---- buffers and views ---------------------------------------------------------------------------
+
+/// Held only so that dropping the buffer frees the memory.
+#[allow(dead_code)]
+enum Storage<T> {
+    Cuda(CudaSlice<T>),
+    #[cfg(feature = "cuda-sim")]
+    Sim(super::sim::SimAllocation),
+}
+
+/// `len` elements of `T` in device memory, freed when dropped (stream-ordered on a GPU).
+pub struct DeviceBuffer<T: DeviceScalar> {
+    _storage: Storage<T>,
+    ptr: u64,
+    len: usize,
+}
+
+impl<T: DeviceScalar> std::fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer<{}>[{}] @ {:#x}", T::TYPE.c_name(), self.len, self.ptr)
+    }
+}
+
+/// A read-only window of a [`DeviceBuffer`]: a device address and a length, borrowed.
+#[derive(Clone, Copy)]
+pub struct DeviceView<'a, T> {
+    ptr: u64,
+    len: usize,
+    _borrow: PhantomData<&'a T>,
+}
+
+impl<T: DeviceScalar> std::fmt::Debug for DeviceView<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceView<{}>[{}] @ {:#x}", T::TYPE.c_name(), self.len, self.ptr)
+    }
+}
+
+impl<T: DeviceScalar> std::fmt::Debug for DeviceViewMut<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceViewMut<{}>[{}] @ {:#x}", T::TYPE.c_name(), self.len, self.ptr)
+    }
+}
+
+/// A writable window of a [`DeviceBuffer`].
+pub struct DeviceViewMut<'a, T> {
+    ptr: u64,
+    len: usize,
+    _borrow: PhantomData<&'a mut T>,
+}
+
+fn check_range(what: &str, range: &Range<usize>, len: usize) -> Result<()> {
+    if range.start > range.end || range.end > len {
+        return Err(Error::Input(format!("{what}: range {}..{} is outside a device buffer of {len} elements", range.start, range.end)));
+    }
+    Ok(())
+}
+
+impl<T: DeviceScalar> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn view(&self) -> DeviceView<'_, T> {
+        DeviceView { ptr: self.ptr, len: self.len, _borrow: PhantomData }
+    }
+    pub fn view_mut(&mut self) -> DeviceViewMut<'_, T> {
+        DeviceViewMut { ptr: self.ptr, len: self.len, _borrow: PhantomData }
+    }
+    /// Elements `range` of the buffer.
+    pub fn slice(&self, range: Range<usize>) -> Result<DeviceView<'_, T>> {
+        check_range("DeviceBuffer::slice", &range, self.len)?;
+        Ok(DeviceView { ptr: self.ptr + (range.start * std::mem::size_of::<T>()) as u64, len: range.len(), _borrow: PhantomData })
+    }
+    pub fn slice_mut(&mut self, range: Range<usize>) -> Result<DeviceViewMut<'_, T>> {
+        check_range("DeviceBuffer::slice_mut", &range, self.len)?;
+        Ok(DeviceViewMut { ptr: self.ptr + (range.start * std::mem::size_of::<T>()) as u64, len: range.len(), _borrow: PhantomData })
+    }
+}
+
+impl<T: DeviceScalar> DeviceView<'_, T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The device address (a host address on cuda-sim).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// This view as a kernel argument for a `const T*` / `T*` parameter.
+    pub fn arg(&self) -> KernelArg {
+        KernelArg::Pointer { ptr: self.ptr, elem: T::TYPE }
+    }
+}
+
+impl<'a, T: DeviceScalar> DeviceViewMut<'a, T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn arg(&self) -> KernelArg {
+        KernelArg::Pointer { ptr: self.ptr, elem: T::TYPE }
+    }
+    /// A read-only view of the same elements, for as long as this borrow lasts.
+    pub fn as_view(&self) -> DeviceView<'_, T> {
+        DeviceView { ptr: self.ptr, len: self.len, _borrow: PhantomData }
+    }
+    /// Reborrows, so a view can be passed to several calls in turn.
+    pub fn reborrow(&mut self) -> DeviceViewMut<'_, T> {
+        DeviceViewMut { ptr: self.ptr, len: self.len, _borrow: PhantomData }
+    }
+}
+
+// ---- kernel arguments ------------------------------------------------------------------------------
+
+/// One kernel argument, checked against the kernel's parameter list before a launch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    /// A device pointer to elements of `elem` (from [`DeviceView::arg`] / [`DeviceViewMut::arg`]).
+    Pointer { ptr: u64, elem: ScalarType },
+    /// A null pointer, for optional inputs (accepted by any pointer parameter).
+    Null,
+    F32(f32),
+    I32(i32),
+    U32(u32),
+    I64(i64),
+    U64(u64),
+}
+
+impl KernelArg {
+    fn matches(&self, kind: ParamKind) -> bool {
+        match (self, kind) {
+            (KernelArg::Pointer { elem, .. }, ParamKind::Pointer(t)) => *elem == t,
+            (KernelArg::Null, ParamKind::Pointer(_)) => true,
+            (KernelArg::F32(_), ParamKind::Scalar(ScalarType::F32))
+            | (KernelArg::I32(_), ParamKind::Scalar(ScalarType::I32))
+            | (KernelArg::U32(_), ParamKind::Scalar(ScalarType::U32))
+            | (KernelArg::I64(_), ParamKind::Scalar(ScalarType::I64))
+            | (KernelArg::U64(_), ParamKind::Scalar(ScalarType::U64)) => true,
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            KernelArg::Pointer { elem, .. } => format!("a {}* pointer", elem.c_name()),
+            KernelArg::Null => "a null pointer".into(),
+            KernelArg::F32(v) => format!("float {v}"),
+            KernelArg::I32(v) => format!("int {v}"),
+            KernelArg::U32(v) => format!("unsigned {v}"),
+            KernelArg::I64(v) => format!("long long {v}"),
+            KernelArg::U64(v) => format!("unsigned long long {v}"),
+        }
+    }
+
+    /// The argument's bytes, in an 8-byte slot (`cuLaunchKernel` reads `sizeof(param)` bytes
+    /// from the slot's address; x86-64 and aarch64 are little-endian).
+    fn slot(&self) -> u64 {
+        match *self {
+            KernelArg::Pointer { ptr, .. } => ptr,
+            KernelArg::Null => 0,
+            KernelArg::F32(v) => v.to_bits() as u64,
+            KernelArg::I32(v) => v as u32 as u64,
+            KernelArg::U32(v) => v as u64,
+            KernelArg::I64(v) => v as u64,
+            KernelArg::U64(v) => v,
+        }
+    }
+}
+
+/// Refuses arguments that do not match `kernel`'s parameter list.
+pub fn check_args(kernel: KernelName, args: &[KernelArg]) -> Result<()> {
+    if args.len() != kernel.params.len() {
+        return Err(Error::Cuda(format!(
+            "launching `{}` ({}): {} arguments given, the kernel takes {}",
+            kernel.name,
+            kernel.source.file,
+            args.len(),
+            kernel.params.len()
+        )));
+    }
+    for (i, (a, p)) in args.iter().zip(kernel.params).enumerate() {
+        if !a.matches(p.kind) {
+            return Err(Error::Cuda(format!(
+                "launching `{}` ({}): argument {i} (`{}`) must be {}, got {}",
+                kernel.name,
+                kernel.source.file,
+                p.name,
+                p.kind,
+                a.describe()
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---- events ------------------------------------------------------------------------------------
+
+/// A point in the stream, for timing ([`Gpu::elapsed_ms`]).
+pub struct GpuEvent {
+    inner: EventInner,
+}
+
+enum EventInner {
+    Cuda(CudaEvent),
+    #[cfg_attr(not(feature = "cuda-sim"), allow(dead_code))]
+    Host(Instant),
+}
+
+// ---- the runtime ---------------------------------------------------------------------------------
+
+/// Which implementation a [`Gpu`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuKind {
+    Cuda,
+    Sim,
+}
+
+enum Backend {
+    Cuda(CudaRuntime),
+    #[cfg(feature = "cuda-sim")]
+    Sim(SimConfig),
+}
+
+/// The executor's settings.
+#[cfg(feature = "cuda-sim")]
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub schedule: super::sim::Schedule,
+    /// The compute capability whose launch limits the executor enforces.
+    pub compute_capability: (i32, i32),
+}
+
+#[cfg(feature = "cuda-sim")]
+impl Default for SimConfig {
+    /// The H100's limits (sm_90), forward schedule or `CUDA_SIM_SCHEDULE`'s when it parses.
+    fn default() -> Self {
+        SimConfig { schedule: super::sim::Schedule::from_env().unwrap_or(super::sim::Schedule::Forward), compute_capability: (9, 0) }
+    }
+}
+
+/// A GPU, real or simulated; see the module docs.
+pub struct Gpu {
+    backend: Backend,
+    limits: LaunchLimits,
+    arch: String,
+    /// Dynamic shared memory opted in per kernel (cuFuncSetAttribute), by kernel name.
+    opted_in: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("kind", &self.kind()).field("arch", &self.arch).finish()
+    }
+}
+
+impl Gpu {
+    /// The device `device` names: `cuda:N` (a real GPU) or `cuda-sim` (the CPU executor, in a
+    /// binary built with the `cuda-sim` feature). `cpu` is not a GPU.
+    pub fn open(device: crate::Device) -> Result<Gpu> {
+        match device {
+            crate::Device::Cuda(ordinal) => Gpu::cuda(ordinal),
+            crate::Device::CudaSim => {
+                #[cfg(feature = "cuda-sim")]
+                return Ok(Gpu::sim(SimConfig::default()));
+                #[cfg(not(feature = "cuda-sim"))]
+                return Err(Error::Unsupported(
+                    "device `cuda-sim`: this binary was built without the `cuda-sim` feature (rebuild with `--features cuda-sim`; it needs a C++20 compiler)".into(),
+                ));
+            }
+            crate::Device::Cpu => Err(Error::Input("device `cpu` is not a GPU".into())),
+        }
+    }
+
+    /// Device `ordinal` through cudarc (probed first: no GPU is an error, not a panic).
+    pub fn cuda(ordinal: usize) -> Result<Gpu> {
+        let rt = CudaRuntime::open(ordinal)?;
+        // SAFETY: this runtime uses one stream for every allocation, copy and launch, so stream
+        // order already orders each use of a buffer after its allocation and before its free.
+        unsafe { rt.context().disable_event_tracking() };
+        let (major, minor) = rt.compute_capability();
+        let mut limits = LaunchLimits::for_compute_capability(major, minor);
+        let ctx = rt.context();
+        let attr = |a: CUdevice_attribute| ctx.attribute(a).map_err(driver_err("reading a device attribute"));
+        limits.max_threads_per_block = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)? as u32;
+        limits.max_shared_bytes_opt_in = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        limits.max_block_dim = (
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X)? as u32,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y)? as u32,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z)? as u32,
+        );
+        limits.max_grid_dim = (
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)? as u32,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)? as u32,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)? as u32,
+        );
+        let arch = rt.arch().to_string();
+        Ok(Gpu { backend: Backend::Cuda(rt), limits, arch, opted_in: Mutex::new(HashMap::new()) })
+    }
+
+    /// The CPU executor, enforcing the launch limits of `config.compute_capability`.
+    #[cfg(feature = "cuda-sim")]
+    pub fn sim(config: SimConfig) -> Gpu {
+        let (major, minor) = config.compute_capability;
+        Gpu {
+            limits: LaunchLimits::for_compute_capability(major, minor),
+            arch: format!("sm_{major}{minor}"),
+            backend: Backend::Sim(config),
+            opted_in: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn kind(&self) -> GpuKind {
+        match self.backend {
+            Backend::Cuda(_) => GpuKind::Cuda,
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => GpuKind::Sim,
+        }
+    }
+
+    /// `sm_XY` of the device (or of the limits the executor enforces).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn limits(&self) -> LaunchLimits {
+        self.limits
+    }
+
+    /// "cuda:0 (sm_90)" or "cuda-sim (sm_90 limits, reverse schedule)", for logs and test labels.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Cuda(rt) => format!("cuda:{} ({})", rt.context().ordinal(), self.arch),
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(c) => format!("cuda-sim ({} limits, {:?} schedule)", self.arch, c.schedule),
+        }
+    }
+
+    /// The cudarc runtime underneath, on a real GPU.
+    pub fn cuda_runtime(&self) -> Option<&CudaRuntime> {
+        match &self.backend {
+            Backend::Cuda(rt) => Some(rt),
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => None,
+        }
+    }
+
+    // ---- memory --------------------------------------------------------------------------------
+
+    /// `len` uninitialised elements (NaN-poisoned on cuda-sim, so a read before a write shows).
+    pub fn alloc<T: DeviceScalar>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::Input(format!("device allocation of {len} {} elements overflows", T::TYPE.c_name())))?;
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                // SAFETY: T is plain data (DeviceScalar: Pod); uninitialised device memory is only
+                // ever read by kernels, which cannot observe it as anything but bits.
+                let slice = unsafe { rt.stream().alloc::<T>(len) }.map_err(|e| Error::Cuda(format!("allocating {bytes} bytes on {}: {e:?}", self.arch)))?;
+                // With event tracking off, the guard records nothing.
+                let ptr = slice.device_ptr(rt.stream()).0;
+                Ok(DeviceBuffer { ptr, len, _storage: Storage::Cuda(slice) })
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                let a = super::sim::SimAllocation::new(bytes).map_err(|e| Error::Cuda(e.0))?;
+                Ok(DeviceBuffer { ptr: a.as_ptr() as u64, len, _storage: Storage::Sim(a) })
+            }
+        }
+    }
+
+    /// `len` zeroed elements.
+    pub fn alloc_zeros<T: DeviceScalar>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc(len)?;
+        self.memset_zero(&mut b.view_mut())?;
+        Ok(b)
+    }
+
+    /// A new buffer holding `host`.
+    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc(host.len())?;
+        self.copy_htod(host, &mut b.view_mut())?;
+        Ok(b)
+    }
+
+    /// `dst = src`; the lengths must match. Returns once `src` may be reused.
+    pub fn copy_htod<T: DeviceScalar>(&self, src: &[T], dst: &mut DeviceViewMut<'_, T>) -> Result<()> {
+        same_len("copy_htod", src.len(), dst.len)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                bind(rt)?;
+                // SAFETY: dst covers src.len() elements (checked); from pageable memory the copy
+                // has staged `src` before it returns, so `src` may be reused at once.
+                unsafe { drv::memcpy_htod_async(dst.ptr, src, rt.stream().cu_stream()) }.map_err(driver_err("copying host to device"))
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                // SAFETY: dst is a live executor allocation of dst.len elements (checked equal).
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr as *mut T, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// `dst = src`, waiting for the work before it on the stream; the lengths must match.
+    pub fn copy_dtoh<T: DeviceScalar>(&self, src: &DeviceView<'_, T>, dst: &mut [T]) -> Result<()> {
+        same_len("copy_dtoh", src.len, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                bind(rt)?;
+                // SAFETY: src covers dst.len() elements (checked); the stream is synchronised
+                // before `dst` is handed back.
+                unsafe { drv::memcpy_dtoh_async(dst, src.ptr, rt.stream().cu_stream()) }.map_err(driver_err("copying device to host"))?;
+                rt.synchronize()
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                // SAFETY: src is a live executor allocation of src.len elements (checked equal).
+                unsafe { std::ptr::copy_nonoverlapping(src.ptr as *const T, dst.as_mut_ptr(), dst.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// The contents of `src`.
+    pub fn download<T: DeviceScalar>(&self, src: &DeviceView<'_, T>) -> Result<Vec<T>> {
+        let mut v = vec![T::zeroed(); src.len];
+        self.copy_dtoh(src, &mut v)?;
+        Ok(v)
+    }
+
+    /// `dst = src` on the device; the lengths must match (overlap is allowed on neither side).
+    pub fn copy_dtod<T: DeviceScalar>(&self, src: &DeviceView<'_, T>, dst: &mut DeviceViewMut<'_, T>) -> Result<()> {
+        same_len("copy_dtod", src.len, dst.len)?;
+        let bytes = src.len * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                bind(rt)?;
+                // SAFETY: both ranges are live device memory of `bytes` bytes (checked).
+                unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, rt.stream().cu_stream()) }.map_err(driver_err("copying device to device"))
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                // SAFETY: both are live executor allocations of `bytes` bytes; `copy` tolerates overlap.
+                unsafe { std::ptr::copy(src.ptr as *const u8, dst.ptr as *mut u8, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Sets every byte of `dst` to zero.
+    pub fn memset_zero<T: DeviceScalar>(&self, dst: &mut DeviceViewMut<'_, T>) -> Result<()> {
+        self.memset_bytes(dst, 0)
+    }
+
+    /// Sets every byte of `dst` to `value` (`cuMemsetD8`).
+    pub fn memset_bytes<T: DeviceScalar>(&self, dst: &mut DeviceViewMut<'_, T>, value: u8) -> Result<()> {
+        let bytes = dst.len * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                bind(rt)?;
+                // SAFETY: dst is live device memory of `bytes` bytes.
+                unsafe { drv::memset_d8_async(dst.ptr, value, bytes, rt.stream().cu_stream()) }.map_err(driver_err("memset on the device"))
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                // SAFETY: dst is a live executor allocation of `bytes` bytes.
+                unsafe { std::ptr::write_bytes(dst.ptr as *mut u8, value, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    // ---- launches ------------------------------------------------------------------------------
+
+    /// Lets `kernel` use up to `bytes` of dynamic shared memory (`cuFuncSetAttribute` with
+    /// `MAX_DYNAMIC_SHARED_SIZE_BYTES`), refused beyond the device's opt-in maximum.
+    pub fn allow_dynamic_shared(&self, kernel: KernelName, bytes: usize) -> Result<()> {
+        if bytes > self.limits.max_shared_bytes_opt_in {
+            return Err(Error::Cuda(format!(
+                "`{}`: {bytes} bytes of dynamic shared memory exceed the {} a kernel may opt in to on {}",
+                kernel.name, self.limits.max_shared_bytes_opt_in, self.arch
+            )));
+        }
+        #[cfg_attr(not(feature = "cuda-sim"), allow(irrefutable_let_patterns))]
+        if let Backend::Cuda(rt) = &self.backend {
+            let f = rt.function(kernel)?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                .map_err(driver_err("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)"))?;
+        }
+        lock(&self.opted_in).insert(kernel.name, bytes);
+        Ok(())
+    }
+
+    /// The dynamic shared memory `kernel` may use now.
+    pub fn dynamic_shared_limit(&self, kernel: KernelName) -> usize {
+        lock(&self.opted_in).get(kernel.name).copied().unwrap_or(0).max(self.limits.default_dynamic_shared_bytes)
+    }
+
+    /// Checks a launch configuration against the device limits, as the driver would.
+    pub fn check_launch_config(&self, kernel: KernelName, cfg: &LaunchConfig) -> Result<()> {
+        let l = &self.limits;
+        let (b, g) = (cfg.block_dim, cfg.grid_dim);
+        let fail = |why: String| Err(Error::Cuda(format!("launching `{}` on {}: {why}", kernel.name, self.arch)));
+        if b.0 == 0 || b.1 == 0 || b.2 == 0 || g.0 == 0 || g.1 == 0 || g.2 == 0 {
+            return fail(format!("grid {g:?} and block {b:?} must have no zero dimension"));
+        }
+        let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+        if threads > l.max_threads_per_block as u64 || b.0 > l.max_block_dim.0 || b.1 > l.max_block_dim.1 || b.2 > l.max_block_dim.2 {
+            return fail(format!("block {b:?} ({threads} threads) exceeds the limits ({} threads, {:?})", l.max_threads_per_block, l.max_block_dim));
+        }
+        if g.0 > l.max_grid_dim.0 || g.1 > l.max_grid_dim.1 || g.2 > l.max_grid_dim.2 {
+            return fail(format!("grid {g:?} exceeds the limits {:?}", l.max_grid_dim));
+        }
+        let allowed = self.dynamic_shared_limit(kernel);
+        if cfg.shared_mem_bytes as usize > allowed {
+            return fail(format!(
+                "{} bytes of dynamic shared memory exceed the {allowed} this kernel may use (opt in with Gpu::allow_dynamic_shared, up to {})",
+                cfg.shared_mem_bytes, l.max_shared_bytes_opt_in
+            ));
+        }
+        Ok(())
+    }
+
+    /// Launches `kernel` over `cfg` with `args`, after checking the arguments against its
+    /// parameter list and the configuration against the device limits. Enqueued on a GPU;
+    /// finished when this returns on cuda-sim.
+    ///
+    /// # Safety
+    /// Every pointer argument must point at device memory of this `Gpu` large enough for every
+    /// access the kernel makes with these scalar arguments and this configuration (the
+    /// launcher's size checks establish it), and stay alive until the kernel has run.
+    pub unsafe fn launch(&self, kernel: KernelName, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        check_args(kernel, args)?;
+        self.check_launch_config(kernel, &cfg)?;
+        let mut slots: Vec<u64> = args.iter().map(KernelArg::slot).collect();
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                let f = rt.function(kernel)?;
+                bind(rt)?;
+                // SAFETY: the arguments match the kernel's parameters (checked); the memory contract
+                // is the caller's. `slots` outlives the call, which copies the parameters.
+                unsafe { drv::launch_kernel(f.cu_function(), cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, rt.stream().cu_stream(), &mut params) }
+                    .map_err(|e| Error::Cuda(format!("launching `{}` with {cfg:?}: {e:?}", kernel.name)))
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(c) => {
+                let opts = super::sim::LaunchOptions { schedule: c.schedule, max_dynamic_shared_bytes: self.dynamic_shared_limit(kernel) };
+                // SAFETY: as above; device pointers are host pointers on the executor.
+                unsafe { super::sim::launch(kernel, cfg, &mut params, &opts) }
+                    .map_err(|e| Error::Cuda(if e.0.starts_with("cuda-sim") { e.0 } else { format!("cuda-sim: {}", e.0) }))
+            }
+        }
+    }
+
+    // ---- synchronisation and timing ----------------------------------------------------------
+
+    /// Waits for everything enqueued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Cuda(rt) => rt.synchronize(),
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Ok(()),
+        }
+    }
+
+    /// Records a timing event at this point of the stream.
+    pub fn record_event(&self) -> Result<GpuEvent> {
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                let e = rt.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("recording an event"))?;
+                Ok(GpuEvent { inner: EventInner::Cuda(e) })
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Ok(GpuEvent { inner: EventInner::Host(Instant::now()) }),
+        }
+    }
+
+    /// Milliseconds between two events of this `Gpu` (waits for `end`).
+    pub fn elapsed_ms(&self, start: &GpuEvent, end: &GpuEvent) -> Result<f32> {
+        match (&start.inner, &end.inner) {
+            (EventInner::Cuda(s), EventInner::Cuda(e)) => {
+                e.synchronize().map_err(driver_err("waiting for an event"))?;
+                s.elapsed_ms(e).map_err(driver_err("reading an event interval"))
+            }
+            (EventInner::Host(s), EventInner::Host(e)) => Ok(e.saturating_duration_since(*s).as_secs_f32() * 1e3),
+            _ => Err(Error::Input("elapsed_ms: the two events come from different kinds of device".into())),
+        }
+    }
+}
+
+fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::Input(format!("{what}: source has {a} elements, destination {b}")));
+    }
+    Ok(())
+}
+
+/// Raw driver calls act on the calling thread's current context.
+fn bind(rt: &CudaRuntime) -> Result<()> {
+    rt.context().bind_to_thread().map_err(driver_err("binding the CUDA context"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---- one test body for both implementations -------------------------------------------------
+
+/// For tests: device 0 as a [`Gpu`], or `None` after printing `SKIPPED: <label>: <reason>`
+/// (a failure when `REQUIRE_GPU` is set; see [`super::probe::gpu_for_test`]).
+pub fn cuda_for_test(label: &str) -> Option<Gpu> {
+    super::probe::gpu_for_test(label)?;
+    match Gpu::cuda(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => panic!("{label}: a GPU was probed but cannot be opened: {e}"),
+    }
+}
+
+/// For tests: the executor in every schedule a kernel test must pass — forward, reverse and a
+/// random order — or only the one `CUDA_SIM_SCHEDULE` names. A race-free kernel gives the same
+/// bits in each; a missing barrier fails in at least one.
+#[cfg(feature = "cuda-sim")]
+pub fn sims_for_test() -> Vec<Gpu> {
+    use super::sim::Schedule;
+    let schedules = match std::env::var("CUDA_SIM_SCHEDULE") {
+        Ok(s) => vec![Schedule::parse(&s).unwrap_or_else(|e| panic!("{e}"))],
+        Err(_) => vec![Schedule::Forward, Schedule::Reverse, Schedule::Random(0x5eed)],
+    };
+    schedules.into_iter().map(|schedule| Gpu::sim(SimConfig { schedule, ..SimConfig::default() })).collect()
+}
+
+/// Defines a module of tests that run one body, a `fn(&Gpu)`, on every device:
+/// `NAME::cuda_sim` (feature `cuda-sim`: the executor in each schedule of [`sims_for_test`]) and
+/// `NAME::cuda` (device 0; prints why it skips without one, fails under `REQUIRE_GPU=1`).
+///
+/// ```ignore
+/// fn adds_rows(gpu: &Gpu) { /* upload, launch, download, compare */ }
+/// bert_adapters::test_device!(adds_rows_on, adds_rows);
+/// ```
+#[macro_export]
+macro_rules! test_device {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[cfg(feature = "cuda-sim")]
+            #[test]
+            fn cuda_sim() {
+                for gpu in $crate::cuda::gpu::sims_for_test() {
+                    super::$body(&gpu);
+                }
+            }
+
+            #[test]
+            fn cuda() {
+                if let Some(gpu) = $crate::cuda::gpu::cuda_for_test(concat!(module_path!(), "::", stringify!($body))) {
+                    super::$body(&gpu);
+                }
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::registry::layernorm::RESIDUAL_LAYERNORM_FORWARD_F32 as LN;
+
+    fn ln_args() -> Vec<KernelArg> {
+        let p = KernelArg::Pointer { ptr: 64, elem: ScalarType::F32 };
+        vec![p, p, p, p, KernelArg::Null, p, p, KernelArg::I32(3), KernelArg::I32(8), KernelArg::F32(1e-5), KernelArg::I32(1)]
+    }
+
+    #[test]
+    fn arguments_are_checked_against_the_signature() {
+        check_args(LN, &ln_args()).unwrap();
+        let mut a = ln_args();
+        a.pop();
+        let e = check_args(LN, &a).unwrap_err().to_string();
+        assert!(e.contains("10 arguments given, the kernel takes 11"), "{e}");
+        let mut a = ln_args();
+        a[8] = KernelArg::U32(8);
+        let e = check_args(LN, &a).unwrap_err().to_string();
+        assert!(e.contains("argument 8 (`cols`) must be int, got unsigned 8"), "{e}");
+        let mut a = ln_args();
+        a[3] = KernelArg::Pointer { ptr: 64, elem: ScalarType::BF16 };
+        let e = check_args(LN, &a).unwrap_err().to_string();
+        assert!(e.contains("argument 3 (`x`) must be float*, got a __nv_bfloat16* pointer"), "{e}");
+        let mut a = ln_args();
+        a[9] = KernelArg::Null;
+        assert!(check_args(LN, &a).is_err(), "a null pointer is not a float scalar");
+    }
+
+    #[test]
+    fn argument_slots_hold_the_little_endian_bits() {
+        assert_eq!(KernelArg::I32(-1).slot(), 0xffff_ffff);
+        assert_eq!(KernelArg::F32(1.0).slot(), 0x3f80_0000);
+        assert_eq!(KernelArg::Null.slot(), 0);
+        assert_eq!(KernelArg::I64(-2).slot(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn documented_limits_per_architecture() {
+        assert_eq!(LaunchLimits::for_compute_capability(9, 0).max_shared_bytes_opt_in, 227 * 1024);
+        assert_eq!(LaunchLimits::for_compute_capability(8, 0).max_shared_bytes_opt_in, 163 * 1024);
+        assert_eq!(LaunchLimits::for_compute_capability(8, 9).max_shared_bytes_opt_in, 99 * 1024);
+        assert_eq!(LaunchLimits::for_compute_capability(7, 5).max_shared_bytes_opt_in, 64 * 1024);
+        assert_eq!(LaunchLimits::for_compute_capability(9, 0).default_dynamic_shared_bytes, 48 * 1024);
+    }
+}

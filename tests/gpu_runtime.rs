@@ -1,0 +1,156 @@
+//! The device-runtime layer (`cuda::gpu::Gpu`): memory, copies, memset, views, launch checks and
+//! events, from one test body per behaviour on every device (`test_device!`): the `cuda-sim`
+//! executor in CI, a real GPU where there is one.
+
+use bert_adapters::cuda::gpu::{Gpu, GpuKind, KernelArg};
+use bert_adapters::cuda::registry::layernorm::RESIDUAL_LAYERNORM_FORWARD_F32 as LAYERNORM;
+use bert_adapters::{test_device, Error};
+use cudarc::driver::LaunchConfig;
+
+fn copies_round_trip(gpu: &Gpu) {
+    let host: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let buf = gpu.upload(&host).unwrap();
+    assert_eq!(buf.len(), 1000);
+    assert_eq!(gpu.download(&buf.view()).unwrap(), host);
+
+    // Device to device into a window of a larger buffer; the rest keeps its zeros.
+    let mut big = gpu.alloc_zeros::<f32>(1200).unwrap();
+    gpu.copy_dtod(&buf.slice(100..400).unwrap(), &mut big.slice_mut(500..800).unwrap()).unwrap();
+    let got = gpu.download(&big.view()).unwrap();
+    assert!(got[..500].iter().chain(&got[800..]).all(|&v| v == 0.0));
+    assert_eq!(&got[500..800], &host[100..400]);
+
+    // Host to device into a window, then memset of another window.
+    gpu.copy_htod(&[1.5f32; 10], &mut big.slice_mut(0..10).unwrap()).unwrap();
+    gpu.memset_bytes(&mut big.slice_mut(10..20).unwrap(), 0xff).unwrap();
+    let got = gpu.download(&big.slice(0..21).unwrap()).unwrap();
+    assert!(got[..10].iter().all(|&v| v == 1.5));
+    assert!(got[10..20].iter().all(|v| v.to_bits() == u32::MAX));
+    assert_eq!(got[20], 0.0);
+
+    // Other element types keep their bits.
+    let ints: Vec<i32> = (-50..50).collect();
+    assert_eq!(gpu.download(&gpu.upload(&ints).unwrap().view()).unwrap(), ints);
+    let halves: Vec<half::bf16> = (0..64).map(|i| half::bf16::from_f32(i as f32 / 3.0)).collect();
+    assert_eq!(gpu.download(&gpu.upload(&halves).unwrap().view()).unwrap(), halves);
+
+    // Empty buffers and copies are fine.
+    let empty = gpu.alloc::<f32>(0).unwrap();
+    assert!(gpu.download(&empty.view()).unwrap().is_empty());
+}
+test_device!(copies, copies_round_trip);
+
+fn bad_copies_are_errors(gpu: &Gpu) {
+    let mut buf = gpu.alloc_zeros::<f32>(8).unwrap();
+    assert!(matches!(gpu.copy_htod(&[1f32; 9], &mut buf.view_mut()), Err(Error::Input(_))));
+    let mut host = [0f32; 7];
+    assert!(matches!(gpu.copy_dtoh(&buf.view(), &mut host), Err(Error::Input(_))));
+    let e = buf.slice(4..9).unwrap_err().to_string();
+    assert!(e.contains("4..9") && e.contains("8 elements"), "{e}");
+    #[allow(clippy::reversed_empty_ranges)]
+    let reversed = buf.slice(5..4);
+    assert!(reversed.is_err());
+    assert!(matches!(gpu.alloc::<f32>(usize::MAX / 2), Err(Error::Input(_))), "a size that overflows is refused");
+    assert_eq!(gpu.download(&buf.view()).unwrap(), vec![0f32; 8], "a refused copy wrote");
+}
+test_device!(bad_copies, bad_copies_are_errors);
+
+/// A valid LayerNorm launch over `rows` rows of 32 columns (warp per row), for launch checks.
+struct LayerNormBuffers {
+    x: bert_adapters::cuda::DeviceBuffer<f32>,
+    params: bert_adapters::cuda::DeviceBuffer<f32>,
+    y: bert_adapters::cuda::DeviceBuffer<f32>,
+    stats: bert_adapters::cuda::DeviceBuffer<f32>,
+}
+
+const ROWS: usize = 4;
+const COLS: usize = 32;
+
+impl LayerNormBuffers {
+    fn new(gpu: &Gpu) -> Self {
+        let x: Vec<f32> = (0..ROWS * COLS).map(|i| (i % 7) as f32).collect();
+        LayerNormBuffers {
+            x: gpu.upload(&x).unwrap(),
+            params: gpu.upload(&[1f32; COLS]).unwrap(),
+            y: gpu.upload(&[f32::NAN; ROWS * COLS]).unwrap(),
+            stats: gpu.upload(&[f32::NAN; 2 * ROWS]).unwrap(),
+        }
+    }
+    fn args(&mut self, cache_row: i32) -> Vec<KernelArg> {
+        let (y, mean, rstd) = (self.y.view_mut().arg(), self.stats.slice(0..ROWS).unwrap().arg(), self.stats.slice(ROWS..2 * ROWS).unwrap().arg());
+        let p = self.params.view().arg();
+        vec![y, mean, rstd, self.x.view().arg(), KernelArg::Null, p, p, KernelArg::I32(ROWS as i32), KernelArg::I32(COLS as i32), KernelArg::F32(1e-5), KernelArg::I32(cache_row)]
+    }
+}
+
+fn config(block: (u32, u32, u32), smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: block, shared_mem_bytes: smem }
+}
+
+fn launches_are_checked_like_the_driver(gpu: &Gpu) {
+    let mut b = LayerNormBuffers::new(gpu);
+    let args = b.args(0);
+    // SAFETY (every launch below): the buffers hold ROWS x COLS inputs and outputs, which a
+    // warp-per-row block of (32, ROWS) indexes exactly; refused launches run nothing.
+    let launch = |cfg: LaunchConfig, args: &[KernelArg]| unsafe { gpu.launch(LAYERNORM, cfg, args) };
+    let err = |r: bert_adapters::Result<()>| r.expect_err("must be refused").to_string();
+
+    let e = err(launch(config((32, 33, 1), 0), &args));
+    assert!(e.contains("1056 threads") && e.contains("exceeds the limits"), "{e}");
+    let e = err(launch(LaunchConfig { grid_dim: (0, 1, 1), ..config((32, 4, 1), 0) }, &args));
+    assert!(e.contains("no zero dimension"), "{e}");
+    let e = err(launch(LaunchConfig { grid_dim: (1, 70000, 1), ..config((32, 4, 1), 0) }, &args));
+    assert!(e.contains("grid") && e.contains("exceeds"), "{e}");
+    let e = err(launch(config((32, 4, 1), 64 * 1024), &args));
+    assert!(e.contains("65536 bytes of dynamic shared memory exceed the 49152"), "{e}");
+    let e = err(launch(config((32, 4, 1), 0), &args[..10]));
+    assert!(e.contains("10 arguments given, the kernel takes 11"), "{e}");
+    let mut wrong = args.clone();
+    wrong[7] = KernelArg::F32(4.0);
+    let e = err(launch(config((32, 4, 1), 0), &wrong));
+    assert!(e.contains("argument 7 (`rows`) must be int, got float 4"), "{e}");
+    assert!(gpu.download(&b.y.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch ran");
+
+    // Opting in raises the limit up to the architecture's maximum, as cuFuncSetAttribute does.
+    let over = gpu.limits().max_shared_bytes_opt_in + 1;
+    let e = gpu.allow_dynamic_shared(LAYERNORM, over).unwrap_err().to_string();
+    assert!(e.contains("may opt in to"), "{e}");
+    gpu.allow_dynamic_shared(LAYERNORM, 64 * 1024).unwrap();
+    assert_eq!(gpu.dynamic_shared_limit(LAYERNORM), 64 * 1024);
+    launch(config((32, 4, 1), 64 * 1024), &b.args(1)).unwrap();
+    let y = gpu.download(&b.y.view()).unwrap();
+    assert!(y.iter().all(|v| v.is_finite()), "the opted-in launch ran and wrote every element");
+}
+test_device!(launch_checks, launches_are_checked_like_the_driver);
+
+fn events_time_the_stream(gpu: &Gpu) {
+    let mut b = LayerNormBuffers::new(gpu);
+    let args = b.args(1);
+    let start = gpu.record_event().unwrap();
+    for _ in 0..3 {
+        // SAFETY: as in launches_are_checked_like_the_driver.
+        unsafe { gpu.launch(LAYERNORM, config((32, 4, 1), (4 * COLS * 4) as u32), &args) }.unwrap();
+    }
+    let end = gpu.record_event().unwrap();
+    let ms = gpu.elapsed_ms(&start, &end).unwrap();
+    assert!(ms.is_finite() && ms >= 0.0, "{ms}");
+    if gpu.kind() == GpuKind::Sim {
+        // The executor is synchronous: three launches of 128 fibers take measurable time.
+        assert!(ms > 0.0, "{ms}");
+    }
+}
+test_device!(events, events_time_the_stream);
+
+#[test]
+fn device_names_parse_and_cuda_sim_opens_only_with_the_feature() {
+    let d: bert_adapters::Device = "cuda-sim".parse().unwrap();
+    assert_eq!(d.to_string(), "cuda-sim");
+    match Gpu::open(d) {
+        #[cfg(feature = "cuda-sim")]
+        Ok(gpu) => assert_eq!(gpu.kind(), GpuKind::Sim),
+        #[cfg(not(feature = "cuda-sim"))]
+        Err(Error::Unsupported(msg)) => assert!(msg.contains("--features cuda-sim"), "{msg}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(Gpu::open(bert_adapters::Device::Cpu).is_err());
+}
