@@ -193,6 +193,8 @@ fn unimplemented_options_are_refused_not_ignored() {
     for (extra, says) in [
         (&["--device", "cuda"][..], "CUDA model backend is not built yet"),
         (&["--device", "tpu"][..], "unknown device `tpu`"),
+        // The binary under test is built with the test run's features.
+        (&["--device", "cuda-sim"][..], if cfg!(feature = "cuda-sim") { "CUDA model backend is not built yet" } else { "built without the `cuda-sim` feature" }),
     ] {
         let args = with(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
