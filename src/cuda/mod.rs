@@ -4,11 +4,13 @@
 //! - [`probe`]: "is there NVRTC / a GPU?" without panicking, and the test skip helpers;
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - one launcher module per kernel family ([`layernorm`]);
+//! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod gemm;
 pub mod layernorm;
 pub mod probe;
 pub mod registry;
