@@ -67,10 +67,20 @@
 //! lengths and bias presence, and [`Error::Input`] for non-finite `alpha`/`beta` or bad device
 //! pointers; every message names the operand and the numbers. Nothing here panics on bad input.
 
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use cudarc::cublaslt::result as lt_result;
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::probe;
 use crate::error::{Error, Result};
 
 const OP: &str = "cuda::gemm";
@@ -103,6 +113,15 @@ impl Epilogue {
     /// Whether this epilogue reads a bias vector.
     pub fn needs_bias(self) -> bool {
         !matches!(self, Epilogue::None)
+    }
+
+    fn lt(self) -> lt::cublasLtEpilogue_t {
+        match self {
+            Epilogue::None => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::ReluBias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            Epilogue::GeluBias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        }
     }
 }
 
@@ -519,6 +538,467 @@ fn host_batch(g: &Gemm, layout: &HostLayout, a: &[f32], b: &[f32], block: &mut [
     }
 }
 
+// ---- the GPU executor (cuBLASLt) -------------------------------------------------------------------
+
+/// The cuBLASLt workspace [`LtGemm::new`] allocates for a device of compute capability `major.x`:
+/// 32 MiB on Hopper and Blackwell (sm_90 and later), 4 MiB before, the sizes the cuBLAS docs
+/// recommend for a user workspace (`cublasSetWorkspace`). Algorithms needing more are not chosen.
+pub fn workspace_bytes(compute_capability_major: i32) -> usize {
+    if compute_capability_major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// Whether `libcublasLt` can be loaded (no GPU needed). Cached.
+pub fn cublaslt_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only dlopens and closes the library; no symbol is called.
+    *AVAILABLE.get_or_init(|| catch_unwind(|| unsafe { lt::is_culib_present() }).unwrap_or(false))
+}
+
+/// `cublasLtNumericalImplFlags_t` bits (cublasLt.h defines them as macros, cudarc has no constants):
+/// the multiply-input kinds, and the fp32 one.
+const IMPL_FLAGS_OP_INPUT_TYPE_MASK: u64 = 0xff << 16;
+const IMPL_FLAGS_INPUT_32F: u64 = 0x08 << 16;
+
+/// Runs `f`, turning a panic inside cudarc (a missing library or symbol) into an error.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(Error::Cuda(format!("{what}: cuBLASLt call panicked: {}", probe::panic_message(&*panic)))),
+    }
+}
+
+/// Runs a destroy call, ignoring its status and any panic (destructors must not panic).
+fn quietly(f: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(f));
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Entries are inserted whole, so a panic elsewhere cannot leave a half-written one.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lt_err(what: &'static str) -> impl Fn(lt_result::CublasError) -> Error {
+    move |e| Error::Cuda(format!("{what} failed: {:?}", e.0))
+}
+
+struct Handle(lt::cublasLtHandle_t);
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtCreate and destroyed only here.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_handle(self.0) };
+        });
+    }
+}
+
+struct Desc(lt::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matmul_desc(self.0) };
+        });
+    }
+}
+
+struct Layout(lt::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matrix_layout(self.0) };
+        });
+    }
+}
+
+struct Pref(lt::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matmul_pref(self.0) };
+        });
+    }
+}
+
+/// Sets one descriptor attribute from a plain value (cuBLASLt checks the byte size).
+macro_rules! set_attr {
+    ($setter:path, $obj:expr, $attr:expr, $value:expr, $what:literal) => {{
+        let value = $value;
+        $setter($obj, $attr, (&value as *const _) as *const c_void, std::mem::size_of_val(&value)).map_err(lt_err($what))
+    }};
+}
+
+/// The product handed to cuBLASLt: a [`Gemm`] after the `k == 0` rewrite, without the scalars
+/// (which the heuristic does not see). Also the algorithm cache's key, with pointer alignments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct LtProblem {
+    transa: Transpose,
+    transb: Transpose,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    batch: usize,
+    stride_a: usize,
+    stride_b: usize,
+    stride_c: usize,
+    epilogue: Epilogue,
+    inputs: InputType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    problem: LtProblem,
+    /// Alignment in bytes (at most 256) of A, B, C and the bias, as given to the heuristic.
+    align: [u32; 4],
+}
+
+/// Device pointers of one call.
+#[derive(Clone, Copy)]
+struct LtPointers {
+    a: CUdeviceptr,
+    b: CUdeviceptr,
+    c: CUdeviceptr,
+    bias: Option<CUdeviceptr>,
+}
+
+/// The largest power of two (at most 256, cuBLASLt's default assumption) dividing `addr` and,
+/// when the operand has several batches, its batch stride in bytes: the alignment every batch's
+/// matrix has.
+fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize) -> u32 {
+    let mut bits = addr;
+    if batch > 1 && stride_elems > 0 {
+        bits |= (stride_elems as u64).wrapping_mul(size_of::<f32>() as u64);
+    }
+    if bits == 0 {
+        256
+    } else {
+        (1u32 << bits.trailing_zeros().min(8)).min(256)
+    }
+}
+
+/// cuBLASLt bound to one stream: a handle, a workspace and a cache of heuristic results.
+///
+/// Create one per stream with [`LtGemm::new`] and call [`LtGemm::run`] for every product; it
+/// enqueues and never synchronises.
+///
+/// What it relies on in cuBLASLt (cuBLAS docs, sections `cublasLtMatmul`, `cublasLtEpilogue_t`,
+/// `cublasLtMatmulDescAttributes_t`, `cublasLtMatmulPreferenceAttributes_t`,
+/// `cublasLtMatrixLayoutAttribute_t`, and cublasLt.h):
+/// - `CUBLAS_COMPUTE_32F` with scale type and all matrix types `CUDA_R_32F`; the heuristic is
+///   limited to fp32-input implementations through `CUBLASLT_MATMUL_PREF_IMPL_MASK`.
+/// - In place: C and D are the same pointer with the same layout (`C == D and Cdesc == Ddesc`).
+///   `CUBLASLT_MATMUL_DESC_TRANSC` only supports N, which is all `Gemm` describes.
+/// - Strided batches: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` and `..._STRIDED_BATCH_OFFSET` on each
+///   layout, stride 0 for a broadcast A or B. The bias pointer goes in
+///   `CUBLASLT_MATMUL_DESC_BIAS_POINTER`, `..._BIAS_BATCH_STRIDE` stays 0 (one bias for all batches).
+/// - Alignment: the heuristic assumes 256-byte-aligned A, B, C and D unless told otherwise
+///   (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`, default 256), and reads the bias pointer's
+///   alignment from the descriptor. Pointers into the middle of a buffer are common here (views,
+///   per-head blocks), so every call reports each operand's real alignment (including its batch
+///   stride) and the algorithm cache is keyed by it.
+/// - Restrictions: cuBLASLt documents that not every size and configuration has a kernel
+///   (e.g. batches above 65535 on many kernels, which it tries to split itself). When the
+///   heuristic finds no algorithm for a batched product, `run` falls back to one
+///   `cublasLtMatmul` per batch; when a single product has none either (possible for an epilogue
+///   on some architectures), it returns [`Error::Unsupported`] naming the problem rather than
+///   computing something else.
+/// - `k == 0`: rather than hand cuBLASLt an empty dimension, `run` multiplies a zero `m × 1`
+///   column by a zero `1 × n` row (both broadcast over batches, from a zero buffer kept here), so
+///   the product is exactly 0 and D = act(beta·C + bias) follows from the normal path.
+/// - `beta == 0` must leave C unread; cuBLAS states this for its GEMMs and the GPU test in
+///   `tests/gemm.rs` checks it for cuBLASLt with a NaN-filled C.
+pub struct LtGemm {
+    stream: Arc<CudaStream>,
+    handle: Handle,
+    workspace: CudaSlice<u8>,
+    workspace_bytes: usize,
+    /// Heuristic results per problem and alignment; `None` records that there is no algorithm.
+    algos: Mutex<HashMap<AlgoKey, Option<lt::cublasLtMatmulAlgo_t>>>,
+    /// Zeros standing in for A and B when k == 0; grown on demand.
+    zeros: Mutex<Option<CudaSlice<f32>>>,
+}
+
+// SAFETY: cuBLASLt may be called from several host threads with one handle (its thread-safety
+// rule is cuBLAS's); every kernel that uses the workspace is enqueued on `stream`, so two calls
+// never use it at the same time on the device; the caches are behind mutexes.
+unsafe impl Send for LtGemm {}
+unsafe impl Sync for LtGemm {}
+
+impl std::fmt::Debug for LtGemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LtGemm").field("workspace_bytes", &self.workspace_bytes).field("cached_algos", &lock(&self.algos).len()).finish()
+    }
+}
+
+impl LtGemm {
+    /// A cuBLASLt handle and a [`workspace_bytes`]-sized workspace for `stream`. An error, not a
+    /// panic, when libcublasLt cannot be loaded or the allocation fails.
+    pub fn new(stream: Arc<CudaStream>) -> Result<LtGemm> {
+        if !cublaslt_available() {
+            return Err(Error::Cuda(format!(
+                "libcublasLt (CUDA 13) cannot be loaded; LD_LIBRARY_PATH={:?}",
+                std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+            )));
+        }
+        guard("cublasLtCreate", || {
+            let ctx = stream.context();
+            ctx.bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
+            let (major, _) = ctx.compute_capability().map_err(|e| Error::Cuda(format!("reading the compute capability: {e:?}")))?;
+            let workspace_bytes = workspace_bytes(major);
+            let workspace = stream
+                .alloc_zeros::<u8>(workspace_bytes)
+                .map_err(|e| Error::Cuda(format!("allocating the {workspace_bytes}-byte cuBLASLt workspace: {e:?}")))?;
+            let handle = Handle(lt_result::create_handle().map_err(lt_err("cublasLtCreate"))?);
+            Ok(LtGemm { stream, handle, workspace, workspace_bytes, algos: Mutex::new(HashMap::new()), zeros: Mutex::new(None) })
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The workspace size in bytes.
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace_bytes
+    }
+
+    /// Enqueues `g` on this object's stream: C at `c` is overwritten by D (see the module docs).
+    /// Checks everything [`Gemm::required_lengths`] checks, that a bias is given exactly when the
+    /// epilogue needs one, and that the pointers it will use are non-null and 4-byte aligned.
+    ///
+    /// # Safety
+    /// The pointers must be device memory of this stream's context holding at least
+    /// [`Gemm::required_lengths`] elements each (`bias`: `m`), valid until the product has run on
+    /// the stream; C must not overlap A, B or the bias.
+    pub unsafe fn run(&self, g: &Gemm, a: CUdeviceptr, b: CUdeviceptr, c: CUdeviceptr, bias: Option<CUdeviceptr>) -> Result<()> {
+        g.required_lengths()?;
+        g.check_bias_presence(bias.is_some())?;
+        match g.inputs {
+            InputType::F32 => {}
+        }
+        if g.is_noop() {
+            return Ok(());
+        }
+        let mut used = vec![("C", c)];
+        if g.k > 0 {
+            used.extend([("A", a), ("B", b)]);
+        }
+        used.extend(bias.map(|p| ("bias", p)));
+        for (operand, ptr) in used {
+            if ptr == 0 || !ptr.is_multiple_of(size_of::<f32>() as u64) {
+                return Err(Error::Input(format!("{OP}: {operand} device pointer {ptr:#x} is null or not 4-byte aligned")));
+            }
+        }
+        guard("cublasLtMatmul", || {
+            self.stream.context().bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
+            let problem = LtProblem {
+                transa: g.transa,
+                transb: g.transb,
+                m: g.m,
+                n: g.n,
+                k: g.k,
+                lda: g.lda,
+                ldb: g.ldb,
+                ldc: g.ldc,
+                batch: g.batch,
+                stride_a: g.stride_a,
+                stride_b: g.stride_b,
+                stride_c: g.stride_c,
+                epilogue: g.epilogue,
+                inputs: g.inputs,
+            };
+            let ptrs = LtPointers { a, b, c, bias };
+            if g.k > 0 {
+                // SAFETY: the caller's contract.
+                return unsafe { self.run_problem(&problem, ptrs, g.alpha, g.beta) };
+            }
+            // k == 0: a zero m×1 column times a zero 1×n row, both broadcast over the batches.
+            let mut zeros = lock(&self.zeros);
+            let need = g.m.max(g.n);
+            if zeros.as_ref().is_none_or(|z| z.len() < need) {
+                // The old buffer, if any, is freed in stream order after the work that used it.
+                *zeros = Some(self.stream.alloc_zeros::<f32>(need).map_err(|e| Error::Cuda(format!("allocating {need} zeros for k = 0: {e:?}")))?);
+            }
+            let Some(z) = zeros.as_ref() else {
+                return Err(Error::internal("cuda::gemm: the k = 0 zero buffer was not allocated"));
+            };
+            let (zp, _record) = z.device_ptr(&self.stream);
+            let rewritten = LtProblem {
+                transa: Transpose::No,
+                transb: Transpose::No,
+                k: 1,
+                lda: g.m.max(1),
+                ldb: 1,
+                stride_a: 0,
+                stride_b: 0,
+                ..problem
+            };
+            // SAFETY: the zero buffer holds max(m, n) elements, what a packed m×1 A and 1×n B
+            // read with stride 0; C and the bias are the caller's.
+            unsafe { self.run_problem(&rewritten, LtPointers { a: zp, b: zp, ..ptrs }, g.alpha, g.beta) }
+        })
+    }
+
+    /// The batched product if cuBLASLt has an algorithm for it, else one product per batch.
+    unsafe fn run_problem(&self, p: &LtProblem, ptrs: LtPointers, alpha: f32, beta: f32) -> Result<()> {
+        // SAFETY (all calls below): the caller's contract on `ptrs` for `p`.
+        if let Some(algo) = unsafe { self.algo(p, ptrs)? } {
+            return unsafe { self.matmul(p, ptrs, &algo, alpha, beta) };
+        }
+        if p.batch == 1 {
+            return Err(Error::Unsupported(format!("{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU")));
+        }
+        let single = LtProblem { batch: 1, ..*p };
+        let bytes = |elems: usize, i: usize| (elems as u64).wrapping_mul(i as u64).wrapping_mul(size_of::<f32>() as u64);
+        for i in 0..p.batch {
+            let batch_ptrs = LtPointers {
+                a: ptrs.a.wrapping_add(bytes(p.stride_a, i)),
+                b: ptrs.b.wrapping_add(bytes(p.stride_b, i)),
+                c: ptrs.c.wrapping_add(bytes(p.stride_c, i)),
+                bias: ptrs.bias,
+            };
+            let Some(algo) = (unsafe { self.algo(&single, batch_ptrs)? }) else {
+                return Err(Error::Unsupported(format!(
+                    "{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU, batched or one batch at a time"
+                )));
+            };
+            unsafe { self.matmul(&single, batch_ptrs, &algo, alpha, beta)? };
+        }
+        Ok(())
+    }
+
+    /// Descriptors for `p`: the matmul descriptor (transposes, epilogue, bias pointer) and the
+    /// layouts of A, B and C (= D).
+    unsafe fn descriptors(&self, p: &LtProblem, bias: Option<CUdeviceptr>) -> Result<(Desc, Layout, Layout, Layout)> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        use lt::cublasLtMatrixLayoutAttribute_t as L;
+        let f32_type = match p.inputs {
+            InputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
+        };
+        let desc = Desc(
+            lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
+                .map_err(lt_err("cublasLtMatmulDescCreate"))?,
+        );
+        let op = |t: Transpose| -> i32 {
+            match t {
+                Transpose::No => 0,  // CUBLAS_OP_N
+                Transpose::Yes => 1, // CUBLAS_OP_T
+            }
+        };
+        // SAFETY: live descriptors; each value has the attribute's documented type.
+        unsafe {
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_TRANSA, op(p.transa), "setting TRANSA")?;
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_TRANSB, op(p.transb), "setting TRANSB")?;
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_EPILOGUE, p.epilogue.lt() as u32, "setting EPILOGUE")?;
+            if let Some(bias) = bias {
+                set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "setting BIAS_POINTER")?;
+            }
+        }
+        let (ar, ac) = stored(p.transa, p.m, p.k);
+        let (br, bc) = stored(p.transb, p.k, p.n);
+        let layout = |dtype: lt::cudaDataType, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<Layout> {
+            let l = Layout(lt_result::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64).map_err(lt_err("cublasLtMatrixLayoutCreate"))?);
+            if p.batch > 1 {
+                // SAFETY: a live layout; int32 batch count and int64 stride as documented
+                // (both range-checked by `required_lengths`).
+                unsafe {
+                    set_attr!(lt_result::set_matrix_layout_attribute, l.0, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, p.batch as i32, "setting BATCH_COUNT")?;
+                    set_attr!(lt_result::set_matrix_layout_attribute, l.0, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride as i64, "setting STRIDED_BATCH_OFFSET")?;
+                }
+            }
+            Ok(l)
+        };
+        let a = layout(f32_type, ar, ac, p.lda, p.stride_a)?;
+        let b = layout(f32_type, br, bc, p.ldb, p.stride_b)?;
+        let c = layout(lt::cudaDataType_t::CUDA_R_32F, p.m, p.n, p.ldc, p.stride_c)?;
+        Ok((desc, a, b, c))
+    }
+
+    /// The cached or freshly queried algorithm for `p` at these pointers' alignments.
+    unsafe fn algo(&self, p: &LtProblem, ptrs: LtPointers) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+        let align = [
+            alignment(ptrs.a, p.stride_a, p.batch),
+            alignment(ptrs.b, p.stride_b, p.batch),
+            alignment(ptrs.c, p.stride_c, p.batch),
+            ptrs.bias.map_or(256, |bias| alignment(bias, 0, 1)),
+        ];
+        let key = AlgoKey { problem: *p, align };
+        if let Some(hit) = lock(&self.algos).get(&key) {
+            return Ok(*hit);
+        }
+        // SAFETY: descriptors only; the heuristic dereferences no pointer.
+        let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
+        let pref = Pref(lt_result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?);
+        use lt::cublasLtMatmulPreferenceAttributes_t as P;
+        let impl_mask = !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F;
+        // SAFETY: a live preference; each value has the attribute's documented type.
+        unsafe {
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, self.workspace_bytes as u64, "setting MAX_WORKSPACE_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0], "setting MIN_ALIGNMENT_A_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1], "setting MIN_ALIGNMENT_B_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2], "setting MIN_ALIGNMENT_C_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2], "setting MIN_ALIGNMENT_D_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_IMPL_MASK, impl_mask, "setting IMPL_MASK")?;
+        }
+        let mut result = std::mem::MaybeUninit::<lt::cublasLtMatmulHeuristicResult_t>::zeroed();
+        let mut count: std::ffi::c_int = 0;
+        // SAFETY: live handle and descriptors (D's layout is C's: in place); room for one result.
+        let status = unsafe { lt::cublasLtMatmulAlgoGetHeuristic(self.handle.0, desc.0, a.0, b.0, c.0, c.0, pref.0, 1, result.as_mut_ptr(), &mut count) };
+        let found = match status {
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS if count > 0 => {
+                // SAFETY: cuBLASLt wrote `count` >= 1 results.
+                let result = unsafe { result.assume_init() };
+                (result.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && result.workspaceSize <= self.workspace_bytes).then_some(result.algo)
+            }
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS | lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => None,
+            other => return Err(Error::Cuda(format!("cublasLtMatmulAlgoGetHeuristic failed: {other:?} for {p:?}"))),
+        };
+        lock(&self.algos).insert(key, found);
+        Ok(found)
+    }
+
+    /// One `cublasLtMatmul` call with `algo`, in place on C.
+    unsafe fn matmul(&self, p: &LtProblem, ptrs: LtPointers, algo: &lt::cublasLtMatmulAlgo_t, alpha: f32, beta: f32) -> Result<()> {
+        // SAFETY: descriptors only.
+        let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
+        let (workspace, _record) = self.workspace.device_ptr(&self.stream);
+        let dev = |p: CUdeviceptr| p as usize as *const c_void;
+        // SAFETY: the caller's contract on the pointers; alpha/beta are host scalars read during
+        // the call (CUBLASLT_POINTER_MODE_HOST, the default); the workspace is ours, on this
+        // stream, with the size the heuristic was limited to.
+        unsafe {
+            lt::cublasLtMatmul(
+                self.handle.0,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                dev(ptrs.a),
+                a.0,
+                dev(ptrs.b),
+                b.0,
+                (&beta as *const f32).cast(),
+                dev(ptrs.c),
+                c.0,
+                dev(ptrs.c) as *mut c_void,
+                c.0,
+                algo,
+                workspace as usize as *mut c_void,
+                self.workspace_bytes,
+                self.stream.cu_stream() as lt::cudaStream_t,
+            )
+        }
+        .result()
+        .map_err(|e| Error::Cuda(format!("cublasLtMatmul failed: {:?} for {p:?}", e.0)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,5 +1124,17 @@ mod tests {
         assert!((gelu_tanh(1.0) as f64 - 0.841_344_746_068_543).abs() > 1e-4);
         assert_eq!(relu(-2.0), 0.0);
         assert!(relu(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn alignment_is_the_weakest_of_pointer_and_stride() {
+        assert_eq!(alignment(0x1000, 0, 1), 256);
+        assert_eq!(alignment(0x1004, 0, 1), 4);
+        assert_eq!(alignment(0x1010, 0, 1), 16);
+        assert_eq!(alignment(0x1000, 3, 2), 4); // 12-byte batch stride
+        assert_eq!(alignment(0x1000, 3, 1), 256); // one batch: the stride is irrelevant
+        assert_eq!(alignment(0x1000, 64, 2), 256);
+        assert_eq!(workspace_bytes(9), 32 << 20);
+        assert_eq!(workspace_bytes(8), 4 << 20);
     }
 }
