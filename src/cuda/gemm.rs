@@ -1,0 +1,1140 @@
+//! Dense products: one GEMM description ([`Gemm`]) with cuBLAS/cuBLASLt semantics, and its two
+//! executors: [`gemm_host`] on the CPU (the `gemm` crate, rayon) and [`LtGemm`] on the GPU
+//! (cuBLASLt through cudarc). The CUDA backend describes every dense product once and hands the
+//! description to whichever executor runs it; CI checks the CPU one, a GPU run checks that both agree.
+//!
+//! # What a [`Gemm`] computes
+//!
+//! For each batch `i` in `0..batch`, with every matrix **column-major** as in cuBLAS:
+//!
+//! ```text
+//! D_i = act(alpha · op(A_i) · op(B_i) + beta · C_i + bias)      D_i is written over C_i
+//! ```
+//!
+//! - `op(A)` is `m × k`, `op(B)` is `k × n`, `C` and `D` are `m × n`; `op(X)` is `X` or `Xᵀ`
+//!   ([`Transpose`]). `A_i` starts `i · stride_a` elements into A's buffer, and likewise for B
+//!   and C; element `(r, c)` of a stored matrix is at `r + c · ld`.
+//! - `bias` has `m` elements and is broadcast over the `n` columns and over every batch
+//!   (cuBLASLt's `CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE` left at its default 0). It is added
+//!   *after* `beta · C` and *before* the activation: cuBLASLt documents the epilogue input as
+//!   `alpha·op(A)op(B) + beta·C + bias` ("Aux_temp" in its FP8 section) and the bias epilogues
+//!   as "apply bias and then ReLU/GELU" (`cublasLtEpilogue_t`).
+//! - `act` is the identity ([`Epilogue::None`], [`Epilogue::Bias`]), `max(x, 0)`
+//!   ([`Epilogue::ReluBias`]) or cuBLASLt's GELU ([`Epilogue::GeluBias`]), which is the **tanh
+//!   approximation** `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (footnote to
+//!   `CUBLASLT_EPILOGUE_GELU_BIAS`). It is *not* BERT's exact `0.5·x·(1 + erf(x/√2))`; the two
+//!   differ by up to about 5e-4 (at |x| ≈ 2), so a BERT FFN must not use it where parity with
+//!   PyTorch's `gelu` matters.
+//! - `beta == 0` means C is **not read** (cuBLAS's rule, "if beta == 0 then C does not have to be
+//!   a valid input"): NaN or garbage in C does not reach D. `alpha == 0` still multiplies (NaN or
+//!   inf in A or B propagate), as in any fp32 kernel.
+//! - `k == 0` is a legal empty sum: `D = act(beta·C + bias)`. `m == 0`, `n == 0` or `batch == 0`
+//!   is a no-op that touches no buffer.
+//! - Elements of C's buffer outside the `m × n` blocks (padding rows when `ldc > m`, gaps between
+//!   batches) are never written.
+//!
+//! A row-major linear layer `Y[t, out] = X[t, in] · Wᵀ + b` (HF layout, `W` is `[out, in]`) is the
+//! column-major product `Yᵀ = W · Xᵀ`, where `Yᵀ`, `W` (as `Wᵀ` stored) and `Xᵀ` are the same bytes:
+//!
+//! ```
+//! use bert_adapters::cuda::gemm::{gemm_host, Epilogue, Gemm, Transpose};
+//! let (t, inp, out) = (2, 3, 4);
+//! let w: Vec<f32> = (0..out * inp).map(|i| i as f32).collect(); // [out, in] row-major
+//! let x = vec![1.0f32; t * inp];                                   // [t, in] row-major
+//! let b = vec![0.5f32; out];
+//! let mut y = vec![0.0f32; t * out];                               // [t, out] row-major
+//! let g = Gemm::new(Transpose::Yes, Transpose::No, out, t, inp).with_epilogue(Epilogue::Bias);
+//! gemm_host(&g, &w, &x, &mut y, Some(&b))?;
+//! assert_eq!(&y[..out], &[3.5, 12.5, 21.5, 30.5]);
+//! # Ok::<(), bert_adapters::Error>(())
+//! ```
+//!
+//! # Precision
+//!
+//! Inputs, C/D, bias, alpha and beta are f32 and products accumulate in f32. On the GPU the compute
+//! type is `CUBLAS_COMPUTE_32F`, never `CUBLAS_COMPUTE_32F_FAST_TF32` (which cudarc's own f32
+//! `Matmul` uses): TF32 rounds inputs to 10 mantissa bits and would break fp32 parity with the
+//! CPU path. The heuristic is additionally restricted (`CUBLASLT_MATMUL_PREF_IMPL_MASK`) to
+//! algorithms whose multiply inputs are fp32, so a library-wide emulation or TF32 setting cannot
+//! slip in. [`InputType`] names the element type of A and B so that bf16 inputs (cuBLASLt's
+//! `CUDA_R_16BF` A/B with f32 C/D under `CUBLAS_COMPUTE_32F`) can be added without changing the
+//! description's shape rules, which are in elements.
+//!
+//! # Errors
+//!
+//! [`Gemm::validate`] (called by [`gemm_host`]; [`LtGemm::run`] calls the checks that need no
+//! buffer lengths) returns [`Error::Shape`] for dimensions, leading dimensions, strides, buffer
+//! lengths and bias presence, and [`Error::Input`] for non-finite `alpha`/`beta` or bad device
+//! pointers; every message names the operand and the numbers. Nothing here panics on bad input.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::cublaslt::result as lt_result;
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::probe;
+use crate::error::{Error, Result};
+
+const OP: &str = "cuda::gemm";
+
+/// Whether an operand is used as stored (`No`) or transposed (`Yes`): cuBLAS's `CUBLAS_OP_N`/`CUBLAS_OP_T`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transpose {
+    No,
+    Yes,
+}
+
+/// What happens to `alpha·op(A)·op(B) + beta·C` before it is stored (cuBLASLt's epilogues of the
+/// same names). Every variant but `None` adds the `m`-element bias, broadcast over columns and
+/// batches, before the activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `CUBLASLT_EPILOGUE_DEFAULT`: no bias, no activation.
+    None,
+    /// `CUBLASLT_EPILOGUE_BIAS`: `+ bias`.
+    Bias,
+    /// `CUBLASLT_EPILOGUE_RELU_BIAS`: `max(x + bias, 0)`. On the CPU a NaN stays NaN; what
+    /// cuBLASLt's ReLU does with NaN is not documented.
+    ReluBias,
+    /// `CUBLASLT_EPILOGUE_GELU_BIAS`: the **tanh-approximated** GELU of `x + bias` (see the module
+    /// docs); not BERT's erf GELU.
+    GeluBias,
+}
+
+impl Epilogue {
+    /// Whether this epilogue reads a bias vector.
+    pub fn needs_bias(self) -> bool {
+        !matches!(self, Epilogue::None)
+    }
+
+    fn lt(self) -> lt::cublasLtEpilogue_t {
+        match self {
+            Epilogue::None => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::ReluBias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            Epilogue::GeluBias => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        }
+    }
+}
+
+/// The element type of A and B. C, D, bias, `alpha`, `beta` and the accumulator are f32 whatever
+/// this is. Only `F32` exists today; bf16 inputs are the planned addition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum InputType {
+    #[default]
+    F32,
+}
+
+/// One (strided-batched) GEMM with cuBLASLt semantics; see the module docs for the formula.
+///
+/// All sizes, leading dimensions and strides are in elements. Build one with [`Gemm::new`] (packed
+/// operands, `alpha = 1`, `beta = 0`, one batch, no epilogue) and adjust it with the `with_*`
+/// methods or by setting fields; [`Gemm::validate`] checks it against buffer lengths.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub transa: Transpose,
+    pub transb: Transpose,
+    /// Rows of `op(A)`, C and D; also the bias length.
+    pub m: usize,
+    /// Columns of `op(B)`, C and D.
+    pub n: usize,
+    /// Columns of `op(A)` = rows of `op(B)`: the length of each dot product. May be 0.
+    pub k: usize,
+    pub alpha: f32,
+    /// 0 means C is not read.
+    pub beta: f32,
+    /// Leading dimension of A as stored: at least `max(1, m)` if `transa == No`, else `max(1, k)`.
+    pub lda: usize,
+    /// Leading dimension of B as stored: at least `max(1, k)` if `transb == No`, else `max(1, n)`.
+    pub ldb: usize,
+    /// Leading dimension of C (= D): at least `max(1, m)`.
+    pub ldc: usize,
+    /// Number of products; 0 is a no-op.
+    pub batch: usize,
+    /// Elements from one batch's A to the next; 0 reuses one A for every batch.
+    pub stride_a: usize,
+    /// Elements from one batch's B to the next; 0 reuses one B for every batch.
+    pub stride_b: usize,
+    /// Elements from one batch's C to the next; with more than one batch it must keep the written
+    /// blocks apart: `stride_c >= (n - 1)·ldc + m` (so never 0).
+    pub stride_c: usize,
+    pub epilogue: Epilogue,
+    pub inputs: InputType,
+}
+
+/// The smallest buffers (in elements) a [`Gemm`] touches: one past the last element of the last
+/// batch of each operand, or 0 for an operand it does not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmLengths {
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+    /// `m` when the epilogue adds a bias, else 0. The bias must have exactly this many elements.
+    pub bias: usize,
+}
+
+/// Rows and columns of an operand as stored, given its `op` shape.
+fn stored(trans: Transpose, op_rows: usize, op_cols: usize) -> (usize, usize) {
+    match trans {
+        Transpose::No => (op_rows, op_cols),
+        Transpose::Yes => (op_cols, op_rows),
+    }
+}
+
+/// One past the last element of the last batch of a `rows × cols` column-major operand, or
+/// `Some(0)` when it has no element; `None` on overflow.
+fn extent(rows: usize, cols: usize, ld: usize, stride: usize, batch: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 || batch == 0 {
+        return Some(0);
+    }
+    (batch - 1).checked_mul(stride)?.checked_add((cols - 1).checked_mul(ld)?)?.checked_add(rows)
+}
+
+fn shape_err<T>(msg: String) -> Result<T> {
+    Err(Error::shape(OP, msg))
+}
+
+impl Gemm {
+    /// `D = op(A)·op(B)` for one batch of packed operands: `lda`, `ldb`, `ldc` are the stored row
+    /// counts (at least 1), strides are one packed matrix, `alpha = 1`, `beta = 0`, no epilogue.
+    pub fn new(transa: Transpose, transb: Transpose, m: usize, n: usize, k: usize) -> Gemm {
+        let (ar, ac) = stored(transa, m, k);
+        let (br, bc) = stored(transb, k, n);
+        let (lda, ldb, ldc) = (ar.max(1), br.max(1), m.max(1));
+        Gemm {
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            lda,
+            ldb,
+            ldc,
+            batch: 1,
+            stride_a: lda.saturating_mul(ac),
+            stride_b: ldb.saturating_mul(bc),
+            stride_c: ldc.saturating_mul(n),
+            epilogue: Epilogue::None,
+            inputs: InputType::F32,
+        }
+    }
+
+    /// Sets `alpha` and `beta`.
+    pub fn with_scalars(mut self, alpha: f32, beta: f32) -> Gemm {
+        self.alpha = alpha;
+        self.beta = beta;
+        self
+    }
+
+    /// Sets the leading dimensions (strides are left as they are).
+    pub fn with_ld(mut self, lda: usize, ldb: usize, ldc: usize) -> Gemm {
+        self.lda = lda;
+        self.ldb = ldb;
+        self.ldc = ldc;
+        self
+    }
+
+    /// Sets the batch count and the per-batch strides.
+    pub fn with_batch(mut self, batch: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Gemm {
+        self.batch = batch;
+        self.stride_a = stride_a;
+        self.stride_b = stride_b;
+        self.stride_c = stride_c;
+        self
+    }
+
+    pub fn with_epilogue(mut self, epilogue: Epilogue) -> Gemm {
+        self.epilogue = epilogue;
+        self
+    }
+
+    /// A as stored: (rows, cols).
+    pub fn a_stored(&self) -> (usize, usize) {
+        stored(self.transa, self.m, self.k)
+    }
+
+    /// B as stored: (rows, cols).
+    pub fn b_stored(&self) -> (usize, usize) {
+        stored(self.transb, self.k, self.n)
+    }
+
+    /// Whether the product touches anything at all.
+    fn is_noop(&self) -> bool {
+        self.m == 0 || self.n == 0 || self.batch == 0
+    }
+
+    /// Every check that needs no buffer length, and the buffer lengths the product needs.
+    ///
+    /// Checks: `m`, `n`, `k` and `batch` fit cuBLAS's `int`; each leading dimension covers its
+    /// operand's stored rows (and is at least 1); leading dimensions and strides fit cuBLASLt's
+    /// `int64_t`; C's batches do not overlap; `alpha` and `beta` are finite; the extents do not
+    /// overflow.
+    pub fn required_lengths(&self) -> Result<GemmLengths> {
+        for (name, value) in [("m", self.m), ("n", self.n), ("k", self.k), ("batch", self.batch)] {
+            if value > i32::MAX as usize {
+                return shape_err(format!("{name} = {value} exceeds cuBLAS's int range (at most {})", i32::MAX));
+            }
+        }
+        for (name, value) in [("alpha", self.alpha), ("beta", self.beta)] {
+            if !value.is_finite() {
+                return Err(Error::Input(format!("{OP}: {name} must be finite, got {value}")));
+            }
+        }
+        let (ar, ac) = self.a_stored();
+        let (br, bc) = self.b_stored();
+        let lds = [
+            ("A", "lda", self.lda, ar, format!("transa = {:?}, op(A) is m×k = {}×{}", self.transa, self.m, self.k)),
+            ("B", "ldb", self.ldb, br, format!("transb = {:?}, op(B) is k×n = {}×{}", self.transb, self.k, self.n)),
+            ("C", "ldc", self.ldc, self.m, format!("C is m×n = {}×{}", self.m, self.n)),
+        ];
+        for (operand, name, ld, rows, what) in lds {
+            if ld < rows.max(1) {
+                return shape_err(format!("{operand}: {name} = {ld} must be at least max(1, {rows}), the rows of {operand} as stored ({what})"));
+            }
+            if ld > i64::MAX as usize {
+                return shape_err(format!("{operand}: {name} = {ld} exceeds cuBLASLt's int64 range"));
+            }
+        }
+        for (operand, name, stride) in [("A", "stride_a", self.stride_a), ("B", "stride_b", self.stride_b), ("C", "stride_c", self.stride_c)] {
+            if self.batch > 1 && stride > i64::MAX as usize {
+                return shape_err(format!("{operand}: {name} = {stride} exceeds cuBLASLt's int64 range"));
+            }
+        }
+        let bias = if self.epilogue.needs_bias() { self.m } else { 0 };
+        if self.is_noop() {
+            return Ok(GemmLengths { a: 0, b: 0, c: 0, bias });
+        }
+        if self.batch > 1 {
+            let Some(block) = (self.n - 1).checked_mul(self.ldc).and_then(|x| x.checked_add(self.m)) else {
+                return shape_err(format!("C: (n - 1)·ldc + m overflows usize for n = {}, ldc = {}, m = {}", self.n, self.ldc, self.m));
+            };
+            if self.stride_c < block {
+                return shape_err(format!(
+                    "C: stride_c = {} lets the {} batches overlap: it must be at least (n - 1)·ldc + m = {block} \
+                     (n = {}, ldc = {}, m = {}); stride 0 broadcasts A or B, never C",
+                    self.stride_c, self.batch, self.n, self.ldc, self.m
+                ));
+            }
+        }
+        let need = |operand: &str, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<usize> {
+            extent(rows, cols, ld, stride, self.batch).map_or_else(
+                || shape_err(format!("{operand}: the extent of {} batches of {rows}×{cols} with ld {ld} and stride {stride} overflows usize", self.batch)),
+                Ok,
+            )
+        };
+        Ok(GemmLengths {
+            a: need("A", ar, ac, self.lda, self.stride_a)?,
+            b: need("B", br, bc, self.ldb, self.stride_b)?,
+            c: need("C", self.m, self.n, self.ldc, self.stride_c)?,
+            bias,
+        })
+    }
+
+    /// A bias is given exactly when the epilogue adds one.
+    fn check_bias_presence(&self, given: bool) -> Result<()> {
+        match (self.epilogue.needs_bias(), given) {
+            (true, false) => shape_err(format!("bias: epilogue {:?} adds a bias of m = {} elements, but none was given", self.epilogue, self.m)),
+            (false, true) => shape_err("bias: a bias was given but epilogue None adds none (use Epilogue::Bias)".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the description against buffer lengths (in elements): everything
+    /// [`Gemm::required_lengths`] checks, that the last element of the last batch of A, B and C
+    /// lies inside its buffer, and that a bias is given exactly when the epilogue needs one, with
+    /// exactly `m` elements.
+    pub fn validate(&self, a_len: usize, b_len: usize, c_len: usize, bias_len: Option<usize>) -> Result<()> {
+        let need = self.required_lengths()?;
+        self.check_bias_presence(bias_len.is_some())?;
+        let (ar, ac) = self.a_stored();
+        let (br, bc) = self.b_stored();
+        let fits = [
+            ("A", a_len, need.a, ar, ac, "lda", self.lda, "stride_a", self.stride_a),
+            ("B", b_len, need.b, br, bc, "ldb", self.ldb, "stride_b", self.stride_b),
+            ("C", c_len, need.c, self.m, self.n, "ldc", self.ldc, "stride_c", self.stride_c),
+        ];
+        for (operand, len, need, rows, cols, ld_name, ld, stride_name, stride) in fits {
+            if len < need {
+                return shape_err(format!(
+                    "{operand}: the buffer has {len} elements but the last element of batch {} is at index {} \
+                     ({rows}×{cols} as stored, {ld_name} = {ld}, {stride_name} = {stride}, batch = {})",
+                    self.batch - 1,
+                    need - 1,
+                    self.batch
+                ));
+            }
+        }
+        if let Some(len) = bias_len {
+            if len != need.bias {
+                return shape_err(format!("bias: has {len} elements, expected m = {}", self.m));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the CPU executor ----------------------------------------------------------------------------
+
+/// Below this many multiply-adds a product runs on one thread (forking costs more than it saves).
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// Below this many elements the epilogue pass runs on one thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// `√(2/π)`, the constant of the tanh-approximated GELU.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// cuBLASLt's GELU: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, in f32.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    0.5 * x * (1.0 + inner.tanh())
+}
+
+fn relu(x: f32) -> f32 {
+    // `f32::max` would turn NaN into 0 and hide it from the non-finite checks downstream.
+    if x > 0.0 || x.is_nan() {
+        x
+    } else {
+        0.0
+    }
+}
+
+/// Runs `g` on the CPU: `c` holds C on entry and D on return. Same semantics as [`LtGemm::run`]
+/// (see the module docs), validated first with [`Gemm::validate`].
+///
+/// Products go to the `gemm` crate (which computes `dst = α·dst + β·lhs·rhs`, so cuBLAS's
+/// `beta` becomes its `α` and `alpha` its `β`; `beta == 0` tells it not to read C at all).
+/// Batches run in parallel when there are at least as many as rayon threads or each is small;
+/// otherwise each product is itself parallel. The epilogue (bias, activation, and `beta·C` when
+/// `k == 0`) is one more pass over each batch's block, fused per batch.
+pub fn gemm_host(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
+    g.validate(a.len(), b.len(), c.len(), bias.map(<[f32]>::len))?;
+    match g.inputs {
+        InputType::F32 => {}
+    }
+    if g.is_noop() {
+        return Ok(());
+    }
+    let layout = HostLayout::new(g)?;
+    let bias = bias.unwrap_or(&[]);
+    let work = g.m.saturating_mul(g.n).saturating_mul(g.k.max(1));
+    let one_batch_parallel = work >= PARALLEL_MIN_WORK;
+    if g.batch == 1 {
+        host_batch(g, &layout, a, b, c, bias, 0, one_batch_parallel);
+    } else if g.batch >= rayon::current_num_threads() || !one_batch_parallel {
+        // stride_c >= (n-1)·ldc + m >= 1 was validated, so each chunk holds its batch's block.
+        c.par_chunks_mut(g.stride_c).take(g.batch).enumerate().for_each(|(i, block)| host_batch(g, &layout, a, b, block, bias, i, false));
+    } else {
+        for (i, block) in c.chunks_mut(g.stride_c).take(g.batch).enumerate() {
+            host_batch(g, &layout, a, b, block, bias, i, true);
+        }
+    }
+    Ok(())
+}
+
+/// `gemm`'s (column stride, row stride) for `op(A)`, `op(B)` and C, as `isize`.
+struct HostLayout {
+    lhs: (isize, isize),
+    rhs: (isize, isize),
+    dst_cs: isize,
+}
+
+impl HostLayout {
+    fn new(g: &Gemm) -> Result<HostLayout> {
+        let ld = |name: &str, v: usize| isize::try_from(v).or_else(|_| shape_err(format!("{name} = {v} does not fit isize")));
+        let (lda, ldb, ldc) = (ld("lda", g.lda)?, ld("ldb", g.ldb)?, ld("ldc", g.ldc)?);
+        // op(A)[i, l] is A[i + l·lda] (No) or A[l + i·lda] (Yes); op(B)[l, j] likewise with ldb.
+        let lhs = match g.transa {
+            Transpose::No => (lda, 1),
+            Transpose::Yes => (1, lda),
+        };
+        let rhs = match g.transb {
+            Transpose::No => (ldb, 1),
+            Transpose::Yes => (1, ldb),
+        };
+        Ok(HostLayout { lhs, rhs, dst_cs: ldc })
+    }
+}
+
+/// Batch `i`: the product into `block` (C's buffer from this batch's first element on), then the
+/// epilogue pass.
+#[allow(clippy::too_many_arguments)] // private; one call per batch from gemm_host
+fn host_batch(g: &Gemm, layout: &HostLayout, a: &[f32], b: &[f32], block: &mut [f32], bias: &[f32], i: usize, parallel: bool) {
+    if g.k > 0 {
+        // k > 0 and the batch is not empty, so A and B have elements and `validate` proved that
+        // batch i's A starts at i·stride_a < a.len() (likewise B): the slicing cannot fail.
+        let a_batch = &a[i * g.stride_a..];
+        let b_batch = &b[i * g.stride_b..];
+        let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+        // SAFETY: `validate` checked that the last element of the last batch of A, B and C lies
+        // inside its buffer, so every element (r, c) of batch i that gemm reads or writes, at
+        // r·row_stride + c·col_stride from these pointers, is inside `a_batch`, `b_batch` and
+        // `block` (batch i's C block lies within its chunk because stride_c >= (n-1)·ldc + m).
+        // `block` is a unique borrow, so C aliases neither A nor B. With `read_dst == false`
+        // (beta == 0) gemm never reads C.
+        unsafe {
+            gemm::gemm(
+                g.m,
+                g.n,
+                g.k,
+                block.as_mut_ptr(),
+                layout.dst_cs,
+                1,
+                g.beta != 0.0,
+                a_batch.as_ptr(),
+                layout.lhs.0,
+                layout.lhs.1,
+                b_batch.as_ptr(),
+                layout.rhs.0,
+                layout.rhs.1,
+                g.beta,
+                g.alpha,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+    }
+    // k == 0: the product is an empty sum, so D = beta·C (C unread when beta == 0).
+    let scale_c = (g.k == 0).then_some(g.beta);
+    if scale_c.is_none() && !g.epilogue.needs_bias() {
+        return;
+    }
+    let (m, epilogue) = (g.m, g.epilogue);
+    let column = |col: &mut [f32]| {
+        for (r, x) in col[..m].iter_mut().enumerate() {
+            let mut v = match scale_c {
+                // beta == 0 (either sign): C is not read, so NaN in it cannot leak.
+                Some(0.0) => 0.0,
+                Some(beta) => beta * *x,
+                None => *x,
+            };
+            if epilogue.needs_bias() {
+                v += bias[r];
+            }
+            *x = match epilogue {
+                Epilogue::None | Epilogue::Bias => v,
+                Epilogue::ReluBias => relu(v),
+                Epilogue::GeluBias => gelu_tanh(v),
+            };
+        }
+    };
+    // Columns start ldc apart and ldc >= m, so the first m elements of each chunk are a column.
+    if parallel && m.saturating_mul(g.n) >= PARALLEL_MIN_ELEMENTS {
+        block.par_chunks_mut(g.ldc).take(g.n).for_each(column);
+    } else {
+        block.chunks_mut(g.ldc).take(g.n).for_each(column);
+    }
+}
+
+// ---- the GPU executor (cuBLASLt) -------------------------------------------------------------------
+
+/// The cuBLASLt workspace [`LtGemm::new`] allocates for a device of compute capability `major.x`:
+/// 32 MiB on Hopper and Blackwell (sm_90 and later), 4 MiB before, the sizes the cuBLAS docs
+/// recommend for a user workspace (`cublasSetWorkspace`). Algorithms needing more are not chosen.
+pub fn workspace_bytes(compute_capability_major: i32) -> usize {
+    if compute_capability_major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// Whether `libcublasLt` can be loaded (no GPU needed). Cached.
+pub fn cublaslt_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only dlopens and closes the library; no symbol is called.
+    *AVAILABLE.get_or_init(|| catch_unwind(|| unsafe { lt::is_culib_present() }).unwrap_or(false))
+}
+
+/// `cublasLtNumericalImplFlags_t` bits (cublasLt.h defines them as macros, cudarc has no constants):
+/// the multiply-input kinds, and the fp32 one.
+const IMPL_FLAGS_OP_INPUT_TYPE_MASK: u64 = 0xff << 16;
+const IMPL_FLAGS_INPUT_32F: u64 = 0x08 << 16;
+
+/// Runs `f`, turning a panic inside cudarc (a missing library or symbol) into an error.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(Error::Cuda(format!("{what}: cuBLASLt call panicked: {}", probe::panic_message(&*panic)))),
+    }
+}
+
+/// Runs a destroy call, ignoring its status and any panic (destructors must not panic).
+fn quietly(f: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(f));
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Entries are inserted whole, so a panic elsewhere cannot leave a half-written one.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lt_err(what: &'static str) -> impl Fn(lt_result::CublasError) -> Error {
+    move |e| Error::Cuda(format!("{what} failed: {:?}", e.0))
+}
+
+struct Handle(lt::cublasLtHandle_t);
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtCreate and destroyed only here.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_handle(self.0) };
+        });
+    }
+}
+
+struct Desc(lt::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matmul_desc(self.0) };
+        });
+    }
+}
+
+struct Layout(lt::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matrix_layout(self.0) };
+        });
+    }
+}
+
+struct Pref(lt::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: as for Handle.
+        quietly(|| {
+            let _ = unsafe { lt_result::destroy_matmul_pref(self.0) };
+        });
+    }
+}
+
+/// Sets one descriptor attribute from a plain value (cuBLASLt checks the byte size).
+macro_rules! set_attr {
+    ($setter:path, $obj:expr, $attr:expr, $value:expr, $what:literal) => {{
+        let value = $value;
+        $setter($obj, $attr, (&value as *const _) as *const c_void, std::mem::size_of_val(&value)).map_err(lt_err($what))
+    }};
+}
+
+/// The product handed to cuBLASLt: a [`Gemm`] after the `k == 0` rewrite, without the scalars
+/// (which the heuristic does not see). Also the algorithm cache's key, with pointer alignments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct LtProblem {
+    transa: Transpose,
+    transb: Transpose,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    batch: usize,
+    stride_a: usize,
+    stride_b: usize,
+    stride_c: usize,
+    epilogue: Epilogue,
+    inputs: InputType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    problem: LtProblem,
+    /// Alignment in bytes (at most 256) of A, B, C and the bias, as given to the heuristic.
+    align: [u32; 4],
+}
+
+/// Device pointers of one call.
+#[derive(Clone, Copy)]
+struct LtPointers {
+    a: CUdeviceptr,
+    b: CUdeviceptr,
+    c: CUdeviceptr,
+    bias: Option<CUdeviceptr>,
+}
+
+/// The largest power of two (at most 256, cuBLASLt's default assumption) dividing `addr` and,
+/// when the operand has several batches, its batch stride in bytes: the alignment every batch's
+/// matrix has.
+fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize) -> u32 {
+    let mut bits = addr;
+    if batch > 1 && stride_elems > 0 {
+        bits |= (stride_elems as u64).wrapping_mul(size_of::<f32>() as u64);
+    }
+    if bits == 0 {
+        256
+    } else {
+        (1u32 << bits.trailing_zeros().min(8)).min(256)
+    }
+}
+
+/// cuBLASLt bound to one stream: a handle, a workspace and a cache of heuristic results.
+///
+/// Create one per stream with [`LtGemm::new`] and call [`LtGemm::run`] for every product; it
+/// enqueues and never synchronises.
+///
+/// What it relies on in cuBLASLt (cuBLAS docs, sections `cublasLtMatmul`, `cublasLtEpilogue_t`,
+/// `cublasLtMatmulDescAttributes_t`, `cublasLtMatmulPreferenceAttributes_t`,
+/// `cublasLtMatrixLayoutAttribute_t`, and cublasLt.h):
+/// - `CUBLAS_COMPUTE_32F` with scale type and all matrix types `CUDA_R_32F`; the heuristic is
+///   limited to fp32-input implementations through `CUBLASLT_MATMUL_PREF_IMPL_MASK`.
+/// - In place: C and D are the same pointer with the same layout (`C == D and Cdesc == Ddesc`).
+///   `CUBLASLT_MATMUL_DESC_TRANSC` only supports N, which is all `Gemm` describes.
+/// - Strided batches: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` and `..._STRIDED_BATCH_OFFSET` on each
+///   layout, stride 0 for a broadcast A or B. The bias pointer goes in
+///   `CUBLASLT_MATMUL_DESC_BIAS_POINTER`, `..._BIAS_BATCH_STRIDE` stays 0 (one bias for all batches).
+/// - Alignment: the heuristic assumes 256-byte-aligned A, B, C and D unless told otherwise
+///   (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`, default 256), and reads the bias pointer's
+///   alignment from the descriptor. Pointers into the middle of a buffer are common here (views,
+///   per-head blocks), so every call reports each operand's real alignment (including its batch
+///   stride) and the algorithm cache is keyed by it.
+/// - Restrictions: cuBLASLt documents that not every size and configuration has a kernel
+///   (e.g. batches above 65535 on many kernels, which it tries to split itself). When the
+///   heuristic finds no algorithm for a batched product, `run` falls back to one
+///   `cublasLtMatmul` per batch; when a single product has none either (possible for an epilogue
+///   on some architectures), it returns [`Error::Unsupported`] naming the problem rather than
+///   computing something else.
+/// - `k == 0`: rather than hand cuBLASLt an empty dimension, `run` multiplies a zero `m × 1`
+///   column by a zero `1 × n` row (both broadcast over batches, from a zero buffer kept here), so
+///   the product is exactly 0 and D = act(beta·C + bias) follows from the normal path.
+/// - `beta == 0` must leave C unread; cuBLAS states this for its GEMMs and the GPU test in
+///   `tests/gemm.rs` checks it for cuBLASLt with a NaN-filled C.
+pub struct LtGemm {
+    stream: Arc<CudaStream>,
+    handle: Handle,
+    workspace: CudaSlice<u8>,
+    workspace_bytes: usize,
+    /// Heuristic results per problem and alignment; `None` records that there is no algorithm.
+    algos: Mutex<HashMap<AlgoKey, Option<lt::cublasLtMatmulAlgo_t>>>,
+    /// Zeros standing in for A and B when k == 0; grown on demand.
+    zeros: Mutex<Option<CudaSlice<f32>>>,
+}
+
+// SAFETY: cuBLASLt may be called from several host threads with one handle (its thread-safety
+// rule is cuBLAS's); every kernel that uses the workspace is enqueued on `stream`, so two calls
+// never use it at the same time on the device; the caches are behind mutexes.
+unsafe impl Send for LtGemm {}
+unsafe impl Sync for LtGemm {}
+
+impl std::fmt::Debug for LtGemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LtGemm").field("workspace_bytes", &self.workspace_bytes).field("cached_algos", &lock(&self.algos).len()).finish()
+    }
+}
+
+impl LtGemm {
+    /// A cuBLASLt handle and a [`workspace_bytes`]-sized workspace for `stream`. An error, not a
+    /// panic, when libcublasLt cannot be loaded or the allocation fails.
+    pub fn new(stream: Arc<CudaStream>) -> Result<LtGemm> {
+        if !cublaslt_available() {
+            return Err(Error::Cuda(format!(
+                "libcublasLt (CUDA 13) cannot be loaded; LD_LIBRARY_PATH={:?}",
+                std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+            )));
+        }
+        guard("cublasLtCreate", || {
+            let ctx = stream.context();
+            ctx.bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
+            let (major, _) = ctx.compute_capability().map_err(|e| Error::Cuda(format!("reading the compute capability: {e:?}")))?;
+            let workspace_bytes = workspace_bytes(major);
+            let workspace = stream
+                .alloc_zeros::<u8>(workspace_bytes)
+                .map_err(|e| Error::Cuda(format!("allocating the {workspace_bytes}-byte cuBLASLt workspace: {e:?}")))?;
+            let handle = Handle(lt_result::create_handle().map_err(lt_err("cublasLtCreate"))?);
+            Ok(LtGemm { stream, handle, workspace, workspace_bytes, algos: Mutex::new(HashMap::new()), zeros: Mutex::new(None) })
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The workspace size in bytes.
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace_bytes
+    }
+
+    /// Enqueues `g` on this object's stream: C at `c` is overwritten by D (see the module docs).
+    /// Checks everything [`Gemm::required_lengths`] checks, that a bias is given exactly when the
+    /// epilogue needs one, and that the pointers it will use are non-null and 4-byte aligned.
+    ///
+    /// # Safety
+    /// The pointers must be device memory of this stream's context holding at least
+    /// [`Gemm::required_lengths`] elements each (`bias`: `m`), valid until the product has run on
+    /// the stream; C must not overlap A, B or the bias.
+    pub unsafe fn run(&self, g: &Gemm, a: CUdeviceptr, b: CUdeviceptr, c: CUdeviceptr, bias: Option<CUdeviceptr>) -> Result<()> {
+        g.required_lengths()?;
+        g.check_bias_presence(bias.is_some())?;
+        match g.inputs {
+            InputType::F32 => {}
+        }
+        if g.is_noop() {
+            return Ok(());
+        }
+        let mut used = vec![("C", c)];
+        if g.k > 0 {
+            used.extend([("A", a), ("B", b)]);
+        }
+        used.extend(bias.map(|p| ("bias", p)));
+        for (operand, ptr) in used {
+            if ptr == 0 || !ptr.is_multiple_of(size_of::<f32>() as u64) {
+                return Err(Error::Input(format!("{OP}: {operand} device pointer {ptr:#x} is null or not 4-byte aligned")));
+            }
+        }
+        guard("cublasLtMatmul", || {
+            self.stream.context().bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
+            let problem = LtProblem {
+                transa: g.transa,
+                transb: g.transb,
+                m: g.m,
+                n: g.n,
+                k: g.k,
+                lda: g.lda,
+                ldb: g.ldb,
+                ldc: g.ldc,
+                batch: g.batch,
+                stride_a: g.stride_a,
+                stride_b: g.stride_b,
+                stride_c: g.stride_c,
+                epilogue: g.epilogue,
+                inputs: g.inputs,
+            };
+            let ptrs = LtPointers { a, b, c, bias };
+            if g.k > 0 {
+                // SAFETY: the caller's contract.
+                return unsafe { self.run_problem(&problem, ptrs, g.alpha, g.beta) };
+            }
+            // k == 0: a zero m×1 column times a zero 1×n row, both broadcast over the batches.
+            let mut zeros = lock(&self.zeros);
+            let need = g.m.max(g.n);
+            if zeros.as_ref().is_none_or(|z| z.len() < need) {
+                // The old buffer, if any, is freed in stream order after the work that used it.
+                *zeros = Some(self.stream.alloc_zeros::<f32>(need).map_err(|e| Error::Cuda(format!("allocating {need} zeros for k = 0: {e:?}")))?);
+            }
+            let Some(z) = zeros.as_ref() else {
+                return Err(Error::internal("cuda::gemm: the k = 0 zero buffer was not allocated"));
+            };
+            let (zp, _record) = z.device_ptr(&self.stream);
+            let rewritten = LtProblem {
+                transa: Transpose::No,
+                transb: Transpose::No,
+                k: 1,
+                lda: g.m.max(1),
+                ldb: 1,
+                stride_a: 0,
+                stride_b: 0,
+                ..problem
+            };
+            // SAFETY: the zero buffer holds max(m, n) elements, what a packed m×1 A and 1×n B
+            // read with stride 0; C and the bias are the caller's.
+            unsafe { self.run_problem(&rewritten, LtPointers { a: zp, b: zp, ..ptrs }, g.alpha, g.beta) }
+        })
+    }
+
+    /// The batched product if cuBLASLt has an algorithm for it, else one product per batch.
+    unsafe fn run_problem(&self, p: &LtProblem, ptrs: LtPointers, alpha: f32, beta: f32) -> Result<()> {
+        // SAFETY (all calls below): the caller's contract on `ptrs` for `p`.
+        if let Some(algo) = unsafe { self.algo(p, ptrs)? } {
+            return unsafe { self.matmul(p, ptrs, &algo, alpha, beta) };
+        }
+        if p.batch == 1 {
+            return Err(Error::Unsupported(format!("{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU")));
+        }
+        let single = LtProblem { batch: 1, ..*p };
+        let bytes = |elems: usize, i: usize| (elems as u64).wrapping_mul(i as u64).wrapping_mul(size_of::<f32>() as u64);
+        for i in 0..p.batch {
+            let batch_ptrs = LtPointers {
+                a: ptrs.a.wrapping_add(bytes(p.stride_a, i)),
+                b: ptrs.b.wrapping_add(bytes(p.stride_b, i)),
+                c: ptrs.c.wrapping_add(bytes(p.stride_c, i)),
+                bias: ptrs.bias,
+            };
+            let Some(algo) = (unsafe { self.algo(&single, batch_ptrs)? }) else {
+                return Err(Error::Unsupported(format!(
+                    "{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU, batched or one batch at a time"
+                )));
+            };
+            unsafe { self.matmul(&single, batch_ptrs, &algo, alpha, beta)? };
+        }
+        Ok(())
+    }
+
+    /// Descriptors for `p`: the matmul descriptor (transposes, epilogue, bias pointer) and the
+    /// layouts of A, B and C (= D).
+    unsafe fn descriptors(&self, p: &LtProblem, bias: Option<CUdeviceptr>) -> Result<(Desc, Layout, Layout, Layout)> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        use lt::cublasLtMatrixLayoutAttribute_t as L;
+        let f32_type = match p.inputs {
+            InputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
+        };
+        let desc = Desc(
+            lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
+                .map_err(lt_err("cublasLtMatmulDescCreate"))?,
+        );
+        let op = |t: Transpose| -> i32 {
+            match t {
+                Transpose::No => 0,  // CUBLAS_OP_N
+                Transpose::Yes => 1, // CUBLAS_OP_T
+            }
+        };
+        // SAFETY: live descriptors; each value has the attribute's documented type.
+        unsafe {
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_TRANSA, op(p.transa), "setting TRANSA")?;
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_TRANSB, op(p.transb), "setting TRANSB")?;
+            set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_EPILOGUE, p.epilogue.lt() as u32, "setting EPILOGUE")?;
+            if let Some(bias) = bias {
+                set_attr!(lt_result::set_matmul_desc_attribute, desc.0, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "setting BIAS_POINTER")?;
+            }
+        }
+        let (ar, ac) = stored(p.transa, p.m, p.k);
+        let (br, bc) = stored(p.transb, p.k, p.n);
+        let layout = |dtype: lt::cudaDataType, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<Layout> {
+            let l = Layout(lt_result::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64).map_err(lt_err("cublasLtMatrixLayoutCreate"))?);
+            if p.batch > 1 {
+                // SAFETY: a live layout; int32 batch count and int64 stride as documented
+                // (both range-checked by `required_lengths`).
+                unsafe {
+                    set_attr!(lt_result::set_matrix_layout_attribute, l.0, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, p.batch as i32, "setting BATCH_COUNT")?;
+                    set_attr!(lt_result::set_matrix_layout_attribute, l.0, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride as i64, "setting STRIDED_BATCH_OFFSET")?;
+                }
+            }
+            Ok(l)
+        };
+        let a = layout(f32_type, ar, ac, p.lda, p.stride_a)?;
+        let b = layout(f32_type, br, bc, p.ldb, p.stride_b)?;
+        let c = layout(lt::cudaDataType_t::CUDA_R_32F, p.m, p.n, p.ldc, p.stride_c)?;
+        Ok((desc, a, b, c))
+    }
+
+    /// The cached or freshly queried algorithm for `p` at these pointers' alignments.
+    unsafe fn algo(&self, p: &LtProblem, ptrs: LtPointers) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+        let align = [
+            alignment(ptrs.a, p.stride_a, p.batch),
+            alignment(ptrs.b, p.stride_b, p.batch),
+            alignment(ptrs.c, p.stride_c, p.batch),
+            ptrs.bias.map_or(256, |bias| alignment(bias, 0, 1)),
+        ];
+        let key = AlgoKey { problem: *p, align };
+        if let Some(hit) = lock(&self.algos).get(&key) {
+            return Ok(*hit);
+        }
+        // SAFETY: descriptors only; the heuristic dereferences no pointer.
+        let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
+        let pref = Pref(lt_result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?);
+        use lt::cublasLtMatmulPreferenceAttributes_t as P;
+        let impl_mask = !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F;
+        // SAFETY: a live preference; each value has the attribute's documented type.
+        unsafe {
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, self.workspace_bytes as u64, "setting MAX_WORKSPACE_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0], "setting MIN_ALIGNMENT_A_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1], "setting MIN_ALIGNMENT_B_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2], "setting MIN_ALIGNMENT_C_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2], "setting MIN_ALIGNMENT_D_BYTES")?;
+            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_IMPL_MASK, impl_mask, "setting IMPL_MASK")?;
+        }
+        let mut result = std::mem::MaybeUninit::<lt::cublasLtMatmulHeuristicResult_t>::zeroed();
+        let mut count: std::ffi::c_int = 0;
+        // SAFETY: live handle and descriptors (D's layout is C's: in place); room for one result.
+        let status = unsafe { lt::cublasLtMatmulAlgoGetHeuristic(self.handle.0, desc.0, a.0, b.0, c.0, c.0, pref.0, 1, result.as_mut_ptr(), &mut count) };
+        let found = match status {
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS if count > 0 => {
+                // SAFETY: cuBLASLt wrote `count` >= 1 results.
+                let result = unsafe { result.assume_init() };
+                (result.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && result.workspaceSize <= self.workspace_bytes).then_some(result.algo)
+            }
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS | lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => None,
+            other => return Err(Error::Cuda(format!("cublasLtMatmulAlgoGetHeuristic failed: {other:?} for {p:?}"))),
+        };
+        lock(&self.algos).insert(key, found);
+        Ok(found)
+    }
+
+    /// One `cublasLtMatmul` call with `algo`, in place on C.
+    unsafe fn matmul(&self, p: &LtProblem, ptrs: LtPointers, algo: &lt::cublasLtMatmulAlgo_t, alpha: f32, beta: f32) -> Result<()> {
+        // SAFETY: descriptors only.
+        let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
+        let (workspace, _record) = self.workspace.device_ptr(&self.stream);
+        let dev = |p: CUdeviceptr| p as usize as *const c_void;
+        // SAFETY: the caller's contract on the pointers; alpha/beta are host scalars read during
+        // the call (CUBLASLT_POINTER_MODE_HOST, the default); the workspace is ours, on this
+        // stream, with the size the heuristic was limited to.
+        unsafe {
+            lt::cublasLtMatmul(
+                self.handle.0,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                dev(ptrs.a),
+                a.0,
+                dev(ptrs.b),
+                b.0,
+                (&beta as *const f32).cast(),
+                dev(ptrs.c),
+                c.0,
+                dev(ptrs.c) as *mut c_void,
+                c.0,
+                algo,
+                workspace as usize as *mut c_void,
+                self.workspace_bytes,
+                self.stream.cu_stream() as lt::cudaStream_t,
+            )
+        }
+        .result()
+        .map_err(|e| Error::Cuda(format!("cublasLtMatmul failed: {:?} for {p:?}", e.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(transa: Transpose, transb: Transpose, m: usize, n: usize, k: usize) -> Gemm {
+        Gemm::new(transa, transb, m, n, k)
+    }
+
+    /// The error of `r`, which must be `Shape` (or `Input` when `input`), naming `operand`.
+    fn expect_err(r: Result<()>, input: bool, operand: &str, numbers: &[&str]) {
+        let err = r.expect_err("expected an error");
+        let msg = err.to_string();
+        match (&err, input) {
+            (Error::Shape { .. }, false) | (Error::Input(_), true) => {}
+            _ => panic!("wrong error kind: {err:?}"),
+        }
+        assert!(msg.contains(operand), "message does not name {operand}: {msg}");
+        for n in numbers {
+            assert!(msg.contains(n), "message does not contain {n}: {msg}");
+        }
+    }
+
+    #[test]
+    fn packed_lengths() {
+        let p = g(Transpose::No, Transpose::Yes, 3, 4, 5);
+        assert_eq!((p.lda, p.ldb, p.ldc), (3, 4, 3));
+        assert_eq!(p.required_lengths().unwrap(), GemmLengths { a: 15, b: 20, c: 12, bias: 0 });
+        let p = g(Transpose::Yes, Transpose::No, 3, 4, 5).with_epilogue(Epilogue::GeluBias);
+        assert_eq!((p.lda, p.ldb), (5, 5));
+        assert_eq!(p.required_lengths().unwrap(), GemmLengths { a: 15, b: 20, c: 12, bias: 3 });
+        // Padded, batched, A broadcast: the last element of the last batch, plus one.
+        let p = g(Transpose::No, Transpose::No, 3, 4, 5).with_ld(4, 6, 5).with_batch(3, 0, 30, 20);
+        assert_eq!(p.required_lengths().unwrap(), GemmLengths { a: 4 * 4 + 3, b: 2 * 30 + 3 * 6 + 5, c: 2 * 20 + 3 * 5 + 3, bias: 0 });
+        p.validate(19, 83, 58, None).unwrap();
+    }
+
+    #[test]
+    fn empty_products_need_no_buffers() {
+        for p in [g(Transpose::No, Transpose::No, 0, 4, 5), g(Transpose::No, Transpose::No, 3, 0, 5), g(Transpose::No, Transpose::No, 3, 4, 5).with_batch(0, 0, 0, 0)] {
+            assert_eq!(p.required_lengths().unwrap(), GemmLengths { a: 0, b: 0, c: 0, bias: 0 });
+            p.validate(0, 0, 0, None).unwrap();
+        }
+        let p = g(Transpose::No, Transpose::No, 3, 4, 0);
+        assert_eq!(p.required_lengths().unwrap(), GemmLengths { a: 0, b: 0, c: 12, bias: 0 });
+        p.validate(0, 0, 12, None).unwrap();
+    }
+
+    #[test]
+    fn every_validation_error() {
+        let ok = g(Transpose::No, Transpose::No, 3, 4, 5);
+        ok.validate(15, 20, 12, None).unwrap();
+        let nn = Transpose::No;
+        // Dimensions beyond cuBLAS's int.
+        let big = i32::MAX as usize + 1;
+        expect_err(g(nn, nn, big, 1, 1).validate(0, 0, 0, None), false, "m", &["2147483648"]);
+        expect_err(g(nn, nn, 1, big, 1).validate(0, 0, 0, None), false, "n", &["2147483648"]);
+        expect_err(g(nn, nn, 1, 1, big).validate(0, 0, 0, None), false, "k", &["2147483648"]);
+        expect_err(ok.with_batch(big, 15, 20, 12).validate(0, 0, 0, None), false, "batch", &["2147483648"]);
+        // Leading dimensions below the stored rows.
+        expect_err(ok.with_ld(2, 5, 3).validate(15, 20, 12, None), false, "A: lda = 2", &["max(1, 3)"]);
+        expect_err(g(Transpose::Yes, nn, 3, 4, 5).with_ld(4, 5, 3).validate(15, 20, 12, None), false, "A: lda = 4", &["max(1, 5)"]);
+        expect_err(ok.with_ld(3, 4, 3).validate(15, 20, 12, None), false, "B: ldb = 4", &["max(1, 5)"]);
+        expect_err(g(nn, Transpose::Yes, 3, 4, 5).with_ld(3, 3, 3).validate(15, 20, 12, None), false, "B: ldb = 3", &["max(1, 4)"]);
+        expect_err(ok.with_ld(3, 5, 2).validate(15, 20, 12, None), false, "C: ldc = 2", &["max(1, 3)"]);
+        expect_err(g(nn, nn, 0, 4, 5).with_ld(0, 5, 1).validate(0, 0, 0, None), false, "A: lda = 0", &["max(1, 0)"]);
+        // Leading dimension beyond int64.
+        expect_err(ok.with_ld(usize::MAX, 5, 3).validate(15, 20, 12, None), false, "A: lda", &["int64"]);
+        // Strides: beyond int64, C overlapping (stride 0 included).
+        expect_err(ok.with_batch(2, usize::MAX, 20, 12).validate(15, 40, 24, None), false, "A: stride_a", &["int64"]);
+        expect_err(ok.with_batch(2, 0, 20, 11).validate(15, 40, 24, None), false, "C: stride_c = 11", &["(n - 1)·ldc + m = 12"]);
+        expect_err(ok.with_batch(2, 0, 0, 0).validate(15, 20, 12, None), false, "C: stride_c = 0", &["12"]);
+        // Extents overflowing usize.
+        let huge = (i64::MAX as usize) / 2;
+        expect_err(ok.with_batch(9, huge, 20, 12).validate(15, 180, 108, None), false, "A: the extent", &["overflows"]);
+        // Buffers too short: the message gives the length and the last index.
+        expect_err(ok.validate(14, 20, 12, None), false, "A: the buffer has 14", &["index 14"]);
+        expect_err(ok.validate(15, 19, 12, None), false, "B: the buffer has 19", &["index 19"]);
+        expect_err(ok.validate(15, 20, 11, None), false, "C: the buffer has 11", &["index 11"]);
+        expect_err(ok.with_batch(2, 15, 20, 12).validate(30, 40, 23, None), false, "C: the buffer has 23", &["batch 1", "index 23"]);
+        // Bias: missing, unexpected, wrong length.
+        let biased = ok.with_epilogue(Epilogue::ReluBias);
+        biased.validate(15, 20, 12, Some(3)).unwrap();
+        expect_err(biased.validate(15, 20, 12, None), false, "bias", &["ReluBias", "m = 3"]);
+        expect_err(ok.validate(15, 20, 12, Some(3)), false, "bias", &["Epilogue::Bias"]);
+        expect_err(biased.validate(15, 20, 12, Some(4)), false, "bias: has 4", &["m = 3"]);
+        // Non-finite scalars are input errors.
+        expect_err(ok.with_scalars(f32::NAN, 0.0).validate(15, 20, 12, None), true, "alpha", &["NaN"]);
+        expect_err(ok.with_scalars(1.0, f32::INFINITY).validate(15, 20, 12, None), true, "beta", &["inf"]);
+    }
+
+    #[test]
+    fn host_rejects_before_touching_c() {
+        let p = g(Transpose::No, Transpose::No, 2, 2, 2).with_scalars(1.0, 1.0);
+        let mut c = vec![7.0f32; 3];
+        assert!(matches!(gemm_host(&p, &[1.0; 4], &[1.0; 4], &mut c, None), Err(Error::Shape { .. })));
+        assert_eq!(c, vec![7.0; 3]);
+    }
+
+    #[test]
+    fn small_exact_products() {
+        // A = [[1, 2], [3, 4]] (column-major [1, 3, 2, 4]), B = [[5, 6], [7, 8]].
+        let a = [1.0, 3.0, 2.0, 4.0];
+        let b = [5.0, 7.0, 6.0, 8.0];
+        let mut c = [f32::NAN; 4];
+        gemm_host(&g(Transpose::No, Transpose::No, 2, 2, 2), &a, &b, &mut c, None).unwrap();
+        assert_eq!(c, [19.0, 43.0, 22.0, 50.0]);
+        // Aᵀ·Bᵀ = (B·A)ᵀ; 0.5·that + 2·C + bias, ReLU.
+        let mut c = [1.0, -100.0, 1.0, 1.0];
+        let p = g(Transpose::Yes, Transpose::Yes, 2, 2, 2).with_scalars(0.5, 2.0).with_epilogue(Epilogue::ReluBias);
+        gemm_host(&p, &a, &b, &mut c, Some(&[1.0, -1.0])).unwrap();
+        // Aᵀ = [[1, 3], [2, 4]], Bᵀ = [[5, 7], [6, 8]]: AᵀBᵀ = [[23, 31], [34, 46]].
+        assert_eq!(c, [0.5 * 23.0 + 2.0 + 1.0, 0.0, 0.5 * 31.0 + 2.0 + 1.0, 0.5 * 46.0 + 2.0 - 1.0]);
+    }
+
+    #[test]
+    fn gelu_is_the_tanh_form() {
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        // Reference values of 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in f64.
+        for (x, want) in [(1.0f32, 0.841_191_990_608_277_f64), (-1.0, -0.158_808_009_391_723), (3.0, 2.996_362_607_918_227)] {
+            assert!((gelu_tanh(x) as f64 - want).abs() < 1e-6, "gelu_tanh({x}) = {}", gelu_tanh(x));
+        }
+        // Not the erf form: gelu_erf(1) = 0.841344746...
+        assert!((gelu_tanh(1.0) as f64 - 0.841_344_746_068_543).abs() > 1e-4);
+        assert_eq!(relu(-2.0), 0.0);
+        assert!(relu(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn alignment_is_the_weakest_of_pointer_and_stride() {
+        assert_eq!(alignment(0x1000, 0, 1), 256);
+        assert_eq!(alignment(0x1004, 0, 1), 4);
+        assert_eq!(alignment(0x1010, 0, 1), 16);
+        assert_eq!(alignment(0x1000, 3, 2), 4); // 12-byte batch stride
+        assert_eq!(alignment(0x1000, 3, 1), 256); // one batch: the stride is irrelevant
+        assert_eq!(alignment(0x1000, 64, 2), 256);
+        assert_eq!(workspace_bytes(9), 32 << 20);
+        assert_eq!(workspace_bytes(8), 4 << 20);
+    }
+}
