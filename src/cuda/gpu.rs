@@ -21,12 +21,13 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{result as drv, CudaEvent, CudaSlice, DevicePtr, LaunchConfig};
 
+use super::gemm::{gemm_host, Gemm, LtGemm};
 use super::registry::{KernelName, ParamKind, ScalarType};
 use super::runtime::{driver_err, CudaRuntime};
 use crate::error::{Error, Result};
@@ -340,6 +341,8 @@ pub struct Gpu {
     arch: String,
     /// Dynamic shared memory opted in per kernel (cuFuncSetAttribute), by kernel name.
     opted_in: Mutex<HashMap<&'static str, usize>>,
+    /// The cuBLASLt handle and workspace, created by the first GEMM on a real GPU.
+    lt: Mutex<Option<Arc<LtGemm>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -389,7 +392,7 @@ impl Gpu {
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)? as u32,
         );
         let arch = rt.arch().to_string();
-        Ok(Gpu { backend: Backend::Cuda(rt), limits, arch, opted_in: Mutex::new(HashMap::new()) })
+        Ok(Gpu { backend: Backend::Cuda(rt), limits, arch, opted_in: Mutex::new(HashMap::new()), lt: Mutex::new(None) })
     }
 
     /// The CPU executor, enforcing the launch limits of `config.compute_capability`.
@@ -401,6 +404,7 @@ impl Gpu {
             arch: format!("sm_{major}{minor}"),
             backend: Backend::Sim(config),
             opted_in: Mutex::new(HashMap::new()),
+            lt: Mutex::new(None),
         }
     }
 
@@ -660,6 +664,51 @@ impl Gpu {
         }
     }
 
+    // ---- dense products ------------------------------------------------------------------------
+
+    /// `C = act(alpha·op(A)·op(B) + beta·C + bias)` with cuBLASLt semantics (see
+    /// [`super::gemm`]): cuBLASLt on a GPU, the same description on the CPU under cuda-sim.
+    /// Every length is validated first; C may not overlap A, B or the bias.
+    pub fn gemm(&self, g: &Gemm, a: &DeviceView<'_, f32>, b: &DeviceView<'_, f32>, c: &mut DeviceViewMut<'_, f32>, bias: Option<&DeviceView<'_, f32>>) -> Result<()> {
+        g.validate(a.len, b.len, c.len, bias.map(|v| v.len))?;
+        let c_range = byte_range(c.ptr, c.len);
+        for (name, v) in [("A", Some(a)), ("B", Some(b)), ("bias", bias)] {
+            if let Some(v) = v {
+                let r = byte_range(v.ptr, v.len);
+                if r.start < c_range.end && c_range.start < r.end {
+                    return Err(Error::Input(format!("gemm: C overlaps {name}; the output must not alias an input")));
+                }
+            }
+        }
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                let lt = {
+                    let mut slot = lock(&self.lt);
+                    match &*slot {
+                        Some(lt) => lt.clone(),
+                        None => {
+                            let lt = Arc::new(LtGemm::new(rt.stream().clone())?);
+                            *slot = Some(lt.clone());
+                            lt
+                        }
+                    }
+                };
+                // SAFETY: every operand was validated against its view's length, the views are
+                // device memory of this Gpu's stream, and C aliases no input.
+                unsafe { lt.run(g, a.ptr, b.ptr, c.ptr, bias.map(|v| v.ptr)) }
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => {
+                // SAFETY: the views are live executor allocations of their lengths (host memory),
+                // C overlaps none of the inputs (checked), and nothing else runs meanwhile.
+                let (a, b) = unsafe { (host_slice(a.ptr, a.len), host_slice(b.ptr, b.len)) };
+                let bias = bias.map(|v| unsafe { host_slice(v.ptr, v.len) });
+                let c = unsafe { std::slice::from_raw_parts_mut(c.ptr as *mut f32, c.len) };
+                gemm_host(g, a, b, c, bias)
+            }
+        }
+    }
+
     // ---- synchronisation and timing ----------------------------------------------------------
 
     /// Waits for everything enqueued so far.
@@ -694,6 +743,21 @@ impl Gpu {
             _ => Err(Error::Input("elapsed_ms: the two events come from different kinds of device".into())),
         }
     }
+}
+
+fn byte_range(ptr: u64, len: usize) -> Range<u64> {
+    ptr..ptr + (len * std::mem::size_of::<f32>()) as u64
+}
+
+/// # Safety
+/// `ptr` is the host address of `len` live f32s (an executor allocation), not written meanwhile.
+#[cfg(feature = "cuda-sim")]
+unsafe fn host_slice<'a>(ptr: u64, len: usize) -> &'a [f32] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(ptr as *const f32, len) }
 }
 
 fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
