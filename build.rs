@@ -69,6 +69,8 @@ mod sim {
             .flag_if_supported("-Wno-unknown-pragmas")
             .flag_if_supported("-Wno-unused-parameter")
             .include(manifest.join("src/cuda/sim"))
+            // Stub <cuda_bf16.h> / <cuda_fp16.h>: for the executor only, never for NVRTC.
+            .include(manifest.join("src/cuda/sim/include"))
             .file(manifest.join("src/cuda/sim/sim_runtime.cpp"));
         let mut table = String::from("#include \"sim.cuh\"\n");
         let mut entries = Vec::new();

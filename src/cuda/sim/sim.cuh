@@ -38,7 +38,14 @@ extern thread_local dim3 tl_block_dim;
 extern thread_local dim3 tl_grid_dim;
 extern thread_local unsigned char* tl_dynamic_shared;
 
-enum WarpOp : int { SHFL_UP = 0, SHFL_DOWN = 1, SHFL_BFLY = 2, SHFL_IDX = 3, SYNCWARP = 4 };
+// Every warp collective; sim_runtime.cpp names and completes each (op_info, complete_collective).
+enum WarpOp : int {
+    SHFL_UP = 0, SHFL_DOWN = 1, SHFL_BFLY = 2, SHFL_IDX = 3, SYNCWARP = 4,
+    VOTE_BALLOT, VOTE_ANY, VOTE_ALL,
+    REDUCE_ADD, REDUCE_MIN_U, REDUCE_MAX_U, REDUCE_MIN_S, REDUCE_MAX_S, REDUCE_AND, REDUCE_OR, REDUCE_XOR,
+    MATCH_ANY, MATCH_ALL,
+    WARP_OP_COUNT
+};
 
 void syncthreads_at(const char* file, int line);
 void syncwarp_at(const char* file, int line, unsigned mask);
@@ -103,3 +110,5 @@ inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+
+#include "sim_intrinsics.cuh"

@@ -7,6 +7,7 @@
 // __syncthreads, warp collectives and exit.
 #include "sim.cuh"
 
+#include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -68,15 +69,27 @@ std::string format(const char* fmt, ...) {
     return buf;
 }
 
-const char* op_name(int op) {
-    switch (op) {
-        case SHFL_UP: return "__shfl_up_sync";
-        case SHFL_DOWN: return "__shfl_down_sync";
-        case SHFL_BFLY: return "__shfl_xor_sync";
-        case SHFL_IDX: return "__shfl_sync";
-        default: return "__syncwarp";
-    }
-}
+// How a completed warp collective computes each lane's result.
+enum class Kind { Shuffle, Sync, Vote, Reduce, Match };
+
+struct OpInfo {
+    const char* name;
+    Kind kind;
+};
+
+// Indexed by WarpOp; the signed and unsigned reductions share a name (CUDA's overloads).
+constexpr OpInfo kOps[WARP_OP_COUNT] = {
+    {"__shfl_up_sync", Kind::Shuffle},     {"__shfl_down_sync", Kind::Shuffle},   {"__shfl_xor_sync", Kind::Shuffle},
+    {"__shfl_sync", Kind::Shuffle},        {"__syncwarp", Kind::Sync},            {"__ballot_sync", Kind::Vote},
+    {"__any_sync", Kind::Vote},            {"__all_sync", Kind::Vote},            {"__reduce_add_sync", Kind::Reduce},
+    {"__reduce_min_sync", Kind::Reduce},   {"__reduce_max_sync", Kind::Reduce},   {"__reduce_min_sync", Kind::Reduce},
+    {"__reduce_max_sync", Kind::Reduce},   {"__reduce_and_sync", Kind::Reduce},   {"__reduce_or_sync", Kind::Reduce},
+    {"__reduce_xor_sync", Kind::Reduce},   {"__match_any_sync", Kind::Match},     {"__match_all_sync", Kind::Match},
+};
+
+static_assert(std::all_of(std::begin(kOps), std::end(kOps), [](const OpInfo& o) { return o.name != nullptr; }), "one kOps entry per WarpOp");
+
+const char* op_name(int op) { return op >= 0 && op < WARP_OP_COUNT ? kOps[op].name : "__syncthreads"; }
 
 struct Launch {
     const KernelEntry* k;
@@ -153,6 +166,99 @@ bool canary_ok(const Worker& W) {
     return true;
 }
 
+// Whether lane g waits at the same collective as lane f (operation, mask and operand size).
+bool same_collective(const Fiber& f, const Fiber& g) { return g.st == St::Warp && g.mask == f.mask && g.op == f.op && g.size == f.size; }
+
+// Source lane of a shuffle under the PTX shfl.sync rules (segment clamping); itself when out of range.
+int shuffle_source(const Fiber& g, int lane) {
+    const int seg = (32 - g.width) & 31;
+    const int cval = g.op == SHFL_UP ? 0 : 31;
+    const int bv = g.b & 31;
+    const int max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
+    int src;
+    bool in;
+    switch (g.op) {
+        case SHFL_UP: src = lane - bv; in = src >= max_lane; break;
+        case SHFL_DOWN: src = lane + bv; in = src <= max_lane; break;
+        case SHFL_BFLY: src = lane ^ bv; in = src <= max_lane; break;
+        default: src = min_lane | (bv & ~seg); in = src <= max_lane; break;
+    }
+    return in ? src : lane;
+}
+
+// Folds the 32-bit operands of a __reduce_*_sync (the first lane's value seeds it).
+uint32_t reduce(int op, uint32_t acc, uint32_t v) {
+    switch (op) {
+        case REDUCE_ADD: return acc + v;
+        case REDUCE_MIN_U: return std::min(acc, v);
+        case REDUCE_MAX_U: return std::max(acc, v);
+        case REDUCE_MIN_S: return (uint32_t)std::min((int32_t)acc, (int32_t)v);
+        case REDUCE_MAX_S: return (uint32_t)std::max((int32_t)acc, (int32_t)v);
+        case REDUCE_AND: return acc & v;
+        case REDUCE_OR: return acc | v;
+        default: return acc ^ v;
+    }
+}
+
+// Every lane named by `mask` of the warp at w0 has arrived at the same collective: set each
+// lane's result and make it ready. Values arrive zero-extended, so 64-bit compares are exact.
+void complete_collective(Worker& W, unsigned w0, unsigned mask, int op) {
+    Fiber* lane[32] = {};
+    for (unsigned j = 0; j < 32; ++j)
+        if ((mask >> j) & 1u) lane[j] = &W.fibers[w0 + j];
+    switch (kOps[op].kind) {
+        case Kind::Shuffle:
+            for (unsigned j = 0; j < 32; ++j) {
+                if (!lane[j]) continue;
+                const int src = shuffle_source(*lane[j], (int)j);
+                // Reading a lane outside the mask is undefined on a GPU: poison it.
+                lane[j]->result = lane[src] ? lane[src]->val : kLanePoison;
+            }
+            break;
+        case Kind::Sync: break;
+        case Kind::Vote: {
+            uint32_t ballot = 0;
+            for (unsigned j = 0; j < 32; ++j)
+                if (lane[j] && lane[j]->val != 0) ballot |= 1u << j;
+            const uint64_t r = op == VOTE_BALLOT ? ballot : op == VOTE_ANY ? ballot != 0 : ballot == mask;
+            for (Fiber* g : lane)
+                if (g) g->result = r;
+            break;
+        }
+        case Kind::Reduce: {
+            bool first = true;
+            uint32_t acc = 0;
+            for (Fiber* g : lane) {
+                if (!g) continue;
+                acc = first ? (uint32_t)g->val : reduce(op, acc, (uint32_t)g->val);
+                first = false;
+            }
+            for (Fiber* g : lane)
+                if (g) g->result = acc;
+            break;
+        }
+        case Kind::Match: {
+            // match.any: the lanes holding my value; match.all: the mask and a predicate (high
+            // word) when every lane holds the same value, else 0.
+            bool all = true;
+            for (unsigned j = 0; j < 32; ++j) {
+                if (!lane[j]) continue;
+                uint32_t same = 0;
+                for (unsigned k = 0; k < 32; ++k)
+                    if (lane[k] && lane[k]->val == lane[j]->val) same |= 1u << k;
+                lane[j]->result = same;
+                all = all && same == mask;
+            }
+            if (op == MATCH_ALL)
+                for (Fiber* g : lane)
+                    if (g) g->result = all ? ((uint64_t)1 << 32) | mask : 0;
+            break;
+        }
+    }
+    for (Fiber* g : lane)
+        if (g) g->st = St::Ready;
+}
+
 // Resolves every warp collective whose named lanes have all arrived. Returns true on progress,
 // sets W.error on a violation.
 bool resolve_warps(Worker& W) {
@@ -177,32 +283,10 @@ bool resolve_warps(Worker& W) {
                                                   op_name(f.op), f.file, f.line, f.mask, j, W.thread(g).c_str());
                     return false;
                 }
-                if (g.st != St::Warp || g.mask != f.mask || g.op != f.op || g.size != f.size) complete = false;
+                if (!same_collective(f, g)) complete = false;
             }
             if (!complete) continue;
-            // Every lane of the mask is here with the same operation: apply the PTX shfl.sync rules.
-            for (unsigned j = 0; j < 32; ++j) {
-                if (!((f.mask >> j) & 1u)) continue;
-                Fiber& g = W.fibers[w0 + j];
-                if (g.op != SYNCWARP) {
-                    const int seg = (32 - g.width) & 31;
-                    const int cval = g.op == SHFL_UP ? 0 : 31;
-                    const int lane = (int)j, bv = g.b & 31;
-                    const int max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
-                    int src;
-                    bool in;
-                    switch (g.op) {
-                        case SHFL_UP: src = lane - bv; in = src >= max_lane; break;
-                        case SHFL_DOWN: src = lane + bv; in = src <= max_lane; break;
-                        case SHFL_BFLY: src = lane ^ bv; in = src <= max_lane; break;
-                        default: src = min_lane | (bv & ~seg); in = src <= max_lane; break;
-                    }
-                    if (!in) src = lane;
-                    // Reading a lane outside the mask is undefined on a GPU: poison it.
-                    g.result = ((f.mask >> src) & 1u) ? W.fibers[w0 + src].val : kLanePoison;
-                }
-                g.st = St::Ready;
-            }
+            complete_collective(W, w0, f.mask, f.op);
             progress = true;
         }
     }
@@ -218,9 +302,11 @@ std::string deadlock(const Worker& W) {
         for (unsigned j = 0; j < 32 && w0 + j < n; ++j) {
             if (!((f.mask >> j) & 1u)) continue;
             const Fiber& g = W.fibers[w0 + j];
-            if (g.st == St::Warp && g.mask == f.mask && g.op == f.op && g.size == f.size) continue;
+            if (same_collective(f, g)) continue;
             std::string other = g.st == St::Barrier ? format("is at __syncthreads (%s:%d)", g.file, g.line)
                                                     : format("is at %s (%s:%d) with mask 0x%08x", op_name(g.op), g.file, g.line, g.mask);
+            if (g.st == St::Warp && g.op == f.op && g.mask == f.mask)
+                other += format(" and a value of %u bytes (this lane's has %u)", g.size, f.size);
             return W.where(f) + format(": deadlock: %s (%s:%d) with mask 0x%08x waits for lane %u (%s), which %s",
                                        op_name(f.op), f.file, f.line, f.mask, j, W.thread(g).c_str(), other.c_str());
         }
@@ -368,7 +454,7 @@ uint64_t warp_op_at(const char* file, int line, int op, unsigned mask, uint64_t 
     const unsigned lane = f->linear & 31u;
     if (!((mask >> lane) & 1u))
         fiber_fail(format("%s at %s:%d with mask 0x%08x, which does not include the calling lane %u", op_name(op), file, line, mask, lane));
-    if (op != SYNCWARP && (width < 1 || width > 32 || (width & (width - 1)) != 0))
+    if (kOps[op].kind == Kind::Shuffle && (width < 1 || width > 32 || (width & (width - 1)) != 0))
         fiber_fail(format("%s at %s:%d with width %d (must be a power of two in 1..32)", op_name(op), file, line, width));
     f->op = op;
     f->mask = mask;
@@ -382,6 +468,45 @@ uint64_t warp_op_at(const char* file, int line, int op, unsigned mask, uint64_t 
 }
 
 void syncwarp_at(const char* file, int line, unsigned mask) { warp_op_at(file, line, SYNCWARP, mask, 0, 0, 0, 32); }
+
+void atomic_misaligned(const char* op, const char* file, int line, const void* p, unsigned size) {
+    fiber_fail(format("%s at %s:%d on address %p, which is not aligned to its %u-byte operand (misaligned address)", op, file, line, p, size));
+}
+
+namespace {
+
+// This module's thread-local block on the calling OS thread, where the static `__shared__`
+// arrays (`static thread_local`) live.
+struct TlsRange {
+    uintptr_t lo = 0, hi = 0;
+};
+
+int find_own_tls(struct dl_phdr_info* info, size_t, void* out) {
+    const uintptr_t probe = (uintptr_t)&tl_block_idx;
+    for (unsigned i = 0; i < info->dlpi_phnum && info->dlpi_tls_data; ++i) {
+        if (info->dlpi_phdr[i].p_type != PT_TLS) continue;
+        const uintptr_t lo = (uintptr_t)info->dlpi_tls_data, hi = lo + info->dlpi_phdr[i].p_memsz;
+        if (probe >= lo && probe < hi) {
+            *static_cast<TlsRange*>(out) = TlsRange{lo, hi};
+            return 1;
+        }
+    }
+    return 0;
+}
+
+}  // namespace
+
+bool is_shared_address(const void* p) {
+    const uintptr_t a = (uintptr_t)p;
+    const Worker* W = tl_worker;
+    if (W && a >= (uintptr_t)tl_dynamic_shared && a < (uintptr_t)tl_dynamic_shared + W->L->smem) return true;
+    static thread_local const TlsRange tls = [] {
+        TlsRange r;
+        dl_iterate_phdr(find_own_tls, &r);
+        return r;
+    }();
+    return a >= tls.lo && a < tls.hi;
+}
 
 }  // namespace sim
 
