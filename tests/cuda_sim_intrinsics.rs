@@ -37,7 +37,7 @@ const SRC: &str = include_str!("sim_kernels/intrinsics.cu");
 unsafe fn launch(name: &str, grid: u32, block: u32, smem: u32, args: &mut [*mut c_void], schedule: Schedule) -> Result<(), SimError> {
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: forwarded to the caller.
-    unsafe { sim::launch_by_name(name, cfg, args, schedule) }
+    unsafe { sim::launch_by_name(name, cfg, args, &sim::LaunchOptions { schedule, ..sim::LaunchOptions::default() }) }
 }
 
 /// The line of intrinsics.cu carrying `// @mark:NAME`.

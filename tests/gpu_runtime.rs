@@ -154,3 +154,54 @@ fn device_names_parse_and_cuda_sim_opens_only_with_the_feature() {
     }
     assert!(Gpu::open(bert_adapters::Device::Cpu).is_err());
 }
+
+/// Column-major `C = act(alpha·op(A)·op(B) + beta·C + bias)` per batch, written out directly.
+#[allow(clippy::too_many_arguments)]
+fn naive_gemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, beta: f32, a: &[f32], b: &[f32], c: &mut [f32], bias: &[f32], relu: bool, batch: usize) {
+    let (lda, ldb, ldc) = (if ta { k } else { m }, if tb { n } else { k }, m);
+    let (sa, sb, sc) = (m * k, k * n, m * n);
+    for i in 0..batch {
+        for col in 0..n {
+            for row in 0..m {
+                let mut acc = 0f64;
+                for p in 0..k {
+                    let av = if ta { a[i * sa + p + row * lda] } else { a[i * sa + row + p * lda] };
+                    let bv = if tb { b[i * sb + col + p * ldb] } else { b[i * sb + p + col * ldb] };
+                    acc += av as f64 * bv as f64;
+                }
+                let v = alpha as f64 * acc + beta as f64 * c[i * sc + row + col * ldc] as f64 + bias[row] as f64;
+                c[i * sc + row + col * ldc] = if relu { v.max(0.0) as f32 } else { v as f32 };
+            }
+        }
+    }
+}
+
+/// A strided-batched product with both transposes, alpha/beta and a bias + ReLU epilogue, through
+/// `Gpu::gemm` (cuBLASLt on a GPU). Inputs are multiples of 1/8 in [-1, 1] and alpha/beta of 1/2,
+/// so every result is exact in f32 whatever the summation order: equality is the right check.
+fn gemm_matches_a_direct_product(gpu: &Gpu) {
+    use bert_adapters::cuda::gemm::{Epilogue, Gemm, Transpose};
+    let (m, n, k, batch) = (33, 7, 65, 3);
+    let eighths = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i * 37 + seed * 11) % 17) as f32 - 8.0) / 8.0).collect() };
+    let (a, b, c0, bias) = (eighths(batch * m * k, 1), eighths(batch * k * n, 2), eighths(batch * m * n, 3), eighths(m, 4));
+    let g = Gemm::new(Transpose::Yes, Transpose::Yes, m, n, k)
+        .with_ld(k, n, m)
+        .with_batch(batch, m * k, k * n, m * n)
+        .with_scalars(0.5, -1.5)
+        .with_epilogue(Epilogue::ReluBias);
+    let (da, db, dbias) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&bias).unwrap());
+    let mut dc = gpu.upload(&c0).unwrap();
+    gpu.gemm(&g, &da.view(), &db.view(), &mut dc.view_mut(), Some(&dbias.view())).unwrap();
+    let got = gpu.download(&dc.view()).unwrap();
+    let mut want = c0.clone();
+    naive_gemm(true, true, m, n, k, 0.5, -1.5, &a, &b, &mut want, &bias, true, batch);
+    assert_eq!(got, want, "{}", gpu.describe());
+    assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0), "the case exercises the ReLU");
+
+    // Lengths are validated before anything runs, and C keeps its contents.
+    let short = gpu.upload(&a[..a.len() - 1]).unwrap();
+    assert!(matches!(gpu.gemm(&g, &short.view(), &db.view(), &mut dc.view_mut(), Some(&dbias.view())), Err(Error::Shape { .. })));
+    assert!(gpu.gemm(&g, &da.view(), &db.view(), &mut dc.view_mut(), None).is_err(), "the epilogue needs its bias");
+    assert_eq!(gpu.download(&dc.view()).unwrap(), got);
+}
+test_device!(gemm, gemm_matches_a_direct_product);

@@ -27,7 +27,7 @@ use std::time::Instant;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{result as drv, CudaEvent, CudaSlice, DevicePtr, LaunchConfig};
 
-use super::gemm::{gemm_host, Gemm, LtGemm};
+use super::gemm::{Gemm, LtGemm};
 use super::registry::{KernelName, ParamKind, ScalarType};
 use super::runtime::{driver_err, CudaRuntime};
 use crate::error::{Error, Result};
@@ -704,7 +704,7 @@ impl Gpu {
                 let (a, b) = unsafe { (host_slice(a.ptr, a.len), host_slice(b.ptr, b.len)) };
                 let bias = bias.map(|v| unsafe { host_slice(v.ptr, v.len) });
                 let c = unsafe { std::slice::from_raw_parts_mut(c.ptr as *mut f32, c.len) };
-                gemm_host(g, a, b, c, bias)
+                super::gemm::gemm_host(g, a, b, c, bias)
             }
         }
     }
