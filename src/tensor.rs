@@ -132,10 +132,21 @@ cpu_element!(bf16, BF16);
 cpu_element!(f16, F16);
 cpu_element!(u32, U32);
 
-/// Where a tensor's elements are: one variant per backend.
+/// Where a tensor's elements are: host memory, or a device backend's memory.
 #[derive(Clone, Debug)]
 pub enum Storage {
     Cpu(Arc<CpuStorage>),
+    /// Memory of a device backend (the CUDA backend's buffers); only that backend reads it.
+    Device(Arc<dyn DeviceStorage>),
+}
+
+/// What a device backend's storage tells the rest of the crate; the backend downcasts
+/// (`as_any`) to reach its buffer.
+pub trait DeviceStorage: std::fmt::Debug + Send + Sync + 'static {
+    fn device(&self) -> Device;
+    /// Bytes of the whole allocation.
+    fn bytes(&self) -> usize;
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// A host buffer behind its lock, and the pool it goes back to when its last handle drops.
@@ -272,6 +283,7 @@ impl Storage {
                 let g = b.buf.read().unwrap_or_else(|e| e.into_inner());
                 g.len() * g.dtype().size_in_bytes()
             }
+            Storage::Device(d) => d.bytes(),
         }
     }
 
@@ -279,6 +291,7 @@ impl Storage {
     pub fn id(&self) -> usize {
         match self {
             Storage::Cpu(b) => Arc::as_ptr(b) as usize,
+            Storage::Device(d) => Arc::as_ptr(d) as *const () as usize,
         }
     }
 }
@@ -418,6 +431,11 @@ impl Tensor {
         Ok(Self::whole(T::wrap(data), shape))
     }
 
+    /// A tensor over the whole of a device backend's storage (which holds `shape`'s elements).
+    pub fn from_device(storage: Arc<dyn DeviceStorage>, dtype: DType, shape: &[usize]) -> Self {
+        Tensor { storage: Storage::Device(storage), dtype, offset: 0, shape: shape.to_vec() }
+    }
+
     fn whole(buf: CpuBuffer, shape: &[usize]) -> Self {
         UNPOOLED_STORAGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dtype = buf.dtype();
@@ -456,8 +474,9 @@ impl Tensor {
         self.offset
     }
     pub fn device(&self) -> Device {
-        match self.storage {
+        match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Device(d) => d.device(),
         }
     }
     pub fn rank(&self) -> usize {
@@ -483,6 +502,8 @@ impl Tensor {
     pub fn shares_storage(&self, other: &Tensor) -> bool {
         match (&self.storage, &other.storage) {
             (Storage::Cpu(a), Storage::Cpu(b)) => Arc::ptr_eq(a, b),
+            (Storage::Device(a), Storage::Device(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+            _ => false,
         }
     }
 
@@ -491,6 +512,7 @@ impl Tensor {
     pub fn is_unique(&self) -> bool {
         match &self.storage {
             Storage::Cpu(a) => Arc::strong_count(a) == 1,
+            Storage::Device(a) => Arc::strong_count(a) == 1,
         }
     }
 
@@ -546,18 +568,30 @@ impl Tensor {
         self.offset..self.offset + self.elem_count()
     }
 
-    fn expect_dtype(&self, want: DType) -> Result<()> {
+    pub(crate) fn expect_dtype(&self, want: DType) -> Result<()> {
         if self.dtype != want {
             return Err(Error::Unsupported(format!("a {} tensor was given where {want} is needed (shape {:?})", self.dtype, self.shape)));
         }
         Ok(())
     }
 
+    /// A device tensor handed to host code is an error naming the device, not a crash.
+    fn cpu_storage(&self) -> Result<&Arc<CpuStorage>> {
+        match &self.storage {
+            Storage::Cpu(st) => Ok(st),
+            Storage::Device(d) => Err(Error::Unsupported(format!(
+                "a tensor {:?} on {} was given to code that reads host memory (copy it with Backend::to_host)",
+                self.shape,
+                d.device()
+            ))),
+        }
+    }
+
     /// Host elements of a CPU tensor of element type `T`. Waits for no lock: a tensor being
     /// written right now is an error. Device tensors go through `Backend::to_host`.
     pub fn cpu_slice<T: CpuElement>(&self) -> Result<CpuRead<'_, T>> {
         self.expect_dtype(T::DTYPE)?;
-        let Storage::Cpu(st) = &self.storage;
+        let st = self.cpu_storage()?;
         let guard = match st.buf.try_read() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -587,7 +621,7 @@ impl Tensor {
     /// while this lives. Fails (never waits) when the storage is being read or written.
     pub fn cpu_slice_mut<T: CpuElement>(&self) -> Result<CpuWrite<'_, T>> {
         self.expect_dtype(T::DTYPE)?;
-        let Storage::Cpu(st) = &self.storage;
+        let st = self.cpu_storage()?;
         let guard = match st.buf.try_write() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),

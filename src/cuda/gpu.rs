@@ -166,7 +166,7 @@ impl<T: DeviceScalar> DeviceBuffer<T> {
     }
 }
 
-impl<T: DeviceScalar> DeviceView<'_, T> {
+impl<'a, T: DeviceScalar> DeviceView<'a, T> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -180,6 +180,15 @@ impl<T: DeviceScalar> DeviceView<'_, T> {
     /// This view as a kernel argument for a `const T*` / `T*` parameter.
     pub fn arg(&self) -> KernelArg {
         KernelArg::Pointer { ptr: self.ptr, elem: T::TYPE }
+    }
+
+    /// The same elements, writable.
+    ///
+    /// # Safety
+    /// Nothing else may read or write these elements while the returned view is used (a backend
+    /// writing into a tensor it has just allocated, or whose aliasing it has checked).
+    pub unsafe fn assume_writable(self) -> DeviceViewMut<'a, T> {
+        DeviceViewMut { ptr: self.ptr, len: self.len, _borrow: PhantomData }
     }
 }
 
@@ -405,6 +414,16 @@ impl Gpu {
             backend: Backend::Sim(config),
             opted_in: Mutex::new(HashMap::new()),
             lt: Mutex::new(None),
+        }
+    }
+
+    /// Another handle on the same device with the same settings (schedule and limits on
+    /// cuda-sim), e.g. for a backend that owns its `Gpu`.
+    pub fn reopen(&self) -> Result<Gpu> {
+        match &self.backend {
+            Backend::Cuda(rt) => Gpu::cuda(rt.context().ordinal()),
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(c) => Ok(Gpu::sim(c.clone())),
         }
     }
 

@@ -6,12 +6,14 @@
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
 //! - one launcher module per kernel family ([`layernorm`]);
+//! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod backend;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;

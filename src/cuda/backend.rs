@@ -1,0 +1,477 @@
+//! The CUDA model backend: [`Backend`] over a [`Gpu`] (a real GPU, or the `cuda-sim` executor).
+//!
+//! Tensors live in [`CudaStorage`] (a typed [`DeviceBuffer`] behind the crate's
+//! `Storage::Device`); ops validate shapes on the host, then call the kernel launchers of this
+//! module's siblings and [`Gpu::gemm`]. Row-major `[rows, in] · Wᵀ` products are the column-major
+//! cuBLASLt product `Yᵀ = W · Xᵀ` on the same bytes (see [`super::gemm`]).
+//!
+//! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
+//! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
+//! issue 14.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use super::gemm::{Epilogue, Gemm, Transpose};
+use super::gpu::{DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
+use super::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
+use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, NiceGrads, NiceParams};
+use crate::config::Activation;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, DeviceStorage, Storage, Tensor};
+
+/// One device allocation of one element type.
+#[derive(Debug)]
+pub enum TypedBuffer {
+    F32(DeviceBuffer<f32>),
+    BF16(DeviceBuffer<bf16>),
+    F16(DeviceBuffer<f16>),
+    U32(DeviceBuffer<u32>),
+}
+
+impl TypedBuffer {
+    fn dtype(&self) -> DType {
+        match self {
+            TypedBuffer::F32(_) => DType::F32,
+            TypedBuffer::BF16(_) => DType::BF16,
+            TypedBuffer::F16(_) => DType::F16,
+            TypedBuffer::U32(_) => DType::U32,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            TypedBuffer::F32(b) => b.len(),
+            TypedBuffer::BF16(b) => b.len(),
+            TypedBuffer::F16(b) => b.len(),
+            TypedBuffer::U32(b) => b.len(),
+        }
+    }
+}
+
+/// A tensor's storage on a [`Gpu`].
+#[derive(Debug)]
+pub struct CudaStorage {
+    buf: TypedBuffer,
+    device: Device,
+}
+
+impl DeviceStorage for CudaStorage {
+    fn device(&self) -> Device {
+        self.device
+    }
+    fn bytes(&self) -> usize {
+        self.buf.len() * self.buf.dtype().size_in_bytes()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Typed access to a [`TypedBuffer`] variant.
+trait BufferElement: DeviceScalar {
+    const DTYPE: DType;
+    fn get(buf: &TypedBuffer) -> Option<&DeviceBuffer<Self>>;
+    fn wrap(buf: DeviceBuffer<Self>) -> TypedBuffer;
+}
+
+macro_rules! buffer_elements {
+    ($($t:ty => $v:ident),*) => {$(
+        impl BufferElement for $t {
+            const DTYPE: DType = DType::$v;
+            fn get(buf: &TypedBuffer) -> Option<&DeviceBuffer<Self>> {
+                match buf {
+                    TypedBuffer::$v(b) => Some(b),
+                    _ => None,
+                }
+            }
+            fn wrap(buf: DeviceBuffer<Self>) -> TypedBuffer {
+                TypedBuffer::$v(buf)
+            }
+        }
+    )*};
+}
+buffer_elements!(f32 => F32, bf16 => BF16, f16 => F16, u32 => U32);
+
+/// The CUDA backend on one [`Gpu`].
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    device: Device,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.gpu.describe())
+    }
+}
+
+impl CudaBackend {
+    /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
+    pub fn open(device: Device) -> Result<CudaBackend> {
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device })
+    }
+
+    /// The backend on an already opened [`Gpu`].
+    pub fn on(gpu: Gpu) -> CudaBackend {
+        let device = match gpu.kind() {
+            GpuKind::Sim => Device::CudaSim,
+            GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
+        };
+        CudaBackend { gpu: Arc::new(gpu), device }
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn storage<'t>(&self, op: &str, t: &'t Tensor) -> Result<&'t CudaStorage> {
+        let on_other = || Error::Unsupported(format!("{op}: a tensor {:?} on {} was given to the {} backend", t.shape(), t.device(), self.device));
+        match t.storage() {
+            Storage::Device(d) if d.device() == self.device => d.as_any().downcast_ref::<CudaStorage>().ok_or_else(on_other),
+            _ => Err(on_other()),
+        }
+    }
+
+    /// The elements of `t` (a contiguous view of its storage).
+    fn view<'t, T: BufferElement>(&self, op: &str, t: &'t Tensor) -> Result<DeviceView<'t, T>> {
+        t.expect_dtype(T::DTYPE)?;
+        let st = self.storage(op, t)?;
+        let buf = T::get(&st.buf).ok_or_else(|| Error::Internal(format!("{op}: storage of a {} tensor holds {}", t.dtype(), st.buf.dtype())))?;
+        buf.slice(t.offset()..t.offset() + t.elem_count())
+    }
+
+    /// A writable view of `t`, which the caller made (or checked) so that nothing else reads or
+    /// writes these elements while the view is used.
+    fn view_mut<'t, T: BufferElement>(&self, op: &str, t: &'t Tensor) -> Result<DeviceViewMut<'t, T>> {
+        let v = self.view::<T>(op, t)?;
+        // SAFETY: the caller's contract above; the view borrows `t`, which keeps the buffer alive.
+        Ok(unsafe { v.assume_writable() })
+    }
+
+    fn new_tensor<T: BufferElement>(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let buf = self.gpu.alloc::<T>(n)?;
+        Ok(Tensor::from_device(Arc::new(CudaStorage { buf: T::wrap(buf), device: self.device }), T::DTYPE, shape))
+    }
+
+    fn unsupported(&self, op: &str) -> Error {
+        Error::Unsupported(format!("{op} is not implemented on the CUDA backend yet ({}); use --device cpu", self.device))
+    }
+
+    /// `y[rows, out] = x[rows, in]·Wᵀ + b` as the column-major `Yᵀ = W·Xᵀ` (+ bias over columns).
+    fn linear_into(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
+        const OP: &str = "linear";
+        let (d_out, d_in) = match w.shape() {
+            [o, i] => (*o, *i),
+            s => return Err(Error::shape(OP, format!("weight must be [out, in], got {s:?}"))),
+        };
+        if x.last_dim() != d_in {
+            return Err(Error::shape(OP, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
+        }
+        let rows = x.rows();
+        let epilogue = if b.is_some() { Epilogue::Bias } else { Epilogue::None };
+        let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue);
+        let bias = b.map(|b| self.view::<f32>(OP, b)).transpose()?;
+        self.gpu.gemm(&g, &self.view(OP, w)?, &self.view(OP, x)?, &mut self.view_mut(OP, y)?, bias.as_ref())
+    }
+
+    #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs
+    fn ln_into(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
+        const OP: &str = "residual_layernorm";
+        let inputs = LayerNormInputs {
+            x: self.view(OP, x)?,
+            residual: residual.map(|r| self.view(OP, r)).transpose()?,
+            gamma: self.view(OP, gamma)?,
+            beta: self.view(OP, beta)?,
+            rows: x.rows(),
+            cols: x.last_dim(),
+            eps,
+        };
+        let mut outputs = LayerNormOutputs { y: self.view_mut(OP, y)?, mean: self.view_mut(OP, stats.0)?, rstd: self.view_mut(OP, stats.1)? };
+        residual_layernorm_forward(&self.gpu, &inputs, &mut outputs)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn name(&self) -> String {
+        self.gpu.describe()
+    }
+
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        check_len("upload", data.len(), shape)?;
+        let t = self.new_tensor::<f32>(shape)?;
+        self.gpu.copy_htod(&data, &mut self.view_mut("upload", &t)?)?;
+        Ok(t)
+    }
+
+    fn to_host(&self, t: &Tensor) -> Result<Vec<f32>> {
+        const OP: &str = "to_host";
+        match t.dtype() {
+            DType::F32 => self.gpu.download(&self.view::<f32>(OP, t)?),
+            DType::BF16 => Ok(self.gpu.download(&self.view::<bf16>(OP, t)?)?.into_iter().map(bf16::to_f32).collect()),
+            DType::F16 => Ok(self.gpu.download(&self.view::<f16>(OP, t)?)?.into_iter().map(f16::to_f32).collect()),
+            DType::U32 => Err(Error::Unsupported(format!("{OP}: a u32 tensor {:?}; use to_host_u32", t.shape()))),
+        }
+    }
+
+    fn upload_u32(&self, data: Vec<u32>, shape: &[usize]) -> Result<Tensor> {
+        check_len("upload_u32", data.len(), shape)?;
+        let t = self.new_tensor::<u32>(shape)?;
+        self.gpu.copy_htod(&data, &mut self.view_mut("upload_u32", &t)?)?;
+        Ok(t)
+    }
+
+    fn to_host_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        self.gpu.download(&self.view::<u32>("to_host_u32", t)?)
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.empty(shape, dtype)?;
+        match dtype {
+            DType::F32 => self.gpu.memset_zero(&mut self.view_mut::<f32>("zeros", &t)?)?,
+            DType::BF16 => self.gpu.memset_zero(&mut self.view_mut::<bf16>("zeros", &t)?)?,
+            DType::F16 => self.gpu.memset_zero(&mut self.view_mut::<f16>("zeros", &t)?)?,
+            DType::U32 => self.gpu.memset_zero(&mut self.view_mut::<u32>("zeros", &t)?)?,
+        }
+        Ok(t)
+    }
+
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => self.new_tensor::<f32>(shape),
+            DType::BF16 => self.new_tensor::<bf16>(shape),
+            DType::F16 => self.new_tensor::<f16>(shape),
+            DType::U32 => self.new_tensor::<u32>(shape),
+        }
+    }
+
+    fn all_finite(&self, t: &Tensor) -> Result<bool> {
+        // One download for now; a device reduction comes with the elementwise kernels.
+        Ok(self.to_host(t)?.iter().all(|v| v.is_finite()))
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let mut shape = x.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = w.shape().first().copied().unwrap_or(0);
+        }
+        let y = self.new_tensor::<f32>(&shape)?;
+        self.linear_into(x, w, b, &y)?;
+        Ok(y)
+    }
+
+    fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        match dropout {
+            None => self.linear(x, w, b),
+            Some(_) => Err(self.unsupported("linear_dropout (train mode)")),
+        }
+    }
+
+    fn linear_act(&self, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _act: Activation) -> Result<(Tensor, Tensor)> {
+        Err(self.unsupported("linear_act"))
+    }
+
+    fn linear_act_only(&self, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _act: Activation) -> Result<Tensor> {
+        Err(self.unsupported("linear_act_only"))
+    }
+
+    fn linear_backward_input_act(&self, _dy: &Tensor, _w: &Tensor, _pre: &Tensor, _act: Activation) -> Result<Tensor> {
+        Err(self.unsupported("linear_backward_input_act"))
+    }
+
+    fn embedding(&self, _input_ids: &Tensor, _token_type_ids: &Tensor, _word: &Tensor, _position: &Tensor, _token_type: &Tensor) -> Result<Tensor> {
+        Err(self.unsupported("embedding"))
+    }
+
+    fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        let rows = x.rows();
+        let y = self.new_tensor::<f32>(x.shape())?;
+        let (mean, rstd) = (self.new_tensor::<f32>(&[rows])?, self.new_tensor::<f32>(&[rows])?);
+        self.ln_into(x, residual, gamma, beta, eps, &y, (&mean, &rstd))?;
+        Ok(y)
+    }
+
+    fn residual_layernorm_stats(&self, _x: &Tensor, _residual: Option<&Tensor>, _gamma: &Tensor, _beta: &Tensor, _eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        Err(self.unsupported("residual_layernorm_stats"))
+    }
+
+    fn layernorm_backward_stats(&self, _dy: &Tensor, _z: &Tensor, _stats: &Tensor, _gamma: &Tensor) -> Result<Tensor> {
+        Err(self.unsupported("layernorm_backward_stats"))
+    }
+
+    fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        match dropout {
+            None => self.residual_layernorm(x, residual, gamma, beta, eps),
+            Some(_) => Err(self.unsupported("residual_layernorm_dropout (train mode)")),
+        }
+    }
+
+    fn attention(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        Err(self.unsupported("attention"))
+    }
+
+    fn attention_packed(&self, _qkv: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
+        Err(self.unsupported("attention_packed"))
+    }
+
+    fn activation(&self, _x: &Tensor, _act: Activation) -> Result<Tensor> {
+        Err(self.unsupported("activation"))
+    }
+
+    fn adapter_location(&self, _loc: &AdapterLocation) -> Result<Tensor> {
+        Err(self.unsupported("adapter_location"))
+    }
+
+    fn nice(&self, _x: &Tensor, _params: &NiceParams, _inverse: bool) -> Result<Tensor> {
+        Err(self.unsupported("nice"))
+    }
+
+    fn linear_backward_input_into(&self, _dy: &Tensor, _w: &Tensor, _out: &Tensor, _accumulate: bool) -> Result<()> {
+        Err(self.unsupported("linear_backward_input"))
+    }
+
+    fn linear_backward_params_into(&self, _dy: &Tensor, _x: &Tensor, _dw: &Tensor, _db: Option<&Tensor>, _accumulate: bool) -> Result<()> {
+        Err(self.unsupported("linear_backward_params"))
+    }
+
+    fn activation_backward(&self, _dy: &Tensor, _pre: &Tensor, _act: Activation) -> Result<Tensor> {
+        Err(self.unsupported("activation_backward"))
+    }
+
+    fn layernorm_backward_input(&self, _dy: &Tensor, _x: &Tensor, _residual: Option<&Tensor>, _gamma: &Tensor, _eps: f32) -> Result<Tensor> {
+        Err(self.unsupported("layernorm_backward_input"))
+    }
+
+    fn attention_backward(&self, _dctx: &Tensor, _q: &Tensor, _k: &Tensor, _v: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<[Tensor; 3]> {
+        Err(self.unsupported("attention_backward"))
+    }
+
+    fn attention_packed_backward(&self, _dctx: &Tensor, _qkv: &Tensor, _lse: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        Err(self.unsupported("attention_packed_backward"))
+    }
+
+    fn adapter_location_backward_into(&self, _loc: &AdapterLocation, _d_out: &Tensor, _grads: &[Option<GradsOut<BottleneckGrads>>], _need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Err(self.unsupported("adapter_location_backward"))
+    }
+
+    fn nice_backward_into(&self, _x: &Tensor, _params: &NiceParams, _dy: &Tensor, _out: &GradsOut<NiceGrads>) -> Result<()> {
+        Err(self.unsupported("nice_backward"))
+    }
+
+    fn dropout(&self, _x: &Tensor, _spec: &DropoutSpec) -> Result<Tensor> {
+        Err(self.unsupported("dropout"))
+    }
+
+    fn add(&self, _a: &Tensor, _b: &Tensor) -> Result<Tensor> {
+        Err(self.unsupported("add"))
+    }
+
+    fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
+        const OP: &str = "select_rows";
+        let (rows, width) = (t.shape().first().copied().unwrap_or(0), t.elem_count().checked_div(t.shape().first().copied().unwrap_or(0)).unwrap_or(0));
+        let mut total = 0;
+        for r in ranges {
+            if r.start > r.end || r.end > rows {
+                return Err(Error::shape(OP, format!("row range {}..{} is outside {rows} rows", r.start, r.end)));
+            }
+            total += r.len();
+        }
+        let mut shape = t.shape().to_vec();
+        if let Some(first) = shape.first_mut() {
+            *first = total;
+        }
+        let out = self.empty(&shape, t.dtype())?;
+        let mut at = 0;
+        for r in ranges {
+            copy_rows(self, t, &out, r.start * width, at * width, r.len() * width)?;
+            at += r.len();
+        }
+        Ok(out)
+    }
+
+    fn first_token_backward_into(&self, _d: &Tensor, _out: &Tensor, _accumulate: bool) -> Result<()> {
+        Err(self.unsupported("first_token_backward"))
+    }
+
+    fn first_token(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "first_token";
+        let [b, t, h] = match x.shape() {
+            [b, t, h] => [*b, *t, *h],
+            s => return Err(Error::shape(OP, format!("expected [B, T, H], got {s:?}"))),
+        };
+        let out = self.empty(&[b, h], x.dtype())?;
+        for i in 0..b {
+            copy_rows(self, x, &out, i * t * h, i * h, h)?;
+        }
+        Ok(out)
+    }
+
+    fn cast(&self, _t: &Tensor, _dtype: DType) -> Result<Tensor> {
+        Err(self.unsupported("cast"))
+    }
+
+    fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
+        if value == 0.0 && value.is_sign_positive() {
+            return match t.dtype() {
+                DType::F32 => self.gpu.memset_zero(&mut self.view_mut::<f32>("fill", t)?),
+                DType::BF16 => self.gpu.memset_zero(&mut self.view_mut::<bf16>("fill", t)?),
+                DType::F16 => self.gpu.memset_zero(&mut self.view_mut::<f16>("fill", t)?),
+                DType::U32 => self.gpu.memset_zero(&mut self.view_mut::<u32>("fill", t)?),
+            };
+        }
+        Err(self.unsupported("fill with a non-zero value"))
+    }
+
+    fn add_into(&self, _dst: &Tensor, _src: &Tensor) -> Result<()> {
+        Err(self.unsupported("add_into"))
+    }
+
+    fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()> {
+        self.gpu.copy_htod(data, &mut self.view_mut("write_u32", dst)?)
+    }
+
+    fn write_f32(&self, dst: &Tensor, data: &[f32]) -> Result<()> {
+        self.gpu.copy_htod(data, &mut self.view_mut("write_f32", dst)?)
+    }
+
+    fn loss(&self, _op: &crate::train::loss::LossOp, _dlogits: &Tensor, _loss: &Tensor) -> Result<()> {
+        Err(self.unsupported("loss"))
+    }
+
+    fn clip_grad_norm(&self, _grads: &[Tensor], _max_norm: f32, _norm: &Tensor) -> Result<()> {
+        Err(self.unsupported("clip_grad_norm"))
+    }
+
+    fn adamw(&self, _step: &crate::train::optim::AdamWLaunch) -> Result<()> {
+        Err(self.unsupported("adamw"))
+    }
+}
+
+/// `out[dst..dst + n] = src[from..from + n]` in elements of the tensors' (equal) dtype.
+fn copy_rows(be: &CudaBackend, src: &Tensor, out: &Tensor, from: usize, dst: usize, n: usize) -> Result<()> {
+    fn typed<T: BufferElement>(be: &CudaBackend, src: &Tensor, out: &Tensor, from: usize, dst: usize, n: usize) -> Result<()> {
+        const OP: &str = "copy";
+        let s = src.view(from, &[n])?;
+        let d = out.view(dst, &[n])?;
+        be.gpu.copy_dtod(&be.view::<T>(OP, &s)?, &mut be.view_mut::<T>(OP, &d)?)
+    }
+    match src.dtype() {
+        DType::F32 => typed::<f32>(be, src, out, from, dst, n),
+        DType::BF16 => typed::<bf16>(be, src, out, from, dst, n),
+        DType::F16 => typed::<f16>(be, src, out, from, dst, n),
+        DType::U32 => typed::<u32>(be, src, out, from, dst, n),
+    }
+}
+
+fn check_len(op: &'static str, len: usize, shape: &[usize]) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if len != n {
+        return Err(Error::shape(op, format!("{len} elements for shape {shape:?} ({n} elements)")));
+    }
+    Ok(())
+}
