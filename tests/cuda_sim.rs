@@ -10,7 +10,7 @@
 
 use bert_adapters::cpu::reference;
 use bert_adapters::cuda::layernorm::{residual_layernorm_forward_sim, HostLayerNormInputs, HostLayerNormOutputs, LayerNormPlan};
-use bert_adapters::cuda::sim::{self, arg, Schedule, SimError};
+use bert_adapters::cuda::sim::{self, arg, LaunchOptions, Schedule, SimError};
 use cudarc::driver::LaunchConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -116,7 +116,7 @@ fn launch_planted(name: &str, block: u32, smem: u32, out: &mut [f32], schedule: 
     let mut p = out.as_mut_ptr();
     let cfg = LaunchConfig { grid_dim: (2, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: each planted kernel takes one float* and touches out[0..blockDim.x].
-    unsafe { sim::launch_by_name(name, cfg, &mut [arg(&mut p)], schedule) }
+    unsafe { sim::launch_by_name(name, cfg, &mut [arg(&mut p)], &LaunchOptions { schedule, ..LaunchOptions::default() }) }
 }
 
 fn expect_error(name: &str, block: u32, smem: u32, needles: &[&str]) {
@@ -167,11 +167,11 @@ fn launch_errors_are_messages() {
     let err = launch_planted("planted_early_return", 2048, 0, &mut out, Schedule::Forward).unwrap_err().0;
     assert!(err.contains("exceeds the device limits"), "{err}");
     let err = launch_planted("planted_early_return", 32, 64 * 1024, &mut out, Schedule::Forward).unwrap_err().0;
-    assert!(err.contains("dynamic shared memory"), "{err}");
+    assert!(err.contains("65536 bytes of dynamic shared memory exceed this launch's limit of 49152 bytes"), "{err}");
     let mut p = out.as_mut_ptr();
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: refused before running: the argument count is wrong.
-    let err = unsafe { sim::launch_by_name("planted_early_return", cfg, &mut [arg(&mut p), arg(&mut p)], Schedule::Forward) }.unwrap_err().0;
+    let err = unsafe { sim::launch_by_name("planted_early_return", cfg, &mut [arg(&mut p), arg(&mut p)], &LaunchOptions::default()) }.unwrap_err().0;
     assert!(err.contains("takes 1 parameters, 2 given"), "{err}");
     assert!(sim::kernel_names().iter().any(|k| k == "residual_layernorm_forward_f32"));
 }
@@ -189,7 +189,7 @@ fn shuffles_follow_ptx_rules() {
             let mut w = width;
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (n as u32, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: sim_shuffle_modes(int* out, int width) writes out[0..4 * blockDim.x].
-            unsafe { sim::launch_by_name("sim_shuffle_modes", cfg, &mut [arg(&mut p), arg(&mut w)], schedule) }.unwrap();
+            unsafe { sim::launch_by_name("sim_shuffle_modes", cfg, &mut [arg(&mut p), arg(&mut w)], &LaunchOptions { schedule, ..LaunchOptions::default() }) }.unwrap();
             let w = width as usize;
             for t in 0..n {
                 let (lane, base) = (t % 32, t - t % 32);

@@ -14,8 +14,8 @@
 //!   lane must be in its mask, and a value read from a lane outside the mask is NaN;
 //! - dynamic shared memory is exactly the launch's size, filled with NaN, and followed by a canary
 //!   that is checked every time a thread yields, so an overflow names the thread;
-//! - launch configurations beyond the device limits (1024 threads, 48 KiB dynamic shared) are
-//!   refused.
+//! - launch configurations beyond the device limits (1024 threads, the launch's dynamic shared
+//!   memory limit in [`LaunchOptions`]) are refused.
 //!
 //! Threads of a block run as fibers (ucontext) in a [`Schedule`] order; blocks are spread over
 //! OS threads (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots,
@@ -33,6 +33,7 @@ extern "C" {
         grid: *const u32,
         block: *const u32,
         smem: usize,
+        max_smem: usize,
         args: *mut *mut c_void,
         nargs: usize,
         schedule: i32,
@@ -42,6 +43,16 @@ extern "C" {
     ) -> i32;
     fn bert_sim_kernel_count() -> usize;
     fn bert_sim_kernel_name(i: usize) -> *const c_char;
+}
+
+/// Runs a C entry point that reports failure as 1 plus a message in a buffer.
+fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), SimError> {
+    let mut err = vec![0u8; 2048];
+    if call(err.as_mut_ptr().cast(), err.len()) == 0 {
+        return Ok(());
+    }
+    let msg = CStr::from_bytes_until_nul(&err).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Err(SimError(msg))
 }
 
 /// The order in which a block's threads run between sync points. A race-free kernel gives the
@@ -77,6 +88,44 @@ impl Schedule {
     }
 }
 
+/// How to run one launch: the thread order, and the dynamic shared memory the driver would allow
+/// (48 KiB without an opt-in; up to the device's maximum after
+/// `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)`, which the caller models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchOptions {
+    pub schedule: Schedule,
+    pub max_dynamic_shared_bytes: usize,
+}
+
+impl LaunchOptions {
+    /// What a kernel may use without `cuFuncSetAttribute` on every architecture.
+    pub const DEFAULT_MAX_DYNAMIC_SHARED_BYTES: usize = 48 * 1024;
+
+    /// The default limit, the schedule from `CUDA_SIM_SCHEDULE` (see [`Schedule::from_env`]).
+    pub fn from_env() -> Result<LaunchOptions, SimError> {
+        Ok(LaunchOptions { schedule: Schedule::from_env()?, ..LaunchOptions::default() })
+    }
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions { schedule: Schedule::Forward, max_dynamic_shared_bytes: Self::DEFAULT_MAX_DYNAMIC_SHARED_BYTES }
+    }
+}
+
+/// A schedule with the default limit (for launchers that only pick the order).
+impl From<Schedule> for LaunchOptions {
+    fn from(schedule: Schedule) -> Self {
+        LaunchOptions { schedule, ..LaunchOptions::default() }
+    }
+}
+
+impl From<&LaunchOptions> for LaunchOptions {
+    fn from(o: &LaunchOptions) -> Self {
+        *o
+    }
+}
+
 /// A launch the executor refused or a kernel that broke a CUDA rule, with its message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -92,52 +141,49 @@ pub fn kernel_names() -> Vec<String> {
     }
 }
 
-/// Launches a registry kernel; see [`launch_by_name`].
+/// Launches a registry kernel; see [`launch_by_name`]. `opts` is a `&LaunchOptions` or, for
+/// launchers that only choose the order, a [`Schedule`] (with the default 48 KiB limit).
 ///
 /// # Safety
 /// As [`launch_by_name`].
-pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_void], schedule: Schedule) -> Result<(), SimError> {
+pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_void], opts: impl Into<LaunchOptions>) -> Result<(), SimError> {
     // SAFETY: forwarded to the caller.
-    unsafe { launch_by_name(kernel.name, cfg, args, schedule) }
+    unsafe { launch_by_name(kernel.name, cfg, args, &opts.into()) }
 }
 
 /// Runs `name` over `cfg.grid_dim` blocks of `cfg.block_dim` threads and returns when every
-/// block has finished (or the first violation).
+/// block has finished (or the first violation). A launch asking for more dynamic shared memory
+/// than `opts.max_dynamic_shared_bytes` is refused, as the driver would.
 ///
 /// # Safety
 /// `args` holds one pointer per kernel parameter, in order, each pointing at a value of that
 /// parameter's exact type (a device pointer is a host pointer here, passed as a pointer to it),
 /// and every memory access the kernel makes through those pointers must be valid.
-pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], schedule: Schedule) -> Result<(), SimError> {
+pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], opts: &LaunchOptions) -> Result<(), SimError> {
     let cname = CString::new(name).map_err(|_| SimError(format!("kernel name `{name}` contains NUL")))?;
     let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
     let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
-    let (sched, seed) = match schedule {
+    let (sched, seed) = match opts.schedule {
         Schedule::Forward => (0, 0),
         Schedule::Reverse => (1, 0),
         Schedule::Random(s) => (2, s),
     };
-    let mut err = vec![0u8; 2048];
     // SAFETY: the arrays live across the call; the argument contract is the caller's.
-    let rc = unsafe {
+    checked(|err, len| unsafe {
         bert_sim_launch(
             cname.as_ptr(),
             grid.as_ptr(),
             block.as_ptr(),
             cfg.shared_mem_bytes as usize,
+            opts.max_dynamic_shared_bytes,
             args.as_mut_ptr(),
             args.len(),
             sched,
             seed,
-            err.as_mut_ptr().cast(),
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let msg = CStr::from_bytes_until_nul(&err).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Err(SimError(msg))
+    })
 }
 
 /// A pointer to `v`, as one entry of a launch's argument array.

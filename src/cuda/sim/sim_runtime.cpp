@@ -387,8 +387,8 @@ void syncwarp_at(const char* file, int line, unsigned mask) { warp_op_at(file, l
 
 // cuLaunchKernel's shape: kernel by name, grid, block, dynamic shared bytes, one pointer per
 // parameter. Returns 0, or 1 with a message in `err` (truncated to err_len).
-extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, void** args, size_t nargs, int schedule,
-                               uint64_t seed, char* err, size_t err_len) {
+extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, size_t max_smem, void** args, size_t nargs,
+                               int schedule, uint64_t seed, char* err, size_t err_len) {
     auto fail = [&](const std::string& msg) {
         if (err_len) snprintf(err, err_len, "%s", msg.c_str());
         return 1;
@@ -405,9 +405,9 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     if (threads > 1024 || block[2] > 64 || grid[1] > 65535 || grid[2] > 65535)
         return fail(sim::format("cuda-sim: kernel `%s`: block (%u,%u,%u) / grid (%u,%u,%u) exceeds the device limits (1024 threads, z <= 64, grid y,z <= 65535)",
                                 name, block[0], block[1], block[2], grid[0], grid[1], grid[2]));
-    if (smem > sim::kMaxDynamicShared)
-        return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu a kernel gets without an opt-in", name, smem,
-                                sim::kMaxDynamicShared));
+    if (smem > max_smem)
+        return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed this launch's limit of %zu bytes%s", name, smem, max_smem,
+                                max_smem == sim::kMaxDynamicShared ? " (what a kernel gets without a cuFuncSetAttribute opt-in)" : ""));
     if (schedule < 0 || schedule > 2) return fail(sim::format("cuda-sim: unknown schedule %d", schedule));
     sim::Launch L;
     L.k = k;
