@@ -37,7 +37,7 @@ fn main() {
     }
 }
 
-/// The `cuda-sim` CPU executor: compiles src/cuda/sim/sim_runtime.cpp and, per kernel family, one
+/// The `cuda-sim` CPU executor: compiles src/cuda/sim/*.cpp and, per kernel family, one
 /// C++ translation unit holding `sim.cuh`, then `kernels/common.cuh` and the family's text inside
 /// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrite is
 /// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);` on the same line. The planted-bug
@@ -69,7 +69,8 @@ mod sim {
             .flag_if_supported("-Wno-unknown-pragmas")
             .flag_if_supported("-Wno-unused-parameter")
             .include(manifest.join("src/cuda/sim"))
-            .file(manifest.join("src/cuda/sim/sim_runtime.cpp"));
+            .file(manifest.join("src/cuda/sim/sim_runtime.cpp"))
+            .file(manifest.join("src/cuda/sim/sim_context.cpp"));
         let mut table = String::from("#include \"sim.cuh\"\n");
         let mut entries = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();

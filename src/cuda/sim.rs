@@ -17,8 +17,9 @@
 //! - launch configurations beyond the device limits (1024 threads, the launch's dynamic shared
 //!   memory limit in [`LaunchOptions`]) are refused.
 //!
-//! Threads of a block run as fibers (ucontext) in a [`Schedule`] order; blocks are spread over
-//! OS threads (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots,
+//! Threads of a block run as fibers (a hand-written context switch on x86-64, ucontext elsewhere
+//! or with `CUDA_SIM_SWITCH=ucontext`) in a [`Schedule`] order; blocks are spread over OS threads
+//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots,
 //! bf16/f16, out-of-bounds global-memory checks; static `__shared__` arrays are not poisoned.
 
 use std::ffi::{c_char, c_void, CStr, CString};

@@ -1,14 +1,13 @@
-// cuda-sim runtime: runs a kernel compiled from kernels/*.cu on the CPU with one ucontext fiber per
-// CUDA thread, one block at a time per worker OS thread, under strict Volta+ rules. Every failure
-// is returned as a message naming the kernel, block, thread and source line; nothing aborts.
+// cuda-sim runtime: runs a kernel compiled from kernels/*.cu on the CPU with one fiber per CUDA
+// thread, one block at a time per worker OS thread, under strict Volta+ rules. Every failure is
+// returned as a message naming the kernel, block, thread and source line; nothing aborts.
 //
-// Cost: ucontext's swapcontext saves and restores the signal mask (two syscalls per switch), about
-// 1 us per switch; a hand-written context switch would be 5-8x faster. Fibers switch only at
-// __syncthreads, warp collectives and exit.
+// Fibers switch only at __syncthreads, warp collectives and exit (sim_context.cpp: a hand-written
+// switch on x86-64, ucontext elsewhere).
 #include "sim.cuh"
+#include "sim_internal.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,7 +33,7 @@ thread_local unsigned char* tl_dynamic_shared;
 
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;  // mapped lazily (MAP_NORESERVE): only touched pages cost
+constexpr size_t kStackBytes = 256 * 1024;  // MAP_NORESERVE: only touched pages cost; pooled (sim_context.cpp)
 constexpr size_t kCanaryBytes = 64;
 constexpr unsigned char kCanary = 0xA5;
 constexpr uint32_t kSharedPoison = 0x7fc0dead;  // a quiet NaN as f32: an unwritten read shows up
@@ -44,7 +43,7 @@ constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a kernel gets without c
 enum class St { Ready, Barrier, Warp, Exited };
 
 struct Fiber {
-    ucontext_t ctx;
+    Ctx ctx;
     uint3 idx;
     unsigned linear;
     St st;
@@ -85,6 +84,7 @@ struct Launch {
     void** args;
     int schedule;  // 0 forward, 1 reverse, 2 random
     uint64_t seed;
+    bool use_asm;  // the hand-written context switch (else ucontext)
     std::atomic<uint64_t> next_block{0};
     std::atomic<bool> failed{false};
     std::mutex mu;
@@ -100,16 +100,16 @@ struct Launch {
 struct Worker {
     Launch* L;
     std::vector<Fiber> fibers;
-    std::vector<void*> stacks;
+    std::vector<Stack> stacks;
     std::vector<unsigned> order;
     std::vector<unsigned char> smem_store;
     unsigned char* smem = nullptr;
-    ucontext_t sched;
+    Ctx sched;
     Fiber* cur = nullptr;
     std::string error;  // set by a fiber that hit a violation; the block stops
     uint3 bidx;
     ~Worker() {
-        for (void* s : stacks) munmap(s, kStackBytes);
+        give_back_stacks(stacks);
     }
     std::string where(const Fiber& f) const {
         return format("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", L->k->name, bidx.x, bidx.y, bidx.z, f.idx.x, f.idx.y, f.idx.z);
@@ -124,7 +124,7 @@ thread_local Worker* tl_worker;
     Worker* W = tl_worker;
     W->error = W->where(*W->cur) + ": " + msg;
     Fiber* f = W->cur;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();  // unreachable: a failed fiber is never resumed
 }
 
@@ -133,13 +133,13 @@ void fiber_main() {
     W->L->k->launch(W->L->args);
     Fiber* f = W->cur;
     f->st = St::Exited;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();
 }
 
 void block_wait(Fiber* f) {
     Worker* W = tl_worker;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
 }
 
 std::string sync_point(const char* file, int line, const char* op = nullptr) {
@@ -244,8 +244,8 @@ void run_block(Worker& W, uint64_t b) {
 
     W.fibers.resize(n);
     while (W.stacks.size() < n) {
-        void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
-        if (s == MAP_FAILED) {
+        Stack s;
+        if (!take_stack(s, kStackBytes)) {
             W.error = "cuda-sim: cannot map a fiber stack";
             return;
         }
@@ -260,11 +260,7 @@ void run_block(Worker& W, uint64_t b) {
         f.file = "(kernel start)";
         f.line = 0;
         f.op = -1;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = W.stacks[i];
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        init_ctx(f.ctx, W.stacks[i], fiber_main, L.use_asm);
     }
     W.order.resize(n);
     for (unsigned i = 0; i < n; ++i) W.order[i] = L.schedule == 1 ? n - 1 - i : i;
@@ -280,7 +276,7 @@ void run_block(Worker& W, uint64_t b) {
             const int from_op = f.op;
             W.cur = &f;
             tl_thread_idx = &f.idx;
-            swapcontext(&W.sched, &f.ctx);
+            switch_ctx(W.sched, f.ctx, L.use_asm);
             if (!W.error.empty()) return;
             if (!canary_ok(W)) {
                 const std::string from = from_line == 0 ? std::string("the kernel's start") : sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
@@ -409,6 +405,12 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
         return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed this launch's limit of %zu bytes%s", name, smem, max_smem,
                                 max_smem == sim::kMaxDynamicShared ? " (what a kernel gets without a cuFuncSetAttribute opt-in)" : ""));
     if (schedule < 0 || schedule > 2) return fail(sim::format("cuda-sim: unknown schedule %d", schedule));
+    bool use_asm = SIM_ASM_SWITCH;
+    if (const char* e = getenv("CUDA_SIM_SWITCH"); e && *e) {
+        if (strcmp(e, "ucontext") == 0) use_asm = false;
+        else if (strcmp(e, "asm") == 0 && SIM_ASM_SWITCH) use_asm = true;
+        else return fail(sim::format("cuda-sim: CUDA_SIM_SWITCH=%s: expected ucontext%s", e, SIM_ASM_SWITCH ? " or asm" : " (no hand-written switch on this host)"));
+    }
     sim::Launch L;
     L.k = k;
     L.grid = dim3{grid[0], grid[1], grid[2]};
@@ -417,6 +419,7 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     L.args = args;
     L.schedule = schedule;
     L.seed = seed;
+    L.use_asm = use_asm;
     const uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
     unsigned workers = std::max(1u, std::thread::hardware_concurrency());
     if (const char* e = getenv("CUDA_SIM_THREADS")) workers = std::max(1, atoi(e));
