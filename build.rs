@@ -42,6 +42,8 @@ fn main() {
 /// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrite is
 /// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);` on the same line. The planted-bug
 /// kernels of tests/sim_kernels/*.cu are compiled the same way (test material, not kernels/).
+/// Everything is compiled with `-g` (about 0.3 s more for the runtime) so that a fault in kernel
+/// code can be reported with its source line.
 #[cfg(feature = "cuda-sim")]
 mod sim {
     use super::*;
@@ -63,14 +65,15 @@ mod sim {
             .cpp(true)
             .std("c++20")
             .opt_level(2)
-            .debug(false)
+            .debug(true)
             .flag("-ffp-contract=off")
             .flag("-fno-strict-aliasing")
             .flag_if_supported("-Wno-unknown-pragmas")
             .flag_if_supported("-Wno-unused-parameter")
             .include(manifest.join("src/cuda/sim"))
             .file(manifest.join("src/cuda/sim/sim_runtime.cpp"))
-            .file(manifest.join("src/cuda/sim/sim_context.cpp"));
+            .file(manifest.join("src/cuda/sim/sim_context.cpp"))
+            .file(manifest.join("src/cuda/sim/sim_memory.cpp"));
         let mut table = String::from("#include \"sim.cuh\"\n");
         let mut entries = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();

@@ -14,15 +14,19 @@
 //!   lane must be in its mask, and a value read from a lane outside the mask is NaN;
 //! - dynamic shared memory is exactly the launch's size, filled with NaN, and followed by a canary
 //!   that is checked every time a thread yields, so an overflow names the thread;
+//! - device memory ([`SimAllocation`]) ends directly before a guard page, so a read or write past
+//!   the end (or a null pointer, a use after free, a stack overflow) stops the launch with a
+//!   message naming the access, the allocation and the source line;
 //! - launch configurations beyond the device limits (1024 threads, the launch's dynamic shared
 //!   memory limit in [`LaunchOptions`]) are refused.
 //!
 //! Threads of a block run as fibers (a hand-written context switch on x86-64, ucontext elsewhere
 //! or with `CUDA_SIM_SWITCH=ucontext`) in a [`Schedule`] order; blocks are spread over OS threads
-//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots,
-//! bf16/f16, out-of-bounds global-memory checks; static `__shared__` arrays are not poisoned.
+//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots, bf16/f16; static
+//! `__shared__` arrays are not poisoned.
 
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::NonNull;
 
 use cudarc::driver::LaunchConfig;
 
@@ -44,6 +48,9 @@ extern "C" {
     ) -> i32;
     fn bert_sim_kernel_count() -> usize;
     fn bert_sim_kernel_name(i: usize) -> *const c_char;
+    fn bert_sim_alloc(bytes: usize, out: *mut *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+    fn bert_sim_free(p: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+    fn bert_sim_source_lines_available() -> i32;
 }
 
 /// Runs a C entry point that reports failure as 1 plus a message in a buffer.
@@ -127,6 +134,63 @@ impl From<&LaunchOptions> for LaunchOptions {
     }
 }
 
+/// Device memory for the executor, as `cudaMalloc` would give it, with the checks a GPU lacks:
+///
+/// - the usable bytes start 16-byte aligned (enough for every vector load; `cudaMalloc` aligns to
+///   256) and end at most 15 bytes before a `PROT_NONE` guard page (another guards the start), so
+///   a kernel that reads or writes past the end stops with "out-of-bounds global read of 4 bytes
+///   at 0x…: 0 bytes past the end of a 256-byte cuda-sim allocation" and its thread and line
+///   (accesses into the up to 15 bytes of tail padding are not caught; valgrind reports them);
+/// - the contents start poisoned (every 4-byte word `0x7fc0dead`, a NaN as f32), tail padding
+///   included: `cudaMalloc` memory is uninitialised, and a kernel that reads what nobody wrote
+///   should see NaN, not zeros;
+/// - after drop, the addresses stay unmapped for a while, so a launch that still uses them
+///   reports a use after free.
+///
+/// `new(0)` is valid: its pointer sits directly on the guard page.
+#[derive(Debug)]
+pub struct SimAllocation {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: an allocation is plain memory owned by this value; the registry behind it is locked.
+unsafe impl Send for SimAllocation {}
+// SAFETY: &SimAllocation only hands out the address and length.
+unsafe impl Sync for SimAllocation {}
+
+impl SimAllocation {
+    pub fn new(bytes: usize) -> Result<SimAllocation, SimError> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `p` outlives the call; the error buffer is sized by `checked`.
+        checked(|err, len| unsafe { bert_sim_alloc(bytes, &mut p, err, len) })?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| SimError("cuda-sim: the allocator returned null".into()))?;
+        Ok(SimAllocation { ptr, len: bytes })
+    }
+
+    /// The device address (a host address here), valid for `len()` bytes.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The bytes asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SimAllocation {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from bert_sim_alloc and is freed once, here. It cannot fail for
+        // such a pointer, and a destructor has nobody to tell.
+        let _ = checked(|err, len| unsafe { bert_sim_free(self.ptr.as_ptr().cast(), err, len) });
+    }
+}
+
 /// A launch the executor refused or a kernel that broke a CUDA rule, with its message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -158,8 +222,10 @@ pub unsafe fn launch(kernel: KernelName, cfg: LaunchConfig, args: &mut [*mut c_v
 ///
 /// # Safety
 /// `args` holds one pointer per kernel parameter, in order, each pointing at a value of that
-/// parameter's exact type (a device pointer is a host pointer here, passed as a pointer to it),
-/// and every memory access the kernel makes through those pointers must be valid.
+/// parameter's exact type (a device pointer is a host pointer here, passed as a pointer to it).
+/// Memory the kernel reaches through those pointers should be [`SimAllocation`]s: an access
+/// outside one is caught only where it faults (guard pages, unmapped addresses); an access that
+/// lands in other live host memory is undefined behaviour, as on a GPU.
 pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], opts: &LaunchOptions) -> Result<(), SimError> {
     let cname = CString::new(name).map_err(|_| SimError(format!("kernel name `{name}` contains NUL")))?;
     let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
@@ -187,7 +253,42 @@ pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_v
     })
 }
 
+/// Whether a fault in kernel code is reported with its source line in this process: needs
+/// `llvm-addr2line` or `addr2line` on `PATH` (or `CUDA_SIM_ADDR2LINE`) and a binary that kept its
+/// line information (cargo strips it from release builds unless `debug` is on). Otherwise the
+/// report names the sync points around the fault.
+pub fn source_lines_available() -> bool {
+    // SAFETY: no arguments; the C side caches its answer.
+    unsafe { bert_sim_source_lines_available() != 0 }
+}
+
 /// A pointer to `v`, as one entry of a launch's argument array.
 pub fn arg<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free(p: *mut c_void) -> Result<(), SimError> {
+        // SAFETY: bert_sim_free checks the pointer against its registry before touching anything.
+        checked(|err, len| unsafe { bert_sim_free(p, err, len) })
+    }
+
+    #[test]
+    fn bad_frees_are_errors() {
+        let mut local = 0u32;
+        let err = free((&mut local as *mut u32).cast()).unwrap_err().0;
+        assert!(err.contains("which is not a cuda-sim allocation"), "{err}");
+        let a = SimAllocation::new(64).unwrap();
+        // SAFETY: inside the allocation.
+        let inner = unsafe { a.as_ptr().add(8) };
+        let err = free(inner.cast()).unwrap_err().0;
+        assert!(err.contains("which is 8 bytes into the 64-byte allocation at"), "{err}");
+        let p = a.as_ptr();
+        drop(a);
+        let err = free(p.cast()).unwrap_err().0;
+        assert!(err.contains("double free of the 64-byte allocation at"), "{err}");
+    }
 }

@@ -3,7 +3,8 @@
 // returned as a message naming the kernel, block, thread and source line; nothing aborts.
 //
 // Fibers switch only at __syncthreads, warp collectives and exit (sim_context.cpp: a hand-written
-// switch on x86-64, ucontext elsewhere).
+// switch on x86-64, ucontext elsewhere). A fiber that faults (out-of-bounds global access, null
+// pointer, stack overflow) is abandoned and its block fails (sim_memory.cpp).
 #include "sim.cuh"
 #include "sim_internal.h"
 
@@ -40,7 +41,7 @@ constexpr uint32_t kSharedPoison = 0x7fc0dead;  // a quiet NaN as f32: an unwrit
 constexpr uint64_t kLanePoison = 0x7ff8dead7fc0deadull;  // NaN as f32 (low half) and as f64
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a kernel gets without cuFuncSetAttribute
 
-enum class St { Ready, Barrier, Warp, Exited };
+enum class St { Ready, Barrier, Warp, Exited, Faulted };
 
 struct Fiber {
     Ctx ctx;
@@ -133,6 +134,16 @@ void fiber_main() {
     W->L->k->launch(W->L->args);
     Fiber* f = W->cur;
     f->st = St::Exited;
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
+    abort();
+}
+
+// Where the SIGSEGV handler sends a fiber that faulted (on the top of its stack; sim_memory.cpp):
+// back to the scheduler, which reads tl_running.fault. Never resumed.
+void fiber_fault_entry() {
+    Worker* W = tl_worker;
+    Fiber* f = W->cur;
+    f->st = St::Faulted;
     switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();
 }
@@ -276,7 +287,22 @@ void run_block(Worker& W, uint64_t b) {
             const int from_op = f.op;
             W.cur = &f;
             tl_thread_idx = &f.idx;
+            const Stack& stack = W.stacks[i];
+            tl_running.lo = (uintptr_t)stack.map;
+            tl_running.hi = stack.hi;
+            tl_running.on_fault = fiber_fault_entry;
+            tl_running.faulted = 0;
             switch_ctx(W.sched, f.ctx, L.use_asm);
+            tl_running.lo = 0;
+            if (f.st == St::Faulted) {
+                const FaultRecord fault = tl_running.fault;
+                std::string where = source_location(fault.pc);
+                where = where.empty() ? std::string() : " at " + where;
+                const std::string after = from_line == 0 ? std::string("before its first sync point")
+                                                         : "after " + sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
+                W.error = W.where(f) + ": " + describe_fault(fault, stack, kStackBytes) + where + " (" + after + ")";
+                return;
+            }
             if (!W.error.empty()) return;
             if (!canary_ok(W)) {
                 const std::string from = from_line == 0 ? std::string("the kernel's start") : sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
@@ -325,6 +351,7 @@ void run_block(Worker& W, uint64_t b) {
 }
 
 void worker_main(Launch* L) {
+    AltStack alt;  // the fault handler needs a stack of its own when a fiber overflows its stack
     Worker W;
     W.L = L;
     tl_worker = &W;
@@ -411,6 +438,7 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
         else if (strcmp(e, "asm") == 0 && SIM_ASM_SWITCH) use_asm = true;
         else return fail(sim::format("cuda-sim: CUDA_SIM_SWITCH=%s: expected ucontext%s", e, SIM_ASM_SWITCH ? " or asm" : " (no hand-written switch on this host)"));
     }
+    sim::install_fault_handler();
     sim::Launch L;
     L.k = k;
     L.grid = dim3{grid[0], grid[1], grid[2]};
