@@ -1,6 +1,7 @@
 //! cuda-sim's memory side (feature `cuda-sim`): device allocations with guard pages, out-of-bounds
-//! global accesses reported with kernel, block, thread, bytes and source line, the per-launch
-//! dynamic shared memory limit; and the process going on after every planted fault. Kernels: tests/sim_kernels/memory.cu (the line numbers below are
+//! global accesses reported with kernel, block, thread, bytes and source line, static `__shared__`
+//! arrays poisoned per block, the per-launch dynamic shared memory limit; and the process going on
+//! after every planted fault. Kernels: tests/sim_kernels/memory.cu (the line numbers below are
 //! the planted lines there).
 //!
 //! The tests named `*_fault_*` deliberately fault into guard pages; scripts/valgrind-kernels.sh
@@ -203,6 +204,29 @@ fn stack_overflow_fault_is_named() {
     let err = run(1 << 20).unwrap_err().0;
     assert_mentions(&err, &["kernel `mem_stack_overflow`, block (0,0,0), thread (3,0,0): stack overflow: the thread used up its 256 KiB cuda-sim stack"]);
     run(50).unwrap();
+}
+
+/// Every block reads its static `__shared__` arrays (1-D, scalar, 2-D, file scope) before writing them and
+/// must see poison, never an earlier block's values. 1024 blocks on at most as many workers as
+/// cores: workers run several blocks each, whatever CUDA_SIM_THREADS says.
+#[test]
+fn static_shared_is_poisoned_for_every_block() {
+    let blocks = 1024usize;
+    let out = floats(blocks * 64, |_| 0.0);
+    let scalars = floats(blocks * 3, |_| 0.0);
+    for schedule in SCHEDULES {
+        let (mut po, mut ps) = (ptr(&out), scalars.as_ptr().cast::<u32>());
+        // SAFETY: mem_static_shared(float* out, unsigned* scalars): out[b * 64 + t], scalars[3b..3b+3].
+        unsafe { sim::launch_by_name("mem_static_shared", cfg(blocks as u32, 64, 0), &mut [arg(&mut po), arg(&mut ps)], &opts(schedule)) }.unwrap();
+        let seen = read_f32(&out);
+        assert!(seen[0].is_nan(), "{schedule:?}: an unwritten static shared float reads as NaN");
+        for (i, v) in seen.iter().enumerate() {
+            assert_eq!(v.to_bits(), POISON, "{schedule:?}: block {} thread {} read {v} before writing", i / 64, i % 64);
+        }
+        for (i, v) in read_f32(&scalars).iter().enumerate() {
+            assert_eq!(v.to_bits(), POISON, "{schedule:?}: block {} {} read {:#x}", i / 3, ["counter", "grid2[3][32]", "file_scope_tile[7]"][i % 3], v.to_bits());
+        }
+    }
 }
 
 /// `mem_dynamic_shared(out, n)` over 64 threads with exactly n floats of dynamic shared memory.

@@ -13,7 +13,8 @@
 //!   named by the mask must arrive (an exited or diverged lane is an error, not a hang), the calling
 //!   lane must be in its mask, and a value read from a lane outside the mask is NaN;
 //! - dynamic shared memory is exactly the launch's size, filled with NaN, and followed by a canary
-//!   that is checked every time a thread yields, so an overflow names the thread;
+//!   that is checked every time a thread yields, so an overflow names the thread; static
+//!   `__shared__` arrays are NaN-poisoned for every block;
 //! - device memory ([`SimAllocation`]) ends directly before a guard page, so a read or write past
 //!   the end (or a null pointer, a use after free, a stack overflow) stops the launch with a
 //!   message naming the access, the allocation and the source line;
@@ -22,8 +23,7 @@
 //!
 //! Threads of a block run as fibers (a hand-written context switch on x86-64, ucontext elsewhere
 //! or with `CUDA_SIM_SWITCH=ucontext`) in a [`Schedule`] order; blocks are spread over OS threads
-//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots, bf16/f16; static
-//! `__shared__` arrays are not poisoned.
+//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots, bf16/f16.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;

@@ -1,5 +1,5 @@
-// Kernels for tests/cuda_sim_memory.rs: device memory, guard pages and shared-memory limits under
-// cuda-sim. The planted bugs must be reported with kernel, block, thread and line,
+// Kernels for tests/cuda_sim_memory.rs: device memory, guard pages, shared-memory poisoning and
+// limits under cuda-sim. The planted bugs must be reported with kernel, block, thread and line,
 // and the process must go on. Compiled only into the cuda-sim executor (build.rs), never by NVRTC.
 // The tests name line numbers in this file: keep the planted lines where they are.
 
@@ -24,6 +24,34 @@ extern "C" __global__ void mem_read_one(float* out, const float* in, int who, in
     __syncthreads();
     if (blockIdx.x == 0 && (int)threadIdx.x == who) {
         out[0] = in[index];
+    }
+}
+
+__shared__ float file_scope_tile[8];
+
+// A static __shared__ array read before this block writes it: out[b * n + t] gets what thread t
+// of block b saw first (poison), then the block fills the array with b + 1 for the next block to
+// (not) see. The scalar, the 2-D and the file-scope array check the other declaration forms.
+extern "C" __global__ void mem_static_shared(float* out, unsigned* scalars)
+{
+    __shared__ float tile[64];
+    __shared__ unsigned counter;
+    __shared__ float grid2[4][33];
+    const unsigned t = threadIdx.x, b = blockIdx.x;
+    out[b * blockDim.x + t] = tile[t];
+    if (t == 0) {
+        scalars[3 * b] = counter;
+        float g = grid2[3][32];
+        memcpy(&scalars[3 * b + 1], &g, 4);
+        g = file_scope_tile[7];
+        memcpy(&scalars[3 * b + 2], &g, 4);
+    }
+    __syncthreads();
+    tile[t] = (float)(b + 1);
+    if (t == 0) {
+        counter = b + 1;
+        grid2[3][32] = (float)(b + 1);
+        file_scope_tile[7] = (float)(b + 1);
     }
 }
 

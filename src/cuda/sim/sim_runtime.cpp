@@ -31,13 +31,27 @@ thread_local uint3 tl_block_idx;
 thread_local dim3 tl_block_dim;
 thread_local dim3 tl_grid_dim;
 thread_local unsigned char* tl_dynamic_shared;
+thread_local uint64_t tl_block_generation;
+
+namespace {
+
+std::atomic<uint64_t> g_block_generation{0};
+
+// The poisoners of file-scope __shared__ variables (registered during static initialisation).
+std::vector<void (*)()>& file_scope_shared() {
+    static std::vector<void (*)()> v;
+    return v;
+}
+
+}  // namespace
+
+SharedAtFileScope::SharedAtFileScope(void (*poison_here)()) { file_scope_shared().push_back(poison_here); }
 
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;  // MAP_NORESERVE: only touched pages cost; pooled (sim_context.cpp)
 constexpr size_t kCanaryBytes = 64;
 constexpr unsigned char kCanary = 0xA5;
-constexpr uint32_t kSharedPoison = 0x7fc0dead;  // a quiet NaN as f32: an unwritten read shows up
 constexpr uint64_t kLanePoison = 0x7ff8dead7fc0deadull;  // NaN as f32 (low half) and as f64
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a kernel gets without cuFuncSetAttribute
 
@@ -248,10 +262,13 @@ void run_block(Worker& W, uint64_t b) {
     tl_grid_dim = g;
     const unsigned n = bd.x * bd.y * bd.z;
     // Dynamic shared memory: exactly L.smem bytes, poisoned, then a canary.
-    for (size_t i = 0; i + 4 <= L.smem; i += 4) memcpy(W.smem + i, &kSharedPoison, 4);
-    for (size_t i = L.smem & ~size_t(3); i < L.smem; ++i) W.smem[i] = 0xff;
+    poison(W.smem, L.smem);
     memset(W.smem + L.smem, kCanary, kCanaryBytes);
     tl_dynamic_shared = W.smem;
+    // Static __shared__ arrays: poisoned when the block first reaches their declaration (SIM_SHARED)
+    // or now (file scope).
+    tl_block_generation = ++g_block_generation;
+    for (void (*p)() : file_scope_shared()) p();
 
     W.fibers.resize(n);
     while (W.stacks.size() < n) {
