@@ -269,6 +269,9 @@ fn fresh_allocations_are_poisoned_and_aligned() {
     }
     let err = SimAllocation::new(usize::MAX).unwrap_err().0;
     assert!(err.contains(&format!("cannot allocate {} bytes of device memory", usize::MAX)), "{err}");
+    // Poisoning would commit it all: more than the machine's memory is refused, not OOM-killed.
+    let err = SimAllocation::new(1 << 50).unwrap_err().0;
+    assert!(err.contains(&format!("cannot allocate {} bytes of device memory (the machine has", 1u64 << 50)), "{err}");
 }
 
 /// After every kind of fault the next launches run normally, on fresh workers and on the same

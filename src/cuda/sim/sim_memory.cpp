@@ -97,6 +97,13 @@ extern "C" int bert_sim_alloc(size_t bytes, void** out, char* err, size_t err_le
         set_err(err, err_len, fmt("cuda-sim: cannot allocate %zu bytes of device memory (more than the address space)", bytes));
         return 1;
     }
+    // The poison commits every page: a size beyond the machine's memory would end in the OOM
+    // killer rather than an error, so refuse it as cudaMalloc would refuse more than the device has.
+    const long phys = sysconf(_SC_PHYS_PAGES);
+    if (phys > 0 && bytes / page >= (size_t)phys) {
+        set_err(err, err_len, fmt("cuda-sim: cannot allocate %zu bytes of device memory (the machine has %zu bytes)", bytes, (size_t)phys * page));
+        return 1;
+    }
     const size_t padded = (bytes + 15) & ~size_t(15);
     const size_t data = (padded + page - 1) / page * page;
     const size_t len = page + data + page;
