@@ -1,8 +1,9 @@
 //! `cuda-sim`: runs the kernels of `kernels/*.cu` on the CPU under strict CUDA semantics
 //! (cargo feature `cuda-sim`; design in the shared docs' `KERNELS_ON_CPU.md`).
 //!
-//! `build.rs` compiles the C++20 runtime in `src/cuda/sim/` with the unmodified kernel text (one
-//! namespace per family, `#line` markers naming the real files). Launches take the shape of
+//! `build.rs` compiles the C++20 runtime in `src/cuda/sim/` with the kernel text (one namespace per
+//! family, `#line` markers naming the real files; only `__shared__` declarations are rewritten,
+//! each on its own line). Launches take the shape of
 //! `cuLaunchKernel`: a kernel name, grid, block, dynamic shared bytes and one pointer per kernel
 //! parameter. Device pointers are host pointers here.
 //!
