@@ -42,7 +42,7 @@ fn main() {
 /// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrites are
 /// of shared-memory declarations, on the same line (see `rewrite_shared`). The planted-bug
 /// kernels of tests/sim_kernels/*.cu are compiled the same way (test material, not kernels/).
-/// Everything is compiled with `-g` (about 0.3 s more for the runtime) so that a fault in kernel
+/// Everything is compiled with `-g` (about 0.4 s more per large runtime file) so that a fault in kernel
 /// code can be reported with its source line.
 #[cfg(feature = "cuda-sim")]
 mod sim {
