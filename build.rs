@@ -37,11 +37,13 @@ fn main() {
     }
 }
 
-/// The `cuda-sim` CPU executor: compiles src/cuda/sim/sim_runtime.cpp and, per kernel family, one
-/// C++ translation unit holding `sim.cuh`, then `kernels/common.cuh` and the family's text inside
-/// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrite is
-/// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);` on the same line. The planted-bug
+/// The `cuda-sim` CPU executor: compiles src/cuda/sim/*.cpp and, per kernel family, one C++
+/// translation unit holding `sim.cuh`, then `kernels/common.cuh` and the family's text inside
+/// `namespace bert_sim_<family>`, with `#line` markers naming the real files. The only rewrites are
+/// of shared-memory declarations, on the same line (see `rewrite_shared`). The planted-bug
 /// kernels of tests/sim_kernels/*.cu are compiled the same way (test material, not kernels/).
+/// Everything is compiled with `-g` (about 0.4 s more per large runtime file) so that a fault in kernel
+/// code can be reported with its source line.
 #[cfg(feature = "cuda-sim")]
 mod sim {
     use super::*;
@@ -50,7 +52,7 @@ mod sim {
         println!("cargo:rerun-if-changed=src/cuda/sim");
         println!("cargo:rerun-if-changed=tests/sim_kernels");
         let common_path = manifest.join("kernels").join(COMMON_HEADER);
-        let common = if common_path.is_file() { Some(read(&common_path)?) } else { None };
+        let common = if common_path.is_file() { Some(rewrite_shared(&read(&common_path)?, &format!("kernels/{COMMON_HEADER}"))?) } else { None };
         let mut files = Vec::new();
         for dir in ["kernels", "tests/sim_kernels"] {
             let Ok(entries) = std::fs::read_dir(manifest.join(dir)) else { continue };
@@ -63,7 +65,7 @@ mod sim {
             .cpp(true)
             .std("c++20")
             .opt_level(2)
-            .debug(false)
+            .debug(true)
             .flag("-ffp-contract=off")
             .flag("-fno-strict-aliasing")
             .flag_if_supported("-Wno-unknown-pragmas")
@@ -71,7 +73,9 @@ mod sim {
             .include(manifest.join("src/cuda/sim"))
             // Stub <cuda_bf16.h> / <cuda_fp16.h>: for the executor only, never for NVRTC.
             .include(manifest.join("src/cuda/sim/include"))
-            .file(manifest.join("src/cuda/sim/sim_runtime.cpp"));
+            .file(manifest.join("src/cuda/sim/sim_runtime.cpp"))
+            .file(manifest.join("src/cuda/sim/sim_context.cpp"))
+            .file(manifest.join("src/cuda/sim/sim_memory.cpp"));
         let mut table = String::from("#include \"sim.cuh\"\n");
         let mut entries = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -94,7 +98,7 @@ mod sim {
                 unit.push('\n');
             }
             let _ = writeln!(unit, "#line 1 \"{rel}\"");
-            unit.push_str(&rewrite_extern_shared(&text, &rel)?);
+            unit.push_str(&rewrite_shared(&text, &rel)?);
             unit.push_str("\n#line 100000 \"(cuda-sim generated)\"\n");
             for k in &kernels {
                 let _ = writeln!(unit, "static void sim_launch_{k}(void** args) {{ ::sim::call(&{k}, args); }}");
@@ -118,30 +122,167 @@ mod sim {
         build.try_compile("bert_cuda_sim").map_err(|e| e.to_string())
     }
 
-    /// `extern __shared__ T name[];` -> `SIM_EXTERN_SHARED(T, name);`, on the same line so
-    /// `#line` numbering stays exact. Any other form stops the build naming the file and line.
-    fn rewrite_extern_shared(text: &str, rel: &str) -> Result<String, String> {
-        let mut out = String::with_capacity(text.len() + 64);
-        for (no, line) in text.split_inclusive('\n').enumerate() {
-            let Some(start) = line.find("extern __shared__") else {
+    /// Rewrites every shared-memory declaration on its own line, so `#line` numbering stays exact:
+    /// - `extern __shared__ T name[];` (function scope) -> `SIM_EXTERN_SHARED(T, name);`, the
+    ///   launch's dynamic shared memory;
+    /// - `__shared__ T name[N]...;` or `__shared__ T name;` -> `SIM_SHARED(name, T name[N]...);`,
+    ///   storage that the first thread of each block to reach the declaration poisons
+    ///   (`SIM_SHARED_GLOBAL` at file scope: poisoned at every block's start).
+    ///
+    /// Any other use of `__shared__` (several declarators, an initializer, qualifiers before it,
+    /// a macro body, a declaration spanning lines) stops the build naming the file and line.
+    fn rewrite_shared(text: &str, rel: &str) -> Result<String, String> {
+        let (code, depths) = blank_comments(text);
+        let mut out = String::with_capacity(text.len() + 256);
+        for (no, (line, code_line)) in text.split_inclusive('\n').zip(code.split_inclusive('\n')).enumerate() {
+            let hits = find_word(code_line, "__shared__");
+            let Some(&at) = hits.first() else {
                 out.push_str(line);
                 continue;
             };
-            let rest = &line[start + "extern __shared__".len()..];
-            let semi = rest.find(';').ok_or_else(|| format!("{rel}:{}: `extern __shared__` declaration must end on its line", no + 1))?;
-            let decl = rest[..semi].trim();
-            let bad = || format!("{rel}:{}: cannot rewrite `extern __shared__{}` (expected `extern __shared__ T name[];`)", no + 1, &rest[..semi]);
-            let decl = decl.strip_suffix("[]").ok_or_else(bad)?.trim_end();
-            let split = decl.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).ok_or_else(bad)?;
-            let (ty, name) = (decl[..=split].trim(), &decl[split + 1..]);
-            if ty.is_empty() || !is_c_identifier(name) {
-                return Err(bad());
+            let lno = no + 1;
+            let here = |what: &str| format!("{rel}:{lno}: {what}");
+            if hits.len() > 1 {
+                return Err(here("one `__shared__` declaration per line, please (cuda-sim rewrites each on its line)"));
             }
-            out.push_str(&line[..start]);
-            let _ = write!(out, "SIM_EXTERN_SHARED({ty}, {name});");
+            if code_line.trim_start().starts_with('#') {
+                return Err(here("cuda-sim cannot rewrite `__shared__` inside a preprocessor directive or macro"));
+            }
+            let before = &code_line[..at];
+            let (prefix, is_extern) = match before.trim_end().strip_suffix("extern") {
+                Some(p) if p.is_empty() || p.ends_with(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) => (p, true),
+                _ => (before, false),
+            };
+            if !(prefix.trim().is_empty() || prefix.trim_end().ends_with([';', '{', '}'])) {
+                return Err(here(&format!("cannot rewrite `{}` (cuda-sim expects the declaration to start with `__shared__` or `extern __shared__`)", code_line.trim())));
+            }
+            let rest = &code_line[at + "__shared__".len()..];
+            let semi = rest.find(';').ok_or_else(|| here("a `__shared__` declaration must end on its line"))?;
+            let decl = rest[..semi].trim();
+            let file_scope = depths.get(no).is_none_or(|&d| d == 0);
+            let rewritten = if is_extern {
+                if file_scope {
+                    return Err(here("cuda-sim supports `extern __shared__` only inside a function"));
+                }
+                let bad = || here(&format!("cannot rewrite `extern __shared__ {decl}` (expected `extern __shared__ T name[];`)"));
+                let d = decl.strip_suffix("[]").ok_or_else(bad)?.trim_end();
+                let split = d.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).ok_or_else(bad)?;
+                let (ty, name) = (d[..=split].trim(), &d[split + 1..]);
+                if ty.is_empty() || !is_c_identifier(name) {
+                    return Err(bad());
+                }
+                format!("SIM_EXTERN_SHARED({ty}, {name});")
+            } else {
+                let (ty, name, dims) = split_shared_decl(decl)
+                    .ok_or_else(|| here(&format!("cannot rewrite `__shared__ {decl}` (expected `__shared__ T name;` or `__shared__ T name[N]...;`, one name, no initializer)")))?;
+                let mac = if file_scope { "SIM_SHARED_GLOBAL" } else { "SIM_SHARED" };
+                format!("{mac}({name}, {ty} {name}{dims});")
+            };
+            out.push_str(prefix);
+            out.push_str(&rewritten);
             out.push_str(&rest[semi + 1..]);
         }
         Ok(out)
+    }
+
+    /// `T name[A][B]` -> (`T`, `name`, `[A][B]`); `T name` -> (`T`, `name`, ``). None for an
+    /// initializer, several declarators or anything else not of that shape.
+    fn split_shared_decl(decl: &str) -> Option<(&str, &str, &str)> {
+        if decl.contains('=') {
+            return None;
+        }
+        let dims_at = decl.find('[').unwrap_or(decl.len());
+        let (head, dims) = (decl[..dims_at].trim_end(), &decl[dims_at..]);
+        // The dimensions: only `[...]` groups.
+        let mut depth = 0i32;
+        for c in dims.chars() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                c if depth == 0 && !c.is_whitespace() => return None,
+                _ => {}
+            }
+        }
+        if depth != 0 {
+            return None;
+        }
+        let split = head.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+        let (ty, name) = (head[..=split].trim(), &head[split + 1..]);
+        // A comma outside template brackets means several declarators.
+        let mut angle = 0i32;
+        for c in ty.chars() {
+            match c {
+                '<' => angle += 1,
+                '>' => angle -= 1,
+                ',' if angle == 0 => return None,
+                _ => {}
+            }
+        }
+        (!ty.is_empty() && !ty.ends_with([',', '*', '&']) && is_c_identifier(name)).then_some((ty, name, dims.trim()))
+    }
+
+    /// Byte offsets where `word` occurs as a whole identifier.
+    fn find_word(s: &str, word: &str) -> Vec<usize> {
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        let b = s.as_bytes();
+        s.match_indices(word)
+            .map(|(i, _)| i)
+            .filter(|&i| (i == 0 || !ident(b[i - 1])) && b.get(i + word.len()).is_none_or(|&c| !ident(c)))
+            .collect()
+    }
+
+    /// The text with comments blanked to spaces (newlines kept, so lines and byte offsets match the
+    /// original) and the brace depth at the start of each line (braces in comments and literals
+    /// not counted).
+    fn blank_comments(src: &str) -> (String, Vec<usize>) {
+        let b = src.as_bytes();
+        let mut out = b.to_vec();
+        let mut depths = vec![0usize];
+        let mut depth = 0usize;
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'\n' => {
+                    depths.push(depth);
+                    i += 1;
+                }
+                b'/' if b.get(i + 1) == Some(&b'/') => {
+                    while i < b.len() && b[i] != b'\n' {
+                        out[i] = b' ';
+                        i += 1;
+                    }
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    let end = src[i + 2..].find("*/").map_or(b.len(), |e| i + 2 + e + 2);
+                    while i < end {
+                        if b[i] == b'\n' {
+                            depths.push(depth);
+                        } else {
+                            out[i] = b' ';
+                        }
+                        i += 1;
+                    }
+                }
+                q @ (b'"' | b'\'') => {
+                    i += 1;
+                    while i < b.len() && b[i] != q && b[i] != b'\n' {
+                        i += if b[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+                b'{' => {
+                    depth += 1;
+                    i += 1;
+                }
+                b'}' => {
+                    depth = depth.saturating_sub(1);
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+        }
+        // Only ASCII bytes were replaced, each by a space: still UTF-8.
+        (String::from_utf8(out).unwrap_or_default(), depths)
     }
 }
 

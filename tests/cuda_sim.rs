@@ -1,7 +1,7 @@
 //! The `cuda-sim` executor's checks, proven on deliberately broken kernels
 //! (tests/sim_kernels/planted_bugs.cu), and its warp-shuffle semantics. The kernels of
-//! kernels/*.cu run through their launchers in their own test files (tests/layernorm.rs), on the
-//! executor and on a GPU from one test body.
+//! kernels/*.cu run through their launchers in their own test files (tests/layernorm.rs, ...), on
+//! the executor and on a GPU from one test body.
 #![cfg(feature = "cuda-sim")]
 
 use bert_adapters::cuda::sim::{self, arg, LaunchOptions, Schedule, SimError};
@@ -65,7 +65,7 @@ fn launch_errors_are_messages() {
     let err = launch_planted("planted_early_return", 2048, 0, &mut out, Schedule::Forward).unwrap_err().0;
     assert!(err.contains("exceeds the device limits"), "{err}");
     let err = launch_planted("planted_early_return", 32, 64 * 1024, &mut out, Schedule::Forward).unwrap_err().0;
-    assert!(err.contains("dynamic shared memory"), "{err}");
+    assert!(err.contains("65536 bytes of dynamic shared memory exceed this launch's limit of 49152 bytes"), "{err}");
     let mut p = out.as_mut_ptr();
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: refused before running: the argument count is wrong.

@@ -1,8 +1,10 @@
 // cuda-sim: the header every kernel translation unit includes first when kernels/*.cu run on the
 // CPU (cargo feature `cuda-sim`; see src/cuda/sim.rs and docs/KERNELS_ON_CPU.md in shared/docs).
 //
-// The kernel text is compiled by g++ unmodified, except `extern __shared__ T name[];`, which
-// build.rs rewrites (on the same line) into SIM_EXTERN_SHARED(T, name); a per-launch buffer.
+// The kernel text is compiled by g++ unmodified, except shared-memory declarations, which build.rs
+// rewrites on the same line: `extern __shared__ T name[];` into SIM_EXTERN_SHARED(T, name); (the
+// per-launch buffer) and `__shared__ T name[N];` into SIM_SHARED(name, T name[N]); (per-worker
+// storage, poisoned once per block; SIM_SHARED_GLOBAL at file scope).
 // One fiber runs each CUDA thread; fibers switch only at __syncthreads, warp collectives and
 // exit, and the runtime (sim_runtime.cpp) checks strict Volta+ rules at each of those points.
 #pragma once
@@ -37,6 +39,25 @@ extern thread_local uint3 tl_block_idx;
 extern thread_local dim3 tl_block_dim;
 extern thread_local dim3 tl_grid_dim;
 extern thread_local unsigned char* tl_dynamic_shared;
+// Changes with every block a worker runs; a static __shared__ array whose generation differs was
+// last written by an earlier block (or never) and is poisoned before its first use in this one.
+extern thread_local uint64_t tl_block_generation;
+
+// Fills `bytes` with the shared-memory poison (a NaN as f32).
+void poison(void* p, size_t bytes);
+
+inline void shared_first_use(void* p, size_t bytes, uint64_t* generation) {
+    if (*generation != tl_block_generation) {
+        *generation = tl_block_generation;
+        poison(p, bytes);
+    }
+}
+
+// A file-scope __shared__ variable: `poison_here` poisons the calling worker's copy; the runtime
+// calls every registered one at the start of each block.
+struct SharedAtFileScope {
+    explicit SharedAtFileScope(void (*poison_here)());
+};
 
 // Every warp collective; sim_runtime.cpp names and completes each (op_info, complete_collective).
 enum WarpOp : int {
@@ -89,8 +110,19 @@ constexpr unsigned param_count(void (*)(A...)) {
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
+// build.rs rewrites every __shared__ declaration; one left over (in a macro, say) is a compile error.
+#define __shared__ __shared__cannot_be_used_here_by_cuda_sim
 #define SIM_EXTERN_SHARED(T, name) T* const name = reinterpret_cast<T*>(::sim::tl_dynamic_shared)
+// The declaration runs before any thread of the block can touch the array (its name is not in scope
+// earlier), so the first thread of each block to reach it poisons it.
+#define SIM_SHARED(name, ...)                          \
+    static thread_local __VA_ARGS__;                   \
+    static thread_local uint64_t name##_sim_generation; \
+    ::sim::shared_first_use(&name, sizeof(name), &name##_sim_generation)
+#define SIM_SHARED_GLOBAL(name, ...) \
+    static thread_local __VA_ARGS__; \
+    static const ::sim::SharedAtFileScope name##_sim_poisoner([] { ::sim::poison(&name, sizeof(name)); })
 
 #define threadIdx (*::sim::tl_thread_idx)
 #define blockIdx (static_cast<const uint3&>(::sim::tl_block_idx))

@@ -1,15 +1,15 @@
-// cuda-sim runtime: runs a kernel compiled from kernels/*.cu on the CPU with one ucontext fiber per
-// CUDA thread, one block at a time per worker OS thread, under strict Volta+ rules. Every failure
-// is returned as a message naming the kernel, block, thread and source line; nothing aborts.
+// cuda-sim runtime: runs a kernel compiled from kernels/*.cu on the CPU with one fiber per CUDA
+// thread, one block at a time per worker OS thread, under strict Volta+ rules. Every failure is
+// returned as a message naming the kernel, block, thread and source line; nothing aborts.
 //
-// Cost: ucontext's swapcontext saves and restores the signal mask (two syscalls per switch), about
-// 1 us per switch; a hand-written context switch would be 5-8x faster. Fibers switch only at
-// __syncthreads, warp collectives and exit.
+// Fibers switch only at __syncthreads, warp collectives and exit (sim_context.cpp: a hand-written
+// switch on x86-64, ucontext elsewhere). A fiber that faults (out-of-bounds global access, null
+// pointer, stack overflow) is abandoned and its block fails (sim_memory.cpp).
 #include "sim.cuh"
+#include "sim_internal.h"
 
 #include <link.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,20 +32,34 @@ thread_local uint3 tl_block_idx;
 thread_local dim3 tl_block_dim;
 thread_local dim3 tl_grid_dim;
 thread_local unsigned char* tl_dynamic_shared;
+thread_local uint64_t tl_block_generation;
 
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;  // mapped lazily (MAP_NORESERVE): only touched pages cost
+std::atomic<uint64_t> g_block_generation{0};
+
+// The poisoners of file-scope __shared__ variables (registered during static initialisation).
+std::vector<void (*)()>& file_scope_shared() {
+    static std::vector<void (*)()> v;
+    return v;
+}
+
+}  // namespace
+
+SharedAtFileScope::SharedAtFileScope(void (*poison_here)()) { file_scope_shared().push_back(poison_here); }
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // MAP_NORESERVE: only touched pages cost; pooled (sim_context.cpp)
 constexpr size_t kCanaryBytes = 64;
 constexpr unsigned char kCanary = 0xA5;
-constexpr uint32_t kSharedPoison = 0x7fc0dead;  // a quiet NaN as f32: an unwritten read shows up
 constexpr uint64_t kLanePoison = 0x7ff8dead7fc0deadull;  // NaN as f32 (low half) and as f64
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a kernel gets without cuFuncSetAttribute
 
-enum class St { Ready, Barrier, Warp, Exited };
+enum class St { Ready, Barrier, Warp, Exited, Faulted };
 
 struct Fiber {
-    ucontext_t ctx;
+    Ctx ctx;
     uint3 idx;
     unsigned linear;
     St st;
@@ -98,6 +112,7 @@ struct Launch {
     void** args;
     int schedule;  // 0 forward, 1 reverse, 2 random
     uint64_t seed;
+    bool use_asm;  // the hand-written context switch (else ucontext)
     std::atomic<uint64_t> next_block{0};
     std::atomic<bool> failed{false};
     std::mutex mu;
@@ -113,16 +128,16 @@ struct Launch {
 struct Worker {
     Launch* L;
     std::vector<Fiber> fibers;
-    std::vector<void*> stacks;
+    std::vector<Stack> stacks;
     std::vector<unsigned> order;
     std::vector<unsigned char> smem_store;
     unsigned char* smem = nullptr;
-    ucontext_t sched;
+    Ctx sched;
     Fiber* cur = nullptr;
     std::string error;  // set by a fiber that hit a violation; the block stops
     uint3 bidx;
     ~Worker() {
-        for (void* s : stacks) munmap(s, kStackBytes);
+        give_back_stacks(stacks);
     }
     std::string where(const Fiber& f) const {
         return format("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", L->k->name, bidx.x, bidx.y, bidx.z, f.idx.x, f.idx.y, f.idx.z);
@@ -137,7 +152,7 @@ thread_local Worker* tl_worker;
     Worker* W = tl_worker;
     W->error = W->where(*W->cur) + ": " + msg;
     Fiber* f = W->cur;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();  // unreachable: a failed fiber is never resumed
 }
 
@@ -146,13 +161,23 @@ void fiber_main() {
     W->L->k->launch(W->L->args);
     Fiber* f = W->cur;
     f->st = St::Exited;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
+    abort();
+}
+
+// Where the SIGSEGV handler sends a fiber that faulted (on the top of its stack; sim_memory.cpp):
+// back to the scheduler, which reads tl_running.fault. Never resumed.
+void fiber_fault_entry() {
+    Worker* W = tl_worker;
+    Fiber* f = W->cur;
+    f->st = St::Faulted;
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();
 }
 
 void block_wait(Fiber* f) {
     Worker* W = tl_worker;
-    swapcontext(&f->ctx, &W->sched);
+    switch_ctx(f->ctx, W->sched, W->L->use_asm);
 }
 
 std::string sync_point(const char* file, int line, const char* op = nullptr) {
@@ -323,15 +348,18 @@ void run_block(Worker& W, uint64_t b) {
     tl_grid_dim = g;
     const unsigned n = bd.x * bd.y * bd.z;
     // Dynamic shared memory: exactly L.smem bytes, poisoned, then a canary.
-    for (size_t i = 0; i + 4 <= L.smem; i += 4) memcpy(W.smem + i, &kSharedPoison, 4);
-    for (size_t i = L.smem & ~size_t(3); i < L.smem; ++i) W.smem[i] = 0xff;
+    poison(W.smem, L.smem);
     memset(W.smem + L.smem, kCanary, kCanaryBytes);
     tl_dynamic_shared = W.smem;
+    // Static __shared__ arrays: poisoned when the block first reaches their declaration (SIM_SHARED)
+    // or now (file scope).
+    tl_block_generation = ++g_block_generation;
+    for (void (*p)() : file_scope_shared()) p();
 
     W.fibers.resize(n);
     while (W.stacks.size() < n) {
-        void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
-        if (s == MAP_FAILED) {
+        Stack s;
+        if (!take_stack(s, kStackBytes)) {
             W.error = "cuda-sim: cannot map a fiber stack";
             return;
         }
@@ -346,11 +374,7 @@ void run_block(Worker& W, uint64_t b) {
         f.file = "(kernel start)";
         f.line = 0;
         f.op = -1;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = W.stacks[i];
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        init_ctx(f.ctx, W.stacks[i], fiber_main, L.use_asm);
     }
     W.order.resize(n);
     for (unsigned i = 0; i < n; ++i) W.order[i] = L.schedule == 1 ? n - 1 - i : i;
@@ -366,7 +390,22 @@ void run_block(Worker& W, uint64_t b) {
             const int from_op = f.op;
             W.cur = &f;
             tl_thread_idx = &f.idx;
-            swapcontext(&W.sched, &f.ctx);
+            const Stack& stack = W.stacks[i];
+            tl_running.lo = (uintptr_t)stack.map;
+            tl_running.hi = stack.hi;
+            tl_running.on_fault = fiber_fault_entry;
+            tl_running.faulted = 0;
+            switch_ctx(W.sched, f.ctx, L.use_asm);
+            tl_running.lo = 0;
+            if (f.st == St::Faulted) {
+                const FaultRecord fault = tl_running.fault;
+                std::string where = source_location(fault.pc);
+                where = where.empty() ? std::string() : " at " + where;
+                const std::string after = from_line == 0 ? std::string("before its first sync point")
+                                                         : "after " + sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
+                W.error = W.where(f) + ": " + describe_fault(fault, stack, kStackBytes) + where + " (" + after + ")";
+                return;
+            }
             if (!W.error.empty()) return;
             if (!canary_ok(W)) {
                 const std::string from = from_line == 0 ? std::string("the kernel's start") : sync_point(from_file, from_line, from_op >= 0 ? op_name(from_op) : nullptr);
@@ -415,6 +454,7 @@ void run_block(Worker& W, uint64_t b) {
 }
 
 void worker_main(Launch* L) {
+    AltStack alt;  // the fault handler needs a stack of its own when a fiber overflows its stack
     Worker W;
     W.L = L;
     tl_worker = &W;
@@ -512,8 +552,8 @@ bool is_shared_address(const void* p) {
 
 // cuLaunchKernel's shape: kernel by name, grid, block, dynamic shared bytes, one pointer per
 // parameter. Returns 0, or 1 with a message in `err` (truncated to err_len).
-extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, void** args, size_t nargs, int schedule,
-                               uint64_t seed, char* err, size_t err_len) {
+extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, size_t max_smem, void** args, size_t nargs,
+                               int schedule, uint64_t seed, char* err, size_t err_len) {
     auto fail = [&](const std::string& msg) {
         if (err_len) snprintf(err, err_len, "%s", msg.c_str());
         return 1;
@@ -530,10 +570,17 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     if (threads > 1024 || block[2] > 64 || grid[1] > 65535 || grid[2] > 65535)
         return fail(sim::format("cuda-sim: kernel `%s`: block (%u,%u,%u) / grid (%u,%u,%u) exceeds the device limits (1024 threads, z <= 64, grid y,z <= 65535)",
                                 name, block[0], block[1], block[2], grid[0], grid[1], grid[2]));
-    if (smem > sim::kMaxDynamicShared)
-        return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu a kernel gets without an opt-in", name, smem,
-                                sim::kMaxDynamicShared));
+    if (smem > max_smem)
+        return fail(sim::format("cuda-sim: kernel `%s`: %zu bytes of dynamic shared memory exceed this launch's limit of %zu bytes%s", name, smem, max_smem,
+                                max_smem == sim::kMaxDynamicShared ? " (what a kernel gets without a cuFuncSetAttribute opt-in)" : ""));
     if (schedule < 0 || schedule > 2) return fail(sim::format("cuda-sim: unknown schedule %d", schedule));
+    bool use_asm = SIM_ASM_SWITCH;
+    if (const char* e = getenv("CUDA_SIM_SWITCH"); e && *e) {
+        if (strcmp(e, "ucontext") == 0) use_asm = false;
+        else if (strcmp(e, "asm") == 0 && SIM_ASM_SWITCH) use_asm = true;
+        else return fail(sim::format("cuda-sim: CUDA_SIM_SWITCH=%s: expected ucontext%s", e, SIM_ASM_SWITCH ? " or asm" : " (no hand-written switch on this host)"));
+    }
+    sim::install_fault_handler();
     sim::Launch L;
     L.k = k;
     L.grid = dim3{grid[0], grid[1], grid[2]};
@@ -542,6 +589,7 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     L.args = args;
     L.schedule = schedule;
     L.seed = seed;
+    L.use_asm = use_asm;
     const uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
     unsigned workers = std::max(1u, std::thread::hardware_concurrency());
     if (const char* e = getenv("CUDA_SIM_THREADS")) workers = std::max(1, atoi(e));
