@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the cuda-sim kernel tests (tests/cuda_sim.rs, tests/cuda_sim_memory.rs) under valgrind's
-# memcheck, one worker thread (CUDA_SIM_THREADS=1). Not run by CI: slow, and it needs valgrind.
+# Runs the cuda-sim kernel tests under valgrind's memcheck, one worker thread
+# (CUDA_SIM_THREADS=1), forward schedule: the executor's own tests (tests/cuda_sim*.rs) and the
+# launcher tests of kernels/*.cu that run through the device-runtime layer (TESTS below). Not run
+# by CI: slow, and it needs valgrind.
 #
 # What it adds to the tests: an out-of-bounds access that the guard pages cannot see (host memory
 # that is not a SimAllocation, the up to 15 bytes of tail padding, which cuda-sim marks
@@ -26,14 +28,16 @@ if ! echo '#include <valgrind/valgrind.h>' | "${CXX:-c++}" -x c++ -E - >/dev/nul
     echo "warning: <valgrind/valgrind.h> not found by ${CXX:-c++} (apt-get install valgrind): fiber stacks will not be registered and memcheck may misreport" >&2
 fi
 
-# Build first, then take the two test executables from cargo's messages (the crate's binary,
-# built for the integration tests, is not one).
-mapfile -t bins < <(cargo test --locked --features cuda-sim --test cuda_sim --test cuda_sim_memory --no-run --message-format=json \
+TESTS=(cuda_sim cuda_sim_memory cuda_sim_intrinsics layernorm gpu_runtime cuda_backend)
+# Build first, then take the test executables from cargo's messages (the crate's binary, built
+# for the integration tests, is not one).
+mapfile -t bins < <(cargo test --locked --features cuda-sim "${TESTS[@]/#/--test=}" --no-run --message-format=json \
     | grep -F '"kind":["test"]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/')
-if ((${#bins[@]} != 2)); then
-    echo "error: expected 2 test executables from cargo, got ${#bins[@]}" >&2
+if ((${#bins[@]} != ${#TESTS[@]})); then
+    echo "error: expected ${#TESTS[@]} test executables from cargo, got ${#bins[@]}" >&2
     exit 2
 fi
+export CUDA_SIM_SCHEDULE="${CUDA_SIM_SCHEDULE:-forward}"
 
 status=0
 for bin in "${bins[@]}"; do

@@ -24,7 +24,8 @@
 //!
 //! Threads of a block run as fibers (a hand-written context switch on x86-64, ucontext elsewhere
 //! or with `CUDA_SIM_SWITCH=ucontext`) in a [`Schedule`] order; blocks are spread over OS threads
-//! (`CUDA_SIM_THREADS`, default: all cores). Not yet supported: atomics, ballots, bf16/f16.
+//! (`CUDA_SIM_THREADS`, default: all cores). Atomics, warp votes/reductions/matches and bf16/f16
+//! conversions are in `sim/sim_intrinsics.cuh` and `sim/include/` (docs/CUDA_SIM.md).
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;
