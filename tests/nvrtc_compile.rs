@@ -54,6 +54,28 @@ fn every_kernel_compiles_without_spills() {
     }
 }
 
+/// NVRTC ships no headers; the runtime passes the CUDA include folder beside the loaded libnvrtc,
+/// so kernels may use `cuda_bf16.h` (whose conversions cuda-sim's stub headers mirror bit for bit).
+#[test]
+fn kernels_can_include_the_cuda_half_headers() {
+    if !nvrtc_for_test("nvrtc_compile::kernels_can_include_the_cuda_half_headers") {
+        return;
+    }
+    let src = r#"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+extern "C" __global__ void to_bf16(__nv_bfloat16* out, __half* out16, const float* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = __float2bfloat16(x[i]); out16[i] = __float2half(x[i]); }
+}
+"#;
+    // Compile first: NVRTC is loaded then, and the folder is found beside it.
+    let report = compile("to_bf16 test source", src, "sm_90");
+    let dir = bert_adapters::cuda::runtime::cuda_include_dir().expect("the CUDA headers beside libnvrtc (the nvidia-cuda-runtime wheel)");
+    report_line(&format!("CUDA headers for NVRTC: {}", dir.display()));
+    assert!(report.kernel("to_bf16").is_some(), "{}", report.log);
+}
+
 #[test]
 fn compile_errors_carry_the_nvrtc_log() {
     if !nvrtc_for_test("nvrtc_compile::compile_errors_carry_the_nvrtc_log") {

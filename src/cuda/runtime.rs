@@ -83,6 +83,32 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     })
 }
 
+/// The folder holding the CUDA headers that match the loaded NVRTC (`cuda_bf16.h`, `cuda_fp16.h`,
+/// `mma.h`): `$BERT_ADAPTERS_CUDA_INCLUDE` when set, else the `include/` beside the folder libnvrtc
+/// was loaded from (the PyPI wheels' `nvidia/cu13/{lib,include}`, or a toolkit's
+/// `targets/*/{lib,include}`), else `/usr/local/cuda/include`. NVRTC ships no headers of its own,
+/// so without this a kernel cannot include them; every compile passes it with `-I`.
+pub fn cuda_include_dir() -> Option<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    static FOUND: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = FOUND.get() {
+        return Some(d.clone());
+    }
+    let has_headers = |d: &Path| d.join("cuda_bf16.h").is_file();
+    if let Some(d) = std::env::var_os("BERT_ADAPTERS_CUDA_INCLUDE").map(PathBuf::from) {
+        return has_headers(&d).then(|| FOUND.get_or_init(|| d).clone());
+    }
+    // Where libnvrtc is: this process's memory map once cudarc has loaded it, else the folders
+    // the loader searches (LD_LIBRARY_PATH).
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.contains("libnvrtc.so")).map(|p| Path::new(p).parent().map(Path::to_path_buf));
+    let search = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let on_path = search.split(':').filter(|d| !d.is_empty() && Path::new(d).join("libnvrtc.so.13").exists()).map(|d| Some(PathBuf::from(d)));
+    let beside = mapped.chain(on_path).flatten().filter_map(|lib| lib.parent().map(|d| d.join("include")));
+    let found = beside.chain([PathBuf::from("/usr/local/cuda/include")]).find(|d| has_headers(d))?;
+    Some(FOUND.get_or_init(|| found).clone())
+}
+
 /// How many NVRTC compilations this process has run (the cache's hit rate is visible in tests).
 pub fn nvrtc_compilations() -> usize {
     COMPILATIONS.load(Ordering::Relaxed)
@@ -183,6 +209,11 @@ fn nvrtc_compile(source: &str, program_name: &str, options: &[String]) -> Result
         // cudarc's compile_program would panic on this.
         return Err(Error::Cuda(format!("NVRTC option {bad:?} contains a NUL byte")));
     }
+    let mut options = options.to_vec();
+    if let Some(dir) = cuda_include_dir() {
+        options.push(format!("-I{}", dir.display()));
+    }
+    let options = &options[..];
     guard("NVRTC", || {
         let prog = Program(
             nvrtc::create_program(&src, Some(name.as_c_str()))
