@@ -5,7 +5,8 @@
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
-//! - one launcher module per kernel family ([`layernorm`]);
+//! - one launcher module per kernel family ([`layernorm`], [`attention`]: the fused attention
+//!   forward over packed Q, K, V, writing the context and each row's log-sum-exp);
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
@@ -13,6 +14,7 @@
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod attention;
 pub mod backend;
 pub mod gemm;
 pub mod gpu;

@@ -1,0 +1,378 @@
+//! Launcher for `kernels/attention.cu`: fused masked scaled dot-product attention forward over a
+//! packed `[B, T, 3H]` Q, K, V, writing the context `[B, T, H]` and each row's log-sum-exp
+//! `[B, heads, T]` (what the backward needs). The semantics are `cpu::reference::attention` and
+//! `attention_lse` (HF eager attention, eval mode); see the kernel header for the algorithm.
+//!
+//! Launch configuration (see the kernel header for the thread mapping and numerics):
+//! - block (32, W): W warps of [`ROWS_PER_WARP`] query rows each; grid.x = B · heads · ⌈T / 4W⌉.
+//!   [`AttentionPlan::auto`] takes W = 4 (16 rows per block: each K/V tile loaded into shared
+//!   memory serves 16 queries), fewer when T is short (no idle warps) or when the grid would
+//!   have fewer than [`TARGET_BLOCKS`] blocks (small batches still fill an H100's 132 SMs).
+//! - head dim 32 or 64 runs the kernel specialised on it (`_d32`, `_d64`), any other 1..=128 the
+//!   generic one; a plan may force the generic kernel (tests compare the two).
+//! - dynamic shared memory: K and V tiles of 32 keys, the block's Q rows and probabilities:
+//!   at most 42.5 KiB with W <= 4, so every auto plan fits the 48 KiB a kernel gets without an
+//!   opt-in. A plan that needs more (W > 4 with d > 100) is refused rather than opted in: it
+//!   gains nothing over W = 4, and the `cuda-sim` executor caps dynamic shared memory at 48 KiB,
+//!   so an opt-in path could never run in CI.
+//!
+//! Every length is checked against `batch`/`seq`/`hidden`/`heads` before anything is enqueued
+//! ([`Error::Shape`] naming the operand and the numbers), so the kernel never indexes outside
+//! the views it is given. Written once over [`Gpu`]: enqueued without a sync on a GPU, run to
+//! completion on the `cuda-sim` executor.
+
+use cudarc::driver::LaunchConfig;
+
+use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::attention::{ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64};
+use super::registry::KernelName;
+use crate::error::{Error, Result};
+
+const OP: &str = "cuda::attention_packed_forward";
+
+/// Largest head dimension the kernel handles (4 output columns per lane).
+pub const MAX_HEAD_DIM: usize = 128;
+/// Longest sequence the launcher accepts (BERT's position table; the kernel itself streams any
+/// length, but nothing longer is tested).
+pub const MAX_SEQ: usize = 512;
+/// Keys per shared-memory tile: one per lane.
+pub const KEY_TILE: usize = 32;
+/// Query rows per warp (the kernel's register blocking, a compile-time constant there).
+pub const ROWS_PER_WARP: usize = 4;
+/// Most warps a block may have (the kernel's `__launch_bounds__`).
+pub const MAX_WARPS_PER_BLOCK: u32 = 8;
+/// Dynamic shared memory every kernel gets without an opt-in: the most a plan may use.
+pub const MAX_SHARED_BYTES: usize = 48 * 1024;
+/// Below this many blocks `auto` trades rows per block for more blocks (about two per SM of an
+/// H100's 132).
+pub const TARGET_BLOCKS: usize = 256;
+
+/// How the kernel is launched. [`AttentionPlan::auto`] is what production uses; other plans
+/// exist so tests can exercise every code path at any shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// Warps per block (1..=8), each owning [`ROWS_PER_WARP`] query rows.
+    pub warps_per_block: u32,
+    /// Use the kernel compiled for this head dim when there is one (32, 64); `false` forces the
+    /// generic kernel.
+    pub specialised: bool,
+}
+
+impl AttentionPlan {
+    /// The configuration described in the module docs, for `batch · heads` (b, h) pairs of
+    /// `seq` queries each.
+    pub fn auto(batch: usize, seq: usize, heads: usize) -> Self {
+        let per_warp = seq.div_ceil(ROWS_PER_WARP).max(1);
+        let mut warps = per_warp.min(4);
+        let blocks = |w: usize| batch.saturating_mul(heads).saturating_mul(seq.div_ceil(w * ROWS_PER_WARP));
+        while warps > 1 && blocks(warps) < TARGET_BLOCKS {
+            warps = warps.div_ceil(2).min(warps - 1);
+        }
+        AttentionPlan { warps_per_block: warps as u32, specialised: true }
+    }
+
+    pub fn rows_per_block(&self) -> usize {
+        self.warps_per_block as usize * ROWS_PER_WARP
+    }
+
+    /// The kernel this plan runs for head dim `head_dim`.
+    pub fn kernel(&self, head_dim: usize) -> KernelName {
+        match (self.specialised, head_dim) {
+            (true, 32) => ATTENTION_FORWARD_F32_D32,
+            (true, 64) => ATTENTION_FORWARD_F32_D64,
+            _ => ATTENTION_FORWARD_F32,
+        }
+    }
+
+    /// Dynamic shared memory for head dim `head_dim`, laid out as the kernel does: K tile
+    /// `32·ldk`, V tile `32·ldq`, Q `rows·ldq`, probabilities `rows·32` floats, where
+    /// `ldq = ⌈d/4⌉·4` and `ldk` is `ldq` or `ldq + 4`, whichever has `ldk/4` odd.
+    pub fn shared_mem_bytes(&self, head_dim: usize) -> usize {
+        let ldq = head_dim.div_ceil(4) * 4;
+        let ldk = if (ldq / 4) % 2 == 1 { ldq } else { ldq + 4 };
+        let rows = self.rows_per_block();
+        (KEY_TILE * ldk + KEY_TILE * ldq + rows * ldq + rows * KEY_TILE) * std::mem::size_of::<f32>()
+    }
+
+    /// Checks the plan against the kernel's contract for head dim `head_dim`.
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        let bad = |msg: String| Err(Error::shape(OP, format!("launch plan {self:?}: {msg}")));
+        if self.warps_per_block == 0 || self.warps_per_block > MAX_WARPS_PER_BLOCK {
+            return bad(format!("warps_per_block must be in 1..={MAX_WARPS_PER_BLOCK}"));
+        }
+        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return bad(format!("head dim {head_dim} is outside 1..={MAX_HEAD_DIM}"));
+        }
+        let smem = self.shared_mem_bytes(head_dim);
+        if smem > MAX_SHARED_BYTES {
+            return bad(format!("needs {smem} bytes of shared memory for head dim {head_dim}, more than {MAX_SHARED_BYTES}"));
+        }
+        Ok(())
+    }
+
+    /// Grid, block and dynamic shared memory; the sizes must have passed [`AttentionSizes::check`].
+    pub fn launch_config(&self, batch: usize, seq: usize, heads: usize, head_dim: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((batch * heads * seq.div_ceil(self.rows_per_block())) as u32, 1, 1),
+            block_dim: (32, self.warps_per_block, 1),
+            shared_mem_bytes: self.shared_mem_bytes(head_dim) as u32,
+        }
+    }
+}
+
+/// The lengths a launch needs, checked before anything is enqueued. Pure, so it is unit-tested
+/// without a GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSizes {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub qkv: usize,
+    pub mask: usize,
+    pub ctx: usize,
+    pub lse: usize,
+}
+
+/// What a checked launch works with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub head_dim: usize,
+    /// Rows of the mask: batch row `b` reads mask row `b % mask_rows` (0 when `seq` is 0).
+    pub mask_rows: usize,
+}
+
+impl AttentionSizes {
+    pub fn check(&self) -> Result<AttentionDims> {
+        let AttentionSizes { batch, seq, hidden, heads, .. } = *self;
+        let fail = |msg: String| Error::shape(OP, msg);
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            return Err(fail(format!("hidden {hidden} is not divisible by {heads} heads")));
+        }
+        let head_dim = hidden / heads;
+        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return Err(fail(format!("head dim {head_dim} (hidden {hidden} / {heads} heads) is outside 1..={MAX_HEAD_DIM}")));
+        }
+        if seq > MAX_SEQ {
+            return Err(fail(format!("sequence length {seq} exceeds {MAX_SEQ}")));
+        }
+        // The kernel takes int sizes (its offsets are 64-bit) and a 1-D grid of B·heads·⌈T/4⌉ blocks.
+        if hidden > (i32::MAX / 3) as usize {
+            return Err(fail(format!("hidden {hidden} must fit in an i32 three times over")));
+        }
+        let blocks = batch.checked_mul(heads).and_then(|n| n.checked_mul(seq.div_ceil(ROWS_PER_WARP)));
+        if blocks.is_none_or(|n| n > i32::MAX as usize) {
+            return Err(fail(format!("batch {batch} x {heads} heads x seq {seq} is too large for one launch")));
+        }
+        let rows = batch * seq; // fits: the block count above bounds it
+        let count = |what: &str, n: Option<usize>| n.ok_or_else(|| fail(format!("{what} overflows usize for batch {batch}, seq {seq}, hidden {hidden}")));
+        let qkv_len = count("qkv", rows.checked_mul(hidden).and_then(|n| n.checked_mul(3)))?;
+        let ctx_len = count("ctx", rows.checked_mul(hidden))?;
+        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
+            if got != want {
+                return Err(fail(format!("{name} has {got} elements, expected {want} ({what}) for batch={batch}, seq={seq}, hidden={hidden}, heads={heads}")));
+            }
+            Ok(())
+        };
+        expect("qkv", self.qkv, qkv_len, "batch·seq·3·hidden")?;
+        expect("ctx", self.ctx, ctx_len, "batch·seq·hidden")?;
+        expect("lse", self.lse, batch * heads * seq, "batch·heads·seq")?;
+        let mask = self.mask;
+        let mask_rows = match mask.checked_div(seq) {
+            None => {
+                expect("mask_bias", mask, 0, "mask rows · seq with seq = 0")?;
+                0
+            }
+            Some(m) => {
+                if m == 0 || !mask.is_multiple_of(seq) || !batch.is_multiple_of(m) {
+                    return Err(fail(format!("mask_bias has {mask} elements, expected [B_mask, {seq}] with B_mask >= 1 dividing batch {batch}")));
+                }
+                m
+            }
+        };
+        Ok(AttentionDims { head_dim, mask_rows })
+    }
+}
+
+/// Fails when two device ranges of f32 overlap (the kernel's pointers are `__restrict__`).
+fn disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
+    let end = |(p, n): (u64, usize)| p + (n * std::mem::size_of::<f32>()) as u64;
+    if a.1 > 0 && b.1 > 0 && a.0 < end(b) && b.0 < end(a) {
+        return Err(Error::Input(format!("{OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)));
+    }
+    Ok(())
+}
+
+/// Fused attention forward with the automatic launch plan: `ctx = softmax(QKᵀ/√d + mask)·V` per
+/// head from the packed `qkv` (`[batch, seq, 3·hidden]`), and `lse` (`[batch, heads, seq]`) the
+/// natural-log log-sum-exp of each row of scaled, masked scores. `mask_bias` is `[B_mask, seq]`
+/// additive with `B_mask` dividing `batch`; batch row `b` reads mask row `b % B_mask`.
+#[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
+pub fn attention_packed_forward(
+    gpu: &Gpu,
+    qkv: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<f32>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+) -> Result<()> {
+    let plan = AttentionPlan::auto(batch, seq, heads);
+    attention_packed_forward_with_plan(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, plan)
+}
+
+/// As [`attention_packed_forward`], with an explicit launch plan (validated).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_forward_with_plan(
+    gpu: &Gpu,
+    qkv: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<f32>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    plan: AttentionPlan,
+) -> Result<()> {
+    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
+    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    plan.validate(head_dim)?;
+    let (q, m, c, l) = ((qkv.device_ptr(), qkv.len()), (mask_bias.device_ptr(), mask_bias.len()), (ctx.device_ptr(), ctx.len()), (lse.device_ptr(), lse.len()));
+    disjoint(("ctx", "qkv"), c, q)?;
+    disjoint(("ctx", "mask_bias"), c, m)?;
+    disjoint(("lse", "qkv"), l, q)?;
+    disjoint(("lse", "mask_bias"), l, m)?;
+    disjoint(("ctx", "lse"), c, l)?;
+    if batch == 0 || seq == 0 {
+        return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
+    }
+    let kernel = plan.kernel(head_dim);
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    // The kernel's parameter order: ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows,
+    // scale; Gpu::launch checks it against kernels/attention.cu.
+    let args = [
+        ctx.arg(),
+        lse.arg(),
+        qkv.arg(),
+        mask_bias.arg(),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(hidden as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    // SAFETY: every view was checked above to have exactly the length the kernel indexes for
+    // these sizes (qkv B·T·3H, ctx B·T·H, lse B·heads·T, mask a multiple of T whose row count
+    // divides B), the outputs alias nothing, and the plan fits the kernel's block and
+    // shared-memory contract (the specialised kernels run only when hidden = d·heads with their d).
+    unsafe { gpu.launch(kernel, plan.launch_config(batch, seq, heads, head_dim), &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(batch: usize, seq: usize, hidden: usize, heads: usize, mask_rows: usize) -> AttentionSizes {
+        AttentionSizes { batch, seq, hidden, heads, qkv: batch * seq * 3 * hidden, mask: mask_rows * seq, ctx: batch * seq * hidden, lse: batch * heads * seq }
+    }
+
+    #[test]
+    fn consistent_sizes_pass() {
+        assert_eq!(sizes(3, 7, 40, 5, 3).check().unwrap(), AttentionDims { head_dim: 8, mask_rows: 3 });
+        assert_eq!(sizes(6, 33, 64, 2, 3).check().unwrap().mask_rows, 3);
+        assert_eq!(sizes(4, 512, 768, 12, 1).check().unwrap().head_dim, 64);
+        assert_eq!(sizes(1, 1, 128, 1, 1).check().unwrap().head_dim, 128);
+        assert_eq!(sizes(0, 7, 8, 1, 1).check().unwrap().mask_rows, 1);
+        assert_eq!(sizes(2, 0, 8, 1, 0).check().unwrap().mask_rows, 0);
+    }
+
+    #[test]
+    fn every_wrong_size_is_a_shape_error() {
+        let ok = sizes(4, 7, 48, 3, 2);
+        let cases = [
+            AttentionSizes { qkv: ok.qkv - 1, ..ok },
+            AttentionSizes { qkv: ok.qkv + 48, ..ok },
+            AttentionSizes { ctx: ok.ctx + 1, ..ok },
+            AttentionSizes { lse: ok.lse - 7, ..ok },
+            AttentionSizes { mask: 0, ..ok },
+            AttentionSizes { mask: 13, ..ok },     // not a multiple of seq
+            AttentionSizes { mask: 3 * 7, ..ok },  // 3 rows do not divide batch 4
+            AttentionSizes { mask: 8 * 7, ..ok },  // more rows than the batch
+            AttentionSizes { heads: 0, ..ok },
+            AttentionSizes { heads: 5, ..ok },     // 48 % 5
+            sizes(1, 1, 129, 1, 1),               // head dim above 128
+            sizes(1, 1, 0, 1, 1),                 // head dim 0
+            sizes(1, 513, 8, 1, 1),               // seq above 512
+            AttentionSizes { mask: 7, ..sizes(2, 0, 8, 1, 0) }, // seq 0 with a mask
+        ];
+        for c in cases {
+            let err = c.check().unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{c:?}: {err}");
+        }
+        let e = AttentionSizes { ctx: ok.ctx + 1, ..ok }.check().unwrap_err().to_string();
+        assert!(e.contains("ctx has 1345 elements, expected 1344"), "{e}");
+        let e = AttentionSizes { mask: 3 * 7, ..ok }.check().unwrap_err().to_string();
+        assert!(e.contains("mask_bias has 21 elements") && e.contains("dividing batch 4"), "{e}");
+        let huge = AttentionSizes { batch: usize::MAX / 2, ..ok };
+        assert!(huge.check().is_err());
+    }
+
+    #[test]
+    fn auto_plans_follow_the_documented_rules() {
+        // Short sequences: no more warps than rows; small grids: fewer rows per block.
+        assert_eq!(AttentionPlan::auto(1, 1, 1).warps_per_block, 1);
+        assert_eq!(AttentionPlan::auto(1, 7, 1).warps_per_block, 1);
+        assert_eq!(AttentionPlan::auto(64, 7, 12).warps_per_block, 2);
+        assert_eq!(AttentionPlan::auto(32, 128, 12).warps_per_block, 4); // BERT-base batch 32: 3072 blocks
+        assert_eq!(AttentionPlan::auto(1, 128, 12).warps_per_block, 1); // 12 (b, h): 384 blocks of one warp
+        assert_eq!(AttentionPlan::auto(8, 512, 12).warps_per_block, 4);
+        for (b, t, h) in [(1, 1, 1), (3, 33, 4), (1, 512, 12), (64, 512, 16)] {
+            let p = AttentionPlan::auto(b, t, h);
+            assert!(p.specialised);
+            for d in [1, 8, 20, 32, 64, 127, 128] {
+                p.validate(d).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn shared_memory_follows_the_kernel_layout() {
+        let p = |w| AttentionPlan { warps_per_block: w, specialised: true };
+        // d = 64: ldq 64, ldk 68 (17 float4s, odd); 16 rows.
+        assert_eq!(p(4).shared_mem_bytes(64), (32 * 68 + 32 * 64 + 16 * 64 + 16 * 32) * 4);
+        // d = 20: ldq = ldk = 20 (5 float4s, odd).
+        assert_eq!(p(1).shared_mem_bytes(20), (32 * 20 + 32 * 20 + 4 * 20 + 4 * 32) * 4);
+        // d = 1: ldq 4, ldk 4.
+        assert_eq!(p(1).shared_mem_bytes(1), (32 * 4 + 32 * 4 + 4 * 4 + 4 * 32) * 4);
+        assert_eq!(p(4).shared_mem_bytes(128), (32 * 132 + 32 * 128 + 16 * 128 + 16 * 32) * 4);
+        p(4).validate(128).unwrap();
+        p(8).validate(96).unwrap();
+        let e = p(8).validate(128).unwrap_err().to_string(); // 52.5 KiB
+        assert!(e.contains("needs 53760 bytes of shared memory for head dim 128, more than 49152"), "{e}");
+    }
+
+    #[test]
+    fn invalid_plans_are_rejected_and_kernels_chosen() {
+        for w in [0, 9, 32] {
+            assert!(AttentionPlan { warps_per_block: w, specialised: true }.validate(64).is_err(), "{w}");
+        }
+        let p = AttentionPlan { warps_per_block: 2, specialised: true };
+        assert!(p.validate(0).is_err());
+        assert!(p.validate(129).is_err());
+        assert_eq!(p.kernel(32).name, "attention_forward_f32_d32");
+        assert_eq!(p.kernel(64).name, "attention_forward_f32_d64");
+        assert_eq!(p.kernel(48).name, "attention_forward_f32");
+        assert_eq!(AttentionPlan { specialised: false, ..p }.kernel(64).name, "attention_forward_f32");
+    }
+
+    #[test]
+    fn overlapping_ranges_are_refused() {
+        assert!(disjoint(("a", "b"), (0, 4), (16, 4)).is_ok());
+        assert!(disjoint(("a", "b"), (0, 5), (16, 4)).is_err());
+        assert!(disjoint(("a", "b"), (16, 4), (0, 5)).is_err());
+        assert!(disjoint(("a", "b"), (0, 0), (0, 4)).is_ok());
+    }
+}
