@@ -5,8 +5,9 @@
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
-//! - one launcher module per kernel family ([`layernorm`]; [`elementwise`]: bias + activation,
-//!   add, fill, casts, first-token gather);
+//! - one launcher module per kernel family ([`layernorm`]; [`embedding`]: gather + sum +
+//!   LayerNorm with a device-side id check; [`elementwise`]: bias + activation, add, fill, casts,
+//!   first-token gather);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
@@ -14,6 +15,7 @@
 //! entry point checks that they can be loaded before touching them.
 
 pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;
