@@ -7,7 +7,8 @@
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
 //! - one launcher module per kernel family ([`layernorm`]; [`embedding`]: gather + sum +
 //!   LayerNorm with a device-side id check; [`elementwise`]: bias + activation, add, fill, casts,
-//!   first-token gather);
+//!   first-token gather; [`nice`]: the invertible adapter's coupling, forward and inverse, its
+//!   Linears on [`gemm`]);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
@@ -19,6 +20,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;
+pub mod nice;
 pub mod probe;
 pub mod registry;
 pub mod runtime;
