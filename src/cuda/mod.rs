@@ -5,8 +5,11 @@
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
-//! - one launcher module per kernel family ([`layernorm`], [`attention`]: the fused attention
-//!   forward over packed Q, K, V, writing the context and each row's log-sum-exp);
+//! - one launcher module per kernel family: [`layernorm`]; [`attention`]: the fused attention
+//!   forward over packed Q, K, V, writing the context and each row's log-sum-exp; [`embedding`]:
+//!   gather + sum + LayerNorm with a device-side id check; [`elementwise`]: bias + activation,
+//!   add, fill, casts, first-token gather; [`nice`]: the invertible adapter's coupling, forward
+//!   and inverse, its Linears on [`gemm`];
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
@@ -16,9 +19,12 @@
 
 pub mod attention;
 pub mod backend;
+pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;
+pub mod nice;
 pub mod probe;
 pub mod registry;
 pub mod runtime;

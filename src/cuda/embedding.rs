@@ -1,0 +1,322 @@
+//! Launcher for `kernels/embedding.cu`: BERT's word + position + token-type gather, sum and
+//! LayerNorm in one kernel (the spec: `cpu::reference::embedding` then
+//! `cpu::reference::residual_layernorm`).
+//!
+//! Launch configuration: the LayerNorm's ([`LayerNormPlan::auto`], see [`super::layernorm`]):
+//! one warp per row and 8 rows per block up to 1024 columns, one block per row beyond, the row's
+//! sum cached in shared memory when it fits.
+//!
+//! # Token ids are checked on the device
+//!
+//! The ids live in device memory, so the launcher cannot look at them. The kernel refuses any
+//! `input_id >= vocab` or `token_type_id >= type_vocab` (the tables' row counts): it never reads
+//! outside a table, writes NaN over that token's row (and its mean/rstd), and records the first
+//! such token, in (batch, position) order, in an error flag: one `u64` in device memory, zero
+//! before the launch ([`new_error_flag`], or [`Gpu::memset_zero`] to reuse one). **The caller
+//! checks it** with [`check_flag`] before trusting the output (one 8-byte read, which waits for
+//! the stream). The flag accumulates: after several launches it names the bad token with the
+//! smallest (batch, position) among them, until it is zeroed.
+//! The model's ids are already checked on the host before they are written, so this is the
+//! device's own line of defence, not the primary check.
+//!
+//! Every length is checked before anything is enqueued ([`Error::Shape`] naming the operand and
+//! the numbers); a rejected call writes nothing.
+
+use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::layernorm::LayerNormPlan;
+use super::registry::embedding::EMBEDDING_LAYERNORM_FORWARD_F32;
+use crate::error::{Error, Result};
+
+const OP: &str = "cuda::embedding_layernorm_forward";
+
+/// The largest batch and sequence length whose positions fit the error flag's key (see the
+/// kernel header): `b < 65535`, `t < 32768`.
+pub const MAX_BATCH: usize = 65535;
+pub const MAX_SEQ_LEN: usize = 32768;
+
+/// The inputs. Tables are row-major `[rows, hidden]`: `word` `[vocab, hidden]`, `position`
+/// `[max_positions >= seq_len, hidden]`, `token_type` `[type_vocab, hidden]`; the vocabulary
+/// sizes are their row counts. Token `t` of sequence `b` uses position `t`.
+pub struct EmbeddingInputs<'a> {
+    /// `[batch·seq_len]`, row-major `[batch, seq_len]`.
+    pub input_ids: DeviceView<'a, u32>,
+    /// `[batch·seq_len]`.
+    pub token_type_ids: DeviceView<'a, u32>,
+    pub word: DeviceView<'a, f32>,
+    pub position: DeviceView<'a, f32>,
+    pub token_type: DeviceView<'a, f32>,
+    /// The embedding LayerNorm, `[hidden]` each.
+    pub gamma: DeviceView<'a, f32>,
+    pub beta: DeviceView<'a, f32>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub hidden: usize,
+    /// BERT's `layer_norm_eps`.
+    pub eps: f32,
+}
+
+/// The outputs: `y` `[batch·seq_len, hidden]`; `mean` and `rstd` `[batch·seq_len]` when wanted;
+/// `error_flag` one element (see the module docs).
+pub struct EmbeddingOutputs<'a> {
+    pub y: DeviceViewMut<'a, f32>,
+    pub mean: Option<DeviceViewMut<'a, f32>>,
+    pub rstd: Option<DeviceViewMut<'a, f32>>,
+    pub error_flag: DeviceViewMut<'a, u64>,
+}
+
+/// A zeroed error flag for [`embedding_layernorm_forward`].
+pub fn new_error_flag(gpu: &Gpu) -> Result<DeviceBuffer<u64>> {
+    gpu.alloc_zeros(1)
+}
+
+/// Reads the error flag (waiting for the stream) and returns [`Error::Input`] naming the first
+/// out-of-range id, its batch row and position, when a launch found one. The flag is left as
+/// it is; zero it to reuse it.
+pub fn check_flag(gpu: &Gpu, flag: &DeviceView<'_, u64>) -> Result<()> {
+    if flag.len() != 1 {
+        return Err(Error::shape("cuda::embedding::check_flag", format!("the error flag has {} elements, expected 1", flag.len())));
+    }
+    let key = gpu.download(flag)?[0];
+    match decode_flag(key) {
+        None => Ok(()),
+        Some(bad) => Err(Error::Input(bad.to_string())),
+    }
+}
+
+/// The first bad token a flag names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadToken {
+    pub batch: usize,
+    pub position: usize,
+    /// A word id (`input_ids`) rather than a token type id.
+    pub is_word_id: bool,
+    pub id: u32,
+}
+
+impl std::fmt::Display for BadToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, table) = if self.is_word_id { ("token id", "word embedding table") } else { ("token type id", "token type embedding table") };
+        write!(f, "embedding: {what} {} at batch {}, position {} is outside the {table} (the device kernel refused it)", self.id, self.batch, self.position)
+    }
+}
+
+/// Decodes the kernel's key `(0xffff − b) << 48 | (0x7fff − t) << 33 | is_word << 32 | id`;
+/// `None` for zero (no bad token).
+pub fn decode_flag(key: u64) -> Option<BadToken> {
+    if key == 0 {
+        return None;
+    }
+    Some(BadToken {
+        batch: 0xffff - (key >> 48) as usize,
+        position: 0x7fff - ((key >> 33) & 0x7fff) as usize,
+        is_word_id: (key >> 32) & 1 == 1,
+        id: key as u32,
+    })
+}
+
+/// The lengths a launch needs, checked before anything is enqueued. Pure, so unit-tested here.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingSizes {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub hidden: usize,
+    pub input_ids: usize,
+    pub token_type_ids: usize,
+    pub word: usize,
+    pub position: usize,
+    pub token_type: usize,
+    pub gamma: usize,
+    pub beta: usize,
+    pub y: usize,
+    pub mean: Option<usize>,
+    pub rstd: Option<usize>,
+    pub error_flag: usize,
+}
+
+/// The table row counts a valid launch reads: `(vocab, max_positions, type_vocab)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableRows {
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub type_vocab: usize,
+}
+
+impl EmbeddingSizes {
+    pub fn check(&self, eps: f32) -> Result<TableRows> {
+        let (batch, seq_len, hidden) = (self.batch, self.seq_len, self.hidden);
+        let fail = |msg: String| Err(Error::shape(OP, msg));
+        if hidden == 0 {
+            return fail("hidden must be at least 1".into());
+        }
+        if batch > MAX_BATCH || seq_len > MAX_SEQ_LEN {
+            return fail(format!("batch {batch} and seq_len {seq_len} must be at most {MAX_BATCH} and {MAX_SEQ_LEN} (the error flag's position fields)"));
+        }
+        let tokens = batch * seq_len; // < 2^31 by the bounds above
+        let Some(n) = tokens.checked_mul(hidden).filter(|_| hidden <= i32::MAX as usize) else {
+            return fail(format!("{tokens} tokens x hidden {hidden} is too large"));
+        };
+        let dims = format!("batch={batch}, seq_len={seq_len}, hidden={hidden}");
+        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
+            if got != want {
+                return Err(Error::shape(OP, format!("{name} has {got} elements, expected {want} ({what}) for {dims}")));
+            }
+            Ok(())
+        };
+        expect("input_ids", self.input_ids, tokens, "batch·seq_len")?;
+        expect("token_type_ids", self.token_type_ids, tokens, "batch·seq_len")?;
+        let table = |name: &str, len: usize| -> Result<usize> {
+            if len == 0 || !len.is_multiple_of(hidden) || len / hidden > u32::MAX as usize {
+                return Err(Error::shape(OP, format!("{name} table has {len} elements, expected a positive whole number of rows of hidden={hidden} (at most 2^32 - 1 rows)")));
+            }
+            Ok(len / hidden)
+        };
+        let rows = TableRows { vocab: table("word", self.word)?, max_positions: table("position", self.position)?, type_vocab: table("token type", self.token_type)? };
+        if seq_len > rows.max_positions {
+            return fail(format!("seq_len {seq_len} exceeds the {} rows of the position table", rows.max_positions));
+        }
+        expect("gamma", self.gamma, hidden, "hidden")?;
+        expect("beta", self.beta, hidden, "hidden")?;
+        expect("y", self.y, n, "batch·seq_len·hidden")?;
+        if let Some(m) = self.mean {
+            expect("mean", m, tokens, "batch·seq_len")?;
+        }
+        if let Some(r) = self.rstd {
+            expect("rstd", r, tokens, "batch·seq_len")?;
+        }
+        expect("error_flag", self.error_flag, 1, "one flag")?;
+        if !eps.is_finite() || eps < 0.0 {
+            return Err(Error::Input(format!("{OP}: eps must be finite and >= 0, got {eps}")));
+        }
+        Ok(rows)
+    }
+}
+
+fn launch_sizes(inputs: &EmbeddingInputs<'_>, outputs: &EmbeddingOutputs<'_>) -> EmbeddingSizes {
+    EmbeddingSizes {
+        batch: inputs.batch,
+        seq_len: inputs.seq_len,
+        hidden: inputs.hidden,
+        input_ids: inputs.input_ids.len(),
+        token_type_ids: inputs.token_type_ids.len(),
+        word: inputs.word.len(),
+        position: inputs.position.len(),
+        token_type: inputs.token_type.len(),
+        gamma: inputs.gamma.len(),
+        beta: inputs.beta.len(),
+        y: outputs.y.len(),
+        mean: outputs.mean.as_ref().map(|m| m.len()),
+        rstd: outputs.rstd.as_ref().map(|r| r.len()),
+        error_flag: outputs.error_flag.len(),
+    }
+}
+
+/// `y = LayerNorm((word[id] + token_type[tt]) + position[t])` for every token, with the automatic
+/// launch plan. Out-of-range ids are reported through `outputs.error_flag`: call [`check_flag`].
+pub fn embedding_layernorm_forward(gpu: &Gpu, inputs: &EmbeddingInputs<'_>, outputs: &mut EmbeddingOutputs<'_>) -> Result<()> {
+    embedding_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.hidden))
+}
+
+/// As [`embedding_layernorm_forward`], with an explicit (validated) launch plan.
+pub fn embedding_layernorm_forward_with_plan(gpu: &Gpu, inputs: &EmbeddingInputs<'_>, outputs: &mut EmbeddingOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+    let tables = launch_sizes(inputs, outputs).check(inputs.eps)?;
+    plan.validate(inputs.hidden)?;
+    let rows = inputs.batch * inputs.seq_len;
+    if rows == 0 {
+        return Ok(());
+    }
+    // The kernel's parameter order; Gpu::launch checks it against kernels/embedding.cu.
+    let args = [
+        outputs.y.arg(),
+        outputs.mean.as_ref().map_or(KernelArg::Null, |m| m.arg()),
+        outputs.rstd.as_ref().map_or(KernelArg::Null, |r| r.arg()),
+        outputs.error_flag.arg(),
+        inputs.input_ids.arg(),
+        inputs.token_type_ids.arg(),
+        inputs.word.arg(),
+        inputs.position.arg(),
+        inputs.token_type.arg(),
+        inputs.gamma.arg(),
+        inputs.beta.arg(),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(inputs.seq_len as i32),
+        KernelArg::I32(inputs.hidden as i32),
+        KernelArg::U32(tables.vocab as u32),
+        KernelArg::U32(tables.type_vocab as u32),
+        KernelArg::F32(inputs.eps),
+        KernelArg::I32(plan.cache_row as i32),
+    ];
+    // SAFETY: every view was checked above against batch/seq_len/hidden; the kernel reads table
+    // rows only below the row counts passed (bad ids read row 0), positions below seq_len <=
+    // max_positions; the plan was validated against the kernel's block and shared-memory contract.
+    unsafe { gpu.launch(EMBEDDING_LAYERNORM_FORWARD_F32, plan.launch_config(rows, inputs.hidden), &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(batch: usize, seq_len: usize, hidden: usize) -> EmbeddingSizes {
+        let n = batch * seq_len;
+        EmbeddingSizes {
+            batch,
+            seq_len,
+            hidden,
+            input_ids: n,
+            token_type_ids: n,
+            word: 11 * hidden,
+            position: 16 * hidden,
+            token_type: 2 * hidden,
+            gamma: hidden,
+            beta: hidden,
+            y: n * hidden,
+            mean: Some(n),
+            rstd: None,
+            error_flag: 1,
+        }
+    }
+
+    #[test]
+    fn consistent_sizes_pass_and_give_the_table_rows() {
+        assert_eq!(sizes(3, 7, 40).check(1e-12).unwrap(), TableRows { vocab: 11, max_positions: 16, type_vocab: 2 });
+        assert!(sizes(0, 7, 40).check(1e-12).is_ok());
+    }
+
+    #[test]
+    fn every_wrong_length_is_an_error() {
+        let ok = sizes(2, 5, 8);
+        let cases = [
+            EmbeddingSizes { input_ids: 9, ..ok },
+            EmbeddingSizes { token_type_ids: 11, ..ok },
+            EmbeddingSizes { word: 87, ..ok },
+            EmbeddingSizes { word: 0, ..ok },
+            EmbeddingSizes { position: 4 * 8, ..ok },
+            EmbeddingSizes { token_type: 9, ..ok },
+            EmbeddingSizes { gamma: 7, ..ok },
+            EmbeddingSizes { beta: 9, ..ok },
+            EmbeddingSizes { y: 79, ..ok },
+            EmbeddingSizes { mean: Some(9), ..ok },
+            EmbeddingSizes { rstd: Some(11), ..ok },
+            EmbeddingSizes { error_flag: 2, ..ok },
+            EmbeddingSizes { hidden: 0, ..ok },
+            EmbeddingSizes { batch: MAX_BATCH + 1, ..ok },
+            EmbeddingSizes { seq_len: MAX_SEQ_LEN + 1, ..ok },
+        ];
+        for c in cases {
+            let err = c.check(1e-12).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{c:?}: {err}");
+        }
+        assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn flag_keys_decode_to_the_token() {
+        assert_eq!(decode_flag(0), None);
+        let key = |b: u64, t: u64, word: bool, id: u32| ((0xffff - b) << 48) | ((0x7fff - t) << 33) | ((word as u64) << 32) | id as u64;
+        assert_eq!(decode_flag(key(1, 3, true, 40)), Some(BadToken { batch: 1, position: 3, is_word_id: true, id: 40 }));
+        assert_eq!(decode_flag(key(MAX_BATCH as u64 - 1, 32767, false, u32::MAX)), Some(BadToken { batch: MAX_BATCH - 1, position: 32767, is_word_id: false, id: u32::MAX }));
+        // atomicMax picks the earliest token, and its word id before its type id.
+        assert!(key(0, 5, false, 0) > key(1, 0, true, 9));
+        assert!(key(2, 3, true, 0) > key(2, 4, true, 9));
+        assert!(key(2, 3, true, 0) > key(2, 3, false, 9));
+    }
+}
