@@ -5,13 +5,15 @@
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
-//! - one launcher module per kernel family ([`layernorm`]);
+//! - one launcher module per kernel family ([`layernorm`]; [`adapter`]: one adapter location for
+//!   all Parallel branches in one launch, from per-branch descriptors);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod adapter;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;
