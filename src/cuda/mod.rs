@@ -5,7 +5,8 @@
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
-//! - one launcher module per kernel family: [`layernorm`]; [`attention`]: the fused attention
+//! - one launcher module per kernel family: [`layernorm`]; [`adapter`]: one adapter location for
+//!   all Parallel branches in one launch, from per-branch descriptors; [`attention`]: the fused attention
 //!   forward over packed Q, K, V, writing the context and each row's log-sum-exp; [`embedding`]:
 //!   gather + sum + LayerNorm with a device-side id check; [`elementwise`]: bias + activation,
 //!   add, fill, casts, first-token gather; [`nice`]: the invertible adapter's coupling, forward
@@ -17,6 +18,7 @@
 //! Nothing here needs CUDA at build time: cudarc loads libcuda/libnvrtc on first use, and every
 //! entry point checks that they can be loaded before touching them.
 
+pub mod adapter;
 pub mod attention;
 pub mod backend;
 pub mod elementwise;

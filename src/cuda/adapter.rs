@@ -1,0 +1,727 @@
+//! Launcher for `kernels/adapter.cu`: one adapter location (pre step, N bottleneck cores, post
+//! step; spec §3.4, §4, §6) for all N Parallel branches in one launch, the CUDA twin of
+//! `Backend::adapter_location`.
+//!
+//! - [`LocationDescriptors`]: built once per setup from the branches' device weights
+//!   ([`BranchWeights`]); validates every length against H and the bottleneck and uploads one
+//!   128-byte [`BranchDescriptor`] per branch. The kernel finds a row's branch from its index and
+//!   reads that branch's descriptor, so the branches need neither a loop nor a launch each.
+//! - [`adapter_location_forward`]: pure size checks first ([`LocationSizes`], [`Error::Shape`]
+//!   naming the operand), then at most two launches: the gate means when a branch has a gate (a
+//!   cross-row reduction over each example), then the location itself.
+//! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
+//!   per row, up to 8 rows per block, for H <= 1024 (no block barriers at all), else one block per
+//!   row with about 16 columns per thread.
+//!
+//! Replication (spec §6.1): with `replicate`, `h` and `r` are the shared `[B, T, H]` rows and
+//! every branch reads them by index; nothing is tiled in memory.
+//!
+//! Not supported here (refused by [`refuse_unsupported`]): the adapter's own dropout in train
+//! mode. The bottleneck may be at most [`MAX_BOTTLENECK`].
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use cudarc::driver::LaunchConfig;
+
+use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::adapter::{ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32};
+use crate::backend::{Activation, AdapterLocation, LocationSteps};
+use crate::config::ResidualBeforeLn;
+use crate::error::{Error, Result};
+
+const OP: &str = "cuda::adapter_location_forward";
+const OP_DESC: &str = "cuda::LocationDescriptors";
+
+/// The largest bottleneck the kernel takes: its activations live in shared memory, one vector per
+/// row team (`reduction_factor` 0.25 at BERT-large's H = 1024).
+pub const MAX_BOTTLENECK: usize = 4096;
+
+/// Dynamic shared memory a kernel gets without an opt-in (48 KiB), less a margin for the
+/// kernel's 128 bytes of static reduction scratch.
+pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024 - 256;
+
+/// Rows per block of the gate launch (one warp per row); at most 32 (its partial-sum array).
+const GATE_ROWS_PER_BLOCK: usize = 8;
+
+// ---- descriptors -------------------------------------------------------------------------------
+
+/// Activation codes of `kernels/adapter.cu` (`ADAPTER_ACT_*`).
+pub fn activation_code(a: Activation) -> i32 {
+    match a {
+        Activation::Relu => 0,
+        Activation::Gelu => 1,
+        Activation::GeluNew => 2,
+        Activation::Swish => 3,
+        Activation::Tanh => 4,
+        Activation::Sigmoid => 5,
+    }
+}
+
+/// Scaling kinds (`ADAPTER_SCALING_*`).
+pub const SCALING_FIXED: i32 = 0;
+pub const SCALING_LEARNED: i32 = 1;
+pub const SCALING_CHANNEL: i32 = 2;
+
+/// Which tensor the adapter residual is (`ADAPTER_RESIDUAL_*`).
+pub fn residual_code(r: ResidualBeforeLn) -> i32 {
+    match r {
+        ResidualBeforeLn::True => 0,
+        ResidualBeforeLn::False => 1,
+        ResidualBeforeLn::PostAdd => 2,
+    }
+}
+
+/// One branch as the kernel reads it: mirrors `struct AdapterBranchDesc` in kernels/adapter.cu
+/// field for field (128 bytes, no padding). Addresses are of f32 arrays; 0 means absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BranchDescriptor {
+    /// `[m, H]`, `[m]`.
+    pub down_w: u64,
+    pub down_b: u64,
+    /// `[H, m]`, `[H]`.
+    pub up_w: u64,
+    pub up_b: u64,
+    /// `[H]` each, or 0.
+    pub ln_before_gamma: u64,
+    pub ln_before_beta: u64,
+    pub ln_after_gamma: u64,
+    pub ln_after_beta: u64,
+    /// `[1]` (learned), `[H]` (channel), 0 (fixed).
+    pub scaling: u64,
+    /// `[H]` and `[1]`, or 0.
+    pub gate_w: u64,
+    pub gate_b: u64,
+    pub bottleneck: i32,
+    pub activation: i32,
+    pub scaling_kind: i32,
+    pub scaling_value: f32,
+    pub ln_before_eps: f32,
+    pub ln_after_eps: f32,
+    /// The location's pre step (first child) and post step (last child), the same in every
+    /// branch of a launch.
+    pub residual_before_ln: i32,
+    pub original_ln_before: i32,
+    pub original_ln_after: i32,
+    pub adapter_residual_before_ln: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<BranchDescriptor>() == 128);
+const WORDS_PER_DESCRIPTOR: usize = std::mem::size_of::<BranchDescriptor>() / 8;
+
+/// An adapter-internal LayerNorm on the device (`[H]` each).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceLayerNorm<'a> {
+    pub gamma: DeviceView<'a, f32>,
+    pub beta: DeviceView<'a, f32>,
+    pub eps: f32,
+}
+
+/// How the up projection is scaled.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceScaling<'a> {
+    Fixed(f32),
+    /// `[1]`, read by the kernel at every launch.
+    Learned(DeviceView<'a, f32>),
+    /// `[H]`.
+    Channel(DeviceView<'a, f32>),
+}
+
+/// One branch's weights on the device and its core options, as `BottleneckParams` on the CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct BranchWeights<'a> {
+    /// m, the bottleneck size.
+    pub bottleneck: usize,
+    /// `[m, H]`, `[m]`.
+    pub down_w: DeviceView<'a, f32>,
+    pub down_b: DeviceView<'a, f32>,
+    /// `[H, m]`, `[H]`.
+    pub up_w: DeviceView<'a, f32>,
+    pub up_b: DeviceView<'a, f32>,
+    pub activation: Activation,
+    pub ln_before: Option<DeviceLayerNorm<'a>>,
+    pub ln_after: Option<DeviceLayerNorm<'a>>,
+    pub scaling: DeviceScaling<'a>,
+    /// Gate weight `[1, H]` (H elements) and bias `[1]`.
+    pub gate: Option<(DeviceView<'a, f32>, DeviceView<'a, f32>)>,
+    pub adapter_residual_before_ln: bool,
+}
+
+fn byte_range(ptr: u64, elems: usize) -> Range<u64> {
+    ptr..ptr + (elems * std::mem::size_of::<f32>()) as u64
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < a.end && b.start < b.end && a.start < b.end && b.start < a.end
+}
+
+/// Each weight's device byte range, by name ("branch 1 up bias").
+pub type WeightRanges = Vec<(String, Range<u64>)>;
+
+/// The descriptors of `branches` at a location of width `hidden`, every length checked: the
+/// pure half of [`LocationDescriptors::new`]. Also returns each weight's byte range by name, for
+/// the launcher's aliasing check.
+pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'_>]) -> Result<(Vec<BranchDescriptor>, WeightRanges)> {
+    let fail = |msg: String| Err(Error::shape(OP_DESC, msg));
+    if branches.is_empty() {
+        return fail("no branches".into());
+    }
+    if hidden == 0 || hidden > i32::MAX as usize {
+        return fail(format!("hidden size {hidden} must be in 1..={}", i32::MAX));
+    }
+    if steps.residual_before_ln == ResidualBeforeLn::PostAdd && !steps.original_ln_before {
+        return fail("residual_before_ln = post_add needs original_ln_before (the residual is h + r, which only exists then)".into());
+    }
+    let mut descs = Vec::with_capacity(branches.len());
+    let mut ranges = Vec::new();
+    for (i, b) in branches.iter().enumerate() {
+        let m = b.bottleneck;
+        if m == 0 || m > MAX_BOTTLENECK {
+            return fail(format!("branch {i}: bottleneck {m} must be in 1..={MAX_BOTTLENECK}"));
+        }
+        let mut expect = |what: &str, view: &DeviceView<'_, f32>, want: usize, why: &str| -> Result<u64> {
+            if view.len() != want {
+                return Err(Error::shape(OP_DESC, format!("branch {i}: {what} has {} elements, expected {want} ({why}) for H = {hidden}, bottleneck = {m}", view.len())));
+            }
+            ranges.push((format!("branch {i} {what}"), byte_range(view.device_ptr(), want)));
+            Ok(view.device_ptr())
+        };
+        let down_w = expect("down weight", &b.down_w, m * hidden, "bottleneck·H")?;
+        let down_b = expect("down bias", &b.down_b, m, "bottleneck")?;
+        let up_w = expect("up weight", &b.up_w, hidden * m, "H·bottleneck")?;
+        let up_b = expect("up bias", &b.up_b, hidden, "H")?;
+        let mut ln = |which: &str, ln: &Option<DeviceLayerNorm<'_>>| -> Result<(u64, u64, f32)> {
+            match ln {
+                None => Ok((0, 0, 0.0)),
+                Some(p) => {
+                    if !p.eps.is_finite() || p.eps < 0.0 {
+                        return Err(Error::shape(OP_DESC, format!("branch {i}: LayerNorm-{which} eps must be finite and >= 0, got {}", p.eps)));
+                    }
+                    let g = expect(&format!("LayerNorm-{which} gamma"), &p.gamma, hidden, "H")?;
+                    let bt = expect(&format!("LayerNorm-{which} beta"), &p.beta, hidden, "H")?;
+                    Ok((g, bt, p.eps))
+                }
+            }
+        };
+        let (ln_before_gamma, ln_before_beta, ln_before_eps) = ln("before", &b.ln_before)?;
+        let (ln_after_gamma, ln_after_beta, ln_after_eps) = ln("after", &b.ln_after)?;
+        let (scaling_kind, scaling, scaling_value) = match b.scaling {
+            DeviceScaling::Fixed(s) => {
+                if !s.is_finite() {
+                    return fail(format!("branch {i}: fixed scaling must be finite, got {s}"));
+                }
+                (SCALING_FIXED, 0, s)
+            }
+            DeviceScaling::Learned(v) => (SCALING_LEARNED, expect("learned scaling", &v, 1, "one scalar")?, 0.0),
+            DeviceScaling::Channel(v) => (SCALING_CHANNEL, expect("channel scaling", &v, hidden, "H")?, 0.0),
+        };
+        let (gate_w, gate_b) = match &b.gate {
+            None => (0, 0),
+            Some((w, bias)) => (expect("gate weight", w, hidden, "[1, H]")?, expect("gate bias", bias, 1, "[1]")?),
+        };
+        descs.push(BranchDescriptor {
+            down_w,
+            down_b,
+            up_w,
+            up_b,
+            ln_before_gamma,
+            ln_before_beta,
+            ln_after_gamma,
+            ln_after_beta,
+            scaling,
+            gate_w,
+            gate_b,
+            bottleneck: m as i32,
+            activation: activation_code(b.activation),
+            scaling_kind,
+            scaling_value,
+            ln_before_eps,
+            ln_after_eps,
+            residual_before_ln: residual_code(steps.residual_before_ln),
+            original_ln_before: steps.original_ln_before as i32,
+            original_ln_after: steps.original_ln_after as i32,
+            adapter_residual_before_ln: b.adapter_residual_before_ln as i32,
+        });
+    }
+    Ok((descs, ranges))
+}
+
+/// The per-branch descriptors of one location, on the device: built once per setup.
+///
+/// They hold the device addresses of the weights they were built from, so they borrow those
+/// buffers (`'w`). An owner that must update the weights in place while keeping the descriptors
+/// (an optimizer step) uses [`LocationDescriptors::detach`].
+pub struct LocationDescriptors<'w> {
+    buffer: DeviceBuffer<u64>,
+    host: Vec<BranchDescriptor>,
+    ranges: WeightRanges,
+    hidden: usize,
+    steps: LocationSteps,
+    _weights: PhantomData<&'w f32>,
+}
+
+impl std::fmt::Debug for LocationDescriptors<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocationDescriptors").field("branches", &self.host.len()).field("hidden", &self.hidden).field("steps", &self.steps).finish()
+    }
+}
+
+impl<'w> LocationDescriptors<'w> {
+    /// Validates `branches` (see [`describe_branches`]) and uploads their descriptors to `gpu`,
+    /// the device that holds the weights. `steps` is the location's pre step (the first child's
+    /// config) and post step (the last child's), spec §6.4.
+    pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
+        let (host, ranges) = describe_branches(hidden, steps, branches)?;
+        let buffer = gpu.upload(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
+        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, _weights: PhantomData })
+    }
+
+    pub fn branches(&self) -> usize {
+        self.host.len()
+    }
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+    pub fn steps(&self) -> LocationSteps {
+        self.steps
+    }
+    /// What was uploaded.
+    pub fn descriptors(&self) -> &[BranchDescriptor] {
+        &self.host
+    }
+    pub fn max_bottleneck(&self) -> usize {
+        self.host.iter().map(|d| d.bottleneck as usize).max().unwrap_or(0)
+    }
+    pub fn has_gate(&self) -> bool {
+        self.host.iter().any(|d| d.gate_w != 0)
+    }
+    /// The uploaded descriptors, `16·N` words.
+    pub fn view(&self) -> DeviceView<'_, u64> {
+        self.buffer.view()
+    }
+
+    /// Ends the borrow of the weights.
+    ///
+    /// # Safety
+    /// Every weight buffer the descriptors were built from must stay allocated, at the same
+    /// address and length, for as long as the returned value is used in a launch. Writing new
+    /// values into them (an optimizer step) is fine between launches.
+    pub unsafe fn detach(self) -> LocationDescriptors<'static> {
+        LocationDescriptors { buffer: self.buffer, host: self.host, ranges: self.ranges, hidden: self.hidden, steps: self.steps, _weights: PhantomData }
+    }
+}
+
+/// Refuses what the CPU's `adapter_location` computes but this kernel does not: the adapter's
+/// own dropout (train mode with `dropout > 0`). For the backend glue, before it builds
+/// [`BranchWeights`] from a location.
+pub fn refuse_unsupported(loc: &AdapterLocation<'_>) -> Result<()> {
+    for (i, b) in loc.branches.iter().enumerate() {
+        if let Some(d) = &b.dropout {
+            return Err(Error::Unsupported(format!(
+                "{OP}: branch {i} has adapter dropout (p = {}) in train mode; the CUDA location kernel has no dropout yet (train with adapter dropout 0, or on the CPU)",
+                d.p
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---- the launch ----------------------------------------------------------------------------------
+
+/// The shape of one launch: `batch` examples of `seq_len` rows per branch, `branches` branches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocationShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub hidden: usize,
+    pub branches: usize,
+    /// `h` and `r` are the shared `[B, T, H]` input of every branch (before the replication
+    /// point), else `[N·B, T, H]` with branch i's rows at `[i·B, (i+1)·B)`.
+    pub replicate: bool,
+}
+
+/// The inputs: the sub-layer output `h`, its input `r`, and the location's BERT LayerNorm.
+pub struct LocationInputs<'a> {
+    pub h: DeviceView<'a, f32>,
+    pub r: DeviceView<'a, f32>,
+    pub ln_gamma: DeviceView<'a, f32>,
+    pub ln_beta: DeviceView<'a, f32>,
+    pub ln_eps: f32,
+}
+
+/// The outputs: `out` is `[N·B, T, H]`; `gate` is `[N·B]`, each example's gate value per branch
+/// (1 for branches without a gate), required when a branch has a gate and optional otherwise.
+pub struct LocationOutputs<'a> {
+    pub out: DeviceViewMut<'a, f32>,
+    pub gate: Option<DeviceViewMut<'a, f32>>,
+}
+
+/// The lengths a launch needs, checked before anything is enqueued. Pure, so it is unit-tested
+/// without a device.
+#[derive(Clone, Copy, Debug)]
+pub struct LocationSizes {
+    pub shape: LocationShape,
+    pub h: usize,
+    pub r: usize,
+    pub ln_gamma: usize,
+    pub ln_beta: usize,
+    pub out: usize,
+    pub gate: Option<usize>,
+    /// What the descriptors were built for.
+    pub descriptor_branches: usize,
+    pub descriptor_hidden: usize,
+    pub needs_gate: bool,
+}
+
+impl LocationSizes {
+    pub fn check(&self, ln_eps: f32) -> Result<()> {
+        let LocationShape { batch, seq_len, hidden, branches, replicate } = self.shape;
+        let fail = |msg: String| Err(Error::shape(OP, msg));
+        if hidden == 0 || branches == 0 {
+            return fail(format!("hidden {hidden} and branches {branches} must each be at least 1"));
+        }
+        if hidden != self.descriptor_hidden {
+            return fail(format!("hidden {hidden}, but the descriptors were built for H = {}", self.descriptor_hidden));
+        }
+        if branches != self.descriptor_branches {
+            return fail(format!("{branches} branches, but there are {} descriptors", self.descriptor_branches));
+        }
+        // The kernel indexes rows with int and elements with size_t.
+        let rows = batch.checked_mul(seq_len).and_then(|bt| bt.checked_mul(branches)).filter(|&n| n <= i32::MAX as usize);
+        let Some(rows) = rows else {
+            return fail(format!("branches {branches} x batch {batch} x seq_len {seq_len} rows must fit in an i32"));
+        };
+        if hidden > i32::MAX as usize {
+            return fail(format!("hidden {hidden} must fit in an i32"));
+        }
+        let Some(n_out) = rows.checked_mul(hidden) else {
+            return fail(format!("{rows} rows x hidden {hidden} overflows usize"));
+        };
+        let n_in = if replicate { n_out / branches } else { n_out };
+        let dims = format!("B = {batch}, T = {seq_len}, H = {hidden}, N = {branches}, replicate = {replicate}");
+        let in_what = if replicate { "B·T·H" } else { "N·B·T·H" };
+        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
+            if got != want {
+                return Err(Error::shape(OP, format!("{name} has {got} elements, expected {want} ({what}) for {dims}")));
+            }
+            Ok(())
+        };
+        expect("h", self.h, n_in, in_what)?;
+        expect("r", self.r, n_in, in_what)?;
+        expect("LayerNorm gamma", self.ln_gamma, hidden, "H")?;
+        expect("LayerNorm beta", self.ln_beta, hidden, "H")?;
+        expect("out", self.out, n_out, "N·B·T·H")?;
+        match self.gate {
+            Some(g) => expect("gate", g, branches * batch, "N·B")?,
+            None if self.needs_gate && rows > 0 => return fail(format!("a branch has a gate, so the [N·B] = [{}] gate output is required", branches * batch)),
+            None => {}
+        }
+        if !ln_eps.is_finite() || ln_eps < 0.0 {
+            return Err(Error::Input(format!("{OP}: LayerNorm eps must be finite and >= 0, got {ln_eps}")));
+        }
+        Ok(())
+    }
+}
+
+/// How the location kernel is launched. [`LocationPlan::auto`] is what production uses; other
+/// plans exist so tests can run every code path at any width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocationPlan {
+    /// Threads cooperating on one row: a multiple of 32, at most 1024.
+    pub threads_per_row: u32,
+    /// Rows per block; must be 1 when a row has more than one warp (the team is the block).
+    pub rows_per_block: u32,
+}
+
+impl LocationPlan {
+    /// One warp per row and up to 8 rows per block (fewer when their shared memory would pass
+    /// 48 KiB) for H <= 1024; else one block per row, about 16 columns per thread.
+    pub fn auto(hidden: usize, bottleneck_stride: usize) -> Self {
+        if hidden <= 1024 {
+            let mut rows = 8u32;
+            while rows > 1 && rows as usize * (hidden + bottleneck_stride) * 4 > DEFAULT_SHARED_BYTES {
+                rows /= 2;
+            }
+            LocationPlan { threads_per_row: 32, rows_per_block: rows }
+        } else {
+            let threads = hidden.div_ceil(16).div_ceil(32) * 32;
+            LocationPlan { threads_per_row: threads.clamp(128, 1024) as u32, rows_per_block: 1 }
+        }
+    }
+
+    /// Dynamic shared memory: per row, the row and the bottleneck vector.
+    pub fn shared_mem_bytes(&self, hidden: usize, bottleneck_stride: usize) -> usize {
+        self.rows_per_block as usize * (hidden + bottleneck_stride) * std::mem::size_of::<f32>()
+    }
+
+    /// Checks the plan against the kernel's contract; `max_shared` is the dynamic shared memory
+    /// the device allows with an opt-in.
+    pub fn validate(&self, hidden: usize, bottleneck_stride: usize, max_shared: usize) -> Result<()> {
+        let t = self.threads_per_row;
+        let bad = |msg: String| Err(Error::shape(OP, format!("launch plan {self:?}: {msg}")));
+        if t == 0 || !t.is_multiple_of(32) || t > 1024 {
+            return bad("threads_per_row must be a multiple of 32 in 32..=1024".into());
+        }
+        if self.rows_per_block == 0 || t as u64 * self.rows_per_block as u64 > 1024 {
+            return bad("rows_per_block must be >= 1 with at most 1024 threads per block".into());
+        }
+        if t > 32 && self.rows_per_block != 1 {
+            return bad("rows_per_block must be 1 when a row has more than one warp".into());
+        }
+        let smem = self.shared_mem_bytes(hidden, bottleneck_stride);
+        if smem > max_shared {
+            return bad(format!("needs {smem} bytes of shared memory for H = {hidden} and bottleneck {bottleneck_stride}, more than the {max_shared} allowed"));
+        }
+        Ok(())
+    }
+
+    pub fn launch_config(&self, rows: usize, hidden: usize, bottleneck_stride: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(self.rows_per_block as usize) as u32, 1, 1),
+            block_dim: (self.threads_per_row, self.rows_per_block, 1),
+            shared_mem_bytes: self.shared_mem_bytes(hidden, bottleneck_stride) as u32,
+        }
+    }
+}
+
+/// The location's output for all branches, with the automatic plan. See the module docs.
+pub fn adapter_location_forward(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_>,
+    shape: LocationShape,
+) -> Result<()> {
+    let plan = LocationPlan::auto(shape.hidden, descriptors.max_bottleneck());
+    adapter_location_forward_with_plan(gpu, inputs, descriptors, outputs, shape, plan)
+}
+
+/// As [`adapter_location_forward`], with an explicit launch plan (validated).
+pub fn adapter_location_forward_with_plan(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_>,
+    shape: LocationShape,
+    plan: LocationPlan,
+) -> Result<()> {
+    LocationSizes {
+        shape,
+        h: inputs.h.len(),
+        r: inputs.r.len(),
+        ln_gamma: inputs.ln_gamma.len(),
+        ln_beta: inputs.ln_beta.len(),
+        out: outputs.out.len(),
+        gate: outputs.gate.as_ref().map(|g| g.len()),
+        descriptor_branches: descriptors.branches(),
+        descriptor_hidden: descriptors.hidden(),
+        needs_gate: descriptors.has_gate(),
+    }
+    .check(inputs.ln_eps)?;
+    let stride = descriptors.max_bottleneck();
+    let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
+    plan.validate(shape.hidden, stride, max_shared)?;
+    check_aliasing(inputs, descriptors, outputs)?;
+    let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
+    let rows = branches * batch * seq_len;
+    if rows == 0 {
+        return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
+    }
+    let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
+
+    if let Some(gate) = outputs.gate.as_mut() {
+        // Parameter order: gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+        // replicate, ln_eps (checked against kernels/adapter.cu by Gpu::launch).
+        let args = [gate.arg(), inputs.h.arg(), inputs.r.arg(), inputs.ln_gamma.arg(), inputs.ln_beta.arg(), descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
+        // SAFETY: the sizes were checked above: gate has N·B elements, h and r the rows the
+        // kernel reads for this shape and replicate flag, γ/β H; the descriptors were validated
+        // against H and their weights are borrowed (or, detached, kept alive by the owner).
+        unsafe { gpu.launch(ADAPTER_LOCATION_GATE_F32, cfg, &args)? };
+    }
+
+    let cfg = plan.launch_config(rows, hidden, stride);
+    if cfg.shared_mem_bytes as usize > gpu.dynamic_shared_limit(ADAPTER_LOCATION_FORWARD_F32) {
+        gpu.allow_dynamic_shared(ADAPTER_LOCATION_FORWARD_F32, cfg.shared_mem_bytes as usize)?;
+    }
+    let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
+    // Parameter order: out, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+    // branches, replicate, ln_eps, bottleneck_stride.
+    let args = [
+        outputs.out.arg(),
+        gate_arg,
+        inputs.h.arg(),
+        inputs.r.arg(),
+        inputs.ln_gamma.arg(),
+        inputs.ln_beta.arg(),
+        descriptors.view().arg(),
+        b,
+        t,
+        hd,
+        KernelArg::I32(branches as i32),
+        rep,
+        KernelArg::F32(inputs.ln_eps),
+        KernelArg::I32(stride as i32),
+    ];
+    // SAFETY: as for the gate launch; out has N·B·T·H elements, the gate (read only for gated
+    // branches, which make it required) N·B, and the plan was validated against the shared
+    // memory it needs with the largest bottleneck as the stride.
+    unsafe { gpu.launch(ADAPTER_LOCATION_FORWARD_F32, cfg, &args) }
+}
+
+/// The kernel's pointers are `__restrict__`: an output may overlap no input, weight or other
+/// output.
+fn check_aliasing(inputs: &LocationInputs<'_>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_>) -> Result<()> {
+    let mut reads: Vec<(String, Range<u64>)> = vec![
+        ("h".into(), byte_range(inputs.h.device_ptr(), inputs.h.len())),
+        ("r".into(), byte_range(inputs.r.device_ptr(), inputs.r.len())),
+        ("LayerNorm gamma".into(), byte_range(inputs.ln_gamma.device_ptr(), inputs.ln_gamma.len())),
+        ("LayerNorm beta".into(), byte_range(inputs.ln_beta.device_ptr(), inputs.ln_beta.len())),
+        ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
+    ];
+    reads.extend(descriptors.ranges.iter().cloned());
+    let out = byte_range(outputs.out.device_ptr(), outputs.out.len());
+    let gate = outputs.gate.as_ref().map(|g| byte_range(g.device_ptr(), g.len()));
+    for (name, range) in &reads {
+        if overlaps(&out, range) {
+            return Err(Error::Input(format!("{OP}: out overlaps {name}; the output must not alias an input")));
+        }
+        if let Some(g) = &gate {
+            if overlaps(g, range) {
+                return Err(Error::Input(format!("{OP}: the gate output overlaps {name}; an output must not alias an input")));
+            }
+        }
+    }
+    if let Some(g) = &gate {
+        if overlaps(g, &out) {
+            return Err(Error::Input(format!("{OP}: the gate output overlaps out")));
+        }
+    }
+    Ok(())
+}
+
+// Words per descriptor, for the kernel's view of the buffer (16 u64s).
+const _: () = assert!(WORDS_PER_DESCRIPTOR == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, seq_len: usize, hidden: usize, branches: usize, replicate: bool) -> LocationShape {
+        LocationShape { batch, seq_len, hidden, branches, replicate }
+    }
+
+    fn sizes(s: LocationShape) -> LocationSizes {
+        let n_out = s.branches * s.batch * s.seq_len * s.hidden;
+        let n_in = if s.replicate { n_out / s.branches } else { n_out };
+        LocationSizes {
+            shape: s,
+            h: n_in,
+            r: n_in,
+            ln_gamma: s.hidden,
+            ln_beta: s.hidden,
+            out: n_out,
+            gate: None,
+            descriptor_branches: s.branches,
+            descriptor_hidden: s.hidden,
+            needs_gate: false,
+        }
+    }
+
+    #[test]
+    fn consistent_sizes_pass() {
+        sizes(shape(2, 7, 40, 3, true)).check(1e-12).unwrap();
+        sizes(shape(2, 7, 40, 3, false)).check(1e-12).unwrap();
+        sizes(shape(0, 7, 40, 1, false)).check(1e-12).unwrap();
+        LocationSizes { gate: Some(6), needs_gate: true, ..sizes(shape(2, 7, 40, 3, true)) }.check(0.0).unwrap();
+        // No rows: nothing is read, so a missing gate output does not matter.
+        LocationSizes { needs_gate: true, ..sizes(shape(0, 7, 40, 3, true)) }.check(0.0).unwrap();
+    }
+
+    #[test]
+    fn every_wrong_length_is_a_shape_error_naming_the_operand() {
+        let ok = sizes(shape(2, 7, 40, 3, true));
+        let cases: [(LocationSizes, &str); 12] = [
+            (LocationSizes { h: 2 * 7 * 40 * 3, ..ok }, "h has 1680 elements, expected 560 (B·T·H)"),
+            (LocationSizes { r: 559, ..ok }, "r has 559"),
+            (LocationSizes { ln_gamma: 39, ..ok }, "LayerNorm gamma has 39 elements, expected 40 (H)"),
+            (LocationSizes { ln_beta: 41, ..ok }, "LayerNorm beta"),
+            (LocationSizes { out: 560, ..ok }, "out has 560 elements, expected 1680 (N·B·T·H)"),
+            (LocationSizes { gate: Some(5), ..ok }, "gate has 5 elements, expected 6 (N·B)"),
+            (LocationSizes { needs_gate: true, ..ok }, "gate output is required"),
+            (LocationSizes { descriptor_hidden: 48, ..ok }, "built for H = 48"),
+            (LocationSizes { descriptor_branches: 2, ..ok }, "3 branches, but there are 2 descriptors"),
+            (LocationSizes { shape: shape(2, 7, 0, 3, true), ..ok }, "hidden 0"),
+            (LocationSizes { shape: shape(2, 7, 40, 0, true), ..ok }, "branches 0"),
+            (sizes(shape(2, 7, 40, 3, false)), "ok"),
+        ];
+        for (c, want) in &cases[..11] {
+            let err = c.check(1e-12).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{c:?}: {err}");
+            assert!(err.to_string().contains(want), "{err} should contain {want:?}");
+        }
+        cases[11].0.check(1e-12).unwrap();
+        let not_replicated = sizes(shape(2, 7, 40, 3, false));
+        let err = LocationSizes { h: 560, ..not_replicated }.check(1e-12).unwrap_err().to_string();
+        assert!(err.contains("expected 1680 (N·B·T·H)"), "{err}");
+        let huge = LocationSizes { shape: shape(1 << 20, 1 << 10, 40, 3, false), ..ok };
+        assert!(huge.check(1e-12).unwrap_err().to_string().contains("must fit in an i32"));
+        assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+        assert!(matches!(ok.check(-1.0), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn auto_plans_follow_the_documented_rules() {
+        for (h, m) in [(1, 1), (40, 3), (384, 48), (768, 64), (1024, 4096)] {
+            let p = LocationPlan::auto(h, m);
+            assert_eq!(p.threads_per_row, 32, "H {h}");
+            p.validate(h, m, DEFAULT_SHARED_BYTES).unwrap();
+        }
+        assert_eq!(LocationPlan::auto(384, 48).rows_per_block, 8);
+        // 8 rows of 1024 + 4096 floats would need 160 KiB: 2 rows of 40 KiB fit.
+        assert_eq!(LocationPlan::auto(1024, 4096).rows_per_block, 2);
+        assert_eq!(LocationPlan::auto(1025, 8), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
+        assert_eq!(LocationPlan::auto(4099, 8), LocationPlan { threads_per_row: 288, rows_per_block: 1 });
+        assert_eq!(LocationPlan::auto(1 << 16, 8).threads_per_row, 1024);
+    }
+
+    #[test]
+    fn invalid_plans_are_rejected() {
+        let bad = [
+            LocationPlan { threads_per_row: 48, rows_per_block: 1 },
+            LocationPlan { threads_per_row: 0, rows_per_block: 1 },
+            LocationPlan { threads_per_row: 2048, rows_per_block: 1 },
+            LocationPlan { threads_per_row: 64, rows_per_block: 2 },
+            LocationPlan { threads_per_row: 32, rows_per_block: 33 },
+            LocationPlan { threads_per_row: 32, rows_per_block: 0 },
+            LocationPlan { threads_per_row: 32, rows_per_block: 8 }, // 8·(2000 + 48)·4 > 48 KiB
+        ];
+        for p in bad {
+            let err = p.validate(2000, 48, DEFAULT_SHARED_BYTES).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{p:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn codes_match_the_kernel() {
+        let src = crate::cuda::registry::adapter::SOURCE.code;
+        for (a, name) in [
+            (Activation::Relu, "ADAPTER_ACT_RELU"),
+            (Activation::Gelu, "ADAPTER_ACT_GELU"),
+            (Activation::GeluNew, "ADAPTER_ACT_GELU_NEW"),
+            (Activation::Swish, "ADAPTER_ACT_SWISH"),
+            (Activation::Tanh, "ADAPTER_ACT_TANH"),
+            (Activation::Sigmoid, "ADAPTER_ACT_SIGMOID"),
+        ] {
+            assert!(src.contains(&format!("#define {name} {}\n", activation_code(a))), "{name}");
+        }
+        for (code, name) in [(SCALING_FIXED, "FIXED"), (SCALING_LEARNED, "LEARNED"), (SCALING_CHANNEL, "CHANNEL")] {
+            assert!(src.contains(&format!("#define ADAPTER_SCALING_{name} {code}\n")), "{name}");
+        }
+        for (r, name) in [(ResidualBeforeLn::True, "H"), (ResidualBeforeLn::False, "X"), (ResidualBeforeLn::PostAdd, "V")] {
+            assert!(src.contains(&format!("#define ADAPTER_RESIDUAL_{name} {}", residual_code(r))), "{name}");
+        }
+        assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 128"));
+    }
+}

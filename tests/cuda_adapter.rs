@@ -1,0 +1,698 @@
+//! The CUDA adapter location (kernels/adapter.cu through `cuda::adapter`) against the CPU
+//! reference backend's `adapter_location`, the specification of the fused kernel.
+//!
+//! One body per test, run by `test_device!` on every device: `*::cuda_sim` on the CPU executor
+//! (feature `cuda-sim`) in the forward, reverse and random schedules; `*::cuda` on a GPU, which
+//! prints `SKIPPED: ...` without one and fails under `REQUIRE_GPU=1`.
+//!
+//! Tolerance: max|out - ref| <= 1e-5 · (1 + max|ref|) over the whole output, as for every fp32
+//! kernel of the crate. The adapter weights are blown up (pre-activations and the adapter's output
+//! several times larger than h + r), so the adapter dominates every output and a bug in it moves
+//! the output by O(1), far past the tolerance. Outputs start as NaN, so an element the kernel
+//! never writes fails.
+
+use bert_adapters::backend::{AdapterLocation, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::config::ResidualBeforeLn;
+use bert_adapters::cuda::adapter::{
+    adapter_location_forward, adapter_location_forward_with_plan, refuse_unsupported, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors,
+    LocationInputs, LocationOutputs, LocationPlan, LocationShape, MAX_BOTTLENECK,
+};
+use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
+use bert_adapters::cuda::probe::report_line;
+use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BERT_EPS: f32 = 1e-12;
+const TOL: f32 = 1e-5;
+
+// ---- cases ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Scale {
+    Fixed(f32),
+    Learned,
+    Channel,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BranchSpec {
+    m: usize,
+    act: Activation,
+    ln_before: bool,
+    ln_after: bool,
+    scale: Scale,
+    gate: bool,
+    residual_first: bool,
+}
+
+impl BranchSpec {
+    /// pfeiffer / houlsby cores: relu or swish, fixed scaling 1, nothing else.
+    fn plain(m: usize, act: Activation) -> Self {
+        BranchSpec { m, act, ln_before: false, ln_after: false, scale: Scale::Fixed(1.0), gate: false, residual_first: false }
+    }
+    /// Every option that has parameters.
+    fn full(m: usize, act: Activation, scale: Scale, residual_first: bool) -> Self {
+        BranchSpec { m, act, ln_before: true, ln_after: true, scale, gate: true, residual_first }
+    }
+}
+
+const PFEIFFER: LocationSteps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: true, original_ln_after: true };
+const HOULSBY: LocationSteps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: false, original_ln_after: true };
+
+fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(data, shape).unwrap()
+}
+
+/// One branch's weights as CPU tensors.
+struct HostBranch {
+    spec: BranchSpec,
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    ln_before: Option<(Tensor, Tensor)>,
+    ln_after: Option<(Tensor, Tensor)>,
+    scaling: Option<Tensor>,
+    gate: Option<(Tensor, Tensor)>,
+}
+
+impl HostBranch {
+    fn random(rng: &mut StdRng, h: usize, spec: BranchSpec) -> Self {
+        let m = spec.m;
+        // Blown up: about 3x what keeps variances at 1 (bert init is N(0, 0.02)).
+        let (wd, wu) = (3.0 / (h as f32).sqrt(), 3.0 / (m as f32).sqrt());
+        let mut ln = |on: bool| on.then(|| (tensor(uniform(rng, h, 0.5, 1.5), &[h]), tensor(uniform(rng, h, -0.5, 0.5), &[h])));
+        let (ln_before, ln_after) = (ln(spec.ln_before), ln(spec.ln_after));
+        HostBranch {
+            spec,
+            down_w: tensor(uniform(rng, m * h, -wd, wd), &[m, h]),
+            down_b: tensor(uniform(rng, m, -0.5, 0.5), &[m]),
+            up_w: tensor(uniform(rng, h * m, -wu, wu), &[h, m]),
+            up_b: tensor(uniform(rng, h, -0.5, 0.5), &[h]),
+            ln_before,
+            ln_after,
+            scaling: match spec.scale {
+                Scale::Fixed(_) => None,
+                Scale::Learned => Some(tensor(vec![rng.random_range(1.5..2.5)], &[1])),
+                Scale::Channel => Some(tensor(uniform(rng, h, -2.5, 2.5), &[h])),
+            },
+            gate: spec.gate.then(|| (tensor(uniform(rng, h, -wd, wd), &[1, h]), tensor(uniform(rng, 1, -0.5, 0.5), &[1]))),
+        }
+    }
+
+    fn params(&self) -> BottleneckParams<'_> {
+        fn ln(p: &Option<(Tensor, Tensor)>) -> Option<LayerNormParams<'_>> {
+            p.as_ref().map(|(g, b)| LayerNormParams { gamma: g, beta: b, eps: 1e-5 })
+        }
+        BottleneckParams {
+            down_w: &self.down_w,
+            down_b: &self.down_b,
+            up_w: &self.up_w,
+            up_b: &self.up_b,
+            activation: self.spec.act,
+            ln_before: ln(&self.ln_before),
+            ln_after: ln(&self.ln_after),
+            scaling: match (self.spec.scale, &self.scaling) {
+                (Scale::Fixed(s), _) => ScalingParam::Fixed(s),
+                (Scale::Learned, Some(t)) => ScalingParam::Learned(t),
+                (Scale::Channel, Some(t)) => ScalingParam::Channel(t),
+                _ => unreachable!("random() makes a scaling tensor for learned and channel"),
+            },
+            gate: self.gate.as_ref().map(|(w, b)| (w, b)),
+            adapter_residual_before_ln: self.spec.residual_first,
+            dropout: None,
+        }
+    }
+}
+
+fn data(t: &Tensor) -> Vec<f32> {
+    t.f32_data().unwrap().to_vec()
+}
+
+/// The same branch on the device.
+struct DeviceBranch {
+    spec: BranchSpec,
+    down_w: DeviceBuffer<f32>,
+    down_b: DeviceBuffer<f32>,
+    up_w: DeviceBuffer<f32>,
+    up_b: DeviceBuffer<f32>,
+    ln_before: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    ln_after: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    scaling: Option<DeviceBuffer<f32>>,
+    gate: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+}
+
+impl DeviceBranch {
+    fn upload(gpu: &Gpu, b: &HostBranch) -> Self {
+        let up = |t: &Tensor| gpu.upload(&data(t)).unwrap();
+        let pair = |p: &Option<(Tensor, Tensor)>| p.as_ref().map(|(a, b)| (up(a), up(b)));
+        DeviceBranch {
+            spec: b.spec,
+            down_w: up(&b.down_w),
+            down_b: up(&b.down_b),
+            up_w: up(&b.up_w),
+            up_b: up(&b.up_b),
+            ln_before: pair(&b.ln_before),
+            ln_after: pair(&b.ln_after),
+            scaling: b.scaling.as_ref().map(up),
+            gate: pair(&b.gate),
+        }
+    }
+
+    fn weights(&self) -> BranchWeights<'_> {
+        fn ln(p: &Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>) -> Option<DeviceLayerNorm<'_>> {
+            p.as_ref().map(|(g, b)| DeviceLayerNorm { gamma: g.view(), beta: b.view(), eps: 1e-5 })
+        }
+        BranchWeights {
+            bottleneck: self.spec.m,
+            down_w: self.down_w.view(),
+            down_b: self.down_b.view(),
+            up_w: self.up_w.view(),
+            up_b: self.up_b.view(),
+            activation: self.spec.act,
+            ln_before: ln(&self.ln_before),
+            ln_after: ln(&self.ln_after),
+            scaling: match (self.spec.scale, &self.scaling) {
+                (Scale::Fixed(s), _) => DeviceScaling::Fixed(s),
+                (Scale::Learned, Some(t)) => DeviceScaling::Learned(t.view()),
+                (Scale::Channel, Some(t)) => DeviceScaling::Channel(t.view()),
+                _ => unreachable!("upload() copies the scaling tensor"),
+            },
+            gate: self.gate.as_ref().map(|(w, b)| (w.view(), b.view())),
+            adapter_residual_before_ln: self.spec.residual_first,
+        }
+    }
+}
+
+/// One location: inputs, BERT LayerNorm, steps, branches.
+struct Case {
+    batch: usize,
+    seq_len: usize,
+    hidden: usize,
+    replicate: bool,
+    steps: LocationSteps,
+    h: Tensor,
+    r: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    branches: Vec<HostBranch>,
+}
+
+impl Case {
+    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize, replicate: bool, steps: LocationSteps, specs: &[BranchSpec]) -> Case {
+        let rows = if replicate { batch } else { batch * specs.len() };
+        let n = rows * seq_len * hidden;
+        Case {
+            batch,
+            seq_len,
+            hidden,
+            replicate,
+            steps,
+            h: tensor(uniform(rng, n, -2.0, 2.0), &[rows, seq_len, hidden]),
+            r: tensor(uniform(rng, n, -2.0, 2.0), &[rows, seq_len, hidden]),
+            gamma: tensor(uniform(rng, hidden, 0.5, 1.5), &[hidden]),
+            beta: tensor(uniform(rng, hidden, -0.5, 0.5), &[hidden]),
+            branches: specs.iter().map(|s| HostBranch::random(rng, hidden, *s)).collect(),
+        }
+    }
+
+    fn shape(&self) -> LocationShape {
+        LocationShape { batch: self.batch, seq_len: self.seq_len, hidden: self.hidden, branches: self.branches.len(), replicate: self.replicate }
+    }
+
+    fn label(&self) -> String {
+        let specs: Vec<String> = self
+            .branches
+            .iter()
+            .map(|b| {
+                let s = b.spec;
+                format!("m{} {:?} {:?}{}{}{}{}", s.m, s.act, s.scale, if s.ln_before { " lnB" } else { "" }, if s.ln_after { " lnA" } else { "" }, if s.gate { " gate" } else { "" }, if s.residual_first { " resFirst" } else { "" })
+            })
+            .collect();
+        format!("B={} T={} H={} N={} replicate={} {:?} [{}]", self.batch, self.seq_len, self.hidden, self.branches.len(), self.replicate, self.steps, specs.join("; "))
+    }
+
+    /// The CPU reference backend's output.
+    fn reference(&self) -> Vec<f32> {
+        let params: Vec<BottleneckParams> = self.branches.iter().map(HostBranch::params).collect();
+        let loc = AdapterLocation {
+            h: &self.h,
+            r: &self.r,
+            layer_norm: LayerNormParams { gamma: &self.gamma, beta: &self.beta, eps: BERT_EPS },
+            steps: self.steps,
+            branches: &params,
+            replicate: self.replicate,
+            seq_len: self.seq_len,
+        };
+        CpuBackend::reference().adapter_location(&loc).unwrap_or_else(|e| panic!("{}: CPU reference: {e}", self.label())).into_cpu_vec().unwrap()
+    }
+
+    /// `LN(h + r)` for every branch's rows: the location without adapters.
+    fn plain_location(&self) -> Vec<f32> {
+        let (h, r) = (data(&self.h), data(&self.r));
+        let rows: Vec<f32> = bert_adapters::cpu::reference::residual_layernorm(&h, Some(&r), &data(&self.gamma), &data(&self.beta), self.hidden, BERT_EPS).y;
+        if self.replicate {
+            rows.iter().copied().cycle().take(rows.len() * self.branches.len()).collect()
+        } else {
+            rows
+        }
+    }
+
+    /// The gate means `[N·B]` in f64 (1 for branches without a gate): the mean over an example's
+    /// rows of σ(x·w_g + b_g), x the pre step's output (spec §3.4).
+    fn reference_gates(&self) -> Vec<f32> {
+        let (hd, t, b) = (self.hidden, self.seq_len, self.batch);
+        let (h, r, g, be) = (data(&self.h), data(&self.r), data(&self.gamma), data(&self.beta));
+        let mut out = Vec::new();
+        for (i, br) in self.branches.iter().enumerate() {
+            for e in 0..b {
+                let Some((w, bias)) = &br.gate else {
+                    out.push(1.0);
+                    continue;
+                };
+                let (w, bias) = (data(w), data(bias)[0] as f64);
+                let mut sum = 0f64;
+                for row in 0..t {
+                    let src = ((if self.replicate { e } else { i * b + e }) * t + row) * hd;
+                    let x: Vec<f64> = if self.steps.original_ln_before {
+                        let v: Vec<f64> = (0..hd).map(|c| (h[src + c] + r[src + c]) as f64).collect();
+                        let mean = v.iter().sum::<f64>() / hd as f64;
+                        let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / hd as f64;
+                        let rstd = 1.0 / (var + BERT_EPS as f64).sqrt();
+                        (0..hd).map(|c| ((v[c] - mean) * rstd * g[c] as f64 + be[c] as f64) as f32 as f64).collect()
+                    } else {
+                        (0..hd).map(|c| h[src + c] as f64).collect()
+                    };
+                    let logit: f64 = bias + (0..hd).map(|c| x[c] * w[c] as f64).sum::<f64>();
+                    sum += 1.0 / (1.0 + (-logit).exp());
+                }
+                out.push((sum / t as f64) as f32);
+            }
+        }
+        out
+    }
+}
+
+struct Outputs {
+    out: Vec<f32>,
+    gate: Option<Vec<f32>>,
+}
+
+/// Uploads `case`, builds its descriptors, runs the launcher with NaN-poisoned outputs (auto plan
+/// when `plan` is None) and downloads them. The gate output is given when a branch gates.
+fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
+    let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
+    let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
+    let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
+    let (h, r) = (gpu.upload(&data(&case.h))?, gpu.upload(&data(&case.r))?);
+    let (gamma, beta) = (gpu.upload(&data(&case.gamma))?, gpu.upload(&data(&case.beta))?);
+    let shape = case.shape();
+    let n_out = shape.branches * shape.batch * shape.seq_len * shape.hidden;
+    let mut out = gpu.upload(&vec![f32::NAN; n_out])?;
+    let mut gate = descriptors.has_gate().then(|| gpu.upload(&vec![f32::NAN; shape.branches * shape.batch])).transpose()?;
+    {
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
+        match plan {
+            None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
+            Some(p) => adapter_location_forward_with_plan(gpu, &inputs, &descriptors, &mut outputs, shape, p)?,
+        }
+    }
+    Ok(Outputs { out: gpu.download(&out.view())?, gate: gate.map(|g| gpu.download(&g.view())).transpose()? })
+}
+
+/// Asserts every element finite and within tolerance; returns max|err| / tol.
+fn assert_close(what: &str, label: &str, got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "{label}: {what} length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let tol = TOL * (1.0 + scale);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        if !g.is_finite() || err.is_nan() || err > tol {
+            panic!("{label}: {what}[{i}] = {g}, reference {w}, |err| {err:e} > tol {tol:e}");
+        }
+        worst = worst.max(err / tol);
+    }
+    worst
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Runs `case` and checks it against the CPU; returns the outputs and the tolerance used.
+fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Outputs, f32) {
+    let label = format!("{} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
+    let got = run(gpu, case, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let want = case.reference();
+    // The adapter really dominates: the output is O(1) away from the plain BERT location.
+    let plain = case.plain_location();
+    let moved = want.iter().zip(&plain).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(moved > 0.5, "{label}: the adapters move the output by only {moved}");
+    let mut used = assert_close("out", &label, &got.out, &want);
+    if let Some(g) = &got.gate {
+        used = used.max(assert_close("gate", &label, g, &case.reference_gates()));
+    }
+    (got, used)
+}
+
+// ---- the sweep ---------------------------------------------------------------------------------------
+
+const ACTS: [Activation; 6] = [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid];
+
+/// H x bottleneck in a Latin square with T and N, so every H meets every bottleneck, every T and
+/// every N once, and every bottleneck every T and N; replicate alternates; every activation and
+/// scaling kind appears, and N >= 2 mixes configs (and bottlenecks) in one launch.
+fn sweep_cases(rng: &mut StdRng) -> Vec<Case> {
+    let (hs, ms, ts, ns) = ([40, 48, 384], [1, 3, 48], [1, 7, 33], [1, 2, 3]);
+    let mut cases = Vec::new();
+    let mut k = 0;
+    for (a, &h) in hs.iter().enumerate() {
+        for (b, &m) in ms.iter().enumerate() {
+            let (t, n) = (ts[(a + b) % 3], ns[(2 * a + b) % 3]);
+            let scales = [Scale::Fixed(2.5), Scale::Learned, Scale::Channel];
+            let specs: Vec<BranchSpec> = (0..n)
+                .map(|j| {
+                    k += 1;
+                    let act = ACTS[k % ACTS.len()];
+                    // Branch 0 has the case's bottleneck; later ones another size.
+                    let mj = if j == 0 { m } else { [5, 33, 2][(k + j) % 3] };
+                    match (k + j) % 3 {
+                        0 => BranchSpec::plain(mj, act),
+                        1 => BranchSpec { scale: scales[k % 3], ln_after: true, ..BranchSpec::plain(mj, act) },
+                        _ => BranchSpec::full(mj, act, scales[k % 3], k % 2 == 0),
+                    }
+                })
+                .collect();
+            // Both location kinds meet both replicate settings.
+            let steps = if (a + b / 2) % 2 == 0 { PFEIFFER } else { HOULSBY };
+            cases.push(Case::random(rng, 2, t, h, (a + b) % 2 == 0, steps, &specs));
+        }
+    }
+    cases
+}
+
+fn sweep_matches_cpu(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xada9_7e55);
+    let mut worst = (0f32, String::new());
+    let cases = sweep_cases(&mut rng);
+    for case in &cases {
+        let (_, used) = check(gpu, case, None);
+        if used > worst.0 {
+            worst = (used, case.label());
+        }
+    }
+    report_line(&format!("adapter location sweep on {}: {} cases pass; worst max|err|/tol = {:.3} at {}", gpu.describe(), cases.len(), worst.0, worst.1));
+}
+test_device!(sweep_matches_cpu_reference, sweep_matches_cpu);
+
+/// Every kind of location (spec §4's closed forms) and the first-child / last-child rule of a
+/// mixed Parallel: each at H = 48, T = 7, replicated and not.
+fn location_kinds_match_cpu(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x0010_ca7e);
+    let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
+    let full = |m, act, scale, first| BranchSpec::full(m, act, scale, first);
+    let kinds: Vec<(&str, LocationSteps, Vec<BranchSpec>)> = vec![
+        ("pfeiffer", PFEIFFER, vec![BranchSpec::plain(3, Activation::Relu)]),
+        ("houlsby", HOULSBY, vec![BranchSpec::plain(3, Activation::Swish)]),
+        ("residual_before_ln False", steps(ResidualBeforeLn::False, true, true), vec![full(4, Activation::Gelu, Scale::Channel, false)]),
+        ("residual_before_ln False, no LN first", steps(ResidualBeforeLn::False, false, true), vec![full(4, Activation::Tanh, Scale::Learned, true)]),
+        ("post_add", steps(ResidualBeforeLn::PostAdd, true, true), vec![full(6, Activation::Swish, Scale::Fixed(0.5), true)]),
+        ("original_ln_after False", steps(ResidualBeforeLn::True, false, false), vec![BranchSpec::plain(48, Activation::Relu)]),
+        ("par_bn-like scaling 4", HOULSBY, vec![BranchSpec { scale: Scale::Fixed(4.0), ..BranchSpec::plain(24, Activation::Relu) }]),
+        // Parallel(pfeiffer, houlsby, full): pre step from the first child, post from the last.
+        (
+            "Parallel(pfeiffer, houlsby, full)",
+            PFEIFFER,
+            vec![BranchSpec::plain(3, Activation::Relu), BranchSpec::plain(48, Activation::Swish), full(7, Activation::Gelu, Scale::Channel, true)],
+        ),
+        (
+            "Parallel(houlsby, gated, pfeiffer), last child without original_ln_after",
+            steps(ResidualBeforeLn::True, false, false),
+            vec![BranchSpec::plain(8, Activation::Swish), full(40, Activation::Sigmoid, Scale::Learned, false), BranchSpec::plain(1, Activation::Relu)],
+        ),
+    ];
+    for (name, steps, specs) in kinds {
+        for replicate in [true, false] {
+            let case = Case::random(&mut rng, 2, 7, 48, replicate, steps, &specs);
+            let (a, _) = check(gpu, &case, None);
+            // Fixed reduction order: the same launch gives the same bits.
+            let b = run(gpu, &case, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(bits(&a.out), bits(&b.out), "{name}: not deterministic");
+        }
+    }
+}
+test_device!(location_kinds_match_cpu_reference, location_kinds_match_cpu);
+
+/// Every plan the launcher accepts: several rows per warp-per-row block (a partial last block),
+/// and block-per-row teams of 2, 3 and 32 warps (block barriers, the down projection's chunks
+/// spread over warps), including H > 1024, where the automatic plan is block-per-row.
+fn every_plan_matches_cpu(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x91a7);
+    let plans = [
+        LocationPlan { threads_per_row: 32, rows_per_block: 1 },
+        LocationPlan { threads_per_row: 32, rows_per_block: 3 },
+        LocationPlan { threads_per_row: 64, rows_per_block: 1 },
+        LocationPlan { threads_per_row: 96, rows_per_block: 1 },
+        LocationPlan { threads_per_row: 1024, rows_per_block: 1 },
+    ];
+    let specs = [BranchSpec::full(48, Activation::Gelu, Scale::Channel, false), BranchSpec::full(3, Activation::Swish, Scale::Learned, true), BranchSpec::plain(70, Activation::Relu)];
+    for plan in plans {
+        for h in [40, 384] {
+            // A 1024-thread team costs the executor 1024 fibers a row: one row per branch there.
+            let t = if plan.threads_per_row > 128 { 1 } else { 3 };
+            let case = Case::random(&mut rng, 1, t, h, true, PFEIFFER, &specs);
+            check(gpu, &case, Some(plan));
+        }
+    }
+    // Wider than 1024: one block per row, 128 threads.
+    let case = Case::random(&mut rng, 1, 2, 1100, false, HOULSBY, &specs[..2]);
+    assert_eq!(LocationPlan::auto(1100, 48), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
+    check(gpu, &case, None);
+}
+test_device!(every_plan_matches_cpu_reference, every_plan_matches_cpu);
+
+/// The executor's schedules reorder the threads between sync points; a race-free kernel with
+/// fixed-order reductions gives the same bits in each (gate and both mappings included).
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn schedules_agree_bit_for_bit() {
+    use bert_adapters::cuda::gpu::SimConfig;
+    use bert_adapters::cuda::sim::Schedule;
+    let mut rng = StdRng::seed_from_u64(0x5c4e);
+    let specs = [BranchSpec::full(48, Activation::Gelu, Scale::Channel, false), BranchSpec::plain(3, Activation::Relu)];
+    let case = Case::random(&mut rng, 2, 5, 40, true, PFEIFFER, &specs);
+    for plan in [None, Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })] {
+        // All three, even when CUDA_SIM_SCHEDULE narrows the other tests to one.
+        let sims = [Schedule::Forward, Schedule::Reverse, Schedule::Random(0x5eed)].map(|schedule| Gpu::sim(SimConfig { schedule, ..SimConfig::default() }));
+        let runs: Vec<Outputs> = sims.iter().map(|gpu| check(gpu, &case, plan).0).collect();
+        for r in &runs[1..] {
+            assert_eq!(bits(&runs[0].out), bits(&r.out), "{plan:?}: out differs between schedules");
+            assert_eq!(bits(runs[0].gate.as_ref().unwrap()), bits(r.gate.as_ref().unwrap()), "{plan:?}: gate differs between schedules");
+        }
+    }
+}
+
+/// The descriptors hold addresses, so a weight updated in place (an optimizer step) is what the
+/// next launch reads, without new descriptors.
+fn weights_update_in_place(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xd7a);
+    let mut case = Case::random(&mut rng, 2, 3, 48, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..BranchSpec::plain(3, Activation::Gelu) }]);
+    let mut dev = DeviceBranch::upload(gpu, &case.branches[0]);
+    // SAFETY: `dev` outlives `descriptors` (declared before it, dropped after) and its buffers
+    // are written in place only between launches.
+    let descriptors = unsafe { LocationDescriptors::new(gpu, 48, HOULSBY, &[dev.weights()]).unwrap().detach() };
+    let (h, r) = (gpu.upload(&data(&case.h)).unwrap(), gpu.upload(&data(&case.r)).unwrap());
+    let (gamma, beta) = (gpu.upload(&data(&case.gamma)).unwrap(), gpu.upload(&data(&case.beta)).unwrap());
+    let mut out = gpu.upload(&vec![f32::NAN; 2 * 3 * 48]).unwrap();
+    for (step, scale) in [(0, None), (1, Some(-3.25f32))] {
+        if let Some(s) = scale {
+            gpu.copy_htod(&[s], &mut dev.scaling.as_mut().unwrap().view_mut()).unwrap();
+            case.branches[0].scaling = Some(tensor(vec![s], &[1]));
+        }
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let mut outputs = LocationOutputs { out: out.view_mut(), gate: None };
+        adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, case.shape()).unwrap();
+        assert_close("out", &format!("{} step {step}", gpu.describe()), &gpu.download(&out.view()).unwrap(), &case.reference());
+    }
+}
+test_device!(updated_weights_are_read, weights_update_in_place);
+
+// ---- refusals ------------------------------------------------------------------------------------
+
+fn shape_err(r: Result<impl std::fmt::Debug, Error>, want: &str) {
+    match r {
+        Err(e @ Error::Shape { .. }) => assert!(e.to_string().contains(want), "`{e}` should contain `{want}`"),
+        other => panic!("expected a shape error containing `{want}`, got {other:?}"),
+    }
+}
+
+/// Every descriptor error, before anything is uploaded.
+fn descriptor_errors(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (h, m) = (16, 4);
+    let host = HostBranch::random(&mut rng, h, BranchSpec::full(m, Activation::Relu, Scale::Channel, false));
+    let dev = DeviceBranch::upload(gpu, &host);
+    let ok = dev.weights();
+    LocationDescriptors::new(gpu, h, PFEIFFER, &[ok]).unwrap();
+    let short = gpu.upload(&[0f32; 3]).unwrap();
+    let s = short.view();
+    let ln = |g| Some(DeviceLayerNorm { gamma: g, beta: ok.ln_after.unwrap().beta, eps: 1e-5 });
+    let cases: Vec<(BranchWeights, &str)> = vec![
+        (BranchWeights { down_w: s, ..ok }, "branch 0: down weight has 3 elements, expected 64 (bottleneck·H) for H = 16, bottleneck = 4"),
+        (BranchWeights { down_b: s, ..ok }, "down bias has 3 elements, expected 4"),
+        (BranchWeights { up_w: s, ..ok }, "up weight has 3 elements, expected 64 (H·bottleneck)"),
+        (BranchWeights { up_b: s, ..ok }, "up bias has 3 elements, expected 16 (H)"),
+        (BranchWeights { ln_before: ln(s), ..ok }, "LayerNorm-before gamma has 3"),
+        (BranchWeights { ln_after: ln(s), ..ok }, "LayerNorm-after gamma has 3"),
+        (BranchWeights { ln_after: Some(DeviceLayerNorm { beta: s, ..ok.ln_after.unwrap() }), ..ok }, "LayerNorm-after beta has 3"),
+        (BranchWeights { ln_before: Some(DeviceLayerNorm { eps: f32::NAN, ..ok.ln_before.unwrap() }), ..ok }, "LayerNorm-before eps must be finite"),
+        (BranchWeights { scaling: DeviceScaling::Learned(s), ..ok }, "learned scaling has 3 elements, expected 1"),
+        (BranchWeights { scaling: DeviceScaling::Channel(s), ..ok }, "channel scaling has 3 elements, expected 16"),
+        (BranchWeights { scaling: DeviceScaling::Fixed(f32::INFINITY), ..ok }, "fixed scaling must be finite"),
+        (BranchWeights { gate: Some((s, ok.gate.unwrap().1)), ..ok }, "gate weight has 3 elements, expected 16 ([1, H])"),
+        (BranchWeights { gate: Some((ok.gate.unwrap().0, s)), ..ok }, "gate bias has 3 elements, expected 1"),
+        (BranchWeights { bottleneck: 0, ..ok }, "bottleneck 0 must be in 1..=4096"),
+        (BranchWeights { bottleneck: MAX_BOTTLENECK + 1, ..ok }, "bottleneck 4097"),
+    ];
+    for (w, want) in cases {
+        // As the second branch, so the message names branch 1.
+        let want = want.replace("branch 0", "branch 1");
+        shape_err(LocationDescriptors::new(gpu, h, PFEIFFER, &[ok, w]), &want);
+    }
+    shape_err(LocationDescriptors::new(gpu, h, PFEIFFER, &[]), "no branches");
+    shape_err(LocationDescriptors::new(gpu, 0, PFEIFFER, &[ok]), "hidden size 0");
+    shape_err(LocationDescriptors::new(gpu, h + 1, PFEIFFER, &[ok]), "down weight has 64 elements, expected 68");
+    let post_add = LocationSteps { residual_before_ln: ResidualBeforeLn::PostAdd, ..HOULSBY };
+    shape_err(LocationDescriptors::new(gpu, h, post_add, &[ok]), "post_add needs original_ln_before");
+}
+test_device!(descriptor_errors_name_the_operand, descriptor_errors);
+
+/// Every launch-size error, an invalid plan and aliasing outputs; nothing is written.
+fn launch_errors(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (b, t, h, n) = (2, 3, 16, 2);
+    let hosts: Vec<HostBranch> = (0..n).map(|i| HostBranch::random(&mut rng, h, BranchSpec { gate: i == 1, ..BranchSpec::plain(4, Activation::Relu) })).collect();
+    let devs: Vec<DeviceBranch> = hosts.iter().map(|x| DeviceBranch::upload(gpu, x)).collect();
+    let weights: Vec<BranchWeights> = devs.iter().map(DeviceBranch::weights).collect();
+    let desc = LocationDescriptors::new(gpu, h, PFEIFFER, &weights).unwrap();
+    let one = LocationDescriptors::new(gpu, h, PFEIFFER, &weights[..1]).unwrap();
+    let x = gpu.upload(&vec![0.5f32; n * b * t * h]).unwrap();
+    let params = gpu.upload(&vec![1f32; h + 1]).unwrap();
+    let mut out = gpu.upload(&vec![f32::NAN; n * b * t * h + 1]).unwrap();
+    let mut gate = gpu.upload(&vec![f32::NAN; n * b + 1]).unwrap();
+    let shape = LocationShape { batch: b, seq_len: t, hidden: h, branches: n, replicate: true };
+    let rows_in = b * t * h;
+    let inputs = LocationInputs {
+        h: x.slice(0..rows_in).unwrap(),
+        r: x.slice(rows_in..2 * rows_in).unwrap(),
+        ln_gamma: params.slice(0..h).unwrap(),
+        ln_beta: params.slice(0..h).unwrap(),
+        ln_eps: BERT_EPS,
+    };
+    let n_out = n * b * t * h;
+    {
+        let mut go = |inputs: &LocationInputs, d: &LocationDescriptors, out_len: usize, gate_len: Option<usize>, shape: LocationShape, plan: Option<LocationPlan>| {
+            let mut outputs = LocationOutputs { out: out.slice_mut(0..out_len).unwrap(), gate: gate_len.map(|l| gate.slice_mut(0..l).unwrap()) };
+            match plan {
+                None => adapter_location_forward(gpu, inputs, d, &mut outputs, shape),
+                Some(p) => adapter_location_forward_with_plan(gpu, inputs, d, &mut outputs, shape, p),
+            }
+        };
+        let g = Some(n * b);
+        shape_err(go(&LocationInputs { h: x.slice(0..rows_in - 1).unwrap(), ..inputs }, &desc, n_out, g, shape, None), "h has 95 elements, expected 96 (B·T·H)");
+        shape_err(go(&LocationInputs { r: x.view(), ..inputs }, &desc, n_out, g, shape, None), "r has 192 elements, expected 96");
+        shape_err(go(&inputs, &desc, n_out, g, LocationShape { replicate: false, ..shape }, None), "h has 96 elements, expected 192 (N·B·T·H)");
+        shape_err(go(&LocationInputs { ln_gamma: params.view(), ..inputs }, &desc, n_out, g, shape, None), "LayerNorm gamma has 17");
+        shape_err(go(&LocationInputs { ln_beta: params.slice(0..1).unwrap(), ..inputs }, &desc, n_out, g, shape, None), "LayerNorm beta has 1");
+        shape_err(go(&inputs, &desc, n_out + 1, g, shape, None), "out has 193 elements, expected 192 (N·B·T·H)");
+        shape_err(go(&inputs, &desc, n_out, None, shape, None), "a branch has a gate, so the [N·B] = [4] gate output is required");
+        shape_err(go(&inputs, &desc, n_out, Some(n * b + 1), shape, None), "gate has 5 elements, expected 4 (N·B)");
+        shape_err(go(&inputs, &one, n_out, g, shape, None), "2 branches, but there are 1 descriptors");
+        shape_err(go(&inputs, &desc, n_out, g, LocationShape { hidden: 8, ..shape }, None), "hidden 8, but the descriptors were built for H = 16");
+        shape_err(go(&inputs, &desc, n_out, g, shape, Some(LocationPlan { threads_per_row: 48, rows_per_block: 1 })), "multiple of 32");
+        shape_err(go(&inputs, &desc, n_out, g, shape, Some(LocationPlan { threads_per_row: 64, rows_per_block: 2 })), "rows_per_block must be 1");
+        let eps = go(&LocationInputs { ln_eps: f32::NAN, ..inputs }, &desc, n_out, g, shape, None);
+        assert!(matches!(eps, Err(Error::Input(_))), "{eps:?}");
+        // Zero rows: nothing to do, nothing written.
+        go(&LocationInputs { h: x.slice(0..0).unwrap(), r: x.slice(0..0).unwrap(), ..inputs }, &desc, 0, None, LocationShape { batch: 0, ..shape }, None).unwrap();
+    }
+    assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
+    assert!(gpu.download(&gate.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote the gate");
+
+    // Outputs aliasing inputs or weights (the kernel's pointers are __restrict__).
+    // (An input view and an output view of one buffer cannot coexist in safe code, so the outputs
+    // alias a weight, through detached descriptors.)
+    let mut buf = gpu.upload(&vec![0.25f32; n_out]).unwrap();
+    {
+        let alias_w = BranchWeights { up_b: buf.slice(0..h).unwrap(), ..weights[0] };
+        let aliased = LocationDescriptors::new(gpu, h, PFEIFFER, &[alias_w, weights[1]]).unwrap();
+        // SAFETY: `buf` outlives `aliased`, which is only used for the refused launch below.
+        let aliased = unsafe { aliased.detach() };
+        let mut outputs = LocationOutputs { out: buf.slice_mut(0..n_out).unwrap(), gate: Some(gate.slice_mut(0..n * b).unwrap()) };
+        let err = adapter_location_forward(gpu, &inputs, &aliased, &mut outputs, shape).unwrap_err().to_string();
+        assert!(err.contains("out overlaps branch 0 up bias"), "{err}");
+        let mut outputs = LocationOutputs { out: out.slice_mut(0..n_out).unwrap(), gate: Some(buf.slice_mut(0..n * b).unwrap()) };
+        let err = adapter_location_forward(gpu, &inputs, &aliased, &mut outputs, shape).unwrap_err().to_string();
+        assert!(err.contains("gate output overlaps branch 0 up bias"), "{err}");
+    }
+    assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
+}
+test_device!(launch_errors_name_the_operand, launch_errors);
+
+#[test]
+fn adapter_dropout_is_refused_as_unsupported() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let case = Case::random(&mut rng, 1, 2, 8, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu), BranchSpec::plain(2, Activation::Relu)]);
+    let mut params: Vec<BottleneckParams> = case.branches.iter().map(HostBranch::params).collect();
+    let loc = |p: &[BottleneckParams]| {
+        let l = AdapterLocation {
+            h: &case.h,
+            r: &case.r,
+            layer_norm: LayerNormParams { gamma: &case.gamma, beta: &case.beta, eps: BERT_EPS },
+            steps: PFEIFFER,
+            branches: p,
+            replicate: true,
+            seq_len: 2,
+        };
+        refuse_unsupported(&l)
+    };
+    loc(&params).unwrap();
+    params[1].dropout = Some(DropoutSpec { p: 0.1, seed: 7, stream: 0, blocks: vec![1], seed_buffer: None });
+    let err = loc(&params).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("branch 1 has adapter dropout (p = 0.1)"), "{err}");
+}
+
+#[test]
+fn the_sweep_covers_what_it_claims() {
+    let cases = sweep_cases(&mut StdRng::seed_from_u64(0xada9_7e55));
+    let mut seen = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    let (mut acts, mut scales, mut mixed, mut reps) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), 0, [0, 0]);
+    for c in &cases {
+        seen.0.insert((c.hidden, c.branches[0].spec.m));
+        seen.1.insert((c.hidden, c.seq_len));
+        seen.2.insert((c.hidden, c.branches.len()));
+        seen.3.insert((c.branches[0].spec.m, c.seq_len));
+        reps[c.replicate as usize] += 1;
+        for b in &c.branches {
+            acts.insert(format!("{:?}", b.spec.act));
+            scales.insert(format!("{:?}", b.spec.scale).chars().take(4).collect::<String>());
+        }
+        let ln_after: std::collections::BTreeSet<bool> = c.branches.iter().map(|b| b.spec.ln_after).collect();
+        mixed += (ln_after.len() > 1) as usize;
+    }
+    assert_eq!((seen.0.len(), seen.1.len(), seen.2.len(), seen.3.len()), (9, 9, 9, 9));
+    assert_eq!(acts.len(), 6, "{acts:?}");
+    assert_eq!(scales.len(), 3, "{scales:?}");
+    assert!(mixed >= 3 && reps[0] >= 3 && reps[1] >= 3, "mixed {mixed}, replicate {reps:?}");
+    assert!(cases.iter().any(|c| c.branches.iter().any(|b| b.spec.gate)));
+    // The executor runs every case; keep that cheap (a thread per CUDA thread).
+    assert!(cases.iter().all(|c| c.batch * c.seq_len * c.branches.len() <= 200));
+}
