@@ -213,6 +213,11 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// A short human name, e.g. "cpu (fast)".
     fn name(&self) -> String;
+    /// Whether the backend has every op of a training step (backward, loss, clipping, AdamW);
+    /// `train` on `auto` falls back to the CPU when not, and refuses such a device when asked.
+    fn supports_training(&self) -> bool {
+        true
+    }
     /// The sequence-length granularity at which this backend profits from repeated shapes
     /// (plans, graphs or buffers reused per shape): `train` pads its batches to multiples of it.
     /// 1 means padding to the longest text is best (no per-shape work to reuse).
@@ -263,6 +268,13 @@ pub trait Backend: Send + Sync {
     /// `input_ids` and `token_type_ids` are U32 `[batch, seq_len]` tensors on this device (the
     /// model's fixed input buffers), each id in range (checked on the host before they were written).
     fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor>;
+    /// The embeddings block: `dropout(LN(word[id] + token_type[tt] + position[t]))`. Provided as
+    /// `embedding` then `residual_layernorm_dropout`; a device backend fuses them in one kernel.
+    #[allow(clippy::too_many_arguments)] // `embedding`'s tables plus the LayerNorm and dropout
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let emb = self.embedding(input_ids, token_type_ids, word, position, token_type)?;
+        self.residual_layernorm_dropout(&emb, None, ln.gamma, ln.beta, ln.eps, dropout)
+    }
 
     // ---- residual + LayerNorm family -----------------------------------------------------------
     /// `LN(x + residual)` over the last dimension with biased variance: `(z-μ)/√(σ²+eps)·γ + β`.

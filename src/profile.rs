@@ -99,6 +99,14 @@ impl Backend for ProfiledBackend {
         self.inner.length_bucket()
     }
 
+    fn supports_training(&self) -> bool {
+        self.inner.supports_training()
+    }
+
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: crate::backend::LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        self.time("embedding_layernorm", || self.inner.embedding_layernorm(input_ids, token_type_ids, word, position, token_type, ln, dropout))
+    }
+
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         self.time("upload", || self.inner.upload(data, shape))
     }

@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bert_adapters::io::TensorFile;
-use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, LoadOptions, Tensor};
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, LoadOptions};
 use common::{assert_close, check_outputs, fixtures, read_f32, setup, tiny, SINGLE_ADAPTERS, TOL};
 
 fn adapters_dir() -> PathBuf {
     fixtures().join("adapters")
 }
 
+/// Both CPU paths, then the CUDA backend on cuda-sim (CI) and on a GPU when there is one.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())]
+    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())];
+    v.extend(common::cuda_backends());
+    v
 }
 
 
@@ -82,18 +85,20 @@ fn nice_forward_and_inverse_match_the_library() {
         let file = TensorFile::open(adapters_dir().join(format!("nice_{name}.safetensors"))).unwrap();
         let (input, shape) = read_f32(&file, "input");
         for backend in backends() {
+            let be = backend.clone();
             let (mut model, _) = tiny(backend);
             model.load_adapter(adapters_dir().join(name)).unwrap();
-            let x = Tensor::from_vec(input.clone(), &shape).unwrap();
+            // The input lives where the model does.
+            let x = be.upload(input.clone(), &shape).unwrap();
             for (inverse, key) in [(false, "forward"), (true, "inverse")] {
                 let y = model.invertible_adapter(name, &x, inverse).unwrap();
-                assert_close(&format!("{name} {key}"), &y.cpu_data().unwrap(), &read_f32(&file, key).0, TOL);
+                assert_close(&format!("{} {name} {key}", be.name()), &be.to_host(&y).unwrap(), &read_f32(&file, key).0, TOL);
             }
             // The inverse as an LM head applies it: the first active adapter's.
             model.set_active_adapters(Some(setup(&[name]))).unwrap();
             let fwd = model.invertible_adapter(name, &x, false).unwrap();
             let back = model.invertible_adapter_inverse(&fwd).unwrap();
-            assert_close(&format!("{name} inverse∘forward"), &back.cpu_data().unwrap(), &input, TOL);
+            assert_close(&format!("{} {name} inverse∘forward", be.name()), &be.to_host(&back).unwrap(), &input, TOL);
         }
     }
 }

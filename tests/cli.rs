@@ -190,12 +190,15 @@ fn unimplemented_options_are_refused_not_ignored() {
     let model = tiny();
     let base = ["--model", s(&model), "--inputs", "x.safetensors", "--out", s(&out)];
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
-    for (extra, says) in [
-        (&["--device", "cuda"][..], "CUDA model backend is not built yet"),
-        (&["--device", "tpu"][..], "unknown device `tpu`"),
-        // The binary under test is built with the test run's features.
-        (&["--device", "cuda-sim"][..], if cfg!(feature = "cuda-sim") { "CUDA model backend is not built yet" } else { "built without the `cuda-sim` feature" }),
-    ] {
+    let mut cases = vec![(&["--device", "tpu"][..], "unknown device `tpu`")];
+    // `--device cuda` without a GPU says why in one line (with one, the binary runs on it).
+    if bert_adapters::cuda::probe::probe_gpu(0).is_err() {
+        cases.push((&["--device", "cuda"][..], "libcuda"));
+    }
+    if !cfg!(feature = "cuda-sim") {
+        cases.push((&["--device", "cuda-sim"][..], "built without the `cuda-sim` feature"));
+    }
+    for (extra, says) in cases {
         let args = with(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         expect_failure(&args, &[says]);
@@ -209,12 +212,24 @@ fn adapter_dir(name: &str) -> PathBuf {
 
 #[test]
 fn run_with_adapters_matches_the_library() {
+    run_with_adapters_on(&[]);
+}
+
+/// `run --device cuda-sim`: the CUDA backend's kernels on the CPU executor give the library's
+/// outputs too (a binary built without the feature refuses the device, tested above).
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn run_on_cuda_sim_matches_the_library() {
+    run_with_adapters_on(&["--device", "cuda-sim"]);
+}
+
+fn run_with_adapters_on(device: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let inputs = tiny().join("inputs.safetensors");
     let (a, b) = (adapter_dir("pfeiffer_inv"), adapter_dir("pfeiffer"));
     let model = tiny();
-    let base = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&a), "--adapter", s(&b)];
+    let base: Vec<&str> = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&a), "--adapter", s(&b)].into_iter().chain(device.iter().copied()).collect();
     for (extra, expected) in [
         (["--active", "pfeiffer_inv"], "expected_pfeiffer_inv.safetensors"),
         (["--parallel", "pfeiffer,pfeiffer_inv"], "expected_parallel_pfeiffer__pfeiffer_inv.safetensors"),

@@ -10,8 +10,11 @@ use bert_adapters::io::TensorFile;
 use bert_adapters::{Backend, BertModel, BertTokenizer, CpuBackend, InputBatch, LoadOptions};
 use common::{check_outputs, fixtures};
 
+/// Both CPU paths, then the CUDA backend on cuda-sim (CI) and on a GPU when there is one.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())]
+    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())];
+    v.extend(common::cuda_backends());
+    v
 }
 
 fn tiny_case(dir: &str, expected_file: &str, use_inputs: bool) {

@@ -24,9 +24,9 @@ fn profiled_forward_is_bit_identical_and_counts_every_op() {
 
     let times = profiled.times();
     let calls = |op: &str| times.iter().find(|(o, _)| *o == op).map(|(_, t)| t.calls).unwrap_or(0);
-    // One packed QKV product and one attention per layer; one embedding.
+    // One packed QKV product and one attention per layer; one embeddings block (gather + LayerNorm).
     assert_eq!(calls("attention_packed"), layers as u64);
-    assert_eq!(calls("embedding"), 1);
+    assert_eq!(calls("embedding_layernorm"), 1);
     // Sorted by total time, most expensive first.
     assert!(times.windows(2).all(|p| p[0].1.total >= p[1].1.total));
     let report = profiled.report();

@@ -225,3 +225,22 @@ fn bad_inputs_fail_with_one_line_naming_file_and_line() {
     let err = fails(&bin().arg("predict").arg("--model").arg(&model).arg("--adapter").arg(tmp.path().join("nope")).arg("--text").arg(data()).output().unwrap());
     assert!(err.contains("nope"), "{err}");
 }
+
+/// The CUDA backend cannot train yet: asked for by name it is refused before any work, with the
+/// reason (`auto` falls back to the CPU instead).
+#[test]
+fn train_on_a_device_that_cannot_train_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let device = if cfg!(feature = "cuda-sim") { "cuda-sim" } else { "cuda" };
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
+        .args(["train", "--device", device, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    let why = if cfg!(feature = "cuda-sim") { "cannot train yet" } else { "libcuda" };
+    assert!(stderr.contains(why), "{stderr}");
+    assert!(!out.exists(), "a refused run must not create its output folder");
+}

@@ -13,10 +13,15 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use super::adapter::{adapter_location_forward, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::attention::attention_packed_forward;
+use super::elementwise;
+use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{Epilogue, Gemm, Transpose};
 use super::gpu::{DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
-use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, NiceGrads, NiceParams};
+use super::nice::{nice_forward, NiceDeviceParams};
+use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, NiceGrads, NiceParams, ScalingParam};
 use crate::config::Activation;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -149,6 +154,14 @@ impl CudaBackend {
         Ok(unsafe { v.assume_writable() })
     }
 
+    fn view_pair<'t>(&self, op: &str, (w, b): (&'t Tensor, &'t Tensor)) -> Result<(DeviceView<'t, f32>, DeviceView<'t, f32>)> {
+        Ok((self.view(op, w)?, self.view(op, b)?))
+    }
+
+    fn device_ln<'t>(&self, op: &str, ln: Option<LayerNormParams<'t>>) -> Result<Option<DeviceLayerNorm<'t>>> {
+        ln.map(|l| Ok(DeviceLayerNorm { gamma: self.view(op, l.gamma)?, beta: self.view(op, l.beta)?, eps: l.eps })).transpose()
+    }
+
     fn new_tensor<T: BufferElement>(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let buf = self.gpu.alloc::<T>(n)?;
@@ -200,6 +213,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         self.gpu.describe()
+    }
+
+    fn supports_training(&self) -> bool {
+        false // the backward kernels and the training tail are issue 14
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -272,12 +289,20 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn linear_act(&self, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _act: Activation) -> Result<(Tensor, Tensor)> {
-        Err(self.unsupported("linear_act"))
+    fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
+        // cuBLASLt's GELU epilogue is the tanh form, not BERT's erf: the product keeps the bias
+        // epilogue and the activation is its own pass.
+        let pre = self.linear(x, w, b)?;
+        let y = self.activation(&pre, act)?;
+        Ok((y, pre))
     }
 
-    fn linear_act_only(&self, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _act: Activation) -> Result<Tensor> {
-        Err(self.unsupported("linear_act_only"))
+    fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        const OP: &str = "linear_act_only";
+        let y = self.linear(x, w, b)?;
+        let cols = y.last_dim();
+        elementwise::bias_act_in_place(&self.gpu, &mut self.view_mut(OP, &y)?, None, Some(act), cols)?;
+        Ok(y)
     }
 
     fn linear_backward_input_act(&self, _dy: &Tensor, _w: &Tensor, _pre: &Tensor, _act: Activation) -> Result<Tensor> {
@@ -285,7 +310,42 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, _input_ids: &Tensor, _token_type_ids: &Tensor, _word: &Tensor, _position: &Tensor, _token_type: &Tensor) -> Result<Tensor> {
-        Err(self.unsupported("embedding"))
+        // The device computes the embeddings only fused with their LayerNorm.
+        Err(self.unsupported("embedding without its LayerNorm (use embedding_layernorm)"))
+    }
+
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        const OP: &str = "embedding_layernorm";
+        if dropout.is_some() {
+            return Err(self.unsupported("embedding dropout (train mode)"));
+        }
+        let (batch, seq_len) = match input_ids.shape() {
+            [b, t] => (*b, *t),
+            s => return Err(Error::shape(OP, format!("input ids must be [B, T], got {s:?}"))),
+        };
+        let hidden = word.last_dim();
+        let y = self.new_tensor::<f32>(&[batch, seq_len, hidden])?;
+        let mut flag = new_error_flag(&self.gpu)?;
+        {
+            let inputs = EmbeddingInputs {
+                input_ids: self.view(OP, input_ids)?,
+                token_type_ids: self.view(OP, token_type_ids)?,
+                word: self.view(OP, word)?,
+                position: self.view(OP, position)?,
+                token_type: self.view(OP, token_type)?,
+                gamma: self.view(OP, ln.gamma)?,
+                beta: self.view(OP, ln.beta)?,
+                batch,
+                seq_len,
+                hidden,
+                eps: ln.eps,
+            };
+            let mut outputs = EmbeddingOutputs { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag: flag.view_mut() };
+            embedding_layernorm_forward(&self.gpu, &inputs, &mut outputs)?;
+        }
+        // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on.
+        check_flag(&self.gpu, &flag.view())?;
+        Ok(y)
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
@@ -315,20 +375,79 @@ impl Backend for CudaBackend {
         Err(self.unsupported("attention"))
     }
 
-    fn attention_packed(&self, _qkv: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
-        Err(self.unsupported("attention_packed"))
+    fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "attention_packed";
+        if dropout.is_some() {
+            return Err(self.unsupported("attention dropout (train mode)"));
+        }
+        let (batch, seq, hidden) = match qkv.shape() {
+            [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
+            s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
+        };
+        let ctx = self.new_tensor::<f32>(&[batch, seq, hidden])?;
+        let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
+        attention_packed_forward(&self.gpu, &self.view(OP, qkv)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &ctx)?, &mut self.view_mut(OP, &lse)?, batch, seq, hidden, heads)?;
+        Ok((ctx, lse))
     }
 
-    fn activation(&self, _x: &Tensor, _act: Activation) -> Result<Tensor> {
-        Err(self.unsupported("activation"))
+    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        const OP: &str = "activation";
+        let y = self.new_tensor::<f32>(x.shape())?;
+        elementwise::bias_act(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?;
+        Ok(y)
     }
 
-    fn adapter_location(&self, _loc: &AdapterLocation) -> Result<Tensor> {
-        Err(self.unsupported("adapter_location"))
+    fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
+        const OP: &str = "adapter_location";
+        super::adapter::refuse_unsupported(loc)?;
+        let hidden = loc.h.last_dim();
+        let n = loc.branches.len();
+        let rows = loc.h.rows();
+        let seq_len = loc.seq_len.max(1);
+        let batch = if loc.replicate { rows / seq_len } else { rows / seq_len / n.max(1) };
+        let mut weights = Vec::with_capacity(n);
+        for p in loc.branches {
+            let scaling = match p.scaling {
+                ScalingParam::Fixed(v) => DeviceScaling::Fixed(v),
+                ScalingParam::Learned(t) => DeviceScaling::Learned(self.view(OP, t)?),
+                ScalingParam::Channel(t) => DeviceScaling::Channel(self.view(OP, t)?),
+            };
+            weights.push(BranchWeights {
+                bottleneck: p.down_w.shape().first().copied().unwrap_or(0),
+                down_w: self.view(OP, p.down_w)?,
+                down_b: self.view(OP, p.down_b)?,
+                up_w: self.view(OP, p.up_w)?,
+                up_b: self.view(OP, p.up_b)?,
+                activation: p.activation,
+                ln_before: self.device_ln(OP, p.ln_before)?,
+                ln_after: self.device_ln(OP, p.ln_after)?,
+                scaling,
+                gate: p.gate.map(|(w, b)| self.view_pair(OP, (w, b))).transpose()?,
+                adapter_residual_before_ln: p.adapter_residual_before_ln,
+            });
+        }
+        let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
+        let out = self.new_tensor::<f32>(&[n * batch, seq_len, hidden])?;
+        let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
+        let inputs = LocationInputs { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, loc.layer_norm.gamma)?, ln_beta: self.view(OP, loc.layer_norm.beta)?, ln_eps: loc.layer_norm.eps };
+        let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
+        let shape = LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate };
+        adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+        Ok(out)
     }
 
-    fn nice(&self, _x: &Tensor, _params: &NiceParams, _inverse: bool) -> Result<Tensor> {
-        Err(self.unsupported("nice"))
+    fn nice(&self, x: &Tensor, params: &NiceParams, inverse: bool) -> Result<Tensor> {
+        const OP: &str = "nice";
+        let p = NiceDeviceParams {
+            f0: self.view_pair(OP, params.f0)?,
+            f2: self.view_pair(OP, params.f2)?,
+            g0: self.view_pair(OP, params.g0)?,
+            g2: self.view_pair(OP, params.g2)?,
+            activation: params.activation,
+        };
+        let out = self.new_tensor::<f32>(x.shape())?;
+        nice_forward(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?;
+        Ok(out)
     }
 
     fn linear_backward_input_into(&self, _dy: &Tensor, _w: &Tensor, _out: &Tensor, _accumulate: bool) -> Result<()> {
@@ -367,8 +486,14 @@ impl Backend for CudaBackend {
         Err(self.unsupported("dropout"))
     }
 
-    fn add(&self, _a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-        Err(self.unsupported("add"))
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        const OP: &str = "add";
+        if a.shape() != b.shape() {
+            return Err(Error::shape(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
+        }
+        let y = self.new_tensor::<f32>(a.shape())?;
+        elementwise::add(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?;
+        Ok(y)
     }
 
     fn select_rows(&self, t: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
@@ -404,31 +529,45 @@ impl Backend for CudaBackend {
             [b, t, h] => [*b, *t, *h],
             s => return Err(Error::shape(OP, format!("expected [B, T, H], got {s:?}"))),
         };
-        let out = self.empty(&[b, h], x.dtype())?;
-        for i in 0..b {
-            copy_rows(self, x, &out, i * t * h, i * h, h)?;
+        let out = self.new_tensor::<f32>(&[b, h])?;
+        elementwise::first_token(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?;
+        Ok(out)
+    }
+
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "cast";
+        let out = self.empty(t.shape(), dtype)?;
+        match (t.dtype(), dtype) {
+            (a, b) if a == b => copy_rows(self, t, &out, 0, 0, t.elem_count())?,
+            (DType::F32, DType::BF16) => elementwise::cast_f32_to_bf16(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
+            (DType::BF16, DType::F32) => elementwise::cast_bf16_to_f32(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
+            (a, b) => return Err(self.unsupported(&format!("cast from {a} to {b}"))),
         }
         Ok(out)
     }
 
-    fn cast(&self, _t: &Tensor, _dtype: DType) -> Result<Tensor> {
-        Err(self.unsupported("cast"))
-    }
-
     fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
-        if value == 0.0 && value.is_sign_positive() {
-            return match t.dtype() {
-                DType::F32 => self.gpu.memset_zero(&mut self.view_mut::<f32>("fill", t)?),
-                DType::BF16 => self.gpu.memset_zero(&mut self.view_mut::<bf16>("fill", t)?),
-                DType::F16 => self.gpu.memset_zero(&mut self.view_mut::<f16>("fill", t)?),
-                DType::U32 => self.gpu.memset_zero(&mut self.view_mut::<u32>("fill", t)?),
-            };
+        const OP: &str = "fill";
+        match t.dtype() {
+            DType::F32 => elementwise::fill_f32(&self.gpu, &mut self.view_mut(OP, t)?, value),
+            DType::BF16 => elementwise::fill_bf16(&self.gpu, &mut self.view_mut(OP, t)?, value),
+            DType::U32 if value >= 0.0 && value <= u32::MAX as f32 && value.fract() == 0.0 => elementwise::fill_u32(&self.gpu, &mut self.view_mut(OP, t)?, value as u32),
+            DType::F16 if value == 0.0 && value.is_sign_positive() => self.gpu.memset_zero(&mut self.view_mut::<f16>(OP, t)?),
+            d => Err(Error::Input(format!("{OP}: {value} cannot fill a {d} tensor on {}", self.device))),
         }
-        Err(self.unsupported("fill with a non-zero value"))
     }
 
-    fn add_into(&self, _dst: &Tensor, _src: &Tensor) -> Result<()> {
-        Err(self.unsupported("add_into"))
+    fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        const OP: &str = "add_into";
+        if dst.shape() != src.shape() {
+            return Err(Error::shape(OP, format!("{:?} += {:?}", dst.shape(), src.shape())));
+        }
+        if dst.overlaps(src) {
+            return Err(Error::Internal(format!("{OP}: the destination overlaps the source")));
+        }
+        // dst = dst + src elementwise: each element is read once, then written.
+        let mut out = self.view_mut::<f32>(OP, dst)?;
+        elementwise::add(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut out)
     }
 
     fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()> {

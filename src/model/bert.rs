@@ -317,9 +317,9 @@ impl BertModel {
         let parallel = self.active.as_ref().is_some_and(AdapterSetup::is_parallel);
 
         let inputs = self.input_buffers(batch)?;
-        let emb = be.embedding(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings)?;
         let embed_drop = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch);
-        let mut x = be.residual_layernorm_dropout(&emb, None, &w.embeddings_ln_gamma, &w.embeddings_ln_beta, cfg.layer_norm_eps, embed_drop.as_ref())?;
+        let embed_ln = LayerNormParams { gamma: &w.embeddings_ln_gamma, beta: &w.embeddings_ln_beta, eps: cfg.layer_norm_eps };
+        let mut x = be.embedding_layernorm(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings, embed_ln, embed_drop.as_ref())?;
         if check_finite && !be.all_finite(&x)? {
             return Err(Error::NonFinite { at: "the embeddings".into() });
         }

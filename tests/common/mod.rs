@@ -267,3 +267,20 @@ impl FullBranch {
         }
     }
 }
+
+/// The CUDA backends a parity test also runs: `cuda-sim` (feature `cuda-sim`, as in CI) and
+/// device 0 when there is a GPU (a missing GPU fails under `REQUIRE_GPU=1`).
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub fn cuda_backends() -> Vec<Arc<dyn Backend>> {
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::Device;
+    let mut v: Vec<Arc<dyn Backend>> = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    v.push(Arc::new(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens")));
+    match bert_adapters::cuda::probe::probe_gpu(0) {
+        Ok(_) => v.push(Arc::new(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")))),
+        Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
+        Err(_) => {}
+    }
+    v
+}

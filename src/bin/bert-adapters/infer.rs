@@ -10,12 +10,32 @@ use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer
 
 use crate::limits;
 
-/// `auto` (CUDA when it can be used, else the CPU), `cpu`, `cuda` or `cuda:N`.
+/// `auto` (CUDA when it can be used, else the CPU), `cpu`, `cuda`, `cuda:N` or `cuda-sim`.
 pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
     match choice {
         "auto" => backend_for(Device::Cuda(0)).or_else(|_| backend_for(Device::Cpu)),
-        other => backend_for(other.parse::<Device>().map_err(|_| Error::Input(format!("--device `{other}`: expected auto, cpu, cuda, cuda:N or cuda-sim")))?),
+        other => backend_for(parse_device(other)?),
     }
+}
+
+/// As [`backend`], for training: `auto` takes CUDA only when its backend can train, and a device
+/// named explicitly that cannot is refused before any work.
+pub fn training_backend(choice: &str) -> Result<Arc<dyn Backend>> {
+    let be = match choice {
+        "auto" => match backend_for(Device::Cuda(0)) {
+            Ok(be) if be.supports_training() => return Ok(be),
+            _ => return backend_for(Device::Cpu),
+        },
+        other => backend_for(parse_device(other)?)?,
+    };
+    if !be.supports_training() {
+        return Err(Error::Unsupported(format!("--device {choice}: the {} backend cannot train yet (its backward kernels are not built); use --device cpu", be.device())));
+    }
+    Ok(be)
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    s.parse::<Device>().map_err(|_| Error::Input(format!("--device `{s}`: expected auto, cpu, cuda, cuda:N or cuda-sim")))
 }
 
 /// Every line of `path`, one text each: blank lines keep their row, a trailing newline does not

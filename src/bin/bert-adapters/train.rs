@@ -501,7 +501,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    let backend = infer::backend(&args.device)?;
+    let backend = infer::training_backend(&args.device)?;
     // Before anything slow: a fresh run must not land on a previous one.
     let prepared = outdir::prepare(&args.out, start_mode)?;
     for line in &prepared.cleaned {
