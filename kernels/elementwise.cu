@@ -11,6 +11,8 @@
 //   cast_f32_to_bf16 / cast_bf16_to_f32   round to nearest even / exact widening, bf16 as raw
 //                          bits (common.cuh f32_to_bf16_bits: NaN -> 0x7fff)
 //   first_token_f32        y[b, :] = x[b, 0, :] for x [batch, seq_len, cols]
+//   count_nonfinite_f32    *count += number of NaN/inf elements of x (Backend::all_finite reads
+//                          4 bytes back instead of the tensor)
 //
 // Thread mapping:
 //   * row kernels (bias_act, first_token): one warp per row, 8 rows per 256-thread block, rows
@@ -114,6 +116,25 @@ extern "C" __global__ void first_token_f32(
         float* dst = y + (size_t)b * (size_t)cols;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             store_f32(dst + c, load_f32(src + c));
+        }
+    }
+}
+
+// ---- finiteness ------------------------------------------------------------------------------
+
+// count: one unsigned, zeroed by the launcher. A warp ballot counts the non-finite elements of
+// each 32-element step, and one atomicAdd per warp that saw any publishes them: the common case
+// (all finite) costs one read of x and no atomics.
+extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, const float* __restrict__ x, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    // Every lane runs the same number of steps, so the ballot's full mask always arrives.
+    const long long first = (long long)blockIdx.x * blockDim.x;
+    for (long long base = first; base < n; base += stride) {
+        const long long i = base + threadIdx.x;
+        const bool bad = i < n && !isfinite(load_f32(x + i));
+        const unsigned votes = __ballot_sync(FULL_WARP_MASK, bad);
+        if ((threadIdx.x & 31u) == 0 && votes != 0u) {
+            atomicAdd(count, (unsigned)__popc(votes));
         }
     }
 }

@@ -15,7 +15,10 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BUNDLE=gpu-bundle
-TEST_TIMEOUT="${TEST_TIMEOUT:-300}"   # per executable: a hung kernel must not eat the session
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"   # per executable: a hung kernel must not eat the session
+SANITIZE_TIMEOUT="${SANITIZE_TIMEOUT:-90}"
+# The kernel test executables compute-sanitizer runs once each (memcheck, then racecheck).
+SANITIZE_TESTS=(test-layernorm test-cuda_attention test-cuda_adapter test-cuda_elementwise test-gpu_runtime)
 LOG=$(mktemp)
 SUMMARY=$(mktemp)
 trap 'rm -f "$LOG" "$SUMMARY"' EXIT
@@ -128,16 +131,37 @@ for t in "$BUNDLE"/test-* "$BUNDLE"/unit-*; do
     [ "$rc" -eq 124 ] && status="FAIL (timed out after ${TEST_TIMEOUT}s)"
     say "$(printf '%-28s %-22s %6ss  skipped=%s  %s' "$name" "$status" "$secs" "$skipped" "$result")"
     # Lines tests print for the record (register counts, worst error vs tolerance).
-    grep -E '^(NVRTC|sm_[0-9]+ |layernorm:)' "$LOG.one" | sed 's/^/    /' >>"$SUMMARY"
+    grep -E '^(NVRTC|CUDA headers|sm_[0-9]+ |layernorm|attention|adapter|embedding|nice)' "$LOG.one" | sed 's/^/    /' >>"$SUMMARY"
 done
 rm -f "$LOG.one"
+
+# compute-sanitizer, where the machine has it: every kernel test once under memcheck and racecheck.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$SANITIZER" ] && [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+    for tool in memcheck racecheck; do
+        for name in "${SANITIZE_TESTS[@]}"; do
+            [ -x "$BUNDLE/$name" ] || continue
+            echo | tee -a "$LOG"
+            echo "== compute-sanitizer --tool $tool $name ==" | tee -a "$LOG"
+            env "${REQUIRE[@]}" timeout "$SANITIZE_TIMEOUT" "$SANITIZER" --tool "$tool" --error-exitcode 9 "$BUNDLE/$name" --test-threads=1 ::cuda 2>&1 | tail -40 | tee -a "$LOG" >"$LOG.one"
+            rc=${PIPESTATUS[0]}
+            case "$rc" in 0) status=clean ;; 9) status="ERRORS"; failed=$((failed + 1)) ;; 124) status="timed out after ${SANITIZE_TIMEOUT}s" ;; *) status="FAIL (rc $rc)"; failed=$((failed + 1)) ;; esac
+            say "$(printf 'sanitizer %-10s %-24s %s' "$tool" "$name" "$status")"
+        done
+    done
+    rm -f "$LOG.one"
+else
+    say "compute-sanitizer: ${SANITIZER:-not found} (skipped)"
+fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     for b in "$BUNDLE"/bench-*; do
         [ -x "$b" ] || continue
         echo | tee -a "$LOG"
         echo "== $(basename "$b") ==" | tee -a "$LOG"
-        timeout "$TEST_TIMEOUT" "$b" --bench --noplot 2>&1 | tee "$LOG.one" | tee -a "$LOG"
+        # Only the CUDA groups (the CPU ones are measured on the dev box), briefly: the whole
+        # check must stay within a few minutes of device time.
+        timeout "$TEST_TIMEOUT" "$b" --bench --noplot --warm-up-time 1 --measurement-time 2 cuda 2>&1 | tee "$LOG.one" | tee -a "$LOG"
         echo "$(basename "$b"): rc ${PIPESTATUS[0]}" >>"$SUMMARY"
         # criterion prints the id on one line and "time: [lo mid hi]" / "thrpt:" on the next ones.
         grep -E '^(residual_|[a-z_]+/)|time:|thrpt:|SKIPPED:' "$LOG.one" | grep -v '^Benchmarking' | sed 's/^/    /' >>"$SUMMARY"

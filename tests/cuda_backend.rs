@@ -65,14 +65,12 @@ fn bad_inputs_are_errors(gpu: &Gpu) {
     assert!(be.select_rows(&t, &[0..1, 1..3]).is_err());
     let w = be.upload(vec![1.0; 8], &[2, 4]).unwrap();
     assert!(matches!(be.linear(&t, &w, None), Err(Error::Shape { .. })), "in-features 3 vs 4");
-    let e = be.nice(&t, &dummy_nice(&t), false).unwrap_err().to_string();
-    assert!(e.contains("not implemented on the CUDA backend"), "{e}");
+    // An op of the backward (issue 14) is refused by name, never answered wrongly.
+    let e = be.activation_backward(&t, &t, bert_adapters::Activation::Relu).unwrap_err().to_string();
+    assert!(e.contains("activation_backward is not implemented on the CUDA backend"), "{e}");
+    assert!(!be.supports_training());
 }
 test_device!(bad_inputs, bad_inputs_are_errors);
-
-fn dummy_nice(t: &Tensor) -> bert_adapters::backend::NiceParams<'_> {
-    bert_adapters::backend::NiceParams { f0: (t, t), f2: (t, t), g0: (t, t), g2: (t, t), activation: bert_adapters::Activation::Relu }
-}
 
 fn linear_and_layernorm_match_the_cpu(gpu: &Gpu) {
     let be = backend(gpu);

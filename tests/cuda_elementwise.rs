@@ -707,3 +707,20 @@ fn schedules_agree_bit_for_bit() {
         }
     }
 }
+
+/// The device-side finiteness count behind `Backend::all_finite`: exact counts of NaN and ±inf
+/// at lengths around the warp and block sizes, wherever the bad elements are.
+fn nonfinite_elements_are_counted(gpu: &Gpu) {
+    for n in [1usize, 31, 32, 33, 255, 1000, 4099] {
+        let mut x: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let clean = gpu.upload(&x).unwrap();
+        assert_eq!(bert_adapters::cuda::elementwise::count_nonfinite(gpu, &clean.view()).unwrap(), 0, "n={n}");
+        let bad: Vec<usize> = [0, n / 2, n - 1, n / 3].into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for (k, &i) in bad.iter().enumerate() {
+            x[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][k % 3];
+        }
+        let dirty = gpu.upload(&x).unwrap();
+        assert_eq!(bert_adapters::cuda::elementwise::count_nonfinite(gpu, &dirty.view()).unwrap(), bad.len() as u64, "n={n} bad at {bad:?}");
+    }
+}
+test_device!(nonfinite_count, nonfinite_elements_are_counted);

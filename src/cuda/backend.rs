@@ -268,8 +268,11 @@ impl Backend for CudaBackend {
     }
 
     fn all_finite(&self, t: &Tensor) -> Result<bool> {
-        // One download for now; a device reduction comes with the elementwise kernels.
-        Ok(self.to_host(t)?.iter().all(|v| v.is_finite()))
+        match t.dtype() {
+            // One pass on the device and a 4-byte read, not the tensor.
+            DType::F32 => Ok(elementwise::count_nonfinite(&self.gpu, &self.view("all_finite", t)?)? == 0),
+            _ => Ok(self.to_host(t)?.iter().all(|v| v.is_finite())),
+        }
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

@@ -19,7 +19,7 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::elementwise::{ADD_F32, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_F32};
+use super::registry::elementwise::{ADD_F32, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_F32};
 use super::registry::ScalarType;
 use crate::backend::Activation;
 use crate::error::{Error, Result};
@@ -249,6 +249,18 @@ pub fn first_token(gpu: &Gpu, x: &DeviceView<'_, f32>, batch: usize, seq_len: us
     unsafe { gpu.launch(FIRST_TOKEN_F32, row_launch(batch), &args) }
 }
 
+/// How many elements of `x` are NaN or ±inf (one launch and a 4-byte read; synchronises).
+pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
+    let n = flat_len("cuda::count_nonfinite", x.len())?;
+    if x.is_empty() {
+        return Ok(0);
+    }
+    let mut count = gpu.alloc_zeros::<u32>(1)?;
+    // SAFETY: x holds n elements and count one; the kernel's blocks are whole warps (the ballot).
+    unsafe { gpu.launch(COUNT_NONFINITE_F32, flat_launch(x.len()), &[count.view_mut().arg(), x.arg(), n]) }?;
+    Ok(gpu.download(&count.view())?[0] as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,3 +292,4 @@ mod tests {
         assert!(checked_matrix("t", 1, 1 << 31).is_err());
     }
 }
+
