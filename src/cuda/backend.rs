@@ -229,10 +229,10 @@ impl CudaBackend {
     /// tensor-core GEMM (issue 15) is not used: cuBLASLt wants A and B of one type, so the f32
     /// activations would have to be rounded to bf16, which moves the output far outside the fp32
     /// parity bound against the CPU. The copy is allocated per call, not kept in the backend: on a
-    /// GPU it is a stream-ordered allocation (the pool, no driver call once warm) freed in stream
-    /// order after the product, so at most one widened weight is alive at a time (9.4 MB for
-    /// BERT-base's largest, the 3072×768 FFN weight) and the backend needs no lock around a
-    /// shared buffer.
+    /// GPU it is a stream-ordered allocation (served from the stream's memory pool once warm)
+    /// freed in stream order after the product, so at most one widened weight is alive at a time
+    /// (9.4 MB for BERT-base's largest, the 3072×768 FFN weight) and the backend needs no lock
+    /// around a shared buffer.
     fn linear_into(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
         const OP: &str = "linear";
         let (d_out, d_in) = match w.shape() {
