@@ -42,7 +42,12 @@
 //   * up projection: thread t computes its own columns c, each a dot of the bottleneck vector
 //     (shared memory, broadcast) with row c of W_u.
 //
-// Numerics: f32 storage, f32 accumulation with fmaf. LayerNorms are exact two-pass (mean, then
+// Storage: h, r, out, the gate and every adapter weight are f32. The location's BERT LayerNorm γ, β
+// are f32 (the _f32 kernels) or bf16 (adapter_location_forward_bf16 / adapter_location_gate_bf16:
+// a frozen base loaded in bf16), widened exactly on load; both variants are extern "C" wrappers
+// over the same templated bodies, so they compute the same f32 arithmetic on the same values.
+//
+// Numerics: f32 accumulation with fmaf. LayerNorms are exact two-pass (mean, then
 // the sum of squared deviations), 1/sqrtf of var + eps, as in kernels/layernorm.cu. Dot products
 // sum H/32 (down) or m (up) terms per thread before a fixed tree, so their rounding error is a
 // few 1e-7 of the sum of |terms|; every reduction has a fixed order, so the output is bitwise
@@ -54,8 +59,9 @@
 // (`bottleneck_stride` floats, the largest bottleneck of the launch). h and r are read twice
 // (pre step; ρ and the post step read them again instead of keeping copies: an L1/L2 hit, and
 // half the shared memory). Weights are read from global memory / L2 by every team (no staging:
-// the teams of one block may need different branches' weights). Loads and stores go through
-// load_f32/store_f32 so that a bf16 storage type can be added by instantiating the templates.
+// the teams of one block may need different branches' weights). Loads and stores of h, r, out and
+// the BERT LayerNorm go through load_f32/store_f32, templated on their storage types (T for h, r,
+// out; P for γ, β), so a storage type is added by instantiating the templates, as bf16 γ, β are.
 
 // ---- descriptor -----------------------------------------------------------------------------
 
@@ -110,10 +116,11 @@ __device__ __forceinline__ const float* desc_ptr(unsigned long long address) {
 
 // ---- storage types --------------------------------------------------------------------------
 
-// Activations and BERT LayerNorm parameters go through these; a bf16 overload pair is all a
-// bf16 instantiation needs (accumulation stays f32).
+// Activations and BERT LayerNorm parameters go through these (accumulation stays f32): f32, and
+// bf16 for the LayerNorm of a frozen base loaded in bf16 (widened exactly, common.cuh).
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ void store_f32(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ float load_f32(const bf16_raw* p, size_t i) { return load_f32(p + i); }
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -241,8 +248,8 @@ __device__ __forceinline__ void down_projection(const float* z, float* ds, const
 
 // The pre step's adapter input x at column c, recomputed from global h and r (with the pre
 // step's statistics when the original LayerNorm comes first).
-template <typename T>
-__device__ __forceinline__ float pre_step_x(const T* hr, const T* rr, const T* ln_gamma, const T* ln_beta, int c, bool ln_first,
+template <typename T, typename P>
+__device__ __forceinline__ float pre_step_x(const T* hr, const T* rr, const P* ln_gamma, const P* ln_beta, int c, bool ln_first,
                                             float mean, float rstd) {
     if (!ln_first) {
         return load_f32(hr, c);
@@ -253,10 +260,11 @@ __device__ __forceinline__ float pre_step_x(const T* hr, const T* rr, const T* l
 
 // ---- forward ---------------------------------------------------------------------------------
 
-template <typename T>
+// T: the storage of h, r and out; P: of the BERT LayerNorm's gamma and beta.
+template <typename T, typename P>
 __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const float* __restrict__ gate, const T* __restrict__ h,
-                                                     const T* __restrict__ r, const T* __restrict__ ln_gamma,
-                                                     const T* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
+                                                     const T* __restrict__ r, const P* __restrict__ ln_gamma,
+                                                     const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
                                                      int batch, int seq_len, int cols, int branches, int replicate, float ln_eps,
                                                      int bottleneck_stride) {
     extern __shared__ float adapter_smem[];  // [blockDim.y][cols] rows, then [blockDim.y][stride]
@@ -374,8 +382,31 @@ extern "C" __global__ void adapter_location_forward_f32(
     float ln_eps,
     int bottleneck_stride)
 {
-    location_forward_row<float>(out, gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len,
-                                hidden, branches, replicate, ln_eps, bottleneck_stride);
+    location_forward_row<float, float>(out, gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                       seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
+}
+
+// As adapter_location_forward_f32 with the BERT LayerNorm's gamma and beta in bf16 (raw bits: a
+// frozen base loaded in bf16); h, r, out and every adapter weight stay f32.
+extern "C" __global__ void adapter_location_forward_bf16(
+    float* __restrict__ out,
+    const float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    int bottleneck_stride)
+{
+    location_forward_row<float, bf16_raw>(out, gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                          reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                          batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
 }
 
 // ---- gate ----------------------------------------------------------------------------------------
@@ -384,9 +415,9 @@ extern "C" __global__ void adapter_location_forward_f32(
 // adapter input (spec §3.4: the gate reads x, not LN_before(x); padding rows count). One block
 // per (branch, example); a warp per row, blockDim.y rows at a time; the per-warp partial sums are
 // added in warp order, so the mean is reproducible. Branches without a gate get 1.
-template <typename T>
+template <typename T, typename P>
 __device__ __forceinline__ void location_gate_block(float* __restrict__ gate, const T* __restrict__ h, const T* __restrict__ r,
-                                                    const T* __restrict__ ln_gamma, const T* __restrict__ ln_beta,
+                                                    const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
                                                     const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
                                                     int replicate, float ln_eps) {
     __shared__ float partial[32];
@@ -456,6 +487,24 @@ extern "C" __global__ void adapter_location_gate_f32(
     int replicate,
     float ln_eps)
 {
-    location_gate_block<float>(gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden,
-                               replicate, ln_eps);
+    location_gate_block<float, float>(gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len,
+                                      hidden, replicate, ln_eps);
+}
+
+// The gate with the BERT LayerNorm's gamma and beta in bf16, as adapter_location_forward_bf16.
+extern "C" __global__ void adapter_location_gate_bf16(
+    float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_gate_block<float, bf16_raw>(gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                         reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
 }

@@ -45,9 +45,8 @@ __device__ __forceinline__ float team_sum(float v, float* scratch) {
 // ---- appended by the elementwise family (embedding.cu, elementwise.cu, nice.cu) -------------
 // Other families may append below; keep each block self-contained.
 
-// Storage loads and stores. Kernels compute in f32 and touch activations only through these, so a
-// bf16 storage type joins as `load_f32(const __nv_bfloat16*)` / `store_f32(__nv_bfloat16*, float)`
-// overloads (once the NVRTC route passes the CUDA include path) without changing kernel bodies.
+// Storage loads and stores. Kernels compute in f32 and touch stored values only through these, so a
+// storage type joins as a load_f32/store_f32 overload pair without changing kernel bodies.
 __device__ __forceinline__ float load_f32(const float* p) { return *p; }
 __device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
 
@@ -66,6 +65,17 @@ __device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
 __device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
     return __uint_as_float((unsigned)b << 16);
 }
+
+// bf16 storage as a type of its own (the layout of cuda_bf16.h's __nv_bfloat16: 16 raw bits), so
+// templated kernel bodies can be instantiated for it and overloads tell it from other 16-bit data.
+// Kernels take bf16 as `unsigned short*` (the spelling build.rs packs, no header needed) and their
+// extern "C" wrappers reinterpret_cast it to `const bf16_raw*`. Loads widen exactly; stores round
+// to nearest even.
+struct bf16_raw {
+    unsigned short bits;
+};
+__device__ __forceinline__ float load_f32(const bf16_raw* p) { return bf16_bits_to_f32(p->bits); }
+__device__ __forceinline__ void store_f32(bf16_raw* p, float v) { p->bits = f32_to_bf16_bits(v); }
 
 // Activation codes shared by every kernel that takes an `int act` (src/cuda/elementwise.rs maps
 // bert_adapters::Activation onto them; keep both in step).

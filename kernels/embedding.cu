@@ -8,6 +8,12 @@
 //                                                          mean, biased variance, eps inside sqrt
 // mean and rstd are written per row when the pointers are non-null.
 //
+// Storage: y, mean and rstd are f32. The three tables, gamma and beta are all f32
+// (embedding_layernorm_forward_f32) or all bf16 (embedding_layernorm_forward_bf16: a frozen base
+// loaded in bf16), read through common.cuh's load_f32, which widens bf16 exactly; the sums and
+// statistics are f32 either way, so the bf16 kernel equals the f32 kernel on the widened tables.
+// Both are thin extern "C" wrappers over one templated body.
+//
 // Out-of-range ids: ids live on the device, so the launcher cannot check them. A thread that reads
 // an id >= its table's size does not touch the table (it gathers row 0 instead, keeping every
 // load in bounds), its row's outputs become NaN, and the team's lane 0 records the token in
@@ -28,27 +34,29 @@
 // shared memory (blockDim.y * cols floats, read back only by the thread that wrote them); without
 // it the three gathers are repeated in each pass (L1/L2 hits).
 
-// The three-table gather for column c of one token. Loads go through load_f32 so a bf16 table
-// only needs the overload.
-__device__ __forceinline__ float embedding_sum(const float* w, const float* p, const float* t, int c) {
+// The three-table gather for column c of one token, widened to f32 by load_f32.
+template <typename T>
+__device__ __forceinline__ float embedding_sum(const T* w, const T* p, const T* t, int c) {
     return (load_f32(w + c) + load_f32(t + c)) + load_f32(p + c);
 }
 
 // y: [rows, cols]; mean_out, rstd_out: [rows] or null; input_ids, token_type_ids: [rows];
 // word: [vocab, cols]; position: [>= seq_len, cols]; token_type: [type_vocab, cols];
-// gamma, beta: [cols]; error_flag: one value (see the header).
-extern "C" __global__ void embedding_layernorm_forward_f32(
+// gamma, beta: [cols]; error_flag: one value (see the header). Tables, gamma and beta are of
+// storage type T (float or bf16_raw).
+template <typename T>
+__device__ __forceinline__ void embedding_layernorm_forward_body(
     float* __restrict__ y,
     float* __restrict__ mean_out,
     float* __restrict__ rstd_out,
     unsigned long long* __restrict__ error_flag,
     const unsigned* __restrict__ input_ids,
     const unsigned* __restrict__ token_type_ids,
-    const float* __restrict__ word,
-    const float* __restrict__ position,
-    const float* __restrict__ token_type,
-    const float* __restrict__ gamma,
-    const float* __restrict__ beta,
+    const T* __restrict__ word,
+    const T* __restrict__ position,
+    const T* __restrict__ token_type,
+    const T* __restrict__ gamma,
+    const T* __restrict__ beta,
     int rows,
     int seq_len,
     int cols,
@@ -76,9 +84,9 @@ extern "C" __global__ void embedding_layernorm_forward_f32(
         atomicMax(error_flag, (b_key << 48) | (t_key << 33) | which);
     }
     // size_t offsets: a table or the output may exceed 2^31 elements.
-    const float* wr = word + (size_t)(bad_word ? 0u : id) * (size_t)cols;
-    const float* tr = token_type + (size_t)(bad_type ? 0u : tt) * (size_t)cols;
-    const float* pr = position + (size_t)t * (size_t)cols;
+    const T* wr = word + (size_t)(bad_word ? 0u : id) * (size_t)cols;
+    const T* tr = token_type + (size_t)(bad_type ? 0u : tt) * (size_t)cols;
+    const T* pr = position + (size_t)t * (size_t)cols;
     float* zr = z_cache + (size_t)threadIdx.y * (size_t)cols;
     const bool cached = cache_row != 0;
 
@@ -112,7 +120,7 @@ extern "C" __global__ void embedding_layernorm_forward_f32(
         float* yr = y + (size_t)row * (size_t)cols;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             const float z = cached ? zr[c] : embedding_sum(wr, pr, tr, c);
-            store_f32(yr + c, bad ? nan : fmaf((z - mean) * rstd, gamma[c], beta[c]));
+            store_f32(yr + c, bad ? nan : fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c)));
         }
         if (threadIdx.x == 0) {
             if (mean_out != nullptr) {
@@ -123,4 +131,56 @@ extern "C" __global__ void embedding_layernorm_forward_f32(
             }
         }
     }
+}
+
+// f32 tables and LayerNorm.
+extern "C" __global__ void embedding_layernorm_forward_f32(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    unsigned long long* __restrict__ error_flag,
+    const unsigned* __restrict__ input_ids,
+    const unsigned* __restrict__ token_type_ids,
+    const float* __restrict__ word,
+    const float* __restrict__ position,
+    const float* __restrict__ token_type,
+    const float* __restrict__ gamma,
+    const float* __restrict__ beta,
+    int rows,
+    int seq_len,
+    int cols,
+    unsigned vocab,
+    unsigned type_vocab,
+    float eps,
+    int cache_row)
+{
+    embedding_layernorm_forward_body<float>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, word, position, token_type,
+                                            gamma, beta, rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+}
+
+// bf16 tables and LayerNorm (a frozen base loaded in bf16), as raw bits; y, mean, rstd stay f32.
+extern "C" __global__ void embedding_layernorm_forward_bf16(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    unsigned long long* __restrict__ error_flag,
+    const unsigned* __restrict__ input_ids,
+    const unsigned* __restrict__ token_type_ids,
+    const unsigned short* __restrict__ word,
+    const unsigned short* __restrict__ position,
+    const unsigned short* __restrict__ token_type,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int seq_len,
+    int cols,
+    unsigned vocab,
+    unsigned type_vocab,
+    float eps,
+    int cache_row)
+{
+    typedef const bf16_raw* B;
+    embedding_layernorm_forward_body<bf16_raw>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, reinterpret_cast<B>(word),
+                                               reinterpret_cast<B>(position), reinterpret_cast<B>(token_type), reinterpret_cast<B>(gamma),
+                                               reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
 }

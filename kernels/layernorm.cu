@@ -9,6 +9,12 @@
 //     y    = (z - mean) * rstd * gamma + beta
 // `mean` and `rstd` are written per row because the backward needs them.
 //
+// Storage: x, residual, y, mean and rstd are f32. gamma and beta are f32
+// (residual_layernorm_forward_f32) or bf16 (residual_layernorm_forward_bf16: a frozen base loaded
+// in bf16), read through common.cuh's load_f32, which widens bf16 exactly; everything is computed
+// in f32 either way, so the bf16 kernel equals the f32 kernel run on the widened parameters. Both
+// are thin extern "C" wrappers over one templated body (extern "C" kernels cannot be templates).
+//
 // Thread mapping: a "row team" of blockDim.x threads (a multiple of 32) owns one row; a block
 // holds blockDim.y teams. Thread t of a team handles columns t, t + blockDim.x, ... so each warp's
 // loads are coalesced. The launcher (src/cuda/layernorm.rs) picks
@@ -36,15 +42,17 @@
 
 // ---- forward -------------------------------------------------------------------------------
 
-// y, x, residual: [rows, cols]; gamma, beta: [cols]; mean, rstd: [rows]. residual may be null.
-extern "C" __global__ void residual_layernorm_forward_f32(
+// y, x, residual: [rows, cols]; gamma, beta: [cols] of storage type P (float or bf16_raw);
+// mean, rstd: [rows]. residual may be null.
+template <typename P>
+__device__ __forceinline__ void residual_layernorm_forward_body(
     float* __restrict__ y,
     float* __restrict__ mean_out,
     float* __restrict__ rstd_out,
     const float* __restrict__ x,
     const float* __restrict__ residual,
-    const float* __restrict__ gamma,
-    const float* __restrict__ beta,
+    const P* __restrict__ gamma,
+    const P* __restrict__ beta,
     int rows,
     int cols,
     float eps,
@@ -111,13 +119,48 @@ extern "C" __global__ void residual_layernorm_forward_f32(
                     z += rr[c];
                 }
             }
-            yr[c] = fmaf((z - mean) * rstd, gamma[c], beta[c]);
+            yr[c] = fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c));
         }
         if (threadIdx.x == 0) {
             mean_out[row] = mean;
             rstd_out[row] = rstd;
         }
     }
+}
+
+// f32 parameters.
+extern "C" __global__ void residual_layernorm_forward_f32(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    const float* __restrict__ x,
+    const float* __restrict__ residual,
+    const float* __restrict__ gamma,
+    const float* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<float>(y, mean_out, rstd_out, x, residual, gamma, beta, rows, cols, eps, cache_row);
+}
+
+// bf16 gamma and beta (a frozen base stored in bf16), as raw bits; x, residual and y stay f32.
+extern "C" __global__ void residual_layernorm_forward_bf16(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    const float* __restrict__ x,
+    const float* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<bf16_raw>(y, mean_out, rstd_out, x, residual, reinterpret_cast<const bf16_raw*>(gamma),
+                                              reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
 }
 
 // ---- backward: NOT IMPLEMENTED YET ---------------------------------------------------------

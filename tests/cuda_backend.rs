@@ -2,11 +2,13 @@
 //! one test body per device (`test_device!`: the `cuda-sim` executor in CI, a GPU when present).
 //! Tolerance `max|out − ref| <= 1e-5·(1 + max|ref|)`; data movement ops must be bit-exact.
 
-use bert_adapters::backend::Backend;
+mod common;
+
+use bert_adapters::backend::{Backend, LayerNormParams};
 use bert_adapters::cpu::CpuBackend;
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::gpu::Gpu;
-use bert_adapters::{test_device, DType, Error, Tensor};
+use bert_adapters::{test_device, Activation, DType, Error, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -95,3 +97,199 @@ fn linear_and_layernorm_match_the_cpu(gpu: &Gpu) {
     }
 }
 test_device!(linear_and_layernorm, linear_and_layernorm_match_the_cpu);
+
+// ---- a frozen base stored in bf16 (issue 13) ------------------------------------------------
+// The CUDA backend against the CPU backend on the same bf16 tensors (each backend rounds the same
+// f32 values with round-to-nearest-even, so both hold identical bits); every op widens bf16
+// exactly and computes in f32, so the fp32 tolerance applies.
+
+/// `data` on `be`, stored as bf16.
+fn bf16_on(be: &dyn Backend, data: &[f32], shape: &[usize]) -> Tensor {
+    let t = be.cast(&be.upload(data.to_vec(), shape).unwrap(), DType::BF16).unwrap();
+    assert_eq!(t.dtype(), DType::BF16);
+    t
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn bf16_linear_matches_the_cpu(gpu: &Gpu) {
+    let be = backend(gpu);
+    let cpu = CpuBackend::reference();
+    let mut rng = StdRng::seed_from_u64(0xbf16);
+    for rows in [1, 7, 33] {
+        for hidden in [40, 48, 384] {
+            let (d_in, d_out) = (hidden, 3 * hidden);
+            let (x, w, b) = (random(&mut rng, rows * d_in, 1.0), random(&mut rng, d_out * d_in, 0.5), random(&mut rng, d_out, 0.5));
+            // linear (bf16 W and b), linear without bias, linear_act (GELU, both outputs),
+            // linear_act_only (tanh, the pooler's), and a bf16 W with an f32 bias.
+            let on = |be: &dyn Backend| -> Vec<Vec<f32>> {
+                let xt = be.upload(x.clone(), &[rows, d_in]).unwrap();
+                let (wt, bt) = (bf16_on(be, &w, &[d_out, d_in]), bf16_on(be, &b, &[d_out]));
+                let b32 = be.upload(b.clone(), &[d_out]).unwrap();
+                let (act, pre) = be.linear_act(&xt, &wt, Some(&bt), Activation::Gelu).unwrap();
+                let outs = [
+                    be.linear(&xt, &wt, Some(&bt)).unwrap(),
+                    be.linear(&xt, &wt, None).unwrap(),
+                    act,
+                    pre,
+                    be.linear_act_only(&xt, &wt, Some(&bt), Activation::Tanh).unwrap(),
+                    be.linear(&xt, &wt, Some(&b32)).unwrap(),
+                ];
+                outs.iter().map(|t| be.to_host(t).unwrap()).collect()
+            };
+            let (got, want) = (on(&be), on(&cpu));
+            let label = format!("{} rows={rows} H={hidden}", gpu.describe());
+            for (i, what) in ["linear", "linear without bias", "linear_act", "linear_act pre", "linear_act_only", "linear with f32 bias"].iter().enumerate() {
+                assert_close(&format!("{label} bf16 {what}"), &got[i], &want[i]);
+            }
+            // The bf16 weights are really used: f32 weights give a visibly different product.
+            let f32_product = cpu.to_host(&cpu.linear(&cpu.upload(x.clone(), &[rows, d_in]).unwrap(), &cpu.upload(w.clone(), &[d_out, d_in]).unwrap(), None).unwrap()).unwrap();
+            assert!(max_diff(&got[1], &f32_product) > 1e-4, "{label}: the bf16 product equals the f32 one");
+        }
+    }
+}
+test_device!(bf16_linear, bf16_linear_matches_the_cpu);
+
+fn bf16_layernorm_matches_the_cpu(gpu: &Gpu) {
+    let be = backend(gpu);
+    let cpu = CpuBackend::reference();
+    let mut rng = StdRng::seed_from_u64(0x1a4e);
+    // Warp per row (<= 1024), block per row with the row cached (1500), and without (13000).
+    for (rows, cols) in [(1, 40), (7, 48), (33, 384), (3, 1500), (2, 13000)] {
+        let (x, res) = (random(&mut rng, rows * cols, 2.0), random(&mut rng, rows * cols, 1.0));
+        let gamma: Vec<f32> = (0..cols).map(|_| 1.0 + rng.random_range(-0.3f32..0.3)).collect();
+        let beta = random(&mut rng, cols, 0.3);
+        let on = |be: &dyn Backend| -> [Vec<f32>; 2] {
+            let (xt, rt) = (be.upload(x.clone(), &[rows, cols]).unwrap(), be.upload(res.clone(), &[rows, cols]).unwrap());
+            let (g, b) = (bf16_on(be, &gamma, &[cols]), bf16_on(be, &beta, &[cols]));
+            [be.residual_layernorm(&xt, Some(&rt), &g, &b, 1e-12).unwrap(), be.residual_layernorm(&xt, None, &g, &b, 1e-5).unwrap()].map(|t| be.to_host(&t).unwrap())
+        };
+        let ([got_res, got_plain], [want_res, want_plain]) = (on(&be), on(&cpu));
+        let label = format!("{} rows={rows} cols={cols}", gpu.describe());
+        assert_close(&format!("{label} bf16 residual_layernorm"), &got_res, &want_res);
+        assert_close(&format!("{label} bf16 layernorm"), &got_plain, &want_plain);
+    }
+}
+test_device!(bf16_layernorm, bf16_layernorm_matches_the_cpu);
+
+fn bf16_embeddings_match_the_cpu(gpu: &Gpu) {
+    let be = backend(gpu);
+    let cpu = CpuBackend::reference();
+    let mut rng = StdRng::seed_from_u64(0xe4b);
+    for (batch, seq_len, hidden) in [(2, 7, 48), (3, 5, 384), (1, 4, 1100)] {
+        let (vocab, positions, types) = (30, 16, 2);
+        let ids: Vec<u32> = (0..batch * seq_len).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let tts: Vec<u32> = (0..batch * seq_len).map(|i| (i % 3 == 1) as u32).collect();
+        let (word, pos, tt) = (random(&mut rng, vocab * hidden, 1.0), random(&mut rng, positions * hidden, 0.5), random(&mut rng, types * hidden, 0.5));
+        let gamma: Vec<f32> = (0..hidden).map(|_| 1.0 + rng.random_range(-0.3f32..0.3)).collect();
+        let beta = random(&mut rng, hidden, 0.3);
+        let on = |be: &dyn Backend| -> Vec<f32> {
+            let (it, tyt) = (be.upload_u32(ids.clone(), &[batch, seq_len]).unwrap(), be.upload_u32(tts.clone(), &[batch, seq_len]).unwrap());
+            let (w, p, t) = (bf16_on(be, &word, &[vocab, hidden]), bf16_on(be, &pos, &[positions, hidden]), bf16_on(be, &tt, &[types, hidden]));
+            let (g, b) = (bf16_on(be, &gamma, &[hidden]), bf16_on(be, &beta, &[hidden]));
+            let ln = LayerNormParams { gamma: &g, beta: &b, eps: 1e-12 };
+            be.to_host(&be.embedding_layernorm(&it, &tyt, &w, &p, &t, ln, None).unwrap()).unwrap()
+        };
+        assert_close(&format!("{} B={batch} T={seq_len} H={hidden} bf16 embedding_layernorm", gpu.describe()), &on(&be), &on(&cpu));
+    }
+}
+test_device!(bf16_embeddings, bf16_embeddings_match_the_cpu);
+
+fn bf16_adapter_location_matches_the_cpu(gpu: &Gpu) {
+    use bert_adapters::backend::{AdapterLocation, LocationSteps};
+    use bert_adapters::config::ResidualBeforeLn;
+    let be = backend(gpu);
+    let cpu = CpuBackend::reference();
+    let mut rng = StdRng::seed_from_u64(0xada);
+    let (batch, seq_len, hidden, m) = (2, 5, 48, 6);
+    let rows = batch * seq_len;
+    // Two branches with every parameterised option (LayerNorms, gate, channel scaling).
+    let branches: Vec<Vec<(Vec<f32>, Vec<usize>)>> = (0..2)
+        .map(|_| common::FullBranch::new(&mut rng, hidden, m, 0.5).0.iter().map(|t| (t.cpu_data().unwrap().to_vec(), t.shape().to_vec())).collect())
+        .collect();
+    let (h, r) = (random(&mut rng, rows * hidden, 1.0), random(&mut rng, rows * hidden, 1.0));
+    let gamma: Vec<f32> = (0..hidden).map(|_| 1.0 + rng.random_range(-0.3f32..0.3)).collect();
+    let beta = random(&mut rng, hidden, 0.3);
+    // Every pre/post step that reads the BERT LayerNorm: LN first with ρ = h, x (recomputed from
+    // γ, β) and h + r; LN after only (Houlsby).
+    let steps = [
+        LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: true, original_ln_after: true },
+        LocationSteps { residual_before_ln: ResidualBeforeLn::False, original_ln_before: true, original_ln_after: true },
+        LocationSteps { residual_before_ln: ResidualBeforeLn::PostAdd, original_ln_before: true, original_ln_after: false },
+        LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: false, original_ln_after: true },
+    ];
+    for s in steps {
+        let on = |be: &dyn Backend| -> Vec<f32> {
+            let tensors: Vec<common::FullBranch> = branches.iter().map(|b| common::FullBranch(b.iter().map(|(d, s)| be.upload(d.clone(), s).unwrap()).collect())).collect();
+            let params: Vec<_> = tensors.iter().map(common::FullBranch::params).collect();
+            let (ht, rt) = (be.upload(h.clone(), &[batch, seq_len, hidden]).unwrap(), be.upload(r.clone(), &[batch, seq_len, hidden]).unwrap());
+            let (g, b) = (bf16_on(be, &gamma, &[hidden]), bf16_on(be, &beta, &[hidden]));
+            let loc = AdapterLocation { h: &ht, r: &rt, layer_norm: LayerNormParams { gamma: &g, beta: &b, eps: 1e-12 }, steps: s, branches: &params, replicate: true, seq_len };
+            be.to_host(&be.adapter_location(&loc).unwrap()).unwrap()
+        };
+        assert_close(&format!("{} {s:?} bf16 BERT LayerNorm adapter_location", gpu.describe()), &on(&be), &on(&cpu));
+    }
+}
+test_device!(bf16_adapter_location, bf16_adapter_location_matches_the_cpu);
+
+fn bf16_refusals_name_the_op_tensor_and_dtype(gpu: &Gpu) {
+    let be = backend(gpu);
+    let x = be.upload(vec![0.5; 8], &[2, 4]).unwrap();
+    let w16 = be.cast(&be.upload(vec![0.25; 12], &[3, 4]).unwrap(), DType::BF16).unwrap();
+    // bf16 activations are not taken (the model's are f32).
+    let e = be.linear(&be.cast(&x, DType::BF16).unwrap(), &w16, None).unwrap_err().to_string();
+    assert!(e.contains("linear") && e.contains("input x") && e.contains("bf16"), "{e}");
+    // A LayerNorm whose γ and β differ in dtype, and an f16 base.
+    let g32 = be.upload(vec![1.0; 4], &[4]).unwrap();
+    let b16 = be.cast(&be.upload(vec![0.0; 4], &[4]).unwrap(), DType::BF16).unwrap();
+    let e = be.residual_layernorm(&x, None, &g32, &b16, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("residual_layernorm") && e.contains("beta is bf16") && e.contains("gamma is f32"), "{e}");
+    let f16 = be.zeros(&[4], DType::F16).unwrap();
+    let e = be.residual_layernorm(&x, None, &f16, &f16, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("residual_layernorm") && e.contains("gamma is f16"), "{e}");
+    let e = be.linear(&x, &be.zeros(&[3, 4], DType::F16).unwrap(), None).unwrap_err().to_string();
+    assert!(e.contains("linear") && e.contains("weight W") && e.contains("f16"), "{e}");
+}
+test_device!(bf16_refusals, bf16_refusals_name_the_op_tensor_and_dtype);
+
+/// The tiny BERT loaded in bf16, alone and with adapters, on the CPU and on this device.
+fn bf16_model_matches_the_cpu(gpu: &Gpu) {
+    use bert_adapters::{BertModel, InputBatch, LoadOptions};
+    use std::sync::Arc;
+    let dir = common::fixtures().join("tiny_bert");
+    let adapters = common::fixtures().join("adapters");
+    let opts = LoadOptions { dtype: DType::BF16, ..Default::default() };
+    let cuda: Arc<dyn Backend> = Arc::new(backend(gpu));
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::reference());
+    // No adapter; Houlsby with NICE; a gate; post_add; Parallel with the pre step's ρ = x.
+    let setups: [&[&str]; 5] = [&[], &["houlsby_inv"], &["opt_gating"], &["opt_post_add"], &["pfeiffer", "opt_residual_before_ln_false"]];
+    for names in setups {
+        let run = |be: &Arc<dyn Backend>| -> Vec<(String, Vec<f32>)> {
+            let (mut model, _) = BertModel::from_dir(&dir, be.clone(), opts).unwrap();
+            let w = model.weights();
+            for t in [&w.word_embeddings, &w.embeddings_ln_gamma, &w.layers[0].qkv_w, &w.layers[1].output_ln_beta, &w.pooler.as_ref().unwrap().0] {
+                assert_eq!(t.dtype(), DType::BF16);
+            }
+            for n in names {
+                model.load_adapter(adapters.join(n)).unwrap();
+            }
+            if !names.is_empty() {
+                model.set_active_adapters(Some(common::setup(names))).unwrap();
+            }
+            let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+            let out = model.forward(&batch).unwrap();
+            let mut v = vec![("last_hidden_state".to_string(), be.to_host(&out.last_hidden_state).unwrap()), ("pooler_output".to_string(), be.to_host(out.pooler_output.as_ref().unwrap()).unwrap())];
+            v.extend(out.hidden_states.iter().enumerate().map(|(i, t)| (format!("hidden_states.{i}"), be.to_host(t).unwrap())));
+            v
+        };
+        let (got, want) = (run(&cuda), run(&cpu));
+        assert_eq!(got.len(), want.len());
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            assert!(w.iter().all(|v| v.is_finite()), "{names:?} {name}: the CPU output is not finite");
+            common::assert_close(&format!("{} bf16 tiny BERT {names:?} {name}", gpu.describe()), g, w, common::TOL);
+        }
+    }
+}
+test_device!(bf16_model, bf16_model_matches_the_cpu);

@@ -16,6 +16,11 @@
 //! Replication (spec §6.1): with `replicate`, `h` and `r` are the shared `[B, T, H]` rows and
 //! every branch reads them by index; nothing is tiled in memory.
 //!
+//! Storage: `h`, `r`, the outputs and every adapter weight are f32; the location's BERT LayerNorm
+//! γ, β are f32 or bf16 (a frozen base loaded in bf16): [`LocationInputs`] is generic over their
+//! [`BaseScalar`], which picks the `_f32` or `_bf16` kernels (the same templated bodies, γ and β
+//! widened exactly on load).
+//!
 //! Not supported here (refused by [`refuse_unsupported`]): the adapter's own dropout in train
 //! mode. The bottleneck may be at most [`MAX_BOTTLENECK`].
 
@@ -24,11 +29,13 @@ use std::ops::Range;
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::adapter::{ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32};
+use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::adapter::{ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_F32};
+use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, LocationSteps};
 use crate::config::ResidualBeforeLn;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 const OP: &str = "cuda::adapter_location_forward";
 const OP_DESC: &str = "cuda::LocationDescriptors";
@@ -150,6 +157,11 @@ pub struct BranchWeights<'a> {
 
 fn byte_range(ptr: u64, elems: usize) -> Range<u64> {
     ptr..ptr + (elems * std::mem::size_of::<f32>()) as u64
+}
+
+/// The bytes a view of any element type covers.
+fn view_range<T: DeviceScalar>(v: &DeviceView<'_, T>) -> Range<u64> {
+    v.device_ptr()..v.device_ptr() + (v.len() * std::mem::size_of::<T>()) as u64
 }
 
 fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
@@ -341,12 +353,13 @@ pub struct LocationShape {
     pub replicate: bool,
 }
 
-/// The inputs: the sub-layer output `h`, its input `r`, and the location's BERT LayerNorm.
-pub struct LocationInputs<'a> {
+/// The inputs: the sub-layer output `h`, its input `r`, and the location's BERT LayerNorm (γ, β
+/// of `P`: f32 or bf16).
+pub struct LocationInputs<'a, P = f32> {
     pub h: DeviceView<'a, f32>,
     pub r: DeviceView<'a, f32>,
-    pub ln_gamma: DeviceView<'a, f32>,
-    pub ln_beta: DeviceView<'a, f32>,
+    pub ln_gamma: DeviceView<'a, P>,
+    pub ln_beta: DeviceView<'a, P>,
     pub ln_eps: f32,
 }
 
@@ -486,9 +499,9 @@ impl LocationPlan {
 }
 
 /// The location's output for all branches, with the automatic plan. See the module docs.
-pub fn adapter_location_forward(
+pub fn adapter_location_forward<P: BaseScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_>,
+    inputs: &LocationInputs<'_, P>,
     descriptors: &LocationDescriptors<'_>,
     outputs: &mut LocationOutputs<'_>,
     shape: LocationShape,
@@ -497,10 +510,18 @@ pub fn adapter_location_forward(
     adapter_location_forward_with_plan(gpu, inputs, descriptors, outputs, shape, plan)
 }
 
+/// The (location, gate) kernels that read the BERT LayerNorm stored as `P`.
+fn kernels<P: BaseScalar>() -> (KernelName, KernelName) {
+    match P::DTYPE {
+        DType::BF16 => (ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_GATE_BF16),
+        _ => (ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32), // BaseScalar is f32 or bf16
+    }
+}
+
 /// As [`adapter_location_forward`], with an explicit launch plan (validated).
-pub fn adapter_location_forward_with_plan(
+pub fn adapter_location_forward_with_plan<P: BaseScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_>,
+    inputs: &LocationInputs<'_, P>,
     descriptors: &LocationDescriptors<'_>,
     outputs: &mut LocationOutputs<'_>,
     shape: LocationShape,
@@ -529,21 +550,23 @@ pub fn adapter_location_forward_with_plan(
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
     let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
+    let (location_kernel, gate_kernel) = kernels::<P>();
+    let (ln_gamma, ln_beta) = (P::base_arg(&inputs.ln_gamma), P::base_arg(&inputs.ln_beta));
 
     if let Some(gate) = outputs.gate.as_mut() {
         // Parameter order: gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
         // replicate, ln_eps (checked against kernels/adapter.cu by Gpu::launch).
-        let args = [gate.arg(), inputs.h.arg(), inputs.r.arg(), inputs.ln_gamma.arg(), inputs.ln_beta.arg(), descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        let args = [gate.arg(), inputs.h.arg(), inputs.r.arg(), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
         let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
         // SAFETY: the sizes were checked above: gate has N·B elements, h and r the rows the
         // kernel reads for this shape and replicate flag, γ/β H; the descriptors were validated
         // against H and their weights are borrowed (or, detached, kept alive by the owner).
-        unsafe { gpu.launch(ADAPTER_LOCATION_GATE_F32, cfg, &args)? };
+        unsafe { gpu.launch(gate_kernel, cfg, &args)? };
     }
 
     let cfg = plan.launch_config(rows, hidden, stride);
-    if cfg.shared_mem_bytes as usize > gpu.dynamic_shared_limit(ADAPTER_LOCATION_FORWARD_F32) {
-        gpu.allow_dynamic_shared(ADAPTER_LOCATION_FORWARD_F32, cfg.shared_mem_bytes as usize)?;
+    if cfg.shared_mem_bytes as usize > gpu.dynamic_shared_limit(location_kernel) {
+        gpu.allow_dynamic_shared(location_kernel, cfg.shared_mem_bytes as usize)?;
     }
     let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
     // Parameter order: out, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
@@ -553,8 +576,8 @@ pub fn adapter_location_forward_with_plan(
         gate_arg,
         inputs.h.arg(),
         inputs.r.arg(),
-        inputs.ln_gamma.arg(),
-        inputs.ln_beta.arg(),
+        ln_gamma,
+        ln_beta,
         descriptors.view().arg(),
         b,
         t,
@@ -567,17 +590,17 @@ pub fn adapter_location_forward_with_plan(
     // SAFETY: as for the gate launch; out has N·B·T·H elements, the gate (read only for gated
     // branches, which make it required) N·B, and the plan was validated against the shared
     // memory it needs with the largest bottleneck as the stride.
-    unsafe { gpu.launch(ADAPTER_LOCATION_FORWARD_F32, cfg, &args) }
+    unsafe { gpu.launch(location_kernel, cfg, &args) }
 }
 
 /// The kernel's pointers are `__restrict__`: an output may overlap no input, weight or other
 /// output.
-fn check_aliasing(inputs: &LocationInputs<'_>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_>) -> Result<()> {
+fn check_aliasing<P: DeviceScalar>(inputs: &LocationInputs<'_, P>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_>) -> Result<()> {
     let mut reads: Vec<(String, Range<u64>)> = vec![
         ("h".into(), byte_range(inputs.h.device_ptr(), inputs.h.len())),
         ("r".into(), byte_range(inputs.r.device_ptr(), inputs.r.len())),
-        ("LayerNorm gamma".into(), byte_range(inputs.ln_gamma.device_ptr(), inputs.ln_gamma.len())),
-        ("LayerNorm beta".into(), byte_range(inputs.ln_beta.device_ptr(), inputs.ln_beta.len())),
+        ("LayerNorm gamma".into(), view_range(&inputs.ln_gamma)),
+        ("LayerNorm beta".into(), view_range(&inputs.ln_beta)),
         ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
     ];
     reads.extend(descriptors.ranges.iter().cloned());

@@ -5,6 +5,22 @@
 //! module's siblings and [`Gpu::gemm`]. Row-major `[rows, in] · Wᵀ` products are the column-major
 //! cuBLASLt product `Yᵀ = W · Xᵀ` on the same bytes (see [`super::gemm`]).
 //!
+//! # Storage types
+//!
+//! Activations, adapter weights and every output are f32. The frozen base may be f32 or bf16
+//! (`LoadOptions { dtype: DType::BF16, .. }`), and every op that reads it takes either, computing
+//! in f32 on the exactly widened values, as the CPU backend does, so the two agree at the fp32
+//! tolerance on the same bf16 weights:
+//! - `linear`, `linear_act`, `linear_act_only` (and `linear_dropout` in eval): a bf16 `W` or bias
+//!   is widened into an f32 copy (`cast_bf16_to_f32`) for the f32 GEMM; see `linear_into` for why
+//!   not a bf16 GEMM, and for the copy's lifetime;
+//! - `embedding_layernorm` (the three tables and γ/β in one dtype), `residual_layernorm` (γ/β)
+//!   and `adapter_location` (the BERT LayerNorm's γ/β): the kernels' `_bf16` variants, picked by
+//!   the tensors' dtype.
+//!
+//! f16 bases, bf16 activations and a group of base tensors in mixed dtypes are refused with
+//! `Error::Unsupported` naming the op, the tensor and its dtype.
+//!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
 //! issue 14.
@@ -18,7 +34,7 @@ use super::attention::attention_packed_forward;
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{Epilogue, Gemm, Transpose};
-use super::gpu::{DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
+use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
 use super::nice::{nice_forward, NiceDeviceParams};
 use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, NiceGrads, NiceParams, ScalingParam};
@@ -140,7 +156,9 @@ impl CudaBackend {
 
     /// The elements of `t` (a contiguous view of its storage).
     fn view<'t, T: BufferElement>(&self, op: &str, t: &'t Tensor) -> Result<DeviceView<'t, T>> {
-        t.expect_dtype(T::DTYPE)?;
+        if t.dtype() != T::DTYPE {
+            return Err(Error::Unsupported(format!("{op}: a {} tensor {:?} was given where the CUDA backend needs {}", t.dtype(), t.shape(), T::DTYPE)));
+        }
         let st = self.storage(op, t)?;
         let buf = T::get(&st.buf).ok_or_else(|| Error::Internal(format!("{op}: storage of a {} tensor holds {}", t.dtype(), st.buf.dtype())))?;
         buf.slice(t.offset()..t.offset() + t.elem_count())
@@ -168,11 +186,53 @@ impl CudaBackend {
         Ok(Tensor::from_device(Arc::new(CudaStorage { buf: T::wrap(buf), device: self.device }), T::DTYPE, shape))
     }
 
+    /// The one dtype the frozen-base tensors of `group` (name, tensor) are stored in: f32, or bf16
+    /// for a base loaded in bf16. A kernel variant reads a whole group in one type, so a mixed
+    /// group is refused, naming the tensors and their dtypes.
+    fn base_dtype(&self, op: &str, group: &[(&str, &Tensor)]) -> Result<DType> {
+        let Some(&(first_name, first)) = group.first() else { return Ok(DType::F32) };
+        let dtype = first.dtype();
+        if let Some((name, t)) = group.iter().find(|(_, t)| t.dtype() != dtype) {
+            return Err(Error::Unsupported(format!(
+                "{op}: {name} is {} but {first_name} is {dtype}; the CUDA backend reads these frozen-base tensors in one dtype (f32 or bf16)",
+                t.dtype()
+            )));
+        }
+        match dtype {
+            DType::F32 | DType::BF16 => Ok(dtype),
+            other => Err(Error::Unsupported(format!("{op}: {first_name} is {other}; the CUDA backend reads a frozen base stored in f32 or bf16 (load it with dtype f32 or bf16, or use --device cpu)"))),
+        }
+    }
+
+    /// `t` as f32 for a product: an f32 tensor's own view, or a bf16 one widened (exactly) into
+    /// `scratch`, a new f32 buffer that must outlive the launch reading it.
+    fn f32_operand<'t>(&self, op: &str, name: &str, t: &'t Tensor, scratch: &'t mut Option<DeviceBuffer<f32>>) -> Result<DeviceView<'t, f32>> {
+        match t.dtype() {
+            DType::F32 => self.view(op, t),
+            DType::BF16 => {
+                let wide = scratch.insert(self.gpu.alloc::<f32>(t.elem_count())?);
+                elementwise::cast_bf16_to_f32(&self.gpu, &self.view(op, t)?, &mut wide.view_mut())?;
+                Ok(wide.view())
+            }
+            d => Err(Error::Unsupported(format!("{op}: {name} {:?} is {d}; the CUDA backend takes it in f32 or bf16", t.shape()))),
+        }
+    }
+
     fn unsupported(&self, op: &str) -> Error {
         Error::Unsupported(format!("{op} is not implemented on the CUDA backend yet ({}); use --device cpu", self.device))
     }
 
     /// `y[rows, out] = x[rows, in]·Wᵀ + b` as the column-major `Yᵀ = W·Xᵀ` (+ bias over columns).
+    ///
+    /// `x` is f32; `W` and `b` are f32, or bf16 (a frozen base loaded in bf16), which is first
+    /// widened exactly into an f32 copy so the f32 GEMM computes what the CPU backend does. A bf16
+    /// tensor-core GEMM (issue 15) is not used: cuBLASLt wants A and B of one type, so the f32
+    /// activations would have to be rounded to bf16, which moves the output far outside the fp32
+    /// parity bound against the CPU. The copy is allocated per call, not kept in the backend: on a
+    /// GPU it is a stream-ordered allocation (served from the stream's memory pool once warm)
+    /// freed in stream order after the product, so at most one widened weight is alive at a time
+    /// (9.4 MB for BERT-base's largest, the 3072×768 FFN weight) and the backend needs no lock
+    /// around a shared buffer.
     fn linear_into(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
         const OP: &str = "linear";
         let (d_out, d_in) = match w.shape() {
@@ -185,14 +245,29 @@ impl CudaBackend {
         let rows = x.rows();
         let epilogue = if b.is_some() { Epilogue::Bias } else { Epilogue::None };
         let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue);
-        let bias = b.map(|b| self.view::<f32>(OP, b)).transpose()?;
-        self.gpu.gemm(&g, &self.view(OP, w)?, &self.view(OP, x)?, &mut self.view_mut(OP, y)?, bias.as_ref())
+        if x.dtype() != DType::F32 {
+            return Err(Error::Unsupported(format!("{OP}: the input x {:?} is {}; activations must be f32 on the CUDA backend", x.shape(), x.dtype())));
+        }
+        let (mut w_wide, mut b_wide) = (None, None);
+        let w = self.f32_operand(OP, "weight W", w, &mut w_wide)?;
+        let bias = b.map(|b| self.f32_operand(OP, "bias b", b, &mut b_wide)).transpose()?;
+        self.gpu.gemm(&g, &w, &self.view(OP, x)?, &mut self.view_mut(OP, y)?, bias.as_ref())
     }
 
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs
     fn ln_into(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        let inputs = LayerNormInputs {
+        match self.base_dtype(OP, &[("gamma", gamma), ("beta", beta)])? {
+            DType::BF16 => self.ln_typed::<bf16>(x, residual, gamma, beta, eps, y, stats),
+            _ => self.ln_typed::<f32>(x, residual, gamma, beta, eps, y, stats),
+        }
+    }
+
+    /// [`Self::ln_into`] with γ and β stored as `P`.
+    #[allow(clippy::too_many_arguments)]
+    fn ln_typed<P: BufferElement + BaseScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
+        const OP: &str = "residual_layernorm";
+        let inputs = LayerNormInputs::<P> {
             x: self.view(OP, x)?,
             residual: residual.map(|r| self.view(OP, r)).transpose()?,
             gamma: self.view(OP, gamma)?,
@@ -203,6 +278,32 @@ impl CudaBackend {
         };
         let mut outputs = LayerNormOutputs { y: self.view_mut(OP, y)?, mean: self.view_mut(OP, stats.0)?, rstd: self.view_mut(OP, stats.1)? };
         residual_layernorm_forward(&self.gpu, &inputs, &mut outputs)
+    }
+
+    /// The embedding kernel's inputs with the tables and LayerNorm stored as `T`.
+    fn embedding_inputs<'t, T: BufferElement + BaseScalar>(
+        &self,
+        (input_ids, token_type_ids): (DeviceView<'t, u32>, DeviceView<'t, u32>),
+        word: &'t Tensor,
+        position: &'t Tensor,
+        token_type: &'t Tensor,
+        ln: &LayerNormParams<'t>,
+        (batch, seq_len, hidden, eps): (usize, usize, usize, f32),
+    ) -> Result<EmbeddingInputs<'t, T>> {
+        const OP: &str = "embedding_layernorm";
+        Ok(EmbeddingInputs {
+            input_ids,
+            token_type_ids,
+            word: self.view(OP, word)?,
+            position: self.view(OP, position)?,
+            token_type: self.view(OP, token_type)?,
+            gamma: self.view(OP, ln.gamma)?,
+            beta: self.view(OP, ln.beta)?,
+            batch,
+            seq_len,
+            hidden,
+            eps,
+        })
     }
 }
 
@@ -327,24 +428,18 @@ impl Backend for CudaBackend {
             s => return Err(Error::shape(OP, format!("input ids must be [B, T], got {s:?}"))),
         };
         let hidden = word.last_dim();
+        let group = [("the word embeddings", word), ("the position embeddings", position), ("the token type embeddings", token_type), ("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)];
+        let dtype = self.base_dtype(OP, &group)?;
         let y = self.new_tensor::<f32>(&[batch, seq_len, hidden])?;
         let mut flag = new_error_flag(&self.gpu)?;
         {
-            let inputs = EmbeddingInputs {
-                input_ids: self.view(OP, input_ids)?,
-                token_type_ids: self.view(OP, token_type_ids)?,
-                word: self.view(OP, word)?,
-                position: self.view(OP, position)?,
-                token_type: self.view(OP, token_type)?,
-                gamma: self.view(OP, ln.gamma)?,
-                beta: self.view(OP, ln.beta)?,
-                batch,
-                seq_len,
-                hidden,
-                eps: ln.eps,
-            };
             let mut outputs = EmbeddingOutputs { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag: flag.view_mut() };
-            embedding_layernorm_forward(&self.gpu, &inputs, &mut outputs)?;
+            let ids = (self.view(OP, input_ids)?, self.view(OP, token_type_ids)?);
+            let dims = (batch, seq_len, hidden, ln.eps);
+            match dtype {
+                DType::BF16 => embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?,
+                _ => embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f32>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?,
+            }
         }
         // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on.
         check_flag(&self.gpu, &flag.view())?;
@@ -432,10 +527,21 @@ impl Backend for CudaBackend {
         let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
         let out = self.new_tensor::<f32>(&[n * batch, seq_len, hidden])?;
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
-        let inputs = LocationInputs { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, loc.layer_norm.gamma)?, ln_beta: self.view(OP, loc.layer_norm.beta)?, ln_eps: loc.layer_norm.eps };
+        let ln = &loc.layer_norm;
+        let dtype = self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
+        let (h, r) = (self.view(OP, loc.h)?, self.view(OP, loc.r)?);
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
         let shape = LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate };
-        adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+        match dtype {
+            DType::BF16 => {
+                let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+                adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+            }
+            _ => {
+                let inputs = LocationInputs::<f32> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+                adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+            }
+        }
         Ok(out)
     }
 

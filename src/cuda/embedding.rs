@@ -19,13 +19,20 @@
 //! The model's ids are already checked on the host before they are written, so this is the
 //! device's own line of defence, not the primary check.
 //!
+//! The tables and the LayerNorm's γ, β are all f32 or all bf16 (a frozen base loaded in bf16):
+//! [`EmbeddingInputs`] is generic over their [`BaseScalar`], which picks
+//! `embedding_layernorm_forward_f32` or `_bf16` (one templated body, loads widened exactly; the
+//! sums and statistics are f32 either way). The outputs are f32.
+//!
 //! Every length is checked before anything is enqueued ([`Error::Shape`] naming the operand and
 //! the numbers); a rejected call writes nothing.
 
-use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::gpu::{BaseScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::layernorm::LayerNormPlan;
-use super::registry::embedding::EMBEDDING_LAYERNORM_FORWARD_F32;
+use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_F32};
+use super::registry::KernelName;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 const OP: &str = "cuda::embedding_layernorm_forward";
 
@@ -36,18 +43,19 @@ pub const MAX_SEQ_LEN: usize = 32768;
 
 /// The inputs. Tables are row-major `[rows, hidden]`: `word` `[vocab, hidden]`, `position`
 /// `[max_positions >= seq_len, hidden]`, `token_type` `[type_vocab, hidden]`; the vocabulary
-/// sizes are their row counts. Token `t` of sequence `b` uses position `t`.
-pub struct EmbeddingInputs<'a> {
+/// sizes are their row counts. Token `t` of sequence `b` uses position `t`. Tables, γ and β are
+/// of `T` (f32 or bf16).
+pub struct EmbeddingInputs<'a, T = f32> {
     /// `[batch·seq_len]`, row-major `[batch, seq_len]`.
     pub input_ids: DeviceView<'a, u32>,
     /// `[batch·seq_len]`.
     pub token_type_ids: DeviceView<'a, u32>,
-    pub word: DeviceView<'a, f32>,
-    pub position: DeviceView<'a, f32>,
-    pub token_type: DeviceView<'a, f32>,
+    pub word: DeviceView<'a, T>,
+    pub position: DeviceView<'a, T>,
+    pub token_type: DeviceView<'a, T>,
     /// The embedding LayerNorm, `[hidden]` each.
-    pub gamma: DeviceView<'a, f32>,
-    pub beta: DeviceView<'a, f32>,
+    pub gamma: DeviceView<'a, T>,
+    pub beta: DeviceView<'a, T>,
     pub batch: usize,
     pub seq_len: usize,
     pub hidden: usize,
@@ -191,7 +199,7 @@ impl EmbeddingSizes {
     }
 }
 
-fn launch_sizes(inputs: &EmbeddingInputs<'_>, outputs: &EmbeddingOutputs<'_>) -> EmbeddingSizes {
+fn launch_sizes<T: BaseScalar>(inputs: &EmbeddingInputs<'_, T>, outputs: &EmbeddingOutputs<'_>) -> EmbeddingSizes {
     EmbeddingSizes {
         batch: inputs.batch,
         seq_len: inputs.seq_len,
@@ -212,12 +220,20 @@ fn launch_sizes(inputs: &EmbeddingInputs<'_>, outputs: &EmbeddingOutputs<'_>) ->
 
 /// `y = LayerNorm((word[id] + token_type[tt]) + position[t])` for every token, with the automatic
 /// launch plan. Out-of-range ids are reported through `outputs.error_flag`: call [`check_flag`].
-pub fn embedding_layernorm_forward(gpu: &Gpu, inputs: &EmbeddingInputs<'_>, outputs: &mut EmbeddingOutputs<'_>) -> Result<()> {
+pub fn embedding_layernorm_forward<T: BaseScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_>) -> Result<()> {
     embedding_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.hidden))
 }
 
+/// The kernel variant that reads tables, γ and β stored as `T`.
+fn forward_kernel<T: BaseScalar>() -> KernelName {
+    match T::DTYPE {
+        DType::BF16 => EMBEDDING_LAYERNORM_FORWARD_BF16,
+        _ => EMBEDDING_LAYERNORM_FORWARD_F32, // BaseScalar is f32 or bf16
+    }
+}
+
 /// As [`embedding_layernorm_forward`], with an explicit (validated) launch plan.
-pub fn embedding_layernorm_forward_with_plan(gpu: &Gpu, inputs: &EmbeddingInputs<'_>, outputs: &mut EmbeddingOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+pub fn embedding_layernorm_forward_with_plan<T: BaseScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
     let tables = launch_sizes(inputs, outputs).check(inputs.eps)?;
     plan.validate(inputs.hidden)?;
     let rows = inputs.batch * inputs.seq_len;
@@ -232,11 +248,11 @@ pub fn embedding_layernorm_forward_with_plan(gpu: &Gpu, inputs: &EmbeddingInputs
         outputs.error_flag.arg(),
         inputs.input_ids.arg(),
         inputs.token_type_ids.arg(),
-        inputs.word.arg(),
-        inputs.position.arg(),
-        inputs.token_type.arg(),
-        inputs.gamma.arg(),
-        inputs.beta.arg(),
+        T::base_arg(&inputs.word),
+        T::base_arg(&inputs.position),
+        T::base_arg(&inputs.token_type),
+        T::base_arg(&inputs.gamma),
+        T::base_arg(&inputs.beta),
         KernelArg::I32(rows as i32),
         KernelArg::I32(inputs.seq_len as i32),
         KernelArg::I32(inputs.hidden as i32),
@@ -248,7 +264,7 @@ pub fn embedding_layernorm_forward_with_plan(gpu: &Gpu, inputs: &EmbeddingInputs
     // SAFETY: every view was checked above against batch/seq_len/hidden; the kernel reads table
     // rows only below the row counts passed (bad ids read row 0), positions below seq_len <=
     // max_positions; the plan was validated against the kernel's block and shared-memory contract.
-    unsafe { gpu.launch(EMBEDDING_LAYERNORM_FORWARD_F32, plan.launch_config(rows, inputs.hidden), &args) }
+    unsafe { gpu.launch(forward_kernel::<T>(), plan.launch_config(rows, inputs.hidden), &args) }
 }
 
 #[cfg(test)]

@@ -48,6 +48,30 @@ macro_rules! device_scalars {
 }
 device_scalars!(f32 => F32, half::f16 => F16, half::bf16 => BF16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, u16 => U16, u8 => U8);
 
+/// A storage type of frozen-base parameters (BERT's weights, embedding tables, LayerNorm γ/β),
+/// which the kernels widen to f32 as they load it: f32, or bf16 for a base loaded in bf16.
+/// Launchers generic over it pick the kernel variant by [`BaseScalar::DTYPE`].
+pub trait BaseScalar: DeviceScalar {
+    const DTYPE: crate::tensor::DType;
+    /// `v` as the pointer argument of the variant that reads this type: the header-free kernels
+    /// take bf16 as its raw bits, `unsigned short*` (kernels/common.cuh `bf16_raw`).
+    fn base_arg(v: &DeviceView<'_, Self>) -> KernelArg;
+}
+
+impl BaseScalar for f32 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::F32;
+    fn base_arg(v: &DeviceView<'_, f32>) -> KernelArg {
+        v.arg()
+    }
+}
+
+impl BaseScalar for half::bf16 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::BF16;
+    fn base_arg(v: &DeviceView<'_, half::bf16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+}
+
 // ---- limits --------------------------------------------------------------------------------------
 
 /// What a launch may ask for on one device.

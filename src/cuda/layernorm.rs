@@ -9,6 +9,10 @@
 //!   floats fit in the 48 KiB a kernel gets without an opt-in (cols <= 12224 block-per-row);
 //!   otherwise the kernel re-reads x and residual in each of its three passes.
 //!
+//! γ and β are f32 or bf16 (a frozen base loaded in bf16): [`LayerNormInputs`] is generic over
+//! their [`BaseScalar`], which picks `residual_layernorm_forward_f32` or `_bf16` (the same
+//! templated body, loads widened exactly); x, the residual and the outputs are f32.
+//!
 //! The launcher validates every length against `rows`/`cols` and returns [`Error::Shape`] before
 //! launching, so the kernel never indexes outside the views it is given. It is written once over
 //! [`Gpu`]: it enqueues on a real GPU's stream without synchronising, and runs to completion on
@@ -16,9 +20,11 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::layernorm::RESIDUAL_LAYERNORM_FORWARD_F32;
+use super::gpu::{BaseScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::layernorm::{RESIDUAL_LAYERNORM_FORWARD_BF16, RESIDUAL_LAYERNORM_FORWARD_F32};
+use super::registry::KernelName;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 const OP: &str = "cuda::residual_layernorm_forward";
 
@@ -26,13 +32,14 @@ const OP: &str = "cuda::residual_layernorm_forward";
 /// for its 128 bytes of static reduction scratch.
 pub const MAX_ROW_CACHE_BYTES: usize = 48 * 1024 - 256;
 
-/// The inputs: `x` and `residual` are `[rows, cols]`, `gamma`/`beta` are `[cols]`.
-pub struct LayerNormInputs<'a> {
+/// The inputs: `x` and `residual` are `[rows, cols]`, `gamma`/`beta` are `[cols]` of `P` (f32
+/// or bf16).
+pub struct LayerNormInputs<'a, P = f32> {
     pub x: DeviceView<'a, f32>,
     /// Added to `x` before normalising; `None` for a plain LayerNorm.
     pub residual: Option<DeviceView<'a, f32>>,
-    pub gamma: DeviceView<'a, f32>,
-    pub beta: DeviceView<'a, f32>,
+    pub gamma: DeviceView<'a, P>,
+    pub beta: DeviceView<'a, P>,
     pub rows: usize,
     pub cols: usize,
     pub eps: f32,
@@ -179,13 +186,21 @@ impl LayerNormSizes {
     }
 }
 
+/// The kernel variant that reads γ and β stored as `P`.
+fn forward_kernel<P: BaseScalar>() -> KernelName {
+    match P::DTYPE {
+        DType::BF16 => RESIDUAL_LAYERNORM_FORWARD_BF16,
+        _ => RESIDUAL_LAYERNORM_FORWARD_F32, // BaseScalar is f32 or bf16
+    }
+}
+
 /// `y = LayerNorm(x + residual)` row-wise with the automatic launch plan; writes `mean`/`rstd`.
-pub fn residual_layernorm_forward(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
+pub fn residual_layernorm_forward<P: BaseScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
     residual_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.cols))
 }
 
 /// As [`residual_layernorm_forward`], with an explicit launch plan (validated).
-pub fn residual_layernorm_forward_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P>, outputs: &mut LayerNormOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
     launch_sizes!(inputs, outputs).check(inputs.eps)?;
     plan.validate(cols)?;
@@ -200,8 +215,8 @@ pub fn residual_layernorm_forward_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<
         outputs.rstd.arg(),
         inputs.x.arg(),
         inputs.residual.as_ref().map_or(KernelArg::Null, |r| r.arg()),
-        inputs.gamma.arg(),
-        inputs.beta.arg(),
+        P::base_arg(&inputs.gamma),
+        P::base_arg(&inputs.beta),
         KernelArg::I32(rows as i32),
         KernelArg::I32(cols as i32),
         KernelArg::F32(inputs.eps),
@@ -209,7 +224,7 @@ pub fn residual_layernorm_forward_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<
     ];
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
     // these rows/cols, and the plan against the kernel's block-shape and shared-memory contract.
-    unsafe { gpu.launch(RESIDUAL_LAYERNORM_FORWARD_F32, plan.launch_config(rows, cols), &args) }
+    unsafe { gpu.launch(forward_kernel::<P>(), plan.launch_config(rows, cols), &args) }
 }
 
 #[cfg(test)]
