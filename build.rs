@@ -499,6 +499,7 @@ fn param_kind(toks: &[&str], kernel: &str, path: &Path) -> Result<(String, Strin
     let base: Vec<&str> = ty.iter().copied().filter(|t| !matches!(*t, "*" | "const" | "__restrict__" | "volatile")).collect();
     let scalar = match base.join(" ").as_str() {
         "float" => "F32",
+        "double" => "F64",
         "__half" => "F16",
         "__nv_bfloat16" => "BF16",
         "int" | "int32_t" => "I32",

@@ -687,8 +687,21 @@ impl Backend for CudaBackend {
         self.gpu.copy_htod(data, &mut self.view_mut("write_f32", dst)?)
     }
 
-    fn loss(&self, _op: &crate::train::loss::LossOp, _dlogits: &Tensor, _loss: &Tensor) -> Result<()> {
-        Err(self.unsupported("loss"))
+    fn loss(&self, op: &crate::train::loss::LossOp, dlogits: &Tensor, loss: &Tensor) -> Result<()> {
+        const OP: &str = "loss";
+        let (rows, classes) = op.validate(dlogits, loss)?;
+        if dlogits.overlaps(op.trained) || op.other.is_some_and(|o| dlogits.overlaps(o)) {
+            return Err(Error::Internal(format!("{OP}: the gradient overlaps the logits")));
+        }
+        let inputs = super::loss::LossInputs {
+            objective: op.objective,
+            trained: self.view(OP, op.trained)?,
+            other: op.other.map(|o| self.view(OP, o)).transpose()?,
+            labels: self.view(OP, op.labels)?,
+            rows,
+            classes,
+        };
+        super::loss::loss_forward_backward(&self.gpu, &inputs, &mut self.view_mut(OP, dlogits)?, &mut self.view_mut(OP, loss)?)
     }
 
     fn clip_grad_norm(&self, _grads: &[Tensor], _max_norm: f32, _norm: &Tensor) -> Result<()> {

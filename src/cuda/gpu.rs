@@ -46,7 +46,7 @@ macro_rules! device_scalars {
         }
     )*};
 }
-device_scalars!(f32 => F32, half::f16 => F16, half::bf16 => BF16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, u16 => U16, u8 => U8);
+device_scalars!(f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, u16 => U16, u8 => U8);
 
 /// A storage type of frozen-base parameters (BERT's weights, embedding tables, LayerNorm γ/β),
 /// which the kernels widen to f32 as they load it: f32, or bf16 for a base loaded in bf16.
@@ -249,6 +249,7 @@ pub enum KernelArg {
     /// A null pointer, for optional inputs (accepted by any pointer parameter).
     Null,
     F32(f32),
+    F64(f64),
     I32(i32),
     U32(u32),
     I64(i64),
@@ -261,6 +262,7 @@ impl KernelArg {
             (KernelArg::Pointer { elem, .. }, ParamKind::Pointer(t)) => *elem == t,
             (KernelArg::Null, ParamKind::Pointer(_)) => true,
             (KernelArg::F32(_), ParamKind::Scalar(ScalarType::F32))
+            | (KernelArg::F64(_), ParamKind::Scalar(ScalarType::F64))
             | (KernelArg::I32(_), ParamKind::Scalar(ScalarType::I32))
             | (KernelArg::U32(_), ParamKind::Scalar(ScalarType::U32))
             | (KernelArg::I64(_), ParamKind::Scalar(ScalarType::I64))
@@ -274,6 +276,7 @@ impl KernelArg {
             KernelArg::Pointer { elem, .. } => format!("a {}* pointer", elem.c_name()),
             KernelArg::Null => "a null pointer".into(),
             KernelArg::F32(v) => format!("float {v}"),
+            KernelArg::F64(v) => format!("double {v}"),
             KernelArg::I32(v) => format!("int {v}"),
             KernelArg::U32(v) => format!("unsigned {v}"),
             KernelArg::I64(v) => format!("long long {v}"),
@@ -288,6 +291,7 @@ impl KernelArg {
             KernelArg::Pointer { ptr, .. } => ptr,
             KernelArg::Null => 0,
             KernelArg::F32(v) => v.to_bits() as u64,
+            KernelArg::F64(v) => v.to_bits(),
             KernelArg::I32(v) => v as u32 as u64,
             KernelArg::U32(v) => v as u64,
             KernelArg::I64(v) => v as u64,

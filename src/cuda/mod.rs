@@ -9,7 +9,8 @@
 //!   all Parallel branches in one launch, from per-branch descriptors; [`attention`]: the fused attention
 //!   forward over packed Q, K, V, writing the context and each row's log-sum-exp; [`embedding`]:
 //!   gather + sum + LayerNorm with a device-side id check; [`elementwise`]: bias + activation,
-//!   add, fill, casts, first-token gather; [`nice`]: the invertible adapter's coupling, forward
+//!   add, fill, casts, first-token gather; [`loss`]: the training objectives and their
+//!   gradient; [`nice`]: the invertible adapter's coupling, forward
 //!   and inverse, its Linears on [`gemm`];
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
@@ -26,6 +27,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod gpu;
 pub mod layernorm;
+pub mod loss;
 pub mod nice;
 pub mod probe;
 pub mod registry;

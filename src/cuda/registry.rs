@@ -31,6 +31,7 @@ pub struct KernelName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ScalarType {
     F32,
+    F64,
     F16,
     BF16,
     I32,
@@ -46,6 +47,7 @@ impl ScalarType {
     pub fn c_name(self) -> &'static str {
         match self {
             ScalarType::F32 => "float",
+            ScalarType::F64 => "double",
             ScalarType::F16 => "__half",
             ScalarType::BF16 => "__nv_bfloat16",
             ScalarType::I32 => "int",
