@@ -1,5 +1,6 @@
 // Elementwise and layout family: bias + activation where no GEMM epilogue does it, add, fill,
-// f32 <-> bf16 casts, and the first-token gather.
+// f32 <-> bf16 casts, and the first-token gather; at the end, with their own header, the backward
+// kernels (activation', deterministic column sums for bias gradients, the first-token scatter).
 //
 // Semantics (the spec is the CPU backend: cpu::reference::activation, Backend::{add, fill, cast,
 // first_token}):
@@ -20,7 +21,8 @@
 //     thread divides an index by `cols`. Narrow rows leave lanes idle in their last column step
 //     (40 columns: 62% busy), acceptable for memory-bound work.
 //   * flat kernels (add, fill, cast): a grid-stride loop over n elements, 64-bit indices.
-// No kernel here has a barrier or shuffle, so rows past the end simply do nothing.
+// No row or flat kernel here has a barrier or shuffle (count_nonfinite's ballot runs every lane
+// the same number of steps), so rows past the end simply do nothing.
 //
 // Numerics: one f32 add for the bias (exactly the CPU's rounding), then common.cuh
 // apply_activation in f32 with the accurate library functions (erfcf, tanhf, expf: a few ulp),

@@ -1,4 +1,8 @@
 // LayerNorm family: fused residual-add + LayerNorm over the last dimension.
+// Training kernels follow the forward, each with its own header: the forward that also writes z
+// and the [rows, 2] {mean, rstd} (residual_layernorm_forward_train_f32), the input gradient
+// (layernorm_backward_f32) and, for trainable LayerNorms only, the dgamma/dbeta column partials
+// (layernorm_param_grad_partial_f32, finished by elementwise.cu's column_sums_finalize_f32).
 //
 // Semantics (the spec is bert_adapters::cpu::reference::residual_layernorm; HF BERT's
 // `BertSelfOutput`/`BertOutput` compute `LayerNorm(hidden + input_tensor)`):

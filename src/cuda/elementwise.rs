@@ -1,6 +1,8 @@
 //! Launchers for `kernels/elementwise.cu`: bias + activation (where no GEMM epilogue does it),
 //! add, fill, f32 ↔ bf16 casts, and the first-token gather. The spec of each is the CPU backend
-//! (`cpu::reference::activation`, `Backend::{add, fill, cast, first_token}`).
+//! (`cpu::reference::activation`, `Backend::{add, fill, cast, first_token}`). The backward
+//! launchers follow, after their own section note: `dy ⊙ act'`, the deterministic bias gradient,
+//! the first-token scatter, and the Linear backward over [`Gpu::gemm`].
 //!
 //! Launch configuration (see the kernel header for the thread mapping):
 //! - row kernels ([`bias_act`], [`first_token`]): one warp per row, 8 rows per 256-thread block,

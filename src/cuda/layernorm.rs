@@ -1,4 +1,5 @@
-//! Launcher for `kernels/layernorm.cu`: fused residual-add + LayerNorm forward.
+//! Launcher for `kernels/layernorm.cu`: fused residual-add + LayerNorm forward. The training
+//! forward and the backward (dz; dγ/dβ only when asked) follow it, after their own section note.
 //!
 //! Launch configuration (see the kernel header for the thread mapping and numerics):
 //! - `cols <= 1024`: one warp per row, 8 rows per block (256 threads). BERT widths (384, 768)

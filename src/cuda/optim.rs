@@ -386,7 +386,8 @@ mod tests {
         assert_eq!(t, vec![2, 0, 5000, 0, 0, 6000, 1, 3]);
         assert_eq!(plan_adamw_segments(&[(1, 4..4)], 7000, 3, 2048).unwrap().1, 1, "one block even when every segment is empty");
         assert_eq!(plan_adamw_segments(&[], 7000, 3, 2048).unwrap().1, 0);
-        let cases: [(&[(usize, Range<usize>)], &str); 4] = [
+        type Segments<'a> = &'a [(usize, Range<usize>)];
+        let cases: [(Segments<'_>, &str); 4] = [
             (&[(3, 0..1)], "tensor 3, but there are 3 step counts"),
             (&[(0, 6990..7001)], "outside an arena of 7000"),
             (&[(0, 0..1), (0, 2..3)], "tensor 0 is listed twice"),
