@@ -1,5 +1,6 @@
 // Elementwise and layout family: bias + activation where no GEMM epilogue does it, add, fill,
-// f32 <-> bf16 casts, and the first-token gather.
+// f32 <-> bf16 casts, and the first-token gather; at the end, with their own header, the backward
+// kernels (activation', deterministic column sums for bias gradients, the first-token scatter).
 //
 // Semantics (the spec is the CPU backend: cpu::reference::activation, Backend::{add, fill, cast,
 // first_token}):
@@ -20,7 +21,8 @@
 //     thread divides an index by `cols`. Narrow rows leave lanes idle in their last column step
 //     (40 columns: 62% busy), acceptable for memory-bound work.
 //   * flat kernels (add, fill, cast): a grid-stride loop over n elements, 64-bit indices.
-// No kernel here has a barrier or shuffle, so rows past the end simply do nothing.
+// No row or flat kernel here has a barrier or shuffle (count_nonfinite's ballot runs every lane
+// the same number of steps), so rows past the end simply do nothing.
 //
 // Numerics: one f32 add for the bias (exactly the CPU's rounding), then common.cuh
 // apply_activation in f32 with the accurate library functions (erfcf, tanhf, expf: a few ulp),
@@ -135,6 +137,165 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
         const unsigned votes = __ballot_sync(FULL_WARP_MASK, bad);
         if ((threadIdx.x & 31u) == 0 && votes != 0u) {
             atomicAdd(count, (unsigned)__popc(votes));
+        }
+    }
+}
+
+// ---- backward: activation, bias gradient, first-token scatter ------------------------------------
+// Semantics (the spec is the CPU backend: cpu::reference::activation_backward and
+// activation_derivative, Backend::{linear_backward_params_into's db, first_token_backward_into}):
+//   activation_backward_f32   dx = dy * act'(pre) for every ACT_* code (identity: dx = dy); dx may
+//                             be dy itself (in place after the input-gradient GEMM), so dx and dy
+//                             carry no __restrict__. A flat grid-stride loop.
+//   column_sums_partial_f32   partial[chunk][c] = sum of x[r][c] over the chunk's rows: stage one
+//   column_sums_finalize_f32  of a deterministic column sum (a bias gradient sum_rows dy; also
+//                             LayerNorm's dgamma/dbeta partials from kernels/layernorm.cu): stage
+//                             two adds the chunks in index order and writes (`=`) or adds (`+=`).
+//                             No atomics, so the bits depend only on rows, cols and the inputs.
+//   first_token_backward_f32  the adjoint of first_token_f32: out[b, 0, :] = d[b, :] and zeros
+//                             at t > 0, or, accumulating, out[b, 0, :] += d[b, :] and nothing else
+//                             touched.
+// Thread mapping: column_sums_partial_f32 runs blocks of (32, 8), grid (ceil(cols/32), chunks):
+// lane (tx, ty) sums rows chunk·rows_per_chunk + ty, +8, ... of column 32·blockIdx.x + tx (each
+// warp reads 32 consecutive floats of a row), then the 8 row lanes are added in order 0..7
+// through shared memory (one barrier, reached by every thread). The finalize is one thread per
+// column, chunks summed in order (coalesced across columns). first_token_backward_f32 is a row
+// kernel (a warp per row of out, rows grid-strided): every row of out when writing, only the
+// batch rows at t = 0 when accumulating.
+// Numerics: f32. act' is evaluated in f32 with the accurate library functions (erfcf, expf,
+// tanhf) from closed forms equal to the reference's f64 ones; a few ulp of act' times dy, tested
+// within 1e-4 · (1 + max|ref|) as every gradient. A column sum rounds each of its
+// rows_per_chunk/8 + 8 + chunks additions once: ~1e-6 of sum|x| for the launcher's chunking.
+
+// act'(v) in f32: closed forms of cpu::reference::activation_derivative. ReLU' is 0 at v <= 0 and
+// for NaN (v > 0 is false), as the reference's. Swish' and sigmoid' at v < -88 overflow expf to
+// inf and give 0 (s = 0), the f64 reference's value rounded to f32.
+__device__ __forceinline__ float activation_derivative(int act, float v) {
+    switch (act) {
+        case ACT_RELU:
+            return v > 0.0f ? 1.0f : 0.0f;
+        case ACT_GELU: {
+            const float cdf = 0.5f * erfcf(v * -0.70710678118654752f);
+            const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;  // 1/sqrt(2 pi)
+            return cdf + v * pdf;
+        }
+        case ACT_GELU_TANH: {
+            const float c = 0.79788456080286536f;  // sqrt(2/pi)
+            const float t = tanhf(c * (v + 0.044715f * v * v * v));
+            return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * v * v);
+        }
+        case ACT_SWISH: {
+            const float s = 1.0f / (1.0f + expf(-v));
+            return s * (1.0f + v * (1.0f - s));
+        }
+        case ACT_TANH: {
+            const float t = tanhf(v);
+            return 1.0f - t * t;
+        }
+        case ACT_SIGMOID: {
+            const float s = 1.0f / (1.0f + expf(-v));
+            return s * (1.0f - s);
+        }
+        default:
+            return 1.0f;
+    }
+}
+
+// dx, dy, pre: [n]; dx may equal dy.
+extern "C" __global__ void activation_backward_f32(float* dx, const float* dy, const float* __restrict__ pre, long long n, int act) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        store_f32(dx + i, load_f32(dy + i) * activation_derivative(act, load_f32(pre + i)));
+    }
+}
+
+// partial: [chunks, cols] with chunks = gridDim.y; x: [rows, cols]. Block (32, 8).
+extern "C" __global__ void column_sums_partial_f32(
+    float* __restrict__ partial,
+    const float* __restrict__ x,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    __shared__ float colsum_lanes[8][33];
+
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = rows - r0 < rows_per_chunk ? rows : r0 + rows_per_chunk;
+    float acc = 0.0f;
+    if (c < cols) {
+        for (int r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+            acc += load_f32(x + (size_t)r * (size_t)cols + c);
+        }
+    }
+    colsum_lanes[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float s = 0.0f;
+        for (int k = 0; k < (int)blockDim.y; ++k) {
+            s += colsum_lanes[k][threadIdx.x];
+        }
+        partial[(size_t)blockIdx.y * (size_t)cols + c] = s;
+    }
+}
+
+// out_a = sum over chunks of partial_a (`+=` when accumulate != 0), and likewise out_b; the b pair
+// may be null. out_*: [cols]; partial_*: [chunks, cols].
+extern "C" __global__ void column_sums_finalize_f32(
+    float* __restrict__ out_a,
+    float* __restrict__ out_b,
+    const float* __restrict__ partial_a,
+    const float* __restrict__ partial_b,
+    int chunks,
+    int cols,
+    int accumulate)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) {
+        return;
+    }
+    float a = 0.0f;
+    float b = 0.0f;
+    for (int k = 0; k < chunks; ++k) {
+        const size_t i = (size_t)k * (size_t)cols + c;
+        a += partial_a[i];
+        if (out_b != nullptr) {
+            b += partial_b[i];
+        }
+    }
+    if (accumulate != 0) {
+        a += out_a[c];
+    }
+    out_a[c] = a;
+    if (out_b != nullptr) {
+        if (accumulate != 0) {
+            b += out_b[c];
+        }
+        out_b[c] = b;
+    }
+}
+
+// out: [batch, seq_len, cols]; d: [batch, cols].
+extern "C" __global__ void first_token_backward_f32(
+    float* __restrict__ out,
+    const float* __restrict__ d,
+    int batch,
+    int seq_len,
+    int cols,
+    int accumulate)
+{
+    const long long out_rows = accumulate != 0 ? (long long)batch : (long long)batch * seq_len;
+    for (long long row = blockIdx.x * blockDim.y + threadIdx.y; row < out_rows; row += (long long)gridDim.x * blockDim.y) {
+        const long long b = accumulate != 0 ? row : row / seq_len;
+        const bool first = accumulate != 0 || row % seq_len == 0;
+        float* dst = out + (size_t)(b * seq_len + (accumulate != 0 ? 0 : row % seq_len)) * (size_t)cols;
+        const float* src = d + (size_t)b * (size_t)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float v = first ? load_f32(src + c) : 0.0f;
+            if (accumulate != 0) {
+                v += load_f32(dst + c);
+            }
+            store_f32(dst + c, v);
         }
     }
 }

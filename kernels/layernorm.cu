@@ -1,4 +1,8 @@
 // LayerNorm family: fused residual-add + LayerNorm over the last dimension.
+// Training kernels follow the forward, each with its own header: the forward that also writes z
+// and the [rows, 2] {mean, rstd} (residual_layernorm_forward_train_f32), the input gradient
+// (layernorm_backward_f32) and, for trainable LayerNorms only, the dgamma/dbeta column partials
+// (layernorm_param_grad_partial_f32, finished by elementwise.cu's column_sums_finalize_f32).
 //
 // Semantics (the spec is bert_adapters::cpu::reference::residual_layernorm; HF BERT's
 // `BertSelfOutput`/`BertOutput` compute `LayerNorm(hidden + input_tensor)`):
@@ -163,9 +167,211 @@ extern "C" __global__ void residual_layernorm_forward_bf16(
                                               reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
 }
 
-// ---- backward: NOT IMPLEMENTED YET ---------------------------------------------------------
-// The backward arrives with training (issue 2). It will read the saved mean/rstd (no recompute
-// of the statistics) and follow the project's grad convention: dx is written (`=`), the residual
-// stream's gradient is added (`+=`), and dgamma/dbeta are accumulated (`+=`) by a deterministic
-// two-stage reduction, and skipped entirely when the LayerNorm is frozen. There is deliberately
-// no kernel here yet: nothing may call a backward that does not exist.
+// ---- training forward: z and interleaved [mean, rstd] --------------------------------------
+// Backend::residual_layernorm_stats: the same three passes and thread mapping as the forward
+// above, and additionally z = x + residual (f32, the residual stream the backward reads) and
+// stats[row] = {mean, rstd} ([rows, 2], interleaved, the CPU backend's layout). Pass 1 writes z;
+// passes 2 and 3 read each thread's own z back from the row cache or from z_out (no barrier: a
+// thread only reads what it wrote), so x and residual are read once whatever the plan.
+
+// y, z_out, x, residual: [rows, cols]; gamma, beta: [cols]; stats: [rows, 2]. residual may be null.
+extern "C" __global__ void residual_layernorm_forward_train_f32(
+    float* __restrict__ y,
+    float* __restrict__ z_out,
+    float* __restrict__ stats,
+    const float* __restrict__ x,
+    const float* __restrict__ residual,
+    const float* __restrict__ gamma,
+    const float* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    extern __shared__ float ztr_cache[];  // [blockDim.y][cols] when cache_row != 0
+    __shared__ float ztr_scratch[32];
+
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    const bool active = row < rows;
+    const size_t offset = (size_t)(active ? row : 0) * (size_t)cols;
+    float* zr = ztr_cache + (size_t)threadIdx.y * (size_t)cols;
+    float* zo = z_out + offset;
+    const float* zsrc = cache_row != 0 ? zr : zo;
+
+    float sum = 0.0f;
+    if (active) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float z = x[offset + c];
+            if (residual != nullptr) {
+                z += residual[offset + c];
+            }
+            zo[c] = z;
+            if (cache_row != 0) {
+                zr[c] = z;
+            }
+            sum += z;
+        }
+    }
+    const float mean = team_sum(sum, ztr_scratch) / (float)cols;
+
+    float sq = 0.0f;
+    if (active) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float d = zsrc[c] - mean;
+            sq = fmaf(d, d, sq);
+        }
+    }
+    const float var = team_sum(sq, ztr_scratch) / (float)cols;
+    const float rstd = 1.0f / sqrtf(var + eps);
+
+    if (active) {
+        float* yr = y + offset;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            yr[c] = fmaf((zsrc[c] - mean) * rstd, gamma[c], beta[c]);
+        }
+        if (threadIdx.x == 0) {
+            stats[2 * (size_t)row] = mean;
+            stats[2 * (size_t)row + 1] = rstd;
+        }
+    }
+}
+
+// ---- backward: input gradient ------------------------------------------------------------------
+// Backend::layernorm_backward_stats (spec: cpu::reference::layernorm_backward_from_stats), from
+// the forward's z and [mean, rstd], never recomputing the statistics:
+//     x^ = (z - mean) * rstd,  gy = dy * gamma
+//     dz = rstd * (gy - mean(gy) - x^ * mean(gy * x^))
+// written (`=`), or added (`+=`, accumulate != 0) for a residual stream reached along two paths.
+// Thread mapping: the forward's row teams (launcher: a warp per row, 4 rows per block, up to
+// 1024 columns; a block per row above). Pass 1 forms gy and x^ per column and sums gy and
+// gy * x^ (two fixed-order team reductions); pass 2 writes dz. With cache_row each thread keeps
+// its gy and x^ in dynamic shared memory ([blockDim.y][2 * cols]; only the writer reads them
+// back), else pass 2 recomputes them from dy and z (just read: cache hits).
+// Numerics: f32 with fma, per-thread partial sums of a few dozen terms then a fixed tree, as in
+// the forward; the two means carry a few 1e-7 relative to sum|gy|, so dz is within ~1e-6 of the
+// f64 reference's scale (rstd * max|gy|). Bitwise reproducible.
+
+// dz, dy, z: [rows, cols]; stats: [rows, 2] = {mean, rstd}; gamma: [cols].
+extern "C" __global__ void layernorm_backward_f32(
+    float* __restrict__ dz,
+    const float* __restrict__ dy,
+    const float* __restrict__ z,
+    const float* __restrict__ stats,
+    const float* __restrict__ gamma,
+    int rows,
+    int cols,
+    int accumulate,
+    int cache_row)
+{
+    extern __shared__ float lnb_cache[];  // [blockDim.y][2 * cols] when cache_row != 0
+    __shared__ float lnb_scratch[32];
+
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    const bool active = row < rows;
+    const size_t offset = (size_t)(active ? row : 0) * (size_t)cols;
+    const float* dyr = dy + offset;
+    const float* zr = z + offset;
+    float* gy_c = lnb_cache + (size_t)threadIdx.y * 2 * (size_t)cols;
+    float* xh_c = gy_c + cols;
+    const bool cached = cache_row != 0;
+    const float mean = active ? stats[2 * (size_t)row] : 0.0f;
+    const float rstd = active ? stats[2 * (size_t)row + 1] : 0.0f;
+
+    float s_gy = 0.0f;
+    float s_gyx = 0.0f;
+    if (active) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float xh = (zr[c] - mean) * rstd;
+            const float gy = dyr[c] * gamma[c];
+            if (cached) {
+                gy_c[c] = gy;
+                xh_c[c] = xh;
+            }
+            s_gy += gy;
+            s_gyx = fmaf(gy, xh, s_gyx);
+        }
+    }
+    const float mean_gy = team_sum(s_gy, lnb_scratch) / (float)cols;
+    const float mean_gyx = team_sum(s_gyx, lnb_scratch) / (float)cols;
+
+    if (active) {
+        float* dzr = dz + offset;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float gy;
+            float xh;
+            if (cached) {
+                gy = gy_c[c];
+                xh = xh_c[c];
+            } else {
+                xh = (zr[c] - mean) * rstd;
+                gy = dyr[c] * gamma[c];
+            }
+            float g = rstd * (gy - mean_gy - xh * mean_gyx);
+            if (accumulate != 0) {
+                g += dzr[c];
+            }
+            dzr[c] = g;
+        }
+    }
+}
+
+// ---- backward: dgamma / dbeta (trainable LayerNorms only) ------------------------------------------
+// dgamma[c] = sum_rows dy * x^,  dbeta[c] = sum_rows dy, reduced deterministically in two stages,
+// no atomics: this kernel writes per-chunk column partials, partial[chunk][c], and
+// column_sums_finalize_f32 (kernels/elementwise.cu) adds the chunks in index order into
+// dgamma / dbeta (`=` or `+=`). Never launched for BERT's frozen LayerNorms.
+// Thread mapping: block (32, 8) = 32 columns x 8 row lanes, grid (ceil(cols/32), chunks). Lane
+// (tx, ty) sums rows chunk*rows_per_chunk + ty, +8, ... of column blockIdx.x*32 + tx (a warp
+// reads 32 consecutive floats of a row: coalesced); the 8 row lanes are then added in order
+// 0..7 through shared memory. Either partial pointer may be null (that sum is skipped).
+
+// partial_dgamma, partial_dbeta: [chunks, cols]; dy, z: [rows, cols]; stats: [rows, 2].
+extern "C" __global__ void layernorm_param_grad_partial_f32(
+    float* __restrict__ partial_dgamma,
+    float* __restrict__ partial_dbeta,
+    const float* __restrict__ dy,
+    const float* __restrict__ z,
+    const float* __restrict__ stats,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    __shared__ float lnp_g[8][33];
+    __shared__ float lnp_b[8][33];
+
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int chunk = blockIdx.y;
+    const int r0 = chunk * rows_per_chunk;
+    const int r1 = rows - r0 < rows_per_chunk ? rows : r0 + rows_per_chunk;
+    float acc_g = 0.0f;
+    float acc_b = 0.0f;
+    if (c < cols) {
+        for (int r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+            const size_t i = (size_t)r * (size_t)cols + c;
+            const float d = dy[i];
+            acc_b += d;
+            if (partial_dgamma != nullptr) {
+                const float xh = (z[i] - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
+                acc_g = fmaf(d, xh, acc_g);
+            }
+        }
+    }
+    lnp_g[threadIdx.y][threadIdx.x] = acc_g;
+    lnp_b[threadIdx.y][threadIdx.x] = acc_b;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float g = 0.0f;
+        float b = 0.0f;
+        for (int k = 0; k < (int)blockDim.y; ++k) {
+            g += lnp_g[k][threadIdx.x];
+            b += lnp_b[k][threadIdx.x];
+        }
+        const size_t o = (size_t)chunk * (size_t)cols + c;
+        if (partial_dgamma != nullptr) {
+            partial_dgamma[o] = g;
+        }
+        if (partial_dbeta != nullptr) {
+            partial_dbeta[o] = b;
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! Launchers for `kernels/elementwise.cu`: bias + activation (where no GEMM epilogue does it),
 //! add, fill, f32 ↔ bf16 casts, and the first-token gather. The spec of each is the CPU backend
-//! (`cpu::reference::activation`, `Backend::{add, fill, cast, first_token}`).
+//! (`cpu::reference::activation`, `Backend::{add, fill, cast, first_token}`). The backward
+//! launchers follow, after their own section note: `dy ⊙ act'`, the deterministic bias gradient,
+//! the first-token scatter, and the Linear backward over [`Gpu::gemm`].
 //!
 //! Launch configuration (see the kernel header for the thread mapping):
 //! - row kernels ([`bias_act`], [`first_token`]): one warp per row, 8 rows per 256-thread block,
@@ -259,6 +261,260 @@ pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
     // SAFETY: x holds n elements and count one; the kernel's blocks are whole warps (the ballot).
     unsafe { gpu.launch(COUNT_NONFINITE_F32, flat_launch(x.len()), &[count.view_mut().arg(), x.arg(), n]) }?;
     Ok(gpu.download(&count.view())?[0] as u64)
+}
+
+// ---- backward: activation, bias gradient, first-token scatter, linear --------------------------------
+//
+// The spec of each is the CPU backend: `cpu::reference::activation_backward`,
+// `Backend::linear_backward_{input_into, input_act, params_into}` and
+// `Backend::first_token_backward_into`. Destinations are written, or added to when `accumulate`
+// (a GEMM with beta = 1 for the products). Every length is checked before anything is enqueued;
+// an output that overlaps an input (other than `dx == dy` in place) is refused.
+
+use super::gemm::{Gemm, Transpose};
+use super::registry::elementwise::{ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_F32, FIRST_TOKEN_BACKWARD_F32};
+
+/// Rows per chunk of a column sum are at least this many (8 per row lane of a block).
+pub const MIN_ROWS_PER_CHUNK: usize = 64;
+/// A column sum has at most this many chunks (the second stage adds them in order).
+pub const MAX_COLUMN_CHUNKS: usize = 512;
+
+/// How a deterministic column sum over `rows` rows is split: stage one sums each chunk of
+/// `rows_per_chunk` rows into a workspace row, stage two adds the `chunks` rows in order. It
+/// depends on `rows` only, so the result's bits do not depend on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnChunks {
+    pub rows_per_chunk: usize,
+    pub chunks: usize,
+}
+
+impl ColumnChunks {
+    /// At least [`MIN_ROWS_PER_CHUNK`] rows per chunk (a multiple of 8), at most
+    /// [`MAX_COLUMN_CHUNKS`] chunks; 0 chunks for 0 rows.
+    pub fn for_rows(rows: usize) -> ColumnChunks {
+        let rows_per_chunk = rows.div_ceil(MAX_COLUMN_CHUNKS).max(MIN_ROWS_PER_CHUNK).next_multiple_of(8);
+        ColumnChunks { rows_per_chunk, chunks: rows.div_ceil(rows_per_chunk) }
+    }
+
+    /// Workspace floats for one sum over `cols` columns: `chunks · cols`.
+    pub fn workspace_len(&self, cols: usize) -> usize {
+        self.chunks.saturating_mul(cols)
+    }
+
+    /// Stage one's launch: blocks of (32, 8), grid (ceil(cols / 32), chunks); `chunks > 0`.
+    pub(crate) fn partial_launch(&self, cols: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, self.chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
+    }
+}
+
+/// Stage two's launch: a thread per column, 256 per block; `cols > 0`.
+pub(crate) fn finalize_launch(cols: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (cols.div_ceil(FLAT_THREADS) as u32, 1, 1), block_dim: (FLAT_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The workspace floats [`bias_grad`] needs for `dy: [rows, cols]`.
+pub fn bias_grad_workspace_len(rows: usize, cols: usize) -> usize {
+    ColumnChunks::for_rows(rows).workspace_len(cols)
+}
+
+/// A device byte range, for the overlap checks: `(name, address, elements)` of f32s.
+pub(crate) type Operand<'n> = (&'n str, u64, usize);
+
+/// `Err(Input)` when an output's bytes overlap another output's or an input's (empty operands
+/// overlap nothing). Kernels take their operands `__restrict__`; an alias would be a data race.
+pub(crate) fn check_disjoint(op: &'static str, outputs: &[Operand<'_>], inputs: &[Operand<'_>]) -> Result<()> {
+    let overlaps = |a: &Operand<'_>, b: &Operand<'_>| a.2 > 0 && b.2 > 0 && a.1 < b.1 + 4 * b.2 as u64 && b.1 < a.1 + 4 * a.2 as u64;
+    for (i, out) in outputs.iter().enumerate() {
+        if let Some(other) = outputs[..i].iter().chain(inputs).find(|o| overlaps(out, o)) {
+            return Err(Error::Input(format!("{op}: the output `{}` overlaps `{}`", out.0, other.0)));
+        }
+    }
+    Ok(())
+}
+
+/// `dx = dy ⊙ act'(pre)` elementwise (any shape; the three lengths must agree), `act` `None` for
+/// the identity. `dx` must not overlap `dy` or `pre` (see [`activation_backward_in_place`]).
+pub fn activation_backward(gpu: &Gpu, dy: &DeviceView<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>, dx: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::activation_backward";
+    expect_len(OP, "pre", pre.len(), dy.len(), "dy's length")?;
+    expect_len(OP, "dx", dx.len(), dy.len(), "dy's length")?;
+    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("dy", dy.device_ptr(), dy.len()), ("pre", pre.device_ptr(), pre.len())])?;
+    let n = flat_len(OP, dy.len())?;
+    if dy.is_empty() {
+        return Ok(());
+    }
+    let args = [dx.arg(), dy.arg(), pre.arg(), n, KernelArg::I32(activation_code(act))];
+    // SAFETY: dx, dy and pre hold n elements each and dx overlaps neither input.
+    unsafe { gpu.launch(ACTIVATION_BACKWARD_F32, flat_launch(dy.len()), &args) }
+}
+
+/// `d = d ⊙ act'(pre)` in place (the input gradient of a Linear, then its activation's).
+pub fn activation_backward_in_place(gpu: &Gpu, d: &mut DeviceViewMut<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>) -> Result<()> {
+    const OP: &str = "cuda::activation_backward_in_place";
+    expect_len(OP, "pre", pre.len(), d.len(), "d's length")?;
+    check_disjoint(OP, &[("d", d.device_ptr(), d.len())], &[("pre", pre.device_ptr(), pre.len())])?;
+    let n = flat_len(OP, d.len())?;
+    if d.is_empty() {
+        return Ok(());
+    }
+    // The kernel's dx and dy carry no __restrict__: each thread reads then writes its own element.
+    let args = [d.arg(), d.arg(), pre.arg(), n, KernelArg::I32(activation_code(act))];
+    // SAFETY: d and pre hold n elements each and do not overlap.
+    unsafe { gpu.launch(ACTIVATION_BACKWARD_F32, flat_launch(d.len()), &args) }
+}
+
+/// `db = Σ_rows dy` (or `db += Σ_rows dy` when `accumulate`) for `dy: [rows, cols]`
+/// (`rows = dy.len() / cols`), deterministically in two launches through `workspace` (at least
+/// [`bias_grad_workspace_len`] floats; its contents are scratch).
+pub fn bias_grad(gpu: &Gpu, dy: &DeviceView<'_, f32>, cols: usize, db: &mut DeviceViewMut<'_, f32>, accumulate: bool, workspace: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::bias_grad";
+    let rows = bias_act_rows(OP, dy.len(), None, cols)?;
+    expect_len(OP, "db", db.len(), cols, "cols")?;
+    let plan = ColumnChunks::for_rows(rows);
+    let need = plan.workspace_len(cols);
+    if workspace.len() < need {
+        return Err(Error::shape(OP, format!("workspace has {} elements, at least {need} needed (chunks {} x cols {cols}) for rows={rows}", workspace.len(), plan.chunks)));
+    }
+    let ws = ("workspace", workspace.device_ptr(), need);
+    check_disjoint(OP, &[("db", db.device_ptr(), db.len()), ws], &[("dy", dy.device_ptr(), dy.len())])?;
+    column_sums(gpu, dy, rows, cols, plan, workspace, db, accumulate)
+}
+
+/// The two stages of a column sum; every size checked by the caller.
+#[allow(clippy::too_many_arguments)] // the sum's input, shape and plan, its workspace and output
+fn column_sums(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, cols: usize, plan: ColumnChunks, workspace: &mut DeviceViewMut<'_, f32>, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    if cols == 0 {
+        return Ok(());
+    }
+    if plan.chunks > 0 {
+        let args = [workspace.arg(), x.arg(), KernelArg::I32(rows as i32), KernelArg::I32(cols as i32), KernelArg::I32(plan.rows_per_chunk as i32)];
+        // SAFETY: x holds rows·cols elements, the workspace at least chunks·cols (checked by the
+        // caller), and the grid covers exactly the chunks and column tiles.
+        unsafe { gpu.launch(COLUMN_SUMS_PARTIAL_F32, plan.partial_launch(cols), &args) }?;
+    }
+    let args = [out.arg(), KernelArg::Null, workspace.arg(), KernelArg::Null, KernelArg::I32(plan.chunks as i32), KernelArg::I32(cols as i32), KernelArg::I32(accumulate as i32)];
+    // SAFETY: out holds cols elements and the workspace chunks·cols.
+    unsafe { gpu.launch(COLUMN_SUMS_FINALIZE_F32, finalize_launch(cols), &args) }
+}
+
+/// The adjoint of [`first_token`]: `out: [batch, seq_len, hidden]` receives `d: [batch, hidden]`
+/// at position 0 of each sequence and zeros elsewhere, or, when `accumulate`, `d` added at
+/// position 0 and every other position left as it is.
+pub fn first_token_backward(gpu: &Gpu, d: &DeviceView<'_, f32>, batch: usize, seq_len: usize, hidden: usize, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    const OP: &str = "cuda::first_token_backward";
+    if seq_len == 0 && batch > 0 {
+        return Err(Error::shape(OP, format!("sequence length 0 with batch {batch}: there is no first token")));
+    }
+    let per_seq = checked_matrix(OP, seq_len, hidden)?;
+    checked_matrix(OP, batch, hidden)?;
+    let total = batch.checked_mul(per_seq).ok_or_else(|| Error::shape(OP, format!("batch {batch} x seq_len {seq_len} x hidden {hidden} overflows usize")))?;
+    let dims = format!("batch={batch}, seq_len={seq_len}, hidden={hidden}");
+    expect_len(OP, "d", d.len(), batch * hidden, &format!("batch·hidden for {dims}"))?;
+    expect_len(OP, "out", out.len(), total, &format!("batch·seq_len·hidden for {dims}"))?;
+    check_disjoint(OP, &[("out", out.device_ptr(), out.len())], &[("d", d.device_ptr(), d.len())])?;
+    if total == 0 {
+        return Ok(());
+    }
+    let rows = if accumulate { batch } else { batch * seq_len };
+    let args = [out.arg(), d.arg(), KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(accumulate as i32)];
+    // SAFETY: out holds batch·seq_len·hidden elements and d batch·hidden (checked above); the
+    // kernel's 64-bit row indices cover batch·seq_len rows.
+    unsafe { gpu.launch(FIRST_TOKEN_BACKWARD_F32, row_launch(rows), &args) }
+}
+
+/// The sizes of a Linear `y[rows, d_out] = x[rows, d_in]·Wᵀ + b`, `W: [d_out, d_in]` (HF layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    pub rows: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+impl LinearDims {
+    /// `rows·d_in`, `rows·d_out` and `d_out·d_in`, refused when one overflows.
+    fn lens(&self, op: &'static str) -> Result<(usize, usize, usize)> {
+        let LinearDims { rows, d_in, d_out } = *self;
+        let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::shape(op, format!("rows={rows}, d_in={d_in}, d_out={d_out}: {a} x {b} overflows usize")));
+        Ok((mul(rows, d_in)?, mul(rows, d_out)?, mul(d_out, d_in)?))
+    }
+}
+
+/// `dx = dy·W` (or `dx += dy·W` when `accumulate`: the GEMM's beta = 1), the input gradient of a
+/// Linear: `dy: [rows, d_out]`, `w: [d_out, d_in]`, `dx: [rows, d_in]`.
+///
+/// Column-major (see [`super::gemm`]): `dxᵀ (d_in × rows) = Wᵀ (d_in × d_out) · dyᵀ (d_out × rows)`,
+/// where the row-major W, dy and dx are, as stored, exactly the column-major Wᵀ (ld d_in), dyᵀ
+/// (ld d_out) and dxᵀ (ld d_in): no transpose, m = d_in, n = rows, k = d_out.
+pub fn linear_backward_input(gpu: &Gpu, dy: &DeviceView<'_, f32>, w: &DeviceView<'_, f32>, dims: LinearDims, dx: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    const OP: &str = "cuda::linear_backward_input";
+    let (n_x, n_y, n_w) = dims.lens(OP)?;
+    let what = format!("for rows={}, d_in={}, d_out={}", dims.rows, dims.d_in, dims.d_out);
+    expect_len(OP, "dy", dy.len(), n_y, &format!("rows·d_out {what}"))?;
+    expect_len(OP, "w", w.len(), n_w, &format!("d_out·d_in {what}"))?;
+    expect_len(OP, "dx", dx.len(), n_x, &format!("rows·d_in {what}"))?;
+    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("dy", dy.device_ptr(), dy.len()), ("w", w.device_ptr(), w.len())])?;
+    let g = Gemm::new(Transpose::No, Transpose::No, dims.d_in, dims.rows, dims.d_out).with_scalars(1.0, if accumulate { 1.0 } else { 0.0 });
+    gpu.gemm(&g, w, dy, dx, None)
+}
+
+/// `dx = (dy·W) ⊙ act'(pre)`: the input gradient of a Linear followed by its activation's
+/// (`Backend::linear_backward_input_act`), `pre: [rows, d_in]` the saved pre-activation. Written,
+/// never accumulated: the product lands in `dx`, then one elementwise pass multiplies in place.
+#[allow(clippy::too_many_arguments)] // linear_backward_input's operands plus the pre-activation and activation
+pub fn linear_backward_input_act(gpu: &Gpu, dy: &DeviceView<'_, f32>, w: &DeviceView<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>, dims: LinearDims, dx: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::linear_backward_input_act";
+    let (n_x, _, _) = dims.lens(OP)?;
+    expect_len(OP, "pre", pre.len(), n_x, &format!("rows·d_in for rows={}, d_in={}", dims.rows, dims.d_in))?;
+    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("pre", pre.device_ptr(), pre.len())])?;
+    linear_backward_input(gpu, dy, w, dims, dx, false)?;
+    activation_backward_in_place(gpu, dx, pre, act)
+}
+
+/// The parameter-gradient destinations of a Linear: `dw: [d_out, d_in]`, the optional
+/// `db: [d_out]` with the `workspace` its column sum needs (at least
+/// [`bias_grad_workspace_len`]`(rows, d_out)` floats), written or, when `accumulate`, added to.
+pub struct LinearParamGrads<'a> {
+    pub dw: DeviceViewMut<'a, f32>,
+    pub db: Option<DeviceViewMut<'a, f32>>,
+    pub workspace: Option<DeviceViewMut<'a, f32>>,
+    pub accumulate: bool,
+}
+
+/// `dW = dyᵀ·x` and `db = Σ_rows dy` (`Backend::linear_backward_params_into`): `dy: [rows, d_out]`,
+/// `x: [rows, d_in]`.
+///
+/// Column-major: `dWᵀ (d_in × d_out) = xᵀ (d_in × rows) · dy (rows × d_out)`, where the row-major x
+/// is the column-major xᵀ (ld d_in), the row-major dy is the column-major dyᵀ (ld d_out), used
+/// transposed, and the row-major dW is the column-major dWᵀ (ld d_in): m = d_in, n = d_out,
+/// k = rows, B transposed; beta = 1 when accumulating. `rows = 0` gives zeros (an empty sum).
+pub fn linear_backward_params(gpu: &Gpu, dy: &DeviceView<'_, f32>, x: &DeviceView<'_, f32>, dims: LinearDims, grads: &mut LinearParamGrads<'_>) -> Result<()> {
+    const OP: &str = "cuda::linear_backward_params";
+    let (n_x, n_y, n_w) = dims.lens(OP)?;
+    let what = format!("for rows={}, d_in={}, d_out={}", dims.rows, dims.d_in, dims.d_out);
+    expect_len(OP, "dy", dy.len(), n_y, &format!("rows·d_out {what}"))?;
+    expect_len(OP, "x", x.len(), n_x, &format!("rows·d_in {what}"))?;
+    expect_len(OP, "dw", grads.dw.len(), n_w, &format!("d_out·d_in {what}"))?;
+    let plan = ColumnChunks::for_rows(dims.rows);
+    let mut outputs = vec![("dw", grads.dw.device_ptr(), grads.dw.len())];
+    if let Some(db) = &grads.db {
+        expect_len(OP, "db", db.len(), dims.d_out, &format!("d_out {what}"))?;
+        checked_matrix(OP, dims.rows, dims.d_out)?; // the column sum's int sizes
+        let need = plan.workspace_len(dims.d_out);
+        let ws = grads.workspace.as_ref().ok_or_else(|| Error::shape(OP, format!("db needs a workspace of at least {need} elements {what}; none given")))?;
+        if ws.len() < need {
+            return Err(Error::shape(OP, format!("workspace has {} elements, at least {need} needed (chunks {} x d_out {}) {what}", ws.len(), plan.chunks, dims.d_out)));
+        }
+        outputs.push(("db", db.device_ptr(), db.len()));
+        outputs.push(("workspace", ws.device_ptr(), need));
+    }
+    check_disjoint(OP, &outputs, &[("dy", dy.device_ptr(), dy.len()), ("x", x.device_ptr(), x.len())])?;
+    let beta = if grads.accumulate { 1.0 } else { 0.0 };
+    let g = Gemm::new(Transpose::No, Transpose::Yes, dims.d_in, dims.d_out, dims.rows).with_scalars(1.0, beta);
+    gpu.gemm(&g, x, dy, &mut grads.dw, None)?;
+    if let (Some(db), Some(ws)) = (grads.db.as_mut(), grads.workspace.as_mut()) {
+        column_sums(gpu, dy, dims.rows, dims.d_out, plan, ws, db, grads.accumulate)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Launcher for `kernels/layernorm.cu`: fused residual-add + LayerNorm forward.
+//! Launcher for `kernels/layernorm.cu`: fused residual-add + LayerNorm forward. The training
+//! forward and the backward (dz; dγ/dβ only when asked) follow it, after their own section note.
 //!
 //! Launch configuration (see the kernel header for the thread mapping and numerics):
 //! - `cols <= 1024`: one warp per row, 8 rows per block (256 threads). BERT widths (384, 768)
@@ -225,6 +226,236 @@ pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &L
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
     // these rows/cols, and the plan against the kernel's block-shape and shared-memory contract.
     unsafe { gpu.launch(forward_kernel::<P>(), plan.launch_config(rows, cols), &args) }
+}
+
+// ---- training forward and backward -------------------------------------------------------------
+//
+// - [`residual_layernorm_forward_train`]: `Backend::residual_layernorm_stats`, the forward that
+//   also writes `z = x + residual` and the interleaved `[rows, 2]` `[mean, rstd]`; same plans as
+//   the forward (the row cache holds z).
+// - [`layernorm_backward`]: the input gradient `dz` from `z` and the stats, written or added;
+//   and, only when [`LayerNormParamGrads`] are given (a trainable LayerNorm, never BERT's frozen
+//   ones), dγ/dβ through a deterministic two-stage column reduction (no atomics).
+//   Plan: a warp per row with 4 rows per block up to 1024 columns (so the row cache, 2·cols
+//   floats per row, fits 48 KiB up to 1024 columns), a block per row above, as the forward.
+
+use super::elementwise::{check_disjoint, expect_len, finalize_launch, ColumnChunks};
+use super::registry::elementwise::COLUMN_SUMS_FINALIZE_F32;
+use super::registry::layernorm::{LAYERNORM_BACKWARD_F32, LAYERNORM_PARAM_GRAD_PARTIAL_F32, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32};
+
+const OP_TRAIN: &str = "cuda::residual_layernorm_forward_train";
+const OP_BWD: &str = "cuda::layernorm_backward";
+
+/// The training forward's outputs: `y` and `z` are `[rows, cols]`, `stats` is `[rows, 2]` =
+/// `[mean, rstd]` per row (`Backend::residual_layernorm_stats`' layout).
+pub struct LayerNormTrainOutputs<'a> {
+    pub y: DeviceViewMut<'a, f32>,
+    pub z: DeviceViewMut<'a, f32>,
+    pub stats: DeviceViewMut<'a, f32>,
+}
+
+/// `y = LayerNorm(x + residual)`, also writing `z = x + residual` and `stats`, with the automatic
+/// launch plan.
+pub fn residual_layernorm_forward_train(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormTrainOutputs<'_>) -> Result<()> {
+    residual_layernorm_forward_train_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.cols))
+}
+
+/// As [`residual_layernorm_forward_train`], with an explicit launch plan (validated).
+pub fn residual_layernorm_forward_train_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormTrainOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+    let (rows, cols) = (inputs.rows, inputs.cols);
+    // The forward's checks (mean and rstd stand for the stats' two columns), then z and stats.
+    let sizes = LayerNormSizes {
+        rows,
+        cols,
+        x: inputs.x.len(),
+        residual: inputs.residual.as_ref().map(|r| r.len()),
+        gamma: inputs.gamma.len(),
+        beta: inputs.beta.len(),
+        y: outputs.y.len(),
+        mean: rows,
+        rstd: rows,
+    };
+    sizes.check(inputs.eps).map_err(|e| retag(e, OP_TRAIN))?;
+    let n = rows * cols; // no overflow: checked above
+    expect_len(OP_TRAIN, "z", outputs.z.len(), n, &format!("rows·cols for rows={rows}, cols={cols}"))?;
+    expect_len(OP_TRAIN, "stats", outputs.stats.len(), 2 * rows, &format!("[rows, 2] for rows={rows}"))?;
+    plan.validate(cols).map_err(|e| retag(e, OP_TRAIN))?;
+    let o = |name, v: &DeviceViewMut<'_, f32>| (name, v.device_ptr(), v.len());
+    let i = |name, v: &DeviceView<'_, f32>| (name, v.device_ptr(), v.len());
+    let mut ins = vec![i("x", &inputs.x), i("gamma", &inputs.gamma), i("beta", &inputs.beta)];
+    if let Some(r) = &inputs.residual {
+        ins.push(i("residual", r));
+    }
+    check_disjoint(OP_TRAIN, &[o("y", &outputs.y), o("z", &outputs.z), o("stats", &outputs.stats)], &ins)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let args = [
+        outputs.y.arg(),
+        outputs.z.arg(),
+        outputs.stats.arg(),
+        inputs.x.arg(),
+        inputs.residual.as_ref().map_or(KernelArg::Null, |r| r.arg()),
+        inputs.gamma.arg(),
+        inputs.beta.arg(),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(cols as i32),
+        KernelArg::F32(inputs.eps),
+        KernelArg::I32(plan.cache_row as i32),
+    ];
+    // SAFETY: every view has exactly the length the kernel indexes for rows/cols (checked above),
+    // no output overlaps another operand, and the plan satisfies the kernel's contract.
+    unsafe { gpu.launch(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32, plan.launch_config(rows, cols), &args) }
+}
+
+/// A shape error of the forward's shared checks, renamed to the op that ran them.
+fn retag(e: Error, op: &'static str) -> Error {
+    match e {
+        Error::Shape { msg, .. } => Error::shape(op, msg),
+        Error::Input(msg) => Error::Input(msg.replacen(OP, op, 1)),
+        other => other,
+    }
+}
+
+/// The backward's inputs: `dy` and `z` are `[rows, cols]`, `stats` is `[rows, 2]` from the
+/// training forward, `gamma` is `[cols]`.
+pub struct LayerNormBackwardInputs<'a> {
+    pub dy: DeviceView<'a, f32>,
+    pub z: DeviceView<'a, f32>,
+    pub stats: DeviceView<'a, f32>,
+    pub gamma: DeviceView<'a, f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The gradients of a trainable LayerNorm's γ and β (`[cols]` each; either may be left out),
+/// written or, when `accumulate`, added to, and the scratch their reduction needs: at least
+/// [`layernorm_param_grad_workspace_len`] floats.
+pub struct LayerNormParamGrads<'a> {
+    pub dgamma: Option<DeviceViewMut<'a, f32>>,
+    pub dbeta: Option<DeviceViewMut<'a, f32>>,
+    pub workspace: DeviceViewMut<'a, f32>,
+    pub accumulate: bool,
+}
+
+/// The workspace floats [`LayerNormParamGrads`] needs for `[rows, cols]`: one chunk row each for
+/// dγ and dβ.
+pub fn layernorm_param_grad_workspace_len(rows: usize, cols: usize) -> usize {
+    ColumnChunks::for_rows(rows).workspace_len(cols).saturating_mul(2)
+}
+
+/// The backward's automatic plan: a warp per row, 4 rows per block, up to 1024 columns; a block
+/// per row (the forward's thread count) above; the row cache (`2·cols` floats per row) when it
+/// fits [`MAX_ROW_CACHE_BYTES`].
+pub fn layernorm_backward_plan(cols: usize) -> LayerNormPlan {
+    let forward = LayerNormPlan::auto(cols);
+    let rows_per_block = if forward.threads_per_row == 32 { 4 } else { 1 };
+    let cache_row = rows_per_block as usize * cols * 8 <= MAX_ROW_CACHE_BYTES;
+    LayerNormPlan { threads_per_row: forward.threads_per_row, rows_per_block, cache_row }
+}
+
+/// The backward's dynamic shared memory: `rows_per_block · 2 · cols` floats with the row cache.
+pub fn layernorm_backward_shared_bytes(plan: &LayerNormPlan, cols: usize) -> usize {
+    if plan.cache_row {
+        plan.rows_per_block as usize * cols * 2 * std::mem::size_of::<f32>()
+    } else {
+        0
+    }
+}
+
+/// `dz = LayerNorm'(dy)` from `z` and `stats` (written, or added when `accumulate`), and the
+/// parameter gradients when `params` is given, with the automatic plan.
+pub fn layernorm_backward(gpu: &Gpu, inputs: &LayerNormBackwardInputs<'_>, dz: &mut DeviceViewMut<'_, f32>, accumulate: bool, params: Option<&mut LayerNormParamGrads<'_>>) -> Result<()> {
+    layernorm_backward_with_plan(gpu, inputs, dz, accumulate, params, layernorm_backward_plan(inputs.cols))
+}
+
+/// As [`layernorm_backward`], with an explicit plan for the `dz` kernel (validated; its row cache
+/// holds `2·cols` floats per row).
+pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<'_>, dz: &mut DeviceViewMut<'_, f32>, accumulate: bool, params: Option<&mut LayerNormParamGrads<'_>>, plan: LayerNormPlan) -> Result<()> {
+    let (rows, cols) = (inputs.rows, inputs.cols);
+    if cols == 0 {
+        return Err(Error::shape(OP_BWD, "cols must be at least 1".to_string()));
+    }
+    let n = super::elementwise::checked_matrix(OP_BWD, rows, cols)?;
+    let what = format!("for rows={rows}, cols={cols}");
+    expect_len(OP_BWD, "dy", inputs.dy.len(), n, &format!("rows·cols {what}"))?;
+    expect_len(OP_BWD, "z", inputs.z.len(), n, &format!("rows·cols {what}"))?;
+    expect_len(OP_BWD, "stats", inputs.stats.len(), 2 * rows, &format!("[rows, 2] {what}"))?;
+    expect_len(OP_BWD, "gamma", inputs.gamma.len(), cols, "cols")?;
+    expect_len(OP_BWD, "dz", dz.len(), n, &format!("rows·cols {what}"))?;
+    LayerNormPlan { cache_row: false, ..plan }.validate(cols).map_err(|e| retag(e, OP_BWD))?;
+    let smem = layernorm_backward_shared_bytes(&plan, cols);
+    if smem > MAX_ROW_CACHE_BYTES {
+        return Err(Error::shape(OP_BWD, format!("launch plan {plan:?}: the row cache needs {smem} bytes of shared memory, more than {MAX_ROW_CACHE_BYTES}")));
+    }
+    let chunks = ColumnChunks::for_rows(rows);
+    let i = |name, v: &DeviceView<'_, f32>| (name, v.device_ptr(), v.len());
+    let inputs_list = [i("dy", &inputs.dy), i("z", &inputs.z), i("stats", &inputs.stats), i("gamma", &inputs.gamma)];
+    let mut outputs = vec![("dz", dz.device_ptr(), dz.len())];
+    if let Some(p) = params.as_deref() {
+        for (name, g) in [("dgamma", &p.dgamma), ("dbeta", &p.dbeta)] {
+            if let Some(g) = g {
+                expect_len(OP_BWD, name, g.len(), cols, "cols")?;
+                outputs.push((name, g.device_ptr(), g.len()));
+            }
+        }
+        let need = 2 * chunks.workspace_len(cols);
+        if p.workspace.len() < need {
+            return Err(Error::shape(OP_BWD, format!("workspace has {} elements, at least {need} needed (2 x chunks {} x cols {cols}) {what}", p.workspace.len(), chunks.chunks)));
+        }
+        outputs.push(("workspace", p.workspace.device_ptr(), need));
+    }
+    check_disjoint(OP_BWD, &outputs, &inputs_list)?;
+    if rows > 0 {
+        let cfg = LaunchConfig { shared_mem_bytes: smem as u32, ..plan.launch_config(rows, cols) };
+        let args = [
+            dz.arg(),
+            inputs.dy.arg(),
+            inputs.z.arg(),
+            inputs.stats.arg(),
+            inputs.gamma.arg(),
+            KernelArg::I32(rows as i32),
+            KernelArg::I32(cols as i32),
+            KernelArg::I32(accumulate as i32),
+            KernelArg::I32(plan.cache_row as i32),
+        ];
+        // SAFETY: every view has the length the kernel indexes for rows/cols, dz overlaps no
+        // input, and the plan (block shape, shared memory) was validated above.
+        unsafe { gpu.launch(LAYERNORM_BACKWARD_F32, cfg, &args) }?;
+    }
+    let Some(p) = params else { return Ok(()) };
+    if p.dgamma.is_none() && p.dbeta.is_none() {
+        return Ok(());
+    }
+    let per = chunks.workspace_len(cols);
+    let ws = p.workspace.device_ptr();
+    let ws_g = KernelArg::Pointer { ptr: ws, elem: super::registry::ScalarType::F32 };
+    let ws_b = KernelArg::Pointer { ptr: ws + 4 * per as u64, elem: super::registry::ScalarType::F32 };
+    if chunks.chunks > 0 {
+        let args = [
+            if p.dgamma.is_some() { ws_g } else { KernelArg::Null },
+            if p.dbeta.is_some() { ws_b } else { KernelArg::Null },
+            inputs.dy.arg(),
+            inputs.z.arg(),
+            inputs.stats.arg(),
+            KernelArg::I32(rows as i32),
+            KernelArg::I32(cols as i32),
+            KernelArg::I32(chunks.rows_per_chunk as i32),
+        ];
+        // SAFETY: the workspace holds 2·chunks·cols floats (checked), the inputs rows·cols and
+        // 2·rows, and the grid covers exactly chunks × ceil(cols/32) tiles.
+        unsafe { gpu.launch(LAYERNORM_PARAM_GRAD_PARTIAL_F32, chunks.partial_launch(cols), &args) }?;
+    }
+    // The finalize kernel's `a` pair must be present: put whichever output exists there.
+    let (out_a, part_a, out_b, part_b) = match (&p.dgamma, &p.dbeta) {
+        (Some(g), Some(b)) => (g.arg(), ws_g, b.arg(), ws_b),
+        (Some(g), None) => (g.arg(), ws_g, KernelArg::Null, KernelArg::Null),
+        (None, Some(b)) => (b.arg(), ws_b, KernelArg::Null, KernelArg::Null),
+        (None, None) => return Ok(()),
+    };
+    let args = [out_a, out_b, part_a, part_b, KernelArg::I32(chunks.chunks as i32), KernelArg::I32(cols as i32), KernelArg::I32(p.accumulate as i32)];
+    // SAFETY: dgamma/dbeta hold cols floats, their workspace halves chunks·cols each.
+    unsafe { gpu.launch(COLUMN_SUMS_FINALIZE_F32, finalize_launch(cols), &args) }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //!   forward over packed Q, K, V, writing the context and each row's log-sum-exp; [`embedding`]:
 //!   gather + sum + LayerNorm with a device-side id check; [`elementwise`]: bias + activation,
 //!   add, fill, casts, first-token gather; [`loss`]: the training objectives and their
-//!   gradient; [`nice`]: the invertible adapter's coupling, forward
-//!   and inverse, its Linears on [`gemm`];
+//!   gradient; [`nice`]: the invertible adapter's coupling, forward and inverse, its Linears on
+//!   [`gemm`]; [`optim`]: the gradient norm, clipping and AdamW over a flat arena, from tables
+//!   uploaded once;
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
@@ -29,6 +30,7 @@ pub mod gpu;
 pub mod layernorm;
 pub mod loss;
 pub mod nice;
+pub mod optim;
 pub mod probe;
 pub mod registry;
 pub mod runtime;
