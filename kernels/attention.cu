@@ -1,4 +1,6 @@
-// Attention family: fused masked scaled dot-product attention forward over packed Q, K, V.
+// Attention family: fused masked scaled dot-product attention forward over packed Q, K, V, and
+// its backward (dQ, dK, dV from the saved log-sum-exp; the "backward" section after the forward
+// kernels has its own header).
 //
 // Semantics (the spec is bert_adapters::cpu::reference::attention / attention_lse, HF BERT's eager
 // `BertSelfAttention` in eval mode). For batch row b, head h, query i, key j, d = hidden / heads:
@@ -600,7 +602,7 @@ __device__ __forceinline__ void attn_bwd_load_keys(
 
 // Phase 1 for this lane's key j against the warp's 4 rows row0.. (rs: their (lse, D, c)):
 // p (times the dropout factor: what multiplies dO_i in dV) and dS, both 0 for a row or key past T.
-template <int HEAD_DIM, typename Dropout>
+template <typename Dropout>
 __device__ __forceinline__ void attn_bwd_probs(
     float (&pd)[ATTN_ROWS_PER_WARP],
     float (&ds)[ATTN_ROWS_PER_WARP],
@@ -713,7 +715,7 @@ __device__ __forceinline__ void attention_backward_dkv_body(
         if (row0 < seq) {  // warp-uniform
             float s[R], g[R], pd[R], ds[R];
             attn_bwd_dots<HEAD_DIM>(s, g, reinterpret_cast<const AttnVec4*>(qs + warp * R * ldq), reinterpret_cast<const AttnVec4*>(os + warp * R * ldq), ldq4, k4, v4, d4);
-            attn_bwd_probs<HEAD_DIM>(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
+            attn_bwd_probs(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 ps[(warp * R + r) * KT + lane] = pd[r];
@@ -866,7 +868,7 @@ __device__ __forceinline__ void attention_backward_dq_body(
         const float bias = key_in ? mask_row[j] : 0.0f;
         float s[R], g[R], pd[R], ds[R];
         attn_bwd_dots<HEAD_DIM>(s, g, q4, o4, ldq4, k4, v4, d4);
-        attn_bwd_probs<HEAD_DIM>(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
+        attn_bwd_probs(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             dss[(warp * R + r) * KT + lane] = ds[r];

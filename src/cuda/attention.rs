@@ -812,7 +812,7 @@ mod backward_tests {
         assert_eq!(p.dkv_kernel(48).name, "attention_backward_dkv_f32");
         assert_eq!(AttentionBackwardPlan { specialised: false, ..p }.dq_kernel(64).name, "attention_backward_dq_f32");
         let [prep, dkv, dq] = p.launch_configs(3, 33, 4, 64);
-        assert_eq!((prep.grid_dim.0, prep.block_dim), (3 * 4 * 33_u32.div_ceil(8), (32, 8, 1)));
+        assert_eq!((prep.grid_dim.0, prep.block_dim), ((3 * 4 * 33_u32).div_ceil(8), (32, 8, 1)));
         assert_eq!((dkv.grid_dim.0, dkv.block_dim), (3 * 4 * 2, (32, 4, 1)));
         assert_eq!((dq.grid_dim.0, dq.block_dim), (3 * 4 * 5, (32, 2, 1)));
     }
