@@ -1,4 +1,6 @@
-// Attention family: fused masked scaled dot-product attention forward over packed Q, K, V.
+// Attention family: fused masked scaled dot-product attention forward over packed Q, K, V, and
+// its backward (dQ, dK, dV from the saved log-sum-exp; the "backward" section after the forward
+// kernels has its own header).
 //
 // Semantics (the spec is bert_adapters::cpu::reference::attention / attention_lse, HF BERT's eager
 // `BertSelfAttention` in eval mode). For batch row b, head h, query i, key j, d = hidden / heads:
@@ -401,4 +403,695 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 {
     extern __shared__ AttnVec4 attn_smem[];
     attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// =================================================================================================
+// ---- backward ---------------------------------------------------------------------------------
+// =================================================================================================
+//
+// Semantics (the spec is bert_adapters::cpu::reference::attention_backward, Backend::
+// attention_packed_backward): given dO = dctx [B, T, H], the packed Q, K, V of the forward, its
+// ctx O [B, T, H] and row log-sum-exp lse [B, heads, T], write dqkv [B, T, 3H] (dQ, dK, dV as
+// the column blocks [0, H), [H, 2H), [2H, 3H), ready for the QKV projection's backward). For
+// batch row b, head h, query i, key j (s_ij exactly as the forward computes it):
+//     p_ij  = exp(s_ij − lse_i) · c_i                  (c_i = 1 but on degenerate rows, below)
+//     dV_j  = Σ_i p_ij · dO_i
+//     dP_ij = dO_i · v_j
+//     D_i   = dO_i · O_i        (= Σ_j p_ij dP_ij: the softmax Jacobian's row term)
+//     dS_ij = p_ij · (dP_ij − D_i)
+//     dQ_i  = scale · Σ_j dS_ij k_j,   dK_j = scale · Σ_i dS_ij q_i
+// Every element of dqkv is written (the whole output, padding tokens included).
+//
+// Three launches, no float atomics, every sum in a fixed order (bitwise reproducible run to run
+// and on every executor schedule):
+//   1. attention_backward_prep_f32 — warp per (b, h, i) row: D_i = dO_i·O_i from the forward's
+//      ctx, and c_i, into rowstat [B, heads, T, 2]. Why D from O instead of recomputing
+//      Σ_j p_ij dP_ij: O is saved anyway (it is the input of the attention output projection, whose
+//      weight gradient needs it), and reading it is one pass over 2·T·d floats per (b, h), where the
+//      recomputation is a full pass over all keys (two of the seven T²·d products below) before
+//      any dK/dV work could start. O was normalised by the forward's own row sum, so D is
+//      consistent with the normalised p.
+//      c_i: the lse is an f32, so it carries an absolute rounding error of up to ulp(lse)/2, which
+//      moves every p_ij of the row by that relative amount: ≤ 1.9e-6 while |lse| < 64 (any row
+//      with an unmasked key and scores of sane size), but 4.9e-4 for a row whose every key is
+//      padded with -10000 (lse ≈ -10000), and for a row padded with finfo.min everywhere the lse
+//      rounds to finfo.min itself, so exp(s − lse) = 1 for every key instead of 1/T. The forward
+//      treats such rows exactly (uniform weights), the CPU reference too; so for rows with
+//      |lse| ≥ 64 the prep kernel sums l'_i = Σ_j exp(s_ij − lse_i) over all keys (the warp
+//      computes each s_ij as the main kernels do, bit for bit) and stores c_i = 1/l'_i. That
+//      pass is T·d work for a rare row; every other row gets c_i = 1 (exactly, so the product
+//      p·c is the plain p). A NaN lse (every key masked with -inf: the forward's ctx and lse are
+//      NaN, and so is the reference's whole (b, h) gradient) keeps c = 1 and the NaN flows
+//      into dQ of its rows and dK, dV of every key, exactly where the reference is NaN.
+//   2. attention_backward_dkv_f32 — block per (b, h, key tile of 32 keys), looping over query
+//      tiles of 4W rows: dK and dV of its keys accumulate in registers over every query row
+//      (flash-attention-2's outer loop over keys).
+//   3. attention_backward_dq_f32 — block per (b, h, query tile of 4W rows), looping over key
+//      tiles of 32: dQ of its rows accumulates in registers (the forward's shape).
+// Passes 2 and 3 each recompute S and dP (7 T²·d products in all instead of 5 for a single
+// pass): the price of determinism without a [T/32, B, T, H] partial-dQ buffer.
+//
+// Thread mapping, both main kernels (block (32, W)):
+//   * phase 1, per pair of tiles: lane j scores key j of the tile against the warp's 4 query
+//     rows and takes dP = dO·v_j the same way (float4 reads: K and V rows stride ldk, odd in
+//     float4s, conflict-free; Q and dO reads are broadcasts), then p and dS to shared memory.
+//   * dkv phase 2: warp w owns keys 32/W·w .. +32/W of the tile (W = 4 or 8: 8 or 4 keys), lane c
+//     columns c, c+32, ...: dV[j][c] += p_ij·dO_i[c], dK[j][c] += dS_ij·q_i[c] over the tile's
+//     rows (p and dS reads are float4 broadcasts, dO and Q reads consecutive). 2·8·⌈d/32⌉
+//     accumulators per thread at most (64 for the generic kernel).
+//   * dq phase 2: as the forward's P·V with dS for P and K for V; the warp reads only its own
+//     rows of dS, so a __syncwarp separates the phases.
+//   Rows past T and keys past T compute on zero-filled tiles with p = dS = 0 forced, and are not
+//   stored; a warp whose rows all lie past T skips phase 1 but meets every __syncthreads.
+//
+// Head dim: _f32 takes any d in 1..=128; _d32 and _d64 are the same body with d a constant
+// (same operations in the same order, so bitwise equal to the generic kernel; tests check it).
+//
+// Memory (dynamic shared, floats; ldq, ldk as the forward's): K and V tiles 2·32·ldk, Q and dO
+// tiles 2·4W·ldq, p and dS 2·4W·32 (dq: dS only), row stats 4·4W. d = 64, W = 4: 30 KiB (dkv),
+// 28 KiB (dq); d = 128 needs 53 KiB with W = 4 and 73.5 KiB with W = 8: above 48 KiB the
+// launcher opts in (Gpu::allow_dynamic_shared; every sm_80+ GPU allows 99 KiB or more).
+//
+// Numerics (f32): s is bitwise the forward's score (same fma chain, same rounding of the scaled
+// score before the mask add), so p = exp(s − lse) is the forward's softmax weight up to the lse's
+// rounding (≤ 1.9e-6 relative with |lse| < 64; exact normalisation above, see c_i). dP and D are
+// d-term fma chains; dS = p·(dP − D) inherits their absolute error ≈ √d·2^-24·|dO|·|v| times
+// p ≤ 1. dV, dK are sums over ≤ 512 query rows, dQ over ≤ 512 keys, of bounded terms: relative
+// error about √T·2^-24 ≈ 1.4e-6 of the sum of magnitudes in practice. The tests hold every
+// gradient to 1e-4·(1 + max|ref|) against the f64 reference and report the margin.
+//
+// Extension points: the storage type (attn_load/attn_store) as the forward. Dropout: the
+// policy's factor f_ij (0 or 1/(1−rate), the same Philox draw as the forward's) multiplies p for
+// dV and dP for dS (dS = p·(f·dP − D); D = dO·O already includes it). Only the no-dropout policy
+// exists.
+
+#define ATTN_BWD_PREP_WARPS 8
+// Rows with |lse| at or above this get their normaliser recomputed (see c_i above).
+#define ATTN_BWD_EXACT_LSE 64.0f
+
+// The factor the kept probability p_ij is multiplied with (1 without dropout).
+struct AttnBwdNoDropout {
+    __device__ __forceinline__ float operator()(int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return 1.0f; }
+};
+
+// Phase 1's dot products for this lane's key: s[r] = q_r·k and g[r] = dO_r·v for the warp's 4
+// query rows. q4/o4: the warp's first Q/dO row in shared memory (rows ldq4 float4s apart);
+// k4/v4: this lane's K/V row. The fma order is the forward's score loop, so s is bitwise its s.
+template <int HEAD_DIM>
+__device__ __forceinline__ void attn_bwd_dots(
+    float (&s)[ATTN_ROWS_PER_WARP],
+    float (&g)[ATTN_ROWS_PER_WARP],
+    const AttnVec4* q4,
+    const AttnVec4* o4,
+    int ldq4,
+    const AttnVec4* k4,
+    const AttnVec4* v4,
+    int d4)
+{
+    constexpr int R = ATTN_ROWS_PER_WARP;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        s[r] = 0.0f;
+        g[r] = 0.0f;
+    }
+#pragma unroll (HEAD_DIM > 0 ? (HEAD_DIM + 3) / 4 : 2)
+    for (int c4 = 0; c4 < d4; ++c4) {
+        const AttnVec4 kv = k4[c4];
+        const AttnVec4 vv = v4[c4];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const AttnVec4 qv = q4[r * ldq4 + c4];
+            s[r] = fmaf(qv.x, kv.x, s[r]);
+            s[r] = fmaf(qv.y, kv.y, s[r]);
+            s[r] = fmaf(qv.z, kv.z, s[r]);
+            s[r] = fmaf(qv.w, kv.w, s[r]);
+            const AttnVec4 ov = o4[r * ldq4 + c4];
+            g[r] = fmaf(ov.x, vv.x, g[r]);
+            g[r] = fmaf(ov.y, vv.y, g[r]);
+            g[r] = fmaf(ov.z, vv.z, g[r]);
+            g[r] = fmaf(ov.w, vv.w, g[r]);
+        }
+    }
+}
+
+// Copies rows [t0, t0 + rows) of Q and dO of (b, h) into shared memory (zero past T and in the
+// float4 padding), and each row's (lse, D, c) into rs; warp per row, lane per column.
+template <typename T>
+__device__ __forceinline__ void attn_bwd_load_rows(
+    float* __restrict__ qs,
+    float* __restrict__ os,
+    AttnVec4* __restrict__ rs,
+    const T* __restrict__ q_base,
+    const T* __restrict__ o_base,
+    const float* __restrict__ lse_row,
+    const float* __restrict__ stat_row,
+    int t0,
+    int rows,
+    int seq,
+    int d,
+    int ldq,
+    size_t ld_in,
+    size_t ld_o)
+{
+    const int lane = threadIdx.x;
+    for (int r = threadIdx.y; r < rows; r += blockDim.y) {
+        const int t = t0 + r;
+        const bool in = t < seq;
+        for (int c = lane; c < ldq; c += 32) {
+            const bool ok = in && c < d;
+            qs[r * ldq + c] = ok ? attn_load(q_base + (size_t)t * ld_in + c) : 0.0f;
+            os[r * ldq + c] = ok ? attn_load(o_base + (size_t)t * ld_o + c) : 0.0f;
+        }
+        if (lane == 0) {
+            AttnVec4 st;
+            st.x = in ? lse_row[t] : 0.0f;
+            st.y = in ? stat_row[2 * t] : 0.0f;
+            st.z = in ? stat_row[2 * t + 1] : 0.0f;
+            st.w = 0.0f;
+            rs[r] = st;
+        }
+    }
+}
+
+// Copies keys [j0, j0 + 32) of K and V of (b, h) into shared memory (rows ldk apart), zero past
+// T and in the padding; warp per row, lane per column.
+template <typename T>
+__device__ __forceinline__ void attn_bwd_load_keys(
+    float* __restrict__ ks,
+    float* __restrict__ vs,
+    const T* __restrict__ k_base,
+    const T* __restrict__ v_base,
+    int j0,
+    int seq,
+    int d,
+    int ldk,
+    size_t ld_in)
+{
+    for (int jj = threadIdx.y; jj < ATTN_KEY_TILE; jj += blockDim.y) {
+        const int j = j0 + jj;
+        const bool in = j < seq;
+        const T* kr = k_base + (size_t)(in ? j : 0) * ld_in;
+        const T* vr = v_base + (size_t)(in ? j : 0) * ld_in;
+        for (int c = threadIdx.x; c < ldk; c += 32) {
+            const bool ok = in && c < d;
+            ks[jj * ldk + c] = ok ? attn_load(kr + c) : 0.0f;
+            vs[jj * ldk + c] = ok ? attn_load(vr + c) : 0.0f;
+        }
+    }
+}
+
+// Phase 1 for this lane's key j against the warp's 4 rows row0.. (rs: their (lse, D, c)):
+// p (times the dropout factor: what multiplies dO_i in dV) and dS, both 0 for a row or key past T.
+template <typename Dropout>
+__device__ __forceinline__ void attn_bwd_probs(
+    float (&pd)[ATTN_ROWS_PER_WARP],
+    float (&ds)[ATTN_ROWS_PER_WARP],
+    const float (&s)[ATTN_ROWS_PER_WARP],
+    const float (&g)[ATTN_ROWS_PER_WARP],
+    const AttnVec4* rs,
+    int row0,
+    int j,
+    bool key_in,
+    float bias,
+    int seq,
+    float scale,
+    int b,
+    int h,
+    Dropout dropout)
+{
+#pragma unroll
+    for (int r = 0; r < ATTN_ROWS_PER_WARP; ++r) {
+        const int i = row0 + r;
+        const bool live = key_in && i < seq;
+        const AttnVec4 st = rs[r];
+        const float sc = attn_mul_rn(s[r], scale) + bias;
+        const float p = live ? expf(sc - st.x) * st.z : 0.0f;
+        const float f = dropout(b, h, i, j);
+        pd[r] = p * f;
+        ds[r] = live ? p * (g[r] * f - st.y) : 0.0f;
+    }
+}
+
+// The dK/dV kernel body; see the section header. HEAD_DIM as the forward's.
+template <typename T, int HEAD_DIM, typename Dropout>
+__device__ __forceinline__ void attention_backward_dkv_body(
+    float* __restrict__ smem,
+    T* __restrict__ dqkv,
+    const T* __restrict__ dctx,
+    const T* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    Dropout dropout)
+{
+    constexpr int R = ATTN_ROWS_PER_WARP;
+    constexpr int KT = ATTN_KEY_TILE;
+    constexpr int NC = HEAD_DIM > 0 ? (HEAD_DIM + 31) / 32 : ATTN_MAX_HEAD_DIM / 32;
+    constexpr int KPW = KT / 4;  // keys per warp in phase 2 with the fewest warps (4)
+    const int d = HEAD_DIM > 0 ? HEAD_DIM : hidden / heads;
+    const int d4 = (d + 3) >> 2;
+    const int ldq = attn_ldq(d);
+    const int ldk = attn_ldk(d);
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int n_warps = blockDim.y;  // 4 or 8
+    const int kpw = KT / n_warps;    // 8 or 4
+    const int rows_per_tile = n_warps * R;
+    const int k_tiles = (seq + KT - 1) / KT;
+    const int bh = blockIdx.x / k_tiles;
+    const int j0 = (blockIdx.x - bh * k_tiles) * KT;
+    const int b = bh / heads;
+    const int h = bh - b * heads;
+
+    float* ks = smem;                          // [KT][ldk]
+    float* vs = ks + KT * ldk;                 // [KT][ldk]
+    float* qs = vs + KT * ldk;                 // [rows_per_tile][ldq]
+    float* os = qs + rows_per_tile * ldq;      // [rows_per_tile][ldq]  (dO)
+    float* ps = os + rows_per_tile * ldq;      // [rows_per_tile][KT]   (p·f)
+    float* dss = ps + rows_per_tile * KT;      // [rows_per_tile][KT]   (dS)
+    AttnVec4* rs = reinterpret_cast<AttnVec4*>(dss + rows_per_tile * KT);  // [rows_per_tile]
+
+    const size_t ld_in = 3 * (size_t)hidden;
+    const size_t head_off = (size_t)h * (size_t)d;
+    const T* q_base = qkv + (size_t)b * (size_t)seq * ld_in + head_off;
+    const T* k_base = q_base + hidden;
+    const T* v_base = q_base + 2 * (size_t)hidden;
+    const T* o_base = dctx + (size_t)b * (size_t)seq * (size_t)hidden + head_off;
+    const float* mask_row = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    const float* lse_row = lse + (size_t)bh * (size_t)seq;
+    const float* stat_row = rowstat + 2 * (size_t)bh * (size_t)seq;
+
+    attn_bwd_load_keys(ks, vs, k_base, v_base, j0, seq, d, ldk, ld_in);
+
+    float dv[KPW][NC], dk[KPW][NC];
+#pragma unroll
+    for (int kk = 0; kk < KPW; ++kk) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+            dv[kk][n] = 0.0f;
+            dk[kk][n] = 0.0f;
+        }
+    }
+    const int j = j0 + lane;
+    const bool key_in = j < seq;
+    const float bias = key_in ? mask_row[j] : 0.0f;
+    const AttnVec4* k4 = reinterpret_cast<const AttnVec4*>(ks + lane * ldk);
+    const AttnVec4* v4 = reinterpret_cast<const AttnVec4*>(vs + lane * ldk);
+    const int ldq4 = ldq >> 2;
+
+    for (int i0 = 0; i0 < seq; i0 += rows_per_tile) {
+        // The previous query tile is consumed (and K, V are written, first time).
+        __syncthreads();
+        attn_bwd_load_rows(qs, os, rs, q_base, o_base, lse_row, stat_row, i0, rows_per_tile, seq, d, ldq, ld_in, (size_t)hidden);
+        __syncthreads();
+
+        const int row0 = i0 + warp * R;
+        if (row0 < seq) {  // warp-uniform
+            float s[R], g[R], pd[R], ds[R];
+            attn_bwd_dots<HEAD_DIM>(s, g, reinterpret_cast<const AttnVec4*>(qs + warp * R * ldq), reinterpret_cast<const AttnVec4*>(os + warp * R * ldq), ldq4, k4, v4, d4);
+            attn_bwd_probs(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                ps[(warp * R + r) * KT + lane] = pd[r];
+                dss[(warp * R + r) * KT + lane] = ds[r];
+            }
+        }
+        __syncthreads();
+
+        // Phase 2: this warp's keys kpw·warp .. +kpw, lane's columns; over the tile's live rows.
+        const int n_rows = seq - i0 < rows_per_tile ? seq - i0 : rows_per_tile;
+        const AttnVec4* p4 = reinterpret_cast<const AttnVec4*>(ps + warp * kpw);
+        const AttnVec4* s4 = reinterpret_cast<const AttnVec4*>(dss + warp * kpw);
+        for (int ii = 0; ii < n_rows; ++ii) {
+            float pv[KPW], sv[KPW];
+#pragma unroll
+            for (int q = 0; q < KPW / 4; ++q) {
+                AttnVec4 a, c;
+                a.x = a.y = a.z = a.w = 0.0f;
+                c = a;
+                if (4 * q < kpw) {
+                    a = p4[ii * (KT / 4) + q];
+                    c = s4[ii * (KT / 4) + q];
+                }
+                pv[4 * q] = a.x;
+                pv[4 * q + 1] = a.y;
+                pv[4 * q + 2] = a.z;
+                pv[4 * q + 3] = a.w;
+                sv[4 * q] = c.x;
+                sv[4 * q + 1] = c.y;
+                sv[4 * q + 2] = c.z;
+                sv[4 * q + 3] = c.w;
+            }
+#pragma unroll
+            for (int n = 0; n < NC; ++n) {
+                const int col = lane + 32 * n;
+                if (HEAD_DIM > 0 || col < d) {
+                    const float o = os[ii * ldq + col];
+                    const float qv = qs[ii * ldq + col];
+#pragma unroll
+                    for (int kk = 0; kk < KPW; ++kk) {
+                        if (kk < kpw) {
+                            dv[kk][n] = fmaf(pv[kk], o, dv[kk][n]);
+                            dk[kk][n] = fmaf(sv[kk], qv, dk[kk][n]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < KPW; ++kk) {
+        const int jk = j0 + warp * kpw + kk;
+        if (kk >= kpw || jk >= seq) {
+            continue;
+        }
+        T* out_k = dqkv + ((size_t)b * (size_t)seq + (size_t)jk) * ld_in + hidden + head_off;
+        T* out_v = out_k + hidden;
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+            const int col = lane + 32 * n;
+            if (HEAD_DIM > 0 || col < d) {
+                attn_store(out_k + col, dk[kk][n] * scale);
+                attn_store(out_v + col, dv[kk][n]);
+            }
+        }
+    }
+}
+
+// The dQ kernel body; see the section header.
+template <typename T, int HEAD_DIM, typename Dropout>
+__device__ __forceinline__ void attention_backward_dq_body(
+    float* __restrict__ smem,
+    T* __restrict__ dqkv,
+    const T* __restrict__ dctx,
+    const T* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    Dropout dropout)
+{
+    constexpr int R = ATTN_ROWS_PER_WARP;
+    constexpr int KT = ATTN_KEY_TILE;
+    constexpr int NC = HEAD_DIM > 0 ? (HEAD_DIM + 31) / 32 : ATTN_MAX_HEAD_DIM / 32;
+    const int d = HEAD_DIM > 0 ? HEAD_DIM : hidden / heads;
+    const int d4 = (d + 3) >> 2;
+    const int ldq = attn_ldq(d);
+    const int ldk = attn_ldk(d);
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int n_warps = blockDim.y;
+    const int rows_per_block = n_warps * R;
+    const int q_tiles = (seq + rows_per_block - 1) / rows_per_block;
+    const int bh = blockIdx.x / q_tiles;
+    const int q0 = (blockIdx.x - bh * q_tiles) * rows_per_block;
+    const int b = bh / heads;
+    const int h = bh - b * heads;
+
+    float* ks = smem;                          // [KT][ldk]
+    float* vs = ks + KT * ldk;                 // [KT][ldk]
+    float* qs = vs + KT * ldk;                 // [rows_per_block][ldq]
+    float* os = qs + rows_per_block * ldq;     // [rows_per_block][ldq]  (dO)
+    float* dss = os + rows_per_block * ldq;    // [rows_per_block][KT]   (dS)
+    AttnVec4* rs = reinterpret_cast<AttnVec4*>(dss + rows_per_block * KT);  // [rows_per_block]
+
+    const size_t ld_in = 3 * (size_t)hidden;
+    const size_t head_off = (size_t)h * (size_t)d;
+    const T* q_base = qkv + (size_t)b * (size_t)seq * ld_in + head_off;
+    const T* k_base = q_base + hidden;
+    const T* v_base = q_base + 2 * (size_t)hidden;
+    const T* o_base = dctx + (size_t)b * (size_t)seq * (size_t)hidden + head_off;
+    const float* mask_row = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    const float* lse_row = lse + (size_t)bh * (size_t)seq;
+    const float* stat_row = rowstat + 2 * (size_t)bh * (size_t)seq;
+
+    attn_bwd_load_rows(qs, os, rs, q_base, o_base, lse_row, stat_row, q0, rows_per_block, seq, d, ldq, ld_in, (size_t)hidden);
+
+    const int row0 = q0 + warp * R;
+    const bool warp_live = row0 < seq;  // warp-uniform
+    float acc[R][NC];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+            acc[r][n] = 0.0f;
+        }
+    }
+    const AttnVec4* q4 = reinterpret_cast<const AttnVec4*>(qs + warp * R * ldq);
+    const AttnVec4* o4 = reinterpret_cast<const AttnVec4*>(os + warp * R * ldq);
+    const AttnVec4* k4 = reinterpret_cast<const AttnVec4*>(ks + lane * ldk);
+    const AttnVec4* v4 = reinterpret_cast<const AttnVec4*>(vs + lane * ldk);
+    const int ldq4 = ldq >> 2;
+
+    for (int j0 = 0; j0 < seq; j0 += KT) {
+        // The previous key tile and dS are consumed (and Q, dO, rs are written, first time).
+        __syncthreads();
+        attn_bwd_load_keys(ks, vs, k_base, v_base, j0, seq, d, ldk, ld_in);
+        __syncthreads();
+        if (!warp_live) {
+            continue;
+        }
+        const int j = j0 + lane;
+        const bool key_in = j < seq;
+        const float bias = key_in ? mask_row[j] : 0.0f;
+        float s[R], g[R], pd[R], ds[R];
+        attn_bwd_dots<HEAD_DIM>(s, g, q4, o4, ldq4, k4, v4, d4);
+        attn_bwd_probs(pd, ds, s, g, rs + warp * R, row0, j, key_in, bias, seq, scale, b, h, dropout);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            dss[(warp * R + r) * KT + lane] = ds[r];
+        }
+        __syncwarp();
+
+        // acc += dS·K over this tile's keys (dS = 0 and K rows = 0 past T).
+        const int n_keys4 = ((seq - j0 < KT ? seq - j0 : KT) + 3) >> 2;
+        const AttnVec4* d4s = reinterpret_cast<const AttnVec4*>(dss + warp * R * KT);
+#pragma unroll 2
+        for (int gq = 0; gq < n_keys4; ++gq) {
+            AttnVec4 dv[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                dv[r] = d4s[r * (KT / 4) + gq];
+            }
+            const float* k0 = ks + (4 * gq) * ldk + lane;
+#pragma unroll
+            for (int n = 0; n < NC; ++n) {
+                if (HEAD_DIM > 0 || lane + 32 * n < d) {
+                    const float a0 = k0[32 * n], a1 = k0[ldk + 32 * n], a2 = k0[2 * ldk + 32 * n], a3 = k0[3 * ldk + 32 * n];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        float x = acc[r][n];
+                        x = fmaf(dv[r].x, a0, x);
+                        x = fmaf(dv[r].y, a1, x);
+                        x = fmaf(dv[r].z, a2, x);
+                        x = fmaf(dv[r].w, a3, x);
+                        acc[r][n] = x;
+                    }
+                }
+            }
+        }
+    }
+
+    if (!warp_live) {
+        return;  // no barrier follows
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = row0 + r;
+        if (row >= seq) {
+            continue;
+        }
+        T* out = dqkv + ((size_t)b * (size_t)seq + (size_t)row) * ld_in + head_off;
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+            const int col = lane + 32 * n;
+            if (HEAD_DIM > 0 || col < d) {
+                attn_store(out + col, acc[r][n] * scale);
+            }
+        }
+    }
+}
+
+// ---- backward kernels -----------------------------------------------------------------------
+// rowstat: [B, heads, T, 2] (D, c), written by the prep kernel and read by the other two;
+// dqkv: [B, T, 3H]; dctx, ctx: [B, T, H]; qkv: [B, T, 3H]; lse: [B, heads, T];
+// mask_bias: [mask_rows, T]; scale = 1/sqrt(H / heads); rows = B · heads · T.
+
+// Launch: grid.x = ceil(rows / 8), block (32, 8), no dynamic shared memory.
+extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention_backward_prep_f32(
+    float* __restrict__ rowstat,
+    const float* __restrict__ dctx,
+    const float* __restrict__ ctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    const int lane = threadIdx.x;
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) {
+        return;  // warp-uniform; no barrier in this kernel
+    }
+    const int d = hidden / heads;
+    const int bh = row / seq;
+    const int i = row - bh * seq;
+    const int b = bh / heads;
+    const int h = bh - b * heads;
+    const size_t head_off = (size_t)h * (size_t)d;
+    const size_t o_off = ((size_t)b * (size_t)seq + (size_t)i) * (size_t)hidden + head_off;
+
+    float dot = 0.0f;
+    for (int c = lane; c < d; c += 32) {
+        dot = fmaf(attn_load(dctx + o_off + c), attn_load(ctx + o_off + c), dot);
+    }
+    const float D = warp_sum(dot);
+
+    const float L = lse[row];
+    float c_row = 1.0f;
+    if (fabsf(L) >= ATTN_BWD_EXACT_LSE) {  // warp-uniform; false for NaN
+        const size_t ld_in = 3 * (size_t)hidden;
+        const float* q = qkv + ((size_t)b * (size_t)seq + (size_t)i) * ld_in + head_off;
+        const float* k_base = qkv + (size_t)b * (size_t)seq * ld_in + hidden + head_off;
+        const float* mask_row = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+        const int dpad = attn_ldq(d);
+        float l = 0.0f;
+        for (int j = lane; j < seq; j += 32) {
+            const float* k = k_base + (size_t)j * ld_in;
+            // The main kernels' fma chain: columns 0..dpad in order, zeros past d.
+            float s = 0.0f;
+            for (int c = 0; c < dpad; ++c) {
+                const bool ok = c < d;
+                s = fmaf(ok ? attn_load(q + c) : 0.0f, ok ? attn_load(k + c) : 0.0f, s);
+            }
+            l += expf(attn_mul_rn(s, scale) + mask_row[j] - L);
+        }
+        c_row = 1.0f / warp_sum(l);
+    }
+    if (lane == 0) {
+        rowstat[2 * (size_t)row] = D;
+        rowstat[2 * (size_t)row + 1] = c_row;
+    }
+}
+
+// Launch: grid.x = B · heads · ceil(T / 32), block (32, 4 or 8), dynamic shared memory
+// (2·32·ldk + 2·4W·ldq + 2·4W·32 + 4·4W) floats (src/cuda/attention.rs sizes it).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f32_d32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f32_d64(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// Launch: grid.x = B · heads · ceil(T / 4W), block (32, W = 1..=8), dynamic shared memory
+// (2·32·ldk + 2·4W·ldq + 4W·32 + 4·4W) floats.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f32_d32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f32_d64(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
 }

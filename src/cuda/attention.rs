@@ -271,6 +271,341 @@ pub fn attention_packed_forward_with_plan(
     unsafe { gpu.launch(kernel, plan.launch_config(batch, seq, heads, head_dim), &args) }
 }
 
+// ==== backward ===================================================================================
+//
+// `kernels/attention.cu`'s backward section: the gradient of `attention_packed_forward` with
+// respect to its packed input, from the output gradient `dctx`, the forward's `ctx` and `lse`.
+// Three launches (see the kernel section header for the algorithm, thread mapping and numerics):
+// - `attention_backward_prep_f32`: grid ⌈B·heads·T / 8⌉, block (32, 8): per row D = dO·O and the
+//   normaliser c (1 unless |lse| >= 64) into a workspace of [`attention_backward_workspace_len`]
+//   floats;
+// - `attention_backward_dkv_f32[_d32|_d64]`: grid B·heads·⌈T/32⌉, block (32, W) with W = 4 or 8;
+// - `attention_backward_dq_f32[_d32|_d64]`: grid B·heads·⌈T/4W⌉, block (32, W) with W in 1..=8.
+// No float atomics: the output is bitwise reproducible. Dynamic shared memory above 48 KiB
+// (d > ~100, or W = 8 at d >= 72) is opted in per kernel through `Gpu::allow_dynamic_shared`.
+
+use super::registry::attention::{
+    ATTENTION_BACKWARD_DKV_F32, ATTENTION_BACKWARD_DKV_F32_D32, ATTENTION_BACKWARD_DKV_F32_D64, ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32,
+    ATTENTION_BACKWARD_DQ_F32_D64, ATTENTION_BACKWARD_PREP_F32,
+};
+
+const BWD_OP: &str = "cuda::attention_packed_backward";
+/// Rows (one warp each) per block of the prep kernel.
+pub const BACKWARD_PREP_WARPS: u32 = 8;
+/// The most dynamic shared memory a backward plan may use: 99 KiB, the opt-in maximum of the
+/// smallest sm_80+ part (sm_86/89); the largest plan (d = 128, 8 warps) needs 73.5 KiB.
+pub const MAX_BACKWARD_SHARED_BYTES: usize = 99 * 1024;
+
+/// How the two main backward kernels are launched. [`AttentionBackwardPlan::auto`] is what
+/// production uses; other plans exist so tests can exercise every code path at any shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionBackwardPlan {
+    /// Warps per block of the dK/dV kernel: 4 or 8 (32/W keys of the block's 32 per warp in
+    /// its accumulation phase; 4W query rows per step of its loop).
+    pub dkv_warps: u32,
+    /// Warps per block of the dQ kernel, 1..=8, each owning [`ROWS_PER_WARP`] query rows.
+    pub dq_warps: u32,
+    /// Use the kernels compiled for this head dim when there are some (32, 64); `false` forces
+    /// the generic ones.
+    pub specialised: bool,
+}
+
+impl AttentionBackwardPlan {
+    /// The dQ kernel takes the forward's block shape (its loop is the forward's: 16 rows per
+    /// block, fewer for short sequences or small grids). The dK/dV kernel's grid does not depend
+    /// on W (one block per 32 keys), so W only sets how many query rows a block takes per step:
+    /// 8 warps when the grid is small (fewer than [`TARGET_BLOCKS`] blocks) and T spans more
+    /// than one 16-row step, else 4.
+    pub fn auto(batch: usize, seq: usize, heads: usize) -> Self {
+        let dq_warps = AttentionPlan::auto(batch, seq, heads).warps_per_block;
+        let dkv_blocks = batch.saturating_mul(heads).saturating_mul(seq.div_ceil(KEY_TILE));
+        let dkv_warps = if dkv_blocks < TARGET_BLOCKS && seq > 4 * ROWS_PER_WARP { 8 } else { 4 };
+        AttentionBackwardPlan { dkv_warps, dq_warps, specialised: true }
+    }
+
+    /// The dK/dV kernel for head dim `head_dim`.
+    pub fn dkv_kernel(&self, head_dim: usize) -> KernelName {
+        match (self.specialised, head_dim) {
+            (true, 32) => ATTENTION_BACKWARD_DKV_F32_D32,
+            (true, 64) => ATTENTION_BACKWARD_DKV_F32_D64,
+            _ => ATTENTION_BACKWARD_DKV_F32,
+        }
+    }
+
+    /// The dQ kernel for head dim `head_dim`.
+    pub fn dq_kernel(&self, head_dim: usize) -> KernelName {
+        match (self.specialised, head_dim) {
+            (true, 32) => ATTENTION_BACKWARD_DQ_F32_D32,
+            (true, 64) => ATTENTION_BACKWARD_DQ_F32_D64,
+            _ => ATTENTION_BACKWARD_DQ_F32,
+        }
+    }
+
+    /// Dynamic shared memory of the dK/dV kernel, laid out as the kernel does: K and V tiles
+    /// `2·32·ldk`, Q and dO `2·rows·ldq`, p and dS `2·rows·32`, row stats `4·rows` floats, with
+    /// `rows = 4W` and `ldq`, `ldk` as in [`AttentionPlan::shared_mem_bytes`].
+    pub fn dkv_shared_mem_bytes(&self, head_dim: usize) -> usize {
+        let (ldq, ldk) = strides(head_dim);
+        let rows = self.dkv_warps as usize * ROWS_PER_WARP;
+        (2 * KEY_TILE * ldk + 2 * rows * ldq + 2 * rows * KEY_TILE + 4 * rows) * std::mem::size_of::<f32>()
+    }
+
+    /// Dynamic shared memory of the dQ kernel: as the dK/dV kernel's with dS only (no p).
+    pub fn dq_shared_mem_bytes(&self, head_dim: usize) -> usize {
+        let (ldq, ldk) = strides(head_dim);
+        let rows = self.dq_warps as usize * ROWS_PER_WARP;
+        (2 * KEY_TILE * ldk + 2 * rows * ldq + rows * KEY_TILE + 4 * rows) * std::mem::size_of::<f32>()
+    }
+
+    /// Checks the plan against the kernels' contract for head dim `head_dim`.
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        let bad = |msg: String| Err(Error::shape(BWD_OP, format!("launch plan {self:?}: {msg}")));
+        if self.dkv_warps != 4 && self.dkv_warps != 8 {
+            return bad("dkv_warps must be 4 or 8".into());
+        }
+        if self.dq_warps == 0 || self.dq_warps > MAX_WARPS_PER_BLOCK {
+            return bad(format!("dq_warps must be in 1..={MAX_WARPS_PER_BLOCK}"));
+        }
+        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return bad(format!("head dim {head_dim} is outside 1..={MAX_HEAD_DIM}"));
+        }
+        for (what, smem) in [("dK/dV", self.dkv_shared_mem_bytes(head_dim)), ("dQ", self.dq_shared_mem_bytes(head_dim))] {
+            if smem > MAX_BACKWARD_SHARED_BYTES {
+                return bad(format!("the {what} kernel needs {smem} bytes of shared memory for head dim {head_dim}, more than {MAX_BACKWARD_SHARED_BYTES}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Grids, blocks and dynamic shared memory of the (prep, dK/dV, dQ) launches; the sizes must
+    /// have passed [`AttentionBackwardSizes::check`].
+    pub fn launch_configs(&self, batch: usize, seq: usize, heads: usize, head_dim: usize) -> [LaunchConfig; 3] {
+        let bh = batch * heads;
+        let prep = LaunchConfig {
+            grid_dim: ((bh * seq).div_ceil(BACKWARD_PREP_WARPS as usize) as u32, 1, 1),
+            block_dim: (32, BACKWARD_PREP_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        let dkv = LaunchConfig {
+            grid_dim: ((bh * seq.div_ceil(KEY_TILE)) as u32, 1, 1),
+            block_dim: (32, self.dkv_warps, 1),
+            shared_mem_bytes: self.dkv_shared_mem_bytes(head_dim) as u32,
+        };
+        let dq = LaunchConfig {
+            grid_dim: ((bh * seq.div_ceil(self.dq_warps as usize * ROWS_PER_WARP)) as u32, 1, 1),
+            block_dim: (32, self.dq_warps, 1),
+            shared_mem_bytes: self.dq_shared_mem_bytes(head_dim) as u32,
+        };
+        [prep, dkv, dq]
+    }
+}
+
+/// `(ldq, ldk)`: a row of `head_dim` floats rounded up to a float4, and that or 4 more so that
+/// `ldk / 4` is odd (the kernels' shared-memory strides).
+fn strides(head_dim: usize) -> (usize, usize) {
+    let ldq = head_dim.div_ceil(4) * 4;
+    (ldq, if (ldq / 4) % 2 == 1 { ldq } else { ldq + 4 })
+}
+
+/// Floats of workspace the backward needs: `(D, c)` per row of `[batch, heads, seq]`.
+pub fn attention_backward_workspace_len(batch: usize, seq: usize, heads: usize) -> Result<usize> {
+    batch
+        .checked_mul(heads)
+        .and_then(|n| n.checked_mul(seq))
+        .and_then(|n| n.checked_mul(2))
+        .ok_or_else(|| Error::shape(BWD_OP, format!("the workspace for batch {batch} x {heads} heads x seq {seq} overflows usize")))
+}
+
+/// The lengths a backward launch needs, checked before anything is allocated or enqueued.
+/// `workspace: None` skips its check (the allocating launcher sizes it itself).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBackwardSizes {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub dctx: usize,
+    pub qkv: usize,
+    pub ctx: usize,
+    pub lse: usize,
+    pub mask: usize,
+    pub dqkv: usize,
+    pub workspace: Option<usize>,
+}
+
+impl AttentionBackwardSizes {
+    pub fn check(&self) -> Result<AttentionDims> {
+        let AttentionBackwardSizes { batch, seq, hidden, heads, .. } = *self;
+        let forward = AttentionSizes { batch, seq, hidden, heads, qkv: self.qkv, mask: self.mask, ctx: self.ctx, lse: self.lse };
+        let dims = forward.check().map_err(|e| match e {
+            Error::Shape { msg, .. } => Error::shape(BWD_OP, msg),
+            other => other,
+        })?;
+        let fail = |msg: String| Err(Error::shape(BWD_OP, msg));
+        // Lengths that passed the forward's check: B·T·H and B·T·3H fit in usize.
+        let (ctx_len, qkv_len) = (batch * seq * hidden, batch * seq * 3 * hidden);
+        if self.dctx != ctx_len {
+            return fail(format!("dctx has {} elements, expected {ctx_len} (batch·seq·hidden) for batch={batch}, seq={seq}, hidden={hidden}, heads={heads}", self.dctx));
+        }
+        if self.dqkv != qkv_len {
+            return fail(format!("dqkv has {} elements, expected {qkv_len} (batch·seq·3·hidden) for batch={batch}, seq={seq}, hidden={hidden}, heads={heads}", self.dqkv));
+        }
+        // The prep kernel takes the row count B·heads·T as an int (lse has that many elements).
+        if self.lse > i32::MAX as usize {
+            return fail(format!("batch {batch} x {heads} heads x seq {seq} rows do not fit in an i32"));
+        }
+        if let Some(ws) = self.workspace {
+            let need = 2 * self.lse;
+            if ws < need {
+                return fail(format!("workspace has {ws} elements, expected at least {need} (2·batch·heads·seq) for batch={batch}, seq={seq}, heads={heads}"));
+            }
+        }
+        Ok(dims)
+    }
+}
+
+/// Fails when two device ranges of f32 overlap (the kernels' pointers are `__restrict__`).
+fn bwd_disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
+    disjoint(names, a, b).map_err(|_| Error::Input(format!("{BWD_OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)))
+}
+
+/// Gradient of [`attention_packed_forward`] with the automatic launch plan, allocating its
+/// workspace: `dqkv` (`[batch, seq, 3·hidden]`, dQ, dK, dV side by side) from the output gradient
+/// `dctx` (`[batch, seq, hidden]`), the forward's input `qkv`, output `ctx` and row log-sum-exp
+/// `lse` (`[batch, heads, seq]`), and its `mask_bias` (`[B_mask, seq]`, batch row `b` reading
+/// mask row `b % B_mask`). Every element of `dqkv` is written.
+#[allow(clippy::too_many_arguments)] // the forward's operands, its output and the two gradients
+pub fn attention_packed_backward(
+    gpu: &Gpu,
+    dctx: &DeviceView<f32>,
+    qkv: &DeviceView<f32>,
+    ctx: &DeviceView<f32>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+) -> Result<()> {
+    let sizes = AttentionBackwardSizes {
+        batch,
+        seq,
+        hidden,
+        heads,
+        dctx: dctx.len(),
+        qkv: qkv.len(),
+        ctx: ctx.len(),
+        lse: lse.len(),
+        mask: mask_bias.len(),
+        dqkv: dqkv.len(),
+        workspace: None,
+    };
+    sizes.check()?;
+    let plan = AttentionBackwardPlan::auto(batch, seq, heads);
+    let mut ws = gpu.alloc::<f32>(attention_backward_workspace_len(batch, seq, heads)?)?;
+    attention_packed_backward_with(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, &mut ws.view_mut(), batch, seq, hidden, heads, plan)
+}
+
+/// As [`attention_packed_backward`], with caller-owned scratch (`workspace`: at least
+/// [`attention_backward_workspace_len`] floats; nothing is allocated) and an explicit launch
+/// plan (validated).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_backward_with(
+    gpu: &Gpu,
+    dctx: &DeviceView<f32>,
+    qkv: &DeviceView<f32>,
+    ctx: &DeviceView<f32>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<f32>,
+    workspace: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    plan: AttentionBackwardPlan,
+) -> Result<()> {
+    let sizes = AttentionBackwardSizes {
+        batch,
+        seq,
+        hidden,
+        heads,
+        dctx: dctx.len(),
+        qkv: qkv.len(),
+        ctx: ctx.len(),
+        lse: lse.len(),
+        mask: mask_bias.len(),
+        dqkv: dqkv.len(),
+        workspace: Some(workspace.len()),
+    };
+    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    plan.validate(head_dim)?;
+    let range = |v: &DeviceView<f32>| (v.device_ptr(), v.len());
+    let inputs = [("dctx", range(dctx)), ("qkv", range(qkv)), ("ctx", range(ctx)), ("lse", range(lse)), ("mask_bias", range(mask_bias))];
+    let (out, ws) = ((dqkv.device_ptr(), dqkv.len()), (workspace.device_ptr(), workspace.len()));
+    for (name, r) in inputs {
+        bwd_disjoint(("dqkv", name), out, r)?;
+        bwd_disjoint(("workspace", name), ws, r)?;
+    }
+    bwd_disjoint(("dqkv", "workspace"), out, ws)?;
+    if batch == 0 || seq == 0 {
+        return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
+    }
+    let (dkv_kernel, dq_kernel) = (plan.dkv_kernel(head_dim), plan.dq_kernel(head_dim));
+    let [prep_cfg, dkv_cfg, dq_cfg] = plan.launch_configs(batch, seq, heads, head_dim);
+    for (kernel, cfg) in [(dkv_kernel, &dkv_cfg), (dq_kernel, &dq_cfg)] {
+        let bytes = cfg.shared_mem_bytes as usize;
+        if bytes > gpu.dynamic_shared_limit(kernel) {
+            gpu.allow_dynamic_shared(kernel, bytes)?;
+        }
+    }
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let rows = (batch * heads * seq) as i32; // checked to fit
+    let ws_arg = workspace.arg();
+    // The prep kernel's parameters: rowstat, dctx, ctx, qkv, lse, mask_bias, rows, seq, hidden,
+    // heads, mask_rows, scale; Gpu::launch checks them against kernels/attention.cu.
+    let prep_args = [
+        ws_arg,
+        dctx.arg(),
+        ctx.arg(),
+        qkv.arg(),
+        lse.arg(),
+        mask_bias.arg(),
+        KernelArg::I32(rows),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(hidden as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    // The main kernels': dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale.
+    let main_args = [
+        dqkv.arg(),
+        dctx.arg(),
+        qkv.arg(),
+        lse.arg(),
+        ws_arg,
+        mask_bias.arg(),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(hidden as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    // SAFETY: every view was checked above to have exactly the length the kernels index for these
+    // sizes (dctx and ctx B·T·H, qkv and dqkv B·T·3H, lse B·heads·T, the workspace at least
+    // 2·B·heads·T, the mask a multiple of T whose row count divides B); the outputs (dqkv, the
+    // workspace) alias nothing; the plan fits the kernels' block and shared-memory contract (opted
+    // in above where over 48 KiB; the specialised kernels run only when hidden = d·heads with their
+    // d). The three launches run in stream order: the workspace is written before it is read.
+    unsafe {
+        gpu.launch(ATTENTION_BACKWARD_PREP_F32, prep_cfg, &prep_args)?;
+        gpu.launch(dkv_kernel, dkv_cfg, &main_args)?;
+        gpu.launch(dq_kernel, dq_cfg, &main_args)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,5 +709,111 @@ mod tests {
         assert!(disjoint(("a", "b"), (0, 5), (16, 4)).is_err());
         assert!(disjoint(("a", "b"), (16, 4), (0, 5)).is_err());
         assert!(disjoint(("a", "b"), (0, 0), (0, 4)).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+
+    fn sizes(batch: usize, seq: usize, hidden: usize, heads: usize, mask_rows: usize) -> AttentionBackwardSizes {
+        let (ctx, qkv, lse) = (batch * seq * hidden, batch * seq * 3 * hidden, batch * heads * seq);
+        AttentionBackwardSizes { batch, seq, hidden, heads, dctx: ctx, qkv, ctx, lse, mask: mask_rows * seq, dqkv: qkv, workspace: Some(2 * lse) }
+    }
+
+    #[test]
+    fn consistent_sizes_pass() {
+        assert_eq!(sizes(3, 7, 40, 5, 3).check().unwrap(), AttentionDims { head_dim: 8, mask_rows: 3 });
+        assert_eq!(sizes(6, 33, 64, 2, 3).check().unwrap().mask_rows, 3);
+        assert_eq!(sizes(4, 512, 768, 12, 1).check().unwrap().head_dim, 64);
+        assert_eq!(sizes(0, 7, 8, 1, 1).check().unwrap().mask_rows, 1);
+        assert_eq!(sizes(2, 0, 8, 1, 0).check().unwrap().mask_rows, 0);
+        // A larger workspace (an arena slot) is fine; none at all skips the check.
+        AttentionBackwardSizes { workspace: Some(1000), ..sizes(1, 7, 8, 1, 1) }.check().unwrap();
+        AttentionBackwardSizes { workspace: None, ..sizes(1, 7, 8, 1, 1) }.check().unwrap();
+        assert_eq!(attention_backward_workspace_len(3, 7, 5).unwrap(), 210);
+        assert!(attention_backward_workspace_len(usize::MAX, 2, 1).is_err());
+    }
+
+    #[test]
+    fn every_wrong_size_is_a_shape_error_of_the_backward() {
+        let ok = sizes(4, 7, 48, 3, 2);
+        let cases = [
+            (AttentionBackwardSizes { dctx: ok.dctx - 1, ..ok }, "dctx has 1343 elements, expected 1344"),
+            (AttentionBackwardSizes { qkv: ok.qkv + 1, ..ok }, "qkv has 4033 elements, expected 4032"),
+            (AttentionBackwardSizes { ctx: ok.ctx + 48, ..ok }, "ctx has 1392 elements"),
+            (AttentionBackwardSizes { lse: ok.lse - 1, ..ok }, "lse has 83 elements, expected 84"),
+            (AttentionBackwardSizes { dqkv: ok.dqkv - 3, ..ok }, "dqkv has 4029 elements, expected 4032"),
+            (AttentionBackwardSizes { workspace: Some(167), ..ok }, "workspace has 167 elements, expected at least 168"),
+            (AttentionBackwardSizes { mask: 3 * 7, ..ok }, "mask_bias has 21 elements"),
+            (AttentionBackwardSizes { mask: 0, ..ok }, "mask_bias has 0 elements"),
+            (AttentionBackwardSizes { heads: 5, ..ok }, "hidden 48 is not divisible by 5 heads"),
+            (sizes(1, 1, 129, 1, 1), "head dim 129"),
+            (sizes(1, 513, 8, 1, 1), "sequence length 513 exceeds 512"),
+        ];
+        for (c, needle) in cases {
+            match c.check() {
+                Err(Error::Shape { op, msg }) => {
+                    assert_eq!(op, BWD_OP, "{c:?}");
+                    assert!(msg.contains(needle), "{c:?}: `{msg}` does not mention `{needle}`");
+                }
+                other => panic!("{c:?}: expected a shape error, got {other:?}"),
+            }
+        }
+        let huge = AttentionBackwardSizes { batch: usize::MAX / 2, ..ok };
+        assert!(huge.check().is_err());
+    }
+
+    #[test]
+    fn auto_plans_follow_the_documented_rules() {
+        let p = AttentionBackwardPlan::auto(1, 128, 12); // 48 dK/dV blocks: 8 warps
+        assert_eq!((p.dkv_warps, p.dq_warps), (8, 1));
+        let p = AttentionBackwardPlan::auto(32, 128, 12); // 1536 blocks
+        assert_eq!((p.dkv_warps, p.dq_warps), (4, 4));
+        assert_eq!(AttentionBackwardPlan::auto(1, 7, 1).dkv_warps, 4); // one 16-row step
+        for (b, t, h) in [(1, 1, 1), (3, 33, 4), (1, 512, 12), (64, 512, 16)] {
+            let p = AttentionBackwardPlan::auto(b, t, h);
+            assert!(p.specialised);
+            for d in [1, 8, 20, 32, 64, 127, 128] {
+                p.validate(d).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn shared_memory_follows_the_kernel_layout() {
+        let p = |dkv, dq| AttentionBackwardPlan { dkv_warps: dkv, dq_warps: dq, specialised: true };
+        // d = 64: ldq 64, ldk 68; 16 rows.
+        assert_eq!(p(4, 4).dkv_shared_mem_bytes(64), (2 * 32 * 68 + 2 * 16 * 64 + 2 * 16 * 32 + 4 * 16) * 4);
+        assert_eq!(p(4, 4).dq_shared_mem_bytes(64), (2 * 32 * 68 + 2 * 16 * 64 + 16 * 32 + 4 * 16) * 4);
+        // d = 20: ldq = ldk = 20; d = 1: 4 and 4.
+        assert_eq!(p(4, 1).dq_shared_mem_bytes(20), (2 * 32 * 20 + 2 * 4 * 20 + 4 * 32 + 4 * 4) * 4);
+        assert_eq!(p(8, 1).dkv_shared_mem_bytes(1), (2 * 32 * 4 + 2 * 32 * 4 + 2 * 32 * 32 + 4 * 32) * 4);
+        // Every d fits 48 KiB with 4 warps up to d = 100; the largest plan needs 73.5 KiB.
+        assert!(p(4, 4).dkv_shared_mem_bytes(100) <= 48 * 1024);
+        assert!(p(4, 4).dkv_shared_mem_bytes(128) > 48 * 1024);
+        assert_eq!(p(8, 8).dkv_shared_mem_bytes(128), 75264);
+        p(8, 8).validate(128).unwrap();
+    }
+
+    #[test]
+    fn invalid_plans_are_rejected_and_kernels_chosen() {
+        let p = AttentionBackwardPlan { dkv_warps: 4, dq_warps: 2, specialised: true };
+        for w in [0, 1, 2, 3, 5, 16] {
+            assert!(AttentionBackwardPlan { dkv_warps: w, ..p }.validate(64).is_err(), "dkv {w}");
+        }
+        for w in [0, 9] {
+            assert!(AttentionBackwardPlan { dq_warps: w, ..p }.validate(64).is_err(), "dq {w}");
+        }
+        assert!(p.validate(0).is_err());
+        assert!(p.validate(129).is_err());
+        assert_eq!(p.dkv_kernel(32).name, "attention_backward_dkv_f32_d32");
+        assert_eq!(p.dq_kernel(64).name, "attention_backward_dq_f32_d64");
+        assert_eq!(p.dkv_kernel(48).name, "attention_backward_dkv_f32");
+        assert_eq!(AttentionBackwardPlan { specialised: false, ..p }.dq_kernel(64).name, "attention_backward_dq_f32");
+        let [prep, dkv, dq] = p.launch_configs(3, 33, 4, 64);
+        assert_eq!((prep.grid_dim.0, prep.block_dim), ((3 * 4 * 33_u32).div_ceil(8), (32, 8, 1)));
+        assert_eq!((dkv.grid_dim.0, dkv.block_dim), (3 * 4 * 2, (32, 4, 1)));
+        assert_eq!((dq.grid_dim.0, dq.block_dim), (3 * 4 * 5, (32, 2, 1)));
     }
 }
