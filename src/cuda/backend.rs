@@ -30,12 +30,14 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::adapter::{adapter_location_forward, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
-use super::attention::attention_packed_forward;
+use super::attention::{attention_packed_backward, attention_packed_forward};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{Epilogue, Gemm, Transpose};
 use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
-use super::layernorm::{residual_layernorm_forward, LayerNormInputs, LayerNormOutputs};
+use super::elementwise::{LinearDims, LinearParamGrads};
+use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
+use super::optim::{AdamWBuffers, AdamWSegments, GradViews};
 use super::nice::{nice_forward, NiceDeviceParams};
 use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, NiceGrads, NiceParams, ScalingParam};
 use crate::config::Activation;
@@ -409,8 +411,18 @@ impl Backend for CudaBackend {
         Ok(y)
     }
 
-    fn linear_backward_input_act(&self, _dy: &Tensor, _w: &Tensor, _pre: &Tensor, _act: Activation) -> Result<Tensor> {
-        Err(self.unsupported("linear_backward_input_act"))
+    fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        const OP: &str = "linear_backward_input_act";
+        let dims = linear_dims(OP, dy, w)?;
+        let mut shape = dy.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = dims.d_in;
+        }
+        let dx = self.new_tensor::<f32>(&shape)?;
+        let mut scratch = None;
+        let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
+        elementwise::linear_backward_input_act(&self.gpu, &self.view(OP, dy)?, &w, &self.view(OP, pre)?, Some(act), dims, &mut self.view_mut(OP, &dx)?)?;
+        Ok(dx)
     }
 
     fn embedding(&self, _input_ids: &Tensor, _token_type_ids: &Tensor, _word: &Tensor, _position: &Tensor, _token_type: &Tensor) -> Result<Tensor> {
@@ -454,12 +466,26 @@ impl Backend for CudaBackend {
         Ok(y)
     }
 
-    fn residual_layernorm_stats(&self, _x: &Tensor, _residual: Option<&Tensor>, _gamma: &Tensor, _beta: &Tensor, _eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
-        Err(self.unsupported("residual_layernorm_stats"))
+    fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "residual_layernorm_stats";
+        let (rows, cols) = (x.rows(), x.last_dim());
+        let y = self.new_tensor::<f32>(x.shape())?;
+        let z = self.new_tensor::<f32>(x.shape())?;
+        let mut stats_shape = x.shape().to_vec();
+        *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
+        let stats = self.new_tensor::<f32>(&stats_shape)?;
+        let inputs = LayerNormInputs { x: self.view(OP, x)?, residual: residual.map(|r| self.view(OP, r)).transpose()?, gamma: self.view(OP, gamma)?, beta: self.view(OP, beta)?, rows, cols, eps };
+        let mut outputs = LayerNormTrainOutputs { y: self.view_mut(OP, &y)?, z: self.view_mut(OP, &z)?, stats: self.view_mut(OP, &stats)? };
+        residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)?;
+        Ok((y, z, stats))
     }
 
-    fn layernorm_backward_stats(&self, _dy: &Tensor, _z: &Tensor, _stats: &Tensor, _gamma: &Tensor) -> Result<Tensor> {
-        Err(self.unsupported("layernorm_backward_stats"))
+    fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+        const OP: &str = "layernorm_backward_stats";
+        let dz = self.new_tensor::<f32>(dy.shape())?;
+        let inputs = LayerNormBackwardInputs { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
+        layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
+        Ok(dz)
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
@@ -559,28 +585,67 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn linear_backward_input_into(&self, _dy: &Tensor, _w: &Tensor, _out: &Tensor, _accumulate: bool) -> Result<()> {
-        Err(self.unsupported("linear_backward_input"))
+    fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        const OP: &str = "linear_backward_input";
+        let dims = linear_dims(OP, dy, w)?;
+        if out.overlaps(dy) || out.overlaps(w) {
+            return Err(Error::Internal(format!("{OP}: the destination overlaps an input")));
+        }
+        let mut scratch = None;
+        let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
+        elementwise::linear_backward_input(&self.gpu, &self.view(OP, dy)?, &w, dims, &mut self.view_mut(OP, out)?, accumulate)
     }
 
-    fn linear_backward_params_into(&self, _dy: &Tensor, _x: &Tensor, _dw: &Tensor, _db: Option<&Tensor>, _accumulate: bool) -> Result<()> {
-        Err(self.unsupported("linear_backward_params"))
+    fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
+        const OP: &str = "linear_backward_params";
+        let dims = LinearDims { rows: dy.rows(), d_in: x.last_dim(), d_out: dy.last_dim() };
+        for (name, t) in [("dw", Some(dw)), ("db", db)] {
+            if t.is_some_and(|t| t.overlaps(dy) || t.overlaps(x)) {
+                return Err(Error::Internal(format!("{OP}: {name} overlaps an input")));
+            }
+        }
+        let workspace = match db {
+            Some(_) => Some(self.gpu.alloc::<f32>(elementwise::bias_grad_workspace_len(dims.rows, dims.d_out))?),
+            None => None,
+        };
+        let mut ws = workspace;
+        let mut grads = LinearParamGrads { dw: self.view_mut(OP, dw)?, db: db.map(|b| self.view_mut(OP, b)).transpose()?, workspace: ws.as_mut().map(|w| w.view_mut()), accumulate };
+        elementwise::linear_backward_params(&self.gpu, &self.view(OP, dy)?, &self.view(OP, x)?, dims, &mut grads)
     }
 
-    fn activation_backward(&self, _dy: &Tensor, _pre: &Tensor, _act: Activation) -> Result<Tensor> {
-        Err(self.unsupported("activation_backward"))
+    fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
+        const OP: &str = "activation_backward";
+        let dx = self.new_tensor::<f32>(dy.shape())?;
+        elementwise::activation_backward(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
+        Ok(dx)
     }
 
-    fn layernorm_backward_input(&self, _dy: &Tensor, _x: &Tensor, _residual: Option<&Tensor>, _gamma: &Tensor, _eps: f32) -> Result<Tensor> {
-        Err(self.unsupported("layernorm_backward_input"))
+    fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+        // The statistics from a training forward of the same input (beta does not reach dx).
+        let zero_beta = self.zeros(gamma.shape(), DType::F32)?;
+        let (_, z, stats) = self.residual_layernorm_stats(x, residual, gamma, &zero_beta, eps)?;
+        self.layernorm_backward_stats(dy, &z, &stats, gamma)
     }
 
     fn attention_backward(&self, _dctx: &Tensor, _q: &Tensor, _k: &Tensor, _v: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<[Tensor; 3]> {
         Err(self.unsupported("attention_backward"))
     }
 
-    fn attention_packed_backward(&self, _dctx: &Tensor, _qkv: &Tensor, _lse: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        Err(self.unsupported("attention_packed_backward"))
+    fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        const OP: &str = "attention_packed_backward";
+        if dropout.is_some() {
+            return Err(self.unsupported("attention dropout (train mode)"));
+        }
+        let (batch, seq, hidden) = match qkv.shape() {
+            [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
+            s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
+        };
+        // The kernel reads the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
+        // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's).
+        let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, None)?;
+        let dqkv = self.new_tensor::<f32>(qkv.shape())?;
+        attention_packed_backward(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads)?;
+        Ok(dqkv)
     }
 
     fn adapter_location_backward_into(&self, _loc: &AdapterLocation, _d_out: &Tensor, _grads: &[Option<GradsOut<BottleneckGrads>>], _need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -628,8 +693,16 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn first_token_backward_into(&self, _d: &Tensor, _out: &Tensor, _accumulate: bool) -> Result<()> {
-        Err(self.unsupported("first_token_backward"))
+    fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
+        const OP: &str = "first_token_backward";
+        let (b, t, h) = match out.shape() {
+            [b, t, h] => (*b, *t, *h),
+            s => return Err(Error::shape(OP, format!("destination must be [B, T, H], got {s:?}"))),
+        };
+        if out.overlaps(d) {
+            return Err(Error::Internal(format!("{OP}: the destination overlaps the gradient")));
+        }
+        elementwise::first_token_backward(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate)
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {
@@ -704,12 +777,32 @@ impl Backend for CudaBackend {
         super::loss::loss_forward_backward(&self.gpu, &inputs, &mut self.view_mut(OP, dlogits)?, &mut self.view_mut(OP, loss)?)
     }
 
-    fn clip_grad_norm(&self, _grads: &[Tensor], _max_norm: f32, _norm: &Tensor) -> Result<()> {
-        Err(self.unsupported("clip_grad_norm"))
+    fn clip_grad_norm(&self, grads: &[Tensor], max_norm: f32, norm: &Tensor) -> Result<()> {
+        const OP: &str = "clip_grad_norm";
+        if norm.shape() != [1] {
+            return Err(Error::shape(OP, format!("norm output {:?}, expected [1]", norm.shape())));
+        }
+        // The view table is uploaded per call for now (the arena's views do not change between
+        // steps; caching it is issue 15's).
+        let views = grads.iter().map(|g| self.view_mut::<f32>(OP, g)).collect::<Result<Vec<_>>>()?;
+        let mut table = GradViews::new(&self.gpu, &views)?;
+        super::optim::clip_grad_norm(&self.gpu, &mut table, max_norm, &mut self.view_mut(OP, norm)?)
     }
 
-    fn adamw(&self, _step: &crate::train::optim::AdamWLaunch) -> Result<()> {
-        Err(self.unsupported("adamw"))
+    fn adamw(&self, step: &crate::train::optim::AdamWLaunch) -> Result<()> {
+        const OP: &str = "adamw";
+        let n = step.params.elem_count();
+        let mut segments = AdamWSegments::new(&self.gpu, step.segments, n, step.steps.elem_count())?;
+        let mut bufs = AdamWBuffers {
+            params: self.view_mut(OP, step.params)?,
+            grads: self.view(OP, step.grads)?,
+            exp_avg: self.view_mut(OP, step.exp_avg)?,
+            exp_avg_sq: self.view_mut(OP, step.exp_avg_sq)?,
+            steps: self.view_mut(OP, step.steps)?,
+            lr: self.view(OP, step.lr)?,
+            skip_unless_finite: step.skip_unless_finite.map(|t| self.view(OP, t)).transpose()?,
+        };
+        super::optim::adamw(&self.gpu, &step.config, &mut segments, &mut bufs)
     }
 }
 
@@ -735,4 +828,12 @@ fn check_len(op: &'static str, len: usize, shape: &[usize]) -> Result<()> {
         return Err(Error::shape(op, format!("{len} elements for shape {shape:?} ({n} elements)")));
     }
     Ok(())
+}
+
+/// `[rows, d_out]` gradient through a `[d_out, d_in]` weight.
+fn linear_dims(op: &'static str, dy: &Tensor, w: &Tensor) -> Result<LinearDims> {
+    match w.shape() {
+        [o, i] if *o == dy.last_dim() => Ok(LinearDims { rows: dy.rows(), d_in: *i, d_out: *o }),
+        s => Err(Error::shape(op, format!("weight {s:?} does not map the gradient's {} features", dy.last_dim()))),
+    }
 }
