@@ -507,6 +507,11 @@ extern "C" __global__ void adapter_location_gate_f32(
 // dx [H] (the sum over branches), then pre, act and dpre [bottleneck_stride] each.
 
 #define ADAPTER_BWD_MAX_BRANCHES 32
+// Threads per block of the backward (warp per row: 8 rows; block per row: up to 8 warps). The
+// kernel needs about 150 registers a thread (ptxas, sm_80/sm_90), so a 1024-thread block would
+// not fit the 64K-register file; __launch_bounds__(this, 1) makes ptxas guarantee this many
+// without squeezing registers for a second block (which spilled).
+#define ADAPTER_BWD_MAX_THREADS 256
 
 // act'(x), in f32 with the accurate library functions; the same activations as
 // adapter_activation.
@@ -1141,8 +1146,9 @@ __device__ __forceinline__ void location_backward_team(
 // 0, read in phase 1; null without a gated branch). gate: [N·B] from adapter_location_gate_f32.
 // d_out: [N·B·T, H]; h, r, ln_gamma, ln_beta, descs as for the forward. branch_mask: the branches
 // to process (phase 0: the gated ones among them); train_mask ⊆ branch_mask. Grid: one team per
-// row (replicate: B·T teams; else popc(branch_mask)·B·T), the forward's plans.
-extern "C" __global__ void adapter_location_backward_f32(
+// row (replicate: B·T teams; else popc(branch_mask)·B·T), the forward's plans up to
+// ADAPTER_BWD_MAX_THREADS threads per block.
+extern "C" __global__ __launch_bounds__(ADAPTER_BWD_MAX_THREADS, 1) void adapter_location_backward_f32(
     float* __restrict__ dh,
     float* __restrict__ dr,
     float* __restrict__ pack,

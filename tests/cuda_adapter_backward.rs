@@ -683,7 +683,7 @@ fn location_kinds_match_cpu(gpu: &Gpu) {
 test_device!(location_kinds_match_cpu_reference, location_kinds_match_cpu);
 
 /// Every plan the launcher accepts: several rows per warp-per-row block, block-per-row teams of
-/// 2, 3 and 32 warps (block barriers, the projections' chunks spread over warps), and H > 1024.
+/// 2, 3 and 8 warps (block barriers, the projections' chunks spread over warps), and H > 1024.
 fn every_plan_matches_cpu(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x91a8);
     let plans = [
@@ -691,12 +691,13 @@ fn every_plan_matches_cpu(gpu: &Gpu) {
         LocationPlan { threads_per_row: 32, rows_per_block: 3 },
         LocationPlan { threads_per_row: 64, rows_per_block: 1 },
         LocationPlan { threads_per_row: 96, rows_per_block: 1 },
-        LocationPlan { threads_per_row: 1024, rows_per_block: 1 },
+        LocationPlan { threads_per_row: 256, rows_per_block: 1 },
+        LocationPlan { threads_per_row: 32, rows_per_block: 8 },
     ];
     let specs = [BranchSpec::full(48, Activation::Gelu, Scale::Channel, false), BranchSpec::full(3, Activation::Swish, Scale::Learned, true), BranchSpec::plain(70, Activation::Relu)];
     for (p, plan) in plans.into_iter().enumerate() {
         for (q, h) in [40, 384].into_iter().enumerate() {
-            // A 1024-thread team costs the executor 1024 fibers a row: few rows there.
+            // A 256-thread team costs the executor 256 fibers a row: few rows there.
             let t = if plan.threads_per_row > 128 { 1 } else { 3 };
             let trainable = [true, (p + q) % 2 == 0, true];
             let case = Case::random(&mut rng, 1, t, h, (p + q) % 2 == 1, PFEIFFER, &specs).with(&trainable, p % 2 == 1, true);
@@ -855,6 +856,8 @@ fn launch_errors(gpu: &Gpu) {
         shape_err(go(&inputs, &d_out, &desc, io, g(), &mut small, shape, None), &format!("the workspace has {} floats, this backward needs {len}", len - 1));
         shape_err(go(&inputs, &d_out, &desc, io, g(), &mut ws, shape, Some(LocationPlan { threads_per_row: 48, rows_per_block: 1 })), "multiple of 32");
         shape_err(go(&inputs, &d_out, &desc, io, g(), &mut ws, shape, Some(LocationPlan { threads_per_row: 64, rows_per_block: 2 })), "rows_per_block must be 1");
+        shape_err(go(&inputs, &d_out, &desc, io, g(), &mut ws, shape, Some(LocationPlan { threads_per_row: 288, rows_per_block: 1 })), "at most 256 threads per block");
+        shape_err(go(&inputs, &d_out, &desc, io, g(), &mut ws, shape, Some(LocationPlan { threads_per_row: 32, rows_per_block: 9 })), "at most 256 threads per block");
         // Destinations: a wrong length, or given / missing against the adapter's options.
         let short = |v: &BranchGrads| unsafe { outs.slice(3 * n_out..3 * n_out + v.up_b.len() - 1).unwrap().assume_writable() };
         let mut bad = g();

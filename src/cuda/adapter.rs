@@ -740,6 +740,10 @@ const OP_BWD: &str = "cuda::adapter_location_backward";
 /// The most branches one backward launch takes (its branch masks are 32-bit words).
 pub const MAX_BACKWARD_BRANCHES: usize = 32;
 
+/// The most threads per block of the backward kernel (`ADAPTER_BWD_MAX_THREADS`, its
+/// `__launch_bounds__`): it needs about 150 registers a thread.
+pub const MAX_BACKWARD_THREADS: u32 = 256;
+
 /// Workspace regions start on 64-float (256-byte) boundaries, what cuBLASLt likes best.
 const WORKSPACE_ALIGN: usize = 64;
 
@@ -1075,8 +1079,8 @@ impl LocationBackwardSizes {
 }
 
 /// The automatic plan of the backward: the forward's mappings (one warp per row, up to 8 rows per
-/// block, for H <= 1024; else one block per row), with rows per block halved until the team
-/// buffers fit 48 KiB.
+/// block, for H <= 1024; else one block per row of about 16 columns per thread, at most
+/// [`MAX_BACKWARD_THREADS`]), with rows per block halved until the team buffers fit 48 KiB.
 pub fn backward_plan_auto(hidden: usize, bottleneck_stride: usize) -> LocationPlan {
     if hidden <= 1024 {
         let mut rows = 8u32;
@@ -1085,7 +1089,8 @@ pub fn backward_plan_auto(hidden: usize, bottleneck_stride: usize) -> LocationPl
         }
         LocationPlan { threads_per_row: 32, rows_per_block: rows }
     } else {
-        LocationPlan::auto(hidden, bottleneck_stride)
+        let threads = hidden.div_ceil(16).div_ceil(32) * 32;
+        LocationPlan { threads_per_row: threads.clamp(128, MAX_BACKWARD_THREADS as usize) as u32, rows_per_block: 1 }
     }
 }
 
@@ -1095,8 +1100,11 @@ pub fn backward_shared_mem_bytes(plan: LocationPlan, hidden: usize, bottleneck_s
 }
 
 /// Checks a plan against the backward kernel's contract (as [`LocationPlan::validate`], with the
-/// backward's shared memory).
+/// backward's shared memory and at most [`MAX_BACKWARD_THREADS`] threads per block).
 pub fn validate_backward_plan(plan: LocationPlan, hidden: usize, bottleneck_stride: usize, max_shared: usize) -> Result<()> {
+    if plan.threads_per_row as u64 * plan.rows_per_block as u64 > MAX_BACKWARD_THREADS as u64 {
+        return Err(Error::shape(OP_BWD, format!("launch plan {plan:?}: the backward takes at most {MAX_BACKWARD_THREADS} threads per block")));
+    }
     // The thread-shape rules are the forward's; its shared-memory rule is checked with no limit.
     plan.validate(hidden, bottleneck_stride, usize::MAX).map_err(|e| match e {
         Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
@@ -1423,4 +1431,193 @@ fn check_backward_aliasing(inputs: &LocationInputs<'_>, d_out: &DeviceView<'_, f
         check_set(&writes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+
+    fn desc(m: i32) -> BranchDescriptor {
+        BranchDescriptor {
+            down_w: 64,
+            down_b: 64,
+            up_w: 64,
+            up_b: 64,
+            ln_before_gamma: 0,
+            ln_before_beta: 0,
+            ln_after_gamma: 0,
+            ln_after_beta: 0,
+            scaling: 0,
+            gate_w: 0,
+            gate_b: 0,
+            bottleneck: m,
+            activation: 0,
+            scaling_kind: SCALING_FIXED,
+            scaling_value: 1.0,
+            ln_before_eps: 0.0,
+            ln_after_eps: 0.0,
+            residual_before_ln: 0,
+            original_ln_before: 0,
+            original_ln_after: 1,
+            adapter_residual_before_ln: 0,
+        }
+    }
+
+    fn full(m: i32) -> BranchDescriptor {
+        BranchDescriptor { ln_before_gamma: 64, ln_before_beta: 64, ln_after_gamma: 64, ln_after_beta: 64, scaling: 64, scaling_kind: SCALING_CHANNEL, gate_w: 64, gate_b: 64, ..desc(m) }
+    }
+
+    fn shape(batch: usize, seq_len: usize, hidden: usize, branches: usize, replicate: bool) -> LocationShape {
+        LocationShape { batch, seq_len, hidden, branches, replicate }
+    }
+
+    #[test]
+    fn pack_layouts_follow_the_kernel() {
+        // Houlsby, replicated: z0 is h, read in place.
+        let p = PackLayout::of(&desc(3), 40, true);
+        assert_eq!((p.dup, p.z0, p.act, p.dpre, p.width), (0, None, 40, 43, 48));
+        // Not replicated (or the original LayerNorm first): z0 is packed after dup.
+        assert_eq!(PackLayout::of(&desc(3), 40, false).z0, Some(40));
+        assert_eq!(PackLayout::of(&BranchDescriptor { original_ln_before: 1, ..desc(3) }, 40, true).z0, Some(40));
+        // Everything: dup, z0, LN after (2), LN before (2), channel scaling, x, act, dpre, dlogit.
+        let p = PackLayout::of(&full(5), 16, true);
+        assert_eq!(p.z0, Some(16));
+        assert_eq!((p.ln_after, p.ln_before, p.scaling, p.x), (Some((32, 48)), Some((64, 80)), Some(96), Some(112)));
+        assert_eq!((p.act, p.dpre, p.dlogit, p.width), (128, 133, Some(138), 140));
+        // Learned scaling is one column after dpre; the gate's x is z0 without LN before.
+        let p = PackLayout::of(&BranchDescriptor { scaling_kind: SCALING_LEARNED, ln_before_gamma: 0, ln_before_beta: 0, ..full(2) }, 8, false);
+        // dup [0, 8), z0 [8, 16) (not replicated), LN after [16, 32), then the m-sized columns.
+        assert_eq!((p.x, p.act, p.dpre, p.scaling, p.dlogit, p.width), (None, 32, 34, Some(36), Some(37), 40));
+        // The kernel's struct has these fields in this order.
+        let src = crate::cuda::registry::adapter::SOURCE.code;
+        assert!(src.contains("p.width = (k + 3) & ~3;"));
+        assert!(src.contains("if (ln_before || d.original_ln_before != 0 || !replicate) {"));
+    }
+
+    #[test]
+    fn workspace_layouts_hold_what_the_launch_needs() {
+        let descs = [desc(3), full(5), desc(48)];
+        let s = shape(2, 7, 40, 3, true);
+        let l = backward_workspace_layout(&descs, 40, s, &[true, false, true]).unwrap();
+        assert_eq!(l.ones, 0..14);
+        assert_eq!(l.gate, 64..70); // N·B, aligned to 64 floats
+        assert_eq!(l.gate_q, 128..170); // N·B·T
+        assert_eq!(l.packs, 192);
+        let w0 = PackLayout::of(&descs[0], 40, true).width;
+        assert_eq!(l.branch_packs[0], Some((192, PackLayout::of(&descs[0], 40, true))));
+        assert_eq!(l.branch_packs[1], None);
+        assert_eq!(l.branch_packs[2].unwrap().0, 192 + 14 * w0);
+        assert_eq!(l.len, 192 + 14 * (w0 + PackLayout::of(&descs[2], 40, true).width));
+        // Nothing trains, no gate: nothing at all.
+        let l = backward_workspace_layout(&[desc(3)], 40, s, &[false]).unwrap();
+        assert_eq!((l.ones.len(), l.gate.len(), l.gate_q.len(), l.len), (0, 0, 0, 0));
+        // A subset of the trainable branches never needs more than all of them.
+        let all = backward_workspace_layout(&descs, 40, s, &[true; 3]).unwrap().len;
+        for mask in 0..8u32 {
+            let t: Vec<bool> = (0..3).map(|i| mask >> i & 1 == 1).collect();
+            assert!(backward_workspace_layout(&descs, 40, s, &t).unwrap().len <= all);
+        }
+        let err = backward_workspace_layout(&descs, 40, s, &[true]).unwrap_err().to_string();
+        assert!(err.contains("1 trainable flags for 3 branches"), "{err}");
+        assert!(backward_workspace_layout(&descs, 40, shape(1 << 20, 1 << 12, 40, 3, true), &[true; 3]).is_err());
+    }
+
+    #[test]
+    fn branch_gradient_destinations_are_checked() {
+        let (h, m) = (16, 4);
+        let ok = BranchGradLens { down_w: m * h, down_b: m, up_w: h * m, up_b: h, ln_before: Some((h, h)), ln_after: Some((h, h)), scaling: Some(h), gate: Some((h, 1)) };
+        check_branch_grads(0, &full(m as i32), h, &ok).unwrap();
+        let plain = BranchGradLens { ln_before: None, ln_after: None, scaling: None, gate: None, ..ok };
+        check_branch_grads(0, &desc(m as i32), h, &plain).unwrap();
+        let learned = BranchDescriptor { scaling_kind: SCALING_LEARNED, ..desc(m as i32) };
+        check_branch_grads(0, &learned, h, &BranchGradLens { scaling: Some(1), ..plain }).unwrap();
+        let cases: [(BranchDescriptor, BranchGradLens, &str); 9] = [
+            (full(4), BranchGradLens { down_w: 63, ..ok }, "branch 2: the down weight gradient has 63 elements, expected 64 (bottleneck·H) for H = 16, bottleneck = 4"),
+            (full(4), BranchGradLens { down_b: 5, ..ok }, "down bias gradient has 5 elements, expected 4"),
+            (full(4), BranchGradLens { up_w: 1, ..ok }, "up weight gradient has 1"),
+            (full(4), BranchGradLens { up_b: 15, ..ok }, "up bias gradient has 15 elements, expected 16 (H)"),
+            (full(4), BranchGradLens { ln_before: None, ..ok }, "the adapter has a LayerNorm before, but none is given a gradient destination"),
+            (desc(4), BranchGradLens { ln_after: Some((h, h)), ..plain }, "the adapter has none a LayerNorm after, but one is given"),
+            (full(4), BranchGradLens { ln_after: Some((h, h - 1)), ..ok }, "LayerNorm-after beta gradient has 15"),
+            (learned, BranchGradLens { scaling: Some(h), ..plain }, "scaling gradient has 16 elements, expected 1 (learned: one scalar)"),
+            (full(4), BranchGradLens { gate: Some((h, 2)), ..ok }, "gate bias gradient has 2 elements, expected 1 ([1])"),
+        ];
+        for (d, g, want) in cases {
+            let err = check_branch_grads(2, &d, h, &g).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains(want), "{err} should contain {want:?}");
+        }
+    }
+
+    fn sizes(s: LocationShape) -> LocationBackwardSizes {
+        let n_out = s.branches * s.batch * s.seq_len * s.hidden;
+        let n_in = if s.replicate { n_out / s.branches } else { n_out };
+        LocationBackwardSizes {
+            shape: s,
+            h: n_in,
+            r: n_in,
+            ln_gamma: s.hidden,
+            ln_beta: s.hidden,
+            d_out: n_out,
+            input_grads: Some((n_in, n_in)),
+            grads: s.branches,
+            descriptor_branches: s.branches,
+            descriptor_hidden: s.hidden,
+            workspace: 10,
+            workspace_needed: 10,
+        }
+    }
+
+    #[test]
+    fn backward_sizes_name_the_operand() {
+        let ok = sizes(shape(2, 7, 40, 3, true));
+        ok.check(1e-12).unwrap();
+        sizes(shape(2, 7, 40, 3, false)).check(1e-12).unwrap();
+        sizes(shape(0, 7, 40, 1, false)).check(1e-12).unwrap();
+        LocationBackwardSizes { input_grads: None, ..ok }.check(1e-12).unwrap();
+        let cases: [(LocationBackwardSizes, &str); 12] = [
+            (LocationBackwardSizes { h: 561, ..ok }, "h has 561 elements, expected 560 (B·T·H)"),
+            (LocationBackwardSizes { r: 1680, ..ok }, "r has 1680"),
+            (LocationBackwardSizes { ln_gamma: 39, ..ok }, "LayerNorm gamma has 39"),
+            (LocationBackwardSizes { ln_beta: 41, ..ok }, "LayerNorm beta has 41"),
+            (LocationBackwardSizes { d_out: 560, ..ok }, "d_out has 560 elements, expected 1680 (N·B·T·H)"),
+            (LocationBackwardSizes { input_grads: Some((559, 560)), ..ok }, "dh has 559"),
+            (LocationBackwardSizes { input_grads: Some((560, 1680)), ..ok }, "dr has 1680"),
+            (LocationBackwardSizes { grads: 2, ..ok }, "2 gradient entries for 3 branches"),
+            (LocationBackwardSizes { descriptor_hidden: 48, ..ok }, "built for H = 48"),
+            (LocationBackwardSizes { descriptor_branches: 2, ..ok }, "3 branches, but there are 2 descriptors"),
+            (LocationBackwardSizes { workspace: 9, ..ok }, "the workspace has 9 floats, this backward needs 10"),
+            (LocationBackwardSizes { shape: shape(1 << 20, 1 << 10, 40, 3, false), ..ok }, "must fit in an i32"),
+        ];
+        for (c, want) in cases {
+            let err = c.check(1e-12).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains(want), "{err} should contain {want:?}");
+        }
+        let many = sizes(shape(1, 1, 8, 33, true));
+        assert!(matches!(many.check(1e-12), Err(Error::Unsupported(_))));
+        assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn backward_plans_follow_the_documented_rules() {
+        for (h, m) in [(1, 1), (40, 3), (384, 48), (768, 64), (1024, 4096)] {
+            let p = backward_plan_auto(h, m);
+            assert_eq!(p.threads_per_row, 32, "H {h}");
+            // What the launcher validates against: the opt-in maximum (sm_90), less the margin.
+            validate_backward_plan(p, h, m, 227 * 1024 - 256).unwrap();
+        }
+        // 8 rows of 4·384 + 3·48 floats would need 53 KiB: 4 rows fit.
+        assert_eq!(backward_plan_auto(384, 48).rows_per_block, 4);
+        assert_eq!(backward_plan_auto(40, 3).rows_per_block, 8);
+        assert_eq!(backward_plan_auto(1100, 8), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
+        assert_eq!(backward_plan_auto(4099, 8), LocationPlan { threads_per_row: 256, rows_per_block: 1 });
+        assert_eq!(backward_plan_auto(1 << 16, 8).threads_per_row, MAX_BACKWARD_THREADS);
+        for bad in [LocationPlan { threads_per_row: 512, rows_per_block: 1 }, LocationPlan { threads_per_row: 32, rows_per_block: 9 }, LocationPlan { threads_per_row: 48, rows_per_block: 1 }] {
+            assert!(matches!(validate_backward_plan(bad, 40, 3, DEFAULT_SHARED_BYTES), Err(Error::Shape { .. })), "{bad:?}");
+        }
+        let err = validate_backward_plan(LocationPlan { threads_per_row: 32, rows_per_block: 8 }, 2000, 48, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
+        assert!(err.contains("bytes of shared memory"), "{err}");
+        let src = crate::cuda::registry::adapter::SOURCE.code;
+        assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_THREADS {MAX_BACKWARD_THREADS}\n")));
+        assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_BRANCHES {MAX_BACKWARD_BRANCHES}\n")));
+    }
 }
