@@ -60,8 +60,9 @@
 // Backward (appended at the end of the file, `adapter_location_backward_f32`): the same row-team
 // mapping, one launch for every branch of a location, recomputing the forward per row (nothing
 // is saved by the forward) and walking it back; it writes dh/dr and, for trainable branches, a
-// per-row pack from which the launcher reduces the parameter gradients with GEMMs. See the
-// comment above that kernel.
+// per-row pack from which the launcher reduces the parameter gradients with GEMMs;
+// `adapter_location_backward_gate_f32` is the gate launch restricted to the branches it needs.
+// See the comment above that kernel.
 
 // ---- descriptor -----------------------------------------------------------------------------
 
