@@ -62,6 +62,13 @@
 // the teams of one block may need different branches' weights). Loads and stores of h, r, out and
 // the BERT LayerNorm go through load_f32/store_f32, templated on their storage types (T for h, r,
 // out; P for γ, β), so a storage type is added by instantiating the templates, as bf16 γ, β are.
+//
+// Backward (appended at the end of the file, `adapter_location_backward_f32`): the same row-team
+// mapping, one launch for every branch of a location, recomputing the forward per row (nothing
+// is saved by the forward) and walking it back; it writes dh/dr and, for trainable branches, a
+// per-row pack from which the launcher reduces the parameter gradients with GEMMs;
+// `adapter_location_backward_gate_f32` is the gate launch restricted to the branches it needs.
+// See the comment above that kernel.
 
 // ---- descriptor -----------------------------------------------------------------------------
 
@@ -507,4 +514,739 @@ extern "C" __global__ void adapter_location_gate_bf16(
 {
     location_gate_block<float, bf16_raw>(gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                          reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// ---- backward ---------------------------------------------------------------------------------------
+//
+// adapter_location_backward_f32: the gradient of adapter_location_forward_f32 for every branch of
+// a location in one launch (spec §7.3; the spec is bert_adapters::cpu's
+// `adapter_location_backward`). Per row it recomputes the forward from h and r (pre step, LN
+// before, down projection, activation, up projection, scaling, gate, LN after / residual, post
+// step; the forward keeps no tape) and walks it back:
+//     post step      dz2 = LNback(d_out)                 (or d_out)    dr += dz2
+//     LN after       dt  = LN_afterback(dy)   dρ = dt | dy (adapter_residual_before_ln or not)
+//     gate           du_s = g·du_g;  dg_e = Σ_{rows of e} du_g·u_s;  dlogit = dg_e/T·σ(1-σ)
+//     scaling        dup = s ⊙ du_s              ds = Σ du_s ⊙ up (channel) / Σ_c (learned)
+//     up, act        dpre = (dup·W_u) ⊙ act'(pre)
+//     down           dz0 = dpre·W_d;   dx = LN_beforeback(dz0) (or dz0) + dlogit·w_g
+//     pre step       ρ: dh += dρ (h), dx += dρ (x), dv += dρ (v);  dv += LNback(dx) when the
+//                    original LayerNorm comes first, dh += dv, dr += dv; else dh += dx
+//
+// Teams. Without replication a team owns one output row of one branch; the grid covers only the
+// branches in `branch_mask` (rows of a branch that needs no parameter gradient and whose input
+// gradient is not needed are never launched). With replication a team owns one shared input row
+// and walks the branches of `branch_mask` in order, summing their input gradients in shared
+// memory: dh and dr of a row are written by one team, in a fixed order, with no atomics.
+//
+// Parameter gradients are not reduced here. For each branch in `train_mask` the team writes a
+// per-row pack of the vectors whose sums over rows are the gradients (adapter_pack_layout):
+// dup and act (dW_up = dupᵀ·act, db_up = Σ dup), dpre and z0 (dW_down = dpreᵀ·z0, db_down),
+// dy⊙x̂ and dy of each adapter LayerNorm, du_s⊙up (scaling), dlogit and x (gate). The launcher
+// reduces them with GEMMs over the rows (cuBLASLt; the CPU gemm on cuda-sim), which are
+// deterministic, so the whole backward is bitwise reproducible. z0 is not packed when it is h
+// itself (no LayerNorm before the down projection, no original LayerNorm first) and h holds the
+// branch's rows as they are (replicated): the GEMM reads h.
+//
+// The gate needs a reduction over an example's rows before any row can finish, so a gated
+// location takes two launches of this kernel: phase 0 (the gated branches only) stops at
+// q_row = Σ_c du_g·u_s and writes it to `gate_q`; phase 1 sums the T values of its example (in
+// order, the same in every row of the example) and goes on. The gate means themselves come from
+// adapter_location_gate_f32, launched before.
+//
+// Shared memory per team (floats): x [H], w [H] (z0, then up), g [H] (z2, dy, dup, dz0, dx),
+// dx [H] (the sum over branches), then pre, act and dpre [bottleneck_stride] each.
+
+#define ADAPTER_BWD_MAX_BRANCHES 32
+// Threads per block of the backward (warp per row: 8 rows; block per row: up to 8 warps). The
+// kernel needs about 150 registers a thread (ptxas, sm_80/sm_90), so a 1024-thread block would
+// not fit the 64K-register file; __launch_bounds__(this, 1) makes ptxas guarantee this many
+// without squeezing registers for a second block (which spilled).
+#define ADAPTER_BWD_MAX_THREADS 256
+
+// act'(x), in f32 with the accurate library functions; the same activations as
+// adapter_activation.
+__device__ __forceinline__ float adapter_activation_grad(int act, float x) {
+    switch (act) {
+    case ADAPTER_ACT_RELU:
+        return x > 0.0f ? 1.0f : 0.0f;
+    case ADAPTER_ACT_GELU: {
+        const float cdf = 0.5f * erfcf(x * -0.70710678118654752f);
+        const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+        return fmaf(x, pdf, cdf);
+    }
+    case ADAPTER_ACT_GELU_NEW: {
+        const float c = 0.79788456080286536f;
+        const float t = tanhf(c * (x + 0.044715f * x * x * x));
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    case ADAPTER_ACT_SWISH: {
+        const float s = 1.0f / (1.0f + expf(-x));
+        return s * (1.0f + x * (1.0f - s));
+    }
+    case ADAPTER_ACT_TANH: {
+        const float t = tanhf(x);
+        return 1.0f - t * t;
+    }
+    default: {  // ADAPTER_ACT_SIGMOID
+        const float s = 1.0f / (1.0f + expf(-x));
+        return s * (1.0f - s);
+    }
+    }
+}
+
+// Column offsets of one row of a trainable branch's pack; -1 = absent. Mirrors `PackLayout` in
+// src/cuda/adapter.rs (the launcher sizes the workspace and runs the GEMMs from it).
+struct AdapterPackLayout {
+    int dup;              // [H] dup = s ⊙ du_s
+    int z0;               // [H] the down projection's input, unless it is h's own rows (replicated)
+    int ln_after_gamma;   // [H] dy ⊙ x̂ of LN_after
+    int ln_after_beta;    // [H] dy of LN_after
+    int ln_before_gamma;  // [H]
+    int ln_before_beta;   // [H]
+    int scaling;          // [H] du_s ⊙ up (channel) or [1] Σ_c du_s ⊙ up (learned)
+    int x;                // [H] the gate's input x, when it is neither z0 nor h
+    int act;              // [m]
+    int dpre;             // [m]
+    int dlogit;           // [1]
+    int width;            // floats per row, a multiple of 4
+};
+
+__device__ __forceinline__ AdapterPackLayout adapter_pack_layout(const AdapterBranchDesc& d, int cols, int replicate) {
+    AdapterPackLayout p;
+    const bool ln_before = d.ln_before_gamma != 0;
+    int k = 0;
+    p.dup = k;
+    k += cols;
+    p.z0 = -1;
+    if (ln_before || d.original_ln_before != 0 || !replicate) {
+        p.z0 = k;
+        k += cols;
+    }
+    p.ln_after_gamma = p.ln_after_beta = -1;
+    if (d.ln_after_gamma != 0) {
+        p.ln_after_gamma = k;
+        p.ln_after_beta = k + cols;
+        k += 2 * cols;
+    }
+    p.ln_before_gamma = p.ln_before_beta = -1;
+    if (ln_before) {
+        p.ln_before_gamma = k;
+        p.ln_before_beta = k + cols;
+        k += 2 * cols;
+    }
+    p.scaling = -1;
+    if (d.scaling_kind == ADAPTER_SCALING_CHANNEL) {
+        p.scaling = k;
+        k += cols;
+    }
+    p.x = -1;
+    if (d.gate_w != 0 && ln_before) {
+        p.x = k;
+        k += cols;
+    }
+    p.act = k;
+    k += d.bottleneck;
+    p.dpre = k;
+    k += d.bottleneck;
+    if (d.scaling_kind == ADAPTER_SCALING_LEARNED) {
+        p.scaling = k;
+        k += 1;
+    }
+    p.dlogit = -1;
+    if (d.gate_w != 0) {
+        p.dlogit = k;
+        k += 1;
+    }
+    p.width = (k + 3) & ~3;
+    return p;
+}
+
+// The index of the k-th set bit of `mask` (k counted from 0), or -1.
+__device__ __forceinline__ int adapter_nth_branch(unsigned mask, int k) {
+    for (int i = 0; i < ADAPTER_BWD_MAX_BRANCHES; ++i) {
+        if ((mask >> i) & 1u) {
+            if (k == 0) {
+                return i;
+            }
+            --k;
+        }
+    }
+    return -1;
+}
+
+// pre[j] = z·W_d[j]ᵀ + b_d[j] and act[j] = act(pre[j]) for j < m: down_projection's mapping, both
+// values kept (the backward needs the pre-activation).
+__device__ __forceinline__ void bwd_down_projection(const float* z, float* pre, float* act, const AdapterBranchDesc& d, int cols) {
+    const float* wd = desc_ptr(d.down_w);
+    const float* bd = desc_ptr(d.down_b);
+    const int m = d.bottleneck;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    for (int j0 = warp * 32; j0 < m; j0 += warps * 32) {
+        const int n = m - j0 < 32 ? m - j0 : 32;  // warp-uniform
+        const float* w = wd + (size_t)j0 * (size_t)cols;
+        if (n > DOWN_TRANSPOSE_MIN) {
+            float p[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                p[i] = 0.0f;
+            }
+            for (int k = lane; k < cols; k += 32) {
+                const float zk = z[k];
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
+                    if (i < n) {
+                        p[i] = fmaf(zk, w[(size_t)i * (size_t)cols + k], p[i]);
+                    }
+                }
+            }
+            const float total = warp_transpose_sum(p);
+            if (lane < n) {
+                const float v = total + bd[j0 + lane];
+                pre[j0 + lane] = v;
+                act[j0 + lane] = adapter_activation(d.activation, v);
+            }
+        } else {
+            for (int i = 0; i < n; ++i) {
+                const float* wi = w + (size_t)i * (size_t)cols;
+                float acc = 0.0f;
+                for (int k = lane; k < cols; k += 32) {
+                    acc = fmaf(z[k], wi[k], acc);
+                }
+                acc = warp_sum(acc);
+                if (lane == 0) {
+                    const float v = acc + bd[j0 + i];
+                    pre[j0 + i] = v;
+                    act[j0 + i] = adapter_activation(d.activation, v);
+                }
+            }
+        }
+    }
+}
+
+// dpre[j] = (Σ_c dup[c]·W_u[c, j]) · act'(pre[j]) for j < m: the transposed product with W_u
+// ([H, m]), mapped like the down projection (lane l sums columns l, l + 32, ... of 32 outputs).
+__device__ __forceinline__ void bwd_up_transposed(const float* dup, const float* pre, float* dpre, const AdapterBranchDesc& d, int cols) {
+    const float* wu = desc_ptr(d.up_w);
+    const int m = d.bottleneck;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    for (int j0 = warp * 32; j0 < m; j0 += warps * 32) {
+        const int n = m - j0 < 32 ? m - j0 : 32;  // warp-uniform
+        if (n > DOWN_TRANSPOSE_MIN) {
+            float p[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                p[i] = 0.0f;
+            }
+            for (int c = lane; c < cols; c += 32) {
+                const float g = dup[c];
+                const float* w = wu + (size_t)c * (size_t)m + j0;
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
+                    if (i < n) {
+                        p[i] = fmaf(g, w[i], p[i]);
+                    }
+                }
+            }
+            const float total = warp_transpose_sum(p);
+            if (lane < n) {
+                dpre[j0 + lane] = total * adapter_activation_grad(d.activation, pre[j0 + lane]);
+            }
+        } else {
+            for (int i = 0; i < n; ++i) {
+                float acc = 0.0f;
+                for (int c = lane; c < cols; c += 32) {
+                    acc = fmaf(dup[c], wu[(size_t)c * (size_t)m + j0 + i], acc);
+                }
+                acc = warp_sum(acc);
+                if (lane == 0) {
+                    dpre[j0 + i] = acc * adapter_activation_grad(d.activation, pre[j0 + i]);
+                }
+            }
+        }
+    }
+}
+
+// What a team needs to recompute the core's column values from its shared-memory row buffers.
+template <typename T>
+struct AdapterBwdRow {
+    const T* hr;      // h, r of the source row
+    const T* rr;
+    const float* xs;  // x
+    const float* ws;  // up = act·W_uᵀ + b_u (unscaled)
+    const float* sp;  // the scaling parameter, or null
+    float s_uniform;  // the fixed or learned scaling
+    int scaling_kind;
+    float g;          // the example's gate value (1 without a gate)
+    bool gated;
+    int residual;     // ADAPTER_RESIDUAL_*
+    bool residual_first;
+};
+
+template <typename T>
+__device__ __forceinline__ float bwd_scale(const AdapterBwdRow<T>& w, int c) {
+    return w.scaling_kind == ADAPTER_SCALING_CHANNEL ? w.sp[c] : w.s_uniform;
+}
+
+// u_s = s ⊙ up, as the forward rounds it.
+template <typename T>
+__device__ __forceinline__ float bwd_scaled(const AdapterBwdRow<T>& w, int c) {
+    return w.ws[c] * bwd_scale(w, c);
+}
+
+// u_g = g · u_s.
+template <typename T>
+__device__ __forceinline__ float bwd_gated(const AdapterBwdRow<T>& w, int c) {
+    const float u = bwd_scaled(w, c);
+    return w.gated ? u * w.g : u;
+}
+
+template <typename T>
+__device__ __forceinline__ float bwd_rho(const AdapterBwdRow<T>& w, int c) {
+    if (w.residual == ADAPTER_RESIDUAL_H) {
+        return load_f32(w.hr, c);
+    }
+    if (w.residual == ADAPTER_RESIDUAL_X) {
+        return w.xs[c];
+    }
+    return load_f32(w.hr, c) + load_f32(w.rr, c);
+}
+
+// The input of LN_after: u_g (+ ρ when the adapter residual comes first).
+template <typename T>
+__device__ __forceinline__ float bwd_ln_after_input(const AdapterBwdRow<T>& w, int c) {
+    const float u = bwd_gated(w, c);
+    return w.residual_first ? u + bwd_rho(w, c) : u;
+}
+
+template <typename T>
+__device__ __forceinline__ void location_backward_team(
+    float* __restrict__ dh, float* __restrict__ dr, float* __restrict__ pack, float* __restrict__ gate_q, const float* __restrict__ gate,
+    const T* __restrict__ d_out, const T* __restrict__ h, const T* __restrict__ r, const T* __restrict__ ln_gamma,
+    const T* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols, int branches,
+    int replicate, float ln_eps, int bottleneck_stride, unsigned branch_mask, unsigned train_mask, int need_input, int phase) {
+    extern __shared__ float adapter_bwd_smem[];  // per team: x, w, g, dx [cols] each, pre, act, dpre [stride] each
+    __shared__ float bwd_scratch[32];            // team_sum partials (block-per-row mapping only)
+
+    const int per_branch = batch * seq_len;  // > 0: the launcher launches nothing for zero rows
+    const int team = blockIdx.x * blockDim.y + threadIdx.y;
+    int local, first, last;  // the team's row within a branch, and its branches [first, last)
+    if (replicate) {
+        if (team >= per_branch) {
+            return;  // the whole team; block barriers only occur with one team per block
+        }
+        local = team;
+        first = 0;
+        last = branches;
+    } else {
+        const int k = team / per_branch;
+        if (k >= __popc(branch_mask)) {
+            return;
+        }
+        first = adapter_nth_branch(branch_mask, k);
+        last = first + 1;
+        local = team - k * per_branch;
+    }
+    const size_t src = (size_t)(replicate ? local : first * per_branch + local);
+    const T* hr = h + src * (size_t)cols;
+    const T* rr = r + src * (size_t)cols;
+    const size_t team_floats = 4 * (size_t)cols + 3 * (size_t)bottleneck_stride;
+    float* xs = adapter_bwd_smem + (size_t)threadIdx.y * team_floats;
+    float* ws = xs + cols;
+    float* gs = ws + cols;
+    float* dxs = gs + cols;
+    float* pre = dxs + cols;
+    float* act = pre + bottleneck_stride;
+    float* dpre = act + bottleneck_stride;
+    const bool ln_first = descs[0].original_ln_before != 0;  // the location's, in every descriptor
+    const bool post = descs[0].original_ln_after != 0;
+    const int residual = descs[0].residual_before_ln;
+    const bool inputs = need_input != 0 && phase == 1;
+    float* dhr = inputs ? dh + src * (size_t)cols : nullptr;
+    float* drr = inputs ? dr + src * (size_t)cols : nullptr;
+
+    // Pre step: x into xs. The input-gradient accumulators start at zero.
+    float pre_mean = 0.0f, pre_rstd = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
+        if (inputs) {
+            dxs[c] = 0.0f;
+            dhr[c] = 0.0f;
+            drr[c] = 0.0f;
+        }
+    }
+    if (ln_first) {
+        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, bwd_scratch, pre_mean, pre_rstd);
+    }
+
+    for (int i = first; i < last; ++i) {
+        if (((branch_mask >> i) & 1u) == 0) {
+            continue;  // team-uniform
+        }
+        const AdapterBranchDesc& d = descs[i];
+        const bool gated = d.gate_w != 0;
+        if (phase == 0 && !gated) {
+            continue;
+        }
+        const bool train = phase == 1 && ((train_mask >> i) & 1u) != 0;
+        const int m = d.bottleneck;
+        const size_t out_row = (size_t)i * (size_t)per_branch + (size_t)local;
+        const int example = local / seq_len;
+        const AdapterPackLayout lay = adapter_pack_layout(d, cols, replicate);
+        float* pk = nullptr;
+        if (train) {
+            size_t base = 0;  // the packs of the trainable branches before i
+            for (int k = 0; k < i; ++k) {
+                if ((train_mask >> k) & 1u) {
+                    base += (size_t)per_branch * (size_t)adapter_pack_layout(descs[k], cols, replicate).width;
+                }
+            }
+            pk = pack + base + (size_t)local * (size_t)lay.width;
+        }
+        const T* dor = d_out + out_row * (size_t)cols;
+
+        // ---- forward again ----
+        const bool ln_before = d.ln_before_gamma != 0;
+        float b_mean = 0.0f, b_rstd = 0.0f;
+        const float* zs = xs;
+        if (ln_before) {
+            team_layernorm(xs, ws, desc_ptr(d.ln_before_gamma), desc_ptr(d.ln_before_beta), cols, d.ln_before_eps, bwd_scratch, b_mean,
+                           b_rstd);
+            zs = ws;
+        }
+        if (train) {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                if (lay.z0 >= 0) {
+                    pk[lay.z0 + c] = zs[c];
+                }
+                if (lay.x >= 0) {
+                    pk[lay.x + c] = xs[c];
+                }
+            }
+        }
+        team_sync();  // the down projection reads every column of z0
+        bwd_down_projection(zs, pre, act, d, cols);
+        team_sync();  // pre/act complete; nobody reads z0 any more
+
+        AdapterBwdRow<T> w;
+        w.hr = hr;
+        w.rr = rr;
+        w.xs = xs;
+        w.ws = ws;
+        w.sp = desc_ptr(d.scaling);
+        w.scaling_kind = d.scaling_kind;
+        w.s_uniform = d.scaling_kind == ADAPTER_SCALING_LEARNED ? w.sp[0] : d.scaling_value;
+        w.gated = gated;
+        w.g = gated ? gate[i * batch + example] : 1.0f;
+        w.residual = residual;
+        w.residual_first = d.adapter_residual_before_ln != 0;
+        {
+            const float* wu = desc_ptr(d.up_w);
+            const float* bu = desc_ptr(d.up_b);
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float* wc = wu + (size_t)c * (size_t)m;
+                float acc = 0.0f;
+                for (int j = 0; j < m; ++j) {
+                    acc = fmaf(act[j], wc[j], acc);
+                }
+                ws[c] = acc + bu[c];
+            }
+        }
+        // LN_after statistics (two-pass, as team_layernorm).
+        const bool ln_after = d.ln_after_gamma != 0;
+        const float* ga = desc_ptr(d.ln_after_gamma);
+        const float* ba = desc_ptr(d.ln_after_beta);
+        float a_mean = 0.0f, a_rstd = 0.0f;
+        if (ln_after) {
+            float sum = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                sum += bwd_ln_after_input(w, c);
+            }
+            a_mean = team_sum(sum, bwd_scratch) / (float)cols;
+            float sq = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float dv = bwd_ln_after_input(w, c) - a_mean;
+                sq = fmaf(dv, dv, sq);
+            }
+            a_rstd = 1.0f / sqrtf(team_sum(sq, bwd_scratch) / (float)cols + d.ln_after_eps);
+        }
+        // y, then the post step's input z2 = y + r, into gs.
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float y;
+            if (ln_after) {
+                y = fmaf((bwd_ln_after_input(w, c) - a_mean) * a_rstd, ga[c], ba[c]);
+                if (!w.residual_first) {
+                    y += bwd_rho(w, c);
+                }
+            } else {
+                y = bwd_gated(w, c) + bwd_rho(w, c);
+            }
+            gs[c] = post ? y + load_f32(rr, c) : y;
+        }
+
+        // ---- backward ----
+        // Post step: dy = LNback(d_out) into gs (dr gets it too), or d_out.
+        if (post) {
+            float sum = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                sum += gs[c];
+            }
+            const float mean = team_sum(sum, bwd_scratch) / (float)cols;
+            float sq = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float dv = gs[c] - mean;
+                sq = fmaf(dv, dv, sq);
+            }
+            const float rstd = 1.0f / sqrtf(team_sum(sq, bwd_scratch) / (float)cols + ln_eps);
+            float s1 = 0.0f, s2 = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
+                s1 += gy;
+                s2 = fmaf(gy, (gs[c] - mean) * rstd, s2);
+            }
+            s1 = team_sum(s1, bwd_scratch) / (float)cols;
+            s2 = team_sum(s2, bwd_scratch) / (float)cols;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
+                const float xh = (gs[c] - mean) * rstd;
+                const float dz = rstd * (gy - s1 - xh * s2);
+                gs[c] = dz;
+                if (inputs) {
+                    drr[c] += dz;
+                }
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                gs[c] = load_f32(dor, c);
+            }
+        }
+        // LN_after and the adapter residual: du_g into gs; dρ to the input-gradient sums.
+        float as1 = 0.0f, as2 = 0.0f;
+        if (ln_after) {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float gy = gs[c] * ga[c];
+                as1 += gy;
+                as2 = fmaf(gy, (bwd_ln_after_input(w, c) - a_mean) * a_rstd, as2);
+            }
+            as1 = team_sum(as1, bwd_scratch) / (float)cols;
+            as2 = team_sum(as2, bwd_scratch) / (float)cols;
+        }
+        float q = 0.0f;  // Σ_c du_g·u_s, the gate's row term
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float dy = gs[c];
+            float du = dy, drho = dy;
+            if (ln_after) {
+                const float xh = (bwd_ln_after_input(w, c) - a_mean) * a_rstd;
+                du = a_rstd * (dy * ga[c] - as1 - xh * as2);
+                if (w.residual_first) {
+                    drho = du;
+                }
+                if (train) {
+                    pk[lay.ln_after_gamma + c] = dy * xh;
+                    pk[lay.ln_after_beta + c] = dy;
+                }
+            }
+            gs[c] = du;
+            if (gated) {
+                q = fmaf(du, bwd_scaled(w, c), q);
+            }
+            if (inputs) {
+                if (residual == ADAPTER_RESIDUAL_X) {
+                    dxs[c] += drho;
+                } else {
+                    dhr[c] += drho;
+                    if (residual == ADAPTER_RESIDUAL_V) {
+                        drr[c] += drho;
+                    }
+                }
+            }
+        }
+        // Gate: phase 0 stops at the row term; phase 1 turns its example's sum into dlogit.
+        float dlogit = 0.0f;
+        if (gated) {
+            q = team_sum(q, bwd_scratch);
+            if (phase == 0) {
+                if (threadIdx.x == 0) {
+                    gate_q[out_row] = q;
+                }
+                continue;  // team-uniform; the next branch starts with thread-local writes only
+            }
+            const float* qe = gate_q + (size_t)i * (size_t)per_branch + (size_t)example * (size_t)seq_len;
+            float part = 0.0f;
+            for (int t = threadIdx.x; t < seq_len; t += blockDim.x) {
+                part += qe[t];
+            }
+            const float dg = team_sum(part, bwd_scratch);
+            const float* wg = desc_ptr(d.gate_w);
+            float dot = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                dot = fmaf(xs[c], wg[c], dot);
+            }
+            const float logit = team_sum(dot, bwd_scratch) + desc_ptr(d.gate_b)[0];
+            const float sig = 1.0f / (1.0f + expf(-logit));
+            dlogit = dg / (float)seq_len * (sig * (1.0f - sig));
+            if (train && threadIdx.x == 0) {
+                pk[lay.dlogit] = dlogit;
+            }
+        }
+        // Gate and scaling: dup = s ⊙ (g·du_g) into gs.
+        float ds = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float du_s = gated ? gs[c] * w.g : gs[c];
+            const float dup = du_s * bwd_scale(w, c);
+            gs[c] = dup;
+            if (train) {
+                pk[lay.dup + c] = dup;
+                if (d.scaling_kind == ADAPTER_SCALING_CHANNEL) {
+                    pk[lay.scaling + c] = du_s * ws[c];
+                } else if (d.scaling_kind == ADAPTER_SCALING_LEARNED) {
+                    ds = fmaf(du_s, ws[c], ds);
+                }
+            }
+        }
+        if (train && d.scaling_kind == ADAPTER_SCALING_LEARNED) {
+            ds = team_sum(ds, bwd_scratch);
+            if (threadIdx.x == 0) {
+                pk[lay.scaling] = ds;
+            }
+        }
+        team_sync();  // dup complete
+        bwd_up_transposed(gs, pre, dpre, d, cols);
+        team_sync();  // dpre complete; nobody reads dup any more
+        if (train) {
+            for (int j = threadIdx.x; j < m; j += blockDim.x) {
+                pk[lay.act + j] = act[j];
+                pk[lay.dpre + j] = dpre[j];
+            }
+        }
+        // Down projection and LN_before: dx, only when someone reads it.
+        if (inputs || (train && ln_before)) {
+            const float* wd = desc_ptr(d.down_w);
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                float acc = 0.0f;
+                for (int j = 0; j < m; ++j) {
+                    acc = fmaf(dpre[j], wd[(size_t)j * (size_t)cols + c], acc);
+                }
+                gs[c] = acc;
+            }
+            if (ln_before) {
+                const float* gb = desc_ptr(d.ln_before_gamma);
+                float s1 = 0.0f, s2 = 0.0f;
+                for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                    const float gy = gs[c] * gb[c];
+                    s1 += gy;
+                    s2 = fmaf(gy, (xs[c] - b_mean) * b_rstd, s2);
+                }
+                s1 = team_sum(s1, bwd_scratch) / (float)cols;
+                s2 = team_sum(s2, bwd_scratch) / (float)cols;
+                for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                    const float dz = gs[c];
+                    const float xh = (xs[c] - b_mean) * b_rstd;
+                    if (train) {
+                        pk[lay.ln_before_gamma + c] = dz * xh;
+                        pk[lay.ln_before_beta + c] = dz;
+                    }
+                    gs[c] = b_rstd * (dz * gb[c] - s1 - xh * s2);
+                }
+            }
+            if (inputs) {
+                const float* wg = desc_ptr(d.gate_w);
+                for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                    dxs[c] += gated ? fmaf(dlogit, wg[c], gs[c]) : gs[c];
+                }
+            }
+        }
+        // The next branch first writes shared memory thread-locally, then syncs before any
+        // cross-column write (pre/act), so no barrier is needed here.
+    }
+
+    // Pre step backward: dv = LNback(dx) when the original LayerNorm comes first.
+    if (!inputs) {
+        return;
+    }
+    if (ln_first) {
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = dxs[c] * load_f32(ln_gamma, c);
+            s1 += gy;
+            s2 = fmaf(gy, (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd, s2);
+        }
+        s1 = team_sum(s1, bwd_scratch) / (float)cols;
+        s2 = team_sum(s2, bwd_scratch) / (float)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = dxs[c] * load_f32(ln_gamma, c);
+            const float xh = (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd;
+            const float dv = pre_rstd * (gy - s1 - xh * s2);
+            dhr[c] += dv;
+            drr[c] += dv;
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            dhr[c] += dxs[c];
+        }
+    }
+}
+
+// dh, dr: [B·T, H] when replicate, else [N·B·T, H] (rows of branches outside branch_mask are not
+// written); written only when need_input (else null). pack: the trainable branches' packs, in
+// branch order, [B·T, width] each; null when train_mask is 0. gate_q: [N·B·T] (written in phase
+// 0, read in phase 1; null without a gated branch). gate: [N·B] from adapter_location_gate_f32.
+// d_out: [N·B·T, H]; h, r, ln_gamma, ln_beta, descs as for the forward. branch_mask: the branches
+// to process (phase 0: the gated ones among them); train_mask ⊆ branch_mask. Grid: one team per
+// row (replicate: B·T teams; else popc(branch_mask)·B·T), the forward's plans up to
+// ADAPTER_BWD_MAX_THREADS threads per block.
+extern "C" __global__ __launch_bounds__(ADAPTER_BWD_MAX_THREADS, 1) void adapter_location_backward_f32(
+    float* __restrict__ dh,
+    float* __restrict__ dr,
+    float* __restrict__ pack,
+    float* __restrict__ gate_q,
+    const float* __restrict__ gate,
+    const float* __restrict__ d_out,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    int bottleneck_stride,
+    unsigned branch_mask,
+    unsigned train_mask,
+    int need_input,
+    int phase)
+{
+    location_backward_team<float>(dh, dr, pack, gate_q, gate, d_out, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                  batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, branch_mask, train_mask, need_input,
+                                  phase);
+}
+
+// The gate means for the backward: adapter_location_gate_f32 for the (branch, example) slots of
+// the branches in branch_mask only (a frozen branch's rows are not read when nothing needs them);
+// the other slots are left as they are. Grid N·B, block (32, <=32).
+extern "C" __global__ void adapter_location_backward_gate_f32(
+    float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    if (((branch_mask >> (blockIdx.x / batch)) & 1u) == 0) {
+        return;  // the whole block, before any barrier
+    }
+    location_gate_block<float>(gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden,
+                               replicate, ln_eps);
 }

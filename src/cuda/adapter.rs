@@ -748,3 +748,899 @@ mod tests {
         assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 128"));
     }
 }
+
+// ---- backward ------------------------------------------------------------------------------------
+//
+// The launcher of `adapter_location_backward_f32` (kernels/adapter.cu), the CUDA twin of
+// `Backend::adapter_location_backward_into`: see `adapter_location_backward`.
+
+use super::elementwise::fill_f32;
+use super::gemm::{Gemm, Transpose};
+use super::registry::adapter::{ADAPTER_LOCATION_BACKWARD_F32, ADAPTER_LOCATION_BACKWARD_GATE_F32};
+
+const OP_BWD: &str = "cuda::adapter_location_backward";
+
+/// The most branches one backward launch takes (its branch masks are 32-bit words).
+pub const MAX_BACKWARD_BRANCHES: usize = 32;
+
+/// The most threads per block of the backward kernel (`ADAPTER_BWD_MAX_THREADS`, its
+/// `__launch_bounds__`): it needs about 150 registers a thread.
+pub const MAX_BACKWARD_THREADS: u32 = 256;
+
+/// Workspace regions start on 64-float (256-byte) boundaries, what cuBLASLt likes best.
+const WORKSPACE_ALIGN: usize = 64;
+
+/// Column offsets of one row of a trainable branch's pack: the per-row vectors whose sums over
+/// rows are its parameter gradients. Mirrors `AdapterPackLayout` / `adapter_pack_layout` in
+/// kernels/adapter.cu, field for field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackLayout {
+    /// `[H]` dup = s ⊙ du_s (the gradient of the up projection's output).
+    pub dup: usize,
+    /// `[H]` the down projection's input z0; None when it is h's own rows (replicated, no
+    /// LayerNorm before it), which the GEMM then reads directly.
+    pub z0: Option<usize>,
+    /// `[H]` each: dy ⊙ x̂ and dy of LN_after.
+    pub ln_after: Option<(usize, usize)>,
+    /// `[H]` each: dz0 ⊙ x̂ and dz0 of LN_before.
+    pub ln_before: Option<(usize, usize)>,
+    /// `[H]` du_s ⊙ up (channel) or `[1]` its row sum (learned).
+    pub scaling: Option<usize>,
+    /// `[H]` the gate's input x, when it differs from z0 (a gate behind LN_before).
+    pub x: Option<usize>,
+    /// `[m]` act(pre) and dpre.
+    pub act: usize,
+    pub dpre: usize,
+    /// `[1]` the gate logit's gradient.
+    pub dlogit: Option<usize>,
+    /// Floats per row, a multiple of 4.
+    pub width: usize,
+}
+
+impl PackLayout {
+    /// The layout of branch `d`'s pack at width `hidden`.
+    pub fn of(d: &BranchDescriptor, hidden: usize, replicate: bool) -> PackLayout {
+        let ln_before = d.ln_before_gamma != 0;
+        let mut k = 0;
+        let mut take = |n: usize| {
+            let at = k;
+            k += n;
+            at
+        };
+        let dup = take(hidden);
+        let z0 = (ln_before || d.original_ln_before != 0 || !replicate).then(|| take(hidden));
+        let ln_after = (d.ln_after_gamma != 0).then(|| (take(hidden), take(hidden)));
+        let ln_before_cols = ln_before.then(|| (take(hidden), take(hidden)));
+        let mut scaling = (d.scaling_kind == SCALING_CHANNEL).then(|| take(hidden));
+        let x = (d.gate_w != 0 && ln_before).then(|| take(hidden));
+        let m = d.bottleneck as usize;
+        let act = take(m);
+        let dpre = take(m);
+        if d.scaling_kind == SCALING_LEARNED {
+            scaling = Some(take(1));
+        }
+        let dlogit = (d.gate_w != 0).then(|| take(1));
+        PackLayout { dup, z0, ln_after, ln_before: ln_before_cols, scaling, x, act, dpre, dlogit, width: k.div_ceil(4) * 4 }
+    }
+}
+
+/// Where things live in the backward's workspace (in floats).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackwardWorkspaceLayout {
+    /// `[B·T]` ones (the right-hand side of the column-sum GEMMs); empty when nothing trains.
+    pub ones: Range<usize>,
+    /// `[N·B]` gate means and `[N·B·T]` gate row terms; empty without a gated branch.
+    pub gate: Range<usize>,
+    pub gate_q: Range<usize>,
+    /// Where the packs start; the trainable branches' packs follow in branch order, `B·T` rows
+    /// each (the kernel finds them the same way).
+    pub packs: usize,
+    /// Per branch: its pack's start and layout, None when the branch is not trainable.
+    pub branch_packs: Vec<Option<(usize, PackLayout)>>,
+    /// Floats in all.
+    pub len: usize,
+}
+
+fn align_up(n: usize) -> usize {
+    n.div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+}
+
+/// The workspace a backward of `shape` needs when the branches with `trainable[i]` get parameter
+/// gradients. Pure; errors are `Error::Shape` (sizes that overflow, a wrong mask length).
+pub fn backward_workspace_layout(descs: &[BranchDescriptor], hidden: usize, shape: LocationShape, trainable: &[bool]) -> Result<BackwardWorkspaceLayout> {
+    let fail = |msg: String| Err(Error::shape(OP_BWD, msg));
+    if trainable.len() != descs.len() {
+        return fail(format!("{} trainable flags for {} branches", trainable.len(), descs.len()));
+    }
+    let per_branch = shape.batch.checked_mul(shape.seq_len).filter(|&r| r <= i32::MAX as usize);
+    let Some(per_branch) = per_branch else {
+        return fail(format!("batch {} x seq_len {} rows must fit in an i32", shape.batch, shape.seq_len));
+    };
+    let overflow = || Error::shape(OP_BWD, format!("the workspace for B·T = {per_branch}, H = {hidden}, N = {} overflows usize", descs.len()));
+    let any_train = trainable.iter().any(|&t| t);
+    let gated = descs.iter().any(|d| d.gate_w != 0);
+    let n = descs.len();
+    let ones = 0..if any_train { per_branch } else { 0 };
+    let gate_start = align_up(ones.end);
+    let gate = gate_start..gate_start + if gated { n * shape.batch } else { 0 };
+    let q_start = align_up(gate.end);
+    let gate_q_len = if gated { n.checked_mul(per_branch).ok_or_else(overflow)? } else { 0 };
+    let gate_q = q_start..q_start + gate_q_len;
+    let packs = align_up(gate_q.end);
+    let mut at = packs;
+    let mut branch_packs = Vec::with_capacity(n);
+    for (d, &t) in descs.iter().zip(trainable) {
+        if !t {
+            branch_packs.push(None);
+            continue;
+        }
+        let layout = PackLayout::of(d, hidden, shape.replicate);
+        if layout.width > i32::MAX as usize {
+            return fail(format!("a pack row of {} floats must fit in an i32 (H = {hidden})", layout.width));
+        }
+        branch_packs.push(Some((at, layout)));
+        at = per_branch.checked_mul(layout.width).and_then(|b| at.checked_add(b)).ok_or_else(overflow)?;
+    }
+    Ok(BackwardWorkspaceLayout { ones, gate, gate_q, packs, branch_packs, len: at })
+}
+
+/// Floats of workspace [`adapter_location_backward`] needs for `shape` with these trainable
+/// branches (an upper bound for every subset of them).
+pub fn backward_workspace_len(descriptors: &LocationDescriptors<'_>, shape: LocationShape, trainable: &[bool]) -> Result<usize> {
+    Ok(backward_workspace_layout(descriptors.descriptors(), descriptors.hidden(), shape, trainable)?.len)
+}
+
+/// Device scratch for [`adapter_location_backward`]: the ones vector, the gate's per-example
+/// terms and the trainable branches' per-row packs. Allocate it once per shape (from
+/// [`backward_workspace_len`]) and reuse it: a backward allocates nothing.
+pub struct LocationBackwardWorkspace {
+    buffer: DeviceBuffer<f32>,
+    /// How many leading elements already hold 1.0 (filled on first need, then kept).
+    ones: usize,
+}
+
+impl std::fmt::Debug for LocationBackwardWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocationBackwardWorkspace").field("len", &self.buffer.len()).finish()
+    }
+}
+
+impl LocationBackwardWorkspace {
+    /// `len` floats (at least 1, so that a zero-length workspace is still a valid buffer).
+    pub fn new(gpu: &Gpu, len: usize) -> Result<Self> {
+        Ok(LocationBackwardWorkspace { buffer: gpu.alloc(len.max(1))?, ones: 0 })
+    }
+    pub fn len(&self) -> usize {
+        self.buffer.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.buffer.is_empty()
+    }
+}
+
+/// Where one trainable branch's parameter gradients go: views shaped like its parameters (an
+/// option the branch lacks has none), overwritten, or added to when `accumulate` (the
+/// `GradsOut` rule). Two branches of one adapter may name the same destinations: the branches'
+/// products run in order, so the later one (accumulating) adds to the earlier one's result.
+#[derive(Debug)]
+pub struct BranchGrads<'a> {
+    /// `[m, H]`, `[m]`.
+    pub down_w: DeviceViewMut<'a, f32>,
+    pub down_b: DeviceViewMut<'a, f32>,
+    /// `[H, m]`, `[H]`.
+    pub up_w: DeviceViewMut<'a, f32>,
+    pub up_b: DeviceViewMut<'a, f32>,
+    /// γ, β `[H]` each.
+    pub ln_before: Option<(DeviceViewMut<'a, f32>, DeviceViewMut<'a, f32>)>,
+    pub ln_after: Option<(DeviceViewMut<'a, f32>, DeviceViewMut<'a, f32>)>,
+    /// `[1]` (learned) or `[H]` (channel).
+    pub scaling: Option<DeviceViewMut<'a, f32>>,
+    /// Weight `[1, H]` (H elements), bias `[1]`.
+    pub gate: Option<(DeviceViewMut<'a, f32>, DeviceViewMut<'a, f32>)>,
+    pub accumulate: bool,
+}
+
+/// What the backward writes.
+#[derive(Debug)]
+pub struct LocationBackwardOutputs<'a, 'g> {
+    /// `(dh, dr)`, `[B, T, H]` when the location replicates (summed over the branches), else
+    /// `[N·B, T, H]`; None when the input gradients are not needed (then only trainable branches'
+    /// rows are computed).
+    pub input_grads: Option<(DeviceViewMut<'a, f32>, DeviceViewMut<'a, f32>)>,
+    /// One entry per branch: its gradient destinations, or None for a frozen branch.
+    pub grads: &'g mut [Option<BranchGrads<'a>>],
+}
+
+/// The element counts of one branch's gradient destinations, for [`check_branch_grads`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BranchGradLens {
+    pub down_w: usize,
+    pub down_b: usize,
+    pub up_w: usize,
+    pub up_b: usize,
+    pub ln_before: Option<(usize, usize)>,
+    pub ln_after: Option<(usize, usize)>,
+    pub scaling: Option<usize>,
+    pub gate: Option<(usize, usize)>,
+}
+
+impl BranchGradLens {
+    pub fn of(g: &BranchGrads<'_>) -> Self {
+        let pair = |p: &Option<(DeviceViewMut<'_, f32>, DeviceViewMut<'_, f32>)>| p.as_ref().map(|(a, b)| (a.len(), b.len()));
+        BranchGradLens {
+            down_w: g.down_w.len(),
+            down_b: g.down_b.len(),
+            up_w: g.up_w.len(),
+            up_b: g.up_b.len(),
+            ln_before: pair(&g.ln_before),
+            ln_after: pair(&g.ln_after),
+            scaling: g.scaling.as_ref().map(|s| s.len()),
+            gate: pair(&g.gate),
+        }
+    }
+}
+
+/// Branch `i`'s destinations against its descriptor: every length, and a destination given if
+/// and only if the branch has that parameter. Pure.
+pub fn check_branch_grads(i: usize, d: &BranchDescriptor, hidden: usize, g: &BranchGradLens) -> Result<()> {
+    let m = d.bottleneck as usize;
+    let expect = |what: &str, got: usize, want: usize, why: &str| -> Result<()> {
+        if got != want {
+            return Err(Error::shape(OP_BWD, format!("branch {i}: the {what} gradient has {got} elements, expected {want} ({why}) for H = {hidden}, bottleneck = {m}")));
+        }
+        Ok(())
+    };
+    let presence = |what: &str, given: bool, has: bool| -> Result<()> {
+        if given != has {
+            let (a, b) = if has { ("has", "none is given") } else { ("has none", "one is given") };
+            return Err(Error::shape(OP_BWD, format!("branch {i}: the adapter {a} {what}, but {b} a gradient destination")));
+        }
+        Ok(())
+    };
+    expect("down weight", g.down_w, m * hidden, "bottleneck·H")?;
+    expect("down bias", g.down_b, m, "bottleneck")?;
+    expect("up weight", g.up_w, hidden * m, "H·bottleneck")?;
+    expect("up bias", g.up_b, hidden, "H")?;
+    presence("a LayerNorm before", g.ln_before.is_some(), d.ln_before_gamma != 0)?;
+    if let Some((gm, bt)) = g.ln_before {
+        expect("LayerNorm-before gamma", gm, hidden, "H")?;
+        expect("LayerNorm-before beta", bt, hidden, "H")?;
+    }
+    presence("a LayerNorm after", g.ln_after.is_some(), d.ln_after_gamma != 0)?;
+    if let Some((gm, bt)) = g.ln_after {
+        expect("LayerNorm-after gamma", gm, hidden, "H")?;
+        expect("LayerNorm-after beta", bt, hidden, "H")?;
+    }
+    presence("a learned or channel scaling", g.scaling.is_some(), d.scaling_kind != SCALING_FIXED)?;
+    if let Some(s) = g.scaling {
+        let (want, why) = if d.scaling_kind == SCALING_LEARNED { (1, "learned: one scalar") } else { (hidden, "channel: H") };
+        expect("scaling", s, want, why)?;
+    }
+    presence("a gate", g.gate.is_some(), d.gate_w != 0)?;
+    if let Some((w, b)) = g.gate {
+        expect("gate weight", w, hidden, "[1, H]")?;
+        expect("gate bias", b, 1, "[1]")?;
+    }
+    Ok(())
+}
+
+/// The lengths a backward needs, checked before anything is enqueued. Pure.
+#[derive(Clone, Copy, Debug)]
+pub struct LocationBackwardSizes {
+    pub shape: LocationShape,
+    pub h: usize,
+    pub r: usize,
+    pub ln_gamma: usize,
+    pub ln_beta: usize,
+    pub d_out: usize,
+    /// `(dh, dr)` when the input gradients are asked for.
+    pub input_grads: Option<(usize, usize)>,
+    /// Entries in the per-branch gradient list.
+    pub grads: usize,
+    pub descriptor_branches: usize,
+    pub descriptor_hidden: usize,
+    /// The workspace given and the one this call needs.
+    pub workspace: usize,
+    pub workspace_needed: usize,
+}
+
+impl LocationBackwardSizes {
+    pub fn check(&self, ln_eps: f32) -> Result<()> {
+        let LocationShape { batch, seq_len, hidden, branches, replicate } = self.shape;
+        let fail = |msg: String| Err(Error::shape(OP_BWD, msg));
+        if hidden == 0 || branches == 0 {
+            return fail(format!("hidden {hidden} and branches {branches} must each be at least 1"));
+        }
+        if hidden != self.descriptor_hidden {
+            return fail(format!("hidden {hidden}, but the descriptors were built for H = {}", self.descriptor_hidden));
+        }
+        if branches != self.descriptor_branches {
+            return fail(format!("{branches} branches, but there are {} descriptors", self.descriptor_branches));
+        }
+        if branches > MAX_BACKWARD_BRANCHES {
+            return Err(Error::Unsupported(format!("{OP_BWD}: {branches} Parallel branches; the backward kernel takes at most {MAX_BACKWARD_BRANCHES}")));
+        }
+        if self.grads != branches {
+            return fail(format!("{} gradient entries for {branches} branches (one per branch, None when frozen)", self.grads));
+        }
+        let rows = batch.checked_mul(seq_len).and_then(|bt| bt.checked_mul(branches)).filter(|&n| n <= i32::MAX as usize);
+        let Some(rows) = rows else {
+            return fail(format!("branches {branches} x batch {batch} x seq_len {seq_len} rows must fit in an i32"));
+        };
+        if hidden > i32::MAX as usize {
+            return fail(format!("hidden {hidden} must fit in an i32"));
+        }
+        let Some(n_out) = rows.checked_mul(hidden) else {
+            return fail(format!("{rows} rows x hidden {hidden} overflows usize"));
+        };
+        let n_in = if replicate { n_out / branches } else { n_out };
+        let dims = format!("B = {batch}, T = {seq_len}, H = {hidden}, N = {branches}, replicate = {replicate}");
+        let in_what = if replicate { "B·T·H" } else { "N·B·T·H" };
+        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
+            if got != want {
+                return Err(Error::shape(OP_BWD, format!("{name} has {got} elements, expected {want} ({what}) for {dims}")));
+            }
+            Ok(())
+        };
+        expect("h", self.h, n_in, in_what)?;
+        expect("r", self.r, n_in, in_what)?;
+        expect("LayerNorm gamma", self.ln_gamma, hidden, "H")?;
+        expect("LayerNorm beta", self.ln_beta, hidden, "H")?;
+        expect("d_out", self.d_out, n_out, "N·B·T·H")?;
+        if let Some((dh, dr)) = self.input_grads {
+            expect("dh", dh, n_in, in_what)?;
+            expect("dr", dr, n_in, in_what)?;
+        }
+        if self.workspace < self.workspace_needed {
+            return fail(format!("the workspace has {} floats, this backward needs {} (backward_workspace_len) for {dims}", self.workspace, self.workspace_needed));
+        }
+        if !ln_eps.is_finite() || ln_eps < 0.0 {
+            return Err(Error::Input(format!("{OP_BWD}: LayerNorm eps must be finite and >= 0, got {ln_eps}")));
+        }
+        Ok(())
+    }
+}
+
+/// The automatic plan of the backward: the forward's mappings (one warp per row, up to 8 rows per
+/// block, for H <= 1024; else one block per row of about 16 columns per thread, at most
+/// [`MAX_BACKWARD_THREADS`]), with rows per block halved until the team buffers fit 48 KiB.
+pub fn backward_plan_auto(hidden: usize, bottleneck_stride: usize) -> LocationPlan {
+    if hidden <= 1024 {
+        let mut rows = 8u32;
+        while rows > 1 && backward_shared_mem_bytes(LocationPlan { threads_per_row: 32, rows_per_block: rows }, hidden, bottleneck_stride) > DEFAULT_SHARED_BYTES {
+            rows /= 2;
+        }
+        LocationPlan { threads_per_row: 32, rows_per_block: rows }
+    } else {
+        let threads = hidden.div_ceil(16).div_ceil(32) * 32;
+        LocationPlan { threads_per_row: threads.clamp(128, MAX_BACKWARD_THREADS as usize) as u32, rows_per_block: 1 }
+    }
+}
+
+/// Dynamic shared memory of the backward: per team `4·H + 3·stride` floats.
+pub fn backward_shared_mem_bytes(plan: LocationPlan, hidden: usize, bottleneck_stride: usize) -> usize {
+    plan.rows_per_block as usize * (4 * hidden + 3 * bottleneck_stride) * std::mem::size_of::<f32>()
+}
+
+/// Checks a plan against the backward kernel's contract (as [`LocationPlan::validate`], with the
+/// backward's shared memory and at most [`MAX_BACKWARD_THREADS`] threads per block).
+pub fn validate_backward_plan(plan: LocationPlan, hidden: usize, bottleneck_stride: usize, max_shared: usize) -> Result<()> {
+    if plan.threads_per_row as u64 * plan.rows_per_block as u64 > MAX_BACKWARD_THREADS as u64 {
+        return Err(Error::shape(OP_BWD, format!("launch plan {plan:?}: the backward takes at most {MAX_BACKWARD_THREADS} threads per block")));
+    }
+    // The thread-shape rules are the forward's; its shared-memory rule is checked with no limit.
+    plan.validate(hidden, bottleneck_stride, usize::MAX).map_err(|e| match e {
+        Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
+        other => other,
+    })?;
+    let smem = backward_shared_mem_bytes(plan, hidden, bottleneck_stride);
+    if smem > max_shared {
+        return Err(Error::shape(
+            OP_BWD,
+            format!("launch plan {plan:?}: needs {smem} bytes of shared memory for H = {hidden} and bottleneck {bottleneck_stride}, more than the {max_shared} allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// The gradient of [`adapter_location_forward`] for every branch of a location, with the
+/// automatic plan.
+///
+/// - `d_out` is `[N·B, T, H]`, the gradient of the location's output.
+/// - Input gradients `(dh, dr)` are written when `outputs.input_grads` is given (summed over the
+///   branches when the location replicates). Parameter gradients go to `outputs.grads[i]` for the
+///   trainable branches (written, or added when `accumulate`). Rows of a branch that is frozen are
+///   not computed at all when the input gradients are not needed.
+/// - One launch of the location kernel for all branches (two when a branch gates, plus the gate
+///   means), then, per trainable branch, the weight gradients as GEMMs over the per-row packs
+///   (`dW_up = dupᵀ·act`, `dW_down = dpreᵀ·z0`) and every bias, LayerNorm, scaling and gate
+///   gradient as a column sum (a GEMM with a ones vector): deterministic, no atomics.
+/// - Pure size checks come first ([`LocationBackwardSizes`], [`check_branch_grads`]: `Error::Shape`
+///   naming the operand), then the plan, then aliasing (`Error::Input`). More than
+///   [`MAX_BACKWARD_BRANCHES`] branches is `Error::Unsupported`. The adapter's own dropout is not
+///   expressible here (see [`refuse_unsupported`]).
+#[allow(clippy::too_many_arguments)] // the forward's operands plus d_out, the outputs and the workspace
+pub fn adapter_location_backward(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_>,
+    d_out: &DeviceView<'_, f32>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_>,
+    workspace: &mut LocationBackwardWorkspace,
+    shape: LocationShape,
+) -> Result<()> {
+    let plan = backward_plan_auto(shape.hidden, descriptors.max_bottleneck());
+    adapter_location_backward_with_plan(gpu, inputs, d_out, descriptors, outputs, workspace, shape, plan)
+}
+
+/// As [`adapter_location_backward`], with an explicit launch plan (validated).
+#[allow(clippy::too_many_arguments)]
+pub fn adapter_location_backward_with_plan(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_>,
+    d_out: &DeviceView<'_, f32>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_>,
+    workspace: &mut LocationBackwardWorkspace,
+    shape: LocationShape,
+    plan: LocationPlan,
+) -> Result<()> {
+    let descs = descriptors.descriptors();
+    let trainable: Vec<bool> = outputs.grads.iter().map(Option::is_some).collect();
+    // The workspace layout needs a mask as long as the descriptors; a wrong count is reported by
+    // the size check below.
+    let layout = if trainable.len() == descs.len() && shape.branches == descs.len() && shape.hidden == descriptors.hidden() {
+        Some(backward_workspace_layout(descs, shape.hidden, shape, &trainable)?)
+    } else {
+        None
+    };
+    LocationBackwardSizes {
+        shape,
+        h: inputs.h.len(),
+        r: inputs.r.len(),
+        ln_gamma: inputs.ln_gamma.len(),
+        ln_beta: inputs.ln_beta.len(),
+        d_out: d_out.len(),
+        input_grads: outputs.input_grads.as_ref().map(|(dh, dr)| (dh.len(), dr.len())),
+        grads: outputs.grads.len(),
+        descriptor_branches: descriptors.branches(),
+        descriptor_hidden: descriptors.hidden(),
+        workspace: workspace.len(),
+        workspace_needed: layout.as_ref().map_or(0, |l| l.len),
+    }
+    .check(inputs.ln_eps)?;
+    let Some(layout) = layout else {
+        return Err(Error::Internal(format!("{OP_BWD}: sizes passed but no workspace layout")));
+    };
+    for (i, g) in outputs.grads.iter().enumerate() {
+        if let Some(g) = g {
+            check_branch_grads(i, &descs[i], shape.hidden, &BranchGradLens::of(g))?;
+        }
+    }
+    let stride = descriptors.max_bottleneck();
+    let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
+    validate_backward_plan(plan, shape.hidden, stride, max_shared)?;
+    check_backward_aliasing(inputs, d_out, descriptors, outputs)?;
+
+    let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
+    let per_branch = batch * seq_len;
+    let need_input = outputs.input_grads.is_some();
+    let beta = |g: &BranchGrads<'_>| if g.accumulate { 1.0 } else { 0.0 };
+    if per_branch == 0 {
+        // No rows: every gradient is an empty sum. Overwritten destinations become 0.
+        for g in outputs.grads.iter_mut().flatten() {
+            if !g.accumulate {
+                for_each_dest(g, |v| gpu.memset_zero(v))?;
+            }
+        }
+        return Ok(());
+    }
+    let all: u32 = if branches == 32 { u32::MAX } else { (1u32 << branches) - 1 };
+    let train_mask: u32 = trainable.iter().enumerate().filter(|(_, &t)| t).fold(0, |m, (i, _)| m | (1 << i));
+    let branch_mask = if need_input { all } else { train_mask };
+    if branch_mask == 0 {
+        return Ok(()); // nothing is asked for
+    }
+    let gated_mask: u32 = descs.iter().enumerate().filter(|(_, d)| d.gate_w != 0).fold(0, |m, (i, _)| m | (1 << i)) & branch_mask;
+
+    if train_mask != 0 && workspace.ones < per_branch {
+        let mut ones = workspace.buffer.slice_mut(layout.ones.clone())?;
+        fill_f32(gpu, &mut ones, 1.0)?;
+        workspace.ones = per_branch;
+    }
+    let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
+    let gate_arg = if gated_mask != 0 { workspace.buffer.slice(layout.gate.clone())?.arg() } else { KernelArg::Null };
+    let gate_q_arg = if gated_mask != 0 { workspace.buffer.slice(layout.gate_q.clone())?.arg() } else { KernelArg::Null };
+    let pack_arg = if train_mask != 0 { workspace.buffer.slice(layout.packs..layout.len)?.arg() } else { KernelArg::Null };
+    let (dh_arg, dr_arg) = outputs.input_grads.as_ref().map_or((KernelArg::Null, KernelArg::Null), |(dh, dr)| (dh.arg(), dr.arg()));
+
+    if gated_mask != 0 {
+        // The gate means of the gated branches' examples (the forward's gate, masked).
+        let args = [
+            gate_arg,
+            inputs.h.arg(),
+            inputs.r.arg(),
+            inputs.ln_gamma.arg(),
+            inputs.ln_beta.arg(),
+            descriptors.view().arg(),
+            b,
+            t,
+            hd,
+            rep,
+            KernelArg::F32(inputs.ln_eps),
+            KernelArg::U32(gated_mask),
+        ];
+        let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
+        // SAFETY: the sizes were checked: the gate region holds N·B floats, h and r the rows the
+        // kernel reads for this shape and replicate flag, γ/β H; the descriptors were validated.
+        unsafe { gpu.launch(ADAPTER_LOCATION_BACKWARD_GATE_F32, cfg, &args)? };
+    }
+    let smem = backward_shared_mem_bytes(plan, hidden, stride);
+    if smem > gpu.dynamic_shared_limit(ADAPTER_LOCATION_BACKWARD_F32) {
+        gpu.allow_dynamic_shared(ADAPTER_LOCATION_BACKWARD_F32, smem)?;
+    }
+    let phases: &[(i32, u32)] = if gated_mask != 0 { &[(0, gated_mask), (1, branch_mask)] } else { &[(1, branch_mask)] };
+    for &(phase, mask) in phases {
+        let teams = if replicate { per_branch } else { mask.count_ones() as usize * per_branch };
+        let cfg = LaunchConfig {
+            grid_dim: (teams.div_ceil(plan.rows_per_block as usize) as u32, 1, 1),
+            block_dim: (plan.threads_per_row, plan.rows_per_block, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // Parameter order: dh, dr, pack, gate_q, gate, d_out, h, r, ln_gamma, ln_beta, descs,
+        // batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, branch_mask,
+        // train_mask, need_input, phase (checked against kernels/adapter.cu by Gpu::launch).
+        let args = [
+            dh_arg,
+            dr_arg,
+            pack_arg,
+            gate_q_arg,
+            gate_arg,
+            d_out.arg(),
+            inputs.h.arg(),
+            inputs.r.arg(),
+            inputs.ln_gamma.arg(),
+            inputs.ln_beta.arg(),
+            descriptors.view().arg(),
+            b,
+            t,
+            hd,
+            KernelArg::I32(branches as i32),
+            rep,
+            KernelArg::F32(inputs.ln_eps),
+            KernelArg::I32(stride as i32),
+            KernelArg::U32(mask),
+            KernelArg::U32(train_mask),
+            KernelArg::I32(need_input as i32),
+            KernelArg::I32(phase),
+        ];
+        // SAFETY: every length was checked above (dh/dr: the input rows; d_out: N·B·T·H; the
+        // workspace regions: backward_workspace_layout for this shape and trainable set, which
+        // the kernel's adapter_pack_layout mirrors), the plan was validated against the shared
+        // memory it needs, and no output aliases an input.
+        unsafe { gpu.launch(ADAPTER_LOCATION_BACKWARD_F32, cfg, &args)? };
+    }
+
+    // Parameter gradients: sums over the branch's rows of its pack's columns, in branch order.
+    let rows = per_branch;
+    let ones = workspace.buffer.slice(0..rows)?;
+    for (i, g) in outputs.grads.iter_mut().enumerate() {
+        let (Some(g), Some((start, lay))) = (g.as_mut(), layout.branch_packs[i]) else {
+            continue;
+        };
+        let k = lay.width;
+        let beta = beta(g);
+        // Columns [col, col + len) of the pack's rows: a column-major len x rows matrix, ld k.
+        let cols = |col: usize, len: usize| workspace.buffer.slice(start + col..start + (rows - 1) * k + col + len);
+        // The branch's own rows of h (replicated: h itself).
+        let h_rows = || -> Result<DeviceView<'_, f32>> {
+            if replicate {
+                Ok(inputs.h)
+            } else {
+                Err(Error::Internal(format!("{OP_BWD}: branch {i}'s z0 is not in its pack without replication")))
+            }
+        };
+        let m = descs[i].bottleneck as usize;
+        // dW_up [H, m] row-major = (act'·dupᵀ) column-major m x H: act' is m x rows, dup' H x rows.
+        let gm = Gemm::new(Transpose::No, Transpose::Yes, m, hidden, rows).with_ld(k, k, m).with_scalars(1.0, beta);
+        gpu.gemm(&gm, &cols(lay.act, m)?, &cols(lay.dup, hidden)?, &mut g.up_w, None)?;
+        // dW_down [m, H] row-major = (z0'·dpreᵀ) column-major H x m.
+        let (z0, ldz) = match lay.z0 {
+            Some(c) => (cols(c, hidden)?, k),
+            None => (h_rows()?, hidden),
+        };
+        let gm = Gemm::new(Transpose::No, Transpose::Yes, hidden, m, rows).with_ld(ldz, k, hidden).with_scalars(1.0, beta);
+        gpu.gemm(&gm, &z0, &cols(lay.dpre, m)?, &mut g.down_w, None)?;
+        // Column sums: pack' (len x rows, ld k) times the ones vector.
+        let colsum = |col: usize, len: usize, dest: &mut DeviceViewMut<'_, f32>| -> Result<()> {
+            let gm = Gemm::new(Transpose::No, Transpose::No, len, 1, rows).with_ld(k, rows, len).with_scalars(1.0, beta);
+            gpu.gemm(&gm, &cols(col, len)?, &ones, dest, None)
+        };
+        colsum(lay.dup, hidden, &mut g.up_b)?;
+        colsum(lay.dpre, m, &mut g.down_b)?;
+        if let (Some((gc, bc)), Some((gd, bd))) = (lay.ln_after, g.ln_after.as_mut()) {
+            colsum(gc, hidden, gd)?;
+            colsum(bc, hidden, bd)?;
+        }
+        if let (Some((gc, bc)), Some((gd, bd))) = (lay.ln_before, g.ln_before.as_mut()) {
+            colsum(gc, hidden, gd)?;
+            colsum(bc, hidden, bd)?;
+        }
+        if let (Some(c), Some(dest)) = (lay.scaling, g.scaling.as_mut()) {
+            let len = if descs[i].scaling_kind == SCALING_LEARNED { 1 } else { hidden };
+            colsum(c, len, dest)?;
+        }
+        if let (Some(c), Some((wd, bd))) = (lay.dlogit, g.gate.as_mut()) {
+            colsum(c, 1, bd)?;
+            // dW_gate [1, H] = x'·dlogit: x' is H x rows; dlogit a 1 x rows row of the pack (ld k).
+            let (x, ldx) = match (lay.x, lay.z0) {
+                (Some(c), _) | (None, Some(c)) => (cols(c, hidden)?, k),
+                (None, None) => (h_rows()?, hidden),
+            };
+            let gm = Gemm::new(Transpose::No, Transpose::Yes, hidden, 1, rows).with_ld(ldx, k, hidden).with_scalars(1.0, beta);
+            gpu.gemm(&gm, &x, &cols(c, 1)?, wd, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` on every destination of `g`.
+fn for_each_dest(g: &mut BranchGrads<'_>, mut f: impl FnMut(&mut DeviceViewMut<'_, f32>) -> Result<()>) -> Result<()> {
+    f(&mut g.down_w)?;
+    f(&mut g.down_b)?;
+    f(&mut g.up_w)?;
+    f(&mut g.up_b)?;
+    for (a, b) in [g.ln_before.as_mut(), g.ln_after.as_mut(), g.gate.as_mut()].into_iter().flatten() {
+        f(a)?;
+        f(b)?;
+    }
+    if let Some(s) = g.scaling.as_mut() {
+        f(s)?;
+    }
+    Ok(())
+}
+
+/// Outputs may not overlap an input, a weight or each other; two branches' gradient destinations
+/// may (the same adapter in two branches), since their products run one after the other.
+fn check_backward_aliasing(inputs: &LocationInputs<'_>, d_out: &DeviceView<'_, f32>, descriptors: &LocationDescriptors<'_>, outputs: &LocationBackwardOutputs<'_, '_>) -> Result<()> {
+    let mut reads: Vec<(String, Range<u64>)> = vec![
+        ("h".into(), byte_range(inputs.h.device_ptr(), inputs.h.len())),
+        ("r".into(), byte_range(inputs.r.device_ptr(), inputs.r.len())),
+        ("d_out".into(), byte_range(d_out.device_ptr(), d_out.len())),
+        ("LayerNorm gamma".into(), byte_range(inputs.ln_gamma.device_ptr(), inputs.ln_gamma.len())),
+        ("LayerNorm beta".into(), byte_range(inputs.ln_beta.device_ptr(), inputs.ln_beta.len())),
+        ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
+    ];
+    reads.extend(descriptors.ranges.iter().cloned());
+    let mut shared: Vec<(String, Range<u64>)> = Vec::new(); // written by the kernel
+    if let Some((dh, dr)) = &outputs.input_grads {
+        shared.push(("dh".into(), byte_range(dh.device_ptr(), dh.len())));
+        shared.push(("dr".into(), byte_range(dr.device_ptr(), dr.len())));
+    }
+    let check_set = |writes: &[(String, Range<u64>)]| -> Result<()> {
+        for (k, (name, range)) in writes.iter().enumerate() {
+            for (other, r) in reads.iter().chain(&writes[..k]) {
+                if overlaps(range, r) {
+                    return Err(Error::Input(format!("{OP_BWD}: {name} overlaps {other}; an output must not alias an input or another output")));
+                }
+            }
+        }
+        Ok(())
+    };
+    check_set(&shared)?;
+    for (i, g) in outputs.grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        let mut writes = shared.clone();
+        let mut add = |what: &str, v: &DeviceViewMut<'_, f32>| writes.push((format!("branch {i}'s {what} gradient"), byte_range(v.device_ptr(), v.len())));
+        add("down weight", &g.down_w);
+        add("down bias", &g.down_b);
+        add("up weight", &g.up_w);
+        add("up bias", &g.up_b);
+        if let Some((a, b)) = &g.ln_before {
+            add("LayerNorm-before gamma", a);
+            add("LayerNorm-before beta", b);
+        }
+        if let Some((a, b)) = &g.ln_after {
+            add("LayerNorm-after gamma", a);
+            add("LayerNorm-after beta", b);
+        }
+        if let Some(s) = &g.scaling {
+            add("scaling", s);
+        }
+        if let Some((a, b)) = &g.gate {
+            add("gate weight", a);
+            add("gate bias", b);
+        }
+        check_set(&writes)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+
+    fn desc(m: i32) -> BranchDescriptor {
+        BranchDescriptor {
+            down_w: 64,
+            down_b: 64,
+            up_w: 64,
+            up_b: 64,
+            ln_before_gamma: 0,
+            ln_before_beta: 0,
+            ln_after_gamma: 0,
+            ln_after_beta: 0,
+            scaling: 0,
+            gate_w: 0,
+            gate_b: 0,
+            bottleneck: m,
+            activation: 0,
+            scaling_kind: SCALING_FIXED,
+            scaling_value: 1.0,
+            ln_before_eps: 0.0,
+            ln_after_eps: 0.0,
+            residual_before_ln: 0,
+            original_ln_before: 0,
+            original_ln_after: 1,
+            adapter_residual_before_ln: 0,
+        }
+    }
+
+    fn full(m: i32) -> BranchDescriptor {
+        BranchDescriptor { ln_before_gamma: 64, ln_before_beta: 64, ln_after_gamma: 64, ln_after_beta: 64, scaling: 64, scaling_kind: SCALING_CHANNEL, gate_w: 64, gate_b: 64, ..desc(m) }
+    }
+
+    fn shape(batch: usize, seq_len: usize, hidden: usize, branches: usize, replicate: bool) -> LocationShape {
+        LocationShape { batch, seq_len, hidden, branches, replicate }
+    }
+
+    #[test]
+    fn pack_layouts_follow_the_kernel() {
+        // Houlsby, replicated: z0 is h, read in place.
+        let p = PackLayout::of(&desc(3), 40, true);
+        assert_eq!((p.dup, p.z0, p.act, p.dpre, p.width), (0, None, 40, 43, 48));
+        // Not replicated (or the original LayerNorm first): z0 is packed after dup.
+        assert_eq!(PackLayout::of(&desc(3), 40, false).z0, Some(40));
+        assert_eq!(PackLayout::of(&BranchDescriptor { original_ln_before: 1, ..desc(3) }, 40, true).z0, Some(40));
+        // Everything: dup, z0, LN after (2), LN before (2), channel scaling, x, act, dpre, dlogit.
+        let p = PackLayout::of(&full(5), 16, true);
+        assert_eq!(p.z0, Some(16));
+        assert_eq!((p.ln_after, p.ln_before, p.scaling, p.x), (Some((32, 48)), Some((64, 80)), Some(96), Some(112)));
+        assert_eq!((p.act, p.dpre, p.dlogit, p.width), (128, 133, Some(138), 140));
+        // Learned scaling is one column after dpre; the gate's x is z0 without LN before.
+        let p = PackLayout::of(&BranchDescriptor { scaling_kind: SCALING_LEARNED, ln_before_gamma: 0, ln_before_beta: 0, ..full(2) }, 8, false);
+        // dup [0, 8), z0 [8, 16) (not replicated), LN after [16, 32), then the m-sized columns.
+        assert_eq!((p.x, p.act, p.dpre, p.scaling, p.dlogit, p.width), (None, 32, 34, Some(36), Some(37), 40));
+        // The kernel's struct has these fields in this order.
+        let src = crate::cuda::registry::adapter::SOURCE.code;
+        assert!(src.contains("p.width = (k + 3) & ~3;"));
+        assert!(src.contains("if (ln_before || d.original_ln_before != 0 || !replicate) {"));
+    }
+
+    #[test]
+    fn workspace_layouts_hold_what_the_launch_needs() {
+        let descs = [desc(3), full(5), desc(48)];
+        let s = shape(2, 7, 40, 3, true);
+        let l = backward_workspace_layout(&descs, 40, s, &[true, false, true]).unwrap();
+        assert_eq!(l.ones, 0..14);
+        assert_eq!(l.gate, 64..70); // N·B, aligned to 64 floats
+        assert_eq!(l.gate_q, 128..170); // N·B·T
+        assert_eq!(l.packs, 192);
+        let w0 = PackLayout::of(&descs[0], 40, true).width;
+        assert_eq!(l.branch_packs[0], Some((192, PackLayout::of(&descs[0], 40, true))));
+        assert_eq!(l.branch_packs[1], None);
+        assert_eq!(l.branch_packs[2].unwrap().0, 192 + 14 * w0);
+        assert_eq!(l.len, 192 + 14 * (w0 + PackLayout::of(&descs[2], 40, true).width));
+        // Nothing trains, no gate: nothing at all.
+        let l = backward_workspace_layout(&[desc(3)], 40, s, &[false]).unwrap();
+        assert_eq!((l.ones.len(), l.gate.len(), l.gate_q.len(), l.len), (0, 0, 0, 0));
+        // A subset of the trainable branches never needs more than all of them.
+        let all = backward_workspace_layout(&descs, 40, s, &[true; 3]).unwrap().len;
+        for mask in 0..8u32 {
+            let t: Vec<bool> = (0..3).map(|i| mask >> i & 1 == 1).collect();
+            assert!(backward_workspace_layout(&descs, 40, s, &t).unwrap().len <= all);
+        }
+        let err = backward_workspace_layout(&descs, 40, s, &[true]).unwrap_err().to_string();
+        assert!(err.contains("1 trainable flags for 3 branches"), "{err}");
+        assert!(backward_workspace_layout(&descs, 40, shape(1 << 20, 1 << 12, 40, 3, true), &[true; 3]).is_err());
+    }
+
+    #[test]
+    fn branch_gradient_destinations_are_checked() {
+        let (h, m) = (16, 4);
+        let ok = BranchGradLens { down_w: m * h, down_b: m, up_w: h * m, up_b: h, ln_before: Some((h, h)), ln_after: Some((h, h)), scaling: Some(h), gate: Some((h, 1)) };
+        check_branch_grads(0, &full(m as i32), h, &ok).unwrap();
+        let plain = BranchGradLens { ln_before: None, ln_after: None, scaling: None, gate: None, ..ok };
+        check_branch_grads(0, &desc(m as i32), h, &plain).unwrap();
+        let learned = BranchDescriptor { scaling_kind: SCALING_LEARNED, ..desc(m as i32) };
+        check_branch_grads(0, &learned, h, &BranchGradLens { scaling: Some(1), ..plain }).unwrap();
+        let cases: [(BranchDescriptor, BranchGradLens, &str); 9] = [
+            (full(4), BranchGradLens { down_w: 63, ..ok }, "branch 2: the down weight gradient has 63 elements, expected 64 (bottleneck·H) for H = 16, bottleneck = 4"),
+            (full(4), BranchGradLens { down_b: 5, ..ok }, "down bias gradient has 5 elements, expected 4"),
+            (full(4), BranchGradLens { up_w: 1, ..ok }, "up weight gradient has 1"),
+            (full(4), BranchGradLens { up_b: 15, ..ok }, "up bias gradient has 15 elements, expected 16 (H)"),
+            (full(4), BranchGradLens { ln_before: None, ..ok }, "the adapter has a LayerNorm before, but none is given a gradient destination"),
+            (desc(4), BranchGradLens { ln_after: Some((h, h)), ..plain }, "the adapter has none a LayerNorm after, but one is given"),
+            (full(4), BranchGradLens { ln_after: Some((h, h - 1)), ..ok }, "LayerNorm-after beta gradient has 15"),
+            (learned, BranchGradLens { scaling: Some(h), ..plain }, "scaling gradient has 16 elements, expected 1 (learned: one scalar)"),
+            (full(4), BranchGradLens { gate: Some((h, 2)), ..ok }, "gate bias gradient has 2 elements, expected 1 ([1])"),
+        ];
+        for (d, g, want) in cases {
+            let err = check_branch_grads(2, &d, h, &g).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains(want), "{err} should contain {want:?}");
+        }
+    }
+
+    fn sizes(s: LocationShape) -> LocationBackwardSizes {
+        let n_out = s.branches * s.batch * s.seq_len * s.hidden;
+        let n_in = if s.replicate { n_out / s.branches } else { n_out };
+        LocationBackwardSizes {
+            shape: s,
+            h: n_in,
+            r: n_in,
+            ln_gamma: s.hidden,
+            ln_beta: s.hidden,
+            d_out: n_out,
+            input_grads: Some((n_in, n_in)),
+            grads: s.branches,
+            descriptor_branches: s.branches,
+            descriptor_hidden: s.hidden,
+            workspace: 10,
+            workspace_needed: 10,
+        }
+    }
+
+    #[test]
+    fn backward_sizes_name_the_operand() {
+        let ok = sizes(shape(2, 7, 40, 3, true));
+        ok.check(1e-12).unwrap();
+        sizes(shape(2, 7, 40, 3, false)).check(1e-12).unwrap();
+        sizes(shape(0, 7, 40, 1, false)).check(1e-12).unwrap();
+        LocationBackwardSizes { input_grads: None, ..ok }.check(1e-12).unwrap();
+        let cases: [(LocationBackwardSizes, &str); 12] = [
+            (LocationBackwardSizes { h: 561, ..ok }, "h has 561 elements, expected 560 (B·T·H)"),
+            (LocationBackwardSizes { r: 1680, ..ok }, "r has 1680"),
+            (LocationBackwardSizes { ln_gamma: 39, ..ok }, "LayerNorm gamma has 39"),
+            (LocationBackwardSizes { ln_beta: 41, ..ok }, "LayerNorm beta has 41"),
+            (LocationBackwardSizes { d_out: 560, ..ok }, "d_out has 560 elements, expected 1680 (N·B·T·H)"),
+            (LocationBackwardSizes { input_grads: Some((559, 560)), ..ok }, "dh has 559"),
+            (LocationBackwardSizes { input_grads: Some((560, 1680)), ..ok }, "dr has 1680"),
+            (LocationBackwardSizes { grads: 2, ..ok }, "2 gradient entries for 3 branches"),
+            (LocationBackwardSizes { descriptor_hidden: 48, ..ok }, "built for H = 48"),
+            (LocationBackwardSizes { descriptor_branches: 2, ..ok }, "3 branches, but there are 2 descriptors"),
+            (LocationBackwardSizes { workspace: 9, ..ok }, "the workspace has 9 floats, this backward needs 10"),
+            (LocationBackwardSizes { shape: shape(1 << 20, 1 << 10, 40, 3, false), ..ok }, "must fit in an i32"),
+        ];
+        for (c, want) in cases {
+            let err = c.check(1e-12).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains(want), "{err} should contain {want:?}");
+        }
+        let many = sizes(shape(1, 1, 8, 33, true));
+        assert!(matches!(many.check(1e-12), Err(Error::Unsupported(_))));
+        assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn backward_plans_follow_the_documented_rules() {
+        for (h, m) in [(1, 1), (40, 3), (384, 48), (768, 64), (1024, 4096)] {
+            let p = backward_plan_auto(h, m);
+            assert_eq!(p.threads_per_row, 32, "H {h}");
+            // What the launcher validates against: the opt-in maximum (sm_90), less the margin.
+            validate_backward_plan(p, h, m, 227 * 1024 - 256).unwrap();
+        }
+        // 8 rows of 4·384 + 3·48 floats would need 53 KiB: 4 rows fit.
+        assert_eq!(backward_plan_auto(384, 48).rows_per_block, 4);
+        assert_eq!(backward_plan_auto(40, 3).rows_per_block, 8);
+        assert_eq!(backward_plan_auto(1100, 8), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
+        assert_eq!(backward_plan_auto(4099, 8), LocationPlan { threads_per_row: 256, rows_per_block: 1 });
+        assert_eq!(backward_plan_auto(1 << 16, 8).threads_per_row, MAX_BACKWARD_THREADS);
+        for bad in [LocationPlan { threads_per_row: 512, rows_per_block: 1 }, LocationPlan { threads_per_row: 32, rows_per_block: 9 }, LocationPlan { threads_per_row: 48, rows_per_block: 1 }] {
+            assert!(matches!(validate_backward_plan(bad, 40, 3, DEFAULT_SHARED_BYTES), Err(Error::Shape { .. })), "{bad:?}");
+        }
+        let err = validate_backward_plan(LocationPlan { threads_per_row: 32, rows_per_block: 8 }, 2000, 48, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
+        assert!(err.contains("bytes of shared memory"), "{err}");
+        let src = crate::cuda::registry::adapter::SOURCE.code;
+        assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_THREADS {MAX_BACKWARD_THREADS}\n")));
+        assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_BRANCHES {MAX_BACKWARD_BRANCHES}\n")));
+    }
+}
