@@ -460,12 +460,13 @@ fn every_plan_matches_cpu(gpu: &Gpu) {
         LocationPlan { threads_per_row: 32, rows_per_block: 3 },
         LocationPlan { threads_per_row: 64, rows_per_block: 1 },
         LocationPlan { threads_per_row: 96, rows_per_block: 1 },
-        LocationPlan { threads_per_row: 1024, rows_per_block: 1 },
+        // The most the forward takes (its __launch_bounds__): 1024 threads of ~100 registers do not fit.
+        LocationPlan { threads_per_row: 512, rows_per_block: 1 },
     ];
     let specs = [BranchSpec::full(48, Activation::Gelu, Scale::Channel, false), BranchSpec::full(3, Activation::Swish, Scale::Learned, true), BranchSpec::plain(70, Activation::Relu)];
     for plan in plans {
         for h in [40, 384] {
-            // A 1024-thread team costs the executor 1024 fibers a row: one row per branch there.
+            // A 512-thread team costs the executor 512 fibers a row: one row per branch there.
             let t = if plan.threads_per_row > 128 { 1 } else { 3 };
             let case = Case::random(&mut rng, 1, t, h, true, PFEIFFER, &specs);
             check(gpu, &case, Some(plan));

@@ -48,6 +48,11 @@ pub const MAX_BOTTLENECK: usize = 4096;
 /// kernel's 128 bytes of static reduction scratch.
 pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024 - 256;
 
+/// The most threads per block of the forward kernels (`ADAPTER_FWD_MAX_THREADS`, their
+/// `__launch_bounds__`): they need about 100 registers a thread (ptxas, sm_80), so a 1024-thread
+/// block would not fit the 64K-register file and the driver would refuse the launch.
+pub const MAX_FORWARD_THREADS: u32 = 512;
+
 /// Rows per block of the gate launch (one warp per row); at most 32 (its partial-sum array).
 const GATE_ROWS_PER_BLOCK: usize = 8;
 
@@ -459,7 +464,7 @@ impl LocationPlan {
             LocationPlan { threads_per_row: 32, rows_per_block: rows }
         } else {
             let threads = hidden.div_ceil(16).div_ceil(32) * 32;
-            LocationPlan { threads_per_row: threads.clamp(128, 1024) as u32, rows_per_block: 1 }
+            LocationPlan { threads_per_row: threads.clamp(128, MAX_FORWARD_THREADS as usize) as u32, rows_per_block: 1 }
         }
     }
 
@@ -473,11 +478,11 @@ impl LocationPlan {
     pub fn validate(&self, hidden: usize, bottleneck_stride: usize, max_shared: usize) -> Result<()> {
         let t = self.threads_per_row;
         let bad = |msg: String| Err(Error::shape(OP, format!("launch plan {self:?}: {msg}")));
-        if t == 0 || !t.is_multiple_of(32) || t > 1024 {
-            return bad("threads_per_row must be a multiple of 32 in 32..=1024".into());
+        if t == 0 || !t.is_multiple_of(32) || t > MAX_FORWARD_THREADS {
+            return bad(format!("threads_per_row must be a multiple of 32 in 32..={MAX_FORWARD_THREADS}"));
         }
-        if self.rows_per_block == 0 || t as u64 * self.rows_per_block as u64 > 1024 {
-            return bad("rows_per_block must be >= 1 with at most 1024 threads per block".into());
+        if self.rows_per_block == 0 || t as u64 * self.rows_per_block as u64 > MAX_FORWARD_THREADS as u64 {
+            return bad(format!("rows_per_block must be >= 1 with at most {MAX_FORWARD_THREADS} threads per block"));
         }
         if t > 32 && self.rows_per_block != 1 {
             return bad("rows_per_block must be 1 when a row has more than one warp".into());
@@ -706,7 +711,7 @@ mod tests {
         assert_eq!(LocationPlan::auto(1024, 4096).rows_per_block, 2);
         assert_eq!(LocationPlan::auto(1025, 8), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
         assert_eq!(LocationPlan::auto(4099, 8), LocationPlan { threads_per_row: 288, rows_per_block: 1 });
-        assert_eq!(LocationPlan::auto(1 << 16, 8).threads_per_row, 1024);
+        assert_eq!(LocationPlan::auto(1 << 16, 8).threads_per_row, MAX_FORWARD_THREADS);
     }
 
     #[test]
@@ -715,6 +720,8 @@ mod tests {
             LocationPlan { threads_per_row: 48, rows_per_block: 1 },
             LocationPlan { threads_per_row: 0, rows_per_block: 1 },
             LocationPlan { threads_per_row: 2048, rows_per_block: 1 },
+            // Past the forward kernels' __launch_bounds__ (their registers would not fit).
+            LocationPlan { threads_per_row: 1024, rows_per_block: 1 },
             LocationPlan { threads_per_row: 64, rows_per_block: 2 },
             LocationPlan { threads_per_row: 32, rows_per_block: 33 },
             LocationPlan { threads_per_row: 32, rows_per_block: 0 },

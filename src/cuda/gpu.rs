@@ -695,6 +695,18 @@ impl Gpu {
         match &self.backend {
             Backend::Cuda(rt) => {
                 let f = rt.function(kernel)?;
+                // What this compiled kernel can take (its registers against the register file),
+                // said in words instead of CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES.
+                let most = f.max_threads_per_block().map_err(driver_err("reading the kernel's thread limit"))?;
+                let threads = cfg.block_dim.0 as u64 * cfg.block_dim.1 as u64 * cfg.block_dim.2 as u64;
+                if most > 0 && threads > most as u64 {
+                    return Err(Error::Cuda(format!(
+                        "launching `{}` on {}: {threads} threads per block, but this kernel takes at most {most} ({} registers a thread)",
+                        kernel.name,
+                        self.arch,
+                        f.num_regs().unwrap_or(-1)
+                    )));
+                }
                 bind(rt)?;
                 // SAFETY: the arguments match the kernel's parameters (checked); the memory contract
                 // is the caller's. `slots` outlives the call, which copies the parameters.
