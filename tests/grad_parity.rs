@@ -14,7 +14,10 @@ const GRAD_TOL: f64 = 1e-4;
 
 fn case(file: &str, active: &[&str], train: &[&str]) {
     let fx = TensorFile::open(fixtures().join("training").join(format!("grad_{file}.safetensors"))).unwrap();
-    for backend in [Arc::new(CpuBackend::fast()) as Arc<dyn Backend>, Arc::new(CpuBackend::reference())] {
+    // Both CPU paths, then the CUDA backend on cuda-sim (CI) and on a GPU when there is one.
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())];
+    backends.extend(common::cuda_backends());
+    for backend in backends {
         let dir = fixtures().join("tiny_bert");
         let (mut model, _) = BertModel::from_dir(&dir, backend.clone(), LoadOptions::default()).unwrap();
         let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
@@ -27,9 +30,10 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
         model.train_adapter(train).unwrap();
         let (out, tape) = model.forward_train(&batch).unwrap();
         let label = format!("{file} [{}]", backend.name());
-        assert_close(&format!("{label} last_hidden_state"), &out.last_hidden_state.cpu_data().unwrap(), &read_f32(&fx, "last_hidden_state").0, TOL);
+        let last = backend.to_host(&out.last_hidden_state).unwrap();
+        assert_close(&format!("{label} last_hidden_state"), &last, &read_f32(&fx, "last_hidden_state").0, TOL);
         let (w, shape) = read_f32(&fx, "W");
-        let terms: Vec<f64> = out.last_hidden_state.cpu_data().unwrap().iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
+        let terms: Vec<f64> = last.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
         let (loss, magnitude) = (terms.iter().sum::<f64>(), terms.iter().map(|t| t.abs()).sum::<f64>());
         // A sum with cancellation: its rounding error scales with Σ|terms|, not with |Σ terms|.
         let ref_loss = read_f32(&fx, "loss").0[0] as f64;
@@ -46,7 +50,7 @@ fn case(file: &str, active: &[&str], train: &[&str]) {
         let want: Vec<String> = want.into_iter().filter(|k| grads.contains_key(k)).collect();
         assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), want, "{label}: gradient keys");
         for key in want {
-            let got = grads[&key].cpu_data().unwrap();
+            let got = backend.to_host(&grads[&key]).unwrap();
             assert_close(&format!("{label} grad.{key}"), &got, &read_f32(&fx, &format!("grad.{key}")).0, GRAD_TOL);
         }
     }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_forward, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward, attention_packed_forward};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
@@ -180,6 +180,38 @@ impl CudaBackend {
 
     fn device_ln<'t>(&self, op: &str, ln: Option<LayerNormParams<'t>>) -> Result<Option<DeviceLayerNorm<'t>>> {
         ln.map(|l| Ok(DeviceLayerNorm { gamma: self.view(op, l.gamma)?, beta: self.view(op, l.beta)?, eps: l.eps })).transpose()
+    }
+
+    /// A location's branches as device weights, and its launch shape.
+    fn location_parts<'t>(&self, op: &'static str, loc: &AdapterLocation<'t>) -> Result<(Vec<BranchWeights<'t>>, LocationShape)> {
+        super::adapter::refuse_unsupported(loc)?;
+        let hidden = loc.h.last_dim();
+        let n = loc.branches.len();
+        let rows = loc.h.rows();
+        let seq_len = loc.seq_len.max(1);
+        let batch = if loc.replicate { rows / seq_len } else { rows / seq_len / n.max(1) };
+        let mut weights = Vec::with_capacity(n);
+        for p in loc.branches {
+            let scaling = match p.scaling {
+                ScalingParam::Fixed(v) => DeviceScaling::Fixed(v),
+                ScalingParam::Learned(t) => DeviceScaling::Learned(self.view(op, t)?),
+                ScalingParam::Channel(t) => DeviceScaling::Channel(self.view(op, t)?),
+            };
+            weights.push(BranchWeights {
+                bottleneck: p.down_w.shape().first().copied().unwrap_or(0),
+                down_w: self.view(op, p.down_w)?,
+                down_b: self.view(op, p.down_b)?,
+                up_w: self.view(op, p.up_w)?,
+                up_b: self.view(op, p.up_b)?,
+                activation: p.activation,
+                ln_before: self.device_ln(op, p.ln_before)?,
+                ln_after: self.device_ln(op, p.ln_after)?,
+                scaling,
+                gate: p.gate.map(|(w, b)| self.view_pair(op, (w, b))).transpose()?,
+                adapter_residual_before_ln: p.adapter_residual_before_ln,
+            });
+        }
+        Ok((weights, LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate }))
     }
 
     fn new_tensor<T: BufferElement>(&self, shape: &[usize]) -> Result<Tensor> {
@@ -523,33 +555,8 @@ impl Backend for CudaBackend {
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
-        super::adapter::refuse_unsupported(loc)?;
-        let hidden = loc.h.last_dim();
-        let n = loc.branches.len();
-        let rows = loc.h.rows();
-        let seq_len = loc.seq_len.max(1);
-        let batch = if loc.replicate { rows / seq_len } else { rows / seq_len / n.max(1) };
-        let mut weights = Vec::with_capacity(n);
-        for p in loc.branches {
-            let scaling = match p.scaling {
-                ScalingParam::Fixed(v) => DeviceScaling::Fixed(v),
-                ScalingParam::Learned(t) => DeviceScaling::Learned(self.view(OP, t)?),
-                ScalingParam::Channel(t) => DeviceScaling::Channel(self.view(OP, t)?),
-            };
-            weights.push(BranchWeights {
-                bottleneck: p.down_w.shape().first().copied().unwrap_or(0),
-                down_w: self.view(OP, p.down_w)?,
-                down_b: self.view(OP, p.down_b)?,
-                up_w: self.view(OP, p.up_w)?,
-                up_b: self.view(OP, p.up_b)?,
-                activation: p.activation,
-                ln_before: self.device_ln(OP, p.ln_before)?,
-                ln_after: self.device_ln(OP, p.ln_after)?,
-                scaling,
-                gate: p.gate.map(|(w, b)| self.view_pair(OP, (w, b))).transpose()?,
-                adapter_residual_before_ln: p.adapter_residual_before_ln,
-            });
-        }
+        let (weights, shape) = self.location_parts(OP, loc)?;
+        let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
         let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
         let out = self.new_tensor::<f32>(&[n * batch, seq_len, hidden])?;
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
@@ -557,7 +564,6 @@ impl Backend for CudaBackend {
         let dtype = self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
         let (h, r) = (self.view(OP, loc.h)?, self.view(OP, loc.r)?);
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
-        let shape = LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate };
         match dtype {
             DType::BF16 => {
                 let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
@@ -648,12 +654,81 @@ impl Backend for CudaBackend {
         Ok(dqkv)
     }
 
-    fn adapter_location_backward_into(&self, _loc: &AdapterLocation, _d_out: &Tensor, _grads: &[Option<GradsOut<BottleneckGrads>>], _need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Err(self.unsupported("adapter_location_backward"))
+    fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        const OP: &str = "adapter_location_backward";
+        if grads.len() != loc.branches.len() {
+            return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
+        }
+        let (weights, shape) = self.location_parts(OP, loc)?;
+        let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
+        let trainable: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        let mut workspace = LocationBackwardWorkspace::new(&self.gpu, backward_workspace_len(&descriptors, shape, &trainable)?)?;
+        let input_rows = if loc.replicate { shape.batch } else { shape.batch * shape.branches };
+        let (dh, dr) = if need_input_grads {
+            let dims = [input_rows, shape.seq_len, shape.hidden];
+            (Some(self.new_tensor::<f32>(&dims)?), Some(self.new_tensor::<f32>(&dims)?))
+        } else {
+            (None, None)
+        };
+        let mut branch_grads = Vec::with_capacity(grads.len());
+        for g in grads {
+            branch_grads.push(match g {
+                None => None,
+                Some(GradsOut { grads: g, accumulate }) => Some(BranchGrads {
+                    down_w: self.view_mut(OP, &g.down_w)?,
+                    down_b: self.view_mut(OP, &g.down_b)?,
+                    up_w: self.view_mut(OP, &g.up_w)?,
+                    up_b: self.view_mut(OP, &g.up_b)?,
+                    ln_before: g.ln_before.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    ln_after: g.ln_after.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    scaling: g.scaling.as_ref().map(|t| self.view_mut(OP, t)).transpose()?,
+                    gate: g.gate.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    accumulate: *accumulate,
+                }),
+            });
+        }
+        let input_grads = match (&dh, &dr) {
+            (Some(a), Some(b)) => Some((self.view_mut(OP, a)?, self.view_mut(OP, b)?)),
+            _ => None,
+        };
+        let mut outputs = LocationBackwardOutputs { input_grads, grads: &mut branch_grads };
+        let ln = &loc.layer_norm;
+        let inputs = LocationInputs::<f32> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+        adapter_location_backward(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, &mut workspace, shape)?;
+        Ok((dh, dr))
     }
 
-    fn nice_backward_into(&self, _x: &Tensor, _params: &NiceParams, _dy: &Tensor, _out: &GradsOut<NiceGrads>) -> Result<()> {
-        Err(self.unsupported("nice_backward"))
+    fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
+        const OP: &str = "nice_backward";
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
+        }
+        let (rows, hidden) = (x.rows(), x.last_dim());
+        let (s1, s2) = (hidden / 2, hidden - hidden / 2);
+        if rows == 0 {
+            return Ok(());
+        }
+        // Columns [c0, c0 + w) of a [rows, hidden] tensor, as a new [rows, w] tensor.
+        let columns = |t: &Tensor, c0: usize, w: usize| -> Result<Tensor> {
+            let half = self.new_tensor::<f32>(&[rows, w])?;
+            super::nice::split_columns(&self.gpu, &self.view(OP, t)?, rows, c0, w, &mut self.view_mut(OP, &half)?)?;
+            Ok(half)
+        };
+        let (x1, x2, g1, g2) = (columns(x, 0, s1)?, columns(x, s1, s2)?, columns(dy, 0, s1)?, columns(dy, s1, s2)?);
+        let (act, g, acc) = (params.activation, &out.grads, out.accumulate);
+        // The forward again: y1 = x1 + F(x2) is G's input (spec 5.1: y2 = x2 + G(y1)).
+        let (a_f, pre_f) = self.linear_act(&x2, params.f0.0, Some(params.f0.1), act)?;
+        let y1 = self.add(&x1, &self.linear(&a_f, params.f2.0, Some(params.f2.1))?)?;
+        let (a_g, pre_g) = self.linear_act(&y1, params.g0.0, Some(params.g0.1), act)?;
+        // G, from dy2; its input gradient joins dy1 (y1 reaches the output directly and through G).
+        self.linear_backward_params_into(&g2, &a_g, &g.g2.0, Some(&g.g2.1), acc)?;
+        let d_pre_g = self.linear_backward_input_act(&g2, params.g2.0, &pre_g, act)?;
+        self.linear_backward_params_into(&d_pre_g, &y1, &g.g0.0, Some(&g.g0.1), acc)?;
+        self.linear_backward_input_into(&d_pre_g, params.g0.0, &g1, true)?;
+        // F, from dy1 (x itself is below the trainable set: no input gradient).
+        self.linear_backward_params_into(&g1, &a_f, &g.f2.0, Some(&g.f2.1), acc)?;
+        let d_pre_f = self.linear_backward_input_act(&g1, params.f2.0, &pre_f, act)?;
+        self.linear_backward_params_into(&d_pre_f, &x2, &g.f0.0, Some(&g.f0.1), acc)
     }
 
     fn dropout(&self, _x: &Tensor, _spec: &DropoutSpec) -> Result<Tensor> {

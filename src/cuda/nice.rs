@@ -157,7 +157,7 @@ pub fn nice_forward_with_workspace(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &
     let NiceWorkspace { lo, hi, inner, delta, .. } = ws;
     if !inverse {
         // y1 = x1 + F(x2), written to out's first half and to `lo` (G's input); y2 = x2 + G(y1).
-        split(gpu, x, rows, s1, s2, &mut hi.slice_mut(0..rows * s2)?)?;
+        split_columns(gpu, x, rows, s1, s2, &mut hi.slice_mut(0..rows * s2)?)?;
         let mut f = delta.slice_mut(0..rows * s1)?;
         subnet(gpu, &hi.slice(0..rows * s2)?, (params.f0, params.f2), act, rows, (s2, d.kf, s1), inner, &mut f)?;
         couple(gpu, out, Some(&mut lo.slice_mut(0..rows * s1)?), x, &f.as_view(), rows, 0, s1, 1.0)?;
@@ -166,7 +166,7 @@ pub fn nice_forward_with_workspace(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &
         couple(gpu, out, None, x, &g.as_view(), rows, s1, s2, 1.0)
     } else {
         // x2 = y2 − G(y1), written to out's second half and to `hi` (F's input); x1 = y1 − F(x2).
-        split(gpu, x, rows, 0, s1, &mut lo.slice_mut(0..rows * s1)?)?;
+        split_columns(gpu, x, rows, 0, s1, &mut lo.slice_mut(0..rows * s1)?)?;
         let mut g = delta.slice_mut(0..rows * s2)?;
         subnet(gpu, &lo.slice(0..rows * s1)?, (params.g0, params.g2), act, rows, (s1, d.kg, s2), inner, &mut g)?;
         couple(gpu, out, Some(&mut hi.slice_mut(0..rows * s2)?), x, &g.as_view(), rows, s1, s2, -1.0)?;
@@ -190,8 +190,15 @@ fn check_io(x_len: usize, out_len: usize, d: NiceDims) -> Result<usize> {
 }
 
 /// `half = x[:, col0 .. col0 + width]`.
-fn split(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, half: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+pub fn split_columns(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, half: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::split_columns";
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
     let hidden = x.len() / rows;
+    if !x.len().is_multiple_of(rows) || col0.checked_add(width).is_none_or(|end| end > hidden) || half.len() != rows * width || hidden > i32::MAX as usize || rows > i32::MAX as usize {
+        return Err(Error::shape(OP, format!("columns {col0}..{} of {rows} rows of x ({} elements) into {} elements", col0 + width, x.len(), half.len())));
+    }
     let args = [half.arg(), x.arg(), KernelArg::I32(rows as i32), KernelArg::I32(hidden as i32), KernelArg::I32(col0 as i32), KernelArg::I32(width as i32)];
     // SAFETY: x is [rows, hidden] with col0 + width <= hidden, half is [rows, width] (the caller's
     // checks and slices).
