@@ -67,10 +67,12 @@ fn bad_inputs_are_errors(gpu: &Gpu) {
     assert!(be.select_rows(&t, &[0..1, 1..3]).is_err());
     let w = be.upload(vec![1.0; 8], &[2, 4]).unwrap();
     assert!(matches!(be.linear(&t, &w, None), Err(Error::Shape { .. })), "in-features 3 vs 4");
-    // An op of the backward (issue 14) is refused by name, never answered wrongly.
-    let e = be.activation_backward(&t, &t, bert_adapters::Activation::Relu).unwrap_err().to_string();
-    assert!(e.contains("activation_backward is not implemented on the CUDA backend"), "{e}");
-    assert!(!be.supports_training());
+    // An op the device does not have yet (unpacked attention) is refused by name, never
+    // answered wrongly.
+    let q = be.upload(vec![0.5; 12], &[1, 2, 6]).unwrap();
+    let mask = be.upload(vec![0.0; 2], &[1, 2]).unwrap();
+    let e = be.attention(&q, &q, &q, &mask, 2, None).unwrap_err().to_string();
+    assert!(e.contains("attention is not implemented on the CUDA backend"), "{e}");
 }
 test_device!(bad_inputs, bad_inputs_are_errors);
 
