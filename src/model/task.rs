@@ -54,8 +54,28 @@ impl BertModel {
         if self.heads.contains_key(head.name()) {
             return Err(Error::Input(format!("adapter `{}` already has a head", head.name())));
         }
+        let head = self.head_on_backend(head)?;
         self.heads.insert(head.name().to_string(), head);
         Ok(())
+    }
+
+    /// `head` with its parameters where the model runs: host tensors are uploaded to the model's
+    /// device (a head built on the CPU joins a CUDA model); a tensor on a third device is refused.
+    fn head_on_backend(&self, head: ClassificationHead) -> Result<ClassificationHead> {
+        let device = self.backend.device();
+        if head.params().values().all(|t| t.device() == device) {
+            return Ok(head);
+        }
+        let mut params = std::collections::BTreeMap::new();
+        for (key, t) in head.params() {
+            let moved = match t.device() {
+                d if d == device => t.clone(),
+                crate::device::Device::Cpu => self.backend.upload(t.f32_data()?.to_vec(), t.shape())?,
+                other => return Err(Error::Input(format!("head `{}`: parameter `{key}` is on {other}, the model on {device}", head.name()))),
+            };
+            params.insert(key.clone(), moved);
+        }
+        ClassificationHead::from_params(head.name(), head.config().clone(), params)
     }
 
     pub fn head(&self, name: &str) -> Option<&ClassificationHead> {
