@@ -95,6 +95,29 @@ fn attention_matches_reference() {
     }
 }
 
+/// An example whose every key is masked (its mask row all `f32::MIN`, or all −10000 as in HF's
+/// extended mask): its softmax is uniform, and the packed backward, which recomputes the
+/// probabilities from the saved f32 log-sum-exp, must give the reference's gradients there too
+/// (the rounding of an lse near f32::MIN once turned each p into 1 instead of 1/T).
+#[test]
+fn packed_backward_on_fully_masked_rows_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (fast, reference) = both();
+    let (batch, seq, hidden, heads) = (3, 7, 24, 2);
+    for masked in [f32::MIN, -10000.0] {
+        let qkv = t(&mut rng, &[batch, seq, 3 * hidden], 1.5);
+        // Example 1 is all padding; the others are partly padded.
+        let mask: Vec<f32> = (0..batch * seq).map(|i| if i / seq == 1 || i % seq >= seq - i / seq { masked } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, &[batch, seq]).unwrap();
+        let dctx = t(&mut rng, &[batch, seq, hidden], 1.0);
+        let (_, lse) = fast.attention_packed(&qkv, &mask, heads, None).unwrap();
+        let got = fast.attention_packed_backward(&dctx, &qkv, &lse, &mask, heads, None).unwrap();
+        let (_, lse_ref) = reference.attention_packed(&qkv, &mask, heads, None).unwrap();
+        let want = reference.attention_packed_backward(&dctx, &qkv, &lse_ref, &mask, heads, None).unwrap();
+        compare(&format!("packed attention backward, mask {masked}"), &got, &want);
+    }
+}
+
 #[test]
 fn attention_ignores_masked_keys() {
     // With key 1 masked, changing its value vector must not change any output.

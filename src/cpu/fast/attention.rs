@@ -91,6 +91,17 @@ fn scores(p: &mut [f32], q: &[f32], k: &[f32], base: usize, seq: usize, ld: usiz
 fn attention_probs_from_lse(p: &mut [f32], q: &[f32], k: &[f32], bias: &[f32], lse: &[f32], base: usize, seq: usize, ld: usize, d: usize, scale: f32) {
     scores(p, q, k, base, seq, ld, d);
     exp_rows_from_lse(p, bias, lse, seq, scale);
+    // The saved lse is f32. Where it is large (a row whose every key is masked has |lse| near
+    // |mask|, 1e4 or f32::MAX), its rounding scales every p of the row (by up to 2 with f32::MIN
+    // masks: p = 1 instead of 1/T); renormalise such rows, as the f64 reference's softmax sums to 1.
+    for (row, &l) in p.chunks_mut(seq).zip(lse) {
+        if l.abs() >= 64.0 {
+            let sum: f32 = row.iter().sum();
+            if sum.is_finite() && sum > 0.0 {
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        }
+    }
 }
 
 /// Attention per (batch, head) in parallel: scores with one gemm, a row softmax, then P·V with a
