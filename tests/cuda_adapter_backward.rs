@@ -12,184 +12,27 @@
 //! that are overwritten, the workspace), so an element the launch never writes fails;
 //! destinations that accumulate start with random values, on both sides.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_backward_with_plan, backward_plan_auto, backward_workspace_len, BranchGrads, BranchWeights, DeviceLayerNorm,
-    DeviceScaling, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationPlan, LocationShape, MAX_BACKWARD_BRANCHES,
+    adapter_location_backward, adapter_location_backward_with_plan, backward_plan_auto, backward_workspace_len, BranchGrads, BranchWeights,
+    LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationPlan, LocationShape, MAX_BACKWARD_BRANCHES,
 };
 use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const BERT_EPS: f32 = 1e-12;
 const TOL: f32 = 1e-4;
 
 // ---- cases ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug)]
-enum Scale {
-    Fixed(f32),
-    Learned,
-    Channel,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct BranchSpec {
-    m: usize,
-    act: Activation,
-    ln_before: bool,
-    ln_after: bool,
-    scale: Scale,
-    gate: bool,
-    residual_first: bool,
-}
-
-impl BranchSpec {
-    /// pfeiffer / houlsby cores: relu or swish, fixed scaling 1, nothing else.
-    fn plain(m: usize, act: Activation) -> Self {
-        BranchSpec { m, act, ln_before: false, ln_after: false, scale: Scale::Fixed(1.0), gate: false, residual_first: false }
-    }
-    /// Every option that has parameters.
-    fn full(m: usize, act: Activation, scale: Scale, residual_first: bool) -> Self {
-        BranchSpec { m, act, ln_before: true, ln_after: true, scale, gate: true, residual_first }
-    }
-}
-
-const PFEIFFER: LocationSteps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: true, original_ln_after: true };
-const HOULSBY: LocationSteps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: false, original_ln_after: true };
-
-fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(lo..hi)).collect()
-}
-
-fn tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
-    Tensor::from_vec(data, shape).unwrap()
-}
-
-fn data(t: &Tensor) -> Vec<f32> {
-    t.f32_data().unwrap().to_vec()
-}
-
-/// One branch's weights as CPU tensors.
-#[derive(Clone)]
-struct HostBranch {
-    spec: BranchSpec,
-    down_w: Tensor,
-    down_b: Tensor,
-    up_w: Tensor,
-    up_b: Tensor,
-    ln_before: Option<(Tensor, Tensor)>,
-    ln_after: Option<(Tensor, Tensor)>,
-    scaling: Option<Tensor>,
-    gate: Option<(Tensor, Tensor)>,
-}
-
-impl HostBranch {
-    fn random(rng: &mut StdRng, h: usize, spec: BranchSpec) -> Self {
-        let m = spec.m;
-        // Blown up: about 3x what keeps variances at 1 (bert init is N(0, 0.02)).
-        let (wd, wu) = (3.0 / (h as f32).sqrt(), 3.0 / (m as f32).sqrt());
-        let mut ln = |on: bool| on.then(|| (tensor(uniform(rng, h, 0.5, 1.5), &[h]), tensor(uniform(rng, h, -0.5, 0.5), &[h])));
-        let (ln_before, ln_after) = (ln(spec.ln_before), ln(spec.ln_after));
-        HostBranch {
-            spec,
-            down_w: tensor(uniform(rng, m * h, -wd, wd), &[m, h]),
-            down_b: tensor(uniform(rng, m, -0.5, 0.5), &[m]),
-            up_w: tensor(uniform(rng, h * m, -wu, wu), &[h, m]),
-            up_b: tensor(uniform(rng, h, -0.5, 0.5), &[h]),
-            ln_before,
-            ln_after,
-            scaling: match spec.scale {
-                Scale::Fixed(_) => None,
-                Scale::Learned => Some(tensor(vec![rng.random_range(1.5..2.5)], &[1])),
-                Scale::Channel => Some(tensor(uniform(rng, h, -2.5, 2.5), &[h])),
-            },
-            gate: spec.gate.then(|| (tensor(uniform(rng, h, -3.0 * wd, 3.0 * wd), &[1, h]), tensor(uniform(rng, 1, -0.5, 0.5), &[1]))),
-        }
-    }
-
-    fn params(&self) -> BottleneckParams<'_> {
-        fn ln(p: &Option<(Tensor, Tensor)>) -> Option<LayerNormParams<'_>> {
-            p.as_ref().map(|(g, b)| LayerNormParams { gamma: g, beta: b, eps: 1e-5 })
-        }
-        BottleneckParams {
-            down_w: &self.down_w,
-            down_b: &self.down_b,
-            up_w: &self.up_w,
-            up_b: &self.up_b,
-            activation: self.spec.act,
-            ln_before: ln(&self.ln_before),
-            ln_after: ln(&self.ln_after),
-            scaling: match (self.spec.scale, &self.scaling) {
-                (Scale::Fixed(s), _) => ScalingParam::Fixed(s),
-                (Scale::Learned, Some(t)) => ScalingParam::Learned(t),
-                (Scale::Channel, Some(t)) => ScalingParam::Channel(t),
-                _ => unreachable!("random() makes a scaling tensor for learned and channel"),
-            },
-            gate: self.gate.as_ref().map(|(w, b)| (w, b)),
-            adapter_residual_before_ln: self.spec.residual_first,
-            dropout: None,
-        }
-    }
-}
-
-/// The same branch on the device.
-struct DeviceBranch {
-    spec: BranchSpec,
-    down_w: DeviceBuffer<f32>,
-    down_b: DeviceBuffer<f32>,
-    up_w: DeviceBuffer<f32>,
-    up_b: DeviceBuffer<f32>,
-    ln_before: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
-    ln_after: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
-    scaling: Option<DeviceBuffer<f32>>,
-    gate: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
-}
-
-impl DeviceBranch {
-    fn upload(gpu: &Gpu, b: &HostBranch) -> Self {
-        let up = |t: &Tensor| gpu.upload(&data(t)).unwrap();
-        let pair = |p: &Option<(Tensor, Tensor)>| p.as_ref().map(|(a, b)| (up(a), up(b)));
-        DeviceBranch {
-            spec: b.spec,
-            down_w: up(&b.down_w),
-            down_b: up(&b.down_b),
-            up_w: up(&b.up_w),
-            up_b: up(&b.up_b),
-            ln_before: pair(&b.ln_before),
-            ln_after: pair(&b.ln_after),
-            scaling: b.scaling.as_ref().map(up),
-            gate: pair(&b.gate),
-        }
-    }
-
-    fn weights(&self) -> BranchWeights<'_> {
-        fn ln(p: &Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>) -> Option<DeviceLayerNorm<'_>> {
-            p.as_ref().map(|(g, b)| DeviceLayerNorm { gamma: g.view(), beta: b.view(), eps: 1e-5 })
-        }
-        BranchWeights {
-            bottleneck: self.spec.m,
-            down_w: self.down_w.view(),
-            down_b: self.down_b.view(),
-            up_w: self.up_w.view(),
-            up_b: self.up_b.view(),
-            activation: self.spec.act,
-            ln_before: ln(&self.ln_before),
-            ln_after: ln(&self.ln_after),
-            scaling: match (self.spec.scale, &self.scaling) {
-                (Scale::Fixed(s), _) => DeviceScaling::Fixed(s),
-                (Scale::Learned, Some(t)) => DeviceScaling::Learned(t.view()),
-                (Scale::Channel, Some(t)) => DeviceScaling::Channel(t.view()),
-                _ => unreachable!("upload() copies the scaling tensor"),
-            },
-            gate: self.gate.as_ref().map(|(w, b)| (w.view(), b.view())),
-            adapter_residual_before_ln: self.spec.residual_first,
-        }
-    }
-}
+#[path = "support/adapter_location.rs"]
+#[allow(dead_code)] // each test file uses part of the shared cases
+mod cases;
+use cases::*;
 
 /// A branch's gradients, named and flattened in one order, on the host.
 type NamedGrads = Vec<(&'static str, Vec<f32>)>;
@@ -273,7 +116,7 @@ impl Case {
             d_out: tensor(uniform(rng, n * batch * seq_len * hidden, -1.0, 1.0), &[n * batch, seq_len, hidden]),
             gamma: tensor(uniform(rng, hidden, 0.5, 1.5), &[hidden]),
             beta: tensor(uniform(rng, hidden, -0.5, 0.5), &[hidden]),
-            branches: specs.iter().map(|s| HostBranch::random(rng, hidden, *s)).collect(),
+            branches: specs.iter().map(|s| HostBranch::random_scaled(rng, hidden, *s, 3.0)).collect(),
             trainable: vec![true; n],
             accumulate: false,
             need_input: true,
@@ -796,7 +639,7 @@ fn launch_errors(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(4);
     let (b, t, h, n) = (2, 3, 16, 2);
     let specs = [BranchSpec::full(4, Activation::Relu, Scale::Channel, false), BranchSpec::plain(4, Activation::Relu)];
-    let hosts: Vec<HostBranch> = specs.iter().map(|s| HostBranch::random(&mut rng, h, *s)).collect();
+    let hosts: Vec<HostBranch> = specs.iter().map(|s| HostBranch::random_scaled(&mut rng, h, *s, 3.0)).collect();
     let devs: Vec<DeviceBranch> = hosts.iter().map(|x| DeviceBranch::upload(gpu, x)).collect();
     let weights: Vec<BranchWeights> = devs.iter().map(DeviceBranch::weights).collect();
     let desc = LocationDescriptors::new(gpu, h, PFEIFFER, &weights).unwrap();
