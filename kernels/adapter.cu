@@ -72,7 +72,8 @@
 
 // Threads per block of the forward and gate kernels: they need about 100 registers a thread
 // (ptxas, sm_80), so 1024 threads would not fit the 64K-register file; the launcher's plans stay
-// within this (cuda::adapter::MAX_FORWARD_THREADS).
+// within this (cuda::adapter::MAX_FORWARD_THREADS). The "1" (one block per SM at least) keeps
+// ptxas from halving the registers to fit two such blocks, which spilled on sm_90.
 #define ADAPTER_FWD_MAX_THREADS 512
 
 // ---- descriptor -----------------------------------------------------------------------------
@@ -378,7 +379,7 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
 
 // out: [N·B·T, H]; h, r: [B·T, H] when replicate, else [N·B·T, H]; ln_gamma, ln_beta: [H];
 // descs: N descriptors; gate: [N·B] from adapter_location_gate_f32, or null when no branch gates.
-extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_location_forward_f32(
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_f32(
     float* __restrict__ out,
     const float* __restrict__ gate,
     const float* __restrict__ h,
@@ -400,7 +401,7 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_lo
 
 // As adapter_location_forward_f32 with the BERT LayerNorm's gamma and beta in bf16 (raw bits: a
 // frozen base loaded in bf16); h, r, out and every adapter weight stay f32.
-extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_location_forward_bf16(
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_bf16(
     float* __restrict__ out,
     const float* __restrict__ gate,
     const float* __restrict__ h,
@@ -486,7 +487,7 @@ __device__ __forceinline__ void location_gate_block(float* __restrict__ gate, co
 }
 
 // gate: [N·B]; the other operands as for adapter_location_forward_f32. Grid N·B, block (32, <=32).
-extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_location_gate_f32(
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_gate_f32(
     float* __restrict__ gate,
     const float* __restrict__ h,
     const float* __restrict__ r,
@@ -504,7 +505,7 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_lo
 }
 
 // The gate with the BERT LayerNorm's gamma and beta in bf16, as adapter_location_forward_bf16.
-extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS) void adapter_location_gate_bf16(
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_gate_bf16(
     float* __restrict__ gate,
     const float* __restrict__ h,
     const float* __restrict__ r,
