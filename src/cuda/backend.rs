@@ -252,6 +252,20 @@ impl CudaBackend {
         }
     }
 
+    /// `spec` resolved for the dropout kernels: its seed buffer (a U32 `[2]` tensor on this
+    /// device) when it has one, and the stream of each block.
+    fn device_dropout<'t>(&self, op: &str, spec: &'t DropoutSpec) -> Result<elementwise::DeviceDropout<'t>> {
+        let seed_buffer = spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?;
+        let streams = (0..spec.blocks.len().max(1)).map(|j| spec.block_stream(j)).collect();
+        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
+    }
+
+    /// `spec`'s mask applied to `t` in place (a tensor this op has just made).
+    fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
+        let d = self.device_dropout(op, spec)?;
+        elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, t)?, &d)
+    }
+
     fn unsupported(&self, op: &str) -> Error {
         Error::Unsupported(format!("{op} is not implemented on the CUDA backend yet ({}); use --device cpu", self.device))
     }
@@ -423,10 +437,12 @@ impl Backend for CudaBackend {
     }
 
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        match dropout {
-            None => self.linear(x, w, b),
-            Some(_) => Err(self.unsupported("linear_dropout (train mode)")),
+        // The product, then the mask over its output (the CPU's epilogue draws the same words).
+        let y = self.linear(x, w, b)?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place("linear_dropout", &y, spec)?;
         }
+        Ok(y)
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
@@ -466,9 +482,6 @@ impl Backend for CudaBackend {
 
     fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "embedding_layernorm";
-        if dropout.is_some() {
-            return Err(self.unsupported("embedding dropout (train mode)"));
-        }
         let (batch, seq_len) = match input_ids.shape() {
             [b, t] => (*b, *t),
             s => return Err(Error::shape(OP, format!("input ids must be [B, T], got {s:?}"))),
@@ -489,6 +502,9 @@ impl Backend for CudaBackend {
         }
         // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on.
         check_flag(&self.gpu, &flag.view())?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place(OP, &y, spec)?;
+        }
         Ok(y)
     }
 
@@ -523,10 +539,11 @@ impl Backend for CudaBackend {
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        match dropout {
-            None => self.residual_layernorm(x, residual, gamma, beta, eps),
-            Some(_) => Err(self.unsupported("residual_layernorm_dropout (train mode)")),
+        let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place("residual_layernorm_dropout", &y, spec)?;
         }
+        Ok(y)
     }
 
     fn attention(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<Tensor> {
@@ -733,8 +750,12 @@ impl Backend for CudaBackend {
         self.linear_backward_params_into(&d_pre_f, &x2, &g.f0.0, Some(&g.f0.1), acc)
     }
 
-    fn dropout(&self, _x: &Tensor, _spec: &DropoutSpec) -> Result<Tensor> {
-        Err(self.unsupported("dropout"))
+    fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
+        const OP: &str = "dropout";
+        let y = self.new_tensor::<f32>(x.shape())?;
+        let d = self.device_dropout(OP, spec)?;
+        elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
+        Ok(y)
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
