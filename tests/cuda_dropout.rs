@@ -186,3 +186,56 @@ fn bad_specs_are_errors(gpu: &Gpu) {
     assert!(be.dropout(&x, &s).is_err(), "an f32 seed buffer");
 }
 test_device!(bad_specs, bad_specs_are_errors);
+
+/// Attention with probability dropout, forward (ctx, lse) and backward (dqkv), against the CPU
+/// backend on the same spec: a generic head dim and the specialised d = 32, a sequence longer
+/// than one key tile and not a multiple of 4, Parallel blocks (all, and a live subset).
+fn attention_dropout_matches_the_cpu(gpu: &Gpu) {
+    let be = backend(gpu);
+    let cpu = CpuBackend::fast();
+    let mut rng = StdRng::seed_from_u64(16);
+    let up = |be: &dyn Backend, v: &[f32], shape: &[usize]| be.upload(v.to_vec(), shape).unwrap();
+    for (heads, d, seq, mask_rows, blocks) in [(2usize, 8usize, 37usize, 2usize, vec![0u64, 1]), (1, 32, 7, 1, vec![2, 0, 1]), (3, 4, 5, 2, vec![1])] {
+        let batch = mask_rows * blocks.len().max(1);
+        let hidden = heads * d;
+        let qkv = random(&mut rng, batch * seq * 3 * hidden, 1.0);
+        let dctx = random(&mut rng, batch * seq * hidden, 1.0);
+        // Padding: the last keys of mask row 0 are masked.
+        let mask: Vec<f32> = (0..mask_rows * seq).map(|k| if k < seq && k % seq >= seq - 2 { -10000.0 } else { 0.0 }).collect();
+        let s = spec(0.2, 0xabc + d as u64, (1 << 4) | 2, blocks.clone());
+        let label = format!("heads {heads} d {d} seq {seq} blocks {blocks:?}");
+        let run = |be: &dyn Backend, s: &DropoutSpec| -> [Vec<f32>; 3] {
+            let (q, m) = (up(be, &qkv, &[batch, seq, 3 * hidden]), up(be, &mask, &[mask_rows, seq]));
+            let (ctx, lse) = be.attention_packed(&q, &m, heads, Some(s)).unwrap();
+            let dq = be.attention_packed_backward(&up(be, &dctx, &[batch, seq, hidden]), &q, &lse, &m, heads, Some(s)).unwrap();
+            [be.to_host(&ctx).unwrap(), be.to_host(&lse).unwrap(), be.to_host(&dq).unwrap()]
+        };
+        let [ctx_c, lse_c, dq_c] = run(&cpu, &s);
+        for (what, sd) in [("seed", s.clone()), ("seed buffer", with_buffer(&be, s.clone(), s.seed))] {
+            let [ctx_g, lse_g, dq_g] = run(&be, &sd);
+            common_close(&format!("{label} ({what}): ctx"), &ctx_g, &ctx_c, 1e-5);
+            common_close(&format!("{label} ({what}): lse"), &lse_g, &lse_c, 1e-5);
+            common_close(&format!("{label} ({what}): dqkv"), &dq_g, &dq_c, 1e-4);
+        }
+        // The mask did something: without it the context differs.
+        let plain = {
+            let (ctx, _) = cpu.attention_packed(&up(&cpu, &qkv, &[batch, seq, 3 * hidden]), &up(&cpu, &mask, &[mask_rows, seq]), heads, None).unwrap();
+            cpu.to_host(&ctx).unwrap()
+        };
+        assert!(plain.iter().zip(&ctx_c).any(|(a, b)| (a - b).abs() > 1e-3), "{label}: dropout changed nothing");
+    }
+    // More blocks than the kernels take is refused, not wrong.
+    let q = up(&be, &vec![0.5; 9 * 2 * 3 * 4], &[9, 2, 12]);
+    let m = up(&be, &[0.0; 2], &[1, 2]);
+    let many = spec(0.1, 1, 1, (0..9).collect());
+    assert!(matches!(be.attention_packed(&q, &m, 1, Some(&many)), Err(bert_adapters::Error::Unsupported(_))));
+}
+test_device!(attention, attention_dropout_matches_the_cpu);
+
+fn common_close(label: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let tol = rel * (1.0 + want.iter().fold(0f32, |m, v| m.max(v.abs())));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "{label}: [{i}] = {g}, CPU {w}, tol {tol:e}");
+    }
+}

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
-use super::attention::{attention_packed_backward, attention_packed_forward};
+use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{Epilogue, Gemm, Transpose};
@@ -552,16 +552,17 @@ impl Backend for CudaBackend {
 
     fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
         const OP: &str = "attention_packed";
-        if dropout.is_some() {
-            return Err(self.unsupported("attention dropout (train mode)"));
-        }
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
         let ctx = self.new_tensor::<f32>(&[batch, seq, hidden])?;
         let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
-        attention_packed_forward(&self.gpu, &self.view(OP, qkv)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &ctx)?, &mut self.view_mut(OP, &lse)?, batch, seq, hidden, heads)?;
+        let (q, m, mut c, mut l) = (self.view(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut(OP, &ctx)?, self.view_mut(OP, &lse)?);
+        match dropout {
+            None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads)?,
+            Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?)?,
+        }
         Ok((ctx, lse))
     }
 
@@ -658,18 +659,17 @@ impl Backend for CudaBackend {
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "attention_packed_backward";
-        if dropout.is_some() {
-            return Err(self.unsupported("attention dropout (train mode)"));
-        }
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
         // The kernel reads the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
-        // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's).
-        let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, None)?;
+        // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's),
+        // with the same dropout: D = dO·O is over the dropped output.
+        let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, dropout)?;
         let dqkv = self.new_tensor::<f32>(qkv.shape())?;
-        attention_packed_backward(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads)?;
+        let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
+        attention_packed_backward_dropout(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?;
         Ok(dqkv)
     }
 
