@@ -365,9 +365,10 @@ impl Backend for CudaBackend {
     }
 
     fn supports_training(&self) -> bool {
-        // Every op of a step is here except dropout (Philox masks equal to the CPU's): `train`
-        // runs with dropout, so it stays on the CPU until those kernels exist.
-        false
+        // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
+        // tests/cuda_training.rs with dropout on). Adapter-internal dropout (0 by default) is
+        // refused by the location kernels with Error::Unsupported when a config sets it.
+        true
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
