@@ -150,6 +150,49 @@ struct AttnNoDropout {
     __device__ __forceinline__ float operator()(float p, int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return p; }
 };
 
+// Training: the probability (b, h, i, j) is element ((b_local·heads + h)·T + i)·T + j of its
+// dropout block's stream (cpu::prob_dropout's mapping), block = b / batch_per_block, whose id is
+// byte `block` of block_ids (the host packs at most 8 ids < 256). Factor scale or 0.
+struct AttnPhilox {
+    PhiloxKey key;
+    unsigned long long stream_base;  // stream << 8
+    unsigned long long block_ids;
+    int batch_per_block;
+    int heads;
+    int seq;
+    unsigned threshold;
+    float scale;
+
+    __device__ __forceinline__ float factor(int b, int h, int i, int j) const {
+        if (i >= seq || j >= seq) {
+            return 0.0f;  // past T: p is 0 there and nothing stores the row
+        }
+        const int blk = b / batch_per_block;
+        const unsigned long long stream = stream_base | ((block_ids >> (8 * blk)) & 0xffull);
+        const unsigned long long row = ((unsigned long long)(b - blk * batch_per_block) * (unsigned long long)heads + (unsigned long long)h) * (unsigned long long)seq + (unsigned long long)i;
+        return philox_keep_factor(key, stream, row * (unsigned long long)seq + (unsigned long long)j, threshold, scale);
+    }
+};
+
+__device__ __forceinline__ AttnPhilox attn_philox(const unsigned* seed_buf, unsigned seed_lo, unsigned seed_hi, unsigned long long stream_base, unsigned long long block_ids, int batch_per_block, int heads, int seq, unsigned threshold, float drop_scale) {
+    AttnPhilox d;
+    d.key = philox_key(seed_buf, seed_lo, seed_hi);
+    d.stream_base = stream_base;
+    d.block_ids = block_ids;
+    d.batch_per_block = batch_per_block;
+    d.heads = heads;
+    d.seq = seq;
+    d.threshold = threshold;
+    d.scale = drop_scale;
+    return d;
+}
+
+// The forward's policy: what multiplies v_j is p·factor; l and lse keep the undropped p.
+struct AttnPhiloxDropout {
+    AttnPhilox d;
+    __device__ __forceinline__ float operator()(float p, int b, int h, int i, int j) const { return p * d.factor(b, h, i, j); }
+};
+
 // Shared-memory strides in floats: Q/V rows are d rounded up to a float4; K rows are that or 4
 // more so that (stride / 4) is odd (conflict-free 128-bit reads of 32 different rows).
 __device__ __forceinline__ int attn_ldq(int d) { return (d + 3) & ~3; }
@@ -492,6 +535,12 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 // The factor the kept probability p_ij is multiplied with (1 without dropout).
 struct AttnBwdNoDropout {
     __device__ __forceinline__ float operator()(int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return 1.0f; }
+};
+
+// The forward's Philox factor, drawn again.
+struct AttnBwdPhiloxDropout {
+    AttnPhilox d;
+    __device__ __forceinline__ float operator()(int b, int h, int i, int j) const { return d.factor(b, h, i, j); }
 };
 
 // Phase 1's dot products for this lane's key: s[r] = q_r·k and g[r] = dO_r·v for the warp's 4
@@ -1094,4 +1143,230 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 {
     extern __shared__ AttnVec4 attn_smem[];
     attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// ---- training (probability dropout) kernels --------------------------------------------------
+// The kernels above with the Philox policy (AttnPhiloxDropout / AttnBwdPhiloxDropout): the same
+// parameters, then the seed ([2] buffer, or seed_lo/hi when it is null), stream << 8, the packed
+// block ids, batch rows per dropout block, the integer threshold and the keep scale.
+
+// ", 1": the generic head dimension with the Philox policy needs ~150 registers; without it ptxas
+// squeezes to 128 for a second resident block and spills (sm_80).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f32(
+    float* __restrict__ ctx,
+    float* __restrict__ lse,
+    const float* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<float, 0>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f32_d32(
+    float* __restrict__ ctx,
+    float* __restrict__ lse,
+    const float* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<float, 32>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f32_d64(
+    float* __restrict__ ctx,
+    float* __restrict__ lse,
+    const float* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32_d32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32_d64(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32_d32(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32_d64(
+    float* __restrict__ dqkv,
+    const float* __restrict__ dctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
 }

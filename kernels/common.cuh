@@ -113,4 +113,68 @@ __device__ __forceinline__ float apply_activation(int act, float v) {
     }
 }
 
+// ---- Philox4x32-10 dropout (src/train/dropout.rs is the spec; every bit must match it) ------
+// Element i of stream s under seed k: key = [k_lo, k_hi], counter = [i/4 lo, i/4 hi, s_lo, s_hi],
+// word i%4 of the block. Dropped iff word < threshold (round(p*2^32), from the host): an integer
+// compare, so no float rounding can make the device and the CPU disagree. Kept: x * scale.
+struct PhiloxKey {
+    unsigned k0, k1;
+};
+struct PhiloxWords {
+    unsigned w[4];
+};
+
+// 32x32 -> 64-bit product split in halves (mul.hi.u32 / mul.lo.u32 in PTX; plain C for cuda-sim).
+__device__ __forceinline__ unsigned philox_mulhi(unsigned a, unsigned b) {
+    return (unsigned)(((unsigned long long)a * (unsigned long long)b) >> 32);
+}
+
+__device__ __forceinline__ PhiloxWords philox4x32_10(unsigned c0, unsigned c1, unsigned c2, unsigned c3, PhiloxKey key) {
+    unsigned k0 = key.k0, k1 = key.k1;
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {  // the key is bumped between rounds, never before the first
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned hi0 = philox_mulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        const unsigned hi1 = philox_mulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        const unsigned n0 = hi1 ^ c1 ^ k0;
+        const unsigned n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    PhiloxWords out;
+    out.w[0] = c0;
+    out.w[1] = c1;
+    out.w[2] = c2;
+    out.w[3] = c3;
+    return out;
+}
+
+// The seed: from the model's [2] device buffer when given (a captured launch then replays with
+// the next step's seed), else from the launch arguments.
+__device__ __forceinline__ PhiloxKey philox_key(const unsigned* seed_buf, unsigned seed_lo, unsigned seed_hi) {
+    PhiloxKey key;
+    key.k0 = seed_buf != nullptr ? seed_buf[0] : seed_lo;
+    key.k1 = seed_buf != nullptr ? seed_buf[1] : seed_hi;
+    return key;
+}
+
+// The Philox block of element `block` (= element index / 4) of a 64-bit stream.
+__device__ __forceinline__ PhiloxWords philox_block(PhiloxKey key, unsigned long long stream, unsigned long long block) {
+    return philox4x32_10((unsigned)block, (unsigned)(block >> 32), (unsigned)stream, (unsigned)(stream >> 32), key);
+}
+
+// The keep factor of element `index` of `stream`: scale, or 0 when dropped.
+__device__ __forceinline__ float philox_keep_factor(PhiloxKey key, unsigned long long stream, unsigned long long index, unsigned threshold, float scale) {
+    const PhiloxWords w = philox_block(key, stream, index >> 2);
+    // Selects, not w.w[index & 3]: a dynamic index would put the words in local memory.
+    const unsigned lane = (unsigned)(index & 3ull);
+    const unsigned word = lane == 0 ? w.w[0] : lane == 1 ? w.w[1] : lane == 2 ? w.w[2] : w.w[3];
+    return word >= threshold ? scale : 0.0f;
+}
+
 #endif  // BERT_ADAPTERS_COMMON_CUH

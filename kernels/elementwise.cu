@@ -299,3 +299,36 @@ extern "C" __global__ void first_token_backward_f32(
         }
     }
 }
+
+// ---- dropout ------------------------------------------------------------------------------------
+// Semantics: src/train/dropout.rs (common.cuh philox_*). Elements begin..begin+n of x/y are one
+// mask block: element begin+i draws element i of `stream` (the host launches once per block of a
+// Parallel split). y may equal x (in place). One thread per Philox block of 4 elements (every
+// word used, one generator call per 4 loads), grid-strided; 64-bit indices.
+extern "C" __global__ void dropout_f32(
+    float* y,
+    const float* x,
+    long long begin,
+    long long n,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream,
+    unsigned threshold,
+    float scale)
+{
+    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+    const long long quads = (n + 3) / 4;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < quads; q += stride) {
+        const PhiloxWords w = philox_block(key, stream, (unsigned long long)q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const long long i = 4 * q + k;
+            if (i < n) {
+                const long long e = begin + i;
+                store_f32(y + e, w.w[k] >= threshold ? load_f32(x + e) * scale : 0.0f);
+            }
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The whole training step on the CUDA backend (`BertModel::train_step`: forward with the tape,
 //! heads, objective, backward, clipping, AdamW over the flat arena) against the same steps on the
 //! CPU backend: 20 alternating steps of scorenn and tasknn under Parallel, three objectives,
-//! dropout off. Runs on cuda-sim in CI and on a GPU when one is present.
+//! with dropout off, and on (a new seed each step, as `train` sets it: the encoder's hidden and
+//! attention-probability dropout and the heads'). Runs on cuda-sim in CI and on a GPU when one
+//! is present.
 //!
 //! Bound: each step's loss within 1e-4 relative of the CPU's (the loss-curve criterion),
 //! and after the 20 steps every adapter and head parameter within 1e-4·(1 + max|cpu|).
@@ -38,6 +40,17 @@ fn parallel_model(be: Arc<dyn Backend>) -> (BertModel, InputBatch, Vec<usize>) {
 
 #[test]
 fn twenty_steps_follow_the_cpu() {
+    follow_the_cpu(false);
+}
+
+/// The same 20 steps in training mode: the device's Philox masks are the CPU's, so the loss
+/// curves agree to the same tolerance.
+#[test]
+fn twenty_steps_with_dropout_follow_the_cpu() {
+    follow_the_cpu(true);
+}
+
+fn follow_the_cpu(dropout: bool) {
     let cuda = common::cuda_backends();
     if cuda.is_empty() {
         bert_adapters::cuda::probe::report_line("SKIPPED: cuda_training: no CUDA backend (build with --features cuda-sim, or run on a GPU)");
@@ -58,6 +71,10 @@ fn twenty_steps_follow_the_cpu() {
             let c = TrainStepConfig { objective, trained: trained.into(), max_grad_norm: Some(1.0) };
             on_cpu.train_adapter(&[trained]).unwrap();
             on_dev.train_adapter(&[trained]).unwrap();
+            if dropout {
+                on_cpu.set_dropout(Some(1000 + step as u64));
+                on_dev.set_dropout(Some(1000 + step as u64));
+            }
             let want = on_cpu.train_step(&batch, &labels, &c, &mut opts[i]).unwrap().read(cpu.as_ref()).unwrap();
             let got = on_dev.train_step(&batch, &labels, &c, &mut opts[2 + i]).unwrap_or_else(|e| panic!("{label} step {step}: {e}")).read(dev.as_ref()).unwrap();
             let rel = ((got.loss as f64 - want.loss as f64) / (want.loss as f64).abs().max(1e-12)).abs();

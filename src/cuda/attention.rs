@@ -24,8 +24,14 @@
 use cudarc::driver::LaunchConfig;
 
 use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::attention::{ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64};
+use super::elementwise::DeviceDropout;
+use super::registry::attention::{
+    ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F32,
+    ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64, ATTENTION_FORWARD_DROPOUT_F32, ATTENTION_FORWARD_DROPOUT_F32_D32,
+    ATTENTION_FORWARD_DROPOUT_F32_D64, ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64,
+};
 use super::registry::KernelName;
+use crate::train::dropout::DropoutParams;
 use crate::error::{Error, Result};
 
 const OP: &str = "cuda::attention_packed_forward";
@@ -237,6 +243,97 @@ pub fn attention_packed_forward_with_plan(
     heads: usize,
     plan: AttentionPlan,
 ) -> Result<()> {
+    forward_launch(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, plan, None)
+}
+
+/// [`attention_packed_forward`] in training mode: probability `(b, h, i, j)` goes through the
+/// CPU backend's Philox mask for `dropout` (`cpu::prob_dropout`: element
+/// `((b_local·heads + h)·T + i)·T + j` of its block's stream); `lse` keeps the undropped
+/// probabilities. At most [`MAX_DROPOUT_BLOCKS`] blocks, each id below 256.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_forward_dropout(
+    gpu: &Gpu,
+    qkv: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<f32>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: &DeviceDropout<'_>,
+) -> Result<()> {
+    let plan = AttentionPlan::auto(batch, seq, heads);
+    forward_launch(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, plan, Some(dropout))
+}
+
+/// Dropout blocks (Parallel branches) the attention kernels take: their ids travel packed, one
+/// byte each, in one 64-bit argument, so a launch needs no device table.
+pub const MAX_DROPOUT_BLOCKS: usize = 8;
+
+/// The dropout variant of an attention kernel (same parameters, then the policy's).
+fn dropout_kernel(k: KernelName) -> KernelName {
+    match k.name {
+        "attention_forward_f32_d32" => ATTENTION_FORWARD_DROPOUT_F32_D32,
+        "attention_forward_f32_d64" => ATTENTION_FORWARD_DROPOUT_F32_D64,
+        "attention_forward_f32" => ATTENTION_FORWARD_DROPOUT_F32,
+        "attention_backward_dkv_f32_d32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32,
+        "attention_backward_dkv_f32_d64" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64,
+        "attention_backward_dkv_f32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32,
+        "attention_backward_dq_f32_d32" => ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32,
+        "attention_backward_dq_f32_d64" => ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64,
+        _ => ATTENTION_BACKWARD_DQ_DROPOUT_F32,
+    }
+}
+
+/// The policy's kernel arguments for `dropout` over `batch` rows, or `None` for p = 0 (the
+/// no-dropout kernels: the CPU's factors are then exactly 1).
+fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize) -> Result<Option<[KernelArg; 8]>> {
+    let params = DropoutParams::new(d.p)?;
+    if let Some(buf) = &d.seed_buffer {
+        if buf.len() != 2 {
+            return Err(Error::shape(op, format!("the seed buffer has {} elements, expected 2", buf.len())));
+        }
+    }
+    let n = d.streams.len();
+    if n == 0 || !batch.is_multiple_of(n) {
+        return Err(Error::shape(op, format!("batch {batch} does not split into {n} dropout blocks")));
+    }
+    let base = d.streams[0] & !0xff;
+    if n > MAX_DROPOUT_BLOCKS || d.streams.iter().any(|s| s & !0xff != base) {
+        return Err(Error::Unsupported(format!("{op}: probability dropout over {n} blocks (Parallel branches); the CUDA kernels take at most {MAX_DROPOUT_BLOCKS}, with ids below 256")));
+    }
+    if params.threshold == 0 {
+        return Ok(None);
+    }
+    let ids = d.streams.iter().enumerate().fold(0u64, |acc, (j, s)| acc | (s & 0xff) << (8 * j));
+    let per_block = i32::try_from(batch / n).map_err(|_| Error::shape(op, format!("batch {batch} does not fit in an i32")))?;
+    Ok(Some([
+        d.seed_buffer.as_ref().map_or(KernelArg::Null, |b| b.arg()),
+        KernelArg::U32(d.seed as u32),
+        KernelArg::U32((d.seed >> 32) as u32),
+        KernelArg::U64(base),
+        KernelArg::U64(ids),
+        KernelArg::I32(per_block.max(1)),
+        KernelArg::U32(params.threshold),
+        KernelArg::F32(params.scale),
+    ]))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_launch(
+    gpu: &Gpu,
+    qkv: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<f32>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    plan: AttentionPlan,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
     let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     plan.validate(head_dim)?;
@@ -246,10 +343,11 @@ pub fn attention_packed_forward_with_plan(
     disjoint(("lse", "qkv"), l, q)?;
     disjoint(("lse", "mask_bias"), l, m)?;
     disjoint(("ctx", "lse"), c, l)?;
+    let drop = dropout.map(|d| dropout_args(OP, d, batch)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
-    let kernel = plan.kernel(head_dim);
+    let kernel = if drop.is_some() { dropout_kernel(plan.kernel(head_dim)) } else { plan.kernel(head_dim) };
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     // The kernel's parameter order: ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows,
     // scale; Gpu::launch checks it against kernels/attention.cu.
@@ -264,10 +362,12 @@ pub fn attention_packed_forward_with_plan(
         KernelArg::I32(mask_rows as i32),
         KernelArg::F32(scale),
     ];
+    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
     // these sizes (qkv B·T·3H, ctx B·T·H, lse B·heads·T, mask a multiple of T whose row count
     // divides B), the outputs alias nothing, and the plan fits the kernel's block and
-    // shared-memory contract (the specialised kernels run only when hidden = d·heads with their d).
+    // shared-memory contract (the specialised kernels run only when hidden = d·heads with their
+    // d); the dropout arguments' seed buffer holds 2 words and the batch splits into its blocks.
     unsafe { gpu.launch(kernel, plan.launch_config(batch, seq, heads, head_dim), &args) }
 }
 
@@ -488,6 +588,26 @@ pub fn attention_packed_backward(
     hidden: usize,
     heads: usize,
 ) -> Result<()> {
+    attention_packed_backward_dropout(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, batch, seq, hidden, heads, None)
+}
+
+/// [`attention_packed_backward`] of [`attention_packed_forward_dropout`]: `ctx` is that
+/// forward's (dropped) output, and each probability's factor is drawn again from `dropout`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_backward_dropout(
+    gpu: &Gpu,
+    dctx: &DeviceView<f32>,
+    qkv: &DeviceView<f32>,
+    ctx: &DeviceView<f32>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
     let sizes = AttentionBackwardSizes {
         batch,
         seq,
@@ -504,7 +624,7 @@ pub fn attention_packed_backward(
     sizes.check()?;
     let plan = AttentionBackwardPlan::auto(batch, seq, heads);
     let mut ws = gpu.alloc::<f32>(attention_backward_workspace_len(batch, seq, heads)?)?;
-    attention_packed_backward_with(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, &mut ws.view_mut(), batch, seq, hidden, heads, plan)
+    backward_launch(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, &mut ws.view_mut(), batch, seq, hidden, heads, plan, dropout)
 }
 
 /// As [`attention_packed_backward`], with caller-owned scratch (`workspace`: at least
@@ -525,6 +645,26 @@ pub fn attention_packed_backward_with(
     hidden: usize,
     heads: usize,
     plan: AttentionBackwardPlan,
+) -> Result<()> {
+    backward_launch(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, workspace, batch, seq, hidden, heads, plan, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_launch(
+    gpu: &Gpu,
+    dctx: &DeviceView<f32>,
+    qkv: &DeviceView<f32>,
+    ctx: &DeviceView<f32>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<f32>,
+    workspace: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    plan: AttentionBackwardPlan,
+    dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
     let sizes = AttentionBackwardSizes {
         batch,
@@ -549,10 +689,14 @@ pub fn attention_packed_backward_with(
         bwd_disjoint(("workspace", name), ws, r)?;
     }
     bwd_disjoint(("dqkv", "workspace"), out, ws)?;
+    let drop = dropout.map(|d| dropout_args(BWD_OP, d, batch)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
-    let (dkv_kernel, dq_kernel) = (plan.dkv_kernel(head_dim), plan.dq_kernel(head_dim));
+    let (dkv_kernel, dq_kernel) = match drop {
+        Some(_) => (dropout_kernel(plan.dkv_kernel(head_dim)), dropout_kernel(plan.dq_kernel(head_dim))),
+        None => (plan.dkv_kernel(head_dim), plan.dq_kernel(head_dim)),
+    };
     let [prep_cfg, dkv_cfg, dq_cfg] = plan.launch_configs(batch, seq, heads, head_dim);
     for (kernel, cfg) in [(dkv_kernel, &dkv_cfg), (dq_kernel, &dq_cfg)] {
         let bytes = cfg.shared_mem_bytes as usize;
@@ -593,6 +737,7 @@ pub fn attention_packed_backward_with(
         KernelArg::I32(mask_rows as i32),
         KernelArg::F32(scale),
     ];
+    let main_args: Vec<KernelArg> = main_args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: every view was checked above to have exactly the length the kernels index for these
     // sizes (dctx and ctx B·T·H, qkv and dqkv B·T·3H, lse B·heads·T, the workspace at least
     // 2·B·heads·T, the mask a multiple of T whose row count divides B); the outputs (dqkv, the

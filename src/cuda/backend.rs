@@ -30,7 +30,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
-use super::attention::{attention_packed_backward, attention_packed_forward};
+use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{Epilogue, Gemm, Transpose};
@@ -252,6 +252,20 @@ impl CudaBackend {
         }
     }
 
+    /// `spec` resolved for the dropout kernels: its seed buffer (a U32 `[2]` tensor on this
+    /// device) when it has one, and the stream of each block.
+    fn device_dropout<'t>(&self, op: &str, spec: &'t DropoutSpec) -> Result<elementwise::DeviceDropout<'t>> {
+        let seed_buffer = spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?;
+        let streams = (0..spec.blocks.len().max(1)).map(|j| spec.block_stream(j)).collect();
+        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
+    }
+
+    /// `spec`'s mask applied to `t` in place (a tensor this op has just made).
+    fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
+        let d = self.device_dropout(op, spec)?;
+        elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, t)?, &d)
+    }
+
     fn unsupported(&self, op: &str) -> Error {
         Error::Unsupported(format!("{op} is not implemented on the CUDA backend yet ({}); use --device cpu", self.device))
     }
@@ -351,9 +365,10 @@ impl Backend for CudaBackend {
     }
 
     fn supports_training(&self) -> bool {
-        // Every op of a step is here except dropout (Philox masks equal to the CPU's): `train`
-        // runs with dropout, so it stays on the CPU until those kernels exist.
-        false
+        // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
+        // tests/cuda_training.rs with dropout on). Adapter-internal dropout (0 by default) is
+        // refused by the location kernels with Error::Unsupported when a config sets it.
+        true
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -423,10 +438,12 @@ impl Backend for CudaBackend {
     }
 
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        match dropout {
-            None => self.linear(x, w, b),
-            Some(_) => Err(self.unsupported("linear_dropout (train mode)")),
+        // The product, then the mask over its output (the CPU's epilogue draws the same words).
+        let y = self.linear(x, w, b)?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place("linear_dropout", &y, spec)?;
         }
+        Ok(y)
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
@@ -466,9 +483,6 @@ impl Backend for CudaBackend {
 
     fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "embedding_layernorm";
-        if dropout.is_some() {
-            return Err(self.unsupported("embedding dropout (train mode)"));
-        }
         let (batch, seq_len) = match input_ids.shape() {
             [b, t] => (*b, *t),
             s => return Err(Error::shape(OP, format!("input ids must be [B, T], got {s:?}"))),
@@ -489,6 +503,9 @@ impl Backend for CudaBackend {
         }
         // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on.
         check_flag(&self.gpu, &flag.view())?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place(OP, &y, spec)?;
+        }
         Ok(y)
     }
 
@@ -523,10 +540,11 @@ impl Backend for CudaBackend {
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        match dropout {
-            None => self.residual_layernorm(x, residual, gamma, beta, eps),
-            Some(_) => Err(self.unsupported("residual_layernorm_dropout (train mode)")),
+        let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
+        if let Some(spec) = dropout {
+            self.dropout_in_place("residual_layernorm_dropout", &y, spec)?;
         }
+        Ok(y)
     }
 
     fn attention(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _mask_bias: &Tensor, _heads: usize, _dropout: Option<&DropoutSpec>) -> Result<Tensor> {
@@ -535,16 +553,17 @@ impl Backend for CudaBackend {
 
     fn attention_packed(&self, qkv: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<(Tensor, Tensor)> {
         const OP: &str = "attention_packed";
-        if dropout.is_some() {
-            return Err(self.unsupported("attention dropout (train mode)"));
-        }
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
         let ctx = self.new_tensor::<f32>(&[batch, seq, hidden])?;
         let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
-        attention_packed_forward(&self.gpu, &self.view(OP, qkv)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &ctx)?, &mut self.view_mut(OP, &lse)?, batch, seq, hidden, heads)?;
+        let (q, m, mut c, mut l) = (self.view(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut(OP, &ctx)?, self.view_mut(OP, &lse)?);
+        match dropout {
+            None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads)?,
+            Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?)?,
+        }
         Ok((ctx, lse))
     }
 
@@ -641,18 +660,17 @@ impl Backend for CudaBackend {
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "attention_packed_backward";
-        if dropout.is_some() {
-            return Err(self.unsupported("attention dropout (train mode)"));
-        }
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
         // The kernel reads the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
-        // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's).
-        let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, None)?;
+        // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's),
+        // with the same dropout: D = dO·O is over the dropped output.
+        let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, dropout)?;
         let dqkv = self.new_tensor::<f32>(qkv.shape())?;
-        attention_packed_backward(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads)?;
+        let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
+        attention_packed_backward_dropout(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?;
         Ok(dqkv)
     }
 
@@ -733,8 +751,12 @@ impl Backend for CudaBackend {
         self.linear_backward_params_into(&d_pre_f, &x2, &g.f0.0, Some(&g.f0.1), acc)
     }
 
-    fn dropout(&self, _x: &Tensor, _spec: &DropoutSpec) -> Result<Tensor> {
-        Err(self.unsupported("dropout"))
+    fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
+        const OP: &str = "dropout";
+        let y = self.new_tensor::<f32>(x.shape())?;
+        let d = self.device_dropout(OP, spec)?;
+        elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
+        Ok(y)
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

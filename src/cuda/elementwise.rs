@@ -549,3 +549,84 @@ mod tests {
     }
 }
 
+
+// ---- dropout ----------------------------------------------------------------------------------------
+//
+// The spec is `crate::train::dropout` (Philox4x32-10, the integer threshold) as the CPU backend
+// applies a `DropoutSpec`: a tensor's elements split evenly into `streams.len()` blocks, block j
+// drawing from `streams[j]` with element indices counted from its start.
+
+use super::registry::elementwise::DROPOUT_F32;
+use crate::train::dropout::DropoutParams;
+
+/// A `DropoutSpec` resolved for a launch.
+#[derive(Clone, Debug)]
+pub struct DeviceDropout<'a> {
+    /// The seed's `[2]` U32 device buffer (low word first), read by the kernel when given.
+    pub seed_buffer: Option<DeviceView<'a, u32>>,
+    /// The seed, used when there is no buffer.
+    pub seed: u64,
+    pub p: f32,
+    /// The stream of each block (at least one).
+    pub streams: Vec<u64>,
+}
+
+/// The launch's pieces after validation: threshold, scale and the block length.
+fn dropout_plan(op: &'static str, len: usize, d: &DeviceDropout<'_>) -> Result<(DropoutParams, usize)> {
+    let params = DropoutParams::new(d.p)?;
+    if let Some(buf) = &d.seed_buffer {
+        expect_len(op, "the seed buffer", buf.len(), 2, "a u64 seed as two u32 words")?;
+    }
+    let blocks = d.streams.len();
+    if blocks == 0 || !len.is_multiple_of(blocks) {
+        return Err(Error::shape(op, format!("{len} elements do not split into {blocks} dropout blocks")));
+    }
+    flat_len(op, len)?;
+    Ok((params, len / blocks))
+}
+
+/// Launches the mask over `y` reading `x` (the same pointer for in place); `x` and `y` hold `len`.
+fn dropout_launch(gpu: &Gpu, x: KernelArg, y: KernelArg, params: DropoutParams, block_len: usize, d: &DeviceDropout<'_>) -> Result<()> {
+    if block_len == 0 {
+        return Ok(());
+    }
+    let seed = d.seed_buffer.as_ref().map_or(KernelArg::Null, |b| b.arg());
+    for (j, &stream) in d.streams.iter().enumerate() {
+        let args = [
+            y,
+            x,
+            KernelArg::I64((j * block_len) as i64),
+            KernelArg::I64(block_len as i64),
+            seed,
+            KernelArg::U32(d.seed as u32),
+            KernelArg::U32((d.seed >> 32) as u32),
+            KernelArg::U64(stream),
+            KernelArg::U32(params.threshold),
+            KernelArg::F32(params.scale),
+        ];
+        // SAFETY: x and y hold streams·block_len elements (the callers check), the seed buffer 2.
+        unsafe { gpu.launch(DROPOUT_F32, flat_launch(block_len.div_ceil(4)), &args) }?;
+    }
+    Ok(())
+}
+
+/// `y = dropout(x)` with the CPU's masks for `d`. p = 0 copies `x` exactly (no scale, no draws).
+pub fn dropout(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, f32>, d: &DeviceDropout<'_>) -> Result<()> {
+    const OP: &str = "cuda::dropout";
+    expect_len(OP, "y", y.len(), x.len(), "x's length")?;
+    let (params, block_len) = dropout_plan(OP, x.len(), d)?;
+    if params.threshold == 0 {
+        return if x.is_empty() { Ok(()) } else { gpu.copy_dtod(x, y) };
+    }
+    dropout_launch(gpu, x.arg(), y.arg(), params, block_len, d)
+}
+
+/// `dropout` in place. p = 0 leaves `y` untouched.
+pub fn dropout_in_place(gpu: &Gpu, y: &mut DeviceViewMut<'_, f32>, d: &DeviceDropout<'_>) -> Result<()> {
+    let (params, block_len) = dropout_plan("cuda::dropout_in_place", y.len(), d)?;
+    if params.threshold == 0 {
+        return Ok(());
+    }
+    // The kernel's x and y carry no __restrict__: each element is read, then written, by one thread.
+    dropout_launch(gpu, y.arg(), y.arg(), params, block_len, d)
+}

@@ -29,7 +29,7 @@ pub fn training_backend(choice: &str) -> Result<Arc<dyn Backend>> {
         other => backend_for(parse_device(other)?)?,
     };
     if !be.supports_training() {
-        return Err(Error::Unsupported(format!("--device {choice}: the {} backend cannot train yet (it has no dropout kernels); use --device cpu", be.device())));
+        return Err(Error::Unsupported(format!("--device {choice}: the {} backend cannot train; use --device cpu", be.device())));
     }
     Ok(be)
 }
