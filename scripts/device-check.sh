@@ -102,6 +102,10 @@ sed -n '/== nvcc ==/{n;p}' "$LOG" | sed 's/^/nvcc: /'
 grep -E ' -> ' "$LOG" | grep -v '^linked' | sed 's/^/lib: /'
 } >>"$SUMMARY"
 
+# The bundle travels as one tarball (scripts/build-gpu-bundle.sh); unpack it next to itself.
+if [ -f "$BUNDLE/executables.tar.gz" ]; then
+    tar -C "$BUNDLE" -xzf "$BUNDLE/executables.tar.gz" && echo "unpacked $BUNDLE/executables.tar.gz" | tee -a "$LOG"
+fi
 if [ ! -d "$BUNDLE" ] || [ -z "$(ls "$BUNDLE" 2>/dev/null | grep -E '^(test|unit)-')" ]; then
     say "error: no test executables in $BUNDLE/ (run scripts/build-gpu-bundle.sh on the dev box)"
     [ -n "${OUT:-}" ] && cp "$SUMMARY" "$OUT/device-check.txt" && cp "$LOG" "$OUT/device-check.log"
