@@ -1,0 +1,89 @@
+//! The bf16 rule (docs/STYLE.md, after flash-attention's tests): a kernel that stores activations
+//! in bf16 is checked against an f32 reference computed on the same bf16-rounded inputs, and its
+//! error must be at most twice the error of a *plain* bf16 implementation of the same op (one
+//! that rounds to bf16 wherever PyTorch's bf16 ops would: every op's output, with f32
+//! accumulation inside a product or a reduction). A small absolute floor keeps the bound
+//! meaningful where the plain error is itself a single rounding of a tiny value.
+//! Included with `#[path]`, not a crate.
+#![allow(dead_code)]
+
+use half::bf16;
+
+/// `x` rounded to the nearest bf16 (ties to even), as f32.
+pub fn round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Every element rounded to bf16.
+pub fn round_all(xs: &[f32]) -> Vec<f32> {
+    xs.iter().map(|&x| round(x)).collect()
+}
+
+/// Every element as bf16 (for upload).
+pub fn to_bf16(xs: &[f32]) -> Vec<bf16> {
+    xs.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// bf16 values widened to f32 (after download).
+pub fn widen(xs: &[bf16]) -> Vec<f32> {
+    xs.iter().map(|x| x.to_f32()).collect()
+}
+
+/// `max|a − b|` and where, NaN counting as infinitely far.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f64, usize) {
+    assert_eq!(a.len(), b.len());
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let d = if x.is_finite() && y.is_finite() { (x as f64 - y as f64).abs() } else { f64::INFINITY };
+        if d > worst {
+            worst = d;
+            at = i;
+        }
+    }
+    (worst, at)
+}
+
+/// The absolute floor of the rule: one bf16 ulp at 2^-10 of the reference's scale, so a plain
+/// error that happens to be zero (or a rounding of a near-zero value) does not demand exactness.
+pub fn floor(reference: &[f32]) -> f64 {
+    let max_ref = reference.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+    max_ref * 2f64.powi(-8) * 2f64.powi(-10) + 1e-30
+}
+
+/// Assert the bf16 rule: `max|got − f32_ref| ≤ 2·max|plain − f32_ref| + floor`, every element of
+/// `got` finite. Returns `(kernel error, plain error)` so a test can also print or bound them.
+#[track_caller]
+pub fn assert_within_twice_plain(label: &str, got: &[f32], f32_ref: &[f32], plain: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), f32_ref.len(), "{label}: length {} vs reference {}", got.len(), f32_ref.len());
+    assert_eq!(plain.len(), f32_ref.len(), "{label}: plain bf16 length {} vs reference {}", plain.len(), f32_ref.len());
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{label}: element {i} is {} (unwritten or non-finite)", got[i]);
+    }
+    let (err, at) = max_abs_diff(got, f32_ref);
+    let (plain_err, _) = max_abs_diff(plain, f32_ref);
+    assert!(plain_err.is_finite(), "{label}: the plain bf16 reference is not finite");
+    let bound = 2.0 * plain_err + floor(f32_ref);
+    assert!(
+        err <= bound,
+        "{label}: bf16 kernel error {err:.3e} at {at} (got {}, f32 ref {}) exceeds 2 x plain-bf16 error {plain_err:.3e} (+ floor)",
+        got[at],
+        f32_ref[at]
+    );
+    (err, plain_err)
+}
+
+/// A plain bf16 matrix product as PyTorch's bf16 matmul: `a` [m, k] · `b`ᵀ ([n, k], a Linear's
+/// weight) accumulated in f32 from bf16 operands, plus `bias` in the epilogue, rounded once to bf16.
+pub fn plain_linear(a: &[f32], b: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for p in 0..k {
+                acc += round(a[i * k + p]) * round(b[j * k + p]);
+            }
+            out[i * n + j] = round(acc + bias.map_or(0.0, |bias| round(bias[j])));
+        }
+    }
+    out
+}
