@@ -72,6 +72,39 @@ impl BaseScalar for half::bf16 {
     }
 }
 
+/// A storage type of activations (hidden states, residuals, Q/K/V, contexts, adapter inputs and
+/// outputs): f32, or bf16 with every kernel accumulating in f32 and rounding once on store
+/// (ties to even). Kernels whose activations are bf16 are the `_bf16io` variants: they read a
+/// frozen base in bf16 too, keep adapter weights and per-row statistics (mean, rstd, lse) in f32.
+/// Launchers generic over it pick the variant by [`ActivationScalar::DTYPE`].
+pub trait ActivationScalar: DeviceScalar {
+    const DTYPE: crate::tensor::DType;
+    /// `v` as the pointer argument of the variant that stores this type (bf16 as raw bits).
+    fn act_arg(v: &DeviceView<'_, Self>) -> KernelArg;
+    /// As [`ActivationScalar::act_arg`], for an output.
+    fn act_arg_mut(v: &DeviceViewMut<'_, Self>) -> KernelArg;
+}
+
+impl ActivationScalar for f32 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::F32;
+    fn act_arg(v: &DeviceView<'_, f32>) -> KernelArg {
+        v.arg()
+    }
+    fn act_arg_mut(v: &DeviceViewMut<'_, f32>) -> KernelArg {
+        v.arg()
+    }
+}
+
+impl ActivationScalar for half::bf16 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::BF16;
+    fn act_arg(v: &DeviceView<'_, half::bf16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+    fn act_arg_mut(v: &DeviceViewMut<'_, half::bf16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+}
+
 // ---- limits --------------------------------------------------------------------------------------
 
 /// What a launch may ask for on one device.
