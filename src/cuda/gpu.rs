@@ -25,9 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
-use cudarc::driver::{result as drv, CudaEvent, CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{result as drv, CudaEvent, DevicePtr, LaunchConfig};
 
 use super::gemm::{Gemm, LtGemm};
+use super::graph::{Capture, GraphBody, LaunchGraph};
+use super::pool::{Block, MemoryStats, Pool, RawBlock};
 use super::registry::{KernelName, ParamKind, ScalarType};
 use super::runtime::{driver_err, CudaRuntime};
 use crate::error::{Error, Result};
@@ -144,19 +146,22 @@ impl LaunchLimits {
 
 // ---- buffers and views ---------------------------------------------------------------------------
 
-/// Held only so that dropping the buffer frees the memory.
-#[allow(dead_code)]
-enum Storage<T> {
-    Cuda(CudaSlice<T>),
-    #[cfg(feature = "cuda-sim")]
-    Sim(super::sim::SimAllocation),
-}
-
-/// `len` elements of `T` in device memory, freed when dropped (stream-ordered on a GPU).
+/// `len` elements of `T` in device memory; dropping it returns its block to the [`Gpu`]'s pool
+/// ([`super::pool`]), reused by later allocations in stream order.
 pub struct DeviceBuffer<T: DeviceScalar> {
-    _storage: Storage<T>,
+    block: Option<Block>,
+    pool: Arc<Pool>,
     ptr: u64,
     len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T: DeviceScalar> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            self.pool.give_back(b);
+        }
+    }
 }
 
 impl<T: DeviceScalar> std::fmt::Debug for DeviceBuffer<T> {
@@ -413,7 +418,17 @@ pub struct Gpu {
     opted_in: Mutex<HashMap<&'static str, usize>>,
     /// The cuBLASLt handle and workspace, created by the first GEMM on a real GPU.
     lt: Mutex<Option<Arc<LtGemm>>>,
+    /// Freed buffers' blocks, reused by later allocations.
+    pool: Arc<Pool>,
+    /// The graph being captured, if any ([`Gpu::begin_capture`]).
+    capture: Mutex<Option<Capture>>,
 }
+
+/// The most free bytes a pool keeps: enough for a training step's activations at large shapes
+/// on a GPU; less on the executor, whose memory is the host's (and tests open many at once).
+const POOL_CAP_CUDA: usize = 8 << 30;
+#[cfg(feature = "cuda-sim")]
+const POOL_CAP_SIM: usize = 512 << 20;
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -462,7 +477,15 @@ impl Gpu {
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)? as u32,
         );
         let arch = rt.arch().to_string();
-        Ok(Gpu { backend: Backend::Cuda(rt), limits, arch, opted_in: Mutex::new(HashMap::new()), lt: Mutex::new(None) })
+        Ok(Gpu {
+            backend: Backend::Cuda(rt),
+            limits,
+            arch,
+            opted_in: Mutex::new(HashMap::new()),
+            lt: Mutex::new(None),
+            pool: Arc::new(Pool::new(POOL_CAP_CUDA, 512)),
+            capture: Mutex::new(None),
+        })
     }
 
     /// The CPU executor, enforcing the launch limits of `config.compute_capability`.
@@ -475,6 +498,8 @@ impl Gpu {
             backend: Backend::Sim(config),
             opted_in: Mutex::new(HashMap::new()),
             lt: Mutex::new(None),
+            pool: Arc::new(Pool::new(POOL_CAP_SIM, 1)),
+            capture: Mutex::new(None),
         }
     }
 
@@ -525,26 +550,61 @@ impl Gpu {
 
     // ---- memory --------------------------------------------------------------------------------
 
-    /// `len` uninitialised elements (NaN-poisoned on cuda-sim, so a read before a write shows).
+    /// `len` uninitialised elements (NaN-poisoned on cuda-sim, so a read before a write shows),
+    /// from the pool when it holds a block of this size class, else from the device.
     pub fn alloc<T: DeviceScalar>(&self, len: usize) -> Result<DeviceBuffer<T>> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::Input(format!("device allocation of {len} {} elements overflows", T::TYPE.c_name())))?;
+        let class = self.pool.class(bytes);
+        let block = match self.pool.take(class) {
+            Some(b) => {
+                #[cfg(feature = "cuda-sim")]
+                if let RawBlock::Sim(a) = &b.raw {
+                    a.poison();
+                }
+                b
+            }
+            None if self.pool.capturing() => {
+                return Err(Error::Cuda(format!(
+                    "allocating {bytes} bytes during a graph capture: the pool holds no free block of this size (capture a step only after running it once uncaptured at the same shape)"
+                )))
+            }
+            None => {
+                let b = self.fresh_block(class)?;
+                self.pool.note_fresh(class);
+                b
+            }
+        };
+        Ok(DeviceBuffer { ptr: block.ptr, len, block: Some(block), pool: self.pool.clone(), _elem: PhantomData })
+    }
+
+    fn fresh_block(&self, bytes: usize) -> Result<Block> {
         match &self.backend {
             Backend::Cuda(rt) => {
-                // SAFETY: T is plain data (DeviceScalar: Pod); uninitialised device memory is only
-                // ever read by kernels, which cannot observe it as anything but bits.
-                let slice = unsafe { rt.stream().alloc::<T>(len) }.map_err(|e| Error::Cuda(format!("allocating {bytes} bytes on {}: {e:?}", self.arch)))?;
+                // SAFETY: u8 is plain data; uninitialised device memory is only ever read by
+                // kernels, which cannot observe it as anything but bits.
+                let slice = unsafe { rt.stream().alloc::<u8>(bytes) }.map_err(|e| Error::Cuda(format!("allocating {bytes} bytes on {}: {e:?}", self.arch)))?;
                 // With event tracking off, the guard records nothing.
                 let ptr = slice.device_ptr(rt.stream()).0;
-                Ok(DeviceBuffer { ptr, len, _storage: Storage::Cuda(slice) })
+                Ok(Block { raw: RawBlock::Cuda(slice), ptr, bytes })
             }
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(_) => {
                 let a = super::sim::SimAllocation::new(bytes).map_err(|e| Error::Cuda(e.0))?;
-                Ok(DeviceBuffer { ptr: a.as_ptr() as u64, len, _storage: Storage::Sim(a) })
+                Ok(Block { ptr: a.as_ptr() as u64, raw: RawBlock::Sim(a), bytes })
             }
         }
+    }
+
+    /// What the memory pool holds and how many device allocations were made.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.pool.stats()
+    }
+
+    /// Returns every cached (free) block to the device.
+    pub fn release_cached(&self) {
+        self.pool.release_cached()
     }
 
     /// `len` zeroed elements.
@@ -564,6 +624,7 @@ impl Gpu {
     /// `dst = src`; the lengths must match. Returns once `src` may be reused.
     pub fn copy_htod<T: DeviceScalar>(&self, src: &[T], dst: &mut DeviceViewMut<'_, T>) -> Result<()> {
         same_len("copy_htod", src.len(), dst.len)?;
+        self.refuse_while_capturing("copy_htod (a host-to-device copy)")?;
         if src.is_empty() {
             return Ok(());
         }
@@ -586,6 +647,7 @@ impl Gpu {
     /// `dst = src`, waiting for the work before it on the stream; the lengths must match.
     pub fn copy_dtoh<T: DeviceScalar>(&self, src: &DeviceView<'_, T>, dst: &mut [T]) -> Result<()> {
         same_len("copy_dtoh", src.len, dst.len())?;
+        self.refuse_while_capturing("copy_dtoh (a device-to-host copy)")?;
         if dst.is_empty() {
             return Ok(());
         }
@@ -628,9 +690,13 @@ impl Gpu {
             }
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(_) => {
-                // SAFETY: both are live executor allocations of `bytes` bytes; `copy` tolerates overlap.
-                unsafe { std::ptr::copy(src.ptr as *const u8, dst.ptr as *mut u8, bytes) };
-                Ok(())
+                let (from, to) = (src.ptr, dst.ptr);
+                self.sim_run(move || {
+                    // SAFETY: both are live executor allocations of `bytes` bytes (at capture: a
+                    // replay's contract); `copy` tolerates overlap.
+                    unsafe { std::ptr::copy(from as *const u8, to as *mut u8, bytes) };
+                    Ok(())
+                })
             }
         }
     }
@@ -654,9 +720,13 @@ impl Gpu {
             }
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(_) => {
-                // SAFETY: dst is a live executor allocation of `bytes` bytes.
-                unsafe { std::ptr::write_bytes(dst.ptr as *mut u8, value, bytes) };
-                Ok(())
+                let to = dst.ptr;
+                self.sim_run(move || {
+                    // SAFETY: a live executor allocation of `bytes` bytes (at capture: a replay's
+                    // contract).
+                    unsafe { std::ptr::write_bytes(to as *mut u8, value, bytes) };
+                    Ok(())
+                })
             }
         }
     }
@@ -749,9 +819,15 @@ impl Gpu {
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(c) => {
                 let opts = super::sim::LaunchOptions { schedule: c.schedule, max_dynamic_shared_bytes: self.dynamic_shared_limit(kernel) };
-                // SAFETY: as above; device pointers are host pointers on the executor.
-                unsafe { super::sim::launch(kernel, cfg, &mut params, &opts) }
-                    .map_err(|e| Error::Cuda(if e.0.starts_with("cuda-sim") { e.0 } else { format!("cuda-sim: {}", e.0) }))
+                drop(params);
+                self.sim_run(move || {
+                    let mut slots = slots.clone();
+                    let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+                    // SAFETY: as above (at capture: a replay's contract); device pointers are host
+                    // pointers on the executor.
+                    unsafe { super::sim::launch(kernel, cfg, &mut params, &opts) }
+                        .map_err(|e| Error::Cuda(if e.0.starts_with("cuda-sim") { e.0 } else { format!("cuda-sim: {}", e.0) }))
+                })
             }
         }
     }
@@ -791,12 +867,16 @@ impl Gpu {
             }
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(_) => {
-                // SAFETY: the views are live executor allocations of their lengths (host memory),
-                // C overlaps none of the inputs (checked), and nothing else runs meanwhile.
-                let (a, b) = unsafe { (host_slice(a.ptr, a.len), host_slice(b.ptr, b.len)) };
-                let bias = bias.map(|v| unsafe { host_slice(v.ptr, v.len) });
-                let c = unsafe { std::slice::from_raw_parts_mut(c.ptr as *mut f32, c.len) };
-                super::gemm::gemm_host(g, a, b, c, bias)
+                let (g, a, b, c, bias) = (*g, (a.ptr, a.len), (b.ptr, b.len), (c.ptr, c.len), bias.map(|v| (v.ptr, v.len)));
+                self.sim_run(move || {
+                    // SAFETY: the views are live executor allocations of their lengths (host
+                    // memory; at capture: a replay's contract), C overlaps none of the inputs
+                    // (checked), and nothing else runs meanwhile.
+                    let (a, b) = unsafe { (host_slice(a.0, a.1), host_slice(b.0, b.1)) };
+                    let bias = bias.map(|v| unsafe { host_slice(v.0, v.1) });
+                    let c = unsafe { std::slice::from_raw_parts_mut(c.0 as *mut f32, c.1) };
+                    super::gemm::gemm_host(&g, a, b, c, bias)
+                })
             }
         }
     }
@@ -805,6 +885,7 @@ impl Gpu {
 
     /// Waits for everything enqueued so far.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronize")?;
         match &self.backend {
             Backend::Cuda(rt) => rt.synchronize(),
             #[cfg(feature = "cuda-sim")]
@@ -814,6 +895,7 @@ impl Gpu {
 
     /// Records a timing event at this point of the stream.
     pub fn record_event(&self) -> Result<GpuEvent> {
+        self.refuse_while_capturing("record_event")?;
         match &self.backend {
             Backend::Cuda(rt) => {
                 let e = rt.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("recording an event"))?;
@@ -834,6 +916,94 @@ impl Gpu {
             (EventInner::Host(s), EventInner::Host(e)) => Ok(e.saturating_duration_since(*s).as_secs_f32() * 1e3),
             _ => Err(Error::Input("elapsed_ms: the two events come from different kinds of device".into())),
         }
+    }
+}
+
+// ---- graph capture ---------------------------------------------------------------------------------
+
+impl Gpu {
+    /// Starts capturing: from now until [`Gpu::end_capture`], kernels, dense products, memsets
+    /// and device copies are recorded, not run (see [`super::graph`] for the rules; a host
+    /// transfer, a synchronisation or a device allocation is an error meanwhile).
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut slot = lock(&self.capture);
+        if slot.is_some() {
+            return Err(Error::Input("begin_capture: a capture is already running on this device".into()));
+        }
+        let capture = match &self.backend {
+            Backend::Cuda(rt) => {
+                rt.stream()
+                    .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(driver_err("cuStreamBeginCapture"))?;
+                Capture::Cuda
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Capture::Sim(Vec::new()),
+        };
+        self.pool.begin_capture();
+        *slot = Some(capture);
+        Ok(())
+    }
+
+    /// Ends the capture and returns what it recorded (an error if none was running, or if the
+    /// driver invalidated it).
+    pub fn end_capture(&self) -> Result<LaunchGraph> {
+        let capture = lock(&self.capture).take().ok_or_else(|| Error::Input("end_capture: no capture is running on this device".into()))?;
+        let reserved = self.pool.end_capture();
+        let body = match (capture, &self.backend) {
+            (Capture::Cuda, Backend::Cuda(rt)) => {
+                let graph = rt.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map_err(driver_err("cuStreamEndCapture"))?;
+                GraphBody::Cuda(graph.ok_or_else(|| Error::Cuda("cuStreamEndCapture returned no graph (nothing was captured)".into()))?)
+            }
+            #[cfg(feature = "cuda-sim")]
+            (Capture::Sim(ops), _) => GraphBody::Sim(ops),
+            #[cfg(feature = "cuda-sim")]
+            _ => return Err(Error::Internal("a capture ended on another kind of device".into())),
+        };
+        Ok(LaunchGraph::new(body, reserved, self.pool.clone()))
+    }
+
+    /// Whether a capture is running.
+    pub fn is_capturing(&self) -> bool {
+        lock(&self.capture).is_some()
+    }
+
+    /// Runs a captured graph again (enqueued on a GPU; finished when this returns on cuda-sim).
+    ///
+    /// # Safety
+    /// Every buffer the captured work used, other than those freed during the capture (the graph
+    /// keeps those), must still be alive and of the same size: the graph holds their addresses.
+    pub unsafe fn replay(&self, graph: &LaunchGraph) -> Result<()> {
+        if !Arc::ptr_eq(&graph.pool, &self.pool) {
+            return Err(Error::Input("replay: the graph was captured on another Gpu".into()));
+        }
+        self.refuse_while_capturing("replay")?;
+        match (&graph.body, &self.backend) {
+            (GraphBody::Cuda(g), Backend::Cuda(_)) => g.launch().map_err(driver_err("cuGraphLaunch")),
+            #[cfg(feature = "cuda-sim")]
+            (GraphBody::Sim(ops), _) => ops.iter().try_for_each(|op| op()),
+            #[cfg(feature = "cuda-sim")]
+            _ => Err(Error::Internal("a graph replayed on another kind of device".into())),
+        }
+    }
+
+    fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        if lock(&self.capture).is_some() {
+            return Err(Error::Unsupported(format!(
+                "{what} while a graph is being captured (a captured step may not move data to or from the host or wait: inputs go into fixed buffers before a replay)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// On the executor: runs `op` now, or records it while a capture runs.
+    #[cfg(feature = "cuda-sim")]
+    fn sim_run(&self, op: impl Fn() -> Result<()> + Send + Sync + 'static) -> Result<()> {
+        if let Some(Capture::Sim(ops)) = lock(&self.capture).as_mut() {
+            ops.push(Box::new(op));
+            return Ok(());
+        }
+        op()
     }
 }
 

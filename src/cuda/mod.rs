@@ -14,6 +14,8 @@
 //!   [`gemm`]; [`optim`]: the gradient norm, clipping and AdamW over a flat arena, from tables
 //!   uploaded once;
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
+//! - [`pool`]: the device memory pool under `Gpu::alloc` (a repeated step allocates nothing);
+//!   [`graph`]: captured launch sequences (a CUDA graph, a recorded list on cuda-sim);
 //! - [`gemm`]: dense products, one cuBLASLt-semantics description run by cuBLASLt or on the CPU;
 //! - `sim` (feature `cuda-sim`): the same kernels executed on the CPU under strict CUDA rules.
 //!
@@ -27,10 +29,12 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod gpu;
+pub mod graph;
 pub mod layernorm;
 pub mod loss;
 pub mod nice;
 pub mod optim;
+pub mod pool;
 pub mod probe;
 pub mod registry;
 pub mod runtime;

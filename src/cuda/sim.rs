@@ -177,6 +177,19 @@ impl SimAllocation {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Fills the allocation with the executor's poison (NaN words, as a fresh allocation holds),
+    /// for a block the pool hands out again.
+    pub fn poison(&self) {
+        const POISON_WORD: u32 = 0x7fc0dead; // sim_internal.h kPoisonWord
+        let bytes = POISON_WORD.to_le_bytes();
+        // SAFETY: the allocation owns `len` writable bytes; nothing runs on it while the pool
+        // hands it out.
+        let mem = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) };
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = if i < self.len - self.len % 4 { bytes[i % 4] } else { 0xff };
+        }
+    }
 }
 
 impl Drop for SimAllocation {
