@@ -224,6 +224,11 @@ pub trait Backend: Send + Sync {
     fn length_bucket(&self) -> usize {
         crate::tokenize::LENGTH_BUCKET
     }
+    /// The device runtime underneath, for a CUDA backend (cuda or cuda-sim): graph capture and
+    /// memory statistics go through it. `None` elsewhere.
+    fn gpu(&self) -> Option<&crate::cuda::Gpu> {
+        None
+    }
 
     // ---- memory ------------------------------------------------------------------------------
     /// Move host data onto this backend's device.

@@ -116,3 +116,127 @@ fn a_host_head_joins_a_device_model() {
     let logits = |m: &BertModel, be: &Arc<dyn Backend>| be.to_host(&m.head_logits(&m.forward(&batch).unwrap()).unwrap()[1].logits).unwrap();
     assert_close("tasknn logits", &logits(&on_dev, &dev), &logits(&on_cpu, &cpu), 1e-5);
 }
+
+// ---- no allocation after the first step, and the step as one captured graph (issue 14) -------
+
+/// `batch` with its ids and token types moved around the vocabulary by `step`, its labels too,
+/// so that every step trains on different data of the same shape.
+fn vary(batch: &InputBatch, labels: &[usize], step: usize, vocab: usize) -> (InputBatch, Vec<usize>) {
+    let mut b = batch.clone();
+    for (i, id) in b.input_ids.iter_mut().enumerate() {
+        *id = ((*id as usize + step * 7 + i % 5) % vocab) as u32;
+    }
+    let labels = labels.iter().map(|&y| (y + step) % 3).collect();
+    (b, labels)
+}
+
+/// Alternating scorenn/tasknn steps with dropout: after the first round (each adapter's first
+/// step packs its arena and binds its optimizer, whose buffers may take blocks the other
+/// adapter's step had freed, so the second step can still allocate), no step allocates device
+/// memory or uploads a table.
+#[test]
+fn steps_after_the_first_allocate_nothing() {
+    for dev in common::cuda_backends() {
+        let gpu = dev.gpu().expect("a CUDA backend has a Gpu");
+        let (mut model, batch, labels) = parallel_model(dev.clone());
+        let vocab = model.config().vocab_size;
+        let mut opts: Vec<AdamW> = (0..2).map(|_| AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap()).collect();
+        let mut after_warmup = None;
+        for step in 0..8 {
+            let (trained, i) = if step % 2 == 0 { ("tasknn", 1) } else { ("scorenn", 0) };
+            model.train_adapter(&[trained]).unwrap();
+            model.set_dropout(Some(77 + step as u64));
+            let (b, y) = vary(&batch, &labels, step, vocab);
+            let c = TrainStepConfig { objective: Objective::CrossEntropy, trained: trained.into(), max_grad_norm: Some(1.0) };
+            let v = model.train_step(&b, &y, &c, &mut opts[i]).unwrap().read(dev.as_ref()).unwrap();
+            assert!(v.loss.is_finite());
+            let now = (gpu.memory_stats().device_allocations, gpu.table_uploads());
+            match after_warmup {
+                None if step == 3 => after_warmup = Some(now),
+                Some(w) => assert_eq!(now, w, "{}: step {step} allocated device memory or uploaded a table (allocations, table uploads)", dev.name()),
+                None => {}
+            }
+        }
+        let s = gpu.memory_stats();
+        assert!(s.reused > 0 && s.live_bytes > 0, "{s:?}");
+    }
+}
+
+/// The whole training step captured once and replayed with new batches, labels, dropout seeds
+/// and a changed learning rate gives the same bits as the same steps launched one by one: the
+/// losses, the gradient norms, and every trained parameter afterwards. The replays allocate
+/// nothing and upload no table.
+#[test]
+fn a_captured_step_replays_bit_identically() {
+    for dev in common::cuda_backends() {
+        let label = dev.name();
+        let gpu = dev.gpu().expect("a CUDA backend has a Gpu");
+        let (mut launched, batch, labels) = parallel_model(dev.clone());
+        let (mut replayed, _, _) = parallel_model(dev.clone());
+        let vocab = launched.config().vocab_size;
+        let c = TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
+        let mut opt_l = AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap();
+        let mut opt_r = AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap();
+        for m in [&mut launched, &mut replayed] {
+            m.train_adapter(&["tasknn"]).unwrap();
+            m.set_dropout(Some(5));
+        }
+        // Capturing before any step at this shape is refused with the reason.
+        let err = replayed.capture_train_step(&batch, &labels, &c, &mut opt_r).unwrap_err();
+        assert!(err.to_string().contains("run one train_step"), "{err}");
+        // Step 0 launched on both (the warm-up), then the capture.
+        let a = launched.train_step(&batch, &labels, &c, &mut opt_l).unwrap().read(dev.as_ref()).unwrap();
+        let b = replayed.train_step(&batch, &labels, &c, &mut opt_r).unwrap().read(dev.as_ref()).unwrap();
+        assert_eq!(a, b);
+        let graph = replayed.capture_train_step(&batch, &labels, &c, &mut opt_r).unwrap();
+        assert_eq!(opt_r.steps(), 1, "the capture counted a step it did not run");
+        if let Some(ops) = graph.launch_graph().recorded_ops() {
+            assert!(ops > 50, "{label}: only {ops} operations recorded for a whole step");
+        }
+        // Both models share the device (and its pool): count only what the replays allocate.
+        let counts = || (gpu.memory_stats().device_allocations, gpu.table_uploads());
+        for step in 1..5 {
+            let (b, y) = vary(&batch, &labels, step, vocab);
+            if step == 3 {
+                opt_l.set_lr(3e-4).unwrap();
+                opt_r.set_lr(3e-4).unwrap();
+            }
+            launched.set_dropout(Some(5 + step as u64));
+            replayed.set_dropout(Some(5 + step as u64));
+            let want = launched.train_step(&b, &y, &c, &mut opt_l).unwrap().read(dev.as_ref()).unwrap();
+            let before = counts();
+            let got = replayed.replay_train_step(&graph, &b, &y, &mut opt_r).unwrap_or_else(|e| panic!("{label} replay {step}: {e}")).read(dev.as_ref()).unwrap();
+            assert_eq!(counts(), before, "{label}: replay {step} allocated device memory or uploaded a table");
+            assert_eq!((got.loss.to_bits(), got.ce.to_bits(), got.grad_norm.to_bits()), (want.loss.to_bits(), want.ce.to_bits(), want.grad_norm.to_bits()), "{label} step {step}: replayed {got:?}, launched {want:?}");
+        }
+        assert_eq!(opt_r.steps(), opt_l.steps());
+        for (key, t) in launched.adapter("tasknn").unwrap().params() {
+            let r = &replayed.adapter("tasknn").unwrap().params()[key];
+            assert_eq!(dev.to_host(r).unwrap(), dev.to_host(t).unwrap(), "{label}: {key} differs after the replayed steps");
+        }
+        for (key, t) in launched.head("tasknn").unwrap().params() {
+            assert_eq!(dev.to_host(&replayed.head("tasknn").unwrap().params()[key]).unwrap(), dev.to_host(t).unwrap(), "{label}: head {key}");
+        }
+        // A replay refuses a batch of another shape, an out-of-range id, and a changed setup.
+        let mut short = batch.clone();
+        short.seq_len -= 1;
+        short.input_ids.truncate(short.batch * short.seq_len);
+        assert!(replayed.replay_train_step(&graph, &short, &labels, &mut opt_r).unwrap_err().to_string().contains("captured for batches"));
+        let mut bad = batch.clone();
+        bad.input_ids[1] = vocab as u32;
+        assert!(replayed.replay_train_step(&graph, &bad, &labels, &mut opt_r).unwrap_err().to_string().contains("vocab_size"));
+        replayed.train_adapter(&["scorenn"]).unwrap();
+        assert!(replayed.replay_train_step(&graph, &batch, &labels, &mut opt_r).unwrap_err().to_string().contains("capture the step again"));
+    }
+}
+
+/// The CPU backend has no graphs: capture is refused with the reason.
+#[test]
+fn capture_needs_a_cuda_backend() {
+    let (mut model, batch, labels) = parallel_model(Arc::new(CpuBackend::fast()));
+    model.train_adapter(&["tasknn"]).unwrap();
+    let c = TrainStepConfig { objective: Objective::CrossEntropy, trained: "tasknn".into(), max_grad_norm: None };
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let err = model.capture_train_step(&batch, &labels, &c, &mut opt).unwrap_err();
+    assert!(matches!(err, bert_adapters::Error::Unsupported(_)) && err.to_string().contains("CUDA backend"), "{err}");
+}

@@ -29,7 +29,7 @@ use std::ops::Range;
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::adapter::{ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_F32};
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, LocationSteps};
@@ -270,7 +270,7 @@ pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[Branch
 /// buffers (`'w`). An owner that must update the weights in place while keeping the descriptors
 /// (an optimizer step) uses [`LocationDescriptors::detach`].
 pub struct LocationDescriptors<'w> {
-    buffer: DeviceBuffer<u64>,
+    buffer: DeviceTable<u64>,
     host: Vec<BranchDescriptor>,
     ranges: WeightRanges,
     hidden: usize,
@@ -290,7 +290,7 @@ impl<'w> LocationDescriptors<'w> {
     /// config) and post step (the last child's), spec §6.4.
     pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
         let (host, ranges) = describe_branches(hidden, steps, branches)?;
-        let buffer = gpu.upload(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
+        let buffer = gpu.upload_table(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
         Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, _weights: PhantomData })
     }
 

@@ -364,6 +364,10 @@ impl Backend for CudaBackend {
         self.gpu.describe()
     }
 
+    fn gpu(&self) -> Option<&Gpu> {
+        Some(&self.gpu)
+    }
+
     fn supports_training(&self) -> bool {
         // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
         // tests/cuda_training.rs with dropout on). Adapter-internal dropout (0 by default) is
@@ -501,8 +505,12 @@ impl Backend for CudaBackend {
                 _ => embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f32>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?,
             }
         }
-        // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on.
-        check_flag(&self.gpu, &flag.view())?;
+        // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on. A step
+        // being captured may not read back; its replays check the ids on the host instead
+        // (`BertModel::replay_train_step`).
+        if !self.gpu.is_capturing() {
+            check_flag(&self.gpu, &flag.view())?;
+        }
         if let Some(spec) = dropout {
             self.dropout_in_place(OP, &y, spec)?;
         }

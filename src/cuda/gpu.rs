@@ -170,6 +170,67 @@ impl<T: DeviceScalar> std::fmt::Debug for DeviceBuffer<T> {
     }
 }
 
+/// A read-only table in device memory (launch descriptors, view tables), uploaded once per
+/// distinct content by [`Gpu::upload_table`] and shared by every holder of that content: a step
+/// that rebuilds the same descriptors finds them on the device and copies nothing, so it can be
+/// captured in a graph. There is no way to write into it.
+pub struct DeviceTable<T: DeviceScalar> {
+    shared: Arc<SharedBlock>,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+/// A block owned by the table cache and its users; back to the pool when the last one goes.
+struct SharedBlock {
+    block: Option<Block>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for SharedBlock {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            self.pool.give_back(b);
+        }
+    }
+}
+
+impl SharedBlock {
+    fn ptr(&self) -> u64 {
+        self.block.as_ref().map_or(0, |b| b.ptr)
+    }
+}
+
+impl<T: DeviceScalar> DeviceTable<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn view(&self) -> DeviceView<'_, T> {
+        DeviceView { ptr: self.shared.ptr(), len: self.len, _borrow: PhantomData }
+    }
+}
+
+impl<T: DeviceScalar> std::fmt::Debug for DeviceTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceTable<{}>[{}] @ {:#x}", T::TYPE.c_name(), self.len, self.shared.ptr())
+    }
+}
+
+/// The distinct tables on the device, by element type and content; the oldest goes first past
+/// [`TABLE_CACHE_ENTRIES`] (a holder keeps its table alive regardless).
+#[derive(Default)]
+struct TableCache {
+    entries: HashMap<(ScalarType, Vec<u8>), Arc<SharedBlock>>,
+    order: std::collections::VecDeque<(ScalarType, Vec<u8>)>,
+    uploads: u64,
+}
+
+/// Enough for every location's descriptors of a 24-layer model forward and backward, both
+/// optimizer tables, and several setups.
+const TABLE_CACHE_ENTRIES: usize = 512;
+
 /// A read-only window of a [`DeviceBuffer`]: a device address and a length, borrowed.
 #[derive(Clone, Copy)]
 pub struct DeviceView<'a, T> {
@@ -422,6 +483,8 @@ pub struct Gpu {
     pool: Arc<Pool>,
     /// The graph being captured, if any ([`Gpu::begin_capture`]).
     capture: Mutex<Option<Capture>>,
+    /// Read-only tables by content ([`Gpu::upload_table`]).
+    tables: Mutex<TableCache>,
 }
 
 /// The most free bytes a pool keeps: enough for a training step's activations at large shapes
@@ -485,6 +548,7 @@ impl Gpu {
             lt: Mutex::new(None),
             pool: Arc::new(Pool::new(POOL_CAP_CUDA, 512)),
             capture: Mutex::new(None),
+            tables: Mutex::new(TableCache::default()),
         })
     }
 
@@ -500,6 +564,7 @@ impl Gpu {
             lt: Mutex::new(None),
             pool: Arc::new(Pool::new(POOL_CAP_SIM, 1)),
             capture: Mutex::new(None),
+            tables: Mutex::new(TableCache::default()),
         }
     }
 
@@ -619,6 +684,33 @@ impl Gpu {
         let mut b = self.alloc(host.len())?;
         self.copy_htod(host, &mut b.view_mut())?;
         Ok(b)
+    }
+
+    /// `host` as a read-only [`DeviceTable`]: the table already on the device when one with the
+    /// same element type and content was uploaded before (and is still cached or held), else a
+    /// new upload. So per-call descriptor tables cost one copy per distinct content.
+    pub fn upload_table<T: DeviceScalar>(&self, host: &[T]) -> Result<DeviceTable<T>> {
+        let key = (T::TYPE, bytemuck::cast_slice::<T, u8>(host).to_vec());
+        if let Some(shared) = lock(&self.tables).entries.get(&key) {
+            return Ok(DeviceTable { shared: shared.clone(), len: host.len(), _elem: PhantomData });
+        }
+        let mut buf = self.upload(host)?;
+        let shared = Arc::new(SharedBlock { block: buf.block.take(), pool: self.pool.clone() });
+        let mut cache = lock(&self.tables);
+        cache.uploads += 1;
+        if cache.order.len() >= TABLE_CACHE_ENTRIES {
+            if let Some(oldest) = cache.order.pop_front() {
+                cache.entries.remove(&oldest);
+            }
+        }
+        cache.order.push_back(key.clone());
+        cache.entries.insert(key, shared.clone());
+        Ok(DeviceTable { shared, len: host.len(), _elem: PhantomData })
+    }
+
+    /// How many tables [`Gpu::upload_table`] has copied to the device (cache misses).
+    pub fn table_uploads(&self) -> u64 {
+        lock(&self.tables).uploads
     }
 
     /// `dst = src`; the lengths must match. Returns once `src` may be reused.

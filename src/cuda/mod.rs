@@ -41,5 +41,5 @@ pub mod runtime;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
-pub use gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
+pub use gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceTable, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
 pub use runtime::{compile_with_report, CompileReport, CudaRuntime, KernelResources};

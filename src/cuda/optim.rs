@@ -24,7 +24,7 @@ use std::ops::Range;
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::gpu::{DeviceBuffer, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::optim::{ADAMW_F32, GRAD_NORM_FINALIZE_F32, GRAD_SCALE_F32, GRAD_SUMSQ_PARTIAL_F32};
 use crate::error::{Error, Result};
 use crate::train::optim::AdamWConfig;
@@ -97,7 +97,7 @@ pub fn plan_grad_views(views: &[(u64, usize)], chunk: usize) -> Result<(Vec<i64>
 /// It holds the views' device addresses, so it borrows them mutably for `'a` (the clip writes
 /// them); [`GradViews::detach`] ends the borrow for an owner that keeps the buffers alive.
 pub struct GradViews<'a> {
-    table: DeviceBuffer<i64>,
+    table: DeviceTable<i64>,
     lens: Vec<usize>,
     blocks: usize,
     partials: DeviceBuffer<u64>,
@@ -118,7 +118,7 @@ impl<'a> GradViews<'a> {
     pub fn new(gpu: &Gpu, grads: &[DeviceViewMut<'a, f32>]) -> Result<Self> {
         let views: Vec<(u64, usize)> = grads.iter().map(|g| (g.device_ptr(), g.len())).collect();
         let (host, blocks) = plan_grad_views(&views, GRAD_CHUNK)?;
-        let table = if host.is_empty() { gpu.alloc_zeros::<i64>(3)? } else { gpu.upload(&host)? };
+        let table = if host.is_empty() { gpu.upload_table(&[0i64; 3])? } else { gpu.upload_table(&host)? };
         Ok(GradViews {
             table,
             lens: views.iter().map(|v| v.1).collect(),
@@ -251,7 +251,7 @@ pub fn plan_adamw_segments(segments: &[(usize, Range<usize>)], arena_len: usize,
 /// uploaded once, with the launch's ticket counter. Build one per set of segments; it holds no
 /// device addresses, so it borrows nothing.
 pub struct AdamWSegments {
-    table: DeviceBuffer<i64>,
+    table: DeviceTable<i64>,
     segments: Vec<(usize, Range<usize>)>,
     arena_len: usize,
     tensors: usize,
@@ -270,7 +270,7 @@ impl AdamWSegments {
     /// `tensors` step counts (`AdamWLaunch::segments`' meaning); validated, then uploaded.
     pub fn new(gpu: &Gpu, segments: &[(usize, Range<usize>)], arena_len: usize, tensors: usize) -> Result<Self> {
         let (host, blocks) = plan_adamw_segments(segments, arena_len, tensors, ADAMW_CHUNK)?;
-        let table = if host.is_empty() { gpu.alloc_zeros::<i64>(4)? } else { gpu.upload(&host)? };
+        let table = if host.is_empty() { gpu.upload_table(&[0i64; 4])? } else { gpu.upload_table(&host)? };
         Ok(AdamWSegments { table, segments: segments.to_vec(), arena_len, tensors, blocks, done: gpu.alloc_zeros::<u32>(1)? })
     }
     pub fn segments(&self) -> &[(usize, Range<usize>)] {

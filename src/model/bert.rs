@@ -49,14 +49,22 @@ pub struct BertModel {
     pub(crate) labels: Option<Tensor>,
     /// Flat arenas of the adapters `train_step` has trained, by adapter name.
     pub(crate) arenas: BTreeMap<String, crate::model::arena::TrainArena>,
+    /// While `capture_train_step` records: the inputs and labels are already in their fixed
+    /// buffers, and nothing may be written from the host.
+    pub(crate) capturing: bool,
 }
 
 /// A batch's inputs on the device: U32 ids and token types `[B, T]`, and the f32 mask bias `[B, T]`.
 #[derive(Clone)]
 pub(crate) struct InputBuffers {
-    ids: Tensor,
-    types: Tensor,
-    mask: Tensor,
+    pub(crate) ids: Tensor,
+    pub(crate) types: Tensor,
+    pub(crate) mask: Tensor,
+}
+
+/// The additive attention-mask bias of a batch: 0 where attended, `f32::MIN` at padding.
+pub(crate) fn mask_bias(batch: &InputBatch) -> Vec<f32> {
+    batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect()
 }
 
 /// What a forward computes beyond the encoder, and what it checks.
@@ -85,7 +93,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new() }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -445,11 +453,15 @@ impl BertModel {
     /// place when the last batch had this shape and nothing else still holds those buffers (a
     /// tape of an earlier step keeps its own mask), allocated afresh otherwise. So a training loop
     /// of repeated shapes writes its inputs into the same three buffers every step.
-    fn input_buffers(&self, batch: &InputBatch) -> Result<InputBuffers> {
+    pub(crate) fn input_buffers(&self, batch: &InputBatch) -> Result<InputBuffers> {
         let be = self.backend.as_ref();
         let shape = [batch.batch, batch.seq_len];
-        let mask_bias: Vec<f32> = batch.attention_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
         let mut slot = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        if self.capturing {
+            // Staged by capture_train_step just before the capture began.
+            return slot.as_ref().filter(|b| b.ids.shape() == shape).cloned().ok_or_else(|| Error::Internal("a captured step found no staged inputs of its shape".into()));
+        }
+        let mask_bias = mask_bias(batch);
         if let Some(b) = slot.as_ref() {
             if b.ids.shape() == shape && b.ids.is_unique() && b.types.is_unique() && b.mask.is_unique() {
                 be.write_u32(&b.ids, &batch.input_ids)?;

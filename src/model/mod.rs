@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod arena;
 pub mod backward;
 pub mod bert;
+pub mod graph;
 pub mod task;
 pub mod heads;
 pub mod persist;

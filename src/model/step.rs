@@ -29,6 +29,7 @@ pub struct TrainStepConfig {
 }
 
 /// A step's results, on the device.
+#[derive(Debug)]
 pub struct TrainStepOutput {
     /// `[2]`: the objective and its cross-entropy part.
     pub loss: Tensor,
@@ -82,6 +83,9 @@ impl BertModel {
             return Err(Error::Input(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
         }
         self.ensure_arena(&cfg.trained)?;
+        if let Some(arena) = self.arenas.get(&cfg.trained) {
+            optimizer.bind_arena(&self.backend, &arena.table)?;
+        }
         let pooler = names.iter().filter_map(|n| self.heads.get(n)).any(|h| h.config().use_pooler);
         let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
         let branches = self.head_logits_train(&out, &tape)?;
@@ -89,16 +93,12 @@ impl BertModel {
         if let Some(&y) = labels.iter().find(|&&y| y >= c) {
             return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
         }
-        // The labels go into a fixed buffer, written in place while the batch size repeats.
-        let y: Vec<u32> = labels.iter().map(|&y| y as u32).collect();
-        let labels_t = match self.labels.take() {
-            Some(t) if t.shape() == [y.len()] && t.is_unique() => {
-                be.write_u32(&t, &y)?;
-                t
-            }
-            _ => be.upload_u32(y, &[labels.len()])?,
-        };
-        self.labels = Some(labels_t.clone());
+        // The labels go into a fixed buffer, written in place while the batch size repeats (a
+        // captured step finds them staged there).
+        if !self.capturing {
+            self.stage_labels(labels)?;
+        }
+        let labels_t = self.labels.clone().filter(|t| t.shape() == [labels.len()]).ok_or_else(|| Error::Internal("train_step: the labels were not staged".into()))?;
         let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
         let (dlogits, loss) = op.run(be.as_ref())?;
         let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];

@@ -349,13 +349,7 @@ impl AdamW {
         if params.elem_count() != n || grads.elem_count() != n {
             return Err(Error::shape("AdamW::step_arena", format!("arena of {n} elements, parameters {:?}, gradients {:?}", params.shape(), grads.shape())));
         }
-        if self.device.as_ref().is_none_or(|d| d.table != table) {
-            // First use, or a new layout (an adapter re-packed): carry the state over by key.
-            let mut host = self.state();
-            self.device = None;
-            self.state = std::mem::take(&mut host.params);
-            self.device = Some(DeviceMoments::bind(backend, table, &self.state)?);
-        }
+        self.bind_arena(backend, table)?;
         let d = self.device.as_mut().expect("bound above");
         if d.lr_on_device != self.config.lr {
             backend.write_f32(&d.lr, &split_f64(self.config.lr))?;
@@ -380,6 +374,53 @@ impl AdamW {
             self.steps += 1;
         }
         Ok(())
+    }
+
+    /// Binds the optimizer to an arena laid out by `table` on `backend`'s device (moving any host
+    /// state there), unless it already is. `step_arena` does it on first use; a training step
+    /// does it before its own work, so the persistent buffers are allocated before the step's
+    /// scratch and a second step at the same shape finds all of that scratch in the pool.
+    pub fn bind_arena(&mut self, backend: &Arc<dyn Backend>, table: &[ArenaEntry]) -> Result<()> {
+        if self.device.as_ref().is_none_or(|d| d.table != table) {
+            // First use, or a new layout (an adapter re-packed): carry the state over by key.
+            let mut host = self.state();
+            self.device = None;
+            self.state = std::mem::take(&mut host.params);
+            self.device = Some(DeviceMoments::bind(backend, table, &self.state)?);
+        }
+        Ok(())
+    }
+
+    /// Writes a changed learning rate into the bound device buffer now, so that a step captured
+    /// in a graph (which may not copy from the host) finds it there; a no-op when unchanged or
+    /// before `step_arena` has bound the optimizer.
+    pub(crate) fn stage_lr(&mut self) -> Result<()> {
+        if let Some(d) = self.device.as_mut() {
+            if d.lr_on_device != self.config.lr {
+                d.backend.write_f32(&d.lr, &split_f64(self.config.lr))?;
+                d.lr_on_device = self.config.lr;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device buffers a bound optimizer updates (moments, step counts, learning rate), for a
+    /// captured step to keep alive and to recognise; empty before `step_arena` binds it.
+    pub(crate) fn device_buffers(&self) -> Vec<Tensor> {
+        self.device.as_ref().map_or_else(Vec::new, |d| vec![d.exp_avg.clone(), d.exp_avg_sq.clone(), d.steps.clone(), d.lr.clone()])
+    }
+
+    /// Host bookkeeping of a step a graph replay performed (the device counts were updated by
+    /// the replayed kernels): `steps` as `step_arena` counts it.
+    pub(crate) fn count_replayed_step(&mut self, updated: bool) {
+        if updated {
+            self.steps += 1;
+        }
+    }
+
+    /// Resets the host step count (a capture ran `step_arena`'s host code without a step).
+    pub(crate) fn set_step_count(&mut self, steps: u64) {
+        self.steps = steps;
     }
 
     /// One update of every parameter in `params` that has a gradient in `grads` (the host
