@@ -69,12 +69,22 @@
 //   without an opt-in (d = 128 with W = 8 would need 52.5 KiB and is refused).
 //   Global traffic per (b, h): Q, ctx once; K and V once per query tile of 4W rows.
 //
-// Extension points: the storage type is a template parameter (attn_load/attn_store convert to
-// and from f32; a bf16 kernel is one more overload pair and one more wrapper, accumulation stays
-// f32). Dropout on the probabilities (training) is the `Dropout` policy: it maps each
-// unnormalised p_ij to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed
-// by (b, h, i, j)), while the sum l and the lse keep the undropped p, as PyTorch's
-// dropout(softmax(s))·V does. Only NoDropout exists (eval forward).
+// Storage type: a template parameter T of the body; attn_load/attn_store convert to and from
+// f32, so a storage type is one overload pair plus one wrapper per kernel, accumulation in f32.
+//   * _f32: Q, K, V and ctx in f32.
+//   * _bf16io (attention_forward_bf16io[_d32|_d64], attention_forward_dropout_bf16io[_d32|_d64]):
+//     the packed Q, K, V and ctx in bf16 (`unsigned short*`, kernels/common.cuh bf16_raw), the
+//     same body with T = bf16_raw. The mask and the lse stay f32. A bf16 load widens exactly, so
+//     every score, p, l, lse and acc·(1/l) comes from the same f32 operations in the same order
+//     as in the _f32 kernel on the same (bf16-representable) inputs; the only new rounding is
+//     ctx's single store (RNE): ctx_bf16io = bf16(ctx_f32) and lse_bf16io = lse_f32 (bit for
+//     bit on the executor, tests/cuda_bf16_attention.rs; within one bf16 ulp asserted on a GPU).
+//     Shared memory stays f32 (the tiles hold the widened values), so plans and sizes are the
+//     _f32 kernels'. The backward has no bf16io variant: it stays f32.
+// Dropout on the probabilities (training) is the `Dropout` policy: it maps each unnormalised p_ij
+// to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed by (b, h, i, j)),
+// while the sum l and the lse keep the undropped p, as PyTorch's dropout(softmax(s))·V does:
+// AttnNoDropout (eval forward) and AttnPhiloxDropout (the _dropout kernels, training).
 
 #define ATTN_KEY_TILE 32
 #define ATTN_ROWS_PER_WARP 4
@@ -86,10 +96,13 @@ struct alignas(16) AttnVec4 {
     float x, y, z, w;
 };
 
-// ---- storage-type conversions (f32 now; bf16 adds an overload pair) ---------------------------
+// ---- storage-type conversions: f32, and bf16 (the _bf16io kernels) ----------------------------
 
 __device__ __forceinline__ float attn_load(const float* p) { return *p; }
 __device__ __forceinline__ void attn_store(float* p, float v) { *p = v; }
+// bf16: widening is exact (a shift); the store rounds to nearest even (kernels/common.cuh).
+__device__ __forceinline__ float attn_load(const bf16_raw* p) { return load_f32(p); }
+__device__ __forceinline__ void attn_store(bf16_raw* p, float v) { store_f32(p, v); }
 
 // ---- numerics helpers -------------------------------------------------------------------------
 
@@ -448,6 +461,56 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
 }
 
+// bf16 storage (_bf16io): qkv and ctx in bf16 as raw bits, mask_bias and lse f32; the kernels
+// above with T = bf16_raw (same parameters, same launch).
+// Any head dim 1..=128.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_bf16io(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// Head dim 32.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_bf16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// Head dim 64.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_bf16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
 // =================================================================================================
 // ---- backward ---------------------------------------------------------------------------------
 // =================================================================================================
@@ -509,6 +572,9 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //
 // Head dim: _f32 takes any d in 1..=128; _d32 and _d64 are the same body with d a constant
 // (same operations in the same order, so bitwise equal to the generic kernel; tests check it).
+//
+// Storage: f32 only (dctx, qkv, ctx, dqkv). The forward's _bf16io kernels have no backward twin:
+// the backward stays f32 (a bf16 forward's qkv and ctx would be widened, exactly, before it).
 //
 // Memory (dynamic shared, floats; ldq, ldk as the forward's): K and V tiles 2·32·ldk, Q and dO
 // tiles 2·4W·ldq, p and dS 2·4W·32 (dq: dS only), row stats 4·4W. d = 64, W = 4: 30 KiB (dkv),
@@ -1219,6 +1285,77 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 {
     extern __shared__ AttnVec4 attn_smem[];
     attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+// The three forward dropout kernels above with bf16 qkv and ctx (_bf16io, T = bf16_raw); ", 1"
+// as for attention_forward_dropout_f32.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_bf16io(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_bf16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_bf16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32(

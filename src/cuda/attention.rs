@@ -10,6 +10,10 @@
 //!   have fewer than [`TARGET_BLOCKS`] blocks (small batches still fill an H100's 132 SMs).
 //! - head dim 32 or 64 runs the kernel specialised on it (`_d32`, `_d64`), any other 1..=128 the
 //!   generic one; a plan may force the generic kernel (tests compare the two).
+//! - storage: the forward launchers are generic over the activation type `A` of `qkv` and `ctx`
+//!   ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones (the same
+//!   bodies; the mask and `lse` stay f32, the arithmetic f32, ctx rounded once on store). The
+//!   backward takes f32 only.
 //! - dynamic shared memory: K and V tiles of 32 keys, the block's Q rows and probabilities:
 //!   at most 42.5 KiB with W <= 4, so every auto plan fits the 48 KiB a kernel gets without an
 //!   opt-in. A plan that needs more (W > 4 with d > 100) is refused rather than opted in: it
@@ -23,14 +27,16 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::gpu::{ActivationScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::elementwise::DeviceDropout;
 use super::registry::attention::{
     ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F32,
-    ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64, ATTENTION_FORWARD_DROPOUT_F32, ATTENTION_FORWARD_DROPOUT_F32_D32,
-    ATTENTION_FORWARD_DROPOUT_F32_D64, ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64,
+    ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64, ATTENTION_FORWARD_BF16IO, ATTENTION_FORWARD_BF16IO_D32, ATTENTION_FORWARD_BF16IO_D64,
+    ATTENTION_FORWARD_DROPOUT_BF16IO, ATTENTION_FORWARD_DROPOUT_BF16IO_D32, ATTENTION_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_FORWARD_DROPOUT_F32,
+    ATTENTION_FORWARD_DROPOUT_F32_D32, ATTENTION_FORWARD_DROPOUT_F32_D64, ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64,
 };
 use super::registry::KernelName;
+use crate::tensor::DType;
 use crate::train::dropout::DropoutParams;
 use crate::error::{Error, Result};
 
@@ -81,12 +87,25 @@ impl AttentionPlan {
         self.warps_per_block as usize * ROWS_PER_WARP
     }
 
-    /// The kernel this plan runs for head dim `head_dim`.
+    /// The f32 kernel this plan runs for head dim `head_dim`.
     pub fn kernel(&self, head_dim: usize) -> KernelName {
         match (self.specialised, head_dim) {
             (true, 32) => ATTENTION_FORWARD_F32_D32,
             (true, 64) => ATTENTION_FORWARD_F32_D64,
             _ => ATTENTION_FORWARD_F32,
+        }
+    }
+
+    /// The kernel this plan runs for head dim `head_dim` with `qkv` and `ctx` stored as
+    /// `dtype`: the `_f32` kernels, or the `_bf16io` ones for bf16; any other storage type is
+    /// [`Error::Unsupported`].
+    pub fn kernel_for(&self, dtype: DType, head_dim: usize) -> Result<KernelName> {
+        match (dtype, self.specialised, head_dim) {
+            (DType::F32, ..) => Ok(self.kernel(head_dim)),
+            (DType::BF16, true, 32) => Ok(ATTENTION_FORWARD_BF16IO_D32),
+            (DType::BF16, true, 64) => Ok(ATTENTION_FORWARD_BF16IO_D64),
+            (DType::BF16, ..) => Ok(ATTENTION_FORWARD_BF16IO),
+            (other, ..) => Err(Error::Unsupported(format!("{OP}: Q, K, V and the context stored as {other}; the attention kernels take f32 or bf16"))),
         }
     }
 
@@ -202,23 +221,36 @@ impl AttentionSizes {
 
 /// Fails when two device ranges of f32 overlap (the kernel's pointers are `__restrict__`).
 fn disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
-    let end = |(p, n): (u64, usize)| p + (n * std::mem::size_of::<f32>()) as u64;
+    let bytes = |(p, n): (u64, usize)| (p, n * std::mem::size_of::<f32>());
+    disjoint_bytes(names, bytes(a), bytes(b))
+}
+
+/// As [`disjoint`], with each range as (address, length in bytes): views of different element
+/// types (bf16 `qkv`, f32 `lse`).
+fn disjoint_bytes(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
+    let end = |(p, n): (u64, usize)| p + n as u64;
     if a.1 > 0 && b.1 > 0 && a.0 < end(b) && b.0 < end(a) {
         return Err(Error::Input(format!("{OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)));
     }
     Ok(())
 }
 
+/// A view as (address, length in bytes), for [`disjoint_bytes`].
+fn byte_range<T>(ptr: u64, len: usize) -> (u64, usize) {
+    (ptr, len * std::mem::size_of::<T>())
+}
+
 /// Fused attention forward with the automatic launch plan: `ctx = softmax(QKᵀ/√d + mask)·V` per
 /// head from the packed `qkv` (`[batch, seq, 3·hidden]`), and `lse` (`[batch, heads, seq]`) the
 /// natural-log log-sum-exp of each row of scaled, masked scores. `mask_bias` is `[B_mask, seq]`
 /// additive with `B_mask` dividing `batch`; batch row `b` reads mask row `b % B_mask`.
+/// `qkv` and `ctx` are f32, or bf16 (the `_bf16io` kernels: f32 arithmetic, ctx rounded once).
 #[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
-pub fn attention_packed_forward(
+pub fn attention_packed_forward<A: ActivationScalar>(
     gpu: &Gpu,
-    qkv: &DeviceView<f32>,
+    qkv: &DeviceView<A>,
     mask_bias: &DeviceView<f32>,
-    ctx: &mut DeviceViewMut<f32>,
+    ctx: &mut DeviceViewMut<A>,
     lse: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -231,11 +263,11 @@ pub fn attention_packed_forward(
 
 /// As [`attention_packed_forward`], with an explicit launch plan (validated).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed_forward_with_plan(
+pub fn attention_packed_forward_with_plan<A: ActivationScalar>(
     gpu: &Gpu,
-    qkv: &DeviceView<f32>,
+    qkv: &DeviceView<A>,
     mask_bias: &DeviceView<f32>,
-    ctx: &mut DeviceViewMut<f32>,
+    ctx: &mut DeviceViewMut<A>,
     lse: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -249,13 +281,14 @@ pub fn attention_packed_forward_with_plan(
 /// [`attention_packed_forward`] in training mode: probability `(b, h, i, j)` goes through the
 /// CPU backend's Philox mask for `dropout` (`cpu::prob_dropout`: element
 /// `((b_local·heads + h)·T + i)·T + j` of its block's stream); `lse` keeps the undropped
-/// probabilities. At most [`MAX_DROPOUT_BLOCKS`] blocks, each id below 256.
+/// probabilities. At most [`MAX_DROPOUT_BLOCKS`] blocks, each id below 256. `qkv` and `ctx`
+/// f32 or bf16, as in [`attention_packed_forward`].
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed_forward_dropout(
+pub fn attention_packed_forward_dropout<A: ActivationScalar>(
     gpu: &Gpu,
-    qkv: &DeviceView<f32>,
+    qkv: &DeviceView<A>,
     mask_bias: &DeviceView<f32>,
-    ctx: &mut DeviceViewMut<f32>,
+    ctx: &mut DeviceViewMut<A>,
     lse: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -277,6 +310,9 @@ fn dropout_kernel(k: KernelName) -> KernelName {
         "attention_forward_f32_d32" => ATTENTION_FORWARD_DROPOUT_F32_D32,
         "attention_forward_f32_d64" => ATTENTION_FORWARD_DROPOUT_F32_D64,
         "attention_forward_f32" => ATTENTION_FORWARD_DROPOUT_F32,
+        "attention_forward_bf16io_d32" => ATTENTION_FORWARD_DROPOUT_BF16IO_D32,
+        "attention_forward_bf16io_d64" => ATTENTION_FORWARD_DROPOUT_BF16IO_D64,
+        "attention_forward_bf16io" => ATTENTION_FORWARD_DROPOUT_BF16IO,
         "attention_backward_dkv_f32_d32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32,
         "attention_backward_dkv_f32_d64" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64,
         "attention_backward_dkv_f32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32,
@@ -321,11 +357,11 @@ fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize) -> Result
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward_launch(
+fn forward_launch<A: ActivationScalar>(
     gpu: &Gpu,
-    qkv: &DeviceView<f32>,
+    qkv: &DeviceView<A>,
     mask_bias: &DeviceView<f32>,
-    ctx: &mut DeviceViewMut<f32>,
+    ctx: &mut DeviceViewMut<A>,
     lse: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -337,24 +373,26 @@ fn forward_launch(
     let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     plan.validate(head_dim)?;
-    let (q, m, c, l) = ((qkv.device_ptr(), qkv.len()), (mask_bias.device_ptr(), mask_bias.len()), (ctx.device_ptr(), ctx.len()), (lse.device_ptr(), lse.len()));
-    disjoint(("ctx", "qkv"), c, q)?;
-    disjoint(("ctx", "mask_bias"), c, m)?;
-    disjoint(("lse", "qkv"), l, q)?;
-    disjoint(("lse", "mask_bias"), l, m)?;
-    disjoint(("ctx", "lse"), c, l)?;
+    let base = plan.kernel_for(A::DTYPE, head_dim)?;
+    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
+    disjoint_bytes(("ctx", "qkv"), c, q)?;
+    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
+    disjoint_bytes(("lse", "qkv"), l, q)?;
+    disjoint_bytes(("lse", "mask_bias"), l, m)?;
+    disjoint_bytes(("ctx", "lse"), c, l)?;
     let drop = dropout.map(|d| dropout_args(OP, d, batch)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
-    let kernel = if drop.is_some() { dropout_kernel(plan.kernel(head_dim)) } else { plan.kernel(head_dim) };
+    let kernel = if drop.is_some() { dropout_kernel(base) } else { base };
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     // The kernel's parameter order: ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows,
-    // scale; Gpu::launch checks it against kernels/attention.cu.
+    // scale (ctx and qkv as `unsigned short*` for bf16); Gpu::launch checks it against
+    // kernels/attention.cu.
     let args = [
-        ctx.arg(),
+        A::act_arg_mut(ctx),
         lse.arg(),
-        qkv.arg(),
+        A::act_arg(qkv),
         mask_bias.arg(),
         KernelArg::I32(seq as i32),
         KernelArg::I32(hidden as i32),
@@ -364,8 +402,9 @@ fn forward_launch(
     ];
     let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
-    // these sizes (qkv B·T·3H, ctx B·T·H, lse B·heads·T, mask a multiple of T whose row count
-    // divides B), the outputs alias nothing, and the plan fits the kernel's block and
+    // these sizes (qkv B·T·3H, ctx B·T·H elements of A, lse B·heads·T, mask a multiple of T whose
+    // row count divides B), the kernel reads and writes A (kernel_for), the outputs alias
+    // nothing (byte ranges), and the plan fits the kernel's block and
     // shared-memory contract (the specialised kernels run only when hidden = d·heads with their
     // d); the dropout arguments' seed buffer holds 2 words and the batch splits into its blocks.
     unsafe { gpu.launch(kernel, plan.launch_config(batch, seq, heads, head_dim), &args) }
@@ -846,6 +885,34 @@ mod tests {
         assert_eq!(p.kernel(64).name, "attention_forward_f32_d64");
         assert_eq!(p.kernel(48).name, "attention_forward_f32");
         assert_eq!(AttentionPlan { specialised: false, ..p }.kernel(64).name, "attention_forward_f32");
+    }
+
+    #[test]
+    fn storage_types_pick_their_kernels() {
+        let p = AttentionPlan { warps_per_block: 2, specialised: true };
+        let generic = AttentionPlan { specialised: false, ..p };
+        let name = |plan: AttentionPlan, dtype, d| plan.kernel_for(dtype, d).unwrap().name;
+        for d in [8, 24, 32, 64, 128] {
+            assert_eq!(name(p, DType::F32, d), p.kernel(d).name, "d {d}");
+        }
+        assert_eq!(name(p, DType::BF16, 32), "attention_forward_bf16io_d32");
+        assert_eq!(name(p, DType::BF16, 64), "attention_forward_bf16io_d64");
+        assert_eq!(name(p, DType::BF16, 24), "attention_forward_bf16io");
+        assert_eq!(name(generic, DType::BF16, 64), "attention_forward_bf16io");
+        for (base, drop) in [
+            ("attention_forward_bf16io", "attention_forward_dropout_bf16io"),
+            ("attention_forward_bf16io_d32", "attention_forward_dropout_bf16io_d32"),
+            ("attention_forward_bf16io_d64", "attention_forward_dropout_bf16io_d64"),
+            ("attention_forward_f32_d64", "attention_forward_dropout_f32_d64"),
+        ] {
+            let k = [32, 64, 8].iter().flat_map(|&d| [DType::F32, DType::BF16].map(|t| p.kernel_for(t, d).unwrap())).find(|k| k.name == base).unwrap();
+            assert_eq!(dropout_kernel(k).name, drop);
+        }
+        for dtype in [DType::F16, DType::U32] {
+            let e = p.kernel_for(dtype, 64).unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)), "{dtype}: {e}");
+            assert!(e.to_string().contains("take f32 or bf16"), "{e}");
+        }
     }
 
     #[test]

@@ -567,7 +567,7 @@ impl Backend for CudaBackend {
         };
         let ctx = self.new_tensor::<f32>(&[batch, seq, hidden])?;
         let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
-        let (q, m, mut c, mut l) = (self.view(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut(OP, &ctx)?, self.view_mut(OP, &lse)?);
+        let (q, m, mut c, mut l) = (self.view::<f32>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut(OP, &ctx)?, self.view_mut(OP, &lse)?);
         match dropout {
             None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads)?,
             Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?)?,

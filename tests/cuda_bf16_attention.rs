@@ -1,0 +1,417 @@
+//! CUDA fused attention forward with bf16 storage (the `_bf16io` kernels of
+//! `kernels/attention.cu`: packed Q, K, V and the context in bf16; the mask and the row
+//! log-sum-exp in f32; f32 arithmetic) through `cuda::attention`'s launchers with `half::bf16`
+//! views, eval and probability-dropout forward.
+//!
+//! The rule of tests/support/bf16.rs: Q, K, V are drawn, rounded to bf16 and uploaded as bf16;
+//! `f32_ref` is the f64 CPU reference (`cpu::reference::attention`, `attention_lse`, rounded to
+//! f32 once) on those rounded values, and `plain` a plain bf16 attention written here as
+//! PyTorch's bf16 eager path (HF `BertSelfAttention`) computes it:
+//!     S = bf16(Q·Kᵀ, accumulated in f32);  S = bf16(S / √d);  S = bf16(S + bf16(mask))
+//!     P = bf16(softmax(S) computed in f32);  [training: P = bf16(P · keep/(1 − p))]
+//!     O = bf16(P·V, accumulated in f32)
+//! The kernel's ctx must lie within 2·max|plain − f32_ref| (+ the rule's floor) of f32_ref.
+//! The lse: the plain twin is torch.logsumexp over the plain bf16 S (in f32), under the same 2x
+//! rule; and, tighter, since the kernel reads exactly the rounded values the reference reads,
+//! the f32 kernel's own tolerance applies: |lse − ref| <= 1e-5·(1 + max|ref|) per batch row
+//! (tests/cuda_attention.rs derives it: score rounding ~√d·2^-24·Σ|q·k|, the l sum ~2e-6).
+//!
+//! Exactness: a bf16 load widens exactly, so the bf16io kernel computes every score, weight, l,
+//! lse and acc·(1/l) with the same f32 operations in the same order as the `_f32` kernel on the
+//! rounded inputs uploaded in f32; the only new rounding is the context's one store. So ctx =
+//! bf16(ctx of the f32 kernel) and lse = lse of the f32 kernel, asserted bit for bit on the
+//! executor, and within one bf16 ulp (ctx) and the f32 tolerance (lse) on a GPU, where NVRTC
+//! compiles the two instantiations separately.
+//!
+//! Outputs start as NaN (bf16 NaN for ctx), so an element the kernel never writes fails the
+//! finiteness check of the rule. One body per test, run by `test_device!` on every device
+//! (`*::cuda_sim` in the executor's three schedules; `*::cuda` on a GPU, skipped without one).
+
+#[path = "support/bf16.rs"]
+mod bf16_rule;
+
+use bert_adapters::cpu::reference::{self, ProbDropout};
+use bert_adapters::cuda::attention::{attention_packed_forward, attention_packed_forward_dropout, attention_packed_forward_with_plan, AttentionPlan};
+use bert_adapters::cuda::elementwise::DeviceDropout;
+use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
+use bert_adapters::cuda::probe::report_line;
+use bert_adapters::train::dropout::{dropout_range, DropoutRng};
+use bert_adapters::{test_device, Error};
+use bf16_rule::{assert_within_twice_plain, round, round_all, to_bf16, widen};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// HF's extended attention mask value for padding (`(1 - mask) * -10000`).
+const PAD: f32 = -10000.0;
+
+#[derive(Clone, Copy, Debug)]
+enum MaskKind {
+    /// No padding: all zeros.
+    Zeros,
+    /// One mask row per batch row; the first keeps every key, the others a random prefix of
+    /// length >= 1 and pad the rest (no row is fully padded).
+    Padded,
+    /// `rows` padded mask rows shared by a batch that replicates them (Parallel branches: batch
+    /// row b reads mask row b % rows).
+    Shared(usize),
+}
+
+/// A case: `qkv` already rounded to bf16 (held as f32).
+struct Case {
+    qkv: Vec<f32>,
+    mask: Vec<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+}
+
+impl Case {
+    /// Q and K uniform in ±√6 (scaled scores with standard deviation 2, up to about ±10), V
+    /// uniform in ±2, all rounded to bf16.
+    fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
+        let hidden = d * heads;
+        let a = 6f32.sqrt();
+        let mut qkv = Vec::with_capacity(batch * seq * 3 * hidden);
+        for _ in 0..batch * seq {
+            qkv.extend((0..2 * hidden).map(|_| rng.random_range(-a..a)));
+            qkv.extend((0..hidden).map(|_| rng.random_range(-2.0f32..2.0)));
+        }
+        let mask_rows = match mask {
+            MaskKind::Zeros | MaskKind::Padded => batch,
+            MaskKind::Shared(rows) => rows,
+        };
+        let mut m = vec![0f32; mask_rows * seq];
+        if !matches!(mask, MaskKind::Zeros) {
+            for row in m.chunks_mut(seq).skip(1) {
+                let keep = rng.random_range(1..=seq);
+                row[keep..].iter_mut().for_each(|x| *x = PAD);
+            }
+        }
+        Case { qkv: round_all(&qkv), mask: m, batch, seq, hidden, heads }
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    fn mask_rows(&self) -> usize {
+        self.mask.len() / self.seq.max(1)
+    }
+
+    fn split(&self) -> [Vec<f32>; 3] {
+        let h = self.hidden;
+        let part = |i: usize| self.qkv.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect();
+        [part(0), part(1), part(2)]
+    }
+
+    /// (ctx, lse) of the f64 reference on the rounded inputs (each rounded to f32 once).
+    fn reference(&self, dropout: Option<&ProbDropout>) -> (Vec<f32>, Vec<f32>) {
+        let [q, k, v] = self.split();
+        let (b, t, h, n) = (self.batch, self.seq, self.hidden, self.heads);
+        (reference::attention(&q, &k, &v, &self.mask, b, t, h, n, dropout), reference::attention_lse(&q, &k, &self.mask, b, t, h, n))
+    }
+
+    /// (ctx, lse) of the plain bf16 attention of the module docs: ctx rounded to bf16 (as f32),
+    /// lse in f32 from the plain bf16 scores.
+    fn plain(&self, dropout: Option<&ProbDropout>) -> (Vec<f32>, Vec<f32>) {
+        let [q, k, v] = self.split();
+        let (batch, seq, hidden, heads) = (self.batch, self.seq, self.hidden, self.heads);
+        let d = self.head_dim();
+        let sqrt_d = (d as f32).sqrt();
+        let mut ctx = vec![0f32; batch * seq * hidden];
+        let mut lse = Vec::with_capacity(batch * heads * seq);
+        let mut keep = vec![1f32; seq];
+        let mut p = vec![0f32; seq];
+        for b in 0..batch {
+            let mask = &self.mask[(b % self.mask_rows()) * seq..][..seq];
+            for h in 0..heads {
+                for i in 0..seq {
+                    let qi = &q[(b * seq + i) * hidden + h * d..][..d];
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        let kj = &k[(b * seq + j) * hidden + h * d..][..d];
+                        let dot = qi.iter().zip(kj).fold(0f32, |acc, (a, c)| acc + a * c); // bf16 products are exact in f32
+                        *pj = round(round(round(dot) / sqrt_d) + round(mask[j]));
+                    }
+                    let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0f32;
+                    for pj in p.iter_mut() {
+                        *pj = (*pj - max).exp();
+                        sum += *pj;
+                    }
+                    lse.push(max + sum.ln());
+                    if let Some(drop) = dropout {
+                        drop(b, h, i, &mut keep);
+                    }
+                    for (pj, f) in p.iter_mut().zip(&keep) {
+                        *pj = round(*pj / sum);
+                        if dropout.is_some() {
+                            *pj = round(*pj * f);
+                        }
+                    }
+                    for c in 0..d {
+                        let acc = p.iter().enumerate().fold(0f32, |acc, (j, pj)| acc + pj * v[(b * seq + j) * hidden + h * d + c]);
+                        ctx[(b * seq + i) * hidden + h * d + c] = round(acc);
+                    }
+                }
+            }
+        }
+        (ctx, lse)
+    }
+
+    fn label(&self) -> String {
+        format!("B={} T={} d={} heads={} mask_rows={}", self.batch, self.seq, self.head_dim(), self.heads, self.mask_rows())
+    }
+}
+
+/// `cpu::prob_dropout`'s multipliers (what the CPU backend and the `_dropout` kernels draw):
+/// probability (b, h, i, j) is element ((b_local·heads + h)·T + i)·T + j of its block's stream.
+fn prob_dropout(d: &DeviceDropout<'_>, batch: usize, seq: usize, heads: usize) -> Box<ProbDropout> {
+    let rng = DropoutRng::new(d.seed);
+    let (p, streams) = (d.p, d.streams.clone());
+    let per_block = batch / streams.len();
+    Box::new(move |b: usize, h: usize, i: usize, factors: &mut [f32]| {
+        factors.iter_mut().for_each(|f| *f = 1.0);
+        let offset = (((b % per_block) * heads + h) * seq + i) * seq;
+        dropout_range(factors, p, &rng, streams[b / per_block], offset).unwrap();
+    })
+}
+
+struct Outputs {
+    ctx: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+fn up<T: DeviceScalar>(gpu: &Gpu, v: &[T]) -> DeviceBuffer<T> {
+    gpu.upload(v).unwrap_or_else(|e| panic!("upload: {e}"))
+}
+
+/// Runs the forward with `A` storage (f32 or bf16 uploads of the rounded qkv) on NaN-poisoned
+/// outputs: the auto plan, or `plan`, or the dropout launcher; ctx widened to f32.
+fn run_as<A: ActivationScalar>(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>, conv: impl Fn(&[f32]) -> Vec<A>, back: impl Fn(&[A]) -> Vec<f32>) -> Result<Outputs, Error> {
+    let (qkv, mask) = (up(gpu, &conv(&case.qkv)), up(gpu, &case.mask));
+    let mut ctx = up(gpu, &conv(&vec![f32::NAN; case.batch * case.seq * case.hidden]));
+    let mut lse = up(gpu, &vec![f32::NAN; case.batch * case.heads * case.seq]);
+    let (b, t, h, n) = (case.batch, case.seq, case.hidden, case.heads);
+    match (plan, dropout) {
+        (_, Some(d)) => attention_packed_forward_dropout(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, d)?,
+        (Some(p), None) => attention_packed_forward_with_plan(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, p)?,
+        (None, None) => attention_packed_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n)?,
+    }
+    Ok(Outputs { ctx: back(&gpu.download(&ctx.view())?), lse: gpu.download(&lse.view())? })
+}
+
+fn run_bf16(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    run_as::<bf16>(gpu, case, plan, dropout, to_bf16, widen).unwrap_or_else(|e| panic!("{} bf16io: {e}", case.label()))
+}
+
+fn run_f32(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    run_as::<f32>(gpu, case, plan, dropout, |v| v.to_vec(), |v| v.to_vec()).unwrap_or_else(|e| panic!("{} f32: {e}", case.label()))
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Distance in bf16 ulps between two bf16 values held as f32 (on a line that orders -0 < +0
+/// next to each other, so a sign change counts the steps through zero).
+fn bf16_ulps(a: f32, b: f32) -> u32 {
+    let key = |x: f32| {
+        let u = (bf16::from_f32(x).to_bits()) as i32;
+        if u & 0x8000 != 0 { -(u & 0x7fff) - 1 } else { u }
+    };
+    key(a).abs_diff(key(b))
+}
+
+/// The f32 kernel's tolerance against the f64 reference (tests/cuda_attention.rs): per batch
+/// row, |got − ref| <= 1e-5·(1 + max|ref|). Returns the fraction of it used.
+fn assert_f32_close(label: &str, got: &[f32], want: &[f32], batch: usize) -> f64 {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let per = want.len() / batch;
+    let mut used = 0f64;
+    for (b, (g, w)) in got.chunks(per).zip(want.chunks(per)).enumerate() {
+        let tol = 1e-5 * (1.0 + w.iter().fold(0f64, |m, v| m.max(v.abs() as f64)));
+        for (i, (g, w)) in g.iter().zip(w).enumerate() {
+            let err = (*g as f64 - *w as f64).abs();
+            assert!(g.is_finite() && err <= tol, "{label}: [{}] = {g}, reference {w}, |err| {err:e} > tol {tol:e}", b * per + i);
+            used = used.max(err / tol);
+        }
+    }
+    used
+}
+
+/// The bf16io kernel against the f32 kernel on the same rounded inputs: ctx is the f32 kernel's
+/// rounded once and lse is the same (bitwise on the executor; one bf16 ulp and the f32
+/// tolerance on a GPU, see the module docs).
+fn assert_matches_f32_kernel(gpu: &Gpu, label: &str, got: &Outputs, f32_kernel: &Outputs, lse_ref: &[f32], batch: usize) {
+    let rounded = round_all(&f32_kernel.ctx);
+    if gpu.kind() == GpuKind::Sim {
+        assert_eq!(bits(&got.ctx), bits(&rounded), "{label}: ctx is not the f32 kernel's rounded to bf16");
+        assert_eq!(bits(&got.lse), bits(&f32_kernel.lse), "{label}: lse differs from the f32 kernel's");
+    } else {
+        let (worst, at) = got.ctx.iter().zip(&rounded).enumerate().fold((0, 0), |(w, a), (i, (x, y))| if bf16_ulps(*x, *y) > w { (bf16_ulps(*x, *y), i) } else { (w, a) });
+        assert!(worst <= 1, "{label}: ctx[{at}] = {} is {worst} bf16 ulps from the f32 kernel's rounded {}", got.ctx[at], rounded[at]);
+        assert_f32_close(&format!("{label}: lse"), &got.lse, lse_ref, batch);
+    }
+}
+
+/// One case, eval forward (auto plan or `plan`): the 2x-plain rule on ctx and lse, lse at the f32
+/// tolerance, and equality with the f32 kernel. Returns (ctx error, plain ctx error, lse error,
+/// plain lse error).
+fn check(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>) -> (Outputs, [f64; 4]) {
+    let label = format!("{} {} {plan:?}", gpu.describe(), case.label());
+    let got = run_bf16(gpu, case, plan, None);
+    let (ref_ctx, ref_lse) = case.reference(None);
+    let (plain_ctx, plain_lse) = case.plain(None);
+    let (e, pe) = assert_within_twice_plain(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
+    let (le, ple) = assert_within_twice_plain(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
+    assert_f32_close(&format!("{label}: lse"), &got.lse, &ref_lse, case.batch);
+    assert_matches_f32_kernel(gpu, &label, &got, &run_f32(gpu, case, plan, None), &ref_lse, case.batch);
+    (got, [e, pe, le, ple])
+}
+
+/// Sequence lengths: one key, a few, just past one key tile, and past two tiles (not a multiple
+/// of 4).
+const SEQS: [usize; 4] = [1, 7, 33, 70];
+
+/// (batch, head dim, heads, mask): the generic kernel at d = 8, 24, 40, 128 and the d = 32 and
+/// d = 64 kernels; batch 1..=3, heads 1..=3; padded masks and masks shared by replicated
+/// branches (3 batch rows reading 1 mask row).
+const SHAPES: [(usize, usize, usize, MaskKind); 9] = [
+    (1, 8, 1, MaskKind::Zeros),
+    (3, 8, 3, MaskKind::Padded),
+    (2, 24, 2, MaskKind::Padded),
+    (3, 40, 1, MaskKind::Shared(1)),
+    (1, 32, 2, MaskKind::Padded),
+    (3, 32, 3, MaskKind::Shared(1)),
+    (3, 64, 1, MaskKind::Padded),
+    (2, 64, 3, MaskKind::Zeros),
+    (1, 128, 1, MaskKind::Padded),
+];
+
+fn bf16io_forward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_a77e);
+    let mut worst = (0f64, String::new());
+    for seq in SEQS {
+        for (batch, d, heads, mask) in SHAPES {
+            let case = Case::random(&mut rng, batch, seq, d, heads, mask);
+            let (_, [e, pe, le, ple]) = check(gpu, &case, None);
+            if seq > 1 {
+                // A real plain error exists (the rule is not vacuous) and the kernel is well inside
+                // it: one rounding of an f32 result against the plain twin's four.
+                assert!(pe > 0.0, "{}: the plain bf16 twin equals the reference", case.label());
+            }
+            let ratio = if pe > 0.0 { e / pe } else { 0.0 };
+            if ratio > worst.0 {
+                worst = (ratio, case.label());
+            }
+            if seq == 70 && matches!(d, 8 | 64 | 128) {
+                report_line(&format!("bf16io attention {} {}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})", gpu.describe(), case.label()));
+            }
+        }
+    }
+    report_line(&format!("bf16io attention on {}: {} cases pass; worst ctx err / plain err = {:.3} at {}", gpu.describe(), SEQS.len() * SHAPES.len(), worst.0, worst.1));
+}
+test_device!(awkward_shapes, bf16io_forward_matches_the_rule_at_awkward_shapes);
+
+/// Every block shape (1..=8 warps), specialised and generic kernels: the specialised bf16io
+/// kernels equal the generic one bit for bit on the executor (same body, same order), each
+/// passes the rule, and d = 128 with 8 warps is refused as for f32.
+fn every_plan_of_the_bf16io_kernels(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_91a2);
+    for (batch, d, heads) in [(1, 32, 2), (2, 64, 1), (1, 24, 3), (1, 128, 1)] {
+        let case = Case::random(&mut rng, batch, 33, d, heads, MaskKind::Padded);
+        for warps in [1, 2, 3, 4, 8] {
+            let plan = AttentionPlan { warps_per_block: warps, specialised: true };
+            if d == 128 && warps == 8 {
+                let err = run_as::<bf16>(gpu, &case, Some(plan), None, to_bf16, widen).err();
+                assert!(matches!(err, Some(Error::Shape { .. })), "{}: a 52.5 KiB plan must be refused, got {err:?}", case.label());
+                continue;
+            }
+            let (a, _) = check(gpu, &case, Some(plan));
+            let (g, _) = check(gpu, &case, Some(AttentionPlan { specialised: false, ..plan }));
+            if gpu.kind() == GpuKind::Sim {
+                let label = format!("{} {plan:?}", case.label());
+                assert_eq!(bits(&a.ctx), bits(&g.ctx), "{label}: ctx of the generic and specialised bf16io kernels differ");
+                assert_eq!(bits(&a.lse), bits(&g.lse), "{label}: lse of the generic and specialised bf16io kernels differ");
+            }
+        }
+    }
+}
+test_device!(every_plan, every_plan_of_the_bf16io_kernels);
+
+/// Probability dropout (training): the `_dropout_bf16io` kernels (d = 8 and 24 generic, 32, 64)
+/// under the rule against the reference and plain twin with the CPU's Philox multipliers, equal
+/// to the f32 dropout kernel rounded, two dropout blocks (Parallel branches: batch rows b and
+/// b + B/2 draw different streams); and dropout changed the context.
+fn bf16io_dropout_forward_matches_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_d40b);
+    for (batch, seq, d, heads, mask, streams) in [
+        (2usize, 37usize, 8usize, 2usize, MaskKind::Shared(1), vec![(5u64 << 8) | 1, 5 << 8]),
+        (1, 7, 32, 1, MaskKind::Padded, vec![3 << 8]),
+        (2, 33, 64, 2, MaskKind::Padded, vec![(1 << 8) | 2, (1 << 8) | 3]),
+        (3, 70, 24, 3, MaskKind::Shared(1), vec![9 << 8]),
+    ] {
+        let case = Case::random(&mut rng, batch, seq, d, heads, mask);
+        let drop = DeviceDropout { seed_buffer: None, seed: 0xabc0 + d as u64, p: 0.2, streams };
+        let factors = prob_dropout(&drop, batch, seq, heads);
+        let label = format!("{} {} dropout {:?}", gpu.describe(), case.label(), drop.streams);
+        let got = run_bf16(gpu, &case, None, Some(&drop));
+        let (ref_ctx, ref_lse) = case.reference(Some(&*factors));
+        let (plain_ctx, plain_lse) = case.plain(Some(&*factors));
+        let (e, pe) = assert_within_twice_plain(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
+        let (le, ple) = assert_within_twice_plain(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
+        assert_f32_close(&format!("{label}: lse"), &got.lse, &ref_lse, batch);
+        assert_matches_f32_kernel(gpu, &label, &got, &run_f32(gpu, &case, None, Some(&drop)), &ref_lse, batch);
+        let undropped = case.reference(None).0;
+        assert!(undropped.iter().zip(&got.ctx).any(|(a, b)| (a - b).abs() > 0.05), "{label}: dropout changed nothing");
+        report_line(&format!("bf16io attention dropout {label}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})"));
+    }
+}
+test_device!(dropout, bf16io_dropout_forward_matches_the_rule);
+
+/// Rows whose every key is masked with -inf: ctx is NaN (stored as a bf16 NaN) and lse NaN, as
+/// in the f32 kernel and the reference; a row with one finite key among -inf ones attends to
+/// exactly that key (weight exp(0) = 1), so its ctx is that V row, exact in bf16.
+fn masked_rows_in_bf16(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_dead);
+    let (batch, seq, d, heads) = (2, 33, 16, 2);
+    let mut case = Case::random(&mut rng, batch, seq, d, heads, MaskKind::Zeros);
+    case.mask[..seq].fill(f32::NEG_INFINITY);
+    case.mask[seq..2 * seq - 1].fill(f32::NEG_INFINITY);
+    let got = run_bf16(gpu, &case, None, None);
+    let hidden = case.hidden;
+    assert!(got.ctx[..seq * hidden].iter().all(|v| v.is_nan()), "row 0 (all -inf): ctx must be NaN");
+    assert!(got.lse[..heads * seq].iter().all(|v| v.is_nan()), "row 0 (all -inf): lse must be NaN");
+    let [_, _, v] = case.split();
+    let want = &v[(2 * seq - 1) * hidden..][..hidden];
+    for t in 0..seq {
+        assert_eq!(&got.ctx[(seq + t) * hidden..][..hidden], want, "row 1 token {t}: ctx is not the one finite key's V");
+    }
+    assert!(got.lse[heads * seq..].iter().all(|v| v.is_finite()), "row 1: lse must be finite");
+}
+test_device!(masked_rows, masked_rows_in_bf16);
+
+/// Lengths are counted in bf16 elements and checked before anything is written.
+fn bf16_sizes_are_checked(gpu: &Gpu) {
+    let (b, t, h, n) = (2, 7, 16, 2);
+    let qkv = up(gpu, &vec![bf16::from_f32(0.5); b * t * 3 * h]);
+    let mask = up(gpu, &vec![0f32; b * t]);
+    let mut ctx = up(gpu, &vec![bf16::NAN; b * t * h]);
+    let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
+    let shape_err = |r: Result<(), Error>, needle: &str| match r {
+        Err(Error::Shape { msg, .. }) => assert!(msg.contains(needle), "`{msg}` does not mention `{needle}`"),
+        other => panic!("expected a shape error mentioning `{needle}`, got {other:?}"),
+    };
+    let (q, m) = (qkv.view(), mask.view());
+    shape_err(attention_packed_forward(gpu, &qkv.slice(0..b * t * 3 * h - 1).unwrap(), &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n), "qkv has 671 elements, expected 672");
+    shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.slice_mut(1..b * t * h).unwrap(), &mut lse.view_mut(), b, t, h, n), "ctx has 223 elements, expected 224");
+    shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.slice_mut(0..b * n * t - 1).unwrap(), b, t, h, n), "lse has 27 elements, expected 28");
+    assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote ctx");
+    assert!(gpu.download(&lse.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote lse");
+    attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n).expect("the right sizes");
+    // Uniform Q, K: uniform weights; V = 0.5 everywhere, so ctx = 0.5 exactly.
+    assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32() == 0.5), "ctx of a constant V");
+}
+test_device!(sizes, bf16_sizes_are_checked);
