@@ -46,6 +46,13 @@
 // are f32 (the _f32 kernels) or bf16 (adapter_location_forward_bf16 / adapter_location_gate_bf16:
 // a frozen base loaded in bf16), widened exactly on load; both variants are extern "C" wrappers
 // over the same templated bodies, so they compute the same f32 arithmetic on the same values.
+// The _bf16io variants (adapter_location_forward_bf16io / adapter_location_gate_bf16io) store the
+// activations h, r and out in bf16 as well, with the BERT LayerNorm γ, β in bf16; every adapter
+// weight (projections, biases, the adapter's LayerNorms, scalings, gate) stays f32 (adapters train
+// with f32 master weights), and so do the gate means. Again the same templated bodies (T = P =
+// bf16_raw): h and r widen exactly on load, all arithmetic and the row buffer in shared memory
+// stay f32, and out is rounded once on store (to nearest even), so the output is the f32 kernel's
+// output on the same (bf16) values, rounded to bf16. The backward stays f32 (f32 h, r, d_out).
 //
 // Numerics: f32 accumulation with fmaf. LayerNorms are exact two-pass (mean, then
 // the sum of squared deviations), 1/sqrtf of var + eps, as in kernels/layernorm.cu. Dot products
@@ -61,7 +68,8 @@
 // half the shared memory). Weights are read from global memory / L2 by every team (no staging:
 // the teams of one block may need different branches' weights). Loads and stores of h, r, out and
 // the BERT LayerNorm go through load_f32/store_f32, templated on their storage types (T for h, r,
-// out; P for γ, β), so a storage type is added by instantiating the templates, as bf16 γ, β are.
+// out; P for γ, β), so a storage type is added by instantiating the templates, as bf16 γ, β and
+// the _bf16io variants' bf16 h, r, out are.
 //
 // Backward (appended at the end of the file, `adapter_location_backward_f32`): the same row-team
 // mapping, one launch for every branch of a location, recomputing the forward per row (nothing
@@ -130,10 +138,12 @@ __device__ __forceinline__ const float* desc_ptr(unsigned long long address) {
 // ---- storage types --------------------------------------------------------------------------
 
 // Activations and BERT LayerNorm parameters go through these (accumulation stays f32): f32, and
-// bf16 for the LayerNorm of a frozen base loaded in bf16 (widened exactly, common.cuh).
+// bf16 for the LayerNorm of a frozen base loaded in bf16 and for the _bf16io variants' h, r and
+// out (loads widen exactly, stores round to nearest even; common.cuh).
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ void store_f32(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ float load_f32(const bf16_raw* p, size_t i) { return load_f32(p + i); }
+__device__ __forceinline__ void store_f32(bf16_raw* p, size_t i, float v) { store_f32(p + i, v); }
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -422,6 +432,30 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                           batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
 }
 
+// As adapter_location_forward_bf16 with h, r and out in bf16 too (raw bits): the _bf16io variant.
+// Every adapter weight and the gate means stay f32; out is rounded once on store.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_bf16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    int bottleneck_stride)
+{
+    location_forward_row<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(out), gate, reinterpret_cast<const bf16_raw*>(h),
+                                             reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                             reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                             batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
+}
+
 // ---- gate ----------------------------------------------------------------------------------------
 
 // gate[i·B + e] = mean over the T rows of example e of σ(x·w_g + b_g), with x the pre step's
@@ -520,6 +554,25 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 {
     location_gate_block<float, bf16_raw>(gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                          reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// The gate of adapter_location_forward_bf16io: h, r, γ and β in bf16; the gate means stay f32.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_gate_bf16io(
+    float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_gate_block<bf16_raw, bf16_raw>(gate, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                            reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                            reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------

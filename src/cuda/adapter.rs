@@ -16,10 +16,14 @@
 //! Replication (spec §6.1): with `replicate`, `h` and `r` are the shared `[B, T, H]` rows and
 //! every branch reads them by index; nothing is tiled in memory.
 //!
-//! Storage: `h`, `r`, the outputs and every adapter weight are f32; the location's BERT LayerNorm
-//! γ, β are f32 or bf16 (a frozen base loaded in bf16): [`LocationInputs`] is generic over their
-//! [`BaseScalar`], which picks the `_f32` or `_bf16` kernels (the same templated bodies, γ and β
-//! widened exactly on load).
+//! Storage: every adapter weight and the gate means are f32. The location's BERT LayerNorm γ, β
+//! are f32 or bf16 (a frozen base loaded in bf16), and the activations `h`, `r`, `out` f32 or
+//! bf16: [`LocationInputs`] / [`LocationOutputs`] are generic over γ/β's [`BaseScalar`] `P` and
+//! the activations' [`ActivationScalar`] `A`, and `(A, P)` picks the kernels (the same templated
+//! bodies): (f32, f32) the `_f32` ones, (f32, bf16) the `_bf16` ones (γ, β widened exactly on
+//! load), (bf16, bf16) the `_bf16io` ones (h, r widened exactly, out rounded once on store, to
+//! nearest even). bf16 activations over an f32 LayerNorm have no kernel: `Error::Unsupported`.
+//! The backward takes f32 only.
 //!
 //! Not supported here (refused by [`refuse_unsupported`]): the adapter's own dropout in train
 //! mode. The bottleneck may be at most [`MAX_BOTTLENECK`].
@@ -29,8 +33,11 @@ use std::ops::Range;
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::adapter::{ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_F32};
+use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::adapter::{
+    ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_BF16IO,
+    ADAPTER_LOCATION_GATE_F32,
+};
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, LocationSteps};
 use crate::config::ResidualBeforeLn;
@@ -358,11 +365,11 @@ pub struct LocationShape {
     pub replicate: bool,
 }
 
-/// The inputs: the sub-layer output `h`, its input `r`, and the location's BERT LayerNorm (γ, β
-/// of `P`: f32 or bf16).
-pub struct LocationInputs<'a, P = f32> {
-    pub h: DeviceView<'a, f32>,
-    pub r: DeviceView<'a, f32>,
+/// The inputs: the sub-layer output `h`, its input `r` (activations of `A`: f32 or bf16), and the
+/// location's BERT LayerNorm (γ, β of `P`: f32 or bf16).
+pub struct LocationInputs<'a, P = f32, A = f32> {
+    pub h: DeviceView<'a, A>,
+    pub r: DeviceView<'a, A>,
     pub ln_gamma: DeviceView<'a, P>,
     pub ln_beta: DeviceView<'a, P>,
     pub ln_eps: f32,
@@ -370,8 +377,9 @@ pub struct LocationInputs<'a, P = f32> {
 
 /// The outputs: `out` is `[N·B, T, H]`; `gate` is `[N·B]`, each example's gate value per branch
 /// (1 for branches without a gate), required when a branch has a gate and optional otherwise.
-pub struct LocationOutputs<'a> {
-    pub out: DeviceViewMut<'a, f32>,
+/// `out` is stored as the inputs' activation type `A`; the gate is f32 either way.
+pub struct LocationOutputs<'a, A = f32> {
+    pub out: DeviceViewMut<'a, A>,
     pub gate: Option<DeviceViewMut<'a, f32>>,
 }
 
@@ -504,34 +512,39 @@ impl LocationPlan {
 }
 
 /// The location's output for all branches, with the automatic plan. See the module docs.
-pub fn adapter_location_forward<P: BaseScalar>(
+pub fn adapter_location_forward<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_, P>,
+    inputs: &LocationInputs<'_, P, A>,
     descriptors: &LocationDescriptors<'_>,
-    outputs: &mut LocationOutputs<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
     shape: LocationShape,
 ) -> Result<()> {
     let plan = LocationPlan::auto(shape.hidden, descriptors.max_bottleneck());
     adapter_location_forward_with_plan(gpu, inputs, descriptors, outputs, shape, plan)
 }
 
-/// The (location, gate) kernels that read the BERT LayerNorm stored as `P`.
-fn kernels<P: BaseScalar>() -> (KernelName, KernelName) {
-    match P::DTYPE {
-        DType::BF16 => (ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_GATE_BF16),
-        _ => (ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32), // BaseScalar is f32 or bf16
+/// The (location, gate) kernels for activations stored as `A` and the BERT LayerNorm as `P`.
+fn kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, KernelName)> {
+    match (A::DTYPE, P::DTYPE) {
+        (DType::F32, DType::F32) => Ok((ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32)),
+        (DType::F32, DType::BF16) => Ok((ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_GATE_BF16)),
+        (DType::BF16, DType::BF16) => Ok((ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_GATE_BF16IO)),
+        (a, p) => Err(Error::Unsupported(format!(
+            "{OP}: activations (h, r, out) in {a:?} with the BERT LayerNorm in {p:?}: no kernel (f32 activations take an f32 or bf16 LayerNorm, bf16 activations a bf16 one)"
+        ))),
     }
 }
 
 /// As [`adapter_location_forward`], with an explicit launch plan (validated).
-pub fn adapter_location_forward_with_plan<P: BaseScalar>(
+pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_, P>,
+    inputs: &LocationInputs<'_, P, A>,
     descriptors: &LocationDescriptors<'_>,
-    outputs: &mut LocationOutputs<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
     shape: LocationShape,
     plan: LocationPlan,
 ) -> Result<()> {
+    let (location_kernel, gate_kernel) = kernels::<P, A>()?;
     LocationSizes {
         shape,
         h: inputs.h.len(),
@@ -555,13 +568,12 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar>(
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
     let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
-    let (location_kernel, gate_kernel) = kernels::<P>();
     let (ln_gamma, ln_beta) = (P::base_arg(&inputs.ln_gamma), P::base_arg(&inputs.ln_beta));
 
     if let Some(gate) = outputs.gate.as_mut() {
         // Parameter order: gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
         // replicate, ln_eps (checked against kernels/adapter.cu by Gpu::launch).
-        let args = [gate.arg(), inputs.h.arg(), inputs.r.arg(), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        let args = [gate.arg(), A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
         let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
         // SAFETY: the sizes were checked above: gate has N·B elements, h and r the rows the
         // kernel reads for this shape and replicate flag, γ/β H; the descriptors were validated
@@ -577,10 +589,10 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar>(
     // Parameter order: out, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
     // branches, replicate, ln_eps, bottleneck_stride.
     let args = [
-        outputs.out.arg(),
+        A::act_arg_mut(&outputs.out),
         gate_arg,
-        inputs.h.arg(),
-        inputs.r.arg(),
+        A::act_arg(&inputs.h),
+        A::act_arg(&inputs.r),
         ln_gamma,
         ln_beta,
         descriptors.view().arg(),
@@ -600,16 +612,16 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar>(
 
 /// The kernel's pointers are `__restrict__`: an output may overlap no input, weight or other
 /// output.
-fn check_aliasing<P: DeviceScalar>(inputs: &LocationInputs<'_, P>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_>) -> Result<()> {
+fn check_aliasing<P: DeviceScalar, A: DeviceScalar>(inputs: &LocationInputs<'_, P, A>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_, A>) -> Result<()> {
     let mut reads: Vec<(String, Range<u64>)> = vec![
-        ("h".into(), byte_range(inputs.h.device_ptr(), inputs.h.len())),
-        ("r".into(), byte_range(inputs.r.device_ptr(), inputs.r.len())),
+        ("h".into(), view_range(&inputs.h)),
+        ("r".into(), view_range(&inputs.r)),
         ("LayerNorm gamma".into(), view_range(&inputs.ln_gamma)),
         ("LayerNorm beta".into(), view_range(&inputs.ln_beta)),
         ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
     ];
     reads.extend(descriptors.ranges.iter().cloned());
-    let out = byte_range(outputs.out.device_ptr(), outputs.out.len());
+    let out = outputs.out.device_ptr()..outputs.out.device_ptr() + (outputs.out.len() * std::mem::size_of::<A>()) as u64;
     let gate = outputs.gate.as_ref().map(|g| byte_range(g.device_ptr(), g.len()));
     for (name, range) in &reads {
         if overlaps(&out, range) {
@@ -655,6 +667,16 @@ mod tests {
             descriptor_hidden: s.hidden,
             needs_gate: false,
         }
+    }
+
+    #[test]
+    fn storage_types_pick_the_kernels() {
+        let names = |k: Result<(KernelName, KernelName)>| k.map(|(l, g)| (l.name, g.name));
+        assert_eq!(names(kernels::<f32, f32>()).unwrap(), ("adapter_location_forward_f32", "adapter_location_gate_f32"));
+        assert_eq!(names(kernels::<half::bf16, f32>()).unwrap(), ("adapter_location_forward_bf16", "adapter_location_gate_bf16"));
+        assert_eq!(names(kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_location_forward_bf16io", "adapter_location_gate_bf16io"));
+        let err = names(kernels::<f32, half::bf16>()).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
     }
 
     #[test]
