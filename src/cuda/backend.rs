@@ -13,7 +13,8 @@
 //! tolerance on the same bf16 weights:
 //! - `linear`, `linear_act`, `linear_act_only` (and `linear_dropout` in eval): a bf16 `W` or bias
 //!   is widened into an f32 copy (`cast_bf16_to_f32`) for the f32 GEMM; see `linear_into` for why
-//!   not a bf16 GEMM, and for the copy's lifetime;
+//!   not a bf16 GEMM, and for the copy's lifetime. With bf16 activations as well (issue 15's
+//!   pipeline), [`CudaBackend::linear_bf16io`] is the bf16 GEMM: bf16 x, W, b and y;
 //! - `embedding_layernorm` (the three tables and γ/β in one dtype), `residual_layernorm` (γ/β)
 //!   and `adapter_location` (the BERT LayerNorm's γ/β): the kernels' `_bf16` variants, picked by
 //!   the tensors' dtype.
@@ -33,7 +34,7 @@ use super::adapter::{adapter_location_backward, adapter_location_forward, backwa
 use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use super::gemm::{Epilogue, Gemm, Transpose};
+use super::gemm::{linear_bf16io, Epilogue, Gemm, Transpose};
 use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
@@ -273,11 +274,12 @@ impl CudaBackend {
     /// `y[rows, out] = x[rows, in]·Wᵀ + b` as the column-major `Yᵀ = W·Xᵀ` (+ bias over columns).
     ///
     /// `x` is f32; `W` and `b` are f32, or bf16 (a frozen base loaded in bf16), which is first
-    /// widened exactly into an f32 copy so the f32 GEMM computes what the CPU backend does. A bf16
-    /// tensor-core GEMM (issue 15) is not used: cuBLASLt wants A and B of one type, so the f32
-    /// activations would have to be rounded to bf16, which moves the output far outside the fp32
-    /// parity bound against the CPU. The copy is allocated per call, not kept in the backend: on a
-    /// GPU it is a stream-ordered allocation (served from the stream's memory pool once warm)
+    /// widened exactly into an f32 copy so the f32 GEMM computes what the CPU backend does. The
+    /// bf16 tensor-core GEMM ([`CudaBackend::linear_bf16io`]) is not used here: cuBLASLt wants A
+    /// and B of one type, so the f32 activations would have to be rounded to bf16, which moves the
+    /// output far outside the fp32 parity bound against the CPU; it is for bf16 activations (a
+    /// bf16 `x` here is refused, pointing at it). The copy is allocated per call, not kept in the
+    /// backend: on a GPU it is a stream-ordered allocation (served from the stream's memory pool once warm)
     /// freed in stream order after the product, so at most one widened weight is alive at a time
     /// (9.4 MB for BERT-base's largest, the 3072×768 FFN weight) and the backend needs no lock
     /// around a shared buffer.
@@ -294,12 +296,50 @@ impl CudaBackend {
         let epilogue = if b.is_some() { Epilogue::Bias } else { Epilogue::None };
         let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue);
         if x.dtype() != DType::F32 {
-            return Err(Error::Unsupported(format!("{OP}: the input x {:?} is {}; activations must be f32 on the CUDA backend", x.shape(), x.dtype())));
+            return Err(Error::Unsupported(format!(
+                "{OP}: the input x {:?} is {}; this Linear takes f32 activations (bf16 activations with a bf16 base: CudaBackend::linear_bf16io)",
+                x.shape(),
+                x.dtype()
+            )));
         }
         let (mut w_wide, mut b_wide) = (None, None);
         let w = self.f32_operand(OP, "weight W", w, &mut w_wide)?;
         let bias = b.map(|b| self.f32_operand(OP, "bias b", b, &mut b_wide)).transpose()?;
         self.gpu.gemm(&g, &w, &self.view(OP, x)?, &mut self.view_mut(OP, y)?, bias.as_ref())
+    }
+
+    /// `y[rows, out] = act(x[rows, in]·Wᵀ + b)` with `x`, `W: [out, in]`, `b: [out]` and the new
+    /// `y` all bf16 (issue 15's bf16 activation pipeline over a base loaded in bf16): one bf16
+    /// GEMM, f32 accumulation, bias and activation in its epilogue, y rounded once
+    /// ([`super::gemm::linear_bf16io`]). `act` is `None`, `Relu` or `GeluNew` (the tanh GELU of
+    /// cuBLASLt's epilogue); BERT's erf `Gelu` has no epilogue and is refused with
+    /// `Error::Unsupported`, as is a tensor in another dtype (named).
+    pub fn linear_bf16io(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        const OP: &str = "linear_bf16io";
+        for (name, t) in [("the input x", Some(x)), ("the weight W", Some(w)), ("the bias b", b)] {
+            if let Some(t) = t.filter(|t| t.dtype() != DType::BF16) {
+                return Err(Error::Unsupported(format!("{OP}: {name} {:?} is {}; this Linear takes x, W and b in bf16 (f32 activations: linear)", t.shape(), t.dtype())));
+            }
+        }
+        let (d_out, d_in) = match w.shape() {
+            [o, i] => (*o, *i),
+            s => return Err(Error::shape(OP, format!("weight must be [out, in], got {s:?}"))),
+        };
+        if x.last_dim() != d_in {
+            return Err(Error::shape(OP, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
+        }
+        if let Some(b) = b.filter(|b| b.shape() != [d_out]) {
+            return Err(Error::shape(OP, format!("bias {:?} for {d_out} out-features", b.shape())));
+        }
+        let mut shape = x.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = d_out;
+        }
+        let y = self.new_tensor::<bf16>(&shape)?;
+        let dims = LinearDims { rows: x.rows(), d_in, d_out };
+        let bias = b.map(|b| self.view::<bf16>(OP, b)).transpose()?;
+        linear_bf16io(&self.gpu, &self.view(OP, x)?, &self.view(OP, w)?, bias.as_ref(), dims, act, &mut self.view_mut(OP, &y)?)?;
+        Ok(y)
     }
 
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs

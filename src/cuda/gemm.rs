@@ -51,14 +51,36 @@
 //!
 //! # Precision
 //!
-//! Inputs, C/D, bias, alpha and beta are f32 and products accumulate in f32. On the GPU the compute
-//! type is `CUBLAS_COMPUTE_32F`, never `CUBLAS_COMPUTE_32F_FAST_TF32` (which cudarc's own f32
-//! `Matmul` uses): TF32 rounds inputs to 10 mantissa bits and would break fp32 parity with the
-//! CPU path. The heuristic is additionally restricted (`CUBLASLT_MATMUL_PREF_IMPL_MASK`) to
-//! algorithms whose multiply inputs are fp32, so a library-wide emulation or TF32 setting cannot
-//! slip in. [`InputType`] names the element type of A and B so that bf16 inputs (cuBLASLt's
-//! `CUDA_R_16BF` A/B with f32 C/D under `CUBLAS_COMPUTE_32F`) can be added without changing the
-//! description's shape rules, which are in elements.
+//! Products accumulate in f32 and `alpha`, `beta` and the epilogue are f32 (cuBLASLt's
+//! `CUBLAS_COMPUTE_32F` with scale type `CUDA_R_32F`). The element types are one of three
+//! combinations, set with [`Gemm::with_types`] and checked against the buffers by every executor:
+//!
+//! | A, B ([`InputType`]) | C, D and bias ([`OutputType`]) | use |
+//! |---|---|---|
+//! | f32  | f32  | every product of the f32 pipeline (the default) |
+//! | bf16 | f32  | a bf16 product kept in f32 |
+//! | bf16 | bf16 | the bf16 activation pipeline: [`linear_bf16io`] |
+//!
+//! These are rows of cuBLASLt's "Datatypes Supported" table for `cublasLtMatmul` under
+//! `CUBLAS_COMPUTE_32F`; f32 A/B with a bf16 D is not in it and is refused with
+//! [`Error::Unsupported`]. The bias has D's type: cuBLASLt's `CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`
+//! defaults to "the same type as the elements of the output matrix (Dtype)", which is what the
+//! table lists for these rows, so the descriptor leaves it unset.
+//!
+//! With f32 inputs the GPU compute type is `CUBLAS_COMPUTE_32F`, never
+//! `CUBLAS_COMPUTE_32F_FAST_TF32` (which cudarc's own f32 `Matmul` uses): TF32 rounds inputs to 10
+//! mantissa bits and would break fp32 parity with the CPU path. The heuristic is additionally
+//! restricted (`CUBLASLT_MATMUL_PREF_IMPL_MASK`) to algorithms whose multiply inputs are fp32, so a
+//! library-wide emulation or TF32 setting cannot slip in; with bf16 inputs, to algorithms whose
+//! multiply inputs hold bf16 exactly (bf16, TF32 or fp32) and whose accumulator is f32.
+//!
+//! bf16 operands are exact in f32, so a bf16 product differs from the f32 product of the same
+//! (bf16-valued) operands only by summation order and by the one rounding of D when D is bf16.
+//! [`gemm_host_typed`] makes that literal: it widens A, B, C and the bias to f32, runs the f32
+//! executor (same summation order as [`gemm_host`] on the widened operands) and rounds each
+//! written element of D once, to nearest even. On a GPU cuBLASLt converts the f32 result of the
+//! epilogue to D's type once; its rounding mode is not documented, so GPU tests hold a bf16 D to
+//! twice the error of a plain bf16 product (`tests/support/bf16.rs`), not to bit equality.
 //!
 //! # Errors
 //!
@@ -69,7 +91,6 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -80,7 +101,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::elementwise::LinearDims;
+use super::gpu::{DeviceScalar, DeviceView, DeviceViewMut, Gpu};
 use super::probe;
+use crate::config::Activation;
 use crate::error::{Error, Result};
 
 const OP: &str = "cuda::gemm";
@@ -125,13 +149,116 @@ impl Epilogue {
     }
 }
 
-/// The element type of A and B. C, D, bias, `alpha`, `beta` and the accumulator are f32 whatever
-/// this is. Only `F32` exists today; bf16 inputs are the planned addition.
+/// The element type of A and B (`CUDA_R_32F` or `CUDA_R_16BF`). `alpha`, `beta`, the accumulator
+/// and the epilogue are f32 whatever this is; see the module docs for the allowed combinations
+/// with [`OutputType`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum InputType {
     #[default]
     F32,
+    /// bf16 A and B, widened exactly; products accumulate in f32 (`CUBLAS_COMPUTE_32F`).
+    BF16,
+}
+
+/// The element type of C, D and the bias (cuBLASLt's Ctype = Dtype, and the bias type it
+/// defaults to). A bf16 D is the f32 result of the epilogue rounded once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OutputType {
+    #[default]
+    F32,
+    BF16,
+}
+
+impl InputType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            InputType::F32 => 4,
+            InputType::BF16 => 2,
+        }
+    }
+
+    fn lt(self) -> lt::cudaDataType {
+        match self {
+            InputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
+            InputType::BF16 => lt::cudaDataType_t::CUDA_R_16BF,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            InputType::F32 => "f32",
+            InputType::BF16 => "bf16",
+        }
+    }
+}
+
+impl OutputType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            OutputType::F32 => 4,
+            OutputType::BF16 => 2,
+        }
+    }
+
+    fn lt(self) -> lt::cudaDataType {
+        match self {
+            OutputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
+            OutputType::BF16 => lt::cudaDataType_t::CUDA_R_16BF,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            OutputType::F32 => "f32",
+            OutputType::BF16 => "bf16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type a product reads or writes: f32 or bf16. Executors taking typed buffers
+/// ([`gemm_host_typed`], [`Gpu::gemm`]) check the buffers' types against the description's
+/// [`InputType`] and [`OutputType`] with it. Sealed: only f32 and bf16.
+pub trait GemmScalar: DeviceScalar + sealed::Sealed {
+    /// The [`InputType`] of A and B stored as this type.
+    const INPUT: InputType;
+    /// The [`OutputType`] of C, D and the bias stored as this type.
+    const OUTPUT: OutputType;
+    /// The value, exactly, as f32.
+    fn widen(self) -> f32;
+    /// `x` rounded to this type (to nearest, ties to even; the identity for f32).
+    fn narrow(x: f32) -> Self;
+}
+
+impl GemmScalar for f32 {
+    const INPUT: InputType = InputType::F32;
+    const OUTPUT: OutputType = OutputType::F32;
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow(x: f32) -> f32 {
+        x
+    }
+}
+
+impl GemmScalar for half::bf16 {
+    const INPUT: InputType = InputType::BF16;
+    const OUTPUT: OutputType = OutputType::BF16;
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(x: f32) -> half::bf16 {
+        half::bf16::from_f32(x)
+    }
 }
 
 /// One (strided-batched) GEMM with cuBLASLt semantics; see the module docs for the formula.
@@ -168,7 +295,10 @@ pub struct Gemm {
     /// blocks apart: `stride_c >= (n - 1)·ldc + m` (so never 0).
     pub stride_c: usize,
     pub epilogue: Epilogue,
+    /// The element type of A and B.
     pub inputs: InputType,
+    /// The element type of C, D and the bias.
+    pub output: OutputType,
 }
 
 /// The smallest buffers (in elements) a [`Gemm`] touches: one past the last element of the last
@@ -227,6 +357,7 @@ impl Gemm {
             stride_c: ldc.saturating_mul(n),
             epilogue: Epilogue::None,
             inputs: InputType::F32,
+            output: OutputType::F32,
         }
     }
 
@@ -259,6 +390,27 @@ impl Gemm {
         self
     }
 
+    /// Sets the element types of A and B (`inputs`) and of C, D and the bias (`output`); see the
+    /// module docs for the combinations that exist.
+    pub fn with_types(mut self, inputs: InputType, output: OutputType) -> Gemm {
+        self.inputs = inputs;
+        self.output = output;
+        self
+    }
+
+    /// [`Error::Unsupported`] for element types cuBLASLt has no `CUBLAS_COMPUTE_32F` product for.
+    fn check_types(&self) -> Result<()> {
+        match (self.inputs, self.output) {
+            (InputType::F32, OutputType::F32) | (InputType::BF16, OutputType::F32) | (InputType::BF16, OutputType::BF16) => Ok(()),
+            (i, o) => Err(Error::Unsupported(format!(
+                "{OP}: D (and C, bias) in {} with A and B in {}: cuBLASLt has no such product under CUBLAS_COMPUTE_32F \
+                 (a bf16 D needs bf16 A and B; f32 A and B give an f32 D)",
+                o.name(),
+                i.name()
+            ))),
+        }
+    }
+
     /// A as stored: (rows, cols).
     pub fn a_stored(&self) -> (usize, usize) {
         stored(self.transa, self.m, self.k)
@@ -279,8 +431,9 @@ impl Gemm {
     /// Checks: `m`, `n`, `k` and `batch` fit cuBLAS's `int`; each leading dimension covers its
     /// operand's stored rows (and is at least 1); leading dimensions and strides fit cuBLASLt's
     /// `int64_t`; C's batches do not overlap; `alpha` and `beta` are finite; the extents do not
-    /// overflow.
+    /// overflow. Element types cuBLASLt has no product for are [`Error::Unsupported`].
     pub fn required_lengths(&self) -> Result<GemmLengths> {
+        self.check_types()?;
         for (name, value) in [("m", self.m), ("n", self.n), ("k", self.k), ("batch", self.batch)] {
             if value > i32::MAX as usize {
                 return shape_err(format!("{name} = {value} exceeds cuBLAS's int range (at most {})", i32::MAX));
@@ -382,6 +535,30 @@ impl Gemm {
         }
         Ok(())
     }
+
+    /// That buffers of `I` (A and B) and `O` (C, D and the bias) are what the description says:
+    /// [`Error::Input`] naming the operand otherwise (after [`Error::Unsupported`] for a
+    /// combination that does not exist).
+    pub fn check_element_types<I: GemmScalar, O: GemmScalar>(&self) -> Result<()> {
+        self.check_types()?;
+        if I::INPUT != self.inputs {
+            return Err(Error::Input(format!(
+                "{OP}: A and B: the description says {} (inputs = {:?}) but the buffers hold {}",
+                self.inputs.name(),
+                self.inputs,
+                I::INPUT.name()
+            )));
+        }
+        if O::OUTPUT != self.output {
+            return Err(Error::Input(format!(
+                "{OP}: C (D) and bias: the description says {} (output = {:?}) but the buffers hold {}",
+                self.output.name(),
+                self.output,
+                O::OUTPUT.name()
+            )));
+        }
+        Ok(())
+    }
 }
 
 // ---- the CPU executor ----------------------------------------------------------------------------
@@ -410,7 +587,8 @@ fn relu(x: f32) -> f32 {
 }
 
 /// Runs `g` on the CPU: `c` holds C on entry and D on return. Same semantics as [`LtGemm::run`]
-/// (see the module docs), validated first with [`Gemm::validate`].
+/// (see the module docs), validated first with [`Gemm::validate`]. f32 operands only (`g` must
+/// have the default types); [`gemm_host_typed`] takes bf16 ones too.
 ///
 /// Products go to the `gemm` crate (which computes `dst = α·dst + β·lhs·rhs`, so cuBLAS's
 /// `beta` becomes its `α` and `alpha` its `β`; `beta == 0` tells it not to read C at all).
@@ -418,13 +596,53 @@ fn relu(x: f32) -> f32 {
 /// otherwise each product is itself parallel. The epilogue (bias, activation, and `beta·C` when
 /// `k == 0`) is one more pass over each batch's block, fused per batch.
 pub fn gemm_host(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
-    g.validate(a.len(), b.len(), c.len(), bias.map(<[f32]>::len))?;
-    match g.inputs {
-        InputType::F32 => {}
-    }
+    gemm_host_typed(g, a, b, c, bias)
+}
+
+/// [`gemm_host`] over f32 or bf16 buffers: A and B of `I` (`g.inputs`), C, D and the bias of `O`
+/// (`g.output`), checked with [`Gemm::check_element_types`] after [`Gemm::validate`].
+///
+/// bf16 operands are widened (exactly) into f32 copies and the f32 executor runs on them, so the
+/// summation order is [`gemm_host`]'s on the widened values; a bf16 D is each written element of
+/// that f32 result rounded once to nearest even. Elements of C's buffer outside the product keep
+/// their bits, as with f32.
+pub fn gemm_host_typed<I: GemmScalar, O: GemmScalar>(g: &Gemm, a: &[I], b: &[I], c: &mut [O], bias: Option<&[O]>) -> Result<()> {
+    g.validate(a.len(), b.len(), c.len(), bias.map(<[O]>::len))?;
+    g.check_element_types::<I, O>()?;
     if g.is_noop() {
         return Ok(());
     }
+    let (a, b) = (widened(a), widened(b));
+    let bias = bias.map(widened);
+    if O::OUTPUT == OutputType::F32 {
+        let c = bytemuck::try_cast_slice_mut::<O, f32>(c).map_err(|e| Error::internal(format!("{OP}: an f32 C is not an f32 slice: {e}")))?;
+        return gemm_host_f32(g, &a, &b, c, bias.as_deref());
+    }
+    // A narrower D: the f32 result in a widened copy of C (beta·C reads the widened values;
+    // with beta == 0 it is not read), then each written element rounded once.
+    let mut wide: Vec<f32> = c.iter().map(|&v| v.widen()).collect();
+    gemm_host_f32(g, &a, &b, &mut wide, bias.as_deref())?;
+    for i in 0..g.batch {
+        for j in 0..g.n {
+            let start = i * g.stride_c + j * g.ldc;
+            for (d, &v) in c[start..start + g.m].iter_mut().zip(&wide[start..start + g.m]) {
+                *d = O::narrow(v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `s` as f32: itself when it is f32, else an exact widened copy.
+fn widened<T: GemmScalar>(s: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice::<T, f32>(s) {
+        Ok(f) if T::INPUT == InputType::F32 => std::borrow::Cow::Borrowed(f),
+        _ => std::borrow::Cow::Owned(s.iter().map(|&v| v.widen()).collect()),
+    }
+}
+
+/// The f32 executor, on a validated f32 description.
+fn gemm_host_f32(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
     let layout = HostLayout::new(g)?;
     let bias = bias.unwrap_or(&[]);
     let work = g.m.saturating_mul(g.n).saturating_mul(g.k.max(1));
@@ -538,6 +756,52 @@ fn host_batch(g: &Gemm, layout: &HostLayout, a: &[f32], b: &[f32], block: &mut [
     }
 }
 
+// ---- a bf16 Linear -------------------------------------------------------------------------------
+
+/// `y[rows, d_out] = act(x[rows, d_in]·Wᵀ + b)` with x, `W: [d_out, d_in]` (HF layout), b and y
+/// all bf16: the bf16 activation pipeline's Linear. One product ([`Gpu::gemm`]: cuBLASLt on a
+/// GPU, [`gemm_host_typed`] on cuda-sim) with bf16 A and B, f32 accumulation, and the bias and
+/// activation in its epilogue, in f32; y is that f32 value rounded once to bf16. As everywhere
+/// here it is the column-major `yᵀ = W·xᵀ` on the same bytes (transa = Yes, m = d_out, n = rows,
+/// k = d_in).
+///
+/// `act` is the epilogue's activation: `None` (the bias alone, or nothing without a bias),
+/// [`Activation::Relu`], or [`Activation::GeluNew`], the tanh GELU that cuBLASLt's GELU epilogue
+/// computes. BERT's erf [`Activation::Gelu`] and the others have no epilogue and are
+/// [`Error::Unsupported`] (apply them as their own pass over the pre-activation), as is an
+/// activation without a bias (this crate describes no bias-free activation epilogue).
+///
+/// Every view must hold exactly its tensor (`x`: rows·d_in, `w`: d_out·d_in, `b`: d_out, `y`:
+/// rows·d_out): [`Error::Shape`] naming the operand otherwise; `y` may not overlap an input.
+pub fn linear_bf16io(gpu: &Gpu, x: &DeviceView<'_, half::bf16>, w: &DeviceView<'_, half::bf16>, b: Option<&DeviceView<'_, half::bf16>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, half::bf16>) -> Result<()> {
+    const OP: &str = "cuda::linear_bf16io";
+    let LinearDims { rows, d_in, d_out } = dims;
+    let what = format!("rows = {rows}, d_in = {d_in}, d_out = {d_out}");
+    let mul = |a: usize, c: usize| a.checked_mul(c).ok_or_else(|| Error::shape(OP, format!("{what}: {a} × {c} overflows usize")));
+    let lens = [("x", x.len(), mul(rows, d_in)?, "rows·d_in"), ("W", w.len(), mul(d_out, d_in)?, "d_out·d_in"), ("y", y.len(), mul(rows, d_out)?, "rows·d_out")];
+    for (name, got, want, formula) in lens.into_iter().chain(b.map(|b| ("b", b.len(), d_out, "d_out"))) {
+        if got != want {
+            return Err(Error::shape(OP, format!("{name} has {got} elements, expected {formula} = {want} ({what})")));
+        }
+    }
+    let epilogue = match (act, b.is_some()) {
+        (None, false) => Epilogue::None,
+        (None, true) => Epilogue::Bias,
+        (Some(Activation::Relu), true) => Epilogue::ReluBias,
+        (Some(Activation::GeluNew), true) => Epilogue::GeluBias,
+        (Some(a @ (Activation::Relu | Activation::GeluNew)), false) => {
+            return Err(Error::Unsupported(format!("{OP}: activation {a:?} without a bias: only the bias + activation epilogues are described (give a zero bias)")));
+        }
+        (Some(a), _) => {
+            return Err(Error::Unsupported(format!(
+                "{OP}: activation {a:?} has no cuBLASLt epilogue (only Relu and GeluNew, the tanh GELU, do); apply it as its own pass"
+            )));
+        }
+    };
+    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue).with_types(InputType::BF16, OutputType::BF16);
+    gpu.gemm(&g, w, x, y, b)
+}
+
 // ---- the GPU executor (cuBLASLt) -------------------------------------------------------------------
 
 /// The cuBLASLt workspace [`LtGemm::new`] allocates for a device of compute capability `major.x`:
@@ -559,9 +823,27 @@ pub fn cublaslt_available() -> bool {
 }
 
 /// `cublasLtNumericalImplFlags_t` bits (cublasLt.h defines them as macros, cudarc has no constants):
-/// the multiply-input kinds, and the fp32 one.
+/// the multiply-input kinds with the bf16, TF32 and fp32 ones, and the accumulator kinds with fp32.
 const IMPL_FLAGS_OP_INPUT_TYPE_MASK: u64 = 0xff << 16;
+const IMPL_FLAGS_INPUT_16BF: u64 = 0x02 << 16;
+const IMPL_FLAGS_INPUT_TF32: u64 = 0x04 << 16;
 const IMPL_FLAGS_INPUT_32F: u64 = 0x08 << 16;
+const IMPL_FLAGS_ACCUMULATOR_TYPE_MASK: u64 = 0xff << 8;
+const IMPL_FLAGS_ACCUMULATOR_32F: u64 = 0x02 << 8;
+
+/// `CUBLASLT_MATMUL_PREF_IMPL_MASK` for `inputs`: the heuristic keeps an algorithm only if all
+/// its implementation flags are in the mask. f32 inputs: fp32 multiply inputs only (no TF32, no
+/// bf16 emulation). bf16 inputs: any multiply input that holds a bf16 value exactly (bf16 tensor
+/// cores, or bf16 converted to TF32 or fp32 for a SIMT fallback, which odd leading dimensions may
+/// need), and an fp32 accumulator.
+fn impl_mask(inputs: InputType) -> u64 {
+    match inputs {
+        InputType::F32 => !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F,
+        InputType::BF16 => {
+            !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK) | IMPL_FLAGS_INPUT_16BF | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F | IMPL_FLAGS_ACCUMULATOR_32F
+        }
+    }
+}
 
 /// Runs `f`, turning a panic inside cudarc (a missing library or symbol) into an error.
 fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -651,6 +933,7 @@ struct LtProblem {
     stride_c: usize,
     epilogue: Epilogue,
     inputs: InputType,
+    output: OutputType,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -670,12 +953,12 @@ struct LtPointers {
 }
 
 /// The largest power of two (at most 256, cuBLASLt's default assumption) dividing `addr` and,
-/// when the operand has several batches, its batch stride in bytes: the alignment every batch's
-/// matrix has.
-fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize) -> u32 {
+/// when the operand has several batches, its batch stride in bytes (`elem_size` bytes an
+/// element): the alignment every batch's matrix has.
+fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize, elem_size: usize) -> u32 {
     let mut bits = addr;
     if batch > 1 && stride_elems > 0 {
-        bits |= (stride_elems as u64).wrapping_mul(size_of::<f32>() as u64);
+        bits |= (stride_elems as u64).wrapping_mul(elem_size as u64);
     }
     if bits == 0 {
         256
@@ -692,8 +975,11 @@ fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize) -> u32 {
 /// What it relies on in cuBLASLt (cuBLAS docs, sections `cublasLtMatmul`, `cublasLtEpilogue_t`,
 /// `cublasLtMatmulDescAttributes_t`, `cublasLtMatmulPreferenceAttributes_t`,
 /// `cublasLtMatrixLayoutAttribute_t`, and cublasLt.h):
-/// - `CUBLAS_COMPUTE_32F` with scale type and all matrix types `CUDA_R_32F`; the heuristic is
-///   limited to fp32-input implementations through `CUBLASLT_MATMUL_PREF_IMPL_MASK`.
+/// - `CUBLAS_COMPUTE_32F` with scale type `CUDA_R_32F`; A and B `CUDA_R_32F` or `CUDA_R_16BF`,
+///   C and D `CUDA_R_32F`, or `CUDA_R_16BF` with bf16 A and B (the module docs' table); the
+///   bias in D's type (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE` left at its default). The heuristic
+///   is limited through `CUBLASLT_MATMUL_PREF_IMPL_MASK` (see `impl_mask`) to fp32 multiply
+///   inputs for f32, and to exact multiply inputs with an fp32 accumulator for bf16.
 /// - In place: C and D are the same pointer with the same layout (`C == D and Cdesc == Ddesc`).
 ///   `CUBLASLT_MATMUL_DESC_TRANSC` only supports N, which is all `Gemm` describes.
 /// - Strided batches: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` and `..._STRIDED_BATCH_OFFSET` on each
@@ -712,7 +998,8 @@ fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize) -> u32 {
 ///   computing something else.
 /// - `k == 0`: rather than hand cuBLASLt an empty dimension, `run` multiplies a zero `m × 1`
 ///   column by a zero `1 × n` row (both broadcast over batches, from a zero buffer kept here), so
-///   the product is exactly 0 and D = act(beta·C + bias) follows from the normal path.
+///   the product is exactly 0 and D = act(beta·C + bias) follows from the normal path. The
+///   buffer's all-zero bits are zeros of bf16 too, and twice as many of them.
 /// - `beta == 0` must leave C unread; cuBLAS states this for its GEMMs and the GPU test in
 ///   `tests/gemm.rs` checks it for cuBLASLt with a NaN-filled C.
 pub struct LtGemm {
@@ -771,30 +1058,30 @@ impl LtGemm {
     }
 
     /// Enqueues `g` on this object's stream: C at `c` is overwritten by D (see the module docs).
-    /// Checks everything [`Gemm::required_lengths`] checks, that a bias is given exactly when the
-    /// epilogue needs one, and that the pointers it will use are non-null and 4-byte aligned.
+    /// Checks everything [`Gemm::required_lengths`] checks (the element types included), that a
+    /// bias is given exactly when the epilogue needs one, and that the pointers it will use are
+    /// non-null and aligned to their element size.
     ///
     /// # Safety
     /// The pointers must be device memory of this stream's context holding at least
-    /// [`Gemm::required_lengths`] elements each (`bias`: `m`), valid until the product has run on
-    /// the stream; C must not overlap A, B or the bias.
+    /// [`Gemm::required_lengths`] elements each (`bias`: `m`) of the description's element types
+    /// (A and B `g.inputs`, C and the bias `g.output`), valid until the product has run on the
+    /// stream; C must not overlap A, B or the bias.
     pub unsafe fn run(&self, g: &Gemm, a: CUdeviceptr, b: CUdeviceptr, c: CUdeviceptr, bias: Option<CUdeviceptr>) -> Result<()> {
         g.required_lengths()?;
         g.check_bias_presence(bias.is_some())?;
-        match g.inputs {
-            InputType::F32 => {}
-        }
         if g.is_noop() {
             return Ok(());
         }
-        let mut used = vec![("C", c)];
+        let (in_size, out_size) = (g.inputs.size(), g.output.size());
+        let mut used = vec![("C", c, out_size)];
         if g.k > 0 {
-            used.extend([("A", a), ("B", b)]);
+            used.extend([("A", a, in_size), ("B", b, in_size)]);
         }
-        used.extend(bias.map(|p| ("bias", p)));
-        for (operand, ptr) in used {
-            if ptr == 0 || !ptr.is_multiple_of(size_of::<f32>() as u64) {
-                return Err(Error::Input(format!("{OP}: {operand} device pointer {ptr:#x} is null or not 4-byte aligned")));
+        used.extend(bias.map(|p| ("bias", p, out_size)));
+        for (operand, ptr, size) in used {
+            if ptr == 0 || !ptr.is_multiple_of(size as u64) {
+                return Err(Error::Input(format!("{OP}: {operand} device pointer {ptr:#x} is null or not {size}-byte aligned")));
             }
         }
         guard("cublasLtMatmul", || {
@@ -814,6 +1101,7 @@ impl LtGemm {
                 stride_c: g.stride_c,
                 epilogue: g.epilogue,
                 inputs: g.inputs,
+                output: g.output,
             };
             let ptrs = LtPointers { a, b, c, bias };
             if g.k > 0 {
@@ -853,21 +1141,23 @@ impl LtGemm {
         if let Some(algo) = unsafe { self.algo(p, ptrs)? } {
             return unsafe { self.matmul(p, ptrs, &algo, alpha, beta) };
         }
+        let kind = format!("{} × {} → {} (f32 accumulation)", p.inputs.name(), p.inputs.name(), p.output.name());
         if p.batch == 1 {
-            return Err(Error::Unsupported(format!("{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU")));
+            return Err(Error::Unsupported(format!("{OP}: cuBLASLt has no {kind} algorithm for {p:?} on this GPU")));
         }
         let single = LtProblem { batch: 1, ..*p };
-        let bytes = |elems: usize, i: usize| (elems as u64).wrapping_mul(i as u64).wrapping_mul(size_of::<f32>() as u64);
+        let bytes = |elems: usize, i: usize, size: usize| (elems as u64).wrapping_mul(i as u64).wrapping_mul(size as u64);
+        let (in_size, out_size) = (p.inputs.size(), p.output.size());
         for i in 0..p.batch {
             let batch_ptrs = LtPointers {
-                a: ptrs.a.wrapping_add(bytes(p.stride_a, i)),
-                b: ptrs.b.wrapping_add(bytes(p.stride_b, i)),
-                c: ptrs.c.wrapping_add(bytes(p.stride_c, i)),
+                a: ptrs.a.wrapping_add(bytes(p.stride_a, i, in_size)),
+                b: ptrs.b.wrapping_add(bytes(p.stride_b, i, in_size)),
+                c: ptrs.c.wrapping_add(bytes(p.stride_c, i, out_size)),
                 bias: ptrs.bias,
             };
             let Some(algo) = (unsafe { self.algo(&single, batch_ptrs)? }) else {
                 return Err(Error::Unsupported(format!(
-                    "{OP}: cuBLASLt has no fp32 algorithm for {p:?} on this GPU, batched or one batch at a time"
+                    "{OP}: cuBLASLt has no {kind} algorithm for {p:?} on this GPU, batched or one batch at a time"
                 )));
             };
             unsafe { self.matmul(&single, batch_ptrs, &algo, alpha, beta)? };
@@ -880,9 +1170,6 @@ impl LtGemm {
     unsafe fn descriptors(&self, p: &LtProblem, bias: Option<CUdeviceptr>) -> Result<(Desc, Layout, Layout, Layout)> {
         use lt::cublasLtMatmulDescAttributes_t as D;
         use lt::cublasLtMatrixLayoutAttribute_t as L;
-        let f32_type = match p.inputs {
-            InputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
-        };
         let desc = Desc(
             lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt_err("cublasLtMatmulDescCreate"))?,
@@ -916,19 +1203,20 @@ impl LtGemm {
             }
             Ok(l)
         };
-        let a = layout(f32_type, ar, ac, p.lda, p.stride_a)?;
-        let b = layout(f32_type, br, bc, p.ldb, p.stride_b)?;
-        let c = layout(lt::cudaDataType_t::CUDA_R_32F, p.m, p.n, p.ldc, p.stride_c)?;
+        let a = layout(p.inputs.lt(), ar, ac, p.lda, p.stride_a)?;
+        let b = layout(p.inputs.lt(), br, bc, p.ldb, p.stride_b)?;
+        let c = layout(p.output.lt(), p.m, p.n, p.ldc, p.stride_c)?;
         Ok((desc, a, b, c))
     }
 
     /// The cached or freshly queried algorithm for `p` at these pointers' alignments.
     unsafe fn algo(&self, p: &LtProblem, ptrs: LtPointers) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+        let (in_size, out_size) = (p.inputs.size(), p.output.size());
         let align = [
-            alignment(ptrs.a, p.stride_a, p.batch),
-            alignment(ptrs.b, p.stride_b, p.batch),
-            alignment(ptrs.c, p.stride_c, p.batch),
-            ptrs.bias.map_or(256, |bias| alignment(bias, 0, 1)),
+            alignment(ptrs.a, p.stride_a, p.batch, in_size),
+            alignment(ptrs.b, p.stride_b, p.batch, in_size),
+            alignment(ptrs.c, p.stride_c, p.batch, out_size),
+            ptrs.bias.map_or(256, |bias| alignment(bias, 0, 1, out_size)),
         ];
         let key = AlgoKey { problem: *p, align };
         if let Some(hit) = lock(&self.algos).get(&key) {
@@ -938,7 +1226,7 @@ impl LtGemm {
         let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
         let pref = Pref(lt_result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?);
         use lt::cublasLtMatmulPreferenceAttributes_t as P;
-        let impl_mask = !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F;
+        let impl_mask = impl_mask(p.inputs);
         // SAFETY: a live preference; each value has the attribute's documented type.
         unsafe {
             set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, self.workspace_bytes as u64, "setting MAX_WORKSPACE_BYTES")?;
@@ -1127,13 +1415,55 @@ mod tests {
     }
 
     #[test]
+    fn element_types() {
+        let ok = g(Transpose::Yes, Transpose::No, 3, 4, 5);
+        for (i, o) in [(InputType::F32, OutputType::F32), (InputType::BF16, OutputType::F32), (InputType::BF16, OutputType::BF16)] {
+            ok.with_types(i, o).validate(15, 20, 12, None).unwrap();
+        }
+        // f32 A/B with a bf16 D is not a cuBLASLt product: Unsupported, from every entry point.
+        let bad = ok.with_types(InputType::F32, OutputType::BF16);
+        for r in [bad.validate(15, 20, 12, None), bad.required_lengths().map(|_| ()), bad.check_element_types::<f32, half::bf16>()] {
+            let e = r.expect_err("f32 × f32 → bf16");
+            assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+            assert!(e.to_string().contains("D (and C, bias) in bf16 with A and B in f32"), "{e}");
+        }
+        // Buffers of another type than the description's: an input error naming the operands.
+        let bf = ok.with_types(InputType::BF16, OutputType::BF16);
+        bf.check_element_types::<half::bf16, half::bf16>().unwrap();
+        let e = bf.check_element_types::<f32, half::bf16>().unwrap_err();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains("A and B: the description says bf16") && e.to_string().contains("hold f32"), "{e}");
+        let e = bf.check_element_types::<half::bf16, f32>().unwrap_err();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains("C (D) and bias: the description says bf16"), "{e}");
+        let mut c = [half::bf16::from_f32(7.0); 12];
+        assert!(matches!(gemm_host_typed(&ok, &[0.0f32; 15], &[0.0f32; 20], &mut c, None), Err(Error::Unsupported(_) | Error::Input(_))));
+        assert_eq!(c, [half::bf16::from_f32(7.0); 12], "nothing written on an error");
+        assert_eq!((InputType::BF16.size(), OutputType::BF16.size(), InputType::F32.size(), OutputType::F32.size()), (2, 2, 4, 4));
+    }
+
+    #[test]
+    fn implementation_masks() {
+        // f32: every flag but the multiply-input kinds, and of those fp32 alone.
+        let f = impl_mask(InputType::F32);
+        assert_eq!(f & IMPL_FLAGS_OP_INPUT_TYPE_MASK, 0x08 << 16);
+        assert_eq!(f & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, IMPL_FLAGS_ACCUMULATOR_TYPE_MASK);
+        // bf16: bf16, TF32 or fp32 multiply inputs (not fp16: 0x01, not int8: 0x20), fp32 accumulation only.
+        let b = impl_mask(InputType::BF16);
+        assert_eq!(b & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x02 | 0x04 | 0x08) << 16);
+        assert_eq!(b & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
+        assert_eq!(b & 0xff, 0xff, "any instruction kind (FMA, HMMA, ...)");
+    }
+
+    #[test]
     fn alignment_is_the_weakest_of_pointer_and_stride() {
-        assert_eq!(alignment(0x1000, 0, 1), 256);
-        assert_eq!(alignment(0x1004, 0, 1), 4);
-        assert_eq!(alignment(0x1010, 0, 1), 16);
-        assert_eq!(alignment(0x1000, 3, 2), 4); // 12-byte batch stride
-        assert_eq!(alignment(0x1000, 3, 1), 256); // one batch: the stride is irrelevant
-        assert_eq!(alignment(0x1000, 64, 2), 256);
+        assert_eq!(alignment(0x1000, 0, 1, 4), 256);
+        assert_eq!(alignment(0x1004, 0, 1, 4), 4);
+        assert_eq!(alignment(0x1010, 0, 1, 4), 16);
+        assert_eq!(alignment(0x1000, 3, 2, 4), 4); // 12-byte batch stride
+        assert_eq!(alignment(0x1000, 3, 2, 2), 2); // 6-byte batch stride of bf16
+        assert_eq!(alignment(0x1002, 0, 1, 2), 2);
+        assert_eq!(alignment(0x1000, 3, 1, 4), 256); // one batch: the stride is irrelevant
+        assert_eq!(alignment(0x1000, 64, 2, 4), 256);
+        assert_eq!(alignment(0x1000, 64, 2, 2), 128);
         assert_eq!(workspace_bytes(9), 32 << 20);
         assert_eq!(workspace_bytes(8), 4 << 20);
     }

@@ -27,7 +27,7 @@ use std::time::Instant;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{result as drv, CudaEvent, DevicePtr, LaunchConfig};
 
-use super::gemm::{Gemm, LtGemm};
+use super::gemm::{Gemm, GemmScalar, LtGemm};
 use super::graph::{Capture, GraphBody, LaunchGraph};
 use super::pool::{Block, MemoryStats, Pool, RawBlock};
 use super::registry::{KernelName, ParamKind, ScalarType};
@@ -927,14 +927,16 @@ impl Gpu {
     // ---- dense products ------------------------------------------------------------------------
 
     /// `C = act(alpha·op(A)·op(B) + beta·C + bias)` with cuBLASLt semantics (see
-    /// [`super::gemm`]): cuBLASLt on a GPU, the same description on the CPU under cuda-sim.
-    /// Every length is validated first; C may not overlap A, B or the bias.
-    pub fn gemm(&self, g: &Gemm, a: &DeviceView<'_, f32>, b: &DeviceView<'_, f32>, c: &mut DeviceViewMut<'_, f32>, bias: Option<&DeviceView<'_, f32>>) -> Result<()> {
+    /// [`super::gemm`]): cuBLASLt on a GPU, the same description on the CPU under cuda-sim
+    /// ([`super::gemm::gemm_host_typed`]). A and B are `I`, C and the bias `O` (f32 or bf16), as
+    /// the description's `inputs` and `output` say. Every length and type is validated first; C
+    /// may not overlap A, B or the bias.
+    pub fn gemm<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
         g.validate(a.len, b.len, c.len, bias.map(|v| v.len))?;
-        let c_range = byte_range(c.ptr, c.len);
-        for (name, v) in [("A", Some(a)), ("B", Some(b)), ("bias", bias)] {
-            if let Some(v) = v {
-                let r = byte_range(v.ptr, v.len);
+        g.check_element_types::<I, O>()?;
+        let c_range = byte_range::<O>(c.ptr, c.len);
+        for (name, r) in [("A", Some(byte_range::<I>(a.ptr, a.len))), ("B", Some(byte_range::<I>(b.ptr, b.len))), ("bias", bias.map(|v| byte_range::<O>(v.ptr, v.len)))] {
+            if let Some(r) = r {
                 if r.start < c_range.end && c_range.start < r.end {
                     return Err(Error::Input(format!("gemm: C overlaps {name}; the output must not alias an input")));
                 }
@@ -964,10 +966,10 @@ impl Gpu {
                     // SAFETY: the views are live executor allocations of their lengths (host
                     // memory; at capture: a replay's contract), C overlaps none of the inputs
                     // (checked), and nothing else runs meanwhile.
-                    let (a, b) = unsafe { (host_slice(a.0, a.1), host_slice(b.0, b.1)) };
-                    let bias = bias.map(|v| unsafe { host_slice(v.0, v.1) });
-                    let c = unsafe { std::slice::from_raw_parts_mut(c.0 as *mut f32, c.1) };
-                    super::gemm::gemm_host(&g, a, b, c, bias)
+                    let (a, b) = unsafe { (host_slice::<I>(a.0, a.1), host_slice::<I>(b.0, b.1)) };
+                    let bias = bias.map(|v| unsafe { host_slice::<O>(v.0, v.1) });
+                    let c = unsafe { std::slice::from_raw_parts_mut(c.0 as *mut O, c.1) };
+                    super::gemm::gemm_host_typed(&g, a, b, c, bias)
                 })
             }
         }
@@ -1099,19 +1101,19 @@ impl Gpu {
     }
 }
 
-fn byte_range(ptr: u64, len: usize) -> Range<u64> {
-    ptr..ptr + (len * std::mem::size_of::<f32>()) as u64
+fn byte_range<T>(ptr: u64, len: usize) -> Range<u64> {
+    ptr..ptr + (len * std::mem::size_of::<T>()) as u64
 }
 
 /// # Safety
-/// `ptr` is the host address of `len` live f32s (an executor allocation), not written meanwhile.
+/// `ptr` is the host address of `len` live `T`s (an executor allocation), not written meanwhile.
 #[cfg(feature = "cuda-sim")]
-unsafe fn host_slice<'a>(ptr: u64, len: usize) -> &'a [f32] {
+unsafe fn host_slice<'a, T>(ptr: u64, len: usize) -> &'a [T] {
     if len == 0 {
         return &[];
     }
     // SAFETY: the caller's contract.
-    unsafe { std::slice::from_raw_parts(ptr as *const f32, len) }
+    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
 }
 
 fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
