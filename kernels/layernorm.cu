@@ -18,6 +18,14 @@
 // in bf16), read through common.cuh's load_f32, which widens bf16 exactly; everything is computed
 // in f32 either way, so the bf16 kernel equals the f32 kernel run on the widened parameters. Both
 // are thin extern "C" wrappers over one templated body (extern "C" kernels cannot be templates).
+// The _bf16io variants (residual_layernorm_forward_bf16io, residual_layernorm_forward_train_bf16io,
+// layernorm_backward_bf16io, layernorm_param_grad_partial_bf16io) store every activation in bf16
+// (x, residual, y, z, dy, dz) with gamma and beta in bf16 too (a frozen base), while mean, rstd,
+// the [rows, 2] stats and the dgamma/dbeta partials stay f32: the same templated bodies
+// instantiated with bf16_raw, all arithmetic in f32 (z = x + residual included: it is never
+// rounded to bf16 before the statistics), each stored value rounded once to nearest even. So a
+// bf16io output is the f32 kernel's output on the widened inputs, rounded once, and its f32
+// outputs are the f32 kernel's bit for bit.
 //
 // Thread mapping: a "row team" of blockDim.x threads (a multiple of 32) owns one row; a block
 // holds blockDim.y teams. Thread t of a team handles columns t, t + blockDim.x, ... so each warp's
@@ -46,15 +54,20 @@
 
 // ---- forward -------------------------------------------------------------------------------
 
-// y, x, residual: [rows, cols]; gamma, beta: [cols] of storage type P (float or bf16_raw);
-// mean, rstd: [rows]. residual may be null.
-template <typename P>
+// One body for the forward and the training forward (its section below). y, x, residual and z_out
+// are [rows, cols] of activation storage type A (float or bf16_raw); gamma, beta: [cols] of
+// parameter storage type P; mean_out[row * stats_stride] and rstd_out[row * stats_stride] are f32
+// (stride 1: two [rows] arrays; stride 2: the interleaved [rows, 2] stats). residual and z_out may
+// be null. z is formed and kept in f32 (registers or the row cache); z_out gets it rounded to A.
+template <typename A, typename P>
 __device__ __forceinline__ void residual_layernorm_forward_body(
-    float* __restrict__ y,
+    A* __restrict__ y,
+    A* __restrict__ z_out,
     float* __restrict__ mean_out,
     float* __restrict__ rstd_out,
-    const float* __restrict__ x,
-    const float* __restrict__ residual,
+    int stats_stride,
+    const A* __restrict__ x,
+    const A* __restrict__ residual,
     const P* __restrict__ gamma,
     const P* __restrict__ beta,
     int rows,
@@ -69,18 +82,22 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
     const bool active = row < rows;
     // size_t: rows * cols may exceed 2^31 elements.
     const size_t offset = (size_t)(active ? row : 0) * (size_t)cols;
-    const float* xr = x + offset;
-    const float* rr = residual != nullptr ? residual + offset : nullptr;
+    const A* xr = x + offset;
+    const A* rr = residual != nullptr ? residual + offset : nullptr;
+    A* zo = z_out != nullptr ? z_out + offset : nullptr;
     float* zr = z_cache + (size_t)threadIdx.y * (size_t)cols;
     const bool cached = cache_row != 0;
 
-    // Pass 1: z = x + residual (cached if asked), and its sum.
+    // Pass 1: z = x + residual (cached if asked, stored if asked), and its sum.
     float sum = 0.0f;
     if (active) {
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float z = xr[c];
+            float z = load_f32(xr + c);
             if (rr != nullptr) {
-                z += rr[c];
+                z += load_f32(rr + c);
+            }
+            if (zo != nullptr) {
+                store_f32(zo + c, z);
             }
             if (cached) {
                 zr[c] = z;
@@ -90,7 +107,8 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
     }
     const float mean = team_sum(sum, scratch) / (float)cols;
 
-    // Pass 2: sum of squared deviations from the exact f32 mean.
+    // Pass 2: sum of squared deviations from the exact f32 mean. Without the cache z is formed
+    // again from x and residual (never read back from z_out, which may hold it rounded).
     float sq = 0.0f;
     if (active) {
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -98,9 +116,9 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
             if (cached) {
                 z = zr[c];
             } else {
-                z = xr[c];
+                z = load_f32(xr + c);
                 if (rr != nullptr) {
-                    z += rr[c];
+                    z += load_f32(rr + c);
                 }
             }
             const float d = z - mean;
@@ -112,22 +130,22 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
 
     // Pass 3: normalise, scale, shift.
     if (active) {
-        float* yr = y + offset;
+        A* yr = y + offset;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             float z;
             if (cached) {
                 z = zr[c];
             } else {
-                z = xr[c];
+                z = load_f32(xr + c);
                 if (rr != nullptr) {
-                    z += rr[c];
+                    z += load_f32(rr + c);
                 }
             }
-            yr[c] = fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c));
+            store_f32(yr + c, fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c)));
         }
         if (threadIdx.x == 0) {
-            mean_out[row] = mean;
-            rstd_out[row] = rstd;
+            mean_out[(size_t)row * (size_t)stats_stride] = mean;
+            rstd_out[(size_t)row * (size_t)stats_stride] = rstd;
         }
     }
 }
@@ -146,7 +164,7 @@ extern "C" __global__ void residual_layernorm_forward_f32(
     float eps,
     int cache_row)
 {
-    residual_layernorm_forward_body<float>(y, mean_out, rstd_out, x, residual, gamma, beta, rows, cols, eps, cache_row);
+    residual_layernorm_forward_body<float, float>(y, nullptr, mean_out, rstd_out, 1, x, residual, gamma, beta, rows, cols, eps, cache_row);
 }
 
 // bf16 gamma and beta (a frozen base stored in bf16), as raw bits; x, residual and y stay f32.
@@ -163,16 +181,38 @@ extern "C" __global__ void residual_layernorm_forward_bf16(
     float eps,
     int cache_row)
 {
-    residual_layernorm_forward_body<bf16_raw>(y, mean_out, rstd_out, x, residual, reinterpret_cast<const bf16_raw*>(gamma),
-                                              reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
+    residual_layernorm_forward_body<float, bf16_raw>(y, nullptr, mean_out, rstd_out, 1, x, residual, reinterpret_cast<const bf16_raw*>(gamma),
+                                                     reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
+}
+
+// bf16 activations (x, residual, y) and bf16 gamma and beta, as raw bits; mean and rstd stay f32.
+extern "C" __global__ void residual_layernorm_forward_bf16io(
+    unsigned short* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    const unsigned short* __restrict__ x,
+    const unsigned short* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(y), nullptr, mean_out, rstd_out, 1, reinterpret_cast<const bf16_raw*>(x),
+                                                        reinterpret_cast<const bf16_raw*>(residual), reinterpret_cast<const bf16_raw*>(gamma),
+                                                        reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
 }
 
 // ---- training forward: z and interleaved [mean, rstd] --------------------------------------
-// Backend::residual_layernorm_stats: the same three passes and thread mapping as the forward
-// above, and additionally z = x + residual (f32, the residual stream the backward reads) and
-// stats[row] = {mean, rstd} ([rows, 2], interleaved, the CPU backend's layout). Pass 1 writes z;
-// passes 2 and 3 read each thread's own z back from the row cache or from z_out (no barrier: a
-// thread only reads what it wrote), so x and residual are read once whatever the plan.
+// Backend::residual_layernorm_stats: the forward's body (same three passes, thread mapping and
+// bits for y, mean and rstd), which additionally stores z = x + residual (the residual stream the
+// backward reads) and writes stats[row] = {mean, rstd} ([rows, 2], interleaved, the CPU backend's
+// layout). Passes 2 and 3 read z back from the row cache or form it again from x and residual, as
+// the forward does; never from z_out, so the statistics are those of the f32 sum in every plan
+// even where z_out holds it rounded to bf16 (the bf16io variant: the backward then reads the
+// rounded z with these statistics, an error of at most 2^-9 |z| rstd in x^, the size of the
+// rounding PyTorch's bf16 sum makes before its statistics).
 
 // y, z_out, x, residual: [rows, cols]; gamma, beta: [cols]; stats: [rows, 2]. residual may be null.
 extern "C" __global__ void residual_layernorm_forward_train_f32(
@@ -188,52 +228,27 @@ extern "C" __global__ void residual_layernorm_forward_train_f32(
     float eps,
     int cache_row)
 {
-    extern __shared__ float ztr_cache[];  // [blockDim.y][cols] when cache_row != 0
-    __shared__ float ztr_scratch[32];
+    residual_layernorm_forward_body<float, float>(y, z_out, stats, stats + 1, 2, x, residual, gamma, beta, rows, cols, eps, cache_row);
+}
 
-    const int row = blockIdx.x * blockDim.y + threadIdx.y;
-    const bool active = row < rows;
-    const size_t offset = (size_t)(active ? row : 0) * (size_t)cols;
-    float* zr = ztr_cache + (size_t)threadIdx.y * (size_t)cols;
-    float* zo = z_out + offset;
-    const float* zsrc = cache_row != 0 ? zr : zo;
-
-    float sum = 0.0f;
-    if (active) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float z = x[offset + c];
-            if (residual != nullptr) {
-                z += residual[offset + c];
-            }
-            zo[c] = z;
-            if (cache_row != 0) {
-                zr[c] = z;
-            }
-            sum += z;
-        }
-    }
-    const float mean = team_sum(sum, ztr_scratch) / (float)cols;
-
-    float sq = 0.0f;
-    if (active) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float d = zsrc[c] - mean;
-            sq = fmaf(d, d, sq);
-        }
-    }
-    const float var = team_sum(sq, ztr_scratch) / (float)cols;
-    const float rstd = 1.0f / sqrtf(var + eps);
-
-    if (active) {
-        float* yr = y + offset;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            yr[c] = fmaf((zsrc[c] - mean) * rstd, gamma[c], beta[c]);
-        }
-        if (threadIdx.x == 0) {
-            stats[2 * (size_t)row] = mean;
-            stats[2 * (size_t)row + 1] = rstd;
-        }
-    }
+// bf16 activations (x, residual, y, z) and bf16 gamma and beta, as raw bits; stats stay f32.
+extern "C" __global__ void residual_layernorm_forward_train_bf16io(
+    unsigned short* __restrict__ y,
+    unsigned short* __restrict__ z_out,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ x,
+    const unsigned short* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<bf16_raw*>(z_out), stats, stats + 1, 2,
+                                                        reinterpret_cast<const bf16_raw*>(x), reinterpret_cast<const bf16_raw*>(residual),
+                                                        reinterpret_cast<const bf16_raw*>(gamma), reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps,
+                                                        cache_row);
 }
 
 // ---- backward: input gradient ------------------------------------------------------------------
@@ -251,13 +266,15 @@ extern "C" __global__ void residual_layernorm_forward_train_f32(
 // the forward; the two means carry a few 1e-7 relative to sum|gy|, so dz is within ~1e-6 of the
 // f64 reference's scale (rstd * max|gy|). Bitwise reproducible.
 
-// dz, dy, z: [rows, cols]; stats: [rows, 2] = {mean, rstd}; gamma: [cols].
-extern "C" __global__ void layernorm_backward_f32(
-    float* __restrict__ dz,
-    const float* __restrict__ dy,
-    const float* __restrict__ z,
+// dz, dy, z: [rows, cols] of activation storage type A; stats: [rows, 2] = {mean, rstd} (f32);
+// gamma: [cols] of parameter storage type P.
+template <typename A, typename P>
+__device__ __forceinline__ void layernorm_backward_body(
+    A* __restrict__ dz,
+    const A* __restrict__ dy,
+    const A* __restrict__ z,
     const float* __restrict__ stats,
-    const float* __restrict__ gamma,
+    const P* __restrict__ gamma,
     int rows,
     int cols,
     int accumulate,
@@ -269,8 +286,8 @@ extern "C" __global__ void layernorm_backward_f32(
     const int row = blockIdx.x * blockDim.y + threadIdx.y;
     const bool active = row < rows;
     const size_t offset = (size_t)(active ? row : 0) * (size_t)cols;
-    const float* dyr = dy + offset;
-    const float* zr = z + offset;
+    const A* dyr = dy + offset;
+    const A* zr = z + offset;
     float* gy_c = lnb_cache + (size_t)threadIdx.y * 2 * (size_t)cols;
     float* xh_c = gy_c + cols;
     const bool cached = cache_row != 0;
@@ -281,8 +298,8 @@ extern "C" __global__ void layernorm_backward_f32(
     float s_gyx = 0.0f;
     if (active) {
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float xh = (zr[c] - mean) * rstd;
-            const float gy = dyr[c] * gamma[c];
+            const float xh = (load_f32(zr + c) - mean) * rstd;
+            const float gy = load_f32(dyr + c) * load_f32(gamma + c);
             if (cached) {
                 gy_c[c] = gy;
                 xh_c[c] = xh;
@@ -295,7 +312,7 @@ extern "C" __global__ void layernorm_backward_f32(
     const float mean_gyx = team_sum(s_gyx, lnb_scratch) / (float)cols;
 
     if (active) {
-        float* dzr = dz + offset;
+        A* dzr = dz + offset;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             float gy;
             float xh;
@@ -303,16 +320,47 @@ extern "C" __global__ void layernorm_backward_f32(
                 gy = gy_c[c];
                 xh = xh_c[c];
             } else {
-                xh = (zr[c] - mean) * rstd;
-                gy = dyr[c] * gamma[c];
+                xh = (load_f32(zr + c) - mean) * rstd;
+                gy = load_f32(dyr + c) * load_f32(gamma + c);
             }
             float g = rstd * (gy - mean_gy - xh * mean_gyx);
             if (accumulate != 0) {
-                g += dzr[c];
+                g += load_f32(dzr + c);
             }
-            dzr[c] = g;
+            store_f32(dzr + c, g);
         }
     }
+}
+
+extern "C" __global__ void layernorm_backward_f32(
+    float* __restrict__ dz,
+    const float* __restrict__ dy,
+    const float* __restrict__ z,
+    const float* __restrict__ stats,
+    const float* __restrict__ gamma,
+    int rows,
+    int cols,
+    int accumulate,
+    int cache_row)
+{
+    layernorm_backward_body<float, float>(dz, dy, z, stats, gamma, rows, cols, accumulate, cache_row);
+}
+
+// bf16 dz, dy and z and bf16 gamma (a frozen base), as raw bits; stats stay f32. With accumulate
+// the old dz is widened, added in f32, and the sum rounded once.
+extern "C" __global__ void layernorm_backward_bf16io(
+    unsigned short* __restrict__ dz,
+    const unsigned short* __restrict__ dy,
+    const unsigned short* __restrict__ z,
+    const float* __restrict__ stats,
+    const unsigned short* __restrict__ gamma,
+    int rows,
+    int cols,
+    int accumulate,
+    int cache_row)
+{
+    layernorm_backward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(dz), reinterpret_cast<const bf16_raw*>(dy), reinterpret_cast<const bf16_raw*>(z), stats,
+                                                reinterpret_cast<const bf16_raw*>(gamma), rows, cols, accumulate, cache_row);
 }
 
 // ---- backward: dgamma / dbeta (trainable LayerNorms only) ------------------------------------------
@@ -325,12 +373,14 @@ extern "C" __global__ void layernorm_backward_f32(
 // reads 32 consecutive floats of a row: coalesced); the 8 row lanes are then added in order
 // 0..7 through shared memory. Either partial pointer may be null (that sum is skipped).
 
-// partial_dgamma, partial_dbeta: [chunks, cols]; dy, z: [rows, cols]; stats: [rows, 2].
-extern "C" __global__ void layernorm_param_grad_partial_f32(
+// partial_dgamma, partial_dbeta: [chunks, cols] (f32); dy, z: [rows, cols] of activation
+// storage type A; stats: [rows, 2] (f32).
+template <typename A>
+__device__ __forceinline__ void layernorm_param_grad_partial_body(
     float* __restrict__ partial_dgamma,
     float* __restrict__ partial_dbeta,
-    const float* __restrict__ dy,
-    const float* __restrict__ z,
+    const A* __restrict__ dy,
+    const A* __restrict__ z,
     const float* __restrict__ stats,
     int rows,
     int cols,
@@ -348,10 +398,10 @@ extern "C" __global__ void layernorm_param_grad_partial_f32(
     if (c < cols) {
         for (int r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
             const size_t i = (size_t)r * (size_t)cols + c;
-            const float d = dy[i];
+            const float d = load_f32(dy + i);
             acc_b += d;
             if (partial_dgamma != nullptr) {
-                const float xh = (z[i] - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
+                const float xh = (load_f32(z + i) - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
                 acc_g = fmaf(d, xh, acc_g);
             }
         }
@@ -374,4 +424,32 @@ extern "C" __global__ void layernorm_param_grad_partial_f32(
             partial_dbeta[o] = b;
         }
     }
+}
+
+extern "C" __global__ void layernorm_param_grad_partial_f32(
+    float* __restrict__ partial_dgamma,
+    float* __restrict__ partial_dbeta,
+    const float* __restrict__ dy,
+    const float* __restrict__ z,
+    const float* __restrict__ stats,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    layernorm_param_grad_partial_body<float>(partial_dgamma, partial_dbeta, dy, z, stats, rows, cols, rows_per_chunk);
+}
+
+// bf16 dy and z, as raw bits; the partials (f32, finished into f32 dgamma/dbeta) and stats stay f32.
+extern "C" __global__ void layernorm_param_grad_partial_bf16io(
+    float* __restrict__ partial_dgamma,
+    float* __restrict__ partial_dbeta,
+    const unsigned short* __restrict__ dy,
+    const unsigned short* __restrict__ z,
+    const float* __restrict__ stats,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    layernorm_param_grad_partial_body<bf16_raw>(partial_dgamma, partial_dbeta, reinterpret_cast<const bf16_raw*>(dy), reinterpret_cast<const bf16_raw*>(z), stats,
+                                                rows, cols, rows_per_chunk);
 }

@@ -573,7 +573,7 @@ impl Backend for CudaBackend {
         let mut stats_shape = x.shape().to_vec();
         *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
         let stats = self.new_tensor::<f32>(&stats_shape)?;
-        let inputs = LayerNormInputs { x: self.view(OP, x)?, residual: residual.map(|r| self.view(OP, r)).transpose()?, gamma: self.view(OP, gamma)?, beta: self.view(OP, beta)?, rows, cols, eps };
+        let inputs = LayerNormInputs::<f32, f32> { x: self.view(OP, x)?, residual: residual.map(|r| self.view(OP, r)).transpose()?, gamma: self.view(OP, gamma)?, beta: self.view(OP, beta)?, rows, cols, eps };
         let mut outputs = LayerNormTrainOutputs { y: self.view_mut(OP, &y)?, z: self.view_mut(OP, &z)?, stats: self.view_mut(OP, &stats)? };
         residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)?;
         Ok((y, z, stats))
@@ -582,7 +582,7 @@ impl Backend for CudaBackend {
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         const OP: &str = "layernorm_backward_stats";
         let dz = self.new_tensor::<f32>(dy.shape())?;
-        let inputs = LayerNormBackwardInputs { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
+        let inputs = LayerNormBackwardInputs::<f32, f32> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
         layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
         Ok(dz)
     }

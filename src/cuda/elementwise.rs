@@ -317,13 +317,24 @@ pub fn bias_grad_workspace_len(rows: usize, cols: usize) -> usize {
     ColumnChunks::for_rows(rows).workspace_len(cols)
 }
 
-/// A device byte range, for the overlap checks: `(name, address, elements)` of f32s.
+/// A device byte range, for the overlap checks: `(name, address, elements)` of f32s
+/// ([`check_disjoint`]) or `(name, address, bytes)` ([`check_disjoint_bytes`]).
 pub(crate) type Operand<'n> = (&'n str, u64, usize);
 
 /// `Err(Input)` when an output's bytes overlap another output's or an input's (empty operands
 /// overlap nothing). Kernels take their operands `__restrict__`; an alias would be a data race.
 pub(crate) fn check_disjoint(op: &'static str, outputs: &[Operand<'_>], inputs: &[Operand<'_>]) -> Result<()> {
-    let overlaps = |a: &Operand<'_>, b: &Operand<'_>| a.2 > 0 && b.2 > 0 && a.1 < b.1 + 4 * b.2 as u64 && b.1 < a.1 + 4 * a.2 as u64;
+    disjoint(op, outputs, inputs, 4)
+}
+
+/// As [`check_disjoint`] with each operand's extent in bytes (operands of 2-byte bf16 beside f32).
+pub(crate) fn check_disjoint_bytes(op: &'static str, outputs: &[Operand<'_>], inputs: &[Operand<'_>]) -> Result<()> {
+    disjoint(op, outputs, inputs, 1)
+}
+
+/// The overlap check over extents of `unit` bytes each.
+fn disjoint(op: &'static str, outputs: &[Operand<'_>], inputs: &[Operand<'_>], unit: u64) -> Result<()> {
+    let overlaps = |a: &Operand<'_>, b: &Operand<'_>| a.2 > 0 && b.2 > 0 && a.1 < b.1 + unit * b.2 as u64 && b.1 < a.1 + unit * a.2 as u64;
     for (i, out) in outputs.iter().enumerate() {
         if let Some(other) = outputs[..i].iter().chain(inputs).find(|o| overlaps(out, o)) {
             return Err(Error::Input(format!("{op}: the output `{}` overlaps `{}`", out.0, other.0)));

@@ -11,8 +11,13 @@
 //!   otherwise the kernel re-reads x and residual in each of its three passes.
 //!
 //! γ and β are f32 or bf16 (a frozen base loaded in bf16): [`LayerNormInputs`] is generic over
-//! their [`BaseScalar`], which picks `residual_layernorm_forward_f32` or `_bf16` (the same
-//! templated body, loads widened exactly); x, the residual and the outputs are f32.
+//! their [`BaseScalar`] `P` and over the [`ActivationScalar`] `A` of x, the residual, y (and the
+//! training forward's z, the backward's dy, z and dz). The launchers pick the kernel by
+//! `(A::DTYPE, P::DTYPE)`: (f32, f32) `_f32`, (f32, bf16) `_bf16` (the forward only), (bf16,
+//! bf16) `_bf16io` (every kernel of the file); any other pair is [`Error::Unsupported`], before
+//! anything is launched. All variants are one templated body each, computing in f32: mean, rstd,
+//! the stats and the dγ/dβ partials stay f32, and a bf16 output is the f32 kernel's output on the
+//! widened inputs rounded once (to nearest even).
 //!
 //! The launcher validates every length against `rows`/`cols` and returns [`Error::Shape`] before
 //! launching, so the kernel never indexes outside the views it is given. It is written once over
@@ -21,8 +26,8 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{BaseScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::layernorm::{RESIDUAL_LAYERNORM_FORWARD_BF16, RESIDUAL_LAYERNORM_FORWARD_F32};
+use super::gpu::{ActivationScalar, BaseScalar, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::layernorm::{RESIDUAL_LAYERNORM_FORWARD_BF16, RESIDUAL_LAYERNORM_FORWARD_BF16IO, RESIDUAL_LAYERNORM_FORWARD_F32};
 use super::registry::KernelName;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -33,12 +38,13 @@ const OP: &str = "cuda::residual_layernorm_forward";
 /// for its 128 bytes of static reduction scratch.
 pub const MAX_ROW_CACHE_BYTES: usize = 48 * 1024 - 256;
 
-/// The inputs: `x` and `residual` are `[rows, cols]`, `gamma`/`beta` are `[cols]` of `P` (f32
-/// or bf16).
-pub struct LayerNormInputs<'a, P = f32> {
-    pub x: DeviceView<'a, f32>,
+/// The inputs: `x` and `residual` are `[rows, cols]` of activations `A` (f32 or bf16),
+/// `gamma`/`beta` are `[cols]` of `P` (f32 or bf16). `P` comes first, so `LayerNormInputs<'_, P>`
+/// still names the f32-activation inputs.
+pub struct LayerNormInputs<'a, P = f32, A = f32> {
+    pub x: DeviceView<'a, A>,
     /// Added to `x` before normalising; `None` for a plain LayerNorm.
-    pub residual: Option<DeviceView<'a, f32>>,
+    pub residual: Option<DeviceView<'a, A>>,
     pub gamma: DeviceView<'a, P>,
     pub beta: DeviceView<'a, P>,
     pub rows: usize,
@@ -46,10 +52,10 @@ pub struct LayerNormInputs<'a, P = f32> {
     pub eps: f32,
 }
 
-/// The outputs: `y` is `[rows, cols]`; `mean` and `rstd` (`1/sqrt(var + eps)`) are `[rows]`,
-/// saved for the backward.
-pub struct LayerNormOutputs<'a> {
-    pub y: DeviceViewMut<'a, f32>,
+/// The outputs: `y` is `[rows, cols]` of activations `A`; `mean` and `rstd` (`1/sqrt(var +
+/// eps)`) are `[rows]` of f32 whatever `A`, saved for the backward.
+pub struct LayerNormOutputs<'a, A = f32> {
+    pub y: DeviceViewMut<'a, A>,
     pub mean: DeviceViewMut<'a, f32>,
     pub rstd: DeviceViewMut<'a, f32>,
 }
@@ -187,22 +193,51 @@ impl LayerNormSizes {
     }
 }
 
-/// The kernel variant that reads γ and β stored as `P`.
-fn forward_kernel<P: BaseScalar>() -> KernelName {
-    match P::DTYPE {
-        DType::BF16 => RESIDUAL_LAYERNORM_FORWARD_BF16,
-        _ => RESIDUAL_LAYERNORM_FORWARD_F32, // BaseScalar is f32 or bf16
-    }
+/// The kernel variant for activations stored as `A` and γ, β stored as `P`, of the family
+/// `[f32, bf16, bf16io]` (`None` where the file has no such kernel); `Error::Unsupported` for a
+/// pair without one.
+fn pick_kernel<A: ActivationScalar, P: BaseScalar>(op: &str, [f32_kernel, bf16_kernel, bf16io_kernel]: [Option<KernelName>; 3]) -> Result<KernelName> {
+    let kernel = match (A::DTYPE, P::DTYPE) {
+        (DType::F32, DType::F32) => f32_kernel,
+        (DType::F32, DType::BF16) => bf16_kernel,
+        (DType::BF16, DType::BF16) => bf16io_kernel,
+        _ => None,
+    };
+    kernel.ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{op}: no kernel for {} activations with {} LayerNorm parameters (there are: f32 with f32{}, bf16 with bf16)",
+            A::DTYPE,
+            P::DTYPE,
+            if bf16_kernel.is_some() { " or bf16" } else { "" }
+        ))
+    })
+}
+
+/// `v` as a kernel argument for a `T*` parameter where `T` is the storage of `A` (bf16 as raw bits).
+fn act<A: ActivationScalar>(v: &DeviceView<'_, A>) -> KernelArg {
+    A::act_arg(v)
+}
+
+/// As [`act`], for an output.
+fn act_mut<A: ActivationScalar>(v: &DeviceViewMut<'_, A>) -> KernelArg {
+    A::act_arg_mut(v)
+}
+
+/// `(name, address, bytes)` of `len` elements of `T`, for [`check_disjoint_bytes`] (operands of
+/// different element sizes side by side).
+fn span<T: DeviceScalar>(name: &str, ptr: u64, len: usize) -> (&str, u64, usize) {
+    (name, ptr, len * std::mem::size_of::<T>())
 }
 
 /// `y = LayerNorm(x + residual)` row-wise with the automatic launch plan; writes `mean`/`rstd`.
-pub fn residual_layernorm_forward<P: BaseScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P>, outputs: &mut LayerNormOutputs<'_>) -> Result<()> {
+pub fn residual_layernorm_forward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormOutputs<'_, A>) -> Result<()> {
     residual_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.cols))
 }
 
 /// As [`residual_layernorm_forward`], with an explicit launch plan (validated).
-pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P>, outputs: &mut LayerNormOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+pub fn residual_layernorm_forward_with_plan<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormOutputs<'_, A>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
+    let kernel = pick_kernel::<A, P>(OP, [Some(RESIDUAL_LAYERNORM_FORWARD_F32), Some(RESIDUAL_LAYERNORM_FORWARD_BF16), Some(RESIDUAL_LAYERNORM_FORWARD_BF16IO)])?;
     launch_sizes!(inputs, outputs).check(inputs.eps)?;
     plan.validate(cols)?;
     if rows == 0 {
@@ -211,11 +246,11 @@ pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &L
     // The kernel's parameter order: y, mean, rstd, x, residual (null for none), gamma, beta,
     // rows, cols, eps, cache_row; Gpu::launch checks it against kernels/layernorm.cu.
     let args = [
-        outputs.y.arg(),
+        act_mut(&outputs.y),
         outputs.mean.arg(),
         outputs.rstd.arg(),
-        inputs.x.arg(),
-        inputs.residual.as_ref().map_or(KernelArg::Null, |r| r.arg()),
+        act(&inputs.x),
+        inputs.residual.as_ref().map_or(KernelArg::Null, act),
         P::base_arg(&inputs.gamma),
         P::base_arg(&inputs.beta),
         KernelArg::I32(rows as i32),
@@ -225,7 +260,7 @@ pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &L
     ];
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
     // these rows/cols, and the plan against the kernel's block-shape and shared-memory contract.
-    unsafe { gpu.launch(forward_kernel::<P>(), plan.launch_config(rows, cols), &args) }
+    unsafe { gpu.launch(kernel, plan.launch_config(rows, cols), &args) }
 }
 
 // ---- training forward and backward -------------------------------------------------------------
@@ -239,30 +274,35 @@ pub fn residual_layernorm_forward_with_plan<P: BaseScalar>(gpu: &Gpu, inputs: &L
 //   Plan: a warp per row with 4 rows per block up to 1024 columns (so the row cache, 2·cols
 //   floats per row, fits 48 KiB up to 1024 columns), a block per row above, as the forward.
 
-use super::elementwise::{check_disjoint, expect_len, finalize_launch, ColumnChunks};
+use super::elementwise::{check_disjoint_bytes, expect_len, finalize_launch, ColumnChunks};
 use super::registry::elementwise::COLUMN_SUMS_FINALIZE_F32;
-use super::registry::layernorm::{LAYERNORM_BACKWARD_F32, LAYERNORM_PARAM_GRAD_PARTIAL_F32, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32};
+use super::registry::layernorm::{
+    LAYERNORM_BACKWARD_BF16IO, LAYERNORM_BACKWARD_F32, LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO, LAYERNORM_PARAM_GRAD_PARTIAL_F32, RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32,
+};
 
 const OP_TRAIN: &str = "cuda::residual_layernorm_forward_train";
 const OP_BWD: &str = "cuda::layernorm_backward";
 
-/// The training forward's outputs: `y` and `z` are `[rows, cols]`, `stats` is `[rows, 2]` =
-/// `[mean, rstd]` per row (`Backend::residual_layernorm_stats`' layout).
-pub struct LayerNormTrainOutputs<'a> {
-    pub y: DeviceViewMut<'a, f32>,
-    pub z: DeviceViewMut<'a, f32>,
+/// The training forward's outputs: `y` and `z` are `[rows, cols]` of activations `A`, `stats` is
+/// `[rows, 2]` = `[mean, rstd]` per row in f32 (`Backend::residual_layernorm_stats`' layout). With
+/// bf16 activations z holds the f32 sum rounded once, and the stats are those of the f32 sum
+/// (kernels/layernorm.cu, training forward).
+pub struct LayerNormTrainOutputs<'a, A = f32> {
+    pub y: DeviceViewMut<'a, A>,
+    pub z: DeviceViewMut<'a, A>,
     pub stats: DeviceViewMut<'a, f32>,
 }
 
 /// `y = LayerNorm(x + residual)`, also writing `z = x + residual` and `stats`, with the automatic
-/// launch plan.
-pub fn residual_layernorm_forward_train(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormTrainOutputs<'_>) -> Result<()> {
+/// launch plan. Kernels: f32 activations with f32 γ/β, or bf16 with bf16 (`_bf16io`).
+pub fn residual_layernorm_forward_train<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormTrainOutputs<'_, A>) -> Result<()> {
     residual_layernorm_forward_train_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.cols))
 }
 
 /// As [`residual_layernorm_forward_train`], with an explicit launch plan (validated).
-pub fn residual_layernorm_forward_train_with_plan(gpu: &Gpu, inputs: &LayerNormInputs<'_>, outputs: &mut LayerNormTrainOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+pub fn residual_layernorm_forward_train_with_plan<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormTrainOutputs<'_, A>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
+    let kernel = pick_kernel::<A, P>(OP_TRAIN, [Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32), None, Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO)])?;
     // The forward's checks (mean and rstd stand for the stats' two columns), then z and stats.
     let sizes = LayerNormSizes {
         rows,
@@ -280,24 +320,26 @@ pub fn residual_layernorm_forward_train_with_plan(gpu: &Gpu, inputs: &LayerNormI
     expect_len(OP_TRAIN, "z", outputs.z.len(), n, &format!("rows·cols for rows={rows}, cols={cols}"))?;
     expect_len(OP_TRAIN, "stats", outputs.stats.len(), 2 * rows, &format!("[rows, 2] for rows={rows}"))?;
     plan.validate(cols).map_err(|e| retag(e, OP_TRAIN))?;
-    let o = |name, v: &DeviceViewMut<'_, f32>| (name, v.device_ptr(), v.len());
-    let i = |name, v: &DeviceView<'_, f32>| (name, v.device_ptr(), v.len());
-    let mut ins = vec![i("x", &inputs.x), i("gamma", &inputs.gamma), i("beta", &inputs.beta)];
+    let oa = |name, v: &DeviceViewMut<'_, A>| span::<A>(name, v.device_ptr(), v.len());
+    let ia = |name, v: &DeviceView<'_, A>| span::<A>(name, v.device_ptr(), v.len());
+    let ip = |name, v: &DeviceView<'_, P>| span::<P>(name, v.device_ptr(), v.len());
+    let mut ins = vec![ia("x", &inputs.x), ip("gamma", &inputs.gamma), ip("beta", &inputs.beta)];
     if let Some(r) = &inputs.residual {
-        ins.push(i("residual", r));
+        ins.push(ia("residual", r));
     }
-    check_disjoint(OP_TRAIN, &[o("y", &outputs.y), o("z", &outputs.z), o("stats", &outputs.stats)], &ins)?;
+    let stats = span::<f32>("stats", outputs.stats.device_ptr(), outputs.stats.len());
+    check_disjoint_bytes(OP_TRAIN, &[oa("y", &outputs.y), oa("z", &outputs.z), stats], &ins)?;
     if rows == 0 {
         return Ok(());
     }
     let args = [
-        outputs.y.arg(),
-        outputs.z.arg(),
+        act_mut(&outputs.y),
+        act_mut(&outputs.z),
         outputs.stats.arg(),
-        inputs.x.arg(),
-        inputs.residual.as_ref().map_or(KernelArg::Null, |r| r.arg()),
-        inputs.gamma.arg(),
-        inputs.beta.arg(),
+        act(&inputs.x),
+        inputs.residual.as_ref().map_or(KernelArg::Null, act),
+        P::base_arg(&inputs.gamma),
+        P::base_arg(&inputs.beta),
         KernelArg::I32(rows as i32),
         KernelArg::I32(cols as i32),
         KernelArg::F32(inputs.eps),
@@ -305,7 +347,7 @@ pub fn residual_layernorm_forward_train_with_plan(gpu: &Gpu, inputs: &LayerNormI
     ];
     // SAFETY: every view has exactly the length the kernel indexes for rows/cols (checked above),
     // no output overlaps another operand, and the plan satisfies the kernel's contract.
-    unsafe { gpu.launch(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32, plan.launch_config(rows, cols), &args) }
+    unsafe { gpu.launch(kernel, plan.launch_config(rows, cols), &args) }
 }
 
 /// A shape error of the forward's shared checks, renamed to the op that ran them.
@@ -317,13 +359,14 @@ fn retag(e: Error, op: &'static str) -> Error {
     }
 }
 
-/// The backward's inputs: `dy` and `z` are `[rows, cols]`, `stats` is `[rows, 2]` from the
-/// training forward, `gamma` is `[cols]`.
-pub struct LayerNormBackwardInputs<'a> {
-    pub dy: DeviceView<'a, f32>,
-    pub z: DeviceView<'a, f32>,
+/// The backward's inputs: `dy` and `z` are `[rows, cols]` of activations `A`, `stats` is
+/// `[rows, 2]` (f32) from the training forward, `gamma` is `[cols]` of `P`. Kernels: f32 with
+/// f32, or bf16 with bf16 (`_bf16io`, whose dz is bf16 too; dγ/dβ stay f32).
+pub struct LayerNormBackwardInputs<'a, P = f32, A = f32> {
+    pub dy: DeviceView<'a, A>,
+    pub z: DeviceView<'a, A>,
     pub stats: DeviceView<'a, f32>,
-    pub gamma: DeviceView<'a, f32>,
+    pub gamma: DeviceView<'a, P>,
     pub rows: usize,
     pub cols: usize,
 }
@@ -365,14 +408,23 @@ pub fn layernorm_backward_shared_bytes(plan: &LayerNormPlan, cols: usize) -> usi
 
 /// `dz = LayerNorm'(dy)` from `z` and `stats` (written, or added when `accumulate`), and the
 /// parameter gradients when `params` is given, with the automatic plan.
-pub fn layernorm_backward(gpu: &Gpu, inputs: &LayerNormBackwardInputs<'_>, dz: &mut DeviceViewMut<'_, f32>, accumulate: bool, params: Option<&mut LayerNormParamGrads<'_>>) -> Result<()> {
+pub fn layernorm_backward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormBackwardInputs<'_, P, A>, dz: &mut DeviceViewMut<'_, A>, accumulate: bool, params: Option<&mut LayerNormParamGrads<'_>>) -> Result<()> {
     layernorm_backward_with_plan(gpu, inputs, dz, accumulate, params, layernorm_backward_plan(inputs.cols))
 }
 
 /// As [`layernorm_backward`], with an explicit plan for the `dz` kernel (validated; its row cache
 /// holds `2·cols` floats per row).
-pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<'_>, dz: &mut DeviceViewMut<'_, f32>, accumulate: bool, params: Option<&mut LayerNormParamGrads<'_>>, plan: LayerNormPlan) -> Result<()> {
+pub fn layernorm_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LayerNormBackwardInputs<'_, P, A>,
+    dz: &mut DeviceViewMut<'_, A>,
+    accumulate: bool,
+    params: Option<&mut LayerNormParamGrads<'_>>,
+    plan: LayerNormPlan,
+) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
+    let dz_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_BACKWARD_F32), None, Some(LAYERNORM_BACKWARD_BF16IO)])?;
+    let partial_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_PARAM_GRAD_PARTIAL_F32), None, Some(LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO)])?;
     if cols == 0 {
         return Err(Error::shape(OP_BWD, "cols must be at least 1".to_string()));
     }
@@ -389,31 +441,35 @@ pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<
         return Err(Error::shape(OP_BWD, format!("launch plan {plan:?}: the row cache needs {smem} bytes of shared memory, more than {MAX_ROW_CACHE_BYTES}")));
     }
     let chunks = ColumnChunks::for_rows(rows);
-    let i = |name, v: &DeviceView<'_, f32>| (name, v.device_ptr(), v.len());
-    let inputs_list = [i("dy", &inputs.dy), i("z", &inputs.z), i("stats", &inputs.stats), i("gamma", &inputs.gamma)];
-    let mut outputs = vec![("dz", dz.device_ptr(), dz.len())];
+    let inputs_list = [
+        span::<A>("dy", inputs.dy.device_ptr(), inputs.dy.len()),
+        span::<A>("z", inputs.z.device_ptr(), inputs.z.len()),
+        span::<f32>("stats", inputs.stats.device_ptr(), inputs.stats.len()),
+        span::<P>("gamma", inputs.gamma.device_ptr(), inputs.gamma.len()),
+    ];
+    let mut outputs = vec![span::<A>("dz", dz.device_ptr(), dz.len())];
     if let Some(p) = params.as_deref() {
         for (name, g) in [("dgamma", &p.dgamma), ("dbeta", &p.dbeta)] {
             if let Some(g) = g {
                 expect_len(OP_BWD, name, g.len(), cols, "cols")?;
-                outputs.push((name, g.device_ptr(), g.len()));
+                outputs.push(span::<f32>(name, g.device_ptr(), g.len()));
             }
         }
         let need = 2 * chunks.workspace_len(cols);
         if p.workspace.len() < need {
             return Err(Error::shape(OP_BWD, format!("workspace has {} elements, at least {need} needed (2 x chunks {} x cols {cols}) {what}", p.workspace.len(), chunks.chunks)));
         }
-        outputs.push(("workspace", p.workspace.device_ptr(), need));
+        outputs.push(span::<f32>("workspace", p.workspace.device_ptr(), need));
     }
-    check_disjoint(OP_BWD, &outputs, &inputs_list)?;
+    check_disjoint_bytes(OP_BWD, &outputs, &inputs_list)?;
     if rows > 0 {
         let cfg = LaunchConfig { shared_mem_bytes: smem as u32, ..plan.launch_config(rows, cols) };
         let args = [
-            dz.arg(),
-            inputs.dy.arg(),
-            inputs.z.arg(),
+            act_mut(dz),
+            act(&inputs.dy),
+            act(&inputs.z),
             inputs.stats.arg(),
-            inputs.gamma.arg(),
+            P::base_arg(&inputs.gamma),
             KernelArg::I32(rows as i32),
             KernelArg::I32(cols as i32),
             KernelArg::I32(accumulate as i32),
@@ -421,7 +477,7 @@ pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<
         ];
         // SAFETY: every view has the length the kernel indexes for rows/cols, dz overlaps no
         // input, and the plan (block shape, shared memory) was validated above.
-        unsafe { gpu.launch(LAYERNORM_BACKWARD_F32, cfg, &args) }?;
+        unsafe { gpu.launch(dz_kernel, cfg, &args) }?;
     }
     let Some(p) = params else { return Ok(()) };
     if p.dgamma.is_none() && p.dbeta.is_none() {
@@ -435,8 +491,8 @@ pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<
         let args = [
             if p.dgamma.is_some() { ws_g } else { KernelArg::Null },
             if p.dbeta.is_some() { ws_b } else { KernelArg::Null },
-            inputs.dy.arg(),
-            inputs.z.arg(),
+            act(&inputs.dy),
+            act(&inputs.z),
             inputs.stats.arg(),
             KernelArg::I32(rows as i32),
             KernelArg::I32(cols as i32),
@@ -444,7 +500,7 @@ pub fn layernorm_backward_with_plan(gpu: &Gpu, inputs: &LayerNormBackwardInputs<
         ];
         // SAFETY: the workspace holds 2·chunks·cols floats (checked), the inputs rows·cols and
         // 2·rows, and the grid covers exactly chunks × ceil(cols/32) tiles.
-        unsafe { gpu.launch(LAYERNORM_PARAM_GRAD_PARTIAL_F32, chunks.partial_launch(cols), &args) }?;
+        unsafe { gpu.launch(partial_kernel, chunks.partial_launch(cols), &args) }?;
     }
     // The finalize kernel's `a` pair must be present: put whichever output exists there.
     let (out_a, part_a, out_b, part_b) = match (&p.dgamma, &p.dbeta) {
