@@ -573,7 +573,8 @@ fn schedules_agree_bit_for_bit() {
 }
 
 /// Rows of frozen branches are skipped when no input gradient is needed: their weights are
-/// freed before the launch (cuda-sim keeps freed memory unmapped, so a read would fault), yet the
+/// freed before the launch, past the pool (cuda-sim keeps freed memory unmapped, so a read would
+/// fault), yet the
 /// trainable branch's gradients match the CPU.
 #[cfg(feature = "cuda-sim")]
 #[test]
@@ -595,6 +596,9 @@ fn frozen_branches_are_never_read_without_input_gradients() {
                     *d = None;
                 }
             }
+            // Past the memory pool, back to the executor, which unmaps it (the pool would hand
+            // the blocks to this launch's outputs instead).
+            gpu.release_cached();
             let got = run_with(&gpu, &case, &descriptors, None).unwrap_or_else(|e| panic!("{}: {e}", case.label()));
             let (_, want) = case.reference();
             for (name, g) in got.grads[trainable.iter().position(|&t| t).unwrap()].as_ref().unwrap() {
