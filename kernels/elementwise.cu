@@ -14,6 +14,13 @@
 //   first_token_f32        y[b, :] = x[b, 0, :] for x [batch, seq_len, cols]
 //   count_nonfinite_f32    *count += number of NaN/inf elements of x (Backend::all_finite reads
 //                          4 bytes back instead of the tensor)
+// bf16 activations: bias_act_forward_bf16io (x, y, pre and the frozen base's bias in bf16),
+// add_bf16io and first_token_bf16io store every operand as bf16 raw bits; they are the f32
+// kernels' templated bodies instantiated with bf16_raw, computing in f32 from exactly widened
+// loads and rounding each stored value once to nearest even (pre is the f32 x + bias rounded
+// once, y is act of the unrounded f32 sum rounded once). So a bf16io output is the f32 kernel's
+// output on the widened inputs rounded once, and the copies (first_token) are exact but for NaN
+// payloads.
 //
 // Thread mapping:
 //   * row kernels (bias_act, first_token): one warp per row, 8 rows per 256-thread block, rows
@@ -30,23 +37,17 @@
 
 // ---- bias + activation ------------------------------------------------------------------------
 
-// y, x, pre: [rows, cols]; bias: [cols] or null; pre may be null; y may equal x.
-extern "C" __global__ void bias_act_forward_f32(
-    float* y,
-    float* __restrict__ pre,
-    const float* x,
-    const float* __restrict__ bias,
-    int rows,
-    int cols,
-    int act)
-{
+// y, x, pre: [rows, cols]; bias: [cols] or null; pre may be null; y may equal x. All of
+// activation storage type A (float or bf16_raw).
+template <typename A>
+__device__ __forceinline__ void bias_act_forward_body(A* y, A* __restrict__ pre, const A* x, const A* __restrict__ bias, int rows, int cols, int act) {
     const int lane = threadIdx.x;
     for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
         const size_t off = (size_t)row * (size_t)cols;
         for (int c = lane; c < cols; c += blockDim.x) {
             float v = load_f32(x + off + c);
             if (bias != nullptr) {
-                v += bias[c];
+                v += load_f32(bias + c);
             }
             if (pre != nullptr) {
                 store_f32(pre + off + c, v);
@@ -56,14 +57,50 @@ extern "C" __global__ void bias_act_forward_f32(
     }
 }
 
+extern "C" __global__ void bias_act_forward_f32(
+    float* y,
+    float* __restrict__ pre,
+    const float* x,
+    const float* __restrict__ bias,
+    int rows,
+    int cols,
+    int act)
+{
+    bias_act_forward_body<float>(y, pre, x, bias, rows, cols, act);
+}
+
+// bf16 y, pre, x and bias, as raw bits.
+extern "C" __global__ void bias_act_forward_bf16io(
+    unsigned short* y,
+    unsigned short* __restrict__ pre,
+    const unsigned short* x,
+    const unsigned short* __restrict__ bias,
+    int rows,
+    int cols,
+    int act)
+{
+    bias_act_forward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<bf16_raw*>(pre), reinterpret_cast<const bf16_raw*>(x),
+                                    reinterpret_cast<const bf16_raw*>(bias), rows, cols, act);
+}
+
 // ---- add, fill, cast ---------------------------------------------------------------------------
 
-// y, a, b: [n]. y may equal a or b.
-extern "C" __global__ void add_f32(float* y, const float* a, const float* b, long long n) {
+// y, a, b: [n] of activation storage type A. y may equal a or b.
+template <typename A>
+__device__ __forceinline__ void add_body(A* y, const A* a, const A* b, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         store_f32(y + i, load_f32(a + i) + load_f32(b + i));
     }
+}
+
+extern "C" __global__ void add_f32(float* y, const float* a, const float* b, long long n) {
+    add_body<float>(y, a, b, n);
+}
+
+// bf16 y, a, b as raw bits: the f32 sum of the widened operands, rounded once.
+extern "C" __global__ void add_bf16io(unsigned short* y, const unsigned short* a, const unsigned short* b, long long n) {
+    add_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(a), reinterpret_cast<const bf16_raw*>(b), n);
 }
 
 extern "C" __global__ void fill_f32(float* __restrict__ y, float value, long long n) {
@@ -105,7 +142,19 @@ extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ y, const unsigne
 
 // ---- first-token gather ------------------------------------------------------------------------
 
-// y: [batch, cols]; x: [batch, seq_len, cols]. Same mapping as bias_act: a warp per output row.
+// y: [batch, cols]; x: [batch, seq_len, cols], both of activation storage type A. Same mapping as
+// bias_act: a warp per output row.
+template <typename A>
+__device__ __forceinline__ void first_token_body(A* __restrict__ y, const A* __restrict__ x, int batch, int seq_len, int cols) {
+    for (int b = blockIdx.x * blockDim.y + threadIdx.y; b < batch; b += gridDim.x * blockDim.y) {
+        const A* src = x + (size_t)b * (size_t)seq_len * (size_t)cols;
+        A* dst = y + (size_t)b * (size_t)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            store_f32(dst + c, load_f32(src + c));
+        }
+    }
+}
+
 extern "C" __global__ void first_token_f32(
     float* __restrict__ y,
     const float* __restrict__ x,
@@ -113,13 +162,19 @@ extern "C" __global__ void first_token_f32(
     int seq_len,
     int cols)
 {
-    for (int b = blockIdx.x * blockDim.y + threadIdx.y; b < batch; b += gridDim.x * blockDim.y) {
-        const float* src = x + (size_t)b * (size_t)seq_len * (size_t)cols;
-        float* dst = y + (size_t)b * (size_t)cols;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            store_f32(dst + c, load_f32(src + c));
-        }
-    }
+    first_token_body<float>(y, x, batch, seq_len, cols);
+}
+
+// bf16 y and x as raw bits: widening then rounding a bf16 gives it back, so the copy is exact
+// (a NaN comes out as the canonical 0x7fff).
+extern "C" __global__ void first_token_bf16io(
+    unsigned short* __restrict__ y,
+    const unsigned short* __restrict__ x,
+    int batch,
+    int seq_len,
+    int cols)
+{
+    first_token_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(x), batch, seq_len, cols);
 }
 
 // ---- finiteness ------------------------------------------------------------------------------

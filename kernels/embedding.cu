@@ -8,11 +8,15 @@
 //                                                          mean, biased variance, eps inside sqrt
 // mean and rstd are written per row when the pointers are non-null.
 //
-// Storage: y, mean and rstd are f32. The three tables, gamma and beta are all f32
+// Storage: mean and rstd are f32. The three tables, gamma and beta are all f32
 // (embedding_layernorm_forward_f32) or all bf16 (embedding_layernorm_forward_bf16: a frozen base
 // loaded in bf16), read through common.cuh's load_f32, which widens bf16 exactly; the sums and
 // statistics are f32 either way, so the bf16 kernel equals the f32 kernel on the widened tables.
-// Both are thin extern "C" wrappers over one templated body.
+// y is f32 in both; embedding_layernorm_forward_bf16io stores it in bf16 (bf16 tables, gamma and
+// beta): the same f32 arithmetic (z is never rounded to bf16), y rounded once to nearest even, so
+// its y is the f32 kernel's y on the widened tables rounded once and its mean and rstd are the f32
+// kernel's bit for bit; a bad token's row is bf16 NaN (0x7fff).
+// All three are thin extern "C" wrappers over one templated body.
 //
 // Out-of-range ids: ids live on the device, so the launcher cannot check them. A thread that reads
 // an id >= its table's size does not touch the table (it gathers row 0 instead, keeping every
@@ -42,11 +46,11 @@ __device__ __forceinline__ float embedding_sum(const T* w, const T* p, const T* 
 
 // y: [rows, cols]; mean_out, rstd_out: [rows] or null; input_ids, token_type_ids: [rows];
 // word: [vocab, cols]; position: [>= seq_len, cols]; token_type: [type_vocab, cols];
-// gamma, beta: [cols]; error_flag: one value (see the header). Tables, gamma and beta are of
-// storage type T (float or bf16_raw).
-template <typename T>
+// gamma, beta: [cols]; error_flag: one value (see the header). y is of activation storage type A,
+// tables, gamma and beta of storage type T (float or bf16_raw each).
+template <typename A, typename T>
 __device__ __forceinline__ void embedding_layernorm_forward_body(
-    float* __restrict__ y,
+    A* __restrict__ y,
     float* __restrict__ mean_out,
     float* __restrict__ rstd_out,
     unsigned long long* __restrict__ error_flag,
@@ -117,7 +121,7 @@ __device__ __forceinline__ void embedding_layernorm_forward_body(
     // Pass 3: normalise, scale, shift; a bad token's row is NaN so it cannot pass for data.
     if (active) {
         const float nan = __int_as_float(0x7fffffff);
-        float* yr = y + (size_t)row * (size_t)cols;
+        A* yr = y + (size_t)row * (size_t)cols;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             const float z = cached ? zr[c] : embedding_sum(wr, pr, tr, c);
             store_f32(yr + c, bad ? nan : fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c)));
@@ -154,8 +158,8 @@ extern "C" __global__ void embedding_layernorm_forward_f32(
     float eps,
     int cache_row)
 {
-    embedding_layernorm_forward_body<float>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, word, position, token_type,
-                                            gamma, beta, rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+    embedding_layernorm_forward_body<float, float>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, word, position, token_type,
+                                                   gamma, beta, rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
 }
 
 // bf16 tables and LayerNorm (a frozen base loaded in bf16), as raw bits; y, mean, rstd stay f32.
@@ -180,7 +184,35 @@ extern "C" __global__ void embedding_layernorm_forward_bf16(
     int cache_row)
 {
     typedef const bf16_raw* B;
-    embedding_layernorm_forward_body<bf16_raw>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, reinterpret_cast<B>(word),
-                                               reinterpret_cast<B>(position), reinterpret_cast<B>(token_type), reinterpret_cast<B>(gamma),
-                                               reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+    embedding_layernorm_forward_body<float, bf16_raw>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, reinterpret_cast<B>(word),
+                                                      reinterpret_cast<B>(position), reinterpret_cast<B>(token_type), reinterpret_cast<B>(gamma),
+                                                      reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+}
+
+// bf16 y (an activation) with bf16 tables and LayerNorm, as raw bits; mean and rstd stay f32.
+extern "C" __global__ void embedding_layernorm_forward_bf16io(
+    unsigned short* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    unsigned long long* __restrict__ error_flag,
+    const unsigned* __restrict__ input_ids,
+    const unsigned* __restrict__ token_type_ids,
+    const unsigned short* __restrict__ word,
+    const unsigned short* __restrict__ position,
+    const unsigned short* __restrict__ token_type,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int seq_len,
+    int cols,
+    unsigned vocab,
+    unsigned type_vocab,
+    float eps,
+    int cache_row)
+{
+    typedef const bf16_raw* B;
+    embedding_layernorm_forward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(y), mean_out, rstd_out, error_flag, input_ids, token_type_ids,
+                                                         reinterpret_cast<B>(word), reinterpret_cast<B>(position), reinterpret_cast<B>(token_type),
+                                                         reinterpret_cast<B>(gamma), reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps,
+                                                         cache_row);
 }

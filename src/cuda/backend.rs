@@ -502,7 +502,7 @@ impl Backend for CudaBackend {
         const OP: &str = "linear_act_only";
         let y = self.linear(x, w, b)?;
         let cols = y.last_dim();
-        elementwise::bias_act_in_place(&self.gpu, &mut self.view_mut(OP, &y)?, None, Some(act), cols)?;
+        elementwise::bias_act_in_place::<f32>(&self.gpu, &mut self.view_mut(OP, &y)?, None, Some(act), cols)?;
         Ok(y)
     }
 
@@ -537,7 +537,7 @@ impl Backend for CudaBackend {
         let y = self.new_tensor::<f32>(&[batch, seq_len, hidden])?;
         let mut flag = new_error_flag(&self.gpu)?;
         {
-            let mut outputs = EmbeddingOutputs { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag: flag.view_mut() };
+            let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag: flag.view_mut() };
             let ids = (self.view(OP, input_ids)?, self.view(OP, token_type_ids)?);
             let dims = (batch, seq_len, hidden, ln.eps);
             match dtype {
@@ -618,7 +618,7 @@ impl Backend for CudaBackend {
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation";
         let y = self.new_tensor::<f32>(x.shape())?;
-        elementwise::bias_act(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?;
+        elementwise::bias_act::<f32>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?;
         Ok(y)
     }
 
@@ -656,7 +656,7 @@ impl Backend for CudaBackend {
             activation: params.activation,
         };
         let out = self.new_tensor::<f32>(x.shape())?;
-        nice_forward(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?;
+        nice_forward::<f32>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?;
         Ok(out)
     }
 
@@ -779,7 +779,7 @@ impl Backend for CudaBackend {
         // Columns [c0, c0 + w) of a [rows, hidden] tensor, as a new [rows, w] tensor.
         let columns = |t: &Tensor, c0: usize, w: usize| -> Result<Tensor> {
             let half = self.new_tensor::<f32>(&[rows, w])?;
-            super::nice::split_columns(&self.gpu, &self.view(OP, t)?, rows, c0, w, &mut self.view_mut(OP, &half)?)?;
+            super::nice::split_columns::<f32>(&self.gpu, &self.view(OP, t)?, rows, c0, w, &mut self.view_mut(OP, &half)?)?;
             Ok(half)
         };
         let (x1, x2, g1, g2) = (columns(x, 0, s1)?, columns(x, s1, s2)?, columns(dy, 0, s1)?, columns(dy, s1, s2)?);
@@ -813,7 +813,7 @@ impl Backend for CudaBackend {
             return Err(Error::shape(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
         }
         let y = self.new_tensor::<f32>(a.shape())?;
-        elementwise::add(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?;
+        elementwise::add::<f32>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?;
         Ok(y)
     }
 
@@ -859,7 +859,7 @@ impl Backend for CudaBackend {
             s => return Err(Error::shape(OP, format!("expected [B, T, H], got {s:?}"))),
         };
         let out = self.new_tensor::<f32>(&[b, h])?;
-        elementwise::first_token(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?;
+        elementwise::first_token::<f32>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?;
         Ok(out)
     }
 

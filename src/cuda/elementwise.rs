@@ -16,15 +16,25 @@
 //!
 //! bf16 buffers reach the header-free kernels as `unsigned short*` (their raw bits): the
 //! pointer argument is retyped here, once, in [`bf16_bits_arg`] / [`bf16_bits_arg_mut`].
+//!
+//! Activations may be stored in bf16: [`bias_act`], [`bias_act_in_place`], [`add`] and
+//! [`first_token`] are generic over the [`ActivationScalar`] `A` of every operand (the bias too:
+//! a frozen base's, bf16 with bf16 activations) and pick the `_f32` or `_bf16io` kernel by
+//! `A::DTYPE` (a storage type without a kernel would be [`Error::Unsupported`]). The bf16io
+//! kernels compute in f32 from exactly widened loads and round each stored value once (nearest
+//! even), so their outputs are the f32 kernels' on the widened inputs, rounded once.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::gpu::{DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::elementwise::{ADD_F32, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_F32};
-use super::registry::ScalarType;
+use super::gpu::{ActivationScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::elementwise::{
+    ADD_BF16IO, ADD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F32,
+};
+use super::registry::{KernelName, ScalarType};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// The most blocks a row or flat kernel is launched with; more work is grid-strided. 4096 blocks
 /// of 256 threads are about four waves of a full H100 or H200 (132 SMs × 2048 threads).
@@ -68,6 +78,20 @@ pub fn bf16_bits_arg_mut(v: &DeviceViewMut<'_, bf16>) -> KernelArg {
     KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
 }
 
+/// The kernel of a family `[f32, bf16io]` for activations stored as `A`.
+pub(crate) fn pick_activation_kernel<A: ActivationScalar>(op: &str, [f32_kernel, bf16io_kernel]: [KernelName; 2]) -> Result<KernelName> {
+    match A::DTYPE {
+        DType::F32 => Ok(f32_kernel),
+        DType::BF16 => Ok(bf16io_kernel),
+        other => Err(Error::Unsupported(format!("{op}: no kernel for {other} activations (there are: f32, bf16)"))),
+    }
+}
+
+/// `(name, address, bytes)` of `len` elements of `A`, for [`check_disjoint_bytes`].
+fn act_span<A: ActivationScalar>(name: &str, ptr: u64, len: usize) -> Operand<'_> {
+    (name, ptr, len * std::mem::size_of::<A>())
+}
+
 /// `rows · cols` after checking both fit the kernels' `int` parameters.
 pub(crate) fn checked_matrix(op: &'static str, rows: usize, cols: usize) -> Result<usize> {
     if rows > i32::MAX as usize || cols > i32::MAX as usize {
@@ -94,50 +118,66 @@ fn flat_len(op: &'static str, n: usize) -> Result<KernelArg> {
 /// `y = act(x + bias)` row-wise over `x: [rows, cols]` (`rows = x.len() / cols`), with `bias:
 /// [cols]` optional and `act` `None` for the identity. When `pre` is given it receives `x + bias`
 /// (the pre-activation the backward reads). Every [`Activation`] is supported; GELU is the exact
-/// erf form.
-pub fn bias_act(gpu: &Gpu, x: &DeviceView<'_, f32>, bias: Option<&DeviceView<'_, f32>>, act: Option<Activation>, cols: usize, y: &mut DeviceViewMut<'_, f32>, pre: Option<&mut DeviceViewMut<'_, f32>>) -> Result<()> {
+/// erf form. Every operand is of `A` (f32, or bf16: `bias_act_forward_bf16io`, where `pre` is the
+/// f32 sum rounded once and `y` the activation of the unrounded sum, rounded once). `y` and `pre`
+/// must not overlap each other or an input (use [`bias_act_in_place`] for `y = x`).
+pub fn bias_act<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, bias: Option<&DeviceView<'_, A>>, act: Option<Activation>, cols: usize, y: &mut DeviceViewMut<'_, A>, pre: Option<&mut DeviceViewMut<'_, A>>) -> Result<()> {
     const OP: &str = "cuda::bias_act";
+    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO])?;
     let rows = bias_act_rows(OP, x.len(), bias.map(|b| b.len()), cols)?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
+    let mut outputs = vec![act_span::<A>("y", y.device_ptr(), y.len())];
     if let Some(p) = &pre {
         expect_len(OP, "pre", p.len(), x.len(), "x's length")?;
+        outputs.push(act_span::<A>("pre", p.device_ptr(), p.len()));
     }
+    let mut inputs = vec![act_span::<A>("x", x.device_ptr(), x.len())];
+    if let Some(b) = bias {
+        inputs.push(act_span::<A>("bias", b.device_ptr(), b.len()));
+    }
+    check_disjoint_bytes(OP, &outputs, &inputs)?;
     if rows == 0 {
         return Ok(());
     }
     let args = [
-        y.arg(),
-        pre.as_ref().map_or(KernelArg::Null, |p| p.arg()),
-        x.arg(),
-        bias.map_or(KernelArg::Null, |b| b.arg()),
+        A::act_arg_mut(y),
+        pre.as_ref().map_or(KernelArg::Null, |p| A::act_arg_mut(p)),
+        A::act_arg(x),
+        bias.map_or(KernelArg::Null, A::act_arg),
         KernelArg::I32(rows as i32),
         KernelArg::I32(cols as i32),
         KernelArg::I32(activation_code(act)),
     ];
-    // SAFETY: x, y and pre hold rows·cols elements and bias cols (checked above).
-    unsafe { gpu.launch(BIAS_ACT_FORWARD_F32, row_launch(rows), &args) }
+    // SAFETY: x, y and pre hold rows·cols elements and bias cols, and no output overlaps another
+    // operand (checked above).
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
 }
 
-/// `y = act(y + bias)` in place, `y: [rows, cols]`.
-pub fn bias_act_in_place(gpu: &Gpu, y: &mut DeviceViewMut<'_, f32>, bias: Option<&DeviceView<'_, f32>>, act: Option<Activation>, cols: usize) -> Result<()> {
+/// `y = act(y + bias)` in place, `y: [rows, cols]`, every operand of `A` (f32 or bf16); `bias`
+/// must not overlap `y`.
+pub fn bias_act_in_place<A: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, A>, bias: Option<&DeviceView<'_, A>>, act: Option<Activation>, cols: usize) -> Result<()> {
     const OP: &str = "cuda::bias_act_in_place";
+    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO])?;
     let rows = bias_act_rows(OP, y.len(), bias.map(|b| b.len()), cols)?;
+    if let Some(b) = bias {
+        check_disjoint_bytes(OP, &[act_span::<A>("y", y.device_ptr(), y.len())], &[act_span::<A>("bias", b.device_ptr(), b.len())])?;
+    }
     if rows == 0 {
         return Ok(());
     }
     // The kernel's x and y carry no __restrict__: reading and writing one element per thread
     // through the same pointer is well defined.
     let args = [
-        y.arg(),
+        A::act_arg_mut(y),
         KernelArg::Null,
-        y.arg(),
-        bias.map_or(KernelArg::Null, |b| b.arg()),
+        A::act_arg_mut(y),
+        bias.map_or(KernelArg::Null, A::act_arg),
         KernelArg::I32(rows as i32),
         KernelArg::I32(cols as i32),
         KernelArg::I32(activation_code(act)),
     ];
-    // SAFETY: y holds rows·cols elements and bias cols (checked above).
-    unsafe { gpu.launch(BIAS_ACT_FORWARD_F32, row_launch(rows), &args) }
+    // SAFETY: y holds rows·cols elements and bias cols, bias apart from y (checked above).
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
 }
 
 /// Rows of a `[rows, cols]` operand of `len` elements, with its optional `[cols]` bias checked.
@@ -158,17 +198,25 @@ fn bias_act_rows(op: &'static str, len: usize, bias: Option<usize>, cols: usize)
 
 // ---- add, fill, cast ----------------------------------------------------------------------------
 
-/// `y = a + b` elementwise (any shape: the three lengths must agree).
-pub fn add(gpu: &Gpu, a: &DeviceView<'_, f32>, b: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// `y = a + b` elementwise (any shape: the three lengths must agree), every operand of `A` (f32,
+/// or bf16: `add_bf16io`, the f32 sum rounded once). `y` may be `a` or `b` itself (the same
+/// elements: each is read, then written, by one thread), but not overlap either otherwise.
+pub fn add<A: ActivationScalar>(gpu: &Gpu, a: &DeviceView<'_, A>, b: &DeviceView<'_, A>, y: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::add";
+    let kernel = pick_activation_kernel::<A>(OP, [ADD_F32, ADD_BF16IO])?;
     expect_len(OP, "b", b.len(), a.len(), "a's length")?;
     expect_len(OP, "y", y.len(), a.len(), "a's length")?;
     let n = flat_len(OP, a.len())?;
+    // The same range as y is in place; any other overlap would let one thread read what another
+    // has written.
+    let out = act_span::<A>("y", y.device_ptr(), y.len());
+    let partial: Vec<Operand<'_>> = [act_span::<A>("a", a.device_ptr(), a.len()), act_span::<A>("b", b.device_ptr(), b.len())].into_iter().filter(|i| i.1 != out.1).collect();
+    check_disjoint_bytes(OP, &[out], &partial)?;
     if a.is_empty() {
         return Ok(());
     }
-    // SAFETY: a, b and y hold n elements each.
-    unsafe { gpu.launch(ADD_F32, flat_launch(a.len()), &[y.arg(), a.arg(), b.arg(), n]) }
+    // SAFETY: a, b and y hold n elements each; y is a, b or apart from both (checked above).
+    unsafe { gpu.launch(kernel, flat_launch(a.len()), &[A::act_arg_mut(y), A::act_arg(a), A::act_arg(b), n]) }
 }
 
 /// Every element of `y` set to `value`.
@@ -231,9 +279,11 @@ pub fn cast_bf16_to_f32(gpu: &Gpu, x: &DeviceView<'_, bf16>, y: &mut DeviceViewM
 // ---- first-token gather ---------------------------------------------------------------------------
 
 /// `y[b, :] = x[b, 0, :]`: `x: [batch, seq_len, hidden]` → `y: [batch, hidden]` (the pooler's
-/// input). `seq_len` must be at least 1 when `batch > 0`.
-pub fn first_token(gpu: &Gpu, x: &DeviceView<'_, f32>, batch: usize, seq_len: usize, hidden: usize, y: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// input), both of `A` (f32, or bf16: `first_token_bf16io`, an exact copy but for NaN payloads,
+/// which become 0x7fff); `y` must not overlap `x`. `seq_len` must be at least 1 when `batch > 0`.
+pub fn first_token<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, batch: usize, seq_len: usize, hidden: usize, y: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::first_token";
+    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_F32, FIRST_TOKEN_BF16IO])?;
     if seq_len == 0 && batch > 0 {
         return Err(Error::shape(OP, format!("sequence length 0 with batch {batch}: there is no first token")));
     }
@@ -243,12 +293,13 @@ pub fn first_token(gpu: &Gpu, x: &DeviceView<'_, f32>, batch: usize, seq_len: us
     let dims = format!("batch={batch}, seq_len={seq_len}, hidden={hidden}");
     expect_len(OP, "x", x.len(), total, &format!("batch·seq_len·hidden for {dims}"))?;
     expect_len(OP, "y", y.len(), batch * hidden, &format!("batch·hidden for {dims}"))?;
+    check_disjoint_bytes(OP, &[act_span::<A>("y", y.device_ptr(), y.len())], &[act_span::<A>("x", x.device_ptr(), x.len())])?;
     if batch == 0 || hidden == 0 {
         return Ok(());
     }
-    let args = [y.arg(), x.arg(), KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32)];
-    // SAFETY: x holds batch·seq_len·hidden elements and y batch·hidden (checked above).
-    unsafe { gpu.launch(FIRST_TOKEN_F32, row_launch(batch), &args) }
+    let args = [A::act_arg_mut(y), A::act_arg(x), KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32)];
+    // SAFETY: x holds batch·seq_len·hidden elements and y batch·hidden, apart (checked above).
+    unsafe { gpu.launch(kernel, row_launch(batch), &args) }
 }
 
 /// How many elements of `x` are NaN or ±inf (one launch and a 4-byte read; synchronises).

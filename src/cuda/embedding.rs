@@ -20,16 +20,22 @@
 //! device's own line of defence, not the primary check.
 //!
 //! The tables and the LayerNorm's γ, β are all f32 or all bf16 (a frozen base loaded in bf16):
-//! [`EmbeddingInputs`] is generic over their [`BaseScalar`], which picks
-//! `embedding_layernorm_forward_f32` or `_bf16` (one templated body, loads widened exactly; the
-//! sums and statistics are f32 either way). The outputs are f32.
+//! [`EmbeddingInputs`] is generic over their [`BaseScalar`] `T`, and [`EmbeddingOutputs`] over
+//! the [`ActivationScalar`] `A` of `y`. The launcher picks the kernel by `(A::DTYPE, T::DTYPE)`:
+//! (f32, f32) `embedding_layernorm_forward_f32`, (f32, bf16) `_bf16`, (bf16, bf16) `_bf16io`
+//! (bf16 activations from a bf16 base); bf16 `y` from f32 tables is [`Error::Unsupported`],
+//! before anything is launched. One templated body, loads widened exactly, sums and statistics in
+//! f32 whatever the types: `mean` and `rstd` are f32, and a bf16 `y` is the f32 kernel's `y`
+//! rounded once (to nearest even).
 //!
 //! Every length is checked before anything is enqueued ([`Error::Shape`] naming the operand and
-//! the numbers); a rejected call writes nothing.
+//! the numbers), and an output sharing a byte with another operand is [`Error::Input`]; a
+//! rejected call writes nothing.
 
-use super::gpu::{BaseScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::elementwise::check_disjoint_bytes;
+use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::layernorm::LayerNormPlan;
-use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_F32};
+use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_BF16IO, EMBEDDING_LAYERNORM_FORWARD_F32};
 use super::registry::KernelName;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -63,10 +69,10 @@ pub struct EmbeddingInputs<'a, T = f32> {
     pub eps: f32,
 }
 
-/// The outputs: `y` `[batch·seq_len, hidden]`; `mean` and `rstd` `[batch·seq_len]` when wanted;
-/// `error_flag` one element (see the module docs).
-pub struct EmbeddingOutputs<'a> {
-    pub y: DeviceViewMut<'a, f32>,
+/// The outputs: `y` `[batch·seq_len, hidden]` of activations `A` (f32 or bf16); `mean` and `rstd`
+/// `[batch·seq_len]` (f32) when wanted; `error_flag` one element (see the module docs).
+pub struct EmbeddingOutputs<'a, A = f32> {
+    pub y: DeviceViewMut<'a, A>,
     pub mean: Option<DeviceViewMut<'a, f32>>,
     pub rstd: Option<DeviceViewMut<'a, f32>>,
     pub error_flag: DeviceViewMut<'a, u64>,
@@ -199,7 +205,7 @@ impl EmbeddingSizes {
     }
 }
 
-fn launch_sizes<T: BaseScalar>(inputs: &EmbeddingInputs<'_, T>, outputs: &EmbeddingOutputs<'_>) -> EmbeddingSizes {
+fn launch_sizes<T: BaseScalar, A: ActivationScalar>(inputs: &EmbeddingInputs<'_, T>, outputs: &EmbeddingOutputs<'_, A>) -> EmbeddingSizes {
     EmbeddingSizes {
         batch: inputs.batch,
         seq_len: inputs.seq_len,
@@ -220,29 +226,57 @@ fn launch_sizes<T: BaseScalar>(inputs: &EmbeddingInputs<'_, T>, outputs: &Embedd
 
 /// `y = LayerNorm((word[id] + token_type[tt]) + position[t])` for every token, with the automatic
 /// launch plan. Out-of-range ids are reported through `outputs.error_flag`: call [`check_flag`].
-pub fn embedding_layernorm_forward<T: BaseScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_>) -> Result<()> {
+pub fn embedding_layernorm_forward<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_, A>) -> Result<()> {
     embedding_layernorm_forward_with_plan(gpu, inputs, outputs, LayerNormPlan::auto(inputs.hidden))
 }
 
-/// The kernel variant that reads tables, γ and β stored as `T`.
-fn forward_kernel<T: BaseScalar>() -> KernelName {
-    match T::DTYPE {
-        DType::BF16 => EMBEDDING_LAYERNORM_FORWARD_BF16,
-        _ => EMBEDDING_LAYERNORM_FORWARD_F32, // BaseScalar is f32 or bf16
+/// The kernel variant that writes `y` as `A` from tables, γ and β stored as `T`;
+/// `Error::Unsupported` for a pair without one.
+fn forward_kernel<T: BaseScalar, A: ActivationScalar>() -> Result<KernelName> {
+    match (A::DTYPE, T::DTYPE) {
+        (DType::F32, DType::F32) => Ok(EMBEDDING_LAYERNORM_FORWARD_F32),
+        (DType::F32, DType::BF16) => Ok(EMBEDDING_LAYERNORM_FORWARD_BF16),
+        (DType::BF16, DType::BF16) => Ok(EMBEDDING_LAYERNORM_FORWARD_BF16IO),
+        (a, t) => Err(Error::Unsupported(format!("{OP}: no kernel for {a} activations with {t} embedding tables (there are: f32 with f32 or bf16, bf16 with bf16)"))),
     }
 }
 
+/// `(name, address, bytes)` of a view of `len` elements of `T`, for [`check_disjoint_bytes`].
+fn span<T: DeviceScalar>(name: &str, ptr: u64, len: usize) -> (&str, u64, usize) {
+    (name, ptr, len * std::mem::size_of::<T>())
+}
+
 /// As [`embedding_layernorm_forward`], with an explicit (validated) launch plan.
-pub fn embedding_layernorm_forward_with_plan<T: BaseScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_>, plan: LayerNormPlan) -> Result<()> {
+pub fn embedding_layernorm_forward_with_plan<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &EmbeddingInputs<'_, T>, outputs: &mut EmbeddingOutputs<'_, A>, plan: LayerNormPlan) -> Result<()> {
+    let kernel = forward_kernel::<T, A>()?;
     let tables = launch_sizes(inputs, outputs).check(inputs.eps)?;
     plan.validate(inputs.hidden)?;
+    // Every operand is __restrict__ in the kernel: no output may share a byte with another operand.
+    let t = |name, v: &DeviceView<'_, T>| span::<T>(name, v.device_ptr(), v.len());
+    let u = |name, v: &DeviceView<'_, u32>| span::<u32>(name, v.device_ptr(), v.len());
+    let inputs_list = [
+        u("input_ids", &inputs.input_ids),
+        u("token_type_ids", &inputs.token_type_ids),
+        t("word", &inputs.word),
+        t("position", &inputs.position),
+        t("token_type", &inputs.token_type),
+        t("gamma", &inputs.gamma),
+        t("beta", &inputs.beta),
+    ];
+    let mut outputs_list = vec![span::<A>("y", outputs.y.device_ptr(), outputs.y.len()), span::<u64>("error_flag", outputs.error_flag.device_ptr(), outputs.error_flag.len())];
+    for (name, v) in [("mean", &outputs.mean), ("rstd", &outputs.rstd)] {
+        if let Some(v) = v {
+            outputs_list.push(span::<f32>(name, v.device_ptr(), v.len()));
+        }
+    }
+    check_disjoint_bytes(OP, &outputs_list, &inputs_list)?;
     let rows = inputs.batch * inputs.seq_len;
     if rows == 0 {
         return Ok(());
     }
     // The kernel's parameter order; Gpu::launch checks it against kernels/embedding.cu.
     let args = [
-        outputs.y.arg(),
+        A::act_arg_mut(&outputs.y),
         outputs.mean.as_ref().map_or(KernelArg::Null, |m| m.arg()),
         outputs.rstd.as_ref().map_or(KernelArg::Null, |r| r.arg()),
         outputs.error_flag.arg(),
@@ -261,10 +295,11 @@ pub fn embedding_layernorm_forward_with_plan<T: BaseScalar>(gpu: &Gpu, inputs: &
         KernelArg::F32(inputs.eps),
         KernelArg::I32(plan.cache_row as i32),
     ];
-    // SAFETY: every view was checked above against batch/seq_len/hidden; the kernel reads table
-    // rows only below the row counts passed (bad ids read row 0), positions below seq_len <=
-    // max_positions; the plan was validated against the kernel's block and shared-memory contract.
-    unsafe { gpu.launch(forward_kernel::<T>(), plan.launch_config(rows, inputs.hidden), &args) }
+    // SAFETY: every view was checked above against batch/seq_len/hidden and no output overlaps
+    // another operand; the kernel reads table rows only below the row counts passed (bad ids read
+    // row 0), positions below seq_len <= max_positions; the plan was validated against the
+    // kernel's block and shared-memory contract.
+    unsafe { gpu.launch(kernel, plan.launch_config(rows, inputs.hidden), &args) }
 }
 
 #[cfg(test)]

@@ -18,15 +18,24 @@
 //! in place. Nine launches in all: the split, then per subnet GEMM, bias + activation, GEMM and
 //! couple (the first couple also writes the second subnet's input half).
 //!
+//! `x` and `out` are activations of an [`ActivationScalar`] `A`: f32 (`nice_split_f32`,
+//! `nice_couple_f32`) or bf16 (`nice_split_bf16io`, `nice_couple_bf16io`). The subnets are the
+//! adapter's own, f32 weights, so they run in f32 either way: the split widens a bf16 half
+//! exactly into the f32 scratch, and a couple rounds `out` once (nearest even) and hands the next
+//! subnet that stored value, so G reads exactly the bf16 `y1` the output holds (the inverse, which
+//! reads `y1` from a bf16 `out`, then recomputes the same `G(y1)`). The first coupled half is the
+//! f32 computation rounded once; the second is computed from the rounded first.
+//!
 //! Scratch lives in a [`NiceWorkspace`]; [`nice_forward`] allocates one per call, and
 //! [`nice_forward_with_workspace`] reuses one sized for at most `rows` rows (the model's way: no
 //! allocation per step). Every length is checked before anything is enqueued ([`Error::Shape`]
-//! naming the parameter and the numbers); a rejected call writes nothing.
+//! naming the parameter and the numbers), and an `out` sharing a byte with `x` is
+//! [`Error::Input`]; a rejected call writes nothing.
 
-use super::elementwise::{bias_act_in_place, checked_matrix, expect_len, row_launch};
+use super::elementwise::{bias_act_in_place, check_disjoint_bytes, checked_matrix, expect_len, pick_activation_kernel, row_launch};
 use super::gemm::{Epilogue, Gemm, Transpose};
-use super::gpu::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::nice::{NICE_COUPLE_F32, NICE_SPLIT_F32};
+use super::gpu::{ActivationScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
+use super::registry::nice::{NICE_COUPLE_BF16IO, NICE_COUPLE_F32, NICE_SPLIT_BF16IO, NICE_SPLIT_F32};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
 
@@ -90,7 +99,8 @@ impl NiceDims {
     }
 }
 
-/// Scratch for [`nice_forward_with_workspace`], for up to `rows` rows of one block's widths.
+/// Scratch for [`nice_forward_with_workspace`], for up to `rows` rows of one block's widths. It is
+/// f32 whatever the activations' storage (the subnets compute in f32).
 pub struct NiceWorkspace {
     rows: usize,
     dims: NiceDims,
@@ -127,11 +137,11 @@ impl NiceWorkspace {
     }
 }
 
-/// NICE forward (`inverse == false`) or inverse over `x: [rows, H]` into `out` (same length),
-/// allocating its scratch; see the module docs.
-pub fn nice_forward(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &NiceDeviceParams<'_>, inverse: bool, out: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// NICE forward (`inverse == false`) or inverse over `x: [rows, H]` into `out` (same length, not
+/// overlapping `x`), both of `A` (f32 or bf16), allocating its scratch; see the module docs.
+pub fn nice_forward<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, params: &NiceDeviceParams<'_>, inverse: bool, out: &mut DeviceViewMut<'_, A>) -> Result<()> {
     let dims = NiceDims::of(params)?;
-    let rows = check_io(x.len(), out.len(), dims)?;
+    let rows = check_io(x, out, dims)?;
     if rows == 0 {
         return Ok(());
     }
@@ -140,9 +150,9 @@ pub fn nice_forward(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &NiceDeviceParam
 }
 
 /// [`nice_forward`] with caller-owned scratch (`ws` built for these widths and at least these rows).
-pub fn nice_forward_with_workspace(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &NiceDeviceParams<'_>, inverse: bool, out: &mut DeviceViewMut<'_, f32>, ws: &mut NiceWorkspace) -> Result<()> {
+pub fn nice_forward_with_workspace<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, params: &NiceDeviceParams<'_>, inverse: bool, out: &mut DeviceViewMut<'_, A>, ws: &mut NiceWorkspace) -> Result<()> {
     let d = NiceDims::of(params)?;
-    let rows = check_io(x.len(), out.len(), d)?;
+    let rows = check_io(x, out, d)?;
     if ws.dims != d {
         return Err(Error::shape(OP, format!("the workspace was built for {:?}, the parameters have {d:?}", ws.dims)));
     }
@@ -176,8 +186,18 @@ pub fn nice_forward_with_workspace(gpu: &Gpu, x: &DeviceView<'_, f32>, params: &
     }
 }
 
+/// Rows of `x` (`x.len() / H`), with `out` the same length, apart from `x`, and both within the
+/// kernels' `int`s; and the kernels exist for `A`.
+fn check_io<A: ActivationScalar>(x: &DeviceView<'_, A>, out: &DeviceViewMut<'_, A>, d: NiceDims) -> Result<usize> {
+    pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO])?;
+    let rows = check_lens(x.len(), out.len(), d)?;
+    let bytes = std::mem::size_of::<A>();
+    check_disjoint_bytes(OP, &[("out", out.device_ptr(), out.len() * bytes)], &[("x", x.device_ptr(), x.len() * bytes)])?;
+    Ok(rows)
+}
+
 /// Rows of `x` (`x_len / H`), with `out` the same length and both within the kernels' `int`s.
-fn check_io(x_len: usize, out_len: usize, d: NiceDims) -> Result<usize> {
+fn check_lens(x_len: usize, out_len: usize, d: NiceDims) -> Result<usize> {
     let h = d.hidden();
     if !x_len.is_multiple_of(h) {
         return Err(Error::shape(OP, format!("x has {x_len} elements, not a whole number of rows of H = {h} (s1 {} from F.2.bias + s2 {} from G.2.bias)", d.s1, d.s2)));
@@ -189,9 +209,10 @@ fn check_io(x_len: usize, out_len: usize, d: NiceDims) -> Result<usize> {
     Ok(rows)
 }
 
-/// `half = x[:, col0 .. col0 + width]`.
-pub fn split_columns(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, half: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// `half = x[:, col0 .. col0 + width]`, `x` of `A` (f32 or bf16, widened exactly), `half` f32.
+pub fn split_columns<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, rows: usize, col0: usize, width: usize, half: &mut DeviceViewMut<'_, f32>) -> Result<()> {
     const OP: &str = "cuda::split_columns";
+    let kernel = pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO])?;
     if rows == 0 || width == 0 {
         return Ok(());
     }
@@ -199,20 +220,24 @@ pub fn split_columns(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, col0: usiz
     if !x.len().is_multiple_of(rows) || col0.checked_add(width).is_none_or(|end| end > hidden) || half.len() != rows * width || hidden > i32::MAX as usize || rows > i32::MAX as usize {
         return Err(Error::shape(OP, format!("columns {col0}..{} of {rows} rows of x ({} elements) into {} elements", col0 + width, x.len(), half.len())));
     }
-    let args = [half.arg(), x.arg(), KernelArg::I32(rows as i32), KernelArg::I32(hidden as i32), KernelArg::I32(col0 as i32), KernelArg::I32(width as i32)];
-    // SAFETY: x is [rows, hidden] with col0 + width <= hidden, half is [rows, width] (the caller's
-    // checks and slices).
-    unsafe { gpu.launch(NICE_SPLIT_F32, row_launch(rows), &args) }
+    let bytes = std::mem::size_of::<A>();
+    check_disjoint_bytes(OP, &[("half", half.device_ptr(), 4 * half.len())], &[("x", x.device_ptr(), bytes * x.len())])?;
+    let args = [half.arg(), A::act_arg(x), KernelArg::I32(rows as i32), KernelArg::I32(hidden as i32), KernelArg::I32(col0 as i32), KernelArg::I32(width as i32)];
+    // SAFETY: x is [rows, hidden] with col0 + width <= hidden, half is [rows, width] and apart
+    // from x (checked above).
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
 }
 
-/// `out[:, col0..col0+width] = x[:, same] + sign·delta`, copied to `half_out` when given.
+/// `out[:, col0..col0+width] = x[:, same] + sign·delta` (rounded once to `A`), the stored value
+/// copied to `half_out` when given.
 #[allow(clippy::too_many_arguments)] // the kernel's operands and the half's position
-fn couple(gpu: &Gpu, out: &mut DeviceViewMut<'_, f32>, half_out: Option<&mut DeviceViewMut<'_, f32>>, x: &DeviceView<'_, f32>, delta: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, sign: f32) -> Result<()> {
+fn couple<A: ActivationScalar>(gpu: &Gpu, out: &mut DeviceViewMut<'_, A>, half_out: Option<&mut DeviceViewMut<'_, f32>>, x: &DeviceView<'_, A>, delta: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, sign: f32) -> Result<()> {
+    let kernel = pick_activation_kernel::<A>(OP, [NICE_COUPLE_F32, NICE_COUPLE_BF16IO])?;
     let hidden = x.len() / rows;
     let args = [
-        out.arg(),
+        A::act_arg_mut(out),
         half_out.as_ref().map_or(KernelArg::Null, |h| h.arg()),
-        x.arg(),
+        A::act_arg(x),
         delta.arg(),
         KernelArg::I32(rows as i32),
         KernelArg::I32(hidden as i32),
@@ -220,9 +245,10 @@ fn couple(gpu: &Gpu, out: &mut DeviceViewMut<'_, f32>, half_out: Option<&mut Dev
         KernelArg::I32(width as i32),
         KernelArg::F32(sign),
     ];
-    // SAFETY: out and x are [rows, hidden] with col0 + width <= hidden; delta and half_out are
-    // [rows, width] (the caller's checks and slices).
-    unsafe { gpu.launch(NICE_COUPLE_F32, row_launch(rows), &args) }
+    // SAFETY: out and x are [rows, hidden] with col0 + width <= hidden and apart; delta and
+    // half_out are [rows, width] slices of the workspace's separate buffers (the caller's checks
+    // and slices).
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
 }
 
 type Linear<'a> = (DeviceView<'a, f32>, DeviceView<'a, f32>);
@@ -266,8 +292,8 @@ mod tests {
     #[test]
     fn rows_must_be_whole_and_out_match() {
         let d = NiceDims { s1: 20, s2: 21, kf: 10, kg: 10 };
-        assert_eq!(check_io(41 * 3, 41 * 3, d).unwrap(), 3);
-        assert!(check_io(41 * 3 + 1, 41 * 3 + 1, d).is_err());
-        assert!(check_io(41 * 3, 41 * 2, d).is_err());
+        assert_eq!(check_lens(41 * 3, 41 * 3, d).unwrap(), 3);
+        assert!(check_lens(41 * 3 + 1, 41 * 3 + 1, d).is_err());
+        assert!(check_lens(41 * 3, 41 * 2, d).is_err());
     }
 }

@@ -1,0 +1,713 @@
+//! bf16 activation storage in the embedding, elementwise and NICE families (issue 13): the
+//! `_bf16io` kernels `embedding_layernorm_forward_bf16io` (bf16 tables, γ/β and y; mean, rstd
+//! f32), `bias_act_forward_bf16io` (bf16 x, bias, y, pre), `add_bf16io`, `first_token_bf16io`,
+//! and `nice_split_bf16io` / `nice_couple_bf16io` (bf16 x and out; the subnets' f32 adapter
+//! weights and scratch), one body per device (`test_device!`: `*::cuda_sim` on the executor in
+//! the forward, reverse and random schedules; `*::cuda` on a GPU, `SKIPPED: ...` without one, a
+//! failure under `REQUIRE_GPU=1`), at 1, 7 and 33 rows (tokens) of 40, 48 and 384 columns.
+//!
+//! What is asserted, for each bf16 output (tests/support/bf16.rs, the bf16 rule): every element
+//! written (outputs start as bf16 NaN, uploaded: the executor's own poison word is a finite bf16)
+//! and finite, and `max|got − f32_ref| <= 2·max|plain − f32_ref| + floor`, where the inputs are
+//! drawn, rounded to bf16 and uploaded as bf16, `f32_ref` is the f32 computation on those rounded
+//! inputs (the crate's CPU reference functions and CPU backend) and `plain` is a plain bf16
+//! implementation written here, rounding where PyTorch's bf16 ops round:
+//! - embedding + LayerNorm: `round(round(word + token_type) + position)` (HF's add order, each
+//!   add a bf16 tensor), then LayerNorm computed in f32 from that bf16 sum, output rounded once;
+//! - bias + activation: `pre = round(x + b)`, `y = round(act(pre))`;
+//! - add: `round(a + b)`; first token: the copy itself;
+//! - NICE: each Linear in f32 from bf16 operands, its output rounded (`rule::plain_linear`), the
+//!   activation rounded, each coupling's add or subtract rounded, every subnet reading the bf16
+//!   halves.
+//!
+//! And exactness against the f32 kernels: each bf16io kernel computes in f32 exactly as its f32
+//! kernel (the same templated body, loads widened exactly) and rounds only on store, so its bf16
+//! output equals the f32 kernel's output on the widened inputs rounded to bf16 (bit for bit on
+//! the executor, which runs both with the same operations; within one bf16 ulp on a GPU, where
+//! each instantiation is compiled on its own), its f32 outputs (mean, rstd) equal the f32
+//! kernel's (bit for bit on the executor, within 2^-20 relative on a GPU), and pre, add and the
+//! first-token copy (one f32 add or none) are bit for bit everywhere. NICE's second coupled half
+//! is not the f32 kernel's rounded once: its subnet reads the first half as stored (rounded), as
+//! PyTorch's bf16 dataflow does; it is checked exactly against `round(x2 + G(ŷ1))` with `G(ŷ1)`
+//! taken from the f32 kernel run on `[ŷ1 | 0]` (see `nice_bf16io_follows_the_rule`).
+//!
+//! Refusals: bf16 `y` from f32 embedding tables is `Error::Unsupported` (the only storage pair
+//! without a kernel: the elementwise and NICE launchers take one activation type for every
+//! operand, so no other mixed pair can be expressed); overlapping outputs are refused in bytes,
+//! and a bf16 view of the wrong length is a shape error; a refused call writes nothing.
+
+#[path = "support/bf16.rs"]
+mod rule;
+
+use bert_adapters::backend::NiceParams;
+use bert_adapters::cpu::reference;
+use bert_adapters::cuda::elementwise::{add, bias_act, bias_act_in_place, first_token};
+use bert_adapters::cuda::embedding::{check_flag, embedding_layernorm_forward, embedding_layernorm_forward_with_plan, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
+use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
+use bert_adapters::cuda::layernorm::LayerNormPlan;
+use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
+use bert_adapters::cuda::probe::report_line;
+use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor, TokenBatch};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BERT_EPS: f32 = 1e-12;
+const ROWS: [usize; 3] = [1, 7, 33];
+const COLS: [usize; 3] = [40, 48, 384];
+const ALL_ACTS: [Activation; 6] = [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid];
+
+fn up<T: DeviceScalar>(gpu: &Gpu, v: &[T]) -> DeviceBuffer<T> {
+    gpu.upload(v).unwrap_or_else(|e| panic!("upload: {e}"))
+}
+
+fn down<T: DeviceScalar>(gpu: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
+    gpu.download(&b.view()).unwrap_or_else(|e| panic!("download: {e}"))
+}
+
+/// Poisoned outputs (uploaded, so a GPU's are poisoned too): an element a kernel skips stays NaN.
+fn nan16(gpu: &Gpu, n: usize) -> DeviceBuffer<bf16> {
+    up(gpu, &vec![bf16::NAN; n])
+}
+
+fn nan32(gpu: &Gpu, n: usize) -> DeviceBuffer<f32> {
+    up(gpu, &vec![f32::NAN; n])
+}
+
+fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// `uniform` rounded to bf16: the inputs of every case are bf16 values.
+fn uniform16(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    rule::round_all(&uniform(rng, n, lo, hi))
+}
+
+fn id(x: f32) -> f32 {
+    x
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A bf16 value's position on the number line in ulps (-0 and +0 both 0).
+fn ordinal(b: bf16) -> i32 {
+    let u = b.to_bits() as i32;
+    if u & 0x8000 != 0 {
+        -(u & 0x7fff)
+    } else {
+        u
+    }
+}
+
+/// Every bf16 output element finite and equal to `want` (an f32 kernel's output, or an f32 value
+/// computed from one) rounded to bf16: bit for bit on the executor, within one bf16 ulp on a GPU
+/// (see the module docs).
+fn assert_rounded_f32_kernel(gpu: &Gpu, label: &str, got: &[bf16], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let most = if gpu.kind() == GpuKind::Sim { 0 } else { 1 };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let r = bf16::from_f32(w);
+        assert!(g.is_finite() && r.is_finite(), "{label}: [{i}] = {g}, f32 kernel {w}");
+        let ulps = (ordinal(g) - ordinal(r)).abs();
+        assert!(ulps <= most, "{label}: [{i}] = {g} but the f32 kernel's {w} rounds to {r}: {ulps} bf16 ulps apart");
+    }
+}
+
+/// An f32 output equal to the f32 kernel's: bit for bit on the executor, within 2^-20 relative on
+/// a GPU (see the module docs).
+fn assert_same_f32(gpu: &Gpu, label: &str, got: &[f32], f32_kernel: &[f32]) {
+    if gpu.kind() == GpuKind::Sim {
+        assert_eq!(bits(got), bits(f32_kernel), "{label}: differs from the f32 kernel's");
+        return;
+    }
+    assert_eq!(got.len(), f32_kernel.len(), "{label}: length");
+    for (i, (g, w)) in got.iter().zip(f32_kernel).enumerate() {
+        assert!(g.is_finite() && (g - w).abs() <= w.abs() * 2f32.powi(-20), "{label}: [{i}] = {g}, the f32 kernel's {w}");
+    }
+}
+
+/// `got` is exactly `want` rounded to bf16, element by element (one rounding of an exactly known
+/// f32 value, the same on every device).
+fn assert_exactly_rounded(label: &str, got: &[bf16], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), bf16::from_f32(w).to_bits(), "{label}: [{i}] = {g}, expected {w} rounded to {}", bf16::from_f32(w));
+    }
+}
+
+/// The worst `kernel error / plain error` seen, with its label and errors, for the report line.
+#[derive(Default)]
+struct Worst {
+    ratio: f64,
+    at: String,
+    errs: (f64, f64),
+}
+
+impl Worst {
+    fn note(&mut self, label: &str, (err, plain): (f64, f64)) {
+        let ratio = err / plain.max(1e-30);
+        if ratio >= self.ratio {
+            *self = Worst { ratio, at: label.to_string(), errs: (err, plain) };
+        }
+    }
+
+    fn report(&self, what: &str, gpu: &Gpu) {
+        report_line(&format!("{what} on {}: worst kernel/plain-bf16 error {:.3} ({:.3e} vs {:.3e}) at {}", gpu.describe(), self.ratio, self.errs.0, self.errs.1, self.at));
+    }
+}
+
+// ---- embedding + LayerNorm ------------------------------------------------------------------------
+
+const VOCAB: usize = 13;
+const TYPE_VOCAB: usize = 2;
+const MAX_POSITIONS: usize = 16;
+
+/// One embedding input set, every table value already a bf16 (as f32).
+#[derive(Clone)]
+struct EmbCase {
+    batch: usize,
+    seq_len: usize,
+    hidden: usize,
+    ids: Vec<u32>,
+    types: Vec<u32>,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl EmbCase {
+    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize) -> EmbCase {
+        let n = batch * seq_len;
+        // The last id of each table appears, so an off-by-one in the bound check fails.
+        let ids = (0..n).map(|i| if i == n - 1 { VOCAB as u32 - 1 } else { rng.random_range(0..VOCAB as u32) }).collect();
+        let types = (0..n).map(|i| if i == 0 { TYPE_VOCAB as u32 - 1 } else { rng.random_range(0..TYPE_VOCAB as u32) }).collect();
+        EmbCase {
+            batch,
+            seq_len,
+            hidden,
+            ids,
+            types,
+            // A common offset (|mean| > std), where the plain bf16 sums lose the most.
+            word: uniform16(rng, VOCAB * hidden, 0.5, 1.5),
+            position: uniform16(rng, MAX_POSITIONS * hidden, -0.2, 0.2),
+            token_type: uniform16(rng, TYPE_VOCAB * hidden, -0.2, 0.2),
+            gamma: uniform16(rng, hidden, 0.5, 1.5),
+            beta: uniform16(rng, hidden, -0.5, 0.5),
+        }
+    }
+
+    /// The f32 computation (the CPU reference: f32 sums in HF's order, LayerNorm in f64 inside).
+    fn reference(&self) -> reference::LayerNormOut {
+        let tokens = TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.ids, token_type_ids: &self.types };
+        let z = reference::embedding(&tokens, &self.word, &self.position, &self.token_type, self.hidden);
+        reference::residual_layernorm(&z, None, &self.gamma, &self.beta, self.hidden, BERT_EPS)
+    }
+
+    /// PyTorch's bf16 `BertEmbeddings`: `inputs_embeds + token_type_embeddings` and `+=
+    /// position_embeddings` are bf16 tensors (each add rounded), then `layer_norm` in f32 from the
+    /// bf16 sum, its output rounded once.
+    fn plain(&self) -> Vec<f32> {
+        let h = self.hidden;
+        let mut z = Vec::with_capacity(self.ids.len() * h);
+        for (row, (&id, &tt)) in self.ids.iter().zip(&self.types).enumerate() {
+            let t = row % self.seq_len;
+            z.extend((0..h).map(|c| rule::round(rule::round(self.word[id as usize * h + c] + self.token_type[tt as usize * h + c]) + self.position[t * h + c])));
+        }
+        plain_layernorm(&z, &self.gamma, &self.beta, h, BERT_EPS)
+    }
+}
+
+/// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
+/// the bf16 operands, the output rounded once.
+fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+    let mut y = Vec::with_capacity(z.len());
+    for zr in z.chunks(cols) {
+        let mean = zr.iter().sum::<f32>() / cols as f32;
+        let var = zr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round((v - mean) * rstd * g + b)));
+    }
+    y
+}
+
+struct EmbGot<A> {
+    y: Vec<A>,
+    mean: Option<Vec<f32>>,
+    rstd: Option<Vec<f32>>,
+    flag: Result<(), Error>,
+}
+
+/// Uploads `c` with tables, γ, β as `T` and runs the forward into a NaN-poisoned `y` of `A`
+/// (mean and rstd when `stats`), with the auto plan when `plan` is None.
+fn run_embedding<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, c: &EmbCase, stats: bool, plan: Option<LayerNormPlan>, table: fn(f32) -> T, act: fn(f32) -> A) -> Result<EmbGot<A>, Error> {
+    let conv = |v: &[f32]| v.iter().map(|&x| table(x)).collect::<Vec<T>>();
+    let rows = c.batch * c.seq_len;
+    let (ids, types) = (up(gpu, &c.ids), up(gpu, &c.types));
+    let (word, position, token_type) = (up(gpu, &conv(&c.word)), up(gpu, &conv(&c.position)), up(gpu, &conv(&c.token_type)));
+    let (gamma, beta) = (up(gpu, &conv(&c.gamma)), up(gpu, &conv(&c.beta)));
+    let mut y = up(gpu, &vec![act(f32::NAN); rows * c.hidden]);
+    let mut mean = stats.then(|| nan32(gpu, rows));
+    let mut rstd = stats.then(|| nan32(gpu, rows));
+    let mut flag = new_error_flag(gpu)?;
+    {
+        let inputs = EmbeddingInputs {
+            input_ids: ids.view(),
+            token_type_ids: types.view(),
+            word: word.view(),
+            position: position.view(),
+            token_type: token_type.view(),
+            gamma: gamma.view(),
+            beta: beta.view(),
+            batch: c.batch,
+            seq_len: c.seq_len,
+            hidden: c.hidden,
+            eps: BERT_EPS,
+        };
+        let mut out = EmbeddingOutputs { y: y.view_mut(), mean: mean.as_mut().map(|m| m.view_mut()), rstd: rstd.as_mut().map(|r| r.view_mut()), error_flag: flag.view_mut() };
+        match plan {
+            None => embedding_layernorm_forward(gpu, &inputs, &mut out)?,
+            Some(p) => embedding_layernorm_forward_with_plan(gpu, &inputs, &mut out, p)?,
+        }
+    }
+    Ok(EmbGot { y: down(gpu, &y), mean: mean.map(|m| down(gpu, &m)), rstd: rstd.map(|r| down(gpu, &r)), flag: check_flag(gpu, &flag.view()) })
+}
+
+fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0e3b);
+    let mut worst = Worst::default();
+    // (batch, seq_len): 1, 7 and 33 tokens; then a block-per-row width (cached) and the plans
+    // without the row cache.
+    let tokens = [(1, 1), (1, 7), (3, 11)];
+    let mut shapes: Vec<(usize, usize, usize, Option<LayerNormPlan>)> = tokens.iter().flat_map(|&(b, t)| COLS.iter().map(move |&h| (b, t, h, None))).collect();
+    shapes.push((2, 3, 1100, None));
+    shapes.push((1, 7, 384, Some(LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false })));
+    shapes.push((2, 3, 1100, Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: false })));
+    for (k, (batch, seq_len, hidden, plan)) in shapes.into_iter().enumerate() {
+        let stats = k % 3 != 1; // mean and rstd left out in some cases
+        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} {plan:?}", gpu.describe());
+        let c = EmbCase::random(&mut rng, batch, seq_len, hidden);
+        let got = run_embedding(gpu, &c, stats, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
+        got.flag.as_ref().unwrap_or_else(|e| panic!("{label}: flag: {e}"));
+        let f32_kernel = run_embedding(gpu, &c, stats, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
+        let f32_ref = c.reference();
+        worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&got.y), &f32_ref.y, &c.plain()));
+        assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
+        if stats {
+            let (mean, rstd) = (got.mean.as_deref().unwrap(), got.rstd.as_deref().unwrap());
+            assert_same_f32(gpu, &format!("{label}: mean"), mean, f32_kernel.mean.as_deref().unwrap());
+            assert_same_f32(gpu, &format!("{label}: rstd"), rstd, f32_kernel.rstd.as_deref().unwrap());
+            for (what, g, w) in [("mean", mean, &f32_ref.mean), ("rstd", rstd, &f32_ref.rstd)] {
+                let tol = 1e-5 * (1.0 + w.iter().fold(0f32, |m, v| m.max(v.abs())));
+                assert!(g.iter().zip(w).all(|(a, b)| (a - b).abs() <= tol), "{label}: {what} {g:?} vs reference {w:?}");
+            }
+        }
+        // The bf16-table kernel with f32 y is the f32 kernel on the widened tables, bit for bit.
+        let bf16_tables = run_embedding(gpu, &c, false, plan, bf16::from_f32, id).unwrap_or_else(|e| panic!("{label}: _bf16 kernel: {e}"));
+        assert_same_f32(gpu, &format!("{label}: _bf16 y"), &bf16_tables.y, &f32_kernel.y);
+    }
+    worst.report("embedding bf16io y", gpu);
+}
+test_device!(embedding_bf16io, embedding_bf16io_follows_the_rule);
+
+/// A bad id: its row of bf16 y is NaN (0x7fff), the flag names it, the other rows are the good
+/// launch's.
+fn embedding_bf16io_refuses_bad_ids(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0bad);
+    let (batch, seq_len, hidden) = (3, 5, 48);
+    let good = EmbCase::random(&mut rng, batch, seq_len, hidden);
+    let want = run_embedding(gpu, &good, true, None, bf16::from_f32, bf16::from_f32).unwrap();
+    let mut bad = good.clone();
+    bad.ids[7] = VOCAB as u32; // batch 1, position 2
+    let got = run_embedding(gpu, &bad, true, None, bf16::from_f32, bf16::from_f32).unwrap();
+    let msg = got.flag.expect_err("a bad id is reported").to_string();
+    assert!(msg.contains(&format!("token id {VOCAB} at batch 1, position 2")), "{msg}");
+    for (row, (g, w)) in got.y.chunks(hidden).zip(want.y.chunks(hidden)).enumerate() {
+        if row == 7 {
+            assert!(g.iter().all(|v| v.to_bits() == 0x7fff), "row {row}: {g:?}");
+        } else {
+            assert_eq!(g, w, "row {row}");
+        }
+    }
+    assert!(got.mean.unwrap()[7].is_nan() && got.rstd.unwrap()[7].is_nan());
+}
+test_device!(embedding_bf16io_bad_ids, embedding_bf16io_refuses_bad_ids);
+
+// ---- bias + activation ------------------------------------------------------------------------------
+
+/// Runs `bias_act` on `x` (and `bias`) as `A` into NaN-poisoned `y` (and `pre` when `with_pre`).
+fn run_bias_act<A: ActivationScalar>(gpu: &Gpu, x: &[f32], bias: Option<&[f32]>, act: Option<Activation>, cols: usize, with_pre: bool, conv: fn(f32) -> A) -> (Vec<A>, Option<Vec<A>>) {
+    let c = |v: &[f32]| v.iter().map(|&x| conv(x)).collect::<Vec<A>>();
+    let (dx, db) = (up(gpu, &c(x)), bias.map(|b| up(gpu, &c(b))));
+    let mut y = up(gpu, &vec![conv(f32::NAN); x.len()]);
+    let mut pre = with_pre.then(|| up(gpu, &vec![conv(f32::NAN); x.len()]));
+    {
+        let mut pre_view = pre.as_mut().map(|p| p.view_mut());
+        bias_act(gpu, &dx.view(), db.as_ref().map(|b| b.view()).as_ref(), act, cols, &mut y.view_mut(), pre_view.as_mut()).unwrap_or_else(|e| panic!("{} bias_act: {e}", gpu.describe()));
+    }
+    (down(gpu, &y), pre.map(|p| down(gpu, &p)))
+}
+
+fn bias_act_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_b1a5);
+    let mut worst = Worst::default();
+    let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
+    let mut case = 0usize;
+    for act in acts {
+        for rows in ROWS {
+            for cols in COLS {
+                case += 1;
+                let (with_bias, with_pre) = (!case.is_multiple_of(3), !case.is_multiple_of(2));
+                let mut x = uniform16(&mut rng, rows * cols, -6.0, 6.0);
+                // The tails and the special points of each activation (all bf16 values).
+                let len = x.len();
+                for (i, v) in [0.0, -0.0, -30.0, 30.0, -100.0, 100.0, -88.5, 10.0, -10.0].iter().enumerate() {
+                    x[i * 3 % len] = *v;
+                }
+                let bias = with_bias.then(|| uniform16(&mut rng, cols, -1.0, 1.0));
+                let label = format!("{} bf16io bias_act {act:?} rows={rows} cols={cols} bias={with_bias} pre={with_pre}", gpu.describe());
+                let pre_f32: Vec<f32> = match &bias {
+                    Some(b) => x.iter().enumerate().map(|(i, v)| v + b[i % cols]).collect(),
+                    None => x.clone(),
+                };
+                let apply = |v: &[f32]| match act {
+                    Some(a) => reference::activation(v, a),
+                    None => v.to_vec(),
+                };
+                let f32_ref = apply(&pre_f32);
+                let pre_plain = rule::round_all(&pre_f32);
+                let plain = rule::round_all(&apply(&pre_plain));
+
+                let (y, pre) = run_bias_act(gpu, &x, bias.as_deref(), act, cols, with_pre, bf16::from_f32);
+                let (y32, _) = run_bias_act(gpu, &x, bias.as_deref(), act, cols, false, id);
+                worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&y), &f32_ref, &plain));
+                assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &y, &y32);
+                if let Some(p) = &pre {
+                    // One f32 add rounded once, on every device.
+                    rule::assert_within_twice_plain(&format!("{label}: pre"), &rule::widen(p), &pre_f32, &pre_plain);
+                    assert_exactly_rounded(&format!("{label}: pre"), p, &pre_f32);
+                }
+                // In place gives the same bits.
+                let mut inplace = up(gpu, &rule::to_bf16(&x));
+                let db = bias.as_ref().map(|b| up(gpu, &rule::to_bf16(b)));
+                bias_act_in_place(gpu, &mut inplace.view_mut(), db.as_ref().map(|b| b.view()).as_ref(), act, cols).unwrap_or_else(|e| panic!("{label} in place: {e}"));
+                assert_eq!(down(gpu, &inplace), y, "{label}: in place");
+            }
+        }
+    }
+    worst.report("bias_act bf16io y", gpu);
+}
+test_device!(bias_act_bf16io, bias_act_bf16io_follows_the_rule);
+
+// ---- add, first token ---------------------------------------------------------------------------------
+
+fn add_and_first_token_bf16io_are_rounded_once(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0add);
+    let mut worst = Worst::default();
+    for n in [1, 7, 33 * 40, 33 * 384] {
+        let label = format!("{} add_bf16io n={n}", gpu.describe());
+        let (a, b) = (uniform16(&mut rng, n, -3.0, 3.0), uniform16(&mut rng, n, -3.0, 3.0));
+        let f32_ref: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let plain = rule::round_all(&f32_ref);
+        let (da, db) = (up(gpu, &rule::to_bf16(&a)), up(gpu, &rule::to_bf16(&b)));
+        let mut y = nan16(gpu, n);
+        add(gpu, &da.view(), &db.view(), &mut y.view_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let got = down(gpu, &y);
+        worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &plain));
+        // The f32 kernel's sum is this f32 add; one rounding of it, on every device.
+        let mut y32 = nan32(gpu, n);
+        add(gpu, &up(gpu, &a).view(), &up(gpu, &b).view(), &mut y32.view_mut()).unwrap();
+        assert_eq!(bits(&down(gpu, &y32)), bits(&f32_ref), "{label}: the f32 kernel");
+        assert_exactly_rounded(&label, &got, &f32_ref);
+        // In place (y = a) gives the same bits.
+        let acc = up(gpu, &rule::to_bf16(&a));
+        {
+            // SAFETY: `acc` is used through these views only; the kernel reads each element of a
+            // before writing the same element of y, in one thread.
+            let mut y_alias = unsafe { acc.view().assume_writable() };
+            add(gpu, &acc.view(), &db.view(), &mut y_alias).unwrap_or_else(|e| panic!("{label} in place: {e}"));
+        }
+        assert_eq!(down(gpu, &acc), got, "{label}: in place");
+    }
+    worst.report("add bf16io", gpu);
+
+    for (batch, seq_len) in [(1, 1), (7, 1), (7, 5), (33, 3)] {
+        for hidden in COLS {
+            let label = format!("{} first_token_bf16io batch={batch} seq_len={seq_len} hidden={hidden}", gpu.describe());
+            let x = uniform16(&mut rng, batch * seq_len * hidden, -2.0, 2.0);
+            let cpu = CpuBackend::reference();
+            let f32_ref = cpu.to_host(&cpu.first_token(&Tensor::from_vec(x.clone(), &[batch, seq_len, hidden]).unwrap()).unwrap()).unwrap();
+            let mut y = nan16(gpu, batch * hidden);
+            first_token(gpu, &up(gpu, &rule::to_bf16(&x)).view(), batch, seq_len, hidden, &mut y.view_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let got = down(gpu, &y);
+            // A copy: the plain bf16 gather is the reference itself, so the rule demands exactness.
+            rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &f32_ref);
+            assert_exactly_rounded(&label, &got, &f32_ref);
+        }
+    }
+}
+test_device!(add_first_token_bf16io, add_and_first_token_bf16io_are_rounded_once);
+
+// ---- NICE ----------------------------------------------------------------------------------------------
+
+/// One NICE block's host weights, HF layout, scaled 1/sqrt(fan-in), every value a bf16 (stored in
+/// f32: the adapter's weights stay f32 on the device; being bf16 values, a plain bf16 Linear that
+/// rounds its weight reads them unchanged, so the plain model and the kernels share them exactly).
+struct NiceHost {
+    hidden: usize,
+    /// (weight, bias) of F.0, F.2, G.0, G.2.
+    layers: [(Vec<f32>, Vec<f32>); 4],
+    act: Activation,
+}
+
+impl NiceHost {
+    fn random(rng: &mut StdRng, hidden: usize, rf: usize, act: Activation) -> Self {
+        let (s1, s2) = (hidden / 2, hidden - hidden / 2);
+        let (kf, kg) = (s2 / rf, s1 / rf);
+        let mut linear = |out: usize, inp: usize| {
+            let s = 1.0 / (inp.max(1) as f32).sqrt();
+            (uniform16(rng, out * inp, -s, s), uniform16(rng, out, -0.5, 0.5))
+        };
+        NiceHost { hidden, layers: [linear(kf, s2), linear(s1, kf), linear(kg, s1), linear(s2, kg)], act }
+    }
+
+    fn halves(&self) -> (usize, usize) {
+        (self.hidden / 2, self.hidden - self.hidden / 2)
+    }
+
+    /// The f32 computation: the CPU backend's NICE.
+    fn cpu(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
+        let (s1, s2) = self.halves();
+        let (kf, kg) = (self.layers[0].1.len(), self.layers[2].1.len());
+        let fan_in = [s2, kf, s1, kg];
+        let t: Vec<(Tensor, Tensor)> = self
+            .layers
+            .iter()
+            .zip(fan_in)
+            .map(|((w, b), inp)| (Tensor::from_vec(w.clone(), &[b.len(), inp]).unwrap(), Tensor::from_vec(b.clone(), &[b.len()]).unwrap()))
+            .collect();
+        let p = NiceParams { f0: (&t[0].0, &t[0].1), f2: (&t[1].0, &t[1].1), g0: (&t[2].0, &t[2].1), g2: (&t[3].0, &t[3].1), activation: self.act };
+        let cpu = CpuBackend::reference();
+        let y = cpu.nice(&Tensor::from_vec(x.to_vec(), &[rows, self.hidden]).unwrap(), &p, inverse).unwrap();
+        cpu.to_host(&y).unwrap()
+    }
+
+    /// A plain bf16 subnet `round(round(act(round(z·W0ᵀ + b0)))·W2ᵀ + b2)` on bf16 `z: [rows, d_in]`.
+    fn plain_subnet(&self, z: &[f32], rows: usize, (l0, l2): (usize, usize)) -> Vec<f32> {
+        let ((w0, b0), (w2, b2)) = (&self.layers[l0], &self.layers[l2]);
+        let (k, d_out) = (b0.len(), b2.len());
+        let d_in = z.len() / rows.max(1);
+        let h = rule::plain_linear(z, w0, Some(b0), rows, k, d_in);
+        let a = rule::round_all(&reference::activation(&h, self.act));
+        rule::plain_linear(&a, w2, Some(b2), rows, d_out, k)
+    }
+
+    /// PyTorch's NICE on bf16 tensors: each subnet plain, each coupling's add or subtract rounded,
+    /// the second subnet reading the bf16 result of the first coupling.
+    fn plain(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
+        let (s1, s2) = self.halves();
+        let (a, b) = columns(x, rows, self.hidden, 0, s1, s2);
+        let (first, second) = if !inverse {
+            let y1: Vec<f32> = a.iter().zip(self.plain_subnet(&b, rows, (0, 1))).map(|(x, f)| rule::round(x + f)).collect();
+            let y2: Vec<f32> = b.iter().zip(self.plain_subnet(&y1, rows, (2, 3))).map(|(x, g)| rule::round(x + g)).collect();
+            (y1, y2)
+        } else {
+            let x2: Vec<f32> = b.iter().zip(self.plain_subnet(&a, rows, (2, 3))).map(|(y, g)| rule::round(y - g)).collect();
+            let x1: Vec<f32> = a.iter().zip(self.plain_subnet(&x2, rows, (0, 1))).map(|(y, f)| rule::round(y - f)).collect();
+            (x1, x2)
+        };
+        join(&first, &second, rows, s1, s2)
+    }
+}
+
+/// The `[rows, s1]` and `[rows, s2]` column halves of `x: [rows, hidden]` (from column `c0`).
+fn columns(x: &[f32], rows: usize, hidden: usize, c0: usize, s1: usize, s2: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b) = (Vec::with_capacity(rows * s1), Vec::with_capacity(rows * s2));
+    for r in x.chunks(hidden) {
+        a.extend_from_slice(&r[c0..c0 + s1]);
+        b.extend_from_slice(&r[c0 + s1..c0 + s1 + s2]);
+    }
+    (a, b)
+}
+
+/// `[first | second]` row by row.
+fn join<T: Copy>(first: &[T], second: &[T], rows: usize, s1: usize, s2: usize) -> Vec<T> {
+    (0..rows).flat_map(|r| first[r * s1..(r + 1) * s1].iter().chain(&second[r * s2..(r + 1) * s2]).copied()).collect()
+}
+
+/// The device copies of a [`NiceHost`] (f32 weights), viewed as [`NiceDeviceParams`].
+struct NiceDevice(Vec<(DeviceBuffer<f32>, DeviceBuffer<f32>)>, Activation);
+
+impl NiceDevice {
+    fn new(gpu: &Gpu, h: &NiceHost) -> Self {
+        NiceDevice(h.layers.iter().map(|(w, b)| (up(gpu, w), up(gpu, b))).collect(), h.act)
+    }
+    fn params(&self) -> NiceDeviceParams<'_> {
+        let l = |i: usize| (self.0[i].0.view(), self.0[i].1.view());
+        NiceDeviceParams { f0: l(0), f2: l(1), g0: l(2), g2: l(3), activation: self.1 }
+    }
+}
+
+/// NICE over `x` as `A` into a NaN-poisoned `out`.
+fn run_nice<A: ActivationScalar>(gpu: &Gpu, dev: &NiceDevice, x: &[f32], inverse: bool, conv: fn(f32) -> A) -> Vec<A> {
+    let mut y = up(gpu, &vec![conv(f32::NAN); x.len()]);
+    let dx = up(gpu, &x.iter().map(|&v| conv(v)).collect::<Vec<A>>());
+    nice_forward(gpu, &dx.view(), &dev.params(), inverse, &mut y.view_mut()).unwrap_or_else(|e| panic!("{}: nice: {e}", gpu.describe()));
+    down(gpu, &y)
+}
+
+fn nice_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_41ce);
+    let mut worst = Worst::default();
+    // H 41 and 66/rf 3 give s1 != s2 and kf != kg.
+    let configs = [(40, 2, Activation::Relu), (41, 2, Activation::Swish), (48, 2, Activation::Gelu), (66, 3, Activation::Tanh), (384, 2, Activation::Swish)];
+    for (hidden, rf, act) in configs {
+        let host = NiceHost::random(&mut rng, hidden, rf, act);
+        let dev = NiceDevice::new(gpu, &host);
+        let (s1, s2) = host.halves();
+        for rows in ROWS {
+            let x = uniform16(&mut rng, rows * hidden, -2.0, 2.0);
+            for inverse in [false, true] {
+                let label = format!("{} bf16io nice H={hidden} rf={rf} {act:?} rows={rows} inverse={inverse}", gpu.describe());
+                let got = run_nice(gpu, &dev, &x, inverse, bf16::from_f32);
+                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &host.cpu(&x, rows, inverse), &host.plain(&x, rows, inverse)));
+
+                // Exactness, half by half. The first coupling (forward: y1 = x1 + F(x2); inverse:
+                // x2 = y2 − G(y1)) reads only the input: the f32 kernel's half rounded once.
+                let f32_kernel = run_nice(gpu, &dev, &x, inverse, id);
+                let got_w = rule::widen(&got);
+                let (got1, got2) = columns(&got_w, rows, hidden, 0, s1, s2);
+                let (k1, k2) = columns(&f32_kernel, rows, hidden, 0, s1, s2);
+                let (x1, x2) = columns(&x, rows, hidden, 0, s1, s2);
+                let zeros1 = vec![0f32; rows * s1];
+                let zeros2 = vec![0f32; rows * s2];
+                let (first_got, first_want, second_got, second_want) = if !inverse {
+                    // y2 = round(x2 + G(ŷ1)) with ŷ1 the stored bf16 y1: the f32 kernel's inverse of
+                    // [ŷ1 | 0] is [.. | 0 − G(ŷ1)], the subnet's f32 output negated exactly.
+                    let (_, neg_g) = columns(&run_nice(gpu, &dev, &join(&got1, &zeros2, rows, s1, s2), true, id), rows, hidden, 0, s1, s2);
+                    (got1, k1, got2, x2.iter().zip(&neg_g).map(|(a, g)| a + -g).collect::<Vec<f32>>())
+                } else {
+                    // x1 = round(y1 − F(x̂2)) with x̂2 the stored bf16 x2: the f32 kernel's forward
+                    // of [0 | x̂2] is [0 + F(x̂2) | ..], the subnet's f32 output exactly.
+                    let (f, _) = columns(&run_nice(gpu, &dev, &join(&zeros1, &got2, rows, s1, s2), false, id), rows, hidden, 0, s1, s2);
+                    (got2, k2, got1, x1.iter().zip(&f).map(|(a, f)| a - f).collect::<Vec<f32>>())
+                };
+                assert_rounded_f32_kernel(gpu, &format!("{label}: first coupled half"), &rule::to_bf16(&first_got), &first_want);
+                assert_rounded_f32_kernel(gpu, &format!("{label}: second coupled half"), &rule::to_bf16(&second_got), &second_want);
+            }
+        }
+    }
+    worst.report("nice bf16io", gpu);
+
+    // A reused workspace gives the allocating form's bits.
+    let host = NiceHost::random(&mut rng, 41, 2, Activation::Gelu);
+    let dev = NiceDevice::new(gpu, &host);
+    let params = dev.params();
+    let mut ws = NiceWorkspace::new(gpu, 33, NiceDims::of(&params).unwrap()).unwrap();
+    for (rows, inverse) in [(33, false), (7, true), (1, false)] {
+        let x = uniform16(&mut rng, rows * 41, -2.0, 2.0);
+        let mut y = nan16(gpu, x.len());
+        nice_forward_with_workspace(gpu, &up(gpu, &rule::to_bf16(&x)).view(), &params, inverse, &mut y.view_mut(), &mut ws).unwrap();
+        assert_eq!(down(gpu, &y), run_nice(gpu, &dev, &x, inverse, bf16::from_f32), "{} workspace rows={rows} inverse={inverse}", gpu.describe());
+    }
+}
+test_device!(nice_bf16io, nice_bf16io_follows_the_rule);
+
+// ---- refusals ---------------------------------------------------------------------------------------------
+
+fn expect_err(label: &str, r: Result<(), Error>, want: fn(&Error) -> bool) {
+    match r {
+        Err(e) if want(&e) => {}
+        Err(e) => panic!("{label}: wrong error: {e}"),
+        Ok(()) => panic!("{label}: the call succeeded"),
+    }
+}
+
+/// bf16 y from f32 tables has no kernel; overlapping bf16 outputs are refused in bytes (an odd
+/// offset, mid 4-byte word), adjacent ones accepted; a short bf16 operand is a shape error. A
+/// refused call writes nothing.
+fn bad_bf16_calls_are_refused(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_00ff);
+    let c = EmbCase::random(&mut rng, 1, 3, 40);
+    match run_embedding(gpu, &c, true, None, id, bf16::from_f32) {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains("bf16 activations") && msg.contains("f32 embedding tables"), "{msg}"),
+        Err(e) => panic!("bf16 y from f32 tables: expected Error::Unsupported, got {e}"),
+        Ok(_) => panic!("bf16 y from f32 tables: expected Error::Unsupported, the call succeeded"),
+    }
+    // run_embedding downloads nothing on an error; launch it by hand to see y untouched.
+    let (ids, table) = (up(gpu, &[0u32; 3]), up(gpu, &vec![0.5f32; 40 * 16]));
+    let mut y = nan16(gpu, 3 * 40);
+    let mut flag = new_error_flag(gpu).unwrap();
+    let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, eps: 1e-5 };
+    let mut out = EmbeddingOutputs { y: y.view_mut(), mean: None, rstd: None, error_flag: flag.view_mut() };
+    expect_err("bf16 y, f32 tables", embedding_layernorm_forward(gpu, &inputs, &mut out), |e| matches!(e, Error::Unsupported(_)));
+    assert!(down(gpu, &y).iter().all(|v| v.is_nan()), "a refused embedding wrote y");
+
+    // bias_act: y and pre in one bf16 buffer of 2·41 elements.
+    let (rows, cols) = (1, 41);
+    let x = up(gpu, &rule::to_bf16(&uniform16(&mut rng, cols, -1.0, 1.0)));
+    let both = nan16(gpu, 2 * cols);
+    {
+        // SAFETY: nothing else uses `both` while these views live; the launcher must refuse them.
+        let (mut y, mut pre) = unsafe { (both.slice(0..cols).unwrap().assume_writable(), both.slice(cols - 1..2 * cols - 1).unwrap().assume_writable()) };
+        expect_err("overlapping y and pre", bias_act(gpu, &x.view(), None, Some(Activation::Gelu), cols, &mut y, Some(&mut pre)), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
+        // y over x.
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut over_x = unsafe { x.view().assume_writable() };
+        expect_err("y over x", bias_act(gpu, &x.view(), None, None, cols, &mut over_x, None), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
+    }
+    assert!(down(gpu, &both).iter().all(|v| v.is_nan()), "a refused bias_act wrote");
+    {
+        // SAFETY: disjoint views of `both`, nothing else uses it meanwhile.
+        let (mut y, mut pre) = unsafe { (both.slice(0..cols).unwrap().assume_writable(), both.slice(cols..2 * cols).unwrap().assume_writable()) };
+        bias_act(gpu, &x.view(), None, Some(Activation::Gelu), cols, &mut y, Some(&mut pre)).expect("adjacent bf16 y and pre do not overlap");
+    }
+    let (alone_y, alone_pre) = run_bias_act(gpu, &rule::widen(&down(gpu, &x)), None, Some(Activation::Gelu), cols, true, bf16::from_f32);
+    let got = down(gpu, &both);
+    assert_eq!((&got[..cols], &got[cols..]), (&alone_y[..], &alone_pre.unwrap()[..]), "y and pre side by side");
+    // Shapes count bf16 elements.
+    let mut y = nan16(gpu, rows * cols);
+    expect_err("short bf16 bias", bias_act(gpu, &x.view(), Some(&x.slice(0..cols - 1).unwrap()), None, cols, &mut y.view_mut(), None), |e| matches!(e, Error::Shape { .. }));
+
+    // add: y overlapping a by all but one element is refused; y = a exactly is in place (tested above).
+    let a = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * cols, -1.0, 1.0)));
+    let before = down(gpu, &a);
+    {
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut shifted = unsafe { a.slice(1..cols + 1).unwrap().assume_writable() };
+        let head = a.slice(0..cols).unwrap();
+        expect_err("add y shifted over a", add(gpu, &head, &head, &mut shifted), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
+    }
+    assert_eq!(down(gpu, &a), before, "a refused add wrote");
+    let mut y = nan16(gpu, cols);
+    expect_err("add short b", add(gpu, &a.slice(0..cols).unwrap(), &a.slice(0..cols - 1).unwrap(), &mut y.view_mut()), |e| matches!(e, Error::Shape { .. }));
+
+    // first_token: y inside x.
+    let xs = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * 3 * cols, -1.0, 1.0)));
+    let before = down(gpu, &xs);
+    {
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut inside = unsafe { xs.slice(cols..3 * cols).unwrap().assume_writable() };
+        expect_err("first_token y inside x", first_token(gpu, &xs.view(), 2, 3, cols, &mut inside), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
+    }
+    assert_eq!(down(gpu, &xs), before, "a refused first_token wrote");
+
+    // NICE: out over x.
+    let host = NiceHost::random(&mut rng, 40, 2, Activation::Relu);
+    let dev = NiceDevice::new(gpu, &host);
+    let nx = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 3 * 40, -1.0, 1.0)));
+    let before = down(gpu, &nx);
+    {
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut over = unsafe { nx.view().assume_writable() };
+        expect_err("nice out over x", nice_forward(gpu, &nx.view(), &dev.params(), false, &mut over), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
+    }
+    assert_eq!(down(gpu, &nx), before, "a refused nice wrote");
+    let mut out = nan16(gpu, 3 * 40);
+    expect_err("nice short out", nice_forward(gpu, &nx.view(), &dev.params(), true, &mut out.slice_mut(0..119).unwrap()), |e| matches!(e, Error::Shape { .. }));
+    assert!(down(gpu, &out).iter().all(|v| v.is_nan()), "a refused nice wrote out");
+}
+test_device!(bf16_refusals, bad_bf16_calls_are_refused);
