@@ -42,6 +42,7 @@ use super::optim::{AdamWBuffers, AdamWSegments, GradViews};
 use super::nice::{nice_forward, NiceDeviceParams};
 use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, NiceGrads, NiceParams, ScalingParam};
 use crate::config::Activation;
+use crate::cpu::{GemmCounts, GemmKind, GemmStats};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, DeviceStorage, Storage, Tensor};
@@ -122,6 +123,9 @@ buffer_elements!(f32 => F32, bf16 => BF16, f16 => F16, u32 => U32);
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     device: Device,
+    /// The Linear products run, by kind (forward, input gradient, weight gradient), as the CPU
+    /// counts them: what proves that a frozen Linear never gets a weight-gradient product.
+    products: GemmStats,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -133,7 +137,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default() })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -142,11 +146,18 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default() }
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The Linear products this backend has run (`[forward, input gradient, weight gradient]`
+    /// calls and multiply-adds). The adapter locations' own products run inside their fused
+    /// backward and are counted by the kernels launched ([`Gpu::launch_counts`]).
+    pub fn gemm_counts(&self) -> GemmCounts {
+        self.products.snapshot()
     }
 
     fn storage<'t>(&self, op: &str, t: &'t Tensor) -> Result<&'t CudaStorage> {
@@ -295,6 +306,7 @@ impl CudaBackend {
         let rows = x.rows();
         let epilogue = if b.is_some() { Epilogue::Bias } else { Epilogue::None };
         let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue);
+        self.products.count(GemmKind::Forward, rows * d_in * d_out);
         if x.dtype() != DType::F32 {
             return Err(Error::Unsupported(format!(
                 "{OP}: the input x {:?} is {}; this Linear takes f32 activations (bf16 activations with a bf16 base: CudaBackend::linear_bf16io)",
@@ -516,6 +528,7 @@ impl Backend for CudaBackend {
         let dx = self.new_tensor::<f32>(&shape)?;
         let mut scratch = None;
         let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
+        self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
         elementwise::linear_backward_input_act(&self.gpu, &self.view(OP, dy)?, &w, &self.view(OP, pre)?, Some(act), dims, &mut self.view_mut(OP, &dx)?)?;
         Ok(dx)
     }
@@ -668,6 +681,7 @@ impl Backend for CudaBackend {
         }
         let mut scratch = None;
         let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
+        self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
         elementwise::linear_backward_input(&self.gpu, &self.view(OP, dy)?, &w, dims, &mut self.view_mut(OP, out)?, accumulate)
     }
 
@@ -685,6 +699,7 @@ impl Backend for CudaBackend {
         };
         let mut ws = workspace;
         let mut grads = LinearParamGrads { dw: self.view_mut(OP, dw)?, db: db.map(|b| self.view_mut(OP, b)).transpose()?, workspace: ws.as_mut().map(|w| w.view_mut()), accumulate };
+        self.products.count(GemmKind::WeightGrad, dims.rows * dims.d_in * dims.d_out);
         elementwise::linear_backward_params(&self.gpu, &self.view(OP, dy)?, &self.view(OP, x)?, dims, &mut grads)
     }
 

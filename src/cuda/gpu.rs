@@ -485,6 +485,33 @@ pub struct Gpu {
     capture: Mutex<Option<Capture>>,
     /// Read-only tables by content ([`Gpu::upload_table`]).
     tables: Mutex<TableCache>,
+    /// Launches by kernel, and dense products ([`Gpu::launch_counts`]).
+    counts: Mutex<LaunchCounts>,
+}
+
+/// What a [`Gpu`] has been asked to run: kernel launches by name, dense products and their
+/// multiply-adds (recorded in a capture included; a graph's replays are not launches).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchCounts {
+    pub kernels: std::collections::BTreeMap<&'static str, u64>,
+    pub gemm_calls: u64,
+    pub gemm_macs: u64,
+}
+
+impl LaunchCounts {
+    /// Launches of `kernel`.
+    pub fn of(&self, kernel: &str) -> u64 {
+        self.kernels.get(kernel).copied().unwrap_or(0)
+    }
+    /// Launches of every kernel whose name starts with `prefix`.
+    pub fn with_prefix(&self, prefix: &str) -> u64 {
+        self.kernels.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, n)| n).sum()
+    }
+    /// What ran since `earlier`.
+    pub fn since(&self, earlier: &LaunchCounts) -> LaunchCounts {
+        let kernels = self.kernels.iter().map(|(k, n)| (*k, n - earlier.of(k))).filter(|(_, n)| *n > 0).collect();
+        LaunchCounts { kernels, gemm_calls: self.gemm_calls - earlier.gemm_calls, gemm_macs: self.gemm_macs - earlier.gemm_macs }
+    }
 }
 
 /// The most free bytes a pool keeps: enough for a training step's activations at large shapes
@@ -549,6 +576,7 @@ impl Gpu {
             pool: Arc::new(Pool::new(POOL_CAP_CUDA, 512)),
             capture: Mutex::new(None),
             tables: Mutex::new(TableCache::default()),
+            counts: Mutex::new(LaunchCounts::default()),
         })
     }
 
@@ -565,6 +593,7 @@ impl Gpu {
             pool: Arc::new(Pool::new(POOL_CAP_SIM, 1)),
             capture: Mutex::new(None),
             tables: Mutex::new(TableCache::default()),
+            counts: Mutex::new(LaunchCounts::default()),
         }
     }
 
@@ -706,6 +735,11 @@ impl Gpu {
         cache.order.push_back(key.clone());
         cache.entries.insert(key, shared.clone());
         Ok(DeviceTable { shared, len: host.len(), _elem: PhantomData })
+    }
+
+    /// The kernels and products launched so far.
+    pub fn launch_counts(&self) -> LaunchCounts {
+        lock(&self.counts).clone()
     }
 
     /// How many tables [`Gpu::upload_table`] has copied to the device (cache misses).
@@ -885,6 +919,7 @@ impl Gpu {
     pub unsafe fn launch(&self, kernel: KernelName, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
         check_args(kernel, args)?;
         self.check_launch_config(kernel, &cfg)?;
+        *lock(&self.counts).kernels.entry(kernel.name).or_default() += 1;
         let mut slots: Vec<u64> = args.iter().map(KernelArg::slot).collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
         match &self.backend {
@@ -934,6 +969,11 @@ impl Gpu {
     pub fn gemm<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
         g.validate(a.len, b.len, c.len, bias.map(|v| v.len))?;
         g.check_element_types::<I, O>()?;
+        {
+            let mut c = lock(&self.counts);
+            c.gemm_calls += 1;
+            c.gemm_macs += (g.m * g.n * g.k * g.batch) as u64;
+        }
         let c_range = byte_range::<O>(c.ptr, c.len);
         for (name, r) in [("A", Some(byte_range::<I>(a.ptr, a.len))), ("B", Some(byte_range::<I>(b.ptr, b.len))), ("bias", bias.map(|v| byte_range::<O>(v.ptr, v.len)))] {
             if let Some(r) = r {

@@ -1,0 +1,103 @@
+//! The CUDA backward computes nothing for frozen weights and nothing below the lowest trainable
+//! parameter (issue 14 §3), proved by counting: the backend's Linear products by kind
+//! (`CudaBackend::gemm_counts`, as the CPU counts them in tests/backward.rs) and the device's
+//! kernel launches by name (`Gpu::launch_counts`). On cuda-sim in CI, on a GPU when present.
+//!
+//! The tiny model: 2 layers, H = 48, FFN 100, 4 heads, a batch of 4 × 11 tokens (44 rows). The
+//! adapter location backward computes its own products inside its fused launch, so its weights'
+//! gradients appear as `adapter_location_backward` launches, not as Linear weight gradients.
+
+mod common;
+
+use std::sync::Arc;
+
+use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::cuda::gpu::LaunchCounts;
+use bert_adapters::{Backend, BertModel, Device, InputBatch};
+use common::{fixtures, setup, tiny};
+
+/// One probe-loss backward of `active` while training `train`: the Linear products and the
+/// launches it made.
+fn backward_work(model: &mut BertModel, be: &CudaBackend, batch: &InputBatch, active: &[&str], train: &[&str]) -> (bert_adapters::cpu::GemmCounts, LaunchCounts) {
+    model.set_active_adapters(Some(setup(active))).unwrap();
+    model.train_adapter(train).unwrap();
+    let (out, tape) = model.forward_train(batch).unwrap();
+    let shape = out.last_hidden_state.shape().to_vec();
+    let d = be.upload(vec![1.0; shape.iter().product()], &shape).unwrap();
+    let (products, launches) = (be.gemm_counts(), be.gpu().launch_counts());
+    model.backward(&tape, &d, None).unwrap();
+    let p = be.gemm_counts();
+    let diff = bert_adapters::cpu::GemmCounts { calls: std::array::from_fn(|i| p.calls[i] - products.calls[i]), macs: std::array::from_fn(|i| p.macs[i] - products.macs[i]) };
+    (diff, be.gpu().launch_counts().since(&launches))
+}
+
+fn backends() -> Vec<Arc<CudaBackend>> {
+    let mut v = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    v.push(Arc::new(CudaBackend::open(Device::CudaSim).unwrap()));
+    match bert_adapters::cuda::probe::probe_gpu(0) {
+        Ok(_) => v.push(Arc::new(CudaBackend::open(Device::Cuda(0)).unwrap())),
+        Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
+        Err(reason) => bert_adapters::cuda::probe::report_line(&format!("SKIPPED: cuda_frozen_work on a GPU: {reason}")),
+    }
+    v
+}
+
+#[test]
+fn the_device_backward_skips_frozen_work() {
+    for be in backends() {
+        let label = be.name();
+        let (mut model, batch) = tiny(be.clone() as Arc<dyn Backend>);
+        for d in ["pfeiffer", "pfeiffer_b"] {
+            model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+        }
+        let leave = bert_adapters::AdapterConfig::named("pfeiffer").unwrap().with_overrides(&serde_json::json!({"leave_out": [0]})).unwrap();
+        model.add_adapter("top_only", leave).unwrap();
+        let (rows, h, i) = (44, 48, 100);
+        let adapter_bwd = |c: &LaunchCounts| c.with_prefix("adapter_location_backward");
+        let attention_bwd = |c: &LaunchCounts| c.with_prefix("attention_backward");
+        let ln_param = |c: &LaunchCounts| c.with_prefix("layernorm_param_grad");
+
+        // pfeiffer alone (FFN-output adapters in layers 0 and 1): no Linear weight gradient at
+        // all (BERT's are frozen; the adapter's are inside its fused backward); input gradients
+        // through layer 1's FFN (2), attention output and packed Q, K, V (one product through
+        // the [3H, H] weight); nothing through layer 0, whose adapter is the lowest parameter.
+        let (single, sl) = backward_work(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer"]);
+        assert_eq!(single.weight_grad(), (0, 0), "{label}: a frozen Linear got a weight gradient");
+        assert_eq!(single.input_grad(), (4, rows * (2 * h * i + 4 * h * h)), "{label}: input-gradient products");
+        assert_eq!(adapter_bwd(&sl), 2, "{label}: one fused backward per adapter location: {sl:?}");
+        assert_eq!(attention_bwd(&sl), 3, "{label}: the attention backward of layer 1 only (prep, dK/dV, dQ): {sl:?}");
+        assert_eq!(ln_param(&sl), 0, "{label}: BERT's LayerNorms are frozen: no dγ/dβ");
+
+        // Nothing below the lowest trainable layer: with leave_out [0] only layer 1's adapter runs.
+        let (top, tl) = backward_work(&mut model, &be, &batch, &["top_only"], &["top_only"]);
+        assert_eq!((top.weight_grad().0, top.input_grad().0), (0, 0), "{label}: {top:?}");
+        assert_eq!((adapter_bwd(&tl), attention_bwd(&tl)), (1, 0), "{label}: {tl:?}");
+
+        // A frozen Parallel branch costs nothing more: Parallel(pfeiffer_b, pfeiffer) training
+        // pfeiffer makes the products and launches of pfeiffer alone.
+        let (parallel, pl) = backward_work(&mut model, &be, &batch, &["pfeiffer_b", "pfeiffer"], &["pfeiffer"]);
+        assert_eq!(parallel.weight_grad(), (0, 0));
+        assert_eq!(parallel.input_grad().0, single.input_grad().0);
+        assert_eq!((adapter_bwd(&pl), attention_bwd(&pl)), (adapter_bwd(&sl), attention_bwd(&sl)), "{label}: {pl:?}");
+
+        // Nothing trainable in the setup: no product and no launch at all.
+        let (none, nl) = backward_work(&mut model, &be, &batch, &["pfeiffer"], &["pfeiffer_b"]);
+        assert_eq!((none.input_grad(), none.weight_grad()), ((0, 0), (0, 0)));
+        assert!(nl.kernels.is_empty() && nl.gemm_calls == 0, "{label}: a backward with nothing to train launched {nl:?}");
+    }
+}
+
+/// Sanity of the counters themselves: a forward makes Linear forward products and launches.
+#[test]
+fn counters_count() {
+    for be in backends() {
+        let (model, batch) = tiny(be.clone() as Arc<dyn Backend>);
+        let (p, l) = (be.gemm_counts(), be.gpu().launch_counts());
+        model.forward(&batch).unwrap();
+        let now = be.gpu().launch_counts().since(&l);
+        assert_eq!(be.gemm_counts().calls[0] - p.calls[0], 2 * 4 + 1, "2 layers × (QKV, attention output, FFN in, FFN out) + the pooler");
+        assert_eq!(now.with_prefix("embedding_layernorm_forward"), 1);
+        assert!(now.gemm_calls >= 9, "{now:?}");
+    }
+}
