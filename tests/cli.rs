@@ -356,4 +356,59 @@ fn run_train_grad_probe_writes_autograd_equal_gradients() {
     expect_failure(&bad, &["train_adapter: no adapter named `nope`"]);
     let (ok, _, err) = run(&args[..args.len() - 2]);
     assert!(!ok && err.contains("--grad-probe"), "{err}");
+    // Training an adapter that no setup activates would write zeros: refused with the reason.
+    let single = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&b), "--train", "pfeiffer", "--grad-probe", s(&wrong)];
+    expect_failure(&single, &["--train pfeiffer", "not in the active setup (none is active)", "--active pfeiffer"]);
+}
+
+/// Every committed PyTorch gradient fixture through `run --device cuda-sim --train … --grad-probe`:
+/// the CUDA backward (on the executor) writes autograd's gradients for every trainable tensor,
+/// single adapters of every config and Parallel in both orders with each child (and both) trained.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn run_train_on_cuda_sim_matches_every_gradient_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inputs = tiny().join("inputs.safetensors");
+    let model = tiny();
+    let mut checked = 0;
+    let mut names: Vec<String> = std::fs::read_dir(fixtures().join("training")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("grad_")).collect();
+    names.sort();
+    for file in &names {
+        let case = file.trim_start_matches("grad_").trim_end_matches(".safetensors");
+        // `parallel_<a>__<b>__train_<t>` (t = both: a and b) or a single adapter `<a>`.
+        let (adapters, train): (Vec<&str>, Vec<&str>) = match case.strip_prefix("parallel_") {
+            Some(rest) => {
+                let parts: Vec<&str> = rest.split("__").collect();
+                let (a, b, t) = (parts[0], parts[1], parts[2].trim_start_matches("train_"));
+                (vec![a, b], if t == "both" { vec![a, b] } else { vec![t] })
+            }
+            None => (vec![case], vec![case]),
+        };
+        let probe = fixtures().join("training").join(file);
+        let dirs: Vec<PathBuf> = adapters.iter().map(|a| adapter_dir(a)).collect();
+        let mut args: Vec<String> = ["--device", "cuda-sim", "--model", s(&model), "--inputs", s(&inputs), "--out", s(&out)].iter().map(|a| a.to_string()).collect();
+        for d in &dirs {
+            args.extend(["--adapter".to_string(), s(d).to_string()]);
+        }
+        if adapters.len() > 1 {
+            args.extend(["--parallel".to_string(), adapters.join(",")]);
+        } else {
+            args.extend(["--active".to_string(), adapters[0].to_string()]);
+        }
+        args.extend(["--train".to_string(), train.join(","), "--grad-probe".to_string(), s(&probe).to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = run(&args);
+        assert!(ok, "{file}: {stderr}");
+        let (got, want) = (TensorFile::open(&out).unwrap(), TensorFile::open(&probe).unwrap());
+        let grads: Vec<String> = want.names().into_iter().filter(|n| n.starts_with("grad.")).collect();
+        assert!(!grads.is_empty(), "{file}: no gradients in the fixture");
+        for name in &grads {
+            assert!(got.contains(name), "{file}: the run wrote no `{name}`");
+            assert_close(&format!("{file} {name}"), &read_f32(&got, name).0, &read_f32(&want, name).0, 1e-4);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, names.len());
+    assert!(checked >= 23, "only {checked} gradient fixtures found (23 are committed)");
 }

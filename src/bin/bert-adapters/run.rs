@@ -216,6 +216,18 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
     let batch = source.batch(0..source.rows(), seq_len, &cfg)?;
     let names: Vec<&str> = args.train.iter().map(String::as_str).collect();
     model.train_adapter(&names)?;
+    // An adapter outside the active setup would only get zero gradients: surely a missing
+    // --active / --parallel, so say so instead of writing zeros.
+    let active: Vec<String> = model.active_adapters().map_or_else(Vec::new, |s| s.names().to_vec());
+    if let Some(n) = names.iter().find(|n| !active.iter().any(|a| a == *n)) {
+        return Err(Error::Input(format!(
+            "--train {n}: adapter `{n}` is not in the active setup ({}), so every gradient would be zero; activate it with --active {n} or --parallel",
+            if active.is_empty() { "none is active".to_string() } else { active.join(", ") }
+        )));
+    }
+    for warning in model.training_warnings() {
+        eprintln!("warning: {warning}");
+    }
     let backend = model.backend().clone();
     let be = backend.as_ref();
     let (out, tape) = model.forward_train(&batch)?;
