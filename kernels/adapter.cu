@@ -7,7 +7,7 @@
 //                                       ρ = h | x | v   (residual_before_ln True | False | post_add)
 //     core      (branch i)              z = LN_before(x)                       (optional, eps own)
 //                                       d = act(z·W_dᵀ + b_d)                  [m]
-//                                       u = s ⊙ (d·W_uᵀ + b_u) · g             [H]
+//                                       u = dropout(s ⊙ (d·W_uᵀ + b_u)) · g    [H]
 //                                       y = LN_after(u + ρ)  if adapter_residual_before_ln
 //                                           LN_after(u) + ρ  otherwise         (LN_after optional)
 //     post step (last child's config)   out = LN(y + r) if original_ln_after else y
@@ -16,15 +16,20 @@
 // channel [H] scaling, read at run time so a training step needs no new descriptors. g is the
 // per-example gate mean(σ(x·w_gᵀ + b_g)) over the T rows of the example, computed by the
 // separate `adapter_location_gate_f32` launch first (a cross-row reduction; only when a branch
-// has a gate) and read from `gate[i·B + example]`.
+// has a gate) and read from `gate[i·B + example]`. dropout is the branch's own (training with
+// `dropout > 0`; spec §3.4, after the scaling, before the gate and the residual): the CPU's
+// `apply_dropout` of the branch's [B, T, H] block, element (local row)·H + c drawing word
+// (index % 4) of Philox block index / 4 of the branch's stream (descriptor: stream, threshold,
+// scale; the seed from the model's device buffer when given, as every dropout kernel does, else
+// the launch arguments), so the mask is the CPU's bit for bit. Kept: u·scale; dropped: 0.
 // The pre/post-step flags are the location's (first child / last child, spec §6.4), stamped into
 // every branch's descriptor by the launcher so a block needs only its own descriptor.
 //
-// Descriptors: one 128-byte `AdapterBranchDesc` per branch (device addresses of the weights,
-// bottleneck size, activation and flag codes), built and validated once per setup by
-// src/cuda/adapter.rs (`LocationDescriptors`), which mirrors this struct field for field. The
-// kernel takes them as `const unsigned long long*` (the launch runtime packs only scalar pointer
-// types) and reinterprets them.
+// Descriptors: one 144-byte `AdapterBranchDesc` per branch (device addresses of the weights,
+// bottleneck size, activation and flag codes, the dropout's stream, threshold and scale), built
+// and validated once per setup by src/cuda/adapter.rs (`LocationDescriptors`), which mirrors
+// this struct field for field. The kernel takes them as `const unsigned long long*` (the launch
+// runtime packs only scalar pointer types) and reinterprets them.
 //
 // Thread mapping: a "row team" of blockDim.x threads (a multiple of 32) owns one output row; a
 // block holds blockDim.y teams. The launcher picks one warp per row, up to 8 rows per block, when
@@ -128,8 +133,11 @@ struct AdapterBranchDesc {
     int original_ln_before;              // the location's pre step
     int original_ln_after;               // the location's post step
     int adapter_residual_before_ln;
+    unsigned long long dropout_stream;   // the Philox stream of the branch's own dropout
+    unsigned dropout_threshold;          // round(p·2³²): a word below it drops; 0 = no dropout
+    float dropout_scale;                 // f32(1/(1 − p))
 };
-static_assert(sizeof(AdapterBranchDesc) == 128, "AdapterBranchDesc must match BranchDescriptor");
+static_assert(sizeof(AdapterBranchDesc) == 144, "AdapterBranchDesc must match BranchDescriptor");
 
 __device__ __forceinline__ const float* desc_ptr(unsigned long long address) {
     return reinterpret_cast<const float*>(address);
@@ -162,6 +170,13 @@ __device__ __forceinline__ float adapter_activation(int act, float x) {
     default:  // ADAPTER_ACT_SIGMOID (the launcher validates the code)
         return 1.0f / (1.0f + expf(-x));
     }
+}
+
+// The branch's own dropout of element `index` of its [B, T, H] block (d.dropout_threshold != 0):
+// v·scale when kept, 0 when dropped. A select, not a product with a 0/scale factor, so a dropped
+// inf or NaN gives 0, as on the CPU (src/train/dropout.rs).
+__device__ __forceinline__ float adapter_dropout(float v, const AdapterBranchDesc& d, PhiloxKey key, unsigned long long index) {
+    return philox_keep_factor(key, d.dropout_stream, index, d.dropout_threshold, 1.0f) != 0.0f ? v * d.dropout_scale : 0.0f;
 }
 
 // A barrier for the row team: a warp-level one when the team is one warp (teams of a block are
@@ -289,7 +304,8 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
                                                      const T* __restrict__ r, const P* __restrict__ ln_gamma,
                                                      const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
                                                      int batch, int seq_len, int cols, int branches, int replicate, float ln_eps,
-                                                     int bottleneck_stride) {
+                                                     int bottleneck_stride, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
+                                                     unsigned seed_hi) {
     extern __shared__ float adapter_smem[];  // [blockDim.y][cols] rows, then [blockDim.y][stride]
     __shared__ float scratch[32];            // team_sum partials (block-per-row mapping only)
 
@@ -327,7 +343,7 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
     down_projection(xs, ds, d, cols);
     team_sync();  // ds complete; and no warp still reads xs before it is overwritten with u
 
-    // Up projection, scaling and gate: u into the row buffer.
+    // Up projection, scaling, the adapter's dropout and the gate: u into the row buffer.
     {
         const int m = d.bottleneck;
         const float* wu = desc_ptr(d.up_w);
@@ -335,6 +351,9 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
         const float* sp = desc_ptr(d.scaling);
         const float s_uniform = d.scaling_kind == ADAPTER_SCALING_LEARNED ? sp[0] : d.scaling_value;
         const float g = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
+        const bool drop = d.dropout_threshold != 0;
+        const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+        const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             const float* w = wu + (size_t)c * (size_t)m;
             float acc = 0.0f;
@@ -343,6 +362,9 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
             }
             const float s = d.scaling_kind == ADAPTER_SCALING_CHANNEL ? sp[c] : s_uniform;
             float u = (acc + bu[c]) * s;
+            if (drop) {
+                u = adapter_dropout(u, d, key, drop_row + (unsigned long long)c);
+            }
             if (d.gate_w != 0) {
                 u *= g;
             }
@@ -388,7 +410,9 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
 }
 
 // out: [N·B·T, H]; h, r: [B·T, H] when replicate, else [N·B·T, H]; ln_gamma, ln_beta: [H];
-// descs: N descriptors; gate: [N·B] from adapter_location_gate_f32, or null when no branch gates.
+// descs: N descriptors; gate: [N·B] from adapter_location_gate_f32, or null when no branch gates;
+// seed_buf: the dropout seed's [2] words (low first), or null for (seed_lo, seed_hi), read by the
+// branches with dropout.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_f32(
     float* __restrict__ out,
     const float* __restrict__ gate,
@@ -403,10 +427,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int branches,
     int replicate,
     float ln_eps,
-    int bottleneck_stride)
+    int bottleneck_stride,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
 {
     location_forward_row<float, float>(out, gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                       seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
+                                       seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo, seed_hi);
 }
 
 // As adapter_location_forward_f32 with the BERT LayerNorm's gamma and beta in bf16 (raw bits: a
@@ -425,11 +452,15 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int branches,
     int replicate,
     float ln_eps,
-    int bottleneck_stride)
+    int bottleneck_stride,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
 {
     location_forward_row<float, bf16_raw>(out, gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma),
                                           reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                          batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
+                                          batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo,
+                                          seed_hi);
 }
 
 // As adapter_location_forward_bf16 with h, r and out in bf16 too (raw bits): the _bf16io variant.
@@ -448,12 +479,16 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int branches,
     int replicate,
     float ln_eps,
-    int bottleneck_stride)
+    int bottleneck_stride,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
 {
     location_forward_row<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(out), gate, reinterpret_cast<const bf16_raw*>(h),
                                              reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                              reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                             batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride);
+                                             batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo,
+                                             seed_hi);
 }
 
 // ---- gate ----------------------------------------------------------------------------------------
@@ -584,7 +619,8 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 // step; the forward keeps no tape) and walks it back:
 //     post step      dz2 = LNback(d_out)                 (or d_out)    dr += dz2
 //     LN after       dt  = LN_afterback(dy)   dρ = dt | dy (adapter_residual_before_ln or not)
-//     gate           du_s = g·du_g;  dg_e = Σ_{rows of e} du_g·u_s;  dlogit = dg_e/T·σ(1-σ)
+//     gate           du_d = g·du_g;  dg_e = Σ_{rows of e} du_g·u_d;  dlogit = dg_e/T·σ(1-σ)
+//     dropout        du_s = dropout(du_d)   (the forward's mask and scale; u_d = dropout(u_s))
 //     scaling        dup = s ⊙ du_s              ds = Σ du_s ⊙ up (channel) / Σ_c (learned)
 //     up, act        dpre = (dup·W_u) ⊙ act'(pre)
 //     down           dz0 = dpre·W_d;   dx = LN_beforeback(dz0) (or dz0) + dlogit·w_g
@@ -614,6 +650,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 //
 // Shared memory per team (floats): x [H], w [H] (z0, then up), g [H] (z2, dy, dup, dz0, dx),
 // dx [H] (the sum over branches), then pre, act and dpre [bottleneck_stride] each.
+//
+// The adapter's dropout is read at up to seven places per column (LN_after's statistics and
+// backward, y, the gate's row term, du_s), so a thread draws the keep bits of its first 32
+// columns once per (row, branch) into a register (bit k: column threadIdx.x + k·blockDim.x; that
+// is every column while H <= 32·blockDim.x); a column past those is drawn again where it is
+// read. Either way the words are the forward's.
 
 #define ADAPTER_BWD_MAX_BRANCHES 32
 // Threads per block of the backward (warp per row: 8 rows; block per row: up to 8 warps). The
@@ -843,20 +885,53 @@ struct AdapterBwdRow {
     bool gated;
     int residual;     // ADAPTER_RESIDUAL_*
     bool residual_first;
+    // The branch's dropout: threshold 0 = none. Element (row in the branch)·H + c of `stream`.
+    PhiloxKey key;
+    unsigned long long drop_stream;
+    unsigned long long drop_row;  // the row's first element in the branch's block
+    unsigned drop_threshold;
+    float drop_scale;
+    unsigned keep_bits;  // bit k: column threadIdx.x + k·blockDim.x is kept (k < 32)
 };
+
+// The keep bits of the thread's first 32 columns of the row (bwd_dropout's cache).
+template <typename T>
+__device__ __forceinline__ unsigned bwd_keep_bits(const AdapterBwdRow<T>& w, int cols) {
+    unsigned bits = 0;
+    int k = 0;
+    for (int c = threadIdx.x; c < cols && k < 32; c += blockDim.x, ++k) {
+        if (philox_keep_factor(w.key, w.drop_stream, w.drop_row + (unsigned long long)c, w.drop_threshold, 1.0f) != 0.0f) {
+            bits |= 1u << k;
+        }
+    }
+    return bits;
+}
+
+// The branch's dropout of v at the thread's column c: v·scale when kept, 0 when dropped (the
+// forward's adapter_dropout), v itself without dropout.
+template <typename T>
+__device__ __forceinline__ float bwd_dropout(const AdapterBwdRow<T>& w, int c, float v) {
+    if (w.drop_threshold == 0) {
+        return v;
+    }
+    const unsigned k = blockDim.x == 32 ? (unsigned)c >> 5 : (unsigned)c / blockDim.x;  // c = threadIdx.x + k·blockDim.x
+    const bool keep = k < 32u ? ((w.keep_bits >> k) & 1u) != 0
+                              : philox_keep_factor(w.key, w.drop_stream, w.drop_row + (unsigned long long)c, w.drop_threshold, 1.0f) != 0.0f;
+    return keep ? v * w.drop_scale : 0.0f;
+}
 
 template <typename T>
 __device__ __forceinline__ float bwd_scale(const AdapterBwdRow<T>& w, int c) {
     return w.scaling_kind == ADAPTER_SCALING_CHANNEL ? w.sp[c] : w.s_uniform;
 }
 
-// u_s = s ⊙ up, as the forward rounds it.
+// u_d = dropout(s ⊙ up), as the forward rounds it.
 template <typename T>
 __device__ __forceinline__ float bwd_scaled(const AdapterBwdRow<T>& w, int c) {
-    return w.ws[c] * bwd_scale(w, c);
+    return bwd_dropout(w, c, w.ws[c] * bwd_scale(w, c));
 }
 
-// u_g = g · u_s.
+// u_g = g · u_d.
 template <typename T>
 __device__ __forceinline__ float bwd_gated(const AdapterBwdRow<T>& w, int c) {
     const float u = bwd_scaled(w, c);
@@ -886,7 +961,8 @@ __device__ __forceinline__ void location_backward_team(
     float* __restrict__ dh, float* __restrict__ dr, float* __restrict__ pack, float* __restrict__ gate_q, const float* __restrict__ gate,
     const T* __restrict__ d_out, const T* __restrict__ h, const T* __restrict__ r, const T* __restrict__ ln_gamma,
     const T* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols, int branches,
-    int replicate, float ln_eps, int bottleneck_stride, unsigned branch_mask, unsigned train_mask, int need_input, int phase) {
+    int replicate, float ln_eps, int bottleneck_stride, unsigned branch_mask, unsigned train_mask, int need_input, int phase,
+    const unsigned* __restrict__ seed_buf, unsigned seed_lo, unsigned seed_hi) {
     extern __shared__ float adapter_bwd_smem[];  // per team: x, w, g, dx [cols] each, pre, act, dpre [stride] each
     __shared__ float bwd_scratch[32];            // team_sum partials (block-per-row mapping only)
 
@@ -926,6 +1002,7 @@ __device__ __forceinline__ void location_backward_team(
     const bool inputs = need_input != 0 && phase == 1;
     float* dhr = inputs ? dh + src * (size_t)cols : nullptr;
     float* drr = inputs ? dr + src * (size_t)cols : nullptr;
+    const PhiloxKey drop_key = philox_key(seed_buf, seed_lo, seed_hi);
 
     // Pre step: x into xs. The input-gradient accumulators start at zero.
     float pre_mean = 0.0f, pre_rstd = 0.0f;
@@ -1002,6 +1079,12 @@ __device__ __forceinline__ void location_backward_team(
         w.g = gated ? gate[i * batch + example] : 1.0f;
         w.residual = residual;
         w.residual_first = d.adapter_residual_before_ln != 0;
+        w.key = drop_key;
+        w.drop_stream = d.dropout_stream;
+        w.drop_row = (unsigned long long)local * (unsigned long long)cols;
+        w.drop_threshold = d.dropout_threshold;
+        w.drop_scale = d.dropout_scale;
+        w.keep_bits = w.drop_threshold != 0 ? bwd_keep_bits(w, cols) : 0u;
         {
             const float* wu = desc_ptr(d.up_w);
             const float* bu = desc_ptr(d.up_b);
@@ -1093,7 +1176,7 @@ __device__ __forceinline__ void location_backward_team(
             as1 = team_sum(as1, bwd_scratch) / (float)cols;
             as2 = team_sum(as2, bwd_scratch) / (float)cols;
         }
-        float q = 0.0f;  // Σ_c du_g·u_s, the gate's row term
+        float q = 0.0f;  // Σ_c du_g·u_d, the gate's row term
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             const float dy = gs[c];
             float du = dy, drho = dy;
@@ -1151,10 +1234,10 @@ __device__ __forceinline__ void location_backward_team(
                 pk[lay.dlogit] = dlogit;
             }
         }
-        // Gate and scaling: dup = s ⊙ (g·du_g) into gs.
+        // Gate, dropout and scaling: dup = s ⊙ dropout(g·du_g) into gs.
         float ds = 0.0f;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float du_s = gated ? gs[c] * w.g : gs[c];
+            const float du_s = bwd_dropout(w, c, gated ? gs[c] * w.g : gs[c]);
             const float dup = du_s * bwd_scale(w, c);
             gs[c] = dup;
             if (train) {
@@ -1254,9 +1337,9 @@ __device__ __forceinline__ void location_backward_team(
 // branch order, [B·T, width] each; null when train_mask is 0. gate_q: [N·B·T] (written in phase
 // 0, read in phase 1; null without a gated branch). gate: [N·B] from adapter_location_gate_f32.
 // d_out: [N·B·T, H]; h, r, ln_gamma, ln_beta, descs as for the forward. branch_mask: the branches
-// to process (phase 0: the gated ones among them); train_mask ⊆ branch_mask. Grid: one team per
-// row (replicate: B·T teams; else popc(branch_mask)·B·T), the forward's plans up to
-// ADAPTER_BWD_MAX_THREADS threads per block.
+// to process (phase 0: the gated ones among them); train_mask ⊆ branch_mask. seed_buf, seed_lo,
+// seed_hi: the dropout seed, as for the forward. Grid: one team per row (replicate: B·T teams;
+// else popc(branch_mask)·B·T), the forward's plans up to ADAPTER_BWD_MAX_THREADS threads per block.
 extern "C" __global__ __launch_bounds__(ADAPTER_BWD_MAX_THREADS, 1) void adapter_location_backward_f32(
     float* __restrict__ dh,
     float* __restrict__ dr,
@@ -1279,11 +1362,14 @@ extern "C" __global__ __launch_bounds__(ADAPTER_BWD_MAX_THREADS, 1) void adapter
     unsigned branch_mask,
     unsigned train_mask,
     int need_input,
-    int phase)
+    int phase,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
 {
     location_backward_team<float>(dh, dr, pack, gate_q, gate, d_out, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs),
                                   batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, branch_mask, train_mask, need_input,
-                                  phase);
+                                  phase, seed_buf, seed_lo, seed_hi);
 }
 
 // The gate means for the backward: adapter_location_gate_f32 for the (branch, example) slots of

@@ -11,11 +11,11 @@
 //! the output by O(1), far past the tolerance. Outputs start as NaN, so an element the kernel
 //! never writes fails.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps};
+use bert_adapters::backend::{AdapterLocation, BottleneckParams, LayerNormParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
-    adapter_location_forward, adapter_location_forward_with_plan, refuse_unsupported, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors,
-    LocationInputs, LocationOutputs, LocationPlan, LocationShape, MAX_BOTTLENECK,
+    adapter_location_forward, adapter_location_forward_with_plan, BranchDropout, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, MAX_BOTTLENECK,
 };
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::cuda::probe::report_line;
@@ -34,6 +34,7 @@ mod cases;
 use cases::*;
 
 /// One location: inputs, BERT LayerNorm, steps, branches.
+#[derive(Clone)]
 struct Case {
     batch: usize,
     seq_len: usize,
@@ -160,7 +161,7 @@ fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Outputs, Er
     let mut out = gpu.upload(&vec![f32::NAN; n_out])?;
     let mut gate = descriptors.has_gate().then(|| gpu.upload(&vec![f32::NAN; shape.branches * shape.batch])).transpose()?;
     {
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
         match plan {
             None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
@@ -361,13 +362,119 @@ fn weights_update_in_place(gpu: &Gpu) {
             gpu.copy_htod(&[s], &mut dev.scaling.as_mut().unwrap().view_mut()).unwrap();
             case.branches[0].scaling = Some(tensor(vec![s], &[1]));
         }
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: None };
         adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, case.shape()).unwrap();
         assert_close("out", &format!("{} step {step}", gpu.describe()), &gpu.download(&out.view()).unwrap(), &case.reference());
     }
 }
 test_device!(updated_weights_are_read, weights_update_in_place);
+
+// ---- the adapter's own dropout --------------------------------------------------------------------
+
+/// `case` with branch i dropping out with probability `ps[i]` (None: no dropout, as the model
+/// passes p = 0) under `seed`, as the `ids[i]`-th child of a Parallel location of `stream`.
+fn with_dropout(mut case: Case, ps: &[Option<f32>], seed: u64, stream: u64, ids: &[u64]) -> Case {
+    for (i, b) in case.branches.iter_mut().enumerate() {
+        b.dropout = ps[i].map(|p| adapter_dropout(p, seed, stream, ids[i]));
+    }
+    case
+}
+
+/// The dropout cases: one branch at p = 0.1 and at p = 0.5, and Parallel locations of mixed
+/// branches each with its own p (0 as none and as a spec of p = 0 included), replicated and not,
+/// at H = 42 (a Philox block of 4 straddles rows) and H = 40, 48. Shared with the backward.
+fn dropout_cases(rng: &mut StdRng) -> Vec<Case> {
+    let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
+    let (full, plain) = (BranchSpec::full, BranchSpec::plain);
+    vec![
+        with_dropout(Case::random(rng, 2, 7, 48, false, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false)]), &[Some(0.1)], 11, 0x15, &[0]),
+        with_dropout(
+            Case::random(rng, 2, 5, 42, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..plain(5, Activation::Relu) }]),
+            &[Some(0.5)],
+            0xdead_beef_0123,
+            0x26,
+            &[0],
+        ),
+        with_dropout(
+            Case::random(rng, 2, 3, 40, true, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(48, Activation::Swish), full(7, Activation::Tanh, Scale::Learned, true)]),
+            &[Some(0.1), None, Some(0.5)],
+            7,
+            0x35,
+            &[0, 1, 2],
+        ),
+        with_dropout(
+            Case::random(rng, 2, 3, 42, false, steps(ResidualBeforeLn::False, true, true), &[plain(3, Activation::Relu), BranchSpec { scale: Scale::Fixed(2.5), ln_after: true, ..plain(9, Activation::GeluNew) }]),
+            &[Some(0.5), Some(0.0)],
+            u64::MAX - 5,
+            0xb6,
+            &[2, 0],
+        ),
+    ]
+}
+
+/// Forward with the adapter's dropout against the CPU backend (the same Philox masks, so the
+/// fp32 bound holds), in the automatic plan and two others (several rows per block, a block per
+/// row); the same launch gives the same bits.
+fn dropout_matches_cpu(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xd709);
+    let mut worst = (0f32, String::new());
+    let plans = [None, Some(LocationPlan { threads_per_row: 32, rows_per_block: 3 }), Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })];
+    for case in dropout_cases(&mut rng) {
+        for plan in plans {
+            let (a, used) = check(gpu, &case, plan);
+            let b = run(gpu, &case, plan).unwrap();
+            assert_eq!(bits(&a.out), bits(&b.out), "{}: not deterministic", case.label());
+            if used > worst.0 {
+                worst = (used, format!("{} {plan:?}", case.label()));
+            }
+        }
+    }
+    report_line(&format!("adapter dropout forward on {}: worst max|err|/tol = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+}
+test_device!(dropout_matches_cpu_reference, dropout_matches_cpu);
+
+/// The mask really drops: with no LayerNorm anywhere, out = dropout(u) + h, so a dropped element
+/// is h itself and a kept one h + u/(1 − p), u the output without dropout. The dropped share is
+/// p within 0.05 (1024 elements a branch), every kept element is the scaled one, and a branch's
+/// mask changes with the seed and with its branch id (its stream).
+fn dropout_really_drops(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xd2);
+    let bare = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: false, original_ln_after: false };
+    let specs = [BranchSpec::plain(8, Activation::Relu), BranchSpec::plain(8, Activation::Relu)];
+    let mut base = Case::random(&mut rng, 2, 8, 64, true, bare, &specs);
+    base.branches[1] = base.branches[0].clone(); // one adapter twice: only the streams differ
+    let h = data(&base.h);
+    let n = h.len();
+    let out0 = check(gpu, &base, None).0.out;
+    for p in [0.1f32, 0.5] {
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let masks = |seed: u64| -> Vec<Vec<bool>> {
+            let case = with_dropout(base.clone(), &[Some(p), Some(p)], seed, 0x16, &[0, 1]);
+            let out = check(gpu, &case, None).0.out;
+            let moved = out.iter().zip(&out0).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(moved > 0.5, "p {p}: dropout moves the output by only {moved}");
+            (0..2)
+                .map(|i| {
+                    let (o, o0) = (&out[i * n..(i + 1) * n], &out0[i * n..(i + 1) * n]);
+                    let dropped: Vec<bool> = (0..n).map(|j| o[j] == h[j] && o0[j] != h[j]).collect();
+                    let share = dropped.iter().filter(|&&d| d).count() as f32 / n as f32;
+                    assert!((share - p).abs() <= 0.05, "p {p} seed {seed} branch {i}: {share} of the elements dropped");
+                    let u_max = o0.iter().zip(&h).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    for j in (0..n).filter(|&j| !dropped[j]) {
+                        let (got, want) = (o[j] - h[j], scale * (o0[j] - h[j]));
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + scale * u_max), "p {p} branch {i} [{j}]: kept u = {got}, expected {want}");
+                    }
+                    dropped
+                })
+                .collect()
+        };
+        let (a, b) = (masks(3), masks(4));
+        assert_ne!(a[0], a[1], "p {p}: two branches share a mask");
+        assert_ne!(a[0], b[0], "p {p}: the mask does not change with the seed");
+    }
+}
+test_device!(dropout_really_drops_and_scales, dropout_really_drops);
 
 // ---- refusals ------------------------------------------------------------------------------------
 
@@ -440,6 +547,7 @@ fn launch_errors(gpu: &Gpu) {
         ln_gamma: params.slice(0..h).unwrap(),
         ln_beta: params.slice(0..h).unwrap(),
         ln_eps: BERT_EPS,
+        dropout_seed: None,
     };
     let n_out = n * b * t * h;
     {
@@ -491,29 +599,33 @@ fn launch_errors(gpu: &Gpu) {
 }
 test_device!(launch_errors_name_the_operand, launch_errors);
 
-#[test]
-fn adapter_dropout_is_refused_as_unsupported() {
-    let mut rng = StdRng::seed_from_u64(5);
-    let case = Case::random(&mut rng, 1, 2, 8, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu), BranchSpec::plain(2, Activation::Relu)]);
-    let mut params: Vec<BottleneckParams> = case.branches.iter().map(HostBranch::params).collect();
-    let loc = |p: &[BottleneckParams]| {
-        let l = AdapterLocation {
-            h: &case.h,
-            r: &case.r,
-            layer_norm: LayerNormParams { gamma: &case.gamma, beta: &case.beta, eps: BERT_EPS },
-            steps: PFEIFFER,
-            branches: p,
-            replicate: true,
-            seq_len: 2,
-        };
-        refuse_unsupported(&l)
-    };
-    loc(&params).unwrap();
-    params[1].dropout = Some(DropoutSpec { p: 0.1, seed: 7, stream: 0, blocks: vec![1], seed_buffer: None });
-    let err = loc(&params).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err}");
-    assert!(err.to_string().contains("branch 1 has adapter dropout (p = 0.1)"), "{err}");
+/// A branch with dropout needs a seed (`Error::Input`, nothing written), a seed buffer holds two
+/// words, and p must be in [0, 1) (refused when the descriptors are built).
+fn dropout_errors(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(6);
+    let case = with_dropout(Case::random(&mut rng, 1, 2, 16, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu)]), &[Some(0.25)], 9, 0x15, &[0]);
+    let dev = DeviceBranch::upload(gpu, &case.branches[0]);
+    let desc = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights()]).unwrap();
+    for p in [1.0, -0.1, f32::NAN] {
+        let w = BranchWeights { dropout: Some(BranchDropout { p, stream: 0 }), ..dev.weights() };
+        let err = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights(), w]).unwrap_err();
+        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 1: adapter dropout"), "p {p}: {err}");
+    }
+    let (h, r) = (gpu.upload(&data(&case.h)).unwrap(), gpu.upload(&data(&case.r)).unwrap());
+    let (gamma, beta) = (gpu.upload(&data(&case.gamma)).unwrap(), gpu.upload(&data(&case.beta)).unwrap());
+    let seed3 = gpu.upload(&[1u32, 2, 3]).unwrap();
+    let mut out = gpu.upload(&[f32::NAN; 2 * 16]).unwrap();
+    {
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
+        let mut outputs = LocationOutputs { out: out.view_mut(), gate: None };
+        let err = adapter_location_forward(gpu, &inputs, &desc, &mut outputs, case.shape()).unwrap_err();
+        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 0 has adapter dropout, but no dropout seed was given"), "{err}");
+        let inputs = LocationInputs { dropout_seed: Some(DropoutSeed { buffer: Some(seed3.view()), seed: 0 }), ..inputs };
+        shape_err(adapter_location_forward(gpu, &inputs, &desc, &mut outputs, case.shape()), "the dropout seed buffer has 3 elements, expected 2");
+    }
+    assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
 }
+test_device!(dropout_errors_are_named, dropout_errors);
 
 #[test]
 fn the_sweep_covers_what_it_claims() {

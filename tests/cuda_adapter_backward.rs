@@ -325,7 +325,7 @@ fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Opt
         let mut grads: Vec<Option<BranchGrads>> = (0..case.branches.len())
             .map(|i| case.trainable[i].then(|| dests[case.shared[i]].as_ref().expect("a shared destination is trainable").views(case.accumulate || case.shared[i] != i)))
             .collect();
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationBackwardOutputs { input_grads: case.need_input.then(|| (dh.view_mut(), dr.view_mut())), grads: &mut grads };
         match plan {
             None => adapter_location_backward(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape)?,
@@ -628,6 +628,119 @@ fn zero_rows(gpu: &Gpu) {
 }
 test_device!(zero_rows_give_empty_sums, zero_rows);
 
+// ---- the adapter's own dropout --------------------------------------------------------------------
+
+/// `case` with branch i dropping out with probability `ps[i]` (None: no dropout, as the model
+/// passes p = 0) under `seed`, as the `ids[i]`-th child of a Parallel location of `stream`.
+fn with_dropout(mut case: Case, ps: &[Option<f32>], seed: u64, stream: u64, ids: &[u64]) -> Case {
+    for (i, b) in case.branches.iter_mut().enumerate() {
+        b.dropout = ps[i].map(|p| adapter_dropout(p, seed, stream, ids[i]));
+    }
+    case
+}
+
+/// The backward with the adapter's dropout against the CPU backend: the forward's masks on the
+/// gradient through the dropout, and on the gate's and the scaling's terms, which read the
+/// dropped values. One branch at p = 0.1 and at p = 0.5; Parallel locations of mixed branches
+/// each with its own p (0 as none and as a spec of p = 0), replicated and not, at H = 42 (a Philox
+/// block straddles rows) and 40, 48; frozen branches whose rows are never launched (the live
+/// ones' masks still count rows from their own block); in the automatic plan, several rows per
+/// block and a block per row; and a 32-thread team at H = 1100, whose threads own 35 columns, past
+/// the 32 keep bits a thread caches.
+fn dropout_backward_matches_cpu(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbd70);
+    let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
+    let (full, plain) = (BranchSpec::full, BranchSpec::plain);
+    let cases = vec![
+        with_dropout(Case::random(&mut rng, 2, 7, 48, false, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false)]), &[Some(0.1)], 11, 0x15, &[0]),
+        with_dropout(
+            Case::random(&mut rng, 2, 5, 42, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..plain(5, Activation::Relu) }]),
+            &[Some(0.5)],
+            0xdead_beef_0123,
+            0x26,
+            &[0],
+        ),
+        with_dropout(
+            Case::random(&mut rng, 2, 3, 40, true, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(48, Activation::Swish), full(7, Activation::Tanh, Scale::Learned, true)]),
+            &[Some(0.1), None, Some(0.5)],
+            7,
+            0x35,
+            &[0, 1, 2],
+        ),
+        with_dropout(
+            Case::random(&mut rng, 2, 3, 42, false, steps(ResidualBeforeLn::False, true, true), &[plain(3, Activation::Relu), BranchSpec { scale: Scale::Fixed(2.5), ln_after: true, ..plain(9, Activation::GeluNew) }]),
+            &[Some(0.5), Some(0.0)],
+            u64::MAX - 5,
+            0xb6,
+            &[2, 0],
+        ),
+        with_dropout(
+            Case::random(&mut rng, 2, 3, 40, false, PFEIFFER, &[full(5, Activation::Swish, Scale::Learned, false), plain(4, Activation::Relu), full(3, Activation::Gelu, Scale::Channel, true)]),
+            &[Some(0.5), Some(0.1), Some(0.1)],
+            21,
+            0x45,
+            &[0, 1, 2],
+        )
+        .with(&[false, true, true], true, false),
+        with_dropout(
+            Case::random(&mut rng, 2, 3, 40, true, HOULSBY, &[full(5, Activation::Swish, Scale::Learned, false), plain(4, Activation::Relu)]),
+            &[Some(0.5), Some(0.1)],
+            22,
+            0x56,
+            &[1, 0],
+        )
+        .with(&[true, false], false, true),
+    ];
+    let plans = [None, Some(LocationPlan { threads_per_row: 32, rows_per_block: 3 }), Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })];
+    let mut worst = (0f32, String::new());
+    for case in &cases {
+        for plan in plans {
+            let (a, used) = check(gpu, case, plan);
+            let b = run(gpu, case, plan).unwrap();
+            assert_eq!(got_bits(&a), got_bits(&b), "{}: not deterministic", case.label());
+            if used > worst.0 {
+                worst = (used, format!("{} {plan:?}", case.label()));
+            }
+        }
+    }
+    let wide = with_dropout(
+        Case::random(&mut rng, 1, 2, 1100, false, HOULSBY, &[full(4, Activation::Gelu, Scale::Channel, false), plain(3, Activation::Relu)]),
+        &[Some(0.5), Some(0.1)],
+        5,
+        0x66,
+        &[0, 1],
+    );
+    for plan in [None, Some(LocationPlan { threads_per_row: 32, rows_per_block: 1 })] {
+        let (_, used) = check(gpu, &wide, plan);
+        if used > worst.0 {
+            worst = (used, format!("{} {plan:?}", wide.label()));
+        }
+    }
+    report_line(&format!("adapter dropout backward on {}: worst max|err|/tol = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+}
+test_device!(dropout_backward_matches_cpu_reference, dropout_backward_matches_cpu);
+
+/// Without a seed a branch with dropout is refused (`Error::Input`), before anything is written.
+fn dropout_needs_a_seed(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(8);
+    let case = with_dropout(Case::random(&mut rng, 1, 2, 16, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu)]), &[Some(0.25)], 9, 0x15, &[0]);
+    let dev = DeviceBranch::upload(gpu, &case.branches[0]);
+    let desc = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights()]).unwrap();
+    let (h, r, d_out) = (gpu.upload(&data(&case.h)).unwrap(), gpu.upload(&data(&case.r)).unwrap(), gpu.upload(&data(&case.d_out)).unwrap());
+    let (gamma, beta) = (gpu.upload(&data(&case.gamma)).unwrap(), gpu.upload(&data(&case.beta)).unwrap());
+    let (mut dh, mut dr) = (gpu.upload(&[f32::NAN; 32]).unwrap(), gpu.upload(&[f32::NAN; 32]).unwrap());
+    let mut ws = LocationBackwardWorkspace::new(gpu, backward_workspace_len(&desc, case.shape(), &[false]).unwrap()).unwrap();
+    {
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
+        let mut grads = vec![None];
+        let mut outputs = LocationBackwardOutputs { input_grads: Some((dh.view_mut(), dr.view_mut())), grads: &mut grads };
+        let err = adapter_location_backward(gpu, &inputs, &d_out.view(), &desc, &mut outputs, &mut ws, case.shape()).unwrap_err();
+        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 0 has adapter dropout, but no dropout seed was given"), "{err}");
+    }
+    assert!(gpu.download(&dh.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote dh");
+}
+test_device!(dropout_backward_needs_a_seed, dropout_needs_a_seed);
+
 // ---- refusals ------------------------------------------------------------------------------------
 
 fn shape_err(r: Result<impl std::fmt::Debug, Error>, want: &str) {
@@ -662,6 +775,7 @@ fn launch_errors(gpu: &Gpu) {
         ln_gamma: params.slice(0..h).unwrap(),
         ln_beta: params.slice(0..h).unwrap(),
         ln_eps: BERT_EPS,
+        dropout_seed: None,
     };
     let d_out = x.slice(n_out..2 * n_out).unwrap();
     let len = backward_workspace_len(&desc, shape, &[true, true]).unwrap();

@@ -270,7 +270,7 @@ fn run(gpu: &Gpu, case: &Case, bf16io: bool, plan: Option<LocationPlan>) -> Resu
     let out = if bf16io {
         let (h, r) = (gpu.upload(&to_bf16(&case.h))?, gpu.upload(&to_bf16(&case.r))?);
         let mut out = gpu.upload(&vec![bf16::NAN; n_out])?;
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
         match plan {
             None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
@@ -280,7 +280,7 @@ fn run(gpu: &Gpu, case: &Case, bf16io: bool, plan: Option<LocationPlan>) -> Resu
     } else {
         let (h, r) = (gpu.upload(&case.h)?, gpu.upload(&case.r)?);
         let mut out = gpu.upload(&vec![f32::NAN; n_out])?;
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
         match plan {
             None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
@@ -425,6 +425,44 @@ fn location_kinds(gpu: &Gpu) {
 }
 test_device!(bf16io_location_kinds_within_twice_plain_bf16, location_kinds);
 
+/// The adapter's own dropout in the bf16io kernels (the shared templated body): its output is the
+/// `_bf16` kernel's (f32 h, r, out) on the widened inputs, rounded once (bit for bit on the
+/// executor, one bf16 ulp on a GPU), and that kernel's output is the CPU reference's with the same
+/// masks within the fp32 bound 1e-5·(1 + max|ref|). One branch at p = 0.5 and a mixed Parallel
+/// (p = 0.1, none, 0.5), at H = 42 and 48; and the output is not the one without dropout.
+fn dropout(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_d709);
+    let (full, plain) = (BranchSpec::full, BranchSpec::plain);
+    let cases = [
+        (Case::random(&mut rng, 2, 5, 42, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..plain(5, Activation::Relu) }]), vec![Some(0.5)]),
+        (
+            Case::random(&mut rng, 2, 3, 48, false, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(8, Activation::Swish), full(4, Activation::Tanh, Scale::Learned, true)]),
+            vec![Some(0.1), None, Some(0.5)],
+        ),
+    ];
+    for (mut case, ps) in cases {
+        let undropped = run(gpu, &case, true, None).unwrap();
+        for (i, (b, p)) in case.branches.iter_mut().zip(&ps).enumerate() {
+            b.dropout = p.map(|p| adapter_dropout(p, 0xbf, 0x35, i as u64));
+        }
+        let label = format!("{} {}", gpu.describe(), case.label());
+        let got = run(gpu, &case, true, None).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
+        let wide = run(gpu, &case, false, None).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
+        let ulps = if gpu.cuda_runtime().is_none() { 0 } else { 1 };
+        for (i, (&a, &b)) in got.out.iter().zip(&wide.out).enumerate() {
+            assert!(bf16_ulps(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round(b));
+        }
+        let want = case.reference();
+        let tol = 1e-5 * (1.0 + want.iter().fold(0f32, |m, v| m.max(v.abs())));
+        for (i, (&a, &b)) in wide.out.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= tol, "{label}: f32-activation out[{i}] = {a}, CPU {b}, tol {tol:e}");
+        }
+        let moved = got.out.iter().zip(&undropped.out).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(moved > 0.5, "{label}: dropout moves the output by only {moved}");
+    }
+}
+test_device!(bf16io_dropout_is_the_f32_kernels_rounded, dropout);
+
 /// bf16 activations with an f32 BERT LayerNorm have no kernel: `Error::Unsupported`, nothing
 /// written (no gate launch either).
 fn f32_layernorm_with_bf16_activations_is_unsupported(gpu: &Gpu) {
@@ -437,7 +475,7 @@ fn f32_layernorm_with_bf16_activations_is_unsupported(gpu: &Gpu) {
     let mut out = gpu.upload(&vec![bf16::NAN; case.block()]).unwrap();
     let mut gate = gpu.upload(&[f32::NAN]).unwrap();
     {
-        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS };
+        let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: Some(gate.view_mut()) };
         let err = adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, case.shape()).unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err}");

@@ -2,11 +2,11 @@
 //! heads, objective, backward, clipping, AdamW over the flat arena) against the same steps on the
 //! CPU backend: 20 alternating steps of scorenn and tasknn under Parallel, three objectives,
 //! with dropout off, and on (a new seed each step, as `train` sets it: the encoder's hidden and
-//! attention-probability dropout and the heads'). Runs on cuda-sim in CI and on a GPU when one
-//! is present.
+//! attention-probability dropout and the heads'); and 10 steps with the adapters' own dropout on
+//! as well (each adapter its own p). Runs on cuda-sim in CI and on a GPU when one is present.
 //!
 //! Bound: each step's loss within 1e-4 relative of the CPU's (the loss-curve criterion),
-//! and after the 20 steps every adapter and head parameter within 1e-4·(1 + max|cpu|).
+//! and after the steps every adapter and head parameter within 1e-4·(1 + max|cpu|).
 
 mod common;
 
@@ -20,9 +20,16 @@ use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch};
 use common::{assert_close, setup, tiny};
 
 fn parallel_model(be: Arc<dyn Backend>) -> (BertModel, InputBatch, Vec<usize>) {
+    parallel_model_with(be, [0.0, 0.0])
+}
+
+/// `parallel_model` with the adapters' own dropout: p = `adapter_dropout[0]` in scorenn, `[1]` in
+/// tasknn (spec §3.4: on the scaled up projection; in training only).
+fn parallel_model_with(be: Arc<dyn Backend>, adapter_dropout: [f64; 2]) -> (BertModel, InputBatch, Vec<usize>) {
     let (mut model, batch) = tiny(be.clone());
-    model.add_adapter_seeded("scorenn", AdapterConfig::named("pfeiffer").unwrap(), 1).unwrap();
-    model.add_adapter_seeded("tasknn", AdapterConfig::named("pfeiffer+inv").unwrap(), 2).unwrap();
+    let config = |name: &str, p: f64| AdapterConfig::named(name).unwrap().with_overrides(&serde_json::json!({ "dropout": p })).unwrap();
+    model.add_adapter_seeded("scorenn", config("pfeiffer", adapter_dropout[0]), 1).unwrap();
+    model.add_adapter_seeded("tasknn", config("pfeiffer+inv", adapter_dropout[1]), 2).unwrap();
     for n in ["scorenn", "tasknn"] {
         model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
     }
@@ -40,17 +47,25 @@ fn parallel_model(be: Arc<dyn Backend>) -> (BertModel, InputBatch, Vec<usize>) {
 
 #[test]
 fn twenty_steps_follow_the_cpu() {
-    follow_the_cpu(false);
+    follow_the_cpu(false, [0.0, 0.0], 20);
 }
 
 /// The same 20 steps in training mode: the device's Philox masks are the CPU's, so the loss
 /// curves agree to the same tolerance.
 #[test]
 fn twenty_steps_with_dropout_follow_the_cpu() {
-    follow_the_cpu(true);
+    follow_the_cpu(true, [0.0, 0.0], 20);
 }
 
-fn follow_the_cpu(dropout: bool) {
+/// 10 steps in training mode with the adapters' own dropout on too (scorenn p = 0.1, tasknn
+/// p = 0.5, both branches of every Parallel location): the location kernels draw the CPU's masks
+/// in the forward and the backward, so the loss curves agree to the same tolerance.
+#[test]
+fn ten_steps_with_adapter_dropout_follow_the_cpu() {
+    follow_the_cpu(true, [0.1, 0.5], 10);
+}
+
+fn follow_the_cpu(dropout: bool, adapter_dropout: [f64; 2], steps: usize) {
     let cuda = common::cuda_backends();
     if cuda.is_empty() {
         bert_adapters::cuda::probe::report_line("SKIPPED: cuda_training: no CUDA backend (build with --features cuda-sim, or run on a GPU)");
@@ -59,10 +74,11 @@ fn follow_the_cpu(dropout: bool) {
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
     for dev in cuda {
         let label = dev.name();
-        let (mut on_cpu, batch, labels) = parallel_model(cpu.clone());
-        let (mut on_dev, _, _) = parallel_model(dev.clone());
+        let (mut on_cpu, batch, labels) = parallel_model_with(cpu.clone(), adapter_dropout);
+        let (mut on_dev, _, _) = parallel_model_with(dev.clone(), adapter_dropout);
         let mut opts: Vec<AdamW> = (0..4).map(|_| AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap()).collect();
-        for step in 0..20 {
+        let mut worst = 0f64;
+        for step in 0..steps {
             let (trained, i, objective) = match step % 3 {
                 0 => ("tasknn", 1, Objective::TaskEnergy { lambda: 0.1 }),
                 1 => ("scorenn", 0, Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }),
@@ -79,6 +95,7 @@ fn follow_the_cpu(dropout: bool) {
             let got = on_dev.train_step(&batch, &labels, &c, &mut opts[2 + i]).unwrap_or_else(|e| panic!("{label} step {step}: {e}")).read(dev.as_ref()).unwrap();
             let rel = ((got.loss as f64 - want.loss as f64) / (want.loss as f64).abs().max(1e-12)).abs();
             assert!(rel <= 1e-4, "{label} step {step} ({trained}, {objective:?}): loss {} vs CPU {} (relative {rel:e})", got.loss, want.loss);
+            worst = worst.max(rel);
             let rel = ((got.grad_norm as f64 - want.grad_norm as f64) / (want.grad_norm as f64).abs().max(1e-12)).abs();
             assert!(rel <= 1e-4, "{label} step {step}: gradient norm {} vs CPU {}", got.grad_norm, want.grad_norm);
         }
@@ -92,6 +109,7 @@ fn follow_the_cpu(dropout: bool) {
                 assert_close(&format!("{label} head {n} {key}"), &dev.to_host(&on_dev.head(n).unwrap().params()[key]).unwrap(), &cpu.to_host(t).unwrap(), 1e-4);
             }
         }
+        bert_adapters::cuda::probe::report_line(&format!("cuda_training on {label}: {steps} steps (dropout {dropout}, adapter dropout {adapter_dropout:?}) follow the CPU; worst loss relative error {worst:.2e}"));
     }
 }
 
@@ -168,11 +186,22 @@ fn steps_after_the_first_allocate_nothing() {
 /// nothing and upload no table.
 #[test]
 fn a_captured_step_replays_bit_identically() {
+    captured_steps_replay([0.0, 0.0]);
+}
+
+/// The same with the adapters' own dropout on: the location kernels read the step's seed from the
+/// model's device buffer, so a replay draws the next step's masks, as a launched step does.
+#[test]
+fn a_captured_step_with_adapter_dropout_replays_bit_identically() {
+    captured_steps_replay([0.1, 0.5]);
+}
+
+fn captured_steps_replay(adapter_dropout: [f64; 2]) {
     for dev in common::cuda_backends() {
         let label = dev.name();
         let gpu = dev.gpu().expect("a CUDA backend has a Gpu");
-        let (mut launched, batch, labels) = parallel_model(dev.clone());
-        let (mut replayed, _, _) = parallel_model(dev.clone());
+        let (mut launched, batch, labels) = parallel_model_with(dev.clone(), adapter_dropout);
+        let (mut replayed, _, _) = parallel_model_with(dev.clone(), adapter_dropout);
         let vocab = launched.config().vocab_size;
         let c = TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
         let mut opt_l = AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap();

@@ -4,7 +4,7 @@
 //!
 //! - [`LocationDescriptors`]: built once per setup from the branches' device weights
 //!   ([`BranchWeights`]); validates every length against H and the bottleneck and uploads one
-//!   128-byte [`BranchDescriptor`] per branch. The kernel finds a row's branch from its index and
+//!   144-byte [`BranchDescriptor`] per branch. The kernel finds a row's branch from its index and
 //!   reads that branch's descriptor, so the branches need neither a loop nor a launch each.
 //! - [`adapter_location_forward`]: pure size checks first ([`LocationSizes`], [`Error::Shape`]
 //!   naming the operand), then at most two launches: the gate means when a branch has a gate (a
@@ -25,8 +25,13 @@
 //! nearest even). bf16 activations over an f32 LayerNorm have no kernel: `Error::Unsupported`.
 //! The backward takes f32 only.
 //!
-//! Not supported here (refused by [`refuse_unsupported`]): the adapter's own dropout in train
-//! mode. The bottleneck may be at most [`MAX_BOTTLENECK`].
+//! The adapter's own dropout (training with `dropout > 0`, spec §3.4: on the scaled up projection,
+//! before the gate and the residual) is in the same launch: each branch's p and Philox stream
+//! ([`BranchDropout`]) are in its descriptor, the seed ([`DropoutSeed`]: the model's device
+//! buffer, or a value) is a launch argument, and the masks are the CPU backend's bit for bit (its
+//! `apply_dropout` of the branch's `[B, T, H]` block). The backward applies the same masks.
+//! [`location_dropout`] turns a location's `DropoutSpec`s into these. The bottleneck may be at most
+//! [`MAX_BOTTLENECK`].
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -39,10 +44,11 @@ use super::registry::adapter::{
     ADAPTER_LOCATION_GATE_F32,
 };
 use super::registry::KernelName;
-use crate::backend::{Activation, AdapterLocation, LocationSteps};
+use crate::backend::{Activation, AdapterLocation, DropoutSpec, LocationSteps};
 use crate::config::ResidualBeforeLn;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
+use crate::train::dropout::DropoutParams;
 
 const OP: &str = "cuda::adapter_location_forward";
 const OP_DESC: &str = "cuda::LocationDescriptors";
@@ -92,7 +98,7 @@ pub fn residual_code(r: ResidualBeforeLn) -> i32 {
 }
 
 /// One branch as the kernel reads it: mirrors `struct AdapterBranchDesc` in kernels/adapter.cu
-/// field for field (128 bytes, no padding). Addresses are of f32 arrays; 0 means absent.
+/// field for field (144 bytes, no padding). Addresses are of f32 arrays; 0 means absent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BranchDescriptor {
@@ -124,9 +130,14 @@ pub struct BranchDescriptor {
     pub original_ln_before: i32,
     pub original_ln_after: i32,
     pub adapter_residual_before_ln: i32,
+    /// The branch's own dropout: its Philox stream, the drop threshold `round(p·2³²)` (0: no
+    /// dropout) and the keep scale `f32(1/(1−p))` (`DropoutParams`).
+    pub dropout_stream: u64,
+    pub dropout_threshold: u32,
+    pub dropout_scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<BranchDescriptor>() == 128);
+const _: () = assert!(std::mem::size_of::<BranchDescriptor>() == 144);
 const WORDS_PER_DESCRIPTOR: usize = std::mem::size_of::<BranchDescriptor>() / 8;
 
 /// An adapter-internal LayerNorm on the device (`[H]` each).
@@ -165,6 +176,42 @@ pub struct BranchWeights<'a> {
     /// Gate weight `[1, H]` (H elements) and bias `[1]`.
     pub gate: Option<(DeviceView<'a, f32>, DeviceView<'a, f32>)>,
     pub adapter_residual_before_ln: bool,
+    /// The adapter's own dropout (training), None for none.
+    pub dropout: Option<BranchDropout>,
+}
+
+/// A branch's own dropout: probability `p` (in `[0, 1)`; 0 draws nothing) and the Philox stream
+/// its mask draws from, element `i` of the branch's `[B, T, H]` output block drawing element `i`
+/// of the stream: what the CPU's `apply_dropout` does with a one-block `DropoutSpec`, whose stream
+/// is `spec.block_stream(0)` ([`BranchDropout::of`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BranchDropout {
+    pub p: f32,
+    pub stream: u64,
+}
+
+impl BranchDropout {
+    /// The dropout of a branch's `spec`, whose rows must form one block (the model gives each
+    /// branch one, `blocks = [branch id]`): a branch's mask drawn from several streams is
+    /// `Error::Unsupported`.
+    pub fn of(spec: &DropoutSpec) -> Result<Self> {
+        if spec.blocks.len() > 1 {
+            return Err(Error::Unsupported(format!(
+                "{OP}: an adapter dropout over {} blocks of one branch's rows; the location kernels take one stream per branch",
+                spec.blocks.len()
+            )));
+        }
+        Ok(BranchDropout { p: spec.p, stream: spec.block_stream(0) })
+    }
+}
+
+/// The seed of the branches' dropout masks for one launch. When `buffer` (the model's U32 `[2]`
+/// seed buffer, low word first) is given the kernel reads the seed from it, so a captured launch
+/// replays with the next step's seed; `seed` is used only without one.
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutSeed<'a> {
+    pub buffer: Option<DeviceView<'a, u32>>,
+    pub seed: u64,
 }
 
 fn byte_range(ptr: u64, elems: usize) -> Range<u64> {
@@ -244,6 +291,13 @@ pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[Branch
             None => (0, 0),
             Some((w, bias)) => (expect("gate weight", w, hidden, "[1, H]")?, expect("gate bias", bias, 1, "[1]")?),
         };
+        let (dropout_stream, dropout_threshold, dropout_scale) = match b.dropout {
+            None => (0, 0, 1.0),
+            Some(d) => {
+                let params = DropoutParams::new(d.p).map_err(|e| Error::Input(format!("{OP_DESC}: branch {i}: adapter dropout: {e}")))?;
+                (d.stream, params.threshold, params.scale)
+            }
+        };
         descs.push(BranchDescriptor {
             down_w,
             down_b,
@@ -266,6 +320,9 @@ pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[Branch
             original_ln_before: steps.original_ln_before as i32,
             original_ln_after: steps.original_ln_after as i32,
             adapter_residual_before_ln: b.adapter_residual_before_ln as i32,
+            dropout_stream,
+            dropout_threshold,
+            dropout_scale,
         });
     }
     Ok((descs, ranges))
@@ -320,7 +377,11 @@ impl<'w> LocationDescriptors<'w> {
     pub fn has_gate(&self) -> bool {
         self.host.iter().any(|d| d.gate_w != 0)
     }
-    /// The uploaded descriptors, `16·N` words.
+    /// The first branch that drops out (p > 0), if any: the launch then needs a seed.
+    pub fn first_dropout(&self) -> Option<usize> {
+        self.host.iter().position(|d| d.dropout_threshold != 0)
+    }
+    /// The uploaded descriptors, `18·N` words.
     pub fn view(&self) -> DeviceView<'_, u64> {
         self.buffer.view()
     }
@@ -336,19 +397,41 @@ impl<'w> LocationDescriptors<'w> {
     }
 }
 
-/// Refuses what the CPU's `adapter_location` computes but this kernel does not: the adapter's
-/// own dropout (train mode with `dropout > 0`). For the backend glue, before it builds
-/// [`BranchWeights`] from a location.
-pub fn refuse_unsupported(loc: &AdapterLocation<'_>) -> Result<()> {
-    for (i, b) in loc.branches.iter().enumerate() {
-        if let Some(d) = &b.dropout {
-            return Err(Error::Unsupported(format!(
-                "{OP}: branch {i} has adapter dropout (p = {}) in train mode; the CUDA location kernel has no dropout yet (train with adapter dropout 0, or on the CPU)",
-                d.p
-            )));
+/// A location's adapter dropout as the kernels take it: per branch its [`BranchDropout`] (None
+/// without dropout), and the spec whose seed the launch uses (None when no branch has one). For
+/// the backend glue, before it builds [`BranchWeights`] from a location.
+///
+/// Refused with `Error::Unsupported` is what the CPU's `adapter_location` computes but the
+/// kernels do not: a branch whose mask spans several blocks ([`BranchDropout::of`]), and
+/// branches drawing from different seeds (one seed per launch; the model's branches share the
+/// step's).
+pub fn location_dropout<'a>(loc: &AdapterLocation<'a>) -> Result<(Vec<Option<BranchDropout>>, Option<&'a DropoutSpec>)> {
+    let branches: &'a [crate::backend::BottleneckParams<'a>] = loc.branches;
+    let mut seed: Option<&'a DropoutSpec> = None;
+    let mut out = Vec::with_capacity(branches.len());
+    for (i, b) in branches.iter().enumerate() {
+        let Some(spec) = &b.dropout else {
+            out.push(None);
+            continue;
+        };
+        match seed {
+            Some(first) if (first.seed, &first.seed_buffer) != (spec.seed, &spec.seed_buffer) => {
+                return Err(Error::Unsupported(format!(
+                    "{OP}: branch {i}'s adapter dropout draws from another seed than an earlier branch's; the location kernels take one seed per launch"
+                )));
+            }
+            Some(_) => {}
+            None => seed = Some(spec),
         }
+        out.push(Some(BranchDropout::of(spec)?));
     }
-    Ok(())
+    Ok((out, seed))
+}
+
+/// Refuses what the CPU's `adapter_location` computes but the kernels do not (see
+/// [`location_dropout`]); the adapter's dropout itself is supported.
+pub fn refuse_unsupported(loc: &AdapterLocation<'_>) -> Result<()> {
+    location_dropout(loc).map(|_| ())
 }
 
 // ---- the launch ----------------------------------------------------------------------------------
@@ -365,14 +448,36 @@ pub struct LocationShape {
     pub replicate: bool,
 }
 
-/// The inputs: the sub-layer output `h`, its input `r` (activations of `A`: f32 or bf16), and the
-/// location's BERT LayerNorm (γ, β of `P`: f32 or bf16).
+/// The inputs: the sub-layer output `h`, its input `r` (activations of `A`: f32 or bf16), the
+/// location's BERT LayerNorm (γ, β of `P`: f32 or bf16), and the seed of the branches' own
+/// dropout (required when a descriptor has dropout, ignored otherwise).
 pub struct LocationInputs<'a, P = f32, A = f32> {
     pub h: DeviceView<'a, A>,
     pub r: DeviceView<'a, A>,
     pub ln_gamma: DeviceView<'a, P>,
     pub ln_beta: DeviceView<'a, P>,
     pub ln_eps: f32,
+    pub dropout_seed: Option<DropoutSeed<'a>>,
+}
+
+/// The seed arguments of a launch (buffer, low word, high word) for `descriptors`: a branch with
+/// dropout needs a seed (`Error::Input`), and a seed buffer holds 2 words (`Error::Shape`).
+fn seed_args(op: &'static str, descriptors: &LocationDescriptors<'_>, seed: Option<&DropoutSeed<'_>>) -> Result<[KernelArg; 3]> {
+    if let Some(buf) = seed.and_then(|s| s.buffer.as_ref()) {
+        if buf.len() != 2 {
+            return Err(Error::shape(op, format!("the dropout seed buffer has {} elements, expected 2 (a u64 seed as two u32 words)", buf.len())));
+        }
+    }
+    match (seed, descriptors.first_dropout()) {
+        (None, Some(i)) => Err(Error::Input(format!("{op}: branch {i} has adapter dropout, but no dropout seed was given"))),
+        (None, None) => Ok([KernelArg::Null, KernelArg::U32(0), KernelArg::U32(0)]),
+        (Some(s), _) => Ok([s.buffer.as_ref().map_or(KernelArg::Null, |b| b.arg()), KernelArg::U32(s.seed as u32), KernelArg::U32((s.seed >> 32) as u32)]),
+    }
+}
+
+/// The bytes of the seed buffer, if any, for the aliasing checks.
+fn seed_range(seed: Option<&DropoutSeed<'_>>) -> Option<(String, Range<u64>)> {
+    seed.and_then(|s| s.buffer.as_ref()).map(|b| ("the dropout seed buffer".to_string(), view_range(b)))
 }
 
 /// The outputs: `out` is `[N·B, T, H]`; `gate` is `[N·B]`, each example's gate value per branch
@@ -561,6 +666,7 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
     let stride = descriptors.max_bottleneck();
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
     plan.validate(shape.hidden, stride, max_shared)?;
+    let seed = seed_args(OP, descriptors, inputs.dropout_seed.as_ref())?;
     check_aliasing(inputs, descriptors, outputs)?;
     let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
     let rows = branches * batch * seq_len;
@@ -587,7 +693,8 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
     }
     let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
     // Parameter order: out, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
-    // branches, replicate, ln_eps, bottleneck_stride.
+    // branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo, seed_hi.
+    let [seed_buf, seed_lo, seed_hi] = seed;
     let args = [
         A::act_arg_mut(&outputs.out),
         gate_arg,
@@ -603,10 +710,13 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
         rep,
         KernelArg::F32(inputs.ln_eps),
         KernelArg::I32(stride as i32),
+        seed_buf,
+        seed_lo,
+        seed_hi,
     ];
     // SAFETY: as for the gate launch; out has N·B·T·H elements, the gate (read only for gated
-    // branches, which make it required) N·B, and the plan was validated against the shared
-    // memory it needs with the largest bottleneck as the stride.
+    // branches, which make it required) N·B, the seed buffer (if any) 2 words, and the plan was
+    // validated against the shared memory it needs with the largest bottleneck as the stride.
     unsafe { gpu.launch(location_kernel, cfg, &args) }
 }
 
@@ -621,6 +731,7 @@ fn check_aliasing<P: DeviceScalar, A: DeviceScalar>(inputs: &LocationInputs<'_, 
         ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
     ];
     reads.extend(descriptors.ranges.iter().cloned());
+    reads.extend(seed_range(inputs.dropout_seed.as_ref()));
     let out = outputs.out.device_ptr()..outputs.out.device_ptr() + (outputs.out.len() * std::mem::size_of::<A>()) as u64;
     let gate = outputs.gate.as_ref().map(|g| byte_range(g.device_ptr(), g.len()));
     for (name, range) in &reads {
@@ -641,8 +752,8 @@ fn check_aliasing<P: DeviceScalar, A: DeviceScalar>(inputs: &LocationInputs<'_, 
     Ok(())
 }
 
-// Words per descriptor, for the kernel's view of the buffer (16 u64s).
-const _: () = assert!(WORDS_PER_DESCRIPTOR == 16);
+// Words per descriptor, for the kernel's view of the buffer (18 u64s).
+const _: () = assert!(WORDS_PER_DESCRIPTOR == 18);
 
 #[cfg(test)]
 mod tests {
@@ -774,7 +885,7 @@ mod tests {
         for (r, name) in [(ResidualBeforeLn::True, "H"), (ResidualBeforeLn::False, "X"), (ResidualBeforeLn::PostAdd, "V")] {
             assert!(src.contains(&format!("#define ADAPTER_RESIDUAL_{name} {}", residual_code(r))), "{name}");
         }
-        assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 128"));
+        assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 144"));
     }
 }
 
@@ -1186,8 +1297,11 @@ pub fn validate_backward_plan(plan: LocationPlan, hidden: usize, bottleneck_stri
 ///   gradient as a column sum (a GEMM with a ones vector): deterministic, no atomics.
 /// - Pure size checks come first ([`LocationBackwardSizes`], [`check_branch_grads`]: `Error::Shape`
 ///   naming the operand), then the plan, then aliasing (`Error::Input`). More than
-///   [`MAX_BACKWARD_BRANCHES`] branches is `Error::Unsupported`. The adapter's own dropout is not
-///   expressible here (see [`refuse_unsupported`]).
+///   [`MAX_BACKWARD_BRANCHES`] branches is `Error::Unsupported`.
+/// - The branches' own dropout: the forward's masks, from the descriptors and
+///   `inputs.dropout_seed` (required when a branch has dropout), applied to the gradient that
+///   flows through them (and to the gate's and the scaling's terms, which read the dropped
+///   values).
 #[allow(clippy::too_many_arguments)] // the forward's operands plus d_out, the outputs and the workspace
 pub fn adapter_location_backward(
     gpu: &Gpu,
@@ -1249,6 +1363,7 @@ pub fn adapter_location_backward_with_plan(
     let stride = descriptors.max_bottleneck();
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
     validate_backward_plan(plan, shape.hidden, stride, max_shared)?;
+    let [seed_buf, seed_lo, seed_hi] = seed_args(OP_BWD, descriptors, inputs.dropout_seed.as_ref())?;
     check_backward_aliasing(inputs, d_out, descriptors, outputs)?;
 
     let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
@@ -1318,7 +1433,8 @@ pub fn adapter_location_backward_with_plan(
         };
         // Parameter order: dh, dr, pack, gate_q, gate, d_out, h, r, ln_gamma, ln_beta, descs,
         // batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, branch_mask,
-        // train_mask, need_input, phase (checked against kernels/adapter.cu by Gpu::launch).
+        // train_mask, need_input, phase, seed_buf, seed_lo, seed_hi (checked against
+        // kernels/adapter.cu by Gpu::launch).
         let args = [
             dh_arg,
             dr_arg,
@@ -1342,11 +1458,14 @@ pub fn adapter_location_backward_with_plan(
             KernelArg::U32(train_mask),
             KernelArg::I32(need_input as i32),
             KernelArg::I32(phase),
+            seed_buf,
+            seed_lo,
+            seed_hi,
         ];
         // SAFETY: every length was checked above (dh/dr: the input rows; d_out: N·B·T·H; the
         // workspace regions: backward_workspace_layout for this shape and trainable set, which
-        // the kernel's adapter_pack_layout mirrors), the plan was validated against the shared
-        // memory it needs, and no output aliases an input.
+        // the kernel's adapter_pack_layout mirrors; the seed buffer, if any: 2 words), the plan
+        // was validated against the shared memory it needs, and no output aliases an input.
         unsafe { gpu.launch(ADAPTER_LOCATION_BACKWARD_F32, cfg, &args)? };
     }
 
@@ -1441,6 +1560,7 @@ fn check_backward_aliasing(inputs: &LocationInputs<'_>, d_out: &DeviceView<'_, f
         ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
     ];
     reads.extend(descriptors.ranges.iter().cloned());
+    reads.extend(seed_range(inputs.dropout_seed.as_ref()));
     let mut shared: Vec<(String, Range<u64>)> = Vec::new(); // written by the kernel
     if let Some((dh, dr)) = &outputs.input_grads {
         shared.push(("dh".into(), byte_range(dh.device_ptr(), dh.len())));
@@ -1512,6 +1632,9 @@ mod backward_tests {
             original_ln_before: 0,
             original_ln_after: 1,
             adapter_residual_before_ln: 0,
+            dropout_stream: 0,
+            dropout_threshold: 0,
+            dropout_scale: 1.0,
         }
     }
 

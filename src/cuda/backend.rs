@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
@@ -194,16 +194,20 @@ impl CudaBackend {
         ln.map(|l| Ok(DeviceLayerNorm { gamma: self.view(op, l.gamma)?, beta: self.view(op, l.beta)?, eps: l.eps })).transpose()
     }
 
-    /// A location's branches as device weights, and its launch shape.
-    fn location_parts<'t>(&self, op: &'static str, loc: &AdapterLocation<'t>) -> Result<(Vec<BranchWeights<'t>>, LocationShape)> {
-        super::adapter::refuse_unsupported(loc)?;
+    /// A location's branches as device weights (with their own dropout), its launch shape, and
+    /// the seed of the branches' dropout masks (None when no branch drops out).
+    fn location_parts<'t>(&self, op: &'static str, loc: &AdapterLocation<'t>) -> Result<(Vec<BranchWeights<'t>>, LocationShape, Option<DropoutSeed<'t>>)> {
+        let (dropout, seed_spec) = location_dropout(loc)?;
+        let seed = seed_spec
+            .map(|spec| Ok::<_, Error>(DropoutSeed { buffer: spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?, seed: spec.seed }))
+            .transpose()?;
         let hidden = loc.h.last_dim();
         let n = loc.branches.len();
         let rows = loc.h.rows();
         let seq_len = loc.seq_len.max(1);
         let batch = if loc.replicate { rows / seq_len } else { rows / seq_len / n.max(1) };
         let mut weights = Vec::with_capacity(n);
-        for p in loc.branches {
+        for (p, dropout) in loc.branches.iter().zip(dropout) {
             let scaling = match p.scaling {
                 ScalingParam::Fixed(v) => DeviceScaling::Fixed(v),
                 ScalingParam::Learned(t) => DeviceScaling::Learned(self.view(op, t)?),
@@ -221,9 +225,10 @@ impl CudaBackend {
                 scaling,
                 gate: p.gate.map(|(w, b)| self.view_pair(op, (w, b))).transpose()?,
                 adapter_residual_before_ln: p.adapter_residual_before_ln,
+                dropout,
             });
         }
-        Ok((weights, LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate }))
+        Ok((weights, LocationShape { batch, seq_len, hidden, branches: n, replicate: loc.replicate }, seed))
     }
 
     fn new_tensor<T: BufferElement>(&self, shape: &[usize]) -> Result<Tensor> {
@@ -422,8 +427,7 @@ impl Backend for CudaBackend {
 
     fn supports_training(&self) -> bool {
         // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
-        // tests/cuda_training.rs with dropout on). Adapter-internal dropout (0 by default) is
-        // refused by the location kernels with Error::Unsupported when a config sets it.
+        // tests/cuda_training.rs with dropout on), the adapters' own dropout too.
         true
     }
 
@@ -637,7 +641,7 @@ impl Backend for CudaBackend {
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
-        let (weights, shape) = self.location_parts(OP, loc)?;
+        let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
         let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
         let out = self.new_tensor::<f32>(&[n * batch, seq_len, hidden])?;
@@ -648,11 +652,11 @@ impl Backend for CudaBackend {
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
         match dtype {
             DType::BF16 => {
-                let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+                let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
                 adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
             }
             _ => {
-                let inputs = LocationInputs::<f32> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+                let inputs = LocationInputs::<f32> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
                 adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
             }
         }
@@ -742,7 +746,7 @@ impl Backend for CudaBackend {
         if grads.len() != loc.branches.len() {
             return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
         }
-        let (weights, shape) = self.location_parts(OP, loc)?;
+        let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
         let trainable: Vec<bool> = grads.iter().map(Option::is_some).collect();
         let mut workspace = LocationBackwardWorkspace::new(&self.gpu, backward_workspace_len(&descriptors, shape, &trainable)?)?;
@@ -776,7 +780,7 @@ impl Backend for CudaBackend {
         };
         let mut outputs = LocationBackwardOutputs { input_grads, grads: &mut branch_grads };
         let ln = &loc.layer_norm;
-        let inputs = LocationInputs::<f32> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps };
+        let inputs = LocationInputs::<f32> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
         adapter_location_backward(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, &mut workspace, shape)?;
         Ok((dh, dr))
     }

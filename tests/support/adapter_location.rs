@@ -2,9 +2,9 @@
 //! tests/cuda_adapter_backward.rs: branch specs, random host weights (CPU tensors), their device
 //! copies, and the pfeiffer/houlsby location steps. Included with `#[path]`, not a crate.
 
-use bert_adapters::backend::{BottleneckParams, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::backend::{BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
 use bert_adapters::config::ResidualBeforeLn;
-use bert_adapters::cuda::adapter::{BranchWeights, DeviceLayerNorm, DeviceScaling};
+use bert_adapters::cuda::adapter::{BranchDropout, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed};
 use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
 use bert_adapters::{Activation, Tensor};
 use rand::rngs::StdRng;
@@ -67,6 +67,19 @@ pub struct HostBranch {
     pub ln_after: Option<(Tensor, Tensor)>,
     pub scaling: Option<Tensor>,
     pub gate: Option<(Tensor, Tensor)>,
+    /// The adapter's own dropout (None: eval, or p = 0 as the model passes it).
+    pub dropout: Option<DropoutSpec>,
+}
+
+/// The adapter dropout of a Parallel branch as the model builds it: p, the step's seed, the
+/// location's stream and the branch's id as its one block.
+pub fn adapter_dropout(p: f32, seed: u64, stream: u64, id: u64) -> DropoutSpec {
+    DropoutSpec { p, seed, stream, blocks: vec![id], seed_buffer: None }
+}
+
+/// The seed of the branches' dropout for a launch: the first one's (the model's branches share it).
+pub fn dropout_seed<'a>(branches: &[HostBranch]) -> Option<DropoutSeed<'a>> {
+    branches.iter().find_map(|b| b.dropout.as_ref()).map(|d| DropoutSeed { buffer: None, seed: d.seed })
 }
 
 impl HostBranch {
@@ -96,7 +109,13 @@ impl HostBranch {
                 Scale::Channel => Some(tensor(uniform(rng, h, -2.5, 2.5), &[h])),
             },
             gate: spec.gate.then(|| (tensor(uniform(rng, h, -gate_scale * wd, gate_scale * wd), &[1, h]), tensor(uniform(rng, 1, -0.5, 0.5), &[1]))),
+            dropout: None,
         }
+    }
+
+    pub fn with_dropout(mut self, dropout: Option<DropoutSpec>) -> Self {
+        self.dropout = dropout;
+        self
     }
 
     pub fn params(&self) -> BottleneckParams<'_> {
@@ -119,7 +138,7 @@ impl HostBranch {
             },
             gate: self.gate.as_ref().map(|(w, b)| (w, b)),
             adapter_residual_before_ln: self.spec.residual_first,
-            dropout: None,
+            dropout: self.dropout.clone(),
         }
     }
 }
@@ -135,6 +154,7 @@ pub struct DeviceBranch {
     pub ln_after: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
     pub scaling: Option<DeviceBuffer<f32>>,
     pub gate: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    pub dropout: Option<BranchDropout>,
 }
 
 impl DeviceBranch {
@@ -151,6 +171,7 @@ impl DeviceBranch {
             ln_after: pair(&b.ln_after),
             scaling: b.scaling.as_ref().map(up),
             gate: pair(&b.gate),
+            dropout: b.dropout.as_ref().map(|d| BranchDropout::of(d).unwrap()),
         }
     }
 
@@ -175,6 +196,7 @@ impl DeviceBranch {
             },
             gate: self.gate.as_ref().map(|(w, b)| (w.view(), b.view())),
             adapter_residual_before_ln: self.spec.residual_first,
+            dropout: self.dropout,
         }
     }
 }
