@@ -19,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BUNDLE=gpu-bundle
 LIMIT_MIB=48   # fail early: the transfer limit is 64 MiB and the tree itself needs room too
-GPU_TESTS=(layernorm gpu_runtime gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise nvrtc_compile parity adapters grad_parity)
+GPU_TESTS=(layernorm gpu_runtime gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model nvrtc_compile parity adapters grad_parity)
 
 for tool in jq strip cargo; do
     command -v "$tool" >/dev/null || { echo "error: $tool is required" >&2; exit 1; }

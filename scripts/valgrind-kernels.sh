@@ -28,7 +28,7 @@ if ! echo '#include <valgrind/valgrind.h>' | "${CXX:-c++}" -x c++ -E - >/dev/nul
     echo "warning: <valgrind/valgrind.h> not found by ${CXX:-c++} (apt-get install valgrind): fiber stacks will not be registered and memcheck may misreport" >&2
 fi
 
-TESTS=(cuda_sim cuda_sim_memory cuda_sim_intrinsics layernorm gpu_runtime cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_dropout cuda_training cuda_graph cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise)
+TESTS=(cuda_sim cuda_sim_memory cuda_sim_intrinsics layernorm gpu_runtime cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_dropout cuda_training cuda_graph cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model)
 # Build first, then take the test executables from cargo's messages (the crate's binary, built
 # for the integration tests, is not one).
 mapfile -t bins < <(cargo test --locked --features cuda-sim "${TESTS[@]/#/--test=}" --no-run --message-format=json \

@@ -412,3 +412,95 @@ fn run_train_on_cuda_sim_matches_every_gradient_fixture() {
     assert_eq!(checked, names.len());
     assert!(checked >= 23, "only {checked} gradient fixtures found (23 are committed)");
 }
+
+// ---- --precision ---------------------------------------------------------------------------------
+
+#[path = "support/bf16.rs"]
+mod bf16_rule;
+#[path = "support/plain_bf16.rs"]
+mod plain_bf16;
+
+/// `run --precision bf16 --device cuda-sim` (the base loaded in bf16, bf16 activations) writes F32
+/// files whose outputs meet the bf16 rule (tests/support/bf16.rs) against the f32 forward on the
+/// same bf16-rounded base, with the plain bf16 model (tests/support/plain_bf16.rs) as the yardstick:
+/// every hidden state, last_hidden_state and pooler_output, single and Parallel with a `+inv` first
+/// child; and are not the f32 run's values. `--precision f32` is the default's (the library's).
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn run_precision_bf16_on_cuda_sim_is_within_the_bf16_rule() {
+    use bert_adapters::{AdapterSetup, Backend, BertModel, CpuBackend, DType, InputBatch, LoadOptions};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (out, out32) = (dir.path().join("bf16.safetensors"), dir.path().join("f32.safetensors"));
+    let inputs = tiny().join("inputs.safetensors");
+    let (a, b) = (adapter_dir("pfeiffer_inv"), adapter_dir("pfeiffer"));
+    let model = tiny();
+    // In process: the f32 reference and the plain bf16 model, both on the bf16 base.
+    let forward = |backend: Arc<dyn Backend>, names: &[&str]| -> Vec<(String, Vec<f32>)> {
+        let be = backend.clone();
+        let (mut m, _) = BertModel::from_dir(&model, backend, LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }).unwrap();
+        let batch = InputBatch::from_file(&inputs, m.config()).unwrap();
+        for d in [&a, &b] {
+            m.load_adapter(d).unwrap();
+        }
+        let setup = if names.len() == 1 { AdapterSetup::Single(names[0].into()) } else { AdapterSetup::Parallel(names.iter().map(|n| n.to_string()).collect()) };
+        m.set_active_adapters(Some(setup)).unwrap();
+        let o = m.forward(&batch).unwrap();
+        let mut v = vec![("last_hidden_state".to_string(), be.to_host(&o.last_hidden_state).unwrap()), ("pooler_output".to_string(), be.to_host(o.pooler_output.as_ref().unwrap()).unwrap())];
+        v.extend(o.hidden_states.iter().enumerate().map(|(i, h)| (format!("hidden_states.{i}"), be.to_host(h).unwrap())));
+        v
+    };
+    let base = ["--device", "cuda-sim", "--model", s(&model), "--inputs", s(&inputs), "--adapter", s(&a), "--adapter", s(&b)];
+    for (setup, names) in [(["--active", "pfeiffer_inv"], &["pfeiffer_inv"][..]), (["--parallel", "pfeiffer_inv,pfeiffer"], &["pfeiffer_inv", "pfeiffer"])] {
+        let args: Vec<&str> = base.iter().chain(&setup).chain(&["--precision", "bf16", "--out", s(&out)]).copied().collect();
+        let (ok, stdout, stderr) = run(&args);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("bf16 activations"), "{stdout}");
+        let args: Vec<&str> = base.iter().chain(&setup).chain(&["--precision", "f32", "--out", s(&out32)]).copied().collect();
+        let (ok, _, stderr) = run(&args);
+        assert!(ok, "{stderr}");
+        let (got, got32) = (TensorFile::open(&out).unwrap(), TensorFile::open(&out32).unwrap());
+        let expected = match names {
+            [one] => format!("expected_{one}.safetensors"),
+            many => format!("expected_parallel_{}.safetensors", many.join("__")),
+        };
+        let want = TensorFile::open(fixtures().join("adapters").join(expected)).unwrap();
+        let (reference, plain) = (forward(Arc::new(CpuBackend::reference()), names), forward(Arc::new(plain_bf16::PlainBf16::new()), names));
+        for ((name, r), (_, p)) in reference.iter().zip(&plain) {
+            assert_eq!(got.info(name).unwrap().dtype, Dtype::F32, "{name}");
+            let g = read_f32(&got, name).0;
+            let (e, pe) = bf16_rule::assert_within_twice_plain(&format!("run --precision bf16 {names:?} {name}"), &g, r, p);
+            eprintln!("run --precision bf16 {names:?} {name}: {e:.3e}, plain bf16 {pe:.3e}");
+            let f32_run = read_f32(&got32, name).0;
+            assert_close(&format!("run --precision f32 {names:?} {name}"), &f32_run, &read_f32(&want, name).0, 1e-5);
+            let (diff, _) = bf16_rule::max_abs_diff(&g, &f32_run);
+            assert!(diff > 1e-4, "{names:?} {name}: the bf16 run is within {diff:e} of the f32 run");
+        }
+    }
+}
+
+/// `--precision bf16` is refused on the CPU (naming the flag) and with `--train` (eval only);
+/// a precision that does not exist is refused by the parser.
+#[test]
+fn precision_bf16_is_refused_where_it_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let model = tiny();
+    let inputs = tiny().join("inputs.safetensors");
+    let base = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out)];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let args = with(&["--precision", "bf16"]);
+    expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision bf16", "--device cuda or cuda-sim", "--precision f32"]);
+    let args = with(&["--precision", "bf16", "--device", "cpu"]);
+    expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision bf16", "CPU"]);
+    if cfg!(feature = "cuda-sim") {
+        let p = adapter_dir("pfeiffer");
+        let args = with(&["--precision", "bf16", "--device", "cuda-sim", "--adapter", s(&p), "--active", "pfeiffer", "--train", "pfeiffer", "--grad-probe", "w.safetensors"]);
+        expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision bf16", "eval forward only", "--train needs --precision f32"]);
+    }
+    let args = with(&["--precision", "fp8", "--device", "cuda-sim"]);
+    let (ok, _, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok, "--precision fp8 succeeded");
+    assert!(err.contains("invalid value 'fp8'") && err.contains("--precision") && err.contains("f32") && err.contains("bf16") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "a refused run must not write its output");
+}

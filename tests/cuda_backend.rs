@@ -240,9 +240,12 @@ fn bf16_refusals_name_the_op_tensor_and_dtype(gpu: &Gpu) {
     let be = backend(gpu);
     let x = be.upload(vec![0.5; 8], &[2, 4]).unwrap();
     let w16 = be.cast(&be.upload(vec![0.25; 12], &[3, 4]).unwrap(), DType::BF16).unwrap();
-    // bf16 activations are not taken (the model's are f32).
-    let e = be.linear(&be.cast(&x, DType::BF16).unwrap(), &w16, None).unwrap_err().to_string();
-    assert!(e.contains("linear") && e.contains("input x") && e.contains("bf16"), "{e}");
+    // bf16 activations take a bf16 weight (the bf16 eval forward, tests/cuda_bf16_model.rs), not
+    // an f32 one.
+    let x16 = be.cast(&x, DType::BF16).unwrap();
+    assert_eq!(be.linear(&x16, &w16, None).unwrap().dtype(), DType::BF16);
+    let e = be.linear(&x16, &be.upload(vec![0.25; 12], &[3, 4]).unwrap(), None).unwrap_err().to_string();
+    assert!(e.contains("linear") && e.contains("input x") && e.contains("bf16") && e.contains("weight W") && e.contains("f32"), "{e}");
     // A LayerNorm whose γ and β differ in dtype, and an f16 base.
     let g32 = be.upload(vec![1.0; 4], &[4]).unwrap();
     let b16 = be.cast(&be.upload(vec![0.0; 4], &[4]).unwrap(), DType::BF16).unwrap();

@@ -19,8 +19,29 @@
 //!   and `adapter_location` (the BERT LayerNorm's γ/β): the kernels' `_bf16` variants, picked by
 //!   the tensors' dtype.
 //!
-//! f16 bases, bf16 activations and a group of base tensors in mixed dtypes are refused with
-//! `Error::Unsupported` naming the op, the tensor and its dtype.
+//! f16 bases and a group of base tensors in mixed dtypes are refused with `Error::Unsupported`
+//! naming the op, the tensor and its dtype.
+//!
+//! # bf16 activations (the eval forward)
+//!
+//! [`CudaBackend::with_activations`]`(DType::BF16)` over a base loaded in bf16 makes
+//! `embedding_layernorm` write bf16, and from there every forward op the model runs takes bf16
+//! activations and returns bf16 ones, dispatching on the tensor's dtype to the `_bf16io` kernels
+//! (f32 arithmetic and accumulation, each output rounded once to bf16; adapter and NICE weights,
+//! LayerNorm statistics, the attention's log-sum-exp and the mask bias stay f32):
+//! - `linear`, `linear_dropout` (eval), `linear_act` and `linear_act_only`: the bf16 GEMM
+//!   ([`CudaBackend::linear_bf16io`]) with the bias in its epilogue; an activation other than
+//!   ReLU and the tanh GELU (BERT's erf GELU, the pooler's tanh) is its own pass over the rounded
+//!   product (`bias_act`), as a plain bf16 model computes it. W and b must be bf16 (the base);
+//!   an f32 weight with bf16 activations (a classification head's: the model widens the head's
+//!   input to f32 first) is refused, named;
+//! - `residual_layernorm`, `attention_packed`, `adapter_location`, `nice`, `activation`, `add`,
+//!   `first_token`, `select_rows`, `cast`: the bf16 variants; `all_finite` counts on a widened
+//!   copy; `to_host` widens.
+//!
+//! Training with bf16 activations is not supported yet: the model refuses `forward_train` on
+//! them, [`Backend::supports_training`] is false in this mode, and every backward op given a bf16
+//! activation tensor returns `Error::Unsupported` saying so.
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
@@ -35,7 +56,7 @@ use super::attention::{attention_packed_backward_dropout, attention_packed_forwa
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{linear_bf16io, Epilogue, Gemm, Transpose};
-use super::gpu::{BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
+use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
 use super::optim::{AdamWBuffers, AdamWSegments, GradViews};
@@ -126,6 +147,9 @@ pub struct CudaBackend {
     /// The Linear products run, by kind (forward, input gradient, weight gradient), as the CPU
     /// counts them: what proves that a frozen Linear never gets a weight-gradient product.
     products: GemmStats,
+    /// The dtype `embedding_layernorm` writes the activations in: f32, or bf16 (the eval forward
+    /// in bf16, see the module docs). Every other op follows its inputs' dtype.
+    activations: DType,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -137,7 +161,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default() })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32 })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -146,7 +170,26 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default() }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32 }
+    }
+
+    /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
+    /// eval forward in bf16 over a frozen base loaded in bf16 (`LoadOptions { dtype: DType::BF16,
+    /// .. }`; `embedding_layernorm` refuses another base). See the module docs for what each op
+    /// does with bf16 activations. Training is refused in bf16 (`supports_training` is false).
+    pub fn with_activations(mut self, dtype: DType) -> Result<CudaBackend> {
+        match dtype {
+            DType::F32 | DType::BF16 => {
+                self.activations = dtype;
+                Ok(self)
+            }
+            other => Err(Error::Unsupported(format!("activations in {other}: the CUDA backend stores activations in f32 or bf16"))),
+        }
+    }
+
+    /// The dtype the activations are stored in (see [`CudaBackend::with_activations`]).
+    pub fn activations(&self) -> DType {
+        self.activations
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -294,7 +337,7 @@ impl CudaBackend {
     /// bf16 tensor-core GEMM ([`CudaBackend::linear_bf16io`]) is not used here: cuBLASLt wants A
     /// and B of one type, so the f32 activations would have to be rounded to bf16, which moves the
     /// output far outside the fp32 parity bound against the CPU; it is for bf16 activations (a
-    /// bf16 `x` here is refused, pointing at it). The copy is allocated per call, not kept in the
+    /// bf16 `x` goes there before it gets here: `linear_bf16_activations`). The copy is allocated per call, not kept in the
     /// backend: on a GPU it is a stream-ordered allocation (served from the stream's memory pool once warm)
     /// freed in stream order after the product, so at most one widened weight is alive at a time
     /// (9.4 MB for BERT-base's largest, the 3072×768 FFN weight) and the backend needs no lock
@@ -355,24 +398,67 @@ impl CudaBackend {
         let y = self.new_tensor::<bf16>(&shape)?;
         let dims = LinearDims { rows: x.rows(), d_in, d_out };
         let bias = b.map(|b| self.view::<bf16>(OP, b)).transpose()?;
+        self.products.count(GemmKind::Forward, dims.rows * d_in * d_out);
         linear_bf16io(&self.gpu, &self.view(OP, x)?, &self.view(OP, w)?, bias.as_ref(), dims, act, &mut self.view_mut(OP, &y)?)?;
         Ok(y)
+    }
+
+    /// `act(x·Wᵀ + b)` for a bf16 `x` (the model's `linear*` ops with bf16 activations): W and b
+    /// must be the bf16 base (an f32 weight, a head's or an adapter's, is refused, named). ReLU and
+    /// the tanh GELU run in the GEMM's epilogue (one rounding); another activation is its own pass
+    /// over the rounded product, as in a plain bf16 model.
+    fn linear_bf16_activations(&self, op: &str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        for (name, t) in [("the weight W", Some(w)), ("the bias b", b)] {
+            if let Some(t) = t.filter(|t| t.dtype() != DType::BF16) {
+                return Err(Error::Unsupported(format!(
+                    "{op}: the input x {:?} is bf16 but {name} {:?} is {}; a Linear on bf16 activations takes a bf16 weight and bias (a frozen base loaded in bf16; widen x to f32 for an f32 weight)",
+                    x.shape(),
+                    t.shape(),
+                    t.dtype()
+                )));
+            }
+        }
+        match act {
+            None => self.linear_bf16io(x, w, b, None),
+            Some(a @ (Activation::Relu | Activation::GeluNew)) if b.is_some() => self.linear_bf16io(x, w, b, Some(a)),
+            Some(a) => {
+                let y = self.linear_bf16io(x, w, b, None)?;
+                let cols = y.last_dim();
+                elementwise::bias_act_in_place::<bf16>(&self.gpu, &mut self.view_mut(op, &y)?, None, Some(a), cols)?;
+                Ok(y)
+            }
+        }
+    }
+
+    /// Training with bf16 activations is not supported yet: a backward or training-only op given
+    /// one (any of `tensors` in bf16) is refused by name. Weights are not passed here (a frozen
+    /// base in bf16 is fine with f32 activations).
+    fn refuse_bf16_training(&self, op: &str, tensors: &[&Tensor]) -> Result<()> {
+        match tensors.iter().find(|t| t.dtype() == DType::BF16) {
+            Some(t) => Err(Error::Unsupported(format!(
+                "{op}: a bf16 activation tensor {:?}; training with bf16 activations (the backward ops, dropout, the tape) is not supported yet, only the eval forward: train with f32 activations",
+                t.shape()
+            ))),
+            None => Ok(()),
+        }
     }
 
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs
     fn ln_into(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        match self.base_dtype(OP, &[("gamma", gamma), ("beta", beta)])? {
-            DType::BF16 => self.ln_typed::<bf16>(x, residual, gamma, beta, eps, y, stats),
-            _ => self.ln_typed::<f32>(x, residual, gamma, beta, eps, y, stats),
+        match (self.base_dtype(OP, &[("gamma", gamma), ("beta", beta)])?, activation_dtype(x)) {
+            (DType::BF16, DType::BF16) => self.ln_typed::<bf16, bf16>(x, residual, gamma, beta, eps, y, stats),
+            (_, DType::BF16) => Err(bf16_needs_bf16_base(OP, "LayerNorm gamma", gamma)),
+            (DType::BF16, _) => self.ln_typed::<bf16, f32>(x, residual, gamma, beta, eps, y, stats),
+            _ => self.ln_typed::<f32, f32>(x, residual, gamma, beta, eps, y, stats),
         }
     }
 
-    /// [`Self::ln_into`] with γ and β stored as `P`.
+    /// [`Self::ln_into`] with γ and β stored as `P`, the activations as `A`.
     #[allow(clippy::too_many_arguments)]
-    fn ln_typed<P: BufferElement + BaseScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
+    fn ln_typed<P: BufferElement + BaseScalar, A: BufferElement + ActivationScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        let inputs = LayerNormInputs::<P> {
+        let inputs = LayerNormInputs::<P, A> {
             x: self.view(OP, x)?,
             residual: residual.map(|r| self.view(OP, r)).transpose()?,
             gamma: self.view(OP, gamma)?,
@@ -410,6 +496,40 @@ impl CudaBackend {
             eps,
         })
     }
+
+    /// `attention_packed` with Q, K, V and the context stored as `A` (f32 or bf16; the mask bias
+    /// and the log-sum-exp are f32 either way).
+    fn attention_typed<A: BufferElement + ActivationScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
+        const OP: &str = "attention_packed";
+        let (q, m, mut c, mut l) = (self.view::<A>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut::<A>(OP, ctx)?, self.view_mut(OP, lse)?);
+        match dropout {
+            None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads),
+            Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?),
+        }
+    }
+
+    /// `adapter_location` with bf16 activations (`h`, `r` and the output; the `_bf16io` kernels):
+    /// the BERT LayerNorm must be bf16 (the base), the adapter weights stay f32, the gate means
+    /// are f32 scratch. Eval only: a branch with adapter dropout is refused (training).
+    fn adapter_location_bf16io(&self, loc: &AdapterLocation) -> Result<Tensor> {
+        const OP: &str = "adapter_location";
+        if loc.branches.iter().any(|p| p.dropout.is_some()) {
+            self.refuse_bf16_training(OP, &[loc.h])?;
+        }
+        let ln = &loc.layer_norm;
+        if self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])? != DType::BF16 {
+            return Err(bf16_needs_bf16_base(OP, "LayerNorm gamma", ln.gamma));
+        }
+        let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
+        let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
+        let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
+        let out = self.new_tensor::<bf16>(&[n * batch, seq_len, hidden])?;
+        let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
+        let inputs = LocationInputs::<bf16, bf16> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
+        let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
+        adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+        Ok(out)
+    }
 }
 
 impl Backend for CudaBackend {
@@ -418,7 +538,10 @@ impl Backend for CudaBackend {
     }
 
     fn name(&self) -> String {
-        self.gpu.describe()
+        match self.activations {
+            DType::BF16 => format!("{} (bf16 activations)", self.gpu.describe()),
+            _ => self.gpu.describe(),
+        }
     }
 
     fn gpu(&self) -> Option<&Gpu> {
@@ -427,8 +550,9 @@ impl Backend for CudaBackend {
 
     fn supports_training(&self) -> bool {
         // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
-        // tests/cuda_training.rs with dropout on), the adapters' own dropout too.
-        true
+        // tests/cuda_training.rs with dropout on), the adapters' own dropout too. bf16
+        // activations run the eval forward only.
+        self.activations == DType::F32
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -483,11 +607,16 @@ impl Backend for CudaBackend {
         match t.dtype() {
             // One pass on the device and a 4-byte read, not the tensor.
             DType::F32 => Ok(elementwise::count_nonfinite(&self.gpu, &self.view("all_finite", t)?)? == 0),
+            // Widened exactly (NaN and ±inf stay what they are), then the same count.
+            DType::BF16 => self.all_finite(&self.cast(t, DType::F32)?),
             _ => Ok(self.to_host(t)?.iter().all(|v| v.is_finite())),
         }
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if x.dtype() == DType::BF16 {
+            return self.linear_bf16_activations("linear", x, w, b, None);
+        }
         let mut shape = x.shape().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = w.shape().first().copied().unwrap_or(0);
@@ -499,6 +628,9 @@ impl Backend for CudaBackend {
 
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         // The product, then the mask over its output (the CPU's epilogue draws the same words).
+        if dropout.is_some() {
+            self.refuse_bf16_training("linear_dropout", &[x])?;
+        }
         let y = self.linear(x, w, b)?;
         if let Some(spec) = dropout {
             self.dropout_in_place("linear_dropout", &y, spec)?;
@@ -508,7 +640,8 @@ impl Backend for CudaBackend {
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
         // cuBLASLt's GELU epilogue is the tanh form, not BERT's erf: the product keeps the bias
-        // epilogue and the activation is its own pass.
+        // epilogue and the activation is its own pass (with bf16 activations, over the product
+        // rounded to bf16, which is also what the backward would read).
         let pre = self.linear(x, w, b)?;
         let y = self.activation(&pre, act)?;
         Ok((y, pre))
@@ -516,6 +649,9 @@ impl Backend for CudaBackend {
 
     fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_act_only";
+        if x.dtype() == DType::BF16 {
+            return self.linear_bf16_activations(OP, x, w, b, Some(act));
+        }
         let y = self.linear(x, w, b)?;
         let cols = y.last_dim();
         elementwise::bias_act_in_place::<f32>(&self.gpu, &mut self.view_mut(OP, &y)?, None, Some(act), cols)?;
@@ -524,6 +660,7 @@ impl Backend for CudaBackend {
 
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_backward_input_act";
+        self.refuse_bf16_training(OP, &[dy, pre])?;
         let dims = linear_dims(OP, dy, w)?;
         let mut shape = dy.shape().to_vec();
         if let Some(last) = shape.last_mut() {
@@ -551,15 +688,32 @@ impl Backend for CudaBackend {
         let hidden = word.last_dim();
         let group = [("the word embeddings", word), ("the position embeddings", position), ("the token type embeddings", token_type), ("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)];
         let dtype = self.base_dtype(OP, &group)?;
-        let y = self.new_tensor::<f32>(&[batch, seq_len, hidden])?;
+        if self.activations == DType::BF16 && dtype != DType::BF16 {
+            return Err(bf16_needs_bf16_base(OP, "the word embeddings", word));
+        }
+        // The activations start here, in the backend's dtype; every later op follows them.
+        let y = self.empty(&[batch, seq_len, hidden], self.activations)?;
+        if dropout.is_some() {
+            self.refuse_bf16_training(OP, &[&y])?;
+        }
         let mut flag = new_error_flag(&self.gpu)?;
         {
-            let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag: flag.view_mut() };
             let ids = (self.view(OP, input_ids)?, self.view(OP, token_type_ids)?);
             let dims = (batch, seq_len, hidden, ln.eps);
-            match dtype {
-                DType::BF16 => embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?,
-                _ => embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f32>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?,
+            let error_flag = flag.view_mut();
+            match (dtype, self.activations) {
+                (DType::BF16, DType::BF16) => {
+                    let mut outputs = EmbeddingOutputs::<bf16> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
+                    embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
+                }
+                (DType::BF16, _) => {
+                    let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
+                    embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
+                }
+                _ => {
+                    let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
+                    embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f32>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
+                }
             }
         }
         // One 8-byte read: an out-of-range id is an error, never a row of NaN passed on. A step
@@ -576,7 +730,7 @@ impl Backend for CudaBackend {
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
         let rows = x.rows();
-        let y = self.new_tensor::<f32>(x.shape())?;
+        let y = self.empty(x.shape(), activation_dtype(x))?;
         let (mean, rstd) = (self.new_tensor::<f32>(&[rows])?, self.new_tensor::<f32>(&[rows])?);
         self.ln_into(x, residual, gamma, beta, eps, &y, (&mean, &rstd))?;
         Ok(y)
@@ -584,6 +738,7 @@ impl Backend for CudaBackend {
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
         const OP: &str = "residual_layernorm_stats";
+        self.refuse_bf16_training(OP, &[x])?;
         let (rows, cols) = (x.rows(), x.last_dim());
         let y = self.new_tensor::<f32>(x.shape())?;
         let z = self.new_tensor::<f32>(x.shape())?;
@@ -598,6 +753,7 @@ impl Backend for CudaBackend {
 
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         const OP: &str = "layernorm_backward_stats";
+        self.refuse_bf16_training(OP, &[dy, z])?;
         let dz = self.new_tensor::<f32>(dy.shape())?;
         let inputs = LayerNormBackwardInputs::<f32, f32> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
         layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
@@ -607,6 +763,7 @@ impl Backend for CudaBackend {
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
         if let Some(spec) = dropout {
+            self.refuse_bf16_training("residual_layernorm_dropout", &[&y])?;
             self.dropout_in_place("residual_layernorm_dropout", &y, spec)?;
         }
         Ok(y)
@@ -622,25 +779,30 @@ impl Backend for CudaBackend {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
-        let ctx = self.new_tensor::<f32>(&[batch, seq, hidden])?;
+        let ctx = self.empty(&[batch, seq, hidden], activation_dtype(qkv))?;
         let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
-        let (q, m, mut c, mut l) = (self.view::<f32>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut(OP, &ctx)?, self.view_mut(OP, &lse)?);
-        match dropout {
-            None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads)?,
-            Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?)?,
+        match ctx.dtype() {
+            DType::BF16 => self.attention_typed::<bf16>(qkv, mask_bias, &ctx, &lse, (batch, seq, hidden, heads), dropout)?,
+            _ => self.attention_typed::<f32>(qkv, mask_bias, &ctx, &lse, (batch, seq, hidden, heads), dropout)?,
         }
         Ok((ctx, lse))
     }
 
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation";
-        let y = self.new_tensor::<f32>(x.shape())?;
-        elementwise::bias_act::<f32>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?;
+        let y = self.empty(x.shape(), activation_dtype(x))?;
+        match y.dtype() {
+            DType::BF16 => elementwise::bias_act::<bf16>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?,
+            _ => elementwise::bias_act::<f32>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?,
+        }
         Ok(y)
     }
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
+        if loc.h.dtype() == DType::BF16 {
+            return self.adapter_location_bf16io(loc);
+        }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
         let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
@@ -672,13 +834,17 @@ impl Backend for CudaBackend {
             g2: self.view_pair(OP, params.g2)?,
             activation: params.activation,
         };
-        let out = self.new_tensor::<f32>(x.shape())?;
-        nice_forward::<f32>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?;
+        let out = self.empty(x.shape(), activation_dtype(x))?;
+        match out.dtype() {
+            DType::BF16 => nice_forward::<bf16>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?,
+            _ => nice_forward::<f32>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?,
+        }
         Ok(out)
     }
 
     fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_input";
+        self.refuse_bf16_training(OP, &[dy, out])?;
         let dims = linear_dims(OP, dy, w)?;
         if out.overlaps(dy) || out.overlaps(w) {
             return Err(Error::Internal(format!("{OP}: the destination overlaps an input")));
@@ -691,6 +857,7 @@ impl Backend for CudaBackend {
 
     fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_params";
+        self.refuse_bf16_training(OP, &[dy, x])?;
         let dims = LinearDims { rows: dy.rows(), d_in: x.last_dim(), d_out: dy.last_dim() };
         for (name, t) in [("dw", Some(dw)), ("db", db)] {
             if t.is_some_and(|t| t.overlaps(dy) || t.overlaps(x)) {
@@ -709,6 +876,7 @@ impl Backend for CudaBackend {
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation_backward";
+        self.refuse_bf16_training(OP, &[dy, pre])?;
         let dx = self.new_tensor::<f32>(dy.shape())?;
         elementwise::activation_backward(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
         Ok(dx)
@@ -716,6 +884,7 @@ impl Backend for CudaBackend {
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
         // The statistics from a training forward of the same input (beta does not reach dx).
+        self.refuse_bf16_training("layernorm_backward_input", &[dy, x])?;
         let zero_beta = self.zeros(gamma.shape(), DType::F32)?;
         let (_, z, stats) = self.residual_layernorm_stats(x, residual, gamma, &zero_beta, eps)?;
         self.layernorm_backward_stats(dy, &z, &stats, gamma)
@@ -727,6 +896,7 @@ impl Backend for CudaBackend {
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "attention_packed_backward";
+        self.refuse_bf16_training(OP, &[dctx, qkv])?;
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
@@ -743,6 +913,7 @@ impl Backend for CudaBackend {
 
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
+        self.refuse_bf16_training(OP, &[loc.h, loc.r, d_out])?;
         if grads.len() != loc.branches.len() {
             return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
         }
@@ -787,6 +958,7 @@ impl Backend for CudaBackend {
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
         const OP: &str = "nice_backward";
+        self.refuse_bf16_training(OP, &[x, dy])?;
         if dy.shape() != x.shape() {
             return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
         }
@@ -820,6 +992,7 @@ impl Backend for CudaBackend {
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
         const OP: &str = "dropout";
+        self.refuse_bf16_training(OP, &[x])?;
         let y = self.new_tensor::<f32>(x.shape())?;
         let d = self.device_dropout(OP, spec)?;
         elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
@@ -831,8 +1004,11 @@ impl Backend for CudaBackend {
         if a.shape() != b.shape() {
             return Err(Error::shape(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
         }
-        let y = self.new_tensor::<f32>(a.shape())?;
-        elementwise::add::<f32>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?;
+        let y = self.empty(a.shape(), activation_dtype(a))?;
+        match y.dtype() {
+            DType::BF16 => elementwise::add::<bf16>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?,
+            _ => elementwise::add::<f32>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?,
+        }
         Ok(y)
     }
 
@@ -861,6 +1037,7 @@ impl Backend for CudaBackend {
 
     fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
         const OP: &str = "first_token_backward";
+        self.refuse_bf16_training(OP, &[d, out])?;
         let (b, t, h) = match out.shape() {
             [b, t, h] => (*b, *t, *h),
             s => return Err(Error::shape(OP, format!("destination must be [B, T, H], got {s:?}"))),
@@ -877,8 +1054,11 @@ impl Backend for CudaBackend {
             [b, t, h] => [*b, *t, *h],
             s => return Err(Error::shape(OP, format!("expected [B, T, H], got {s:?}"))),
         };
-        let out = self.new_tensor::<f32>(&[b, h])?;
-        elementwise::first_token::<f32>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?;
+        let out = self.empty(&[b, h], activation_dtype(x))?;
+        match out.dtype() {
+            DType::BF16 => elementwise::first_token::<bf16>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?,
+            _ => elementwise::first_token::<f32>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?,
+        }
         Ok(out)
     }
 
@@ -907,6 +1087,7 @@ impl Backend for CudaBackend {
 
     fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
         const OP: &str = "add_into";
+        self.refuse_bf16_training(OP, &[dst, src])?;
         if dst.shape() != src.shape() {
             return Err(Error::shape(OP, format!("{:?} += {:?}", dst.shape(), src.shape())));
         }
@@ -1002,4 +1183,23 @@ fn linear_dims(op: &'static str, dy: &Tensor, w: &Tensor) -> Result<LinearDims> 
         [o, i] if *o == dy.last_dim() => Ok(LinearDims { rows: dy.rows(), d_in: *i, d_out: *o }),
         s => Err(Error::shape(op, format!("weight {s:?} does not map the gradient's {} features", dy.last_dim()))),
     }
+}
+
+/// The activation dtype an op on `x` computes in: bf16 for a bf16 `x` (the `_bf16io` kernels),
+/// else f32 (another dtype is then refused by the f32 view, named).
+fn activation_dtype(x: &Tensor) -> DType {
+    if x.dtype() == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The error for a frozen-base tensor `t` that is not bf16 given with bf16 activations.
+fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
+    Error::Unsupported(format!(
+        "{op}: bf16 activations with {name} {:?} in {}: the bf16 kernels read the frozen base in bf16 (load it with LoadOptions {{ dtype: DType::BF16, .. }})",
+        t.shape(),
+        t.dtype()
+    ))
 }

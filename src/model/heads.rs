@@ -20,7 +20,7 @@ use crate::backend::{Activation, Backend, DropoutSpec};
 pub use crate::config::{HeadConfig, HeadConfigFile};
 use crate::error::{Error, Result};
 use crate::model::backward::{dests, dropout_spec, DropoutSite, GradSink};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Training-mode dropout of one head application: the masks of its Dropout modules are a pure
 /// function of `(seed, module, branch, element)`, so the backward recomputes them.
@@ -231,6 +231,10 @@ impl ClassificationHead {
             }
             (backend.first_token(last_hidden_state)?, Some(s[1]))
         };
+        // The head runs in f32 whatever the encoder's activations: a bf16 input (the CUDA
+        // backend's bf16 eval forward) is widened exactly, so the head's weights stay f32 and its
+        // logits are f32 (the head is [B, H]·[H, C], tiny next to the encoder).
+        let input = if input.dtype() == DType::F32 { input } else { backend.cast(&input, DType::F32)? };
         let (hid, out) = self.config.linear_indices();
         let spec = |module: usize| dropout.and_then(|d| d.spec(module));
         let dropout = [spec(0), hid.and_then(|_| spec(3))];

@@ -4,11 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::{ArgGroup, Args};
+use std::sync::Arc;
+
+use clap::{ArgGroup, Args, ValueEnum};
 
 use bert_adapters::io::atomic::clean_leftovers;
 use bert_adapters::io::{OutDtype, SafetensorsWriter};
-use bert_adapters::{backend_for, AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, LoadOptions, Result};
+use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::{backend_for, AdapterSetup, Backend, BertConfig, BertModel, BertTokenizer, DType, Device, Error, InputBatch, LoadOptions, Result};
 
 use crate::{infer, limits};
 
@@ -46,6 +49,36 @@ pub struct RunArgs {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The forward's precision: f32, or bf16 on a CUDA device (the base loaded in bf16, every
+    /// activation stored in bf16 with f32 accumulation; the outputs are written widened to F32).
+    /// bf16 is the eval forward only (no --train).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+}
+
+/// `--precision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Precision {
+    F32,
+    Bf16,
+}
+
+/// The backend and the base's storage for `--precision` on `device`: bf16 is the CUDA backend's
+/// bf16 activation mode over a base loaded in bf16, refused on the CPU and with `--train`.
+fn backend_and_load(args: &RunArgs, device: Device) -> Result<(Arc<dyn Backend>, LoadOptions)> {
+    match args.precision {
+        Precision::F32 => Ok((backend_for(device)?, LoadOptions::default())),
+        Precision::Bf16 if device == Device::Cpu => {
+            Err(Error::Input("--precision bf16 needs --device cuda or cuda-sim: the CPU backend computes in f32 (use --precision f32 on the CPU)".into()))
+        }
+        Precision::Bf16 if !args.train.is_empty() => {
+            Err(Error::Unsupported("--precision bf16 runs the eval forward only: training with bf16 activations is not supported yet, so --train needs --precision f32".into()))
+        }
+        Precision::Bf16 => {
+            let backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;
+            Ok((Arc::new(backend), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
+        }
+    }
 }
 
 /// Load every `--adapter` folder and activate `--active` or `--parallel` (nothing otherwise, as
@@ -263,9 +296,9 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
 
 pub fn run(args: RunArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
-    let backend = backend_for(device)?;
+    let (backend, load) = backend_and_load(&args, device)?;
     let start = Instant::now();
-    let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
+    let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), load)?;
     apply_adapters(&mut model, &args)?;
     let source = Source::read(&args, model.config())?;
     // A temporary of `--out` that an interrupted run left (only ours, of processes no longer running).
