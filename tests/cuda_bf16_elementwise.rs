@@ -38,12 +38,13 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
+use rule::{assert_rounded_f32_kernel, assert_same_f32, bits};
 
 use bert_adapters::backend::NiceParams;
 use bert_adapters::cpu::reference;
 use bert_adapters::cuda::elementwise::{add, bias_act, bias_act_in_place, first_token};
 use bert_adapters::cuda::embedding::{check_flag, embedding_layernorm_forward, embedding_layernorm_forward_with_plan, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
+use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
@@ -85,47 +86,6 @@ fn uniform16(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 fn id(x: f32) -> f32 {
     x
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// A bf16 value's position on the number line in ulps (-0 and +0 both 0).
-fn ordinal(b: bf16) -> i32 {
-    let u = b.to_bits() as i32;
-    if u & 0x8000 != 0 {
-        -(u & 0x7fff)
-    } else {
-        u
-    }
-}
-
-/// Every bf16 output element finite and equal to `want` (an f32 kernel's output, or an f32 value
-/// computed from one) rounded to bf16: bit for bit on the executor, within one bf16 ulp on a GPU
-/// (see the module docs).
-fn assert_rounded_f32_kernel(gpu: &Gpu, label: &str, got: &[bf16], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    let most = if gpu.kind() == GpuKind::Sim { 0 } else { 1 };
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let r = bf16::from_f32(w);
-        assert!(g.is_finite() && r.is_finite(), "{label}: [{i}] = {g}, f32 kernel {w}");
-        let ulps = (ordinal(g) - ordinal(r)).abs();
-        assert!(ulps <= most, "{label}: [{i}] = {g} but the f32 kernel's {w} rounds to {r}: {ulps} bf16 ulps apart");
-    }
-}
-
-/// An f32 output equal to the f32 kernel's: bit for bit on the executor, within 2^-20 relative on
-/// a GPU (see the module docs).
-fn assert_same_f32(gpu: &Gpu, label: &str, got: &[f32], f32_kernel: &[f32]) {
-    if gpu.kind() == GpuKind::Sim {
-        assert_eq!(bits(got), bits(f32_kernel), "{label}: differs from the f32 kernel's");
-        return;
-    }
-    assert_eq!(got.len(), f32_kernel.len(), "{label}: length");
-    for (i, (g, w)) in got.iter().zip(f32_kernel).enumerate() {
-        assert!(g.is_finite() && (g - w).abs() <= w.abs() * 2f32.powi(-20), "{label}: [{i}] = {g}, the f32 kernel's {w}");
-    }
 }
 
 /// `got` is exactly `want` rounded to bf16, element by element (one rounding of an exactly known

@@ -27,9 +27,10 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
+use rule::{assert_rounded_f32_kernel, assert_same_f32, bits};
 
 use bert_adapters::cpu::reference;
-use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
+use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::cuda::layernorm::{
     layernorm_backward, layernorm_backward_with_plan, layernorm_param_grad_workspace_len, residual_layernorm_forward, residual_layernorm_forward_train, residual_layernorm_forward_train_with_plan, residual_layernorm_forward_with_plan,
     LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormParamGrads, LayerNormPlan, LayerNormTrainOutputs,
@@ -74,46 +75,6 @@ fn rows_with_offsets(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
         v.extend((0..cols).map(|_| rule::round(m + s * rng.random_range(-1.0f32..1.0))));
     }
     v
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// A bf16 value's position on the number line in ulps (-0 and +0 both 0).
-fn ordinal(b: bf16) -> i32 {
-    let u = b.to_bits() as i32;
-    if u & 0x8000 != 0 {
-        -(u & 0x7fff)
-    } else {
-        u
-    }
-}
-
-/// Every bf16 output element finite and equal to the f32 kernel's output rounded to bf16: bit for
-/// bit on the executor, within one bf16 ulp on a GPU (see the module docs).
-fn assert_rounded_f32_kernel(gpu: &Gpu, label: &str, got: &[bf16], f32_kernel: &[f32]) {
-    assert_eq!(got.len(), f32_kernel.len(), "{label}: length");
-    let most = if gpu.kind() == GpuKind::Sim { 0 } else { 1 };
-    for (i, (&g, &w)) in got.iter().zip(f32_kernel).enumerate() {
-        let want = bf16::from_f32(w);
-        assert!(g.is_finite() && want.is_finite(), "{label}: [{i}] = {g}, f32 kernel {w}");
-        let ulps = (ordinal(g) - ordinal(want)).abs();
-        assert!(ulps <= most, "{label}: [{i}] = {g} but the f32 kernel's {w} rounds to {want}: {ulps} bf16 ulps apart");
-    }
-}
-
-/// An f32 output equal to the f32 kernel's: bit for bit on the executor, within 2^-20 relative on
-/// a GPU (see the module docs).
-fn assert_same_f32(gpu: &Gpu, label: &str, got: &[f32], f32_kernel: &[f32]) {
-    if gpu.kind() == GpuKind::Sim {
-        assert_eq!(bits(got), bits(f32_kernel), "{label}: differs from the f32 kernel's");
-        return;
-    }
-    assert_eq!(got.len(), f32_kernel.len(), "{label}: length");
-    for (i, (g, w)) in got.iter().zip(f32_kernel).enumerate() {
-        assert!(g.is_finite() && (g - w).abs() <= w.abs() * 2f32.powi(-20), "{label}: [{i}] = {g}, the f32 kernel's {w}");
-    }
 }
 
 /// Asserts every element finite and `|got − want| <= rel·(1 + max|want|)` (the f32 LayerNorm

@@ -87,3 +87,47 @@ pub fn plain_linear(a: &[f32], b: &[f32], bias: Option<&[f32]>, m: usize, n: usi
     }
     out
 }
+
+/// The bits of each f32, for bit-for-bit comparisons.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A bf16 value's position on the number line in ulps (-0 and +0 both 0).
+pub fn ordinal(b: bf16) -> i32 {
+    let u = b.to_bits() as i32;
+    if u & 0x8000 != 0 {
+        -(u & 0x7fff)
+    } else {
+        u
+    }
+}
+
+/// Every bf16 output element finite and equal to `want` (an f32 kernel's output, or an f32 value
+/// computed from one) rounded to bf16: bit for bit on the executor, within one bf16 ulp on a GPU
+/// (whose f32 kernel may round its own last bits differently).
+#[track_caller]
+pub fn assert_rounded_f32_kernel(gpu: &bert_adapters::cuda::Gpu, label: &str, got: &[bf16], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let most = if gpu.kind() == bert_adapters::cuda::GpuKind::Sim { 0 } else { 1 };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let r = bf16::from_f32(w);
+        assert!(g.is_finite() && r.is_finite(), "{label}: [{i}] = {g}, f32 kernel {w}");
+        let ulps = (ordinal(g) - ordinal(r)).abs();
+        assert!(ulps <= most, "{label}: [{i}] = {g} but the f32 kernel's {w} rounds to {r}: {ulps} bf16 ulps apart");
+    }
+}
+
+/// An f32 output equal to the f32 kernel's: bit for bit on the executor, within 2^-20 relative on
+/// a GPU.
+#[track_caller]
+pub fn assert_same_f32(gpu: &bert_adapters::cuda::Gpu, label: &str, got: &[f32], f32_kernel: &[f32]) {
+    if gpu.kind() == bert_adapters::cuda::GpuKind::Sim {
+        assert_eq!(bits(got), bits(f32_kernel), "{label}: differs from the f32 kernel's");
+        return;
+    }
+    assert_eq!(got.len(), f32_kernel.len(), "{label}: length");
+    for (i, (g, w)) in got.iter().zip(f32_kernel).enumerate() {
+        assert!(g.is_finite() && (g - w).abs() <= w.abs() * 2f32.powi(-20), "{label}: [{i}] = {g}, the f32 kernel's {w}");
+    }
+}
