@@ -412,3 +412,33 @@ fn run_train_on_cuda_sim_matches_every_gradient_fixture() {
     assert_eq!(checked, names.len());
     assert!(checked >= 23, "only {checked} gradient fixtures found (23 are committed)");
 }
+
+/// Every numeric flag of every command takes a negative value to the command, which refuses it
+/// with the flag and the reason in one line (exit 1), not clap's "unexpected argument '-1'".
+#[test]
+fn negative_numbers_are_refused_with_the_reason() {
+    let cases: [(&str, &[&str], &str); 11] = [
+        ("train", &["--lr", "-1"], "--lr must be > 0 (got -1)"),
+        ("train", &["--lr", "-1e-3"], "--lr must be > 0 (got -0.001)"),
+        ("train", &["--lr", "-inf"], "--lr must be a finite number (got -inf)"),
+        ("train", &["--steps", "-1"], "--steps must be at least 1 (got -1)"),
+        ("train", &["--batch-size", "-16"], "--batch-size must be at least 1 (got -16)"),
+        ("train", &["--max-len", "-64"], "--max-len -64 leaves no room for [CLS] and [SEP]: it must be at least 2"),
+        ("train", &["--alternate", "-10"], "--alternate must be at least 1 (got -10)"),
+        ("train", &["--eval-every", "-100"], "--eval-every must be at least 1 (got -100)"),
+        ("train", &["--eval-size", "-5"], "--eval-size must be at least 1 (got -5)"),
+        ("train", &["--seed", "-42"], "--seed must be at least 0 (got -42)"),
+        ("predict", &["--max-len", "-8"], "--max-len must be at least 2 (got -8)"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (command, flag, says) in cases {
+        let rest: Vec<&str> = if command == "train" { vec!["--out", s(&out)] } else { vec!["--model", "m", "--adapter", "a", "--text", "t"] };
+        let o = bin().arg(command).args(flag).args(&rest).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{command} {flag:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{command} {flag:?}: one line expected: {err}");
+        assert!(err.contains(says), "{command} {flag:?}: `{says}` not in: {err}");
+    }
+    assert!(!out.exists(), "a refused run must not create its output folder");
+}

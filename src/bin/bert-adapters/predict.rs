@@ -9,7 +9,7 @@ use clap::Args;
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::{BertModel, BertTokenizer, Error, LoadOptions, Result};
 
-use crate::infer;
+use crate::{flags, infer};
 use crate::train::TRAIN_INFO;
 
 #[derive(Args)]
@@ -25,8 +25,8 @@ pub struct PredictArgs {
     text: PathBuf,
     /// Tokens per text; default: what the adapter was trained with (its train_info.json), else
     /// the model's max_position_embeddings.
-    #[arg(long, value_name = "T")]
-    max_len: Option<usize>,
+    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = flags::whole)]
+    max_len: Option<i128>,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -47,10 +47,11 @@ fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
+    let asked = args.max_len.map(|m| flags::at_least::<usize>("--max-len", m, 2)).transpose()?;
     let backend = infer::backend(&args.device)?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend, LoadOptions::default())?;
     let max_pos = model.config().max_position_embeddings;
-    let max_len = match args.max_len {
+    let max_len = match asked {
         Some(m) => m,
         None => trained_max_len(&args)?.unwrap_or(max_pos),
     };

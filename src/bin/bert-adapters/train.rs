@@ -34,7 +34,7 @@ use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
-use crate::{infer, objective, plot};
+use crate::{flags, infer, objective, plot};
 
 pub const SCORENN: &str = "scorenn";
 pub const TASKNN: &str = "tasknn";
@@ -55,10 +55,11 @@ const EXIT_INTERRUPTED: i32 = 130;
 /// Written into the tasknn folder for `predict`: the max length it was trained with.
 pub const TRAIN_INFO: &str = "train_info.json";
 
-// A flag given twice takes its last value, so scripts (and tests) can append overrides.
+// A flag given twice takes its last value, so scripts (and tests) can append overrides. Numbers
+// are taken with their sign and checked by `check` (see flags.rs).
 #[derive(Args)]
 #[command(args_override_self = true)]
-pub struct TrainArgs {
+pub struct TrainFlags {
     /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_MODEL)]
     model: PathBuf,
@@ -73,29 +74,29 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", default_value = "pfeiffer")]
     config: String,
     /// Optimizer steps in all (both adapters together).
-    #[arg(long, value_name = "N", default_value_t = 400)]
-    steps: u64,
-    #[arg(long, value_name = "B", default_value_t = 16)]
-    batch_size: usize,
+    #[arg(long, value_name = "N", default_value = "400", allow_negative_numbers = true, value_parser = flags::whole)]
+    steps: i128,
+    #[arg(long, value_name = "B", default_value = "16", allow_negative_numbers = true, value_parser = flags::whole)]
+    batch_size: i128,
     /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated. A training batch is
     /// padded to a multiple of 16 tokens covering its longest text, at most T.
-    #[arg(long, value_name = "T", default_value_t = 64)]
-    max_len: usize,
+    #[arg(long, value_name = "T", default_value = "64", allow_negative_numbers = true, value_parser = flags::whole)]
+    max_len: i128,
     /// AdamW learning rate (constant), for both adapters.
-    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    #[arg(long, value_name = "X", default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
     /// Train tasknn for K steps, then scorenn for K, and so on.
-    #[arg(long, value_name = "K", default_value_t = 10)]
-    alternate: u64,
+    #[arg(long, value_name = "K", default_value = "10", allow_negative_numbers = true, value_parser = flags::whole)]
+    alternate: i128,
     /// Validate (and checkpoint) every N steps.
-    #[arg(long, value_name = "N", default_value_t = 100)]
-    eval_every: u64,
+    #[arg(long, value_name = "N", default_value = "100", allow_negative_numbers = true, value_parser = flags::whole)]
+    eval_every: i128,
     /// Validation examples used at each evaluation (a fixed subset of the validation split).
-    #[arg(long, value_name = "N", default_value_t = 500)]
-    eval_size: usize,
+    #[arg(long, value_name = "N", default_value = "500", allow_negative_numbers = true, value_parser = flags::whole)]
+    eval_size: i128,
     /// Seed of the split, the initialisation, the batch order and dropout.
-    #[arg(long, value_name = "S", default_value_t = 42)]
-    seed: u64,
+    #[arg(long, value_name = "S", default_value = "42", allow_negative_numbers = true, value_parser = flags::whole)]
+    seed: i128,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -111,21 +112,54 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-fn validate(args: &TrainArgs) -> Result<()> {
-    let positive = [("--steps", args.steps), ("--batch-size", args.batch_size as u64), ("--alternate", args.alternate), ("--eval-every", args.eval_every), ("--eval-size", args.eval_size as u64)];
-    if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
-        return Err(Error::Input(format!("{flag} must be at least 1")));
+/// The flags after `check`: every number in its range.
+pub struct TrainArgs {
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    config: String,
+    steps: u64,
+    batch_size: usize,
+    max_len: usize,
+    lr: f64,
+    alternate: u64,
+    eval_every: u64,
+    eval_size: usize,
+    seed: u64,
+    device: String,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+}
+
+/// Each number in its range, or one line naming the flag and why.
+fn check(f: TrainFlags) -> Result<TrainArgs> {
+    if f.max_len < 2 {
+        return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]: it must be at least 2", f.max_len)));
     }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        return Err(Error::Input(format!("--lr {} must be a positive number", args.lr)));
+    let max_len = flags::at_least::<usize>("--max-len", f.max_len, 2)?;
+    let batch_size = flags::at_least::<usize>("--batch-size", f.batch_size, 1)?;
+    if batch_size > MAX_BATCH_SIZE {
+        return Err(Error::Input(format!("--batch-size {batch_size} is more than the {MAX_BATCH_SIZE} texts a step may hold")));
     }
-    if args.max_len < 2 {
-        return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]", args.max_len)));
-    }
-    if args.batch_size > MAX_BATCH_SIZE {
-        return Err(Error::Input(format!("--batch-size {} is more than the {MAX_BATCH_SIZE} texts a step may hold", args.batch_size)));
-    }
-    Ok(())
+    Ok(TrainArgs {
+        steps: flags::at_least("--steps", f.steps, 1)?,
+        batch_size,
+        max_len,
+        lr: flags::positive("--lr", f.lr)?,
+        alternate: flags::at_least("--alternate", f.alternate, 1)?,
+        eval_every: flags::at_least("--eval-every", f.eval_every, 1)?,
+        eval_size: flags::at_least("--eval-size", f.eval_size, 1)?,
+        seed: flags::at_least("--seed", f.seed, 0)?,
+        model: f.model,
+        data: f.data,
+        out: f.out,
+        config: f.config,
+        device: f.device,
+        resume: f.resume,
+        overwrite: f.overwrite,
+        quiet: f.quiet,
+    })
 }
 
 /// A missing default input gets the command that fetches it.
@@ -483,8 +517,8 @@ fn progress_bar(args: &TrainArgs, start: u64) -> ProgressBar {
     bar
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    validate(&args)?;
+pub fn run(flags: TrainFlags) -> Result<()> {
+    let args = check(flags)?;
     check_exists(&args.model, DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     check_exists(&args.data, DEFAULT_DATA, "data file", "fetch-data.sh")?;
     let config = AdapterConfig::named(&args.config)?;
