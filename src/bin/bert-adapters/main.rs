@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Run BERT on a batch and write its outputs (and, later, adapter gradients) to a safetensors file.
     Run(run::RunArgs),
-    /// Adapter folders: `adapter convert IN_DIR OUT_DIR --model DIR [--name NEW]`.
+    /// Adapter folders: `adapter convert IN_DIR OUT_DIR [--model DIR] [--name NEW]`.
     Adapter(convert::AdapterArgs),
     /// Train scorenn and tasknn in alternation on labelled text; write metrics, a plot, the adapters and a checkpoint.
     Train(train::TrainFlags),
