@@ -442,3 +442,33 @@ fn negative_numbers_are_refused_with_the_reason() {
     }
     assert!(!out.exists(), "a refused run must not create its output folder");
 }
+
+/// scripts/test.sh's last line: tests that skipped (recorded in the skip log, once per test
+/// however often they record it) are counted as skipped and not as passed, by cause.
+#[test]
+fn the_test_summary_counts_skipped_tests_as_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, skips) = (dir.path().join("log"), dir.path().join("skips"));
+    let summary = |log_text: &str, skip_text: &str| -> String {
+        std::fs::write(&log, log_text).unwrap();
+        std::fs::write(&skips, skip_text).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-summary.sh");
+        let o = Command::new("bash").arg(script).arg(&log).arg(&skips).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let cargo = "     Running tests/layernorm.rs (target/debug/deps/layernorm-0123)\n\
+        test layernorm_on::cuda ... ok\ntest layernorm_on::cuda_sim ... ok\n\
+        test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.50s\n\
+        \n     Running tests/nvrtc_compile.rs (target/debug/deps/nvrtc_compile-4567)\n\
+        test result: FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.00s\n";
+    let skipped = "layernorm-0123\tlayernorm_on::cuda\tno GPU\tlayernorm_on::run: no CUDA driver\n\
+        layernorm-0123\tlayernorm_on::cuda\tno GPU\tlayernorm_on::run: no CUDA driver\n\
+        layernorm-0123\tbackward_on::cuda\tno GPU\tbackward_on::run: no CUDA driver\n\
+        nvrtc_compile-4567\tcompiles\tno NVRTC\tcompiles: libnvrtc cannot be loaded\n";
+    assert_eq!(summary(cargo, skipped), "12 passed, 1 failed, 3 skipped (2 no GPU, 1 no NVRTC), 2 ignored\n");
+    let one_cause = &skipped[..skipped.rfind("nvrtc_compile").unwrap()];
+    assert_eq!(summary(cargo, one_cause), "13 passed, 1 failed, 2 skipped (no GPU), 2 ignored\n");
+    assert_eq!(summary(&cargo.replace("1 failed; 2 ignored", "0 failed; 0 ignored"), ""), "15 passed, 0 failed, 0 skipped\n");
+    assert!(summary("error[E0425]: cannot find value\n", "").starts_with("no test results"));
+}
