@@ -22,7 +22,9 @@ _cuda_tools_main() {
     local lib="$dir/nvidia/cu13/lib"
     if [ ! -e "$lib/libnvrtc.so.13" ]; then
         echo "installing NVRTC 13.0 wheels into $dir" >&2
-        python3 -m pip install -q --no-cache-dir --no-deps --disable-pip-version-check --target "$dir" \
+        # As root (containers, CI) pip warns that it may break the system packages; this installs
+        # into its own --target folder, so the warning is noise.
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-cache-dir --no-deps --disable-pip-version-check --target "$dir" \
             nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88 \
             nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvcc==13.0.88 || return 1
         if [ ! -e "$lib/libnvrtc.so.13" ]; then

@@ -5,3 +5,6 @@ if [[ -z "${PIP:-}" ]]; then
     else PIP="python3 -m pip"
     fi
 fi
+# Installs as root (containers, CI) must not print pip's warning about the system packages: our
+# scripts only download, or install into folders of their own. Older pips ignore the variable.
+export PIP_ROOT_USER_ACTION=ignore

@@ -763,8 +763,65 @@ fn convert_command_turns_a_bin_folder_into_ours() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(says) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
     }
-    let o = bin().args(["adapter", "convert"]).arg(src.path()).arg(&dest).output().unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--model"));
+}
+
+/// The files of a folder by name, for comparing two conversions.
+fn folder_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())).collect()
+}
+
+/// Without --model, `adapter convert` takes the hidden size and the layers from the adapter
+/// itself (adapter_config.json's hidden_size or the adapter_up shapes; the layers its tensors and
+/// leave_out name): every fixture, .bin or safetensors, with or without a head, leave_out or a
+/// per-layer reduction factor, converts to the very bytes it converts to checked against its model.
+/// What the files do not fix is asked of --model.
+#[test]
+fn convert_without_a_model_reads_the_shapes_from_the_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let tiny_config = fixtures().join("tiny_bert/config.json");
+    let minilm = out.path().join("minilm.json");
+    std::fs::write(&minilm, r#"{"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+        "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2}"#).unwrap();
+    let bin_dir = ln_bin_dir();
+    // The library always writes hidden_size; an adapter_config.json without it still converts.
+    let no_hidden = copy_dir(&adapters_dir().join("pfeiffer"), &[CONFIG_FILE, WEIGHTS_FILE]);
+    let mut config: Value = serde_json::from_slice(&std::fs::read(no_hidden.path().join(CONFIG_FILE)).unwrap()).unwrap();
+    assert!(config.as_object_mut().unwrap().remove("hidden_size").is_some());
+    std::fs::write(no_hidden.path().join(CONFIG_FILE), serde_json::to_vec(&config).unwrap()).unwrap();
+    let cases = [
+        (adapters_dir().join("pfeiffer"), &tiny_config, "48 and 2 layers"),
+        (adapters_dir().join("houlsby_inv"), &tiny_config, "48 and 2 layers"),
+        (adapters_dir().join("opt_leave_out"), &tiny_config, "48 and 2 layers"),
+        (adapters_dir().join("opt_rf_map"), &tiny_config, "48 and 2 layers"),
+        (bin_dir.path().to_path_buf(), &tiny_config, "48 and 2 layers"),
+        (interop().join("flex_bin"), &tiny_config, "48 and 2 layers"),
+        (interop().join("legacy_bin"), &tiny_config, "48 and 2 layers"),
+        (no_hidden.path().to_path_buf(), &tiny_config, "48 and 2 layers"),
+        (adapters_dir().join("minilm_houlsby"), &minilm, "384 and 6 layers"),
+    ];
+    for (i, (src, model, shapes)) in cases.iter().enumerate() {
+        let (alone, checked) = (out.path().join(format!("{i}-alone")), out.path().join(format!("{i}-checked")));
+        let o = bin().args(["adapter", "convert"]).arg(src).arg(&alone).output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains(&format!("for a BERT of hidden size {shapes} (from the adapter's own files)")), "{stdout}");
+        let o = bin().args(["adapter", "convert"]).arg(src).arg(&checked).arg("--model").arg(model).output().unwrap();
+        assert!(o.status.success(), "{}: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+        let (a, c) = (folder_files(&alone), folder_files(&checked));
+        assert_eq!(a.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>(), "{}", src.display());
+        assert!(a == c, "{}: converting without --model wrote other bytes", src.display());
+    }
+
+    // Every layer left out and no hidden_size: nothing tells the width, so --model is asked for.
+    let bare = tempfile::tempdir().unwrap();
+    config["config"]["leave_out"] = serde_json::json!([0, 1]);
+    std::fs::write(bare.path().join(CONFIG_FILE), serde_json::to_vec(&config).unwrap()).unwrap();
+    write_raw_safetensors(&bare.path().join(WEIGHTS_FILE), &[]);
+    let o = bin().args(["adapter", "convert"]).arg(bare.path()).arg(out.path().join("bare")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot tell the hidden size (no hidden_size in adapter_config.json, no adapter_up tensor) from the adapter's own files; give --model DIR"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 #[test]

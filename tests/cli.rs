@@ -504,3 +504,63 @@ fn precision_bf16_is_refused_where_it_cannot_run() {
     assert!(err.contains("invalid value 'fp8'") && err.contains("--precision") && err.contains("f32") && err.contains("bf16") && !err.contains("panicked"), "{err}");
     assert!(!out.exists(), "a refused run must not write its output");
 }
+
+/// Every numeric flag of every command takes a negative value to the command, which refuses it
+/// with the flag and the reason in one line (exit 1), not clap's "unexpected argument '-1'".
+#[test]
+fn negative_numbers_are_refused_with_the_reason() {
+    let cases: [(&str, &[&str], &str); 11] = [
+        ("train", &["--lr", "-1"], "--lr must be > 0 (got -1)"),
+        ("train", &["--lr", "-1e-3"], "--lr must be > 0 (got -0.001)"),
+        ("train", &["--lr", "-inf"], "--lr must be a finite number (got -inf)"),
+        ("train", &["--steps", "-1"], "--steps must be at least 1 (got -1)"),
+        ("train", &["--batch-size", "-16"], "--batch-size must be at least 1 (got -16)"),
+        ("train", &["--max-len", "-64"], "--max-len -64 leaves no room for [CLS] and [SEP]: it must be at least 2"),
+        ("train", &["--alternate", "-10"], "--alternate must be at least 1 (got -10)"),
+        ("train", &["--eval-every", "-100"], "--eval-every must be at least 1 (got -100)"),
+        ("train", &["--eval-size", "-5"], "--eval-size must be at least 1 (got -5)"),
+        ("train", &["--seed", "-42"], "--seed must be at least 0 (got -42)"),
+        ("predict", &["--max-len", "-8"], "--max-len must be at least 2 (got -8)"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (command, flag, says) in cases {
+        let rest: Vec<&str> = if command == "train" { vec!["--out", s(&out)] } else { vec!["--model", "m", "--adapter", "a", "--text", "t"] };
+        let o = bin().arg(command).args(flag).args(&rest).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{command} {flag:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{command} {flag:?}: one line expected: {err}");
+        assert!(err.contains(says), "{command} {flag:?}: `{says}` not in: {err}");
+    }
+    assert!(!out.exists(), "a refused run must not create its output folder");
+}
+
+/// scripts/test.sh's last line: tests that skipped (recorded in the skip log, once per test
+/// however often they record it) are counted as skipped and not as passed, by cause.
+#[test]
+fn the_test_summary_counts_skipped_tests_as_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, skips) = (dir.path().join("log"), dir.path().join("skips"));
+    let summary = |log_text: &str, skip_text: &str| -> String {
+        std::fs::write(&log, log_text).unwrap();
+        std::fs::write(&skips, skip_text).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-summary.sh");
+        let o = Command::new("bash").arg(script).arg(&log).arg(&skips).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let cargo = "     Running tests/layernorm.rs (target/debug/deps/layernorm-0123)\n\
+        test layernorm_on::cuda ... ok\ntest layernorm_on::cuda_sim ... ok\n\
+        test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.50s\n\
+        \n     Running tests/nvrtc_compile.rs (target/debug/deps/nvrtc_compile-4567)\n\
+        test result: FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.00s\n";
+    let skipped = "layernorm-0123\tlayernorm_on::cuda\tno GPU\tlayernorm_on::run: no CUDA driver\n\
+        layernorm-0123\tlayernorm_on::cuda\tno GPU\tlayernorm_on::run: no CUDA driver\n\
+        layernorm-0123\tbackward_on::cuda\tno GPU\tbackward_on::run: no CUDA driver\n\
+        nvrtc_compile-4567\tcompiles\tno NVRTC\tcompiles: libnvrtc cannot be loaded\n";
+    assert_eq!(summary(cargo, skipped), "12 passed, 1 failed, 3 skipped (2 no GPU, 1 no NVRTC), 2 ignored\n");
+    let one_cause = &skipped[..skipped.rfind("nvrtc_compile").unwrap()];
+    assert_eq!(summary(cargo, one_cause), "13 passed, 1 failed, 2 skipped (no GPU), 2 ignored\n");
+    assert_eq!(summary(&cargo.replace("1 failed; 2 ignored", "0 failed; 0 ignored"), ""), "15 passed, 0 failed, 0 skipped\n");
+    assert!(summary("error[E0425]: cannot find value\n", "").starts_with("no test results"));
+}

@@ -68,7 +68,7 @@ fn ten_steps_with_adapter_dropout_follow_the_cpu() {
 fn follow_the_cpu(dropout: bool, adapter_dropout: [f64; 2], steps: usize) {
     let cuda = common::cuda_backends();
     if cuda.is_empty() {
-        bert_adapters::cuda::probe::report_line("SKIPPED: cuda_training: no CUDA backend (build with --features cuda-sim, or run on a GPU)");
+        bert_adapters::cuda::probe::report_skip("cuda_training", "no GPU", "no CUDA backend (build with --features cuda-sim, or run on a GPU)");
         return;
     }
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
@@ -118,7 +118,7 @@ fn follow_the_cpu(dropout: bool, adapter_dropout: [f64; 2], steps: usize) {
 #[test]
 fn a_host_head_joins_a_device_model() {
     let Some(dev) = common::cuda_backends().into_iter().next() else {
-        bert_adapters::cuda::probe::report_line("SKIPPED: cuda_training: no CUDA backend");
+        bert_adapters::cuda::probe::report_skip("cuda_training", "no GPU", "no CUDA backend (build with --features cuda-sim, or run on a GPU)");
         return;
     };
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::fast());

@@ -61,7 +61,7 @@ fn minilm_matches_pytorch_and_hf_tokenizer() {
         if std::env::var_os("REQUIRE_MODEL").is_some() {
             panic!("REQUIRE_MODEL is set but {} is missing (run scripts/fetch-model.sh)", model_dir.display());
         }
-        eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", model_dir.display());
+        bert_adapters::cuda::probe::report_skip("all-MiniLM-L6-v2", "no model", &format!("{} not found; run scripts/fetch-model.sh", model_dir.display()));
         return;
     }
     let fx = fixtures().join("minilm");

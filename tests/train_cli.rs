@@ -25,19 +25,16 @@ fn data() -> PathBuf {
 }
 
 /// A short run: 150 examples (120 train / 15 / 15), batches of 16, tasknn and scorenn 4 steps each.
+fn train_cmd(model: &Path, data: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.arg("train").arg("--model").arg(model).arg("--data").arg(data).arg("--out").arg(out);
+    c.args(["--batch-size", "16", "--max-len", "24", "--lr", "0.02", "--alternate", "4", "--eval-every", "12", "--device", "cpu"]);
+    c
+}
+
+/// `train_cmd` with `--quiet` and `extra`.
 fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
-    bin()
-        .arg("train")
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .args(["--batch-size", "16", "--max-len", "24", "--lr", "0.02", "--alternate", "4", "--eval-every", "12", "--device", "cpu", "--quiet"])
-        .args(extra)
-        .output()
-        .unwrap()
+    train_cmd(model, data, out).arg("--quiet").args(extra).output().unwrap()
 }
 
 fn ok(out: &Output) -> String {
@@ -179,6 +176,145 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert!(resumed.contains(&format!("at step {step}")), "{resumed}");
     let state: serde_json::Value = serde_json::from_slice(&bytes(&out.join("checkpoint/state.json"))).unwrap();
     assert_eq!(state["step"].as_u64(), Some(step + 2));
+}
+
+/// `predict`: --model defaults as in `train` (run here from a folder whose
+/// models/all-MiniLM-L6-v2 is the tiny model), --with-text prints `label<TAB>text` with empty
+/// lines in their place, and an adapter taken from `checkpoint/` truncates at the run's
+/// --max-len (24, from its state.json) rather than the model's limit (40).
+#[test]
+fn predict_defaults_its_model_prints_text_and_takes_the_max_len_of_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(&train(&model, &data(), &out, &["--steps", "48"]));
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("models")).unwrap();
+    std::fs::rename(&model, cwd.join("models/all-MiniLM-L6-v2")).unwrap();
+    // Long texts: 20 tokens of one kind of review, then 16 of another, so that cut at 24 tokens
+    // ([CLS], 22, [SEP]) or at 40 they read differently.
+    let (fillers, tails) = (["the film was okay", "the meal was good", "the song was bad"], ["awful", "great", "fine"]);
+    let mut texts = vec!["a good film, really".to_string(), String::new(), "bad book".to_string()];
+    for f in fillers {
+        for t in tails {
+            texts.push(format!("{} {}", [f; 5].join(" "), [t; 16].join(" ")));
+        }
+    }
+    let file = tmp.path().join("texts.txt");
+    std::fs::write(&file, texts.iter().map(|t| format!("{t}\n")).collect::<String>()).unwrap();
+    let predict = |adapter: &str, extra: &[&str]| -> Vec<String> {
+        let o = bin().current_dir(&cwd).arg("predict").arg("--adapter").arg(out.join(adapter)).arg("--text").arg(&file).args(["--device", "cpu"]).args(extra).output().unwrap();
+        ok(&o).lines().map(str::to_string).collect()
+    };
+    let labels = predict("tasknn", &[]);
+    assert_eq!(labels.len(), texts.len());
+    let at_24 = predict("tasknn", &["--max-len", "24"]);
+    let at_40 = predict("tasknn", &["--max-len", "40"]);
+    assert_eq!(labels, at_24, "train_info.json says 24");
+    assert_ne!(at_24, at_40, "the long texts must predict otherwise when cut at 40 tokens, or this test shows nothing");
+    assert_eq!(predict("checkpoint/tasknn", &[]), at_24, "an adapter from checkpoint/ must take the run's --max-len");
+
+    let with_text = predict("tasknn", &["--with-text"]);
+    let expected: Vec<String> = labels.iter().zip(&texts).map(|(l, t)| format!("{l}\t{t}")).collect();
+    assert_eq!(with_text, expected);
+    assert!(with_text[1].ends_with('\t'), "the empty line keeps its place: {with_text:?}");
+
+    // Without the default model, the error names it and the script that fetches it.
+    let o = bin().current_dir(tmp.path()).arg("predict").arg("--adapter").arg(out.join("tasknn")).arg("--text").arg(&file).output().unwrap();
+    let err = fails(&o);
+    assert!(err.contains("models/all-MiniLM-L6-v2: model folder not found (run `bash scripts/fetch-model.sh` first)"), "{err}");
+}
+
+/// Without --quiet and with stdout and stderr not a terminal (here, pipes), the run prints a
+/// plain line every eval-every/5 steps (step, adapter, mean losses, tokens/s, ETA) rather than
+/// nothing between validations. A --resume of the finished run with the same or fewer --steps
+/// has nothing to do: exit 0, no validation, no test, no file rewritten.
+#[test]
+fn plain_progress_lines_and_a_finished_run_resumed_has_nothing_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    let stdout = ok(&train_cmd(&model, &data(), &out).args(["--steps", "12"]).output().unwrap());
+    let lines: Vec<&str> = stdout.lines().collect();
+    // Every 12/5 = 2 steps; tasknn trains steps 1-4 and 9-12, scorenn 5-8 (--alternate 4).
+    let progress: Vec<&str> = lines.iter().copied().filter(|l| l.contains(" tokens/s, ETA ")).collect();
+    assert_eq!(progress.len(), 6, "{stdout}");
+    for (line, (step, adapter, losses)) in progress.iter().zip([
+        (2, "tasknn", "tasknn loss"),
+        (4, "tasknn", "tasknn loss"),
+        (6, "scorenn", "scorenn loss"),
+        (8, "scorenn", "scorenn loss"),
+        (10, "tasknn", "tasknn loss"),
+        (12, "tasknn", "tasknn loss"),
+    ]) {
+        assert!(line.starts_with(&format!("step {step}/12 ({adapter}): {losses} ")), "{line}");
+    }
+    assert!(progress[5].ends_with("ETA 0.0 s"), "no step is left after step 12: {}", progress[5]);
+    assert!(lines.contains(&"step 12/12: testing on 15 examples"), "{stdout}");
+
+    let files = ["metrics.csv", "training.svg", "test_predictions.csv", "checkpoint/state.json", "tasknn/adapter.safetensors"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| bytes(&out.join(f))).collect();
+    for steps in ["12", "8"] {
+        let stdout = ok(&train(&model, &data(), &out, &["--steps", steps, "--resume"]));
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        assert!(stdout.starts_with(&format!("nothing to do: {} holds a run finished at step 12 (test accuracy ", out.display())), "{stdout}");
+        assert!(stdout.trim_end().ends_with("give --steps above 12 to continue it"), "{stdout}");
+        for (f, b) in files.iter().zip(&before) {
+            assert!(&bytes(&out.join(f)) == b, "--steps {steps} --resume rewrote {f}");
+        }
+    }
+}
+
+/// Ctrl-C while the test split is evaluated stops at the next batch: exit 130, with the
+/// checkpoint whole; --resume then evaluates the test split and finishes.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_the_test_evaluation_stops_it_and_keeps_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    // 100,000 texts of 12 reviews each (cut at 40 tokens): a test split of 10,000 that takes
+    // seconds to evaluate (3.7 s on the 2-core VM), so the signal lands while it runs.
+    let reviews = read_csv(&data());
+    let big = tmp.path().join("big.csv");
+    let mut w = csv::Writer::from_path(&big).unwrap();
+    w.write_record(["text", "label"]).unwrap();
+    for i in 0..100_000usize {
+        let text: Vec<&str> = (0..12).map(|j| reviews[(i * 7 + j * 13) % reviews.len()][0].as_str()).collect();
+        w.write_record([text.join(" ").as_str(), reviews[i % reviews.len()][1].as_str()]).unwrap();
+    }
+    w.flush().unwrap();
+    let out = tmp.path().join("out");
+    let flags = ["--steps", "2", "--eval-every", "1000", "--eval-size", "1", "--batch-size", "4", "--max-len", "40", "--device", "cpu", "--quiet"];
+    let mut child = bin().arg("train").arg("--model").arg(&model).arg("--data").arg(&big).arg("--out").arg(&out).args(flags).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap() == "step 2/2: testing on 10000 examples" {
+            break;
+        }
+    }
+    let signalled = std::time::Instant::now();
+    // SAFETY: a plain kill(2) of our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let result = child.wait_with_output().unwrap();
+    let waited = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(130), "{stderr}\n{rest:?}");
+    assert!(stderr.contains("stopped at step 2 during the test evaluation: checkpoint saved"), "{stderr}");
+    assert!(waited.as_secs_f64() < 20.0, "took {waited:?} to stop");
+    assert!(!out.join("test_predictions.csv").exists(), "the interrupted test wrote its predictions");
+    let state: serde_json::Value = serde_json::from_slice(&bytes(&out.join("checkpoint/state.json"))).unwrap();
+    assert_eq!(state["step"].as_u64(), Some(2));
+    let splits: Vec<&str> = state["evals"].as_array().unwrap().iter().map(|e| e["split"].as_str().unwrap()).collect();
+    assert_eq!(splits, ["validation"]);
+
+    // The checkpoint loads, and the resume only evaluates the test split.
+    let resumed = ok(&bin().arg("train").arg("--model").arg(&model).arg("--data").arg(&big).arg("--out").arg(&out).args(flags).arg("--resume").output().unwrap());
+    assert!(resumed.contains("resuming from") && resumed.contains("at step 2"), "{resumed}");
+    assert!(!resumed.contains("validation accuracy") && resumed.contains("test: accuracy"), "{resumed}");
+    let rows = read_csv(&out.join("metrics.csv"));
+    let steps: Vec<(&str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect();
+    assert_eq!(steps, [("2", "validation"), ("2", "test")]);
 }
 
 #[test]

@@ -1174,7 +1174,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 // ---- one test body for both implementations -------------------------------------------------
 
-/// For tests: device 0 as a [`Gpu`], or `None` after printing `SKIPPED: <label>: <reason>`
+/// For tests: device 0 as a [`Gpu`], or `None` after recording the skip (`probe::report_skip`)
 /// (a failure when `REQUIRE_GPU` is set; see [`super::probe::gpu_for_test`]).
 pub fn cuda_for_test(label: &str) -> Option<Gpu> {
     super::probe::gpu_for_test(label)?;
@@ -1199,7 +1199,7 @@ pub fn sims_for_test() -> Vec<Gpu> {
 
 /// Defines a module of tests that run one body, a `fn(&Gpu)`, on every device:
 /// `NAME::cuda_sim` (feature `cuda-sim`: the executor in each schedule of [`sims_for_test`]) and
-/// `NAME::cuda` (device 0; prints why it skips without one, fails under `REQUIRE_GPU=1`).
+/// `NAME::cuda` (device 0; records why it skips without one, fails under `REQUIRE_GPU=1`).
 ///
 /// ```ignore
 /// fn adds_rows(gpu: &Gpu) { /* upload, launch, download, compare */ }

@@ -5,11 +5,14 @@
 //! symbol in an old library panics too). Answers are cached: a process does not gain a GPU.
 //!
 //! Test helpers: [`require_gpu!`](crate::require_gpu) and [`nvrtc_for_test`]. A skipped test is
-//! reported as passed by libtest, so the skip line is written straight to stderr (visible without
-//! `--nocapture`), and the env vars `REQUIRE_GPU=1` / `REQUIRE_NVRTC=1` turn a skip into a failure
-//! on machines where the hardware or library must be there.
+//! reported as passed by libtest, so each skip is recorded by [`report_skip`]: in the file that
+//! `BERT_ADAPTERS_SKIP_LOG` names, where `scripts/test.sh` counts them as skipped, or else in the
+//! test's captured output (never between libtest's lines). The env vars `REQUIRE_GPU=1` /
+//! `REQUIRE_NVRTC=1` turn a skip into a failure on machines where the hardware or library must be
+//! there.
 
 use std::io::Write as _;
+use std::path::Path;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
@@ -89,7 +92,41 @@ pub fn report_line(line: &str) {
     let _ = writeln!(err, "{line}");
 }
 
-/// For tests: the device-0 context, or `None` after printing `SKIPPED: <label>: <reason>`.
+/// The variable naming the file that [`report_skip`] appends to (`scripts/test.sh` sets it).
+pub const SKIP_LOG: &str = "BERT_ADAPTERS_SKIP_LOG";
+
+/// For tests: the running test skips (`label`, `reason`; `kind` is the short cause a summary
+/// counts by, e.g. `no GPU`). libtest counts such a test as passed, so the skip is recorded: with
+/// [`SKIP_LOG`] set, as one line `<test binary>\t<test>\t<kind>\t<label>: <reason>` appended to
+/// that file, printing nothing; otherwise as `SKIPPED: <label>: <reason>` in the test's captured
+/// output (shown with `--nocapture`, or when the test fails).
+pub fn report_skip(label: &str, kind: &str, reason: &str) {
+    match std::env::var_os(SKIP_LOG).filter(|p| !p.is_empty()) {
+        Some(path) => {
+            if let Err(e) = append_line(Path::new(&path), &skip_record(label, kind, reason)) {
+                panic!("{SKIP_LOG}={}: cannot record the skip of {label}: {e}", Path::new(&path).display());
+            }
+        }
+        None => eprintln!("SKIPPED: {label}: {reason}"),
+    }
+}
+
+/// The skip log line of the running test: its binary and its name (libtest names each test's
+/// thread after the test), so that a test that skips twice is counted once.
+fn skip_record(label: &str, kind: &str, reason: &str) -> String {
+    let binary = std::env::current_exe().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or(label);
+    let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+    format!("{}\t{}\t{}\t{}: {}\n", clean(&binary), clean(test), clean(kind), clean(label), clean(reason))
+}
+
+/// Append `line` in one write (O_APPEND), so lines from parallel tests do not mix.
+fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(line.as_bytes())
+}
+
+/// For tests: the device-0 context, or `None` after recording the skip ([`report_skip`]).
 ///
 /// # Panics
 /// When `REQUIRE_GPU` is set (see [`env_flag`]) and no GPU is usable: on a GPU machine a silent
@@ -99,13 +136,13 @@ pub fn gpu_for_test(label: &str) -> Option<Arc<CudaContext>> {
         Ok(ctx) => Some(ctx),
         Err(reason) if env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but {label} cannot run: {reason}"),
         Err(reason) => {
-            report_line(&format!("SKIPPED: {label}: {reason}"));
+            report_skip(label, "no GPU", &reason);
             None
         }
     }
 }
 
-/// For tests: whether NVRTC is usable; if not, prints `SKIPPED: <label>: <reason>` and returns false.
+/// For tests: whether NVRTC is usable; if not, records the skip ([`report_skip`]) and returns false.
 ///
 /// # Panics
 /// When `REQUIRE_NVRTC` is set and NVRTC cannot be loaded (the CI script sets it after installing
@@ -115,14 +152,14 @@ pub fn nvrtc_for_test(label: &str) -> bool {
         None => true,
         Some(reason) if env_flag("REQUIRE_NVRTC") => panic!("REQUIRE_NVRTC is set but {label} cannot run: {reason}"),
         Some(reason) => {
-            report_line(&format!("SKIPPED: {label}: {reason}"));
+            report_skip(label, "no NVRTC", &reason);
             false
         }
     }
 }
 
 /// In a test: `let ctx = require_gpu!();` (or `require_gpu!("label")`) binds the device-0
-/// context, or returns early after printing `SKIPPED: ...`; fails under `REQUIRE_GPU=1`.
+/// context, or returns early after recording the skip; fails under `REQUIRE_GPU=1`.
 #[macro_export]
 macro_rules! require_gpu {
     () => {
@@ -148,6 +185,19 @@ mod tests {
             assert!(probe_gpu(0).unwrap_err().contains("libcuda"));
         }
         let _ = nvrtc_available();
+    }
+
+    #[test]
+    fn a_skip_is_recorded_under_the_test_binary_and_the_test_name() {
+        let line = skip_record("label", "no GPU", "no\tdriver\nhere");
+        let fields: Vec<&str> = line.trim_end_matches('\n').split('\t').collect();
+        let binary = std::env::current_exe().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(fields, [binary.as_str(), "cuda::probe::tests::a_skip_is_recorded_under_the_test_binary_and_the_test_name", "no GPU", "label: no driver here"]);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("skips");
+        append_line(&log, &line).unwrap();
+        append_line(&log, &line).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("{line}{line}"));
     }
 
     #[test]

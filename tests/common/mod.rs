@@ -142,7 +142,7 @@ pub fn minilm() -> Option<PathBuf> {
         return Some(dir);
     }
     assert!(std::env::var_os("REQUIRE_MODEL").is_none(), "REQUIRE_MODEL set but {} missing (run scripts/fetch-model.sh)", dir.display());
-    eprintln!("SKIPPED: {} not found; run scripts/fetch-model.sh", dir.display());
+    bert_adapters::cuda::probe::report_skip("all-MiniLM-L6-v2", "no model", &format!("{} not found; run scripts/fetch-model.sh", dir.display()));
     None
 }
 

