@@ -50,7 +50,7 @@ fn bf16_backends() -> Vec<Arc<dyn Backend>> {
         Err(_) => {}
     }
     if v.is_empty() {
-        eprintln!("SKIPPED: no CUDA backend (build with --features cuda-sim, or run on a GPU)");
+        bert_adapters::cuda::probe::report_skip("cuda_bf16_model", "no GPU", "no CUDA backend (build with --features cuda-sim, or run on a GPU)");
     }
     v.into_iter().map(|be| Arc::new(be.with_activations(DType::BF16).unwrap()) as Arc<dyn Backend>).collect()
 }
