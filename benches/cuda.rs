@@ -53,6 +53,8 @@
 mod adapter_location;
 
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +94,18 @@ const LAMBDA: f64 = 0.1;
 const MARGIN: f64 = 1.0;
 const SCORE_CE: f64 = 0.1;
 const MAX_GRAD_NORM: f32 = 1.0;
+
+/// Benchmarks (a family, or one step shape) that panicked: reported, and the exit status is 1.
+static FAILED: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f`; a panic (a failed launch, a missing graph) is reported and counted, and the
+/// benchmarks after it still run.
+fn guarded(what: &str, f: impl FnOnce()) {
+    if catch_unwind(AssertUnwindSafe(f)).is_err() {
+        FAILED.fetch_add(1, Ordering::SeqCst);
+        println!("FAILED: {what} (the panic message is above); continuing with the next benchmarks");
+    }
+}
 
 // ---- device and shapes ---------------------------------------------------------------------------
 
@@ -282,18 +296,33 @@ fn timed(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
 
 /// A criterion function whose state is built on its first call (a filtered-out benchmark builds
 /// nothing), then timed with [`timed`].
+/// A panic (a failed launch) is reported with the group and id and counted ([`guarded`]).
 fn bench_lazy<S>(group: &mut BenchmarkGroup<'_, WallTime>, gpu: &Gpu, id: &str, setup: impl Fn() -> S, mut run: impl FnMut(&mut S)) {
     let mut state: Option<S> = None;
-    group.bench_function(id, |b| {
-        let s = state.get_or_insert_with(|| {
-            let mut s = setup();
-            // Compile and load every kernel the run uses, outside the timing.
-            run(&mut s);
-            gpu.synchronize().expect("synchronize");
-            s
+    let what = format!("{} {id}", GROUP.with_borrow(|g| g.clone()));
+    guarded(&what, || {
+        group.bench_function(id, |b| {
+            let s = state.get_or_insert_with(|| {
+                let mut s = setup();
+                // Compile and load every kernel the run uses, outside the timing.
+                run(&mut s);
+                gpu.synchronize().expect("synchronize");
+                s
+            });
+            b.iter_custom(|iters| timed(gpu, iters, || run(s)))
         });
-        b.iter_custom(|iters| timed(gpu, iters, || run(s)))
     });
+}
+
+thread_local! {
+    /// The group being benchmarked, for [`bench_lazy`]'s failure reports.
+    static GROUP: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// `c.benchmark_group(name)`, remembering the name for failure reports.
+fn new_group<'a>(c: &'a mut Criterion, name: String) -> BenchmarkGroup<'a, WallTime> {
+    GROUP.with_borrow_mut(|g| g.clone_from(&name));
+    c.benchmark_group(name)
 }
 
 fn shape_name(b: usize, t: usize) -> String {
@@ -438,7 +467,7 @@ fn adapter_location(c: &mut Criterion, bench: &Bench) {
     let (gpu, s) = (bench.gpu(), &bench.shapes);
     for &bt in &s.rows {
         let n = bt.0 * bt.1;
-        let mut group = c.benchmark_group(format!("adapter_location/{}", shape_name(bt.0, bt.1)));
+        let mut group = new_group(c, format!("adapter_location/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes((3 * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "fused", || Location::new(gpu, s, bt, 1, false), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "unfused", || Unfused::new(gpu, s, bt), |u| u.run(gpu));
@@ -452,13 +481,13 @@ fn adapter_branches(c: &mut Criterion, bench: &Bench) {
     for &bt in &s.rows {
         let n = bt.0 * bt.1;
         // Inputs already replicated: every branch reads and writes its own rows.
-        let mut group = c.benchmark_group(format!("adapter_branches/{}", shape_name(bt.0, bt.1)));
+        let mut group = new_group(c, format!("adapter_branches/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes((3 * N * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "one_launch", || Location::new(gpu, s, bt, N, false), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "two_launches", || Location::new(gpu, s, bt, N, false), |l| l.per_branch(gpu));
         group.finish();
         // The first adapter layer: one shared input, N outputs.
-        let mut group = c.benchmark_group(format!("adapter_branches_shared/{}", shape_name(bt.0, bt.1)));
+        let mut group = new_group(c, format!("adapter_branches_shared/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes(((2 + N) * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "one_launch", || Location::new(gpu, s, bt, N, true), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "two_launches", || Location::new(gpu, s, bt, N, true), |l| l.per_branch(gpu));
@@ -515,7 +544,7 @@ fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
     let (gpu, s) = (bench.gpu(), &bench.shapes);
     for &bt in &s.rows {
         let n = bt.0 * bt.1;
-        let mut group = c.benchmark_group(format!("adapter_location_backward/{}", shape_name(bt.0, bt.1)));
+        let mut group = new_group(c, format!("adapter_location_backward/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes((5 * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "fused", || LocationBackward::new(gpu, s, bt), |l| l.run(gpu));
         group.finish();
@@ -587,7 +616,7 @@ fn residual_layernorm(c: &mut Criterion, bench: &Bench) {
     for &(b, t) in &s.rows {
         let (rows, cols) = (b * t, s.hidden);
         let (n, stats) = (rows * cols * F32, 2 * rows * F32);
-        let mut group = c.benchmark_group(format!("residual_layernorm/{}", shape_name(b, t)));
+        let mut group = new_group(c, format!("residual_layernorm/{}", shape_name(b, t)));
         // Read x and r, write y (and mean, rstd); the training forward also writes z.
         group.throughput(Throughput::Bytes((3 * n + stats) as u64));
         bench_lazy(&mut group, gpu, "forward", || Ln::new(gpu, rows, cols), |l| l.forward(gpu));
@@ -595,7 +624,7 @@ fn residual_layernorm(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "forward_train", || Ln::new(gpu, rows, cols), |l| l.forward_train(gpu));
         group.finish();
         // Read dy, z, stats, write dz (γ frozen: no parameter gradients).
-        let mut group = c.benchmark_group(format!("layernorm_backward/{}", shape_name(b, t)));
+        let mut group = new_group(c, format!("layernorm_backward/{}", shape_name(b, t)));
         group.throughput(Throughput::Bytes((3 * n + stats) as u64));
         bench_lazy(&mut group, gpu, "backward", || Ln::new(gpu, rows, cols), |l| l.backward(gpu));
         group.finish();
@@ -670,7 +699,7 @@ fn attention(c: &mut Criterion, bench: &Bench) {
     let (gpu, s) = (bench.gpu(), &bench.shapes);
     for &(b, t) in &s.attention {
         let fwd = 4 * b * t * t * s.hidden;
-        let mut group = c.benchmark_group(format!("attention/{}", shape_name(b, t)));
+        let mut group = new_group(c, format!("attention/{}", shape_name(b, t)));
         group.throughput(Throughput::Elements(fwd as u64));
         bench_lazy(&mut group, gpu, "forward", || Attention::new(gpu, s, (b, t)), |a| a.forward(gpu));
         group.throughput(Throughput::Elements(2 * fwd as u64));
@@ -775,6 +804,8 @@ struct Step {
     labels: Vec<usize>,
     optimizers: BTreeMap<&'static str, AdamW>,
     graphs: BTreeMap<&'static str, TrainStepGraph>,
+    /// Why a capture failed, if one did (`replayed` then fails with this reason).
+    capture_error: Option<String>,
     step: u64,
     last: Option<TrainStepOutput>,
 }
@@ -790,7 +821,7 @@ impl Step {
         model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()]))).expect("setup");
         let (batch, labels) = random_batch(d, batch, seq);
         let optimizers = [SCORENN, TASKNN].into_iter().map(|n| (n, AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).expect("AdamW"))).collect();
-        let mut s = Step { model, batch, labels, optimizers, graphs: BTreeMap::new(), step: 0, last: None };
+        let mut s = Step { model, batch, labels, optimizers, graphs: BTreeMap::new(), capture_error: None, step: 0, last: None };
         let gpu = bench.gpu();
         // One launched step of each adapter: kernels compiled, arenas packed, the pool filled;
         // the launches of one step counted.
@@ -802,8 +833,16 @@ impl Step {
             let kernels: u64 = n.kernels.values().sum();
             println!("launches: {} {name} step: {kernels} kernel launches and {} GEMMs ({:.3} GFLOP in GEMMs)", d.name, n.gemm_calls, 2.0 * n.gemm_macs as f64 / 1e9);
             drop(out);
-            let graph = s.model.capture_train_step(&s.batch, &s.labels, &step_config(name), s.optimizers.get_mut(name).expect("optimizer")).expect("capture_train_step");
-            s.graphs.insert(name, graph);
+            // A failed capture costs the `replayed` function only.
+            match s.model.capture_train_step(&s.batch, &s.labels, &step_config(name), s.optimizers.get_mut(name).expect("optimizer")) {
+                Ok(graph) => {
+                    s.graphs.insert(name, graph);
+                }
+                Err(e) => {
+                    println!("WARNING: {} {name}: capture_train_step failed: {e}", d.name);
+                    s.capture_error.get_or_insert(e.to_string());
+                }
+            }
         }
         gpu.synchronize().expect("synchronize");
         s
@@ -826,8 +865,8 @@ impl Step {
     fn replayed(&mut self) {
         let name = trained_at(self.step);
         self.prepare(name, self.step);
-        let Step { model, batch, labels, optimizers, graphs, .. } = self;
-        let graph = graphs.get(name).expect("a graph per adapter");
+        let Step { model, batch, labels, optimizers, graphs, capture_error, .. } = self;
+        let Some(graph) = graphs.get(name) else { panic!("no captured step of {name}: {}", capture_error.as_deref().unwrap_or("not captured")) };
         model.replay_train_step(graph, batch, labels, optimizers.get_mut(name).expect("optimizer")).expect("replay_train_step");
         self.step += 1;
     }
@@ -846,25 +885,33 @@ impl Step {
 }
 
 fn train_step(c: &mut Criterion, bench: &Bench) {
-    let gpu = bench.gpu();
     for &(d, b, t) in &bench.shapes.steps {
         let id = format!("train_step/{}_{}", d.name, shape_name(b, t));
-        let mut group = c.benchmark_group(&id);
-        group.throughput(Throughput::Elements((b * t) as u64));
-        // One model for both functions: launched steps and replays share its weights and pool.
-        let mut state: Option<Step> = None;
-        for (function, replay) in [("launched", false), ("replayed", true)] {
+        guarded(&id, || train_step_shape(c, bench, d, (b, t), &id));
+    }
+}
+
+fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, usize), id: &str) {
+    let gpu = bench.gpu();
+    let mut group = new_group(c, id.to_string());
+    group.throughput(Throughput::Elements((b * t) as u64));
+    // One model for both functions: launched steps and replays share its weights and pool.
+    let mut state: Option<Step> = None;
+    for (function, replay) in [("launched", false), ("replayed", true)] {
+        guarded(&format!("{id} {function}"), || {
             group.bench_function(function, |bn| {
                 let s = state.get_or_insert_with(|| Step::new(bench, d, b, t));
                 bn.iter_custom(|iters| timed(gpu, iters, || if replay { s.replayed() } else { s.launched() }));
                 s.check(&format!("{id}/{function}"));
                 s.last = None;
             });
-        }
-        group.finish();
-        drop(state);
+        });
     }
+    group.finish();
 }
+
+/// One benchmark family: its groups at every shape.
+type Family = fn(&mut Criterion, &Bench);
 
 fn main() {
     let Some(bench) = open() else { return };
@@ -872,11 +919,21 @@ fn main() {
     // Short runs so the whole bench fits a GPU session (the device check's arguments override
     // these); the executor is slow, so shorter still there.
     let mut c = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(if sim { 200 } else { 1000 })).measurement_time(Duration::from_secs(if sim { 1 } else { 3 })).configure_from_args();
-    adapter_location(&mut c, &bench);
-    adapter_branches(&mut c, &bench);
-    adapter_location_backward_bench(&mut c, &bench);
-    residual_layernorm(&mut c, &bench);
-    attention(&mut c, &bench);
-    train_step(&mut c, &bench);
+    let families: [(&str, Family); 6] = [
+        ("adapter_location", adapter_location),
+        ("adapter_branches", adapter_branches),
+        ("adapter_location_backward", adapter_location_backward_bench),
+        ("residual_layernorm", residual_layernorm),
+        ("attention", attention),
+        ("train_step", train_step),
+    ];
+    for (what, family) in families {
+        guarded(what, || family(&mut c, &bench));
+    }
     c.final_summary();
+    let failed = FAILED.load(Ordering::SeqCst);
+    if failed > 0 {
+        eprintln!("error: {failed} benchmark(s) failed (FAILED lines above)");
+        std::process::exit(1);
+    }
 }
