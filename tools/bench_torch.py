@@ -346,6 +346,16 @@ def main():
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps must be at least 1 and --warmup at least 0")
 
+    # Our results first: they are on disk already and must reach --json even when torch is
+    # missing or this run is cut short.
+    ours = []
+    if args.ours:
+        ours = criterion_results(args.ours)
+        if not ours:
+            print(f"bench_torch: no criterion results under {args.ours}", file=sys.stderr)
+        for r in ours:
+            emit(r, args.json)
+
     try:
         import torch
     except ImportError as e:
@@ -401,11 +411,6 @@ def main():
         print(f"| {r['shape']} | {r['mode']} | {r['precision']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {r['tokens_per_s']:.0f} | {r.get('peak_mem_mb', '')} | {note} |", file=sys.stderr)
 
     if args.ours:
-        ours = criterion_results(args.ours)
-        if not ours:
-            print(f"bench_torch: no criterion results under {args.ours}", file=sys.stderr)
-        for r in ours:
-            emit(r, args.json)
         rs = ratios(ours, recs)
         for r in rs:
             emit(r, args.json)
