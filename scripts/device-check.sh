@@ -4,12 +4,19 @@
 #     bash scripts/device-check.sh
 # It prints the facts (GPU, driver, nvcc, where libcuda/libnvrtc/libcublas are), puts the CUDA
 # library folders it finds on LD_LIBRARY_PATH, then runs every test executable in gpu-bundle/ with
-# REQUIRE_GPU=1 REQUIRE_NVRTC=1 --test-threads=1 (a skip is a failure there), then the kernel
-# benchmarks (SKIP_BENCH=1 to leave them out).
-# Writes $OUT/device-check.txt (summary) and $OUT/device-check.log (full output) when $OUT is set.
-# Exit status: 0 only if every test executable passed.
+# REQUIRE_GPU=1 REQUIRE_NVRTC=1 --test-threads=1 (a skip is a failure there), then the benchmarks:
+# ours (bench-cuda, bench-kernels' CUDA groups) and PyTorch + adapters (tools/bench_torch.py) in
+# the same call, so every ratio comes from one machine (see the benchmark section below for its
+# variables). SKIP_BENCH=1 leaves the benchmarks out; SKIP_TESTS=1 runs only the machine facts and
+# the benchmarks (the tests, the sanitizer and the benchmarks together take longer than one
+# 10-minute device command: run the tests in one call and SKIP_TESTS=1 in the next).
+# Writes $OUT/device-check.txt (summary), $OUT/device-check.log (full output) and, with the
+# benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
+# the ratios) when $OUT is set.
+# Exit status: 0 only if every test executable passed and the benchmarks ran.
 # DRY_RUN=1 (for the dev box): run the bundle without REQUIRE_GPU/REQUIRE_NVRTC, so GPU tests
-# skip instead of failing, and leave the benchmarks out.
+# skip instead of failing, and the benchmarks only as a smoke test (each bench executable once
+# with --test, which skips without a GPU; the torch script's --help).
 # Copy the summary into docs/gpu-log.md afterwards.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -115,13 +122,14 @@ fi
 REQUIRE=(REQUIRE_GPU=1 REQUIRE_NVRTC=1)
 if [ "${DRY_RUN:-0}" = 1 ]; then
     REQUIRE=()
-    SKIP_BENCH=1
-    say "DRY_RUN=1: GPU tests may skip; benchmarks left out"
+    say "DRY_RUN=1: GPU tests may skip; benchmarks only as a smoke test"
 fi
 
 failed=0
+[ "${SKIP_TESTS:-0}" = 1 ] && say "SKIP_TESTS=1: test executables and sanitizer left out"
 for t in "$BUNDLE"/test-* "$BUNDLE"/unit-*; do
     [ -x "$t" ] || continue
+    [ "${SKIP_TESTS:-0}" = 1 ] && break
     name=$(basename "$t")
     echo | tee -a "$LOG"
     echo "== $name ==" | tee -a "$LOG"
@@ -144,7 +152,7 @@ rm -f "$LOG.one" "$LOG.skips"
 
 # compute-sanitizer, where the machine has it: every kernel test once under memcheck and racecheck.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [ -n "$SANITIZER" ] && [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+if [ -n "$SANITIZER" ] && [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_SANITIZER:-0}" != 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
     for tool in memcheck racecheck; do
         for name in "${SANITIZE_TESTS[@]}"; do
             [ -x "$BUNDLE/$name" ] || continue
@@ -161,24 +169,96 @@ else
     say "compute-sanitizer: ${SANITIZER:-not found} (skipped)"
 fi
 
+# ---- benchmarks ------------------------------------------------------------------------------------
+# Ours and PyTorch + adapters in one call, on one machine, so every ratio compares like with like.
+#   bench-cuda (benches/cuda.rs) on device 0 (CUDA_BENCH_DEVICE=cuda: no GPU is a failure), every
+#     group at the real shapes; CUDA_BENCH_ARGS replaces its criterion arguments (default
+#     `--warm-up-time 1 --measurement-time 2`; a filter such as `train_step` runs a part).
+#     About 30 functions of ~3 s each plus setup: 2-3 minutes on an H100 [est].
+#   bench-kernels: only its CUDA group (residual + LayerNorm forward), as before.
+#   tools/bench_torch.py with $PYTHON (default python3, the image's torch venv): the wheels in
+#     gpu-bundle/wheels (adapters 1.3.0, transformers 4.57.6, ...) installed into a temporary
+#     --target first and put ahead on PYTHONPATH; TORCH_BENCH_ARGS replaces its arguments (default:
+#     every shape eager in bf16 and fp32, torch.compile at bert_base:32x128 only). It also reads our
+#     criterion results (CRITERION_HOME, a temporary folder) and prints the ratios.
+#   BENCH_TIMEOUT, TORCH_TIMEOUT: seconds for each (default 420 each).
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    BENCH_TMP=$(mktemp -d)
+    export CRITERION_HOME="$BENCH_TMP/criterion"
+    JSONL="$BENCH_TMP/bench.jsonl"
+    : >"$JSONL"
+    BENCH_TIMEOUT="${BENCH_TIMEOUT:-420}"
+    TORCH_TIMEOUT="${TORCH_TIMEOUT:-420}"
+    bench_failed=0
     for b in "$BUNDLE"/bench-*; do
         [ -x "$b" ] || continue
+        name=$(basename "$b")
         echo | tee -a "$LOG"
-        echo "== $(basename "$b") ==" | tee -a "$LOG"
-        # Only the CUDA groups (the CPU ones are measured on the dev box), briefly: the whole
-        # check must stay within a few minutes of device time.
-        timeout "$TEST_TIMEOUT" "$b" --bench --noplot --warm-up-time 1 --measurement-time 2 cuda 2>&1 | tee "$LOG.one" | tee -a "$LOG"
-        echo "$(basename "$b"): rc ${PIPESTATUS[0]}" >>"$SUMMARY"
+        echo "== $name ==" | tee -a "$LOG"
+        benv=()
+        if [ "$name" = bench-cuda ]; then
+            read -ra args <<<"${CUDA_BENCH_ARGS:---warm-up-time 1 --measurement-time 2}"
+            [ "${DRY_RUN:-0}" = 1 ] || benv=(CUDA_BENCH_DEVICE=cuda)
+        else
+            # Only the CUDA groups (the CPU ones are measured on the dev box).
+            args=(--warm-up-time 1 --measurement-time 2 cuda)
+        fi
+        if [ "${DRY_RUN:-0}" = 1 ]; then
+            args=(--test "${args[@]: -1}")
+            [ "$name" = bench-cuda ] && args=(--test)
+        else
+            args=(--bench --noplot "${args[@]}")
+        fi
+        start=$(date +%s)
+        env "${benv[@]}" timeout "$BENCH_TIMEOUT" "$b" "${args[@]}" 2>&1 | tee "$LOG.one" | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" -ne 0 ] && bench_failed=$((bench_failed + 1))
+        say "$name: rc $rc ($(( $(date +%s) - start ))s)$([ "$rc" -eq 124 ] && echo ", timed out after ${BENCH_TIMEOUT}s")"
         # criterion prints the id on one line and "time: [lo mid hi]" / "thrpt:" on the next ones.
-        grep -E '^(residual_|[a-z_]+/)|time:|thrpt:|SKIPPED:' "$LOG.one" | grep -v '^Benchmarking' | sed 's/^/    /' >>"$SUMMARY"
+        grep -E '^([a-z_]+/)|time:|thrpt:|SKIPPED:|^(Testing|Success|launches:|WARNING|FAILED|error|cuda benchmarks on)' "$LOG.one" | grep -v '^Benchmarking' | sed 's/^/    /' >>"$SUMMARY"
     done
     rm -f "$LOG.one"
+
+    PY="${PYTHON:-python3}"
+    echo | tee -a "$LOG"
+    echo "== tools/bench_torch.py ($PY) ==" | tee -a "$LOG"
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        if "$PY" tools/bench_torch.py --help >/dev/null 2>>"$LOG"; then say "bench_torch.py --help: ok"; else say "bench_torch.py --help: FAILED"; bench_failed=$((bench_failed + 1)); fi
+    else
+        pypath="${PYTHONPATH:-}"
+        if ls "$BUNDLE"/wheels/*.whl >/dev/null 2>&1; then
+            site="$BENCH_TMP/site"
+            if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$BUNDLE"/wheels/*.whl 2>&1 | tee -a "$LOG"; then
+                pypath="$site${pypath:+:$pypath}"
+                say "bench wheels: $(cd "$BUNDLE/wheels" && ls *.whl | tr '\n' ' ')installed into $site"
+            else
+                say "bench wheels: pip install FAILED (see the log)"
+            fi
+        else
+            say "bench wheels: none in $BUNDLE/wheels (using $PY's own packages)"
+        fi
+        read -ra targs <<<"${TORCH_BENCH_ARGS:---compile-shapes bert_base:32x128}"
+        start=$(date +%s)
+        env PYTHONPATH="$pypath" PYTHONUNBUFFERED=1 timeout "$TORCH_TIMEOUT" "$PY" tools/bench_torch.py --json "$JSONL" --ours "$CRITERION_HOME" "${targs[@]}" 2>&1 | tee "$LOG.one" | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" -ne 0 ] && bench_failed=$((bench_failed + 1))
+        say "bench_torch.py: rc $rc ($(( $(date +%s) - start ))s)$([ "$rc" -eq 124 ] && echo ", timed out after ${TORCH_TIMEOUT}s")"
+        # Its readable tables (setup, timings, ratios) and any error line.
+        grep -E '^\||^error' "$LOG.one" | sed 's/^/    /' >>"$SUMMARY"
+        rm -f "$LOG.one"
+    fi
+    say "benchmark runs that failed: $bench_failed"
+    failed=$((failed + bench_failed))
+    if [ -n "${OUT:-}" ] && [ -s "$JSONL" ]; then
+        mkdir -p "$OUT"
+        cp "$JSONL" "$OUT/bench.jsonl"
+    fi
+    rm -rf "$BENCH_TMP"
 fi
 
 [ -x "$BUNDLE/bert-adapters" ] && { "$BUNDLE/bert-adapters" --version >/dev/null 2>&1 && say "bert-adapters binary starts: yes" || say "bert-adapters binary starts: NO"; }
 
-say "failed test executables: $failed"
+say "failed test executables and benchmark runs: $failed"
 echo
 echo "---- summary ----"
 cat "$SUMMARY"
