@@ -39,6 +39,9 @@
 #[path = "support/bf16.rs"]
 mod rule;
 use rule::{assert_rounded_f32_kernel, assert_same_f32, bits};
+#[path = "support/embedding_case.rs"]
+mod embedding_case;
+use embedding_case::{EmbeddingCase as EmbCase, BERT_EPS, VOCAB};
 
 use bert_adapters::backend::NiceParams;
 use bert_adapters::cpu::reference;
@@ -48,12 +51,11 @@ use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, Devic
 use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor, TokenBatch};
+use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BERT_EPS: f32 = 1e-12;
 const ROWS: [usize; 3] = [1, 7, 33];
 const COLS: [usize; 3] = [40, 48, 384];
 const ALL_ACTS: [Activation; 6] = [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid];
@@ -120,66 +122,7 @@ impl Worst {
 
 // ---- embedding + LayerNorm ------------------------------------------------------------------------
 
-const VOCAB: usize = 13;
-const TYPE_VOCAB: usize = 2;
-const MAX_POSITIONS: usize = 16;
 
-/// One embedding input set, every table value already a bf16 (as f32).
-#[derive(Clone)]
-struct EmbCase {
-    batch: usize,
-    seq_len: usize,
-    hidden: usize,
-    ids: Vec<u32>,
-    types: Vec<u32>,
-    word: Vec<f32>,
-    position: Vec<f32>,
-    token_type: Vec<f32>,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-}
-
-impl EmbCase {
-    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize) -> EmbCase {
-        let n = batch * seq_len;
-        // The last id of each table appears, so an off-by-one in the bound check fails.
-        let ids = (0..n).map(|i| if i == n - 1 { VOCAB as u32 - 1 } else { rng.random_range(0..VOCAB as u32) }).collect();
-        let types = (0..n).map(|i| if i == 0 { TYPE_VOCAB as u32 - 1 } else { rng.random_range(0..TYPE_VOCAB as u32) }).collect();
-        EmbCase {
-            batch,
-            seq_len,
-            hidden,
-            ids,
-            types,
-            // A common offset (|mean| > std), where the plain bf16 sums lose the most.
-            word: uniform16(rng, VOCAB * hidden, 0.5, 1.5),
-            position: uniform16(rng, MAX_POSITIONS * hidden, -0.2, 0.2),
-            token_type: uniform16(rng, TYPE_VOCAB * hidden, -0.2, 0.2),
-            gamma: uniform16(rng, hidden, 0.5, 1.5),
-            beta: uniform16(rng, hidden, -0.5, 0.5),
-        }
-    }
-
-    /// The f32 computation (the CPU reference: f32 sums in HF's order, LayerNorm in f64 inside).
-    fn reference(&self) -> reference::LayerNormOut {
-        let tokens = TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.ids, token_type_ids: &self.types };
-        let z = reference::embedding(&tokens, &self.word, &self.position, &self.token_type, self.hidden);
-        reference::residual_layernorm(&z, None, &self.gamma, &self.beta, self.hidden, BERT_EPS)
-    }
-
-    /// PyTorch's bf16 `BertEmbeddings`: `inputs_embeds + token_type_embeddings` and `+=
-    /// position_embeddings` are bf16 tensors (each add rounded), then `layer_norm` in f32 from the
-    /// bf16 sum, its output rounded once.
-    fn plain(&self) -> Vec<f32> {
-        let h = self.hidden;
-        let mut z = Vec::with_capacity(self.ids.len() * h);
-        for (row, (&id, &tt)) in self.ids.iter().zip(&self.types).enumerate() {
-            let t = row % self.seq_len;
-            z.extend((0..h).map(|c| rule::round(rule::round(self.word[id as usize * h + c] + self.token_type[tt as usize * h + c]) + self.position[t * h + c])));
-        }
-        plain_layernorm(&z, &self.gamma, &self.beta, h, BERT_EPS)
-    }
-}
 
 /// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
 /// the bf16 operands, the output rounded once.
@@ -192,6 +135,19 @@ fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32
         y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round((v - mean) * rstd * g + b)));
     }
     y
+}
+
+/// PyTorch's bf16 `BertEmbeddings` on a case: `inputs_embeds + token_type_embeddings` and `+=
+/// position_embeddings` are bf16 tensors (each add rounded), then `layer_norm` in f32 from the
+/// bf16 sum, its output rounded once.
+fn plain_embedding(c: &EmbCase) -> Vec<f32> {
+    let h = c.hidden;
+    let mut z = Vec::with_capacity(c.ids.len() * h);
+    for (row, (&id, &tt)) in c.ids.iter().zip(&c.types).enumerate() {
+        let t = row % c.seq_len;
+        z.extend((0..h).map(|k| rule::round(rule::round(c.word[id as usize * h + k] + c.token_type[tt as usize * h + k]) + c.position[t * h + k])));
+    }
+    plain_layernorm(&z, &c.gamma, &c.beta, h, BERT_EPS)
 }
 
 struct EmbGot<A> {
@@ -249,12 +205,12 @@ fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
     for (k, (batch, seq_len, hidden, plan)) in shapes.into_iter().enumerate() {
         let stats = k % 3 != 1; // mean and rstd left out in some cases
         let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} {plan:?}", gpu.describe());
-        let c = EmbCase::random(&mut rng, batch, seq_len, hidden);
+        let c = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
         let got = run_embedding(gpu, &c, stats, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
         got.flag.as_ref().unwrap_or_else(|e| panic!("{label}: flag: {e}"));
         let f32_kernel = run_embedding(gpu, &c, stats, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
         let f32_ref = c.reference();
-        worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&got.y), &f32_ref.y, &c.plain()));
+        worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&got.y), &f32_ref.y, &plain_embedding(&c)));
         assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
         if stats {
             let (mean, rstd) = (got.mean.as_deref().unwrap(), got.rstd.as_deref().unwrap());
@@ -278,7 +234,7 @@ test_device!(embedding_bf16io, embedding_bf16io_follows_the_rule);
 fn embedding_bf16io_refuses_bad_ids(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0bad);
     let (batch, seq_len, hidden) = (3, 5, 48);
-    let good = EmbCase::random(&mut rng, batch, seq_len, hidden);
+    let good = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
     let want = run_embedding(gpu, &good, true, None, bf16::from_f32, bf16::from_f32).unwrap();
     let mut bad = good.clone();
     bad.ids[7] = VOCAB as u32; // batch 1, position 2
@@ -591,7 +547,7 @@ fn expect_err(label: &str, r: Result<(), Error>, want: fn(&Error) -> bool) {
 /// refused call writes nothing.
 fn bad_bf16_calls_are_refused(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_00ff);
-    let c = EmbCase::random(&mut rng, 1, 3, 40);
+    let c = EmbCase::random(&mut rng, 1, 3, 40, uniform16);
     match run_embedding(gpu, &c, true, None, id, bf16::from_f32) {
         Err(Error::Unsupported(msg)) => assert!(msg.contains("bf16 activations") && msg.contains("f32 embedding tables"), "{msg}"),
         Err(e) => panic!("bf16 y from f32 tables: expected Error::Unsupported, got {e}"),

@@ -27,13 +27,16 @@ use bert_adapters::cuda::gpu::{DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor, TokenBatch};
+use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "support/embedding_case.rs"]
+mod embedding_case;
+use embedding_case::{EmbeddingCase, BERT_EPS, MAX_POSITIONS, TYPE_VOCAB, VOCAB};
+
 const ALL_ACTS: [Activation; 6] = [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid];
-const BERT_EPS: f32 = 1e-12;
 
 fn up<T: DeviceScalar>(gpu: &Gpu, v: &[T]) -> DeviceBuffer<T> {
     gpu.upload(v).unwrap_or_else(|e| panic!("upload: {e}"))
@@ -100,51 +103,6 @@ fn expect_shape_err(what: &str, r: Result<(), Error>) {
 
 // ---- embedding ----------------------------------------------------------------------------------
 
-#[derive(Clone)]
-struct EmbeddingCase {
-    batch: usize,
-    seq_len: usize,
-    hidden: usize,
-    ids: Vec<u32>,
-    types: Vec<u32>,
-    word: Vec<f32>,
-    position: Vec<f32>,
-    token_type: Vec<f32>,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-}
-
-const VOCAB: usize = 13;
-const TYPE_VOCAB: usize = 2;
-const MAX_POSITIONS: usize = 16;
-
-impl EmbeddingCase {
-    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize) -> Self {
-        let n = batch * seq_len;
-        // The last id of each table appears, so an off-by-one in the bound check fails.
-        let ids = (0..n).map(|i| if i == n - 1 { VOCAB as u32 - 1 } else { rng.random_range(0..VOCAB as u32) }).collect();
-        let types = (0..n).map(|i| if i == 0 { TYPE_VOCAB as u32 - 1 } else { rng.random_range(0..TYPE_VOCAB as u32) }).collect();
-        EmbeddingCase {
-            batch,
-            seq_len,
-            hidden,
-            ids,
-            types,
-            // A common offset, so the two-pass statistics matter.
-            word: uniform(rng, VOCAB * hidden, 0.5, 1.5),
-            position: uniform(rng, MAX_POSITIONS * hidden, -0.2, 0.2),
-            token_type: uniform(rng, TYPE_VOCAB * hidden, -0.2, 0.2),
-            gamma: uniform(rng, hidden, 0.5, 1.5),
-            beta: uniform(rng, hidden, -0.5, 0.5),
-        }
-    }
-
-    fn reference(&self) -> reference::LayerNormOut {
-        let tokens = TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.ids, token_type_ids: &self.types };
-        let z = reference::embedding(&tokens, &self.word, &self.position, &self.token_type, self.hidden);
-        reference::residual_layernorm(&z, None, &self.gamma, &self.beta, self.hidden, BERT_EPS)
-    }
-}
 
 struct EmbeddingRun {
     y: Vec<f32>,
@@ -192,7 +150,7 @@ fn embedding_matches_reference(gpu: &Gpu) {
     // rows = batch·seq_len = 1, 7, 33 (a partial last block of 8 rows).
     for (batch, seq_len) in [(1, 1), (1, 7), (3, 11)] {
         for hidden in [40, 48, 384] {
-            let case = EmbeddingCase::random(&mut rng, batch, seq_len, hidden);
+            let case = EmbeddingCase::random(&mut rng, batch, seq_len, hidden, uniform);
             let want = case.reference();
             for stats in [true, false] {
                 let label = format!("{} batch={batch} seq_len={seq_len} hidden={hidden} stats={stats}", gpu.describe());
@@ -210,7 +168,7 @@ fn embedding_matches_reference(gpu: &Gpu) {
         }
     }
     // The kernel's other paths: no row cache, several warps per row, one row per block.
-    let case = EmbeddingCase::random(&mut rng, 3, 11, 48);
+    let case = EmbeddingCase::random(&mut rng, 3, 11, 48, uniform);
     let want = case.reference();
     for plan in [
         LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false },
@@ -230,7 +188,7 @@ test_device!(embedding_layernorm, embedding_matches_reference);
 fn out_of_range_ids_are_reported_with_their_position(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x000b_ad1d);
     let (batch, seq_len, hidden) = (3, 11, 40);
-    let clean = EmbeddingCase::random(&mut rng, batch, seq_len, hidden);
+    let clean = EmbeddingCase::random(&mut rng, batch, seq_len, hidden, uniform);
     let want = clean.reference();
     // Word ids past the table at (1, 3) and (2, 0), a type id past its table at (1, 5) and at
     // (0, 9): the flag names the first in (batch, position) order.
@@ -686,7 +644,7 @@ fn schedules_agree_bit_for_bit() {
     let sims = bert_adapters::cuda::gpu::sims_for_test();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
     let mut rng = StdRng::seed_from_u64(0x5c4e);
-    let emb = EmbeddingCase::random(&mut rng, 3, 11, 384);
+    let emb = EmbeddingCase::random(&mut rng, 3, 11, 384, uniform);
     let x = uniform(&mut rng, 33 * 48, -3.0, 3.0);
     let bias = uniform(&mut rng, 48, -1.0, 1.0);
     let host = NiceHost::random(&mut rng, 41, 2, Activation::Gelu);
