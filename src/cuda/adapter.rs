@@ -448,6 +448,72 @@ pub struct LocationShape {
     pub replicate: bool,
 }
 
+/// What the forward's and the backward's size checks share: the shape against the descriptors,
+/// the row count and element counts (which the kernels index with int rows and size_t elements),
+/// and the messages' description of the shape.
+struct CheckedShape {
+    op: &'static str,
+    hidden: usize,
+    rows: usize,
+    n_out: usize,
+    n_in: usize,
+    in_what: &'static str,
+    dims: String,
+}
+
+impl LocationShape {
+    fn checked(&self, op: &'static str, descriptor_hidden: usize, descriptor_branches: usize) -> Result<CheckedShape> {
+        let LocationShape { batch, seq_len, hidden, branches, replicate } = *self;
+        let fail = |msg: String| Err(Error::shape(op, msg));
+        if hidden == 0 || branches == 0 {
+            return fail(format!("hidden {hidden} and branches {branches} must each be at least 1"));
+        }
+        if hidden != descriptor_hidden {
+            return fail(format!("hidden {hidden}, but the descriptors were built for H = {descriptor_hidden}"));
+        }
+        if branches != descriptor_branches {
+            return fail(format!("{branches} branches, but there are {descriptor_branches} descriptors"));
+        }
+        let rows = batch.checked_mul(seq_len).and_then(|bt| bt.checked_mul(branches)).filter(|&n| n <= i32::MAX as usize);
+        let Some(rows) = rows else {
+            return fail(format!("branches {branches} x batch {batch} x seq_len {seq_len} rows must fit in an i32"));
+        };
+        if hidden > i32::MAX as usize {
+            return fail(format!("hidden {hidden} must fit in an i32"));
+        }
+        let Some(n_out) = rows.checked_mul(hidden) else {
+            return fail(format!("{rows} rows x hidden {hidden} overflows usize"));
+        };
+        Ok(CheckedShape {
+            op,
+            hidden,
+            rows,
+            n_out,
+            n_in: if replicate { n_out / branches } else { n_out },
+            in_what: if replicate { "B·T·H" } else { "N·B·T·H" },
+            dims: format!("B = {batch}, T = {seq_len}, H = {hidden}, N = {branches}, replicate = {replicate}"),
+        })
+    }
+}
+
+impl CheckedShape {
+    /// `got == want` elements, else a shape error naming the tensor and the shape.
+    fn expect(&self, name: &str, got: usize, want: usize, what: &str) -> Result<()> {
+        if got != want {
+            return Err(Error::shape(self.op, format!("{name} has {got} elements, expected {want} ({what}) for {}", self.dims)));
+        }
+        Ok(())
+    }
+
+    /// The inputs both directions read: `h`, `r` and the BERT LayerNorm.
+    fn expect_inputs(&self, h: usize, r: usize, ln_gamma: usize, ln_beta: usize) -> Result<()> {
+        self.expect("h", h, self.n_in, self.in_what)?;
+        self.expect("r", r, self.n_in, self.in_what)?;
+        self.expect("LayerNorm gamma", ln_gamma, self.hidden, "H")?;
+        self.expect("LayerNorm beta", ln_beta, self.hidden, "H")
+    }
+}
+
 /// The inputs: the sub-layer output `h`, its input `r` (activations of `A`: f32 or bf16), the
 /// location's BERT LayerNorm (γ, β of `P`: f32 or bf16), and the seed of the branches' own
 /// dropout (required when a descriptor has dropout, ignored otherwise).
@@ -507,41 +573,12 @@ pub struct LocationSizes {
 
 impl LocationSizes {
     pub fn check(&self, ln_eps: f32) -> Result<()> {
-        let LocationShape { batch, seq_len, hidden, branches, replicate } = self.shape;
+        let LocationShape { batch, branches, .. } = self.shape;
         let fail = |msg: String| Err(Error::shape(OP, msg));
-        if hidden == 0 || branches == 0 {
-            return fail(format!("hidden {hidden} and branches {branches} must each be at least 1"));
-        }
-        if hidden != self.descriptor_hidden {
-            return fail(format!("hidden {hidden}, but the descriptors were built for H = {}", self.descriptor_hidden));
-        }
-        if branches != self.descriptor_branches {
-            return fail(format!("{branches} branches, but there are {} descriptors", self.descriptor_branches));
-        }
-        // The kernel indexes rows with int and elements with size_t.
-        let rows = batch.checked_mul(seq_len).and_then(|bt| bt.checked_mul(branches)).filter(|&n| n <= i32::MAX as usize);
-        let Some(rows) = rows else {
-            return fail(format!("branches {branches} x batch {batch} x seq_len {seq_len} rows must fit in an i32"));
-        };
-        if hidden > i32::MAX as usize {
-            return fail(format!("hidden {hidden} must fit in an i32"));
-        }
-        let Some(n_out) = rows.checked_mul(hidden) else {
-            return fail(format!("{rows} rows x hidden {hidden} overflows usize"));
-        };
-        let n_in = if replicate { n_out / branches } else { n_out };
-        let dims = format!("B = {batch}, T = {seq_len}, H = {hidden}, N = {branches}, replicate = {replicate}");
-        let in_what = if replicate { "B·T·H" } else { "N·B·T·H" };
-        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
-            if got != want {
-                return Err(Error::shape(OP, format!("{name} has {got} elements, expected {want} ({what}) for {dims}")));
-            }
-            Ok(())
-        };
-        expect("h", self.h, n_in, in_what)?;
-        expect("r", self.r, n_in, in_what)?;
-        expect("LayerNorm gamma", self.ln_gamma, hidden, "H")?;
-        expect("LayerNorm beta", self.ln_beta, hidden, "H")?;
+        let s = self.shape.checked(OP, self.descriptor_hidden, self.descriptor_branches)?;
+        let (rows, n_out) = (s.rows, s.n_out);
+        s.expect_inputs(self.h, self.r, self.ln_gamma, self.ln_beta)?;
+        let expect = |name: &str, got: usize, want: usize, what: &str| s.expect(name, got, want, what);
         expect("out", self.out, n_out, "N·B·T·H")?;
         match self.gate {
             Some(g) => expect("gate", g, branches * batch, "N·B")?,
@@ -1186,46 +1223,18 @@ pub struct LocationBackwardSizes {
 
 impl LocationBackwardSizes {
     pub fn check(&self, ln_eps: f32) -> Result<()> {
-        let LocationShape { batch, seq_len, hidden, branches, replicate } = self.shape;
+        let branches = self.shape.branches;
         let fail = |msg: String| Err(Error::shape(OP_BWD, msg));
-        if hidden == 0 || branches == 0 {
-            return fail(format!("hidden {hidden} and branches {branches} must each be at least 1"));
-        }
-        if hidden != self.descriptor_hidden {
-            return fail(format!("hidden {hidden}, but the descriptors were built for H = {}", self.descriptor_hidden));
-        }
-        if branches != self.descriptor_branches {
-            return fail(format!("{branches} branches, but there are {} descriptors", self.descriptor_branches));
-        }
+        let s = self.shape.checked(OP_BWD, self.descriptor_hidden, self.descriptor_branches)?;
         if branches > MAX_BACKWARD_BRANCHES {
             return Err(Error::Unsupported(format!("{OP_BWD}: {branches} Parallel branches; the backward kernel takes at most {MAX_BACKWARD_BRANCHES}")));
         }
         if self.grads != branches {
             return fail(format!("{} gradient entries for {branches} branches (one per branch, None when frozen)", self.grads));
         }
-        let rows = batch.checked_mul(seq_len).and_then(|bt| bt.checked_mul(branches)).filter(|&n| n <= i32::MAX as usize);
-        let Some(rows) = rows else {
-            return fail(format!("branches {branches} x batch {batch} x seq_len {seq_len} rows must fit in an i32"));
-        };
-        if hidden > i32::MAX as usize {
-            return fail(format!("hidden {hidden} must fit in an i32"));
-        }
-        let Some(n_out) = rows.checked_mul(hidden) else {
-            return fail(format!("{rows} rows x hidden {hidden} overflows usize"));
-        };
-        let n_in = if replicate { n_out / branches } else { n_out };
-        let dims = format!("B = {batch}, T = {seq_len}, H = {hidden}, N = {branches}, replicate = {replicate}");
-        let in_what = if replicate { "B·T·H" } else { "N·B·T·H" };
-        let expect = |name: &str, got: usize, want: usize, what: &str| -> Result<()> {
-            if got != want {
-                return Err(Error::shape(OP_BWD, format!("{name} has {got} elements, expected {want} ({what}) for {dims}")));
-            }
-            Ok(())
-        };
-        expect("h", self.h, n_in, in_what)?;
-        expect("r", self.r, n_in, in_what)?;
-        expect("LayerNorm gamma", self.ln_gamma, hidden, "H")?;
-        expect("LayerNorm beta", self.ln_beta, hidden, "H")?;
+        let (n_in, n_out, in_what, dims) = (s.n_in, s.n_out, s.in_what, &s.dims);
+        s.expect_inputs(self.h, self.r, self.ln_gamma, self.ln_beta)?;
+        let expect = |name: &str, got: usize, want: usize, what: &str| s.expect(name, got, want, what);
         expect("d_out", self.d_out, n_out, "N·B·T·H")?;
         if let Some((dh, dr)) = self.input_grads {
             expect("dh", dh, n_in, in_what)?;
