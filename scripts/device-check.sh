@@ -31,6 +31,8 @@ SUMMARY=$(mktemp)
 trap 'rm -f "$LOG" "$SUMMARY"' EXIT
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
+# Copy what is known so far to $OUT, so an outer timeout still brings back every finished part.
+flush() { [ -n "${OUT:-}" ] || return 0; mkdir -p "$OUT"; cp "$SUMMARY" "$OUT/device-check.txt"; cp "$LOG" "$OUT/device-check.log"; }
 section() { echo; echo "== $* =="; }
 
 {
@@ -147,6 +149,7 @@ for t in "$BUNDLE"/test-* "$BUNDLE"/unit-*; do
     say "$(printf '%-28s %-22s %6ss  skipped=%s  %s' "$name" "$status" "$secs" "$skipped" "$result")"
     # Lines tests print for the record (register counts, worst error vs tolerance).
     grep -E '^(NVRTC|CUDA headers|sm_[0-9]+ |layernorm|attention|adapter|embedding|nice)' "$LOG.one" | sed 's/^/    /' >>"$SUMMARY"
+    flush
 done
 rm -f "$LOG.one" "$LOG.skips"
 
@@ -162,6 +165,7 @@ if [ -n "$SANITIZER" ] && [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_SANITIZER:-0}" !
             rc=${PIPESTATUS[0]}
             case "$rc" in 0) status=clean ;; 9) status="ERRORS"; failed=$((failed + 1)) ;; 124) status="timed out after ${SANITIZE_TIMEOUT}s" ;; *) status="FAIL (rc $rc)"; failed=$((failed + 1)) ;; esac
             say "$(printf 'sanitizer %-10s %-24s %s' "$tool" "$name" "$status")"
+            flush
         done
     done
     rm -f "$LOG.one"
@@ -216,6 +220,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         say "$name: rc $rc ($(( $(date +%s) - start ))s)$([ "$rc" -eq 124 ] && echo ", timed out after ${BENCH_TIMEOUT}s")"
         # criterion prints the id on one line and "time: [lo mid hi]" / "thrpt:" on the next ones.
         grep -E '^([a-z_]+/)|time:|thrpt:|SKIPPED:|^(Testing|Success|launches:|WARNING|FAILED|error|cuda benchmarks on)' "$LOG.one" | grep -v '^Benchmarking' | sed 's/^/    /' >>"$SUMMARY"
+        flush
     done
     rm -f "$LOG.one"
 
