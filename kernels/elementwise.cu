@@ -11,6 +11,10 @@
 //   fill_f32 / fill_u32 / fill_bf16   y[i] = value (bf16 given as its 16 bits in an unsigned)
 //   cast_f32_to_bf16 / cast_bf16_to_f32   round to nearest even / exact widening, bf16 as raw
 //                          bits (common.cuh f32_to_bf16_bits: NaN -> 0x7fff)
+//   cast_f32_to_bf16_strided   the same rounding over the elements of a strided batch of
+//                          column-major matrices (element (r, c, b) at b*stride + c*ld + r, the
+//                          cuBLASLt layout) only: the gaps between columns and batches keep their
+//                          bits (the bf16 GEMM's f32 staging, Gpu::gemm)
 //   first_token_f32        y[b, :] = x[b, 0, :] for x [batch, seq_len, cols]
 //   count_nonfinite_f32    *count += number of NaN/inf elements of x (Backend::all_finite reads
 //                          4 bytes back instead of the tensor)
@@ -130,6 +134,22 @@ extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ y, cons
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         y[i] = f32_to_bf16_bits(x[i]);
+    }
+}
+
+// rows, cols, batch > 0 and rows <= ld (the launcher checks); index math in 64 bits, two
+// divisions per element, which a memory-bound pass hides.
+extern "C" __global__ void cast_f32_to_bf16_strided(unsigned short* __restrict__ y, const float* __restrict__ x, long long rows, long long cols, long long ld,
+                                                    long long batch, long long batch_stride) {
+    const long long n = rows * cols * batch;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const long long column = i / rows;  // over every batch's columns
+        const long long r = i - column * rows;
+        const long long b = column / cols;
+        const long long c = column - b * cols;
+        const long long at = b * batch_stride + c * ld + r;
+        y[at] = f32_to_bf16_bits(x[at]);
     }
 }
 

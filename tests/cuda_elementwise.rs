@@ -21,7 +21,7 @@
 
 use bert_adapters::backend::NiceParams;
 use bert_adapters::cpu::reference;
-use bert_adapters::cuda::elementwise::{add, bias_act, bias_act_in_place, cast_bf16_to_f32, cast_f32_to_bf16, fill_bf16, fill_f32, fill_u32, first_token};
+use bert_adapters::cuda::elementwise::{add, bias_act, bias_act_in_place, cast_bf16_to_f32, cast_f32_to_bf16, cast_f32_to_bf16_strided, fill_bf16, fill_f32, fill_u32, first_token, StridedMatrices};
 use bert_adapters::cuda::embedding::{check_flag, embedding_layernorm_forward, embedding_layernorm_forward_with_plan, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use bert_adapters::cuda::gpu::{DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::cuda::layernorm::LayerNormPlan;
@@ -438,6 +438,39 @@ fn add_fill_cast_are_exact(gpu: &Gpu) {
     assert!(down(gpu, &hb).iter().all(|h| h.to_bits() == 0x7fff), "NaN casts: {:?}", down(gpu, &hb));
 }
 test_device!(add_fill_cast, add_fill_cast_are_exact);
+
+/// The strided cast rounds exactly the layout's elements (bit-exact with `half`) and leaves every
+/// gap of y (NaN payloads that a round trip through f32 would canonicalise) untouched.
+fn strided_cast_touches_only_the_layout(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x5751);
+    let gap = bf16::from_bits(0x7fc1);
+    for (rows, cols, ld, batch, batch_stride) in [(7, 33, 9, 1, 0), (1, 1, 1, 1, 1), (33, 7, 34, 3, 243), (5, 4, 5, 2, 20), (40, 3, 41, 2, 130)] {
+        let layout = StridedMatrices { rows, cols, ld, batch, batch_stride };
+        let span = layout.span().unwrap();
+        let x: Vec<f32> = (0..span).map(|_| f32::from_bits(rng.random::<u32>() & 0xff7f_ffff)).collect();
+        let mut y = up(gpu, &vec![gap; span]);
+        cast_f32_to_bf16_strided(gpu, &up(gpu, &x).view(), &mut y.view_mut(), layout).unwrap();
+        let got = down(gpu, &y);
+        let mut inside = vec![false; span];
+        for b in 0..batch {
+            for c in 0..cols {
+                for r in 0..rows {
+                    inside[b * batch_stride + c * ld + r] = true;
+                }
+            }
+        }
+        for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+            let want = if inside[i] { bf16::from_f32(v) } else { gap };
+            assert_eq!(g.to_bits(), want.to_bits(), "{} {layout:?}: element {i} (inside: {})", gpu.describe(), inside[i]);
+        }
+    }
+    let layout = StridedMatrices { rows: 4, cols: 2, ld: 3, batch: 1, batch_stride: 0 };
+    let (x, mut y) = (up(gpu, &[0f32; 16]), up(gpu, &[gap; 16]));
+    expect_shape_err("rows > ld", cast_f32_to_bf16_strided(gpu, &x.view(), &mut y.view_mut(), layout));
+    let layout = StridedMatrices { rows: 4, cols: 2, ld: 4, batch: 2, batch_stride: 9 };
+    expect_shape_err("short y", cast_f32_to_bf16_strided(gpu, &x.view(), &mut y.slice_mut(0..12).unwrap(), layout));
+}
+test_device!(strided_cast, strided_cast_touches_only_the_layout);
 
 fn add_fill_cast_size_errors(gpu: &Gpu) {
     let a = up(gpu, &[1f32; 4]);

@@ -29,7 +29,7 @@ use half::bf16;
 
 use super::gpu::{ActivationScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::elementwise::{
-    ADD_BF16IO, ADD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F32,
+    ADD_BF16IO, ADD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, CAST_F32_TO_BF16_STRIDED, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F32,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::backend::Activation;
@@ -262,6 +262,59 @@ pub fn cast_f32_to_bf16(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMu
     }
     // SAFETY: x and y hold n elements each.
     unsafe { gpu.launch(CAST_F32_TO_BF16, flat_launch(x.len()), &[bf16_bits_arg_mut(y), x.arg(), n]) }
+}
+
+/// Where a strided batch of column-major matrices lies in a buffer: element (r, c, b) of the
+/// `rows × cols` matrices is at `b·batch_stride + c·ld + r` (cuBLASLt's layout of C).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StridedMatrices {
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+    pub batch: usize,
+    pub batch_stride: usize,
+}
+
+impl StridedMatrices {
+    /// Elements from the first to one past the last element (0 when any size is 0), or `None`
+    /// on overflow.
+    pub fn span(&self) -> Option<usize> {
+        if self.rows == 0 || self.cols == 0 || self.batch == 0 {
+            return Some(0);
+        }
+        (self.batch - 1).checked_mul(self.batch_stride)?.checked_add((self.cols - 1).checked_mul(self.ld)?)?.checked_add(self.rows)
+    }
+}
+
+/// [`cast_f32_to_bf16`] over the elements of `layout` only: x and y share the layout, and
+/// elements of y between columns (`ld > rows`) or between batches keep their bits. Both views
+/// must hold at least the layout's span; `rows <= ld` ([`Error::Shape`] otherwise).
+pub fn cast_f32_to_bf16_strided(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, bf16>, layout: StridedMatrices) -> Result<()> {
+    const OP: &str = "cuda::cast_f32_to_bf16_strided";
+    let StridedMatrices { rows, cols, ld, batch, batch_stride } = layout;
+    if rows > ld {
+        return Err(Error::shape(OP, format!("rows = {rows} exceed the leading dimension ld = {ld}")));
+    }
+    let span = layout.span().ok_or_else(|| Error::shape(OP, format!("{layout:?}: the span overflows usize")))?;
+    for (name, len) in [("x", x.len()), ("y", y.len())] {
+        if len < span {
+            return Err(Error::shape(OP, format!("{name} has {len} elements, the layout {layout:?} spans {span}")));
+        }
+    }
+    let count = rows.checked_mul(cols).and_then(|v| v.checked_mul(batch)).ok_or_else(|| Error::shape(OP, format!("{layout:?}: the element count overflows usize")))?;
+    if count == 0 {
+        return Ok(());
+    }
+    flat_len(OP, span)?;
+    let arg = |v: usize| KernelArg::I64(v as i64); // each is at most the span, which fits an i64
+    // SAFETY: x and y hold the span; the kernel touches only elements of the layout.
+    unsafe {
+        gpu.launch(
+            CAST_F32_TO_BF16_STRIDED,
+            flat_launch(count),
+            &[bf16_bits_arg_mut(y), x.arg(), arg(rows), arg(cols), arg(ld), arg(batch), arg(batch_stride)],
+        )
+    }
 }
 
 /// `y = f32(x)`, exact (bits shifted; a NaN keeps its payload).
