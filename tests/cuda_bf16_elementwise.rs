@@ -181,6 +181,7 @@ fn run_embedding<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, c: &EmbCase, sta
             batch: c.batch,
             seq_len: c.seq_len,
             hidden: c.hidden,
+            positions: c.positions,
             eps: BERT_EPS,
         };
         let mut out = EmbeddingOutputs { y: y.view_mut(), mean: mean.as_mut().map(|m| m.view_mut()), rstd: rstd.as_mut().map(|r| r.view_mut()), error_flag: flag.view_mut() };
@@ -557,7 +558,7 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
     let (ids, table) = (up(gpu, &[0u32; 3]), up(gpu, &vec![0.5f32; 40 * 16]));
     let mut y = nan16(gpu, 3 * 40);
     let mut flag = new_error_flag(gpu).unwrap();
-    let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, eps: 1e-5 };
+    let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, positions: bert_adapters::Positions::Sequential, eps: 1e-5 };
     let mut out = EmbeddingOutputs { y: y.view_mut(), mean: None, rstd: None, error_flag: flag.view_mut() };
     expect_err("bf16 y, f32 tables", embedding_layernorm_forward(gpu, &inputs, &mut out), |e| matches!(e, Error::Unsupported(_)));
     assert!(down(gpu, &y).iter().all(|v| v.is_nan()), "a refused embedding wrote y");

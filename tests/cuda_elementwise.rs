@@ -131,6 +131,7 @@ fn run_embedding(gpu: &Gpu, c: &EmbeddingCase, stats: bool, plan: Option<LayerNo
         batch: c.batch,
         seq_len: c.seq_len,
         hidden: c.hidden,
+        positions: c.positions,
         eps: BERT_EPS,
     };
     {
@@ -244,6 +245,7 @@ fn embedding_size_errors(gpu: &Gpu) {
         batch,
         seq_len,
         hidden,
+        positions: bert_adapters::Positions::Sequential,
         eps: 1e-12,
     };
     let bad_inputs = [
