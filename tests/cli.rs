@@ -674,3 +674,34 @@ fn train_and_predict_run_on_roberta() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("--max-len 33 exceeds the model's max_position_embeddings 34 less roberta's position offset 2 (32 tokens)"), "{err}");
 }
+
+/// `adapter convert` of the RobertaAdapterModel save (`roberta.` keys, with its head), with and
+/// without `--model`: the same files, the adapter_config.json the library writes from a bare
+/// RobertaModel for this adapter byte for byte, and the library's outputs when loaded back.
+#[test]
+fn adapter_convert_on_roberta_keeps_the_model_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = roberta().join("adapters/flex_pfeiffer_inv");
+    let (with_model, alone) = (tmp.path().join("with_model"), tmp.path().join("alone"));
+    for (out, extra) in [(&with_model, vec!["--model", s(&roberta())]), (&alone, vec![])] {
+        let o = bin().args(["adapter", "convert"]).arg(&src).arg(out).args(&extra).output().unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    for f in ["adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors"] {
+        assert_eq!(std::fs::read(with_model.join(f)).unwrap(), std::fs::read(alone.join(f)).unwrap(), "{f}");
+    }
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(read(alone.join("adapter_config.json")), read(roberta().join("adapters/pfeiffer_inv/adapter_config.json")));
+    assert_eq!(read(alone.join("head_config.json")), read(src.join("head_config.json")));
+    let keys = TensorFile::open(alone.join("adapter.safetensors")).unwrap().names();
+    assert!(!keys.is_empty() && keys.iter().all(|k| !k.starts_with("roberta.")), "{keys:?}");
+
+    let out = tmp.path().join("out.safetensors");
+    let inputs = roberta().join("inputs.safetensors");
+    let (ok, _, stderr) = run(&["--model", s(&roberta()), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&alone), "--active", "pfeiffer_inv"]);
+    assert!(ok, "{stderr}");
+    let (got, want) = (TensorFile::open(&out).unwrap(), TensorFile::open(roberta().join("expected_pfeiffer_inv.safetensors")).unwrap());
+    for name in want.names() {
+        assert_close(&format!("converted {name}"), &read_f32(&got, &name).0, &read_f32(&want, &name).0, 1e-5);
+    }
+}

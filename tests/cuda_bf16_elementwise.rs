@@ -143,8 +143,9 @@ fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32
 fn plain_embedding(c: &EmbCase) -> Vec<f32> {
     let h = c.hidden;
     let mut z = Vec::with_capacity(c.ids.len() * h);
-    for (row, (&id, &tt)) in c.ids.iter().zip(&c.types).enumerate() {
-        let t = row % c.seq_len;
+    let positions = c.positions.position_ids(&c.ids, c.seq_len);
+    for ((&id, &tt), &t) in c.ids.iter().zip(&c.types).zip(&positions) {
+        let t = t as usize;
         z.extend((0..h).map(|k| rule::round(rule::round(c.word[id as usize * h + k] + c.token_type[tt as usize * h + k]) + c.position[t * h + k])));
     }
     plain_layernorm(&z, &c.gamma, &c.beta, h, BERT_EPS)
@@ -203,10 +204,16 @@ fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
     shapes.push((2, 3, 1100, None));
     shapes.push((1, 7, 384, Some(LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false })));
     shapes.push((2, 3, 1100, Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: false })));
+    // RoBERTa's positions (counted from the ids by the kernel), warp and block teams.
+    let roberta_from = shapes.len();
+    shapes.push((3, 11, 48, None));
+    shapes.push((2, 3, 1100, Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: false })));
     for (k, (batch, seq_len, hidden, plan)) in shapes.into_iter().enumerate() {
         let stats = k % 3 != 1; // mean and rstd left out in some cases
-        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} {plan:?}", gpu.describe());
+        let roberta = k >= roberta_from;
+        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} roberta={roberta} {plan:?}", gpu.describe());
         let c = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
+        let c = if roberta { c.with_roberta_positions(&[0, 4, 9]) } else { c };
         let got = run_embedding(gpu, &c, stats, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
         got.flag.as_ref().unwrap_or_else(|e| panic!("{label}: flag: {e}"));
         let f32_kernel = run_embedding(gpu, &c, stats, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
