@@ -726,6 +726,7 @@ fn random_model(d: Dims, backend: Arc<dyn Backend>) -> BertModel {
         type_vocab_size: 2,
         layer_norm_eps: EPS,
         pad_token_id: 0,
+        model_type: bert_adapters::ModelType::Bert,
     };
     let (h, i) = (d.hidden, d.intermediate);
     let be = backend.as_ref();

@@ -1,12 +1,18 @@
-// Embedding family: BERT's embedding gather + sum + LayerNorm in one kernel.
+// Embedding family: BERT's (and RoBERTa's) embedding gather + sum + LayerNorm in one kernel.
 //
 // Semantics (the spec is bert_adapters::cpu::reference::{embedding, residual_layernorm}; HF
-// `BertEmbeddings.forward` before its dropout):
-//     z[row] = (word[id] + token_type[tt]) + position[t]   row = b*seq_len + t, HF's add order,
+// `BertEmbeddings.forward` / `RobertaEmbeddings.forward` before their dropout):
+//     z[row] = (word[id] + token_type[tt]) + position[p]   row = b*seq_len + t, HF's add order,
 //                                                          each add rounded to f32
 //     y[row] = LayerNorm(z[row]) * gamma + beta             as kernels/layernorm.cu: two-pass
 //                                                          mean, biased variance, eps inside sqrt
 // mean and rstd are written per row when the pointers are non-null.
+//
+// Positions (config::Positions): with padding_idx < 0 (BERT) p = t. With padding_idx >= 0
+// (RoBERTa, HF `create_position_ids_from_input_ids`) p = padding_idx when id == padding_idx, else
+// padding_idx + (the number of ids != padding_idx among ids[b, 0..=t]): the team counts them, each
+// thread a strided share of the prefix, summed with team_sum (exact: counts < 2^24 in f32). The
+// launcher checks that padding_idx + 1 + seq_len rows fit the table, so p is always in range.
 //
 // Storage: mean and rstd are f32. The three tables, gamma and beta are all f32
 // (embedding_layernorm_forward_f32) or all bf16 (embedding_layernorm_forward_bf16: a frozen base
@@ -66,6 +72,7 @@ __device__ __forceinline__ void embedding_layernorm_forward_body(
     int cols,
     unsigned vocab,
     unsigned type_vocab,
+    int padding_idx,
     float eps,
     int cache_row)
 {
@@ -90,7 +97,18 @@ __device__ __forceinline__ void embedding_layernorm_forward_body(
     // size_t offsets: a table or the output may exceed 2^31 elements.
     const T* wr = word + (size_t)(bad_word ? 0u : id) * (size_t)cols;
     const T* tr = token_type + (size_t)(bad_type ? 0u : tt) * (size_t)cols;
-    const T* pr = position + (size_t)t * (size_t)cols;
+    // The position row: t, or (RoBERTa) counted from the row's ids; every thread joins the count.
+    int p = t;
+    if (padding_idx >= 0) {
+        const unsigned* row_ids = input_ids + (size_t)(r - t);
+        float count = 0.0f;
+        for (int k = threadIdx.x; k <= t; k += blockDim.x) {
+            count += row_ids[k] != (unsigned)padding_idx ? 1.0f : 0.0f;
+        }
+        const int non_pad = (int)team_sum(count, scratch);
+        p = id == (unsigned)padding_idx ? padding_idx : padding_idx + non_pad;
+    }
+    const T* pr = position + (size_t)p * (size_t)cols;
     float* zr = z_cache + (size_t)threadIdx.y * (size_t)cols;
     const bool cached = cache_row != 0;
 
@@ -155,11 +173,12 @@ extern "C" __global__ void embedding_layernorm_forward_f32(
     int cols,
     unsigned vocab,
     unsigned type_vocab,
+    int padding_idx,
     float eps,
     int cache_row)
 {
     embedding_layernorm_forward_body<float, float>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, word, position, token_type,
-                                                   gamma, beta, rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+                                                   gamma, beta, rows, seq_len, cols, vocab, type_vocab, padding_idx, eps, cache_row);
 }
 
 // bf16 tables and LayerNorm (a frozen base loaded in bf16), as raw bits; y, mean, rstd stay f32.
@@ -180,13 +199,14 @@ extern "C" __global__ void embedding_layernorm_forward_bf16(
     int cols,
     unsigned vocab,
     unsigned type_vocab,
+    int padding_idx,
     float eps,
     int cache_row)
 {
     typedef const bf16_raw* B;
     embedding_layernorm_forward_body<float, bf16_raw>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, reinterpret_cast<B>(word),
                                                       reinterpret_cast<B>(position), reinterpret_cast<B>(token_type), reinterpret_cast<B>(gamma),
-                                                      reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps, cache_row);
+                                                      reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx, eps, cache_row);
 }
 
 // bf16 y (an activation) with bf16 tables and LayerNorm, as raw bits; mean and rstd stay f32.
@@ -207,12 +227,13 @@ extern "C" __global__ void embedding_layernorm_forward_bf16io(
     int cols,
     unsigned vocab,
     unsigned type_vocab,
+    int padding_idx,
     float eps,
     int cache_row)
 {
     typedef const bf16_raw* B;
     embedding_layernorm_forward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(y), mean_out, rstd_out, error_flag, input_ids, token_type_ids,
                                                          reinterpret_cast<B>(word), reinterpret_cast<B>(position), reinterpret_cast<B>(token_type),
-                                                         reinterpret_cast<B>(gamma), reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, eps,
-                                                         cache_row);
+                                                         reinterpret_cast<B>(gamma), reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx,
+                                                         eps, cache_row);
 }

@@ -15,6 +15,7 @@ use crate::tensor::{DType, Tensor};
 
 // Defined below the seam (configs name activations too); re-exported so backend paths keep working.
 pub use crate::config::Activation;
+pub use crate::config::Positions;
 
 /// Token ids of one batch, on the host: the backend uploads what it needs.
 #[derive(Clone, Debug)]
@@ -269,15 +270,18 @@ pub trait Backend: Send + Sync {
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor>;
 
     // ---- embedding family ----------------------------------------------------------------------
-    /// `word[ids] + pos[t] + type[tt]`, giving `[batch, seq_len, H]`. Positions are `0..seq_len`.
+    /// `word[ids] + pos[p] + type[tt]`, giving `[batch, seq_len, H]`. `positions` says which row
+    /// `p` each token reads: `t` (BERT), or counted from the ids (RoBERTa, see [`Positions`]); the
+    /// position table must hold `positions.rows_needed(seq_len)` rows.
     /// `input_ids` and `token_type_ids` are U32 `[batch, seq_len]` tensors on this device (the
     /// model's fixed input buffers), each id in range (checked on the host before they were written).
-    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor>;
-    /// The embeddings block: `dropout(LN(word[id] + token_type[tt] + position[t]))`. Provided as
+    #[allow(clippy::too_many_arguments)] // the ids, the three tables and how positions are read
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: Positions) -> Result<Tensor>;
+    /// The embeddings block: `dropout(LN(word[id] + token_type[tt] + position[p]))`. Provided as
     /// `embedding` then `residual_layernorm_dropout`; a device backend fuses them in one kernel.
-    #[allow(clippy::too_many_arguments)] // `embedding`'s tables plus the LayerNorm and dropout
-    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        let emb = self.embedding(input_ids, token_type_ids, word, position, token_type)?;
+    #[allow(clippy::too_many_arguments)] // `embedding`'s arguments plus the LayerNorm and dropout
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: Positions, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        let emb = self.embedding(input_ids, token_type_ids, word, position, token_type, positions)?;
         self.residual_layernorm_dropout(&emb, None, ln.gamma, ln.beta, ln.eps, dropout)
     }
 

@@ -10,7 +10,7 @@
 //!
 //! let backend = Arc::new(CpuBackend::fast());
 //! let (mut model, _report) = BertModel::from_dir("models/all-MiniLM-L6-v2", backend.clone(), LoadOptions::default())?;
-//! let tokenizer = BertTokenizer::from_file("models/all-MiniLM-L6-v2/tokenizer.json", model.config().max_position_embeddings)?;
+//! let tokenizer = BertTokenizer::from_file("models/all-MiniLM-L6-v2/tokenizer.json", model.config().max_seq_len())?;
 //! let batch = tokenizer.encode_batch(&["Adapters are small.".to_string()], model.config())?;
 //!
 //! // The seed workflow: two adapters on one BERT, run together, trained one at a time.
@@ -43,7 +43,7 @@ pub mod train;
 
 pub use backend::{Activation, Backend, TokenBatch};
 pub use backends::backend_for;
-pub use config::{AdapterConfig, BertConfig, HiddenAct, Location};
+pub use config::{AdapterConfig, BertConfig, HiddenAct, Location, ModelType, Positions};
 pub use cpu::{CpuBackend, CpuMode};
 pub use device::Device;
 pub use error::{Error, Result};

@@ -103,8 +103,8 @@ impl Backend for ProfiledBackend {
         self.inner.supports_training()
     }
 
-    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: crate::backend::LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        self.time("embedding_layernorm", || self.inner.embedding_layernorm(input_ids, token_type_ids, word, position, token_type, ln, dropout))
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: crate::backend::Positions, ln: crate::backend::LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        self.time("embedding_layernorm", || self.inner.embedding_layernorm(input_ids, token_type_ids, word, position, token_type, positions, ln, dropout))
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -155,8 +155,8 @@ impl Backend for ProfiledBackend {
         self.time("linear_backward_input_act", || self.inner.linear_backward_input_act(dy, w, pre, act))
     }
 
-    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
-        self.time("embedding", || self.inner.embedding(input_ids, token_type_ids, word, position, token_type))
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: crate::backend::Positions) -> Result<Tensor> {
+        self.time("embedding", || self.inner.embedding(input_ids, token_type_ids, word, position, token_type, positions))
     }
 
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {

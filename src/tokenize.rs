@@ -1,5 +1,7 @@
-//! Tokenization with HF `tokenizers` from a `tokenizer.json`: special tokens, padding to the
-//! longest text of the batch, truncation to the model's `max_position_embeddings`.
+//! Tokenization with HF `tokenizers` from a `tokenizer.json` (BERT's WordPiece, RoBERTa's
+//! byte-level BPE, XLM-R's Unigram: whatever the file describes): special tokens, padding to the
+//! longest text of the batch, truncation to the model's `max_seq_len()` (`max_position_embeddings`,
+//! less RoBERTa's position offset).
 
 use std::path::{Path, PathBuf};
 
@@ -44,8 +46,10 @@ pub fn bucket_len(longest: usize, max_len: usize, bucket: usize) -> usize {
 }
 
 impl BertTokenizer {
-    /// Load `tokenizer.json` and set padding (longest, the file's pad token or `[PAD]`) and
-    /// truncation (`max_len` tokens including specials).
+    /// Load `tokenizer.json` and set padding (longest; the file's pad token, else the vocabulary's
+    /// `[PAD]` (BERT) or `<pad>` (RoBERTa, XLM-R: HF's tokenizer files leave `padding` null and
+    /// `RobertaTokenizerFast` pads with `<pad>`), else id 0) and truncation (`max_len` tokens
+    /// including specials).
     pub fn from_file(path: impl AsRef<Path>, max_len: usize) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if !path.is_file() {
@@ -54,10 +58,10 @@ impl BertTokenizer {
         let tok_err = |msg: String| Error::Tokenizer { path: path.clone(), msg };
         let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(format!("cannot load: {e}")))?;
         let mut padding = inner.get_padding().cloned().unwrap_or_else(|| {
-            let (pad_id, pad_token) = match inner.token_to_id("[PAD]") {
-                Some(id) => (id, "[PAD]".to_string()),
-                None => (0, "[PAD]".to_string()),
-            };
+            let (pad_id, pad_token) = ["[PAD]", "<pad>"]
+                .iter()
+                .find_map(|t| inner.token_to_id(t).map(|id| (id, t.to_string())))
+                .unwrap_or((0, "[PAD]".to_string()));
             PaddingParams { pad_id, pad_token, ..Default::default() }
         });
         padding.strategy = PaddingStrategy::BatchLongest;
@@ -89,7 +93,7 @@ impl BertTokenizer {
     /// `bucket`), capped at `max_len()` and the model's positions: what `train` feeds its steps.
     pub fn encode_batch_bucketed(&self, texts: &[impl AsRef<str>], cfg: &BertConfig, bucket: usize) -> Result<InputBatch> {
         let b = self.encode_batch(texts, cfg)?;
-        let seq_len = bucket_len(b.seq_len, self.max_len().min(cfg.max_position_embeddings), bucket);
+        let seq_len = bucket_len(b.seq_len, self.max_len().min(cfg.max_seq_len()), bucket);
         self.pad_to(b, cfg, seq_len)
     }
 

@@ -448,7 +448,7 @@ fn strict_loads_name_what_does_not_fit() {
         ),
         (edited_config("houlsby", |c| c["config"]["reduction_factor"] = 0.001.into()), vec!["bottleneck of 48000", "more than 64×"]),
         (edited_config("houlsby", |c| c["config"]["mh_adapter"] = false.into()), vec!["attention.output.adapters.houlsby", "unexpected"]),
-        (edited_config("houlsby", |c| c["model_type"] = "roberta".into()), vec!["model_type", "roberta"]),
+        (edited_config("houlsby", |c| c["model_type"] = "t5".into()), vec!["model_type", "`t5` is not supported"]),
         (edited_config("houlsby", |c| c["name"] = "a.b".into()), vec![CONFIG_FILE, "field `name`", "contains '.'"]),
         (edited_config("houlsby", |c| drop(c.remove("config"))), vec!["field `config`: missing"]),
         (edited_config("houlsby", |c| c["config"]["scaling"] = 1.into()), vec!["config.scaling", "unknown scaling type 1"]),

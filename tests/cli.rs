@@ -564,3 +564,144 @@ fn the_test_summary_counts_skipped_tests_as_skipped() {
     assert_eq!(summary(&cargo.replace("1 failed; 2 ignored", "0 failed; 0 ignored"), ""), "15 passed, 0 failed, 0 skipped\n");
     assert!(summary("error[E0425]: cannot find value\n", "").starts_with("no test results"));
 }
+
+// ---- RoBERTa (issue 17) ---------------------------------------------------------------------------
+
+fn roberta() -> PathBuf {
+    fixtures().join("tiny_roberta")
+}
+
+/// `run --text` on the tiny RoBERTa (its byte-level BPE tokenizer.json, padding null): the ids
+/// HF's RobertaTokenizerFast gives (pad id 1), and PyTorch's outputs; with an adapter pair in
+/// Parallel (a +inv first child), the library's outputs; on the CPU and on cuda-sim.
+#[test]
+fn run_on_roberta_matches_hf_ids_and_the_library() {
+    let mut devices: Vec<&[&str]> = vec![&["--device", "cpu"]];
+    if cfg!(feature = "cuda-sim") {
+        devices.push(&["--device", "cuda-sim"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let model = roberta();
+    let text = model.join("sentences.txt");
+    let want = TensorFile::open(model.join("expected_text.safetensors")).unwrap();
+    for device in devices {
+        let args: Vec<&str> = ["--model", s(&model), "--text", s(&text), "--out", s(&out)].iter().chain(device).copied().collect();
+        let (ok, _, stderr) = run(&args);
+        assert!(ok, "{device:?}: {stderr}");
+        let got = TensorFile::open(&out).unwrap();
+        for name in ["input_ids", "attention_mask"] {
+            assert_eq!(got.read_i64(name).unwrap(), want.read_i64(name).unwrap(), "{device:?} {name}");
+        }
+        for name in ["last_hidden_state", "pooler_output"] {
+            assert_close(&format!("{device:?} {name}"), &read_f32(&got, name).0, &read_f32(&want, name).0, 1e-5);
+        }
+
+        let inputs = model.join("inputs.safetensors");
+        let (a, b) = (model.join("adapters/pfeiffer_inv"), model.join("adapters/pfeiffer"));
+        let args: Vec<&str> = ["--model", s(&model), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&a), "--adapter", s(&b), "--parallel", "pfeiffer_inv,pfeiffer"]
+            .iter()
+            .chain(device)
+            .copied()
+            .collect();
+        let (ok, _, stderr) = run(&args);
+        assert!(ok, "{device:?}: {stderr}");
+        let got = TensorFile::open(&out).unwrap();
+        let want = TensorFile::open(model.join("expected_parallel_pfeiffer_inv__pfeiffer.safetensors")).unwrap();
+        for name in want.names() {
+            assert_close(&format!("{device:?} parallel {name}"), &read_f32(&got, &name).0, &read_f32(&want, &name).0, 1e-5);
+        }
+    }
+}
+
+/// 33 tokens fit max_position_embeddings 34 but not RoBERTa's positions, which start at
+/// padding_idx + 1 = 2: one line naming the field and the limit.
+#[test]
+fn roberta_inputs_past_the_position_offset_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<i64> = std::iter::once(0).chain(std::iter::repeat_n(7, 30)).chain([2, 1]).collect();
+    let p = dir.path().join("ids.safetensors");
+    write_raw_safetensors(&p, &[("input_ids".to_string(), Dtype::I64, vec![1, 33], i64_bytes(&ids))]);
+    let out = dir.path().join("out.safetensors");
+    expect_failure(
+        &["--model", s(&roberta()), "--inputs", s(&p), "--out", s(&out)],
+        &["tensor `input_ids`", "sequence length 33 does not fit max_position_embeddings 34", "at most 32 tokens"],
+    );
+}
+
+/// `train` end to end on the tiny RoBERTa with its byte-level BPE (tests/fixtures/train's
+/// reviews): the files of a run, saved as the library saves for a RobertaModel /
+/// RobertaAdapterModel, and `predict` reads them back; a `--max-len` past the offset positions
+/// is one line naming max_position_embeddings.
+#[test]
+fn train_and_predict_run_on_roberta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let data = fixtures().join("train/reviews.csv");
+    let train = |out: &Path, max_len: &str| {
+        bin()
+            .arg("train")
+            .args(["--model", s(&roberta()), "--data", s(&data), "--out", s(out)])
+            .args(["--batch-size", "16", "--max-len", max_len, "--lr", "0.02", "--alternate", "4", "--eval-every", "8", "--steps", "16", "--device", "cpu", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    let done = train(&out, "24");
+    let (stdout, stderr) = (String::from_utf8_lossy(&done.stdout), String::from_utf8_lossy(&done.stderr));
+    assert!(done.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("step 16/16: validation accuracy") && stdout.contains("test: accuracy"), "{stdout}");
+    for name in ["scorenn", "tasknn"] {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(name).join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!((config["model_class"].as_str(), config["model_type"].as_str()), (Some("RobertaModel"), Some("roberta")), "{name}");
+        let head: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(name).join("head_config.json")).unwrap()).unwrap();
+        assert_eq!((head["model_class"].as_str(), head["model_type"].as_str()), (Some("RobertaAdapterModel"), Some("roberta")), "{name}");
+    }
+    let rows = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 1 + 3, "header, validation at 8 and 16, test: {rows}");
+    assert!(!rows.contains("NaN") && !rows.contains("inf"), "{rows}");
+
+    let texts = tmp.path().join("texts.txt");
+    std::fs::write(&texts, "a good film, really\nawful!\nZoë's café\n").unwrap();
+    let predicted = bin().arg("predict").args(["--model", s(&roberta()), "--adapter", s(&out.join("tasknn")), "--text", s(&texts), "--device", "cpu"]).output().unwrap();
+    assert!(predicted.status.success(), "{}", String::from_utf8_lossy(&predicted.stderr));
+    let labels: Vec<String> = String::from_utf8_lossy(&predicted.stdout).lines().map(str::to_string).collect();
+    assert_eq!(labels.len(), 3);
+    assert!(labels.iter().all(|l| ["negative", "neutral", "positive"].contains(&l.as_str())), "{labels:?}");
+
+    let refused = train(&tmp.path().join("long"), "33");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--max-len 33 exceeds the model's max_position_embeddings 34 less roberta's position offset 2 (32 tokens)"), "{err}");
+}
+
+/// `adapter convert` of the RobertaAdapterModel save (`roberta.` keys, with its head), with and
+/// without `--model`: the same files, the adapter_config.json the library writes from a bare
+/// RobertaModel for this adapter byte for byte, and the library's outputs when loaded back.
+#[test]
+fn adapter_convert_on_roberta_keeps_the_model_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = roberta().join("adapters/flex_pfeiffer_inv");
+    let (with_model, alone) = (tmp.path().join("with_model"), tmp.path().join("alone"));
+    for (out, extra) in [(&with_model, vec!["--model", s(&roberta())]), (&alone, vec![])] {
+        let o = bin().args(["adapter", "convert"]).arg(&src).arg(out).args(&extra).output().unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    for f in ["adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors"] {
+        assert_eq!(std::fs::read(with_model.join(f)).unwrap(), std::fs::read(alone.join(f)).unwrap(), "{f}");
+    }
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(read(alone.join("adapter_config.json")), read(roberta().join("adapters/pfeiffer_inv/adapter_config.json")));
+    assert_eq!(read(alone.join("head_config.json")), read(src.join("head_config.json")));
+    let keys = TensorFile::open(alone.join("adapter.safetensors")).unwrap().names();
+    assert!(!keys.is_empty() && keys.iter().all(|k| !k.starts_with("roberta.")), "{keys:?}");
+
+    let out = tmp.path().join("out.safetensors");
+    let inputs = roberta().join("inputs.safetensors");
+    let (ok, _, stderr) = run(&["--model", s(&roberta()), "--inputs", s(&inputs), "--out", s(&out), "--adapter", s(&alone), "--active", "pfeiffer_inv"]);
+    assert!(ok, "{stderr}");
+    let (got, want) = (TensorFile::open(&out).unwrap(), TensorFile::open(roberta().join("expected_pfeiffer_inv.safetensors")).unwrap());
+    for name in want.names() {
+        assert_close(&format!("converted {name}"), &read_f32(&got, &name).0, &read_f32(&want, &name).0, 1e-5);
+    }
+}

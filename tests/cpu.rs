@@ -163,15 +163,36 @@ fn embedding_matches_reference_and_rejects_bad_ids() {
     let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 % vocab) as u32).collect();
     let tts: Vec<u32> = (0..2 * 9).map(|i| (i % types) as u32).collect();
     let (id_t, tt_t) = (Tensor::from_elems(ids.clone(), &[2, 9]).unwrap(), Tensor::from_elems(tts.clone(), &[2, 9]).unwrap());
-    let a = fast.embedding(&id_t, &tt_t, &word, &pos, &ty).unwrap();
-    compare("embedding", &a, &reference.embedding(&id_t, &tt_t, &word, &pos, &ty).unwrap());
+    let seq = bert_adapters::Positions::Sequential;
+    let a = fast.embedding(&id_t, &tt_t, &word, &pos, &ty, seq).unwrap();
+    compare("embedding", &a, &reference.embedding(&id_t, &tt_t, &word, &pos, &ty, seq).unwrap());
     // Row 1 (b=0, t=1) is word[7] + type[1] + pos[1].
     let (w, p, tt) = (&word.cpu_data().unwrap(), &pos.cpu_data().unwrap(), &ty.cpu_data().unwrap());
     assert_eq!(a.cpu_data().unwrap()[hidden], (w[7 * hidden] + tt[hidden]) + p[hidden]);
 
     let bad: Vec<u32> = ids.iter().map(|&i| if i == 7 { vocab as u32 } else { i }).collect();
-    let err = fast.embedding(&Tensor::from_elems(bad, &[2, 9]).unwrap(), &tt_t, &word, &pos, &ty).unwrap_err().to_string();
+    let err = fast.embedding(&Tensor::from_elems(bad, &[2, 9]).unwrap(), &tt_t, &word, &pos, &ty, seq).unwrap_err().to_string();
     assert!(err.contains("token id 50 >= vocabulary size 50"), "{err}");
+
+    // RoBERTa's positions (padding_idx 1), by hand for sequence 0 = [3, 1, 5, 1, 1, 6, 7, 1, 8]:
+    // pads read row 1, the others 2, 3, 4, ... counting only non-pad ids.
+    let roberta = bert_adapters::Positions::FromIds { padding_idx: 1 };
+    let ids: Vec<u32> = [3, 1, 5, 1, 1, 6, 7, 1, 8].iter().chain(&[9, 10, 11, 12, 13, 14, 1, 1, 1]).copied().collect();
+    let want_pos: [u32; 18] = [2, 1, 3, 1, 1, 4, 5, 1, 6, 2, 3, 4, 5, 6, 7, 1, 1, 1];
+    assert_eq!(roberta.position_ids(&ids, 9), want_pos);
+    let id_t = Tensor::from_elems(ids.clone(), &[2, 9]).unwrap();
+    let a = fast.embedding(&id_t, &tt_t, &word, &pos, &ty, roberta).unwrap();
+    compare("embedding (roberta positions)", &a, &reference.embedding(&id_t, &tt_t, &word, &pos, &ty, roberta).unwrap());
+    let a = a.cpu_data().unwrap();
+    for (row, &at) in want_pos.iter().enumerate() {
+        let (id, ty_id) = (ids[row] as usize, tts[row] as usize);
+        let want: Vec<f32> = (0..hidden).map(|h| (w[id * hidden + h] + tt[ty_id * hidden + h]) + p[at as usize * hidden + h]).collect();
+        assert_eq!(&a[row * hidden..(row + 1) * hidden], want.as_slice(), "row {row} reads position {at}");
+    }
+    // 9 tokens need 1 + 1 + 9 = 11 rows: a 10-row table is a shape error, not a panic.
+    let short = t(&mut rng, &[10, hidden], 1.0);
+    let err = fast.embedding(&id_t, &tt_t, &word, &short, &ty, roberta).unwrap_err().to_string();
+    assert!(err.contains("needs 11 position rows") && err.contains("the table has 10"), "{err}");
 }
 
 #[test]

@@ -192,7 +192,7 @@ fn bf16_embeddings_match_the_cpu(gpu: &Gpu) {
             let (w, p, t) = (bf16_on(be, &word, &[vocab, hidden]), bf16_on(be, &pos, &[positions, hidden]), bf16_on(be, &tt, &[types, hidden]));
             let (g, b) = (bf16_on(be, &gamma, &[hidden]), bf16_on(be, &beta, &[hidden]));
             let ln = LayerNormParams { gamma: &g, beta: &b, eps: 1e-12 };
-            be.to_host(&be.embedding_layernorm(&it, &tyt, &w, &p, &t, ln, None).unwrap()).unwrap()
+            be.to_host(&be.embedding_layernorm(&it, &tyt, &w, &p, &t, bert_adapters::Positions::Sequential, ln, None).unwrap()).unwrap()
         };
         assert_close(&format!("{} B={batch} T={seq_len} H={hidden} bf16 embedding_layernorm", gpu.describe()), &on(&be), &on(&cpu));
     }

@@ -143,8 +143,9 @@ fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32
 fn plain_embedding(c: &EmbCase) -> Vec<f32> {
     let h = c.hidden;
     let mut z = Vec::with_capacity(c.ids.len() * h);
-    for (row, (&id, &tt)) in c.ids.iter().zip(&c.types).enumerate() {
-        let t = row % c.seq_len;
+    let positions = c.positions.position_ids(&c.ids, c.seq_len);
+    for ((&id, &tt), &t) in c.ids.iter().zip(&c.types).zip(&positions) {
+        let t = t as usize;
         z.extend((0..h).map(|k| rule::round(rule::round(c.word[id as usize * h + k] + c.token_type[tt as usize * h + k]) + c.position[t * h + k])));
     }
     plain_layernorm(&z, &c.gamma, &c.beta, h, BERT_EPS)
@@ -181,6 +182,7 @@ fn run_embedding<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, c: &EmbCase, sta
             batch: c.batch,
             seq_len: c.seq_len,
             hidden: c.hidden,
+            positions: c.positions,
             eps: BERT_EPS,
         };
         let mut out = EmbeddingOutputs { y: y.view_mut(), mean: mean.as_mut().map(|m| m.view_mut()), rstd: rstd.as_mut().map(|r| r.view_mut()), error_flag: flag.view_mut() };
@@ -202,10 +204,16 @@ fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
     shapes.push((2, 3, 1100, None));
     shapes.push((1, 7, 384, Some(LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false })));
     shapes.push((2, 3, 1100, Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: false })));
+    // RoBERTa's positions (counted from the ids by the kernel), warp and block teams.
+    let roberta_from = shapes.len();
+    shapes.push((3, 11, 48, None));
+    shapes.push((2, 3, 1100, Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: false })));
     for (k, (batch, seq_len, hidden, plan)) in shapes.into_iter().enumerate() {
         let stats = k % 3 != 1; // mean and rstd left out in some cases
-        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} {plan:?}", gpu.describe());
+        let roberta = k >= roberta_from;
+        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} roberta={roberta} {plan:?}", gpu.describe());
         let c = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
+        let c = if roberta { c.with_roberta_positions(&[0, 4, 9]) } else { c };
         let got = run_embedding(gpu, &c, stats, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
         got.flag.as_ref().unwrap_or_else(|e| panic!("{label}: flag: {e}"));
         let f32_kernel = run_embedding(gpu, &c, stats, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
@@ -557,7 +565,7 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
     let (ids, table) = (up(gpu, &[0u32; 3]), up(gpu, &vec![0.5f32; 40 * 16]));
     let mut y = nan16(gpu, 3 * 40);
     let mut flag = new_error_flag(gpu).unwrap();
-    let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, eps: 1e-5 };
+    let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, positions: bert_adapters::Positions::Sequential, eps: 1e-5 };
     let mut out = EmbeddingOutputs { y: y.view_mut(), mean: None, rstd: None, error_flag: flag.view_mut() };
     expect_err("bf16 y, f32 tables", embedding_layernorm_forward(gpu, &inputs, &mut out), |e| matches!(e, Error::Unsupported(_)));
     assert!(down(gpu, &y).iter().all(|v| v.is_nan()), "a refused embedding wrote y");

@@ -159,7 +159,7 @@ fn fused_ops_match_the_cpu(gpu: &Gpu) {
         let ln = LayerNormParams { gamma: &gamma, beta: &beta, eps: 1e-12 };
         let i = be.upload_u32(ids.clone(), &[batch, seq]).unwrap();
         let t = be.upload_u32(types.clone(), &[batch, seq]).unwrap();
-        let y = be.embedding_layernorm(&i, &t, &up(be, &word, &[vocab, hid]), &up(be, &pos, &[seq, hid]), &up(be, &tt, &[2, hid]), ln, Some(s)).unwrap();
+        let y = be.embedding_layernorm(&i, &t, &up(be, &word, &[vocab, hid]), &up(be, &pos, &[seq, hid]), &up(be, &tt, &[2, hid]), bert_adapters::Positions::Sequential, ln, Some(s)).unwrap();
         be.to_host(&y).unwrap()
     };
     assert_same_mask_close("embedding_layernorm", &run(&be, &s), &run(&cpu, &s));

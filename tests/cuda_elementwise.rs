@@ -131,6 +131,7 @@ fn run_embedding(gpu: &Gpu, c: &EmbeddingCase, stats: bool, plan: Option<LayerNo
         batch: c.batch,
         seq_len: c.seq_len,
         hidden: c.hidden,
+        positions: c.positions,
         eps: BERT_EPS,
     };
     {
@@ -225,6 +226,37 @@ fn out_of_range_ids_are_reported_with_their_position(gpu: &Gpu) {
 }
 test_device!(bad_token_ids, out_of_range_ids_are_reported_with_their_position);
 
+/// RoBERTa's positions (`Positions::FromIds`, padding_idx 1), counted by the kernel from the ids:
+/// trailing pads, a pad id inside each longer sequence, one sequence without padding, on every
+/// launch plan (a team of one warp, of several warps, with and without the row cache).
+fn roberta_positions_match_reference(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x0017_0be7);
+    // 11 tokens need 1 + 1 + 11 = 13 of the 16 position rows.
+    let case = EmbeddingCase::random(&mut rng, 3, 11, 48, uniform).with_roberta_positions(&[0, 4, 9]);
+    assert!(case.ids.iter().filter(|&&id| id == 1).count() >= 13 + 2, "the case has pads");
+    let want = case.reference();
+    // The positions matter: read as BERT's 0..T, the same ids give another output.
+    let bert = EmbeddingCase { positions: bert_adapters::Positions::Sequential, ..case.clone() }.reference();
+    assert!(want.y.iter().zip(&bert.y).any(|(a, b)| (a - b).abs() > 1e-2));
+    let mut worst = 0f32;
+    for plan in [
+        None,
+        Some(LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false }),
+        Some(LayerNormPlan { threads_per_row: 64, rows_per_block: 1, cache_row: true }),
+        Some(LayerNormPlan { threads_per_row: 96, rows_per_block: 1, cache_row: false }),
+    ] {
+        let got = run_embedding(gpu, &case, true, plan);
+        got.flag.unwrap();
+        let label = format!("{} roberta positions {plan:?}", gpu.describe());
+        worst = worst.max(assert_close(&format!("{label} y"), &got.y, &want.y));
+        assert_close(&format!("{label} mean"), got.mean.as_deref().unwrap(), &want.mean);
+        assert_close(&format!("{label} rstd"), got.rstd.as_deref().unwrap(), &want.rstd);
+    }
+    // (A table too short for padding_idx + 1 + seq_len rows: src/cuda/embedding.rs's unit tests.)
+    report_line(&format!("embedding with roberta positions on {}: worst max|err|/tol = {worst:.3}", gpu.describe()));
+}
+test_device!(embedding_roberta_positions, roberta_positions_match_reference);
+
 fn embedding_size_errors(gpu: &Gpu) {
     let (batch, seq_len, hidden) = (2, 5, 8);
     let n = batch * seq_len;
@@ -244,6 +276,7 @@ fn embedding_size_errors(gpu: &Gpu) {
         batch,
         seq_len,
         hidden,
+        positions: bert_adapters::Positions::Sequential,
         eps: 1e-12,
     };
     let bad_inputs = [

@@ -16,7 +16,7 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("adapter_config.json");
     let Ok(cfg) = parse_adapter_config(data, path) else { return };
-    let written = adapter_config_json(&cfg.name, &cfg.config, cfg.hidden_size.unwrap_or(48), &cfg.model_name);
+    let written = adapter_config_json(&cfg.name, &cfg.config, cfg.hidden_size.unwrap_or(48), &cfg.model_name, cfg.model_type.unwrap_or_default());
     let back = parse_adapter_config(written.as_bytes(), path).expect("our own config file parses");
     assert_eq!(back.config, cfg.config, "{written}");
     assert_eq!((back.name.as_str(), back.model_name.as_str()), (cfg.name.as_str(), cfg.model_name.as_str()));

@@ -1,4 +1,5 @@
-//! `BertConfig`, read from a Hugging Face `config.json` and validated.
+//! `BertConfig`, read from a Hugging Face `config.json` and validated: BERT, and RoBERTa / XLM-R
+//! (`model_type` `roberta` / `xlm-roberta`: the same encoder, positions counted from the ids).
 
 use std::path::Path;
 
@@ -27,6 +28,119 @@ impl HiddenAct {
     }
 }
 
+/// The architectures a `config.json` may name in `model_type`. RoBERTa and XLM-R are BERT's
+/// encoder with other embeddings positions (see [`Positions`]), other defaults and a `roberta.`
+/// weight prefix; XLM-R differs from RoBERTa only in its tokenizer (transformers 4.57.6
+/// `XLMRobertaModel` is `RobertaModel`'s code).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModelType {
+    #[default]
+    Bert,
+    Roberta,
+    XlmRoberta,
+}
+
+impl ModelType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bert" => Some(ModelType::Bert),
+            "roberta" => Some(ModelType::Roberta),
+            "xlm-roberta" => Some(ModelType::XlmRoberta),
+            _ => None,
+        }
+    }
+
+    /// The `model_type` string HF and the adapters library write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Bert => "bert",
+            ModelType::Roberta => "roberta",
+            ModelType::XlmRoberta => "xlm-roberta",
+        }
+    }
+
+    /// HF's `base_model_prefix`: the prefix of the base model's keys in a task checkpoint
+    /// (`BertFor*`, `RobertaFor*`) or an adapter saved from a model with heads.
+    pub fn weight_prefix(self) -> &'static str {
+        match self {
+            ModelType::Bert => "bert.",
+            ModelType::Roberta | ModelType::XlmRoberta => "roberta.",
+        }
+    }
+
+    /// The Python class of the bare model (`model_class` of a saved `adapter_config.json`).
+    pub fn model_class(self) -> &'static str {
+        match self {
+            ModelType::Bert => "BertModel",
+            ModelType::Roberta => "RobertaModel",
+            ModelType::XlmRoberta => "XLMRobertaModel",
+        }
+    }
+
+    /// The Python class with flexible heads (`model_class` of a saved `head_config.json`).
+    pub fn adapter_model_class(self) -> &'static str {
+        match self {
+            ModelType::Bert => "BertAdapterModel",
+            ModelType::Roberta => "RobertaAdapterModel",
+            ModelType::XlmRoberta => "XLMRobertaAdapterModel",
+        }
+    }
+
+    fn is_roberta(self) -> bool {
+        matches!(self, ModelType::Roberta | ModelType::XlmRoberta)
+    }
+}
+
+impl std::fmt::Display for ModelType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which row of the position-embedding table each token reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// BERT: token `t` of a sequence reads row `t`.
+    #[default]
+    Sequential,
+    /// RoBERTa and XLM-R (HF `create_position_ids_from_input_ids`): a token whose id is
+    /// `padding_idx` reads row `padding_idx`; any other token reads `padding_idx + k`, where `k`
+    /// counts the sequence's non-pad tokens up to and including it. So the ids decide, not the
+    /// attention mask: a pad id inside a sequence moves the positions after it.
+    FromIds { padding_idx: u32 },
+}
+
+impl Positions {
+    /// How many position rows a sequence of `seq_len` tokens may read (the largest row is one less).
+    pub fn rows_needed(self, seq_len: usize) -> usize {
+        match self {
+            Positions::Sequential => seq_len,
+            Positions::FromIds { padding_idx } => (padding_idx as usize).saturating_add(1).saturating_add(seq_len),
+        }
+    }
+
+    /// The position row of every token of `ids` (`[batch·seq_len]`, row-major).
+    pub fn position_ids(self, ids: &[u32], seq_len: usize) -> Vec<u32> {
+        let seq_len = seq_len.max(1);
+        match self {
+            Positions::Sequential => (0..ids.len()).map(|i| (i % seq_len) as u32).collect(),
+            Positions::FromIds { padding_idx } => ids
+                .chunks(seq_len)
+                .flat_map(|row| {
+                    row.iter().scan(0u32, move |count, &id| {
+                        if id == padding_idx {
+                            Some(padding_idx)
+                        } else {
+                            *count += 1;
+                            Some(padding_idx + *count)
+                        }
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The subset of HF's `BertConfig` that changes the math, after validation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BertConfig {
@@ -42,6 +156,8 @@ pub struct BertConfig {
     pub type_vocab_size: usize,
     pub layer_norm_eps: f32,
     pub pad_token_id: usize,
+    /// `bert` (also when `config.json` names none), `roberta` or `xlm-roberta`.
+    pub model_type: ModelType,
 }
 
 /// Upper bounds on the sizes a `config.json` may declare. They are generous (each is far above any
@@ -107,11 +223,11 @@ impl BertConfig {
                 None => Err(Error::config(path, field, "missing")),
             }
         };
-        if let Some(t) = &raw.model_type {
-            if t != "bert" {
-                return Err(Error::config(path, "model_type", format!("`{t}` is not supported (only `bert`)")));
-            }
-        }
+        let model_type = match &raw.model_type {
+            None => ModelType::Bert,
+            Some(t) => ModelType::parse(t)
+                .ok_or_else(|| Error::config(path, "model_type", format!("`{t}` is not supported (only `bert`, `roberta` and `xlm-roberta`)")))?,
+        };
         let hidden_size = need(raw.hidden_size, "hidden_size", limits::MAX_HIDDEN)?;
         let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads", usize::MAX)?;
         if num_attention_heads > hidden_size {
@@ -162,7 +278,8 @@ impl BertConfig {
             return Err(Error::config(path, "layer_norm_eps", format!("{layer_norm_eps} must be a finite number >= 0")));
         }
         let vocab_size = need(raw.vocab_size, "vocab_size", limits::MAX_VOCAB)?;
-        let pad_token_id = raw.pad_token_id.unwrap_or(0);
+        // HF's defaults: BertConfig pads with 0, RobertaConfig (and XLMRobertaConfig) with 1.
+        let pad_token_id = raw.pad_token_id.unwrap_or(if model_type.is_roberta() { 1 } else { 0 });
         if pad_token_id >= vocab_size {
             return Err(Error::config(path, "pad_token_id", format!("{pad_token_id} >= vocab_size {vocab_size}")));
         }
@@ -179,7 +296,20 @@ impl BertConfig {
             type_vocab_size: need(raw.type_vocab_size.or(Some(2)), "type_vocab_size", limits::MAX_TYPE_VOCAB)?,
             layer_norm_eps,
             pad_token_id,
+            model_type,
         };
+        // RoBERTa's positions start after padding_idx: the table must hold at least one more row.
+        if model_type.is_roberta() && config.max_seq_len() == 0 {
+            return Err(Error::config(
+                path,
+                "max_position_embeddings",
+                format!(
+                    "{} leaves no position for a token: {model_type} positions start at pad_token_id + 1 = {}, so it must be more than that",
+                    config.max_position_embeddings,
+                    pad_token_id as u64 + 1
+                ),
+            ));
+        }
         // Within the bounds this fits in 64 bits (5.3e13 at most); a 32-bit usize can overflow.
         if config.num_parameters().is_none() {
             return Err(Error::config(
@@ -192,6 +322,39 @@ impl BertConfig {
             ));
         }
         Ok(config)
+    }
+
+    /// Which position row each token reads: [`Positions::FromIds`] with `padding_idx =
+    /// pad_token_id` for RoBERTa and XLM-R, [`Positions::Sequential`] for BERT.
+    pub fn positions(&self) -> Positions {
+        match self.model_type {
+            ModelType::Bert => Positions::Sequential,
+            // pad_token_id < vocab_size <= MAX_VOCAB, so it fits.
+            ModelType::Roberta | ModelType::XlmRoberta => Positions::FromIds { padding_idx: self.pad_token_id as u32 },
+        }
+    }
+
+    /// The longest sequence the position table serves, special tokens included:
+    /// `max_position_embeddings` for BERT, `max_position_embeddings − pad_token_id − 1` for
+    /// RoBERTa / XLM-R (514 − 2 = 512 for roberta-base), 0 when none fits.
+    pub fn max_seq_len(&self) -> usize {
+        let offset = self.positions().rows_needed(0);
+        self.max_position_embeddings.saturating_sub(offset)
+    }
+
+    /// What bounds the sequence length, for messages: `max_position_embeddings 40` for BERT,
+    /// `max_position_embeddings 34 less roberta's position offset 2 (32 tokens)` for RoBERTa.
+    pub fn max_seq_len_source(&self) -> String {
+        match self.positions() {
+            Positions::Sequential => format!("max_position_embeddings {}", self.max_position_embeddings),
+            Positions::FromIds { .. } => format!(
+                "max_position_embeddings {} less {}'s position offset {} ({} tokens)",
+                self.max_position_embeddings,
+                self.model_type,
+                self.positions().rows_needed(0),
+                self.max_seq_len()
+            ),
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -292,7 +455,7 @@ mod tests {
             ("num_attention_heads", "5", "hidden_size", "not divisible"),
             ("hidden_act", "\"swish\"", "hidden_act", "`swish` is not supported"),
             ("position_embedding_type", "\"relative_key\"", "position_embedding_type", "absolute"),
-            ("model_type", "\"roberta\"", "model_type", "roberta"),
+            ("model_type", "\"deberta\"", "model_type", "`deberta` is not supported (only `bert`, `roberta` and `xlm-roberta`)"),
             ("hidden_dropout_prob", "1.5", "hidden_dropout_prob", "probability"),
             ("vocab_size", "0", "vocab_size", "positive"),
         ];

@@ -7,5 +7,5 @@ pub mod head;
 
 pub use activation::Activation;
 pub use adapter::{validate_adapter_name, AdapterConfig, InitWeights, Location, ReductionFactor, ResidualBeforeLn, Scaling};
-pub use bert::{BertConfig, HiddenAct};
+pub use bert::{BertConfig, HiddenAct, ModelType, Positions};
 pub use head::{HeadConfig, HeadConfigFile};

@@ -440,7 +440,7 @@ impl Backend for CpuBackend {
         Ok(self.linear_with(x, w, b, false, None)?.0)
     }
 
-    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: crate::backend::Positions) -> Result<Tensor> {
         let _pool = self.scope();
         const OP: &str = "embedding";
         expect_rank(OP, "input ids", input_ids, 2)?;
@@ -458,8 +458,11 @@ impl Backend for CpuBackend {
         if position.shape()[1] != hidden || token_type.shape()[1] != hidden {
             return Err(Error::shape(OP, "embedding tables of different widths".to_string()));
         }
-        if tokens.seq_len > position.shape()[0] {
-            return Err(Error::shape(OP, format!("sequence length {} > {} positions", tokens.seq_len, position.shape()[0])));
+        if positions.rows_needed(tokens.seq_len) > position.shape()[0] {
+            return Err(Error::shape(
+                OP,
+                format!("sequence length {} needs {} position rows ({positions:?}), the table has {}", tokens.seq_len, positions.rows_needed(tokens.seq_len), position.shape()[0]),
+            ));
         }
         let (vocab, types) = (word.shape()[0], token_type.shape()[0]);
         if let Some(id) = tokens.input_ids.iter().find(|&&id| id as usize >= vocab) {
@@ -470,8 +473,8 @@ impl Backend for CpuBackend {
         }
         let (w, p, t) = (&*word.f32_data()?, &*position.f32_data()?, &*token_type.f32_data()?);
         let y = match self.mode {
-            CpuMode::Reference => reference::embedding(tokens, w, p, t, hidden),
-            CpuMode::Fast => fast::embedding(tokens, w, p, t, hidden),
+            CpuMode::Reference => reference::embedding(tokens, w, p, t, hidden, positions),
+            CpuMode::Fast => fast::embedding(tokens, w, p, t, hidden, positions),
         };
         self.wrap(y, &[tokens.batch, tokens.seq_len, hidden])
     }

@@ -479,7 +479,7 @@ impl CudaBackend {
         position: &'t Tensor,
         token_type: &'t Tensor,
         ln: &LayerNormParams<'t>,
-        (batch, seq_len, hidden, eps): (usize, usize, usize, f32),
+        (batch, seq_len, hidden, eps, positions): (usize, usize, usize, f32, crate::config::Positions),
     ) -> Result<EmbeddingInputs<'t, T>> {
         const OP: &str = "embedding_layernorm";
         Ok(EmbeddingInputs {
@@ -493,6 +493,7 @@ impl CudaBackend {
             batch,
             seq_len,
             hidden,
+            positions,
             eps,
         })
     }
@@ -674,12 +675,12 @@ impl Backend for CudaBackend {
         Ok(dx)
     }
 
-    fn embedding(&self, _input_ids: &Tensor, _token_type_ids: &Tensor, _word: &Tensor, _position: &Tensor, _token_type: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, _input_ids: &Tensor, _token_type_ids: &Tensor, _word: &Tensor, _position: &Tensor, _token_type: &Tensor, _positions: crate::config::Positions) -> Result<Tensor> {
         // The device computes the embeddings only fused with their LayerNorm.
         Err(self.unsupported("embedding without its LayerNorm (use embedding_layernorm)"))
     }
 
-    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+    fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: crate::config::Positions, ln: LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "embedding_layernorm";
         let (batch, seq_len) = match input_ids.shape() {
             [b, t] => (*b, *t),
@@ -699,7 +700,7 @@ impl Backend for CudaBackend {
         let mut flag = new_error_flag(&self.gpu)?;
         {
             let ids = (self.view(OP, input_ids)?, self.view(OP, token_type_ids)?);
-            let dims = (batch, seq_len, hidden, ln.eps);
+            let dims = (batch, seq_len, hidden, ln.eps, positions);
             let error_flag = flag.view_mut();
             match (dtype, self.activations) {
                 (DType::BF16, DType::BF16) => {

@@ -1,6 +1,8 @@
 //! Launcher for `kernels/embedding.cu`: BERT's word + position + token-type gather, sum and
 //! LayerNorm in one kernel (the spec: `cpu::reference::embedding` then
-//! `cpu::reference::residual_layernorm`).
+//! `cpu::reference::residual_layernorm`). RoBERTa's positions ([`Positions::FromIds`]) are
+//! counted from the ids by the kernel itself: no position-id buffer, one `padding_idx` argument
+//! (negative for BERT's `0..seq_len`).
 //!
 //! Launch configuration: the LayerNorm's ([`LayerNormPlan::auto`], see [`super::layernorm`]):
 //! one warp per row and 8 rows per block up to 1024 columns, one block per row beyond, the row's
@@ -37,6 +39,7 @@ use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Devic
 use super::layernorm::LayerNormPlan;
 use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_BF16IO, EMBEDDING_LAYERNORM_FORWARD_F32};
 use super::registry::KernelName;
+use crate::config::Positions;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -48,9 +51,10 @@ pub const MAX_BATCH: usize = 65535;
 pub const MAX_SEQ_LEN: usize = 32768;
 
 /// The inputs. Tables are row-major `[rows, hidden]`: `word` `[vocab, hidden]`, `position`
-/// `[max_positions >= seq_len, hidden]`, `token_type` `[type_vocab, hidden]`; the vocabulary
-/// sizes are their row counts. Token `t` of sequence `b` uses position `t`. Tables, γ and β are
-/// of `T` (f32 or bf16).
+/// `[max_positions >= positions.rows_needed(seq_len), hidden]`, `token_type` `[type_vocab,
+/// hidden]`; the vocabulary sizes are their row counts. Token `t` of sequence `b` uses position
+/// `t` ([`Positions::Sequential`]) or the one its ids give ([`Positions::FromIds`]). Tables, γ and
+/// β are of `T` (f32 or bf16).
 pub struct EmbeddingInputs<'a, T = f32> {
     /// `[batch·seq_len]`, row-major `[batch, seq_len]`.
     pub input_ids: DeviceView<'a, u32>,
@@ -65,6 +69,8 @@ pub struct EmbeddingInputs<'a, T = f32> {
     pub batch: usize,
     pub seq_len: usize,
     pub hidden: usize,
+    /// Which position row each token reads.
+    pub positions: Positions,
     /// BERT's `layer_norm_eps`.
     pub eps: f32,
 }
@@ -145,6 +151,7 @@ pub struct EmbeddingSizes {
     pub mean: Option<usize>,
     pub rstd: Option<usize>,
     pub error_flag: usize,
+    pub positions: Positions,
 }
 
 /// The table row counts a valid launch reads: `(vocab, max_positions, type_vocab)`.
@@ -185,8 +192,20 @@ impl EmbeddingSizes {
             Ok(len / hidden)
         };
         let rows = TableRows { vocab: table("word", self.word)?, max_positions: table("position", self.position)?, type_vocab: table("token type", self.token_type)? };
-        if seq_len > rows.max_positions {
-            return fail(format!("seq_len {seq_len} exceeds the {} rows of the position table", rows.max_positions));
+        if let Positions::FromIds { padding_idx } = self.positions {
+            if padding_idx > i32::MAX as u32 {
+                return fail(format!("padding_idx {padding_idx} does not fit the kernel's int"));
+            }
+        }
+        let needed = self.positions.rows_needed(seq_len);
+        if needed > rows.max_positions {
+            return fail(match self.positions {
+                Positions::Sequential => format!("seq_len {seq_len} exceeds the {} rows of the position table", rows.max_positions),
+                Positions::FromIds { padding_idx } => format!(
+                    "seq_len {seq_len} with positions from padding_idx {padding_idx} needs {needed} rows, the position table has {}",
+                    rows.max_positions
+                ),
+            });
         }
         expect("gamma", self.gamma, hidden, "hidden")?;
         expect("beta", self.beta, hidden, "hidden")?;
@@ -221,6 +240,7 @@ fn launch_sizes<T: BaseScalar, A: ActivationScalar>(inputs: &EmbeddingInputs<'_,
         mean: outputs.mean.as_ref().map(|m| m.len()),
         rstd: outputs.rstd.as_ref().map(|r| r.len()),
         error_flag: outputs.error_flag.len(),
+        positions: inputs.positions,
     }
 }
 
@@ -292,12 +312,17 @@ pub fn embedding_layernorm_forward_with_plan<T: BaseScalar, A: ActivationScalar>
         KernelArg::I32(inputs.hidden as i32),
         KernelArg::U32(tables.vocab as u32),
         KernelArg::U32(tables.type_vocab as u32),
+        // Checked above to fit an int; -1 reads positions 0..seq_len.
+        KernelArg::I32(match inputs.positions {
+            Positions::Sequential => -1,
+            Positions::FromIds { padding_idx } => padding_idx as i32,
+        }),
         KernelArg::F32(inputs.eps),
         KernelArg::I32(plan.cache_row as i32),
     ];
     // SAFETY: every view was checked above against batch/seq_len/hidden and no output overlaps
     // another operand; the kernel reads table rows only below the row counts passed (bad ids read
-    // row 0), positions below seq_len <= max_positions; the plan was validated against the
+    // row 0), positions below positions.rows_needed(seq_len) <= max_positions; the plan was validated against the
     // kernel's block and shared-memory contract.
     unsafe { gpu.launch(kernel, plan.launch_config(rows, inputs.hidden), &args) }
 }
@@ -323,6 +348,7 @@ mod tests {
             mean: Some(n),
             rstd: None,
             error_flag: 1,
+            positions: Positions::Sequential,
         }
     }
 
@@ -330,6 +356,13 @@ mod tests {
     fn consistent_sizes_pass_and_give_the_table_rows() {
         assert_eq!(sizes(3, 7, 40).check(1e-12).unwrap(), TableRows { vocab: 11, max_positions: 16, type_vocab: 2 });
         assert!(sizes(0, 7, 40).check(1e-12).is_ok());
+        // RoBERTa: positions start after padding_idx, so 16 rows serve 14 tokens with padding_idx 1.
+        let roberta = |seq_len| EmbeddingSizes { positions: Positions::FromIds { padding_idx: 1 }, ..sizes(1, seq_len, 8) };
+        assert!(roberta(14).check(1e-12).is_ok());
+        let err = roberta(15).check(1e-12).unwrap_err().to_string();
+        assert!(err.contains("needs 17 rows, the position table has 16"), "{err}");
+        let huge = EmbeddingSizes { positions: Positions::FromIds { padding_idx: u32::MAX }, ..sizes(1, 1, 8) };
+        assert!(matches!(huge.check(1e-12), Err(Error::Shape { .. })));
     }
 
     #[test]

@@ -40,11 +40,8 @@ impl InputBatch {
         if batch == 0 || seq_len == 0 {
             return Err(err("input_ids", format!("shape {shape:?} is empty")));
         }
-        if seq_len > cfg.max_position_embeddings {
-            return Err(err(
-                "input_ids",
-                format!("sequence length {seq_len} exceeds max_position_embeddings {}", cfg.max_position_embeddings),
-            ));
+        if seq_len > cfg.max_seq_len() {
+            return Err(err("input_ids", too_long(seq_len, cfg)));
         }
         let at = |i: usize| format!("[{}, {}]", i / seq_len, i % seq_len);
         // `rule` completes "must be ...", e.g. "< vocab_size 120".
@@ -89,6 +86,20 @@ impl InputBatch {
 
     pub fn tokens(&self) -> TokenBatch<'_> {
         TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.input_ids, token_type_ids: &self.token_type_ids }
+    }
+}
+
+/// Why a sequence of `seq_len` tokens does not fit `cfg`'s position table, naming
+/// `max_position_embeddings` (and for RoBERTa the padding_idx offset its positions start after).
+pub(crate) fn too_long(seq_len: usize, cfg: &BertConfig) -> String {
+    match cfg.positions() {
+        crate::config::Positions::Sequential => format!("sequence length {seq_len} exceeds max_position_embeddings {}", cfg.max_position_embeddings),
+        crate::config::Positions::FromIds { padding_idx } => format!(
+            "sequence length {seq_len} does not fit max_position_embeddings {}: {} positions start at padding_idx {padding_idx} + 1, so at most {} tokens fit",
+            cfg.max_position_embeddings,
+            cfg.model_type,
+            cfg.max_seq_len()
+        ),
     }
 }
 

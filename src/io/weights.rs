@@ -1,15 +1,17 @@
 //! BERT weights from a Hugging Face `model.safetensors`, with a load report.
 //!
-//! Accepted: keys with or without the `bert.` prefix (BertModel vs. BertFor* checkpoints), the
-//! legacy `LayerNorm.gamma/beta` names, F32/F16/BF16 data. Ignored: `embeddings.position_ids`
-//! (a buffer, not a weight) and `cls.*` (pre-training heads). Strict by default: a missing or
-//! mis-shaped tensor is an error naming the key and both shapes, and so is an unexpected key.
+//! Accepted: keys with or without the model type's prefix (`bert.` for BertModel vs. BertFor*
+//! checkpoints; `roberta.` for RobertaModel / XLMRobertaModel vs. their task models), the legacy
+//! `LayerNorm.gamma/beta` names, F32/F16/BF16 data. Ignored: the buffers
+//! `embeddings.position_ids` and `embeddings.token_type_ids` (not weights), and the pre-training
+//! heads (`cls.*` of BERT, `lm_head.*` of RoBERTa). Strict by default: a missing or mis-shaped
+//! tensor is an error naming the key and both shapes, and so is an unexpected key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::backend::Backend;
-use crate::config::BertConfig;
+use crate::config::{BertConfig, ModelType};
 use crate::error::{Error, Result};
 use crate::io::tensor_file::TensorFile;
 use crate::tensor::{DType, Tensor};
@@ -30,7 +32,8 @@ impl Default for LoadOptions {
     }
 }
 
-/// What loading found, by canonical key (no `bert.` prefix, `LayerNorm.weight/bias`).
+/// What loading found, by canonical key (no `bert.` / `roberta.` prefix, `LayerNorm.weight/bias`):
+/// the same for a bare model's file and a task checkpoint of it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadReport {
     pub loaded: Vec<String>,
@@ -73,9 +76,10 @@ pub struct BertWeights {
 
 const POOLER_KEYS: [&str; 2] = ["pooler.dense.weight", "pooler.dense.bias"];
 
-/// The canonical key of a file key: no `bert.` prefix, legacy LayerNorm names renamed.
-pub fn canonical_key(key: &str) -> String {
-    let k = key.strip_prefix("bert.").unwrap_or(key);
+/// The canonical key of a file key of a `model_type` checkpoint: no `bert.` (BERT) or `roberta.`
+/// (RoBERTa, XLM-R) prefix, legacy LayerNorm names renamed.
+pub fn canonical_key(key: &str, model_type: ModelType) -> String {
+    let k = key.strip_prefix(model_type.weight_prefix()).unwrap_or(key);
     if let Some(base) = k.strip_suffix("LayerNorm.gamma") {
         format!("{base}LayerNorm.weight")
     } else if let Some(base) = k.strip_suffix("LayerNorm.beta") {
@@ -85,8 +89,12 @@ pub fn canonical_key(key: &str) -> String {
     }
 }
 
-fn is_ignored(canonical: &str) -> bool {
-    canonical == "embeddings.position_ids" || canonical.starts_with("cls.")
+fn is_ignored(canonical: &str, model_type: ModelType) -> bool {
+    let head = match model_type {
+        ModelType::Bert => "cls.",
+        ModelType::Roberta | ModelType::XlmRoberta => "lm_head.",
+    };
+    canonical == "embeddings.position_ids" || canonical == "embeddings.token_type_ids" || canonical.starts_with(head)
 }
 
 /// How many encoder layers a file's canonical keys reach: one more than the largest `N` of an
@@ -152,8 +160,8 @@ impl BertWeights {
         let mut by_canonical: BTreeMap<String, String> = BTreeMap::new();
         let mut report = LoadReport::default();
         for key in file.names() {
-            let canon = canonical_key(&key);
-            if is_ignored(&canon) {
+            let canon = canonical_key(&key, cfg.model_type);
+            if is_ignored(&canon, cfg.model_type) {
                 report.ignored.push(key);
                 continue;
             }
@@ -202,7 +210,7 @@ impl BertWeights {
         if opts.strict && !report.unexpected.is_empty() {
             let n = report.unexpected.len();
             let more = if n > 1 { format!(" (and {} more)", n - 1) } else { String::new() };
-            return Err(Error::tensor(&path, &report.unexpected[0], format!("unexpected for a BertModel with this config{more}")));
+            return Err(Error::tensor(&path, &report.unexpected[0], format!("unexpected for a {} with this config{more}", cfg.model_type.model_class())));
         }
 
         let read = |key: &str| -> Result<(Vec<f32>, Vec<usize>)> {
@@ -267,11 +275,22 @@ mod tests {
 
     #[test]
     fn canonical_keys() {
-        assert_eq!(canonical_key("bert.encoder.layer.0.output.LayerNorm.gamma"), "encoder.layer.0.output.LayerNorm.weight");
-        assert_eq!(canonical_key("embeddings.LayerNorm.beta"), "embeddings.LayerNorm.bias");
-        assert_eq!(canonical_key("pooler.dense.weight"), "pooler.dense.weight");
-        assert!(is_ignored(&canonical_key("bert.embeddings.position_ids")));
-        assert!(is_ignored("cls.predictions.bias"));
+        let bert = ModelType::Bert;
+        assert_eq!(canonical_key("bert.encoder.layer.0.output.LayerNorm.gamma", bert), "encoder.layer.0.output.LayerNorm.weight");
+        assert_eq!(canonical_key("embeddings.LayerNorm.beta", bert), "embeddings.LayerNorm.bias");
+        assert_eq!(canonical_key("pooler.dense.weight", bert), "pooler.dense.weight");
+        assert!(is_ignored(&canonical_key("bert.embeddings.position_ids", bert), bert));
+        assert!(is_ignored("cls.predictions.bias", bert));
+        // RoBERTa and XLM-R: the `roberta.` prefix, the `lm_head.` pre-training head; each model
+        // type strips only its own prefix (a `roberta.` key in a BERT file stays unexpected).
+        for t in [ModelType::Roberta, ModelType::XlmRoberta] {
+            assert_eq!(canonical_key("roberta.encoder.layer.1.attention.self.query.bias", t), "encoder.layer.1.attention.self.query.bias");
+            assert_eq!(canonical_key("bert.pooler.dense.weight", t), "bert.pooler.dense.weight");
+            assert!(is_ignored(&canonical_key("roberta.embeddings.position_ids", t), t));
+            assert!(is_ignored("lm_head.dense.weight", t) && !is_ignored("cls.predictions.bias", t));
+        }
+        assert_eq!(canonical_key("roberta.pooler.dense.weight", bert), "roberta.pooler.dense.weight");
+        assert!(!is_ignored("lm_head.bias", bert));
     }
 
     #[test]

@@ -312,11 +312,8 @@ impl BertModel {
         let be = self.backend.as_ref();
         let cfg = &self.config;
         let w = &self.weights;
-        if batch.seq_len > cfg.max_position_embeddings {
-            return Err(Error::Input(format!(
-                "sequence length {} exceeds max_position_embeddings {}",
-                batch.seq_len, cfg.max_position_embeddings
-            )));
+        if batch.seq_len > cfg.max_seq_len() {
+            return Err(Error::Input(crate::io::batch::too_long(batch.seq_len, cfg)));
         }
         let children = self.active_children()?;
         if let Some(setup) = &self.active {
@@ -327,7 +324,7 @@ impl BertModel {
         let inputs = self.input_buffers(batch)?;
         let embed_drop = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch);
         let embed_ln = LayerNormParams { gamma: &w.embeddings_ln_gamma, beta: &w.embeddings_ln_beta, eps: cfg.layer_norm_eps };
-        let mut x = be.embedding_layernorm(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings, embed_ln, embed_drop.as_ref())?;
+        let mut x = be.embedding_layernorm(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings, cfg.positions(), embed_ln, embed_drop.as_ref())?;
         // A backend in a low-precision activation mode (the CUDA backend's bf16 eval forward)
         // writes its activations here in that dtype; its backward does not exist yet.
         if record && x.dtype() != DType::F32 {

@@ -72,7 +72,7 @@ pub fn save_adapter_files(
     // Best effort: a leftover that cannot be removed does not stop the save.
     let _ = clean_leftovers(dir, &[WEIGHTS_FILE, CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE], &[]);
     let weights = safetensors_bytes(&adapter_tensors(adapter, bert, backend)?, &dir.join(WEIGHTS_FILE))?;
-    let config = adapter_config_json(adapter.name(), adapter.config(), bert.hidden_size, &opts.model_name);
+    let config = adapter_config_json(adapter.name(), adapter.config(), bert.hidden_size, &opts.model_name, bert.model_type);
     let mut files: Vec<(&str, Vec<u8>)> = vec![(WEIGHTS_FILE, weights)];
     if let Some(head) = head {
         if head.name() != adapter.name() {
@@ -83,7 +83,7 @@ pub fn save_adapter_files(
             return Err(Error::Input(format!("head `{}`: tensor `{k}` holds non-finite values ({} of them); refusing to save it", head.name(), d.iter().filter(|v| !v.is_finite()).count())));
         }
         files.push((HEAD_WEIGHTS_FILE, safetensors_bytes(&tensors, &dir.join(HEAD_WEIGHTS_FILE))?));
-        files.push((HEAD_CONFIG_FILE, head_config_json(head.name(), head.config(), head.hidden_size(), &opts.model_name)?.into_bytes()));
+        files.push((HEAD_CONFIG_FILE, head_config_json(head.name(), head.config(), head.hidden_size(), &opts.model_name, bert.model_type)?.into_bytes()));
     }
     files.push((CONFIG_FILE, config.into_bytes()));
     commit(dir, files)?;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use bert_adapters::cpu::reference;
-use bert_adapters::TokenBatch;
+use bert_adapters::{Positions, TokenBatch};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -26,6 +26,8 @@ pub struct EmbeddingCase {
     pub token_type: Vec<f32>,
     pub gamma: Vec<f32>,
     pub beta: Vec<f32>,
+    /// Which position row each token reads (BERT's `t` unless a test sets RoBERTa's).
+    pub positions: Positions,
 }
 
 impl EmbeddingCase {
@@ -48,13 +50,38 @@ impl EmbeddingCase {
             token_type: values(rng, TYPE_VOCAB * hidden, -0.2, 0.2),
             gamma: values(rng, hidden, 0.5, 1.5),
             beta: values(rng, hidden, -0.5, 0.5),
+            positions: Positions::Sequential,
         }
+    }
+
+    /// This case with RoBERTa's positions (padding_idx 1): the last `pad_tail[b]` tokens of
+    /// sequence b become pad ids, and so does token 2 of every sequence longer than 3 (a pad id
+    /// inside a sequence, which moves the positions after it).
+    pub fn with_roberta_positions(mut self, pad_tail: &[usize]) -> Self {
+        const PAD: u32 = 1;
+        self.positions = Positions::FromIds { padding_idx: PAD };
+        for (b, &tail) in pad_tail.iter().enumerate().take(self.batch) {
+            let row = &mut self.ids[b * self.seq_len..(b + 1) * self.seq_len];
+            for id in row.iter_mut() {
+                if *id == PAD {
+                    *id = PAD + 1; // only the pads placed below
+                }
+            }
+            let n = row.len();
+            for id in row[n - tail.min(n)..].iter_mut() {
+                *id = PAD;
+            }
+            if n > 3 {
+                row[2] = PAD;
+            }
+        }
+        self
     }
 
     /// The f32 computation (the CPU reference: f32 sums in HF's order, LayerNorm in f64 inside).
     pub fn reference(&self) -> reference::LayerNormOut {
         let tokens = TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.ids, token_type_ids: &self.types };
-        let z = reference::embedding(&tokens, &self.word, &self.position, &self.token_type, self.hidden);
+        let z = reference::embedding(&tokens, &self.word, &self.position, &self.token_type, self.hidden, self.positions);
         reference::residual_layernorm(&z, None, &self.gamma, &self.beta, self.hidden, BERT_EPS)
     }
 }

@@ -79,8 +79,8 @@ impl Backend for PlainBf16 {
     fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         Ok(self.linear_act(x, w, b, act)?.0)
     }
-    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor) -> Result<Tensor> {
-        self.round(self.0.embedding(input_ids, token_type_ids, word, position, token_type)?)
+    fn embedding(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: bert_adapters::Positions) -> Result<Tensor> {
+        self.round(self.0.embedding(input_ids, token_type_ids, word, position, token_type, positions)?)
     }
     fn residual_layernorm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
         let z = match residual {

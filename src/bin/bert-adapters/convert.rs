@@ -108,6 +108,8 @@ fn bert_from_adapter(folder: &AdapterDir) -> Result<BertConfig> {
         type_vocab_size: 1,
         layer_norm_eps: 1e-12,
         pad_token_id: 0,
+        // The adapter's own model_type: keys lose that model's prefix and are saved for it.
+        model_type: folder.config.model_type.unwrap_or_default(),
     })
 }
 

@@ -24,7 +24,8 @@ pub struct PredictArgs {
     #[arg(long, value_name = "FILE")]
     text: PathBuf,
     /// Tokens per text; default: what the adapter was trained with (its train_info.json, or the
-    /// state.json of the checkpoint it is in), else the model's max_position_embeddings.
+    /// state.json of the checkpoint it is in), else the model's max_position_embeddings (less
+    /// the position offset of RoBERTa / XLM-R).
     #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = flags::whole)]
     max_len: Option<i128>,
     /// auto (CUDA when available, else cpu), cpu or cuda.
@@ -56,13 +57,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
     train::check_exists(&args.model, train::DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     let backend = infer::backend(&args.device)?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend, LoadOptions::default())?;
-    let max_pos = model.config().max_position_embeddings;
+    let max_pos = model.config().max_seq_len();
     let max_len = match asked {
         Some(m) => m,
         None => trained_max_len(&args)?.unwrap_or(max_pos),
     };
     if max_len < 2 || max_len > max_pos {
-        return Err(Error::Input(format!("max length {max_len} must be in 2..={max_pos} (the model's max_position_embeddings)")));
+        return Err(Error::Input(format!("max length {max_len} must be in 2..={max_pos} (the model's {})", model.config().max_seq_len_source())));
     }
     let name = model.load_adapter_with(&args.adapter, &AdapterLoadOptions::default())?.name;
     let head = model.head(&name).ok_or_else(|| Error::Io {

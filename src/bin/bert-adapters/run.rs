@@ -120,7 +120,7 @@ impl Source {
         match (&args.inputs, &args.text) {
             (Some(inputs), _) => Ok(Source::Ids(InputBatch::from_file(inputs, cfg)?)),
             (None, Some(text)) => {
-                let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), cfg.max_position_embeddings)?;
+                let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), cfg.max_seq_len())?;
                 let lines = infer::read_text_lines(text, tokenizer.max_chars())?;
                 Ok(Source::Text { tokenizer: Box::new(tokenizer), lines })
             }
@@ -141,7 +141,7 @@ impl Source {
             Source::Ids(b) => Ok(b.seq_len),
             Source::Text { tokenizer, lines } => {
                 let mut longest = 0;
-                for chunk in lines.chunks(limits::rows_per_chunk(cfg.max_position_embeddings)) {
+                for chunk in lines.chunks(limits::rows_per_chunk(cfg.max_seq_len())) {
                     longest = longest.max(tokenizer.encode_batch(chunk, cfg)?.seq_len);
                 }
                 Ok(longest)

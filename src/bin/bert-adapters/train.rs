@@ -597,9 +597,8 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         say!("{}: {line} (left by an interrupted run)", args.out.display());
     }
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
-    let max_pos = model.config().max_position_embeddings;
-    if args.max_len > max_pos {
-        return Err(Error::Input(format!("--max-len {} exceeds the model's max_position_embeddings {max_pos}", args.max_len)));
+    if args.max_len > model.config().max_seq_len() {
+        return Err(Error::Input(format!("--max-len {} exceeds the model's {}", args.max_len, model.config().max_seq_len_source())));
     }
     limits::check_fits(
         &format!("a training step of {} texts × {} tokens", args.batch_size, args.max_len),

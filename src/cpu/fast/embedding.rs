@@ -3,12 +3,16 @@
 
 use rayon::prelude::*;
 
-use crate::backend::TokenBatch;
+use crate::backend::{Positions, TokenBatch};
 
-pub fn embedding(tokens: &TokenBatch, word: &[f32], position: &[f32], token_type: &[f32], hidden: usize) -> Vec<f32> {
+pub fn embedding(tokens: &TokenBatch, word: &[f32], position: &[f32], token_type: &[f32], hidden: usize, positions: Positions) -> Vec<f32> {
     let mut y = crate::cpu::pool::buffer(tokens.batch * tokens.seq_len * hidden);
+    let pos = match positions {
+        Positions::Sequential => None,
+        Positions::FromIds { .. } => Some(positions.position_ids(tokens.input_ids, tokens.seq_len)),
+    };
     y.par_chunks_mut(hidden).enumerate().for_each(|(row, out)| {
-        let t = row % tokens.seq_len;
+        let t = pos.as_ref().map_or(row % tokens.seq_len, |p| p[row] as usize);
         let w = &word[tokens.input_ids[row] as usize * hidden..][..hidden];
         let ty = &token_type[tokens.token_type_ids[row] as usize * hidden..][..hidden];
         let p = &position[t * hidden..][..hidden];

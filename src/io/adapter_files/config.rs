@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{LIBRARY_VERSION, MAX_CONFIG_BYTES};
-use crate::config::{validate_adapter_name, AdapterConfig, HeadConfig, HeadConfigFile};
+use crate::config::{validate_adapter_name, AdapterConfig, HeadConfig, HeadConfigFile, ModelType};
 use crate::error::{Error, Result};
 
 /// What `adapter_config.json` says about the adapter.
@@ -18,6 +18,9 @@ pub struct AdapterConfigFile {
     pub hidden_size: Option<usize>,
     /// The base model's `name_or_path` when it was saved ("" when unknown).
     pub model_name: String,
+    /// The base model's `model_type` (`bert`, `roberta`, `xlm-roberta`), when the file names one.
+    /// The library loads an adapter into any model whatever it says, and so do we.
+    pub model_type: Option<ModelType>,
 }
 
 /// Read and validate `adapter_config.json`.
@@ -42,12 +45,13 @@ pub fn parse_adapter_config(bytes: &[u8], path: &Path) -> Result<AdapterConfigFi
         None => return Err(Error::config(path, "name", "missing (the adapter's name is read from it)")),
     };
     validate_adapter_name(&name).map_err(|e| Error::config(path, "name", e.to_string()))?;
-    match top.get("model_type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t == "bert" => {}
-        Some(Value::String(t)) => return Err(Error::config(path, "model_type", format!("`{t}` is not supported (only bert)"))),
+    let model_type = match top.get("model_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(
+            ModelType::parse(t).ok_or_else(|| Error::config(path, "model_type", format!("`{t}` is not supported (only bert, roberta and xlm-roberta)")))?,
+        ),
         Some(other) => return Err(Error::config(path, "model_type", format!("expected a string, got {other}"))),
-    }
+    };
     let hidden_size = match top.get("hidden_size") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_u64().and_then(|h| usize::try_from(h).ok()) {
@@ -72,17 +76,18 @@ pub fn parse_adapter_config(bytes: &[u8], path: &Path) -> Result<AdapterConfigFi
         }
     }
     let config = AdapterConfig::from_json(&config, path)?;
-    Ok(AdapterConfigFile { name, config, hidden_size, model_name })
+    Ok(AdapterConfigFile { name, config, hidden_size, model_name, model_type })
 }
 
-/// `adapter_config.json` as the library writes it for adapter `name` on a `BertModel`.
-pub fn adapter_config_json(name: &str, config: &AdapterConfig, hidden_size: usize, model_name: &str) -> String {
+/// `adapter_config.json` as the library writes it for adapter `name` on the bare model of
+/// `model_type` (`BertModel`, `RobertaModel`, `XLMRobertaModel`).
+pub fn adapter_config_json(name: &str, config: &AdapterConfig, hidden_size: usize, model_name: &str, model_type: ModelType) -> String {
     let v = serde_json::json!({
         "config": config.to_json(),
         "hidden_size": hidden_size,
-        "model_class": "BertModel",
+        "model_class": model_type.model_class(),
         "model_name": model_name,
-        "model_type": "bert",
+        "model_type": model_type.as_str(),
         "name": name,
         "version": LIBRARY_VERSION,
     });
@@ -90,14 +95,15 @@ pub fn adapter_config_json(name: &str, config: &AdapterConfig, hidden_size: usiz
 }
 
 /// `head_config.json` as the library writes it for classification head `name` (of `config`, on
-/// hidden size `hidden_size`) of a `BertAdapterModel` (the only model class with flexible heads).
-pub fn head_config_json(name: &str, config: &HeadConfig, hidden_size: usize, model_name: &str) -> Result<String> {
+/// hidden size `hidden_size`) of the flexible-heads model of `model_type` (`BertAdapterModel`,
+/// `RobertaAdapterModel`, `XLMRobertaAdapterModel`).
+pub fn head_config_json(name: &str, config: &HeadConfig, hidden_size: usize, model_name: &str, model_type: ModelType) -> Result<String> {
     let file = HeadConfigFile {
         config: config.clone(),
         hidden_size,
-        model_class: "BertAdapterModel".into(),
+        model_class: model_type.adapter_model_class().into(),
         model_name: model_name.into(),
-        model_type: "bert".into(),
+        model_type: model_type.as_str().into(),
         name: name.into(),
         version: LIBRARY_VERSION.into(),
     };
@@ -274,7 +280,7 @@ mod tests {
         let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adapters/pfeiffer/adapter_config.json")).unwrap();
         let text = String::from_utf8(text).unwrap().replace("\"scaling\": 1.0", "\"scaling\": 1.077777777777777777");
         let cfg = parse_adapter_config(text.as_bytes(), path).unwrap();
-        let written = adapter_config_json(&cfg.name, &cfg.config, 48, &cfg.model_name);
+        let written = adapter_config_json(&cfg.name, &cfg.config, 48, &cfg.model_name, ModelType::Bert);
         assert!(written.contains("\"scaling\": 1.0777777777777777,"), "{written}");
         assert_eq!(parse_adapter_config(written.as_bytes(), path).unwrap().config, cfg.config);
     }

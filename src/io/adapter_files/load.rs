@@ -91,9 +91,10 @@ const LEGACY_NAMES: [(&str, &str); 5] = [
     ("invertible_lang_adapters", "invertible_adapters"),
 ];
 
-/// A file key as the model names it: no `bert.` prefix, current module names, the new name.
-fn canonical_key(file_key: &str, saved: &str, name: &str) -> String {
-    let mut k = file_key.strip_prefix("bert.").unwrap_or(file_key).to_string();
+/// A file key as the model names it: no base-model prefix (`bert.`, or `roberta.` for RoBERTa
+/// and XLM-R, as the library's `base_model_prefix`), current module names, the new name.
+fn canonical_key(file_key: &str, saved: &str, name: &str, prefix: &str) -> String {
+    let mut k = file_key.strip_prefix(prefix).unwrap_or(file_key).to_string();
     for (old, new) in LEGACY_NAMES {
         if k.contains(old) {
             k = k.replace(old, new);
@@ -206,9 +207,9 @@ pub fn read_adapter_tensors(
     let mut aliases: Vec<(String, &StoredTensor)> = Vec::new();
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     for t in weights.tensors() {
-        let key = canonical_key(&t.name, saved, name);
+        let key = canonical_key(&t.name, saved, name, bert.model_type.weight_prefix());
         if let Some(first) = seen.insert(key.clone(), &t.name) {
-            return Err(Error::tensor(wpath, &t.name, format!("names the same parameter as `{first}` (with and without `bert.`, or a legacy name)")));
+            return Err(Error::tensor(wpath, &t.name, format!("names the same parameter as `{first}` (with and without `{}`, or a legacy name)", bert.model_type.weight_prefix())));
         }
         // With ln_before the library registers its LayerNorm twice: `adapter_norm_before.*` and
         // `adapter_down.0.*` are the same tensors. We keep one and check the other equals it.
