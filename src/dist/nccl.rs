@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::{check_root, Communicator};
@@ -32,8 +32,15 @@ fn nccl_err(op: &str, e: impl std::fmt::Debug) -> Error {
 impl NcclComm {
     /// This rank's NCCL communicator on GPU `ordinal`, with as many ranks as `bootstrap` has;
     /// `bootstrap` carries rank 0's id to the others (one broadcast of 128 values).
+    /// A missing driver, GPU or libnccl is an `Error::Cuda` naming it, never a panic.
     pub fn new(ordinal: usize, bootstrap: &dyn Communicator) -> Result<Self> {
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("GPU {ordinal}: {e}")))?;
+        let ctx = crate::cuda::probe::probe_gpu(ordinal).map_err(Error::Cuda)?;
+        // cudarc panics on first use of a library it cannot load: ask first.
+        // SAFETY: only dlopens and closes the library; no symbol is called.
+        let present = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() }).unwrap_or(false);
+        if !present {
+            return Err(Error::Cuda("libnccl cannot be loaded (install NCCL, e.g. the nvidia-nccl-cu13 wheel, and put its lib/ on LD_LIBRARY_PATH)".into()));
+        }
         let stream = ctx.default_stream();
         let mut bytes = vec![0f32; ID_BYTES];
         if bootstrap.rank() == 0 {
