@@ -86,7 +86,7 @@ fn model() -> (BertModel, InputBatch, Vec<usize>) {
 
 /// Step `s`: tasknn for two steps, then scorenn for two, each with its objective.
 fn step_cfg(s: u64) -> TrainStepConfig {
-    if (s / 2) % 2 == 0 {
+    if (s / 2).is_multiple_of(2) {
         TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) }
     } else {
         TrainStepConfig { objective: Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }, trained: "scorenn".into(), max_grad_norm: Some(1.0) }
