@@ -8,7 +8,7 @@
 //! builds the tests with it. Without the feature only the last test runs: a binary built
 //! without MPI refuses an mpirun launch with a clear error.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
@@ -42,6 +42,7 @@ fn ok(out: Output) -> String {
 #[cfg(feature = "mpi")]
 mod with_mpi {
     use super::*;
+    use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
     /// `mpirun -np N bert-adapters`: as root (CI), more ranks than cores, no binding, and no
