@@ -37,6 +37,10 @@ pub struct TokenBatch<'a> {
 /// The seed changes every step. When `seed_buffer` is given (the model's, written once per step by
 /// `set_dropout`), kernels read the seed from that device buffer rather than from `seed`, so a
 /// captured launch replays with the next step's masks; `seed` then only says what it holds.
+///
+/// `offset` shifts every block's element indices: a tensor that holds rows `r0..` of a larger
+/// batch (one rank's shard in data-parallel training) gets `offset = r0 · elements per row`, so
+/// it draws the masks those rows draw in the whole batch. 0 outside data-parallel training.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DropoutSpec {
     pub p: f32,
@@ -44,6 +48,7 @@ pub struct DropoutSpec {
     pub stream: u64,
     pub blocks: Vec<u64>,
     pub seed_buffer: Option<SeedBuffer>,
+    pub offset: u64,
 }
 
 /// A U32 `[2]` device buffer holding a dropout seed (low word first).

@@ -285,7 +285,7 @@ fn backward_ops_match_finite_differences_and_fast_matches_reference() {
     let mask = Tensor::from_vec((0..batch * seq).map(|i| if i == 6 { f32::MIN } else { 0.0 }).collect(), &[batch, seq]).unwrap();
     let dctx = t(&mut rng, &[batch, seq, hidden], 1.0);
     let ua = random_vec(&mut rng, batch * seq * hidden, 1.0);
-    let spec = bert_adapters::backend::DropoutSpec { p: 0.2, seed: 5, stream: 9, blocks: vec![0, 1], seed_buffer: None };
+    let spec = bert_adapters::backend::DropoutSpec { p: 0.2, seed: 5, stream: 9, blocks: vec![0, 1], seed_buffer: None, offset: 0 };
     for dropout in [None, Some(&spec)] {
         let [dq, dk, dv] = reference.attention_backward(&dctx, &q, &k, &v, &mask, heads, dropout).unwrap();
         let [fq, fk, fv] = fast.attention_backward(&dctx, &q, &k, &v, &mask, heads, dropout).unwrap();

@@ -268,7 +268,7 @@ fn bf16_training_is_refused() {
         unsupported("linear_backward_input", be.linear_backward_input(&dy, &w).map(|_| ()), &["linear_backward_input", "bf16", "not supported yet"]);
         unsupported("linear_backward_params", be.linear_backward_params(&dy, &x).map(|_| ()), &["linear_backward_params", "not supported yet"]);
         unsupported("activation_backward", be.activation_backward(&x, &x, bert_adapters::Activation::Gelu).map(|_| ()), &["activation_backward", "not supported yet"]);
-        let spec = bert_adapters::backend::DropoutSpec { p: 0.1, seed: 1, stream: 0, blocks: vec![0], seed_buffer: None };
+        let spec = bert_adapters::backend::DropoutSpec { p: 0.1, seed: 1, stream: 0, blocks: vec![0], seed_buffer: None, offset: 0 };
         unsupported("dropout", be.dropout(&x, &spec).map(|_| ()), &["dropout", "not supported yet"]);
         let f32_gamma = be.upload(vec![1.0; 8], &[8]).unwrap();
         unsupported("residual_layernorm_stats", be.residual_layernorm_stats(&x, None, &f32_gamma, &f32_gamma, 1e-12).map(|_| ()), &["residual_layernorm_stats", "not supported yet"]);

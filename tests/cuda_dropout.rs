@@ -25,7 +25,7 @@ fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn spec(p: f32, seed: u64, stream: u64, blocks: Vec<u64>) -> DropoutSpec {
-    DropoutSpec { p, seed, stream, blocks, seed_buffer: None }
+    DropoutSpec { p, seed, stream, blocks, seed_buffer: None, offset: 0 }
 }
 
 /// `spec` reading its seed from a `[2]` buffer on `be` (and holding a wrong `seed`, so a kernel

@@ -347,7 +347,7 @@ fn fused_ops_equal_their_unfused_sequences() {
     let qkv = t(&[2, 5, 12]);
     let mask = Tensor::from_vec(vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0], &[2, 5]).unwrap();
     let dctx = t(&[2, 5, 4]);
-    let spec = DropoutSpec { p: 0.3, seed: 5, stream: 9, blocks: vec![0], seed_buffer: None };
+    let spec = DropoutSpec { p: 0.3, seed: 5, stream: 9, blocks: vec![0], seed_buffer: None, offset: 0 };
     for be in [CpuBackend::fast(), CpuBackend::reference()] {
         let bits = |t: &Tensor| t.cpu_data().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let unfused = be.dropout(&be.linear(&x, &w, Some(&b)).unwrap(), &spec).unwrap();
@@ -409,7 +409,7 @@ fn the_dropout_seed_is_read_from_a_device_buffer() {
     use bert_adapters::backend::{DropoutSpec, SeedBuffer};
     let cpu = Arc::new(CpuBackend::fast());
     let ones = Tensor::from_vec(vec![1.0; 64], &[8, 8]).unwrap();
-    let seed7 = DropoutSpec { p: 0.5, seed: 7, stream: 3, blocks: vec![0], seed_buffer: None };
+    let seed7 = DropoutSpec { p: 0.5, seed: 7, stream: 3, blocks: vec![0], seed_buffer: None, offset: 0 };
     let buffer = cpu.upload_u32(vec![7, 0], &[2]).unwrap();
     let via_buffer = DropoutSpec { seed: 1, seed_buffer: Some(SeedBuffer(buffer)), ..seed7.clone() };
     let (a, b) = (cpu.dropout(&ones, &seed7).unwrap(), cpu.dropout(&ones, &via_buffer).unwrap());

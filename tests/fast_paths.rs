@@ -20,7 +20,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn drop_spec(p: f32, blocks: usize) -> DropoutSpec {
-    DropoutSpec { p, seed: 1234, stream: 3, blocks: (0..blocks as u64).collect(), seed_buffer: None }
+    DropoutSpec { p, seed: 1234, stream: 3, blocks: (0..blocks as u64).collect(), seed_buffer: None, offset: 0 }
 }
 
 /// A branch dropout of p = 0 is the identity but sends the location down the whole-tensor path:

@@ -266,7 +266,7 @@ fn dropout_factors(d: &HeadDropout, module: usize, n: usize) -> Vec<f64> {
 fn head_gradients_with_dropout_match_finite_differences_of_the_dropped_out_loss() {
     let (b, seq, h, c) = (3, 4, 6, 3);
     let labels = [2usize, 0, 1];
-    let dropout = HeadDropout { seed: 42, seed_buffer: None, p: 0.3, branch: 1 };
+    let dropout = HeadDropout { seed: 42, seed_buffer: None, p: 0.3, branch: 1, offset: 0 };
     for (ci, (layers, act, use_pooler)) in [(2, "tanh", false), (2, "gelu", true), (1, "tanh", false), (1, "tanh", true)].into_iter().enumerate() {
         let config = HeadConfig { layers, activation: act.into(), use_pooler, ..HeadConfig::classification(c) };
         let head = random_head("task", config, h, 30 + ci as u64);
@@ -338,8 +338,8 @@ fn head_dropout_with_p_zero_is_eval_and_masks_depend_on_seed_and_branch_only() {
         all
     };
     let eval = run(None);
-    assert_eq!(run(Some(&HeadDropout { seed: 9, seed_buffer: None, p: 0.0, branch: 0 })), eval);
-    let d = HeadDropout { seed: 9, seed_buffer: None, p: 0.5, branch: 0 };
+    assert_eq!(run(Some(&HeadDropout { seed: 9, seed_buffer: None, p: 0.0, branch: 0, offset: 0 })), eval);
+    let d = HeadDropout { seed: 9, seed_buffer: None, p: 0.5, branch: 0, offset: 0 };
     assert_eq!(run(Some(&d)), run(Some(&d)), "the same seed and branch draw the same masks");
     assert_ne!(run(Some(&d)), eval);
     assert_ne!(run(Some(&HeadDropout { branch: 1, ..d.clone() })), run(Some(&d)), "another branch draws other masks");

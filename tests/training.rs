@@ -228,7 +228,7 @@ fn heads_drop_out_in_training_only() {
     for (i, (name, p)) in [("pfeiffer_inv", 0.3f32), ("pfeiffer", p_hidden)].into_iter().enumerate() {
         assert_ne!(logits[i], on_train_output[i], "branch {i}: the head dropped nothing");
         // Branch i's masks: (seed, i) and the head's probability, whatever the other branches.
-        let d = HeadDropout { seed: 7, seed_buffer: None, p, branch: i as u64 };
+        let d = HeadDropout { seed: 7, seed_buffer: None, p, branch: i as u64, offset: 0 };
         let rows = out.last_hidden_state.narrow_rows(i * b, b).unwrap();
         let (alone, _) = model.head(name).unwrap().forward_with(be.as_ref(), &rows, None, Some(&d)).unwrap();
         assert_eq!(alone.cpu_data().unwrap().to_vec(), logits[i], "branch {i}");

@@ -236,7 +236,7 @@ pub(crate) fn apply_dropout_at(data: &mut [f32], spec: &DropoutSpec, total: usiz
     while !rest.is_empty() {
         let (j, offset) = (at / block, at % block);
         let (head, tail) = rest.split_at_mut((block - offset).min(rest.len()));
-        dropout_range(head, spec.p, &rng, spec.block_stream(j), offset)?;
+        dropout_range(head, spec.p, &rng, spec.block_stream(j), offset + spec.offset as usize)?;
         at += head.len();
         rest = tail;
     }
@@ -244,7 +244,7 @@ pub(crate) fn apply_dropout_at(data: &mut [f32], spec: &DropoutSpec, total: usiz
 }
 
 /// The attention-probability dropout of `spec` as per-row multipliers: probability `(b, h, i, j)`
-/// is element `((b_local·heads + h)·T + i)·T + j` of its block's stream.
+/// is element `((b_local·heads + h)·T + i)·T + j` of its block's stream (plus `spec.offset`).
 fn prob_dropout(spec: &DropoutSpec, batch: usize, seq: usize, heads: usize) -> Result<Box<reference::ProbDropout>> {
     let n = spec.blocks.len().max(1);
     if !batch.is_multiple_of(n) {
@@ -257,7 +257,7 @@ fn prob_dropout(spec: &DropoutSpec, batch: usize, seq: usize, heads: usize) -> R
     Ok(Box::new(move |b: usize, h: usize, i: usize, factors: &mut [f32]| {
         factors.iter_mut().for_each(|f| *f = 1.0);
         let (j, b_local) = (b / per_block, b % per_block);
-        let offset = ((b_local * heads + h) * seq + i) * seq;
+        let offset = ((b_local * heads + h) * seq + i) * seq + spec.offset as usize;
         // p was validated above, so this cannot fail.
         let _ = dropout_range(factors, spec.p, &rng, spec.block_stream(j), offset);
     }))

@@ -195,6 +195,7 @@ impl BranchDropout {
     /// branch one, `blocks = [branch id]`): a branch's mask drawn from several streams is
     /// `Error::Unsupported`.
     pub fn of(spec: &DropoutSpec) -> Result<Self> {
+        crate::cuda::backend::check_unsharded(OP, spec)?;
         if spec.blocks.len() > 1 {
             return Err(Error::Unsupported(format!(
                 "{OP}: an adapter dropout over {} blocks of one branch's rows; the location kernels take one stream per branch",

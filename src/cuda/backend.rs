@@ -312,9 +312,10 @@ impl CudaBackend {
         }
     }
 
-    /// `spec` resolved for the dropout kernels: its seed buffer (a U32 `[2]` tensor on this
+    /// `spec` resolved for the dropout kernels (unsharded, see [`check_unsharded`]): its seed buffer (a U32 `[2]` tensor on this
     /// device) when it has one, and the stream of each block.
     fn device_dropout<'t>(&self, op: &str, spec: &'t DropoutSpec) -> Result<elementwise::DeviceDropout<'t>> {
+        check_unsharded(op, spec)?;
         let seed_buffer = spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?;
         let streams = (0..spec.blocks.len().max(1)).map(|j| spec.block_stream(j)).collect();
         Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
@@ -1203,4 +1204,17 @@ fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
         t.shape(),
         t.dtype()
     ))
+}
+
+/// The dropout kernels count element indices from each block's start: a shard's offset
+/// (`DropoutSpec::offset`, data-parallel training) is not one of their arguments yet, so a
+/// sharded dropout is refused rather than drawn with the wrong masks.
+pub(crate) fn check_unsharded(op: &str, spec: &DropoutSpec) -> Result<()> {
+    if spec.offset != 0 {
+        return Err(Error::Unsupported(format!(
+            "{op}: dropout of a data-parallel shard (mask offset {}) is not built into the CUDA kernels yet; train data-parallel with --device cpu, or without sharding",
+            spec.offset
+        )));
+    }
+    Ok(())
 }

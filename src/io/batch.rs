@@ -84,6 +84,22 @@ impl InputBatch {
         Self::new(file.path(), &shape, &ids, as_view(&mask), as_view(&types), cfg)
     }
 
+    /// Rows `rows` of the batch (a data-parallel shard), padded as the whole batch is: the same
+    /// sequence length, so every row computes (and draws its dropout masks) as in the whole.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<InputBatch> {
+        if rows.start >= rows.end || rows.end > self.batch {
+            return Err(Error::Input(format!("rows {rows:?} of a batch of {}", self.batch)));
+        }
+        let cut = |v: &[u32]| v[rows.start * self.seq_len..rows.end * self.seq_len].to_vec();
+        Ok(InputBatch {
+            batch: rows.len(),
+            seq_len: self.seq_len,
+            input_ids: cut(&self.input_ids),
+            attention_mask: cut(&self.attention_mask),
+            token_type_ids: cut(&self.token_type_ids),
+        })
+    }
+
     pub fn tokens(&self) -> TokenBatch<'_> {
         TokenBatch { batch: self.batch, seq_len: self.seq_len, input_ids: &self.input_ids, token_type_ids: &self.token_type_ids }
     }

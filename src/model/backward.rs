@@ -112,15 +112,23 @@ fn kept<'a>(t: &'a Option<Tensor>, what: &str, layer: usize) -> Result<&'a Tenso
 /// The dropout at `site` of `layer`, if training with a seed and `p > 0`.
 pub(crate) fn dropout_spec(seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
     let seed = seed?;
-    (p > 0.0).then_some(DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks, seed_buffer: None })
+    (p > 0.0).then_some(DropoutSpec { p, seed, stream: ((layer as u64) << 4) | site as u64, blocks, seed_buffer: None, offset: 0 })
 }
 
 impl BertModel {
     /// `dropout_spec`, reading the seed from the model's device buffer when `seed` is the one
-    /// `set_dropout` wrote there (always, for a tape the version check accepts).
-    pub(crate) fn dropout_site(&self, seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>) -> Option<DropoutSpec> {
+    /// `set_dropout` wrote there (always, for a tape the version check accepts), for a batch of
+    /// `seq_len` tokens whose first row is row `set_dropout_row` of the global batch.
+    pub(crate) fn dropout_site(&self, seed: Option<u64>, p: f32, layer: usize, site: DropoutSite, blocks: Vec<u64>, seq_len: usize) -> Option<DropoutSpec> {
         let mut spec = dropout_spec(seed, p, layer, site, blocks)?;
         spec.seed_buffer = self.seed_buffer_for(spec.seed);
+        let (h, t) = (self.config.hidden_size as u64, seq_len as u64);
+        let per_row = match site {
+            DropoutSite::AttentionProbs => self.config.num_attention_heads as u64 * t * t,
+            DropoutSite::HeadInput | DropoutSite::HeadHidden => h,
+            _ => t * h,
+        };
+        spec.offset = self.dropout_row * per_row;
         Some(spec)
     }
 
@@ -426,7 +434,7 @@ impl BertModel {
             let (mut dh2, dx_attn) = both(dh2, dx_attn)?;
             // h2 is the FFN output after dropout; rows are replicated if that happened at or before
             // this layer's attention location.
-            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1)) {
+            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::FfnOutput, blocks(position(l, Location::MultiHead) + 1), tape.seq_len) {
                 dh2 = be.dropout(&dh2, &spec)?;
             }
             let dpre = be.linear_backward_input_act(&dh2, &w.output_w, &live_rows(kept(&lt.inter_pre, "the FFN pre-activation", l)?)?, act)?;
@@ -449,12 +457,12 @@ impl BertModel {
             }
             let (mut dh1, dx_in) = both(dh1, dx_in)?;
             let attn_blocks = blocks(position(l, Location::MultiHead));
-            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone()) {
+            if let Some(spec) = self.dropout_site(seed, p_hidden, l, DropoutSite::AttentionOutput, attn_blocks.clone(), tape.seq_len) {
                 dh1 = be.dropout(&dh1, &spec)?;
             }
             let dctx = be.linear_backward_input(&dh1, &w.attn_out_w)?;
             drop(dh1); // read no more (see dh2)
-            let prob_dropout = self.dropout_site(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks);
+            let prob_dropout = self.dropout_site(seed, p_attn, l, DropoutSite::AttentionProbs, attn_blocks, tape.seq_len);
             let qkv = live_rows(kept(&lt.qkv, "Q, K, V", l)?)?;
             let lse = live_rows(kept(&lt.lse, "the attention log-sum-exp", l)?)?;
             let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, kept(&lt.mask, "the mask", l)?, cfg.num_attention_heads, prob_dropout.as_ref())?;
@@ -513,7 +521,7 @@ impl BertModel {
         sink: &mut dyn GradSink,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let be = self.backend.as_ref();
-        let branches = self.location_branches(live_children, live_ids.to_vec(), layer, location, dropout_seed)?;
+        let branches = self.location_branches(live_children, live_ids.to_vec(), layer, location, dropout_seed, seq_len)?;
         let (h, r) = match (saved, branches.is_empty()) {
             (LocationTape::Plain { z, stats }, true) => {
                 // Plain LN(h + r) from its saved input and statistics: the same gradient flows

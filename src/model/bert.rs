@@ -37,6 +37,9 @@ pub struct BertModel {
     pub(crate) next_adapter_seed: u64,
     /// Training-mode dropout for `forward_train`: the seed its masks derive from.
     pub(crate) dropout_seed: Option<u64>,
+    /// The global row of this process's first batch row, for the dropout masks of a
+    /// data-parallel shard (`set_dropout_row`); 0 otherwise.
+    pub(crate) dropout_row: u64,
     /// That seed in a U32 `[2]` device buffer, which every dropout kernel reads (so the launches
     /// are the same from step to step); written by `set_dropout`.
     pub(crate) seed_buffer: Option<(u64, Tensor)>,
@@ -93,7 +96,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, dropout_row: 0, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -287,6 +290,15 @@ impl BertModel {
         self.seed_buffer = written.ok().map(|buf| (seed, buf));
     }
 
+    /// Data-parallel training: the batches this model trains on are shards of a global batch
+    /// that start at global row `row`, and their dropout masks are those rows' masks in the
+    /// global batch (`DropoutSpec::offset`), so N ranks draw exactly what one process would.
+    /// 0 (the default) outside data-parallel training. A tape recorded before is refused.
+    pub fn set_dropout_row(&mut self, row: u64) {
+        self.version += 1;
+        self.dropout_row = row;
+    }
+
     /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.
     pub fn forward_train(&self, batch: &InputBatch) -> Result<(BertOutput, Tape)> {
         self.forward_train_with(batch, RunOptions { record: true, check_finite: true, pooler: true })
@@ -306,7 +318,7 @@ impl BertModel {
             }
             let n = self.active.as_ref().map_or(1, |s| s.names().len());
             let blocks = if n > 1 && rows == n * batch.batch { (0..n as u64).collect() } else { vec![0] };
-            self.dropout_site(self.dropout_seed, p, layer, site, blocks)
+            self.dropout_site(self.dropout_seed, p, layer, site, blocks, batch.seq_len)
         };
         let (p_hidden, p_attn) = (self.config.hidden_dropout_prob, self.config.attention_probs_dropout_prob);
         let be = self.backend.as_ref();
@@ -535,6 +547,7 @@ impl BertModel {
         layer: usize,
         location: Location,
         dropout_seed: Option<u64>,
+        seq_len: usize,
     ) -> Result<Vec<BottleneckParams<'a>>> {
         let site = match location {
             Location::MultiHead => DropoutSite::AdapterAttention,
@@ -543,7 +556,7 @@ impl BertModel {
         let mut out = Vec::new();
         for (a, id) in children.iter().zip(ids) {
             if let Some(mut p) = a.bottleneck(layer, location)? {
-                p.dropout = self.dropout_site(dropout_seed, a.config().dropout as f32, layer, site, vec![id]);
+                p.dropout = self.dropout_site(dropout_seed, a.config().dropout as f32, layer, site, vec![id], seq_len);
                 out.push(p);
             }
         }
@@ -569,7 +582,7 @@ impl BertModel {
         record: bool,
     ) -> Result<(Tensor, bool, Option<LocationTape>)> {
         let seed = if training { self.dropout_seed } else { None };
-        let branches = self.location_branches(children, (0..children.len() as u64).collect(), layer, location, seed)?;
+        let branches = self.location_branches(children, (0..children.len() as u64).collect(), layer, location, seed, seq_len)?;
         if branches.is_empty() {
             if record {
                 let (y, z, stats) = self.backend.residual_layernorm_stats(h, Some(r), ln.gamma, ln.beta, ln.eps)?;

@@ -34,6 +34,9 @@ pub struct HeadDropout {
     /// The Parallel branch the head reads (0 outside Parallel): the masks' block id, as in the
     /// encoder, so branch i draws the same masks whichever other branches exist.
     pub branch: u64,
+    /// The element offset of this batch's first row in the global batch (`DropoutSpec::offset`:
+    /// row · H for a data-parallel shard); 0 otherwise.
+    pub offset: u64,
 }
 
 impl HeadDropout {
@@ -47,6 +50,7 @@ impl HeadDropout {
         };
         let mut spec = dropout_spec(Some(self.seed), self.p, 0, site, vec![self.branch])?;
         spec.seed_buffer = self.seed_buffer.clone();
+        spec.offset = self.offset;
         Some(spec)
     }
 }

@@ -8,6 +8,7 @@
 //! and `read` reports it), and the only uploads are the batch's inputs.
 
 use crate::backend::Backend;
+use crate::dist::DataParallel;
 use crate::error::{Error, Result};
 use crate::io::InputBatch;
 use crate::model::arena::{ArenaSink, TrainArena};
@@ -51,9 +52,23 @@ impl TrainStepOutput {
     /// Fetch the loss and the gradient norm (two small reads). A NaN or infinite value is an
     /// `Error::NonFinite`; the step that produced it updated nothing.
     pub fn read(&self, backend: &dyn Backend) -> Result<StepValues> {
+        self.read_unchecked(backend)?.checked()
+    }
+
+    /// The values as they are, NaN or not (data-parallel training combines the ranks' losses
+    /// before it checks them).
+    pub fn read_unchecked(&self, backend: &dyn Backend) -> Result<StepValues> {
         let loss = backend.to_host(&self.loss)?;
         let norm = backend.to_host(&self.grad_norm)?;
-        let v = StepValues { loss: loss[0], ce: loss[1], grad_norm: norm[0] };
+        Ok(StepValues { loss: loss[0], ce: loss[1], grad_norm: norm[0] })
+    }
+}
+
+impl StepValues {
+    /// `self`, or `Error::NonFinite` naming the loss or the gradient norm when it is NaN or
+    /// infinite (the step that produced it updated nothing).
+    pub fn checked(self) -> Result<StepValues> {
+        let v = self;
         if !v.loss.is_finite() {
             return Err(Error::NonFinite { at: "the loss (no update was applied)".into() });
         }
@@ -68,6 +83,27 @@ impl BertModel {
     /// One training step of adapter `cfg.trained` (and its head) on `batch` with `labels`
     /// (`[B]`, the same for every branch). See the module docs for what stays on the device.
     pub fn train_step(&mut self, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW) -> Result<TrainStepOutput> {
+        self.train_step_with(batch, labels, cfg, optimizer, None)
+    }
+
+    /// [`train_step`](Self::train_step) as one rank of data-parallel training: `batch` and
+    /// `labels` are this rank's rows `dp.rows` of the global batch, and between the backward and
+    /// the clipping the gradient arena becomes the global batch's gradient (one all-reduce, see
+    /// [`reduce_gradients`]), so clipping and AdamW do on every rank what one process would do.
+    /// The loss returned is this rank's mean; weight it by `dp.weight()` and all-reduce it for
+    /// the global one. Call `set_dropout_row(dp.rows.start)` first, so the dropout masks are
+    /// these rows' masks in the global batch.
+    pub fn train_step_data_parallel(&mut self, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW, dp: &DataParallel) -> Result<TrainStepOutput> {
+        if dp.rows.len() != batch.batch || dp.rows.end > dp.global_rows {
+            return Err(Error::Input(format!("data-parallel step: rows {:?} of a global batch of {} for a batch of {}", dp.rows, dp.global_rows, batch.batch)));
+        }
+        if self.dropout_row != dp.rows.start as u64 {
+            return Err(Error::Input(format!("data-parallel step: the dropout masks are set for global row {} (set_dropout_row), the shard starts at row {}", self.dropout_row, dp.rows.start)));
+        }
+        self.train_step_with(batch, labels, cfg, optimizer, Some(dp))
+    }
+
+    fn train_step_with(&mut self, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW, dp: Option<&DataParallel>) -> Result<TrainStepOutput> {
         let be = self.backend.clone();
         let names: Vec<String> = self.active.as_ref().map(|s| s.names().to_vec()).unwrap_or_default();
         let i = names.iter().position(|n| *n == cfg.trained).ok_or_else(|| Error::Input(format!("train_step: `{}` is not in the active setup ({})", cfg.trained, names.join(", "))))?;
@@ -109,9 +145,12 @@ impl BertModel {
         let mut sink = ArenaSink::new(arena);
         let (d_last, d_pool) = self.heads_backward_into(&branches, &d, &tape, &mut sink)?;
         self.backward_into(&tape, d_last, d_pool.as_ref(), &mut sink)?;
-        let with_grad = sink.with_grad;
+        let mut with_grad = sink.with_grad;
         let logits = branches.into_iter().map(|b| b.logits).collect();
         drop((out, tape));
+        if let Some(dp) = dp {
+            reduce_gradients(be.as_ref(), arena, &mut with_grad, dp)?;
+        }
 
         let views = (0..arena.table.len()).filter(|&k| with_grad[k]).map(|k| arena.grad(k)).collect::<Result<Vec<_>>>()?;
         let grad_norm = be.zeros(&[1], DType::F32)?;
@@ -148,4 +187,34 @@ impl BertModel {
     pub fn arena(&self, name: &str) -> Option<&TrainArena> {
         self.arenas.get(name)
     }
+}
+
+/// The data-parallel gradient: each rank's arena holds the gradient of its rows' mean loss;
+/// weighted by its share of the global batch (rows / global rows) and summed over the ranks, it
+/// is the gradient of the global batch's mean loss. One all-reduce over the whole arena, with
+/// one flag per tensor appended (whether any rank's backward reached it); a tensor no rank
+/// reached stays without gradient, one reached anywhere gets the sum (zeros from the others).
+pub fn reduce_gradients(be: &dyn Backend, arena: &crate::model::arena::TrainArena, with_grad: &mut [bool], dp: &DataParallel) -> Result<()> {
+    if with_grad.len() != arena.table.len() {
+        return Err(Error::Internal(format!("{} gradient flags for an arena of {} tensors", with_grad.len(), arena.table.len())));
+    }
+    let mut buf = be.to_host(&arena.grads)?;
+    let n = buf.len();
+    let w = dp.weight();
+    for (e, &reached) in arena.table.iter().zip(with_grad.iter()) {
+        let len: usize = e.shape.iter().product();
+        let part = &mut buf[e.offset..e.offset + len];
+        if reached {
+            part.iter_mut().for_each(|v| *v *= w);
+        } else {
+            part.fill(0.0); // stale values from an earlier step
+        }
+    }
+    buf.extend(with_grad.iter().map(|&r| if r { 1.0 } else { 0.0 }));
+    dp.comm.all_reduce_sum(&mut buf)?;
+    for (flag, &count) in with_grad.iter_mut().zip(&buf[n..]) {
+        *flag = count > 0.0;
+    }
+    buf.truncate(n);
+    be.write_f32(&arena.grads, &buf)
 }

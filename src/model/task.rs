@@ -122,7 +122,13 @@ impl BertModel {
             let last = out.last_hidden_state.narrow_rows(start, len)?;
             let pooled = out.pooler_output.as_ref().map(|p| p.narrow_rows(start, len)).transpose()?;
             // The block id is the branch index, even where all branches read the same rows.
-            let dropout = dropout_seed.map(|seed| HeadDropout { seed, seed_buffer: self.seed_buffer_for(seed), p: head.dropout_prob(self.config.hidden_dropout_prob), branch: i as u64 });
+            let dropout = dropout_seed.map(|seed| HeadDropout {
+                seed,
+                seed_buffer: self.seed_buffer_for(seed),
+                p: head.dropout_prob(self.config.hidden_dropout_prob),
+                branch: i as u64,
+                offset: self.dropout_row * self.config.hidden_size as u64,
+            });
             let (logits, tape) = head.forward_with(be, &last, pooled.as_ref(), dropout.as_ref())?;
             result.push(BranchLogits { adapter: child.name().to_string(), logits, tape });
         }

@@ -74,7 +74,7 @@ pub struct HostBranch {
 /// The adapter dropout of a Parallel branch as the model builds it: p, the step's seed, the
 /// location's stream and the branch's id as its one block.
 pub fn adapter_dropout(p: f32, seed: u64, stream: u64, id: u64) -> DropoutSpec {
-    DropoutSpec { p, seed, stream, blocks: vec![id], seed_buffer: None }
+    DropoutSpec { p, seed, stream, blocks: vec![id], seed_buffer: None, offset: 0 }
 }
 
 /// The seed of the branches' dropout for a launch: the first one's (the model's branches share it).

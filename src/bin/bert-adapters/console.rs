@@ -9,6 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 static STDERR_CLOSED: AtomicBool = AtomicBool::new(false);
+/// Set on the ranks of a multi-process `train` other than rank 0: only rank 0 prints.
+static SILENT: AtomicBool = AtomicBool::new(false);
+
+/// From now on `say!` and `warn!` print nothing (a rank other than 0); `err_always` still does.
+pub fn silence() {
+    SILENT.store(true, Ordering::Relaxed);
+}
 
 fn write_line(closed: &AtomicBool, mut w: impl Write, args: Arguments) -> bool {
     if closed.load(Ordering::Relaxed) {
@@ -21,13 +28,22 @@ fn write_line(closed: &AtomicBool, mut w: impl Write, args: Arguments) -> bool {
     ok
 }
 
-/// A line on stdout; `false` once stdout is closed.
-pub fn out(args: Arguments) -> bool {
-    write_line(&STDOUT_CLOSED, std::io::stdout().lock(), args)
+pub fn silenced() -> bool {
+    SILENT.load(Ordering::Relaxed)
 }
 
-/// A line on stderr; `false` once stderr is closed.
+/// A line on stdout; `false` once stdout is closed (or when silenced).
+pub fn out(args: Arguments) -> bool {
+    !SILENT.load(Ordering::Relaxed) && write_line(&STDOUT_CLOSED, std::io::stdout().lock(), args)
+}
+
+/// A line on stderr; `false` once stderr is closed (or when silenced).
 pub fn err(args: Arguments) -> bool {
+    !SILENT.load(Ordering::Relaxed) && err_always(args)
+}
+
+/// A line on stderr even when silenced: a rank's fatal error.
+pub fn err_always(args: Arguments) -> bool {
     write_line(&STDERR_CLOSED, std::io::stderr().lock(), args)
 }
 

@@ -107,19 +107,30 @@ pub fn predict(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, 
 /// As [`predict`], but `None` as soon as `stop` is set (checked before each batch), so that
 /// Ctrl-C during a long evaluation takes effect within one batch.
 pub fn predict_until(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool) -> Result<Option<Vec<usize>>> {
+    let preds = predict_part(model, tokenizer, adapter, texts, stop, 0, 1)?;
+    Ok(preds.map(|p| p.into_iter().map(|v| v.unwrap_or(0)).collect()))
+}
+
+/// As [`predict_until`], for one of `parts` ranks that share the work: the batches (the same
+/// ones as alone, so each text is computed exactly as alone) are dealt out round-robin and
+/// this one, `part`, predicts only its own; the other texts are `None`.
+pub fn predict_part(model: &mut BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool, part: usize, parts: usize) -> Result<Option<Vec<Option<usize>>>> {
     let previous = model.active_adapters().cloned();
     model.set_active_adapters(Some(AdapterSetup::Single(adapter.to_string())))?;
-    let result = predict_active(model, tokenizer, adapter, texts, stop);
+    let result = predict_active(model, tokenizer, adapter, texts, stop, part, parts.max(1));
     model.set_active_adapters(previous)?;
     result
 }
 
-fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool) -> Result<Option<Vec<usize>>> {
+fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, texts: &[&str], stop: &AtomicBool, part: usize, parts: usize) -> Result<Option<Vec<Option<usize>>>> {
     let be = model.backend().clone();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (texts[i].len(), i));
-    let mut out = vec![0usize; texts.len()];
-    for chunk in order.chunks(limits::rows_per_chunk(tokenizer.max_len())) {
+    let mut out = vec![None; texts.len()];
+    for (k, chunk) in order.chunks(limits::rows_per_chunk(tokenizer.max_len())).enumerate() {
+        if k % parts != part {
+            continue;
+        }
         if stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
@@ -136,7 +147,7 @@ fn predict_active(model: &BertModel, tokenizer: &BertTokenizer, adapter: &str, t
             return Err(Error::NonFinite { at: format!("the logits of head `{adapter}` ({}) for text {}", host[at], i + 1) });
         }
         for (&i, row) in chunk.iter().zip(host.chunks(c)) {
-            out[i] = argmax(row);
+            out[i] = Some(argmax(row));
         }
     }
     Ok(Some(out))

@@ -12,6 +12,7 @@ mod objective;
 mod outdir;
 mod plot;
 mod predict;
+mod ranks;
 mod run;
 mod train;
 

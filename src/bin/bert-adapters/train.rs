@@ -24,6 +24,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Dataset, Split, SplitMix64};
+use bert_adapters::dist::DataParallel;
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
@@ -35,6 +36,7 @@ use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
+use crate::ranks::Ranks;
 use crate::{flags, infer, objective, plot};
 
 pub const SCORENN: &str = "scorenn";
@@ -111,6 +113,10 @@ pub struct TrainFlags {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Under mpirun: seconds a rank waits in a collective for the others before it gives up (a
+    /// rank died or hangs) and ends the job.
+    #[arg(long, value_name = "S", default_value = "300", allow_negative_numbers = true, value_parser = flags::whole)]
+    collective_timeout: i128,
 }
 
 /// The flags after `check`: every number in its range.
@@ -131,6 +137,7 @@ pub struct TrainArgs {
     resume: bool,
     overwrite: bool,
     quiet: bool,
+    collective_timeout: u64,
 }
 
 /// Each number in its range, or one line naming the flag and why.
@@ -152,6 +159,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         eval_every: flags::at_least("--eval-every", f.eval_every, 1)?,
         eval_size: flags::at_least("--eval-size", f.eval_size, 1)?,
         seed: flags::at_least("--seed", f.seed, 0)?,
+        collective_timeout: flags::at_least("--collective-timeout", f.collective_timeout, 1)?,
         model: f.model,
         data: f.data,
         out: f.out,
@@ -221,7 +229,7 @@ struct Progress {
 
 impl Progress {
     fn new(args: &TrainArgs, start: u64, total: u64) -> Self {
-        let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total).with_position(start) };
+        let bar = if args.quiet || crate::console::silenced() { ProgressBar::hidden() } else { ProgressBar::new(total).with_position(start) };
         if !bar.is_hidden() {
             let style = ProgressStyle::with_template("{spinner} step {pos}/{len} [{wide_bar}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ");
             bar.set_style(style);
@@ -277,7 +285,13 @@ fn fmt_duration(d: Duration) -> String {
 /// model's device; the loss and gradient norm are read back because the run logs every step.
 /// A non-finite loss or gradient norm (no update was applied) is located by a checked forward
 /// of the same batch when it can be.
-fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW) -> Result<StepValues> {
+///
+/// Among several ranks, `batch` and `labels` are this rank's `rows` of a global batch of
+/// `global` rows: the gradients are all-reduced inside the step, and the loss and the stop
+/// request (`stop`, this rank's Ctrl-C) after it; returns the global values and whether any
+/// rank asked to stop.
+#[allow(clippy::too_many_arguments)]
+fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool) -> Result<(StepValues, bool)> {
     let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
         return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
@@ -288,9 +302,12 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
         Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
     };
     let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
-    let out = model.train_step(batch, labels, &cfg, optimizer)?;
-    match out.read(model.backend().as_ref()) {
-        Ok(v) => Ok(v),
+    let dp = DataParallel { comm: ranks.comm(), rows: rows.clone(), global_rows: global };
+    let out = if ranks.is_parallel() { model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)? } else { model.train_step(batch, labels, &cfg, optimizer)? };
+    let mine = out.read_unchecked(model.backend().as_ref())?;
+    let (loss, ce, stop) = ranks.reduce_step(mine.loss, mine.ce, dp.weight(), stop)?;
+    match (StepValues { loss, ce, grad_norm: mine.grad_norm }).checked() {
+        Ok(v) => Ok((v, stop)),
         Err(Error::NonFinite { at }) => match model.forward_train(batch) {
             Err(located @ Error::NonFinite { .. }) => Err(located),
             _ => Err(Error::NonFinite { at }),
@@ -334,6 +351,8 @@ fn diverged_after(e: Error, step: u64) -> Error {
 /// Everything a run carries from step to step.
 struct Run<'a> {
     args: &'a TrainArgs,
+    /// This process among the ranks (one, unless under mpirun): only rank 0 writes.
+    ranks: &'a Ranks,
     model: BertModel,
     tokenizer: BertTokenizer,
     data: Dataset,
@@ -378,7 +397,14 @@ impl Run<'_> {
         self.progress.doing(&format!("{what} ({} examples)", indices.len()));
         self.model.set_dropout(None);
         let texts: Vec<&str> = indices.iter().map(|&i| self.data.examples[i].text.as_str()).collect();
-        let Some(pred) = infer::predict_until(&mut self.model, &self.tokenizer, TASKNN, &texts, &self.stop)? else {
+        // Among several ranks, each predicts its share of the batches and all gather the rest.
+        let pred = if self.ranks.is_parallel() {
+            let mine = infer::predict_part(&mut self.model, &self.tokenizer, TASKNN, &texts, &self.stop, self.ranks.rank(), self.ranks.size())?;
+            self.ranks.gather(mine, texts.len())?
+        } else {
+            infer::predict_until(&mut self.model, &self.tokenizer, TASKNN, &texts, &self.stop)?
+        };
+        let Some(pred) = pred else {
             return Ok(None);
         };
         let gold: Vec<usize> = indices.iter().map(|&i| self.data.examples[i].label).collect();
@@ -416,11 +442,17 @@ impl Run<'_> {
     }
 
     fn write_reports(&self) -> Result<()> {
+        if !self.ranks.writes() {
+            return Ok(());
+        }
         metrics::write_csv(&self.args.out.join(METRICS), &self.evals)?;
         plot::write(&self.args.out.join(PLOT), &self.steps, &self.evals, self.total)
     }
 
     fn save_checkpoint(&self, step: u64) -> Result<()> {
+        if !self.ranks.writes() {
+            return Ok(());
+        }
         let snap = Snapshot {
             step,
             settings: &self.settings,
@@ -477,7 +509,7 @@ impl Run<'_> {
             "steps": step,
             "config": self.args.config,
         });
-        for name in [SCORENN, TASKNN] {
+        for name in [SCORENN, TASKNN].into_iter().filter(|_| self.ranks.writes()) {
             replace_dir(&self.args.out.join(name), &ADAPTER_TREE, |dir| {
                 self.model.save_adapter(dir, name)?;
                 let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("{TRAIN_INFO}: {e}")))?;
@@ -491,6 +523,9 @@ impl Run<'_> {
     }
 
     fn write_predictions(&self, indices: &[usize], pred: &[usize]) -> Result<()> {
+        if !self.ranks.writes() {
+            return Ok(());
+        }
         let path = self.args.out.join(PREDICTIONS);
         let to_err = |e: &dyn std::fmt::Display| Error::Malformed { path: path.clone(), msg: format!("cannot write CSV: {e}") };
         let mut w = csv::Writer::from_writer(Vec::new());
@@ -574,6 +609,18 @@ fn canonical(path: &Path) -> String {
 
 pub fn run(flags: TrainFlags) -> Result<()> {
     let args = check(flags)?;
+    let ranks = Ranks::from_env(Duration::from_secs(args.collective_timeout))?;
+    if !ranks.writes() {
+        crate::console::silence();
+    }
+    // Among several ranks a failure on one ends them all (see `Ranks::fail`).
+    train(&args, &ranks).map_err(|e| ranks.fail(e))
+}
+
+fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
+    if args.batch_size < ranks.size() {
+        return Err(Error::Input(format!("--batch-size {} is less than the {} ranks: every rank needs at least one text of each batch", args.batch_size, ranks.size())));
+    }
     check_exists(&args.model, DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     check_exists(&args.data, DEFAULT_DATA, "data file", "fetch-data.sh")?;
     let config = AdapterConfig::named(&args.config)?;
@@ -591,11 +638,13 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         (false, false) => Start::Fresh,
     };
     let backend = infer::training_backend(&args.device)?;
-    // Before anything slow: a fresh run must not land on a previous one.
-    let prepared = outdir::prepare(&args.out, start_mode)?;
-    for line in &prepared.cleaned {
+    // Before anything slow: a fresh run must not land on a previous one. Only rank 0 looks
+    // after --out; the others read the checkpoint it may have put back once it has.
+    let prepared = if ranks.writes() { Some(outdir::prepare(&args.out, start_mode)?) } else { None };
+    for line in prepared.iter().flat_map(|p| &p.cleaned) {
         say!("{}: {line} (left by an interrupted run)", args.out.display());
     }
+    ranks.comm().barrier()?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), LoadOptions::default())?;
     if args.max_len > model.config().max_seq_len() {
         return Err(Error::Input(format!("--max-len {} exceeds the model's {}", args.max_len, model.config().max_seq_len_source())));
@@ -666,13 +715,19 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         evals.retain(|e| e.split != "test");
     }
     model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))?;
-    if start_mode == Start::Overwrite && !prepared.previous.is_empty() {
+    // Every rank must be about to run the same trajectory from the same place.
+    let mut same = Settings { data: String::new(), model: String::new(), ..settings.clone() };
+    same.data_fingerprint.push_str(&format!(" start {start} steps {} eval {} {}", args.steps, args.eval_every, args.eval_size));
+    ranks.agree("their settings, data, model or checkpoint", xxhash_rust::xxh3::xxh3_64(format!("{same:?}").as_bytes()))?;
+    if let Some(previous) = prepared.as_ref().map(|p| &p.previous).filter(|p| start_mode == Start::Overwrite && !p.is_empty()) {
         // Everything is loaded and checked: only now does the previous run go, all of it, so
         // its files never end up beside this run's.
         outdir::clear_previous(&args.out)?;
-        say!("{}: removed the previous run ({})", args.out.display(), prepared.previous.join(", "));
+        say!("{}: removed the previous run ({})", args.out.display(), previous.join(", "));
     }
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e })?;
+    if ranks.writes() {
+        std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e })?;
+    }
 
     // A resume asking for fewer steps than its checkpoint holds finishes where the run stands.
     let total = start.max(args.steps);
@@ -689,13 +744,26 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    let rows = ranks.shard(args.batch_size);
+    if ranks.is_parallel() {
+        say!(
+            "data parallel over {}: each rank takes {}–{} texts of every batch of {}; the trained adapter's gradients are all-reduced every step",
+            ranks.comm().name(),
+            args.batch_size / ranks.size(),
+            args.batch_size.div_ceil(ranks.size()),
+            args.batch_size
+        );
+    }
     for line in training_warnings(&mut model)? {
         warn!("warning: {line}");
     }
+    // This rank's rows draw the dropout masks they draw in the whole batch.
+    model.set_dropout_row(rows.start as u64);
 
     let stop = install_ctrlc();
     let mut run = Run {
-        args: &args,
+        args,
+        ranks,
         model,
         tokenizer,
         data,
@@ -712,7 +780,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         train_tokens: 0,
         window_secs: 0.0,
         window_tokens: 0,
-        progress: Progress::new(&args, start, total),
+        progress: Progress::new(args, start, total),
         stop: stop.clone(),
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
@@ -721,8 +789,11 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     }
     let train_indices = run.split.train.clone();
     let mut order = Order { train: &train_indices, seed: args.seed, epoch: None };
+    // Among several ranks, Ctrl-C on any of them stops all at the same step: the request travels
+    // with each step's loss.
+    let mut stop_agreed = false;
     for s in start..total {
-        if stop.load(Ordering::SeqCst) {
+        if stop_agreed || (!ranks.is_parallel() && stop.load(Ordering::SeqCst)) {
             return Err(run.interrupted(s, ""));
         }
         let adapter = trained_at(s, args.alternate);
@@ -733,11 +804,14 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         // that pays; see `bucket_len`.
         let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config(), run.model.backend().length_bucket())?;
         let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
+        // Among several ranks: this rank's rows, padded as the whole batch is.
+        let batch = if ranks.is_parallel() { batch.rows(rows.clone())? } else { batch };
         let t0 = Instant::now();
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
-        let loss = step(&mut run.model, &batch, &labels, adapter, optimizer).map_err(|e| step_failed(e, s))?;
+        let (loss, stop_now) = step(&mut run.model, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst)).map_err(|e| step_failed(e, s))?;
+        stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
         run.train_secs += secs;

@@ -1,0 +1,210 @@
+//! Data-parallel training in one process (issue 18): ranks as threads, joined by an in-memory
+//! communicator that sums in rank order as the MPI one does, so the library's part (shards,
+//! dropout masks keyed by global row, the gradient all-reduce weighted by rows) is tested on
+//! every machine; tests/mpi_train.rs runs the real `mpirun`.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use bert_adapters::dist::{shard, sum_in_rank_order, Communicator, DataParallel};
+use bert_adapters::model::heads::HeadConfig;
+use bert_adapters::model::step::TrainStepConfig;
+use bert_adapters::train::{AdamW, AdamWConfig, Objective};
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, Result, Tensor};
+
+mod common;
+
+use common::{setup, tiny};
+
+/// `size` ranks in threads of one process: every rank puts its buffer in its slot, all wait,
+/// each sums the slots in rank order, all wait again before the slots are reused.
+struct ThreadComm {
+    rank: usize,
+    size: usize,
+    slots: Arc<Mutex<Vec<Vec<f32>>>>,
+    barrier: Arc<Barrier>,
+}
+
+impl ThreadComm {
+    fn group(size: usize) -> Vec<ThreadComm> {
+        let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
+        let barrier = Arc::new(Barrier::new(size));
+        (0..size).map(|rank| ThreadComm { rank, size, slots: slots.clone(), barrier: barrier.clone() }).collect()
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn name(&self) -> String {
+        format!("{} threads", self.size)
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.slots.lock().unwrap()[self.rank] = buf.to_vec();
+        self.barrier.wait();
+        let parts: Vec<f32> = self.slots.lock().unwrap().concat();
+        buf.copy_from_slice(&sum_in_rank_order(&parts, buf.len()));
+        self.barrier.wait();
+        Ok(())
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if self.rank == root {
+            self.slots.lock().unwrap()[root] = buf.to_vec();
+        }
+        self.barrier.wait();
+        buf.copy_from_slice(&self.slots.lock().unwrap()[root]);
+        self.barrier.wait();
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.barrier.wait();
+        Ok(())
+    }
+}
+
+/// The tiny BERT with Parallel(scorenn, tasknn) pfeiffer adapters and 3-class heads, the
+/// adapters blown up so that a wrong gradient cannot hide in the tolerance.
+fn model() -> (BertModel, InputBatch, Vec<usize>) {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
+    let (mut model, batch) = tiny(be);
+    model.add_adapter_seeded("scorenn", AdapterConfig::named("pfeiffer").unwrap(), 1).unwrap();
+    model.add_adapter_seeded("tasknn", AdapterConfig::named("pfeiffer").unwrap(), 2).unwrap();
+    for n in ["scorenn", "tasknn"] {
+        model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
+        for t in model.adapter_params_mut(n).unwrap().values_mut() {
+            let v: Vec<f32> = t.cpu_data().unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
+            *t = Tensor::from_vec(v, t.shape()).unwrap();
+        }
+    }
+    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
+    let labels: Vec<usize> = (0..batch.batch).map(|i| (i * 2 + 1) % 3).collect();
+    (model, batch, labels)
+}
+
+/// Step `s`: tasknn for two steps, then scorenn for two, each with its objective.
+fn step_cfg(s: u64) -> TrainStepConfig {
+    if (s / 2).is_multiple_of(2) {
+        TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) }
+    } else {
+        TrainStepConfig { objective: Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }, trained: "scorenn".into(), max_grad_norm: Some(1.0) }
+    }
+}
+
+const STEPS: u64 = 8;
+
+/// `STEPS` alternating steps with dropout on `rows` of the batch (all of it alone); returns
+/// both adapters' arena parameters and each step's loss as this rank saw it (the global loss
+/// once weighted and summed).
+fn train(comm: Option<&dyn Communicator>) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let (mut model, batch, labels) = model();
+    let opt = AdamW::new(AdamWConfig { lr: 0.01, ..AdamWConfig::default() }).unwrap();
+    let mut opts = [opt.clone(), opt];
+    let rows = comm.map_or(0..batch.batch, |c| shard(batch.batch, c.rank(), c.size()));
+    let mine = batch.rows(rows.clone()).unwrap();
+    model.set_dropout_row(rows.start as u64);
+    let mut losses = Vec::new();
+    for s in 0..STEPS {
+        let cfg = step_cfg(s);
+        model.train_adapter(&[cfg.trained.as_str()]).unwrap();
+        model.set_dropout(Some(1000 + s));
+        let opt = &mut opts[usize::from(cfg.trained == "tasknn")];
+        let out = match comm {
+            Some(c) => {
+                let dp = DataParallel { comm: c, rows: rows.clone(), global_rows: batch.batch };
+                let out = model.train_step_data_parallel(&mine, &labels[rows.clone()], &cfg, opt, &dp).unwrap();
+                let mut loss = [out.read_unchecked(model.backend().as_ref()).unwrap().loss * dp.weight()];
+                c.all_reduce_sum(&mut loss).unwrap();
+                loss[0]
+            }
+            None => model.train_step(&batch, &labels, &cfg, opt).unwrap().read(model.backend().as_ref()).unwrap().loss,
+        };
+        losses.push(out);
+    }
+    let be = model.backend().clone();
+    let params = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
+    (params, losses)
+}
+
+fn assert_rel(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (i, diff) = got.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0f32), |m, (i, d)| if d > m.1 { (i, d) } else { m });
+    assert!(diff <= rel * scale, "{what}: max |diff| {diff:e} at {i} ({} vs {}) > {rel:e} · {scale}", got[i], want[i]);
+}
+
+fn run_ranks(size: usize) -> Vec<(Vec<Vec<f32>>, Vec<f32>)> {
+    let handles: Vec<_> = ThreadComm::group(size).into_iter().map(|c| std::thread::spawn(move || train(Some(&c)))).collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn ranks_train_what_one_process_trains_on_the_whole_batch() {
+    let (single, single_losses) = train(None);
+    // 2 ranks: 2 + 2 rows; 3 ranks: 2 + 1 + 1 (unequal shards, weighted by rows, not 1/N).
+    for size in [2, 3] {
+        let ranks = run_ranks(size);
+        for (r, (params, losses)) in ranks.iter().enumerate() {
+            // Every rank applied the same update to the same bits.
+            assert!(params == &ranks[0].0, "{size} ranks: rank {r}'s adapters differ from rank 0's");
+            assert_rel(&format!("{size} ranks: losses"), losses, &single_losses, 1e-5);
+        }
+        for (i, name) in ["scorenn", "tasknn"].iter().enumerate() {
+            assert_rel(&format!("{size} ranks: {name}'s arena after {STEPS} steps"), &ranks[0].0[i], &single[i], 1e-5);
+        }
+    }
+    // The adapters did move (the arena holds the adapter's tensors first, in key order), so the
+    // comparison above is not between untouched copies.
+    let (mut fresh, _, _) = model();
+    let start: Vec<f32> = fresh.adapter_params_mut("tasknn").unwrap().values().flat_map(|t| t.cpu_data().unwrap().to_vec()).collect();
+    let moved = start.iter().zip(&single[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "tasknn barely moved in {STEPS} steps ({moved})");
+}
+
+#[test]
+fn a_shard_draws_the_dropout_masks_its_rows_draw_in_the_whole_batch() {
+    let (mut model, batch, _) = model();
+    model.train_adapter(&["tasknn"]).unwrap();
+    model.set_dropout(Some(77));
+    let be = model.backend().clone();
+    let (b, rows) = (batch.batch, 1..3);
+    let full = be.to_host(&model.forward_train(&batch).unwrap().0.last_hidden_state).unwrap();
+    let per_row = full.len() / (2 * b);
+    let shard = batch.rows(rows.clone()).unwrap();
+    let run_shard = |model: &mut BertModel, row: u64| {
+        model.set_dropout_row(row);
+        be.to_host(&model.forward_train(&shard).unwrap().0.last_hidden_state).unwrap()
+    };
+    let keyed = run_shard(&mut model, rows.start as u64);
+    let unkeyed = run_shard(&mut model, 0);
+    // Parallel replicates the batch: branch k's rows are k·B + row in the whole, k·b + row in the shard.
+    let (mut want, mut got_keyed, mut got_unkeyed) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..2 {
+        want.extend_from_slice(&full[(k * b + rows.start) * per_row..(k * b + rows.end) * per_row]);
+        got_keyed.extend_from_slice(&keyed[k * rows.len() * per_row..(k + 1) * rows.len() * per_row]);
+        got_unkeyed.extend_from_slice(&unkeyed[k * rows.len() * per_row..(k + 1) * rows.len() * per_row]);
+    }
+    assert_rel("the shard keyed by its global rows", &got_keyed, &want, 1e-5);
+    // Keyed from row 0 instead, the shard drops other elements: far from the whole batch's rows.
+    let diff = got_unkeyed.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-2, "without the row offset the shard drew the same masks (max diff {diff})");
+}
+
+#[test]
+fn a_shard_outside_the_batch_or_with_other_dropout_rows_is_refused() {
+    let (mut model, batch, labels) = model();
+    model.train_adapter(&["tasknn"]).unwrap();
+    let comm = bert_adapters::SingleProcess;
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let cfg = step_cfg(0);
+    let shard = batch.rows(2..4).unwrap();
+    let dp = DataParallel { comm: &comm, rows: 2..4, global_rows: 4 };
+    let e = model.train_step_data_parallel(&shard, &labels[2..4], &cfg, &mut opt, &dp).unwrap_err().to_string();
+    assert!(e.contains("global row 0") && e.contains("starts at row 2"), "{e}");
+    let dp = DataParallel { comm: &comm, rows: 2..5, global_rows: 4 };
+    let e = model.train_step_data_parallel(&shard, &labels[2..4], &cfg, &mut opt, &dp).unwrap_err().to_string();
+    assert!(e.contains("rows 2..5 of a global batch of 4 for a batch of 2"), "{e}");
+    assert!(batch.rows(3..5).unwrap_err().to_string().contains("rows 3..5 of a batch of 4"));
+}
