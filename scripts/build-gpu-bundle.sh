@@ -18,7 +18,8 @@
 # Executables stripped, then packed into gpu-bundle/executables.tar.gz (device-check.sh unpacks it). Release, not debug: a debug test binary is ~55 MB, and what travels to the GPU
 # machine must stay under 64 MiB in total: the bundle is checked against 64 MiB less the rest of
 # the working tree (tracked and untracked-not-ignored files) less a 2 MiB margin.
-# GPU_TESTS="a b" builds only those test executables (e.g. a small bundle for a DRY_RUN here).
+# GPU_TESTS="a b" builds only those test executables (e.g. a small bundle for a DRY_RUN here);
+# without it the bundle also holds test-nccl (see NCCL below).
 # The machine then only needs scripts/device-check.sh.
 #
 # It also records the crate root these binaries were compiled in (gpu-bundle/MANIFEST_DIR):
@@ -33,8 +34,8 @@ BUNDLE=gpu-bundle
 TRANSFER_LIMIT_MIB=64   # what may travel to the GPU machine in one call, the tree included
 MARGIN_MIB=2
 BENCH_WHEELS=(adapters==1.3.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2)
-GPU_TESTS_DEFAULT=(layernorm gpu_runtime gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model nvrtc_compile parity adapters grad_parity)
-if [ -n "${GPU_TESTS:-}" ]; then read -ra GPU_TESTS <<<"$GPU_TESTS"; else GPU_TESTS=("${GPU_TESTS_DEFAULT[@]}"); fi
+GPU_TESTS_DEFAULT=(layernorm gpu_runtime gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model nvrtc_compile parity adapters grad_parity roberta)
+if [ -n "${GPU_TESTS:-}" ]; then GPU_TESTS_SET=1; read -ra GPU_TESTS <<<"$GPU_TESTS"; else GPU_TESTS=("${GPU_TESTS_DEFAULT[@]}"); fi
 
 for tool in jq strip cargo; do
     command -v "$tool" >/dev/null || { echo "error: $tool is required" >&2; exit 1; }
@@ -45,6 +46,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 echo "building release test executables ..." >&2
 cargo test --release --no-run --message-format=json "${GPU_TESTS[@]/#/--test=}" >"$tmp/test.json"
+# The NCCL communicator's one-GPU test needs the `nccl` feature (a second release build of the
+# library); NCCL=0 leaves it out.
+if [ "${NCCL:-1}" != 0 ] && [ -z "${GPU_TESTS_SET:-}" ]; then
+    echo "building the release NCCL test (feature nccl) ..." >&2
+    cargo test --release --no-run --message-format=json --features nccl --test nccl >>"$tmp/test.json"
+fi
 echo "building release bench executables ..." >&2
 cargo bench --no-run --message-format=json --bench kernels --bench cuda >"$tmp/bench.json"
 echo "building release binary ..." >&2
