@@ -7,8 +7,12 @@
 //! - **Size classes.** On a GPU, requests round up to 512 bytes (cudaMalloc's own granularity is
 //!   coarser still). On cuda-sim a class is the exact byte count, so that the executor's guard
 //!   pages still fault on the first byte past what was asked for.
-//! - **Bounded.** Cached (free) bytes stay under a cap; a block that would pass it goes back to
-//!   the driver. [`super::Gpu::release_cached`] empties the cache (torch's `empty_cache`).
+//! - **Bounded.** Cached (free) bytes stay under a cap. A freed block that would pass it pushes
+//!   the least recently freed cached blocks (of any class) back to the driver first, so the
+//!   cache follows the current shapes: after a larger model's buffers filled it, the next
+//!   model's warm-up step still leaves the blocks its graph capture needs (seen on an H100: a
+//!   MiniLM capture after BERT-base benchmarks found none). Only a block larger than the whole
+//!   cap goes straight back. [`super::Gpu::release_cached`] empties the cache (torch's `empty_cache`).
 //! - **Poison.** On cuda-sim a reused block is poisoned again (the executor's NaN words), so a
 //!   read before a write still shows, as in a fresh allocation.
 //! - **Stream order.** One stream does everything, so a block freed while a kernel still reads
@@ -58,7 +62,10 @@ pub(crate) struct Block {
 }
 
 struct PoolState {
-    free: HashMap<usize, Vec<Block>>,
+    /// Free blocks by size class, each with the sequence number of its release (oldest first).
+    free: HashMap<usize, Vec<(u64, Block)>>,
+    /// The next release's sequence number.
+    released_seq: u64,
     stats: MemoryStats,
     /// While a graph capture runs: the blocks freed during it, reserved for the graph.
     capture: Option<Vec<Block>>,
@@ -74,7 +81,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn new(cap: usize, granularity: usize) -> Pool {
-        Pool { state: Mutex::new(PoolState { free: HashMap::new(), stats: MemoryStats::default(), capture: None }), cap, granularity: granularity.max(1) }
+        Pool { state: Mutex::new(PoolState { free: HashMap::new(), released_seq: 0, stats: MemoryStats::default(), capture: None }), cap, granularity: granularity.max(1) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -93,7 +100,7 @@ impl Pool {
         let block = match from_capture {
             Some(b) => b,
             None => {
-                let b = s.free.get_mut(&class).and_then(Vec::pop)?;
+                let (_, b) = s.free.get_mut(&class).and_then(Vec::pop)?;
                 s.stats.cached_bytes -= class;
                 b
             }
@@ -125,14 +132,31 @@ impl Pool {
             reserve.push(block);
             return;
         }
-        if s.stats.cached_bytes + block.bytes > self.cap {
+        if block.bytes > self.cap {
             s.stats.released += 1;
             drop(s);
             drop(block); // frees outside the lock
             return;
         }
+        let mut evicted = Vec::new();
+        while s.stats.cached_bytes + block.bytes > self.cap {
+            // The least recently freed block: the front of some class's list.
+            let Some(class) = s.free.iter().filter_map(|(&c, v)| v.first().map(|(seq, _)| (*seq, c))).min().map(|(_, c)| c) else { break };
+            let Some(list) = s.free.get_mut(&class) else { break };
+            let (_, old) = list.remove(0);
+            if list.is_empty() {
+                s.free.remove(&class);
+            }
+            s.stats.cached_bytes -= old.bytes;
+            s.stats.released += 1;
+            evicted.push(old);
+        }
         s.stats.cached_bytes += block.bytes;
-        s.free.entry(block.bytes).or_default().push(block);
+        let seq = s.released_seq;
+        s.released_seq += 1;
+        s.free.entry(block.bytes).or_default().push((seq, block));
+        drop(s);
+        drop(evicted); // frees outside the lock
     }
 
     /// Blocks a graph gives up when it is dropped: back to the pool, as if freed now. (They were
@@ -162,7 +186,7 @@ impl Pool {
     pub fn release_cached(&self) {
         let blocks: Vec<Block> = {
             let mut s = self.lock();
-            let blocks: Vec<Block> = s.free.drain().flat_map(|(_, v)| v).collect();
+            let blocks: Vec<Block> = s.free.drain().flat_map(|(_, v)| v).map(|(_, b)| b).collect();
             s.stats.released += blocks.len() as u64;
             s.stats.cached_bytes = 0;
             blocks
@@ -172,5 +196,52 @@ impl Pool {
 
     pub fn stats(&self) -> MemoryStats {
         self.lock().stats
+    }
+}
+
+#[cfg(all(test, feature = "cuda-sim"))]
+mod tests {
+    use super::*;
+
+    fn block(bytes: usize) -> Block {
+        let a = super::super::sim::SimAllocation::new(bytes).expect("executor allocation");
+        Block { ptr: a.as_ptr() as u64, raw: RawBlock::Sim(a), bytes }
+    }
+
+    fn lend(pool: &Pool, bytes: usize) -> Block {
+        pool.note_fresh(bytes);
+        block(bytes)
+    }
+
+    /// A freed block that would pass the cap displaces the least recently freed cached blocks,
+    /// whatever their class, instead of being dropped itself.
+    #[test]
+    fn the_cap_evicts_the_least_recently_freed_blocks() {
+        let pool = Pool::new(1000, 1);
+        for bytes in [400, 300, 200] {
+            let b = lend(&pool, bytes);
+            pool.give_back(b);
+        }
+        assert_eq!(pool.stats().cached_bytes, 900);
+        let b = lend(&pool, 350); // 900 + 350 > 1000: the 400 (oldest) goes, then nothing more
+        pool.give_back(b);
+        let s = pool.stats();
+        assert_eq!((s.cached_bytes, s.released), (850, 1));
+        assert!(pool.take(400).is_none(), "the oldest block was evicted");
+        for class in [300, 200, 350] {
+            let b = pool.take(class).unwrap_or_else(|| panic!("class {class} must still be cached"));
+            pool.give_back(b);
+        }
+        // Freed again in the order 300, 200, 350: a 500 evicts 300, then 200, and keeps 350.
+        let b = lend(&pool, 500);
+        pool.give_back(b);
+        let s = pool.stats();
+        assert_eq!((s.cached_bytes, s.released), (850, 3));
+        assert!(pool.take(300).is_none() && pool.take(200).is_none());
+        assert!(pool.take(350).is_some() && pool.take(500).is_some());
+        // A block larger than the whole cap goes straight back, evicting nothing.
+        let b = lend(&pool, 1001);
+        pool.give_back(b);
+        assert_eq!(pool.stats().released, 4);
     }
 }
