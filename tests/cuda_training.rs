@@ -259,6 +259,53 @@ fn captured_steps_replay(adapter_dropout: [f64; 2]) {
     }
 }
 
+/// A graph records where every adapter's parameters are. Training the other adapter for the
+/// first time moves its parameters into its new arena, so a graph captured before reads stale
+/// weights: its replay is refused (found by `train`, which alternates the adapters), and a
+/// recapture replays bit-identically to a launched step again.
+#[test]
+fn a_capture_from_before_the_other_adapter_trained_is_refused() {
+    for dev in common::cuda_backends() {
+        let label = dev.name();
+        let (mut launched, batch, labels) = parallel_model(dev.clone());
+        let (mut replayed, _, _) = parallel_model(dev.clone());
+        let vocab = launched.config().vocab_size;
+        let cfg = |trained: &str| TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: trained.into(), max_grad_norm: Some(1.0) };
+        let new_opt = || AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap();
+        let (mut task_l, mut task_r, mut score_l, mut score_r) = (new_opt(), new_opt(), new_opt(), new_opt());
+        for m in [&mut launched, &mut replayed] {
+            m.train_adapter(&["tasknn"]).unwrap();
+            m.set_dropout(Some(5));
+        }
+        launched.train_step(&batch, &labels, &cfg("tasknn"), &mut task_l).unwrap();
+        replayed.train_step(&batch, &labels, &cfg("tasknn"), &mut task_r).unwrap();
+        let stale = replayed.capture_train_step(&batch, &labels, &cfg("tasknn"), &mut task_r).unwrap();
+        // scorenn's first steps (its arena is built now), launched on both.
+        for m in [&mut launched, &mut replayed] {
+            m.train_adapter(&["scorenn"]).unwrap();
+        }
+        let (b, y) = vary(&batch, &labels, 1, vocab);
+        launched.train_step(&b, &y, &cfg("scorenn"), &mut score_l).unwrap();
+        replayed.train_step(&b, &y, &cfg("scorenn"), &mut score_r).unwrap();
+        for m in [&mut launched, &mut replayed] {
+            m.train_adapter(&["tasknn"]).unwrap();
+        }
+        let (b, y) = vary(&batch, &labels, 2, vocab);
+        let err = replayed.replay_train_step(&stale, &b, &y, &mut task_r).unwrap_err();
+        assert!(matches!(err, bert_adapters::Error::Input(_)) && err.to_string().contains("capture the step again"), "{label}: {err}");
+        drop(stale);
+        let graph = replayed.capture_train_step(&batch, &labels, &cfg("tasknn"), &mut task_r).unwrap();
+        for step in 2..4 {
+            let (b, y) = vary(&batch, &labels, step, vocab);
+            launched.set_dropout(Some(5 + step as u64));
+            replayed.set_dropout(Some(5 + step as u64));
+            let want = launched.train_step(&b, &y, &cfg("tasknn"), &mut task_l).unwrap().read(dev.as_ref()).unwrap();
+            let got = replayed.replay_train_step(&graph, &b, &y, &mut task_r).unwrap_or_else(|e| panic!("{label} replay {step}: {e}")).read(dev.as_ref()).unwrap();
+            assert_eq!((got.loss.to_bits(), got.grad_norm.to_bits()), (want.loss.to_bits(), want.grad_norm.to_bits()), "{label} step {step}: replayed {got:?}, launched {want:?}");
+        }
+    }
+}
+
 /// The CPU backend has no graphs: capture is refused with the reason.
 #[test]
 fn capture_needs_a_cuda_backend() {

@@ -40,7 +40,9 @@ pub struct TrainStepGraph {
     arena: [Tensor; 2],
     optimizer: Vec<Tensor>,
     seed: Option<Tensor>,
-    _kept: Vec<Tensor>,
+    /// Every adapter and head tensor of the setup the launches read, in [`BertModel::setup_params`]
+    /// order: compared at replay (an adapter whose arena was built after the capture has moved).
+    kept: Vec<Tensor>,
 }
 
 impl std::fmt::Debug for TrainStepGraph {
@@ -98,15 +100,7 @@ impl BertModel {
         let (output, graph) = (recorded?, graph?);
         let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
         let setup: Vec<String> = self.active.as_ref().map(|s| s.names().to_vec()).unwrap_or_default();
-        let mut kept: Vec<Tensor> = Vec::new();
-        for name in &setup {
-            if let Some(a) = self.adapters.get(name) {
-                kept.extend(a.params().values().cloned());
-            }
-            if let Some(h) = self.heads.get(name) {
-                kept.extend(h.params().values().cloned());
-            }
-        }
+        let kept = self.setup_params(&setup);
         let i = setup.iter().position(|n| *n == cfg.trained).unwrap_or(0);
         let classes = output.logits.get(i).map_or(0, |l| l.shape()[1]);
         Ok(TrainStepGraph {
@@ -124,7 +118,7 @@ impl BertModel {
             optimizer: optimizer.device_buffers(),
             seed: self.seed_buffer.as_ref().map(|(_, t)| t.clone()),
             output,
-            _kept: kept,
+            kept,
         })
     }
 
@@ -173,9 +167,15 @@ impl BertModel {
                 (Some(t), Some((_, now))) => t.shares_storage(now),
                 _ => false,
             };
-        if setup != graph.setup || !self.trainable.contains(&graph.trained) || !arena_same || !seed_same || !same(&optimizer.device_buffers(), &graph.optimizer) {
+        if setup != graph.setup
+            || !self.trainable.contains(&graph.trained)
+            || !arena_same
+            || !seed_same
+            || !same(&optimizer.device_buffers(), &graph.optimizer)
+            || !same(&self.setup_params(&setup), &graph.kept)
+        {
             return Err(Error::Input(format!(
-                "replay_train_step: the setup, the trainable adapter `{}`, its arena, the dropout mode or the optimizer changed since the capture; capture the step again",
+                "replay_train_step: the setup, the trainable adapter `{}`, its arena, an adapter's or head's parameters (moved into an arena built since), the dropout mode or the optimizer changed since the capture; capture the step again",
                 graph.trained
             )));
         }
@@ -191,6 +191,20 @@ impl BertModel {
         optimizer.count_replayed_step(graph.updates);
         self.version += 1; // the parameters changed: earlier tapes are stale
         Ok(&graph.output)
+    }
+
+    /// The parameter tensors of every adapter and head in `setup`, in a fixed order.
+    fn setup_params(&self, setup: &[String]) -> Vec<Tensor> {
+        let mut params: Vec<Tensor> = Vec::new();
+        for name in setup {
+            if let Some(a) = self.adapters.get(name) {
+                params.extend(a.params().values().cloned());
+            }
+            if let Some(h) = self.heads.get(name) {
+                params.extend(h.params().values().cloned());
+            }
+        }
+        params
     }
 
     /// Writes `labels` into the model's fixed label buffer (allocating it at a new batch size).

@@ -13,7 +13,7 @@
 //! dropout draw differs from another. Evaluation pads to its longest text (its batches are sorted
 //! by length, so already tight), exactly as `predict` does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +28,7 @@ use bert_adapters::dist::DataParallel;
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
+use bert_adapters::model::graph::TrainStepGraph;
 use bert_adapters::model::step::{StepValues, TrainStepConfig};
 use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, InputBatch, LoadOptions, Result};
@@ -113,6 +114,10 @@ pub struct TrainFlags {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     quiet: bool,
+    /// On a CUDA device, launch every step's kernels instead of replaying a captured step (a
+    /// CUDA graph per adapter and batch shape, captured the second time that shape comes up).
+    #[arg(long)]
+    no_graphs: bool,
     /// Under mpirun: seconds a rank waits in a collective for the others before it gives up (a
     /// rank died or hangs) and ends the job.
     #[arg(long, value_name = "S", default_value = "300", allow_negative_numbers = true, value_parser = flags::whole)]
@@ -137,6 +142,7 @@ pub struct TrainArgs {
     resume: bool,
     overwrite: bool,
     quiet: bool,
+    graphs: bool,
     collective_timeout: u64,
 }
 
@@ -168,6 +174,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         resume: f.resume,
         overwrite: f.overwrite,
         quiet: f.quiet,
+        graphs: !f.no_graphs,
     })
 }
 
@@ -291,7 +298,7 @@ fn fmt_duration(d: Duration) -> String {
 /// request (`stop`, this rank's Ctrl-C) after it; returns the global values and whether any
 /// rank asked to stop.
 #[allow(clippy::too_many_arguments)]
-fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool) -> Result<(StepValues, bool)> {
+fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool) -> Result<(StepValues, bool)> {
     let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
         return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
@@ -303,8 +310,11 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
     };
     let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
     let dp = DataParallel { comm: ranks.comm(), rows: rows.clone(), global_rows: global };
-    let out = if ranks.is_parallel() { model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)? } else { model.train_step(batch, labels, &cfg, optimizer)? };
-    let mine = out.read_unchecked(model.backend().as_ref())?;
+    let mine = if ranks.is_parallel() {
+        model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)?.read_unchecked(model.backend().as_ref())?
+    } else {
+        graphs.train_step(model, batch, labels, &cfg, optimizer)?
+    };
     let (loss, ce, stop) = ranks.reduce_step(mine.loss, mine.ce, dp.weight(), stop)?;
     match (StepValues { loss, ce, grad_norm: mine.grad_norm }).checked() {
         Ok(v) => Ok((v, stop)),
@@ -313,6 +323,71 @@ fn step(model: &mut BertModel, batch: &InputBatch, labels: &[usize], adapter: &s
             _ => Err(Error::NonFinite { at }),
         },
         Err(e) => Err(e),
+    }
+}
+
+/// Captured training steps on a CUDA backend (`BertModel::capture_train_step`): the second
+/// time an (adapter, batch, length) comes up it is captured, and every later step at that key
+/// replays the graph (one `cuGraphLaunch` on a GPU) with its new batch, labels, dropout seed and
+/// learning rate, bit-identical to launching the step (tests/cuda_graph.rs, train_cli.rs). The
+/// first sighting launches, because a capture reuses the memory an uncaptured step at the shape
+/// left in the pool. At most [`MAX_STEP_GRAPHS`] are kept (each holds its step's scratch memory);
+/// other keys launch. A key whose capture fails launches from then on; a replay refused because
+/// the training state was rebuilt drops the graph and launches.
+struct StepGraphs {
+    enabled: bool,
+    seen: HashSet<(String, usize, usize)>,
+    graphs: HashMap<(String, usize, usize), TrainStepGraph>,
+    failed: HashSet<(String, usize, usize)>,
+    /// Steps of this session that replayed a graph.
+    replayed: u64,
+}
+
+/// The main job has 4 length buckets (16..64) × 2 adapters.
+const MAX_STEP_GRAPHS: usize = 8;
+
+impl StepGraphs {
+    fn new(enabled: bool) -> Self {
+        StepGraphs { enabled, seen: HashSet::new(), graphs: HashMap::new(), failed: HashSet::new(), replayed: 0 }
+    }
+
+    /// One training step, replayed where a graph exists or can be captured, else launched;
+    /// returns its loss and gradient norm (read back, unchecked).
+    fn train_step(&mut self, model: &mut BertModel, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW) -> Result<StepValues> {
+        let key = (cfg.trained.clone(), batch.batch, batch.seq_len);
+        let be = model.backend().clone();
+        if !self.enabled || be.gpu().is_none() || self.failed.contains(&key) {
+            return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
+        }
+        if !self.graphs.contains_key(&key) {
+            if !self.seen.contains(&key) || self.graphs.len() >= MAX_STEP_GRAPHS {
+                self.seen.insert(key);
+                return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
+            }
+            match model.capture_train_step(batch, labels, cfg, optimizer) {
+                Ok(graph) => {
+                    self.graphs.insert(key.clone(), graph);
+                }
+                Err(_) => {
+                    // The capture ran nothing; this key launches from now on.
+                    self.failed.insert(key);
+                    return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
+                }
+            }
+        }
+        let Some(graph) = self.graphs.get(&key) else { return Err(Error::Internal("a captured training step vanished".into())) };
+        match model.replay_train_step(graph, batch, labels, optimizer) {
+            Ok(out) => {
+                self.replayed += 1;
+                out.read_unchecked(be.as_ref())
+            }
+            Err(Error::Input(_)) => {
+                // The training state was rebuilt since the capture (checked before any work).
+                self.graphs.remove(&key);
+                model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -376,6 +451,7 @@ struct Run<'a> {
     progress: Progress,
     /// Set by Ctrl-C: stop at the next step or evaluation batch, with a checkpoint.
     stop: Arc<AtomicBool>,
+    graphs: StepGraphs,
 }
 
 impl Run<'_> {
@@ -782,6 +858,7 @@ fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
         window_tokens: 0,
         progress: Progress::new(args, start, total),
         stop: stop.clone(),
+        graphs: StepGraphs::new(args.graphs),
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
@@ -810,7 +887,7 @@ fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
-        let (loss, stop_now) = step(&mut run.model, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst)).map_err(|e| step_failed(e, s))?;
+        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst)).map_err(|e| step_failed(e, s))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
@@ -830,9 +907,10 @@ fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
     run.finish(end).map_err(|e| diverged_after(e, end))?;
     run.progress.bar.finish_and_clear();
     say!(
-        "done: {end} steps in {} ({:.0} tokens/s this session); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
+        "done: {end} steps in {} ({:.0} tokens/s this session{}); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
         fmt_duration(Duration::from_secs_f64(run.elapsed())),
         Run::tokens_per_s(run.train_tokens, run.train_secs),
+        if run.graphs.replayed > 0 { format!(", {} of its {} steps replayed from captured graphs", run.graphs.replayed, run.train_steps) } else { String::new() },
         args.out.display(),
         checkpoint::DIR
     );
