@@ -14,9 +14,8 @@ use std::sync::Arc;
 use bert_adapters::io::adapter_files::AdapterLoadOptions;
 use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
 use bert_adapters::{Backend, BertConfig, BertModel, BertTokenizer, CpuBackend, Error, InputBatch, LoadOptions, ModelType, Positions, SaveOptions};
-use common::{assert_close, check_outputs, read_f32, setup, TOL};
+use common::{assert_close, check_outputs, check_probe_gradients, read_f32, setup, TOL};
 
-const GRAD_TOL: f64 = 1e-4;
 
 fn dir() -> PathBuf {
     common::committed_fixture("tiny_roberta")
@@ -248,28 +247,8 @@ fn grad_case(file: &str, active: &[&str], train: &[&str]) {
         }
         model.set_active_adapters(Some(setup(active))).unwrap();
         model.train_adapter(train).unwrap();
-        let (out, tape) = model.forward_train(&batch).unwrap();
         let label = format!("roberta {file} [{}]", backend.name());
-        let last = backend.to_host(&out.last_hidden_state).unwrap();
-        let (w, shape) = read_f32(&fx, "W");
-        let terms: Vec<f64> = last.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
-        let (loss, magnitude) = (terms.iter().sum::<f64>(), terms.iter().map(|t| t.abs()).sum::<f64>());
-        let ref_loss = read_f32(&fx, "loss").0[0] as f64;
-        assert!((loss - ref_loss).abs() <= TOL * (1.0 + magnitude), "{label} loss {loss} vs {ref_loss} (Σ|terms| {magnitude})");
-        let grads = model.backward(&tape, &backend.upload(w, &shape).unwrap(), None).unwrap();
-        let mut want: Vec<String> = fx.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(String::from)).collect();
-        want.sort();
-        assert!(!want.is_empty());
-        assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), want, "{label}: gradient keys");
-        let mut worst = 0f64;
-        for key in want {
-            let got = backend.to_host(&grads[&key]).unwrap();
-            let reference = read_f32(&fx, &format!("grad.{key}")).0;
-            assert_close(&format!("{label} grad.{key}"), &got, &reference, GRAD_TOL);
-            let max_ref = reference.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-            let err = got.iter().zip(&reference).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0f64, f64::max);
-            worst = worst.max(err / (GRAD_TOL * (1.0 + max_ref)));
-        }
+        let (_, worst) = check_probe_gradients(&label, &model, &batch, &fx);
         println!("{label}: worst gradient error / bound = {worst:.3}");
     }
 }

@@ -284,3 +284,43 @@ pub fn cuda_backends() -> Vec<Arc<dyn Backend>> {
     }
     v
 }
+
+/// The probe loss Σ last_hidden_state ⊙ W of `model` on `batch` and its gradients against
+/// PyTorch autograd (the fixture's `W`, `loss` and `grad.*`): the loss within TOL·(1 + Σ|terms|)
+/// (a sum with cancellation: its rounding error scales with Σ|terms|, not with |Σ terms|), each
+/// gradient within 1e-4·(1 + max|ref|). torch leaves `.grad` None for a parameter the setup never
+/// reaches (the script stores zeros for it); we return no gradient there, so AdamW skips it as
+/// torch does. `model` must be in training mode for the adapters to differentiate. Returns the
+/// last hidden state and the worst gradient error as a fraction of its bound.
+#[allow(dead_code)] // not every test binary checks gradients
+pub fn check_probe_gradients(label: &str, model: &BertModel, batch: &InputBatch, fx: &TensorFile) -> (Vec<f32>, f64) {
+    const GRAD_TOL: f64 = 1e-4;
+    let backend = model.backend().clone();
+    let (out, tape) = model.forward_train(batch).unwrap();
+    let last = backend.to_host(&out.last_hidden_state).unwrap();
+    let (w, shape) = read_f32(fx, "W");
+    let terms: Vec<f64> = last.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).collect();
+    let (loss, magnitude) = (terms.iter().sum::<f64>(), terms.iter().map(|t| t.abs()).sum::<f64>());
+    let ref_loss = read_f32(fx, "loss").0[0] as f64;
+    assert!((loss - ref_loss).abs() <= TOL * (1.0 + magnitude), "{label} loss {loss} vs {ref_loss} (Σ|terms| {magnitude})");
+    let grads = model.backward(&tape, &backend.upload(w, &shape).unwrap(), None).unwrap();
+    let mut want: Vec<String> = fx.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(String::from)).collect();
+    want.sort();
+    assert!(!want.is_empty(), "{label}: the fixture has no gradients");
+    for key in want.iter().filter(|k| !grads.contains_key(*k)) {
+        let (zeros, _) = read_f32(fx, &format!("grad.{key}"));
+        assert!(key.starts_with("invertible_adapters.") && zeros.iter().all(|&v| v == 0.0), "{label}: no gradient for {key}");
+    }
+    let want: Vec<String> = want.into_iter().filter(|k| grads.contains_key(k)).collect();
+    assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), want, "{label}: gradient keys");
+    let mut worst = 0f64;
+    for key in want {
+        let got = backend.to_host(&grads[&key]).unwrap();
+        let reference = read_f32(fx, &format!("grad.{key}")).0;
+        assert_close(&format!("{label} grad.{key}"), &got, &reference, GRAD_TOL);
+        let max_ref = reference.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let err = got.iter().zip(&reference).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0f64, f64::max);
+        worst = worst.max(err / (GRAD_TOL * (1.0 + max_ref)));
+    }
+    (last, worst)
+}
