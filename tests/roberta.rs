@@ -16,7 +16,6 @@ use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
 use bert_adapters::{Backend, BertConfig, BertModel, BertTokenizer, CpuBackend, Error, InputBatch, LoadOptions, ModelType, Positions, SaveOptions};
 use common::{assert_close, check_outputs, check_probe_gradients, read_f32, setup, TOL};
 
-
 fn dir() -> PathBuf {
     common::committed_fixture("tiny_roberta")
 }
