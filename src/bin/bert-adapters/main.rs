@@ -14,6 +14,7 @@ mod plot;
 mod predict;
 mod ranks;
 mod run;
+mod step;
 mod train;
 
 use std::process::ExitCode;

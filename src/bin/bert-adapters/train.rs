@@ -13,7 +13,7 @@
 //! dropout draw differs from another. Evaluation pads to its longest text (its batches are sorted
 //! by length, so already tight), exactly as `predict` does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,21 +24,19 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Dataset, Split, SplitMix64};
-use bert_adapters::dist::DataParallel;
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
-use bert_adapters::model::graph::TrainStepGraph;
-use bert_adapters::model::step::{StepValues, TrainStepConfig};
-use bert_adapters::train::{AdamW, AdamWConfig, Objective};
-use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, InputBatch, LoadOptions, Result};
+use bert_adapters::train::{AdamW, AdamWConfig};
+use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, LoadOptions, Result};
 
 use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
 use crate::ranks::Ranks;
-use crate::{flags, infer, objective, plot};
+use crate::step::{step, step_failed, StepGraphs};
+use crate::{flags, infer, plot};
 
 pub const SCORENN: &str = "scorenn";
 pub const TASKNN: &str = "tasknn";
@@ -48,8 +46,6 @@ pub const DEFAULT_MODEL: &str = "models/all-MiniLM-L6-v2";
 /// Fractions of the data held out for validation and test.
 const VALIDATION: f64 = 0.1;
 const TEST: f64 = 0.1;
-/// Gradient-norm clipping of each step (torch `clip_grad_norm_`).
-const MAX_GRAD_NORM: f32 = 1.0;
 /// Tags that keep the random streams apart (see `data::derive_seed`).
 const TAG_EPOCH: u64 = 1 << 32;
 const TAG_DROPOUT: u64 = 2 << 32;
@@ -287,110 +283,6 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// One training step: a Parallel forward, the objective of the adapter being trained, its
-/// gradients through its head and branch only, clipping, and its AdamW update, all on the
-/// model's device; the loss and gradient norm are read back because the run logs every step.
-/// A non-finite loss or gradient norm (no update was applied) is located by a checked forward
-/// of the same batch when it can be.
-///
-/// Among several ranks, `batch` and `labels` are this rank's `rows` of a global batch of
-/// `global` rows: the gradients are all-reduced inside the step, and the loss and the stop
-/// request (`stop`, this rank's Ctrl-C) after it; returns the global values and whether any
-/// rank asked to stop.
-#[allow(clippy::too_many_arguments)]
-fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool) -> Result<(StepValues, bool)> {
-    let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
-    if names != [SCORENN, TASKNN] {
-        return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
-    }
-    let objective = if adapter == TASKNN {
-        Objective::TaskEnergy { lambda: objective::LAMBDA }
-    } else {
-        Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
-    };
-    let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
-    let dp = DataParallel { comm: ranks.comm(), rows: rows.clone(), global_rows: global };
-    let mine = if ranks.is_parallel() {
-        model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)?.read_unchecked(model.backend().as_ref())?
-    } else {
-        graphs.train_step(model, batch, labels, &cfg, optimizer)?
-    };
-    let (loss, ce, stop) = ranks.reduce_step(mine.loss, mine.ce, dp.weight(), stop)?;
-    match (StepValues { loss, ce, grad_norm: mine.grad_norm }).checked() {
-        Ok(v) => Ok((v, stop)),
-        Err(Error::NonFinite { at }) => match model.forward_train(batch) {
-            Err(located @ Error::NonFinite { .. }) => Err(located),
-            _ => Err(Error::NonFinite { at }),
-        },
-        Err(e) => Err(e),
-    }
-}
-
-/// Captured training steps on a CUDA backend (`BertModel::capture_train_step`): the second
-/// time an (adapter, batch, length) comes up it is captured, and every later step at that key
-/// replays the graph (one `cuGraphLaunch` on a GPU) with its new batch, labels, dropout seed and
-/// learning rate, bit-identical to launching the step (tests/cuda_graph.rs, train_cli.rs). The
-/// first sighting launches, because a capture reuses the memory an uncaptured step at the shape
-/// left in the pool. At most [`MAX_STEP_GRAPHS`] are kept (each holds its step's scratch memory);
-/// other keys launch. A key whose capture fails launches from then on; a replay refused because
-/// the training state was rebuilt drops the graph and launches.
-struct StepGraphs {
-    enabled: bool,
-    seen: HashSet<(String, usize, usize)>,
-    graphs: HashMap<(String, usize, usize), TrainStepGraph>,
-    failed: HashSet<(String, usize, usize)>,
-    /// Steps of this session that replayed a graph.
-    replayed: u64,
-}
-
-/// The main job has 4 length buckets (16..64) × 2 adapters.
-const MAX_STEP_GRAPHS: usize = 8;
-
-impl StepGraphs {
-    fn new(enabled: bool) -> Self {
-        StepGraphs { enabled, seen: HashSet::new(), graphs: HashMap::new(), failed: HashSet::new(), replayed: 0 }
-    }
-
-    /// One training step, replayed where a graph exists or can be captured, else launched;
-    /// returns its loss and gradient norm (read back, unchecked).
-    fn train_step(&mut self, model: &mut BertModel, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW) -> Result<StepValues> {
-        let key = (cfg.trained.clone(), batch.batch, batch.seq_len);
-        let be = model.backend().clone();
-        if !self.enabled || be.gpu().is_none() || self.failed.contains(&key) {
-            return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
-        }
-        if !self.graphs.contains_key(&key) {
-            if !self.seen.contains(&key) || self.graphs.len() >= MAX_STEP_GRAPHS {
-                self.seen.insert(key);
-                return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
-            }
-            match model.capture_train_step(batch, labels, cfg, optimizer) {
-                Ok(graph) => {
-                    self.graphs.insert(key.clone(), graph);
-                }
-                Err(_) => {
-                    // The capture ran nothing; this key launches from now on.
-                    self.failed.insert(key);
-                    return model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref());
-                }
-            }
-        }
-        let Some(graph) = self.graphs.get(&key) else { return Err(Error::Internal("a captured training step vanished".into())) };
-        match model.replay_train_step(graph, batch, labels, optimizer) {
-            Ok(out) => {
-                self.replayed += 1;
-                out.read_unchecked(be.as_ref())
-            }
-            Err(Error::Input(_)) => {
-                // The training state was rebuilt since the capture (checked before any work).
-                self.graphs.remove(&key);
-                model.train_step(batch, labels, cfg, optimizer)?.read_unchecked(be.as_ref())
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
 /// The library's warnings for each adapter this run trains (each is trained alone, in turn),
 /// e.g. an invertible adapter that Parallel never runs; printed once when training starts.
 fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
@@ -401,18 +293,6 @@ fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
     }
     model.freeze_all();
     Ok(all)
-}
-
-/// What a failed step means: non-finite values before any update come from the model or data
-/// (no learning rate is to blame); after updates, training has diverged.
-fn step_failed(e: Error, step: u64) -> Error {
-    match e {
-        Error::NonFinite { at } if step == 0 => Error::NonFinite { at: format!("{at}, at step 1 before any update: the base model's weights overflow float32 on this data") },
-        Error::NonFinite { at } => Error::NonFinite { at: format!("{at} at step {}: training has diverged (try a lower --lr)", step + 1) },
-        // A bug stays a bug: reported as internal, not as bad input.
-        Error::Internal(msg) => Error::Internal(format!("step {}: {msg}", step + 1)),
-        other => Error::Input(format!("step {}: {other}", step + 1)),
-    }
 }
 
 /// An evaluation after `step` updates that meets non-finite values: the updates diverged.
