@@ -80,7 +80,7 @@
 //     ctx's single store (RNE): ctx_bf16io = bf16(ctx_f32) and lse_bf16io = lse_f32 (bit for
 //     bit on the executor, tests/cuda_bf16_attention.rs; within one bf16 ulp asserted on a GPU).
 //     Shared memory stays f32 (the tiles hold the widened values), so plans and sizes are the
-//     _f32 kernels'. The backward has no bf16io variant: it stays f32.
+//     _f32 kernels'. The backward has _bf16io twins too (its section's "Storage").
 // Dropout on the probabilities (training) is the `Dropout` policy: it maps each unnormalised p_ij
 // to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed by (b, h, i, j)),
 // while the sum l and the lse keep the undropped p, as PyTorch's dropout(softmax(s))·V does:
@@ -570,11 +570,36 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //   Rows past T and keys past T compute on zero-filled tiles with p = dS = 0 forced, and are not
 //   stored; a warp whose rows all lie past T skips phase 1 but meets every __syncthreads.
 //
-// Head dim: _f32 takes any d in 1..=128; _d32 and _d64 are the same body with d a constant
+// Head dim: _f32 and _bf16io take any d in 1..=128; _d32 and _d64 are the same body with d a constant
 // (same operations in the same order, so bitwise equal to the generic kernel; tests check it).
 //
-// Storage: f32 only (dctx, qkv, ctx, dqkv). The forward's _bf16io kernels have no backward twin:
-// the backward stays f32 (a bf16 forward's qkv and ctx would be widened, exactly, before it).
+// Storage: the bodies are templated on T, the type of dctx, qkv, ctx and dqkv (attn_load /
+// attn_store as in the forward):
+//   * _f32 (attention_backward_prep_f32, attention_backward_{dkv,dq}[_dropout]_f32[_d32|_d64]):
+//     all f32.
+//   * _bf16io (attention_backward_prep_bf16io, attention_backward_{dkv,dq}[_dropout]_bf16io
+//     [_d32|_d64]): T = bf16_raw, by the forward's conventions per buffer:
+//       - dctx (dO), qkv and ctx (O) are activations: bf16, read as raw bits and widened exactly
+//         (dO is the bf16 gradient of the next op; qkv and ctx are what the _bf16io forward
+//         saved);
+//       - dqkv is an activation gradient: bf16, each element rounded once (RNE) from the same f32
+//         accumulator (dK·scale, dV, dQ·scale) the _f32 kernel stores;
+//       - lse (the forward's f32 output), the mask and rowstat (D, c) stay f32: they are
+//         statistics, and D must not be rounded before it is subtracted from dP.
+//     Shared-memory tiles stay f32 (the widened values), so the plans, sizes and launches are the
+//     _f32 kernels'. Every score, p, dP, D, c, dS and accumulator comes from the same f32
+//     operations in the same order as in the _f32 kernel fed the widened values, so dqkv_bf16io
+//     = bf16(dqkv_f32 on the widened inputs): bit for bit on the executor, within one bf16 ulp
+//     on a GPU (NVRTC compiles the instantiations separately); tests/cuda_bf16_attention.rs.
+//     Error against the f32/f64 gradient on the same bf16 inputs: the one rounding of dqkv
+//     (2^-9 relative), plus D taken from the bf16 ctx: |δD| ≤ 2^-9·Σ_c|dO_c·O_c|, which moves
+//     dS_ij by p_ij·δD (Σ_j p_ij = 1) and dQ, dK by scale·Σ p·δD·|k| — the size of one bf16
+//     rounding of a dP-sized term, where a plain bf16 backward (PyTorch eager: P, dP, dS and the
+//     gradient each rounded to bf16) carries four. The tests hold it to twice the plain error.
+//     ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: prep 40 / 40
+//     (f32: 32); dkv generic 140 / 138, d32 80 / 78, d64 94 / 96; dq generic 76 / 79, d32 64 / 80,
+//     d64 80 / 64; dropout dkv 140 / 142, 80 / 80, 98 / 96; dropout dq 98 / 80, 64 / 80, 80 / 80
+//     (the _f32 twins' counts within ±4, except dkv_dropout_d64 on sm_80: 128 for f32).
 //
 // Memory (dynamic shared, floats; ldq, ldk as the forward's): K and V tiles 2·32·ldk, Q and dO
 // tiles 2·4W·ldq, p and dS 2·4W·32 (dq: dS only), row stats 4·4W. d = 64, W = 4: 30 KiB (dkv),
@@ -589,10 +614,9 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 // error about √T·2^-24 ≈ 1.4e-6 of the sum of magnitudes in practice. The tests hold every
 // gradient to 1e-4·(1 + max|ref|) against the f64 reference and report the margin.
 //
-// Extension points: the storage type (attn_load/attn_store) as the forward. Dropout: the
-// policy's factor f_ij (0 or 1/(1−rate), the same Philox draw as the forward's) multiplies p for
-// dV and dP for dS (dS = p·(f·dP − D); D = dO·O already includes it). Only the no-dropout policy
-// exists.
+// Dropout: the policy's factor f_ij (0 or 1/(1−rate), the same Philox draw as the forward's)
+// multiplies p for dV and dP for dS (dS = p·(f·dP − D); D = dO·O already includes it):
+// AttnBwdNoDropout, and AttnBwdPhiloxDropout in the _dropout kernels (f32 and bf16io).
 
 #define ATTN_BWD_PREP_WARPS 8
 // Rows with |lse| at or above this get their normaliser recomputed (see c_i above).
@@ -1044,12 +1068,14 @@ __device__ __forceinline__ void attention_backward_dq_body(
 // dqkv: [B, T, 3H]; dctx, ctx: [B, T, H]; qkv: [B, T, 3H]; lse: [B, heads, T];
 // mask_bias: [mask_rows, T]; scale = 1/sqrt(H / heads); rows = B · heads · T.
 
-// Launch: grid.x = ceil(rows / 8), block (32, 8), no dynamic shared memory.
-extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention_backward_prep_f32(
+// The prep kernel's body (T: the storage type of dctx, ctx and qkv; rowstat, lse and the mask
+// stay f32).
+template <typename T>
+__device__ __forceinline__ void attention_backward_prep_body(
     float* __restrict__ rowstat,
-    const float* __restrict__ dctx,
-    const float* __restrict__ ctx,
-    const float* __restrict__ qkv,
+    const T* __restrict__ dctx,
+    const T* __restrict__ ctx,
+    const T* __restrict__ qkv,
     const float* __restrict__ lse,
     const float* __restrict__ mask_bias,
     int rows,
@@ -1082,13 +1108,13 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention
     float c_row = 1.0f;
     if (fabsf(L) >= ATTN_BWD_EXACT_LSE) {  // warp-uniform; false for NaN
         const size_t ld_in = 3 * (size_t)hidden;
-        const float* q = qkv + ((size_t)b * (size_t)seq + (size_t)i) * ld_in + head_off;
-        const float* k_base = qkv + (size_t)b * (size_t)seq * ld_in + hidden + head_off;
+        const T* q = qkv + ((size_t)b * (size_t)seq + (size_t)i) * ld_in + head_off;
+        const T* k_base = qkv + (size_t)b * (size_t)seq * ld_in + hidden + head_off;
         const float* mask_row = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
         const int dpad = attn_ldq(d);
         float l = 0.0f;
         for (int j = lane; j < seq; j += 32) {
-            const float* k = k_base + (size_t)j * ld_in;
+            const T* k = k_base + (size_t)j * ld_in;
             // The main kernels' fma chain: columns 0..dpad in order, zeros past d.
             float s = 0.0f;
             for (int c = 0; c < dpad; ++c) {
@@ -1103,6 +1129,42 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention
         rowstat[2 * (size_t)row] = D;
         rowstat[2 * (size_t)row + 1] = c_row;
     }
+}
+
+// Launch: grid.x = ceil(rows / 8), block (32, 8), no dynamic shared memory.
+extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention_backward_prep_f32(
+    float* __restrict__ rowstat,
+    const float* __restrict__ dctx,
+    const float* __restrict__ ctx,
+    const float* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    attention_backward_prep_body<float>(rowstat, dctx, ctx, qkv, lse, mask_bias, rows, seq, hidden, heads, mask_rows, scale);
+}
+
+// bf16 storage: dctx, ctx and qkv in bf16 (raw bits, widened exactly on load); same launch.
+extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention_backward_prep_bf16io(
+    float* __restrict__ rowstat,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ ctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    attention_backward_prep_body<bf16_raw>(rowstat, reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(ctx), reinterpret_cast<const bf16_raw*>(qkv), lse, mask_bias, rows, seq, hidden, heads, mask_rows, scale);
 }
 
 // Launch: grid.x = B · heads · ceil(T / 32), block (32, 4 or 8), dynamic shared memory
@@ -1506,4 +1568,262 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 {
     extern __shared__ AttnVec4 attn_smem[];
     attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+// ---- bf16 storage backward kernels (_bf16io) -------------------------------------------------
+// The six backward kernels above and their six dropout twins with T = bf16_raw: dqkv written in
+// bf16 (each element rounded once, RNE, from the same f32 accumulator the _f32 kernel stores),
+// dctx and qkv read as bf16 (widened exactly into the same f32 shared-memory tiles), lse, rowstat
+// and the mask f32. Same parameters otherwise, same launch, same shared memory.
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_bf16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_bf16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_bf16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_bf16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_bf16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_bf16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_bf16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_bf16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_bf16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+}
+
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
 }

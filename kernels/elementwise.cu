@@ -241,6 +241,24 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
 // tanhf) from closed forms equal to the reference's f64 ones; a few ulp of act' times dy, tested
 // within 1e-4 · (1 + max|ref|) as every gradient. A column sum rounds each of its
 // rows_per_chunk/8 + 8 + chunks additions once: ~1e-6 of sum|x| for the launcher's chunking.
+// bf16 storage (_bf16io, the same templated bodies with bf16_raw; loads widen exactly, f32
+// arithmetic, each stored value rounded once to nearest even), deciding per buffer what bf16
+// training needs:
+//   activation_backward_bf16io   dx, dy and pre in bf16: all three are activations (or their
+//                                gradients) of the frozen base's and the adapters' bf16 dataflow;
+//                                dx = bf16(dy·act'(pre) in f32), the f32 kernel's value on the
+//                                widened operands rounded once. In place (dx == dy) as for f32.
+//   column_sums_partial_bf16io   x (dy) in bf16, the partials f32, finished by
+//                                column_sums_finalize_f32 into an f32 sum: bias gradients are
+//                                wanted only for trainable biases (adapters, heads), whose master
+//                                copies and AdamW state are f32; BERT's frozen biases get none, so
+//                                no bf16 output exists. The sum is the f32 kernel's on the widened
+//                                dy, bit for bit (no rounding beyond the f32 ones).
+//   first_token_backward_bf16io  out and d in bf16 (the encoder's activation gradient; d is the
+//                                head's input gradient): the copy and the zeros are exact; with
+//                                accumulate, out = bf16(out + d in f32), rounded once.
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills, as their f32 twins: activation_backward
+// 26 / 26, column_sums_partial 26 / 27 (1056 B static shared), first_token_backward 24 / 24.
 
 // act'(v) in f32: closed forms of cpu::reference::activation_derivative. ReLU' is 0 at v <= 0 and
 // for NaN (v > 0 is false), as the reference's. Swish' and sigmoid' at v < -88 overflow expf to
@@ -276,22 +294,28 @@ __device__ __forceinline__ float activation_derivative(int act, float v) {
     }
 }
 
-// dx, dy, pre: [n]; dx may equal dy.
-extern "C" __global__ void activation_backward_f32(float* dx, const float* dy, const float* __restrict__ pre, long long n, int act) {
+// dx, dy, pre: [n] of activation storage type A; dx may equal dy.
+template <typename A>
+__device__ __forceinline__ void activation_backward_body(A* dx, const A* dy, const A* __restrict__ pre, long long n, int act) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         store_f32(dx + i, load_f32(dy + i) * activation_derivative(act, load_f32(pre + i)));
     }
 }
 
-// partial: [chunks, cols] with chunks = gridDim.y; x: [rows, cols]. Block (32, 8).
-extern "C" __global__ void column_sums_partial_f32(
-    float* __restrict__ partial,
-    const float* __restrict__ x,
-    int rows,
-    int cols,
-    int rows_per_chunk)
-{
+extern "C" __global__ void activation_backward_f32(float* dx, const float* dy, const float* __restrict__ pre, long long n, int act) {
+    activation_backward_body<float>(dx, dy, pre, n, act);
+}
+
+// bf16 dx, dy and pre as raw bits: dy·act'(pre) in f32 from the widened operands, rounded once.
+extern "C" __global__ void activation_backward_bf16io(unsigned short* dx, const unsigned short* dy, const unsigned short* __restrict__ pre, long long n, int act) {
+    activation_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(dx), reinterpret_cast<const bf16_raw*>(dy), reinterpret_cast<const bf16_raw*>(pre), n, act);
+}
+
+// partial: [chunks, cols] f32 with chunks = gridDim.y; x: [rows, cols] of storage type A.
+// Block (32, 8).
+template <typename A>
+__device__ __forceinline__ void column_sums_partial_body(float* __restrict__ partial, const A* __restrict__ x, int rows, int cols, int rows_per_chunk) {
     __shared__ float colsum_lanes[8][33];
 
     const int c = blockIdx.x * 32 + threadIdx.x;
@@ -312,6 +336,28 @@ extern "C" __global__ void column_sums_partial_f32(
         }
         partial[(size_t)blockIdx.y * (size_t)cols + c] = s;
     }
+}
+
+extern "C" __global__ void column_sums_partial_f32(
+    float* __restrict__ partial,
+    const float* __restrict__ x,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    column_sums_partial_body<float>(partial, x, rows, cols, rows_per_chunk);
+}
+
+// bf16 x (an activation gradient) as raw bits; the partials stay f32 (finished by
+// column_sums_finalize_f32 into an f32 gradient).
+extern "C" __global__ void column_sums_partial_bf16io(
+    float* __restrict__ partial,
+    const unsigned short* __restrict__ x,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    column_sums_partial_body<bf16_raw>(partial, reinterpret_cast<const bf16_raw*>(x), rows, cols, rows_per_chunk);
 }
 
 // out_a = sum over chunks of partial_a (`+=` when accumulate != 0), and likewise out_b; the b pair
@@ -350,21 +396,15 @@ extern "C" __global__ void column_sums_finalize_f32(
     }
 }
 
-// out: [batch, seq_len, cols]; d: [batch, cols].
-extern "C" __global__ void first_token_backward_f32(
-    float* __restrict__ out,
-    const float* __restrict__ d,
-    int batch,
-    int seq_len,
-    int cols,
-    int accumulate)
-{
+// out: [batch, seq_len, cols]; d: [batch, cols]; both of activation storage type A.
+template <typename A>
+__device__ __forceinline__ void first_token_backward_body(A* __restrict__ out, const A* __restrict__ d, int batch, int seq_len, int cols, int accumulate) {
     const long long out_rows = accumulate != 0 ? (long long)batch : (long long)batch * seq_len;
     for (long long row = blockIdx.x * blockDim.y + threadIdx.y; row < out_rows; row += (long long)gridDim.x * blockDim.y) {
         const long long b = accumulate != 0 ? row : row / seq_len;
         const bool first = accumulate != 0 || row % seq_len == 0;
-        float* dst = out + (size_t)(b * seq_len + (accumulate != 0 ? 0 : row % seq_len)) * (size_t)cols;
-        const float* src = d + (size_t)b * (size_t)cols;
+        A* dst = out + (size_t)(b * seq_len + (accumulate != 0 ? 0 : row % seq_len)) * (size_t)cols;
+        const A* src = d + (size_t)b * (size_t)cols;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             float v = first ? load_f32(src + c) : 0.0f;
             if (accumulate != 0) {
@@ -373,6 +413,30 @@ extern "C" __global__ void first_token_backward_f32(
             store_f32(dst + c, v);
         }
     }
+}
+
+extern "C" __global__ void first_token_backward_f32(
+    float* __restrict__ out,
+    const float* __restrict__ d,
+    int batch,
+    int seq_len,
+    int cols,
+    int accumulate)
+{
+    first_token_backward_body<float>(out, d, batch, seq_len, cols, accumulate);
+}
+
+// bf16 out and d as raw bits: the copy (and the zeros) exact, `+=` the f32 sum of the widened
+// values rounded once.
+extern "C" __global__ void first_token_backward_bf16io(
+    unsigned short* __restrict__ out,
+    const unsigned short* __restrict__ d,
+    int batch,
+    int seq_len,
+    int cols,
+    int accumulate)
+{
+    first_token_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(out), reinterpret_cast<const bf16_raw*>(d), batch, seq_len, cols, accumulate);
 }
 
 // ---- dropout ------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-//! CUDA fused attention forward with bf16 storage (the `_bf16io` kernels of
-//! `kernels/attention.cu`: packed Q, K, V and the context in bf16; the mask and the row
-//! log-sum-exp in f32; f32 arithmetic) through `cuda::attention`'s launchers with `half::bf16`
-//! views, eval and probability-dropout forward.
+//! CUDA fused attention with bf16 storage (the `_bf16io` kernels of `kernels/attention.cu`:
+//! packed Q, K, V and the context in bf16; the mask and the row log-sum-exp in f32; f32
+//! arithmetic) through `cuda::attention`'s launchers with `half::bf16` views: eval and
+//! probability-dropout forward, and (the "backward" section at the end of this file, with its own
+//! docs) the backward, dctx in and dqkv out in bf16.
 //!
 //! The rule of tests/support/bf16.rs: Q, K, V are drawn, rounded to bf16 and uploaded as bf16;
 //! `f32_ref` is the f64 CPU reference (`cpu::reference::attention`, `attention_lse`, rounded to
@@ -415,3 +416,388 @@ fn bf16_sizes_are_checked(gpu: &Gpu) {
     assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32() == 0.5), "ctx of a constant V");
 }
 test_device!(sizes, bf16_sizes_are_checked);
+
+// ==== backward =================================================================================
+//
+// The `_bf16io` backward kernels (`attention_packed_backward*` with bf16 views): dctx, the packed
+// Q, K, V and the forward's ctx in bf16, lse (and the workspace) f32, dqkv written in bf16. Each
+// case runs the bf16io forward first (its bf16 ctx and f32 lse are what the backward gets in
+// training), then the backward into a NaN-poisoned dqkv.
+//
+// The rule of tests/support/bf16.rs, per gradient (dQ, dK, dV: the column blocks of dqkv):
+// `f32_ref` is the f64 reference gradient (`cpu::reference::attention_backward`, which recomputes
+// the softmax from Q, K, V) on the rounded Q, K, V and dctx, rounded to f32 once; `plain` is
+// PyTorch's bf16 eager backward of the plain forward above, op by op (autograd through HF's
+// `BertSelfAttention`; every op's output rounded to bf16, products and reductions accumulated in
+// f32):
+//     dP' = bf16(dO·Vᵀ);  dV = bf16(P'ᵀ·dO);  [training: dP = bf16(dP' · keep/(1 − p))]
+//     dS = bf16(P ⊙ (dP − rowsum(dP ⊙ P)))   (softmax backward, in f32 from the bf16 P and dP)
+//     dS = bf16(dS / √d)                       (the division's backward; the mask add passes it)
+//     dQ = bf16(dS·K);  dK = bf16(dSᵀ·Q)
+// with P (and the dropped P') the plain forward's bf16 probabilities.
+//
+// Exactness: the kernels widen every bf16 load exactly and run the `_f32` kernels' operations in
+// the same order, so dqkv = bf16(the `_f32` backward's dqkv on the widened dctx, qkv, ctx and the
+// same lse): bit for bit on the executor, within one bf16 ulp on a GPU.
+//
+// T = 1: softmax over one key is constant, so the exact dQ and dK are 0 (the plain twin's too:
+// dP − rowsum(dP·P) is dP − dP); the kernels' D = dO·O (from the stored ctx, a different
+// summation order than dP) leaves f32 noise of about 2^-24·Σ|dO·v|·scale·|k|, which no bf16 twin
+// has. There dQ and dK are held to 2·d²·2^-24·max|dO|·max|v|·max|k|/√d instead (the worst-case
+// error of the two d-term f32 dot products, derived in `check_backward`, not taken from the
+// kernel's output); dV (= dO) stays under the rule.
+
+use bert_adapters::cuda::attention::{
+    attention_backward_workspace_len, attention_packed_backward, attention_packed_backward_dropout_as, attention_packed_backward_with, AttentionBackwardPlan,
+};
+
+/// A backward case: the forward case and the output gradient, rounded to bf16 (held as f32).
+struct BwdCase {
+    fwd: Case,
+    dctx: Vec<f32>,
+}
+
+impl BwdCase {
+    fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> BwdCase {
+        let fwd = Case::random(rng, batch, seq, d, heads, mask);
+        let dctx = (0..batch * seq * fwd.hidden).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+        BwdCase { fwd, dctx: round_all(&dctx) }
+    }
+
+    /// The f64 reference gradient, packed `[B, T, 3H]`, each element rounded to f32 once.
+    fn reference(&self, dropout: Option<&ProbDropout>) -> Vec<f32> {
+        let c = &self.fwd;
+        let [q, k, v] = c.split();
+        let (dq, dk, dv) = reference::attention_backward(&self.dctx, &q, &k, &v, &c.mask, c.batch, c.seq, c.hidden, c.heads, dropout);
+        pack(&dq, &dk, &dv, c.hidden)
+    }
+
+    /// The plain bf16 backward of the module section's docs, packed `[B, T, 3H]`.
+    fn plain(&self, dropout: Option<&ProbDropout>) -> Vec<f32> {
+        let c = &self.fwd;
+        let [q, k, v] = c.split();
+        let (batch, seq, hidden, heads) = (c.batch, c.seq, c.hidden, c.heads);
+        let d = c.head_dim();
+        let sqrt_d = (d as f32).sqrt();
+        let n = batch * seq * hidden;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let at = |b: usize, t: usize, h: usize| (b * seq + t) * hidden + h * d;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |acc, (x, y)| acc + x * y);
+        let mut keep = vec![1f32; seq];
+        for b in 0..batch {
+            let mask = &c.mask[(b % c.mask_rows()) * seq..][..seq];
+            for h in 0..heads {
+                // Forward: P, the dropout factors and the dropped P' (row-major [i][j]).
+                let (mut p, mut pd, mut fac) = (vec![0f32; seq * seq], vec![0f32; seq * seq], vec![1f32; seq * seq]);
+                for i in 0..seq {
+                    let row = &mut p[i * seq..][..seq];
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = round(round(round(dot(&q[at(b, i, h)..][..d], &k[at(b, j, h)..][..d])) / sqrt_d) + round(mask[j]));
+                    }
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    row.iter_mut().for_each(|s| *s = round(*s / sum));
+                    if let Some(drop) = dropout {
+                        drop(b, h, i, &mut keep);
+                        fac[i * seq..][..seq].copy_from_slice(&keep);
+                    }
+                    for j in 0..seq {
+                        pd[i * seq + j] = if dropout.is_some() { round(p[i * seq + j] * fac[i * seq + j]) } else { p[i * seq + j] };
+                    }
+                }
+                // Backward.
+                let mut ds = vec![0f32; seq * seq];
+                for i in 0..seq {
+                    let go = &self.dctx[at(b, i, h)..][..d];
+                    let dp: Vec<f32> = (0..seq)
+                        .map(|j| {
+                            let g = round(dot(go, &v[at(b, j, h)..][..d]));
+                            if dropout.is_some() { round(g * fac[i * seq + j]) } else { g }
+                        })
+                        .collect();
+                    let rowsum = (0..seq).fold(0f32, |acc, j| acc + dp[j] * p[i * seq + j]);
+                    for j in 0..seq {
+                        ds[i * seq + j] = round(round(p[i * seq + j] * (dp[j] - rowsum)) / sqrt_d);
+                    }
+                }
+                for t in 0..seq {
+                    for col in 0..d {
+                        let dv_acc = (0..seq).fold(0f32, |acc, i| acc + pd[i * seq + t] * self.dctx[at(b, i, h) + col]);
+                        let dk_acc = (0..seq).fold(0f32, |acc, i| acc + ds[i * seq + t] * q[at(b, i, h) + col]);
+                        let dq_acc = (0..seq).fold(0f32, |acc, j| acc + ds[t * seq + j] * k[at(b, j, h) + col]);
+                        dv[at(b, t, h) + col] = round(dv_acc);
+                        dk[at(b, t, h) + col] = round(dk_acc);
+                        dq[at(b, t, h) + col] = round(dq_acc);
+                    }
+                }
+            }
+        }
+        pack(&dq, &dk, &dv, hidden)
+    }
+
+    fn label(&self) -> String {
+        self.fwd.label()
+    }
+}
+
+/// dQ, dK, dV (`[B, T, H]` each) side by side as `[B, T, 3H]`.
+fn pack(dq: &[f32], dk: &[f32], dv: &[f32], hidden: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(3 * dq.len());
+    for ((a, b), c) in dq.chunks(hidden).zip(dk.chunks(hidden)).zip(dv.chunks(hidden)) {
+        out.extend_from_slice(a);
+        out.extend_from_slice(b);
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// Column block `part` (0 dQ, 1 dK, 2 dV) of a packed `[rows, 3H]` gradient.
+fn part(packed: &[f32], hidden: usize, part: usize) -> Vec<f32> {
+    packed.chunks(3 * hidden).flat_map(|row| row[part * hidden..(part + 1) * hidden].iter().copied()).collect()
+}
+
+/// The forward's outputs the backward reads: bf16 ctx (widened) and f32 lse of the bf16io
+/// forward (with `dropout` when given).
+fn forward_for_backward(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    run_bf16(gpu, case, None, dropout)
+}
+
+/// Runs the backward with `A` storage on a NaN-poisoned dqkv: `plan` with a NaN-poisoned
+/// workspace, or the auto plan (dropout or not). `ctx` holds bf16 values (the bf16io forward's).
+#[allow(clippy::too_many_arguments)]
+fn run_bwd_as<A: ActivationScalar>(
+    gpu: &Gpu,
+    case: &BwdCase,
+    fwd: &Outputs,
+    plan: Option<AttentionBackwardPlan>,
+    dropout: Option<&DeviceDropout<'_>>,
+    conv: impl Fn(&[f32]) -> Vec<A>,
+) -> Result<Vec<A>, Error> {
+    let c = &case.fwd;
+    let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
+    let (qkv, dctx, ctx) = (up(gpu, &conv(&c.qkv)), up(gpu, &conv(&case.dctx)), up(gpu, &conv(&fwd.ctx)));
+    let (lse, mask) = (up(gpu, &fwd.lse), up(gpu, &c.mask));
+    let mut dqkv = up(gpu, &conv(&vec![f32::NAN; c.qkv.len()]));
+    match (plan, dropout) {
+        (Some(p), None) => {
+            let mut ws = up(gpu, &vec![f32::NAN; attention_backward_workspace_len(b, t, n)?]);
+            attention_packed_backward_with(gpu, &dctx.view(), &qkv.view(), &ctx.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), &mut ws.view_mut(), b, t, h, n, p)?
+        }
+        (None, None) => attention_packed_backward(gpu, &dctx.view(), &qkv.view(), &ctx.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n)?,
+        (_, Some(d)) => attention_packed_backward_dropout_as(gpu, &dctx.view(), &qkv.view(), &ctx.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, Some(d))?,
+    }
+    gpu.download(&dqkv.view())
+}
+
+/// The rule per gradient, equality with the f32 backward kernel rounded once, and the T = 1
+/// bound of the section docs. Returns the bf16 dqkv (widened) and, per gradient, (kernel error,
+/// plain error).
+fn check_backward(gpu: &Gpu, case: &BwdCase, plan: Option<AttentionBackwardPlan>, drop: Option<&DeviceDropout<'_>>) -> (Vec<f32>, [(f64, f64); 3]) {
+    let c = &case.fwd;
+    let label = format!("{} {} {plan:?} dropout {:?}", gpu.describe(), case.label(), drop.map(|d| (d.p, d.streams.clone())));
+    let fwd = forward_for_backward(gpu, c, drop);
+    let got = run_bwd_as::<bf16>(gpu, case, &fwd, plan, drop, to_bf16).unwrap_or_else(|e| panic!("{label} bf16io: {e}"));
+    let f32_kernel = run_bwd_as::<f32>(gpu, case, &fwd, plan, drop, |v| v.to_vec()).unwrap_or_else(|e| panic!("{label} f32: {e}"));
+    bf16_rule::assert_rounded_f32_kernel(gpu, &format!("{label}: dqkv vs the f32 kernel"), &got, &f32_kernel);
+    let got = widen(&got);
+    let factors = drop.map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
+    let want = case.reference(factors.as_deref());
+    let plain = case.plain(factors.as_deref());
+    let mut errs = [(0f64, 0f64); 3];
+    for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
+        let (g, w, p) = (part(&got, c.hidden, i), part(&want, c.hidden, i), part(&plain, c.hidden, i));
+        if c.seq == 1 && i < 2 {
+            let dmax = case.dctx.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            let vmax = c.qkv.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            // dS = dP − D, two d-term f32 dot products of the same exact values (p = 1 and ctx = v
+            // exactly at T = 1), each off by at most γ_d·Σ|dO·v| ≤ d·2^-24·d·max|dO|·max|v|;
+            // times scale·max|k| (or |q|), then one bf16 rounding (2^-9 relative, inside the
+            // factor 2 spent on γ_d ≈ d·2^-24).
+            let d = c.head_dim() as f64;
+            let tol = 2.0 * d * 2f64.powi(-24) * d * dmax * vmax / d.sqrt() * vmax;
+            assert!(w.iter().all(|x| *x == 0.0), "{label}: the reference {name} at T = 1 is not 0");
+            assert!(g.iter().all(|x| (*x as f64).abs() <= tol), "{label}: {name} at T = 1 exceeds {tol:e}");
+            continue;
+        }
+        errs[i] = assert_within_twice_plain(&format!("{label}: {name}"), &g, &w, &p);
+    }
+    (got, errs)
+}
+
+/// Ratio kernel error / plain error (0 where the plain error is 0: T = 1's dQ, dK).
+fn ratio((e, p): (f64, f64)) -> f64 {
+    if p > 0.0 { e / p } else { 0.0 }
+}
+
+/// Awkward shapes, eval backward, auto plan: T 1, 7, 33, 70 against every head-dim path (generic
+/// d = 8, 24, 40, 128; the d = 32 and d = 64 kernels), padded and shared masks.
+fn bf16io_backward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_bac0);
+    let mut worst = (0f64, String::new());
+    let mut cases = 0;
+    for seq in SEQS {
+        for (batch, d, heads, mask) in SHAPES {
+            // The executor runs each case in three schedules: at T = 70 one shape per kernel.
+            if seq == 70 && !matches!((batch, d, heads), (3, 8, 3) | (2, 24, 2) | (1, 32, 2) | (3, 64, 1) | (1, 128, 1)) {
+                continue;
+            }
+            let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
+            let (_, errs) = check_backward(gpu, &case, None, None);
+            cases += 1;
+            for (e, name) in errs.iter().zip(["dQ", "dK", "dV"]) {
+                if seq > 1 {
+                    assert!(e.1 > 0.0, "{}: the plain bf16 {name} equals the reference", case.label());
+                }
+                if ratio(*e) > worst.0 {
+                    worst = (ratio(*e), format!("{} {name}", case.label()));
+                }
+            }
+            if seq == 70 {
+                let [q, k, v] = errs;
+                report_line(&format!(
+                    "bf16io attention backward {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e})",
+                    gpu.describe(),
+                    case.label(),
+                    q.0,
+                    q.1,
+                    k.0,
+                    k.1,
+                    v.0,
+                    v.1
+                ));
+            }
+        }
+    }
+    report_line(&format!("bf16io attention backward on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+}
+test_device!(backward_awkward_shapes, bf16io_backward_matches_the_rule_at_awkward_shapes);
+
+/// Every backward plan (dK/dV 4 or 8 warps, dQ 1..=8, d = 128 over 48 KiB opted in), specialised
+/// and generic bf16io kernels: each under the rule and equal to the f32 kernel rounded; on the
+/// executor the specialised and generic ones agree bit for bit.
+fn every_plan_of_the_bf16io_backward(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_9bac);
+    for (batch, d, heads) in [(1, 32, 2), (2, 64, 1), (1, 24, 2), (1, 128, 1)] {
+        let case = BwdCase::random(&mut rng, batch, 33, d, heads, MaskKind::Padded);
+        for (dkv_warps, dq_warps) in [(4, 1), (8, 3), (4, 8), (8, 8)] {
+            let plan = AttentionBackwardPlan { dkv_warps, dq_warps, specialised: true };
+            let (a, _) = check_backward(gpu, &case, Some(plan), None);
+            let (g, _) = check_backward(gpu, &case, Some(AttentionBackwardPlan { specialised: false, ..plan }), None);
+            if gpu.kind() == GpuKind::Sim {
+                assert_eq!(bits(&a), bits(&g), "{} {plan:?}: the generic and specialised bf16io backward kernels differ", case.label());
+            }
+        }
+    }
+}
+test_device!(backward_every_plan, every_plan_of_the_bf16io_backward);
+
+/// Training: the `_dropout_bf16io` backward kernels (generic d = 8 and 24, d = 32, d = 64) with
+/// p = 0.1 and 0.5, one and two dropout blocks (Parallel branches), the CPU's Philox factors in
+/// the reference and the plain twin; equal to the f32 dropout backward rounded; and the factors
+/// changed the gradient.
+fn bf16io_dropout_backward_matches_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_dbac);
+    for (batch, seq, d, heads, mask, p, streams) in [
+        (2usize, 37usize, 8usize, 2usize, MaskKind::Shared(1), 0.1f32, vec![(5u64 << 8) | 1, 5 << 8]),
+        (1, 7, 32, 1, MaskKind::Padded, 0.5, vec![3 << 8]),
+        (2, 33, 64, 2, MaskKind::Padded, 0.1, vec![(1 << 8) | 2, (1 << 8) | 3]),
+        (3, 70, 24, 3, MaskKind::Shared(1), 0.5, vec![9 << 8]),
+    ] {
+        let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
+        let drop = DeviceDropout { seed_buffer: None, seed: 0xd0_0000 + d as u64, p, streams };
+        let (got, errs) = check_backward(gpu, &case, None, Some(&drop));
+        let undropped = case.reference(None);
+        let moved = part(&undropped, case.fwd.hidden, 2).iter().zip(&part(&got, case.fwd.hidden, 2)).any(|(a, b)| (a - b).abs() > 0.05);
+        assert!(moved, "{}: dropout changed nothing in dV", case.label());
+        let [q, k, v] = errs;
+        report_line(&format!(
+            "bf16io attention backward dropout p={p} {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e}); worst ratio {:.3}",
+            gpu.describe(),
+            case.label(),
+            q.0,
+            q.1,
+            k.0,
+            k.1,
+            v.0,
+            v.1,
+            errs.iter().map(|e| ratio(*e)).fold(0f64, f64::max)
+        ));
+    }
+}
+test_device!(backward_dropout, bf16io_dropout_backward_matches_the_rule);
+
+/// Batch rows whose every key is padded with -10000: the lse is about -10000, so the prep kernel
+/// renormalises (its bf16 Q·K recomputation path); the gradient follows the reference's uniform
+/// weights under the rule and equals the f32 kernel's rounded.
+fn fully_padded_rows_in_bf16(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0fad);
+    for seq in [7, 33] {
+        let mut case = BwdCase::random(&mut rng, 3, seq, 16, 2, MaskKind::Padded);
+        case.fwd.mask[seq..2 * seq].fill(PAD);
+        let (got, _) = check_backward(gpu, &case, None, None);
+        let row = &got[seq * 3 * case.fwd.hidden..2 * seq * 3 * case.fwd.hidden];
+        assert!(row.iter().any(|v| *v != 0.0), "{}: the fully padded row's gradient is all zero", case.label());
+    }
+}
+test_device!(backward_fully_padded_rows, fully_padded_rows_in_bf16);
+
+/// bf16 lengths are counted in bf16 elements, errors name the operand, and nothing is written;
+/// the workspace stays f32.
+fn bf16_backward_sizes_are_checked(gpu: &Gpu) {
+    let (b, t, h, n) = (2, 7, 16, 2);
+    let qkv = up(gpu, &vec![bf16::from_f32(0.5); b * t * 3 * h]);
+    let ctx = up(gpu, &vec![bf16::from_f32(0.5); b * t * h]);
+    let dctx = up(gpu, &vec![bf16::from_f32(1.0); b * t * h]);
+    let lse = up(gpu, &vec![1f32; b * n * t]);
+    let mask = up(gpu, &vec![0f32; b * t]);
+    let mut dqkv = up(gpu, &vec![bf16::NAN; b * t * 3 * h]);
+    let mut ws = up(gpu, &vec![f32::NAN; 2 * b * n * t]);
+    let shape_err = |r: Result<(), Error>, needle: &str| match r {
+        Err(Error::Shape { op, msg }) => {
+            assert_eq!(op, "cuda::attention_packed_backward");
+            assert!(msg.contains(needle), "`{msg}` does not mention `{needle}`");
+        }
+        other => panic!("expected a shape error mentioning `{needle}`, got {other:?}"),
+    };
+    let (dc, q, c, l, m) = (dctx.view(), qkv.view(), ctx.view(), lse.view(), mask.view());
+    shape_err(attention_packed_backward(gpu, &dctx.slice(0..b * t * h - 1).unwrap(), &q, &c, &l, &m, &mut dqkv.view_mut(), b, t, h, n), "dctx has 223 elements, expected 224");
+    shape_err(attention_packed_backward(gpu, &dc, &qkv.slice(0..b * t * 3 * h - 2).unwrap(), &c, &l, &m, &mut dqkv.view_mut(), b, t, h, n), "qkv has 670 elements, expected 672");
+    shape_err(attention_packed_backward(gpu, &dc, &q, &ctx.slice(0..5).unwrap(), &l, &m, &mut dqkv.view_mut(), b, t, h, n), "ctx has 5 elements, expected 224");
+    shape_err(attention_packed_backward(gpu, &dc, &q, &c, &lse.slice(0..b * n * t - 1).unwrap(), &m, &mut dqkv.view_mut(), b, t, h, n), "lse has 27 elements, expected 28");
+    shape_err(attention_packed_backward(gpu, &dc, &q, &c, &l, &m, &mut dqkv.slice_mut(1..b * t * 3 * h).unwrap(), b, t, h, n), "dqkv has 671 elements, expected 672");
+    let plan = AttentionBackwardPlan::auto(b, t, n);
+    shape_err(
+        attention_packed_backward_with(gpu, &dc, &q, &c, &l, &m, &mut dqkv.view_mut(), &mut ws.slice_mut(0..2 * b * n * t - 1).unwrap(), b, t, h, n, plan),
+        "workspace has 55 elements, expected at least 56",
+    );
+    assert!(gpu.download(&dqkv.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote dqkv");
+    // Aliasing is judged in bf16 bytes: dqkv directly followed by ctx in one buffer is fine, one
+    // element of overlap is refused.
+    let (nq, nc) = (b * t * 3 * h, b * t * h);
+    let big = up(gpu, &vec![bf16::from_f32(0.5); nq + nc]);
+    // SAFETY (both views): the kernels write only dqkv, and the overlapping launch is refused
+    // before any kernel runs.
+    let mut out = unsafe { big.slice(0..nq).unwrap().assume_writable() };
+    let r = attention_packed_backward(gpu, &dc, &q, &big.slice(nq - 1..nq - 1 + nc).unwrap(), &l, &m, &mut out, b, t, h, n);
+    assert!(matches!(r, Err(Error::Input(ref msg)) if msg.contains("dqkv overlaps ctx")), "{r:?}");
+    let mut out = unsafe { big.slice(0..nq).unwrap().assume_writable() };
+    attention_packed_backward(gpu, &dc, &q, &big.slice(nq..nq + nc).unwrap(), &l, &m, &mut out, b, t, h, n).expect("adjacent bf16 views do not overlap");
+    // The right sizes, on the forward's own ctx and lse. Uniform Q, K: uniform weights and ctx =
+    // 0.5 (the forward's sizes test), so D = dO·O = 8·0.5 = dP = dO·v for every key (d = 8, exact
+    // in f32): dS = 0, dQ = dK = 0 exactly; dV = Σ_i p_ij·1 = 1 within a few f32 ulps, which is
+    // 1.0 in bf16.
+    let mut ctx_f = up(gpu, &vec![bf16::NAN; b * t * h]);
+    let mut lse_f = up(gpu, &vec![f32::NAN; b * n * t]);
+    attention_packed_forward(gpu, &q, &m, &mut ctx_f.view_mut(), &mut lse_f.view_mut(), b, t, h, n).expect("forward");
+    attention_packed_backward(gpu, &dc, &q, &ctx_f.view(), &lse_f.view(), &m, &mut dqkv.view_mut(), b, t, h, n).expect("the right sizes");
+    let got = widen(&gpu.download(&dqkv.view()).unwrap());
+    for (i, v) in got.iter().enumerate() {
+        let want = if (i % (3 * h)) >= 2 * h { 1.0 } else { 0.0 };
+        assert_eq!(*v, want, "dqkv[{i}] of the constant case");
+    }
+}
+test_device!(backward_sizes, bf16_backward_sizes_are_checked);

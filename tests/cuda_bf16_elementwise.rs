@@ -635,3 +635,208 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
     assert!(down(gpu, &out).iter().all(|v| v.is_nan()), "a refused nice wrote out");
 }
 test_device!(bf16_refusals, bad_bf16_calls_are_refused);
+
+// ==== backward: activation', bias gradient, first-token scatter ==================================
+//
+// The `_bf16io` backward kernels of kernels/elementwise.cu through `activation_backward_as`,
+// `activation_backward_in_place`, `bias_grad` and `first_token_backward_as` with bf16 views.
+// Inputs are drawn, rounded to bf16 and uploaded as bf16; `f32_ref` is the f64 CPU reference on
+// the rounded values rounded to f32 once (`cpu::reference::activation_backward`, an f64 column
+// sum, the CPU backend's first-token scatter). The plain twins, per op:
+// - activation': PyTorch's fused backward kernels (gelu_backward, silu_backward,
+//   threshold_backward, ...) compute dy·act'(x) in f32 from the bf16 operands and round once:
+//   plain = bf16(f32_ref). (HF's tanh, sigmoid and gelu_new backward go through the rounded
+//   output or several bf16 ops and are worse; the one-rounding twin is the strictest, used for
+//   every activation.)
+// - bias gradient: `dy.sum(0)` of a bf16 dy accumulates in f32 and rounds the sum once to bf16
+//   (then widened into the f32 master gradient): plain = bf16(f32_ref). The kernel keeps the f32
+//   sum, so its error is the f32 summation's only.
+// - first-token scatter: a copy (plain = the reference) or `out[:, 0] += d` in bf16:
+//   plain = bf16(out + d).
+// Exactness against the f32 kernels on the widened values: dx and the scatter are the f32
+// kernel's output rounded once (bit for bit on the executor, one bf16 ulp on a GPU; the copy and
+// the one f32 add exactly everywhere); db equals the f32 kernel's f32 sum (bit for bit on the
+// executor, 2^-20 relative on a GPU).
+
+use bert_adapters::cuda::elementwise::{activation_backward_as, activation_backward_in_place, bias_grad, bias_grad_workspace_len, first_token_backward_as};
+
+/// Runs `activation_backward_as` on `dy`, `pre` as `A` into a NaN-poisoned dx, and the in-place
+/// form on a copy of dy; returns both.
+fn run_act_backward<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], pre: &[f32], act: Option<Activation>, conv: fn(f32) -> A) -> (Vec<A>, Vec<A>) {
+    let c = |v: &[f32]| v.iter().map(|&x| conv(x)).collect::<Vec<A>>();
+    let (ddy, dpre) = (up(gpu, &c(dy)), up(gpu, &c(pre)));
+    let mut dx = up(gpu, &vec![conv(f32::NAN); dy.len()]);
+    activation_backward_as(gpu, &ddy.view(), &dpre.view(), act, &mut dx.view_mut()).unwrap_or_else(|e| panic!("{} activation_backward: {e}", gpu.describe()));
+    let mut d = up(gpu, &c(dy));
+    activation_backward_in_place(gpu, &mut d.view_mut(), &dpre.view(), act).unwrap_or_else(|e| panic!("{} activation_backward_in_place: {e}", gpu.describe()));
+    (down(gpu, &dx), down(gpu, &d))
+}
+
+fn activation_backward_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_ac7b);
+    let mut worst = Worst::default();
+    let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
+    for act in acts {
+        for rows in ROWS {
+            for cols in COLS {
+                let n = rows * cols;
+                let label = format!("{} bf16io activation_backward {act:?} rows={rows} cols={cols}", gpu.describe());
+                let dy = uniform16(&mut rng, n, -2.0, 2.0);
+                let mut pre = uniform16(&mut rng, n, -6.0, 6.0);
+                // The tails and the kinks (bf16 values): exp overflow in swish/sigmoid, 0, tiny.
+                for (i, v) in [-100.0, -30.0, -9.0, -1e-30, 0.0, 1e-30, 9.0, 30.0, 100.0].into_iter().enumerate() {
+                    pre[i * 5 % n] = rule::round(v);
+                }
+                let f32_ref = match act {
+                    Some(a) => reference::activation_backward(&dy, &pre, a),
+                    None => dy.clone(),
+                };
+                let plain = rule::round_all(&f32_ref);
+                let (dx, in_place) = run_act_backward(gpu, &dy, &pre, act, bf16::from_f32);
+                let (dx32, _) = run_act_backward(gpu, &dy, &pre, act, id);
+                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&dx), &f32_ref, &plain));
+                assert_rounded_f32_kernel(gpu, &label, &dx, &dx32);
+                assert_eq!(in_place, dx, "{label}: in place");
+                if act.is_none() {
+                    // The identity's backward is dy itself, exactly.
+                    assert_eq!(rule::widen(&dx), dy, "{label}: identity");
+                }
+            }
+        }
+    }
+    worst.report("activation_backward bf16io dx", gpu);
+}
+test_device!(activation_backward_bf16io, activation_backward_bf16io_follows_the_rule);
+
+/// Runs `bias_grad` on `dy` as `A` into `db` (f32, starting at `init`) with a NaN-poisoned
+/// workspace.
+fn run_bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], cols: usize, init: &[f32], accumulate: bool, conv: fn(f32) -> A) -> Vec<f32> {
+    let ddy = up(gpu, &dy.iter().map(|&x| conv(x)).collect::<Vec<A>>());
+    let mut db = up(gpu, init);
+    let rows = dy.len() / cols;
+    let mut ws = nan32(gpu, bias_grad_workspace_len(rows, cols).max(1));
+    bias_grad(gpu, &ddy.view(), cols, &mut db.view_mut(), accumulate, &mut ws.view_mut()).unwrap_or_else(|e| panic!("{} bias_grad rows={rows} cols={cols}: {e}", gpu.describe()));
+    down(gpu, &db)
+}
+
+fn bias_grad_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0db0);
+    let mut worst = Worst::default();
+    // 1..=33 rows: one chunk; 200 and 1030: 4 and 17 chunks of 64 rows.
+    let shapes: Vec<(usize, usize)> = ROWS.iter().flat_map(|&r| COLS.iter().map(move |&c| (r, c))).chain([(200, 40), (1030, 48), (200, 384)]).collect();
+    for (rows, cols) in shapes {
+        let label = format!("{} bf16io bias_grad rows={rows} cols={cols}", gpu.describe());
+        let dy = uniform16(&mut rng, rows * cols, -1.0, 1.0);
+        let mut sum = vec![0f64; cols];
+        for (i, v) in dy.iter().enumerate() {
+            sum[i % cols] += *v as f64;
+        }
+        let f32_ref: Vec<f32> = sum.iter().map(|&v| v as f32).collect();
+        let plain = rule::round_all(&f32_ref);
+        let got = run_bias_grad(gpu, &dy, cols, &vec![f32::NAN; cols], false, bf16::from_f32);
+        let f32_kernel = run_bias_grad(gpu, &dy, cols, &vec![f32::NAN; cols], false, id);
+        worst.note(&label, rule::assert_within_twice_plain(&label, &got, &f32_ref, &plain));
+        assert_same_f32(gpu, &label, &got, &f32_kernel);
+        // The f32 sums themselves: within 1e-5 of the f64 sum's scale (rows ≤ 1030 terms of ≤ 1).
+        let scale = sum.iter().fold(0f64, |m, v| m.max(v.abs())) + rows as f64 * 2f64.powi(-10);
+        assert!(got.iter().zip(&f32_ref).all(|(g, w)| ((g - w) as f64).abs() <= 1e-5 * (1.0 + scale)), "{label}: {got:?} vs {f32_ref:?}");
+        // `+=` adds the same f32 sum to db.
+        let init = uniform(&mut rng, cols, -1.0, 1.0);
+        let acc = run_bias_grad(gpu, &dy, cols, &init, true, bf16::from_f32);
+        let acc32 = run_bias_grad(gpu, &dy, cols, &init, true, id);
+        assert_same_f32(gpu, &format!("{label} +="), &acc, &acc32);
+    }
+    worst.report("bias_grad bf16io db", gpu);
+}
+test_device!(bias_grad_bf16io, bias_grad_bf16io_follows_the_rule);
+
+fn first_token_backward_bf16io_follows_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0f1b);
+    let cpu = CpuBackend::reference();
+    let mut worst = Worst::default();
+    for (batch, seq_len) in [(1, 1), (7, 1), (7, 5), (33, 3)] {
+        for hidden in COLS {
+            let n = batch * seq_len * hidden;
+            let d = uniform16(&mut rng, batch * hidden, -2.0, 2.0);
+            let dd = up(gpu, &rule::to_bf16(&d));
+            for accumulate in [false, true] {
+                let label = format!("{} bf16io first_token_backward batch={batch} seq_len={seq_len} hidden={hidden} accumulate={accumulate}", gpu.describe());
+                let init = if accumulate { uniform16(&mut rng, n, -1.0, 1.0) } else { vec![f32::NAN; n] };
+                let want = Tensor::from_vec(init.clone(), &[batch, seq_len, hidden]).unwrap();
+                cpu.first_token_backward_into(&Tensor::from_vec(d.clone(), &[batch, hidden]).unwrap(), &want, accumulate).unwrap();
+                let f32_ref = cpu.to_host(&want).unwrap();
+                let mut out = up(gpu, &rule::to_bf16(&init));
+                first_token_backward_as(gpu, &dd.view(), batch, seq_len, hidden, &mut out.view_mut(), accumulate).unwrap_or_else(|e| panic!("{label}: {e}"));
+                let got = down(gpu, &out);
+                // The plain twin rounds the same f32 add once (or copies): the rule demands the
+                // one rounding, and so does exactness, on every device.
+                let plain = rule::round_all(&f32_ref);
+                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &plain));
+                assert_exactly_rounded(&label, &got, &f32_ref);
+                let mut out32 = up(gpu, &init);
+                first_token_backward_as(gpu, &up(gpu, &d).view(), batch, seq_len, hidden, &mut out32.view_mut(), accumulate).unwrap();
+                assert_eq!(bits(&down(gpu, &out32)), bits(&f32_ref), "{label}: the f32 kernel");
+            }
+        }
+    }
+    worst.report("first_token_backward bf16io", gpu);
+}
+test_device!(first_token_backward_bf16io, first_token_backward_bf16io_follows_the_rule);
+
+/// Backward refusals in bf16: lengths count bf16 elements, overlaps are judged in bytes (adjacent
+/// bf16 views accepted), bias_grad's f32 db and workspace are checked against the bf16 dy; a
+/// refused call writes nothing.
+fn bad_bf16_backward_calls_are_refused(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_0bbf);
+    let cols = 41;
+    let shape = |e: &Error| matches!(e, Error::Shape { .. });
+    let overlap = |e: &Error| matches!(e, Error::Input(m) if m.contains("overlaps"));
+    // activation_backward: dx and dy in one buffer.
+    let buf = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * cols, -1.0, 1.0)));
+    let pre = up(gpu, &rule::to_bf16(&uniform16(&mut rng, cols, -1.0, 1.0)));
+    let before = down(gpu, &buf);
+    {
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut dx = unsafe { buf.slice(cols - 1..2 * cols - 1).unwrap().assume_writable() };
+        expect_err("dx over dy", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.view(), Some(Activation::Gelu), &mut dx), overlap);
+        let mut dx = nan16(gpu, cols);
+        expect_err("short pre", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.slice(0..cols - 1).unwrap(), None, &mut dx.view_mut()), shape);
+        expect_err("short dx", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.view(), None, &mut dx.slice_mut(1..cols).unwrap()), shape);
+        assert!(down(gpu, &dx).iter().all(|v| v.is_nan()), "a refused activation_backward wrote dx");
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut over_pre = unsafe { pre.view().assume_writable() };
+        expect_err("in place over pre", activation_backward_in_place(gpu, &mut over_pre, &pre.view(), Some(Activation::Tanh)), overlap);
+    }
+    assert_eq!(down(gpu, &buf), before, "a refused activation_backward wrote");
+    {
+        // SAFETY: disjoint views of `buf` (adjacent bf16 halves), nothing else uses it meanwhile.
+        let mut dx = unsafe { buf.slice(cols..2 * cols).unwrap().assume_writable() };
+        activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.view(), Some(Activation::Gelu), &mut dx).expect("adjacent bf16 dx and dy do not overlap");
+    }
+
+    // bias_grad: db and the workspace are f32 and counted as such; dy is bf16.
+    let rows = 7;
+    let dy = up(gpu, &rule::to_bf16(&uniform16(&mut rng, rows * cols, -1.0, 1.0)));
+    let need = bias_grad_workspace_len(rows, cols);
+    let mut ws = nan32(gpu, need);
+    let mut db = nan32(gpu, cols);
+    expect_err("short db", bias_grad(gpu, &dy.view(), cols, &mut db.slice_mut(0..cols - 1).unwrap(), false, &mut ws.view_mut()), shape);
+    expect_err("short workspace", bias_grad(gpu, &dy.view(), cols, &mut db.view_mut(), false, &mut ws.slice_mut(0..need - 1).unwrap()), shape);
+    expect_err("ragged dy", bias_grad(gpu, &dy.slice(0..rows * cols - 1).unwrap(), cols, &mut db.view_mut(), false, &mut ws.view_mut()), shape);
+    assert!(down(gpu, &db).iter().all(|v| v.is_nan()), "a refused bias_grad wrote db");
+
+    // first_token_backward: out over d; short out.
+    let (batch, seq_len) = (2, 3);
+    let big = up(gpu, &rule::to_bf16(&uniform16(&mut rng, batch * seq_len * cols, -1.0, 1.0)));
+    let before = down(gpu, &big);
+    {
+        // SAFETY: the launcher must refuse the call before anything runs.
+        let mut out = unsafe { big.view().assume_writable() };
+        expect_err("out over d", first_token_backward_as(gpu, &big.slice(0..batch * cols).unwrap(), batch, seq_len, cols, &mut out, false), overlap);
+        let d = up(gpu, &rule::to_bf16(&uniform16(&mut rng, batch * cols, -1.0, 1.0)));
+        let mut short = unsafe { big.slice(0..batch * seq_len * cols - 1).unwrap().assume_writable() };
+        expect_err("short out", first_token_backward_as(gpu, &d.view(), batch, seq_len, cols, &mut short, true), shape);
+    }
+    assert_eq!(down(gpu, &big), before, "a refused first_token_backward wrote");
+}
+test_device!(bf16_backward_refusals, bad_bf16_backward_calls_are_refused);

@@ -13,7 +13,7 @@
 //! - storage: the forward launchers are generic over the activation type `A` of `qkv` and `ctx`
 //!   ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones (the same
 //!   bodies; the mask and `lse` stay f32, the arithmetic f32, ctx rounded once on store). The
-//!   backward takes f32 only.
+//!   backward launchers likewise, over dctx, qkv, ctx and dqkv (lse, mask and workspace f32).
 //! - dynamic shared memory: K and V tiles of 32 keys, the block's Q rows and probabilities:
 //!   at most 42.5 KiB with W <= 4, so every auto plan fits the 48 KiB a kernel gets without an
 //!   opt-in. A plan that needs more (W > 4 with d > 100) is refused rather than opted in: it
@@ -30,8 +30,7 @@ use cudarc::driver::LaunchConfig;
 use super::gpu::{ActivationScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::elementwise::DeviceDropout;
 use super::registry::attention::{
-    ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F32,
-    ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64, ATTENTION_FORWARD_BF16IO, ATTENTION_FORWARD_BF16IO_D32, ATTENTION_FORWARD_BF16IO_D64,
+    ATTENTION_FORWARD_BF16IO, ATTENTION_FORWARD_BF16IO_D32, ATTENTION_FORWARD_BF16IO_D64,
     ATTENTION_FORWARD_DROPOUT_BF16IO, ATTENTION_FORWARD_DROPOUT_BF16IO_D32, ATTENTION_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_FORWARD_DROPOUT_F32,
     ATTENTION_FORWARD_DROPOUT_F32_D32, ATTENTION_FORWARD_DROPOUT_F32_D64, ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64,
 };
@@ -219,14 +218,9 @@ impl AttentionSizes {
     }
 }
 
-/// Fails when two device ranges of f32 overlap (the kernel's pointers are `__restrict__`).
-fn disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
-    let bytes = |(p, n): (u64, usize)| (p, n * std::mem::size_of::<f32>());
-    disjoint_bytes(names, bytes(a), bytes(b))
-}
-
-/// As [`disjoint`], with each range as (address, length in bytes): views of different element
-/// types (bf16 `qkv`, f32 `lse`).
+/// Fails when two device ranges, each (address, length in bytes), overlap (the kernel's pointers
+/// are `__restrict__`; views of different element types, bf16 `qkv` and f32 `lse`, compare in
+/// bytes).
 fn disjoint_bytes(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
     let end = |(p, n): (u64, usize)| p + n as u64;
     if a.1 > 0 && b.1 > 0 && a.0 < end(b) && b.0 < end(a) {
@@ -304,7 +298,8 @@ pub fn attention_packed_forward_dropout<A: ActivationScalar>(
 /// byte each, in one 64-bit argument, so a launch needs no device table.
 pub const MAX_DROPOUT_BLOCKS: usize = 8;
 
-/// The dropout variant of an attention kernel (same parameters, then the policy's).
+/// The dropout variant of a forward attention kernel (same parameters, then the policy's); the
+/// backward picks its kernels in [`AttentionBackwardPlan::kernels_for`].
 fn dropout_kernel(k: KernelName) -> KernelName {
     match k.name {
         "attention_forward_f32_d32" => ATTENTION_FORWARD_DROPOUT_F32_D32,
@@ -312,13 +307,7 @@ fn dropout_kernel(k: KernelName) -> KernelName {
         "attention_forward_f32" => ATTENTION_FORWARD_DROPOUT_F32,
         "attention_forward_bf16io_d32" => ATTENTION_FORWARD_DROPOUT_BF16IO_D32,
         "attention_forward_bf16io_d64" => ATTENTION_FORWARD_DROPOUT_BF16IO_D64,
-        "attention_forward_bf16io" => ATTENTION_FORWARD_DROPOUT_BF16IO,
-        "attention_backward_dkv_f32_d32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32,
-        "attention_backward_dkv_f32_d64" => ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64,
-        "attention_backward_dkv_f32" => ATTENTION_BACKWARD_DKV_DROPOUT_F32,
-        "attention_backward_dq_f32_d32" => ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32,
-        "attention_backward_dq_f32_d64" => ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64,
-        _ => ATTENTION_BACKWARD_DQ_DROPOUT_F32,
+        _ => ATTENTION_FORWARD_DROPOUT_BF16IO, // "attention_forward_bf16io": kernel_for returns nothing else
     }
 }
 
@@ -415,17 +404,27 @@ fn forward_launch<A: ActivationScalar>(
 // `kernels/attention.cu`'s backward section: the gradient of `attention_packed_forward` with
 // respect to its packed input, from the output gradient `dctx`, the forward's `ctx` and `lse`.
 // Three launches (see the kernel section header for the algorithm, thread mapping and numerics):
-// - `attention_backward_prep_f32`: grid ⌈B·heads·T / 8⌉, block (32, 8): per row D = dO·O and the
-//   normaliser c (1 unless |lse| >= 64) into a workspace of [`attention_backward_workspace_len`]
-//   floats;
-// - `attention_backward_dkv_f32[_d32|_d64]`: grid B·heads·⌈T/32⌉, block (32, W) with W = 4 or 8;
-// - `attention_backward_dq_f32[_d32|_d64]`: grid B·heads·⌈T/4W⌉, block (32, W) with W in 1..=8.
+// - `attention_backward_prep_{f32|bf16io}`: grid ⌈B·heads·T / 8⌉, block (32, 8): per row D = dO·O
+//   and the normaliser c (1 unless |lse| >= 64) into a workspace of
+//   [`attention_backward_workspace_len`] floats;
+// - `attention_backward_dkv[_dropout]_{f32|bf16io}[_d32|_d64]`: grid B·heads·⌈T/32⌉, block
+//   (32, W) with W = 4 or 8;
+// - `attention_backward_dq[_dropout]_{f32|bf16io}[_d32|_d64]`: grid B·heads·⌈T/4W⌉, block
+//   (32, W) with W in 1..=8.
+// Storage: the launchers are generic over the activation type `A` of dctx, qkv, ctx and dqkv
+// ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones (the same bodies:
+// loads widen exactly, f32 arithmetic, dqkv rounded once on store); lse, the mask and the
+// workspace stay f32.
 // No float atomics: the output is bitwise reproducible. Dynamic shared memory above 48 KiB
 // (d > ~100, or W = 8 at d >= 72) is opted in per kernel through `Gpu::allow_dynamic_shared`.
 
 use super::registry::attention::{
-    ATTENTION_BACKWARD_DKV_F32, ATTENTION_BACKWARD_DKV_F32_D32, ATTENTION_BACKWARD_DKV_F32_D64, ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32,
-    ATTENTION_BACKWARD_DQ_F32_D64, ATTENTION_BACKWARD_PREP_F32,
+    ATTENTION_BACKWARD_DKV_BF16IO, ATTENTION_BACKWARD_DKV_BF16IO_D32, ATTENTION_BACKWARD_DKV_BF16IO_D64, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO,
+    ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D32, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D64, ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32,
+    ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64, ATTENTION_BACKWARD_DKV_F32, ATTENTION_BACKWARD_DKV_F32_D32, ATTENTION_BACKWARD_DKV_F32_D64, ATTENTION_BACKWARD_DQ_BF16IO,
+    ATTENTION_BACKWARD_DQ_BF16IO_D32, ATTENTION_BACKWARD_DQ_BF16IO_D64, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D32,
+    ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64,
+    ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32, ATTENTION_BACKWARD_DQ_F32_D64, ATTENTION_BACKWARD_PREP_BF16IO, ATTENTION_BACKWARD_PREP_F32,
 };
 
 const BWD_OP: &str = "cuda::attention_packed_backward";
@@ -462,7 +461,7 @@ impl AttentionBackwardPlan {
         AttentionBackwardPlan { dkv_warps, dq_warps, specialised: true }
     }
 
-    /// The dK/dV kernel for head dim `head_dim`.
+    /// The f32 dK/dV kernel for head dim `head_dim` (no dropout).
     pub fn dkv_kernel(&self, head_dim: usize) -> KernelName {
         match (self.specialised, head_dim) {
             (true, 32) => ATTENTION_BACKWARD_DKV_F32_D32,
@@ -471,13 +470,53 @@ impl AttentionBackwardPlan {
         }
     }
 
-    /// The dQ kernel for head dim `head_dim`.
+    /// The f32 dQ kernel for head dim `head_dim` (no dropout).
     pub fn dq_kernel(&self, head_dim: usize) -> KernelName {
         match (self.specialised, head_dim) {
             (true, 32) => ATTENTION_BACKWARD_DQ_F32_D32,
             (true, 64) => ATTENTION_BACKWARD_DQ_F32_D64,
             _ => ATTENTION_BACKWARD_DQ_F32,
         }
+    }
+
+    /// The (prep, dK/dV, dQ) kernels this plan runs for head dim `head_dim` with dctx, qkv, ctx
+    /// and dqkv stored as `dtype`, with the Philox dropout policy or without: the `_f32`
+    /// kernels, or the `_bf16io` ones for bf16; any other storage type is [`Error::Unsupported`].
+    pub fn kernels_for(&self, dtype: DType, head_dim: usize, dropout: bool) -> Result<[KernelName; 3]> {
+        let bf16 = match dtype {
+            DType::F32 => false,
+            DType::BF16 => true,
+            other => return Err(Error::Unsupported(format!("{BWD_OP}: dctx, Q, K, V, the context and dqkv stored as {other}; the attention backward kernels take f32 or bf16"))),
+        };
+        let width = match (self.specialised, head_dim) {
+            (true, 32) => 1,
+            (true, 64) => 2,
+            _ => 0,
+        };
+        // [storage][dropout][width]: generic, d32, d64.
+        const DKV: [[[KernelName; 3]; 2]; 2] = [
+            [
+                [ATTENTION_BACKWARD_DKV_F32, ATTENTION_BACKWARD_DKV_F32_D32, ATTENTION_BACKWARD_DKV_F32_D64],
+                [ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64],
+            ],
+            [
+                [ATTENTION_BACKWARD_DKV_BF16IO, ATTENTION_BACKWARD_DKV_BF16IO_D32, ATTENTION_BACKWARD_DKV_BF16IO_D64],
+                [ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D32, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D64],
+            ],
+        ];
+        const DQ: [[[KernelName; 3]; 2]; 2] = [
+            [
+                [ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32, ATTENTION_BACKWARD_DQ_F32_D64],
+                [ATTENTION_BACKWARD_DQ_DROPOUT_F32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64],
+            ],
+            [
+                [ATTENTION_BACKWARD_DQ_BF16IO, ATTENTION_BACKWARD_DQ_BF16IO_D32, ATTENTION_BACKWARD_DQ_BF16IO_D64],
+                [ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D32, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D64],
+            ],
+        ];
+        let prep = if bf16 { ATTENTION_BACKWARD_PREP_BF16IO } else { ATTENTION_BACKWARD_PREP_F32 };
+        let (t, d) = (bf16 as usize, dropout as usize);
+        Ok([prep, DKV[t][d][width], DQ[t][d][width]])
     }
 
     /// Dynamic shared memory of the dK/dV kernel, laid out as the kernel does: K and V tiles
@@ -603,18 +642,42 @@ impl AttentionBackwardSizes {
     }
 }
 
-/// Fails when two device ranges of f32 overlap (the kernels' pointers are `__restrict__`).
+/// Fails when two device ranges, each (address, length in bytes), overlap (the kernels' pointers
+/// are `__restrict__`).
 fn bwd_disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
-    disjoint(names, a, b).map_err(|_| Error::Input(format!("{BWD_OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)))
+    disjoint_bytes(names, a, b).map_err(|_| Error::Input(format!("{BWD_OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)))
 }
 
 /// Gradient of [`attention_packed_forward`] with the automatic launch plan, allocating its
 /// workspace: `dqkv` (`[batch, seq, 3·hidden]`, dQ, dK, dV side by side) from the output gradient
 /// `dctx` (`[batch, seq, hidden]`), the forward's input `qkv`, output `ctx` and row log-sum-exp
 /// `lse` (`[batch, heads, seq]`), and its `mask_bias` (`[B_mask, seq]`, batch row `b` reading
-/// mask row `b % B_mask`). Every element of `dqkv` is written.
+/// mask row `b % B_mask`). Every element of `dqkv` is written. `dctx`, `qkv`, `ctx` and `dqkv`
+/// are f32, or bf16 (the `_bf16io` kernels: f32 arithmetic, dqkv rounded once); `lse` and the
+/// mask f32.
 #[allow(clippy::too_many_arguments)] // the forward's operands, its output and the two gradients
-pub fn attention_packed_backward(
+pub fn attention_packed_backward<A: ActivationScalar>(
+    gpu: &Gpu,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    ctx: &DeviceView<A>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<A>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+) -> Result<()> {
+    attention_packed_backward_dropout_as(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, batch, seq, hidden, heads, None)
+}
+
+/// [`attention_packed_backward`] of [`attention_packed_forward_dropout`], f32 storage: `ctx` is
+/// that forward's (dropped) output, and each probability's factor is drawn again from `dropout`.
+/// [`attention_packed_backward_dropout_as`] is the same for any activation type; this one keeps
+/// the element type fixed so callers whose views are typed by inference need not name it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_backward_dropout(
     gpu: &Gpu,
     dctx: &DeviceView<f32>,
     qkv: &DeviceView<f32>,
@@ -626,21 +689,22 @@ pub fn attention_packed_backward(
     seq: usize,
     hidden: usize,
     heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
-    attention_packed_backward_dropout(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, batch, seq, hidden, heads, None)
+    attention_packed_backward_dropout_as(gpu, dctx, qkv, ctx, lse, mask_bias, dqkv, batch, seq, hidden, heads, dropout)
 }
 
-/// [`attention_packed_backward`] of [`attention_packed_forward_dropout`]: `ctx` is that
-/// forward's (dropped) output, and each probability's factor is drawn again from `dropout`.
+/// [`attention_packed_backward_dropout`] with `dctx`, `qkv`, `ctx` and `dqkv` stored as `A`
+/// (f32 or bf16, as in [`attention_packed_backward`]).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed_backward_dropout(
+pub fn attention_packed_backward_dropout_as<A: ActivationScalar>(
     gpu: &Gpu,
-    dctx: &DeviceView<f32>,
-    qkv: &DeviceView<f32>,
-    ctx: &DeviceView<f32>,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    ctx: &DeviceView<A>,
     lse: &DeviceView<f32>,
     mask_bias: &DeviceView<f32>,
-    dqkv: &mut DeviceViewMut<f32>,
+    dqkv: &mut DeviceViewMut<A>,
     batch: usize,
     seq: usize,
     hidden: usize,
@@ -668,16 +732,16 @@ pub fn attention_packed_backward_dropout(
 
 /// As [`attention_packed_backward`], with caller-owned scratch (`workspace`: at least
 /// [`attention_backward_workspace_len`] floats; nothing is allocated) and an explicit launch
-/// plan (validated).
+/// plan (validated). f32 or bf16 storage as in [`attention_packed_backward`].
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed_backward_with(
+pub fn attention_packed_backward_with<A: ActivationScalar>(
     gpu: &Gpu,
-    dctx: &DeviceView<f32>,
-    qkv: &DeviceView<f32>,
-    ctx: &DeviceView<f32>,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    ctx: &DeviceView<A>,
     lse: &DeviceView<f32>,
     mask_bias: &DeviceView<f32>,
-    dqkv: &mut DeviceViewMut<f32>,
+    dqkv: &mut DeviceViewMut<A>,
     workspace: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -689,14 +753,14 @@ pub fn attention_packed_backward_with(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_launch(
+fn backward_launch<A: ActivationScalar>(
     gpu: &Gpu,
-    dctx: &DeviceView<f32>,
-    qkv: &DeviceView<f32>,
-    ctx: &DeviceView<f32>,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    ctx: &DeviceView<A>,
     lse: &DeviceView<f32>,
     mask_bias: &DeviceView<f32>,
-    dqkv: &mut DeviceViewMut<f32>,
+    dqkv: &mut DeviceViewMut<A>,
     workspace: &mut DeviceViewMut<f32>,
     batch: usize,
     seq: usize,
@@ -720,22 +784,20 @@ fn backward_launch(
     };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     plan.validate(head_dim)?;
-    let range = |v: &DeviceView<f32>| (v.device_ptr(), v.len());
-    let inputs = [("dctx", range(dctx)), ("qkv", range(qkv)), ("ctx", range(ctx)), ("lse", range(lse)), ("mask_bias", range(mask_bias))];
-    let (out, ws) = ((dqkv.device_ptr(), dqkv.len()), (workspace.device_ptr(), workspace.len()));
+    let act = |v: &DeviceView<A>| byte_range::<A>(v.device_ptr(), v.len());
+    let f = |v: &DeviceView<f32>| byte_range::<f32>(v.device_ptr(), v.len());
+    let inputs = [("dctx", act(dctx)), ("qkv", act(qkv)), ("ctx", act(ctx)), ("lse", f(lse)), ("mask_bias", f(mask_bias))];
+    let (out, ws) = (byte_range::<A>(dqkv.device_ptr(), dqkv.len()), byte_range::<f32>(workspace.device_ptr(), workspace.len()));
     for (name, r) in inputs {
         bwd_disjoint(("dqkv", name), out, r)?;
         bwd_disjoint(("workspace", name), ws, r)?;
     }
     bwd_disjoint(("dqkv", "workspace"), out, ws)?;
     let drop = dropout.map(|d| dropout_args(BWD_OP, d, batch)).transpose()?.flatten();
+    let [prep_kernel, dkv_kernel, dq_kernel] = plan.kernels_for(A::DTYPE, head_dim, drop.is_some())?;
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
-    let (dkv_kernel, dq_kernel) = match drop {
-        Some(_) => (dropout_kernel(plan.dkv_kernel(head_dim)), dropout_kernel(plan.dq_kernel(head_dim))),
-        None => (plan.dkv_kernel(head_dim), plan.dq_kernel(head_dim)),
-    };
     let [prep_cfg, dkv_cfg, dq_cfg] = plan.launch_configs(batch, seq, heads, head_dim);
     for (kernel, cfg) in [(dkv_kernel, &dkv_cfg), (dq_kernel, &dq_cfg)] {
         let bytes = cfg.shared_mem_bytes as usize;
@@ -746,13 +808,13 @@ fn backward_launch(
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     let rows = (batch * heads * seq) as i32; // checked to fit
     let ws_arg = workspace.arg();
-    // The prep kernel's parameters: rowstat, dctx, ctx, qkv, lse, mask_bias, rows, seq, hidden,
+    // The prep kernel's parameters (dctx, ctx, qkv of A): rowstat, dctx, ctx, qkv, lse, mask_bias, rows, seq, hidden,
     // heads, mask_rows, scale; Gpu::launch checks them against kernels/attention.cu.
     let prep_args = [
         ws_arg,
-        dctx.arg(),
-        ctx.arg(),
-        qkv.arg(),
+        A::act_arg(dctx),
+        A::act_arg(ctx),
+        A::act_arg(qkv),
         lse.arg(),
         mask_bias.arg(),
         KernelArg::I32(rows),
@@ -762,11 +824,11 @@ fn backward_launch(
         KernelArg::I32(mask_rows as i32),
         KernelArg::F32(scale),
     ];
-    // The main kernels': dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale.
+    // The main kernels' (pointers to A as `unsigned short*` for bf16): dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale.
     let main_args = [
-        dqkv.arg(),
-        dctx.arg(),
-        qkv.arg(),
+        A::act_arg_mut(dqkv),
+        A::act_arg(dctx),
+        A::act_arg(qkv),
         lse.arg(),
         ws_arg,
         mask_bias.arg(),
@@ -778,13 +840,14 @@ fn backward_launch(
     ];
     let main_args: Vec<KernelArg> = main_args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: every view was checked above to have exactly the length the kernels index for these
-    // sizes (dctx and ctx B·T·H, qkv and dqkv B·T·3H, lse B·heads·T, the workspace at least
-    // 2·B·heads·T, the mask a multiple of T whose row count divides B); the outputs (dqkv, the
-    // workspace) alias nothing; the plan fits the kernels' block and shared-memory contract (opted
+    // sizes (dctx and ctx B·T·H, qkv and dqkv B·T·3H elements of A, lse B·heads·T, the workspace
+    // at least 2·B·heads·T, the mask a multiple of T whose row count divides B); the kernels read
+    // and write A (kernels_for); the outputs (dqkv, the workspace) alias nothing (byte ranges);
+    // the plan fits the kernels' block and shared-memory contract (opted
     // in above where over 48 KiB; the specialised kernels run only when hidden = d·heads with their
     // d). The three launches run in stream order: the workspace is written before it is read.
     unsafe {
-        gpu.launch(ATTENTION_BACKWARD_PREP_F32, prep_cfg, &prep_args)?;
+        gpu.launch(prep_kernel, prep_cfg, &prep_args)?;
         gpu.launch(dkv_kernel, dkv_cfg, &main_args)?;
         gpu.launch(dq_kernel, dq_cfg, &main_args)
     }
@@ -917,10 +980,14 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_are_refused() {
-        assert!(disjoint(("a", "b"), (0, 4), (16, 4)).is_ok());
-        assert!(disjoint(("a", "b"), (0, 5), (16, 4)).is_err());
-        assert!(disjoint(("a", "b"), (16, 4), (0, 5)).is_err());
-        assert!(disjoint(("a", "b"), (0, 0), (0, 4)).is_ok());
+        let f = |p: u64, n: usize| byte_range::<f32>(p, n);
+        assert!(disjoint_bytes(("a", "b"), f(0, 4), f(16, 4)).is_ok());
+        assert!(disjoint_bytes(("a", "b"), f(0, 5), f(16, 4)).is_err());
+        assert!(disjoint_bytes(("a", "b"), f(16, 4), f(0, 5)).is_err());
+        assert!(disjoint_bytes(("a", "b"), f(0, 0), f(0, 4)).is_ok());
+        // bf16 elements are 2 bytes: 8 of them end where 4 floats would.
+        assert!(disjoint_bytes(("a", "b"), byte_range::<half::bf16>(0, 8), f(16, 4)).is_ok());
+        assert!(disjoint_bytes(("a", "b"), byte_range::<half::bf16>(0, 9), f(16, 4)).is_err());
     }
 }
 
@@ -1023,6 +1090,22 @@ mod backward_tests {
         assert_eq!(p.dq_kernel(64).name, "attention_backward_dq_f32_d64");
         assert_eq!(p.dkv_kernel(48).name, "attention_backward_dkv_f32");
         assert_eq!(AttentionBackwardPlan { specialised: false, ..p }.dq_kernel(64).name, "attention_backward_dq_f32");
+        let names = |plan: AttentionBackwardPlan, dtype, d, drop| plan.kernels_for(dtype, d, drop).unwrap().map(|k| k.name);
+        let generic = AttentionBackwardPlan { specialised: false, ..p };
+        for d in [8, 32, 64, 128] {
+            assert_eq!(names(p, DType::F32, d, false), ["attention_backward_prep_f32", p.dkv_kernel(d).name, p.dq_kernel(d).name], "d {d}");
+        }
+        assert_eq!(names(p, DType::F32, 32, true), ["attention_backward_prep_f32", "attention_backward_dkv_dropout_f32_d32", "attention_backward_dq_dropout_f32_d32"]);
+        assert_eq!(names(generic, DType::F32, 64, true), ["attention_backward_prep_f32", "attention_backward_dkv_dropout_f32", "attention_backward_dq_dropout_f32"]);
+        assert_eq!(names(p, DType::BF16, 24, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io", "attention_backward_dq_bf16io"]);
+        assert_eq!(names(p, DType::BF16, 32, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io_d32", "attention_backward_dq_bf16io_d32"]);
+        assert_eq!(names(p, DType::BF16, 64, true), ["attention_backward_prep_bf16io", "attention_backward_dkv_dropout_bf16io_d64", "attention_backward_dq_dropout_bf16io_d64"]);
+        assert_eq!(names(generic, DType::BF16, 64, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io", "attention_backward_dq_bf16io"]);
+        assert_eq!(names(generic, DType::BF16, 32, true), ["attention_backward_prep_bf16io", "attention_backward_dkv_dropout_bf16io", "attention_backward_dq_dropout_bf16io"]);
+        for dtype in [DType::F16, DType::U32] {
+            let e = p.kernels_for(dtype, 64, false).unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("take f32 or bf16"), "{dtype}: {e}");
+        }
         let [prep, dkv, dq] = p.launch_configs(3, 33, 4, 64);
         assert_eq!((prep.grid_dim.0, prep.block_dim), ((3 * 4 * 33_u32).div_ceil(8), (32, 8, 1)));
         assert_eq!((dkv.grid_dim.0, dkv.block_dim), (3 * 4 * 2, (32, 4, 1)));

@@ -374,9 +374,19 @@ pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
 // `Backend::first_token_backward_into`. Destinations are written, or added to when `accumulate`
 // (a GEMM with beta = 1 for the products). Every length is checked before anything is enqueued;
 // an output that overlaps an input (other than `dx == dy` in place) is refused.
+//
+// bf16 activations: the activation backward, the bias gradient's input and the first-token
+// scatter are generic over the [`ActivationScalar`] `A` of their activation operands and pick the
+// `_f32` or `_bf16io` kernel by `A::DTYPE` (the same bodies: exact widening, f32 arithmetic, each
+// bf16 store rounded once). Bias gradients stay f32 (trainable biases have f32 master copies; see
+// the kernel header). [`activation_backward`] and [`first_token_backward`] keep f32 signatures,
+// which callers typed by inference rely on; [`activation_backward_as`] and
+// [`first_token_backward_as`] are the generic launchers behind them.
 
 use super::gemm::{Gemm, Transpose};
-use super::registry::elementwise::{ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_F32, FIRST_TOKEN_BACKWARD_F32};
+use super::registry::elementwise::{
+    ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F32, FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F32,
+};
 
 /// Rows per chunk of a column sum are at least this many (8 per row lane of a block).
 pub const MIN_ROWS_PER_CHUNK: usize = 64;
@@ -448,41 +458,55 @@ fn disjoint(op: &'static str, outputs: &[Operand<'_>], inputs: &[Operand<'_>], u
 }
 
 /// `dx = dy ⊙ act'(pre)` elementwise (any shape; the three lengths must agree), `act` `None` for
-/// the identity. `dx` must not overlap `dy` or `pre` (see [`activation_backward_in_place`]).
+/// the identity, f32 operands (see [`activation_backward_as`] for bf16). `dx` must not overlap
+/// `dy` or `pre` (see [`activation_backward_in_place`]).
 pub fn activation_backward(gpu: &Gpu, dy: &DeviceView<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>, dx: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    activation_backward_as(gpu, dy, pre, act, dx)
+}
+
+/// [`activation_backward`] with every operand of `A` (f32, or bf16: `activation_backward_bf16io`,
+/// `dy·act'(pre)` in f32 from the widened operands, rounded once).
+pub fn activation_backward_as<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, pre: &DeviceView<'_, A>, act: Option<Activation>, dx: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::activation_backward";
+    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO])?;
     expect_len(OP, "pre", pre.len(), dy.len(), "dy's length")?;
     expect_len(OP, "dx", dx.len(), dy.len(), "dy's length")?;
-    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("dy", dy.device_ptr(), dy.len()), ("pre", pre.device_ptr(), pre.len())])?;
+    check_disjoint_bytes(OP, &[act_span::<A>("dx", dx.device_ptr(), dx.len())], &[act_span::<A>("dy", dy.device_ptr(), dy.len()), act_span::<A>("pre", pre.device_ptr(), pre.len())])?;
     let n = flat_len(OP, dy.len())?;
     if dy.is_empty() {
         return Ok(());
     }
-    let args = [dx.arg(), dy.arg(), pre.arg(), n, KernelArg::I32(activation_code(act))];
-    // SAFETY: dx, dy and pre hold n elements each and dx overlaps neither input.
-    unsafe { gpu.launch(ACTIVATION_BACKWARD_F32, flat_launch(dy.len()), &args) }
+    let args = [A::act_arg_mut(dx), A::act_arg(dy), A::act_arg(pre), n, KernelArg::I32(activation_code(act))];
+    // SAFETY: dx, dy and pre hold n elements of A each (the kernel's type, picked above) and dx
+    // overlaps neither input.
+    unsafe { gpu.launch(kernel, flat_launch(dy.len()), &args) }
 }
 
-/// `d = d ⊙ act'(pre)` in place (the input gradient of a Linear, then its activation's).
-pub fn activation_backward_in_place(gpu: &Gpu, d: &mut DeviceViewMut<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>) -> Result<()> {
+/// `d = d ⊙ act'(pre)` in place (the input gradient of a Linear, then its activation's); f32 or
+/// bf16 operands as in [`activation_backward_as`].
+pub fn activation_backward_in_place<A: ActivationScalar>(gpu: &Gpu, d: &mut DeviceViewMut<'_, A>, pre: &DeviceView<'_, A>, act: Option<Activation>) -> Result<()> {
     const OP: &str = "cuda::activation_backward_in_place";
+    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO])?;
     expect_len(OP, "pre", pre.len(), d.len(), "d's length")?;
-    check_disjoint(OP, &[("d", d.device_ptr(), d.len())], &[("pre", pre.device_ptr(), pre.len())])?;
+    check_disjoint_bytes(OP, &[act_span::<A>("d", d.device_ptr(), d.len())], &[act_span::<A>("pre", pre.device_ptr(), pre.len())])?;
     let n = flat_len(OP, d.len())?;
     if d.is_empty() {
         return Ok(());
     }
     // The kernel's dx and dy carry no __restrict__: each thread reads then writes its own element.
-    let args = [d.arg(), d.arg(), pre.arg(), n, KernelArg::I32(activation_code(act))];
-    // SAFETY: d and pre hold n elements each and do not overlap.
-    unsafe { gpu.launch(ACTIVATION_BACKWARD_F32, flat_launch(d.len()), &args) }
+    let args = [A::act_arg_mut(d), A::act_arg_mut(d), A::act_arg(pre), n, KernelArg::I32(activation_code(act))];
+    // SAFETY: d and pre hold n elements of A each and do not overlap.
+    unsafe { gpu.launch(kernel, flat_launch(d.len()), &args) }
 }
 
 /// `db = Σ_rows dy` (or `db += Σ_rows dy` when `accumulate`) for `dy: [rows, cols]`
 /// (`rows = dy.len() / cols`), deterministically in two launches through `workspace` (at least
-/// [`bias_grad_workspace_len`] floats; its contents are scratch).
-pub fn bias_grad(gpu: &Gpu, dy: &DeviceView<'_, f32>, cols: usize, db: &mut DeviceViewMut<'_, f32>, accumulate: bool, workspace: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// [`bias_grad_workspace_len`] floats; its contents are scratch). `dy` is f32 or bf16
+/// (`column_sums_partial_bf16io`: the f32 kernel's sums of the widened values, bit for bit);
+/// `db` and the workspace are f32.
+pub fn bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, cols: usize, db: &mut DeviceViewMut<'_, f32>, accumulate: bool, workspace: &mut DeviceViewMut<'_, f32>) -> Result<()> {
     const OP: &str = "cuda::bias_grad";
+    pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO])?;
     let rows = bias_act_rows(OP, dy.len(), None, cols)?;
     expect_len(OP, "db", db.len(), cols, "cols")?;
     let plan = ColumnChunks::for_rows(rows);
@@ -490,22 +514,25 @@ pub fn bias_grad(gpu: &Gpu, dy: &DeviceView<'_, f32>, cols: usize, db: &mut Devi
     if workspace.len() < need {
         return Err(Error::shape(OP, format!("workspace has {} elements, at least {need} needed (chunks {} x cols {cols}) for rows={rows}", workspace.len(), plan.chunks)));
     }
-    let ws = ("workspace", workspace.device_ptr(), need);
-    check_disjoint(OP, &[("db", db.device_ptr(), db.len()), ws], &[("dy", dy.device_ptr(), dy.len())])?;
+    let ws = ("workspace", workspace.device_ptr(), 4 * need);
+    check_disjoint_bytes(OP, &[("db", db.device_ptr(), 4 * db.len()), ws], &[act_span::<A>("dy", dy.device_ptr(), dy.len())])?;
     column_sums(gpu, dy, rows, cols, plan, workspace, db, accumulate)
 }
 
-/// The two stages of a column sum; every size checked by the caller.
+/// The two stages of a column sum over `x` of `A` into f32; every size checked by the caller.
 #[allow(clippy::too_many_arguments)] // the sum's input, shape and plan, its workspace and output
-fn column_sums(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, cols: usize, plan: ColumnChunks, workspace: &mut DeviceViewMut<'_, f32>, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+fn column_sums<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, rows: usize, cols: usize, plan: ColumnChunks, workspace: &mut DeviceViewMut<'_, f32>, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    const OP: &str = "cuda::column_sums";
+    let partial = pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO])?;
     if cols == 0 {
         return Ok(());
     }
     if plan.chunks > 0 {
-        let args = [workspace.arg(), x.arg(), KernelArg::I32(rows as i32), KernelArg::I32(cols as i32), KernelArg::I32(plan.rows_per_chunk as i32)];
-        // SAFETY: x holds rows·cols elements, the workspace at least chunks·cols (checked by the
-        // caller), and the grid covers exactly the chunks and column tiles.
-        unsafe { gpu.launch(COLUMN_SUMS_PARTIAL_F32, plan.partial_launch(cols), &args) }?;
+        let args = [workspace.arg(), A::act_arg(x), KernelArg::I32(rows as i32), KernelArg::I32(cols as i32), KernelArg::I32(plan.rows_per_chunk as i32)];
+        // SAFETY: x holds rows·cols elements of A (the kernel's type), the workspace at least
+        // chunks·cols (checked by the caller), and the grid covers exactly the chunks and column
+        // tiles.
+        unsafe { gpu.launch(partial, plan.partial_launch(cols), &args) }?;
     }
     let args = [out.arg(), KernelArg::Null, workspace.arg(), KernelArg::Null, KernelArg::I32(plan.chunks as i32), KernelArg::I32(cols as i32), KernelArg::I32(accumulate as i32)];
     // SAFETY: out holds cols elements and the workspace chunks·cols.
@@ -514,9 +541,17 @@ fn column_sums(gpu: &Gpu, x: &DeviceView<'_, f32>, rows: usize, cols: usize, pla
 
 /// The adjoint of [`first_token`]: `out: [batch, seq_len, hidden]` receives `d: [batch, hidden]`
 /// at position 0 of each sequence and zeros elsewhere, or, when `accumulate`, `d` added at
-/// position 0 and every other position left as it is.
+/// position 0 and every other position left as it is. f32 operands (see
+/// [`first_token_backward_as`] for bf16).
 pub fn first_token_backward(gpu: &Gpu, d: &DeviceView<'_, f32>, batch: usize, seq_len: usize, hidden: usize, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    first_token_backward_as(gpu, d, batch, seq_len, hidden, out, accumulate)
+}
+
+/// [`first_token_backward`] with `d` and `out` of `A` (f32, or bf16: `first_token_backward_bf16io`,
+/// the copy and zeros exact, `+=` the f32 sum of the widened values rounded once).
+pub fn first_token_backward_as<A: ActivationScalar>(gpu: &Gpu, d: &DeviceView<'_, A>, batch: usize, seq_len: usize, hidden: usize, out: &mut DeviceViewMut<'_, A>, accumulate: bool) -> Result<()> {
     const OP: &str = "cuda::first_token_backward";
+    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_BACKWARD_F32, FIRST_TOKEN_BACKWARD_BF16IO])?;
     if seq_len == 0 && batch > 0 {
         return Err(Error::shape(OP, format!("sequence length 0 with batch {batch}: there is no first token")));
     }
@@ -526,15 +561,15 @@ pub fn first_token_backward(gpu: &Gpu, d: &DeviceView<'_, f32>, batch: usize, se
     let dims = format!("batch={batch}, seq_len={seq_len}, hidden={hidden}");
     expect_len(OP, "d", d.len(), batch * hidden, &format!("batch·hidden for {dims}"))?;
     expect_len(OP, "out", out.len(), total, &format!("batch·seq_len·hidden for {dims}"))?;
-    check_disjoint(OP, &[("out", out.device_ptr(), out.len())], &[("d", d.device_ptr(), d.len())])?;
+    check_disjoint_bytes(OP, &[act_span::<A>("out", out.device_ptr(), out.len())], &[act_span::<A>("d", d.device_ptr(), d.len())])?;
     if total == 0 {
         return Ok(());
     }
     let rows = if accumulate { batch } else { batch * seq_len };
-    let args = [out.arg(), d.arg(), KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(accumulate as i32)];
-    // SAFETY: out holds batch·seq_len·hidden elements and d batch·hidden (checked above); the
-    // kernel's 64-bit row indices cover batch·seq_len rows.
-    unsafe { gpu.launch(FIRST_TOKEN_BACKWARD_F32, row_launch(rows), &args) }
+    let args = [A::act_arg_mut(out), A::act_arg(d), KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(accumulate as i32)];
+    // SAFETY: out holds batch·seq_len·hidden elements of A and d batch·hidden (checked above), the
+    // kernel's type (picked above); the kernel's 64-bit row indices cover batch·seq_len rows.
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
 }
 
 /// The sizes of a Linear `y[rows, d_out] = x[rows, d_in]·Wᵀ + b`, `W: [d_out, d_in]` (HF layout).
