@@ -33,69 +33,19 @@ use bert_adapters::{test_device, Error};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// HF's extended attention mask value for padding (`(1 - mask) * -10000`).
-const PAD: f32 = -10000.0;
+#[path = "support/attention_case.rs"]
+mod attention_case;
 
-#[derive(Clone, Copy, Debug)]
-enum MaskKind {
-    /// No padding: all zeros.
-    Zeros,
-    /// One mask row per batch row; the first keeps every key (the longest sequence sets T in a
-    /// padded batch), the others a random prefix of length >= 1 and pad the rest.
-    Padded,
-    /// `rows` padded mask rows shared by a batch that replicates them (Parallel branches).
-    Shared(usize),
-}
+use attention_case::{AttentionInputs, MaskKind, PAD};
 
-struct Case {
-    qkv: Vec<f32>,
-    mask: Vec<f32>,
-    batch: usize,
-    seq: usize,
-    hidden: usize,
-    heads: usize,
-}
+type Case = AttentionInputs;
 
 impl Case {
-    /// Q and K uniform in ±√6 (scaled scores with standard deviation 2, up to about ±10, like a
-    /// trained BERT's), V uniform in ±2.
-    fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
-        let hidden = d * heads;
-        let a = 6f32.sqrt();
-        let mut qkv = Vec::with_capacity(batch * seq * 3 * hidden);
-        for _ in 0..batch * seq {
-            qkv.extend((0..2 * hidden).map(|_| rng.random_range(-a..a)));
-            qkv.extend((0..hidden).map(|_| rng.random_range(-2.0f32..2.0)));
-        }
-        let mask_rows = match mask {
-            MaskKind::Zeros | MaskKind::Padded => batch,
-            MaskKind::Shared(rows) => rows,
-        };
-        let mut m = vec![0f32; mask_rows * seq];
-        if !matches!(mask, MaskKind::Zeros) {
-            for row in m.chunks_mut(seq).skip(1) {
-                let keep = rng.random_range(1..=seq);
-                row[keep..].iter_mut().for_each(|x| *x = PAD);
-            }
-        }
-        Case { qkv, mask: m, batch, seq, hidden, heads }
-    }
-
-    fn split(&self) -> [Vec<f32>; 3] {
-        let h = self.hidden;
-        let part = |i: usize| self.qkv.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect();
-        [part(0), part(1), part(2)]
-    }
-
     /// (ctx, lse) from the f64 reference.
     fn reference(&self) -> (Vec<f32>, Vec<f32>) {
         let [q, k, v] = self.split();
         let (b, t, h, n) = (self.batch, self.seq, self.hidden, self.heads);
         (reference::attention(&q, &k, &v, &self.mask, b, t, h, n, None), reference::attention_lse(&q, &k, &self.mask, b, t, h, n))
-    }
-
-    fn label(&self) -> String {
-        format!("B={} T={} d={} heads={} mask_rows={}", self.batch, self.seq, self.hidden / self.heads, self.heads, self.mask.len() / self.seq.max(1))
     }
 }
 

@@ -30,60 +30,36 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
-/// HF's extended attention mask value for padding (`(1 - mask) * -10000`).
-const PAD: f32 = -10000.0;
+#[path = "support/attention_case.rs"]
+mod attention_case;
 
-#[derive(Clone, Copy, Debug)]
-enum MaskKind {
-    /// No padding: all zeros.
-    Zeros,
-    /// One mask row per batch row; the first keeps every key, the others a random prefix of
-    /// length >= 1 and pad the rest.
-    Padded,
-    /// `rows` padded mask rows shared by a batch that replicates them (Parallel branches).
-    Shared(usize),
+use attention_case::{AttentionInputs, MaskKind, PAD};
+
+/// The forward's inputs and the gradient of its output.
+struct Case {
+    inputs: AttentionInputs,
+    dctx: Vec<f32>,
 }
 
-struct Case {
-    qkv: Vec<f32>,
-    mask: Vec<f32>,
-    dctx: Vec<f32>,
-    batch: usize,
-    seq: usize,
-    hidden: usize,
-    heads: usize,
+impl std::ops::Deref for Case {
+    type Target = AttentionInputs;
+    fn deref(&self) -> &AttentionInputs {
+        &self.inputs
+    }
+}
+
+impl std::ops::DerefMut for Case {
+    fn deref_mut(&mut self) -> &mut AttentionInputs {
+        &mut self.inputs
+    }
 }
 
 impl Case {
-    /// Q and K uniform in ±√6 (scaled scores with standard deviation 2, up to about ±10), V and
-    /// dctx uniform in ±2.
+    /// [`AttentionInputs::random`], then dctx uniform in ±2.
     fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
-        let hidden = d * heads;
-        let a = 6f32.sqrt();
-        let mut qkv = Vec::with_capacity(batch * seq * 3 * hidden);
-        for _ in 0..batch * seq {
-            qkv.extend((0..2 * hidden).map(|_| rng.random_range(-a..a)));
-            qkv.extend((0..hidden).map(|_| rng.random_range(-2.0f32..2.0)));
-        }
-        let mask_rows = match mask {
-            MaskKind::Zeros | MaskKind::Padded => batch,
-            MaskKind::Shared(rows) => rows,
-        };
-        let mut m = vec![0f32; mask_rows * seq];
-        if !matches!(mask, MaskKind::Zeros) {
-            for row in m.chunks_mut(seq).skip(1) {
-                let keep = rng.random_range(1..=seq);
-                row[keep..].iter_mut().for_each(|x| *x = PAD);
-            }
-        }
-        let dctx = (0..batch * seq * hidden).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-        Case { qkv, mask: m, dctx, batch, seq, hidden, heads }
-    }
-
-    fn split(&self) -> [Vec<f32>; 3] {
-        let h = self.hidden;
-        let part = |i: usize| self.qkv.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect();
-        [part(0), part(1), part(2)]
+        let inputs = AttentionInputs::random(rng, batch, seq, d, heads, mask);
+        let dctx = (0..batch * seq * inputs.hidden).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        Case { inputs, dctx }
     }
 
     /// The reference gradient, packed as `[B, T, 3H]` like the kernel's output.
@@ -98,10 +74,6 @@ impl Case {
             out.extend_from_slice(c);
         }
         out
-    }
-
-    fn label(&self) -> String {
-        format!("B={} T={} d={} heads={} mask_rows={}", self.batch, self.seq, self.hidden / self.heads, self.heads, self.mask.len() / self.seq.max(1))
     }
 }
 
@@ -287,7 +259,7 @@ fn fully_masked_rows_follow_the_reference(gpu: &Gpu) {
         mask[2 * seq..3 * seq].fill(f32::NEG_INFINITY);
         mask[3 * seq..4 * seq - 1].fill(f32::NEG_INFINITY);
         // Row 4: unmasked, a control.
-        let case = Case { qkv, mask, dctx, batch, seq, hidden, heads };
+        let case = Case { inputs: AttentionInputs { qkv, mask, batch, seq, hidden, heads }, dctx };
         let (got, _) = check(gpu, &case, None);
         let want = case.reference();
         let row = |v: &[f32], b: usize| v[b * seq * 3 * hidden..(b + 1) * seq * 3 * hidden].to_vec();

@@ -43,68 +43,20 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// HF's extended attention mask value for padding (`(1 - mask) * -10000`).
-const PAD: f32 = -10000.0;
+#[path = "support/attention_case.rs"]
+mod attention_case;
 
-#[derive(Clone, Copy, Debug)]
-enum MaskKind {
-    /// No padding: all zeros.
-    Zeros,
-    /// One mask row per batch row; the first keeps every key, the others a random prefix of
-    /// length >= 1 and pad the rest (no row is fully padded).
-    Padded,
-    /// `rows` padded mask rows shared by a batch that replicates them (Parallel branches: batch
-    /// row b reads mask row b % rows).
-    Shared(usize),
-}
+use attention_case::{AttentionInputs, MaskKind, PAD};
 
 /// A case: `qkv` already rounded to bf16 (held as f32).
-struct Case {
-    qkv: Vec<f32>,
-    mask: Vec<f32>,
-    batch: usize,
-    seq: usize,
-    hidden: usize,
-    heads: usize,
-}
+type Case = AttentionInputs;
 
 impl Case {
-    /// Q and K uniform in ±√6 (scaled scores with standard deviation 2, up to about ±10), V
-    /// uniform in ±2, all rounded to bf16.
-    fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
-        let hidden = d * heads;
-        let a = 6f32.sqrt();
-        let mut qkv = Vec::with_capacity(batch * seq * 3 * hidden);
-        for _ in 0..batch * seq {
-            qkv.extend((0..2 * hidden).map(|_| rng.random_range(-a..a)));
-            qkv.extend((0..hidden).map(|_| rng.random_range(-2.0f32..2.0)));
-        }
-        let mask_rows = match mask {
-            MaskKind::Zeros | MaskKind::Padded => batch,
-            MaskKind::Shared(rows) => rows,
-        };
-        let mut m = vec![0f32; mask_rows * seq];
-        if !matches!(mask, MaskKind::Zeros) {
-            for row in m.chunks_mut(seq).skip(1) {
-                let keep = rng.random_range(1..=seq);
-                row[keep..].iter_mut().for_each(|x| *x = PAD);
-            }
-        }
-        Case { qkv: round_all(&qkv), mask: m, batch, seq, hidden, heads }
-    }
-
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-
-    fn mask_rows(&self) -> usize {
-        self.mask.len() / self.seq.max(1)
-    }
-
-    fn split(&self) -> [Vec<f32>; 3] {
-        let h = self.hidden;
-        let part = |i: usize| self.qkv.chunks(3 * h).flat_map(|row| row[i * h..(i + 1) * h].iter().copied()).collect();
-        [part(0), part(1), part(2)]
+    /// [`AttentionInputs::random`] with Q, K and V rounded to bf16.
+    fn rounded(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
+        let mut case = AttentionInputs::random(rng, batch, seq, d, heads, mask);
+        case.qkv = round_all(&case.qkv);
+        case
     }
 
     /// (ctx, lse) of the f64 reference on the rounded inputs (each rounded to f32 once).
@@ -161,9 +113,6 @@ impl Case {
         (ctx, lse)
     }
 
-    fn label(&self) -> String {
-        format!("B={} T={} d={} heads={} mask_rows={}", self.batch, self.seq, self.head_dim(), self.heads, self.mask_rows())
-    }
 }
 
 /// `cpu::prob_dropout`'s multipliers (what the CPU backend and the `_dropout` kernels draw):
@@ -296,7 +245,7 @@ fn bf16io_forward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
     let mut worst = (0f64, String::new());
     for seq in SEQS {
         for (batch, d, heads, mask) in SHAPES {
-            let case = Case::random(&mut rng, batch, seq, d, heads, mask);
+            let case = Case::rounded(&mut rng, batch, seq, d, heads, mask);
             let (_, [e, pe, le, ple]) = check(gpu, &case, None);
             if seq > 1 {
                 // A real plain error exists (the rule is not vacuous) and the kernel is well inside
@@ -322,7 +271,7 @@ test_device!(awkward_shapes, bf16io_forward_matches_the_rule_at_awkward_shapes);
 fn every_plan_of_the_bf16io_kernels(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_91a2);
     for (batch, d, heads) in [(1, 32, 2), (2, 64, 1), (1, 24, 3), (1, 128, 1)] {
-        let case = Case::random(&mut rng, batch, 33, d, heads, MaskKind::Padded);
+        let case = Case::rounded(&mut rng, batch, 33, d, heads, MaskKind::Padded);
         for warps in [1, 2, 3, 4, 8] {
             let plan = AttentionPlan { warps_per_block: warps, specialised: true };
             if d == 128 && warps == 8 {
@@ -354,7 +303,7 @@ fn bf16io_dropout_forward_matches_the_rule(gpu: &Gpu) {
         (2, 33, 64, 2, MaskKind::Padded, vec![(1 << 8) | 2, (1 << 8) | 3]),
         (3, 70, 24, 3, MaskKind::Shared(1), vec![9 << 8]),
     ] {
-        let case = Case::random(&mut rng, batch, seq, d, heads, mask);
+        let case = Case::rounded(&mut rng, batch, seq, d, heads, mask);
         let drop = DeviceDropout { seed_buffer: None, seed: 0xabc0 + d as u64, p: 0.2, streams };
         let factors = prob_dropout(&drop, batch, seq, heads);
         let label = format!("{} {} dropout {:?}", gpu.describe(), case.label(), drop.streams);
@@ -378,7 +327,7 @@ test_device!(dropout, bf16io_dropout_forward_matches_the_rule);
 fn masked_rows_in_bf16(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_dead);
     let (batch, seq, d, heads) = (2, 33, 16, 2);
-    let mut case = Case::random(&mut rng, batch, seq, d, heads, MaskKind::Zeros);
+    let mut case = Case::rounded(&mut rng, batch, seq, d, heads, MaskKind::Zeros);
     case.mask[..seq].fill(f32::NEG_INFINITY);
     case.mask[seq..2 * seq - 1].fill(f32::NEG_INFINITY);
     let got = run_bf16(gpu, &case, None, None);
@@ -459,7 +408,7 @@ struct BwdCase {
 
 impl BwdCase {
     fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> BwdCase {
-        let fwd = Case::random(rng, batch, seq, d, heads, mask);
+        let fwd = Case::rounded(rng, batch, seq, d, heads, mask);
         let dctx = (0..batch * seq * fwd.hidden).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
         BwdCase { fwd, dctx: round_all(&dctx) }
     }
