@@ -9,6 +9,11 @@
 //! - [`adapter_location_forward`]: pure size checks first ([`LocationSizes`], [`Error::Shape`]
 //!   naming the operand), then at most two launches: the gate means when a branch has a gate (a
 //!   cross-row reduction over each example), then the location itself.
+//! - [`LocationPath`]: the fused kernel above, or the split path
+//!   ([`adapter_location_forward_split`]: a pre kernel, the two bottleneck products per branch on
+//!   [`Gpu::gemm`], a post kernel; the same semantics and dropout masks, few launches, no weight
+//!   re-read per row). [`LocationPath::auto`] takes Split on a GPU and Fused on cuda-sim;
+//!   [`adapter_location_forward_on`] dispatches. The backward is the fused kernel either way.
 //! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
 //!   per row, up to 8 rows per block, for H <= 1024 (no block barriers at all), else one block per
 //!   row with about 16 columns per thread.
