@@ -1094,6 +1094,32 @@ mod tests {
     }
 
     #[test]
+    fn storage_types_pick_the_split_kernels() {
+        let names = |k: Result<(KernelName, KernelName)>| k.map(|(l, g)| (l.name, g.name));
+        assert_eq!(names(split_kernels::<f32, f32>()).unwrap(), ("adapter_split_pre_f32", "adapter_split_post_f32"));
+        assert_eq!(names(split_kernels::<half::bf16, f32>()).unwrap(), ("adapter_split_pre_bf16", "adapter_split_post_bf16"));
+        assert_eq!(names(split_kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_split_pre_bf16io", "adapter_split_post_bf16io"));
+        let err = names(split_kernels::<f32, half::bf16>()).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    }
+
+    #[test]
+    fn location_paths_parse_and_refuse_other_values() {
+        assert_eq!(LocationPath::parse("fused").unwrap(), LocationPath::Fused);
+        assert_eq!(LocationPath::parse("split").unwrap(), LocationPath::Split);
+        for bad in ["", "Split", "gemm", " fused"] {
+            let err = LocationPath::parse(bad).unwrap_err();
+            assert!(matches!(err, Error::Input(_)) && err.to_string().contains(LOCATION_PATH_VAR), "{bad:?}: {err}");
+        }
+        // Statistics only where the post kernel recomputes x after the original LayerNorm.
+        let steps = |r, before| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: true };
+        assert!(needs_pre_stats(steps(ResidualBeforeLn::False, true)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::False, false)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::True, true)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::PostAdd, true)));
+    }
+
+    #[test]
     fn consistent_sizes_pass() {
         sizes(shape(2, 7, 40, 3, true)).check(1e-12).unwrap();
         sizes(shape(2, 7, 40, 3, false)).check(1e-12).unwrap();
