@@ -660,9 +660,10 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 //     gate    adapter_location_gate_*      (as the fused path, when a branch gates)
 //     pre     adapter_split_pre_*          z[row] = LN_before(x) (f32), x the pre step's output;
 //                                          stats[row] = the pre step's (mean, rstd) when given
-//     down    GEMM per branch              a = act(z·W_dᵀ + b_d): cuBLASLt's ReLU / tanh-GELU
-//                                          epilogue for relu / gelu_new, else a plain
-//                                          product and adapter_split_bias_act_f32
+//     down    GEMM per branch              a = act(z·W_dᵀ + b_d): cuBLASLt's ReLU epilogue for
+//                                          relu (exactly max(x, 0)), else a plain product and
+//                                          adapter_split_bias_act_f32 (gelu_new too: cuBLASLt's
+//                                          GELU epilogue has an unspecified tanh)
 //     up      GEMM per branch              up = a·W_uᵀ + b_u (bias epilogue), over z's buffer
 //     post    adapter_split_post_*         scaling, the branch's dropout, gate, LN_after /
 //                                          residual ρ, post step; out[row]
