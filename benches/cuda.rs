@@ -25,13 +25,15 @@
 //!
 //! Groups (criterion ids `<group>/<shape>/<function>`), each with a `Throughput`:
 //! - `adapter_location/<B>x<T>`: one pfeiffer location (relu, r = H/16), `fused` (one launch)
-//!   against `unfused` (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add, add, LayerNorm: the
-//!   eager sequence from the existing launchers). Bytes: h and r read, out written once.
+//!   and `split` (pre kernel, the two bottleneck products on cuBLASLt, post kernel:
+//!   `LocationPath::Split`) against `unfused` (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
+//!   add, LayerNorm: the eager sequence from the existing launchers). Bytes: h and r read, out
+//!   written once.
 //! - `adapter_location_backward/<B>x<T>`: its backward with the branch trainable and the input
 //!   gradients needed. Bytes: d_out, h, r read, dh, dr written.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
-//!   input): two pfeiffer branches in `one_launch` against `two_launches`.
+//!   input): two pfeiffer branches in `one_launch` against `two_launches` (fused) and `split`.
 //! - `residual_layernorm/<B>x<T>`: `forward` (inference: y, mean, rstd) and `forward_train`
 //!   (y, z = x + r, stats); `layernorm_backward/<B>x<T>`: dz from dy, z, stats (γ frozen).
 //! - `attention/<B>x<T>`: fused `forward` and `backward` over a packed QKV, 12 heads of 64 (tiny:
@@ -60,7 +62,7 @@ use std::time::Duration;
 
 use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_forward, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors,
+    adapter_location_backward, adapter_location_forward, adapter_location_forward_split, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors,
     LocationInputs, LocationOutputs, LocationShape,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
@@ -389,6 +391,13 @@ impl Location {
         adapter_location_forward(gpu, &inputs, &self.all, &mut outputs, self.shape).expect("adapter_location_forward");
     }
 
+    /// All branches on the split path: pre kernel, two GEMMs per branch, post kernel.
+    fn split(&mut self, gpu: &Gpu) {
+        let inputs = LocationInputs { h: self.h.view(), r: self.r.view(), ln_gamma: self.gamma.view(), ln_beta: self.beta.view(), ln_eps: EPS, dropout_seed: None };
+        let mut outputs = LocationOutputs { out: self.out.view_mut(), gate: None };
+        adapter_location_forward_split(gpu, &inputs, &self.all, &mut outputs, self.shape).expect("adapter_location_forward_split");
+    }
+
     /// One launch per branch, each over its rows (or the shared rows when replicating).
     fn per_branch(&mut self, gpu: &Gpu) {
         let block = self.rows * self.hidden;
@@ -470,6 +479,7 @@ fn adapter_location(c: &mut Criterion, bench: &Bench) {
         let mut group = new_group(c, format!("adapter_location/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes((3 * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "fused", || Location::new(gpu, s, bt, 1, false), |l| l.fused(gpu));
+        bench_lazy(&mut group, gpu, "split", || Location::new(gpu, s, bt, 1, false), |l| l.split(gpu));
         bench_lazy(&mut group, gpu, "unfused", || Unfused::new(gpu, s, bt), |u| u.run(gpu));
         group.finish();
     }
@@ -485,12 +495,14 @@ fn adapter_branches(c: &mut Criterion, bench: &Bench) {
         group.throughput(Throughput::Bytes((3 * N * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "one_launch", || Location::new(gpu, s, bt, N, false), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "two_launches", || Location::new(gpu, s, bt, N, false), |l| l.per_branch(gpu));
+        bench_lazy(&mut group, gpu, "split", || Location::new(gpu, s, bt, N, false), |l| l.split(gpu));
         group.finish();
         // The first adapter layer: one shared input, N outputs.
         let mut group = new_group(c, format!("adapter_branches_shared/{}", shape_name(bt.0, bt.1)));
         group.throughput(Throughput::Bytes(((2 + N) * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "one_launch", || Location::new(gpu, s, bt, N, true), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "two_launches", || Location::new(gpu, s, bt, N, true), |l| l.per_branch(gpu));
+        bench_lazy(&mut group, gpu, "split", || Location::new(gpu, s, bt, N, true), |l| l.split(gpu));
         group.finish();
     }
 }

@@ -82,6 +82,11 @@
 // per-row pack from which the launcher reduces the parameter gradients with GEMMs;
 // `adapter_location_backward_gate_f32` is the gate launch restricted to the branches it needs.
 // See the comment above that kernel.
+//
+// Split forward (`adapter_split_pre_*`, `adapter_split_post_*`, `adapter_split_bias_act_f32`;
+// section "split forward" below): the same location in a pre kernel, the two bottleneck products
+// per branch on GEMMs (cuBLASLt), and a post kernel, reusing this file's pre-step, up-epilogue and
+// post-step device functions; the launcher picks the path (cuda::adapter::LocationPath).
 
 // Threads per block of the forward and gate kernels: they need about 100 registers a thread
 // (ptxas, sm_80), so 1024 threads would not fit the 64K-register file; the launcher's plans stay
@@ -298,6 +303,98 @@ __device__ __forceinline__ float pre_step_x(const T* hr, const T* rr, const P* l
 
 // ---- forward ---------------------------------------------------------------------------------
 
+// The pre step and the adapter's LayerNorm before the down projection, for one row team: z (x,
+// or LN_before(x)) into the row buffer xs; `pre_mean` and `pre_rstd` get the pre step's
+// LayerNorm statistics (0 without it), from which pre_step_x recomputes x for ρ. Shared by the
+// fused forward and the split path's pre kernel. Every thread of the team must call it.
+template <typename T, typename P>
+__device__ __forceinline__ void location_pre_row(float* xs, const T* hr, const T* rr, const P* ln_gamma, const P* ln_beta,
+                                                 const AdapterBranchDesc& d, int cols, float ln_eps, float* scratch, float& pre_mean,
+                                                 float& pre_rstd) {
+    const bool ln_first = d.original_ln_before != 0;
+    float unused_mean, unused_rstd;
+    pre_mean = 0.0f;
+    pre_rstd = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
+    }
+    if (ln_first) {
+        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
+    }
+    // The adapter's LayerNorm before the down projection, in place: x is recomputed for ρ.
+    if (d.ln_before_gamma != 0) {
+        team_layernorm(xs, xs, desc_ptr(d.ln_before_gamma), desc_ptr(d.ln_before_beta), cols, d.ln_before_eps, scratch, unused_mean,
+                       unused_rstd);
+    }
+}
+
+// What the up projection's epilogue applies to column c of one row, given up = (d·W_uᵀ)[c] +
+// b_u[c]: the scaling, the branch's own dropout (element drop_row + c of its block) and the gate
+// g (1 when the branch has none). Shared by the fused forward and the split path's post kernel.
+__device__ __forceinline__ float adapter_up_epilogue(float up, const AdapterBranchDesc& d, int c, float s_uniform, PhiloxKey key,
+                                                     unsigned long long drop_row, float g) {
+    const float s = d.scaling_kind == ADAPTER_SCALING_CHANNEL ? desc_ptr(d.scaling)[c] : s_uniform;
+    float u = up * s;
+    if (d.dropout_threshold != 0) {
+        u = adapter_dropout(u, d, key, drop_row + (unsigned long long)c);
+    }
+    if (d.gate_w != 0) {
+        u *= g;
+    }
+    return u;
+}
+
+// The uniform scaling of a branch (fixed or learned; a channel scaling is read per column).
+__device__ __forceinline__ float adapter_uniform_scaling(const AdapterBranchDesc& d) {
+    return d.scaling_kind == ADAPTER_SCALING_LEARNED ? desc_ptr(d.scaling)[0] : d.scaling_value;
+}
+
+// From u (the adapter's output, in the row buffer xs, each column written by the thread that owns
+// it) to the stored output row o: the adapter's LayerNorm after and residual ρ, then the post
+// step. Shared by the fused forward and the split path's post kernel. Every thread of the team
+// must call it.
+template <typename T, typename P>
+__device__ __forceinline__ void location_post_row(float* xs, T* o, const T* hr, const T* rr, const P* ln_gamma, const P* ln_beta,
+                                                  const AdapterBranchDesc& d, int cols, float ln_eps, float* scratch, float pre_mean,
+                                                  float pre_rstd) {
+    const bool ln_first = d.original_ln_before != 0;
+    float unused_mean, unused_rstd;
+    // Adapter residual and LayerNorm after: y into the row buffer.
+    const bool ln_after = d.ln_after_gamma != 0;
+    const bool residual_first = d.adapter_residual_before_ln != 0;
+    if (ln_after && !residual_first) {
+        team_layernorm(xs, xs, desc_ptr(d.ln_after_gamma), desc_ptr(d.ln_after_beta), cols, d.ln_after_eps, scratch, unused_mean,
+                       unused_rstd);
+    }
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float rho;
+        if (d.residual_before_ln == ADAPTER_RESIDUAL_H) {
+            rho = load_f32(hr, c);
+        } else if (d.residual_before_ln == ADAPTER_RESIDUAL_X) {
+            rho = pre_step_x(hr, rr, ln_gamma, ln_beta, c, ln_first, pre_mean, pre_rstd);
+        } else {
+            rho = load_f32(hr, c) + load_f32(rr, c);
+        }
+        xs[c] += rho;
+    }
+    if (ln_after && residual_first) {
+        team_layernorm(xs, xs, desc_ptr(d.ln_after_gamma), desc_ptr(d.ln_after_beta), cols, d.ln_after_eps, scratch, unused_mean,
+                       unused_rstd);
+    }
+
+    // Post step: out = LN(y + r) or y.
+    if (d.original_ln_after != 0) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            xs[c] += load_f32(rr, c);
+        }
+        float mean, rstd;
+        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, mean, rstd);
+    }
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        store_f32(o, c, xs[c]);
+    }
+}
+
 // T: the storage of h, r and out; P: of the BERT LayerNorm's gamma and beta.
 template <typename T, typename P>
 __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const float* __restrict__ gate, const T* __restrict__ h,
@@ -323,21 +420,10 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
     const T* rr = r + src;
     float* xs = adapter_smem + (size_t)threadIdx.y * (size_t)cols;
     float* ds = adapter_smem + (size_t)blockDim.y * (size_t)cols + (size_t)threadIdx.y * (size_t)bottleneck_stride;
-    const bool ln_first = d.original_ln_before != 0;
 
-    // Pre step: x into the row buffer.
-    float pre_mean = 0.0f, pre_rstd = 0.0f, unused_mean, unused_rstd;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
-    }
-    if (ln_first) {
-        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
-    }
-    // The adapter's LayerNorm before the down projection, in place: x is recomputed for ρ.
-    if (d.ln_before_gamma != 0) {
-        team_layernorm(xs, xs, desc_ptr(d.ln_before_gamma), desc_ptr(d.ln_before_beta), cols, d.ln_before_eps, scratch, unused_mean,
-                       unused_rstd);
-    }
+    // Pre step: z into the row buffer.
+    float pre_mean, pre_rstd;
+    location_pre_row(xs, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
     team_sync();  // the down projection reads every column of the row
 
     down_projection(xs, ds, d, cols);
@@ -348,10 +434,8 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
         const int m = d.bottleneck;
         const float* wu = desc_ptr(d.up_w);
         const float* bu = desc_ptr(d.up_b);
-        const float* sp = desc_ptr(d.scaling);
-        const float s_uniform = d.scaling_kind == ADAPTER_SCALING_LEARNED ? sp[0] : d.scaling_value;
+        const float s_uniform = adapter_uniform_scaling(d);
         const float g = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
-        const bool drop = d.dropout_threshold != 0;
         const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
         const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -360,53 +444,11 @@ __device__ __forceinline__ void location_forward_row(T* __restrict__ out, const 
             for (int j = 0; j < m; ++j) {
                 acc = fmaf(ds[j], w[j], acc);
             }
-            const float s = d.scaling_kind == ADAPTER_SCALING_CHANNEL ? sp[c] : s_uniform;
-            float u = (acc + bu[c]) * s;
-            if (drop) {
-                u = adapter_dropout(u, d, key, drop_row + (unsigned long long)c);
-            }
-            if (d.gate_w != 0) {
-                u *= g;
-            }
-            xs[c] = u;
+            xs[c] = adapter_up_epilogue(acc + bu[c], d, c, s_uniform, key, drop_row, g);
         }
     }
 
-    // Adapter residual and LayerNorm after: y into the row buffer.
-    const bool ln_after = d.ln_after_gamma != 0;
-    const bool residual_first = d.adapter_residual_before_ln != 0;
-    if (ln_after && !residual_first) {
-        team_layernorm(xs, xs, desc_ptr(d.ln_after_gamma), desc_ptr(d.ln_after_beta), cols, d.ln_after_eps, scratch, unused_mean,
-                       unused_rstd);
-    }
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float rho;
-        if (d.residual_before_ln == ADAPTER_RESIDUAL_H) {
-            rho = load_f32(hr, c);
-        } else if (d.residual_before_ln == ADAPTER_RESIDUAL_X) {
-            rho = pre_step_x(hr, rr, ln_gamma, ln_beta, c, ln_first, pre_mean, pre_rstd);
-        } else {
-            rho = load_f32(hr, c) + load_f32(rr, c);
-        }
-        xs[c] += rho;
-    }
-    if (ln_after && residual_first) {
-        team_layernorm(xs, xs, desc_ptr(d.ln_after_gamma), desc_ptr(d.ln_after_beta), cols, d.ln_after_eps, scratch, unused_mean,
-                       unused_rstd);
-    }
-
-    // Post step: out = LN(y + r) or y.
-    T* o = out + dst;
-    if (d.original_ln_after != 0) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            xs[c] += load_f32(rr, c);
-        }
-        float mean, rstd;
-        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, mean, rstd);
-    }
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        store_f32(o, c, xs[c]);
-    }
+    location_post_row(xs, out + dst, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
 }
 
 // out: [N·B·T, H]; h, r: [B·T, H] when replicate, else [N·B·T, H]; ln_gamma, ln_beta: [H];
@@ -608,6 +650,258 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     location_gate_block<bf16_raw, bf16_raw>(gate, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
                                             reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                             reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// ---- split forward ---------------------------------------------------------------------------------
+//
+// The split path of one location (cuda::adapter::adapter_location_forward_split): the same
+// semantics as adapter_location_forward_*, in few launches with the bottleneck products on GEMMs
+// (cuBLASLt on a GPU) instead of CUDA cores in every row team:
+//     gate    adapter_location_gate_*      (as the fused path, when a branch gates)
+//     pre     adapter_split_pre_*          z[row] = LN_before(x) (f32), x the pre step's output;
+//                                          stats[row] = the pre step's (mean, rstd) when given
+//     down    GEMM per branch              a = act(z·W_dᵀ + b_d): cuBLASLt's ReLU epilogue for
+//                                          relu (exactly max(x, 0)), else a plain product and
+//                                          adapter_split_bias_act_f32 (gelu_new too: cuBLASLt's
+//                                          GELU epilogue has an unspecified tanh)
+//     up      GEMM per branch              up = a·W_uᵀ + b_u (bias epilogue), over z's buffer
+//     post    adapter_split_post_*         scaling, the branch's dropout, gate, LN_after /
+//                                          residual ρ, post step; out[row]
+// Rows, branches and replication are indexed exactly as in adapter_location_forward_* (row =
+// branch·B·T + local; the source row of h and r is local when replicate), and z, stats and up are
+// laid out by output row, so branch i's GEMMs read and write rows [i·B·T, (i+1)·B·T).
+//
+// Thread mapping: the fused forward's row teams (cuda::adapter::LocationPlan, one warp per row up
+// to 8 rows per block for H <= 1024, else a block per row); the row buffer is the only dynamic
+// shared memory (H floats per team, no bottleneck vector). The pre and post steps are the fused
+// kernel's device functions (location_pre_row, adapter_up_epilogue, location_post_row), so the
+// arithmetic per element is the same; only the two products differ in summation order (the
+// GEMM's), within the tolerances of the fused kernel's tests. The dropout mask is the same Philox
+// draw (element local·H + c of the branch's stream), so it is the fused kernel's bit for bit.
+//
+// Storage: z, stats and up are f32 workspace; h, r, out, γ and β as the fused variants (_f32,
+// _bf16: bf16 γ/β, _bf16io: bf16 h, r, out and γ/β), from the same templates.
+
+// z: [N·B·T, H] f32; stats: [N·B·T, 2] or null; the other operands as adapter_location_forward_f32.
+template <typename T, typename P>
+__device__ __forceinline__ void location_split_pre_row(float* __restrict__ z, float* __restrict__ stats, const T* __restrict__ h,
+                                                       const T* __restrict__ r, const P* __restrict__ ln_gamma,
+                                                       const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
+                                                       int batch, int seq_len, int cols, int branches, int replicate, float ln_eps) {
+    extern __shared__ float adapter_split_smem[];  // [blockDim.y][cols] rows
+    __shared__ float scratch[32];                  // team_sum partials (block-per-row mapping only)
+
+    const int per_branch = batch * seq_len;
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= per_branch * branches) {
+        return;  // the whole team; no block barrier exists with more than one team per block
+    }
+    const int branch = row / per_branch;
+    const int local = row - branch * per_branch;
+    const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
+    const size_t dst = (size_t)row * (size_t)cols;
+    float* xs = adapter_split_smem + (size_t)threadIdx.y * (size_t)cols;
+    float pre_mean, pre_rstd;
+    location_pre_row(xs, h + src, r + src, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        z[dst + (size_t)c] = xs[c];  // each thread stores the columns it wrote
+    }
+    if (stats != nullptr && threadIdx.x == 0) {
+        stats[2 * (size_t)row] = pre_mean;
+        stats[2 * (size_t)row + 1] = pre_rstd;
+    }
+}
+
+// up: [N·B·T, H] f32 (a·W_uᵀ + b_u); stats: as written by the pre kernel, or null when ρ does
+// not need x's statistics; the other operands as adapter_location_forward_f32.
+template <typename T, typename P>
+__device__ __forceinline__ void location_split_post_row(T* __restrict__ out, const float* __restrict__ up, const float* __restrict__ stats,
+                                                        const float* __restrict__ gate, const T* __restrict__ h, const T* __restrict__ r,
+                                                        const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
+                                                        const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
+                                                        int branches, int replicate, float ln_eps, const unsigned* __restrict__ seed_buf,
+                                                        unsigned seed_lo, unsigned seed_hi) {
+    extern __shared__ float adapter_split_smem[];  // [blockDim.y][cols] rows
+    __shared__ float scratch[32];
+
+    const int per_branch = batch * seq_len;
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= per_branch * branches) {
+        return;  // the whole team; no block barrier exists with more than one team per block
+    }
+    const int branch = row / per_branch;
+    const int local = row - branch * per_branch;
+    const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
+    const size_t dst = (size_t)row * (size_t)cols;
+    const AdapterBranchDesc& d = descs[branch];
+    float* xs = adapter_split_smem + (size_t)threadIdx.y * (size_t)cols;
+    const float pre_mean = stats != nullptr ? stats[2 * (size_t)row] : 0.0f;
+    const float pre_rstd = stats != nullptr ? stats[2 * (size_t)row + 1] : 0.0f;
+    const float s_uniform = adapter_uniform_scaling(d);
+    const float g = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
+    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+    const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
+    const float* ur = up + dst;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        xs[c] = adapter_up_epilogue(ur[c], d, c, s_uniform, key, drop_row, g);
+    }
+    location_post_row(xs, out + dst, h + src, r + src, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
+}
+
+// Grid and block as the fused forward's plan with no bottleneck vector (H floats of dynamic
+// shared memory per team).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_f32(
+    float* __restrict__ z,
+    float* __restrict__ stats,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_row<float, float>(z, stats, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len,
+                                         hidden, branches, replicate, ln_eps);
+}
+
+// As adapter_split_pre_f32 with the BERT LayerNorm's gamma and beta in bf16.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_bf16(
+    float* __restrict__ z,
+    float* __restrict__ stats,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_row<float, bf16_raw>(z, stats, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                            reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
+                                            ln_eps);
+}
+
+// As adapter_split_pre_bf16 with h and r in bf16 too (z stays f32).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_bf16io(
+    float* __restrict__ z,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_row<bf16_raw, bf16_raw>(z, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                               reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                               reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
+                                               ln_eps);
+}
+
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_f32(
+    float* __restrict__ out,
+    const float* __restrict__ up,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_post_row<float, float>(out, up, stats, gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                          seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// As adapter_split_post_f32 with the BERT LayerNorm's gamma and beta in bf16.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_bf16(
+    float* __restrict__ out,
+    const float* __restrict__ up,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_post_row<float, bf16_raw>(out, up, stats, gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                             reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                             batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// As adapter_split_post_bf16 with h, r and out in bf16 too (out rounded once on store).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_bf16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ up,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_post_row<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(out), up, stats, gate, reinterpret_cast<const bf16_raw*>(h),
+                                                reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                                reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                                batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// a[i] = act(a[i] + bias[i % m]) in place over a branch's [rows, m] down product, with the
+// activation of adapter_activation (the fused kernel's): the activations cuBLASLt has no exact
+// epilogue for. A grid-stride loop over n = rows·m elements.
+extern "C" __global__ void adapter_split_bias_act_f32(
+    float* a,
+    const float* __restrict__ bias,
+    long long n,
+    int m,
+    int act)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        a[i] = adapter_activation(act, a[i] + bias[i % m]);
+    }
 }
 
 // ---- backward ---------------------------------------------------------------------------------------

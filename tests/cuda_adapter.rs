@@ -5,6 +5,10 @@
 //! (feature `cuda-sim`) in the forward, reverse and random schedules; `*::cuda` on a GPU, which
 //! prints `SKIPPED: ...` without one and fails under `REQUIRE_GPU=1`.
 //!
+//! Both execution paths ([`LocationPath`]): the fused kernel and the split path (pre kernel, the
+//! two bottleneck products on `Gpu::gemm`, post kernel); every body runs each, against the same
+//! CPU reference and tolerance.
+//!
 //! Tolerance: max|out - ref| <= 1e-5 · (1 + max|ref|) over the whole output, as for every fp32
 //! kernel of the crate. The adapter weights are blown up (pre-activations and the adapter's output
 //! several times larger than h + r), so the adapter dominates every output and a bug in it moves
@@ -14,8 +18,9 @@
 use bert_adapters::backend::{AdapterLocation, BottleneckParams, LayerNormParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
-    adapter_location_forward, adapter_location_forward_with_plan, BranchDropout, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed,
-    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, MAX_BOTTLENECK,
+    adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchDropout,
+    BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape,
+    MAX_BOTTLENECK,
 };
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::cuda::probe::report_line;
@@ -148,9 +153,22 @@ struct Outputs {
     gate: Option<Vec<f32>>,
 }
 
-/// Uploads `case`, builds its descriptors, runs the launcher with NaN-poisoned outputs (auto plan
-/// when `plan` is None) and downloads them. The gate output is given when a branch gates.
-fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
+/// Both execution paths, in the order the tests run them.
+const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
+
+/// The launcher of `path` with `plan` (None: the automatic one).
+fn forward(gpu: &Gpu, inputs: &LocationInputs, d: &LocationDescriptors, outputs: &mut LocationOutputs, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
+    match (path, plan) {
+        (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
+        (LocationPath::Fused, Some(p)) => adapter_location_forward_with_plan(gpu, inputs, d, outputs, shape, p),
+        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p),
+    }
+}
+
+/// Uploads `case`, builds its descriptors, runs the launcher of `path` with NaN-poisoned outputs
+/// (auto plan when `plan` is None) and downloads them. The gate output is given when a branch
+/// gates.
+fn run(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
@@ -163,10 +181,7 @@ fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Outputs, Er
     {
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
-        match plan {
-            None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
-            Some(p) => adapter_location_forward_with_plan(gpu, &inputs, &descriptors, &mut outputs, shape, p)?,
-        }
+        forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan)?;
     }
     Ok(Outputs { out: gpu.download(&out.view())?, gate: gate.map(|g| gpu.download(&g.view())).transpose()? })
 }
@@ -192,9 +207,9 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Runs `case` and checks it against the CPU; returns the outputs and the tolerance used.
-fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Outputs, f32) {
-    let label = format!("{} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
-    let got = run(gpu, case, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+fn check(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> (Outputs, f32) {
+    let label = format!("{} {path:?} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
+    let got = run(gpu, case, path, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
     let want = case.reference();
     // The adapter really dominates: the output is O(1) away from the plain BERT location.
     let plain = case.plain_location();
@@ -248,12 +263,14 @@ fn sweep_matches_cpu(gpu: &Gpu) {
     let mut worst = (0f32, String::new());
     let cases = sweep_cases(&mut rng);
     for case in &cases {
-        let (_, used) = check(gpu, case, None);
-        if used > worst.0 {
-            worst = (used, case.label());
+        for path in PATHS {
+            let (_, used) = check(gpu, case, path, None);
+            if used > worst.0 {
+                worst = (used, format!("{path:?} {}", case.label()));
+            }
         }
     }
-    report_line(&format!("adapter location sweep on {}: {} cases pass; worst max|err|/tol = {:.3} at {}", gpu.describe(), cases.len(), worst.0, worst.1));
+    report_line(&format!("adapter location sweep (fused and split) on {}: {} cases pass; worst max|err|/tol = {:.3} at {}", gpu.describe(), cases.len(), worst.0, worst.1));
 }
 test_device!(sweep_matches_cpu_reference, sweep_matches_cpu);
 
@@ -286,10 +303,12 @@ fn location_kinds_match_cpu(gpu: &Gpu) {
     for (name, steps, specs) in kinds {
         for replicate in [true, false] {
             let case = Case::random(&mut rng, 2, 7, 48, replicate, steps, &specs);
-            let (a, _) = check(gpu, &case, None);
-            // Fixed reduction order: the same launch gives the same bits.
-            let b = run(gpu, &case, None).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(bits(&a.out), bits(&b.out), "{name}: not deterministic");
+            for path in PATHS {
+                let (a, _) = check(gpu, &case, path, None);
+                // Fixed reduction order: the same launch gives the same bits.
+                let b = run(gpu, &case, path, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(bits(&a.out), bits(&b.out), "{name} {path:?}: not deterministic");
+            }
         }
     }
 }
@@ -314,13 +333,18 @@ fn every_plan_matches_cpu(gpu: &Gpu) {
             // A 512-thread team costs the executor 512 fibers a row: one row per branch there.
             let t = if plan.threads_per_row > 128 { 1 } else { 3 };
             let case = Case::random(&mut rng, 1, t, h, true, PFEIFFER, &specs);
-            check(gpu, &case, Some(plan));
+            for path in PATHS {
+                check(gpu, &case, path, Some(plan));
+            }
         }
     }
     // Wider than 1024: one block per row, 128 threads.
     let case = Case::random(&mut rng, 1, 2, 1100, false, HOULSBY, &specs[..2]);
     assert_eq!(LocationPlan::auto(1100, 48), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
-    check(gpu, &case, None);
+    assert_eq!(LocationPlan::auto(1100, 0), LocationPlan { threads_per_row: 128, rows_per_block: 1 });
+    for path in PATHS {
+        check(gpu, &case, path, None);
+    }
 }
 test_device!(every_plan_matches_cpu_reference, every_plan_matches_cpu);
 
@@ -334,13 +358,15 @@ fn schedules_agree_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(0x5c4e);
     let specs = [BranchSpec::full(48, Activation::Gelu, Scale::Channel, false), BranchSpec::plain(3, Activation::Relu)];
     let case = Case::random(&mut rng, 2, 5, 40, true, PFEIFFER, &specs);
-    for plan in [None, Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })] {
-        // All three, even when CUDA_SIM_SCHEDULE narrows the other tests to one.
-        let sims = [Schedule::Forward, Schedule::Reverse, Schedule::Random(0x5eed)].map(|schedule| Gpu::sim(SimConfig { schedule, ..SimConfig::default() }));
-        let runs: Vec<Outputs> = sims.iter().map(|gpu| check(gpu, &case, plan).0).collect();
-        for r in &runs[1..] {
-            assert_eq!(bits(&runs[0].out), bits(&r.out), "{plan:?}: out differs between schedules");
-            assert_eq!(bits(runs[0].gate.as_ref().unwrap()), bits(r.gate.as_ref().unwrap()), "{plan:?}: gate differs between schedules");
+    for path in PATHS {
+        for plan in [None, Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })] {
+            // All three, even when CUDA_SIM_SCHEDULE narrows the other tests to one.
+            let sims = [Schedule::Forward, Schedule::Reverse, Schedule::Random(0x5eed)].map(|schedule| Gpu::sim(SimConfig { schedule, ..SimConfig::default() }));
+            let runs: Vec<Outputs> = sims.iter().map(|gpu| check(gpu, &case, path, plan).0).collect();
+            for r in &runs[1..] {
+                assert_eq!(bits(&runs[0].out), bits(&r.out), "{path:?} {plan:?}: out differs between schedules");
+                assert_eq!(bits(runs[0].gate.as_ref().unwrap()), bits(r.gate.as_ref().unwrap()), "{path:?} {plan:?}: gate differs between schedules");
+            }
         }
     }
 }
@@ -357,15 +383,15 @@ fn weights_update_in_place(gpu: &Gpu) {
     let (h, r) = (gpu.upload(&data(&case.h)).unwrap(), gpu.upload(&data(&case.r)).unwrap());
     let (gamma, beta) = (gpu.upload(&data(&case.gamma)).unwrap(), gpu.upload(&data(&case.beta)).unwrap());
     let mut out = gpu.upload(&vec![f32::NAN; 2 * 3 * 48]).unwrap();
-    for (step, scale) in [(0, None), (1, Some(-3.25f32))] {
+    for (step, scale, path) in [(0, None, LocationPath::Fused), (1, Some(-3.25f32), LocationPath::Fused), (2, Some(0.75), LocationPath::Split), (3, Some(-1.5), LocationPath::Split)] {
         if let Some(s) = scale {
             gpu.copy_htod(&[s], &mut dev.scaling.as_mut().unwrap().view_mut()).unwrap();
             case.branches[0].scaling = Some(tensor(vec![s], &[1]));
         }
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: None };
-        adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, case.shape()).unwrap();
-        assert_close("out", &format!("{} step {step}", gpu.describe()), &gpu.download(&out.view()).unwrap(), &case.reference());
+        adapter_location_forward_on(gpu, &inputs, &descriptors, &mut outputs, case.shape(), path).unwrap();
+        assert_close("out", &format!("{} {path:?} step {step}", gpu.describe()), &gpu.download(&out.view()).unwrap(), &case.reference());
     }
 }
 test_device!(updated_weights_are_read, weights_update_in_place);
@@ -421,16 +447,18 @@ fn dropout_matches_cpu(gpu: &Gpu) {
     let mut worst = (0f32, String::new());
     let plans = [None, Some(LocationPlan { threads_per_row: 32, rows_per_block: 3 }), Some(LocationPlan { threads_per_row: 64, rows_per_block: 1 })];
     for case in dropout_cases(&mut rng) {
-        for plan in plans {
-            let (a, used) = check(gpu, &case, plan);
-            let b = run(gpu, &case, plan).unwrap();
-            assert_eq!(bits(&a.out), bits(&b.out), "{}: not deterministic", case.label());
-            if used > worst.0 {
-                worst = (used, format!("{} {plan:?}", case.label()));
+        for path in PATHS {
+            for plan in plans {
+                let (a, used) = check(gpu, &case, path, plan);
+                let b = run(gpu, &case, path, plan).unwrap();
+                assert_eq!(bits(&a.out), bits(&b.out), "{} {path:?}: not deterministic", case.label());
+                if used > worst.0 {
+                    worst = (used, format!("{path:?} {} {plan:?}", case.label()));
+                }
             }
         }
     }
-    report_line(&format!("adapter dropout forward on {}: worst max|err|/tol = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+    report_line(&format!("adapter dropout forward (fused and split) on {}: worst max|err|/tol = {:.3} at {}", gpu.describe(), worst.0, worst.1));
 }
 test_device!(dropout_matches_cpu_reference, dropout_matches_cpu);
 
@@ -439,6 +467,12 @@ test_device!(dropout_matches_cpu_reference, dropout_matches_cpu);
 /// p within 0.05 (1024 elements a branch), every kept element is the scaled one, and a branch's
 /// mask changes with the seed and with its branch id (its stream).
 fn dropout_really_drops(gpu: &Gpu) {
+    for path in PATHS {
+        dropout_really_drops_on(gpu, path);
+    }
+}
+
+fn dropout_really_drops_on(gpu: &Gpu, path: LocationPath) {
     let mut rng = StdRng::seed_from_u64(0xd2);
     let bare = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: false, original_ln_after: false };
     let specs = [BranchSpec::plain(8, Activation::Relu), BranchSpec::plain(8, Activation::Relu)];
@@ -446,12 +480,12 @@ fn dropout_really_drops(gpu: &Gpu) {
     base.branches[1] = base.branches[0].clone(); // one adapter twice: only the streams differ
     let h = data(&base.h);
     let n = h.len();
-    let out0 = check(gpu, &base, None).0.out;
+    let out0 = check(gpu, &base, path, None).0.out;
     for p in [0.1f32, 0.5] {
         let scale = (1.0 / (1.0 - p as f64)) as f32;
         let masks = |seed: u64| -> Vec<Vec<bool>> {
             let case = with_dropout(base.clone(), &[Some(p), Some(p)], seed, 0x16, &[0, 1]);
-            let out = check(gpu, &case, None).0.out;
+            let out = check(gpu, &case, path, None).0.out;
             let moved = out.iter().zip(&out0).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(moved > 0.5, "p {p}: dropout moves the output by only {moved}");
             (0..2)
@@ -528,6 +562,12 @@ test_device!(descriptor_errors_name_the_operand, descriptor_errors);
 
 /// Every launch-size error, an invalid plan and aliasing outputs; nothing is written.
 fn launch_errors(gpu: &Gpu) {
+    for path in PATHS {
+        launch_errors_on(gpu, path);
+    }
+}
+
+fn launch_errors_on(gpu: &Gpu, path: LocationPath) {
     let mut rng = StdRng::seed_from_u64(4);
     let (b, t, h, n) = (2, 3, 16, 2);
     let hosts: Vec<HostBranch> = (0..n).map(|i| HostBranch::random(&mut rng, h, BranchSpec { gate: i == 1, ..BranchSpec::plain(4, Activation::Relu) })).collect();
@@ -553,10 +593,7 @@ fn launch_errors(gpu: &Gpu) {
     {
         let mut go = |inputs: &LocationInputs, d: &LocationDescriptors, out_len: usize, gate_len: Option<usize>, shape: LocationShape, plan: Option<LocationPlan>| {
             let mut outputs = LocationOutputs { out: out.slice_mut(0..out_len).unwrap(), gate: gate_len.map(|l| gate.slice_mut(0..l).unwrap()) };
-            match plan {
-                None => adapter_location_forward(gpu, inputs, d, &mut outputs, shape),
-                Some(p) => adapter_location_forward_with_plan(gpu, inputs, d, &mut outputs, shape, p),
-            }
+            forward(gpu, inputs, d, &mut outputs, shape, path, plan)
         };
         let g = Some(n * b);
         shape_err(go(&LocationInputs { h: x.slice(0..rows_in - 1).unwrap(), ..inputs }, &desc, n_out, g, shape, None), "h has 95 elements, expected 96 (B·T·H)");
@@ -589,11 +626,11 @@ fn launch_errors(gpu: &Gpu) {
         // SAFETY: `buf` outlives `aliased`, which is only used for the refused launch below.
         let aliased = unsafe { aliased.detach() };
         let mut outputs = LocationOutputs { out: buf.slice_mut(0..n_out).unwrap(), gate: Some(gate.slice_mut(0..n * b).unwrap()) };
-        let err = adapter_location_forward(gpu, &inputs, &aliased, &mut outputs, shape).unwrap_err().to_string();
-        assert!(err.contains("out overlaps branch 0 up bias"), "{err}");
+        let err = adapter_location_forward_on(gpu, &inputs, &aliased, &mut outputs, shape, path).unwrap_err().to_string();
+        assert!(err.contains("out overlaps branch 0 up bias"), "{path:?}: {err}");
         let mut outputs = LocationOutputs { out: out.slice_mut(0..n_out).unwrap(), gate: Some(buf.slice_mut(0..n * b).unwrap()) };
-        let err = adapter_location_forward(gpu, &inputs, &aliased, &mut outputs, shape).unwrap_err().to_string();
-        assert!(err.contains("gate output overlaps branch 0 up bias"), "{err}");
+        let err = adapter_location_forward_on(gpu, &inputs, &aliased, &mut outputs, shape, path).unwrap_err().to_string();
+        assert!(err.contains("gate output overlaps branch 0 up bias"), "{path:?}: {err}");
     }
     assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
 }
@@ -618,10 +655,12 @@ fn dropout_errors(gpu: &Gpu) {
     {
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: None };
-        let err = adapter_location_forward(gpu, &inputs, &desc, &mut outputs, case.shape()).unwrap_err();
-        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 0 has adapter dropout, but no dropout seed was given"), "{err}");
-        let inputs = LocationInputs { dropout_seed: Some(DropoutSeed { buffer: Some(seed3.view()), seed: 0 }), ..inputs };
-        shape_err(adapter_location_forward(gpu, &inputs, &desc, &mut outputs, case.shape()), "the dropout seed buffer has 3 elements, expected 2");
+        for path in PATHS {
+            let err = adapter_location_forward_on(gpu, &inputs, &desc, &mut outputs, case.shape(), path).unwrap_err();
+            assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 0 has adapter dropout, but no dropout seed was given"), "{path:?}: {err}");
+            let inputs = LocationInputs { dropout_seed: Some(DropoutSeed { buffer: Some(seed3.view()), seed: 0 }), ..inputs };
+            shape_err(adapter_location_forward_on(gpu, &inputs, &desc, &mut outputs, case.shape(), path), "the dropout seed buffer has 3 elements, expected 2");
+        }
     }
     assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
 }

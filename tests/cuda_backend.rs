@@ -6,6 +6,7 @@ mod common;
 
 use bert_adapters::backend::{Backend, LayerNormParams};
 use bert_adapters::cpu::CpuBackend;
+use bert_adapters::cuda::adapter::LocationPath;
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::{test_device, Activation, DType, Error, Tensor};
@@ -200,9 +201,15 @@ fn bf16_embeddings_match_the_cpu(gpu: &Gpu) {
 test_device!(bf16_embeddings, bf16_embeddings_match_the_cpu);
 
 fn bf16_adapter_location_matches_the_cpu(gpu: &Gpu) {
+    for path in [LocationPath::Fused, LocationPath::Split] {
+        bf16_adapter_location_on(gpu, path);
+    }
+}
+
+fn bf16_adapter_location_on(gpu: &Gpu, path: LocationPath) {
     use bert_adapters::backend::{AdapterLocation, LocationSteps};
     use bert_adapters::config::ResidualBeforeLn;
-    let be = backend(gpu);
+    let be = backend(gpu).with_location_path(path);
     let cpu = CpuBackend::reference();
     let mut rng = StdRng::seed_from_u64(0xada);
     let (batch, seq_len, hidden, m) = (2, 5, 48, 6);
@@ -231,7 +238,7 @@ fn bf16_adapter_location_matches_the_cpu(gpu: &Gpu) {
             let loc = AdapterLocation { h: &ht, r: &rt, layer_norm: LayerNormParams { gamma: &g, beta: &b, eps: 1e-12 }, steps: s, branches: &params, replicate: true, seq_len };
             be.to_host(&be.adapter_location(&loc).unwrap()).unwrap()
         };
-        assert_close(&format!("{} {s:?} bf16 BERT LayerNorm adapter_location", gpu.describe()), &on(&be), &on(&cpu));
+        assert_close(&format!("{} {path:?} {s:?} bf16 BERT LayerNorm adapter_location", gpu.describe()), &on(&be), &on(&cpu));
     }
 }
 test_device!(bf16_adapter_location, bf16_adapter_location_matches_the_cpu);
@@ -261,12 +268,18 @@ test_device!(bf16_refusals, bf16_refusals_name_the_op_tensor_and_dtype);
 
 /// The tiny BERT loaded in bf16, alone and with adapters, on the CPU and on this device.
 fn bf16_model_matches_the_cpu(gpu: &Gpu) {
+    for path in [LocationPath::Fused, LocationPath::Split] {
+        bf16_model_on(gpu, path);
+    }
+}
+
+fn bf16_model_on(gpu: &Gpu, path: LocationPath) {
     use bert_adapters::{BertModel, InputBatch, LoadOptions};
     use std::sync::Arc;
     let dir = common::fixtures().join("tiny_bert");
     let adapters = common::fixtures().join("adapters");
     let opts = LoadOptions { dtype: DType::BF16, ..Default::default() };
-    let cuda: Arc<dyn Backend> = Arc::new(backend(gpu));
+    let cuda: Arc<dyn Backend> = Arc::new(backend(gpu).with_location_path(path));
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::reference());
     // No adapter; Houlsby with NICE; a gate; post_add; Parallel with the pre step's ρ = x.
     let setups: [&[&str]; 5] = [&[], &["houlsby_inv"], &["opt_gating"], &["opt_post_add"], &["pfeiffer", "opt_residual_before_ln_false"]];
@@ -293,7 +306,7 @@ fn bf16_model_matches_the_cpu(gpu: &Gpu) {
         assert_eq!(got.len(), want.len());
         for ((name, g), (_, w)) in got.iter().zip(&want) {
             assert!(w.iter().all(|v| v.is_finite()), "{names:?} {name}: the CPU output is not finite");
-            common::assert_close(&format!("{} bf16 tiny BERT {names:?} {name}", gpu.describe()), g, w, common::TOL);
+            common::assert_close(&format!("{} {path:?} bf16 tiny BERT {names:?} {name}", gpu.describe()), g, w, common::TOL);
         }
     }
 }

@@ -18,6 +18,10 @@
 //! `-ffp-contract=off`) that is asserted bit for bit, out and gate means; on a GPU to within one
 //! bf16 ulp (out) and 2 f32 ulps (gate), in case NVRTC contracts the two instantiations apart.
 //!
+//! Both execution paths ([`LocationPath`]): the fused kernels and the split path (its pre and
+//! post kernels are the same templated bodies, the products f32 GEMMs on the widened z), each
+//! under the same rule and exactness check.
+//!
 //! Outputs start as bf16 NaN (uploaded, so on every device), so an unwritten element fails.
 //!
 //! Coverage (a subset of the cross product, to keep cuda-sim cheap): H ∈ {40, 48, 384} × bottleneck
@@ -34,7 +38,8 @@ use bert_adapters::backend::{AdapterLocation, BottleneckParams, LayerNormParams,
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cpu::reference::{activation, linear, residual_layernorm};
 use bert_adapters::cuda::adapter::{
-    adapter_location_forward, adapter_location_forward_with_plan, BranchWeights, LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape,
+    adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchWeights,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape,
 };
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::cuda::probe::report_line;
@@ -59,6 +64,7 @@ use bf16_rule::{assert_within_twice_plain, round, round_all, to_bf16, widen};
 // ---- cases ---------------------------------------------------------------------------------------
 
 /// One location with its inputs already rounded to bf16 (h, r, γ, β); adapter weights f32.
+#[derive(Clone)]
 struct Case {
     batch: usize,
     seq_len: usize,
@@ -259,7 +265,18 @@ struct Outputs {
 /// Runs `case` through the launcher with bf16 γ, β: with bf16 h, r, out (`bf16io`, the
 /// `_bf16io` kernels) or with f32 ones (the `_bf16` kernels, for the exactness check). Outputs
 /// start as NaN.
-fn run(gpu: &Gpu, case: &Case, bf16io: bool, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
+const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
+
+/// The launcher of `path` with `plan` (None: the automatic one), for either activation type.
+fn forward<A: bert_adapters::cuda::gpu::ActivationScalar>(gpu: &Gpu, inputs: &LocationInputs<bf16, A>, d: &LocationDescriptors, outputs: &mut LocationOutputs<A>, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
+    match (path, plan) {
+        (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
+        (LocationPath::Fused, Some(p)) => adapter_location_forward_with_plan(gpu, inputs, d, outputs, shape, p),
+        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p),
+    }
+}
+
+fn run(gpu: &Gpu, case: &Case, bf16io: bool, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
@@ -272,20 +289,14 @@ fn run(gpu: &Gpu, case: &Case, bf16io: bool, plan: Option<LocationPlan>) -> Resu
         let mut out = gpu.upload(&vec![bf16::NAN; n_out])?;
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
-        match plan {
-            None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
-            Some(p) => adapter_location_forward_with_plan(gpu, &inputs, &descriptors, &mut outputs, shape, p)?,
-        }
+        forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan)?;
         widen(&gpu.download(&out.view())?)
     } else {
         let (h, r) = (gpu.upload(&case.h)?, gpu.upload(&case.r)?);
         let mut out = gpu.upload(&vec![f32::NAN; n_out])?;
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
-        match plan {
-            None => adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, shape)?,
-            Some(p) => adapter_location_forward_with_plan(gpu, &inputs, &descriptors, &mut outputs, shape, p)?,
-        }
+        forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan)?;
         gpu.download(&out.view())?
     };
     Ok(Outputs { out, gate: gate.map(|g| gpu.download(&g.view())).transpose()? })
@@ -309,10 +320,10 @@ type Errors = (f64, f64, f64, f64);
 
 /// Runs `case` both ways and asserts the bf16 rule on out and the gate, and the exactness of the
 /// bf16io output against the `_bf16` kernel's f32 output rounded.
-fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Errors {
-    let label = format!("{} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
-    let got = run(gpu, case, true, plan).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
-    let wide = run(gpu, case, false, plan).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
+fn check(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> Errors {
+    let label = format!("{} {path:?} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
+    let got = run(gpu, case, true, path, plan).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
+    let wide = run(gpu, case, false, path, plan).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
     let want = case.reference();
     // The adapters dominate: the output is O(1) away from the location without them, so a wrong
     // adapter step fails the rule by far.
@@ -391,7 +402,7 @@ fn report(gpu: &Gpu, what: &str, rows: &[(String, Errors)]) {
 
 fn sweep(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_ada9);
-    let rows: Vec<(String, Errors)> = sweep_cases(&mut rng).iter().map(|c| (c.label(), check(gpu, c, None))).collect();
+    let rows: Vec<(String, Errors)> = sweep_cases(&mut rng).iter().flat_map(|c| PATHS.map(|path| (format!("{path:?} {}", c.label()), check(gpu, c, path, None)))).collect();
     report(gpu, "sweep", &rows);
 }
 test_device!(bf16io_sweep_within_twice_plain_bf16, sweep);
@@ -415,12 +426,16 @@ fn location_kinds(gpu: &Gpu) {
     let mut rows = Vec::new();
     for (steps, specs, replicate) in kinds {
         let case = Case::random(&mut rng, 2, 7, 48, replicate, steps, &specs);
-        rows.push((case.label(), check(gpu, &case, None)));
+        for path in PATHS {
+            rows.push((format!("{path:?} {}", case.label()), check(gpu, &case, path, None)));
+        }
     }
     let specs = [full(48, Activation::GeluNew, Scale::Channel, true), BranchSpec::plain(3, Activation::Tanh)];
     let case = Case::random(&mut rng, 1, 3, 384, false, PFEIFFER, &specs);
     let plan = LocationPlan { threads_per_row: 64, rows_per_block: 1 };
-    rows.push((format!("{} {plan:?}", case.label()), check(gpu, &case, Some(plan))));
+    for path in PATHS {
+        rows.push((format!("{path:?} {} {plan:?}", case.label()), check(gpu, &case, path, Some(plan))));
+    }
     report(gpu, "kinds", &rows);
 }
 test_device!(bf16io_location_kinds_within_twice_plain_bf16, location_kinds);
@@ -440,14 +455,14 @@ fn dropout(gpu: &Gpu) {
             vec![Some(0.1), None, Some(0.5)],
         ),
     ];
-    for (mut case, ps) in cases {
-        let undropped = run(gpu, &case, true, None).unwrap();
+    for ((mut case, ps), path) in cases.into_iter().flat_map(|c| PATHS.map(|p| (c.clone(), p))) {
+        let undropped = run(gpu, &case, true, path, None).unwrap();
         for (i, (b, p)) in case.branches.iter_mut().zip(&ps).enumerate() {
             b.dropout = p.map(|p| adapter_dropout(p, 0xbf, 0x35, i as u64));
         }
-        let label = format!("{} {}", gpu.describe(), case.label());
-        let got = run(gpu, &case, true, None).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
-        let wide = run(gpu, &case, false, None).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
+        let label = format!("{} {path:?} {}", gpu.describe(), case.label());
+        let got = run(gpu, &case, true, path, None).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
+        let wide = run(gpu, &case, false, path, None).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
         let ulps = if gpu.cuda_runtime().is_none() { 0 } else { 1 };
         for (i, (&a, &b)) in got.out.iter().zip(&wide.out).enumerate() {
             assert!(bf16_ulps(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round(b));
@@ -477,10 +492,12 @@ fn f32_layernorm_with_bf16_activations_is_unsupported(gpu: &Gpu) {
     {
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: Some(gate.view_mut()) };
-        let err = adapter_location_forward(gpu, &inputs, &descriptors, &mut outputs, case.shape()).unwrap_err();
-        assert!(matches!(err, Error::Unsupported(_)), "{err}");
-        let msg = err.to_string();
-        assert!(msg.contains("BF16") && msg.contains("F32"), "{msg}");
+        for path in PATHS {
+            let err = adapter_location_forward_on(gpu, &inputs, &descriptors, &mut outputs, case.shape(), path).unwrap_err();
+            assert!(matches!(err, Error::Unsupported(_)), "{path:?}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains("BF16") && msg.contains("F32"), "{path:?}: {msg}");
+        }
     }
     assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
     assert!(gpu.download(&gate.view()).unwrap()[0].is_nan(), "a refused launch wrote the gate");

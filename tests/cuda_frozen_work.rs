@@ -102,3 +102,47 @@ fn counters_count() {
         assert!(now.gemm_calls >= 9, "{now:?}");
     }
 }
+
+/// The forward of an adapter location follows the backend's [`LocationPath`]: the fused kernel
+/// (one launch per location) or the split path (a pre and a post launch per location and two
+/// dense products per branch, none of them a Linear product of the model). Parallel(pfeiffer,
+/// pfeiffer_b): 2 locations (the FFN output of layers 0 and 1) × 2 branches.
+#[test]
+fn the_forward_follows_the_location_path() {
+    use bert_adapters::cuda::adapter::LocationPath;
+    let mut devices = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    devices.push(Device::CudaSim);
+    if bert_adapters::cuda::probe::probe_gpu(0).is_ok() {
+        devices.push(Device::Cuda(0));
+    }
+    for device in devices {
+        let mut seen = Vec::new();
+        for path in [LocationPath::Fused, LocationPath::Split] {
+            let be = Arc::new(CudaBackend::open(device).unwrap().with_location_path(path));
+            assert_eq!(be.location_path().unwrap(), path);
+            let label = format!("{} {path:?}", be.name());
+            let (mut model, batch) = tiny(be.clone() as Arc<dyn Backend>);
+            for d in ["pfeiffer", "pfeiffer_b"] {
+                model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+            }
+            model.set_active_adapters(Some(setup(&["pfeiffer", "pfeiffer_b"]))).unwrap();
+            let (p, l) = (be.gemm_counts(), be.gpu().launch_counts());
+            let out = model.forward(&batch).unwrap();
+            let now = be.gpu().launch_counts().since(&l);
+            let linear = be.gemm_counts().calls[0] - p.calls[0];
+            let (fused, pre, post) = (now.of("adapter_location_forward_f32"), now.of("adapter_split_pre_f32"), now.of("adapter_split_post_f32"));
+            match path {
+                LocationPath::Fused => assert_eq!((fused, pre, post), (2, 0, 0), "{label}: {now:?}"),
+                LocationPath::Split => assert_eq!((fused, pre, post), (0, 2, 2), "{label}: {now:?}"),
+            }
+            seen.push((now.gemm_calls - linear as u64, be.to_host(&out.last_hidden_state).unwrap()));
+        }
+        // Split: 2 locations × 2 branches × (down, up) products beyond the fused forward's.
+        assert_eq!(seen[1].0, seen[0].0 + 8, "{device:?}: dense products outside the Linears, fused then split");
+        let (a, b) = (&seen[0].1, &seen[1].1);
+        let tol = 1e-5 * (1.0 + a.iter().fold(0f32, |m, v| m.max(v.abs())));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= tol, "{device:?}: the split forward's last hidden state is {worst:e} from the fused one's (tol {tol:e})");
+    }
+}

@@ -9,6 +9,11 @@
 //! - [`adapter_location_forward`]: pure size checks first ([`LocationSizes`], [`Error::Shape`]
 //!   naming the operand), then at most two launches: the gate means when a branch has a gate (a
 //!   cross-row reduction over each example), then the location itself.
+//! - [`LocationPath`]: the fused kernel above, or the split path
+//!   ([`adapter_location_forward_split`]: a pre kernel, the two bottleneck products per branch on
+//!   [`Gpu::gemm`], a post kernel; the same semantics and dropout masks, few launches, no weight
+//!   re-read per row). [`LocationPath::auto`] takes Split on a GPU and Fused on cuda-sim;
+//!   [`adapter_location_forward_on`] dispatches. The backward is the fused kernel either way.
 //! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
 //!   per row, up to 8 rows per block, for H <= 1024 (no block barriers at all), else one block per
 //!   row with about 16 columns per thread.
@@ -41,7 +46,8 @@ use cudarc::driver::LaunchConfig;
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::adapter::{
     ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_BF16IO,
-    ADAPTER_LOCATION_GATE_F32,
+    ADAPTER_LOCATION_GATE_F32, ADAPTER_SPLIT_BIAS_ACT_F32, ADAPTER_SPLIT_POST_BF16, ADAPTER_SPLIT_POST_BF16IO, ADAPTER_SPLIT_POST_F32, ADAPTER_SPLIT_PRE_BF16,
+    ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32,
 };
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, DropoutSpec, LocationSteps};
@@ -790,6 +796,266 @@ fn check_aliasing<P: DeviceScalar, A: DeviceScalar>(inputs: &LocationInputs<'_, 
     Ok(())
 }
 
+// ---- the split path --------------------------------------------------------------------------------
+
+/// The environment variable that overrides [`LocationPath::auto`]: `fused` or `split`.
+pub const LOCATION_PATH_VAR: &str = "BERT_ADAPTERS_LOCATION_PATH";
+
+/// How one adapter location's forward runs (every branch, either way).
+///
+/// - `Fused`: [`adapter_location_forward`], one launch (two with a gate); the bottleneck
+///   products on CUDA cores in every row team, which re-reads W_down and W_up for every row.
+/// - `Split`: [`adapter_location_forward_split`]: a pre kernel (the pre step and the adapter's
+///   LayerNorm before, per row), the two bottleneck products per branch on [`Gpu::gemm`]
+///   (cuBLASLt on a GPU), and a post kernel (scaling, dropout, gate, LayerNorm after, residual,
+///   post step). The same semantics within the fused kernel's tolerances; the same dropout masks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocationPath {
+    Fused,
+    Split,
+}
+
+impl LocationPath {
+    /// `Split` on a GPU, `Fused` on cuda-sim (whose kernels are what the CPU tests exercise most),
+    /// unless [`LOCATION_PATH_VAR`] says `fused` or `split` (another value is `Error::Input`).
+    pub fn auto(gpu: &Gpu) -> Result<LocationPath> {
+        match std::env::var(LOCATION_PATH_VAR) {
+            Ok(v) => LocationPath::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(match gpu.kind() {
+                super::gpu::GpuKind::Cuda => LocationPath::Split,
+                super::gpu::GpuKind::Sim => LocationPath::Fused,
+            }),
+            Err(e) => Err(Error::Input(format!("{LOCATION_PATH_VAR}: {e}"))),
+        }
+    }
+
+    /// `fused` or `split` (as [`LOCATION_PATH_VAR`] spells them); an empty value is `auto`'s
+    /// device rule's business, so it is refused here too.
+    pub fn parse(v: &str) -> Result<LocationPath> {
+        match v {
+            "fused" => Ok(LocationPath::Fused),
+            "split" => Ok(LocationPath::Split),
+            _ => Err(Error::Input(format!("{LOCATION_PATH_VAR}={v:?}: expected \"fused\" or \"split\""))),
+        }
+    }
+}
+
+/// The location's forward on `path`, with the automatic plan.
+pub fn adapter_location_forward_on<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
+    shape: LocationShape,
+    path: LocationPath,
+) -> Result<()> {
+    match path {
+        LocationPath::Fused => adapter_location_forward(gpu, inputs, descriptors, outputs, shape),
+        LocationPath::Split => adapter_location_forward_split(gpu, inputs, descriptors, outputs, shape),
+    }
+}
+
+/// The (pre, post) kernels of the split path for activations `A` and BERT LayerNorm `P`.
+fn split_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, KernelName)> {
+    match (A::DTYPE, P::DTYPE) {
+        (DType::F32, DType::F32) => Ok((ADAPTER_SPLIT_PRE_F32, ADAPTER_SPLIT_POST_F32)),
+        (DType::F32, DType::BF16) => Ok((ADAPTER_SPLIT_PRE_BF16, ADAPTER_SPLIT_POST_BF16)),
+        (DType::BF16, DType::BF16) => Ok((ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_POST_BF16IO)),
+        _ => kernels::<P, A>(), // the same refusal as the fused path
+    }
+}
+
+/// The f32 workspace of the split path for `descriptors` at `shape`, in elements: the rows' z
+/// (then the up products) `[N·B·T, H]`, each branch's down product `[B·T, m_i]`, and the pre
+/// step's statistics `[N·B·T, 2]` when ρ is x after the original LayerNorm.
+pub fn split_workspace_len(descriptors: &LocationDescriptors<'_>, shape: LocationShape) -> Result<usize> {
+    let s = shape.checked(OP, descriptors.hidden(), descriptors.branches())?;
+    let per_branch = s.rows / shape.branches;
+    let mut len = s.n_out;
+    for d in descriptors.descriptors() {
+        len = per_branch.checked_mul(d.bottleneck as usize).and_then(|n| n.checked_add(len)).ok_or_else(|| Error::shape(OP, format!("the split workspace for {} overflows usize", s.dims)))?;
+    }
+    if needs_pre_stats(descriptors.steps()) {
+        len = len.checked_add(2 * s.rows).ok_or_else(|| Error::shape(OP, format!("the split workspace for {} overflows usize", s.dims)))?;
+    }
+    Ok(len)
+}
+
+/// ρ = x with the original LayerNorm first: the post kernel recomputes x from the pre step's
+/// statistics.
+fn needs_pre_stats(steps: LocationSteps) -> bool {
+    steps.original_ln_before && steps.residual_before_ln == ResidualBeforeLn::False
+}
+
+/// The location's output for all branches on the split path ([`LocationPath::Split`]), with the
+/// automatic row-team plan of the pre and post kernels. The same contract as
+/// [`adapter_location_forward`]; the workspace ([`split_workspace_len`]) is allocated from the
+/// pool.
+pub fn adapter_location_forward_split<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
+    shape: LocationShape,
+) -> Result<()> {
+    adapter_location_forward_split_with_plan(gpu, inputs, descriptors, outputs, shape, LocationPlan::auto(shape.hidden, 0))
+}
+
+/// As [`adapter_location_forward_split`], with an explicit plan for the pre and post kernels
+/// (validated with no bottleneck vector in shared memory).
+pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
+    shape: LocationShape,
+    plan: LocationPlan,
+) -> Result<()> {
+    let (_, gate_kernel) = kernels::<P, A>()?;
+    let (pre_kernel, post_kernel) = split_kernels::<P, A>()?;
+    LocationSizes {
+        shape,
+        h: inputs.h.len(),
+        r: inputs.r.len(),
+        ln_gamma: inputs.ln_gamma.len(),
+        ln_beta: inputs.ln_beta.len(),
+        out: outputs.out.len(),
+        gate: outputs.gate.as_ref().map(|g| g.len()),
+        descriptor_branches: descriptors.branches(),
+        descriptor_hidden: descriptors.hidden(),
+        needs_gate: descriptors.has_gate(),
+    }
+    .check(inputs.ln_eps)?;
+    let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
+    plan.validate(shape.hidden, 0, max_shared)?;
+    let [seed_buf, seed_lo, seed_hi] = seed_args(OP, descriptors, inputs.dropout_seed.as_ref())?;
+    check_aliasing(inputs, descriptors, outputs)?;
+    let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
+    let per_branch = batch * seq_len;
+    let rows = branches * per_branch;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
+    let (ln_gamma, ln_beta) = (P::base_arg(&inputs.ln_gamma), P::base_arg(&inputs.ln_beta));
+    let n = rows * hidden;
+
+    if let Some(gate) = outputs.gate.as_mut() {
+        // The fused path's gate launch (parameter order as there).
+        let args = [gate.arg(), A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
+        // SAFETY: as in adapter_location_forward_with_plan: the sizes were checked above.
+        unsafe { gpu.launch(gate_kernel, cfg, &args)? };
+    }
+
+    // Workspace: zu [N·B·T, H] (z, then each branch's up product over its own z), the down
+    // products, the statistics.
+    let work_len = split_workspace_len(descriptors, shape)?;
+    let work = gpu.alloc::<f32>(work_len)?;
+    let base = work.view().device_ptr();
+    // Windows of the workspace, which lives to the end of this function and is written only
+    // through these windows, each by one launch or product at a time.
+    let window = |start: usize, len: usize| -> Result<DeviceView<'_, f32>> {
+        if start + len > work_len {
+            return Err(Error::Internal(format!("{OP}: window {start}..{} of a split workspace of {work_len} elements", start + len)));
+        }
+        // SAFETY: inside `work` (checked), which outlives every window (borrowed by the closure).
+        Ok(unsafe { DeviceView::<f32>::from_raw(base + (start * std::mem::size_of::<f32>()) as u64, len) })
+    };
+    let mut offsets = Vec::with_capacity(branches);
+    let mut at = n;
+    for d in descriptors.descriptors() {
+        offsets.push(at);
+        at += per_branch * d.bottleneck as usize;
+    }
+    let stats_arg = if needs_pre_stats(descriptors.steps()) { window(at, 2 * rows)?.arg() } else { KernelArg::Null };
+    let cfg = plan.launch_config(rows, hidden, 0);
+    for kernel in [pre_kernel, post_kernel] {
+        if cfg.shared_mem_bytes as usize > gpu.dynamic_shared_limit(kernel) {
+            gpu.allow_dynamic_shared(kernel, cfg.shared_mem_bytes as usize)?;
+        }
+    }
+
+    // Pre: z (and the statistics).
+    {
+        // Parameter order: z, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+        // branches, replicate, ln_eps.
+        let args = [window(0, n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, KernelArg::I32(branches as i32), rep, KernelArg::F32(inputs.ln_eps)];
+        // SAFETY: z has N·B·T·H elements and the statistics (when passed) 2·N·B·T, both fresh
+        // workspace; h, r, γ, β were checked as for the fused launch; the plan was validated
+        // against its shared memory (H floats per team).
+        unsafe { gpu.launch(pre_kernel, cfg, &args)? };
+    }
+
+    // The two products of each branch. The descriptors' weights were validated against H and m
+    // when they were built, and they stay borrowed (or, detached, alive by the owner's promise).
+    for (i, d) in descriptors.descriptors().iter().enumerate() {
+        let m = d.bottleneck as usize;
+        // SAFETY: see above: [m, H], [m], [H, m], [H] f32 arrays, not written during the launch.
+        let (wd, bd, wu, bu) = unsafe {
+            (DeviceView::<f32>::from_raw(d.down_w, m * hidden), DeviceView::<f32>::from_raw(d.down_b, m), DeviceView::<f32>::from_raw(d.up_w, hidden * m), DeviceView::<f32>::from_raw(d.up_b, hidden))
+        };
+        let z = window(i * per_branch * hidden, per_branch * hidden)?;
+        let a = window(offsets[i], per_branch * m)?;
+        // a = act(z·W_dᵀ + b_d): column-major aᵀ (m x B·T) = W_d (stored H x m, transposed) · zᵀ.
+        // ReLU goes into cuBLASLt's epilogue: max(x + b, 0) is exactly the kernel's function.
+        // Every other activation, gelu_new included, is adapter_split_bias_act_f32 (the fused
+        // kernel's adapter_activation): cuBLASLt's GELU epilogue is the same tanh formula, but
+        // its tanh is unspecified (tests/gemm.rs allows it 1e-3 relative: tanh.approx.f32 is
+        // within 2^-11), which the fp32 bound of 1e-5 would not survive.
+        let epilogue = if d.activation == 0 { Epilogue::ReluBias } else { Epilogue::None };
+        {
+            // SAFETY: the branch's own window of the down products, read by nothing meanwhile.
+            let mut a_out = unsafe { a.assume_writable() };
+            let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(epilogue);
+            gpu.gemm(&gm, &wd, &z, &mut a_out, epilogue.needs_bias().then_some(&bd))?;
+            if epilogue == Epilogue::None {
+                let len = per_branch * m;
+                let args = [a_out.arg(), bd.arg(), KernelArg::I64(len as i64), KernelArg::I32(m as i32), KernelArg::I32(d.activation)];
+                // SAFETY: a holds B·T·m elements, the bias m; the bias is a weight, apart from
+                // the workspace.
+                unsafe { gpu.launch(ADAPTER_SPLIT_BIAS_ACT_F32, super::elementwise::flat_launch(len), &args)? };
+            }
+        }
+        // up = a·W_uᵀ + b_u over the branch's z, which is no longer read.
+        // SAFETY: the branch's rows of zu; its z was consumed by the down product above.
+        let mut u = unsafe { z.assume_writable() };
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias);
+        gpu.gemm(&gm, &wu, &a, &mut u, Some(&bu))?;
+    }
+
+    // Post: out.
+    let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
+    let up_arg = window(0, n)?.arg();
+    // Parameter order: out, up, stats, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len,
+    // hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi.
+    let args = [
+        A::act_arg_mut(&outputs.out),
+        up_arg,
+        stats_arg,
+        gate_arg,
+        A::act_arg(&inputs.h),
+        A::act_arg(&inputs.r),
+        ln_gamma,
+        ln_beta,
+        descriptors.view().arg(),
+        b,
+        t,
+        hd,
+        KernelArg::I32(branches as i32),
+        rep,
+        KernelArg::F32(inputs.ln_eps),
+        seed_buf,
+        seed_lo,
+        seed_hi,
+    ];
+    // SAFETY: out has N·B·T·H elements, up (workspace) the same, the statistics 2·N·B·T; the
+    // rest as for the pre launch and the fused path's gate and seed.
+    unsafe { gpu.launch(post_kernel, cfg, &args)? };
+    drop(work); // back to the pool only after the last launch that reads it was enqueued
+    Ok(())
+}
+
 // Words per descriptor, for the kernel's view of the buffer (18 u64s).
 const _: () = assert!(WORDS_PER_DESCRIPTOR == 18);
 
@@ -826,6 +1092,32 @@ mod tests {
         assert_eq!(names(kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_location_forward_bf16io", "adapter_location_gate_bf16io"));
         let err = names(kernels::<f32, half::bf16>()).unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    }
+
+    #[test]
+    fn storage_types_pick_the_split_kernels() {
+        let names = |k: Result<(KernelName, KernelName)>| k.map(|(l, g)| (l.name, g.name));
+        assert_eq!(names(split_kernels::<f32, f32>()).unwrap(), ("adapter_split_pre_f32", "adapter_split_post_f32"));
+        assert_eq!(names(split_kernels::<half::bf16, f32>()).unwrap(), ("adapter_split_pre_bf16", "adapter_split_post_bf16"));
+        assert_eq!(names(split_kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_split_pre_bf16io", "adapter_split_post_bf16io"));
+        let err = names(split_kernels::<f32, half::bf16>()).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    }
+
+    #[test]
+    fn location_paths_parse_and_refuse_other_values() {
+        assert_eq!(LocationPath::parse("fused").unwrap(), LocationPath::Fused);
+        assert_eq!(LocationPath::parse("split").unwrap(), LocationPath::Split);
+        for bad in ["", "Split", "gemm", " fused"] {
+            let err = LocationPath::parse(bad).unwrap_err();
+            assert!(matches!(err, Error::Input(_)) && err.to_string().contains(LOCATION_PATH_VAR), "{bad:?}: {err}");
+        }
+        // Statistics only where the post kernel recomputes x after the original LayerNorm.
+        let steps = |r, before| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: true };
+        assert!(needs_pre_stats(steps(ResidualBeforeLn::False, true)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::False, false)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::True, true)));
+        assert!(!needs_pre_stats(steps(ResidualBeforeLn::PostAdd, true)));
     }
 
     #[test]
@@ -933,7 +1225,7 @@ mod tests {
 // `Backend::adapter_location_backward_into`: see `adapter_location_backward`.
 
 use super::elementwise::fill_f32;
-use super::gemm::{Gemm, Transpose};
+use super::gemm::{Epilogue, Gemm, Transpose};
 use super::registry::adapter::{ADAPTER_LOCATION_BACKWARD_F32, ADAPTER_LOCATION_BACKWARD_GATE_F32};
 
 const OP_BWD: &str = "cuda::adapter_location_backward";

@@ -51,7 +51,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_backward, adapter_location_forward, backward_workspace_len, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{adapter_location_backward, adapter_location_forward_on, backward_workspace_len, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
@@ -150,6 +150,8 @@ pub struct CudaBackend {
     /// The dtype `embedding_layernorm` writes the activations in: f32, or bf16 (the eval forward
     /// in bf16, see the module docs). Every other op follows its inputs' dtype.
     activations: DType,
+    /// How adapter locations run forward; None: [`LocationPath::auto`] at each call.
+    location_path: Option<LocationPath>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -161,7 +163,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32 })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -170,7 +172,7 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32 }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None }
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
@@ -185,6 +187,20 @@ impl CudaBackend {
             }
             other => Err(Error::Unsupported(format!("activations in {other}: the CUDA backend stores activations in f32 or bf16"))),
         }
+    }
+
+    /// This backend with every adapter location's forward on `path` (the fused kernel, or the
+    /// split path with the bottleneck products on GEMMs); without it, [`LocationPath::auto`]
+    /// decides at each call (split on a GPU, fused on cuda-sim, `BERT_ADAPTERS_LOCATION_PATH`
+    /// overriding).
+    pub fn with_location_path(mut self, path: LocationPath) -> CudaBackend {
+        self.location_path = Some(path);
+        self
+    }
+
+    /// The path the next adapter location's forward takes.
+    pub fn location_path(&self) -> Result<LocationPath> {
+        self.location_path.map_or_else(|| LocationPath::auto(&self.gpu), Ok)
     }
 
     /// The dtype the activations are stored in (see [`CudaBackend::with_activations`]).
@@ -529,7 +545,7 @@ impl CudaBackend {
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
         let inputs = LocationInputs::<bf16, bf16> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
-        adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+        adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, self.location_path()?)?;
         Ok(out)
     }
 }
@@ -540,9 +556,14 @@ impl Backend for CudaBackend {
     }
 
     fn name(&self) -> String {
-        match self.activations {
+        let base = match self.activations {
             DType::BF16 => format!("{} (bf16 activations)", self.gpu.describe()),
             _ => self.gpu.describe(),
+        };
+        match self.location_path {
+            Some(LocationPath::Split) => format!("{base} (split adapter locations)"),
+            Some(LocationPath::Fused) => format!("{base} (fused adapter locations)"),
+            None => base,
         }
     }
 
@@ -813,15 +834,16 @@ impl Backend for CudaBackend {
         let ln = &loc.layer_norm;
         let dtype = self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
         let (h, r) = (self.view(OP, loc.h)?, self.view(OP, loc.r)?);
+        let path = self.location_path()?;
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
         match dtype {
             DType::BF16 => {
                 let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
-                adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+                adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, path)?;
             }
             _ => {
                 let inputs = LocationInputs::<f32> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
-                adapter_location_forward(&self.gpu, &inputs, &descriptors, &mut outputs, shape)?;
+                adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, path)?;
             }
         }
         Ok(out)

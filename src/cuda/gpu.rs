@@ -313,6 +313,15 @@ impl<'a, T: DeviceScalar> DeviceView<'a, T> {
     pub unsafe fn assume_writable(self) -> DeviceViewMut<'a, T> {
         DeviceViewMut { ptr: self.ptr, len: self.len, _borrow: PhantomData }
     }
+
+    /// A view of `len` elements at device address `ptr` (a weight recorded in a descriptor).
+    ///
+    /// # Safety
+    /// `ptr` must address `len` live elements of `T` on this crate's device for `'a`, not written
+    /// while the view is used.
+    pub(crate) unsafe fn from_raw(ptr: u64, len: usize) -> DeviceView<'a, T> {
+        DeviceView { ptr, len, _borrow: PhantomData }
+    }
 }
 
 impl<'a, T: DeviceScalar> DeviceViewMut<'a, T> {

@@ -276,7 +276,13 @@ pub fn cuda_backends() -> Vec<Arc<dyn Backend>> {
     use bert_adapters::Device;
     let mut v: Vec<Arc<dyn Backend>> = Vec::new();
     #[cfg(feature = "cuda-sim")]
-    v.push(Arc::new(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens")));
+    {
+        v.push(Arc::new(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens")));
+        // The split adapter-location path too (cuda-sim's automatic one is the fused kernel; a
+        // GPU's is the split path).
+        let split = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens");
+        v.push(Arc::new(split.with_location_path(bert_adapters::cuda::adapter::LocationPath::Split)));
+    }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => v.push(Arc::new(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")))),
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
