@@ -684,16 +684,9 @@ fn kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, KernelNa
     }
 }
 
-/// As [`adapter_location_forward`], with an explicit launch plan (validated).
-pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
-    gpu: &Gpu,
-    inputs: &LocationInputs<'_, P, A>,
-    descriptors: &LocationDescriptors<'_>,
-    outputs: &mut LocationOutputs<'_, A>,
-    shape: LocationShape,
-    plan: LocationPlan,
-) -> Result<()> {
-    let (location_kernel, gate_kernel) = kernels::<P, A>()?;
+/// Every operand's length against the shape and the descriptors ([`LocationSizes::check`]): the
+/// same checks for the fused and the split path.
+fn check_sizes<P: BaseScalar, A: ActivationScalar>(inputs: &LocationInputs<'_, P, A>, descriptors: &LocationDescriptors<'_>, outputs: &LocationOutputs<'_, A>, shape: LocationShape) -> Result<()> {
     LocationSizes {
         shape,
         h: inputs.h.len(),
@@ -706,7 +699,20 @@ pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
         descriptor_hidden: descriptors.hidden(),
         needs_gate: descriptors.has_gate(),
     }
-    .check(inputs.ln_eps)?;
+    .check(inputs.ln_eps)
+}
+
+/// As [`adapter_location_forward`], with an explicit launch plan (validated).
+pub fn adapter_location_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationOutputs<'_, A>,
+    shape: LocationShape,
+    plan: LocationPlan,
+) -> Result<()> {
+    let (location_kernel, gate_kernel) = kernels::<P, A>()?;
+    check_sizes(inputs, descriptors, outputs, shape)?;
     let stride = descriptors.max_bottleneck();
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
     plan.validate(shape.hidden, stride, max_shared)?;
@@ -913,19 +919,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
 ) -> Result<()> {
     let (_, gate_kernel) = kernels::<P, A>()?;
     let (pre_kernel, post_kernel) = split_kernels::<P, A>()?;
-    LocationSizes {
-        shape,
-        h: inputs.h.len(),
-        r: inputs.r.len(),
-        ln_gamma: inputs.ln_gamma.len(),
-        ln_beta: inputs.ln_beta.len(),
-        out: outputs.out.len(),
-        gate: outputs.gate.as_ref().map(|g| g.len()),
-        descriptor_branches: descriptors.branches(),
-        descriptor_hidden: descriptors.hidden(),
-        needs_gate: descriptors.has_gate(),
-    }
-    .check(inputs.ln_eps)?;
+    check_sizes(inputs, descriptors, outputs, shape)?;
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
     plan.validate(shape.hidden, 0, max_shared)?;
     let [seed_buf, seed_lo, seed_hi] = seed_args(OP, descriptors, inputs.dropout_seed.as_ref())?;
