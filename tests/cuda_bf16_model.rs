@@ -12,8 +12,8 @@
 //! tolerance. `assert_within_twice_plain` asserts every element finite.
 //!
 //! A classification head on the bf16 output runs in f32 on its widened input (src/model/heads.rs):
-//! its logits are f32 and meet the same rule against the plain model's head. Training with bf16
-//! activations is refused with `Error::Unsupported` (`bf16_training_is_refused`).
+//! its logits are f32 and meet the same rule against the plain model's head. Training in bf16 is
+//! tests/cuda_bf16_training.rs; mismatched dtypes are refused by name (`bf16_operands_are_checked`).
 //!
 //! The CUDA backends are the `cuda-sim` executor (feature `cuda-sim`) and GPU 0 when there is one.
 
@@ -234,10 +234,11 @@ fn heads_on_bf16_outputs_run_in_f32() {
     }
 }
 
-/// Training with bf16 activations is refused with `Error::Unsupported`, by the model and by the
-/// backward ops; the mode refuses an f32 base, an f32 weight on bf16 activations and an f16 mode.
+/// The bf16 mode trains (tests/cuda_bf16_training.rs holds it to the bf16 rule); it refuses an
+/// f32 base, an f32 weight or LayerNorm on bf16 activations (forward and backward), a gradient
+/// of another dtype than its activations, and an f16 mode, each named.
 #[test]
-fn bf16_training_is_refused() {
+fn bf16_operands_are_checked() {
     let unsupported = |what: &str, r: Result<(), Error>, says: &[&str]| match r {
         Err(Error::Unsupported(msg)) => {
             for s in says {
@@ -246,32 +247,39 @@ fn bf16_training_is_refused() {
         }
         other => panic!("{what}: expected Error::Unsupported, got {other:?}"),
     };
+    let input = |what: &str, r: Result<(), Error>, says: &[&str]| match r {
+        Err(Error::Input(msg)) => {
+            for s in says {
+                assert!(msg.contains(s), "{what}: `{s}` not in: {msg}");
+            }
+        }
+        other => panic!("{what}: expected Error::Input, got {other:?}"),
+    };
     #[cfg(feature = "cuda-sim")]
     unsupported("with_activations(F16)", CudaBackend::open(Device::CudaSim).unwrap().with_activations(DType::F16).map(|_| ()), &["f32 or bf16"]);
     let base = Base::tiny("tiny_bert");
     for be in bf16_backends() {
-        assert!(!be.supports_training(), "{}: supports_training in bf16", be.name());
+        assert!(be.supports_training(), "{}: bf16 mode without training", be.name());
         let (mut model, batch) = base.load(be.clone());
         let name = model.load_adapter(fixtures().join("adapters/pfeiffer")).unwrap();
         model.set_active_adapters(Some(setup(&[&name]))).unwrap();
         model.train_adapter(&[&name]).unwrap();
-        unsupported("forward_train", model.forward_train(&batch).map(|_| ()), &["training", "bf16 activations", "not supported yet"]);
         model.set_dropout(Some(7));
-        unsupported("forward_train with dropout", model.forward_train(&batch).map(|_| ()), &["bf16 activations", "not supported yet"]);
-        // The eval forward still runs on the same model.
-        assert_eq!(model.forward(&batch).unwrap().last_hidden_state.dtype(), DType::BF16);
+        let (out, _tape) = model.forward_train(&batch).unwrap();
+        assert_eq!(out.last_hidden_state.dtype(), DType::BF16);
 
-        // The backward ops refuse bf16 activation tensors by name.
         let x = be.cast(&be.upload(vec![0.5; 6 * 8], &[6, 8]).unwrap(), DType::BF16).unwrap();
-        let w = be.cast(&be.upload(vec![0.25; 4 * 8], &[4, 8]).unwrap(), DType::BF16).unwrap();
         let dy = be.cast(&be.upload(vec![1.0; 6 * 4], &[6, 4]).unwrap(), DType::BF16).unwrap();
-        unsupported("linear_backward_input", be.linear_backward_input(&dy, &w).map(|_| ()), &["linear_backward_input", "bf16", "not supported yet"]);
-        unsupported("linear_backward_params", be.linear_backward_params(&dy, &x).map(|_| ()), &["linear_backward_params", "not supported yet"]);
-        unsupported("activation_backward", be.activation_backward(&x, &x, bert_adapters::Activation::Gelu).map(|_| ()), &["activation_backward", "not supported yet"]);
-        let spec = bert_adapters::backend::DropoutSpec { p: 0.1, seed: 1, stream: 0, blocks: vec![0], seed_buffer: None, offset: 0 };
-        unsupported("dropout", be.dropout(&x, &spec).map(|_| ()), &["dropout", "not supported yet"]);
+        let w32 = be.upload(vec![0.25; 4 * 8], &[4, 8]).unwrap();
         let f32_gamma = be.upload(vec![1.0; 8], &[8]).unwrap();
-        unsupported("residual_layernorm_stats", be.residual_layernorm_stats(&x, None, &f32_gamma, &f32_gamma, 1e-12).map(|_| ()), &["residual_layernorm_stats", "not supported yet"]);
+        // The backward ops name what is not bf16.
+        unsupported("linear_backward_input with an f32 weight", be.linear_backward_input(&dy, &w32).map(|_| ()), &["linear_backward_input", "weight", "f32"]);
+        unsupported("residual_layernorm_stats with an f32 LayerNorm", be.residual_layernorm_stats(&x, None, &f32_gamma, &f32_gamma, 1e-12).map(|_| ()), &["residual_layernorm_stats", "LayerNorm gamma", "f32"]);
+        let x32 = be.upload(vec![0.5; 6 * 8], &[6, 8]).unwrap();
+        input("activation_backward of a bf16 gradient over an f32 pre-activation", be.activation_backward(&x, &x32, bert_adapters::Activation::Gelu).map(|_| ()), &["activation_backward", "pre-activation", "f32"]);
+        let out32 = be.zeros(&[6, 8], DType::F32).unwrap();
+        let w16 = be.cast(&w32, DType::BF16).unwrap();
+        input("linear_backward_input into an f32 destination", be.linear_backward_input_into(&dy, &w16, &out32, false), &["linear_backward_input", "destination", "f32"]);
 
         // Mismatched precisions are refused, named.
         let w32 = be.upload(vec![0.25; 4 * 8], &[4, 8]).unwrap();

@@ -408,6 +408,61 @@ fn train_on_cuda_sim_follows_the_cpu() {
     }
 }
 
+/// `train --precision bf16` on cuda-sim (the base and every activation in bf16, adapters and
+/// AdamW in f32) follows the f32 run on the same seed: the same rows, each loss within 2% (bf16
+/// keeps 8 bits; the bf16 rule itself is tests/cuda_bf16_training.rs) and the same test accuracy
+/// (the criterion is within 1 point; 15 test texts make one text 6.7 points, so equal).
+/// `--precision auto` is f32 on cuda-sim, and `--precision bf16` on the CPU is refused.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn train_in_bf16_on_cuda_sim_follows_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let run = |name: &str, precision: &str| {
+        let (out, data) = (tmp.path().join(name), data());
+        let args = ["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let flags = ["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--steps", "8", "--quiet", "--device", "cuda-sim", "--precision", precision];
+        let said = ok(&bin().arg("train").args(args).args(flags).output().unwrap());
+        (metrics_without_timing(&out), said)
+    };
+    let (f32_rows, said_f32) = run("f32", "f32");
+    let (bf16_rows, said_bf16) = run("bf16", "bf16");
+    let (auto_rows, said_auto) = run("auto", "auto");
+    assert!(said_bf16.contains("bf16 activations"), "{said_bf16}");
+    assert!(!said_f32.contains("bf16") && !said_auto.contains("bf16"), "{said_f32}\n{said_auto}");
+    assert_eq!(auto_rows, f32_rows, "--precision auto is f32 on cuda-sim");
+    assert_eq!(f32_rows.len(), bf16_rows.len(), "{f32_rows:?}\n{bf16_rows:?}");
+    // Columns after step and split: examples, accuracy, macro_f1, tasknn_loss, tasknn_ce,
+    // scorenn_loss (the test row leaves the losses empty).
+    let mut losses_differ = false;
+    for (f, b) in f32_rows.iter().zip(&bf16_rows) {
+        assert_eq!(f[..3], b[..3], "{f32_rows:?}\n{bf16_rows:?}");
+        let examples: f64 = f[2].parse().unwrap();
+        for (col, (x, y)) in f[3..].iter().zip(&b[3..]).enumerate() {
+            let (Ok(x), Ok(y)) = (x.parse::<f64>(), y.parse::<f64>()) else {
+                assert_eq!(x, y, "{f32_rows:?}\n{bf16_rows:?}");
+                continue;
+            };
+            match (f[1].as_str(), col) {
+                ("test", _) => assert_eq!(x, y, "test column {}: f32 {x}, bf16 {y}\n{f32_rows:?}\n{bf16_rows:?}", col + 3),
+                // Validation accuracy: at most one text apart.
+                (_, 0) => assert!((x - y).abs() <= 1.0 / examples + 1e-9, "validation accuracy at step {}: f32 {x}, bf16 {y}", f[0]),
+                (_, 1) => {}
+                _ => {
+                    assert!((x - y).abs() <= 0.02 * x.abs().max(1e-3), "loss column {} at step {}: f32 {x}, bf16 {y}", col + 3, f[0]);
+                    losses_differ |= x != y;
+                }
+            }
+        }
+    }
+    assert!(losses_differ, "the bf16 losses equal the f32 ones: is bf16 on?\n{bf16_rows:?}");
+    let (out, data) = (tmp.path().join("cpu"), data());
+    let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--precision", "bf16"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--precision bf16") && err.contains("CUDA device") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "a refused run must not create its output folder");
+}
+
 /// On a CUDA backend `train` replays captured steps (a graph per adapter and batch shape, from
 /// its second sighting on): the run is bit-identical to launching every step (`--no-graphs`):
 /// the same metrics and the same saved adapters, byte for byte, and it says how many it replayed.

@@ -22,7 +22,7 @@
 //! f16 bases and a group of base tensors in mixed dtypes are refused with `Error::Unsupported`
 //! naming the op, the tensor and its dtype.
 //!
-//! # bf16 activations (the eval forward)
+//! # bf16 activations
 //!
 //! [`CudaBackend::with_activations`]`(DType::BF16)` over a base loaded in bf16 makes
 //! `embedding_layernorm` write bf16, and from there every forward op the model runs takes bf16
@@ -39,9 +39,25 @@
 //!   `first_token`, `select_rows`, `cast`: the bf16 variants; `all_finite` counts on a widened
 //!   copy; `to_host` widens.
 //!
-//! Training with bf16 activations is not supported yet: the model refuses `forward_train` on
-//! them, [`Backend::supports_training`] is false in this mode, and every backward op given a bf16
-//! activation tensor returns `Error::Unsupported` saying so.
+//! # bf16 training
+//!
+//! In the same mode the training step runs too, as autocast with f32 master weights does: the
+//! tape keeps bf16 activations, every activation gradient is bf16 (each op's output rounded
+//! once, f32 arithmetic inside), and the parameter gradients, the adapters' and heads' weights
+//! and the AdamW state stay f32:
+//! - `linear_backward_input(_into)` and `linear_backward_input_act`: the bf16 tensor-core product
+//!   with the bf16 base weight (an accumulation `out += dy·W` is summed in f32 and rounded once);
+//!   `activation_backward`, `layernorm_backward_stats`, `residual_layernorm_stats`,
+//!   `attention_packed_backward`, `first_token_backward_into`, `add_into`: their `_bf16io`
+//!   kernels;
+//! - dropout of a bf16 tensor: the f32 mask on the widened values, rounded once (bit for bit what
+//!   a bf16 kernel computing in f32 stores);
+//! - `adapter_location_backward_into` on the fused kernel and `nice_backward_into` (f32 kernels):
+//!   their bf16 inputs are widened exactly, the f32 backward runs, and the input gradients are
+//!   rounded once; `linear_backward_params_into` (a head's) widens a bf16 operand.
+//!
+//! A bf16 gradient with an f32 activation or base tensor is refused, named
+//! (`bf16_training_operands`).
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
@@ -52,7 +68,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::adapter::{adapter_location_backward, adapter_location_forward_on, backward_workspace_len, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
-use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
+use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{linear_bf16io, Epilogue, Gemm, Transpose};
@@ -176,9 +192,9 @@ impl CudaBackend {
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
-    /// eval forward in bf16 over a frozen base loaded in bf16 (`LoadOptions { dtype: DType::BF16,
-    /// .. }`; `embedding_layernorm` refuses another base). See the module docs for what each op
-    /// does with bf16 activations. Training is refused in bf16 (`supports_training` is false).
+    /// forward and the training step in bf16 over a frozen base loaded in bf16
+    /// (`LoadOptions { dtype: DType::BF16, .. }`; `embedding_layernorm` refuses another base). See
+    /// the module docs for what each op does with bf16 activations and gradients.
     pub fn with_activations(mut self, dtype: DType) -> Result<CudaBackend> {
         match dtype {
             DType::F32 | DType::BF16 => {
@@ -337,10 +353,58 @@ impl CudaBackend {
         Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
     }
 
-    /// `spec`'s mask applied to `t` in place (a tensor this op has just made).
+    /// `spec`'s mask applied to `t` in place (a tensor this op has just made). A bf16 `t` is
+    /// widened exactly, masked and scaled in f32 and rounded once: what a bf16 dropout kernel
+    /// computing in f32 stores, bit for bit (the mask is the f32 one by construction).
     fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
         let d = self.device_dropout(op, spec)?;
+        if t.dtype() == DType::BF16 {
+            let wide = self.cast(t, DType::F32)?;
+            elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, &wide)?, &d)?;
+            return elementwise::cast_f32_to_bf16(&self.gpu, &self.view(op, &wide)?, &mut self.view_mut(op, t)?);
+        }
         elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, t)?, &d)
+    }
+
+    /// `attention_packed_backward`'s launch with the activations stored as `A`.
+    fn attention_backward_typed<A: BufferElement + ActivationScalar>(&self, [dctx, qkv, ctx, lse, mask_bias]: [&Tensor; 5], dqkv: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&elementwise::DeviceDropout<'_>>) -> Result<()> {
+        const OP: &str = "attention_packed_backward";
+        attention_packed_backward_dropout_as::<A>(
+            &self.gpu,
+            &self.view(OP, dctx)?,
+            &self.view(OP, qkv)?,
+            &self.view(OP, ctx)?,
+            &self.view(OP, lse)?,
+            &self.view(OP, mask_bias)?,
+            &mut self.view_mut(OP, dqkv)?,
+            batch,
+            seq,
+            hidden,
+            heads,
+            dropout,
+        )
+    }
+
+    /// `adapter_location_backward_into` for bf16 activations on the fused kernel, which reads f32
+    /// only: `h`, `r`, `d_out` and the BERT LayerNorm's γ/β are widened exactly, the f32 backward
+    /// runs, and the input gradients are rounded once to bf16. The weight gradients are f32
+    /// either way. (Costs three widening passes and one narrowing over `[rows, H]`.)
+    fn adapter_location_backward_widened(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let wide = |t: &Tensor| self.cast(t, DType::F32);
+        let (h, r, d) = (wide(loc.h)?, wide(loc.r)?, wide(d_out)?);
+        let (gamma, beta) = (wide(loc.layer_norm.gamma)?, wide(loc.layer_norm.beta)?);
+        let wide_loc = AdapterLocation {
+            h: &h,
+            r: &r,
+            layer_norm: LayerNormParams { gamma: &gamma, beta: &beta, eps: loc.layer_norm.eps },
+            steps: loc.steps,
+            branches: loc.branches,
+            replicate: loc.replicate,
+            seq_len: loc.seq_len,
+        };
+        let (dh, dr) = self.adapter_location_backward_into(&wide_loc, &d, grads, need_input_grads)?;
+        let narrow = |t: Option<Tensor>| t.map(|t| self.cast(&t, DType::BF16)).transpose();
+        Ok((narrow(dh)?, narrow(dr)?))
     }
 
     fn unsupported(&self, op: &str) -> Error {
@@ -447,19 +511,6 @@ impl CudaBackend {
         }
     }
 
-    /// Training with bf16 activations is not supported yet: a backward or training-only op given
-    /// one (any of `tensors` in bf16) is refused by name. Weights are not passed here (a frozen
-    /// base in bf16 is fine with f32 activations).
-    fn refuse_bf16_training(&self, op: &str, tensors: &[&Tensor]) -> Result<()> {
-        match tensors.iter().find(|t| t.dtype() == DType::BF16) {
-            Some(t) => Err(Error::Unsupported(format!(
-                "{op}: a bf16 activation tensor {:?}; training with bf16 activations (the backward ops, dropout, the tape) is not supported yet, only the eval forward: train with f32 activations",
-                t.shape()
-            ))),
-            None => Ok(()),
-        }
-    }
-
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs
     fn ln_into(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
         const OP: &str = "residual_layernorm";
@@ -486,6 +537,37 @@ impl CudaBackend {
         };
         let mut outputs = LayerNormOutputs { y: self.view_mut(OP, y)?, mean: self.view_mut(OP, stats.0)?, rstd: self.view_mut(OP, stats.1)? };
         residual_layernorm_forward(&self.gpu, &inputs, &mut outputs)
+    }
+
+    /// The training LayerNorm (`residual_layernorm_stats`) with γ/β stored as `P` and the
+    /// activations `x`, `residual`, `y`, `z` as `A`; the `[rows, 2]` statistics are f32.
+    #[allow(clippy::too_many_arguments)] // residual_layernorm_stats's operands plus its three outputs
+    fn ln_train_typed<P: BufferElement + BaseScalar, A: BufferElement + ActivationScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, [y, z, stats]: [&Tensor; 3]) -> Result<()> {
+        const OP: &str = "residual_layernorm_stats";
+        let inputs = LayerNormInputs::<P, A> {
+            x: self.view(OP, x)?,
+            residual: residual.map(|r| self.view(OP, r)).transpose()?,
+            gamma: self.view(OP, gamma)?,
+            beta: self.view(OP, beta)?,
+            rows: x.rows(),
+            cols: x.last_dim(),
+            eps,
+        };
+        let mut outputs = LayerNormTrainOutputs { y: self.view_mut(OP, y)?, z: self.view_mut(OP, z)?, stats: self.view_mut(OP, stats)? };
+        residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)
+    }
+
+    /// bf16 training's operand rule, checked before a bf16 op: the other activations of the op
+    /// (`activations`) are bf16 too, and the frozen-base tensors it reads (`base`) are bf16 (a
+    /// base loaded with `LoadOptions { dtype: DType::BF16, .. }`). The error names the operand.
+    fn bf16_training_operands(&self, op: &str, activations: &[(&str, &Tensor)], base: &[(&str, &Tensor)]) -> Result<()> {
+        if let Some((name, t)) = activations.iter().find(|(_, t)| t.dtype() != DType::BF16) {
+            return Err(Error::Input(format!("{op}: {name} {:?} is {} but the gradient is bf16; a bf16 training step keeps every activation in bf16", t.shape(), t.dtype())));
+        }
+        match base.iter().find(|(_, t)| t.dtype() != DType::BF16) {
+            Some((name, t)) => Err(bf16_needs_bf16_base(op, name, t)),
+            None => Ok(()),
+        }
     }
 
     /// The embedding kernel's inputs with the tables and LayerNorm stored as `T`.
@@ -531,9 +613,6 @@ impl CudaBackend {
     /// are f32 scratch. Eval only: a branch with adapter dropout is refused (training).
     fn adapter_location_bf16io(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
-        if loc.branches.iter().any(|p| p.dropout.is_some()) {
-            self.refuse_bf16_training(OP, &[loc.h])?;
-        }
         let ln = &loc.layer_norm;
         if self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])? != DType::BF16 {
             return Err(bf16_needs_bf16_base(OP, "LayerNorm gamma", ln.gamma));
@@ -573,9 +652,9 @@ impl Backend for CudaBackend {
 
     fn supports_training(&self) -> bool {
         // Every op of a step, dropout included (Philox masks equal to the CPU's; tested by
-        // tests/cuda_training.rs with dropout on), the adapters' own dropout too. bf16
-        // activations run the eval forward only.
-        self.activations == DType::F32
+        // tests/cuda_training.rs with dropout on), the adapters' own dropout too, with f32 or
+        // bf16 activations (tests/cuda_bf16_training.rs).
+        true
     }
 
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -651,9 +730,6 @@ impl Backend for CudaBackend {
 
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         // The product, then the mask over its output (the CPU's epilogue draws the same words).
-        if dropout.is_some() {
-            self.refuse_bf16_training("linear_dropout", &[x])?;
-        }
         let y = self.linear(x, w, b)?;
         if let Some(spec) = dropout {
             self.dropout_in_place("linear_dropout", &y, spec)?;
@@ -683,11 +759,18 @@ impl Backend for CudaBackend {
 
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_backward_input_act";
-        self.refuse_bf16_training(OP, &[dy, pre])?;
         let dims = linear_dims(OP, dy, w)?;
         let mut shape = dy.shape().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = dims.d_in;
+        }
+        if dy.dtype() == DType::BF16 {
+            // bf16 training: the bf16 product with the bf16 base weight, then act' over it.
+            self.bf16_training_operands(OP, &[("the pre-activation", pre)], &[("weight", w)])?;
+            let dx = self.new_tensor::<bf16>(&shape)?;
+            self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
+            elementwise::linear_backward_input_act::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, &self.view(OP, pre)?, Some(act), dims, &mut self.view_mut(OP, &dx)?)?;
+            return Ok(dx);
         }
         let dx = self.new_tensor::<f32>(&shape)?;
         let mut scratch = None;
@@ -716,9 +799,6 @@ impl Backend for CudaBackend {
         }
         // The activations start here, in the backend's dtype; every later op follows them.
         let y = self.empty(&[batch, seq_len, hidden], self.activations)?;
-        if dropout.is_some() {
-            self.refuse_bf16_training(OP, &[&y])?;
-        }
         let mut flag = new_error_flag(&self.gpu)?;
         {
             let ids = (self.view(OP, input_ids)?, self.view(OP, token_type_ids)?);
@@ -761,32 +841,38 @@ impl Backend for CudaBackend {
 
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
         const OP: &str = "residual_layernorm_stats";
-        self.refuse_bf16_training(OP, &[x])?;
-        let (rows, cols) = (x.rows(), x.last_dim());
-        let y = self.new_tensor::<f32>(x.shape())?;
-        let z = self.new_tensor::<f32>(x.shape())?;
+        let dtype = activation_dtype(x);
+        let y = self.empty(x.shape(), dtype)?;
+        let z = self.empty(x.shape(), dtype)?;
         let mut stats_shape = x.shape().to_vec();
         *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
         let stats = self.new_tensor::<f32>(&stats_shape)?;
-        let inputs = LayerNormInputs::<f32, f32> { x: self.view(OP, x)?, residual: residual.map(|r| self.view(OP, r)).transpose()?, gamma: self.view(OP, gamma)?, beta: self.view(OP, beta)?, rows, cols, eps };
-        let mut outputs = LayerNormTrainOutputs { y: self.view_mut(OP, &y)?, z: self.view_mut(OP, &z)?, stats: self.view_mut(OP, &stats)? };
-        residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)?;
+        if dtype == DType::BF16 {
+            self.bf16_training_operands(OP, &[], &[("LayerNorm gamma", gamma), ("LayerNorm beta", beta)])?;
+            self.ln_train_typed::<bf16, bf16>(x, residual, gamma, beta, eps, [&y, &z, &stats])?;
+        } else {
+            self.ln_train_typed::<f32, f32>(x, residual, gamma, beta, eps, [&y, &z, &stats])?;
+        }
         Ok((y, z, stats))
     }
 
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         const OP: &str = "layernorm_backward_stats";
-        self.refuse_bf16_training(OP, &[dy, z])?;
-        let dz = self.new_tensor::<f32>(dy.shape())?;
-        let inputs = LayerNormBackwardInputs::<f32, f32> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
-        layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
+        let dz = self.empty(dy.shape(), activation_dtype(dy))?;
+        if dz.dtype() == DType::BF16 {
+            self.bf16_training_operands(OP, &[("z", z)], &[("LayerNorm gamma", gamma)])?;
+            let inputs = LayerNormBackwardInputs::<bf16, bf16> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
+            layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
+        } else {
+            let inputs = LayerNormBackwardInputs::<f32, f32> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
+            layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
+        }
         Ok(dz)
     }
 
     fn residual_layernorm_dropout(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         let y = self.residual_layernorm(x, residual, gamma, beta, eps)?;
         if let Some(spec) = dropout {
-            self.refuse_bf16_training("residual_layernorm_dropout", &[&y])?;
             self.dropout_in_place("residual_layernorm_dropout", &y, spec)?;
         }
         Ok(y)
@@ -868,10 +954,15 @@ impl Backend for CudaBackend {
 
     fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_input";
-        self.refuse_bf16_training(OP, &[dy, out])?;
         let dims = linear_dims(OP, dy, w)?;
         if out.overlaps(dy) || out.overlaps(w) {
             return Err(Error::Internal(format!("{OP}: the destination overlaps an input")));
+        }
+        if dy.dtype() == DType::BF16 {
+            // bf16 training: dy·W on the tensor cores, `out` (+=) rounded once.
+            self.bf16_training_operands(OP, &[("the destination", out)], &[("weight", w)])?;
+            self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
+            return elementwise::linear_backward_input::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, dims, &mut self.view_mut(OP, out)?, accumulate);
         }
         let mut scratch = None;
         let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
@@ -881,7 +972,13 @@ impl Backend for CudaBackend {
 
     fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_params";
-        self.refuse_bf16_training(OP, &[dy, x])?;
+        if dy.dtype() == DType::BF16 || x.dtype() == DType::BF16 {
+            // Parameter gradients are f32 (f32 master weights): a bf16 operand (no trainable Linear
+            // reads one in this model: heads widen their input, adapters have their own op) is
+            // widened exactly first.
+            let (dy, x) = (self.cast(dy, DType::F32)?, self.cast(x, DType::F32)?);
+            return self.linear_backward_params_into(&dy, &x, dw, db, accumulate);
+        }
         let dims = LinearDims { rows: dy.rows(), d_in: x.last_dim(), d_out: dy.last_dim() };
         for (name, t) in [("dw", Some(dw)), ("db", db)] {
             if t.is_some_and(|t| t.overlaps(dy) || t.overlaps(x)) {
@@ -900,16 +997,19 @@ impl Backend for CudaBackend {
 
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation_backward";
-        self.refuse_bf16_training(OP, &[dy, pre])?;
-        let dx = self.new_tensor::<f32>(dy.shape())?;
-        elementwise::activation_backward(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
+        let dx = self.empty(dy.shape(), activation_dtype(dy))?;
+        if dx.dtype() == DType::BF16 {
+            self.bf16_training_operands(OP, &[("the pre-activation", pre)], &[])?;
+            elementwise::activation_backward_as::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
+        } else {
+            elementwise::activation_backward(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
+        }
         Ok(dx)
     }
 
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
         // The statistics from a training forward of the same input (beta does not reach dx).
-        self.refuse_bf16_training("layernorm_backward_input", &[dy, x])?;
-        let zero_beta = self.zeros(gamma.shape(), DType::F32)?;
+        let zero_beta = self.zeros(gamma.shape(), gamma.dtype())?;
         let (_, z, stats) = self.residual_layernorm_stats(x, residual, gamma, &zero_beta, eps)?;
         self.layernorm_backward_stats(dy, &z, &stats, gamma)
     }
@@ -920,7 +1020,9 @@ impl Backend for CudaBackend {
 
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
         const OP: &str = "attention_packed_backward";
-        self.refuse_bf16_training(OP, &[dctx, qkv])?;
+        if activation_dtype(dctx) != activation_dtype(qkv) {
+            return Err(Error::Input(format!("{OP}: the gradient is {} but Q, K, V are {}; the backward takes both in one dtype", dctx.dtype(), qkv.dtype())));
+        }
         let (batch, seq, hidden) = match qkv.shape() {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
@@ -929,15 +1031,21 @@ impl Backend for CudaBackend {
         // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's),
         // with the same dropout: D = dO·O is over the dropped output.
         let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, dropout)?;
-        let dqkv = self.new_tensor::<f32>(qkv.shape())?;
+        let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
         let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
-        attention_packed_backward_dropout(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &self.view(OP, &ctx)?, &self.view(OP, lse)?, &self.view(OP, mask_bias)?, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?;
+        let dims = (batch, seq, hidden, heads);
+        match dqkv.dtype() {
+            DType::BF16 => self.attention_backward_typed::<bf16>([dctx, qkv, &ctx, lse, mask_bias], &dqkv, dims, d.as_ref())?,
+            _ => self.attention_backward_typed::<f32>([dctx, qkv, &ctx, lse, mask_bias], &dqkv, dims, d.as_ref())?,
+        }
         Ok(dqkv)
     }
 
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
-        self.refuse_bf16_training(OP, &[loc.h, loc.r, d_out])?;
+        if [loc.h, loc.r, d_out].iter().any(|t| t.dtype() == DType::BF16) {
+            return self.adapter_location_backward_widened(loc, d_out, grads, need_input_grads);
+        }
         if grads.len() != loc.branches.len() {
             return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
         }
@@ -982,7 +1090,13 @@ impl Backend for CudaBackend {
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
         const OP: &str = "nice_backward";
-        self.refuse_bf16_training(OP, &[x, dy])?;
+        if x.dtype() == DType::BF16 || dy.dtype() == DType::BF16 {
+            // bf16 training: the invertible adapter runs once per step on the embeddings
+            // ([B·T, H], small next to the encoder), so its backward widens x and dy exactly and
+            // runs in f32; its parameter gradients are f32 either way.
+            let (x, dy) = (self.cast(x, DType::F32)?, self.cast(dy, DType::F32)?);
+            return self.nice_backward_into(&x, params, &dy, out);
+        }
         if dy.shape() != x.shape() {
             return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
         }
@@ -1016,7 +1130,11 @@ impl Backend for CudaBackend {
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
         const OP: &str = "dropout";
-        self.refuse_bf16_training(OP, &[x])?;
+        if x.dtype() == DType::BF16 {
+            let y = self.cast(x, DType::BF16)?;
+            self.dropout_in_place(OP, &y, spec)?;
+            return Ok(y);
+        }
         let y = self.new_tensor::<f32>(x.shape())?;
         let d = self.device_dropout(OP, spec)?;
         elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
@@ -1061,7 +1179,6 @@ impl Backend for CudaBackend {
 
     fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
         const OP: &str = "first_token_backward";
-        self.refuse_bf16_training(OP, &[d, out])?;
         let (b, t, h) = match out.shape() {
             [b, t, h] => (*b, *t, *h),
             s => return Err(Error::shape(OP, format!("destination must be [B, T, H], got {s:?}"))),
@@ -1069,7 +1186,11 @@ impl Backend for CudaBackend {
         if out.overlaps(d) {
             return Err(Error::Internal(format!("{OP}: the destination overlaps the gradient")));
         }
-        elementwise::first_token_backward(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate)
+        match (d.dtype(), out.dtype()) {
+            (DType::BF16, DType::BF16) => elementwise::first_token_backward_as::<bf16>(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate),
+            (DType::BF16, _) | (_, DType::BF16) => Err(Error::Input(format!("{OP}: the gradient is {} and the destination {}; they must share a dtype", d.dtype(), out.dtype()))),
+            _ => elementwise::first_token_backward(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate),
+        }
     }
 
     fn first_token(&self, x: &Tensor) -> Result<Tensor> {
@@ -1111,7 +1232,6 @@ impl Backend for CudaBackend {
 
     fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
         const OP: &str = "add_into";
-        self.refuse_bf16_training(OP, &[dst, src])?;
         if dst.shape() != src.shape() {
             return Err(Error::shape(OP, format!("{:?} += {:?}", dst.shape(), src.shape())));
         }
@@ -1119,8 +1239,11 @@ impl Backend for CudaBackend {
             return Err(Error::Internal(format!("{OP}: the destination overlaps the source")));
         }
         // dst = dst + src elementwise: each element is read once, then written.
-        let mut out = self.view_mut::<f32>(OP, dst)?;
-        elementwise::add(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut out)
+        match (dst.dtype(), src.dtype()) {
+            (DType::BF16, DType::BF16) => elementwise::add::<bf16>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?),
+            (DType::BF16, _) | (_, DType::BF16) => Err(Error::Input(format!("{OP}: {} += {}; both must share a dtype", dst.dtype(), src.dtype()))),
+            _ => elementwise::add::<f32>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?),
+        }
     }
 
     fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()> {

@@ -383,7 +383,7 @@ pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
 // which callers typed by inference rely on; [`activation_backward_as`] and
 // [`first_token_backward_as`] are the generic launchers behind them.
 
-use super::gemm::{Gemm, Transpose};
+use super::gemm::{Gemm, GemmScalar, Transpose};
 use super::registry::elementwise::{
     ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F32, FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F32,
 };
@@ -595,15 +595,19 @@ impl LinearDims {
 /// Column-major (see [`super::gemm`]): `dxᵀ (d_in × rows) = Wᵀ (d_in × d_out) · dyᵀ (d_out × rows)`,
 /// where the row-major W, dy and dx are, as stored, exactly the column-major Wᵀ (ld d_in), dyᵀ
 /// (ld d_out) and dxᵀ (ld d_in): no transpose, m = d_in, n = rows, k = d_out.
-pub fn linear_backward_input(gpu: &Gpu, dy: &DeviceView<'_, f32>, w: &DeviceView<'_, f32>, dims: LinearDims, dx: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+///
+/// Generic over the storage `A` of all three (f32, or bf16 for bf16 training over a bf16 base:
+/// the tensor-core product with f32 accumulation, `dx` rounded once; with `accumulate` the sum
+/// `dx + dy·W` is formed in f32 before that one rounding, see [`Gpu::gemm`]).
+pub fn linear_backward_input<A: ActivationScalar + GemmScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, w: &DeviceView<'_, A>, dims: LinearDims, dx: &mut DeviceViewMut<'_, A>, accumulate: bool) -> Result<()> {
     const OP: &str = "cuda::linear_backward_input";
     let (n_x, n_y, n_w) = dims.lens(OP)?;
     let what = format!("for rows={}, d_in={}, d_out={}", dims.rows, dims.d_in, dims.d_out);
     expect_len(OP, "dy", dy.len(), n_y, &format!("rows·d_out {what}"))?;
     expect_len(OP, "w", w.len(), n_w, &format!("d_out·d_in {what}"))?;
     expect_len(OP, "dx", dx.len(), n_x, &format!("rows·d_in {what}"))?;
-    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("dy", dy.device_ptr(), dy.len()), ("w", w.device_ptr(), w.len())])?;
-    let g = Gemm::new(Transpose::No, Transpose::No, dims.d_in, dims.rows, dims.d_out).with_scalars(1.0, if accumulate { 1.0 } else { 0.0 });
+    check_disjoint_bytes(OP, &[act_span::<A>("dx", dx.device_ptr(), dx.len())], &[act_span::<A>("dy", dy.device_ptr(), dy.len()), act_span::<A>("w", w.device_ptr(), w.len())])?;
+    let g = Gemm::new(Transpose::No, Transpose::No, dims.d_in, dims.rows, dims.d_out).with_scalars(1.0, if accumulate { 1.0 } else { 0.0 }).with_types(A::INPUT, A::OUTPUT);
     gpu.gemm(&g, w, dy, dx, None)
 }
 
@@ -611,11 +615,13 @@ pub fn linear_backward_input(gpu: &Gpu, dy: &DeviceView<'_, f32>, w: &DeviceView
 /// (`Backend::linear_backward_input_act`), `pre: [rows, d_in]` the saved pre-activation. Written,
 /// never accumulated: the product lands in `dx`, then one elementwise pass multiplies in place.
 #[allow(clippy::too_many_arguments)] // linear_backward_input's operands plus the pre-activation and activation
-pub fn linear_backward_input_act(gpu: &Gpu, dy: &DeviceView<'_, f32>, w: &DeviceView<'_, f32>, pre: &DeviceView<'_, f32>, act: Option<Activation>, dims: LinearDims, dx: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+/// With bf16 storage the product is rounded to bf16 before the activation's derivative is
+/// applied (one more rounding), as a plain bf16 model's matmul backward then GELU backward does.
+pub fn linear_backward_input_act<A: ActivationScalar + GemmScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, w: &DeviceView<'_, A>, pre: &DeviceView<'_, A>, act: Option<Activation>, dims: LinearDims, dx: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::linear_backward_input_act";
     let (n_x, _, _) = dims.lens(OP)?;
     expect_len(OP, "pre", pre.len(), n_x, &format!("rows·d_in for rows={}, d_in={}", dims.rows, dims.d_in))?;
-    check_disjoint(OP, &[("dx", dx.device_ptr(), dx.len())], &[("pre", pre.device_ptr(), pre.len())])?;
+    check_disjoint_bytes(OP, &[act_span::<A>("dx", dx.device_ptr(), dx.len())], &[act_span::<A>("pre", pre.device_ptr(), pre.len())])?;
     linear_backward_input(gpu, dy, w, dims, dx, false)?;
     activation_backward_in_place(gpu, dx, pre, act)
 }

@@ -14,7 +14,7 @@ use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::model::adapters::{location_prefix, nice_prefix, Adapter};
 use crate::model::bert::{location_steps, BertModel};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// What the backward of one LayerNorm location reads.
 pub(crate) enum LocationTape {
@@ -58,6 +58,9 @@ pub struct Tape {
     pub(crate) seq_len: usize,
     pub(crate) branches: usize,
     pub(crate) replicated: bool,
+    /// The dtype of the activations (f32, or bf16 with a bf16 activation backend): the
+    /// backward's gradients flow in it.
+    pub(crate) activations: DType,
     /// The embedding output (NICE's input), when the NICE block is trainable.
     pub(crate) embeddings: Option<Tensor>,
     pub(crate) layers: Vec<Option<LayerTape>>,
@@ -393,8 +396,17 @@ impl BertModel {
             }
         };
 
-        let mut d = d_last;
+        // A gradient given in another dtype than the activations (an f32 d_last for a bf16
+        // forward) is converted first: every backward op takes its operands in one dtype.
+        let mut d = if d_last.dtype() == tape.activations { d_last } else { be.cast(&d_last, tape.activations)? };
         if let (Some(dp), Some(pre), Some((pw, _))) = (d_pooler, &tape.pooler_pre, &self.weights.pooler) {
+            let dp_cast;
+            let dp = if dp.dtype() == pre.dtype() {
+                dp
+            } else {
+                dp_cast = be.cast(dp, pre.dtype())?;
+                &dp_cast
+            };
             let dpre = be.activation_backward(dp, pre, Activation::Tanh)?;
             let dfirst = be.linear_backward_input(&dpre, pw)?;
             d = owned(be, d)?;

@@ -11,7 +11,7 @@ use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
 use crate::model::backward::{position, DropoutSite, LayerTape, LocationTape, Tape};
 use crate::model::heads::ClassificationHead;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 /// The pre step follows the FIRST child of the setup, the post step the LAST (spec §6.4).
 pub(crate) fn location_steps(children: &[&Adapter]) -> LocationSteps {
@@ -337,16 +337,9 @@ impl BertModel {
         let embed_drop = drop(p_hidden, 0, DropoutSite::Embeddings, batch.batch);
         let embed_ln = LayerNormParams { gamma: &w.embeddings_ln_gamma, beta: &w.embeddings_ln_beta, eps: cfg.layer_norm_eps };
         let mut x = be.embedding_layernorm(&inputs.ids, &inputs.types, &w.word_embeddings, &w.position_embeddings, &w.token_type_embeddings, cfg.positions(), embed_ln, embed_drop.as_ref())?;
-        // A backend in a low-precision activation mode (the CUDA backend's bf16 eval forward)
-        // writes its activations here in that dtype; its backward does not exist yet.
-        if record && x.dtype() != DType::F32 {
-            return Err(Error::Unsupported(format!(
-                "training (forward_train, train_step, --train) with {} activations on {} is not supported yet; only the eval forward runs in {}: train with f32 activations",
-                x.dtype(),
-                be.name(),
-                x.dtype()
-            )));
-        }
+        // A backend in a low-precision activation mode (the CUDA backend's bf16) writes its
+        // activations here in that dtype; every later op, and the backward, follows it.
+        let activations = x.dtype();
         if check_finite && !be.all_finite(&x)? {
             return Err(Error::NonFinite { at: "the embeddings".into() });
         }
@@ -454,6 +447,7 @@ impl BertModel {
             seq_len: batch.seq_len,
             branches: children.len().max(1),
             replicated: parallel && replicated,
+            activations,
             embeddings,
             layers,
             replicated_at,

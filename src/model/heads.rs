@@ -306,6 +306,11 @@ impl ClassificationHead {
             dx = backend.linear_backward_input(&dpre, self.param(i, "weight")?)?;
         }
         dx = maybe_dropout(backend, dx, &tape.dropout[0])?;
+        // The head ran in f32 on a widened input: its input gradient goes back to the encoder in
+        // the encoder's dtype (bf16 training rounds it once here, as autocast's cast backward does).
+        if dx.dtype() != d_input.dtype() {
+            dx = backend.cast(&dx, d_input.dtype())?;
+        }
         match tape.seq_len {
             Some(_) => backend.first_token_backward_into(&dx, d_input, true),
             None => backend.add_into(d_input, &dx),

@@ -172,8 +172,9 @@ impl BertModel {
         let use_pooler = pooled != 0;
         // Zeros: branches without a logit gradient leave their rows as they are, and every
         // head adds its input gradient in.
-        let d_last = be.zeros(&[rows_out, tape.seq_len, hidden], crate::tensor::DType::F32)?;
-        let d_pool = if use_pooler { Some(be.zeros(&[rows_out, hidden], crate::tensor::DType::F32)?) } else { None };
+        // In the encoder's activation dtype (bf16 training: bf16), which its backward reads.
+        let d_last = be.zeros(&[rows_out, tape.seq_len, hidden], tape.activations)?;
+        let d_pool = if use_pooler { Some(be.zeros(&[rows_out, hidden], tape.activations)?) } else { None };
         for (i, ((b, d), head)) in branches.iter().zip(dlogits).zip(&heads).enumerate() {
             let Some(d) = d else { continue };
             let trainable = self.trainable.contains(&b.adapter);

@@ -12,9 +12,14 @@
 //! more accurate than PyTorch's, so the rule against it is the stricter one.
 //!
 //! Only what is not an activation stays exact: attention's log-sum-exp (f32 statistics), the
-//! finiteness scan, uploads (inputs and the mask bias). The backward ops, dropout and the
-//! training tail delegate unrounded (this is an eval-forward reference). Included with `#[path]`,
-//! not a crate.
+//! finiteness scan, uploads (inputs and the mask bias).
+//!
+//! The backward is bf16 training as autocast runs it with f32 master weights: every gradient of
+//! an activation an op returns or writes (`dx`, `dqkv`, an adapter location's `dh`/`dr`, the
+//! dropout of a gradient, an accumulation into one) is rounded to bf16; the parameter gradients
+//! (`linear_backward_params_into`, the adapter and NICE weight gradients) stay f32, and so does
+//! the training tail (loss, clipping, AdamW). Fused backward ops round once, at their outputs.
+//! Included with `#[path]`, not a crate.
 #![allow(dead_code)]
 
 use bert_adapters::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, NiceGrads, NiceParams};
@@ -32,6 +37,13 @@ impl PlainBf16 {
     fn round(&self, t: Tensor) -> Result<Tensor> {
         self.0.cast(&self.0.cast(&t, DType::BF16)?, DType::F32)
     }
+
+    /// `t`'s contents rounded to bf16 in place (an op's written destination).
+    fn round_in_place(&self, t: &Tensor) -> Result<()> {
+        let rounded = self.round(t.clone())?;
+        self.0.fill(t, 0.0)?;
+        self.0.add_into(t, &rounded)
+    }
 }
 
 impl Backend for PlainBf16 {
@@ -42,7 +54,7 @@ impl Backend for PlainBf16 {
         format!("plain bf16 over {}", self.0.name())
     }
     fn supports_training(&self) -> bool {
-        false
+        true
     }
 
     // ---- memory: exact ---------------------------------------------------------------------------
@@ -125,51 +137,57 @@ impl Backend for PlainBf16 {
         self.0.cast(t, dtype)
     }
 
-    // ---- backward, dropout, in-place and the training tail: delegated ----------------------------
+    // ---- backward: activation gradients rounded, parameter gradients f32 -------------------------
     fn linear_backward_input_act(&self, dy: &Tensor, w: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
-        self.0.linear_backward_input_act(dy, w, pre, act)
+        self.round(self.0.linear_backward_input_act(dy, w, pre, act)?)
     }
     fn residual_layernorm_stats(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
-        self.0.residual_layernorm_stats(x, residual, gamma, beta, eps)
+        let (y, z, stats) = self.0.residual_layernorm_stats(x, residual, gamma, beta, eps)?;
+        Ok((self.round(y)?, self.round(z)?, stats))
     }
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
-        self.0.layernorm_backward_stats(dy, z, stats, gamma)
+        self.round(self.0.layernorm_backward_stats(dy, z, stats, gamma)?)
     }
     fn linear_backward_input_into(&self, dy: &Tensor, w: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
-        self.0.linear_backward_input_into(dy, w, out, accumulate)
+        self.0.linear_backward_input_into(dy, w, out, accumulate)?;
+        self.round_in_place(out)
     }
     fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
         self.0.linear_backward_params_into(dy, x, dw, db, accumulate)
     }
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
-        self.0.activation_backward(dy, pre, act)
+        self.round(self.0.activation_backward(dy, pre, act)?)
     }
     fn layernorm_backward_input(&self, dy: &Tensor, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
-        self.0.layernorm_backward_input(dy, x, residual, gamma, eps)
+        self.round(self.0.layernorm_backward_input(dy, x, residual, gamma, eps)?)
     }
     fn attention_backward(&self, dctx: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<[Tensor; 3]> {
-        self.0.attention_backward(dctx, q, k, v, mask_bias, heads, dropout)
+        let [dq, dk, dv] = self.0.attention_backward(dctx, q, k, v, mask_bias, heads, dropout)?;
+        Ok([self.round(dq)?, self.round(dk)?, self.round(dv)?])
     }
     fn attention_packed_backward(&self, dctx: &Tensor, qkv: &Tensor, lse: &Tensor, mask_bias: &Tensor, heads: usize, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
-        self.0.attention_packed_backward(dctx, qkv, lse, mask_bias, heads, dropout)
+        self.round(self.0.attention_packed_backward(dctx, qkv, lse, mask_bias, heads, dropout)?)
     }
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        self.0.adapter_location_backward_into(loc, d_out, grads, need_input_grads)
+        let (dh, dr) = self.0.adapter_location_backward_into(loc, d_out, grads, need_input_grads)?;
+        Ok((dh.map(|t| self.round(t)).transpose()?, dr.map(|t| self.round(t)).transpose()?))
     }
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
         self.0.nice_backward_into(x, params, dy, out)
     }
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
-        self.0.dropout(x, spec)
+        self.round(self.0.dropout(x, spec)?)
     }
     fn first_token_backward_into(&self, d: &Tensor, out: &Tensor, accumulate: bool) -> Result<()> {
-        self.0.first_token_backward_into(d, out, accumulate)
+        self.0.first_token_backward_into(d, out, accumulate)?;
+        self.round_in_place(out)
     }
     fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
         self.0.fill(t, value)
     }
     fn add_into(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
-        self.0.add_into(dst, src)
+        self.0.add_into(dst, src)?;
+        self.round_in_place(dst)
     }
     fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()> {
         self.0.write_u32(dst, data)

@@ -51,7 +51,8 @@ pub struct RunArgs {
     device: String,
     /// The forward's precision: f32, or bf16 on a CUDA device (the base loaded in bf16, every
     /// activation stored in bf16 with f32 accumulation; the outputs are written widened to F32).
-    /// bf16 is the eval forward only (no --train).
+    /// With --train the backward runs in bf16 too (activation gradients bf16, the adapters'
+    /// gradients f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
 }
@@ -64,15 +65,12 @@ enum Precision {
 }
 
 /// The backend and the base's storage for `--precision` on `device`: bf16 is the CUDA backend's
-/// bf16 activation mode over a base loaded in bf16, refused on the CPU and with `--train`.
+/// bf16 activation mode over a base loaded in bf16, refused on the CPU.
 fn backend_and_load(args: &RunArgs, device: Device) -> Result<(Arc<dyn Backend>, LoadOptions)> {
     match args.precision {
         Precision::F32 => Ok((backend_for(device)?, LoadOptions::default())),
         Precision::Bf16 if device == Device::Cpu => {
             Err(Error::Input("--precision bf16 needs --device cuda or cuda-sim: the CPU backend computes in f32 (use --precision f32 on the CPU)".into()))
-        }
-        Precision::Bf16 if !args.train.is_empty() => {
-            Err(Error::Unsupported("--precision bf16 runs the eval forward only: training with bf16 activations is not supported yet, so --train needs --precision f32".into()))
         }
         Precision::Bf16 => {
             let backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;

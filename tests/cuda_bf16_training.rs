@@ -1,0 +1,197 @@
+//! bf16 training on the CUDA backend (`CudaBackend::with_activations(DType::BF16)` over a base
+//! loaded in bf16; adapter and head weights, their gradients and AdamW state f32) under the bf16
+//! rule of docs/STYLE.md (tests/support/bf16.rs): against the CPU reference's f32 training on the
+//! same bf16-rounded base, the CUDA bf16 error is at most twice that of a plain bf16 model
+//! (tests/support/plain_bf16.rs: the CPU reference with every forward op's output and every
+//! activation gradient rounded to bf16, parameter gradients f32, as autocast with f32 master
+//! weights computes), plus the rule's floor.
+//!
+//! - `gradients_meet_the_bf16_rule`: one `classification_step` (forward with the tape, both
+//!   heads' cross-entropy, heads' and encoder's backward) under Parallel(scorenn, tasknn) with
+//!   scorenn `houlsby+inv` (its NICE block trains when scorenn does) and tasknn `houlsby`, each
+//!   trained in turn, with dropout off and on (the encoder's, the heads' and the adapters' own):
+//!   the loss and the gradients meet the rule, and the gradients are not the f32 ones (the mode
+//!   is on). The rule is taken over all gradient elements at once (`assert_pooled_rule`: a
+//!   3-element bias gradient's max error is one rounding's luck).
+//! - `training_steps_meet_the_bf16_rule`: 8 alternating `train_step`s of Parallel(scorenn:
+//!   `pfeiffer+inv`, tasknn: `pfeiffer`), adapter dropout 0.1, with dropout, AdamW and
+//!   clipping: the loss curve and, after the steps, the adapter and head parameters meet the
+//!   rule (pooled likewise).
+//!
+//! Adapter weights are blown up (×40) so that a wrong gradient cannot hide in the bound. The
+//! CUDA backends are cuda-sim (feature `cuda-sim`) and GPU 0 when there is one.
+
+mod common;
+
+#[path = "support/bf16.rs"]
+mod bf16_rule;
+#[path = "support/plain_bf16.rs"]
+mod plain_bf16;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::model::heads::HeadConfig;
+use bert_adapters::model::step::TrainStepConfig;
+use bert_adapters::train::loss::Objective;
+use bert_adapters::train::{AdamW, AdamWConfig};
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, DType, Device, InputBatch, LoadOptions};
+use bf16_rule::max_abs_diff;
+use common::{fixtures, setup};
+use plain_bf16::PlainBf16;
+
+/// The CUDA backends in bf16 activation mode: cuda-sim, and GPU 0 when there is one.
+fn bf16_backends() -> Vec<Arc<dyn Backend>> {
+    let mut v: Vec<CudaBackend> = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens"));
+    match bert_adapters::cuda::probe::probe_gpu(0) {
+        Ok(_) => v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"))),
+        Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
+        Err(_) => {}
+    }
+    if v.is_empty() {
+        bert_adapters::cuda::probe::report_skip("cuda_bf16_training", "no GPU", "no CUDA backend (build with --features cuda-sim, or run on a GPU)");
+    }
+    v.into_iter().map(|be| Arc::new(be.with_activations(DType::BF16).unwrap()) as Arc<dyn Backend>).collect()
+}
+
+/// The tiny BERT with its base in bf16, Parallel(scorenn, tasknn) of these configs, a 3-class
+/// head each, adapter weights blown up; the batch and its labels.
+fn model(be: Arc<dyn Backend>, [score_config, task_config]: [&str; 2], adapter_dropout: f64) -> (BertModel, InputBatch, Vec<usize>) {
+    let dir = fixtures().join("tiny_bert");
+    let (mut model, _) = BertModel::from_dir(&dir, be.clone(), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }).unwrap();
+    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+    let config = |name: &str| AdapterConfig::named(name).unwrap().with_overrides(&serde_json::json!({ "dropout": adapter_dropout })).unwrap();
+    model.add_adapter_seeded("scorenn", config(score_config), 1).unwrap();
+    model.add_adapter_seeded("tasknn", config(task_config), 2).unwrap();
+    for n in ["scorenn", "tasknn"] {
+        model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
+        for t in model.adapter_params_mut(n).unwrap().values_mut() {
+            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
+            *t = be.upload(v, t.shape()).unwrap();
+        }
+    }
+    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
+    let labels: Vec<usize> = (0..batch.batch).map(|i| (i * 2 + 1) % 3).collect();
+    (model, batch, labels)
+}
+
+/// The bf16 rule over a set of tensors (every gradient of a step, every parameter after the
+/// steps) rather than per tensor: a parameter gradient of 3 elements (a head's bias) has a max
+/// error that is one rounding's luck, so the rule is taken over all elements at once, each error
+/// relative to its own tensor's scale (`max|ref|` of that tensor, as the fp32 parity rule
+/// scales): `max relative error ≤ 2·(plain's) + 2⁻¹⁸`. Returns both maxima.
+#[track_caller]
+fn assert_pooled_rule(label: &str, got: &BTreeMap<String, Vec<f32>>, reference: &BTreeMap<String, Vec<f32>>, plain: &BTreeMap<String, Vec<f32>>) -> (f64, f64) {
+    let relative = |set: &BTreeMap<String, Vec<f32>>, key: &str, want: &[f32]| {
+        let v = &set[key];
+        assert_eq!(v.len(), want.len(), "{label}: {key} has {} elements, the reference {}", v.len(), want.len());
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            panic!("{label}: {key}[{i}] = {}", v[i]);
+        }
+        let scale = want.iter().fold(0f64, |m, &x| m.max((x as f64).abs())).max(f64::MIN_POSITIVE);
+        max_abs_diff(v, want).0 / scale
+    };
+    let (mut worst, mut worst_key, mut plain_worst) = (0f64, String::new(), 0f64);
+    for (key, want) in reference {
+        let e = relative(got, key, want);
+        if e > worst {
+            (worst, worst_key) = (e, key.clone());
+        }
+        plain_worst = plain_worst.max(relative(plain, key, want));
+    }
+    let bound = 2.0 * plain_worst + 2f64.powi(-18);
+    assert!(worst <= bound, "{label}: relative error {worst:.3e} (in {worst_key}) exceeds 2 x the plain bf16 model's {plain_worst:.3e} (+ 2^-18)");
+    (worst, plain_worst)
+}
+
+/// One classification step: the loss and every gradient on the host.
+fn step(be: &Arc<dyn Backend>, trained: &str, dropout: Option<u64>, adapter_dropout: f64) -> (f32, BTreeMap<String, Vec<f32>>) {
+    let (mut m, batch, labels) = model(be.clone(), ["houlsby+inv", "houlsby"], adapter_dropout);
+    m.train_adapter(&[trained]).unwrap();
+    m.set_dropout(dropout);
+    let s = m.classification_step(&batch, &labels).unwrap_or_else(|e| panic!("{}: classification_step training {trained}: {e}", be.name()));
+    (s.loss, s.grads.iter().map(|(k, g)| (k.clone(), be.to_host(g).unwrap())).collect())
+}
+
+#[test]
+fn gradients_meet_the_bf16_rule() {
+    let devices = bf16_backends();
+    if devices.is_empty() {
+        return;
+    }
+    let reference: Arc<dyn Backend> = Arc::new(CpuBackend::reference());
+    let plain: Arc<dyn Backend> = Arc::new(PlainBf16::new());
+    // Per device: the cases' losses, the f32 reference's and the plain model's (a scalar's error
+    // is one rounding's luck, so the rule is taken over all four cases at once).
+    let mut losses: BTreeMap<String, [Vec<f32>; 3]> = BTreeMap::new();
+    for (dropout, adapter_dropout) in [(None, 0.0), (Some(31), 0.2)] {
+        for trained in ["scorenn", "tasknn"] {
+            let (ref_loss, ref_grads) = step(&reference, trained, dropout, adapter_dropout);
+            let (plain_loss, plain_grads) = step(&plain, trained, dropout, adapter_dropout);
+            // The trained adapter's bottleneck modules, its head, and scorenn's NICE block.
+            let want_nice = trained == "scorenn";
+            assert!(ref_grads.keys().any(|k| k.contains("invertible_adapters")) == want_nice, "{trained}: NICE gradients {:?}", ref_grads.keys());
+            for be in &devices {
+                let label = format!("{} training {trained} (dropout {dropout:?}, adapter dropout {adapter_dropout})", be.name());
+                let (loss, grads) = step(be, trained, dropout, adapter_dropout);
+                losses.entry(be.name()).or_insert_with(|| [Vec::new(), Vec::new(), Vec::new()]).iter_mut().zip([loss, ref_loss, plain_loss]).for_each(|(v, l)| v.push(l));
+                assert_eq!(grads.keys().collect::<Vec<_>>(), ref_grads.keys().collect::<Vec<_>>(), "{label}: gradient keys");
+                let (worst, plain_worst) = assert_pooled_rule(&format!("{label}: gradients"), &grads, &ref_grads, &plain_grads);
+                // The mode is on: some gradient is further from f32 than the fp32 rule allows.
+                assert!(worst > 1e-4, "{label}: every gradient within {worst:.2e} (relative) of f32: is the bf16 mode on?");
+                bert_adapters::cuda::probe::report_line(&format!("cuda_bf16_training {label}: {} gradients meet the bf16 rule; worst relative error {worst:.2e} (plain bf16 {plain_worst:.2e})", grads.len()));
+            }
+        }
+    }
+    for (name, [got, want, plain]) in losses {
+        let one = |v: Vec<f32>| BTreeMap::from([("losses".to_string(), v)]);
+        assert_pooled_rule(&format!("{name}: the losses of the four steps"), &one(got), &one(want), &one(plain));
+    }
+}
+
+#[test]
+fn training_steps_meet_the_bf16_rule() {
+    let devices = bf16_backends();
+    if devices.is_empty() {
+        return;
+    }
+    const STEPS: usize = 8;
+    let run = |be: &Arc<dyn Backend>| -> (Vec<f32>, BTreeMap<String, Vec<f32>>) {
+        let (mut m, batch, labels) = model(be.clone(), ["pfeiffer+inv", "pfeiffer"], 0.1);
+        let mut opts: Vec<AdamW> = (0..2).map(|_| AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap()).collect();
+        let mut losses = Vec::new();
+        for step in 0..STEPS {
+            let (trained, i, objective) = match step % 2 {
+                0 => ("tasknn", 1, Objective::CrossEntropy),
+                _ => ("scorenn", 0, Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }),
+            };
+            m.train_adapter(&[trained]).unwrap();
+            m.set_dropout(Some(500 + step as u64));
+            let c = TrainStepConfig { objective, trained: trained.into(), max_grad_norm: Some(1.0) };
+            let out = m.train_step(&batch, &labels, &c, &mut opts[i]).unwrap_or_else(|e| panic!("{} step {step}: {e}", be.name()));
+            losses.push(out.read(be.as_ref()).unwrap().loss);
+        }
+        let mut params = BTreeMap::new();
+        for n in ["scorenn", "tasknn"] {
+            for (k, t) in m.adapter(n).unwrap().params().iter().chain(m.head(n).unwrap().params()) {
+                params.insert(k.clone(), be.to_host(t).unwrap());
+            }
+        }
+        (losses, params)
+    };
+    let reference: Arc<dyn Backend> = Arc::new(CpuBackend::reference());
+    let plain: Arc<dyn Backend> = Arc::new(PlainBf16::new());
+    let (ref_losses, ref_params) = run(&reference);
+    let (plain_losses, plain_params) = run(&plain);
+    for be in &devices {
+        let (losses, params) = run(be);
+        let curve = |l: &[f32]| BTreeMap::from([("loss".to_string(), l.to_vec())]);
+        assert_pooled_rule(&format!("{}: the {STEPS} losses", be.name()), &curve(&losses), &curve(&ref_losses), &curve(&plain_losses));
+        let (worst, plain_worst) = assert_pooled_rule(&format!("{} after {STEPS} steps: the parameters", be.name()), &params, &ref_params, &plain_params);
+        assert!(worst > 1e-6, "{}: every parameter within {worst:.2e} (relative) of f32 after {STEPS} steps: is the bf16 mode on?", be.name());
+        bert_adapters::cuda::probe::report_line(&format!("cuda_bf16_training on {}: {STEPS} steps meet the bf16 rule (parameters: relative error {worst:.2e}, plain bf16 {plain_worst:.2e}; losses {losses:?}, f32 {ref_losses:?})", be.name()));
+    }
+}
