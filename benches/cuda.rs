@@ -42,8 +42,10 @@
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`
 //!   (`BertModel::train_step`) against `replayed` (`replay_train_step` of a graph captured per
-//!   adapter). Throughput: B·T positions (padding included) per step. Random weights (N(0, 0.02)
-//!   like BERT's init, uniform), f32 activations and base (the step is f32 only so far).
+//!   adapter), in f32 (activations and base), and `bf16_launched` / `bf16_replayed`: the same step
+//!   in bf16 (base, activations and activation gradients bf16; adapters, heads, gradients and
+//!   AdamW f32), `train`'s default on a GPU. Throughput: B·T positions (padding included) per
+//!   step. Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
 //! benchmark's first call, so a criterion filter skips the setup of what it leaves out. After
@@ -80,7 +82,7 @@ use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::{TrainStepConfig, TrainStepOutput};
 use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use bert_adapters::io::LayerWeights;
-use bert_adapters::{Activation, AdapterConfig, AdapterSetup, Backend, BertConfig, BertModel, BertWeights, HiddenAct, InputBatch};
+use bert_adapters::{Activation, AdapterConfig, AdapterSetup, Backend, BertConfig, BertModel, BertWeights, DType, HiddenAct, InputBatch, Tensor};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput};
 use rand::rngs::StdRng;
@@ -723,8 +725,8 @@ fn attention(c: &mut Criterion, bench: &Bench) {
 // ---- the training step ---------------------------------------------------------------------------
 
 /// A BERT of `d` with random weights (N(0, 0.02) in spread, as BERT's init; LayerNorms at
-/// γ = 1, β = 0) on `backend`.
-fn random_model(d: Dims, backend: Arc<dyn Backend>) -> BertModel {
+/// γ = 1, β = 0) on `backend`, the base stored as `base` (f32, or bf16 for bf16 training).
+fn random_model(d: Dims, backend: Arc<dyn Backend>, base: DType) -> BertModel {
     let config = BertConfig {
         vocab_size: d.vocab,
         hidden_size: d.hidden,
@@ -745,9 +747,10 @@ fn random_model(d: Dims, backend: Arc<dyn Backend>) -> BertModel {
     let mut fill = Fill(42);
     // Uniform in ±0.02·√3: standard deviation 0.02.
     let a = 0.02 * 3f32.sqrt();
-    let mut w = |shape: &[usize]| be.upload(fill.vec(shape.iter().product(), -a, a), shape).expect("upload");
-    let ones = |n: usize| be.upload(vec![1.0; n], &[n]).expect("upload");
-    let zero = |n: usize| be.upload(vec![0.0; n], &[n]).expect("upload");
+    let stored = |t: Tensor| if base == DType::F32 { t } else { be.cast(&t, base).expect("cast the base") };
+    let mut w = |shape: &[usize]| stored(be.upload(fill.vec(shape.iter().product(), -a, a), shape).expect("upload"));
+    let ones = |n: usize| stored(be.upload(vec![1.0; n], &[n]).expect("upload"));
+    let zero = |n: usize| stored(be.upload(vec![0.0; n], &[n]).expect("upload"));
     let layers = (0..d.layers)
         .map(|_| LayerWeights {
             qkv_w: w(&[3 * h, h]),
@@ -824,9 +827,13 @@ struct Step {
 }
 
 impl Step {
-    fn new(bench: &Bench, d: Dims, batch: usize, seq: usize) -> Step {
-        let backend: Arc<dyn Backend> = bench.backend.clone();
-        let mut model = random_model(d, backend);
+    /// The step with activations in `precision` (f32, or bf16 over a bf16 base).
+    fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
+        let backend: Arc<dyn Backend> = match precision {
+            DType::F32 => bench.backend.clone(),
+            other => Arc::new(bench.backend.sharing_gpu(other).expect("a bf16 backend")),
+        };
+        let mut model = random_model(d, backend, precision);
         for (seed, name) in [(1, SCORENN), (2, TASKNN)] {
             model.add_adapter_seeded(name, AdapterConfig::named("pfeiffer").expect("pfeiffer"), seed).expect("add_adapter");
             model.add_classification_head(name, HeadConfig::classification(3)).expect("head");
@@ -844,8 +851,17 @@ impl Step {
             let out = s.model.train_step(&s.batch, &s.labels, &step_config(name), s.optimizers.get_mut(name).expect("optimizer")).expect("train_step");
             let n = gpu.launch_counts().since(&before);
             let kernels: u64 = n.kernels.values().sum();
-            println!("launches: {} {name} step: {kernels} kernel launches and {} GEMMs ({:.3} GFLOP in GEMMs)", d.name, n.gemm_calls, 2.0 * n.gemm_macs as f64 / 1e9);
+            println!("launches: {} {precision} {name} step: {kernels} kernel launches and {} GEMMs ({:.3} GFLOP in GEMMs)", d.name, n.gemm_calls, 2.0 * n.gemm_macs as f64 / 1e9);
             drop(out);
+        }
+        // Then the captures, once both arenas exist (a graph captured before the other adapter's
+        // first step would hold that adapter's parameters where they were before its arena took
+        // them, and its replay is refused), each right after a launched step of its adapter, so
+        // the pool holds free blocks of every size the capture allocates (the other graph keeps
+        // its own).
+        for name in [SCORENN, TASKNN] {
+            s.prepare(name, 0);
+            drop(s.model.train_step(&s.batch, &s.labels, &step_config(name), s.optimizers.get_mut(name).expect("optimizer")).expect("train_step"));
             // A failed capture costs the `replayed` function only.
             match s.model.capture_train_step(&s.batch, &s.labels, &step_config(name), s.optimizers.get_mut(name).expect("optimizer")) {
                 Ok(graph) => {
@@ -908,12 +924,15 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     let gpu = bench.gpu();
     let mut group = new_group(c, id.to_string());
     group.throughput(Throughput::Elements((b * t) as u64));
-    // One model for both functions: launched steps and replays share its weights and pool.
-    let mut state: Option<Step> = None;
-    for (function, replay) in [("launched", false), ("replayed", true)] {
+    // One model per precision for both functions: launched steps and replays share its weights
+    // and pool. f32 is the strict-parity step; bf16 is `train`'s default on a GPU.
+    let mut states: [Option<Step>; 2] = [None, None];
+    let functions = [("launched", false, DType::F32), ("replayed", true, DType::F32), ("bf16_launched", false, DType::BF16), ("bf16_replayed", true, DType::BF16)];
+    for (function, replay, precision) in functions {
+        let state = &mut states[usize::from(precision == DType::BF16)];
         guarded(&format!("{id} {function}"), || {
             group.bench_function(function, |bn| {
-                let s = state.get_or_insert_with(|| Step::new(bench, d, b, t));
+                let s = state.get_or_insert_with(|| Step::new(bench, d, b, t, precision));
                 bn.iter_custom(|iters| timed(gpu, iters, || if replay { s.replayed() } else { s.launched() }));
                 s.check(&format!("{id}/{function}"));
                 s.last = None;

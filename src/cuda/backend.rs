@@ -191,6 +191,13 @@ impl CudaBackend {
         CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None }
     }
 
+    /// Another backend on the same GPU (one stream, one memory pool, the same location path)
+    /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
+    /// bf16 model side by side, as the step benchmarks run them.
+    pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
+        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path }.with_activations(dtype)
+    }
+
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
     /// forward and the training step in bf16 over a frozen base loaded in bf16
     /// (`LoadOptions { dtype: DType::BF16, .. }`; `embedding_layernorm` refuses another base). See
