@@ -328,19 +328,18 @@ impl CudaBackend {
         }
     }
 
-    /// `spec` resolved for the dropout kernels (unsharded, see [`check_unsharded`]): its seed buffer (a U32 `[2]` tensor on this
-    /// device) when it has one, and the stream of each block.
+    /// `spec` resolved for the dropout kernels: its seed buffer (a U32 `[2]` tensor on this
+    /// device) when it has one, the stream of each block and the shard's offset.
     fn device_dropout<'t>(&self, op: &str, spec: &'t DropoutSpec) -> Result<elementwise::DeviceDropout<'t>> {
-        check_unsharded(op, spec)?;
         let seed_buffer = spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?;
         let streams = (0..spec.blocks.len().max(1)).map(|j| spec.block_stream(j)).collect();
-        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
+        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams, offset: spec.offset })
     }
 
     /// `spec`'s mask applied to `t` in place (a tensor this op has just made).
     fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
         let d = self.device_dropout(op, spec)?;
-        elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, t)?, &d)
+        elementwise::dropout_in_place::<f32>(&self.gpu, &mut self.view_mut(op, t)?, &d)
     }
 
     fn unsupported(&self, op: &str) -> Error {
@@ -1019,7 +1018,7 @@ impl Backend for CudaBackend {
         self.refuse_bf16_training(OP, &[x])?;
         let y = self.new_tensor::<f32>(x.shape())?;
         let d = self.device_dropout(OP, spec)?;
-        elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
+        elementwise::dropout::<f32>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
         Ok(y)
     }
 
@@ -1226,17 +1225,4 @@ fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
         t.shape(),
         t.dtype()
     ))
-}
-
-/// The dropout kernels count element indices from each block's start: a shard's offset
-/// (`DropoutSpec::offset`, data-parallel training) is not one of their arguments yet, so a
-/// sharded dropout is refused rather than drawn with the wrong masks.
-pub(crate) fn check_unsharded(op: &str, spec: &DropoutSpec) -> Result<()> {
-    if spec.offset != 0 {
-        return Err(Error::Unsupported(format!(
-            "{op}: dropout of a data-parallel shard (mask offset {}) is not built into the CUDA kernels yet; train data-parallel with --device cpu, or without sharding",
-            spec.offset
-        )));
-    }
-    Ok(())
 }
