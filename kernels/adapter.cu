@@ -25,8 +25,8 @@
 // The pre/post-step flags are the location's (first child / last child, spec §6.4), stamped into
 // every branch's descriptor by the launcher so a block needs only its own descriptor.
 //
-// Descriptors: one 144-byte `AdapterBranchDesc` per branch (device addresses of the weights,
-// bottleneck size, activation and flag codes, the dropout's stream, threshold and scale), built
+// Descriptors: one 152-byte `AdapterBranchDesc` per branch (device addresses of the weights,
+// bottleneck size, activation and flag codes, the dropout's stream, threshold, scale and offset), built
 // and validated once per setup by src/cuda/adapter.rs (`LocationDescriptors`), which mirrors
 // this struct field for field. The kernel takes them as `const unsigned long long*` (the launch
 // runtime packs only scalar pointer types) and reinterprets them.
@@ -141,8 +141,9 @@ struct AdapterBranchDesc {
     unsigned long long dropout_stream;   // the Philox stream of the branch's own dropout
     unsigned dropout_threshold;          // round(p·2³²): a word below it drops; 0 = no dropout
     float dropout_scale;                 // f32(1/(1 − p))
+    unsigned long long dropout_offset;   // stream index of the block's element 0 (DropoutSpec::offset)
 };
-static_assert(sizeof(AdapterBranchDesc) == 144, "AdapterBranchDesc must match BranchDescriptor");
+static_assert(sizeof(AdapterBranchDesc) == 152, "AdapterBranchDesc must match BranchDescriptor");
 
 __device__ __forceinline__ const float* desc_ptr(unsigned long long address) {
     return reinterpret_cast<const float*>(address);
@@ -177,11 +178,20 @@ __device__ __forceinline__ float adapter_activation(int act, float x) {
     }
 }
 
+// Whether element `index` of the branch's [B, T, H] block is kept (d.dropout_threshold != 0): it
+// draws element index + d.dropout_offset of the branch's stream (a data-parallel shard's block
+// holds rows r0.. of the global batch; the offset, r0·T·H, may start mid Philox block, which
+// philox_keep_factor handles per index). The forward's masks go through here; the fused backward
+// keeps the stream in AdapterBwdRow and adds the same offset to its drop_row.
+__device__ __forceinline__ bool adapter_dropout_keep(const AdapterBranchDesc& d, PhiloxKey key, unsigned long long index) {
+    return philox_keep_factor(key, d.dropout_stream, index + d.dropout_offset, d.dropout_threshold, 1.0f) != 0.0f;
+}
+
 // The branch's own dropout of element `index` of its [B, T, H] block (d.dropout_threshold != 0):
 // v·scale when kept, 0 when dropped. A select, not a product with a 0/scale factor, so a dropped
 // inf or NaN gives 0, as on the CPU (src/train/dropout.rs).
 __device__ __forceinline__ float adapter_dropout(float v, const AdapterBranchDesc& d, PhiloxKey key, unsigned long long index) {
-    return philox_keep_factor(key, d.dropout_stream, index, d.dropout_threshold, 1.0f) != 0.0f ? v * d.dropout_scale : 0.0f;
+    return adapter_dropout_keep(d, key, index) ? v * d.dropout_scale : 0.0f;
 }
 
 // A barrier for the row team: a warp-level one when the team is one warp (teams of a block are
@@ -1179,10 +1189,10 @@ struct AdapterBwdRow {
     bool gated;
     int residual;     // ADAPTER_RESIDUAL_*
     bool residual_first;
-    // The branch's dropout: threshold 0 = none. Element (row in the branch)·H + c of `stream`.
+    // The branch's dropout: threshold 0 = none. Element (row in the branch)·H + c + offset of `stream`.
     PhiloxKey key;
     unsigned long long drop_stream;
-    unsigned long long drop_row;  // the row's first element in the branch's block
+    unsigned long long drop_row;  // the row's first element in the branch's block, plus d.dropout_offset
     unsigned drop_threshold;
     float drop_scale;
     unsigned keep_bits;  // bit k: column threadIdx.x + k·blockDim.x is kept (k < 32)
@@ -1375,7 +1385,7 @@ __device__ __forceinline__ void location_backward_team(
         w.residual_first = d.adapter_residual_before_ln != 0;
         w.key = drop_key;
         w.drop_stream = d.dropout_stream;
-        w.drop_row = (unsigned long long)local * (unsigned long long)cols;
+        w.drop_row = (unsigned long long)local * (unsigned long long)cols + d.dropout_offset;  // adapter_dropout_keep's index
         w.drop_threshold = d.dropout_threshold;
         w.drop_scale = d.dropout_scale;
         w.keep_bits = w.drop_threshold != 0 ? bwd_keep_bits(w, cols) : 0u;

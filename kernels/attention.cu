@@ -163,13 +163,16 @@ struct AttnNoDropout {
     __device__ __forceinline__ float operator()(float p, int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return p; }
 };
 
-// Training: the probability (b, h, i, j) is element ((b_local·heads + h)·T + i)·T + j of its
-// dropout block's stream (cpu::prob_dropout's mapping), block = b / batch_per_block, whose id is
-// byte `block` of block_ids (the host packs at most 8 ids < 256). Factor scale or 0.
+// Training: the probability (b, h, i, j) is element ((b_local·heads + h)·T + i)·T + j + offset of
+// its dropout block's stream (cpu::prob_dropout's mapping), block = b / batch_per_block, whose id
+// is byte `block` of block_ids (the host packs at most 8 ids < 256); offset is DropoutSpec::offset
+// (a data-parallel shard's first row times heads·T·T; any value, so a row may start mid Philox
+// block: philox_keep_factor picks the word of each index on its own). Factor scale or 0.
 struct AttnPhilox {
     PhiloxKey key;
     unsigned long long stream_base;  // stream << 8
     unsigned long long block_ids;
+    unsigned long long offset;
     int batch_per_block;
     int heads;
     int seq;
@@ -183,12 +186,13 @@ struct AttnPhilox {
         const int blk = b / batch_per_block;
         const unsigned long long stream = stream_base | ((block_ids >> (8 * blk)) & 0xffull);
         const unsigned long long row = ((unsigned long long)(b - blk * batch_per_block) * (unsigned long long)heads + (unsigned long long)h) * (unsigned long long)seq + (unsigned long long)i;
-        return philox_keep_factor(key, stream, row * (unsigned long long)seq + (unsigned long long)j, threshold, scale);
+        return philox_keep_factor(key, stream, row * (unsigned long long)seq + (unsigned long long)j + offset, threshold, scale);
     }
 };
 
-__device__ __forceinline__ AttnPhilox attn_philox(const unsigned* seed_buf, unsigned seed_lo, unsigned seed_hi, unsigned long long stream_base, unsigned long long block_ids, int batch_per_block, int heads, int seq, unsigned threshold, float drop_scale) {
+__device__ __forceinline__ AttnPhilox attn_philox(const unsigned* seed_buf, unsigned seed_lo, unsigned seed_hi, unsigned long long stream_base, unsigned long long block_ids, int batch_per_block, int heads, int seq, unsigned threshold, float drop_scale, unsigned long long drop_offset) {
     AttnPhilox d;
+    d.offset = drop_offset;
     d.key = philox_key(seed_buf, seed_lo, seed_hi);
     d.stream_base = stream_base;
     d.block_ids = block_ids;
@@ -1276,7 +1280,8 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 // ---- training (probability dropout) kernels --------------------------------------------------
 // The kernels above with the Philox policy (AttnPhiloxDropout / AttnBwdPhiloxDropout): the same
 // parameters, then the seed ([2] buffer, or seed_lo/hi when it is null), stream << 8, the packed
-// block ids, batch rows per dropout block, the integer threshold and the keep scale.
+// block ids, batch rows per dropout block, the integer threshold, the keep scale and the stream
+// offset of each block's first probability (DropoutSpec::offset).
 
 // ", 1": the generic head dimension with the Philox policy needs ~150 registers; without it ptxas
 // squeezes to 128 for a second resident block and spills (sm_80).
@@ -1297,10 +1302,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<float, 0>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<float, 0>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f32_d32(
@@ -1320,10 +1326,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<float, 32>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<float, 32>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f32_d64(
@@ -1343,10 +1350,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<float, 64>(reinterpret_cast<float*>(attn_smem), ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 // The three forward dropout kernels above with bf16 qkv and ctx (_bf16io, T = bf16_raw); ", 1"
@@ -1368,10 +1376,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_bf16io_d32(
@@ -1391,10 +1400,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_bf16io_d64(
@@ -1414,10 +1424,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32(
@@ -1439,10 +1450,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32_d32(
@@ -1464,10 +1476,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32_d64(
@@ -1489,10 +1502,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32(
@@ -1514,10 +1528,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<float, 0>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32_d32(
@@ -1539,10 +1554,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<float, 32>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f32_d64(
@@ -1564,10 +1580,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<float, 64>(reinterpret_cast<float*>(attn_smem), dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 // ---- bf16 storage backward kernels (_bf16io) -------------------------------------------------
@@ -1697,10 +1714,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_bf16io_d32(
@@ -1722,10 +1740,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_bf16io_d64(
@@ -1747,10 +1766,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dkv_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dkv_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io(
@@ -1772,10 +1792,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<bf16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io_d32(
@@ -1797,10 +1818,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<bf16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_bf16io_d64(
@@ -1822,8 +1844,9 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     unsigned long long block_ids,
     int batch_per_block,
     unsigned threshold,
-    float drop_scale)
+    float drop_scale,
+    unsigned long long drop_offset)
 {
     extern __shared__ AttnVec4 attn_smem[];
-    attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale)});
+    attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }

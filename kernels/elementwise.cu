@@ -441,9 +441,36 @@ extern "C" __global__ void first_token_backward_bf16io(
 
 // ---- dropout ------------------------------------------------------------------------------------
 // Semantics: src/train/dropout.rs (common.cuh philox_*). Elements begin..begin+n of x/y are one
-// mask block: element begin+i draws element i of `stream` (the host launches once per block of a
-// Parallel split). y may equal x (in place). One thread per Philox block of 4 elements (every
-// word used, one generator call per 4 loads), grid-strided; 64-bit indices.
+// mask block: element begin+i draws element offset+i of `stream` (the host launches once per block
+// of a Parallel split; offset is DropoutSpec::offset, the shard's first row times the elements per
+// row in data-parallel training, 0 otherwise). y may equal x (in place).
+// Thread mapping: one thread per Philox block of 4 stream elements (every word used, one generator
+// call per 4 loads), grid-strided; 64-bit indices. Thread q takes Philox block offset/4 + q, so an
+// offset that is not a multiple of 4 starts mid-block: the first `lead` = offset % 4 words of that
+// block belong to elements before this range and are skipped, never drawn by another thread.
+// Numerics: x·scale in f32 (one multiply) or 0; the _bf16io variant widens x exactly, computes the
+// same f32 product and rounds it once on store (to nearest even). The mask is the f32 kernel's.
+template <typename T>
+__device__ __forceinline__ void dropout_body(T* y, const T* x, long long begin, long long n, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
+                                             unsigned seed_hi, unsigned long long stream, unsigned long long offset, unsigned threshold, float scale) {
+    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+    const unsigned long long first = offset >> 2;
+    const long long lead = (long long)(offset & 3ull);
+    const long long quads = (lead + n + 3) / 4;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < quads; q += stride) {
+        const PhiloxWords w = philox_block(key, stream, first + (unsigned long long)q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const long long i = 4 * q + k - lead;
+            if (i >= 0 && i < n) {
+                const long long e = begin + i;
+                store_f32(y + e, w.w[k] >= threshold ? load_f32(x + e) * scale : 0.0f);
+            }
+        }
+    }
+}
+
 extern "C" __global__ void dropout_f32(
     float* y,
     const float* x,
@@ -453,21 +480,26 @@ extern "C" __global__ void dropout_f32(
     unsigned seed_lo,
     unsigned seed_hi,
     unsigned long long stream,
+    unsigned long long offset,
     unsigned threshold,
     float scale)
 {
-    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
-    const long long quads = (n + 3) / 4;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < quads; q += stride) {
-        const PhiloxWords w = philox_block(key, stream, (unsigned long long)q);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const long long i = 4 * q + k;
-            if (i < n) {
-                const long long e = begin + i;
-                store_f32(y + e, w.w[k] >= threshold ? load_f32(x + e) * scale : 0.0f);
-            }
-        }
-    }
+    dropout_body<float>(y, x, begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
+}
+
+// bf16 x and y as raw bits (y may equal x).
+extern "C" __global__ void dropout_bf16io(
+    unsigned short* y,
+    const unsigned short* x,
+    long long begin,
+    long long n,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream,
+    unsigned long long offset,
+    unsigned threshold,
+    float scale)
+{
+    dropout_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(x), begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
 }

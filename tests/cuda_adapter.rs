@@ -644,7 +644,7 @@ fn dropout_errors(gpu: &Gpu) {
     let dev = DeviceBranch::upload(gpu, &case.branches[0]);
     let desc = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights()]).unwrap();
     for p in [1.0, -0.1, f32::NAN] {
-        let w = BranchWeights { dropout: Some(BranchDropout { p, stream: 0 }), ..dev.weights() };
+        let w = BranchWeights { dropout: Some(BranchDropout { p, stream: 0, offset: 0 }), ..dev.weights() };
         let err = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights(), w]).unwrap_err();
         assert!(matches!(err, Error::Input(_)) && err.to_string().contains("branch 1: adapter dropout"), "p {p}: {err}");
     }

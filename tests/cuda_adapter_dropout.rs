@@ -11,7 +11,7 @@
 
 use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, DropoutSpec, GradsOut, LayerNormParams, LocationSteps, SeedBuffer};
 use bert_adapters::config::ResidualBeforeLn;
-use bert_adapters::cuda::adapter::{location_dropout, refuse_unsupported, BranchDropout};
+use bert_adapters::cuda::adapter::{location_dropout, refuse_unsupported, BranchDropout, LocationPath};
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::cuda::probe::report_line;
@@ -200,6 +200,108 @@ fn backend_matches_cpu(gpu: &Gpu) {
 }
 test_device!(backend_dropout_matches_cpu, backend_matches_cpu);
 
+/// Rows `rows` of each of the `blocks` blocks of `b` rows of `per_row` elements in `v`.
+fn rows_of(v: &[f32], per_row: usize, blocks: usize, b: usize, rows: &std::ops::Range<usize>) -> Vec<f32> {
+    assert_eq!(v.len(), blocks * b * per_row);
+    (0..blocks).flat_map(|k| v[(k * b + rows.start) * per_row..(k * b + rows.end) * per_row].iter().copied()).collect()
+}
+
+impl Case {
+    /// Rows `rows` of every branch's examples (a data-parallel shard), each branch's dropout
+    /// keyed from `offset_rows` (its rows' start in the whole batch, or 0 for a wrong key).
+    fn shard(&self, rows: &std::ops::Range<usize>, offset_rows: usize) -> Case {
+        let [_, t, h] = self.h.shape().try_into().unwrap();
+        let n = self.branches.len();
+        let in_blocks = if self.replicate { 1 } else { n };
+        let b = self.d_out.shape()[0] / n;
+        let cut = |x: &Tensor, blocks: usize| tensor(rows_of(&data(x), t * h, blocks, b, rows), &[blocks * rows.len(), t, h]);
+        let offset = (offset_rows * t * h) as u64;
+        Case {
+            seq_len: self.seq_len,
+            replicate: self.replicate,
+            steps: self.steps,
+            h: cut(&self.h, in_blocks),
+            r: cut(&self.r, in_blocks),
+            d_out: cut(&self.d_out, n),
+            gamma: self.gamma.clone(),
+            beta: self.beta.clone(),
+            branches: self.branches.iter().map(|br| br.clone().with_dropout(br.dropout.clone().map(|d| DropoutSpec { offset, ..d }))).collect(),
+            trainable: self.trainable.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+/// A data-parallel shard of a location (rows r0.. of each branch's examples, every branch's
+/// dropout keyed with offset r0·T·H; T·H odd, or 2 mod 4, so rows start inside Philox blocks):
+/// on the fused kernels (forward and backward) the output and dh, dr equal rows r0.. of the
+/// whole batch's bit for bit; everything is within the bounds above of the CPU backend on the
+/// same shard (out 1e-5, gradients 1e-4); the parameter gradients of two complementary shards
+/// summed are the whole batch's within 1e-4·(1 + max). The split path's forward likewise within
+/// 1e-5. Keyed from row 0 instead, the shard's output differs.
+fn shard_matches_whole(gpu: &Gpu) {
+    let fused = backend(gpu).with_location_path(LocationPath::Fused);
+    let split = backend(gpu).with_location_path(LocationPath::Split);
+    let cpu = CpuBackend::reference();
+    let mut rng = StdRng::seed_from_u64(0x5_4a2d);
+    let (full, plain) = (BranchSpec::full, BranchSpec::plain);
+    let cases = [
+        Case::random(&mut rng, 3, 3, 41, true, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(5, Activation::Relu)], &[Some(0.3), Some(0.5)], &[1, 0], 0xfeed),
+        Case::random(&mut rng, 4, 3, 42, false, HOULSBY, &[full(4, Activation::Swish, Scale::Learned, true)], &[Some(0.4)], &[2], 0x5eed),
+    ];
+    let mut worst = 0f32;
+    for case in &cases {
+        let b = case.d_out.shape()[0] / case.branches.len();
+        let n = case.branches.len();
+        let per_row = case.seq_len * case.h.shape()[2];
+        let in_blocks = if case.replicate { 1 } else { n };
+        let on = |be: &CudaBackend, c: &Case| {
+            let up = |t: &Tensor| be.upload(data(t), t.shape()).unwrap();
+            let seed_buffer = be.upload_u32(vec![c.seed as u32, (c.seed >> 32) as u32], &[2]).unwrap();
+            let dev: Vec<HostBranch> = c.branches.iter().map(|br| to_device(be, br, &seed_buffer)).collect();
+            run(be, c, &up(&c.h), &up(&c.r), &up(&c.gamma), &up(&c.beta), &up(&c.d_out), &dev)
+        };
+        let (whole_out, whole_grads) = on(&fused, case);
+        let (split_whole, _) = on(&split, case);
+        let mut summed: Option<Named> = None;
+        for rows in [0..1, 1..b, 1..2, b - 1..b] {
+            let label = format!("{} {} rows {rows:?}", gpu.describe(), case.label());
+            let sh = case.shard(&rows, rows.start);
+            let (out, grads) = on(&fused, &sh);
+            assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), rows_of(&whole_out, per_row, n, b, &rows).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{label}: out against the whole batch's rows");
+            for (k, blocks) in [(0, in_blocks), (1, in_blocks)] {
+                let (name, g) = &grads[k];
+                assert_eq!(g, &rows_of(&whole_grads[k].1, per_row, blocks, b, &rows), "{label}: {name} against the whole batch's rows");
+            }
+            let cpu_h = |t: &Tensor| cpu.upload(data(t), t.shape()).unwrap();
+            let (want_out, want_grads) = run(&cpu, &sh, &cpu_h(&sh.h), &cpu_h(&sh.r), &cpu_h(&sh.gamma), &cpu_h(&sh.beta), &cpu_h(&sh.d_out), &sh.branches);
+            worst = worst.max(assert_close(&format!("{label}: out against the CPU's shard"), &out, &want_out, 1e-5));
+            for ((name, g), (_, w)) in grads.iter().zip(&want_grads) {
+                worst = worst.max(assert_close(&format!("{label}: {name} against the CPU's shard"), g, w, 1e-4));
+            }
+            let (split_out, _) = on(&split, &sh);
+            assert_close(&format!("{label}: split path against its whole batch's rows"), &split_out, &rows_of(&split_whole, per_row, n, b, &rows), 1e-5);
+            if rows.start > 0 {
+                let (unkeyed, _) = on(&fused, &case.shard(&rows, 0));
+                let diff = unkeyed.iter().zip(&out).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+                assert!(diff > 1e-3, "{label}: keyed from row 0 the shard drew the same masks (max diff {diff})");
+            }
+            // Shards 0..1 and 1..b cover the batch: their parameter gradients add up to the whole's.
+            if rows == (0..1) {
+                summed = Some(grads);
+            } else if rows == (1..b) {
+                let first = summed.take().unwrap();
+                for (((name, a), (_, c)), (_, w)) in first.iter().zip(&grads).zip(&whole_grads).skip(2) {
+                    let sum: Vec<f32> = a.iter().zip(c).map(|(x, y)| x + y).collect();
+                    assert_close(&format!("{label}: {name} of rows 0..1 plus rows 1..{b}"), &sum, w, 1e-4);
+                }
+            }
+        }
+    }
+    report_line(&format!("adapter dropout shards on {}: worst max|err|/bound against the CPU = {worst:.3}", gpu.describe()));
+}
+test_device!(shard_matches_the_whole_batch, shard_matches_whole);
+
 /// A location whose branches' specs the kernels cannot take is refused by the backend with
 /// `Error::Unsupported`, as by `refuse_unsupported`, before anything is launched.
 fn backend_refuses(gpu: &Gpu) {
@@ -246,7 +348,7 @@ fn location_dropout_takes_the_models_specs() {
     let loc = case.location(&case.h, &case.r, &case.gamma, &case.beta, &params);
     let (dropout, seed) = location_dropout(&loc).unwrap();
     let stream = (3 << 4) | 5;
-    assert_eq!(dropout, vec![None, Some(BranchDropout { p: 0.25, stream: (stream << 8) | 2 }), Some(BranchDropout { p: 0.5, stream: (stream << 8) | 7 })]);
+    assert_eq!(dropout, vec![None, Some(BranchDropout { p: 0.25, stream: (stream << 8) | 2, offset: 0 }), Some(BranchDropout { p: 0.5, stream: (stream << 8) | 7, offset: 0 })]);
     assert_eq!(seed.map(|s| s.seed), Some(99));
     // Eval (no specs): nothing to draw, no seed.
     let eval: Vec<BottleneckParams> = params.iter().map(|p| BottleneckParams { dropout: None, ..p.clone() }).collect();

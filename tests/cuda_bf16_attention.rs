@@ -304,7 +304,7 @@ fn bf16io_dropout_forward_matches_the_rule(gpu: &Gpu) {
         (3, 70, 24, 3, MaskKind::Shared(1), vec![9 << 8]),
     ] {
         let case = Case::rounded(&mut rng, batch, seq, d, heads, mask);
-        let drop = DeviceDropout { seed_buffer: None, seed: 0xabc0 + d as u64, p: 0.2, streams };
+        let drop = DeviceDropout { seed_buffer: None, seed: 0xabc0 + d as u64, p: 0.2, streams, offset: 0 };
         let factors = prob_dropout(&drop, batch, seq, heads);
         let label = format!("{} {} dropout {:?}", gpu.describe(), case.label(), drop.streams);
         let got = run_bf16(gpu, &case, None, Some(&drop));
@@ -657,7 +657,7 @@ fn bf16io_dropout_backward_matches_the_rule(gpu: &Gpu) {
         (3, 70, 24, 3, MaskKind::Shared(1), 0.5, vec![9 << 8]),
     ] {
         let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
-        let drop = DeviceDropout { seed_buffer: None, seed: 0xd0_0000 + d as u64, p, streams };
+        let drop = DeviceDropout { seed_buffer: None, seed: 0xd0_0000 + d as u64, p, streams, offset: 0 };
         let (got, errs) = check_backward(gpu, &case, None, Some(&drop));
         let undropped = case.reference(None);
         let moved = part(&undropped, case.fwd.hidden, 2).iter().zip(&part(&got, case.fwd.hidden, 2)).any(|(a, b)| (a - b).abs() > 0.05);

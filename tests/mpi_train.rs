@@ -221,6 +221,59 @@ mod with_mpi {
         (child.wait_with_output().unwrap(), took)
     }
 
+    /// `train_args` on `device`.
+    fn on_device(mut args: Vec<String>, device: &str) -> Vec<String> {
+        let at = args.iter().position(|a| a == "--device").unwrap() + 1;
+        args[at] = device.to_string();
+        args
+    }
+
+    /// GPU ranks (`--device cuda` under mpirun): on a machine with a GPU, two ranks train what one
+    /// process on that GPU trains (within 1e-5), their gradients over NCCL when built with it
+    /// (stdout says so) or over MPI through host copies otherwise (rank 0's stderr says so,
+    /// once). Without a GPU the job fails with an error naming the rank and the missing GPU or
+    /// driver, no panic; REQUIRE_GPU=1 makes that a failure (the device check).
+    #[test]
+    fn gpu_ranks_train_over_nccl_or_say_why_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = trainable_tiny_model(tmp.path());
+        let out = tmp.path().join("np2");
+        let args = on_device(train_args(&model, &out, 10), "cuda");
+        let got = mpirun(2).args(&args).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&got.stdout), String::from_utf8_lossy(&got.stderr));
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if let Err(why) = bert_adapters::cuda::probe::probe_gpu(0) {
+            assert!(std::env::var_os("REQUIRE_GPU").is_none(), "REQUIRE_GPU is set but there is no GPU: {why}");
+            assert!(!got.status.success(), "GPU ranks trained without a GPU\n{stderr}");
+            assert!(stderr.contains("--device cuda on rank") || stderr.contains("CUDA"), "the error names the missing GPU:\n{stderr}");
+            bert_adapters::cuda::probe::report_skip("mpi_train::gpu_ranks", "no GPU", &why);
+            return;
+        }
+        assert!(got.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", got.status.code());
+        if cfg!(feature = "nccl") {
+            assert!(stdout.contains("(over NCCL, 2 ranks)"), "{stdout}");
+        } else {
+            assert_eq!(stderr.matches("all-reduce their gradients over MPI through host copies").count(), 1, "{stderr}");
+        }
+        let one = tmp.path().join("one");
+        run(single(), &on_device(train_args(&model, &one, 10), "cuda"));
+        assert_adapters_close(&out, &one, 1e-5);
+    }
+
+    /// The CUDA backend's ranks on the kernel executor (`--device cuda-sim`: the kernels with the
+    /// shard's dropout offsets, every dropout on): two ranks end within 1e-5 of one process.
+    #[cfg(feature = "cuda-sim")]
+    #[test]
+    fn cuda_sim_ranks_train_what_one_process_trains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = trainable_tiny_model(tmp.path());
+        let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+        run(single(), &on_device(train_args(&model, &one, 4), "cuda-sim"));
+        let stdout = run(mpirun(2), &on_device(train_args(&model, &two, 4), "cuda-sim"));
+        assert!(stdout.contains("data parallel over MPI, 2 ranks"), "{stdout}");
+        assert_adapters_close(&two, &one, 1e-5);
+    }
+
     #[test]
     fn a_rank_that_dies_ends_the_job() {
         let (out, took) = fault(libc::SIGKILL, &[]);

@@ -4,7 +4,7 @@
 //!
 //! - [`LocationDescriptors`]: built once per setup from the branches' device weights
 //!   ([`BranchWeights`]); validates every length against H and the bottleneck and uploads one
-//!   144-byte [`BranchDescriptor`] per branch. The kernel finds a row's branch from its index and
+//!   152-byte [`BranchDescriptor`] per branch. The kernel finds a row's branch from its index and
 //!   reads that branch's descriptor, so the branches need neither a loop nor a launch each.
 //! - [`adapter_location_forward`]: pure size checks first ([`LocationSizes`], [`Error::Shape`]
 //!   naming the operand), then at most two launches: the gate means when a branch has a gate (a
@@ -104,7 +104,7 @@ pub fn residual_code(r: ResidualBeforeLn) -> i32 {
 }
 
 /// One branch as the kernel reads it: mirrors `struct AdapterBranchDesc` in kernels/adapter.cu
-/// field for field (144 bytes, no padding). Addresses are of f32 arrays; 0 means absent.
+/// field for field (152 bytes, no padding). Addresses are of f32 arrays; 0 means absent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BranchDescriptor {
@@ -141,9 +141,11 @@ pub struct BranchDescriptor {
     pub dropout_stream: u64,
     pub dropout_threshold: u32,
     pub dropout_scale: f32,
+    /// The stream index of element 0 of the branch's `[B, T, H]` block ([`BranchDropout::offset`]).
+    pub dropout_offset: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<BranchDescriptor>() == 144);
+const _: () = assert!(std::mem::size_of::<BranchDescriptor>() == 152);
 const WORDS_PER_DESCRIPTOR: usize = std::mem::size_of::<BranchDescriptor>() / 8;
 
 /// An adapter-internal LayerNorm on the device (`[H]` each).
@@ -187,13 +189,15 @@ pub struct BranchWeights<'a> {
 }
 
 /// A branch's own dropout: probability `p` (in `[0, 1)`; 0 draws nothing) and the Philox stream
-/// its mask draws from, element `i` of the branch's `[B, T, H]` output block drawing element `i`
-/// of the stream: what the CPU's `apply_dropout` does with a one-block `DropoutSpec`, whose stream
-/// is `spec.block_stream(0)` ([`BranchDropout::of`]).
+/// its mask draws from, element `i` of the branch's `[B, T, H]` output block drawing element
+/// `offset + i` of the stream: what the CPU's `apply_dropout` does with a one-block `DropoutSpec`,
+/// whose stream is `spec.block_stream(0)` and offset `spec.offset` ([`BranchDropout::of`]; a
+/// data-parallel shard's rows `r0..` have `offset = r0·T·H`, 0 otherwise).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BranchDropout {
     pub p: f32,
     pub stream: u64,
+    pub offset: u64,
 }
 
 impl BranchDropout {
@@ -201,14 +205,13 @@ impl BranchDropout {
     /// branch one, `blocks = [branch id]`): a branch's mask drawn from several streams is
     /// `Error::Unsupported`.
     pub fn of(spec: &DropoutSpec) -> Result<Self> {
-        crate::cuda::backend::check_unsharded(OP, spec)?;
         if spec.blocks.len() > 1 {
             return Err(Error::Unsupported(format!(
                 "{OP}: an adapter dropout over {} blocks of one branch's rows; the location kernels take one stream per branch",
                 spec.blocks.len()
             )));
         }
-        Ok(BranchDropout { p: spec.p, stream: spec.block_stream(0) })
+        Ok(BranchDropout { p: spec.p, stream: spec.block_stream(0), offset: spec.offset })
     }
 }
 
@@ -298,11 +301,11 @@ pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[Branch
             None => (0, 0),
             Some((w, bias)) => (expect("gate weight", w, hidden, "[1, H]")?, expect("gate bias", bias, 1, "[1]")?),
         };
-        let (dropout_stream, dropout_threshold, dropout_scale) = match b.dropout {
-            None => (0, 0, 1.0),
+        let (dropout_stream, dropout_threshold, dropout_scale, dropout_offset) = match b.dropout {
+            None => (0, 0, 1.0, 0),
             Some(d) => {
                 let params = DropoutParams::new(d.p).map_err(|e| Error::Input(format!("{OP_DESC}: branch {i}: adapter dropout: {e}")))?;
-                (d.stream, params.threshold, params.scale)
+                (d.stream, params.threshold, params.scale, d.offset)
             }
         };
         descs.push(BranchDescriptor {
@@ -330,6 +333,7 @@ pub fn describe_branches(hidden: usize, steps: LocationSteps, branches: &[Branch
             dropout_stream,
             dropout_threshold,
             dropout_scale,
+            dropout_offset,
         });
     }
     Ok((descs, ranges))
@@ -1050,8 +1054,8 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
     Ok(())
 }
 
-// Words per descriptor, for the kernel's view of the buffer (18 u64s).
-const _: () = assert!(WORDS_PER_DESCRIPTOR == 18);
+// Words per descriptor, for the kernel's view of the buffer (19 u64s).
+const _: () = assert!(WORDS_PER_DESCRIPTOR == 19);
 
 #[cfg(test)]
 mod tests {
@@ -1209,7 +1213,7 @@ mod tests {
         for (r, name) in [(ResidualBeforeLn::True, "H"), (ResidualBeforeLn::False, "X"), (ResidualBeforeLn::PostAdd, "V")] {
             assert!(src.contains(&format!("#define ADAPTER_RESIDUAL_{name} {}", residual_code(r))), "{name}");
         }
-        assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 144"));
+        assert!(src.contains("static_assert(sizeof(AdapterBranchDesc) == 152"));
     }
 }
 
@@ -1931,6 +1935,7 @@ mod backward_tests {
             dropout_stream: 0,
             dropout_threshold: 0,
             dropout_scale: 1.0,
+            dropout_offset: 0,
         }
     }
 

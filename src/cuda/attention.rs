@@ -311,9 +311,10 @@ fn dropout_kernel(k: KernelName) -> KernelName {
     }
 }
 
-/// The policy's kernel arguments for `dropout` over `batch` rows, or `None` for p = 0 (the
+/// The policy's kernel arguments for `dropout` over `batch` rows of `heads·seq·seq` probabilities
+/// (each block's first drawing element `d.offset` of its stream), or `None` for p = 0 (the
 /// no-dropout kernels: the CPU's factors are then exactly 1).
-fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize) -> Result<Option<[KernelArg; 8]>> {
+fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize, heads: usize, seq: usize) -> Result<Option<[KernelArg; 9]>> {
     let params = DropoutParams::new(d.p)?;
     if let Some(buf) = &d.seed_buffer {
         if buf.len() != 2 {
@@ -331,6 +332,11 @@ fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize) -> Result
     if params.threshold == 0 {
         return Ok(None);
     }
+    // The last probability's index (b_local·heads + h)·T² + i·T + j + offset must fit in 64 bits.
+    let probs = ((batch / n) as u64).checked_mul(heads as u64).and_then(|v| v.checked_mul(seq as u64)).and_then(|v| v.checked_mul(seq as u64));
+    if probs.and_then(|v| v.checked_add(d.offset)).is_none() {
+        return Err(Error::shape(op, format!("the dropout offset {} plus the probabilities of {} rows passes 2^64", d.offset, batch / n)));
+    }
     let ids = d.streams.iter().enumerate().fold(0u64, |acc, (j, s)| acc | (s & 0xff) << (8 * j));
     let per_block = i32::try_from(batch / n).map_err(|_| Error::shape(op, format!("batch {batch} does not fit in an i32")))?;
     Ok(Some([
@@ -342,6 +348,7 @@ fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize) -> Result
         KernelArg::I32(per_block.max(1)),
         KernelArg::U32(params.threshold),
         KernelArg::F32(params.scale),
+        KernelArg::U64(d.offset),
     ]))
 }
 
@@ -369,7 +376,7 @@ fn forward_launch<A: ActivationScalar>(
     disjoint_bytes(("lse", "qkv"), l, q)?;
     disjoint_bytes(("lse", "mask_bias"), l, m)?;
     disjoint_bytes(("ctx", "lse"), c, l)?;
-    let drop = dropout.map(|d| dropout_args(OP, d, batch)).transpose()?.flatten();
+    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
@@ -793,7 +800,7 @@ fn backward_launch<A: ActivationScalar>(
         bwd_disjoint(("workspace", name), ws, r)?;
     }
     bwd_disjoint(("dqkv", "workspace"), out, ws)?;
-    let drop = dropout.map(|d| dropout_args(BWD_OP, d, batch)).transpose()?.flatten();
+    let drop = dropout.map(|d| dropout_args(BWD_OP, d, batch, heads, seq)).transpose()?.flatten();
     let [prep_kernel, dkv_kernel, dq_kernel] = plan.kernels_for(A::DTYPE, head_dim, drop.is_some())?;
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do

@@ -50,8 +50,8 @@
 //!   `activation_backward`, `layernorm_backward_stats`, `residual_layernorm_stats`,
 //!   `attention_packed_backward`, `first_token_backward_into`, `add_into`: their `_bf16io`
 //!   kernels;
-//! - dropout of a bf16 tensor: the f32 mask on the widened values, rounded once (bit for bit what
-//!   a bf16 kernel computing in f32 stores);
+//! - dropout of a bf16 tensor: `dropout_bf16io` (the f32 mask and product on the widened value,
+//!   rounded once);
 //! - `adapter_location_backward_into` on the fused kernel and `nice_backward_into` (f32 kernels):
 //!   their bf16 inputs are widened exactly, the f32 backward runs, and the input gradients are
 //!   rounded once; `linear_backward_params_into` (a head's) widens a bf16 operand.
@@ -351,26 +351,22 @@ impl CudaBackend {
         }
     }
 
-    /// `spec` resolved for the dropout kernels (unsharded, see [`check_unsharded`]): its seed buffer (a U32 `[2]` tensor on this
-    /// device) when it has one, and the stream of each block.
+    /// `spec` resolved for the dropout kernels: its seed buffer (a U32 `[2]` tensor on this
+    /// device) when it has one, the stream of each block and the shard's offset.
     fn device_dropout<'t>(&self, op: &str, spec: &'t DropoutSpec) -> Result<elementwise::DeviceDropout<'t>> {
-        check_unsharded(op, spec)?;
         let seed_buffer = spec.seed_buffer.as_ref().map(|b| self.view::<u32>(op, &b.0)).transpose()?;
         let streams = (0..spec.blocks.len().max(1)).map(|j| spec.block_stream(j)).collect();
-        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams })
+        Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams, offset: spec.offset })
     }
 
-    /// `spec`'s mask applied to `t` in place (a tensor this op has just made). A bf16 `t` is
-    /// widened exactly, masked and scaled in f32 and rounded once: what a bf16 dropout kernel
-    /// computing in f32 stores, bit for bit (the mask is the f32 one by construction).
+    /// `spec`'s mask applied to `t` in place (a tensor this op has just made), f32 or bf16
+    /// (`dropout_bf16io`: the f32 mask and product on the widened value, rounded once).
     fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
         let d = self.device_dropout(op, spec)?;
-        if t.dtype() == DType::BF16 {
-            let wide = self.cast(t, DType::F32)?;
-            elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, &wide)?, &d)?;
-            return elementwise::cast_f32_to_bf16(&self.gpu, &self.view(op, &wide)?, &mut self.view_mut(op, t)?);
+        match t.dtype() {
+            DType::BF16 => elementwise::dropout_in_place::<bf16>(&self.gpu, &mut self.view_mut(op, t)?, &d),
+            _ => elementwise::dropout_in_place::<f32>(&self.gpu, &mut self.view_mut(op, t)?, &d),
         }
-        elementwise::dropout_in_place(&self.gpu, &mut self.view_mut(op, t)?, &d)
     }
 
     /// `attention_packed_backward`'s launch with the activations stored as `A`.
@@ -1137,14 +1133,12 @@ impl Backend for CudaBackend {
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
         const OP: &str = "dropout";
-        if x.dtype() == DType::BF16 {
-            let y = self.cast(x, DType::BF16)?;
-            self.dropout_in_place(OP, &y, spec)?;
-            return Ok(y);
-        }
-        let y = self.new_tensor::<f32>(x.shape())?;
+        let y = self.empty(x.shape(), activation_dtype(x))?;
         let d = self.device_dropout(OP, spec)?;
-        elementwise::dropout(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?;
+        match y.dtype() {
+            DType::BF16 => elementwise::dropout::<bf16>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?,
+            _ => elementwise::dropout::<f32>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?,
+        }
         Ok(y)
     }
 
@@ -1356,17 +1350,4 @@ fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
         t.shape(),
         t.dtype()
     ))
-}
-
-/// The dropout kernels count element indices from each block's start: a shard's offset
-/// (`DropoutSpec::offset`, data-parallel training) is not one of their arguments yet, so a
-/// sharded dropout is refused rather than drawn with the wrong masks.
-pub(crate) fn check_unsharded(op: &str, spec: &DropoutSpec) -> Result<()> {
-    if spec.offset != 0 {
-        return Err(Error::Unsupported(format!(
-            "{op}: dropout of a data-parallel shard (mask offset {}) is not built into the CUDA kernels yet; train data-parallel with --device cpu, or without sharding",
-            spec.offset
-        )));
-    }
-    Ok(())
 }

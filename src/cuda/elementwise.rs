@@ -710,9 +710,9 @@ mod tests {
 //
 // The spec is `crate::train::dropout` (Philox4x32-10, the integer threshold) as the CPU backend
 // applies a `DropoutSpec`: a tensor's elements split evenly into `streams.len()` blocks, block j
-// drawing from `streams[j]` with element indices counted from its start.
+// drawing from `streams[j]` with element indices counted from `offset` at its start.
 
-use super::registry::elementwise::DROPOUT_F32;
+use super::registry::elementwise::{DROPOUT_BF16IO, DROPOUT_F32};
 use crate::train::dropout::DropoutParams;
 
 /// A `DropoutSpec` resolved for a launch.
@@ -725,6 +725,10 @@ pub struct DeviceDropout<'a> {
     pub p: f32,
     /// The stream of each block (at least one).
     pub streams: Vec<u64>,
+    /// The stream index of each block's first element (`DropoutSpec::offset`): a data-parallel
+    /// shard holding rows `r0..` of the global batch passes `r0 ·` elements per row, so it draws
+    /// what those rows draw in the whole batch. 0 otherwise.
+    pub offset: u64,
 }
 
 /// The launch's pieces after validation: threshold, scale and the block length.
@@ -738,15 +742,20 @@ fn dropout_plan(op: &'static str, len: usize, d: &DeviceDropout<'_>) -> Result<(
         return Err(Error::shape(op, format!("{len} elements do not split into {blocks} dropout blocks")));
     }
     flat_len(op, len)?;
+    if d.offset.checked_add((len / blocks) as u64).is_none() {
+        return Err(Error::shape(op, format!("the dropout offset {} plus {} elements per block passes 2^64", d.offset, len / blocks)));
+    }
     Ok((params, len / blocks))
 }
 
 /// Launches the mask over `y` reading `x` (the same pointer for in place); `x` and `y` hold `len`.
-fn dropout_launch(gpu: &Gpu, x: KernelArg, y: KernelArg, params: DropoutParams, block_len: usize, d: &DeviceDropout<'_>) -> Result<()> {
+fn dropout_launch(gpu: &Gpu, kernel: KernelName, x: KernelArg, y: KernelArg, params: DropoutParams, block_len: usize, d: &DeviceDropout<'_>) -> Result<()> {
     if block_len == 0 {
         return Ok(());
     }
     let seed = d.seed_buffer.as_ref().map_or(KernelArg::Null, |b| b.arg());
+    // Philox blocks the range touches: a partial one at each end when the offset is not a multiple of 4.
+    let quads = (d.offset % 4) as usize + block_len;
     for (j, &stream) in d.streams.iter().enumerate() {
         let args = [
             y,
@@ -757,32 +766,40 @@ fn dropout_launch(gpu: &Gpu, x: KernelArg, y: KernelArg, params: DropoutParams, 
             KernelArg::U32(d.seed as u32),
             KernelArg::U32((d.seed >> 32) as u32),
             KernelArg::U64(stream),
+            KernelArg::U64(d.offset),
             KernelArg::U32(params.threshold),
             KernelArg::F32(params.scale),
         ];
-        // SAFETY: x and y hold streams·block_len elements (the callers check), the seed buffer 2.
-        unsafe { gpu.launch(DROPOUT_F32, flat_launch(block_len.div_ceil(4)), &args) }?;
+        // SAFETY: x and y hold streams·block_len elements of the kernel's type (the callers check
+        // and pick the kernel by it), the seed buffer 2.
+        unsafe { gpu.launch(kernel, flat_launch(quads.div_ceil(4)), &args) }?;
     }
     Ok(())
 }
 
-/// `y = dropout(x)` with the CPU's masks for `d`. p = 0 copies `x` exactly (no scale, no draws).
-pub fn dropout(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, f32>, d: &DeviceDropout<'_>) -> Result<()> {
+/// `y = dropout(x)` with the CPU's masks for `d`, f32 or bf16 (`dropout_bf16io`: x widened, the
+/// f32 kernel's product rounded once; the same mask). p = 0 copies `x` exactly (no scale, no
+/// draws). `x` and `y` do not overlap (in place is [`dropout_in_place`]).
+pub fn dropout<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, y: &mut DeviceViewMut<'_, A>, d: &DeviceDropout<'_>) -> Result<()> {
     const OP: &str = "cuda::dropout";
+    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO])?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
+    check_disjoint_bytes(OP, &[act_span::<A>("y", y.device_ptr(), y.len())], &[act_span::<A>("x", x.device_ptr(), x.len())])?;
     let (params, block_len) = dropout_plan(OP, x.len(), d)?;
     if params.threshold == 0 {
         return if x.is_empty() { Ok(()) } else { gpu.copy_dtod(x, y) };
     }
-    dropout_launch(gpu, x.arg(), y.arg(), params, block_len, d)
+    dropout_launch(gpu, kernel, A::act_arg(x), A::act_arg_mut(y), params, block_len, d)
 }
 
-/// `dropout` in place. p = 0 leaves `y` untouched.
-pub fn dropout_in_place(gpu: &Gpu, y: &mut DeviceViewMut<'_, f32>, d: &DeviceDropout<'_>) -> Result<()> {
-    let (params, block_len) = dropout_plan("cuda::dropout_in_place", y.len(), d)?;
+/// `dropout` in place (f32 or bf16). p = 0 leaves `y` untouched.
+pub fn dropout_in_place<A: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, A>, d: &DeviceDropout<'_>) -> Result<()> {
+    const OP: &str = "cuda::dropout_in_place";
+    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO])?;
+    let (params, block_len) = dropout_plan(OP, y.len(), d)?;
     if params.threshold == 0 {
         return Ok(());
     }
     // The kernel's x and y carry no __restrict__: each element is read, then written, by one thread.
-    dropout_launch(gpu, y.arg(), y.arg(), params, block_len, d)
+    dropout_launch(gpu, kernel, A::act_arg_mut(y), A::act_arg_mut(y), params, block_len, d)
 }

@@ -54,6 +54,18 @@ pub fn probe_gpu(ordinal: usize) -> Result<Arc<CudaContext>, String> {
     open(ordinal)
 }
 
+/// How many CUDA devices the driver sees, or why it cannot say (no driver). Never panics.
+pub fn device_count() -> Result<usize, String> {
+    if !driver_available() {
+        return Err("no CUDA driver (libcuda.so.1 cannot be loaded)".into());
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => Err(format!("the CUDA driver cannot count its devices: {e:?}")),
+        Err(panic) => Err(format!("CUDA driver panicked while counting devices: {}", panic_message(&*panic))),
+    }
+}
+
 /// `Some(context)` if libcuda loads and device 0 opens; `None` otherwise. Never panics.
 pub fn try_gpu() -> Option<Arc<CudaContext>> {
     probe_gpu(0).ok()

@@ -26,6 +26,23 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
+/// OpenMPI's rank of this process among those on its node.
+pub const OMPI_LOCAL_RANK: &str = "OMPI_COMM_WORLD_LOCAL_RANK";
+
+/// The GPU a rank trains on: its node-local rank (`OMPI_COMM_WORLD_LOCAL_RANK`'s value, or the
+/// global `rank` when the launcher does not set it) modulo the node's `count` GPUs, so the ranks
+/// of one node spread over its GPUs. No GPU, or a local rank that is not a number, is an error.
+pub fn local_gpu(local_rank: Option<&str>, rank: usize, count: usize) -> Result<usize> {
+    if count == 0 {
+        return Err(Error::Cuda(format!("rank {rank}: no CUDA device on this node")));
+    }
+    let local = match local_rank {
+        Some(s) => s.trim().parse::<usize>().map_err(|_| Error::Input(format!("{OMPI_LOCAL_RANK}={s:?} is not a rank")))?,
+        None => rank,
+    };
+    Ok(local % count)
+}
+
 /// The collectives data-parallel training needs. Every rank calls the same collectives in the
 /// same order with buffers of the same length; a rank that does not (it died, or it hangs)
 /// leaves the others waiting, which the implementations bound (see [`Watchdog`]).
@@ -228,6 +245,18 @@ impl DataParallel<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn ranks_spread_over_the_nodes_gpus() {
+        // 4 ranks per node on 2 GPUs: local ranks 0..4 take GPUs 0, 1, 0, 1, whatever the global rank.
+        let got: Vec<usize> = (0..4).map(|l| local_gpu(Some(&l.to_string()), 10 + l, 2).unwrap()).collect();
+        assert_eq!(got, [0, 1, 0, 1]);
+        assert_eq!(local_gpu(Some(" 3\n"), 0, 8).unwrap(), 3);
+        // Without the variable, the global rank.
+        assert_eq!(local_gpu(None, 5, 4).unwrap(), 1);
+        assert!(matches!(local_gpu(Some("x"), 0, 2), Err(Error::Input(m)) if m.contains("OMPI_COMM_WORLD_LOCAL_RANK")));
+        assert!(matches!(local_gpu(Some("0"), 3, 0), Err(Error::Cuda(m)) if m.contains("rank 3: no CUDA device")));
+    }
 
     #[test]
     fn shards_cover_the_batch_once_in_order() {

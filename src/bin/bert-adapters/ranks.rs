@@ -11,13 +11,18 @@
 //! - only rank 0 prints and writes (metrics, plot, adapters, checkpoints); every rank reads the
 //!   checkpoint on `--resume` (so `--out` must be visible to every rank: one machine, or a shared
 //!   folder);
-//! - a rank that fails ends the job (`MPI_Abort`) after printing its error with its rank.
+//! - a rank that fails ends the job (`MPI_Abort`) after printing its error with its rank;
+//! - GPU ranks (`--device cuda`, or `auto` finding one): each opens GPU `local rank % GPUs on
+//!   its node` ([`Ranks::device`]); with the `nccl` feature the gradient all-reduce goes over
+//!   NCCL, bootstrapped over MPI ([`Ranks::attach_device`], [`Ranks::grad_comm`]), everything
+//!   else (loss and flag sums, the evaluation gather, agreement) stays on MPI; without it the
+//!   gradients go over MPI through host copies, said once on rank 0's stderr.
 
 use std::ops::Range;
 use std::time::Duration;
 
 use bert_adapters::dist::{shard, Communicator, SingleProcess};
-use bert_adapters::{Error, Result};
+use bert_adapters::{Device, Error, Result};
 
 /// OpenMPI's variable for the number of ranks of a launch.
 const OMPI_SIZE: &str = "OMPI_COMM_WORLD_SIZE";
@@ -31,6 +36,9 @@ enum Inner {
 /// This process's place among the ranks of a run.
 pub struct Ranks {
     inner: Inner,
+    /// The gradient all-reduce of GPU ranks (see [`Ranks::attach_device`]).
+    #[cfg(all(feature = "mpi", feature = "nccl"))]
+    nccl: Option<bert_adapters::dist::nccl::NcclComm>,
 }
 
 impl Ranks {
@@ -42,7 +50,7 @@ impl Ranks {
         let size = size.transpose()?;
         match size {
             // `mpirun -np 1` is one process: no MPI needed.
-            None | Some(1) => Ok(Ranks { inner: Inner::Single(SingleProcess) }),
+            None | Some(1) => Ok(Ranks::with(Inner::Single(SingleProcess))),
             Some(0) => Err(Error::Input(format!("{OMPI_SIZE}=0: no ranks"))),
             Some(n) => Self::mpi(n, timeout),
         }
@@ -62,7 +70,7 @@ impl Ranks {
                 std::process::exit(1);
             }),
         );
-        Ok(Ranks { inner: Inner::Mpi(comm) })
+        Ok(Ranks::with(Inner::Mpi(comm)))
     }
 
     #[cfg(not(feature = "mpi"))]
@@ -70,6 +78,68 @@ impl Ranks {
         Err(Error::Unsupported(format!(
             "started by mpirun with {n} ranks, but this bert-adapters was built without MPI: build it with `cargo build --release --features mpi` (OpenMPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
         )))
+    }
+
+    fn with(inner: Inner) -> Self {
+        Ranks {
+            inner,
+            #[cfg(all(feature = "mpi", feature = "nccl"))]
+            nccl: None,
+        }
+    }
+
+    /// The `--device` this rank opens: among several ranks `cuda` (and `auto`, when this node
+    /// has a GPU) becomes `cuda:N` with N = the node-local rank modulo the node's GPUs
+    /// (`OMPI_COMM_WORLD_LOCAL_RANK`); any other choice, or one process, is kept as given.
+    pub fn device(&self, choice: &str) -> Result<String> {
+        if !self.is_parallel() || !matches!(choice, "cuda" | "auto") {
+            return Ok(choice.to_string());
+        }
+        let count = match bert_adapters::cuda::probe::device_count() {
+            Ok(n) if n > 0 => n,
+            // `auto` without a GPU is the CPU, as in one process.
+            _ if choice == "auto" => return Ok(choice.to_string()),
+            Ok(_) => return Err(Error::Cuda(format!("--device cuda on rank {}: the CUDA driver sees no GPU on this node", self.rank()))),
+            Err(why) => return Err(Error::Cuda(format!("--device cuda on rank {}: {why}", self.rank()))),
+        };
+        let local = std::env::var(bert_adapters::dist::OMPI_LOCAL_RANK).ok();
+        Ok(format!("cuda:{}", bert_adapters::dist::local_gpu(local.as_deref(), self.rank(), count)?))
+    }
+
+    /// Once the backend is open on `device`: a GPU rank among several all-reduces its gradients
+    /// over NCCL on that GPU (feature `nccl`; a missing libnccl is an error naming it), or, in a
+    /// build without NCCL, over MPI through host copies, which rank 0 says once on stderr.
+    pub fn attach_device(&mut self, device: Device) -> Result<()> {
+        let Device::Cuda(ordinal) = device else {
+            return Ok(());
+        };
+        if !self.is_parallel() {
+            return Ok(());
+        }
+        #[cfg(all(feature = "mpi", feature = "nccl"))]
+        {
+            let nccl = bert_adapters::dist::nccl::NcclComm::new(ordinal, self.comm()).map_err(|e| {
+                Error::Cuda(format!("rank {}: NCCL for the gradient all-reduce on cuda:{ordinal}: {e} (a build without the nccl feature all-reduces over MPI instead)", self.rank()))
+            })?;
+            self.nccl = Some(nccl);
+        }
+        #[cfg(not(all(feature = "mpi", feature = "nccl")))]
+        if self.writes() {
+            let _ = ordinal;
+            crate::console::err_always(format_args!(
+                "note: the GPU ranks all-reduce their gradients over MPI through host copies: this bert-adapters was built without NCCL (build with --features \"mpi nccl\" for NCCL)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// What carries the gradient all-reduce: NCCL on GPU ranks that have it, else [`Ranks::comm`].
+    pub fn grad_comm(&self) -> &dyn Communicator {
+        #[cfg(all(feature = "mpi", feature = "nccl"))]
+        if let Some(n) = &self.nccl {
+            return n;
+        }
+        self.comm()
     }
 
     pub fn comm(&self) -> &dyn Communicator {

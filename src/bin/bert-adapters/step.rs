@@ -39,7 +39,8 @@ pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, 
         Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
     };
     let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
-    let dp = DataParallel { comm: ranks.comm(), rows: rows.clone(), global_rows: global };
+    // The gradients over NCCL on GPU ranks built with it; the loss and flags below over MPI.
+    let dp = DataParallel { comm: ranks.grad_comm(), rows: rows.clone(), global_rows: global };
     let mine = if ranks.is_parallel() {
         model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)?.read_unchecked(model.backend().as_ref())?
     } else {

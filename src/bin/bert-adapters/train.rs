@@ -603,15 +603,16 @@ fn canonical(path: &Path) -> String {
 
 pub fn run(flags: TrainFlags) -> Result<()> {
     let args = check(flags)?;
-    let ranks = Ranks::from_env(Duration::from_secs(args.collective_timeout))?;
+    let mut ranks = Ranks::from_env(Duration::from_secs(args.collective_timeout))?;
     if !ranks.writes() {
         crate::console::silence();
     }
     // Among several ranks a failure on one ends them all (see `Ranks::fail`).
-    train(&args, &ranks).map_err(|e| ranks.fail(e))
+    let result = train(&args, &mut ranks);
+    result.map_err(|e| ranks.fail(e))
 }
 
-fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
+fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     if args.batch_size < ranks.size() {
         return Err(Error::Input(format!("--batch-size {} is less than the {} ranks: every rank needs at least one text of each batch", args.batch_size, ranks.size())));
     }
@@ -631,7 +632,9 @@ fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    let (backend, load_options) = training_precision(infer::training_backend(&args.device)?, args.precision)?;
+    let (backend, load_options) = training_precision(infer::training_backend(&ranks.device(&args.device)?)?, args.precision)?;
+    ranks.attach_device(backend.device())?;
+    let ranks: &Ranks = ranks;
     // Before anything slow: a fresh run must not land on a previous one. Only rank 0 looks
     // after --out; the others read the checkpoint it may have put back once it has.
     let prepared = if ranks.writes() { Some(outdir::prepare(&args.out, start_mode)?) } else { None };
@@ -741,11 +744,12 @@ fn train(args: &TrainArgs, ranks: &Ranks) -> Result<()> {
     let rows = ranks.shard(args.batch_size);
     if ranks.is_parallel() {
         say!(
-            "data parallel over {}: each rank takes {}–{} texts of every batch of {}; the trained adapter's gradients are all-reduced every step",
+            "data parallel over {}: each rank takes {}–{} texts of every batch of {}; the trained adapter's gradients are all-reduced every step (over {})",
             ranks.comm().name(),
             args.batch_size / ranks.size(),
             args.batch_size.div_ceil(ranks.size()),
-            args.batch_size
+            args.batch_size,
+            ranks.grad_comm().name()
         );
     }
     for line in training_warnings(&mut model)? {
