@@ -51,7 +51,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_backward, adapter_location_forward_on, backward_workspace_len, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
@@ -189,7 +189,7 @@ impl CudaBackend {
         }
     }
 
-    /// This backend with every adapter location's forward on `path` (the fused kernel, or the
+    /// This backend with every adapter location's forward and backward on `path` (the fused kernel, or the
     /// split path with the bottleneck products on GEMMs); without it, [`LocationPath::auto`]
     /// decides at each call (split on a GPU, fused on cuda-sim, `BERT_ADAPTERS_LOCATION_PATH`
     /// overriding).
@@ -198,7 +198,7 @@ impl CudaBackend {
         self
     }
 
-    /// The path the next adapter location's forward takes.
+    /// The path the next adapter location's forward (and backward) takes.
     pub fn location_path(&self) -> Result<LocationPath> {
         self.location_path.map_or_else(|| LocationPath::auto(&self.gpu), Ok)
     }
@@ -943,8 +943,6 @@ impl Backend for CudaBackend {
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
-        let trainable: Vec<bool> = grads.iter().map(Option::is_some).collect();
-        let mut workspace = LocationBackwardWorkspace::new(&self.gpu, backward_workspace_len(&descriptors, shape, &trainable)?)?;
         let input_rows = if loc.replicate { shape.batch } else { shape.batch * shape.branches };
         let (dh, dr) = if need_input_grads {
             let dims = [input_rows, shape.seq_len, shape.hidden];
@@ -976,7 +974,8 @@ impl Backend for CudaBackend {
         let mut outputs = LocationBackwardOutputs { input_grads, grads: &mut branch_grads };
         let ln = &loc.layer_norm;
         let inputs = LocationInputs::<f32> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
-        adapter_location_backward(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, &mut workspace, shape)?;
+        // The location's path picks the backward too (fused kernel, or split with GEMMs).
+        adapter_location_backward_on(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, shape, self.location_path()?)?;
         Ok((dh, dr))
     }
 
