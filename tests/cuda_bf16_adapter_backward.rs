@@ -67,6 +67,8 @@ struct Case {
 
 /// Per branch: its gradients by name (None when frozen).
 type Grads = Vec<Option<Vec<(&'static str, Vec<f32>)>>>;
+/// `(dh, dr)` on the host.
+type InputGrads<T> = (Vec<T>, Vec<T>);
 
 impl Case {
     #[allow(clippy::too_many_arguments)]
@@ -130,7 +132,7 @@ impl Case {
     }
 
     /// The CPU reference on the rounded inputs: `(dh, dr)` when asked for, and the gradients.
-    fn reference(&self) -> (Option<(Vec<f32>, Vec<f32>)>, Grads) {
+    fn reference(&self) -> (Option<InputGrads<f32>>, Grads) {
         let rows = self.h.len() / (self.seq_len * self.hidden);
         let shape3 = [rows, self.seq_len, self.hidden];
         let (h, r) = (tensor(self.h.clone(), &shape3), tensor(self.r.clone(), &shape3));
@@ -245,10 +247,9 @@ impl Dests {
     }
 }
 
-/// What one backward wrote: dh, dr widened to f32, and the gradients.
+/// What one backward wrote: dh, dr (widened to f32 when stored in bf16), and the gradients.
 struct Got {
-    inputs: Option<(Vec<f32>, Vec<f32>)>,
-    /// dh, dr as stored (bf16 bits widened; f32 for the f32 path).
+    inputs: Option<InputGrads<f32>>,
     grads: Grads,
 }
 
@@ -279,7 +280,7 @@ fn run_f32(gpu: &Gpu, case: &Case) -> Got {
     run::<f32>(gpu, case, LocationPath::Split, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", case.label()))
 }
 
-fn run_bf16(gpu: &Gpu, case: &Case) -> (Got, Option<(Vec<bf16>, Vec<bf16>)>) {
+fn run_bf16(gpu: &Gpu, case: &Case) -> (Got, Option<InputGrads<bf16>>) {
     // The raw bf16 dh, dr too, for the rounding check.
     let raw = std::cell::RefCell::new(Vec::new());
     let got = run::<bf16>(
@@ -416,8 +417,8 @@ fn bf16_refusals(gpu: &Gpu) {
     let (h, d_out) = (gpu.upload(&to_bf16(&case.h)).unwrap(), gpu.upload(&to_bf16(&case.d_out)).unwrap());
     let (hf, d_outf) = (gpu.upload(&case.h).unwrap(), gpu.upload(&case.d_out).unwrap());
     let (g16, g32) = (gpu.upload(&to_bf16(&case.gamma)).unwrap(), gpu.upload(&case.gamma).unwrap());
-    let mut dh = gpu.upload(&vec![bf16::NAN; 32]).unwrap();
-    let mut dr = gpu.upload(&vec![bf16::NAN; 32]).unwrap();
+    let mut dh = gpu.upload(&[bf16::NAN; 32]).unwrap();
+    let mut dr = gpu.upload(&[bf16::NAN; 32]).unwrap();
     let mut dhf = gpu.upload(&[f32::NAN; 32]).unwrap();
     let mut drf = gpu.upload(&[f32::NAN; 32]).unwrap();
     let unsupported = |e: Error, want: &str| assert!(matches!(&e, Error::Unsupported(m) if m.contains(want)), "{e}");
