@@ -29,8 +29,10 @@
 //!   `LocationPath::Split`) against `unfused` (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
 //!   add, LayerNorm: the eager sequence from the existing launchers). Bytes: h and r read, out
 //!   written once.
-//! - `adapter_location_backward/<B>x<T>`: its backward with the branch trainable and the input
-//!   gradients needed. Bytes: d_out, h, r read, dh, dr written.
+//! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
+//!   input gradients needed, `fused` (the one-launch kernel) against `split` (row kernels around
+//!   the products and weight gradients on cuBLASLt: `LocationPath::Split`), at BERT-base 32×128 and
+//!   MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out, h, r read, dh, dr written.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
 //!   input): two pfeiffer branches in `one_launch` against `two_launches` (fused) and `split`.
@@ -64,8 +66,8 @@ use std::time::Duration;
 
 use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_forward, adapter_location_forward_split, backward_workspace_len, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors,
-    LocationInputs, LocationOutputs, LocationShape,
+    adapter_location_backward, adapter_location_backward_split, adapter_location_forward, adapter_location_forward_split, backward_workspace_len, BranchGrads, LocationBackwardOutputs,
+    LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationShape,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::backend::CudaBackend;
@@ -152,6 +154,8 @@ struct Shapes {
     /// The pfeiffer bottleneck at `hidden` (reduction factor 16).
     bottleneck: usize,
     steps: Vec<(Dims, usize, usize)>,
+    /// The adapter location's backward: (model name, H, bottleneck, B, T).
+    location_backward: Vec<(&'static str, usize, usize, usize, usize)>,
 }
 
 impl Shapes {
@@ -164,6 +168,7 @@ impl Shapes {
             heads: 12,
             bottleneck: 48,
             steps: vec![(BERT_BASE, 32, 128), (BERT_BASE, 8, 512), (MINILM, 16, 64)],
+            location_backward: vec![("bert_base", 768, 48, 32, 128), ("minilm", 384, 24, 16, 64)],
         }
     }
 
@@ -176,6 +181,7 @@ impl Shapes {
             heads: 4,
             bottleneck: 4,
             steps: vec![(TINY, 2, 16), (TINY, 1, 32), (TINY, 4, 8)],
+            location_backward: vec![("tiny", 64, 4, 2, 16), ("tiny_h40", 40, 3, 2, 8)],
         }
     }
 
@@ -534,7 +540,8 @@ impl LocationBackward {
         }
     }
 
-    fn run(&mut self, gpu: &Gpu) {
+    /// On `path`: the fused kernel (with its workspace) or the split path (its own from the pool).
+    fn run(&mut self, gpu: &Gpu, path: LocationPath) {
         let LocationBackward { loc, d_out, dh, dr, grads, workspace } = self;
         let [dwd, dbd, dwu, dbu] = grads;
         let branch = BranchGrads {
@@ -550,17 +557,23 @@ impl LocationBackward {
         };
         let mut g = [Some(branch)];
         let mut outputs = LocationBackwardOutputs { input_grads: Some((dh.view_mut(), dr.view_mut())), grads: &mut g };
-        adapter_location_backward(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, workspace, loc.shape).expect("adapter_location_backward");
+        match path {
+            LocationPath::Fused => adapter_location_backward(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, workspace, loc.shape).expect("adapter_location_backward"),
+            LocationPath::Split => adapter_location_backward_split(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, loc.shape).expect("adapter_location_backward_split"),
+        }
     }
 }
 
 fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
-    let (gpu, s) = (bench.gpu(), &bench.shapes);
-    for &bt in &s.rows {
-        let n = bt.0 * bt.1;
-        let mut group = new_group(c, format!("adapter_location_backward/{}", shape_name(bt.0, bt.1)));
-        group.throughput(Throughput::Bytes((5 * n * s.hidden * F32) as u64));
-        bench_lazy(&mut group, gpu, "fused", || LocationBackward::new(gpu, s, bt), |l| l.run(gpu));
+    let gpu = bench.gpu();
+    for &(model, hidden, bottleneck, b, t) in &bench.shapes.location_backward {
+        // The location at this model's width (pfeiffer, relu, reduction factor 16).
+        let s = Shapes { hidden, bottleneck, ..bench.shapes.clone() };
+        let n = b * t;
+        let mut group = new_group(c, format!("adapter_location_backward/{model}_{}", shape_name(b, t)));
+        group.throughput(Throughput::Bytes((5 * n * hidden * F32) as u64));
+        bench_lazy(&mut group, gpu, "fused", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, LocationPath::Fused));
+        bench_lazy(&mut group, gpu, "split", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, LocationPath::Split));
         group.finish();
     }
 }

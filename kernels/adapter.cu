@@ -1699,3 +1699,698 @@ extern "C" __global__ void adapter_location_backward_gate_f32(
     location_gate_block<float>(gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden,
                                replicate, ln_eps);
 }
+
+// The gate means of adapter_location_backward_gate_f32 with h, r, γ and β in bf16 (the split
+// backward's _bf16io path); the gate means stay f32.
+extern "C" __global__ void adapter_location_backward_gate_bf16io(
+    float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    if (((branch_mask >> (blockIdx.x / batch)) & 1u) == 0) {
+        return;  // the whole block, before any barrier
+    }
+    location_gate_block<bf16_raw, bf16_raw>(gate, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                            reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                            reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// ---- split backward ---------------------------------------------------------------------------------
+//
+// The split path's backward (cuda::adapter::adapter_location_backward_split): the gradient of
+// adapter_location_forward_* in a few row kernels with every bottleneck product on GEMMs (cuBLASLt
+// on a GPU) instead of CUDA cores in every row team. The same semantics, outputs and dropout masks
+// as adapter_location_backward_f32 (whose header derives the formulas); launches, in order:
+//     gate    adapter_location_backward_gate_*   the gate means of the gated branches (as fused)
+//     pre     adapter_split_bwd_pre_*            z0[row] = LN_before(x) (f32); the pre step's
+//                                                statistics when ρ = x needs them
+//     per branch: GEMM pre = z0·W_dᵀ + b_d; adapter_split_act_f32 a = act(pre);
+//                 GEMM up = a·W_uᵀ + b_u
+//     post    adapter_split_bwd_post_*           recomputes the post step from up, h, r; walks it
+//                                                back to dup = s ⊙ dropout(g·du_g) (over up, in
+//                                                place), the residual's gradient dρ, the post
+//                                                step's dr term, the gate's row term q, and the
+//                                                per-row terms of the LN_after and scaling grads
+//     per branch: GEMMs dW_up = dupᵀ·a, da = dup·W_u; adapter_split_act_bwd_f32 dpre = da ⊙
+//                 act'(pre); GEMMs dW_down = dpreᵀ·z0, dz0 = dpre·W_d (over z0); column sums
+//                 (column_sums_*) db_up, db_down
+//     input   adapter_split_bwd_input_*          LN_before backward (its per-row terms), the
+//                                                gate's dlogit (sum of q over the example), dx,
+//                                                the pre step backward; dh and dr stored once
+//     then the column sums of the per-row terms (LN γ/β, scaling, gate bias) and dW_gate = xᵀ·dlogit.
+// Frozen branches get no parameter work; without input gradients only the trainable branches'
+// rows are launched (`branch_mask`), and a frozen branch's weights are then never read.
+//
+// Rows: row = branch·B·T + local as in the forward; every workspace array is indexed by that row
+// (f32, [N·B·T, H] or [N·B·T]), so branch i's GEMMs read and write rows [i·B·T, (i+1)·B·T). The
+// teams of the pre and post kernels (and of the input kernel without replication or without input
+// gradients) own one row of one branch in `branch_mask` (team k → the branch of the k / (B·T)-th
+// set bit); with replication and input gradients the input kernel's team owns one shared input
+// row and walks the branches in order, summing their input gradients in shared memory, so dh and
+// dr are written once per element (no atomics; bitwise reproducible).
+//
+// Thread mapping: the forward's row teams (cuda::adapter::LocationPlan); every column is read and
+// written by the thread that owns it (c = threadIdx.x + k·blockDim.x), so the only barriers are in
+// team_sum. Shared memory per team: pre H floats (z0), post 2H (u_d, then y / the gradient),
+// input 4H (x, dx, dh, dr).
+//
+// Numerics: f32 throughout with the forward's device functions and the fused backward's formulas
+// (LayerNorm backward rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂))); the products sum in the GEMM's
+// order, so results differ from the fused kernel's by rounding only. The dropout is the forward's
+// adapter_dropout (the same Philox word for element local·H + c of the branch's block), applied to
+// the gradient that flows back through it. Storage: _f32 (everything f32) and _bf16io (h, r,
+// d_out, dh, dr and the BERT LayerNorm's γ, β in bf16, widened exactly on load, dh and dr rounded
+// once on store; every workspace array, weight and weight gradient f32, so the GEMMs are the f32
+// pipeline's on the f32 z0, as in the split forward).
+
+// The team's row for a grid over the rows of the branches in `mask` (in branch order): false
+// when the team is past the end (the whole team leaves; block barriers only occur with one team
+// per block).
+__device__ __forceinline__ bool split_bwd_team(unsigned mask, int per_branch, int& branch, int& local) {
+    const int team = blockIdx.x * blockDim.y + threadIdx.y;
+    const int k = team / per_branch;
+    if (k >= __popc(mask)) {
+        return false;
+    }
+    branch = adapter_nth_branch(mask, k);
+    local = team - k * per_branch;
+    return true;
+}
+
+// mean and rstd of the team's row x (shared memory), as team_layernorm computes them.
+__device__ __forceinline__ void team_row_stats(const float* x, int cols, float eps, float* scratch, float& mean, float& rstd) {
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        sum += x[c];
+    }
+    mean = team_sum(sum, scratch) / (float)cols;
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float d = x[c] - mean;
+        sq = fmaf(d, d, sq);
+    }
+    rstd = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + eps);
+}
+
+// z0: [N·B·T, H] f32 (rows of branches in branch_mask written); stats: [N·B·T, 2] or null.
+template <typename T, typename P>
+__device__ __forceinline__ void split_bwd_pre_team(float* __restrict__ z0, float* __restrict__ stats, const T* __restrict__ h,
+                                                   const T* __restrict__ r, const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
+                                                   const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
+                                                   int replicate, float ln_eps, unsigned branch_mask) {
+    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][cols]
+    __shared__ float scratch[32];
+    const int per_branch = batch * seq_len;
+    int branch, local;
+    if (!split_bwd_team(branch_mask, per_branch, branch, local)) {
+        return;
+    }
+    const size_t row = (size_t)branch * (size_t)per_branch + (size_t)local;
+    const size_t src = (replicate ? (size_t)local : row) * (size_t)cols;
+    float* xs = adapter_split_bwd_smem + (size_t)threadIdx.y * (size_t)cols;
+    float pre_mean, pre_rstd;
+    location_pre_row(xs, h + src, r + src, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
+    float* zr = z0 + row * (size_t)cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        zr[c] = xs[c];
+    }
+    if (stats != nullptr && threadIdx.x == 0) {
+        stats[2 * row] = pre_mean;
+        stats[2 * row + 1] = pre_rstd;
+    }
+}
+
+// up_dup: [N·B·T, H] f32, up = a·W_uᵀ + b_u on entry, dup = s ⊙ dropout(g·du_g) on return (each
+// element read, then overwritten, by the thread that owns it). Outputs (null when absent):
+// rho_grad [N·B·T, H] dρ and r_grad [N·B·T, H] the post step's dr term (input gradients only);
+// la_gamma, la_beta [N·B·T, H] dy ⊙ x̂ and dy of LN_after, scale_ch [N·B·T, H] du_s ⊙ up (channel
+// scaling), scale_l [N·B·T] Σ_c du_s ⊙ up (learned), for the trainable branches (train_mask);
+// gate_q [N·B·T] Σ_c du_g ⊙ u_d (gated branches). gate: [N·B] the gate means; stats: the pre
+// kernel's, or null when ρ does not need them; d_out [N·B·T, H]; the rest as for the forward.
+template <typename T, typename P>
+__device__ __forceinline__ void split_bwd_post_team(
+    float* up_dup, float* __restrict__ rho_grad, float* __restrict__ r_grad, float* __restrict__ la_gamma, float* __restrict__ la_beta,
+    float* __restrict__ scale_ch, float* __restrict__ scale_l, float* __restrict__ gate_q, const float* __restrict__ stats,
+    const float* __restrict__ gate, const T* __restrict__ d_out, const T* __restrict__ h, const T* __restrict__ r,
+    const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len,
+    int cols, int replicate, float ln_eps, unsigned branch_mask, unsigned train_mask, const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo, unsigned seed_hi) {
+    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][2·cols]: u_d, then y / dy
+    __shared__ float scratch[32];
+    const int per_branch = batch * seq_len;
+    int branch, local;
+    if (!split_bwd_team(branch_mask, per_branch, branch, local)) {
+        return;
+    }
+    const AdapterBranchDesc& d = descs[branch];
+    const size_t row = (size_t)branch * (size_t)per_branch + (size_t)local;
+    const size_t src = (replicate ? (size_t)local : row) * (size_t)cols;
+    const size_t dst = row * (size_t)cols;
+    const T* hr = h + src;
+    const T* rr = r + src;
+    const T* dor = d_out + dst;
+    float* ur = up_dup + dst;
+    float* ud = adapter_split_bwd_smem + (size_t)threadIdx.y * 2 * (size_t)cols;
+    float* gs = ud + cols;
+    const bool train = ((train_mask >> branch) & 1u) != 0;
+    const bool gated = d.gate_w != 0;
+    const bool ln_first = d.original_ln_before != 0;
+    const bool post = d.original_ln_after != 0;
+    const bool ln_after = d.ln_after_gamma != 0;
+    const bool residual_first = d.adapter_residual_before_ln != 0;
+    const float pre_mean = stats != nullptr ? stats[2 * row] : 0.0f;
+    const float pre_rstd = stats != nullptr ? stats[2 * row + 1] : 0.0f;
+    const float s_uniform = adapter_uniform_scaling(d);
+    const float g = gated ? gate[branch * batch + local / seq_len] : 1.0f;
+    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+    const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
+    const float* ga = desc_ptr(d.ln_after_gamma);
+    const float* ba = desc_ptr(d.ln_after_beta);
+
+    // ---- forward again: u_d = dropout(s ⊙ up) into ud (the forward's epilogue without the gate)
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        ud[c] = adapter_up_epilogue(ur[c], d, c, s_uniform, key, drop_row, 1.0f);
+    }
+    // ρ at column c, and the input of LN_after (u_g, plus ρ when the adapter residual comes first).
+    auto rho = [&](int c) -> float {
+        if (d.residual_before_ln == ADAPTER_RESIDUAL_H) {
+            return load_f32(hr, c);
+        }
+        if (d.residual_before_ln == ADAPTER_RESIDUAL_X) {
+            return pre_step_x(hr, rr, ln_gamma, ln_beta, c, ln_first, pre_mean, pre_rstd);
+        }
+        return load_f32(hr, c) + load_f32(rr, c);
+    };
+    auto ln_after_input = [&](int c) -> float {
+        const float u = gated ? ud[c] * g : ud[c];
+        return residual_first ? u + rho(c) : u;
+    };
+    float a_mean = 0.0f, a_rstd = 0.0f;
+    if (ln_after) {
+        float sum = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            sum += ln_after_input(c);
+        }
+        a_mean = team_sum(sum, scratch) / (float)cols;
+        float sq = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float dv = ln_after_input(c) - a_mean;
+            sq = fmaf(dv, dv, sq);
+        }
+        a_rstd = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + d.ln_after_eps);
+    }
+    // y, then the post step's input z2 = y + r, into gs.
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float y;
+        if (ln_after) {
+            y = fmaf((ln_after_input(c) - a_mean) * a_rstd, ga[c], ba[c]);
+            if (!residual_first) {
+                y += rho(c);
+            }
+        } else {
+            y = (gated ? ud[c] * g : ud[c]) + rho(c);
+        }
+        gs[c] = post ? y + load_f32(rr, c) : y;
+    }
+
+    // ---- backward ----
+    // Post step: dy = LNback(d_out) into gs (the dr term), or d_out.
+    float* rg = r_grad != nullptr ? r_grad + dst : nullptr;
+    if (post) {
+        float mean, rstd;
+        team_row_stats(gs, cols, ln_eps, scratch, mean, rstd);
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
+            s1 += gy;
+            s2 = fmaf(gy, (gs[c] - mean) * rstd, s2);
+        }
+        s1 = team_sum(s1, scratch) / (float)cols;
+        s2 = team_sum(s2, scratch) / (float)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
+            const float xh = (gs[c] - mean) * rstd;
+            const float dz = rstd * (gy - s1 - xh * s2);
+            gs[c] = dz;
+            if (rg != nullptr) {
+                rg[c] = dz;
+            }
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            gs[c] = load_f32(dor, c);
+        }
+    }
+    // LN_after and the adapter residual: du_g into gs; dρ out.
+    float as1 = 0.0f, as2 = 0.0f;
+    if (ln_after) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = gs[c] * ga[c];
+            as1 += gy;
+            as2 = fmaf(gy, (ln_after_input(c) - a_mean) * a_rstd, as2);
+        }
+        as1 = team_sum(as1, scratch) / (float)cols;
+        as2 = team_sum(as2, scratch) / (float)cols;
+    }
+    float* rho_r = rho_grad != nullptr ? rho_grad + dst : nullptr;
+    const bool pack_la = train && ln_after;
+    float q = 0.0f;  // Σ_c du_g·u_d, the gate's row term
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float dy = gs[c];
+        float du = dy, drho = dy;
+        if (ln_after) {
+            const float xh = (ln_after_input(c) - a_mean) * a_rstd;
+            du = a_rstd * (dy * ga[c] - as1 - xh * as2);
+            if (residual_first) {
+                drho = du;
+            }
+            if (pack_la) {
+                la_gamma[dst + c] = dy * xh;
+                la_beta[dst + c] = dy;
+            }
+        }
+        gs[c] = du;
+        if (gated) {
+            q = fmaf(du, ud[c], q);
+        }
+        if (rho_r != nullptr) {
+            rho_r[c] = drho;
+        }
+    }
+    if (gated) {
+        q = team_sum(q, scratch);
+        if (threadIdx.x == 0) {
+            gate_q[row] = q;
+        }
+    }
+    // Gate, dropout and scaling: dup = s ⊙ dropout(g·du_g), over up.
+    const bool pack_ch = train && d.scaling_kind == ADAPTER_SCALING_CHANNEL;
+    const bool pack_l = train && d.scaling_kind == ADAPTER_SCALING_LEARNED;
+    float ds = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float du_g = gated ? gs[c] * g : gs[c];
+        const float du_s = d.dropout_threshold != 0 ? adapter_dropout(du_g, d, key, drop_row + (unsigned long long)c) : du_g;
+        const float up = ur[c];
+        const float s = d.scaling_kind == ADAPTER_SCALING_CHANNEL ? desc_ptr(d.scaling)[c] : s_uniform;
+        ur[c] = du_s * s;
+        if (pack_ch) {
+            scale_ch[dst + c] = du_s * up;
+        } else if (pack_l) {
+            ds = fmaf(du_s, up, ds);
+        }
+    }
+    if (pack_l) {
+        ds = team_sum(ds, scratch);
+        if (threadIdx.x == 0) {
+            scale_l[row] = ds;
+        }
+    }
+}
+
+// The input-gradient side. dh, dr: [B·T, H] (replicate) or [N·B·T, H] of T, null without input
+// gradients (need_input 0). dz0: [N·B·T, H] f32, dpre·W_d of the branches whose rows are processed
+// (null when no branch reads it); rho_grad, r_grad, gate_q: the post kernel's. Outputs for the
+// trainable branches (null when absent): lb_gamma, lb_beta [N·B·T, H] dz0 ⊙ x̂ and dz0 of
+// LN_before; gate_x [N·B·T, H] the gate's input x and dlogit [N·B·T] (gated). branch_mask: the
+// branches processed (with input gradients every branch; else the trainable ones with LN_before
+// or a gate). Teams: one per input row walking the branches when replicate && need_input, else one
+// per row of a branch in branch_mask.
+template <typename T, typename P>
+__device__ __forceinline__ void split_bwd_input_team(
+    T* __restrict__ dh, T* __restrict__ dr, float* __restrict__ lb_gamma, float* __restrict__ lb_beta, float* __restrict__ gate_x,
+    float* __restrict__ dlogit_out, const float* __restrict__ dz0, const float* __restrict__ rho_grad, const float* __restrict__ r_grad,
+    const float* __restrict__ gate_q, const T* __restrict__ h, const T* __restrict__ r, const P* __restrict__ ln_gamma,
+    const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols, int branches,
+    int replicate, float ln_eps, unsigned branch_mask, unsigned train_mask, int need_input) {
+    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][4·cols]: x, dx, dh, dr
+    __shared__ float scratch[32];
+    const int per_branch = batch * seq_len;
+    const bool inputs = need_input != 0;
+    int local, first, last;
+    if (replicate && inputs) {
+        local = blockIdx.x * blockDim.y + threadIdx.y;
+        if (local >= per_branch) {
+            return;
+        }
+        first = 0;
+        last = branches;
+    } else {
+        if (!split_bwd_team(branch_mask, per_branch, first, local)) {
+            return;
+        }
+        last = first + 1;
+    }
+    const size_t src = (size_t)(replicate ? local : first * per_branch + local) * (size_t)cols;
+    const T* hr = h + src;
+    const T* rr = r + src;
+    float* xs = adapter_split_bwd_smem + (size_t)threadIdx.y * 4 * (size_t)cols;
+    float* dxs = xs + cols;
+    float* dhs = dxs + cols;
+    float* drs = dhs + cols;
+    const bool ln_first = descs[0].original_ln_before != 0;  // the location's, in every descriptor
+    const bool post = descs[0].original_ln_after != 0;
+    const int residual = descs[0].residual_before_ln;
+
+    // Pre step: x into xs (the forward's arithmetic); the accumulators start at zero.
+    float pre_mean = 0.0f, pre_rstd = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
+        dxs[c] = 0.0f;
+        dhs[c] = 0.0f;
+        drs[c] = 0.0f;
+    }
+    if (ln_first) {
+        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
+    }
+
+    for (int i = first; i < last; ++i) {
+        if (((branch_mask >> i) & 1u) == 0) {
+            continue;  // team-uniform
+        }
+        const AdapterBranchDesc& d = descs[i];
+        const bool train = ((train_mask >> i) & 1u) != 0;
+        const bool gated = d.gate_w != 0;
+        const bool ln_before = d.ln_before_gamma != 0;
+        const size_t row = (size_t)i * (size_t)per_branch + (size_t)local;
+        const size_t dst = row * (size_t)cols;
+        const int example = local / seq_len;
+        // LN_before backward: dz0 → dx_i (and the per-row terms of its γ, β).
+        float b_mean = 0.0f, b_rstd = 0.0f, s1 = 0.0f, s2 = 0.0f;
+        const float* gb = desc_ptr(d.ln_before_gamma);
+        const float* dzr = dz0 != nullptr ? dz0 + dst : nullptr;
+        if (ln_before) {
+            team_row_stats(xs, cols, d.ln_before_eps, scratch, b_mean, b_rstd);
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                const float gy = dzr[c] * gb[c];
+                s1 += gy;
+                s2 = fmaf(gy, (xs[c] - b_mean) * b_rstd, s2);
+            }
+            s1 = team_sum(s1, scratch) / (float)cols;
+            s2 = team_sum(s2, scratch) / (float)cols;
+        }
+        // The gate: dlogit = (Σ_t q of the example) / T · σ'(x·w_g + b_g).
+        float dlogit = 0.0f;
+        const float* wg = desc_ptr(d.gate_w);
+        if (gated) {
+            const float* qe = gate_q + (size_t)i * (size_t)per_branch + (size_t)example * (size_t)seq_len;
+            float part = 0.0f;
+            for (int t = threadIdx.x; t < seq_len; t += blockDim.x) {
+                part += qe[t];
+            }
+            const float dg = team_sum(part, scratch);
+            float dot = 0.0f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                dot = fmaf(xs[c], wg[c], dot);
+            }
+            const float logit = team_sum(dot, scratch) + desc_ptr(d.gate_b)[0];
+            const float sig = 1.0f / (1.0f + expf(-logit));
+            dlogit = dg / (float)seq_len * (sig * (1.0f - sig));
+            if (train && threadIdx.x == 0) {
+                dlogit_out[row] = dlogit;
+            }
+        }
+        const bool pack_lb = train && ln_before;
+        const bool pack_x = train && gated;
+        const float* rho_r = rho_grad != nullptr ? rho_grad + dst : nullptr;
+        const float* r_r = r_grad != nullptr ? r_grad + dst : nullptr;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float dx = 0.0f;
+            if (ln_before) {
+                const float dz = dzr[c];
+                const float xh = (xs[c] - b_mean) * b_rstd;
+                if (pack_lb) {
+                    lb_gamma[dst + c] = dz * xh;
+                    lb_beta[dst + c] = dz;
+                }
+                dx = b_rstd * (dz * gb[c] - s1 - xh * s2);
+            } else if (inputs) {
+                dx = dzr[c];
+            }
+            if (pack_x) {
+                gate_x[dst + c] = xs[c];
+            }
+            if (inputs) {
+                if (gated) {
+                    dx = fmaf(dlogit, wg[c], dx);
+                }
+                const float drho = rho_r[c];
+                if (residual == ADAPTER_RESIDUAL_X) {
+                    dx += drho;
+                } else {
+                    dhs[c] += drho;
+                    if (residual == ADAPTER_RESIDUAL_V) {
+                        drs[c] += drho;
+                    }
+                }
+                if (post) {
+                    drs[c] += r_r[c];
+                }
+                dxs[c] += dx;
+            }
+        }
+    }
+    if (!inputs) {
+        return;
+    }
+    // Pre step backward: dv = LNback(dx) when the original LayerNorm comes first; dh and dr
+    // stored once.
+    T* dhr = dh + src;
+    T* drr = dr + src;
+    if (ln_first) {
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = dxs[c] * load_f32(ln_gamma, c);
+            s1 += gy;
+            s2 = fmaf(gy, (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd, s2);
+        }
+        s1 = team_sum(s1, scratch) / (float)cols;
+        s2 = team_sum(s2, scratch) / (float)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float gy = dxs[c] * load_f32(ln_gamma, c);
+            const float xh = (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd;
+            const float dv = pre_rstd * (gy - s1 - xh * s2);
+            store_f32(dhr, c, dhs[c] + dv);
+            store_f32(drr, c, drs[c] + dv);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            store_f32(dhr, c, dhs[c] + dxs[c]);
+            store_f32(drr, c, drs[c]);
+        }
+    }
+}
+
+// Grid: one team per row of the branches in branch_mask; block and shared memory (H floats per
+// team) as the split forward's pre kernel.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_pre_f32(
+    float* __restrict__ z0,
+    float* __restrict__ stats,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    split_bwd_pre_team<float, float>(z0, stats, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden,
+                                     replicate, ln_eps, branch_mask);
+}
+
+// As adapter_split_bwd_pre_f32 with h, r, γ and β in bf16 (z0 and the statistics stay f32).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_pre_bf16io(
+    float* __restrict__ z0,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    split_bwd_pre_team<bf16_raw, bf16_raw>(z0, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                           reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                           reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                           branch_mask);
+}
+
+// Grid as the pre kernel; 2H floats of shared memory per team.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_post_f32(
+    float* up_dup,
+    float* __restrict__ rho_grad,
+    float* __restrict__ r_grad,
+    float* __restrict__ la_gamma,
+    float* __restrict__ la_beta,
+    float* __restrict__ scale_ch,
+    float* __restrict__ scale_l,
+    float* __restrict__ gate_q,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const float* __restrict__ d_out,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    split_bwd_post_team<float, float>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate, d_out, h, r, ln_gamma,
+                                      ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                      branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+}
+
+// As adapter_split_bwd_post_f32 with d_out, h, r, γ and β in bf16.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_post_bf16io(
+    float* up_dup,
+    float* __restrict__ rho_grad,
+    float* __restrict__ r_grad,
+    float* __restrict__ la_gamma,
+    float* __restrict__ la_beta,
+    float* __restrict__ scale_ch,
+    float* __restrict__ scale_l,
+    float* __restrict__ gate_q,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ d_out,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    split_bwd_post_team<bf16_raw, bf16_raw>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate,
+                                            reinterpret_cast<const bf16_raw*>(d_out), reinterpret_cast<const bf16_raw*>(h),
+                                            reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                            reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                            seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+}
+
+// Grid: B·T teams when replicate && need_input, else one per row of the branches in branch_mask;
+// 4H floats of shared memory per team.
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_input_f32(
+    float* __restrict__ dh,
+    float* __restrict__ dr,
+    float* __restrict__ lb_gamma,
+    float* __restrict__ lb_beta,
+    float* __restrict__ gate_x,
+    float* __restrict__ dlogit,
+    const float* __restrict__ dz0,
+    const float* __restrict__ rho_grad,
+    const float* __restrict__ r_grad,
+    const float* __restrict__ gate_q,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const float* __restrict__ ln_gamma,
+    const float* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    int need_input)
+{
+    split_bwd_input_team<float, float>(dh, dr, lb_gamma, lb_beta, gate_x, dlogit, dz0, rho_grad, r_grad, gate_q, h, r, ln_gamma, ln_beta,
+                                       reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate, ln_eps,
+                                       branch_mask, train_mask, need_input);
+}
+
+// As adapter_split_bwd_input_f32 with dh, dr, h, r, γ and β in bf16 (dh, dr rounded once).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_input_bf16io(
+    unsigned short* __restrict__ dh,
+    unsigned short* __restrict__ dr,
+    float* __restrict__ lb_gamma,
+    float* __restrict__ lb_beta,
+    float* __restrict__ gate_x,
+    float* __restrict__ dlogit,
+    const float* __restrict__ dz0,
+    const float* __restrict__ rho_grad,
+    const float* __restrict__ r_grad,
+    const float* __restrict__ gate_q,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    int need_input)
+{
+    split_bwd_input_team<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(dh), reinterpret_cast<bf16_raw*>(dr), lb_gamma, lb_beta, gate_x, dlogit,
+                                             dz0, rho_grad, r_grad, gate_q, reinterpret_cast<const bf16_raw*>(h),
+                                             reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                             reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                             seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input);
+}
+
+// a[i] = act(pre[i]) over a branch's [rows, m] down product (pre = z0·W_dᵀ + b_d from the GEMM's
+// bias epilogue; both are kept: the backward needs pre for act'). A grid-stride loop.
+extern "C" __global__ void adapter_split_act_f32(
+    float* __restrict__ a,
+    const float* __restrict__ pre,
+    long long n,
+    int act)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        a[i] = adapter_activation(act, pre[i]);
+    }
+}
+
+// d[i] = d[i] · act'(pre[i]) in place: dpre from da = dup·W_u, the fused kernel's act' (in
+// place: each element read, then written, by one thread). A grid-stride loop.
+extern "C" __global__ void adapter_split_act_bwd_f32(
+    float* d,
+    const float* __restrict__ pre,
+    long long n,
+    int act)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        d[i] = d[i] * adapter_activation_grad(act, pre[i]);
+    }
+}

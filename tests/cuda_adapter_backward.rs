@@ -15,8 +15,9 @@
 use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_backward_with_plan, backward_plan_auto, backward_workspace_len, BranchGrads, BranchWeights,
-    LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationPlan, LocationShape, MAX_BACKWARD_BRANCHES,
+    adapter_location_backward, adapter_location_backward_split, adapter_location_backward_split_with_plan, adapter_location_backward_with_plan,
+    backward_plan_auto, backward_workspace_len, BranchGrads, BranchWeights, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors,
+    LocationInputs, LocationPath, LocationPlan, LocationShape, MAX_BACKWARD_BRANCHES,
 };
 use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
 use bert_adapters::cuda::probe::report_line;
@@ -292,16 +293,19 @@ impl DeviceGrads {
     }
 }
 
-/// Uploads `case`, runs the launcher (auto plan when `plan` is None) with NaN-poisoned outputs
-/// and workspace, and downloads what it wrote.
-fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Got, Error> {
+/// Both paths of the backward: the fused kernel and the split path (row kernels and GEMMs).
+const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
+
+/// Uploads `case`, runs the launcher on each path (auto plan when `plan` is None) with
+/// NaN-poisoned outputs and workspace, and downloads what each wrote (in [`PATHS`] order).
+fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Vec<Got>, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
-    run_with(gpu, case, &descriptors, plan)
+    PATHS.iter().map(|&path| run_with(gpu, case, &descriptors, plan, path)).collect()
 }
 
-fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Option<LocationPlan>) -> Result<Got, Error> {
+fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Option<LocationPlan>, path: LocationPath) -> Result<Got, Error> {
     let (h, r, d_out) = (gpu.upload(&data(&case.h))?, gpu.upload(&data(&case.r))?, gpu.upload(&data(&case.d_out))?);
     let (gamma, beta) = (gpu.upload(&data(&case.gamma))?, gpu.upload(&data(&case.beta))?);
     let shape = case.shape();
@@ -327,9 +331,11 @@ fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Opt
             .collect();
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationBackwardOutputs { input_grads: case.need_input.then(|| (dh.view_mut(), dr.view_mut())), grads: &mut grads };
-        match plan {
-            None => adapter_location_backward(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape)?,
-            Some(p) => adapter_location_backward_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape, p)?,
+        match (path, plan) {
+            (LocationPath::Fused, None) => adapter_location_backward(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape)?,
+            (LocationPath::Fused, Some(p)) => adapter_location_backward_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape, p)?,
+            (LocationPath::Split, None) => adapter_location_backward_split(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, shape)?,
+            (LocationPath::Split, Some(p)) => adapter_location_backward_split_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, shape, p)?,
         }
     }
     let inputs = if case.need_input { Some((gpu.download(&dh.view())?, gpu.download(&dr.view())?)) } else { None };
@@ -360,46 +366,58 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-fn got_bits(g: &Got) -> Vec<u32> {
+/// The bits of every path's outputs, concatenated.
+fn got_bits(gots: &[Got]) -> Vec<u32> {
     let mut out = Vec::new();
-    if let Some((dh, dr)) = &g.inputs {
-        out.extend(bits(dh));
-        out.extend(bits(dr));
-    }
-    for (_, v) in g.grads.iter().flatten().flatten() {
-        out.extend(bits(v));
+    for g in gots {
+        if let Some((dh, dr)) = &g.inputs {
+            out.extend(bits(dh));
+            out.extend(bits(dr));
+        }
+        for (_, v) in g.grads.iter().flatten().flatten() {
+            out.extend(bits(v));
+        }
     }
     out
 }
 
-/// Runs `case` and checks it against the CPU; returns what the device wrote and the worst
-/// max|err|/tol.
-fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Got, f32) {
-    let label = format!("{} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
-    let got = run(gpu, case, plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+/// Runs `case` on both paths and checks each against the CPU; returns what the device wrote (per
+/// path) and the worst max|err|/tol.
+fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Vec<Got>, f32) {
+    let gots = run(gpu, case, plan).unwrap_or_else(|e| panic!("{} {}: {e}", gpu.describe(), case.label()));
     let (want_inputs, want_grads) = case.reference();
     let mut used = 0f32;
-    match (&got.inputs, &want_inputs) {
+    for (path, got) in PATHS.iter().zip(&gots) {
+        let label = format!("{} {path:?} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
+        used = used.max(check_one(&label, got, &want_inputs, &want_grads));
+    }
+    (gots, used)
+}
+
+/// One path's outputs against the CPU reference; returns the worst max|err|/tol.
+fn check_one(label: &str, got: &Got, want_inputs: &Option<InputGrads>, want_grads: &BranchesGrads) -> f32 {
+    let mut used = 0f32;
+    match (&got.inputs, want_inputs) {
         (Some((dh, dr)), Some((wdh, wdr))) => {
-            used = used.max(assert_close("dh", &label, dh, wdh));
-            used = used.max(assert_close("dr", &label, dr, wdr));
+            used = used.max(assert_close("dh", label, dh, wdh));
+            used = used.max(assert_close("dr", label, dr, wdr));
         }
         (None, None) => {}
         _ => panic!("{label}: input gradients given on one side only"),
     }
-    for (i, (g, w)) in got.grads.iter().zip(&want_grads).enumerate() {
+    for (i, (g, w)) in got.grads.iter().zip(want_grads).enumerate() {
         match (g, w) {
             (Some(g), Some(w)) => {
                 assert_eq!(g.len(), w.len(), "{label}: branch {i} gradient count");
                 for ((name, gv), (_, wv)) in g.iter().zip(w) {
-                    used = used.max(assert_close(&format!("branch {i} {name}"), &label, gv, wv));
+                    used = used.max(assert_close(&format!("branch {i} {name}"), label, gv, wv));
                 }
             }
             (None, None) => {}
             _ => panic!("{label}: branch {i} trainable on one side only"),
         }
     }
-    (got, used)
+    used
 }
 
 // ---- the sweep ---------------------------------------------------------------------------------------
@@ -599,11 +617,13 @@ fn frozen_branches_are_never_read_without_input_gradients() {
             // Past the memory pool, back to the executor, which unmaps it (the pool would hand
             // the blocks to this launch's outputs instead).
             gpu.release_cached();
-            let got = run_with(&gpu, &case, &descriptors, None).unwrap_or_else(|e| panic!("{}: {e}", case.label()));
-            let (_, want) = case.reference();
-            for (name, g) in got.grads[trainable.iter().position(|&t| t).unwrap()].as_ref().unwrap() {
-                let w = &want[trainable.iter().position(|&t| t).unwrap()].as_ref().unwrap().iter().find(|(n, _)| n == name).unwrap().1;
-                assert_close(name, &case.label(), g, w);
+            for path in PATHS {
+                let got = run_with(&gpu, &case, &descriptors, None, path).unwrap_or_else(|e| panic!("{path:?} {}: {e}", case.label()));
+                let (_, want) = case.reference();
+                for (name, g) in got.grads[trainable.iter().position(|&t| t).unwrap()].as_ref().unwrap() {
+                    let w = &want[trainable.iter().position(|&t| t).unwrap()].as_ref().unwrap().iter().find(|(n, _)| n == name).unwrap().1;
+                    assert_close(name, &format!("{path:?} {}", case.label()), g, w);
+                }
             }
         }
     }
@@ -618,11 +638,12 @@ fn zero_rows(gpu: &Gpu) {
         case.h = tensor(vec![], &[0, 3, 16]);
         case.r = tensor(vec![], &[0, 3, 16]);
         case.d_out = tensor(vec![], &[0, 3, 16]);
-        let got = run(gpu, &case, None).unwrap();
         // (Not against the CPU reference: its backward panics on zero rows, `chunks(0)`.)
         let want = named(&if accumulate { host_grads(&case.branches[0], case.initial(0)) } else { host_grads(&case.branches[0], |n| vec![0.0; n]) });
-        for ((name, g), (_, w)) in got.grads[0].as_ref().unwrap().iter().zip(&want) {
-            assert_eq!(bits(g), bits(w), "accumulate {accumulate}: {name}");
+        for (path, got) in PATHS.iter().zip(run(gpu, &case, None).unwrap()) {
+            for ((name, g), (_, w)) in got.grads[0].as_ref().unwrap().iter().zip(&want) {
+                assert_eq!(bits(g), bits(w), "{path:?} accumulate {accumulate}: {name}");
+            }
         }
     }
 }
@@ -797,7 +818,15 @@ fn launch_errors(gpu: &Gpu) {
             let mut grads = grads;
             let mut outputs = LocationBackwardOutputs { input_grads: input_grads.map(|(a, b)| (out(0..a), out(n_out..n_out + b))), grads: &mut grads };
             match plan {
-                None => adapter_location_backward(gpu, inputs, d_out, d, &mut outputs, ws, shape),
+                None => {
+                    let fused = adapter_location_backward(gpu, inputs, d_out, d, &mut outputs, ws, shape);
+                    // The split path refuses the same way (but takes no workspace: it has its own).
+                    if !matches!(&fused, Err(Error::Shape { msg, .. }) if msg.contains("workspace")) {
+                        let split = adapter_location_backward_split(gpu, inputs, d_out, d, &mut outputs, shape);
+                        assert_eq!(format!("{split:?}"), format!("{fused:?}"), "the split path refuses otherwise");
+                    }
+                    fused
+                }
                 Some(p) => adapter_location_backward_with_plan(gpu, inputs, d_out, d, &mut outputs, ws, shape, p),
             }
         };

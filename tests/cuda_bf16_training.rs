@@ -19,7 +19,8 @@
 //!   rule (pooled likewise).
 //!
 //! Adapter weights are blown up (×40) so that a wrong gradient cannot hide in the bound. The
-//! CUDA backends are cuda-sim (feature `cuda-sim`) and GPU 0 when there is one.
+//! CUDA backends are cuda-sim (feature `cuda-sim`) on both adapter-location paths, and GPU 0
+//! when there is one.
 
 mod common;
 
@@ -41,11 +42,16 @@ use bf16_rule::max_abs_diff;
 use common::{fixtures, setup};
 use plain_bf16::PlainBf16;
 
-/// The CUDA backends in bf16 activation mode: cuda-sim, and GPU 0 when there is one.
+/// The CUDA backends in bf16 activation mode: cuda-sim on both adapter-location paths (its own
+/// choice is the fused kernel, whose backward widens to f32; the split path's backward has bf16
+/// row kernels, a GPU's default), and GPU 0 when there is one.
 fn bf16_backends() -> Vec<Arc<dyn Backend>> {
     let mut v: Vec<CudaBackend> = Vec::new();
     #[cfg(feature = "cuda-sim")]
-    v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens"));
+    {
+        v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens"));
+        v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split));
+    }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"))),
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),

@@ -4,8 +4,10 @@
 //! kernel launches by name (`Gpu::launch_counts`). On cuda-sim in CI, on a GPU when present.
 //!
 //! The tiny model: 2 layers, H = 48, FFN 100, 4 heads, a batch of 4 × 11 tokens (44 rows). The
-//! adapter location backward computes its own products inside its fused launch, so its weights'
-//! gradients appear as `adapter_location_backward` launches, not as Linear weight gradients.
+//! adapter location backward computes its own products (inside its fused launch, or on the split
+//! path as dense products of its own around the `adapter_split_bwd_*` row kernels), so its
+//! weights' gradients never appear as Linear weight gradients; each location's backward is one
+//! `adapter_location_backward_f32` launch (fused) or one `adapter_split_bwd_post_*` launch (split).
 
 mod common;
 
@@ -34,7 +36,10 @@ fn backward_work(model: &mut BertModel, be: &CudaBackend, batch: &InputBatch, ac
 fn backends() -> Vec<Arc<CudaBackend>> {
     let mut v = Vec::new();
     #[cfg(feature = "cuda-sim")]
-    v.push(Arc::new(CudaBackend::open(Device::CudaSim).unwrap()));
+    {
+        v.push(Arc::new(CudaBackend::open(Device::CudaSim).unwrap()));
+        v.push(Arc::new(CudaBackend::open(Device::CudaSim).unwrap().with_location_path(bert_adapters::cuda::adapter::LocationPath::Split)));
+    }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => v.push(Arc::new(CudaBackend::open(Device::Cuda(0)).unwrap())),
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
@@ -55,7 +60,8 @@ fn the_device_backward_skips_frozen_work() {
         let leave = bert_adapters::AdapterConfig::named("pfeiffer").unwrap().with_overrides(&serde_json::json!({"leave_out": [0]})).unwrap();
         model.add_adapter("top_only", leave).unwrap();
         let (rows, h, i) = (44, 48, 100);
-        let adapter_bwd = |c: &LaunchCounts| c.with_prefix("adapter_location_backward");
+        // One per location on either path (the split path launches the gate means only for gates).
+        let adapter_bwd = |c: &LaunchCounts| c.with_prefix("adapter_location_backward_f32") + c.with_prefix("adapter_split_bwd_post");
         let attention_bwd = |c: &LaunchCounts| c.with_prefix("attention_backward");
         let ln_param = |c: &LaunchCounts| c.with_prefix("layernorm_param_grad");
 

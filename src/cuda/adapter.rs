@@ -13,7 +13,9 @@
 //!   ([`adapter_location_forward_split`]: a pre kernel, the two bottleneck products per branch on
 //!   [`Gpu::gemm`], a post kernel; the same semantics and dropout masks, few launches, no weight
 //!   re-read per row). [`LocationPath::auto`] takes Split on a GPU and Fused on cuda-sim;
-//!   [`adapter_location_forward_on`] dispatches. The backward is the fused kernel either way.
+//!   [`adapter_location_forward_on`] dispatches. The backward has the same two paths
+//!   ([`adapter_location_backward`], [`adapter_location_backward_split`]: row kernels around the
+//!   products on [`Gpu::gemm`]), dispatched by [`adapter_location_backward_on`].
 //! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
 //!   per row, up to 8 rows per block, for H <= 1024 (no block barriers at all), else one block per
 //!   row with about 16 columns per thread.
@@ -28,7 +30,9 @@
 //! bodies): (f32, f32) the `_f32` ones, (f32, bf16) the `_bf16` ones (γ, β widened exactly on
 //! load), (bf16, bf16) the `_bf16io` ones (h, r widened exactly, out rounded once on store, to
 //! nearest even). bf16 activations over an f32 LayerNorm have no kernel: `Error::Unsupported`.
-//! The backward takes f32 only.
+//! The fused backward takes f32 only; the split backward takes f32 and (bf16, bf16) activations
+//! and LayerNorm (`_bf16io`: h, r, d_out, dh, dr in bf16; weights, their gradients and the
+//! workspace f32).
 //!
 //! The adapter's own dropout (training with `dropout > 0`, spec §3.4: on the scaled up projection,
 //! before the gate and the residual) is in the same launch: each branch's p and Philox stream
@@ -811,7 +815,7 @@ fn check_aliasing<P: DeviceScalar, A: DeviceScalar>(inputs: &LocationInputs<'_, 
 /// The environment variable that overrides [`LocationPath::auto`]: `fused` or `split`.
 pub const LOCATION_PATH_VAR: &str = "BERT_ADAPTERS_LOCATION_PATH";
 
-/// How one adapter location's forward runs (every branch, either way).
+/// How one adapter location's forward and backward run (every branch, either way).
 ///
 /// - `Fused`: [`adapter_location_forward`], one launch (two with a gate); the bottleneck
 ///   products on CUDA cores in every row team, which re-reads W_down and W_up for every row.
@@ -1410,11 +1414,11 @@ pub struct BranchGrads<'a> {
 
 /// What the backward writes.
 #[derive(Debug)]
-pub struct LocationBackwardOutputs<'a, 'g> {
+pub struct LocationBackwardOutputs<'a, 'g, A: DeviceScalar = f32> {
     /// `(dh, dr)`, `[B, T, H]` when the location replicates (summed over the branches), else
     /// `[N·B, T, H]`; None when the input gradients are not needed (then only trainable branches'
     /// rows are computed).
-    pub input_grads: Option<(DeviceViewMut<'a, f32>, DeviceViewMut<'a, f32>)>,
+    pub input_grads: Option<(DeviceViewMut<'a, A>, DeviceViewMut<'a, A>)>,
     /// One entry per branch: its gradient destinations, or None for a frozen branch.
     pub grads: &'g mut [Option<BranchGrads<'a>>],
 }
@@ -1603,12 +1607,12 @@ pub fn validate_backward_plan(plan: LocationPlan, hidden: usize, bottleneck_stri
 ///   flows through them (and to the gate's and the scaling's terms, which read the dropped
 ///   values).
 #[allow(clippy::too_many_arguments)] // the forward's operands plus d_out, the outputs and the workspace
-pub fn adapter_location_backward(
+pub fn adapter_location_backward<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_>,
-    d_out: &DeviceView<'_, f32>,
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
     descriptors: &LocationDescriptors<'_>,
-    outputs: &mut LocationBackwardOutputs<'_, '_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_, A>,
     workspace: &mut LocationBackwardWorkspace,
     shape: LocationShape,
 ) -> Result<()> {
@@ -1618,16 +1622,23 @@ pub fn adapter_location_backward(
 
 /// As [`adapter_location_backward`], with an explicit launch plan (validated).
 #[allow(clippy::too_many_arguments)]
-pub fn adapter_location_backward_with_plan(
+pub fn adapter_location_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
-    inputs: &LocationInputs<'_>,
-    d_out: &DeviceView<'_, f32>,
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
     descriptors: &LocationDescriptors<'_>,
-    outputs: &mut LocationBackwardOutputs<'_, '_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_, A>,
     workspace: &mut LocationBackwardWorkspace,
     shape: LocationShape,
     plan: LocationPlan,
 ) -> Result<()> {
+    if (A::DTYPE, P::DTYPE) != (DType::F32, DType::F32) {
+        return Err(Error::Unsupported(format!(
+            "{OP_BWD}: the fused backward takes f32 activations and an f32 LayerNorm, not {:?} / {:?}; bf16 activations take the split path (LocationPath::Split)",
+            A::DTYPE,
+            P::DTYPE
+        )));
+    }
     let descs = descriptors.descriptors();
     let trainable: Vec<bool> = outputs.grads.iter().map(Option::is_some).collect();
     // The workspace layout needs a mask as long as the descriptors; a wrong count is reported by
@@ -1702,10 +1713,10 @@ pub fn adapter_location_backward_with_plan(
         // The gate means of the gated branches' examples (the forward's gate, masked).
         let args = [
             gate_arg,
-            inputs.h.arg(),
-            inputs.r.arg(),
-            inputs.ln_gamma.arg(),
-            inputs.ln_beta.arg(),
+            A::act_arg(&inputs.h),
+            A::act_arg(&inputs.r),
+            P::base_arg(&inputs.ln_gamma),
+            P::base_arg(&inputs.ln_beta),
             descriptors.view().arg(),
             b,
             t,
@@ -1741,11 +1752,11 @@ pub fn adapter_location_backward_with_plan(
             pack_arg,
             gate_q_arg,
             gate_arg,
-            d_out.arg(),
-            inputs.h.arg(),
-            inputs.r.arg(),
-            inputs.ln_gamma.arg(),
-            inputs.ln_beta.arg(),
+            A::act_arg(d_out),
+            A::act_arg(&inputs.h),
+            A::act_arg(&inputs.r),
+            P::base_arg(&inputs.ln_gamma),
+            P::base_arg(&inputs.ln_beta),
             descriptors.view().arg(),
             b,
             t,
@@ -1783,7 +1794,8 @@ pub fn adapter_location_backward_with_plan(
         // The branch's own rows of h (replicated: h itself).
         let h_rows = || -> Result<DeviceView<'_, f32>> {
             if replicate {
-                Ok(inputs.h)
+                // SAFETY: A is f32 (refused otherwise at entry), so h's elements are f32s.
+                Ok(unsafe { DeviceView::<f32>::from_raw(inputs.h.device_ptr(), inputs.h.len()) })
             } else {
                 Err(Error::Internal(format!("{OP_BWD}: branch {i}'s z0 is not in its pack without replication")))
             }
@@ -1850,21 +1862,27 @@ fn for_each_dest(g: &mut BranchGrads<'_>, mut f: impl FnMut(&mut DeviceViewMut<'
 
 /// Outputs may not overlap an input, a weight or each other; two branches' gradient destinations
 /// may (the same adapter in two branches), since their products run one after the other.
-fn check_backward_aliasing(inputs: &LocationInputs<'_>, d_out: &DeviceView<'_, f32>, descriptors: &LocationDescriptors<'_>, outputs: &LocationBackwardOutputs<'_, '_>) -> Result<()> {
+fn check_backward_aliasing<P: DeviceScalar, A: DeviceScalar>(
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &LocationBackwardOutputs<'_, '_, A>,
+) -> Result<()> {
     let mut reads: Vec<(String, Range<u64>)> = vec![
-        ("h".into(), byte_range(inputs.h.device_ptr(), inputs.h.len())),
-        ("r".into(), byte_range(inputs.r.device_ptr(), inputs.r.len())),
-        ("d_out".into(), byte_range(d_out.device_ptr(), d_out.len())),
-        ("LayerNorm gamma".into(), byte_range(inputs.ln_gamma.device_ptr(), inputs.ln_gamma.len())),
-        ("LayerNorm beta".into(), byte_range(inputs.ln_beta.device_ptr(), inputs.ln_beta.len())),
+        ("h".into(), view_range(&inputs.h)),
+        ("r".into(), view_range(&inputs.r)),
+        ("d_out".into(), view_range(d_out)),
+        ("LayerNorm gamma".into(), view_range(&inputs.ln_gamma)),
+        ("LayerNorm beta".into(), view_range(&inputs.ln_beta)),
         ("the descriptors".into(), descriptors.view().device_ptr()..descriptors.view().device_ptr() + (descriptors.view().len() * 8) as u64),
     ];
     reads.extend(descriptors.ranges.iter().cloned());
     reads.extend(seed_range(inputs.dropout_seed.as_ref()));
     let mut shared: Vec<(String, Range<u64>)> = Vec::new(); // written by the kernel
     if let Some((dh, dr)) = &outputs.input_grads {
-        shared.push(("dh".into(), byte_range(dh.device_ptr(), dh.len())));
-        shared.push(("dr".into(), byte_range(dr.device_ptr(), dr.len())));
+        let bytes = |v: &DeviceViewMut<'_, A>| v.device_ptr()..v.device_ptr() + (v.len() * std::mem::size_of::<A>()) as u64;
+        shared.push(("dh".into(), bytes(dh)));
+        shared.push(("dr".into(), bytes(dr)));
     }
     let check_set = |writes: &[(String, Range<u64>)]| -> Result<()> {
         for (k, (name, range)) in writes.iter().enumerate() {
@@ -1902,6 +1920,469 @@ fn check_backward_aliasing(inputs: &LocationInputs<'_>, d_out: &DeviceView<'_, f
         }
         check_set(&writes)?;
     }
+    Ok(())
+}
+
+// ---- the split backward ------------------------------------------------------------------------------
+//
+// The launcher of the split path's backward (kernels/adapter.cu, section "split backward"): see
+// `adapter_location_backward_split`.
+
+use super::elementwise::{bias_grad, bias_grad_workspace_len, flat_launch};
+use super::registry::adapter::{
+    ADAPTER_LOCATION_BACKWARD_GATE_BF16IO, ADAPTER_SPLIT_ACT_BWD_F32, ADAPTER_SPLIT_ACT_F32, ADAPTER_SPLIT_BWD_INPUT_BF16IO, ADAPTER_SPLIT_BWD_INPUT_F32,
+    ADAPTER_SPLIT_BWD_POST_BF16IO, ADAPTER_SPLIT_BWD_POST_F32, ADAPTER_SPLIT_BWD_PRE_BF16IO, ADAPTER_SPLIT_BWD_PRE_F32,
+};
+
+/// The location's backward on `path`: [`adapter_location_backward`] (with a workspace from the
+/// pool) or [`adapter_location_backward_split`], each with its automatic plan.
+pub fn adapter_location_backward_on<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_, A>,
+    shape: LocationShape,
+    path: LocationPath,
+) -> Result<()> {
+    match path {
+        LocationPath::Fused => {
+            let trainable: Vec<bool> = outputs.grads.iter().map(Option::is_some).collect();
+            // A wrong count of gradient entries is the launcher's size error to report.
+            let len = if trainable.len() == descriptors.branches() { backward_workspace_len(descriptors, shape, &trainable).unwrap_or(0) } else { 0 };
+            let mut workspace = LocationBackwardWorkspace::new(gpu, len)?;
+            adapter_location_backward(gpu, inputs, d_out, descriptors, outputs, &mut workspace, shape)
+        }
+        LocationPath::Split => adapter_location_backward_split(gpu, inputs, d_out, descriptors, outputs, shape),
+    }
+}
+
+/// The split backward's kernels for activations `A` and BERT LayerNorm `P`: the gate means, pre,
+/// post and input kernels. f32 / f32 (`_f32`) and bf16 / bf16 (`_bf16io`); anything else is
+/// `Error::Unsupported`.
+fn split_backward_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<[KernelName; 4]> {
+    match (A::DTYPE, P::DTYPE) {
+        (DType::F32, DType::F32) => Ok([ADAPTER_LOCATION_BACKWARD_GATE_F32, ADAPTER_SPLIT_BWD_PRE_F32, ADAPTER_SPLIT_BWD_POST_F32, ADAPTER_SPLIT_BWD_INPUT_F32]),
+        (DType::BF16, DType::BF16) => Ok([ADAPTER_LOCATION_BACKWARD_GATE_BF16IO, ADAPTER_SPLIT_BWD_PRE_BF16IO, ADAPTER_SPLIT_BWD_POST_BF16IO, ADAPTER_SPLIT_BWD_INPUT_BF16IO]),
+        (a, p) => Err(Error::Unsupported(format!(
+            "{OP_BWD}: activations (h, r, d_out, dh, dr) in {a:?} with the BERT LayerNorm in {p:?}: no backward kernel (f32 activations take an f32 LayerNorm, bf16 activations a bf16 one)"
+        ))),
+    }
+}
+
+/// Where the split backward's f32 workspace holds what (element ranges of one buffer; empty when
+/// the backward does not need it). Row-indexed arrays have `N·B·T` rows (row = branch·B·T +
+/// local), of which only the rows of the processed branches are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitBackwardLayout {
+    /// `[N·B·T, H]`: z0, then dz0 = dpre·W_d.
+    pub z: Range<usize>,
+    /// `[N·B·T, H]`: up, then dup.
+    pub up: Range<usize>,
+    /// `[N·B·T, H]` dρ and the post step's dr term (input gradients; the latter with the post
+    /// step's LayerNorm).
+    pub rho_grad: Range<usize>,
+    pub r_grad: Range<usize>,
+    /// `[N·B·T, H]` each: LN_after's and LN_before's per-row γ and β terms (trainable branches).
+    pub ln_after: (Range<usize>, Range<usize>),
+    pub ln_before: (Range<usize>, Range<usize>),
+    /// `[N·B·T, H]` channel and `[N·B·T]` learned scaling terms.
+    pub scale_channel: Range<usize>,
+    pub scale_learned: Range<usize>,
+    /// `[N·B·T, H]` the gate's input x and `[N·B·T]` dlogit (trainable gated branches).
+    pub gate_x: Range<usize>,
+    pub dlogit: Range<usize>,
+    /// `[N·B·T]` the gate's row terms and `[N·B]` the gate means (gated branches).
+    pub gate_q: Range<usize>,
+    pub gate: Range<usize>,
+    /// `[N·B·T, 2]` the pre step's statistics, when ρ = x after the original LayerNorm.
+    pub stats: Range<usize>,
+    /// Per branch (None when not processed): its `[B·T, m]` pre-activation, activation and
+    /// da / dpre.
+    pub branch: Vec<Option<[Range<usize>; 3]>>,
+    /// The column sums' scratch.
+    pub colsum: Range<usize>,
+    pub len: usize,
+}
+
+/// The split backward's workspace for `descs` at `shape`, processing the branches of
+/// `branch_mask` with parameter gradients for those of `train_mask`. Pure; `Error::Shape` when a
+/// size overflows.
+pub fn split_backward_layout(descs: &[BranchDescriptor], hidden: usize, shape: LocationShape, branch_mask: u32, train_mask: u32, need_input: bool) -> Result<SplitBackwardLayout> {
+    let per_branch = shape.batch * shape.seq_len;
+    let n = descs.len();
+    let overflow = || Error::shape(OP_BWD, format!("the split workspace for B·T = {per_branch}, H = {hidden}, N = {n} overflows usize"));
+    let rows = per_branch.checked_mul(n).ok_or_else(overflow)?;
+    let rh = rows.checked_mul(hidden).ok_or_else(overflow)?;
+    let mut at = 0usize;
+    let mut take = |len: usize| -> Result<Range<usize>> {
+        if len == 0 {
+            return Ok(0..0);
+        }
+        let start = at.checked_next_multiple_of(WORKSPACE_ALIGN).ok_or_else(overflow)?;
+        at = start.checked_add(len).ok_or_else(overflow)?;
+        Ok(start..at)
+    };
+    let in_mask = |i: usize| (branch_mask >> i) & 1 == 1;
+    let trains = |i: usize| (train_mask >> i) & 1 == 1;
+    let any_train = |f: &dyn Fn(&BranchDescriptor) -> bool| descs.iter().enumerate().any(|(i, d)| trains(i) && f(d));
+    let post = descs.first().is_some_and(|d| d.original_ln_after != 0);
+    let steps_stats = descs.first().is_some_and(|d| d.original_ln_before != 0 && d.residual_before_ln == residual_code(ResidualBeforeLn::False));
+    let gated = descs.iter().enumerate().any(|(i, d)| in_mask(i) && d.gate_w != 0);
+    let z = take(rh)?;
+    let up = take(rh)?;
+    let rho_grad = take(if need_input { rh } else { 0 })?;
+    let r_grad = take(if need_input && post { rh } else { 0 })?;
+    let la = if any_train(&|d| d.ln_after_gamma != 0) { rh } else { 0 };
+    let ln_after = (take(la)?, take(la)?);
+    let lb = if any_train(&|d| d.ln_before_gamma != 0) { rh } else { 0 };
+    let ln_before = (take(lb)?, take(lb)?);
+    let scale_channel = take(if any_train(&|d| d.scaling_kind == SCALING_CHANNEL) { rh } else { 0 })?;
+    let scale_learned = take(if any_train(&|d| d.scaling_kind == SCALING_LEARNED) { rows } else { 0 })?;
+    let train_gated = any_train(&|d| d.gate_w != 0);
+    let gate_x = take(if train_gated { rh } else { 0 })?;
+    let dlogit = take(if train_gated { rows } else { 0 })?;
+    let gate_q = take(if gated { rows } else { 0 })?;
+    let gate = take(if gated { n * shape.batch } else { 0 })?;
+    let stats = take(if steps_stats { 2 * rows } else { 0 })?;
+    let mut branch = Vec::with_capacity(n);
+    let mut widest = hidden;
+    for (i, d) in descs.iter().enumerate() {
+        if !in_mask(i) {
+            branch.push(None);
+            continue;
+        }
+        let m = d.bottleneck as usize;
+        widest = widest.max(m);
+        let len = per_branch.checked_mul(m).ok_or_else(overflow)?;
+        branch.push(Some([take(len)?, take(len)?, take(len)?]));
+    }
+    let colsum = take(if train_mask != 0 { bias_grad_workspace_len(per_branch, widest) } else { 0 })?;
+    Ok(SplitBackwardLayout { z, up, rho_grad, r_grad, ln_after, ln_before, scale_channel, scale_learned, gate_x, dlogit, gate_q, gate, stats, branch, colsum, len: at })
+}
+
+/// The automatic plan of the split backward's row kernels: the forward's rule
+/// ([`LocationPlan::auto`]) with the input kernel's 4H floats of shared memory per team.
+pub fn split_backward_plan_auto(hidden: usize) -> LocationPlan {
+    LocationPlan::auto(hidden, 3 * hidden)
+}
+
+/// Checks a plan against the split backward's row kernels (the forward's thread rules; the input
+/// kernel's 4H floats of shared memory per team within `max_shared`).
+pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, max_shared: usize) -> Result<()> {
+    plan.validate(hidden, 3 * hidden, max_shared).map_err(|e| match e {
+        Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
+        other => other,
+    })
+}
+
+/// The gradient of the location on the split path ([`LocationPath::Split`]) with the automatic
+/// plan: the same contract, outputs and refusals as [`adapter_location_backward`] (which it
+/// matches within the fused kernel's tolerances, with the same dropout masks), and bf16
+/// activations too: with `A = P = bf16` (the `_bf16io` kernels) h, r, d_out, dh and dr are bf16
+/// (dh, dr rounded once on store) while every weight, weight gradient and the workspace stay f32.
+/// The bottleneck products run on [`Gpu::gemm`] (f32, cuBLASLt on a GPU); the workspace
+/// ([`split_backward_layout`]) comes from the pool.
+pub fn adapter_location_backward_split<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_, A>,
+    shape: LocationShape,
+) -> Result<()> {
+    adapter_location_backward_split_with_plan(gpu, inputs, d_out, descriptors, outputs, shape, split_backward_plan_auto(shape.hidden))
+}
+
+/// As [`adapter_location_backward_split`], with an explicit plan for its row kernels (validated).
+#[allow(clippy::too_many_arguments)] // the backward's operands plus the plan
+pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationScalar>(
+    gpu: &Gpu,
+    inputs: &LocationInputs<'_, P, A>,
+    d_out: &DeviceView<'_, A>,
+    descriptors: &LocationDescriptors<'_>,
+    outputs: &mut LocationBackwardOutputs<'_, '_, A>,
+    shape: LocationShape,
+    plan: LocationPlan,
+) -> Result<()> {
+    let [gate_kernel, pre_kernel, post_kernel, input_kernel] = split_backward_kernels::<P, A>()?;
+    let descs = descriptors.descriptors();
+    LocationBackwardSizes {
+        shape,
+        h: inputs.h.len(),
+        r: inputs.r.len(),
+        ln_gamma: inputs.ln_gamma.len(),
+        ln_beta: inputs.ln_beta.len(),
+        d_out: d_out.len(),
+        input_grads: outputs.input_grads.as_ref().map(|(dh, dr)| (dh.len(), dr.len())),
+        grads: outputs.grads.len(),
+        descriptor_branches: descriptors.branches(),
+        descriptor_hidden: descriptors.hidden(),
+        workspace: 0,
+        workspace_needed: 0,
+    }
+    .check(inputs.ln_eps)?;
+    for (i, g) in outputs.grads.iter().enumerate() {
+        if let Some(g) = g {
+            check_branch_grads(i, &descs[i], shape.hidden, &BranchGradLens::of(g))?;
+        }
+    }
+    let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
+    validate_split_backward_plan(plan, shape.hidden, max_shared)?;
+    let [seed_buf, seed_lo, seed_hi] = seed_args(OP_BWD, descriptors, inputs.dropout_seed.as_ref())?;
+    check_backward_aliasing(inputs, d_out, descriptors, outputs)?;
+
+    let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
+    let per_branch = batch * seq_len;
+    let need_input = outputs.input_grads.is_some();
+    if per_branch == 0 {
+        // No rows: every gradient is an empty sum. Overwritten destinations become 0.
+        for g in outputs.grads.iter_mut().flatten() {
+            if !g.accumulate {
+                for_each_dest(g, |v| gpu.memset_zero(v))?;
+            }
+        }
+        return Ok(());
+    }
+    let all: u32 = if branches == 32 { u32::MAX } else { (1u32 << branches) - 1 };
+    let train_mask: u32 = outputs.grads.iter().enumerate().filter(|(_, g)| g.is_some()).fold(0, |m, (i, _)| m | (1 << i));
+    let branch_mask = if need_input { all } else { train_mask };
+    if branch_mask == 0 {
+        return Ok(()); // nothing is asked for
+    }
+    let mask_of = |f: &dyn Fn(&BranchDescriptor) -> bool| descs.iter().enumerate().filter(|(_, d)| f(d)).fold(0u32, |m, (i, _)| m | (1 << i));
+    let gated_mask = mask_of(&|d| d.gate_w != 0) & branch_mask;
+    // The input kernel: every branch with input gradients, else the trainable ones whose
+    // parameters need it (LN_before's γ, β; the gate's dlogit).
+    let input_mask = if need_input { branch_mask } else { train_mask & mask_of(&|d| d.ln_before_gamma != 0 || d.gate_w != 0) };
+    let layout = split_backward_layout(descs, hidden, shape, branch_mask, train_mask, need_input)?;
+    let work = gpu.alloc::<f32>(layout.len.max(1))?;
+    let base = work.view().device_ptr();
+    // Windows of the workspace, which lives to the end of this function; each region is written
+    // by one launch or product at a time (the layout keeps them apart).
+    let window = |r: &Range<usize>| -> Result<DeviceView<'_, f32>> {
+        if r.end > layout.len.max(1) {
+            return Err(Error::Internal(format!("{OP_BWD}: window {r:?} of a split workspace of {} elements", layout.len)));
+        }
+        // SAFETY: inside `work` (checked), which outlives every window (borrowed by the closure).
+        Ok(unsafe { DeviceView::<f32>::from_raw(base + (r.start * std::mem::size_of::<f32>()) as u64, r.len()) })
+    };
+    let arg = |r: &Range<usize>| -> Result<KernelArg> { if r.is_empty() { Ok(KernelArg::Null) } else { Ok(window(r)?.arg()) } };
+    // Rows [i·B·T, (i+1)·B·T) of a row-indexed [N·B·T, width] region.
+    let rows_of = |r: &Range<usize>, i: usize, width: usize| -> Result<DeviceView<'_, f32>> { window(&(r.start + i * per_branch * width..r.start + (i + 1) * per_branch * width)) };
+    let (b, t, hd, rep) = (KernelArg::I32(batch as i32), KernelArg::I32(seq_len as i32), KernelArg::I32(hidden as i32), KernelArg::I32(replicate as i32));
+    let (ln_gamma, ln_beta) = (P::base_arg(&inputs.ln_gamma), P::base_arg(&inputs.ln_beta));
+    let eps = KernelArg::F32(inputs.ln_eps);
+    let teams = |mask: u32| mask.count_ones() as usize * per_branch;
+    let row_cfg = |teams: usize, floats_per_team: usize| LaunchConfig {
+        grid_dim: (teams.div_ceil(plan.rows_per_block as usize) as u32, 1, 1),
+        block_dim: (plan.threads_per_row, plan.rows_per_block, 1),
+        shared_mem_bytes: (plan.rows_per_block as usize * floats_per_team * std::mem::size_of::<f32>()) as u32,
+    };
+    for (kernel, floats) in [(pre_kernel, hidden), (post_kernel, 2 * hidden), (input_kernel, 4 * hidden)] {
+        let bytes = plan.rows_per_block as usize * floats * std::mem::size_of::<f32>();
+        if bytes > gpu.dynamic_shared_limit(kernel) {
+            gpu.allow_dynamic_shared(kernel, bytes)?;
+        }
+    }
+
+    if gated_mask != 0 {
+        // The gate means of the gated branches' examples (the forward's gate, masked).
+        let args = [arg(&layout.gate)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(gated_mask)];
+        let cfg = LaunchConfig { grid_dim: ((branches * batch) as u32, 1, 1), block_dim: (32, seq_len.min(GATE_ROWS_PER_BLOCK) as u32, 1), shared_mem_bytes: 0 };
+        // SAFETY: the sizes were checked: the gate region holds N·B floats, h and r the rows the
+        // kernel reads for this shape and replicate flag, γ/β H; the descriptors were validated.
+        unsafe { gpu.launch(gate_kernel, cfg, &args)? };
+    }
+
+    // Pre: z0 (and the statistics) of the processed rows.
+    {
+        // Parameter order: z0, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+        // replicate, ln_eps, branch_mask.
+        let args = [arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(branch_mask)];
+        // SAFETY: z has N·B·T·H elements and the statistics (when passed) 2·N·B·T, both workspace;
+        // h, r, γ, β were checked; the plan was validated against H floats per team.
+        unsafe { gpu.launch(pre_kernel, row_cfg(teams(branch_mask), hidden), &args)? };
+    }
+
+    // The weights of branch i as views: [m, H], [m], [H, m], [H].
+    let weights = |d: &BranchDescriptor| {
+        let m = d.bottleneck as usize;
+        // SAFETY: the descriptors were validated against H and m when they were built and their
+        // weights stay borrowed (or, detached, alive by the owner's promise); nothing writes
+        // them during this call (the aliasing check keeps the gradients apart).
+        unsafe { (DeviceView::<f32>::from_raw(d.down_w, m * hidden), DeviceView::<f32>::from_raw(d.down_b, m), DeviceView::<f32>::from_raw(d.up_w, hidden * m), DeviceView::<f32>::from_raw(d.up_b, hidden)) }
+    };
+
+    // Forward products: pre = z0·W_dᵀ + b_d, a = act(pre), up = a·W_uᵀ + b_u.
+    for (i, d) in descs.iter().enumerate() {
+        let Some([pre_r, act_r, _]) = &layout.branch[i] else { continue };
+        let m = d.bottleneck as usize;
+        let (wd, bd, wu, bu) = weights(d);
+        let z = rows_of(&layout.z, i, hidden)?;
+        let (pre, act) = (window(pre_r)?, window(act_r)?);
+        // SAFETY (assume_writable, here and below): each window is the branch's own region of the
+        // workspace, written by this one product or launch while nothing reads it.
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(Epilogue::Bias);
+        gpu.gemm(&gm, &wd, &z, &mut unsafe { pre.assume_writable() }, Some(&bd))?;
+        let len = per_branch * m;
+        let args = [act.arg(), pre.arg(), KernelArg::I64(len as i64), KernelArg::I32(d.activation)];
+        // SAFETY: a and pre hold B·T·m elements each, in disjoint regions.
+        unsafe { gpu.launch(ADAPTER_SPLIT_ACT_F32, flat_launch(len), &args)? };
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias);
+        gpu.gemm(&gm, &wu, &act, &mut unsafe { rows_of(&layout.up, i, hidden)?.assume_writable() }, Some(&bu))?;
+    }
+
+    // Post: dup over up, dρ, the dr term, the gate's row terms and the per-row parameter terms.
+    {
+        // Parameter order: up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l,
+        // gate_q, stats, gate, d_out, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+        // replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi.
+        let args = [
+            arg(&layout.up)?,
+            arg(&layout.rho_grad)?,
+            arg(&layout.r_grad)?,
+            arg(&layout.ln_after.0)?,
+            arg(&layout.ln_after.1)?,
+            arg(&layout.scale_channel)?,
+            arg(&layout.scale_learned)?,
+            arg(&layout.gate_q)?,
+            arg(&layout.stats)?,
+            arg(&layout.gate)?,
+            A::act_arg(d_out),
+            A::act_arg(&inputs.h),
+            A::act_arg(&inputs.r),
+            ln_gamma,
+            ln_beta,
+            descriptors.view().arg(),
+            b,
+            t,
+            hd,
+            rep,
+            eps,
+            KernelArg::U32(branch_mask),
+            KernelArg::U32(train_mask),
+            seed_buf,
+            seed_lo,
+            seed_hi,
+        ];
+        // SAFETY: every region was sized by split_backward_layout for these masks (a null one is
+        // never touched: the kernel writes a term only for the branches that need it), d_out has
+        // N·B·T·H elements, the seed buffer (if any) 2 words; 2H floats of shared memory per team.
+        unsafe { gpu.launch(post_kernel, row_cfg(teams(branch_mask), 2 * hidden), &args)? };
+    }
+
+    // Backward products per branch: dW_up, db_up, dpre, dW_down, db_down, dz0 (over z0).
+    let colsum = window(&layout.colsum)?;
+    let column_sums = |x: &DeviceView<'_, f32>, cols: usize, dest: &mut DeviceViewMut<'_, f32>, accumulate: bool| -> Result<()> {
+        // SAFETY: the scratch region of the workspace, used by one column sum at a time.
+        bias_grad(gpu, x, cols, dest, accumulate, &mut unsafe { colsum.assume_writable() })
+    };
+    for (i, d) in descs.iter().enumerate() {
+        let Some([pre_r, act_r, da_r]) = &layout.branch[i] else { continue };
+        let m = d.bottleneck as usize;
+        let (wd, _, wu, _) = weights(d);
+        let (pre, act, da) = (window(pre_r)?, window(act_r)?, window(da_r)?);
+        let dup = rows_of(&layout.up, i, hidden)?;
+        let z = rows_of(&layout.z, i, hidden)?;
+        let mut grads = outputs.grads[i].as_mut();
+        if let Some(g) = grads.as_deref_mut() {
+            let beta = if g.accumulate { 1.0 } else { 0.0 };
+            // dW_up [H, m] row-major = column-major m x H: a' (m x B·T) · dup'ᵀ (B·T x H).
+            let gm = Gemm::new(Transpose::No, Transpose::Yes, m, hidden, per_branch).with_ld(m, hidden, m).with_scalars(1.0, beta);
+            gpu.gemm(&gm, &act, &dup, &mut g.up_w, None)?;
+            column_sums(&dup, hidden, &mut g.up_b, g.accumulate)?;
+        }
+        // da = dup·W_u: column-major m x B·T = W_u' (m x H, ld m) · dup' (H x B·T).
+        let gm = Gemm::new(Transpose::No, Transpose::No, m, per_branch, hidden).with_ld(m, hidden, m);
+        gpu.gemm(&gm, &wu, &dup, &mut unsafe { da.assume_writable() }, None)?;
+        let len = per_branch * m;
+        let args = [da.arg(), pre.arg(), KernelArg::I64(len as i64), KernelArg::I32(d.activation)];
+        // SAFETY: da and pre hold B·T·m elements each, in disjoint regions; da in place.
+        unsafe { gpu.launch(ADAPTER_SPLIT_ACT_BWD_F32, flat_launch(len), &args)? };
+        if let Some(g) = grads.as_deref_mut() {
+            let beta = if g.accumulate { 1.0 } else { 0.0 };
+            // dW_down [m, H] row-major = column-major H x m: z0' (H x B·T) · dpre'ᵀ (B·T x m).
+            let gm = Gemm::new(Transpose::No, Transpose::Yes, hidden, m, per_branch).with_ld(hidden, m, hidden).with_scalars(1.0, beta);
+            gpu.gemm(&gm, &z, &da, &mut g.down_w, None)?;
+            column_sums(&da, m, &mut g.down_b, g.accumulate)?;
+        }
+        if need_input || (grads.is_some() && d.ln_before_gamma != 0) {
+            // dz0 = dpre·W_d over z0 (read for the last time above): column-major H x B·T =
+            // W_d' (H x m, ld H) · dpre' (m x B·T).
+            let gm = Gemm::new(Transpose::No, Transpose::No, hidden, per_branch, m).with_ld(hidden, m, hidden);
+            gpu.gemm(&gm, &wd, &da, &mut unsafe { z.assume_writable() }, None)?;
+        }
+    }
+
+    // Input: LN_before, the gate's dlogit, dx, the pre step; dh and dr.
+    if input_mask != 0 {
+        let (dh_arg, dr_arg) = outputs.input_grads.as_ref().map_or((KernelArg::Null, KernelArg::Null), |(dh, dr)| (A::act_arg_mut(dh), A::act_arg_mut(dr)));
+        let dz_needed = need_input || descs.iter().enumerate().any(|(i, d)| (train_mask >> i) & 1 == 1 && d.ln_before_gamma != 0);
+        // Parameter order: dh, dr, lb_gamma, lb_beta, gate_x, dlogit, dz0, rho_grad, r_grad,
+        // gate_q, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden, branches, replicate,
+        // ln_eps, branch_mask, train_mask, need_input.
+        let args = [
+            dh_arg,
+            dr_arg,
+            arg(&layout.ln_before.0)?,
+            arg(&layout.ln_before.1)?,
+            arg(&layout.gate_x)?,
+            arg(&layout.dlogit)?,
+            if dz_needed { arg(&layout.z)? } else { KernelArg::Null },
+            arg(&layout.rho_grad)?,
+            arg(&layout.r_grad)?,
+            arg(&layout.gate_q)?,
+            A::act_arg(&inputs.h),
+            A::act_arg(&inputs.r),
+            ln_gamma,
+            ln_beta,
+            descriptors.view().arg(),
+            b,
+            t,
+            hd,
+            KernelArg::I32(branches as i32),
+            rep,
+            eps,
+            KernelArg::U32(input_mask),
+            KernelArg::U32(train_mask),
+            KernelArg::I32(need_input as i32),
+        ];
+        let n_teams = if replicate && need_input { per_branch } else { teams(input_mask) };
+        // SAFETY: dh and dr (when given) hold the input rows (checked), every region was sized
+        // by split_backward_layout for these masks, dz0 holds the products of every branch the
+        // kernel reads it for; 4H floats of shared memory per team (the validated plan).
+        unsafe { gpu.launch(input_kernel, row_cfg(n_teams, 4 * hidden), &args)? };
+    }
+
+    // The per-row terms' column sums, and dW_gate = xᵀ·dlogit.
+    for (i, d) in descs.iter().enumerate() {
+        let Some(g) = outputs.grads[i].as_mut() else { continue };
+        let acc = g.accumulate;
+        if let Some((gd, bd)) = g.ln_after.as_mut() {
+            column_sums(&rows_of(&layout.ln_after.0, i, hidden)?, hidden, gd, acc)?;
+            column_sums(&rows_of(&layout.ln_after.1, i, hidden)?, hidden, bd, acc)?;
+        }
+        if let Some((gd, bd)) = g.ln_before.as_mut() {
+            column_sums(&rows_of(&layout.ln_before.0, i, hidden)?, hidden, gd, acc)?;
+            column_sums(&rows_of(&layout.ln_before.1, i, hidden)?, hidden, bd, acc)?;
+        }
+        if let Some(s) = g.scaling.as_mut() {
+            if d.scaling_kind == SCALING_LEARNED {
+                column_sums(&rows_of(&layout.scale_learned, i, 1)?, 1, s, acc)?;
+            } else {
+                column_sums(&rows_of(&layout.scale_channel, i, hidden)?, hidden, s, acc)?;
+            }
+        }
+        if let Some((wd, bd)) = g.gate.as_mut() {
+            let dl = rows_of(&layout.dlogit, i, 1)?;
+            column_sums(&dl, 1, bd, acc)?;
+            // dW_gate [1, H] = x' (H x B·T) · dlogit (B·T x 1).
+            let gm = Gemm::new(Transpose::No, Transpose::No, hidden, 1, per_branch).with_ld(hidden, per_branch, hidden).with_scalars(1.0, if acc { 1.0 } else { 0.0 });
+            gpu.gemm(&gm, &rows_of(&layout.gate_x, i, hidden)?, &dl, wd, None)?;
+        }
+    }
+    drop(work); // back to the pool only after the last launch that reads it was enqueued
     Ok(())
 }
 
@@ -2071,6 +2552,56 @@ mod backward_tests {
         let many = sizes(shape(1, 1, 8, 33, true));
         assert!(matches!(many.check(1e-12), Err(Error::Unsupported(_))));
         assert!(matches!(ok.check(f32::NAN), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn split_backward_kernels_by_storage_type() {
+        let names = |k: Result<[KernelName; 4]>| k.map(|ks| ks.map(|k| k.name));
+        assert_eq!(
+            names(split_backward_kernels::<f32, f32>()).unwrap(),
+            ["adapter_location_backward_gate_f32", "adapter_split_bwd_pre_f32", "adapter_split_bwd_post_f32", "adapter_split_bwd_input_f32"]
+        );
+        assert_eq!(
+            names(split_backward_kernels::<half::bf16, half::bf16>()).unwrap(),
+            ["adapter_location_backward_gate_bf16io", "adapter_split_bwd_pre_bf16io", "adapter_split_bwd_post_bf16io", "adapter_split_bwd_input_bf16io"]
+        );
+        for err in [names(split_backward_kernels::<half::bf16, f32>()).unwrap_err(), names(split_backward_kernels::<f32, half::bf16>()).unwrap_err()] {
+            assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn split_backward_layouts_hold_only_what_the_masks_need() {
+        let descs = [desc(3), full(5), BranchDescriptor { scaling_kind: SCALING_LEARNED, scaling: 64, ..desc(48) }];
+        let s = shape(2, 7, 40, 3, true);
+        let (rows, rh) = (3 * 14, 3 * 14 * 40);
+        // Everything processed, branches 0 and 2 trainable, input gradients.
+        let l = split_backward_layout(&descs, 40, s, 0b111, 0b101, true).unwrap();
+        assert_eq!((l.z.len(), l.up.len(), l.rho_grad.len(), l.r_grad.len()), (rh, rh, rh, rh));
+        // Branch 1 (the only one with LayerNorms, a channel scaling and a gate) is frozen: no
+        // per-row terms for them; its gate still needs the means and the row terms.
+        assert_eq!((l.ln_after.0.len(), l.ln_before.1.len(), l.scale_channel.len(), l.gate_x.len(), l.dlogit.len()), (0, 0, 0, 0, 0));
+        assert_eq!((l.scale_learned.len(), l.gate_q.len(), l.gate.len(), l.stats.len()), (rows, rows, 6, 0));
+        assert_eq!(l.branch.iter().map(|b| b.as_ref().map(|r| r[0].len())).collect::<Vec<_>>(), [Some(14 * 3), Some(14 * 5), Some(14 * 48)]);
+        assert_eq!(l.colsum.len(), bias_grad_workspace_len(14, 48));
+        // Regions are aligned and disjoint, inside len.
+        let mut regions = vec![l.z.clone(), l.up.clone(), l.rho_grad.clone(), l.r_grad.clone(), l.scale_learned.clone(), l.gate_q.clone(), l.gate.clone(), l.colsum.clone()];
+        regions.extend(l.branch.iter().flatten().flat_map(|r| r.iter().cloned()));
+        regions.sort_by_key(|r| r.start);
+        for w in regions.windows(2) {
+            assert!(w[0].end <= w[1].start && w[1].start % WORKSPACE_ALIGN == 0, "{w:?}");
+        }
+        assert!(regions.last().unwrap().end <= l.len);
+        // No input gradients, only branch 1 trains: no dρ / dr terms, its per-row terms, no
+        // products for the others.
+        let l = split_backward_layout(&descs, 40, s, 0b010, 0b010, false).unwrap();
+        assert_eq!((l.rho_grad.len(), l.r_grad.len(), l.scale_learned.len()), (0, 0, 0));
+        assert_eq!((l.ln_after.0.len(), l.ln_before.1.len(), l.scale_channel.len(), l.gate_x.len(), l.dlogit.len()), (rh, rh, rh, rh, rows));
+        assert_eq!(l.branch.iter().map(Option::is_some).collect::<Vec<_>>(), [false, true, false]);
+        // The pre step's statistics only where ρ = x after the original LayerNorm.
+        let x_after_ln = |d: BranchDescriptor| BranchDescriptor { original_ln_before: 1, residual_before_ln: residual_code(ResidualBeforeLn::False), ..d };
+        assert_eq!(split_backward_layout(&[x_after_ln(desc(3))], 40, shape(2, 7, 40, 1, false), 1, 1, true).unwrap().stats.len(), 28);
+        assert!(split_backward_layout(&descs, 40, shape(1 << 40, 1 << 20, 40, 3, true), 0b111, 0b111, true).is_err());
     }
 
     #[test]

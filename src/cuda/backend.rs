@@ -67,7 +67,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_backward, adapter_location_forward_on, backward_workspace_len, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
@@ -212,7 +212,7 @@ impl CudaBackend {
         }
     }
 
-    /// This backend with every adapter location's forward on `path` (the fused kernel, or the
+    /// This backend with every adapter location's forward and backward on `path` (the fused kernel, or the
     /// split path with the bottleneck products on GEMMs); without it, [`LocationPath::auto`]
     /// decides at each call (split on a GPU, fused on cuda-sim, `BERT_ADAPTERS_LOCATION_PATH`
     /// overriding).
@@ -221,7 +221,7 @@ impl CudaBackend {
         self
     }
 
-    /// The path the next adapter location's forward takes.
+    /// The path the next adapter location's forward (and backward) takes.
     pub fn location_path(&self) -> Result<LocationPath> {
         self.location_path.map_or_else(|| LocationPath::auto(&self.gpu), Ok)
     }
@@ -388,8 +388,8 @@ impl CudaBackend {
         )
     }
 
-    /// `adapter_location_backward_into` for bf16 activations on the fused kernel, which reads f32
-    /// only: `h`, `r`, `d_out` and the BERT LayerNorm's γ/β are widened exactly, the f32 backward
+    /// `adapter_location_backward_into` for bf16 activations on the fused path, whose kernel reads
+    /// f32 only: `h`, `r`, `d_out` and the BERT LayerNorm's γ/β are widened exactly, the f32 backward
     /// runs, and the input gradients are rounded once to bf16. The weight gradients are f32
     /// either way. (Costs three widening passes and one narrowing over `[rows, H]`.)
     fn adapter_location_backward_widened(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -408,6 +408,51 @@ impl CudaBackend {
         let (dh, dr) = self.adapter_location_backward_into(&wide_loc, &d, grads, need_input_grads)?;
         let narrow = |t: Option<Tensor>| t.map(|t| self.cast(&t, DType::BF16)).transpose();
         Ok((narrow(dh)?, narrow(dr)?))
+    }
+
+    /// `adapter_location_backward_into` with the activations, their gradients and the BERT
+    /// LayerNorm's γ/β stored as `A` (f32; or bf16 on the split path, over a bf16 base).
+    fn adapter_backward_typed<A: BufferElement + ActivationScalar + BaseScalar>(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        const OP: &str = "adapter_location_backward";
+        if grads.len() != loc.branches.len() {
+            return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
+        }
+        let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
+        let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
+        let input_rows = if loc.replicate { shape.batch } else { shape.batch * shape.branches };
+        let (dh, dr) = if need_input_grads {
+            let dims = [input_rows, shape.seq_len, shape.hidden];
+            (Some(self.new_tensor::<A>(&dims)?), Some(self.new_tensor::<A>(&dims)?))
+        } else {
+            (None, None)
+        };
+        let mut branch_grads = Vec::with_capacity(grads.len());
+        for g in grads {
+            branch_grads.push(match g {
+                None => None,
+                Some(GradsOut { grads: g, accumulate }) => Some(BranchGrads {
+                    down_w: self.view_mut(OP, &g.down_w)?,
+                    down_b: self.view_mut(OP, &g.down_b)?,
+                    up_w: self.view_mut(OP, &g.up_w)?,
+                    up_b: self.view_mut(OP, &g.up_b)?,
+                    ln_before: g.ln_before.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    ln_after: g.ln_after.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    scaling: g.scaling.as_ref().map(|t| self.view_mut(OP, t)).transpose()?,
+                    gate: g.gate.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
+                    accumulate: *accumulate,
+                }),
+            });
+        }
+        let input_grads = match (&dh, &dr) {
+            (Some(a), Some(b)) => Some((self.view_mut(OP, a)?, self.view_mut(OP, b)?)),
+            _ => None,
+        };
+        let mut outputs = LocationBackwardOutputs { input_grads, grads: &mut branch_grads };
+        let ln = &loc.layer_norm;
+        let inputs = LocationInputs::<A, A> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
+        // The location's path picks the backward too (fused kernel, or split with GEMMs).
+        adapter_location_backward_on(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, shape, self.location_path()?)?;
+        Ok((dh, dr))
     }
 
     fn unsupported(&self, op: &str) -> Error {
@@ -1046,49 +1091,17 @@ impl Backend for CudaBackend {
 
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
-        if [loc.h, loc.r, d_out].iter().any(|t| t.dtype() == DType::BF16) {
-            return self.adapter_location_backward_widened(loc, d_out, grads, need_input_grads);
+        if [loc.h, loc.r, d_out].iter().all(|t| t.dtype() != DType::BF16) {
+            return self.adapter_backward_typed::<f32>(loc, d_out, grads, need_input_grads);
         }
-        if grads.len() != loc.branches.len() {
-            return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
-        }
-        let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
-        let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
-        let trainable: Vec<bool> = grads.iter().map(Option::is_some).collect();
-        let mut workspace = LocationBackwardWorkspace::new(&self.gpu, backward_workspace_len(&descriptors, shape, &trainable)?)?;
-        let input_rows = if loc.replicate { shape.batch } else { shape.batch * shape.branches };
-        let (dh, dr) = if need_input_grads {
-            let dims = [input_rows, shape.seq_len, shape.hidden];
-            (Some(self.new_tensor::<f32>(&dims)?), Some(self.new_tensor::<f32>(&dims)?))
-        } else {
-            (None, None)
-        };
-        let mut branch_grads = Vec::with_capacity(grads.len());
-        for g in grads {
-            branch_grads.push(match g {
-                None => None,
-                Some(GradsOut { grads: g, accumulate }) => Some(BranchGrads {
-                    down_w: self.view_mut(OP, &g.down_w)?,
-                    down_b: self.view_mut(OP, &g.down_b)?,
-                    up_w: self.view_mut(OP, &g.up_w)?,
-                    up_b: self.view_mut(OP, &g.up_b)?,
-                    ln_before: g.ln_before.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
-                    ln_after: g.ln_after.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
-                    scaling: g.scaling.as_ref().map(|t| self.view_mut(OP, t)).transpose()?,
-                    gate: g.gate.as_ref().map(|(a, b)| Ok::<_, Error>((self.view_mut(OP, a)?, self.view_mut(OP, b)?))).transpose()?,
-                    accumulate: *accumulate,
-                }),
-            });
-        }
-        let input_grads = match (&dh, &dr) {
-            (Some(a), Some(b)) => Some((self.view_mut(OP, a)?, self.view_mut(OP, b)?)),
-            _ => None,
-        };
-        let mut outputs = LocationBackwardOutputs { input_grads, grads: &mut branch_grads };
         let ln = &loc.layer_norm;
-        let inputs = LocationInputs::<f32> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
-        adapter_location_backward(&self.gpu, &inputs, &self.view(OP, d_out)?, &descriptors, &mut outputs, &mut workspace, shape)?;
-        Ok((dh, dr))
+        self.bf16_training_operands(OP, &[("h", loc.h), ("r", loc.r), ("the output gradient", d_out)], &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
+        match self.location_path()? {
+            // The split backward has `_bf16io` row kernels (its products are f32 on f32 scratch).
+            LocationPath::Split => self.adapter_backward_typed::<bf16>(loc, d_out, grads, need_input_grads),
+            // The fused kernel reads f32 only.
+            LocationPath::Fused => self.adapter_location_backward_widened(loc, d_out, grads, need_input_grads),
+        }
     }
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
