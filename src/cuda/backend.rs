@@ -570,19 +570,24 @@ impl CudaBackend {
         }
     }
 
+    /// The LayerNorm kernels' inputs: `x` (and `residual`) as `A`, γ and β as `P`.
+    fn ln_inputs<'t, P: BufferElement + BaseScalar, A: BufferElement + ActivationScalar>(&self, op: &str, x: &'t Tensor, residual: Option<&'t Tensor>, gamma: &'t Tensor, beta: &'t Tensor, eps: f32) -> Result<LayerNormInputs<'t, P, A>> {
+        Ok(LayerNormInputs {
+            x: self.view(op, x)?,
+            residual: residual.map(|r| self.view(op, r)).transpose()?,
+            gamma: self.view(op, gamma)?,
+            beta: self.view(op, beta)?,
+            rows: x.rows(),
+            cols: x.last_dim(),
+            eps,
+        })
+    }
+
     /// [`Self::ln_into`] with γ and β stored as `P`, the activations as `A`.
     #[allow(clippy::too_many_arguments)]
     fn ln_typed<P: BufferElement + BaseScalar, A: BufferElement + ActivationScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, y: &Tensor, stats: (&Tensor, &Tensor)) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        let inputs = LayerNormInputs::<P, A> {
-            x: self.view(OP, x)?,
-            residual: residual.map(|r| self.view(OP, r)).transpose()?,
-            gamma: self.view(OP, gamma)?,
-            beta: self.view(OP, beta)?,
-            rows: x.rows(),
-            cols: x.last_dim(),
-            eps,
-        };
+        let inputs = self.ln_inputs::<P, A>(OP, x, residual, gamma, beta, eps)?;
         let mut outputs = LayerNormOutputs { y: self.view_mut(OP, y)?, mean: self.view_mut(OP, stats.0)?, rstd: self.view_mut(OP, stats.1)? };
         residual_layernorm_forward(&self.gpu, &inputs, &mut outputs)
     }
@@ -592,15 +597,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)] // residual_layernorm_stats's operands plus its three outputs
     fn ln_train_typed<P: BufferElement + BaseScalar, A: BufferElement + ActivationScalar>(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f32, [y, z, stats]: [&Tensor; 3]) -> Result<()> {
         const OP: &str = "residual_layernorm_stats";
-        let inputs = LayerNormInputs::<P, A> {
-            x: self.view(OP, x)?,
-            residual: residual.map(|r| self.view(OP, r)).transpose()?,
-            gamma: self.view(OP, gamma)?,
-            beta: self.view(OP, beta)?,
-            rows: x.rows(),
-            cols: x.last_dim(),
-            eps,
-        };
+        let inputs = self.ln_inputs::<P, A>(OP, x, residual, gamma, beta, eps)?;
         let mut outputs = LayerNormTrainOutputs { y: self.view_mut(OP, y)?, z: self.view_mut(OP, z)?, stats: self.view_mut(OP, stats)? };
         residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)
     }
