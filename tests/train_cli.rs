@@ -412,7 +412,8 @@ fn train_on_cuda_sim_follows_the_cpu() {
 /// AdamW in f32) follows the f32 run on the same seed: the same rows, each loss within 2% (bf16
 /// keeps 8 bits; the bf16 rule itself is tests/cuda_bf16_training.rs) and the same test accuracy
 /// (the criterion is within 1 point; 15 test texts make one text 6.7 points, so equal).
-/// `--precision auto` is f32 on cuda-sim, and `--precision bf16` on the CPU is refused.
+/// `--precision auto` is f32 on cuda-sim, a run started in f32 resumes in bf16, and
+/// `--precision bf16` on the CPU is refused.
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn train_in_bf16_on_cuda_sim_follows_f32() {
@@ -456,6 +457,15 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
         }
     }
     assert!(losses_differ, "the bf16 losses equal the f32 ones: is bf16 on?\n{bf16_rows:?}");
+    // A run started in f32 resumes in bf16 (the checkpoint is f32 either way) and carries on.
+    let (resumed, data_file) = (tmp.path().join("resumed"), data());
+    let args = ["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", resumed.to_str().unwrap()];
+    let flags = ["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--quiet", "--device", "cuda-sim"];
+    ok(&bin().arg("train").args(args).args(flags).args(["--steps", "4", "--precision", "f32"]).output().unwrap());
+    let said = ok(&bin().arg("train").args(args).args(flags).args(["--steps", "8", "--precision", "bf16", "--resume"]).output().unwrap());
+    assert!(said.contains("resuming from") && said.contains("bf16 activations"), "{said}");
+    let rows = metrics_without_timing(&resumed);
+    assert!(rows.iter().any(|r| r[0] == "8" && r[1] == "test"), "{rows:?}");
     let (out, data) = (tmp.path().join("cpu"), data());
     let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--precision", "bf16"]).output().unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
