@@ -116,8 +116,15 @@ sed -n '/== nvcc ==/{n;p}' "$LOG" | sed 's/^/nvcc: /'
 grep -E ' -> ' "$LOG" | grep -v '^linked' | sed 's/^/lib: /'
 } >>"$SUMMARY"
 
-# The bundle travels as one tarball (scripts/build-gpu-bundle.sh); unpack it next to itself.
-if [ -f "$BUNDLE/executables.tar.gz" ]; then
+# The bundle travels as one tarball (scripts/build-gpu-bundle.sh); unpack it next to itself:
+# xz (tar -J), or Python's lzma module where the machine has no xz; .tar.gz from older bundles.
+if [ -f "$BUNDLE/executables.tar.xz" ]; then
+    if command -v xz >/dev/null 2>&1; then
+        tar -C "$BUNDLE" -xJf "$BUNDLE/executables.tar.xz"
+    else
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$BUNDLE/executables.tar.xz" "$BUNDLE"
+    fi && echo "unpacked $BUNDLE/executables.tar.xz" | tee -a "$LOG"
+elif [ -f "$BUNDLE/executables.tar.gz" ]; then
     tar -C "$BUNDLE" -xzf "$BUNDLE/executables.tar.gz" && echo "unpacked $BUNDLE/executables.tar.gz" | tee -a "$LOG"
 fi
 if [ ! -d "$BUNDLE" ] || [ -z "$(ls "$BUNDLE" 2>/dev/null | grep -E '^(test|unit)-')" ]; then
