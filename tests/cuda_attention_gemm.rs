@@ -287,3 +287,22 @@ fn sizes_are_checked(gpu: &Gpu) {
     attention_gemm_backward(gpu, &empty.view(), &empty.view(), &empty.view(), &mask.slice(0..t).unwrap(), &mut up(gpu, &[]).view_mut(), 0, t, h, n, None).unwrap();
 }
 test_device!(sizes, sizes_are_checked);
+
+/// The automatic choice: the fused kernels on cuda-sim, the GEMM path on a GPU for T <= 512
+/// (unless BERT_ADAPTERS_ATTENTION_PATH overrides it, which this test then leaves alone); an
+/// explicit path wins.
+fn automatic_path_follows_the_device(gpu: &Gpu) {
+    use bert_adapters::cuda::attention_gemm::{AttentionPath, ATTENTION_PATH_VAR};
+    if std::env::var_os(ATTENTION_PATH_VAR).is_none() {
+        let want = if gpu.kind() == bert_adapters::cuda::GpuKind::Sim { AttentionPath::Fused } else { AttentionPath::Gemm };
+        assert_eq!(AttentionPath::auto(gpu, 128).unwrap(), want);
+        assert_eq!(AttentionPath::auto(gpu, 513).unwrap(), AttentionPath::Fused);
+    }
+    let be = bert_adapters::cuda::backend::CudaBackend::open(bert_adapters::Device::CudaSim);
+    if let Ok(be) = be {
+        let be = be.with_attention_path(AttentionPath::Gemm);
+        assert_eq!(be.attention_path(128).unwrap(), AttentionPath::Gemm);
+        assert!(bert_adapters::Backend::name(&be).contains("GEMM attention"));
+    }
+}
+test_device!(automatic_path, automatic_path_follows_the_device);
