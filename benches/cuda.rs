@@ -39,7 +39,9 @@
 //! - `residual_layernorm/<B>x<T>`: `forward` (inference: y, mean, rstd) and `forward_train`
 //!   (y, z = x + r, stats); `layernorm_backward/<B>x<T>`: dz from dy, z, stats (γ frozen).
 //! - `attention/<B>x<T>`: fused `forward` and `backward` over a packed QKV, 12 heads of 64 (tiny:
-//!   4 of 16), 20 % padding; FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
+//!   4 of 16), 20 % padding, against the GEMM path (`gemm_forward`, `gemm_backward`:
+//!   `AttentionPath::Gemm`, batched GEMMs plus row kernels), each in f32 and with bf16 storage
+//!   (`bf16_*`); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
 //! - `train_step/<model>_<B>x<T>`: the training step `train` runs — Parallel(scorenn, tasknn),
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`
@@ -70,10 +72,12 @@ use bert_adapters::cuda::adapter::{
     LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationShape,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
+use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::elementwise::{add, bias_act};
-use bert_adapters::cuda::gemm::{Gemm, Transpose};
-use bert_adapters::cuda::gpu::DeviceBuffer;
+use bert_adapters::cuda::gemm::{Gemm, GemmScalar, Transpose};
+use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer};
+use half::bf16;
 use bert_adapters::cuda::layernorm::{
     layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs,
 };
@@ -660,36 +664,37 @@ fn residual_layernorm(c: &mut Criterion, bench: &Bench) {
 
 // ---- attention -----------------------------------------------------------------------------------
 
-struct Attention {
+struct Attention<A: ActivationScalar + GemmScalar> {
     batch: usize,
     seq: usize,
     hidden: usize,
     heads: usize,
-    qkv: DeviceBuffer<f32>,
+    qkv: DeviceBuffer<A>,
     mask: DeviceBuffer<f32>,
-    ctx: DeviceBuffer<f32>,
+    ctx: DeviceBuffer<A>,
     lse: DeviceBuffer<f32>,
-    dctx: DeviceBuffer<f32>,
-    dqkv: DeviceBuffer<f32>,
+    dctx: DeviceBuffer<A>,
+    dqkv: DeviceBuffer<A>,
     workspace: DeviceBuffer<f32>,
 }
 
-impl Attention {
-    fn new(gpu: &Gpu, s: &Shapes, (batch, seq): (usize, usize)) -> Attention {
+impl<A: ActivationScalar + GemmScalar> Attention<A> {
+    fn new(gpu: &Gpu, s: &Shapes, (batch, seq): (usize, usize)) -> Attention<A> {
         let (hidden, heads) = (s.hidden, s.heads);
         let mut fill = Fill(5);
         let n = batch * seq;
+        let up = |v: Vec<f32>| gpu.upload(&v.into_iter().map(A::narrow).collect::<Vec<A>>()).expect("upload");
         let mut a = Attention {
             batch,
             seq,
             hidden,
             heads,
-            qkv: upload(gpu, &fill.vec(n * 3 * hidden, -1.0, 1.0)),
+            qkv: up(fill.vec(n * 3 * hidden, -1.0, 1.0)),
             mask: upload(gpu, &mask_bias(batch, seq)),
-            ctx: zeros(gpu, n * hidden),
+            ctx: up(vec![0.0; n * hidden]),
             lse: zeros(gpu, batch * heads * seq),
-            dctx: upload(gpu, &fill.vec(n * hidden, -1.0, 1.0)),
-            dqkv: zeros(gpu, n * 3 * hidden),
+            dctx: up(fill.vec(n * hidden, -1.0, 1.0)),
+            dqkv: up(vec![0.0; n * 3 * hidden]),
             workspace: zeros(gpu, attention_backward_workspace_len(batch, seq, heads).expect("workspace length")),
         };
         // The backward reads the forward's ctx and lse.
@@ -720,6 +725,15 @@ impl Attention {
         )
         .expect("attention backward");
     }
+
+    fn gemm_forward(&mut self, gpu: &Gpu) {
+        attention_gemm_forward(gpu, &self.qkv.view(), &self.mask.view(), &mut self.ctx.view_mut(), &mut self.lse.view_mut(), self.batch, self.seq, self.hidden, self.heads, None).expect("GEMM attention forward");
+    }
+
+    fn gemm_backward(&mut self, gpu: &Gpu) {
+        attention_gemm_backward(gpu, &self.dctx.view(), &self.qkv.view(), &self.lse.view(), &self.mask.view(), &mut self.dqkv.view_mut(), self.batch, self.seq, self.hidden, self.heads, None)
+            .expect("GEMM attention backward");
+    }
 }
 
 fn attention(c: &mut Criterion, bench: &Bench) {
@@ -728,9 +742,15 @@ fn attention(c: &mut Criterion, bench: &Bench) {
         let fwd = 4 * b * t * t * s.hidden;
         let mut group = new_group(c, format!("attention/{}", shape_name(b, t)));
         group.throughput(Throughput::Elements(fwd as u64));
-        bench_lazy(&mut group, gpu, "forward", || Attention::new(gpu, s, (b, t)), |a| a.forward(gpu));
+        bench_lazy(&mut group, gpu, "forward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.forward(gpu));
+        bench_lazy(&mut group, gpu, "gemm_forward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.gemm_forward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_forward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.forward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_gemm_forward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.gemm_forward(gpu));
         group.throughput(Throughput::Elements(2 * fwd as u64));
-        bench_lazy(&mut group, gpu, "backward", || Attention::new(gpu, s, (b, t)), |a| a.backward(gpu));
+        bench_lazy(&mut group, gpu, "backward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.backward(gpu));
+        bench_lazy(&mut group, gpu, "gemm_backward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.gemm_backward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_backward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.backward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_gemm_backward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.gemm_backward(gpu));
         group.finish();
     }
 }

@@ -1850,3 +1850,328 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     extern __shared__ AttnVec4 attn_smem[];
     attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
+
+// =================================================================================================
+// ---- the GEMM path: attention as batched tensor-core GEMMs plus row kernels ---------------------
+// =================================================================================================
+//
+// The same semantics as the fused kernels above (forward: ctx and lse; backward: dqkv), for short
+// sequences (T <= 512), where the [B·heads, T, T] scores are small (BERT-base 32 x 128: 12.6 MB in
+// bf16) and dense products on tensor cores (cuBLASLt, Gpu::gemm; the CPU GEMM on cuda-sim) beat
+// the SIMT dot products of the fused kernels several times over. src/cuda/attention_gemm.rs
+// chains the launches (AttentionPath::Gemm); these kernels are the glue between the GEMMs.
+//
+// Forward (7 launches): attention_gemm_to_heads (QKV [B, T, 3H] -> Q, K, V [B·heads, T, d]);
+// S = Q·Kᵀ (batched over B·heads, f32 out); attention_gemm_softmax[_dropout] (below: P and lse);
+// O = P·V (batched); attention_gemm_from_heads (O -> ctx [B, T, H]).
+// Backward (9 launches, no stored P, no ctx): to_heads of QKV and of dO; S = Q·Kᵀ and
+// dP = dO·Vᵀ (f32 out); attention_gemm_softmax_backward[_dropout] (below: P∘M and dS);
+// dV = (P∘M)ᵀ·dO, dQ = scale·dS·K, dK = scale·dSᵀ·Q (batched, into [3][B·heads, T, d]);
+// attention_gemm_from_heads (-> dqkv [B, T, 3H]).
+//
+// Row kernels, thread mapping: warp per row (b, h, i) of the [B·heads·T, T] score matrix, block
+// (32, ATTN_GEMM_ROW_WARPS), grid ⌈B·heads·T / 8⌉; lane owns keys j = lane + 32k, k < 16
+// (T <= 512 = 16·32, the values stay in registers: one read of each score, one write of each
+// output); reductions are fixed 5-level butterflies (bitwise reproducible). A warp whose row lies
+// past the last one returns at once (no block barrier in these kernels). Reads and writes of a
+// row are consecutive across lanes (coalesced).
+//   * forward: s_j = f32(S_ij·scale) + mask[b % mask_rows][j] (the scaled score rounded before the
+//     mask add, as the fused kernels and PyTorch), m = max_j s_j, l = Σ_j exp(s_j − m),
+//     lse = m + log(l), P_ij = exp(s_j − m)·(1/l)·f_ij, where f_ij is the dropout factor (1, or 0 /
+//     1/(1−rate) from the fused kernels' Philox mapping: AttnPhilox::factor(b, h, i, j), the same
+//     element index ((b_local·heads + h)·T + i)·T + j + offset of the same stream, so the masks are
+//     bit-identical to the fused path's and the CPU backend's). lse keeps the undropped p. A row
+//     with every score -inf writes NaN for P (so NaN for ctx) and lse, as the fused kernel.
+//   * backward: p_j = exp(s_j − lse)·c with s_j the forward's score (same rounding), c = 1 unless
+//     |lse| >= ATTN_BWD_EXACT_LSE, where the row's own sum is taken and c = 1/Σ_j exp(s_j − lse)
+//     (the fused prep kernel's rule, same reason: an f32 lse of -10000 or finfo.min is too coarse
+//     for exp(s − lse) to be normalised); g_j = dP_ij·f_ij; D = Σ_j p_j·g_j (= rowsum(P∘dP∘M) =
+//     dO·O, with no need for ctx); stores P∘M (p_j·f_ij, what multiplies dO in dV) and
+//     dS_ij = p_j·(g_j − D). A NaN lse (every key -inf) gives NaN everywhere downstream, where the
+//     reference is NaN.
+// Layout kernels: block per token row (b, t) of the packed side, 256 threads striding its
+// parts·H columns; element (b, t, part·H + h·d + c) <-> part·B·T·H + ((b·heads + h)·T + t)·d + c.
+// Reads and writes run in consecutive chunks of d elements (coalesced for d >= 16).
+//
+// Numerics (f32 math everywhere; the GEMMs accumulate in f32):
+//   * S and dP come from cuBLASLt (f32 inputs: CUBLAS_COMPUTE_32F, never TF32) or the CPU GEMM;
+//     a d-term dot product like the fused kernels' fma chain (different summation order: the
+//     results differ by a few ulps, not bitwise). P·V, dS·K etc. are T-term sums of bounded
+//     terms, ≈ √T·2^-24 relative in practice. The row kernels: expf/logf (never __expf), every
+//     exp argument ≤ 0 in the forward; sums of ≤ 16 terms per lane then a 5-level butterfly.
+//     Outputs land within ~1e-6·(1 + max|ref|) of the f64 reference; the tests hold ctx/lse to
+//     1e-5 and the gradients to 1e-4 of that scale, against the fused path and the CPU backend.
+//   * _bf16io: Q, K, V, dO and the GEMM operands P∘M and dS are bf16 (what the tensor cores
+//     read), the scores S, dP, lse and every row statistic f32. Roundings: P (forward) and P∘M,
+//     dS (backward) once each from their f32 values, ctx and dqkv once each by the GEMM's f32 ->
+//     bf16 store (the layout kernels copy bits). Against the f32 math on the same bf16 inputs
+//     that is one bf16 rounding of P (forward) and of P∘M and dS (backward) on top of the output's
+//     own: what PyTorch's bf16 SDPA (math backend) or eager attention rounds too. The tests hold
+//     it to twice the error of a plain bf16 implementation (STYLE.md).
+//
+// ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: to_heads 24 / 32,
+// from_heads 26 / 30 (f32 and bf16io alike); softmax 32 / 32, softmax_dropout 47-48 / 46;
+// softmax_backward 48 / 48, softmax_backward_dropout 70-74 / 74.
+
+#define ATTN_GEMM_ROW_WARPS 8
+#define ATTN_GEMM_KEYS_PER_LANE 16  // T <= 16·32 = 512
+#define ATTN_GEMM_LAYOUT_THREADS 256
+
+__device__ __forceinline__ float attn_warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, offset));
+    }
+    return v;
+}
+
+// Packed [B, T, parts·H] -> parts x [B·heads, T, d] (to_heads = true) or back. Block per token.
+template <typename T, bool TO_HEADS>
+__device__ __forceinline__ void attn_gemm_layout_body(T* __restrict__ out, const T* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
+    const int token = blockIdx.x;  // b·T + t
+    const int b = token / seq;
+    const int t = token - b * seq;
+    const int d = hidden / heads;
+    const int width = parts * hidden;
+    const size_t part_len = (size_t)batch * (size_t)seq * (size_t)hidden;
+    const size_t packed_row = (size_t)token * (size_t)width;
+    for (int col = threadIdx.x; col < width; col += blockDim.x) {
+        const int part = col / hidden;
+        const int hc = col - part * hidden;
+        const int h = hc / d;
+        const int c = hc - h * d;
+        const size_t split = (size_t)part * part_len + (((size_t)b * (size_t)heads + (size_t)h) * (size_t)seq + (size_t)t) * (size_t)d + (size_t)c;
+        if (TO_HEADS) {
+            out[split] = in[packed_row + col];
+        } else {
+            out[packed_row + col] = in[split];
+        }
+    }
+}
+
+// The forward row kernel (see the section header). p: [B·heads, T, T] (what P·V reads), lse:
+// [B, heads, T], s: the unscaled scores Q·Kᵀ [B·heads, T, T] in f32.
+template <typename T, typename Dropout>
+__device__ __forceinline__ void attn_gemm_softmax_body(T* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale, Dropout dropout) {
+    constexpr int K = ATTN_GEMM_KEYS_PER_LANE;
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·heads + h)·T + i
+    if (row >= rows) {
+        return;  // warp-uniform; no barrier follows
+    }
+    const int lane = threadIdx.x;
+    const int bh = row / seq;
+    const int i = row - bh * seq;
+    const int b = bh / heads;
+    const int h = bh - b * heads;
+    const float* srow = s + (size_t)row * (size_t)seq;
+    const float* mrow = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    float v[K];
+    float m = attn_neg_inf();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int j = lane + 32 * k;
+        v[k] = j < seq ? attn_mul_rn(srow[j], scale) + mrow[j] : attn_neg_inf();
+        m = fmaxf(m, v[k]);
+    }
+    m = attn_warp_max(m);
+    // Every score -inf: subtract 0 instead (exp(-inf) = 0, not NaN), and write NaN below.
+    const float m_ref = m == attn_neg_inf() ? 0.0f : m;
+    float l = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        v[k] = expf(v[k] - m_ref);
+        l += v[k];
+    }
+    l = warp_sum(l);
+    const bool dead = m == attn_neg_inf();
+    const float inv = 1.0f / l;
+    T* prow = p + (size_t)row * (size_t)seq;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int j = lane + 32 * k;
+        if (j < seq) {
+            attn_store(prow + j, dead ? attn_nan() : dropout(v[k] * inv, b, h, i, j));
+        }
+    }
+    if (lane == 0) {
+        lse[row] = dead ? attn_nan() : m + logf(l);
+    }
+}
+
+// The backward row kernel (see the section header). pd, ds: [B·heads, T, T] (P∘M and dS, the
+// operands of the dV and dQ/dK products); s, dp: Q·Kᵀ (unscaled) and dO·Vᵀ in f32.
+template <typename T, typename Dropout>
+__device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ pd, T* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale, Dropout dropout) {
+    constexpr int K = ATTN_GEMM_KEYS_PER_LANE;
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) {
+        return;  // warp-uniform; no barrier follows
+    }
+    const int lane = threadIdx.x;
+    const int bh = row / seq;
+    const int i = row - bh * seq;
+    const int b = bh / heads;
+    const int h = bh - b * heads;
+    const size_t base = (size_t)row * (size_t)seq;
+    const float* mrow = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    const float L = lse[row];  // warp-uniform
+    float p[K], g[K], f[K];
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int j = lane + 32 * k;
+        const bool in = j < seq;
+        f[k] = in ? dropout(b, h, i, j) : 0.0f;
+        p[k] = in ? expf(attn_mul_rn(s[base + j], scale) + mrow[j] - L) : 0.0f;
+        g[k] = in ? dp[base + j] * f[k] : 0.0f;
+        sum += p[k];
+    }
+    // The fused prep kernel's normaliser c: exact only where the f32 lse is too coarse.
+    if (fabsf(L) >= ATTN_BWD_EXACT_LSE) {
+        const float c = 1.0f / warp_sum(sum);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            p[k] *= c;
+        }
+    }
+    float dsum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        dsum = fmaf(p[k], g[k], dsum);
+    }
+    const float D = warp_sum(dsum);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int j = lane + 32 * k;
+        if (j < seq) {
+            attn_store(pd + base + j, p[k] * f[k]);
+            attn_store(ds + base + j, p[k] * (g[k] - D));
+        }
+    }
+}
+
+// ---- GEMM-path kernels ------------------------------------------------------------------------
+// Layout: out, in; batch, seq, hidden, heads, parts. Launch: grid B·T, block 256.
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_to_heads_f32(float* __restrict__ out, const float* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
+    attn_gemm_layout_body<float, true>(out, in, batch, seq, hidden, heads, parts);
+}
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_from_heads_f32(float* __restrict__ out, const float* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
+    attn_gemm_layout_body<float, false>(out, in, batch, seq, hidden, heads, parts);
+}
+// bf16 storage: the bits are copied (no conversion).
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_to_heads_bf16io(unsigned short* __restrict__ out, const unsigned short* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
+    attn_gemm_layout_body<unsigned short, true>(out, in, batch, seq, hidden, heads, parts);
+}
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_from_heads_bf16io(unsigned short* __restrict__ out, const unsigned short* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
+    attn_gemm_layout_body<unsigned short, false>(out, in, batch, seq, hidden, heads, parts);
+}
+
+// Forward rows: p, lse, s, mask_bias; rows = B·heads·T, seq, heads, mask_rows, scale (then the
+// dropout policy's arguments, as the fused _dropout kernels). Launch: grid ⌈rows / 8⌉, block (32, 8).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f32(float* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_bf16io(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f32(
+    float* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_bf16io(
+    unsigned short* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// Backward rows: pd, ds, s, dp, lse, mask_bias; rows, seq, heads, mask_rows, scale (then the
+// dropout policy's arguments). Launch as the forward rows.
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f32(float* __restrict__ pd, float* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_bf16io(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f32(
+    float* __restrict__ pd,
+    float* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_bf16io(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}

@@ -750,3 +750,83 @@ fn bf16_backward_sizes_are_checked(gpu: &Gpu) {
     }
 }
 test_device!(backward_sizes, bf16_backward_sizes_are_checked);
+
+//
+// ---- the GEMM path with bf16 storage (`cuda::attention_gemm` with bf16 views) -----------------
+//
+// bf16 Q, K, V and dctx; bf16 GEMM operands P (forward), P∘M and dS (backward), each rounded once
+// from its f32 value; f32 scores, dP, lse and row statistics; ctx and dqkv rounded once by the
+// GEMMs' bf16 stores (kernels/attention.cu, "GEMM path"). Held to the same rule as the fused
+// bf16io kernels, against the same f64 reference and the same plain bf16 twins above (which round
+// S, P, dP and dS as PyTorch's eager bf16 attention does), forward and backward, eval and
+// dropout; the lse, computed from f32 scores of the exact bf16 inputs, also to the f32 kernel's
+// tolerance. No bitwise tie to an f32 run exists here (P and dS are rounded before their GEMMs),
+// so there is no "equal to the f32 kernel rounded" check.
+
+use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
+
+/// The GEMM path's bf16 forward on NaN-poisoned outputs; ctx widened.
+fn run_gemm_bf16(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    let (b, t, h, n) = (case.batch, case.seq, case.hidden, case.heads);
+    let (qkv, mask) = (up(gpu, &to_bf16(&case.qkv)), up(gpu, &case.mask));
+    let mut ctx = up(gpu, &to_bf16(&vec![f32::NAN; b * t * h]));
+    let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
+    attention_gemm_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm bf16: {e}", case.label()));
+    Outputs { ctx: widen(&gpu.download(&ctx.view()).unwrap()), lse: gpu.download(&lse.view()).unwrap() }
+}
+
+/// The GEMM path's bf16 backward from `lse` (the GEMM forward's) into a NaN-poisoned dqkv; widened.
+fn run_gemm_bwd_bf16(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> Vec<f32> {
+    let c = &case.fwd;
+    let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
+    let (qkv, dctx, lse, mask) = (up(gpu, &to_bf16(&c.qkv)), up(gpu, &to_bf16(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
+    let mut dqkv = up(gpu, &to_bf16(&vec![f32::NAN; c.qkv.len()]));
+    attention_gemm_backward(gpu, &dctx.view(), &qkv.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm bf16 backward: {e}", case.label()));
+    widen(&gpu.download(&dqkv.view()).unwrap())
+}
+
+/// Awkward shapes (T 1, 7, 33, 70; d 8..=128; padded and shared masks), eval and dropout (p 0.1
+/// and 0.5, one and two blocks): ctx, lse and dQ, dK, dV of the GEMM path under the 2x-plain rule.
+fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xbf16_6e44);
+    let mut worst = (0f64, String::new());
+    let mut cases = 0;
+    for seq in SEQS {
+        for (i, (batch, d, heads, mask)) in SHAPES.into_iter().enumerate() {
+            if seq == 70 && i % 2 == 1 {
+                continue; // the executor runs every case in three schedules
+            }
+            let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
+            let drop = match i % 3 {
+                0 => None,
+                1 => Some(DeviceDropout { seed_buffer: None, seed: 0x6e44 + d as u64, p: 0.1, streams: vec![(2u64 << 8) | 1], offset: 0 }),
+                _ if batch % 2 == 0 => Some(DeviceDropout { seed_buffer: None, seed: 0x6e45 + d as u64, p: 0.5, streams: vec![(3u64 << 8) | 4, (3u64 << 8) | 5], offset: 0 }),
+                _ => Some(DeviceDropout { seed_buffer: None, seed: 0x6e46 + d as u64, p: 0.5, streams: vec![4u64 << 8], offset: 0 }),
+            };
+            let c = &case.fwd;
+            let label = format!("{} {} GEMM path dropout {:?}", gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let factors = drop.as_ref().map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
+            let fwd = run_gemm_bf16(gpu, c, drop.as_ref());
+            let (ref_ctx, ref_lse) = c.reference(factors.as_deref());
+            let (plain_ctx, plain_lse) = c.plain(factors.as_deref());
+            let ctx_err = assert_within_twice_plain(&format!("{label}: ctx"), &fwd.ctx, &ref_ctx, &plain_ctx);
+            assert_within_twice_plain(&format!("{label}: lse"), &fwd.lse, &ref_lse, &plain_lse);
+            assert_f32_close(&format!("{label}: lse"), &fwd.lse, &ref_lse, c.batch);
+            let got = run_gemm_bwd_bf16(gpu, &case, &fwd.lse, drop.as_ref());
+            let want = case.reference(factors.as_deref());
+            let plain = case.plain(factors.as_deref());
+            cases += 1;
+            let mut errs = vec![("ctx", ctx_err)];
+            for (i, name) in ["dQ", "dK", "dV"].into_iter().enumerate() {
+                errs.push((name, assert_within_twice_plain(&format!("{label}: {name}"), &part(&got, c.hidden, i), &part(&want, c.hidden, i), &part(&plain, c.hidden, i))));
+            }
+            for (name, e) in errs {
+                if ratio(e) > worst.0 {
+                    worst = (ratio(e), format!("{} {name}", case.label()));
+                }
+            }
+        }
+    }
+    report_line(&format!("bf16 GEMM attention on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+}
+test_device!(gemm_path_rule, gemm_path_bf16_matches_the_rule);

@@ -44,13 +44,16 @@ use plain_bf16::PlainBf16;
 
 /// The CUDA backends in bf16 activation mode: cuda-sim on both adapter-location paths (its own
 /// choice is the fused kernel, whose backward widens to f32; the split path's backward has bf16
-/// row kernels, a GPU's default), and GPU 0 when there is one.
+/// row kernels, a GPU's default; that backend also runs the GEMM attention path, a GPU's
+/// default), and GPU 0 when there is one.
 fn bf16_backends() -> Vec<Arc<dyn Backend>> {
     let mut v: Vec<CudaBackend> = Vec::new();
     #[cfg(feature = "cuda-sim")]
     {
         v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens"));
-        v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split));
+        // A GPU's automatic paths: split locations and GEMM attention (bf16 GEMM inputs).
+        let split = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
+        v.push(split.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm));
     }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"))),

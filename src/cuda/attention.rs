@@ -221,7 +221,7 @@ impl AttentionSizes {
 /// Fails when two device ranges, each (address, length in bytes), overlap (the kernel's pointers
 /// are `__restrict__`; views of different element types, bf16 `qkv` and f32 `lse`, compare in
 /// bytes).
-fn disjoint_bytes(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
+pub(super) fn disjoint_bytes(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result<()> {
     let end = |(p, n): (u64, usize)| p + n as u64;
     if a.1 > 0 && b.1 > 0 && a.0 < end(b) && b.0 < end(a) {
         return Err(Error::Input(format!("{OP}: {} overlaps {}; outputs must not alias inputs or each other", names.0, names.1)));
@@ -230,7 +230,7 @@ fn disjoint_bytes(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Resu
 }
 
 /// A view as (address, length in bytes), for [`disjoint_bytes`].
-fn byte_range<T>(ptr: u64, len: usize) -> (u64, usize) {
+pub(super) fn byte_range<T>(ptr: u64, len: usize) -> (u64, usize) {
     (ptr, len * std::mem::size_of::<T>())
 }
 
@@ -314,7 +314,7 @@ fn dropout_kernel(k: KernelName) -> KernelName {
 /// The policy's kernel arguments for `dropout` over `batch` rows of `heads·seq·seq` probabilities
 /// (each block's first drawing element `d.offset` of its stream), or `None` for p = 0 (the
 /// no-dropout kernels: the CPU's factors are then exactly 1).
-fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize, heads: usize, seq: usize) -> Result<Option<[KernelArg; 9]>> {
+pub(super) fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize, heads: usize, seq: usize) -> Result<Option<[KernelArg; 9]>> {
     let params = DropoutParams::new(d.p)?;
     if let Some(buf) = &d.seed_buffer {
         if buf.len() != 2 {

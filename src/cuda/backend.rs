@@ -69,9 +69,10 @@ use half::{bf16, f16};
 
 use super::adapter::{adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
+use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use super::gemm::{linear_bf16io, Epilogue, Gemm, Transpose};
+use super::gemm::{linear_bf16io, Epilogue, Gemm, GemmScalar, Transpose};
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
@@ -168,6 +169,8 @@ pub struct CudaBackend {
     activations: DType,
     /// How adapter locations run forward; None: [`LocationPath::auto`] at each call.
     location_path: Option<LocationPath>,
+    /// How `attention_packed` and its backward run; None: [`AttentionPath::auto`] at each call.
+    attention_path: Option<AttentionPath>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -179,7 +182,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -188,14 +191,14 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None }
     }
 
     /// Another backend on the same GPU (one stream, one memory pool, the same location path)
     /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
     /// bf16 model side by side, as the step benchmarks run them.
     pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
-        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path }.with_activations(dtype)
+        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path }.with_activations(dtype)
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
@@ -219,6 +222,20 @@ impl CudaBackend {
     pub fn with_location_path(mut self, path: LocationPath) -> CudaBackend {
         self.location_path = Some(path);
         self
+    }
+
+    /// This backend with attention (`attention_packed` and its backward) on `path` (the fused
+    /// flash-style kernels, or batched GEMMs plus row kernels); without it,
+    /// [`AttentionPath::auto`] decides at each call (GEMMs on a GPU for T <= 512, fused on
+    /// cuda-sim, `BERT_ADAPTERS_ATTENTION_PATH` overriding).
+    pub fn with_attention_path(mut self, path: AttentionPath) -> CudaBackend {
+        self.attention_path = Some(path);
+        self
+    }
+
+    /// The path attention over sequences of `seq` tokens takes.
+    pub fn attention_path(&self, seq: usize) -> Result<AttentionPath> {
+        self.attention_path.map_or_else(|| AttentionPath::auto(&self.gpu, seq), Ok)
     }
 
     /// The path the next adapter location's forward (and backward) takes.
@@ -644,9 +661,13 @@ impl CudaBackend {
 
     /// `attention_packed` with Q, K, V and the context stored as `A` (f32 or bf16; the mask bias
     /// and the log-sum-exp are f32 either way).
-    fn attention_typed<A: BufferElement + ActivationScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
+    fn attention_typed<A: BufferElement + ActivationScalar + GemmScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
         const OP: &str = "attention_packed";
         let (q, m, mut c, mut l) = (self.view::<A>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut::<A>(OP, ctx)?, self.view_mut(OP, lse)?);
+        if self.attention_path(seq)? == AttentionPath::Gemm {
+            let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
+            return attention_gemm_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, d.as_ref());
+        }
         match dropout {
             None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads),
             Some(spec) => attention_packed_forward_dropout(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, &self.device_dropout(OP, spec)?),
@@ -684,9 +705,14 @@ impl Backend for CudaBackend {
             DType::BF16 => format!("{} (bf16 activations)", self.gpu.describe()),
             _ => self.gpu.describe(),
         };
-        match self.location_path {
+        let base = match self.location_path {
             Some(LocationPath::Split) => format!("{base} (split adapter locations)"),
             Some(LocationPath::Fused) => format!("{base} (fused adapter locations)"),
+            None => base,
+        };
+        match self.attention_path {
+            Some(AttentionPath::Gemm) => format!("{base} (GEMM attention)"),
+            Some(AttentionPath::Fused) => format!("{base} (fused attention)"),
             None => base,
         }
     }
@@ -1072,7 +1098,18 @@ impl Backend for CudaBackend {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
-        // The kernel reads the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
+        if self.attention_path(seq)? == AttentionPath::Gemm {
+            // The GEMM path recomputes P from the lse and needs no ctx.
+            let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
+            let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
+            let (l, m) = (self.view::<f32>(OP, lse)?, self.view::<f32>(OP, mask_bias)?);
+            match dqkv.dtype() {
+                DType::BF16 => attention_gemm_backward::<bf16>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?,
+                _ => attention_gemm_backward::<f32>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?,
+            }
+            return Ok(dqkv);
+        }
+        // The fused kernels read the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
         // it, so it is recomputed here (one forward's cost; keeping it on the tape is issue 15's),
         // with the same dropout: D = dO·O is over the dropped output.
         let (ctx, _) = self.attention_packed(qkv, mask_bias, heads, dropout)?;

@@ -24,6 +24,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod attention_gemm;
 pub mod backend;
 pub mod elementwise;
 pub mod embedding;

@@ -278,10 +278,11 @@ pub fn cuda_backends() -> Vec<Arc<dyn Backend>> {
     #[cfg(feature = "cuda-sim")]
     {
         v.push(Arc::new(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens")));
-        // The split adapter-location path too (cuda-sim's automatic one is the fused kernel; a
-        // GPU's is the split path).
+        // A GPU's automatic paths too (cuda-sim's are the fused kernels): split adapter locations
+        // and GEMM attention, in one backend so the parity and training tests cost one more run.
         let split = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens");
-        v.push(Arc::new(split.with_location_path(bert_adapters::cuda::adapter::LocationPath::Split)));
+        let split = split.with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
+        v.push(Arc::new(split.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm)));
     }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => v.push(Arc::new(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")))),

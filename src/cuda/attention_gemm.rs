@@ -1,0 +1,380 @@
+//! Attention as batched GEMMs ([`AttentionPath::Gemm`]): the same operation as the fused kernels
+//! of [`super::attention`] (forward: ctx and the row log-sum-exp; backward: dqkv from the lse,
+//! without the forward's ctx), with the `T × T` scores materialised per (batch row, head) so the
+//! four products of the forward and backward run on [`Gpu::gemm`] (cuBLASLt tensor cores on a
+//! GPU, the CPU GEMM on cuda-sim). For BERT's short sequences (T <= 512) the scores are small
+//! (BERT-base 32 × 128: 12.6 MB in bf16), and dense products beat the fused kernels' SIMT dot
+//! products several times over. See `kernels/attention.cu`'s "GEMM path" section for the row
+//! kernels (algorithm, thread mapping, numerics).
+//!
+//! Launches (`BH = batch·heads`; every product batched over BH with strides, column-major
+//! descriptions of row-major `[T, d]` and `[T, T]` blocks):
+//! - forward: `attention_gemm_to_heads` (qkv → Q, K, V as `[3][BH, T, d]`), `S = Q·Kᵀ` (f32),
+//!   `attention_gemm_softmax[_dropout]` (P in the activation type, lse), `O = P·V`,
+//!   `attention_gemm_from_heads` (O → ctx): 5 launches;
+//! - backward: `to_heads` of qkv and of dctx, `S = Q·Kᵀ` and `dP = dO·Vᵀ` (f32),
+//!   `attention_gemm_softmax_backward[_dropout]` (P∘M and dS in the activation type),
+//!   `dV = (P∘M)ᵀ·dO`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `from_heads` → dqkv: 9 launches.
+//!
+//! Storage: generic over the activation type `A` (f32, or bf16 with the `_bf16io` row and layout
+//! kernels and bf16 GEMM inputs, f32 accumulation, f32 scores and statistics). Scratch comes from
+//! the pool ([`Gpu::alloc`]): forward `4·B·T·H` activations + `BH·T²` floats + `BH·T²`
+//! activations; backward `8·B·T·H` activations + `2·BH·T²` floats + `2·BH·T²` activations.
+//!
+//! Dropout on the probabilities is the fused kernels' (the same Philox element mapping, shard
+//! offset included, through the same kernel arguments), so both paths drop the same elements.
+
+use cudarc::driver::LaunchConfig;
+
+use super::attention::{byte_range, disjoint_bytes, dropout_args, AttentionBackwardSizes, AttentionDims, AttentionSizes};
+use super::elementwise::DeviceDropout;
+use super::gemm::{Gemm, GemmScalar, OutputType, Transpose};
+use super::gpu::{ActivationScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
+use super::registry::attention::{
+    ATTENTION_GEMM_FROM_HEADS_BF16IO, ATTENTION_GEMM_FROM_HEADS_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
+    ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32,
+};
+use super::registry::KernelName;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+const OP: &str = "cuda::attention_gemm_forward";
+const BWD_OP: &str = "cuda::attention_gemm_backward";
+
+/// The longest sequence the GEMM path takes: the row kernels hold a row of scores in registers,
+/// 16 per lane (and [`AttentionPath::auto`] takes it only while the `T × T` scores are small).
+pub const GEMM_MAX_SEQ: usize = 512;
+/// Warps (rows) per block of the row kernels.
+pub const ROW_WARPS: u32 = 8;
+/// Threads per block of the layout kernels.
+pub const LAYOUT_THREADS: u32 = 256;
+
+/// The environment variable that overrides [`AttentionPath::auto`]: `fused` or `gemm`.
+pub const ATTENTION_PATH_VAR: &str = "BERT_ADAPTERS_ATTENTION_PATH";
+
+/// How `attention_packed` and its backward run.
+///
+/// - `Fused`: the flash-style kernels of [`super::attention`] (online softmax, no `T × T`
+///   tensor; the backward reads the forward's ctx).
+/// - `Gemm`: this module: the scores as batched GEMMs plus row kernels (same semantics within
+///   the fused kernels' tolerances, the same dropout masks; the backward needs no ctx).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    Fused,
+    Gemm,
+}
+
+impl AttentionPath {
+    /// `Gemm` on a GPU while `seq <= GEMM_MAX_SEQ` (the scores fit), `Fused` otherwise and on
+    /// cuda-sim (whose fused kernels are what the CPU tests exercise most), unless
+    /// [`ATTENTION_PATH_VAR`] says `fused` or `gemm` (another value is `Error::Input`).
+    pub fn auto(gpu: &Gpu, seq: usize) -> Result<AttentionPath> {
+        match std::env::var(ATTENTION_PATH_VAR) {
+            Ok(v) => AttentionPath::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(match gpu.kind() {
+                GpuKind::Cuda if seq <= GEMM_MAX_SEQ => AttentionPath::Gemm,
+                _ => AttentionPath::Fused,
+            }),
+            Err(e) => Err(Error::Input(format!("{ATTENTION_PATH_VAR}: {e}"))),
+        }
+    }
+
+    /// `fused` or `gemm` (as [`ATTENTION_PATH_VAR`] spells them).
+    pub fn parse(v: &str) -> Result<AttentionPath> {
+        match v {
+            "fused" => Ok(AttentionPath::Fused),
+            "gemm" => Ok(AttentionPath::Gemm),
+            _ => Err(Error::Input(format!("{ATTENTION_PATH_VAR}={v:?}: expected \"fused\" or \"gemm\""))),
+        }
+    }
+}
+
+/// The row and layout kernels for a storage type: `[to_heads, from_heads, softmax,
+/// softmax_dropout, backward, backward_dropout]`.
+fn kernels(dtype: DType, op: &str) -> Result<[KernelName; 6]> {
+    match dtype {
+        DType::F32 => Ok([
+            ATTENTION_GEMM_TO_HEADS_F32,
+            ATTENTION_GEMM_FROM_HEADS_F32,
+            ATTENTION_GEMM_SOFTMAX_F32,
+            ATTENTION_GEMM_SOFTMAX_DROPOUT_F32,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_F32,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32,
+        ]),
+        DType::BF16 => Ok([
+            ATTENTION_GEMM_TO_HEADS_BF16IO,
+            ATTENTION_GEMM_FROM_HEADS_BF16IO,
+            ATTENTION_GEMM_SOFTMAX_BF16IO,
+            ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
+        ]),
+        other => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32 or bf16"))),
+    }
+}
+
+/// Sizes past the shared checks: the row count `B·heads·T` (an int in the row kernels) and the
+/// score count `B·heads·T²`.
+fn score_sizes(op: &'static str, batch: usize, seq: usize, heads: usize) -> Result<(usize, usize)> {
+    if seq > GEMM_MAX_SEQ {
+        return Err(Error::shape(op, format!("sequence length {seq} exceeds the GEMM path's {GEMM_MAX_SEQ}")));
+    }
+    let rows = batch.checked_mul(heads).and_then(|n| n.checked_mul(seq)).filter(|&n| n <= i32::MAX as usize);
+    let rows = rows.ok_or_else(|| Error::shape(op, format!("batch {batch} x {heads} heads x seq {seq} rows do not fit in an i32")))?;
+    let scores = rows.checked_mul(seq).ok_or_else(|| Error::shape(op, format!("the scores of {rows} rows of {seq} overflow usize")))?;
+    Ok((rows, scores))
+}
+
+/// The three product shapes, batched over `bh` blocks of row-major `[T, d]` / `[T, T]`
+/// matrices (column-major views of the same bytes).
+struct Products {
+    bh: usize,
+    seq: usize,
+    d: usize,
+}
+
+impl Products {
+    /// `S[i][j] = x_i·y_j` (`[T, T]` from two `[T, d]`): `gemm(a = y, b = x)`.
+    fn scores<A: GemmScalar>(&self) -> Gemm {
+        let (t, d) = (self.seq, self.d);
+        Gemm::new(Transpose::Yes, Transpose::No, t, t, d).with_batch(self.bh, t * d, t * d, t * t).with_types(A::INPUT, OutputType::F32)
+    }
+
+    /// `O[i][c] = alpha·Σ_j P[i][j]·X[j][c]` (`[T, d]` from `[T, T]` and `[T, d]`): `gemm(a = X, b = P)`.
+    fn p_x<A: GemmScalar>(&self, alpha: f32) -> Gemm {
+        let (t, d) = (self.seq, self.d);
+        Gemm::new(Transpose::No, Transpose::No, d, t, t).with_batch(self.bh, t * d, t * t, t * d).with_scalars(alpha, 0.0).with_types(A::INPUT, A::OUTPUT)
+    }
+
+    /// `O[j][c] = alpha·Σ_i P[i][j]·X[i][c]` (`Pᵀ·X`): `gemm(a = X, b = P)`.
+    fn pt_x<A: GemmScalar>(&self, alpha: f32) -> Gemm {
+        let (t, d) = (self.seq, self.d);
+        Gemm::new(Transpose::No, Transpose::Yes, d, t, t).with_batch(self.bh, t * d, t * t, t * d).with_scalars(alpha, 0.0).with_types(A::INPUT, A::OUTPUT)
+    }
+}
+
+fn row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(ROW_WARPS as usize) as u32, 1, 1), block_dim: (32, ROW_WARPS, 1), shared_mem_bytes: 0 }
+}
+
+/// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]` (`kernel`: to_heads or from_heads).
+#[allow(clippy::too_many_arguments)] // the two buffers and the layout's five sizes
+fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMut<A>, input: &DeviceView<A>, batch: usize, seq: usize, hidden: usize, heads: usize, parts: usize) -> Result<()> {
+    let want = batch * seq * hidden * parts; // callers checked that it fits
+    if out.len() != want || input.len() != want {
+        return Err(Error::shape(OP, format!("layout buffers of {} and {} elements, expected {want}", out.len(), input.len())));
+    }
+    let cfg = LaunchConfig { grid_dim: ((batch * seq) as u32, 1, 1), block_dim: (LAYOUT_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let args = [A::act_arg_mut(out), A::act_arg(input), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32(hidden as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)];
+    // SAFETY: both views hold exactly B·T·parts·H elements of A, the kernel's whole index range
+    // (block per token, columns below parts·H; the split index is a permutation of it); they are
+    // distinct allocations or disjoint slices (callers).
+    unsafe { gpu.launch(kernel, cfg, &args) }
+}
+
+/// Attention forward on the GEMM path: writes `ctx` (`[batch, seq, hidden]`) and `lse`
+/// (`[batch, heads, seq]`) from the packed `qkv` (`[batch, seq, 3·hidden]`) and the additive
+/// `mask_bias` (`[B_mask, seq]`, batch row `b` reading row `b % B_mask`), as
+/// [`super::attention::attention_packed_forward`] (and, with `dropout`, its `_dropout` twin, with
+/// the same masks). `qkv` and `ctx` are f32 or bf16 (bf16 GEMM inputs, f32 scores and lse).
+#[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
+pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    qkv: &DeviceView<A>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<A>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
+    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
+    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    let (rows, scores) = score_sizes(OP, batch, seq, heads)?;
+    let [to_heads, from_heads, softmax, softmax_dropout, _, _] = kernels(A::DTYPE, OP)?;
+    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
+    disjoint_bytes(("ctx", "qkv"), c, q)?;
+    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
+    disjoint_bytes(("lse", "qkv"), l, q)?;
+    disjoint_bytes(("lse", "mask_bias"), l, m)?;
+    disjoint_bytes(("ctx", "lse"), c, l)?;
+    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
+    if batch == 0 || seq == 0 {
+        return Ok(());
+    }
+    let part = batch * seq * hidden;
+    let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    layout(gpu, to_heads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
+    let prod = Products { bh: batch * heads, seq, d: head_dim };
+    let mut s = gpu.alloc::<f32>(scores)?;
+    let (qh, kh, vh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?);
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), &kh, &qh, &mut s.view_mut(), None)?;
+    let mut p: DeviceBuffer<A> = gpu.alloc(scores)?;
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let kernel = if drop.is_some() { softmax_dropout } else { softmax };
+    // The row kernel's parameters: p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale (then
+    // the dropout policy's); Gpu::launch checks them against kernels/attention.cu.
+    let args = [
+        A::act_arg_mut(&p.view_mut()),
+        lse.arg(),
+        s.view().arg(),
+        mask_bias.arg(),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+    // SAFETY: p and s hold B·heads·T² elements, lse B·heads·T (checked), the mask a multiple of
+    // T whose row count divides B; the grid covers exactly `rows` warps (the rest return); the
+    // outputs (p, lse) alias nothing; the dropout seed buffer holds 2 words.
+    unsafe { gpu.launch(kernel, row_config(rows), &args)? };
+    let mut o: DeviceBuffer<A> = gpu.alloc(part)?;
+    gpu.gemm::<A, A>(&prod.p_x::<A>(1.0), &vh, &p.view(), &mut o.view_mut(), None)?;
+    layout(gpu, from_heads, ctx, &o.view(), batch, seq, hidden, heads, 1)
+}
+
+/// Attention backward on the GEMM path: `dqkv` (`[batch, seq, 3·hidden]`, dQ, dK, dV side by
+/// side) from `dctx`, the forward's `qkv`, its `lse` and `mask_bias`, as
+/// [`super::attention::attention_packed_backward_dropout_as`] but without the forward's ctx (the
+/// softmax Jacobian's row term is `rowsum(P∘dP∘M)`, computed from the recomputed scores). With
+/// `dropout` the factors are the forward's. f32 or bf16 storage as [`attention_gemm_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<A>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
+    let sizes = AttentionBackwardSizes {
+        batch,
+        seq,
+        hidden,
+        heads,
+        dctx: dctx.len(),
+        qkv: qkv.len(),
+        // No ctx on this path: the shared check gets its expected length, so dctx is what it judges.
+        ctx: batch.checked_mul(seq).and_then(|n| n.checked_mul(hidden)).unwrap_or(dctx.len()),
+        lse: lse.len(),
+        mask: mask_bias.len(),
+        dqkv: dqkv.len(),
+        workspace: None,
+    };
+    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    let (rows, scores) = score_sizes(BWD_OP, batch, seq, heads)?;
+    let [to_heads, from_heads, _, _, backward, backward_dropout] = kernels(A::DTYPE, BWD_OP)?;
+    let out = byte_range::<A>(dqkv.device_ptr(), dqkv.len());
+    let inputs = [("dctx", byte_range::<A>(dctx.device_ptr(), dctx.len())), ("qkv", byte_range::<A>(qkv.device_ptr(), qkv.len())), ("lse", byte_range::<f32>(lse.device_ptr(), lse.len())), ("mask_bias", byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()))];
+    for (name, r) in inputs {
+        disjoint_bytes(("dqkv", name), out, r).map_err(|_| Error::Input(format!("{BWD_OP}: dqkv overlaps {name}; the output must not alias an input")))?;
+    }
+    let drop = dropout.map(|d| dropout_args(BWD_OP, d, batch, heads, seq)).transpose()?.flatten();
+    if batch == 0 || seq == 0 {
+        return Ok(());
+    }
+    let part = batch * seq * hidden;
+    let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    layout(gpu, to_heads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
+    let mut heads_do: DeviceBuffer<A> = gpu.alloc(part)?;
+    layout(gpu, to_heads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
+    let prod = Products { bh: batch * heads, seq, d: head_dim };
+    let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
+    let mut s = gpu.alloc::<f32>(scores)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), &kh, &qh, &mut s.view_mut(), None)?;
+    let mut dp = gpu.alloc::<f32>(scores)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), &vh, &doh, &mut dp.view_mut(), None)?;
+    let mut pd: DeviceBuffer<A> = gpu.alloc(scores)?;
+    let mut ds: DeviceBuffer<A> = gpu.alloc(scores)?;
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let kernel = if drop.is_some() { backward_dropout } else { backward };
+    // The row kernel's parameters: pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows,
+    // scale (then the dropout policy's).
+    let args = [
+        A::act_arg_mut(&pd.view_mut()),
+        A::act_arg_mut(&ds.view_mut()),
+        s.view().arg(),
+        dp.view().arg(),
+        lse.arg(),
+        mask_bias.arg(),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+    // SAFETY: pd, ds, s and dp hold B·heads·T² elements (fresh allocations), lse B·heads·T, the
+    // mask a multiple of T whose row count divides B (checked); the grid covers `rows` warps.
+    unsafe { gpu.launch(kernel, row_config(rows), &args)? };
+    let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
+    layout(gpu, from_heads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse() {
+        assert_eq!(AttentionPath::parse("fused").unwrap(), AttentionPath::Fused);
+        assert_eq!(AttentionPath::parse("gemm").unwrap(), AttentionPath::Gemm);
+        for bad in ["", "GEMM", "split", "auto"] {
+            let e = AttentionPath::parse(bad).unwrap_err();
+            assert!(matches!(e, Error::Input(_)) && e.to_string().contains(ATTENTION_PATH_VAR), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn products_describe_the_row_major_blocks() {
+        // Two heads of T = 3, d = 2, row-major [T, d] blocks: checks each description against a
+        // direct triple loop on the host executor.
+        let (bh, t, d) = (2usize, 3usize, 2usize);
+        let x: Vec<f32> = (0..bh * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..bh * t * d).map(|i| (i as f32 * 0.71).cos()).collect();
+        let p: Vec<f32> = (0..bh * t * t).map(|i| (i as f32 * 0.53).sin()).collect();
+        let prod = Products { bh, seq: t, d };
+        let mut s = vec![0f32; bh * t * t];
+        super::super::gemm::gemm_host(&prod.scores::<f32>(), &y, &x, &mut s, None).unwrap();
+        let mut o = vec![0f32; bh * t * d];
+        super::super::gemm::gemm_host(&prod.p_x::<f32>(2.0), &x, &p, &mut o, None).unwrap();
+        let mut ot = vec![0f32; bh * t * d];
+        super::super::gemm::gemm_host(&prod.pt_x::<f32>(1.0), &x, &p, &mut ot, None).unwrap();
+        for b in 0..bh {
+            let (xb, yb, pb) = (&x[b * t * d..], &y[b * t * d..], &p[b * t * t..]);
+            for i in 0..t {
+                for j in 0..t {
+                    let want: f32 = (0..d).map(|c| xb[i * d + c] * yb[j * d + c]).sum();
+                    assert!((s[b * t * t + i * t + j] - want).abs() < 1e-6, "S[{b}][{i}][{j}]");
+                }
+                for c in 0..d {
+                    let want: f32 = 2.0 * (0..t).map(|j| pb[i * t + j] * xb[j * d + c]).sum::<f32>();
+                    assert!((o[b * t * d + i * d + c] - want).abs() < 1e-6, "P·X[{b}][{i}][{c}]");
+                    let want: f32 = (0..t).map(|k| pb[k * t + i] * xb[k * d + c]).sum();
+                    assert!((ot[b * t * d + i * d + c] - want).abs() < 1e-6, "Pᵀ·X[{b}][{i}][{c}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn score_sizes_are_checked() {
+        assert_eq!(score_sizes(OP, 2, 5, 3).unwrap(), (30, 150));
+        assert!(matches!(score_sizes(OP, 1, 513, 1), Err(Error::Shape { .. })));
+        assert!(score_sizes(OP, 1 << 20, 512, 1 << 12).is_err());
+        assert!(matches!(kernels(DType::F16, OP), Err(Error::Unsupported(_))));
+    }
+}
