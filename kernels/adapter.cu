@@ -228,6 +228,49 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
     return v[0];
 }
 
+// The row x as a column function, for team_row_stats and team_ln_backward_terms.
+__device__ __forceinline__ auto row_at(const float* x) {
+    return [x](int c) -> float { return x[c]; };
+}
+
+// mean and rstd of a team's row whose column c is x(c) (each thread evaluates only the columns
+// it owns): two passes, the sum and then the squared deviations, as every LayerNorm of this file
+// (forward and backward) computes them. Every thread of the team must call it.
+template <typename F>
+__device__ __forceinline__ void team_row_stats(F x, int cols, float eps, float* scratch, float& mean_out, float& rstd_out) {
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        sum += x(c);
+    }
+    const float mean = team_sum(sum, scratch) / (float)cols;
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float d = x(c) - mean;
+        sq = fmaf(d, d, sq);
+    }
+    mean_out = mean;
+    rstd_out = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + eps);
+}
+
+// The row terms of a LayerNorm's backward dx = rstd·(gy − s1 − x̂·s2) (ln_backward_dx), with
+// gy = γ ⊙ dy: s1 = mean_c gy(c) and s2 = mean_c gy(c)·x̂(c) over the team's row (each thread
+// evaluates its own columns). Every thread of the team must call it.
+template <typename G, typename X>
+__device__ __forceinline__ void team_ln_backward_terms(G gy, X xhat, int cols, float* scratch, float& s1, float& s2) {
+    float a = 0.0f, b = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float g = gy(c);
+        a += g;
+        b = fmaf(g, xhat(c), b);
+    }
+    s1 = team_sum(a, scratch) / (float)cols;
+    s2 = team_sum(b, scratch) / (float)cols;
+}
+
+__device__ __forceinline__ float ln_backward_dx(float rstd, float gy, float xhat, float s1, float s2) {
+    return rstd * (gy - s1 - xhat * s2);
+}
+
 // y[c] = (x[c] - mean)·rstd·γ[c] + β[c] over the thread's own columns of a team's row, with the
 // statistics from the whole row. x is the row in shared memory (each thread reads only what it
 // wrote); y may be x. Every thread of the team must call it. Returns nothing; `mean_out` and
@@ -235,17 +278,8 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
 template <typename T>
 __device__ __forceinline__ void team_layernorm(const float* x, float* y, const T* gamma, const T* beta, int cols, float eps,
                                                float* scratch, float& mean_out, float& rstd_out) {
-    float sum = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        sum += x[c];
-    }
-    const float mean = team_sum(sum, scratch) / (float)cols;
-    float sq = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float d = x[c] - mean;
-        sq = fmaf(d, d, sq);
-    }
-    const float rstd = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + eps);
+    float mean, rstd;
+    team_row_stats(row_at(x), cols, eps, scratch, mean, rstd);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         y[c] = fmaf((x[c] - mean) * rstd, load_f32(gamma, c), load_f32(beta, c));
     }
@@ -311,6 +345,22 @@ __device__ __forceinline__ float pre_step_x(const T* hr, const T* rr, const P* l
     return fmaf((v - mean) * rstd, load_f32(ln_gamma, c), load_f32(ln_beta, c));
 }
 
+// The pre step over a team's row: x = LN(h + r) when the original LayerNorm comes first, else h,
+// into the row buffer xs; `pre_mean` and `pre_rstd` get that LayerNorm's statistics (0 without
+// it). Every thread of the team must call it.
+template <typename T, typename P>
+__device__ __forceinline__ void pre_step_row(float* xs, const T* hr, const T* rr, const P* ln_gamma, const P* ln_beta, bool ln_first,
+                                             int cols, float ln_eps, float* scratch, float& pre_mean, float& pre_rstd) {
+    pre_mean = 0.0f;
+    pre_rstd = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
+    }
+    if (ln_first) {
+        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
+    }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // The pre step and the adapter's LayerNorm before the down projection, for one row team: z (x,
@@ -321,16 +371,8 @@ template <typename T, typename P>
 __device__ __forceinline__ void location_pre_row(float* xs, const T* hr, const T* rr, const P* ln_gamma, const P* ln_beta,
                                                  const AdapterBranchDesc& d, int cols, float ln_eps, float* scratch, float& pre_mean,
                                                  float& pre_rstd) {
-    const bool ln_first = d.original_ln_before != 0;
     float unused_mean, unused_rstd;
-    pre_mean = 0.0f;
-    pre_rstd = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
-    }
-    if (ln_first) {
-        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
-    }
+    pre_step_row(xs, hr, rr, ln_gamma, ln_beta, d.original_ln_before != 0, cols, ln_eps, scratch, pre_mean, pre_rstd);
     // The adapter's LayerNorm before the down projection, in place: x is recomputed for ρ.
     if (d.ln_before_gamma != 0) {
         team_layernorm(xs, xs, desc_ptr(d.ln_before_gamma), desc_ptr(d.ln_before_beta), cols, d.ln_before_eps, scratch, unused_mean,
@@ -1260,6 +1302,121 @@ __device__ __forceinline__ float bwd_ln_after_input(const AdapterBwdRow<T>& w, i
     return w.residual_first ? u + bwd_rho(w, c) : u;
 }
 
+// ---- per-row steps of the backward, shared by the fused and the split kernels ----
+// Each works on the team's row; every column is read and written by the thread that owns it, and
+// every thread of the team must call it (team_sum). The column values that the two paths hold
+// differently (u_d cached or recomputed, x in shared memory or recomputed from h and r) come in
+// as functions of the column c.
+
+// y = LN_after(u_g (+ ρ when the adapter residual comes first)) (+ ρ otherwise), or u_g + ρ
+// without LN_after; then the post step's input z2 = y + r (or y) into gs. ln_in(c): LN_after's
+// input (bwd_ln_after_input); a_mean, a_rstd: its statistics.
+template <typename T, typename U, typename A, typename R>
+__device__ __forceinline__ void bwd_post_input_row(float* gs, U u_g, A ln_in, R rho, const T* rr, const float* ga, const float* ba,
+                                                   bool ln_after, bool residual_first, bool post, float a_mean, float a_rstd, int cols) {
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float y;
+        if (ln_after) {
+            y = fmaf((ln_in(c) - a_mean) * a_rstd, ga[c], ba[c]);
+            if (!residual_first) {
+                y += rho(c);
+            }
+        } else {
+            y = u_g(c) + rho(c);
+        }
+        gs[c] = post ? y + load_f32(rr, c) : y;
+    }
+}
+
+// The post step's backward: gs holds z2 on entry and dz2 = LNback(d_out) on return (each column
+// also handed to dr_term(c, dz2), r's share), or d_out itself without the post step.
+template <typename T, typename P, typename E>
+__device__ __forceinline__ void bwd_post_step_row(float* gs, const T* dor, const P* ln_gamma, bool post, int cols, float ln_eps,
+                                                  float* scratch, E dr_term) {
+    if (!post) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            gs[c] = load_f32(dor, c);
+        }
+        return;
+    }
+    float mean, rstd, s1, s2;
+    team_row_stats(row_at(gs), cols, ln_eps, scratch, mean, rstd);
+    auto gy = [&](int c) -> float { return load_f32(dor, c) * load_f32(ln_gamma, c); };
+    auto xhat = [&](int c) -> float { return (gs[c] - mean) * rstd; };
+    team_ln_backward_terms(gy, xhat, cols, scratch, s1, s2);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float dz = ln_backward_dx(rstd, gy(c), xhat(c), s1, s2);
+        gs[c] = dz;
+        dr_term(c, dz);
+    }
+}
+
+// LN_after's and the adapter residual's backward: gs holds dy on entry and du_g on return; each
+// column's (dy, x̂ of LN_after (0 without it), du_g, dρ) goes to sink(c, ...), which packs and
+// routes them.
+template <typename A, typename S>
+__device__ __forceinline__ void bwd_ln_after_row(float* gs, A ln_in, const float* ga, bool ln_after, bool residual_first, float a_mean,
+                                                 float a_rstd, int cols, float* scratch, S sink) {
+    float s1 = 0.0f, s2 = 0.0f;
+    auto xhat = [&](int c) -> float { return (ln_in(c) - a_mean) * a_rstd; };
+    if (ln_after) {
+        team_ln_backward_terms([&](int c) -> float { return gs[c] * ga[c]; }, xhat, cols, scratch, s1, s2);
+    }
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float dy = gs[c];
+        float du = dy, drho = dy, xh = 0.0f;
+        if (ln_after) {
+            xh = xhat(c);
+            du = ln_backward_dx(a_rstd, dy * ga[c], xh, s1, s2);
+            if (residual_first) {
+                drho = du;
+            }
+        }
+        gs[c] = du;
+        sink(c, dy, xh, du, drho);
+    }
+}
+
+// The gate's dlogit for a row of an example: (Σ_t q over the example's T rows, qe, in order) / T ·
+// σ'(x·w_g + b_g), x the pre step's output in xs. The same in every thread of the team.
+__device__ __forceinline__ float bwd_gate_dlogit(const float* qe, const float* xs, const AdapterBranchDesc& d, int cols, int seq_len,
+                                                 float* scratch) {
+    float part = 0.0f;
+    for (int t = threadIdx.x; t < seq_len; t += blockDim.x) {
+        part += qe[t];
+    }
+    const float dg = team_sum(part, scratch);
+    const float* wg = desc_ptr(d.gate_w);
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        dot = fmaf(xs[c], wg[c], dot);
+    }
+    const float logit = team_sum(dot, scratch) + desc_ptr(d.gate_b)[0];
+    const float sig = 1.0f / (1.0f + expf(-logit));
+    return dg / (float)seq_len * (sig * (1.0f - sig));
+}
+
+// The pre step's backward from dx (the gradient of its output x, in shared memory): dv =
+// LNback(dx) with v = h + r when the original LayerNorm comes first, handed to emit(c, dv) (h's
+// and r's share), else dx itself (h's alone).
+template <typename T, typename P, typename E>
+__device__ __forceinline__ void bwd_pre_step_row(const float* dxs, const T* hr, const T* rr, const P* ln_gamma, bool ln_first,
+                                                 float pre_mean, float pre_rstd, int cols, float* scratch, E emit) {
+    if (!ln_first) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            emit(c, dxs[c]);
+        }
+        return;
+    }
+    auto gy = [&](int c) -> float { return dxs[c] * load_f32(ln_gamma, c); };
+    auto xhat = [&](int c) -> float { return (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd; };
+    float s1, s2;
+    team_ln_backward_terms(gy, xhat, cols, scratch, s1, s2);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        emit(c, ln_backward_dx(pre_rstd, gy(c), xhat(c), s1, s2));
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void location_backward_team(
     float* __restrict__ dh, float* __restrict__ dr, float* __restrict__ pack, float* __restrict__ gate_q, const float* __restrict__ gate,
@@ -1309,17 +1466,14 @@ __device__ __forceinline__ void location_backward_team(
     const PhiloxKey drop_key = philox_key(seed_buf, seed_lo, seed_hi);
 
     // Pre step: x into xs. The input-gradient accumulators start at zero.
-    float pre_mean = 0.0f, pre_rstd = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
-        if (inputs) {
+    float pre_mean, pre_rstd;
+    pre_step_row(xs, hr, rr, ln_gamma, ln_beta, ln_first, cols, ln_eps, bwd_scratch, pre_mean, pre_rstd);
+    if (inputs) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             dxs[c] = 0.0f;
             dhr[c] = 0.0f;
             drr[c] = 0.0f;
         }
-    }
-    if (ln_first) {
-        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, bwd_scratch, pre_mean, pre_rstd);
     }
 
     for (int i = first; i < last; ++i) {
@@ -1405,97 +1559,30 @@ __device__ __forceinline__ void location_backward_team(
         const bool ln_after = d.ln_after_gamma != 0;
         const float* ga = desc_ptr(d.ln_after_gamma);
         const float* ba = desc_ptr(d.ln_after_beta);
+        auto ln_in = [&](int c) -> float { return bwd_ln_after_input(w, c); };
+        auto rho = [&](int c) -> float { return bwd_rho(w, c); };
         float a_mean = 0.0f, a_rstd = 0.0f;
         if (ln_after) {
-            float sum = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                sum += bwd_ln_after_input(w, c);
-            }
-            a_mean = team_sum(sum, bwd_scratch) / (float)cols;
-            float sq = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float dv = bwd_ln_after_input(w, c) - a_mean;
-                sq = fmaf(dv, dv, sq);
-            }
-            a_rstd = 1.0f / sqrtf(team_sum(sq, bwd_scratch) / (float)cols + d.ln_after_eps);
+            team_row_stats(ln_in, cols, d.ln_after_eps, bwd_scratch, a_mean, a_rstd);
         }
-        // y, then the post step's input z2 = y + r, into gs.
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float y;
-            if (ln_after) {
-                y = fmaf((bwd_ln_after_input(w, c) - a_mean) * a_rstd, ga[c], ba[c]);
-                if (!w.residual_first) {
-                    y += bwd_rho(w, c);
-                }
-            } else {
-                y = bwd_gated(w, c) + bwd_rho(w, c);
-            }
-            gs[c] = post ? y + load_f32(rr, c) : y;
-        }
+        bwd_post_input_row(gs, [&](int c) -> float { return bwd_gated(w, c); }, ln_in, rho, rr, ga, ba, ln_after, w.residual_first, post,
+                           a_mean, a_rstd, cols);
 
         // ---- backward ----
         // Post step: dy = LNback(d_out) into gs (dr gets it too), or d_out.
-        if (post) {
-            float sum = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                sum += gs[c];
+        bwd_post_step_row(gs, dor, ln_gamma, post, cols, ln_eps, bwd_scratch, [&](int c, float dz) {
+            if (inputs) {
+                drr[c] += dz;
             }
-            const float mean = team_sum(sum, bwd_scratch) / (float)cols;
-            float sq = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float dv = gs[c] - mean;
-                sq = fmaf(dv, dv, sq);
-            }
-            const float rstd = 1.0f / sqrtf(team_sum(sq, bwd_scratch) / (float)cols + ln_eps);
-            float s1 = 0.0f, s2 = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
-                s1 += gy;
-                s2 = fmaf(gy, (gs[c] - mean) * rstd, s2);
-            }
-            s1 = team_sum(s1, bwd_scratch) / (float)cols;
-            s2 = team_sum(s2, bwd_scratch) / (float)cols;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
-                const float xh = (gs[c] - mean) * rstd;
-                const float dz = rstd * (gy - s1 - xh * s2);
-                gs[c] = dz;
-                if (inputs) {
-                    drr[c] += dz;
-                }
-            }
-        } else {
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                gs[c] = load_f32(dor, c);
-            }
-        }
+        });
         // LN_after and the adapter residual: du_g into gs; dρ to the input-gradient sums.
-        float as1 = 0.0f, as2 = 0.0f;
-        if (ln_after) {
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float gy = gs[c] * ga[c];
-                as1 += gy;
-                as2 = fmaf(gy, (bwd_ln_after_input(w, c) - a_mean) * a_rstd, as2);
-            }
-            as1 = team_sum(as1, bwd_scratch) / (float)cols;
-            as2 = team_sum(as2, bwd_scratch) / (float)cols;
-        }
         float q = 0.0f;  // Σ_c du_g·u_d, the gate's row term
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float dy = gs[c];
-            float du = dy, drho = dy;
-            if (ln_after) {
-                const float xh = (bwd_ln_after_input(w, c) - a_mean) * a_rstd;
-                du = a_rstd * (dy * ga[c] - as1 - xh * as2);
-                if (w.residual_first) {
-                    drho = du;
-                }
-                if (train) {
-                    pk[lay.ln_after_gamma + c] = dy * xh;
-                    pk[lay.ln_after_beta + c] = dy;
-                }
+        bwd_ln_after_row(gs, ln_in, ga, ln_after, w.residual_first, a_mean, a_rstd, cols, bwd_scratch,
+                         [&](int c, float dy, float xh, float du, float drho) {
+            if (train && ln_after) {
+                pk[lay.ln_after_gamma + c] = dy * xh;
+                pk[lay.ln_after_beta + c] = dy;
             }
-            gs[c] = du;
             if (gated) {
                 q = fmaf(du, bwd_scaled(w, c), q);
             }
@@ -1509,7 +1596,7 @@ __device__ __forceinline__ void location_backward_team(
                     }
                 }
             }
-        }
+        });
         // Gate: phase 0 stops at the row term; phase 1 turns its example's sum into dlogit.
         float dlogit = 0.0f;
         if (gated) {
@@ -1521,19 +1608,7 @@ __device__ __forceinline__ void location_backward_team(
                 continue;  // team-uniform; the next branch starts with thread-local writes only
             }
             const float* qe = gate_q + (size_t)i * (size_t)per_branch + (size_t)example * (size_t)seq_len;
-            float part = 0.0f;
-            for (int t = threadIdx.x; t < seq_len; t += blockDim.x) {
-                part += qe[t];
-            }
-            const float dg = team_sum(part, bwd_scratch);
-            const float* wg = desc_ptr(d.gate_w);
-            float dot = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                dot = fmaf(xs[c], wg[c], dot);
-            }
-            const float logit = team_sum(dot, bwd_scratch) + desc_ptr(d.gate_b)[0];
-            const float sig = 1.0f / (1.0f + expf(-logit));
-            dlogit = dg / (float)seq_len * (sig * (1.0f - sig));
+            dlogit = bwd_gate_dlogit(qe, xs, d, cols, seq_len, bwd_scratch);
             if (train && threadIdx.x == 0) {
                 pk[lay.dlogit] = dlogit;
             }
@@ -1580,22 +1655,17 @@ __device__ __forceinline__ void location_backward_team(
             }
             if (ln_before) {
                 const float* gb = desc_ptr(d.ln_before_gamma);
-                float s1 = 0.0f, s2 = 0.0f;
-                for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                    const float gy = gs[c] * gb[c];
-                    s1 += gy;
-                    s2 = fmaf(gy, (xs[c] - b_mean) * b_rstd, s2);
-                }
-                s1 = team_sum(s1, bwd_scratch) / (float)cols;
-                s2 = team_sum(s2, bwd_scratch) / (float)cols;
+                auto xhat = [&](int c) -> float { return (xs[c] - b_mean) * b_rstd; };
+                float s1, s2;
+                team_ln_backward_terms([&](int c) -> float { return gs[c] * gb[c]; }, xhat, cols, bwd_scratch, s1, s2);
                 for (int c = threadIdx.x; c < cols; c += blockDim.x) {
                     const float dz = gs[c];
-                    const float xh = (xs[c] - b_mean) * b_rstd;
+                    const float xh = xhat(c);
                     if (train) {
                         pk[lay.ln_before_gamma + c] = dz * xh;
                         pk[lay.ln_before_beta + c] = dz;
                     }
-                    gs[c] = b_rstd * (dz * gb[c] - s1 - xh * s2);
+                    gs[c] = ln_backward_dx(b_rstd, dz * gb[c], xh, s1, s2);
                 }
             }
             if (inputs) {
@@ -1613,27 +1683,12 @@ __device__ __forceinline__ void location_backward_team(
     if (!inputs) {
         return;
     }
-    if (ln_first) {
-        float s1 = 0.0f, s2 = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = dxs[c] * load_f32(ln_gamma, c);
-            s1 += gy;
-            s2 = fmaf(gy, (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd, s2);
-        }
-        s1 = team_sum(s1, bwd_scratch) / (float)cols;
-        s2 = team_sum(s2, bwd_scratch) / (float)cols;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = dxs[c] * load_f32(ln_gamma, c);
-            const float xh = (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd;
-            const float dv = pre_rstd * (gy - s1 - xh * s2);
-            dhr[c] += dv;
+    bwd_pre_step_row(dxs, hr, rr, ln_gamma, ln_first, pre_mean, pre_rstd, cols, bwd_scratch, [&](int c, float dv) {
+        dhr[c] += dv;
+        if (ln_first) {
             drr[c] += dv;
         }
-    } else {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            dhr[c] += dxs[c];
-        }
-    }
+    });
 }
 
 // dh, dr: [B·T, H] when replicate, else [N·B·T, H] (rows of branches outside branch_mask are not
@@ -1786,21 +1841,6 @@ __device__ __forceinline__ bool split_bwd_team(unsigned mask, int per_branch, in
     return true;
 }
 
-// mean and rstd of the team's row x (shared memory), as team_layernorm computes them.
-__device__ __forceinline__ void team_row_stats(const float* x, int cols, float eps, float* scratch, float& mean, float& rstd) {
-    float sum = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        sum += x[c];
-    }
-    mean = team_sum(sum, scratch) / (float)cols;
-    float sq = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float d = x[c] - mean;
-        sq = fmaf(d, d, sq);
-    }
-    rstd = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + eps);
-}
-
 // z0: [N·B·T, H] f32 (rows of branches in branch_mask written); stats: [N·B·T, 2] or null.
 template <typename T, typename P>
 __device__ __forceinline__ void split_bwd_pre_team(float* __restrict__ z0, float* __restrict__ stats, const T* __restrict__ h,
@@ -1890,102 +1930,42 @@ __device__ __forceinline__ void split_bwd_post_team(
         }
         return load_f32(hr, c) + load_f32(rr, c);
     };
+    auto u_g = [&](int c) -> float { return gated ? ud[c] * g : ud[c]; };
     auto ln_after_input = [&](int c) -> float {
-        const float u = gated ? ud[c] * g : ud[c];
+        const float u = u_g(c);
         return residual_first ? u + rho(c) : u;
     };
     float a_mean = 0.0f, a_rstd = 0.0f;
     if (ln_after) {
-        float sum = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            sum += ln_after_input(c);
-        }
-        a_mean = team_sum(sum, scratch) / (float)cols;
-        float sq = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float dv = ln_after_input(c) - a_mean;
-            sq = fmaf(dv, dv, sq);
-        }
-        a_rstd = 1.0f / sqrtf(team_sum(sq, scratch) / (float)cols + d.ln_after_eps);
+        team_row_stats(ln_after_input, cols, d.ln_after_eps, scratch, a_mean, a_rstd);
     }
-    // y, then the post step's input z2 = y + r, into gs.
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float y;
-        if (ln_after) {
-            y = fmaf((ln_after_input(c) - a_mean) * a_rstd, ga[c], ba[c]);
-            if (!residual_first) {
-                y += rho(c);
-            }
-        } else {
-            y = (gated ? ud[c] * g : ud[c]) + rho(c);
-        }
-        gs[c] = post ? y + load_f32(rr, c) : y;
-    }
+    bwd_post_input_row(gs, u_g, ln_after_input, rho, rr, ga, ba, ln_after, residual_first, post, a_mean, a_rstd, cols);
 
     // ---- backward ----
     // Post step: dy = LNback(d_out) into gs (the dr term), or d_out.
     float* rg = r_grad != nullptr ? r_grad + dst : nullptr;
-    if (post) {
-        float mean, rstd;
-        team_row_stats(gs, cols, ln_eps, scratch, mean, rstd);
-        float s1 = 0.0f, s2 = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
-            s1 += gy;
-            s2 = fmaf(gy, (gs[c] - mean) * rstd, s2);
+    bwd_post_step_row(gs, dor, ln_gamma, post, cols, ln_eps, scratch, [&](int c, float dz) {
+        if (rg != nullptr) {
+            rg[c] = dz;
         }
-        s1 = team_sum(s1, scratch) / (float)cols;
-        s2 = team_sum(s2, scratch) / (float)cols;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = load_f32(dor, c) * load_f32(ln_gamma, c);
-            const float xh = (gs[c] - mean) * rstd;
-            const float dz = rstd * (gy - s1 - xh * s2);
-            gs[c] = dz;
-            if (rg != nullptr) {
-                rg[c] = dz;
-            }
-        }
-    } else {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            gs[c] = load_f32(dor, c);
-        }
-    }
+    });
     // LN_after and the adapter residual: du_g into gs; dρ out.
-    float as1 = 0.0f, as2 = 0.0f;
-    if (ln_after) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = gs[c] * ga[c];
-            as1 += gy;
-            as2 = fmaf(gy, (ln_after_input(c) - a_mean) * a_rstd, as2);
-        }
-        as1 = team_sum(as1, scratch) / (float)cols;
-        as2 = team_sum(as2, scratch) / (float)cols;
-    }
     float* rho_r = rho_grad != nullptr ? rho_grad + dst : nullptr;
     const bool pack_la = train && ln_after;
     float q = 0.0f;  // Σ_c du_g·u_d, the gate's row term
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float dy = gs[c];
-        float du = dy, drho = dy;
-        if (ln_after) {
-            const float xh = (ln_after_input(c) - a_mean) * a_rstd;
-            du = a_rstd * (dy * ga[c] - as1 - xh * as2);
-            if (residual_first) {
-                drho = du;
-            }
-            if (pack_la) {
-                la_gamma[dst + c] = dy * xh;
-                la_beta[dst + c] = dy;
-            }
+    bwd_ln_after_row(gs, ln_after_input, ga, ln_after, residual_first, a_mean, a_rstd, cols, scratch,
+                     [&](int c, float dy, float xh, float du, float drho) {
+        if (pack_la) {
+            la_gamma[dst + c] = dy * xh;
+            la_beta[dst + c] = dy;
         }
-        gs[c] = du;
         if (gated) {
             q = fmaf(du, ud[c], q);
         }
         if (rho_r != nullptr) {
             rho_r[c] = drho;
         }
-    }
+    });
     if (gated) {
         q = team_sum(q, scratch);
         if (threadIdx.x == 0) {
@@ -2061,15 +2041,12 @@ __device__ __forceinline__ void split_bwd_input_team(
     const int residual = descs[0].residual_before_ln;
 
     // Pre step: x into xs (the forward's arithmetic); the accumulators start at zero.
-    float pre_mean = 0.0f, pre_rstd = 0.0f;
+    float pre_mean, pre_rstd;
+    pre_step_row(xs, hr, rr, ln_gamma, ln_beta, ln_first, cols, ln_eps, scratch, pre_mean, pre_rstd);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        xs[c] = ln_first ? load_f32(hr, c) + load_f32(rr, c) : load_f32(hr, c);
         dxs[c] = 0.0f;
         dhs[c] = 0.0f;
         drs[c] = 0.0f;
-    }
-    if (ln_first) {
-        team_layernorm(xs, xs, ln_gamma, ln_beta, cols, ln_eps, scratch, pre_mean, pre_rstd);
     }
 
     for (int i = first; i < last; ++i) {
@@ -2087,33 +2064,17 @@ __device__ __forceinline__ void split_bwd_input_team(
         float b_mean = 0.0f, b_rstd = 0.0f, s1 = 0.0f, s2 = 0.0f;
         const float* gb = desc_ptr(d.ln_before_gamma);
         const float* dzr = dz0 != nullptr ? dz0 + dst : nullptr;
+        auto xhat = [&](int c) -> float { return (xs[c] - b_mean) * b_rstd; };
         if (ln_before) {
-            team_row_stats(xs, cols, d.ln_before_eps, scratch, b_mean, b_rstd);
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                const float gy = dzr[c] * gb[c];
-                s1 += gy;
-                s2 = fmaf(gy, (xs[c] - b_mean) * b_rstd, s2);
-            }
-            s1 = team_sum(s1, scratch) / (float)cols;
-            s2 = team_sum(s2, scratch) / (float)cols;
+            team_row_stats(row_at(xs), cols, d.ln_before_eps, scratch, b_mean, b_rstd);
+            team_ln_backward_terms([&](int c) -> float { return dzr[c] * gb[c]; }, xhat, cols, scratch, s1, s2);
         }
         // The gate: dlogit = (Σ_t q of the example) / T · σ'(x·w_g + b_g).
         float dlogit = 0.0f;
         const float* wg = desc_ptr(d.gate_w);
         if (gated) {
             const float* qe = gate_q + (size_t)i * (size_t)per_branch + (size_t)example * (size_t)seq_len;
-            float part = 0.0f;
-            for (int t = threadIdx.x; t < seq_len; t += blockDim.x) {
-                part += qe[t];
-            }
-            const float dg = team_sum(part, scratch);
-            float dot = 0.0f;
-            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-                dot = fmaf(xs[c], wg[c], dot);
-            }
-            const float logit = team_sum(dot, scratch) + desc_ptr(d.gate_b)[0];
-            const float sig = 1.0f / (1.0f + expf(-logit));
-            dlogit = dg / (float)seq_len * (sig * (1.0f - sig));
+            dlogit = bwd_gate_dlogit(qe, xs, d, cols, seq_len, scratch);
             if (train && threadIdx.x == 0) {
                 dlogit_out[row] = dlogit;
             }
@@ -2126,12 +2087,12 @@ __device__ __forceinline__ void split_bwd_input_team(
             float dx = 0.0f;
             if (ln_before) {
                 const float dz = dzr[c];
-                const float xh = (xs[c] - b_mean) * b_rstd;
+                const float xh = xhat(c);
                 if (pack_lb) {
                     lb_gamma[dst + c] = dz * xh;
                     lb_beta[dst + c] = dz;
                 }
-                dx = b_rstd * (dz * gb[c] - s1 - xh * s2);
+                dx = ln_backward_dx(b_rstd, dz * gb[c], xh, s1, s2);
             } else if (inputs) {
                 dx = dzr[c];
             }
@@ -2165,28 +2126,10 @@ __device__ __forceinline__ void split_bwd_input_team(
     // stored once.
     T* dhr = dh + src;
     T* drr = dr + src;
-    if (ln_first) {
-        float s1 = 0.0f, s2 = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = dxs[c] * load_f32(ln_gamma, c);
-            s1 += gy;
-            s2 = fmaf(gy, (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd, s2);
-        }
-        s1 = team_sum(s1, scratch) / (float)cols;
-        s2 = team_sum(s2, scratch) / (float)cols;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float gy = dxs[c] * load_f32(ln_gamma, c);
-            const float xh = (load_f32(hr, c) + load_f32(rr, c) - pre_mean) * pre_rstd;
-            const float dv = pre_rstd * (gy - s1 - xh * s2);
-            store_f32(dhr, c, dhs[c] + dv);
-            store_f32(drr, c, drs[c] + dv);
-        }
-    } else {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            store_f32(dhr, c, dhs[c] + dxs[c]);
-            store_f32(drr, c, drs[c]);
-        }
-    }
+    bwd_pre_step_row(dxs, hr, rr, ln_gamma, ln_first, pre_mean, pre_rstd, cols, scratch, [&](int c, float dv) {
+        store_f32(dhr, c, dhs[c] + dv);
+        store_f32(drr, c, ln_first ? drs[c] + dv : drs[c]);
+    });
 }
 
 // Grid: one team per row of the branches in branch_mask; block and shared memory (H floats per

@@ -15,7 +15,7 @@
 //! the output by O(1), far past the tolerance. Outputs start as NaN, so an element the kernel
 //! never writes fails.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckParams, LayerNormParams, LocationSteps};
+use bert_adapters::backend::{BottleneckParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
     adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchDropout,
@@ -28,7 +28,6 @@ use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor}
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-const BERT_EPS: f32 = 1e-12;
 const TOL: f32 = 1e-5;
 
 // ---- cases ---------------------------------------------------------------------------------------
@@ -76,29 +75,14 @@ impl Case {
     }
 
     fn label(&self) -> String {
-        let specs: Vec<String> = self
-            .branches
-            .iter()
-            .map(|b| {
-                let s = b.spec;
-                format!("m{} {:?} {:?}{}{}{}{}", s.m, s.act, s.scale, if s.ln_before { " lnB" } else { "" }, if s.ln_after { " lnA" } else { "" }, if s.gate { " gate" } else { "" }, if s.residual_first { " resFirst" } else { "" })
-            })
-            .collect();
-        format!("B={} T={} H={} N={} replicate={} {:?} [{}]", self.batch, self.seq_len, self.hidden, self.branches.len(), self.replicate, self.steps, specs.join("; "))
+        let specs: Vec<String> = self.branches.iter().map(|b| b.spec.label()).collect();
+        location_label(self.shape(), "", self.steps, &specs)
     }
 
     /// The CPU reference backend's output.
     fn reference(&self) -> Vec<f32> {
         let params: Vec<BottleneckParams> = self.branches.iter().map(HostBranch::params).collect();
-        let loc = AdapterLocation {
-            h: &self.h,
-            r: &self.r,
-            layer_norm: LayerNormParams { gamma: &self.gamma, beta: &self.beta, eps: BERT_EPS },
-            steps: self.steps,
-            branches: &params,
-            replicate: self.replicate,
-            seq_len: self.seq_len,
-        };
+        let loc = host_location(&self.h, &self.r, &self.gamma, &self.beta, self.steps, &params, self.shape());
         CpuBackend::reference().adapter_location(&loc).unwrap_or_else(|e| panic!("{}: CPU reference: {e}", self.label())).into_cpu_vec().unwrap()
     }
 

@@ -12,7 +12,7 @@
 //! that are overwritten, the workspace), so an element the launch never writes fails;
 //! destinations that accumulate start with random values, on both sides.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps};
+use bert_adapters::backend::{BottleneckGrads, BottleneckParams, GradsOut, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_split, adapter_location_backward_split_with_plan, adapter_location_backward_with_plan,
@@ -25,7 +25,6 @@ use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor}
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-const BERT_EPS: f32 = 1e-12;
 const TOL: f32 = 1e-4;
 
 // ---- cases ---------------------------------------------------------------------------------------
@@ -141,33 +140,9 @@ impl Case {
             .branches
             .iter()
             .zip(&self.trainable)
-            .map(|(b, t)| {
-                let s = b.spec;
-                format!(
-                    "m{} {:?} {:?}{}{}{}{}{}",
-                    s.m,
-                    s.act,
-                    s.scale,
-                    if s.ln_before { " lnB" } else { "" },
-                    if s.ln_after { " lnA" } else { "" },
-                    if s.gate { " gate" } else { "" },
-                    if s.residual_first { " resFirst" } else { "" },
-                    if *t { "" } else { " FROZEN" }
-                )
-            })
+            .map(|(b, t)| format!("{}{}", b.spec.label(), if *t { "" } else { " FROZEN" }))
             .collect();
-        format!(
-            "B={} T={} H={} N={} replicate={} accumulate={} need_input={} {:?} [{}]",
-            self.batch,
-            self.seq_len,
-            self.hidden,
-            self.branches.len(),
-            self.replicate,
-            self.accumulate,
-            self.need_input,
-            self.steps,
-            specs.join("; ")
-        )
+        location_label(self.shape(), &format!(" accumulate={} need_input={}", self.accumulate, self.need_input), self.steps, &specs)
     }
 
     /// The initial contents of branch i's destinations when accumulating (a fixed function of i,
@@ -181,15 +156,7 @@ impl Case {
     /// (after every branch ran, so shared destinations hold the sum).
     fn reference(&self) -> (Option<InputGrads>, BranchesGrads) {
         let params: Vec<BottleneckParams> = self.branches.iter().map(HostBranch::params).collect();
-        let loc = AdapterLocation {
-            h: &self.h,
-            r: &self.r,
-            layer_norm: LayerNormParams { gamma: &self.gamma, beta: &self.beta, eps: BERT_EPS },
-            steps: self.steps,
-            branches: &params,
-            replicate: self.replicate,
-            seq_len: self.seq_len,
-        };
+        let loc = host_location(&self.h, &self.r, &self.gamma, &self.beta, self.steps, &params, self.shape());
         let mut dests: Vec<Option<BottleneckGrads>> = Vec::new();
         for (i, b) in self.branches.iter().enumerate() {
             let g = if !self.trainable[i] {

@@ -24,7 +24,6 @@ use rand::SeedableRng;
 mod cases;
 use cases::*;
 
-const BERT_EPS: f32 = 1e-12;
 
 fn backend(gpu: &Gpu) -> CudaBackend {
     // The backend owns its Gpu: a handle with the same settings (the schedule on cuda-sim).

@@ -34,7 +34,7 @@
 //! last child has no original LayerNorm after) at H = 48, T = 7; plus a block-per-row plan (block
 //! barriers) at H = 384. `sweep_covers_what_it_claims` checks the sweep's coverage.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckParams, LayerNormParams, LocationSteps};
+use bert_adapters::backend::{BottleneckParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cpu::reference::{activation, linear, residual_layernorm};
 use bert_adapters::cuda::adapter::{
@@ -48,7 +48,6 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-const BERT_EPS: f32 = 1e-12;
 /// The adapter's own LayerNorms (support/adapter_location.rs builds them with this eps).
 const ADAPTER_EPS: f32 = 1e-5;
 
@@ -101,15 +100,8 @@ impl Case {
     }
 
     fn label(&self) -> String {
-        let specs: Vec<String> = self
-            .branches
-            .iter()
-            .map(|b| {
-                let s = b.spec;
-                format!("m{} {:?} {:?}{}{}{}{}", s.m, s.act, s.scale, if s.ln_before { " lnB" } else { "" }, if s.ln_after { " lnA" } else { "" }, if s.gate { " gate" } else { "" }, if s.residual_first { " resFirst" } else { "" })
-            })
-            .collect();
-        format!("B={} T={} H={} N={} replicate={} {:?} [{}]", self.batch, self.seq_len, self.hidden, self.branches.len(), self.replicate, self.steps, specs.join("; "))
+        let specs: Vec<String> = self.branches.iter().map(|b| b.spec.label()).collect();
+        location_label(self.shape(), "", self.steps, &specs)
     }
 
     /// Rows of one branch, and the row offset of branch `i` in h / r.
@@ -126,19 +118,10 @@ impl Case {
 
     /// The f32 reference: the CPU reference backend on the bf16-rounded inputs.
     fn reference(&self) -> Vec<f32> {
-        let rows = self.h.len() / (self.seq_len * self.hidden);
-        let (h, r) = (tensor(self.h.clone(), &[rows, self.seq_len, self.hidden]), tensor(self.r.clone(), &[rows, self.seq_len, self.hidden]));
+        let (h, r) = (host_rows(&self.h, self.seq_len, self.hidden), host_rows(&self.r, self.seq_len, self.hidden));
         let (gamma, beta) = (tensor(self.gamma.clone(), &[self.hidden]), tensor(self.beta.clone(), &[self.hidden]));
         let params: Vec<BottleneckParams> = self.branches.iter().map(HostBranch::params).collect();
-        let loc = AdapterLocation {
-            h: &h,
-            r: &r,
-            layer_norm: LayerNormParams { gamma: &gamma, beta: &beta, eps: BERT_EPS },
-            steps: self.steps,
-            branches: &params,
-            replicate: self.replicate,
-            seq_len: self.seq_len,
-        };
+        let loc = host_location(&h, &r, &gamma, &beta, self.steps, &params, self.shape());
         CpuBackend::reference().adapter_location(&loc).unwrap_or_else(|e| panic!("{}: CPU reference: {e}", self.label())).into_cpu_vec().unwrap()
     }
 

@@ -22,7 +22,7 @@
 //! pfeiffer / houlsby / residual_before_ln False / post_add, gates, the adapter's dropout at p = 0.1
 //! and 0.5, frozen branches, accumulation, without input gradients; the fused path refuses bf16.
 
-use bert_adapters::backend::{AdapterLocation, BottleneckGrads, BottleneckParams, GradsOut, LayerNormParams, LocationSteps};
+use bert_adapters::backend::{BottleneckGrads, BottleneckParams, GradsOut, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_on, adapter_location_backward_split, BranchGrads, BranchWeights, LocationBackwardOutputs,
@@ -35,7 +35,6 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-const BERT_EPS: f32 = 1e-12;
 const TOL: f32 = 1e-4;
 
 #[path = "support/adapter_location.rs"]
@@ -107,19 +106,8 @@ impl Case {
     }
 
     fn label(&self) -> String {
-        let specs: Vec<String> = self.branches.iter().zip(&self.trainable).map(|(b, t)| format!("{:?}{}{}", b.spec, if *t { "" } else { " FROZEN" }, if b.dropout.is_some() { " dropout" } else { "" })).collect();
-        format!(
-            "B={} T={} H={} N={} replicate={} accumulate={} need_input={} {:?} [{}]",
-            self.batch,
-            self.seq_len,
-            self.hidden,
-            self.branches.len(),
-            self.replicate,
-            self.accumulate,
-            self.need_input,
-            self.steps,
-            specs.join("; ")
-        )
+        let specs: Vec<String> = self.branches.iter().zip(&self.trainable).map(|(b, t)| format!("{}{}{}", b.spec.label(), if *t { "" } else { " FROZEN" }, if b.dropout.is_some() { " dropout" } else { "" })).collect();
+        location_label(self.shape(), &format!(" accumulate={} need_input={}", self.accumulate, self.need_input), self.steps, &specs)
     }
 
     /// Accumulated destinations start from these values (both sides).
@@ -133,21 +121,11 @@ impl Case {
 
     /// The CPU reference on the rounded inputs: `(dh, dr)` when asked for, and the gradients.
     fn reference(&self) -> (Option<InputGrads<f32>>, Grads) {
-        let rows = self.h.len() / (self.seq_len * self.hidden);
-        let shape3 = [rows, self.seq_len, self.hidden];
-        let (h, r) = (tensor(self.h.clone(), &shape3), tensor(self.r.clone(), &shape3));
+        let (h, r) = (host_rows(&self.h, self.seq_len, self.hidden), host_rows(&self.r, self.seq_len, self.hidden));
         let d_out = tensor(self.d_out.clone(), &[self.branches.len() * self.batch, self.seq_len, self.hidden]);
         let (gamma, beta) = (tensor(self.gamma.clone(), &[self.hidden]), tensor(self.beta.clone(), &[self.hidden]));
         let params: Vec<BottleneckParams> = self.branches.iter().map(HostBranch::params).collect();
-        let loc = AdapterLocation {
-            h: &h,
-            r: &r,
-            layer_norm: LayerNormParams { gamma: &gamma, beta: &beta, eps: BERT_EPS },
-            steps: self.steps,
-            branches: &params,
-            replicate: self.replicate,
-            seq_len: self.seq_len,
-        };
+        let loc = host_location(&h, &r, &gamma, &beta, self.steps, &params, self.shape());
         let dests: Vec<Option<BottleneckGrads>> = self
             .branches
             .iter()

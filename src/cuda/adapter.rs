@@ -1496,6 +1496,26 @@ pub fn check_branch_grads(i: usize, d: &BranchDescriptor, hidden: usize, g: &Bra
     Ok(())
 }
 
+/// A backward over no rows: every gradient is an empty sum, so the overwritten destinations
+/// become 0 (accumulated ones keep their values).
+fn zero_empty_grads<A: DeviceScalar>(gpu: &Gpu, outputs: &mut LocationBackwardOutputs<'_, '_, A>) -> Result<()> {
+    for g in outputs.grads.iter_mut().flatten() {
+        if !g.accumulate {
+            for_each_dest(g, |v| gpu.memset_zero(v))?;
+        }
+    }
+    Ok(())
+}
+
+/// A backward's branch masks `(train_mask, branch_mask)`: the trainable branches (those given
+/// gradient destinations), and the branches whose rows run (every branch when the input
+/// gradients are asked for, else the trainable ones). `branches` <= 32 (checked before).
+fn backward_masks<A: DeviceScalar>(outputs: &LocationBackwardOutputs<'_, '_, A>, branches: usize) -> (u32, u32) {
+    let all: u32 = if branches == 32 { u32::MAX } else { (1u32 << branches) - 1 };
+    let train_mask: u32 = outputs.grads.iter().enumerate().filter(|(_, g)| g.is_some()).fold(0, |m, (i, _)| m | (1 << i));
+    (train_mask, if outputs.input_grads.is_some() { all } else { train_mask })
+}
+
 /// The lengths a backward needs, checked before anything is enqueued. Pure.
 #[derive(Clone, Copy, Debug)]
 pub struct LocationBackwardSizes {
@@ -1517,6 +1537,33 @@ pub struct LocationBackwardSizes {
 }
 
 impl LocationBackwardSizes {
+    /// The lengths of one backward call's operands (the fused and the split entry points), with
+    /// the workspace given and the one the call needs (0 and 0 where the path plans its own).
+    fn of<P: DeviceScalar, A: DeviceScalar>(
+        inputs: &LocationInputs<'_, P, A>,
+        d_out: &DeviceView<'_, A>,
+        descriptors: &LocationDescriptors<'_>,
+        outputs: &LocationBackwardOutputs<'_, '_, A>,
+        shape: LocationShape,
+        workspace: usize,
+        workspace_needed: usize,
+    ) -> Self {
+        LocationBackwardSizes {
+            shape,
+            h: inputs.h.len(),
+            r: inputs.r.len(),
+            ln_gamma: inputs.ln_gamma.len(),
+            ln_beta: inputs.ln_beta.len(),
+            d_out: d_out.len(),
+            input_grads: outputs.input_grads.as_ref().map(|(dh, dr)| (dh.len(), dr.len())),
+            grads: outputs.grads.len(),
+            descriptor_branches: descriptors.branches(),
+            descriptor_hidden: descriptors.hidden(),
+            workspace,
+            workspace_needed,
+        }
+    }
+
     pub fn check(&self, ln_eps: f32) -> Result<()> {
         let branches = self.shape.branches;
         let fail = |msg: String| Err(Error::shape(OP_BWD, msg));
@@ -1648,21 +1695,7 @@ pub fn adapter_location_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
     } else {
         None
     };
-    LocationBackwardSizes {
-        shape,
-        h: inputs.h.len(),
-        r: inputs.r.len(),
-        ln_gamma: inputs.ln_gamma.len(),
-        ln_beta: inputs.ln_beta.len(),
-        d_out: d_out.len(),
-        input_grads: outputs.input_grads.as_ref().map(|(dh, dr)| (dh.len(), dr.len())),
-        grads: outputs.grads.len(),
-        descriptor_branches: descriptors.branches(),
-        descriptor_hidden: descriptors.hidden(),
-        workspace: workspace.len(),
-        workspace_needed: layout.as_ref().map_or(0, |l| l.len),
-    }
-    .check(inputs.ln_eps)?;
+    LocationBackwardSizes::of(inputs, d_out, descriptors, outputs, shape, workspace.len(), layout.as_ref().map_or(0, |l| l.len)).check(inputs.ln_eps)?;
     let Some(layout) = layout else {
         return Err(Error::Internal(format!("{OP_BWD}: sizes passed but no workspace layout")));
     };
@@ -1682,17 +1715,9 @@ pub fn adapter_location_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
     let need_input = outputs.input_grads.is_some();
     let beta = |g: &BranchGrads<'_>| if g.accumulate { 1.0 } else { 0.0 };
     if per_branch == 0 {
-        // No rows: every gradient is an empty sum. Overwritten destinations become 0.
-        for g in outputs.grads.iter_mut().flatten() {
-            if !g.accumulate {
-                for_each_dest(g, |v| gpu.memset_zero(v))?;
-            }
-        }
-        return Ok(());
+        return zero_empty_grads(gpu, outputs);
     }
-    let all: u32 = if branches == 32 { u32::MAX } else { (1u32 << branches) - 1 };
-    let train_mask: u32 = trainable.iter().enumerate().filter(|(_, &t)| t).fold(0, |m, (i, _)| m | (1 << i));
-    let branch_mask = if need_input { all } else { train_mask };
+    let (train_mask, branch_mask) = backward_masks(outputs, branches);
     if branch_mask == 0 {
         return Ok(()); // nothing is asked for
     }
@@ -2107,21 +2132,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
 ) -> Result<()> {
     let [gate_kernel, pre_kernel, post_kernel, input_kernel] = split_backward_kernels::<P, A>()?;
     let descs = descriptors.descriptors();
-    LocationBackwardSizes {
-        shape,
-        h: inputs.h.len(),
-        r: inputs.r.len(),
-        ln_gamma: inputs.ln_gamma.len(),
-        ln_beta: inputs.ln_beta.len(),
-        d_out: d_out.len(),
-        input_grads: outputs.input_grads.as_ref().map(|(dh, dr)| (dh.len(), dr.len())),
-        grads: outputs.grads.len(),
-        descriptor_branches: descriptors.branches(),
-        descriptor_hidden: descriptors.hidden(),
-        workspace: 0,
-        workspace_needed: 0,
-    }
-    .check(inputs.ln_eps)?;
+    LocationBackwardSizes::of(inputs, d_out, descriptors, outputs, shape, 0, 0).check(inputs.ln_eps)?;
     for (i, g) in outputs.grads.iter().enumerate() {
         if let Some(g) = g {
             check_branch_grads(i, &descs[i], shape.hidden, &BranchGradLens::of(g))?;
@@ -2136,17 +2147,9 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
     let per_branch = batch * seq_len;
     let need_input = outputs.input_grads.is_some();
     if per_branch == 0 {
-        // No rows: every gradient is an empty sum. Overwritten destinations become 0.
-        for g in outputs.grads.iter_mut().flatten() {
-            if !g.accumulate {
-                for_each_dest(g, |v| gpu.memset_zero(v))?;
-            }
-        }
-        return Ok(());
+        return zero_empty_grads(gpu, outputs);
     }
-    let all: u32 = if branches == 32 { u32::MAX } else { (1u32 << branches) - 1 };
-    let train_mask: u32 = outputs.grads.iter().enumerate().filter(|(_, g)| g.is_some()).fold(0, |m, (i, _)| m | (1 << i));
-    let branch_mask = if need_input { all } else { train_mask };
+    let (train_mask, branch_mask) = backward_masks(outputs, branches);
     if branch_mask == 0 {
         return Ok(()); // nothing is asked for
     }

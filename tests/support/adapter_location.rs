@@ -1,10 +1,11 @@
 //! Adapter-location test cases shared by tests/cuda_adapter.rs (forward) and
 //! tests/cuda_adapter_backward.rs: branch specs, random host weights (CPU tensors), their device
-//! copies, and the pfeiffer/houlsby location steps. Included with `#[path]`, not a crate.
+//! copies, the pfeiffer/houlsby location steps, the CPU reference's view of a case and its label.
+//! Included with `#[path]`, not a crate.
 
-use bert_adapters::backend::{BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
+use bert_adapters::backend::{AdapterLocation, BottleneckParams, DropoutSpec, LayerNormParams, LocationSteps, ScalingParam};
 use bert_adapters::config::ResidualBeforeLn;
-use bert_adapters::cuda::adapter::{BranchDropout, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed};
+use bert_adapters::cuda::adapter::{BranchDropout, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationShape};
 use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
 use bert_adapters::{Activation, Tensor};
 use rand::rngs::StdRng;
@@ -38,6 +39,32 @@ impl BranchSpec {
     pub fn full(m: usize, act: Activation, scale: Scale, residual_first: bool) -> Self {
         BranchSpec { m, act, ln_before: true, ln_after: true, scale, gate: true, residual_first }
     }
+    /// The branch in a test label: bottleneck, activation, scaling and the options it has.
+    pub fn label(&self) -> String {
+        let flag = |on: bool, name: &'static str| if on { name } else { "" };
+        format!("m{} {:?} {:?}{}{}{}{}", self.m, self.act, self.scale, flag(self.ln_before, " lnB"), flag(self.ln_after, " lnA"), flag(self.gate, " gate"), flag(self.residual_first, " resFirst"))
+    }
+}
+
+/// The BERT LayerNorm's eps (the adapters' own LayerNorms use 1e-5, see `HostBranch::random`).
+pub const BERT_EPS: f32 = 1e-12;
+
+/// A case's label in failure messages: its shape, `flags` (more " name=value" pairs), the steps
+/// and one entry per branch.
+pub fn location_label(shape: LocationShape, flags: &str, steps: LocationSteps, branches: &[String]) -> String {
+    format!("B={} T={} H={} N={} replicate={}{flags} {steps:?} [{}]", shape.batch, shape.seq_len, shape.hidden, shape.branches, shape.replicate, branches.join("; "))
+}
+
+/// h or r on the host as the CPU reference takes it: `[rows, T, H]`, rows from the length.
+pub fn host_rows(data: &[f32], seq_len: usize, hidden: usize) -> Tensor {
+    tensor(data.to_vec(), &[data.len() / (seq_len * hidden), seq_len, hidden])
+}
+
+/// The CPU reference's location (the specification the CUDA kernels are tested against): h, r
+/// `[rows, T, H]`, the BERT LayerNorm's γ, β `[H]` at `BERT_EPS`, the branches' parameters, and
+/// the case's T and replication.
+pub fn host_location<'a>(h: &'a Tensor, r: &'a Tensor, gamma: &'a Tensor, beta: &'a Tensor, steps: LocationSteps, params: &'a [BottleneckParams<'a>], shape: LocationShape) -> AdapterLocation<'a> {
+    AdapterLocation { h, r, layer_norm: LayerNormParams { gamma, beta, eps: BERT_EPS }, steps, branches: params, replicate: shape.replicate, seq_len: shape.seq_len }
 }
 
 pub const PFEIFFER: LocationSteps = LocationSteps { residual_before_ln: ResidualBeforeLn::True, original_ln_before: true, original_ln_after: true };
