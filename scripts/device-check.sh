@@ -12,7 +12,9 @@
 # 25 test executables 75 s, bench-cuda 113 s, bench-kernels 7 s, bench_torch.py 152 s, so
 # `SKIP_SANITIZER=1` runs everything else in one 10-minute command (about 6 minutes); the
 # sanitizer takes about 2 minutes more (racecheck of the attention backward is left out: it ran
-# past 100 s).
+# past 100 s). Since then (2026-11-27, not yet run) the bundle holds 33 test executables and
+# bench-cuda has the bf16 step, the split backward and the GEMM attention functions: expect
+# more; if one call does not fit, run SKIP_BENCH=1 first and SKIP_TESTS=1 second.
 # Writes $OUT/device-check.txt (summary), $OUT/device-check.log (full output) and, with the
 # benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
 # the ratios) when $OUT is set.
