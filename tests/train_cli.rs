@@ -412,8 +412,9 @@ fn train_on_cuda_sim_follows_the_cpu() {
 /// AdamW in f32) follows the f32 run on the same seed: the same rows, each loss within 2% (bf16
 /// keeps 8 bits; the bf16 rule itself is tests/cuda_bf16_training.rs) and the same test accuracy
 /// (the criterion is within 1 point; 15 test texts make one text 6.7 points, so equal).
-/// `--precision auto` is f32 on cuda-sim, a run started in f32 resumes in bf16, and
-/// `--precision bf16` on the CPU is refused.
+/// `--precision auto` is f32 on cuda-sim, `predict --precision bf16` reproduces the bf16 run's
+/// test predictions, a run started in f32 resumes in bf16, and `--precision bf16` on the CPU is
+/// refused.
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn train_in_bf16_on_cuda_sim_follows_f32() {
@@ -457,6 +458,13 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
         }
     }
     assert!(losses_differ, "the bf16 losses equal the f32 ones: is bf16 on?\n{bf16_rows:?}");
+    // predict on the same device and precision reproduces the bf16 run's test predictions.
+    let preds = read_csv(&tmp.path().join("bf16").join("test_predictions.csv"));
+    let texts = tmp.path().join("texts.txt");
+    std::fs::write(&texts, preds.iter().map(|r| format!("{}\n", r[0])).collect::<String>()).unwrap();
+    let predict = bin().arg("predict").arg("--model").arg(&model).arg("--adapter").arg(tmp.path().join("bf16").join("tasknn")).arg("--text").arg(&texts).args(["--device", "cuda-sim", "--precision", "bf16"]).output().unwrap();
+    let predicted: Vec<String> = ok(&predict).lines().map(str::to_string).collect();
+    assert_eq!(predicted, preds.iter().map(|r| r[2].clone()).collect::<Vec<_>>(), "predict --precision bf16 against the bf16 run's test predictions");
     // A run started in f32 resumes in bf16 (the checkpoint is f32 either way) and carries on.
     let (resumed, data_file) = (tmp.path().join("resumed"), data());
     let args = ["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", resumed.to_str().unwrap()];

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer, Device, Error, Result};
+use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer, DType, Device, Error, LoadOptions, Result};
 
 use crate::limits;
 
@@ -33,6 +34,37 @@ pub fn training_backend(choice: &str) -> Result<Arc<dyn Backend>> {
         return Err(Error::Unsupported(format!("--device {choice}: the {} backend cannot train; use --device cpu", be.device())));
     }
     Ok(be)
+}
+
+/// `--precision` of `train` and `predict`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// `backend` in `precision`, and how the base is loaded for it: f32 is `backend` as it is; bf16
+/// is the CUDA backend's bf16 activation mode on the same device over a base loaded in bf16
+/// (refused on the CPU, which computes in f32); auto is bf16 on a GPU and f32 elsewhere
+/// (cuda-sim, the simulator, keeps f32 by default: it exists to test kernels, and f32 is the
+/// precision the CPU's results can be compared with). `train` and `predict` share the rule, so
+/// `predict` on the device `train` ran on computes what its evaluation computed.
+pub fn with_precision(backend: Arc<dyn Backend>, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
+    let device = backend.device();
+    let bf16 = match precision {
+        Precision::F32 => false,
+        Precision::Bf16 => true,
+        Precision::Auto => matches!(device, Device::Cuda(_)),
+    };
+    if !bf16 {
+        return Ok((backend, LoadOptions::default()));
+    }
+    if device == Device::Cpu {
+        return Err(Error::Input("--precision bf16 needs a CUDA device (--device cuda, or cuda-sim): the CPU backend computes in f32 (use --precision f32 or auto)".into()));
+    }
+    let bf16_backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;
+    Ok((Arc::new(bf16_backend), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
 }
 
 fn parse_device(s: &str) -> Result<Device> {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
-use bert_adapters::{BertModel, BertTokenizer, Error, LoadOptions, Result};
+use bert_adapters::{BertModel, BertTokenizer, Error, Result};
 
 use crate::train::{self, TRAIN_INFO};
 use crate::{checkpoint, flags, infer};
@@ -31,6 +31,11 @@ pub struct PredictArgs {
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// The activations' precision, as in `train`: bf16 (the base and activations in bf16, f32
+    /// accumulation), f32, or auto: bf16 on a GPU, f32 on the CPU and on cuda-sim. The same
+    /// device and precision as `train` give its test predictions exactly.
+    #[arg(long, value_enum, default_value_t = infer::Precision::Auto)]
+    precision: infer::Precision,
     /// Print `label<TAB>text` per line (the text as read: cut at 64 characters per token of the
     /// max length) instead of the label alone.
     #[arg(long)]
@@ -55,8 +60,8 @@ fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
 pub fn run(args: PredictArgs) -> Result<()> {
     let asked = args.max_len.map(|m| flags::at_least::<usize>("--max-len", m, 2)).transpose()?;
     train::check_exists(&args.model, train::DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
-    let backend = infer::backend(&args.device)?;
-    let (mut model, _report) = BertModel::from_dir(&args.model, backend, LoadOptions::default())?;
+    let (backend, load_options) = infer::with_precision(infer::backend(&args.device)?, args.precision)?;
+    let (mut model, _report) = BertModel::from_dir(&args.model, backend, load_options)?;
     let max_pos = model.config().max_seq_len();
     let max_len = match asked {
         Some(m) => m,

@@ -28,7 +28,7 @@ use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
 use bert_adapters::train::{AdamW, AdamWConfig};
-use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, LoadOptions, Result};
+use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, Result};
 
 use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
@@ -103,8 +103,8 @@ pub struct TrainFlags {
     /// The activations' precision: bf16 (the frozen base and every activation and activation
     /// gradient stored in bf16 with f32 accumulation; adapter and head weights, their gradients
     /// and AdamW state stay f32), f32, or auto: bf16 on a GPU, f32 on the CPU and on cuda-sim.
-    #[arg(long, value_enum, default_value_t = Precision::Auto)]
-    precision: Precision,
+    #[arg(long, value_enum, default_value_t = infer::Precision::Auto)]
+    precision: infer::Precision,
     /// Continue from <out>/checkpoint (same settings; --steps may grow).
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -140,7 +140,7 @@ pub struct TrainArgs {
     eval_size: usize,
     seed: u64,
     device: String,
-    precision: Precision,
+    precision: infer::Precision,
     resume: bool,
     overwrite: bool,
     quiet: bool,
@@ -566,37 +566,6 @@ fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result
 }
 
 /// An absolute spelling of `path` for messages (as given when it cannot be resolved).
-/// `--precision`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    Auto,
-    F32,
-    Bf16,
-}
-
-/// The training backend in `precision` and how the base is loaded for it: f32 is `backend` as it
-/// is; bf16 is the CUDA backend's bf16 activation mode on the same device over a base loaded in
-/// bf16 (refused on the CPU, which computes in f32); auto is bf16 on a GPU, f32 elsewhere
-/// (cuda-sim, the simulator, keeps f32 by default: it exists to test kernels, and f32 is the
-/// precision the CPU's results can be compared with).
-fn training_precision(backend: Arc<dyn bert_adapters::Backend>, precision: Precision) -> Result<(Arc<dyn bert_adapters::Backend>, LoadOptions)> {
-    use bert_adapters::{cuda::backend::CudaBackend, DType, Device};
-    let device = backend.device();
-    let bf16 = match precision {
-        Precision::F32 => false,
-        Precision::Bf16 => true,
-        Precision::Auto => matches!(device, Device::Cuda(_)),
-    };
-    if !bf16 {
-        return Ok((backend, LoadOptions::default()));
-    }
-    if device == Device::Cpu {
-        return Err(Error::Input("--precision bf16 needs a CUDA device (--device cuda, or cuda-sim): the CPU backend trains in f32 (use --precision f32 or auto)".into()));
-    }
-    let bf16_backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;
-    Ok((Arc::new(bf16_backend), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
-}
-
 fn canonical(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
@@ -632,7 +601,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    let (backend, load_options) = training_precision(infer::training_backend(&ranks.device(&args.device)?)?, args.precision)?;
+    let (backend, load_options) = infer::with_precision(infer::training_backend(&ranks.device(&args.device)?)?, args.precision)?;
     ranks.attach_device(backend.device())?;
     let ranks: &Ranks = ranks;
     // Before anything slow: a fresh run must not land on a previous one. Only rank 0 looks
