@@ -6,7 +6,7 @@
 #      kernel also runs on the CPU executor (needs a C++20 compiler), and a closing line counts
 #      those tests: the `*::cuda_sim` halves of the device tests (test_device!) and the executor's
 #      own tests in tests/cuda_sim*.rs;
-#   4. a last line counts every test, e.g. `534 passed, 0 failed, 119 skipped (no GPU), 1 ignored`. A test that skips
+#   4. a last line counts every test, e.g. `564 passed, 0 failed, 136 skipped (no GPU), 1 ignored`. A test that skips
 #      (no GPU here) passes for libtest; it records its skip in $BERT_ADAPTERS_SKIP_LOG instead of
 #      printing, and is counted as skipped, not passed (scripts/test-summary.sh).
 # REQUIRE_NVRTC=1 and REQUIRE_MODEL=1 turn a missing toolchain or model into a failure rather
