@@ -11,7 +11,7 @@
 //! equal one process) at the end of this file.
 
 use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 
 use bert_adapters::backend::{Backend, DropoutSpec, SeedBuffer};
 use bert_adapters::cpu::CpuBackend;
@@ -307,53 +307,16 @@ test_device!(bf16io_attention, bf16io_attention_shards);
 // ---- the model: two shards summed equal one process ------------------------------------------
 
 mod common;
+#[path = "support/thread_comm.rs"]
+mod thread_comm;
 
-use bert_adapters::dist::{shard, sum_in_rank_order, Communicator, DataParallel};
+use bert_adapters::dist::{shard, Communicator, DataParallel};
+use thread_comm::ThreadComm;
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
 use bert_adapters::train::{AdamW, AdamWConfig, Objective};
-use bert_adapters::{AdapterConfig, BertModel, InputBatch, Result};
+use bert_adapters::{AdapterConfig, BertModel, InputBatch};
 
-/// `size` ranks in threads, summing in rank order as the MPI communicator does (tests/data_parallel.rs).
-struct ThreadComm {
-    rank: usize,
-    size: usize,
-    slots: Arc<Mutex<Vec<Vec<f32>>>>,
-    barrier: Arc<Barrier>,
-}
-
-impl Communicator for ThreadComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
-    fn name(&self) -> String {
-        format!("{} threads", self.size)
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.slots.lock().unwrap()[self.rank] = buf.to_vec();
-        self.barrier.wait();
-        let parts: Vec<f32> = self.slots.lock().unwrap().concat();
-        buf.copy_from_slice(&sum_in_rank_order(&parts, buf.len()));
-        self.barrier.wait();
-        Ok(())
-    }
-    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if self.rank == root {
-            self.slots.lock().unwrap()[root] = buf.to_vec();
-        }
-        self.barrier.wait();
-        buf.copy_from_slice(&self.slots.lock().unwrap()[root]);
-        self.barrier.wait();
-        Ok(())
-    }
-    fn barrier(&self) -> Result<()> {
-        self.barrier.wait();
-        Ok(())
-    }
-}
 
 /// The tiny BERT on `be` with Parallel(scorenn, tasknn) pfeiffer adapters (dropout 0.1 inside
 /// them, the model's hidden and attention dropout on), 3-class heads.
@@ -411,11 +374,9 @@ fn open(gpu: &Gpu) -> Arc<dyn Backend> {
 /// `STEPS` steps, the two ranks identical. (tests/data_parallel.rs does this on the CPU.)
 fn model_shards(gpu: &Gpu) {
     let single = train(open(gpu), None);
-    let slots = Arc::new(Mutex::new(vec![Vec::new(); 2]));
-    let barrier = Arc::new(Barrier::new(2));
-    let handles: Vec<_> = (0..2)
-        .map(|rank| {
-            let comm = ThreadComm { rank, size: 2, slots: slots.clone(), barrier: barrier.clone() };
+    let handles: Vec<_> = ThreadComm::group(2)
+        .into_iter()
+        .map(|comm| {
             let g = gpu.reopen().unwrap();
             std::thread::spawn(move || train(Arc::new(CudaBackend::on(g)), Some(&comm)))
         })

@@ -3,67 +3,21 @@
 //! dropout masks keyed by global row, the gradient all-reduce weighted by rows) is tested on
 //! every machine; tests/mpi_train.rs runs the real `mpirun`.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 
-use bert_adapters::dist::{shard, sum_in_rank_order, Communicator, DataParallel};
+use bert_adapters::dist::{shard, Communicator, DataParallel};
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
 use bert_adapters::train::{AdamW, AdamWConfig, Objective};
-use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, Result, Tensor};
+use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch, Tensor};
 
 mod common;
+#[path = "support/thread_comm.rs"]
+mod thread_comm;
 
 use common::{setup, tiny};
+use thread_comm::ThreadComm;
 
-/// `size` ranks in threads of one process: every rank puts its buffer in its slot, all wait,
-/// each sums the slots in rank order, all wait again before the slots are reused.
-struct ThreadComm {
-    rank: usize,
-    size: usize,
-    slots: Arc<Mutex<Vec<Vec<f32>>>>,
-    barrier: Arc<Barrier>,
-}
-
-impl ThreadComm {
-    fn group(size: usize) -> Vec<ThreadComm> {
-        let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
-        let barrier = Arc::new(Barrier::new(size));
-        (0..size).map(|rank| ThreadComm { rank, size, slots: slots.clone(), barrier: barrier.clone() }).collect()
-    }
-}
-
-impl Communicator for ThreadComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
-    fn name(&self) -> String {
-        format!("{} threads", self.size)
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.slots.lock().unwrap()[self.rank] = buf.to_vec();
-        self.barrier.wait();
-        let parts: Vec<f32> = self.slots.lock().unwrap().concat();
-        buf.copy_from_slice(&sum_in_rank_order(&parts, buf.len()));
-        self.barrier.wait();
-        Ok(())
-    }
-    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if self.rank == root {
-            self.slots.lock().unwrap()[root] = buf.to_vec();
-        }
-        self.barrier.wait();
-        buf.copy_from_slice(&self.slots.lock().unwrap()[root]);
-        self.barrier.wait();
-        Ok(())
-    }
-    fn barrier(&self) -> Result<()> {
-        self.barrier.wait();
-        Ok(())
-    }
-}
 
 /// The tiny BERT with Parallel(scorenn, tasknn) pfeiffer adapters and 3-class heads, the
 /// adapters blown up so that a wrong gradient cannot hide in the tolerance.
