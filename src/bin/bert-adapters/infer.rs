@@ -12,31 +12,7 @@ use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer
 
 use crate::limits;
 
-/// `auto` (CUDA when it can be used, else the CPU), `cpu`, `cuda`, `cuda:N` or `cuda-sim`.
-pub fn backend(choice: &str) -> Result<Arc<dyn Backend>> {
-    match choice {
-        "auto" => backend_for(Device::Cuda(0)).or_else(|_| backend_for(Device::Cpu)),
-        other => backend_for(parse_device(other)?),
-    }
-}
-
-/// As [`backend`], for training: `auto` takes CUDA only when its backend can train, and a device
-/// named explicitly that cannot is refused before any work.
-pub fn training_backend(choice: &str) -> Result<Arc<dyn Backend>> {
-    let be = match choice {
-        "auto" => match backend_for(Device::Cuda(0)) {
-            Ok(be) if be.supports_training() => return Ok(be),
-            _ => return backend_for(Device::Cpu),
-        },
-        other => backend_for(parse_device(other)?)?,
-    };
-    if !be.supports_training() {
-        return Err(Error::Unsupported(format!("--device {choice}: the {} backend cannot train; use --device cpu", be.device())));
-    }
-    Ok(be)
-}
-
-/// `--precision` of `train` and `predict`.
+/// `--precision` of `run`, `train` and `predict` (`run` offers f32 and bf16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     Auto,
@@ -44,27 +20,43 @@ pub enum Precision {
     Bf16,
 }
 
-/// `backend` in `precision`, and how the base is loaded for it: f32 is `backend` as it is; bf16
-/// is the CUDA backend's bf16 activation mode on the same device over a base loaded in bf16
-/// (refused on the CPU, which computes in f32); auto is bf16 on a GPU and f32 elsewhere
-/// (cuda-sim, the simulator, keeps f32 by default: it exists to test kernels, and f32 is the
-/// precision the CPU's results can be compared with). `train` and `predict` share the rule, so
-/// `predict` on the device `train` ran on computes what its evaluation computed.
-pub fn with_precision(backend: Arc<dyn Backend>, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
-    let device = backend.device();
+/// The backend for `--device` (`auto`: CUDA when it can be used, else the CPU; `cpu`, `cuda`,
+/// `cuda:N` or `cuda-sim`) in `precision`, opened once, and how the base is loaded for it. See
+/// [`open_on`].
+pub fn open(choice: &str, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
+    match choice {
+        "auto" => open_on(None, precision),
+        other => open_on(Some(parse_device(other)?), precision),
+    }
+}
+
+/// The backend on `device` (None: GPU 0 when it opens, else the CPU) in `precision`: f32 as it
+/// opens; bf16 the CUDA backend's bf16 activation mode over a base loaded in bf16 (refused on the
+/// CPU, which computes in f32); auto bf16 on a GPU and f32 elsewhere (cuda-sim, the simulator,
+/// keeps f32 by default: it exists to test kernels, and f32 is the precision the CPU's results can
+/// be compared with). `train` and `predict` share the rule, so `predict` on the device `train` ran
+/// on computes what its evaluation computed. A CUDA device is opened once, in the mode it keeps.
+pub fn open_on(device: Option<Device>, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
+    let cuda = match device {
+        Some(Device::Cpu) => None,
+        Some(d) => Some(CudaBackend::open(d)?),
+        None => CudaBackend::open(Device::Cuda(0)).ok(),
+    };
+    let Some(cuda) = cuda else {
+        if precision == Precision::Bf16 {
+            return Err(Error::Input("--precision bf16 needs a CUDA device (--device cuda or cuda-sim): the CPU backend computes in f32 (use --precision f32)".into()));
+        }
+        return Ok((backend_for(Device::Cpu)?, LoadOptions::default()));
+    };
     let bf16 = match precision {
         Precision::F32 => false,
         Precision::Bf16 => true,
-        Precision::Auto => matches!(device, Device::Cuda(_)),
+        Precision::Auto => matches!(cuda.device(), Device::Cuda(_)),
     };
     if !bf16 {
-        return Ok((backend, LoadOptions::default()));
+        return Ok((Arc::new(cuda), LoadOptions::default()));
     }
-    if device == Device::Cpu {
-        return Err(Error::Input("--precision bf16 needs a CUDA device (--device cuda, or cuda-sim): the CPU backend computes in f32 (use --precision f32 or auto)".into()));
-    }
-    let bf16_backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;
-    Ok((Arc::new(bf16_backend), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
+    Ok((Arc::new(cuda.with_activations(DType::BF16)?), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -208,8 +200,8 @@ mod tests {
 
     #[test]
     fn unknown_device_is_an_error() {
-        assert!(backend("tpu").err().unwrap().to_string().contains("--device `tpu`"));
-        assert!(backend("cpu").is_ok());
+        assert!(open("tpu", Precision::Auto).err().unwrap().to_string().contains("--device `tpu`"));
+        assert!(open("cpu", Precision::Auto).is_ok());
     }
 
     fn lines_of(content: &[u8], max_chars: usize) -> Result<Vec<String>> {

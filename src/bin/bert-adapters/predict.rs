@@ -60,7 +60,7 @@ fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
 pub fn run(args: PredictArgs) -> Result<()> {
     let asked = args.max_len.map(|m| flags::at_least::<usize>("--max-len", m, 2)).transpose()?;
     train::check_exists(&args.model, train::DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
-    let (backend, load_options) = infer::with_precision(infer::backend(&args.device)?, args.precision)?;
+    let (backend, load_options) = infer::open(&args.device, args.precision)?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend, load_options)?;
     let max_pos = model.config().max_seq_len();
     let max_len = match asked {

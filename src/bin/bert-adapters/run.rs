@@ -4,14 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use std::sync::Arc;
-
 use clap::{ArgGroup, Args, ValueEnum};
 
 use bert_adapters::io::atomic::clean_leftovers;
 use bert_adapters::io::{OutDtype, SafetensorsWriter};
-use bert_adapters::cuda::backend::CudaBackend;
-use bert_adapters::{backend_for, AdapterSetup, Backend, BertConfig, BertModel, BertTokenizer, DType, Device, Error, InputBatch, LoadOptions, Result};
+use bert_adapters::{AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, Result};
 
 use crate::{infer, limits};
 
@@ -57,24 +54,19 @@ pub struct RunArgs {
     precision: Precision,
 }
 
-/// `--precision`.
+/// `run --precision`: f32 (the default) or bf16, no `auto` (`run` is the parity tool: its
+/// precision is always the one asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Precision {
     F32,
     Bf16,
 }
 
-/// The backend and the base's storage for `--precision` on `device`: bf16 is the CUDA backend's
-/// bf16 activation mode over a base loaded in bf16, refused on the CPU.
-fn backend_and_load(args: &RunArgs, device: Device) -> Result<(Arc<dyn Backend>, LoadOptions)> {
-    match args.precision {
-        Precision::F32 => Ok((backend_for(device)?, LoadOptions::default())),
-        Precision::Bf16 if device == Device::Cpu => {
-            Err(Error::Input("--precision bf16 needs --device cuda or cuda-sim: the CPU backend computes in f32 (use --precision f32 on the CPU)".into()))
-        }
-        Precision::Bf16 => {
-            let backend = CudaBackend::open(device)?.with_activations(DType::BF16)?;
-            Ok((Arc::new(backend), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
+impl From<Precision> for crate::infer::Precision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => crate::infer::Precision::F32,
+            Precision::Bf16 => crate::infer::Precision::Bf16,
         }
     }
 }
@@ -294,7 +286,7 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
 
 pub fn run(args: RunArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
-    let (backend, load) = backend_and_load(&args, device)?;
+    let (backend, load) = crate::infer::open_on(Some(device), args.precision.into())?;
     let start = Instant::now();
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), load)?;
     apply_adapters(&mut model, &args)?;

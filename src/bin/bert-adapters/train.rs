@@ -601,7 +601,10 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    let (backend, load_options) = infer::with_precision(infer::training_backend(&ranks.device(&args.device)?)?, args.precision)?;
+    let (backend, load_options) = infer::open(&ranks.device(&args.device)?, args.precision)?;
+    if !backend.supports_training() {
+        return Err(Error::Unsupported(format!("--device {}: the {} backend cannot train; use --device cpu", args.device, backend.device())));
+    }
     ranks.attach_device(backend.device())?;
     let ranks: &Ranks = ranks;
     // Before anything slow: a fresh run must not land on a previous one. Only rank 0 looks
