@@ -77,6 +77,60 @@ struct bf16_raw {
 __device__ __forceinline__ float load_f32(const bf16_raw* p) { return bf16_bits_to_f32(p->bits); }
 __device__ __forceinline__ void store_f32(bf16_raw* p, float v) { p->bits = f32_to_bf16_bits(v); }
 
+// f16 (IEEE binary16) as its raw 16 bits, header-free, for the f16 activation pipeline. f32 -> f16
+// rounds to nearest, ties to even, in integers (no dependence on the FPU's subnormal mode):
+// |v| >= 65520 (the midpoint above the largest finite f16, 65504, a tie that rounds to the even
+// infinity) gives inf; the normal range rebiases the exponent and rounds away 13 mantissa bits,
+// a carry landing on the next exponent; below 2^-14 the value is k·2^-24 with k rounded from the
+// explicit-one mantissa (k = 1024 is the smallest normal, encoded the same way). |v| <= 2^-25 is a
+// tie or less and gives ±0. NaN gives 0x7fff, CUDA's canonical f16 NaN. f16 -> f32 is exact.
+__device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {
+    const unsigned u = __float_as_uint(v);
+    const unsigned sign = (u >> 16) & 0x8000u;
+    const unsigned a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return (unsigned short)0x7fffu;
+    }
+    if (a >= 0x477ff000u) {
+        return (unsigned short)(sign | 0x7c00u);
+    }
+    if (a >= 0x38800000u) {
+        const unsigned m = a - 0x38000000u;
+        return (unsigned short)(sign | ((m + 0xfffu + ((m >> 13) & 1u)) >> 13));
+    }
+    if (a <= 0x33000000u) {
+        return (unsigned short)sign;
+    }
+    const unsigned shift = 126u - (a >> 23);
+    const unsigned mantissa = (a & 0x7fffffu) | 0x800000u;
+    unsigned k = mantissa >> shift;
+    const unsigned rest = mantissa & ((1u << shift) - 1u);
+    const unsigned half_ulp = 1u << (shift - 1u);
+    k += (rest > half_ulp || (rest == half_ulp && (k & 1u))) ? 1u : 0u;
+    return (unsigned short)(sign | k);
+}
+__device__ __forceinline__ float f16_bits_to_f32(unsigned short h) {
+    const unsigned sign = ((unsigned)h & 0x8000u) << 16;
+    const unsigned e = ((unsigned)h >> 10) & 0x1fu;
+    const unsigned m = (unsigned)h & 0x3ffu;
+    if (e == 0x1fu) {
+        return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    }
+    if (e == 0u) {
+        // m·2^-24, exact in f32 (2^-24 written out: its decimal expansion is exact).
+        return __uint_as_float(sign | __float_as_uint((float)m * 5.9604644775390625e-08f));
+    }
+    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// f16 storage, as bf16_raw (cuda_fp16.h's __half layout): kernels take it as `unsigned short*`
+// and their `_f16io` / `_f16` wrappers reinterpret_cast to `f16_raw*`.
+struct f16_raw {
+    unsigned short bits;
+};
+__device__ __forceinline__ float load_f32(const f16_raw* p) { return f16_bits_to_f32(p->bits); }
+__device__ __forceinline__ void store_f32(f16_raw* p, float v) { p->bits = f32_to_f16_bits(v); }
+
 // Activation codes shared by every kernel that takes an `int act` (src/cuda/elementwise.rs maps
 // bert_adapters::Activation onto them; keep both in step).
 #define ACT_IDENTITY 0

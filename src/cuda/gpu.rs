@@ -73,6 +73,12 @@ impl BaseScalar for half::bf16 {
         KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
     }
 }
+impl BaseScalar for half::f16 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::F16;
+    fn base_arg(v: &DeviceView<'_, half::f16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+}
 
 /// A storage type of activations (hidden states, residuals, Q/K/V, contexts, adapter inputs and
 /// outputs): f32, or bf16 with every kernel accumulating in f32 and rounding once on store
@@ -103,6 +109,15 @@ impl ActivationScalar for half::bf16 {
         KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
     }
     fn act_arg_mut(v: &DeviceViewMut<'_, half::bf16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+}
+impl ActivationScalar for half::f16 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::F16;
+    fn act_arg(v: &DeviceView<'_, half::f16>) -> KernelArg {
+        KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
+    }
+    fn act_arg_mut(v: &DeviceViewMut<'_, half::f16>) -> KernelArg {
         KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
     }
 }

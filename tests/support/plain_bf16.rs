@@ -25,17 +25,23 @@
 use bert_adapters::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, NiceGrads, NiceParams};
 use bert_adapters::{Activation, CpuBackend, DType, Device, Result, Tensor};
 
-/// The CPU reference backend with every forward op's output rounded to bf16.
-pub struct PlainBf16(pub CpuBackend);
+/// The CPU reference backend with every forward op's output rounded to bf16 (or, built with
+/// [`PlainBf16::f16`], to f16: the same model for the f16 pipeline).
+pub struct PlainBf16(pub CpuBackend, pub DType);
 
 impl PlainBf16 {
     pub fn new() -> Self {
-        PlainBf16(CpuBackend::reference())
+        PlainBf16(CpuBackend::reference(), DType::BF16)
     }
 
-    /// `t` rounded to bf16 (nearest, ties to even), kept as f32.
+    /// The plain f16 model: every rounding above is to f16 instead.
+    pub fn f16() -> Self {
+        PlainBf16(CpuBackend::reference(), DType::F16)
+    }
+
+    /// `t` rounded to the 16-bit type (nearest, ties to even), kept as f32.
     fn round(&self, t: Tensor) -> Result<Tensor> {
-        self.0.cast(&self.0.cast(&t, DType::BF16)?, DType::F32)
+        self.0.cast(&self.0.cast(&t, self.1)?, DType::F32)
     }
 
     /// `t`'s contents rounded to bf16 in place (an op's written destination).
@@ -51,7 +57,7 @@ impl Backend for PlainBf16 {
         self.0.device()
     }
     fn name(&self) -> String {
-        format!("plain bf16 over {}", self.0.name())
+        format!("plain {} over {}", self.1, self.0.name())
     }
     fn supports_training(&self) -> bool {
         true
