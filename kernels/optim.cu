@@ -10,6 +10,7 @@
 //     when clipping is asked (max_norm finite) and (coef is NaN or coef < 1): g *= coef.
 //   `norm` receives total; the clip decision and factor stay on the device ([2] floats), so
 //   nothing is read back and a NaN/inf norm poisons the gradients exactly as torch does.
+//   scale_f32: x *= factor over one buffer (loss scaling; see there).
 //   adamw_f32 (one launch): torch.optim.AdamW's update of every listed segment of the arena, with
 //   the segment's tensor's step count + 1 (incremented here, once per listed tensor) and the
 //   learning rate [hi, lo] (two f32 summing to the f64 lr, train::optim::split_f64) read from
@@ -193,6 +194,18 @@ extern "C" __global__ void grad_scale_f32(
     const long long end = len - start < chunk ? len : start + chunk;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         g[i] *= coef;
+    }
+}
+
+// x[i] *= factor over one flat f32 buffer: loss scaling (the f16 pipeline scales the loss
+// gradient up before the backward and the gradient arena back down after it). The factors are
+// powers of two, so the product is exact unless it overflows or leaves the normal range.
+// Grid-stride over n (any grid).
+extern "C" __global__ void scale_f32(float* x, long long n, float factor)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        x[i] *= factor;
     }
 }
 

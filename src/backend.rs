@@ -10,7 +10,7 @@
 //!   tensors load without transposes).
 
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
 // Defined below the seam (configs name activations too); re-exported so backend paths keep working.
@@ -459,6 +459,18 @@ pub trait Backend: Send + Sync {
     fn write_u32(&self, dst: &Tensor, data: &[u32]) -> Result<()>;
     /// Copy host values into an existing f32 buffer of this device.
     fn write_f32(&self, dst: &Tensor, data: &[f32]) -> Result<()>;
+
+    /// `t *= factor` in place, for an f32 tensor: loss scaling (powers of two, so exact away from
+    /// overflow). The default reads the tensor back and writes it (the CPU backend, where both are
+    /// copies); a device backend launches a kernel.
+    fn scale_in_place(&self, t: &Tensor, factor: f32) -> Result<()> {
+        if t.dtype() != DType::F32 {
+            return Err(Error::Unsupported(format!("scale_in_place: the tensor is {}, only f32 is scaled", t.dtype())));
+        }
+        let mut v = self.to_host(t)?;
+        v.iter_mut().for_each(|x| *x *= factor);
+        self.write_f32(t, &v)
+    }
 
     // ---- training tail -----------------------------------------------------------------------------
     /// One objective on `[B, C]` logits (spec in `crate::train::loss`): writes ∂loss/∂(trained

@@ -16,33 +16,11 @@ use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
 use bert_adapters::train::loss::Objective;
 use bert_adapters::train::{AdamW, AdamWConfig};
-use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, InputBatch};
-use common::{assert_close, setup, tiny};
+use bert_adapters::{Backend, BertModel, CpuBackend, InputBatch};
+use common::{assert_close, parallel_pair};
 
 fn parallel_model(be: Arc<dyn Backend>) -> (BertModel, InputBatch, Vec<usize>) {
-    parallel_model_with(be, [0.0, 0.0])
-}
-
-/// `parallel_model` with the adapters' own dropout: p = `adapter_dropout[0]` in scorenn, `[1]` in
-/// tasknn (spec §3.4: on the scaled up projection; in training only).
-fn parallel_model_with(be: Arc<dyn Backend>, adapter_dropout: [f64; 2]) -> (BertModel, InputBatch, Vec<usize>) {
-    let (mut model, batch) = tiny(be.clone());
-    let config = |name: &str, p: f64| AdapterConfig::named(name).unwrap().with_overrides(&serde_json::json!({ "dropout": p })).unwrap();
-    model.add_adapter_seeded("scorenn", config("pfeiffer", adapter_dropout[0]), 1).unwrap();
-    model.add_adapter_seeded("tasknn", config("pfeiffer+inv", adapter_dropout[1]), 2).unwrap();
-    for n in ["scorenn", "tasknn"] {
-        model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
-    }
-    // Blow the adapters up so a wrong gradient cannot hide in the tolerance.
-    for n in ["scorenn", "tasknn"] {
-        for t in model.adapter_params_mut(n).unwrap().values_mut() {
-            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
-            *t = be.upload(v, t.shape()).unwrap();
-        }
-    }
-    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
-    let labels: Vec<usize> = (0..batch.batch).map(|i| i % 3).collect();
-    (model, batch, labels)
+    parallel_pair(be, [0.0, 0.0])
 }
 
 #[test]
@@ -74,8 +52,8 @@ fn follow_the_cpu(dropout: bool, adapter_dropout: [f64; 2], steps: usize) {
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::fast());
     for dev in cuda {
         let label = dev.name();
-        let (mut on_cpu, batch, labels) = parallel_model_with(cpu.clone(), adapter_dropout);
-        let (mut on_dev, _, _) = parallel_model_with(dev.clone(), adapter_dropout);
+        let (mut on_cpu, batch, labels) = parallel_pair(cpu.clone(), adapter_dropout);
+        let (mut on_dev, _, _) = parallel_pair(dev.clone(), adapter_dropout);
         let mut opts: Vec<AdamW> = (0..4).map(|_| AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap()).collect();
         let mut worst = 0f64;
         for step in 0..steps {
@@ -200,8 +178,8 @@ fn captured_steps_replay(adapter_dropout: [f64; 2]) {
     for dev in common::cuda_backends() {
         let label = dev.name();
         let gpu = dev.gpu().expect("a CUDA backend has a Gpu");
-        let (mut launched, batch, labels) = parallel_model_with(dev.clone(), adapter_dropout);
-        let (mut replayed, _, _) = parallel_model_with(dev.clone(), adapter_dropout);
+        let (mut launched, batch, labels) = parallel_pair(dev.clone(), adapter_dropout);
+        let (mut replayed, _, _) = parallel_pair(dev.clone(), adapter_dropout);
         let vocab = launched.config().vocab_size;
         let c = TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
         let mut opt_l = AdamW::new(AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }).unwrap();

@@ -1302,6 +1302,10 @@ impl Backend for CudaBackend {
         self.gpu.copy_htod(data, &mut self.view_mut("write_f32", dst)?)
     }
 
+    fn scale_in_place(&self, t: &Tensor, factor: f32) -> Result<()> {
+        super::optim::scale_in_place(&self.gpu, &mut self.view_mut("scale_in_place", t)?, factor)
+    }
+
     fn loss(&self, op: &crate::train::loss::LossOp, dlogits: &Tensor, loss: &Tensor) -> Result<()> {
         const OP: &str = "loss";
         let (rows, classes) = op.validate(dlogits, loss)?;

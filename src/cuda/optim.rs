@@ -25,7 +25,7 @@ use std::ops::Range;
 use cudarc::driver::LaunchConfig;
 
 use super::gpu::{DeviceBuffer, DeviceTable, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::optim::{ADAMW_F32, GRAD_NORM_FINALIZE_F32, GRAD_SCALE_F32, GRAD_SUMSQ_PARTIAL_F32};
+use super::registry::optim::{ADAMW_F32, GRAD_NORM_FINALIZE_F32, GRAD_SCALE_F32, GRAD_SUMSQ_PARTIAL_F32, SCALE_F32};
 use crate::error::{Error, Result};
 use crate::train::optim::AdamWConfig;
 
@@ -202,6 +202,19 @@ pub fn clip_grad_norm(gpu: &Gpu, grads: &mut GradViews<'_>, max_norm: f32, norm:
         unsafe { gpu.launch(GRAD_SCALE_F32, blocks_launch(grads.blocks), &args) }?;
     }
     Ok(())
+}
+
+/// `x *= factor` in place (loss scaling, `Backend::scale_in_place`): one grid-stride launch of at
+/// most 1024 blocks; nothing for an empty `x`.
+pub fn scale_in_place(gpu: &Gpu, x: &mut DeviceViewMut<'_, f32>, factor: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(THREADS as usize).min(1024);
+    let args = [x.arg(), KernelArg::I64(n as i64), KernelArg::F32(factor)];
+    // SAFETY: the kernel touches x[..n] only, each element from one thread.
+    unsafe { gpu.launch(SCALE_F32, blocks_launch(blocks), &args) }
 }
 
 // ---- AdamW ----------------------------------------------------------------------------------------

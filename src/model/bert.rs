@@ -55,6 +55,8 @@ pub struct BertModel {
     /// While `capture_train_step` records: the inputs and labels are already in their fixed
     /// buffers, and nothing may be written from the host.
     pub(crate) capturing: bool,
+    /// Loss scaling of `train_step` (`set_loss_scale`): 1 unless an f16 run scales.
+    pub(crate) loss_scale: f32,
 }
 
 /// A batch's inputs on the device: U32 ids and token types `[B, T]`, and the f32 mask bias `[B, T]`.
@@ -96,7 +98,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, dropout_row: 0, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, dropout_row: 0, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false, loss_scale: 1.0 }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -297,6 +299,26 @@ impl BertModel {
     pub fn set_dropout_row(&mut self, row: u64) {
         self.version += 1;
         self.dropout_row = row;
+    }
+
+    /// Loss scaling for `train_step` (torch's `GradScaler`, one scale at a time): the loss gradient
+    /// is multiplied by `scale` before the backward, so activation gradients stored in f16 keep
+    /// their small values out of f16's subnormals, and the gradient arena is divided by it after
+    /// the backward, before clipping and AdamW. A power of two changes no f32 gradient (both
+    /// products are exact); an overflow anywhere makes the gradient norm non-finite and the step
+    /// updates nothing ([`crate::train::LossScaler`] decides what happens next). 1 (the default)
+    /// scales nothing. Anything but a positive finite value is refused.
+    pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::Input(format!("set_loss_scale: {scale} must be positive and finite")));
+        }
+        self.loss_scale = scale;
+        Ok(())
+    }
+
+    /// The loss scale `train_step` applies (`set_loss_scale`).
+    pub fn loss_scale(&self) -> f32 {
+        self.loss_scale
     }
 
     /// Forward that also keeps what `backward` needs; applies dropout when `set_dropout` gave a seed.

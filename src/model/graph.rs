@@ -31,6 +31,8 @@ pub struct TrainStepGraph {
     trained: String,
     setup: Vec<String>,
     dropout: bool,
+    /// The loss scale the launches were recorded with (an argument baked into them).
+    loss_scale: f32,
     updates: bool,
     inputs: InputBuffers,
     labels: Tensor,
@@ -110,6 +112,7 @@ impl BertModel {
             seq_len: batch.seq_len,
             trained: cfg.trained.clone(),
             dropout: self.dropout_seed.is_some(),
+            loss_scale: self.loss_scale,
             updates: arena.with_grad.iter().any(|&g| g),
             setup,
             inputs,
@@ -171,11 +174,12 @@ impl BertModel {
             || !self.trainable.contains(&graph.trained)
             || !arena_same
             || !seed_same
+            || graph.loss_scale != self.loss_scale
             || !same(&optimizer.device_buffers(), &graph.optimizer)
             || !same(&self.setup_params(&setup), &graph.kept)
         {
             return Err(Error::Input(format!(
-                "replay_train_step: the setup, the trainable adapter `{}`, its arena, an adapter's or head's parameters (moved into an arena built since), the dropout mode or the optimizer changed since the capture; capture the step again",
+                "replay_train_step: the setup, the trainable adapter `{}`, its arena, an adapter's or head's parameters (moved into an arena built since), the dropout mode, the loss scale or the optimizer changed since the capture; capture the step again",
                 graph.trained
             )));
         }

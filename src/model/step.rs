@@ -137,6 +137,9 @@ impl BertModel {
         let labels_t = self.labels.clone().filter(|t| t.shape() == [labels.len()]).ok_or_else(|| Error::Internal("train_step: the labels were not staged".into()))?;
         let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
         let (dlogits, loss) = op.run(be.as_ref())?;
+        if self.loss_scale != 1.0 {
+            be.scale_in_place(&dlogits, self.loss_scale)?;
+        }
         let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
         d[i] = Some(&dlogits);
         // Gradients straight into the arena's views: the first contribution to a tensor writes
@@ -150,6 +153,11 @@ impl BertModel {
         drop((out, tape));
         if let Some(dp) = dp {
             reduce_gradients(be.as_ref(), arena, &mut with_grad, dp)?;
+        }
+        if self.loss_scale != 1.0 {
+            // Back to the loss's gradient before the norm: clipping and AdamW see what an
+            // unscaled step computes (an overflow stays non-finite and skips the update).
+            be.scale_in_place(&arena.grads, 1.0 / self.loss_scale)?;
         }
 
         let views = (0..arena.table.len()).filter(|&k| with_grad[k]).map(|k| arena.grad(k)).collect::<Result<Vec<_>>>()?;

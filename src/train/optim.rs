@@ -418,6 +418,13 @@ impl AdamW {
         }
     }
 
+    /// Host bookkeeping of a step whose gradient norm turned out non-finite (a loss-scaled f16
+    /// step that overflowed, `LossScaler`): the device skipped the update, its step counts
+    /// included, so the host count takes back the one `step_arena` added.
+    pub fn uncount_skipped_step(&mut self) {
+        self.steps = self.steps.saturating_sub(1);
+    }
+
     /// Resets the host step count (a capture ran `step_arena`'s host code without a step).
     pub(crate) fn set_step_count(&mut self, steps: u64) {
         self.steps = steps;

@@ -331,3 +331,26 @@ pub fn check_probe_gradients(label: &str, model: &BertModel, batch: &InputBatch,
     }
     (last, worst)
 }
+
+/// The tiny model with Parallel(scorenn: pfeiffer, tasknn: pfeiffer+inv), a 3-class head each,
+/// and the adapters' weights blown up (×40) so a wrong gradient cannot hide in the tolerance;
+/// `adapter_dropout` is each adapter's own p (spec §3.4). Returns the model, the tiny batch and
+/// labels `i % 3`.
+pub fn parallel_pair(be: Arc<dyn Backend>, adapter_dropout: [f64; 2]) -> (BertModel, InputBatch, Vec<usize>) {
+    let (mut model, batch) = tiny(be.clone());
+    let config = |name: &str, p: f64| bert_adapters::AdapterConfig::named(name).unwrap().with_overrides(&serde_json::json!({ "dropout": p })).unwrap();
+    model.add_adapter_seeded("scorenn", config("pfeiffer", adapter_dropout[0]), 1).unwrap();
+    model.add_adapter_seeded("tasknn", config("pfeiffer+inv", adapter_dropout[1]), 2).unwrap();
+    for n in ["scorenn", "tasknn"] {
+        model.add_classification_head(n, bert_adapters::model::heads::HeadConfig::classification(3)).unwrap();
+    }
+    for n in ["scorenn", "tasknn"] {
+        for t in model.adapter_params_mut(n).unwrap().values_mut() {
+            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
+            *t = be.upload(v, t.shape()).unwrap();
+        }
+    }
+    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
+    let labels: Vec<usize> = (0..batch.batch).map(|i| i % 3).collect();
+    (model, batch, labels)
+}

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use bert_adapters::io::adapter_files::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, WEIGHTS_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic, Tree};
 use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
-use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, ParamState};
+use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, LossScalerState, ParamState};
 use bert_adapters::{BertModel, Error, Result};
 
 use crate::metrics::{EvalRecord, StepRecord};
@@ -99,6 +99,9 @@ struct StateFile {
     steps: Vec<StepRecord>,
     evals: Vec<EvalRecord>,
     elapsed_s: f64,
+    /// An f16 run's loss scaler (absent in f32/bf16 runs and in checkpoints from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scaler: Option<LossScalerState>,
 }
 
 /// What a resume gets back (the adapters and heads go straight into the model).
@@ -110,6 +113,7 @@ pub struct Restored {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
     pub elapsed_s: f64,
+    pub loss_scaler: Option<LossScalerState>,
 }
 
 /// What a save needs besides the model.
@@ -121,6 +125,7 @@ pub struct Snapshot<'a> {
     pub steps: &'a [StepRecord],
     pub evals: &'a [EvalRecord],
     pub elapsed_s: f64,
+    pub loss_scaler: Option<LossScalerState>,
 }
 
 /// What `save_adapter` writes into an adapter folder, and `train` beside it.
@@ -165,6 +170,7 @@ pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
             steps: snap.steps.to_vec(),
             evals: snap.evals.to_vec(),
             elapsed_s: snap.elapsed_s,
+            loss_scaler: snap.loss_scaler,
         };
         let path = dir.join(STATE);
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
@@ -243,5 +249,6 @@ pub fn read(dir: &Path) -> Result<Restored> {
         steps: state.steps,
         evals: state.evals,
         elapsed_s: state.elapsed_s,
+        loss_scaler: state.loss_scaler,
     })
 }

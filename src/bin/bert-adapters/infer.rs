@@ -12,12 +12,24 @@ use bert_adapters::{backend_for, AdapterSetup, Backend, BertModel, BertTokenizer
 
 use crate::limits;
 
-/// `--precision` of `run`, `train` and `predict` (`run` offers f32 and bf16).
+/// `--precision` of `run`, `train` and `predict` (`run` offers f32, bf16 and f16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     Auto,
     F32,
     Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The 16-bit activation dtype this asks for explicitly, if any.
+    fn half(self) -> Option<DType> {
+        match self {
+            Precision::Bf16 => Some(DType::BF16),
+            Precision::F16 => Some(DType::F16),
+            Precision::Auto | Precision::F32 => None,
+        }
+    }
 }
 
 /// The backend for `--device` (`auto`: CUDA when it can be used, else the CPU; `cpu`, `cuda`,
@@ -31,8 +43,8 @@ pub fn open(choice: &str, precision: Precision) -> Result<(Arc<dyn Backend>, Loa
 }
 
 /// The backend on `device` (None: GPU 0 when it opens, else the CPU) in `precision`: f32 as it
-/// opens; bf16 the CUDA backend's bf16 activation mode over a base loaded in bf16 (refused on the
-/// CPU, which computes in f32); auto bf16 on a GPU and f32 elsewhere (cuda-sim, the simulator,
+/// opens; bf16 (f16) the CUDA backend's bf16 (f16) activation mode over a base loaded in bf16
+/// (f16), refused on the CPU, which computes in f32; auto bf16 on a GPU and f32 elsewhere (cuda-sim, the simulator,
 /// keeps f32 by default: it exists to test kernels, and f32 is the precision the CPU's results can
 /// be compared with). `train` and `predict` share the rule, so `predict` on the device `train` ran
 /// on computes what its evaluation computed. A CUDA device is opened once, in the mode it keeps.
@@ -43,20 +55,19 @@ pub fn open_on(device: Option<Device>, precision: Precision) -> Result<(Arc<dyn 
         None => CudaBackend::open(Device::Cuda(0)).ok(),
     };
     let Some(cuda) = cuda else {
-        if precision == Precision::Bf16 {
-            return Err(Error::Input("--precision bf16 needs a CUDA device (--device cuda or cuda-sim): the CPU backend computes in f32 (use --precision f32)".into()));
+        if let Some(half) = precision.half() {
+            return Err(Error::Input(format!("--precision {half} needs a CUDA device (--device cuda or cuda-sim): the CPU backend computes in f32 (use --precision f32)")));
         }
         return Ok((backend_for(Device::Cpu)?, LoadOptions::default()));
     };
-    let bf16 = match precision {
-        Precision::F32 => false,
-        Precision::Bf16 => true,
-        Precision::Auto => matches!(cuda.device(), Device::Cuda(_)),
+    let half = match precision {
+        Precision::Auto if matches!(cuda.device(), Device::Cuda(_)) => Some(DType::BF16),
+        other => other.half(),
     };
-    if !bf16 {
+    let Some(half) = half else {
         return Ok((Arc::new(cuda), LoadOptions::default()));
-    }
-    Ok((Arc::new(cuda.with_activations(DType::BF16)?), LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }))
+    };
+    Ok((Arc::new(cuda.with_activations(half)?), LoadOptions { dtype: half, ..LoadOptions::default() }))
 }
 
 fn parse_device(s: &str) -> Result<Device> {

@@ -32,7 +32,7 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     device: String,
     /// The activations' precision, as in `train`: bf16 (the base and activations in bf16, f32
-    /// accumulation), f32, or auto: bf16 on a GPU, f32 on the CPU and on cuda-sim. The same
+    /// accumulation), f16 (the same in f16), f32, or auto: bf16 on a GPU, f32 on the CPU and on cuda-sim. The same
     /// device and precision as `train` give its test predictions exactly.
     #[arg(long, value_enum, default_value_t = infer::Precision::Auto)]
     precision: infer::Precision,

@@ -49,17 +49,19 @@ pub struct RunArgs {
     /// The forward's precision: f32, or bf16 on a CUDA device (the base loaded in bf16, every
     /// activation stored in bf16 with f32 accumulation; the outputs are written widened to F32).
     /// With --train the backward runs in bf16 too (activation gradients bf16, the adapters'
-    /// gradients f32).
+    /// gradients f32). f16 is the same in f16, and its backward is loss-scaled (the probe's
+    /// gradient times 2^16, halved until no gradient overflows, the gradients divided back).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
 }
 
-/// `run --precision`: f32 (the default) or bf16, no `auto` (`run` is the parity tool: its
+/// `run --precision`: f32 (the default), bf16 or f16, no `auto` (`run` is the parity tool: its
 /// precision is always the one asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Precision {
     F32,
     Bf16,
+    F16,
 }
 
 impl From<Precision> for crate::infer::Precision {
@@ -67,6 +69,7 @@ impl From<Precision> for crate::infer::Precision {
         match p {
             Precision::F32 => crate::infer::Precision::F32,
             Precision::Bf16 => crate::infer::Precision::Bf16,
+            Precision::F16 => crate::infer::Precision::F16,
         }
     }
 }
@@ -261,7 +264,11 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
     if !loss.is_finite() {
         return Err(Error::Input(format!("{}: the probe loss Σ last_hidden_state ⊙ W is {loss}", probe_path.display())));
     }
-    let mut grads = model.backward(&tape, &be.upload(w, out.last_hidden_state.shape())?, None)?;
+    let mut grads = if out.last_hidden_state.dtype() == bert_adapters::DType::F16 {
+        scaled_backward(model, &tape, &w, out.last_hidden_state.shape())?
+    } else {
+        model.backward(&tape, &be.upload(w, out.last_hidden_state.shape())?, None)?
+    };
     // The probe's contract (and the Python script's): every trainable tensor, zeros where the
     // setup sends no gradient (the library leaves `.grad` None there).
     for (key, t) in model.trainable_tensors() {
@@ -282,6 +289,29 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
     }
     writer.commit()?;
     Ok(layout)
+}
+
+/// The f16 pipeline's backward of the probe, loss-scaled as `train` scales it
+/// (`bert_adapters::train::LossScaler`): the probe's gradient times the scale, the parameter
+/// gradients divided by it; a non-finite gradient halves the scale and runs the backward again,
+/// down to a scale of 1, below which the overflow is an error.
+fn scaled_backward(model: &BertModel, tape: &bert_adapters::model::Tape, w: &[f32], shape: &[usize]) -> Result<bert_adapters::model::Gradients> {
+    let be = model.backend().clone();
+    let mut scaler = bert_adapters::train::LossScaler::new(bert_adapters::train::LossScalerConfig::default())?;
+    loop {
+        let s = scaler.scale();
+        let scaled: Vec<f32> = w.iter().map(|v| v * s).collect();
+        let grads = model.backward(tape, &be.upload(scaled, shape)?, None)?;
+        let mut finite = true;
+        for g in grads.values() {
+            be.scale_in_place(g, 1.0 / s)?;
+            finite &= be.all_finite(g)?;
+        }
+        if finite {
+            return Ok(grads);
+        }
+        scaler.update(f32::INFINITY)?;
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use bert_adapters::dist::DataParallel;
 use bert_adapters::model::graph::TrainStepGraph;
 use bert_adapters::model::step::{StepValues, TrainStepConfig};
-use bert_adapters::train::{AdamW, Objective};
+use bert_adapters::train::{AdamW, LossScaler, Objective, ScaledStep};
 use bert_adapters::{BertModel, Error, InputBatch, Result};
 
 use crate::objective;
@@ -27,8 +27,13 @@ const MAX_GRAD_NORM: f32 = 1.0;
 /// `global` rows: the gradients are all-reduced inside the step, and the loss and the stop
 /// request (`stop`, this rank's Ctrl-C) after it; returns the global values and whether any
 /// rank asked to stop.
+///
+/// With a `scaler` (f16 training) the step is loss-scaled at its current scale, and a finite
+/// loss with a non-finite gradient norm is an overflow the scaler handles: the step updated
+/// nothing, the scale is lowered, and the values come back with that norm (every rank sees the
+/// same all-reduced norm, so all skip together).
 #[allow(clippy::too_many_arguments)]
-pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool) -> Result<(StepValues, bool)> {
+pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool, scaler: Option<&mut LossScaler>) -> Result<(StepValues, bool)> {
     let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
         return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
@@ -41,12 +46,21 @@ pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, 
     let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
     // The gradients over NCCL on GPU ranks built with it; the loss and flags below over MPI.
     let dp = DataParallel { comm: ranks.grad_comm(), rows: rows.clone(), global_rows: global };
+    if let Some(scaler) = &scaler {
+        model.set_loss_scale(scaler.scale())?;
+    }
     let mine = if ranks.is_parallel() {
         model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)?.read_unchecked(model.backend().as_ref())?
     } else {
         graphs.train_step(model, batch, labels, &cfg, optimizer)?
     };
     let (loss, ce, stop) = ranks.reduce_step(mine.loss, mine.ce, dp.weight(), stop)?;
+    if let Some(scaler) = scaler.filter(|_| loss.is_finite() && ce.is_finite()) {
+        if scaler.update(mine.grad_norm)? == ScaledStep::Skipped {
+            optimizer.uncount_skipped_step();
+            return Ok((StepValues { loss, ce, grad_norm: mine.grad_norm }, stop));
+        }
+    }
     match (StepValues { loss, ce, grad_norm: mine.grad_norm }).checked() {
         Ok(v) => Ok((v, stop)),
         Err(Error::NonFinite { at }) => match model.forward_train(batch) {

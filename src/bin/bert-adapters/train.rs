@@ -27,8 +27,8 @@ use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Data
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
-use bert_adapters::train::{AdamW, AdamWConfig};
-use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, Error, Result};
+use bert_adapters::train::{AdamW, AdamWConfig, LossScaler, LossScalerConfig};
+use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, DType, Error, Result};
 
 use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
@@ -103,6 +103,8 @@ pub struct TrainFlags {
     /// The activations' precision: bf16 (the frozen base and every activation and activation
     /// gradient stored in bf16 with f32 accumulation; adapter and head weights, their gradients
     /// and AdamW state stay f32), f32, or auto: bf16 on a GPU, f32 on the CPU and on cuda-sim.
+    /// f16 is bf16's pipeline in f16, with dynamic loss scaling (torch's GradScaler policy: a step
+    /// whose gradients overflow updates nothing and halves the scale).
     #[arg(long, value_enum, default_value_t = infer::Precision::Auto)]
     precision: infer::Precision,
     /// Continue from <out>/checkpoint (same settings; --steps may grow).
@@ -339,6 +341,8 @@ struct Run<'a> {
     /// Set by Ctrl-C: stop at the next step or evaluation batch, with a checkpoint.
     stop: Arc<AtomicBool>,
     graphs: StepGraphs,
+    /// f16 training's loss scaler (None in f32 and bf16, which need none).
+    scaler: Option<LossScaler>,
 }
 
 impl Run<'_> {
@@ -424,6 +428,7 @@ impl Run<'_> {
             steps: &self.steps,
             evals: &self.evals,
             elapsed_s: self.elapsed(),
+            loss_scaler: self.scaler.as_ref().map(LossScaler::state),
         };
         checkpoint::save(&self.args.out, &self.model, &snap)
     }
@@ -602,6 +607,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         (false, false) => Start::Fresh,
     };
     let (backend, load_options) = infer::open(&ranks.device(&args.device)?, args.precision)?;
+    let f16 = load_options.dtype == DType::F16;
     if !backend.supports_training() {
         return Err(Error::Unsupported(format!("--device {}: the {} backend cannot train; use --device cpu", args.device, backend.device())));
     }
@@ -667,9 +673,11 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     let data = Dataset::from_bytes(&args.data, &data_bytes, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
     drop(data_bytes);
     let split = data.split(args.seed, VALIDATION, TEST)?;
+    let mut saved_scaler = None;
     let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
-        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, .. })) => {
+        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, loss_scaler, .. })) => {
             say!("resuming from {} at step {step}", dir.display());
+            saved_scaler = loss_scaler;
             (step, optimizers, steps, evals, elapsed_s)
         }
         None => {
@@ -730,6 +738,16 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     // This rank's rows draw the dropout masks they draw in the whole batch.
     model.set_dropout_row(rows.start as u64);
 
+    // f16 activation gradients need loss scaling (torch's GradScaler policy); a resumed f16 run
+    // continues its saved scale, and one resumed from an f32 or bf16 checkpoint starts afresh.
+    let scaler = if f16 {
+        Some(match saved_scaler {
+            Some(state) => LossScaler::resume(LossScalerConfig::default(), state).map_err(|e| Error::Malformed { path: args.out.join(checkpoint::DIR).join("state.json"), msg: format!("{e}: the checkpoint is damaged (restore it, or start afresh without --resume)") })?,
+            None => LossScaler::new(LossScalerConfig::default())?,
+        })
+    } else {
+        None
+    };
     let stop = install_ctrlc();
     let mut run = Run {
         args,
@@ -753,6 +771,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         progress: Progress::new(args, start, total),
         stop: stop.clone(),
         graphs: StepGraphs::new(args.graphs),
+        scaler,
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
@@ -781,7 +800,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
-        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst)).map_err(|e| step_failed(e, s))?;
+        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
@@ -798,6 +817,10 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         }
     }
     let end = total;
+    if let Some(scaler) = &run.scaler {
+        let st = scaler.state();
+        say!("f16 loss scaling: {} steps skipped for overflowing gradients so far; the scale is now {}", st.skipped, st.scale);
+    }
     run.finish(end).map_err(|e| diverged_after(e, end))?;
     run.progress.bar.finish_and_clear();
     say!(
