@@ -372,6 +372,12 @@ fn f16_mode_takes_an_f16_base(gpu: &Gpu) {
     check("activation", be16.activation(&x, Activation::Gelu).unwrap(), be16.activation(&wide(&x), Activation::Gelu).unwrap());
     check("add", be16.add(&x, &y16).unwrap(), be16.add(&wide(&x), &wide(&y16)).unwrap());
     check("first_token", be16.first_token(&x).unwrap(), be16.first_token(&wide(&x)).unwrap());
+    let drop = bert_adapters::backend::DropoutSpec { p: 0.25, seed: 0xf16d, stream: 3, blocks: vec![], seed_buffer: None, offset: 0 };
+    check("dropout", be16.dropout(&x, &drop).unwrap(), be16.dropout(&wide(&x), &drop).unwrap());
+    // linear_dropout rounds twice, as a plain f16 model does: the product, then the mask over it.
+    let w8 = table(&be16, hidden, 8, DType::F16, &mut rng);
+    let ld = be16.linear_dropout(&x, &w8, None, Some(&drop)).unwrap();
+    assert_eq!((ld.dtype(), be16.to_host(&ld).unwrap()), (DType::F16, be16.to_host(&be16.dropout(&be16.linear(&x, &w8, None).unwrap(), &drop).unwrap()).unwrap()), "linear_dropout");
     let [_, _, _, g, b] = &h16;
     check("residual_layernorm", be16.residual_layernorm(&x, Some(&y16), g, b, 1e-12).unwrap(), be16.residual_layernorm(&wide(&x), Some(&wide(&y16)), g, b, 1e-12).unwrap());
     let (w, bias) = (table(&be16, hidden, 24, DType::F16, &mut rng), be16.cast(&be16.upload(random(&mut rng, 24, 0.5), &[24]).unwrap(), DType::F16).unwrap());
