@@ -341,7 +341,8 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
 // The _f16io twins (activation_backward, column_sums_partial, first_token_backward) decide the
 // same per buffer with f16 in place of bf16.
 // ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills, as their f32 twins: activation_backward
-// 26 / 26, column_sums_partial 26 / 27 (1056 B static shared), first_token_backward 24 / 24.
+// 26 / 26, column_sums_partial 26 / 27 (1056 B static shared), first_token_backward 24 / 24; the
+// _f16io twins 26 / 26, 26 / 27 and 26 / 26.
 
 // act'(v) in f32: closed forms of cpu::reference::activation_derivative. ReLU' is 0 at v <= 0 and
 // for NaN (v > 0 is false), as the reference's. Swish' and sigmoid' at v < -88 overflow expf to

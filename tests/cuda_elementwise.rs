@@ -592,6 +592,11 @@ fn f16_casts_are_exact(gpu: &Gpu) {
         assert_eq!(g.to_bits(), f16::from_f32(*v).to_f32().to_bits(), "{label}: backend cast of {v:e}");
     }
     assert_eq!(be.to_host(&t16).unwrap(), back, "{label}: to_host of an f16 tensor widens it exactly");
+    // Every finite and infinite f16 value through the backend: f32 -> f16 -> f32 gives it back.
+    let values: Vec<f32> = pats.iter().filter(|h| !h.is_nan()).map(|h| h.to_f32()).collect();
+    let tv = be.cast(&be.upload(values.clone(), &[values.len()]).unwrap(), DType::F16).unwrap();
+    assert_bits(&format!("{label}: every f16 value through Backend::cast and to_host"), &be.to_host(&tv).unwrap(), &values);
+    assert_bits(&format!("{label}: every f16 value through Backend::cast back to f32"), &be.to_host(&be.cast(&tv, DType::F32).unwrap()).unwrap(), &values);
     let nan = be.cast(&be.upload(vec![f32::NAN, 1.0], &[2]).unwrap(), DType::F16).unwrap();
     let nan_back = be.to_host(&nan).unwrap();
     assert!(nan_back[0].is_nan() && nan_back[1] == 1.0, "{label}: {nan_back:?}");
