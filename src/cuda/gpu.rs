@@ -51,12 +51,13 @@ macro_rules! device_scalars {
 device_scalars!(f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, u16 => U16, u8 => U8);
 
 /// A storage type of frozen-base parameters (BERT's weights, embedding tables, LayerNorm γ/β),
-/// which the kernels widen to f32 as they load it: f32, or bf16 for a base loaded in bf16.
+/// which the kernels widen to f32 as they load it: f32, or bf16 (f16) for a base loaded in bf16 (f16).
 /// Launchers generic over it pick the kernel variant by [`BaseScalar::DTYPE`].
 pub trait BaseScalar: DeviceScalar {
     const DTYPE: crate::tensor::DType;
     /// `v` as the pointer argument of the variant that reads this type: the header-free kernels
-    /// take bf16 as its raw bits, `unsigned short*` (kernels/common.cuh `bf16_raw`).
+    /// take bf16 and f16 as their raw bits, `unsigned short*` (kernels/common.cuh `bf16_raw`,
+    /// `f16_raw`).
     fn base_arg(v: &DeviceView<'_, Self>) -> KernelArg;
 }
 
@@ -81,13 +82,14 @@ impl BaseScalar for half::f16 {
 }
 
 /// A storage type of activations (hidden states, residuals, Q/K/V, contexts, adapter inputs and
-/// outputs): f32, or bf16 with every kernel accumulating in f32 and rounding once on store
-/// (ties to even). Kernels whose activations are bf16 are the `_bf16io` variants: they read a
-/// frozen base in bf16 too, keep adapter weights and per-row statistics (mean, rstd, lse) in f32.
+/// outputs): f32, or bf16 (f16) with every kernel accumulating in f32 and rounding once on store
+/// (ties to even). Kernels whose activations are bf16 (f16) are the `_bf16io` (`_f16io`) variants:
+/// they read a frozen base in the same 16-bit type, keep adapter weights and per-row statistics
+/// (mean, rstd, lse) in f32.
 /// Launchers generic over it pick the variant by [`ActivationScalar::DTYPE`].
 pub trait ActivationScalar: DeviceScalar {
     const DTYPE: crate::tensor::DType;
-    /// `v` as the pointer argument of the variant that stores this type (bf16 as raw bits).
+    /// `v` as the pointer argument of the variant that stores this type (bf16, f16 as raw bits).
     fn act_arg(v: &DeviceView<'_, Self>) -> KernelArg;
     /// As [`ActivationScalar::act_arg`], for an output.
     fn act_arg_mut(v: &DeviceViewMut<'_, Self>) -> KernelArg;
