@@ -87,6 +87,13 @@
 //     ±65504 (normal down to 6.1e-5): Q, K, V and ctx beyond it are the caller's to avoid (a ctx
 //     that overflows stores ±inf, as PyTorch's f16 does). Every _bf16io kernel of this file has
 //     an _f16io twin, except the GEMM path's layout kernels (bit copies, one for both).
+//     The f16 store (common.cuh's integer round to nearest even, subnormals included) needs more
+//     registers than bf16's; without a minimum of 1 block per SM ptxas squeezed several fused
+//     _f16io kernels to 64 / 80 / 128 registers (room for more resident blocks) and spilled, on
+//     sm_80 and sm_90, so every fused _f16io kernel has __launch_bounds__(32·ATTN_MAX_WARPS, 1).
+//     ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: generic 122 / 136, d32 108 / 104,
+//     d64 112 / 106; dropout 150 / 164, 120 / 114, 124 / 118 (fewer resident warps than bf16io's
+//     80 / 96, 74 / 72, 64 / 70: a cost of f16 storage without a hardware conversion).
 // Dropout on the probabilities (training) is the `Dropout` policy: it maps each unnormalised p_ij
 // to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed by (b, h, i, j)),
 // while the sum l and the lse keep the undropped p, as PyTorch's dropout(softmax(s))·V does:
@@ -525,7 +532,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 }
 
 // f16 twin of attention_forward_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -541,7 +548,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 }
 
 // f16 twin of attention_forward_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d32(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -557,7 +564,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 }
 
 // f16 twin of attention_forward_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d64(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -663,7 +670,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //     (the _f32 twins' counts within ±4, except dkv_dropout_d64 on sm_80: 128 for f32).
 //   * _f16io (attention_backward_prep_f16io, attention_backward_{dkv,dq}[_dropout]_f16io
 //     [_d32|_d64]): the same with T = f16_raw: dqkv_f16io = f16(dqkv_f32 on the widened
-//     inputs), the bound above with f16's 2^-11 in place of 2^-9 (within f16's range).
+//     inputs), the bound above with f16's 2^-11 in place of 2^-9 (within f16's range);
+//     __launch_bounds__(·, 1) as the forward's _f16io kernels, for the same reason. Registers
+//     sm_80 / sm_90, no spills: prep 32 / 31; dkv generic 180 / 185, d32 120 / 120, d64 130 / 130;
+//     dq 127 / 130, 114 / 116, 112 / 112; dropout dkv 199 / 204, 144 / 142, 160 / 156; dropout dq
+//     144 / 152, 122 / 124, 128 / 128.
 //
 // Memory (dynamic shared, floats; ldq, ldk as the forward's): K and V tiles 2·32·ldk, Q and dO
 // tiles 2·4W·ldq, p and dS 2·4W·32 (dq: dS only), row stats 4·4W. d = 64, W = 4: 30 KiB (dkv),
@@ -1535,7 +1546,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
 }
 
 // f16 twin of attention_forward_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d32(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -1560,7 +1571,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 }
 
 // f16 twin of attention_forward_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d64(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -2005,7 +2016,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2023,7 +2034,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2041,7 +2052,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2059,7 +2070,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2077,7 +2088,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2095,7 +2106,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2113,7 +2124,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2140,7 +2151,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2167,7 +2178,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2194,7 +2205,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2221,7 +2232,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2248,7 +2259,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
