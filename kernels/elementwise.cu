@@ -1,5 +1,5 @@
 // Elementwise and layout family: bias + activation where no GEMM epilogue does it, add, fill,
-// f32 <-> bf16 casts, and the first-token gather; at the end, with their own header, the backward
+// f32 <-> bf16 and f32 <-> f16 casts, and the first-token gather; at the end, with their own header, the backward
 // kernels (activation', deterministic column sums for bias gradients, the first-token scatter).
 //
 // Semantics (the spec is the CPU backend: cpu::reference::activation, Backend::{add, fill, cast,
@@ -8,13 +8,18 @@
 //                          non-null (the backward reads it); y may be x itself (in place), so
 //                          x and y carry no __restrict__.
 //   add_f32                y = a + b
-//   fill_f32 / fill_u32 / fill_bf16   y[i] = value (bf16 given as its 16 bits in an unsigned)
+//   fill_f32 / fill_u32 / fill_bf16 / fill_f16   y[i] = value (bf16 or f16 given as its 16 bits
+//                          in an unsigned, rounded on the host; one 16-bit body for both)
 //   cast_f32_to_bf16 / cast_bf16_to_f32   round to nearest even / exact widening, bf16 as raw
 //                          bits (common.cuh f32_to_bf16_bits: NaN -> 0x7fff)
-//   cast_f32_to_bf16_strided   the same rounding over the elements of a strided batch of
-//                          column-major matrices (element (r, c, b) at b*stride + c*ld + r, the
-//                          cuBLASLt layout) only: the gaps between columns and batches keep their
-//                          bits (the bf16 GEMM's f32 staging, Gpu::gemm)
+//   cast_f32_to_f16 / cast_f16_to_f32   the same for IEEE f16 (common.cuh f32_to_f16_bits:
+//                          |x| >= 65520 -> inf, subnormals below 2^-14, NaN -> 0x7fff); both
+//                          pairs are one templated body each, over bf16_raw / f16_raw
+//   cast_f32_to_bf16_strided / cast_f32_to_f16_strided   the same rounding over the elements of
+//                          a strided batch of column-major matrices (element (r, c, b) at
+//                          b*stride + c*ld + r, the cuBLASLt layout) only: the gaps between
+//                          columns and batches keep their bits (the 16-bit GEMMs' f32 staging,
+//                          Gpu::gemm)
 //   first_token_f32        y[b, :] = x[b, 0, :] for x [batch, seq_len, cols]
 //   count_nonfinite_f32    *count += number of NaN/inf elements of x (Backend::all_finite reads
 //                          4 bytes back instead of the tensor)
@@ -25,6 +30,10 @@
 // once, y is act of the unrounded f32 sum rounded once). So a bf16io output is the f32 kernel's
 // output on the widened inputs rounded once, and the copies (first_token) are exact but for NaN
 // payloads.
+// f16 activations: every _bf16io kernel of this file has an _f16io twin, the same body
+// instantiated with f16_raw (IEEE binary16: 11 significant bits, finite up to 65504; a rounded
+// result past it is ±inf, as any f16 store), with the same semantics: f32 arithmetic on exactly
+// widened loads, each stored value rounded once to nearest even.
 //
 // Thread mapping:
 //   * row kernels (bias_act, first_token): one warp per row, 8 rows per 256-thread block, rows
@@ -87,6 +96,20 @@ extern "C" __global__ void bias_act_forward_bf16io(
                                     reinterpret_cast<const bf16_raw*>(bias), rows, cols, act);
 }
 
+// f16 twin of bias_act_forward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void bias_act_forward_f16io(
+    unsigned short* y,
+    unsigned short* __restrict__ pre,
+    const unsigned short* x,
+    const unsigned short* __restrict__ bias,
+    int rows,
+    int cols,
+    int act)
+{
+    bias_act_forward_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<f16_raw*>(pre), reinterpret_cast<const f16_raw*>(x),
+                                   reinterpret_cast<const f16_raw*>(bias), rows, cols, act);
+}
+
 // ---- add, fill, cast ---------------------------------------------------------------------------
 
 // y, a, b: [n] of activation storage type A. y may equal a or b.
@@ -107,6 +130,11 @@ extern "C" __global__ void add_bf16io(unsigned short* y, const unsigned short* a
     add_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(a), reinterpret_cast<const bf16_raw*>(b), n);
 }
 
+// f16 twin of add_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void add_f16io(unsigned short* y, const unsigned short* a, const unsigned short* b, long long n) {
+    add_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<const f16_raw*>(a), reinterpret_cast<const f16_raw*>(b), n);
+}
+
 extern "C" __global__ void fill_f32(float* __restrict__ y, float value, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -121,8 +149,9 @@ extern "C" __global__ void fill_u32(unsigned* __restrict__ y, unsigned value, lo
     }
 }
 
-// bits: the bf16 value in the low 16 bits (rounded on the host).
-extern "C" __global__ void fill_bf16(unsigned short* __restrict__ y, unsigned bits, long long n) {
+// A 16-bit pattern stored n times: the bf16 and f16 fills (the value rounded on the host), which
+// need no arithmetic, so one body serves both.
+__device__ __forceinline__ void fill_16bit_body(unsigned short* __restrict__ y, unsigned bits, long long n) {
     const unsigned short v = (unsigned short)bits;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -130,17 +159,38 @@ extern "C" __global__ void fill_bf16(unsigned short* __restrict__ y, unsigned bi
     }
 }
 
-extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
+// bits: the bf16 value in the low 16 bits (rounded on the host).
+extern "C" __global__ void fill_bf16(unsigned short* __restrict__ y, unsigned bits, long long n) {
+    fill_16bit_body(y, bits, n);
+}
+
+// bits: the f16 value in the low 16 bits (rounded on the host).
+extern "C" __global__ void fill_f16(unsigned short* __restrict__ y, unsigned bits, long long n) {
+    fill_16bit_body(y, bits, n);
+}
+
+// y = H(x), rounded to nearest even by H's store_f32 (common.cuh: NaN -> 0x7fff).
+template <typename H>
+__device__ __forceinline__ void cast_from_f32_body(H* __restrict__ y, const float* __restrict__ x, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        y[i] = f32_to_bf16_bits(x[i]);
+        store_f32(y + i, x[i]);
     }
+}
+
+extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
+    cast_from_f32_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), x, n);
+}
+
+extern "C" __global__ void cast_f32_to_f16(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
+    cast_from_f32_body<f16_raw>(reinterpret_cast<f16_raw*>(y), x, n);
 }
 
 // rows, cols, batch > 0 and rows <= ld (the launcher checks); index math in 64 bits, two
 // divisions per element, which a memory-bound pass hides.
-extern "C" __global__ void cast_f32_to_bf16_strided(unsigned short* __restrict__ y, const float* __restrict__ x, long long rows, long long cols, long long ld,
-                                                    long long batch, long long batch_stride) {
+template <typename H>
+__device__ __forceinline__ void cast_from_f32_strided_body(H* __restrict__ y, const float* __restrict__ x, long long rows, long long cols, long long ld, long long batch,
+                                                           long long batch_stride) {
     const long long n = rows * cols * batch;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -149,15 +199,35 @@ extern "C" __global__ void cast_f32_to_bf16_strided(unsigned short* __restrict__
         const long long b = column / cols;
         const long long c = column - b * cols;
         const long long at = b * batch_stride + c * ld + r;
-        y[at] = f32_to_bf16_bits(x[at]);
+        store_f32(y + at, x[at]);
+    }
+}
+
+extern "C" __global__ void cast_f32_to_bf16_strided(unsigned short* __restrict__ y, const float* __restrict__ x, long long rows, long long cols, long long ld,
+                                                    long long batch, long long batch_stride) {
+    cast_from_f32_strided_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), x, rows, cols, ld, batch, batch_stride);
+}
+
+extern "C" __global__ void cast_f32_to_f16_strided(unsigned short* __restrict__ y, const float* __restrict__ x, long long rows, long long cols, long long ld,
+                                                   long long batch, long long batch_stride) {
+    cast_from_f32_strided_body<f16_raw>(reinterpret_cast<f16_raw*>(y), x, rows, cols, ld, batch, batch_stride);
+}
+
+// y = f32(x), exact.
+template <typename H>
+__device__ __forceinline__ void cast_to_f32_body(float* __restrict__ y, const H* __restrict__ x, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] = load_f32(x + i);
     }
 }
 
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ y, const unsigned short* __restrict__ x, long long n) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        y[i] = bf16_bits_to_f32(x[i]);
-    }
+    cast_to_f32_body<bf16_raw>(y, reinterpret_cast<const bf16_raw*>(x), n);
+}
+
+extern "C" __global__ void cast_f16_to_f32(float* __restrict__ y, const unsigned short* __restrict__ x, long long n) {
+    cast_to_f32_body<f16_raw>(y, reinterpret_cast<const f16_raw*>(x), n);
 }
 
 // ---- first-token gather ------------------------------------------------------------------------
@@ -195,6 +265,17 @@ extern "C" __global__ void first_token_bf16io(
     int cols)
 {
     first_token_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(x), batch, seq_len, cols);
+}
+
+// f16 twin of first_token_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void first_token_f16io(
+    unsigned short* __restrict__ y,
+    const unsigned short* __restrict__ x,
+    int batch,
+    int seq_len,
+    int cols)
+{
+    first_token_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<const f16_raw*>(x), batch, seq_len, cols);
 }
 
 // ---- finiteness ------------------------------------------------------------------------------
@@ -257,6 +338,8 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
 //   first_token_backward_bf16io  out and d in bf16 (the encoder's activation gradient; d is the
 //                                head's input gradient): the copy and the zeros are exact; with
 //                                accumulate, out = bf16(out + d in f32), rounded once.
+// The _f16io twins (activation_backward, column_sums_partial, first_token_backward) decide the
+// same per buffer with f16 in place of bf16.
 // ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills, as their f32 twins: activation_backward
 // 26 / 26, column_sums_partial 26 / 27 (1056 B static shared), first_token_backward 24 / 24.
 
@@ -312,6 +395,11 @@ extern "C" __global__ void activation_backward_bf16io(unsigned short* dx, const 
     activation_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(dx), reinterpret_cast<const bf16_raw*>(dy), reinterpret_cast<const bf16_raw*>(pre), n, act);
 }
 
+// f16 twin of activation_backward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void activation_backward_f16io(unsigned short* dx, const unsigned short* dy, const unsigned short* __restrict__ pre, long long n, int act) {
+    activation_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(dx), reinterpret_cast<const f16_raw*>(dy), reinterpret_cast<const f16_raw*>(pre), n, act);
+}
+
 // partial: [chunks, cols] f32 with chunks = gridDim.y; x: [rows, cols] of storage type A.
 // Block (32, 8).
 template <typename A>
@@ -358,6 +446,17 @@ extern "C" __global__ void column_sums_partial_bf16io(
     int rows_per_chunk)
 {
     column_sums_partial_body<bf16_raw>(partial, reinterpret_cast<const bf16_raw*>(x), rows, cols, rows_per_chunk);
+}
+
+// f16 twin of column_sums_partial_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void column_sums_partial_f16io(
+    float* __restrict__ partial,
+    const unsigned short* __restrict__ x,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    column_sums_partial_body<f16_raw>(partial, reinterpret_cast<const f16_raw*>(x), rows, cols, rows_per_chunk);
 }
 
 // out_a = sum over chunks of partial_a (`+=` when accumulate != 0), and likewise out_b; the b pair
@@ -439,6 +538,18 @@ extern "C" __global__ void first_token_backward_bf16io(
     first_token_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(out), reinterpret_cast<const bf16_raw*>(d), batch, seq_len, cols, accumulate);
 }
 
+// f16 twin of first_token_backward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void first_token_backward_f16io(
+    unsigned short* __restrict__ out,
+    const unsigned short* __restrict__ d,
+    int batch,
+    int seq_len,
+    int cols,
+    int accumulate)
+{
+    first_token_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(out), reinterpret_cast<const f16_raw*>(d), batch, seq_len, cols, accumulate);
+}
+
 // ---- dropout ------------------------------------------------------------------------------------
 // Semantics: src/train/dropout.rs (common.cuh philox_*). Elements begin..begin+n of x/y are one
 // mask block: element begin+i draws element offset+i of `stream` (the host launches once per block
@@ -448,8 +559,9 @@ extern "C" __global__ void first_token_backward_bf16io(
 // call per 4 loads), grid-strided; 64-bit indices. Thread q takes Philox block offset/4 + q, so an
 // offset that is not a multiple of 4 starts mid-block: the first `lead` = offset % 4 words of that
 // block belong to elements before this range and are skipped, never drawn by another thread.
-// Numerics: x·scale in f32 (one multiply) or 0; the _bf16io variant widens x exactly, computes the
-// same f32 product and rounds it once on store (to nearest even). The mask is the f32 kernel's.
+// Numerics: x·scale in f32 (one multiply) or 0; the _bf16io and _f16io variants widen x exactly,
+// compute the same f32 product and round it once on store (to nearest even). The mask is the f32
+// kernel's.
 template <typename T>
 __device__ __forceinline__ void dropout_body(T* y, const T* x, long long begin, long long n, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
                                              unsigned seed_hi, unsigned long long stream, unsigned long long offset, unsigned threshold, float scale) {
@@ -502,4 +614,21 @@ extern "C" __global__ void dropout_bf16io(
     float scale)
 {
     dropout_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<const bf16_raw*>(x), begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
+}
+
+// f16 twin of dropout_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void dropout_f16io(
+    unsigned short* y,
+    const unsigned short* x,
+    long long begin,
+    long long n,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream,
+    unsigned long long offset,
+    unsigned threshold,
+    float scale)
+{
+    dropout_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<const f16_raw*>(x), begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
 }

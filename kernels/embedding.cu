@@ -22,7 +22,9 @@
 // beta): the same f32 arithmetic (z is never rounded to bf16), y rounded once to nearest even, so
 // its y is the f32 kernel's y on the widened tables rounded once and its mean and rstd are the f32
 // kernel's bit for bit; a bad token's row is bf16 NaN (0x7fff).
-// All three are thin extern "C" wrappers over one templated body.
+// embedding_layernorm_forward_f16 and _f16io are the same for an f16 base (f16 tables, gamma and
+// beta; y f32 or f16, a bad row's f16 NaN also 0x7fff).
+// All five are thin extern "C" wrappers over one templated body.
 //
 // Out-of-range ids: ids live on the device, so the launcher cannot check them. A thread that reads
 // an id >= its table's size does not touch the table (it gathers row 0 instead, keeping every
@@ -209,6 +211,34 @@ extern "C" __global__ void embedding_layernorm_forward_bf16(
                                                       reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx, eps, cache_row);
 }
 
+// f16 twin of embedding_layernorm_forward_bf16: the same body with f16_raw storage.
+extern "C" __global__ void embedding_layernorm_forward_f16(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    unsigned long long* __restrict__ error_flag,
+    const unsigned* __restrict__ input_ids,
+    const unsigned* __restrict__ token_type_ids,
+    const unsigned short* __restrict__ word,
+    const unsigned short* __restrict__ position,
+    const unsigned short* __restrict__ token_type,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int seq_len,
+    int cols,
+    unsigned vocab,
+    unsigned type_vocab,
+    int padding_idx,
+    float eps,
+    int cache_row)
+{
+    typedef const f16_raw* B;
+    embedding_layernorm_forward_body<float, f16_raw>(y, mean_out, rstd_out, error_flag, input_ids, token_type_ids, reinterpret_cast<B>(word),
+                                                     reinterpret_cast<B>(position), reinterpret_cast<B>(token_type), reinterpret_cast<B>(gamma),
+                                                     reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx, eps, cache_row);
+}
+
 // bf16 y (an activation) with bf16 tables and LayerNorm, as raw bits; mean and rstd stay f32.
 extern "C" __global__ void embedding_layernorm_forward_bf16io(
     unsigned short* __restrict__ y,
@@ -236,4 +266,33 @@ extern "C" __global__ void embedding_layernorm_forward_bf16io(
                                                          reinterpret_cast<B>(word), reinterpret_cast<B>(position), reinterpret_cast<B>(token_type),
                                                          reinterpret_cast<B>(gamma), reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx,
                                                          eps, cache_row);
+}
+
+// f16 twin of embedding_layernorm_forward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void embedding_layernorm_forward_f16io(
+    unsigned short* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    unsigned long long* __restrict__ error_flag,
+    const unsigned* __restrict__ input_ids,
+    const unsigned* __restrict__ token_type_ids,
+    const unsigned short* __restrict__ word,
+    const unsigned short* __restrict__ position,
+    const unsigned short* __restrict__ token_type,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int seq_len,
+    int cols,
+    unsigned vocab,
+    unsigned type_vocab,
+    int padding_idx,
+    float eps,
+    int cache_row)
+{
+    typedef const f16_raw* B;
+    embedding_layernorm_forward_body<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(y), mean_out, rstd_out, error_flag, input_ids, token_type_ids,
+                                                       reinterpret_cast<B>(word), reinterpret_cast<B>(position), reinterpret_cast<B>(token_type),
+                                                       reinterpret_cast<B>(gamma), reinterpret_cast<B>(beta), rows, seq_len, cols, vocab, type_vocab, padding_idx,
+                                                       eps, cache_row);
 }

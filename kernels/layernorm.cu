@@ -26,6 +26,9 @@
 // rounded to bf16 before the statistics), each stored value rounded once to nearest even. So a
 // bf16io output is the f32 kernel's output on the widened inputs, rounded once, and its f32
 // outputs are the f32 kernel's bit for bit.
+// f16: every _bf16 and _bf16io kernel here has an _f16 / _f16io twin (an f16 base; f16 activations
+// over an f16 base), the same bodies instantiated with f16_raw, with the same semantics in IEEE f16
+// (11 significant bits, finite up to 65504: a stored value past it is ±inf).
 //
 // Thread mapping: a "row team" of blockDim.x threads (a multiple of 32) owns one row; a block
 // holds blockDim.y teams. Thread t of a team handles columns t, t + blockDim.x, ... so each warp's
@@ -185,6 +188,24 @@ extern "C" __global__ void residual_layernorm_forward_bf16(
                                                      reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
 }
 
+// f16 twin of residual_layernorm_forward_bf16: the same body with f16_raw storage.
+extern "C" __global__ void residual_layernorm_forward_f16(
+    float* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    const float* __restrict__ x,
+    const float* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<float, f16_raw>(y, nullptr, mean_out, rstd_out, 1, x, residual, reinterpret_cast<const f16_raw*>(gamma),
+                                                    reinterpret_cast<const f16_raw*>(beta), rows, cols, eps, cache_row);
+}
+
 // bf16 activations (x, residual, y) and bf16 gamma and beta, as raw bits; mean and rstd stay f32.
 extern "C" __global__ void residual_layernorm_forward_bf16io(
     unsigned short* __restrict__ y,
@@ -202,6 +223,25 @@ extern "C" __global__ void residual_layernorm_forward_bf16io(
     residual_layernorm_forward_body<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(y), nullptr, mean_out, rstd_out, 1, reinterpret_cast<const bf16_raw*>(x),
                                                         reinterpret_cast<const bf16_raw*>(residual), reinterpret_cast<const bf16_raw*>(gamma),
                                                         reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps, cache_row);
+}
+
+// f16 twin of residual_layernorm_forward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void residual_layernorm_forward_f16io(
+    unsigned short* __restrict__ y,
+    float* __restrict__ mean_out,
+    float* __restrict__ rstd_out,
+    const unsigned short* __restrict__ x,
+    const unsigned short* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(y), nullptr, mean_out, rstd_out, 1, reinterpret_cast<const f16_raw*>(x),
+                                                      reinterpret_cast<const f16_raw*>(residual), reinterpret_cast<const f16_raw*>(gamma),
+                                                      reinterpret_cast<const f16_raw*>(beta), rows, cols, eps, cache_row);
 }
 
 // ---- training forward: z and interleaved [mean, rstd] --------------------------------------
@@ -249,6 +289,26 @@ extern "C" __global__ void residual_layernorm_forward_train_bf16io(
                                                         reinterpret_cast<const bf16_raw*>(x), reinterpret_cast<const bf16_raw*>(residual),
                                                         reinterpret_cast<const bf16_raw*>(gamma), reinterpret_cast<const bf16_raw*>(beta), rows, cols, eps,
                                                         cache_row);
+}
+
+// f16 twin of residual_layernorm_forward_train_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void residual_layernorm_forward_train_f16io(
+    unsigned short* __restrict__ y,
+    unsigned short* __restrict__ z_out,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ x,
+    const unsigned short* __restrict__ residual,
+    const unsigned short* __restrict__ gamma,
+    const unsigned short* __restrict__ beta,
+    int rows,
+    int cols,
+    float eps,
+    int cache_row)
+{
+    residual_layernorm_forward_body<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<f16_raw*>(z_out), stats, stats + 1, 2,
+                                                      reinterpret_cast<const f16_raw*>(x), reinterpret_cast<const f16_raw*>(residual),
+                                                      reinterpret_cast<const f16_raw*>(gamma), reinterpret_cast<const f16_raw*>(beta), rows, cols, eps,
+                                                      cache_row);
 }
 
 // ---- backward: input gradient ------------------------------------------------------------------
@@ -363,6 +423,22 @@ extern "C" __global__ void layernorm_backward_bf16io(
                                                 reinterpret_cast<const bf16_raw*>(gamma), rows, cols, accumulate, cache_row);
 }
 
+// f16 twin of layernorm_backward_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void layernorm_backward_f16io(
+    unsigned short* __restrict__ dz,
+    const unsigned short* __restrict__ dy,
+    const unsigned short* __restrict__ z,
+    const float* __restrict__ stats,
+    const unsigned short* __restrict__ gamma,
+    int rows,
+    int cols,
+    int accumulate,
+    int cache_row)
+{
+    layernorm_backward_body<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(dz), reinterpret_cast<const f16_raw*>(dy), reinterpret_cast<const f16_raw*>(z), stats,
+                                              reinterpret_cast<const f16_raw*>(gamma), rows, cols, accumulate, cache_row);
+}
+
 // ---- backward: dgamma / dbeta (trainable LayerNorms only) ------------------------------------------
 // dgamma[c] = sum_rows dy * x^,  dbeta[c] = sum_rows dy, reduced deterministically in two stages,
 // no atomics: this kernel writes per-chunk column partials, partial[chunk][c], and
@@ -452,4 +528,19 @@ extern "C" __global__ void layernorm_param_grad_partial_bf16io(
 {
     layernorm_param_grad_partial_body<bf16_raw>(partial_dgamma, partial_dbeta, reinterpret_cast<const bf16_raw*>(dy), reinterpret_cast<const bf16_raw*>(z), stats,
                                                 rows, cols, rows_per_chunk);
+}
+
+// f16 twin of layernorm_param_grad_partial_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void layernorm_param_grad_partial_f16io(
+    float* __restrict__ partial_dgamma,
+    float* __restrict__ partial_dbeta,
+    const unsigned short* __restrict__ dy,
+    const unsigned short* __restrict__ z,
+    const float* __restrict__ stats,
+    int rows,
+    int cols,
+    int rows_per_chunk)
+{
+    layernorm_param_grad_partial_body<f16_raw>(partial_dgamma, partial_dbeta, reinterpret_cast<const f16_raw*>(dy), reinterpret_cast<const f16_raw*>(z), stats,
+                                               rows, cols, rows_per_chunk);
 }

@@ -26,10 +26,14 @@
 // holds (PyTorch's bf16 dataflow: G consumes the bf16 y1), and the inverse, which reads y1 from
 // the bf16 output, recomputes G on the same bits. Hence the first couple's bf16 half is the f32
 // kernel's rounded once; the second is not (its subnet read the rounded half).
+// f16 activations: nice_split_f16io and nice_couple_f16io, the same bodies over f16_raw, with the
+// same semantics in f16 (half_out is the stored f16 value widened).
 
-// `v` as a store to `A` leaves it, in f32: itself for float, rounded to bf16 for bf16_raw.
+// `v` as a store to `A` leaves it, in f32: itself for float, rounded to bf16 for bf16_raw and to
+// f16 for f16_raw.
 __device__ __forceinline__ float nice_stored_value(const float*, float v) { return v; }
 __device__ __forceinline__ float nice_stored_value(const bf16_raw*, float v) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
+__device__ __forceinline__ float nice_stored_value(const f16_raw*, float v) { return f16_bits_to_f32(f32_to_f16_bits(v)); }
 
 // half: [rows, width] (f32); x: [rows, hidden] of activation storage type A; reads columns
 // [col0, col0 + width).
@@ -65,6 +69,18 @@ extern "C" __global__ void nice_split_bf16io(
     int width)
 {
     nice_split_body<bf16_raw>(half, reinterpret_cast<const bf16_raw*>(x), rows, hidden, col0, width);
+}
+
+// f16 twin of nice_split_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void nice_split_f16io(
+    float* __restrict__ half,
+    const unsigned short* __restrict__ x,
+    int rows,
+    int hidden,
+    int col0,
+    int width)
+{
+    nice_split_body<f16_raw>(half, reinterpret_cast<const f16_raw*>(x), rows, hidden, col0, width);
 }
 
 // out, x: [rows, hidden] of activation storage type A; delta, half_out: [rows, width] (f32);
@@ -121,4 +137,19 @@ extern "C" __global__ void nice_couple_bf16io(
     float sign)
 {
     nice_couple_body<bf16_raw>(reinterpret_cast<bf16_raw*>(out), half_out, reinterpret_cast<const bf16_raw*>(x), delta, rows, hidden, col0, width, sign);
+}
+
+// f16 twin of nice_couple_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void nice_couple_f16io(
+    unsigned short* __restrict__ out,
+    float* __restrict__ half_out,
+    const unsigned short* __restrict__ x,
+    const float* __restrict__ delta,
+    int rows,
+    int hidden,
+    int col0,
+    int width,
+    float sign)
+{
+    nice_couple_body<f16_raw>(reinterpret_cast<f16_raw*>(out), half_out, reinterpret_cast<const f16_raw*>(x), delta, rows, hidden, col0, width, sign);
 }

@@ -3,6 +3,8 @@
 //! Tolerance `max|out − ref| <= 1e-5·(1 + max|ref|)`; data movement ops must be bit-exact.
 
 mod common;
+#[path = "support/bf16.rs"]
+mod rule;
 
 use bert_adapters::backend::{Backend, LayerNormParams};
 use bert_adapters::cpu::CpuBackend;
@@ -10,6 +12,7 @@ use bert_adapters::cuda::adapter::LocationPath;
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::{test_device, Activation, DType, Error, Tensor};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -253,16 +256,20 @@ fn bf16_refusals_name_the_op_tensor_and_dtype(gpu: &Gpu) {
     assert_eq!(be.linear(&x16, &w16, None).unwrap().dtype(), DType::BF16);
     let e = be.linear(&x16, &be.upload(vec![0.25; 12], &[3, 4]).unwrap(), None).unwrap_err().to_string();
     assert!(e.contains("linear") && e.contains("input x") && e.contains("bf16") && e.contains("weight W") && e.contains("f32"), "{e}");
-    // A LayerNorm whose γ and β differ in dtype, and an f16 base.
+    // A LayerNorm whose γ and β differ in dtype (bf16 and f32, bf16 and f16).
     let g32 = be.upload(vec![1.0; 4], &[4]).unwrap();
     let b16 = be.cast(&be.upload(vec![0.0; 4], &[4]).unwrap(), DType::BF16).unwrap();
     let e = be.residual_layernorm(&x, None, &g32, &b16, 1e-5).unwrap_err().to_string();
     assert!(e.contains("residual_layernorm") && e.contains("beta is bf16") && e.contains("gamma is f32"), "{e}");
-    let f16 = be.zeros(&[4], DType::F16).unwrap();
-    let e = be.residual_layernorm(&x, None, &f16, &f16, 1e-5).unwrap_err().to_string();
-    assert!(e.contains("residual_layernorm") && e.contains("gamma is f16"), "{e}");
-    let e = be.linear(&x, &be.zeros(&[3, 4], DType::F16).unwrap(), None).unwrap_err().to_string();
-    assert!(e.contains("linear") && e.contains("weight W") && e.contains("f16"), "{e}");
+    let g_h = be.cast(&g32, DType::F16).unwrap();
+    let e = be.residual_layernorm(&x, None, &g_h, &b16, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("residual_layernorm") && e.contains("beta is bf16") && e.contains("gamma is f16"), "{e}");
+    // An f16 base with f32 activations is read like a bf16 one: widened exactly (issue 15).
+    let b_h = be.cast(&be.upload(vec![0.0; 4], &[4]).unwrap(), DType::F16).unwrap();
+    let (y_h, y_32) = (be.residual_layernorm(&x, None, &g_h, &b_h, 1e-5).unwrap(), be.residual_layernorm(&x, None, &g32, &be.upload(vec![0.0; 4], &[4]).unwrap(), 1e-5).unwrap());
+    assert_eq!((y_h.dtype(), be.to_host(&y_h).unwrap()), (DType::F32, be.to_host(&y_32).unwrap()), "LayerNorm over an f16 base");
+    let w_h = be.cast(&be.upload(vec![0.25; 12], &[3, 4]).unwrap(), DType::F16).unwrap();
+    assert_eq!(be.to_host(&be.linear(&x, &w_h, None).unwrap()).unwrap(), vec![0.5; 6], "linear over an f16 weight");
 }
 test_device!(bf16_refusals, bf16_refusals_name_the_op_tensor_and_dtype);
 
@@ -311,3 +318,104 @@ fn bf16_model_on(gpu: &Gpu, path: LocationPath) {
     }
 }
 test_device!(bf16_model, bf16_model_matches_the_cpu);
+
+/// `with_activations(DType::F16)` over an f16 base (issue 15): `embedding_layernorm` writes f16
+/// (the f32 kernel's output over the same f16 tables, rounded once), and the ops after it keep f16
+/// (each one the f32 op on the widened operands, rounded once: bit for bit on the executor, one
+/// f16 ulp on a GPU); an f32 or bf16 base in this mode is refused at the embeddings, named; bf16
+/// and f16 operands never mix in one op, the error naming the operand.
+fn f16_mode_takes_an_f16_base(gpu: &Gpu) {
+    let be16 = backend(gpu).with_activations(DType::F16).unwrap();
+    assert_eq!(be16.activations(), DType::F16);
+    assert!(be16.name().contains("(f16 activations)"), "{}", be16.name());
+    let be = backend(gpu);
+    let mut rng = StdRng::seed_from_u64(0xf16b);
+    let (batch, seq, hidden, vocab) = (2, 5, 40, 11);
+    let table = |be: &CudaBackend, n: usize, rows: usize, dtype: DType, rng: &mut StdRng| be.cast(&be.upload(random(rng, n * rows, 1.0), &[rows, n]).unwrap(), dtype).unwrap();
+    let ids = be16.upload_u32((0..batch * seq).map(|i| (i * 7 % vocab) as u32).collect(), &[batch, seq]).unwrap();
+    let types = be16.upload_u32(vec![0; batch * seq], &[batch, seq]).unwrap();
+    let tables_in = |be: &CudaBackend, dtype: DType| {
+        let mut rng = StdRng::seed_from_u64(0xf16e);
+        let (w, p, t) = (table(be, hidden, vocab, dtype, &mut rng), table(be, hidden, seq, dtype, &mut rng), table(be, hidden, 2, dtype, &mut rng));
+        let g = be.cast(&be.upload(vec![1.0; hidden], &[hidden]).unwrap(), dtype).unwrap();
+        let b = be.cast(&be.upload(random(&mut rng, hidden, 0.5), &[hidden]).unwrap(), dtype).unwrap();
+        [w, p, t, g, b]
+    };
+    let embed = |be: &CudaBackend, ids: &Tensor, types: &Tensor, [w, p, t, g, b]: &[Tensor; 5]| {
+        be.embedding_layernorm(ids, types, w, p, t, bert_adapters::Positions::Sequential, LayerNormParams { gamma: g, beta: b, eps: 1e-12 }, None)
+    };
+    let h16 = tables_in(&be16, DType::F16);
+    let y16 = embed(&be16, &ids, &types, &h16).unwrap();
+    assert_eq!(y16.dtype(), DType::F16);
+    // The f32 mode over the same f16 tables: the f32 kernel's y, which the f16 mode rounds once.
+    let (ids32, types32) = (be.upload_u32(be16.to_host_u32(&ids).unwrap(), &[batch, seq]).unwrap(), be.upload_u32(vec![0; batch * seq], &[batch, seq]).unwrap());
+    let y32 = embed(&be, &ids32, &types32, &tables_in(&be, DType::F16)).unwrap();
+    assert_eq!(y32.dtype(), DType::F32);
+    let want = be.to_host(&y32).unwrap();
+    let got: Vec<f16> = be16.to_host(&y16).unwrap().into_iter().map(f16::from_f32).collect();
+    rule::assert_rounded_f32_kernel_in(gpu, "f16 embedding_layernorm", &got, &want);
+    // An f32 or bf16 base in the f16 mode: refused at the embeddings, naming the table and dtypes.
+    for base in [DType::F32, DType::BF16] {
+        let e = embed(&be16, &ids, &types, &tables_in(&be16, base)).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Unsupported(_)) && msg.contains("embedding_layernorm") && msg.contains("f16 activations") && msg.contains("the word embeddings") && msg.contains(&format!("in {base}")) && msg.contains("DType::F16"), "{msg}");
+    }
+
+    // Ops after the embeddings: f16 in, f16 out, the f32 op rounded once.
+    let x = be16.cast(&be16.upload(random(&mut rng, batch * seq * hidden, 2.0), &[batch, seq, hidden]).unwrap(), DType::F16).unwrap();
+    let wide = |t: &Tensor| be16.cast(t, DType::F32).unwrap();
+    let check = |label: &str, t16: Tensor, t32: Tensor| {
+        assert_eq!((t16.dtype(), t32.dtype()), (DType::F16, DType::F32), "{label}");
+        let got: Vec<f16> = be16.to_host(&t16).unwrap().into_iter().map(f16::from_f32).collect();
+        rule::assert_rounded_f32_kernel_in(gpu, label, &got, &be16.to_host(&t32).unwrap());
+    };
+    check("activation", be16.activation(&x, Activation::Gelu).unwrap(), be16.activation(&wide(&x), Activation::Gelu).unwrap());
+    check("add", be16.add(&x, &y16).unwrap(), be16.add(&wide(&x), &wide(&y16)).unwrap());
+    check("first_token", be16.first_token(&x).unwrap(), be16.first_token(&wide(&x)).unwrap());
+    let drop = bert_adapters::backend::DropoutSpec { p: 0.25, seed: 0xf16d, stream: 3, blocks: vec![], seed_buffer: None, offset: 0 };
+    check("dropout", be16.dropout(&x, &drop).unwrap(), be16.dropout(&wide(&x), &drop).unwrap());
+    // linear_dropout rounds twice, as a plain f16 model does: the product, then the mask over it.
+    let w8 = table(&be16, hidden, 8, DType::F16, &mut rng);
+    let ld = be16.linear_dropout(&x, &w8, None, Some(&drop)).unwrap();
+    assert_eq!((ld.dtype(), be16.to_host(&ld).unwrap()), (DType::F16, be16.to_host(&be16.dropout(&be16.linear(&x, &w8, None).unwrap(), &drop).unwrap()).unwrap()), "linear_dropout");
+    let [_, _, _, g, b] = &h16;
+    check("residual_layernorm", be16.residual_layernorm(&x, Some(&y16), g, b, 1e-12).unwrap(), be16.residual_layernorm(&wide(&x), Some(&wide(&y16)), g, b, 1e-12).unwrap());
+    let (w, bias) = (table(&be16, hidden, 24, DType::F16, &mut rng), be16.cast(&be16.upload(random(&mut rng, 24, 0.5), &[24]).unwrap(), DType::F16).unwrap());
+    check("linear", be16.linear(&x, &w, Some(&bias)).unwrap(), be16.linear(&wide(&x), &w, Some(&bias)).unwrap());
+    let (y_act, pre) = be16.linear_act(&x, &w, Some(&bias), Activation::Relu).unwrap();
+    assert_eq!((y_act.dtype(), pre.dtype()), (DType::F16, DType::F16));
+    let (ys, z, stats) = be16.residual_layernorm_stats(&x, Some(&y16), g, b, 1e-12).unwrap();
+    assert_eq!((ys.dtype(), z.dtype(), stats.dtype()), (DType::F16, DType::F16, DType::F32));
+    assert_eq!(be16.to_host(&ys).unwrap(), be16.to_host(&be16.residual_layernorm(&x, Some(&y16), g, b, 1e-12).unwrap()).unwrap(), "the training forward's y is the forward's");
+    let dz = be16.layernorm_backward_stats(&x, &z, &stats, g).unwrap();
+    assert_eq!(dz.dtype(), DType::F16);
+    assert!(be16.all_finite(&dz).unwrap());
+    let dx = be16.linear_backward_input(&be16.cast(&be16.upload(random(&mut rng, batch * seq * 24, 1.0), &[batch, seq, 24]).unwrap(), DType::F16).unwrap(), &w).unwrap();
+    assert_eq!((dx.dtype(), dx.shape()), (DType::F16, &[batch, seq, hidden][..]));
+    let d_first = be16.first_token_backward(&be16.first_token(&x).unwrap(), seq).unwrap();
+    assert_eq!(d_first.dtype(), DType::F16);
+    // f16's range: a value past 65504 is stored as inf, which all_finite sees.
+    let big = be16.cast(&be16.upload(vec![40000.0; 4], &[4]).unwrap(), DType::F16).unwrap();
+    let sum = be16.add(&big, &big).unwrap();
+    assert_eq!(be16.to_host(&sum).unwrap(), vec![f32::INFINITY; 4]);
+    assert!(!be16.all_finite(&sum).unwrap());
+
+    // bf16 and f16 never mix: the error names the operand.
+    let xb = be16.cast(&wide(&x), DType::BF16).unwrap();
+    let named = |label: &str, r: bert_adapters::Result<()>, words: &[&str]| {
+        let msg = r.expect_err(label).to_string();
+        for w in words {
+            assert!(msg.contains(w), "{label}: `{w}` not in: {msg}");
+        }
+    };
+    named("add f16 + bf16", be16.add(&x, &xb).map(|_| ()), &["add", "b [2, 5, 40] is bf16", "a is f16"]);
+    named("add_into f16 += bf16", be16.add_into(&be16.zeros(&[batch, seq, hidden], DType::F16).unwrap(), &xb), &["add_into", "f16 += bf16"]);
+    let wb = be16.cast(&wide(&w), DType::BF16).unwrap();
+    named("linear f16 x, bf16 W", be16.linear(&x, &wb, None).map(|_| ()), &["linear", "the input x", "is f16", "the weight W", "bf16"]);
+    let gb = be16.cast(&wide(g), DType::BF16).unwrap();
+    named("residual_layernorm f16 x, bf16 gamma", be16.residual_layernorm(&x, None, &gb, &gb, 1e-12).map(|_| ()), &["residual_layernorm", "f16 activations", "LayerNorm gamma", "bf16"]);
+    named("activation_backward f16 dy, bf16 pre", be16.activation_backward(&x, &xb, Activation::Gelu).map(|_| ()), &["activation_backward", "pre-activation", "bf16", "the gradient is f16"]);
+    named("linear_backward_input f16 dy, bf16 W", be16.linear_backward_input(&be16.cast(&wide(&y_act), DType::F16).unwrap(), &wb).map(|_| ()), &["linear_backward_input", "weight", "bf16"]);
+    named("first_token_backward f16 into bf16", be16.first_token_backward_into(&be16.first_token(&x).unwrap(), &xb, false), &["first_token_backward", "f16", "bf16"]);
+}
+test_device!(f16_mode, f16_mode_takes_an_f16_base);

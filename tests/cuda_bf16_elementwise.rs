@@ -31,6 +31,13 @@
 //! PyTorch's bf16 dataflow does; it is checked exactly against `round(x2 + G(ŷ1))` with `G(ŷ1)`
 //! taken from the f32 kernel run on `[ŷ1 | 0]` (see `nice_bf16io_follows_the_rule`).
 //!
+//! f16 (issue 15): every body here is generic over the 16-bit type (`H16`) and runs for bf16 and
+//! for f16 (`test_both!`: `*_bf16io::run::*` and `*_f16io::run::*`), exercising each `_f16io`
+//! kernel and `embedding_layernorm_forward_f16` with the same checks in f16: inputs rounded to
+//! f16, the plain twin rounding to f16, the f16 floor, exactness against the f32 kernel rounded
+//! once to f16. Every input range here (|x| ≤ 100, sums of a few such terms) is far inside f16's
+//! ±65504, so the bf16 cases run unchanged.
+//!
 //! Refusals: bf16 `y` from f32 embedding tables is `Error::Unsupported` (the only storage pair
 //! without a kernel: the elementwise and NICE launchers take one activation type for every
 //! operand, so no other mixed pair can be expressed); overlapping outputs are refused in bytes,
@@ -38,7 +45,7 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
-use rule::{assert_rounded_f32_kernel, assert_same_f32, bits};
+use rule::{assert_same_f32, bits, Half};
 #[path = "support/embedding_case.rs"]
 mod embedding_case;
 use embedding_case::{EmbeddingCase as EmbCase, BERT_EPS, VOCAB};
@@ -51,10 +58,34 @@ use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, Devic
 use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
-use half::bf16;
+use bert_adapters::{Activation, Backend, CpuBackend, Error, Tensor};
+use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// A 16-bit activation storage type under test: bf16 or f16.
+trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
+impl H16 for bf16 {}
+impl H16 for f16 {}
+
+/// `test_device!` for a body generic over [`H16`]: module `$bf16` runs it in bf16, `$f16` in f16
+/// (tests `$bf16::run::cuda_sim`, `$f16::run::cuda`, ...).
+macro_rules! test_both {
+    ($body:ident => $bf16:ident, $f16:ident) => {
+        mod $bf16 {
+            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
+                super::$body::<half::bf16>(gpu)
+            }
+            bert_adapters::test_device!(run, body);
+        }
+        mod $f16 {
+            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
+                super::$body::<half::f16>(gpu)
+            }
+            bert_adapters::test_device!(run, body);
+        }
+    };
+}
 
 const ROWS: [usize; 3] = [1, 7, 33];
 const COLS: [usize; 3] = [40, 48, 384];
@@ -69,8 +100,8 @@ fn down<T: DeviceScalar>(gpu: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
 }
 
 /// Poisoned outputs (uploaded, so a GPU's are poisoned too): an element a kernel skips stays NaN.
-fn nan16(gpu: &Gpu, n: usize) -> DeviceBuffer<bf16> {
-    up(gpu, &vec![bf16::NAN; n])
+fn nan16<H: H16>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
+    up(gpu, &vec![H::from_f32(f32::NAN); n])
 }
 
 fn nan32(gpu: &Gpu, n: usize) -> DeviceBuffer<f32> {
@@ -82,8 +113,8 @@ fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 /// `uniform` rounded to bf16: the inputs of every case are bf16 values.
-fn uniform16(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    rule::round_all(&uniform(rng, n, lo, hi))
+fn uniform16<H: H16>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    rule::round_all_in::<H>(&uniform(rng, n, lo, hi))
 }
 
 fn id(x: f32) -> f32 {
@@ -92,10 +123,10 @@ fn id(x: f32) -> f32 {
 
 /// `got` is exactly `want` rounded to bf16, element by element (one rounding of an exactly known
 /// f32 value, the same on every device).
-fn assert_exactly_rounded(label: &str, got: &[bf16], want: &[f32]) {
+fn assert_exactly_rounded<H: H16>(label: &str, got: &[H], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{label}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.to_bits(), bf16::from_f32(w).to_bits(), "{label}: [{i}] = {g}, expected {w} rounded to {}", bf16::from_f32(w));
+        assert_eq!(g.to_bits(), H::from_f32(w).to_bits(), "{label}: [{i}] = {g}, expected {w} rounded to {}", H::from_f32(w));
     }
 }
 
@@ -116,7 +147,7 @@ impl Worst {
     }
 
     fn report(&self, what: &str, gpu: &Gpu) {
-        report_line(&format!("{what} on {}: worst kernel/plain-bf16 error {:.3} ({:.3e} vs {:.3e}) at {}", gpu.describe(), self.ratio, self.errs.0, self.errs.1, self.at));
+        report_line(&format!("{what} on {}: worst kernel/plain error {:.3} ({:.3e} vs {:.3e}) at {}", gpu.describe(), self.ratio, self.errs.0, self.errs.1, self.at));
     }
 }
 
@@ -126,13 +157,13 @@ impl Worst {
 
 /// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
 /// the bf16 operands, the output rounded once.
-fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
     let mut y = Vec::with_capacity(z.len());
     for zr in z.chunks(cols) {
         let mean = zr.iter().sum::<f32>() / cols as f32;
         let var = zr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
         let rstd = 1.0 / (var + eps).sqrt();
-        y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round((v - mean) * rstd * g + b)));
+        y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round_in::<H>((v - mean) * rstd * g + b)));
     }
     y
 }
@@ -140,15 +171,15 @@ fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32
 /// PyTorch's bf16 `BertEmbeddings` on a case: `inputs_embeds + token_type_embeddings` and `+=
 /// position_embeddings` are bf16 tensors (each add rounded), then `layer_norm` in f32 from the
 /// bf16 sum, its output rounded once.
-fn plain_embedding(c: &EmbCase) -> Vec<f32> {
+fn plain_embedding<H: H16>(c: &EmbCase) -> Vec<f32> {
     let h = c.hidden;
     let mut z = Vec::with_capacity(c.ids.len() * h);
     let positions = c.positions.position_ids(&c.ids, c.seq_len);
     for ((&id, &tt), &t) in c.ids.iter().zip(&c.types).zip(&positions) {
         let t = t as usize;
-        z.extend((0..h).map(|k| rule::round(rule::round(c.word[id as usize * h + k] + c.token_type[tt as usize * h + k]) + c.position[t * h + k])));
+        z.extend((0..h).map(|k| rule::round_in::<H>(rule::round_in::<H>(c.word[id as usize * h + k] + c.token_type[tt as usize * h + k]) + c.position[t * h + k])));
     }
-    plain_layernorm(&z, &c.gamma, &c.beta, h, BERT_EPS)
+    plain_layernorm::<H>(&z, &c.gamma, &c.beta, h, BERT_EPS)
 }
 
 struct EmbGot<A> {
@@ -194,7 +225,8 @@ fn run_embedding<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, c: &EmbCase, sta
     Ok(EmbGot { y: down(gpu, &y), mean: mean.map(|m| down(gpu, &m)), rstd: rstd.map(|r| down(gpu, &r)), flag: check_flag(gpu, &flag.view()) })
 }
 
-fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
+fn embedding_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0e3b);
     let mut worst = Worst::default();
     // (batch, seq_len): 1, 7 and 33 tokens; then a block-per-row width (cached) and the plans
@@ -211,15 +243,15 @@ fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
     for (k, (batch, seq_len, hidden, plan)) in shapes.into_iter().enumerate() {
         let stats = k % 3 != 1; // mean and rstd left out in some cases
         let roberta = k >= roberta_from;
-        let label = format!("{} bf16io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} roberta={roberta} {plan:?}", gpu.describe());
-        let c = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
+        let label = format!("{} {h}io embedding batch={batch} seq_len={seq_len} hidden={hidden} stats={stats} roberta={roberta} {plan:?}", gpu.describe());
+        let c = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16::<H>);
         let c = if roberta { c.with_roberta_positions(&[0, 4, 9]) } else { c };
-        let got = run_embedding(gpu, &c, stats, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let got = run_embedding(gpu, &c, stats, plan, H::from_f32, H::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
         got.flag.as_ref().unwrap_or_else(|e| panic!("{label}: flag: {e}"));
         let f32_kernel = run_embedding(gpu, &c, stats, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
         let f32_ref = c.reference();
-        worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&got.y), &f32_ref.y, &plain_embedding(&c)));
-        assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
+        worst.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: y"), &rule::widen_from(&got.y), &f32_ref.y, &plain_embedding::<H>(&c)));
+        rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
         if stats {
             let (mean, rstd) = (got.mean.as_deref().unwrap(), got.rstd.as_deref().unwrap());
             assert_same_f32(gpu, &format!("{label}: mean"), mean, f32_kernel.mean.as_deref().unwrap());
@@ -230,23 +262,23 @@ fn embedding_bf16io_follows_the_rule(gpu: &Gpu) {
             }
         }
         // The bf16-table kernel with f32 y is the f32 kernel on the widened tables, bit for bit.
-        let bf16_tables = run_embedding(gpu, &c, false, plan, bf16::from_f32, id).unwrap_or_else(|e| panic!("{label}: _bf16 kernel: {e}"));
+        let bf16_tables = run_embedding(gpu, &c, false, plan, H::from_f32, id).unwrap_or_else(|e| panic!("{label}: _bf16 kernel: {e}"));
         assert_same_f32(gpu, &format!("{label}: _bf16 y"), &bf16_tables.y, &f32_kernel.y);
     }
-    worst.report("embedding bf16io y", gpu);
+    worst.report(&format!("embedding {h}io y"), gpu);
 }
-test_device!(embedding_bf16io, embedding_bf16io_follows_the_rule);
+test_both!(embedding_bf16io_follows_the_rule => embedding_bf16io, embedding_f16io);
 
 /// A bad id: its row of bf16 y is NaN (0x7fff), the flag names it, the other rows are the good
 /// launch's.
-fn embedding_bf16io_refuses_bad_ids(gpu: &Gpu) {
+fn embedding_bf16io_refuses_bad_ids<H: H16>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0bad);
     let (batch, seq_len, hidden) = (3, 5, 48);
-    let good = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16);
-    let want = run_embedding(gpu, &good, true, None, bf16::from_f32, bf16::from_f32).unwrap();
+    let good = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16::<H>);
+    let want = run_embedding(gpu, &good, true, None, H::from_f32, H::from_f32).unwrap();
     let mut bad = good.clone();
     bad.ids[7] = VOCAB as u32; // batch 1, position 2
-    let got = run_embedding(gpu, &bad, true, None, bf16::from_f32, bf16::from_f32).unwrap();
+    let got = run_embedding(gpu, &bad, true, None, H::from_f32, H::from_f32).unwrap();
     let msg = got.flag.expect_err("a bad id is reported").to_string();
     assert!(msg.contains(&format!("token id {VOCAB} at batch 1, position 2")), "{msg}");
     for (row, (g, w)) in got.y.chunks(hidden).zip(want.y.chunks(hidden)).enumerate() {
@@ -258,7 +290,7 @@ fn embedding_bf16io_refuses_bad_ids(gpu: &Gpu) {
     }
     assert!(got.mean.unwrap()[7].is_nan() && got.rstd.unwrap()[7].is_nan());
 }
-test_device!(embedding_bf16io_bad_ids, embedding_bf16io_refuses_bad_ids);
+test_both!(embedding_bf16io_refuses_bad_ids => embedding_bf16io_bad_ids, embedding_f16io_bad_ids);
 
 // ---- bias + activation ------------------------------------------------------------------------------
 
@@ -275,7 +307,8 @@ fn run_bias_act<A: ActivationScalar>(gpu: &Gpu, x: &[f32], bias: Option<&[f32]>,
     (down(gpu, &y), pre.map(|p| down(gpu, &p)))
 }
 
-fn bias_act_bf16io_follows_the_rule(gpu: &Gpu) {
+fn bias_act_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_b1a5);
     let mut worst = Worst::default();
     let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
@@ -285,14 +318,14 @@ fn bias_act_bf16io_follows_the_rule(gpu: &Gpu) {
             for cols in COLS {
                 case += 1;
                 let (with_bias, with_pre) = (!case.is_multiple_of(3), !case.is_multiple_of(2));
-                let mut x = uniform16(&mut rng, rows * cols, -6.0, 6.0);
+                let mut x = uniform16::<H>(&mut rng, rows * cols, -6.0, 6.0);
                 // The tails and the special points of each activation (all bf16 values).
                 let len = x.len();
                 for (i, v) in [0.0, -0.0, -30.0, 30.0, -100.0, 100.0, -88.5, 10.0, -10.0].iter().enumerate() {
                     x[i * 3 % len] = *v;
                 }
-                let bias = with_bias.then(|| uniform16(&mut rng, cols, -1.0, 1.0));
-                let label = format!("{} bf16io bias_act {act:?} rows={rows} cols={cols} bias={with_bias} pre={with_pre}", gpu.describe());
+                let bias = with_bias.then(|| uniform16::<H>(&mut rng, cols, -1.0, 1.0));
+                let label = format!("{} {h}io bias_act {act:?} rows={rows} cols={cols} bias={with_bias} pre={with_pre}", gpu.describe());
                 let pre_f32: Vec<f32> = match &bias {
                     Some(b) => x.iter().enumerate().map(|(i, v)| v + b[i % cols]).collect(),
                     None => x.clone(),
@@ -302,52 +335,53 @@ fn bias_act_bf16io_follows_the_rule(gpu: &Gpu) {
                     None => v.to_vec(),
                 };
                 let f32_ref = apply(&pre_f32);
-                let pre_plain = rule::round_all(&pre_f32);
-                let plain = rule::round_all(&apply(&pre_plain));
+                let pre_plain = rule::round_all_in::<H>(&pre_f32);
+                let plain = rule::round_all_in::<H>(&apply(&pre_plain));
 
-                let (y, pre) = run_bias_act(gpu, &x, bias.as_deref(), act, cols, with_pre, bf16::from_f32);
+                let (y, pre) = run_bias_act(gpu, &x, bias.as_deref(), act, cols, with_pre, H::from_f32);
                 let (y32, _) = run_bias_act(gpu, &x, bias.as_deref(), act, cols, false, id);
-                worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&y), &f32_ref, &plain));
-                assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &y, &y32);
+                worst.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: y"), &rule::widen_from(&y), &f32_ref, &plain));
+                rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: y"), &y, &y32);
                 if let Some(p) = &pre {
                     // One f32 add rounded once, on every device.
-                    rule::assert_within_twice_plain(&format!("{label}: pre"), &rule::widen(p), &pre_f32, &pre_plain);
-                    assert_exactly_rounded(&format!("{label}: pre"), p, &pre_f32);
+                    rule::assert_within_twice_plain_in::<H>(&format!("{label}: pre"), &rule::widen_from(p), &pre_f32, &pre_plain);
+                    assert_exactly_rounded::<H>(&format!("{label}: pre"), p, &pre_f32);
                 }
                 // In place gives the same bits.
-                let mut inplace = up(gpu, &rule::to_bf16(&x));
-                let db = bias.as_ref().map(|b| up(gpu, &rule::to_bf16(b)));
+                let mut inplace = up(gpu, &rule::to_half::<H>(&x));
+                let db = bias.as_ref().map(|b| up(gpu, &rule::to_half::<H>(b)));
                 bias_act_in_place(gpu, &mut inplace.view_mut(), db.as_ref().map(|b| b.view()).as_ref(), act, cols).unwrap_or_else(|e| panic!("{label} in place: {e}"));
                 assert_eq!(down(gpu, &inplace), y, "{label}: in place");
             }
         }
     }
-    worst.report("bias_act bf16io y", gpu);
+    worst.report(&format!("bias_act {h}io y"), gpu);
 }
-test_device!(bias_act_bf16io, bias_act_bf16io_follows_the_rule);
+test_both!(bias_act_bf16io_follows_the_rule => bias_act_bf16io, bias_act_f16io);
 
 // ---- add, first token ---------------------------------------------------------------------------------
 
-fn add_and_first_token_bf16io_are_rounded_once(gpu: &Gpu) {
+fn add_and_first_token_bf16io_are_rounded_once<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0add);
     let mut worst = Worst::default();
     for n in [1, 7, 33 * 40, 33 * 384] {
-        let label = format!("{} add_bf16io n={n}", gpu.describe());
-        let (a, b) = (uniform16(&mut rng, n, -3.0, 3.0), uniform16(&mut rng, n, -3.0, 3.0));
+        let label = format!("{} add_{h}io n={n}", gpu.describe());
+        let (a, b) = (uniform16::<H>(&mut rng, n, -3.0, 3.0), uniform16::<H>(&mut rng, n, -3.0, 3.0));
         let f32_ref: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-        let plain = rule::round_all(&f32_ref);
-        let (da, db) = (up(gpu, &rule::to_bf16(&a)), up(gpu, &rule::to_bf16(&b)));
-        let mut y = nan16(gpu, n);
+        let plain = rule::round_all_in::<H>(&f32_ref);
+        let (da, db) = (up(gpu, &rule::to_half::<H>(&a)), up(gpu, &rule::to_half::<H>(&b)));
+        let mut y = nan16::<H>(gpu, n);
         add(gpu, &da.view(), &db.view(), &mut y.view_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
         let got = down(gpu, &y);
-        worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &plain));
+        worst.note(&label, rule::assert_within_twice_plain_in::<H>(&label, &rule::widen_from(&got), &f32_ref, &plain));
         // The f32 kernel's sum is this f32 add; one rounding of it, on every device.
         let mut y32 = nan32(gpu, n);
         add(gpu, &up(gpu, &a).view(), &up(gpu, &b).view(), &mut y32.view_mut()).unwrap();
         assert_eq!(bits(&down(gpu, &y32)), bits(&f32_ref), "{label}: the f32 kernel");
-        assert_exactly_rounded(&label, &got, &f32_ref);
+        assert_exactly_rounded::<H>(&label, &got, &f32_ref);
         // In place (y = a) gives the same bits.
-        let acc = up(gpu, &rule::to_bf16(&a));
+        let acc = up(gpu, &rule::to_half::<H>(&a));
         {
             // SAFETY: `acc` is used through these views only; the kernel reads each element of a
             // before writing the same element of y, in one thread.
@@ -356,24 +390,24 @@ fn add_and_first_token_bf16io_are_rounded_once(gpu: &Gpu) {
         }
         assert_eq!(down(gpu, &acc), got, "{label}: in place");
     }
-    worst.report("add bf16io", gpu);
+    worst.report(&format!("add {h}io"), gpu);
 
     for (batch, seq_len) in [(1, 1), (7, 1), (7, 5), (33, 3)] {
         for hidden in COLS {
-            let label = format!("{} first_token_bf16io batch={batch} seq_len={seq_len} hidden={hidden}", gpu.describe());
-            let x = uniform16(&mut rng, batch * seq_len * hidden, -2.0, 2.0);
+            let label = format!("{} first_token_{h}io batch={batch} seq_len={seq_len} hidden={hidden}", gpu.describe());
+            let x = uniform16::<H>(&mut rng, batch * seq_len * hidden, -2.0, 2.0);
             let cpu = CpuBackend::reference();
             let f32_ref = cpu.to_host(&cpu.first_token(&Tensor::from_vec(x.clone(), &[batch, seq_len, hidden]).unwrap()).unwrap()).unwrap();
-            let mut y = nan16(gpu, batch * hidden);
-            first_token(gpu, &up(gpu, &rule::to_bf16(&x)).view(), batch, seq_len, hidden, &mut y.view_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let mut y = nan16::<H>(gpu, batch * hidden);
+            first_token(gpu, &up(gpu, &rule::to_half::<H>(&x)).view(), batch, seq_len, hidden, &mut y.view_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
             let got = down(gpu, &y);
             // A copy: the plain bf16 gather is the reference itself, so the rule demands exactness.
-            rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &f32_ref);
-            assert_exactly_rounded(&label, &got, &f32_ref);
+            rule::assert_within_twice_plain_in::<H>(&label, &rule::widen_from(&got), &f32_ref, &f32_ref);
+            assert_exactly_rounded::<H>(&label, &got, &f32_ref);
         }
     }
 }
-test_device!(add_first_token_bf16io, add_and_first_token_bf16io_are_rounded_once);
+test_both!(add_and_first_token_bf16io_are_rounded_once => add_first_token_bf16io, add_first_token_f16io);
 
 // ---- NICE ----------------------------------------------------------------------------------------------
 
@@ -388,12 +422,12 @@ struct NiceHost {
 }
 
 impl NiceHost {
-    fn random(rng: &mut StdRng, hidden: usize, rf: usize, act: Activation) -> Self {
+    fn random<H: H16>(rng: &mut StdRng, hidden: usize, rf: usize, act: Activation) -> Self {
         let (s1, s2) = (hidden / 2, hidden - hidden / 2);
         let (kf, kg) = (s2 / rf, s1 / rf);
         let mut linear = |out: usize, inp: usize| {
             let s = 1.0 / (inp.max(1) as f32).sqrt();
-            (uniform16(rng, out * inp, -s, s), uniform16(rng, out, -0.5, 0.5))
+            (uniform16::<H>(rng, out * inp, -s, s), uniform16::<H>(rng, out, -0.5, 0.5))
         };
         NiceHost { hidden, layers: [linear(kf, s2), linear(s1, kf), linear(kg, s1), linear(s2, kg)], act }
     }
@@ -420,27 +454,27 @@ impl NiceHost {
     }
 
     /// A plain bf16 subnet `round(round(act(round(z·W0ᵀ + b0)))·W2ᵀ + b2)` on bf16 `z: [rows, d_in]`.
-    fn plain_subnet(&self, z: &[f32], rows: usize, (l0, l2): (usize, usize)) -> Vec<f32> {
+    fn plain_subnet<H: H16>(&self, z: &[f32], rows: usize, (l0, l2): (usize, usize)) -> Vec<f32> {
         let ((w0, b0), (w2, b2)) = (&self.layers[l0], &self.layers[l2]);
         let (k, d_out) = (b0.len(), b2.len());
         let d_in = z.len() / rows.max(1);
-        let h = rule::plain_linear(z, w0, Some(b0), rows, k, d_in);
-        let a = rule::round_all(&reference::activation(&h, self.act));
-        rule::plain_linear(&a, w2, Some(b2), rows, d_out, k)
+        let h = rule::plain_linear_in::<H>(z, w0, Some(b0), rows, k, d_in);
+        let a = rule::round_all_in::<H>(&reference::activation(&h, self.act));
+        rule::plain_linear_in::<H>(&a, w2, Some(b2), rows, d_out, k)
     }
 
     /// PyTorch's NICE on bf16 tensors: each subnet plain, each coupling's add or subtract rounded,
     /// the second subnet reading the bf16 result of the first coupling.
-    fn plain(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
+    fn plain<H: H16>(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
         let (s1, s2) = self.halves();
         let (a, b) = columns(x, rows, self.hidden, 0, s1, s2);
         let (first, second) = if !inverse {
-            let y1: Vec<f32> = a.iter().zip(self.plain_subnet(&b, rows, (0, 1))).map(|(x, f)| rule::round(x + f)).collect();
-            let y2: Vec<f32> = b.iter().zip(self.plain_subnet(&y1, rows, (2, 3))).map(|(x, g)| rule::round(x + g)).collect();
+            let y1: Vec<f32> = a.iter().zip(self.plain_subnet::<H>(&b, rows, (0, 1))).map(|(x, f)| rule::round_in::<H>(x + f)).collect();
+            let y2: Vec<f32> = b.iter().zip(self.plain_subnet::<H>(&y1, rows, (2, 3))).map(|(x, g)| rule::round_in::<H>(x + g)).collect();
             (y1, y2)
         } else {
-            let x2: Vec<f32> = b.iter().zip(self.plain_subnet(&a, rows, (2, 3))).map(|(y, g)| rule::round(y - g)).collect();
-            let x1: Vec<f32> = a.iter().zip(self.plain_subnet(&x2, rows, (0, 1))).map(|(y, f)| rule::round(y - f)).collect();
+            let x2: Vec<f32> = b.iter().zip(self.plain_subnet::<H>(&a, rows, (2, 3))).map(|(y, g)| rule::round_in::<H>(y - g)).collect();
+            let x1: Vec<f32> = a.iter().zip(self.plain_subnet::<H>(&x2, rows, (0, 1))).map(|(y, f)| rule::round_in::<H>(y - f)).collect();
             (x1, x2)
         };
         join(&first, &second, rows, s1, s2)
@@ -483,26 +517,27 @@ fn run_nice<A: ActivationScalar>(gpu: &Gpu, dev: &NiceDevice, x: &[f32], inverse
     down(gpu, &y)
 }
 
-fn nice_bf16io_follows_the_rule(gpu: &Gpu) {
+fn nice_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_41ce);
     let mut worst = Worst::default();
     // H 41 and 66/rf 3 give s1 != s2 and kf != kg.
     let configs = [(40, 2, Activation::Relu), (41, 2, Activation::Swish), (48, 2, Activation::Gelu), (66, 3, Activation::Tanh), (384, 2, Activation::Swish)];
     for (hidden, rf, act) in configs {
-        let host = NiceHost::random(&mut rng, hidden, rf, act);
+        let host = NiceHost::random::<H>(&mut rng, hidden, rf, act);
         let dev = NiceDevice::new(gpu, &host);
         let (s1, s2) = host.halves();
         for rows in ROWS {
-            let x = uniform16(&mut rng, rows * hidden, -2.0, 2.0);
+            let x = uniform16::<H>(&mut rng, rows * hidden, -2.0, 2.0);
             for inverse in [false, true] {
-                let label = format!("{} bf16io nice H={hidden} rf={rf} {act:?} rows={rows} inverse={inverse}", gpu.describe());
-                let got = run_nice(gpu, &dev, &x, inverse, bf16::from_f32);
-                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &host.cpu(&x, rows, inverse), &host.plain(&x, rows, inverse)));
+                let label = format!("{} {h}io nice H={hidden} rf={rf} {act:?} rows={rows} inverse={inverse}", gpu.describe());
+                let got = run_nice(gpu, &dev, &x, inverse, H::from_f32);
+                worst.note(&label, rule::assert_within_twice_plain_in::<H>(&label, &rule::widen_from(&got), &host.cpu(&x, rows, inverse), &host.plain::<H>(&x, rows, inverse)));
 
                 // Exactness, half by half. The first coupling (forward: y1 = x1 + F(x2); inverse:
                 // x2 = y2 − G(y1)) reads only the input: the f32 kernel's half rounded once.
                 let f32_kernel = run_nice(gpu, &dev, &x, inverse, id);
-                let got_w = rule::widen(&got);
+                let got_w = rule::widen_from(&got);
                 let (got1, got2) = columns(&got_w, rows, hidden, 0, s1, s2);
                 let (k1, k2) = columns(&f32_kernel, rows, hidden, 0, s1, s2);
                 let (x1, x2) = columns(&x, rows, hidden, 0, s1, s2);
@@ -519,26 +554,26 @@ fn nice_bf16io_follows_the_rule(gpu: &Gpu) {
                     let (f, _) = columns(&run_nice(gpu, &dev, &join(&zeros1, &got2, rows, s1, s2), false, id), rows, hidden, 0, s1, s2);
                     (got2, k2, got1, x1.iter().zip(&f).map(|(a, f)| a - f).collect::<Vec<f32>>())
                 };
-                assert_rounded_f32_kernel(gpu, &format!("{label}: first coupled half"), &rule::to_bf16(&first_got), &first_want);
-                assert_rounded_f32_kernel(gpu, &format!("{label}: second coupled half"), &rule::to_bf16(&second_got), &second_want);
+                rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: first coupled half"), &rule::to_half::<H>(&first_got), &first_want);
+                rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: second coupled half"), &rule::to_half::<H>(&second_got), &second_want);
             }
         }
     }
-    worst.report("nice bf16io", gpu);
+    worst.report(&format!("nice {h}io"), gpu);
 
     // A reused workspace gives the allocating form's bits.
-    let host = NiceHost::random(&mut rng, 41, 2, Activation::Gelu);
+    let host = NiceHost::random::<H>(&mut rng, 41, 2, Activation::Gelu);
     let dev = NiceDevice::new(gpu, &host);
     let params = dev.params();
     let mut ws = NiceWorkspace::new(gpu, 33, NiceDims::of(&params).unwrap()).unwrap();
     for (rows, inverse) in [(33, false), (7, true), (1, false)] {
-        let x = uniform16(&mut rng, rows * 41, -2.0, 2.0);
-        let mut y = nan16(gpu, x.len());
-        nice_forward_with_workspace(gpu, &up(gpu, &rule::to_bf16(&x)).view(), &params, inverse, &mut y.view_mut(), &mut ws).unwrap();
-        assert_eq!(down(gpu, &y), run_nice(gpu, &dev, &x, inverse, bf16::from_f32), "{} workspace rows={rows} inverse={inverse}", gpu.describe());
+        let x = uniform16::<H>(&mut rng, rows * 41, -2.0, 2.0);
+        let mut y = nan16::<H>(gpu, x.len());
+        nice_forward_with_workspace(gpu, &up(gpu, &rule::to_half::<H>(&x)).view(), &params, inverse, &mut y.view_mut(), &mut ws).unwrap();
+        assert_eq!(down(gpu, &y), run_nice(gpu, &dev, &x, inverse, H::from_f32), "{} workspace rows={rows} inverse={inverse}", gpu.describe());
     }
 }
-test_device!(nice_bf16io, nice_bf16io_follows_the_rule);
+test_both!(nice_bf16io_follows_the_rule => nice_bf16io, nice_f16io);
 
 // ---- refusals ---------------------------------------------------------------------------------------------
 
@@ -553,27 +588,27 @@ fn expect_err(label: &str, r: Result<(), Error>, want: fn(&Error) -> bool) {
 /// bf16 y from f32 tables has no kernel; overlapping bf16 outputs are refused in bytes (an odd
 /// offset, mid 4-byte word), adjacent ones accepted; a short bf16 operand is a shape error. A
 /// refused call writes nothing.
-fn bad_bf16_calls_are_refused(gpu: &Gpu) {
+fn bad_bf16_calls_are_refused<H: H16>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_00ff);
-    let c = EmbCase::random(&mut rng, 1, 3, 40, uniform16);
-    match run_embedding(gpu, &c, true, None, id, bf16::from_f32) {
-        Err(Error::Unsupported(msg)) => assert!(msg.contains("bf16 activations") && msg.contains("f32 embedding tables"), "{msg}"),
+    let c = EmbCase::random(&mut rng, 1, 3, 40, uniform16::<H>);
+    match run_embedding(gpu, &c, true, None, id, H::from_f32) {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains(&format!("{} activations", H::NAME)) && msg.contains("f32 embedding tables"), "{msg}"),
         Err(e) => panic!("bf16 y from f32 tables: expected Error::Unsupported, got {e}"),
         Ok(_) => panic!("bf16 y from f32 tables: expected Error::Unsupported, the call succeeded"),
     }
     // run_embedding downloads nothing on an error; launch it by hand to see y untouched.
     let (ids, table) = (up(gpu, &[0u32; 3]), up(gpu, &vec![0.5f32; 40 * 16]));
-    let mut y = nan16(gpu, 3 * 40);
+    let mut y = nan16::<H>(gpu, 3 * 40);
     let mut flag = new_error_flag(gpu).unwrap();
     let inputs = EmbeddingInputs { input_ids: ids.view(), token_type_ids: ids.view(), word: table.view(), position: table.view(), token_type: table.view(), gamma: table.slice(0..40).unwrap(), beta: table.slice(0..40).unwrap(), batch: 1, seq_len: 3, hidden: 40, positions: bert_adapters::Positions::Sequential, eps: 1e-5 };
     let mut out = EmbeddingOutputs { y: y.view_mut(), mean: None, rstd: None, error_flag: flag.view_mut() };
     expect_err("bf16 y, f32 tables", embedding_layernorm_forward(gpu, &inputs, &mut out), |e| matches!(e, Error::Unsupported(_)));
-    assert!(down(gpu, &y).iter().all(|v| v.is_nan()), "a refused embedding wrote y");
+    assert!(down(gpu, &y).iter().all(|v| v.to_f32().is_nan()), "a refused embedding wrote y");
 
     // bias_act: y and pre in one bf16 buffer of 2·41 elements.
     let (rows, cols) = (1, 41);
-    let x = up(gpu, &rule::to_bf16(&uniform16(&mut rng, cols, -1.0, 1.0)));
-    let both = nan16(gpu, 2 * cols);
+    let x = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, cols, -1.0, 1.0)));
+    let both = nan16::<H>(gpu, 2 * cols);
     {
         // SAFETY: nothing else uses `both` while these views live; the launcher must refuse them.
         let (mut y, mut pre) = unsafe { (both.slice(0..cols).unwrap().assume_writable(), both.slice(cols - 1..2 * cols - 1).unwrap().assume_writable()) };
@@ -583,21 +618,21 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
         let mut over_x = unsafe { x.view().assume_writable() };
         expect_err("y over x", bias_act(gpu, &x.view(), None, None, cols, &mut over_x, None), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
     }
-    assert!(down(gpu, &both).iter().all(|v| v.is_nan()), "a refused bias_act wrote");
+    assert!(down(gpu, &both).iter().all(|v| v.to_f32().is_nan()), "a refused bias_act wrote");
     {
         // SAFETY: disjoint views of `both`, nothing else uses it meanwhile.
         let (mut y, mut pre) = unsafe { (both.slice(0..cols).unwrap().assume_writable(), both.slice(cols..2 * cols).unwrap().assume_writable()) };
         bias_act(gpu, &x.view(), None, Some(Activation::Gelu), cols, &mut y, Some(&mut pre)).expect("adjacent bf16 y and pre do not overlap");
     }
-    let (alone_y, alone_pre) = run_bias_act(gpu, &rule::widen(&down(gpu, &x)), None, Some(Activation::Gelu), cols, true, bf16::from_f32);
+    let (alone_y, alone_pre) = run_bias_act(gpu, &rule::widen_from(&down(gpu, &x)), None, Some(Activation::Gelu), cols, true, H::from_f32);
     let got = down(gpu, &both);
     assert_eq!((&got[..cols], &got[cols..]), (&alone_y[..], &alone_pre.unwrap()[..]), "y and pre side by side");
     // Shapes count bf16 elements.
-    let mut y = nan16(gpu, rows * cols);
+    let mut y = nan16::<H>(gpu, rows * cols);
     expect_err("short bf16 bias", bias_act(gpu, &x.view(), Some(&x.slice(0..cols - 1).unwrap()), None, cols, &mut y.view_mut(), None), |e| matches!(e, Error::Shape { .. }));
 
     // add: y overlapping a by all but one element is refused; y = a exactly is in place (tested above).
-    let a = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * cols, -1.0, 1.0)));
+    let a = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, 2 * cols, -1.0, 1.0)));
     let before = down(gpu, &a);
     {
         // SAFETY: the launcher must refuse the call before anything runs.
@@ -606,11 +641,11 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
         expect_err("add y shifted over a", add(gpu, &head, &head, &mut shifted), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
     }
     assert_eq!(down(gpu, &a), before, "a refused add wrote");
-    let mut y = nan16(gpu, cols);
+    let mut y = nan16::<H>(gpu, cols);
     expect_err("add short b", add(gpu, &a.slice(0..cols).unwrap(), &a.slice(0..cols - 1).unwrap(), &mut y.view_mut()), |e| matches!(e, Error::Shape { .. }));
 
     // first_token: y inside x.
-    let xs = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * 3 * cols, -1.0, 1.0)));
+    let xs = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, 2 * 3 * cols, -1.0, 1.0)));
     let before = down(gpu, &xs);
     {
         // SAFETY: the launcher must refuse the call before anything runs.
@@ -620,9 +655,9 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
     assert_eq!(down(gpu, &xs), before, "a refused first_token wrote");
 
     // NICE: out over x.
-    let host = NiceHost::random(&mut rng, 40, 2, Activation::Relu);
+    let host = NiceHost::random::<H>(&mut rng, 40, 2, Activation::Relu);
     let dev = NiceDevice::new(gpu, &host);
-    let nx = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 3 * 40, -1.0, 1.0)));
+    let nx = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, 3 * 40, -1.0, 1.0)));
     let before = down(gpu, &nx);
     {
         // SAFETY: the launcher must refuse the call before anything runs.
@@ -630,11 +665,11 @@ fn bad_bf16_calls_are_refused(gpu: &Gpu) {
         expect_err("nice out over x", nice_forward(gpu, &nx.view(), &dev.params(), false, &mut over), |e| matches!(e, Error::Input(m) if m.contains("overlaps")));
     }
     assert_eq!(down(gpu, &nx), before, "a refused nice wrote");
-    let mut out = nan16(gpu, 3 * 40);
+    let mut out = nan16::<H>(gpu, 3 * 40);
     expect_err("nice short out", nice_forward(gpu, &nx.view(), &dev.params(), true, &mut out.slice_mut(0..119).unwrap()), |e| matches!(e, Error::Shape { .. }));
-    assert!(down(gpu, &out).iter().all(|v| v.is_nan()), "a refused nice wrote out");
+    assert!(down(gpu, &out).iter().all(|v| v.to_f32().is_nan()), "a refused nice wrote out");
 }
-test_device!(bf16_refusals, bad_bf16_calls_are_refused);
+test_both!(bad_bf16_calls_are_refused => bf16_refusals, f16_refusals);
 
 // ==== backward: activation', bias gradient, first-token scatter ==================================
 //
@@ -672,7 +707,8 @@ fn run_act_backward<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], pre: &[f32], act
     (down(gpu, &dx), down(gpu, &d))
 }
 
-fn activation_backward_bf16io_follows_the_rule(gpu: &Gpu) {
+fn activation_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_ac7b);
     let mut worst = Worst::default();
     let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
@@ -680,33 +716,33 @@ fn activation_backward_bf16io_follows_the_rule(gpu: &Gpu) {
         for rows in ROWS {
             for cols in COLS {
                 let n = rows * cols;
-                let label = format!("{} bf16io activation_backward {act:?} rows={rows} cols={cols}", gpu.describe());
-                let dy = uniform16(&mut rng, n, -2.0, 2.0);
-                let mut pre = uniform16(&mut rng, n, -6.0, 6.0);
+                let label = format!("{} {h}io activation_backward {act:?} rows={rows} cols={cols}", gpu.describe());
+                let dy = uniform16::<H>(&mut rng, n, -2.0, 2.0);
+                let mut pre = uniform16::<H>(&mut rng, n, -6.0, 6.0);
                 // The tails and the kinks (bf16 values): exp overflow in swish/sigmoid, 0, tiny.
                 for (i, v) in [-100.0, -30.0, -9.0, -1e-30, 0.0, 1e-30, 9.0, 30.0, 100.0].into_iter().enumerate() {
-                    pre[i * 5 % n] = rule::round(v);
+                    pre[i * 5 % n] = rule::round_in::<H>(v);
                 }
                 let f32_ref = match act {
                     Some(a) => reference::activation_backward(&dy, &pre, a),
                     None => dy.clone(),
                 };
-                let plain = rule::round_all(&f32_ref);
-                let (dx, in_place) = run_act_backward(gpu, &dy, &pre, act, bf16::from_f32);
+                let plain = rule::round_all_in::<H>(&f32_ref);
+                let (dx, in_place) = run_act_backward(gpu, &dy, &pre, act, H::from_f32);
                 let (dx32, _) = run_act_backward(gpu, &dy, &pre, act, id);
-                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&dx), &f32_ref, &plain));
-                assert_rounded_f32_kernel(gpu, &label, &dx, &dx32);
+                worst.note(&label, rule::assert_within_twice_plain_in::<H>(&label, &rule::widen_from(&dx), &f32_ref, &plain));
+                rule::assert_rounded_f32_kernel_in(gpu, &label, &dx, &dx32);
                 assert_eq!(in_place, dx, "{label}: in place");
                 if act.is_none() {
                     // The identity's backward is dy itself, exactly.
-                    assert_eq!(rule::widen(&dx), dy, "{label}: identity");
+                    assert_eq!(rule::widen_from(&dx), dy, "{label}: identity");
                 }
             }
         }
     }
-    worst.report("activation_backward bf16io dx", gpu);
+    worst.report(&format!("activation_backward {h}io dx"), gpu);
 }
-test_device!(activation_backward_bf16io, activation_backward_bf16io_follows_the_rule);
+test_both!(activation_backward_bf16io_follows_the_rule => activation_backward_bf16io, activation_backward_f16io);
 
 /// Runs `bias_grad` on `dy` as `A` into `db` (f32, starting at `init`) with a NaN-poisoned
 /// workspace.
@@ -719,90 +755,92 @@ fn run_bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], cols: usize, init: 
     down(gpu, &db)
 }
 
-fn bias_grad_bf16io_follows_the_rule(gpu: &Gpu) {
+fn bias_grad_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0db0);
     let mut worst = Worst::default();
     // 1..=33 rows: one chunk; 200 and 1030: 4 and 17 chunks of 64 rows.
     let shapes: Vec<(usize, usize)> = ROWS.iter().flat_map(|&r| COLS.iter().map(move |&c| (r, c))).chain([(200, 40), (1030, 48), (200, 384)]).collect();
     for (rows, cols) in shapes {
-        let label = format!("{} bf16io bias_grad rows={rows} cols={cols}", gpu.describe());
-        let dy = uniform16(&mut rng, rows * cols, -1.0, 1.0);
+        let label = format!("{} {h}io bias_grad rows={rows} cols={cols}", gpu.describe());
+        let dy = uniform16::<H>(&mut rng, rows * cols, -1.0, 1.0);
         let mut sum = vec![0f64; cols];
         for (i, v) in dy.iter().enumerate() {
             sum[i % cols] += *v as f64;
         }
         let f32_ref: Vec<f32> = sum.iter().map(|&v| v as f32).collect();
-        let plain = rule::round_all(&f32_ref);
-        let got = run_bias_grad(gpu, &dy, cols, &vec![f32::NAN; cols], false, bf16::from_f32);
+        let plain = rule::round_all_in::<H>(&f32_ref);
+        let got = run_bias_grad(gpu, &dy, cols, &vec![f32::NAN; cols], false, H::from_f32);
         let f32_kernel = run_bias_grad(gpu, &dy, cols, &vec![f32::NAN; cols], false, id);
-        worst.note(&label, rule::assert_within_twice_plain(&label, &got, &f32_ref, &plain));
+        worst.note(&label, rule::assert_within_twice_plain_in::<H>(&label, &got, &f32_ref, &plain));
         assert_same_f32(gpu, &label, &got, &f32_kernel);
         // The f32 sums themselves: within 1e-5 of the f64 sum's scale (rows ≤ 1030 terms of ≤ 1).
         let scale = sum.iter().fold(0f64, |m, v| m.max(v.abs())) + rows as f64 * 2f64.powi(-10);
         assert!(got.iter().zip(&f32_ref).all(|(g, w)| ((g - w) as f64).abs() <= 1e-5 * (1.0 + scale)), "{label}: {got:?} vs {f32_ref:?}");
         // `+=` adds the same f32 sum to db.
         let init = uniform(&mut rng, cols, -1.0, 1.0);
-        let acc = run_bias_grad(gpu, &dy, cols, &init, true, bf16::from_f32);
+        let acc = run_bias_grad(gpu, &dy, cols, &init, true, H::from_f32);
         let acc32 = run_bias_grad(gpu, &dy, cols, &init, true, id);
         assert_same_f32(gpu, &format!("{label} +="), &acc, &acc32);
     }
-    worst.report("bias_grad bf16io db", gpu);
+    worst.report(&format!("bias_grad {h}io db"), gpu);
 }
-test_device!(bias_grad_bf16io, bias_grad_bf16io_follows_the_rule);
+test_both!(bias_grad_bf16io_follows_the_rule => bias_grad_bf16io, bias_grad_f16io);
 
-fn first_token_backward_bf16io_follows_the_rule(gpu: &Gpu) {
+fn first_token_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0f1b);
     let cpu = CpuBackend::reference();
     let mut worst = Worst::default();
     for (batch, seq_len) in [(1, 1), (7, 1), (7, 5), (33, 3)] {
         for hidden in COLS {
             let n = batch * seq_len * hidden;
-            let d = uniform16(&mut rng, batch * hidden, -2.0, 2.0);
-            let dd = up(gpu, &rule::to_bf16(&d));
+            let d = uniform16::<H>(&mut rng, batch * hidden, -2.0, 2.0);
+            let dd = up(gpu, &rule::to_half::<H>(&d));
             for accumulate in [false, true] {
-                let label = format!("{} bf16io first_token_backward batch={batch} seq_len={seq_len} hidden={hidden} accumulate={accumulate}", gpu.describe());
-                let init = if accumulate { uniform16(&mut rng, n, -1.0, 1.0) } else { vec![f32::NAN; n] };
+                let label = format!("{} {h}io first_token_backward batch={batch} seq_len={seq_len} hidden={hidden} accumulate={accumulate}", gpu.describe());
+                let init = if accumulate { uniform16::<H>(&mut rng, n, -1.0, 1.0) } else { vec![f32::NAN; n] };
                 let want = Tensor::from_vec(init.clone(), &[batch, seq_len, hidden]).unwrap();
                 cpu.first_token_backward_into(&Tensor::from_vec(d.clone(), &[batch, hidden]).unwrap(), &want, accumulate).unwrap();
                 let f32_ref = cpu.to_host(&want).unwrap();
-                let mut out = up(gpu, &rule::to_bf16(&init));
+                let mut out = up(gpu, &rule::to_half::<H>(&init));
                 first_token_backward_as(gpu, &dd.view(), batch, seq_len, hidden, &mut out.view_mut(), accumulate).unwrap_or_else(|e| panic!("{label}: {e}"));
                 let got = down(gpu, &out);
                 // The plain twin rounds the same f32 add once (or copies): the rule demands the
                 // one rounding, and so does exactness, on every device.
-                let plain = rule::round_all(&f32_ref);
-                worst.note(&label, rule::assert_within_twice_plain(&label, &rule::widen(&got), &f32_ref, &plain));
-                assert_exactly_rounded(&label, &got, &f32_ref);
+                let plain = rule::round_all_in::<H>(&f32_ref);
+                worst.note(&label, rule::assert_within_twice_plain_in::<H>(&label, &rule::widen_from(&got), &f32_ref, &plain));
+                assert_exactly_rounded::<H>(&label, &got, &f32_ref);
                 let mut out32 = up(gpu, &init);
                 first_token_backward_as(gpu, &up(gpu, &d).view(), batch, seq_len, hidden, &mut out32.view_mut(), accumulate).unwrap();
                 assert_eq!(bits(&down(gpu, &out32)), bits(&f32_ref), "{label}: the f32 kernel");
             }
         }
     }
-    worst.report("first_token_backward bf16io", gpu);
+    worst.report(&format!("first_token_backward {h}io"), gpu);
 }
-test_device!(first_token_backward_bf16io, first_token_backward_bf16io_follows_the_rule);
+test_both!(first_token_backward_bf16io_follows_the_rule => first_token_backward_bf16io, first_token_backward_f16io);
 
 /// Backward refusals in bf16: lengths count bf16 elements, overlaps are judged in bytes (adjacent
 /// bf16 views accepted), bias_grad's f32 db and workspace are checked against the bf16 dy; a
 /// refused call writes nothing.
-fn bad_bf16_backward_calls_are_refused(gpu: &Gpu) {
+fn bad_bf16_backward_calls_are_refused<H: H16>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0bbf);
     let cols = 41;
     let shape = |e: &Error| matches!(e, Error::Shape { .. });
     let overlap = |e: &Error| matches!(e, Error::Input(m) if m.contains("overlaps"));
     // activation_backward: dx and dy in one buffer.
-    let buf = up(gpu, &rule::to_bf16(&uniform16(&mut rng, 2 * cols, -1.0, 1.0)));
-    let pre = up(gpu, &rule::to_bf16(&uniform16(&mut rng, cols, -1.0, 1.0)));
+    let buf = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, 2 * cols, -1.0, 1.0)));
+    let pre = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, cols, -1.0, 1.0)));
     let before = down(gpu, &buf);
     {
         // SAFETY: the launcher must refuse the call before anything runs.
         let mut dx = unsafe { buf.slice(cols - 1..2 * cols - 1).unwrap().assume_writable() };
         expect_err("dx over dy", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.view(), Some(Activation::Gelu), &mut dx), overlap);
-        let mut dx = nan16(gpu, cols);
+        let mut dx = nan16::<H>(gpu, cols);
         expect_err("short pre", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.slice(0..cols - 1).unwrap(), None, &mut dx.view_mut()), shape);
         expect_err("short dx", activation_backward_as(gpu, &buf.slice(0..cols).unwrap(), &pre.view(), None, &mut dx.slice_mut(1..cols).unwrap()), shape);
-        assert!(down(gpu, &dx).iter().all(|v| v.is_nan()), "a refused activation_backward wrote dx");
+        assert!(down(gpu, &dx).iter().all(|v| v.to_f32().is_nan()), "a refused activation_backward wrote dx");
         // SAFETY: the launcher must refuse the call before anything runs.
         let mut over_pre = unsafe { pre.view().assume_writable() };
         expect_err("in place over pre", activation_backward_in_place(gpu, &mut over_pre, &pre.view(), Some(Activation::Tanh)), overlap);
@@ -816,7 +854,7 @@ fn bad_bf16_backward_calls_are_refused(gpu: &Gpu) {
 
     // bias_grad: db and the workspace are f32 and counted as such; dy is bf16.
     let rows = 7;
-    let dy = up(gpu, &rule::to_bf16(&uniform16(&mut rng, rows * cols, -1.0, 1.0)));
+    let dy = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, rows * cols, -1.0, 1.0)));
     let need = bias_grad_workspace_len(rows, cols);
     let mut ws = nan32(gpu, need);
     let mut db = nan32(gpu, cols);
@@ -827,16 +865,16 @@ fn bad_bf16_backward_calls_are_refused(gpu: &Gpu) {
 
     // first_token_backward: out over d; short out.
     let (batch, seq_len) = (2, 3);
-    let big = up(gpu, &rule::to_bf16(&uniform16(&mut rng, batch * seq_len * cols, -1.0, 1.0)));
+    let big = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, batch * seq_len * cols, -1.0, 1.0)));
     let before = down(gpu, &big);
     {
         // SAFETY: the launcher must refuse the call before anything runs.
         let mut out = unsafe { big.view().assume_writable() };
         expect_err("out over d", first_token_backward_as(gpu, &big.slice(0..batch * cols).unwrap(), batch, seq_len, cols, &mut out, false), overlap);
-        let d = up(gpu, &rule::to_bf16(&uniform16(&mut rng, batch * cols, -1.0, 1.0)));
+        let d = up(gpu, &rule::to_half::<H>(&uniform16::<H>(&mut rng, batch * cols, -1.0, 1.0)));
         let mut short = unsafe { big.slice(0..batch * seq_len * cols - 1).unwrap().assume_writable() };
         expect_err("short out", first_token_backward_as(gpu, &d.view(), batch, seq_len, cols, &mut short, true), shape);
     }
     assert_eq!(down(gpu, &big), before, "a refused first_token_backward wrote");
 }
-test_device!(bf16_backward_refusals, bad_bf16_backward_calls_are_refused);
+test_both!(bad_bf16_backward_calls_are_refused => bf16_backward_refusals, f16_backward_refusals);

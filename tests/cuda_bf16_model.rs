@@ -236,7 +236,7 @@ fn heads_on_bf16_outputs_run_in_f32() {
 
 /// The bf16 mode trains (tests/cuda_bf16_training.rs holds it to the bf16 rule); it refuses an
 /// f32 base, an f32 weight or LayerNorm on bf16 activations (forward and backward), a gradient
-/// of another dtype than its activations, and an f16 mode, each named.
+/// of another dtype than its activations, and u32 activations, each named.
 #[test]
 fn bf16_operands_are_checked() {
     let unsupported = |what: &str, r: Result<(), Error>, says: &[&str]| match r {
@@ -256,7 +256,11 @@ fn bf16_operands_are_checked() {
         other => panic!("{what}: expected Error::Input, got {other:?}"),
     };
     #[cfg(feature = "cuda-sim")]
-    unsupported("with_activations(F16)", CudaBackend::open(Device::CudaSim).unwrap().with_activations(DType::F16).map(|_| ()), &["f32 or bf16"]);
+    {
+        // f16 is a mode of its own (tests/cuda_backend.rs f16_mode); u32 activations are not.
+        assert_eq!(CudaBackend::open(Device::CudaSim).unwrap().with_activations(DType::F16).unwrap().activations(), DType::F16);
+        unsupported("with_activations(U32)", CudaBackend::open(Device::CudaSim).unwrap().with_activations(DType::U32).map(|_| ()), &["f32, bf16 or f16"]);
+    }
     let base = Base::tiny("tiny_bert");
     for be in bf16_backends() {
         assert!(be.supports_training(), "{}: bf16 mode without training", be.name());

@@ -1,6 +1,6 @@
 //! Dropout of a data-parallel shard on the CUDA kernels (issue 18): a tensor holding rows `r0..`
 //! of a larger batch, with `DropoutSpec::offset = r0 ·` elements per row, draws the masks those
-//! rows draw in the whole batch. For the elementwise dropout (f32 and `_bf16io`) and the attention
+//! rows draw in the whole batch. For the elementwise dropout (f32, `_bf16io` and `_f16io`) and the attention
 //! probability dropout (forward and backward, f32 and bf16io, generic d, d = 32, d = 64): the
 //! shard's result equals rows `r0..` of the whole batch's result bit for bit, and the CPU
 //! backend's (which is the spec: `cpu::apply_dropout_at`, `cpu::prob_dropout`), bit for bit for
@@ -21,6 +21,9 @@ use bert_adapters::cuda::elementwise::{dropout, dropout_in_place, DeviceDropout}
 use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::test_device;
 use half::bf16;
+#[path = "support/bf16.rs"]
+mod rule;
+use rule::Half;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -167,23 +170,24 @@ fn launch<A: ActivationScalar + PartialEq>(gpu: &Gpu, x: &[A], d: &DeviceDropout
     got
 }
 
-/// `dropout_bf16io`: bf16 in and out, the f32 kernel's product on the widened values rounded
-/// once, so exactly `bf16(dropout_f32(widen(x)))`, at offsets 0..=7 and past 2^32 blocks, one
-/// and three blocks; the mask is the f32 kernel's (an input of 1 keeps `bf16(scale)` or 0). And a
-/// bf16 shard equals rows r0.. of the whole bf16 batch.
-fn bf16io_elementwise(gpu: &Gpu) {
+/// `dropout_bf16io` / `dropout_f16io` (`H`): `H` in and out, the f32 kernel's product on the
+/// widened values rounded once, so exactly `H(dropout_f32(widen(x)))`, at offsets 0..=7 and past
+/// 2^32 blocks, one and three blocks; the mask is the f32 kernel's (an input of 1 keeps
+/// `H(scale)` or 0). And an `H` shard equals rows r0.. of the whole `H` batch. (|x| < 4 and a
+/// scale of at most 2: far inside f16's range.)
+fn io16_elementwise<H: Half + ActivationScalar + PartialEq + std::fmt::Debug>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x18_03);
     for (len, streams) in [(37usize, vec![(4u64 << 8) | 1]), (3 * 26, vec![7 << 8, (7 << 8) | 2, (7 << 8) | 1])] {
-        let x16: Vec<bf16> = random(&mut rng, len, 4.0).into_iter().map(bf16::from_f32).collect();
+        let x16: Vec<H> = random(&mut rng, len, 4.0).into_iter().map(H::from_f32).collect();
         let x32: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
         for offset in (0..8u64).chain([(1 << 34) + 3]) {
             for p in [0.0f32, 0.2, 0.5] {
                 let d = DeviceDropout { seed_buffer: None, seed: 0xbf16 + offset, p, streams: streams.clone(), offset };
-                let got = launch::<bf16>(gpu, &x16, &d);
-                let want: Vec<u16> = launch::<f32>(gpu, &x32, &d).into_iter().map(|v| bf16::from_f32(v).to_bits()).collect();
+                let got = launch::<H>(gpu, &x16, &d);
+                let want: Vec<u16> = launch::<f32>(gpu, &x32, &d).into_iter().map(|v| H::from_f32(v).to_bits()).collect();
                 let got_bits: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(got_bits, want, "len {len} blocks {} offset {offset} p {p}: bf16io against the f32 kernel rounded once", streams.len());
-                let ones = launch::<bf16>(gpu, &vec![bf16::ONE; len], &d);
+                assert_eq!(got_bits, want, "{} len {len} blocks {} offset {offset} p {p}: {}io against the f32 kernel rounded once", H::NAME, streams.len(), H::NAME);
+                let ones = launch::<H>(gpu, &vec![H::from_f32(1.0); len], &d);
                 let ones32 = launch::<f32>(gpu, &vec![1.0; len], &d);
                 assert!(ones.iter().zip(&ones32).all(|(a, b)| (a.to_f32() == 0.0) == (*b == 0.0)), "offset {offset} p {p}: another mask");
             }
@@ -191,14 +195,21 @@ fn bf16io_elementwise(gpu: &Gpu) {
     }
     // A shard of rows 1..3 of 2 blocks of 4 rows of 9: offset 9 (inside a Philox block).
     let (b, cols, streams) = (4usize, 9usize, vec![3 << 8, (3 << 8) | 1]);
-    let x: Vec<bf16> = random(&mut rng, 2 * b * cols, 4.0).into_iter().map(bf16::from_f32).collect();
+    let x: Vec<H> = random(&mut rng, 2 * b * cols, 4.0).into_iter().map(H::from_f32).collect();
     let d = DeviceDropout { seed_buffer: None, seed: 99, p: 0.3, streams: streams.clone(), offset: 0 };
-    let whole = launch::<bf16>(gpu, &x, &d);
+    let whole = launch::<H>(gpu, &x, &d);
     let rows = 1..3;
-    let shard = launch::<bf16>(gpu, &rows_of(&x, cols, 2, b, &rows), &DeviceDropout { offset: (rows.start * cols) as u64, ..d.clone() });
-    assert_eq!(shard, rows_of(&whole, cols, 2, b, &rows), "a bf16 shard against the whole batch's rows");
+    let shard = launch::<H>(gpu, &rows_of(&x, cols, 2, b, &rows), &DeviceDropout { offset: (rows.start * cols) as u64, ..d.clone() });
+    assert_eq!(shard, rows_of(&whole, cols, 2, b, &rows), "{}: a shard against the whole batch's rows", H::NAME);
+}
+fn bf16io_elementwise(gpu: &Gpu) {
+    io16_elementwise::<bf16>(gpu)
+}
+fn f16io_elementwise(gpu: &Gpu) {
+    io16_elementwise::<half::f16>(gpu)
 }
 test_device!(bf16io, bf16io_elementwise);
+test_device!(f16io, f16io_elementwise);
 
 /// The elementwise launchers refuse what they cannot draw: an offset whose block would pass 2^64
 /// (`Error::Shape`), and overlapping x and y (not the same buffer: that is `dropout_in_place`).

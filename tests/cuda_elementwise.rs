@@ -5,8 +5,10 @@
 //! - embedding gather + sum + LayerNorm vs `cpu::reference::{embedding, residual_layernorm}`,
 //!   and its device-side id check (the first bad token named by batch and position);
 //! - bias + activation (every `Activation`, and the identity) vs `cpu::reference::activation`;
-//! - add, fill, f32 ↔ bf16 casts, first-token gather: bit-exact (the `half` crate for casts,
-//!   `CpuBackend::first_token` for the gather);
+//! - add, fill, f32 ↔ bf16 and f32 ↔ f16 casts, first-token gather: bit-exact (the `half` crate
+//!   for casts, with CUDA's canonical NaN 0x7fff for a rounded NaN; `CpuBackend::first_token` for
+//!   the gather); the f16 casts on every f16 pattern and on every f16 midpoint, its neighbours,
+//!   the 65504/65520 overflow edge and the subnormals, also through the backend's `cast`;
 //! - NICE forward and inverse vs `CpuBackend::reference().nice`, and inverse ∘ forward = id;
 //! - every size error, with nothing written.
 //!
@@ -21,14 +23,17 @@
 
 use bert_adapters::backend::NiceParams;
 use bert_adapters::cpu::reference;
-use bert_adapters::cuda::elementwise::{add, bias_act, bias_act_in_place, cast_bf16_to_f32, cast_f32_to_bf16, cast_f32_to_bf16_strided, fill_bf16, fill_f32, fill_u32, first_token, StridedMatrices};
+use bert_adapters::cuda::elementwise::{
+    add, bias_act, bias_act_in_place, cast_bf16_to_f32, cast_f16_to_f32, cast_f32_to_bf16, cast_f32_to_bf16_strided, cast_f32_to_f16, cast_from_f32_strided, fill_bf16, fill_f16, fill_f32, fill_u32, first_token, StridedMatrices,
+};
 use bert_adapters::cuda::embedding::{check_flag, embedding_layernorm_forward, embedding_layernorm_forward_with_plan, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use bert_adapters::cuda::gpu::{DeviceBuffer, DeviceScalar, Gpu};
 use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
-use half::bf16;
+use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::{test_device, Activation, Backend, CpuBackend, DType, Error, Tensor};
+use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -504,6 +509,138 @@ fn strided_cast_touches_only_the_layout(gpu: &Gpu) {
     expect_shape_err("short y", cast_f32_to_bf16_strided(gpu, &x.view(), &mut y.slice_mut(0..12).unwrap(), layout));
 }
 test_device!(strided_cast, strided_cast_touches_only_the_layout);
+
+/// What `cast_f32_to_f16` must give: `half`'s rounding (nearest even, |x| >= 65520 to inf,
+/// subnormals below 2^-14), and CUDA's canonical f16 NaN 0x7fff for any NaN (as
+/// tests/cuda_sim_intrinsics.rs `want_f16`).
+fn want_f16(x: f32) -> u16 {
+    if x.is_nan() {
+        0x7fff
+    } else {
+        f16::from_f32(x).to_bits()
+    }
+}
+
+/// What `cast_f16_to_f32` must give: the exact value (`half`'s widening) for every non-NaN, and a
+/// NaN keeps its sign and its 10 payload bits, shifted up by 13 (the kernels' f16_bits_to_f32;
+/// `half` would set the quiet bit).
+fn want_f16_to_f32(h: u16) -> u32 {
+    let v = f16::from_bits(h);
+    if v.is_nan() {
+        ((h as u32 & 0x8000) << 16) | 0x7f80_0000 | ((h as u32 & 0x3ff) << 13)
+    } else {
+        v.to_f32().to_bits()
+    }
+}
+
+/// f32 inputs whose f16 rounding is delicate: specials, the overflow edge (65504 is the largest
+/// f16, 65520 the tie above it that rounds to inf), the normal/subnormal boundary and the
+/// smallest subnormal's tie, every f16 midpoint with its two f32 neighbours, signed, and random
+/// bits (every exponent) plus random values on f16's exponents.
+fn f16_cast_inputs(rng: &mut StdRng) -> Vec<f32> {
+    let mut v: Vec<u32> = vec![0x0000_0000, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xffc0_0000, 0x7f80_0001, 0xff80_0001, 0x7fff_ffff, 0x7f7f_ffff, 0xff7f_ffff, 0x0000_0001, 0x8000_0001];
+    v.extend([65504.0f32, 65519.996, 65520.0, 65520.004, 65536.0, -65504.0, -65520.0, -65519.996, 6.103_515_6e-5, 6.097_555e-5, 5.960_464_5e-8, 2.980_232_2e-8, 2.980_232_5e-8, 2.980_231_9e-8, 8.940_697e-8].map(f32::to_bits));
+    for h in 0..0x7c00u16 {
+        let (lo, hi) = (f16::from_bits(h).to_f32(), f16::from_bits(h + 1).to_f32());
+        let mid = ((f64::from(lo) + f64::from(hi)) / 2.0) as f32; // exact: 12 significant bits
+        for x in [mid.to_bits(), mid.to_bits() - 1, mid.to_bits() + 1] {
+            v.extend([x, x | 0x8000_0000]);
+        }
+    }
+    v.extend((0..40_000).map(|_| rng.random::<u32>()));
+    v.extend((0..40_000).map(|_| rng.random_range(100u32 << 23..145 << 23) | (rng.random_range(0..2u32) << 31)));
+    v.into_iter().map(f32::from_bits).collect()
+}
+
+/// The f16 casts, fill and strided cast, bit for bit: every f16 pattern widened, the delicate f32
+/// inputs rounded (`f16_cast_inputs`), the same through `CudaBackend::cast` (f32 → f16 → f32).
+fn f16_casts_are_exact(gpu: &Gpu) {
+    let label = gpu.describe();
+    // Every f16 pattern (2048 NaNs among them) to f32.
+    let pats: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+    let mut wide = nan_buf(gpu, pats.len());
+    cast_f16_to_f32(gpu, &up(gpu, &pats).view(), &mut wide.view_mut()).unwrap();
+    for (h, g) in pats.iter().zip(down(gpu, &wide)) {
+        assert_eq!(g.to_bits(), want_f16_to_f32(h.to_bits()), "{label}: f16 {:#06x} -> f32", h.to_bits());
+    }
+    // f32 to f16.
+    let mut rng = StdRng::seed_from_u64(0xf16c);
+    let x = f16_cast_inputs(&mut rng);
+    let mut y = up(gpu, &vec![f16::from_bits(0x7e01); x.len()]);
+    cast_f32_to_f16(gpu, &up(gpu, &x).view(), &mut y.view_mut()).unwrap();
+    let got = down(gpu, &y);
+    let mut bad: Vec<String> = Vec::new();
+    for (&v, g) in x.iter().zip(&got) {
+        if g.to_bits() != want_f16(v) && bad.len() < 10 {
+            bad.push(format!("{v:e} ({:#010x}) -> {:#06x}, want {:#06x}", v.to_bits(), g.to_bits(), want_f16(v)));
+        }
+    }
+    assert!(bad.is_empty(), "{label}: f32 -> f16 of {} inputs: {bad:?}", x.len());
+    let edge = |v: f32| got[x.iter().position(|&e| e.to_bits() == v.to_bits()).unwrap()].to_bits();
+    assert_eq!((edge(65504.0), edge(65519.996), edge(65520.0), edge(-65520.0)), (0x7bff, 0x7bff, 0x7c00, 0xfc00), "{label}: the overflow edge");
+    assert_eq!((edge(5.960_464_5e-8), edge(2.980_232_2e-8), edge(2.980_232_5e-8)), (0x0001, 0x0000, 0x0001), "{label}: the smallest subnormal and its tie");
+
+    // Through the backend: f32 -> f16 -> f32 is `half`'s round trip, NaN stays NaN; cast between
+    // bf16 and f16 is refused (it would round twice).
+    let be = CudaBackend::on(gpu.reopen().unwrap());
+    let finite: Vec<f32> = x.iter().copied().filter(|v| !v.is_nan()).collect();
+    let t = be.upload(finite.clone(), &[finite.len()]).unwrap();
+    let t16 = be.cast(&t, DType::F16).unwrap();
+    assert_eq!(t16.dtype(), DType::F16);
+    let back = be.to_host(&be.cast(&t16, DType::F32).unwrap()).unwrap();
+    for (v, g) in finite.iter().zip(&back) {
+        assert_eq!(g.to_bits(), f16::from_f32(*v).to_f32().to_bits(), "{label}: backend cast of {v:e}");
+    }
+    assert_eq!(be.to_host(&t16).unwrap(), back, "{label}: to_host of an f16 tensor widens it exactly");
+    let nan = be.cast(&be.upload(vec![f32::NAN, 1.0], &[2]).unwrap(), DType::F16).unwrap();
+    let nan_back = be.to_host(&nan).unwrap();
+    assert!(nan_back[0].is_nan() && nan_back[1] == 1.0, "{label}: {nan_back:?}");
+    assert!(!be.all_finite(&nan).unwrap() && be.all_finite(&t16).unwrap() == finite.iter().all(|v| f16::from_f32(*v).is_finite()));
+    for (from, to) in [(DType::F16, DType::BF16), (DType::BF16, DType::F16)] {
+        let src = be.cast(&t, from).unwrap();
+        let e = be.cast(&src, to).expect_err("bf16 <-> f16");
+        assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(&format!("cast from {from} to {to}")), "{e}");
+    }
+
+    // fill_f16 rounds on the host: 1 + 2^-11 is a tie (even: 1.0), 65520 overflows to inf.
+    for (value, bits) in [(1.0 + 2f32.powi(-11), 0x3c00u16), (65520.0, 0x7c00), (-2.5, 0xc100), (1e-8, 0x0000)] {
+        let mut h = up(gpu, &[f16::from_bits(0x7e01); 37]);
+        fill_f16(gpu, &mut h.view_mut(), value).unwrap();
+        assert!(down(gpu, &h).iter().all(|v| v.to_bits() == bits && bits == f16::from_f32(value).to_bits()), "{label}: fill_f16({value:e})");
+    }
+    let tf = be.zeros(&[5], DType::F16).unwrap();
+    be.fill(&tf, -2.5).unwrap();
+    assert_eq!(be.to_host(&tf).unwrap(), vec![-2.5; 5], "{label}: Backend::fill on f16");
+
+    // The strided f16 cast (the f16 GEMM's staging): the layout's elements rounded, gaps untouched.
+    let gap = f16::from_bits(0x7e01);
+    for (rows, cols, ld, batch, batch_stride) in [(7, 33, 9, 1, 0), (33, 7, 34, 3, 243), (40, 3, 41, 2, 130)] {
+        let layout = StridedMatrices { rows, cols, ld, batch, batch_stride };
+        let span = layout.span().unwrap();
+        let xs: Vec<f32> = (0..span).map(|i| x[(i * 7919) % x.len()]).collect();
+        let mut y = up(gpu, &vec![gap; span]);
+        cast_from_f32_strided(gpu, &up(gpu, &xs).view(), &mut y.view_mut(), layout).unwrap();
+        let got = down(gpu, &y);
+        let mut inside = vec![false; span];
+        for b in 0..batch {
+            for c in 0..cols {
+                for r in 0..rows {
+                    inside[b * batch_stride + c * ld + r] = true;
+                }
+            }
+        }
+        for (i, (&g, &v)) in got.iter().zip(&xs).enumerate() {
+            let want = if inside[i] { want_f16(v) } else { gap.to_bits() };
+            assert_eq!(g.to_bits(), want, "{label} {layout:?}: element {i} (inside: {})", inside[i]);
+        }
+    }
+    // Lengths are checked in f16 elements.
+    let (a, mut h) = (up(gpu, &[1f32; 4]), up(gpu, &[f16::ZERO; 5]));
+    expect_shape_err("cast to f16", cast_f32_to_f16(gpu, &a.view(), &mut h.view_mut()));
+    expect_shape_err("cast f16 to f32", cast_f16_to_f32(gpu, &h.view(), &mut nan_buf(gpu, 4).view_mut()));
+    assert!(down(gpu, &h).iter().all(|v| v.to_bits() == 0));
+}
+test_device!(f16_casts, f16_casts_are_exact);
 
 fn add_fill_cast_size_errors(gpu: &Gpu) {
     let a = up(gpu, &[1f32; 4]);

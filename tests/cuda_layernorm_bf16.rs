@@ -10,6 +10,12 @@
 //! - every pair of storage types without a kernel is `Error::Unsupported`, a bf16 view of the
 //!   wrong length a shape error, and the overlap check counts bf16 views in bytes.
 //!
+//! f16 (issue 15): every body is generic over the 16-bit type (`H16`) and runs in bf16 and in
+//! f16 (`test_both!`: `*_bf16io::run::*`, `*_f16io::run::*`), so each `_f16io` kernel (and
+//! `residual_layernorm_forward_f16`, f32 activations over an f16 base) gets the same checks in
+//! f16; every input (|x| ≤ 5, γ ≤ 1.5) is far inside f16's ±65504. bf16 and f16 never meet in one
+//! launch (`mixed_16bit_pairs`).
+//!
 //! What is asserted, for each bf16 output (tests/support/bf16.rs, the bf16 rule): every element
 //! written (outputs start as bf16 NaN) and finite, and `max|got − f32_ref| <= 2·max|plain −
 //! f32_ref| + floor`, where the inputs are drawn, rounded to bf16 and uploaded as bf16, `f32_ref`
@@ -27,7 +33,7 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
-use rule::{assert_rounded_f32_kernel, assert_same_f32, bits};
+use rule::{assert_same_f32, bits, Half};
 
 use bert_adapters::cpu::reference;
 use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu};
@@ -37,9 +43,33 @@ use bert_adapters::cuda::layernorm::{
 };
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::{test_device, Error};
-use half::bf16;
+use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// A 16-bit activation storage type under test: bf16 or f16.
+trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
+impl H16 for bf16 {}
+impl H16 for f16 {}
+
+/// `test_device!` for a body generic over [`H16`]: module `$bf16` runs it in bf16, `$f16` in f16
+/// (tests `$bf16::run::cuda_sim`, `$f16::run::cuda`, ...).
+macro_rules! test_both {
+    ($body:ident => $bf16:ident, $f16:ident) => {
+        mod $bf16 {
+            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
+                super::$body::<half::bf16>(gpu)
+            }
+            bert_adapters::test_device!(run, body);
+        }
+        mod $f16 {
+            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
+                super::$body::<half::f16>(gpu)
+            }
+            bert_adapters::test_device!(run, body);
+        }
+    };
+}
 
 const BERT_EPS: f32 = 1e-12;
 const ROWS: [usize; 3] = [1, 7, 33];
@@ -54,8 +84,8 @@ fn down<T: DeviceScalar>(gpu: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
 }
 
 /// Poisoned outputs (uploaded, so a GPU's are poisoned too): an element a kernel skips stays NaN.
-fn nan16(gpu: &Gpu, n: usize) -> DeviceBuffer<bf16> {
-    up(gpu, &vec![bf16::NAN; n])
+fn nan16<H: H16>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
+    up(gpu, &vec![H::from_f32(f32::NAN); n])
 }
 
 fn nan32(gpu: &Gpu, n: usize) -> DeviceBuffer<f32> {
@@ -68,11 +98,11 @@ fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 /// `rows` rows of `cols` values, each row with its own offset and spread (|mean| >> std in some
 /// rows, where the rounding of z matters most), rounded to bf16.
-fn rows_with_offsets(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+fn rows_with_offsets<H: H16>(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(rows * cols);
     for _ in 0..rows {
         let (m, s) = (rng.random_range(-3.0f32..3.0), rng.random_range(0.1f32..2.0));
-        v.extend((0..cols).map(|_| rule::round(m + s * rng.random_range(-1.0f32..1.0))));
+        v.extend((0..cols).map(|_| rule::round_in::<H>(m + s * rng.random_range(-1.0f32..1.0))));
     }
     v
 }
@@ -104,36 +134,36 @@ impl Worst {
     }
 
     fn report(&self, what: &str, gpu: &Gpu) {
-        report_line(&format!("{what} on {}: worst kernel/plain-bf16 error {:.3} ({:.3e} vs {:.3e}) at {}", gpu.describe(), self.ratio, self.errs.0, self.errs.1, self.at));
+        report_line(&format!("{what} on {}: worst kernel/plain error {:.3} ({:.3e} vs {:.3e}) at {}", gpu.describe(), self.ratio, self.errs.0, self.errs.1, self.at));
     }
 }
 
 // ---- plain bf16 LayerNorm (PyTorch's bf16 ops) ------------------------------------------------
 
 /// `z = x + residual` as a bf16 tensor (each sum rounded), or `x` itself.
-fn plain_sum(x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+fn plain_sum<H: H16>(x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
     match residual {
-        Some(r) => x.iter().zip(r).map(|(a, b)| rule::round(a + b)).collect(),
+        Some(r) => x.iter().zip(r).map(|(a, b)| rule::round_in::<H>(a + b)).collect(),
         None => x.to_vec(),
     }
 }
 
 /// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
 /// the bf16 operands, the output rounded once.
-fn plain_layernorm(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
     let mut y = Vec::with_capacity(z.len());
     for zr in z.chunks(cols) {
         let mean = zr.iter().sum::<f32>() / cols as f32;
         let var = zr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
         let rstd = 1.0 / (var + eps).sqrt();
-        y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round((v - mean) * rstd * g + b)));
+        y.extend(zr.iter().zip(gamma.iter().zip(beta)).map(|(v, (g, b))| rule::round_in::<H>((v - mean) * rstd * g + b)));
     }
     y
 }
 
 /// PyTorch's LayerNorm input gradient on bf16 `dy`, `z`, γ with f32 saved statistics: computed in
 /// f32, rounded once.
-fn plain_layernorm_backward(dy: &[f32], z: &[f32], stats: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
+fn plain_layernorm_backward<H: H16>(dy: &[f32], z: &[f32], stats: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
     let mut dz = Vec::with_capacity(z.len());
     for (r, (zr, dyr)) in z.chunks(cols).zip(dy.chunks(cols)).enumerate() {
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
@@ -141,7 +171,7 @@ fn plain_layernorm_backward(dy: &[f32], z: &[f32], stats: &[f32], gamma: &[f32],
         let gy: Vec<f32> = dyr.iter().zip(gamma).map(|(d, g)| d * g).collect();
         let mean_gy = gy.iter().sum::<f32>() / cols as f32;
         let mean_gyx = gy.iter().zip(&xh).map(|(a, b)| a * b).sum::<f32>() / cols as f32;
-        dz.extend(gy.iter().zip(&xh).map(|(g, x)| rule::round(rstd * (g - mean_gy - x * mean_gyx))));
+        dz.extend(gy.iter().zip(&xh).map(|(g, x)| rule::round_in::<H>(rstd * (g - mean_gy - x * mean_gyx))));
     }
     dz
 }
@@ -159,11 +189,11 @@ struct FwdCase {
 }
 
 impl FwdCase {
-    fn random(rng: &mut StdRng, rows: usize, cols: usize, with_residual: bool) -> FwdCase {
-        let x = rows_with_offsets(rng, rows, cols);
-        let residual = with_residual.then(|| rule::round_all(&uniform(rng, rows * cols, -2.0, 2.0)));
-        let gamma = rule::round_all(&uniform(rng, cols, 0.5, 1.5));
-        let beta = rule::round_all(&uniform(rng, cols, -0.5, 0.5));
+    fn random<H: H16>(rng: &mut StdRng, rows: usize, cols: usize, with_residual: bool) -> FwdCase {
+        let x = rows_with_offsets::<H>(rng, rows, cols);
+        let residual = with_residual.then(|| rule::round_all_in::<H>(&uniform(rng, rows * cols, -2.0, 2.0)));
+        let gamma = rule::round_all_in::<H>(&uniform(rng, cols, 0.5, 1.5));
+        let beta = rule::round_all_in::<H>(&uniform(rng, cols, -0.5, 0.5));
         FwdCase { rows, cols, x, residual, gamma, beta }
     }
 }
@@ -210,29 +240,35 @@ fn forward_shapes(wide: usize) -> Vec<(usize, usize, Option<LayerNormPlan>)> {
     shapes
 }
 
-fn forward_bf16io_follows_the_rule(gpu: &Gpu) {
+fn forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_001a);
     let mut worst = Worst::default();
     for (rows, cols, plan) in forward_shapes(4099) {
         for with_residual in [false, true] {
-            let label = format!("{} bf16io forward rows={rows} cols={cols} residual={with_residual} {plan:?}", gpu.describe());
-            let case = FwdCase::random(&mut rng, rows, cols, with_residual);
-            let got = run_forward(gpu, &case, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let label = format!("{} {h}io forward rows={rows} cols={cols} residual={with_residual} {plan:?}", gpu.describe());
+            let case = FwdCase::random::<H>(&mut rng, rows, cols, with_residual);
+            let got = run_forward(gpu, &case, plan, H::from_f32, H::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
             let f32_kernel = run_forward(gpu, &case, plan, id, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
             let f32_ref = reference::residual_layernorm(&case.x, case.residual.as_deref(), &case.gamma, &case.beta, cols, BERT_EPS);
-            let plain = plain_layernorm(&plain_sum(&case.x, case.residual.as_deref()), &case.gamma, &case.beta, cols, BERT_EPS);
-            let y = rule::widen(&got.y);
-            worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &y, &f32_ref.y, &plain));
-            assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
+            let plain = plain_layernorm::<H>(&plain_sum::<H>(&case.x, case.residual.as_deref()), &case.gamma, &case.beta, cols, BERT_EPS);
+            let y = rule::widen_from(&got.y);
+            worst.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: y"), &y, &f32_ref.y, &plain));
+            rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
             assert_same_f32(gpu, &format!("{label}: mean"), &got.mean, &f32_kernel.mean);
             assert_same_f32(gpu, &format!("{label}: rstd"), &got.rstd, &f32_kernel.rstd);
             assert_close(&format!("{label}: mean"), &got.mean, &f32_ref.mean, 1e-5);
             assert_close(&format!("{label}: rstd"), &got.rstd, &f32_ref.rstd, 1e-5);
+            // f32 activations over a 16-bit base (residual_layernorm_forward_bf16 / _f16): the f32
+            // kernel on the widened γ/β (exact), bit for bit on the executor.
+            let base16 = run_forward(gpu, &case, plan, id, H::from_f32).unwrap_or_else(|e| panic!("{label}: {h} base, f32 activations: {e}"));
+            assert_same_f32(gpu, &format!("{label}: y over a {h} base"), &base16.y, &f32_kernel.y);
+            assert_same_f32(gpu, &format!("{label}: mean over a {h} base"), &base16.mean, &f32_kernel.mean);
         }
     }
-    worst.report("layernorm bf16io forward y", gpu);
+    worst.report(&format!("layernorm {h}io forward y"), gpu);
 }
-test_device!(forward_bf16io, forward_bf16io_follows_the_rule);
+test_both!(forward_bf16io_follows_the_rule => forward_bf16io, forward_f16io);
 
 // ---- training forward ------------------------------------------------------------------------------
 
@@ -261,14 +297,15 @@ fn run_train<A: ActivationScalar + BaseScalar>(gpu: &Gpu, case: &FwdCase, plan: 
     Ok(TrainGot { y: down(gpu, &y), z: down(gpu, &z), stats: down(gpu, &stats) })
 }
 
-fn train_forward_bf16io_follows_the_rule(gpu: &Gpu) {
+fn train_forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_007a);
     let (mut worst_y, mut worst_z) = (Worst::default(), Worst::default());
     for (rows, cols, plan) in forward_shapes(1100) {
         for with_residual in [false, true] {
-            let label = format!("{} bf16io train forward rows={rows} cols={cols} residual={with_residual} {plan:?}", gpu.describe());
-            let case = FwdCase::random(&mut rng, rows, cols, with_residual);
-            let got = run_train(gpu, &case, plan, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let label = format!("{} {h}io train forward rows={rows} cols={cols} residual={with_residual} {plan:?}", gpu.describe());
+            let case = FwdCase::random::<H>(&mut rng, rows, cols, with_residual);
+            let got = run_train(gpu, &case, plan, H::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
             let f32_kernel = run_train(gpu, &case, plan, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
             let f32_ref = reference::residual_layernorm(&case.x, case.residual.as_deref(), &case.gamma, &case.beta, cols, BERT_EPS);
             // z: the f32 sum (the reference's, and the f32 kernel's bit for bit); plain: its bf16 tensor.
@@ -276,28 +313,28 @@ fn train_forward_bf16io_follows_the_rule(gpu: &Gpu) {
                 Some(r) => case.x.iter().zip(r).map(|(a, b)| a + b).collect(),
                 None => case.x.clone(),
             };
-            let z_plain = plain_sum(&case.x, case.residual.as_deref());
-            let y_plain = plain_layernorm(&z_plain, &case.gamma, &case.beta, cols, BERT_EPS);
-            worst_y.note(&label, rule::assert_within_twice_plain(&format!("{label}: y"), &rule::widen(&got.y), &f32_ref.y, &y_plain));
-            worst_z.note(&label, rule::assert_within_twice_plain(&format!("{label}: z"), &rule::widen(&got.z), &z_ref, &z_plain));
-            assert_rounded_f32_kernel(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
+            let z_plain = plain_sum::<H>(&case.x, case.residual.as_deref());
+            let y_plain = plain_layernorm::<H>(&z_plain, &case.gamma, &case.beta, cols, BERT_EPS);
+            worst_y.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: y"), &rule::widen_from(&got.y), &f32_ref.y, &y_plain));
+            worst_z.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: z"), &rule::widen_from(&got.z), &z_ref, &z_plain));
+            rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: y"), &got.y, &f32_kernel.y);
             assert_eq!(bits(&f32_kernel.z), bits(&z_ref), "{label}: the f32 kernel's z is not the f32 sum");
             // z is one f32 add rounded once, on every device: bit for bit.
-            assert_eq!(got.z, rule::to_bf16(&z_ref), "{label}: z is not the f32 sum rounded to bf16");
+            assert_eq!(got.z, rule::to_half::<H>(&z_ref), "{label}: z is not the f32 sum rounded to bf16");
             assert_same_f32(gpu, &format!("{label}: stats"), &got.stats, &f32_kernel.stats);
             let ref_stats: Vec<f32> = f32_ref.mean.iter().zip(&f32_ref.rstd).flat_map(|(&m, &r)| [m, r]).collect();
             assert_close(&format!("{label}: stats"), &got.stats, &ref_stats, 1e-5);
             // The training forward is the forward's body: the same y and statistics.
-            let fwd = run_forward(gpu, &case, plan, bf16::from_f32, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: forward: {e}"));
-            assert_eq!(fwd.y, got.y, "{label}: y differs from the bf16io forward's");
+            let fwd = run_forward(gpu, &case, plan, H::from_f32, H::from_f32).unwrap_or_else(|e| panic!("{label}: forward: {e}"));
+            assert_eq!(fwd.y, got.y, "{label}: y differs from the {h}io forward's");
             let fwd_stats: Vec<f32> = fwd.mean.iter().zip(&fwd.rstd).flat_map(|(&m, &r)| [m, r]).collect();
-            assert_eq!(bits(&fwd_stats), bits(&got.stats), "{label}: stats differ from the bf16io forward's mean and rstd");
+            assert_eq!(bits(&fwd_stats), bits(&got.stats), "{label}: stats differ from the {h}io forward's mean and rstd");
         }
     }
-    worst_y.report("layernorm bf16io train forward y", gpu);
-    worst_z.report("layernorm bf16io train forward z", gpu);
+    worst_y.report(&format!("layernorm {h}io train forward y"), gpu);
+    worst_z.report(&format!("layernorm {h}io train forward z"), gpu);
 }
-test_device!(train_forward_bf16io, train_forward_bf16io_follows_the_rule);
+test_both!(train_forward_bf16io_follows_the_rule => train_forward_bf16io, train_forward_f16io);
 
 // ---- backward ---------------------------------------------------------------------------------------
 
@@ -312,12 +349,12 @@ struct BwdCase {
 }
 
 impl BwdCase {
-    fn random(rng: &mut StdRng, rows: usize, cols: usize) -> BwdCase {
-        let z = rows_with_offsets(rng, rows, cols);
-        let gamma = rule::round_all(&uniform(rng, cols, 0.5, 1.5));
+    fn random<H: H16>(rng: &mut StdRng, rows: usize, cols: usize) -> BwdCase {
+        let z = rows_with_offsets::<H>(rng, rows, cols);
+        let gamma = rule::round_all_in::<H>(&uniform(rng, cols, 0.5, 1.5));
         let out = reference::residual_layernorm(&z, None, &gamma, &vec![0f32; cols], cols, BERT_EPS);
         let stats = out.mean.iter().zip(&out.rstd).flat_map(|(&m, &r)| [m, r]).collect();
-        BwdCase { rows, cols, dy: rule::round_all(&uniform(rng, rows * cols, -1.0, 1.0)), z, stats, gamma }
+        BwdCase { rows, cols, dy: rule::round_all_in::<H>(&uniform(rng, rows * cols, -1.0, 1.0)), z, stats, gamma }
     }
 
     /// dγ, dβ in f64 from the same statistics.
@@ -362,7 +399,8 @@ fn run_backward<A: ActivationScalar + BaseScalar>(gpu: &Gpu, c: &BwdCase, dz0: O
     Ok(BwdGot { dz: down(gpu, &dz), dgamma: down(gpu, &dg), dbeta: down(gpu, &db) })
 }
 
-fn backward_bf16io_follows_the_rule(gpu: &Gpu) {
+fn backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+    let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_00b4);
     let (mut worst, mut worst_acc) = (Worst::default(), Worst::default());
     let mut shapes: Vec<(usize, usize, Option<LayerNormPlan>)> = ROWS.iter().flat_map(|&r| COLS.iter().map(move |&c| (r, c, None))).collect();
@@ -371,43 +409,43 @@ fn backward_bf16io_follows_the_rule(gpu: &Gpu) {
     shapes.push((7, 384, Some(LayerNormPlan { threads_per_row: 32, rows_per_block: 8, cache_row: false })));
     shapes.push((3, 1100, Some(LayerNormPlan { threads_per_row: 96, rows_per_block: 1, cache_row: false })));
     for (rows, cols, plan) in shapes {
-        let label = format!("{} bf16io layernorm backward rows={rows} cols={cols} {plan:?}", gpu.describe());
-        let c = BwdCase::random(&mut rng, rows, cols);
+        let label = format!("{} {h}io layernorm backward rows={rows} cols={cols} {plan:?}", gpu.describe());
+        let c = BwdCase::random::<H>(&mut rng, rows, cols);
         let (mean, rstd): (Vec<f32>, Vec<f32>) = c.stats.chunks(2).map(|s| (s[0], s[1])).unzip();
         let f32_ref = reference::layernorm_backward_from_stats(&c.dy, &c.z, &mean, &rstd, &c.gamma, cols);
-        let plain = plain_layernorm_backward(&c.dy, &c.z, &c.stats, &c.gamma, cols);
+        let plain = plain_layernorm_backward::<H>(&c.dy, &c.z, &c.stats, &c.gamma, cols);
         let (want_dg, want_db) = c.param_grads();
 
         // Overwrite: dz, dγ and dβ from NaN.
-        let got = run_backward(gpu, &c, None, None, plan, bf16::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let got = run_backward(gpu, &c, None, None, plan, H::from_f32).unwrap_or_else(|e| panic!("{label}: {e}"));
         let f32_kernel = run_backward(gpu, &c, None, None, plan, id).unwrap_or_else(|e| panic!("{label}: f32 kernel: {e}"));
-        worst.note(&label, rule::assert_within_twice_plain(&format!("{label}: dz"), &rule::widen(&got.dz), &f32_ref, &plain));
-        assert_rounded_f32_kernel(gpu, &format!("{label}: dz"), &got.dz, &f32_kernel.dz);
+        worst.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: dz"), &rule::widen_from(&got.dz), &f32_ref, &plain));
+        rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: dz"), &got.dz, &f32_kernel.dz);
         assert_same_f32(gpu, &format!("{label}: dgamma"), &got.dgamma, &f32_kernel.dgamma);
         assert_same_f32(gpu, &format!("{label}: dbeta"), &got.dbeta, &f32_kernel.dbeta);
         assert_close(&format!("{label}: dgamma"), &got.dgamma, &want_dg, 1e-4);
         assert_close(&format!("{label}: dbeta"), &got.dbeta, &want_db, 1e-4);
 
         // Accumulate: dz += (old dz in bf16, the sum rounded once); dγ, dβ += in f32.
-        let dz0 = rule::round_all(&uniform(&mut rng, rows * cols, -1.0, 1.0));
+        let dz0 = rule::round_all_in::<H>(&uniform(&mut rng, rows * cols, -1.0, 1.0));
         let (dg0, db0) = (uniform(&mut rng, cols, -1.0, 1.0), uniform(&mut rng, cols, -1.0, 1.0));
-        let acc = run_backward(gpu, &c, Some(&dz0), Some((&dg0, &db0)), plan, bf16::from_f32).unwrap_or_else(|e| panic!("{label} +=: {e}"));
+        let acc = run_backward(gpu, &c, Some(&dz0), Some((&dg0, &db0)), plan, H::from_f32).unwrap_or_else(|e| panic!("{label} +=: {e}"));
         let acc32 = run_backward(gpu, &c, Some(&dz0), Some((&dg0, &db0)), plan, id).unwrap_or_else(|e| panic!("{label} +=: f32 kernel: {e}"));
         let acc_ref: Vec<f32> = f32_ref.iter().zip(&dz0).map(|(a, b)| a + b).collect();
         // PyTorch accumulating into a bf16 .grad: the new gradient is a bf16 tensor, then the sum.
-        let acc_plain: Vec<f32> = plain.iter().zip(&dz0).map(|(a, b)| rule::round(a + b)).collect();
-        worst_acc.note(&label, rule::assert_within_twice_plain(&format!("{label}: dz +="), &rule::widen(&acc.dz), &acc_ref, &acc_plain));
-        assert_rounded_f32_kernel(gpu, &format!("{label}: dz +="), &acc.dz, &acc32.dz);
+        let acc_plain: Vec<f32> = plain.iter().zip(&dz0).map(|(a, b)| rule::round_in::<H>(a + b)).collect();
+        worst_acc.note(&label, rule::assert_within_twice_plain_in::<H>(&format!("{label}: dz +="), &rule::widen_from(&acc.dz), &acc_ref, &acc_plain));
+        rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: dz +="), &acc.dz, &acc32.dz);
         assert_same_f32(gpu, &format!("{label}: dgamma +="), &acc.dgamma, &acc32.dgamma);
         assert_same_f32(gpu, &format!("{label}: dbeta +="), &acc.dbeta, &acc32.dbeta);
         let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f32>>();
         assert_close(&format!("{label}: dgamma +="), &acc.dgamma, &add(&dg0, &want_dg), 1e-4);
         assert_close(&format!("{label}: dbeta +="), &acc.dbeta, &add(&db0, &want_db), 1e-4);
     }
-    worst.report("layernorm bf16io backward dz", gpu);
-    worst_acc.report("layernorm bf16io backward dz +=", gpu);
+    worst.report(&format!("layernorm {h}io backward dz"), gpu);
+    worst_acc.report(&format!("layernorm {h}io backward dz +="), gpu);
 }
-test_device!(backward_bf16io, backward_bf16io_follows_the_rule);
+test_both!(backward_bf16io_follows_the_rule => backward_bf16io, backward_f16io);
 
 // ---- refusals ---------------------------------------------------------------------------------------
 
@@ -419,13 +457,13 @@ fn expect_unsupported(label: &str, r: Result<(), Error>) {
     }
 }
 
-fn pairs_without_a_kernel_are_refused(gpu: &Gpu) {
+fn pairs_without_a_kernel_are_refused<H: H16>(gpu: &Gpu) {
     let (rows, cols) = (3, 40);
     let n = rows * cols;
-    let (x16, p16) = (up(gpu, &vec![bf16::ONE; n]), up(gpu, &vec![bf16::ONE; cols]));
+    let (x16, p16) = (up(gpu, &vec![H::from_f32(1.0); n]), up(gpu, &vec![H::from_f32(1.0); cols]));
     let (x32, p32) = (up(gpu, &vec![1f32; n]), up(gpu, &vec![1f32; cols]));
     let stats = up(gpu, &vec![0f32; 2 * rows]);
-    let (mut y16, mut z16, mut y32, mut z32) = (nan16(gpu, n), nan16(gpu, n), nan32(gpu, n), nan32(gpu, n));
+    let (mut y16, mut z16, mut y32, mut z32) = (nan16::<H>(gpu, n), nan16::<H>(gpu, n), nan32(gpu, n), nan32(gpu, n));
     let (mut mean, mut rstd, mut st) = (nan32(gpu, rows), nan32(gpu, rows), nan32(gpu, 2 * rows));
     {
         // bf16 activations with f32 γ/β: no forward kernel.
@@ -444,21 +482,21 @@ fn pairs_without_a_kernel_are_refused(gpu: &Gpu) {
         let inputs = LayerNormBackwardInputs { dy: x32.view(), z: x32.view(), stats: stats.view(), gamma: p16.view(), rows, cols };
         expect_unsupported("backward f32 dy, bf16 gamma", layernorm_backward(gpu, &inputs, &mut y32.view_mut(), false, None));
     }
-    assert!(down(gpu, &y16).iter().chain(&down(gpu, &z16)).all(|v| v.is_nan()), "a refused launch wrote a bf16 output");
+    assert!(down(gpu, &y16).iter().chain(&down(gpu, &z16)).all(|v| v.to_f32().is_nan()), "a refused launch wrote a bf16 output");
     assert!(down(gpu, &y32).iter().chain(&down(gpu, &z32)).chain(&down(gpu, &mean)).chain(&down(gpu, &st)).all(|v| v.is_nan()), "a refused launch wrote an f32 output");
 }
-test_device!(unsupported_pairs, pairs_without_a_kernel_are_refused);
+test_both!(pairs_without_a_kernel_are_refused => unsupported_pairs, unsupported_pairs_f16);
 
 /// Lengths count bf16 elements, and the overlap check bytes: two bf16 outputs side by side in one
 /// buffer (an odd width, so the second starts in the middle of a 4-byte word) are accepted, one
 /// element of overlap is refused.
-fn bf16_views_are_checked_in_their_own_units(gpu: &Gpu) {
+fn bf16_views_are_checked_in_their_own_units<H: H16>(gpu: &Gpu) {
     let (rows, cols) = (1, 41);
     let mut rng = StdRng::seed_from_u64(0xbf16_000b);
-    let case = FwdCase::random(&mut rng, rows, cols, true);
-    let (x, r) = (up(gpu, &rule::to_bf16(&case.x)), up(gpu, &rule::to_bf16(case.residual.as_deref().unwrap())));
-    let (g, b) = (up(gpu, &rule::to_bf16(&case.gamma)), up(gpu, &rule::to_bf16(&case.beta)));
-    let both = nan16(gpu, 2 * cols);
+    let case = FwdCase::random::<H>(&mut rng, rows, cols, true);
+    let (x, r) = (up(gpu, &rule::to_half::<H>(&case.x)), up(gpu, &rule::to_half::<H>(case.residual.as_deref().unwrap())));
+    let (g, b) = (up(gpu, &rule::to_half::<H>(&case.gamma)), up(gpu, &rule::to_half::<H>(&case.beta)));
+    let both = nan16::<H>(gpu, 2 * cols);
     let mut stats = nan32(gpu, 2);
     let inputs = LayerNormInputs { x: x.view(), residual: Some(r.view()), gamma: g.view(), beta: b.view(), rows, cols, eps: BERT_EPS };
     {
@@ -473,7 +511,7 @@ fn bf16_views_are_checked_in_their_own_units(gpu: &Gpu) {
             other => panic!("overlapping y and z: expected an overlap error, got {other:?}"),
         }
     }
-    assert!(down(gpu, &both).iter().all(|v| v.is_nan()), "a refused launch wrote");
+    assert!(down(gpu, &both).iter().all(|v| v.to_f32().is_nan()), "a refused launch wrote");
     {
         // y = [0, 41), z = [41, 82): adjacent, z starting at byte 82 (not a multiple of 4).
         // SAFETY: nothing else uses `both` while these views live, and they are disjoint.
@@ -482,13 +520,41 @@ fn bf16_views_are_checked_in_their_own_units(gpu: &Gpu) {
         residual_layernorm_forward_train(gpu, &inputs, &mut out).expect("adjacent bf16 y and z do not overlap");
     }
     let got = down(gpu, &both);
-    let alone = run_train(gpu, &case, None, bf16::from_f32).unwrap();
+    let alone = run_train(gpu, &case, None, H::from_f32).unwrap();
     assert_eq!((&got[..cols], &got[cols..]), (&alone.y[..], &alone.z[..]), "y and z side by side");
     // A bf16 x one element short is a shape error, before any launch.
     let short = LayerNormInputs { x: x.slice(0..cols - 1).unwrap(), ..inputs };
-    let mut y = nan16(gpu, cols);
+    let mut y = nan16::<H>(gpu, cols);
     let (mut mean, mut rstd) = (nan32(gpu, 1), nan32(gpu, 1));
     let mut out = LayerNormOutputs { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
     assert!(matches!(residual_layernorm_forward(gpu, &short, &mut out), Err(Error::Shape { .. })), "a short bf16 x");
 }
-test_device!(bf16_view_units, bf16_views_are_checked_in_their_own_units);
+test_both!(bf16_views_are_checked_in_their_own_units => bf16_view_units, f16_view_units);
+
+/// bf16 and f16 never meet in one launch: f16 activations with bf16 γ/β, and bf16 activations with
+/// f16 γ/β, have no kernel (forward, training forward, backward), and a refused launch writes
+/// nothing.
+fn mixed_16bit_pairs_are_refused(gpu: &Gpu) {
+    let (rows, cols) = (3, 40);
+    let n = rows * cols;
+    let (xb, pb) = (up(gpu, &vec![bf16::ONE; n]), up(gpu, &vec![bf16::ONE; cols]));
+    let (xh, ph) = (up(gpu, &vec![f16::ONE; n]), up(gpu, &vec![f16::ONE; cols]));
+    let stats = up(gpu, &vec![0f32; 2 * rows]);
+    let (mut yb, mut yh, mut zh) = (nan16::<bf16>(gpu, n), nan16::<f16>(gpu, n), nan16::<f16>(gpu, n));
+    let (mut mean, mut rstd, mut st) = (nan32(gpu, rows), nan32(gpu, rows), nan32(gpu, 2 * rows));
+    {
+        let inputs = LayerNormInputs { x: xh.view(), residual: None, gamma: pb.view(), beta: pb.view(), rows, cols, eps: 1e-5 };
+        let mut out = LayerNormOutputs { y: yh.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+        expect_unsupported("forward f16 x, bf16 gamma", residual_layernorm_forward(gpu, &inputs, &mut out));
+        let mut out = LayerNormTrainOutputs { y: yh.view_mut(), z: zh.view_mut(), stats: st.view_mut() };
+        expect_unsupported("train forward f16 x, bf16 gamma", residual_layernorm_forward_train(gpu, &inputs, &mut out));
+        let inputs = LayerNormInputs { x: xb.view(), residual: None, gamma: ph.view(), beta: ph.view(), rows, cols, eps: 1e-5 };
+        let mut out = LayerNormOutputs { y: yb.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+        expect_unsupported("forward bf16 x, f16 gamma", residual_layernorm_forward(gpu, &inputs, &mut out));
+        let inputs = LayerNormBackwardInputs { dy: xh.view(), z: xh.view(), stats: stats.view(), gamma: pb.view(), rows, cols };
+        expect_unsupported("backward f16 dy, bf16 gamma", layernorm_backward(gpu, &inputs, &mut yh.view_mut(), false, None));
+    }
+    assert!(down(gpu, &yh).iter().chain(&down(gpu, &zh)).all(|v| v.is_nan()) && down(gpu, &yb).iter().all(|v| v.is_nan()), "a refused launch wrote a 16-bit output");
+    assert!(down(gpu, &mean).iter().chain(&down(gpu, &st)).all(|v| v.is_nan()), "a refused launch wrote an f32 output");
+}
+test_device!(mixed_16bit_pairs, mixed_16bit_pairs_are_refused);

@@ -19,8 +19,9 @@
 //!   and `adapter_location` (the BERT LayerNorm's γ/β): the kernels' `_bf16` variants, picked by
 //!   the tensors' dtype.
 //!
-//! f16 bases and a group of base tensors in mixed dtypes are refused with `Error::Unsupported`
-//! naming the op, the tensor and its dtype.
+//! An f16 base (`LoadOptions { dtype: DType::F16, .. }`) is read the same way (the `_f16`
+//! variants, or widened with `cast_f16_to_f32`). A group of base tensors in mixed dtypes is
+//! refused with `Error::Unsupported` naming the op, the tensor and its dtype.
 //!
 //! # bf16 activations
 //!
@@ -57,7 +58,20 @@
 //!   rounded once; `linear_backward_params_into` (a head's) widens a bf16 operand.
 //!
 //! A bf16 gradient with an f32 activation or base tensor is refused, named
-//! (`bf16_training_operands`).
+//! (`half_training_operands`).
+//!
+//! # f16 activations
+//!
+//! [`CudaBackend::with_activations`]`(DType::F16)` over a base loaded in f16 is the same pipeline
+//! with IEEE f16 storage in place of bf16 (issue 15): every `_bf16io` kernel has an `_f16io` twin
+//! (the same templated body over kernels/common.cuh's `f16_raw`), the GEMMs take f16 A, B and D
+//! ([`CudaBackend::linear_f16io`]), and everything said above of bf16 activations, gradients and
+//! their f32 statistics, weights and optimizer state holds with "bf16" read as "f16". f16 keeps 11
+//! significant bits but ends at 65504: a value past it is stored as ±inf (one rounding of the f32
+//! result, never a saturation), which `all_finite` then reports. bf16 and f16 never mix: an op
+//! given one of each, or an f16 activation with a bf16 base (or the reverse), is refused naming
+//! the operand. The attention and adapter-location ops return `Error::Unsupported` for f16 until
+//! their kernels have f16 variants.
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
@@ -72,7 +86,7 @@ use super::attention::{attention_packed_backward_dropout_as, attention_packed_fo
 use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use super::gemm::{linear_bf16io, Epilogue, Gemm, GemmScalar, Transpose};
+use super::gemm::{linear_16io, Epilogue, Gemm, GemmScalar, Transpose};
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
@@ -84,6 +98,44 @@ use crate::cpu::{GemmCounts, GemmKind, GemmStats};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, DeviceStorage, Storage, Tensor};
+
+/// `$body` with the type `$A` bound to the storage of activation dtype `$dtype`: bf16, f16, or
+/// f32 for anything else (an f32 view then refuses another dtype, named).
+macro_rules! by_activation_dtype {
+    ($dtype:expr, $A:ident => $body:expr) => {
+        match $dtype {
+            DType::BF16 => {
+                type $A = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $A = f16;
+                $body
+            }
+            _ => {
+                type $A = f32;
+                $body
+            }
+        }
+    };
+}
+
+/// `$body` with `$H` bound to bf16 or f16 by `$dtype` (which the caller checked is one of them;
+/// anything else is taken as bf16, whose views then refuse it, named).
+macro_rules! by_half_dtype {
+    ($dtype:expr, $H:ident => $body:expr) => {
+        match $dtype {
+            DType::F16 => {
+                type $H = f16;
+                $body
+            }
+            _ => {
+                type $H = bf16;
+                $body
+            }
+        }
+    };
+}
 
 /// One device allocation of one element type.
 #[derive(Debug)]
@@ -164,8 +216,8 @@ pub struct CudaBackend {
     /// The Linear products run, by kind (forward, input gradient, weight gradient), as the CPU
     /// counts them: what proves that a frozen Linear never gets a weight-gradient product.
     products: GemmStats,
-    /// The dtype `embedding_layernorm` writes the activations in: f32, or bf16 (the eval forward
-    /// in bf16, see the module docs). Every other op follows its inputs' dtype.
+    /// The dtype `embedding_layernorm` writes the activations in: f32, bf16 or f16 (see the module
+    /// docs). Every other op follows its inputs' dtype.
     activations: DType,
     /// How adapter locations run forward; None: [`LocationPath::auto`] at each call.
     location_path: Option<LocationPath>,
@@ -201,17 +253,17 @@ impl CudaBackend {
         CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path }.with_activations(dtype)
     }
 
-    /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 for the
-    /// forward and the training step in bf16 over a frozen base loaded in bf16
+    /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 (f16) for
+    /// the forward and the training step in bf16 (f16) over a frozen base loaded in the same dtype
     /// (`LoadOptions { dtype: DType::BF16, .. }`; `embedding_layernorm` refuses another base). See
-    /// the module docs for what each op does with bf16 activations and gradients.
+    /// the module docs for what each op does with 16-bit activations and gradients.
     pub fn with_activations(mut self, dtype: DType) -> Result<CudaBackend> {
         match dtype {
-            DType::F32 | DType::BF16 => {
+            DType::F32 | DType::BF16 | DType::F16 => {
                 self.activations = dtype;
                 Ok(self)
             }
-            other => Err(Error::Unsupported(format!("activations in {other}: the CUDA backend stores activations in f32 or bf16"))),
+            other => Err(Error::Unsupported(format!("activations in {other}: the CUDA backend stores activations in f32, bf16 or f16"))),
         }
     }
 
@@ -344,18 +396,18 @@ impl CudaBackend {
         let dtype = first.dtype();
         if let Some((name, t)) = group.iter().find(|(_, t)| t.dtype() != dtype) {
             return Err(Error::Unsupported(format!(
-                "{op}: {name} is {} but {first_name} is {dtype}; the CUDA backend reads these frozen-base tensors in one dtype (f32 or bf16)",
+                "{op}: {name} is {} but {first_name} is {dtype}; the CUDA backend reads these frozen-base tensors in one dtype (f32, bf16 or f16)",
                 t.dtype()
             )));
         }
         match dtype {
-            DType::F32 | DType::BF16 => Ok(dtype),
-            other => Err(Error::Unsupported(format!("{op}: {first_name} is {other}; the CUDA backend reads a frozen base stored in f32 or bf16 (load it with dtype f32 or bf16, or use --device cpu)"))),
+            DType::F32 | DType::BF16 | DType::F16 => Ok(dtype),
+            other => Err(Error::Unsupported(format!("{op}: {first_name} is {other}; the CUDA backend reads a frozen base stored in f32, bf16 or f16 (load it in one of those, or use --device cpu)"))),
         }
     }
 
-    /// `t` as f32 for a product: an f32 tensor's own view, or a bf16 one widened (exactly) into
-    /// `scratch`, a new f32 buffer that must outlive the launch reading it.
+    /// `t` as f32 for a product: an f32 tensor's own view, or a bf16 or f16 one widened (exactly)
+    /// into `scratch`, a new f32 buffer that must outlive the launch reading it.
     fn f32_operand<'t>(&self, op: &str, name: &str, t: &'t Tensor, scratch: &'t mut Option<DeviceBuffer<f32>>) -> Result<DeviceView<'t, f32>> {
         match t.dtype() {
             DType::F32 => self.view(op, t),
@@ -364,7 +416,12 @@ impl CudaBackend {
                 elementwise::cast_bf16_to_f32(&self.gpu, &self.view(op, t)?, &mut wide.view_mut())?;
                 Ok(wide.view())
             }
-            d => Err(Error::Unsupported(format!("{op}: {name} {:?} is {d}; the CUDA backend takes it in f32 or bf16", t.shape()))),
+            DType::F16 => {
+                let wide = scratch.insert(self.gpu.alloc::<f32>(t.elem_count())?);
+                elementwise::cast_f16_to_f32(&self.gpu, &self.view(op, t)?, &mut wide.view_mut())?;
+                Ok(wide.view())
+            }
+            d => Err(Error::Unsupported(format!("{op}: {name} {:?} is {d}; the CUDA backend takes it in f32, bf16 or f16", t.shape()))),
         }
     }
 
@@ -376,14 +433,12 @@ impl CudaBackend {
         Ok(elementwise::DeviceDropout { seed_buffer, seed: spec.seed, p: spec.p, streams, offset: spec.offset })
     }
 
-    /// `spec`'s mask applied to `t` in place (a tensor this op has just made), f32 or bf16
-    /// (`dropout_bf16io`: the f32 mask and product on the widened value, rounded once).
+    /// `spec`'s mask applied to `t` in place (a tensor this op has just made), f32, bf16 or f16
+    /// (`dropout_bf16io` / `dropout_f16io`: the f32 mask and product on the widened value, rounded
+    /// once).
     fn dropout_in_place(&self, op: &str, t: &Tensor, spec: &DropoutSpec) -> Result<()> {
         let d = self.device_dropout(op, spec)?;
-        match t.dtype() {
-            DType::BF16 => elementwise::dropout_in_place::<bf16>(&self.gpu, &mut self.view_mut(op, t)?, &d),
-            _ => elementwise::dropout_in_place::<f32>(&self.gpu, &mut self.view_mut(op, t)?, &d),
-        }
+        by_activation_dtype!(t.dtype(), A => elementwise::dropout_in_place::<A>(&self.gpu, &mut self.view_mut(op, t)?, &d))
     }
 
     /// `attention_packed_backward`'s launch with the activations stored as `A`.
@@ -503,7 +558,7 @@ impl CudaBackend {
         self.products.count(GemmKind::Forward, rows * d_in * d_out);
         if x.dtype() != DType::F32 {
             return Err(Error::Unsupported(format!(
-                "{OP}: the input x {:?} is {}; this Linear takes f32 activations (bf16 activations with a bf16 base: CudaBackend::linear_bf16io)",
+                "{OP}: the input x {:?} is {}; this Linear takes f32 activations (bf16 or f16 activations with a base of their dtype: CudaBackend::linear_bf16io / linear_f16io)",
                 x.shape(),
                 x.dtype()
             )));
@@ -521,56 +576,70 @@ impl CudaBackend {
     /// cuBLASLt's epilogue); BERT's erf `Gelu` has no epilogue and is refused with
     /// `Error::Unsupported`, as is a tensor in another dtype (named).
     pub fn linear_bf16io(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
-        const OP: &str = "linear_bf16io";
+        self.linear_16io::<bf16>("linear_bf16io", x, w, b, act)
+    }
+
+    /// [`CudaBackend::linear_bf16io`] with x, W, b and y in f16 ([`super::gemm::linear_f16io`]).
+    pub fn linear_f16io(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        self.linear_16io::<f16>("linear_f16io", x, w, b, act)
+    }
+
+    /// [`CudaBackend::linear_bf16io`] and [`CudaBackend::linear_f16io`], with every tensor of `H`.
+    fn linear_16io<H: BufferElement + GemmScalar>(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
         for (name, t) in [("the input x", Some(x)), ("the weight W", Some(w)), ("the bias b", b)] {
-            if let Some(t) = t.filter(|t| t.dtype() != DType::BF16) {
-                return Err(Error::Unsupported(format!("{OP}: {name} {:?} is {}; this Linear takes x, W and b in bf16 (f32 activations: linear)", t.shape(), t.dtype())));
+            if let Some(t) = t.filter(|t| t.dtype() != H::DTYPE) {
+                return Err(Error::Unsupported(format!("{op}: {name} {:?} is {}; this Linear takes x, W and b in {} (f32 activations: linear)", t.shape(), t.dtype(), H::DTYPE)));
             }
         }
         let (d_out, d_in) = match w.shape() {
             [o, i] => (*o, *i),
-            s => return Err(Error::shape(OP, format!("weight must be [out, in], got {s:?}"))),
+            s => return Err(Error::shape(op, format!("weight must be [out, in], got {s:?}"))),
         };
         if x.last_dim() != d_in {
-            return Err(Error::shape(OP, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
+            return Err(Error::shape(op, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
         }
         if let Some(b) = b.filter(|b| b.shape() != [d_out]) {
-            return Err(Error::shape(OP, format!("bias {:?} for {d_out} out-features", b.shape())));
+            return Err(Error::shape(op, format!("bias {:?} for {d_out} out-features", b.shape())));
         }
         let mut shape = x.shape().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = d_out;
         }
-        let y = self.new_tensor::<bf16>(&shape)?;
+        let y = self.new_tensor::<H>(&shape)?;
         let dims = LinearDims { rows: x.rows(), d_in, d_out };
-        let bias = b.map(|b| self.view::<bf16>(OP, b)).transpose()?;
+        let bias = b.map(|b| self.view::<H>(op, b)).transpose()?;
         self.products.count(GemmKind::Forward, dims.rows * d_in * d_out);
-        linear_bf16io(&self.gpu, &self.view(OP, x)?, &self.view(OP, w)?, bias.as_ref(), dims, act, &mut self.view_mut(OP, &y)?)?;
+        linear_16io(&self.gpu, &self.view(op, x)?, &self.view(op, w)?, bias.as_ref(), dims, act, &mut self.view_mut(op, &y)?)?;
         Ok(y)
     }
 
-    /// `act(x·Wᵀ + b)` for a bf16 `x` (the model's `linear*` ops with bf16 activations): W and b
-    /// must be the bf16 base (an f32 weight, a head's or an adapter's, is refused, named). ReLU and
-    /// the tanh GELU run in the GEMM's epilogue (one rounding); another activation is its own pass
-    /// over the rounded product, as in a plain bf16 model.
-    fn linear_bf16_activations(&self, op: &str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+    /// `act(x·Wᵀ + b)` for a bf16 or f16 `x` (the model's `linear*` ops with 16-bit activations):
+    /// W and b must be the base in x's dtype (an f32 weight, a head's or an adapter's, is refused,
+    /// named). ReLU and the tanh GELU run in the GEMM's epilogue (one rounding); another activation
+    /// is its own pass over the rounded product, as in a plain bf16 (f16) model.
+    fn linear_half_activations(&self, op: &str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        let dtype = x.dtype();
         for (name, t) in [("the weight W", Some(w)), ("the bias b", b)] {
-            if let Some(t) = t.filter(|t| t.dtype() != DType::BF16) {
+            if let Some(t) = t.filter(|t| t.dtype() != dtype) {
                 return Err(Error::Unsupported(format!(
-                    "{op}: the input x {:?} is bf16 but {name} {:?} is {}; a Linear on bf16 activations takes a bf16 weight and bias (a frozen base loaded in bf16; widen x to f32 for an f32 weight)",
+                    "{op}: the input x {:?} is {dtype} but {name} {:?} is {}; a Linear on {dtype} activations takes a {dtype} weight and bias (a frozen base loaded in {dtype}; widen x to f32 for an f32 weight)",
                     x.shape(),
                     t.shape(),
                     t.dtype()
                 )));
             }
         }
+        let linear = |act: Option<Activation>| match dtype {
+            DType::F16 => self.linear_f16io(x, w, b, act),
+            _ => self.linear_bf16io(x, w, b, act),
+        };
         match act {
-            None => self.linear_bf16io(x, w, b, None),
-            Some(a @ (Activation::Relu | Activation::GeluNew)) if b.is_some() => self.linear_bf16io(x, w, b, Some(a)),
+            None => linear(None),
+            Some(a @ (Activation::Relu | Activation::GeluNew)) if b.is_some() => linear(Some(a)),
             Some(a) => {
-                let y = self.linear_bf16io(x, w, b, None)?;
+                let y = linear(None)?;
                 let cols = y.last_dim();
-                elementwise::bias_act_in_place::<bf16>(&self.gpu, &mut self.view_mut(op, &y)?, None, Some(a), cols)?;
+                by_activation_dtype!(dtype, A => elementwise::bias_act_in_place::<A>(&self.gpu, &mut self.view_mut(op, &y)?, None, Some(a), cols))?;
                 Ok(y)
             }
         }
@@ -581,8 +650,10 @@ impl CudaBackend {
         const OP: &str = "residual_layernorm";
         match (self.base_dtype(OP, &[("gamma", gamma), ("beta", beta)])?, activation_dtype(x)) {
             (DType::BF16, DType::BF16) => self.ln_typed::<bf16, bf16>(x, residual, gamma, beta, eps, y, stats),
-            (_, DType::BF16) => Err(bf16_needs_bf16_base(OP, "LayerNorm gamma", gamma)),
+            (DType::F16, DType::F16) => self.ln_typed::<f16, f16>(x, residual, gamma, beta, eps, y, stats),
+            (_, a @ (DType::BF16 | DType::F16)) => Err(half_needs_same_base(OP, a, "LayerNorm gamma", gamma)),
             (DType::BF16, _) => self.ln_typed::<bf16, f32>(x, residual, gamma, beta, eps, y, stats),
+            (DType::F16, _) => self.ln_typed::<f16, f32>(x, residual, gamma, beta, eps, y, stats),
             _ => self.ln_typed::<f32, f32>(x, residual, gamma, beta, eps, y, stats),
         }
     }
@@ -619,15 +690,31 @@ impl CudaBackend {
         residual_layernorm_forward_train(&self.gpu, &inputs, &mut outputs)
     }
 
-    /// bf16 training's operand rule, checked before a bf16 op: the other activations of the op
-    /// (`activations`) are bf16 too, and the frozen-base tensors it reads (`base`) are bf16 (a
-    /// base loaded with `LoadOptions { dtype: DType::BF16, .. }`). The error names the operand.
-    fn bf16_training_operands(&self, op: &str, activations: &[(&str, &Tensor)], base: &[(&str, &Tensor)]) -> Result<()> {
-        if let Some((name, t)) = activations.iter().find(|(_, t)| t.dtype() != DType::BF16) {
-            return Err(Error::Input(format!("{op}: {name} {:?} is {} but the gradient is bf16; a bf16 training step keeps every activation in bf16", t.shape(), t.dtype())));
+    /// 16-bit training's operand rule, checked before a bf16 or f16 op whose gradient is of
+    /// `dtype`: the other activations of the op (`activations`) are of `dtype` too, and the
+    /// frozen-base tensors it reads (`base`) are of `dtype` (a base loaded with `LoadOptions {
+    /// dtype, .. }`). bf16 and f16 never mix. The error names the operand.
+    fn half_training_operands(&self, op: &str, dtype: DType, activations: &[(&str, &Tensor)], base: &[(&str, &Tensor)]) -> Result<()> {
+        if let Some((name, t)) = activations.iter().find(|(_, t)| t.dtype() != dtype) {
+            return Err(Error::Input(format!("{op}: {name} {:?} is {} but the gradient is {dtype}; a {dtype} training step keeps every activation in {dtype}", t.shape(), t.dtype())));
         }
-        match base.iter().find(|(_, t)| t.dtype() != DType::BF16) {
-            Some((name, t)) => Err(bf16_needs_bf16_base(op, name, t)),
+        match base.iter().find(|(_, t)| t.dtype() != dtype) {
+            Some((name, t)) => Err(half_needs_same_base(op, dtype, name, t)),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::half_training_operands`] for bf16 (the adapter ops' bf16 path).
+    fn bf16_training_operands(&self, op: &str, activations: &[(&str, &Tensor)], base: &[(&str, &Tensor)]) -> Result<()> {
+        self.half_training_operands(op, DType::BF16, activations, base)
+    }
+
+    /// Every tensor of `others` in `dtype`, the dtype of the op's first activation operand
+    /// (`first`): an [`Error::Input`] naming the first that is not (a bf16 and an f16 operand, or
+    /// a 16-bit and an f32 one, never meet in one kernel).
+    fn same_activation_dtype(&self, op: &str, (first, dtype): (&str, DType), others: &[(&str, &Tensor)]) -> Result<()> {
+        match others.iter().find(|(_, t)| t.dtype() != dtype) {
+            Some((name, t)) => Err(Error::Input(format!("{op}: {name} {:?} is {} but {first} is {dtype}; the operands of one op share a dtype", t.shape(), t.dtype()))),
             None => Ok(()),
         }
     }
@@ -703,6 +790,7 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let base = match self.activations {
             DType::BF16 => format!("{} (bf16 activations)", self.gpu.describe()),
+            DType::F16 => format!("{} (f16 activations)", self.gpu.describe()),
             _ => self.gpu.describe(),
         };
         let base = match self.location_path {
@@ -781,14 +869,14 @@ impl Backend for CudaBackend {
             // One pass on the device and a 4-byte read, not the tensor.
             DType::F32 => Ok(elementwise::count_nonfinite(&self.gpu, &self.view("all_finite", t)?)? == 0),
             // Widened exactly (NaN and ±inf stay what they are), then the same count.
-            DType::BF16 => self.all_finite(&self.cast(t, DType::F32)?),
+            DType::BF16 | DType::F16 => self.all_finite(&self.cast(t, DType::F32)?),
             _ => Ok(self.to_host(t)?.iter().all(|v| v.is_finite())),
         }
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        if x.dtype() == DType::BF16 {
-            return self.linear_bf16_activations("linear", x, w, b, None);
+        if is_half(x.dtype()) {
+            return self.linear_half_activations("linear", x, w, b, None);
         }
         let mut shape = x.shape().to_vec();
         if let Some(last) = shape.last_mut() {
@@ -819,8 +907,8 @@ impl Backend for CudaBackend {
 
     fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_act_only";
-        if x.dtype() == DType::BF16 {
-            return self.linear_bf16_activations(OP, x, w, b, Some(act));
+        if is_half(x.dtype()) {
+            return self.linear_half_activations(OP, x, w, b, Some(act));
         }
         let y = self.linear(x, w, b)?;
         let cols = y.last_dim();
@@ -835,12 +923,12 @@ impl Backend for CudaBackend {
         if let Some(last) = shape.last_mut() {
             *last = dims.d_in;
         }
-        if dy.dtype() == DType::BF16 {
-            // bf16 training: the bf16 product with the bf16 base weight, then act' over it.
-            self.bf16_training_operands(OP, &[("the pre-activation", pre)], &[("weight", w)])?;
-            let dx = self.new_tensor::<bf16>(&shape)?;
+        if is_half(dy.dtype()) {
+            // 16-bit training: the 16-bit product with the base weight of dy's dtype, then act' over it.
+            self.half_training_operands(OP, dy.dtype(), &[("the pre-activation", pre)], &[("weight", w)])?;
+            let dx = self.empty(&shape, dy.dtype())?;
             self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
-            elementwise::linear_backward_input_act::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, &self.view(OP, pre)?, Some(act), dims, &mut self.view_mut(OP, &dx)?)?;
+            by_half_dtype!(dy.dtype(), H => elementwise::linear_backward_input_act::<H>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, &self.view(OP, pre)?, Some(act), dims, &mut self.view_mut(OP, &dx)?))?;
             return Ok(dx);
         }
         let dx = self.new_tensor::<f32>(&shape)?;
@@ -865,8 +953,8 @@ impl Backend for CudaBackend {
         let hidden = word.last_dim();
         let group = [("the word embeddings", word), ("the position embeddings", position), ("the token type embeddings", token_type), ("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)];
         let dtype = self.base_dtype(OP, &group)?;
-        if self.activations == DType::BF16 && dtype != DType::BF16 {
-            return Err(bf16_needs_bf16_base(OP, "the word embeddings", word));
+        if is_half(self.activations) && dtype != self.activations {
+            return Err(half_needs_same_base(OP, self.activations, "the word embeddings", word));
         }
         // The activations start here, in the backend's dtype; every later op follows them.
         let y = self.empty(&[batch, seq_len, hidden], self.activations)?;
@@ -880,9 +968,17 @@ impl Backend for CudaBackend {
                     let mut outputs = EmbeddingOutputs::<bf16> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
                     embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
                 }
+                (DType::F16, DType::F16) => {
+                    let mut outputs = EmbeddingOutputs::<f16> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
+                    embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
+                }
                 (DType::BF16, _) => {
                     let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
                     embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<bf16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
+                }
+                (DType::F16, _) => {
+                    let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
+                    embedding_layernorm_forward(&self.gpu, &self.embedding_inputs::<f16>(ids, word, position, token_type, &ln, dims)?, &mut outputs)?
                 }
                 _ => {
                     let mut outputs = EmbeddingOutputs::<f32> { y: self.view_mut(OP, &y)?, mean: None, rstd: None, error_flag };
@@ -918,9 +1014,9 @@ impl Backend for CudaBackend {
         let mut stats_shape = x.shape().to_vec();
         *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
         let stats = self.new_tensor::<f32>(&stats_shape)?;
-        if dtype == DType::BF16 {
-            self.bf16_training_operands(OP, &[], &[("LayerNorm gamma", gamma), ("LayerNorm beta", beta)])?;
-            self.ln_train_typed::<bf16, bf16>(x, residual, gamma, beta, eps, [&y, &z, &stats])?;
+        if is_half(dtype) {
+            self.half_training_operands(OP, dtype, &residual.map(|r| ("the residual", r)).into_iter().collect::<Vec<_>>(), &[("LayerNorm gamma", gamma), ("LayerNorm beta", beta)])?;
+            by_half_dtype!(dtype, H => self.ln_train_typed::<H, H>(x, residual, gamma, beta, eps, [&y, &z, &stats]))?;
         } else {
             self.ln_train_typed::<f32, f32>(x, residual, gamma, beta, eps, [&y, &z, &stats])?;
         }
@@ -930,10 +1026,12 @@ impl Backend for CudaBackend {
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         const OP: &str = "layernorm_backward_stats";
         let dz = self.empty(dy.shape(), activation_dtype(dy))?;
-        if dz.dtype() == DType::BF16 {
-            self.bf16_training_operands(OP, &[("z", z)], &[("LayerNorm gamma", gamma)])?;
-            let inputs = LayerNormBackwardInputs::<bf16, bf16> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
-            layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
+        if is_half(dz.dtype()) {
+            self.half_training_operands(OP, dz.dtype(), &[("z", z)], &[("LayerNorm gamma", gamma)])?;
+            by_half_dtype!(dz.dtype(), H => {
+                let inputs = LayerNormBackwardInputs::<H, H> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
+                layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)
+            })?;
         } else {
             let inputs = LayerNormBackwardInputs::<f32, f32> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
             layernorm_backward(&self.gpu, &inputs, &mut self.view_mut(OP, &dz)?, false, None)?;
@@ -971,10 +1069,7 @@ impl Backend for CudaBackend {
     fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation";
         let y = self.empty(x.shape(), activation_dtype(x))?;
-        match y.dtype() {
-            DType::BF16 => elementwise::bias_act::<bf16>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?,
-            _ => elementwise::bias_act::<f32>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None)?,
-        }
+        by_activation_dtype!(y.dtype(), A => elementwise::bias_act::<A>(&self.gpu, &self.view(OP, x)?, None, Some(act), x.last_dim(), &mut self.view_mut(OP, &y)?, None))?;
         Ok(y)
     }
 
@@ -1016,10 +1111,7 @@ impl Backend for CudaBackend {
             activation: params.activation,
         };
         let out = self.empty(x.shape(), activation_dtype(x))?;
-        match out.dtype() {
-            DType::BF16 => nice_forward::<bf16>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?,
-            _ => nice_forward::<f32>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?)?,
-        }
+        by_activation_dtype!(out.dtype(), A => nice_forward::<A>(&self.gpu, &self.view(OP, x)?, &p, inverse, &mut self.view_mut(OP, &out)?))?;
         Ok(out)
     }
 
@@ -1029,11 +1121,11 @@ impl Backend for CudaBackend {
         if out.overlaps(dy) || out.overlaps(w) {
             return Err(Error::Internal(format!("{OP}: the destination overlaps an input")));
         }
-        if dy.dtype() == DType::BF16 {
-            // bf16 training: dy·W on the tensor cores, `out` (+=) rounded once.
-            self.bf16_training_operands(OP, &[("the destination", out)], &[("weight", w)])?;
+        if is_half(dy.dtype()) {
+            // 16-bit training: dy·W on the tensor cores, `out` (+=) rounded once.
+            self.half_training_operands(OP, dy.dtype(), &[("the destination", out)], &[("weight", w)])?;
             self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
-            return elementwise::linear_backward_input::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, dims, &mut self.view_mut(OP, out)?, accumulate);
+            return by_half_dtype!(dy.dtype(), H => elementwise::linear_backward_input::<H>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, w)?, dims, &mut self.view_mut(OP, out)?, accumulate));
         }
         let mut scratch = None;
         let w = self.f32_operand(OP, "weight", w, &mut scratch)?;
@@ -1043,8 +1135,8 @@ impl Backend for CudaBackend {
 
     fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_params";
-        if dy.dtype() == DType::BF16 || x.dtype() == DType::BF16 {
-            // Parameter gradients are f32 (f32 master weights): a bf16 operand (no trainable Linear
+        if is_half(dy.dtype()) || is_half(x.dtype()) {
+            // Parameter gradients are f32 (f32 master weights): a 16-bit operand (no trainable Linear
             // reads one in this model: heads widen their input, adapters have their own op) is
             // widened exactly first.
             let (dy, x) = (self.cast(dy, DType::F32)?, self.cast(x, DType::F32)?);
@@ -1069,9 +1161,9 @@ impl Backend for CudaBackend {
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation_backward";
         let dx = self.empty(dy.shape(), activation_dtype(dy))?;
-        if dx.dtype() == DType::BF16 {
-            self.bf16_training_operands(OP, &[("the pre-activation", pre)], &[])?;
-            elementwise::activation_backward_as::<bf16>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
+        if is_half(dx.dtype()) {
+            self.half_training_operands(OP, dx.dtype(), &[("the pre-activation", pre)], &[])?;
+            by_half_dtype!(dx.dtype(), H => elementwise::activation_backward_as::<H>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?))?;
         } else {
             elementwise::activation_backward(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?)?;
         }
@@ -1140,8 +1232,8 @@ impl Backend for CudaBackend {
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
         const OP: &str = "nice_backward";
-        if x.dtype() == DType::BF16 || dy.dtype() == DType::BF16 {
-            // bf16 training: the invertible adapter runs once per step on the embeddings
+        if is_half(x.dtype()) || is_half(dy.dtype()) {
+            // 16-bit training: the invertible adapter runs once per step on the embeddings
             // ([B·T, H], small next to the encoder), so its backward widens x and dy exactly and
             // runs in f32; its parameter gradients are f32 either way.
             let (x, dy) = (self.cast(x, DType::F32)?, self.cast(dy, DType::F32)?);
@@ -1182,10 +1274,7 @@ impl Backend for CudaBackend {
         const OP: &str = "dropout";
         let y = self.empty(x.shape(), activation_dtype(x))?;
         let d = self.device_dropout(OP, spec)?;
-        match y.dtype() {
-            DType::BF16 => elementwise::dropout::<bf16>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?,
-            _ => elementwise::dropout::<f32>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d)?,
-        }
+        by_activation_dtype!(y.dtype(), A => elementwise::dropout::<A>(&self.gpu, &self.view(OP, x)?, &mut self.view_mut(OP, &y)?, &d))?;
         Ok(y)
     }
 
@@ -1194,11 +1283,9 @@ impl Backend for CudaBackend {
         if a.shape() != b.shape() {
             return Err(Error::shape(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
         }
+        self.same_activation_dtype(OP, ("a", a.dtype()), &[("b", b)])?;
         let y = self.empty(a.shape(), activation_dtype(a))?;
-        match y.dtype() {
-            DType::BF16 => elementwise::add::<bf16>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?,
-            _ => elementwise::add::<f32>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?)?,
-        }
+        by_activation_dtype!(y.dtype(), A => elementwise::add::<A>(&self.gpu, &self.view(OP, a)?, &self.view(OP, b)?, &mut self.view_mut(OP, &y)?))?;
         Ok(y)
     }
 
@@ -1235,8 +1322,8 @@ impl Backend for CudaBackend {
             return Err(Error::Internal(format!("{OP}: the destination overlaps the gradient")));
         }
         match (d.dtype(), out.dtype()) {
-            (DType::BF16, DType::BF16) => elementwise::first_token_backward_as::<bf16>(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate),
-            (DType::BF16, _) | (_, DType::BF16) => Err(Error::Input(format!("{OP}: the gradient is {} and the destination {}; they must share a dtype", d.dtype(), out.dtype()))),
+            (a, o) if a == o && is_half(a) => by_half_dtype!(a, H => elementwise::first_token_backward_as::<H>(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate)),
+            (a, o) if is_half(a) || is_half(o) => Err(Error::Input(format!("{OP}: the gradient is {a} and the destination {o}; they must share a dtype"))),
             _ => elementwise::first_token_backward(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate),
         }
     }
@@ -1248,10 +1335,7 @@ impl Backend for CudaBackend {
             s => return Err(Error::shape(OP, format!("expected [B, T, H], got {s:?}"))),
         };
         let out = self.empty(&[b, h], activation_dtype(x))?;
-        match out.dtype() {
-            DType::BF16 => elementwise::first_token::<bf16>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?,
-            _ => elementwise::first_token::<f32>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?)?,
-        }
+        by_activation_dtype!(out.dtype(), A => elementwise::first_token::<A>(&self.gpu, &self.view(OP, x)?, b, t, h, &mut self.view_mut(OP, &out)?))?;
         Ok(out)
     }
 
@@ -1262,6 +1346,9 @@ impl Backend for CudaBackend {
             (a, b) if a == b => copy_rows(self, t, &out, 0, 0, t.elem_count())?,
             (DType::F32, DType::BF16) => elementwise::cast_f32_to_bf16(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
             (DType::BF16, DType::F32) => elementwise::cast_bf16_to_f32(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
+            (DType::F32, DType::F16) => elementwise::cast_f32_to_f16(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
+            (DType::F16, DType::F32) => elementwise::cast_f16_to_f32(&self.gpu, &self.view(OP, t)?, &mut self.view_mut(OP, &out)?)?,
+            // bf16 <-> f16 would round twice through f32 (neither holds the other): refused.
             (a, b) => return Err(self.unsupported(&format!("cast from {a} to {b}"))),
         }
         Ok(out)
@@ -1273,7 +1360,7 @@ impl Backend for CudaBackend {
             DType::F32 => elementwise::fill_f32(&self.gpu, &mut self.view_mut(OP, t)?, value),
             DType::BF16 => elementwise::fill_bf16(&self.gpu, &mut self.view_mut(OP, t)?, value),
             DType::U32 if value >= 0.0 && value <= u32::MAX as f32 && value.fract() == 0.0 => elementwise::fill_u32(&self.gpu, &mut self.view_mut(OP, t)?, value as u32),
-            DType::F16 if value == 0.0 && value.is_sign_positive() => self.gpu.memset_zero(&mut self.view_mut::<f16>(OP, t)?),
+            DType::F16 => elementwise::fill_f16(&self.gpu, &mut self.view_mut(OP, t)?, value),
             d => Err(Error::Input(format!("{OP}: {value} cannot fill a {d} tensor on {}", self.device))),
         }
     }
@@ -1288,8 +1375,8 @@ impl Backend for CudaBackend {
         }
         // dst = dst + src elementwise: each element is read once, then written.
         match (dst.dtype(), src.dtype()) {
-            (DType::BF16, DType::BF16) => elementwise::add::<bf16>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?),
-            (DType::BF16, _) | (_, DType::BF16) => Err(Error::Input(format!("{OP}: {} += {}; both must share a dtype", dst.dtype(), src.dtype()))),
+            (a, b) if a == b && is_half(a) => by_half_dtype!(a, H => elementwise::add::<H>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?)),
+            (a, b) if is_half(a) || is_half(b) => Err(Error::Input(format!("{OP}: {a} += {b}; both must share a dtype"))),
             _ => elementwise::add::<f32>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?),
         }
     }
@@ -1380,20 +1467,32 @@ fn linear_dims(op: &'static str, dy: &Tensor, w: &Tensor) -> Result<LinearDims> 
     }
 }
 
-/// The activation dtype an op on `x` computes in: bf16 for a bf16 `x` (the `_bf16io` kernels),
-/// else f32 (another dtype is then refused by the f32 view, named).
+/// The activation dtype an op on `x` computes in: bf16 or f16 for a bf16 or f16 `x` (the
+/// `_bf16io` / `_f16io` kernels), else f32 (another dtype is then refused by the f32 view, named).
 fn activation_dtype(x: &Tensor) -> DType {
-    if x.dtype() == DType::BF16 {
-        DType::BF16
+    if is_half(x.dtype()) {
+        x.dtype()
     } else {
         DType::F32
     }
 }
 
-/// The error for a frozen-base tensor `t` that is not bf16 given with bf16 activations.
+/// [`half_needs_same_base`] for bf16 activations.
 fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
+    half_needs_same_base(op, DType::BF16, name, t)
+}
+
+/// Whether `d` is a 16-bit activation storage type (bf16 or f16).
+fn is_half(d: DType) -> bool {
+    matches!(d, DType::BF16 | DType::F16)
+}
+
+/// The error for a frozen-base tensor `t` that is not of `dtype` given with `dtype` (bf16 or
+/// f16) activations.
+fn half_needs_same_base(op: &str, dtype: DType, name: &str, t: &Tensor) -> Error {
+    let variant = if dtype == DType::F16 { "F16" } else { "BF16" };
     Error::Unsupported(format!(
-        "{op}: bf16 activations with {name} {:?} in {}: the bf16 kernels read the frozen base in bf16 (load it with LoadOptions {{ dtype: DType::BF16, .. }})",
+        "{op}: {dtype} activations with {name} {:?} in {}: the {dtype} kernels read the frozen base in {dtype} (load it with LoadOptions {{ dtype: DType::{variant}, .. }})",
         t.shape(),
         t.dtype()
     ))

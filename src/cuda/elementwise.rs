@@ -1,5 +1,5 @@
 //! Launchers for `kernels/elementwise.cu`: bias + activation (where no GEMM epilogue does it),
-//! add, fill, f32 ↔ bf16 casts, and the first-token gather. The spec of each is the CPU backend
+//! add, fill, f32 ↔ bf16 and f32 ↔ f16 casts, and the first-token gather. The spec of each is the CPU backend
 //! (`cpu::reference::activation`, `Backend::{add, fill, cast, first_token}`). The backward
 //! launchers follow, after their own section note: `dy ⊙ act'`, the deterministic bias gradient,
 //! the first-token scatter, and the Linear backward over [`Gpu::gemm`].
@@ -14,22 +14,26 @@
 //! the numbers); a rejected call writes nothing. Zero elements is a no-op. Launches are enqueued
 //! without synchronising on a GPU and run to completion on `cuda-sim`.
 //!
-//! bf16 buffers reach the header-free kernels as `unsigned short*` (their raw bits): the
-//! pointer argument is retyped here, once, in [`bf16_bits_arg`] / [`bf16_bits_arg_mut`].
+//! bf16 and f16 buffers reach the header-free kernels as `unsigned short*` (their raw bits): the
+//! pointer argument is retyped once, by [`ActivationScalar::act_arg`] (and [`bf16_bits_arg`] /
+//! [`bf16_bits_arg_mut`] for bf16).
 //!
 //! Activations may be stored in bf16: [`bias_act`], [`bias_act_in_place`], [`add`] and
 //! [`first_token`] are generic over the [`ActivationScalar`] `A` of every operand (the bias too:
-//! a frozen base's, bf16 with bf16 activations) and pick the `_f32` or `_bf16io` kernel by
-//! `A::DTYPE` (a storage type without a kernel would be [`Error::Unsupported`]). The bf16io
-//! kernels compute in f32 from exactly widened loads and round each stored value once (nearest
-//! even), so their outputs are the f32 kernels' on the widened inputs, rounded once.
+//! a frozen base's, bf16 with bf16 activations) and pick the `_f32`, `_bf16io` or `_f16io` kernel
+//! by `A::DTYPE` (a storage type without a kernel would be [`Error::Unsupported`]). The bf16io and
+//! f16io kernels compute in f32 from exactly widened loads and round each stored value once
+//! (nearest even), so their outputs are the f32 kernels' on the widened inputs, rounded once. The
+//! casts and fills exist for both 16-bit types ([`cast_from_f32`], [`cast_to_f32`],
+//! [`cast_from_f32_strided`] pick by type; [`cast_f32_to_f16`] etc. are the named forms).
 
 use cudarc::driver::LaunchConfig;
-use half::bf16;
+use half::{bf16, f16};
 
 use super::gpu::{ActivationScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::registry::elementwise::{
-    ADD_BF16IO, ADD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F32_TO_BF16, CAST_F32_TO_BF16_STRIDED, COUNT_NONFINITE_F32, FILL_BF16, FILL_F32, FILL_U32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F32,
+    ADD_BF16IO, ADD_F16IO, ADD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F16IO, BIAS_ACT_FORWARD_F32, CAST_BF16_TO_F32, CAST_F16_TO_F32, CAST_F32_TO_BF16, CAST_F32_TO_BF16_STRIDED, CAST_F32_TO_F16,
+    CAST_F32_TO_F16_STRIDED, COUNT_NONFINITE_F32, FILL_BF16, FILL_F16, FILL_F32, FILL_U32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F16IO, FIRST_TOKEN_F32,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::backend::Activation;
@@ -78,12 +82,22 @@ pub fn bf16_bits_arg_mut(v: &DeviceViewMut<'_, bf16>) -> KernelArg {
     KernelArg::Pointer { ptr: v.device_ptr(), elem: ScalarType::U16 }
 }
 
-/// The kernel of a family `[f32, bf16io]` for activations stored as `A`.
-pub(crate) fn pick_activation_kernel<A: ActivationScalar>(op: &str, [f32_kernel, bf16io_kernel]: [KernelName; 2]) -> Result<KernelName> {
+/// The kernel of a family `[f32, bf16io, f16io]` for activations stored as `A`.
+pub(crate) fn pick_activation_kernel<A: ActivationScalar>(op: &str, [f32_kernel, bf16io_kernel, f16io_kernel]: [KernelName; 3]) -> Result<KernelName> {
     match A::DTYPE {
         DType::F32 => Ok(f32_kernel),
         DType::BF16 => Ok(bf16io_kernel),
-        other => Err(Error::Unsupported(format!("{op}: no kernel for {other} activations (there are: f32, bf16)"))),
+        DType::F16 => Ok(f16io_kernel),
+        other => Err(Error::Unsupported(format!("{op}: no kernel for {other} activations (there are: f32, bf16, f16)"))),
+    }
+}
+
+/// The kernel of a 16-bit pair `[bf16, f16]` for `H` (a cast or fill: f32 has none).
+fn pick_half_kernel<H: ActivationScalar>(op: &str, [bf16_kernel, f16_kernel]: [KernelName; 2]) -> Result<KernelName> {
+    match H::DTYPE {
+        DType::BF16 => Ok(bf16_kernel),
+        DType::F16 => Ok(f16_kernel),
+        other => Err(Error::Unsupported(format!("{op}: {other} is not a 16-bit storage type (bf16, f16)"))),
     }
 }
 
@@ -123,7 +137,7 @@ fn flat_len(op: &'static str, n: usize) -> Result<KernelArg> {
 /// must not overlap each other or an input (use [`bias_act_in_place`] for `y = x`).
 pub fn bias_act<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, bias: Option<&DeviceView<'_, A>>, act: Option<Activation>, cols: usize, y: &mut DeviceViewMut<'_, A>, pre: Option<&mut DeviceViewMut<'_, A>>) -> Result<()> {
     const OP: &str = "cuda::bias_act";
-    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F16IO])?;
     let rows = bias_act_rows(OP, x.len(), bias.map(|b| b.len()), cols)?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
     let mut outputs = vec![act_span::<A>("y", y.device_ptr(), y.len())];
@@ -157,7 +171,7 @@ pub fn bias_act<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, bias: Opt
 /// must not overlap `y`.
 pub fn bias_act_in_place<A: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, A>, bias: Option<&DeviceView<'_, A>>, act: Option<Activation>, cols: usize) -> Result<()> {
     const OP: &str = "cuda::bias_act_in_place";
-    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [BIAS_ACT_FORWARD_F32, BIAS_ACT_FORWARD_BF16IO, BIAS_ACT_FORWARD_F16IO])?;
     let rows = bias_act_rows(OP, y.len(), bias.map(|b| b.len()), cols)?;
     if let Some(b) = bias {
         check_disjoint_bytes(OP, &[act_span::<A>("y", y.device_ptr(), y.len())], &[act_span::<A>("bias", b.device_ptr(), b.len())])?;
@@ -203,7 +217,7 @@ fn bias_act_rows(op: &'static str, len: usize, bias: Option<usize>, cols: usize)
 /// elements: each is read, then written, by one thread), but not overlap either otherwise.
 pub fn add<A: ActivationScalar>(gpu: &Gpu, a: &DeviceView<'_, A>, b: &DeviceView<'_, A>, y: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::add";
-    let kernel = pick_activation_kernel::<A>(OP, [ADD_F32, ADD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [ADD_F32, ADD_BF16IO, ADD_F16IO])?;
     expect_len(OP, "b", b.len(), a.len(), "a's length")?;
     expect_len(OP, "y", y.len(), a.len(), "a's length")?;
     let n = flat_len(OP, a.len())?;
@@ -241,27 +255,52 @@ pub fn fill_u32(gpu: &Gpu, y: &mut DeviceViewMut<'_, u32>, value: u32) -> Result
 
 /// Every element of `y` set to `value` rounded to bf16 (nearest even, as `half::bf16::from_f32`).
 pub fn fill_bf16(gpu: &Gpu, y: &mut DeviceViewMut<'_, bf16>, value: f32) -> Result<()> {
-    let n = flat_len("cuda::fill_bf16", y.len())?;
+    fill_16bit(gpu, y, bf16::from_f32(value).to_bits())
+}
+
+/// Every element of `y` set to `value` rounded to f16 (nearest even, as `half::f16::from_f32`:
+/// beyond ±65504 that is ±inf).
+pub fn fill_f16(gpu: &Gpu, y: &mut DeviceViewMut<'_, f16>, value: f32) -> Result<()> {
+    fill_16bit(gpu, y, f16::from_f32(value).to_bits())
+}
+
+/// Every element of a 16-bit `y` set to `bits`.
+fn fill_16bit<H: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, H>, bits: u16) -> Result<()> {
+    const OP: &str = "cuda::fill_half";
+    let kernel = pick_half_kernel::<H>(OP, [FILL_BF16, FILL_F16])?;
+    let n = flat_len(OP, y.len())?;
     if y.is_empty() {
         return Ok(());
     }
-    let bits = KernelArg::U32(bf16::from_f32(value).to_bits() as u32);
-    // SAFETY: y holds n elements.
-    unsafe { gpu.launch(FILL_BF16, flat_launch(y.len()), &[bf16_bits_arg_mut(y), bits, n]) }
+    // SAFETY: y holds n 16-bit elements, the kernel's type.
+    unsafe { gpu.launch(kernel, flat_launch(y.len()), &[H::act_arg_mut(y), KernelArg::U32(bits as u32), n]) }
 }
 
 /// `y = bf16(x)`, round to nearest even: bit-exact with `half::bf16::from_f32` for every non-NaN
 /// input (±inf, subnormals and overflow to inf included); NaN becomes 0x7fff (CUDA's canonical
 /// bf16 NaN; `half` keeps the sign and payload).
 pub fn cast_f32_to_bf16(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, bf16>) -> Result<()> {
-    const OP: &str = "cuda::cast_f32_to_bf16";
+    cast_from_f32(gpu, x, y)
+}
+
+/// `y = f16(x)`, round to nearest even: bit-exact with `half::f16::from_f32` for every non-NaN
+/// input (|x| ≥ 65520 to ±inf, subnormals below 2^-14, ±0 at |x| ≤ 2^-25); NaN becomes 0x7fff
+/// (CUDA's canonical f16 NaN).
+pub fn cast_f32_to_f16(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, f16>) -> Result<()> {
+    cast_from_f32(gpu, x, y)
+}
+
+/// [`cast_f32_to_bf16`] or [`cast_f32_to_f16`] by `H` (`cast_f32_to_bf16` / `cast_f32_to_f16`).
+pub fn cast_from_f32<H: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, H>) -> Result<()> {
+    const OP: &str = "cuda::cast_from_f32";
+    let kernel = pick_half_kernel::<H>(OP, [CAST_F32_TO_BF16, CAST_F32_TO_F16])?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
     let n = flat_len(OP, x.len())?;
     if x.is_empty() {
         return Ok(());
     }
-    // SAFETY: x and y hold n elements each.
-    unsafe { gpu.launch(CAST_F32_TO_BF16, flat_launch(x.len()), &[bf16_bits_arg_mut(y), x.arg(), n]) }
+    // SAFETY: x and y hold n elements each, y of the kernel's type.
+    unsafe { gpu.launch(kernel, flat_launch(x.len()), &[H::act_arg_mut(y), x.arg(), n]) }
 }
 
 /// Where a strided batch of column-major matrices lies in a buffer: element (r, c, b) of the
@@ -290,7 +329,13 @@ impl StridedMatrices {
 /// elements of y between columns (`ld > rows`) or between batches keep their bits. Both views
 /// must hold at least the layout's span; `rows <= ld` ([`Error::Shape`] otherwise).
 pub fn cast_f32_to_bf16_strided(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, bf16>, layout: StridedMatrices) -> Result<()> {
-    const OP: &str = "cuda::cast_f32_to_bf16_strided";
+    cast_from_f32_strided(gpu, x, y, layout)
+}
+
+/// [`cast_f32_to_bf16_strided`] or its f16 twin (`cast_f32_to_f16_strided`) by `H`.
+pub fn cast_from_f32_strided<H: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut DeviceViewMut<'_, H>, layout: StridedMatrices) -> Result<()> {
+    const OP: &str = "cuda::cast_from_f32_strided";
+    let kernel = pick_half_kernel::<H>(OP, [CAST_F32_TO_BF16_STRIDED, CAST_F32_TO_F16_STRIDED])?;
     let StridedMatrices { rows, cols, ld, batch, batch_stride } = layout;
     if rows > ld {
         return Err(Error::shape(OP, format!("rows = {rows} exceed the leading dimension ld = {ld}")));
@@ -310,23 +355,34 @@ pub fn cast_f32_to_bf16_strided(gpu: &Gpu, x: &DeviceView<'_, f32>, y: &mut Devi
     // SAFETY: x and y hold the span; the kernel touches only elements of the layout.
     unsafe {
         gpu.launch(
-            CAST_F32_TO_BF16_STRIDED,
+            kernel,
             flat_launch(count),
-            &[bf16_bits_arg_mut(y), x.arg(), arg(rows), arg(cols), arg(ld), arg(batch), arg(batch_stride)],
+            &[H::act_arg_mut(y), x.arg(), arg(rows), arg(cols), arg(ld), arg(batch), arg(batch_stride)],
         )
     }
 }
 
 /// `y = f32(x)`, exact (bits shifted; a NaN keeps its payload).
 pub fn cast_bf16_to_f32(gpu: &Gpu, x: &DeviceView<'_, bf16>, y: &mut DeviceViewMut<'_, f32>) -> Result<()> {
-    const OP: &str = "cuda::cast_bf16_to_f32";
+    cast_to_f32(gpu, x, y)
+}
+
+/// `y = f32(x)`, exact (subnormals included; a NaN keeps its sign and payload, shifted).
+pub fn cast_f16_to_f32(gpu: &Gpu, x: &DeviceView<'_, f16>, y: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    cast_to_f32(gpu, x, y)
+}
+
+/// [`cast_bf16_to_f32`] or [`cast_f16_to_f32`] by `H`.
+pub fn cast_to_f32<H: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, H>, y: &mut DeviceViewMut<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::cast_to_f32";
+    let kernel = pick_half_kernel::<H>(OP, [CAST_BF16_TO_F32, CAST_F16_TO_F32])?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
     let n = flat_len(OP, x.len())?;
     if x.is_empty() {
         return Ok(());
     }
-    // SAFETY: x and y hold n elements each.
-    unsafe { gpu.launch(CAST_BF16_TO_F32, flat_launch(x.len()), &[y.arg(), bf16_bits_arg(x), n]) }
+    // SAFETY: x and y hold n elements each, x of the kernel's type.
+    unsafe { gpu.launch(kernel, flat_launch(x.len()), &[y.arg(), H::act_arg(x), n]) }
 }
 
 // ---- first-token gather ---------------------------------------------------------------------------
@@ -336,7 +392,7 @@ pub fn cast_bf16_to_f32(gpu: &Gpu, x: &DeviceView<'_, bf16>, y: &mut DeviceViewM
 /// which become 0x7fff); `y` must not overlap `x`. `seq_len` must be at least 1 when `batch > 0`.
 pub fn first_token<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, batch: usize, seq_len: usize, hidden: usize, y: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::first_token";
-    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_F32, FIRST_TOKEN_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_F32, FIRST_TOKEN_BF16IO, FIRST_TOKEN_F16IO])?;
     if seq_len == 0 && batch > 0 {
         return Err(Error::shape(OP, format!("sequence length 0 with batch {batch}: there is no first token")));
     }
@@ -385,7 +441,8 @@ pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
 
 use super::gemm::{Gemm, GemmScalar, Transpose};
 use super::registry::elementwise::{
-    ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F32, FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F32,
+    ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F16IO, ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F16IO, COLUMN_SUMS_PARTIAL_F32,
+    FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F16IO, FIRST_TOKEN_BACKWARD_F32,
 };
 
 /// Rows per chunk of a column sum are at least this many (8 per row lane of a block).
@@ -468,7 +525,7 @@ pub fn activation_backward(gpu: &Gpu, dy: &DeviceView<'_, f32>, pre: &DeviceView
 /// `dy·act'(pre)` in f32 from the widened operands, rounded once).
 pub fn activation_backward_as<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, pre: &DeviceView<'_, A>, act: Option<Activation>, dx: &mut DeviceViewMut<'_, A>) -> Result<()> {
     const OP: &str = "cuda::activation_backward";
-    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F16IO])?;
     expect_len(OP, "pre", pre.len(), dy.len(), "dy's length")?;
     expect_len(OP, "dx", dx.len(), dy.len(), "dy's length")?;
     check_disjoint_bytes(OP, &[act_span::<A>("dx", dx.device_ptr(), dx.len())], &[act_span::<A>("dy", dy.device_ptr(), dy.len()), act_span::<A>("pre", pre.device_ptr(), pre.len())])?;
@@ -486,7 +543,7 @@ pub fn activation_backward_as<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_
 /// bf16 operands as in [`activation_backward_as`].
 pub fn activation_backward_in_place<A: ActivationScalar>(gpu: &Gpu, d: &mut DeviceViewMut<'_, A>, pre: &DeviceView<'_, A>, act: Option<Activation>) -> Result<()> {
     const OP: &str = "cuda::activation_backward_in_place";
-    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [ACTIVATION_BACKWARD_F32, ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F16IO])?;
     expect_len(OP, "pre", pre.len(), d.len(), "d's length")?;
     check_disjoint_bytes(OP, &[act_span::<A>("d", d.device_ptr(), d.len())], &[act_span::<A>("pre", pre.device_ptr(), pre.len())])?;
     let n = flat_len(OP, d.len())?;
@@ -506,7 +563,7 @@ pub fn activation_backward_in_place<A: ActivationScalar>(gpu: &Gpu, d: &mut Devi
 /// `db` and the workspace are f32.
 pub fn bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, cols: usize, db: &mut DeviceViewMut<'_, f32>, accumulate: bool, workspace: &mut DeviceViewMut<'_, f32>) -> Result<()> {
     const OP: &str = "cuda::bias_grad";
-    pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO])?;
+    pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F16IO])?;
     let rows = bias_act_rows(OP, dy.len(), None, cols)?;
     expect_len(OP, "db", db.len(), cols, "cols")?;
     let plan = ColumnChunks::for_rows(rows);
@@ -523,7 +580,7 @@ pub fn bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &DeviceView<'_, A>, cols: u
 #[allow(clippy::too_many_arguments)] // the sum's input, shape and plan, its workspace and output
 fn column_sums<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, rows: usize, cols: usize, plan: ColumnChunks, workspace: &mut DeviceViewMut<'_, f32>, out: &mut DeviceViewMut<'_, f32>, accumulate: bool) -> Result<()> {
     const OP: &str = "cuda::column_sums";
-    let partial = pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO])?;
+    let partial = pick_activation_kernel::<A>(OP, [COLUMN_SUMS_PARTIAL_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F16IO])?;
     if cols == 0 {
         return Ok(());
     }
@@ -551,7 +608,7 @@ pub fn first_token_backward(gpu: &Gpu, d: &DeviceView<'_, f32>, batch: usize, se
 /// the copy and zeros exact, `+=` the f32 sum of the widened values rounded once).
 pub fn first_token_backward_as<A: ActivationScalar>(gpu: &Gpu, d: &DeviceView<'_, A>, batch: usize, seq_len: usize, hidden: usize, out: &mut DeviceViewMut<'_, A>, accumulate: bool) -> Result<()> {
     const OP: &str = "cuda::first_token_backward";
-    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_BACKWARD_F32, FIRST_TOKEN_BACKWARD_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [FIRST_TOKEN_BACKWARD_F32, FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F16IO])?;
     if seq_len == 0 && batch > 0 {
         return Err(Error::shape(OP, format!("sequence length 0 with batch {batch}: there is no first token")));
     }
@@ -712,7 +769,7 @@ mod tests {
 // applies a `DropoutSpec`: a tensor's elements split evenly into `streams.len()` blocks, block j
 // drawing from `streams[j]` with element indices counted from `offset` at its start.
 
-use super::registry::elementwise::{DROPOUT_BF16IO, DROPOUT_F32};
+use super::registry::elementwise::{DROPOUT_BF16IO, DROPOUT_F16IO, DROPOUT_F32};
 use crate::train::dropout::DropoutParams;
 
 /// A `DropoutSpec` resolved for a launch.
@@ -782,7 +839,7 @@ fn dropout_launch(gpu: &Gpu, kernel: KernelName, x: KernelArg, y: KernelArg, par
 /// draws). `x` and `y` do not overlap (in place is [`dropout_in_place`]).
 pub fn dropout<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, y: &mut DeviceViewMut<'_, A>, d: &DeviceDropout<'_>) -> Result<()> {
     const OP: &str = "cuda::dropout";
-    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO, DROPOUT_F16IO])?;
     expect_len(OP, "y", y.len(), x.len(), "x's length")?;
     check_disjoint_bytes(OP, &[act_span::<A>("y", y.device_ptr(), y.len())], &[act_span::<A>("x", x.device_ptr(), x.len())])?;
     let (params, block_len) = dropout_plan(OP, x.len(), d)?;
@@ -795,7 +852,7 @@ pub fn dropout<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, y: &mut De
 /// `dropout` in place (f32 or bf16). p = 0 leaves `y` untouched.
 pub fn dropout_in_place<A: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, A>, d: &DeviceDropout<'_>) -> Result<()> {
     const OP: &str = "cuda::dropout_in_place";
-    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [DROPOUT_F32, DROPOUT_BF16IO, DROPOUT_F16IO])?;
     let (params, block_len) = dropout_plan(OP, y.len(), d)?;
     if params.threshold == 0 {
         return Ok(());

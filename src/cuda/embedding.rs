@@ -28,7 +28,8 @@
 //! (bf16 activations from a bf16 base); bf16 `y` from f32 tables is [`Error::Unsupported`],
 //! before anything is launched. One templated body, loads widened exactly, sums and statistics in
 //! f32 whatever the types: `mean` and `rstd` are f32, and a bf16 `y` is the f32 kernel's `y`
-//! rounded once (to nearest even).
+//! rounded once (to nearest even). f16 is the same: (f32, f16) `_f16`, (f16, f16) `_f16io`; bf16
+//! and f16 never pair.
 //!
 //! Every length is checked before anything is enqueued ([`Error::Shape`] naming the operand and
 //! the numbers), and an output sharing a byte with another operand is [`Error::Input`]; a
@@ -37,7 +38,7 @@
 use super::elementwise::check_disjoint_bytes;
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
 use super::layernorm::LayerNormPlan;
-use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_BF16IO, EMBEDDING_LAYERNORM_FORWARD_F32};
+use super::registry::embedding::{EMBEDDING_LAYERNORM_FORWARD_BF16, EMBEDDING_LAYERNORM_FORWARD_BF16IO, EMBEDDING_LAYERNORM_FORWARD_F16, EMBEDDING_LAYERNORM_FORWARD_F16IO, EMBEDDING_LAYERNORM_FORWARD_F32};
 use super::registry::KernelName;
 use crate::config::Positions;
 use crate::error::{Error, Result};
@@ -256,8 +257,10 @@ fn forward_kernel<T: BaseScalar, A: ActivationScalar>() -> Result<KernelName> {
     match (A::DTYPE, T::DTYPE) {
         (DType::F32, DType::F32) => Ok(EMBEDDING_LAYERNORM_FORWARD_F32),
         (DType::F32, DType::BF16) => Ok(EMBEDDING_LAYERNORM_FORWARD_BF16),
+        (DType::F32, DType::F16) => Ok(EMBEDDING_LAYERNORM_FORWARD_F16),
         (DType::BF16, DType::BF16) => Ok(EMBEDDING_LAYERNORM_FORWARD_BF16IO),
-        (a, t) => Err(Error::Unsupported(format!("{OP}: no kernel for {a} activations with {t} embedding tables (there are: f32 with f32 or bf16, bf16 with bf16)"))),
+        (DType::F16, DType::F16) => Ok(EMBEDDING_LAYERNORM_FORWARD_F16IO),
+        (a, t) => Err(Error::Unsupported(format!("{OP}: no kernel for {a} activations with {t} embedding tables (there are: f32 with f32, bf16 or f16; bf16 with bf16; f16 with f16)"))),
     }
 }
 

@@ -60,10 +60,12 @@
 //! | f32  | f32  | every product of the f32 pipeline (the default) |
 //! | bf16 | f32  | a bf16 product kept in f32 |
 //! | bf16 | bf16 | the bf16 activation pipeline: [`linear_bf16io`] |
+//! | f16  | f32  | an f16 product kept in f32 |
+//! | f16  | f16  | the f16 activation pipeline: [`linear_f16io`] |
 //!
 //! These are rows of cuBLASLt's "Datatypes Supported" table for `cublasLtMatmul` under
-//! `CUBLAS_COMPUTE_32F`; f32 A/B with a bf16 D is not in it and is refused with
-//! [`Error::Unsupported`]. The bias has D's type: cuBLASLt's `CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`
+//! `CUBLAS_COMPUTE_32F`; f32 A/B with a 16-bit D, or a D of the other 16-bit type, is not in it
+//! and is refused with [`Error::Unsupported`]. The bias has D's type: cuBLASLt's `CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`
 //! defaults to "the same type as the elements of the output matrix (Dtype)", which is what the
 //! table lists for these rows, so the descriptor leaves it unset.
 //!
@@ -72,20 +74,23 @@
 //! mantissa bits and would break fp32 parity with the CPU path. The heuristic is additionally
 //! restricted (`CUBLASLT_MATMUL_PREF_IMPL_MASK`) to algorithms whose multiply inputs are fp32, so a
 //! library-wide emulation or TF32 setting cannot slip in; with bf16 inputs, to algorithms whose
-//! multiply inputs hold bf16 exactly (bf16, TF32 or fp32) and whose accumulator is f32.
+//! multiply inputs hold bf16 exactly (bf16, TF32 or fp32) and whose accumulator is f32; with f16
+//! inputs likewise (f16, TF32 or fp32: TF32 keeps f16's 10 mantissa bits and f32's exponent
+//! range, so f16 subnormals too) with an f32 accumulator, never an f16 one.
 //!
-//! A bf16 D with an epilogue or `beta != 0` is computed by [`Gpu::gemm`] with an f32 D in a
-//! staging buffer and rounded once by a cast kernel: cuBLASLt's own bf16-output epilogues round
+//! A bf16 or f16 D with an epilogue or `beta != 0` is computed by [`Gpu::gemm`] with an f32 D in
+//! a staging buffer and rounded once by a cast kernel: cuBLASLt's own bf16-output epilogues round
 //! before the bias and activation and compute them in reduced precision on sm_90 (measured on an
-//! H100: up to 3.7 ulp; see `Gpu::gemm_bf16_staged`).
+//! H100: up to 3.7 ulp; see `Gpu::gemm_half_staged`); an f16 D takes the same path.
 //!
-//! bf16 operands are exact in f32, so a bf16 product differs from the f32 product of the same
-//! (bf16-valued) operands only by summation order and by the one rounding of D when D is bf16.
+//! bf16 and f16 operands are exact in f32, so a 16-bit product differs from the f32 product of
+//! the same (16-bit-valued) operands only by summation order and by the one rounding of D when D
+//! is 16-bit. An f16 D is ±inf beyond ±65504 (the f32 result rounded once, as any f16 store).
 //! [`gemm_host_typed`] makes that literal: it widens A, B, C and the bias to f32, runs the f32
 //! executor (same summation order as [`gemm_host`] on the widened operands) and rounds each
 //! written element of D once, to nearest even. On a GPU cuBLASLt converts the f32 result of the
 //! epilogue to D's type once; its rounding mode is not documented, so GPU tests hold a bf16 D to
-//! twice the error of a plain bf16 product (`tests/support/bf16.rs`), not to bit equality.
+//! twice the error of a plain bf16 (f16) product (`tests/support/bf16.rs`), not to bit equality.
 //!
 //! # Errors
 //!
@@ -154,7 +159,7 @@ impl Epilogue {
     }
 }
 
-/// The element type of A and B (`CUDA_R_32F` or `CUDA_R_16BF`). `alpha`, `beta`, the accumulator
+/// The element type of A and B (`CUDA_R_32F`, `CUDA_R_16BF` or `CUDA_R_16F`). `alpha`, `beta`, the accumulator
 /// and the epilogue are f32 whatever this is; see the module docs for the allowed combinations
 /// with [`OutputType`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -164,16 +169,19 @@ pub enum InputType {
     F32,
     /// bf16 A and B, widened exactly; products accumulate in f32 (`CUBLAS_COMPUTE_32F`).
     BF16,
+    /// IEEE f16 A and B, widened exactly; products accumulate in f32 (`CUBLAS_COMPUTE_32F`).
+    F16,
 }
 
 /// The element type of C, D and the bias (cuBLASLt's Ctype = Dtype, and the bias type it
-/// defaults to). A bf16 D is the f32 result of the epilogue rounded once.
+/// defaults to). A bf16 or f16 D is the f32 result of the epilogue rounded once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OutputType {
     #[default]
     F32,
     BF16,
+    F16,
 }
 
 impl InputType {
@@ -181,7 +189,7 @@ impl InputType {
     pub fn size(self) -> usize {
         match self {
             InputType::F32 => 4,
-            InputType::BF16 => 2,
+            InputType::BF16 | InputType::F16 => 2,
         }
     }
 
@@ -189,6 +197,7 @@ impl InputType {
         match self {
             InputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
             InputType::BF16 => lt::cudaDataType_t::CUDA_R_16BF,
+            InputType::F16 => lt::cudaDataType_t::CUDA_R_16F,
         }
     }
 
@@ -196,6 +205,7 @@ impl InputType {
         match self {
             InputType::F32 => "f32",
             InputType::BF16 => "bf16",
+            InputType::F16 => "f16",
         }
     }
 }
@@ -205,7 +215,7 @@ impl OutputType {
     pub fn size(self) -> usize {
         match self {
             OutputType::F32 => 4,
-            OutputType::BF16 => 2,
+            OutputType::BF16 | OutputType::F16 => 2,
         }
     }
 
@@ -213,13 +223,15 @@ impl OutputType {
         match self {
             OutputType::F32 => lt::cudaDataType_t::CUDA_R_32F,
             OutputType::BF16 => lt::cudaDataType_t::CUDA_R_16BF,
+            OutputType::F16 => lt::cudaDataType_t::CUDA_R_16F,
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             OutputType::F32 => "f32",
             OutputType::BF16 => "bf16",
+            OutputType::F16 => "f16",
         }
     }
 }
@@ -228,11 +240,12 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
-/// An element type a product reads or writes: f32 or bf16. Executors taking typed buffers
+/// An element type a product reads or writes: f32, bf16 or f16. Executors taking typed buffers
 /// ([`gemm_host_typed`], [`Gpu::gemm`]) check the buffers' types against the description's
-/// [`InputType`] and [`OutputType`] with it. Sealed: only f32 and bf16.
+/// [`InputType`] and [`OutputType`] with it. Sealed: only f32, bf16 and f16.
 pub trait GemmScalar: DeviceScalar + sealed::Sealed {
     /// The [`InputType`] of A and B stored as this type.
     const INPUT: InputType;
@@ -263,6 +276,17 @@ impl GemmScalar for half::bf16 {
     }
     fn narrow(x: f32) -> half::bf16 {
         half::bf16::from_f32(x)
+    }
+}
+
+impl GemmScalar for half::f16 {
+    const INPUT: InputType = InputType::F16;
+    const OUTPUT: OutputType = OutputType::F16;
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(x: f32) -> half::f16 {
+        half::f16::from_f32(x)
     }
 }
 
@@ -406,10 +430,14 @@ impl Gemm {
     /// [`Error::Unsupported`] for element types cuBLASLt has no `CUBLAS_COMPUTE_32F` product for.
     fn check_types(&self) -> Result<()> {
         match (self.inputs, self.output) {
-            (InputType::F32, OutputType::F32) | (InputType::BF16, OutputType::F32) | (InputType::BF16, OutputType::BF16) => Ok(()),
+            (InputType::F32, OutputType::F32)
+            | (InputType::BF16, OutputType::F32)
+            | (InputType::BF16, OutputType::BF16)
+            | (InputType::F16, OutputType::F32)
+            | (InputType::F16, OutputType::F16) => Ok(()),
             (i, o) => Err(Error::Unsupported(format!(
                 "{OP}: D (and C, bias) in {} with A and B in {}: cuBLASLt has no such product under CUBLAS_COMPUTE_32F \
-                 (a bf16 D needs bf16 A and B; f32 A and B give an f32 D)",
+                 (a bf16 D needs bf16 A and B, an f16 D f16 A and B; f32 A and B give an f32 D)",
                 o.name(),
                 i.name()
             ))),
@@ -593,7 +621,7 @@ fn relu(x: f32) -> f32 {
 
 /// Runs `g` on the CPU: `c` holds C on entry and D on return. Same semantics as [`LtGemm::run`]
 /// (see the module docs), validated first with [`Gemm::validate`]. f32 operands only (`g` must
-/// have the default types); [`gemm_host_typed`] takes bf16 ones too.
+/// have the default types); [`gemm_host_typed`] takes bf16 and f16 ones too.
 ///
 /// Products go to the `gemm` crate (which computes `dst = α·dst + β·lhs·rhs`, so cuBLAS's
 /// `beta` becomes its `α` and `alpha` its `β`; `beta == 0` tells it not to read C at all).
@@ -604,11 +632,11 @@ pub fn gemm_host(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f
     gemm_host_typed(g, a, b, c, bias)
 }
 
-/// [`gemm_host`] over f32 or bf16 buffers: A and B of `I` (`g.inputs`), C, D and the bias of `O`
-/// (`g.output`), checked with [`Gemm::check_element_types`] after [`Gemm::validate`].
+/// [`gemm_host`] over f32, bf16 or f16 buffers: A and B of `I` (`g.inputs`), C, D and the bias of
+/// `O` (`g.output`), checked with [`Gemm::check_element_types`] after [`Gemm::validate`].
 ///
-/// bf16 operands are widened (exactly) into f32 copies and the f32 executor runs on them, so the
-/// summation order is [`gemm_host`]'s on the widened values; a bf16 D is each written element of
+/// 16-bit operands are widened (exactly) into f32 copies and the f32 executor runs on them, so the
+/// summation order is [`gemm_host`]'s on the widened values; a 16-bit D is each written element of
 /// that f32 result rounded once to nearest even. Elements of C's buffer outside the product keep
 /// their bits, as with f32.
 pub fn gemm_host_typed<I: GemmScalar, O: GemmScalar>(g: &Gemm, a: &[I], b: &[I], c: &mut [O], bias: Option<&[O]>) -> Result<()> {
@@ -761,12 +789,13 @@ fn host_batch(g: &Gemm, layout: &HostLayout, a: &[f32], b: &[f32], block: &mut [
     }
 }
 
-// ---- a bf16 Linear -------------------------------------------------------------------------------
+// ---- a bf16 or f16 Linear ------------------------------------------------------------------------
 
 /// `y[rows, d_out] = act(x[rows, d_in]·Wᵀ + b)` with x, `W: [d_out, d_in]` (HF layout), b and y
 /// all bf16: the bf16 activation pipeline's Linear. One product ([`Gpu::gemm`]: cuBLASLt on a
 /// GPU, [`gemm_host_typed`] on cuda-sim) with bf16 A and B, f32 accumulation, and the bias and
-/// activation in its epilogue, in f32; y is that f32 value rounded once to bf16. As everywhere
+/// activation in its epilogue, in f32; y is that f32 value rounded once to bf16. [`linear_f16io`]
+/// is the same in f16; [`linear_16io`] is both. As everywhere
 /// here it is the column-major `yᵀ = W·xᵀ` on the same bytes (transa = Yes, m = d_out, n = rows,
 /// k = d_in).
 ///
@@ -779,14 +808,30 @@ fn host_batch(g: &Gemm, layout: &HostLayout, a: &[f32], b: &[f32], block: &mut [
 /// Every view must hold exactly its tensor (`x`: rows·d_in, `w`: d_out·d_in, `b`: d_out, `y`:
 /// rows·d_out): [`Error::Shape`] naming the operand otherwise; `y` may not overlap an input.
 pub fn linear_bf16io(gpu: &Gpu, x: &DeviceView<'_, half::bf16>, w: &DeviceView<'_, half::bf16>, b: Option<&DeviceView<'_, half::bf16>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, half::bf16>) -> Result<()> {
-    const OP: &str = "cuda::linear_bf16io";
+    linear_16io(gpu, x, w, b, dims, act, y)
+}
+
+/// [`linear_bf16io`] in f16: x, W, b and y f16, f32 accumulation and epilogue, y rounded once
+/// (±inf beyond ±65504).
+pub fn linear_f16io(gpu: &Gpu, x: &DeviceView<'_, half::f16>, w: &DeviceView<'_, half::f16>, b: Option<&DeviceView<'_, half::f16>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, half::f16>) -> Result<()> {
+    linear_16io(gpu, x, w, b, dims, act, y)
+}
+
+/// [`linear_bf16io`] or [`linear_f16io`] by the 16-bit storage `H`; f32 is [`Error::Unsupported`]
+/// (the f32 pipeline's Linear is the backend's).
+pub fn linear_16io<H: GemmScalar>(gpu: &Gpu, x: &DeviceView<'_, H>, w: &DeviceView<'_, H>, b: Option<&DeviceView<'_, H>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, H>) -> Result<()> {
+    let op = match H::INPUT {
+        InputType::BF16 => "cuda::linear_bf16io",
+        InputType::F16 => "cuda::linear_f16io",
+        InputType::F32 => return Err(Error::Unsupported("cuda::linear_16io: f32 x, W and y are not a 16-bit Linear".into())),
+    };
     let LinearDims { rows, d_in, d_out } = dims;
     let what = format!("rows = {rows}, d_in = {d_in}, d_out = {d_out}");
-    let mul = |a: usize, c: usize| a.checked_mul(c).ok_or_else(|| Error::shape(OP, format!("{what}: {a} × {c} overflows usize")));
+    let mul = |a: usize, c: usize| a.checked_mul(c).ok_or_else(|| Error::shape(op, format!("{what}: {a} × {c} overflows usize")));
     let lens = [("x", x.len(), mul(rows, d_in)?, "rows·d_in"), ("W", w.len(), mul(d_out, d_in)?, "d_out·d_in"), ("y", y.len(), mul(rows, d_out)?, "rows·d_out")];
     for (name, got, want, formula) in lens.into_iter().chain(b.map(|b| ("b", b.len(), d_out, "d_out"))) {
         if got != want {
-            return Err(Error::shape(OP, format!("{name} has {got} elements, expected {formula} = {want} ({what})")));
+            return Err(Error::shape(op, format!("{name} has {got} elements, expected {formula} = {want} ({what})")));
         }
     }
     let epilogue = match (act, b.is_some()) {
@@ -795,15 +840,15 @@ pub fn linear_bf16io(gpu: &Gpu, x: &DeviceView<'_, half::bf16>, w: &DeviceView<'
         (Some(Activation::Relu), true) => Epilogue::ReluBias,
         (Some(Activation::GeluNew), true) => Epilogue::GeluBias,
         (Some(a @ (Activation::Relu | Activation::GeluNew)), false) => {
-            return Err(Error::Unsupported(format!("{OP}: activation {a:?} without a bias: only the bias + activation epilogues are described (give a zero bias)")));
+            return Err(Error::Unsupported(format!("{op}: activation {a:?} without a bias: only the bias + activation epilogues are described (give a zero bias)")));
         }
         (Some(a), _) => {
             return Err(Error::Unsupported(format!(
-                "{OP}: activation {a:?} has no cuBLASLt epilogue (only Relu and GeluNew, the tanh GELU, do); apply it as its own pass"
+                "{op}: activation {a:?} has no cuBLASLt epilogue (only Relu and GeluNew, the tanh GELU, do); apply it as its own pass"
             )));
         }
     };
-    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue).with_types(InputType::BF16, OutputType::BF16);
+    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue).with_types(H::INPUT, H::OUTPUT);
     gpu.gemm(&g, w, x, y, b)
 }
 
@@ -828,8 +873,9 @@ pub fn cublaslt_available() -> bool {
 }
 
 /// `cublasLtNumericalImplFlags_t` bits (cublasLt.h defines them as macros, cudarc has no constants):
-/// the multiply-input kinds with the bf16, TF32 and fp32 ones, and the accumulator kinds with fp32.
+/// the multiply-input kinds with the f16, bf16, TF32 and fp32 ones, and the accumulator kinds with fp32.
 const IMPL_FLAGS_OP_INPUT_TYPE_MASK: u64 = 0xff << 16;
+const IMPL_FLAGS_INPUT_16F: u64 = 0x01 << 16;
 const IMPL_FLAGS_INPUT_16BF: u64 = 0x02 << 16;
 const IMPL_FLAGS_INPUT_TF32: u64 = 0x04 << 16;
 const IMPL_FLAGS_INPUT_32F: u64 = 0x08 << 16;
@@ -840,12 +886,17 @@ const IMPL_FLAGS_ACCUMULATOR_32F: u64 = 0x02 << 8;
 /// its implementation flags are in the mask. f32 inputs: fp32 multiply inputs only (no TF32, no
 /// bf16 emulation). bf16 inputs: any multiply input that holds a bf16 value exactly (bf16 tensor
 /// cores, or bf16 converted to TF32 or fp32 for a SIMT fallback, which odd leading dimensions may
-/// need), and an fp32 accumulator.
+/// need), and an fp32 accumulator. f16 inputs: the same with f16 tensor cores in place of bf16
+/// ones (TF32 holds every f16 value exactly, subnormals included), and an fp32 accumulator: never
+/// the f16-accumulating kernels.
 fn impl_mask(inputs: InputType) -> u64 {
     match inputs {
         InputType::F32 => !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F,
         InputType::BF16 => {
             !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK) | IMPL_FLAGS_INPUT_16BF | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F | IMPL_FLAGS_ACCUMULATOR_32F
+        }
+        InputType::F16 => {
+            !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK) | IMPL_FLAGS_INPUT_16F | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F | IMPL_FLAGS_ACCUMULATOR_32F
         }
     }
 }
@@ -980,11 +1031,11 @@ fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize, elem_size: us
 /// What it relies on in cuBLASLt (cuBLAS docs, sections `cublasLtMatmul`, `cublasLtEpilogue_t`,
 /// `cublasLtMatmulDescAttributes_t`, `cublasLtMatmulPreferenceAttributes_t`,
 /// `cublasLtMatrixLayoutAttribute_t`, and cublasLt.h):
-/// - `CUBLAS_COMPUTE_32F` with scale type `CUDA_R_32F`; A and B `CUDA_R_32F` or `CUDA_R_16BF`,
-///   C and D `CUDA_R_32F`, or `CUDA_R_16BF` with bf16 A and B (the module docs' table); the
+/// - `CUBLAS_COMPUTE_32F` with scale type `CUDA_R_32F`; A and B `CUDA_R_32F`, `CUDA_R_16BF` or
+///   `CUDA_R_16F`, C and D `CUDA_R_32F`, or A's 16-bit type (the module docs' table); the
 ///   bias in D's type (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE` left at its default). The heuristic
 ///   is limited through `CUBLASLT_MATMUL_PREF_IMPL_MASK` (see `impl_mask`) to fp32 multiply
-///   inputs for f32, and to exact multiply inputs with an fp32 accumulator for bf16.
+///   inputs for f32, and to exact multiply inputs with an fp32 accumulator for bf16 and f16.
 /// - In place: C and D are the same pointer with the same layout (`C == D and Cdesc == Ddesc`).
 ///   `CUBLASLT_MATMUL_DESC_TRANSC` only supports N, which is all `Gemm` describes.
 /// - Strided batches: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` and `..._STRIDED_BATCH_OFFSET` on each
@@ -1004,7 +1055,7 @@ fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize, elem_size: us
 /// - `k == 0`: rather than hand cuBLASLt an empty dimension, `run` multiplies a zero `m × 1`
 ///   column by a zero `1 × n` row (both broadcast over batches, from a zero buffer kept here), so
 ///   the product is exactly 0 and D = act(beta·C + bias) follows from the normal path. The
-///   buffer's all-zero bits are zeros of bf16 too, and twice as many of them.
+///   buffer's all-zero bits are zeros of bf16 and f16 too, and twice as many of them.
 /// - `beta == 0` must leave C unread; cuBLAS states this for its GEMMs and the GPU test in
 ///   `tests/gemm.rs` checks it for cuBLASLt with a NaN-filled C.
 pub struct LtGemm {
@@ -1422,9 +1473,25 @@ mod tests {
     #[test]
     fn element_types() {
         let ok = g(Transpose::Yes, Transpose::No, 3, 4, 5);
-        for (i, o) in [(InputType::F32, OutputType::F32), (InputType::BF16, OutputType::F32), (InputType::BF16, OutputType::BF16)] {
+        for (i, o) in [(InputType::F32, OutputType::F32), (InputType::BF16, OutputType::F32), (InputType::BF16, OutputType::BF16), (InputType::F16, OutputType::F32), (InputType::F16, OutputType::F16)] {
             ok.with_types(i, o).validate(15, 20, 12, None).unwrap();
         }
+        // A 16-bit D needs A and B of the same 16-bit type; f16 and bf16 never mix.
+        for (i, o, words) in [
+            (InputType::F32, OutputType::F16, "in f16 with A and B in f32"),
+            (InputType::BF16, OutputType::F16, "in f16 with A and B in bf16"),
+            (InputType::F16, OutputType::BF16, "in bf16 with A and B in f16"),
+        ] {
+            let e = ok.with_types(i, o).validate(15, 20, 12, None).expect_err(words);
+            assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(words), "{e}");
+        }
+        let hf = ok.with_types(InputType::F16, OutputType::F16);
+        hf.check_element_types::<half::f16, half::f16>().unwrap();
+        let e = hf.check_element_types::<half::bf16, half::f16>().unwrap_err();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains("A and B: the description says f16") && e.to_string().contains("hold bf16"), "{e}");
+        let e = hf.check_element_types::<half::f16, half::bf16>().unwrap_err();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains("C (D) and bias: the description says f16") && e.to_string().contains("hold bf16"), "{e}");
+        assert_eq!((InputType::F16.size(), OutputType::F16.size()), (2, 2));
         // f32 A/B with a bf16 D is not a cuBLASLt product: Unsupported, from every entry point.
         let bad = ok.with_types(InputType::F32, OutputType::BF16);
         for r in [bad.validate(15, 20, 12, None), bad.required_lengths().map(|_| ()), bad.check_element_types::<f32, half::bf16>()] {
@@ -1456,6 +1523,11 @@ mod tests {
         assert_eq!(b & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x02 | 0x04 | 0x08) << 16);
         assert_eq!(b & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
         assert_eq!(b & 0xff, 0xff, "any instruction kind (FMA, HMMA, ...)");
+        // f16: f16, TF32 or fp32 multiply inputs (not bf16: 0x02), fp32 accumulation only (not fp16: 0x01 << 8).
+        let h = impl_mask(InputType::F16);
+        assert_eq!(h & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x01 | 0x04 | 0x08) << 16);
+        assert_eq!(h & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
+        assert_eq!(h & 0xff, 0xff);
     }
 
     #[test]

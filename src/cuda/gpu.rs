@@ -987,7 +987,7 @@ impl Gpu {
 
     /// `C = act(alpha·op(A)·op(B) + beta·C + bias)` with cuBLASLt semantics (see
     /// [`super::gemm`]): cuBLASLt on a GPU, the same description on the CPU under cuda-sim
-    /// ([`super::gemm::gemm_host_typed`]). A and B are `I`, C and the bias `O` (f32 or bf16), as
+    /// ([`super::gemm::gemm_host_typed`]). A and B are `I`, C and the bias `O` (f32, bf16 or f16), as
     /// the description's `inputs` and `output` say. Every length and type is validated first; C
     /// may not overlap A, B or the bias.
     pub fn gemm<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
@@ -1006,13 +1006,16 @@ impl Gpu {
                 }
             }
         }
-        if O::OUTPUT == OutputType::BF16 && (g.epilogue != Epilogue::None || g.beta != 0.0) && !g.is_noop() {
-            return self.gemm_bf16_staged(g, a, b, c, bias);
+        if O::OUTPUT != OutputType::F32 && (g.epilogue != Epilogue::None || g.beta != 0.0) && !g.is_noop() {
+            return match O::OUTPUT {
+                OutputType::F16 => self.gemm_half_staged::<I, O, half::f16>(g, a, b, c, bias),
+                _ => self.gemm_half_staged::<I, O, half::bf16>(g, a, b, c, bias),
+            };
         }
         self.gemm_validated(g, a, b, c, bias)
     }
 
-    /// A bf16 D with an epilogue or `beta != 0`, rounded once. cuBLASLt's bf16-output kernels on
+    /// A bf16 or f16 D (`H`, which is `O`) with an epilogue or `beta != 0`, rounded once. cuBLASLt's bf16-output kernels on
     /// sm_90 apply the bias, the activation and `beta·C` after an intermediate rounding and in
     /// reduced precision (seen on an H100, docs/gpu-log.md 2026-11-27: up to 1 ulp with the bias,
     /// 2.7 ulp with `beta·C`, 3.7 ulp with the GELU, where one rounding is ½ ulp), which breaks
@@ -1020,17 +1023,22 @@ impl Gpu {
     /// span, with the bias widened to f32 (exact), and our cast kernel rounds each element of the
     /// product once (C's span is widened into the staging copy first when `beta·C` reads it; a
     /// padded C's gaps are never written). Both executors take this path, so cuda-sim runs it.
-    fn gemm_bf16_staged<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
+    /// An f16 D goes the same way: one rounding of the f32 epilogue, the bf16 rule's semantics.
+    fn gemm_half_staged<I: GemmScalar, O: GemmScalar, H: GemmScalar + ActivationScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
+        if O::OUTPUT != H::OUTPUT {
+            return Err(Error::internal(format!("gemm: a {} D staged as {}", O::OUTPUT.name(), H::OUTPUT.name())));
+        }
         let span = g.required_lengths()?.c;
-        let mut c16 = DeviceViewMut::<half::bf16> { ptr: c.ptr, len: span, _borrow: PhantomData };
+        // O is H (checked above): the same 2-byte elements, retyped for the cast kernels.
+        let mut c16 = DeviceViewMut::<H> { ptr: c.ptr, len: span, _borrow: PhantomData };
         let mut wide = self.alloc::<f32>(span)?;
         if g.beta != 0.0 {
-            super::elementwise::cast_bf16_to_f32(self, &c16.as_view(), &mut wide.view_mut())?;
+            super::elementwise::cast_to_f32(self, &c16.as_view(), &mut wide.view_mut())?;
         }
         let wide_bias = match bias {
             Some(v) => {
                 let mut w = self.alloc::<f32>(v.len)?;
-                super::elementwise::cast_bf16_to_f32(self, &DeviceView { ptr: v.ptr, len: v.len, _borrow: PhantomData }, &mut w.view_mut())?;
+                super::elementwise::cast_to_f32(self, &DeviceView::<H> { ptr: v.ptr, len: v.len, _borrow: PhantomData }, &mut w.view_mut())?;
                 Some(w)
             }
             None => None,
@@ -1038,10 +1046,10 @@ impl Gpu {
         let g32 = g.with_types(g.inputs, OutputType::F32);
         self.gemm_validated::<I, f32>(&g32, a, b, &mut wide.view_mut(), wide_bias.as_ref().map(|w| w.view()).as_ref())?;
         if span == g.m * g.n * g.batch {
-            super::elementwise::cast_f32_to_bf16(self, &wide.view(), &mut c16)
+            super::elementwise::cast_from_f32(self, &wide.view(), &mut c16)
         } else {
             let layout = super::elementwise::StridedMatrices { rows: g.m, cols: g.n, ld: g.ldc, batch: g.batch, batch_stride: g.stride_c };
-            super::elementwise::cast_f32_to_bf16_strided(self, &wide.view(), &mut c16, layout)
+            super::elementwise::cast_from_f32_strided(self, &wide.view(), &mut c16, layout)
         }
     }
 

@@ -17,7 +17,8 @@
 //! bf16) `_bf16io` (every kernel of the file); any other pair is [`Error::Unsupported`], before
 //! anything is launched. All variants are one templated body each, computing in f32: mean, rstd,
 //! the stats and the dγ/dβ partials stay f32, and a bf16 output is the f32 kernel's output on the
-//! widened inputs rounded once (to nearest even).
+//! widened inputs rounded once (to nearest even). f16 is the same: (f32, f16) `_f16` and (f16,
+//! f16) `_f16io`, the same bodies over f16 storage; bf16 and f16 never pair.
 //!
 //! The launcher validates every length against `rows`/`cols` and returns [`Error::Shape`] before
 //! launching, so the kernel never indexes outside the views it is given. It is written once over
@@ -27,7 +28,9 @@
 use cudarc::driver::LaunchConfig;
 
 use super::gpu::{ActivationScalar, BaseScalar, DeviceScalar, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::layernorm::{RESIDUAL_LAYERNORM_FORWARD_BF16, RESIDUAL_LAYERNORM_FORWARD_BF16IO, RESIDUAL_LAYERNORM_FORWARD_F32};
+use super::registry::layernorm::{
+    RESIDUAL_LAYERNORM_FORWARD_BF16, RESIDUAL_LAYERNORM_FORWARD_BF16IO, RESIDUAL_LAYERNORM_FORWARD_F16, RESIDUAL_LAYERNORM_FORWARD_F16IO, RESIDUAL_LAYERNORM_FORWARD_F32,
+};
 use super::registry::KernelName;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -194,21 +197,23 @@ impl LayerNormSizes {
 }
 
 /// The kernel variant for activations stored as `A` and γ, β stored as `P`, of the family
-/// `[f32, bf16, bf16io]` (`None` where the file has no such kernel); `Error::Unsupported` for a
-/// pair without one.
-fn pick_kernel<A: ActivationScalar, P: BaseScalar>(op: &str, [f32_kernel, bf16_kernel, bf16io_kernel]: [Option<KernelName>; 3]) -> Result<KernelName> {
+/// `[f32, bf16, f16, bf16io, f16io]` (`None` where the file has no such kernel; `bf16` and `f16`
+/// are f32 activations over a 16-bit base); `Error::Unsupported` for a pair without one.
+fn pick_kernel<A: ActivationScalar, P: BaseScalar>(op: &str, [f32_kernel, bf16_kernel, f16_kernel, bf16io_kernel, f16io_kernel]: [Option<KernelName>; 5]) -> Result<KernelName> {
     let kernel = match (A::DTYPE, P::DTYPE) {
         (DType::F32, DType::F32) => f32_kernel,
         (DType::F32, DType::BF16) => bf16_kernel,
+        (DType::F32, DType::F16) => f16_kernel,
         (DType::BF16, DType::BF16) => bf16io_kernel,
+        (DType::F16, DType::F16) => f16io_kernel,
         _ => None,
     };
     kernel.ok_or_else(|| {
         Error::Unsupported(format!(
-            "{op}: no kernel for {} activations with {} LayerNorm parameters (there are: f32 with f32{}, bf16 with bf16)",
+            "{op}: no kernel for {} activations with {} LayerNorm parameters (there are: f32 with f32{}, bf16 with bf16, f16 with f16)",
             A::DTYPE,
             P::DTYPE,
-            if bf16_kernel.is_some() { " or bf16" } else { "" }
+            if bf16_kernel.is_some() { ", bf16 or f16" } else { "" }
         ))
     })
 }
@@ -237,7 +242,7 @@ pub fn residual_layernorm_forward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu,
 /// As [`residual_layernorm_forward`], with an explicit launch plan (validated).
 pub fn residual_layernorm_forward_with_plan<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormOutputs<'_, A>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
-    let kernel = pick_kernel::<A, P>(OP, [Some(RESIDUAL_LAYERNORM_FORWARD_F32), Some(RESIDUAL_LAYERNORM_FORWARD_BF16), Some(RESIDUAL_LAYERNORM_FORWARD_BF16IO)])?;
+    let kernel = pick_kernel::<A, P>(OP, [Some(RESIDUAL_LAYERNORM_FORWARD_F32), Some(RESIDUAL_LAYERNORM_FORWARD_BF16), Some(RESIDUAL_LAYERNORM_FORWARD_F16), Some(RESIDUAL_LAYERNORM_FORWARD_BF16IO), Some(RESIDUAL_LAYERNORM_FORWARD_F16IO)])?;
     launch_sizes!(inputs, outputs).check(inputs.eps)?;
     plan.validate(cols)?;
     if rows == 0 {
@@ -277,7 +282,8 @@ pub fn residual_layernorm_forward_with_plan<P: BaseScalar, A: ActivationScalar>(
 use super::elementwise::{check_disjoint_bytes, expect_len, finalize_launch, ColumnChunks};
 use super::registry::elementwise::COLUMN_SUMS_FINALIZE_F32;
 use super::registry::layernorm::{
-    LAYERNORM_BACKWARD_BF16IO, LAYERNORM_BACKWARD_F32, LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO, LAYERNORM_PARAM_GRAD_PARTIAL_F32, RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32,
+    LAYERNORM_BACKWARD_BF16IO, LAYERNORM_BACKWARD_F16IO, LAYERNORM_BACKWARD_F32, LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO, LAYERNORM_PARAM_GRAD_PARTIAL_F16IO, LAYERNORM_PARAM_GRAD_PARTIAL_F32,
+    RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F16IO, RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32,
 };
 
 const OP_TRAIN: &str = "cuda::residual_layernorm_forward_train";
@@ -302,7 +308,7 @@ pub fn residual_layernorm_forward_train<P: BaseScalar, A: ActivationScalar>(gpu:
 /// As [`residual_layernorm_forward_train`], with an explicit launch plan (validated).
 pub fn residual_layernorm_forward_train_with_plan<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LayerNormInputs<'_, P, A>, outputs: &mut LayerNormTrainOutputs<'_, A>, plan: LayerNormPlan) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
-    let kernel = pick_kernel::<A, P>(OP_TRAIN, [Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32), None, Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO)])?;
+    let kernel = pick_kernel::<A, P>(OP_TRAIN, [Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F32), None, None, Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_BF16IO), Some(RESIDUAL_LAYERNORM_FORWARD_TRAIN_F16IO)])?;
     // The forward's checks (mean and rstd stand for the stats' two columns), then z and stats.
     let sizes = LayerNormSizes {
         rows,
@@ -423,8 +429,8 @@ pub fn layernorm_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
     plan: LayerNormPlan,
 ) -> Result<()> {
     let (rows, cols) = (inputs.rows, inputs.cols);
-    let dz_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_BACKWARD_F32), None, Some(LAYERNORM_BACKWARD_BF16IO)])?;
-    let partial_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_PARAM_GRAD_PARTIAL_F32), None, Some(LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO)])?;
+    let dz_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_BACKWARD_F32), None, None, Some(LAYERNORM_BACKWARD_BF16IO), Some(LAYERNORM_BACKWARD_F16IO)])?;
+    let partial_kernel = pick_kernel::<A, P>(OP_BWD, [Some(LAYERNORM_PARAM_GRAD_PARTIAL_F32), None, None, Some(LAYERNORM_PARAM_GRAD_PARTIAL_BF16IO), Some(LAYERNORM_PARAM_GRAD_PARTIAL_F16IO)])?;
     if cols == 0 {
         return Err(Error::shape(OP_BWD, "cols must be at least 1".to_string()));
     }

@@ -24,7 +24,8 @@
 //! exactly into the f32 scratch, and a couple rounds `out` once (nearest even) and hands the next
 //! subnet that stored value, so G reads exactly the bf16 `y1` the output holds (the inverse, which
 //! reads `y1` from a bf16 `out`, then recomputes the same `G(y1)`). The first coupled half is the
-//! f32 computation rounded once; the second is computed from the rounded first.
+//! f32 computation rounded once; the second is computed from the rounded first. f16 activations
+//! are the same with `nice_split_f16io` / `nice_couple_f16io`.
 //!
 //! Scratch lives in a [`NiceWorkspace`]; [`nice_forward`] allocates one per call, and
 //! [`nice_forward_with_workspace`] reuses one sized for at most `rows` rows (the model's way: no
@@ -35,7 +36,7 @@
 use super::elementwise::{bias_act_in_place, check_disjoint_bytes, checked_matrix, expect_len, pick_activation_kernel, row_launch};
 use super::gemm::{Epilogue, Gemm, Transpose};
 use super::gpu::{ActivationScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, KernelArg};
-use super::registry::nice::{NICE_COUPLE_BF16IO, NICE_COUPLE_F32, NICE_SPLIT_BF16IO, NICE_SPLIT_F32};
+use super::registry::nice::{NICE_COUPLE_BF16IO, NICE_COUPLE_F16IO, NICE_COUPLE_F32, NICE_SPLIT_BF16IO, NICE_SPLIT_F16IO, NICE_SPLIT_F32};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
 
@@ -189,7 +190,7 @@ pub fn nice_forward_with_workspace<A: ActivationScalar>(gpu: &Gpu, x: &DeviceVie
 /// Rows of `x` (`x.len() / H`), with `out` the same length, apart from `x`, and both within the
 /// kernels' `int`s; and the kernels exist for `A`.
 fn check_io<A: ActivationScalar>(x: &DeviceView<'_, A>, out: &DeviceViewMut<'_, A>, d: NiceDims) -> Result<usize> {
-    pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO])?;
+    pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO, NICE_SPLIT_F16IO])?;
     let rows = check_lens(x.len(), out.len(), d)?;
     let bytes = std::mem::size_of::<A>();
     check_disjoint_bytes(OP, &[("out", out.device_ptr(), out.len() * bytes)], &[("x", x.device_ptr(), x.len() * bytes)])?;
@@ -212,7 +213,7 @@ fn check_lens(x_len: usize, out_len: usize, d: NiceDims) -> Result<usize> {
 /// `half = x[:, col0 .. col0 + width]`, `x` of `A` (f32 or bf16, widened exactly), `half` f32.
 pub fn split_columns<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, rows: usize, col0: usize, width: usize, half: &mut DeviceViewMut<'_, f32>) -> Result<()> {
     const OP: &str = "cuda::split_columns";
-    let kernel = pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [NICE_SPLIT_F32, NICE_SPLIT_BF16IO, NICE_SPLIT_F16IO])?;
     if rows == 0 || width == 0 {
         return Ok(());
     }
@@ -232,7 +233,7 @@ pub fn split_columns<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, rows
 /// copied to `half_out` when given.
 #[allow(clippy::too_many_arguments)] // the kernel's operands and the half's position
 fn couple<A: ActivationScalar>(gpu: &Gpu, out: &mut DeviceViewMut<'_, A>, half_out: Option<&mut DeviceViewMut<'_, f32>>, x: &DeviceView<'_, A>, delta: &DeviceView<'_, f32>, rows: usize, col0: usize, width: usize, sign: f32) -> Result<()> {
-    let kernel = pick_activation_kernel::<A>(OP, [NICE_COUPLE_F32, NICE_COUPLE_BF16IO])?;
+    let kernel = pick_activation_kernel::<A>(OP, [NICE_COUPLE_F32, NICE_COUPLE_BF16IO, NICE_COUPLE_F16IO])?;
     let hidden = x.len() / rows;
     let args = [
         A::act_arg_mut(out),
