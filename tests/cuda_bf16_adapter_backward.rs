@@ -428,3 +428,69 @@ fn half_refusals<H: Io>(gpu: &Gpu) {
     assert!(gpu.download(&dhf.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote dh");
 }
 test_both!(half_backward_refusals, half_refusals);
+
+/// Through `Backend` (what `CudaBackend::with_activations` runs): `adapter_location` and
+/// `adapter_location_backward_into` on `H` h, r, d_out and an `H` BERT LayerNorm, on both paths,
+/// give the f32 ops' results on the widened operands rounded once to `H` (out, dh, dr: bit for bit
+/// on the executor, one ulp on a GPU; the fused backward widens, so it is that exactly) and the
+/// same f32 weight gradients; out, dh and dr come back in `H`. The dispatch is what this checks:
+/// the kernels' numerics are the launcher tests' above and in cuda_bf16_adapter.rs.
+fn backend_dispatches_half_locations<H: Io>(gpu: &Gpu) {
+    use bert_adapters::backend::{AdapterLocation, LayerNormParams};
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::DType;
+    let mut rng = StdRng::seed_from_u64(0xbe16_ada);
+    let specs = [BranchSpec::full(4, Activation::Gelu, Scale::Channel, false), BranchSpec::plain(3, Activation::Relu)];
+    let case = Case::random::<H>(&mut rng, 2, 3, 40, false, PFEIFFER, &specs, &[true, true], true).with_dropout(&[Some(0.5), None], 29, 0x17);
+    let dtype = <H as ActivationScalar>::DTYPE;
+    for path in [LocationPath::Fused, LocationPath::Split] {
+        let be = CudaBackend::on(gpu.reopen().unwrap()).with_location_path(path);
+        let branches: Vec<HostBranch> = case.branches.iter().map(|b| b.on(&be)).collect();
+        let params: Vec<BottleneckParams> = branches.iter().map(HostBranch::params).collect();
+        let in_type = |v: &[f32], shape: &[usize], d: DType| be.cast(&be.upload(v.to_vec(), shape).unwrap(), d).unwrap();
+        // (out, dh, dr, weight gradients) with every activation and the LayerNorm in `d`.
+        let run = |d: DType| {
+            let (t, hd) = (case.seq_len, case.hidden);
+            let (h, r, d_out) = (in_type(&case.h, &[case.h.len() / (t * hd), t, hd], d), in_type(&case.r, &[case.r.len() / (t * hd), t, hd], d), in_type(&case.d_out, &[case.d_out.len() / (t * hd), t, hd], d));
+            let (gamma, beta) = (in_type(&case.gamma, &[hd], d), in_type(&case.beta, &[hd], d));
+            let loc = AdapterLocation { h: &h, r: &r, layer_norm: LayerNormParams { gamma: &gamma, beta: &beta, eps: BERT_EPS }, steps: case.steps, branches: &params, replicate: case.replicate, seq_len: t };
+            let out = be.adapter_location(&loc).unwrap();
+            let zeros = |x: &Tensor| be.zeros(x.shape(), DType::F32).unwrap();
+            let pair = |p: &Option<(Tensor, Tensor)>| p.as_ref().map(|(a, b)| (zeros(a), zeros(b)));
+            let grads: Vec<Option<GradsOut<BottleneckGrads>>> = branches
+                .iter()
+                .map(|b| {
+                    let grads = BottleneckGrads { down_w: zeros(&b.down_w), down_b: zeros(&b.down_b), up_w: zeros(&b.up_w), up_b: zeros(&b.up_b), ln_before: pair(&b.ln_before), ln_after: pair(&b.ln_after), scaling: b.scaling.as_ref().map(zeros), gate: pair(&b.gate) };
+                    Some(GradsOut { grads, accumulate: false })
+                })
+                .collect();
+            let (dh, dr) = be.adapter_location_backward_into(&loc, &d_out, &grads, true).unwrap();
+            let (dh, dr) = (dh.unwrap(), dr.unwrap());
+            for (name, t) in [("out", &out), ("dh", &dh), ("dr", &dr)] {
+                assert_eq!(t.dtype(), d, "{path:?} {name}");
+            }
+            let host = |t: &Tensor| be.to_host(t).unwrap();
+            let weight_grads: Vec<Vec<f32>> = grads.iter().flatten().flat_map(|g| {
+                let b = &g.grads;
+                let mut v = vec![host(&b.down_w), host(&b.down_b), host(&b.up_w), host(&b.up_b)];
+                for (x, y) in [&b.ln_before, &b.ln_after, &b.gate].into_iter().flatten() {
+                    v.extend([host(x), host(y)]);
+                }
+                v.extend(b.scaling.iter().map(host));
+                v
+            }).collect();
+            (host(&out), host(&dh), host(&dr), weight_grads)
+        };
+        let (got, want) = (run(dtype), run(DType::F32));
+        let label = format!("{} {} backend {path:?}", H::NAME, gpu.describe());
+        for (name, g, w) in [("out", &got.0, &want.0), ("dh", &got.1, &want.1), ("dr", &got.2, &want.2)] {
+            let g: Vec<H> = g.iter().map(|&x| H::from_f32(x)).collect();
+            assert_rounded_f32_kernel_in::<H>(gpu, &format!("{label}: {name} vs the f32 op rounded"), &g, w);
+        }
+        assert_eq!(got.3.len(), want.3.len());
+        for (i, (g, w)) in got.3.iter().zip(&want.3).enumerate() {
+            assert_same_f32(gpu, &format!("{label}: weight gradient {i}"), g, w);
+        }
+    }
+}
+test_both!(backend_dispatches_half_locations, backend_dispatches_half_locations);

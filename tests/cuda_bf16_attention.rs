@@ -44,9 +44,8 @@ use bert_adapters::cuda::elementwise::DeviceDropout;
 use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::train::dropout::{dropout_range, DropoutRng};
-use bert_adapters::{test_device, Error};
+use bert_adapters::Error;
 use bf16_rule::{assert_within_twice_plain_in, round_all_in, round_in, to_half, widen_from, test_both, Half, Io};
-use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -771,13 +770,13 @@ test_both!(backward_sizes, half_backward_sizes_are_checked);
 // S, P, dP and dS as PyTorch's eager bf16 attention does), forward and backward, eval and
 // dropout; the lse, computed from f32 scores of the exact bf16 inputs, also to the f32 kernel's
 // tolerance. No bitwise tie to an f32 run exists here (P and dS are rounded before their GEMMs),
-// so there is no "equal to the f32 kernel rounded" check.
+// so there is no "equal to the f32 kernel rounded" check. f16 (`gemm_path_rule::f16`): the same
+// with f16 operands and outputs (the `_f16io` row kernels, f16 GEMMs), under the f16 rule.
 
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
-use bert_adapters::cuda::gemm::GemmScalar;
 
 /// The GEMM path's `H` forward on NaN-poisoned outputs; ctx widened.
-fn run_gemm_half<H: Io + GemmScalar>(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+fn run_gemm_half<H: Io>(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
     let (b, t, h, n) = (case.batch, case.seq, case.hidden, case.heads);
     let (qkv, mask) = (up(gpu, &to_half::<H>(&case.qkv)), up(gpu, &case.mask));
     let mut ctx = up(gpu, &to_half::<H>(&vec![f32::NAN; b * t * h]));
@@ -787,7 +786,7 @@ fn run_gemm_half<H: Io + GemmScalar>(gpu: &Gpu, case: &Case, dropout: Option<&De
 }
 
 /// The GEMM path's `H` backward from `lse` (the GEMM forward's) into a NaN-poisoned dqkv; widened.
-fn run_gemm_bwd_half<H: Io + GemmScalar>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> Vec<f32> {
+fn run_gemm_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> Vec<f32> {
     let c = &case.fwd;
     let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
     let (qkv, dctx, lse, mask) = (up(gpu, &to_half::<H>(&c.qkv)), up(gpu, &to_half::<H>(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
@@ -798,7 +797,7 @@ fn run_gemm_bwd_half<H: Io + GemmScalar>(gpu: &Gpu, case: &BwdCase, lse: &[f32],
 
 /// Awkward shapes (T 1, 7, 33, 70; d 8..=128; padded and shared masks), eval and dropout (p 0.1
 /// and 0.5, one and two blocks): ctx, lse and dQ, dK, dV of the GEMM path under the 2x-plain rule.
-fn gemm_path_matches_the_rule<H: Io + GemmScalar>(gpu: &Gpu) {
+fn gemm_path_matches_the_rule<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_6e44);
     let mut worst = (0f64, String::new());
     let mut cases = 0;
@@ -840,7 +839,56 @@ fn gemm_path_matches_the_rule<H: Io + GemmScalar>(gpu: &Gpu) {
     }
     report_line(&format!("{} GEMM attention on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", H::NAME, gpu.describe(), worst.0, worst.1));
 }
-fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
-    gemm_path_matches_the_rule::<bf16>(gpu)
+test_both!(gemm_path_rule, gemm_path_matches_the_rule);
+
+/// Through `Backend` (what `CudaBackend::with_activations` runs): `attention_packed` and
+/// `attention_packed_backward` on `H` Q, K, V and dctx return `H` ctx and dqkv (f32 lse) from the
+/// `_*io` launchers tested above, on both attention paths: the same bits as those launchers called
+/// directly on the same operands (the fused backward from the backend's own forward ctx and lse,
+/// which it recomputes; the GEMM backward from the lse). The dispatch is what this checks.
+fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
+    use bert_adapters::cuda::attention_gemm::AttentionPath;
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::Backend;
+    let mut rng = StdRng::seed_from_u64(0xbe16_a77e);
+    let case = BwdCase::random::<H>(&mut rng, 2, 9, 16, 2, MaskKind::Padded);
+    let c = &case.fwd;
+    let dtype = <H as ActivationScalar>::DTYPE;
+    for path in [AttentionPath::Fused, AttentionPath::Gemm] {
+        let be = CudaBackend::on(gpu.reopen().unwrap()).with_attention_path(path);
+        let label = format!("{} {} backend {path:?} {}", H::NAME, gpu.describe(), c.label());
+        let in_type = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
+        let qkv = in_type(&c.qkv, &[c.batch, c.seq, 3 * c.hidden]);
+        let dctx = in_type(&case.dctx, &[c.batch, c.seq, c.hidden]);
+        let mask = be.upload(c.mask.clone(), &[c.mask_rows(), c.seq]).unwrap();
+        let (ctx, lse) = be.attention_packed(&qkv, &mask, c.heads, None).unwrap();
+        let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, &mask, c.heads, None).unwrap();
+        assert_eq!((ctx.dtype(), lse.dtype(), dqkv.dtype()), (dtype, bert_adapters::DType::F32, dtype), "{label}");
+        let got = Outputs { ctx: be.to_host(&ctx).unwrap(), lse: be.to_host(&lse).unwrap() };
+        let (want, want_dqkv) = match path {
+            AttentionPath::Fused => {
+                let fwd = run_half::<H>(gpu, c, None, None);
+                let dqkv = run_bwd_as::<H>(gpu, &case, &fwd, None, None, to_half::<H>).unwrap();
+                (fwd, widen_from::<H>(&dqkv))
+            }
+            AttentionPath::Gemm => {
+                let fwd = run_gemm_half::<H>(gpu, c, None);
+                let dqkv = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, None);
+                (fwd, dqkv)
+            }
+        };
+        if gpu.kind() == GpuKind::Sim {
+            assert_eq!(bits(&got.ctx), bits(&want.ctx), "{label}: ctx");
+            assert_eq!(bits(&got.lse), bits(&want.lse), "{label}: lse");
+            assert_eq!(bits(&be.to_host(&dqkv).unwrap()), bits(&want_dqkv), "{label}: dqkv");
+        } else {
+            // The same kernels on the same operands; cuBLASLt may pick another algorithm per call.
+            let dq = be.to_host(&dqkv).unwrap();
+            for (name, g, w) in [("ctx", &got.ctx, &want.ctx), ("dqkv", &dq, &want_dqkv)] {
+                let worst = g.iter().zip(w.iter()).map(|(a, b)| half_ulps::<H>(*a, *b)).max().unwrap_or(0);
+                assert!(worst <= 1, "{label}: {name} {worst} ulps from the launcher's");
+            }
+        }
+    }
 }
-test_device!(gemm_path_rule, gemm_path_bf16_matches_the_rule);
+test_both!(backend_dispatch, backend_dispatches_half_attention);

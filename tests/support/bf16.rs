@@ -57,9 +57,9 @@ impl Half for f16 {
 }
 
 /// A 16-bit type the CUDA kernels store activations (the `_bf16io` / `_f16io` variants) and a
-/// frozen base in: bf16 or f16.
-pub trait Io: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar {}
-impl<H: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar> Io for H {}
+/// frozen base in, and the GEMMs take: bf16 or f16.
+pub trait Io: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar + bert_adapters::cuda::gemm::GemmScalar {}
+impl<H: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar + bert_adapters::cuda::gemm::GemmScalar> Io for H {}
 
 /// `test_device!(name, body)` for a body generic over [`Io`]: the tests `name::bf16::*` and
 /// `name::f16::*`, each on every device.
