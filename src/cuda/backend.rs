@@ -70,8 +70,8 @@
 //! significant bits but ends at 65504: a value past it is stored as ±inf (one rounding of the f32
 //! result, never a saturation), which `all_finite` then reports. bf16 and f16 never mix: an op
 //! given one of each, or an f16 activation with a bf16 base (or the reverse), is refused naming
-//! the operand. The attention and adapter-location ops return `Error::Unsupported` for f16 until
-//! their kernels have f16 variants.
+//! the operand. The attention (fused and GEMM paths) and adapter-location ops (fused and split;
+//! the fused backward widens to f32 and rounds dh, dr once to f16, as for bf16) take f16 too.
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
