@@ -9,7 +9,9 @@
 //! ulps, the plain twin and the rule's floor are `H`'s); each test runs as `<name>::bf16` and
 //! `<name>::f16`. The inputs fit f16's range as drawn (|Q|, |K| ≤ √6, |V|, |dctx| ≤ 2, the mask's
 //! -10000 and the plain twin's scores, at most d·6 ≤ 768, are far below 65504), so the f16 cases
-//! use the bf16 cases' draws unchanged.
+//! use the bf16 cases' draws unchanged; `f16_context_past_65504` checks where the range ends (a
+//! context past 65504 is +inf, the f32 kernel's value rounded once). `backend_dispatch` checks
+//! `CudaBackend`'s attention ops route bf16 and f16 tensors to these kernels.
 //!
 //! The rule of tests/support/bf16.rs: Q, K, V are drawn, rounded to bf16 and uploaded as bf16;
 //! `f32_ref` is the f64 CPU reference (`cpu::reference::attention`, `attention_lse`, rounded to
@@ -44,8 +46,9 @@ use bert_adapters::cuda::elementwise::DeviceDropout;
 use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer, DeviceScalar, Gpu, GpuKind};
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::train::dropout::{dropout_range, DropoutRng};
-use bert_adapters::Error;
+use bert_adapters::{test_device, Error};
 use bf16_rule::{assert_within_twice_plain_in, round_all_in, round_in, to_half, widen_from, test_both, Half, Io};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -372,6 +375,36 @@ fn half_sizes_are_checked<H: Io>(gpu: &Gpu) {
     assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32() == 0.5), "ctx of a constant V");
 }
 test_both!(sizes, half_sizes_are_checked);
+
+/// f16's range ends at 65504: a context past it is stored as +inf, the f32 kernel's value rounded
+/// once (65520 and up round to inf), never saturated. Q = K = 0 gives each of the T = 16 keys the
+/// weight 1/16; V = 60000 everywhere and p = 0.5 dropout (keep factor 2) make ctx = 7500·kept,
+/// exact in f32: past 65504 where a row keeps 9 or more keys, 60000 or less otherwise.
+fn f16_context_past_its_range_is_inf(gpu: &Gpu) {
+    let (batch, seq, d, heads) = (2, 16, 8, 2);
+    let hidden = d * heads;
+    let mut qkv = vec![0f32; batch * seq * 3 * hidden];
+    for row in qkv.chunks_mut(3 * hidden) {
+        row[2 * hidden..].fill(60000.0);
+    }
+    let case = Case { qkv, mask: vec![0f32; batch * seq], batch, seq, hidden, heads };
+    let drop = DeviceDropout { seed_buffer: None, seed: 0xf160, p: 0.5, streams: vec![7 << 8], offset: 0 };
+    let got = run_half::<f16>(gpu, &case, None, Some(&drop));
+    let f32_kernel = run_f32(gpu, &case, None, Some(&drop));
+    assert!(f32_kernel.ctx.iter().all(|v| v.is_finite() && v % 7500.0 == 0.0), "the f32 ctx is 7500·kept");
+    let want = round_all_in::<f16>(&f32_kernel.ctx);
+    assert!(want.iter().any(|v| v.is_infinite()) && want.iter().any(|v| v.is_finite() && *v >= 30000.0), "the draw must reach past 65504 and stay under it");
+    for (i, ((g, w), f)) in got.ctx.iter().zip(&want).zip(&f32_kernel.ctx).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "ctx[{i}] = {g}: the f32 kernel's {f} rounds to {w}");
+        assert_eq!(g.is_infinite(), *f >= 65520.0, "ctx[{i}] = {g} from {f}");
+    }
+    if gpu.kind() == GpuKind::Sim {
+        assert_eq!(bits(&got.lse), bits(&f32_kernel.lse), "lse (f32) is the f32 kernel's");
+    } else {
+        assert_f32_close("lse", &got.lse, &f32_kernel.lse, batch);
+    }
+}
+test_device!(f16_context_past_65504, f16_context_past_its_range_is_inf);
 
 // ==== backward =================================================================================
 //
