@@ -58,6 +58,10 @@
 // bf16_raw): h and r widen exactly on load, all arithmetic and the row buffer in shared memory
 // stay f32, and out is rounded once on store (to nearest even), so the output is the f32 kernel's
 // output on the same (bf16) values, rounded to bf16. The backward stays f32 (f32 h, r, d_out).
+// IEEE f16 storage has the same variants under the same rule, T and/or P = f16_raw: every _bf16 /
+// _bf16io kernel of this file has an _f16 / _f16io twin (the split backward's too), so f16 runs
+// the same f32 arithmetic on the same values and rounds out once to f16 (±65504 range: values
+// beyond it are the caller's to avoid; an overflowing out stores ±inf).
 //
 // Numerics: f32 accumulation with fmaf. LayerNorms are exact two-pass (mean, then
 // the sum of squared deviations), 1/sqrtf of var + eps, as in kernels/layernorm.cu. Dot products
@@ -152,12 +156,14 @@ __device__ __forceinline__ const float* desc_ptr(unsigned long long address) {
 // ---- storage types --------------------------------------------------------------------------
 
 // Activations and BERT LayerNorm parameters go through these (accumulation stays f32): f32, and
-// bf16 for the LayerNorm of a frozen base loaded in bf16 and for the _bf16io variants' h, r and
-// out (loads widen exactly, stores round to nearest even; common.cuh).
+// bf16 / f16 for the LayerNorm of a frozen base loaded in bf16 / f16 and for the _bf16io / _f16io
+// variants' h, r and out (loads widen exactly, stores round to nearest even; common.cuh).
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ void store_f32(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ float load_f32(const bf16_raw* p, size_t i) { return load_f32(p + i); }
 __device__ __forceinline__ void store_f32(bf16_raw* p, size_t i, float v) { store_f32(p + i, v); }
+__device__ __forceinline__ float load_f32(const f16_raw* p, size_t i) { return load_f32(p + i); }
+__device__ __forceinline__ void store_f32(f16_raw* p, size_t i, float v) { store_f32(p + i, v); }
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -585,6 +591,59 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                              seed_hi);
 }
 
+// f16 twin of adapter_location_forward_bf16 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_f16(
+    float* __restrict__ out,
+    const float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    int bottleneck_stride,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_forward_row<float, f16_raw>(out, gate, h, r, reinterpret_cast<const f16_raw*>(ln_gamma),
+                                         reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                         batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo,
+                                         seed_hi);
+}
+
+// f16 twin of adapter_location_forward_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_forward_f16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    int bottleneck_stride,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_forward_row<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(out), gate, reinterpret_cast<const f16_raw*>(h),
+                                           reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
+                                           reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                           batch, seq_len, hidden, branches, replicate, ln_eps, bottleneck_stride, seed_buf, seed_lo,
+                                           seed_hi);
+}
+
 // ---- gate ----------------------------------------------------------------------------------------
 
 // gate[i·B + e] = mean over the T rows of example e of σ(x·w_g + b_g), with x the pre step's
@@ -704,6 +763,43 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                             reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
 }
 
+// f16 twin of adapter_location_gate_bf16 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_gate_f16(
+    float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_gate_block<float, f16_raw>(gate, h, r, reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                        reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// f16 twin of adapter_location_gate_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_location_gate_f16io(
+    float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_gate_block<f16_raw, f16_raw>(gate, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                          reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                          reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
 // ---- split forward ---------------------------------------------------------------------------------
 //
 // The split path of one location (cuda::adapter::adapter_location_forward_split): the same
@@ -732,7 +828,8 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 // draw (element local·H + c of the branch's stream), so it is the fused kernel's bit for bit.
 //
 // Storage: z, stats and up are f32 workspace; h, r, out, γ and β as the fused variants (_f32,
-// _bf16: bf16 γ/β, _bf16io: bf16 h, r, out and γ/β), from the same templates.
+// _bf16: bf16 γ/β, _bf16io: bf16 h, r, out and γ/β; _f16, _f16io likewise in f16), from the same
+// templates.
 
 // z: [N·B·T, H] f32; stats: [N·B·T, 2] or null; the other operands as adapter_location_forward_f32.
 template <typename T, typename P>
@@ -864,6 +961,49 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                                ln_eps);
 }
 
+// f16 twin of adapter_split_pre_bf16 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_f16(
+    float* __restrict__ z,
+    float* __restrict__ stats,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_row<float, f16_raw>(z, stats, h, r, reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                           reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
+                                           ln_eps);
+}
+
+// f16 twin of adapter_split_pre_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_f16io(
+    float* __restrict__ z,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_row<f16_raw, f16_raw>(z, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                             reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                             reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
+                                             ln_eps);
+}
+
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_f32(
     float* __restrict__ out,
     const float* __restrict__ up,
@@ -939,6 +1079,59 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                                 reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                                 reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
                                                 batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// f16 twin of adapter_split_post_bf16 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_f16(
+    float* __restrict__ out,
+    const float* __restrict__ up,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const float* __restrict__ h,
+    const float* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_post_row<float, f16_raw>(out, up, stats, gate, h, r, reinterpret_cast<const f16_raw*>(ln_gamma),
+                                            reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                            batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// f16 twin of adapter_split_post_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_f16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ up,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_post_row<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(out), up, stats, gate, reinterpret_cast<const f16_raw*>(h),
+                                              reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
+                                              reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                              batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
 }
 
 // a[i] = act(a[i] + bias[i % m]) in place over a branch's [rows, m] down product, with the
@@ -1779,6 +1972,29 @@ extern "C" __global__ void adapter_location_backward_gate_bf16io(
                                             reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
 }
 
+// f16 twin of adapter_location_backward_gate_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ void adapter_location_backward_gate_f16io(
+    float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    if (((branch_mask >> (blockIdx.x / batch)) & 1u) == 0) {
+        return;  // the whole block, before any barrier
+    }
+    location_gate_block<f16_raw, f16_raw>(gate, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                          reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                          reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
 // ---- split backward ---------------------------------------------------------------------------------
 //
 // The split path's backward (cuda::adapter::adapter_location_backward_split): the gradient of
@@ -1825,7 +2041,7 @@ extern "C" __global__ void adapter_location_backward_gate_bf16io(
 // the gradient that flows back through it. Storage: _f32 (everything f32) and _bf16io (h, r,
 // d_out, dh, dr and the BERT LayerNorm's γ, β in bf16, widened exactly on load, dh and dr rounded
 // once on store; every workspace array, weight and weight gradient f32, so the GEMMs are the f32
-// pipeline's on the f32 z0, as in the split forward).
+// pipeline's on the f32 z0, as in the split forward); _f16io likewise with f16 in place of bf16.
 
 // The team's row for a grid over the rows of the branches in `mask` (in branch order): false
 // when the team is past the end (the whole team leaves; block barriers only occur with one team
@@ -2175,6 +2391,28 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                            branch_mask);
 }
 
+// f16 twin of adapter_split_bwd_pre_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_pre_f16io(
+    float* __restrict__ z0,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    split_bwd_pre_team<f16_raw, f16_raw>(z0, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                         reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                         reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                         branch_mask);
+}
+
 // Grid as the pre kernel; 2H floats of shared memory per team.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_post_f32(
     float* up_dup,
@@ -2245,6 +2483,42 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                             seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
 }
 
+// f16 twin of adapter_split_bwd_post_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_post_f16io(
+    float* up_dup,
+    float* __restrict__ rho_grad,
+    float* __restrict__ r_grad,
+    float* __restrict__ la_gamma,
+    float* __restrict__ la_beta,
+    float* __restrict__ scale_ch,
+    float* __restrict__ scale_l,
+    float* __restrict__ gate_q,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ d_out,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    split_bwd_post_team<f16_raw, f16_raw>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate,
+                                          reinterpret_cast<const f16_raw*>(d_out), reinterpret_cast<const f16_raw*>(h),
+                                          reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
+                                          reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                          seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+}
+
 // Grid: B·T teams when replicate && need_input, else one per row of the branches in branch_mask;
 // 4H floats of shared memory per team.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_input_f32(
@@ -2310,6 +2584,40 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                              reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                              reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
                                              seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input);
+}
+
+// f16 twin of adapter_split_bwd_input_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_input_f16io(
+    unsigned short* __restrict__ dh,
+    unsigned short* __restrict__ dr,
+    float* __restrict__ lb_gamma,
+    float* __restrict__ lb_beta,
+    float* __restrict__ gate_x,
+    float* __restrict__ dlogit,
+    const float* __restrict__ dz0,
+    const float* __restrict__ rho_grad,
+    const float* __restrict__ r_grad,
+    const float* __restrict__ gate_q,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int branches,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask,
+    unsigned train_mask,
+    int need_input)
+{
+    split_bwd_input_team<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(dh), reinterpret_cast<f16_raw*>(dr), lb_gamma, lb_beta, gate_x, dlogit,
+                                           dz0, rho_grad, r_grad, gate_q, reinterpret_cast<const f16_raw*>(h),
+                                           reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
+                                           reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
+                                           seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input);
 }
 
 // a[i] = act(pre[i]) over a branch's [rows, m] down product (pre = z0·W_dᵀ + b_d from the GEMM's

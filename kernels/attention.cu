@@ -81,6 +81,19 @@
 //     bit on the executor, tests/cuda_bf16_attention.rs; within one bf16 ulp asserted on a GPU).
 //     Shared memory stays f32 (the tiles hold the widened values), so plans and sizes are the
 //     _f32 kernels'. The backward has _bf16io twins too (its section's "Storage").
+//   * _f16io (attention_forward_f16io[_d32|_d64], attention_forward_dropout_f16io[_d32|_d64]):
+//     the same with IEEE f16 storage (T = f16_raw): the same argument, ctx_f16io = f16(ctx_f32)
+//     and lse_f16io = lse_f32. f16 has 3 more mantissa bits (2^-11 relative) but a range of
+//     ±65504 (normal down to 6.1e-5): Q, K, V and ctx beyond it are the caller's to avoid (a ctx
+//     that overflows stores ±inf, as PyTorch's f16 does). Every _bf16io kernel of this file has
+//     an _f16io twin, except the GEMM path's layout kernels (bit copies, one for both).
+//     The f16 store (common.cuh's integer round to nearest even, subnormals included) needs more
+//     registers than bf16's; without a minimum of 1 block per SM ptxas squeezed several fused
+//     _f16io kernels to 64 / 80 / 128 registers (room for more resident blocks) and spilled, on
+//     sm_80 and sm_90, so every fused _f16io kernel has __launch_bounds__(32·ATTN_MAX_WARPS, 1).
+//     ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: generic 122 / 136, d32 108 / 104,
+//     d64 112 / 106; dropout 150 / 164, 120 / 114, 124 / 118 (fewer resident warps than bf16io's
+//     80 / 96, 74 / 72, 64 / 70: a cost of f16 storage without a hardware conversion).
 // Dropout on the probabilities (training) is the `Dropout` policy: it maps each unnormalised p_ij
 // to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed by (b, h, i, j)),
 // while the sum l and the lse keep the undropped p, as PyTorch's dropout(softmax(s))·V does:
@@ -96,13 +109,16 @@ struct alignas(16) AttnVec4 {
     float x, y, z, w;
 };
 
-// ---- storage-type conversions: f32, and bf16 (the _bf16io kernels) ----------------------------
+// ---- storage-type conversions: f32, bf16 (the _bf16io kernels), f16 (the _f16io kernels) ------
 
 __device__ __forceinline__ float attn_load(const float* p) { return *p; }
 __device__ __forceinline__ void attn_store(float* p, float v) { *p = v; }
 // bf16: widening is exact (a shift); the store rounds to nearest even (kernels/common.cuh).
 __device__ __forceinline__ float attn_load(const bf16_raw* p) { return load_f32(p); }
 __device__ __forceinline__ void attn_store(bf16_raw* p, float v) { store_f32(p, v); }
+// f16: widening is exact too; the store rounds to nearest even, overflowing to ±inf past 65504.
+__device__ __forceinline__ float attn_load(const f16_raw* p) { return load_f32(p); }
+__device__ __forceinline__ void attn_store(f16_raw* p, float v) { store_f32(p, v); }
 
 // ---- numerics helpers -------------------------------------------------------------------------
 
@@ -515,6 +531,54 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
     attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
 }
 
+// f16 twin of attention_forward_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// f16 twin of attention_forward_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// f16 twin of attention_forward_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+
 // =================================================================================================
 // ---- backward ---------------------------------------------------------------------------------
 // =================================================================================================
@@ -574,7 +638,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //   Rows past T and keys past T compute on zero-filled tiles with p = dS = 0 forced, and are not
 //   stored; a warp whose rows all lie past T skips phase 1 but meets every __syncthreads.
 //
-// Head dim: _f32 and _bf16io take any d in 1..=128; _d32 and _d64 are the same body with d a constant
+// Head dim: _f32, _bf16io and _f16io take any d in 1..=128; _d32 and _d64 are the same body with d a constant
 // (same operations in the same order, so bitwise equal to the generic kernel; tests check it).
 //
 // Storage: the bodies are templated on T, the type of dctx, qkv, ctx and dqkv (attn_load /
@@ -604,6 +668,13 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //     (f32: 32); dkv generic 140 / 138, d32 80 / 78, d64 94 / 96; dq generic 76 / 79, d32 64 / 80,
 //     d64 80 / 64; dropout dkv 140 / 142, 80 / 80, 98 / 96; dropout dq 98 / 80, 64 / 80, 80 / 80
 //     (the _f32 twins' counts within ±4, except dkv_dropout_d64 on sm_80: 128 for f32).
+//   * _f16io (attention_backward_prep_f16io, attention_backward_{dkv,dq}[_dropout]_f16io
+//     [_d32|_d64]): the same with T = f16_raw: dqkv_f16io = f16(dqkv_f32 on the widened
+//     inputs), the bound above with f16's 2^-11 in place of 2^-9 (within f16's range);
+//     __launch_bounds__(·, 1) as the forward's _f16io kernels, for the same reason. Registers
+//     sm_80 / sm_90, no spills: prep 32 / 31; dkv generic 180 / 185, d32 120 / 120, d64 130 / 130;
+//     dq 127 / 130, 114 / 116, 112 / 112; dropout dkv 199 / 204, 144 / 142, 160 / 156; dropout dq
+//     144 / 152, 122 / 124, 128 / 128.
 //
 // Memory (dynamic shared, floats; ldq, ldk as the forward's): K and V tiles 2·32·ldk, Q and dO
 // tiles 2·4W·ldq, p and dS 2·4W·32 (dq: dS only), row stats 4·4W. d = 64, W = 4: 30 KiB (dkv),
@@ -620,7 +691,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 //
 // Dropout: the policy's factor f_ij (0 or 1/(1−rate), the same Philox draw as the forward's)
 // multiplies p for dV and dP for dS (dS = p·(f·dP − D); D = dO·O already includes it):
-// AttnBwdNoDropout, and AttnBwdPhiloxDropout in the _dropout kernels (f32 and bf16io).
+// AttnBwdNoDropout, and AttnBwdPhiloxDropout in the _dropout kernels (f32, bf16io and f16io).
 
 #define ATTN_BWD_PREP_WARPS 8
 // Rows with |lse| at or above this get their normaliser recomputed (see c_i above).
@@ -1171,6 +1242,24 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention
     attention_backward_prep_body<bf16_raw>(rowstat, reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(ctx), reinterpret_cast<const bf16_raw*>(qkv), lse, mask_bias, rows, seq, hidden, heads, mask_rows, scale);
 }
 
+// f16 twin of attention_backward_prep_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_BWD_PREP_WARPS) void attention_backward_prep_f16io(
+    float* __restrict__ rowstat,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ ctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    attention_backward_prep_body<f16_raw>(rowstat, reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(ctx), reinterpret_cast<const f16_raw*>(qkv), lse, mask_bias, rows, seq, hidden, heads, mask_rows, scale);
+}
+
 // Launch: grid.x = B · heads · ceil(T / 32), block (32, 4 or 8), dynamic shared memory
 // (2·32·ldk + 2·4W·ldq + 2·4W·32 + 4·4W) floats (src/cuda/attention.rs sizes it).
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f32(
@@ -1429,6 +1518,81 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 {
     extern __shared__ AttnVec4 attn_smem[];
     attention_forward_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_forward_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_forward_dropout_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_forward_dropout_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_forward_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f32(
@@ -1851,6 +2015,276 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
     attention_backward_dq_body<bf16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(dctx), reinterpret_cast<const bf16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
+// f16 twin of attention_backward_dkv_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dkv_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dkv_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dq_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dq_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dq_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_backward_dkv_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_backward_dkv_dropout_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_backward_dkv_dropout_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dkv_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_backward_dq_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 0>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_backward_dq_dropout_bf16io_d32 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d32(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 32>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_backward_dq_dropout_bf16io_d64 (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d64(
+    unsigned short* __restrict__ dqkv,
+    const unsigned short* __restrict__ dctx,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ lse,
+    const float* __restrict__ rowstat,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    extern __shared__ AttnVec4 attn_smem[];
+    attention_backward_dq_body<f16_raw, 64>(reinterpret_cast<float*>(attn_smem), reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(dctx), reinterpret_cast<const f16_raw*>(qkv), lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
 // =================================================================================================
 // ---- the GEMM path: attention as batched tensor-core GEMMs plus row kernels ---------------------
 // =================================================================================================
@@ -1908,9 +2342,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 //     that is one bf16 rounding of P (forward) and of P∘M and dS (backward) on top of the output's
 //     own: what PyTorch's bf16 SDPA (math backend) or eager attention rounds too. The tests hold
 //     it to twice the error of a plain bf16 implementation (STYLE.md).
+//   * _f16io: the same with f16 operands and outputs (attention_gemm_softmax[_backward][_dropout]
+//     _f16io; the layout kernels copy 16-bit patterns, so the _bf16io ones serve f16 too).
 //
 // ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: to_heads 24 / 32,
-// from_heads 26 / 30 (f32 and bf16io alike); softmax 32 / 32, softmax_dropout 47-48 / 46;
+// from_heads 26 / 30 (f32 and 16-bit alike); softmax 32 / 32, softmax_dropout 47-48 / 46;
 // softmax_backward 48 / 48, softmax_backward_dropout 70-74 / 74.
 
 #define ATTN_GEMM_ROW_WARPS 8
@@ -2058,7 +2494,7 @@ extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention
 extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_from_heads_f32(float* __restrict__ out, const float* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
     attn_gemm_layout_body<float, false>(out, in, batch, seq, hidden, heads, parts);
 }
-// bf16 storage: the bits are copied (no conversion).
+// 16-bit storage, bf16 and f16 alike: the bits are copied (no conversion).
 extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_to_heads_bf16io(unsigned short* __restrict__ out, const unsigned short* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
     attn_gemm_layout_body<unsigned short, true>(out, in, batch, seq, hidden, heads, parts);
 }
@@ -2073,6 +2509,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_bf16io(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
     attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// f16 twin of attention_gemm_softmax_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f16io(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f32(
     float* __restrict__ p,
@@ -2119,6 +2560,30 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
+// f16 twin of attention_gemm_softmax_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f16io(
+    unsigned short* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
 // Backward rows: pd, ds, s, dp, lse, mask_bias; rows, seq, heads, mask_rows, scale (then the
 // dropout policy's arguments). Launch as the forward rows.
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f32(float* __restrict__ pd, float* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
@@ -2126,6 +2591,11 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_bf16io(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
     attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_gemm_softmax_backward_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f16io(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f32(
     float* __restrict__ pd,
@@ -2174,4 +2644,30 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     unsigned long long drop_offset)
 {
     attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_gemm_softmax_backward_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f16io(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }

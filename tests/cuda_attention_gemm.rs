@@ -2,7 +2,7 @@
 //! kernels of `kernels/attention.cu`'s "GEMM path" section), f32 storage, against the f64 CPU
 //! reference (`cpu::reference::attention`, `attention_lse`, `attention_backward`, the spec) and
 //! against the fused kernels (`cuda::attention`), forward and backward, eval and dropout.
-//! The bf16 storage is tested in tests/cuda_bf16_attention.rs (its "GEMM path" section).
+//! The bf16 and f16 storage is tested in tests/cuda_bf16_attention.rs (its "GEMM path" section).
 //!
 //! Tolerances (per batch row; per gradient dQ, dK, dV in the backward): ctx and lse within
 //! 1e-5·(1 + max|ref|), the gradients within 1e-4·(1 + max|ref|) — the fused kernels' bounds

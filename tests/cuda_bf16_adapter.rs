@@ -33,6 +33,12 @@
 //! recompute the pre step's x from bf16 h and r; original_ln_after False; a mixed Parallel whose
 //! last child has no original LayerNorm after) at H = 48, T = 7; plus a block-per-row plan (block
 //! barriers) at H = 384. `sweep_covers_what_it_claims` checks the sweep's coverage.
+//!
+//! f16 (the `_f16io` kernels against the `_f16` ones, f16 γ, β) runs the same bodies, generic over
+//! the 16-bit type `H` ([`Io`]): every "bf16" above reads "H" (its rounding, ulps, plain twin and
+//! the rule's floor); each test runs as `<name>::bf16` and `<name>::f16`. The cases are the bf16
+//! ones unchanged: h, r ∈ ±2, γ, β and every intermediate of these locations are O(1)..O(10),
+//! far inside f16's range (65504) and above its subnormals where it matters (the rule's floor).
 
 use bert_adapters::backend::{BottleneckParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
@@ -41,9 +47,9 @@ use bert_adapters::cuda::adapter::{
     adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchWeights,
     LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape,
 };
-use bert_adapters::cuda::gpu::Gpu;
+use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, Gpu};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error};
+use bert_adapters::{Activation, Backend, CpuBackend, Error};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -58,11 +64,12 @@ use cases::*;
 
 #[path = "support/bf16.rs"]
 mod bf16_rule;
-use bf16_rule::{assert_within_twice_plain, round, round_all, to_bf16, widen};
+use bf16_rule::{assert_within_twice_plain_in, round_all_in, round_in, to_half, widen_from, test_both, Half, Io};
+
 
 // ---- cases ---------------------------------------------------------------------------------------
 
-/// One location with its inputs already rounded to bf16 (h, r, γ, β); adapter weights f32.
+/// One location with its inputs already rounded to `H` (h, r, γ, β); adapter weights f32.
 #[derive(Clone)]
 struct Case {
     batch: usize,
@@ -78,7 +85,7 @@ struct Case {
 }
 
 impl Case {
-    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize, replicate: bool, steps: LocationSteps, specs: &[BranchSpec]) -> Case {
+    fn random<H: Half>(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize, replicate: bool, steps: LocationSteps, specs: &[BranchSpec]) -> Case {
         let rows = if replicate { batch } else { batch * specs.len() };
         let n = rows * seq_len * hidden;
         Case {
@@ -87,10 +94,10 @@ impl Case {
             hidden,
             replicate,
             steps,
-            h: round_all(&uniform(rng, n, -2.0, 2.0)),
-            r: round_all(&uniform(rng, n, -2.0, 2.0)),
-            gamma: round_all(&uniform(rng, hidden, 0.5, 1.5)),
-            beta: round_all(&uniform(rng, hidden, -0.5, 0.5)),
+            h: round_all_in::<H>(&uniform(rng, n, -2.0, 2.0)),
+            r: round_all_in::<H>(&uniform(rng, n, -2.0, 2.0)),
+            gamma: round_all_in::<H>(&uniform(rng, hidden, 0.5, 1.5)),
+            beta: round_all_in::<H>(&uniform(rng, hidden, -0.5, 0.5)),
             branches: specs.iter().map(|s| HostBranch::random(rng, hidden, *s)).collect(),
         }
     }
@@ -136,14 +143,14 @@ impl Case {
     }
 
     /// The pre step's adapter input x for every row of h (f32 LayerNorm, or h itself).
-    fn pre_x(&self, plain: bool) -> Vec<f32> {
+    fn pre_x<H: Half>(&self, plain: bool) -> Vec<f32> {
         if !self.steps.original_ln_before {
             return self.h.clone();
         }
-        let v: Vec<f32> = self.h.iter().zip(&self.r).map(|(a, b)| if plain { round(a + b) } else { a + b }).collect();
+        let v: Vec<f32> = self.h.iter().zip(&self.r).map(|(a, b)| if plain { round_in::<H>(a + b) } else { a + b }).collect();
         let x = residual_layernorm(&v, None, &self.gamma, &self.beta, self.hidden, BERT_EPS).y;
         if plain {
-            round_all(&x)
+            round_all_in::<H>(&x)
         } else {
             x
         }
@@ -152,9 +159,9 @@ impl Case {
     /// The gate means `[N·B]` (1 for branches without a gate): the mean over an example's rows of
     /// σ(x·w_g + b_g). `plain`: as a plain bf16 model (x, the logit, the sigmoid and the mean each
     /// rounded to bf16); else in f64 from the f32 x, the reference.
-    fn gates(&self, plain: bool) -> Vec<f32> {
+    fn gates<H: Half>(&self, plain: bool) -> Vec<f32> {
         let (hd, t, b) = (self.hidden, self.seq_len, self.batch);
-        let x = self.pre_x(plain);
+        let x = self.pre_x::<H>(plain);
         let mut out = Vec::new();
         for (i, br) in self.branches.iter().enumerate() {
             for e in 0..b {
@@ -168,15 +175,15 @@ impl Case {
                     let src = ((if self.replicate { e } else { i * b + e }) * t + row) * hd;
                     let xr = &x[src..src + hd];
                     if plain {
-                        let logit = round(linear(xr, &w, Some(&[bias]), 1, hd, 1)[0]);
-                        sum += round(activation(&[logit], Activation::Sigmoid)[0]) as f64;
+                        let logit = round_in::<H>(linear(xr, &w, Some(&[bias]), 1, hd, 1)[0]);
+                        sum += round_in::<H>(activation(&[logit], Activation::Sigmoid)[0]) as f64;
                     } else {
                         let logit: f64 = bias as f64 + (0..hd).map(|c| xr[c] as f64 * w[c] as f64).sum::<f64>();
                         sum += 1.0 / (1.0 + (-logit).exp());
                     }
                 }
                 let mean = (sum / t as f64) as f32;
-                out.push(if plain { round(mean) } else { mean });
+                out.push(if plain { round_in::<H>(mean) } else { mean });
             }
         }
         out
@@ -185,18 +192,18 @@ impl Case {
     /// The plain bf16 location: the CPU reference's composition (src/cpu/adapter.rs), each op's
     /// output rounded to bf16 as PyTorch's bf16 ops would; products and LayerNorm statistics
     /// accumulate in f64 (the reference's `linear` / `residual_layernorm`) and round once.
-    fn plain(&self) -> Vec<f32> {
+    fn plain<H: Half>(&self) -> Vec<f32> {
         let hd = self.hidden;
-        let ln = |x: &[f32], g: &[f32], b: &[f32], eps: f32| round_all(&residual_layernorm(x, None, g, b, hd, eps).y);
-        let add = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| round(x + y)).collect() };
+        let ln = |x: &[f32], g: &[f32], b: &[f32], eps: f32| round_all_in::<H>(&residual_layernorm(x, None, g, b, hd, eps).y);
+        let add = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| round_in::<H>(x + y)).collect() };
         let v: Vec<f32> = add(&self.h, &self.r);
-        let x = self.pre_x(true);
+        let x = self.pre_x::<H>(true);
         let rho: &[f32] = match self.steps.residual_before_ln {
             ResidualBeforeLn::True => &self.h,
             ResidualBeforeLn::False => &x,
             ResidualBeforeLn::PostAdd => &v,
         };
-        let gates = self.gates(true);
+        let gates = self.gates::<H>(true);
         let block = self.block();
         let rows = block / hd;
         let mut out = Vec::with_capacity(self.branches.len() * block);
@@ -208,19 +215,19 @@ impl Case {
                 Some((g, b)) => ln(xi, &data(g), &data(b), ADAPTER_EPS),
                 None => xi.to_vec(),
             };
-            let pre = round_all(&linear(&z0, &data(&br.down_w), Some(&data(&br.down_b)), rows, hd, m));
-            let act = round_all(&activation(&pre, br.spec.act));
-            let up = round_all(&linear(&act, &data(&br.up_w), Some(&data(&br.up_b)), rows, m, hd));
+            let pre = round_all_in::<H>(&linear(&z0, &data(&br.down_w), Some(&data(&br.down_b)), rows, hd, m));
+            let act = round_all_in::<H>(&activation(&pre, br.spec.act));
+            let up = round_all_in::<H>(&linear(&act, &data(&br.up_w), Some(&data(&br.up_b)), rows, m, hd));
             let s: Vec<f32> = match (br.spec.scale, &br.scaling) {
                 (Scale::Fixed(s), _) => vec![s; hd],
                 (Scale::Learned, Some(t)) => vec![data(t)[0]; hd],
                 (Scale::Channel, Some(t)) => data(t),
                 _ => unreachable!("HostBranch::random makes a scaling tensor for learned and channel"),
             };
-            let mut u: Vec<f32> = up.iter().enumerate().map(|(k, &v)| round(v * s[k % hd])).collect();
+            let mut u: Vec<f32> = up.iter().enumerate().map(|(k, &v)| round_in::<H>(v * s[k % hd])).collect();
             if br.gate.is_some() {
                 for (k, v) in u.iter_mut().enumerate() {
-                    *v = round(*v * gates[i * self.batch + k / (self.seq_len * hd)]);
+                    *v = round_in::<H>(*v * gates[i * self.batch + k / (self.seq_len * hd)]);
                 }
             }
             let y = match (&br.ln_after, br.spec.residual_first) {
@@ -245,13 +252,10 @@ struct Outputs {
     gate: Option<Vec<f32>>,
 }
 
-/// Runs `case` through the launcher with bf16 γ, β: with bf16 h, r, out (`bf16io`, the
-/// `_bf16io` kernels) or with f32 ones (the `_bf16` kernels, for the exactness check). Outputs
-/// start as NaN.
 const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
 
 /// The launcher of `path` with `plan` (None: the automatic one), for either activation type.
-fn forward<A: bert_adapters::cuda::gpu::ActivationScalar>(gpu: &Gpu, inputs: &LocationInputs<bf16, A>, d: &LocationDescriptors, outputs: &mut LocationOutputs<A>, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
+fn forward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LocationInputs<P, A>, d: &LocationDescriptors, outputs: &mut LocationOutputs<A>, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
     match (path, plan) {
         (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
         (LocationPath::Fused, Some(p)) => adapter_location_forward_with_plan(gpu, inputs, d, outputs, shape, p),
@@ -259,21 +263,24 @@ fn forward<A: bert_adapters::cuda::gpu::ActivationScalar>(gpu: &Gpu, inputs: &Lo
     }
 }
 
-fn run(gpu: &Gpu, case: &Case, bf16io: bool, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
+/// Runs `case` through the launcher with `H` γ, β: with `H` h, r, out (`io`, the `_bf16io` /
+/// `_f16io` kernels) or with f32 ones (the `_bf16` / `_f16` kernels, for the exactness check).
+/// Outputs start as NaN.
+fn run<H: Io>(gpu: &Gpu, case: &Case, io: bool, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
-    let (gamma, beta) = (gpu.upload(&to_bf16(&case.gamma))?, gpu.upload(&to_bf16(&case.beta))?);
+    let (gamma, beta) = (gpu.upload(&to_half::<H>(&case.gamma))?, gpu.upload(&to_half::<H>(&case.beta))?);
     let shape = case.shape();
     let n_out = shape.branches * case.block();
     let mut gate = descriptors.has_gate().then(|| gpu.upload(&vec![f32::NAN; shape.branches * shape.batch])).transpose()?;
-    let out = if bf16io {
-        let (h, r) = (gpu.upload(&to_bf16(&case.h))?, gpu.upload(&to_bf16(&case.r))?);
-        let mut out = gpu.upload(&vec![bf16::NAN; n_out])?;
+    let out = if io {
+        let (h, r) = (gpu.upload(&to_half::<H>(&case.h))?, gpu.upload(&to_half::<H>(&case.r))?);
+        let mut out = gpu.upload(&vec![H::from_f32(f32::NAN); n_out])?;
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
         forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan)?;
-        widen(&gpu.download(&out.view())?)
+        widen_from::<H>(&gpu.download(&out.view())?)
     } else {
         let (h, r) = (gpu.upload(&case.h)?, gpu.upload(&case.r)?);
         let mut out = gpu.upload(&vec![f32::NAN; n_out])?;
@@ -285,10 +292,10 @@ fn run(gpu: &Gpu, case: &Case, bf16io: bool, path: LocationPath, plan: Option<Lo
     Ok(Outputs { out, gate: gate.map(|g| gpu.download(&g.view())).transpose()? })
 }
 
-/// The distance in bf16 ulps between two bf16 values (as f32), through their ordered bit patterns.
-fn bf16_ulps(a: f32, b: f32) -> u32 {
+/// The distance in `H` ulps between two `H` values (as f32), through their ordered bit patterns.
+fn half_ulps<H: Half>(a: f32, b: f32) -> u32 {
     let key = |v: f32| {
-        let bits = bf16::from_f32(v).to_bits() as i32;
+        let bits = H::from_f32(v).to_bits() as i32;
         if bits & 0x8000 != 0 {
             0x8000 - bits
         } else {
@@ -301,29 +308,29 @@ fn bf16_ulps(a: f32, b: f32) -> u32 {
 /// What one case measured: (out kernel error, out plain error, gate kernel error, gate plain error).
 type Errors = (f64, f64, f64, f64);
 
-/// Runs `case` both ways and asserts the bf16 rule on out and the gate, and the exactness of the
-/// bf16io output against the `_bf16` kernel's f32 output rounded.
-fn check(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> Errors {
-    let label = format!("{} {path:?} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
-    let got = run(gpu, case, true, path, plan).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
-    let wide = run(gpu, case, false, path, plan).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
+/// Runs `case` both ways and asserts the `H` rule on out and the gate, and the exactness of the
+/// `_*io` output against the f32-activation kernel's output rounded.
+fn check<H: Io>(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> Errors {
+    let label = format!("{} {} {path:?} {}{}", H::NAME, gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
+    let got = run::<H>(gpu, case, true, path, plan).unwrap_or_else(|e| panic!("{label}: io: {e}"));
+    let wide = run::<H>(gpu, case, false, path, plan).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
     let want = case.reference();
     // The adapters dominate: the output is O(1) away from the location without them, so a wrong
     // adapter step fails the rule by far.
     let moved = want.iter().zip(&case.without_adapters()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(moved > 0.5, "{label}: the adapters move the output by only {moved}");
-    let (err, plain_err) = assert_within_twice_plain(&format!("{label}: out"), &got.out, &want, &case.plain());
-    // bf16io == round(f32-activation kernel): the same body on the same values, one rounding.
+    let (err, plain_err) = assert_within_twice_plain_in::<H>(&format!("{label}: out"), &got.out, &want, &case.plain::<H>());
+    // io == round(f32-activation kernel): the same body on the same values, one rounding.
     let exact = gpu.cuda_runtime().is_none(); // the executor
     let (ulps, gate_ulps) = if exact { (0, 0.0) } else { (1, 2.0) };
     assert!(wide.out.iter().all(|v| v.is_finite()), "{label}: the f32-activation kernel left a non-finite element");
     for (i, (&a, &b)) in got.out.iter().zip(&wide.out).enumerate() {
-        assert!(bf16_ulps(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round(b));
+        assert!(half_ulps::<H>(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round_in::<H>(b));
     }
     let (mut gerr, mut gplain) = (0.0, 0.0);
     match (&got.gate, &wide.gate) {
         (Some(g), Some(w)) => {
-            (gerr, gplain) = assert_within_twice_plain(&format!("{label}: gate"), g, &case.gates(false), &case.gates(true));
+            (gerr, gplain) = assert_within_twice_plain_in::<H>(&format!("{label}: gate"), g, &case.gates::<H>(false), &case.gates::<H>(true));
             for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
                 assert!((a - b).abs() <= gate_ulps * f32::EPSILON * a.abs().max(b.abs()), "{label}: gate[{i}] = {a}, the f32-activation kernel's {b}");
             }
@@ -339,7 +346,7 @@ fn check(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>)
 const ACTS: [Activation; 6] = [Activation::Relu, Activation::Gelu, Activation::GeluNew, Activation::Swish, Activation::Tanh, Activation::Sigmoid];
 
 /// H x bottleneck in a Latin square with T and N (as tests/cuda_adapter.rs's sweep, B = 2).
-fn sweep_cases(rng: &mut StdRng) -> Vec<Case> {
+fn sweep_cases<H: Half>(rng: &mut StdRng) -> Vec<Case> {
     let (hs, ms, ts, ns) = ([40, 48, 384], [1, 3, 48], [1, 7, 33], [1, 2, 3]);
     let scales = [Scale::Fixed(2.5), Scale::Learned, Scale::Channel];
     let mut cases = Vec::new();
@@ -361,7 +368,7 @@ fn sweep_cases(rng: &mut StdRng) -> Vec<Case> {
                 })
                 .collect();
             let steps = if (a + b / 2) % 2 == 0 { PFEIFFER } else { HOULSBY };
-            cases.push(Case::random(rng, 2, t, h, (a + b) % 2 == 0, steps, &specs));
+            cases.push(Case::random::<H>(rng, 2, t, h, (a + b) % 2 == 0, steps, &specs));
         }
     }
     cases
@@ -369,30 +376,32 @@ fn sweep_cases(rng: &mut StdRng) -> Vec<Case> {
 
 /// One line per body and device: the case where the kernel's error is the largest share of the
 /// plain bf16 error (the rule allows 2).
-fn report(gpu: &Gpu, what: &str, rows: &[(String, Errors)]) {
+fn report<H: Half>(gpu: &Gpu, what: &str, rows: &[(String, Errors)]) {
     let ratio = |(e, p, _, _): &Errors| e / p.max(1e-30);
     let Some((label, worst)) = rows.iter().max_by(|a, b| ratio(&a.1).total_cmp(&ratio(&b.1))) else {
         return;
     };
     let (e, p, ge, gp) = worst;
     report_line(&format!(
-        "bf16io adapter {what} on {}: {} cases pass; worst out err {e:.3e} = {:.2} x plain bf16 {p:.3e} (gate {ge:.3e}, plain {gp:.3e}) at {label}",
+        "{}io adapter {what} on {}: {} cases pass; worst out err {e:.3e} = {:.2} x plain {} {p:.3e} (gate {ge:.3e}, plain {gp:.3e}) at {label}",
+        H::NAME,
         gpu.describe(),
         rows.len(),
-        ratio(worst)
+        ratio(worst),
+        H::NAME
     ));
 }
 
-fn sweep(gpu: &Gpu) {
+fn sweep<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_ada9);
-    let rows: Vec<(String, Errors)> = sweep_cases(&mut rng).iter().flat_map(|c| PATHS.map(|path| (format!("{path:?} {}", c.label()), check(gpu, c, path, None)))).collect();
-    report(gpu, "sweep", &rows);
+    let rows: Vec<(String, Errors)> = sweep_cases::<H>(&mut rng).iter().flat_map(|c| PATHS.map(|path| (format!("{path:?} {}", c.label()), check::<H>(gpu, c, path, None)))).collect();
+    report::<H>(gpu, "sweep", &rows);
 }
-test_device!(bf16io_sweep_within_twice_plain_bf16, sweep);
+test_both!(io_sweep_within_twice_plain, sweep);
 
 /// The other location kinds (the pre step's x recomputed from bf16 h, r for ρ; no post step; a
 /// mixed Parallel) at H = 48, T = 7, and a block-per-row plan (block barriers) at H = 384.
-fn location_kinds(gpu: &Gpu) {
+fn location_kinds<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x0b16_ca7e);
     let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
     let full = BranchSpec::full;
@@ -408,47 +417,47 @@ fn location_kinds(gpu: &Gpu) {
     ];
     let mut rows = Vec::new();
     for (steps, specs, replicate) in kinds {
-        let case = Case::random(&mut rng, 2, 7, 48, replicate, steps, &specs);
+        let case = Case::random::<H>(&mut rng, 2, 7, 48, replicate, steps, &specs);
         for path in PATHS {
-            rows.push((format!("{path:?} {}", case.label()), check(gpu, &case, path, None)));
+            rows.push((format!("{path:?} {}", case.label()), check::<H>(gpu, &case, path, None)));
         }
     }
     let specs = [full(48, Activation::GeluNew, Scale::Channel, true), BranchSpec::plain(3, Activation::Tanh)];
-    let case = Case::random(&mut rng, 1, 3, 384, false, PFEIFFER, &specs);
+    let case = Case::random::<H>(&mut rng, 1, 3, 384, false, PFEIFFER, &specs);
     let plan = LocationPlan { threads_per_row: 64, rows_per_block: 1 };
     for path in PATHS {
-        rows.push((format!("{path:?} {} {plan:?}", case.label()), check(gpu, &case, path, Some(plan))));
+        rows.push((format!("{path:?} {} {plan:?}", case.label()), check::<H>(gpu, &case, path, Some(plan))));
     }
-    report(gpu, "kinds", &rows);
+    report::<H>(gpu, "kinds", &rows);
 }
-test_device!(bf16io_location_kinds_within_twice_plain_bf16, location_kinds);
+test_both!(io_location_kinds_within_twice_plain, location_kinds);
 
 /// The adapter's own dropout in the bf16io kernels (the shared templated body): its output is the
 /// `_bf16` kernel's (f32 h, r, out) on the widened inputs, rounded once (bit for bit on the
 /// executor, one bf16 ulp on a GPU), and that kernel's output is the CPU reference's with the same
 /// masks within the fp32 bound 1e-5·(1 + max|ref|). One branch at p = 0.5 and a mixed Parallel
 /// (p = 0.1, none, 0.5), at H = 42 and 48; and the output is not the one without dropout.
-fn dropout(gpu: &Gpu) {
+fn dropout<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_d709);
     let (full, plain) = (BranchSpec::full, BranchSpec::plain);
     let cases = [
-        (Case::random(&mut rng, 2, 5, 42, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..plain(5, Activation::Relu) }]), vec![Some(0.5)]),
+        (Case::random::<H>(&mut rng, 2, 5, 42, true, HOULSBY, &[BranchSpec { scale: Scale::Learned, ..plain(5, Activation::Relu) }]), vec![Some(0.5)]),
         (
-            Case::random(&mut rng, 2, 3, 48, false, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(8, Activation::Swish), full(4, Activation::Tanh, Scale::Learned, true)]),
+            Case::random::<H>(&mut rng, 2, 3, 48, false, PFEIFFER, &[full(6, Activation::Gelu, Scale::Channel, false), plain(8, Activation::Swish), full(4, Activation::Tanh, Scale::Learned, true)]),
             vec![Some(0.1), None, Some(0.5)],
         ),
     ];
     for ((mut case, ps), path) in cases.into_iter().flat_map(|c| PATHS.map(|p| (c.clone(), p))) {
-        let undropped = run(gpu, &case, true, path, None).unwrap();
+        let undropped = run::<H>(gpu, &case, true, path, None).unwrap();
         for (i, (b, p)) in case.branches.iter_mut().zip(&ps).enumerate() {
             b.dropout = p.map(|p| adapter_dropout(p, 0xbf, 0x35, i as u64));
         }
-        let label = format!("{} {path:?} {}", gpu.describe(), case.label());
-        let got = run(gpu, &case, true, path, None).unwrap_or_else(|e| panic!("{label}: bf16io: {e}"));
-        let wide = run(gpu, &case, false, path, None).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
+        let label = format!("{} {} {path:?} {}", H::NAME, gpu.describe(), case.label());
+        let got = run::<H>(gpu, &case, true, path, None).unwrap_or_else(|e| panic!("{label}: io: {e}"));
+        let wide = run::<H>(gpu, &case, false, path, None).unwrap_or_else(|e| panic!("{label}: f32 activations: {e}"));
         let ulps = if gpu.cuda_runtime().is_none() { 0 } else { 1 };
         for (i, (&a, &b)) in got.out.iter().zip(&wide.out).enumerate() {
-            assert!(bf16_ulps(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round(b));
+            assert!(half_ulps::<H>(a, b) <= ulps, "{label}: out[{i}] = {a}, but the f32-activation kernel's {b} rounds to {}", round_in::<H>(b));
         }
         let want = case.reference();
         let tol = 1e-5 * (1.0 + want.iter().fold(0f32, |m, v| m.max(v.abs())));
@@ -459,18 +468,18 @@ fn dropout(gpu: &Gpu) {
         assert!(moved > 0.5, "{label}: dropout moves the output by only {moved}");
     }
 }
-test_device!(bf16io_dropout_is_the_f32_kernels_rounded, dropout);
+test_both!(io_dropout_is_the_f32_kernels_rounded, dropout);
 
 /// bf16 activations with an f32 BERT LayerNorm have no kernel: `Error::Unsupported`, nothing
 /// written (no gate launch either).
-fn f32_layernorm_with_bf16_activations_is_unsupported(gpu: &Gpu) {
+fn f32_layernorm_with_half_activations_is_unsupported<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbad);
-    let case = Case::random(&mut rng, 1, 2, 40, true, PFEIFFER, &[BranchSpec::full(3, Activation::Relu, Scale::Learned, false)]);
+    let case = Case::random::<H>(&mut rng, 1, 2, 40, true, PFEIFFER, &[BranchSpec::full(3, Activation::Relu, Scale::Learned, false)]);
     let branch = DeviceBranch::upload(gpu, &case.branches[0]);
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &[branch.weights()]).unwrap();
-    let (h, r) = (gpu.upload(&to_bf16(&case.h)).unwrap(), gpu.upload(&to_bf16(&case.r)).unwrap());
+    let (h, r) = (gpu.upload(&to_half::<H>(&case.h)).unwrap(), gpu.upload(&to_half::<H>(&case.r)).unwrap());
     let (gamma, beta) = (gpu.upload(&case.gamma).unwrap(), gpu.upload(&case.beta).unwrap());
-    let mut out = gpu.upload(&vec![bf16::NAN; case.block()]).unwrap();
+    let mut out = gpu.upload(&vec![H::from_f32(f32::NAN); case.block()]).unwrap();
     let mut gate = gpu.upload(&[f32::NAN]).unwrap();
     {
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: None };
@@ -479,17 +488,17 @@ fn f32_layernorm_with_bf16_activations_is_unsupported(gpu: &Gpu) {
             let err = adapter_location_forward_on(gpu, &inputs, &descriptors, &mut outputs, case.shape(), path).unwrap_err();
             assert!(matches!(err, Error::Unsupported(_)), "{path:?}: {err}");
             let msg = err.to_string();
-            assert!(msg.contains("BF16") && msg.contains("F32"), "{path:?}: {msg}");
+            assert!(msg.contains(&format!("in {:?} with the BERT LayerNorm in F32", <H as ActivationScalar>::DTYPE)), "{path:?}: {msg}");
         }
     }
-    assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote out");
+    assert!(gpu.download(&out.view()).unwrap().iter().all(|v| v.to_f32().is_nan()), "a refused launch wrote out");
     assert!(gpu.download(&gate.view()).unwrap()[0].is_nan(), "a refused launch wrote the gate");
 }
-test_device!(bf16_activations_need_a_bf16_layernorm, f32_layernorm_with_bf16_activations_is_unsupported);
+test_both!(half_activations_need_a_layernorm_of_their_type, f32_layernorm_with_half_activations_is_unsupported);
 
 #[test]
 fn sweep_covers_what_it_claims() {
-    let cases = sweep_cases(&mut StdRng::seed_from_u64(0xbf16_ada9));
+    let cases = sweep_cases::<bf16>(&mut StdRng::seed_from_u64(0xbf16_ada9));
     let set = |f: &dyn Fn(&Case) -> (usize, usize)| cases.iter().map(f).collect::<std::collections::BTreeSet<_>>().len();
     assert_eq!(set(&|c| (c.hidden, c.branches[0].spec.m)), 9);
     assert_eq!(set(&|c| (c.hidden, c.seq_len)), 9);

@@ -21,6 +21,11 @@
 //! multiple of 32 and H = 384, bottlenecks 1..64+, T 1..33, 1–3 branches, replicate on and off,
 //! pfeiffer / houlsby / residual_before_ln False / post_add, gates, the adapter's dropout at p = 0.1
 //! and 0.5, frozen branches, accumulation, without input gradients; the fused path refuses bf16.
+//!
+//! f16 (the `_f16io` kernels, f16 γ, β) runs the same bodies, generic over the 16-bit type `H`
+//! ([`Io`]): every "bf16" above reads "H" (its rounding, ulps, plain twin and the rule's floor);
+//! each test runs as `<name>::bf16` and `<name>::f16`, on the bf16 cases' draws: h, r ∈ ±2,
+//! d_out ∈ ±1 and the gradients they give (O(10) at most) are far inside f16's range.
 
 use bert_adapters::backend::{BottleneckGrads, BottleneckParams, GradsOut, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
@@ -28,9 +33,9 @@ use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_on, adapter_location_backward_split, BranchGrads, BranchWeights, LocationBackwardOutputs,
     LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationPath, LocationShape,
 };
-use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
+use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, Gpu};
 use bert_adapters::cuda::probe::report_line;
-use bert_adapters::{test_device, Activation, Backend, CpuBackend, Error, Tensor};
+use bert_adapters::{Activation, Backend, CpuBackend, Error, Tensor};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -44,9 +49,10 @@ use cases::*;
 
 #[path = "support/bf16.rs"]
 mod bf16_rule;
-use bf16_rule::{assert_rounded_f32_kernel, assert_same_f32, assert_within_twice_plain, round_all, to_bf16, widen};
+use bf16_rule::{assert_rounded_f32_kernel_in, assert_same_f32, assert_within_twice_plain_in, round_all_in, to_half, widen_from, test_both, Half, Io};
 
-/// One backward with its inputs rounded to bf16.
+
+/// One backward with its inputs rounded to `H`.
 struct Case {
     batch: usize,
     seq_len: usize,
@@ -71,7 +77,7 @@ type InputGrads<T> = (Vec<T>, Vec<T>);
 
 impl Case {
     #[allow(clippy::too_many_arguments)]
-    fn random(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize, replicate: bool, steps: LocationSteps, specs: &[BranchSpec], trainable: &[bool], need_input: bool) -> Case {
+    fn random<H: Half>(rng: &mut StdRng, batch: usize, seq_len: usize, hidden: usize, replicate: bool, steps: LocationSteps, specs: &[BranchSpec], trainable: &[bool], need_input: bool) -> Case {
         let n = specs.len();
         let rows = if replicate { batch } else { batch * n };
         let count = rows * seq_len * hidden;
@@ -81,11 +87,11 @@ impl Case {
             hidden,
             replicate,
             steps,
-            h: round_all(&uniform(rng, count, -2.0, 2.0)),
-            r: round_all(&uniform(rng, count, -2.0, 2.0)),
-            d_out: round_all(&uniform(rng, n * batch * seq_len * hidden, -1.0, 1.0)),
-            gamma: round_all(&uniform(rng, hidden, 0.5, 1.5)),
-            beta: round_all(&uniform(rng, hidden, -0.5, 0.5)),
+            h: round_all_in::<H>(&uniform(rng, count, -2.0, 2.0)),
+            r: round_all_in::<H>(&uniform(rng, count, -2.0, 2.0)),
+            d_out: round_all_in::<H>(&uniform(rng, n * batch * seq_len * hidden, -1.0, 1.0)),
+            gamma: round_all_in::<H>(&uniform(rng, hidden, 0.5, 1.5)),
+            beta: round_all_in::<H>(&uniform(rng, hidden, -0.5, 0.5)),
             branches: specs.iter().map(|s| HostBranch::random_scaled(rng, hidden, *s, 3.0)).collect(),
             trainable: trainable.to_vec(),
             accumulate: false,
@@ -233,7 +239,7 @@ struct Got {
 
 /// Runs the backward with activations of `A` (f32 or bf16) and the BERT LayerNorm of the same
 /// type, on `path`.
-fn run<A: bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar>(gpu: &Gpu, case: &Case, path: LocationPath, conv: impl Fn(&[f32]) -> Vec<A>, back: impl Fn(&[A]) -> Vec<f32>, nan: A) -> Result<Got, Error> {
+fn run<A: ActivationScalar + BaseScalar>(gpu: &Gpu, case: &Case, path: LocationPath, conv: impl Fn(&[f32]) -> Vec<A>, back: impl Fn(&[A]) -> Vec<f32>, nan: A) -> Result<Got, Error> {
     let devs: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = devs.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
@@ -258,21 +264,21 @@ fn run_f32(gpu: &Gpu, case: &Case) -> Got {
     run::<f32>(gpu, case, LocationPath::Split, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", case.label()))
 }
 
-fn run_bf16(gpu: &Gpu, case: &Case) -> (Got, Option<InputGrads<bf16>>) {
-    // The raw bf16 dh, dr too, for the rounding check.
+fn run_half<H: Io>(gpu: &Gpu, case: &Case) -> (Got, Option<InputGrads<H>>) {
+    // The raw H dh, dr too, for the rounding check.
     let raw = std::cell::RefCell::new(Vec::new());
-    let got = run::<bf16>(
+    let got = run::<H>(
         gpu,
         case,
         LocationPath::Split,
-        to_bf16,
+        to_half::<H>,
         |v| {
             raw.borrow_mut().push(v.to_vec());
-            widen(v)
+            widen_from::<H>(v)
         },
-        bf16::NAN,
+        H::from_f32(f32::NAN),
     )
-    .unwrap_or_else(|e| panic!("bf16io {}: {e}", case.label()));
+    .unwrap_or_else(|e| panic!("{}io {}: {e}", H::NAME, case.label()));
     let raw = raw.into_inner();
     let bits = case.need_input.then(|| (raw[0].clone(), raw[1].clone()));
     (got, bits)
@@ -292,18 +298,18 @@ fn assert_close(label: &str, got: &[f32], want: &[f32]) -> f32 {
 
 /// The three checks of the module docs for one case; returns (worst dh/dr error ratio to the
 /// plain error, worst weight-gradient max|err|/tol).
-fn check(gpu: &Gpu, case: &Case) -> (f64, f32) {
-    let label = format!("{} {}", gpu.describe(), case.label());
+fn check<H: Io>(gpu: &Gpu, case: &Case) -> (f64, f32) {
+    let label = format!("{} {} {}", H::NAME, gpu.describe(), case.label());
     let f32_run = run_f32(gpu, case);
-    let (bf, bits) = run_bf16(gpu, case);
+    let (bf, bits) = run_half::<H>(gpu, case);
     let (want_inputs, want_grads) = case.reference();
     let mut ratio = 0f64;
     if let (Some((dh, dr)), Some((wdh, wdr)), Some((fdh, fdr))) = (&bits, &want_inputs, &f32_run.inputs) {
-        assert_rounded_f32_kernel(gpu, &format!("{label}: dh vs the f32 split kernel"), dh, fdh);
-        assert_rounded_f32_kernel(gpu, &format!("{label}: dr vs the f32 split kernel"), dr, fdr);
-        for (what, got, want) in [("dh", widen(dh), wdh), ("dr", widen(dr), wdr)] {
-            let plain = round_all(want);
-            let (err, plain_err) = assert_within_twice_plain(&format!("{label}: {what}"), &got, want, &plain);
+        assert_rounded_f32_kernel_in::<H>(gpu, &format!("{label}: dh vs the f32 split kernel"), dh, fdh);
+        assert_rounded_f32_kernel_in::<H>(gpu, &format!("{label}: dr vs the f32 split kernel"), dr, fdr);
+        for (what, got, want) in [("dh", widen_from::<H>(dh), wdh), ("dr", widen_from::<H>(dr), wdr)] {
+            let plain = round_all_in::<H>(want);
+            let (err, plain_err) = assert_within_twice_plain_in::<H>(&format!("{label}: {what}"), &got, want, &plain);
             if plain_err > 0.0 {
                 ratio = ratio.max(err / plain_err);
             }
@@ -327,30 +333,30 @@ fn check(gpu: &Gpu, case: &Case) -> (f64, f32) {
     (ratio, used)
 }
 
-fn cases(rng: &mut StdRng) -> Vec<Case> {
+fn cases<H: Half>(rng: &mut StdRng) -> Vec<Case> {
     let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
     let (full, plain) = (BranchSpec::full, BranchSpec::plain);
     let mut v = vec![
-        Case::random(rng, 2, 7, 40, true, PFEIFFER, &[plain(3, Activation::Relu)], &[true], true),
-        Case::random(rng, 2, 5, 48, false, HOULSBY, &[full(1, Activation::Swish, Scale::Learned, false)], &[true], true),
-        Case::random(rng, 1, 33, 384, true, PFEIFFER, &[full(48, Activation::Gelu, Scale::Channel, true), plain(70, Activation::Relu)], &[true, false], true),
-        Case::random(rng, 2, 3, 42, false, steps(ResidualBeforeLn::False, true, true), &[full(5, Activation::Tanh, Scale::Channel, false), plain(64, Activation::GeluNew), full(2, Activation::Sigmoid, Scale::Fixed(2.5), true)], &[true, true, false], true),
-        Case::random(rng, 2, 4, 40, true, steps(ResidualBeforeLn::PostAdd, true, true), &[full(6, Activation::Swish, Scale::Learned, true)], &[true], true),
-        Case::random(rng, 2, 1, 40, false, steps(ResidualBeforeLn::True, false, false), &[full(4, Activation::Gelu, Scale::Channel, false), plain(3, Activation::Relu)], &[false, true], false),
-        Case::random(rng, 2, 3, 48, true, PFEIFFER, &[full(7, Activation::Gelu, Scale::Channel, false), plain(33, Activation::Swish)], &[true, false], false)
+        Case::random::<H>(rng, 2, 7, 40, true, PFEIFFER, &[plain(3, Activation::Relu)], &[true], true),
+        Case::random::<H>(rng, 2, 5, 48, false, HOULSBY, &[full(1, Activation::Swish, Scale::Learned, false)], &[true], true),
+        Case::random::<H>(rng, 1, 33, 384, true, PFEIFFER, &[full(48, Activation::Gelu, Scale::Channel, true), plain(70, Activation::Relu)], &[true, false], true),
+        Case::random::<H>(rng, 2, 3, 42, false, steps(ResidualBeforeLn::False, true, true), &[full(5, Activation::Tanh, Scale::Channel, false), plain(64, Activation::GeluNew), full(2, Activation::Sigmoid, Scale::Fixed(2.5), true)], &[true, true, false], true),
+        Case::random::<H>(rng, 2, 4, 40, true, steps(ResidualBeforeLn::PostAdd, true, true), &[full(6, Activation::Swish, Scale::Learned, true)], &[true], true),
+        Case::random::<H>(rng, 2, 1, 40, false, steps(ResidualBeforeLn::True, false, false), &[full(4, Activation::Gelu, Scale::Channel, false), plain(3, Activation::Relu)], &[false, true], false),
+        Case::random::<H>(rng, 2, 3, 48, true, PFEIFFER, &[full(7, Activation::Gelu, Scale::Channel, false), plain(33, Activation::Swish)], &[true, false], false)
             .with_dropout(&[Some(0.5), Some(0.1)], 17, 0x31),
-        Case::random(rng, 1, 7, 42, false, HOULSBY, &[plain(5, Activation::Relu), full(9, Activation::Tanh, Scale::Learned, true)], &[true, true], true).with_dropout(&[Some(0.1), Some(0.5)], 23, 0x42),
+        Case::random::<H>(rng, 1, 7, 42, false, HOULSBY, &[plain(5, Activation::Relu), full(9, Activation::Tanh, Scale::Learned, true)], &[true, true], true).with_dropout(&[Some(0.1), Some(0.5)], 23, 0x42),
     ];
     v[1].accumulate = true;
     v[3].accumulate = true;
     v
 }
 
-fn bf16_split_backward_matches(gpu: &Gpu) {
+fn split_backward_matches<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_bac4);
     let (mut ratio, mut used) = ((0f64, String::new()), (0f32, String::new()));
-    for case in cases(&mut rng) {
-        let (r, u) = check(gpu, &case);
+    for case in cases::<H>(&mut rng) {
+        let (r, u) = check::<H>(gpu, &case);
         if r > ratio.0 {
             ratio = (r, case.label());
         }
@@ -359,19 +365,21 @@ fn bf16_split_backward_matches(gpu: &Gpu) {
         }
     }
     report_line(&format!(
-        "bf16io split adapter backward on {}: dh/dr error at most {:.3} x the plain bf16 error (bound 2) at {}; weight gradients worst max|err|/tol {:.3} at {}",
+        "{}io split adapter backward on {}: dh/dr error at most {:.3} x the plain {} error (bound 2) at {}; weight gradients worst max|err|/tol {:.3} at {}",
+        H::NAME,
         gpu.describe(),
         ratio.0,
+        H::NAME,
         ratio.1,
         used.0,
         used.1
     ));
 }
-test_device!(bf16io_split_backward_follows_the_bf16_rule, bf16_split_backward_matches);
+test_both!(io_split_backward_follows_the_rule, split_backward_matches);
 
 #[test]
 fn the_cases_cover_what_the_docs_claim() {
-    let cs = cases(&mut StdRng::seed_from_u64(0xbf16_bac4));
+    let cs = cases::<bf16>(&mut StdRng::seed_from_u64(0xbf16_bac4));
     let hs: std::collections::BTreeSet<usize> = cs.iter().map(|c| c.hidden).collect();
     assert!(hs.iter().any(|h| h % 32 != 0) && hs.contains(&384));
     let ms: Vec<usize> = cs.iter().flat_map(|c| c.branches.iter().map(|b| b.spec.m)).collect();
@@ -387,36 +395,102 @@ fn the_cases_cover_what_the_docs_claim() {
 /// bf16 activations: the fused backward refuses them (Unsupported, before anything is written),
 /// and the split backward refuses bf16 activations with an f32 LayerNorm and f32 ones with a bf16
 /// LayerNorm (no kernel), as the forward does.
-fn bf16_refusals(gpu: &Gpu) {
+fn half_refusals<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(3);
-    let case = Case::random(&mut rng, 1, 2, 16, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu)], &[true], true);
+    let case = Case::random::<H>(&mut rng, 1, 2, 16, true, PFEIFFER, &[BranchSpec::plain(2, Activation::Relu)], &[true], true);
     let dev = DeviceBranch::upload(gpu, &case.branches[0]);
     let desc = LocationDescriptors::new(gpu, 16, PFEIFFER, &[dev.weights()]).unwrap();
-    let (h, d_out) = (gpu.upload(&to_bf16(&case.h)).unwrap(), gpu.upload(&to_bf16(&case.d_out)).unwrap());
+    let (h, d_out) = (gpu.upload(&to_half::<H>(&case.h)).unwrap(), gpu.upload(&to_half::<H>(&case.d_out)).unwrap());
     let (hf, d_outf) = (gpu.upload(&case.h).unwrap(), gpu.upload(&case.d_out).unwrap());
-    let (g16, g32) = (gpu.upload(&to_bf16(&case.gamma)).unwrap(), gpu.upload(&case.gamma).unwrap());
-    let mut dh = gpu.upload(&[bf16::NAN; 32]).unwrap();
-    let mut dr = gpu.upload(&[bf16::NAN; 32]).unwrap();
+    let (g16, g32) = (gpu.upload(&to_half::<H>(&case.gamma)).unwrap(), gpu.upload(&case.gamma).unwrap());
+    let mut dh = gpu.upload(&[H::from_f32(f32::NAN); 32]).unwrap();
+    let mut dr = gpu.upload(&[H::from_f32(f32::NAN); 32]).unwrap();
     let mut dhf = gpu.upload(&[f32::NAN; 32]).unwrap();
     let mut drf = gpu.upload(&[f32::NAN; 32]).unwrap();
     let unsupported = |e: Error, want: &str| assert!(matches!(&e, Error::Unsupported(m) if m.contains(want)), "{e}");
     {
-        let inputs = LocationInputs::<bf16, bf16> { h: h.view(), r: h.view(), ln_gamma: g16.view(), ln_beta: g16.view(), ln_eps: BERT_EPS, dropout_seed: None };
+        let inputs = LocationInputs::<H, H> { h: h.view(), r: h.view(), ln_gamma: g16.view(), ln_beta: g16.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut grads = vec![None];
         let mut outputs = LocationBackwardOutputs { input_grads: Some((dh.view_mut(), dr.view_mut())), grads: &mut grads };
         let mut ws = LocationBackwardWorkspace::new(gpu, 1024).unwrap();
         unsupported(adapter_location_backward(gpu, &inputs, &d_out.view(), &desc, &mut outputs, &mut ws, case.shape()).unwrap_err(), "the fused backward takes f32 activations");
         unsupported(adapter_location_backward_on(gpu, &inputs, &d_out.view(), &desc, &mut outputs, case.shape(), LocationPath::Fused).unwrap_err(), "split path");
-        let inputs = LocationInputs::<f32, bf16> { h: h.view(), r: h.view(), ln_gamma: g32.view(), ln_beta: g32.view(), ln_eps: BERT_EPS, dropout_seed: None };
+        let inputs = LocationInputs::<f32, H> { h: h.view(), r: h.view(), ln_gamma: g32.view(), ln_beta: g32.view(), ln_eps: BERT_EPS, dropout_seed: None };
         unsupported(adapter_location_backward_split(gpu, &inputs, &d_out.view(), &desc, &mut outputs, case.shape()).unwrap_err(), "no backward kernel");
     }
     {
-        let inputs = LocationInputs::<bf16, f32> { h: hf.view(), r: hf.view(), ln_gamma: g16.view(), ln_beta: g16.view(), ln_eps: BERT_EPS, dropout_seed: None };
+        let inputs = LocationInputs::<H, f32> { h: hf.view(), r: hf.view(), ln_gamma: g16.view(), ln_beta: g16.view(), ln_eps: BERT_EPS, dropout_seed: None };
         let mut grads = vec![None];
         let mut outputs = LocationBackwardOutputs { input_grads: Some((dhf.view_mut(), drf.view_mut())), grads: &mut grads };
         unsupported(adapter_location_backward_split(gpu, &inputs, &d_outf.view(), &desc, &mut outputs, case.shape()).unwrap_err(), "no backward kernel");
     }
-    assert!(widen(&gpu.download(&dh.view()).unwrap()).iter().all(|v| v.is_nan()), "a refused launch wrote dh");
+    assert!(widen_from::<H>(&gpu.download(&dh.view()).unwrap()).iter().all(|v| v.is_nan()), "a refused launch wrote dh");
     assert!(gpu.download(&dhf.view()).unwrap().iter().all(|v| v.is_nan()), "a refused launch wrote dh");
 }
-test_device!(bf16_backward_refusals, bf16_refusals);
+test_both!(half_backward_refusals, half_refusals);
+
+/// Through `Backend` (what `CudaBackend::with_activations` runs): `adapter_location` and
+/// `adapter_location_backward_into` on `H` h, r, d_out and an `H` BERT LayerNorm, on both paths,
+/// give the f32 ops' results on the widened operands rounded once to `H` (out, dh, dr: bit for bit
+/// on the executor, one ulp on a GPU; the fused backward widens, so it is that exactly) and the
+/// same f32 weight gradients; out, dh and dr come back in `H`. The dispatch is what this checks:
+/// the kernels' numerics are the launcher tests' above and in cuda_bf16_adapter.rs.
+fn backend_dispatches_half_locations<H: Io>(gpu: &Gpu) {
+    use bert_adapters::backend::{AdapterLocation, LayerNormParams};
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::DType;
+    let mut rng = StdRng::seed_from_u64(0x0be1_6ada);
+    let specs = [BranchSpec::full(4, Activation::Gelu, Scale::Channel, false), BranchSpec::plain(3, Activation::Relu)];
+    let case = Case::random::<H>(&mut rng, 2, 3, 40, false, PFEIFFER, &specs, &[true, true], true).with_dropout(&[Some(0.5), None], 29, 0x17);
+    let dtype = <H as ActivationScalar>::DTYPE;
+    for path in [LocationPath::Fused, LocationPath::Split] {
+        let be = CudaBackend::on(gpu.reopen().unwrap()).with_location_path(path);
+        let branches: Vec<HostBranch> = case.branches.iter().map(|b| b.on(&be)).collect();
+        let params: Vec<BottleneckParams> = branches.iter().map(HostBranch::params).collect();
+        let in_type = |v: &[f32], shape: &[usize], d: DType| be.cast(&be.upload(v.to_vec(), shape).unwrap(), d).unwrap();
+        // (out, dh, dr, weight gradients) with every activation and the LayerNorm in `d`.
+        let run = |d: DType| {
+            let (t, hd) = (case.seq_len, case.hidden);
+            let (h, r, d_out) = (in_type(&case.h, &[case.h.len() / (t * hd), t, hd], d), in_type(&case.r, &[case.r.len() / (t * hd), t, hd], d), in_type(&case.d_out, &[case.d_out.len() / (t * hd), t, hd], d));
+            let (gamma, beta) = (in_type(&case.gamma, &[hd], d), in_type(&case.beta, &[hd], d));
+            let loc = AdapterLocation { h: &h, r: &r, layer_norm: LayerNormParams { gamma: &gamma, beta: &beta, eps: BERT_EPS }, steps: case.steps, branches: &params, replicate: case.replicate, seq_len: t };
+            let out = be.adapter_location(&loc).unwrap();
+            let zeros = |x: &Tensor| be.zeros(x.shape(), DType::F32).unwrap();
+            let pair = |p: &Option<(Tensor, Tensor)>| p.as_ref().map(|(a, b)| (zeros(a), zeros(b)));
+            let grads: Vec<Option<GradsOut<BottleneckGrads>>> = branches
+                .iter()
+                .map(|b| {
+                    let grads = BottleneckGrads { down_w: zeros(&b.down_w), down_b: zeros(&b.down_b), up_w: zeros(&b.up_w), up_b: zeros(&b.up_b), ln_before: pair(&b.ln_before), ln_after: pair(&b.ln_after), scaling: b.scaling.as_ref().map(zeros), gate: pair(&b.gate) };
+                    Some(GradsOut { grads, accumulate: false })
+                })
+                .collect();
+            let (dh, dr) = be.adapter_location_backward_into(&loc, &d_out, &grads, true).unwrap();
+            let (dh, dr) = (dh.unwrap(), dr.unwrap());
+            for (name, t) in [("out", &out), ("dh", &dh), ("dr", &dr)] {
+                assert_eq!(t.dtype(), d, "{path:?} {name}");
+            }
+            let host = |t: &Tensor| be.to_host(t).unwrap();
+            let weight_grads: Vec<Vec<f32>> = grads.iter().flatten().flat_map(|g| {
+                let b = &g.grads;
+                let mut v = vec![host(&b.down_w), host(&b.down_b), host(&b.up_w), host(&b.up_b)];
+                for (x, y) in [&b.ln_before, &b.ln_after, &b.gate].into_iter().flatten() {
+                    v.extend([host(x), host(y)]);
+                }
+                v.extend(b.scaling.iter().map(host));
+                v
+            }).collect();
+            (host(&out), host(&dh), host(&dr), weight_grads)
+        };
+        let (got, want) = (run(dtype), run(DType::F32));
+        let label = format!("{} {} backend {path:?}", H::NAME, gpu.describe());
+        for (name, g, w) in [("out", &got.0, &want.0), ("dh", &got.1, &want.1), ("dr", &got.2, &want.2)] {
+            let g: Vec<H> = g.iter().map(|&x| H::from_f32(x)).collect();
+            assert_rounded_f32_kernel_in::<H>(gpu, &format!("{label}: {name} vs the f32 op rounded"), &g, w);
+        }
+        assert_eq!(got.3.len(), want.3.len());
+        for (i, (g, w)) in got.3.iter().zip(&want.3).enumerate() {
+            assert_same_f32(gpu, &format!("{label}: weight gradient {i}"), g, w);
+        }
+    }
+}
+test_both!(backend_dispatches_half_locations, backend_dispatches_half_locations);

@@ -4,6 +4,15 @@
 //! probability-dropout forward, and (the "backward" section at the end of this file, with its own
 //! docs) the backward, dctx in and dqkv out in bf16.
 //!
+//! f16 storage (the `_f16io` kernels, `half::f16` views) is held to the same checks by the same
+//! bodies, generic over the 16-bit type `H` ([`Io`]): every "bf16" below reads "H" (rounding,
+//! ulps, the plain twin and the rule's floor are `H`'s); each test runs as `<name>::bf16` and
+//! `<name>::f16`. The inputs fit f16's range as drawn (|Q|, |K| ≤ √6, |V|, |dctx| ≤ 2, the mask's
+//! -10000 and the plain twin's scores, at most d·6 ≤ 768, are far below 65504), so the f16 cases
+//! use the bf16 cases' draws unchanged; `f16_context_past_65504` checks where the range ends (a
+//! context past 65504 is +inf, the f32 kernel's value rounded once). `backend_dispatch` checks
+//! `CudaBackend`'s attention ops route bf16 and f16 tensors to these kernels.
+//!
 //! The rule of tests/support/bf16.rs: Q, K, V are drawn, rounded to bf16 and uploaded as bf16;
 //! `f32_ref` is the f64 CPU reference (`cpu::reference::attention`, `attention_lse`, rounded to
 //! f32 once) on those rounded values, and `plain` a plain bf16 attention written here as
@@ -38,8 +47,8 @@ use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer, DeviceScalar, Gpu
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::train::dropout::{dropout_range, DropoutRng};
 use bert_adapters::{test_device, Error};
-use bf16_rule::{assert_within_twice_plain, round, round_all, to_bf16, widen};
-use half::bf16;
+use bf16_rule::{assert_within_twice_plain_in, round_all_in, round_in, to_half, widen_from, test_both, Half, Io};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -48,14 +57,15 @@ mod attention_case;
 
 use attention_case::{AttentionInputs, MaskKind, PAD};
 
-/// A case: `qkv` already rounded to bf16 (held as f32).
+
+/// A case: `qkv` already rounded to `H` (held as f32).
 type Case = AttentionInputs;
 
 impl Case {
-    /// [`AttentionInputs::random`] with Q, K and V rounded to bf16.
-    fn rounded(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
+    /// [`AttentionInputs::random`] with Q, K and V rounded to `H`.
+    fn rounded<H: Half>(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> Case {
         let mut case = AttentionInputs::random(rng, batch, seq, d, heads, mask);
-        case.qkv = round_all(&case.qkv);
+        case.qkv = round_all_in::<H>(&case.qkv);
         case
     }
 
@@ -68,7 +78,7 @@ impl Case {
 
     /// (ctx, lse) of the plain bf16 attention of the module docs: ctx rounded to bf16 (as f32),
     /// lse in f32 from the plain bf16 scores.
-    fn plain(&self, dropout: Option<&ProbDropout>) -> (Vec<f32>, Vec<f32>) {
+    fn plain<H: Half>(&self, dropout: Option<&ProbDropout>) -> (Vec<f32>, Vec<f32>) {
         let [q, k, v] = self.split();
         let (batch, seq, hidden, heads) = (self.batch, self.seq, self.hidden, self.heads);
         let d = self.head_dim();
@@ -85,7 +95,7 @@ impl Case {
                     for (j, pj) in p.iter_mut().enumerate() {
                         let kj = &k[(b * seq + j) * hidden + h * d..][..d];
                         let dot = qi.iter().zip(kj).fold(0f32, |acc, (a, c)| acc + a * c); // bf16 products are exact in f32
-                        *pj = round(round(round(dot) / sqrt_d) + round(mask[j]));
+                        *pj = round_in::<H>(round_in::<H>(round_in::<H>(dot) / sqrt_d) + round_in::<H>(mask[j]));
                     }
                     let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let mut sum = 0f32;
@@ -98,14 +108,14 @@ impl Case {
                         drop(b, h, i, &mut keep);
                     }
                     for (pj, f) in p.iter_mut().zip(&keep) {
-                        *pj = round(*pj / sum);
+                        *pj = round_in::<H>(*pj / sum);
                         if dropout.is_some() {
-                            *pj = round(*pj * f);
+                            *pj = round_in::<H>(*pj * f);
                         }
                     }
                     for c in 0..d {
                         let acc = p.iter().enumerate().fold(0f32, |acc, (j, pj)| acc + pj * v[(b * seq + j) * hidden + h * d + c]);
-                        ctx[(b * seq + i) * hidden + h * d + c] = round(acc);
+                        ctx[(b * seq + i) * hidden + h * d + c] = round_in::<H>(acc);
                     }
                 }
             }
@@ -152,8 +162,8 @@ fn run_as<A: ActivationScalar>(gpu: &Gpu, case: &Case, plan: Option<AttentionPla
     Ok(Outputs { ctx: back(&gpu.download(&ctx.view())?), lse: gpu.download(&lse.view())? })
 }
 
-fn run_bf16(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
-    run_as::<bf16>(gpu, case, plan, dropout, to_bf16, widen).unwrap_or_else(|e| panic!("{} bf16io: {e}", case.label()))
+fn run_half<H: Io>(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    run_as::<H>(gpu, case, plan, dropout, to_half::<H>, widen_from::<H>).unwrap_or_else(|e| panic!("{} {}io: {e}", case.label(), H::NAME))
 }
 
 fn run_f32(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
@@ -164,11 +174,11 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Distance in bf16 ulps between two bf16 values held as f32 (on a line that orders -0 < +0
+/// Distance in `H` ulps between two `H` values held as f32 (on a line that orders -0 < +0
 /// next to each other, so a sign change counts the steps through zero).
-fn bf16_ulps(a: f32, b: f32) -> u32 {
+fn half_ulps<H: Half>(a: f32, b: f32) -> u32 {
     let key = |x: f32| {
-        let u = (bf16::from_f32(x).to_bits()) as i32;
+        let u = H::from_f32(x).to_bits() as i32;
         if u & 0x8000 != 0 { -(u & 0x7fff) - 1 } else { u }
     };
     key(a).abs_diff(key(b))
@@ -194,14 +204,14 @@ fn assert_f32_close(label: &str, got: &[f32], want: &[f32], batch: usize) -> f64
 /// The bf16io kernel against the f32 kernel on the same rounded inputs: ctx is the f32 kernel's
 /// rounded once and lse is the same (bitwise on the executor; one bf16 ulp and the f32
 /// tolerance on a GPU, see the module docs).
-fn assert_matches_f32_kernel(gpu: &Gpu, label: &str, got: &Outputs, f32_kernel: &Outputs, lse_ref: &[f32], batch: usize) {
-    let rounded = round_all(&f32_kernel.ctx);
+fn assert_matches_f32_kernel<H: Io>(gpu: &Gpu, label: &str, got: &Outputs, f32_kernel: &Outputs, lse_ref: &[f32], batch: usize) {
+    let rounded = round_all_in::<H>(&f32_kernel.ctx);
     if gpu.kind() == GpuKind::Sim {
-        assert_eq!(bits(&got.ctx), bits(&rounded), "{label}: ctx is not the f32 kernel's rounded to bf16");
+        assert_eq!(bits(&got.ctx), bits(&rounded), "{label}: ctx is not the f32 kernel's rounded to {}", H::NAME);
         assert_eq!(bits(&got.lse), bits(&f32_kernel.lse), "{label}: lse differs from the f32 kernel's");
     } else {
-        let (worst, at) = got.ctx.iter().zip(&rounded).enumerate().fold((0, 0), |(w, a), (i, (x, y))| if bf16_ulps(*x, *y) > w { (bf16_ulps(*x, *y), i) } else { (w, a) });
-        assert!(worst <= 1, "{label}: ctx[{at}] = {} is {worst} bf16 ulps from the f32 kernel's rounded {}", got.ctx[at], rounded[at]);
+        let (worst, at) = got.ctx.iter().zip(&rounded).enumerate().fold((0, 0), |(w, a), (i, (x, y))| if half_ulps::<H>(*x, *y) > w { (half_ulps::<H>(*x, *y), i) } else { (w, a) });
+        assert!(worst <= 1, "{label}: ctx[{at}] = {} is {worst} {} ulps from the f32 kernel's rounded {}", got.ctx[at], H::NAME, rounded[at]);
         assert_f32_close(&format!("{label}: lse"), &got.lse, lse_ref, batch);
     }
 }
@@ -209,15 +219,15 @@ fn assert_matches_f32_kernel(gpu: &Gpu, label: &str, got: &Outputs, f32_kernel: 
 /// One case, eval forward (auto plan or `plan`): the 2x-plain rule on ctx and lse, lse at the f32
 /// tolerance, and equality with the f32 kernel. Returns (ctx error, plain ctx error, lse error,
 /// plain lse error).
-fn check(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>) -> (Outputs, [f64; 4]) {
-    let label = format!("{} {} {plan:?}", gpu.describe(), case.label());
-    let got = run_bf16(gpu, case, plan, None);
+fn check<H: Io>(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>) -> (Outputs, [f64; 4]) {
+    let label = format!("{} {} {} {plan:?}", H::NAME, gpu.describe(), case.label());
+    let got = run_half::<H>(gpu, case, plan, None);
     let (ref_ctx, ref_lse) = case.reference(None);
-    let (plain_ctx, plain_lse) = case.plain(None);
-    let (e, pe) = assert_within_twice_plain(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
-    let (le, ple) = assert_within_twice_plain(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
+    let (plain_ctx, plain_lse) = case.plain::<H>(None);
+    let (e, pe) = assert_within_twice_plain_in::<H>(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
+    let (le, ple) = assert_within_twice_plain_in::<H>(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
     assert_f32_close(&format!("{label}: lse"), &got.lse, &ref_lse, case.batch);
-    assert_matches_f32_kernel(gpu, &label, &got, &run_f32(gpu, case, plan, None), &ref_lse, case.batch);
+    assert_matches_f32_kernel::<H>(gpu, &label, &got, &run_f32(gpu, case, plan, None), &ref_lse, case.batch);
     (got, [e, pe, le, ple])
 }
 
@@ -240,62 +250,62 @@ const SHAPES: [(usize, usize, usize, MaskKind); 9] = [
     (1, 128, 1, MaskKind::Padded),
 ];
 
-fn bf16io_forward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
+fn forward_matches_the_rule_at_awkward_shapes<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_a77e);
     let mut worst = (0f64, String::new());
     for seq in SEQS {
         for (batch, d, heads, mask) in SHAPES {
-            let case = Case::rounded(&mut rng, batch, seq, d, heads, mask);
-            let (_, [e, pe, le, ple]) = check(gpu, &case, None);
+            let case = Case::rounded::<H>(&mut rng, batch, seq, d, heads, mask);
+            let (_, [e, pe, le, ple]) = check::<H>(gpu, &case, None);
             if seq > 1 {
                 // A real plain error exists (the rule is not vacuous) and the kernel is well inside
                 // it: one rounding of an f32 result against the plain twin's four.
-                assert!(pe > 0.0, "{}: the plain bf16 twin equals the reference", case.label());
+                assert!(pe > 0.0, "{}: the plain {} twin equals the reference", case.label(), H::NAME);
             }
             let ratio = if pe > 0.0 { e / pe } else { 0.0 };
             if ratio > worst.0 {
                 worst = (ratio, case.label());
             }
             if seq == 70 && matches!(d, 8 | 64 | 128) {
-                report_line(&format!("bf16io attention {} {}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})", gpu.describe(), case.label()));
+                report_line(&format!("{}io attention {} {}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})", H::NAME, gpu.describe(), case.label()));
             }
         }
     }
-    report_line(&format!("bf16io attention on {}: {} cases pass; worst ctx err / plain err = {:.3} at {}", gpu.describe(), SEQS.len() * SHAPES.len(), worst.0, worst.1));
+    report_line(&format!("{}io attention on {}: {} cases pass; worst ctx err / plain err = {:.3} at {}", H::NAME, gpu.describe(), SEQS.len() * SHAPES.len(), worst.0, worst.1));
 }
-test_device!(awkward_shapes, bf16io_forward_matches_the_rule_at_awkward_shapes);
+test_both!(awkward_shapes, forward_matches_the_rule_at_awkward_shapes);
 
 /// Every block shape (1..=8 warps), specialised and generic kernels: the specialised bf16io
 /// kernels equal the generic one bit for bit on the executor (same body, same order), each
 /// passes the rule, and d = 128 with 8 warps is refused as for f32.
-fn every_plan_of_the_bf16io_kernels(gpu: &Gpu) {
+fn every_plan_of_the_io_kernels<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_91a2);
     for (batch, d, heads) in [(1, 32, 2), (2, 64, 1), (1, 24, 3), (1, 128, 1)] {
-        let case = Case::rounded(&mut rng, batch, 33, d, heads, MaskKind::Padded);
+        let case = Case::rounded::<H>(&mut rng, batch, 33, d, heads, MaskKind::Padded);
         for warps in [1, 2, 3, 4, 8] {
             let plan = AttentionPlan { warps_per_block: warps, specialised: true };
             if d == 128 && warps == 8 {
-                let err = run_as::<bf16>(gpu, &case, Some(plan), None, to_bf16, widen).err();
+                let err = run_as::<H>(gpu, &case, Some(plan), None, to_half::<H>, widen_from::<H>).err();
                 assert!(matches!(err, Some(Error::Shape { .. })), "{}: a 52.5 KiB plan must be refused, got {err:?}", case.label());
                 continue;
             }
-            let (a, _) = check(gpu, &case, Some(plan));
-            let (g, _) = check(gpu, &case, Some(AttentionPlan { specialised: false, ..plan }));
+            let (a, _) = check::<H>(gpu, &case, Some(plan));
+            let (g, _) = check::<H>(gpu, &case, Some(AttentionPlan { specialised: false, ..plan }));
             if gpu.kind() == GpuKind::Sim {
                 let label = format!("{} {plan:?}", case.label());
-                assert_eq!(bits(&a.ctx), bits(&g.ctx), "{label}: ctx of the generic and specialised bf16io kernels differ");
-                assert_eq!(bits(&a.lse), bits(&g.lse), "{label}: lse of the generic and specialised bf16io kernels differ");
+                assert_eq!(bits(&a.ctx), bits(&g.ctx), "{label}: ctx of the generic and specialised {}io kernels differ", H::NAME);
+                assert_eq!(bits(&a.lse), bits(&g.lse), "{label}: lse of the generic and specialised {}io kernels differ", H::NAME);
             }
         }
     }
 }
-test_device!(every_plan, every_plan_of_the_bf16io_kernels);
+test_both!(every_plan, every_plan_of_the_io_kernels);
 
 /// Probability dropout (training): the `_dropout_bf16io` kernels (d = 8 and 24 generic, 32, 64)
 /// under the rule against the reference and plain twin with the CPU's Philox multipliers, equal
 /// to the f32 dropout kernel rounded, two dropout blocks (Parallel branches: batch rows b and
 /// b + B/2 draw different streams); and dropout changed the context.
-fn bf16io_dropout_forward_matches_the_rule(gpu: &Gpu) {
+fn dropout_forward_matches_the_rule<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_d40b);
     for (batch, seq, d, heads, mask, streams) in [
         (2usize, 37usize, 8usize, 2usize, MaskKind::Shared(1), vec![(5u64 << 8) | 1, 5 << 8]),
@@ -303,34 +313,34 @@ fn bf16io_dropout_forward_matches_the_rule(gpu: &Gpu) {
         (2, 33, 64, 2, MaskKind::Padded, vec![(1 << 8) | 2, (1 << 8) | 3]),
         (3, 70, 24, 3, MaskKind::Shared(1), vec![9 << 8]),
     ] {
-        let case = Case::rounded(&mut rng, batch, seq, d, heads, mask);
+        let case = Case::rounded::<H>(&mut rng, batch, seq, d, heads, mask);
         let drop = DeviceDropout { seed_buffer: None, seed: 0xabc0 + d as u64, p: 0.2, streams, offset: 0 };
         let factors = prob_dropout(&drop, batch, seq, heads);
-        let label = format!("{} {} dropout {:?}", gpu.describe(), case.label(), drop.streams);
-        let got = run_bf16(gpu, &case, None, Some(&drop));
+        let label = format!("{} {} {} dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.streams);
+        let got = run_half::<H>(gpu, &case, None, Some(&drop));
         let (ref_ctx, ref_lse) = case.reference(Some(&*factors));
-        let (plain_ctx, plain_lse) = case.plain(Some(&*factors));
-        let (e, pe) = assert_within_twice_plain(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
-        let (le, ple) = assert_within_twice_plain(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
+        let (plain_ctx, plain_lse) = case.plain::<H>(Some(&*factors));
+        let (e, pe) = assert_within_twice_plain_in::<H>(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
+        let (le, ple) = assert_within_twice_plain_in::<H>(&format!("{label}: lse"), &got.lse, &ref_lse, &plain_lse);
         assert_f32_close(&format!("{label}: lse"), &got.lse, &ref_lse, batch);
-        assert_matches_f32_kernel(gpu, &label, &got, &run_f32(gpu, &case, None, Some(&drop)), &ref_lse, batch);
+        assert_matches_f32_kernel::<H>(gpu, &label, &got, &run_f32(gpu, &case, None, Some(&drop)), &ref_lse, batch);
         let undropped = case.reference(None).0;
         assert!(undropped.iter().zip(&got.ctx).any(|(a, b)| (a - b).abs() > 0.05), "{label}: dropout changed nothing");
-        report_line(&format!("bf16io attention dropout {label}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})"));
+        report_line(&format!("{}io attention dropout {label}: ctx err {e:.2e} (plain {pe:.2e}), lse err {le:.2e} (plain {ple:.2e})", H::NAME));
     }
 }
-test_device!(dropout, bf16io_dropout_forward_matches_the_rule);
+test_both!(dropout, dropout_forward_matches_the_rule);
 
 /// Rows whose every key is masked with -inf: ctx is NaN (stored as a bf16 NaN) and lse NaN, as
 /// in the f32 kernel and the reference; a row with one finite key among -inf ones attends to
 /// exactly that key (weight exp(0) = 1), so its ctx is that V row, exact in bf16.
-fn masked_rows_in_bf16(gpu: &Gpu) {
+fn masked_rows_in_half<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_dead);
     let (batch, seq, d, heads) = (2, 33, 16, 2);
-    let mut case = Case::rounded(&mut rng, batch, seq, d, heads, MaskKind::Zeros);
+    let mut case = Case::rounded::<H>(&mut rng, batch, seq, d, heads, MaskKind::Zeros);
     case.mask[..seq].fill(f32::NEG_INFINITY);
     case.mask[seq..2 * seq - 1].fill(f32::NEG_INFINITY);
-    let got = run_bf16(gpu, &case, None, None);
+    let got = run_half::<H>(gpu, &case, None, None);
     let hidden = case.hidden;
     assert!(got.ctx[..seq * hidden].iter().all(|v| v.is_nan()), "row 0 (all -inf): ctx must be NaN");
     assert!(got.lse[..heads * seq].iter().all(|v| v.is_nan()), "row 0 (all -inf): lse must be NaN");
@@ -341,14 +351,14 @@ fn masked_rows_in_bf16(gpu: &Gpu) {
     }
     assert!(got.lse[heads * seq..].iter().all(|v| v.is_finite()), "row 1: lse must be finite");
 }
-test_device!(masked_rows, masked_rows_in_bf16);
+test_both!(masked_rows, masked_rows_in_half);
 
 /// Lengths are counted in bf16 elements and checked before anything is written.
-fn bf16_sizes_are_checked(gpu: &Gpu) {
+fn half_sizes_are_checked<H: Io>(gpu: &Gpu) {
     let (b, t, h, n) = (2, 7, 16, 2);
-    let qkv = up(gpu, &vec![bf16::from_f32(0.5); b * t * 3 * h]);
+    let qkv = up(gpu, &vec![H::from_f32(0.5); b * t * 3 * h]);
     let mask = up(gpu, &vec![0f32; b * t]);
-    let mut ctx = up(gpu, &vec![bf16::NAN; b * t * h]);
+    let mut ctx = up(gpu, &vec![H::from_f32(f32::NAN); b * t * h]);
     let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
     let shape_err = |r: Result<(), Error>, needle: &str| match r {
         Err(Error::Shape { msg, .. }) => assert!(msg.contains(needle), "`{msg}` does not mention `{needle}`"),
@@ -358,13 +368,43 @@ fn bf16_sizes_are_checked(gpu: &Gpu) {
     shape_err(attention_packed_forward(gpu, &qkv.slice(0..b * t * 3 * h - 1).unwrap(), &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n), "qkv has 671 elements, expected 672");
     shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.slice_mut(1..b * t * h).unwrap(), &mut lse.view_mut(), b, t, h, n), "ctx has 223 elements, expected 224");
     shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.slice_mut(0..b * n * t - 1).unwrap(), b, t, h, n), "lse has 27 elements, expected 28");
-    assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote ctx");
+    assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32().is_nan()), "a rejected launch wrote ctx");
     assert!(gpu.download(&lse.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote lse");
     attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n).expect("the right sizes");
     // Uniform Q, K: uniform weights; V = 0.5 everywhere, so ctx = 0.5 exactly.
     assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32() == 0.5), "ctx of a constant V");
 }
-test_device!(sizes, bf16_sizes_are_checked);
+test_both!(sizes, half_sizes_are_checked);
+
+/// f16's range ends at 65504: a context past it is stored as +inf, the f32 kernel's value rounded
+/// once (65520 and up round to inf), never saturated. Q = K = 0 gives each of the T = 16 keys the
+/// weight 1/16; V = 60000 everywhere and p = 0.5 dropout (keep factor 2) make ctx = 7500·kept,
+/// exact in f32: past 65504 where a row keeps 9 or more keys, 60000 or less otherwise.
+fn f16_context_past_its_range_is_inf(gpu: &Gpu) {
+    let (batch, seq, d, heads) = (2, 16, 8, 2);
+    let hidden = d * heads;
+    let mut qkv = vec![0f32; batch * seq * 3 * hidden];
+    for row in qkv.chunks_mut(3 * hidden) {
+        row[2 * hidden..].fill(60000.0);
+    }
+    let case = Case { qkv, mask: vec![0f32; batch * seq], batch, seq, hidden, heads };
+    let drop = DeviceDropout { seed_buffer: None, seed: 0xf160, p: 0.5, streams: vec![7 << 8], offset: 0 };
+    let got = run_half::<f16>(gpu, &case, None, Some(&drop));
+    let f32_kernel = run_f32(gpu, &case, None, Some(&drop));
+    assert!(f32_kernel.ctx.iter().all(|v| v.is_finite() && v % 7500.0 == 0.0), "the f32 ctx is 7500·kept");
+    let want = round_all_in::<f16>(&f32_kernel.ctx);
+    assert!(want.iter().any(|v| v.is_infinite()) && want.iter().any(|v| v.is_finite() && *v >= 30000.0), "the draw must reach past 65504 and stay under it");
+    for (i, ((g, w), f)) in got.ctx.iter().zip(&want).zip(&f32_kernel.ctx).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "ctx[{i}] = {g}: the f32 kernel's {f} rounds to {w}");
+        assert_eq!(g.is_infinite(), *f >= 65520.0, "ctx[{i}] = {g} from {f}");
+    }
+    if gpu.kind() == GpuKind::Sim {
+        assert_eq!(bits(&got.lse), bits(&f32_kernel.lse), "lse (f32) is the f32 kernel's");
+    } else {
+        assert_f32_close("lse", &got.lse, &f32_kernel.lse, batch);
+    }
+}
+test_device!(f16_context_past_65504, f16_context_past_its_range_is_inf);
 
 // ==== backward =================================================================================
 //
@@ -407,10 +447,10 @@ struct BwdCase {
 }
 
 impl BwdCase {
-    fn random(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> BwdCase {
-        let fwd = Case::rounded(rng, batch, seq, d, heads, mask);
+    fn random<H: Half>(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize, mask: MaskKind) -> BwdCase {
+        let fwd = Case::rounded::<H>(rng, batch, seq, d, heads, mask);
         let dctx = (0..batch * seq * fwd.hidden).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
-        BwdCase { fwd, dctx: round_all(&dctx) }
+        BwdCase { fwd, dctx: round_all_in::<H>(&dctx) }
     }
 
     /// The f64 reference gradient, packed `[B, T, 3H]`, each element rounded to f32 once.
@@ -422,7 +462,7 @@ impl BwdCase {
     }
 
     /// The plain bf16 backward of the module section's docs, packed `[B, T, 3H]`.
-    fn plain(&self, dropout: Option<&ProbDropout>) -> Vec<f32> {
+    fn plain<H: Half>(&self, dropout: Option<&ProbDropout>) -> Vec<f32> {
         let c = &self.fwd;
         let [q, k, v] = c.split();
         let (batch, seq, hidden, heads) = (c.batch, c.seq, c.hidden, c.heads);
@@ -441,7 +481,7 @@ impl BwdCase {
                 for i in 0..seq {
                     let row = &mut p[i * seq..][..seq];
                     for (j, s) in row.iter_mut().enumerate() {
-                        *s = round(round(round(dot(&q[at(b, i, h)..][..d], &k[at(b, j, h)..][..d])) / sqrt_d) + round(mask[j]));
+                        *s = round_in::<H>(round_in::<H>(round_in::<H>(dot(&q[at(b, i, h)..][..d], &k[at(b, j, h)..][..d])) / sqrt_d) + round_in::<H>(mask[j]));
                     }
                     let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let mut sum = 0f32;
@@ -449,13 +489,13 @@ impl BwdCase {
                         *s = (*s - max).exp();
                         sum += *s;
                     }
-                    row.iter_mut().for_each(|s| *s = round(*s / sum));
+                    row.iter_mut().for_each(|s| *s = round_in::<H>(*s / sum));
                     if let Some(drop) = dropout {
                         drop(b, h, i, &mut keep);
                         fac[i * seq..][..seq].copy_from_slice(&keep);
                     }
                     for j in 0..seq {
-                        pd[i * seq + j] = if dropout.is_some() { round(p[i * seq + j] * fac[i * seq + j]) } else { p[i * seq + j] };
+                        pd[i * seq + j] = if dropout.is_some() { round_in::<H>(p[i * seq + j] * fac[i * seq + j]) } else { p[i * seq + j] };
                     }
                 }
                 // Backward.
@@ -464,13 +504,13 @@ impl BwdCase {
                     let go = &self.dctx[at(b, i, h)..][..d];
                     let dp: Vec<f32> = (0..seq)
                         .map(|j| {
-                            let g = round(dot(go, &v[at(b, j, h)..][..d]));
-                            if dropout.is_some() { round(g * fac[i * seq + j]) } else { g }
+                            let g = round_in::<H>(dot(go, &v[at(b, j, h)..][..d]));
+                            if dropout.is_some() { round_in::<H>(g * fac[i * seq + j]) } else { g }
                         })
                         .collect();
                     let rowsum = (0..seq).fold(0f32, |acc, j| acc + dp[j] * p[i * seq + j]);
                     for j in 0..seq {
-                        ds[i * seq + j] = round(round(p[i * seq + j] * (dp[j] - rowsum)) / sqrt_d);
+                        ds[i * seq + j] = round_in::<H>(round_in::<H>(p[i * seq + j] * (dp[j] - rowsum)) / sqrt_d);
                     }
                 }
                 for t in 0..seq {
@@ -478,9 +518,9 @@ impl BwdCase {
                         let dv_acc = (0..seq).fold(0f32, |acc, i| acc + pd[i * seq + t] * self.dctx[at(b, i, h) + col]);
                         let dk_acc = (0..seq).fold(0f32, |acc, i| acc + ds[i * seq + t] * q[at(b, i, h) + col]);
                         let dq_acc = (0..seq).fold(0f32, |acc, j| acc + ds[t * seq + j] * k[at(b, j, h) + col]);
-                        dv[at(b, t, h) + col] = round(dv_acc);
-                        dk[at(b, t, h) + col] = round(dk_acc);
-                        dq[at(b, t, h) + col] = round(dq_acc);
+                        dv[at(b, t, h) + col] = round_in::<H>(dv_acc);
+                        dk[at(b, t, h) + col] = round_in::<H>(dk_acc);
+                        dq[at(b, t, h) + col] = round_in::<H>(dq_acc);
                     }
                 }
             }
@@ -511,8 +551,8 @@ fn part(packed: &[f32], hidden: usize, part: usize) -> Vec<f32> {
 
 /// The forward's outputs the backward reads: bf16 ctx (widened) and f32 lse of the bf16io
 /// forward (with `dropout` when given).
-fn forward_for_backward(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
-    run_bf16(gpu, case, None, dropout)
+fn forward_for_backward<H: Io>(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+    run_half::<H>(gpu, case, None, dropout)
 }
 
 /// Runs the backward with `A` storage on a NaN-poisoned dqkv: `plan` with a NaN-poisoned
@@ -545,17 +585,17 @@ fn run_bwd_as<A: ActivationScalar>(
 /// The rule per gradient, equality with the f32 backward kernel rounded once, and the T = 1
 /// bound of the section docs. Returns the bf16 dqkv (widened) and, per gradient, (kernel error,
 /// plain error).
-fn check_backward(gpu: &Gpu, case: &BwdCase, plan: Option<AttentionBackwardPlan>, drop: Option<&DeviceDropout<'_>>) -> (Vec<f32>, [(f64, f64); 3]) {
+fn check_backward<H: Io>(gpu: &Gpu, case: &BwdCase, plan: Option<AttentionBackwardPlan>, drop: Option<&DeviceDropout<'_>>) -> (Vec<f32>, [(f64, f64); 3]) {
     let c = &case.fwd;
-    let label = format!("{} {} {plan:?} dropout {:?}", gpu.describe(), case.label(), drop.map(|d| (d.p, d.streams.clone())));
-    let fwd = forward_for_backward(gpu, c, drop);
-    let got = run_bwd_as::<bf16>(gpu, case, &fwd, plan, drop, to_bf16).unwrap_or_else(|e| panic!("{label} bf16io: {e}"));
+    let label = format!("{} {} {} {plan:?} dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.map(|d| (d.p, d.streams.clone())));
+    let fwd = forward_for_backward::<H>(gpu, c, drop);
+    let got = run_bwd_as::<H>(gpu, case, &fwd, plan, drop, to_half::<H>).unwrap_or_else(|e| panic!("{label} io: {e}"));
     let f32_kernel = run_bwd_as::<f32>(gpu, case, &fwd, plan, drop, |v| v.to_vec()).unwrap_or_else(|e| panic!("{label} f32: {e}"));
-    bf16_rule::assert_rounded_f32_kernel(gpu, &format!("{label}: dqkv vs the f32 kernel"), &got, &f32_kernel);
-    let got = widen(&got);
+    bf16_rule::assert_rounded_f32_kernel_in::<H>(gpu, &format!("{label}: dqkv vs the f32 kernel"), &got, &f32_kernel);
+    let got = widen_from::<H>(&got);
     let factors = drop.map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
     let want = case.reference(factors.as_deref());
-    let plain = case.plain(factors.as_deref());
+    let plain = case.plain::<H>(factors.as_deref());
     let mut errs = [(0f64, 0f64); 3];
     for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
         let (g, w, p) = (part(&got, c.hidden, i), part(&want, c.hidden, i), part(&plain, c.hidden, i));
@@ -572,7 +612,7 @@ fn check_backward(gpu: &Gpu, case: &BwdCase, plan: Option<AttentionBackwardPlan>
             assert!(g.iter().all(|x| (*x as f64).abs() <= tol), "{label}: {name} at T = 1 exceeds {tol:e}");
             continue;
         }
-        errs[i] = assert_within_twice_plain(&format!("{label}: {name}"), &g, &w, &p);
+        errs[i] = assert_within_twice_plain_in::<H>(&format!("{label}: {name}"), &g, &w, &p);
     }
     (got, errs)
 }
@@ -584,7 +624,7 @@ fn ratio((e, p): (f64, f64)) -> f64 {
 
 /// Awkward shapes, eval backward, auto plan: T 1, 7, 33, 70 against every head-dim path (generic
 /// d = 8, 24, 40, 128; the d = 32 and d = 64 kernels), padded and shared masks.
-fn bf16io_backward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
+fn backward_matches_the_rule_at_awkward_shapes<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_bac0);
     let mut worst = (0f64, String::new());
     let mut cases = 0;
@@ -594,12 +634,12 @@ fn bf16io_backward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
             if seq == 70 && !matches!((batch, d, heads), (3, 8, 3) | (2, 24, 2) | (1, 32, 2) | (3, 64, 1) | (1, 128, 1)) {
                 continue;
             }
-            let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
-            let (_, errs) = check_backward(gpu, &case, None, None);
+            let case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
+            let (_, errs) = check_backward::<H>(gpu, &case, None, None);
             cases += 1;
             for (e, name) in errs.iter().zip(["dQ", "dK", "dV"]) {
                 if seq > 1 {
-                    assert!(e.1 > 0.0, "{}: the plain bf16 {name} equals the reference", case.label());
+                    assert!(e.1 > 0.0, "{}: the plain {} {name} equals the reference", case.label(), H::NAME);
                 }
                 if ratio(*e) > worst.0 {
                     worst = (ratio(*e), format!("{} {name}", case.label()));
@@ -608,7 +648,8 @@ fn bf16io_backward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
             if seq == 70 {
                 let [q, k, v] = errs;
                 report_line(&format!(
-                    "bf16io attention backward {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e})",
+                    "{}io attention backward {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e})",
+                    H::NAME,
                     gpu.describe(),
                     case.label(),
                     q.0,
@@ -621,34 +662,34 @@ fn bf16io_backward_matches_the_rule_at_awkward_shapes(gpu: &Gpu) {
             }
         }
     }
-    report_line(&format!("bf16io attention backward on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+    report_line(&format!("{}io attention backward on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", H::NAME, gpu.describe(), worst.0, worst.1));
 }
-test_device!(backward_awkward_shapes, bf16io_backward_matches_the_rule_at_awkward_shapes);
+test_both!(backward_awkward_shapes, backward_matches_the_rule_at_awkward_shapes);
 
 /// Every backward plan (dK/dV 4 or 8 warps, dQ 1..=8, d = 128 over 48 KiB opted in), specialised
 /// and generic bf16io kernels: each under the rule and equal to the f32 kernel rounded; on the
 /// executor the specialised and generic ones agree bit for bit.
-fn every_plan_of_the_bf16io_backward(gpu: &Gpu) {
+fn every_plan_of_the_io_backward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_9bac);
     for (batch, d, heads) in [(1, 32, 2), (2, 64, 1), (1, 24, 2), (1, 128, 1)] {
-        let case = BwdCase::random(&mut rng, batch, 33, d, heads, MaskKind::Padded);
+        let case = BwdCase::random::<H>(&mut rng, batch, 33, d, heads, MaskKind::Padded);
         for (dkv_warps, dq_warps) in [(4, 1), (8, 3), (4, 8), (8, 8)] {
             let plan = AttentionBackwardPlan { dkv_warps, dq_warps, specialised: true };
-            let (a, _) = check_backward(gpu, &case, Some(plan), None);
-            let (g, _) = check_backward(gpu, &case, Some(AttentionBackwardPlan { specialised: false, ..plan }), None);
+            let (a, _) = check_backward::<H>(gpu, &case, Some(plan), None);
+            let (g, _) = check_backward::<H>(gpu, &case, Some(AttentionBackwardPlan { specialised: false, ..plan }), None);
             if gpu.kind() == GpuKind::Sim {
-                assert_eq!(bits(&a), bits(&g), "{} {plan:?}: the generic and specialised bf16io backward kernels differ", case.label());
+                assert_eq!(bits(&a), bits(&g), "{} {plan:?}: the generic and specialised {}io backward kernels differ", case.label(), H::NAME);
             }
         }
     }
 }
-test_device!(backward_every_plan, every_plan_of_the_bf16io_backward);
+test_both!(backward_every_plan, every_plan_of_the_io_backward);
 
 /// Training: the `_dropout_bf16io` backward kernels (generic d = 8 and 24, d = 32, d = 64) with
 /// p = 0.1 and 0.5, one and two dropout blocks (Parallel branches), the CPU's Philox factors in
 /// the reference and the plain twin; equal to the f32 dropout backward rounded; and the factors
 /// changed the gradient.
-fn bf16io_dropout_backward_matches_the_rule(gpu: &Gpu) {
+fn dropout_backward_matches_the_rule<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_dbac);
     for (batch, seq, d, heads, mask, p, streams) in [
         (2usize, 37usize, 8usize, 2usize, MaskKind::Shared(1), 0.1f32, vec![(5u64 << 8) | 1, 5 << 8]),
@@ -656,15 +697,16 @@ fn bf16io_dropout_backward_matches_the_rule(gpu: &Gpu) {
         (2, 33, 64, 2, MaskKind::Padded, 0.1, vec![(1 << 8) | 2, (1 << 8) | 3]),
         (3, 70, 24, 3, MaskKind::Shared(1), 0.5, vec![9 << 8]),
     ] {
-        let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
+        let case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
         let drop = DeviceDropout { seed_buffer: None, seed: 0xd0_0000 + d as u64, p, streams, offset: 0 };
-        let (got, errs) = check_backward(gpu, &case, None, Some(&drop));
+        let (got, errs) = check_backward::<H>(gpu, &case, None, Some(&drop));
         let undropped = case.reference(None);
         let moved = part(&undropped, case.fwd.hidden, 2).iter().zip(&part(&got, case.fwd.hidden, 2)).any(|(a, b)| (a - b).abs() > 0.05);
         assert!(moved, "{}: dropout changed nothing in dV", case.label());
         let [q, k, v] = errs;
         report_line(&format!(
-            "bf16io attention backward dropout p={p} {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e}); worst ratio {:.3}",
+            "{}io attention backward dropout p={p} {} {}: dQ err {:.2e} (plain {:.2e}), dK {:.2e} ({:.2e}), dV {:.2e} ({:.2e}); worst ratio {:.3}",
+            H::NAME,
             gpu.describe(),
             case.label(),
             q.0,
@@ -677,33 +719,33 @@ fn bf16io_dropout_backward_matches_the_rule(gpu: &Gpu) {
         ));
     }
 }
-test_device!(backward_dropout, bf16io_dropout_backward_matches_the_rule);
+test_both!(backward_dropout, dropout_backward_matches_the_rule);
 
 /// Batch rows whose every key is padded with -10000: the lse is about -10000, so the prep kernel
 /// renormalises (its bf16 Q·K recomputation path); the gradient follows the reference's uniform
 /// weights under the rule and equals the f32 kernel's rounded.
-fn fully_padded_rows_in_bf16(gpu: &Gpu) {
+fn fully_padded_rows_in_half<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0fad);
     for seq in [7, 33] {
-        let mut case = BwdCase::random(&mut rng, 3, seq, 16, 2, MaskKind::Padded);
+        let mut case = BwdCase::random::<H>(&mut rng, 3, seq, 16, 2, MaskKind::Padded);
         case.fwd.mask[seq..2 * seq].fill(PAD);
-        let (got, _) = check_backward(gpu, &case, None, None);
+        let (got, _) = check_backward::<H>(gpu, &case, None, None);
         let row = &got[seq * 3 * case.fwd.hidden..2 * seq * 3 * case.fwd.hidden];
         assert!(row.iter().any(|v| *v != 0.0), "{}: the fully padded row's gradient is all zero", case.label());
     }
 }
-test_device!(backward_fully_padded_rows, fully_padded_rows_in_bf16);
+test_both!(backward_fully_padded_rows, fully_padded_rows_in_half);
 
 /// bf16 lengths are counted in bf16 elements, errors name the operand, and nothing is written;
 /// the workspace stays f32.
-fn bf16_backward_sizes_are_checked(gpu: &Gpu) {
+fn half_backward_sizes_are_checked<H: Io>(gpu: &Gpu) {
     let (b, t, h, n) = (2, 7, 16, 2);
-    let qkv = up(gpu, &vec![bf16::from_f32(0.5); b * t * 3 * h]);
-    let ctx = up(gpu, &vec![bf16::from_f32(0.5); b * t * h]);
-    let dctx = up(gpu, &vec![bf16::from_f32(1.0); b * t * h]);
+    let qkv = up(gpu, &vec![H::from_f32(0.5); b * t * 3 * h]);
+    let ctx = up(gpu, &vec![H::from_f32(0.5); b * t * h]);
+    let dctx = up(gpu, &vec![H::from_f32(1.0); b * t * h]);
     let lse = up(gpu, &vec![1f32; b * n * t]);
     let mask = up(gpu, &vec![0f32; b * t]);
-    let mut dqkv = up(gpu, &vec![bf16::NAN; b * t * 3 * h]);
+    let mut dqkv = up(gpu, &vec![H::from_f32(f32::NAN); b * t * 3 * h]);
     let mut ws = up(gpu, &vec![f32::NAN; 2 * b * n * t]);
     let shape_err = |r: Result<(), Error>, needle: &str| match r {
         Err(Error::Shape { op, msg }) => {
@@ -723,11 +765,11 @@ fn bf16_backward_sizes_are_checked(gpu: &Gpu) {
         attention_packed_backward_with(gpu, &dc, &q, &c, &l, &m, &mut dqkv.view_mut(), &mut ws.slice_mut(0..2 * b * n * t - 1).unwrap(), b, t, h, n, plan),
         "workspace has 55 elements, expected at least 56",
     );
-    assert!(gpu.download(&dqkv.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote dqkv");
+    assert!(gpu.download(&dqkv.view()).unwrap().iter().all(|v| v.to_f32().is_nan()), "a rejected launch wrote dqkv");
     // Aliasing is judged in bf16 bytes: dqkv directly followed by ctx in one buffer is fine, one
     // element of overlap is refused.
     let (nq, nc) = (b * t * 3 * h, b * t * h);
-    let big = up(gpu, &vec![bf16::from_f32(0.5); nq + nc]);
+    let big = up(gpu, &vec![H::from_f32(0.5); nq + nc]);
     // SAFETY (both views): the kernels write only dqkv, and the overlapping launch is refused
     // before any kernel runs.
     let mut out = unsafe { big.slice(0..nq).unwrap().assume_writable() };
@@ -739,17 +781,17 @@ fn bf16_backward_sizes_are_checked(gpu: &Gpu) {
     // 0.5 (the forward's sizes test), so D = dO·O = 8·0.5 = dP = dO·v for every key (d = 8, exact
     // in f32): dS = 0, dQ = dK = 0 exactly; dV = Σ_i p_ij·1 = 1 within a few f32 ulps, which is
     // 1.0 in bf16.
-    let mut ctx_f = up(gpu, &vec![bf16::NAN; b * t * h]);
+    let mut ctx_f = up(gpu, &vec![H::from_f32(f32::NAN); b * t * h]);
     let mut lse_f = up(gpu, &vec![f32::NAN; b * n * t]);
     attention_packed_forward(gpu, &q, &m, &mut ctx_f.view_mut(), &mut lse_f.view_mut(), b, t, h, n).expect("forward");
     attention_packed_backward(gpu, &dc, &q, &ctx_f.view(), &lse_f.view(), &m, &mut dqkv.view_mut(), b, t, h, n).expect("the right sizes");
-    let got = widen(&gpu.download(&dqkv.view()).unwrap());
+    let got = widen_from::<H>(&gpu.download(&dqkv.view()).unwrap());
     for (i, v) in got.iter().enumerate() {
         let want = if (i % (3 * h)) >= 2 * h { 1.0 } else { 0.0 };
         assert_eq!(*v, want, "dqkv[{i}] of the constant case");
     }
 }
-test_device!(backward_sizes, bf16_backward_sizes_are_checked);
+test_both!(backward_sizes, half_backward_sizes_are_checked);
 
 //
 // ---- the GEMM path with bf16 storage (`cuda::attention_gemm` with bf16 views) -----------------
@@ -761,33 +803,34 @@ test_device!(backward_sizes, bf16_backward_sizes_are_checked);
 // S, P, dP and dS as PyTorch's eager bf16 attention does), forward and backward, eval and
 // dropout; the lse, computed from f32 scores of the exact bf16 inputs, also to the f32 kernel's
 // tolerance. No bitwise tie to an f32 run exists here (P and dS are rounded before their GEMMs),
-// so there is no "equal to the f32 kernel rounded" check.
+// so there is no "equal to the f32 kernel rounded" check. f16 (`gemm_path_rule::f16`): the same
+// with f16 operands and outputs (the `_f16io` row kernels, f16 GEMMs), under the f16 rule.
 
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
 
-/// The GEMM path's bf16 forward on NaN-poisoned outputs; ctx widened.
-fn run_gemm_bf16(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
+/// The GEMM path's `H` forward on NaN-poisoned outputs; ctx widened.
+fn run_gemm_half<H: Io>(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> Outputs {
     let (b, t, h, n) = (case.batch, case.seq, case.hidden, case.heads);
-    let (qkv, mask) = (up(gpu, &to_bf16(&case.qkv)), up(gpu, &case.mask));
-    let mut ctx = up(gpu, &to_bf16(&vec![f32::NAN; b * t * h]));
+    let (qkv, mask) = (up(gpu, &to_half::<H>(&case.qkv)), up(gpu, &case.mask));
+    let mut ctx = up(gpu, &to_half::<H>(&vec![f32::NAN; b * t * h]));
     let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
-    attention_gemm_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm bf16: {e}", case.label()));
-    Outputs { ctx: widen(&gpu.download(&ctx.view()).unwrap()), lse: gpu.download(&lse.view()).unwrap() }
+    attention_gemm_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm {}: {e}", case.label(), H::NAME));
+    Outputs { ctx: widen_from::<H>(&gpu.download(&ctx.view()).unwrap()), lse: gpu.download(&lse.view()).unwrap() }
 }
 
-/// The GEMM path's bf16 backward from `lse` (the GEMM forward's) into a NaN-poisoned dqkv; widened.
-fn run_gemm_bwd_bf16(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> Vec<f32> {
+/// The GEMM path's `H` backward from `lse` (the GEMM forward's) into a NaN-poisoned dqkv; widened.
+fn run_gemm_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> Vec<f32> {
     let c = &case.fwd;
     let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
-    let (qkv, dctx, lse, mask) = (up(gpu, &to_bf16(&c.qkv)), up(gpu, &to_bf16(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
-    let mut dqkv = up(gpu, &to_bf16(&vec![f32::NAN; c.qkv.len()]));
-    attention_gemm_backward(gpu, &dctx.view(), &qkv.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm bf16 backward: {e}", case.label()));
-    widen(&gpu.download(&dqkv.view()).unwrap())
+    let (qkv, dctx, lse, mask) = (up(gpu, &to_half::<H>(&c.qkv)), up(gpu, &to_half::<H>(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
+    let mut dqkv = up(gpu, &to_half::<H>(&vec![f32::NAN; c.qkv.len()]));
+    attention_gemm_backward(gpu, &dctx.view(), &qkv.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: gemm {} backward: {e}", case.label(), H::NAME));
+    widen_from::<H>(&gpu.download(&dqkv.view()).unwrap())
 }
 
 /// Awkward shapes (T 1, 7, 33, 70; d 8..=128; padded and shared masks), eval and dropout (p 0.1
 /// and 0.5, one and two blocks): ctx, lse and dQ, dK, dV of the GEMM path under the 2x-plain rule.
-fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
+fn gemm_path_matches_the_rule<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_6e44);
     let mut worst = (0f64, String::new());
     let mut cases = 0;
@@ -796,7 +839,7 @@ fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
             if seq == 70 && i % 2 == 1 {
                 continue; // the executor runs every case in three schedules
             }
-            let case = BwdCase::random(&mut rng, batch, seq, d, heads, mask);
+            let case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
             let drop = match i % 3 {
                 0 => None,
                 1 => Some(DeviceDropout { seed_buffer: None, seed: 0x6e44 + d as u64, p: 0.1, streams: vec![(2u64 << 8) | 1], offset: 0 }),
@@ -804,21 +847,21 @@ fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
                 _ => Some(DeviceDropout { seed_buffer: None, seed: 0x6e46 + d as u64, p: 0.5, streams: vec![4u64 << 8], offset: 0 }),
             };
             let c = &case.fwd;
-            let label = format!("{} {} GEMM path dropout {:?}", gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let label = format!("{} {} {} GEMM path dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
             let factors = drop.as_ref().map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
-            let fwd = run_gemm_bf16(gpu, c, drop.as_ref());
+            let fwd = run_gemm_half::<H>(gpu, c, drop.as_ref());
             let (ref_ctx, ref_lse) = c.reference(factors.as_deref());
-            let (plain_ctx, plain_lse) = c.plain(factors.as_deref());
-            let ctx_err = assert_within_twice_plain(&format!("{label}: ctx"), &fwd.ctx, &ref_ctx, &plain_ctx);
-            assert_within_twice_plain(&format!("{label}: lse"), &fwd.lse, &ref_lse, &plain_lse);
+            let (plain_ctx, plain_lse) = c.plain::<H>(factors.as_deref());
+            let ctx_err = assert_within_twice_plain_in::<H>(&format!("{label}: ctx"), &fwd.ctx, &ref_ctx, &plain_ctx);
+            assert_within_twice_plain_in::<H>(&format!("{label}: lse"), &fwd.lse, &ref_lse, &plain_lse);
             assert_f32_close(&format!("{label}: lse"), &fwd.lse, &ref_lse, c.batch);
-            let got = run_gemm_bwd_bf16(gpu, &case, &fwd.lse, drop.as_ref());
+            let got = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, drop.as_ref());
             let want = case.reference(factors.as_deref());
-            let plain = case.plain(factors.as_deref());
+            let plain = case.plain::<H>(factors.as_deref());
             cases += 1;
             let mut errs = vec![("ctx", ctx_err)];
             for (i, name) in ["dQ", "dK", "dV"].into_iter().enumerate() {
-                errs.push((name, assert_within_twice_plain(&format!("{label}: {name}"), &part(&got, c.hidden, i), &part(&want, c.hidden, i), &part(&plain, c.hidden, i))));
+                errs.push((name, assert_within_twice_plain_in::<H>(&format!("{label}: {name}"), &part(&got, c.hidden, i), &part(&want, c.hidden, i), &part(&plain, c.hidden, i))));
             }
             for (name, e) in errs {
                 if ratio(e) > worst.0 {
@@ -827,6 +870,58 @@ fn gemm_path_bf16_matches_the_rule(gpu: &Gpu) {
             }
         }
     }
-    report_line(&format!("bf16 GEMM attention on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", gpu.describe(), worst.0, worst.1));
+    report_line(&format!("{} GEMM attention on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", H::NAME, gpu.describe(), worst.0, worst.1));
 }
-test_device!(gemm_path_rule, gemm_path_bf16_matches_the_rule);
+test_both!(gemm_path_rule, gemm_path_matches_the_rule);
+
+/// Through `Backend` (what `CudaBackend::with_activations` runs): `attention_packed` and
+/// `attention_packed_backward` on `H` Q, K, V and dctx return `H` ctx and dqkv (f32 lse) from the
+/// `_*io` launchers tested above, on both attention paths: the same bits as those launchers called
+/// directly on the same operands (the fused backward from the backend's own forward ctx and lse,
+/// which it recomputes; the GEMM backward from the lse). The dispatch is what this checks.
+fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
+    use bert_adapters::cuda::attention_gemm::AttentionPath;
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::Backend;
+    let mut rng = StdRng::seed_from_u64(0xbe16_a77e);
+    let case = BwdCase::random::<H>(&mut rng, 2, 9, 16, 2, MaskKind::Padded);
+    let c = &case.fwd;
+    let dtype = <H as ActivationScalar>::DTYPE;
+    for path in [AttentionPath::Fused, AttentionPath::Gemm] {
+        let be = CudaBackend::on(gpu.reopen().unwrap()).with_attention_path(path);
+        let label = format!("{} {} backend {path:?} {}", H::NAME, gpu.describe(), c.label());
+        let in_type = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
+        let qkv = in_type(&c.qkv, &[c.batch, c.seq, 3 * c.hidden]);
+        let dctx = in_type(&case.dctx, &[c.batch, c.seq, c.hidden]);
+        let mask = be.upload(c.mask.clone(), &[c.mask_rows(), c.seq]).unwrap();
+        let (ctx, lse) = be.attention_packed(&qkv, &mask, c.heads, None).unwrap();
+        let dqkv = be.attention_packed_backward(&dctx, &qkv, &lse, &mask, c.heads, None).unwrap();
+        assert_eq!((ctx.dtype(), lse.dtype(), dqkv.dtype()), (dtype, bert_adapters::DType::F32, dtype), "{label}");
+        let got = Outputs { ctx: be.to_host(&ctx).unwrap(), lse: be.to_host(&lse).unwrap() };
+        let (want, want_dqkv) = match path {
+            AttentionPath::Fused => {
+                let fwd = run_half::<H>(gpu, c, None, None);
+                let dqkv = run_bwd_as::<H>(gpu, &case, &fwd, None, None, to_half::<H>).unwrap();
+                (fwd, widen_from::<H>(&dqkv))
+            }
+            AttentionPath::Gemm => {
+                let fwd = run_gemm_half::<H>(gpu, c, None);
+                let dqkv = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, None);
+                (fwd, dqkv)
+            }
+        };
+        if gpu.kind() == GpuKind::Sim {
+            assert_eq!(bits(&got.ctx), bits(&want.ctx), "{label}: ctx");
+            assert_eq!(bits(&got.lse), bits(&want.lse), "{label}: lse");
+            assert_eq!(bits(&be.to_host(&dqkv).unwrap()), bits(&want_dqkv), "{label}: dqkv");
+        } else {
+            // The same kernels on the same operands; cuBLASLt may pick another algorithm per call.
+            let dq = be.to_host(&dqkv).unwrap();
+            for (name, g, w) in [("ctx", &got.ctx, &want.ctx), ("dqkv", &dq, &want_dqkv)] {
+                let worst = g.iter().zip(w.iter()).map(|(a, b)| half_ulps::<H>(*a, *b)).max().unwrap_or(0);
+                assert!(worst <= 1, "{label}: {name} {worst} ulps from the launcher's");
+            }
+        }
+    }
+}
+test_both!(backend_dispatch, backend_dispatches_half_attention);

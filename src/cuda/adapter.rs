@@ -24,15 +24,16 @@
 //! every branch reads them by index; nothing is tiled in memory.
 //!
 //! Storage: every adapter weight and the gate means are f32. The location's BERT LayerNorm γ, β
-//! are f32 or bf16 (a frozen base loaded in bf16), and the activations `h`, `r`, `out` f32 or
-//! bf16: [`LocationInputs`] / [`LocationOutputs`] are generic over γ/β's [`BaseScalar`] `P` and
-//! the activations' [`ActivationScalar`] `A`, and `(A, P)` picks the kernels (the same templated
-//! bodies): (f32, f32) the `_f32` ones, (f32, bf16) the `_bf16` ones (γ, β widened exactly on
-//! load), (bf16, bf16) the `_bf16io` ones (h, r widened exactly, out rounded once on store, to
-//! nearest even). bf16 activations over an f32 LayerNorm have no kernel: `Error::Unsupported`.
-//! The fused backward takes f32 only; the split backward takes f32 and (bf16, bf16) activations
-//! and LayerNorm (`_bf16io`: h, r, d_out, dh, dr in bf16; weights, their gradients and the
-//! workspace f32).
+//! are f32, bf16 or f16 (a frozen base loaded in bf16 / f16), and the activations `h`, `r`, `out`
+//! f32, bf16 or f16: [`LocationInputs`] / [`LocationOutputs`] are generic over γ/β's
+//! [`BaseScalar`] `P` and the activations' [`ActivationScalar`] `A`, and `(A, P)` picks the
+//! kernels (the same templated bodies): (f32, f32) the `_f32` ones, (f32, bf16) the `_bf16` ones
+//! (γ, β widened exactly on load), (bf16, bf16) the `_bf16io` ones (h, r widened exactly, out
+//! rounded once on store, to nearest even); (f32, f16) and (f16, f16) likewise the `_f16` and
+//! `_f16io` ones. 16-bit activations over another LayerNorm type have no kernel:
+//! `Error::Unsupported`. The fused backward takes f32 only; the split backward takes f32, (bf16,
+//! bf16) and (f16, f16) activations and LayerNorm (`_bf16io` / `_f16io`: h, r, d_out, dh, dr in
+//! 16 bits; weights, their gradients and the workspace f32).
 //!
 //! The adapter's own dropout (training with `dropout > 0`, spec §3.4: on the scaled up projection,
 //! before the gate and the residual) is in the same launch: each branch's p and Philox stream
@@ -51,7 +52,8 @@ use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Devic
 use super::registry::adapter::{
     ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_BF16IO,
     ADAPTER_LOCATION_GATE_F32, ADAPTER_SPLIT_BIAS_ACT_F32, ADAPTER_SPLIT_POST_BF16, ADAPTER_SPLIT_POST_BF16IO, ADAPTER_SPLIT_POST_F32, ADAPTER_SPLIT_PRE_BF16,
-    ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32,
+    ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32, ADAPTER_LOCATION_FORWARD_F16, ADAPTER_LOCATION_FORWARD_F16IO, ADAPTER_LOCATION_GATE_F16,
+    ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_PRE_F16, ADAPTER_SPLIT_PRE_F16IO,
 };
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, DropoutSpec, LocationSteps};
@@ -686,8 +688,10 @@ fn kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, KernelNa
         (DType::F32, DType::F32) => Ok((ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_F32)),
         (DType::F32, DType::BF16) => Ok((ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_GATE_BF16)),
         (DType::BF16, DType::BF16) => Ok((ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_GATE_BF16IO)),
+        (DType::F32, DType::F16) => Ok((ADAPTER_LOCATION_FORWARD_F16, ADAPTER_LOCATION_GATE_F16)),
+        (DType::F16, DType::F16) => Ok((ADAPTER_LOCATION_FORWARD_F16IO, ADAPTER_LOCATION_GATE_F16IO)),
         (a, p) => Err(Error::Unsupported(format!(
-            "{OP}: activations (h, r, out) in {a:?} with the BERT LayerNorm in {p:?}: no kernel (f32 activations take an f32 or bf16 LayerNorm, bf16 activations a bf16 one)"
+            "{OP}: activations (h, r, out) in {a:?} with the BERT LayerNorm in {p:?}: no kernel (f32 activations take an f32, bf16 or f16 LayerNorm, bf16 / f16 activations one of their own type)"
         ))),
     }
 }
@@ -875,6 +879,8 @@ fn split_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, Ke
         (DType::F32, DType::F32) => Ok((ADAPTER_SPLIT_PRE_F32, ADAPTER_SPLIT_POST_F32)),
         (DType::F32, DType::BF16) => Ok((ADAPTER_SPLIT_PRE_BF16, ADAPTER_SPLIT_POST_BF16)),
         (DType::BF16, DType::BF16) => Ok((ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_POST_BF16IO)),
+        (DType::F32, DType::F16) => Ok((ADAPTER_SPLIT_PRE_F16, ADAPTER_SPLIT_POST_F16)),
+        (DType::F16, DType::F16) => Ok((ADAPTER_SPLIT_PRE_F16IO, ADAPTER_SPLIT_POST_F16IO)),
         _ => kernels::<P, A>(), // the same refusal as the fused path
     }
 }
@@ -1092,8 +1098,11 @@ mod tests {
         assert_eq!(names(kernels::<f32, f32>()).unwrap(), ("adapter_location_forward_f32", "adapter_location_gate_f32"));
         assert_eq!(names(kernels::<half::bf16, f32>()).unwrap(), ("adapter_location_forward_bf16", "adapter_location_gate_bf16"));
         assert_eq!(names(kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_location_forward_bf16io", "adapter_location_gate_bf16io"));
-        let err = names(kernels::<f32, half::bf16>()).unwrap_err();
-        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        assert_eq!(names(kernels::<half::f16, f32>()).unwrap(), ("adapter_location_forward_f16", "adapter_location_gate_f16"));
+        assert_eq!(names(kernels::<half::f16, half::f16>()).unwrap(), ("adapter_location_forward_f16io", "adapter_location_gate_f16io"));
+        for err in [names(kernels::<f32, half::bf16>()).unwrap_err(), names(kernels::<half::bf16, half::f16>()).unwrap_err(), names(kernels::<half::f16, half::bf16>()).unwrap_err()] {
+            assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        }
     }
 
     #[test]
@@ -1102,8 +1111,11 @@ mod tests {
         assert_eq!(names(split_kernels::<f32, f32>()).unwrap(), ("adapter_split_pre_f32", "adapter_split_post_f32"));
         assert_eq!(names(split_kernels::<half::bf16, f32>()).unwrap(), ("adapter_split_pre_bf16", "adapter_split_post_bf16"));
         assert_eq!(names(split_kernels::<half::bf16, half::bf16>()).unwrap(), ("adapter_split_pre_bf16io", "adapter_split_post_bf16io"));
-        let err = names(split_kernels::<f32, half::bf16>()).unwrap_err();
-        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        assert_eq!(names(split_kernels::<half::f16, f32>()).unwrap(), ("adapter_split_pre_f16", "adapter_split_post_f16"));
+        assert_eq!(names(split_kernels::<half::f16, half::f16>()).unwrap(), ("adapter_split_pre_f16io", "adapter_split_post_f16io"));
+        for err in [names(split_kernels::<f32, half::bf16>()).unwrap_err(), names(split_kernels::<f32, half::f16>()).unwrap_err(), names(split_kernels::<half::bf16, half::f16>()).unwrap_err()] {
+            assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        }
     }
 
     #[test]
@@ -1681,7 +1693,7 @@ pub fn adapter_location_backward_with_plan<P: BaseScalar, A: ActivationScalar>(
 ) -> Result<()> {
     if (A::DTYPE, P::DTYPE) != (DType::F32, DType::F32) {
         return Err(Error::Unsupported(format!(
-            "{OP_BWD}: the fused backward takes f32 activations and an f32 LayerNorm, not {:?} / {:?}; bf16 activations take the split path (LocationPath::Split)",
+            "{OP_BWD}: the fused backward takes f32 activations and an f32 LayerNorm, not {:?} / {:?}; bf16 and f16 activations take the split path (LocationPath::Split)",
             A::DTYPE,
             P::DTYPE
         )));
@@ -1956,7 +1968,8 @@ fn check_backward_aliasing<P: DeviceScalar, A: DeviceScalar>(
 use super::elementwise::{bias_grad, bias_grad_workspace_len, flat_launch};
 use super::registry::adapter::{
     ADAPTER_LOCATION_BACKWARD_GATE_BF16IO, ADAPTER_SPLIT_ACT_BWD_F32, ADAPTER_SPLIT_ACT_F32, ADAPTER_SPLIT_BWD_INPUT_BF16IO, ADAPTER_SPLIT_BWD_INPUT_F32,
-    ADAPTER_SPLIT_BWD_POST_BF16IO, ADAPTER_SPLIT_BWD_POST_F32, ADAPTER_SPLIT_BWD_PRE_BF16IO, ADAPTER_SPLIT_BWD_PRE_F32,
+    ADAPTER_SPLIT_BWD_POST_BF16IO, ADAPTER_SPLIT_BWD_POST_F32, ADAPTER_SPLIT_BWD_PRE_BF16IO, ADAPTER_SPLIT_BWD_PRE_F32, ADAPTER_LOCATION_BACKWARD_GATE_F16IO,
+    ADAPTER_SPLIT_BWD_INPUT_F16IO, ADAPTER_SPLIT_BWD_POST_F16IO, ADAPTER_SPLIT_BWD_PRE_F16IO,
 };
 
 /// The location's backward on `path`: [`adapter_location_backward`] (with a workspace from the
@@ -1983,14 +1996,15 @@ pub fn adapter_location_backward_on<P: BaseScalar, A: ActivationScalar>(
 }
 
 /// The split backward's kernels for activations `A` and BERT LayerNorm `P`: the gate means, pre,
-/// post and input kernels. f32 / f32 (`_f32`) and bf16 / bf16 (`_bf16io`); anything else is
-/// `Error::Unsupported`.
+/// post and input kernels. f32 / f32 (`_f32`), bf16 / bf16 (`_bf16io`) and f16 / f16 (`_f16io`);
+/// anything else is `Error::Unsupported`.
 fn split_backward_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<[KernelName; 4]> {
     match (A::DTYPE, P::DTYPE) {
         (DType::F32, DType::F32) => Ok([ADAPTER_LOCATION_BACKWARD_GATE_F32, ADAPTER_SPLIT_BWD_PRE_F32, ADAPTER_SPLIT_BWD_POST_F32, ADAPTER_SPLIT_BWD_INPUT_F32]),
         (DType::BF16, DType::BF16) => Ok([ADAPTER_LOCATION_BACKWARD_GATE_BF16IO, ADAPTER_SPLIT_BWD_PRE_BF16IO, ADAPTER_SPLIT_BWD_POST_BF16IO, ADAPTER_SPLIT_BWD_INPUT_BF16IO]),
+        (DType::F16, DType::F16) => Ok([ADAPTER_LOCATION_BACKWARD_GATE_F16IO, ADAPTER_SPLIT_BWD_PRE_F16IO, ADAPTER_SPLIT_BWD_POST_F16IO, ADAPTER_SPLIT_BWD_INPUT_F16IO]),
         (a, p) => Err(Error::Unsupported(format!(
-            "{OP_BWD}: activations (h, r, d_out, dh, dr) in {a:?} with the BERT LayerNorm in {p:?}: no backward kernel (f32 activations take an f32 LayerNorm, bf16 activations a bf16 one)"
+            "{OP_BWD}: activations (h, r, d_out, dh, dr) in {a:?} with the BERT LayerNorm in {p:?}: no backward kernel (f32 activations take an f32 LayerNorm, bf16 / f16 activations one of their own type)"
         ))),
     }
 }
@@ -2103,8 +2117,9 @@ pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, max_share
 
 /// The gradient of the location on the split path ([`LocationPath::Split`]) with the automatic
 /// plan: the same contract, outputs and refusals as [`adapter_location_backward`] (which it
-/// matches within the fused kernel's tolerances, with the same dropout masks), and bf16
-/// activations too: with `A = P = bf16` (the `_bf16io` kernels) h, r, d_out, dh and dr are bf16
+/// matches within the fused kernel's tolerances, with the same dropout masks), and 16-bit
+/// activations too: with `A = P = bf16` (the `_bf16io` kernels) or `A = P = f16` (`_f16io`) h,
+/// r, d_out, dh and dr are bf16 / f16
 /// (dh, dr rounded once on store) while every weight, weight gradient and the workspace stay f32.
 /// The bottleneck products run on [`Gpu::gemm`] (f32, cuBLASLt on a GPU); the workspace
 /// ([`split_backward_layout`]) comes from the pool.
@@ -2568,7 +2583,16 @@ mod backward_tests {
             names(split_backward_kernels::<half::bf16, half::bf16>()).unwrap(),
             ["adapter_location_backward_gate_bf16io", "adapter_split_bwd_pre_bf16io", "adapter_split_bwd_post_bf16io", "adapter_split_bwd_input_bf16io"]
         );
-        for err in [names(split_backward_kernels::<half::bf16, f32>()).unwrap_err(), names(split_backward_kernels::<f32, half::bf16>()).unwrap_err()] {
+        assert_eq!(
+            names(split_backward_kernels::<half::f16, half::f16>()).unwrap(),
+            ["adapter_location_backward_gate_f16io", "adapter_split_bwd_pre_f16io", "adapter_split_bwd_post_f16io", "adapter_split_bwd_input_f16io"]
+        );
+        for err in [
+            names(split_backward_kernels::<half::bf16, f32>()).unwrap_err(),
+            names(split_backward_kernels::<f32, half::bf16>()).unwrap_err(),
+            names(split_backward_kernels::<half::f16, f32>()).unwrap_err(),
+            names(split_backward_kernels::<half::bf16, half::f16>()).unwrap_err(),
+        ] {
             assert!(matches!(err, Error::Unsupported(_)), "{err}");
         }
     }

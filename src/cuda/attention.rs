@@ -11,8 +11,9 @@
 //! - head dim 32 or 64 runs the kernel specialised on it (`_d32`, `_d64`), any other 1..=128 the
 //!   generic one; a plan may force the generic kernel (tests compare the two).
 //! - storage: the forward launchers are generic over the activation type `A` of `qkv` and `ctx`
-//!   ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones (the same
-//!   bodies; the mask and `lse` stay f32, the arithmetic f32, ctx rounded once on store). The
+//!   ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones and f16 the
+//!   `_f16io` ones (the same bodies; the mask and `lse` stay f32, the arithmetic f32, ctx rounded
+//!   once on store). The
 //!   backward launchers likewise, over dctx, qkv, ctx and dqkv (lse, mask and workspace f32).
 //! - dynamic shared memory: K and V tiles of 32 keys, the block's Q rows and probabilities:
 //!   at most 42.5 KiB with W <= 4, so every auto plan fits the 48 KiB a kernel gets without an
@@ -33,6 +34,8 @@ use super::registry::attention::{
     ATTENTION_FORWARD_BF16IO, ATTENTION_FORWARD_BF16IO_D32, ATTENTION_FORWARD_BF16IO_D64,
     ATTENTION_FORWARD_DROPOUT_BF16IO, ATTENTION_FORWARD_DROPOUT_BF16IO_D32, ATTENTION_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_FORWARD_DROPOUT_F32,
     ATTENTION_FORWARD_DROPOUT_F32_D32, ATTENTION_FORWARD_DROPOUT_F32_D64, ATTENTION_FORWARD_F32, ATTENTION_FORWARD_F32_D32, ATTENTION_FORWARD_F32_D64,
+    ATTENTION_FORWARD_DROPOUT_F16IO, ATTENTION_FORWARD_DROPOUT_F16IO_D32, ATTENTION_FORWARD_DROPOUT_F16IO_D64, ATTENTION_FORWARD_F16IO,
+    ATTENTION_FORWARD_F16IO_D32, ATTENTION_FORWARD_F16IO_D64,
 };
 use super::registry::KernelName;
 use crate::tensor::DType;
@@ -96,15 +99,18 @@ impl AttentionPlan {
     }
 
     /// The kernel this plan runs for head dim `head_dim` with `qkv` and `ctx` stored as
-    /// `dtype`: the `_f32` kernels, or the `_bf16io` ones for bf16; any other storage type is
-    /// [`Error::Unsupported`].
+    /// `dtype`: the `_f32` kernels, or the `_bf16io` / `_f16io` ones for bf16 / f16; any other
+    /// storage type is [`Error::Unsupported`].
     pub fn kernel_for(&self, dtype: DType, head_dim: usize) -> Result<KernelName> {
         match (dtype, self.specialised, head_dim) {
             (DType::F32, ..) => Ok(self.kernel(head_dim)),
             (DType::BF16, true, 32) => Ok(ATTENTION_FORWARD_BF16IO_D32),
             (DType::BF16, true, 64) => Ok(ATTENTION_FORWARD_BF16IO_D64),
             (DType::BF16, ..) => Ok(ATTENTION_FORWARD_BF16IO),
-            (other, ..) => Err(Error::Unsupported(format!("{OP}: Q, K, V and the context stored as {other}; the attention kernels take f32 or bf16"))),
+            (DType::F16, true, 32) => Ok(ATTENTION_FORWARD_F16IO_D32),
+            (DType::F16, true, 64) => Ok(ATTENTION_FORWARD_F16IO_D64),
+            (DType::F16, ..) => Ok(ATTENTION_FORWARD_F16IO),
+            (other, ..) => Err(Error::Unsupported(format!("{OP}: Q, K, V and the context stored as {other}; the attention kernels take f32, bf16 or f16"))),
         }
     }
 
@@ -238,7 +244,7 @@ pub(super) fn byte_range<T>(ptr: u64, len: usize) -> (u64, usize) {
 /// head from the packed `qkv` (`[batch, seq, 3·hidden]`), and `lse` (`[batch, heads, seq]`) the
 /// natural-log log-sum-exp of each row of scaled, masked scores. `mask_bias` is `[B_mask, seq]`
 /// additive with `B_mask` dividing `batch`; batch row `b` reads mask row `b % B_mask`.
-/// `qkv` and `ctx` are f32, or bf16 (the `_bf16io` kernels: f32 arithmetic, ctx rounded once).
+/// `qkv` and `ctx` are f32, or bf16 / f16 (the `_bf16io` / `_f16io` kernels: f32 arithmetic, ctx rounded once).
 #[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
 pub fn attention_packed_forward<A: ActivationScalar>(
     gpu: &Gpu,
@@ -276,7 +282,7 @@ pub fn attention_packed_forward_with_plan<A: ActivationScalar>(
 /// CPU backend's Philox mask for `dropout` (`cpu::prob_dropout`: element
 /// `((b_local·heads + h)·T + i)·T + j` of its block's stream); `lse` keeps the undropped
 /// probabilities. At most [`MAX_DROPOUT_BLOCKS`] blocks, each id below 256. `qkv` and `ctx`
-/// f32 or bf16, as in [`attention_packed_forward`].
+/// f32, bf16 or f16, as in [`attention_packed_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_packed_forward_dropout<A: ActivationScalar>(
     gpu: &Gpu,
@@ -307,7 +313,10 @@ fn dropout_kernel(k: KernelName) -> KernelName {
         "attention_forward_f32" => ATTENTION_FORWARD_DROPOUT_F32,
         "attention_forward_bf16io_d32" => ATTENTION_FORWARD_DROPOUT_BF16IO_D32,
         "attention_forward_bf16io_d64" => ATTENTION_FORWARD_DROPOUT_BF16IO_D64,
-        _ => ATTENTION_FORWARD_DROPOUT_BF16IO, // "attention_forward_bf16io": kernel_for returns nothing else
+        "attention_forward_bf16io" => ATTENTION_FORWARD_DROPOUT_BF16IO,
+        "attention_forward_f16io_d32" => ATTENTION_FORWARD_DROPOUT_F16IO_D32,
+        "attention_forward_f16io_d64" => ATTENTION_FORWARD_DROPOUT_F16IO_D64,
+        _ => ATTENTION_FORWARD_DROPOUT_F16IO, // "attention_forward_f16io": kernel_for returns nothing else
     }
 }
 
@@ -383,7 +392,7 @@ fn forward_launch<A: ActivationScalar>(
     let kernel = if drop.is_some() { dropout_kernel(base) } else { base };
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     // The kernel's parameter order: ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows,
-    // scale (ctx and qkv as `unsigned short*` for bf16); Gpu::launch checks it against
+    // scale (ctx and qkv as `unsigned short*` for bf16 and f16); Gpu::launch checks it against
     // kernels/attention.cu.
     let args = [
         A::act_arg_mut(ctx),
@@ -411,16 +420,16 @@ fn forward_launch<A: ActivationScalar>(
 // `kernels/attention.cu`'s backward section: the gradient of `attention_packed_forward` with
 // respect to its packed input, from the output gradient `dctx`, the forward's `ctx` and `lse`.
 // Three launches (see the kernel section header for the algorithm, thread mapping and numerics):
-// - `attention_backward_prep_{f32|bf16io}`: grid ⌈B·heads·T / 8⌉, block (32, 8): per row D = dO·O
+// - `attention_backward_prep_{f32|bf16io|f16io}`: grid ⌈B·heads·T / 8⌉, block (32, 8): per row D = dO·O
 //   and the normaliser c (1 unless |lse| >= 64) into a workspace of
 //   [`attention_backward_workspace_len`] floats;
-// - `attention_backward_dkv[_dropout]_{f32|bf16io}[_d32|_d64]`: grid B·heads·⌈T/32⌉, block
+// - `attention_backward_dkv[_dropout]_{f32|bf16io|f16io}[_d32|_d64]`: grid B·heads·⌈T/32⌉, block
 //   (32, W) with W = 4 or 8;
-// - `attention_backward_dq[_dropout]_{f32|bf16io}[_d32|_d64]`: grid B·heads·⌈T/4W⌉, block
+// - `attention_backward_dq[_dropout]_{f32|bf16io|f16io}[_d32|_d64]`: grid B·heads·⌈T/4W⌉, block
 //   (32, W) with W in 1..=8.
 // Storage: the launchers are generic over the activation type `A` of dctx, qkv, ctx and dqkv
-// ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 the `_bf16io` ones (the same bodies:
-// loads widen exactly, f32 arithmetic, dqkv rounded once on store); lse, the mask and the
+// ([`ActivationScalar`]): f32 runs the `_f32` kernels, bf16 / f16 the `_bf16io` / `_f16io` ones
+// (the same bodies: loads widen exactly, f32 arithmetic, dqkv rounded once on store); lse, the mask and the
 // workspace stay f32.
 // No float atomics: the output is bitwise reproducible. Dynamic shared memory above 48 KiB
 // (d > ~100, or W = 8 at d >= 72) is opted in per kernel through `Gpu::allow_dynamic_shared`.
@@ -432,6 +441,10 @@ use super::registry::attention::{
     ATTENTION_BACKWARD_DQ_BF16IO_D32, ATTENTION_BACKWARD_DQ_BF16IO_D64, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D32,
     ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64,
     ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32, ATTENTION_BACKWARD_DQ_F32_D64, ATTENTION_BACKWARD_PREP_BF16IO, ATTENTION_BACKWARD_PREP_F32,
+    ATTENTION_BACKWARD_DKV_F16IO, ATTENTION_BACKWARD_DKV_F16IO_D32, ATTENTION_BACKWARD_DKV_F16IO_D64, ATTENTION_BACKWARD_DKV_DROPOUT_F16IO,
+    ATTENTION_BACKWARD_DKV_DROPOUT_F16IO_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F16IO_D64, ATTENTION_BACKWARD_DQ_F16IO, ATTENTION_BACKWARD_DQ_F16IO_D32,
+    ATTENTION_BACKWARD_DQ_F16IO_D64, ATTENTION_BACKWARD_DQ_DROPOUT_F16IO, ATTENTION_BACKWARD_DQ_DROPOUT_F16IO_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F16IO_D64,
+    ATTENTION_BACKWARD_PREP_F16IO,
 };
 
 const BWD_OP: &str = "cuda::attention_packed_backward";
@@ -488,12 +501,14 @@ impl AttentionBackwardPlan {
 
     /// The (prep, dK/dV, dQ) kernels this plan runs for head dim `head_dim` with dctx, qkv, ctx
     /// and dqkv stored as `dtype`, with the Philox dropout policy or without: the `_f32`
-    /// kernels, or the `_bf16io` ones for bf16; any other storage type is [`Error::Unsupported`].
+    /// kernels, or the `_bf16io` / `_f16io` ones for bf16 / f16; any other storage type is
+    /// [`Error::Unsupported`].
     pub fn kernels_for(&self, dtype: DType, head_dim: usize, dropout: bool) -> Result<[KernelName; 3]> {
-        let bf16 = match dtype {
-            DType::F32 => false,
-            DType::BF16 => true,
-            other => return Err(Error::Unsupported(format!("{BWD_OP}: dctx, Q, K, V, the context and dqkv stored as {other}; the attention backward kernels take f32 or bf16"))),
+        let t = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            other => return Err(Error::Unsupported(format!("{BWD_OP}: dctx, Q, K, V, the context and dqkv stored as {other}; the attention backward kernels take f32, bf16 or f16"))),
         };
         let width = match (self.specialised, head_dim) {
             (true, 32) => 1,
@@ -501,7 +516,7 @@ impl AttentionBackwardPlan {
             _ => 0,
         };
         // [storage][dropout][width]: generic, d32, d64.
-        const DKV: [[[KernelName; 3]; 2]; 2] = [
+        const DKV: [[[KernelName; 3]; 2]; 3] = [
             [
                 [ATTENTION_BACKWARD_DKV_F32, ATTENTION_BACKWARD_DKV_F32_D32, ATTENTION_BACKWARD_DKV_F32_D64],
                 [ATTENTION_BACKWARD_DKV_DROPOUT_F32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F32_D64],
@@ -510,8 +525,12 @@ impl AttentionBackwardPlan {
                 [ATTENTION_BACKWARD_DKV_BF16IO, ATTENTION_BACKWARD_DKV_BF16IO_D32, ATTENTION_BACKWARD_DKV_BF16IO_D64],
                 [ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D32, ATTENTION_BACKWARD_DKV_DROPOUT_BF16IO_D64],
             ],
+            [
+                [ATTENTION_BACKWARD_DKV_F16IO, ATTENTION_BACKWARD_DKV_F16IO_D32, ATTENTION_BACKWARD_DKV_F16IO_D64],
+                [ATTENTION_BACKWARD_DKV_DROPOUT_F16IO, ATTENTION_BACKWARD_DKV_DROPOUT_F16IO_D32, ATTENTION_BACKWARD_DKV_DROPOUT_F16IO_D64],
+            ],
         ];
-        const DQ: [[[KernelName; 3]; 2]; 2] = [
+        const DQ: [[[KernelName; 3]; 2]; 3] = [
             [
                 [ATTENTION_BACKWARD_DQ_F32, ATTENTION_BACKWARD_DQ_F32_D32, ATTENTION_BACKWARD_DQ_F32_D64],
                 [ATTENTION_BACKWARD_DQ_DROPOUT_F32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F32_D64],
@@ -520,10 +539,14 @@ impl AttentionBackwardPlan {
                 [ATTENTION_BACKWARD_DQ_BF16IO, ATTENTION_BACKWARD_DQ_BF16IO_D32, ATTENTION_BACKWARD_DQ_BF16IO_D64],
                 [ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D32, ATTENTION_BACKWARD_DQ_DROPOUT_BF16IO_D64],
             ],
+            [
+                [ATTENTION_BACKWARD_DQ_F16IO, ATTENTION_BACKWARD_DQ_F16IO_D32, ATTENTION_BACKWARD_DQ_F16IO_D64],
+                [ATTENTION_BACKWARD_DQ_DROPOUT_F16IO, ATTENTION_BACKWARD_DQ_DROPOUT_F16IO_D32, ATTENTION_BACKWARD_DQ_DROPOUT_F16IO_D64],
+            ],
         ];
-        let prep = if bf16 { ATTENTION_BACKWARD_PREP_BF16IO } else { ATTENTION_BACKWARD_PREP_F32 };
-        let (t, d) = (bf16 as usize, dropout as usize);
-        Ok([prep, DKV[t][d][width], DQ[t][d][width]])
+        const PREP: [KernelName; 3] = [ATTENTION_BACKWARD_PREP_F32, ATTENTION_BACKWARD_PREP_BF16IO, ATTENTION_BACKWARD_PREP_F16IO];
+        let d = dropout as usize;
+        Ok([PREP[t], DKV[t][d][width], DQ[t][d][width]])
     }
 
     /// Dynamic shared memory of the dK/dV kernel, laid out as the kernel does: K and V tiles
@@ -660,7 +683,7 @@ fn bwd_disjoint(names: (&str, &str), a: (u64, usize), b: (u64, usize)) -> Result
 /// `dctx` (`[batch, seq, hidden]`), the forward's input `qkv`, output `ctx` and row log-sum-exp
 /// `lse` (`[batch, heads, seq]`), and its `mask_bias` (`[B_mask, seq]`, batch row `b` reading
 /// mask row `b % B_mask`). Every element of `dqkv` is written. `dctx`, `qkv`, `ctx` and `dqkv`
-/// are f32, or bf16 (the `_bf16io` kernels: f32 arithmetic, dqkv rounded once); `lse` and the
+/// are f32, or bf16 / f16 (the `_bf16io` / `_f16io` kernels: f32 arithmetic, dqkv rounded once); `lse` and the
 /// mask f32.
 #[allow(clippy::too_many_arguments)] // the forward's operands, its output and the two gradients
 pub fn attention_packed_backward<A: ActivationScalar>(
@@ -702,7 +725,7 @@ pub fn attention_packed_backward_dropout(
 }
 
 /// [`attention_packed_backward_dropout`] with `dctx`, `qkv`, `ctx` and `dqkv` stored as `A`
-/// (f32 or bf16, as in [`attention_packed_backward`]).
+/// (f32, bf16 or f16, as in [`attention_packed_backward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_packed_backward_dropout_as<A: ActivationScalar>(
     gpu: &Gpu,
@@ -739,7 +762,7 @@ pub fn attention_packed_backward_dropout_as<A: ActivationScalar>(
 
 /// As [`attention_packed_backward`], with caller-owned scratch (`workspace`: at least
 /// [`attention_backward_workspace_len`] floats; nothing is allocated) and an explicit launch
-/// plan (validated). f32 or bf16 storage as in [`attention_packed_backward`].
+/// plan (validated). f32, bf16 or f16 storage as in [`attention_packed_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_packed_backward_with<A: ActivationScalar>(
     gpu: &Gpu,
@@ -831,7 +854,7 @@ fn backward_launch<A: ActivationScalar>(
         KernelArg::I32(mask_rows as i32),
         KernelArg::F32(scale),
     ];
-    // The main kernels' (pointers to A as `unsigned short*` for bf16): dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale.
+    // The main kernels' (pointers to A as `unsigned short*` for bf16 and f16): dqkv, dctx, qkv, lse, rowstat, mask_bias, seq, hidden, heads, mask_rows, scale.
     let main_args = [
         A::act_arg_mut(dqkv),
         A::act_arg(dctx),
@@ -965,24 +988,21 @@ mod tests {
         for d in [8, 24, 32, 64, 128] {
             assert_eq!(name(p, DType::F32, d), p.kernel(d).name, "d {d}");
         }
-        assert_eq!(name(p, DType::BF16, 32), "attention_forward_bf16io_d32");
-        assert_eq!(name(p, DType::BF16, 64), "attention_forward_bf16io_d64");
-        assert_eq!(name(p, DType::BF16, 24), "attention_forward_bf16io");
-        assert_eq!(name(generic, DType::BF16, 64), "attention_forward_bf16io");
-        for (base, drop) in [
-            ("attention_forward_bf16io", "attention_forward_dropout_bf16io"),
-            ("attention_forward_bf16io_d32", "attention_forward_dropout_bf16io_d32"),
-            ("attention_forward_bf16io_d64", "attention_forward_dropout_bf16io_d64"),
-            ("attention_forward_f32_d64", "attention_forward_dropout_f32_d64"),
-        ] {
-            let k = [32, 64, 8].iter().flat_map(|&d| [DType::F32, DType::BF16].map(|t| p.kernel_for(t, d).unwrap())).find(|k| k.name == base).unwrap();
-            assert_eq!(dropout_kernel(k).name, drop);
+        for (dtype, io) in [(DType::BF16, "bf16io"), (DType::F16, "f16io")] {
+            assert_eq!(name(p, dtype, 32), format!("attention_forward_{io}_d32"));
+            assert_eq!(name(p, dtype, 64), format!("attention_forward_{io}_d64"));
+            assert_eq!(name(p, dtype, 24), format!("attention_forward_{io}"));
+            assert_eq!(name(generic, dtype, 64), format!("attention_forward_{io}"));
+            for suffix in ["", "_d32", "_d64"] {
+                let (base, drop) = (format!("attention_forward_{io}{suffix}"), format!("attention_forward_dropout_{io}{suffix}"));
+                let k = [32, 64, 8].iter().map(|&d| p.kernel_for(dtype, d).unwrap()).find(|k| k.name == base).unwrap();
+                assert_eq!(dropout_kernel(k).name, drop);
+            }
         }
-        for dtype in [DType::F16, DType::U32] {
-            let e = p.kernel_for(dtype, 64).unwrap_err();
-            assert!(matches!(e, Error::Unsupported(_)), "{dtype}: {e}");
-            assert!(e.to_string().contains("take f32 or bf16"), "{e}");
-        }
+        assert_eq!(dropout_kernel(p.kernel_for(DType::F32, 64).unwrap()).name, "attention_forward_dropout_f32_d64");
+        let e = p.kernel_for(DType::U32, 64).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("take f32, bf16 or f16"), "{e}");
     }
 
     #[test]
@@ -1104,15 +1124,16 @@ mod backward_tests {
         }
         assert_eq!(names(p, DType::F32, 32, true), ["attention_backward_prep_f32", "attention_backward_dkv_dropout_f32_d32", "attention_backward_dq_dropout_f32_d32"]);
         assert_eq!(names(generic, DType::F32, 64, true), ["attention_backward_prep_f32", "attention_backward_dkv_dropout_f32", "attention_backward_dq_dropout_f32"]);
-        assert_eq!(names(p, DType::BF16, 24, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io", "attention_backward_dq_bf16io"]);
-        assert_eq!(names(p, DType::BF16, 32, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io_d32", "attention_backward_dq_bf16io_d32"]);
-        assert_eq!(names(p, DType::BF16, 64, true), ["attention_backward_prep_bf16io", "attention_backward_dkv_dropout_bf16io_d64", "attention_backward_dq_dropout_bf16io_d64"]);
-        assert_eq!(names(generic, DType::BF16, 64, false), ["attention_backward_prep_bf16io", "attention_backward_dkv_bf16io", "attention_backward_dq_bf16io"]);
-        assert_eq!(names(generic, DType::BF16, 32, true), ["attention_backward_prep_bf16io", "attention_backward_dkv_dropout_bf16io", "attention_backward_dq_dropout_bf16io"]);
-        for dtype in [DType::F16, DType::U32] {
-            let e = p.kernels_for(dtype, 64, false).unwrap_err();
-            assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("take f32 or bf16"), "{dtype}: {e}");
+        for (dtype, io) in [(DType::BF16, "bf16io"), (DType::F16, "f16io")] {
+            let prep = format!("attention_backward_prep_{io}");
+            assert_eq!(names(p, dtype, 24, false), [prep.clone(), format!("attention_backward_dkv_{io}"), format!("attention_backward_dq_{io}")]);
+            assert_eq!(names(p, dtype, 32, false), [prep.clone(), format!("attention_backward_dkv_{io}_d32"), format!("attention_backward_dq_{io}_d32")]);
+            assert_eq!(names(p, dtype, 64, true), [prep.clone(), format!("attention_backward_dkv_dropout_{io}_d64"), format!("attention_backward_dq_dropout_{io}_d64")]);
+            assert_eq!(names(generic, dtype, 64, false), [prep.clone(), format!("attention_backward_dkv_{io}"), format!("attention_backward_dq_{io}")]);
+            assert_eq!(names(generic, dtype, 32, true), [prep, format!("attention_backward_dkv_dropout_{io}"), format!("attention_backward_dq_dropout_{io}")]);
         }
+        let e = p.kernels_for(DType::U32, 64, false).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("take f32, bf16 or f16"), "{e}");
         let [prep, dkv, dq] = p.launch_configs(3, 33, 4, 64);
         assert_eq!((prep.grid_dim.0, prep.block_dim), ((3 * 4 * 33_u32).div_ceil(8), (32, 8, 1)));
         assert_eq!((dkv.grid_dim.0, dkv.block_dim), (3 * 4 * 2, (32, 4, 1)));

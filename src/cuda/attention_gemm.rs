@@ -16,8 +16,9 @@
 //!   `attention_gemm_softmax_backward[_dropout]` (P∘M and dS in the activation type),
 //!   `dV = (P∘M)ᵀ·dO`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `from_heads` → dqkv: 9 launches.
 //!
-//! Storage: generic over the activation type `A` (f32, or bf16 with the `_bf16io` row and layout
-//! kernels and bf16 GEMM inputs, f32 accumulation, f32 scores and statistics). Scratch comes from
+//! Storage: generic over the activation type `A` (f32, or bf16 / f16 with the `_bf16io` /
+//! `_f16io` row kernels, the 16-bit layout kernels and bf16 / f16 GEMM inputs, f32 accumulation,
+//! f32 scores and statistics). Scratch comes from
 //! the pool ([`Gpu::alloc`]): forward `4·B·T·H` activations + `BH·T²` floats + `BH·T²`
 //! activations; backward `8·B·T·H` activations + `2·BH·T²` floats + `2·BH·T²` activations.
 //!
@@ -34,6 +35,7 @@ use super::registry::attention::{
     ATTENTION_GEMM_FROM_HEADS_BF16IO, ATTENTION_GEMM_FROM_HEADS_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
     ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_F16IO,
 };
 use super::registry::KernelName;
 use crate::error::{Error, Result};
@@ -110,7 +112,16 @@ fn kernels(dtype: DType, op: &str) -> Result<[KernelName; 6]> {
             ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO,
             ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
         ]),
-        other => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32 or bf16"))),
+        // The layout kernels copy 16-bit patterns: the _bf16io ones serve f16 too.
+        DType::F16 => Ok([
+            ATTENTION_GEMM_TO_HEADS_BF16IO,
+            ATTENTION_GEMM_FROM_HEADS_BF16IO,
+            ATTENTION_GEMM_SOFTMAX_F16IO,
+            ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO,
+            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO,
+        ]),
+        other => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32, bf16 or f16"))),
     }
 }
 
@@ -177,7 +188,7 @@ fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMu
 /// (`[batch, heads, seq]`) from the packed `qkv` (`[batch, seq, 3·hidden]`) and the additive
 /// `mask_bias` (`[B_mask, seq]`, batch row `b` reading row `b % B_mask`), as
 /// [`super::attention::attention_packed_forward`] (and, with `dropout`, its `_dropout` twin, with
-/// the same masks). `qkv` and `ctx` are f32 or bf16 (bf16 GEMM inputs, f32 scores and lse).
+/// the same masks). `qkv` and `ctx` are f32, bf16 or f16 (16-bit GEMM inputs, f32 scores and lse).
 #[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
 pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     gpu: &Gpu,
@@ -242,7 +253,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
 /// side) from `dctx`, the forward's `qkv`, its `lse` and `mask_bias`, as
 /// [`super::attention::attention_packed_backward_dropout_as`] but without the forward's ctx (the
 /// softmax Jacobian's row term is `rowsum(P∘dP∘M)`, computed from the recomputed scores). With
-/// `dropout` the factors are the forward's. f32 or bf16 storage as [`attention_gemm_forward`].
+/// `dropout` the factors are the forward's. f32, bf16 or f16 storage as [`attention_gemm_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     gpu: &Gpu,
@@ -375,6 +386,9 @@ mod tests {
         assert_eq!(score_sizes(OP, 2, 5, 3).unwrap(), (30, 150));
         assert!(matches!(score_sizes(OP, 1, 513, 1), Err(Error::Shape { .. })));
         assert!(score_sizes(OP, 1 << 20, 512, 1 << 12).is_err());
-        assert!(matches!(kernels(DType::F16, OP), Err(Error::Unsupported(_))));
+        assert!(matches!(kernels(DType::U32, OP), Err(Error::Unsupported(_))));
+        let names = |t| kernels(t, OP).unwrap().map(|k| k.name);
+        assert_eq!(names(DType::F16)[..2], names(DType::BF16)[..2], "one 16-bit layout kernel pair");
+        assert_eq!(names(DType::F16)[2..], ["attention_gemm_softmax_f16io", "attention_gemm_softmax_dropout_f16io", "attention_gemm_softmax_backward_f16io", "attention_gemm_softmax_backward_dropout_f16io"]);
     }
 }

@@ -70,8 +70,8 @@
 //! significant bits but ends at 65504: a value past it is stored as ±inf (one rounding of the f32
 //! result, never a saturation), which `all_finite` then reports. bf16 and f16 never mix: an op
 //! given one of each, or an f16 activation with a bf16 base (or the reverse), is refused naming
-//! the operand. The attention and adapter-location ops return `Error::Unsupported` for f16 until
-//! their kernels have f16 variants.
+//! the operand. The attention (fused and GEMM paths) and adapter-location ops (fused and split;
+//! the fused backward widens to f32 and rounds dh, dr once to f16, as for bf16) take f16 too.
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
@@ -460,11 +460,12 @@ impl CudaBackend {
         )
     }
 
-    /// `adapter_location_backward_into` for bf16 activations on the fused path, whose kernel reads
-    /// f32 only: `h`, `r`, `d_out` and the BERT LayerNorm's γ/β are widened exactly, the f32 backward
-    /// runs, and the input gradients are rounded once to bf16. The weight gradients are f32
-    /// either way. (Costs three widening passes and one narrowing over `[rows, H]`.)
-    fn adapter_location_backward_widened(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// `adapter_location_backward_into` for bf16 or f16 activations (`dtype`) on the fused path,
+    /// whose kernel reads f32 only: `h`, `r`, `d_out` and the BERT LayerNorm's γ/β are widened
+    /// exactly, the f32 backward runs, and the input gradients are rounded once to `dtype`. The
+    /// weight gradients are f32 either way. (Costs three widening passes and one narrowing over
+    /// `[rows, H]`.)
+    fn adapter_location_backward_widened(&self, dtype: DType, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let wide = |t: &Tensor| self.cast(t, DType::F32);
         let (h, r, d) = (wide(loc.h)?, wide(loc.r)?, wide(d_out)?);
         let (gamma, beta) = (wide(loc.layer_norm.gamma)?, wide(loc.layer_norm.beta)?);
@@ -478,12 +479,12 @@ impl CudaBackend {
             seq_len: loc.seq_len,
         };
         let (dh, dr) = self.adapter_location_backward_into(&wide_loc, &d, grads, need_input_grads)?;
-        let narrow = |t: Option<Tensor>| t.map(|t| self.cast(&t, DType::BF16)).transpose();
+        let narrow = |t: Option<Tensor>| t.map(|t| self.cast(&t, dtype)).transpose();
         Ok((narrow(dh)?, narrow(dr)?))
     }
 
     /// `adapter_location_backward_into` with the activations, their gradients and the BERT
-    /// LayerNorm's γ/β stored as `A` (f32; or bf16 on the split path, over a bf16 base).
+    /// LayerNorm's γ/β stored as `A` (f32; or bf16 / f16 on the split path, over a base of `A`).
     fn adapter_backward_typed<A: BufferElement + ActivationScalar + BaseScalar>(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
         if grads.len() != loc.branches.len() {
@@ -704,11 +705,6 @@ impl CudaBackend {
         }
     }
 
-    /// [`Self::half_training_operands`] for bf16 (the adapter ops' bf16 path).
-    fn bf16_training_operands(&self, op: &str, activations: &[(&str, &Tensor)], base: &[(&str, &Tensor)]) -> Result<()> {
-        self.half_training_operands(op, DType::BF16, activations, base)
-    }
-
     /// Every tensor of `others` in `dtype`, the dtype of the op's first activation operand
     /// (`first`): an [`Error::Input`] naming the first that is not (a bf16 and an f16 operand, or
     /// a 16-bit and an f32 one, never meet in one kernel).
@@ -746,8 +742,8 @@ impl CudaBackend {
         })
     }
 
-    /// `attention_packed` with Q, K, V and the context stored as `A` (f32 or bf16; the mask bias
-    /// and the log-sum-exp are f32 either way).
+    /// `attention_packed` with Q, K, V and the context stored as `A` (f32, bf16 or f16; the mask
+    /// bias and the log-sum-exp are f32 either way).
     fn attention_typed<A: BufferElement + ActivationScalar + GemmScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
         const OP: &str = "attention_packed";
         let (q, m, mut c, mut l) = (self.view::<A>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut::<A>(OP, ctx)?, self.view_mut(OP, lse)?);
@@ -761,21 +757,22 @@ impl CudaBackend {
         }
     }
 
-    /// `adapter_location` with bf16 activations (`h`, `r` and the output; the `_bf16io` kernels):
-    /// the BERT LayerNorm must be bf16 (the base), the adapter weights stay f32, the gate means
-    /// are f32 scratch. Eval only: a branch with adapter dropout is refused (training).
-    fn adapter_location_bf16io(&self, loc: &AdapterLocation) -> Result<Tensor> {
+    /// `adapter_location` with 16-bit activations `A` (`h`, `r` and the output in bf16 or f16;
+    /// the `_bf16io` / `_f16io` kernels): the BERT LayerNorm must be the base's `A`, the adapter
+    /// weights stay f32, the gate means are f32 scratch.
+    fn adapter_location_io<A: BufferElement + ActivationScalar + BaseScalar>(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
         let ln = &loc.layer_norm;
-        if self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])? != DType::BF16 {
-            return Err(bf16_needs_bf16_base(OP, "LayerNorm gamma", ln.gamma));
+        self.same_activation_dtype(OP, ("h", <A as ActivationScalar>::DTYPE), &[("r", loc.r)])?;
+        if self.base_dtype(OP, &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])? != <A as ActivationScalar>::DTYPE {
+            return Err(half_needs_same_base(OP, <A as ActivationScalar>::DTYPE, "LayerNorm gamma", ln.gamma));
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
         let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
-        let out = self.new_tensor::<bf16>(&[n * batch, seq_len, hidden])?;
+        let out = self.new_tensor::<A>(&[n * batch, seq_len, hidden])?;
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
-        let inputs = LocationInputs::<bf16, bf16> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
+        let inputs = LocationInputs::<A, A> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
         let mut outputs = LocationOutputs { out: self.view_mut(OP, &out)?, gate: gate.as_ref().map(|g| self.view_mut(OP, g)).transpose()? };
         adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, self.location_path()?)?;
         Ok(out)
@@ -1059,10 +1056,7 @@ impl Backend for CudaBackend {
         };
         let ctx = self.empty(&[batch, seq, hidden], activation_dtype(qkv))?;
         let lse = self.new_tensor::<f32>(&[batch, heads, seq])?;
-        match ctx.dtype() {
-            DType::BF16 => self.attention_typed::<bf16>(qkv, mask_bias, &ctx, &lse, (batch, seq, hidden, heads), dropout)?,
-            _ => self.attention_typed::<f32>(qkv, mask_bias, &ctx, &lse, (batch, seq, hidden, heads), dropout)?,
-        }
+        by_activation_dtype!(ctx.dtype(), A => self.attention_typed::<A>(qkv, mask_bias, &ctx, &lse, (batch, seq, hidden, heads), dropout))?;
         Ok((ctx, lse))
     }
 
@@ -1075,8 +1069,10 @@ impl Backend for CudaBackend {
 
     fn adapter_location(&self, loc: &AdapterLocation) -> Result<Tensor> {
         const OP: &str = "adapter_location";
-        if loc.h.dtype() == DType::BF16 {
-            return self.adapter_location_bf16io(loc);
+        match loc.h.dtype() {
+            DType::BF16 => return self.adapter_location_io::<bf16>(loc),
+            DType::F16 => return self.adapter_location_io::<f16>(loc),
+            _ => {}
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
@@ -1091,6 +1087,10 @@ impl Backend for CudaBackend {
         match dtype {
             DType::BF16 => {
                 let inputs = LocationInputs::<bf16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
+                adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, path)?;
+            }
+            DType::F16 => {
+                let inputs = LocationInputs::<f16> { h, r, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
                 adapter_location_forward_on(&self.gpu, &inputs, &descriptors, &mut outputs, shape, path)?;
             }
             _ => {
@@ -1195,10 +1195,7 @@ impl Backend for CudaBackend {
             let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
             let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
             let (l, m) = (self.view::<f32>(OP, lse)?, self.view::<f32>(OP, mask_bias)?);
-            match dqkv.dtype() {
-                DType::BF16 => attention_gemm_backward::<bf16>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?,
-                _ => attention_gemm_backward::<f32>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())?,
-            }
+            by_activation_dtype!(dqkv.dtype(), A => attention_gemm_backward::<A>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref()))?;
             return Ok(dqkv);
         }
         // The fused kernels read the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
@@ -1208,25 +1205,25 @@ impl Backend for CudaBackend {
         let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
         let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
         let dims = (batch, seq, hidden, heads);
-        match dqkv.dtype() {
-            DType::BF16 => self.attention_backward_typed::<bf16>([dctx, qkv, &ctx, lse, mask_bias], &dqkv, dims, d.as_ref())?,
-            _ => self.attention_backward_typed::<f32>([dctx, qkv, &ctx, lse, mask_bias], &dqkv, dims, d.as_ref())?,
-        }
+        by_activation_dtype!(dqkv.dtype(), A => self.attention_backward_typed::<A>([dctx, qkv, &ctx, lse, mask_bias], &dqkv, dims, d.as_ref()))?;
         Ok(dqkv)
     }
 
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
-        if [loc.h, loc.r, d_out].iter().all(|t| t.dtype() != DType::BF16) {
+        // The 16-bit type of the step: the output gradient's, else h's or r's (a mix is refused below).
+        let Some(dtype) = [d_out, loc.h, loc.r].iter().map(|t| t.dtype()).find(|&d| is_half(d)) else {
             return self.adapter_backward_typed::<f32>(loc, d_out, grads, need_input_grads);
-        }
+        };
         let ln = &loc.layer_norm;
-        self.bf16_training_operands(OP, &[("h", loc.h), ("r", loc.r), ("the output gradient", d_out)], &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
-        match self.location_path()? {
-            // The split backward has `_bf16io` row kernels (its products are f32 on f32 scratch).
-            LocationPath::Split => self.adapter_backward_typed::<bf16>(loc, d_out, grads, need_input_grads),
+        self.half_training_operands(OP, dtype, &[("h", loc.h), ("r", loc.r), ("the output gradient", d_out)], &[("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)])?;
+        match (self.location_path()?, dtype) {
+            // The split backward has `_bf16io` / `_f16io` row kernels (its products are f32 on f32
+            // scratch).
+            (LocationPath::Split, DType::F16) => self.adapter_backward_typed::<f16>(loc, d_out, grads, need_input_grads),
+            (LocationPath::Split, _) => self.adapter_backward_typed::<bf16>(loc, d_out, grads, need_input_grads),
             // The fused kernel reads f32 only.
-            LocationPath::Fused => self.adapter_location_backward_widened(loc, d_out, grads, need_input_grads),
+            (LocationPath::Fused, _) => self.adapter_location_backward_widened(dtype, loc, d_out, grads, need_input_grads),
         }
     }
 
@@ -1479,11 +1476,6 @@ fn activation_dtype(x: &Tensor) -> DType {
     } else {
         DType::F32
     }
-}
-
-/// [`half_needs_same_base`] for bf16 activations.
-fn bf16_needs_bf16_base(op: &str, name: &str, t: &Tensor) -> Error {
-    half_needs_same_base(op, DType::BF16, name, t)
 }
 
 /// Whether `d` is a 16-bit activation storage type (bf16 or f16).

@@ -140,6 +140,24 @@ impl HostBranch {
         }
     }
 
+    /// The same branch with every tensor uploaded to `be` (f32), for tests through `Backend`.
+    pub fn on(&self, be: &dyn bert_adapters::Backend) -> HostBranch {
+        let up = |t: &Tensor| be.upload(data(t), t.shape()).unwrap();
+        let pair = |p: &Option<(Tensor, Tensor)>| p.as_ref().map(|(a, b)| (up(a), up(b)));
+        HostBranch {
+            spec: self.spec,
+            down_w: up(&self.down_w),
+            down_b: up(&self.down_b),
+            up_w: up(&self.up_w),
+            up_b: up(&self.up_b),
+            ln_before: pair(&self.ln_before),
+            ln_after: pair(&self.ln_after),
+            scaling: self.scaling.as_ref().map(up),
+            gate: pair(&self.gate),
+            dropout: self.dropout.clone(),
+        }
+    }
+
     pub fn with_dropout(mut self, dropout: Option<DropoutSpec>) -> Self {
         self.dropout = dropout;
         self

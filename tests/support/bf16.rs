@@ -56,6 +56,31 @@ impl Half for f16 {
     }
 }
 
+/// A 16-bit type the CUDA kernels store activations (the `_bf16io` / `_f16io` variants) and a
+/// frozen base in, and the GEMMs take: bf16 or f16.
+pub trait Io: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar + bert_adapters::cuda::gemm::GemmScalar {}
+impl<H: Half + bert_adapters::cuda::gpu::ActivationScalar + bert_adapters::cuda::gpu::BaseScalar + bert_adapters::cuda::gemm::GemmScalar> Io for H {}
+
+/// `test_device!(name, body)` for a body generic over [`Io`]: the tests `name::bf16::*` and
+/// `name::f16::*`, each on every device.
+#[allow(unused_macros)]
+macro_rules! test_both {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            fn with_bf16(gpu: &bert_adapters::cuda::Gpu) {
+                super::$body::<half::bf16>(gpu)
+            }
+            fn with_f16(gpu: &bert_adapters::cuda::Gpu) {
+                super::$body::<half::f16>(gpu)
+            }
+            bert_adapters::test_device!(bf16, with_bf16);
+            bert_adapters::test_device!(f16, with_f16);
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use test_both;
+
 /// `x` rounded to the nearest `H` (ties to even), as f32.
 pub fn round_in<H: Half>(x: f32) -> f32 {
     H::from_f32(x).to_f32()
