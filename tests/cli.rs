@@ -479,8 +479,8 @@ fn run_precision_bf16_on_cuda_sim_is_within_the_bf16_rule() {
     }
 }
 
-/// `--precision bf16` is refused on the CPU (naming the flag), runs `--train` on cuda-sim (the
-/// bf16 backward); a precision that does not exist is refused by the parser.
+/// `--precision bf16` (and f16) is refused on the CPU (naming the flag), runs `--train` on cuda-sim
+/// (the bf16 backward; f16's loss-scaled); a precision that does not exist is refused by the parser.
 #[test]
 fn precision_bf16_is_refused_where_it_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,28 +493,34 @@ fn precision_bf16_is_refused_where_it_cannot_run() {
     expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision bf16", "--device cuda or cuda-sim", "--precision f32"]);
     let args = with(&["--precision", "bf16", "--device", "cpu"]);
     expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision bf16", "CPU"]);
+    let args = with(&["--precision", "f16", "--device", "cpu"]);
+    expect_failure(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["--precision f16", "CPU"]);
     if cfg!(feature = "cuda-sim") {
         // bf16 trains: the probe's gradients are written, near autograd's f32 ones. A wiring
         // check (relative L2 error under 5%: bf16 keeps 8 bits, so a right step is within about
         // 2% here, a wrong gradient is off by O(1)); the bf16 rule itself is tests/cuda_bf16_training.rs.
-        let p = adapter_dir("pfeiffer");
-        let probe = fixtures().join("training/grad_pfeiffer.safetensors");
-        let args = with(&["--precision", "bf16", "--device", "cuda-sim", "--adapter", s(&p), "--active", "pfeiffer", "--train", "pfeiffer", "--grad-probe", s(&probe)]);
-        let (ok, _, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(ok, "run --precision bf16 --train: {err}");
-        let (got, want) = (TensorFile::open(&out).unwrap(), TensorFile::open(&probe).unwrap());
-        let grads: Vec<String> = want.names().into_iter().filter(|n| n.starts_with("grad.")).collect();
-        assert!(!grads.is_empty());
-        for name in &grads {
-            let (g, w) = (read_f32(&got, name).0, read_f32(&want, name).0);
-            assert!(g.iter().all(|v| v.is_finite()), "{name}: not finite");
-            let norm = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
-            let diff: Vec<f32> = g.iter().zip(&w).map(|(a, b)| a - b).collect();
-            let rel = norm(&diff) / norm(&w).max(f64::MIN_POSITIVE);
-            assert!(rel < 0.05, "bf16 {name}: relative L2 error {rel:.3e} against autograd's f32 gradient");
-            assert!(rel > 1e-6, "bf16 {name}: equal to the f32 gradient ({rel:.1e}): is the bf16 mode on?");
+        // f16 the same way, its backward loss-scaled (`run`'s probe times 2^16, the gradients
+        // divided back).
+        for precision in ["bf16", "f16"] {
+            let p = adapter_dir("pfeiffer");
+            let probe = fixtures().join("training/grad_pfeiffer.safetensors");
+            let args = with(&["--precision", precision, "--device", "cuda-sim", "--adapter", s(&p), "--active", "pfeiffer", "--train", "pfeiffer", "--grad-probe", s(&probe)]);
+            let (ok, _, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(ok, "run --precision {precision} --train: {err}");
+            let (got, want) = (TensorFile::open(&out).unwrap(), TensorFile::open(&probe).unwrap());
+            let grads: Vec<String> = want.names().into_iter().filter(|n| n.starts_with("grad.")).collect();
+            assert!(!grads.is_empty());
+            for name in &grads {
+                let (g, w) = (read_f32(&got, name).0, read_f32(&want, name).0);
+                assert!(g.iter().all(|v| v.is_finite()), "{name}: not finite");
+                let norm = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+                let diff: Vec<f32> = g.iter().zip(&w).map(|(a, b)| a - b).collect();
+                let rel = norm(&diff) / norm(&w).max(f64::MIN_POSITIVE);
+                assert!(rel < 0.05, "{precision} {name}: relative L2 error {rel:.3e} against autograd's f32 gradient");
+                assert!(rel > 1e-6, "{precision} {name}: equal to the f32 gradient ({rel:.1e}): is the {precision} mode on?");
+            }
+            std::fs::remove_file(&out).unwrap();
         }
-        std::fs::remove_file(&out).unwrap();
     }
     let args = with(&["--precision", "fp8", "--device", "cuda-sim"]);
     let (ok, _, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());

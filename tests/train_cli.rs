@@ -408,6 +408,38 @@ fn train_on_cuda_sim_follows_the_cpu() {
     }
 }
 
+/// A 16-bit run's metrics rows against the f32 run's: the same rows, the same validation
+/// accuracy within one text, every loss within 2%, the same test row, and some loss different
+/// (so the 16-bit mode was really on).
+#[track_caller]
+fn assert_follows_f32(precision: &str, f32_rows: &[Vec<String>], rows: &[Vec<String>]) {
+    assert_eq!(f32_rows.len(), rows.len(), "{f32_rows:?}\n{rows:?}");
+    // Columns after step and split: examples, accuracy, macro_f1, tasknn_loss, tasknn_ce,
+    // scorenn_loss (the test row leaves the losses empty).
+    let mut losses_differ = false;
+    for (f, b) in f32_rows.iter().zip(rows) {
+        assert_eq!(f[..3], b[..3], "{f32_rows:?}\n{rows:?}");
+        let examples: f64 = f[2].parse().unwrap();
+        for (col, (x, y)) in f[3..].iter().zip(&b[3..]).enumerate() {
+            let (Ok(x), Ok(y)) = (x.parse::<f64>(), y.parse::<f64>()) else {
+                assert_eq!(x, y, "{f32_rows:?}\n{rows:?}");
+                continue;
+            };
+            match (f[1].as_str(), col) {
+                ("test", _) => assert_eq!(x, y, "test column {}: f32 {x}, {precision} {y}\n{f32_rows:?}\n{rows:?}", col + 3),
+                // Validation accuracy: at most one text apart.
+                (_, 0) => assert!((x - y).abs() <= 1.0 / examples + 1e-9, "validation accuracy at step {}: f32 {x}, {precision} {y}", f[0]),
+                (_, 1) => {}
+                _ => {
+                    assert!((x - y).abs() <= 0.02 * x.abs().max(1e-3), "loss column {} at step {}: f32 {x}, {precision} {y}", col + 3, f[0]);
+                    losses_differ |= x != y;
+                }
+            }
+        }
+    }
+    assert!(losses_differ, "the {precision} losses equal the f32 ones: is {precision} on?\n{rows:?}");
+}
+
 /// `train --precision bf16` on cuda-sim (the base and every activation in bf16, adapters and
 /// AdamW in f32) follows the f32 run on the same seed: the same rows, each loss within 2% (bf16
 /// keeps 8 bits; the bf16 rule itself is tests/cuda_bf16_training.rs) and the same test accuracy
@@ -433,31 +465,7 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
     assert!(said_bf16.contains("bf16 activations"), "{said_bf16}");
     assert!(!said_f32.contains("bf16") && !said_auto.contains("bf16"), "{said_f32}\n{said_auto}");
     assert_eq!(auto_rows, f32_rows, "--precision auto is f32 on cuda-sim");
-    assert_eq!(f32_rows.len(), bf16_rows.len(), "{f32_rows:?}\n{bf16_rows:?}");
-    // Columns after step and split: examples, accuracy, macro_f1, tasknn_loss, tasknn_ce,
-    // scorenn_loss (the test row leaves the losses empty).
-    let mut losses_differ = false;
-    for (f, b) in f32_rows.iter().zip(&bf16_rows) {
-        assert_eq!(f[..3], b[..3], "{f32_rows:?}\n{bf16_rows:?}");
-        let examples: f64 = f[2].parse().unwrap();
-        for (col, (x, y)) in f[3..].iter().zip(&b[3..]).enumerate() {
-            let (Ok(x), Ok(y)) = (x.parse::<f64>(), y.parse::<f64>()) else {
-                assert_eq!(x, y, "{f32_rows:?}\n{bf16_rows:?}");
-                continue;
-            };
-            match (f[1].as_str(), col) {
-                ("test", _) => assert_eq!(x, y, "test column {}: f32 {x}, bf16 {y}\n{f32_rows:?}\n{bf16_rows:?}", col + 3),
-                // Validation accuracy: at most one text apart.
-                (_, 0) => assert!((x - y).abs() <= 1.0 / examples + 1e-9, "validation accuracy at step {}: f32 {x}, bf16 {y}", f[0]),
-                (_, 1) => {}
-                _ => {
-                    assert!((x - y).abs() <= 0.02 * x.abs().max(1e-3), "loss column {} at step {}: f32 {x}, bf16 {y}", col + 3, f[0]);
-                    losses_differ |= x != y;
-                }
-            }
-        }
-    }
-    assert!(losses_differ, "the bf16 losses equal the f32 ones: is bf16 on?\n{bf16_rows:?}");
+    assert_follows_f32("bf16", &f32_rows, &bf16_rows);
     // predict on the same device and precision reproduces the bf16 run's test predictions.
     let preds = read_csv(&tmp.path().join("bf16").join("test_predictions.csv"));
     let texts = tmp.path().join("texts.txt");
@@ -479,6 +487,40 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains("--precision bf16") && err.contains("CUDA device") && !err.contains("panicked"), "{err}");
     assert!(!out.exists(), "a refused run must not create its output folder");
+}
+
+/// `train --precision f16` on cuda-sim follows the f32 run as the bf16 run does (same rows, losses
+/// within 2%, the same test accuracy), with dynamic loss scaling on: the run says how many steps
+/// it skipped, the checkpoint keeps the scaler's state (the initial 2^16 and 8 good steps: the
+/// tiny model's gradients never overflow), a resumed f16 run carries the count on, an f32 run's
+/// checkpoint has no scaler, and `--precision f16` on the CPU is refused.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data_file = data();
+    let run = |name: &str, precision: &str, steps: &str, resume: bool| {
+        let out = tmp.path().join(name);
+        let args = ["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let flags = ["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--quiet", "--device", "cuda-sim", "--precision", precision, "--steps", steps];
+        let said = ok(&bin().arg("train").args(args).args(flags).args(if resume { &["--resume"][..] } else { &[][..] }).output().unwrap());
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint").join("state.json")).unwrap()).unwrap();
+        (metrics_without_timing(&out), said, state)
+    };
+    let (f32_rows, _, f32_state) = run("f32", "f32", "8", false);
+    let (f16_rows, said, state) = run("f16", "f16", "8", false);
+    assert!(said.contains("f16 activations") && said.contains("f16 loss scaling: 0 steps skipped"), "{said}");
+    assert_follows_f32("f16", &f32_rows, &f16_rows);
+    assert_eq!((state["loss_scaler"]["scale"].as_f64(), state["loss_scaler"]["good_steps"].as_u64()), (Some(65536.0), Some(8)), "{state}");
+    assert!(f32_state.get("loss_scaler").is_none(), "an f32 run saves no scaler: {f32_state}");
+    let (_, said, state) = run("f16", "f16", "12", true);
+    assert!(said.contains("resuming from"), "{said}");
+    assert_eq!(state["loss_scaler"]["good_steps"].as_u64(), Some(12), "the resumed run carries the count on: {state}");
+    let out = tmp.path().join("cpu");
+    let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--precision", "f16"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--precision f16") && err.contains("CUDA device") && !err.contains("panicked"), "{err}");
 }
 
 /// On a CUDA backend `train` replays captured steps (a graph per adapter and batch shape, from

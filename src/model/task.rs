@@ -189,7 +189,9 @@ impl BertModel {
 
     /// Forward, the summed cross-entropy of every branch's head against `labels` (`[B]`, the same
     /// labels for every branch), and gradients of every trainable tensor. Training mode: with a
-    /// dropout seed the encoder and the heads drop out.
+    /// dropout seed the encoder and the heads drop out. Loss-scaled as `train_step` is
+    /// (`set_loss_scale`): the gradients returned are the unscaled ones (a non-finite one, an f16
+    /// overflow, is returned as it is).
     pub fn classification_step(&self, batch: &InputBatch, labels: &[usize]) -> Result<ClassificationStep> {
         let be = self.backend.as_ref();
         let (out, tape) = self.forward_train(batch)?;
@@ -199,11 +201,19 @@ impl BertModel {
         for b in &branches {
             let (l, d) = cross_entropy(be, &b.logits, labels)?;
             loss += l;
+            if self.loss_scale != 1.0 {
+                be.scale_in_place(&d, self.loss_scale)?;
+            }
             dlogits.push(d);
         }
         let (head_grads, d_last, d_pool) = self.heads_backward(&branches, &dlogits, &tape)?;
         let mut grads = self.backward(&tape, &d_last, d_pool.as_ref())?;
         grads.extend(head_grads);
+        if self.loss_scale != 1.0 {
+            for g in grads.values() {
+                be.scale_in_place(g, 1.0 / self.loss_scale)?;
+            }
+        }
         Ok(ClassificationStep { loss, logits: branches.into_iter().map(|b| b.logits).collect(), grads })
     }
 

@@ -301,14 +301,20 @@ fn scaled_backward(model: &BertModel, tape: &bert_adapters::model::Tape, w: &[f3
     loop {
         let s = scaler.scale();
         let scaled: Vec<f32> = w.iter().map(|v| v * s).collect();
-        let grads = model.backward(tape, &be.upload(scaled, shape)?, None)?;
-        let mut finite = true;
-        for g in grads.values() {
-            be.scale_in_place(g, 1.0 / s)?;
-            finite &= be.all_finite(g)?;
-        }
-        if finite {
-            return Ok(grads);
+        // The backward checks its gradients: an overflow comes back as NonFinite.
+        match model.backward(tape, &be.upload(scaled, shape)?, None) {
+            Ok(grads) => {
+                let mut finite = true;
+                for g in grads.values() {
+                    be.scale_in_place(g, 1.0 / s)?;
+                    finite &= be.all_finite(g)?;
+                }
+                if finite {
+                    return Ok(grads);
+                }
+            }
+            Err(Error::NonFinite { .. }) => {}
+            Err(e) => return Err(e),
         }
         scaler.update(f32::INFINITY)?;
     }
