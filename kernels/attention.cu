@@ -87,13 +87,10 @@
 //     ±65504 (normal down to 6.1e-5): Q, K, V and ctx beyond it are the caller's to avoid (a ctx
 //     that overflows stores ±inf, as PyTorch's f16 does). Every _bf16io kernel of this file has
 //     an _f16io twin, except the GEMM path's layout kernels (bit copies, one for both).
-//     The f16 store (common.cuh's integer round to nearest even, subnormals included) needs more
-//     registers than bf16's; without a minimum of 1 block per SM ptxas squeezed several fused
-//     _f16io kernels to 64 / 80 / 128 registers (room for more resident blocks) and spilled, on
-//     sm_80 and sm_90, so every fused _f16io kernel has __launch_bounds__(32·ATTN_MAX_WARPS, 1).
-//     ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: generic 122 / 136, d32 108 / 104,
-//     d64 112 / 106; dropout 150 / 164, 120 / 114, 124 / 118 (fewer resident warps than bf16io's
-//     80 / 96, 74 / 72, 64 / 70: a cost of f16 storage without a hardware conversion).
+//     On a GPU the f16 loads and stores are single cvt instructions (kernels/common.cuh), so the
+//     _f16io kernels compile to the bf16io twins' registers and launch bounds (ptxas, NVRTC 13.0,
+//     sm_90: forward 96, d32 72, d64 70; dK/dV 138; no spills). The integer conversions that
+//     cuda-sim runs, inlined on a GPU, had cost 30-60 registers more and spills.
 // Dropout on the probabilities (training) is the `Dropout` policy: it maps each unnormalised p_ij
 // to the value that multiplies v_j (0 or p/(1-rate) from a Philox stream keyed by (b, h, i, j)),
 // while the sum l and the lse keep the undropped p, as PyTorch's dropout(softmax(s))·V does:
@@ -532,7 +529,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 }
 
 // f16 twin of attention_forward_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -548,7 +545,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
 }
 
 // f16 twin of attention_forward_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io_d32(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -564,7 +561,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
 }
 
 // f16 twin of attention_forward_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_f16io_d64(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -1546,7 +1543,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
 }
 
 // f16 twin of attention_forward_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f16io_d32(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -1571,7 +1568,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_f
 }
 
 // f16 twin of attention_forward_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_forward_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forward_dropout_f16io_d64(
     unsigned short* __restrict__ ctx,
     float* __restrict__ lse,
     const unsigned short* __restrict__ qkv,
@@ -2016,7 +2013,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 }
 
 // f16 twin of attention_backward_dkv_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2034,7 +2031,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dkv_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2052,7 +2049,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dkv_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2070,7 +2067,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2088,7 +2085,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2106,7 +2103,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2124,7 +2121,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2151,7 +2148,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2178,7 +2175,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dkv_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dkv_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dkv_dropout_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2205,7 +2202,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2232,7 +2229,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io_d32 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d32(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io_d32(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,
@@ -2259,7 +2256,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_b
 }
 
 // f16 twin of attention_backward_dq_dropout_bf16io_d64 (f16_raw for bf16_raw).
-extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS, 1) void attention_backward_dq_dropout_f16io_d64(
+extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_backward_dq_dropout_f16io_d64(
     unsigned short* __restrict__ dqkv,
     const unsigned short* __restrict__ dctx,
     const unsigned short* __restrict__ qkv,

@@ -521,13 +521,13 @@ fn want_f16(x: f32) -> u16 {
     }
 }
 
-/// What `cast_f16_to_f32` must give: the exact value (`half`'s widening) for every non-NaN, and a
-/// NaN keeps its sign and its 10 payload bits, shifted up by 13 (the kernels' f16_bits_to_f32;
-/// `half` would set the quiet bit).
+/// What `cast_f16_to_f32` must give: the exact value (`half`'s widening) for every non-NaN, and
+/// 0x7fffffff for every NaN (CUDA's cvt.f32.f16, which the kernels' f16_bits_to_f32 issues on a
+/// GPU and matches on the executor; `half` would keep the payload and set the quiet bit).
 fn want_f16_to_f32(h: u16) -> u32 {
     let v = f16::from_bits(h);
     if v.is_nan() {
-        ((h as u32 & 0x8000) << 16) | 0x7f80_0000 | ((h as u32 & 0x3ff) << 13)
+        0x7fff_ffff // CUDA's cvt.f32.f16: every f16 NaN gives the canonical f32 NaN
     } else {
         v.to_f32().to_bits()
     }

@@ -411,6 +411,7 @@ fn train_on_cuda_sim_follows_the_cpu() {
 /// A 16-bit run's metrics rows against the f32 run's: the same rows, the same validation
 /// accuracy within one text, every loss within 2%, the same test row, and some loss different
 /// (so the 16-bit mode was really on).
+#[cfg(feature = "cuda-sim")]
 #[track_caller]
 fn assert_follows_f32(precision: &str, f32_rows: &[Vec<String>], rows: &[Vec<String>]) {
     assert_eq!(f32_rows.len(), rows.len(), "{f32_rows:?}\n{rows:?}");
