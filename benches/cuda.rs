@@ -48,8 +48,9 @@
 //!   (`BertModel::train_step`) against `replayed` (`replay_train_step` of a graph captured per
 //!   adapter), in f32 (activations and base), and `bf16_launched` / `bf16_replayed`: the same step
 //!   in bf16 (base, activations and activation gradients bf16; adapters, heads, gradients and
-//!   AdamW f32), `train`'s default on a GPU. Throughput: B·T positions (padding included) per
-//!   step. Random weights (N(0, 0.02) like BERT's init, uniform).
+//!   AdamW f32), `train`'s default on a GPU; `f16_launched`: the same in f16, loss-scaled at
+//!   `train --precision f16`'s first scale (2^16). Throughput: B·T positions (padding included)
+//!   per step. Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
 //! benchmark's first call, so a criterion filter skips the setup of what it leaves out. After
@@ -860,13 +861,17 @@ struct Step {
 }
 
 impl Step {
-    /// The step with activations in `precision` (f32, or bf16 over a bf16 base).
+    /// The step with activations in `precision` (f32, or bf16 / f16 over a base in that dtype;
+    /// f16 loss-scaled as `train` starts it).
     fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
         let backend: Arc<dyn Backend> = match precision {
             DType::F32 => bench.backend.clone(),
-            other => Arc::new(bench.backend.sharing_gpu(other).expect("a bf16 backend")),
+            other => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
         };
         let mut model = random_model(d, backend, precision);
+        if precision == DType::F16 {
+            model.set_loss_scale(bert_adapters::train::LossScalerConfig::default().init_scale).expect("loss scale");
+        }
         for (seed, name) in [(1, SCORENN), (2, TASKNN)] {
             model.add_adapter_seeded(name, AdapterConfig::named("pfeiffer").expect("pfeiffer"), seed).expect("add_adapter");
             model.add_classification_head(name, HeadConfig::classification(3)).expect("head");
@@ -959,10 +964,20 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     group.throughput(Throughput::Elements((b * t) as u64));
     // One model per precision for both functions: launched steps and replays share its weights
     // and pool. f32 is the strict-parity step; bf16 is `train`'s default on a GPU.
-    let mut states: [Option<Step>; 2] = [None, None];
-    let functions = [("launched", false, DType::F32), ("replayed", true, DType::F32), ("bf16_launched", false, DType::BF16), ("bf16_replayed", true, DType::BF16)];
+    let mut states: [Option<Step>; 3] = [None, None, None];
+    let functions = [
+        ("launched", false, DType::F32),
+        ("replayed", true, DType::F32),
+        ("bf16_launched", false, DType::BF16),
+        ("bf16_replayed", true, DType::BF16),
+        ("f16_launched", false, DType::F16),
+    ];
     for (function, replay, precision) in functions {
-        let state = &mut states[usize::from(precision == DType::BF16)];
+        let state = &mut states[match precision {
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            _ => 0,
+        }];
         guarded(&format!("{id} {function}"), || {
             group.bench_function(function, |bn| {
                 let s = state.get_or_insert_with(|| Step::new(bench, d, b, t, precision));
