@@ -32,7 +32,7 @@
 //! taken from the f32 kernel run on `[ŷ1 | 0]` (see `nice_bf16io_follows_the_rule`).
 //!
 //! f16 (issue 15): every body here is generic over the 16-bit type (`H16`) and runs for bf16 and
-//! for f16 (`test_both!`: `*_bf16io::run::*` and `*_f16io::run::*`), exercising each `_f16io`
+//! for f16 (`test_both!`: `*::bf16::*` and `*::f16::*`), exercising each `_f16io`
 //! kernel and `embedding_layernorm_forward_f16` with the same checks in f16: inputs rounded to
 //! f16, the plain twin rounding to f16, the f16 floor, exactness against the f32 kernel rounded
 //! once to f16. Every input range here (|x| ≤ 100, sums of a few such terms) is far inside f16's
@@ -45,6 +45,7 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
+use rule::test_both;
 use rule::{assert_same_f32, bits, Half};
 #[path = "support/embedding_case.rs"]
 mod embedding_case;
@@ -67,25 +68,6 @@ use rand::{Rng, SeedableRng};
 trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
 impl H16 for bf16 {}
 impl H16 for f16 {}
-
-/// `test_device!` for a body generic over [`H16`]: module `$bf16` runs it in bf16, `$f16` in f16
-/// (tests `$bf16::run::cuda_sim`, `$f16::run::cuda`, ...).
-macro_rules! test_both {
-    ($body:ident => $bf16:ident, $f16:ident) => {
-        mod $bf16 {
-            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
-                super::$body::<half::bf16>(gpu)
-            }
-            bert_adapters::test_device!(run, body);
-        }
-        mod $f16 {
-            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
-                super::$body::<half::f16>(gpu)
-            }
-            bert_adapters::test_device!(run, body);
-        }
-    };
-}
 
 const ROWS: [usize; 3] = [1, 7, 33];
 const COLS: [usize; 3] = [40, 48, 384];
@@ -267,7 +249,7 @@ fn embedding_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("embedding {h}io y"), gpu);
 }
-test_both!(embedding_bf16io_follows_the_rule => embedding_bf16io, embedding_f16io);
+test_both!(embedding, embedding_bf16io_follows_the_rule);
 
 /// A bad id: its row of bf16 y is NaN (0x7fff), the flag names it, the other rows are the good
 /// launch's.
@@ -290,7 +272,7 @@ fn embedding_bf16io_refuses_bad_ids<H: H16>(gpu: &Gpu) {
     }
     assert!(got.mean.unwrap()[7].is_nan() && got.rstd.unwrap()[7].is_nan());
 }
-test_both!(embedding_bf16io_refuses_bad_ids => embedding_bf16io_bad_ids, embedding_f16io_bad_ids);
+test_both!(embedding_bad_ids, embedding_bf16io_refuses_bad_ids);
 
 // ---- bias + activation ------------------------------------------------------------------------------
 
@@ -357,7 +339,7 @@ fn bias_act_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("bias_act {h}io y"), gpu);
 }
-test_both!(bias_act_bf16io_follows_the_rule => bias_act_bf16io, bias_act_f16io);
+test_both!(bias_act, bias_act_bf16io_follows_the_rule);
 
 // ---- add, first token ---------------------------------------------------------------------------------
 
@@ -407,7 +389,7 @@ fn add_and_first_token_bf16io_are_rounded_once<H: H16>(gpu: &Gpu) {
         }
     }
 }
-test_both!(add_and_first_token_bf16io_are_rounded_once => add_first_token_bf16io, add_first_token_f16io);
+test_both!(add_first_token, add_and_first_token_bf16io_are_rounded_once);
 
 // ---- NICE ----------------------------------------------------------------------------------------------
 
@@ -573,7 +555,7 @@ fn nice_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
         assert_eq!(down(gpu, &y), run_nice(gpu, &dev, &x, inverse, H::from_f32), "{} workspace rows={rows} inverse={inverse}", gpu.describe());
     }
 }
-test_both!(nice_bf16io_follows_the_rule => nice_bf16io, nice_f16io);
+test_both!(nice, nice_bf16io_follows_the_rule);
 
 // ---- refusals ---------------------------------------------------------------------------------------------
 
@@ -669,7 +651,7 @@ fn bad_bf16_calls_are_refused<H: H16>(gpu: &Gpu) {
     expect_err("nice short out", nice_forward(gpu, &nx.view(), &dev.params(), true, &mut out.slice_mut(0..119).unwrap()), |e| matches!(e, Error::Shape { .. }));
     assert!(down(gpu, &out).iter().all(|v| v.to_f32().is_nan()), "a refused nice wrote out");
 }
-test_both!(bad_bf16_calls_are_refused => bf16_refusals, f16_refusals);
+test_both!(refusals, bad_bf16_calls_are_refused);
 
 // ==== backward: activation', bias gradient, first-token scatter ==================================
 //
@@ -742,7 +724,7 @@ fn activation_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("activation_backward {h}io dx"), gpu);
 }
-test_both!(activation_backward_bf16io_follows_the_rule => activation_backward_bf16io, activation_backward_f16io);
+test_both!(activation_backward, activation_backward_bf16io_follows_the_rule);
 
 /// Runs `bias_grad` on `dy` as `A` into `db` (f32, starting at `init`) with a NaN-poisoned
 /// workspace.
@@ -785,7 +767,7 @@ fn bias_grad_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("bias_grad {h}io db"), gpu);
 }
-test_both!(bias_grad_bf16io_follows_the_rule => bias_grad_bf16io, bias_grad_f16io);
+test_both!(bias_grad, bias_grad_bf16io_follows_the_rule);
 
 fn first_token_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     let h = H::NAME;
@@ -819,7 +801,7 @@ fn first_token_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("first_token_backward {h}io"), gpu);
 }
-test_both!(first_token_backward_bf16io_follows_the_rule => first_token_backward_bf16io, first_token_backward_f16io);
+test_both!(first_token_backward, first_token_backward_bf16io_follows_the_rule);
 
 /// Backward refusals in bf16: lengths count bf16 elements, overlaps are judged in bytes (adjacent
 /// bf16 views accepted), bias_grad's f32 db and workspace are checked against the bf16 dy; a
@@ -877,4 +859,4 @@ fn bad_bf16_backward_calls_are_refused<H: H16>(gpu: &Gpu) {
     }
     assert_eq!(down(gpu, &big), before, "a refused first_token_backward wrote");
 }
-test_both!(bad_bf16_backward_calls_are_refused => bf16_backward_refusals, f16_backward_refusals);
+test_both!(backward_refusals, bad_bf16_backward_calls_are_refused);

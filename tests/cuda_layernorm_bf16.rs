@@ -11,7 +11,7 @@
 //!   wrong length a shape error, and the overlap check counts bf16 views in bytes.
 //!
 //! f16 (issue 15): every body is generic over the 16-bit type (`H16`) and runs in bf16 and in
-//! f16 (`test_both!`: `*_bf16io::run::*`, `*_f16io::run::*`), so each `_f16io` kernel (and
+//! f16 (`test_both!`: `*::bf16::*`, `*::f16::*`), so each `_f16io` kernel (and
 //! `residual_layernorm_forward_f16`, f32 activations over an f16 base) gets the same checks in
 //! f16; every input (|x| ≤ 5, γ ≤ 1.5) is far inside f16's ±65504. bf16 and f16 never meet in one
 //! launch (`mixed_16bit_pairs`).
@@ -33,6 +33,7 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
+use rule::test_both;
 use rule::{assert_same_f32, bits, Half};
 
 use bert_adapters::cpu::reference;
@@ -51,25 +52,6 @@ use rand::{Rng, SeedableRng};
 trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
 impl H16 for bf16 {}
 impl H16 for f16 {}
-
-/// `test_device!` for a body generic over [`H16`]: module `$bf16` runs it in bf16, `$f16` in f16
-/// (tests `$bf16::run::cuda_sim`, `$f16::run::cuda`, ...).
-macro_rules! test_both {
-    ($body:ident => $bf16:ident, $f16:ident) => {
-        mod $bf16 {
-            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
-                super::$body::<half::bf16>(gpu)
-            }
-            bert_adapters::test_device!(run, body);
-        }
-        mod $f16 {
-            fn body(gpu: &bert_adapters::cuda::gpu::Gpu) {
-                super::$body::<half::f16>(gpu)
-            }
-            bert_adapters::test_device!(run, body);
-        }
-    };
-}
 
 const BERT_EPS: f32 = 1e-12;
 const ROWS: [usize; 3] = [1, 7, 33];
@@ -268,7 +250,7 @@ fn forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     }
     worst.report(&format!("layernorm {h}io forward y"), gpu);
 }
-test_both!(forward_bf16io_follows_the_rule => forward_bf16io, forward_f16io);
+test_both!(forward, forward_bf16io_follows_the_rule);
 
 // ---- training forward ------------------------------------------------------------------------------
 
@@ -334,7 +316,7 @@ fn train_forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     worst_y.report(&format!("layernorm {h}io train forward y"), gpu);
     worst_z.report(&format!("layernorm {h}io train forward z"), gpu);
 }
-test_both!(train_forward_bf16io_follows_the_rule => train_forward_bf16io, train_forward_f16io);
+test_both!(train_forward, train_forward_bf16io_follows_the_rule);
 
 // ---- backward ---------------------------------------------------------------------------------------
 
@@ -445,7 +427,7 @@ fn backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
     worst.report(&format!("layernorm {h}io backward dz"), gpu);
     worst_acc.report(&format!("layernorm {h}io backward dz +="), gpu);
 }
-test_both!(backward_bf16io_follows_the_rule => backward_bf16io, backward_f16io);
+test_both!(backward, backward_bf16io_follows_the_rule);
 
 // ---- refusals ---------------------------------------------------------------------------------------
 
@@ -485,7 +467,7 @@ fn pairs_without_a_kernel_are_refused<H: H16>(gpu: &Gpu) {
     assert!(down(gpu, &y16).iter().chain(&down(gpu, &z16)).all(|v| v.to_f32().is_nan()), "a refused launch wrote a bf16 output");
     assert!(down(gpu, &y32).iter().chain(&down(gpu, &z32)).chain(&down(gpu, &mean)).chain(&down(gpu, &st)).all(|v| v.is_nan()), "a refused launch wrote an f32 output");
 }
-test_both!(pairs_without_a_kernel_are_refused => unsupported_pairs, unsupported_pairs_f16);
+test_both!(unsupported_pairs, pairs_without_a_kernel_are_refused);
 
 /// Lengths count bf16 elements, and the overlap check bytes: two bf16 outputs side by side in one
 /// buffer (an odd width, so the second starts in the middle of a 4-byte word) are accepted, one
@@ -529,7 +511,7 @@ fn bf16_views_are_checked_in_their_own_units<H: H16>(gpu: &Gpu) {
     let mut out = LayerNormOutputs { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
     assert!(matches!(residual_layernorm_forward(gpu, &short, &mut out), Err(Error::Shape { .. })), "a short bf16 x");
 }
-test_both!(bf16_views_are_checked_in_their_own_units => bf16_view_units, f16_view_units);
+test_both!(view_units, bf16_views_are_checked_in_their_own_units);
 
 /// bf16 and f16 never meet in one launch: f16 activations with bf16 γ/β, and bf16 activations with
 /// f16 γ/β, have no kernel (forward, training forward, backward), and a refused launch writes
