@@ -493,8 +493,9 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
 /// `train --precision f16` on cuda-sim follows the f32 run as the bf16 run does (same rows, losses
 /// within 2%, the same test accuracy), with dynamic loss scaling on: the run says how many steps
 /// it skipped, the checkpoint keeps the scaler's state (the initial 2^16 and 8 good steps: the
-/// tiny model's gradients never overflow), a resumed f16 run carries the count on, an f32 run's
-/// checkpoint has no scaler, and `--precision f16` on the CPU is refused.
+/// tiny model's gradients never overflow), a resumed f16 run carries the count on (and a damaged
+/// saved scale is refused as a damaged checkpoint), an f32 run's checkpoint has no scaler, and
+/// `--precision f16` on the CPU is refused.
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
@@ -518,6 +519,15 @@ fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
     let (_, said, state) = run("f16", "f16", "12", true);
     assert!(said.contains("resuming from"), "{said}");
     assert_eq!(state["loss_scaler"]["good_steps"].as_u64(), Some(12), "the resumed run carries the count on: {state}");
+    // A damaged scaler state is refused as a damaged checkpoint, naming its file.
+    let state_file = tmp.path().join("f16").join("checkpoint").join("state.json");
+    let mut damaged = state.clone();
+    damaged["loss_scaler"]["scale"] = serde_json::json!(-1.0);
+    std::fs::write(&state_file, serde_json::to_string(&damaged).unwrap()).unwrap();
+    let out = tmp.path().join("f16");
+    let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--quiet", "--device", "cuda-sim", "--precision", "f16", "--steps", "16", "--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("state.json") && err.contains("damaged") && err.contains("scale -1") && !err.contains("panicked"), "{err}");
     let out = tmp.path().join("cpu");
     let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--precision", "f16"]).output().unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
