@@ -72,6 +72,9 @@
 //! given one of each, or an f16 activation with a bf16 base (or the reverse), is refused naming
 //! the operand. The attention (fused and GEMM paths) and adapter-location ops (fused and split;
 //! the fused backward widens to f32 and rounds dh, dr once to f16, as for bf16) take f16 too.
+//! f16 activation gradients underflow without loss scaling: the model scales the loss gradient
+//! and unscales the f32 gradient arena (`BertModel::set_loss_scale`, `train::LossScaler`), here
+//! one `scale_f32` launch each (`scale_in_place`).
 //!
 //! This is issue 13's forward in progress: an op whose kernel does not exist yet returns
 //! `Error::Unsupported` naming it, never a wrong answer. The backward and the training tail are
