@@ -491,7 +491,8 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
 }
 
 /// `train --precision f16` on cuda-sim follows the f32 run as the bf16 run does (same rows, losses
-/// within 2%, the same test accuracy), with dynamic loss scaling on: the run says how many steps
+/// within 2%, the same test accuracy; `predict --precision f16` reproduces its test predictions),
+/// with dynamic loss scaling on: the run says how many steps
 /// it skipped, the checkpoint keeps the scaler's state (the initial 2^16 and 8 good steps: the
 /// tiny model's gradients never overflow), a resumed f16 run carries the count on (and a damaged
 /// saved scale is refused as a damaged checkpoint), an f32 run's checkpoint has no scaler, and
@@ -516,6 +517,13 @@ fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
     assert_follows_f32("f16", &f32_rows, &f16_rows);
     assert_eq!((state["loss_scaler"]["scale"].as_f64(), state["loss_scaler"]["good_steps"].as_u64()), (Some(65536.0), Some(8)), "{state}");
     assert!(f32_state.get("loss_scaler").is_none(), "an f32 run saves no scaler: {f32_state}");
+    // predict on the same device and precision reproduces the f16 run's test predictions.
+    let preds = read_csv(&tmp.path().join("f16").join("test_predictions.csv"));
+    let texts = tmp.path().join("texts.txt");
+    std::fs::write(&texts, preds.iter().map(|r| format!("{}\n", r[0])).collect::<String>()).unwrap();
+    let predict = bin().arg("predict").arg("--model").arg(&model).arg("--adapter").arg(tmp.path().join("f16").join("tasknn")).arg("--text").arg(&texts).args(["--device", "cuda-sim", "--precision", "f16"]).output().unwrap();
+    let predicted: Vec<String> = ok(&predict).lines().map(str::to_string).collect();
+    assert_eq!(predicted, preds.iter().map(|r| r[2].clone()).collect::<Vec<_>>(), "predict --precision f16 against the f16 run's test predictions");
     let (_, said, state) = run("f16", "f16", "12", true);
     assert!(said.contains("resuming from"), "{said}");
     assert_eq!(state["loss_scaler"]["good_steps"].as_u64(), Some(12), "the resumed run carries the count on: {state}");
