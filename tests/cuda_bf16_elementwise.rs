@@ -31,7 +31,7 @@
 //! PyTorch's bf16 dataflow does; it is checked exactly against `round(x2 + G(ŷ1))` with `G(ŷ1)`
 //! taken from the f32 kernel run on `[ŷ1 | 0]` (see `nice_bf16io_follows_the_rule`).
 //!
-//! f16 (issue 15): every body here is generic over the 16-bit type (`H16`) and runs for bf16 and
+//! f16 (issue 15): every body here is generic over the 16-bit type (`Io`) and runs for bf16 and
 //! for f16 (`test_both!`: `*::bf16::*` and `*::f16::*`), exercising each `_f16io`
 //! kernel and `embedding_layernorm_forward_f16` with the same checks in f16: inputs rounded to
 //! f16, the plain twin rounding to f16, the f16 floor, exactness against the f32 kernel rounded
@@ -45,8 +45,8 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
-use rule::test_both;
-use rule::{assert_same_f32, bits, Half};
+use rule::{test_both, Io};
+use rule::{assert_same_f32, bits};
 #[path = "support/embedding_case.rs"]
 mod embedding_case;
 use embedding_case::{EmbeddingCase as EmbCase, BERT_EPS, VOCAB};
@@ -60,14 +60,8 @@ use bert_adapters::cuda::layernorm::LayerNormPlan;
 use bert_adapters::cuda::nice::{nice_forward, nice_forward_with_workspace, NiceDeviceParams, NiceDims, NiceWorkspace};
 use bert_adapters::cuda::probe::report_line;
 use bert_adapters::{Activation, Backend, CpuBackend, Error, Tensor};
-use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// A 16-bit activation storage type under test: bf16 or f16.
-trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
-impl H16 for bf16 {}
-impl H16 for f16 {}
 
 const ROWS: [usize; 3] = [1, 7, 33];
 const COLS: [usize; 3] = [40, 48, 384];
@@ -82,7 +76,7 @@ fn down<T: DeviceScalar>(gpu: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
 }
 
 /// Poisoned outputs (uploaded, so a GPU's are poisoned too): an element a kernel skips stays NaN.
-fn nan16<H: H16>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
+fn nan16<H: Io>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
     up(gpu, &vec![H::from_f32(f32::NAN); n])
 }
 
@@ -95,7 +89,7 @@ fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 /// `uniform` rounded to bf16: the inputs of every case are bf16 values.
-fn uniform16<H: H16>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+fn uniform16<H: Io>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     rule::round_all_in::<H>(&uniform(rng, n, lo, hi))
 }
 
@@ -105,7 +99,7 @@ fn id(x: f32) -> f32 {
 
 /// `got` is exactly `want` rounded to bf16, element by element (one rounding of an exactly known
 /// f32 value, the same on every device).
-fn assert_exactly_rounded<H: H16>(label: &str, got: &[H], want: &[f32]) {
+fn assert_exactly_rounded<H: Io>(label: &str, got: &[H], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{label}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.to_bits(), H::from_f32(w).to_bits(), "{label}: [{i}] = {g}, expected {w} rounded to {}", H::from_f32(w));
@@ -139,7 +133,7 @@ impl Worst {
 
 /// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
 /// the bf16 operands, the output rounded once.
-fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+fn plain_layernorm<H: Io>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
     let mut y = Vec::with_capacity(z.len());
     for zr in z.chunks(cols) {
         let mean = zr.iter().sum::<f32>() / cols as f32;
@@ -153,7 +147,7 @@ fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, 
 /// PyTorch's bf16 `BertEmbeddings` on a case: `inputs_embeds + token_type_embeddings` and `+=
 /// position_embeddings` are bf16 tensors (each add rounded), then `layer_norm` in f32 from the
 /// bf16 sum, its output rounded once.
-fn plain_embedding<H: H16>(c: &EmbCase) -> Vec<f32> {
+fn plain_embedding<H: Io>(c: &EmbCase) -> Vec<f32> {
     let h = c.hidden;
     let mut z = Vec::with_capacity(c.ids.len() * h);
     let positions = c.positions.position_ids(&c.ids, c.seq_len);
@@ -207,7 +201,7 @@ fn run_embedding<T: BaseScalar, A: ActivationScalar>(gpu: &Gpu, c: &EmbCase, sta
     Ok(EmbGot { y: down(gpu, &y), mean: mean.map(|m| down(gpu, &m)), rstd: rstd.map(|r| down(gpu, &r)), flag: check_flag(gpu, &flag.view()) })
 }
 
-fn embedding_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn embedding_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0e3b);
     let mut worst = Worst::default();
@@ -253,7 +247,7 @@ test_both!(embedding, embedding_bf16io_follows_the_rule);
 
 /// A bad id: its row of bf16 y is NaN (0x7fff), the flag names it, the other rows are the good
 /// launch's.
-fn embedding_bf16io_refuses_bad_ids<H: H16>(gpu: &Gpu) {
+fn embedding_bf16io_refuses_bad_ids<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0bad);
     let (batch, seq_len, hidden) = (3, 5, 48);
     let good = EmbCase::random(&mut rng, batch, seq_len, hidden, uniform16::<H>);
@@ -289,7 +283,7 @@ fn run_bias_act<A: ActivationScalar>(gpu: &Gpu, x: &[f32], bias: Option<&[f32]>,
     (down(gpu, &y), pre.map(|p| down(gpu, &p)))
 }
 
-fn bias_act_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn bias_act_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_b1a5);
     let mut worst = Worst::default();
@@ -343,7 +337,7 @@ test_both!(bias_act, bias_act_bf16io_follows_the_rule);
 
 // ---- add, first token ---------------------------------------------------------------------------------
 
-fn add_and_first_token_bf16io_are_rounded_once<H: H16>(gpu: &Gpu) {
+fn add_and_first_token_bf16io_are_rounded_once<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0add);
     let mut worst = Worst::default();
@@ -404,7 +398,7 @@ struct NiceHost {
 }
 
 impl NiceHost {
-    fn random<H: H16>(rng: &mut StdRng, hidden: usize, rf: usize, act: Activation) -> Self {
+    fn random<H: Io>(rng: &mut StdRng, hidden: usize, rf: usize, act: Activation) -> Self {
         let (s1, s2) = (hidden / 2, hidden - hidden / 2);
         let (kf, kg) = (s2 / rf, s1 / rf);
         let mut linear = |out: usize, inp: usize| {
@@ -436,7 +430,7 @@ impl NiceHost {
     }
 
     /// A plain bf16 subnet `round(round(act(round(z·W0ᵀ + b0)))·W2ᵀ + b2)` on bf16 `z: [rows, d_in]`.
-    fn plain_subnet<H: H16>(&self, z: &[f32], rows: usize, (l0, l2): (usize, usize)) -> Vec<f32> {
+    fn plain_subnet<H: Io>(&self, z: &[f32], rows: usize, (l0, l2): (usize, usize)) -> Vec<f32> {
         let ((w0, b0), (w2, b2)) = (&self.layers[l0], &self.layers[l2]);
         let (k, d_out) = (b0.len(), b2.len());
         let d_in = z.len() / rows.max(1);
@@ -447,7 +441,7 @@ impl NiceHost {
 
     /// PyTorch's NICE on bf16 tensors: each subnet plain, each coupling's add or subtract rounded,
     /// the second subnet reading the bf16 result of the first coupling.
-    fn plain<H: H16>(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
+    fn plain<H: Io>(&self, x: &[f32], rows: usize, inverse: bool) -> Vec<f32> {
         let (s1, s2) = self.halves();
         let (a, b) = columns(x, rows, self.hidden, 0, s1, s2);
         let (first, second) = if !inverse {
@@ -499,7 +493,7 @@ fn run_nice<A: ActivationScalar>(gpu: &Gpu, dev: &NiceDevice, x: &[f32], inverse
     down(gpu, &y)
 }
 
-fn nice_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn nice_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_41ce);
     let mut worst = Worst::default();
@@ -570,7 +564,7 @@ fn expect_err(label: &str, r: Result<(), Error>, want: fn(&Error) -> bool) {
 /// bf16 y from f32 tables has no kernel; overlapping bf16 outputs are refused in bytes (an odd
 /// offset, mid 4-byte word), adjacent ones accepted; a short bf16 operand is a shape error. A
 /// refused call writes nothing.
-fn bad_bf16_calls_are_refused<H: H16>(gpu: &Gpu) {
+fn bad_bf16_calls_are_refused<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_00ff);
     let c = EmbCase::random(&mut rng, 1, 3, 40, uniform16::<H>);
     match run_embedding(gpu, &c, true, None, id, H::from_f32) {
@@ -689,7 +683,7 @@ fn run_act_backward<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], pre: &[f32], act
     (down(gpu, &dx), down(gpu, &d))
 }
 
-fn activation_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn activation_backward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_ac7b);
     let mut worst = Worst::default();
@@ -737,7 +731,7 @@ fn run_bias_grad<A: ActivationScalar>(gpu: &Gpu, dy: &[f32], cols: usize, init: 
     down(gpu, &db)
 }
 
-fn bias_grad_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn bias_grad_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0db0);
     let mut worst = Worst::default();
@@ -769,7 +763,7 @@ fn bias_grad_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
 }
 test_both!(bias_grad, bias_grad_bf16io_follows_the_rule);
 
-fn first_token_backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn first_token_backward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_0f1b);
     let cpu = CpuBackend::reference();
@@ -806,7 +800,7 @@ test_both!(first_token_backward, first_token_backward_bf16io_follows_the_rule);
 /// Backward refusals in bf16: lengths count bf16 elements, overlaps are judged in bytes (adjacent
 /// bf16 views accepted), bias_grad's f32 db and workspace are checked against the bf16 dy; a
 /// refused call writes nothing.
-fn bad_bf16_backward_calls_are_refused<H: H16>(gpu: &Gpu) {
+fn bad_bf16_backward_calls_are_refused<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xbf16_0bbf);
     let cols = 41;
     let shape = |e: &Error| matches!(e, Error::Shape { .. });

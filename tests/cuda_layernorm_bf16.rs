@@ -10,7 +10,7 @@
 //! - every pair of storage types without a kernel is `Error::Unsupported`, a bf16 view of the
 //!   wrong length a shape error, and the overlap check counts bf16 views in bytes.
 //!
-//! f16 (issue 15): every body is generic over the 16-bit type (`H16`) and runs in bf16 and in
+//! f16 (issue 15): every body is generic over the 16-bit type (`Io`) and runs in bf16 and in
 //! f16 (`test_both!`: `*::bf16::*`, `*::f16::*`), so each `_f16io` kernel (and
 //! `residual_layernorm_forward_f16`, f32 activations over an f16 base) gets the same checks in
 //! f16; every input (|x| ≤ 5, γ ≤ 1.5) is far inside f16's ±65504. bf16 and f16 never meet in one
@@ -33,8 +33,8 @@
 
 #[path = "support/bf16.rs"]
 mod rule;
-use rule::test_both;
-use rule::{assert_same_f32, bits, Half};
+use rule::{test_both, Io};
+use rule::{assert_same_f32, bits};
 
 use bert_adapters::cpu::reference;
 use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, Gpu};
@@ -47,11 +47,6 @@ use bert_adapters::{test_device, Error};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// A 16-bit activation storage type under test: bf16 or f16.
-trait H16: Half + ActivationScalar + BaseScalar + PartialEq + std::fmt::Debug {}
-impl H16 for bf16 {}
-impl H16 for f16 {}
 
 const BERT_EPS: f32 = 1e-12;
 const ROWS: [usize; 3] = [1, 7, 33];
@@ -66,7 +61,7 @@ fn down<T: DeviceScalar>(gpu: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
 }
 
 /// Poisoned outputs (uploaded, so a GPU's are poisoned too): an element a kernel skips stays NaN.
-fn nan16<H: H16>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
+fn nan16<H: Io>(gpu: &Gpu, n: usize) -> DeviceBuffer<H> {
     up(gpu, &vec![H::from_f32(f32::NAN); n])
 }
 
@@ -80,7 +75,7 @@ fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 /// `rows` rows of `cols` values, each row with its own offset and spread (|mean| >> std in some
 /// rows, where the rounding of z matters most), rounded to bf16.
-fn rows_with_offsets<H: H16>(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+fn rows_with_offsets<H: Io>(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(rows * cols);
     for _ in 0..rows {
         let (m, s) = (rng.random_range(-3.0f32..3.0), rng.random_range(0.1f32..2.0));
@@ -123,7 +118,7 @@ impl Worst {
 // ---- plain bf16 LayerNorm (PyTorch's bf16 ops) ------------------------------------------------
 
 /// `z = x + residual` as a bf16 tensor (each sum rounded), or `x` itself.
-fn plain_sum<H: H16>(x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+fn plain_sum<H: Io>(x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
     match residual {
         Some(r) => x.iter().zip(r).map(|(a, b)| rule::round_in::<H>(a + b)).collect(),
         None => x.to_vec(),
@@ -132,7 +127,7 @@ fn plain_sum<H: H16>(x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
 
 /// `torch.nn.functional.layer_norm` on bf16 `z`, γ, β: statistics and the affine map in f32 from
 /// the bf16 operands, the output rounded once.
-fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+fn plain_layernorm<H: Io>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, eps: f32) -> Vec<f32> {
     let mut y = Vec::with_capacity(z.len());
     for zr in z.chunks(cols) {
         let mean = zr.iter().sum::<f32>() / cols as f32;
@@ -145,7 +140,7 @@ fn plain_layernorm<H: H16>(z: &[f32], gamma: &[f32], beta: &[f32], cols: usize, 
 
 /// PyTorch's LayerNorm input gradient on bf16 `dy`, `z`, γ with f32 saved statistics: computed in
 /// f32, rounded once.
-fn plain_layernorm_backward<H: H16>(dy: &[f32], z: &[f32], stats: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
+fn plain_layernorm_backward<H: Io>(dy: &[f32], z: &[f32], stats: &[f32], gamma: &[f32], cols: usize) -> Vec<f32> {
     let mut dz = Vec::with_capacity(z.len());
     for (r, (zr, dyr)) in z.chunks(cols).zip(dy.chunks(cols)).enumerate() {
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
@@ -171,7 +166,7 @@ struct FwdCase {
 }
 
 impl FwdCase {
-    fn random<H: H16>(rng: &mut StdRng, rows: usize, cols: usize, with_residual: bool) -> FwdCase {
+    fn random<H: Io>(rng: &mut StdRng, rows: usize, cols: usize, with_residual: bool) -> FwdCase {
         let x = rows_with_offsets::<H>(rng, rows, cols);
         let residual = with_residual.then(|| rule::round_all_in::<H>(&uniform(rng, rows * cols, -2.0, 2.0)));
         let gamma = rule::round_all_in::<H>(&uniform(rng, cols, 0.5, 1.5));
@@ -222,7 +217,7 @@ fn forward_shapes(wide: usize) -> Vec<(usize, usize, Option<LayerNormPlan>)> {
     shapes
 }
 
-fn forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn forward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_001a);
     let mut worst = Worst::default();
@@ -279,7 +274,7 @@ fn run_train<A: ActivationScalar + BaseScalar>(gpu: &Gpu, case: &FwdCase, plan: 
     Ok(TrainGot { y: down(gpu, &y), z: down(gpu, &z), stats: down(gpu, &stats) })
 }
 
-fn train_forward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn train_forward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_007a);
     let (mut worst_y, mut worst_z) = (Worst::default(), Worst::default());
@@ -331,7 +326,7 @@ struct BwdCase {
 }
 
 impl BwdCase {
-    fn random<H: H16>(rng: &mut StdRng, rows: usize, cols: usize) -> BwdCase {
+    fn random<H: Io>(rng: &mut StdRng, rows: usize, cols: usize) -> BwdCase {
         let z = rows_with_offsets::<H>(rng, rows, cols);
         let gamma = rule::round_all_in::<H>(&uniform(rng, cols, 0.5, 1.5));
         let out = reference::residual_layernorm(&z, None, &gamma, &vec![0f32; cols], cols, BERT_EPS);
@@ -381,7 +376,7 @@ fn run_backward<A: ActivationScalar + BaseScalar>(gpu: &Gpu, c: &BwdCase, dz0: O
     Ok(BwdGot { dz: down(gpu, &dz), dgamma: down(gpu, &dg), dbeta: down(gpu, &db) })
 }
 
-fn backward_bf16io_follows_the_rule<H: H16>(gpu: &Gpu) {
+fn backward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let h = H::NAME;
     let mut rng = StdRng::seed_from_u64(0xbf16_00b4);
     let (mut worst, mut worst_acc) = (Worst::default(), Worst::default());
@@ -439,7 +434,7 @@ fn expect_unsupported(label: &str, r: Result<(), Error>) {
     }
 }
 
-fn pairs_without_a_kernel_are_refused<H: H16>(gpu: &Gpu) {
+fn pairs_without_a_kernel_are_refused<H: Io>(gpu: &Gpu) {
     let (rows, cols) = (3, 40);
     let n = rows * cols;
     let (x16, p16) = (up(gpu, &vec![H::from_f32(1.0); n]), up(gpu, &vec![H::from_f32(1.0); cols]));
@@ -472,7 +467,7 @@ test_both!(unsupported_pairs, pairs_without_a_kernel_are_refused);
 /// Lengths count bf16 elements, and the overlap check bytes: two bf16 outputs side by side in one
 /// buffer (an odd width, so the second starts in the middle of a 4-byte word) are accepted, one
 /// element of overlap is refused.
-fn bf16_views_are_checked_in_their_own_units<H: H16>(gpu: &Gpu) {
+fn bf16_views_are_checked_in_their_own_units<H: Io>(gpu: &Gpu) {
     let (rows, cols) = (1, 41);
     let mut rng = StdRng::seed_from_u64(0xbf16_000b);
     let case = FwdCase::random::<H>(&mut rng, rows, cols, true);

@@ -12,7 +12,7 @@
 use half::{bf16, f16};
 
 /// A 16-bit storage type the rule applies to: bf16 or f16.
-pub trait Half: Copy + std::fmt::Display {
+pub trait Half: Copy + PartialEq + std::fmt::Debug + std::fmt::Display {
     /// The unit roundoff (half an ulp at 1): 2^-8 for bf16, 2^-11 for f16.
     const UNIT_ROUNDOFF: f64;
     const NAME: &'static str;
