@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use bert_adapters::io::adapter_files::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, WEIGHTS_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic, Tree};
 use bert_adapters::io::{write_safetensors, OutTensor, TensorFile};
-use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, LossScalerState, ParamState};
+use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, LossScaler, LossScalerConfig, LossScalerState, ParamState};
 use bert_adapters::{BertModel, Error, Result};
 
 use crate::metrics::{EvalRecord, StepRecord};
@@ -113,7 +113,8 @@ pub struct Restored {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
     pub elapsed_s: f64,
-    pub loss_scaler: Option<LossScalerState>,
+    /// An f16 run's loss scaler, as saved (its state checked against the default policy).
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// What a save needs besides the model.
@@ -241,6 +242,10 @@ pub fn read(dir: &Path) -> Result<Restored> {
         let optimizer = AdamW::from_state(AdamWState { config: meta.config, steps: meta.steps, params }).map_err(|e| damaged(path.clone(), format!("optimizer `{name}`: {e}")))?;
         optimizers.insert(name, optimizer);
     }
+    let loss_scaler = match state.loss_scaler {
+        Some(saved) => Some(LossScaler::resume(LossScalerConfig::default(), saved).map_err(|e| damaged(path.clone(), e.to_string()))?),
+        None => None,
+    };
     Ok(Restored {
         step: state.step,
         settings: state.settings,
@@ -249,6 +254,6 @@ pub fn read(dir: &Path) -> Result<Restored> {
         steps: state.steps,
         evals: state.evals,
         elapsed_s: state.elapsed_s,
-        loss_scaler: state.loss_scaler,
+        loss_scaler,
     })
 }

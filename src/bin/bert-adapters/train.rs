@@ -742,7 +742,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     // continues its saved scale, and one resumed from an f32 or bf16 checkpoint starts afresh.
     let scaler = if f16 {
         Some(match saved_scaler {
-            Some(state) => LossScaler::resume(LossScalerConfig::default(), state).map_err(|e| Error::Malformed { path: args.out.join(checkpoint::DIR).join("state.json"), msg: format!("{e}: the checkpoint is damaged (restore it, or start afresh without --resume)") })?,
+            Some(saved) => saved,
             None => LossScaler::new(LossScalerConfig::default())?,
         })
     } else {
