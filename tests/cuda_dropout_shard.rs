@@ -8,7 +8,8 @@
 //! a multiple of 4 (a row starting inside a Philox block), Parallel blocks (rows `r0..` of each
 //! block), and a shard keyed from row 0 instead, which must draw other masks. The adapter
 //! location's dropout is in tests/cuda_adapter_dropout.rs; the model level (two shards summed
-//! equal one process) at the end of this file.
+//! equal one process, and f16 ranks overflowing at the scale one process overflows at) at the
+//! end of this file.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -402,3 +403,77 @@ fn model_shards(gpu: &Gpu) {
     }
 }
 test_device!(model_two_shards, model_shards);
+
+// ---- f16 ranks overflow where one process does -------------------------------------------------
+
+/// The tiny BERT in f16 on its own backend on this device (base and activations in f16), no
+/// dropout; one cross-entropy step of tasknn loss-scaled by `scale`, as one process (`comm`
+/// None) or as its rank of `comm` on its shard: the step's gradient norm, unchecked.
+fn f16_step_norm(gpu: &Gpu, scale: f32, comm: Option<&dyn Communicator>) -> f32 {
+    let be: Arc<dyn Backend> = Arc::new(backend(gpu).with_activations(bert_adapters::DType::F16).unwrap());
+    let dir = common::fixtures().join("tiny_bert");
+    let (mut model, _) = BertModel::from_dir(&dir, be.clone(), bert_adapters::LoadOptions { dtype: bert_adapters::DType::F16, ..Default::default() }).unwrap();
+    let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+    for (i, n) in ["scorenn", "tasknn"].iter().enumerate() {
+        model.add_adapter_seeded(n, AdapterConfig::named("pfeiffer").unwrap(), i as u64 + 1).unwrap();
+        model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
+    }
+    model.set_active_adapters(Some(common::setup(&["scorenn", "tasknn"]))).unwrap();
+    model.train_adapter(&["tasknn"]).unwrap();
+    model.set_loss_scale(scale).unwrap();
+    let labels: Vec<usize> = (0..batch.batch).map(|i| (i * 2 + 1) % 3).collect();
+    let cfg = TrainStepConfig { objective: Objective::CrossEntropy, trained: "tasknn".into(), max_grad_norm: Some(1.0) };
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let out = match comm {
+        Some(c) => {
+            let rows = shard(batch.batch, c.rank(), c.size());
+            model.set_dropout_row(rows.start as u64);
+            let dp = DataParallel { comm: c, rows: rows.clone(), global_rows: batch.batch };
+            model.train_step_data_parallel(&batch.rows(rows.clone()).unwrap(), &labels[rows], &cfg, &mut opt, &dp).unwrap()
+        }
+        None => model.train_step(&batch, &labels, &cfg, &mut opt).unwrap(),
+    };
+    out.read_unchecked(be.as_ref()).unwrap().grad_norm
+}
+
+/// Both ranks' gradient norms of a two-rank f16 step at `scale`.
+fn f16_two_rank_norms(gpu: &Gpu, scale: f32) -> Vec<f32> {
+    let handles: Vec<_> = ThreadComm::group(2)
+        .into_iter()
+        .map(|comm| {
+            let g = gpu.reopen().unwrap();
+            std::thread::spawn(move || f16_step_norm(&g, scale, Some(&comm)))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// f16 data parallel: a rank seeds its backward with its shard's weight in the global batch
+/// (rows / global rows) times the loss scale, so every row's f16 activation gradients are the
+/// bits one process computes on the whole batch, and a scale overflows on the ranks exactly when
+/// it overflows in one process. The least power of two 2^e at which one process's step
+/// overflows (found by bisection; overflow only grows with the scale) overflows on both ranks,
+/// and 2^(e−1) overflows on neither, whose norm then equals one process's within 1e-5. (Had the
+/// weight been applied after the backward, each rank's activation gradients would be twice one
+/// process's, and 2^(e−1) would overflow on the ranks alone.)
+fn f16_overflow_threshold(gpu: &Gpu) {
+    let overflows = |e: i32| !f16_step_norm(gpu, 2f32.powi(e), None).is_finite();
+    let (mut lo, mut hi) = (0, 120); // 2^0 is finite, 2^120 overflows
+    assert!(!overflows(lo) && overflows(hi), "{}: the bracket", gpu.describe());
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if overflows(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let at = f16_two_rank_norms(gpu, 2f32.powi(hi));
+    assert!(at.iter().all(|n| !n.is_finite()), "{}: one process overflows at 2^{hi}, the ranks' norms are {at:?}", gpu.describe());
+    let below = f16_two_rank_norms(gpu, 2f32.powi(lo));
+    let want = f16_step_norm(gpu, 2f32.powi(lo), None);
+    for n in below {
+        assert!(n.is_finite() && (n - want).abs() <= 1e-5 * want, "{}: at 2^{lo} one process's norm is {want}, a rank's {n}", gpu.describe());
+    }
+}
+test_device!(f16_ranks_overflow_with_one_process, f16_overflow_threshold);

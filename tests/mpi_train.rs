@@ -274,6 +274,31 @@ mod with_mpi {
         assert_adapters_close(&two, &one, 1e-5);
     }
 
+    /// f16 ranks on the kernel executor (`--device cuda-sim --precision f16`, dynamic loss
+    /// scaling): two ranks end within 1e-5 of one process, and only rank 0 reports the scaler.
+    /// Each rank seeds its backward with its shard's weight, so its rows' f16 activation
+    /// gradients are one process's and an overflow skips the step on every rank exactly when it
+    /// skips in one process (tests/cuda_dropout_shard.rs finds that threshold).
+    #[cfg(feature = "cuda-sim")]
+    #[test]
+    fn cuda_sim_f16_ranks_train_what_one_process_trains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = trainable_tiny_model(tmp.path());
+        let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+        let f16 = |out: &Path| {
+            let mut a = on_device(train_args(&model, out, 4), "cuda-sim");
+            a.extend(["--precision".to_string(), "f16".to_string()]);
+            a
+        };
+        let alone = run(single(), &f16(&one));
+        let stdout = run(mpirun(2), &f16(&two));
+        assert!(stdout.contains("data parallel over MPI, 2 ranks") && stdout.contains("f16 activations"), "{stdout}");
+        for said in [&alone, &stdout] {
+            assert_eq!(said.matches("f16 loss scaling: 0 steps skipped").count(), 1, "{said}");
+        }
+        assert_adapters_close(&two, &one, 1e-5);
+    }
+
     #[test]
     fn a_rank_that_dies_ends_the_job() {
         let (out, took) = fault(libc::SIGKILL, &[]);

@@ -212,6 +212,20 @@ macro_rules! buffer_elements {
 }
 buffer_elements!(f32 => F32, bf16 => BF16, f16 => F16, u32 => U32);
 
+/// The device address and length of `t`'s elements when `t` is an f32 tensor on a CUDA GPU (not
+/// cuda-sim, whose addresses are the executor's): for libraries that take device pointers, as
+/// NCCL's all-reduce of the gradient arena does (`dist::nccl`). `None` for anything else. The
+/// address is valid while `t`'s storage lives, on the backend's context and stream.
+pub fn cuda_f32_device_ptr(t: &Tensor) -> Option<(u64, usize)> {
+    let Storage::Device(d) = t.storage() else { return None };
+    let st = d.as_any().downcast_ref::<CudaStorage>()?;
+    if !matches!(st.device, Device::Cuda(_)) || t.dtype() != DType::F32 {
+        return None;
+    }
+    let view = f32::get(&st.buf)?.slice(t.offset()..t.offset() + t.elem_count()).ok()?;
+    Some((view.device_ptr(), view.len()))
+}
+
 /// The CUDA backend on one [`Gpu`].
 pub struct CudaBackend {
     gpu: Arc<Gpu>,

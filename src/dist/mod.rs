@@ -19,7 +19,9 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -62,6 +64,14 @@ pub trait Communicator {
         buf.iter_mut().for_each(|v| *v /= n);
         Ok(())
     }
+    /// `t` (an f32 tensor of `be`) and `extra` (a few host values that travel with it) ← their
+    /// element-wise sums over the ranks, the same bits on every rank. The default copies `t` to
+    /// the host, sums it and `extra` in one [`all_reduce_sum`](Self::all_reduce_sum) and writes
+    /// it back; a communicator that can reduce device memory where it lies (NCCL, a CUDA tensor)
+    /// overrides it and skips the two copies.
+    fn all_reduce_sum_tensor(&self, be: &dyn Backend, t: &Tensor, extra: &mut [f32]) -> Result<()> {
+        all_reduce_sum_tensor_via_host(self, be, t, extra)
+    }
     /// `buf` ← rank `root`'s `buf` on every rank.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
@@ -91,6 +101,21 @@ impl Communicator for SingleProcess {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// [`Communicator::all_reduce_sum_tensor`] through the host: `t` downloaded, summed with `extra`
+/// in one `all_reduce_sum`, and written back.
+pub fn all_reduce_sum_tensor_via_host<C: Communicator + ?Sized>(comm: &C, be: &dyn Backend, t: &Tensor, extra: &mut [f32]) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::Internal(format!("all-reduce of a {} tensor {:?}: gradients are f32", t.dtype(), t.shape())));
+    }
+    let mut buf = be.to_host(t)?;
+    let n = buf.len();
+    buf.extend_from_slice(extra);
+    comm.all_reduce_sum(&mut buf)?;
+    extra.copy_from_slice(&buf[n..]);
+    buf.truncate(n);
+    be.write_f32(t, &buf)
 }
 
 pub(crate) fn check_root(root: usize, size: usize) -> Result<()> {

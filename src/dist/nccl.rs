@@ -5,17 +5,23 @@
 //! another communicator for that (the MPI one, under `mpirun`), which carries the id's 128
 //! bytes once. After that every collective runs on the GPU.
 //!
-//! [`Communicator`] works on host slices, so its methods here copy the buffer to the GPU,
-//! all-reduce it there (NCCL's ring: every rank gets the same bits) and copy it back;
-//! [`NcclComm::all_reduce_device`] reduces a buffer that already lives on the GPU.
+//! The gradient arena is reduced where it lies: [`NcclComm::on_gpu`] builds the communicator on
+//! the CUDA backend's own stream, and [`Communicator::all_reduce_sum_tensor`] hands NCCL the
+//! arena's device address, queued behind the backward's kernels and ahead of the clipping's,
+//! with no copy of the arena. The host-slice collectives ([`Communicator`]'s other
+//! methods: a few floats of flags, losses and ids) copy the buffer to the GPU, reduce it there
+//! (NCCL's ring: every rank gets the same bits) and copy it back.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{sys::CUdeviceptr, CudaSlice, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
-use super::{check_root, Communicator};
+use super::{all_reduce_sum_tensor_via_host, check_root, Communicator};
+use crate::backend::Backend;
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// NCCL's unique id is 128 bytes.
 const ID_BYTES: usize = 128;
@@ -30,18 +36,28 @@ fn nccl_err(op: &str, e: impl std::fmt::Debug) -> Error {
 }
 
 impl NcclComm {
-    /// This rank's NCCL communicator on GPU `ordinal`, with as many ranks as `bootstrap` has;
-    /// `bootstrap` carries rank 0's id to the others (one broadcast of 128 values).
-    /// A missing driver, GPU or libnccl is an `Error::Cuda` naming it, never a panic.
+    /// This rank's NCCL communicator on GPU `ordinal`, on a stream of its own, with as many
+    /// ranks as `bootstrap` has; `bootstrap` carries rank 0's id to the others (one broadcast of
+    /// 128 values). A missing driver, GPU or libnccl is an `Error::Cuda` naming it, never a panic.
     pub fn new(ordinal: usize, bootstrap: &dyn Communicator) -> Result<Self> {
         let ctx = crate::cuda::probe::probe_gpu(ordinal).map_err(Error::Cuda)?;
+        Self::on_stream(ctx.default_stream(), bootstrap)
+    }
+
+    /// This rank's NCCL communicator on `gpu`'s stream (a CUDA GPU, not cuda-sim), so that its
+    /// all-reduce of a tensor of the backend on `gpu` is ordered with the backend's kernels.
+    pub fn on_gpu(gpu: &Gpu, bootstrap: &dyn Communicator) -> Result<Self> {
+        let rt = gpu.cuda_runtime().ok_or_else(|| Error::Unsupported(format!("NCCL needs a CUDA GPU, not {}", gpu.describe())))?;
+        Self::on_stream(rt.stream().clone(), bootstrap)
+    }
+
+    fn on_stream(stream: Arc<CudaStream>, bootstrap: &dyn Communicator) -> Result<Self> {
         // cudarc panics on first use of a library it cannot load: ask first.
         // SAFETY: only dlopens and closes the library; no symbol is called.
         let present = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() }).unwrap_or(false);
         if !present {
             return Err(Error::Cuda("libnccl cannot be loaded (install NCCL, e.g. the nvidia-nccl-cu13 wheel, and put its lib/ on LD_LIBRARY_PATH)".into()));
         }
-        let stream = ctx.default_stream();
         let mut bytes = vec![0f32; ID_BYTES];
         if bootstrap.rank() == 0 {
             let id = Id::new().map_err(|e| nccl_err("get unique id", e))?;
@@ -75,7 +91,46 @@ impl NcclComm {
     }
 }
 
+/// `len` f32 values at device address `ptr` on `stream`'s context, owned elsewhere (a tensor of
+/// the CUDA backend), in the form cudarc's NCCL calls take. The memory is only ever used on
+/// `stream`, so no event needs recording around it.
+struct BorrowedF32 {
+    ptr: CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for BorrowedF32 {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtrMut<f32> for BorrowedF32 {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
 impl Communicator for NcclComm {
+    /// On the GPU when `t` is an f32 tensor of a CUDA backend on this communicator's stream
+    /// ([`NcclComm::on_gpu`]): NCCL sums it in place, queued on the stream, and `extra` goes
+    /// through the host; anything else through the host with `extra` in the same all-reduce.
+    fn all_reduce_sum_tensor(&self, be: &dyn Backend, t: &Tensor, extra: &mut [f32]) -> Result<()> {
+        let same_stream = be.gpu().and_then(Gpu::cuda_runtime).is_some_and(|rt| Arc::ptr_eq(rt.stream(), &self.stream));
+        let Some((ptr, len)) = crate::cuda::backend::cuda_f32_device_ptr(t).filter(|_| same_stream) else {
+            return all_reduce_sum_tensor_via_host(self, be, t, extra);
+        };
+        if len > 0 {
+            let mut mem = BorrowedF32 { ptr, len, stream: self.stream.clone() };
+            self.comm.all_reduce_in_place(&mut mem, &ReduceOp::Sum).map_err(|e| nccl_err("all-reduce of the gradient arena", e))?;
+        }
+        self.all_reduce_sum(extra)
+    }
+
     fn rank(&self) -> usize {
         self.comm.rank()
     }

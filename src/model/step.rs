@@ -137,8 +137,12 @@ impl BertModel {
         let labels_t = self.labels.clone().filter(|t| t.shape() == [labels.len()]).ok_or_else(|| Error::Internal("train_step: the labels were not staged".into()))?;
         let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
         let (dlogits, loss) = op.run(be.as_ref())?;
-        if self.loss_scale != 1.0 {
-            be.scale_in_place(&dlogits, self.loss_scale)?;
+        // The backward's seed: the loss scale, and among ranks this shard's weight in the global
+        // batch-mean, so that every row's activation gradients are the ones one process computes
+        // on the whole batch (an f16 overflow then happens where it happens in one process).
+        let seed_scale = self.loss_scale * dp.map_or(1.0, DataParallel::weight);
+        if seed_scale != 1.0 {
+            be.scale_in_place(&dlogits, seed_scale)?;
         }
         let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
         d[i] = Some(&dlogits);
@@ -197,32 +201,24 @@ impl BertModel {
     }
 }
 
-/// The data-parallel gradient: each rank's arena holds the gradient of its rows' mean loss;
-/// weighted by its share of the global batch (rows / global rows) and summed over the ranks, it
-/// is the gradient of the global batch's mean loss. One all-reduce over the whole arena, with
-/// one flag per tensor appended (whether any rank's backward reached it); a tensor no rank
-/// reached stays without gradient, one reached anywhere gets the sum (zeros from the others).
+/// The data-parallel gradient: each rank's arena holds its rows' part of the gradient of the
+/// global batch's mean loss (the step seeded its backward with the shard's weight, rows / global
+/// rows), so the sum over the ranks is the global gradient. One all-reduce over the whole arena,
+/// where it lives ([`crate::dist::Communicator::all_reduce_sum_tensor`]: on the GPU over NCCL, through the host
+/// otherwise), with one flag per tensor alongside (whether any rank's backward reached it); a
+/// tensor no rank reached stays without gradient, one reached anywhere gets the sum (zeros from
+/// the others).
 pub fn reduce_gradients(be: &dyn Backend, arena: &crate::model::arena::TrainArena, with_grad: &mut [bool], dp: &DataParallel) -> Result<()> {
     if with_grad.len() != arena.table.len() {
         return Err(Error::Internal(format!("{} gradient flags for an arena of {} tensors", with_grad.len(), arena.table.len())));
     }
-    let mut buf = be.to_host(&arena.grads)?;
-    let n = buf.len();
-    let w = dp.weight();
-    for (e, &reached) in arena.table.iter().zip(with_grad.iter()) {
-        let len: usize = e.shape.iter().product();
-        let part = &mut buf[e.offset..e.offset + len];
-        if reached {
-            part.iter_mut().for_each(|v| *v *= w);
-        } else {
-            part.fill(0.0); // stale values from an earlier step
-        }
+    for (k, _) in with_grad.iter().enumerate().filter(|(_, &reached)| !reached) {
+        be.fill(&arena.grad(k)?, 0.0)?; // stale values from an earlier step
     }
-    buf.extend(with_grad.iter().map(|&r| if r { 1.0 } else { 0.0 }));
-    dp.comm.all_reduce_sum(&mut buf)?;
-    for (flag, &count) in with_grad.iter_mut().zip(&buf[n..]) {
+    let mut reached: Vec<f32> = with_grad.iter().map(|&r| if r { 1.0 } else { 0.0 }).collect();
+    dp.comm.all_reduce_sum_tensor(be, &arena.grads, &mut reached)?;
+    for (flag, &count) in with_grad.iter_mut().zip(&reached) {
         *flag = count > 0.0;
     }
-    buf.truncate(n);
-    be.write_f32(&arena.grads, &buf)
+    Ok(())
 }

@@ -14,8 +14,9 @@
 //! - a rank that fails ends the job (`MPI_Abort`) after printing its error with its rank;
 //! - GPU ranks (`--device cuda`, or `auto` finding one): each opens GPU `local rank % GPUs on
 //!   its node` ([`Ranks::device`]); with the `nccl` feature the gradient all-reduce goes over
-//!   NCCL, bootstrapped over MPI ([`Ranks::attach_device`], [`Ranks::grad_comm`]), everything
-//!   else (loss and flag sums, the evaluation gather, agreement) stays on MPI; without it the
+//!   NCCL on the backend's stream, with no host copy of the arena, bootstrapped over MPI
+//!   ([`Ranks::attach_device`], [`Ranks::grad_comm`]); everything else (the loss and stop
+//!   sums, the evaluation gather, agreement) stays on MPI; without it the
 //!   gradients go over MPI through host copies, said once on rank 0's stderr.
 
 use std::ops::Range;
@@ -106,11 +107,11 @@ impl Ranks {
         Ok(format!("cuda:{}", bert_adapters::dist::local_gpu(local.as_deref(), self.rank(), count)?))
     }
 
-    /// Once the backend is open on `device`: a GPU rank among several all-reduces its gradients
-    /// over NCCL on that GPU (feature `nccl`; a missing libnccl is an error naming it), or, in a
-    /// build without NCCL, over MPI through host copies, which rank 0 says once on stderr.
-    pub fn attach_device(&mut self, device: Device) -> Result<()> {
-        let Device::Cuda(ordinal) = device else {
+    /// Once the backend is open: a GPU rank among several all-reduces its gradients over NCCL on
+    /// the backend's GPU and stream (feature `nccl`; a missing libnccl is an error naming it), or,
+    /// in a build without NCCL, over MPI through host copies, which rank 0 says once on stderr.
+    pub fn attach_device(&mut self, backend: &dyn bert_adapters::Backend) -> Result<()> {
+        let Device::Cuda(ordinal) = backend.device() else {
             return Ok(());
         };
         if !self.is_parallel() {
@@ -118,7 +119,8 @@ impl Ranks {
         }
         #[cfg(all(feature = "mpi", feature = "nccl"))]
         {
-            let nccl = bert_adapters::dist::nccl::NcclComm::new(ordinal, self.comm()).map_err(|e| {
+            let gpu = backend.gpu().ok_or_else(|| Error::Internal(format!("the backend on cuda:{ordinal} has no GPU runtime")))?;
+            let nccl = bert_adapters::dist::nccl::NcclComm::on_gpu(gpu, self.comm()).map_err(|e| {
                 Error::Cuda(format!("rank {}: NCCL for the gradient all-reduce on cuda:{ordinal}: {e} (a build without the nccl feature all-reduces over MPI instead)", self.rank()))
             })?;
             self.nccl = Some(nccl);

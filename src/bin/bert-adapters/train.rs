@@ -611,7 +611,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     if !backend.supports_training() {
         return Err(Error::Unsupported(format!("--device {}: the {} backend cannot train; use --device cpu", args.device, backend.device())));
     }
-    ranks.attach_device(backend.device())?;
+    ranks.attach_device(backend.as_ref())?;
     let ranks: &Ranks = ranks;
     // Before anything slow: a fresh run must not land on a previous one. Only rank 0 looks
     // after --out; the others read the checkpoint it may have put back once it has.
