@@ -328,6 +328,45 @@ impl CudaBackend {
         self.products.snapshot()
     }
 
+    /// `nice_backward_into` on f32 `x` and `dy`; with `stored`, G's input y1 is recomputed and
+    /// rounded to that 16-bit dtype, as the 16-bit forward stored it before G read it.
+    fn nice_backward_f32(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>, stored: Option<DType>) -> Result<()> {
+        const OP: &str = "nice_backward";
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
+        }
+        let (rows, hidden) = (x.rows(), x.last_dim());
+        let (s1, s2) = (hidden / 2, hidden - hidden / 2);
+        if rows == 0 {
+            return Ok(());
+        }
+        // Columns [c0, c0 + w) of a [rows, hidden] tensor, as a new [rows, w] tensor.
+        let columns = |t: &Tensor, c0: usize, w: usize| -> Result<Tensor> {
+            let half = self.new_tensor::<f32>(&[rows, w])?;
+            super::nice::split_columns::<f32>(&self.gpu, &self.view(OP, t)?, rows, c0, w, &mut self.view_mut(OP, &half)?)?;
+            Ok(half)
+        };
+        let (x1, x2, g1, g2) = (columns(x, 0, s1)?, columns(x, s1, s2)?, columns(dy, 0, s1)?, columns(dy, s1, s2)?);
+        let (act, g, acc) = (params.activation, &out.grads, out.accumulate);
+        // The forward again: y1 = x1 + F(x2) is G's input (spec 5.1: y2 = x2 + G(y1)).
+        let (a_f, pre_f) = self.linear_act(&x2, params.f0.0, Some(params.f0.1), act)?;
+        let y1 = self.add(&x1, &self.linear(&a_f, params.f2.0, Some(params.f2.1))?)?;
+        let y1 = match stored {
+            Some(dtype) => self.cast(&self.cast(&y1, dtype)?, DType::F32)?,
+            None => y1,
+        };
+        let (a_g, pre_g) = self.linear_act(&y1, params.g0.0, Some(params.g0.1), act)?;
+        // G, from dy2; its input gradient joins dy1 (y1 reaches the output directly and through G).
+        self.linear_backward_params_into(&g2, &a_g, &g.g2.0, Some(&g.g2.1), acc)?;
+        let d_pre_g = self.linear_backward_input_act(&g2, params.g2.0, &pre_g, act)?;
+        self.linear_backward_params_into(&d_pre_g, &y1, &g.g0.0, Some(&g.g0.1), acc)?;
+        self.linear_backward_input_into(&d_pre_g, params.g0.0, &g1, true)?;
+        // F, from dy1 (x itself is below the trainable set: no input gradient).
+        self.linear_backward_params_into(&g1, &a_f, &g.f2.0, Some(&g.f2.1), acc)?;
+        let d_pre_f = self.linear_backward_input_act(&g1, params.f2.0, &pre_f, act)?;
+        self.linear_backward_params_into(&d_pre_f, &x2, &g.f0.0, Some(&g.f0.1), acc)
+    }
+
     fn storage<'t>(&self, op: &str, t: &'t Tensor) -> Result<&'t CudaStorage> {
         let on_other = || Error::Unsupported(format!("{op}: a tensor {:?} on {} was given to the {} backend", t.shape(), t.device(), self.device));
         match t.storage() {
@@ -1245,43 +1284,16 @@ impl Backend for CudaBackend {
     }
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
-        const OP: &str = "nice_backward";
         if is_half(x.dtype()) || is_half(dy.dtype()) {
             // 16-bit training: the invertible adapter runs once per step on the embeddings
             // ([B·T, H], small next to the encoder), so its backward widens x and dy exactly and
-            // runs in f32; its parameter gradients are f32 either way.
+            // runs in f32; its parameter gradients are f32 either way. G is differentiated at
+            // the y1 the forward's G read: the stored 16-bit one (kernels/nice.cu).
+            let stored = if is_half(x.dtype()) { x.dtype() } else { dy.dtype() };
             let (x, dy) = (self.cast(x, DType::F32)?, self.cast(dy, DType::F32)?);
-            return self.nice_backward_into(&x, params, &dy, out);
+            return self.nice_backward_f32(&x, params, &dy, out, Some(stored));
         }
-        if dy.shape() != x.shape() {
-            return Err(Error::shape(OP, format!("gradient {:?} for input {:?}", dy.shape(), x.shape())));
-        }
-        let (rows, hidden) = (x.rows(), x.last_dim());
-        let (s1, s2) = (hidden / 2, hidden - hidden / 2);
-        if rows == 0 {
-            return Ok(());
-        }
-        // Columns [c0, c0 + w) of a [rows, hidden] tensor, as a new [rows, w] tensor.
-        let columns = |t: &Tensor, c0: usize, w: usize| -> Result<Tensor> {
-            let half = self.new_tensor::<f32>(&[rows, w])?;
-            super::nice::split_columns::<f32>(&self.gpu, &self.view(OP, t)?, rows, c0, w, &mut self.view_mut(OP, &half)?)?;
-            Ok(half)
-        };
-        let (x1, x2, g1, g2) = (columns(x, 0, s1)?, columns(x, s1, s2)?, columns(dy, 0, s1)?, columns(dy, s1, s2)?);
-        let (act, g, acc) = (params.activation, &out.grads, out.accumulate);
-        // The forward again: y1 = x1 + F(x2) is G's input (spec 5.1: y2 = x2 + G(y1)).
-        let (a_f, pre_f) = self.linear_act(&x2, params.f0.0, Some(params.f0.1), act)?;
-        let y1 = self.add(&x1, &self.linear(&a_f, params.f2.0, Some(params.f2.1))?)?;
-        let (a_g, pre_g) = self.linear_act(&y1, params.g0.0, Some(params.g0.1), act)?;
-        // G, from dy2; its input gradient joins dy1 (y1 reaches the output directly and through G).
-        self.linear_backward_params_into(&g2, &a_g, &g.g2.0, Some(&g.g2.1), acc)?;
-        let d_pre_g = self.linear_backward_input_act(&g2, params.g2.0, &pre_g, act)?;
-        self.linear_backward_params_into(&d_pre_g, &y1, &g.g0.0, Some(&g.g0.1), acc)?;
-        self.linear_backward_input_into(&d_pre_g, params.g0.0, &g1, true)?;
-        // F, from dy1 (x itself is below the trainable set: no input gradient).
-        self.linear_backward_params_into(&g1, &a_f, &g.f2.0, Some(&g.f2.1), acc)?;
-        let d_pre_f = self.linear_backward_input_act(&g1, params.f2.0, &pre_f, act)?;
-        self.linear_backward_params_into(&d_pre_f, &x2, &g.f0.0, Some(&g.f0.1), acc)
+        self.nice_backward_f32(x, params, dy, out, None)
     }
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
