@@ -2343,7 +2343,8 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 //     _f16io; the layout kernels copy 16-bit patterns, so the _bf16io ones serve f16 too).
 //
 // ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: to_heads 24 / 32,
-// from_heads 26 / 30 (f32 and 16-bit alike); softmax 32 / 32, softmax_dropout 47-48 / 46;
+// from_heads 26 / 30 (f32 and 16-bit alike), to_heads_x16 30 / 32, from_heads_x16 24 / 30 (one
+// ld.global.nc.v4.u32 and one st.global.v4.u32 per unit in the PTX); softmax 32 / 32, softmax_dropout 47-48 / 46;
 // softmax_backward 48 / 48, softmax_backward_dropout 70-74 / 74.
 
 #define ATTN_GEMM_ROW_WARPS 8
@@ -2497,6 +2498,22 @@ extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention
 }
 extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_from_heads_bf16io(unsigned short* __restrict__ out, const unsigned short* __restrict__ in, int batch, int seq, int hidden, int heads, int parts) {
     attn_gemm_layout_body<unsigned short, false>(out, in, batch, seq, hidden, heads, parts);
+}
+
+// 16-byte units, any storage type (f32, bf16, f16): the permutation above counted in units of
+// 16 bytes (hidden_units = hidden·sizeof(T)/16, and d·sizeof(T) a whole number of units, so that
+// each head's d-long segment is whole units), every address 16-byte aligned; the launcher checks
+// both and otherwise takes the scalar kernels. One 128-bit load and store per unit instead of 4
+// (f32) or 8 (16-bit) scalar ones, and as many times fewer index divisions, which bound the
+// scalar kernels (three integer divisions per element).
+struct alignas(16) AttnBits16 {
+    unsigned int w[4];
+};
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_to_heads_x16(unsigned int* __restrict__ out, const unsigned int* __restrict__ in, int batch, int seq, int hidden_units, int heads, int parts) {
+    attn_gemm_layout_body<AttnBits16, true>(reinterpret_cast<AttnBits16*>(out), reinterpret_cast<const AttnBits16*>(in), batch, seq, hidden_units, heads, parts);
+}
+extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention_gemm_from_heads_x16(unsigned int* __restrict__ out, const unsigned int* __restrict__ in, int batch, int seq, int hidden_units, int heads, int parts) {
+    attn_gemm_layout_body<AttnBits16, false>(reinterpret_cast<AttnBits16*>(out), reinterpret_cast<const AttnBits16*>(in), batch, seq, hidden_units, heads, parts);
 }
 
 // Forward rows: p, lse, s, mask_bias; rows = B·heads·T, seq, heads, mask_rows, scale (then the

@@ -139,8 +139,11 @@ fn random_dctx(rng: &mut StdRng, c: &AttentionInputs) -> Vec<f32> {
 const SEQS: [usize; 4] = [1, 7, 33, 70];
 
 /// (batch, head dim, heads, mask): d 16, 24, 32, 64 (and 8), heads 1..=12, padded masks, masks
-/// shared by replicated branches.
-const SHAPES: [(usize, usize, usize, MaskKind); 7] = [
+/// shared by replicated branches; d 6 (not a whole number of the layout kernels' 16-byte units,
+/// so they go element by element) and 12 (whole units in f32, not in bf16).
+const SHAPES: [(usize, usize, usize, MaskKind); 9] = [
+    (2, 6, 3, MaskKind::Padded),
+    (2, 12, 2, MaskKind::Zeros),
     (1, 16, 1, MaskKind::Zeros),
     (3, 8, 3, MaskKind::Padded),
     (2, 24, 2, MaskKind::Padded),
@@ -306,3 +309,38 @@ fn automatic_path_follows_the_device(gpu: &Gpu) {
     }
 }
 test_device!(automatic_path, automatic_path_follows_the_device);
+
+/// The layout kernels' two forms give the same bits: the GEMM path on aligned buffers (d 16: the
+/// 16-byte-unit kernels) and on the same data one element past the start of each buffer (qkv,
+/// dctx, ctx, dqkv: misaligned, so every layout goes element by element), forward and backward.
+fn layout_units_and_elements_agree(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x1a_0ff5);
+    for (batch, seq, d, heads) in [(2usize, 7usize, 16usize, 3usize), (1, 33, 32, 2)] {
+        let c = AttentionInputs::random(&mut rng, batch, seq, d, heads, MaskKind::Padded);
+        let (t, h) = (c.seq, c.hidden);
+        let dctx: Vec<f32> = (0..batch * t * h).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let before = gpu.launch_counts();
+        let aligned = run(gpu, Path::Gemm, &c, &dctx, None).unwrap();
+        let mid = gpu.launch_counts();
+        // 16-byte units: qkv and ctx forward; qkv, dctx and dqkv backward.
+        assert_eq!((mid.since(&before).with_prefix("attention_gemm_to_heads_x16"), mid.since(&before).with_prefix("attention_gemm_from_heads_x16")), (3, 2), "aligned: the unit kernels");
+        // One leading element more in each buffer; the views start past it.
+        let padded = |v: &[f32]| up(gpu, &[&[0.0f32][..], v].concat());
+        let (qkv, g, mask) = (padded(&c.qkv), padded(&dctx), up(gpu, &c.mask));
+        let mut ctx = padded(&vec![f32::NAN; batch * t * h]);
+        let mut lse = up(gpu, &vec![f32::NAN; batch * heads * t]);
+        let mut dqkv = padded(&vec![f32::NAN; c.qkv.len()]);
+        let n_ctx = batch * t * h;
+        let n_qkv = c.qkv.len();
+        attention_gemm_forward(gpu, &qkv.slice(1..1 + n_qkv).unwrap(), &mask.view(), &mut ctx.slice_mut(1..1 + n_ctx).unwrap(), &mut lse.view_mut(), batch, t, h, heads, None).unwrap();
+        attention_gemm_backward(gpu, &g.slice(1..1 + n_ctx).unwrap(), &qkv.slice(1..1 + n_qkv).unwrap(), &lse.view(), &mask.view(), &mut dqkv.slice_mut(1..1 + n_qkv).unwrap(), batch, t, h, heads, None).unwrap();
+        let after = gpu.launch_counts().since(&mid);
+        assert_eq!((after.with_prefix("attention_gemm_to_heads_x16") + after.with_prefix("attention_gemm_from_heads_x16"), after.with_prefix("attention_gemm_to_heads_f32") + after.with_prefix("attention_gemm_from_heads_f32")), (0, 5), "misaligned: element by element");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let label = format!("{} batch {batch} seq {seq} d {d} heads {heads}", gpu.describe());
+        assert_eq!(bits(&gpu.download(&ctx.view()).unwrap()[1..]), bits(&aligned.ctx), "{label}: ctx");
+        assert_eq!(bits(&gpu.download(&lse.view()).unwrap()), bits(&aligned.lse), "{label}: lse");
+        assert_eq!(bits(&gpu.download(&dqkv.view()).unwrap()[1..]), bits(&aligned.dqkv), "{label}: dqkv");
+    }
+}
+test_device!(layout_forms, layout_units_and_elements_agree);

@@ -235,11 +235,13 @@ fn check<H: Io>(gpu: &Gpu, case: &Case, plan: Option<AttentionPlan>) -> (Outputs
 /// of 4).
 const SEQS: [usize; 4] = [1, 7, 33, 70];
 
-/// (batch, head dim, heads, mask): the generic kernel at d = 8, 24, 40, 128 and the d = 32 and
-/// d = 64 kernels; batch 1..=3, heads 1..=3; padded masks and masks shared by replicated
+/// (batch, head dim, heads, mask): the generic kernel at d = 8, 12, 24, 40, 128 and the d = 32 and
+/// d = 64 kernels (on the GEMM path, d = 12 is not a whole number of the layout kernels' 16-byte
+/// units: element by element); batch 1..=3, heads 1..=3; padded masks and masks shared by replicated
 /// branches (3 batch rows reading 1 mask row).
-const SHAPES: [(usize, usize, usize, MaskKind); 9] = [
+const SHAPES: [(usize, usize, usize, MaskKind); 10] = [
     (1, 8, 1, MaskKind::Zeros),
+    (2, 12, 2, MaskKind::Padded),
     (3, 8, 3, MaskKind::Padded),
     (2, 24, 2, MaskKind::Padded),
     (3, 40, 1, MaskKind::Shared(1)),

@@ -36,8 +36,9 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
     ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32,
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_F16IO,
+    ATTENTION_GEMM_FROM_HEADS_X16, ATTENTION_GEMM_TO_HEADS_X16,
 };
-use super::registry::KernelName;
+use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -169,7 +170,10 @@ fn row_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(ROW_WARPS as usize) as u32, 1, 1), block_dim: (32, ROW_WARPS, 1), shared_mem_bytes: 0 }
 }
 
-/// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]` (`kernel`: to_heads or from_heads).
+/// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]` (`kernel`: to_heads or from_heads). In 16-byte
+/// units (`attention_gemm_{to,from}_heads_x16`) when a head's `d` elements are whole units and
+/// both buffers start 16-byte aligned (then every unit is: rows and parts are whole heads), else
+/// element by element with `kernel`. The same permutation either way: the same bits.
 #[allow(clippy::too_many_arguments)] // the two buffers and the layout's five sizes
 fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMut<A>, input: &DeviceView<A>, batch: usize, seq: usize, hidden: usize, heads: usize, parts: usize) -> Result<()> {
     let want = batch * seq * hidden * parts; // callers checked that it fits
@@ -177,10 +181,20 @@ fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMu
         return Err(Error::shape(OP, format!("layout buffers of {} and {} elements, expected {want}", out.len(), input.len())));
     }
     let cfg = LaunchConfig { grid_dim: ((batch * seq) as u32, 1, 1), block_dim: (LAYOUT_THREADS, 1, 1), shared_mem_bytes: 0 };
-    let args = [A::act_arg_mut(out), A::act_arg(input), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32(hidden as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)];
+    let unit = 16 / std::mem::size_of::<A>(); // elements per 16 bytes: 4 (f32) or 8 (16-bit)
+    let whole_units = heads > 0 && (hidden / heads).is_multiple_of(unit);
+    let aligned = out.device_ptr().is_multiple_of(16) && input.device_ptr().is_multiple_of(16);
+    let (kernel, args) = if whole_units && aligned {
+        let x16 = if kernel.name.contains("to_heads") { ATTENTION_GEMM_TO_HEADS_X16 } else { ATTENTION_GEMM_FROM_HEADS_X16 };
+        let bits = |ptr: u64| KernelArg::Pointer { ptr, elem: ScalarType::U32 };
+        (x16, [bits(out.device_ptr()), bits(input.device_ptr()), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32((hidden / unit) as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)])
+    } else {
+        (kernel, [A::act_arg_mut(out), A::act_arg(input), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32(hidden as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)])
+    };
     // SAFETY: both views hold exactly B·T·parts·H elements of A, the kernel's whole index range
-    // (block per token, columns below parts·H; the split index is a permutation of it); they are
-    // distinct allocations or disjoint slices (callers).
+    // (block per token, columns below parts·H, or its 16-byte units; the split index is a
+    // permutation of it); they are distinct allocations or disjoint slices (callers); the x16
+    // kernels read and write whole aligned units of these bytes only.
     unsafe { gpu.launch(kernel, cfg, &args) }
 }
 
