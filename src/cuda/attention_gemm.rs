@@ -93,36 +93,32 @@ impl AttentionPath {
     }
 }
 
-/// The row and layout kernels for a storage type: `[to_heads, from_heads, softmax,
-/// softmax_dropout, backward, backward_dropout]`.
-fn kernels(dtype: DType, op: &str) -> Result<[KernelName; 6]> {
+/// The row kernels for a storage type: `[softmax, softmax_dropout, backward, backward_dropout]`.
+fn kernels(dtype: DType, op: &str) -> Result<[KernelName; 4]> {
     match dtype {
-        DType::F32 => Ok([
-            ATTENTION_GEMM_TO_HEADS_F32,
-            ATTENTION_GEMM_FROM_HEADS_F32,
-            ATTENTION_GEMM_SOFTMAX_F32,
-            ATTENTION_GEMM_SOFTMAX_DROPOUT_F32,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_F32,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32,
-        ]),
-        DType::BF16 => Ok([
-            ATTENTION_GEMM_TO_HEADS_BF16IO,
-            ATTENTION_GEMM_FROM_HEADS_BF16IO,
-            ATTENTION_GEMM_SOFTMAX_BF16IO,
-            ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
-        ]),
-        // The layout kernels copy 16-bit patterns: the _bf16io ones serve f16 too.
-        DType::F16 => Ok([
-            ATTENTION_GEMM_TO_HEADS_BF16IO,
-            ATTENTION_GEMM_FROM_HEADS_BF16IO,
-            ATTENTION_GEMM_SOFTMAX_F16IO,
-            ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO,
-            ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO,
-        ]),
+        DType::F32 => Ok([ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32]),
+        DType::BF16 => Ok([ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO]),
+        DType::F16 => Ok([ATTENTION_GEMM_SOFTMAX_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO]),
         other => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32, bf16 or f16"))),
+    }
+}
+
+/// Which way a layout kernel permutes: packed `[B, T, parts·H]` to `parts × [B·heads, T, d]`, or back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    ToHeads,
+    FromHeads,
+}
+
+impl Layout {
+    /// The element kernel for storage type `A` (the 16-bit ones copy bit patterns: bf16 and f16
+    /// alike) and the 16-byte-unit kernel, which serves every type.
+    fn kernels<A: ActivationScalar>(self) -> (KernelName, KernelName) {
+        let half = A::DTYPE != DType::F32;
+        match self {
+            Layout::ToHeads => (if half { ATTENTION_GEMM_TO_HEADS_BF16IO } else { ATTENTION_GEMM_TO_HEADS_F32 }, ATTENTION_GEMM_TO_HEADS_X16),
+            Layout::FromHeads => (if half { ATTENTION_GEMM_FROM_HEADS_BF16IO } else { ATTENTION_GEMM_FROM_HEADS_F32 }, ATTENTION_GEMM_FROM_HEADS_X16),
+        }
     }
 }
 
@@ -170,12 +166,12 @@ fn row_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(ROW_WARPS as usize) as u32, 1, 1), block_dim: (32, ROW_WARPS, 1), shared_mem_bytes: 0 }
 }
 
-/// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]` (`kernel`: to_heads or from_heads). In 16-byte
-/// units (`attention_gemm_{to,from}_heads_x16`) when a head's `d` elements are whole units and
-/// both buffers start 16-byte aligned (then every unit is: rows and parts are whole heads), else
-/// element by element with `kernel`. The same permutation either way: the same bits.
+/// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]`, as `direction` says. In 16-byte units
+/// (`attention_gemm_{to,from}_heads_x16`) when a head's `d` elements are whole units and both
+/// buffers start 16-byte aligned (then every unit is: rows and parts are whole heads), else element
+/// by element. The same permutation either way: the same bits.
 #[allow(clippy::too_many_arguments)] // the two buffers and the layout's five sizes
-fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMut<A>, input: &DeviceView<A>, batch: usize, seq: usize, hidden: usize, heads: usize, parts: usize) -> Result<()> {
+fn layout<A: ActivationScalar>(gpu: &Gpu, direction: Layout, out: &DeviceViewMut<A>, input: &DeviceView<A>, batch: usize, seq: usize, hidden: usize, heads: usize, parts: usize) -> Result<()> {
     let want = batch * seq * hidden * parts; // callers checked that it fits
     if out.len() != want || input.len() != want {
         return Err(Error::shape(OP, format!("layout buffers of {} and {} elements, expected {want}", out.len(), input.len())));
@@ -184,12 +180,12 @@ fn layout<A: ActivationScalar>(gpu: &Gpu, kernel: KernelName, out: &DeviceViewMu
     let unit = 16 / std::mem::size_of::<A>(); // elements per 16 bytes: 4 (f32) or 8 (16-bit)
     let whole_units = heads > 0 && (hidden / heads).is_multiple_of(unit);
     let aligned = out.device_ptr().is_multiple_of(16) && input.device_ptr().is_multiple_of(16);
+    let (elements, x16) = direction.kernels::<A>();
     let (kernel, args) = if whole_units && aligned {
-        let x16 = if kernel.name.contains("to_heads") { ATTENTION_GEMM_TO_HEADS_X16 } else { ATTENTION_GEMM_FROM_HEADS_X16 };
         let bits = |ptr: u64| KernelArg::Pointer { ptr, elem: ScalarType::U32 };
         (x16, [bits(out.device_ptr()), bits(input.device_ptr()), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32((hidden / unit) as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)])
     } else {
-        (kernel, [A::act_arg_mut(out), A::act_arg(input), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32(hidden as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)])
+        (elements, [A::act_arg_mut(out), A::act_arg(input), KernelArg::I32(batch as i32), KernelArg::I32(seq as i32), KernelArg::I32(hidden as i32), KernelArg::I32(heads as i32), KernelArg::I32(parts as i32)])
     };
     // SAFETY: both views hold exactly B·T·parts·H elements of A, the kernel's whole index range
     // (block per token, columns below parts·H, or its 16-byte units; the split index is a
@@ -219,7 +215,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     let (rows, scores) = score_sizes(OP, batch, seq, heads)?;
-    let [to_heads, from_heads, softmax, softmax_dropout, _, _] = kernels(A::DTYPE, OP)?;
+    let [softmax, softmax_dropout, _, _] = kernels(A::DTYPE, OP)?;
     let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
     disjoint_bytes(("ctx", "qkv"), c, q)?;
     disjoint_bytes(("ctx", "mask_bias"), c, m)?;
@@ -232,7 +228,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     }
     let part = batch * seq * hidden;
     let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
-    layout(gpu, to_heads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
+    layout(gpu, Layout::ToHeads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
     let prod = Products { bh: batch * heads, seq, d: head_dim };
     let mut s = gpu.alloc::<f32>(scores)?;
     let (qh, kh, vh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?);
@@ -260,7 +256,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     unsafe { gpu.launch(kernel, row_config(rows), &args)? };
     let mut o: DeviceBuffer<A> = gpu.alloc(part)?;
     gpu.gemm::<A, A>(&prod.p_x::<A>(1.0), &vh, &p.view(), &mut o.view_mut(), None)?;
-    layout(gpu, from_heads, ctx, &o.view(), batch, seq, hidden, heads, 1)
+    layout(gpu, Layout::FromHeads, ctx, &o.view(), batch, seq, hidden, heads, 1)
 }
 
 /// Attention backward on the GEMM path: `dqkv` (`[batch, seq, 3·hidden]`, dQ, dK, dV side by
@@ -298,7 +294,7 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     let (rows, scores) = score_sizes(BWD_OP, batch, seq, heads)?;
-    let [to_heads, from_heads, _, _, backward, backward_dropout] = kernels(A::DTYPE, BWD_OP)?;
+    let [_, _, backward, backward_dropout] = kernels(A::DTYPE, BWD_OP)?;
     let out = byte_range::<A>(dqkv.device_ptr(), dqkv.len());
     let inputs = [("dctx", byte_range::<A>(dctx.device_ptr(), dctx.len())), ("qkv", byte_range::<A>(qkv.device_ptr(), qkv.len())), ("lse", byte_range::<f32>(lse.device_ptr(), lse.len())), ("mask_bias", byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()))];
     for (name, r) in inputs {
@@ -310,9 +306,9 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     }
     let part = batch * seq * hidden;
     let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
-    layout(gpu, to_heads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
+    layout(gpu, Layout::ToHeads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
     let mut heads_do: DeviceBuffer<A> = gpu.alloc(part)?;
-    layout(gpu, to_heads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
+    layout(gpu, Layout::ToHeads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
     let prod = Products { bh: batch * heads, seq, d: head_dim };
     let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
     let mut s = gpu.alloc::<f32>(scores)?;
@@ -346,7 +342,7 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
     gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
     gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
-    layout(gpu, from_heads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
+    layout(gpu, Layout::FromHeads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
 }
 
 #[cfg(test)]
