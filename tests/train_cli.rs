@@ -496,7 +496,9 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
 /// it skipped, the checkpoint keeps the scaler's state (the initial 2^16 and 8 good steps: the
 /// tiny model's gradients never overflow), a resumed f16 run carries the count on (and a damaged
 /// saved scale is refused as a damaged checkpoint), an f32 run's checkpoint has no scaler, and
-/// `--precision f16` on the CPU is refused.
+/// `--precision f16` on the CPU is refused. `--loss-scale` sets a fresh run's first scale (saved
+/// in its checkpoint), is ignored with a warning on a resume, and is refused out of [1, f32's
+/// largest] or for a run that is not f16, naming the flag.
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
@@ -527,6 +529,26 @@ fn train_in_f16_on_cuda_sim_follows_f32_with_loss_scaling() {
     let (_, said, state) = run("f16", "f16", "12", true);
     assert!(said.contains("resuming from"), "{said}");
     assert_eq!(state["loss_scaler"]["good_steps"].as_u64(), Some(12), "the resumed run carries the count on: {state}");
+    // --loss-scale sets a fresh run's first scale; a resumed run keeps its saved one and says so.
+    let out = tmp.path().join("f16");
+    let common = ["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--quiet", "--device", "cuda-sim"];
+    let resumed = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(common).args(["--precision", "f16", "--steps", "14", "--resume", "--loss-scale", "1024"]).output().unwrap();
+    ok(&resumed);
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("--loss-scale 1024 is for a fresh run; this resumed run continues its saved scale 65536"), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let fresh = tmp.path().join("f16_scaled");
+    ok(&bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", fresh.to_str().unwrap()]).args(common).args(["--precision", "f16", "--steps", "2", "--loss-scale", "1024"]).output().unwrap());
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fresh.join("checkpoint").join("state.json")).unwrap()).unwrap();
+    assert_eq!(saved["loss_scaler"]["scale"].as_f64(), Some(1024.0), "{saved}");
+    // Out-of-range scales, and a scale for a run that is not f16, are refused naming the flag.
+    for (scale, why) in [("0.5", "between 1 and"), ("nan", "finite"), ("1e39", "between 1 and"), ("-4", "> 0")] {
+        let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", tmp.path().join("never").to_str().unwrap()]).args(["--device", "cuda-sim", "--precision", "f16", "--loss-scale", scale]).output().unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && err.contains("--loss-scale") && err.contains(why) && !err.contains("panicked"), "--loss-scale {scale}: {err}");
+    }
+    let refused = bin().arg("train").args(["--model", model.to_str().unwrap(), "--data", data_file.to_str().unwrap(), "--out", tmp.path().join("never").to_str().unwrap()]).args(["--device", "cuda-sim", "--precision", "f32", "--loss-scale", "1024"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--loss-scale 1024: loss scaling is for --precision f16; this run trains in f32") && !err.contains("panicked"), "{err}");
+    assert!(!tmp.path().join("never").exists(), "a refused run wrote its --out");
     // A damaged scaler state is refused as a damaged checkpoint, naming its file.
     let state_file = tmp.path().join("f16").join("checkpoint").join("state.json");
     let mut damaged = state.clone();

@@ -107,6 +107,11 @@ pub struct TrainFlags {
     /// whose gradients overflow updates nothing and halves the scale).
     #[arg(long, value_enum, default_value_t = infer::Precision::Auto)]
     precision: infer::Precision,
+    /// With --precision f16: the first loss scale (torch GradScaler's init_scale; default 65536).
+    /// Lower it when the first steps are skipped for overflowing gradients; it halves by itself
+    /// on each overflow and doubles after 2000 good steps. A resumed run continues its saved scale.
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    loss_scale: Option<f64>,
     /// Continue from <out>/checkpoint (same settings; --steps may grow).
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -143,6 +148,8 @@ pub struct TrainArgs {
     seed: u64,
     device: String,
     precision: infer::Precision,
+    /// f16's first loss scale, checked: finite, at least 1, an f32.
+    loss_scale: Option<f32>,
     resume: bool,
     overwrite: bool,
     quiet: bool,
@@ -160,7 +167,19 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
     if batch_size > MAX_BATCH_SIZE {
         return Err(Error::Input(format!("--batch-size {batch_size} is more than the {MAX_BATCH_SIZE} texts a step may hold")));
     }
+    let loss_scale = match f.loss_scale {
+        Some(v) => {
+            let v = flags::positive("--loss-scale", v)?;
+            // The scaler never goes below 1 (an overflow there is an error), nor past f32.
+            if !(1.0..=f32::MAX as f64).contains(&v) {
+                return Err(Error::Input(format!("--loss-scale {v} must be between 1 and {:e} (f32's largest)", f32::MAX)));
+            }
+            Some(v as f32)
+        }
+        None => None,
+    };
     Ok(TrainArgs {
+        loss_scale,
         steps: flags::at_least("--steps", f.steps, 1)?,
         batch_size,
         max_len,
@@ -608,6 +627,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     };
     let (backend, load_options) = infer::open(&ranks.device(&args.device)?, args.precision)?;
     let f16 = load_options.dtype == DType::F16;
+    if let (Some(scale), false) = (args.loss_scale, f16) {
+        return Err(Error::Input(format!("--loss-scale {scale}: loss scaling is for --precision f16; this run trains in {} (bf16 and f32 need none)", load_options.dtype)));
+    }
     if !backend.supports_training() {
         return Err(Error::Unsupported(format!("--device {}: the {} backend cannot train; use --device cpu", args.device, backend.device())));
     }
@@ -694,7 +716,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))?;
     // Every rank must be about to run the same trajectory from the same place.
     let mut same = Settings { data: String::new(), model: String::new(), ..settings.clone() };
-    same.data_fingerprint.push_str(&format!(" start {start} steps {} eval {} {}", args.steps, args.eval_every, args.eval_size));
+    same.data_fingerprint.push_str(&format!(" start {start} steps {} eval {} {} loss scale {:?}", args.steps, args.eval_every, args.eval_size, args.loss_scale));
     ranks.agree("their settings, data, model or checkpoint", xxhash_rust::xxh3::xxh3_64(format!("{same:?}").as_bytes()))?;
     if let Some(previous) = prepared.as_ref().map(|p| &p.previous).filter(|p| start_mode == Start::Overwrite && !p.is_empty()) {
         // Everything is loaded and checked: only now does the previous run go, all of it, so
@@ -742,8 +764,13 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     // continues its saved scale, and one resumed from an f32 or bf16 checkpoint starts afresh.
     let scaler = if f16 {
         Some(match saved_scaler {
-            Some(saved) => saved,
-            None => LossScaler::new(LossScalerConfig::default())?,
+            Some(saved) => {
+                if let Some(asked) = args.loss_scale.filter(|&s| s != saved.scale()) {
+                    warn!("warning: --loss-scale {asked} is for a fresh run; this resumed run continues its saved scale {}", saved.scale());
+                }
+                saved
+            }
+            None => LossScaler::new(LossScalerConfig { init_scale: args.loss_scale.unwrap_or(LossScalerConfig::default().init_scale), ..LossScalerConfig::default() })?,
         })
     } else {
         None
