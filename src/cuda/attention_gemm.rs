@@ -398,7 +398,14 @@ mod tests {
         assert!(score_sizes(OP, 1 << 20, 512, 1 << 12).is_err());
         assert!(matches!(kernels(DType::U32, OP), Err(Error::Unsupported(_))));
         let names = |t| kernels(t, OP).unwrap().map(|k| k.name);
-        assert_eq!(names(DType::F16)[..2], names(DType::BF16)[..2], "one 16-bit layout kernel pair");
-        assert_eq!(names(DType::F16)[2..], ["attention_gemm_softmax_f16io", "attention_gemm_softmax_dropout_f16io", "attention_gemm_softmax_backward_f16io", "attention_gemm_softmax_backward_dropout_f16io"]);
+        assert_eq!(names(DType::F16), ["attention_gemm_softmax_f16io", "attention_gemm_softmax_dropout_f16io", "attention_gemm_softmax_backward_f16io", "attention_gemm_softmax_backward_dropout_f16io"]);
+        // One 16-bit element kernel per direction (bits are copied), and one unit kernel for all.
+        let layout = |l: Layout, k: (KernelName, KernelName)| (l, k.0.name, k.1.name);
+        for l in [Layout::ToHeads, Layout::FromHeads] {
+            assert_eq!(layout(l, l.kernels::<half::f16>()), layout(l, l.kernels::<half::bf16>()));
+            assert_eq!(l.kernels::<f32>().1.name, l.kernels::<half::bf16>().1.name);
+            assert_ne!(l.kernels::<f32>().0.name, l.kernels::<half::bf16>().0.name);
+        }
+        assert_eq!((Layout::ToHeads.kernels::<f32>().0.name, Layout::FromHeads.kernels::<half::bf16>().1.name), ("attention_gemm_to_heads_f32", "attention_gemm_from_heads_x16"));
     }
 }
