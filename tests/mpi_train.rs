@@ -281,7 +281,8 @@ mod with_mpi {
     /// process's; only rank 0 reports the scaler. Each rank seeds its backward with its shard's
     /// weight, so its rows' f16 activation gradients are one process's and an overflow skips the
     /// step on every rank exactly when it skips in one process (tests/cuda_dropout_shard.rs finds
-    /// that threshold).
+    /// that threshold). Stopped after 6 steps and resumed, the two ranks end bit for bit where
+    /// their 12 uninterrupted steps ended (the checkpoint carries the scaler).
     #[cfg(feature = "cuda-sim")]
     #[test]
     fn cuda_sim_f16_ranks_train_what_one_process_trains() {
@@ -305,6 +306,20 @@ mod with_mpi {
         assert_eq!(a, b, "one process and two ranks skip the same steps and end at the same scale");
         assert!(!a.contains(": 0 steps skipped"), "2^30 overflowed nothing: {a}");
         assert_adapters_close(&two, &one, 1e-5);
+        // Stopped after 6 steps (past the skipped ones) and resumed on as many ranks, the run
+        // carries the saved scale and count on and ends bit for bit where the 12 steps did.
+        let split = tmp.path().join("split");
+        let mut first = f16(&split);
+        let at = first.iter().position(|a| a == "--steps").unwrap() + 1;
+        first[at] = "6".into();
+        run(mpirun(2), &first);
+        let mut resume = f16(&split);
+        resume.push("--resume".into());
+        let said = run(mpirun(2), &resume);
+        assert!(said.contains("resuming from") && scaler(&said) == b, "{said}");
+        for f in ["scorenn/adapter.safetensors", "tasknn/adapter.safetensors", "checkpoint/optimizer.safetensors", "test_predictions.csv"] {
+            assert!(bytes(&two.join(f)) == bytes(&split.join(f)), "{f}: the resumed f16 ranks differ from the uninterrupted ones");
+        }
     }
 
     #[test]
