@@ -357,8 +357,7 @@ pub trait Backend: Send + Sync {
             *last = d_in;
         }
         // The gradient's dtype: f32, or bf16 (f16) in a bf16 (f16) training step.
-        let dtype = if matches!(dy.dtype(), DType::BF16 | DType::F16) { dy.dtype() } else { DType::F32 };
-        let out = self.empty(&shape, dtype)?;
+        let out = self.empty(&shape, dy.dtype().half_or_f32())?;
         self.linear_backward_input_into(dy, w, &out, false)?;
         Ok(out)
     }
@@ -437,7 +436,7 @@ pub trait Backend: Send + Sync {
     /// The adjoint of `first_token`: `[B, H] -> [B, T, H]`, zero except at position 0.
     fn first_token_backward(&self, d: &Tensor, seq_len: usize) -> Result<Tensor> {
         let (b, h) = (d.shape().first().copied().unwrap_or(0), d.shape().get(1).copied().unwrap_or(0));
-        let out = self.empty(&[b, seq_len, h], if matches!(d.dtype(), DType::BF16 | DType::F16) { d.dtype() } else { DType::F32 })?;
+        let out = self.empty(&[b, seq_len, h], d.dtype().half_or_f32())?;
         self.first_token_backward_into(d, &out, false)?;
         Ok(out)
     }

@@ -45,6 +45,19 @@ impl DType {
     pub fn is_float(self) -> bool {
         !matches!(self, DType::U32)
     }
+    /// Whether the elements are 16-bit floats (bf16, f16): a 16-bit pipeline's activations.
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16)
+    }
+    /// The dtype an activation (or its gradient) computed from one of this dtype is stored in:
+    /// this dtype when it is 16-bit, f32 otherwise.
+    pub fn half_or_f32(self) -> DType {
+        if self.is_half() {
+            self
+        } else {
+            DType::F32
+        }
+    }
 }
 
 impl std::fmt::Display for DType {

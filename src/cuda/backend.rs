@@ -928,7 +928,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        if is_half(x.dtype()) {
+        if x.dtype().is_half() {
             return self.linear_half_activations("linear", x, w, b, None);
         }
         let mut shape = x.shape().to_vec();
@@ -960,7 +960,7 @@ impl Backend for CudaBackend {
 
     fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_act_only";
-        if is_half(x.dtype()) {
+        if x.dtype().is_half() {
             return self.linear_half_activations(OP, x, w, b, Some(act));
         }
         let y = self.linear(x, w, b)?;
@@ -976,7 +976,7 @@ impl Backend for CudaBackend {
         if let Some(last) = shape.last_mut() {
             *last = dims.d_in;
         }
-        if is_half(dy.dtype()) {
+        if dy.dtype().is_half() {
             // 16-bit training: the 16-bit product with the base weight of dy's dtype, then act' over it.
             self.half_training_operands(OP, dy.dtype(), &[("the pre-activation", pre)], &[("weight", w)])?;
             let dx = self.empty(&shape, dy.dtype())?;
@@ -1006,7 +1006,7 @@ impl Backend for CudaBackend {
         let hidden = word.last_dim();
         let group = [("the word embeddings", word), ("the position embeddings", position), ("the token type embeddings", token_type), ("LayerNorm gamma", ln.gamma), ("LayerNorm beta", ln.beta)];
         let dtype = self.base_dtype(OP, &group)?;
-        if is_half(self.activations) && dtype != self.activations {
+        if self.activations.is_half() && dtype != self.activations {
             return Err(half_needs_same_base(OP, self.activations, "the word embeddings", word));
         }
         // The activations start here, in the backend's dtype; every later op follows them.
@@ -1067,7 +1067,7 @@ impl Backend for CudaBackend {
         let mut stats_shape = x.shape().to_vec();
         *stats_shape.last_mut().ok_or_else(|| Error::shape(OP, "a scalar input".to_string()))? = 2;
         let stats = self.new_tensor::<f32>(&stats_shape)?;
-        if is_half(dtype) {
+        if dtype.is_half() {
             self.half_training_operands(OP, dtype, &residual.map(|r| ("the residual", r)).into_iter().collect::<Vec<_>>(), &[("LayerNorm gamma", gamma), ("LayerNorm beta", beta)])?;
             by_half_dtype!(dtype, H => self.ln_train_typed::<H, H>(x, residual, gamma, beta, eps, [&y, &z, &stats]))?;
         } else {
@@ -1079,7 +1079,7 @@ impl Backend for CudaBackend {
     fn layernorm_backward_stats(&self, dy: &Tensor, z: &Tensor, stats: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         const OP: &str = "layernorm_backward_stats";
         let dz = self.empty(dy.shape(), activation_dtype(dy))?;
-        if is_half(dz.dtype()) {
+        if dz.dtype().is_half() {
             self.half_training_operands(OP, dz.dtype(), &[("z", z)], &[("LayerNorm gamma", gamma)])?;
             by_half_dtype!(dz.dtype(), H => {
                 let inputs = LayerNormBackwardInputs::<H, H> { dy: self.view(OP, dy)?, z: self.view(OP, z)?, stats: self.view(OP, stats)?, gamma: self.view(OP, gamma)?, rows: dy.rows(), cols: dy.last_dim() };
@@ -1177,7 +1177,7 @@ impl Backend for CudaBackend {
         if out.overlaps(dy) || out.overlaps(w) {
             return Err(Error::Internal(format!("{OP}: the destination overlaps an input")));
         }
-        if is_half(dy.dtype()) {
+        if dy.dtype().is_half() {
             // 16-bit training: dy·W on the tensor cores, `out` (+=) rounded once.
             self.half_training_operands(OP, dy.dtype(), &[("the destination", out)], &[("weight", w)])?;
             self.products.count(GemmKind::InputGrad, dims.rows * dims.d_in * dims.d_out);
@@ -1191,7 +1191,7 @@ impl Backend for CudaBackend {
 
     fn linear_backward_params_into(&self, dy: &Tensor, x: &Tensor, dw: &Tensor, db: Option<&Tensor>, accumulate: bool) -> Result<()> {
         const OP: &str = "linear_backward_params";
-        if is_half(dy.dtype()) || is_half(x.dtype()) {
+        if dy.dtype().is_half() || x.dtype().is_half() {
             // Parameter gradients are f32 (f32 master weights): a 16-bit operand (no trainable Linear
             // reads one in this model: heads widen their input, adapters have their own op) is
             // widened exactly first.
@@ -1217,7 +1217,7 @@ impl Backend for CudaBackend {
     fn activation_backward(&self, dy: &Tensor, pre: &Tensor, act: Activation) -> Result<Tensor> {
         const OP: &str = "activation_backward";
         let dx = self.empty(dy.shape(), activation_dtype(dy))?;
-        if is_half(dx.dtype()) {
+        if dx.dtype().is_half() {
             self.half_training_operands(OP, dx.dtype(), &[("the pre-activation", pre)], &[])?;
             by_half_dtype!(dx.dtype(), H => elementwise::activation_backward_as::<H>(&self.gpu, &self.view(OP, dy)?, &self.view(OP, pre)?, Some(act), &mut self.view_mut(OP, &dx)?))?;
         } else {
@@ -1268,7 +1268,7 @@ impl Backend for CudaBackend {
     fn adapter_location_backward_into(&self, loc: &AdapterLocation, d_out: &Tensor, grads: &[Option<GradsOut<BottleneckGrads>>], need_input_grads: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "adapter_location_backward";
         // The 16-bit type of the step: the output gradient's, else h's or r's (a mix is refused below).
-        let Some(dtype) = [d_out, loc.h, loc.r].iter().map(|t| t.dtype()).find(|&d| is_half(d)) else {
+        let Some(dtype) = [d_out, loc.h, loc.r].iter().map(|t| t.dtype()).find(|&d| d.is_half()) else {
             return self.adapter_backward_typed::<f32>(loc, d_out, grads, need_input_grads);
         };
         let ln = &loc.layer_norm;
@@ -1284,12 +1284,12 @@ impl Backend for CudaBackend {
     }
 
     fn nice_backward_into(&self, x: &Tensor, params: &NiceParams, dy: &Tensor, out: &GradsOut<NiceGrads>) -> Result<()> {
-        if is_half(x.dtype()) || is_half(dy.dtype()) {
+        if x.dtype().is_half() || dy.dtype().is_half() {
             // 16-bit training: the invertible adapter runs once per step on the embeddings
             // ([B·T, H], small next to the encoder), so its backward widens x and dy exactly and
             // runs in f32; its parameter gradients are f32 either way. G is differentiated at
             // the y1 the forward's G read: the stored 16-bit one (kernels/nice.cu).
-            let stored = if is_half(x.dtype()) { x.dtype() } else { dy.dtype() };
+            let stored = if x.dtype().is_half() { x.dtype() } else { dy.dtype() };
             let (x, dy) = (self.cast(x, DType::F32)?, self.cast(dy, DType::F32)?);
             return self.nice_backward_f32(&x, params, &dy, out, Some(stored));
         }
@@ -1348,8 +1348,8 @@ impl Backend for CudaBackend {
             return Err(Error::Internal(format!("{OP}: the destination overlaps the gradient")));
         }
         match (d.dtype(), out.dtype()) {
-            (a, o) if a == o && is_half(a) => by_half_dtype!(a, H => elementwise::first_token_backward_as::<H>(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate)),
-            (a, o) if is_half(a) || is_half(o) => Err(Error::Input(format!("{OP}: the gradient is {a} and the destination {o}; they must share a dtype"))),
+            (a, o) if a == o && a.is_half() => by_half_dtype!(a, H => elementwise::first_token_backward_as::<H>(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate)),
+            (a, o) if a.is_half() || o.is_half() => Err(Error::Input(format!("{OP}: the gradient is {a} and the destination {o}; they must share a dtype"))),
             _ => elementwise::first_token_backward(&self.gpu, &self.view(OP, d)?, b, t, h, &mut self.view_mut(OP, out)?, accumulate),
         }
     }
@@ -1401,8 +1401,8 @@ impl Backend for CudaBackend {
         }
         // dst = dst + src elementwise: each element is read once, then written.
         match (dst.dtype(), src.dtype()) {
-            (a, b) if a == b && is_half(a) => by_half_dtype!(a, H => elementwise::add::<H>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?)),
-            (a, b) if is_half(a) || is_half(b) => Err(Error::Input(format!("{OP}: {a} += {b}; both must share a dtype"))),
+            (a, b) if a == b && a.is_half() => by_half_dtype!(a, H => elementwise::add::<H>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?)),
+            (a, b) if a.is_half() || b.is_half() => Err(Error::Input(format!("{OP}: {a} += {b}; both must share a dtype"))),
             _ => elementwise::add::<f32>(&self.gpu, &self.view(OP, dst)?, &self.view(OP, src)?, &mut self.view_mut(OP, dst)?),
         }
     }
@@ -1500,16 +1500,7 @@ fn linear_dims(op: &'static str, dy: &Tensor, w: &Tensor) -> Result<LinearDims> 
 /// The activation dtype an op on `x` computes in: bf16 or f16 for a bf16 or f16 `x` (the
 /// `_bf16io` / `_f16io` kernels), else f32 (another dtype is then refused by the f32 view, named).
 fn activation_dtype(x: &Tensor) -> DType {
-    if is_half(x.dtype()) {
-        x.dtype()
-    } else {
-        DType::F32
-    }
-}
-
-/// Whether `d` is a 16-bit activation storage type (bf16 or f16).
-fn is_half(d: DType) -> bool {
-    matches!(d, DType::BF16 | DType::F16)
+    x.dtype().half_or_f32()
 }
 
 /// The error for a frozen-base tensor `t` that is not of `dtype` given with `dtype` (bf16 or
