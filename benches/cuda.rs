@@ -87,6 +87,7 @@ use bert_adapters::cuda::{Gpu, GpuKind};
 use bert_adapters::model::graph::TrainStepGraph;
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::{TrainStepConfig, TrainStepOutput};
+use bert_adapters::profile::ProfiledBackend;
 use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use bert_adapters::io::LayerWeights;
 use bert_adapters::{Activation, AdapterConfig, AdapterSetup, Backend, BertConfig, BertModel, BertWeights, DType, HiddenAct, InputBatch, Tensor};
@@ -864,10 +865,16 @@ impl Step {
     /// The step with activations in `precision` (f32, or bf16 / f16 over a base in that dtype;
     /// f16 loss-scaled as `train` starts it).
     fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
+        Step::on(bench, d, batch, seq, precision, |b| b)
+    }
+
+    /// [`Step::new`] on the backend `wrap` makes of the precision's backend (a profiler).
+    fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>) -> Step {
         let backend: Arc<dyn Backend> = match precision {
             DType::F32 => bench.backend.clone(),
             other => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
         };
+        let backend = wrap(backend);
         let mut model = random_model(d, backend, precision);
         if precision == DType::F16 {
             model.set_loss_scale(bert_adapters::train::LossScalerConfig::default().init_scale).expect("loss scale");
@@ -990,11 +997,97 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     group.finish();
 }
 
+// ---- where the step's time goes ---------------------------------------------------------------------
+
+/// Launched steps timed per op ([`ProfiledBackend`]) after the warm-up ones.
+const PROFILE_STEPS: u64 = 5;
+
+/// `CUDA_BENCH_PROFILE=1`: instead of the criterion benchmarks, each training step shape in
+/// each precision of `CUDA_BENCH_PROFILE_PRECISIONS` (default `bf16 f32`) on a
+/// [`ProfiledBackend`]: two launched steps of tasknn, then [`PROFILE_STEPS`] more timed per op
+/// on the device (two events around each op; the table gives GPU time, host enqueue time,
+/// launches and the products' FLOP rate per op, and the kernels each op launched). Markdown on
+/// stdout (the device check keeps it as step-profile.md).
+///
+/// `CUDA_BENCH_PROFILE=ncu`: the first step shape in bf16, two warm-up steps, then one launched
+/// step inside [`Gpu::profiler_range`], for Nsight Compute with `--profile-from-start off`: every
+/// kernel of exactly one step, each timed alone (scripts/device-check.sh, `NCU=1`).
+fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
+    let precisions = std::env::var("CUDA_BENCH_PROFILE_PRECISIONS").unwrap_or_else(|_| "bf16 f32".into());
+    let mut dtypes = Vec::new();
+    for p in precisions.split_whitespace() {
+        dtypes.push(match p {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => return Err(format!("CUDA_BENCH_PROFILE_PRECISIONS: `{other}` is not f32, bf16 or f16")),
+        });
+    }
+    let gpu = bench.gpu();
+    match mode {
+        "1" => {
+            println!("# Where the training step's time goes ({}, {} shapes)\n", gpu.describe(), bench.shapes.label);
+            for &(d, b, t) in &bench.shapes.steps {
+                for &precision in &dtypes {
+                    let id = format!("train_step/{}_{}", d.name, shape_name(b, t));
+                    guarded(&format!("profile {id} {precision}"), || {
+                        let mut handle = None;
+                        let mut s = Step::on(bench, d, b, t, precision, |inner| {
+                            let p = Arc::new(ProfiledBackend::new(inner));
+                            handle = Some(p.clone());
+                            p
+                        });
+                        let profiled = handle.expect("the step's backend is the profiler");
+                        for _ in 0..2 {
+                            s.launched();
+                        }
+                        profiled.reset();
+                        for _ in 0..PROFILE_STEPS {
+                            s.launched();
+                        }
+                        s.check(&id);
+                        let per_step = profiled.device_span().map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3 / PROFILE_STEPS as f64)).unwrap_or_else(|| "no device span".into());
+                        println!("## {id} in {precision}: tasknn trained, {PROFILE_STEPS} launched steps; GPU span per step {per_step}\n");
+                        println!("Totals over the {PROFILE_STEPS} steps.\n\n{}", profiled.report());
+                        println!("Kernels per op call:\n\n{}", profiled.kernel_report());
+                    });
+                }
+            }
+            Ok(())
+        }
+        "ncu" => {
+            let &(d, b, t) = bench.shapes.steps.first().ok_or("no step shape")?;
+            let precision = dtypes.first().copied().unwrap_or(DType::BF16);
+            let mut s = Step::new(bench, d, b, t, precision);
+            for _ in 0..2 {
+                s.launched();
+            }
+            gpu.profiler_range(true).map_err(|e| e.to_string())?;
+            s.launched();
+            gpu.profiler_range(false).map_err(|e| e.to_string())?;
+            s.check("ncu step");
+            println!("profiled one launched {} {}x{} {precision} step (tasknn) inside cuProfilerStart/Stop", d.name, b, t);
+            Ok(())
+        }
+        other => Err(format!("CUDA_BENCH_PROFILE must be 1 or ncu, not `{other}`")),
+    }
+}
+
 /// One benchmark family: its groups at every shape.
 type Family = fn(&mut Criterion, &Bench);
 
 fn main() {
     let Some(bench) = open() else { return };
+    if let Ok(mode) = std::env::var("CUDA_BENCH_PROFILE") {
+        if let Err(e) = profile(&bench, &mode) {
+            exit_with(&e);
+        }
+        let failed = FAILED.load(Ordering::SeqCst);
+        if failed > 0 {
+            exit_with(&format!("{failed} profile(s) failed (FAILED lines above)"));
+        }
+        return;
+    }
     let sim = bench.gpu().kind() == GpuKind::Sim;
     // Short runs so the whole bench fits a GPU session (the device check's arguments override
     // these); the executor is slow, so shorter still there.

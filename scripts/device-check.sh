@@ -19,6 +19,8 @@
 # benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
 # the ratios) when $OUT is set.
 # Exit status: 0 only if every test executable passed and the benchmarks ran.
+# After the benchmarks, the step profile (GPU time per op of each training step shape; SKIP_PROFILE=1
+# leaves it out) and, with NCU=1, Nsight Compute's time per kernel of one bf16 step: see below.
 # DRY_RUN=1 (for the dev box): run the bundle without REQUIRE_GPU/REQUIRE_NVRTC, so GPU tests
 # skip instead of failing, and the benchmarks only as a smoke test (each bench executable once
 # with --test, which skips without a GPU; the torch script's --help).
@@ -274,6 +276,45 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         cp "$JSONL" "$OUT/bench.jsonl"
     fi
     rm -rf "$BENCH_TMP"
+fi
+
+# ---- where the step's time goes ---------------------------------------------------------------------
+# bench-cuda with CUDA_BENCH_PROFILE=1: each step shape in bf16 and f32 on a ProfiledBackend, GPU
+# time per op from two events around each op, the kernels each op launched ($OUT/step-profile.md;
+# about 30 s on an H100 [est]). SKIP_PROFILE=1 leaves it out; PROFILE_TIMEOUT (default 240).
+# NCU=1 also runs Nsight Compute over one launched BERT-base 32x128 bf16 step (CUDA_BENCH_PROFILE=
+# ncu: cuProfilerStart/Stop around it), each kernel timed alone with warm caches and the clocks
+# left alone, summed per kernel name by tools/ncu_summary.py ($OUT/ncu-step.md, the raw CSV in
+# $OUT/ncu-step.csv; NCU_TIMEOUT, default 300). Neither counts as a failure of the check.
+if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/bench-cuda" ]; then
+    echo | tee -a "$LOG"
+    echo "== step profile ==" | tee -a "$LOG"
+    PROFILE_MD=$(mktemp)
+    start=$(date +%s)
+    env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=1 timeout "${PROFILE_TIMEOUT:-240}" "$BUNDLE/bench-cuda" 2>&1 | tee "$PROFILE_MD" | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    say "step profile: rc $rc ($(( $(date +%s) - start ))s)"
+    # Each shape's headline and its ten most expensive ops.
+    awk '/^## /{print; n=0; next} /^\| [a-z]/{ if (n < 13) print; n++ } /^GPU span/{print}' "$PROFILE_MD" | sed 's/^/    /' >>"$SUMMARY"
+    [ -n "${OUT:-}" ] && { mkdir -p "$OUT"; cp "$PROFILE_MD" "$OUT/step-profile.md"; }
+    rm -f "$PROFILE_MD"
+    flush
+    NCU_BIN=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+    if [ "${NCU:-0}" = 1 ] && [ -n "$NCU_BIN" ]; then
+        NCU_CSV=$(mktemp)
+        start=$(date +%s)
+        env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=ncu CUDA_BENCH_PROFILE_PRECISIONS=bf16 timeout "${NCU_TIMEOUT:-300}" \
+            "$NCU_BIN" --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+            "$BUNDLE/bench-cuda" >"$NCU_CSV" 2>>"$LOG"
+        rc=$?
+        say "ncu over one step: rc $rc ($(( $(date +%s) - start ))s), $NCU_BIN"
+        "${PYTHON:-python3}" tools/ncu_summary.py "$NCU_CSV" >"$NCU_CSV.md" 2>>"$LOG" && head -25 "$NCU_CSV.md" | sed 's/^/    /' >>"$SUMMARY"
+        [ -n "${OUT:-}" ] && { cp "$NCU_CSV" "$OUT/ncu-step.csv"; cp "$NCU_CSV.md" "$OUT/ncu-step.md" 2>/dev/null; }
+        rm -f "$NCU_CSV" "$NCU_CSV.md"
+        flush
+    elif [ "${NCU:-0}" = 1 ]; then
+        say "NCU=1 but no ncu found"
+    fi
 fi
 
 [ -x "$BUNDLE/bert-adapters" ] && { "$BUNDLE/bert-adapters" --version >/dev/null 2>&1 && say "bert-adapters binary starts: yes" || say "bert-adapters binary starts: NO"; }

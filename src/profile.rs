@@ -10,35 +10,84 @@
 //! println!("{}", profiled.report());
 //! ```
 //!
-//! On the CPU every op is synchronous, so the time is the op's. On an asynchronous device it is
-//! the time to enqueue, unless that backend synchronises; profile devices with their own events.
-//! `cargo bench --bench op_profile` prints the table for the MiniLM Parallel step.
+//! On the CPU every op is synchronous, so the host time is the op's. Over a CUDA backend (a GPU,
+//! or cuda-sim) the host time is only the time to enqueue, so each op is also bracketed by two
+//! events on the backend's stream ([`Gpu::record_event`]) and its GPU time is the interval
+//! between them, read when the table is asked for (no synchronisation inside a step), together
+//! with the kernels and dense products it launched ([`Gpu::launch_counts`]). The interval runs
+//! from when the GPU reaches the op's first marker to when it passes the second: where the host
+//! enqueues an op more slowly than the GPU runs it (small ops), the GPU's wait for those launches
+//! is inside the interval, and the host column shows it. Nothing is timed on the device while a
+//! graph is being captured. `cargo bench --bench op_profile` prints the CPU table for the MiniLM
+//! Parallel step; `CUDA_BENCH_PROFILE=1 cargo bench --bench cuda` the GPU tables of the training
+//! step (benches/cuda.rs).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Activation, AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LocationGrads, NiceGrads, NiceParams};
+use crate::cuda::gpu::GpuEvent;
+use crate::cuda::Gpu;
 use crate::device::Device;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 
-/// Calls and total time of one op.
+/// Calls and times of one op.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpTime {
     pub calls: u64,
+    /// Host wall time (on an asynchronous device: the time to enqueue).
     pub total: Duration,
+    /// Calls timed on the device (calls outside a graph capture, over a CUDA backend).
+    pub device_calls: u64,
+    /// GPU time between each call's two events.
+    pub device: Duration,
+    /// Kernels and dense products the device calls launched, and the products' multiply-adds.
+    pub kernel_launches: u64,
+    pub gemm_calls: u64,
+    pub gemm_macs: u64,
 }
+
+/// An op call whose events the GPU may not have passed yet.
+struct PendingCall {
+    op: &'static str,
+    start: GpuEvent,
+    end: GpuEvent,
+}
+
+/// The device side of the timers.
+#[derive(Default)]
+struct DeviceClock {
+    pending: Vec<PendingCall>,
+    /// The first start event since the last reset, and the latest end event read.
+    window_start: Option<GpuEvent>,
+    window_end: Option<GpuEvent>,
+    /// Kernels per op, summed over its device calls.
+    kernels: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Why the device timing stopped, if it did (an event failed): the table says so.
+    failure: Option<String>,
+}
+
+/// Pending calls beyond this are read at once (which waits for the GPU), so a long run keeps a
+/// bounded number of events.
+const MAX_PENDING: usize = 4096;
 
 /// A backend that times every op of the backend it wraps.
 pub struct ProfiledBackend {
     inner: Arc<dyn Backend>,
     times: Mutex<BTreeMap<&'static str, OpTime>>,
+    device: Mutex<DeviceClock>,
+}
+
+/// A poisoned lock only means another thread panicked mid-update: the counts stay usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ProfiledBackend {
     pub fn new(inner: Arc<dyn Backend>) -> Self {
-        ProfiledBackend { inner, times: Mutex::new(BTreeMap::new()) }
+        ProfiledBackend { inner, times: Mutex::new(BTreeMap::new()), device: Mutex::new(DeviceClock::default()) }
     }
 
     /// The backend being timed.
@@ -46,43 +95,195 @@ impl ProfiledBackend {
         &self.inner
     }
 
+    /// The GPU whose stream this op runs on, when its calls can be timed there now.
+    fn clock(&self) -> Option<&Gpu> {
+        let gpu = self.inner.gpu()?;
+        (!gpu.is_capturing() && lock(&self.device).failure.is_none()).then_some(gpu)
+    }
+
     fn time<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
+        let gpu = self.clock();
+        let before = gpu.map(|g| (g.launch_counts(), g.record_event()));
         let start = Instant::now();
         let out = f();
         let spent = start.elapsed();
-        // A poisoned lock only means another thread panicked mid-update: the counts stay usable.
-        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        let device = match (gpu, before) {
+            (Some(g), Some((counts, Ok(start_event)))) => match g.record_event() {
+                Ok(end_event) => Some((g, g.launch_counts().since(&counts), start_event, end_event)),
+                Err(e) => self.fail(format!("recording an event after {op}: {e}")),
+            },
+            (_, Some((_, Err(e)))) => self.fail(format!("recording an event before {op}: {e}")),
+            _ => None,
+        };
+        let mut times = lock(&self.times);
         let e = times.entry(op).or_default();
         e.calls += 1;
         e.total += spent;
+        if let Some((gpu, launched, start, end)) = device {
+            e.kernel_launches += launched.kernels.values().sum::<u64>();
+            e.gemm_calls += launched.gemm_calls;
+            e.gemm_macs += launched.gemm_macs;
+            drop(times);
+            let mut clock = lock(&self.device);
+            let per_op = clock.kernels.entry(op).or_default();
+            for (k, n) in launched.kernels {
+                *per_op.entry(k).or_default() += n;
+            }
+            clock.pending.push(PendingCall { op, start, end });
+            if clock.pending.len() >= MAX_PENDING {
+                self.resolve(gpu, &mut clock);
+            }
+        }
         out
     }
 
-    /// Every op timed so far, most expensive first.
+    /// Stops the device timing for good, saying why (the host timing goes on).
+    fn fail<T>(&self, why: String) -> Option<T> {
+        lock(&self.device).failure.get_or_insert(why);
+        None
+    }
+
+    /// Reads every pending call's GPU time (waiting for the GPU to pass its events).
+    fn resolve(&self, gpu: &Gpu, clock: &mut DeviceClock) {
+        let pending = std::mem::take(&mut clock.pending);
+        let mut times = lock(&self.times);
+        for call in pending {
+            match gpu.elapsed_ms(&call.start, &call.end) {
+                Ok(ms) => {
+                    let e = times.entry(call.op).or_default();
+                    e.device_calls += 1;
+                    e.device += Duration::from_secs_f64(ms.max(0.0) as f64 / 1e3);
+                }
+                Err(e) => {
+                    clock.failure.get_or_insert(format!("reading the events of {}: {e}", call.op));
+                    continue;
+                }
+            }
+            if clock.window_start.is_none() {
+                clock.window_start = Some(call.start);
+            }
+            clock.window_end = Some(call.end);
+        }
+    }
+
+    /// Every pending device time read (waits for the GPU).
+    fn settle(&self) {
+        if let Some(gpu) = self.inner.gpu() {
+            let mut clock = lock(&self.device);
+            self.resolve(gpu, &mut clock);
+        }
+    }
+
+    /// Every op timed so far, most expensive first (by GPU time where there is one, else host
+    /// time). Waits for the GPU to finish what was timed.
     pub fn times(&self) -> Vec<(&'static str, OpTime)> {
-        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        self.settle();
+        let times = lock(&self.times);
         let mut v: Vec<_> = times.iter().map(|(k, t)| (*k, *t)).collect();
-        v.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(b.0)));
+        v.sort_by(|a, b| b.1.device.cmp(&a.1.device).then(b.1.total.cmp(&a.1.total)).then(a.0.cmp(b.0)));
         v
     }
 
-    /// Forget what was timed (e.g. after warm-up steps).
-    pub fn reset(&self) {
-        self.times.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    /// The kernels each op launched (summed over its device-timed calls), by op.
+    pub fn kernels(&self) -> BTreeMap<&'static str, BTreeMap<&'static str, u64>> {
+        lock(&self.device).kernels.clone()
     }
 
-    /// A Markdown table: op, calls, total ms, share of the timed total, µs per call.
+    /// GPU time from the first timed op's start to the last one's end: the device's span of the
+    /// timed window, gaps between ops included. `None` without device timing.
+    pub fn device_span(&self) -> Option<Duration> {
+        self.settle();
+        let gpu = self.inner.gpu()?;
+        let clock = lock(&self.device);
+        let ms = gpu.elapsed_ms(clock.window_start.as_ref()?, clock.window_end.as_ref()?).ok()?;
+        Some(Duration::from_secs_f64(ms.max(0.0) as f64 / 1e3))
+    }
+
+    /// Why device timing stopped, if it did.
+    pub fn device_failure(&self) -> Option<String> {
+        lock(&self.device).failure.clone()
+    }
+
+    /// Forget what was timed (e.g. after warm-up steps). Waits for the GPU's pending events.
+    pub fn reset(&self) {
+        self.settle();
+        lock(&self.times).clear();
+        let mut clock = lock(&self.device);
+        let failure = clock.failure.take();
+        *clock = DeviceClock { failure, ..DeviceClock::default() };
+    }
+
+    /// A Markdown table: op, calls, total ms, share of the timed total, µs per call; over a CUDA
+    /// backend also the GPU time, its share, the launches per call and the dense products'
+    /// FLOP rate over the op's GPU time, and the device span below the table.
     pub fn report(&self) -> String {
         let times = self.times();
-        let total: Duration = times.iter().map(|(_, t)| t.total).sum();
-        let mut s = String::from("| op | calls | total (ms) | share | per call (µs) |\n|---|---:|---:|---:|---:|\n");
-        for (op, t) in &times {
-            let share = if total.is_zero() { 0.0 } else { t.total.as_secs_f64() / total.as_secs_f64() * 100.0 };
-            let per = t.total.as_secs_f64() * 1e6 / t.calls.max(1) as f64;
-            s += &format!("| {op} | {} | {:.1} | {share:.1} % | {per:.0} |\n", t.calls, t.total.as_secs_f64() * 1e3);
+        let host: Duration = times.iter().map(|(_, t)| t.total).sum();
+        let device: Duration = times.iter().map(|(_, t)| t.device).sum();
+        let pct = |part: Duration, all: Duration| if all.is_zero() { 0.0 } else { part.as_secs_f64() / all.as_secs_f64() * 100.0 };
+        let mut s = String::new();
+        if device.is_zero() {
+            s += "| op | calls | total (ms) | share | per call (µs) |\n|---|---:|---:|---:|---:|\n";
+            for (op, t) in &times {
+                let per = t.total.as_secs_f64() * 1e6 / t.calls.max(1) as f64;
+                s += &format!("| {op} | {} | {:.1} | {:.1} % | {per:.0} |\n", t.calls, t.total.as_secs_f64() * 1e3, pct(t.total, host));
+            }
+            s += &format!("| **all ops** | | **{:.1}** | 100 % | |\n", host.as_secs_f64() * 1e3);
+        } else {
+            s += "| op | calls | GPU (ms) | GPU share | GPU per call (µs) | host (ms) | launches per call | GEMM TFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+            for (op, t) in &times {
+                let per = t.device.as_secs_f64() * 1e6 / t.device_calls.max(1) as f64;
+                let launches = (t.kernel_launches + t.gemm_calls) as f64 / t.device_calls.max(1) as f64;
+                let tflops = if t.gemm_macs == 0 || t.device.is_zero() { "".to_string() } else { format!("{:.1}", 2.0 * t.gemm_macs as f64 / t.device.as_secs_f64() / 1e12) };
+                s += &format!(
+                    "| {op} | {} | {:.2} | {:.1} % | {per:.1} | {:.2} | {launches:.1} | {tflops} |\n",
+                    t.calls,
+                    t.device.as_secs_f64() * 1e3,
+                    pct(t.device, device),
+                    t.total.as_secs_f64() * 1e3
+                );
+            }
+            s += &format!("| **all ops** | | **{:.2}** | 100 % | | **{:.2}** | | |\n", device.as_secs_f64() * 1e3, host.as_secs_f64() * 1e3);
+            if let Some(span) = self.device_span() {
+                s += &format!(
+                    "\nGPU span of the timed window: {:.2} ms; the ops' intervals cover {:.1} % of it (the rest is the GPU between ops: host work and launch latency).\n",
+                    span.as_secs_f64() * 1e3,
+                    pct(device, span)
+                );
+            }
         }
-        s += &format!("| **all ops** | | **{:.1}** | 100 % | |\n", total.as_secs_f64() * 1e3);
+        if let Some(why) = self.device_failure() {
+            s += &format!("\nDevice timing stopped: {why}; the GPU columns cover the calls before that.\n");
+        }
         s
+    }
+
+    /// The kernels per op as Markdown lines, `op (calls): kernel ×n per call, …`, for the ops in
+    /// [`ProfiledBackend::times`]'s order.
+    pub fn kernel_report(&self) -> String {
+        let kernels = self.kernels();
+        let mut s = String::new();
+        for (op, t) in self.times() {
+            let Some(ks) = kernels.get(op) else { continue };
+            let calls = t.device_calls.max(1) as f64;
+            let mut parts: Vec<String> = ks.iter().map(|(k, n)| format!("`{k}` ×{}", trim(*n as f64 / calls))).collect();
+            if t.gemm_calls > 0 {
+                parts.push(format!("{} GEMMs ({:.3} GFLOP)", trim(t.gemm_calls as f64 / calls), 2.0 * t.gemm_macs as f64 / calls / 1e9));
+            }
+            if !parts.is_empty() {
+                s += &format!("- {op} ({} calls), per call: {}\n", t.device_calls, parts.join(", "));
+            }
+        }
+        s
+    }
+}
+
+/// `3` for 3.0, `2.5` for 2.5: counts per call that are usually whole.
+fn trim(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
     }
 }
 
@@ -101,6 +302,12 @@ impl Backend for ProfiledBackend {
 
     fn supports_training(&self) -> bool {
         self.inner.supports_training()
+    }
+
+    /// The wrapped backend's: graph capture, NCCL's stream check and the device timers go
+    /// through it.
+    fn gpu(&self) -> Option<&Gpu> {
+        self.inner.gpu()
     }
 
     fn embedding_layernorm(&self, input_ids: &Tensor, token_type_ids: &Tensor, word: &Tensor, position: &Tensor, token_type: &Tensor, positions: crate::backend::Positions, ln: crate::backend::LayerNormParams<'_>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
@@ -249,6 +456,10 @@ impl Backend for ProfiledBackend {
 
     fn dropout(&self, x: &Tensor, spec: &DropoutSpec) -> Result<Tensor> {
         self.time("dropout", || self.inner.dropout(x, spec))
+    }
+
+    fn scale_in_place(&self, t: &Tensor, factor: f32) -> Result<()> {
+        self.time("scale_in_place", || self.inner.scale_in_place(t, factor))
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

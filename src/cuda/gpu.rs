@@ -1126,6 +1126,24 @@ impl Gpu {
             _ => Err(Error::Input("elapsed_ms: the two events come from different kinds of device".into())),
         }
     }
+
+    /// Opens (`true`) or closes the range a profiler attached with "profile from start off"
+    /// records (`cuProfilerStart` / `cuProfilerStop`; Nsight Compute's `--profile-from-start off`),
+    /// after waiting for the work already enqueued so the range holds only what follows. Without
+    /// a profiler attached it does nothing else; on cuda-sim it only returns.
+    pub fn profiler_range(&self, open: bool) -> Result<()> {
+        self.synchronize()?;
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                bind(rt)?;
+                // SAFETY: plain driver calls on the bound context; neither takes pointers.
+                let status = unsafe { if open { cudarc::driver::sys::cuProfilerStart() } else { cudarc::driver::sys::cuProfilerStop() } };
+                status.result().map_err(driver_err(if open { "cuProfilerStart" } else { "cuProfilerStop" }))
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Ok(()),
+        }
+    }
 }
 
 // ---- graph capture ---------------------------------------------------------------------------------
