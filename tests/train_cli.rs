@@ -595,3 +595,71 @@ fn train_replaying_captured_steps_equals_launching_them() {
         }
     }
 }
+
+/// `--lr-schedule`, `--warmup-steps` and `--weight-decay` reach each step's AdamW: runs whose
+/// steps run at the same rates end bit for bit alike, whatever base rate and schedule spelled
+/// those rates (the rates themselves are checked against transformers in tests/schedule.rs); a
+/// step at rate 0 (the first warmup step) changes nothing, weight decay included; the settings
+/// go into the checkpoint, a resume with other ones is refused, and a linear schedule stretched
+/// by a resume says how its rate changes.
+#[test]
+fn lr_schedule_warmup_and_weight_decay_reach_each_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let stdout = ok(&train(&model, &data(), &out, &[&["--alternate", "8", "--eval-every", "100"], extra].concat()));
+        (out, stdout)
+    };
+    let weights = |out: &Path| bytes(&out.join("tasknn/adapter.safetensors"));
+
+    // Steps at rates [0, 0.01]: constant with 2 warmup steps to 0.02, or with 1 to 0.01.
+    let (a, stdout) = run("warm2", &["--steps", "2", "--lr", "0.02", "--warmup-steps", "2"]);
+    assert!(stdout.contains("AdamW: lr 2e-2, constant schedule, 2 warmup steps, weight decay 0.01"), "{stdout}");
+    let (b, _) = run("warm1", &["--steps", "2", "--lr", "0.01", "--warmup-steps", "1"]);
+    assert!(weights(&a) == weights(&b), "the same rates per step gave different adapters");
+    // Without the warmup the rates are [0.01, 0.01]: a different run.
+    let (c, _) = run("nowarm", &["--steps", "2", "--lr", "0.01"]);
+    assert!(weights(&c) != weights(&b));
+
+    // [0, 1/3, 2/3]·lr both ways: linear with a warmup as long as the run never decays.
+    let (d, _) = run("linear3", &["--steps", "3", "--lr-schedule", "linear", "--warmup-steps", "3"]);
+    let (e, _) = run("constant3", &["--steps", "3", "--warmup-steps", "3"]);
+    assert!(weights(&d) == weights(&e));
+
+    // One step at rate 0: no update, and no weight decay (decoupled decay scales with the rate).
+    let (f, _) = run("zero_wd0", &["--steps", "1", "--warmup-steps", "1", "--weight-decay", "0"]);
+    let (g, _) = run("zero_wd", &["--steps", "1", "--warmup-steps", "1", "--weight-decay", "0.5"]);
+    assert!(weights(&f) == weights(&g));
+    let (h, _) = run("step_wd0", &["--steps", "1", "--weight-decay", "0"]);
+    let (i, _) = run("step_wd", &["--steps", "1", "--weight-decay", "0.5"]);
+    assert!(weights(&h) != weights(&i), "--weight-decay did not reach the optimizer");
+    assert!(weights(&h) != weights(&f));
+
+    // The checkpoint keeps the settings; a resume must repeat them.
+    let state: serde_json::Value = serde_json::from_slice(&bytes(&g.join("checkpoint/state.json"))).unwrap();
+    assert_eq!(state["settings"]["weight_decay"], 0.5);
+    assert_eq!(state["settings"]["warmup_steps"], 1);
+    assert_eq!(state["settings"]["lr_schedule"], "constant");
+    assert_eq!(state["schedule_steps"], 1);
+    let err = fails(&train(&model, &data(), &g, &["--steps", "2", "--resume", "--warmup-steps", "1"]));
+    assert!(err.contains("field `weight_decay`: the checkpoint was trained with 0.5, this run has 0.01"), "{err}");
+    let err = fails(&train(&model, &data(), &d, &["--steps", "4", "--resume", "--warmup-steps", "3"]));
+    assert!(err.contains("field `lr_schedule`: the checkpoint was trained with linear, this run has constant"), "{err}");
+
+    // A linear run of 4 steps resumed to 8: the decay now ends at 8, and the warning says so.
+    let (j, _) = run("linear4", &["--steps", "4", "--lr-schedule", "linear"]);
+    let out = train(&model, &data(), &j, &["--alternate", "8", "--eval-every", "100", "--steps", "8", "--resume", "--lr-schedule", "linear"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--lr-schedule linear now decays to 0 at step 8, not at step 4 as when this run was saved: step 5 runs at lr 1e-2 (it would have run at 0e0)"), "{stderr}");
+
+    // Out-of-range values are one line naming the flag.
+    let bad = tmp.path().join("bad");
+    let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--warmup-steps", "-1"]));
+    assert!(err.contains("--warmup-steps must be at least 0 (got -1)"), "{err}");
+    let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--weight-decay", "-0.1"]));
+    assert!(err.contains("--weight-decay must be >= 0 (got -0.1)"), "{err}");
+    let out = train(&model, &data(), &bad, &["--steps", "1", "--lr-schedule", "cosine"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("[possible values: constant, linear]"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -34,6 +34,14 @@ pub struct Settings {
     pub batch_size: usize,
     pub max_len: usize,
     pub lr: f64,
+    /// `--lr-schedule`, `--warmup-steps`, `--weight-decay` (checkpoints from before these flags
+    /// trained at their defaults).
+    #[serde(default = "default_schedule")]
+    pub lr_schedule: String,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
     pub alternate: u64,
     pub seed: u64,
     /// The data file (its canonical path, for messages only) and a fingerprint of its bytes: the
@@ -45,6 +53,14 @@ pub struct Settings {
     pub model: String,
     pub model_config_fingerprint: String,
     pub model_weights_fingerprint: String,
+}
+
+fn default_schedule() -> String {
+    "constant".into()
+}
+
+fn default_weight_decay() -> f64 {
+    AdamWConfig::default().weight_decay
 }
 
 impl Settings {
@@ -61,6 +77,9 @@ impl Settings {
             plain("batch_size", self.batch_size.to_string(), run.batch_size.to_string()),
             plain("max_len", self.max_len.to_string(), run.max_len.to_string()),
             plain("lr", self.lr.to_string(), run.lr.to_string()),
+            plain("lr_schedule", self.lr_schedule.clone(), run.lr_schedule.clone()),
+            plain("warmup_steps", self.warmup_steps.to_string(), run.warmup_steps.to_string()),
+            plain("weight_decay", self.weight_decay.to_string(), run.weight_decay.to_string()),
             plain("alternate", self.alternate.to_string(), run.alternate.to_string()),
             plain("seed", self.seed.to_string(), run.seed.to_string()),
             located("data_fingerprint", &self.data_fingerprint, &self.data, &run.data_fingerprint, &run.data),
@@ -102,6 +121,10 @@ struct StateFile {
     /// An f16 run's loss scaler (absent in f32/bf16 runs and in checkpoints from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     loss_scaler: Option<LossScalerState>,
+    /// The run length the learning-rate schedule was following (absent in checkpoints from before
+    /// schedules, which were constant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schedule_steps: Option<u64>,
 }
 
 /// What a resume gets back (the adapters and heads go straight into the model).
@@ -115,6 +138,8 @@ pub struct Restored {
     pub elapsed_s: f64,
     /// An f16 run's loss scaler, as saved (its state checked against the default policy).
     pub loss_scaler: Option<LossScaler>,
+    /// The run length the learning-rate schedule followed when this was saved.
+    pub schedule_steps: Option<u64>,
 }
 
 /// What a save needs besides the model.
@@ -127,6 +152,7 @@ pub struct Snapshot<'a> {
     pub evals: &'a [EvalRecord],
     pub elapsed_s: f64,
     pub loss_scaler: Option<LossScalerState>,
+    pub schedule_steps: u64,
 }
 
 /// What `save_adapter` writes into an adapter folder, and `train` beside it.
@@ -172,6 +198,7 @@ pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
             evals: snap.evals.to_vec(),
             elapsed_s: snap.elapsed_s,
             loss_scaler: snap.loss_scaler,
+            schedule_steps: Some(snap.schedule_steps),
         };
         let path = dir.join(STATE);
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
@@ -255,5 +282,6 @@ pub fn read(dir: &Path) -> Result<Restored> {
         evals: state.evals,
         elapsed_s: state.elapsed_s,
         loss_scaler,
+        schedule_steps: state.schedule_steps,
     })
 }

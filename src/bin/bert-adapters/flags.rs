@@ -34,6 +34,17 @@ pub fn positive(flag: &str, value: f64) -> Result<f64> {
     Ok(value)
 }
 
+/// `value` of `flag`, which must be a finite number, zero or more.
+pub fn non_negative(flag: &str, value: f64) -> Result<f64> {
+    if value.is_nan() || value.is_infinite() {
+        return Err(Error::Input(format!("{flag} must be a finite number (got {value})")));
+    }
+    if value < 0.0 {
+        return Err(Error::Input(format!("{flag} must be >= 0 (got {value})")));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +63,8 @@ mod tests {
         assert_eq!(positive("--lr", 0.0).unwrap_err().to_string(), "invalid input: --lr must be > 0 (got 0)");
         assert_eq!(positive("--lr", f64::NEG_INFINITY).unwrap_err().to_string(), "invalid input: --lr must be a finite number (got -inf)");
         assert_eq!(positive("--lr", f64::NAN).unwrap_err().to_string(), "invalid input: --lr must be a finite number (got NaN)");
+        assert_eq!(non_negative("--weight-decay", 0.0).unwrap(), 0.0);
+        assert_eq!(non_negative("--weight-decay", -0.5).unwrap_err().to_string(), "invalid input: --weight-decay must be >= 0 (got -0.5)");
+        assert_eq!(non_negative("--weight-decay", f64::INFINITY).unwrap_err().to_string(), "invalid input: --weight-decay must be a finite number (got inf)");
     }
 }

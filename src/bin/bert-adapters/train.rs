@@ -27,7 +27,7 @@ use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Data
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
-use bert_adapters::train::{AdamW, AdamWConfig, LossScaler, LossScalerConfig};
+use bert_adapters::train::{AdamW, AdamWConfig, LossScaler, LossScalerConfig, LrSchedule, ScheduleKind};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, DType, Error, Result};
 
 use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
@@ -82,9 +82,21 @@ pub struct TrainFlags {
     /// padded to a multiple of 16 tokens covering its longest text, at most T.
     #[arg(long, value_name = "T", default_value = "64", allow_negative_numbers = true, value_parser = flags::whole)]
     max_len: i128,
-    /// AdamW learning rate (constant), for both adapters.
+    /// AdamW learning rate, for both adapters (the peak rate under --lr-schedule).
     #[arg(long, value_name = "X", default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
+    /// The learning rate over the run, after --warmup-steps of linear warmup from 0: constant, or
+    /// linear (decaying to 0 at --steps); transformers' get_constant_schedule_with_warmup and
+    /// get_linear_schedule_with_warmup. Steps of both adapters count, so each adapter follows
+    /// the one curve.
+    #[arg(long, value_name = "KIND", default_value = "constant", value_parser = ["constant", "linear"])]
+    lr_schedule: String,
+    /// Steps of linear warmup from 0 to --lr (the first step runs at 0, as under transformers).
+    #[arg(long, value_name = "N", default_value = "0", allow_negative_numbers = true, value_parser = flags::whole)]
+    warmup_steps: i128,
+    /// AdamW's decoupled weight decay (torch's default), for both adapters and their heads.
+    #[arg(long, value_name = "X", default_value_t = 0.01, allow_hyphen_values = true)]
+    weight_decay: f64,
     /// Train tasknn for K steps, then scorenn for K, and so on.
     #[arg(long, value_name = "K", default_value = "10", allow_negative_numbers = true, value_parser = flags::whole)]
     alternate: i128,
@@ -142,6 +154,9 @@ pub struct TrainArgs {
     batch_size: usize,
     max_len: usize,
     lr: f64,
+    lr_schedule: ScheduleKind,
+    warmup_steps: u64,
+    weight_decay: f64,
     alternate: u64,
     eval_every: u64,
     eval_size: usize,
@@ -184,6 +199,9 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         batch_size,
         max_len,
         lr: flags::positive("--lr", f.lr)?,
+        lr_schedule: f.lr_schedule.parse()?,
+        warmup_steps: flags::at_least("--warmup-steps", f.warmup_steps, 0)?,
+        weight_decay: flags::non_negative("--weight-decay", f.weight_decay)?,
         alternate: flags::at_least("--alternate", f.alternate, 1)?,
         eval_every: flags::at_least("--eval-every", f.eval_every, 1)?,
         eval_size: flags::at_least("--eval-size", f.eval_size, 1)?,
@@ -362,6 +380,8 @@ struct Run<'a> {
     graphs: StepGraphs,
     /// f16 training's loss scaler (None in f32 and bf16, which need none).
     scaler: Option<LossScaler>,
+    /// The learning rate of each step (over `total` steps).
+    schedule: LrSchedule,
 }
 
 impl Run<'_> {
@@ -448,6 +468,7 @@ impl Run<'_> {
             evals: &self.evals,
             elapsed_s: self.elapsed(),
             loss_scaler: self.scaler.as_ref().map(LossScaler::state),
+            schedule_steps: self.schedule.steps,
         };
         checkpoint::save(&self.args.out, &self.model, &snap)
     }
@@ -659,6 +680,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         batch_size: args.batch_size,
         max_len: args.max_len,
         lr: args.lr,
+        lr_schedule: args.lr_schedule.to_string(),
+        warmup_steps: args.warmup_steps,
+        weight_decay: args.weight_decay,
         alternate: args.alternate,
         seed: args.seed,
         data: canonical(&args.data),
@@ -695,16 +719,17 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     let data = Dataset::from_bytes(&args.data, &data_bytes, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
     drop(data_bytes);
     let split = data.split(args.seed, VALIDATION, TEST)?;
-    let mut saved_scaler = None;
+    let (mut saved_scaler, mut saved_schedule_steps) = (None, None);
     let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
-        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, loss_scaler, .. })) => {
+        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, loss_scaler, schedule_steps, .. })) => {
             say!("resuming from {} at step {step}", dir.display());
             saved_scaler = loss_scaler;
+            saved_schedule_steps = schedule_steps;
             (step, optimizers, steps, evals, elapsed_s)
         }
         None => {
             add_networks(&mut model, &config, &data.labels, args.seed)?;
-            let opt = AdamW::new(AdamWConfig { lr: args.lr, ..AdamWConfig::default() })?;
+            let opt = AdamW::new(AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..AdamWConfig::default() })?;
             let optimizers = [SCORENN, TASKNN].iter().map(|n| (n.to_string(), opt.clone())).collect();
             (0, optimizers, Vec::new(), Vec::new(), 0.0)
         }
@@ -730,6 +755,16 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
 
     // A resume asking for fewer steps than its checkpoint holds finishes where the run stands.
     let total = start.max(args.steps);
+    let schedule = LrSchedule { kind: args.lr_schedule, warmup_steps: args.warmup_steps, steps: total };
+    if let Some(before) = saved_schedule_steps.filter(|&b| args.lr_schedule == ScheduleKind::Linear && b != total && start < total) {
+        let was = LrSchedule { steps: before, ..schedule };
+        warn!(
+            "warning: --lr-schedule linear now decays to 0 at step {total}, not at step {before} as when this run was saved: step {} runs at lr {:e} (it would have run at {:e})",
+            start + 1,
+            schedule.lr_at(args.lr, start),
+            was.lr_at(args.lr, start)
+        );
+    }
     let n_val = args.eval_size.min(split.validation.len());
     say!(
         "training Parallel(scorenn, tasknn) ({}) on {}: {} train / {} validation ({n_val} per evaluation) / {} test examples; labels {}; {} steps of {}, alternating every {}",
@@ -743,6 +778,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    if schedule != LrSchedule::constant() || args.weight_decay != AdamWConfig::default().weight_decay {
+        say!("AdamW: lr {:e}, {} schedule, {} warmup steps, weight decay {}", args.lr, args.lr_schedule, args.warmup_steps, args.weight_decay);
+    }
     let rows = ranks.shard(args.batch_size);
     if ranks.is_parallel() {
         say!(
@@ -799,6 +837,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         stop: stop.clone(),
         graphs: StepGraphs::new(args.graphs),
         scaler,
+        schedule,
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
@@ -827,6 +866,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         run.model.train_adapter(&[adapter])?;
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
+        optimizer.set_lr(run.schedule.lr_at(args.lr, s))?;
         let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
