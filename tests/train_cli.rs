@@ -580,20 +580,26 @@ fn train_replaying_captured_steps_equals_launching_them() {
         ok(&result);
         (out, String::from_utf8_lossy(&result.stdout).into_owned())
     };
-    let (graphs, said) = run("graphs", &[]);
-    let (launched, said_launched) = run("launched", &["--no-graphs"]);
-    // tasknn steps 1-2, 5-6, scorenn 3-4, 7-8, one shape. Each adapter launches its first step
-    // and captures at its second. tasknn's graph (step 2) predates scorenn's arena (built at step
-    // 3), so its replay at step 5 is refused and launched, and step 6 captures again: 5 replays.
-    assert!(said.contains("5 of its 8 steps replayed from captured graphs"), "{said}");
-    assert!(!said_launched.contains("replayed"), "{said_launched}");
-    assert_eq!(metrics_without_timing(&graphs), metrics_without_timing(&launched));
-    for adapter in ["scorenn", "tasknn"] {
-        for file in ["adapter.safetensors", "model_head.safetensors"] {
-            let (a, b) = (graphs.join(adapter).join(file), launched.join(adapter).join(file));
-            assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{adapter}/{file} differs");
+    // Also under a warmup and a linear decay: every replay runs at its own step's rate.
+    for (tag, schedule) in [("", &[][..]), ("_linear", &["--lr-schedule", "linear", "--warmup-steps", "3"][..])] {
+        let (graphs, said) = run(&format!("graphs{tag}"), schedule);
+        let (launched, said_launched) = run(&format!("launched{tag}"), &[schedule, &["--no-graphs"]].concat());
+        // tasknn steps 1-2, 5-6, scorenn 3-4, 7-8, one shape. Each adapter launches its first step
+        // and captures at its second. tasknn's graph (step 2) predates scorenn's arena (built at step
+        // 3), so its replay at step 5 is refused and launched, and step 6 captures again: 5 replays.
+        assert!(said.contains("5 of its 8 steps replayed from captured graphs"), "{said}");
+        assert!(!said_launched.contains("replayed"), "{said_launched}");
+        assert_eq!(metrics_without_timing(&graphs), metrics_without_timing(&launched));
+        for adapter in ["scorenn", "tasknn"] {
+            for file in ["adapter.safetensors", "model_head.safetensors"] {
+                let (a, b) = (graphs.join(adapter).join(file), launched.join(adapter).join(file));
+                assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{tag}: {adapter}/{file} differs");
+            }
         }
     }
+    // The schedule changed the run (it is not ignored by either path).
+    let weights = |name: &str| std::fs::read(tmp.path().join(name).join("tasknn/adapter.safetensors")).unwrap();
+    assert_ne!(weights("graphs"), weights("graphs_linear"));
 }
 
 /// `--lr-schedule`, `--warmup-steps` and `--weight-decay` reach each step's AdamW: runs whose
