@@ -563,9 +563,13 @@ extern "C" __global__ void first_token_backward_f16io(
 // Numerics: x·scale in f32 (one multiply) or 0; the _bf16io and _f16io variants widen x exactly,
 // compute the same f32 product and round it once on store (to nearest even). The mask is the f32
 // kernel's.
-template <typename T>
-__device__ __forceinline__ void dropout_body(T* y, const T* x, long long begin, long long n, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
-                                             unsigned seed_hi, unsigned long long stream, unsigned long long offset, unsigned threshold, float scale) {
+// The body is also the 16-bit Linear's dropout epilogue (linear_epilogue_dropout_*, below): x is
+// then the f32 product (TX = float) and `bias` ([cols], the base's 16-bit dtype) is added to each
+// element in f32 before the mask; without a bias (the dropout kernels) cols is unused.
+template <typename TY, typename TX, typename TB>
+__device__ __forceinline__ void dropout_bias_body(TY* y, const TX* x, const TB* __restrict__ bias, long long cols, long long begin, long long n,
+                                                  const unsigned* __restrict__ seed_buf, unsigned seed_lo, unsigned seed_hi, unsigned long long stream,
+                                                  unsigned long long offset, unsigned threshold, float scale) {
     const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
     const unsigned long long first = offset >> 2;
     const long long lead = (long long)(offset & 3ull);
@@ -578,10 +582,20 @@ __device__ __forceinline__ void dropout_body(T* y, const T* x, long long begin, 
             const long long i = 4 * q + k - lead;
             if (i >= 0 && i < n) {
                 const long long e = begin + i;
-                store_f32(y + e, w.w[k] >= threshold ? load_f32(x + e) * scale : 0.0f);
+                float v = load_f32(x + e);
+                if (bias != nullptr) {
+                    v += load_f32(bias + e % cols);
+                }
+                store_f32(y + e, w.w[k] >= threshold ? v * scale : 0.0f);
             }
         }
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void dropout_body(T* y, const T* x, long long begin, long long n, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
+                                             unsigned seed_hi, unsigned long long stream, unsigned long long offset, unsigned threshold, float scale) {
+    dropout_bias_body<T, T, T>(y, x, nullptr, 1, begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
 }
 
 extern "C" __global__ void dropout_f32(
@@ -632,4 +646,112 @@ extern "C" __global__ void dropout_f16io(
     float scale)
 {
     dropout_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<const f16_raw*>(x), begin, n, seed_buf, seed_lo, seed_hi, stream, offset, threshold, scale);
+}
+
+// ---- 16-bit Linear epilogues over an f32 product -------------------------------------------------
+// A Linear on bf16 (f16) activations runs its product with an f32 D and no cuBLASLt epilogue
+// (cuBLASLt's 16-bit-output epilogues add the bias after rounding: docs/gpu-log.md 2026-11-27), then
+// one of these rounds it once, fused with what follows the Linear in the model, so no f32 staging
+// pass of its own and no separate activation or dropout pass runs (CudaBackend's 16-bit linear,
+// linear_act, linear_act_only, linear_dropout, linear_backward_input_into). H is bf16_raw or f16_raw.
+//   linear_epilogue_{bf16io,f16io}(y, pre, acc, bias, rows, cols, act): v = acc + bias (one f32 add;
+//       bias [cols] in H, optional); pre = H(v) (stored when pre != null) and y = H(act(widen(H(v)))):
+//       the activation at the rounded product, as a bf16 model's Linear output feeds its activation
+//       and as the backward differentiates it, bit for bit the unfused product rounded and then
+//       bias_act_forward over it. act 0 is the identity (a plain Linear: y = H(v)).
+//   linear_epilogue_dropout_{bf16io,f16io}: dropout_bias_body above with x the f32 product:
+//       y = keep ? H(v·scale) : 0 with v = acc + bias, the mask dropout_f32 draws (same stream,
+//       offset and block), one rounding (the unfused path rounds v, then v·scale again).
+//   accumulate_f32_{bf16io,f16io}(y, x, n): y = H(widen(y) + x), a 16-bit destination plus an f32
+//       product (a Linear's input gradient accumulated, beta = 1 without cuBLASLt's beta·C).
+// Thread mapping: linear_epilogue is bias_act's (one warp per row, lanes over the columns);
+// the dropout epilogue dropout's (one thread per Philox block of 4); accumulate a flat grid-stride
+// loop, 64-bit indices. No barriers or shuffles.
+// Numerics: f32 arithmetic on exactly widened loads, each stored value rounded once to nearest even.
+template <typename H>
+__device__ __forceinline__ void linear_epilogue_body(H* __restrict__ y, H* __restrict__ pre, const float* __restrict__ acc, const H* __restrict__ bias, int rows,
+                                                     int cols, int act) {
+    const int lane = threadIdx.x;
+    for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
+        const size_t off = (size_t)row * (size_t)cols;
+        for (int c = lane; c < cols; c += blockDim.x) {
+            float v = acc[off + c];
+            if (bias != nullptr) {
+                v += load_f32(bias + c);
+            }
+            H rounded;
+            store_f32(&rounded, v);
+            if (pre != nullptr) {
+                pre[off + c] = rounded;
+            }
+            store_f32(y + off + c, act == 0 ? v : apply_activation(act, load_f32(&rounded)));
+        }
+    }
+}
+
+extern "C" __global__ void linear_epilogue_bf16io(unsigned short* __restrict__ y, unsigned short* __restrict__ pre, const float* __restrict__ acc,
+                                                  const unsigned short* __restrict__ bias, int rows, int cols, int act) {
+    linear_epilogue_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), reinterpret_cast<bf16_raw*>(pre), acc, reinterpret_cast<const bf16_raw*>(bias), rows, cols, act);
+}
+
+// f16 twin of linear_epilogue_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void linear_epilogue_f16io(unsigned short* __restrict__ y, unsigned short* __restrict__ pre, const float* __restrict__ acc,
+                                                 const unsigned short* __restrict__ bias, int rows, int cols, int act) {
+    linear_epilogue_body<f16_raw>(reinterpret_cast<f16_raw*>(y), reinterpret_cast<f16_raw*>(pre), acc, reinterpret_cast<const f16_raw*>(bias), rows, cols, act);
+}
+
+extern "C" __global__ void linear_epilogue_dropout_bf16io(
+    unsigned short* __restrict__ y,
+    const float* __restrict__ acc,
+    const unsigned short* __restrict__ bias,
+    long long cols,
+    long long begin,
+    long long n,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream,
+    unsigned long long offset,
+    unsigned threshold,
+    float scale)
+{
+    dropout_bias_body<bf16_raw, float, bf16_raw>(reinterpret_cast<bf16_raw*>(y), acc, reinterpret_cast<const bf16_raw*>(bias), cols, begin, n, seed_buf, seed_lo,
+                                                 seed_hi, stream, offset, threshold, scale);
+}
+
+// f16 twin of linear_epilogue_dropout_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void linear_epilogue_dropout_f16io(
+    unsigned short* __restrict__ y,
+    const float* __restrict__ acc,
+    const unsigned short* __restrict__ bias,
+    long long cols,
+    long long begin,
+    long long n,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream,
+    unsigned long long offset,
+    unsigned threshold,
+    float scale)
+{
+    dropout_bias_body<f16_raw, float, f16_raw>(reinterpret_cast<f16_raw*>(y), acc, reinterpret_cast<const f16_raw*>(bias), cols, begin, n, seed_buf, seed_lo,
+                                               seed_hi, stream, offset, threshold, scale);
+}
+
+template <typename H>
+__device__ __forceinline__ void accumulate_f32_body(H* __restrict__ y, const float* __restrict__ x, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        store_f32(y + i, load_f32(y + i) + x[i]);
+    }
+}
+
+extern "C" __global__ void accumulate_f32_bf16io(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
+    accumulate_f32_body<bf16_raw>(reinterpret_cast<bf16_raw*>(y), x, n);
+}
+
+// f16 twin of accumulate_f32_bf16io: the same body with f16_raw storage.
+extern "C" __global__ void accumulate_f32_f16io(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
+    accumulate_f32_body<f16_raw>(reinterpret_cast<f16_raw*>(y), x, n);
 }

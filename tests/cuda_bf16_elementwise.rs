@@ -339,6 +339,159 @@ fn bias_act_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
 }
 test_both!(bias_act, bias_act_bf16io_follows_the_rule);
 
+// ---- the 16-bit Linear's epilogues over an f32 product ----------------------------------------------
+
+/// `linear_epilogue`, `linear_epilogue_dropout` and `accumulate_f32` (the 16-bit Linear's one pass
+/// after its f32 product) against the f32 kernels on the same device: the pre-activation is the
+/// f32 sum `acc + b` rounded once (bit for bit everywhere), the activation is the f32 kernel's at
+/// that rounded pre (kept or not), rounded once; the dropout output is the f32
+/// dropout kernel's over the f32 sum, same masks (blocks, streams, an odd shard offset), rounded
+/// once, bit for bit everywhere (one add and one multiply in f32); p = 0 is the plain epilogue;
+/// the accumulation is `widen(y) + x` rounded once. Outputs start as NaN, so every element is
+/// checked written.
+fn linear_epilogues_round_the_f32_kernels_once<H: Io>(gpu: &Gpu) {
+    use bert_adapters::cuda::elementwise::{accumulate_f32, dropout, linear_epilogue, linear_epilogue_dropout, DeviceDropout};
+    let h = H::NAME;
+    let mut rng = StdRng::seed_from_u64(0x0011_eae9);
+    let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
+    for (case, act) in acts.into_iter().enumerate() {
+        for rows in ROWS {
+            for cols in COLS {
+                let label = format!("{} {h} linear_epilogue {act:?} rows={rows} cols={cols}", gpu.describe());
+                let n = rows * cols;
+                // An f32 product (not representable in H), a bias in H.
+                let acc = uniform(&mut rng, n, -8.0, 8.0);
+                let bias = uniform16::<H>(&mut rng, cols, -1.0, 1.0);
+                let sum: Vec<f32> = acc.iter().enumerate().map(|(i, a)| a + bias[i % cols]).collect();
+                let (dacc, db) = (up(gpu, &acc), up(gpu, &rule::to_half::<H>(&bias)));
+                let run = |keep: bool| {
+                    let mut y = nan16::<H>(gpu, n);
+                    let mut pre = keep.then(|| nan16::<H>(gpu, n));
+                    {
+                        let mut pv = pre.as_mut().map(|p| p.view_mut());
+                        linear_epilogue::<H>(gpu, &dacc.view(), Some(&db.view()), act, cols, &mut y.view_mut(), pv.as_mut()).unwrap_or_else(|e| panic!("{label}: {e}"));
+                    }
+                    (down(gpu, &y), pre.map(|p| down(gpu, &p)))
+                };
+                let (y, pre) = run(true);
+                let pre = pre.expect("pre kept");
+                assert_exactly_rounded::<H>(&format!("{label}: pre"), &pre, &sum);
+                let (at_pre, _) = run_bias_act(gpu, &rule::widen_from(&pre), None, act, cols, false, id);
+                rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: y at the kept pre"), &y, &at_pre);
+                // Without pre the same y: the activation is at the rounded product either way.
+                let (y_alone, _) = run(false);
+                assert_eq!(y_alone, y, "{label}: y without pre");
+
+                if case == 0 {
+                    // Dropout over two blocks with an odd shard offset, and p = 0.
+                    let blocks = if rows % 2 == 1 { 1 } else { 2 };
+                    let seed = up(gpu, &[0x5eed_u32, 7]);
+                    let d = |p: f32| DeviceDropout { seed_buffer: Some(seed.view()), seed: 0, p, streams: (0..blocks as u64).map(|j| 40 + j).collect(), offset: 3 };
+                    for p in [0.3f32, 0.0] {
+                        let mut y = nan16::<H>(gpu, n);
+                        linear_epilogue_dropout::<H>(gpu, &dacc.view(), Some(&db.view()), cols, &mut y.view_mut(), &d(p)).unwrap_or_else(|e| panic!("{label} dropout {p}: {e}"));
+                        let mut want = nan32(gpu, n);
+                        dropout::<f32>(gpu, &up(gpu, &sum).view(), &mut want.view_mut(), &d(p)).unwrap();
+                        let want = down(gpu, &want);
+                        assert_exactly_rounded::<H>(&format!("{label}: dropout p={p}"), &down(gpu, &y), &want);
+                        if p > 0.0 {
+                            let dropped = want.iter().filter(|v| **v == 0.0).count();
+                            assert!(dropped > 0 && dropped < n, "{label}: {dropped} of {n} dropped");
+                        }
+                    }
+                    // y += x: one rounding of the f32 sum.
+                    let y0 = uniform16::<H>(&mut rng, n, -4.0, 4.0);
+                    let mut dy = up(gpu, &rule::to_half::<H>(&y0));
+                    accumulate_f32::<H>(gpu, &mut dy.view_mut(), &dacc.view()).unwrap();
+                    let want: Vec<f32> = y0.iter().zip(&acc).map(|(a, b)| a + b).collect();
+                    assert_exactly_rounded::<H>(&format!("{label}: accumulate"), &down(gpu, &dy), &want);
+                }
+            }
+        }
+    }
+    // Refusals, with nothing written: a length is off.
+    let acc = up(gpu, &[1.0f32; 8]);
+    let mut short = nan16::<H>(gpu, 7);
+    let e = linear_epilogue::<H>(gpu, &acc.view(), None, None, 4, &mut short.view_mut(), None).unwrap_err();
+    assert!(e.to_string().contains("y has 7 elements, expected 8"), "{e}");
+    let mut y = nan16::<H>(gpu, 8);
+    let e = accumulate_f32::<H>(gpu, &mut y.view_mut(), &up(gpu, &[0.0f32; 9]).view()).unwrap_err();
+    assert!(e.to_string().contains("x has 9 elements, expected 8"), "{e}");
+    assert!(down(gpu, &y).iter().all(|v| v.to_f32().is_nan()), "a refused call wrote");
+}
+test_both!(linear_epilogues, linear_epilogues_round_the_f32_kernels_once);
+
+/// The backend's 16-bit Linears with a bias are one f32 product and one epilogue pass each
+/// (`linear_dropout`, `linear_act`, `linear_act_only`, `linear`), and an accumulated input
+/// gradient one product and one `accumulate_f32` pass (launch counts), with the values of the
+/// unfused composition: the product rounded once, then the activation over it (bit for bit) or
+/// the mask over the f32 sum (the dropout kernel's masks; one rounding), and `dx + dy·W` rounded
+/// once.
+fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
+    use bert_adapters::backend::DropoutSpec;
+    use bert_adapters::cuda::backend::CudaBackend;
+    use bert_adapters::cuda::gemm::{Gemm, OutputType, Transpose};
+    use bert_adapters::DType;
+    let dtype = <H as ActivationScalar>::DTYPE;
+    let be = CudaBackend::on(gpu.reopen().unwrap()).with_activations(dtype).unwrap();
+    let gpu = be.gpu();
+    let label = format!("{} {}", gpu.describe(), H::NAME);
+    let mut rng = StdRng::seed_from_u64(0x0011_eab4);
+    let (rows, d_in, d_out) = (6, 40, 48);
+    let half = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
+    let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.5, 0.5), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
+    let (tx, tw, tb) = (half(&x, &[rows, d_in]), half(&w, &[d_out, d_in]), half(&b, &[d_out]));
+    // The f32 product x·Wᵀ on this device, and the sum with the bias.
+    let mut acc = nan32(gpu, rows * d_out);
+    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
+    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
+    let sum: Vec<f32> = down(gpu, &acc).iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
+    let launches = |f: &mut dyn FnMut()| {
+        let before = gpu.launch_counts();
+        f();
+        let n = gpu.launch_counts().since(&before);
+        (n.kernels.into_iter().collect::<Vec<_>>(), n.gemm_calls)
+    };
+    let h = if dtype == DType::BF16 { "bf16io" } else { "f16io" };
+    let host = |t: &bert_adapters::Tensor| be.to_host(t).unwrap();
+
+    let mut y = None;
+    let n = launches(&mut || y = Some(be.linear(&tx, &tw, Some(&tb)).unwrap()));
+    assert_eq!(n, (vec![(format!("linear_epilogue_{h}").leak() as &str, 1)], 1), "{label}: linear");
+    assert_eq!(bits(&host(&y.unwrap())), bits(&rule::round_all_in::<H>(&sum)), "{label}: linear");
+
+    let mut out = None;
+    let n = launches(&mut || out = Some(be.linear_act(&tx, &tw, Some(&tb), Activation::Gelu).unwrap()));
+    assert_eq!(n, (vec![(format!("linear_epilogue_{h}").leak() as &str, 1)], 1), "{label}: linear_act");
+    let (y, pre) = out.unwrap();
+    assert_eq!(bits(&host(&pre)), bits(&rule::round_all_in::<H>(&sum)), "{label}: linear_act pre");
+    let (at_pre, _) = run_bias_act(gpu, &host(&pre), None, Some(Activation::Gelu), d_out, false, id);
+    rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: linear_act y"), &rule::to_half::<H>(&host(&y)), &at_pre);
+    let only = be.linear_act_only(&tx, &tw, Some(&tb), Activation::Gelu).unwrap();
+    assert_eq!(bits(&host(&only)), bits(&host(&y)), "{label}: linear_act_only");
+
+    let seed = be.upload_u32(vec![0x5eed, 3], &[2]).unwrap();
+    let spec = DropoutSpec { p: 0.25, seed: 0, stream: 9, blocks: vec![1, 2], seed_buffer: Some(bert_adapters::backend::SeedBuffer(seed)), offset: 0 };
+    let mut y = None;
+    let n = launches(&mut || y = Some(be.linear_dropout(&tx, &tw, Some(&tb), Some(&spec)).unwrap()));
+    assert_eq!(n, (vec![(format!("linear_epilogue_dropout_{h}").leak() as &str, 2)], 1), "{label}: linear_dropout (one launch per mask block)");
+    let want = be.dropout(&be.upload(sum.clone(), &[rows, d_out]).unwrap(), &spec).unwrap();
+    assert_eq!(bits(&host(&y.unwrap())), bits(&rule::round_all_in::<H>(&host(&want))), "{label}: linear_dropout");
+
+    // dx += dy·W on a 16-bit dx.
+    let dy = uniform16::<H>(&mut rng, rows * d_out, -1.0, 1.0);
+    let dx0 = uniform16::<H>(&mut rng, rows * d_in, -1.0, 1.0);
+    let (tdy, tdx) = (half(&dy, &[rows, d_out]), half(&dx0, &[rows, d_in]));
+    let n = launches(&mut || be.linear_backward_input_into(&tdy, &tw, &tdx, true).unwrap());
+    assert_eq!(n, (vec![(format!("accumulate_f32_{h}").leak() as &str, 1)], 1), "{label}: accumulated input gradient");
+    let mut prod = nan32(gpu, rows * d_in);
+    let g = Gemm::new(Transpose::No, Transpose::No, d_in, rows, d_out).with_types(H::INPUT, OutputType::F32);
+    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&dy)).view(), &mut prod.view_mut(), None).unwrap();
+    let want: Vec<f32> = dx0.iter().zip(down(gpu, &prod)).map(|(a, p)| a + p).collect();
+    assert_eq!(bits(&host(&tdx)), bits(&rule::round_all_in::<H>(&want)), "{label}: dx += dy·W");
+}
+test_both!(backend_linears, backend_linears_fuse_their_epilogue);
+
 // ---- add, first token ---------------------------------------------------------------------------------
 
 fn add_and_first_token_bf16io_are_rounded_once<H: Io>(gpu: &Gpu) {

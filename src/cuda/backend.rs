@@ -30,12 +30,15 @@
 //! activations and returns bf16 ones, dispatching on the tensor's dtype to the `_bf16io` kernels
 //! (f32 arithmetic and accumulation, each output rounded once to bf16; adapter and NICE weights,
 //! LayerNorm statistics, the attention's log-sum-exp and the mask bias stay f32):
-//! - `linear`, `linear_dropout` (eval), `linear_act` and `linear_act_only`: the bf16 GEMM
-//!   ([`CudaBackend::linear_bf16io`]) with the bias in its epilogue; an activation other than
-//!   ReLU and the tanh GELU (BERT's erf GELU, the pooler's tanh) is its own pass over the rounded
-//!   product (`bias_act`), as a plain bf16 model computes it. W and b must be bf16 (the base);
-//!   an f32 weight with bf16 activations (a classification head's: the model widens the head's
-//!   input to f32 first) is refused, named;
+//! - `linear`, `linear_dropout`, `linear_act` and `linear_act_only`: with a bias, the bf16
+//!   product with an f32 D and one `linear_epilogue_*` pass that adds the bias in f32, rounds
+//!   once and applies what follows the Linear: the activation at the rounded product (as a plain
+//!   bf16 model computes it, and writing that rounded pre-activation for `linear_act`), or the
+//!   dropout mask over the f32 sum ([`CudaBackend::linear_half_typed`]); without a bias the GEMM
+//!   writes bf16 itself. W and b must be bf16 (the base); an f32 weight with bf16 activations (a
+//!   classification head's: the model widens the head's input to f32 first) is refused, named.
+//!   ([`CudaBackend::linear_bf16io`], the public entry point, keeps cuBLASLt's epilogue
+//!   semantics: ReLU or the tanh GELU at the f32 sum, rounded once.);
 //! - `residual_layernorm`, `attention_packed`, `adapter_location`, `nice`, `activation`, `add`,
 //!   `first_token`, `select_rows`, `cast`: the bf16 variants; `all_finite` counts on a widened
 //!   copy; `to_host` widens.
@@ -47,12 +50,13 @@
 //! once, f32 arithmetic inside), and the parameter gradients, the adapters' and heads' weights
 //! and the AdamW state stay f32:
 //! - `linear_backward_input(_into)` and `linear_backward_input_act`: the bf16 tensor-core product
-//!   with the bf16 base weight (an accumulation `out += dy·W` is summed in f32 and rounded once);
+//!   with the bf16 base weight (an accumulation `out += dy·W`: the product with an f32 D, then
+//!   `accumulate_f32_*` sums it with `out` in f32 and rounds once);
 //!   `activation_backward`, `layernorm_backward_stats`, `residual_layernorm_stats`,
 //!   `attention_packed_backward`, `first_token_backward_into`, `add_into`: their `_bf16io`
 //!   kernels;
 //! - dropout of a bf16 tensor: `dropout_bf16io` (the f32 mask and product on the widened value,
-//!   rounded once);
+//!   rounded once); after a Linear, in its epilogue pass (above);
 //! - `adapter_location_backward_into` on the fused kernel and `nice_backward_into` (f32 kernels):
 //!   their bf16 inputs are widened exactly, the f32 backward runs, and the input gradients are
 //!   rounded once; `linear_backward_params_into` (a head's) widens a bf16 operand.
@@ -89,7 +93,7 @@ use super::attention::{attention_packed_backward_dropout_as, attention_packed_fo
 use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use super::gemm::{linear_16io, Epilogue, Gemm, GemmScalar, Transpose};
+use super::gemm::{linear_16io, Epilogue, Gemm, GemmScalar, OutputType, Transpose};
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
@@ -101,6 +105,42 @@ use crate::cpu::{GemmCounts, GemmKind, GemmStats};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, DeviceStorage, Storage, Tensor};
+
+/// A 16-bit Linear's operands checked (x, W and b all `H`, W `[out, in]` matching x, b `[out]`):
+/// the output's shape and the product's dimensions.
+fn half_linear_shape<H: ActivationScalar>(op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(Vec<usize>, LinearDims)> {
+    let want = H::DTYPE;
+    for (name, t) in [("the input x", Some(x)), ("the weight W", Some(w)), ("the bias b", b)] {
+        if let Some(t) = t.filter(|t| t.dtype() != want) {
+            return Err(Error::Unsupported(format!("{op}: {name} {:?} is {}; this Linear takes x, W and b in {want} (f32 activations: linear)", t.shape(), t.dtype())));
+        }
+    }
+    let (d_out, d_in) = match w.shape() {
+        [o, i] => (*o, *i),
+        s => return Err(Error::shape(op, format!("weight must be [out, in], got {s:?}"))),
+    };
+    if x.last_dim() != d_in {
+        return Err(Error::shape(op, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
+    }
+    if let Some(b) = b.filter(|b| b.shape() != [d_out]) {
+        return Err(Error::shape(op, format!("bias {:?} for {d_out} out-features", b.shape())));
+    }
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = d_out;
+    }
+    Ok((shape, LinearDims { rows: x.rows(), d_in, d_out }))
+}
+
+/// What a 16-bit Linear's epilogue pass applies after the bias ([`CudaBackend::linear_half_typed`]).
+#[derive(Clone, Copy)]
+enum HalfEpilogue<'a> {
+    /// An activation (`None`: the identity), taken at the rounded product; `keep_pre` also
+    /// returns that rounded pre-activation (for the backward).
+    Act { act: Option<Activation>, keep_pre: bool },
+    /// The model's dropout after the Linear (`None`: off).
+    Dropout(Option<&'a DropoutSpec>),
+}
 
 /// `$body` with the type `$A` bound to the storage of activation dtype `$dtype`: bf16, f16, or
 /// f32 for anything else (an f32 view then refuses another dtype, named).
@@ -642,39 +682,82 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::linear_bf16io`] and [`CudaBackend::linear_f16io`], with every tensor of `H`.
-    fn linear_16io<H: BufferElement + GemmScalar>(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
-        for (name, t) in [("the input x", Some(x)), ("the weight W", Some(w)), ("the bias b", b)] {
-            if let Some(t) = t.filter(|t| t.dtype() != H::DTYPE) {
-                return Err(Error::Unsupported(format!("{op}: {name} {:?} is {}; this Linear takes x, W and b in {} (f32 activations: linear)", t.shape(), t.dtype(), H::DTYPE)));
-            }
-        }
-        let (d_out, d_in) = match w.shape() {
-            [o, i] => (*o, *i),
-            s => return Err(Error::shape(op, format!("weight must be [out, in], got {s:?}"))),
-        };
-        if x.last_dim() != d_in {
-            return Err(Error::shape(op, format!("input {:?} does not end in the weight's in-features {d_in}", x.shape())));
-        }
-        if let Some(b) = b.filter(|b| b.shape() != [d_out]) {
-            return Err(Error::shape(op, format!("bias {:?} for {d_out} out-features", b.shape())));
-        }
-        let mut shape = x.shape().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = d_out;
-        }
+    /// cuBLASLt's epilogue semantics: the activation at the f32 sum, rounded once (the model's
+    /// 16-bit Linears go through [`CudaBackend::linear_half_typed`] instead).
+    fn linear_16io<H: BufferElement + GemmScalar + ActivationScalar>(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        let (shape, dims) = half_linear_shape::<H>(op, x, w, b)?;
         let y = self.new_tensor::<H>(&shape)?;
-        let dims = LinearDims { rows: x.rows(), d_in, d_out };
         let bias = b.map(|b| self.view::<H>(op, b)).transpose()?;
-        self.products.count(GemmKind::Forward, dims.rows * d_in * d_out);
+        self.products.count(GemmKind::Forward, dims.rows * dims.d_in * dims.d_out);
         linear_16io(&self.gpu, &self.view(op, x)?, &self.view(op, w)?, bias.as_ref(), dims, act, &mut self.view_mut(op, &y)?)?;
         Ok(y)
     }
 
+    /// A Linear on 16-bit activations `H` with what follows it in the model fused into one pass.
+    /// With a bias, the product runs with an f32 D and no cuBLASLt epilogue (cuBLASLt's 16-bit
+    /// outputs add the bias after rounding: docs/gpu-log.md), and one `linear_epilogue_*` kernel
+    /// adds the bias in f32 and rounds once, applying the activation (at the rounded
+    /// pre-activation when it is kept for the backward) or the dropout on the way
+    /// ([`elementwise::linear_epilogue`], [`elementwise::linear_epilogue_dropout`]): one pass over
+    /// the f32 product, where staging the product and then running the activation or dropout
+    /// over it took three. The activation is taken at the rounded product (bit for bit the
+    /// unfused path's); the dropout's multiply at the f32 sum, rounded once (the unfused path
+    /// rounded twice). Without a bias the GEMM writes `H` itself (rounded once) and the
+    /// activation or dropout is its own pass. x, W and b must be `H` (named otherwise).
+    fn linear_half_typed<H: BufferElement + GemmScalar + ActivationScalar>(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, post: HalfEpilogue<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        let (shape, dims) = half_linear_shape::<H>(op, x, w, b)?;
+        let (d_in, d_out) = (dims.d_in, dims.d_out);
+        let y = self.new_tensor::<H>(&shape)?;
+        self.products.count(GemmKind::Forward, dims.rows * d_in * d_out);
+        let (xv, wv) = (self.view::<H>(op, x)?, self.view::<H>(op, w)?);
+        let Some(bias) = b.map(|b| self.view::<H>(op, b)).transpose()? else {
+            linear_16io(&self.gpu, &xv, &wv, None, dims, None, &mut self.view_mut(op, &y)?)?;
+            return match post {
+                HalfEpilogue::Act { act: None, .. } => Ok((y, None)),
+                HalfEpilogue::Act { act: Some(a), keep_pre: false } => {
+                    elementwise::bias_act_in_place::<H>(&self.gpu, &mut self.view_mut(op, &y)?, None, Some(a), d_out)?;
+                    Ok((y, None))
+                }
+                HalfEpilogue::Act { act: Some(a), keep_pre: true } => {
+                    let out = self.new_tensor::<H>(&shape)?;
+                    elementwise::bias_act::<H>(&self.gpu, &self.view(op, &y)?, None, Some(a), d_out, &mut self.view_mut(op, &out)?, None)?;
+                    Ok((out, Some(y)))
+                }
+                HalfEpilogue::Dropout(spec) => {
+                    if let Some(spec) = spec {
+                        self.dropout_in_place(op, &y, spec)?;
+                    }
+                    Ok((y, None))
+                }
+            };
+        };
+        let mut acc = self.gpu.alloc::<f32>(dims.rows * d_out)?;
+        let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, dims.rows, d_in).with_types(H::INPUT, OutputType::F32);
+        self.gpu.gemm(&g, &wv, &xv, &mut acc.view_mut(), None)?;
+        match post {
+            HalfEpilogue::Act { act, keep_pre } => {
+                let pre = if keep_pre { Some(self.new_tensor::<H>(&shape)?) } else { None };
+                {
+                    let mut pre_view = pre.as_ref().map(|p| self.view_mut(op, p)).transpose()?;
+                    elementwise::linear_epilogue::<H>(&self.gpu, &acc.view(), Some(&bias), act, d_out, &mut self.view_mut(op, &y)?, pre_view.as_mut())?;
+                }
+                Ok((y, pre))
+            }
+            HalfEpilogue::Dropout(spec) => {
+                match spec {
+                    Some(spec) => elementwise::linear_epilogue_dropout::<H>(&self.gpu, &acc.view(), Some(&bias), d_out, &mut self.view_mut(op, &y)?, &self.device_dropout(op, spec)?)?,
+                    None => elementwise::linear_epilogue::<H>(&self.gpu, &acc.view(), Some(&bias), None, d_out, &mut self.view_mut(op, &y)?, None)?,
+                }
+                Ok((y, None))
+            }
+        }
+    }
+
     /// `act(x·Wᵀ + b)` for a bf16 or f16 `x` (the model's `linear*` ops with 16-bit activations):
     /// W and b must be the base in x's dtype (an f32 weight, a head's or an adapter's, is refused,
-    /// named). ReLU and the tanh GELU run in the GEMM's epilogue (one rounding); another activation
-    /// is its own pass over the rounded product, as in a plain bf16 (f16) model.
-    fn linear_half_activations(&self, op: &str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+    /// named). Any activation, at the rounded product as in a plain bf16 (f16) model
+    /// ([`CudaBackend::linear_half_typed`]).
+    fn linear_half_activations(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, post: HalfEpilogue<'_>) -> Result<(Tensor, Option<Tensor>)> {
         let dtype = x.dtype();
         for (name, t) in [("the weight W", Some(w)), ("the bias b", b)] {
             if let Some(t) = t.filter(|t| t.dtype() != dtype) {
@@ -686,20 +769,7 @@ impl CudaBackend {
                 )));
             }
         }
-        let linear = |act: Option<Activation>| match dtype {
-            DType::F16 => self.linear_f16io(x, w, b, act),
-            _ => self.linear_bf16io(x, w, b, act),
-        };
-        match act {
-            None => linear(None),
-            Some(a @ (Activation::Relu | Activation::GeluNew)) if b.is_some() => linear(Some(a)),
-            Some(a) => {
-                let y = linear(None)?;
-                let cols = y.last_dim();
-                by_activation_dtype!(dtype, A => elementwise::bias_act_in_place::<A>(&self.gpu, &mut self.view_mut(op, &y)?, None, Some(a), cols))?;
-                Ok(y)
-            }
-        }
+        by_half_dtype!(dtype, H => self.linear_half_typed::<H>(op, x, w, b, post))
     }
 
     #[allow(clippy::too_many_arguments)] // `residual_layernorm` plus its three outputs
@@ -929,7 +999,7 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         if x.dtype().is_half() {
-            return self.linear_half_activations("linear", x, w, b, None);
+            return Ok(self.linear_half_activations("linear", x, w, b, HalfEpilogue::Act { act: None, keep_pre: false })?.0);
         }
         let mut shape = x.shape().to_vec();
         if let Some(last) = shape.last_mut() {
@@ -941,6 +1011,10 @@ impl Backend for CudaBackend {
     }
 
     fn linear_dropout(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dropout: Option<&DropoutSpec>) -> Result<Tensor> {
+        if x.dtype().is_half() {
+            // The mask in the product's epilogue pass (the same words the f32 path draws).
+            return Ok(self.linear_half_activations("linear_dropout", x, w, b, HalfEpilogue::Dropout(dropout))?.0);
+        }
         // The product, then the mask over its output (the CPU's epilogue draws the same words).
         let y = self.linear(x, w, b)?;
         if let Some(spec) = dropout {
@@ -950,9 +1024,15 @@ impl Backend for CudaBackend {
     }
 
     fn linear_act(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<(Tensor, Tensor)> {
+        if x.dtype().is_half() {
+            // One epilogue pass writes the rounded pre-activation and the activation at it (what
+            // the backward differentiates at).
+            let (y, pre) = self.linear_half_activations("linear_act", x, w, b, HalfEpilogue::Act { act: Some(act), keep_pre: true })?;
+            let pre = pre.ok_or_else(|| Error::internal("linear_act: the epilogue kept no pre-activation"))?;
+            return Ok((y, pre));
+        }
         // cuBLASLt's GELU epilogue is the tanh form, not BERT's erf: the product keeps the bias
-        // epilogue and the activation is its own pass (with bf16 activations, over the product
-        // rounded to bf16, which is also what the backward would read).
+        // epilogue and the activation is its own pass.
         let pre = self.linear(x, w, b)?;
         let y = self.activation(&pre, act)?;
         Ok((y, pre))
@@ -961,7 +1041,7 @@ impl Backend for CudaBackend {
     fn linear_act_only(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         const OP: &str = "linear_act_only";
         if x.dtype().is_half() {
-            return self.linear_half_activations(OP, x, w, b, Some(act));
+            return Ok(self.linear_half_activations(OP, x, w, b, HalfEpilogue::Act { act: Some(act), keep_pre: false })?.0);
         }
         let y = self.linear(x, w, b)?;
         let cols = y.last_dim();

@@ -439,7 +439,7 @@ pub fn count_nonfinite(gpu: &Gpu, x: &DeviceView<'_, f32>) -> Result<u64> {
 // which callers typed by inference rely on; [`activation_backward_as`] and
 // [`first_token_backward_as`] are the generic launchers behind them.
 
-use super::gemm::{Gemm, GemmScalar, Transpose};
+use super::gemm::{Gemm, GemmScalar, OutputType, Transpose};
 use super::registry::elementwise::{
     ACTIVATION_BACKWARD_BF16IO, ACTIVATION_BACKWARD_F16IO, ACTIVATION_BACKWARD_F32, COLUMN_SUMS_FINALIZE_F32, COLUMN_SUMS_PARTIAL_BF16IO, COLUMN_SUMS_PARTIAL_F16IO, COLUMN_SUMS_PARTIAL_F32,
     FIRST_TOKEN_BACKWARD_BF16IO, FIRST_TOKEN_BACKWARD_F16IO, FIRST_TOKEN_BACKWARD_F32,
@@ -664,8 +664,16 @@ pub fn linear_backward_input<A: ActivationScalar + GemmScalar>(gpu: &Gpu, dy: &D
     expect_len(OP, "w", w.len(), n_w, &format!("d_out·d_in {what}"))?;
     expect_len(OP, "dx", dx.len(), n_x, &format!("rows·d_in {what}"))?;
     check_disjoint_bytes(OP, &[act_span::<A>("dx", dx.device_ptr(), dx.len())], &[act_span::<A>("dy", dy.device_ptr(), dy.len()), act_span::<A>("w", w.device_ptr(), w.len())])?;
-    let g = Gemm::new(Transpose::No, Transpose::No, dims.d_in, dims.rows, dims.d_out).with_scalars(1.0, if accumulate { 1.0 } else { 0.0 }).with_types(A::INPUT, A::OUTPUT);
-    gpu.gemm(&g, w, dy, dx, None)
+    let g = Gemm::new(Transpose::No, Transpose::No, dims.d_in, dims.rows, dims.d_out);
+    if accumulate && A::DTYPE != DType::F32 {
+        // A 16-bit dx += dy·W: the product with an f32 D, then one pass adds it to dx and rounds
+        // once (cuBLASLt's beta·C into a 16-bit D rounds before adding; staging dx through f32
+        // for it took three passes).
+        let mut product = gpu.alloc::<f32>(dx.len())?;
+        gpu.gemm(&g.with_types(A::INPUT, OutputType::F32), w, dy, &mut product.view_mut(), None)?;
+        return accumulate_f32::<A>(gpu, dx, &product.view());
+    }
+    gpu.gemm(&g.with_scalars(1.0, if accumulate { 1.0 } else { 0.0 }).with_types(A::INPUT, A::OUTPUT), w, dy, dx, None)
 }
 
 /// `dx = (dy·W) ⊙ act'(pre)`: the input gradient of a Linear followed by its activation's
@@ -806,7 +814,9 @@ fn dropout_plan(op: &'static str, len: usize, d: &DeviceDropout<'_>) -> Result<(
 }
 
 /// Launches the mask over `y` reading `x` (the same pointer for in place); `x` and `y` hold `len`.
-fn dropout_launch(gpu: &Gpu, kernel: KernelName, x: KernelArg, y: KernelArg, params: DropoutParams, block_len: usize, d: &DeviceDropout<'_>) -> Result<()> {
+/// `operands` are the arguments before the block's range: `[y, x]`, then for the Linear's
+/// dropout epilogue its bias and column count.
+fn dropout_launch(gpu: &Gpu, kernel: KernelName, operands: &[KernelArg], params: DropoutParams, block_len: usize, d: &DeviceDropout<'_>) -> Result<()> {
     if block_len == 0 {
         return Ok(());
     }
@@ -814,9 +824,7 @@ fn dropout_launch(gpu: &Gpu, kernel: KernelName, x: KernelArg, y: KernelArg, par
     // Philox blocks the range touches: a partial one at each end when the offset is not a multiple of 4.
     let quads = (d.offset % 4) as usize + block_len;
     for (j, &stream) in d.streams.iter().enumerate() {
-        let args = [
-            y,
-            x,
+        let range = [
             KernelArg::I64((j * block_len) as i64),
             KernelArg::I64(block_len as i64),
             seed,
@@ -827,8 +835,9 @@ fn dropout_launch(gpu: &Gpu, kernel: KernelName, x: KernelArg, y: KernelArg, par
             KernelArg::U32(params.threshold),
             KernelArg::F32(params.scale),
         ];
+        let args: Vec<KernelArg> = operands.iter().copied().chain(range).collect();
         // SAFETY: x and y hold streams·block_len elements of the kernel's type (the callers check
-        // and pick the kernel by it), the seed buffer 2.
+        // and pick the kernel by it), the seed buffer 2, and `extra` what the kernel reads beside.
         unsafe { gpu.launch(kernel, flat_launch(quads.div_ceil(4)), &args) }?;
     }
     Ok(())
@@ -846,7 +855,7 @@ pub fn dropout<A: ActivationScalar>(gpu: &Gpu, x: &DeviceView<'_, A>, y: &mut De
     if params.threshold == 0 {
         return if x.is_empty() { Ok(()) } else { gpu.copy_dtod(x, y) };
     }
-    dropout_launch(gpu, kernel, A::act_arg(x), A::act_arg_mut(y), params, block_len, d)
+    dropout_launch(gpu, kernel, &[A::act_arg_mut(y), A::act_arg(x)], params, block_len, d)
 }
 
 /// `dropout` in place (f32 or bf16). p = 0 leaves `y` untouched.
@@ -858,5 +867,87 @@ pub fn dropout_in_place<A: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_
         return Ok(());
     }
     // The kernel's x and y carry no __restrict__: each element is read, then written, by one thread.
-    dropout_launch(gpu, kernel, A::act_arg_mut(y), A::act_arg_mut(y), params, block_len, d)
+    dropout_launch(gpu, kernel, &[A::act_arg_mut(y), A::act_arg_mut(y)], params, block_len, d)
+}
+
+// ---- 16-bit Linear epilogues ------------------------------------------------------------------------
+
+use super::registry::elementwise::{ACCUMULATE_F32_BF16IO, ACCUMULATE_F32_F16IO, LINEAR_EPILOGUE_BF16IO, LINEAR_EPILOGUE_DROPOUT_BF16IO, LINEAR_EPILOGUE_DROPOUT_F16IO, LINEAR_EPILOGUE_F16IO};
+
+/// The 16-bit Linear's epilogue over its f32 product `acc: [rows, cols]` (kernels/elementwise.cu
+/// `linear_epilogue_*`): `v = acc + bias` in f32, `pre = H(v)` (written when given) and
+/// `y = H(act(H(v)))`: the activation at the rounded product, as a bf16 model's Linear feeds its
+/// activation and as the backward differentiates it (bit for bit the product rounded and then
+/// [`bias_act`] over it). `act` `None` is the identity, `y = H(v)`. `bias: [cols]` is the base's,
+/// in `H`.
+pub fn linear_epilogue<H: ActivationScalar>(gpu: &Gpu, acc: &DeviceView<'_, f32>, bias: Option<&DeviceView<'_, H>>, act: Option<Activation>, cols: usize, y: &mut DeviceViewMut<'_, H>, pre: Option<&mut DeviceViewMut<'_, H>>) -> Result<()> {
+    const OP: &str = "cuda::linear_epilogue";
+    let kernel = pick_half_kernel::<H>(OP, [LINEAR_EPILOGUE_BF16IO, LINEAR_EPILOGUE_F16IO])?;
+    let rows = bias_act_rows(OP, acc.len(), bias.map(|b| b.len()), cols)?;
+    expect_len(OP, "y", y.len(), acc.len(), "the product's length")?;
+    let mut outputs = vec![act_span::<H>("y", y.device_ptr(), y.len())];
+    if let Some(p) = &pre {
+        expect_len(OP, "pre", p.len(), acc.len(), "the product's length")?;
+        outputs.push(act_span::<H>("pre", p.device_ptr(), p.len()));
+    }
+    let mut inputs = vec![act_span::<f32>("acc", acc.device_ptr(), acc.len())];
+    if let Some(b) = bias {
+        inputs.push(act_span::<H>("bias", b.device_ptr(), b.len()));
+    }
+    check_disjoint_bytes(OP, &outputs, &inputs)?;
+    if let [a, b] = outputs[..] {
+        check_disjoint_bytes(OP, &[a], &[b])?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let args = [
+        H::act_arg_mut(y),
+        pre.as_ref().map_or(KernelArg::Null, |p| H::act_arg_mut(p)),
+        acc.arg(),
+        bias.map_or(KernelArg::Null, H::act_arg),
+        KernelArg::I32(rows as i32),
+        KernelArg::I32(cols as i32),
+        KernelArg::I32(activation_code(act)),
+    ];
+    // SAFETY: acc, y and pre hold rows·cols elements and bias cols; no output overlaps another
+    // operand (checked above).
+    unsafe { gpu.launch(kernel, row_launch(rows), &args) }
+}
+
+/// The 16-bit Linear's epilogue followed by dropout (`linear_epilogue_dropout_*`):
+/// `y = keep ? H((acc + bias)·scale) : 0` with the masks [`dropout`] draws for `d` over `y`
+/// (blocks, streams and shard offset alike), rounded once. p = 0 is [`linear_epilogue`] without
+/// an activation.
+pub fn linear_epilogue_dropout<H: ActivationScalar>(gpu: &Gpu, acc: &DeviceView<'_, f32>, bias: Option<&DeviceView<'_, H>>, cols: usize, y: &mut DeviceViewMut<'_, H>, d: &DeviceDropout<'_>) -> Result<()> {
+    const OP: &str = "cuda::linear_epilogue_dropout";
+    let kernel = pick_half_kernel::<H>(OP, [LINEAR_EPILOGUE_DROPOUT_BF16IO, LINEAR_EPILOGUE_DROPOUT_F16IO])?;
+    bias_act_rows(OP, acc.len(), bias.map(|b| b.len()), cols)?;
+    expect_len(OP, "y", y.len(), acc.len(), "the product's length")?;
+    let mut inputs = vec![act_span::<f32>("acc", acc.device_ptr(), acc.len())];
+    if let Some(b) = bias {
+        inputs.push(act_span::<H>("bias", b.device_ptr(), b.len()));
+    }
+    check_disjoint_bytes(OP, &[act_span::<H>("y", y.device_ptr(), y.len())], &inputs)?;
+    let (params, block_len) = dropout_plan(OP, acc.len(), d)?;
+    if params.threshold == 0 {
+        return linear_epilogue(gpu, acc, bias, None, cols, y, None);
+    }
+    let operands = [H::act_arg_mut(y), acc.arg(), bias.map_or(KernelArg::Null, H::act_arg), KernelArg::I64(cols as i64)];
+    dropout_launch(gpu, kernel, &operands, params, block_len, d)
+}
+
+/// `y = H(widen(y) + x)`: a 16-bit destination plus an f32 product, rounded once
+/// (`accumulate_f32_*`).
+pub fn accumulate_f32<H: ActivationScalar>(gpu: &Gpu, y: &mut DeviceViewMut<'_, H>, x: &DeviceView<'_, f32>) -> Result<()> {
+    const OP: &str = "cuda::accumulate_f32";
+    let kernel = pick_half_kernel::<H>(OP, [ACCUMULATE_F32_BF16IO, ACCUMULATE_F32_F16IO])?;
+    expect_len(OP, "x", x.len(), y.len(), "y's length")?;
+    check_disjoint_bytes(OP, &[act_span::<H>("y", y.device_ptr(), y.len())], &[act_span::<f32>("x", x.device_ptr(), x.len())])?;
+    let n = flat_len(OP, y.len())?;
+    if y.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: x and y hold n elements each and do not overlap.
+    unsafe { gpu.launch(kernel, flat_launch(y.len()), &[H::act_arg_mut(y), x.arg(), n]) }
 }
