@@ -602,14 +602,14 @@ fn train_replaying_captured_steps_equals_launching_them() {
     assert_ne!(weights("graphs"), weights("graphs_linear"));
 }
 
-/// `--lr-schedule`, `--warmup-steps` and `--weight-decay` reach each step's AdamW: runs whose
+/// `--lr-schedule`, `--warmup-steps`, `--weight-decay` and `--max-grad-norm` reach each step: runs whose
 /// steps run at the same rates end bit for bit alike, whatever base rate and schedule spelled
 /// those rates (the rates themselves are checked against transformers in tests/schedule.rs); a
 /// step at rate 0 (the first warmup step) changes nothing, weight decay included; the settings
 /// go into the checkpoint, a resume with other ones is refused, and a linear schedule stretched
 /// by a resume says how its rate changes.
 #[test]
-fn lr_schedule_warmup_and_weight_decay_reach_each_step() {
+fn lr_schedule_warmup_weight_decay_and_clipping_reach_each_step() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let run = |name: &str, extra: &[&str]| {
@@ -660,12 +660,89 @@ fn lr_schedule_warmup_and_weight_decay_reach_each_step() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--lr-schedule linear now decays to 0 at step 8, not at step 4 as when this run was saved: step 5 runs at lr 1e-2 (it would have run at 0e0)"), "{stderr}");
 
+    // Clipping at a norm no gradient reaches scales by 1 (exactly): the same run as clipping
+    // off. Clipping far below the gradients' norm changes the run (AdamW divides most of the
+    // scale out, but not ε's share, so the change is small but there).
+    let (k, _) = run("clip_off", &["--steps", "2", "--max-grad-norm", "0"]);
+    let (l, stdout) = run("clip_huge", &["--steps", "2", "--max-grad-norm", "1e30"]);
+    assert!(stdout.contains("gradients clipped to norm 1e30"), "{stdout}");
+    assert!(weights(&k) == weights(&l));
+    let (m, stdout) = run("clip_tiny", &["--steps", "2", "--max-grad-norm", "1e-7"]);
+    assert!(stdout.contains("gradients clipped to norm 1e-7"), "{stdout}");
+    assert!(weights(&m) != weights(&k), "--max-grad-norm did not reach the clipping");
+    let state: serde_json::Value = serde_json::from_slice(&bytes(&k.join("checkpoint/state.json"))).unwrap();
+    assert_eq!(state["settings"]["max_grad_norm"], 0.0);
+    let err = fails(&train(&model, &data(), &k, &["--alternate", "8", "--eval-every", "100", "--steps", "3", "--resume"]));
+    assert!(err.contains("field `max_grad_norm`: the checkpoint was trained with 0, this run has 1"), "{err}");
+
     // Out-of-range values are one line naming the flag.
     let bad = tmp.path().join("bad");
+    let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--max-grad-norm", "-1"]));
+    assert!(err.contains("--max-grad-norm must be >= 0 (got -1)"), "{err}");
+    let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--max-grad-norm", "1e39"]));
+    assert!(err.contains("--max-grad-norm 1e39 is past f32's largest"), "{err}");
     let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--warmup-steps", "-1"]));
     assert!(err.contains("--warmup-steps must be at least 0 (got -1)"), "{err}");
     let err = fails(&train(&model, &data(), &bad, &["--steps", "1", "--weight-decay", "-0.1"]));
     assert!(err.contains("--weight-decay must be >= 0 (got -0.1)"), "{err}");
     let out = train(&model, &data(), &bad, &["--steps", "1", "--lr-schedule", "cosine"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("[possible values: constant, linear]"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `--keep-best macro-f1`: the training is the same run (validation rows equal a run without
+/// it), `best/` holds the adapters of the validation with the highest macro-F1 (the first on a
+/// tie), those are what the test evaluates and what scorenn/ and tasknn/ hold at the end, while
+/// the checkpoint keeps the last step's (so `--resume` continues the trajectory); a run resumed
+/// halfway ends with the same files; the setting is part of what a resume must repeat.
+#[test]
+fn keep_best_tests_and_writes_the_best_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let flags = ["--eval-every", "6", "--lr", "0.2"];
+    let plain = tmp.path().join("plain");
+    ok(&train(&model, &data(), &plain, &[&flags[..], &["--steps", "36"]].concat()));
+    let best_run = tmp.path().join("best_run");
+    let stdout = ok(&train(&model, &data(), &best_run, &[&flags[..], &["--steps", "36", "--keep-best", "macro-f1"]].concat()));
+
+    // The same trajectory: every validation row equal.
+    let validations = |out: &Path| metrics_without_timing(out).into_iter().filter(|r| r[1] == "validation").collect::<Vec<_>>();
+    let rows = validations(&best_run);
+    assert_eq!(rows, validations(&plain));
+    // The first validation with the highest macro-F1 (column 4).
+    let f1 = |r: &Vec<String>| r[4].parse::<f64>().unwrap();
+    let top = rows.iter().map(f1).fold(f64::NEG_INFINITY, f64::max);
+    let best = rows.iter().find(|r| f1(r) == top).unwrap();
+    let best_step: u64 = best[0].parse().unwrap();
+    assert!(best_step < 36, "the best validation is the last one here ({rows:?}); pick flags where it is not, so the swap is tested");
+    assert!(stdout.contains(&format!("with the adapters of step {best_step} (the best validation macro-f1 {top:.4})")), "{stdout}");
+    let info: serde_json::Value = serde_json::from_slice(&bytes(&best_run.join("tasknn/train_info.json"))).unwrap();
+    assert_eq!(info["steps"], best_step);
+    assert_eq!(info["selected_by"]["validation"], "macro-f1");
+    for name in ["scorenn", "tasknn"] {
+        for f in ["adapter.safetensors", "model_head.safetensors"] {
+            let at = |dir: &Path| bytes(&dir.join(name).join(f));
+            assert!(at(&best_run) == at(&best_run.join("best")), "{name}/{f}: the output is not the best validation's");
+            // The checkpoint holds the last step's, as the run without --keep-best ends.
+            assert!(at(&best_run.join("checkpoint")) == at(&plain), "{name}/{f}: the checkpoint is not the last step's");
+            assert!(at(&best_run) != at(&plain), "{name}/{f}: the best adapters equal the last ones");
+        }
+    }
+    // The test predictions are the best adapters': predict with them reproduces them.
+    let preds = read_csv(&best_run.join("test_predictions.csv"));
+    let texts = tmp.path().join("texts.txt");
+    std::fs::write(&texts, preds.iter().map(|r| format!("{}\n", r[0])).collect::<String>()).unwrap();
+    let out = bin().arg("predict").arg("--model").arg(&model).arg("--adapter").arg(best_run.join("best/tasknn")).arg("--text").arg(&texts).args(["--device", "cpu"]).output().unwrap();
+    let predicted: Vec<String> = ok(&out).lines().map(str::to_string).collect();
+    assert_eq!(predicted, preds.iter().map(|r| r[2].clone()).collect::<Vec<_>>());
+
+    // Stopped at 18 and resumed to 36: the same files.
+    let split = tmp.path().join("split");
+    ok(&train(&model, &data(), &split, &[&flags[..], &["--steps", "18", "--keep-best", "macro-f1"]].concat()));
+    ok(&train(&model, &data(), &split, &[&flags[..], &["--steps", "36", "--keep-best", "macro-f1", "--resume"]].concat()));
+    for f in ["tasknn/adapter.safetensors", "best/tasknn/adapter.safetensors", "checkpoint/tasknn/adapter.safetensors", "test_predictions.csv", "tasknn/train_info.json"] {
+        assert!(bytes(&best_run.join(f)) == bytes(&split.join(f)), "{f} differs between the resumed and the uninterrupted run");
+    }
+    // A resume must keep the setting.
+    let err = fails(&train(&model, &data(), &plain, &[&flags[..], &["--steps", "40", "--keep-best", "accuracy", "--resume"]].concat()));
+    assert!(err.contains("field `keep_best`: the checkpoint was trained with none, this run has accuracy"), "{err}");
 }

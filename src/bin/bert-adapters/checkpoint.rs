@@ -42,6 +42,12 @@ pub struct Settings {
     pub warmup_steps: u64,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// `--max-grad-norm` (0: off; checkpoints from before the flag clipped at 1).
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// `--keep-best`'s metric (absent: the last step's adapters are the run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<String>,
     pub alternate: u64,
     pub seed: u64,
     /// The data file (its canonical path, for messages only) and a fingerprint of its bytes: the
@@ -63,6 +69,10 @@ fn default_weight_decay() -> f64 {
     AdamWConfig::default().weight_decay
 }
 
+fn default_max_grad_norm() -> f64 {
+    crate::step::DEFAULT_MAX_GRAD_NORM as f64
+}
+
 impl Settings {
     /// The first field in which `self` (the checkpoint's) and `run` differ, as an error.
     pub fn check_same(&self, run: &Settings, path: &Path) -> Result<()> {
@@ -80,6 +90,8 @@ impl Settings {
             plain("lr_schedule", self.lr_schedule.clone(), run.lr_schedule.clone()),
             plain("warmup_steps", self.warmup_steps.to_string(), run.warmup_steps.to_string()),
             plain("weight_decay", self.weight_decay.to_string(), run.weight_decay.to_string()),
+            plain("max_grad_norm", self.max_grad_norm.to_string(), run.max_grad_norm.to_string()),
+            plain("keep_best", self.keep_best.clone().unwrap_or_else(|| "none".into()), run.keep_best.clone().unwrap_or_else(|| "none".into())),
             plain("alternate", self.alternate.to_string(), run.alternate.to_string()),
             plain("seed", self.seed.to_string(), run.seed.to_string()),
             located("data_fingerprint", &self.data_fingerprint, &self.data, &run.data_fingerprint, &run.data),
@@ -125,6 +137,16 @@ struct StateFile {
     /// schedules, which were constant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     schedule_steps: Option<u64>,
+    /// With `--keep-best`: the best validation so far (its adapters are in `<out>/best/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    best: Option<BestRecord>,
+}
+
+/// The step and value of the best validation so far (`--keep-best`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    pub step: u64,
+    pub value: f64,
 }
 
 /// What a resume gets back (the adapters and heads go straight into the model).
@@ -140,6 +162,7 @@ pub struct Restored {
     pub loss_scaler: Option<LossScaler>,
     /// The run length the learning-rate schedule followed when this was saved.
     pub schedule_steps: Option<u64>,
+    pub best: Option<BestRecord>,
 }
 
 /// What a save needs besides the model.
@@ -153,10 +176,13 @@ pub struct Snapshot<'a> {
     pub elapsed_s: f64,
     pub loss_scaler: Option<LossScalerState>,
     pub schedule_steps: u64,
+    pub best: Option<BestRecord>,
 }
 
 /// What `save_adapter` writes into an adapter folder, and `train` beside it.
 pub static ADAPTER_TREE: Tree = Tree { files: &[CONFIG_FILE, WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, TRAIN_INFO], dirs: &[] };
+/// What `--keep-best`'s `<out>/best/` holds: the best validation's adapters.
+pub static BEST_TREE: Tree = Tree { files: &[], dirs: &[(SCORENN, &ADAPTER_TREE), (TASKNN, &ADAPTER_TREE)] };
 /// What a checkpoint folder holds.
 pub static CHECKPOINT_TREE: Tree = Tree { files: &[STATE, MOMENTS], dirs: &[(SCORENN, &ADAPTER_TREE), (TASKNN, &ADAPTER_TREE)] };
 
@@ -199,6 +225,7 @@ pub fn save(out: &Path, model: &BertModel, snap: &Snapshot) -> Result<()> {
             elapsed_s: snap.elapsed_s,
             loss_scaler: snap.loss_scaler,
             schedule_steps: Some(snap.schedule_steps),
+            best: snap.best,
         };
         let path = dir.join(STATE);
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
@@ -283,5 +310,6 @@ pub fn read(dir: &Path) -> Result<Restored> {
         elapsed_s: state.elapsed_s,
         loss_scaler,
         schedule_steps: state.schedule_steps,
+        best: state.best,
     })
 }

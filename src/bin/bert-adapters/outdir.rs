@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use bert_adapters::io::atomic::{check_ours, clean_leftovers, remove_ours, Tree};
 use bert_adapters::{Error, Result};
 
-use crate::checkpoint::{self, ADAPTER_TREE, CHECKPOINT_TREE};
+use crate::checkpoint::{self, ADAPTER_TREE, BEST_TREE, CHECKPOINT_TREE};
 use crate::{metrics, plot};
 use crate::train::{SCORENN, TASKNN};
 
@@ -24,9 +24,12 @@ pub const PREDICTIONS_HEADER: &str = "text,label,predicted";
 /// Files a run writes directly into `--out`.
 const FILES: [&str; 3] = [METRICS, PLOT, PREDICTIONS];
 
+/// `--keep-best`'s folder: the best validation's adapters.
+pub const BEST: &str = "best";
+
 /// Folders a run writes into `--out`, with what each may hold.
-fn folders() -> [(&'static str, &'static Tree); 3] {
-    [(SCORENN, &ADAPTER_TREE), (TASKNN, &ADAPTER_TREE), (checkpoint::DIR, &CHECKPOINT_TREE)]
+fn folders() -> [(&'static str, &'static Tree); 4] {
+    [(SCORENN, &ADAPTER_TREE), (TASKNN, &ADAPTER_TREE), (checkpoint::DIR, &CHECKPOINT_TREE), (BEST, &BEST_TREE)]
 }
 
 /// How a run treats what it finds in `--out`.

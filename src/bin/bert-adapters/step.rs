@@ -14,8 +14,15 @@ use crate::objective;
 use crate::ranks::Ranks;
 use crate::train::{SCORENN, TASKNN};
 
-/// Gradient-norm clipping of each step (torch `clip_grad_norm_`).
-const MAX_GRAD_NORM: f32 = 1.0;
+/// `train`'s default gradient-norm clipping (torch `clip_grad_norm_`; `--max-grad-norm`).
+pub const DEFAULT_MAX_GRAD_NORM: f32 = 1.0;
+
+/// Which adapter a step trains, and its clipping (`None`: off).
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub adapter: &'a str,
+    pub max_grad_norm: Option<f32>,
+}
 
 /// One training step: a Parallel forward, the objective of the adapter being trained, its
 /// gradients through its head and branch only, clipping, and its AdamW update, all on the
@@ -33,7 +40,8 @@ const MAX_GRAD_NORM: f32 = 1.0;
 /// nothing, the scale is lowered, and the values come back with that norm (every rank sees the
 /// same all-reduced norm, so all skip together).
 #[allow(clippy::too_many_arguments)]
-pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], adapter: &str, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool, scaler: Option<&mut LossScaler>) -> Result<(StepValues, bool)> {
+pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, labels: &[usize], target: Target<'_>, optimizer: &mut AdamW, ranks: &Ranks, rows: &std::ops::Range<usize>, global: usize, stop: bool, scaler: Option<&mut LossScaler>) -> Result<(StepValues, bool)> {
+    let adapter = target.adapter;
     let names: Vec<String> = model.active_adapters().map(|s| s.names().to_vec()).unwrap_or_default();
     if names != [SCORENN, TASKNN] {
         return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
@@ -43,7 +51,7 @@ pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, 
     } else {
         Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
     };
-    let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) };
+    let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: target.max_grad_norm };
     // The gradients over NCCL on GPU ranks built with it; the loss and flags below over MPI.
     let dp = DataParallel { comm: ranks.grad_comm(), rows: rows.clone(), global_rows: global };
     if let Some(scaler) = &scaler {

@@ -30,12 +30,12 @@ use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
 use bert_adapters::train::{AdamW, AdamWConfig, LossScaler, LossScalerConfig, LrSchedule, ScheduleKind};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, DType, Error, Result};
 
-use crate::checkpoint::{self, Restored, Settings, Snapshot, ADAPTER_TREE};
+use crate::checkpoint::{self, BestRecord, Restored, Settings, Snapshot, ADAPTER_TREE};
 use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
-use crate::outdir::{self, Start, METRICS, PLOT, PREDICTIONS};
+use crate::outdir::{self, Start, BEST, METRICS, PLOT, PREDICTIONS};
 use crate::ranks::Ranks;
-use crate::step::{step, step_failed, StepGraphs};
+use crate::step::{step, step_failed, StepGraphs, Target, DEFAULT_MAX_GRAD_NORM};
 use crate::{flags, infer, plot};
 
 pub const SCORENN: &str = "scorenn";
@@ -97,6 +97,15 @@ pub struct TrainFlags {
     /// AdamW's decoupled weight decay (torch's default), for both adapters and their heads.
     #[arg(long, value_name = "X", default_value_t = 0.01, allow_hyphen_values = true)]
     weight_decay: f64,
+    /// Clip each step's gradients to this global L2 norm (torch's clip_grad_norm_, as
+    /// transformers' Trainer does); 0 turns clipping off.
+    #[arg(long, value_name = "X", default_value_t = 1.0, allow_hyphen_values = true)]
+    max_grad_norm: f64,
+    /// Keep the adapters of the best validation by this metric (in <out>/best/, at each
+    /// validation that beats the best so far) and test those at the end instead of the last
+    /// step's: transformers' load_best_model_at_end. scorenn/ and tasknn/ are then the best.
+    #[arg(long, value_name = "METRIC", value_parser = ["accuracy", "macro-f1"])]
+    keep_best: Option<String>,
     /// Train tasknn for K steps, then scorenn for K, and so on.
     #[arg(long, value_name = "K", default_value = "10", allow_negative_numbers = true, value_parser = flags::whole)]
     alternate: i128,
@@ -157,6 +166,9 @@ pub struct TrainArgs {
     lr_schedule: ScheduleKind,
     warmup_steps: u64,
     weight_decay: f64,
+    /// `None`: clipping off (`--max-grad-norm 0`).
+    max_grad_norm: Option<f32>,
+    keep_best: Option<BestMetric>,
     alternate: u64,
     eval_every: u64,
     eval_size: usize,
@@ -202,6 +214,12 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         lr_schedule: f.lr_schedule.parse()?,
         warmup_steps: flags::at_least("--warmup-steps", f.warmup_steps, 0)?,
         weight_decay: flags::non_negative("--weight-decay", f.weight_decay)?,
+        keep_best: f.keep_best.as_deref().map(BestMetric::parse).transpose()?,
+        max_grad_norm: match flags::non_negative("--max-grad-norm", f.max_grad_norm)? {
+            0.0 => None,
+            v if v > f32::MAX as f64 => return Err(Error::Input(format!("--max-grad-norm {v:e} is past f32's largest, {:e} (0 turns clipping off)", f32::MAX))),
+            v => Some(v as f32),
+        },
         alternate: flags::at_least("--alternate", f.alternate, 1)?,
         eval_every: flags::at_least("--eval-every", f.eval_every, 1)?,
         eval_size: flags::at_least("--eval-size", f.eval_size, 1)?,
@@ -253,6 +271,37 @@ impl Order<'_> {
                 self.epoch.as_ref().map_or(0, |(_, p)| p[(pos % n) as usize])
             })
             .collect()
+    }
+}
+
+/// The validation metric `--keep-best` selects by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BestMetric {
+    Accuracy,
+    MacroF1,
+}
+
+impl BestMetric {
+    fn parse(s: &str) -> Result<BestMetric> {
+        match s {
+            "accuracy" => Ok(BestMetric::Accuracy),
+            "macro-f1" => Ok(BestMetric::MacroF1),
+            other => Err(Error::Input(format!("--keep-best {other}: expected accuracy or macro-f1"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BestMetric::Accuracy => "accuracy",
+            BestMetric::MacroF1 => "macro-f1",
+        }
+    }
+
+    fn of(self, accuracy: f64, macro_f1: f64) -> f64 {
+        match self {
+            BestMetric::Accuracy => accuracy,
+            BestMetric::MacroF1 => macro_f1,
+        }
     }
 }
 
@@ -382,6 +431,8 @@ struct Run<'a> {
     scaler: Option<LossScaler>,
     /// The learning rate of each step (over `total` steps).
     schedule: LrSchedule,
+    /// With `--keep-best`: the best validation so far, whose adapters are in `<out>/best/`.
+    best: Option<BestRecord>,
 }
 
 impl Run<'_> {
@@ -469,6 +520,7 @@ impl Run<'_> {
             elapsed_s: self.elapsed(),
             loss_scaler: self.scaler.as_ref().map(LossScaler::state),
             schedule_steps: self.schedule.steps,
+            best: self.best,
         };
         checkpoint::save(&self.args.out, &self.model, &snap)
     }
@@ -492,8 +544,53 @@ impl Run<'_> {
         self.evals.push(rec);
         self.window_secs = 0.0;
         self.window_tokens = 0;
+        if let Some(metric) = self.args.keep_best {
+            let value = metric.of(acc, f1);
+            // Strictly better, as transformers compares: a tie keeps the earlier adapters.
+            if self.best.is_none_or(|b| value > b.value) {
+                self.save_adapters(&self.args.out.join(BEST), step, Some((metric, value)))?;
+                self.best = Some(BestRecord { step, value });
+            }
+        }
         self.write_reports()?;
         self.save_checkpoint(step)
+    }
+
+    /// Both adapters with their heads and `train_info.json` into `<dir>/scorenn`, `<dir>/tasknn`
+    /// (rank 0; each folder replaced whole): the adapters of step `step`, chosen by `selected`
+    /// when they are the best validation's.
+    fn save_adapters(&self, dir: &Path, step: u64, selected: Option<(BestMetric, f64)>) -> Result<()> {
+        if !self.ranks.writes() {
+            return Ok(());
+        }
+        let mut info = serde_json::json!({
+            "max_len": self.args.max_len,
+            "labels": self.data.labels,
+            "steps": step,
+            "config": self.args.config,
+        });
+        if let Some((metric, value)) = selected {
+            info["selected_by"] = serde_json::json!({ "validation": metric.name(), "value": value });
+        }
+        for name in [SCORENN, TASKNN] {
+            replace_dir(&dir.join(name), &ADAPTER_TREE, |d| {
+                self.model.save_adapter(d, name)?;
+                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("{TRAIN_INFO}: {e}")))?;
+                write_atomic(&d.join(TRAIN_INFO), text.as_bytes())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Replace scorenn and tasknn (adapters and heads) by the ones saved in `dir`, Parallel
+    /// again (every rank reads them, after rank 0 has written them).
+    fn swap_adapters(&mut self, dir: &Path) -> Result<()> {
+        self.ranks.comm().barrier()?;
+        for name in [SCORENN, TASKNN] {
+            self.model.delete_adapter(name)?;
+        }
+        load_networks(&mut self.model, dir, &self.data.labels)?;
+        self.model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))
     }
 
     /// After the last step: test metrics, test predictions, both adapters, the final checkpoint.
@@ -501,8 +598,18 @@ impl Run<'_> {
         if self.evals.last().is_none_or(|e| e.step != step || e.split != "validation") {
             self.validate(step)?;
         }
+        // With --keep-best, the best validation's adapters are tested and written (the
+        // checkpoint keeps the last step's, for --resume).
+        let best = self.args.keep_best.zip(self.best).filter(|(_, b)| b.step != step);
+        if best.is_some() {
+            self.swap_adapters(&self.args.out.join(BEST))?;
+        }
         let test = self.split.test.clone();
-        self.progress.line(&format!("step {step}/{}: testing on {} examples", self.total, test.len()));
+        let tested = match self.args.keep_best.zip(self.best) {
+            Some((metric, b)) => format!(" with the adapters of step {} (the best validation {} {:.4})", b.step, metric.name(), b.value),
+            None => String::new(),
+        };
+        self.progress.line(&format!("step {step}/{}: testing on {} examples{tested}", self.total, test.len()));
         let Some((acc, f1, pred)) = self.evaluate(&test, "testing")? else {
             return Err(self.interrupted(step, " during the test evaluation"));
         };
@@ -511,22 +618,16 @@ impl Run<'_> {
         self.evals.retain(|e| e.split != "test");
         self.evals.push(rec);
         self.write_predictions(&test, &pred)?;
-        let info = serde_json::json!({
-            "max_len": self.args.max_len,
-            "labels": self.data.labels,
-            "steps": step,
-            "config": self.args.config,
-        });
-        for name in [SCORENN, TASKNN].into_iter().filter(|_| self.ranks.writes()) {
-            replace_dir(&self.args.out.join(name), &ADAPTER_TREE, |dir| {
-                self.model.save_adapter(dir, name)?;
-                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("{TRAIN_INFO}: {e}")))?;
-                write_atomic(&dir.join(TRAIN_INFO), text.as_bytes())
-            })?;
+        match (self.args.keep_best, self.best) {
+            (Some(metric), Some(b)) => self.save_adapters(&self.args.out, b.step, Some((metric, b.value)))?,
+            _ => self.save_adapters(&self.args.out, step, None)?,
+        }
+        if best.is_some() {
+            self.swap_adapters(&checkpoint::find(&self.args.out).unwrap_or_else(|| self.args.out.join(checkpoint::DIR)))?;
         }
         self.write_reports()?;
         self.save_checkpoint(step)?;
-        self.progress.line(&format!("test: accuracy {acc:.4}, macro-F1 {f1:.4} ({} examples)", test.len()));
+        self.progress.line(&format!("test: accuracy {acc:.4}, macro-F1 {f1:.4} ({} examples){tested}", test.len()));
         Ok(())
     }
 
@@ -683,6 +784,8 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         lr_schedule: args.lr_schedule.to_string(),
         warmup_steps: args.warmup_steps,
         weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm.map_or(0.0, f64::from),
+        keep_best: args.keep_best.map(|m| m.name().to_string()),
         alternate: args.alternate,
         seed: args.seed,
         data: canonical(&args.data),
@@ -719,12 +822,13 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     let data = Dataset::from_bytes(&args.data, &data_bytes, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
     drop(data_bytes);
     let split = data.split(args.seed, VALIDATION, TEST)?;
-    let (mut saved_scaler, mut saved_schedule_steps) = (None, None);
+    let (mut saved_scaler, mut saved_schedule_steps, mut best) = (None, None, None);
     let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
-        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, loss_scaler, schedule_steps, .. })) => {
+        Some((ref dir, Restored { step, optimizers, steps, evals, elapsed_s, loss_scaler, schedule_steps, best: saved_best, .. })) => {
             say!("resuming from {} at step {step}", dir.display());
             saved_scaler = loss_scaler;
             saved_schedule_steps = schedule_steps;
+            best = saved_best;
             (step, optimizers, steps, evals, elapsed_s)
         }
         None => {
@@ -778,8 +882,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         args.batch_size,
         args.alternate
     );
-    if schedule != LrSchedule::constant() || args.weight_decay != AdamWConfig::default().weight_decay {
-        say!("AdamW: lr {:e}, {} schedule, {} warmup steps, weight decay {}", args.lr, args.lr_schedule, args.warmup_steps, args.weight_decay);
+    if schedule != LrSchedule::constant() || args.weight_decay != AdamWConfig::default().weight_decay || args.max_grad_norm != Some(DEFAULT_MAX_GRAD_NORM) {
+        let clip = args.max_grad_norm.map_or("no clipping".to_string(), |m| if (1e-3..1e6).contains(&m) { format!("gradients clipped to norm {m}") } else { format!("gradients clipped to norm {m:e}") });
+        say!("AdamW: lr {:e}, {} schedule, {} warmup steps, weight decay {}, {clip}", args.lr, args.lr_schedule, args.warmup_steps, args.weight_decay);
     }
     let rows = ranks.shard(args.batch_size);
     if ranks.is_parallel() {
@@ -838,6 +943,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         graphs: StepGraphs::new(args.graphs),
         scaler,
         schedule,
+        best,
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
@@ -867,7 +973,8 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         optimizer.set_lr(run.schedule.lr_at(args.lr, s))?;
-        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], adapter, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
+        let target = Target { adapter, max_grad_norm: args.max_grad_norm };
+        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
