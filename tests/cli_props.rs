@@ -179,6 +179,8 @@ struct TrainCase {
     eval_every: &'static str,
     eval_size: &'static str,
     config: &'static str,
+    /// `--warmup-steps`, `--weight-decay`, `--max-grad-norm`, `--lr-schedule`.
+    optimizer: (&'static str, &'static str, &'static str, &'static str),
     rows: usize,
     labels: usize,
     seed: u64,
@@ -199,9 +201,17 @@ fn train_case() -> impl Strategy<Value = TrainCase> {
         flag(&["1", "7"], &["0", "-7"]),
         flag(&["1", "100000"], &["0", "-1"]),
         flag(&["pfeiffer", "houlsby"], &["pfeiffer+inv", "nonsense"]),
+        (
+            flag(&["0", "1", "5"], &["-1", "18446744073709551616"]),
+            flag(&["0", "0.01", "0.5"], &["-0.5", "NaN", "inf"]),
+            flag(&["0", "1", "1e30"], &["-1", "1e39", "NaN", "-inf"]),
+            // (An unknown schedule is clap's usage error, exit 2, with the possible values:
+            // tests/train_cli.rs checks it.)
+            prop::sample::select(vec!["constant", "linear"]),
+        ),
         (3usize..40, 2usize..5, any::<u64>()),
     )
-        .prop_map(|(batch_size, max_len, lr, alternate, eval_every, eval_size, config, (rows, labels, seed))| TrainCase {
+        .prop_map(|(batch_size, max_len, lr, alternate, eval_every, eval_size, config, optimizer, (rows, labels, seed))| TrainCase {
             batch_size,
             max_len,
             lr,
@@ -209,6 +219,7 @@ fn train_case() -> impl Strategy<Value = TrainCase> {
             eval_every,
             eval_size,
             config,
+            optimizer,
             rows,
             labels,
             seed,
@@ -246,6 +257,10 @@ fn train_one_step_on_random_flags_keeps_the_contract() {
                 .arg(format!("--eval-every={}", c.eval_every))
                 .arg(format!("--eval-size={}", c.eval_size))
                 .arg(format!("--config={}", c.config))
+                .arg(format!("--warmup-steps={}", c.optimizer.0))
+                .arg(format!("--weight-decay={}", c.optimizer.1))
+                .arg(format!("--max-grad-norm={}", c.optimizer.2))
+                .arg(format!("--lr-schedule={}", c.optimizer.3))
                 .output()
                 .unwrap();
             // Every value here parses, negative ones included: the command itself refuses what is
