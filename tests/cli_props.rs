@@ -179,8 +179,8 @@ struct TrainCase {
     eval_every: &'static str,
     eval_size: &'static str,
     config: &'static str,
-    /// `--warmup-steps`, `--weight-decay`, `--max-grad-norm`, `--lr-schedule`.
-    optimizer: (&'static str, &'static str, &'static str, &'static str),
+    /// `--warmup-steps`, `--weight-decay`, `--max-grad-norm`, `--lr-schedule`, `--grad-accum`.
+    optimizer: (&'static str, &'static str, &'static str, &'static str, &'static str),
     rows: usize,
     labels: usize,
     seed: u64,
@@ -208,6 +208,7 @@ fn train_case() -> impl Strategy<Value = TrainCase> {
             // (An unknown schedule is clap's usage error, exit 2, with the possible values:
             // tests/train_cli.rs checks it.)
             prop::sample::select(vec!["constant", "linear"]),
+            flag(&["1", "2"], &["0", "-1", "100"]),
         ),
         (3usize..40, 2usize..5, any::<u64>()),
     )
@@ -261,6 +262,7 @@ fn train_one_step_on_random_flags_keeps_the_contract() {
                 .arg(format!("--weight-decay={}", c.optimizer.1))
                 .arg(format!("--max-grad-norm={}", c.optimizer.2))
                 .arg(format!("--lr-schedule={}", c.optimizer.3))
+                .arg(format!("--grad-accum={}", c.optimizer.4))
                 .output()
                 .unwrap();
             // Every value here parses, negative ones included: the command itself refuses what is

@@ -105,6 +105,16 @@ impl<'a> ArenaSink<'a> {
         let index = arena.table.iter().enumerate().map(|(i, e)| (e.key.as_str(), i)).collect();
         ArenaSink { arena, index, with_grad: vec![false; arena.table.len()], others: Gradients::new() }
     }
+
+    /// Going on from an earlier backward into the same arena (gradient accumulation): the
+    /// entries it reached (`with_grad`) are added to, the others written on first contribution.
+    pub fn continuing(arena: &'a TrainArena, with_grad: Vec<bool>) -> Self {
+        let mut sink = ArenaSink::new(arena);
+        if with_grad.len() == sink.with_grad.len() {
+            sink.with_grad = with_grad;
+        }
+        sink
+    }
 }
 
 impl GradSink for ArenaSink<'_> {

@@ -103,7 +103,43 @@ impl BertModel {
         self.train_step_with(batch, labels, cfg, optimizer, Some(dp))
     }
 
+    /// One optimizer step over one batch given as `micro` batches, run one after another
+    /// (gradient accumulation: the peak memory is one micro-batch's): each micro-batch's
+    /// forward, objective and backward add its share of the gradient of the whole batch's mean
+    /// loss into the arena (its backward is seeded with `rows / all rows`), then clipping and
+    /// AdamW run once. Each micro-batch's dropout masks are its rows' masks in the whole batch,
+    /// so when the micro-batches are consecutive row ranges of one padded batch
+    /// ([`InputBatch::rows`], keeping its padding) the step is the whole batch's step, within
+    /// float rounding (tests/grad_accumulation.rs). The loss returned is the whole batch's mean;
+    /// the logits are the micro-batches' in order. Among data-parallel ranks (`dp`), the
+    /// micro-batches are this rank's rows `dp.rows` and the gradient is all-reduced once, after
+    /// the last one.
+    pub fn train_step_accumulated(&mut self, micro: &[(&InputBatch, &[usize])], cfg: &TrainStepConfig, optimizer: &mut AdamW, dp: Option<&DataParallel>) -> Result<TrainStepOutput> {
+        if micro.is_empty() {
+            return Err(Error::Input("train_step_accumulated: no micro-batches".into()));
+        }
+        if let Some(dp) = dp {
+            let rows: usize = micro.iter().map(|(b, _)| b.batch).sum();
+            if dp.rows.len() != rows || dp.rows.end > dp.global_rows {
+                return Err(Error::Input(format!("data-parallel step: rows {:?} of a global batch of {} for micro-batches of {rows} rows", dp.rows, dp.global_rows)));
+            }
+            if self.dropout_row != dp.rows.start as u64 {
+                return Err(Error::Input(format!("data-parallel step: the dropout masks are set for global row {} (set_dropout_row), the shard starts at row {}", self.dropout_row, dp.rows.start)));
+            }
+        }
+        // Each micro-batch draws its rows' masks; the model's row is back as it was afterwards,
+        // on an error too.
+        let base_row = self.dropout_row;
+        let result = self.train_step_over(micro, cfg, optimizer, dp);
+        self.dropout_row = base_row;
+        result
+    }
+
     fn train_step_with(&mut self, batch: &InputBatch, labels: &[usize], cfg: &TrainStepConfig, optimizer: &mut AdamW, dp: Option<&DataParallel>) -> Result<TrainStepOutput> {
+        self.train_step_over(&[(batch, labels)], cfg, optimizer, dp)
+    }
+
+    fn train_step_over(&mut self, micro: &[(&InputBatch, &[usize])], cfg: &TrainStepConfig, optimizer: &mut AdamW, dp: Option<&DataParallel>) -> Result<TrainStepOutput> {
         let be = self.backend.clone();
         let names: Vec<String> = self.active.as_ref().map(|s| s.names().to_vec()).unwrap_or_default();
         let i = names.iter().position(|n| *n == cfg.trained).ok_or_else(|| Error::Input(format!("train_step: `{}` is not in the active setup ({})", cfg.trained, names.join(", "))))?;
@@ -115,46 +151,69 @@ impl BertModel {
             _ if names.len() == 2 => Some(1 - i),
             _ => return Err(Error::Input(format!("{:?} needs a Parallel of exactly two adapters, the setup has {}", cfg.objective, names.len()))),
         };
-        if labels.len() != batch.batch {
-            return Err(Error::Input(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
+        for (batch, labels) in micro {
+            if labels.len() != batch.batch {
+                return Err(Error::Input(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
+            }
         }
         self.ensure_arena(&cfg.trained)?;
         if let Some(arena) = self.arenas.get(&cfg.trained) {
             optimizer.bind_arena(&self.backend, &arena.table)?;
         }
         let pooler = names.iter().filter_map(|n| self.heads.get(n)).any(|h| h.config().use_pooler);
-        let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
-        let branches = self.head_logits_train(&out, &tape)?;
-        let c = branches[i].logits.shape()[1];
-        if let Some(&y) = labels.iter().find(|&&y| y >= c) {
-            return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
+        let rows: usize = micro.iter().map(|(b, _)| b.batch).sum();
+        let base_row = self.dropout_row;
+        let mut with_grad: Option<Vec<bool>> = None;
+        let mut parts = Vec::with_capacity(micro.len());
+        let mut row = 0usize;
+        for &(batch, labels) in micro {
+            self.dropout_row = base_row + row as u64;
+            let (out, tape) = self.forward_train_with(batch, RunOptions { record: true, check_finite: false, pooler })?;
+            let branches = self.head_logits_train(&out, &tape)?;
+            let c = branches[i].logits.shape()[1];
+            if let Some(&y) = labels.iter().find(|&&y| y >= c) {
+                return Err(Error::Input(format!("label {y} is out of range for {c} classes")));
+            }
+            // The labels go into a fixed buffer, written in place while the batch size repeats (a
+            // captured step finds them staged there).
+            if !self.capturing {
+                self.stage_labels(labels)?;
+            }
+            let labels_t = self.labels.clone().filter(|t| t.shape() == [labels.len()]).ok_or_else(|| Error::Internal("train_step: the labels were not staged".into()))?;
+            let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
+            let (dlogits, loss) = op.run(be.as_ref())?;
+            // The backward's seed: the loss scale, and this micro-batch's (and among ranks this
+            // shard's) weight in the global batch-mean, so that every row's activation gradients
+            // are the ones one process computes on the whole batch (an f16 overflow then happens
+            // where it happens in one process).
+            let weight = match (micro.len(), dp) {
+                (1, dp) => dp.map_or(1.0, DataParallel::weight),
+                (_, dp) => (batch.batch as f64 / dp.map_or(rows, |d| d.global_rows).max(1) as f64) as f32,
+            };
+            let seed_scale = self.loss_scale * weight;
+            if seed_scale != 1.0 {
+                be.scale_in_place(&dlogits, seed_scale)?;
+            }
+            let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
+            d[i] = Some(&dlogits);
+            // Gradients straight into the arena's views: the first contribution to a tensor
+            // writes it, later ones (this micro-batch's or an earlier one's) add; tensors no
+            // micro-batch reached keep no gradient.
+            let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
+            let mut sink = match with_grad.take() {
+                None => ArenaSink::new(arena),
+                Some(reached) => ArenaSink::continuing(arena, reached),
+            };
+            let (d_last, d_pool) = self.heads_backward_into(&branches, &d, &tape, &mut sink)?;
+            self.backward_into(&tape, d_last, d_pool.as_ref(), &mut sink)?;
+            with_grad = Some(sink.with_grad);
+            parts.push((loss, batch.batch, branches.into_iter().map(|b| b.logits).collect::<Vec<_>>()));
+            drop((out, tape));
+            row += batch.batch;
         }
-        // The labels go into a fixed buffer, written in place while the batch size repeats (a
-        // captured step finds them staged there).
-        if !self.capturing {
-            self.stage_labels(labels)?;
-        }
-        let labels_t = self.labels.clone().filter(|t| t.shape() == [labels.len()]).ok_or_else(|| Error::Internal("train_step: the labels were not staged".into()))?;
-        let op = LossOp { objective: cfg.objective, trained: &branches[i].logits, other: other.map(|j| &branches[j].logits), labels: &labels_t };
-        let (dlogits, loss) = op.run(be.as_ref())?;
-        // The backward's seed: the loss scale, and among ranks this shard's weight in the global
-        // batch-mean, so that every row's activation gradients are the ones one process computes
-        // on the whole batch (an f16 overflow then happens where it happens in one process).
-        let seed_scale = self.loss_scale * dp.map_or(1.0, DataParallel::weight);
-        if seed_scale != 1.0 {
-            be.scale_in_place(&dlogits, seed_scale)?;
-        }
-        let mut d: Vec<Option<&Tensor>> = vec![None; branches.len()];
-        d[i] = Some(&dlogits);
-        // Gradients straight into the arena's views: the first contribution to a tensor writes
-        // it, later ones add; tensors the step did not reach keep no gradient.
+        self.dropout_row = base_row;
+        let mut with_grad = with_grad.ok_or_else(|| Error::Internal("train_step: no micro-batch ran".into()))?;
         let arena = self.arenas.get(&cfg.trained).ok_or_else(|| Error::Internal("arena vanished".into()))?;
-        let mut sink = ArenaSink::new(arena);
-        let (d_last, d_pool) = self.heads_backward_into(&branches, &d, &tape, &mut sink)?;
-        self.backward_into(&tape, d_last, d_pool.as_ref(), &mut sink)?;
-        let mut with_grad = sink.with_grad;
-        let logits = branches.into_iter().map(|b| b.logits).collect();
-        drop((out, tape));
         if let Some(dp) = dp {
             reduce_gradients(be.as_ref(), arena, &mut with_grad, dp)?;
         }
@@ -172,6 +231,7 @@ impl BertModel {
             arena.with_grad = with_grad;
         }
         self.version += 1; // the parameters changed: earlier tapes are stale
+        let (loss, logits) = combine_micro(be.as_ref(), parts, rows)?;
         Ok(TrainStepOutput { loss, grad_norm, logits })
     }
 
@@ -199,6 +259,28 @@ impl BertModel {
     pub fn arena(&self, name: &str) -> Option<&TrainArena> {
         self.arenas.get(name)
     }
+}
+
+/// The whole batch's loss (the micro-batches' means weighted by their rows) and each branch's
+/// logits (the micro-batches' rows in order); one micro-batch's as they are.
+fn combine_micro(be: &dyn Backend, mut parts: Vec<(Tensor, usize, Vec<Tensor>)>, rows: usize) -> Result<(Tensor, Vec<Tensor>)> {
+    if parts.len() == 1 {
+        let (loss, _, logits) = parts.pop().ok_or_else(|| Error::Internal("no micro-batch".into()))?;
+        return Ok((loss, logits));
+    }
+    let loss = be.zeros(&[2], DType::F32)?;
+    let branches = parts[0].2.len();
+    let logits = (0..branches).map(|b| be.zeros(&[rows, parts[0].2[b].last_dim()], DType::F32)).collect::<Result<Vec<_>>>()?;
+    let mut row = 0;
+    for (part_loss, n, part_logits) in &parts {
+        be.scale_in_place(part_loss, (*n as f64 / rows as f64) as f32)?;
+        be.add_into(&loss, part_loss)?;
+        for (all, part) in logits.iter().zip(part_logits) {
+            be.add_into(&all.narrow_rows(row, *n)?, &be.cast(part, DType::F32)?)?;
+        }
+        row += n;
+    }
+    Ok((loss, logits))
 }
 
 /// The data-parallel gradient: each rank's arena holds its rows' part of the gradient of the

@@ -45,6 +45,9 @@ pub struct Settings {
     /// `--max-grad-norm` (0: off; checkpoints from before the flag clipped at 1).
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,
+    /// `--grad-accum` (checkpoints from before the flag ran whole batches).
+    #[serde(default = "default_grad_accum")]
+    pub grad_accum: usize,
     /// `--keep-best`'s metric (absent: the last step's adapters are the run's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_best: Option<String>,
@@ -69,6 +72,10 @@ fn default_weight_decay() -> f64 {
     AdamWConfig::default().weight_decay
 }
 
+fn default_grad_accum() -> usize {
+    1
+}
+
 fn default_max_grad_norm() -> f64 {
     crate::step::DEFAULT_MAX_GRAD_NORM as f64
 }
@@ -91,6 +98,7 @@ impl Settings {
             plain("warmup_steps", self.warmup_steps.to_string(), run.warmup_steps.to_string()),
             plain("weight_decay", self.weight_decay.to_string(), run.weight_decay.to_string()),
             plain("max_grad_norm", self.max_grad_norm.to_string(), run.max_grad_norm.to_string()),
+            plain("grad_accum", self.grad_accum.to_string(), run.grad_accum.to_string()),
             plain("keep_best", self.keep_best.clone().unwrap_or_else(|| "none".into()), run.keep_best.clone().unwrap_or_else(|| "none".into())),
             plain("alternate", self.alternate.to_string(), run.alternate.to_string()),
             plain("seed", self.seed.to_string(), run.seed.to_string()),

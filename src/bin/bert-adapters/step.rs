@@ -17,11 +17,13 @@ use crate::train::{SCORENN, TASKNN};
 /// `train`'s default gradient-norm clipping (torch `clip_grad_norm_`; `--max-grad-norm`).
 pub const DEFAULT_MAX_GRAD_NORM: f32 = 1.0;
 
-/// Which adapter a step trains, and its clipping (`None`: off).
+/// Which adapter a step trains, its clipping (`None`: off) and in how many micro-batches it
+/// runs (`--grad-accum`; 1: the whole batch at once).
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
     pub adapter: &'a str,
     pub max_grad_norm: Option<f32>,
+    pub micro_batches: usize,
 }
 
 /// One training step: a Parallel forward, the objective of the adapter being trained, its
@@ -57,7 +59,18 @@ pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, 
     if let Some(scaler) = &scaler {
         model.set_loss_scale(scaler.scale())?;
     }
-    let mine = if ranks.is_parallel() {
+    let mine = if target.micro_batches > 1 {
+        // Gradient accumulation: consecutive row ranges of this (padded) batch, launched one
+        // after another (not captured), one update.
+        let parts = (0..target.micro_batches)
+            .map(|j| {
+                let r = bert_adapters::dist::shard(batch.batch, j, target.micro_batches);
+                Ok((batch.rows(r.clone())?, labels[r].to_vec()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let parts: Vec<(&InputBatch, &[usize])> = parts.iter().map(|(b, l)| (b, l.as_slice())).collect();
+        model.train_step_accumulated(&parts, &cfg, optimizer, ranks.is_parallel().then_some(&dp))?.read_unchecked(model.backend().as_ref())?
+    } else if ranks.is_parallel() {
         model.train_step_data_parallel(batch, labels, &cfg, optimizer, &dp)?.read_unchecked(model.backend().as_ref())?
     } else {
         graphs.train_step(model, batch, labels, &cfg, optimizer)?

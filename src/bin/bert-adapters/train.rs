@@ -101,6 +101,12 @@ pub struct TrainFlags {
     /// transformers' Trainer does); 0 turns clipping off.
     #[arg(long, value_name = "X", default_value_t = 1.0, allow_hyphen_values = true)]
     max_grad_norm: f64,
+    /// Gradient accumulation: run each step's batch as K micro-batches of consecutive texts,
+    /// one after another, adding their gradients before one update (the same step within float
+    /// rounding, with the memory of a batch K times smaller). Under mpirun each rank splits its
+    /// share. Steps with K > 1 are launched, not replayed from captured graphs.
+    #[arg(long, value_name = "K", default_value = "1", allow_negative_numbers = true, value_parser = flags::whole)]
+    grad_accum: i128,
     /// Keep the adapters of the best validation by this metric (in <out>/best/, at each
     /// validation that beats the best so far) and test those at the end instead of the last
     /// step's: transformers' load_best_model_at_end. scorenn/ and tasknn/ are then the best.
@@ -169,6 +175,7 @@ pub struct TrainArgs {
     /// `None`: clipping off (`--max-grad-norm 0`).
     max_grad_norm: Option<f32>,
     keep_best: Option<BestMetric>,
+    grad_accum: usize,
     alternate: u64,
     eval_every: u64,
     eval_size: usize,
@@ -215,6 +222,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         warmup_steps: flags::at_least("--warmup-steps", f.warmup_steps, 0)?,
         weight_decay: flags::non_negative("--weight-decay", f.weight_decay)?,
         keep_best: f.keep_best.as_deref().map(BestMetric::parse).transpose()?,
+        grad_accum: flags::at_least("--grad-accum", f.grad_accum, 1)?,
         max_grad_norm: match flags::non_negative("--max-grad-norm", f.max_grad_norm)? {
             0.0 => None,
             v if v > f32::MAX as f64 => return Err(Error::Input(format!("--max-grad-norm {v:e} is past f32's largest, {:e} (0 turns clipping off)", f32::MAX))),
@@ -731,6 +739,12 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     if args.batch_size < ranks.size() {
         return Err(Error::Input(format!("--batch-size {} is less than the {} ranks: every rank needs at least one text of each batch", args.batch_size, ranks.size())));
     }
+    // The smallest share a rank gets must still split into --grad-accum micro-batches of one text or more.
+    let smallest = args.batch_size / ranks.size();
+    if args.grad_accum > smallest {
+        let per = if ranks.is_parallel() { format!(" (each of the {} ranks gets {smallest} or more)", ranks.size()) } else { String::new() };
+        return Err(Error::Input(format!("--grad-accum {} splits a batch of {} texts{per} into more micro-batches than texts", args.grad_accum, args.batch_size)));
+    }
     check_exists(&args.model, DEFAULT_MODEL, "model folder", "fetch-model.sh")?;
     check_exists(&args.data, DEFAULT_DATA, "data file", "fetch-data.sh")?;
     let config = AdapterConfig::named(&args.config)?;
@@ -786,6 +800,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm.map_or(0.0, f64::from),
         keep_best: args.keep_best.map(|m| m.name().to_string()),
+        grad_accum: args.grad_accum,
         alternate: args.alternate,
         seed: args.seed,
         data: canonical(&args.data),
@@ -882,6 +897,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    if args.grad_accum > 1 {
+        say!("gradient accumulation: each batch of {} runs as {} micro-batches", args.batch_size, args.grad_accum);
+    }
     if schedule != LrSchedule::constant() || args.weight_decay != AdamWConfig::default().weight_decay || args.max_grad_norm != Some(DEFAULT_MAX_GRAD_NORM) {
         let clip = args.max_grad_norm.map_or("no clipping".to_string(), |m| if (1e-3..1e6).contains(&m) { format!("gradients clipped to norm {m}") } else { format!("gradients clipped to norm {m:e}") });
         say!("AdamW: lr {:e}, {} schedule, {} warmup steps, weight decay {}, {clip}", args.lr, args.lr_schedule, args.warmup_steps, args.weight_decay);
@@ -973,7 +991,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         run.model.set_dropout(Some(derive_seed(args.seed, TAG_DROPOUT + s)));
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         optimizer.set_lr(run.schedule.lr_at(args.lr, s))?;
-        let target = Target { adapter, max_grad_norm: args.max_grad_norm };
+        let target = Target { adapter, max_grad_norm: args.max_grad_norm, micro_batches: args.grad_accum };
         let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
