@@ -315,6 +315,33 @@ fn ctrl_c_during_the_test_evaluation_stops_it_and_keeps_the_checkpoint() {
     let rows = read_csv(&out.join("metrics.csv"));
     let steps: Vec<(&str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect();
     assert_eq!(steps, [("2", "validation"), ("2", "test")]);
+
+    // With --keep-best the test runs on the best validation's adapters; Ctrl-C there must still
+    // leave the last step's adapters in the checkpoint (the trajectory's state), and the resumed
+    // run must end with the files of an uninterrupted one.
+    let best_flags = ["--steps", "6", "--eval-every", "2", "--eval-size", "40", "--lr", "0.3", "--batch-size", "4", "--max-len", "40", "--device", "cpu", "--quiet", "--keep-best", "accuracy"];
+    let whole = tmp.path().join("best_whole");
+    let said = ok(&bin().arg("train").arg("--model").arg(&model).arg("--data").arg(&big).arg("--out").arg(&whole).args(best_flags).output().unwrap());
+    assert!(said.contains("with the adapters of step 2") || said.contains("with the adapters of step 4"), "the best validation is the last one here, so no swap is tested: {said}");
+    let cut = tmp.path().join("best_cut");
+    let mut child = bin().arg("train").arg("--model").arg(&model).arg("--data").arg(&big).arg("--out").arg(&cut).args(best_flags).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 6/6: testing on 10000 examples") {
+            break;
+        }
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let result = child.wait_with_output().unwrap();
+    assert_eq!(result.status.code(), Some(130), "{}", String::from_utf8_lossy(&result.stderr));
+    for f in ["checkpoint/tasknn/adapter.safetensors", "checkpoint/scorenn/adapter.safetensors", "checkpoint/optimizer.safetensors"] {
+        assert!(bytes(&cut.join(f)) == bytes(&whole.join(f)), "{f}: the interrupted test left another state than the finished run");
+    }
+    ok(&bin().arg("train").arg("--model").arg(&model).arg("--data").arg(&big).arg("--out").arg(&cut).args(best_flags).arg("--resume").output().unwrap());
+    for f in ["tasknn/adapter.safetensors", "best/tasknn/adapter.safetensors", "checkpoint/tasknn/adapter.safetensors", "test_predictions.csv"] {
+        assert!(bytes(&cut.join(f)) == bytes(&whole.join(f)), "{f} differs between the resumed and the uninterrupted run");
+    }
 }
 
 #[test]

@@ -618,7 +618,12 @@ impl Run<'_> {
             None => String::new(),
         };
         self.progress.line(&format!("step {step}/{}: testing on {} examples{tested}", self.total, test.len()));
+        let latest = checkpoint::find(&self.args.out).unwrap_or_else(|| self.args.out.join(checkpoint::DIR));
         let Some((acc, f1, pred)) = self.evaluate(&test, "testing")? else {
+            if best.is_some() {
+                // The checkpoint Ctrl-C saves must hold the last step's adapters, not the best.
+                self.swap_adapters(&latest)?;
+            }
             return Err(self.interrupted(step, " during the test evaluation"));
         };
         let rec = EvalRecord { tokens_per_s: Self::tokens_per_s(self.train_tokens, self.train_secs), ..self.record(step, "test", test.len(), acc, f1) };
@@ -631,7 +636,7 @@ impl Run<'_> {
             _ => self.save_adapters(&self.args.out, step, None)?,
         }
         if best.is_some() {
-            self.swap_adapters(&checkpoint::find(&self.args.out).unwrap_or_else(|| self.args.out.join(checkpoint::DIR)))?;
+            self.swap_adapters(&latest)?;
         }
         self.write_reports()?;
         self.save_checkpoint(step)?;
