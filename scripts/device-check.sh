@@ -200,7 +200,8 @@ fi
 #   tools/bench_torch.py with $PYTHON (default python3, the image's torch venv): the wheels in
 #     gpu-bundle/wheels (adapters 1.3.0, transformers 4.57.6, ...) installed into a temporary
 #     --target first and put ahead on PYTHONPATH; TORCH_BENCH_ARGS replaces its arguments (default:
-#     every shape eager in bf16 and fp32, torch.compile at bert_base:32x128 only). It also reads our
+#     every shape eager in bf16 and fp32, torch.compile at bert_base:32x128 only, and
+#     torch.profiler over 3 eager steps of bert_base:32x128: PyTorch's side of the step profile). It also reads our
 #     criterion results (CRITERION_HOME, a temporary folder) and prints the ratios.
 #   BENCH_TIMEOUT, TORCH_TIMEOUT: seconds for each (default 420 each).
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
@@ -259,7 +260,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         else
             say "bench wheels: none in $BUNDLE/wheels (using $PY's own packages)"
         fi
-        read -ra targs <<<"${TORCH_BENCH_ARGS:---compile-shapes bert_base:32x128}"
+        read -ra targs <<<"${TORCH_BENCH_ARGS:---compile-shapes bert_base:32x128 --profile bert_base:32x128}"
         start=$(date +%s)
         env PYTHONPATH="$pypath" PYTHONUNBUFFERED=1 timeout "$TORCH_TIMEOUT" "$PY" tools/bench_torch.py --json "$JSONL" --ours "$CRITERION_HOME" "${targs[@]}" 2>&1 | tee "$LOG.one" | tee -a "$LOG"
         rc=${PIPESTATUS[0]}

@@ -36,6 +36,11 @@ configuration failed; with --ours, `{"kind": "criterion", ...}` per criterion be
 faster; the targets are S1 ≤ 0.40 against eager bf16 and S2 ≤ 0.75 against compile in
 docs/PERFORMANCE.md). A readable table goes to stderr.
 
+--profile MODEL:BxT: after timing that shape's eager configurations, 3 more steps of each under
+torch.profiler (CPU and, on a GPU, CUDA activities), and a table of the 25 operators with the
+most device time (self time, summed over the 3 steps) on stderr and as one
+`{"kind": "torch_profile", ...}` line: PyTorch's side of our step profile (CUDA_BENCH_PROFILE=1,
+benches/cuda.rs), from the same machine.
 Exit status: 0 when every configuration ran; 1 when some failed (their lines say why); 2 when torch,
 transformers, adapters or (with --device cuda) a CUDA device is missing.
 Needs: torch, transformers 4.57.x, adapters 1.3.0 (tools/requirements.txt pins them).
@@ -275,8 +280,37 @@ def run_config(torch, args, model_name, batch, seq, mode, precision, device):
         rec["graph_break_reasons"] = sorted(breaks)[:5]
     if rec["last_loss"] is not None and not math.isfinite(rec["last_loss"]):
         rec["warning"] = "the last loss is not finite"
+    if mode == "eager" and (model_name, batch, seq) == args.profile_shape:
+        rec["profile"] = profile_steps(torch, step, i, device, PROFILE_STEPS)
     del setup, forward
     return rec
+
+
+PROFILE_STEPS = 3
+PROFILE_ROWS = 25
+
+
+def profile_steps(torch, step, i, device, steps):
+    """`steps` more steps under torch.profiler; the operators with the most self time on the
+    device (the CPU's when there is no GPU), most first, as dicts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for k in range(steps):
+            step(i + k)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        self_us = dev_us if device == "cuda" else e.self_cpu_time_total
+        rows.append(dict(op=e.key, calls=int(e.count), self_us=round(float(self_us), 1)))
+    rows = [r for r in rows if r["self_us"] > 0]
+    rows.sort(key=lambda r: -r["self_us"])
+    return dict(steps=steps, clock="device" if device == "cuda" else "cpu", total_us=round(sum(r["self_us"] for r in rows), 1), top=rows[:PROFILE_ROWS])
 
 
 def criterion_results(root):
@@ -332,8 +366,14 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--json", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--ours", default=None, help="a target/criterion folder: print our results and the ratios too")
+    ap.add_argument("--profile", default=None, metavar="MODEL:BxT", help="also profile that shape's eager steps with torch.profiler (one of --shapes)")
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes)
+    args.profile_shape = None
+    if args.profile:
+        (args.profile_shape,) = parse_shapes(args.profile)
+        if args.profile_shape not in shapes:
+            raise SystemExit(f"error: --profile {args.profile} is not one of --shapes {args.shapes}")
     compile_shapes = set(parse_shapes(args.compile_shapes)) if args.compile_shapes else set(shapes)
     modes = [m for m in (x.strip() for x in args.modes.split(",")) if m]
     precisions = [p for p in (x.strip() for x in args.precisions.split(",")) if p]
@@ -398,8 +438,16 @@ def main():
                     rec = dict(kind="torch_step", shape=f"{model_name}_{b}x{t}", model=model_name, batch=b, seq=t, mode=mode, precision=precision, device=args.device, error=f"{type(e).__name__}: {e}"[:2000])
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
+                prof = rec.pop("profile", None)
                 emit(rec, args.json)
                 recs.append(rec)
+                if prof is not None:
+                    emit(dict(kind="torch_profile", shape=rec["shape"], mode=mode, precision=precision, **prof), args.json)
+                    print(f"\n{rec['shape']} {mode} {precision}: torch.profiler, {prof['steps']} steps, self {prof['clock']} time {prof['total_us'] / 1e3:.2f} ms in all", file=sys.stderr)
+                    print("| op | calls | self µs | share |\n|---|---|---|---|", file=sys.stderr)
+                    for r in prof["top"]:
+                        share = 100 * r["self_us"] / prof["total_us"] if prof["total_us"] else 0
+                        print(f"| `{r['op'][:80]}` | {r['calls']} | {r['self_us']:.1f} | {share:.1f} % |", file=sys.stderr)
 
     print("\n| shape | mode | precision | median ms | p10–p90 ms | tokens/s | peak MiB | note |", file=sys.stderr)
     print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
