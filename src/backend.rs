@@ -81,9 +81,9 @@ pub struct LayerNormParams<'a> {
 #[derive(Clone, Copy)]
 pub enum ScalingParam<'a> {
     Fixed(f32),
-    /// A learned scalar, shape [1].
+    /// A learned scalar, shape `[1]`.
     Learned(&'a Tensor),
-    /// A learned per-channel vector, shape [H].
+    /// A learned per-channel vector, shape `[H]`.
     Channel(&'a Tensor),
 }
 

@@ -78,7 +78,7 @@ impl BertTokenizer {
         self.max_chars
     }
 
-    /// Tokens per text at most, [CLS] and [SEP] included.
+    /// Tokens per text at most, `[CLS]` and `[SEP]` included.
     pub fn max_len(&self) -> usize {
         self.max_chars / MAX_CHARS_PER_TOKEN
     }

@@ -35,9 +35,9 @@ pub enum ResidualBeforeLn {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Scaling {
     Fixed(f64),
-    /// One learned scalar, `scaling` of shape [1].
+    /// One learned scalar, `scaling` of shape `[1]`.
     Learned,
-    /// One learned value per channel, `scaling` of shape [H].
+    /// One learned value per channel, `scaling` of shape `[H]`.
     Channel,
 }
 

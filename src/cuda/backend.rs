@@ -34,7 +34,7 @@
 //!   product with an f32 D and one `linear_epilogue_*` pass that adds the bias in f32, rounds
 //!   once and applies what follows the Linear: the activation at the rounded product (as a plain
 //!   bf16 model computes it, and writing that rounded pre-activation for `linear_act`), or the
-//!   dropout mask over the f32 sum ([`CudaBackend::linear_half_typed`]); without a bias the GEMM
+//!   dropout mask over the f32 sum (`CudaBackend::linear_half_typed`); without a bias the GEMM
 //!   writes bf16 itself. W and b must be bf16 (the base); an f32 weight with bf16 activations (a
 //!   classification head's: the model widens the head's input to f32 first) is refused, named.
 //!   ([`CudaBackend::linear_bf16io`], the public entry point, keeps cuBLASLt's epilogue

@@ -5,7 +5,7 @@
 //! - **cuda**: a real GPU through cudarc (one context, one stream of our own, cudarc's
 //!   per-allocation event tracking turned off: with a single stream, stream order is the
 //!   synchronisation, and the tracking would add two event calls per kernel argument);
-//! - **cuda-sim** (cargo feature `cuda-sim`): the CPU executor of [`super::sim`], which runs the
+//! - **cuda-sim** (cargo feature `cuda-sim`): the CPU executor of `super::sim`, which runs the
 //!   same kernel text under strict CUDA rules; its memory is host memory with guard pages, its
 //!   launches are synchronous.
 //!
@@ -1291,7 +1291,7 @@ pub fn sims_for_test() -> Vec<Gpu> {
 }
 
 /// Defines a module of tests that run one body, a `fn(&Gpu)`, on every device:
-/// `NAME::cuda_sim` (feature `cuda-sim`: the executor in each schedule of [`sims_for_test`]) and
+/// `NAME::cuda_sim` (feature `cuda-sim`: the executor in each schedule of `sims_for_test`) and
 /// `NAME::cuda` (device 0; records why it skips without one, fails under `REQUIRE_GPU=1`).
 ///
 /// ```ignore

@@ -74,7 +74,7 @@ impl InputBatch {
         Ok(InputBatch { batch, seq_len, input_ids: ids, attention_mask: mask, token_type_ids: types })
     }
 
-    /// Read `input_ids` [B,T] and the optional `token_type_ids` (I64 or I32) and `attention_mask`
+    /// Read `input_ids` `[B,T]` and the optional `token_type_ids` (I64 or I32) and `attention_mask`
     /// (I64, I32, BOOL, U8 or I8).
     pub fn from_file(path: impl AsRef<Path>, cfg: &BertConfig) -> Result<Self> {
         let file = TensorFile::open(path.as_ref())?;
