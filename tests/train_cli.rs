@@ -772,6 +772,19 @@ fn keep_best_tests_and_writes_the_best_validation() {
     // A resume must keep the setting.
     let err = fails(&train(&model, &data(), &plain, &[&flags[..], &["--steps", "40", "--keep-best", "accuracy", "--resume"]].concat()));
     assert!(err.contains("field `keep_best`: the checkpoint was trained with none, this run has accuracy"), "{err}");
+
+    // On the CUDA backend (cuda-sim) too, where the trained adapters live in device arenas and
+    // captured graphs when the best ones are swapped in and the last ones back.
+    let sim_flags = [&flags[..], &["--steps", "36", "--device", "cuda-sim"]].concat();
+    let sim_plain = tmp.path().join("sim_plain");
+    ok(&train(&model, &data(), &sim_plain, &sim_flags));
+    let sim_best = tmp.path().join("sim_best");
+    let stdout = ok(&train(&model, &data(), &sim_best, &[&sim_flags[..], &["--keep-best", "macro-f1"]].concat()));
+    assert!(stdout.contains("with the adapters of step") && !stdout.contains("with the adapters of step 36"), "{stdout}");
+    for f in ["tasknn/adapter.safetensors", "scorenn/model_head.safetensors"] {
+        assert!(bytes(&sim_best.join(f)) == bytes(&sim_best.join("best").join(f)), "cuda-sim {f}: not the best validation's");
+        assert!(bytes(&sim_best.join("checkpoint").join(f)) == bytes(&sim_plain.join(f)), "cuda-sim {f}: the checkpoint is not the last step's");
+    }
 }
 
 /// `--grad-accum K` runs each batch as K micro-batches and updates once: the same training within
