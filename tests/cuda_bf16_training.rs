@@ -86,11 +86,8 @@ fn model(be: Arc<dyn Backend>, half: DType, [score_config, task_config]: [&str; 
     model.add_adapter_seeded("tasknn", config(task_config), 2).unwrap();
     for n in ["scorenn", "tasknn"] {
         model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
-        for t in model.adapter_params_mut(n).unwrap().values_mut() {
-            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
-            *t = be.upload(v, t.shape()).unwrap();
-        }
     }
+    common::blow_up_adapters(&mut model, be.as_ref(), &["scorenn", "tasknn"]);
     model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
     let labels: Vec<usize> = (0..batch.batch).map(|i| (i * 2 + 1) % 3).collect();
     (model, batch, labels)

@@ -9,47 +9,18 @@
 
 use std::sync::Arc;
 
-use bert_adapters::model::heads::HeadConfig;
-use bert_adapters::model::step::TrainStepConfig;
-use bert_adapters::train::{AdamW, AdamWConfig, Objective};
-use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, Error, InputBatch};
+use bert_adapters::train::{AdamW, AdamWConfig};
+use bert_adapters::{Backend, CpuBackend, Error, InputBatch};
 
 mod common;
+#[path = "support/alternating.rs"]
+mod alternating;
 #[path = "support/thread_comm.rs"]
 mod thread_comm;
 
+use alternating::{assert_rel, model, step_cfg, STEPS};
 use bert_adapters::dist::{shard, Communicator, DataParallel};
-use common::{setup, tiny};
 use thread_comm::ThreadComm;
-
-/// The tiny BERT with Parallel(scorenn, tasknn) pfeiffer adapters and 3-class heads on `be`, the
-/// adapters blown up so that a wrong gradient cannot hide in the tolerance.
-fn model(be: Arc<dyn Backend>) -> (BertModel, InputBatch, Vec<usize>) {
-    let (mut model, batch) = tiny(be.clone());
-    model.add_adapter_seeded("scorenn", AdapterConfig::named("pfeiffer").unwrap(), 1).unwrap();
-    model.add_adapter_seeded("tasknn", AdapterConfig::named("pfeiffer").unwrap(), 2).unwrap();
-    for n in ["scorenn", "tasknn"] {
-        model.add_classification_head(n, HeadConfig::classification(3)).unwrap();
-        for t in model.adapter_params_mut(n).unwrap().values_mut() {
-            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
-            *t = be.upload(v, t.shape()).unwrap();
-        }
-    }
-    model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
-    let labels: Vec<usize> = (0..batch.batch).map(|i| (i * 2 + 1) % 3).collect();
-    (model, batch, labels)
-}
-
-/// Step `s`: tasknn for two steps, then scorenn for two, each with its objective.
-fn step_cfg(s: u64) -> TrainStepConfig {
-    if (s / 2).is_multiple_of(2) {
-        TrainStepConfig { objective: Objective::TaskEnergy { lambda: 0.1 }, trained: "tasknn".into(), max_grad_norm: Some(1.0) }
-    } else {
-        TrainStepConfig { objective: Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }, trained: "scorenn".into(), max_grad_norm: Some(1.0) }
-    }
-}
-
-const STEPS: u64 = 8;
 
 /// `STEPS` alternating steps with dropout, each over the micro-batches of `sizes` rows (the whole
 /// batch when empty); both adapters' arenas, each step's loss and the last step's logits.
@@ -81,13 +52,6 @@ fn train(be: Arc<dyn Backend>, sizes: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>, Vec
     }
     let params = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
     (params, losses, logits)
-}
-
-fn assert_rel(what: &str, got: &[f32], want: &[f32], rel: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let (i, diff) = got.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0f32), |m, (i, d)| if d > m.1 { (i, d) } else { m });
-    assert!(diff <= rel * scale, "{what}: max |diff| {diff:e} at {i} ({} vs {}) > {rel:e} · {scale}", got[i], want[i]);
 }
 
 fn backends() -> Vec<Arc<dyn Backend>> {

@@ -336,6 +336,17 @@ pub fn check_probe_gradients(label: &str, model: &BertModel, batch: &InputBatch,
 /// and the adapters' weights blown up (×40) so a wrong gradient cannot hide in the tolerance;
 /// `adapter_dropout` is each adapter's own p (spec §3.4). Returns the model, the tiny batch and
 /// labels `i % 3`.
+/// Blow up the adapter weights of `names` (×40, plus a small ramp) so that a wrong gradient
+/// cannot hide in the tolerance.
+pub fn blow_up_adapters(model: &mut BertModel, be: &dyn Backend, names: &[&str]) {
+    for n in names {
+        for t in model.adapter_params_mut(n).unwrap().values_mut() {
+            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
+            *t = be.upload(v, t.shape()).unwrap();
+        }
+    }
+}
+
 pub fn parallel_pair(be: Arc<dyn Backend>, adapter_dropout: [f64; 2]) -> (BertModel, InputBatch, Vec<usize>) {
     let (mut model, batch) = tiny(be.clone());
     let config = |name: &str, p: f64| bert_adapters::AdapterConfig::named(name).unwrap().with_overrides(&serde_json::json!({ "dropout": p })).unwrap();
@@ -344,12 +355,7 @@ pub fn parallel_pair(be: Arc<dyn Backend>, adapter_dropout: [f64; 2]) -> (BertMo
     for n in ["scorenn", "tasknn"] {
         model.add_classification_head(n, bert_adapters::model::heads::HeadConfig::classification(3)).unwrap();
     }
-    for n in ["scorenn", "tasknn"] {
-        for t in model.adapter_params_mut(n).unwrap().values_mut() {
-            let v: Vec<f32> = be.to_host(t).unwrap().iter().enumerate().map(|(i, x)| x * 40.0 + (i % 7) as f32 * 0.01).collect();
-            *t = be.upload(v, t.shape()).unwrap();
-        }
-    }
+    blow_up_adapters(&mut model, be.as_ref(), &["scorenn", "tasknn"]);
     model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
     let labels: Vec<usize> = (0..batch.batch).map(|i| i % 3).collect();
     (model, batch, labels)
