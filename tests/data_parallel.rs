@@ -15,7 +15,7 @@ mod alternating;
 #[path = "support/thread_comm.rs"]
 mod thread_comm;
 
-use alternating::{assert_rel, step_cfg, STEPS};
+use alternating::{assert_rel, run_alternating, step_cfg, STEPS};
 use thread_comm::ThreadComm;
 
 /// The alternating setup on the CPU.
@@ -28,32 +28,19 @@ fn model() -> (BertModel, InputBatch, Vec<usize>) {
 /// once weighted and summed).
 fn train(comm: Option<&dyn Communicator>) -> (Vec<Vec<f32>>, Vec<f32>) {
     let (mut model, batch, labels) = model();
-    let opt = AdamW::new(AdamWConfig { lr: 0.01, ..AdamWConfig::default() }).unwrap();
-    let mut opts = [opt.clone(), opt];
     let rows = comm.map_or(0..batch.batch, |c| shard(batch.batch, c.rank(), c.size()));
     let mine = batch.rows(rows.clone()).unwrap();
     model.set_dropout_row(rows.start as u64);
-    let mut losses = Vec::new();
-    for s in 0..STEPS {
-        let cfg = step_cfg(s);
-        model.train_adapter(&[cfg.trained.as_str()]).unwrap();
-        model.set_dropout(Some(1000 + s));
-        let opt = &mut opts[usize::from(cfg.trained == "tasknn")];
-        let out = match comm {
-            Some(c) => {
-                let dp = DataParallel { comm: c, rows: rows.clone(), global_rows: batch.batch };
-                let out = model.train_step_data_parallel(&mine, &labels[rows.clone()], &cfg, opt, &dp).unwrap();
-                let mut loss = [out.read_unchecked(model.backend().as_ref()).unwrap().loss * dp.weight()];
-                c.all_reduce_sum(&mut loss).unwrap();
-                loss[0]
-            }
-            None => model.train_step(&batch, &labels, &cfg, opt).unwrap().read(model.backend().as_ref()).unwrap().loss,
-        };
-        losses.push(out);
-    }
-    let be = model.backend().clone();
-    let params = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
-    (params, losses)
+    run_alternating(model, |model, cfg, opt| match comm {
+        Some(c) => {
+            let dp = DataParallel { comm: c, rows: rows.clone(), global_rows: batch.batch };
+            let out = model.train_step_data_parallel(&mine, &labels[rows.clone()], cfg, opt, &dp).unwrap();
+            let mut loss = [out.read_unchecked(model.backend().as_ref()).unwrap().loss * dp.weight()];
+            c.all_reduce_sum(&mut loss).unwrap();
+            loss[0]
+        }
+        None => model.train_step(&batch, &labels, cfg, opt).unwrap().read(model.backend().as_ref()).unwrap().loss,
+    })
 }
 
 fn run_ranks(size: usize) -> Vec<(Vec<Vec<f32>>, Vec<f32>)> {

@@ -18,16 +18,14 @@ mod alternating;
 #[path = "support/thread_comm.rs"]
 mod thread_comm;
 
-use alternating::{assert_rel, model, step_cfg, STEPS};
+use alternating::{assert_rel, model, run_alternating, step_cfg, STEPS};
 use bert_adapters::dist::{shard, Communicator, DataParallel};
 use thread_comm::ThreadComm;
 
 /// `STEPS` alternating steps with dropout, each over the micro-batches of `sizes` rows (the whole
 /// batch when empty); both adapters' arenas, each step's loss and the last step's logits.
 fn train(be: Arc<dyn Backend>, sizes: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>, Vec<Vec<f32>>) {
-    let (mut model, batch, labels) = model(be.clone());
-    let opt = AdamW::new(AdamWConfig { lr: 0.01, ..AdamWConfig::default() }).unwrap();
-    let mut opts = [opt.clone(), opt];
+    let (model, batch, labels) = model(be.clone());
     let mut micro = Vec::new();
     let mut row = 0;
     for &n in sizes {
@@ -35,22 +33,17 @@ fn train(be: Arc<dyn Backend>, sizes: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>, Vec
         row += n;
     }
     assert!(sizes.is_empty() || row == batch.batch);
-    let (mut losses, mut logits) = (Vec::new(), Vec::new());
-    for s in 0..STEPS {
-        let cfg = step_cfg(s);
-        model.train_adapter(&[cfg.trained.as_str()]).unwrap();
-        model.set_dropout(Some(1000 + s));
-        let opt = &mut opts[usize::from(cfg.trained == "tasknn")];
+    let mut logits = Vec::new();
+    let (params, losses) = run_alternating(model, |model, cfg, opt| {
         let out = if sizes.is_empty() {
-            model.train_step(&batch, &labels, &cfg, opt).unwrap()
+            model.train_step(&batch, &labels, cfg, opt).unwrap()
         } else {
             let parts: Vec<(&InputBatch, &[usize])> = micro.iter().map(|(b, l)| (b, l.as_slice())).collect();
-            model.train_step_accumulated(&parts, &cfg, opt, None).unwrap()
+            model.train_step_accumulated(&parts, cfg, opt, None).unwrap()
         };
-        losses.push(out.read(be.as_ref()).unwrap().loss);
         logits = out.logits.iter().map(|t| be.to_host(t).unwrap()).collect();
-    }
-    let params = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
+        out.read(be.as_ref()).unwrap().loss
+    });
     (params, losses, logits)
 }
 
@@ -123,27 +116,17 @@ fn ranks_accumulating_their_shares_train_what_one_process_trains() {
     let (whole, whole_losses, _) = train(be, &[]);
     let run = |c: ThreadComm| {
         let (mut model, batch, labels) = model(Arc::new(CpuBackend::fast()));
-        let opt = AdamW::new(AdamWConfig { lr: 0.01, ..AdamWConfig::default() }).unwrap();
-        let mut opts = [opt.clone(), opt];
         let rows = shard(batch.batch, c.rank(), c.size());
         model.set_dropout_row(rows.start as u64);
         let micro: Vec<(InputBatch, Vec<usize>)> = rows.clone().map(|r| (batch.rows(r..r + 1).unwrap(), labels[r..r + 1].to_vec())).collect();
-        let mut losses = Vec::new();
-        for s in 0..STEPS {
-            let cfg = step_cfg(s);
-            model.train_adapter(&[cfg.trained.as_str()]).unwrap();
-            model.set_dropout(Some(1000 + s));
-            let opt = &mut opts[usize::from(cfg.trained == "tasknn")];
+        run_alternating(model, |model, cfg, opt| {
             let dp = DataParallel { comm: &c, rows: rows.clone(), global_rows: batch.batch };
             let parts: Vec<(&InputBatch, &[usize])> = micro.iter().map(|(b, l)| (b, l.as_slice())).collect();
-            let out = model.train_step_accumulated(&parts, &cfg, opt, Some(&dp)).unwrap();
+            let out = model.train_step_accumulated(&parts, cfg, opt, Some(&dp)).unwrap();
             let mut loss = [out.read_unchecked(model.backend().as_ref()).unwrap().loss * dp.weight()];
             c.all_reduce_sum(&mut loss).unwrap();
-            losses.push(loss[0]);
-        }
-        let be = model.backend().clone();
-        let params: Vec<Vec<f32>> = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
-        (params, losses)
+            loss[0]
+        })
     };
     let handles: Vec<_> = ThreadComm::group(2).into_iter().map(|c| std::thread::spawn(move || run(c))).collect();
     for h in handles {

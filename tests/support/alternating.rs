@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
-use bert_adapters::train::Objective;
+use bert_adapters::train::{AdamW, AdamWConfig, Objective};
 use bert_adapters::{AdapterConfig, Backend, BertModel, InputBatch};
 
 use crate::common::{blow_up_adapters, setup, tiny};
@@ -37,6 +37,24 @@ pub fn step_cfg(s: u64) -> TrainStepConfig {
     } else {
         TrainStepConfig { objective: Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 }, trained: "scorenn".into(), max_grad_norm: Some(1.0) }
     }
+}
+
+/// [`STEPS`] alternating steps of `model` with dropout (seed 1000 + s), each adapter with its own
+/// AdamW (lr 0.01); `step` runs step `s`'s update with its config and optimizer and returns the
+/// loss it reports. Returns both adapters' arena parameters and the losses.
+pub fn run_alternating(mut model: BertModel, mut step: impl FnMut(&mut BertModel, &TrainStepConfig, &mut AdamW) -> f32) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let opt = AdamW::new(AdamWConfig { lr: 0.01, ..AdamWConfig::default() }).unwrap();
+    let mut opts = [opt.clone(), opt];
+    let mut losses = Vec::new();
+    for s in 0..STEPS {
+        let cfg = step_cfg(s);
+        model.train_adapter(&[cfg.trained.as_str()]).unwrap();
+        model.set_dropout(Some(1000 + s));
+        losses.push(step(&mut model, &cfg, &mut opts[usize::from(cfg.trained == "tasknn")]));
+    }
+    let be = model.backend().clone();
+    let params = ["scorenn", "tasknn"].iter().map(|n| be.to_host(&model.arena(n).unwrap().params).unwrap()).collect();
+    (params, losses)
 }
 
 /// `max|got − want| ≤ rel · max|want|`, naming the worst element.
