@@ -76,7 +76,7 @@ use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
 use bert_adapters::cuda::backend::CudaBackend;
 use bert_adapters::cuda::elementwise::{add, bias_act};
-use bert_adapters::cuda::gemm::{Gemm, GemmScalar, Transpose};
+use bert_adapters::cuda::gemm::{Gemm, GemmScalar, SurveyOptions, Transpose};
 use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer};
 use half::bf16;
 use bert_adapters::cuda::layernorm::{
@@ -1069,8 +1069,63 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
             println!("profiled one launched {} {}x{} {precision} step (tasknn) inside cuProfilerStart/Stop", d.name, b, t);
             Ok(())
         }
-        other => Err(format!("CUDA_BENCH_PROFILE must be 1 or ncu, not `{other}`")),
+        "gemm" => {
+            println!("# cuBLASLt's algorithms for the step's 16-bit Linear products ({})\n", gpu.describe());
+            gemm_survey(gpu);
+            Ok(())
+        }
+        other => Err(format!("CUDA_BENCH_PROFILE must be 1, ncu or gemm, not `{other}`")),
     }
+}
+
+/// `CUDA_BENCH_PROFILE=gemm` on a GPU: for the 16-bit Linear products of a BERT-base 32×128 step
+/// (forward `Wᵀ·x` into f32, input gradient `W·dy` into the 16-bit type and into f32), in bf16
+/// and in f16, every algorithm cuBLASLt's heuristic offers under the library's numerical mask and
+/// with none, described and timed ([`Gpu::gemm_survey`]). The first masked row is what a
+/// product gets by default; the fastest masked row is what `BERT_ADAPTERS_GEMM_ALGO=timed` picks.
+fn gemm_survey(gpu: &Gpu) {
+    if gpu.kind() == GpuKind::Sim {
+        println!("(cuda-sim has no cuBLASLt: nothing to survey)");
+        return;
+    }
+    let rows = 32 * 128;
+    // (what, transa, transb, m, n, k): the Linear forward is Gemm(T, N, out, rows, in), the input
+    // gradient Gemm(N, N, in, rows, out) (src/cuda/backend.rs, src/cuda/elementwise.rs).
+    let problems = [
+        ("QKV forward", Transpose::Yes, Transpose::No, 2304, rows, 768),
+        ("FFN up forward", Transpose::Yes, Transpose::No, 3072, rows, 768),
+        ("FFN down forward", Transpose::Yes, Transpose::No, 768, rows, 3072),
+        ("FFN up input gradient", Transpose::No, Transpose::No, 768, rows, 3072),
+        ("FFN down input gradient", Transpose::No, Transpose::No, 3072, rows, 768),
+    ];
+    for (what, ta, tb, m, n, k) in problems {
+        guarded(&format!("gemm survey {what}"), || {
+            survey_one::<bf16, f32>(gpu, what, ta, tb, m, n, k, bf16::from_f32);
+            survey_one::<half::f16, f32>(gpu, what, ta, tb, m, n, k, half::f16::from_f32);
+            if ta == Transpose::No {
+                survey_one::<bf16, bf16>(gpu, what, ta, tb, m, n, k, bf16::from_f32);
+                survey_one::<half::f16, half::f16>(gpu, what, ta, tb, m, n, k, half::f16::from_f32);
+            }
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn survey_one<I: GemmScalar, O: GemmScalar>(gpu: &Gpu, what: &str, ta: Transpose, tb: Transpose, m: usize, n: usize, k: usize, narrow: fn(f32) -> I) {
+    let g = Gemm::new(ta, tb, m, n, k).with_types(I::INPUT, O::OUTPUT);
+    let mut fill = Fill(0x5eed ^ (m * n * k) as u64);
+    let a = gpu.upload(&fill.vec(m * k, -1.0, 1.0).into_iter().map(narrow).collect::<Vec<I>>()).expect("upload");
+    let b = gpu.upload(&fill.vec(k * n, -1.0, 1.0).into_iter().map(narrow).collect::<Vec<I>>()).expect("upload");
+    let mut c = gpu.alloc_zeros::<O>(m * n).expect("device allocation");
+    let reports = gpu.gemm_survey(&g, &a.view(), &b.view(), &c.view_mut(), None, SurveyOptions::default()).expect("gemm survey");
+    let flop = 2.0 * (m * n * k) as f64;
+    println!("## {what}: m {m} n {n} k {k}, {:?}{:?}, {} × {} → {}\n", ta, tb, I::INPUT.name(), I::INPUT.name(), O::OUTPUT.name());
+    println!("| mask | rank | µs | TFLOP/s | algorithm | workspace | waves |\n|---|---:|---:|---:|---|---:|---:|");
+    for r in &reports {
+        let (us, tflops) = r.micros.map_or(("refused".to_string(), String::new()), |us| (format!("{us:.1}"), format!("{:.0}", flop / (us as f64 * 1e6))));
+        println!("| {} | {} | {us} | {tflops} | {} | {} | {:.2} |", if r.masked { "ours" } else { "none" }, r.rank, r.describe, r.workspace_bytes, r.waves);
+    }
+    println!();
 }
 
 /// One benchmark family: its groups at every shape.

@@ -484,3 +484,46 @@ fn f16_range_is_one_rounding(gpu: &Gpu) {
     assert_eq!(down(gpu, &c), vec![80000.0]);
 }
 test_device!(f16_range, f16_range_is_one_rounding);
+
+/// bf16 products keep bf16's exponent range. cuBLASLt 13.0 reports its sm_90 "nvjet" algorithm
+/// (id 66) with the f16-inputs implementation flag for bf16 products too (seen on an H100,
+/// docs/gpu-log.md 2026-11-27), so the library's mask admits that flag for bf16 inputs (see
+/// `impl_mask` in src/cuda/gemm.rs); this is the check that no admitted algorithm narrows a bf16
+/// operand to f16. A holds ±2^20·u and B ±2^-30·u (u an exact bf16 in [1, 2)): in f16 the first
+/// would be inf and the second 0. At the step's shapes on a GPU (where the heuristic picks that
+/// algorithm: 768 × 4096 × 768, forward T·N and input-gradient N·N layouts, f32 and bf16 D), a
+/// smaller one on cuda-sim. Bound: the fp32 rule against the f64 sum (an f32 D) and one bf16
+/// rounding more (a bf16 D).
+fn bf16_exponent_range_is_kept(gpu: &Gpu) {
+    let (m, n, k) = if gpu.kind() == GpuKind::Sim { (40, 64, 96) } else { (768, 4096, 768) };
+    let mut rng = StdRng::seed_from_u64(0xb16e0);
+    let scaled = |rng: &mut StdRng, len: usize, exp: i32| -> Vec<f32> {
+        (0..len).map(|_| rule::round_in::<bf16>(rng.random_range(1.0f32..2.0)) * if rng.random_bool(0.5) { 1.0 } else { -1.0 } * 2f32.powi(exp)).collect()
+    };
+    let (a, b) = (scaled(&mut rng, m * k, 20), scaled(&mut rng, k * n, -30));
+    let (da, db) = (up(gpu, &rule::to_half::<bf16>(&a)), up(gpu, &rule::to_half::<bf16>(&b)));
+    for (ta, tb) in [(Transpose::Yes, Transpose::No), (Transpose::No, Transpose::No)] {
+        // The f64 reference of op(A)·op(B), column-major m × n, as `gemm_host` would index it.
+        let at = |i: usize, l: usize| if ta == Transpose::No { a[l * m + i] } else { a[i * k + l] } as f64;
+        let bt = |l: usize, j: usize| if tb == Transpose::No { b[j * k + l] } else { b[l * n + j] } as f64;
+        let reference: Vec<f64> = (0..m * n).map(|e| (0..k).map(|l| at(e % m, l) * bt(l, e / m)).sum()).collect();
+        let max_ref = reference.iter().fold(0f64, |x, v| x.max(v.abs()));
+        assert!(max_ref > 1e-3 && max_ref < 1e3, "the sums must be ordinary numbers: {max_ref}");
+        let label = format!("{ta:?}·{tb:?} {m}×{n}×{k}");
+        let g = Gemm::new(ta, tb, m, n, k).with_types(InputType::BF16, OutputType::F32);
+        let mut c = up(gpu, &vec![0f32; m * n]);
+        gpu.gemm(&g, &da.view(), &db.view(), &mut c.view_mut(), None).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let tol = 1e-5 * (1.0 + max_ref);
+        for (i, (got, want)) in down(gpu, &c).iter().zip(&reference).enumerate() {
+            assert!((*got as f64 - want).abs() <= tol, "{label}, f32 D: [{i}] = {got}, exact {want}, tol {tol:e}: a bf16 operand lost its range");
+        }
+        let g = g.with_types(InputType::BF16, OutputType::BF16);
+        let mut c = up(gpu, &vec![bf16::ZERO; m * n]);
+        gpu.gemm(&g, &da.view(), &db.view(), &mut c.view_mut(), None).unwrap_or_else(|e| panic!("{label}: {e}"));
+        for (i, (got, want)) in down(gpu, &c).iter().zip(&reference).enumerate() {
+            let bound = want.abs() * 2f64.powi(-8) + tol;
+            assert!((got.to_f64() - want).abs() <= bound, "{label}, bf16 D: [{i}] = {got}, exact {want}, bound {bound:e}");
+        }
+    }
+}
+test_device!(bf16_exponent_range, bf16_exponent_range_is_kept);

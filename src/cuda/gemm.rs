@@ -74,7 +74,9 @@
 //! mantissa bits and would break fp32 parity with the CPU path. The heuristic is additionally
 //! restricted (`CUBLASLT_MATMUL_PREF_IMPL_MASK`) to algorithms whose multiply inputs are fp32, so a
 //! library-wide emulation or TF32 setting cannot slip in; with bf16 inputs, to algorithms whose
-//! multiply inputs hold bf16 exactly (bf16, TF32 or fp32) and whose accumulator is f32; with f16
+//! multiply inputs hold bf16 exactly (bf16, TF32 or fp32) and whose accumulator is f32 (plus the
+//! f16-inputs flag, which cuBLASLt 13.0 reports for its sm_90 nvjet bf16 kernels: see
+//! `impl_mask`; a GPU test checks that bf16 operands keep their range); with f16
 //! inputs likewise (f16, TF32 or fp32: TF32 keeps f16's 10 mantissa bits and f32's exponent
 //! range, so f16 subnormals too) with an f32 accumulator, never an f16 one.
 //!
@@ -201,7 +203,8 @@ impl InputType {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub fn name(self) -> &'static str {
         match self {
             InputType::F32 => "f32",
             InputType::BF16 => "bf16",
@@ -227,7 +230,8 @@ impl OutputType {
         }
     }
 
-    pub(crate) fn name(self) -> &'static str {
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub fn name(self) -> &'static str {
         match self {
             OutputType::F32 => "f32",
             OutputType::BF16 => "bf16",
@@ -886,14 +890,25 @@ const IMPL_FLAGS_ACCUMULATOR_32F: u64 = 0x02 << 8;
 /// its implementation flags are in the mask. f32 inputs: fp32 multiply inputs only (no TF32, no
 /// bf16 emulation). bf16 inputs: any multiply input that holds a bf16 value exactly (bf16 tensor
 /// cores, or bf16 converted to TF32 or fp32 for a SIMT fallback, which odd leading dimensions may
-/// need), and an fp32 accumulator. f16 inputs: the same with f16 tensor cores in place of bf16
-/// ones (TF32 holds every f16 value exactly, subnormals included), and an fp32 accumulator: never
-/// the f16-accumulating kernels.
+/// need), and an fp32 accumulator; and the f16-inputs flag, because cuBLASLt 13.0 reports its
+/// sm_90 "nvjet" algorithm (id 66) with that flag whatever the product's types. Seen on an H100
+/// (docs/gpu-log.md, 2026-11-27): without it a bf16 product fell back to the older sm90 xmma
+/// kernels at 130–165 TFLOP/s where the same shape in f16 ran at 460–660, and the bf16 step
+/// took 35.8 ms against f16's 23.8. Under `CUBLAS_COMPUTE_32F` cuBLASLt may not narrow a bf16
+/// operand, and `tests/cuda_bf16_gemm.rs` (`bf16_exponent_range`) checks on the GPU that none
+/// does (operands at 2^20 and 2^-30, inf and 0 in f16). f16 inputs: f16 tensor cores, or TF32 or
+/// fp32 (which hold every f16 value exactly, subnormals included), and an fp32 accumulator:
+/// never the f16-accumulating kernels.
 fn impl_mask(inputs: InputType) -> u64 {
     match inputs {
         InputType::F32 => !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F,
         InputType::BF16 => {
-            !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK) | IMPL_FLAGS_INPUT_16BF | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F | IMPL_FLAGS_ACCUMULATOR_32F
+            !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK)
+                | IMPL_FLAGS_INPUT_16BF
+                | IMPL_FLAGS_INPUT_16F
+                | IMPL_FLAGS_INPUT_TF32
+                | IMPL_FLAGS_INPUT_32F
+                | IMPL_FLAGS_ACCUMULATOR_32F
         }
         InputType::F16 => {
             !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK) | IMPL_FLAGS_INPUT_16F | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F | IMPL_FLAGS_ACCUMULATOR_32F
@@ -1023,6 +1038,133 @@ fn alignment(addr: CUdeviceptr, stride_elems: usize, batch: usize, elem_size: us
     }
 }
 
+/// The environment variable that sets [`AlgoSelection`]: `heuristic` (the default) or `timed`.
+pub const GEMM_ALGO_VAR: &str = "BERT_ADAPTERS_GEMM_ALGO";
+/// How many of the heuristic's results [`AlgoSelection::Timed`] times.
+pub const TIMED_CANDIDATES: usize = 8;
+/// Runs per candidate when timing (after one warm-up run).
+const TIMED_REPS: usize = 5;
+
+/// How [`LtGemm`] picks an algorithm for a product (shape, types, layout, alignments) it has not
+/// run before. Either way the choice is cached, and every candidate is under the same numerical
+/// mask (`impl_mask`), so the choice changes speed and summation order, never the precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoSelection {
+    /// cuBLASLt's heuristic's first result: deterministic for a given GPU and library.
+    Heuristic,
+    /// The fastest of the heuristic's first [`TIMED_CANDIDATES`] results, each timed once on the
+    /// stream at the product's first use (a synchronisation; into a scratch D). During a graph
+    /// capture, where nothing may be timed, the heuristic's first. Which algorithm wins can vary
+    /// from run to run when two are close, and with it the last bits of the results.
+    Timed,
+}
+
+impl AlgoSelection {
+    /// From [`GEMM_ALGO_VAR`]; unset is [`AlgoSelection::Heuristic`], another value an
+    /// [`Error::Input`] naming the variable.
+    pub fn from_env() -> Result<AlgoSelection> {
+        match std::env::var(GEMM_ALGO_VAR) {
+            Err(std::env::VarError::NotPresent) => Ok(AlgoSelection::Heuristic),
+            Ok(v) => AlgoSelection::parse(&v),
+            Err(e) => Err(Error::Input(format!("{GEMM_ALGO_VAR}: {e}"))),
+        }
+    }
+
+    /// `heuristic` or `timed` (as [`GEMM_ALGO_VAR`] spells them).
+    pub fn parse(v: &str) -> Result<AlgoSelection> {
+        match v {
+            "heuristic" => Ok(AlgoSelection::Heuristic),
+            "timed" => Ok(AlgoSelection::Timed),
+            _ => Err(Error::Input(format!("{GEMM_ALGO_VAR}={v:?}: expected \"heuristic\" or \"timed\""))),
+        }
+    }
+}
+
+/// How much [`LtGemm::survey`] looks at: up to `candidates` heuristic results per mask, each
+/// timed over `reps` runs after a warm-up run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SurveyOptions {
+    pub candidates: usize,
+    pub reps: usize,
+}
+
+impl Default for SurveyOptions {
+    fn default() -> Self {
+        SurveyOptions { candidates: 12, reps: 10 }
+    }
+}
+
+/// One cuBLASLt algorithm as [`LtGemm::survey`] saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlgoReport {
+    /// Offered under this library's numerical mask (`true`) or with no mask.
+    pub masked: bool,
+    /// Its place in the heuristic's answer (0: the heuristic's choice).
+    pub rank: usize,
+    /// Configuration id, tile, stages and numerical implementation flags.
+    pub describe: AlgoDescription,
+    pub workspace_bytes: usize,
+    /// The heuristic's estimate of the waves of thread blocks the product takes.
+    pub waves: f32,
+    /// Mean time per product in microseconds (`None`: cuBLASLt refused to run it).
+    pub micros: Option<f32>,
+}
+
+/// What identifies a cuBLASLt algorithm (`CUBLASLT_ALGO_CONFIG_ID`, `..._TILE_ID`,
+/// `..._STAGES_ID`) and how it computes (`CUBLASLT_ALGO_CAP_NUMERICAL_IMPL_FLAGS`: the op type
+/// in bits 0–7, the accumulator in 8–15, the multiply inputs in 16–23).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AlgoDescription {
+    pub id: i32,
+    pub tile: u32,
+    pub stages: u32,
+    pub impl_flags: u64,
+}
+
+impl std::fmt::Display for AlgoDescription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = match self.impl_flags & 0xff {
+            0x01 => "FMA",
+            0x02 => "HMMA",
+            0x04 => "IMMA",
+            0x08 => "DMMA",
+            _ => "op?",
+        };
+        let input = match (self.impl_flags >> 16) & 0xff {
+            0x01 => "f16",
+            0x02 => "bf16",
+            0x04 => "tf32",
+            0x08 => "f32",
+            _ => "in?",
+        };
+        let acc = match (self.impl_flags >> 8) & 0xff {
+            0x01 => "f16",
+            0x02 => "f32",
+            _ => "acc?",
+        };
+        write!(f, "id {} tile {} stages {} ({op}, {input} inputs, {acc} accumulator, flags {:#x})", self.id, self.tile, self.stages, self.impl_flags)
+    }
+}
+
+/// Reads an algorithm's configuration and capability attributes (zeros where one cannot be read).
+fn describe_algo(algo: &lt::cublasLtMatmulAlgo_t) -> AlgoDescription {
+    fn config<T: Default + Copy>(algo: &lt::cublasLtMatmulAlgo_t, attr: lt::cublasLtMatmulAlgoConfigAttributes_t) -> T {
+        let mut v = T::default();
+        let mut written = 0usize;
+        // SAFETY: a live algorithm struct; the buffer is the attribute's documented size.
+        let _ = unsafe { lt::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, (&mut v as *mut T).cast(), std::mem::size_of::<T>(), &mut written) };
+        v
+    }
+    use lt::cublasLtMatmulAlgoConfigAttributes_t as C;
+    let mut impl_flags = 0u64;
+    let mut written = 0usize;
+    // SAFETY: as above; the flags are a uint64.
+    let _ = unsafe {
+        lt::cublasLtMatmulAlgoCapGetAttribute(algo, lt::cublasLtMatmulAlgoCapAttributes_t::CUBLASLT_ALGO_CAP_NUMERICAL_IMPL_FLAGS, (&mut impl_flags as *mut u64).cast(), 8, &mut written)
+    };
+    AlgoDescription { id: config::<i32>(algo, C::CUBLASLT_ALGO_CONFIG_ID), tile: config::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_TILE_ID), stages: config::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_STAGES_ID), impl_flags }
+}
+
 /// cuBLASLt bound to one stream: a handle, a workspace and a cache of heuristic results.
 ///
 /// Create one per stream with [`LtGemm::new`] and call [`LtGemm::run`] for every product; it
@@ -1065,6 +1207,8 @@ pub struct LtGemm {
     workspace_bytes: usize,
     /// Heuristic results per problem and alignment; `None` records that there is no algorithm.
     algos: Mutex<HashMap<AlgoKey, Option<lt::cublasLtMatmulAlgo_t>>>,
+    /// How a product seen for the first time gets its algorithm.
+    selection: AlgoSelection,
     /// Zeros standing in for A and B when k == 0; grown on demand.
     zeros: Mutex<Option<CudaSlice<f32>>>,
 }
@@ -1100,7 +1244,8 @@ impl LtGemm {
                 .alloc_zeros::<u8>(workspace_bytes)
                 .map_err(|e| Error::Cuda(format!("allocating the {workspace_bytes}-byte cuBLASLt workspace: {e:?}")))?;
             let handle = Handle(lt_result::create_handle().map_err(lt_err("cublasLtCreate"))?);
-            Ok(LtGemm { stream, handle, workspace, workspace_bytes, algos: Mutex::new(HashMap::new()), zeros: Mutex::new(None) })
+            let selection = AlgoSelection::from_env()?;
+            Ok(LtGemm { stream, handle, workspace, workspace_bytes, algos: Mutex::new(HashMap::new()), selection, zeros: Mutex::new(None) })
         })
     }
 
@@ -1111,6 +1256,11 @@ impl LtGemm {
     /// The workspace size in bytes.
     pub fn workspace_bytes(&self) -> usize {
         self.workspace_bytes
+    }
+
+    /// How this object picks an algorithm for a product it has not run before.
+    pub fn selection(&self) -> AlgoSelection {
+        self.selection
     }
 
     /// Enqueues `g` on this object's stream: C at `c` is overwritten by D (see the module docs).
@@ -1265,24 +1415,56 @@ impl LtGemm {
         Ok((desc, a, b, c))
     }
 
-    /// The cached or freshly queried algorithm for `p` at these pointers' alignments.
-    unsafe fn algo(&self, p: &LtProblem, ptrs: LtPointers) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+    /// The alignments (bytes, at most 256) of A, B, C and the bias that the heuristic is told.
+    fn alignments(p: &LtProblem, ptrs: LtPointers) -> [u32; 4] {
         let (in_size, out_size) = (p.inputs.size(), p.output.size());
-        let align = [
+        [
             alignment(ptrs.a, p.stride_a, p.batch, in_size),
             alignment(ptrs.b, p.stride_b, p.batch, in_size),
             alignment(ptrs.c, p.stride_c, p.batch, out_size),
             ptrs.bias.map_or(256, |bias| alignment(bias, 0, 1, out_size)),
-        ];
+        ]
+    }
+
+    /// The cached or freshly chosen algorithm for `p` at these pointers' alignments: the
+    /// heuristic's first, or with [`AlgoSelection::Timed`] (outside a capture) the fastest of its
+    /// first [`TIMED_CANDIDATES`].
+    unsafe fn algo(&self, p: &LtProblem, ptrs: LtPointers) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+        let align = Self::alignments(p, ptrs);
         let key = AlgoKey { problem: *p, align };
         if let Some(hit) = lock(&self.algos).get(&key) {
             return Ok(*hit);
         }
+        let timed = self.selection == AlgoSelection::Timed && !self.capturing();
         // SAFETY: descriptors only; the heuristic dereferences no pointer.
-        let (desc, a, b, c) = unsafe { self.descriptors(p, ptrs.bias)? };
+        let candidates = unsafe { self.heuristic(p, ptrs.bias, align, Some(impl_mask(p.inputs)), if timed { TIMED_CANDIDATES } else { 1 })? };
+        let found = if candidates.len() > 1 {
+            // SAFETY: the caller's contract on `ptrs` for `p` (C is not written: the timing runs
+            // into a scratch D).
+            let times = unsafe { self.time_candidates(p, ptrs, &candidates, TIMED_REPS)? };
+            let best = times.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).min_by(|x, y| x.1.total_cmp(&y.1));
+            Some(candidates[best.map_or(0, |(i, _)| i)].algo)
+        } else {
+            candidates.first().map(|r| r.algo)
+        };
+        lock(&self.algos).insert(key, found);
+        Ok(found)
+    }
+
+    /// Whether this object's stream is capturing a graph (timing is not allowed then). An error
+    /// reading the status counts as capturing: the heuristic's first choice is always safe.
+    fn capturing(&self) -> bool {
+        !matches!(self.stream.capture_status(), Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE))
+    }
+
+    /// Up to `count` usable heuristic results for `p` (state success, workspace within ours), best
+    /// first as cuBLASLt ranks them, under `mask` (`CUBLASLT_MATMUL_PREF_IMPL_MASK`; `None` leaves
+    /// the preference at its default, all algorithms).
+    unsafe fn heuristic(&self, p: &LtProblem, bias: Option<CUdeviceptr>, align: [u32; 4], mask: Option<u64>, count: usize) -> Result<Vec<lt::cublasLtMatmulHeuristicResult_t>> {
+        // SAFETY: descriptors only; the heuristic dereferences no pointer.
+        let (desc, a, b, c) = unsafe { self.descriptors(p, bias)? };
         let pref = Pref(lt_result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?);
         use lt::cublasLtMatmulPreferenceAttributes_t as P;
-        let impl_mask = impl_mask(p.inputs);
         // SAFETY: a live preference; each value has the attribute's documented type.
         unsafe {
             set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, self.workspace_bytes as u64, "setting MAX_WORKSPACE_BYTES")?;
@@ -1290,23 +1472,103 @@ impl LtGemm {
             set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1], "setting MIN_ALIGNMENT_B_BYTES")?;
             set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2], "setting MIN_ALIGNMENT_C_BYTES")?;
             set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2], "setting MIN_ALIGNMENT_D_BYTES")?;
-            set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_IMPL_MASK, impl_mask, "setting IMPL_MASK")?;
-        }
-        let mut result = std::mem::MaybeUninit::<lt::cublasLtMatmulHeuristicResult_t>::zeroed();
-        let mut count: std::ffi::c_int = 0;
-        // SAFETY: live handle and descriptors (D's layout is C's: in place); room for one result.
-        let status = unsafe { lt::cublasLtMatmulAlgoGetHeuristic(self.handle.0, desc.0, a.0, b.0, c.0, c.0, pref.0, 1, result.as_mut_ptr(), &mut count) };
-        let found = match status {
-            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS if count > 0 => {
-                // SAFETY: cuBLASLt wrote `count` >= 1 results.
-                let result = unsafe { result.assume_init() };
-                (result.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && result.workspaceSize <= self.workspace_bytes).then_some(result.algo)
+            if let Some(mask) = mask {
+                set_attr!(lt_result::set_matmul_pref_attribute, pref.0, P::CUBLASLT_MATMUL_PREF_IMPL_MASK, mask, "setting IMPL_MASK")?;
             }
-            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS | lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => None,
-            other => return Err(Error::Cuda(format!("cublasLtMatmulAlgoGetHeuristic failed: {other:?} for {p:?}"))),
-        };
-        lock(&self.algos).insert(key, found);
-        Ok(found)
+        }
+        let count = count.clamp(1, 64);
+        // SAFETY: an all-zero heuristic result is a valid value of this plain C struct.
+        let mut results: Vec<lt::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; count];
+        let mut returned: std::ffi::c_int = 0;
+        // SAFETY: live handle and descriptors (D's layout is C's: in place); room for `count` results.
+        let status = unsafe { lt::cublasLtMatmulAlgoGetHeuristic(self.handle.0, desc.0, a.0, b.0, c.0, c.0, pref.0, count as std::ffi::c_int, results.as_mut_ptr(), &mut returned) };
+        match status {
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {
+                results.truncate((returned.max(0) as usize).min(count));
+                results.retain(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= self.workspace_bytes);
+                Ok(results)
+            }
+            lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(Vec::new()),
+            other => Err(Error::Cuda(format!("cublasLtMatmulAlgoGetHeuristic failed: {other:?} for {p:?}"))),
+        }
+    }
+
+    /// Each candidate's mean time in microseconds over `reps` runs after one warm-up run (`None`
+    /// where cuBLASLt refused to run it), with D in a zeroed scratch buffer of C's extent, so the
+    /// caller's C is neither read nor written. Synchronises with the stream.
+    unsafe fn time_candidates(&self, p: &LtProblem, ptrs: LtPointers, candidates: &[lt::cublasLtMatmulHeuristicResult_t], reps: usize) -> Result<Vec<Option<f32>>> {
+        let elems = if p.batch == 0 { 0 } else { (p.batch - 1) * p.stride_c + (p.n.max(1) - 1) * p.ldc + p.m };
+        let bytes = (elems * p.output.size()).max(1);
+        let scratch = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| Error::Cuda(format!("allocating {bytes} bytes to time cuBLASLt's algorithms: {e:?}")))?;
+        let (d, _record) = scratch.device_ptr(&self.stream);
+        let timed = LtPointers { c: d, ..ptrs };
+        let event = || self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::Cuda(format!("recording a timing event: {e:?}")));
+        let mut times = Vec::with_capacity(candidates.len());
+        for r in candidates {
+            // SAFETY: the caller's contract on A, B and the bias; D is the scratch of C's extent.
+            if unsafe { self.matmul(p, timed, &r.algo, 1.0, 0.0) }.is_err() {
+                times.push(None);
+                continue;
+            }
+            let start = event()?;
+            let mut ok = true;
+            for _ in 0..reps.max(1) {
+                // SAFETY: as above.
+                ok &= unsafe { self.matmul(p, timed, &r.algo, 1.0, 0.0) }.is_ok();
+            }
+            let end = event()?;
+            let ms = start.elapsed_ms(&end).map_err(|e| Error::Cuda(format!("timing cuBLASLt's algorithms: {e:?}")))?;
+            times.push(ok.then_some(ms * 1e3 / reps.max(1) as f32));
+        }
+        Ok(times)
+    }
+
+    /// What cuBLASLt offers for `g` on these operands: up to `options.candidates` heuristic
+    /// results under this library's numerical mask and as many with no mask, each described
+    /// (configuration id, tile, stages, numerical implementation flags) and timed over
+    /// `options.reps` runs into a scratch D. A diagnostic (`CUDA_BENCH_PROFILE=gemm` in benches/cuda.rs): which algorithm a product
+    /// gets, and what the others would cost.
+    ///
+    /// # Safety
+    /// As for [`LtGemm::run`]; C is not written (nor read).
+    pub unsafe fn survey(&self, g: &Gemm, a: CUdeviceptr, b: CUdeviceptr, c: CUdeviceptr, bias: Option<CUdeviceptr>, options: SurveyOptions) -> Result<Vec<AlgoReport>> {
+        g.required_lengths()?;
+        g.check_bias_presence(bias.is_some())?;
+        if g.is_noop() || g.k == 0 {
+            return Ok(Vec::new());
+        }
+        guard("cuBLASLt survey", || {
+            self.stream.context().bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
+            let p = LtProblem {
+                transa: g.transa,
+                transb: g.transb,
+                m: g.m,
+                n: g.n,
+                k: g.k,
+                lda: g.lda,
+                ldb: g.ldb,
+                ldc: g.ldc,
+                batch: g.batch,
+                stride_a: g.stride_a,
+                stride_b: g.stride_b,
+                stride_c: g.stride_c,
+                epilogue: g.epilogue,
+                inputs: g.inputs,
+                output: g.output,
+            };
+            let ptrs = LtPointers { a, b, c, bias };
+            let align = Self::alignments(&p, ptrs);
+            let mut reports = Vec::new();
+            for mask in [Some(impl_mask(p.inputs)), None] {
+                // SAFETY: the caller's contract (as for `run`); D goes to a scratch buffer.
+                let found = unsafe { self.heuristic(&p, bias, align, mask, options.candidates)? };
+                let times = unsafe { self.time_candidates(&p, ptrs, &found, options.reps)? };
+                for (rank, (r, micros)) in found.iter().zip(times).enumerate() {
+                    reports.push(AlgoReport { masked: mask.is_some(), rank, describe: describe_algo(&r.algo), workspace_bytes: r.workspaceSize, waves: r.wavesCount, micros });
+                }
+            }
+            Ok(reports)
+        })
     }
 
     /// One `cublasLtMatmul` call with `algo`, in place on C.
@@ -1363,6 +1625,34 @@ mod tests {
         for n in numbers {
             assert!(msg.contains(n), "message does not contain {n}: {msg}");
         }
+    }
+
+    #[test]
+    fn algo_selection_names() {
+        assert_eq!(AlgoSelection::parse("heuristic").unwrap(), AlgoSelection::Heuristic);
+        assert_eq!(AlgoSelection::parse("timed").unwrap(), AlgoSelection::Timed);
+        let e = AlgoSelection::parse("fastest").unwrap_err();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains(GEMM_ALGO_VAR) && e.to_string().contains("fastest"), "{e}");
+    }
+
+    /// The flags decode by cuBLASLt's `cublasLtNumericalImplFlags_t` fields: op type, accumulator,
+    /// multiply inputs; what the mask admits for each input type.
+    #[test]
+    fn algo_descriptions_and_masks() {
+        let bf16_tensor_core = 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_16BF;
+        let d = AlgoDescription { id: 66, tile: 20, stages: 35, impl_flags: bf16_tensor_core };
+        assert_eq!(d.to_string(), "id 66 tile 20 stages 35 (HMMA, bf16 inputs, f32 accumulator, flags 0x20202)");
+        let admits = |inputs: InputType, flags: u64| flags & !impl_mask(inputs) == 0;
+        assert!(admits(InputType::BF16, bf16_tensor_core));
+        // cuBLASLt 13.0's nvjet algorithm as an H100 reported it for a bf16 × bf16 → f32 product.
+        assert!(admits(InputType::BF16, 0x10202), "the nvjet algorithm, which reports f16 inputs");
+        assert!(!admits(InputType::BF16, 0x02 | (0x01 << 8) | IMPL_FLAGS_INPUT_16BF), "never an f16 accumulator");
+        assert!(!admits(InputType::F32, bf16_tensor_core), "f32 products never take bf16 multiply inputs");
+        let f16_acc16 = 0x02 | (0x01 << 8) | IMPL_FLAGS_INPUT_16F;
+        assert!(!admits(InputType::F16, f16_acc16), "never an f16 accumulator");
+        assert!(admits(InputType::F16, 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_16F));
+        assert!(admits(InputType::F32, 0x01 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_32F));
+        assert!(!admits(InputType::F32, 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_TF32), "no TF32 for f32");
     }
 
     #[test]
@@ -1518,9 +1808,10 @@ mod tests {
         let f = impl_mask(InputType::F32);
         assert_eq!(f & IMPL_FLAGS_OP_INPUT_TYPE_MASK, 0x08 << 16);
         assert_eq!(f & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, IMPL_FLAGS_ACCUMULATOR_TYPE_MASK);
-        // bf16: bf16, TF32 or fp32 multiply inputs (not fp16: 0x01, not int8: 0x20), fp32 accumulation only.
+        // bf16: bf16, TF32 or fp32 multiply inputs, and the fp16 flag that cuBLASLt 13.0's nvjet
+        // kernels report for bf16 products too (not int8: 0x20), fp32 accumulation only.
         let b = impl_mask(InputType::BF16);
-        assert_eq!(b & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x02 | 0x04 | 0x08) << 16);
+        assert_eq!(b & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x01 | 0x02 | 0x04 | 0x08) << 16);
         assert_eq!(b & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
         assert_eq!(b & 0xff, 0xff, "any instruction kind (FMA, HMMA, ...)");
         // f16: f16, TF32 or fp32 multiply inputs (not bf16: 0x02), fp32 accumulation only (not fp16: 0x01 << 8).

@@ -1055,21 +1055,40 @@ impl Gpu {
         }
     }
 
+    /// This GPU's cuBLASLt object, created at the first product.
+    fn lt_gemm(&self, rt: &CudaRuntime) -> Result<Arc<LtGemm>> {
+        let mut slot = lock(&self.lt);
+        if let Some(lt) = &*slot {
+            return Ok(lt.clone());
+        }
+        let lt = Arc::new(LtGemm::new(rt.stream().clone())?);
+        *slot = Some(lt.clone());
+        Ok(lt)
+    }
+
+    /// What cuBLASLt offers for the product [`Gpu::gemm`] would run on these operands, each
+    /// algorithm described and timed ([`LtGemm::survey`]: the heuristic's results under this
+    /// library's numerical mask and with none, as many and timed as often as `options` says).
+    /// C is neither read nor written.
+    /// A GPU only: [`Error::Unsupported`] on cuda-sim, which has no cuBLASLt.
+    pub fn gemm_survey<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>, options: super::gemm::SurveyOptions) -> Result<Vec<super::gemm::AlgoReport>> {
+        g.validate(a.len, b.len, c.len, bias.map(|v| v.len))?;
+        g.check_element_types::<I, O>()?;
+        self.refuse_while_capturing("gemm_survey")?;
+        match &self.backend {
+            // SAFETY: every operand was validated against its view's length and type, and the
+            // views are device memory of this Gpu's stream; C is not touched.
+            Backend::Cuda(rt) => unsafe { self.lt_gemm(rt)?.survey(g, a.ptr, b.ptr, c.ptr, bias.map(|v| v.ptr), options) },
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Err(Error::Unsupported("gemm_survey: cuda-sim has no cuBLASLt algorithms to survey".into())),
+        }
+    }
+
     /// [`Gpu::gemm`]'s executors, after its checks.
     fn gemm_validated<I: GemmScalar, O: GemmScalar>(&self, g: &Gemm, a: &DeviceView<'_, I>, b: &DeviceView<'_, I>, c: &mut DeviceViewMut<'_, O>, bias: Option<&DeviceView<'_, O>>) -> Result<()> {
         match &self.backend {
             Backend::Cuda(rt) => {
-                let lt = {
-                    let mut slot = lock(&self.lt);
-                    match &*slot {
-                        Some(lt) => lt.clone(),
-                        None => {
-                            let lt = Arc::new(LtGemm::new(rt.stream().clone())?);
-                            *slot = Some(lt.clone());
-                            lt
-                        }
-                    }
-                };
+                let lt = self.lt_gemm(rt)?;
                 // SAFETY: every operand was validated against its view's length, the views are
                 // device memory of this Gpu's stream, and C aliases no input.
                 unsafe { lt.run(g, a.ptr, b.ptr, c.ptr, bias.map(|v| v.ptr)) }
