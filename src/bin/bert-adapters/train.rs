@@ -325,8 +325,8 @@ fn trained_at(step: u64, k: u64) -> &'static str {
 /// What a run shows while it trains: on a terminal, a bar (step, adapter, loss, tokens/s, ETA)
 /// that says what it is evaluating while it evaluates; when the bar is not drawn (--quiet, or
 /// stderr is not a terminal) or stdout is not a terminal, a plain line every `every` steps with
-/// the same figures. The ETA counts training steps only, at this session's time per step, so
-/// a validation neither stretches it nor hides in it.
+/// the same figures. The speed and ETA are the last few training steps' ([`RecentSteps`]), so
+/// a validation neither stretches them nor hides in them, nor do the first steps' one-time costs.
 struct Progress {
     bar: ProgressBar,
     every: Option<u64>,
@@ -369,10 +369,40 @@ impl Progress {
     }
 }
 
-/// Time left for `left` more steps at the mean time of the `done` steps this session took
-/// `secs` to train (evaluation excluded); none before the first step.
-fn eta(secs: f64, done: u64, left: u64) -> Option<Duration> {
-    (done > 0).then(|| Duration::from_secs_f64(secs / done as f64 * left as f64))
+/// The last [`RecentSteps::LEN`] training steps' times and tokens, for the speed and ETA shown
+/// while training: the run's current pace, not a session mean that one-time costs of the first
+/// steps (kernel compilation, graph capture, a cold GPU) drag down for the whole run. The first
+/// run on a fresh H100 spent 37 s before its step 20 and 3 s on the 380 steps after it; a session
+/// mean showed 278 tokens/s and an ETA of 12 minutes at step 20 (docs/gpu-log.md, 2026-11-27).
+#[derive(Default)]
+struct RecentSteps {
+    steps: std::collections::VecDeque<(f64, u64)>,
+}
+
+impl RecentSteps {
+    const LEN: usize = 10;
+
+    fn push(&mut self, secs: f64, tokens: u64) {
+        if self.steps.len() == Self::LEN {
+            self.steps.pop_front();
+        }
+        self.steps.push_back((secs, tokens));
+    }
+
+    fn secs(&self) -> f64 {
+        self.steps.iter().map(|s| s.0).sum()
+    }
+
+    /// Non-padding tokens per second over the recent steps.
+    fn tokens_per_s(&self) -> f64 {
+        Run::tokens_per_s(self.steps.iter().map(|s| s.1).sum(), self.secs())
+    }
+
+    /// Time left for `left` more steps at the recent steps' mean time (evaluation excluded);
+    /// none before the first step.
+    fn eta(&self, left: u64) -> Option<Duration> {
+        (!self.steps.is_empty()).then(|| Duration::from_secs_f64(self.secs() / self.steps.len() as f64 * left as f64))
+    }
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -431,6 +461,8 @@ struct Run<'a> {
     train_tokens: u64,
     window_secs: f64,
     window_tokens: u64,
+    /// What the progress shows: the pace of the last few steps.
+    recent: RecentSteps,
     progress: Progress,
     /// Set by Ctrl-C: stop at the next step or evaluation batch, with a checkpoint.
     stop: Arc<AtomicBool>,
@@ -961,6 +993,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         train_tokens: 0,
         window_secs: 0.0,
         window_tokens: 0,
+        recent: RecentSteps::default(),
         progress: Progress::new(args, start, total),
         stop: stop.clone(),
         graphs: StepGraphs::new(args.graphs),
@@ -1006,8 +1039,8 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         run.train_tokens += tokens;
         run.window_tokens += tokens;
         run.steps.push(StepRecord { step: s + 1, adapter: adapter.into(), loss: loss.loss as f64, ce: loss.ce as f64, tokens });
-        let speed = Run::tokens_per_s(run.train_tokens, run.train_secs);
-        let eta = eta(run.train_secs, run.train_steps, total - (s + 1));
+        run.recent.push(secs, tokens);
+        let (speed, eta) = (run.recent.tokens_per_s(), run.recent.eta(total - (s + 1)));
         run.progress.stepped(s + 1, adapter, loss.loss, speed, eta, &run.steps);
         if (s + 1).is_multiple_of(args.eval_every) && s + 1 < total {
             run.validate(s + 1).map_err(|e| diverged_after(e, s + 1))?;
@@ -1029,4 +1062,28 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         checkpoint::DIR
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow first step (compilation, a cold GPU) leaves the shown pace once it is out of the
+    /// window; before that it counts like any other step.
+    #[test]
+    fn the_pace_is_the_last_steps() {
+        let mut r = RecentSteps::default();
+        assert_eq!((r.tokens_per_s(), r.eta(5)), (0.0, None));
+        r.push(37.0, 1000);
+        assert_eq!(r.eta(4), Some(Duration::from_secs(148)));
+        for _ in 0..RecentSteps::LEN - 1 {
+            r.push(0.5, 1000);
+        }
+        let with_first = 10_000.0 / (37.0 + 0.5 * 9.0);
+        assert!((r.tokens_per_s() - with_first).abs() < 1e-9, "{}", r.tokens_per_s());
+        r.push(0.5, 1000);
+        assert!((r.tokens_per_s() - 2000.0).abs() < 1e-9, "{}", r.tokens_per_s());
+        assert_eq!(r.eta(380), Some(Duration::from_secs(190)));
+        assert_eq!(r.eta(0), Some(Duration::ZERO));
+    }
 }
