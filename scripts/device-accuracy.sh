@@ -27,12 +27,13 @@ summary="$dest/summary.txt"
 status=0
 read -ra precisions <<<"${PRECISIONS:-f32 bf16}"
 for p in "${precisions[@]}"; do
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     "$bin" train --model "$work/minilm-bf16" --data "$data" --out "$work/$p" --device "${DEVICE:-cuda}" --precision "$p" --quiet ${STEPS:+--steps "$STEPS"} >"$dest/$p.log" 2>&1 || { echo "$p: train failed (exit $?), see $p.log" >>"$summary"; status=1; }
-    secs=$(echo "$(date +%s.%N) - $start" | bc)
+    # Shell arithmetic and awk, not bc: the GPU machine has no bc (seen 2026-11-27).
+    secs=$(( ($(date +%s%N) - start) / 1000000000 ))
     mkdir -p "$dest/$p" && cp "$work/$p/metrics.csv" "$dest/$p/" 2>/dev/null
     line=$(grep '^test: accuracy' "$dest/$p.log" | tail -1)
-    echo "$p: $line; $(grep -o '[0-9,]* tokens/s this session' "$dest/$p.log" | tail -1); wall ${secs%.*} s" >>"$summary"
+    echo "$p: $line; $(grep -o '[0-9,]* tokens/s this session' "$dest/$p.log" | tail -1); wall $secs s" >>"$summary"
 done
 acc() { grep '^test: accuracy' "$dest/$1.log" | tail -1 | sed -E 's/^test: accuracy ([0-9.]+).*/\1/'; }
 a32=$(acc f32)
@@ -40,8 +41,8 @@ for p in "${precisions[@]}"; do
     [ "$p" = f32 ] && continue
     a16=$(acc "$p")
     if [ -n "$a32" ] && [ -n "$a16" ]; then
-        diff=$(echo "$a16 - $a32" | bc -l)
-        if [ "$(echo "${diff#-} <= 0.01" | bc -l)" = 1 ]; then verdict=PASS; else verdict=FAIL; status=1; fi
+        diff=$(awk -v a="$a16" -v b="$a32" 'BEGIN { printf "%+.4f", a - b }')
+        if awk -v d="$diff" 'BEGIN { exit !(d <= 0.01 && d >= -0.01) }'; then verdict=PASS; else verdict=FAIL; status=1; fi
         echo "$p - f32 test accuracy: $diff ($verdict: within 0.01)" >>"$summary"
     else
         echo "FAIL: the f32 or the $p run printed no test accuracy" >>"$summary"
