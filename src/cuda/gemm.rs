@@ -1007,6 +1007,29 @@ struct LtProblem {
     output: OutputType,
 }
 
+impl LtProblem {
+    /// `g` without its scalars (the `k == 0` rewrite is the caller's).
+    fn of(g: &Gemm) -> LtProblem {
+        LtProblem {
+            transa: g.transa,
+            transb: g.transb,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            lda: g.lda,
+            ldb: g.ldb,
+            ldc: g.ldc,
+            batch: g.batch,
+            stride_a: g.stride_a,
+            stride_b: g.stride_b,
+            stride_c: g.stride_c,
+            epilogue: g.epilogue,
+            inputs: g.inputs,
+            output: g.output,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct AlgoKey {
     problem: LtProblem,
@@ -1292,23 +1315,7 @@ impl LtGemm {
         }
         guard("cublasLtMatmul", || {
             self.stream.context().bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
-            let problem = LtProblem {
-                transa: g.transa,
-                transb: g.transb,
-                m: g.m,
-                n: g.n,
-                k: g.k,
-                lda: g.lda,
-                ldb: g.ldb,
-                ldc: g.ldc,
-                batch: g.batch,
-                stride_a: g.stride_a,
-                stride_b: g.stride_b,
-                stride_c: g.stride_c,
-                epilogue: g.epilogue,
-                inputs: g.inputs,
-                output: g.output,
-            };
+            let problem = LtProblem::of(g);
             let ptrs = LtPointers { a, b, c, bias };
             if g.k > 0 {
                 // SAFETY: the caller's contract.
@@ -1526,8 +1533,8 @@ impl LtGemm {
     /// What cuBLASLt offers for `g` on these operands: up to `options.candidates` heuristic
     /// results under this library's numerical mask and as many with no mask, each described
     /// (configuration id, tile, stages, numerical implementation flags) and timed over
-    /// `options.reps` runs into a scratch D. A diagnostic (`CUDA_BENCH_PROFILE=gemm` in benches/cuda.rs): which algorithm a product
-    /// gets, and what the others would cost.
+    /// `options.reps` runs into a scratch D. A diagnostic (`CUDA_BENCH_PROFILE=gemm` in
+    /// benches/cuda.rs): which algorithm a product gets, and what the others would cost.
     ///
     /// # Safety
     /// As for [`LtGemm::run`]; C is not written (nor read).
@@ -1539,23 +1546,7 @@ impl LtGemm {
         }
         guard("cuBLASLt survey", || {
             self.stream.context().bind_to_thread().map_err(|e| Error::Cuda(format!("binding the CUDA context: {e:?}")))?;
-            let p = LtProblem {
-                transa: g.transa,
-                transb: g.transb,
-                m: g.m,
-                n: g.n,
-                k: g.k,
-                lda: g.lda,
-                ldb: g.ldb,
-                ldc: g.ldc,
-                batch: g.batch,
-                stride_a: g.stride_a,
-                stride_b: g.stride_b,
-                stride_c: g.stride_c,
-                epilogue: g.epilogue,
-                inputs: g.inputs,
-                output: g.output,
-            };
+            let p = LtProblem::of(g);
             let ptrs = LtPointers { a, b, c, bias };
             let align = Self::alignments(&p, ptrs);
             let mut reports = Vec::new();
