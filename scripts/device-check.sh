@@ -12,9 +12,13 @@
 # 25 test executables 75 s, bench-cuda 113 s, bench-kernels 7 s, bench_torch.py 152 s, so
 # `SKIP_SANITIZER=1` runs everything else in one 10-minute command (about 6 minutes); the
 # sanitizer takes about 2 minutes more (racecheck of the attention backward is left out: it ran
-# past 100 s). Since then (2026-11-27, not yet run) the bundle holds 33 test executables and
-# bench-cuda has the bf16 step, the split backward and the GEMM attention functions: expect
-# more; if one call does not fit, run SKIP_BENCH=1 first and SKIP_TESTS=1 second.
+# past 100 s). Seen on an H100 in a later session (2026-11-27, 37 test executables): the tests
+# ~130 s (test-nvrtc_compile 72 s of it), bench-cuda 226 s, bench-kernels 7 s, bench_torch.py
+# 84 s with TORCH_BENCH_ARGS="--precisions bf16 --compile-shapes bert_base:32x128 --profile
+# bert_base:32x128" (its fp32 half left out), the step profile 5 s: 440 s with SKIP_SANITIZER=1,
+# which leaves ~2 minutes of a 15-minute device budget for the accuracy call
+# (scripts/device-accuracy.sh, ~50 s) and the starts. If one call does not fit, run
+# SKIP_BENCH=1 first and SKIP_TESTS=1 second.
 # Writes $OUT/device-check.txt (summary), $OUT/device-check.log (full output) and, with the
 # benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
 # the ratios) when $OUT is set.
@@ -299,6 +303,24 @@ if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/be
     awk '/^## /{print; n=0; next} /^\| [a-z]/{ if (n < 13) print; n++ } /^GPU span/{print}' "$PROFILE_MD" | sed 's/^/    /' >>"$SUMMARY"
     [ -n "${OUT:-}" ] && { mkdir -p "$OUT"; cp "$PROFILE_MD" "$OUT/step-profile.md"; }
     rm -f "$PROFILE_MD"
+    flush
+    # The products' algorithms (CUDA_BENCH_PROFILE=gemm: every candidate of cuBLASLt's heuristic for
+    # the step's 16-bit Linear shapes, with our numerical mask and with none, described and timed;
+    # a few seconds) and the step spans with BERT_ADAPTERS_GEMM_ALGO=timed (the fastest of the
+    # heuristic's first 8), beside the heuristic's above: $OUT/gemm.md. The summary keeps each
+    # shape's first masked row (what a product gets) and the timed step spans. Seen on an H100
+    # (2026-11-27): the survey found bf16 products shut out of the nvjet kernels (ac85648).
+    GEMM_MD=$(mktemp)
+    start=$(date +%s)
+    env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=gemm timeout "${PROFILE_TIMEOUT:-240}" "$BUNDLE/bench-cuda" >"$GEMM_MD" 2>&1
+    rc=$?
+    env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=1 CUDA_BENCH_PROFILE_PRECISIONS="bf16 f16" BERT_ADAPTERS_GEMM_ALGO=timed \
+        timeout "${PROFILE_TIMEOUT:-240}" "$BUNDLE/bench-cuda" 2>&1 | sed 's/^## /## (BERT_ADAPTERS_GEMM_ALGO=timed) /' >>"$GEMM_MD"
+    say "cuBLASLt survey and timed step profile: rc $rc, ${PIPESTATUS[0]} ($(( $(date +%s) - start ))s)"
+    awk '/^## [A-Z]/{h=$0} /^\| ours \| 0 /{print h; print} /^## \(BERT_ADAPTERS_GEMM_ALGO=timed\)/{print}' "$GEMM_MD" | sed 's/^/    /' >>"$SUMMARY"
+    cat "$GEMM_MD" >>"$LOG"
+    [ -n "${OUT:-}" ] && cp "$GEMM_MD" "$OUT/gemm.md"
+    rm -f "$GEMM_MD"
     flush
     NCU_BIN=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
     if [ "${NCU:-0}" = 1 ] && [ -n "$NCU_BIN" ]; then
