@@ -837,25 +837,19 @@ impl LocationPath {
     /// `Split` on a GPU, `Fused` on cuda-sim (whose kernels are what the CPU tests exercise most),
     /// unless [`LOCATION_PATH_VAR`] says `fused` or `split` (another value is `Error::Input`).
     pub fn auto(gpu: &Gpu) -> Result<LocationPath> {
-        match std::env::var(LOCATION_PATH_VAR) {
-            Ok(v) => LocationPath::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(match gpu.kind() {
-                super::gpu::GpuKind::Cuda => LocationPath::Split,
-                super::gpu::GpuKind::Sim => LocationPath::Fused,
-            }),
-            Err(e) => Err(Error::Input(format!("{LOCATION_PATH_VAR}: {e}"))),
-        }
+        Ok(super::probe::env_choice(LOCATION_PATH_VAR, Self::NAMES)?.unwrap_or(match gpu.kind() {
+            super::gpu::GpuKind::Cuda => LocationPath::Split,
+            super::gpu::GpuKind::Sim => LocationPath::Fused,
+        }))
     }
 
     /// `fused` or `split` (as [`LOCATION_PATH_VAR`] spells them); an empty value is `auto`'s
     /// device rule's business, so it is refused here too.
     pub fn parse(v: &str) -> Result<LocationPath> {
-        match v {
-            "fused" => Ok(LocationPath::Fused),
-            "split" => Ok(LocationPath::Split),
-            _ => Err(Error::Input(format!("{LOCATION_PATH_VAR}={v:?}: expected \"fused\" or \"split\""))),
-        }
+        super::probe::parse_choice(LOCATION_PATH_VAR, v, Self::NAMES)
     }
+
+    const NAMES: &[(&str, LocationPath)] = &[("fused", LocationPath::Fused), ("split", LocationPath::Split)];
 }
 
 /// The location's forward on `path`, with the automatic plan.

@@ -73,24 +73,18 @@ impl AttentionPath {
     /// cuda-sim (whose fused kernels are what the CPU tests exercise most), unless
     /// [`ATTENTION_PATH_VAR`] says `fused` or `gemm` (another value is `Error::Input`).
     pub fn auto(gpu: &Gpu, seq: usize) -> Result<AttentionPath> {
-        match std::env::var(ATTENTION_PATH_VAR) {
-            Ok(v) => AttentionPath::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(match gpu.kind() {
-                GpuKind::Cuda if seq <= GEMM_MAX_SEQ => AttentionPath::Gemm,
-                _ => AttentionPath::Fused,
-            }),
-            Err(e) => Err(Error::Input(format!("{ATTENTION_PATH_VAR}: {e}"))),
-        }
+        Ok(super::probe::env_choice(ATTENTION_PATH_VAR, Self::NAMES)?.unwrap_or(match gpu.kind() {
+            GpuKind::Cuda if seq <= GEMM_MAX_SEQ => AttentionPath::Gemm,
+            _ => AttentionPath::Fused,
+        }))
     }
 
     /// `fused` or `gemm` (as [`ATTENTION_PATH_VAR`] spells them).
     pub fn parse(v: &str) -> Result<AttentionPath> {
-        match v {
-            "fused" => Ok(AttentionPath::Fused),
-            "gemm" => Ok(AttentionPath::Gemm),
-            _ => Err(Error::Input(format!("{ATTENTION_PATH_VAR}={v:?}: expected \"fused\" or \"gemm\""))),
-        }
+        super::probe::parse_choice(ATTENTION_PATH_VAR, v, Self::NAMES)
     }
+
+    const NAMES: &[(&str, AttentionPath)] = &[("fused", AttentionPath::Fused), ("gemm", AttentionPath::Gemm)];
 }
 
 /// The row kernels for a storage type: `[softmax, softmax_dropout, backward, backward_dropout]`.

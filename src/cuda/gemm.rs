@@ -1086,21 +1086,15 @@ impl AlgoSelection {
     /// From [`GEMM_ALGO_VAR`]; unset is [`AlgoSelection::Heuristic`], another value an
     /// [`Error::Input`] naming the variable.
     pub fn from_env() -> Result<AlgoSelection> {
-        match std::env::var(GEMM_ALGO_VAR) {
-            Err(std::env::VarError::NotPresent) => Ok(AlgoSelection::Heuristic),
-            Ok(v) => AlgoSelection::parse(&v),
-            Err(e) => Err(Error::Input(format!("{GEMM_ALGO_VAR}: {e}"))),
-        }
+        Ok(probe::env_choice(GEMM_ALGO_VAR, Self::NAMES)?.unwrap_or(AlgoSelection::Heuristic))
     }
 
     /// `heuristic` or `timed` (as [`GEMM_ALGO_VAR`] spells them).
     pub fn parse(v: &str) -> Result<AlgoSelection> {
-        match v {
-            "heuristic" => Ok(AlgoSelection::Heuristic),
-            "timed" => Ok(AlgoSelection::Timed),
-            _ => Err(Error::Input(format!("{GEMM_ALGO_VAR}={v:?}: expected \"heuristic\" or \"timed\""))),
-        }
+        probe::parse_choice(GEMM_ALGO_VAR, v, Self::NAMES)
     }
+
+    const NAMES: &[(&str, AlgoSelection)] = &[("heuristic", AlgoSelection::Heuristic), ("timed", AlgoSelection::Timed)];
 }
 
 /// How much [`LtGemm::survey`] looks at: up to `candidates` heuristic results per mask, each
@@ -1623,7 +1617,7 @@ mod tests {
         assert_eq!(AlgoSelection::parse("heuristic").unwrap(), AlgoSelection::Heuristic);
         assert_eq!(AlgoSelection::parse("timed").unwrap(), AlgoSelection::Timed);
         let e = AlgoSelection::parse("fastest").unwrap_err();
-        assert!(matches!(e, Error::Input(_)) && e.to_string().contains(GEMM_ALGO_VAR) && e.to_string().contains("fastest"), "{e}");
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains(r#"BERT_ADAPTERS_GEMM_ALGO="fastest": expected "heuristic" or "timed""#), "{e}");
     }
 
     /// The flags decode by cuBLASLt's `cublasLtNumericalImplFlags_t` fields: op type, accumulator,

@@ -97,6 +97,25 @@ pub fn env_flag(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// The one of `choices` named `v` (the value of `var`); another value is an `Error::Input` naming
+/// the variable, the value and the names it takes.
+pub fn parse_choice<T: Copy>(var: &str, v: &str, choices: &[(&str, T)]) -> crate::Result<T> {
+    choices.iter().find(|(name, _)| *name == v).map(|&(_, t)| t).ok_or_else(|| {
+        let names: Vec<String> = choices.iter().map(|(name, _)| format!("{name:?}")).collect();
+        crate::Error::Input(format!("{var}={v:?}: expected {}", names.join(" or ")))
+    })
+}
+
+/// `var`'s value among `choices`, `None` when it is unset ([`parse_choice`]; a value that is not
+/// Unicode is an `Error::Input` too).
+pub fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> crate::Result<Option<T>> {
+    match std::env::var(var) {
+        Ok(v) => parse_choice(var, &v, choices).map(Some),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(crate::Error::Input(format!("{var}: {e}"))),
+    }
+}
+
 /// Writes one line to the process's real stderr, bypassing libtest's output capture, so that
 /// skips are visible in a plain `cargo test`.
 pub fn report_line(line: &str) {
