@@ -31,8 +31,10 @@
 //!   written once.
 //! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
 //!   input gradients needed, `fused` (the one-launch kernel) against `split` (row kernels around
-//!   the products and weight gradients on cuBLASLt: `LocationPath::Split`), at BERT-base 32×128 and
-//!   MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out, h, r read, dh, dr written.
+//!   the products and weight gradients on cuBLASLt: `LocationPath::Split`, its row kernels
+//!   staging their rows in shared memory) and `split_unstaged` (the same with `RowStaging::Off`),
+//!   at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
+//!   h, r read, dh, dr written.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
 //!   input): two pfeiffer branches in `one_launch` against `two_launches` (fused) and `split`.
@@ -69,8 +71,9 @@ use std::time::Duration;
 
 use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_backward_split, adapter_location_forward, adapter_location_forward_split, backward_workspace_len, BranchGrads, LocationBackwardOutputs,
-    LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationShape,
+    adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split, backward_workspace_len,
+    split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape,
+    RowStaging,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
@@ -546,8 +549,9 @@ impl LocationBackward {
         }
     }
 
-    /// On `path`: the fused kernel (with its workspace) or the split path (its own from the pool).
-    fn run(&mut self, gpu: &Gpu, path: LocationPath) {
+    /// The fused kernel (with its workspace) when `split` is None, else the split path (its own
+    /// workspace from the pool) with that row staging.
+    fn run(&mut self, gpu: &Gpu, split: Option<RowStaging>) {
         let LocationBackward { loc, d_out, dh, dr, grads, workspace } = self;
         let [dwd, dbd, dwu, dbu] = grads;
         let branch = BranchGrads {
@@ -563,9 +567,12 @@ impl LocationBackward {
         };
         let mut g = [Some(branch)];
         let mut outputs = LocationBackwardOutputs { input_grads: Some((dh.view_mut(), dr.view_mut())), grads: &mut g };
-        match path {
-            LocationPath::Fused => adapter_location_backward(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, workspace, loc.shape).expect("adapter_location_backward"),
-            LocationPath::Split => adapter_location_backward_split(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, loc.shape).expect("adapter_location_backward_split"),
+        match split {
+            None => adapter_location_backward(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, workspace, loc.shape).expect("adapter_location_backward"),
+            Some(staging) => {
+                let plan = split_backward_plan_auto(loc.hidden);
+                adapter_location_backward_split_with_plan(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, loc.shape, plan, staging).expect("adapter_location_backward_split")
+            }
         }
     }
 }
@@ -578,8 +585,11 @@ fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
         let n = b * t;
         let mut group = new_group(c, format!("adapter_location_backward/{model}_{}", shape_name(b, t)));
         group.throughput(Throughput::Bytes((5 * n * hidden * F32) as u64));
-        bench_lazy(&mut group, gpu, "fused", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, LocationPath::Fused));
-        bench_lazy(&mut group, gpu, "split", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, LocationPath::Split));
+        bench_lazy(&mut group, gpu, "fused", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, None));
+        // `split` stages its rows when they fit (the default, RowStaging::Auto); `split_unstaged`
+        // reads them from global memory in every pass, as before staging.
+        bench_lazy(&mut group, gpu, "split", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, Some(RowStaging::Auto)));
+        bench_lazy(&mut group, gpu, "split_unstaged", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, Some(RowStaging::Off)));
         group.finish();
     }
 }

@@ -210,6 +210,66 @@ __device__ __forceinline__ void team_sync() {
     }
 }
 
+// ---- row staging (the split path's row kernels) ----
+//
+// A row team that loops over its columns one load at a time waits one memory latency per column
+// it owns (24 round trips for H = 768 and a warp: ptxas issues the loads of such a loop one at a
+// time, unrolled or not, since each is followed by its use), in every pass over the row. The
+// split kernels instead copy each global row they read into shared memory first, with wide loads
+// issued STAGE_LOADS_IN_FLIGHT at a time before any store, then run their passes over shared
+// memory: one trip to memory a row instead of one a column.
+
+// 16 bytes, the widest load a thread issues (a struct of our own: uint4 is not defined on every
+// route).
+struct alignas(16) StageBits16 {
+    unsigned x, y, z, w;
+};
+
+#define STAGE_LOADS_IN_FLIGHT 8
+
+// Bytes of a staged region of `count` elements of `size` bytes: rounded up to 16, so the regions
+// of a team laid end to end all start 16-byte aligned (the launcher's split_*_team_bytes).
+__device__ __forceinline__ int stage_region_bytes(int count, int size) {
+    return (count * size + 15) / 16 * 16;
+}
+
+// dst[i] = src[i] for i < n, the team's threads striding over i, every load of a group of
+// STAGE_LOADS_IN_FLIGHT per thread issued before the group's stores.
+template <typename U>
+__device__ __forceinline__ void team_copy(U* dst, const U* src, int n) {
+    for (int i0 = threadIdx.x; i0 < n; i0 += STAGE_LOADS_IN_FLIGHT * (int)blockDim.x) {
+        U v[STAGE_LOADS_IN_FLIGHT];
+#pragma unroll
+        for (int k = 0; k < STAGE_LOADS_IN_FLIGHT; ++k) {
+            const int i = i0 + k * (int)blockDim.x;
+            if (i < n) {
+                v[k] = src[i];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < STAGE_LOADS_IN_FLIGHT; ++k) {
+            const int i = i0 + k * (int)blockDim.x;
+            if (i < n) {
+                dst[i] = v[k];
+            }
+        }
+    }
+}
+
+// Copies a global row of `count` elements into the team's shared buffer `dst` (a
+// stage_region_bytes region): 16 bytes a load when both addresses and the length allow it, else one
+// element a load. The caller's team_sync() must come before any thread reads the copy (a column
+// is not staged by the thread that owns it).
+template <typename T>
+__device__ __forceinline__ void team_stage_row(T* dst, const T* src, int count) {
+    const unsigned long long bytes = (unsigned long long)count * sizeof(T);
+    if ((((unsigned long long)(const void*)src | (unsigned long long)(void*)dst | bytes) & 15ull) == 0) {
+        team_copy(reinterpret_cast<StageBits16*>(dst), reinterpret_cast<const StageBits16*>(src), (int)(bytes / 16));
+    } else {
+        team_copy(dst, src, count);
+    }
+}
+
 // One butterfly stage of warp_transpose_sum: lanes with bit W set keep the upper half of their
 // live entries and send the lower half to lane ^ W, which does the opposite.
 template <int W>
@@ -2031,8 +2091,9 @@ extern "C" __global__ void adapter_location_backward_gate_f16io(
 //
 // Thread mapping: the forward's row teams (cuda::adapter::LocationPlan); every column is read and
 // written by the thread that owns it (c = threadIdx.x + k·blockDim.x), so the only barriers are in
-// team_sum. Shared memory per team: pre H floats (z0), post 2H (u_d, then y / the gradient),
-// input 4H (x, dx, dh, dr).
+// team_sum and after the post kernel's staging. Shared memory per team: pre H floats (z0), post
+// 2H (u_d, then y / the gradient) and, with `stage`, copies of its global input rows (up, h, r,
+// d_out: read once with wide loads, see "row staging"), input 4H (x, dx, dh, dr).
 //
 // Numerics: f32 throughout with the forward's device functions and the fused backward's formulas
 // (LayerNorm backward rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂))); the products sum in the GEMM's
@@ -2099,8 +2160,8 @@ __device__ __forceinline__ void split_bwd_post_team(
     const float* __restrict__ gate, const T* __restrict__ d_out, const T* __restrict__ h, const T* __restrict__ r,
     const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len,
     int cols, int replicate, float ln_eps, unsigned branch_mask, unsigned train_mask, const unsigned* __restrict__ seed_buf,
-    unsigned seed_lo, unsigned seed_hi) {
-    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][2·cols]: u_d, then y / dy
+    unsigned seed_lo, unsigned seed_hi, int stage) {
+    extern __shared__ float adapter_split_bwd_smem[];  // per team: u_d, y / dy (f32); staged: up (f32), h, r, d_out (T)
     __shared__ float scratch[32];
     const int per_branch = batch * seq_len;
     int branch, local;
@@ -2111,12 +2172,34 @@ __device__ __forceinline__ void split_bwd_post_team(
     const size_t row = (size_t)branch * (size_t)per_branch + (size_t)local;
     const size_t src = (replicate ? (size_t)local : row) * (size_t)cols;
     const size_t dst = row * (size_t)cols;
+    // The team's regions (split_backward_team_bytes in the launcher): u_d and y / dy, then, when
+    // staging, copies of the rows of up, h, r and d_out.
+    const int f32_bytes = stage_region_bytes(cols, sizeof(float));
+    const int t_bytes = stage_region_bytes(cols, sizeof(T));
+    const int team_bytes = stage ? 3 * f32_bytes + 3 * t_bytes : 2 * f32_bytes;
+    char* team_smem = reinterpret_cast<char*>(adapter_split_bwd_smem) + (size_t)threadIdx.y * (size_t)team_bytes;
+    float* ud = reinterpret_cast<float*>(team_smem);
+    float* gs = reinterpret_cast<float*>(team_smem + f32_bytes);
     const T* hr = h + src;
     const T* rr = r + src;
     const T* dor = d_out + dst;
-    float* ur = up_dup + dst;
-    float* ud = adapter_split_bwd_smem + (size_t)threadIdx.y * 2 * (size_t)cols;
-    float* gs = ud + cols;
+    const float* up_in = up_dup + dst;
+    float* ur = up_dup + dst;  // dup's destination (up is read first, by the thread that writes it)
+    if (stage) {
+        float* up_s = reinterpret_cast<float*>(team_smem + 2 * f32_bytes);
+        T* h_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes);
+        T* r_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes + t_bytes);
+        T* d_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes + 2 * t_bytes);
+        team_stage_row(up_s, up_in, cols);
+        team_stage_row(h_s, hr, cols);
+        team_stage_row(r_s, rr, cols);
+        team_stage_row(d_s, dor, cols);
+        team_sync();
+        up_in = up_s;
+        hr = h_s;
+        rr = r_s;
+        dor = d_s;
+    }
     const bool train = ((train_mask >> branch) & 1u) != 0;
     const bool gated = d.gate_w != 0;
     const bool ln_first = d.original_ln_before != 0;
@@ -2134,7 +2217,7 @@ __device__ __forceinline__ void split_bwd_post_team(
 
     // ---- forward again: u_d = dropout(s ⊙ up) into ud (the forward's epilogue without the gate)
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        ud[c] = adapter_up_epilogue(ur[c], d, c, s_uniform, key, drop_row, 1.0f);
+        ud[c] = adapter_up_epilogue(up_in[c], d, c, s_uniform, key, drop_row, 1.0f);
     }
     // ρ at column c, and the input of LN_after (u_g, plus ρ when the adapter residual comes first).
     auto rho = [&](int c) -> float {
@@ -2195,7 +2278,7 @@ __device__ __forceinline__ void split_bwd_post_team(
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float du_g = gated ? gs[c] * g : gs[c];
         const float du_s = d.dropout_threshold != 0 ? adapter_dropout(du_g, d, key, drop_row + (unsigned long long)c) : du_g;
-        const float up = ur[c];
+        const float up = up_in[c];
         const float s = d.scaling_kind == ADAPTER_SCALING_CHANNEL ? desc_ptr(d.scaling)[c] : s_uniform;
         ur[c] = du_s * s;
         if (pack_ch) {
@@ -2413,7 +2496,9 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                          branch_mask);
 }
 
-// Grid as the pre kernel; 2H floats of shared memory per team.
+// Grid as the pre kernel. Shared memory per team (split_backward_team_bytes): u_d and y / dy, two
+// f32 rows; with `stage` also the staged rows of up (f32), h, r and d_out (T), each region rounded
+// up to 16 bytes.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_post_f32(
     float* up_dup,
     float* __restrict__ rho_grad,
@@ -2440,11 +2525,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     unsigned train_mask,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     split_bwd_post_team<float, float>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate, d_out, h, r, ln_gamma,
                                       ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
-                                      branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+                                      branch_mask, train_mask, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // As adapter_split_bwd_post_f32 with d_out, h, r, γ and β in bf16.
@@ -2474,13 +2560,14 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     unsigned train_mask,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     split_bwd_post_team<bf16_raw, bf16_raw>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate,
                                             reinterpret_cast<const bf16_raw*>(d_out), reinterpret_cast<const bf16_raw*>(h),
                                             reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                             reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                            seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+                                            seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // f16 twin of adapter_split_bwd_post_bf16io (f16_raw for bf16_raw).
@@ -2510,13 +2597,14 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     unsigned train_mask,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     split_bwd_post_team<f16_raw, f16_raw>(up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l, gate_q, stats, gate,
                                           reinterpret_cast<const f16_raw*>(d_out), reinterpret_cast<const f16_raw*>(h),
                                           reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
                                           reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                          seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi);
+                                          seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // Grid: B·T teams when replicate && need_input, else one per row of the branches in branch_mask;

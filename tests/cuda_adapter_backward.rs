@@ -16,8 +16,8 @@ use bert_adapters::backend::{BottleneckGrads, BottleneckParams, GradsOut, Locati
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_split, adapter_location_backward_split_with_plan, adapter_location_backward_with_plan,
-    backward_plan_auto, backward_workspace_len, BranchGrads, BranchWeights, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors,
-    LocationInputs, LocationPath, LocationPlan, LocationShape, MAX_BACKWARD_BRANCHES,
+    backward_plan_auto, backward_workspace_len, split_backward_plan_auto, BranchGrads, BranchWeights, LocationBackwardOutputs, LocationBackwardWorkspace,
+    LocationDescriptors, LocationInputs, LocationPlan, LocationShape, RowStaging, MAX_BACKWARD_BRANCHES,
 };
 use bert_adapters::cuda::gpu::{DeviceBuffer, Gpu};
 use bert_adapters::cuda::probe::report_line;
@@ -260,8 +260,17 @@ impl DeviceGrads {
     }
 }
 
-/// Both paths of the backward: the fused kernel and the split path (row kernels and GEMMs).
-const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
+/// A way through the backward: the fused kernel, or the split path (row kernels and GEMMs) with
+/// its row staging forced on or off.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Fused,
+    Split(RowStaging),
+}
+
+/// Every route: the fused kernel and the split path with and without row staging (the fallback
+/// when a device's shared memory cannot hold the staged rows).
+const PATHS: [Route; 3] = [Route::Fused, Route::Split(RowStaging::On), Route::Split(RowStaging::Off)];
 
 /// Uploads `case`, runs the launcher on each path (auto plan when `plan` is None) with
 /// NaN-poisoned outputs and workspace, and downloads what each wrote (in [`PATHS`] order).
@@ -272,7 +281,7 @@ fn run(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> Result<Vec<Got>, E
     PATHS.iter().map(|&path| run_with(gpu, case, &descriptors, plan, path)).collect()
 }
 
-fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Option<LocationPlan>, path: LocationPath) -> Result<Got, Error> {
+fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Option<LocationPlan>, path: Route) -> Result<Got, Error> {
     let (h, r, d_out) = (gpu.upload(&data(&case.h))?, gpu.upload(&data(&case.r))?, gpu.upload(&data(&case.d_out))?);
     let (gamma, beta) = (gpu.upload(&data(&case.gamma))?, gpu.upload(&data(&case.beta))?);
     let shape = case.shape();
@@ -299,10 +308,12 @@ fn run_with(gpu: &Gpu, case: &Case, descriptors: &LocationDescriptors, plan: Opt
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationBackwardOutputs { input_grads: case.need_input.then(|| (dh.view_mut(), dr.view_mut())), grads: &mut grads };
         match (path, plan) {
-            (LocationPath::Fused, None) => adapter_location_backward(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape)?,
-            (LocationPath::Fused, Some(p)) => adapter_location_backward_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape, p)?,
-            (LocationPath::Split, None) => adapter_location_backward_split(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, shape)?,
-            (LocationPath::Split, Some(p)) => adapter_location_backward_split_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, shape, p)?,
+            (Route::Fused, None) => adapter_location_backward(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape)?,
+            (Route::Fused, Some(p)) => adapter_location_backward_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, &mut workspace, shape, p)?,
+            (Route::Split(staging), p) => {
+                let p = p.unwrap_or_else(|| split_backward_plan_auto(case.hidden));
+                adapter_location_backward_split_with_plan(gpu, &inputs, &d_out.view(), descriptors, &mut outputs, shape, p, staging)?
+            }
         }
     }
     let inputs = if case.need_input { Some((gpu.download(&dh.view())?, gpu.download(&dr.view())?)) } else { None };
@@ -348,8 +359,9 @@ fn got_bits(gots: &[Got]) -> Vec<u32> {
     out
 }
 
-/// Runs `case` on both paths and checks each against the CPU; returns what the device wrote (per
-/// path) and the worst max|err|/tol.
+/// Runs `case` on every route and checks each against the CPU; returns what the device wrote (per
+/// route) and the worst max|err|/tol. Row staging changes where the split kernels read their rows
+/// from, not their arithmetic: the staged and unstaged outputs must match bit for bit.
 fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Vec<Got>, f32) {
     let gots = run(gpu, case, plan).unwrap_or_else(|e| panic!("{} {}: {e}", gpu.describe(), case.label()));
     let (want_inputs, want_grads) = case.reference();
@@ -358,6 +370,7 @@ fn check(gpu: &Gpu, case: &Case, plan: Option<LocationPlan>) -> (Vec<Got>, f32) 
         let label = format!("{} {path:?} {}{}", gpu.describe(), case.label(), plan.map(|p| format!(" {p:?}")).unwrap_or_default());
         used = used.max(check_one(&label, got, &want_inputs, &want_grads));
     }
+    assert!(got_bits(&gots[1..2]) == got_bits(&gots[2..3]), "{} {}: the staged and unstaged split paths differ", gpu.describe(), case.label());
     (gots, used)
 }
 

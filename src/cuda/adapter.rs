@@ -2100,13 +2100,49 @@ pub fn split_backward_plan_auto(hidden: usize) -> LocationPlan {
     LocationPlan::auto(hidden, 3 * hidden)
 }
 
-/// Checks a plan against the split backward's row kernels (the forward's thread rules; the input
-/// kernel's 4H floats of shared memory per team within `max_shared`).
-pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, max_shared: usize) -> Result<()> {
+/// Whether the split path's row kernels copy the global rows they read into shared memory before
+/// their passes over the row (kernels/adapter.cu, "row staging"): one trip to memory a row, with
+/// 16-byte loads, instead of one a column. Staging needs more shared memory per team; the result
+/// is the same either way, bit for bit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RowStaging {
+    /// Stage when the plan's teams fit the device's shared memory staged, else not.
+    #[default]
+    Auto,
+    /// Always stage (an error when the plan's teams do not fit).
+    On,
+    /// Never: every pass reads global memory (the row kernels before staging).
+    Off,
+}
+
+/// Shared memory per team of the split backward's row kernels, in bytes, as `[pre, post, input]`:
+/// pre H f32 (z0); post two f32 rows (u_d, y / dy) and, staged, the rows of up (f32) and of h, r,
+/// d_out (`act_bytes` an element), each region rounded up to 16 bytes (the kernel's
+/// stage_region_bytes); input 4H f32 (x, dx, dh, dr).
+pub fn split_backward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) -> [usize; 3] {
+    let region = |count: usize, size: usize| (count * size).div_ceil(16) * 16;
+    let post = if staged { 3 * region(hidden, 4) + 3 * region(hidden, act_bytes) } else { 2 * region(hidden, 4) };
+    [hidden * 4, post, 4 * hidden * 4]
+}
+
+/// Checks a plan against the split backward's row kernels (the forward's thread rules; each
+/// kernel's shared memory, [`split_backward_team_bytes`] per team, within `max_shared`) and
+/// resolves `staging`: whether the post kernel stages its rows.
+pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, act_bytes: usize, staging: RowStaging, max_shared: usize) -> Result<bool> {
     plan.validate(hidden, 3 * hidden, max_shared).map_err(|e| match e {
         Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
         other => other,
-    })
+    })?;
+    let fits = |staged: bool| split_backward_team_bytes(hidden, act_bytes, staged).iter().all(|b| b * plan.rows_per_block as usize <= max_shared);
+    match staging {
+        RowStaging::Off => Ok(false),
+        RowStaging::Auto => Ok(fits(true)),
+        RowStaging::On if fits(true) => Ok(true),
+        RowStaging::On => {
+            let bytes = split_backward_team_bytes(hidden, act_bytes, true)[1] * plan.rows_per_block as usize;
+            Err(Error::shape(OP_BWD, format!("launch plan {plan:?} with row staging: the post kernel needs {bytes} bytes of shared memory for H = {hidden}, more than the {max_shared} allowed")))
+        }
+    }
 }
 
 /// The gradient of the location on the split path ([`LocationPath::Split`]) with the automatic
@@ -2125,10 +2161,11 @@ pub fn adapter_location_backward_split<P: BaseScalar, A: ActivationScalar>(
     outputs: &mut LocationBackwardOutputs<'_, '_, A>,
     shape: LocationShape,
 ) -> Result<()> {
-    adapter_location_backward_split_with_plan(gpu, inputs, d_out, descriptors, outputs, shape, split_backward_plan_auto(shape.hidden))
+    adapter_location_backward_split_with_plan(gpu, inputs, d_out, descriptors, outputs, shape, split_backward_plan_auto(shape.hidden), RowStaging::Auto)
 }
 
-/// As [`adapter_location_backward_split`], with an explicit plan for its row kernels (validated).
+/// As [`adapter_location_backward_split`], with an explicit plan for its row kernels and row
+/// staging choice (validated).
 #[allow(clippy::too_many_arguments)] // the backward's operands plus the plan
 pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
@@ -2138,6 +2175,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
     outputs: &mut LocationBackwardOutputs<'_, '_, A>,
     shape: LocationShape,
     plan: LocationPlan,
+    staging: RowStaging,
 ) -> Result<()> {
     let [gate_kernel, pre_kernel, post_kernel, input_kernel] = split_backward_kernels::<P, A>()?;
     let descs = descriptors.descriptors();
@@ -2148,7 +2186,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         }
     }
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
-    validate_split_backward_plan(plan, shape.hidden, max_shared)?;
+    let staged = validate_split_backward_plan(plan, shape.hidden, std::mem::size_of::<A>(), staging, max_shared)?;
     let [seed_buf, seed_lo, seed_hi] = seed_args(OP_BWD, descriptors, inputs.dropout_seed.as_ref())?;
     check_backward_aliasing(inputs, d_out, descriptors, outputs)?;
 
@@ -2186,13 +2224,14 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
     let (ln_gamma, ln_beta) = (P::base_arg(&inputs.ln_gamma), P::base_arg(&inputs.ln_beta));
     let eps = KernelArg::F32(inputs.ln_eps);
     let teams = |mask: u32| mask.count_ones() as usize * per_branch;
-    let row_cfg = |teams: usize, floats_per_team: usize| LaunchConfig {
+    let row_cfg = |teams: usize, bytes_per_team: usize| LaunchConfig {
         grid_dim: (teams.div_ceil(plan.rows_per_block as usize) as u32, 1, 1),
         block_dim: (plan.threads_per_row, plan.rows_per_block, 1),
-        shared_mem_bytes: (plan.rows_per_block as usize * floats_per_team * std::mem::size_of::<f32>()) as u32,
+        shared_mem_bytes: (plan.rows_per_block as usize * bytes_per_team) as u32,
     };
-    for (kernel, floats) in [(pre_kernel, hidden), (post_kernel, 2 * hidden), (input_kernel, 4 * hidden)] {
-        let bytes = plan.rows_per_block as usize * floats * std::mem::size_of::<f32>();
+    let [pre_bytes, post_bytes, input_bytes] = split_backward_team_bytes(hidden, std::mem::size_of::<A>(), staged);
+    for (kernel, team_bytes) in [(pre_kernel, pre_bytes), (post_kernel, post_bytes), (input_kernel, input_bytes)] {
+        let bytes = plan.rows_per_block as usize * team_bytes;
         if bytes > gpu.dynamic_shared_limit(kernel) {
             gpu.allow_dynamic_shared(kernel, bytes)?;
         }
@@ -2214,7 +2253,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         let args = [arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(branch_mask)];
         // SAFETY: z has N·B·T·H elements and the statistics (when passed) 2·N·B·T, both workspace;
         // h, r, γ, β were checked; the plan was validated against H floats per team.
-        unsafe { gpu.launch(pre_kernel, row_cfg(teams(branch_mask), hidden), &args)? };
+        unsafe { gpu.launch(pre_kernel, row_cfg(teams(branch_mask), pre_bytes), &args)? };
     }
 
     // The weights of branch i as views: [m, H], [m], [H, m], [H].
@@ -2249,7 +2288,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
     {
         // Parameter order: up_dup, rho_grad, r_grad, la_gamma, la_beta, scale_ch, scale_l,
         // gate_q, stats, gate, d_out, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
-        // replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi.
+        // replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi, stage.
         let args = [
             arg(&layout.up)?,
             arg(&layout.rho_grad)?,
@@ -2277,11 +2316,13 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
             seed_buf,
             seed_lo,
             seed_hi,
+            KernelArg::I32(staged as i32),
         ];
         // SAFETY: every region was sized by split_backward_layout for these masks (a null one is
         // never touched: the kernel writes a term only for the branches that need it), d_out has
-        // N·B·T·H elements, the seed buffer (if any) 2 words; 2H floats of shared memory per team.
-        unsafe { gpu.launch(post_kernel, row_cfg(teams(branch_mask), 2 * hidden), &args)? };
+        // N·B·T·H elements, the seed buffer (if any) 2 words; the shared memory of a team as the
+        // kernel lays it out for `stage` (split_backward_team_bytes).
+        unsafe { gpu.launch(post_kernel, row_cfg(teams(branch_mask), post_bytes), &args)? };
     }
 
     // Backward products per branch: dW_up, db_up, dpre, dW_down, db_down, dz0 (over z0).
@@ -2364,7 +2405,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         // SAFETY: dh and dr (when given) hold the input rows (checked), every region was sized
         // by split_backward_layout for these masks, dz0 holds the products of every branch the
         // kernel reads it for; 4H floats of shared memory per team (the validated plan).
-        unsafe { gpu.launch(input_kernel, row_cfg(n_teams, 4 * hidden), &args)? };
+        unsafe { gpu.launch(input_kernel, row_cfg(n_teams, input_bytes), &args)? };
     }
 
     // The per-row terms' column sums, and dW_gate = xᵀ·dlogit.
