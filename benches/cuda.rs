@@ -26,7 +26,8 @@
 //! Groups (criterion ids `<group>/<shape>/<function>`), each with a `Throughput`:
 //! - `adapter_location/<B>x<T>`: one pfeiffer location (relu, r = H/16), `fused` (one launch)
 //!   and `split` (pre kernel, the two bottleneck products on cuBLASLt, post kernel:
-//!   `LocationPath::Split`) against `unfused` (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
+//!   `LocationPath::Split`; `split_unstaged` the same with `RowStaging::Off`) against `unfused`
+//!   (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
 //!   add, LayerNorm: the eager sequence from the existing launchers). Bytes: h and r read, out
 //!   written once.
 //! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
@@ -71,9 +72,9 @@ use std::time::Duration;
 
 use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split, backward_workspace_len,
-    split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape,
-    RowStaging,
+    adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
+    adapter_location_forward_split_with_plan, backward_workspace_len, split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
@@ -415,6 +416,15 @@ impl Location {
         adapter_location_forward_split(gpu, &inputs, &self.all, &mut outputs, self.shape).expect("adapter_location_forward_split");
     }
 
+    /// As [`Location::split`] with the row kernels reading every row from global memory in each
+    /// pass (`RowStaging::Off`): what the staging gains.
+    fn split_unstaged(&mut self, gpu: &Gpu) {
+        let inputs = LocationInputs { h: self.h.view(), r: self.r.view(), ln_gamma: self.gamma.view(), ln_beta: self.beta.view(), ln_eps: EPS, dropout_seed: None };
+        let mut outputs = LocationOutputs { out: self.out.view_mut(), gate: None };
+        let plan = LocationPlan::auto(self.hidden, 0);
+        adapter_location_forward_split_with_plan(gpu, &inputs, &self.all, &mut outputs, self.shape, plan, RowStaging::Off).expect("adapter_location_forward_split");
+    }
+
     /// One launch per branch, each over its rows (or the shared rows when replicating).
     fn per_branch(&mut self, gpu: &Gpu) {
         let block = self.rows * self.hidden;
@@ -497,6 +507,7 @@ fn adapter_location(c: &mut Criterion, bench: &Bench) {
         group.throughput(Throughput::Bytes((3 * n * s.hidden * F32) as u64));
         bench_lazy(&mut group, gpu, "fused", || Location::new(gpu, s, bt, 1, false), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "split", || Location::new(gpu, s, bt, 1, false), |l| l.split(gpu));
+        bench_lazy(&mut group, gpu, "split_unstaged", || Location::new(gpu, s, bt, 1, false), |l| l.split_unstaged(gpu));
         bench_lazy(&mut group, gpu, "unfused", || Unfused::new(gpu, s, bt), |u| u.run(gpu));
         group.finish();
     }

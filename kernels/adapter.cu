@@ -880,8 +880,10 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 // laid out by output row, so branch i's GEMMs read and write rows [i·B·T, (i+1)·B·T).
 //
 // Thread mapping: the fused forward's row teams (cuda::adapter::LocationPlan, one warp per row up
-// to 8 rows per block for H <= 1024, else a block per row); the row buffer is the only dynamic
-// shared memory (H floats per team, no bottleneck vector). The pre and post steps are the fused
+// to 8 rows per block for H <= 1024, else a block per row); dynamic shared memory per team is the
+// row buffer (H floats, no bottleneck vector) and, with `stage` (cuda::adapter::RowStaging), the
+// team's h and r rows, copied in once with wide loads ("row staging"), the post kernel's up row
+// copied into the row buffer itself. The pre and post steps are the fused
 // kernel's device functions (location_pre_row, adapter_up_epilogue, location_post_row), so the
 // arithmetic per element is the same; only the two products differ in summation order (the
 // GEMM's), within the tolerances of the fused kernel's tests. The dropout mask is the same Philox
@@ -891,14 +893,42 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
 // _bf16: bf16 γ/β, _bf16io: bf16 h, r, out and γ/β; _f16, _f16io likewise in f16), from the same
 // templates.
 
+// The team's shared memory in the split forward's pre and post kernels (split_forward_team_bytes
+// in the launcher): the row buffer xs (H f32) and, with `stage`, copies of the team's h and r rows,
+// to which hr and rr are then pointed; with `up` (the post kernel), the up row is staged into xs
+// itself. Returns whether it staged (then after a team_sync, since a thread reads columns others
+// copied). Every thread of the team must call it.
+template <typename T>
+__device__ __forceinline__ bool split_team_rows(int cols, int stage, float*& xs, const T*& hr, const T*& rr, const float* up = nullptr) {
+    extern __shared__ float adapter_split_smem[];  // per team: xs (f32), then h, r (T) when staging
+    const int f32_bytes = stage_region_bytes(cols, sizeof(float));
+    const int t_bytes = stage_region_bytes(cols, sizeof(T));
+    char* team_smem = reinterpret_cast<char*>(adapter_split_smem) + (size_t)threadIdx.y * (size_t)(stage ? f32_bytes + 2 * t_bytes : f32_bytes);
+    xs = reinterpret_cast<float*>(team_smem);
+    if (!stage) {
+        return false;
+    }
+    T* h_s = reinterpret_cast<T*>(team_smem + f32_bytes);
+    T* r_s = reinterpret_cast<T*>(team_smem + f32_bytes + t_bytes);
+    if (up != nullptr) {
+        team_stage_row(xs, up, cols);
+    }
+    team_stage_row(h_s, hr, cols);
+    team_stage_row(r_s, rr, cols);
+    team_sync();
+    hr = h_s;
+    rr = r_s;
+    return true;
+}
+
 // z: [N·B·T, H] f32; stats: [N·B·T, 2] or null; the other operands as adapter_location_forward_f32.
 template <typename T, typename P>
 __device__ __forceinline__ void location_split_pre_row(float* __restrict__ z, float* __restrict__ stats, const T* __restrict__ h,
                                                        const T* __restrict__ r, const P* __restrict__ ln_gamma,
                                                        const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
-                                                       int batch, int seq_len, int cols, int branches, int replicate, float ln_eps) {
-    extern __shared__ float adapter_split_smem[];  // [blockDim.y][cols] rows
-    __shared__ float scratch[32];                  // team_sum partials (block-per-row mapping only)
+                                                       int batch, int seq_len, int cols, int branches, int replicate, float ln_eps,
+                                                       int stage) {
+    __shared__ float scratch[32];  // team_sum partials (block-per-row mapping only)
 
     const int per_branch = batch * seq_len;
     const int row = blockIdx.x * blockDim.y + threadIdx.y;
@@ -909,9 +939,12 @@ __device__ __forceinline__ void location_split_pre_row(float* __restrict__ z, fl
     const int local = row - branch * per_branch;
     const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
     const size_t dst = (size_t)row * (size_t)cols;
-    float* xs = adapter_split_smem + (size_t)threadIdx.y * (size_t)cols;
+    float* xs;
+    const T* hr = h + src;
+    const T* rr = r + src;
+    split_team_rows(cols, stage, xs, hr, rr);
     float pre_mean, pre_rstd;
-    location_pre_row(xs, h + src, r + src, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
+    location_pre_row(xs, hr, rr, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         z[dst + (size_t)c] = xs[c];  // each thread stores the columns it wrote
     }
@@ -929,8 +962,7 @@ __device__ __forceinline__ void location_split_post_row(T* __restrict__ out, con
                                                         const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
                                                         const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
                                                         int branches, int replicate, float ln_eps, const unsigned* __restrict__ seed_buf,
-                                                        unsigned seed_lo, unsigned seed_hi) {
-    extern __shared__ float adapter_split_smem[];  // [blockDim.y][cols] rows
+                                                        unsigned seed_lo, unsigned seed_hi, int stage) {
     __shared__ float scratch[32];
 
     const int per_branch = batch * seq_len;
@@ -943,22 +975,27 @@ __device__ __forceinline__ void location_split_post_row(T* __restrict__ out, con
     const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
     const size_t dst = (size_t)row * (size_t)cols;
     const AdapterBranchDesc& d = descs[branch];
-    float* xs = adapter_split_smem + (size_t)threadIdx.y * (size_t)cols;
+    const float* ur = up + dst;
+    float* xs;
+    const T* hr = h + src;
+    const T* rr = r + src;
+    if (split_team_rows(cols, stage, xs, hr, rr, ur)) {
+        ur = xs;  // up was staged into the row buffer, which the epilogue below overwrites in place
+    }
     const float pre_mean = stats != nullptr ? stats[2 * (size_t)row] : 0.0f;
     const float pre_rstd = stats != nullptr ? stats[2 * (size_t)row + 1] : 0.0f;
     const float s_uniform = adapter_uniform_scaling(d);
     const float g = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
     const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
     const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
-    const float* ur = up + dst;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         xs[c] = adapter_up_epilogue(ur[c], d, c, s_uniform, key, drop_row, g);
     }
-    location_post_row(xs, out + dst, h + src, r + src, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
+    location_post_row(xs, out + dst, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
 }
 
-// Grid and block as the fused forward's plan with no bottleneck vector (H floats of dynamic
-// shared memory per team).
+// Grid and block as the fused forward's plan with no bottleneck vector; shared memory per team as
+// split_team_rows lays it out for `stage` (the launcher's split_forward_team_bytes).
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_pre_f32(
     float* __restrict__ z,
     float* __restrict__ stats,
@@ -972,10 +1009,11 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int branches,
     int replicate,
-    float ln_eps)
+    float ln_eps,
+    int stage)
 {
     location_split_pre_row<float, float>(z, stats, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len,
-                                         hidden, branches, replicate, ln_eps);
+                                         hidden, branches, replicate, ln_eps, stage);
 }
 
 // As adapter_split_pre_f32 with the BERT LayerNorm's gamma and beta in bf16.
@@ -992,11 +1030,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int branches,
     int replicate,
-    float ln_eps)
+    float ln_eps,
+    int stage)
 {
     location_split_pre_row<float, bf16_raw>(z, stats, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                             reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
-                                            ln_eps);
+                                            ln_eps, stage);
 }
 
 // As adapter_split_pre_bf16 with h and r in bf16 too (z stays f32).
@@ -1013,12 +1052,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int branches,
     int replicate,
-    float ln_eps)
+    float ln_eps,
+    int stage)
 {
     location_split_pre_row<bf16_raw, bf16_raw>(z, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
                                                reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                                reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
-                                               ln_eps);
+                                               ln_eps, stage);
 }
 
 // f16 twin of adapter_split_pre_bf16 (f16_raw for bf16_raw).
@@ -1035,11 +1075,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int branches,
     int replicate,
-    float ln_eps)
+    float ln_eps,
+    int stage)
 {
     location_split_pre_row<float, f16_raw>(z, stats, h, r, reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
                                            reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
-                                           ln_eps);
+                                           ln_eps, stage);
 }
 
 // f16 twin of adapter_split_pre_bf16io (f16_raw for bf16_raw).
@@ -1056,12 +1097,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int branches,
     int replicate,
-    float ln_eps)
+    float ln_eps,
+    int stage)
 {
     location_split_pre_row<f16_raw, f16_raw>(z, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
                                              reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
                                              reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate,
-                                             ln_eps);
+                                             ln_eps, stage);
 }
 
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_post_f32(
@@ -1082,10 +1124,11 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     location_split_post_row<float, float>(out, up, stats, gate, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                          seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+                                          seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // As adapter_split_post_f32 with the BERT LayerNorm's gamma and beta in bf16.
@@ -1107,11 +1150,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     location_split_post_row<float, bf16_raw>(out, up, stats, gate, h, r, reinterpret_cast<const bf16_raw*>(ln_gamma),
                                              reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                             batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+                                             batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // As adapter_split_post_bf16 with h, r and out in bf16 too (out rounded once on store).
@@ -1133,12 +1177,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     location_split_post_row<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(out), up, stats, gate, reinterpret_cast<const bf16_raw*>(h),
                                                 reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                                 reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                                batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+                                                batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // f16 twin of adapter_split_post_bf16 (f16_raw for bf16_raw).
@@ -1160,11 +1205,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     location_split_post_row<float, f16_raw>(out, up, stats, gate, h, r, reinterpret_cast<const f16_raw*>(ln_gamma),
                                             reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                            batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+                                            batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // f16 twin of adapter_split_post_bf16io (f16_raw for bf16_raw).
@@ -1186,12 +1232,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     const unsigned* __restrict__ seed_buf,
     unsigned seed_lo,
-    unsigned seed_hi)
+    unsigned seed_hi,
+    int stage)
 {
     location_split_post_row<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(out), up, stats, gate, reinterpret_cast<const f16_raw*>(h),
                                               reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
                                               reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
-                                              batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+                                              batch, seq_len, hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage);
 }
 
 // a[i] = act(a[i] + bias[i % m]) in place over a branch's [rows, m] down product, with the

@@ -20,7 +20,7 @@ use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cuda::adapter::{
     adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchDropout,
     BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape,
-    MAX_BOTTLENECK,
+    RowStaging, MAX_BOTTLENECK,
 };
 use bert_adapters::cuda::gpu::Gpu;
 use bert_adapters::cuda::probe::report_line;
@@ -140,12 +140,26 @@ struct Outputs {
 /// Both execution paths, in the order the tests run them.
 const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
 
-/// The launcher of `path` with `plan` (None: the automatic one).
-fn forward(gpu: &Gpu, inputs: &LocationInputs, d: &LocationDescriptors, outputs: &mut LocationOutputs, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
+/// The launcher of `path` with `plan` (None: the automatic one) and, on the split path, `staging`
+/// (the public entry point when both are automatic).
+#[allow(clippy::too_many_arguments)] // the launcher's operands plus the two choices
+fn forward(
+    gpu: &Gpu,
+    inputs: &LocationInputs,
+    d: &LocationDescriptors,
+    outputs: &mut LocationOutputs,
+    shape: LocationShape,
+    path: LocationPath,
+    plan: Option<LocationPlan>,
+    staging: RowStaging,
+) -> Result<(), Error> {
     match (path, plan) {
-        (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
         (LocationPath::Fused, Some(p)) => adapter_location_forward_with_plan(gpu, inputs, d, outputs, shape, p),
-        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p),
+        (LocationPath::Split, None) if staging != RowStaging::Auto => {
+            adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, LocationPlan::auto(shape.hidden, 0), staging)
+        }
+        (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
+        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p, staging),
     }
 }
 
@@ -153,6 +167,11 @@ fn forward(gpu: &Gpu, inputs: &LocationInputs, d: &LocationDescriptors, outputs:
 /// (auto plan when `plan` is None) and downloads them. The gate output is given when a branch
 /// gates.
 fn run(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
+    run_staged(gpu, case, path, plan, RowStaging::Auto)
+}
+
+/// As [`run`], with the split path's row staging forced.
+fn run_staged(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>, staging: RowStaging) -> Result<Outputs, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
     let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?;
@@ -165,7 +184,7 @@ fn run(gpu: &Gpu, case: &Case, path: LocationPath, plan: Option<LocationPlan>) -
     {
         let inputs = LocationInputs { h: h.view(), r: r.view(), ln_gamma: gamma.view(), ln_beta: beta.view(), ln_eps: BERT_EPS, dropout_seed: dropout_seed(&case.branches) };
         let mut outputs = LocationOutputs { out: out.view_mut(), gate: gate.as_mut().map(|g| g.view_mut()) };
-        forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan)?;
+        forward(gpu, &inputs, &descriptors, &mut outputs, shape, path, plan, staging)?;
     }
     Ok(Outputs { out: gpu.download(&out.view())?, gate: gate.map(|g| gpu.download(&g.view())).transpose()? })
 }
@@ -331,6 +350,29 @@ fn every_plan_matches_cpu(gpu: &Gpu) {
     }
 }
 test_device!(every_plan_matches_cpu_reference, every_plan_matches_cpu);
+
+/// Row staging changes where the split kernels read their rows from, not their arithmetic: with
+/// it forced on and off the outputs match bit for bit (and the reference: `check` runs the
+/// default, staged where it fits), over the sweep, a width whose rows are not a multiple of 16
+/// bytes (element-wise copies), and a block-per-row width.
+fn staging_changes_no_bits(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x57a9_e0ff);
+    let mut cases = sweep_cases(&mut rng);
+    let specs = [BranchSpec::full(5, Activation::Gelu, Scale::Channel, true), BranchSpec::plain(3, Activation::Relu)];
+    cases.push(Case::random(&mut rng, 2, 3, 42, true, PFEIFFER, &specs));
+    cases.push(Case::random(&mut rng, 1, 2, 1100, false, HOULSBY, &specs));
+    for case in &cases {
+        let label = format!("{} {}", gpu.describe(), case.label());
+        let (on, _) = check(gpu, case, LocationPath::Split, None);
+        let off = run_staged(gpu, case, LocationPath::Split, None, RowStaging::Off).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let forced = run_staged(gpu, case, LocationPath::Split, None, RowStaging::On).unwrap_or_else(|e| panic!("{label}: {e}"));
+        for other in [&off, &forced] {
+            assert!(bits(&on.out) == bits(&other.out), "{label}: out differs between staged and unstaged");
+            assert_eq!(on.gate.as_deref().map(bits), other.gate.as_deref().map(bits), "{label}: gate");
+        }
+    }
+}
+test_device!(row_staging_changes_no_bits, staging_changes_no_bits);
 
 /// The executor's schedules reorder the threads between sync points; a race-free kernel with
 /// fixed-order reductions gives the same bits in each (gate and both mappings included).
@@ -577,7 +619,7 @@ fn launch_errors_on(gpu: &Gpu, path: LocationPath) {
     {
         let mut go = |inputs: &LocationInputs, d: &LocationDescriptors, out_len: usize, gate_len: Option<usize>, shape: LocationShape, plan: Option<LocationPlan>| {
             let mut outputs = LocationOutputs { out: out.slice_mut(0..out_len).unwrap(), gate: gate_len.map(|l| gate.slice_mut(0..l).unwrap()) };
-            forward(gpu, inputs, d, &mut outputs, shape, path, plan)
+            forward(gpu, inputs, d, &mut outputs, shape, path, plan, RowStaging::Auto)
         };
         let g = Some(n * b);
         shape_err(go(&LocationInputs { h: x.slice(0..rows_in - 1).unwrap(), ..inputs }, &desc, n_out, g, shape, None), "h has 95 elements, expected 96 (B·T·H)");

@@ -44,7 +44,7 @@ use bert_adapters::backend::{BottleneckParams, LocationSteps};
 use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cpu::reference::{activation, linear, residual_layernorm};
 use bert_adapters::cuda::adapter::{
-    adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchWeights,
+    adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchWeights, RowStaging,
     LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape,
 };
 use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, Gpu};
@@ -254,12 +254,14 @@ struct Outputs {
 
 const PATHS: [LocationPath; 2] = [LocationPath::Fused, LocationPath::Split];
 
-/// The launcher of `path` with `plan` (None: the automatic one), for either activation type.
+/// The launcher of `path` with `plan` (None: the automatic one), for either activation type. The
+/// automatic plan stages the split kernels' rows in shared memory (they fit); an explicit plan runs
+/// them unstaged (`RowStaging::Off`), so both ways meet the same rules.
 fn forward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LocationInputs<P, A>, d: &LocationDescriptors, outputs: &mut LocationOutputs<A>, shape: LocationShape, path: LocationPath, plan: Option<LocationPlan>) -> Result<(), Error> {
     match (path, plan) {
         (_, None) => adapter_location_forward_on(gpu, inputs, d, outputs, shape, path),
         (LocationPath::Fused, Some(p)) => adapter_location_forward_with_plan(gpu, inputs, d, outputs, shape, p),
-        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p),
+        (LocationPath::Split, Some(p)) => adapter_location_forward_split_with_plan(gpu, inputs, d, outputs, shape, p, RowStaging::Off),
     }
 }
 

@@ -912,11 +912,36 @@ pub fn adapter_location_forward_split<P: BaseScalar, A: ActivationScalar>(
     outputs: &mut LocationOutputs<'_, A>,
     shape: LocationShape,
 ) -> Result<()> {
-    adapter_location_forward_split_with_plan(gpu, inputs, descriptors, outputs, shape, LocationPlan::auto(shape.hidden, 0))
+    adapter_location_forward_split_with_plan(gpu, inputs, descriptors, outputs, shape, LocationPlan::auto(shape.hidden, 0), RowStaging::Auto)
+}
+
+/// Shared memory per team of the split forward's pre and post kernels, in bytes: the row buffer
+/// (H f32) and, staged, the team's h and r rows (`act_bytes` an element), each region rounded up
+/// to 16 bytes (kernels/adapter.cu, split_team_rows).
+pub fn split_forward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) -> usize {
+    let row = stage_region_bytes(hidden, 4);
+    if staged { row + 2 * stage_region_bytes(hidden, act_bytes) } else { row }
+}
+
+/// The kernels' stage_region_bytes: `count` elements of `size` bytes, rounded up to 16 bytes.
+fn stage_region_bytes(count: usize, size: usize) -> usize {
+    (count * size).div_ceil(16) * 16
+}
+
+/// Resolves a [`RowStaging`] choice for `op`'s launch: whether to stage, given whether its teams
+/// fit `max_shared` staged (`staged_bytes` a block).
+fn resolve_staging(op: &'static str, staging: RowStaging, staged_bytes: usize, max_shared: usize, plan: LocationPlan, hidden: usize) -> Result<bool> {
+    let fits = staged_bytes <= max_shared;
+    match staging {
+        RowStaging::Off => Ok(false),
+        RowStaging::Auto => Ok(fits),
+        RowStaging::On if fits => Ok(true),
+        RowStaging::On => Err(Error::shape(op, format!("launch plan {plan:?} with row staging needs {staged_bytes} bytes of shared memory a block for H = {hidden}, more than the {max_shared} allowed"))),
+    }
 }
 
 /// As [`adapter_location_forward_split`], with an explicit plan for the pre and post kernels
-/// (validated with no bottleneck vector in shared memory).
+/// (validated with no bottleneck vector in shared memory) and row staging choice.
 pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
     inputs: &LocationInputs<'_, P, A>,
@@ -924,12 +949,16 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
     outputs: &mut LocationOutputs<'_, A>,
     shape: LocationShape,
     plan: LocationPlan,
+    staging: RowStaging,
 ) -> Result<()> {
     let (_, gate_kernel) = kernels::<P, A>()?;
     let (pre_kernel, post_kernel) = split_kernels::<P, A>()?;
     check_sizes(inputs, descriptors, outputs, shape)?;
     let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
     plan.validate(shape.hidden, 0, max_shared)?;
+    let act_bytes = std::mem::size_of::<A>();
+    let staged_block = plan.rows_per_block as usize * split_forward_team_bytes(shape.hidden, act_bytes, true);
+    let staged = resolve_staging(OP, staging, staged_block, max_shared, plan, shape.hidden)?;
     let [seed_buf, seed_lo, seed_hi] = seed_args(OP, descriptors, inputs.dropout_seed.as_ref())?;
     check_aliasing(inputs, descriptors, outputs)?;
     let LocationShape { batch, seq_len, hidden, branches, replicate } = shape;
@@ -971,7 +1000,8 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         at += per_branch * d.bottleneck as usize;
     }
     let stats_arg = if needs_pre_stats(descriptors.steps()) { window(at, 2 * rows)?.arg() } else { KernelArg::Null };
-    let cfg = plan.launch_config(rows, hidden, 0);
+    let cfg = LaunchConfig { shared_mem_bytes: (plan.rows_per_block as usize * split_forward_team_bytes(hidden, act_bytes, staged)) as u32, ..plan.launch_config(rows, hidden, 0) };
+    let stage_arg = KernelArg::I32(staged as i32);
     for kernel in [pre_kernel, post_kernel] {
         if cfg.shared_mem_bytes as usize > gpu.dynamic_shared_limit(kernel) {
             gpu.allow_dynamic_shared(kernel, cfg.shared_mem_bytes as usize)?;
@@ -981,11 +1011,11 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
     // Pre: z (and the statistics).
     {
         // Parameter order: z, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
-        // branches, replicate, ln_eps.
-        let args = [window(0, n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, KernelArg::I32(branches as i32), rep, KernelArg::F32(inputs.ln_eps)];
+        // branches, replicate, ln_eps, stage.
+        let args = [window(0, n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, KernelArg::I32(branches as i32), rep, KernelArg::F32(inputs.ln_eps), stage_arg];
         // SAFETY: z has N·B·T·H elements and the statistics (when passed) 2·N·B·T, both fresh
         // workspace; h, r, γ, β were checked as for the fused launch; the plan was validated
-        // against its shared memory (H floats per team).
+        // and its shared memory is the kernel's layout for `stage` (split_forward_team_bytes).
         unsafe { gpu.launch(pre_kernel, cfg, &args)? };
     }
 
@@ -1030,7 +1060,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
     let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
     let up_arg = window(0, n)?.arg();
     // Parameter order: out, up, stats, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len,
-    // hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi.
+    // hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage.
     let args = [
         A::act_arg_mut(&outputs.out),
         up_arg,
@@ -1050,6 +1080,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         seed_buf,
         seed_lo,
         seed_hi,
+        stage_arg,
     ];
     // SAFETY: out has N·B·T·H elements, up (workspace) the same, the statistics 2·N·B·T; the
     // rest as for the pre launch and the fused path's gate and seed.
@@ -2120,8 +2151,8 @@ pub enum RowStaging {
 /// d_out (`act_bytes` an element), each region rounded up to 16 bytes (the kernel's
 /// stage_region_bytes); input 4H f32 (x, dx, dh, dr).
 pub fn split_backward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) -> [usize; 3] {
-    let region = |count: usize, size: usize| (count * size).div_ceil(16) * 16;
-    let post = if staged { 3 * region(hidden, 4) + 3 * region(hidden, act_bytes) } else { 2 * region(hidden, 4) };
+    let (f32_row, act_row) = (stage_region_bytes(hidden, 4), stage_region_bytes(hidden, act_bytes));
+    let post = if staged { 3 * f32_row + 3 * act_row } else { 2 * f32_row };
     [hidden * 4, post, 4 * hidden * 4]
 }
 
@@ -2133,16 +2164,8 @@ pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, act_bytes
         Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
         other => other,
     })?;
-    let fits = |staged: bool| split_backward_team_bytes(hidden, act_bytes, staged).iter().all(|b| b * plan.rows_per_block as usize <= max_shared);
-    match staging {
-        RowStaging::Off => Ok(false),
-        RowStaging::Auto => Ok(fits(true)),
-        RowStaging::On if fits(true) => Ok(true),
-        RowStaging::On => {
-            let bytes = split_backward_team_bytes(hidden, act_bytes, true)[1] * plan.rows_per_block as usize;
-            Err(Error::shape(OP_BWD, format!("launch plan {plan:?} with row staging: the post kernel needs {bytes} bytes of shared memory for H = {hidden}, more than the {max_shared} allowed")))
-        }
-    }
+    let staged_block = split_backward_team_bytes(hidden, act_bytes, true).iter().max().copied().unwrap_or(0) * plan.rows_per_block as usize;
+    resolve_staging(OP_BWD, staging, staged_block, max_shared, plan, hidden)
 }
 
 /// The gradient of the location on the split path ([`LocationPath::Split`]) with the automatic
