@@ -227,6 +227,10 @@ struct alignas(16) StageBits16 {
 
 #define STAGE_LOADS_IN_FLIGHT 8
 
+// Columns a thread of the split backward's input kernel loads before using them (its one pass
+// over the per-branch f32 rows, which it reads once and so does not stage).
+#define SPLIT_INPUT_BATCH 4
+
 // Bytes of a staged region of `count` elements of `size` bytes: rounded up to 16, so the regions
 // of a team laid end to end all start 16-byte aligned (the launcher's split_*_team_bytes).
 __device__ __forceinline__ int stage_region_bytes(int count, int size) {
@@ -2138,9 +2142,11 @@ extern "C" __global__ void adapter_location_backward_gate_f16io(
 //
 // Thread mapping: the forward's row teams (cuda::adapter::LocationPlan); every column is read and
 // written by the thread that owns it (c = threadIdx.x + k·blockDim.x), so the only barriers are in
-// team_sum and after the post kernel's staging. Shared memory per team: pre H floats (z0), post
-// 2H (u_d, then y / the gradient) and, with `stage`, copies of its global input rows (up, h, r,
-// d_out: read once with wide loads, see "row staging"), input 4H (x, dx, dh, dr).
+// team_sum and after the staging. Shared memory per team: pre H floats (z0), post 2H (u_d, then y
+// / the gradient), input 4H (x, dx, dh, dr); with `stage` (cuda::adapter::RowStaging) each also
+// holds copies of the global rows it reads more than once (see "row staging": pre and input h, r;
+// post up, h, r, d_out), read once with wide loads. The input kernel reads its per-branch f32
+// rows (dz0, dρ, the dr term) once, SPLIT_INPUT_BATCH columns a thread per batch of loads.
 //
 // Numerics: f32 throughout with the forward's device functions and the fused backward's formulas
 // (LayerNorm backward rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂))); the products sum in the GEMM's
@@ -2170,8 +2176,7 @@ template <typename T, typename P>
 __device__ __forceinline__ void split_bwd_pre_team(float* __restrict__ z0, float* __restrict__ stats, const T* __restrict__ h,
                                                    const T* __restrict__ r, const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
                                                    const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
-                                                   int replicate, float ln_eps, unsigned branch_mask) {
-    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][cols]
+                                                   int replicate, float ln_eps, unsigned branch_mask, int stage) {
     __shared__ float scratch[32];
     const int per_branch = batch * seq_len;
     int branch, local;
@@ -2180,9 +2185,12 @@ __device__ __forceinline__ void split_bwd_pre_team(float* __restrict__ z0, float
     }
     const size_t row = (size_t)branch * (size_t)per_branch + (size_t)local;
     const size_t src = (replicate ? (size_t)local : row) * (size_t)cols;
-    float* xs = adapter_split_bwd_smem + (size_t)threadIdx.y * (size_t)cols;
+    float* xs;  // the split forward pre kernel's layout (split_team_rows)
+    const T* hr = h + src;
+    const T* rr = r + src;
+    split_team_rows(cols, stage, xs, hr, rr);
     float pre_mean, pre_rstd;
-    location_pre_row(xs, h + src, r + src, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
+    location_pre_row(xs, hr, rr, ln_gamma, ln_beta, descs[branch], cols, ln_eps, scratch, pre_mean, pre_rstd);
     float* zr = z0 + row * (size_t)cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         zr[c] = xs[c];
@@ -2356,8 +2364,8 @@ __device__ __forceinline__ void split_bwd_input_team(
     float* __restrict__ dlogit_out, const float* __restrict__ dz0, const float* __restrict__ rho_grad, const float* __restrict__ r_grad,
     const float* __restrict__ gate_q, const T* __restrict__ h, const T* __restrict__ r, const P* __restrict__ ln_gamma,
     const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols, int branches,
-    int replicate, float ln_eps, unsigned branch_mask, unsigned train_mask, int need_input) {
-    extern __shared__ float adapter_split_bwd_smem[];  // [blockDim.y][4·cols]: x, dx, dh, dr
+    int replicate, float ln_eps, unsigned branch_mask, unsigned train_mask, int need_input, int stage) {
+    extern __shared__ float adapter_split_bwd_smem[];  // per team: x, dx, dh, dr (f32); staged: h, r (T)
     __shared__ float scratch[32];
     const int per_branch = batch * seq_len;
     const bool inputs = need_input != 0;
@@ -2378,10 +2386,23 @@ __device__ __forceinline__ void split_bwd_input_team(
     const size_t src = (size_t)(replicate ? local : first * per_branch + local) * (size_t)cols;
     const T* hr = h + src;
     const T* rr = r + src;
-    float* xs = adapter_split_bwd_smem + (size_t)threadIdx.y * 4 * (size_t)cols;
-    float* dxs = xs + cols;
-    float* dhs = dxs + cols;
-    float* drs = dhs + cols;
+    // The team's regions (split_backward_team_bytes in the launcher).
+    const int f32_bytes = stage_region_bytes(cols, sizeof(float));
+    const int t_bytes = stage_region_bytes(cols, sizeof(T));
+    char* team_smem = reinterpret_cast<char*>(adapter_split_bwd_smem) + (size_t)threadIdx.y * (size_t)(4 * f32_bytes + (stage ? 2 * t_bytes : 0));
+    float* xs = reinterpret_cast<float*>(team_smem);
+    float* dxs = reinterpret_cast<float*>(team_smem + f32_bytes);
+    float* dhs = reinterpret_cast<float*>(team_smem + 2 * f32_bytes);
+    float* drs = reinterpret_cast<float*>(team_smem + 3 * f32_bytes);
+    if (stage) {
+        T* h_s = reinterpret_cast<T*>(team_smem + 4 * f32_bytes);
+        T* r_s = reinterpret_cast<T*>(team_smem + 4 * f32_bytes + t_bytes);
+        team_stage_row(h_s, hr, cols);
+        team_stage_row(r_s, rr, cols);
+        team_sync();
+        hr = h_s;
+        rr = r_s;
+    }
     const bool ln_first = descs[0].original_ln_before != 0;  // the location's, in every descriptor
     const bool post = descs[0].original_ln_after != 0;
     const int residual = descs[0].residual_before_ln;
@@ -2429,39 +2450,59 @@ __device__ __forceinline__ void split_bwd_input_team(
         const bool pack_x = train && gated;
         const float* rho_r = rho_grad != nullptr ? rho_grad + dst : nullptr;
         const float* r_r = r_grad != nullptr ? r_grad + dst : nullptr;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float dx = 0.0f;
-            if (ln_before) {
-                const float dz = dzr[c];
-                const float xh = xhat(c);
-                if (pack_lb) {
-                    lb_gamma[dst + c] = dz * xh;
-                    lb_beta[dst + c] = dz;
-                }
-                dx = ln_backward_dx(b_rstd, dz * gb[c], xh, s1, s2);
-            } else if (inputs) {
-                dx = dzr[c];
+        const bool read_dz = ln_before || inputs;
+        const bool read_r = inputs && post;
+        // SPLIT_INPUT_BATCH columns a thread at a time, their global loads (dz0, dρ, the dr
+        // term) issued before any is used: one memory latency a batch, not one a column.
+        for (int c0 = threadIdx.x; c0 < cols; c0 += SPLIT_INPUT_BATCH * (int)blockDim.x) {
+            float dz_b[SPLIT_INPUT_BATCH], drho_b[SPLIT_INPUT_BATCH], dr_b[SPLIT_INPUT_BATCH];
+#pragma unroll
+            for (int k = 0; k < SPLIT_INPUT_BATCH; ++k) {
+                const int c = c0 + k * (int)blockDim.x;
+                const bool in = c < cols;
+                dz_b[k] = in && read_dz ? dzr[c] : 0.0f;
+                drho_b[k] = in && inputs ? rho_r[c] : 0.0f;
+                dr_b[k] = in && read_r ? r_r[c] : 0.0f;
             }
-            if (pack_x) {
-                gate_x[dst + c] = xs[c];
-            }
-            if (inputs) {
-                if (gated) {
-                    dx = fmaf(dlogit, wg[c], dx);
+#pragma unroll
+            for (int k = 0; k < SPLIT_INPUT_BATCH; ++k) {
+                const int c = c0 + k * (int)blockDim.x;
+                if (c >= cols) {
+                    break;
                 }
-                const float drho = rho_r[c];
-                if (residual == ADAPTER_RESIDUAL_X) {
-                    dx += drho;
-                } else {
-                    dhs[c] += drho;
-                    if (residual == ADAPTER_RESIDUAL_V) {
-                        drs[c] += drho;
+                float dx = 0.0f;
+                if (ln_before) {
+                    const float dz = dz_b[k];
+                    const float xh = xhat(c);
+                    if (pack_lb) {
+                        lb_gamma[dst + c] = dz * xh;
+                        lb_beta[dst + c] = dz;
                     }
+                    dx = ln_backward_dx(b_rstd, dz * gb[c], xh, s1, s2);
+                } else if (inputs) {
+                    dx = dz_b[k];
                 }
-                if (post) {
-                    drs[c] += r_r[c];
+                if (pack_x) {
+                    gate_x[dst + c] = xs[c];
                 }
-                dxs[c] += dx;
+                if (inputs) {
+                    if (gated) {
+                        dx = fmaf(dlogit, wg[c], dx);
+                    }
+                    const float drho = drho_b[k];
+                    if (residual == ADAPTER_RESIDUAL_X) {
+                        dx += drho;
+                    } else {
+                        dhs[c] += drho;
+                        if (residual == ADAPTER_RESIDUAL_V) {
+                            drs[c] += drho;
+                        }
+                    }
+                    if (post) {
+                        drs[c] += dr_b[k];
+                    }
+                    dxs[c] += dx;
+                }
             }
         }
     }
@@ -2478,8 +2519,8 @@ __device__ __forceinline__ void split_bwd_input_team(
     });
 }
 
-// Grid: one team per row of the branches in branch_mask; block and shared memory (H floats per
-// team) as the split forward's pre kernel.
+// Grid: one team per row of the branches in branch_mask; block and shared memory (the row buffer
+// and, with `stage`, the staged h and r rows) as the split forward's pre kernel.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_pre_f32(
     float* __restrict__ z0,
     float* __restrict__ stats,
@@ -2493,10 +2534,11 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int replicate,
     float ln_eps,
-    unsigned branch_mask)
+    unsigned branch_mask,
+    int stage)
 {
     split_bwd_pre_team<float, float>(z0, stats, h, r, ln_gamma, ln_beta, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden,
-                                     replicate, ln_eps, branch_mask);
+                                     replicate, ln_eps, branch_mask, stage);
 }
 
 // As adapter_split_bwd_pre_f32 with h, r, γ and β in bf16 (z0 and the statistics stay f32).
@@ -2513,12 +2555,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int replicate,
     float ln_eps,
-    unsigned branch_mask)
+    unsigned branch_mask,
+    int stage)
 {
     split_bwd_pre_team<bf16_raw, bf16_raw>(z0, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
                                            reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
                                            reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
-                                           branch_mask);
+                                           branch_mask, stage);
 }
 
 // f16 twin of adapter_split_bwd_pre_bf16io (f16_raw for bf16_raw).
@@ -2535,12 +2578,13 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     int hidden,
     int replicate,
     float ln_eps,
-    unsigned branch_mask)
+    unsigned branch_mask,
+    int stage)
 {
     split_bwd_pre_team<f16_raw, f16_raw>(z0, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
                                          reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
                                          reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
-                                         branch_mask);
+                                         branch_mask, stage);
 }
 
 // Grid as the pre kernel. Shared memory per team (split_backward_team_bytes): u_d and y / dy, two
@@ -2654,8 +2698,9 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
                                           seq_len, hidden, replicate, ln_eps, branch_mask, train_mask, seed_buf, seed_lo, seed_hi, stage);
 }
 
-// Grid: B·T teams when replicate && need_input, else one per row of the branches in branch_mask;
-// 4H floats of shared memory per team.
+// Grid: B·T teams when replicate && need_input, else one per row of the branches in branch_mask.
+// Shared memory per team (split_backward_team_bytes): x, dx, dh, dr (f32 rows) and, with `stage`,
+// the staged h and r rows (T), each region rounded up to 16 bytes.
 extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter_split_bwd_input_f32(
     float* __restrict__ dh,
     float* __restrict__ dr,
@@ -2680,11 +2725,12 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     unsigned branch_mask,
     unsigned train_mask,
-    int need_input)
+    int need_input,
+    int stage)
 {
     split_bwd_input_team<float, float>(dh, dr, lb_gamma, lb_beta, gate_x, dlogit, dz0, rho_grad, r_grad, gate_q, h, r, ln_gamma, ln_beta,
                                        reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branches, replicate, ln_eps,
-                                       branch_mask, train_mask, need_input);
+                                       branch_mask, train_mask, need_input, stage);
 }
 
 // As adapter_split_bwd_input_f32 with dh, dr, h, r, γ and β in bf16 (dh, dr rounded once).
@@ -2712,13 +2758,14 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     unsigned branch_mask,
     unsigned train_mask,
-    int need_input)
+    int need_input,
+    int stage)
 {
     split_bwd_input_team<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(dh), reinterpret_cast<bf16_raw*>(dr), lb_gamma, lb_beta, gate_x, dlogit,
                                              dz0, rho_grad, r_grad, gate_q, reinterpret_cast<const bf16_raw*>(h),
                                              reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
                                              reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                             seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input);
+                                             seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input, stage);
 }
 
 // f16 twin of adapter_split_bwd_input_bf16io (f16_raw for bf16_raw).
@@ -2746,13 +2793,14 @@ extern "C" __global__ __launch_bounds__(ADAPTER_FWD_MAX_THREADS, 1) void adapter
     float ln_eps,
     unsigned branch_mask,
     unsigned train_mask,
-    int need_input)
+    int need_input,
+    int stage)
 {
     split_bwd_input_team<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(dh), reinterpret_cast<f16_raw*>(dr), lb_gamma, lb_beta, gate_x, dlogit,
                                            dz0, rho_grad, r_grad, gate_q, reinterpret_cast<const f16_raw*>(h),
                                            reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
                                            reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs), batch,
-                                           seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input);
+                                           seq_len, hidden, branches, replicate, ln_eps, branch_mask, train_mask, need_input, stage);
 }
 
 // a[i] = act(pre[i]) over a branch's [rows, m] down product (pre = z0·W_dᵀ + b_d from the GEMM's

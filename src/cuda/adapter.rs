@@ -2147,13 +2147,14 @@ pub enum RowStaging {
 }
 
 /// Shared memory per team of the split backward's row kernels, in bytes, as `[pre, post, input]`:
-/// pre H f32 (z0); post two f32 rows (u_d, y / dy) and, staged, the rows of up (f32) and of h, r,
-/// d_out (`act_bytes` an element), each region rounded up to 16 bytes (the kernel's
-/// stage_region_bytes); input 4H f32 (x, dx, dh, dr).
+/// pre as the split forward's ([`split_forward_team_bytes`]); post two f32 rows (u_d, y / dy)
+/// and, staged, the rows of up (f32) and of h, r, d_out (`act_bytes` an element); input four f32
+/// rows (x, dx, dh, dr) and, staged, h and r; each region rounded up to 16 bytes (the kernels'
+/// stage_region_bytes).
 pub fn split_backward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) -> [usize; 3] {
     let (f32_row, act_row) = (stage_region_bytes(hidden, 4), stage_region_bytes(hidden, act_bytes));
-    let post = if staged { 3 * f32_row + 3 * act_row } else { 2 * f32_row };
-    [hidden * 4, post, 4 * hidden * 4]
+    let (post, input) = if staged { (3 * f32_row + 3 * act_row, 4 * f32_row + 2 * act_row) } else { (2 * f32_row, 4 * f32_row) };
+    [split_forward_team_bytes(hidden, act_bytes, staged), post, input]
 }
 
 /// Checks a plan against the split backward's row kernels (the forward's thread rules; each
@@ -2253,6 +2254,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         shared_mem_bytes: (plan.rows_per_block as usize * bytes_per_team) as u32,
     };
     let [pre_bytes, post_bytes, input_bytes] = split_backward_team_bytes(hidden, std::mem::size_of::<A>(), staged);
+    let stage_arg = KernelArg::I32(staged as i32);
     for (kernel, team_bytes) in [(pre_kernel, pre_bytes), (post_kernel, post_bytes), (input_kernel, input_bytes)] {
         let bytes = plan.rows_per_block as usize * team_bytes;
         if bytes > gpu.dynamic_shared_limit(kernel) {
@@ -2272,10 +2274,11 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
     // Pre: z0 (and the statistics) of the processed rows.
     {
         // Parameter order: z0, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
-        // replicate, ln_eps, branch_mask.
-        let args = [arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(branch_mask)];
+        // replicate, ln_eps, branch_mask, stage.
+        let args = [arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(branch_mask), stage_arg];
         // SAFETY: z has N·B·T·H elements and the statistics (when passed) 2·N·B·T, both workspace;
-        // h, r, γ, β were checked; the plan was validated against H floats per team.
+        // h, r, γ, β were checked; the plan was validated against the kernel's shared memory for
+        // `stage` (split_backward_team_bytes).
         unsafe { gpu.launch(pre_kernel, row_cfg(teams(branch_mask), pre_bytes), &args)? };
     }
 
@@ -2339,7 +2342,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
             seed_buf,
             seed_lo,
             seed_hi,
-            KernelArg::I32(staged as i32),
+            stage_arg,
         ];
         // SAFETY: every region was sized by split_backward_layout for these masks (a null one is
         // never touched: the kernel writes a term only for the branches that need it), d_out has
@@ -2397,7 +2400,7 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         let dz_needed = need_input || descs.iter().enumerate().any(|(i, d)| (train_mask >> i) & 1 == 1 && d.ln_before_gamma != 0);
         // Parameter order: dh, dr, lb_gamma, lb_beta, gate_x, dlogit, dz0, rho_grad, r_grad,
         // gate_q, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden, branches, replicate,
-        // ln_eps, branch_mask, train_mask, need_input.
+        // ln_eps, branch_mask, train_mask, need_input, stage.
         let args = [
             dh_arg,
             dr_arg,
@@ -2423,11 +2426,12 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
             KernelArg::U32(input_mask),
             KernelArg::U32(train_mask),
             KernelArg::I32(need_input as i32),
+            stage_arg,
         ];
         let n_teams = if replicate && need_input { per_branch } else { teams(input_mask) };
         // SAFETY: dh and dr (when given) hold the input rows (checked), every region was sized
         // by split_backward_layout for these masks, dz0 holds the products of every branch the
-        // kernel reads it for; 4H floats of shared memory per team (the validated plan).
+        // kernel reads it for; its shared memory for `stage` (the validated plan).
         unsafe { gpu.launch(input_kernel, row_cfg(n_teams, input_bytes), &args)? };
     }
 
