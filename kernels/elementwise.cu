@@ -664,27 +664,93 @@ extern "C" __global__ void dropout_f16io(
 //       offset and block), one rounding (the unfused path rounds v, then v·scale again).
 //   accumulate_f32_{bf16io,f16io}(y, x, n): y = H(widen(y) + x), a 16-bit destination plus an f32
 //       product (a Linear's input gradient accumulated, beta = 1 without cuBLASLt's beta·C).
-// Thread mapping: linear_epilogue is bias_act's (one warp per row, lanes over the columns);
+// Thread mapping: linear_epilogue is bias_act's (one warp per row, lanes over the columns; when
+// the row is whole 4-column groups, aligned, lanes over the groups with 16-byte loads of the
+// product, EPILOGUE_GROUPS_IN_FLIGHT groups a thread loaded before any is stored);
 // the dropout epilogue dropout's (one thread per Philox block of 4); accumulate a flat grid-stride
 // loop, 64-bit indices. No barriers or shuffles.
 // Numerics: f32 arithmetic on exactly widened loads, each stored value rounded once to nearest even.
+// One element of linear_epilogue: v = a + b in f32 (a alone without a bias); `pre_out` = H(v);
+// returns H(act(widen(H(v)))). The bias comes as a value (a pointer into a thread's array would put
+// the array in local memory).
+template <typename H>
+__device__ __forceinline__ H linear_epilogue_element(float a, bool has_bias, float b, int act, H& pre_out) {
+    const float v = has_bias ? a + b : a;
+    store_f32(&pre_out, v);
+    H out;
+    store_f32(&out, act == 0 ? v : apply_activation(act, load_f32(&pre_out)));
+    return out;
+}
+
+// Four consecutive columns, the vector path's unit: 16 bytes of the f32 product, 8 bytes of a
+// 16-bit row (structs of our own: float4 and uint2 are not defined on every route).
+struct alignas(16) EpilogueAcc4 {
+    float v[4];
+};
+template <typename H>
+struct alignas(8) EpilogueHalf4 {
+    H v[4];
+};
+
+// 4-column groups a thread loads before storing any (the scalar loop waits on each load: one warp
+// per row then keeps too few bytes in flight to reach the copy bandwidth).
+#define EPILOGUE_GROUPS_IN_FLIGHT 4
+
 template <typename H>
 __device__ __forceinline__ void linear_epilogue_body(H* __restrict__ y, H* __restrict__ pre, const float* __restrict__ acc, const H* __restrict__ bias, int rows,
                                                      int cols, int act) {
     const int lane = threadIdx.x;
+    // Whole 4-column groups with 16-byte aligned f32 rows and 8-byte aligned 16-bit ones: 16-byte
+    // loads; else one column at a time. The same arithmetic per element either way.
+    const unsigned long long misaligned = ((unsigned long long)(const void*)acc & 15ull) | ((unsigned long long)(void*)y & 7ull) |
+                                          ((unsigned long long)(void*)pre & 7ull) | ((unsigned long long)(const void*)bias & 7ull);
+    const bool vec = cols % 4 == 0 && misaligned == 0;
     for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
         const size_t off = (size_t)row * (size_t)cols;
-        for (int c = lane; c < cols; c += blockDim.x) {
-            float v = acc[off + c];
-            if (bias != nullptr) {
-                v += load_f32(bias + c);
+        if (vec) {
+            const int groups = cols / 4;
+            const EpilogueAcc4* a4 = reinterpret_cast<const EpilogueAcc4*>(acc + off);
+            const EpilogueHalf4<H>* b4 = reinterpret_cast<const EpilogueHalf4<H>*>(bias);
+            EpilogueHalf4<H>* y4 = reinterpret_cast<EpilogueHalf4<H>*>(y + off);
+            EpilogueHalf4<H>* p4 = reinterpret_cast<EpilogueHalf4<H>*>(pre + off);
+            for (int g0 = lane; g0 < groups; g0 += EPILOGUE_GROUPS_IN_FLIGHT * (int)blockDim.x) {
+                EpilogueAcc4 a[EPILOGUE_GROUPS_IN_FLIGHT];
+                EpilogueHalf4<H> b[EPILOGUE_GROUPS_IN_FLIGHT];
+#pragma unroll
+                for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
+                    const int g = g0 + k * (int)blockDim.x;
+                    if (g < groups) {
+                        a[k] = a4[g];
+                        if (bias != nullptr) {
+                            b[k] = b4[g];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
+                    const int g = g0 + k * (int)blockDim.x;
+                    if (g < groups) {
+                        EpilogueHalf4<H> p, o;
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            o.v[j] = linear_epilogue_element(a[k].v[j], bias != nullptr, bias != nullptr ? load_f32(&b[k].v[j]) : 0.0f, act, p.v[j]);
+                        }
+                        if (pre != nullptr) {
+                            p4[g] = p;
+                        }
+                        y4[g] = o;
+                    }
+                }
             }
-            H rounded;
-            store_f32(&rounded, v);
-            if (pre != nullptr) {
-                pre[off + c] = rounded;
+        } else {
+            for (int c = lane; c < cols; c += blockDim.x) {
+                H p;
+                const H o = linear_epilogue_element(acc[off + c], bias != nullptr, bias != nullptr ? load_f32(bias + c) : 0.0f, act, p);
+                if (pre != nullptr) {
+                    pre[off + c] = p;
+                }
+                y[off + c] = o;
             }
-            store_f32(y + off + c, act == 0 ? v : apply_activation(act, load_f32(&rounded)));
         }
     }
 }
