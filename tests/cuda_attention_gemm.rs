@@ -228,19 +228,29 @@ fn flat_case(rng: &mut StdRng, batch: usize, seq: usize, d: usize, heads: usize)
 }
 
 /// Dropout with p 0.1 and 0.5, one and two dropout blocks (Parallel branches), shard offsets 0
-/// and a data-parallel shard's (first row 3 of a larger batch) and one that starts mid Philox
+/// and a data-parallel shard's (first row 3 of a larger batch) and ones that start mid Philox
 /// block: the GEMM path's ctx, lse and dqkv equal the fused path's within the f32 tolerances,
-/// which one differing mask element exceeds a hundredfold.
+/// which one differing mask element exceeds a hundredfold. The row kernels draw four keys' factors
+/// from one Philox block when T and the offset are multiples of 4 (T = 20), else from the two
+/// blocks they span (T = 12 with a +2 offset: whole 16-byte groups, every row mid block; odd T:
+/// the shift changes from row to row).
 fn dropout_masks_are_the_fused_paths(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0xd40b_6e44);
     let mut worst = (0f64, 0f64);
-    for (p, seq, d, heads, streams, first_row) in [(0.1f32, 33, 16, 2, vec![7u64], 0usize), (0.5, 20, 24, 3, vec![0x300, 0x301], 3), (0.5, 7, 8, 1, vec![5], 1), (0.1, 70, 32, 2, vec![9], 2)] {
+    let cases = [
+        (0.1f32, 33, 16, 2, vec![7u64], 0usize, 0usize),
+        (0.5, 20, 24, 3, vec![0x300, 0x301], 3, 0),
+        (0.5, 7, 8, 1, vec![5], 1, 0),
+        (0.1, 70, 32, 2, vec![9], 2, 5),
+        (0.5, 12, 16, 2, vec![11], 1, 2),
+    ];
+    for (p, seq, d, heads, streams, first_row, mid_block) in cases {
         let batch = 2 * streams.len();
         let c = flat_case(&mut rng, batch, seq, d, heads);
         let dctx = random_dctx(&mut rng, &c);
         // A shard whose first global row is `first_row` draws elements from first_row·heads·T² on;
-        // +5 makes the last case start mid Philox block of 4.
-        let offset = (first_row * heads * seq * seq + if seq == 70 { 5 } else { 0 }) as u64;
+        // `mid_block` more starts it mid Philox block of 4.
+        let offset = (first_row * heads * seq * seq + mid_block) as u64;
         let drop = DeviceDropout { seed_buffer: None, seed: 0x6e44 + seq as u64, p, streams: streams.clone(), offset };
         let label = format!("{} p={p} blocks={} offset={offset} {}", gpu.describe(), streams.len(), c.label());
         let gemm = run(gpu, Path::Gemm, &c, &dctx, Some(&drop)).unwrap_or_else(|e| panic!("{label}: gemm: {e}"));
