@@ -219,12 +219,6 @@ __device__ __forceinline__ void team_sync() {
 // issued STAGE_LOADS_IN_FLIGHT at a time before any store, then run their passes over shared
 // memory: one trip to memory a row instead of one a column.
 
-// 16 bytes, the widest load a thread issues (a struct of our own: uint4 is not defined on every
-// route).
-struct alignas(16) StageBits16 {
-    unsigned x, y, z, w;
-};
-
 #define STAGE_LOADS_IN_FLIGHT 8
 
 // Columns a thread of the split backward's input kernel loads before using them (its one pass
@@ -268,7 +262,7 @@ template <typename T>
 __device__ __forceinline__ void team_stage_row(T* dst, const T* src, int count) {
     const unsigned long long bytes = (unsigned long long)count * sizeof(T);
     if ((((unsigned long long)(const void*)src | (unsigned long long)(void*)dst | bytes) & 15ull) == 0) {
-        team_copy(reinterpret_cast<StageBits16*>(dst), reinterpret_cast<const StageBits16*>(src), (int)(bytes / 16));
+        team_copy(reinterpret_cast<Unit4<unsigned>*>(dst), reinterpret_cast<const Unit4<unsigned>*>(src), (int)(bytes / 16));
     } else {
         team_copy(dst, src, count);
     }

@@ -2443,23 +2443,17 @@ __device__ __forceinline__ void attn_load4(const float* row, int j0, int seq, bo
     }
 }
 
-// Four consecutive stored values, the vector unit of attn_store4.
-template <typename T>
-struct alignas(4 * sizeof(T)) AttnUnit4 {
-    T v[4];
-};
-
 // Stores keys j0..j0+3 (j0 < seq) of a row of T, each rounded once (attn_store): one 8- or 16-byte
 // store when `whole` (as attn_load4), else the keys below T one at a time.
 template <typename T>
 __device__ __forceinline__ void attn_store4(T* row, int j0, int seq, bool whole, const float (&x)[4]) {
     if (whole) {
-        AttnUnit4<T> u;
+        Unit4<T> u;
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
             attn_store(&u.v[t], x[t]);
         }
-        *reinterpret_cast<AttnUnit4<T>*>(row + j0) = u;
+        *reinterpret_cast<Unit4<T>*>(row + j0) = u;
     } else {
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
@@ -2473,9 +2467,7 @@ __device__ __forceinline__ void attn_store4(T* row, int j0, int seq, bool whole,
 // Whether rows of `seq` elements of 4-byte (f32) and `bytes`-byte (T) arrays are whole, aligned
 // groups of 4 at these base addresses (every row then starts aligned too).
 __device__ __forceinline__ bool attn_rows_whole(int seq, const void* f32_a, const void* f32_b, const void* t_a, const void* t_b, int bytes) {
-    const unsigned long long t_align = 4ull * (unsigned long long)bytes - 1ull;
-    return seq % 4 == 0 && (((unsigned long long)f32_a | (unsigned long long)f32_b) & 15ull) == 0 &&
-           (((unsigned long long)t_a | (unsigned long long)t_b) & t_align) == 0;
+    return seq % 4 == 0 && unit4_aligned(f32_a, 4) && unit4_aligned(f32_b, 4) && unit4_aligned(t_a, bytes) && unit4_aligned(t_b, bytes);
 }
 
 // The forward row kernel (see the section header). p: [B·heads, T, T] (what P·V reads), lse:
@@ -2567,7 +2559,7 @@ __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ 
     const size_t base = (size_t)row * (size_t)seq;
     const float* mrow = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
     const float L = lse[row];  // warp-uniform
-    const bool whole = attn_rows_whole(seq, s, dp, pd, ds, (int)sizeof(T)) && ((unsigned long long)mask_bias & 15ull) == 0;
+    const bool whole = attn_rows_whole(seq, s, dp, pd, ds, (int)sizeof(T)) && unit4_aligned(mask_bias, 4);
     float p[G][4], g[G][4], f[G][4];
     float sum = 0.0f;
 #pragma unroll

@@ -18,6 +18,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Four consecutive elements as one aligned unit (16 bytes of f32, 8 of a 16-bit type): what the
+// vectorised paths load and store in one instruction (a struct of our own: float4, uint4 and
+// uint2 are not defined on every route).
+template <typename T>
+struct alignas(4 * sizeof(T)) Unit4 {
+    T v[4];
+};
+
+// Whether `p` is aligned for a Unit4 of elements of `elem_bytes` bytes (null counts as aligned).
+__device__ __forceinline__ bool unit4_aligned(const void* p, int elem_bytes) {
+    return ((unsigned long long)p & (4ull * (unsigned long long)elem_bytes - 1ull)) == 0;
+}
+
 // Sum over the `blockDim.x` threads that share a `threadIdx.y` (a "row team"); every thread of
 // the team gets the total.
 // Contract (the launchers enforce it): blockDim.x is a multiple of 32, and if blockDim.x > 32 then

@@ -302,7 +302,9 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
 // activation_derivative, Backend::{linear_backward_params_into's db, first_token_backward_into}):
 //   activation_backward_f32   dx = dy * act'(pre) for every ACT_* code (identity: dx = dy); dx may
 //                             be dy itself (in place after the input-gradient GEMM), so dx and dy
-//                             carry no __restrict__. A flat grid-stride loop.
+//                             carry no __restrict__. A flat grid-stride loop, over groups of 4
+//                             (Unit4 loads and stores, flat_groups) when n is whole groups and
+//                             the buffers aligned, else over elements.
 //   column_sums_partial_f32   partial[chunk][c] = sum of x[r][c] over the chunk's rows: stage one
 //   column_sums_finalize_f32  of a deterministic column sum (a bias gradient sum_rows dy; also
 //                             LayerNorm's dgamma/dbeta partials from kernels/layernorm.cu): stage
@@ -340,9 +342,8 @@ extern "C" __global__ void count_nonfinite_f32(unsigned* __restrict__ count, con
 //                                accumulate, out = bf16(out + d in f32), rounded once.
 // The _f16io twins (activation_backward, column_sums_partial, first_token_backward) decide the
 // same per buffer with f16 in place of bf16.
-// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills, as their f32 twins: activation_backward
-// 26 / 26, column_sums_partial 26 / 27 (1056 B static shared), first_token_backward 24 / 24; the
-// _f16io twins 26 / 26, 26 / 27 and 26 / 26.
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: see tests/nvrtc_compile.rs's report
+// (activation_backward grew with its 4-group vector path).
 
 // act'(v) in f32: closed forms of cpu::reference::activation_derivative. ReLU' is 0 at v <= 0 and
 // for NaN (v > 0 is false), as the reference's. Swish' and sigmoid' at v < -88 overflow expf to
@@ -379,8 +380,58 @@ __device__ __forceinline__ float activation_derivative(int act, float v) {
 }
 
 // dx, dy, pre: [n] of activation storage type A; dx may equal dy.
+// A grid-stride loop over `groups` groups of 4 elements (Unit4s), FLAT_GROUPS_IN_FLIGHT groups a
+// thread at a time: load(g) for each (every load issued before any use), then store(g, loaded).
+// The flat kernels' vector path: a scalar grid-stride loop waits on each 2- or 4-byte load, which
+// keeps too few bytes in flight to reach the copy bandwidth. Each group is loaded, then stored, by
+// one thread, so an operand may be the output (in place).
+#define FLAT_GROUPS_IN_FLIGHT 4
+
+template <typename Load, typename Store>
+__device__ __forceinline__ void flat_groups(long long groups, Load load, Store store) {
+    using Loaded = decltype(load(0ll));
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long g0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; g0 < groups; g0 += FLAT_GROUPS_IN_FLIGHT * stride) {
+        Loaded v[FLAT_GROUPS_IN_FLIGHT];
+#pragma unroll
+        for (int k = 0; k < FLAT_GROUPS_IN_FLIGHT; ++k) {
+            const long long g = g0 + k * stride;
+            if (g < groups) {
+                v[k] = load(g);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < FLAT_GROUPS_IN_FLIGHT; ++k) {
+            const long long g = g0 + k * stride;
+            if (g < groups) {
+                store(g, v[k]);
+            }
+        }
+    }
+}
+
 template <typename A>
 __device__ __forceinline__ void activation_backward_body(A* dx, const A* dy, const A* __restrict__ pre, long long n, int act) {
+    const int ab = (int)sizeof(A);
+    if (n % 4 == 0 && unit4_aligned(dx, ab) && unit4_aligned(dy, ab) && unit4_aligned(pre, ab)) {
+        struct Operands {
+            Unit4<A> dy, pre;
+        };
+        const Unit4<A>* dy4 = reinterpret_cast<const Unit4<A>*>(dy);
+        const Unit4<A>* pre4 = reinterpret_cast<const Unit4<A>*>(pre);
+        Unit4<A>* dx4 = reinterpret_cast<Unit4<A>*>(dx);
+        flat_groups(
+            n / 4, [&](long long g) { return Operands{dy4[g], pre4[g]}; },
+            [&](long long g, const Operands& o) {
+                Unit4<A> out;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    store_f32(&out.v[j], load_f32(&o.dy.v[j]) * activation_derivative(act, load_f32(&o.pre.v[j])));
+                }
+                dx4[g] = out;
+            });
+        return;
+    }
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         store_f32(dx + i, load_f32(dy + i) * activation_derivative(act, load_f32(pre + i)));
@@ -668,7 +719,8 @@ extern "C" __global__ void dropout_f16io(
 // the row is whole 4-column groups, aligned, lanes over the groups with 16-byte loads of the
 // product, EPILOGUE_GROUPS_IN_FLIGHT groups a thread loaded before any is stored);
 // the dropout epilogue dropout's (one thread per Philox block of 4); accumulate a flat grid-stride
-// loop, 64-bit indices. No barriers or shuffles.
+// loop, 64-bit indices, over groups of 4 as activation_backward's when whole and aligned. No
+// barriers or shuffles.
 // Numerics: f32 arithmetic on exactly widened loads, each stored value rounded once to nearest even.
 // One element of linear_epilogue: v = a + b in f32 (a alone without a bias); `pre_out` = H(v);
 // returns H(act(widen(H(v)))). The bias comes as a value (a pointer into a thread's array would put
@@ -682,16 +734,6 @@ __device__ __forceinline__ H linear_epilogue_element(float a, bool has_bias, flo
     return out;
 }
 
-// Four consecutive columns, the vector path's unit: 16 bytes of the f32 product, 8 bytes of a
-// 16-bit row (structs of our own: float4 and uint2 are not defined on every route).
-struct alignas(16) EpilogueAcc4 {
-    float v[4];
-};
-template <typename H>
-struct alignas(8) EpilogueHalf4 {
-    H v[4];
-};
-
 // 4-column groups a thread loads before storing any (the scalar loop waits on each load: one warp
 // per row then keeps too few bytes in flight to reach the copy bandwidth).
 #define EPILOGUE_GROUPS_IN_FLIGHT 4
@@ -702,20 +744,19 @@ __device__ __forceinline__ void linear_epilogue_body(H* __restrict__ y, H* __res
     const int lane = threadIdx.x;
     // Whole 4-column groups with 16-byte aligned f32 rows and 8-byte aligned 16-bit ones: 16-byte
     // loads; else one column at a time. The same arithmetic per element either way.
-    const unsigned long long misaligned = ((unsigned long long)(const void*)acc & 15ull) | ((unsigned long long)(void*)y & 7ull) |
-                                          ((unsigned long long)(void*)pre & 7ull) | ((unsigned long long)(const void*)bias & 7ull);
-    const bool vec = cols % 4 == 0 && misaligned == 0;
+    const int hb = (int)sizeof(H);
+    const bool vec = cols % 4 == 0 && unit4_aligned(acc, 4) && unit4_aligned(y, hb) && unit4_aligned(pre, hb) && unit4_aligned(bias, hb);
     for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
         const size_t off = (size_t)row * (size_t)cols;
         if (vec) {
             const int groups = cols / 4;
-            const EpilogueAcc4* a4 = reinterpret_cast<const EpilogueAcc4*>(acc + off);
-            const EpilogueHalf4<H>* b4 = reinterpret_cast<const EpilogueHalf4<H>*>(bias);
-            EpilogueHalf4<H>* y4 = reinterpret_cast<EpilogueHalf4<H>*>(y + off);
-            EpilogueHalf4<H>* p4 = reinterpret_cast<EpilogueHalf4<H>*>(pre + off);
+            const Unit4<float>* a4 = reinterpret_cast<const Unit4<float>*>(acc + off);
+            const Unit4<H>* b4 = reinterpret_cast<const Unit4<H>*>(bias);
+            Unit4<H>* y4 = reinterpret_cast<Unit4<H>*>(y + off);
+            Unit4<H>* p4 = reinterpret_cast<Unit4<H>*>(pre + off);
             for (int g0 = lane; g0 < groups; g0 += EPILOGUE_GROUPS_IN_FLIGHT * (int)blockDim.x) {
-                EpilogueAcc4 a[EPILOGUE_GROUPS_IN_FLIGHT];
-                EpilogueHalf4<H> b[EPILOGUE_GROUPS_IN_FLIGHT];
+                Unit4<float> a[EPILOGUE_GROUPS_IN_FLIGHT];
+                Unit4<H> b[EPILOGUE_GROUPS_IN_FLIGHT];
 #pragma unroll
                 for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
                     const int g = g0 + k * (int)blockDim.x;
@@ -730,7 +771,7 @@ __device__ __forceinline__ void linear_epilogue_body(H* __restrict__ y, H* __res
                 for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
                     const int g = g0 + k * (int)blockDim.x;
                     if (g < groups) {
-                        EpilogueHalf4<H> p, o;
+                        Unit4<H> p, o;
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
                             o.v[j] = linear_epilogue_element(a[k].v[j], bias != nullptr, bias != nullptr ? load_f32(&b[k].v[j]) : 0.0f, act, p.v[j]);
@@ -807,6 +848,25 @@ extern "C" __global__ void linear_epilogue_dropout_f16io(
 
 template <typename H>
 __device__ __forceinline__ void accumulate_f32_body(H* __restrict__ y, const float* __restrict__ x, long long n) {
+    if (n % 4 == 0 && unit4_aligned(y, (int)sizeof(H)) && unit4_aligned(x, 4)) {
+        struct Operands {
+            Unit4<H> y;
+            Unit4<float> x;
+        };
+        Unit4<H>* y4 = reinterpret_cast<Unit4<H>*>(y);
+        const Unit4<float>* x4 = reinterpret_cast<const Unit4<float>*>(x);
+        flat_groups(
+            n / 4, [&](long long g) { return Operands{y4[g], x4[g]}; },
+            [&](long long g, const Operands& o) {
+                Unit4<H> out;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    store_f32(&out.v[j], load_f32(&o.y.v[j]) + o.x.v[j]);
+                }
+                y4[g] = out;
+            });
+        return;
+    }
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         store_f32(y + i, load_f32(y + i) + x[i]);

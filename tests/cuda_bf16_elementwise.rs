@@ -921,7 +921,9 @@ fn activation_backward_bf16io_follows_the_rule<H: Io>(gpu: &Gpu) {
     let acts: Vec<Option<Activation>> = std::iter::once(None).chain(ALL_ACTS.iter().map(|&a| Some(a))).collect();
     for act in acts {
         for rows in ROWS {
-            for cols in COLS {
+            // 42: lengths that are not whole groups of 4 at rows 1, 7 and 33 (the kernel's
+            // element loop; the others take its 4-element groups).
+            for cols in COLS.into_iter().chain([42]) {
                 let n = rows * cols;
                 let label = format!("{} {h}io activation_backward {act:?} rows={rows} cols={cols}", gpu.describe());
                 let dy = uniform16::<H>(&mut rng, n, -2.0, 2.0);
