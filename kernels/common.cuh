@@ -31,6 +31,35 @@ __device__ __forceinline__ bool unit4_aligned(const void* p, int elem_bytes) {
     return ((unsigned long long)p & (4ull * (unsigned long long)elem_bytes - 1ull)) == 0;
 }
 
+// A row team's pass over its columns c = threadIdx.x + k·blockDim.x (c < cols), TEAM_COL_BATCH
+// columns a thread at a time: load(c) for every column of a batch, each load issued before any
+// use, then use(c, loaded) in column order, so a running sum adds in a plain loop's order (the
+// same bits). A plain loop (`for (c = threadIdx.x; c < cols; c += blockDim.x)` with a load and
+// its use) compiles to one load in flight a thread, which leaves the memory latency-bound.
+#define TEAM_COL_BATCH 4
+
+template <typename Load, typename Use>
+__device__ __forceinline__ void team_cols_batched(int cols, Load load, Use use) {
+    using Loaded = decltype(load(0));
+    for (int c0 = threadIdx.x; c0 < cols; c0 += TEAM_COL_BATCH * (int)blockDim.x) {
+        Loaded v[TEAM_COL_BATCH];
+#pragma unroll
+        for (int k = 0; k < TEAM_COL_BATCH; ++k) {
+            const int c = c0 + k * (int)blockDim.x;
+            if (c < cols) {
+                v[k] = load(c);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < TEAM_COL_BATCH; ++k) {
+            const int c = c0 + k * (int)blockDim.x;
+            if (c < cols) {
+                use(c, v[k]);
+            }
+        }
+    }
+}
+
 // Sum over the `blockDim.x` threads that share a `threadIdx.y` (a "row team"); every thread of
 // the team gets the total.
 // Contract (the launchers enforce it): blockDim.x is a multiple of 32, and if blockDim.x > 32 then

@@ -52,8 +52,12 @@
 // memory (blockDim.y * cols floats) so x and residual are read from global memory once. A thread
 // only ever reads back the entries it wrote itself, so no barrier guards that cache. When the row
 // does not fit (the launcher decides) z is recomputed from global memory in each pass (L1/L2 hits
-// for a just-read row). Loads are scalar: 4-wide vector loads would need cols % 4 == 0 and 16-byte
-// aligned views, which the launcher does not require yet.
+// for a just-read row). Loads are scalar (4-wide vector loads would need cols % 4 == 0 and 16-byte
+// aligned views, which the launcher does not require) but batched: every pass loads
+// TEAM_COL_BATCH columns a thread before using any (common.cuh team_cols_batched), in the plain
+// loop's column order, so the sums and results are a plain loop's bit for bit. A plain loop keeps
+// one load in flight a thread, which held the bf16 kernels (2-byte loads) to half the f32 ones'
+// bandwidth on an H100.
 
 // ---- forward -------------------------------------------------------------------------------
 
@@ -91,14 +95,24 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
     float* zr = z_cache + (size_t)threadIdx.y * (size_t)cols;
     const bool cached = cache_row != 0;
 
+    // Every pass loads TEAM_COL_BATCH columns a thread before using them (team_cols_batched).
+    // x and residual of column c, from global memory (passes 2 and 3 without the cache).
+    struct Operands {
+        float x, r;
+    };
+    auto operands = [&](int c) {
+        Operands v;
+        v.x = load_f32(xr + c);
+        v.r = rr != nullptr ? load_f32(rr + c) : 0.0f;
+        return v;
+    };
+    auto z_of = [&](const Operands& v) { return rr != nullptr ? v.x + v.r : v.x; };
+
     // Pass 1: z = x + residual (cached if asked, stored if asked), and its sum.
     float sum = 0.0f;
     if (active) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float z = load_f32(xr + c);
-            if (rr != nullptr) {
-                z += load_f32(rr + c);
-            }
+        team_cols_batched(cols, operands, [&](int c, const Operands& v) {
+            const float z = z_of(v);
             if (zo != nullptr) {
                 store_f32(zo + c, z);
             }
@@ -106,27 +120,19 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
                 zr[c] = z;
             }
             sum += z;
-        }
+        });
     }
     const float mean = team_sum(sum, scratch) / (float)cols;
 
     // Pass 2: sum of squared deviations from the exact f32 mean. Without the cache z is formed
     // again from x and residual (never read back from z_out, which may hold it rounded).
+    auto z_again = [&](int c) { return cached ? zr[c] : z_of(operands(c)); };
     float sq = 0.0f;
     if (active) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float z;
-            if (cached) {
-                z = zr[c];
-            } else {
-                z = load_f32(xr + c);
-                if (rr != nullptr) {
-                    z += load_f32(rr + c);
-                }
-            }
+        team_cols_batched(cols, z_again, [&](int, float z) {
             const float d = z - mean;
             sq = fmaf(d, d, sq);
-        }
+        });
     }
     const float var = team_sum(sq, scratch) / (float)cols;
     const float rstd = 1.0f / sqrtf(var + eps);
@@ -134,18 +140,12 @@ __device__ __forceinline__ void residual_layernorm_forward_body(
     // Pass 3: normalise, scale, shift.
     if (active) {
         A* yr = y + offset;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float z;
-            if (cached) {
-                z = zr[c];
-            } else {
-                z = load_f32(xr + c);
-                if (rr != nullptr) {
-                    z += load_f32(rr + c);
-                }
-            }
-            store_f32(yr + c, fmaf((z - mean) * rstd, load_f32(gamma + c), load_f32(beta + c)));
-        }
+        struct Affine {
+            float z, g, b;
+        };
+        team_cols_batched(
+            cols, [&](int c) { return Affine{z_again(c), load_f32(gamma + c), load_f32(beta + c)}; },
+            [&](int c, const Affine& v) { store_f32(yr + c, fmaf((v.z - mean) * rstd, v.g, v.b)); });
         if (threadIdx.x == 0) {
             mean_out[(size_t)row * (size_t)stats_stride] = mean;
             rstd_out[(size_t)row * (size_t)stats_stride] = rstd;
@@ -354,41 +354,48 @@ __device__ __forceinline__ void layernorm_backward_body(
     const float mean = active ? stats[2 * (size_t)row] : 0.0f;
     const float rstd = active ? stats[2 * (size_t)row + 1] : 0.0f;
 
+    // Both passes load TEAM_COL_BATCH columns a thread before using them (team_cols_batched).
+    // (x̂, γ·dy) of column c from global memory.
+    struct Terms {
+        float xh, gy;
+    };
+    auto terms = [&](int c) { return Terms{(load_f32(zr + c) - mean) * rstd, load_f32(dyr + c) * load_f32(gamma + c)}; };
     float s_gy = 0.0f;
     float s_gyx = 0.0f;
     if (active) {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float xh = (load_f32(zr + c) - mean) * rstd;
-            const float gy = load_f32(dyr + c) * load_f32(gamma + c);
+        team_cols_batched(cols, terms, [&](int c, const Terms& t) {
             if (cached) {
-                gy_c[c] = gy;
-                xh_c[c] = xh;
+                gy_c[c] = t.gy;
+                xh_c[c] = t.xh;
             }
-            s_gy += gy;
-            s_gyx = fmaf(gy, xh, s_gyx);
-        }
+            s_gy += t.gy;
+            s_gyx = fmaf(t.gy, t.xh, s_gyx);
+        });
     }
     const float mean_gy = team_sum(s_gy, lnb_scratch) / (float)cols;
     const float mean_gyx = team_sum(s_gyx, lnb_scratch) / (float)cols;
 
     if (active) {
         A* dzr = dz + offset;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float gy;
-            float xh;
-            if (cached) {
-                gy = gy_c[c];
-                xh = xh_c[c];
-            } else {
-                xh = (load_f32(zr + c) - mean) * rstd;
-                gy = load_f32(dyr + c) * load_f32(gamma + c);
-            }
-            float g = rstd * (gy - mean_gy - xh * mean_gyx);
-            if (accumulate != 0) {
-                g += load_f32(dzr + c);
-            }
-            store_f32(dzr + c, g);
-        }
+        struct Final {
+            Terms t;
+            float prior;  // dz's value when accumulating
+        };
+        team_cols_batched(
+            cols,
+            [&](int c) {
+                Final v;
+                v.t = cached ? Terms{xh_c[c], gy_c[c]} : terms(c);
+                v.prior = accumulate != 0 ? load_f32(dzr + c) : 0.0f;
+                return v;
+            },
+            [&](int c, const Final& v) {
+                float g = rstd * (v.t.gy - mean_gy - v.t.xh * mean_gyx);
+                if (accumulate != 0) {
+                    g += v.prior;
+                }
+                store_f32(dzr + c, g);
+            });
     }
 }
 
