@@ -221,10 +221,6 @@ __device__ __forceinline__ void team_sync() {
 
 #define STAGE_LOADS_IN_FLIGHT 8
 
-// Columns a thread of the split backward's input kernel loads before using them (its one pass
-// over the per-branch f32 rows, which it reads once and so does not stage).
-#define SPLIT_INPUT_BATCH 4
-
 // Bytes of a staged region of `count` elements of `size` bytes: rounded up to 16, so the regions
 // of a team laid end to end all start 16-byte aligned (the launcher's split_*_team_bytes).
 __device__ __forceinline__ int stage_region_bytes(int count, int size) {
@@ -2140,7 +2136,7 @@ extern "C" __global__ void adapter_location_backward_gate_f16io(
 // / the gradient), input 4H (x, dx, dh, dr); with `stage` (cuda::adapter::RowStaging) each also
 // holds copies of the global rows it reads more than once (see "row staging": pre and input h, r;
 // post up, h, r, d_out), read once with wide loads. The input kernel reads its per-branch f32
-// rows (dz0, dρ, the dr term) once, SPLIT_INPUT_BATCH columns a thread per batch of loads.
+// rows (dz0, dρ, the dr term) once, TEAM_COL_BATCH columns a thread per batch of loads.
 //
 // Numerics: f32 throughout with the forward's device functions and the fused backward's formulas
 // (LayerNorm backward rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂))); the products sum in the GEMM's
@@ -2446,59 +2442,47 @@ __device__ __forceinline__ void split_bwd_input_team(
         const float* r_r = r_grad != nullptr ? r_grad + dst : nullptr;
         const bool read_dz = ln_before || inputs;
         const bool read_r = inputs && post;
-        // SPLIT_INPUT_BATCH columns a thread at a time, their global loads (dz0, dρ, the dr
-        // term) issued before any is used: one memory latency a batch, not one a column.
-        for (int c0 = threadIdx.x; c0 < cols; c0 += SPLIT_INPUT_BATCH * (int)blockDim.x) {
-            float dz_b[SPLIT_INPUT_BATCH], drho_b[SPLIT_INPUT_BATCH], dr_b[SPLIT_INPUT_BATCH];
-#pragma unroll
-            for (int k = 0; k < SPLIT_INPUT_BATCH; ++k) {
-                const int c = c0 + k * (int)blockDim.x;
-                const bool in = c < cols;
-                dz_b[k] = in && read_dz ? dzr[c] : 0.0f;
-                drho_b[k] = in && inputs ? rho_r[c] : 0.0f;
-                dr_b[k] = in && read_r ? r_r[c] : 0.0f;
+        // The branch's global f32 rows (dz0, dρ, the dr term) of column c, loaded TEAM_COL_BATCH
+        // columns a thread at a time (team_cols_batched): they are read once, so not staged.
+        struct BranchRows {
+            float dz, drho, dr;
+        };
+        auto branch_rows = [&](int c) {
+            return BranchRows{read_dz ? dzr[c] : 0.0f, inputs ? rho_r[c] : 0.0f, read_r ? r_r[c] : 0.0f};
+        };
+        team_cols_batched(cols, branch_rows, [&](int c, const BranchRows& v) {
+            float dx = 0.0f;
+            if (ln_before) {
+                const float xh = xhat(c);
+                if (pack_lb) {
+                    lb_gamma[dst + c] = v.dz * xh;
+                    lb_beta[dst + c] = v.dz;
+                }
+                dx = ln_backward_dx(b_rstd, v.dz * gb[c], xh, s1, s2);
+            } else if (inputs) {
+                dx = v.dz;
             }
-#pragma unroll
-            for (int k = 0; k < SPLIT_INPUT_BATCH; ++k) {
-                const int c = c0 + k * (int)blockDim.x;
-                if (c >= cols) {
-                    break;
-                }
-                float dx = 0.0f;
-                if (ln_before) {
-                    const float dz = dz_b[k];
-                    const float xh = xhat(c);
-                    if (pack_lb) {
-                        lb_gamma[dst + c] = dz * xh;
-                        lb_beta[dst + c] = dz;
-                    }
-                    dx = ln_backward_dx(b_rstd, dz * gb[c], xh, s1, s2);
-                } else if (inputs) {
-                    dx = dz_b[k];
-                }
-                if (pack_x) {
-                    gate_x[dst + c] = xs[c];
-                }
-                if (inputs) {
-                    if (gated) {
-                        dx = fmaf(dlogit, wg[c], dx);
-                    }
-                    const float drho = drho_b[k];
-                    if (residual == ADAPTER_RESIDUAL_X) {
-                        dx += drho;
-                    } else {
-                        dhs[c] += drho;
-                        if (residual == ADAPTER_RESIDUAL_V) {
-                            drs[c] += drho;
-                        }
-                    }
-                    if (post) {
-                        drs[c] += dr_b[k];
-                    }
-                    dxs[c] += dx;
-                }
+            if (pack_x) {
+                gate_x[dst + c] = xs[c];
             }
-        }
+            if (inputs) {
+                if (gated) {
+                    dx = fmaf(dlogit, wg[c], dx);
+                }
+                if (residual == ADAPTER_RESIDUAL_X) {
+                    dx += v.drho;
+                } else {
+                    dhs[c] += v.drho;
+                    if (residual == ADAPTER_RESIDUAL_V) {
+                        drs[c] += v.drho;
+                    }
+                }
+                if (post) {
+                    drs[c] += v.dr;
+                }
+                dxs[c] += dx;
+            }
+        });
     }
     if (!inputs) {
         return;
