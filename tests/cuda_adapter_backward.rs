@@ -551,6 +551,30 @@ fn every_plan_matches_cpu(gpu: &Gpu) {
 }
 test_device!(every_plan_matches_cpu_reference, every_plan_matches_cpu);
 
+/// A plan whose teams fit the device's shared memory unstaged but not staged (H = 1024 in f32:
+/// 16 KiB a team for the input kernel, 24 KiB staged): `RowStaging::On` is refused with a shape
+/// error that says so, and `Auto` runs unstaged and matches the reference.
+fn staging_that_does_not_fit(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x57a9);
+    let max_shared = gpu.limits().max_shared_bytes_opt_in.saturating_sub(256);
+    let h = 1024;
+    let rows = (max_shared / (16 * h)).min(16) as u32;
+    let plan = LocationPlan { threads_per_row: 32, rows_per_block: rows };
+    assert!(rows as usize * 24 * h > max_shared, "{}: {rows} rows a block fit staged; the test needs a plan that does not", gpu.describe());
+    let case = Case::random(&mut rng, 1, 2, h, false, PFEIFFER, &[BranchSpec::full(8, Activation::Gelu, Scale::Channel, false)]);
+    let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
+    let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
+    let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights).unwrap();
+    match run_with(gpu, &case, &descriptors, Some(plan), Route::Split(RowStaging::On)) {
+        Err(Error::Shape { msg, .. }) => assert!(msg.contains("row staging") && msg.contains("bytes of shared memory"), "{msg}"),
+        other => panic!("{}: RowStaging::On with {plan:?} at H = {h}: expected a shape error, got {:?}", gpu.describe(), other.map(|_| "outputs")),
+    }
+    let got = run_with(gpu, &case, &descriptors, Some(plan), Route::Split(RowStaging::Auto)).unwrap_or_else(|e| panic!("{}: Auto: {e}", gpu.describe()));
+    let (want_inputs, want_grads) = case.reference();
+    check_one(&format!("{} Auto {plan:?} {}", gpu.describe(), case.label()), &got, &want_inputs, &want_grads);
+}
+test_device!(staging_falls_back_when_it_does_not_fit, staging_that_does_not_fit);
+
 /// The executor's schedules reorder the threads between sync points; a race-free kernel with
 /// fixed-order reductions (and deterministic GEMMs) gives the same bits in each.
 #[cfg(feature = "cuda-sim")]

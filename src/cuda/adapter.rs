@@ -2159,7 +2159,7 @@ pub fn split_backward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) 
 
 /// Checks a plan against the split backward's row kernels (the forward's thread rules; each
 /// kernel's shared memory, [`split_backward_team_bytes`] per team, within `max_shared`) and
-/// resolves `staging`: whether the post kernel stages its rows.
+/// resolves `staging`: whether the row kernels stage their rows.
 pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, act_bytes: usize, staging: RowStaging, max_shared: usize) -> Result<bool> {
     plan.validate(hidden, 3 * hidden, max_shared).map_err(|e| match e {
         Error::Shape { msg, .. } => Error::shape(OP_BWD, msg),
@@ -2715,5 +2715,25 @@ mod backward_tests {
         let src = crate::cuda::registry::adapter::SOURCE.code;
         assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_THREADS {MAX_BACKWARD_THREADS}\n")));
         assert!(src.contains(&format!("#define ADAPTER_BWD_MAX_BRANCHES {MAX_BACKWARD_BRANCHES}\n")));
+    }
+
+    #[test]
+    fn row_staging_shared_memory() {
+        // Per team, bytes: pre (row buffer; staged + h, r), post (u_d, y; staged + up, h, r,
+        // d_out), input (x, dx, dh, dr; staged + h, r). H = 768 in bf16: rows of 3072 and 1536.
+        assert_eq!(split_backward_team_bytes(768, 2, false), [3072, 6144, 12288]);
+        assert_eq!(split_backward_team_bytes(768, 2, true), [3072 + 3072, 9216 + 4608, 12288 + 3072]);
+        assert_eq!(split_forward_team_bytes(768, 2, true), 6144);
+        // H = 42: 168-byte f32 rows and 84-byte bf16 rows, each region padded to 176 and 96.
+        assert_eq!(split_backward_team_bytes(42, 2, true), [176 + 192, 3 * 176 + 3 * 96, 4 * 176 + 2 * 96]);
+        assert_eq!(split_forward_team_bytes(42, 4, false), 176);
+        // The choice: On refuses what does not fit, Auto falls back, Off never stages.
+        let plan = LocationPlan { threads_per_row: 32, rows_per_block: 4 };
+        let staged = 4 * (12288 + 3072);
+        assert!(validate_split_backward_plan(plan, 768, 2, RowStaging::Auto, staged).unwrap());
+        assert!(!validate_split_backward_plan(plan, 768, 2, RowStaging::Auto, staged - 1).unwrap());
+        assert!(!validate_split_backward_plan(plan, 768, 2, RowStaging::Off, 1 << 20).unwrap());
+        let err = validate_split_backward_plan(plan, 768, 2, RowStaging::On, staged - 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("needs {staged} bytes of shared memory a block for H = 768")), "{err}");
     }
 }
