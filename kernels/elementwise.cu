@@ -628,6 +628,12 @@ __device__ __forceinline__ void dropout_bias_body(TY* y, const TX* x, const TB* 
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < quads; q += stride) {
         const PhiloxWords w = philox_block(key, stream, first + (unsigned long long)q);
+        // The bias column of the quad's first element, then stepped (one 64-bit remainder a quad,
+        // not one an element: a 64-bit % is a long software sequence on the GPU).
+        long long col = bias != nullptr ? (begin + 4 * q - lead) % cols : 0;
+        if (col < 0) {
+            col += cols;  // the quad starts before element 0 (lead > 0); those elements are skipped
+        }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             const long long i = 4 * q + k - lead;
@@ -635,9 +641,12 @@ __device__ __forceinline__ void dropout_bias_body(TY* y, const TX* x, const TB* 
                 const long long e = begin + i;
                 float v = load_f32(x + e);
                 if (bias != nullptr) {
-                    v += load_f32(bias + e % cols);
+                    v += load_f32(bias + col);
                 }
                 store_f32(y + e, w.w[k] >= threshold ? v * scale : 0.0f);
+            }
+            if (++col == cols) {
+                col = 0;
             }
         }
     }
