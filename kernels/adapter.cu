@@ -227,27 +227,11 @@ __device__ __forceinline__ int stage_region_bytes(int count, int size) {
     return (count * size + 15) / 16 * 16;
 }
 
-// dst[i] = src[i] for i < n, the team's threads striding over i, every load of a group of
-// STAGE_LOADS_IN_FLIGHT per thread issued before the group's stores.
+// dst[i] = src[i] for i < n, the team's threads striding over i, STAGE_LOADS_IN_FLIGHT loads a
+// thread issued before their stores (team_cols_batched).
 template <typename U>
 __device__ __forceinline__ void team_copy(U* dst, const U* src, int n) {
-    for (int i0 = threadIdx.x; i0 < n; i0 += STAGE_LOADS_IN_FLIGHT * (int)blockDim.x) {
-        U v[STAGE_LOADS_IN_FLIGHT];
-#pragma unroll
-        for (int k = 0; k < STAGE_LOADS_IN_FLIGHT; ++k) {
-            const int i = i0 + k * (int)blockDim.x;
-            if (i < n) {
-                v[k] = src[i];
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < STAGE_LOADS_IN_FLIGHT; ++k) {
-            const int i = i0 + k * (int)blockDim.x;
-            if (i < n) {
-                dst[i] = v[k];
-            }
-        }
-    }
+    team_cols_batched<STAGE_LOADS_IN_FLIGHT>(n, [&](int i) { return src[i]; }, [&](int i, const U& v) { dst[i] = v; });
 }
 
 // Copies a global row of `count` elements into the team's shared buffer `dst` (a

@@ -36,22 +36,23 @@ __device__ __forceinline__ bool unit4_aligned(const void* p, int elem_bytes) {
 // use, then use(c, loaded) in column order, so a running sum adds in a plain loop's order (the
 // same bits). A plain loop (`for (c = threadIdx.x; c < cols; c += blockDim.x)` with a load and
 // its use) compiles to one load in flight a thread, which leaves the memory latency-bound.
+// BATCH other than TEAM_COL_BATCH: adapter.cu's row staging copies 8 units a thread at a time.
 #define TEAM_COL_BATCH 4
 
-template <typename Load, typename Use>
+template <int BATCH = TEAM_COL_BATCH, typename Load, typename Use>
 __device__ __forceinline__ void team_cols_batched(int cols, Load load, Use use) {
     using Loaded = decltype(load(0));
-    for (int c0 = threadIdx.x; c0 < cols; c0 += TEAM_COL_BATCH * (int)blockDim.x) {
-        Loaded v[TEAM_COL_BATCH];
+    for (int c0 = threadIdx.x; c0 < cols; c0 += BATCH * (int)blockDim.x) {
+        Loaded v[BATCH];
 #pragma unroll
-        for (int k = 0; k < TEAM_COL_BATCH; ++k) {
+        for (int k = 0; k < BATCH; ++k) {
             const int c = c0 + k * (int)blockDim.x;
             if (c < cols) {
                 v[k] = load(c);
             }
         }
 #pragma unroll
-        for (int k = 0; k < TEAM_COL_BATCH; ++k) {
+        for (int k = 0; k < BATCH; ++k) {
             const int c = c0 + k * (int)blockDim.x;
             if (c < cols) {
                 use(c, v[k]);
