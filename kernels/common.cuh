@@ -31,34 +31,40 @@ __device__ __forceinline__ bool unit4_aligned(const void* p, int elem_bytes) {
     return ((unsigned long long)p & (4ull * (unsigned long long)elem_bytes - 1ull)) == 0;
 }
 
-// A row team's pass over its columns c = threadIdx.x + k·blockDim.x (c < cols), TEAM_COL_BATCH
-// columns a thread at a time: load(c) for every column of a batch, each load issued before any
-// use, then use(c, loaded) in column order, so a running sum adds in a plain loop's order (the
-// same bits). A plain loop (`for (c = threadIdx.x; c < cols; c += blockDim.x)` with a load and
-// its use) compiles to one load in flight a thread, which leaves the memory latency-bound.
-// BATCH other than TEAM_COL_BATCH: adapter.cu's row staging copies 8 units a thread at a time.
+// A strided loop over i = first, first + stride, ... < end, BATCH indices a thread at a time:
+// load(i) for every index of a batch, each load issued before any use, then use(i, loaded) in
+// index order, so a running sum adds in a plain loop's order (the same bits). A plain loop with a
+// load and its use compiles to one load in flight a thread, which leaves the memory latency-bound.
+template <int BATCH, typename I, typename Load, typename Use>
+__device__ __forceinline__ void strided_batched(I first, I end, I stride, Load load, Use use) {
+    using Loaded = decltype(load(first));
+    for (I i0 = first; i0 < end; i0 += BATCH * stride) {
+        Loaded v[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const I i = i0 + k * stride;
+            if (i < end) {
+                v[k] = load(i);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const I i = i0 + k * stride;
+            if (i < end) {
+                use(i, v[k]);
+            }
+        }
+    }
+}
+
+// A row team's pass over its columns c = threadIdx.x + k·blockDim.x (c < cols), BATCH columns a
+// thread at a time (strided_batched). BATCH other than TEAM_COL_BATCH: adapter.cu's row staging
+// copies 8 units a thread at a time.
 #define TEAM_COL_BATCH 4
 
 template <int BATCH = TEAM_COL_BATCH, typename Load, typename Use>
 __device__ __forceinline__ void team_cols_batched(int cols, Load load, Use use) {
-    using Loaded = decltype(load(0));
-    for (int c0 = threadIdx.x; c0 < cols; c0 += BATCH * (int)blockDim.x) {
-        Loaded v[BATCH];
-#pragma unroll
-        for (int k = 0; k < BATCH; ++k) {
-            const int c = c0 + k * (int)blockDim.x;
-            if (c < cols) {
-                v[k] = load(c);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < BATCH; ++k) {
-            const int c = c0 + k * (int)blockDim.x;
-            if (c < cols) {
-                use(c, v[k]);
-            }
-        }
-    }
+    strided_batched<BATCH, int>((int)threadIdx.x, cols, (int)blockDim.x, load, use);
 }
 
 // Sum over the `blockDim.x` threads that share a `threadIdx.y` (a "row team"); every thread of

@@ -379,37 +379,20 @@ __device__ __forceinline__ float activation_derivative(int act, float v) {
     }
 }
 
-// dx, dy, pre: [n] of activation storage type A; dx may equal dy.
 // A grid-stride loop over `groups` groups of 4 elements (Unit4s), FLAT_GROUPS_IN_FLIGHT groups a
-// thread at a time: load(g) for each (every load issued before any use), then store(g, loaded).
-// The flat kernels' vector path: a scalar grid-stride loop waits on each 2- or 4-byte load, which
-// keeps too few bytes in flight to reach the copy bandwidth. Each group is loaded, then stored, by
-// one thread, so an operand may be the output (in place).
+// thread at a time (strided_batched): load(g) for each, every load issued before any use, then
+// store(g, loaded). The flat kernels' vector path: a scalar grid-stride loop waits on each 2- or
+// 4-byte load, which keeps too few bytes in flight to reach the copy bandwidth. Each group is
+// loaded, then stored, by one thread, so an operand may be the output (in place).
 #define FLAT_GROUPS_IN_FLIGHT 4
 
 template <typename Load, typename Store>
 __device__ __forceinline__ void flat_groups(long long groups, Load load, Store store) {
-    using Loaded = decltype(load(0ll));
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long g0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; g0 < groups; g0 += FLAT_GROUPS_IN_FLIGHT * stride) {
-        Loaded v[FLAT_GROUPS_IN_FLIGHT];
-#pragma unroll
-        for (int k = 0; k < FLAT_GROUPS_IN_FLIGHT; ++k) {
-            const long long g = g0 + k * stride;
-            if (g < groups) {
-                v[k] = load(g);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < FLAT_GROUPS_IN_FLIGHT; ++k) {
-            const long long g = g0 + k * stride;
-            if (g < groups) {
-                store(g, v[k]);
-            }
-        }
-    }
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    strided_batched<FLAT_GROUPS_IN_FLIGHT, long long>(first, groups, (long long)gridDim.x * blockDim.x, load, store);
 }
 
+// dx, dy, pre: [n] of activation storage type A; dx may equal dy.
 template <typename A>
 __device__ __forceinline__ void activation_backward_body(A* dx, const A* dy, const A* __restrict__ pre, long long n, int act) {
     const int ab = (int)sizeof(A);
@@ -763,35 +746,31 @@ __device__ __forceinline__ void linear_epilogue_body(H* __restrict__ y, H* __res
             const Unit4<H>* b4 = reinterpret_cast<const Unit4<H>*>(bias);
             Unit4<H>* y4 = reinterpret_cast<Unit4<H>*>(y + off);
             Unit4<H>* p4 = reinterpret_cast<Unit4<H>*>(pre + off);
-            for (int g0 = lane; g0 < groups; g0 += EPILOGUE_GROUPS_IN_FLIGHT * (int)blockDim.x) {
-                Unit4<float> a[EPILOGUE_GROUPS_IN_FLIGHT];
-                Unit4<H> b[EPILOGUE_GROUPS_IN_FLIGHT];
-#pragma unroll
-                for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
-                    const int g = g0 + k * (int)blockDim.x;
-                    if (g < groups) {
-                        a[k] = a4[g];
-                        if (bias != nullptr) {
-                            b[k] = b4[g];
-                        }
+            struct Operands {
+                Unit4<float> a;
+                Unit4<H> b;
+            };
+            strided_batched<EPILOGUE_GROUPS_IN_FLIGHT, int>(
+                lane, groups, (int)blockDim.x,
+                [&](int g) {
+                    Operands v;
+                    v.a = a4[g];
+                    if (bias != nullptr) {
+                        v.b = b4[g];
                     }
-                }
+                    return v;
+                },
+                [&](int g, const Operands& v) {
+                    Unit4<H> p, o;
 #pragma unroll
-                for (int k = 0; k < EPILOGUE_GROUPS_IN_FLIGHT; ++k) {
-                    const int g = g0 + k * (int)blockDim.x;
-                    if (g < groups) {
-                        Unit4<H> p, o;
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            o.v[j] = linear_epilogue_element(a[k].v[j], bias != nullptr, bias != nullptr ? load_f32(&b[k].v[j]) : 0.0f, act, p.v[j]);
-                        }
-                        if (pre != nullptr) {
-                            p4[g] = p;
-                        }
-                        y4[g] = o;
+                    for (int j = 0; j < 4; ++j) {
+                        o.v[j] = linear_epilogue_element(v.a.v[j], bias != nullptr, bias != nullptr ? load_f32(&v.b.v[j]) : 0.0f, act, p.v[j]);
                     }
-                }
-            }
+                    if (pre != nullptr) {
+                        p4[g] = p;
+                    }
+                    y4[g] = o;
+                });
         } else {
             for (int c = lane; c < cols; c += blockDim.x) {
                 H p;
