@@ -248,6 +248,22 @@ __device__ __forceinline__ void team_stage_row(T* dst, const T* src, int count) 
     }
 }
 
+// Stages the team's h and r rows into the two T regions that start at `at` (each
+// stage_region_bytes(cols, sizeof(T)), 16-byte aligned) and points hr and rr at the copies, for
+// every split kernel that stages them; returns the first byte past the two regions. The caller's
+// team_sync() must come before any thread reads the copies.
+template <typename T>
+__device__ __forceinline__ char* team_stage_h_r(char* at, int cols, const T*& hr, const T*& rr) {
+    const int t_bytes = stage_region_bytes(cols, sizeof(T));
+    T* h_s = reinterpret_cast<T*>(at);
+    T* r_s = reinterpret_cast<T*>(at + t_bytes);
+    team_stage_row(h_s, hr, cols);
+    team_stage_row(r_s, rr, cols);
+    hr = h_s;
+    rr = r_s;
+    return at + 2 * t_bytes;
+}
+
 // One butterfly stage of warp_transpose_sum: lanes with bit W set keep the upper half of their
 // live entries and send the lower half to lane ^ W, which does the opposite.
 template <int W>
@@ -886,16 +902,11 @@ __device__ __forceinline__ bool split_team_rows(int cols, int stage, float*& xs,
     if (!stage) {
         return false;
     }
-    T* h_s = reinterpret_cast<T*>(team_smem + f32_bytes);
-    T* r_s = reinterpret_cast<T*>(team_smem + f32_bytes + t_bytes);
     if (up != nullptr) {
         team_stage_row(xs, up, cols);
     }
-    team_stage_row(h_s, hr, cols);
-    team_stage_row(r_s, rr, cols);
+    team_stage_h_r(team_smem + f32_bytes, cols, hr, rr);
     team_sync();
-    hr = h_s;
-    rr = r_s;
     return true;
 }
 
@@ -2216,17 +2227,11 @@ __device__ __forceinline__ void split_bwd_post_team(
     float* ur = up_dup + dst;  // dup's destination (up is read first, by the thread that writes it)
     if (stage) {
         float* up_s = reinterpret_cast<float*>(team_smem + 2 * f32_bytes);
-        T* h_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes);
-        T* r_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes + t_bytes);
-        T* d_s = reinterpret_cast<T*>(team_smem + 3 * f32_bytes + 2 * t_bytes);
         team_stage_row(up_s, up_in, cols);
-        team_stage_row(h_s, hr, cols);
-        team_stage_row(r_s, rr, cols);
+        T* d_s = reinterpret_cast<T*>(team_stage_h_r(team_smem + 3 * f32_bytes, cols, hr, rr));
         team_stage_row(d_s, dor, cols);
         team_sync();
         up_in = up_s;
-        hr = h_s;
-        rr = r_s;
         dor = d_s;
     }
     const bool train = ((train_mask >> branch) & 1u) != 0;
@@ -2369,13 +2374,8 @@ __device__ __forceinline__ void split_bwd_input_team(
     float* dhs = reinterpret_cast<float*>(team_smem + 2 * f32_bytes);
     float* drs = reinterpret_cast<float*>(team_smem + 3 * f32_bytes);
     if (stage) {
-        T* h_s = reinterpret_cast<T*>(team_smem + 4 * f32_bytes);
-        T* r_s = reinterpret_cast<T*>(team_smem + 4 * f32_bytes + t_bytes);
-        team_stage_row(h_s, hr, cols);
-        team_stage_row(r_s, rr, cols);
+        team_stage_h_r(team_smem + 4 * f32_bytes, cols, hr, rr);
         team_sync();
-        hr = h_s;
-        rr = r_s;
     }
     const bool ln_first = descs[0].original_ln_before != 0;  // the location's, in every descriptor
     const bool post = descs[0].original_ln_after != 0;
