@@ -399,7 +399,7 @@ __device__ __forceinline__ void layernorm_backward_body(
     }
 }
 
-extern "C" __global__ void layernorm_backward_f32(
+extern "C" __global__ __launch_bounds__(1024) void layernorm_backward_f32(
     float* __restrict__ dz,
     const float* __restrict__ dy,
     const float* __restrict__ z,
@@ -415,7 +415,7 @@ extern "C" __global__ void layernorm_backward_f32(
 
 // bf16 dz, dy and z and bf16 gamma (a frozen base), as raw bits; stats stay f32. With accumulate
 // the old dz is widened, added in f32, and the sum rounded once.
-extern "C" __global__ void layernorm_backward_bf16io(
+extern "C" __global__ __launch_bounds__(1024) void layernorm_backward_bf16io(
     unsigned short* __restrict__ dz,
     const unsigned short* __restrict__ dy,
     const unsigned short* __restrict__ z,
@@ -431,7 +431,7 @@ extern "C" __global__ void layernorm_backward_bf16io(
 }
 
 // f16 twin of layernorm_backward_bf16io: the same body with f16_raw storage.
-extern "C" __global__ void layernorm_backward_f16io(
+extern "C" __global__ __launch_bounds__(1024) void layernorm_backward_f16io(
     unsigned short* __restrict__ dz,
     const unsigned short* __restrict__ dy,
     const unsigned short* __restrict__ z,

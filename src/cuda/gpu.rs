@@ -496,6 +496,13 @@ impl Default for SimConfig {
     }
 }
 
+/// The static `__shared__` bytes assumed of a kernel on cuda-sim ([`Gpu::static_shared_bytes`]):
+/// the room the planners leave beside dynamic shared memory (`MAX_ROW_CACHE_BYTES`,
+/// `DEFAULT_SHARED_BYTES`: 48 KB less 256). Kernels with more static arrays (the LayerNorm
+/// parameter gradients' 2112 bytes) use no dynamic shared memory; one that did, near the limit,
+/// would fail the simulator's exact check of static plus dynamic bytes.
+pub const SIM_STATIC_SHARED_BOUND: usize = 256;
+
 /// A GPU, real or simulated; see the module docs.
 pub struct Gpu {
     backend: Backend,
@@ -503,6 +510,8 @@ pub struct Gpu {
     arch: String,
     /// Dynamic shared memory opted in per kernel (cuFuncSetAttribute), by kernel name.
     opted_in: Mutex<HashMap<&'static str, usize>>,
+    /// Each kernel's static `__shared__` bytes, as the driver reports them (real GPU only).
+    static_shared: Mutex<HashMap<&'static str, usize>>,
     /// The cuBLASLt handle and workspace, created by the first GEMM on a real GPU.
     lt: Mutex<Option<Arc<LtGemm>>>,
     /// Freed buffers' blocks, reused by later allocations.
@@ -598,6 +607,7 @@ impl Gpu {
             limits,
             arch,
             opted_in: Mutex::new(HashMap::new()),
+            static_shared: Mutex::new(HashMap::new()),
             lt: Mutex::new(None),
             pool: Arc::new(Pool::new(POOL_CAP_CUDA, 512)),
             capture: Mutex::new(None),
@@ -615,6 +625,7 @@ impl Gpu {
             arch: format!("sm_{major}{minor}"),
             backend: Backend::Sim(config),
             opted_in: Mutex::new(HashMap::new()),
+            static_shared: Mutex::new(HashMap::new()),
             lt: Mutex::new(None),
             pool: Arc::new(Pool::new(POOL_CAP_SIM, 1)),
             capture: Mutex::new(None),
@@ -904,9 +915,35 @@ impl Gpu {
         Ok(())
     }
 
-    /// The dynamic shared memory `kernel` may use now.
+    /// The static `__shared__` bytes of `kernel`. On a GPU the driver's count
+    /// (`CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`); cuda-sim learns a kernel's static arrays only as a
+    /// block reaches them, so there it is [`SIM_STATIC_SHARED_BOUND`], a bound on every kernel's
+    /// (the simulator then checks the exact sum at run time, as the driver does at launch).
+    pub fn static_shared_bytes(&self, kernel: KernelName) -> Result<usize> {
+        match &self.backend {
+            Backend::Cuda(rt) => {
+                if let Some(&b) = lock(&self.static_shared).get(kernel.name) {
+                    return Ok(b);
+                }
+                let b = rt
+                    .function(kernel)?
+                    .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .map_err(driver_err("cuFuncGetAttribute(SHARED_SIZE_BYTES)"))? as usize;
+                lock(&self.static_shared).insert(kernel.name, b);
+                Ok(b)
+            }
+            #[cfg(feature = "cuda-sim")]
+            Backend::Sim(_) => Ok(SIM_STATIC_SHARED_BOUND),
+        }
+    }
+
+    /// The dynamic shared memory `kernel` may use now: what was opted in for it, else what the
+    /// 48 KB a block gets without an opt-in leaves beside its static `__shared__` arrays (the
+    /// driver refuses a launch whose static and dynamic bytes together pass it; launchers opt in
+    /// above this). Where the static size cannot be read, the cuda-sim bound stands in.
     pub fn dynamic_shared_limit(&self, kernel: KernelName) -> usize {
-        lock(&self.opted_in).get(kernel.name).copied().unwrap_or(0).max(self.limits.default_dynamic_shared_bytes)
+        let default = self.limits.default_dynamic_shared_bytes.saturating_sub(self.static_shared_bytes(kernel).unwrap_or(SIM_STATIC_SHARED_BOUND));
+        lock(&self.opted_in).get(kernel.name).copied().unwrap_or(0).max(default)
     }
 
     /// Checks a launch configuration against the device limits, as the driver would.

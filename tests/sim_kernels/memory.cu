@@ -66,6 +66,20 @@ extern "C" __global__ void mem_dynamic_shared(float* out, int n)
     out[threadIdx.x] = slots[n - 1 - threadIdx.x];
 }
 
+// As mem_dynamic_shared, beside a static array of 32 floats (128 bytes): without an opt-in the
+// driver allows 48 KB of static and dynamic shared memory together.
+extern "C" __global__ void mem_dynamic_and_static_shared(float* out, int n)
+{
+    extern __shared__ float slots[];
+    __shared__ float partial[32];
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        slots[j] = (float)j;
+    }
+    if (threadIdx.x < 32) partial[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = slots[n - 1 - threadIdx.x] + partial[threadIdx.x % 32];
+}
+
 // Recursion `levels` deep, each level keeping 1 KiB of locals live; returns the sum over the
 // levels d of d + (d - 1) (the caller's local[0]), 0 for the first.
 __device__ __noinline__ float sim_deep(volatile float* p, int depth, int levels)

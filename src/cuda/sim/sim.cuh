@@ -46,10 +46,15 @@ extern thread_local uint64_t tl_block_generation;
 // Fills `bytes` with the shared-memory poison (a NaN as f32).
 void poison(void* p, size_t bytes);
 
+// Counts a static __shared__ array's bytes against the block's shared memory (static + dynamic):
+// without a cuFuncSetAttribute opt-in the driver refuses a launch whose total passes 48 KB.
+void static_shared_reached(size_t bytes);
+
 inline void shared_first_use(void* p, size_t bytes, uint64_t* generation) {
     if (*generation != tl_block_generation) {
         *generation = tl_block_generation;
         poison(p, bytes);
+        static_shared_reached(bytes);
     }
 }
 

@@ -33,6 +33,7 @@ thread_local dim3 tl_block_dim;
 thread_local dim3 tl_grid_dim;
 thread_local unsigned char* tl_dynamic_shared;
 thread_local uint64_t tl_block_generation;
+thread_local size_t tl_static_shared_bytes;  // static __shared__ bytes the running block has reached
 
 namespace {
 
@@ -109,6 +110,7 @@ struct Launch {
     const KernelEntry* k;
     dim3 grid, block;
     size_t smem;
+    size_t max_smem;  // the dynamic shared memory this launch may use (48 KB without an opt-in)
     void** args;
     int schedule;  // 0 forward, 1 reverse, 2 random
     uint64_t seed;
@@ -154,6 +156,17 @@ thread_local Worker* tl_worker;
     Fiber* f = W->cur;
     switch_ctx(f->ctx, W->sched, W->L->use_asm);
     abort();  // unreachable: a failed fiber is never resumed
+}
+
+void static_shared_reached(size_t bytes) {
+    // The driver counts every static array of the kernel; the simulator counts those this block
+    // reaches, which is all of them in our kernels (declared at the top of the body).
+    tl_static_shared_bytes += bytes;
+    const Launch& L = *tl_worker->L;
+    if (L.max_smem <= kMaxDynamicShared && tl_static_shared_bytes + L.smem > kMaxDynamicShared)
+        fiber_fail(format("%zu bytes of static __shared__ memory plus %zu dynamic exceed the %zu a block gets without a cuFuncSetAttribute opt-in "
+                          "(the driver refuses such a launch with CUDA_ERROR_INVALID_VALUE)",
+                          tl_static_shared_bytes, L.smem, kMaxDynamicShared));
 }
 
 void fiber_main() {
@@ -354,6 +367,7 @@ void run_block(Worker& W, uint64_t b) {
     // Static __shared__ arrays: poisoned when the block first reaches their declaration (SIM_SHARED)
     // or now (file scope).
     tl_block_generation = ++g_block_generation;
+    tl_static_shared_bytes = 0;
     for (void (*p)() : file_scope_shared()) p();
 
     W.fibers.resize(n);
@@ -586,6 +600,7 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     L.grid = dim3{grid[0], grid[1], grid[2]};
     L.block = dim3{block[0], block[1], block[2]};
     L.smem = smem;
+    L.max_smem = max_smem;
     L.args = args;
     L.schedule = schedule;
     L.seed = seed;
