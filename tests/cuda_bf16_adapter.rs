@@ -402,7 +402,8 @@ fn sweep<H: Io>(gpu: &Gpu) {
 test_both!(io_sweep_within_twice_plain, sweep);
 
 /// The other location kinds (the pre step's x recomputed from bf16 h, r for ρ; no post step; a
-/// mixed Parallel) at H = 48, T = 7, and a block-per-row plan (block barriers) at H = 384.
+/// mixed Parallel) at H = 48, T = 7, a block-per-row plan (block barriers) at H = 384, and the
+/// automatic plan at H = 768.
 fn location_kinds<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x0b16_ca7e);
     let steps = |r: ResidualBeforeLn, before: bool, after: bool| LocationSteps { residual_before_ln: r, original_ln_before: before, original_ln_after: after };
@@ -429,6 +430,13 @@ fn location_kinds<H: Io>(gpu: &Gpu) {
     let plan = LocationPlan { threads_per_row: 64, rows_per_block: 1 };
     for path in PATHS {
         rows.push((format!("{path:?} {} {plan:?}", case.label()), check::<H>(gpu, &case, path, Some(plan))));
+    }
+    // BERT-base's H = 768 with the automatic plan: the split kernels stage 8 rows a block, 48 KB
+    // of dynamic shared memory beside their static scratch, which needs an opt-in (on an H100 the
+    // driver refused the launch without one; cuda-sim now checks static plus dynamic bytes too).
+    let case = Case::random::<H>(&mut rng, 1, 8, 768, false, PFEIFFER, &[full(48, Activation::Relu, Scale::Channel, false)]);
+    for path in PATHS {
+        rows.push((format!("{path:?} {}", case.label()), check::<H>(gpu, &case, path, None)));
     }
     report::<H>(gpu, "kinds", &rows);
 }

@@ -1008,7 +1008,7 @@ impl Gpu {
             }
             #[cfg(feature = "cuda-sim")]
             Backend::Sim(c) => {
-                let opts = super::sim::LaunchOptions { schedule: c.schedule, max_dynamic_shared_bytes: self.dynamic_shared_limit(kernel) };
+                let opts = super::sim::LaunchOptions { schedule: c.schedule, max_dynamic_shared_bytes: self.dynamic_shared_limit(kernel), opted_in: lock(&self.opted_in).contains_key(kernel.name) };
                 drop(params);
                 self.sim_run(move || {
                     let mut slots = slots.clone();

@@ -41,6 +41,7 @@ extern "C" {
         block: *const u32,
         smem: usize,
         max_smem: usize,
+        opted_in: i32,
         args: *mut *mut c_void,
         nargs: usize,
         schedule: i32,
@@ -105,6 +106,10 @@ impl Schedule {
 pub struct LaunchOptions {
     pub schedule: Schedule,
     pub max_dynamic_shared_bytes: usize,
+    /// Whether the kernel was opted in (`cuFuncSetAttribute`): then only the dynamic bytes are
+    /// held to `max_dynamic_shared_bytes`; without an opt-in a block's static `__shared__` arrays
+    /// and its dynamic memory together get 48 KiB, as the driver allows.
+    pub opted_in: bool,
 }
 
 impl LaunchOptions {
@@ -119,7 +124,7 @@ impl LaunchOptions {
 
 impl Default for LaunchOptions {
     fn default() -> Self {
-        LaunchOptions { schedule: Schedule::Forward, max_dynamic_shared_bytes: Self::DEFAULT_MAX_DYNAMIC_SHARED_BYTES }
+        LaunchOptions { schedule: Schedule::Forward, max_dynamic_shared_bytes: Self::DEFAULT_MAX_DYNAMIC_SHARED_BYTES, opted_in: false }
     }
 }
 
@@ -251,6 +256,7 @@ pub unsafe fn launch_by_name(name: &str, cfg: LaunchConfig, args: &mut [*mut c_v
             block.as_ptr(),
             cfg.shared_mem_bytes as usize,
             opts.max_dynamic_shared_bytes,
+            opts.opted_in as i32,
             args.as_mut_ptr(),
             args.len(),
             sched,

@@ -110,7 +110,7 @@ struct Launch {
     const KernelEntry* k;
     dim3 grid, block;
     size_t smem;
-    size_t max_smem;  // the dynamic shared memory this launch may use (48 KB without an opt-in)
+    bool opted_in;  // cuFuncSetAttribute raised the limit: static + dynamic may pass 48 KB
     void** args;
     int schedule;  // 0 forward, 1 reverse, 2 random
     uint64_t seed;
@@ -158,12 +158,12 @@ thread_local Worker* tl_worker;
     abort();  // unreachable: a failed fiber is never resumed
 }
 
-void static_shared_reached(size_t bytes) {
+void count_static_shared(size_t bytes) {
     // The driver counts every static array of the kernel; the simulator counts those this block
     // reaches, which is all of them in our kernels (declared at the top of the body).
     tl_static_shared_bytes += bytes;
     const Launch& L = *tl_worker->L;
-    if (L.max_smem <= kMaxDynamicShared && tl_static_shared_bytes + L.smem > kMaxDynamicShared)
+    if (!L.opted_in && tl_static_shared_bytes + L.smem > kMaxDynamicShared)
         fiber_fail(format("%zu bytes of static __shared__ memory plus %zu dynamic exceed the %zu a block gets without a cuFuncSetAttribute opt-in "
                           "(the driver refuses such a launch with CUDA_ERROR_INVALID_VALUE)",
                           tl_static_shared_bytes, L.smem, kMaxDynamicShared));
@@ -490,6 +490,9 @@ void worker_main(Launch* L) {
 
 }  // namespace
 
+// Declared in sim.cuh, called by SIM_SHARED as a block first reaches a static array.
+void static_shared_reached(size_t bytes) { count_static_shared(bytes); }
+
 void syncthreads_at(const char* file, int line) {
     Worker* W = tl_worker;
     Fiber* f = W->cur;
@@ -566,7 +569,7 @@ bool is_shared_address(const void* p) {
 
 // cuLaunchKernel's shape: kernel by name, grid, block, dynamic shared bytes, one pointer per
 // parameter. Returns 0, or 1 with a message in `err` (truncated to err_len).
-extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, size_t max_smem, void** args, size_t nargs,
+extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, size_t max_smem, int opted_in, void** args, size_t nargs,
                                int schedule, uint64_t seed, char* err, size_t err_len) {
     auto fail = [&](const std::string& msg) {
         if (err_len) snprintf(err, err_len, "%s", msg.c_str());
@@ -600,7 +603,7 @@ extern "C" int bert_sim_launch(const char* name, const unsigned* grid, const uns
     L.grid = dim3{grid[0], grid[1], grid[2]};
     L.block = dim3{block[0], block[1], block[2]};
     L.smem = smem;
-    L.max_smem = max_smem;
+    L.opted_in = opted_in != 0;
     L.args = args;
     L.schedule = schedule;
     L.seed = seed;
