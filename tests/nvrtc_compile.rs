@@ -1,11 +1,12 @@
 //! Every embedded kernel source compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200) to a
-//! CUBIN, ptxas reports every kernel, and no kernel spills. Needs libnvrtc, not a GPU.
+//! CUBIN, ptxas reports every kernel, no kernel spills, and the kernels launched with a row plan
+//! fit their largest plan's block in the register file. Needs libnvrtc, not a GPU.
 //!
 //! Without NVRTC the tests print `SKIPPED: ...` and pass, unless `REQUIRE_NVRTC=1` (set by the
 //! project's test script after `scripts/install-cuda-tools.sh`), where they fail.
 
 use bert_adapters::cuda::probe::{nvrtc_for_test, report_line};
-use bert_adapters::cuda::registry::ALL_SOURCES;
+use bert_adapters::cuda::registry::{planned_block_limit, ALL_SOURCES};
 use bert_adapters::cuda::runtime::{cached_cubin, nvrtc_compilations, nvrtc_version};
 use bert_adapters::cuda::{compile_with_report, CompileReport};
 
@@ -16,6 +17,22 @@ fn compile(file: &str, code: &str, arch: &str) -> CompileReport {
         Ok(r) => r,
         Err(e) => panic!("{file} for {arch}: {e}"),
     }
+}
+
+/// The most threads a block of a kernel with `registers` a thread can have on sm_80 and sm_90:
+/// 64K registers an SM, allocated to warps in units of 256.
+fn threads_within_register_file(registers: u32) -> u32 {
+    let per_warp = (registers * 32).div_ceil(256) * 256;
+    ((65536 / per_warp.max(1)) * 32).min(1024)
+}
+
+#[test]
+fn the_register_file_bound_matches_the_driver() {
+    // The H100's driver said 896 threads for a kernel of 72 registers (docs/gpu-log.md).
+    assert_eq!(threads_within_register_file(72), 896);
+    assert_eq!(threads_within_register_file(64), 1024);
+    assert_eq!(threads_within_register_file(128), 512);
+    assert_eq!(threads_within_register_file(94), 672);
 }
 
 #[test]
@@ -45,6 +62,14 @@ fn every_kernel_compiles_without_spills() {
                     "{kernel} {arch} spills; log:\n{}",
                     report.log
                 );
+                if let Some(most) = planned_block_limit(kernel) {
+                    let fits = threads_within_register_file(k.registers);
+                    assert!(
+                        fits >= most,
+                        "{kernel} {arch}: {} registers a thread allow {fits} threads a block, but its launch plans allow {most} (give it __launch_bounds__({most}))",
+                        k.registers
+                    );
+                }
             }
             // Nothing but the kernels of this file may show up (a typo'd registry would not).
             for k in &report.kernels {
