@@ -86,6 +86,30 @@ pub struct KernelParam {
 
 include!(concat!(env!("OUT_DIR"), "/kernel_registry.rs"));
 
+/// The kernel families launched with a row plan whose block size the caller may choose, by name
+/// prefix, with the most threads a block their plans allow ([`super::layernorm::LayerNormPlan`]
+/// takes up to 1024, the embedding's LayerNorm too; the split adapter path's row kernels take a
+/// [`super::adapter::LocationPlan`], up to [`super::adapter::MAX_FORWARD_THREADS`]). A kernel of
+/// these families must run a block that large within the register file: 72 registers a thread
+/// allow only 896 threads, and such a plan is refused at launch (seen on an H100).
+/// tests/nvrtc_compile.rs checks every one against ptxas's register count.
+pub const PLANNED_BLOCK_LIMITS: &[(&str, u32)] = &[
+    ("residual_layernorm_forward_", 1024),
+    ("layernorm_backward_", 1024),
+    ("embedding_layernorm_forward_", 1024),
+    ("adapter_split_pre_", super::adapter::MAX_FORWARD_THREADS),
+    ("adapter_split_post_", super::adapter::MAX_FORWARD_THREADS),
+    ("adapter_split_bwd_pre_", super::adapter::MAX_FORWARD_THREADS),
+    ("adapter_split_bwd_post_", super::adapter::MAX_FORWARD_THREADS),
+    ("adapter_split_bwd_input_", super::adapter::MAX_FORWARD_THREADS),
+];
+
+/// The most threads a block of `kernel` may have under its launch plans, if it is one of
+/// [`PLANNED_BLOCK_LIMITS`]'s families.
+pub fn planned_block_limit(kernel: &str) -> Option<u32> {
+    PLANNED_BLOCK_LIMITS.iter().find(|(prefix, _)| kernel.starts_with(prefix)).map(|&(_, most)| most)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,28 +148,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The kernel families launched with a row plan whose block size the caller may choose, by name
-/// prefix, with the most threads a block their plans allow ([`super::layernorm::LayerNormPlan`]
-/// takes up to 1024, the embedding's LayerNorm too; the split adapter path's row kernels take a
-/// [`super::adapter::LocationPlan`], up to [`super::adapter::MAX_FORWARD_THREADS`]). A kernel of
-/// these families must run a block that large within the register file: 72 registers a thread
-/// allow only 896 threads, and such a plan is refused at launch (seen on an H100).
-/// tests/nvrtc_compile.rs checks every one against ptxas's register count.
-pub const PLANNED_BLOCK_LIMITS: &[(&str, u32)] = &[
-    ("residual_layernorm_forward_", 1024),
-    ("layernorm_backward_", 1024),
-    ("embedding_layernorm_forward_", 1024),
-    ("adapter_split_pre_", super::adapter::MAX_FORWARD_THREADS),
-    ("adapter_split_post_", super::adapter::MAX_FORWARD_THREADS),
-    ("adapter_split_bwd_pre_", super::adapter::MAX_FORWARD_THREADS),
-    ("adapter_split_bwd_post_", super::adapter::MAX_FORWARD_THREADS),
-    ("adapter_split_bwd_input_", super::adapter::MAX_FORWARD_THREADS),
-];
-
-/// The most threads a block of `kernel` may have under its launch plans, if it is one of
-/// [`PLANNED_BLOCK_LIMITS`]'s families.
-pub fn planned_block_limit(kernel: &str) -> Option<u32> {
-    PLANNED_BLOCK_LIMITS.iter().find(|(prefix, _)| kernel.starts_with(prefix)).map(|&(_, most)| most)
 }
