@@ -262,6 +262,36 @@ fn param_bits(model: &BertModel) -> Vec<(String, Vec<u32>)> {
     out
 }
 
+/// The split path's adapter products run on TF32 in the 16-bit pipelines (the gradient tests above
+/// hold them to the bf16 / f16 rule that way) and strict fp32 with f32 activations, unless
+/// `BERT_ADAPTERS_ADAPTER_PRODUCTS` says otherwise; and the choice reaches the products: with TF32
+/// turned off the same bf16 step's adapter gradients change (on cuda-sim the executor rounds
+/// the products' operands to TF32, on a GPU cuBLASLt's TF32 kernels do).
+#[test]
+#[cfg(feature = "cuda-sim")]
+fn adapter_products_are_tf32_in_16_bit_pipelines() {
+    use bert_adapters::cuda::adapter::{LocationPath, ADAPTER_PRODUCTS_VAR};
+    let open = || CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(LocationPath::Split);
+    if std::env::var_os(ADAPTER_PRODUCTS_VAR).is_none() {
+        assert!(!open().tf32_adapter_products().unwrap(), "f32 activations: strict fp32 products");
+        for half in [DType::BF16, DType::F16] {
+            assert!(open().with_activations(half).unwrap().tf32_adapter_products().unwrap(), "{half} activations: TF32 products");
+        }
+    } else {
+        bert_adapters::cuda::probe::report_line(&format!("{ADAPTER_PRODUCTS_VAR} is set: the defaults are not checked"));
+    }
+    assert!(!open().with_activations(DType::BF16).unwrap().with_tf32_adapter_products(false).tf32_adapter_products().unwrap());
+    assert!(open().with_tf32_adapter_products(true).tf32_adapter_products().unwrap());
+    let run = |tf32: bool| {
+        let be: Arc<dyn Backend> = Arc::new(open().with_activations(DType::BF16).unwrap().with_tf32_adapter_products(tf32));
+        step(&be, DType::BF16, 1.0, "houlsby", "tasknn", None, 0.0).1
+    };
+    let (tf32, strict) = (run(true), run(false));
+    let changed: Vec<&String> = strict.keys().filter(|k| k.contains("adapters.tasknn") && tf32[*k] != strict[*k]).collect();
+    assert!(!changed.is_empty(), "no tasknn adapter gradient changed with TF32 products: {:?}", strict.keys().collect::<Vec<_>>());
+    bert_adapters::cuda::probe::report_line(&format!("TF32 adapter products changed {} of the tasknn gradients", changed.len()));
+}
+
 #[test]
 fn an_overflowing_f16_step_updates_nothing_and_leaves_no_trace() {
     for be in half_backends(DType::F16) {

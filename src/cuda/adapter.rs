@@ -356,6 +356,7 @@ pub struct LocationDescriptors<'w> {
     ranges: WeightRanges,
     hidden: usize,
     steps: LocationSteps,
+    tf32_products: bool,
     _weights: PhantomData<&'w f32>,
 }
 
@@ -365,14 +366,42 @@ impl std::fmt::Debug for LocationDescriptors<'_> {
     }
 }
 
+/// The environment variable that chooses how the split path's bottleneck products run in the CUDA
+/// backend ([`super::backend::CudaBackend::tf32_adapter_products`]): `tf32` (TF32 tensor cores:
+/// f32 range, operands rounded to 10 mantissa bits, f32 accumulation) or `f32` (strict fp32).
+/// Unset, the 16-bit pipelines take TF32 (their PyTorch counterpart, autocast, runs these
+/// products in bf16 / f16, which TF32 is 8 times more precise than) and f32 activations strict fp32.
+pub const ADAPTER_PRODUCTS_VAR: &str = "BERT_ADAPTERS_ADAPTER_PRODUCTS";
+/// The values of [`ADAPTER_PRODUCTS_VAR`]: whether TF32 is allowed.
+pub const ADAPTER_PRODUCTS: &[(&str, bool)] = &[("f32", false), ("tf32", true)];
+
 impl<'w> LocationDescriptors<'w> {
     /// Validates `branches` (see [`describe_branches`]) and uploads their descriptors to `gpu`,
     /// the device that holds the weights. `steps` is the location's pre step (the first child's
     /// config) and post step (the last child's), spec §6.4.
+    /// The split path's bottleneck products run strict fp32 unless
+    /// [`LocationDescriptors::with_tf32_products`] allows TF32.
     pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
         let (host, ranges) = describe_branches(hidden, steps, branches)?;
+        let tf32_products = false;
         let buffer = gpu.upload_table(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
-        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, _weights: PhantomData })
+        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products, _weights: PhantomData })
+    }
+
+    /// Lets the split path's bottleneck products (the down and up projections, forward and
+    /// backward, and their weight gradients; not the fused kernels' CUDA-core products) round
+    /// their f32 operands to TF32 for the tensor cores ([`Gemm::with_tf32`]), or not: strict fp32.
+    pub fn with_tf32_products(mut self, on: bool) -> Self {
+        self.set_tf32_products(on);
+        self
+    }
+    /// As [`LocationDescriptors::with_tf32_products`], in place.
+    pub fn set_tf32_products(&mut self, on: bool) {
+        self.tf32_products = on;
+    }
+    /// Whether the split path's bottleneck products may use TF32.
+    pub fn tf32_products(&self) -> bool {
+        self.tf32_products
     }
 
     pub fn branches(&self) -> usize {
@@ -410,7 +439,15 @@ impl<'w> LocationDescriptors<'w> {
     /// address and length, for as long as the returned value is used in a launch. Writing new
     /// values into them (an optimizer step) is fine between launches.
     pub unsafe fn detach(self) -> LocationDescriptors<'static> {
-        LocationDescriptors { buffer: self.buffer, host: self.host, ranges: self.ranges, hidden: self.hidden, steps: self.steps, _weights: PhantomData }
+        LocationDescriptors {
+            buffer: self.buffer,
+            host: self.host,
+            ranges: self.ranges,
+            hidden: self.hidden,
+            steps: self.steps,
+            tf32_products: self.tf32_products,
+            _weights: PhantomData,
+        }
     }
 }
 
@@ -1039,7 +1076,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         {
             // SAFETY: the branch's own window of the down products, read by nothing meanwhile.
             let mut a_out = unsafe { a.assume_writable() };
-            let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(epilogue);
+            let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(epilogue).with_tf32(descriptors.tf32_products());
             gpu.gemm(&gm, &wd, &z, &mut a_out, epilogue.needs_bias().then_some(&bd))?;
             if epilogue == Epilogue::None {
                 let len = per_branch * m;
@@ -1052,7 +1089,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         // up = a·W_uᵀ + b_u over the branch's z, which is no longer read.
         // SAFETY: the branch's rows of zu; its z was consumed by the down product above.
         let mut u = unsafe { z.assume_writable() };
-        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias);
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wu, &a, &mut u, Some(&bu))?;
     }
 
@@ -2300,13 +2337,13 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         let (pre, act) = (window(pre_r)?, window(act_r)?);
         // SAFETY (assume_writable, here and below): each window is the branch's own region of the
         // workspace, written by this one product or launch while nothing reads it.
-        let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(Epilogue::Bias);
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(Epilogue::Bias).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wd, &z, &mut unsafe { pre.assume_writable() }, Some(&bd))?;
         let len = per_branch * m;
         let args = [act.arg(), pre.arg(), KernelArg::I64(len as i64), KernelArg::I32(d.activation)];
         // SAFETY: a and pre hold B·T·m elements each, in disjoint regions.
         unsafe { gpu.launch(ADAPTER_SPLIT_ACT_F32, flat_launch(len), &args)? };
-        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias);
+        let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wu, &act, &mut unsafe { rows_of(&layout.up, i, hidden)?.assume_writable() }, Some(&bu))?;
     }
 
@@ -2368,12 +2405,12 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         if let Some(g) = grads.as_deref_mut() {
             let beta = if g.accumulate { 1.0 } else { 0.0 };
             // dW_up [H, m] row-major = column-major m x H: a' (m x B·T) · dup'ᵀ (B·T x H).
-            let gm = Gemm::new(Transpose::No, Transpose::Yes, m, hidden, per_branch).with_ld(m, hidden, m).with_scalars(1.0, beta);
+            let gm = Gemm::new(Transpose::No, Transpose::Yes, m, hidden, per_branch).with_ld(m, hidden, m).with_scalars(1.0, beta).with_tf32(descriptors.tf32_products());
             gpu.gemm(&gm, &act, &dup, &mut g.up_w, None)?;
             column_sums(&dup, hidden, &mut g.up_b, g.accumulate)?;
         }
         // da = dup·W_u: column-major m x B·T = W_u' (m x H, ld m) · dup' (H x B·T).
-        let gm = Gemm::new(Transpose::No, Transpose::No, m, per_branch, hidden).with_ld(m, hidden, m);
+        let gm = Gemm::new(Transpose::No, Transpose::No, m, per_branch, hidden).with_ld(m, hidden, m).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wu, &dup, &mut unsafe { da.assume_writable() }, None)?;
         let len = per_branch * m;
         let args = [da.arg(), pre.arg(), KernelArg::I64(len as i64), KernelArg::I32(d.activation)];
@@ -2382,14 +2419,14 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         if let Some(g) = grads.as_deref_mut() {
             let beta = if g.accumulate { 1.0 } else { 0.0 };
             // dW_down [m, H] row-major = column-major H x m: z0' (H x B·T) · dpre'ᵀ (B·T x m).
-            let gm = Gemm::new(Transpose::No, Transpose::Yes, hidden, m, per_branch).with_ld(hidden, m, hidden).with_scalars(1.0, beta);
+            let gm = Gemm::new(Transpose::No, Transpose::Yes, hidden, m, per_branch).with_ld(hidden, m, hidden).with_scalars(1.0, beta).with_tf32(descriptors.tf32_products());
             gpu.gemm(&gm, &z, &da, &mut g.down_w, None)?;
             column_sums(&da, m, &mut g.down_b, g.accumulate)?;
         }
         if need_input || (grads.is_some() && d.ln_before_gamma != 0) {
             // dz0 = dpre·W_d over z0 (read for the last time above): column-major H x B·T =
             // W_d' (H x m, ld H) · dpre' (m x B·T).
-            let gm = Gemm::new(Transpose::No, Transpose::No, hidden, per_branch, m).with_ld(hidden, m, hidden);
+            let gm = Gemm::new(Transpose::No, Transpose::No, hidden, per_branch, m).with_ld(hidden, m, hidden).with_tf32(descriptors.tf32_products());
             gpu.gemm(&gm, &wd, &da, &mut unsafe { z.assume_writable() }, None)?;
         }
     }

@@ -88,7 +88,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{ADAPTER_PRODUCTS, ADAPTER_PRODUCTS_VAR, adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
 use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
@@ -99,7 +99,7 @@ use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
 use super::optim::{AdamWBuffers, AdamWSegments, GradViews};
 use super::nice::{nice_forward, NiceDeviceParams};
-use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, NiceGrads, NiceParams, ScalingParam};
+use crate::backend::{AdapterLocation, Backend, BottleneckGrads, DropoutSpec, GradsOut, LayerNormParams, LocationSteps, NiceGrads, NiceParams, ScalingParam};
 use crate::config::Activation;
 use crate::cpu::{GemmCounts, GemmKind, GemmStats};
 use crate::device::Device;
@@ -280,6 +280,9 @@ pub struct CudaBackend {
     location_path: Option<LocationPath>,
     /// How `attention_packed` and its backward run; None: [`AttentionPath::auto`] at each call.
     attention_path: Option<AttentionPath>,
+    /// Whether the split path's adapter products may use TF32; None:
+    /// [`CudaBackend::tf32_adapter_products`] decides at each call.
+    tf32_adapter_products: Option<bool>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -291,7 +294,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -300,14 +303,14 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None }
     }
 
     /// Another backend on the same GPU (one stream, one memory pool, the same location path)
     /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
     /// bf16 model side by side, as the step benchmarks run them.
     pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
-        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path }.with_activations(dtype)
+        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products }.with_activations(dtype)
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 (f16) for
@@ -340,6 +343,33 @@ impl CudaBackend {
     pub fn with_attention_path(mut self, path: AttentionPath) -> CudaBackend {
         self.attention_path = Some(path);
         self
+    }
+
+    /// This backend with the split path's adapter products (the bottleneck's down and up
+    /// projections, their input gradients and weight gradients) on TF32 tensor cores, or strict
+    /// fp32; without it, [`CudaBackend::tf32_adapter_products`] decides at each call.
+    pub fn with_tf32_adapter_products(mut self, on: bool) -> CudaBackend {
+        self.tf32_adapter_products = Some(on);
+        self
+    }
+
+    /// Whether the split path's adapter products may use TF32 (cuBLASLt's
+    /// `CUBLAS_COMPUTE_32F_FAST_TF32`: operands rounded to 10 mantissa bits, f32 range and
+    /// accumulation): as set by [`CudaBackend::with_tf32_adapter_products`], else as
+    /// [`ADAPTER_PRODUCTS_VAR`] says, else TF32 for 16-bit activations (where PyTorch's autocast
+    /// runs these products in bf16 / f16) and strict fp32 for f32 activations. The fused kernels'
+    /// products are always fp32.
+    pub fn tf32_adapter_products(&self) -> Result<bool> {
+        if let Some(on) = self.tf32_adapter_products {
+            return Ok(on);
+        }
+        Ok(super::probe::env_choice(ADAPTER_PRODUCTS_VAR, ADAPTER_PRODUCTS)?.unwrap_or(self.activations.is_half()))
+    }
+
+    /// The descriptors of an adapter location's branches, with the product precision of
+    /// [`CudaBackend::tf32_adapter_products`].
+    fn location_descriptors<'w>(&self, hidden: usize, steps: LocationSteps, weights: &[BranchWeights<'w>]) -> Result<LocationDescriptors<'w>> {
+        Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?))
     }
 
     /// The path attention over sequences of `seq` tokens takes.
@@ -587,7 +617,7 @@ impl CudaBackend {
             return Err(Error::shape(OP, format!("{} gradient slots for {} branches", grads.len(), loc.branches.len())));
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
-        let descriptors = LocationDescriptors::new(&self.gpu, shape.hidden, loc.steps, &weights)?;
+        let descriptors = self.location_descriptors(shape.hidden, loc.steps, &weights)?;
         let input_rows = if loc.replicate { shape.batch } else { shape.batch * shape.branches };
         let (dh, dr) = if need_input_grads {
             let dims = [input_rows, shape.seq_len, shape.hidden];
@@ -895,7 +925,7 @@ impl CudaBackend {
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
-        let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
+        let descriptors = self.location_descriptors(hidden, loc.steps, &weights)?;
         let out = self.new_tensor::<A>(&[n * batch, seq_len, hidden])?;
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
         let inputs = LocationInputs::<A, A> { h: self.view(OP, loc.h)?, r: self.view(OP, loc.r)?, ln_gamma: self.view(OP, ln.gamma)?, ln_beta: self.view(OP, ln.beta)?, ln_eps: ln.eps, dropout_seed };
@@ -1212,7 +1242,7 @@ impl Backend for CudaBackend {
         }
         let (weights, shape, dropout_seed) = self.location_parts(OP, loc)?;
         let (n, batch, seq_len, hidden) = (shape.branches, shape.batch, shape.seq_len, shape.hidden);
-        let descriptors = LocationDescriptors::new(&self.gpu, hidden, loc.steps, &weights)?;
+        let descriptors = self.location_descriptors(hidden, loc.steps, &weights)?;
         let out = self.new_tensor::<f32>(&[n * batch, seq_len, hidden])?;
         let gate = if descriptors.has_gate() { Some(self.new_tensor::<f32>(&[n * batch])?) } else { None };
         let ln = &loc.layer_norm;

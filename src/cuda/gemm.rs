@@ -332,6 +332,12 @@ pub struct Gemm {
     pub inputs: InputType,
     /// The element type of C, D and the bias.
     pub output: OutputType,
+    /// f32 inputs only: let the product round A and B to TF32 (10 explicit mantissa bits, f32's
+    /// range) for the tensor cores, accumulating in f32 (`CUBLAS_COMPUTE_32F_FAST_TF32`, and the
+    /// algorithms whose multiply inputs are TF32 or fp32); the host executor rounds A and B with
+    /// [`round_tf32`]. Off by default: every f32 product is strict fp32 unless asked
+    /// ([`Gemm::with_tf32`]).
+    pub tf32: bool,
 }
 
 /// The smallest buffers (in elements) a [`Gemm`] touches: one past the last element of the last
@@ -391,6 +397,7 @@ impl Gemm {
             epilogue: Epilogue::None,
             inputs: InputType::F32,
             output: OutputType::F32,
+            tf32: false,
         }
     }
 
@@ -431,8 +438,18 @@ impl Gemm {
         self
     }
 
-    /// [`Error::Unsupported`] for element types cuBLASLt has no `CUBLAS_COMPUTE_32F` product for.
+    /// Allows TF32 multiply inputs for this f32 product (see [`Gemm::tf32`]).
+    pub fn with_tf32(mut self, on: bool) -> Gemm {
+        self.tf32 = on;
+        self
+    }
+
+    /// [`Error::Unsupported`] for element types cuBLASLt has no `CUBLAS_COMPUTE_32F` product for,
+    /// and for TF32 with 16-bit inputs (which TF32 holds exactly: nothing to allow).
     fn check_types(&self) -> Result<()> {
+        if self.tf32 && self.inputs != InputType::F32 {
+            return Err(Error::Unsupported(format!("{OP}: TF32 multiply inputs with A and B in {}: only f32 inputs are rounded to TF32", self.inputs.name())));
+        }
         match (self.inputs, self.output) {
             (InputType::F32, OutputType::F32)
             | (InputType::BF16, OutputType::F32)
@@ -649,7 +666,13 @@ pub fn gemm_host_typed<I: GemmScalar, O: GemmScalar>(g: &Gemm, a: &[I], b: &[I],
     if g.is_noop() {
         return Ok(());
     }
-    let (a, b) = (widened(a), widened(b));
+    let (mut a, mut b) = (widened(a), widened(b));
+    if g.tf32 {
+        // What the tensor cores multiply: A and B rounded to TF32 (cuBLASLt's own rounding mode
+        // is not documented; GPU tests allow either nearest or truncation).
+        a = std::borrow::Cow::Owned(a.iter().map(|&v| round_tf32(v)).collect());
+        b = std::borrow::Cow::Owned(b.iter().map(|&v| round_tf32(v)).collect());
+    }
     let bias = bias.map(widened);
     if O::OUTPUT == OutputType::F32 {
         let c = bytemuck::try_cast_slice_mut::<O, f32>(c).map_err(|e| Error::internal(format!("{OP}: an f32 C is not an f32 slice: {e}")))?;
@@ -668,6 +691,18 @@ pub fn gemm_host_typed<I: GemmScalar, O: GemmScalar>(g: &Gemm, a: &[I], b: &[I],
         }
     }
     Ok(())
+}
+
+/// `x` rounded to TF32 (f32's sign and exponent, 10 explicit mantissa bits) to nearest, ties away
+/// from zero (PTX's `cvt.rna.tf32.f32`): the host executor's model of a [`Gemm::with_tf32`]
+/// product's inputs. Infinities and NaN pass through; a value that rounds past f32's largest
+/// finite one becomes infinite, as the conversion does.
+pub fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    // Add half of the 13 dropped bits' weight to the magnitude, then drop them.
+    f32::from_bits(x.to_bits().wrapping_add(0x1000) & !0x1fff)
 }
 
 /// `s` as f32: itself when it is f32, else an exact widened copy.
@@ -899,8 +934,9 @@ const IMPL_FLAGS_ACCUMULATOR_32F: u64 = 0x02 << 8;
 /// does (operands at 2^20 and 2^-30, inf and 0 in f16). f16 inputs: f16 tensor cores, or TF32 or
 /// fp32 (which hold every f16 value exactly, subnormals included), and an fp32 accumulator:
 /// never the f16-accumulating kernels.
-fn impl_mask(inputs: InputType) -> u64 {
+fn impl_mask(inputs: InputType, tf32: bool) -> u64 {
     match inputs {
+        InputType::F32 if tf32 => !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_TF32 | IMPL_FLAGS_INPUT_32F,
         InputType::F32 => !IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_INPUT_32F,
         InputType::BF16 => {
             !(IMPL_FLAGS_OP_INPUT_TYPE_MASK | IMPL_FLAGS_ACCUMULATOR_TYPE_MASK)
@@ -1005,6 +1041,7 @@ struct LtProblem {
     epilogue: Epilogue,
     inputs: InputType,
     output: OutputType,
+    tf32: bool,
 }
 
 impl LtProblem {
@@ -1026,6 +1063,7 @@ impl LtProblem {
             epilogue: g.epilogue,
             inputs: g.inputs,
             output: g.output,
+            tf32: g.tf32,
         }
     }
 }
@@ -1378,7 +1416,10 @@ impl LtGemm {
         use lt::cublasLtMatmulDescAttributes_t as D;
         use lt::cublasLtMatrixLayoutAttribute_t as L;
         let desc = Desc(
-            lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
+            lt_result::create_matmul_desc(
+                if p.tf32 { lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32 } else { lt::cublasComputeType_t::CUBLAS_COMPUTE_32F },
+                lt::cudaDataType_t::CUDA_R_32F,
+            )
                 .map_err(lt_err("cublasLtMatmulDescCreate"))?,
         );
         let op = |t: Transpose| -> i32 {
@@ -1438,7 +1479,7 @@ impl LtGemm {
         }
         let timed = self.selection == AlgoSelection::Timed && !self.capturing();
         // SAFETY: descriptors only; the heuristic dereferences no pointer.
-        let candidates = unsafe { self.heuristic(p, ptrs.bias, align, Some(impl_mask(p.inputs)), if timed { TIMED_CANDIDATES } else { 1 })? };
+        let candidates = unsafe { self.heuristic(p, ptrs.bias, align, Some(impl_mask(p.inputs, p.tf32)), if timed { TIMED_CANDIDATES } else { 1 })? };
         let found = if candidates.len() > 1 {
             // SAFETY: the caller's contract on `ptrs` for `p` (C is not written: the timing runs
             // into a scratch D).
@@ -1544,7 +1585,7 @@ impl LtGemm {
             let ptrs = LtPointers { a, b, c, bias };
             let align = Self::alignments(&p, ptrs);
             let mut reports = Vec::new();
-            for mask in [Some(impl_mask(p.inputs)), None] {
+            for mask in [Some(impl_mask(p.inputs, p.tf32)), None] {
                 // SAFETY: the caller's contract (as for `run`); D goes to a scratch buffer.
                 let found = unsafe { self.heuristic(&p, bias, align, mask, options.candidates)? };
                 let times = unsafe { self.time_candidates(&p, ptrs, &found, options.reps)? };
@@ -1627,7 +1668,7 @@ mod tests {
         let bf16_tensor_core = 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_16BF;
         let d = AlgoDescription { id: 66, tile: 20, stages: 35, impl_flags: bf16_tensor_core };
         assert_eq!(d.to_string(), "id 66 tile 20 stages 35 (HMMA, bf16 inputs, f32 accumulator, flags 0x20202)");
-        let admits = |inputs: InputType, flags: u64| flags & !impl_mask(inputs) == 0;
+        let admits = |inputs: InputType, flags: u64| flags & !impl_mask(inputs, false) == 0;
         assert!(admits(InputType::BF16, bf16_tensor_core));
         // cuBLASLt 13.0's nvjet algorithm as an H100 reported it for a bf16 × bf16 → f32 product.
         assert!(admits(InputType::BF16, 0x10202), "the nvjet algorithm, which reports f16 inputs");
@@ -1638,6 +1679,43 @@ mod tests {
         assert!(admits(InputType::F16, 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_16F));
         assert!(admits(InputType::F32, 0x01 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_32F));
         assert!(!admits(InputType::F32, 0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_TF32), "no TF32 for f32");
+        // Asked for (Gemm::with_tf32): TF32 tensor cores, or fp32; never bf16 or f16 inputs.
+        let tf32 = |flags: u64| flags & !impl_mask(InputType::F32, true) == 0;
+        assert!(tf32(0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_TF32));
+        assert!(tf32(0x01 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_32F));
+        assert!(!tf32(bf16_tensor_core) && !tf32(0x02 | IMPL_FLAGS_ACCUMULATOR_32F | IMPL_FLAGS_INPUT_16F));
+    }
+
+    /// TF32 rounding (the host executor's model of a `with_tf32` product's inputs): 10 explicit
+    /// mantissa bits, to nearest with ties away from zero; the range and specials of f32.
+    #[test]
+    fn tf32_rounding() {
+        let ulp = 2f32.powi(-10); // TF32's ulp at 1
+        assert_eq!(round_tf32(1.0 + ulp), 1.0 + ulp);
+        assert_eq!(round_tf32(1.0 + 0.49 * ulp), 1.0);
+        assert_eq!(round_tf32(1.0 + 0.51 * ulp), 1.0 + ulp);
+        assert_eq!(round_tf32(1.0 + 0.5 * ulp), 1.0 + ulp, "a tie goes away from zero");
+        assert_eq!(round_tf32(-(1.0 + 0.5 * ulp)), -(1.0 + ulp));
+        // Subnormals keep f32's range on TF32's grid (steps of 2^13 in the bit pattern): a tie
+        // at 1.5 steps goes to 2, the smallest f32 subnormal to 0.
+        assert_eq!(round_tf32(f32::from_bits(0x3000)), f32::from_bits(0x4000));
+        assert_eq!(round_tf32(f32::from_bits(1)), 0.0);
+        assert_eq!(round_tf32(f32::MAX), f32::INFINITY);
+        assert!(round_tf32(f32::NAN).is_nan());
+        assert_eq!(round_tf32(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert_eq!(round_tf32(-0.0).to_bits(), (-0.0f32).to_bits());
+        // A product with TF32 allowed is the strict product of the rounded inputs, here exactly.
+        let (a, b) = ([1.0 + 0.6 * ulp, 3.0], [2.0, 1.0 + 0.3 * ulp]);
+        let g = Gemm::new(Transpose::No, Transpose::No, 1, 1, 2).with_tf32(true);
+        let mut c = [0f32];
+        gemm_host(&g, &a, &b, &mut c, None).unwrap();
+        assert_eq!(c[0], (1.0 + ulp) * 2.0 + 3.0);
+        let mut strict = [0f32];
+        gemm_host(&g.with_tf32(false), &a, &b, &mut strict, None).unwrap();
+        assert_ne!(strict[0], c[0]);
+        // Only f32 inputs are rounded; with 16-bit ones TF32 is refused.
+        let e = Gemm::new(Transpose::No, Transpose::No, 1, 1, 1).with_types(InputType::BF16, OutputType::F32).with_tf32(true).validate(1, 1, 1, None).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
     }
 
     #[test]
@@ -1790,17 +1868,17 @@ mod tests {
     #[test]
     fn implementation_masks() {
         // f32: every flag but the multiply-input kinds, and of those fp32 alone.
-        let f = impl_mask(InputType::F32);
+        let f = impl_mask(InputType::F32, false);
         assert_eq!(f & IMPL_FLAGS_OP_INPUT_TYPE_MASK, 0x08 << 16);
         assert_eq!(f & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, IMPL_FLAGS_ACCUMULATOR_TYPE_MASK);
         // bf16: bf16, TF32 or fp32 multiply inputs, and the fp16 flag that cuBLASLt 13.0's nvjet
         // kernels report for bf16 products too (not int8: 0x20), fp32 accumulation only.
-        let b = impl_mask(InputType::BF16);
+        let b = impl_mask(InputType::BF16, false);
         assert_eq!(b & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x01 | 0x02 | 0x04 | 0x08) << 16);
         assert_eq!(b & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
         assert_eq!(b & 0xff, 0xff, "any instruction kind (FMA, HMMA, ...)");
         // f16: f16, TF32 or fp32 multiply inputs (not bf16: 0x02), fp32 accumulation only (not fp16: 0x01 << 8).
-        let h = impl_mask(InputType::F16);
+        let h = impl_mask(InputType::F16, false);
         assert_eq!(h & IMPL_FLAGS_OP_INPUT_TYPE_MASK, (0x01 | 0x04 | 0x08) << 16);
         assert_eq!(h & IMPL_FLAGS_ACCUMULATOR_TYPE_MASK, 0x02 << 8);
         assert_eq!(h & 0xff, 0xff);
