@@ -26,15 +26,16 @@
 //! Groups (criterion ids `<group>/<shape>/<function>`), each with a `Throughput`:
 //! - `adapter_location/<B>x<T>`: one pfeiffer location (relu, r = H/16), `fused` (one launch)
 //!   and `split` (pre kernel, the two bottleneck products on cuBLASLt, post kernel:
-//!   `LocationPath::Split`; `split_unstaged` the same with `RowStaging::Off`) against `unfused`
+//!   `LocationPath::Split`; `split_unstaged` the same with `RowStaging::Off`; `split_tf32` with
+//!   its two products on TF32 tensor cores, as the 16-bit pipelines run them) against `unfused`
 //!   (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
 //!   add, LayerNorm: the eager sequence from the existing launchers). Bytes: h and r read, out
 //!   written once.
 //! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
 //!   input gradients needed, `fused` (the one-launch kernel) against `split` (row kernels around
 //!   the products and weight gradients on cuBLASLt: `LocationPath::Split`, its row kernels
-//!   staging their rows in shared memory) and `split_unstaged` (the same with `RowStaging::Off`),
-//!   at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
+//!   staging their rows in shared memory), `split_unstaged` (the same with `RowStaging::Off`) and
+//!   `split_tf32` (its products on TF32 tensor cores), at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
 //!   h, r read, dh, dr written.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
@@ -402,6 +403,12 @@ impl Location {
         LocationInputs { h: self.h.view(), r: self.r.view(), ln_gamma: self.gamma.view(), ln_beta: self.beta.view(), ln_eps: EPS, dropout_seed: None }
     }
 
+    /// This location with its split-path products on TF32 tensor cores (the 16-bit pipelines').
+    fn with_tf32_products(mut self) -> Location {
+        self.all.set_tf32_products(true);
+        self
+    }
+
     /// All branches in one launch.
     fn fused(&mut self, gpu: &Gpu) {
         let inputs = LocationInputs { h: self.h.view(), r: self.r.view(), ln_gamma: self.gamma.view(), ln_beta: self.beta.view(), ln_eps: EPS, dropout_seed: None };
@@ -508,6 +515,7 @@ fn adapter_location(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "fused", || Location::new(gpu, s, bt, 1, false), |l| l.fused(gpu));
         bench_lazy(&mut group, gpu, "split", || Location::new(gpu, s, bt, 1, false), |l| l.split(gpu));
         bench_lazy(&mut group, gpu, "split_unstaged", || Location::new(gpu, s, bt, 1, false), |l| l.split_unstaged(gpu));
+        bench_lazy(&mut group, gpu, "split_tf32", || Location::new(gpu, s, bt, 1, false).with_tf32_products(), |l| l.split(gpu));
         bench_lazy(&mut group, gpu, "unfused", || Unfused::new(gpu, s, bt), |u| u.run(gpu));
         group.finish();
     }
@@ -560,6 +568,12 @@ impl LocationBackward {
         }
     }
 
+    /// This backward with its split-path products on TF32 tensor cores.
+    fn with_tf32_products(mut self) -> LocationBackward {
+        self.loc = self.loc.with_tf32_products();
+        self
+    }
+
     /// The fused kernel (with its workspace) when `split` is None, else the split path (its own
     /// workspace from the pool) with that row staging.
     fn run(&mut self, gpu: &Gpu, split: Option<RowStaging>) {
@@ -601,6 +615,8 @@ fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
         // reads them from global memory in every pass, as before staging.
         bench_lazy(&mut group, gpu, "split", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, Some(RowStaging::Auto)));
         bench_lazy(&mut group, gpu, "split_unstaged", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, Some(RowStaging::Off)));
+        // The bottleneck products on TF32 tensor cores, as the 16-bit pipelines run them.
+        bench_lazy(&mut group, gpu, "split_tf32", || LocationBackward::new(gpu, &s, (b, t)).with_tf32_products(), |l| l.run(gpu, Some(RowStaging::Auto)));
         group.finish();
     }
 }
