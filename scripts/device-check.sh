@@ -17,8 +17,11 @@
 # 84 s with TORCH_BENCH_ARGS="--precisions bf16 --compile-shapes bert_base:32x128 --profile
 # bert_base:32x128" (its fp32 half left out), the step profile 5 s: 440 s with SKIP_SANITIZER=1,
 # which leaves ~2 minutes of a 15-minute device budget for the accuracy call
-# (scripts/device-accuracy.sh, ~50 s) and the starts. If one call does not fit, run
-# SKIP_BENCH=1 first and SKIP_TESTS=1 second.
+# (scripts/device-accuracy.sh, ~50 s) and the starts. A third session's call took 569 s of a
+# 570 s limit (tests 203 s, test-nvrtc_compile 99 s of it; bench-cuda 219 s with the bf16 steps
+# failing early; bench_torch.py 119 s): since then the full kernel compile is left out here (CI
+# runs it) and bench-cuda measures 1 s a function, about 450 s in all [est]. If one call does not
+# fit, run SKIP_BENCH=1 first and SKIP_TESTS=1 second.
 # Writes $OUT/device-check.txt (summary), $OUT/device-check.log (full output) and, with the
 # benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
 # the ratios) when $OUT is set.
@@ -157,7 +160,14 @@ for t in "$BUNDLE"/test-* "$BUNDLE"/unit-*; do
     echo "== $name ==" | tee -a "$LOG"
     start=$(date +%s.%N)
     : >"$LOG.skips"
-    env "${REQUIRE[@]}" BERT_ADAPTERS_SKIP_LOG="$LOG.skips" timeout "$TEST_TIMEOUT" "$t" --test-threads=1 2>&1 | tee "$LOG.one" | tee -a "$LOG"
+    extra=()
+    # The compile of every kernel for sm_80 and sm_90 (99 s on an H100) is what CI runs with the
+    # same NVRTC 13.0; on the device the GPU tests compile what they launch. NVRTC_FULL=1 runs it.
+    if [ "$name" = test-nvrtc_compile ] && [ "${NVRTC_FULL:-0}" != 1 ]; then
+        extra=(--skip every_kernel_compiles_without_spills)
+        say "test-nvrtc_compile: every_kernel_compiles_without_spills left out (CI runs it; NVRTC_FULL=1 includes it)"
+    fi
+    env "${REQUIRE[@]}" BERT_ADAPTERS_SKIP_LOG="$LOG.skips" timeout "$TEST_TIMEOUT" "$t" --test-threads=1 "${extra[@]}" 2>&1 | tee "$LOG.one" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
     result=$(grep -E '^test result:' "$LOG.one" | tail -1)
@@ -198,7 +208,8 @@ fi
 # Ours and PyTorch + adapters in one call, on one machine, so every ratio compares like with like.
 #   bench-cuda (benches/cuda.rs) on device 0 (CUDA_BENCH_DEVICE=cuda: no GPU is a failure), every
 #     group at the real shapes; CUDA_BENCH_ARGS replaces its criterion arguments (default
-#     `--warm-up-time 1 --measurement-time 2`; a filter such as `train_step` runs a part).
+#     `--warm-up-time 0.5 --measurement-time 1`, 10 samples: GPU times vary little; a filter such
+#     as `train_step` runs a part).
 #     About 30 functions of ~3 s each plus setup: 2-3 minutes on an H100 [est].
 #   bench-kernels: only its CUDA group (residual + LayerNorm forward), as before.
 #   tools/bench_torch.py with $PYTHON (default python3, the image's torch venv): the wheels in
@@ -223,7 +234,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         echo "== $name ==" | tee -a "$LOG"
         benv=()
         if [ "$name" = bench-cuda ]; then
-            read -ra args <<<"${CUDA_BENCH_ARGS:---warm-up-time 1 --measurement-time 2}"
+            read -ra args <<<"${CUDA_BENCH_ARGS:---warm-up-time 0.5 --measurement-time 1}"
             [ "${DRY_RUN:-0}" = 1 ] || benv=(CUDA_BENCH_DEVICE=cuda)
         else
             # Only the CUDA groups (the CPU ones are measured on the dev box).
