@@ -301,7 +301,9 @@ fi
 # NCU=1 also runs Nsight Compute over one launched BERT-base 32x128 bf16 step (CUDA_BENCH_PROFILE=
 # ncu: cuProfilerStart/Stop around it), each kernel timed alone with warm caches and the clocks
 # left alone, summed per kernel name by tools/ncu_summary.py ($OUT/ncu-step.md, the raw CSV in
-# $OUT/ncu-step.csv; NCU_TIMEOUT, default 300). Neither counts as a failure of the check.
+# $OUT/ncu-step.csv; NCU_TIMEOUT, default 300), then ncu's sections for the first launches of our
+# largest kernels ($OUT/ncu-detail.txt; NCU_DETAIL=0 leaves them out). None of it counts as a
+# failure of the check.
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/bench-cuda" ]; then
     echo | tee -a "$LOG"
     echo "== step profile ==" | tee -a "$LOG"
@@ -346,6 +348,27 @@ if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/be
         [ -n "${OUT:-}" ] && { cp "$NCU_CSV" "$OUT/ncu-step.csv"; cp "$NCU_CSV.md" "$OUT/ncu-step.md" 2>/dev/null; }
         rm -f "$NCU_CSV" "$NCU_CSV.md"
         flush
+        # Why our largest kernels take what they take (NCU_DETAIL=0 leaves it out): ncu's speed of
+        # light, memory, occupancy, warp-state and launch sections for the first launches of the
+        # forward ones and of the backward ones in the same step (the first linear_epilogue is the
+        # QKV product's, the second the FFN up's with GELU). $OUT/ncu-detail.txt; ~30 s [est].
+        if [ "${NCU_DETAIL:-1}" = 1 ]; then
+            NCU_TXT=$(mktemp)
+            start=$(date +%s)
+            for spec in "5:linear_epilogue_bf16io|attention_gemm_softmax_dropout_bf16io|adapter_split_pre_bf16io|adapter_split_post_bf16io" \
+                "4:attention_gemm_softmax_backward_dropout_bf16io|adapter_split_bwd_input_bf16io|adapter_split_bwd_post_bf16io|activation_backward_bf16io"; do
+                env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=ncu CUDA_BENCH_PROFILE_PRECISIONS=bf16 timeout "${NCU_TIMEOUT:-300}" \
+                    "$NCU_BIN" --profile-from-start off --clock-control none --kernel-name "regex:^(${spec#*:})$" --launch-count "${spec%%:*}" \
+                    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+                    "$BUNDLE/bench-cuda" >>"$NCU_TXT" 2>>"$LOG"
+                rc=$?
+            done
+            say "ncu sections of the largest kernels: rc $rc ($(( $(date +%s) - start ))s), $(grep -c '^  [a-z_0-9]*_bf16io' "$NCU_TXT" || true) launches"
+            grep -E '^  [a-z_0-9]+_bf16io|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Compute \(SM\) Throughput' "$NCU_TXT" | sed 's/^/    /' >>"$SUMMARY"
+            [ -n "${OUT:-}" ] && cp "$NCU_TXT" "$OUT/ncu-detail.txt"
+            rm -f "$NCU_TXT"
+            flush
+        fi
     elif [ "${NCU:-0}" = 1 ]; then
         say "NCU=1 but no ncu found"
     fi

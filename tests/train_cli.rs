@@ -474,19 +474,20 @@ fn assert_follows_f32(precision: &str, f32_rows: &[Vec<String>], rows: &[Vec<Str
 /// (the criterion is within 1 point; 15 test texts make one text 6.7 points, so equal).
 /// `--precision auto` is f32 on cuda-sim, `predict --precision bf16` reproduces the bf16 run's
 /// test predictions, a run started in f32 resumes in bf16, and `--precision bf16` on the CPU is
-/// refused.
+/// refused. The same holds on a GPU's path (split adapter locations with TF32 products).
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn train_in_bf16_on_cuda_sim_follows_f32() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    let run = |name: &str, precision: &str| {
+    let run_with = |name: &str, precision: &str, env: &[(&str, &str)]| {
         let (out, data) = (tmp.path().join(name), data());
         let args = ["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
         let flags = ["--batch-size", "16", "--max-len", "4", "--lr", "0.02", "--alternate", "2", "--eval-every", "4", "--steps", "8", "--quiet", "--device", "cuda-sim", "--precision", precision];
-        let said = ok(&bin().arg("train").args(args).args(flags).output().unwrap());
+        let said = ok(&bin().arg("train").args(args).args(flags).envs(env.iter().copied()).output().unwrap());
         (metrics_without_timing(&out), said)
     };
+    let run = |name: &str, precision: &str| run_with(name, precision, &[]);
     let (f32_rows, said_f32) = run("f32", "f32");
     let (bf16_rows, said_bf16) = run("bf16", "bf16");
     let (auto_rows, said_auto) = run("auto", "auto");
@@ -494,6 +495,11 @@ fn train_in_bf16_on_cuda_sim_follows_f32() {
     assert!(!said_f32.contains("bf16") && !said_auto.contains("bf16"), "{said_f32}\n{said_auto}");
     assert_eq!(auto_rows, f32_rows, "--precision auto is f32 on cuda-sim");
     assert_follows_f32("bf16", &f32_rows, &bf16_rows);
+    // A GPU's path: split adapter locations, whose products run on TF32 in bf16 (the executor
+    // rounds their operands as the tensor cores do): the same criterion.
+    let (split_rows, _) = run_with("bf16_split", "bf16", &[("BERT_ADAPTERS_LOCATION_PATH", "split"), ("BERT_ADAPTERS_ADAPTER_PRODUCTS", "tf32")]);
+    assert_follows_f32("bf16 on the split path with TF32 products", &f32_rows, &split_rows);
+    assert_ne!(split_rows, bf16_rows, "the split path with TF32 products computed exactly what the fused kernels did");
     // predict on the same device and precision reproduces the bf16 run's test predictions.
     let preds = read_csv(&tmp.path().join("bf16").join("test_predictions.csv"));
     let texts = tmp.path().join("texts.txt");
