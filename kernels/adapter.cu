@@ -219,7 +219,14 @@ __device__ __forceinline__ void team_sync() {
 // issued STAGE_LOADS_IN_FLIGHT at a time before any store, then run their passes over shared
 // memory: one trip to memory a row instead of one a column.
 
+// Loads a thread issues before their stores when staging. The forward's pre and post kernels and
+// the backward pre kernel (through split_team_rows) take SPLIT_TEAM_LOADS_IN_FLIGHT: with 8 they
+// need 70-80 registers, three 8-warp blocks an SM, and with 4 48-56, four (their 48 KB of staged
+// rows a block allow four either way), still 64 KB an SM in flight. The backward post and input
+// kernels, held to fewer blocks by their shared memory, keep 8. An H100 ran the pre kernels slower
+// staged at 8 (38.8 µs a bf16 launch) than unstaged before (32.5).
 #define STAGE_LOADS_IN_FLIGHT 8
+#define SPLIT_TEAM_LOADS_IN_FLIGHT 4
 
 // Bytes of a staged region of `count` elements of `size` bytes: rounded up to 16, so the regions
 // of a team laid end to end all start 16-byte aligned (the launcher's split_*_team_bytes).
@@ -227,24 +234,24 @@ __device__ __forceinline__ int stage_region_bytes(int count, int size) {
     return (count * size + 15) / 16 * 16;
 }
 
-// dst[i] = src[i] for i < n, the team's threads striding over i, STAGE_LOADS_IN_FLIGHT loads a
-// thread issued before their stores (team_cols_batched).
-template <typename U>
+// dst[i] = src[i] for i < n, the team's threads striding over i, IN_FLIGHT loads a thread issued
+// before their stores (team_cols_batched).
+template <int IN_FLIGHT, typename U>
 __device__ __forceinline__ void team_copy(U* dst, const U* src, int n) {
-    team_cols_batched<STAGE_LOADS_IN_FLIGHT>(n, [&](int i) { return src[i]; }, [&](int i, const U& v) { dst[i] = v; });
+    team_cols_batched<IN_FLIGHT>(n, [&](int i) { return src[i]; }, [&](int i, const U& v) { dst[i] = v; });
 }
 
 // Copies a global row of `count` elements into the team's shared buffer `dst` (a
 // stage_region_bytes region): 16 bytes a load when both addresses and the length allow it, else one
 // element a load. The caller's team_sync() must come before any thread reads the copy (a column
 // is not staged by the thread that owns it).
-template <typename T>
+template <int IN_FLIGHT = STAGE_LOADS_IN_FLIGHT, typename T>
 __device__ __forceinline__ void team_stage_row(T* dst, const T* src, int count) {
     const unsigned long long bytes = (unsigned long long)count * sizeof(T);
     if ((((unsigned long long)(const void*)src | (unsigned long long)(void*)dst | bytes) & 15ull) == 0) {
-        team_copy(reinterpret_cast<Unit4<unsigned>*>(dst), reinterpret_cast<const Unit4<unsigned>*>(src), (int)(bytes / 16));
+        team_copy<IN_FLIGHT>(reinterpret_cast<Unit4<unsigned>*>(dst), reinterpret_cast<const Unit4<unsigned>*>(src), (int)(bytes / 16));
     } else {
-        team_copy(dst, src, count);
+        team_copy<IN_FLIGHT>(dst, src, count);
     }
 }
 
@@ -252,13 +259,13 @@ __device__ __forceinline__ void team_stage_row(T* dst, const T* src, int count) 
 // stage_region_bytes(cols, sizeof(T)), 16-byte aligned) and points hr and rr at the copies, for
 // every split kernel that stages them; returns the first byte past the two regions. The caller's
 // team_sync() must come before any thread reads the copies.
-template <typename T>
+template <int IN_FLIGHT = STAGE_LOADS_IN_FLIGHT, typename T>
 __device__ __forceinline__ char* team_stage_h_r(char* at, int cols, const T*& hr, const T*& rr) {
     const int t_bytes = stage_region_bytes(cols, sizeof(T));
     T* h_s = reinterpret_cast<T*>(at);
     T* r_s = reinterpret_cast<T*>(at + t_bytes);
-    team_stage_row(h_s, hr, cols);
-    team_stage_row(r_s, rr, cols);
+    team_stage_row<IN_FLIGHT>(h_s, hr, cols);
+    team_stage_row<IN_FLIGHT>(r_s, rr, cols);
     hr = h_s;
     rr = r_s;
     return at + 2 * t_bytes;
@@ -903,9 +910,9 @@ __device__ __forceinline__ bool split_team_rows(int cols, int stage, float*& xs,
         return false;
     }
     if (up != nullptr) {
-        team_stage_row(xs, up, cols);
+        team_stage_row<SPLIT_TEAM_LOADS_IN_FLIGHT>(xs, up, cols);
     }
-    team_stage_h_r(team_smem + f32_bytes, cols, hr, rr);
+    team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(team_smem + f32_bytes, cols, hr, rr);
     team_sync();
     return true;
 }
