@@ -34,8 +34,9 @@
 //! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
 //!   input gradients needed, `fused` (the one-launch kernel) against `split` (row kernels around
 //!   the products and weight gradients on cuBLASLt: `LocationPath::Split`, its row kernels
-//!   staging their rows in shared memory), `split_unstaged` (the same with `RowStaging::Off`) and
-//!   `split_tf32` (its products on TF32 tensor cores), at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
+//!   staging their rows in shared memory), `split_unstaged` (the same with `RowStaging::Off`),
+//!   `split_tf32` (its products on TF32 tensor cores) and `split_two_warps_a_row` (its row kernels
+//!   with a block of 64 threads a row instead of a warp), at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
 //!   h, r read, dh, dr written.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
@@ -577,6 +578,12 @@ impl LocationBackward {
     /// The fused kernel (with its workspace) when `split` is None, else the split path (its own
     /// workspace from the pool) with that row staging.
     fn run(&mut self, gpu: &Gpu, split: Option<RowStaging>) {
+        let plan = split_backward_plan_auto(self.loc.hidden);
+        self.run_with_plan(gpu, split, plan);
+    }
+
+    /// As [`LocationBackward::run`], the split path with `plan` for its row kernels.
+    fn run_with_plan(&mut self, gpu: &Gpu, split: Option<RowStaging>, plan: LocationPlan) {
         let LocationBackward { loc, d_out, dh, dr, grads, workspace } = self;
         let [dwd, dbd, dwu, dbu] = grads;
         let branch = BranchGrads {
@@ -595,7 +602,6 @@ impl LocationBackward {
         match split {
             None => adapter_location_backward(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, workspace, loc.shape).expect("adapter_location_backward"),
             Some(staging) => {
-                let plan = split_backward_plan_auto(loc.hidden);
                 adapter_location_backward_split_with_plan(gpu, &loc.inputs(), &d_out.view(), &loc.all, &mut outputs, loc.shape, plan, staging).expect("adapter_location_backward_split")
             }
         }
@@ -617,6 +623,11 @@ fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "split_unstaged", || LocationBackward::new(gpu, &s, (b, t)), |l| l.run(gpu, Some(RowStaging::Off)));
         // The bottleneck products on TF32 tensor cores, as the 16-bit pipelines run them.
         bench_lazy(&mut group, gpu, "split_tf32", || LocationBackward::new(gpu, &s, (b, t)).with_tf32_products(), |l| l.run(gpu, Some(RowStaging::Auto)));
+        // Two warps a row (a block a row) instead of the automatic plan's warp a row: the row
+        // kernels' staged rows (15 KB a team for the input kernel at H = 768) allow ~14 warps an
+        // SM with one warp a team, ~28 with two; the reductions then cross warps (block barriers).
+        let wide = LocationPlan { threads_per_row: 64, rows_per_block: 1 };
+        bench_lazy(&mut group, gpu, "split_two_warps_a_row", || LocationBackward::new(gpu, &s, (b, t)), move |l| l.run_with_plan(gpu, Some(RowStaging::Auto), wide));
         group.finish();
     }
 }
