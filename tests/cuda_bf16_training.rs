@@ -282,6 +282,9 @@ fn adapter_products_are_tf32_in_16_bit_pipelines() {
     }
     assert!(!open().with_activations(DType::BF16).unwrap().with_tf32_adapter_products(false).tf32_adapter_products().unwrap());
     assert!(open().with_tf32_adapter_products(true).tf32_adapter_products().unwrap());
+    // The backend's name says so where the split path runs.
+    let named = |tf32: bool| open().with_activations(DType::BF16).unwrap().with_tf32_adapter_products(tf32).name();
+    assert!(named(true).contains("(TF32 adapter products)") && !named(false).contains("TF32"), "{} / {}", named(true), named(false));
     let run = |tf32: bool| {
         let be: Arc<dyn Backend> = Arc::new(open().with_activations(DType::BF16).unwrap().with_tf32_adapter_products(tf32));
         step(&be, DType::BF16, 1.0, "houlsby", "tasknn", None, 0.0).1

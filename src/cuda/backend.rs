@@ -951,6 +951,11 @@ impl Backend for CudaBackend {
             Some(LocationPath::Fused) => format!("{base} (fused adapter locations)"),
             None => base,
         };
+        // Where the split path runs (a GPU's default), say how its adapter products round.
+        let base = match (self.location_path(), self.tf32_adapter_products()) {
+            (Ok(LocationPath::Split), Ok(true)) => format!("{base} (TF32 adapter products)"),
+            _ => base,
+        };
         match self.attention_path {
             Some(AttentionPath::Gemm) => format!("{base} (GEMM attention)"),
             Some(AttentionPath::Fused) => format!("{base} (fused attention)"),
