@@ -1156,11 +1156,34 @@ fn gemm_survey(gpu: &Gpu) {
             }
         });
     }
+    // The split adapter path's f32 products at pfeiffer's r = 48 (src/cuda/adapter.rs), strict
+    // and with TF32 (the 16-bit pipelines' default): the down projection Gemm(T, N, r, rows, H),
+    // the up projection Gemm(T, N, H, rows, r), the up weight gradient Gemm(N, T, r, H, rows) and
+    // the input gradient of the down projection Gemm(N, N, H, rows, r).
+    let adapter = [
+        ("adapter down forward", Transpose::Yes, Transpose::No, 48, rows, 768),
+        ("adapter up forward", Transpose::Yes, Transpose::No, 768, rows, 48),
+        ("adapter up weight gradient", Transpose::No, Transpose::Yes, 48, 768, rows),
+        ("adapter down input gradient", Transpose::No, Transpose::No, 768, rows, 48),
+    ];
+    for (what, ta, tb, m, n, k) in adapter {
+        guarded(&format!("gemm survey {what}"), || {
+            for tf32 in [false, true] {
+                let g = Gemm::new(ta, tb, m, n, k).with_tf32(tf32);
+                survey_gemm::<f32, f32>(gpu, &format!("{what}{}", if tf32 { " (TF32)" } else { "" }), g, |x| x);
+            }
+        });
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn survey_one<I: GemmScalar, O: GemmScalar>(gpu: &Gpu, what: &str, ta: Transpose, tb: Transpose, m: usize, n: usize, k: usize, narrow: fn(f32) -> I) {
-    let g = Gemm::new(ta, tb, m, n, k).with_types(I::INPUT, O::OUTPUT);
+    survey_gemm::<I, O>(gpu, what, Gemm::new(ta, tb, m, n, k).with_types(I::INPUT, O::OUTPUT), narrow);
+}
+
+/// Surveys the product `g` on random operands (see [`gemm_survey`]) and prints its table.
+fn survey_gemm<I: GemmScalar, O: GemmScalar>(gpu: &Gpu, what: &str, g: Gemm, narrow: fn(f32) -> I) {
+    let (ta, tb, m, n, k) = (g.transa, g.transb, g.m, g.n, g.k);
     let mut fill = Fill(0x5eed ^ (m * n * k) as u64);
     let a = gpu.upload(&fill.vec(m * k, -1.0, 1.0).into_iter().map(narrow).collect::<Vec<I>>()).expect("upload");
     let b = gpu.upload(&fill.vec(k * n, -1.0, 1.0).into_iter().map(narrow).collect::<Vec<I>>()).expect("upload");
