@@ -231,14 +231,20 @@ fn static_shared_is_poisoned_for_every_block() {
     }
 }
 
-/// `mem_dynamic_shared(out, n)` over 64 threads with exactly n floats of dynamic shared memory.
-fn dynamic_shared(n: usize, max: usize) -> Result<Vec<f32>, sim::SimError> {
+/// `kernel(out, n)` (`mem_dynamic_shared` or `mem_dynamic_and_static_shared`) over 64 threads
+/// with exactly n floats of dynamic shared memory, under `opts`.
+fn dynamic_shared_in(kernel: &str, n: usize, opts: LaunchOptions) -> Result<Vec<f32>, sim::SimError> {
     let out = floats(64, |_| 0.0);
     let (mut po, mut pn) = (ptr(&out), n as i32);
-    let o = LaunchOptions { max_dynamic_shared_bytes: max, ..LaunchOptions::default() };
-    // SAFETY: mem_dynamic_shared(float*, int) uses n floats of dynamic shared memory, out[0..64].
-    unsafe { sim::launch_by_name("mem_dynamic_shared", cfg(2, 64, (n * 4) as u32), &mut [arg(&mut po), arg(&mut pn)], &o) }?;
+    // SAFETY: both kernels take (float*, int), use n floats of dynamic shared memory and write
+    // out[0..64].
+    unsafe { sim::launch_by_name(kernel, cfg(2, 64, (n * 4) as u32), &mut [arg(&mut po), arg(&mut pn)], &opts) }?;
     Ok(read_f32(&out))
+}
+
+/// `mem_dynamic_shared(out, n)` with a limit of `max` bytes.
+fn dynamic_shared(n: usize, max: usize) -> Result<Vec<f32>, sim::SimError> {
+    dynamic_shared_in("mem_dynamic_shared", n, LaunchOptions { max_dynamic_shared_bytes: max, ..LaunchOptions::default() })
 }
 
 #[test]
@@ -260,14 +266,8 @@ fn dynamic_shared_limit_is_the_launch_options() {
 fn static_shared_counts_against_the_limit_without_an_opt_in() {
     // The driver refuses 48 KB of dynamic shared memory beside a kernel's static arrays
     // (CUDA_ERROR_INVALID_VALUE, seen on an H100); the simulator refuses it too.
-    let run = |n: usize, max: usize, opted_in: bool| -> Result<Vec<f32>, sim::SimError> {
-        let out = floats(64, |_| 0.0);
-        let (mut po, mut pn) = (ptr(&out), n as i32);
-        let o = LaunchOptions { max_dynamic_shared_bytes: max, opted_in, ..LaunchOptions::default() };
-        // SAFETY: mem_dynamic_and_static_shared(float*, int) uses n floats of dynamic shared
-        // memory and writes out[0..64].
-        unsafe { sim::launch_by_name("mem_dynamic_and_static_shared", cfg(2, 64, (n * 4) as u32), &mut [arg(&mut po), arg(&mut pn)], &o) }?;
-        Ok(read_f32(&out))
+    let run = |n: usize, max: usize, opted_in: bool| {
+        dynamic_shared_in("mem_dynamic_and_static_shared", n, LaunchOptions { max_dynamic_shared_bytes: max, opted_in, ..LaunchOptions::default() })
     };
     let default = LaunchOptions::default().max_dynamic_shared_bytes;
     let fits = (default - 128) / 4;

@@ -383,9 +383,8 @@ impl<'w> LocationDescriptors<'w> {
     /// [`LocationDescriptors::with_tf32_products`] allows TF32.
     pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
         let (host, ranges) = describe_branches(hidden, steps, branches)?;
-        let tf32_products = false;
         let buffer = gpu.upload_table(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
-        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products, _weights: PhantomData })
+        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products: false, _weights: PhantomData })
     }
 
     /// Lets the split path's bottleneck products (the down and up projections, forward and

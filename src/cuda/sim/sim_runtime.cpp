@@ -158,17 +158,6 @@ thread_local Worker* tl_worker;
     abort();  // unreachable: a failed fiber is never resumed
 }
 
-void count_static_shared(size_t bytes) {
-    // The driver counts every static array of the kernel; the simulator counts those this block
-    // reaches, which is all of them in our kernels (declared at the top of the body).
-    tl_static_shared_bytes += bytes;
-    const Launch& L = *tl_worker->L;
-    if (!L.opted_in && tl_static_shared_bytes + L.smem > kMaxDynamicShared)
-        fiber_fail(format("%zu bytes of static __shared__ memory plus %zu dynamic exceed the %zu a block gets without a cuFuncSetAttribute opt-in "
-                          "(the driver refuses such a launch with CUDA_ERROR_INVALID_VALUE)",
-                          tl_static_shared_bytes, L.smem, kMaxDynamicShared));
-}
-
 void fiber_main() {
     Worker* W = tl_worker;
     W->L->k->launch(W->L->args);
@@ -490,8 +479,17 @@ void worker_main(Launch* L) {
 
 }  // namespace
 
-// Declared in sim.cuh, called by SIM_SHARED as a block first reaches a static array.
-void static_shared_reached(size_t bytes) { count_static_shared(bytes); }
+// Declared in sim.cuh, called by SIM_SHARED as a block first reaches a static array. The driver
+// counts every static array of the kernel; the simulator counts those this block reaches, which is
+// all of them in our kernels (declared at the top of the body; file-scope arrays are not counted).
+void static_shared_reached(size_t bytes) {
+    tl_static_shared_bytes += bytes;
+    const Launch& L = *tl_worker->L;
+    if (!L.opted_in && tl_static_shared_bytes + L.smem > kMaxDynamicShared)
+        fiber_fail(format("%zu bytes of static __shared__ memory plus %zu dynamic exceed the %zu a block gets without a cuFuncSetAttribute opt-in "
+                          "(the driver refuses such a launch with CUDA_ERROR_INVALID_VALUE)",
+                          tl_static_shared_bytes, L.smem, kMaxDynamicShared));
+}
 
 void syncthreads_at(const char* file, int line) {
     Worker* W = tl_worker;
