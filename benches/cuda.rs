@@ -91,6 +91,7 @@ use bert_adapters::cuda::layernorm::{
 use bert_adapters::cuda::probe::probe_gpu;
 use bert_adapters::cuda::{Gpu, GpuKind};
 use bert_adapters::model::graph::TrainStepGraph;
+use bert_adapters::model::FrozenRows;
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::{TrainStepConfig, TrainStepOutput};
 use bert_adapters::profile::ProfiledBackend;
@@ -913,17 +914,24 @@ impl Step {
     /// The step with activations in `precision` (f32, or bf16 / f16 over a base in that dtype;
     /// f16 loss-scaled as `train` starts it).
     fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
-        Step::on(bench, d, batch, seq, precision, |b| b)
+        Step::with_frozen_rows(bench, d, batch, seq, precision, FrozenRows::Copy)
+    }
+
+    /// [`Step::new`] with the model's [`FrozenRows`] set before its first step (so the captured
+    /// graphs record that tape too).
+    fn with_frozen_rows(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, frozen_rows: FrozenRows) -> Step {
+        Step::on(bench, d, batch, seq, precision, |b| b, frozen_rows)
     }
 
     /// [`Step::new`] on the backend `wrap` makes of the precision's backend (a profiler).
-    fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>) -> Step {
+    fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>, frozen_rows: FrozenRows) -> Step {
         let backend: Arc<dyn Backend> = match precision {
             DType::F32 => bench.backend.clone(),
             other => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
         };
         let backend = wrap(backend);
         let mut model = random_model(d, backend, precision);
+        model.set_frozen_rows(frozen_rows);
         if precision == DType::F16 {
             model.set_loss_scale(bert_adapters::train::LossScalerConfig::default().init_scale).expect("loss scale");
         }
@@ -1019,23 +1027,27 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     group.throughput(Throughput::Elements((b * t) as u64));
     // One model per precision for both functions: launched steps and replays share its weights
     // and pool. f32 is the strict-parity step; bf16 is `train`'s default on a GPU.
-    let mut states: [Option<Step>; 3] = [None, None, None];
+    // `bf16_replayed_share`: the bf16 replayed step with FrozenRows::Share (no copies of the
+    // live branch's rows into the tape), on a model of its own.
+    let mut states: [Option<Step>; 4] = [None, None, None, None];
     let functions = [
-        ("launched", false, DType::F32),
-        ("replayed", true, DType::F32),
-        ("bf16_launched", false, DType::BF16),
-        ("bf16_replayed", true, DType::BF16),
-        ("f16_launched", false, DType::F16),
+        ("launched", false, DType::F32, FrozenRows::Copy),
+        ("replayed", true, DType::F32, FrozenRows::Copy),
+        ("bf16_launched", false, DType::BF16, FrozenRows::Copy),
+        ("bf16_replayed", true, DType::BF16, FrozenRows::Copy),
+        ("bf16_replayed_share", true, DType::BF16, FrozenRows::Share),
+        ("f16_launched", false, DType::F16, FrozenRows::Copy),
     ];
-    for (function, replay, precision) in functions {
-        let state = &mut states[match precision {
-            DType::BF16 => 1,
-            DType::F16 => 2,
+    for (function, replay, precision, frozen_rows) in functions {
+        let state = &mut states[match (precision, frozen_rows) {
+            (DType::BF16, FrozenRows::Share) => 3,
+            (DType::BF16, _) => 1,
+            (DType::F16, _) => 2,
             _ => 0,
         }];
         guarded(&format!("{id} {function}"), || {
             group.bench_function(function, |bn| {
-                let s = state.get_or_insert_with(|| Step::new(bench, d, b, t, precision));
+                let s = state.get_or_insert_with(|| Step::with_frozen_rows(bench, d, b, t, precision, frozen_rows));
                 bn.iter_custom(|iters| timed(gpu, iters, || if replay { s.replayed() } else { s.launched() }));
                 s.check(&format!("{id}/{function}"));
                 s.last = None;
@@ -1080,11 +1092,19 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
                     let id = format!("train_step/{}_{}", d.name, shape_name(b, t));
                     guarded(&format!("profile {id} {precision}"), || {
                         let mut handle = None;
-                        let mut s = Step::on(bench, d, b, t, precision, |inner| {
-                            let p = Arc::new(ProfiledBackend::new(inner));
-                            handle = Some(p.clone());
-                            p
-                        });
+                        let mut s = Step::on(
+                            bench,
+                            d,
+                            b,
+                            t,
+                            precision,
+                            |inner| {
+                                let p = Arc::new(ProfiledBackend::new(inner));
+                                handle = Some(p.clone());
+                                p
+                            },
+                            FrozenRows::Copy,
+                        );
                         let profiled = handle.expect("the step's backend is the profiler");
                         for _ in 0..2 {
                             s.launched();

@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
+use bert_adapters::model::FrozenRows;
 use bert_adapters::{AdapterConfig, Backend, BertModel, CpuBackend, Error, InputBatch, LoadOptions, Tensor};
 
 use common::{setup, tiny};
@@ -54,6 +55,59 @@ fn minilm_parallel_tape_keeps_what_the_backward_reads() {
     // And it still serves the backward.
     let grads = model.backward(&tape, &ones_like(&out.last_hidden_state), None).unwrap();
     assert_eq!(grads.len(), 4 * layers);
+    // FrozenRows::Share keeps views of tasknn's rows instead of copies, so each saved tensor of
+    // the replicated layers keeps both branches' rows alive: those layers' bytes double, the
+    // rest (layer 0, before the replication; the mask; the pooler's [2B, H]) stays.
+    drop(tape);
+    model.set_frozen_rows(FrozenRows::Share);
+    let (_, tape) = model.forward_train(&batch).unwrap();
+    let want_share = tokens * 2 * h * 4 + 2 * (layers - 1) * tokens * per_token_per_layer + tokens * 4 + 2 * b * h * 4;
+    assert_eq!(tape.bytes(), want_share, "tape bytes with shared rows");
+}
+
+/// `FrozenRows::Share` (views of the live branch's rows, no copies) against the default `Copy`:
+/// the same gradients, bit for bit, on every backend (the CUDA ones read the views at an offset),
+/// for houlsby (both locations, replicated at layer 0's attention location) with dropout on and
+/// either branch trained; the shared tape holds more bytes, and `Copy` again gives the first tape.
+#[test]
+fn shared_frozen_rows_give_the_copied_rows_gradients() {
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::fast()), Arc::new(CpuBackend::reference())];
+    backends.extend(common::cuda_backends());
+    for be in backends {
+        let name = be.name();
+        let (mut model, batch) = tiny(be.clone());
+        for n in ["scorenn", "tasknn"] {
+            model.add_adapter(n, AdapterConfig::named("houlsby").unwrap()).unwrap();
+        }
+        model.set_active_adapters(Some(setup(&["scorenn", "tasknn"]))).unwrap();
+        model.set_dropout(Some(11));
+        for trained in ["scorenn", "tasknn"] {
+            model.train_adapter(&[trained]).unwrap();
+            let mut run = |rows: FrozenRows| {
+                model.set_frozen_rows(rows);
+                assert_eq!(model.frozen_rows(), rows);
+                let (out, tape) = model.forward_train(&batch).unwrap();
+                let n = out.last_hidden_state.elem_count();
+                let w: Vec<f32> = (0..n).map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0).collect();
+                let d = be.upload(w, out.last_hidden_state.shape()).unwrap();
+                let grads = model.backward(&tape, &d, None).unwrap();
+                let grads: Vec<(String, Vec<f32>)> = grads.into_iter().map(|(k, g)| (k, be.to_host(&g).unwrap())).collect();
+                (tape.bytes(), grads)
+            };
+            let (copy_bytes, copied) = run(FrozenRows::Copy);
+            let (share_bytes, shared) = run(FrozenRows::Share);
+            let (again_bytes, _) = run(FrozenRows::Copy);
+            assert!(!copied.is_empty() && copied.iter().all(|(k, _)| k.contains(&format!(".adapters.{trained}."))), "{name} {trained}: {:?}", copied.iter().map(|(k, _)| k).collect::<Vec<_>>());
+            assert_eq!(copied.len(), shared.len(), "{name} {trained}");
+            for ((k, a), (k2, b)) in copied.iter().zip(&shared) {
+                assert_eq!(k, k2, "{name} {trained}");
+                let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name} {trained}: `{k}` differs between copied and shared frozen rows");
+            }
+            assert!(share_bytes > copy_bytes, "{name} {trained}: shared {share_bytes} bytes, copied {copy_bytes}");
+            assert_eq!(again_bytes, copy_bytes, "{name} {trained}");
+        }
+    }
 }
 
 #[test]

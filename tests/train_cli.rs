@@ -633,6 +633,15 @@ fn train_replaying_captured_steps_equals_launching_them() {
     // The schedule changed the run (it is not ignored by either path).
     let weights = |name: &str| std::fs::read(tmp.path().join(name).join("tasknn/adapter.safetensors")).unwrap();
     assert_ne!(weights("graphs"), weights("graphs_linear"));
+    // Tapes that keep views of the trained network's rows (--frozen-rows share), captured and
+    // replayed: the same run, bit for bit.
+    let (shared, said) = run("graphs_share", &["--frozen-rows", "share"]);
+    assert!(said.contains("5 of its 8 steps replayed from captured graphs"), "{said}");
+    assert_eq!(metrics_without_timing(&shared), metrics_without_timing(&tmp.path().join("graphs")));
+    for adapter in ["scorenn", "tasknn"] {
+        let file = |run: &str| std::fs::read(tmp.path().join(run).join(adapter).join("adapter.safetensors")).unwrap();
+        assert_eq!(file("graphs_share"), file("graphs"), "--frozen-rows share: {adapter}'s adapter differs");
+    }
 }
 
 /// `--lr-schedule`, `--warmup-steps`, `--weight-decay` and `--max-grad-norm` reach each step: runs whose

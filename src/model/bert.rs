@@ -9,7 +9,7 @@ use crate::config::{AdapterConfig, BertConfig, Location};
 use crate::error::{Error, Result};
 use crate::io::{BertWeights, InputBatch, LoadOptions, LoadReport};
 use crate::model::adapters::{Adapter, AdapterSetup};
-use crate::model::backward::{position, DropoutSite, LayerTape, LocationTape, Tape};
+use crate::model::backward::{position, DropoutSite, FrozenRows, LayerTape, LocationTape, Tape};
 use crate::model::heads::ClassificationHead;
 use crate::tensor::Tensor;
 
@@ -57,6 +57,8 @@ pub struct BertModel {
     pub(crate) capturing: bool,
     /// Loss scaling of `train_step` (`set_loss_scale`): 1 unless an f16 run scales.
     pub(crate) loss_scale: f32,
+    /// What a recording forward keeps of frozen Parallel branches' rows (`set_frozen_rows`).
+    pub(crate) frozen_rows: FrozenRows,
 }
 
 /// A batch's inputs on the device: U32 ids and token types `[B, T]`, and the f32 mask bias `[B, T]`.
@@ -98,7 +100,7 @@ pub struct BertOutput {
 
 impl BertModel {
     pub fn new(config: BertConfig, weights: BertWeights, backend: Arc<dyn Backend>) -> Self {
-        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, dropout_row: 0, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false, loss_scale: 1.0 }
+        BertModel { config, weights, backend, adapters: BTreeMap::new(), heads: BTreeMap::new(), active: None, trainable: BTreeSet::new(), next_adapter_seed: 0, dropout_seed: None, dropout_row: 0, seed_buffer: None, version: 0, inputs: std::sync::Mutex::new(None), labels: None, arenas: BTreeMap::new(), capturing: false, loss_scale: 1.0, frozen_rows: FrozenRows::Copy }
     }
 
     /// Load `config.json` and `model.safetensors` from a Hugging Face model folder.
@@ -292,6 +294,19 @@ impl BertModel {
         self.seed_buffer = written.ok().map(|buf| (seed, buf));
     }
 
+    /// What a recording forward (`forward_train`, `train_step`) keeps of the rows of frozen
+    /// Parallel branches: [`FrozenRows::Copy`] (the default: the smallest tape) or
+    /// [`FrozenRows::Share`] (no copies; the saved tensors' frozen rows stay alive with the tape).
+    /// The gradients are the same bit for bit. A tape recorded before still serves `backward`.
+    pub fn set_frozen_rows(&mut self, rows: FrozenRows) {
+        self.frozen_rows = rows;
+    }
+
+    /// What [`BertModel::set_frozen_rows`] chose.
+    pub fn frozen_rows(&self) -> FrozenRows {
+        self.frozen_rows
+    }
+
     /// Data-parallel training: the batches this model trains on are shards of a global batch
     /// that start at global row `row`, and their dropout masks are those rows' masks in the
     /// global batch (`DropoutSpec::offset`), so N ranks draw exactly what one process would.
@@ -372,10 +387,14 @@ impl BertModel {
             Some(p) => (0..n_branches).filter(|&i| p.live.get(i).copied().unwrap_or(true)).map(|i| i * batch.batch..(i + 1) * batch.batch).collect(),
             None => Vec::new(),
         };
-        // Rows of frozen Parallel branches are not kept (copied out, so their storage is freed).
+        // Rows of frozen Parallel branches are not kept: copied out, so their storage is freed,
+        // or under FrozenRows::Share a view of the one live block, with no copy.
         let keep = |t: Tensor| -> Result<Tensor> {
             if live_ranges.len() < n_branches && n_branches > 1 && t.shape()[0] == n_branches * batch.batch {
-                be.select_rows(&t, &live_ranges)
+                match (&live_ranges[..], self.frozen_rows) {
+                    ([one], FrozenRows::Share) => t.narrow_rows(one.start, one.len()),
+                    _ => be.select_rows(&t, &live_ranges),
+                }
             } else {
                 Ok(t)
             }

@@ -11,5 +11,5 @@ pub mod persist;
 pub mod step;
 
 pub use adapters::{Adapter, AdapterSetup};
-pub use backward::{Gradients, Tape};
+pub use backward::{FrozenRows, Gradients, Tape};
 pub use bert::{BertModel, BertOutput};

@@ -27,6 +27,7 @@ use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Data
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
+use bert_adapters::model::FrozenRows;
 use bert_adapters::train::{AdamW, AdamWConfig, LossScaler, LossScalerConfig, LrSchedule, ScheduleKind};
 use bert_adapters::{AdapterConfig, AdapterSetup, BertModel, BertTokenizer, DType, Error, Result};
 
@@ -153,6 +154,12 @@ pub struct TrainFlags {
     /// CUDA graph per adapter and batch shape, captured the second time that shape comes up).
     #[arg(long)]
     no_graphs: bool,
+    /// What each step's tape keeps of the frozen network's rows under Parallel: copy (the
+    /// trained network's rows are copied out of each saved tensor, so the frozen one's are freed:
+    /// the least memory) or share (views, no copies: faster; the saved tensors keep both
+    /// networks' rows, as PyTorch does). The same gradients either way.
+    #[arg(long, value_name = "MODE", default_value = "copy", value_parser = ["copy", "share"])]
+    frozen_rows: String,
     /// Under mpirun: seconds a rank waits in a collective for the others before it gives up (a
     /// rank died or hangs) and ends the job.
     #[arg(long, value_name = "S", default_value = "300", allow_negative_numbers = true, value_parser = flags::whole)]
@@ -188,6 +195,7 @@ pub struct TrainArgs {
     overwrite: bool,
     quiet: bool,
     graphs: bool,
+    frozen_rows: FrozenRows,
     collective_timeout: u64,
 }
 
@@ -243,6 +251,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
         overwrite: f.overwrite,
         quiet: f.quiet,
         graphs: !f.no_graphs,
+        frozen_rows: if f.frozen_rows == "share" { FrozenRows::Share } else { FrozenRows::Copy },
     })
 }
 
@@ -895,6 +904,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         evals.retain(|e| e.split != "test");
     }
     model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))?;
+    model.set_frozen_rows(args.frozen_rows);
     // Every rank must be about to run the same trajectory from the same place.
     let mut same = Settings { data: String::new(), model: String::new(), ..settings.clone() };
     same.data_fingerprint.push_str(&format!(" start {start} steps {} eval {} {} loss scale {:?}", args.steps, args.eval_every, args.eval_size, args.loss_scale));
