@@ -54,8 +54,11 @@
 //!   adapter), in f32 (activations and base), and `bf16_launched` / `bf16_replayed`: the same step
 //!   in bf16 (base, activations and activation gradients bf16; adapters, heads, gradients and
 //!   AdamW f32), `train`'s default on a GPU; `f16_launched`: the same in f16, loss-scaled at
-//!   `train --precision f16`'s first scale (2^16). Throughput: B·T positions (padding included)
-//!   per step. Random weights (N(0, 0.02) like BERT's init, uniform).
+//!   `train --precision f16`'s first scale (2^16). Variants of `bf16_replayed`:
+//!   `bf16_replayed_share` (`FrozenRows::Share`: the tape keeps views of tasknn's rows, no
+//!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
+//!   added by cuBLASLt, as PyTorch does). Throughput: B·T positions (padding included) per step.
+//!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
 //! benchmark's first call, so a criterion filter skips the setup of what it leaves out. After
@@ -80,7 +83,7 @@ use bert_adapters::cuda::adapter::{
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
-use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::cuda::elementwise::{add, bias_act};
 use bert_adapters::cuda::gemm::{Gemm, GemmScalar, SurveyOptions, Transpose};
 use bert_adapters::cuda::gpu::{ActivationScalar, DeviceBuffer};
@@ -910,28 +913,43 @@ struct Step {
     last: Option<TrainStepOutput>,
 }
 
+/// What a step benchmark changes from the defaults: the tape's frozen rows, the 16-bit Linears'
+/// epilogues (None: the backend's own choice).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct StepVariant {
+    frozen_rows: FrozenRows,
+    linear_epilogue: Option<LinearEpilogue>,
+}
+
+impl StepVariant {
+    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None };
+    const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: None };
+    const CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
+}
+
 impl Step {
     /// The step with activations in `precision` (f32, or bf16 / f16 over a base in that dtype;
     /// f16 loss-scaled as `train` starts it).
     fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
-        Step::with_frozen_rows(bench, d, batch, seq, precision, FrozenRows::Copy)
+        Step::variant(bench, d, batch, seq, precision, StepVariant::DEFAULT)
     }
 
-    /// [`Step::new`] with the model's [`FrozenRows`] set before its first step (so the captured
-    /// graphs record that tape too).
-    fn with_frozen_rows(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, frozen_rows: FrozenRows) -> Step {
-        Step::on(bench, d, batch, seq, precision, |b| b, frozen_rows)
+    /// [`Step::new`] with the model's [`FrozenRows`] and the backend's [`LinearEpilogue`] of
+    /// `variant`, set before the first step (so the captured graphs record them too).
+    fn variant(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, variant: StepVariant) -> Step {
+        Step::on(bench, d, batch, seq, precision, |b| b, variant)
     }
 
     /// [`Step::new`] on the backend `wrap` makes of the precision's backend (a profiler).
-    fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>, frozen_rows: FrozenRows) -> Step {
-        let backend: Arc<dyn Backend> = match precision {
-            DType::F32 => bench.backend.clone(),
-            other => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
+    fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>, variant: StepVariant) -> Step {
+        let backend: Arc<dyn Backend> = match (precision, variant.linear_epilogue) {
+            (DType::F32, _) => bench.backend.clone(),
+            (other, None) => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
+            (other, Some(e)) => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend").with_linear_epilogue(e)),
         };
         let backend = wrap(backend);
         let mut model = random_model(d, backend, precision);
-        model.set_frozen_rows(frozen_rows);
+        model.set_frozen_rows(variant.frozen_rows);
         if precision == DType::F16 {
             model.set_loss_scale(bert_adapters::train::LossScalerConfig::default().init_scale).expect("loss scale");
         }
@@ -1027,27 +1045,30 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     group.throughput(Throughput::Elements((b * t) as u64));
     // One model per precision for both functions: launched steps and replays share its weights
     // and pool. f32 is the strict-parity step; bf16 is `train`'s default on a GPU.
-    // `bf16_replayed_share`: the bf16 replayed step with FrozenRows::Share (no copies of the
-    // live branch's rows into the tape), on a model of its own.
-    let mut states: [Option<Step>; 4] = [None, None, None, None];
+    // Variants of the bf16 replayed step, each on a model of its own: `_share` with
+    // FrozenRows::Share (no copies of the live branch's rows into the tape), `_cublaslt` with
+    // LinearEpilogue::Cublaslt (the frozen Linears' biases added by cuBLASLt, no f32 D).
+    let mut states: [Option<Step>; 5] = [None, None, None, None, None];
     let functions = [
-        ("launched", false, DType::F32, FrozenRows::Copy),
-        ("replayed", true, DType::F32, FrozenRows::Copy),
-        ("bf16_launched", false, DType::BF16, FrozenRows::Copy),
-        ("bf16_replayed", true, DType::BF16, FrozenRows::Copy),
-        ("bf16_replayed_share", true, DType::BF16, FrozenRows::Share),
-        ("f16_launched", false, DType::F16, FrozenRows::Copy),
+        ("launched", false, DType::F32, StepVariant::DEFAULT),
+        ("replayed", true, DType::F32, StepVariant::DEFAULT),
+        ("bf16_launched", false, DType::BF16, StepVariant::DEFAULT),
+        ("bf16_replayed", true, DType::BF16, StepVariant::DEFAULT),
+        ("bf16_replayed_share", true, DType::BF16, StepVariant::SHARE),
+        ("bf16_replayed_cublaslt", true, DType::BF16, StepVariant::CUBLASLT),
+        ("f16_launched", false, DType::F16, StepVariant::DEFAULT),
     ];
-    for (function, replay, precision, frozen_rows) in functions {
-        let state = &mut states[match (precision, frozen_rows) {
-            (DType::BF16, FrozenRows::Share) => 3,
+    for (function, replay, precision, variant) in functions {
+        let state = &mut states[match (precision, variant) {
+            (DType::BF16, StepVariant::SHARE) => 3,
+            (DType::BF16, StepVariant::CUBLASLT) => 4,
             (DType::BF16, _) => 1,
             (DType::F16, _) => 2,
             _ => 0,
         }];
         guarded(&format!("{id} {function}"), || {
             group.bench_function(function, |bn| {
-                let s = state.get_or_insert_with(|| Step::with_frozen_rows(bench, d, b, t, precision, frozen_rows));
+                let s = state.get_or_insert_with(|| Step::variant(bench, d, b, t, precision, variant));
                 bn.iter_custom(|iters| timed(gpu, iters, || if replay { s.replayed() } else { s.launched() }));
                 s.check(&format!("{id}/{function}"));
                 s.last = None;
@@ -1103,7 +1124,7 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
                                 handle = Some(p.clone());
                                 p
                             },
-                            FrozenRows::Copy,
+                            StepVariant::DEFAULT,
                         );
                         let profiled = handle.expect("the step's backend is the profiler");
                         for _ in 0..2 {

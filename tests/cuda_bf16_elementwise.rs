@@ -494,6 +494,103 @@ fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
 }
 test_both!(backend_linears, backend_linears_fuse_their_epilogue);
 
+/// Under `LinearEpilogue::Cublaslt` a 16-bit Linear with a bias is one product that adds the bias
+/// and writes the 16-bit output itself (no f32 D, no `linear_epilogue_*` pass), as PyTorch's
+/// autocast Linear; the activation or dropout is then one pass over that output. The product is
+/// held to the bf16 rule against PyTorch's own arithmetic (the product rounded, the bias added,
+/// rounded again), and on cuda-sim, whose executor rounds once, to the staged path's bits; the
+/// activation and dropout are exactly their kernels over the rounded product.
+fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
+    use bert_adapters::backend::DropoutSpec;
+    use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
+    use bert_adapters::cuda::gemm::{Gemm, OutputType, Transpose};
+    use bert_adapters::cuda::GpuKind;
+    use bert_adapters::DType;
+    let dtype = <H as ActivationScalar>::DTYPE;
+    let be = CudaBackend::on(gpu.reopen().unwrap()).with_activations(dtype).unwrap().with_linear_epilogue(LinearEpilogue::Cublaslt);
+    assert_eq!(be.linear_epilogue().unwrap(), LinearEpilogue::Cublaslt);
+    let gpu = be.gpu();
+    let label = format!("{} {} cuBLASLt epilogues", gpu.describe(), H::NAME);
+    let mut rng = StdRng::seed_from_u64(0x0011_eab5);
+    // Large enough that cuBLASLt picks a tiled kernel, as at BERT's shapes.
+    let (rows, d_in, d_out) = (96, 64, 80);
+    let half = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
+    let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.5, 0.5), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
+    let (tx, tw, tb) = (half(&x, &[rows, d_in]), half(&w, &[d_out, d_in]), half(&b, &[d_out]));
+    let mut acc = nan32(gpu, rows * d_out);
+    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
+    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
+    let acc = down(gpu, &acc);
+    let sum: Vec<f32> = acc.iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
+    // PyTorch's bf16 Linear: cuBLASLt rounds the product, adds the bias, rounds again.
+    let torch: Vec<f32> = acc.iter().enumerate().map(|(i, a)| rule::round_in::<H>(rule::round_in::<H>(*a) + b[i % d_out])).collect();
+    let launches = |f: &mut dyn FnMut()| {
+        let before = gpu.launch_counts();
+        f();
+        let n = gpu.launch_counts().since(&before);
+        (n.kernels.into_iter().collect::<Vec<_>>(), n.gemm_calls)
+    };
+    let h = if dtype == DType::BF16 { "bf16io" } else { "f16io" };
+    let host = |t: &bert_adapters::Tensor| be.to_host(t).unwrap();
+    let check_product = |what: &str, got: &[f32]| {
+        rule::assert_within_twice_plain_in::<H>(&format!("{label}: {what}"), got, &sum, &torch);
+        if gpu.kind() == GpuKind::Sim {
+            assert_eq!(bits(got), bits(&rule::round_all_in::<H>(&sum)), "{label}: {what}: the host executor rounds once");
+        }
+    };
+
+    let mut y = None;
+    let n = launches(&mut || y = Some(be.linear(&tx, &tw, Some(&tb)).unwrap()));
+    assert_eq!(n, (vec![], 1), "{label}: linear is the product alone");
+    let y = host(&y.unwrap());
+    check_product("linear", &y);
+
+    let mut out = None;
+    let n = launches(&mut || out = Some(be.linear_act(&tx, &tw, Some(&tb), Activation::Gelu).unwrap()));
+    assert_eq!(n, (vec![(format!("bias_act_forward_{h}").leak() as &str, 1)], 1), "{label}: linear_act");
+    let (ya, pre) = out.unwrap();
+    assert_eq!(bits(&host(&pre)), bits(&y), "{label}: linear_act's pre-activation is linear's output");
+    let (at_pre, _) = run_bias_act(gpu, &host(&pre), None, Some(Activation::Gelu), d_out, false, id);
+    rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: linear_act y"), &rule::to_half::<H>(&host(&ya)), &at_pre);
+    let only = be.linear_act_only(&tx, &tw, Some(&tb), Activation::Gelu).unwrap();
+    assert_eq!(bits(&host(&only)), bits(&host(&ya)), "{label}: linear_act_only");
+
+    let seed = be.upload_u32(vec![0x5eed, 3], &[2]).unwrap();
+    let spec = DropoutSpec { p: 0.25, seed: 0, stream: 9, blocks: vec![1, 2], seed_buffer: Some(bert_adapters::backend::SeedBuffer(seed)), offset: 0 };
+    let mut yd = None;
+    let n = launches(&mut || yd = Some(be.linear_dropout(&tx, &tw, Some(&tb), Some(&spec)).unwrap()));
+    assert!(n.1 == 1 && n.0.iter().all(|(k, _)| k.starts_with("dropout_")), "{label}: linear_dropout is the product and the dropout kernel: {n:?}");
+    let want = be.dropout(&half(&y, &[rows, d_out]), &spec).unwrap();
+    assert_eq!(bits(&host(&yd.unwrap())), bits(&host(&want)), "{label}: linear_dropout is the dropout of linear's output");
+
+    // On a GPU, BERT-base's QKV and FFN-up shapes (32×128 tokens), where cuBLASLt's nvjet
+    // kernels run: the same rule, and how many elements differ from one rounding (printed: 0
+    // would make this path bit for bit the staged one at these shapes).
+    if gpu.kind() == GpuKind::Sim {
+        return;
+    }
+    for (rows, d_in, d_out) in [(4096, 768, 2304), (4096, 768, 3072)] {
+        let what = format!("linear {rows}×{d_in}→{d_out}");
+        let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.1, 0.1), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
+        let mut acc = nan32(gpu, rows * d_out);
+        let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
+        gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
+        let acc = down(gpu, &acc);
+        let sum: Vec<f32> = acc.iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
+        let torch: Vec<f32> = acc.iter().enumerate().map(|(i, a)| rule::round_in::<H>(rule::round_in::<H>(*a) + b[i % d_out])).collect();
+        let y = host(&be.linear(&half(&x, &[rows, d_in]), &half(&w, &[d_out, d_in]), Some(&half(&b, &[d_out]))).unwrap());
+        let (err, plain) = rule::assert_within_twice_plain_in::<H>(&format!("{label}: {what}"), &y, &sum, &torch);
+        let once = rule::round_all_in::<H>(&sum);
+        let differ = y.iter().zip(&once).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let as_torch = y.iter().zip(&torch).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+        bert_adapters::cuda::probe::report_line(&format!(
+            "{label}: {what}: {differ} of {} elements differ from one rounding, {as_torch} equal the product rounded then the bias added and rounded; error {err:.3e} (PyTorch's arithmetic {plain:.3e})",
+            y.len()
+        ));
+    }
+}
+test_both!(backend_linears_cublaslt, backend_linears_with_cublaslt_epilogues);
+
 // ---- add, first token ---------------------------------------------------------------------------------
 
 fn add_and_first_token_bf16io_are_rounded_once<H: Io>(gpu: &Gpu) {

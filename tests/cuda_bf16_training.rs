@@ -41,7 +41,7 @@ mod plain_bf16;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bert_adapters::cuda::backend::CudaBackend;
+use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
 use bert_adapters::train::loss::Objective;
@@ -63,9 +63,17 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         // A GPU's automatic paths: split locations and GEMM attention (bf16 GEMM inputs).
         let split = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
         v.push(split.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm));
+        // And with cuBLASLt adding the Linears' biases (PyTorch's arithmetic): the sim's executor
+        // rounds once, so this checks the wiring (the activations and dropouts as passes of their own).
+        let lt = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
+        v.push(lt.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm).with_linear_epilogue(LinearEpilogue::Cublaslt));
     }
     match bert_adapters::cuda::probe::probe_gpu(0) {
-        Ok(_) => v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"))),
+        Ok(_) => {
+            v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")));
+            // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90.
+            v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")).with_linear_epilogue(LinearEpilogue::Cublaslt));
+        }
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
         Err(_) => {}
     }

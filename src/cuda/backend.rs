@@ -35,7 +35,9 @@
 //!   once and applies what follows the Linear: the activation at the rounded product (as a plain
 //!   bf16 model computes it, and writing that rounded pre-activation for `linear_act`), or the
 //!   dropout mask over the f32 sum (`CudaBackend::linear_half_typed`); without a bias the GEMM
-//!   writes bf16 itself. W and b must be bf16 (the base); an f32 weight with bf16 activations (a
+//!   writes bf16 itself, as it does with a bias under [`LinearEpilogue::Cublaslt`] (cuBLASLt adds
+//!   the bias, PyTorch's autocast arithmetic; [`LINEAR_EPILOGUE_VAR`]), the activation or dropout
+//!   then a pass of its own. W and b must be bf16 (the base); an f32 weight with bf16 activations (a
 //!   classification head's: the model widens the head's input to f32 first) is refused, named.
 //!   ([`CudaBackend::linear_bf16io`], the public entry point, keeps cuBLASLt's epilogue
 //!   semantics: ReLU or the tanh GELU at the f32 sum, rounded once.);
@@ -93,7 +95,7 @@ use super::attention::{attention_packed_backward_dropout_as, attention_packed_fo
 use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
-use super::gemm::{linear_16io, Epilogue, Gemm, GemmScalar, OutputType, Transpose};
+use super::gemm::{linear_16io, linear_16io_with, Epilogue, Gemm, GemmScalar, OutputType, Transpose};
 use super::gpu::{ActivationScalar, BaseScalar, DeviceBuffer, DeviceScalar, DeviceView, DeviceViewMut, Gpu, GpuKind};
 use super::elementwise::{LinearDims, LinearParamGrads};
 use super::layernorm::{layernorm_backward, residual_layernorm_forward, residual_layernorm_forward_train, LayerNormBackwardInputs, LayerNormInputs, LayerNormOutputs, LayerNormTrainOutputs};
@@ -140,6 +142,33 @@ enum HalfEpilogue<'a> {
     Act { act: Option<Activation>, keep_pre: bool },
     /// The model's dropout after the Linear (`None`: off).
     Dropout(Option<&'a DropoutSpec>),
+}
+
+/// The environment variable that overrides [`CudaBackend::linear_epilogue`]: `staged` or `cublaslt`.
+pub const LINEAR_EPILOGUE_VAR: &str = "BERT_ADAPTERS_LINEAR_EPILOGUE";
+
+/// Where a 16-bit Linear with a bias (the frozen base's, with bf16 or f16 activations) adds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearEpilogue {
+    /// The product into an f32 D, then one `linear_epilogue_*` pass adds the bias in f32, rounds
+    /// once and applies the activation or dropout (the default): the most accurate rounding.
+    Staged,
+    /// cuBLASLt adds the bias in the product's own kernel and writes the 16-bit output, as
+    /// PyTorch's autocast Linear does (`addmm` → cuBLASLt's bias epilogue); the activation or the
+    /// dropout is then a pass over that output, as in PyTorch. No f32 D (half the product's
+    /// output bytes) and no pass over one; on sm_90 cuBLASLt rounds before adding the bias (up
+    /// to 1 ulp against the staged path's ½: [`super::gemm::Gemm::fused_half_epilogue`]), and the
+    /// dropout rounds the rounded output again, both PyTorch's arithmetic.
+    Cublaslt,
+}
+
+impl LinearEpilogue {
+    /// `staged` or `cublaslt` (as [`LINEAR_EPILOGUE_VAR`] spells them).
+    pub fn parse(v: &str) -> Result<LinearEpilogue> {
+        super::probe::parse_choice(LINEAR_EPILOGUE_VAR, v, Self::NAMES)
+    }
+
+    const NAMES: &[(&str, LinearEpilogue)] = &[("staged", LinearEpilogue::Staged), ("cublaslt", LinearEpilogue::Cublaslt)];
 }
 
 /// `$body` with the type `$A` bound to the storage of activation dtype `$dtype`: bf16, f16, or
@@ -283,6 +312,9 @@ pub struct CudaBackend {
     /// Whether the split path's adapter products may use TF32; None:
     /// [`CudaBackend::tf32_adapter_products`] decides at each call.
     tf32_adapter_products: Option<bool>,
+    /// Where the 16-bit Linears add their bias; None: [`CudaBackend::linear_epilogue`] decides
+    /// at each call.
+    linear_epilogue: Option<LinearEpilogue>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -294,7 +326,7 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None })
+        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None })
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -303,14 +335,14 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None }
+        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None }
     }
 
     /// Another backend on the same GPU (one stream, one memory pool, the same location path)
     /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
     /// bf16 model side by side, as the step benchmarks run them.
     pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
-        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products }.with_activations(dtype)
+        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products, linear_epilogue: self.linear_epilogue }.with_activations(dtype)
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 (f16) for
@@ -364,6 +396,23 @@ impl CudaBackend {
             return Ok(on);
         }
         Ok(super::probe::env_choice(ADAPTER_PRODUCTS_VAR, ADAPTER_PRODUCTS)?.unwrap_or(self.activations.is_half()))
+    }
+
+    /// This backend with its 16-bit Linears' bias added where `epilogue` says; without it,
+    /// [`CudaBackend::linear_epilogue`] decides at each call.
+    pub fn with_linear_epilogue(mut self, epilogue: LinearEpilogue) -> CudaBackend {
+        self.linear_epilogue = Some(epilogue);
+        self
+    }
+
+    /// Where the 16-bit Linears add their bias: as set by
+    /// [`CudaBackend::with_linear_epilogue`], else as [`LINEAR_EPILOGUE_VAR`] says, else
+    /// [`LinearEpilogue::Staged`].
+    pub fn linear_epilogue(&self) -> Result<LinearEpilogue> {
+        if let Some(e) = self.linear_epilogue {
+            return Ok(e);
+        }
+        Ok(super::probe::env_choice(LINEAR_EPILOGUE_VAR, LinearEpilogue::NAMES)?.unwrap_or(LinearEpilogue::Staged))
     }
 
     /// The descriptors of an adapter location's branches, with the product precision of
@@ -732,16 +781,21 @@ impl CudaBackend {
     /// the f32 product, where staging the product and then running the activation or dropout
     /// over it took three. The activation is taken at the rounded product (bit for bit the
     /// unfused path's); the dropout's multiply at the f32 sum, rounded once (the unfused path
-    /// rounded twice). Without a bias the GEMM writes `H` itself (rounded once) and the
-    /// activation or dropout is its own pass. x, W and b must be `H` (named otherwise).
+    /// rounded twice). Without a bias, or under [`LinearEpilogue::Cublaslt`] (cuBLASLt adds the
+    /// bias, as PyTorch's autocast Linear), the GEMM writes `H` itself and the activation or
+    /// dropout is its own pass over it. x, W and b must be `H` (named otherwise).
     fn linear_half_typed<H: BufferElement + GemmScalar + ActivationScalar>(&self, op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, post: HalfEpilogue<'_>) -> Result<(Tensor, Option<Tensor>)> {
         let (shape, dims) = half_linear_shape::<H>(op, x, w, b)?;
         let (d_in, d_out) = (dims.d_in, dims.d_out);
         let y = self.new_tensor::<H>(&shape)?;
         self.products.count(GemmKind::Forward, dims.rows * d_in * d_out);
         let (xv, wv) = (self.view::<H>(op, x)?, self.view::<H>(op, w)?);
-        let Some(bias) = b.map(|b| self.view::<H>(op, b)).transpose()? else {
-            linear_16io(&self.gpu, &xv, &wv, None, dims, None, &mut self.view_mut(op, &y)?)?;
+        let bias = b.map(|b| self.view::<H>(op, b)).transpose()?;
+        // Without a bias, or with cuBLASLt adding it: the product writes H itself, and what
+        // follows the Linear is its own pass over y.
+        let in_product = bias.is_none() || self.linear_epilogue()? == LinearEpilogue::Cublaslt;
+        if in_product {
+            linear_16io_with(&self.gpu, &xv, &wv, bias.as_ref(), dims, None, &mut self.view_mut(op, &y)?, true)?;
             return match post {
                 HalfEpilogue::Act { act: None, .. } => Ok((y, None)),
                 HalfEpilogue::Act { act: Some(a), keep_pre: false } => {
@@ -760,7 +814,8 @@ impl CudaBackend {
                     Ok((y, None))
                 }
             };
-        };
+        }
+        let bias = bias.ok_or_else(|| Error::internal(format!("{op}: a staged epilogue without a bias")))?;
         let mut acc = self.gpu.alloc::<f32>(dims.rows * d_out)?;
         let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, dims.rows, d_in).with_types(H::INPUT, OutputType::F32);
         self.gpu.gemm(&g, &wv, &xv, &mut acc.view_mut(), None)?;
@@ -954,6 +1009,11 @@ impl Backend for CudaBackend {
         // Where the split path runs (a GPU's default), say how its adapter products round.
         let base = match (self.location_path(), self.tf32_adapter_products()) {
             (Ok(LocationPath::Split), Ok(true)) => format!("{base} (TF32 adapter products)"),
+            _ => base,
+        };
+        // The 16-bit Linears' biases, where cuBLASLt adds them.
+        let base = match self.linear_epilogue() {
+            Ok(LinearEpilogue::Cublaslt) if self.activations.is_half() => format!("{base} (cuBLASLt Linear epilogues)"),
             _ => base,
         };
         match self.attention_path {

@@ -338,6 +338,14 @@ pub struct Gemm {
     /// [`round_tf32`]. Off by default: every f32 product is strict fp32 unless asked
     /// ([`Gemm::with_tf32`]).
     pub tf32: bool,
+    /// A bf16 or f16 D with an epilogue: let cuBLASLt apply it and write D in its own kernel, as
+    /// PyTorch's autocast Linear does (`addmm` → cuBLASLt's bias epilogue), instead of
+    /// [`super::Gpu::gemm`]'s staged f32 D rounded once by our cast kernel. One write of D in
+    /// 16 bits instead of an f32 D, a cast pass and its read; on sm_90 cuBLASLt rounds before the
+    /// bias (up to 1 ulp with a bias, more with `beta·C` or an activation: docs/gpu-log.md
+    /// 2026-11-27), which is PyTorch's arithmetic. The host executor rounds once either way. Off
+    /// by default ([`Gemm::with_fused_half_epilogue`]).
+    pub fused_half_epilogue: bool,
 }
 
 /// The smallest buffers (in elements) a [`Gemm`] touches: one past the last element of the last
@@ -398,6 +406,7 @@ impl Gemm {
             inputs: InputType::F32,
             output: OutputType::F32,
             tf32: false,
+            fused_half_epilogue: false,
         }
     }
 
@@ -441,6 +450,12 @@ impl Gemm {
     /// Allows TF32 multiply inputs for this f32 product (see [`Gemm::tf32`]).
     pub fn with_tf32(mut self, on: bool) -> Gemm {
         self.tf32 = on;
+        self
+    }
+
+    /// Lets cuBLASLt apply a 16-bit D's epilogue itself (see [`Gemm::fused_half_epilogue`]).
+    pub fn with_fused_half_epilogue(mut self, on: bool) -> Gemm {
+        self.fused_half_epilogue = on;
         self
     }
 
@@ -859,6 +874,13 @@ pub fn linear_f16io(gpu: &Gpu, x: &DeviceView<'_, half::f16>, w: &DeviceView<'_,
 /// [`linear_bf16io`] or [`linear_f16io`] by the 16-bit storage `H`; f32 is [`Error::Unsupported`]
 /// (the f32 pipeline's Linear is the backend's).
 pub fn linear_16io<H: GemmScalar>(gpu: &Gpu, x: &DeviceView<'_, H>, w: &DeviceView<'_, H>, b: Option<&DeviceView<'_, H>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, H>) -> Result<()> {
+    linear_16io_with(gpu, x, w, b, dims, act, y, false)
+}
+
+/// [`linear_16io`], with the epilogue in cuBLASLt's own kernel when `fused_epilogue` (see
+/// [`Gemm::fused_half_epilogue`]: PyTorch's autocast Linear), else staged and rounded once.
+#[allow(clippy::too_many_arguments)] // linear_16io's operands and the one choice
+pub fn linear_16io_with<H: GemmScalar>(gpu: &Gpu, x: &DeviceView<'_, H>, w: &DeviceView<'_, H>, b: Option<&DeviceView<'_, H>>, dims: LinearDims, act: Option<Activation>, y: &mut DeviceViewMut<'_, H>, fused_epilogue: bool) -> Result<()> {
     let op = match H::INPUT {
         InputType::BF16 => "cuda::linear_bf16io",
         InputType::F16 => "cuda::linear_f16io",
@@ -887,7 +909,7 @@ pub fn linear_16io<H: GemmScalar>(gpu: &Gpu, x: &DeviceView<'_, H>, w: &DeviceVi
             )));
         }
     };
-    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue).with_types(H::INPUT, H::OUTPUT);
+    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_epilogue(epilogue).with_types(H::INPUT, H::OUTPUT).with_fused_half_epilogue(fused_epilogue);
     gpu.gemm(&g, w, x, y, b)
 }
 

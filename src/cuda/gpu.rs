@@ -1045,7 +1045,7 @@ impl Gpu {
                 }
             }
         }
-        if O::OUTPUT != OutputType::F32 && (g.epilogue != Epilogue::None || g.beta != 0.0) && !g.is_noop() {
+        if O::OUTPUT != OutputType::F32 && (g.epilogue != Epilogue::None || g.beta != 0.0) && !g.is_noop() && !g.fused_half_epilogue {
             return match O::OUTPUT {
                 OutputType::F16 => self.gemm_half_staged::<I, O, half::f16>(g, a, b, c, bias),
                 _ => self.gemm_half_staged::<I, O, half::bf16>(g, a, b, c, bias),
