@@ -57,7 +57,7 @@
 //!   `train --precision f16`'s first scale (2^16). Variants of `bf16_replayed`:
 //!   `bf16_replayed_share` (`FrozenRows::Share`: the tape keeps views of tasknn's rows, no
 //!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
-//!   added by cuBLASLt, as PyTorch does). Throughput: B·T positions (padding included) per step.
+//!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both. Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
@@ -925,22 +925,31 @@ impl StepVariant {
     const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None };
     const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: None };
     const CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
+    const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
+
+    /// `CUDA_BENCH_STEP_VARIANT` for the step profiles (`CUDA_BENCH_PROFILE`): `default`,
+    /// `share`, `cublaslt` or `share+cublaslt`.
+    fn from_env() -> Result<StepVariant, String> {
+        match std::env::var("CUDA_BENCH_STEP_VARIANT").as_deref() {
+            Err(_) | Ok("default") => Ok(StepVariant::DEFAULT),
+            Ok("share") => Ok(StepVariant::SHARE),
+            Ok("cublaslt") => Ok(StepVariant::CUBLASLT),
+            Ok("share+cublaslt") => Ok(StepVariant::SHARE_CUBLASLT),
+            Ok(other) => Err(format!("CUDA_BENCH_STEP_VARIANT: `{other}` is not default, share, cublaslt or share+cublaslt")),
+        }
+    }
 }
 
 impl Step {
     /// The step with activations in `precision` (f32, or bf16 / f16 over a base in that dtype;
-    /// f16 loss-scaled as `train` starts it).
-    fn new(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType) -> Step {
-        Step::variant(bench, d, batch, seq, precision, StepVariant::DEFAULT)
-    }
-
-    /// [`Step::new`] with the model's [`FrozenRows`] and the backend's [`LinearEpilogue`] of
-    /// `variant`, set before the first step (so the captured graphs record them too).
+    /// f16 loss-scaled as `train` starts it), with the model's [`FrozenRows`] and the backend's
+    /// [`LinearEpilogue`] of `variant`, set before the first step (so the captured graphs record
+    /// them too).
     fn variant(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, variant: StepVariant) -> Step {
         Step::on(bench, d, batch, seq, precision, |b| b, variant)
     }
 
-    /// [`Step::new`] on the backend `wrap` makes of the precision's backend (a profiler).
+    /// [`Step::variant`] on the backend `wrap` makes of the precision's backend (a profiler).
     fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>, variant: StepVariant) -> Step {
         let backend: Arc<dyn Backend> = match (precision, variant.linear_epilogue) {
             (DType::F32, _) => bench.backend.clone(),
@@ -1048,7 +1057,7 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     // Variants of the bf16 replayed step, each on a model of its own: `_share` with
     // FrozenRows::Share (no copies of the live branch's rows into the tape), `_cublaslt` with
     // LinearEpilogue::Cublaslt (the frozen Linears' biases added by cuBLASLt, no f32 D).
-    let mut states: [Option<Step>; 5] = [None, None, None, None, None];
+    let mut states: [Option<Step>; 6] = [None, None, None, None, None, None];
     let functions = [
         ("launched", false, DType::F32, StepVariant::DEFAULT),
         ("replayed", true, DType::F32, StepVariant::DEFAULT),
@@ -1056,12 +1065,14 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
         ("bf16_replayed", true, DType::BF16, StepVariant::DEFAULT),
         ("bf16_replayed_share", true, DType::BF16, StepVariant::SHARE),
         ("bf16_replayed_cublaslt", true, DType::BF16, StepVariant::CUBLASLT),
+        ("bf16_replayed_share_cublaslt", true, DType::BF16, StepVariant::SHARE_CUBLASLT),
         ("f16_launched", false, DType::F16, StepVariant::DEFAULT),
     ];
     for (function, replay, precision, variant) in functions {
         let state = &mut states[match (precision, variant) {
             (DType::BF16, StepVariant::SHARE) => 3,
             (DType::BF16, StepVariant::CUBLASLT) => 4,
+            (DType::BF16, StepVariant::SHARE_CUBLASLT) => 5,
             (DType::BF16, _) => 1,
             (DType::F16, _) => 2,
             _ => 0,
@@ -1090,6 +1101,8 @@ const PROFILE_STEPS: u64 = 5;
 /// launches and the products' FLOP rate per op, and the kernels each op launched). Markdown on
 /// stdout (the device check keeps it as step-profile.md).
 ///
+/// Both take the model and backend of `CUDA_BENCH_STEP_VARIANT` ([`StepVariant::from_env`]).
+///
 /// `CUDA_BENCH_PROFILE=ncu`: the first step shape in bf16, two warm-up steps, then one launched
 /// step inside [`Gpu::profiler_range`], for Nsight Compute with `--profile-from-start off`: every
 /// kernel of exactly one step, each timed alone (scripts/device-check.sh, `NCU=1`).
@@ -1104,6 +1117,7 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
             other => return Err(format!("CUDA_BENCH_PROFILE_PRECISIONS: `{other}` is not f32, bf16 or f16")),
         });
     }
+    let variant = StepVariant::from_env()?;
     let gpu = bench.gpu();
     match mode {
         "1" => {
@@ -1124,7 +1138,7 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
                                 handle = Some(p.clone());
                                 p
                             },
-                            StepVariant::DEFAULT,
+                            variant,
                         );
                         let profiled = handle.expect("the step's backend is the profiler");
                         for _ in 0..2 {
@@ -1147,7 +1161,7 @@ fn profile(bench: &Bench, mode: &str) -> Result<(), String> {
         "ncu" => {
             let &(d, b, t) = bench.shapes.steps.first().ok_or("no step shape")?;
             let precision = dtypes.first().copied().unwrap_or(DType::BF16);
-            let mut s = Step::new(bench, d, b, t, precision);
+            let mut s = Step::variant(bench, d, b, t, precision, variant);
             for _ in 0..2 {
                 s.launched();
             }

@@ -8,7 +8,8 @@
 #
 # Usage: bash scripts/device-accuracy.sh   (env, for a dry run: STEPS for --steps, DEVICE for
 # --device, cuda by default; PRECISIONS="f32 bf16 f16" adds the f16 run, held to the same
-# criterion, on the same bf16-rounded base loaded in f16)
+# criterion, on the same bf16-rounded base loaded in f16; a run named PREC+lt sets
+# BERT_ADAPTERS_LINEAR_EPILOGUE=cublaslt, PREC+share --frozen-rows share, e.g. "f32 bf16 bf16+lt")
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -28,7 +29,14 @@ status=0
 read -ra precisions <<<"${PRECISIONS:-f32 bf16}"
 for p in "${precisions[@]}"; do
     start=$(date +%s%N)
-    "$bin" train --model "$work/minilm-bf16" --data "$data" --out "$work/$p" --device "${DEVICE:-cuda}" --precision "$p" --quiet ${STEPS:+--steps "$STEPS"} >"$dest/$p.log" 2>&1 || { echo "$p: train failed (exit $?), see $p.log" >>"$summary"; status=1; }
+    precision=${p%%+*}
+    variant=()
+    envs=()
+    if [ "$p" != "$precision" ]; then
+        case "+${p#*+}+" in *+lt+*) envs=(BERT_ADAPTERS_LINEAR_EPILOGUE=cublaslt) ;; esac
+        case "+${p#*+}+" in *+share+*) variant=(--frozen-rows share) ;; esac
+    fi
+    env "${envs[@]}" "$bin" train --model "$work/minilm-bf16" --data "$data" --out "$work/$p" --device "${DEVICE:-cuda}" --precision "$precision" "${variant[@]}" --quiet ${STEPS:+--steps "$STEPS"} >"$dest/$p.log" 2>&1 || { echo "$p: train failed (exit $?), see $p.log" >>"$summary"; status=1; }
     # Shell arithmetic and awk, not bc: the GPU machine has no bc (seen 2026-11-27).
     secs=$(( ($(date +%s%N) - start) / 1000000000 ))
     mkdir -p "$dest/$p" && cp "$work/$p/metrics.csv" "$dest/$p/" 2>/dev/null
