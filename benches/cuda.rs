@@ -927,6 +927,16 @@ impl StepVariant {
     const CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
     const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
 
+    /// How `CUDA_BENCH_STEP_VARIANT` spells it.
+    fn label(&self) -> &'static str {
+        match *self {
+            StepVariant::SHARE => "share",
+            StepVariant::CUBLASLT => "cublaslt",
+            StepVariant::SHARE_CUBLASLT => "share+cublaslt",
+            _ => "default",
+        }
+    }
+
     /// `CUDA_BENCH_STEP_VARIANT` for the step profiles (`CUDA_BENCH_PROFILE`): `default`,
     /// `share`, `cublaslt` or `share+cublaslt`.
     fn from_env() -> Result<StepVariant, String> {
@@ -957,6 +967,8 @@ impl Step {
             (other, Some(e)) => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend").with_linear_epilogue(e)),
         };
         let backend = wrap(backend);
+        // What the pool held before this model: the other steps' models (which share the GPU).
+        let held_before = bench.gpu().memory_stats().live_bytes;
         let mut model = random_model(d, backend, precision);
         model.set_frozen_rows(variant.frozen_rows);
         if precision == DType::F16 {
@@ -982,6 +994,15 @@ impl Step {
             println!("launches: {} {precision} {name} step: {kernels} kernel launches and {} GEMMs ({:.3} GFLOP in GEMMs)", d.name, n.gemm_calls, 2.0 * n.gemm_macs as f64 / 1e9);
             drop(out);
         }
+        // This model's device memory in use at the peak of one launched tasknn step, as torch's
+        // max_memory_allocated counts it in a process of its own (weights, adapter and optimizer
+        // state, inputs, the step's activations and workspaces; in the pool's size classes), for
+        // S9 against tools/bench_torch.py's peak_mem_mb. The other steps' models are left out.
+        s.prepare(TASKNN, 0);
+        gpu.reset_peak_memory();
+        drop(s.model.train_step(&s.batch, &s.labels, &step_config(TASKNN), s.optimizers.get_mut(TASKNN).expect("optimizer")).expect("train_step"));
+        let peak = gpu.memory_stats().peak_live_bytes.saturating_sub(held_before);
+        println!("memory: {} {precision} {} step: peak {:.1} MiB in use during a launched tasknn step", d.name, variant.label(), peak as f64 / (1u64 << 20) as f64);
         // Then the captures, once both arenas exist (a graph captured before the other adapter's
         // first step would hold that adapter's parameters where they were before its arena took
         // them, and its replay is refused), each right after a launched step of its adapter, so

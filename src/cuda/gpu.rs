@@ -733,6 +733,12 @@ impl Gpu {
         self.pool.stats()
     }
 
+    /// Starts the pool's peaks ([`MemoryStats::peak_live_bytes`], `peak_bytes`) afresh from
+    /// what it holds now, to measure one step's peak (torch's `reset_peak_memory_stats`).
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peaks()
+    }
+
     /// Returns every cached (free) block to the device.
     pub fn release_cached(&self) {
         self.pool.release_cached()

@@ -43,6 +43,9 @@ pub struct MemoryStats {
     pub cached_bytes: usize,
     /// The most `live_bytes + cached_bytes` has been.
     pub peak_bytes: usize,
+    /// The most `live_bytes` has been (torch's `max_memory_allocated`, in size classes): since
+    /// the pool was made or [`super::Gpu::reset_peak_memory`].
+    pub peak_live_bytes: usize,
 }
 
 /// The memory of one block, held so that dropping it frees it.
@@ -107,6 +110,7 @@ impl Pool {
         };
         s.stats.reused += 1;
         s.stats.live_bytes += class;
+        s.stats.peak_live_bytes = s.stats.peak_live_bytes.max(s.stats.live_bytes);
         Some(block)
     }
 
@@ -121,6 +125,14 @@ impl Pool {
         s.stats.device_allocations += 1;
         s.stats.live_bytes += class;
         s.stats.peak_bytes = s.stats.peak_bytes.max(s.stats.live_bytes + s.stats.cached_bytes);
+        s.stats.peak_live_bytes = s.stats.peak_live_bytes.max(s.stats.live_bytes);
+    }
+
+    /// Starts both peaks afresh from what is held now (torch's `reset_peak_memory_stats`).
+    pub fn reset_peaks(&self) {
+        let mut s = self.lock();
+        s.stats.peak_bytes = s.stats.live_bytes + s.stats.cached_bytes;
+        s.stats.peak_live_bytes = s.stats.live_bytes;
     }
 
     /// A block no longer in use: reserved for a running capture, cached, or (over the cap)
@@ -243,5 +255,25 @@ mod tests {
         let b = lend(&pool, 1001);
         pool.give_back(b);
         assert_eq!(pool.stats().released, 4);
+    }
+
+    /// The live peak follows allocations whether fresh or reused, not frees or the cache, and
+    /// starts again from what is held at a reset; the pool's peak counts the cache too.
+    #[test]
+    fn the_live_peak_counts_blocks_in_use_since_the_last_reset() {
+        let pool = Pool::new(10_000, 1);
+        let (a, b) = (lend(&pool, 100), lend(&pool, 200));
+        assert_eq!((pool.stats().peak_live_bytes, pool.stats().peak_bytes), (300, 300));
+        pool.give_back(a);
+        pool.give_back(b);
+        assert_eq!((pool.stats().live_bytes, pool.stats().peak_live_bytes, pool.stats().cached_bytes), (0, 300, 300));
+        pool.reset_peaks();
+        assert_eq!((pool.stats().peak_live_bytes, pool.stats().peak_bytes), (0, 300));
+        let reused = pool.take(200).expect("the cached 200-byte block");
+        let fresh = lend(&pool, 50);
+        assert_eq!((pool.stats().peak_live_bytes, pool.stats().peak_bytes), (250, 350));
+        pool.give_back(reused);
+        pool.give_back(fresh);
+        assert_eq!(pool.stats().peak_live_bytes, 250);
     }
 }
