@@ -591,7 +591,9 @@ extern "C" __global__ void first_token_backward_f16io(
 // of a Parallel split; offset is DropoutSpec::offset, the shard's first row times the elements per
 // row in data-parallel training, 0 otherwise). y may equal x (in place).
 // Thread mapping: one thread per Philox block of 4 stream elements (every word used, one generator
-// call per 4 loads), grid-strided; 64-bit indices. Thread q takes Philox block offset/4 + q, so an
+// call per 4 loads), grid-strided; 64-bit indices. Where the range starts on a Philox block and
+// the 4 elements are aligned (the usual case: offset, begin and cols multiples of 4), a quad is
+// one 8-byte (16-bit) or 16-byte (f32) load and store. Thread q takes Philox block offset/4 + q, so an
 // offset that is not a multiple of 4 starts mid-block: the first `lead` = offset % 4 words of that
 // block belong to elements before this range and are skipped, never drawn by another thread.
 // Numerics: x·scale in f32 (one multiply) or 0; the _bf16io and _f16io variants widen x exactly,
@@ -609,7 +611,36 @@ __device__ __forceinline__ void dropout_bias_body(TY* y, const TX* x, const TB* 
     const long long lead = (long long)(offset & 3ull);
     const long long quads = (lead + n + 3) / 4;
     const long long stride = (long long)gridDim.x * blockDim.x;
+    // Whole quads: the range starts on a Philox block (lead 0) and a 4-element boundary of x, y
+    // and (when biased, with whole 4-column groups) the bias, so a quad's 4 elements are one
+    // aligned Unit4 of each: one wide load and store a quad instead of 4 guarded scalar ones, and
+    // a 32-bit bias column when every index fits. The same words, arithmetic and roundings as
+    // the scalar loop below, so the same bits.
+    const bool whole = lead == 0 && (begin & 3) == 0 && unit4_aligned(x + begin, (int)sizeof(TX)) && unit4_aligned(y + begin, (int)sizeof(TY)) &&
+                       (bias == nullptr || (cols % 4 == 0 && unit4_aligned(bias, (int)sizeof(TB))));
+    const bool small = begin + 4 * quads <= 0x7fffffffll && cols <= 0x7fffffffll;
     for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < quads; q += stride) {
+        if (whole && 4 * q + 4 <= n) {
+            const long long e0 = begin + 4 * q;
+            const Unit4<TX> xv = *reinterpret_cast<const Unit4<TX>*>(x + e0);
+            Unit4<TB> bv;
+            if (bias != nullptr) {
+                const long long col = small ? (long long)((unsigned)e0 % (unsigned)cols) : e0 % cols;
+                bv = *reinterpret_cast<const Unit4<TB>*>(bias + col);
+            }
+            const PhiloxWords w = philox_block(key, stream, first + (unsigned long long)q);
+            Unit4<TY> out;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                float v = load_f32(&xv.v[k]);
+                if (bias != nullptr) {
+                    v += load_f32(&bv.v[k]);
+                }
+                store_f32(&out.v[k], w.w[k] >= threshold ? v * scale : 0.0f);
+            }
+            *reinterpret_cast<Unit4<TY>*>(y + e0) = out;
+            continue;
+        }
         const PhiloxWords w = philox_block(key, stream, first + (unsigned long long)q);
         // The bias column of the quad's first element, then stepped (one 64-bit remainder a quad,
         // not one an element: a 64-bit % is a long software sequence on the GPU).
