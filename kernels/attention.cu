@@ -2336,9 +2336,10 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 // attention_gemm_from_heads (-> dqkv [B, T, 3H]).
 //
 // Row kernels, thread mapping: warp per row (b, h, i) of the [B·heads·T, T] score matrix, block
-// (32, ATTN_GEMM_ROW_WARPS), grid ⌈B·heads·T / 8⌉; lane owns the groups of 4 consecutive keys
-// j = 4·(lane + 32g) + t, g < 4, t < 4 (T <= 512 = 16·32, the values stay in registers: one read of
-// each score, one write of each output); reductions are fixed 5-level butterflies (bitwise
+// (32, ATTN_GEMM_ROW_WARPS), grid (⌈T / 8⌉, heads, B): a warp reads b, h and i off its block
+// indices (no divisions of a flat row index); lane owns the groups of 4 consecutive keys
+// j = 4·(lane + 32g) + t, g < G, t < 4 (G = 4: T <= 512 = 16·32; the _t128 kernels G = 1: T <= 128;
+// the values stay in registers: one read of each score, one write of each output); reductions are fixed 5-level butterflies (bitwise
 // reproducible). A warp whose row lies past the last one returns at once (no block barrier in
 // these kernels). A group is one 16-byte load of each f32 row (S, dP, the mask) and one 8-byte
 // (16-bit) or 16-byte (f32) store of each output when T % 4 == 0 and the bases are aligned
@@ -2387,11 +2388,15 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 //
 // ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: to_heads 24 / 32,
 // from_heads 26 / 30 (f32 and 16-bit alike), to_heads_x16 30 / 32, from_heads_x16 24 / 30 (one
-// ld.global.nc.v4.u32 and one st.global.v4.u32 per unit in the PTX); softmax 32 / 32, softmax_dropout 47-48 / 46;
-// softmax_backward 48 / 48, softmax_backward_dropout 70-74 / 74.
+// ld.global.nc.v4.u32 and one st.global.v4.u32 per unit in the PTX). Row kernels on sm_90 (four
+// groups of keys a lane / the _t128 kernels' one): softmax 32 / 26, softmax_dropout 62 / 41,
+// softmax_backward 60-62 / 26-28, softmax_backward_dropout 92-100 / 48. At 256 threads a block that
+// is 2 blocks an SM for the dropout backward with four groups and 5 with one, 4 and 6 for the
+// dropout forward: why T <= 128 (BERT's usual) takes the _t128 kernels.
 
 #define ATTN_GEMM_ROW_WARPS 8
 #define ATTN_GEMM_KEYS_PER_LANE 16  // T <= 16·32 = 512
+#define ATTN_GEMM_GROUPS (ATTN_GEMM_KEYS_PER_LANE / 4)  // groups of 4 keys a lane, T <= 512
 #define ATTN_GEMM_LAYOUT_THREADS 256
 
 __device__ __forceinline__ float attn_warp_max(float v) {
@@ -2471,22 +2476,34 @@ __device__ __forceinline__ bool attn_rows_whole(int seq, const void* f32_a, cons
     return seq % 4 == 0 && unit4_aligned(f32_a, 4) && unit4_aligned(f32_b, 4) && unit4_aligned(t_a, bytes) && unit4_aligned(t_b, bytes);
 }
 
+// The warp's score row: query i of batch row b (blockIdx.z) and head h (blockIdx.y), i from
+// blockIdx.x and the warp; row = (b·heads + h)·T + i. False past T (or past `rows`).
+__device__ __forceinline__ bool attn_gemm_row(int rows, int seq, int heads, int& b, int& h, int& i, int& row) {
+    b = blockIdx.z;
+    h = blockIdx.y;
+    i = blockIdx.x * blockDim.y + threadIdx.y;
+    row = (b * heads + h) * seq + i;
+    return i < seq && row < rows;
+}
+
+// The mask row of batch row b: b % mask_rows, without the division in the usual cases (one mask
+// row for all, or b within the first block of a replicated batch).
+__device__ __forceinline__ int attn_mask_row(int b, int mask_rows) {
+    return mask_rows == 1 ? 0 : b < mask_rows ? b : b % mask_rows;
+}
+
 // The forward row kernel (see the section header). p: [B·heads, T, T] (what P·V reads), lse:
 // [B, heads, T], s: the unscaled scores Q·Kᵀ [B·heads, T, T] in f32.
-template <typename T, typename Dropout>
+template <int G, typename T, typename Dropout>
 __device__ __forceinline__ void attn_gemm_softmax_body(T* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale, Dropout dropout) {
-    constexpr int G = ATTN_GEMM_KEYS_PER_LANE / 4;  // groups of 4 keys a lane
-    const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·heads + h)·T + i
-    if (row >= rows) {
+    static_assert(G >= 1 && G <= ATTN_GEMM_GROUPS, "1 to ATTN_GEMM_GROUPS groups of 4 keys a lane (T <= 128·G)");
+    int b, h, i, row;
+    if (!attn_gemm_row(rows, seq, heads, b, h, i, row)) {
         return;  // warp-uniform; no barrier follows
     }
     const int lane = threadIdx.x;
-    const int bh = row / seq;
-    const int i = row - bh * seq;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
     const float* srow = s + (size_t)row * (size_t)seq;
-    const float* mrow = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    const float* mrow = mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq;
     T* prow = p + (size_t)row * (size_t)seq;
     const bool whole = attn_rows_whole(seq, s, mask_bias, p, p, (int)sizeof(T));
     float v[G][4];
@@ -2545,20 +2562,16 @@ __device__ __forceinline__ void attn_gemm_softmax_body(T* __restrict__ p, float*
 
 // The backward row kernel (see the section header). pd, ds: [B·heads, T, T] (P∘M and dS, the
 // operands of the dV and dQ/dK products); s, dp: Q·Kᵀ (unscaled) and dO·Vᵀ in f32.
-template <typename T, typename Dropout>
+template <int G, typename T, typename Dropout>
 __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ pd, T* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale, Dropout dropout) {
-    constexpr int G = ATTN_GEMM_KEYS_PER_LANE / 4;  // groups of 4 keys a lane
-    const int row = blockIdx.x * blockDim.y + threadIdx.y;
-    if (row >= rows) {
+    static_assert(G >= 1 && G <= ATTN_GEMM_GROUPS, "1 to ATTN_GEMM_GROUPS groups of 4 keys a lane (T <= 128·G)");
+    int b, h, i, row;
+    if (!attn_gemm_row(rows, seq, heads, b, h, i, row)) {
         return;  // warp-uniform; no barrier follows
     }
     const int lane = threadIdx.x;
-    const int bh = row / seq;
-    const int i = row - bh * seq;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
     const size_t base = (size_t)row * (size_t)seq;
-    const float* mrow = mask_bias + (size_t)(b % mask_rows) * (size_t)seq;
+    const float* mrow = mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq;
     const float L = lse[row];  // warp-uniform
     const bool whole = attn_rows_whole(seq, s, dp, pd, ds, (int)sizeof(T)) && unit4_aligned(mask_bias, 4);
     float p[G][4], g[G][4], f[G][4];
@@ -2657,17 +2670,18 @@ extern "C" __global__ __launch_bounds__(ATTN_GEMM_LAYOUT_THREADS) void attention
 }
 
 // Forward rows: p, lse, s, mask_bias; rows = B·heads·T, seq, heads, mask_rows, scale (then the
-// dropout policy's arguments, as the fused _dropout kernels). Launch: grid ⌈rows / 8⌉, block (32, 8).
+// dropout policy's arguments, as the fused _dropout kernels). Launch: grid (⌈T / 8⌉, heads, B),
+// block (32, 8).
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f32(float* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_body<float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_bf16io(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
 }
 
 // f16 twin of attention_gemm_softmax_bf16io (f16_raw for bf16_raw).
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f16io(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_body<f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f32(
     float* __restrict__ p,
@@ -2689,7 +2703,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_body<float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_bf16io(
     unsigned short* __restrict__ p,
@@ -2711,7 +2725,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_body<bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 // f16 twin of attention_gemm_softmax_dropout_bf16io (f16_raw for bf16_raw).
@@ -2735,21 +2749,21 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_body<f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_body<ATTN_GEMM_GROUPS, f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 // Backward rows: pd, ds, s, dp, lse, mask_bias; rows, seq, heads, mask_rows, scale (then the
 // dropout policy's arguments). Launch as the forward rows.
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f32(float* __restrict__ pd, float* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_backward_body<float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_bf16io(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
 }
 
 // f16 twin of attention_gemm_softmax_backward_bf16io (f16_raw for bf16_raw).
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f16io(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
-    attn_gemm_softmax_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f32(
     float* __restrict__ pd,
@@ -2773,7 +2787,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_backward_body<float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_bf16io(
     unsigned short* __restrict__ pd,
@@ -2797,7 +2811,7 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_backward_body<bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 
 // f16 twin of attention_gemm_softmax_backward_dropout_bf16io (f16_raw for bf16_raw).
@@ -2823,5 +2837,178 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
     float drop_scale,
     unsigned long long drop_offset)
 {
-    attn_gemm_softmax_backward_body<f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+    attn_gemm_softmax_backward_body<ATTN_GEMM_GROUPS, f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// The same twelve row kernels for T <= 128 (one group of 4 keys a lane; the launcher picks them
+// there): the registers of one group instead of four, so more warps an SM. Forward rows: p, lse, s,
+// mask_bias; rows = B·heads·T, seq, heads, mask_rows, scale (then the
+// dropout policy's arguments, as the fused _dropout kernels). Launch: grid (⌈T / 8⌉, heads, B),
+// block (32, 8).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f32_t128(float* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<1, float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_bf16io_t128(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<1, bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+
+// f16 twin of attention_gemm_softmax_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_f16io_t128(unsigned short* __restrict__ p, float* __restrict__ lse, const float* __restrict__ s, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_body<1, f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f32_t128(
+    float* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<1, float>(p, lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_bf16io_t128(
+    unsigned short* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<1, bf16_raw>(reinterpret_cast<bf16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_gemm_softmax_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_dropout_f16io_t128(
+    unsigned short* __restrict__ p,
+    float* __restrict__ lse,
+    const float* __restrict__ s,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_body<1, f16_raw>(reinterpret_cast<f16_raw*>(p), lse, s, mask_bias, rows, seq, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// Backward rows: pd, ds, s, dp, lse, mask_bias; rows, seq, heads, mask_rows, scale (then the
+// dropout policy's arguments). Launch as the forward rows.
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f32_t128(float* __restrict__ pd, float* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<1, float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_bf16io_t128(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<1, bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+
+// f16 twin of attention_gemm_softmax_backward_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_f16io_t128(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse, const float* __restrict__ mask_bias, int rows, int seq, int heads, int mask_rows, float scale) {
+    attn_gemm_softmax_backward_body<1, f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f32_t128(
+    float* __restrict__ pd,
+    float* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<1, float>(pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_bf16io_t128(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<1, bf16_raw>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// f16 twin of attention_gemm_softmax_backward_dropout_bf16io (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention_gemm_softmax_backward_dropout_f16io_t128(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const float* __restrict__ s,
+    const float* __restrict__ dp,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int rows,
+    int seq,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_gemm_softmax_backward_body<1, f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }

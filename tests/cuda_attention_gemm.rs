@@ -163,6 +163,10 @@ fn gemm_path_matches_reference_and_fused(gpu: &Gpu) {
     }
     cases.push(AttentionInputs::random(&mut rng, 1, 128, 64, 2, MaskKind::Zeros));
     cases.push(AttentionInputs::random(&mut rng, 2, 128, 16, 3, MaskKind::Padded));
+    // Past 128 keys: the row kernels with four groups of keys a lane (up to 128, the _t128 ones
+    // with one), whole groups (160) and not (130).
+    cases.push(AttentionInputs::random(&mut rng, 2, 130, 16, 3, MaskKind::Padded));
+    cases.push(AttentionInputs::random(&mut rng, 3, 160, 24, 2, MaskKind::Shared(1)));
     let (mut worst_ref, mut worst_fused) = ((0f64, 0f64), (0f64, 0f64));
     for c in &cases {
         let dctx = random_dctx(&mut rng, c);

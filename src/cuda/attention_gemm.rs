@@ -36,7 +36,11 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
     ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32,
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_F16IO,
-    ATTENTION_GEMM_FROM_HEADS_X16, ATTENTION_GEMM_TO_HEADS_X16,
+    ATTENTION_GEMM_FROM_HEADS_X16, ATTENTION_GEMM_TO_HEADS_X16, ATTENTION_GEMM_SOFTMAX_F32_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32_T128,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BF16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_F16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -87,13 +91,23 @@ impl AttentionPath {
     const NAMES: &[(&str, AttentionPath)] = &[("fused", AttentionPath::Fused), ("gemm", AttentionPath::Gemm)];
 }
 
-/// The row kernels for a storage type: `[softmax, softmax_dropout, backward, backward_dropout]`.
-fn kernels(dtype: DType, op: &str) -> Result<[KernelName; 4]> {
-    match dtype {
-        DType::F32 => Ok([ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32]),
-        DType::BF16 => Ok([ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO]),
-        DType::F16 => Ok([ATTENTION_GEMM_SOFTMAX_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO]),
-        other => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32, bf16 or f16"))),
+/// The longest sequence the `_t128` row kernels take (one group of 4 keys a lane).
+pub const T128_MAX_SEQ: usize = 128;
+
+/// The row kernels for a storage type and a sequence length: `[softmax, softmax_dropout,
+/// backward, backward_dropout]`. Up to [`T128_MAX_SEQ`] the `_t128` ones, which hold one group of
+/// 4 keys a lane instead of four and so take fewer registers (more warps an SM); the same
+/// arithmetic, so the same bits.
+fn kernels(dtype: DType, seq: usize, op: &str) -> Result<[KernelName; 4]> {
+    let short = seq <= T128_MAX_SEQ;
+    match (dtype, short) {
+        (DType::F32, false) => Ok([ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32]),
+        (DType::BF16, false) => Ok([ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO]),
+        (DType::F16, false) => Ok([ATTENTION_GEMM_SOFTMAX_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO]),
+        (DType::F32, true) => Ok([ATTENTION_GEMM_SOFTMAX_F32_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32_T128]),
+        (DType::BF16, true) => Ok([ATTENTION_GEMM_SOFTMAX_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO_T128]),
+        (DType::F16, true) => Ok([ATTENTION_GEMM_SOFTMAX_F16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128]),
+        (other, _) => Err(Error::Unsupported(format!("{op}: activations in {other}; the GEMM attention kernels take f32, bf16 or f16"))),
     }
 }
 
@@ -156,8 +170,16 @@ impl Products {
     }
 }
 
-fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.div_ceil(ROW_WARPS as usize) as u32, 1, 1), block_dim: (32, ROW_WARPS, 1), shared_mem_bytes: 0 }
+/// The row kernels' grid: (query rows of one (batch row, head) in blocks of [`ROW_WARPS`], heads,
+/// batch rows), so a warp reads its (b, h, i) off the block indices instead of dividing a flat
+/// row index (two runtime divisions a row fewer). The y and z extents must stay within CUDA's
+/// 65535 (an [`Error::Shape`] naming the op otherwise).
+fn row_config(op: &'static str, batch: usize, heads: usize, seq: usize) -> Result<LaunchConfig> {
+    const MAX_YZ: usize = 65535;
+    if heads > MAX_YZ || batch > MAX_YZ {
+        return Err(Error::shape(op, format!("{batch} batch rows and {heads} heads: the attention row kernels' grid takes at most {MAX_YZ} of each")));
+    }
+    Ok(LaunchConfig { grid_dim: (seq.div_ceil(ROW_WARPS as usize) as u32, heads as u32, batch as u32), block_dim: (32, ROW_WARPS, 1), shared_mem_bytes: 0 })
 }
 
 /// `[B, T, parts·H]` ↔ `parts × [B·heads, T, d]`, as `direction` says. In 16-byte units
@@ -209,7 +231,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     let (rows, scores) = score_sizes(OP, batch, seq, heads)?;
-    let [softmax, softmax_dropout, _, _] = kernels(A::DTYPE, OP)?;
+    let [softmax, softmax_dropout, _, _] = kernels(A::DTYPE, seq, OP)?;
     let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
     disjoint_bytes(("ctx", "qkv"), c, q)?;
     disjoint_bytes(("ctx", "mask_bias"), c, m)?;
@@ -247,7 +269,7 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     // SAFETY: p and s hold B·heads·T² elements, lse B·heads·T (checked), the mask a multiple of
     // T whose row count divides B; the grid covers exactly `rows` warps (the rest return); the
     // outputs (p, lse) alias nothing; the dropout seed buffer holds 2 words.
-    unsafe { gpu.launch(kernel, row_config(rows), &args)? };
+    unsafe { gpu.launch(kernel, row_config(OP, batch, heads, seq)?, &args)? };
     let mut o: DeviceBuffer<A> = gpu.alloc(part)?;
     gpu.gemm::<A, A>(&prod.p_x::<A>(1.0), &vh, &p.view(), &mut o.view_mut(), None)?;
     layout(gpu, Layout::FromHeads, ctx, &o.view(), batch, seq, hidden, heads, 1)
@@ -288,7 +310,7 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     };
     let AttentionDims { head_dim, mask_rows } = sizes.check()?;
     let (rows, scores) = score_sizes(BWD_OP, batch, seq, heads)?;
-    let [_, _, backward, backward_dropout] = kernels(A::DTYPE, BWD_OP)?;
+    let [_, _, backward, backward_dropout] = kernels(A::DTYPE, seq, BWD_OP)?;
     let out = byte_range::<A>(dqkv.device_ptr(), dqkv.len());
     let inputs = [("dctx", byte_range::<A>(dctx.device_ptr(), dctx.len())), ("qkv", byte_range::<A>(qkv.device_ptr(), qkv.len())), ("lse", byte_range::<f32>(lse.device_ptr(), lse.len())), ("mask_bias", byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()))];
     for (name, r) in inputs {
@@ -331,7 +353,7 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: pd, ds, s and dp hold B·heads·T² elements (fresh allocations), lse B·heads·T, the
     // mask a multiple of T whose row count divides B (checked); the grid covers `rows` warps.
-    unsafe { gpu.launch(kernel, row_config(rows), &args)? };
+    unsafe { gpu.launch(kernel, row_config(BWD_OP, batch, heads, seq)?, &args)? };
     let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
     gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
     gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
@@ -390,9 +412,11 @@ mod tests {
         assert_eq!(score_sizes(OP, 2, 5, 3).unwrap(), (30, 150));
         assert!(matches!(score_sizes(OP, 1, 513, 1), Err(Error::Shape { .. })));
         assert!(score_sizes(OP, 1 << 20, 512, 1 << 12).is_err());
-        assert!(matches!(kernels(DType::U32, OP), Err(Error::Unsupported(_))));
-        let names = |t| kernels(t, OP).unwrap().map(|k| k.name);
-        assert_eq!(names(DType::F16), ["attention_gemm_softmax_f16io", "attention_gemm_softmax_dropout_f16io", "attention_gemm_softmax_backward_f16io", "attention_gemm_softmax_backward_dropout_f16io"]);
+        assert!(matches!(kernels(DType::U32, 64, OP), Err(Error::Unsupported(_))));
+        let names = |t, seq| kernels(t, seq, OP).unwrap().map(|k| k.name);
+        assert_eq!(names(DType::F16, 129), ["attention_gemm_softmax_f16io", "attention_gemm_softmax_dropout_f16io", "attention_gemm_softmax_backward_f16io", "attention_gemm_softmax_backward_dropout_f16io"]);
+        assert_eq!(names(DType::BF16, 128), ["attention_gemm_softmax_bf16io_t128", "attention_gemm_softmax_dropout_bf16io_t128", "attention_gemm_softmax_backward_bf16io_t128", "attention_gemm_softmax_backward_dropout_bf16io_t128"]);
+        assert_eq!(names(DType::F32, 1)[3], "attention_gemm_softmax_backward_dropout_f32_t128");
         // One 16-bit element kernel per direction (bits are copied), and one unit kernel for all.
         let layout = |l: Layout, k: (KernelName, KernelName)| (l, k.0.name, k.1.name);
         for l in [Layout::ToHeads, Layout::FromHeads] {
