@@ -2390,9 +2390,10 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 // from_heads 26 / 30 (f32 and 16-bit alike), to_heads_x16 30 / 32, from_heads_x16 24 / 30 (one
 // ld.global.nc.v4.u32 and one st.global.v4.u32 per unit in the PTX). Row kernels on sm_90 (four
 // groups of keys a lane / the _t128 kernels' one): softmax 32 / 26, softmax_dropout 62 / 41,
-// softmax_backward 60-62 / 26-28, softmax_backward_dropout 92-100 / 48. At 256 threads a block that
-// is 2 blocks an SM for the dropout backward with four groups and 5 with one, 4 and 6 for the
-// dropout forward: why T <= 128 (BERT's usual) takes the _t128 kernels.
+// softmax_backward 56 / 26-28, softmax_backward_dropout 80 / 48 (its dropout factors kept as one
+// bit a key: 92-100 with a float each). At 256 threads a block that is 3 blocks an SM for the
+// dropout backward with four groups and 5 with one, 4 and 6 for the dropout forward: why T <= 128
+// (BERT's usual) takes the _t128 kernels.
 
 #define ATTN_GEMM_ROW_WARPS 8
 #define ATTN_GEMM_KEYS_PER_LANE 16  // T <= 16·32 = 512
@@ -2574,30 +2575,38 @@ __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ 
     const float* mrow = mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq;
     const float L = lse[row];  // warp-uniform
     const bool whole = attn_rows_whole(seq, s, dp, pd, ds, (int)sizeof(T)) && unit4_aligned(mask_bias, 4);
-    float p[G][4], g[G][4], f[G][4];
+    // The dropout factors are 0 or one kept value (the policy's scale, 1 without dropout), so a
+    // lane keeps them as one bit a key: f = bit ? kept : 0, the same float as the policy's, in a
+    // register instead of 4·G.
+    float p[G][4], g[G][4];
+    unsigned kept_bits = 0;
+    float kept = 0.0f;
     float sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < G; ++q) {
         const int j0 = 4 * (lane + 32 * q);
         if (j0 < seq) {
-            float sv[4], mv[4], dv[4];
+            float sv[4], mv[4], dv[4], f[4];
             attn_load4(s + base, j0, seq, whole, 0.0f, sv);
             attn_load4(mrow, j0, seq, whole, 0.0f, mv);
             attn_load4(dp + base, j0, seq, whole, 0.0f, dv);
-            dropout.factor4(b, h, i, j0, f[q]);
+            dropout.factor4(b, h, i, j0, f);
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
                 const bool in = j0 + t < seq;
                 p[q][t] = in ? expf(attn_mul_rn(sv[t], scale) + mv[t] - L) : 0.0f;
-                g[q][t] = in ? dv[t] * f[q][t] : 0.0f;
+                g[q][t] = in ? dv[t] * f[t] : 0.0f;
                 sum += p[q][t];
+                if (f[t] != 0.0f) {
+                    kept_bits |= 1u << (4 * q + t);
+                    kept = f[t];
+                }
             }
         } else {
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
                 p[q][t] = 0.0f;
                 g[q][t] = 0.0f;
-                f[q][t] = 0.0f;
             }
         }
     }
@@ -2628,7 +2637,7 @@ __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ 
             float pm[4], dsv[4];
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
-                pm[t] = p[q][t] * f[q][t];
+                pm[t] = p[q][t] * ((kept_bits >> (4 * q + t)) & 1u ? kept : 0.0f);
                 dsv[t] = p[q][t] * (g[q][t] - D);
             }
             attn_store4(pd + base, j0, seq, whole, pm);
