@@ -730,6 +730,8 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_forw
 // The factor the kept probability p_ij is multiplied with (1 without dropout).
 struct AttnBwdNoDropout {
     __device__ __forceinline__ float operator()(int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return 1.0f; }
+    // The factor of a kept key (every key is).
+    __device__ __forceinline__ float kept() const { return 1.0f; }
     __device__ __forceinline__ void factor4(int b, int h, int i, int j0, float (&f)[4]) const { AttnNoDropout().factor4(b, h, i, j0, f); }
 };
 
@@ -737,6 +739,8 @@ struct AttnBwdNoDropout {
 struct AttnBwdPhiloxDropout {
     AttnPhilox d;
     __device__ __forceinline__ float operator()(int b, int h, int i, int j) const { return d.factor(b, h, i, j); }
+    // The factor of a kept key: 1/(1 - rate).
+    __device__ __forceinline__ float kept() const { return d.scale; }
     __device__ __forceinline__ void factor4(int b, int h, int i, int j0, float (&f)[4]) const { d.factor4(b, h, i, j0, f); }
 };
 
@@ -2575,12 +2579,12 @@ __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ 
     const float* mrow = mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq;
     const float L = lse[row];  // warp-uniform
     const bool whole = attn_rows_whole(seq, s, dp, pd, ds, (int)sizeof(T)) && unit4_aligned(mask_bias, 4);
-    // The dropout factors are 0 or one kept value (the policy's scale, 1 without dropout), so a
+    // The dropout factors are 0 or the policy's kept value (its scale, 1 without dropout), so a
     // lane keeps them as one bit a key: f = bit ? kept : 0, the same float as the policy's, in a
     // register instead of 4·G.
     float p[G][4], g[G][4];
     unsigned kept_bits = 0;
-    float kept = 0.0f;
+    const float kept = dropout.kept();
     float sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < G; ++q) {
@@ -2597,10 +2601,7 @@ __device__ __forceinline__ void attn_gemm_softmax_backward_body(T* __restrict__ 
                 p[q][t] = in ? expf(attn_mul_rn(sv[t], scale) + mv[t] - L) : 0.0f;
                 g[q][t] = in ? dv[t] * f[t] : 0.0f;
                 sum += p[q][t];
-                if (f[t] != 0.0f) {
-                    kept_bits |= 1u << (4 * q + t);
-                    kept = f[t];
-                }
+                kept_bits |= (f[t] != 0.0f ? 1u : 0u) << (4 * q + t);
             }
         } else {
 #pragma unroll
