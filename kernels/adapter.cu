@@ -2135,7 +2135,8 @@ extern "C" __global__ void adapter_location_backward_gate_f16io(
 // Thread mapping: the forward's row teams (cuda::adapter::LocationPlan); every column is read and
 // written by the thread that owns it (c = threadIdx.x + k·blockDim.x), so the only barriers are in
 // team_sum and after the staging. Shared memory per team: pre H floats (z0), post 2H (u_d, then y
-// / the gradient), input 4H (x, dx, dh, dr); with `stage` (cuda::adapter::RowStaging) each also
+// / the gradient), input 4H (x, dx, dh, dr) when a team sums several branches, else 2H (x, dx: dh
+// and dr are formed at the store from the branch's rows, so twice the teams fit an SM); with `stage` (cuda::adapter::RowStaging) each also
 // holds copies of the global rows it reads more than once (see "row staging": pre and input h, r;
 // post up, h, r, d_out), read once with wide loads. The input kernel reads its per-branch f32
 // rows (dz0, dρ, the dr term) once, TEAM_COL_BATCH columns a thread per batch of loads.
@@ -2372,16 +2373,22 @@ __device__ __forceinline__ void split_bwd_input_team(
     const size_t src = (size_t)(replicate ? local : first * per_branch + local) * (size_t)cols;
     const T* hr = h + src;
     const T* rr = r + src;
-    // The team's regions (split_backward_team_bytes in the launcher).
+    // A team that sums several branches' input gradients (replication with input gradients)
+    // accumulates dh and dr in shared memory; a team of one branch forms them at the store from
+    // that branch's dρ and dr-term rows (the same sums, 0 + each term, in the same order), so its
+    // shared memory is x and dx only: more teams an SM.
+    const bool sums_branches = replicate && inputs;
+    const int f32_rows = sums_branches ? 4 : 2;
+    // The team's regions (split_backward_input_team_bytes in the launcher).
     const int f32_bytes = stage_region_bytes(cols, sizeof(float));
     const int t_bytes = stage_region_bytes(cols, sizeof(T));
-    char* team_smem = reinterpret_cast<char*>(adapter_split_bwd_smem) + (size_t)threadIdx.y * (size_t)(4 * f32_bytes + (stage ? 2 * t_bytes : 0));
+    char* team_smem = reinterpret_cast<char*>(adapter_split_bwd_smem) + (size_t)threadIdx.y * (size_t)(f32_rows * f32_bytes + (stage ? 2 * t_bytes : 0));
     float* xs = reinterpret_cast<float*>(team_smem);
     float* dxs = reinterpret_cast<float*>(team_smem + f32_bytes);
-    float* dhs = reinterpret_cast<float*>(team_smem + 2 * f32_bytes);
-    float* drs = reinterpret_cast<float*>(team_smem + 3 * f32_bytes);
+    float* dhs = sums_branches ? reinterpret_cast<float*>(team_smem + 2 * f32_bytes) : nullptr;
+    float* drs = sums_branches ? reinterpret_cast<float*>(team_smem + 3 * f32_bytes) : nullptr;
     if (stage) {
-        team_stage_h_r(team_smem + 4 * f32_bytes, cols, hr, rr);
+        team_stage_h_r(team_smem + f32_rows * f32_bytes, cols, hr, rr);
         team_sync();
     }
     const bool ln_first = descs[0].original_ln_before != 0;  // the location's, in every descriptor
@@ -2393,8 +2400,10 @@ __device__ __forceinline__ void split_bwd_input_team(
     pre_step_row(xs, hr, rr, ln_gamma, ln_beta, ln_first, cols, ln_eps, scratch, pre_mean, pre_rstd);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         dxs[c] = 0.0f;
-        dhs[c] = 0.0f;
-        drs[c] = 0.0f;
+        if (sums_branches) {
+            dhs[c] = 0.0f;
+            drs[c] = 0.0f;
+        }
     }
 
     for (int i = first; i < last; ++i) {
@@ -2462,13 +2471,13 @@ __device__ __forceinline__ void split_bwd_input_team(
                 }
                 if (residual == ADAPTER_RESIDUAL_X) {
                     dx += v.drho;
-                } else {
+                } else if (sums_branches) {
                     dhs[c] += v.drho;
                     if (residual == ADAPTER_RESIDUAL_V) {
                         drs[c] += v.drho;
                     }
                 }
-                if (post) {
+                if (post && sums_branches) {
                     drs[c] += v.dr;
                 }
                 dxs[c] += dx;
@@ -2482,9 +2491,27 @@ __device__ __forceinline__ void split_bwd_input_team(
     // stored once.
     T* dhr = dh + src;
     T* drr = dr + src;
+    // The one branch's rows (single-branch teams): its dρ and dr-term, read again here.
+    const size_t own = ((size_t)first * (size_t)per_branch + (size_t)local) * (size_t)cols;
+    const float* rho_own = rho_grad != nullptr ? rho_grad + own : nullptr;
+    const float* r_own = r_grad != nullptr ? r_grad + own : nullptr;
     bwd_pre_step_row(dxs, hr, rr, ln_gamma, ln_first, pre_mean, pre_rstd, cols, scratch, [&](int c, float dv) {
-        store_f32(dhr, c, dhs[c] + dv);
-        store_f32(drr, c, ln_first ? drs[c] + dv : drs[c]);
+        float dh_sum, dr_sum;
+        if (sums_branches) {
+            dh_sum = dhs[c];
+            dr_sum = drs[c];
+        } else {
+            // The accumulation above for one branch: 0 + dρ (for ρ ≠ x), 0 (+ dρ for ρ = v)
+            // (+ the dr term after the original LayerNorm).
+            const float drho = residual != ADAPTER_RESIDUAL_X ? rho_own[c] : 0.0f;
+            dh_sum = residual != ADAPTER_RESIDUAL_X ? 0.0f + drho : 0.0f;
+            dr_sum = residual == ADAPTER_RESIDUAL_V ? 0.0f + drho : 0.0f;
+            if (post) {
+                dr_sum += r_own[c];
+            }
+        }
+        store_f32(dhr, c, dh_sum + dv);
+        store_f32(drr, c, ln_first ? dr_sum + dv : dr_sum);
     });
 }
 

@@ -2189,8 +2189,18 @@ pub enum RowStaging {
 /// stage_region_bytes).
 pub fn split_backward_team_bytes(hidden: usize, act_bytes: usize, staged: bool) -> [usize; 3] {
     let (f32_row, act_row) = (stage_region_bytes(hidden, 4), stage_region_bytes(hidden, act_bytes));
-    let (post, input) = if staged { (3 * f32_row + 3 * act_row, 4 * f32_row + 2 * act_row) } else { (2 * f32_row, 4 * f32_row) };
-    [split_forward_team_bytes(hidden, act_bytes, staged), post, input]
+    let post = if staged { 3 * f32_row + 3 * act_row } else { 2 * f32_row };
+    [split_forward_team_bytes(hidden, act_bytes, staged), post, split_backward_input_team_bytes(hidden, act_bytes, staged, true)]
+}
+
+/// The input kernel's shared memory per team: x and dx (f32 rows), and dh and dr accumulators
+/// only when a team sums several branches (`sums_branches`: replication with input gradients;
+/// a team of one branch forms dh and dr at the store); staged, h and r. Each region rounded up
+/// to 16 bytes.
+pub fn split_backward_input_team_bytes(hidden: usize, act_bytes: usize, staged: bool, sums_branches: bool) -> usize {
+    let (f32_row, act_row) = (stage_region_bytes(hidden, 4), stage_region_bytes(hidden, act_bytes));
+    let rows = if sums_branches { 4 } else { 2 };
+    rows * f32_row + if staged { 2 * act_row } else { 0 }
 }
 
 /// Checks a plan against the split backward's row kernels (the forward's thread rules; each
@@ -2289,7 +2299,8 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         block_dim: (plan.threads_per_row, plan.rows_per_block, 1),
         shared_mem_bytes: (plan.rows_per_block as usize * bytes_per_team) as u32,
     };
-    let [pre_bytes, post_bytes, input_bytes] = split_backward_team_bytes(hidden, std::mem::size_of::<A>(), staged);
+    let [pre_bytes, post_bytes, _] = split_backward_team_bytes(hidden, std::mem::size_of::<A>(), staged);
+    let input_bytes = split_backward_input_team_bytes(hidden, std::mem::size_of::<A>(), staged, replicate && need_input);
     let stage_arg = KernelArg::I32(staged as i32);
     for (kernel, team_bytes) in [(pre_kernel, pre_bytes), (post_kernel, post_bytes), (input_kernel, input_bytes)] {
         let bytes = plan.rows_per_block as usize * team_bytes;
@@ -2762,6 +2773,10 @@ mod backward_tests {
         assert_eq!(split_forward_team_bytes(768, 2, true), 6144);
         // H = 42: 168-byte f32 rows and 84-byte bf16 rows, each region padded to 176 and 96.
         assert_eq!(split_backward_team_bytes(42, 2, true), [176 + 192, 3 * 176 + 3 * 96, 4 * 176 + 2 * 96]);
+        // A team of one branch keeps x and dx only.
+        assert_eq!(split_backward_input_team_bytes(768, 2, true, false), 6144 + 3072);
+        assert_eq!(split_backward_input_team_bytes(768, 4, false, false), 6144);
+        assert_eq!(split_backward_input_team_bytes(42, 2, true, true), split_backward_team_bytes(42, 2, true)[2]);
         assert_eq!(split_forward_team_bytes(42, 4, false), 176);
         // The choice: On refuses what does not fit, Auto falls back, Off never stages.
         let plan = LocationPlan { threads_per_row: 32, rows_per_block: 4 };
