@@ -423,6 +423,38 @@ fn linear_epilogues_round_the_f32_kernels_once<H: Io>(gpu: &Gpu) {
 }
 test_both!(linear_epilogues, linear_epilogues_round_the_f32_kernels_once);
 
+/// A 16-bit Linear's operands, values exact in `H`: x `[rows, d_in]` in ±2, W `[d_out, d_in]` in
+/// ±`w_scale`, b `[d_out]` in ±1; and their f32 product x·Wᵀ on this device (`acc`, `[rows,
+/// d_out]`), from which the tests' references are formed.
+struct LinearCase {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl LinearCase {
+    fn new<H: Io>(gpu: &Gpu, rng: &mut StdRng, (rows, d_in, d_out): (usize, usize, usize), w_scale: f32) -> LinearCase {
+        use bert_adapters::cuda::gemm::{Gemm, OutputType, Transpose};
+        let (x, w, b) = (uniform16::<H>(rng, rows * d_in, -2.0, 2.0), uniform16::<H>(rng, d_out * d_in, -w_scale, w_scale), uniform16::<H>(rng, d_out, -1.0, 1.0));
+        let mut acc = nan32(gpu, rows * d_out);
+        let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
+        gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
+        let acc = down(gpu, &acc);
+        LinearCase { x, w, b, acc }
+    }
+
+    /// The f32 sum with the bias.
+    fn sum(&self) -> Vec<f32> {
+        self.acc.iter().enumerate().map(|(i, a)| a + self.b[i % self.b.len()]).collect()
+    }
+
+    /// PyTorch's 16-bit Linear: cuBLASLt rounds the product, adds the bias, rounds again.
+    fn torch<H: Io>(&self) -> Vec<f32> {
+        self.acc.iter().enumerate().map(|(i, a)| rule::round_in::<H>(rule::round_in::<H>(*a) + self.b[i % self.b.len()])).collect()
+    }
+}
+
 /// The backend's 16-bit Linears with a bias are one f32 product and one epilogue pass each
 /// (`linear_dropout`, `linear_act`, `linear_act_only`, `linear`), and an accumulated input
 /// gradient one product and one `accumulate_f32` pass (launch counts), with the values of the
@@ -441,13 +473,9 @@ fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x0011_eab4);
     let (rows, d_in, d_out) = (6, 40, 48);
     let half = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
-    let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.5, 0.5), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
-    let (tx, tw, tb) = (half(&x, &[rows, d_in]), half(&w, &[d_out, d_in]), half(&b, &[d_out]));
-    // The f32 product x·Wᵀ on this device, and the sum with the bias.
-    let mut acc = nan32(gpu, rows * d_out);
-    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
-    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
-    let sum: Vec<f32> = down(gpu, &acc).iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
+    let case = LinearCase::new::<H>(gpu, &mut rng, (rows, d_in, d_out), 0.5);
+    let (w, sum) = (&case.w, case.sum());
+    let (tx, tw, tb) = (half(&case.x, &[rows, d_in]), half(w, &[d_out, d_in]), half(&case.b, &[d_out]));
     let launches = |f: &mut dyn FnMut()| {
         let before = gpu.launch_counts();
         f();
@@ -503,7 +531,6 @@ test_both!(backend_linears, backend_linears_fuse_their_epilogue);
 fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
     use bert_adapters::backend::DropoutSpec;
     use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
-    use bert_adapters::cuda::gemm::{Gemm, OutputType, Transpose};
     use bert_adapters::cuda::GpuKind;
     use bert_adapters::DType;
     let dtype = <H as ActivationScalar>::DTYPE;
@@ -515,15 +542,9 @@ fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
     // Large enough that cuBLASLt picks a tiled kernel, as at BERT's shapes.
     let (rows, d_in, d_out) = (96, 64, 80);
     let half = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
-    let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.5, 0.5), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
-    let (tx, tw, tb) = (half(&x, &[rows, d_in]), half(&w, &[d_out, d_in]), half(&b, &[d_out]));
-    let mut acc = nan32(gpu, rows * d_out);
-    let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
-    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
-    let acc = down(gpu, &acc);
-    let sum: Vec<f32> = acc.iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
-    // PyTorch's bf16 Linear: cuBLASLt rounds the product, adds the bias, rounds again.
-    let torch: Vec<f32> = acc.iter().enumerate().map(|(i, a)| rule::round_in::<H>(rule::round_in::<H>(*a) + b[i % d_out])).collect();
+    let case = LinearCase::new::<H>(gpu, &mut rng, (rows, d_in, d_out), 0.5);
+    let (tx, tw, tb) = (half(&case.x, &[rows, d_in]), half(&case.w, &[d_out, d_in]), half(&case.b, &[d_out]));
+    let (sum, torch) = (case.sum(), case.torch::<H>());
     let launches = |f: &mut dyn FnMut()| {
         let before = gpu.launch_counts();
         f();
@@ -571,14 +592,9 @@ fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
     }
     for (rows, d_in, d_out) in [(4096, 768, 2304), (4096, 768, 3072)] {
         let what = format!("linear {rows}×{d_in}→{d_out}");
-        let (x, w, b) = (uniform16::<H>(&mut rng, rows * d_in, -2.0, 2.0), uniform16::<H>(&mut rng, d_out * d_in, -0.1, 0.1), uniform16::<H>(&mut rng, d_out, -1.0, 1.0));
-        let mut acc = nan32(gpu, rows * d_out);
-        let g = Gemm::new(Transpose::Yes, Transpose::No, d_out, rows, d_in).with_types(H::INPUT, OutputType::F32);
-        gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&x)).view(), &mut acc.view_mut(), None).unwrap();
-        let acc = down(gpu, &acc);
-        let sum: Vec<f32> = acc.iter().enumerate().map(|(i, a)| a + b[i % d_out]).collect();
-        let torch: Vec<f32> = acc.iter().enumerate().map(|(i, a)| rule::round_in::<H>(rule::round_in::<H>(*a) + b[i % d_out])).collect();
-        let y = host(&be.linear(&half(&x, &[rows, d_in]), &half(&w, &[d_out, d_in]), Some(&half(&b, &[d_out]))).unwrap());
+        let case = LinearCase::new::<H>(gpu, &mut rng, (rows, d_in, d_out), 0.1);
+        let (sum, torch) = (case.sum(), case.torch::<H>());
+        let y = host(&be.linear(&half(&case.x, &[rows, d_in]), &half(&case.w, &[d_out, d_in]), Some(&half(&case.b, &[d_out]))).unwrap());
         let (err, plain) = rule::assert_within_twice_plain_in::<H>(&format!("{label}: {what}"), &y, &sum, &torch);
         let once = rule::round_all_in::<H>(&sum);
         let differ = y.iter().zip(&once).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
