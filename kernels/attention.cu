@@ -2342,9 +2342,9 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MAX_WARPS) void attention_back
 // Row kernels, thread mapping: warp per row (b, h, i) of the [B·heads·T, T] score matrix, block
 // (32, ATTN_GEMM_ROW_WARPS), grid (⌈T / 8⌉, heads, B): a warp reads b, h and i off its block
 // indices (no divisions of a flat row index); lane owns the groups of 4 consecutive keys
-// j = 4·(lane + 32g) + t, g < G, t < 4 (G = 4: T <= 512 = 16·32; the _t128 kernels G = 1: T <= 128;
-// the values stay in registers: one read of each score, one write of each output); reductions are fixed 5-level butterflies (bitwise
-// reproducible). A warp whose row lies past the last one returns at once (no block barrier in
+// j = 4·(lane + 32g) + t, g < G, t < 4 (G = 4: T <= 512 = 16·32; the _t128 kernels G = 1:
+// T <= 128; the values stay in registers: one read of each score, one write of each output);
+// reductions are fixed 5-level butterflies (bitwise reproducible). A warp whose row lies past the last one returns at once (no block barrier in
 // these kernels). A group is one 16-byte load of each f32 row (S, dP, the mask) and one 8-byte
 // (16-bit) or 16-byte (f32) store of each output when T % 4 == 0 and the bases are aligned
 // (attn_rows_whole), else guarded scalar accesses; either way a warp's accesses to a row are
