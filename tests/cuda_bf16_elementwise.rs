@@ -516,7 +516,7 @@ fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
     assert_eq!(n, (vec![(format!("accumulate_f32_{h}").leak() as &str, 1)], 1), "{label}: accumulated input gradient");
     let mut prod = nan32(gpu, rows * d_in);
     let g = Gemm::new(Transpose::No, Transpose::No, d_in, rows, d_out).with_types(H::INPUT, OutputType::F32);
-    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(&w)).view(), &up(gpu, &rule::to_half::<H>(&dy)).view(), &mut prod.view_mut(), None).unwrap();
+    gpu.gemm(&g, &up(gpu, &rule::to_half::<H>(w)).view(), &up(gpu, &rule::to_half::<H>(&dy)).view(), &mut prod.view_mut(), None).unwrap();
     let want: Vec<f32> = dx0.iter().zip(down(gpu, &prod)).map(|(a, p)| a + p).collect();
     assert_eq!(bits(&host(&tdx)), bits(&rule::round_all_in::<H>(&want)), "{label}: dx += dy·W");
 }
