@@ -423,6 +423,22 @@ fn linear_epilogues_round_the_f32_kernels_once<H: Io>(gpu: &Gpu) {
 }
 test_both!(linear_epilogues, linear_epilogues_round_the_f32_kernels_once);
 
+/// The kernels (by name, with counts) and the products `f` launches on `gpu`.
+fn launches_of(gpu: &Gpu, f: &mut dyn FnMut()) -> (Vec<(&'static str, u64)>, u64) {
+    let before = gpu.launch_counts();
+    f();
+    let n = gpu.launch_counts().since(&before);
+    (n.kernels.into_iter().collect::<Vec<_>>(), n.gemm_calls)
+}
+
+/// `linear_act`'s output `y` is the bf16 (f16) GELU kernel at its rounded pre-activation `pre`,
+/// and `linear_act_only`'s output (`only`) is `y` bit for bit.
+fn assert_gelu_of_pre<H: Io>(gpu: &Gpu, label: &str, pre: &[f32], y: &[f32], only: &[f32], cols: usize) {
+    let (at_pre, _) = run_bias_act(gpu, pre, None, Some(Activation::Gelu), cols, false, id);
+    rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: linear_act y"), &rule::to_half::<H>(y), &at_pre);
+    assert_eq!(bits(only), bits(y), "{label}: linear_act_only");
+}
+
 /// A 16-bit Linear's operands, values exact in `H`: x `[rows, d_in]` in ±2, W `[d_out, d_in]` in
 /// ±`w_scale`, b `[d_out]` in ±1; and their f32 product x·Wᵀ on this device (`acc`, `[rows,
 /// d_out]`), from which the tests' references are formed.
@@ -476,12 +492,7 @@ fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
     let case = LinearCase::new::<H>(gpu, &mut rng, (rows, d_in, d_out), 0.5);
     let (w, sum) = (&case.w, case.sum());
     let (tx, tw, tb) = (half(&case.x, &[rows, d_in]), half(w, &[d_out, d_in]), half(&case.b, &[d_out]));
-    let launches = |f: &mut dyn FnMut()| {
-        let before = gpu.launch_counts();
-        f();
-        let n = gpu.launch_counts().since(&before);
-        (n.kernels.into_iter().collect::<Vec<_>>(), n.gemm_calls)
-    };
+    let launches = |f: &mut dyn FnMut()| launches_of(gpu, f);
     let h = if dtype == DType::BF16 { "bf16io" } else { "f16io" };
     let host = |t: &bert_adapters::Tensor| be.to_host(t).unwrap();
 
@@ -495,10 +506,8 @@ fn backend_linears_fuse_their_epilogue<H: Io>(gpu: &Gpu) {
     assert_eq!(n, (vec![(format!("linear_epilogue_{h}").leak() as &str, 1)], 1), "{label}: linear_act");
     let (y, pre) = out.unwrap();
     assert_eq!(bits(&host(&pre)), bits(&rule::round_all_in::<H>(&sum)), "{label}: linear_act pre");
-    let (at_pre, _) = run_bias_act(gpu, &host(&pre), None, Some(Activation::Gelu), d_out, false, id);
-    rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: linear_act y"), &rule::to_half::<H>(&host(&y)), &at_pre);
     let only = be.linear_act_only(&tx, &tw, Some(&tb), Activation::Gelu).unwrap();
-    assert_eq!(bits(&host(&only)), bits(&host(&y)), "{label}: linear_act_only");
+    assert_gelu_of_pre::<H>(gpu, &label, &host(&pre), &host(&y), &host(&only), d_out);
 
     let seed = be.upload_u32(vec![0x5eed, 3], &[2]).unwrap();
     let spec = DropoutSpec { p: 0.25, seed: 0, stream: 9, blocks: vec![1, 2], seed_buffer: Some(bert_adapters::backend::SeedBuffer(seed)), offset: 0 };
@@ -545,12 +554,7 @@ fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
     let case = LinearCase::new::<H>(gpu, &mut rng, (rows, d_in, d_out), 0.5);
     let (tx, tw, tb) = (half(&case.x, &[rows, d_in]), half(&case.w, &[d_out, d_in]), half(&case.b, &[d_out]));
     let (sum, torch) = (case.sum(), case.torch::<H>());
-    let launches = |f: &mut dyn FnMut()| {
-        let before = gpu.launch_counts();
-        f();
-        let n = gpu.launch_counts().since(&before);
-        (n.kernels.into_iter().collect::<Vec<_>>(), n.gemm_calls)
-    };
+    let launches = |f: &mut dyn FnMut()| launches_of(gpu, f);
     let h = if dtype == DType::BF16 { "bf16io" } else { "f16io" };
     let host = |t: &bert_adapters::Tensor| be.to_host(t).unwrap();
     let check_product = |what: &str, got: &[f32]| {
@@ -571,10 +575,8 @@ fn backend_linears_with_cublaslt_epilogues<H: Io>(gpu: &Gpu) {
     assert_eq!(n, (vec![(format!("bias_act_forward_{h}").leak() as &str, 1)], 1), "{label}: linear_act");
     let (ya, pre) = out.unwrap();
     assert_eq!(bits(&host(&pre)), bits(&y), "{label}: linear_act's pre-activation is linear's output");
-    let (at_pre, _) = run_bias_act(gpu, &host(&pre), None, Some(Activation::Gelu), d_out, false, id);
-    rule::assert_rounded_f32_kernel_in(gpu, &format!("{label}: linear_act y"), &rule::to_half::<H>(&host(&ya)), &at_pre);
     let only = be.linear_act_only(&tx, &tw, Some(&tb), Activation::Gelu).unwrap();
-    assert_eq!(bits(&host(&only)), bits(&host(&ya)), "{label}: linear_act_only");
+    assert_gelu_of_pre::<H>(gpu, &label, &host(&pre), &host(&ya), &host(&only), d_out);
 
     let seed = be.upload_u32(vec![0x5eed, 3], &[2]).unwrap();
     let spec = DropoutSpec { p: 0.25, seed: 0, stream: 9, blocks: vec![1, 2], seed_buffer: Some(bert_adapters::backend::SeedBuffer(seed)), offset: 0 };
