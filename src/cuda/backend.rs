@@ -326,7 +326,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend { gpu: Arc::new(Gpu::open(device)?), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None })
+        Ok(CudaBackend::with_defaults(Arc::new(Gpu::open(device)?), device))
+    }
+
+    /// A backend on `gpu` with every choice at its default (f32 activations, automatic paths).
+    fn with_defaults(gpu: Arc<Gpu>, device: Device) -> CudaBackend {
+        CudaBackend { gpu, device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None }
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -335,14 +340,15 @@ impl CudaBackend {
             GpuKind::Sim => Device::CudaSim,
             GpuKind::Cuda => Device::Cuda(gpu.cuda_runtime().map_or(0, |rt| rt.context().ordinal())),
         };
-        CudaBackend { gpu: Arc::new(gpu), device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None }
+        CudaBackend::with_defaults(Arc::new(gpu), device)
     }
 
     /// Another backend on the same GPU (one stream, one memory pool, the same location path)
     /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
     /// bf16 model side by side, as the step benchmarks run them.
     pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
-        CudaBackend { gpu: self.gpu.clone(), device: self.device, products: GemmStats::default(), activations: DType::F32, location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products, linear_epilogue: self.linear_epilogue }.with_activations(dtype)
+        let choices = CudaBackend { location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products, linear_epilogue: self.linear_epilogue, ..CudaBackend::with_defaults(self.gpu.clone(), self.device) };
+        choices.with_activations(dtype)
     }
 
     /// This backend with its activations stored as `dtype`: f32 (the default), or bf16 (f16) for
