@@ -298,4 +298,50 @@ __device__ __forceinline__ float philox_keep_factor(PhiloxKey key, unsigned long
     return word >= threshold ? scale : 0.0f;
 }
 
+// ---- tensor cores: one warp's mma.sync.aligned.m16n8k16 (sm_80 and later) -------------------
+// D (16x8) = A (16x16) · B (16x8) + C, f32 accumulators, A and B in bf16 or f16. Every lane of a
+// full warp calls it with its fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+// floating point type"), with g = lane / 4 and t = lane % 4, two 16-bit elements a register, the
+// lower index in the low half:
+//     a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]    a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//     b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+//     c[0], c[1] = C[g][2t, 2t+1]    c[2], c[3] = C[g+8][2t, 2t+1]    (d likewise)
+// cuda-sim runs it as a warp collective with the same layout (src/cuda/sim: exact products, f32
+// sums in k order; the tensor cores' order is unspecified, so compare with tolerances).
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+#ifdef __CUDA_ARCH__
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+    __sim_mma_m16n8k16_bf16(d, a, b, c);
+#endif
+}
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+#ifdef __CUDA_ARCH__
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+    __sim_mma_m16n8k16_f16(d, a, b, c);
+#endif
+}
+
+// The mma for a 16-bit storage type: bf16_raw and f16_raw pick their instruction.
+__device__ __forceinline__ void mma_m16n8k16(const bf16_raw*, float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    mma_m16n8k16_bf16(d, a, b, c);
+}
+__device__ __forceinline__ void mma_m16n8k16(const f16_raw*, float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    mma_m16n8k16_f16(d, a, b, c);
+}
+
+// Two f32 values rounded to a 16-bit type (nearest even) and packed as an mma register: `lo` in
+// bits 0-15, `hi` in 16-31.
+__device__ __forceinline__ unsigned pack2(const bf16_raw*, float lo, float hi) {
+    return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack2(const f16_raw*, float lo, float hi) {
+    return (unsigned)f32_to_f16_bits(lo) | ((unsigned)f32_to_f16_bits(hi) << 16);
+}
+
 #endif  // BERT_ADAPTERS_COMMON_CUH

@@ -522,6 +522,102 @@ fn bit_intrinsics_match_their_definitions() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tensor cores: common.cuh's mma_m16n8k16_{bf16,f16}
+// ---------------------------------------------------------------------------------------------
+
+const MMA_WARPS: usize = 3;
+
+/// Runs intr_mma_tiles over MMA_WARPS tiles: a [w][16][32], b [w][32][8] (as f32 values that the
+/// 16-bit type holds exactly), c [w][16][8]; returns d [w][16][8].
+fn mma_tiles(f16: bool, a: &[f32], b: &[f32], c: &[f32], schedule: Schedule) -> Vec<f32> {
+    let bits = |x: f32| if f16 { want_f16(x) } else { want_bf16(x) };
+    let a16: Vec<u16> = a.iter().map(|&x| bits(x)).collect();
+    // B's columns, each contiguous in k (the "col" operand).
+    let bt16: Vec<u16> = (0..MMA_WARPS * 8 * 32).map(|i| bits(b[(i / 256) * 256 + (i % 32) * 8 + (i % 256) / 32])).collect();
+    let mut d = vec![f32::NAN; MMA_WARPS * 128];
+    let (mut pa, mut pb, mut pc, mut pd, mut pf) = (a16.as_ptr(), bt16.as_ptr(), c.as_ptr(), d.as_mut_ptr(), i32::from(f16));
+    // SAFETY: intr_mma_tiles(const unsigned short* a, const unsigned short* bt, const float* c,
+    // float* d, int f16): warp w of the block touches a[w·512..], bt[w·256..], c and d [w·128..],
+    // each of MMA_WARPS tiles.
+    unsafe { launch("intr_mma_tiles", 1, 32 * MMA_WARPS as u32, 0, &mut [arg(&mut pa), arg(&mut pb), arg(&mut pc), arg(&mut pd), arg(&mut pf)], schedule) }
+        .unwrap();
+    d
+}
+
+/// C + A·B in f64, and Σ|terms| per output (for the summation bound).
+fn mma_reference(a: &[f32], b: &[f32], c: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (mut want, mut mag) = (vec![0f64; MMA_WARPS * 128], vec![0f64; MMA_WARPS * 128]);
+    for w in 0..MMA_WARPS {
+        for i in 0..16 {
+            for j in 0..8 {
+                let o = w * 128 + i * 8 + j;
+                let (mut s, mut m) = (f64::from(c[o]), f64::from(c[o]).abs());
+                for k in 0..32 {
+                    let p = f64::from(a[w * 512 + i * 32 + k]) * f64::from(b[w * 256 + k * 8 + j]);
+                    s += p;
+                    m += p.abs();
+                }
+                want[o] = s;
+                mag[o] = m;
+            }
+        }
+    }
+    (want, mag)
+}
+
+/// Small integers: every product and partial sum is exact in f32, so any order gives the exact
+/// result, and a fragment mapped to the wrong row, column or half shows as a wrong sum.
+#[test]
+fn mma_of_small_integers_is_exact_in_every_warp() {
+    let mut rng = StdRng::seed_from_u64(0x3a3a);
+    for f16 in [false, true] {
+        let a: Vec<f32> = (0..MMA_WARPS * 512).map(|_| rng.random_range(-8i32..=8) as f32).collect();
+        let b: Vec<f32> = (0..MMA_WARPS * 256).map(|_| rng.random_range(-8i32..=8) as f32).collect();
+        let c: Vec<f32> = (0..MMA_WARPS * 128).map(|_| rng.random_range(-64i32..=64) as f32).collect();
+        let (want, _) = mma_reference(&a, &b, &c);
+        for schedule in SCHEDULES {
+            let d = mma_tiles(f16, &a, &b, &c, schedule);
+            for (o, (&got, &w)) in d.iter().zip(&want).enumerate() {
+                assert_eq!(f64::from(got), w, "f16 {f16}, {schedule:?}: warp {}, D[{}][{}]", o / 128, (o % 128) / 8, o % 8);
+            }
+        }
+    }
+}
+
+/// Real values (rounded to the operand type): within the bound of 32 f32 additions in any
+/// order, γ(33)·Σ|terms| with γ(n) = n·u/(1 − n·u), u = 2^-24 (Higham); the products are exact.
+#[test]
+fn mma_of_real_values_is_within_the_summation_bound() {
+    let mut rng = StdRng::seed_from_u64(0x3a3b);
+    let u = f64::powi(2.0, -24);
+    let gamma = 33.0 * u / (1.0 - 33.0 * u);
+    for f16 in [false, true] {
+        let round = |x: f32| if f16 { f16::from_f32(x).to_f32() } else { bf16::from_f32(x).to_f32() };
+        let a: Vec<f32> = (0..MMA_WARPS * 512).map(|_| round(rng.random_range(-3.0f32..3.0))).collect();
+        let b: Vec<f32> = (0..MMA_WARPS * 256).map(|_| round(rng.random_range(-3.0f32..3.0))).collect();
+        let c: Vec<f32> = (0..MMA_WARPS * 128).map(|_| rng.random_range(-10.0f32..10.0)).collect();
+        let (want, mag) = mma_reference(&a, &b, &c);
+        let d = mma_tiles(f16, &a, &b, &c, Schedule::Random(0x3a3b));
+        for o in 0..d.len() {
+            let err = (f64::from(d[o]) - want[o]).abs();
+            assert!(err <= gamma * mag[o], "f16 {f16}: D[{o}] = {} against {}: error {err:e} over the bound {:e}", d[o], want[o], gamma * mag[o]);
+        }
+    }
+}
+
+#[test]
+fn mma_waiting_for_an_exited_lane_is_reported() {
+    let common = include_str!("../kernels/common.cuh");
+    let line = 1 + common.lines().position(|l| l.contains("__sim_mma_m16n8k16_bf16(d, a, b, c);")).expect("the bf16 mma's executor call in common.cuh");
+    let want = format!(
+        "kernel `intr_mma_after_exit`, block (0,0,0), thread (0,0,0): mma.sync.m16n8k16 (bf16) (kernels/common.cuh:{line}) with mask 0xffffffff waits for lane 16 (thread (16,0,0)), which has exited"
+    );
+    for schedule in SCHEDULES {
+        assert_eq!(planted_error("intr_mma_after_exit", schedule), want, "{schedule:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Planted misuse
 // ---------------------------------------------------------------------------------------------
 

@@ -70,7 +70,19 @@ enum WarpOp : int {
     VOTE_BALLOT, VOTE_ANY, VOTE_ALL,
     REDUCE_ADD, REDUCE_MIN_U, REDUCE_MAX_U, REDUCE_MIN_S, REDUCE_MAX_S, REDUCE_AND, REDUCE_OR, REDUCE_XOR,
     MATCH_ANY, MATCH_ALL,
+    MMA_BF16, MMA_F16,
     WARP_OP_COUNT
+};
+
+// One lane's operands of a warp-wide mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32
+// (common.cuh's mma_m16n8k16_*): A (16x16) in a[4], B (16x8) in b[2], two 16-bit elements a
+// register, the lower index in the low half; C and D (16x8 f32) in c[4] and d[4]. The fragment
+// layouts are PTX ISA's "Matrix Fragments for mma.m16n8k16 with floating point type".
+struct MmaFragments {
+    uint32_t a[4];
+    uint32_t b[2];
+    float c[4];
+    float d[4];
 };
 
 void syncthreads_at(const char* file, int line);

@@ -190,6 +190,27 @@ inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_
 #define __match_any_sync(mask, v) ::sim::match_any_sync(__FILE__, __LINE__, mask, v)
 #define __match_all_sync(mask, v, pred) ::sim::match_all_sync(__FILE__, __LINE__, mask, v, pred)
 
+// ---- Tensor cores: mma.sync.aligned.m16n8k16 (common.cuh's mma_m16n8k16_bf16/_f16 call this
+// where a GPU runs the instruction). A warp collective over all 32 lanes: every lane must reach
+// the same mma (a lane that exited, diverged or does not exist is reported like a shuffle's).
+
+namespace sim {
+
+inline void mma_m16n8k16(const char* file, int line, int op, float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                         const float (&c)[4]) {
+    MmaFragments f;
+    memcpy(f.a, a, sizeof f.a);
+    memcpy(f.b, b, sizeof f.b);
+    memcpy(f.c, c, sizeof f.c);
+    warp_op_at(file, line, op, 0xffffffffu, (uint64_t)(uintptr_t)&f, sizeof f, 0, 32);
+    memcpy(d, f.d, sizeof f.d);
+}
+
+}  // namespace sim
+
+#define __sim_mma_m16n8k16_bf16(d, a, b, c) ::sim::mma_m16n8k16(__FILE__, __LINE__, ::sim::MMA_BF16, d, a, b, c)
+#define __sim_mma_m16n8k16_f16(d, a, b, c) ::sim::mma_m16n8k16(__FILE__, __LINE__, ::sim::MMA_F16, d, a, b, c)
+
 // Which lanes are active at a point is a fact of the GPU's scheduler, which the executor does not
 // model (each lane is a fiber that runs alone to its next sync point), so the mask would mean
 // nothing; refuse it where it is used.

@@ -85,7 +85,7 @@ std::string format(const char* fmt, ...) {
 }
 
 // How a completed warp collective computes each lane's result.
-enum class Kind { Shuffle, Sync, Vote, Reduce, Match };
+enum class Kind { Shuffle, Sync, Vote, Reduce, Match, Mma };
 
 struct OpInfo {
     const char* name;
@@ -100,6 +100,7 @@ constexpr OpInfo kOps[WARP_OP_COUNT] = {
     {"__reduce_min_sync", Kind::Reduce},   {"__reduce_max_sync", Kind::Reduce},   {"__reduce_min_sync", Kind::Reduce},
     {"__reduce_max_sync", Kind::Reduce},   {"__reduce_and_sync", Kind::Reduce},   {"__reduce_or_sync", Kind::Reduce},
     {"__reduce_xor_sync", Kind::Reduce},   {"__match_any_sync", Kind::Match},     {"__match_all_sync", Kind::Match},
+    {"mma.sync.m16n8k16 (bf16)", Kind::Mma}, {"mma.sync.m16n8k16 (f16)", Kind::Mma},
 };
 
 static_assert(std::all_of(std::begin(kOps), std::end(kOps), [](const OpInfo& o) { return o.name != nullptr; }), "one kOps entry per WarpOp");
@@ -227,6 +228,51 @@ uint32_t reduce(int op, uint32_t acc, uint32_t v) {
     }
 }
 
+// A 16-bit mma operand element as f32 (exact): bf16 is the upper half of an f32; f16 is
+// rebiased (subnormals scaled by 2^-24, inf and NaN kept).
+float mma_operand(int op, uint32_t bits) {
+    bits &= 0xffffu;
+    if (op == MMA_BF16) return std::bit_cast<float>(bits << 16);
+    const uint32_t sign = (bits & 0x8000u) << 16, e = (bits >> 10) & 0x1fu, m = bits & 0x3ffu;
+    if (e == 0x1fu) return std::bit_cast<float>(sign | 0x7f800000u | (m << 13));
+    if (e == 0) return std::bit_cast<float>(sign | std::bit_cast<uint32_t>((float)m * 0x1p-24f));
+    return std::bit_cast<float>(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// D = A·B + C for a warp's m16n8k16 fragments (MmaFragments). Each product of two 16-bit values
+// is exact in f32; the executor adds them to c in k order in f32 (the tensor cores' order and
+// intermediate rounding are unspecified, so kernels are compared with tolerances, as with any
+// summation order).
+void complete_mma(Fiber* const (&lane)[32], int op) {
+    float a[16][16], b[16][8], c[16][8];
+    for (unsigned j = 0; j < 32; ++j) {
+        const MmaFragments& f = *reinterpret_cast<const MmaFragments*>(lane[j]->val);
+        const unsigned g = j >> 2, t = j & 3u;
+        for (unsigned r = 0; r < 4; ++r) {
+            // a[r]: rows g (r even) or g + 8 (r odd), columns 2t, 2t + 1 (+ 8 for r >= 2).
+            const unsigned row = g + 8 * (r & 1u), col = 2 * t + 8 * (r >> 1);
+            a[row][col] = mma_operand(op, f.a[r]);
+            a[row][col + 1] = mma_operand(op, f.a[r] >> 16);
+        }
+        for (unsigned r = 0; r < 2; ++r) {
+            // b[r]: rows (k) 2t, 2t + 1 (+ 8 for r = 1), column g.
+            b[2 * t + 8 * r][g] = mma_operand(op, f.b[r]);
+            b[2 * t + 8 * r + 1][g] = mma_operand(op, f.b[r] >> 16);
+        }
+        for (unsigned r = 0; r < 4; ++r) c[g + 8 * (r >> 1)][2 * t + (r & 1u)] = f.c[r];
+    }
+    for (unsigned j = 0; j < 32; ++j) {
+        MmaFragments& f = *reinterpret_cast<MmaFragments*>(lane[j]->val);
+        const unsigned g = j >> 2, t = j & 3u;
+        for (unsigned r = 0; r < 4; ++r) {
+            const unsigned row = g + 8 * (r >> 1), col = 2 * t + (r & 1u);
+            float acc = c[row][col];
+            for (unsigned k = 0; k < 16; ++k) acc += a[row][k] * b[k][col];
+            f.d[r] = acc;
+        }
+    }
+}
+
 // Every lane named by `mask` of the warp at w0 has arrived at the same collective: set each
 // lane's result and make it ready. Values arrive zero-extended, so 64-bit compares are exact.
 void complete_collective(Worker& W, unsigned w0, unsigned mask, int op) {
@@ -281,6 +327,7 @@ void complete_collective(Worker& W, unsigned w0, unsigned mask, int op) {
                     if (g) g->result = all ? ((uint64_t)1 << 32) | mask : 0;
             break;
         }
+        case Kind::Mma: complete_mma(lane, op); break;  // the mask is full (warp_op_at)
     }
     for (Fiber* g : lane)
         if (g) g->st = St::Ready;
@@ -509,6 +556,8 @@ uint64_t warp_op_at(const char* file, int line, int op, unsigned mask, uint64_t 
     const unsigned lane = f->linear & 31u;
     if (!((mask >> lane) & 1u))
         fiber_fail(format("%s at %s:%d with mask 0x%08x, which does not include the calling lane %u", op_name(op), file, line, mask, lane));
+    if (kOps[op].kind == Kind::Mma && mask != 0xffffffffu)
+        fiber_fail(format("%s at %s:%d with mask 0x%08x: mma.sync.aligned is executed by all 32 lanes of the warp", op_name(op), file, line, mask));
     if (kOps[op].kind == Kind::Shuffle && (width < 1 || width > 32 || (width & (width - 1)) != 0))
         fiber_fail(format("%s at %s:%d with width %d (must be a power of two in 1..32)", op_name(op), file, line, width));
     f->op = op;
