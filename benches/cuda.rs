@@ -57,7 +57,9 @@
 //!   `train --precision f16`'s first scale (2^16). Variants of `bf16_replayed`:
 //!   `bf16_replayed_share` (`FrozenRows::Share`: the tape keeps views of tasknn's rows, no
 //!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
-//!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both. Throughput: B·T positions (padding included) per step.
+//!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both;
+//!   `bf16_replayed_mma` (`SplitDown::TensorCores`: each adapter location's pre step and down
+//!   product in one tensor-core kernel, z never in memory). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
@@ -79,7 +81,7 @@ use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
     adapter_location_forward_split_with_plan, backward_workspace_len, split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace,
-    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging, SplitDown,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
@@ -914,38 +916,38 @@ struct Step {
 }
 
 /// What a step benchmark changes from the defaults: the tape's frozen rows, the 16-bit Linears'
-/// epilogues (None: the backend's own choice).
+/// epilogues and the split forward's down projection (None: the backend's own choice).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StepVariant {
     frozen_rows: FrozenRows,
     linear_epilogue: Option<LinearEpilogue>,
+    split_down: Option<SplitDown>,
 }
 
 impl StepVariant {
-    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None };
-    const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: None };
-    const CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
-    const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt) };
+    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None, split_down: None };
+    const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, ..StepVariant::DEFAULT };
+    const CUBLASLT: StepVariant = StepVariant { linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
+    const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
+    const MMA: StepVariant = StepVariant { split_down: Some(SplitDown::TensorCores), ..StepVariant::DEFAULT };
+
+    /// The variants as `CUDA_BENCH_STEP_VARIANT` spells them.
+    const NAMES: [(&'static str, StepVariant); 5] =
+        [("default", StepVariant::DEFAULT), ("share", StepVariant::SHARE), ("cublaslt", StepVariant::CUBLASLT), ("share+cublaslt", StepVariant::SHARE_CUBLASLT), ("mma", StepVariant::MMA)];
 
     /// How `CUDA_BENCH_STEP_VARIANT` spells it.
     fn label(&self) -> &'static str {
-        match *self {
-            StepVariant::SHARE => "share",
-            StepVariant::CUBLASLT => "cublaslt",
-            StepVariant::SHARE_CUBLASLT => "share+cublaslt",
-            _ => "default",
-        }
+        StepVariant::NAMES.iter().find(|(_, v)| v == self).map_or("default", |(n, _)| n)
     }
 
     /// `CUDA_BENCH_STEP_VARIANT` for the step profiles (`CUDA_BENCH_PROFILE`): `default`,
-    /// `share`, `cublaslt` or `share+cublaslt`.
+    /// `share`, `cublaslt`, `share+cublaslt` or `mma`.
     fn from_env() -> Result<StepVariant, String> {
-        match std::env::var("CUDA_BENCH_STEP_VARIANT").as_deref() {
-            Err(_) | Ok("default") => Ok(StepVariant::DEFAULT),
-            Ok("share") => Ok(StepVariant::SHARE),
-            Ok("cublaslt") => Ok(StepVariant::CUBLASLT),
-            Ok("share+cublaslt") => Ok(StepVariant::SHARE_CUBLASLT),
-            Ok(other) => Err(format!("CUDA_BENCH_STEP_VARIANT: `{other}` is not default, share, cublaslt or share+cublaslt")),
+        match std::env::var("CUDA_BENCH_STEP_VARIANT") {
+            Err(_) => Ok(StepVariant::DEFAULT),
+            Ok(v) => StepVariant::NAMES.iter().find(|(n, _)| *n == v).map(|(_, s)| *s).ok_or_else(|| {
+                format!("CUDA_BENCH_STEP_VARIANT: `{v}` is not one of {}", StepVariant::NAMES.map(|(n, _)| n).join(", "))
+            }),
         }
     }
 }
@@ -961,10 +963,18 @@ impl Step {
 
     /// [`Step::variant`] on the backend `wrap` makes of the precision's backend (a profiler).
     fn on(bench: &Bench, d: Dims, batch: usize, seq: usize, precision: DType, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>, variant: StepVariant) -> Step {
-        let backend: Arc<dyn Backend> = match (precision, variant.linear_epilogue) {
-            (DType::F32, _) => bench.backend.clone(),
-            (other, None) => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend")),
-            (other, Some(e)) => Arc::new(bench.backend.sharing_gpu(other).expect("a 16-bit backend").with_linear_epilogue(e)),
+        let backend: Arc<dyn Backend> = match precision {
+            DType::F32 => bench.backend.clone(),
+            other => {
+                let mut b = bench.backend.sharing_gpu(other).expect("a 16-bit backend");
+                if let Some(e) = variant.linear_epilogue {
+                    b = b.with_linear_epilogue(e);
+                }
+                if let Some(down) = variant.split_down {
+                    b = b.with_split_down(down);
+                }
+                Arc::new(b)
+            }
         };
         let backend = wrap(backend);
         // What the pool held before this model: the other steps' models (which share the GPU).
@@ -1078,7 +1088,9 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     // Variants of the bf16 replayed step, each on a model of its own: `_share` with
     // FrozenRows::Share (no copies of the live branch's rows into the tape), `_cublaslt` with
     // LinearEpilogue::Cublaslt (the frozen Linears' biases added by cuBLASLt, no f32 D).
-    let mut states: [Option<Step>; 6] = [None, None, None, None, None, None];
+    // `_mma` with SplitDown::TensorCores (the split forward's pre step and down product in one
+    // tensor-core kernel).
+    let mut states: [Option<Step>; 7] = [None, None, None, None, None, None, None];
     let functions = [
         ("launched", false, DType::F32, StepVariant::DEFAULT),
         ("replayed", true, DType::F32, StepVariant::DEFAULT),
@@ -1087,6 +1099,7 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
         ("bf16_replayed_share", true, DType::BF16, StepVariant::SHARE),
         ("bf16_replayed_cublaslt", true, DType::BF16, StepVariant::CUBLASLT),
         ("bf16_replayed_share_cublaslt", true, DType::BF16, StepVariant::SHARE_CUBLASLT),
+        ("bf16_replayed_mma", true, DType::BF16, StepVariant::MMA),
         ("f16_launched", false, DType::F16, StepVariant::DEFAULT),
     ];
     for (function, replay, precision, variant) in functions {
@@ -1094,6 +1107,7 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
             (DType::BF16, StepVariant::SHARE) => 3,
             (DType::BF16, StepVariant::CUBLASLT) => 4,
             (DType::BF16, StepVariant::SHARE_CUBLASLT) => 5,
+            (DType::BF16, StepVariant::MMA) => 6,
             (DType::BF16, _) => 1,
             (DType::F16, _) => 2,
             _ => 0,

@@ -1252,6 +1252,271 @@ extern "C" __global__ void adapter_split_bias_act_f32(
     }
 }
 
+// ---- split forward: the pre step and the down projection on tensor cores ---------------------
+//
+// adapter_split_pre_down_bf16io / _f16io (cuda::adapter::SplitDown::TensorCores): the split
+// path's pre kernel and its down products in one launch, for the 16-bit pipelines. z never goes
+// to memory: a block computes z for a tile of ROWS rows, keeps it in shared memory rounded to the
+// pipeline's 16-bit type, and multiplies it by W_d on the tensor cores (mma.sync m16n8k16,
+// common.cuh) with f32 accumulators; the epilogue writes a = act(z·W_dᵀ + b_d) in f32, where the
+// up product reads it. This is PyTorch autocast's arithmetic for the down Linear (its input and
+// weight in bf16 / f16, f32 accumulation); the pre step and the activation are the f32 device
+// functions of the split pre kernel and adapter_split_bias_act_f32.
+//
+// Mapping: grid (⌈B·T / ROWS⌉, branches), a block of 8 warps holds ROWS = 32 rows of one branch.
+//   row phase   warp w computes rows w, w + 8, w + 16, w + 24 of the tile as a row team (each
+//               row's h and r staged in its shared memory with 16-byte loads, then
+//               location_pre_row into its own f32 row buffer), writes the pre step's statistics
+//               and stores z rounded into the tile Z [ROWS][KP + 8] (KP = H rounded up to 16, the
+//               columns past H and the rows past B·T zero; the 8 columns of padding put the 8
+//               rows a fragment load touches in different banks);
+//   mma phase   D = W_d·Zᵀ ([m][ROWS]): A = W_d (row-major [m, H], read from global f32 and
+//               rounded into fragments), B = Z (each row of Z is one column of B, contiguous in
+//               k). A unit is one 16-row tile of m (MT = ⌈m/16⌉ of them) over one of S slices of
+//               the k steps, S = 8 / MT (1 when MT >= 8; then warp w takes tiles w, w + 8, ...),
+//               with all ROWS / 8 column tiles, so a unit reads its W_d slice once;
+//   reduction   for S > 1 the units of slices 1.. store their accumulators in shared memory (the
+//               row buffers' region, free by then) and slice 0 adds them in slice order: fixed,
+//               so the result is reproducible bit for bit;
+//   epilogue    a[row][j] = act(D[j][row] + b_d[j]) for the rows and j < m that exist; branch i's
+//               a starts Σ_{k<i} B·T·m_k floats into `acts` (the launcher's workspace layout).
+// Shared memory (split_pre_down_smem_bytes in the launcher): the tile, ROWS · (KP + 8) 16-bit
+// values, then max(8 warps' row buffers — H f32, then H each of staged h and r, each region
+// rounded up to 16 bytes —, (S − 1)·MT·16·ROWS f32 partial sums).
+#define PRE_DOWN_ROWS 32
+#define PRE_DOWN_WARPS 8
+#define PRE_DOWN_NTILES (PRE_DOWN_ROWS / 8)
+// Blocks an SM the registers must allow: BERT-base's 74 KB of shared memory a block fits three on
+// sm_90. With no minimum ptxas capped the bf16 kernel at 64 registers and spilled 24 bytes (NVRTC
+// 13.0, sm_90); with three it takes 71 (80 for f16), no spills.
+#define PRE_DOWN_MIN_BLOCKS 3
+
+__device__ __forceinline__ int pre_down_kp(int cols) { return (cols + 15) / 16 * 16; }
+
+// The down product's units: MT tiles of 16 outputs, S slices of the k steps.
+__device__ __forceinline__ int pre_down_slices(int mt) { return mt >= PRE_DOWN_WARPS ? 1 : PRE_DOWN_WARPS / mt; }
+
+// Two adjacent f32 weights as one 8-byte unit (float2 is not defined on every route).
+struct alignas(8) WeightPair {
+    float lo, hi;
+};
+
+// One 16-bit pair of W_d row j (columns k, k + 1), rounded into an mma register; zero past m or H.
+// `whole`: the unit's 16 rows and the k step's 16 columns all exist and the pair is 8-byte aligned
+// (even H, aligned W_d; warp-uniform), so the pair is one 8-byte load with no bounds tests.
+template <typename T>
+__device__ __forceinline__ unsigned pre_down_weights(const float* __restrict__ wd, int m, int cols, int j, int k, bool whole) {
+    const float* w = wd + (size_t)j * (size_t)cols + k;
+    if (whole) {
+        const WeightPair p = *reinterpret_cast<const WeightPair*>(w);
+        return pack2((const T*)nullptr, p.lo, p.hi);
+    }
+    const float lo = j < m && k < cols ? w[0] : 0.0f;
+    const float hi = j < m && k + 1 < cols ? w[1] : 0.0f;
+    return pack2((const T*)nullptr, lo, hi);
+}
+
+// One unit's accumulators: W_d's rows [16·tile_m, 16·tile_m + 16) times the tile's ROWS rows of Z
+// over k steps [ksteps·slice/slices, ksteps·(slice + 1)/slices).
+template <typename T>
+__device__ __forceinline__ void pre_down_unit(float (&acc)[PRE_DOWN_NTILES][4], const unsigned short* tile, int stride, const float* __restrict__ wd,
+                                              int m, int cols, int tile_m, int slice, int slices) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const int ksteps = pre_down_kp(cols) / 16;
+    const int j0 = tile_m * 16;
+#pragma unroll
+    for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            acc[nt][q] = 0.0f;
+        }
+    }
+    const bool aligned = cols % 2 == 0 && ((unsigned long long)wd & 7ull) == 0 && j0 + 16 <= m;
+#pragma unroll 4
+    for (int ks = ksteps * slice / slices; ks < ksteps * (slice + 1) / slices; ++ks) {
+        const int k = ks * 16 + 2 * t;
+        const bool whole = aligned && ks * 16 + 16 <= cols;
+        const unsigned a[4] = {pre_down_weights<T>(wd, m, cols, j0 + g, k, whole), pre_down_weights<T>(wd, m, cols, j0 + g + 8, k, whole),
+                               pre_down_weights<T>(wd, m, cols, j0 + g, k + 8, whole), pre_down_weights<T>(wd, m, cols, j0 + g + 8, k + 8, whole)};
+#pragma unroll
+        for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
+            const unsigned short* zr = tile + (nt * 8 + g) * stride + k;
+            const unsigned b[2] = {*reinterpret_cast<const unsigned*>(zr), *reinterpret_cast<const unsigned*>(zr + 8)};
+            const float c[4] = {acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]};
+            mma_m16n8k16((const T*)nullptr, acc[nt], a, b, c);
+        }
+    }
+}
+
+// The epilogue of W_d tile `tile_m`: a[local][j] = act(D[j][row] + b_d[j]) for the tile's rows
+// below B·T and j < m (accumulator q of column tile nt is D[16·tile_m + g + 8·(q/2)][8·nt + 2t + q%2]).
+__device__ __forceinline__ void pre_down_store(const float (&acc)[PRE_DOWN_NTILES][4], float* __restrict__ a, const AdapterBranchDesc& d,
+                                               int tile_m, int tile0, int per_branch) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const float* bd = desc_ptr(d.down_b);
+    const int m = d.bottleneck;
+#pragma unroll
+    for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int j = tile_m * 16 + g + 8 * (q >> 1);
+            const int local = tile0 + nt * 8 + 2 * t + (q & 1);
+            if (j < m && local < per_branch) {
+                a[(size_t)local * (size_t)m + j] = adapter_activation(d.activation, acc[nt][q] + bd[j]);
+            }
+        }
+    }
+}
+
+// acts: the down products of every branch (branch i's [B·T, m_i] at Σ_{k<i} B·T·m_k); stats:
+// [N·B·T, 2] or null; the other operands as adapter_split_pre_*.
+template <typename T, typename P>
+__device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts, float* __restrict__ stats, const T* __restrict__ h,
+                                                        const T* __restrict__ r, const P* __restrict__ ln_gamma,
+                                                        const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
+                                                        int batch, int seq_len, int cols, int replicate, float ln_eps) {
+    extern __shared__ float adapter_pre_down_smem[];
+    __shared__ float scratch[32];  // team_sum's (not touched: a team is one warp)
+
+    const int per_branch = batch * seq_len;
+    const int branch = blockIdx.y;
+    const int tile0 = blockIdx.x * PRE_DOWN_ROWS;
+    const AdapterBranchDesc& d = descs[branch];
+    const int kp = pre_down_kp(cols);
+    const int stride = kp + 8;  // 16-bit elements a tile row
+    unsigned short* tile = reinterpret_cast<unsigned short*>(adapter_pre_down_smem);
+    float* after_tile = reinterpret_cast<float*>(reinterpret_cast<char*>(adapter_pre_down_smem) + stage_region_bytes(PRE_DOWN_ROWS * stride, 2));
+    const int warp = threadIdx.y;
+    const int lane = threadIdx.x;
+
+    // Row phase: z of the tile's rows, rounded into the tile. A warp stages each of its rows' h
+    // and r into its own shared memory with 16-byte loads (team_stage_h_r: one trip to memory a
+    // row, not one a column) and runs the pre step there.
+    char* team = reinterpret_cast<char*>(after_tile) + (size_t)warp * (size_t)(stage_region_bytes(cols, sizeof(float)) + 2 * stage_region_bytes(cols, sizeof(T)));
+    float* xs = reinterpret_cast<float*>(team);
+    for (int tr = warp; tr < PRE_DOWN_ROWS; tr += PRE_DOWN_WARPS) {
+        unsigned short* zt = tile + tr * stride;
+        const int local = tile0 + tr;
+        if (local < per_branch) {
+            const int row = branch * per_branch + local;
+            const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
+            const T* hr = h + src;
+            const T* rr = r + src;
+            __syncwarp(FULL_WARP_MASK);  // the previous row's staged h and r are read
+            team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(team + stage_region_bytes(cols, sizeof(float)), cols, hr, rr);
+            __syncwarp(FULL_WARP_MASK);
+            float pre_mean, pre_rstd;
+            location_pre_row(xs, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
+            if (stats != nullptr && lane == 0) {
+                stats[2 * (size_t)row] = pre_mean;
+                stats[2 * (size_t)row + 1] = pre_rstd;
+            }
+            for (int c = lane; c < kp; c += 32) {
+                T v;
+                store_f32(&v, c < cols ? xs[c] : 0.0f);  // each lane reads the columns it wrote
+                zt[c] = v.bits;
+            }
+        } else {
+            for (int c = lane; c < kp; c += 32) {
+                zt[c] = 0;
+            }
+        }
+    }
+    __syncthreads();  // the tile is complete; the row buffers are free
+
+    // Mma phase, reduction and epilogue.
+    const int m = d.bottleneck;
+    const int mt = (m + 15) / 16;
+    const int slices = pre_down_slices(mt);
+    const float* wd = desc_ptr(d.down_w);
+    size_t offset = 0;
+    for (int i = 0; i < branch; ++i) {
+        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
+    }
+    float* a = acts + offset;
+    float acc[PRE_DOWN_NTILES][4];
+    if (slices == 1) {
+        for (int tile_m = warp; tile_m < mt; tile_m += PRE_DOWN_WARPS) {
+            pre_down_unit<T>(acc, tile, stride, wd, m, cols, tile_m, 0, 1);
+            pre_down_store(acc, a, d, tile_m, tile0, per_branch);
+        }
+        return;
+    }
+    // S > 1: MT·S <= 8 units, at most one a warp; slices 1.. hand their sums to slice 0.
+    const bool active = warp < mt * slices;
+    const int tile_m = warp / slices;
+    const int slice = warp % slices;
+    if (active) {
+        pre_down_unit<T>(acc, tile, stride, wd, m, cols, tile_m, slice, slices);
+    }
+    float* partial = after_tile;  // [(S − 1)·MT][NTILES·4][32]
+    const int unit_floats = PRE_DOWN_NTILES * 4 * 32;
+    if (active && slice > 0) {
+#pragma unroll
+        for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                partial[((slice - 1) * mt + tile_m) * unit_floats + (nt * 4 + q) * 32 + lane] = acc[nt][q];
+            }
+        }
+    }
+    __syncthreads();
+    if (active && slice == 0) {
+        for (int s = 1; s < slices; ++s) {
+#pragma unroll
+            for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    acc[nt][q] += partial[((s - 1) * mt + tile_m) * unit_floats + (nt * 4 + q) * 32 + lane];
+                }
+            }
+        }
+        pre_down_store(acc, a, d, tile_m, tile0, per_branch);
+    }
+}
+
+// Grid (⌈B·T / PRE_DOWN_ROWS⌉, branches), block (32, PRE_DOWN_WARPS), shared memory as the header
+// above says (split_pre_down_smem_bytes). acts: [Σ_i B·T·m_i] f32; stats: [N·B·T, 2] or null;
+// h, r, γ, β in bf16 as adapter_split_pre_bf16io.
+extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_bf16io(
+    float* __restrict__ acts,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_down<bf16_raw, bf16_raw>(acts, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                                reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                                reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// f16 twin of adapter_split_pre_down_bf16io (f16_raw for bf16_raw: z and W_d rounded to f16).
+extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_f16io(
+    float* __restrict__ acts,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps)
+{
+    location_split_pre_down<f16_raw, f16_raw>(acts, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                              reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                              reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
 // ---- backward ---------------------------------------------------------------------------------------
 //
 // adapter_location_backward_f32: the gradient of adapter_location_forward_f32 for every branch of

@@ -303,8 +303,8 @@ fi
 # left alone, summed per kernel name by tools/ncu_summary.py ($OUT/ncu-step.md, the raw CSV in
 # $OUT/ncu-step.csv; NCU_TIMEOUT, default 300), then ncu's sections for the first launches of our
 # largest kernels ($OUT/ncu-detail.txt; NCU_DETAIL=0 leaves them out). None of it counts as a
-# failure of the check. CUDA_BENCH_STEP_VARIANT (default, share, cublaslt or share+cublaslt: the
-# tape's FrozenRows and the Linears' epilogues, benches/cuda.rs) picks the step both profile.
+# failure of the check. CUDA_BENCH_STEP_VARIANT (default, share, cublaslt, share+cublaslt or mma: the
+# tape's FrozenRows, the Linears' epilogues, the split down projection; benches/cuda.rs) picks the step both profile.
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/bench-cuda" ]; then
     echo | tee -a "$LOG"
     echo "== step profile ==" | tee -a "$LOG"

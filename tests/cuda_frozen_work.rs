@@ -162,3 +162,50 @@ fn the_forward_follows_the_location_path() {
         assert!(worst <= tol, "{device:?}: the split forward's last hidden state is {worst:e} from the fused one's (tol {tol:e})");
     }
 }
+
+/// With 16-bit activations on the split path, [`SplitDown::TensorCores`] takes each location's
+/// pre step and down products into one `adapter_split_pre_down_*` launch (the pre kernel and the
+/// down GEMMs go); the default keeps them. Parallel(pfeiffer, pfeiffer_b) over the tiny base in
+/// bf16 and in f16: 2 locations × 2 branches. A wiring check (the outputs of the two ways agree to
+/// a few 16-bit roundings); the kernel's numerics are tests/cuda_bf16_adapter.rs's.
+#[test]
+fn the_half_split_forward_takes_the_tensor_core_down_projection_when_asked() {
+    use bert_adapters::cuda::adapter::{LocationPath, SplitDown};
+    use bert_adapters::{DType, LoadOptions};
+    let mut devices = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    devices.push(Device::CudaSim);
+    if bert_adapters::cuda::probe::probe_gpu(0).is_ok() {
+        devices.push(Device::Cuda(0));
+    }
+    for device in devices {
+        for (half, name) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+            let mut outs = Vec::new();
+            for down in [SplitDown::Gemm, SplitDown::TensorCores] {
+                let be = Arc::new(CudaBackend::open(device).unwrap().with_location_path(LocationPath::Split).with_split_down(down).with_activations(half).unwrap());
+                let label = format!("{} {down:?}", be.name());
+                let dir = fixtures().join("tiny_bert");
+                let (mut model, _) = BertModel::from_dir(&dir, be.clone() as Arc<dyn Backend>, LoadOptions { dtype: half, ..LoadOptions::default() }).unwrap();
+                let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
+                for d in ["pfeiffer", "pfeiffer_b"] {
+                    model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+                }
+                model.set_active_adapters(Some(setup(&["pfeiffer", "pfeiffer_b"]))).unwrap();
+                let l = be.gpu().launch_counts();
+                let out = model.forward(&batch).unwrap();
+                let now = be.gpu().launch_counts().since(&l);
+                let (pre, pre_down) = (now.of(&format!("adapter_split_pre_{name}io")), now.of(&format!("adapter_split_pre_down_{name}io")));
+                match down {
+                    SplitDown::Gemm => assert_eq!((pre, pre_down), (2, 0), "{label}: {now:?}"),
+                    SplitDown::TensorCores => assert_eq!((pre, pre_down), (0, 2), "{label}: {now:?}"),
+                }
+                outs.push(be.to_host(&out.last_hidden_state).unwrap());
+            }
+            let (a, b) = (&outs[0], &outs[1]);
+            assert!(b.iter().all(|v| v.is_finite()), "{device:?} {name}: a non-finite output");
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 0.05 * (1.0 + scale), "{device:?} {name}: the tensor-core down projection moved the output by {worst} (max |out| {scale})");
+        }
+    }
+}

@@ -53,7 +53,8 @@ use super::registry::adapter::{
     ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_BF16IO,
     ADAPTER_LOCATION_GATE_F32, ADAPTER_SPLIT_BIAS_ACT_F32, ADAPTER_SPLIT_POST_BF16, ADAPTER_SPLIT_POST_BF16IO, ADAPTER_SPLIT_POST_F32, ADAPTER_SPLIT_PRE_BF16,
     ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32, ADAPTER_LOCATION_FORWARD_F16, ADAPTER_LOCATION_FORWARD_F16IO, ADAPTER_LOCATION_GATE_F16,
-    ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_PRE_F16, ADAPTER_SPLIT_PRE_F16IO,
+    ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_PRE_DOWN_BF16IO, ADAPTER_SPLIT_PRE_DOWN_F16IO, ADAPTER_SPLIT_PRE_F16,
+    ADAPTER_SPLIT_PRE_F16IO,
 };
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, DropoutSpec, LocationSteps};
@@ -357,6 +358,7 @@ pub struct LocationDescriptors<'w> {
     hidden: usize,
     steps: LocationSteps,
     tf32_products: bool,
+    split_down: SplitDown,
     _weights: PhantomData<&'w f32>,
 }
 
@@ -375,6 +377,63 @@ pub const ADAPTER_PRODUCTS_VAR: &str = "BERT_ADAPTERS_ADAPTER_PRODUCTS";
 /// The values of [`ADAPTER_PRODUCTS_VAR`]: whether TF32 is allowed.
 pub const ADAPTER_PRODUCTS: &[(&str, bool)] = &[("f32", false), ("tf32", true)];
 
+/// The environment variable that chooses [`SplitDown`] in the CUDA backend
+/// ([`super::backend::CudaBackend::split_down`]): `gemm` or `mma`.
+pub const SPLIT_DOWN_VAR: &str = "BERT_ADAPTERS_SPLIT_DOWN";
+
+/// How the split forward computes the down projection `a = act(z·W_dᵀ + b_d)` in the 16-bit
+/// pipelines (bf16 or f16 activations; f32 activations always take `Gemm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitDown {
+    /// The pre kernel writes z (f32) to the workspace, then a GEMM per branch (cuBLASLt on a GPU,
+    /// TF32 or strict fp32 as [`LocationDescriptors::tf32_products`] says) and, for activations
+    /// other than ReLU, a bias + activation pass.
+    #[default]
+    Gemm,
+    /// One launch, `adapter_split_pre_down_*`: each block keeps z for 32 rows in shared memory,
+    /// rounded to the pipeline's 16-bit type, and multiplies it by W_d (rounded likewise) on the
+    /// tensor cores (mma.sync, f32 accumulation), writing `a` with the bias and activation
+    /// applied. z never goes to memory: PyTorch autocast's arithmetic for the down Linear. Falls
+    /// back to `Gemm` where a block's tile does not fit the shared memory
+    /// ([`split_pre_down_smem_bytes`]).
+    TensorCores,
+}
+
+impl SplitDown {
+    /// `gemm` or `mma` (as [`SPLIT_DOWN_VAR`] spells them).
+    pub fn parse(v: &str) -> Result<SplitDown> {
+        super::probe::parse_choice(SPLIT_DOWN_VAR, v, Self::NAMES)
+    }
+
+    pub(crate) const NAMES: &[(&str, SplitDown)] = &[("gemm", SplitDown::Gemm), ("mma", SplitDown::TensorCores)];
+}
+
+/// Rows per block of `adapter_split_pre_down_*` (`PRE_DOWN_ROWS`) and its warps (`PRE_DOWN_WARPS`).
+pub const PRE_DOWN_ROWS: usize = 32;
+const PRE_DOWN_WARPS: usize = 8;
+
+/// Dynamic shared memory of an `adapter_split_pre_down_*` block for hidden size `hidden`,
+/// activations of `act_bytes` bytes and the branches' bottlenecks, in bytes (kernels/adapter.cu):
+/// the tile of z, 32 rows of `⌈H/16⌉·16 + 8` 16-bit values, then the larger of the 8 warps' row
+/// regions (the f32 row buffer and the staged h and r rows: [`split_forward_team_bytes`], staged)
+/// and the partial sums of the k slices (`(S − 1)·MT·16·32` floats for MT = ⌈m/16⌉ tiles of W_d,
+/// S = 8 / MT slices).
+pub fn split_pre_down_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: impl IntoIterator<Item = usize>) -> usize {
+    let kp = hidden.div_ceil(16) * 16;
+    let tile = stage_region_bytes(PRE_DOWN_ROWS * (kp + 8), 2);
+    let rows = PRE_DOWN_WARPS * split_forward_team_bytes(hidden, act_bytes, true);
+    let partials = bottlenecks
+        .into_iter()
+        .map(|m| {
+            let mt = m.div_ceil(16).max(1);
+            let slices = if mt >= PRE_DOWN_WARPS { 1 } else { PRE_DOWN_WARPS / mt };
+            (slices - 1) * mt * 16 * PRE_DOWN_ROWS * 4
+        })
+        .max()
+        .unwrap_or(0);
+    tile + rows.max(partials)
+}
+
 impl<'w> LocationDescriptors<'w> {
     /// Validates `branches` (see [`describe_branches`]) and uploads their descriptors to `gpu`,
     /// the device that holds the weights. `steps` is the location's pre step (the first child's
@@ -384,7 +443,17 @@ impl<'w> LocationDescriptors<'w> {
     pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
         let (host, ranges) = describe_branches(hidden, steps, branches)?;
         let buffer = gpu.upload_table(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
-        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products: false, _weights: PhantomData })
+        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products: false, split_down: SplitDown::Gemm, _weights: PhantomData })
+    }
+
+    /// How the split forward's down projection runs in the 16-bit pipelines ([`SplitDown`]).
+    pub fn with_split_down(mut self, down: SplitDown) -> Self {
+        self.split_down = down;
+        self
+    }
+    /// The split forward's down projection ([`LocationDescriptors::with_split_down`]).
+    pub fn split_down(&self) -> SplitDown {
+        self.split_down
     }
 
     /// Lets the split path's bottleneck products (the down and up projections, forward and
@@ -445,6 +514,7 @@ impl<'w> LocationDescriptors<'w> {
             hidden: self.hidden,
             steps: self.steps,
             tf32_products: self.tf32_products,
+            split_down: self.split_down,
             _weights: PhantomData,
         }
     }
@@ -915,6 +985,16 @@ fn split_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, Ke
     }
 }
 
+/// The tensor-core pre + down kernel for activations `A` and BERT LayerNorm `P`: the 16-bit
+/// pipelines only.
+fn split_pre_down_kernel<P: BaseScalar, A: ActivationScalar>() -> Option<KernelName> {
+    match (A::DTYPE, P::DTYPE) {
+        (DType::BF16, DType::BF16) => Some(ADAPTER_SPLIT_PRE_DOWN_BF16IO),
+        (DType::F16, DType::F16) => Some(ADAPTER_SPLIT_PRE_DOWN_F16IO),
+        _ => None,
+    }
+}
+
 /// The f32 workspace of the split path for `descriptors` at `shape`, in elements: the rows' z
 /// (then the up products) `[N·B·T, H]`, each branch's down product `[B·T, m_i]`, and the pre
 /// step's statistics `[N·B·T, 2]` when ρ is x after the original LayerNorm.
@@ -1044,8 +1124,31 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         }
     }
 
-    // Pre: z (and the statistics).
-    {
+    // The tensor-core pre + down kernel, where asked for, available and fitting.
+    let pre_down = match (descriptors.split_down(), split_pre_down_kernel::<P, A>()) {
+        (SplitDown::TensorCores, Some(kernel)) => {
+            let bytes = split_pre_down_smem_bytes(hidden, act_bytes, descriptors.descriptors().iter().map(|d| d.bottleneck as usize));
+            (bytes <= max_shared).then_some((kernel, bytes))
+        }
+        _ => None,
+    };
+
+    if let Some((kernel, bytes)) = pre_down {
+        // Pre and down: a of every branch (and the statistics); z stays on chip.
+        if bytes > gpu.dynamic_shared_limit(kernel) {
+            gpu.allow_dynamic_shared(kernel, bytes)?;
+        }
+        let cfg = LaunchConfig { grid_dim: (per_branch.div_ceil(PRE_DOWN_ROWS) as u32, branches as u32, 1), block_dim: (32, PRE_DOWN_WARPS as u32, 1), shared_mem_bytes: bytes as u32 };
+        // Parameter order: acts, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
+        // replicate, ln_eps.
+        let args = [window(n, at - n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        // SAFETY: the down products' windows of every branch, laid end to end from `n` as the
+        // kernel indexes them (Σ_{k<i} B·T·m_k), and the statistics (when passed, 2·N·B·T) are
+        // fresh workspace; h, r, γ, β were checked as for the fused launch; the grid covers B·T
+        // rows of each branch and the shared memory is the kernel's layout for these bottlenecks.
+        unsafe { gpu.launch(kernel, cfg, &args)? };
+    } else {
+        // Pre: z (and the statistics).
         // Parameter order: z, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
         // branches, replicate, ln_eps, stage.
         let args = [window(0, n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, KernelArg::I32(branches as i32), rep, KernelArg::F32(inputs.ln_eps), stage_arg];
@@ -1055,8 +1158,9 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         unsafe { gpu.launch(pre_kernel, cfg, &args)? };
     }
 
-    // The two products of each branch. The descriptors' weights were validated against H and m
-    // when they were built, and they stay borrowed (or, detached, alive by the owner's promise).
+    // The products of each branch (the down one unless the pre + down kernel made a). The
+    // descriptors' weights were validated against H and m when they were built, and they stay
+    // borrowed (or, detached, alive by the owner's promise).
     for (i, d) in descriptors.descriptors().iter().enumerate() {
         let m = d.bottleneck as usize;
         // SAFETY: see above: [m, H], [m], [H, m], [H] f32 arrays, not written during the launch.
@@ -1065,14 +1169,14 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         };
         let z = window(i * per_branch * hidden, per_branch * hidden)?;
         let a = window(offsets[i], per_branch * m)?;
-        // a = act(z·W_dᵀ + b_d): column-major aᵀ (m x B·T) = W_d (stored H x m, transposed) · zᵀ.
-        // ReLU goes into cuBLASLt's epilogue: max(x + b, 0) is exactly the kernel's function.
-        // Every other activation, gelu_new included, is adapter_split_bias_act_f32 (the fused
-        // kernel's adapter_activation): cuBLASLt's GELU epilogue is the same tanh formula, but
-        // its tanh is unspecified (tests/gemm.rs allows it 1e-3 relative: tanh.approx.f32 is
-        // within 2^-11), which the fp32 bound of 1e-5 would not survive.
-        let epilogue = if d.activation == 0 { Epilogue::ReluBias } else { Epilogue::None };
-        {
+        if pre_down.is_none() {
+            // a = act(z·W_dᵀ + b_d): column-major aᵀ (m x B·T) = W_d (stored H x m, transposed) · zᵀ.
+            // ReLU goes into cuBLASLt's epilogue: max(x + b, 0) is exactly the kernel's function.
+            // Every other activation, gelu_new included, is adapter_split_bias_act_f32 (the fused
+            // kernel's adapter_activation): cuBLASLt's GELU epilogue is the same tanh formula, but
+            // its tanh is unspecified (tests/gemm.rs allows it 1e-3 relative: tanh.approx.f32 is
+            // within 2^-11), which the fp32 bound of 1e-5 would not survive.
+            let epilogue = if d.activation == 0 { Epilogue::ReluBias } else { Epilogue::None };
             // SAFETY: the branch's own window of the down products, read by nothing meanwhile.
             let mut a_out = unsafe { a.assume_writable() };
             let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(epilogue).with_tf32(descriptors.tf32_products());
@@ -1085,8 +1189,8 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
                 unsafe { gpu.launch(ADAPTER_SPLIT_BIAS_ACT_F32, super::elementwise::flat_launch(len), &args)? };
             }
         }
-        // up = a·W_uᵀ + b_u over the branch's z, which is no longer read.
-        // SAFETY: the branch's rows of zu; its z was consumed by the down product above.
+        // up = a·W_uᵀ + b_u over the branch's rows of zu (z, when it was written, is no longer read).
+        // SAFETY: the branch's rows of zu, read by nothing meanwhile.
         let mut u = unsafe { z.assume_writable() };
         let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wu, &a, &mut u, Some(&bu))?;
