@@ -58,8 +58,8 @@
 //!   `bf16_replayed_share` (`FrozenRows::Share`: the tape keeps views of tasknn's rows, no
 //!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
 //!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both;
-//!   `bf16_replayed_mma` (`SplitDown::TensorCores`: each adapter location's pre step and down
-//!   product in one tensor-core kernel, z never in memory). Throughput: B·T positions (padding included) per step.
+//!   `bf16_replayed_mma` (`SplitForward::TensorCores`: each adapter location's forward in two
+//!   tensor-core kernels, z and up never in memory). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
@@ -81,7 +81,7 @@ use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
     adapter_location_forward_split_with_plan, backward_workspace_len, split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace,
-    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging, SplitDown,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging, SplitForward,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
@@ -921,15 +921,15 @@ struct Step {
 struct StepVariant {
     frozen_rows: FrozenRows,
     linear_epilogue: Option<LinearEpilogue>,
-    split_down: Option<SplitDown>,
+    split_forward: Option<SplitForward>,
 }
 
 impl StepVariant {
-    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None, split_down: None };
+    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None, split_forward: None };
     const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, ..StepVariant::DEFAULT };
     const CUBLASLT: StepVariant = StepVariant { linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
     const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
-    const MMA: StepVariant = StepVariant { split_down: Some(SplitDown::TensorCores), ..StepVariant::DEFAULT };
+    const MMA: StepVariant = StepVariant { split_forward: Some(SplitForward::TensorCores), ..StepVariant::DEFAULT };
 
     /// The variants as `CUDA_BENCH_STEP_VARIANT` spells them.
     const NAMES: [(&'static str, StepVariant); 5] =
@@ -970,8 +970,8 @@ impl Step {
                 if let Some(e) = variant.linear_epilogue {
                     b = b.with_linear_epilogue(e);
                 }
-                if let Some(down) = variant.split_down {
-                    b = b.with_split_down(down);
+                if let Some(down) = variant.split_forward {
+                    b = b.with_split_forward(down);
                 }
                 Arc::new(b)
             }
@@ -1088,8 +1088,7 @@ fn train_step_shape(c: &mut Criterion, bench: &Bench, d: Dims, (b, t): (usize, u
     // Variants of the bf16 replayed step, each on a model of its own: `_share` with
     // FrozenRows::Share (no copies of the live branch's rows into the tape), `_cublaslt` with
     // LinearEpilogue::Cublaslt (the frozen Linears' biases added by cuBLASLt, no f32 D).
-    // `_mma` with SplitDown::TensorCores (the split forward's pre step and down product in one
-    // tensor-core kernel).
+    // `_mma` with SplitForward::TensorCores (the split forward in two tensor-core kernels).
     let mut states: [Option<Step>; 7] = [None, None, None, None, None, None, None];
     let functions = [
         ("launched", false, DType::F32, StepVariant::DEFAULT),

@@ -90,7 +90,10 @@
 // Split forward (`adapter_split_pre_*`, `adapter_split_post_*`, `adapter_split_bias_act_f32`;
 // section "split forward" below): the same location in a pre kernel, the two bottleneck products
 // per branch on GEMMs (cuBLASLt), and a post kernel, reusing this file's pre-step, up-epilogue and
-// post-step device functions; the launcher picks the path (cuda::adapter::LocationPath).
+// post-step device functions; the launcher picks the path (cuda::adapter::LocationPath). In the
+// 16-bit pipelines the split forward can instead run as two tensor-core kernels
+// (`adapter_split_pre_down_*`, `adapter_split_up_post_*`; cuda::adapter::SplitForward), whose
+// bottleneck products are mma.sync over tiles of 32 rows kept in shared memory.
 
 // Threads per block of the forward and gate kernels: they need about 100 registers a thread
 // (ptxas, sm_80), so 1024 threads would not fit the 64K-register file; the launcher's plans stay
@@ -1254,14 +1257,14 @@ extern "C" __global__ void adapter_split_bias_act_f32(
 
 // ---- split forward: the pre step and the down projection on tensor cores ---------------------
 //
-// adapter_split_pre_down_bf16io / _f16io (cuda::adapter::SplitDown::TensorCores): the split
+// adapter_split_pre_down_bf16io / _f16io (cuda::adapter::SplitForward::TensorCores): the split
 // path's pre kernel and its down products in one launch, for the 16-bit pipelines. z never goes
 // to memory: a block computes z for a tile of ROWS rows, keeps it in shared memory rounded to the
 // pipeline's 16-bit type, and multiplies it by W_d on the tensor cores (mma.sync m16n8k16,
 // common.cuh) with f32 accumulators; the epilogue writes a = act(z·W_dᵀ + b_d) in f32, where the
-// up product reads it. This is PyTorch autocast's arithmetic for the down Linear (its input and
-// weight in bf16 / f16, f32 accumulation); the pre step and the activation are the f32 device
-// functions of the split pre kernel and adapter_split_bias_act_f32.
+// up product (adapter_split_up_post_*) reads it. This is PyTorch autocast's arithmetic for the
+// down Linear (its input and weight in bf16 / f16, f32 accumulation); the pre step and the
+// activation are the f32 device functions of the split pre kernel and adapter_split_bias_act_f32.
 //
 // Mapping: grid (⌈B·T / ROWS⌉, branches), a block of 8 warps holds ROWS = 32 rows of one branch.
 //   row phase   warp w computes rows w, w + 8, w + 16, w + 24 of the tile as a row team (each
@@ -1301,18 +1304,19 @@ struct alignas(8) WeightPair {
     float lo, hi;
 };
 
-// One 16-bit pair of W_d row j (columns k, k + 1), rounded into an mma register; zero past m or H.
-// `whole`: the unit's 16 rows and the k step's 16 columns all exist and the pair is 8-byte aligned
-// (even H, aligned W_d; warp-uniform), so the pair is one 8-byte load with no bounds tests.
+// One 16-bit pair of row j of a row-major f32 weight [rows, len] (columns k, k + 1), rounded
+// into an mma register; zero past its rows or its row length. `whole`: the whole fragment's rows
+// and k step exist and the pair is 8-byte aligned (even length, aligned weight; warp-uniform),
+// so the pair is one 8-byte load with no bounds tests.
 template <typename T>
-__device__ __forceinline__ unsigned pre_down_weights(const float* __restrict__ wd, int m, int cols, int j, int k, bool whole) {
-    const float* w = wd + (size_t)j * (size_t)cols + k;
+__device__ __forceinline__ unsigned weight_pair(const float* __restrict__ w, int rows, int len, int j, int k, bool whole) {
+    const float* p = w + (size_t)j * (size_t)len + k;
     if (whole) {
-        const WeightPair p = *reinterpret_cast<const WeightPair*>(w);
-        return pack2((const T*)nullptr, p.lo, p.hi);
+        const WeightPair v = *reinterpret_cast<const WeightPair*>(p);
+        return pack2((const T*)nullptr, v.lo, v.hi);
     }
-    const float lo = j < m && k < cols ? w[0] : 0.0f;
-    const float hi = j < m && k + 1 < cols ? w[1] : 0.0f;
+    const float lo = j < rows && k < len ? p[0] : 0.0f;
+    const float hi = j < rows && k + 1 < len ? p[1] : 0.0f;
     return pack2((const T*)nullptr, lo, hi);
 }
 
@@ -1336,8 +1340,8 @@ __device__ __forceinline__ void pre_down_unit(float (&acc)[PRE_DOWN_NTILES][4], 
     for (int ks = ksteps * slice / slices; ks < ksteps * (slice + 1) / slices; ++ks) {
         const int k = ks * 16 + 2 * t;
         const bool whole = aligned && ks * 16 + 16 <= cols;
-        const unsigned a[4] = {pre_down_weights<T>(wd, m, cols, j0 + g, k, whole), pre_down_weights<T>(wd, m, cols, j0 + g + 8, k, whole),
-                               pre_down_weights<T>(wd, m, cols, j0 + g, k + 8, whole), pre_down_weights<T>(wd, m, cols, j0 + g + 8, k + 8, whole)};
+        const unsigned a[4] = {weight_pair<T>(wd, m, cols, j0 + g, k, whole), weight_pair<T>(wd, m, cols, j0 + g + 8, k, whole),
+                               weight_pair<T>(wd, m, cols, j0 + g, k + 8, whole), weight_pair<T>(wd, m, cols, j0 + g + 8, k + 8, whole)};
 #pragma unroll
         for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
             const unsigned short* zr = tile + (nt * 8 + g) * stride + k;
@@ -1515,6 +1519,219 @@ extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS
     location_split_pre_down<f16_raw, f16_raw>(acts, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
                                               reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
                                               reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+}
+
+// ---- split forward: the up projection and the post step on tensor cores ---------------------
+//
+// adapter_split_up_post_bf16io / _f16io (cuda::adapter::SplitForward::TensorCores, after
+// adapter_split_pre_down_*): the up products and the split path's post kernel in one launch. A
+// block of 8 warps takes ROWS = 32 rows of one branch:
+//   a tile      A = a rounded to the 16-bit type, [ROWS][MP + 8] (MP = m rounded up to 16, zero
+//               past m and past B·T);
+//   mma phase   up = A·W_uᵀ ([ROWS][H]): B = W_uᵀ (W_u is row-major [H, m], so column c of B is
+//               row c of W_u, contiguous in k), read from global f32 and rounded into fragments;
+//               warp w takes column tiles of 8 in chunks of UP_POST_NCHUNK (chunks w, w + 8, ...)
+//               for both 16-row halves of the tile over all MP/16 k steps, and stores
+//               up + b_u rounded to the 16-bit type (one rounding, as autocast's Linear) into the
+//               up tile [ROWS][H8 + 8] (H8 = H rounded up to 8; the padding spreads the banks);
+//   row phase   warp w finishes rows w, w + 8, ... as adapter_split_post_* does (h and r staged,
+//               adapter_up_epilogue, location_post_row), reading up from the tile.
+// So up never goes to memory. Shared memory (split_up_post_smem_bytes in the launcher): the a
+// tile, the up tile, then the 8 warps' row regions (the f32 row buffer and staged h, r).
+#define UP_POST_ROWS 32
+#define UP_POST_WARPS 8
+#define UP_POST_NCHUNK 4
+// As PRE_DOWN_MIN_BLOCKS: BERT-base's ~104 KB a block fit two on sm_90 (116 registers, no spills).
+#define UP_POST_MIN_BLOCKS 2
+
+__device__ __forceinline__ int up_post_a_stride(int m) { return (m + 15) / 16 * 16 + 8; }
+__device__ __forceinline__ int up_post_up_stride(int cols) { return (cols + 7) / 8 * 8 + 8; }
+
+template <typename T, typename P>
+__device__ __forceinline__ void location_split_up_post(T* __restrict__ out, const float* __restrict__ acts, const float* __restrict__ stats,
+                                                       const float* __restrict__ gate, const T* __restrict__ h, const T* __restrict__ r,
+                                                       const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
+                                                       const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
+                                                       int replicate, float ln_eps, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
+                                                       unsigned seed_hi) {
+    extern __shared__ float adapter_up_post_smem[];
+    __shared__ float scratch[32];  // team_sum's (not touched: a team is one warp)
+
+    const int per_branch = batch * seq_len;
+    const int branch = blockIdx.y;
+    const int tile0 = blockIdx.x * UP_POST_ROWS;
+    const AdapterBranchDesc& d = descs[branch];
+    const int m = d.bottleneck;
+    const int mp = (m + 15) / 16 * 16;
+    const int a_stride = up_post_a_stride(m);
+    const int u_stride = up_post_up_stride(cols);
+    unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_up_post_smem);
+    unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(UP_POST_ROWS * a_stride, 2));
+    char* rows_region = reinterpret_cast<char*>(u_tile) + stage_region_bytes(UP_POST_ROWS * u_stride, 2);
+    const int warp = threadIdx.y;
+    const int lane = threadIdx.x;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+
+    // The a tile.
+    size_t offset = 0;
+    for (int i = 0; i < branch; ++i) {
+        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
+    }
+    const float* a = acts + offset;
+    for (int tr = warp; tr < UP_POST_ROWS; tr += UP_POST_WARPS) {
+        const int local = tile0 + tr;
+        for (int j = lane; j < mp; j += 32) {
+            T v;
+            store_f32(&v, j < m && local < per_branch ? a[(size_t)local * (size_t)m + j] : 0.0f);
+            a_tile[tr * a_stride + j] = v.bits;
+        }
+    }
+    __syncthreads();
+
+    // Mma phase: the up tile.
+    const float* wu = desc_ptr(d.up_w);
+    const float* bu = desc_ptr(d.up_b);
+    const int ntiles = (cols + 7) / 8;
+    const bool aligned = m % 16 == 0 && ((unsigned long long)wu & 7ull) == 0;
+    for (int n0 = warp * UP_POST_NCHUNK; n0 < ntiles; n0 += UP_POST_WARPS * UP_POST_NCHUNK) {
+        const bool whole = aligned && (n0 + UP_POST_NCHUNK) * 8 <= cols;
+        float acc[2][UP_POST_NCHUNK][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int nc = 0; nc < UP_POST_NCHUNK; ++nc) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    acc[mt][nc][q] = 0.0f;
+                }
+            }
+        }
+        for (int ks = 0; ks < mp / 16; ++ks) {
+            const int k = ks * 16 + 2 * t;
+            unsigned fa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const unsigned short* ar = a_tile + (mt * 16 + g) * a_stride + k;
+                fa[mt][0] = *reinterpret_cast<const unsigned*>(ar);
+                fa[mt][1] = *reinterpret_cast<const unsigned*>(ar + 8 * a_stride);
+                fa[mt][2] = *reinterpret_cast<const unsigned*>(ar + 8);
+                fa[mt][3] = *reinterpret_cast<const unsigned*>(ar + 8 * a_stride + 8);
+            }
+#pragma unroll
+            for (int nc = 0; nc < UP_POST_NCHUNK; ++nc) {
+                const int n = (n0 + nc) * 8 + g;  // the output column: row n of W_u
+                const unsigned b[2] = {weight_pair<T>(wu, cols, m, n, k, whole), weight_pair<T>(wu, cols, m, n, k + 8, whole)};
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    const float c[4] = {acc[mt][nc][0], acc[mt][nc][1], acc[mt][nc][2], acc[mt][nc][3]};
+                    mma_m16n8k16((const T*)nullptr, acc[mt][nc], fa[mt], b, c);
+                }
+            }
+        }
+        // up + b_u, rounded once, into the up tile (accumulator q: row 16·mt + g + 8·(q/2),
+        // column 8·(n0 + nc) + 2t + q%2).
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int nc = 0; nc < UP_POST_NCHUNK; ++nc) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int c = (n0 + nc) * 8 + 2 * t + (q & 1);
+                    if (c < cols) {
+                        T v;
+                        store_f32(&v, acc[mt][nc][q] + bu[c]);
+                        u_tile[(mt * 16 + g + 8 * (q >> 1)) * u_stride + c] = v.bits;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // Row phase: the post kernel's epilogue and post step over the up tile.
+    char* team = rows_region + (size_t)warp * (size_t)(stage_region_bytes(cols, sizeof(float)) + 2 * stage_region_bytes(cols, sizeof(T)));
+    float* xs = reinterpret_cast<float*>(team);
+    const float s_uniform = adapter_uniform_scaling(d);
+    const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
+    for (int tr = warp; tr < UP_POST_ROWS; tr += UP_POST_WARPS) {
+        const int local = tile0 + tr;
+        if (local >= per_branch) {
+            break;  // warp-uniform: the later rows of this warp are past the end too
+        }
+        const int row = branch * per_branch + local;
+        const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
+        const T* hr = h + src;
+        const T* rr = r + src;
+        __syncwarp(FULL_WARP_MASK);  // the previous row's staged h and r are read
+        team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(team + stage_region_bytes(cols, sizeof(float)), cols, hr, rr);
+        __syncwarp(FULL_WARP_MASK);
+        const float pre_mean = stats != nullptr ? stats[2 * (size_t)row] : 0.0f;
+        const float pre_rstd = stats != nullptr ? stats[2 * (size_t)row + 1] : 0.0f;
+        const float gv = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
+        const unsigned long long drop_row = (unsigned long long)local * (unsigned long long)cols;  // in the branch's block
+        const unsigned short* ur = u_tile + tr * u_stride;
+        for (int c = lane; c < cols; c += 32) {
+            T v;
+            v.bits = ur[c];
+            xs[c] = adapter_up_epilogue(load_f32(&v), d, c, s_uniform, key, drop_row, gv);
+        }
+        location_post_row(xs, out + (size_t)row * (size_t)cols, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
+    }
+}
+
+// Grid (⌈B·T / UP_POST_ROWS⌉, branches), block (32, UP_POST_WARPS), shared memory as the header
+// above says (split_up_post_smem_bytes). acts: the down products as adapter_split_pre_down_*
+// wrote them; the other operands as adapter_split_post_bf16io.
+extern "C" __global__ __launch_bounds__(UP_POST_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_bf16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ acts,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_up_post<bf16_raw, bf16_raw>(reinterpret_cast<bf16_raw*>(out), acts, stats, gate, reinterpret_cast<const bf16_raw*>(h),
+                                               reinterpret_cast<const bf16_raw*>(r), reinterpret_cast<const bf16_raw*>(ln_gamma),
+                                               reinterpret_cast<const bf16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                               batch, seq_len, hidden, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// f16 twin of adapter_split_up_post_bf16io (f16_raw for bf16_raw: a, W_u and up rounded to f16).
+extern "C" __global__ __launch_bounds__(UP_POST_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_f16io(
+    unsigned short* __restrict__ out,
+    const float* __restrict__ acts,
+    const float* __restrict__ stats,
+    const float* __restrict__ gate,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi)
+{
+    location_split_up_post<f16_raw, f16_raw>(reinterpret_cast<f16_raw*>(out), acts, stats, gate, reinterpret_cast<const f16_raw*>(h),
+                                             reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
+                                             reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
+                                             batch, seq_len, hidden, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------

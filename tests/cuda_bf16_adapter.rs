@@ -45,7 +45,7 @@ use bert_adapters::config::ResidualBeforeLn;
 use bert_adapters::cpu::reference::{activation, linear, residual_layernorm};
 use bert_adapters::cuda::adapter::{
     adapter_location_forward_on, adapter_location_forward_split_with_plan, adapter_location_forward_with_plan, BranchWeights, RowStaging,
-    LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, SplitDown,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, SplitForward,
 };
 use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, Gpu};
 use bert_adapters::cuda::probe::report_line;
@@ -192,9 +192,9 @@ impl Case {
     /// The plain bf16 location: the CPU reference's composition (src/cpu/adapter.rs), each op's
     /// output rounded to bf16 as PyTorch's bf16 ops would; products and LayerNorm statistics
     /// accumulate in f64 (the reference's `linear` / `residual_layernorm`) and round once.
-    /// `round_w_d`: W_d rounded to `H` too, as PyTorch's autocast rounds a Linear's weight (what
-    /// the tensor-core down projection, [`SplitDown::TensorCores`], multiplies).
-    fn plain<H: Half>(&self, round_w_d: bool) -> Vec<f32> {
+    /// `round_weights`: W_d and W_u rounded to `H` too, as PyTorch's autocast rounds a Linear's
+    /// weight (what the tensor-core products, [`SplitForward::TensorCores`], multiply).
+    fn plain<H: Half>(&self, round_weights: bool) -> Vec<f32> {
         let hd = self.hidden;
         let ln = |x: &[f32], g: &[f32], b: &[f32], eps: f32| round_all_in::<H>(&residual_layernorm(x, None, g, b, hd, eps).y);
         let add = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| round_in::<H>(x + y)).collect() };
@@ -217,10 +217,10 @@ impl Case {
                 Some((g, b)) => ln(xi, &data(g), &data(b), ADAPTER_EPS),
                 None => xi.to_vec(),
             };
-            let w_d = if round_w_d { round_all_in::<H>(&data(&br.down_w)) } else { data(&br.down_w) };
-            let pre = round_all_in::<H>(&linear(&z0, &w_d, Some(&data(&br.down_b)), rows, hd, m));
+            let weight = |w: &_| if round_weights { round_all_in::<H>(&data(w)) } else { data(w) };
+            let pre = round_all_in::<H>(&linear(&z0, &weight(&br.down_w), Some(&data(&br.down_b)), rows, hd, m));
             let act = round_all_in::<H>(&activation(&pre, br.spec.act));
-            let up = round_all_in::<H>(&linear(&act, &data(&br.up_w), Some(&data(&br.up_b)), rows, m, hd));
+            let up = round_all_in::<H>(&linear(&act, &weight(&br.up_w), Some(&data(&br.up_b)), rows, m, hd));
             let s: Vec<f32> = match (br.spec.scale, &br.scaling) {
                 (Scale::Fixed(s), _) => vec![s; hd],
                 (Scale::Learned, Some(t)) => vec![data(t)[0]; hd],
@@ -272,14 +272,14 @@ fn forward<P: BaseScalar, A: ActivationScalar>(gpu: &Gpu, inputs: &LocationInput
 /// `_f16io` kernels) or with f32 ones (the `_bf16` / `_f16` kernels, for the exactness check).
 /// Outputs start as NaN.
 fn run<H: Io>(gpu: &Gpu, case: &Case, io: bool, path: LocationPath, plan: Option<LocationPlan>) -> Result<Outputs, Error> {
-    run_with::<H>(gpu, case, io, path, plan, SplitDown::Gemm)
+    run_with::<H>(gpu, case, io, path, plan, SplitForward::Gemm)
 }
 
 /// As [`run`], with the split forward's down projection as `down` says.
-fn run_with<H: Io>(gpu: &Gpu, case: &Case, io: bool, path: LocationPath, plan: Option<LocationPlan>, down: SplitDown) -> Result<Outputs, Error> {
+fn run_with<H: Io>(gpu: &Gpu, case: &Case, io: bool, path: LocationPath, plan: Option<LocationPlan>, down: SplitForward) -> Result<Outputs, Error> {
     let branches: Vec<DeviceBranch> = case.branches.iter().map(|b| DeviceBranch::upload(gpu, b)).collect();
     let weights: Vec<BranchWeights> = branches.iter().map(DeviceBranch::weights).collect();
-    let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?.with_split_down(down);
+    let descriptors = LocationDescriptors::new(gpu, case.hidden, case.steps, &weights)?.with_split_forward(down);
     let (gamma, beta) = (gpu.upload(&to_half::<H>(&case.gamma))?, gpu.upload(&to_half::<H>(&case.beta))?);
     let shape = case.shape();
     let n_out = shape.branches * case.block();
@@ -450,14 +450,16 @@ fn location_kinds<H: Io>(gpu: &Gpu) {
 }
 test_both!(io_location_kinds_within_twice_plain, location_kinds);
 
-/// The split path with the tensor-core down projection ([`SplitDown::TensorCores`],
-/// `adapter_split_pre_down_*`): z and W_d rounded to `H` on the tensor cores, f32 accumulation.
-/// The rule against a plain twin that rounds W_d too (autocast's arithmetic), over the sweep's
-/// cases (H = 40 pads the k steps; bottlenecks 1..48 take 8, 4 and 2 k slices; T = 33 makes
-/// partial 32-row tiles; N = 3 mixes bottlenecks), the location kinds above (the pre step's
-/// statistics), BERT-base's H = 768, and a bottleneck of 130 (9 tiles of W_d: a warp takes two).
-/// The gate, unchanged by the path, as in `check`.
-fn tensor_core_down<H: Io>(gpu: &Gpu) {
+/// The split forward on tensor cores ([`SplitForward::TensorCores`]: `adapter_split_pre_down_*`
+/// and `adapter_split_up_post_*`): z, a, W_d and W_u rounded to `H` for the tensor cores, f32
+/// accumulation, up + b_u rounded once. The rule against a plain twin that rounds W_d and W_u too
+/// (autocast's arithmetic), over the sweep's cases (H = 40 pads the k steps and the last column
+/// tile; bottlenecks 1..48 take 8, 4 and 2 k slices of the down product and pad its k steps for
+/// the up one; T = 33 makes partial 32-row tiles; N = 3 mixes bottlenecks; gates, scalings, the
+/// adapter's LayerNorms), the location kinds above (the pre step's statistics), BERT-base's
+/// H = 768, and a bottleneck of 130 (9 tiles of W_d: a warp takes two). The gate, unchanged by
+/// the path, as in `check`.
+fn tensor_core_forward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a3a_ada9);
     let (full, plain) = (BranchSpec::full, BranchSpec::plain);
     let mut cases = sweep_cases::<H>(&mut rng);
@@ -467,15 +469,17 @@ fn tensor_core_down<H: Io>(gpu: &Gpu) {
     cases.push(Case::random::<H>(&mut rng, 1, 40, 768, false, PFEIFFER, &[full(48, Activation::Relu, Scale::Channel, false), plain(48, Activation::Relu)]));
     let mut rows = Vec::new();
     for case in &cases {
-        let label = format!("{} {} tensor-core down {}", H::NAME, gpu.describe(), case.label());
+        let label = format!("{} {} tensor-core forward {}", H::NAME, gpu.describe(), case.label());
         let before = gpu.launch_counts();
-        let got = run_with::<H>(gpu, case, true, LocationPath::Split, None, SplitDown::TensorCores).unwrap_or_else(|e| panic!("{label}: {e}"));
-        // One pre + down launch in place of the pre kernel, and only the up products on GEMMs.
+        let got = run_with::<H>(gpu, case, true, LocationPath::Split, None, SplitForward::TensorCores).unwrap_or_else(|e| panic!("{label}: {e}"));
+        // One pre + down and one up + post launch in place of the pre and post kernels, no GEMM.
         let ran = gpu.launch_counts().since(&before);
-        let kernel = format!("adapter_split_pre_down_{}io", H::NAME);
-        assert_eq!(ran.kernels.get(kernel.as_str()).copied(), Some(1), "{label}: launches {:?}", ran.kernels);
-        assert!(!ran.kernels.keys().any(|k| k.starts_with("adapter_split_pre_") && !k.starts_with("adapter_split_pre_down")), "{label}: launches {:?}", ran.kernels);
-        assert_eq!(ran.gemm_calls, case.branches.len() as u64, "{label}: GEMM calls");
+        for kernel in [format!("adapter_split_pre_down_{}io", H::NAME), format!("adapter_split_up_post_{}io", H::NAME)] {
+            assert_eq!(ran.kernels.get(kernel.as_str()).copied(), Some(1), "{label}: launches {:?}", ran.kernels);
+        }
+        let gated = case.branches.iter().any(|b| b.gate.is_some());
+        assert_eq!(ran.kernels.values().sum::<u64>(), 2 + u64::from(gated), "{label}: launches {:?} (the gate's own when a branch gates)", ran.kernels);
+        assert_eq!(ran.gemm_calls, 0, "{label}: GEMM calls");
         let want = case.reference();
         let moved = want.iter().zip(&case.without_adapters()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(moved > 0.5, "{label}: the adapters move the output by only {moved}");
@@ -486,9 +490,9 @@ fn tensor_core_down<H: Io>(gpu: &Gpu) {
         }
         rows.push((case.label(), (err, plain_err, gerr, gplain)));
     }
-    report::<H>(gpu, "tensor-core down", &rows);
+    report::<H>(gpu, "tensor-core forward", &rows);
 }
-test_both!(io_tensor_core_down_within_twice_plain, tensor_core_down);
+test_both!(io_tensor_core_forward_within_twice_plain, tensor_core_forward);
 
 /// The adapter's own dropout in the bf16io kernels (the shared templated body): its output is the
 /// `_bf16` kernel's (f32 h, r, out) on the widened inputs, rounded once (bit for bit on the

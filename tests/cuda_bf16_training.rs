@@ -41,7 +41,7 @@ mod plain_bf16;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bert_adapters::cuda::adapter::SplitDown;
+use bert_adapters::cuda::adapter::SplitForward;
 use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
@@ -66,17 +66,17 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         v.push(split.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm));
         // And with PyTorch's arithmetic where we offer it: cuBLASLt adding the Linears' biases
         // (the sim's executor rounds once, so this checks the wiring: the activations and
-        // dropouts as passes of their own) and the down projections on tensor cores (z and W_d
-        // rounded, SplitDown::TensorCores).
+        // dropouts as passes of their own) and the adapters' forward products on tensor cores
+        // (z, a and the weights rounded, SplitForward::TensorCores).
         let lt = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
-        v.push(lt.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_down(SplitDown::TensorCores));
+        v.push(lt.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
     }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => {
             v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")));
             // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90, and the
-            // tensor-core down projections.
-            v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_down(SplitDown::TensorCores));
+            // adapters' tensor-core forward.
+            v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
         }
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
         Err(_) => {}

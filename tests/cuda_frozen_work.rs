@@ -163,14 +163,14 @@ fn the_forward_follows_the_location_path() {
     }
 }
 
-/// With 16-bit activations on the split path, [`SplitDown::TensorCores`] takes each location's
-/// pre step and down products into one `adapter_split_pre_down_*` launch (the pre kernel and the
-/// down GEMMs go); the default keeps them. Parallel(pfeiffer, pfeiffer_b) over the tiny base in
+/// With 16-bit activations on the split path, [`SplitForward::TensorCores`] runs each location's
+/// forward as one `adapter_split_pre_down_*` and one `adapter_split_up_post_*` launch (the pre
+/// and post kernels and the bottleneck GEMMs go); the default keeps them. Parallel(pfeiffer, pfeiffer_b) over the tiny base in
 /// bf16 and in f16: 2 locations × 2 branches. A wiring check (the outputs of the two ways agree to
 /// a few 16-bit roundings); the kernel's numerics are tests/cuda_bf16_adapter.rs's.
 #[test]
-fn the_half_split_forward_takes_the_tensor_core_down_projection_when_asked() {
-    use bert_adapters::cuda::adapter::{LocationPath, SplitDown};
+fn the_half_split_forward_takes_the_tensor_core_kernels_when_asked() {
+    use bert_adapters::cuda::adapter::{LocationPath, SplitForward};
     use bert_adapters::{DType, LoadOptions};
     let mut devices = Vec::new();
     #[cfg(feature = "cuda-sim")]
@@ -181,8 +181,8 @@ fn the_half_split_forward_takes_the_tensor_core_down_projection_when_asked() {
     for device in devices {
         for (half, name) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
             let mut outs = Vec::new();
-            for down in [SplitDown::Gemm, SplitDown::TensorCores] {
-                let be = Arc::new(CudaBackend::open(device).unwrap().with_location_path(LocationPath::Split).with_split_down(down).with_activations(half).unwrap());
+            for down in [SplitForward::Gemm, SplitForward::TensorCores] {
+                let be = Arc::new(CudaBackend::open(device).unwrap().with_location_path(LocationPath::Split).with_split_forward(down).with_activations(half).unwrap());
                 let label = format!("{} {down:?}", be.name());
                 let dir = fixtures().join("tiny_bert");
                 let (mut model, _) = BertModel::from_dir(&dir, be.clone() as Arc<dyn Backend>, LoadOptions { dtype: half, ..LoadOptions::default() }).unwrap();
@@ -194,10 +194,10 @@ fn the_half_split_forward_takes_the_tensor_core_down_projection_when_asked() {
                 let l = be.gpu().launch_counts();
                 let out = model.forward(&batch).unwrap();
                 let now = be.gpu().launch_counts().since(&l);
-                let (pre, pre_down) = (now.of(&format!("adapter_split_pre_{name}io")), now.of(&format!("adapter_split_pre_down_{name}io")));
+                let kernels = ["adapter_split_pre", "adapter_split_post", "adapter_split_pre_down", "adapter_split_up_post"].map(|k| now.of(&format!("{k}_{name}io")));
                 match down {
-                    SplitDown::Gemm => assert_eq!((pre, pre_down), (2, 0), "{label}: {now:?}"),
-                    SplitDown::TensorCores => assert_eq!((pre, pre_down), (0, 2), "{label}: {now:?}"),
+                    SplitForward::Gemm => assert_eq!(kernels, [2, 2, 0, 0], "{label}: {now:?}"),
+                    SplitForward::TensorCores => assert_eq!(kernels, [0, 0, 2, 2], "{label}: {now:?}"),
                 }
                 outs.push(be.to_host(&out.last_hidden_state).unwrap());
             }
@@ -205,7 +205,7 @@ fn the_half_split_forward_takes_the_tensor_core_down_projection_when_asked() {
             assert!(b.iter().all(|v| v.is_finite()), "{device:?} {name}: a non-finite output");
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(worst <= 0.05 * (1.0 + scale), "{device:?} {name}: the tensor-core down projection moved the output by {worst} (max |out| {scale})");
+            assert!(worst <= 0.05 * (1.0 + scale), "{device:?} {name}: the tensor-core forward moved the output by {worst} (max |out| {scale})");
         }
     }
 }

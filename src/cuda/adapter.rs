@@ -13,7 +13,9 @@
 //!   ([`adapter_location_forward_split`]: a pre kernel, the two bottleneck products per branch on
 //!   [`Gpu::gemm`], a post kernel; the same semantics and dropout masks, few launches, no weight
 //!   re-read per row). [`LocationPath::auto`] takes Split on a GPU and Fused on cuda-sim;
-//!   [`adapter_location_forward_on`] dispatches. The backward has the same two paths
+//!   [`adapter_location_forward_on`] dispatches. In the 16-bit pipelines the split forward can
+//!   run its products on tensor cores instead ([`SplitForward::TensorCores`]: two launches a
+//!   location, no GEMM). The backward has the same two paths
 //!   ([`adapter_location_backward`], [`adapter_location_backward_split`]: row kernels around the
 //!   products on [`Gpu::gemm`]), dispatched by [`adapter_location_backward_on`].
 //! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
@@ -54,7 +56,7 @@ use super::registry::adapter::{
     ADAPTER_LOCATION_GATE_F32, ADAPTER_SPLIT_BIAS_ACT_F32, ADAPTER_SPLIT_POST_BF16, ADAPTER_SPLIT_POST_BF16IO, ADAPTER_SPLIT_POST_F32, ADAPTER_SPLIT_PRE_BF16,
     ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32, ADAPTER_LOCATION_FORWARD_F16, ADAPTER_LOCATION_FORWARD_F16IO, ADAPTER_LOCATION_GATE_F16,
     ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_PRE_DOWN_BF16IO, ADAPTER_SPLIT_PRE_DOWN_F16IO, ADAPTER_SPLIT_PRE_F16,
-    ADAPTER_SPLIT_PRE_F16IO,
+    ADAPTER_SPLIT_PRE_F16IO, ADAPTER_SPLIT_UP_POST_BF16IO, ADAPTER_SPLIT_UP_POST_F16IO,
 };
 use super::registry::KernelName;
 use crate::backend::{Activation, AdapterLocation, DropoutSpec, LocationSteps};
@@ -358,7 +360,7 @@ pub struct LocationDescriptors<'w> {
     hidden: usize,
     steps: LocationSteps,
     tf32_products: bool,
-    split_down: SplitDown,
+    split_forward: SplitForward,
     _weights: PhantomData<&'w f32>,
 }
 
@@ -377,40 +379,42 @@ pub const ADAPTER_PRODUCTS_VAR: &str = "BERT_ADAPTERS_ADAPTER_PRODUCTS";
 /// The values of [`ADAPTER_PRODUCTS_VAR`]: whether TF32 is allowed.
 pub const ADAPTER_PRODUCTS: &[(&str, bool)] = &[("f32", false), ("tf32", true)];
 
-/// The environment variable that chooses [`SplitDown`] in the CUDA backend
-/// ([`super::backend::CudaBackend::split_down`]): `gemm` or `mma`.
-pub const SPLIT_DOWN_VAR: &str = "BERT_ADAPTERS_SPLIT_DOWN";
+/// The environment variable that chooses [`SplitForward`] in the CUDA backend
+/// ([`super::backend::CudaBackend::split_forward`]): `gemm` or `mma`.
+pub const SPLIT_FORWARD_VAR: &str = "BERT_ADAPTERS_SPLIT_FORWARD";
 
-/// How the split forward computes the down projection `a = act(z·W_dᵀ + b_d)` in the 16-bit
-/// pipelines (bf16 or f16 activations; f32 activations always take `Gemm`).
+/// How the split forward computes the bottleneck products in the 16-bit pipelines (bf16 or f16
+/// activations; f32 activations always take `Gemm`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SplitDown {
-    /// The pre kernel writes z (f32) to the workspace, then a GEMM per branch (cuBLASLt on a GPU,
-    /// TF32 or strict fp32 as [`LocationDescriptors::tf32_products`] says) and, for activations
-    /// other than ReLU, a bias + activation pass.
+pub enum SplitForward {
+    /// A pre kernel writes z (f32) to the workspace; per branch a down GEMM (cuBLASLt on a GPU,
+    /// TF32 or strict fp32 as [`LocationDescriptors::tf32_products`] says; for activations other
+    /// than ReLU a bias + activation pass) and an up GEMM into the workspace; a post kernel
+    /// reads up.
     #[default]
     Gemm,
-    /// One launch, `adapter_split_pre_down_*`: each block keeps z for 32 rows in shared memory,
+    /// Two launches, no GEMMs: `adapter_split_pre_down_*` keeps z for 32 rows in shared memory,
     /// rounded to the pipeline's 16-bit type, and multiplies it by W_d (rounded likewise) on the
-    /// tensor cores (mma.sync, f32 accumulation), writing `a` with the bias and activation
-    /// applied. z never goes to memory: PyTorch autocast's arithmetic for the down Linear. Falls
-    /// back to `Gemm` where a block's tile does not fit the shared memory
-    /// ([`split_pre_down_smem_bytes`]).
+    /// tensor cores (mma.sync, f32 accumulation), writing `a = act(z·W_dᵀ + b_d)`;
+    /// `adapter_split_up_post_*` multiplies the rounded a by W_u the same way, rounds up + b_u
+    /// into shared memory and runs the post kernel's steps over it. z and up never go to memory:
+    /// PyTorch autocast's arithmetic for both Linears. Falls back to `Gemm` where a block does
+    /// not fit the shared memory ([`split_pre_down_smem_bytes`], [`split_up_post_smem_bytes`]).
     TensorCores,
 }
 
-impl SplitDown {
-    /// `gemm` or `mma` (as [`SPLIT_DOWN_VAR`] spells them).
-    pub fn parse(v: &str) -> Result<SplitDown> {
-        super::probe::parse_choice(SPLIT_DOWN_VAR, v, Self::NAMES)
+impl SplitForward {
+    /// `gemm` or `mma` (as [`SPLIT_FORWARD_VAR`] spells them).
+    pub fn parse(v: &str) -> Result<SplitForward> {
+        super::probe::parse_choice(SPLIT_FORWARD_VAR, v, Self::NAMES)
     }
 
-    pub(crate) const NAMES: &[(&str, SplitDown)] = &[("gemm", SplitDown::Gemm), ("mma", SplitDown::TensorCores)];
+    pub(crate) const NAMES: &[(&str, SplitForward)] = &[("gemm", SplitForward::Gemm), ("mma", SplitForward::TensorCores)];
 }
 
-/// Rows per block of `adapter_split_pre_down_*` (`PRE_DOWN_ROWS`) and its warps (`PRE_DOWN_WARPS`).
-pub const PRE_DOWN_ROWS: usize = 32;
-const PRE_DOWN_WARPS: usize = 8;
+/// Rows per block of the tensor-core kernels (`PRE_DOWN_ROWS`, `UP_POST_ROWS`) and their warps.
+pub const TENSOR_CORE_ROWS: usize = 32;
+const TENSOR_CORE_WARPS: usize = 8;
 
 /// Dynamic shared memory of an `adapter_split_pre_down_*` block for hidden size `hidden`,
 /// activations of `act_bytes` bytes and the branches' bottlenecks, in bytes (kernels/adapter.cu):
@@ -420,18 +424,29 @@ const PRE_DOWN_WARPS: usize = 8;
 /// S = 8 / MT slices).
 pub fn split_pre_down_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: impl IntoIterator<Item = usize>) -> usize {
     let kp = hidden.div_ceil(16) * 16;
-    let tile = stage_region_bytes(PRE_DOWN_ROWS * (kp + 8), 2);
-    let rows = PRE_DOWN_WARPS * split_forward_team_bytes(hidden, act_bytes, true);
+    let tile = stage_region_bytes(TENSOR_CORE_ROWS * (kp + 8), 2);
+    let rows = TENSOR_CORE_WARPS * split_forward_team_bytes(hidden, act_bytes, true);
     let partials = bottlenecks
         .into_iter()
         .map(|m| {
             let mt = m.div_ceil(16).max(1);
-            let slices = if mt >= PRE_DOWN_WARPS { 1 } else { PRE_DOWN_WARPS / mt };
-            (slices - 1) * mt * 16 * PRE_DOWN_ROWS * 4
+            let slices = if mt >= TENSOR_CORE_WARPS { 1 } else { TENSOR_CORE_WARPS / mt };
+            (slices - 1) * mt * 16 * TENSOR_CORE_ROWS * 4
         })
         .max()
         .unwrap_or(0);
     tile + rows.max(partials)
+}
+
+/// Dynamic shared memory of an `adapter_split_up_post_*` block, in bytes (kernels/adapter.cu):
+/// the tile of a, 32 rows of `⌈m/16⌉·16 + 8` 16-bit values for the largest bottleneck, the tile
+/// of up, 32 rows of `⌈H/8⌉·8 + 8`, then the 8 warps' row regions ([`split_forward_team_bytes`],
+/// staged).
+pub fn split_up_post_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: impl IntoIterator<Item = usize>) -> usize {
+    let m = bottlenecks.into_iter().max().unwrap_or(0);
+    stage_region_bytes(TENSOR_CORE_ROWS * (m.div_ceil(16) * 16 + 8), 2)
+        + stage_region_bytes(TENSOR_CORE_ROWS * (hidden.div_ceil(8) * 8 + 8), 2)
+        + TENSOR_CORE_WARPS * split_forward_team_bytes(hidden, act_bytes, true)
 }
 
 impl<'w> LocationDescriptors<'w> {
@@ -443,17 +458,17 @@ impl<'w> LocationDescriptors<'w> {
     pub fn new(gpu: &Gpu, hidden: usize, steps: LocationSteps, branches: &[BranchWeights<'w>]) -> Result<Self> {
         let (host, ranges) = describe_branches(hidden, steps, branches)?;
         let buffer = gpu.upload_table(bytemuck::cast_slice::<BranchDescriptor, u64>(&host))?;
-        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products: false, split_down: SplitDown::Gemm, _weights: PhantomData })
+        Ok(LocationDescriptors { buffer, host, ranges, hidden, steps, tf32_products: false, split_forward: SplitForward::Gemm, _weights: PhantomData })
     }
 
-    /// How the split forward's down projection runs in the 16-bit pipelines ([`SplitDown`]).
-    pub fn with_split_down(mut self, down: SplitDown) -> Self {
-        self.split_down = down;
+    /// How the split forward's bottleneck products run in the 16-bit pipelines ([`SplitForward`]).
+    pub fn with_split_forward(mut self, forward: SplitForward) -> Self {
+        self.split_forward = forward;
         self
     }
-    /// The split forward's down projection ([`LocationDescriptors::with_split_down`]).
-    pub fn split_down(&self) -> SplitDown {
-        self.split_down
+    /// The split forward's bottleneck products ([`LocationDescriptors::with_split_forward`]).
+    pub fn split_forward(&self) -> SplitForward {
+        self.split_forward
     }
 
     /// Lets the split path's bottleneck products (the down and up projections, forward and
@@ -514,7 +529,7 @@ impl<'w> LocationDescriptors<'w> {
             hidden: self.hidden,
             steps: self.steps,
             tf32_products: self.tf32_products,
-            split_down: self.split_down,
+            split_forward: self.split_forward,
             _weights: PhantomData,
         }
     }
@@ -985,12 +1000,12 @@ fn split_kernels<P: BaseScalar, A: ActivationScalar>() -> Result<(KernelName, Ke
     }
 }
 
-/// The tensor-core pre + down kernel for activations `A` and BERT LayerNorm `P`: the 16-bit
-/// pipelines only.
-fn split_pre_down_kernel<P: BaseScalar, A: ActivationScalar>() -> Option<KernelName> {
+/// The tensor-core (pre + down, up + post) kernels for activations `A` and BERT LayerNorm `P`:
+/// the 16-bit pipelines only.
+fn split_tensor_core_kernels<P: BaseScalar, A: ActivationScalar>() -> Option<(KernelName, KernelName)> {
     match (A::DTYPE, P::DTYPE) {
-        (DType::BF16, DType::BF16) => Some(ADAPTER_SPLIT_PRE_DOWN_BF16IO),
-        (DType::F16, DType::F16) => Some(ADAPTER_SPLIT_PRE_DOWN_F16IO),
+        (DType::BF16, DType::BF16) => Some((ADAPTER_SPLIT_PRE_DOWN_BF16IO, ADAPTER_SPLIT_UP_POST_BF16IO)),
+        (DType::F16, DType::F16) => Some((ADAPTER_SPLIT_PRE_DOWN_F16IO, ADAPTER_SPLIT_UP_POST_F16IO)),
         _ => None,
     }
 }
@@ -1095,10 +1110,22 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         unsafe { gpu.launch(gate_kernel, cfg, &args)? };
     }
 
-    // Workspace: zu [N·B·T, H] (z, then each branch's up product over its own z), the down
-    // products, the statistics.
-    let work_len = split_workspace_len(descriptors, shape)?;
-    let work = gpu.alloc::<f32>(work_len)?;
+    // The tensor-core kernels, where asked for, available and fitting: then z and up stay on
+    // chip and the workspace holds only the down products and the statistics.
+    let tensor_cores = match (descriptors.split_forward(), split_tensor_core_kernels::<P, A>()) {
+        (SplitForward::TensorCores, Some((pre_down, up_post))) => {
+            let bottlenecks = || descriptors.descriptors().iter().map(|d| d.bottleneck as usize);
+            let (pre_bytes, post_bytes) = (split_pre_down_smem_bytes(hidden, act_bytes, bottlenecks()), split_up_post_smem_bytes(hidden, act_bytes, bottlenecks()));
+            (pre_bytes.max(post_bytes) <= max_shared).then_some([(pre_down, pre_bytes), (up_post, post_bytes)])
+        }
+        _ => None,
+    };
+
+    // Workspace: zu [N·B·T, H] (z, then each branch's up product over its own z; not on the
+    // tensor-core path), the down products, the statistics.
+    let zu_len = if tensor_cores.is_some() { 0 } else { n };
+    let work_len = split_workspace_len(descriptors, shape)? - n + zu_len;
+    let work = gpu.alloc::<f32>(work_len.max(1))?;
     let base = work.view().device_ptr();
     // Windows of the workspace, which lives to the end of this function and is written only
     // through these windows, each by one launch or product at a time.
@@ -1110,12 +1137,42 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         Ok(unsafe { DeviceView::<f32>::from_raw(base + (start * std::mem::size_of::<f32>()) as u64, len) })
     };
     let mut offsets = Vec::with_capacity(branches);
-    let mut at = n;
+    let mut at = zu_len;
     for d in descriptors.descriptors() {
         offsets.push(at);
         at += per_branch * d.bottleneck as usize;
     }
     let stats_arg = if needs_pre_stats(descriptors.steps()) { window(at, 2 * rows)?.arg() } else { KernelArg::Null };
+    let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
+
+    if let Some([(pre_down, pre_bytes), (up_post, post_bytes)]) = tensor_cores {
+        for (kernel, bytes) in [(pre_down, pre_bytes), (up_post, post_bytes)] {
+            if bytes > gpu.dynamic_shared_limit(kernel) {
+                gpu.allow_dynamic_shared(kernel, bytes)?;
+            }
+        }
+        let grid = (per_branch.div_ceil(TENSOR_CORE_ROWS) as u32, branches as u32, 1);
+        let block = (32, TENSOR_CORE_WARPS as u32, 1);
+        let acts = window(zu_len, at - zu_len)?.arg();
+        // Pre and down: a of every branch (and the statistics). Parameter order: acts, stats, h,
+        // r, ln_gamma, ln_beta, descs, batch, seq_len, hidden, replicate, ln_eps.
+        let args = [acts, stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
+        // SAFETY: the down products' windows of every branch, laid end to end as the kernel
+        // indexes them (Σ_{k<i} B·T·m_k), and the statistics (when passed, 2·N·B·T) are fresh
+        // workspace; h, r, γ, β were checked as for the fused launch; the grid covers B·T rows of
+        // each branch and the shared memory is the kernel's layout for these bottlenecks.
+        unsafe { gpu.launch(pre_down, LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: pre_bytes as u32 }, &args)? };
+        // Up and post: out. Parameter order: out, acts, stats, gate, h, r, ln_gamma, ln_beta,
+        // descs, batch, seq_len, hidden, replicate, ln_eps, seed_buf, seed_lo, seed_hi.
+        let args = [A::act_arg_mut(&outputs.out), acts, stats_arg, gate_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps), seed_buf, seed_lo, seed_hi];
+        // SAFETY: out has N·B·T·H elements; the down products as just written; the gate (when a
+        // branch gates) as the gate launch wrote it; the rest as for the pre + down launch and the
+        // fused path's seed.
+        unsafe { gpu.launch(up_post, LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: post_bytes as u32 }, &args)? };
+        drop(work); // back to the pool only after the last launch that reads it was enqueued
+        return Ok(());
+    }
+
     let cfg = LaunchConfig { shared_mem_bytes: (plan.rows_per_block as usize * split_forward_team_bytes(hidden, act_bytes, staged)) as u32, ..plan.launch_config(rows, hidden, 0) };
     let stage_arg = KernelArg::I32(staged as i32);
     for kernel in [pre_kernel, post_kernel] {
@@ -1124,31 +1181,8 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         }
     }
 
-    // The tensor-core pre + down kernel, where asked for, available and fitting.
-    let pre_down = match (descriptors.split_down(), split_pre_down_kernel::<P, A>()) {
-        (SplitDown::TensorCores, Some(kernel)) => {
-            let bytes = split_pre_down_smem_bytes(hidden, act_bytes, descriptors.descriptors().iter().map(|d| d.bottleneck as usize));
-            (bytes <= max_shared).then_some((kernel, bytes))
-        }
-        _ => None,
-    };
-
-    if let Some((kernel, bytes)) = pre_down {
-        // Pre and down: a of every branch (and the statistics); z stays on chip.
-        if bytes > gpu.dynamic_shared_limit(kernel) {
-            gpu.allow_dynamic_shared(kernel, bytes)?;
-        }
-        let cfg = LaunchConfig { grid_dim: (per_branch.div_ceil(PRE_DOWN_ROWS) as u32, branches as u32, 1), block_dim: (32, PRE_DOWN_WARPS as u32, 1), shared_mem_bytes: bytes as u32 };
-        // Parameter order: acts, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
-        // replicate, ln_eps.
-        let args = [window(n, at - n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, KernelArg::F32(inputs.ln_eps)];
-        // SAFETY: the down products' windows of every branch, laid end to end from `n` as the
-        // kernel indexes them (Σ_{k<i} B·T·m_k), and the statistics (when passed, 2·N·B·T) are
-        // fresh workspace; h, r, γ, β were checked as for the fused launch; the grid covers B·T
-        // rows of each branch and the shared memory is the kernel's layout for these bottlenecks.
-        unsafe { gpu.launch(kernel, cfg, &args)? };
-    } else {
-        // Pre: z (and the statistics).
+    // Pre: z (and the statistics).
+    {
         // Parameter order: z, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
         // branches, replicate, ln_eps, stage.
         let args = [window(0, n)?.arg(), stats_arg, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, KernelArg::I32(branches as i32), rep, KernelArg::F32(inputs.ln_eps), stage_arg];
@@ -1158,9 +1192,8 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         unsafe { gpu.launch(pre_kernel, cfg, &args)? };
     }
 
-    // The products of each branch (the down one unless the pre + down kernel made a). The
-    // descriptors' weights were validated against H and m when they were built, and they stay
-    // borrowed (or, detached, alive by the owner's promise).
+    // The two products of each branch. The descriptors' weights were validated against H and m
+    // when they were built, and they stay borrowed (or, detached, alive by the owner's promise).
     for (i, d) in descriptors.descriptors().iter().enumerate() {
         let m = d.bottleneck as usize;
         // SAFETY: see above: [m, H], [m], [H, m], [H] f32 arrays, not written during the launch.
@@ -1169,14 +1202,14 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
         };
         let z = window(i * per_branch * hidden, per_branch * hidden)?;
         let a = window(offsets[i], per_branch * m)?;
-        if pre_down.is_none() {
-            // a = act(z·W_dᵀ + b_d): column-major aᵀ (m x B·T) = W_d (stored H x m, transposed) · zᵀ.
-            // ReLU goes into cuBLASLt's epilogue: max(x + b, 0) is exactly the kernel's function.
-            // Every other activation, gelu_new included, is adapter_split_bias_act_f32 (the fused
-            // kernel's adapter_activation): cuBLASLt's GELU epilogue is the same tanh formula, but
-            // its tanh is unspecified (tests/gemm.rs allows it 1e-3 relative: tanh.approx.f32 is
-            // within 2^-11), which the fp32 bound of 1e-5 would not survive.
-            let epilogue = if d.activation == 0 { Epilogue::ReluBias } else { Epilogue::None };
+        // a = act(z·W_dᵀ + b_d): column-major aᵀ (m x B·T) = W_d (stored H x m, transposed) · zᵀ.
+        // ReLU goes into cuBLASLt's epilogue: max(x + b, 0) is exactly the kernel's function.
+        // Every other activation, gelu_new included, is adapter_split_bias_act_f32 (the fused
+        // kernel's adapter_activation): cuBLASLt's GELU epilogue is the same tanh formula, but
+        // its tanh is unspecified (tests/gemm.rs allows it 1e-3 relative: tanh.approx.f32 is
+        // within 2^-11), which the fp32 bound of 1e-5 would not survive.
+        let epilogue = if d.activation == 0 { Epilogue::ReluBias } else { Epilogue::None };
+        {
             // SAFETY: the branch's own window of the down products, read by nothing meanwhile.
             let mut a_out = unsafe { a.assume_writable() };
             let gm = Gemm::new(Transpose::Yes, Transpose::No, m, per_branch, hidden).with_ld(hidden, hidden, m).with_epilogue(epilogue).with_tf32(descriptors.tf32_products());
@@ -1189,15 +1222,14 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
                 unsafe { gpu.launch(ADAPTER_SPLIT_BIAS_ACT_F32, super::elementwise::flat_launch(len), &args)? };
             }
         }
-        // up = a·W_uᵀ + b_u over the branch's rows of zu (z, when it was written, is no longer read).
-        // SAFETY: the branch's rows of zu, read by nothing meanwhile.
+        // up = a·W_uᵀ + b_u over the branch's z, which is no longer read.
+        // SAFETY: the branch's rows of zu; its z was consumed by the down product above.
         let mut u = unsafe { z.assume_writable() };
         let gm = Gemm::new(Transpose::Yes, Transpose::No, hidden, per_branch, m).with_ld(m, m, hidden).with_epilogue(Epilogue::Bias).with_tf32(descriptors.tf32_products());
         gpu.gemm(&gm, &wu, &a, &mut u, Some(&bu))?;
     }
 
     // Post: out.
-    let gate_arg = outputs.gate.as_ref().map_or(KernelArg::Null, |g| g.arg());
     let up_arg = window(0, n)?.arg();
     // Parameter order: out, up, stats, gate, h, r, ln_gamma, ln_beta, descs, batch, seq_len,
     // hidden, branches, replicate, ln_eps, seed_buf, seed_lo, seed_hi, stage.

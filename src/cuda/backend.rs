@@ -90,7 +90,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{ADAPTER_PRODUCTS, ADAPTER_PRODUCTS_VAR, SPLIT_DOWN_VAR, SplitDown, adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
+use super::adapter::{ADAPTER_PRODUCTS, ADAPTER_PRODUCTS_VAR, SPLIT_FORWARD_VAR, SplitForward, adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
 use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
 use super::elementwise;
@@ -315,9 +315,9 @@ pub struct CudaBackend {
     /// Where the 16-bit Linears add their bias; None: [`CudaBackend::linear_epilogue`] decides
     /// at each call.
     linear_epilogue: Option<LinearEpilogue>,
-    /// How the split forward's down projection runs in the 16-bit pipelines; None:
-    /// [`CudaBackend::split_down`] decides at each call.
-    split_down: Option<SplitDown>,
+    /// How the split forward's bottleneck products run in the 16-bit pipelines; None:
+    /// [`CudaBackend::split_forward`] decides at each call.
+    split_forward: Option<SplitForward>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -334,7 +334,7 @@ impl CudaBackend {
 
     /// A backend on `gpu` with every choice at its default (f32 activations, automatic paths).
     fn with_defaults(gpu: Arc<Gpu>, device: Device) -> CudaBackend {
-        CudaBackend { gpu, device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None, split_down: None }
+        CudaBackend { gpu, device, products: GemmStats::default(), activations: DType::F32, location_path: None, attention_path: None, tf32_adapter_products: None, linear_epilogue: None, split_forward: None }
     }
 
     /// The backend on an already opened [`Gpu`].
@@ -350,7 +350,7 @@ impl CudaBackend {
     /// storing its activations as `dtype` (see [`CudaBackend::with_activations`]): an f32 and a
     /// bf16 model side by side, as the step benchmarks run them.
     pub fn sharing_gpu(&self, dtype: DType) -> Result<CudaBackend> {
-        let choices = CudaBackend { location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products, linear_epilogue: self.linear_epilogue, split_down: self.split_down, ..CudaBackend::with_defaults(self.gpu.clone(), self.device) };
+        let choices = CudaBackend { location_path: self.location_path, attention_path: self.attention_path, tf32_adapter_products: self.tf32_adapter_products, linear_epilogue: self.linear_epilogue, split_forward: self.split_forward, ..CudaBackend::with_defaults(self.gpu.clone(), self.device) };
         choices.with_activations(dtype)
     }
 
@@ -424,28 +424,28 @@ impl CudaBackend {
         Ok(super::probe::env_choice(LINEAR_EPILOGUE_VAR, LinearEpilogue::NAMES)?.unwrap_or(LinearEpilogue::Staged))
     }
 
-    /// This backend with the split forward's down projection in the 16-bit pipelines run as
-    /// `down` says; without it, [`CudaBackend::split_down`] decides at each call.
-    pub fn with_split_down(mut self, down: SplitDown) -> CudaBackend {
-        self.split_down = Some(down);
+    /// This backend with the split forward's bottleneck products in the 16-bit pipelines run as
+    /// `forward` says; without it, [`CudaBackend::split_forward`] decides at each call.
+    pub fn with_split_forward(mut self, forward: SplitForward) -> CudaBackend {
+        self.split_forward = Some(forward);
         self
     }
 
-    /// How the split forward's down projection runs with 16-bit activations: as set by
-    /// [`CudaBackend::with_split_down`], else as [`SPLIT_DOWN_VAR`] says, else
-    /// [`SplitDown::Gemm`] (the tensor-core kernel has not yet run on a GPU: docs/gpu-log.md).
-    pub fn split_down(&self) -> Result<SplitDown> {
-        if let Some(d) = self.split_down {
-            return Ok(d);
+    /// How the split forward's bottleneck products run with 16-bit activations: as set by
+    /// [`CudaBackend::with_split_forward`], else as [`SPLIT_FORWARD_VAR`] says, else
+    /// [`SplitForward::Gemm`] (the tensor-core kernels have not yet run on a GPU: docs/gpu-log.md).
+    pub fn split_forward(&self) -> Result<SplitForward> {
+        if let Some(f) = self.split_forward {
+            return Ok(f);
         }
-        Ok(super::probe::env_choice(SPLIT_DOWN_VAR, SplitDown::NAMES)?.unwrap_or(SplitDown::Gemm))
+        Ok(super::probe::env_choice(SPLIT_FORWARD_VAR, SplitForward::NAMES)?.unwrap_or(SplitForward::Gemm))
     }
 
     /// The descriptors of an adapter location's branches, with the product precision of
-    /// [`CudaBackend::tf32_adapter_products`] and the down projection of
-    /// [`CudaBackend::split_down`].
+    /// [`CudaBackend::tf32_adapter_products`] and the forward products of
+    /// [`CudaBackend::split_forward`].
     fn location_descriptors<'w>(&self, hidden: usize, steps: LocationSteps, weights: &[BranchWeights<'w>]) -> Result<LocationDescriptors<'w>> {
-        Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?).with_split_down(self.split_down()?))
+        Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?).with_split_forward(self.split_forward()?))
     }
 
     /// The path attention over sequences of `seq` tokens takes.
@@ -1038,9 +1038,9 @@ impl Backend for CudaBackend {
             (Ok(LocationPath::Split), Ok(true)) => format!("{base} (TF32 adapter products)"),
             _ => base,
         };
-        // The split forward's down projection, where the tensor-core kernel makes it.
-        let base = match (self.location_path(), self.split_down()) {
-            (Ok(LocationPath::Split), Ok(SplitDown::TensorCores)) if self.activations.is_half() => format!("{base} (tensor-core adapter down projections)"),
+        // The split forward's products, where the tensor-core kernels make them.
+        let base = match (self.location_path(), self.split_forward()) {
+            (Ok(LocationPath::Split), Ok(SplitForward::TensorCores)) if self.activations.is_half() => format!("{base} (tensor-core adapter forward)"),
             _ => base,
         };
         // The 16-bit Linears' biases, where cuBLASLt adds them.
