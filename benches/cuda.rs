@@ -81,7 +81,7 @@ use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
     adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
     adapter_location_forward_split_with_plan, backward_workspace_len, split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace,
-    LocationDescriptors, LocationInputs, LocationOutputs, LocationPlan, LocationShape, RowStaging, SplitForward,
+    LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, RowStaging, SplitForward,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
 use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
@@ -970,8 +970,10 @@ impl Step {
                 if let Some(e) = variant.linear_epilogue {
                     b = b.with_linear_epilogue(e);
                 }
-                if let Some(down) = variant.split_forward {
-                    b = b.with_split_forward(down);
+                if let Some(forward) = variant.split_forward {
+                    // On the split path, whose forward it changes (a GPU's default already;
+                    // cuda-sim's is the fused kernel).
+                    b = b.with_location_path(LocationPath::Split).with_split_forward(forward);
                 }
                 Arc::new(b)
             }
