@@ -494,6 +494,28 @@ fn tensor_core_forward<H: Io>(gpu: &Gpu) {
 }
 test_both!(io_tensor_core_forward_within_twice_plain, tensor_core_forward);
 
+/// Where the tensor-core kernels do not apply, [`SplitForward::TensorCores`] is the GEMM path bit
+/// for bit, with its launches: f32 activations (the `_bf16` / `_f16` kernels have no tensor-core
+/// twin), and a hidden size whose 32-row tiles do not fit a block's shared memory (H = 3000: the
+/// pre + down block would need ~385 KB).
+fn tensor_cores_fall_back<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xfa11_bac4);
+    let small = Case::random::<H>(&mut rng, 2, 3, 48, false, PFEIFFER, &[BranchSpec::plain(8, Activation::Relu)]);
+    let wide = Case::random::<H>(&mut rng, 1, 2, 3000, false, PFEIFFER, &[BranchSpec::plain(16, Activation::Relu)]);
+    for (case, io) in [(&small, false), (&wide, true)] {
+        let label = format!("{} {} {} io {io}", H::NAME, gpu.describe(), case.label());
+        let gemm = run_with::<H>(gpu, case, io, LocationPath::Split, None, SplitForward::Gemm).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let before = gpu.launch_counts();
+        let asked = run_with::<H>(gpu, case, io, LocationPath::Split, None, SplitForward::TensorCores).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let ran = gpu.launch_counts().since(&before);
+        assert!(!ran.kernels.keys().any(|k| k.starts_with("adapter_split_pre_down") || k.starts_with("adapter_split_up_post")), "{label}: launches {:?}", ran.kernels);
+        assert_eq!(ran.gemm_calls, 2 * case.branches.len() as u64, "{label}: GEMM calls");
+        assert!(gemm.out.iter().all(|v| v.is_finite()), "{label}: a non-finite output");
+        assert_eq!(asked.out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gemm.out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{label}");
+    }
+}
+test_both!(tensor_cores_fall_back_to_the_gemm_path, tensor_cores_fall_back);
+
 /// The adapter's own dropout in the bf16io kernels (the shared templated body): its output is the
 /// `_bf16` kernel's (f32 h, r, out) on the widened inputs, rounded once (bit for bit on the
 /// executor, one bf16 ulp on a GPU), and that kernel's output is the CPU reference's with the same
