@@ -34,7 +34,7 @@ BUNDLE=gpu-bundle
 TRANSFER_LIMIT_MIB=64   # what may travel to the GPU machine in one call, the tree included
 MARGIN_MIB=2
 BENCH_WHEELS=(adapters==1.3.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2)
-GPU_TESTS_DEFAULT=(layernorm gpu_runtime gemm cuda_tf32_gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model cuda_bf16_training cuda_bf16_adapter_backward cuda_dropout_shard cuda_attention_gemm loss_scaling nvrtc_compile parity adapters grad_parity roberta profile grad_accumulation)
+GPU_TESTS_DEFAULT=(layernorm gpu_runtime gemm cuda_mma cuda_tf32_gemm cuda_backend cuda_attention cuda_attention_backward cuda_adapter cuda_elementwise cuda_backward_ln cuda_loss cuda_training cuda_dropout cuda_graph cuda_frozen_work cuda_adapter_dropout cuda_layernorm_bf16 cuda_bf16_attention cuda_bf16_adapter cuda_bf16_gemm cuda_bf16_elementwise cuda_bf16_model cuda_bf16_training cuda_bf16_adapter_backward cuda_dropout_shard cuda_attention_gemm loss_scaling nvrtc_compile parity adapters grad_parity roberta profile grad_accumulation)
 if [ -n "${GPU_TESTS:-}" ]; then GPU_TESTS_SET=1; read -ra GPU_TESTS <<<"$GPU_TESTS"; else GPU_TESTS=("${GPU_TESTS_DEFAULT[@]}"); fi
 
 for tool in jq strip cargo xz; do

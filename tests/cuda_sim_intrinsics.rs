@@ -522,12 +522,13 @@ fn bit_intrinsics_match_their_definitions() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor cores: common.cuh's mma_m16n8k16_{bf16,f16}
+// Tensor cores: common.cuh's mma_m16n8k16_{bf16,f16}, through kernels/mma.cu's check kernel (on
+// random operands here; cuda::mma::check_tensor_core_layout runs it on a GPU too)
 // ---------------------------------------------------------------------------------------------
 
 const MMA_WARPS: usize = 3;
 
-/// Runs intr_mma_tiles over MMA_WARPS tiles: a [w][16][32], b [w][32][8] (as f32 values that the
+/// Runs kernels/mma.cu's mma_layout_check over MMA_WARPS tiles: a [w][16][32], b [w][32][8] (as f32 values that the
 /// 16-bit type holds exactly), c [w][16][8]; returns d [w][16][8].
 fn mma_tiles(f16: bool, a: &[f32], b: &[f32], c: &[f32], schedule: Schedule) -> Vec<f32> {
     let bits = |x: f32| if f16 { want_f16(x) } else { want_bf16(x) };
@@ -536,10 +537,10 @@ fn mma_tiles(f16: bool, a: &[f32], b: &[f32], c: &[f32], schedule: Schedule) -> 
     let bt16: Vec<u16> = (0..MMA_WARPS * 8 * 32).map(|i| bits(b[(i / 256) * 256 + (i % 32) * 8 + (i % 256) / 32])).collect();
     let mut d = vec![f32::NAN; MMA_WARPS * 128];
     let (mut pa, mut pb, mut pc, mut pd, mut pf) = (a16.as_ptr(), bt16.as_ptr(), c.as_ptr(), d.as_mut_ptr(), i32::from(f16));
-    // SAFETY: intr_mma_tiles(const unsigned short* a, const unsigned short* bt, const float* c,
+    // SAFETY: mma_layout_check(const unsigned short* a, const unsigned short* bt, const float* c,
     // float* d, int f16): warp w of the block touches a[w·512..], bt[w·256..], c and d [w·128..],
     // each of MMA_WARPS tiles.
-    unsafe { launch("intr_mma_tiles", 1, 32 * MMA_WARPS as u32, 0, &mut [arg(&mut pa), arg(&mut pb), arg(&mut pc), arg(&mut pd), arg(&mut pf)], schedule) }
+    unsafe { launch("mma_layout_check", 1, 32 * MMA_WARPS as u32, 0, &mut [arg(&mut pa), arg(&mut pb), arg(&mut pc), arg(&mut pd), arg(&mut pf)], schedule) }
         .unwrap();
     d
 }

@@ -444,8 +444,15 @@ impl CudaBackend {
     /// The descriptors of an adapter location's branches, with the product precision of
     /// [`CudaBackend::tf32_adapter_products`] and the forward products of
     /// [`CudaBackend::split_forward`].
+    /// Asking for the tensor-core forward in a 16-bit pipeline first checks the device's
+    /// fragment layout ([`Gpu::check_tensor_core_layout`], once): an error, not wrong values,
+    /// where it differs.
     fn location_descriptors<'w>(&self, hidden: usize, steps: LocationSteps, weights: &[BranchWeights<'w>]) -> Result<LocationDescriptors<'w>> {
-        Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?).with_split_forward(self.split_forward()?))
+        let forward = self.split_forward()?;
+        if forward == SplitForward::TensorCores && self.activations.is_half() {
+            self.gpu.check_tensor_core_layout()?;
+        }
+        Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?).with_split_forward(forward))
     }
 
     /// The path attention over sequences of `seq` tokens takes.

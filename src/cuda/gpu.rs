@@ -522,6 +522,8 @@ pub struct Gpu {
     tables: Mutex<TableCache>,
     /// Launches by kernel, and dense products ([`Gpu::launch_counts`]).
     counts: Mutex<LaunchCounts>,
+    /// Set once [`Gpu::check_tensor_core_layout`] has passed.
+    tensor_core_layout: std::sync::OnceLock<()>,
 }
 
 /// What a [`Gpu`] has been asked to run: kernel launches by name, dense products and their
@@ -613,6 +615,7 @@ impl Gpu {
             capture: Mutex::new(None),
             tables: Mutex::new(TableCache::default()),
             counts: Mutex::new(LaunchCounts::default()),
+            tensor_core_layout: std::sync::OnceLock::new(),
         })
     }
 
@@ -631,7 +634,19 @@ impl Gpu {
             capture: Mutex::new(None),
             tables: Mutex::new(TableCache::default()),
             counts: Mutex::new(LaunchCounts::default()),
+            tensor_core_layout: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether this device's tensor cores hold `mma.sync`'s fragments as the tensor-core kernels
+    /// lay them out ([`super::mma::check_tensor_core_layout`]): checked on the first call (a few
+    /// launches and a download, so not inside a graph capture), remembered once it passes.
+    pub fn check_tensor_core_layout(&self) -> Result<()> {
+        if self.tensor_core_layout.get().is_none() {
+            super::mma::check_tensor_core_layout(self)?;
+            let _ = self.tensor_core_layout.set(());
+        }
+        Ok(())
     }
 
     /// Another handle on the same device with the same settings (schedule and limits on

@@ -12,7 +12,7 @@
 //!   add, fill, casts, first-token gather; [`loss`]: the training objectives and their
 //!   gradient; [`nice`]: the invertible adapter's coupling, forward and inverse, its Linears on
 //!   [`gemm`]; [`optim`]: the gradient norm, clipping and AdamW over a flat arena, from tables
-//!   uploaded once;
+//!   uploaded once; [`mma`]: the on-device check of the tensor cores' fragment layout;
 //! - [`backend`]: the model's `Backend` on a [`Gpu`] (the forward, op by op as kernels land);
 //! - [`pool`]: the device memory pool under `Gpu::alloc` (a repeated step allocates nothing);
 //!   [`graph`]: captured launch sequences (a CUDA graph, a recorded list on cuda-sim);
@@ -33,6 +33,7 @@ pub mod gpu;
 pub mod graph;
 pub mod layernorm;
 pub mod loss;
+pub mod mma;
 pub mod nice;
 pub mod optim;
 pub mod pool;

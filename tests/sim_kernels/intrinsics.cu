@@ -342,36 +342,6 @@ extern "C" __global__ void intr_misaligned_atomic(unsigned long long* p)
     }
 }
 
-// D = A·B + C over K = 32 with two chained m16n8k16 mma (common.cuh), one tile a warp: warp w
-// reads a[w] ([16][32] row-major), bt[w] (B's 8 columns of 32, each contiguous in k), c[w] and
-// writes d[w] ([16][8] row-major), 16-bit operands as raw bits, f16 when `f16`, else bf16. The
-// fragments are loaded and stored by the PTX layout written out in common.cuh.
-extern "C" __global__ void intr_mma_tiles(const unsigned short* a, const unsigned short* bt, const float* c, float* d, int f16)
-{
-    const unsigned w = threadIdx.x >> 5, lane = threadIdx.x & 31u, g = lane >> 2, t = lane & 3u;
-    const unsigned short* aw = a + w * 16 * 32;
-    const unsigned short* bw = bt + w * 8 * 32;
-    auto pair = [](const unsigned short* p) { return (unsigned)p[0] | ((unsigned)p[1] << 16); };
-    float acc[4];
-    for (unsigned r = 0; r < 4; ++r) {
-        acc[r] = c[w * 128 + (g + 8 * (r >> 1)) * 8 + 2 * t + (r & 1u)];
-    }
-    for (unsigned k0 = 0; k0 < 32; k0 += 16) {
-        const unsigned fa[4] = {pair(aw + g * 32 + k0 + 2 * t), pair(aw + (g + 8) * 32 + k0 + 2 * t), pair(aw + g * 32 + k0 + 2 * t + 8),
-                                pair(aw + (g + 8) * 32 + k0 + 2 * t + 8)};
-        const unsigned fb[2] = {pair(bw + g * 32 + k0 + 2 * t), pair(bw + g * 32 + k0 + 2 * t + 8)};
-        const float in[4] = {acc[0], acc[1], acc[2], acc[3]};
-        if (f16) {
-            mma_m16n8k16_f16(acc, fa, fb, in);
-        } else {
-            mma_m16n8k16_bf16(acc, fa, fb, in);
-        }
-    }
-    for (unsigned r = 0; r < 4; ++r) {
-        d[w * 128 + (g + 8 * (r >> 1)) * 8 + 2 * t + (r & 1u)] = acc[r];
-    }
-}
-
 // An mma that half the warp has left.
 extern "C" __global__ void intr_mma_after_exit(float* out)
 {
