@@ -49,6 +49,7 @@ use bert_adapters::cuda::adapter::{
 };
 use bert_adapters::cuda::gpu::{ActivationScalar, BaseScalar, Gpu};
 use bert_adapters::cuda::probe::report_line;
+use bert_adapters::train::dropout::{dropout_range, DropoutRng};
 use bert_adapters::{Activation, Backend, CpuBackend, Error};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -228,6 +229,12 @@ impl Case {
                 _ => unreachable!("HostBranch::random makes a scaling tensor for learned and channel"),
             };
             let mut u: Vec<f32> = up.iter().enumerate().map(|(k, &v)| round_in::<H>(v * s[k % hd])).collect();
+            if let Some(spec) = &br.dropout {
+                // The branch's own dropout over its [B, T, H] block, the CPU's masks, rounded as
+                // autocast's dropout output is.
+                dropout_range(&mut u, spec.p, &DropoutRng::new(spec.seed), spec.block_stream(0), spec.offset as usize).unwrap();
+                u.iter_mut().for_each(|v| *v = round_in::<H>(*v));
+            }
             if br.gate.is_some() {
                 for (k, v) in u.iter_mut().enumerate() {
                     *v = round_in::<H>(*v * gates[i * self.batch + k / (self.seq_len * hd)]);
@@ -457,8 +464,8 @@ test_both!(io_location_kinds_within_twice_plain, location_kinds);
 /// tile; bottlenecks 1..48 take 8, 4 and 2 k slices of the down product and pad its k steps for
 /// the up one; T = 33 makes partial 32-row tiles; N = 3 mixes bottlenecks; gates, scalings, the
 /// adapter's LayerNorms), the location kinds above (the pre step's statistics), BERT-base's
-/// H = 768, and a bottleneck of 130 (9 tiles of W_d: a warp takes two). The gate, unchanged by
-/// the path, as in `check`.
+/// H = 768, a bottleneck of 130 (9 tiles of W_d: a warp takes two), and the adapters' dropout
+/// (the plain twin applies the CPU's masks). The gate, unchanged by the path, as in `check`.
 fn tensor_core_forward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a3a_ada9);
     let (full, plain) = (BranchSpec::full, BranchSpec::plain);
@@ -467,6 +474,13 @@ fn tensor_core_forward<H: Io>(gpu: &Gpu) {
     cases.push(Case::random::<H>(&mut rng, 2, 7, 48, true, steps(ResidualBeforeLn::False), &[full(4, Activation::Gelu, Scale::Channel, false)]));
     cases.push(Case::random::<H>(&mut rng, 2, 7, 48, false, steps(ResidualBeforeLn::PostAdd), &[full(6, Activation::Swish, Scale::Fixed(0.5), true), plain(130, Activation::Relu)]));
     cases.push(Case::random::<H>(&mut rng, 1, 40, 768, false, PFEIFFER, &[full(48, Activation::Relu, Scale::Channel, false), plain(48, Activation::Relu)]));
+    // The adapters' own dropout (the up + post kernel's epilogue: each branch's stream, element
+    // local·H + c of its block), a mixed Parallel over two 32-row tiles.
+    let mut dropped = Case::random::<H>(&mut rng, 2, 20, 48, true, HOULSBY, &[full(6, Activation::Gelu, Scale::Learned, true), plain(16, Activation::Relu), plain(3, Activation::Swish)]);
+    for (i, (b, p)) in dropped.branches.iter_mut().zip([Some(0.5), None, Some(0.1)]).enumerate() {
+        b.dropout = p.map(|p| adapter_dropout(p, 0xd7, 0x11, i as u64));
+    }
+    cases.push(dropped);
     let mut rows = Vec::new();
     for case in &cases {
         let label = format!("{} {} tensor-core forward {}", H::NAME, gpu.describe(), case.label());

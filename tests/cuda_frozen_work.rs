@@ -54,6 +54,25 @@ fn backends() -> Vec<Arc<CudaBackend>> {
     v
 }
 
+/// The devices a forward test runs on: cuda-sim (feature `cuda-sim`) and GPU 0 when there is one.
+fn devices() -> Vec<Device> {
+    let mut v = Vec::new();
+    #[cfg(feature = "cuda-sim")]
+    v.push(Device::CudaSim);
+    if bert_adapters::cuda::probe::probe_gpu(0).is_ok() {
+        v.push(Device::Cuda(0));
+    }
+    v
+}
+
+/// Parallel(pfeiffer, pfeiffer_b) from the committed fixtures on `model`.
+fn parallel_pfeiffers(model: &mut BertModel) {
+    for d in ["pfeiffer", "pfeiffer_b"] {
+        model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
+    }
+    model.set_active_adapters(Some(setup(&["pfeiffer", "pfeiffer_b"]))).unwrap();
+}
+
 #[test]
 fn the_device_backward_skips_frozen_work() {
     for be in backends() {
@@ -126,23 +145,14 @@ fn counters_count() {
 #[test]
 fn the_forward_follows_the_location_path() {
     use bert_adapters::cuda::adapter::LocationPath;
-    let mut devices = Vec::new();
-    #[cfg(feature = "cuda-sim")]
-    devices.push(Device::CudaSim);
-    if bert_adapters::cuda::probe::probe_gpu(0).is_ok() {
-        devices.push(Device::Cuda(0));
-    }
-    for device in devices {
+    for device in devices() {
         let mut seen = Vec::new();
         for path in [LocationPath::Fused, LocationPath::Split] {
             let be = Arc::new(CudaBackend::open(device).unwrap().with_location_path(path));
             assert_eq!(be.location_path().unwrap(), path);
             let label = format!("{} {path:?}", be.name());
             let (mut model, batch) = tiny(be.clone() as Arc<dyn Backend>);
-            for d in ["pfeiffer", "pfeiffer_b"] {
-                model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
-            }
-            model.set_active_adapters(Some(setup(&["pfeiffer", "pfeiffer_b"]))).unwrap();
+            parallel_pfeiffers(&mut model);
             let (p, l) = (be.gemm_counts(), be.gpu().launch_counts());
             let out = model.forward(&batch).unwrap();
             let now = be.gpu().launch_counts().since(&l);
@@ -165,20 +175,14 @@ fn the_forward_follows_the_location_path() {
 
 /// With 16-bit activations on the split path, [`SplitForward::TensorCores`] runs each location's
 /// forward as one `adapter_split_pre_down_*` and one `adapter_split_up_post_*` launch (the pre
-/// and post kernels and the bottleneck GEMMs go); the default keeps them. Parallel(pfeiffer, pfeiffer_b) over the tiny base in
-/// bf16 and in f16: 2 locations × 2 branches. A wiring check (the outputs of the two ways agree to
+/// and post kernels and the bottleneck GEMMs go); the default keeps them. Parallel(pfeiffer,
+/// pfeiffer_b) over the tiny base in bf16 and in f16: 2 locations × 2 branches. A wiring check (the outputs of the two ways agree to
 /// a few 16-bit roundings); the kernel's numerics are tests/cuda_bf16_adapter.rs's.
 #[test]
 fn the_half_split_forward_takes_the_tensor_core_kernels_when_asked() {
     use bert_adapters::cuda::adapter::{LocationPath, SplitForward};
     use bert_adapters::{DType, LoadOptions};
-    let mut devices = Vec::new();
-    #[cfg(feature = "cuda-sim")]
-    devices.push(Device::CudaSim);
-    if bert_adapters::cuda::probe::probe_gpu(0).is_ok() {
-        devices.push(Device::Cuda(0));
-    }
-    for device in devices {
+    for device in devices() {
         for (half, name) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
             let mut outs = Vec::new();
             for down in [SplitForward::Gemm, SplitForward::TensorCores] {
@@ -187,10 +191,7 @@ fn the_half_split_forward_takes_the_tensor_core_kernels_when_asked() {
                 let dir = fixtures().join("tiny_bert");
                 let (mut model, _) = BertModel::from_dir(&dir, be.clone() as Arc<dyn Backend>, LoadOptions { dtype: half, ..LoadOptions::default() }).unwrap();
                 let batch = InputBatch::from_file(dir.join("inputs.safetensors"), model.config()).unwrap();
-                for d in ["pfeiffer", "pfeiffer_b"] {
-                    model.load_adapter(fixtures().join("adapters").join(d)).unwrap();
-                }
-                model.set_active_adapters(Some(setup(&["pfeiffer", "pfeiffer_b"]))).unwrap();
+                parallel_pfeiffers(&mut model);
                 let l = be.gpu().launch_counts();
                 let out = model.forward(&batch).unwrap();
                 let now = be.gpu().launch_counts().since(&l);
