@@ -31,6 +31,10 @@
 //!   (add, LayerNorm, GEMM, bias+ReLU, GEMM, bias, add,
 //!   add, LayerNorm: the eager sequence from the existing launchers). Bytes: h and r read, out
 //!   written once.
+//! - `adapter_location_bf16/<B>x<T>`: a Parallel layer's location (two pfeiffer branches) in the
+//!   bf16 pipeline, the split forward with its products on TF32 (`split_tf32`, the default)
+//!   against the split forward on tensor cores (`split_mma`: `SplitForward::TensorCores`, two
+//!   launches, no GEMM). Bytes: h and r read, out written, in bf16.
 //! - `adapter_location_backward/<model>_<B>x<T>`: its backward with the branch trainable and the
 //!   input gradients needed, `fused` (the one-launch kernel) against `split` (row kernels around
 //!   the products and weight gradients on cuBLASLt: `LocationPath::Split`, its row kernels
@@ -459,6 +463,38 @@ impl Location {
     }
 }
 
+/// The location of a Parallel layer in the bf16 pipeline: two pfeiffer branches over their own
+/// rows, bf16 h, r, out and LayerNorm (the `_bf16io` kernels), f32 adapter weights, the split
+/// path's products on TF32 (that pipeline's default) or the whole split forward on tensor cores.
+struct HalfLocation {
+    loc: Location,
+    h: DeviceBuffer<bf16>,
+    r: DeviceBuffer<bf16>,
+    gamma: DeviceBuffer<bf16>,
+    beta: DeviceBuffer<bf16>,
+    out: DeviceBuffer<bf16>,
+}
+
+impl HalfLocation {
+    fn new(gpu: &Gpu, s: &Shapes, bt: (usize, usize), forward: SplitForward) -> HalfLocation {
+        let mut loc = Location::new(gpu, s, bt, 2, false).with_tf32_products();
+        loc.all.set_split_forward(forward);
+        let half = |b: &DeviceBuffer<f32>| -> DeviceBuffer<bf16> {
+            let v: Vec<bf16> = gpu.download(&b.view()).expect("download").iter().map(|&x| bf16::from_f32(x)).collect();
+            gpu.upload(&v).expect("upload")
+        };
+        let (h, r, gamma, beta) = (half(&loc.h), half(&loc.r), half(&loc.gamma), half(&loc.beta));
+        let out = gpu.alloc_zeros::<bf16>(loc.out.len()).expect("device allocation");
+        HalfLocation { loc, h, r, gamma, beta, out }
+    }
+
+    fn split(&mut self, gpu: &Gpu) {
+        let inputs = LocationInputs { h: self.h.view(), r: self.r.view(), ln_gamma: self.gamma.view(), ln_beta: self.beta.view(), ln_eps: EPS, dropout_seed: None };
+        let mut outputs = LocationOutputs { out: self.out.view_mut(), gate: None };
+        adapter_location_forward_split(gpu, &inputs, &self.loc.all, &mut outputs, self.loc.shape).expect("adapter_location_forward_split");
+    }
+}
+
 /// The same location as the eager sequence of separate launches (one branch, pfeiffer):
 /// v = h + r; x = LN(v); z = relu(x·Wdᵀ + bd); u = z·Wuᵀ + bu; y = u + h; out = LN(y + r).
 struct Unfused {
@@ -524,6 +560,14 @@ fn adapter_location(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "split_unstaged", || Location::new(gpu, s, bt, 1, false), |l| l.split_unstaged(gpu));
         bench_lazy(&mut group, gpu, "split_tf32", || Location::new(gpu, s, bt, 1, false).with_tf32_products(), |l| l.split(gpu));
         bench_lazy(&mut group, gpu, "unfused", || Unfused::new(gpu, s, bt), |u| u.run(gpu));
+        group.finish();
+        // The bf16 pipeline's location of a Parallel layer: the split forward with its products
+        // on TF32 against the whole split forward on tensor cores. Bytes: h, r read, out written
+        // (bf16, both branches).
+        let mut group = new_group(c, format!("adapter_location_bf16/{}", shape_name(bt.0, bt.1)));
+        group.throughput(Throughput::Bytes((3 * 2 * n * s.hidden * 2) as u64));
+        bench_lazy(&mut group, gpu, "split_tf32", || HalfLocation::new(gpu, s, bt, SplitForward::Gemm), |l| l.split(gpu));
+        bench_lazy(&mut group, gpu, "split_mma", || HalfLocation::new(gpu, s, bt, SplitForward::TensorCores), |l| l.split(gpu));
         group.finish();
     }
 }

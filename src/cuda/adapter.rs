@@ -463,8 +463,12 @@ impl<'w> LocationDescriptors<'w> {
 
     /// How the split forward's bottleneck products run in the 16-bit pipelines ([`SplitForward`]).
     pub fn with_split_forward(mut self, forward: SplitForward) -> Self {
-        self.split_forward = forward;
+        self.set_split_forward(forward);
         self
+    }
+    /// As [`LocationDescriptors::with_split_forward`], in place.
+    pub fn set_split_forward(&mut self, forward: SplitForward) {
+        self.split_forward = forward;
     }
     /// The split forward's bottleneck products ([`LocationDescriptors::with_split_forward`]).
     pub fn split_forward(&self) -> SplitForward {
