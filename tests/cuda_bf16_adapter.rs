@@ -464,8 +464,8 @@ test_both!(io_location_kinds_within_twice_plain, location_kinds);
 /// tile; bottlenecks 1..48 take 8, 4 and 2 k slices of the down product and pad its k steps for
 /// the up one; T = 33 makes partial 32-row tiles; N = 3 mixes bottlenecks; gates, scalings, the
 /// adapter's LayerNorms), the location kinds above (the pre step's statistics), BERT-base's
-/// H = 768, a bottleneck of 130 (9 tiles of W_d: a warp takes two), and the adapters' dropout
-/// (the plain twin applies the CPU's masks). The gate, unchanged by the path, as in `check`.
+/// H = 768, an odd H (45), a bottleneck of 130 (9 tiles of W_d: a warp takes two), and the
+/// adapters' dropout (the plain twin applies the CPU's masks). The gate, unchanged by the path, as in `check`.
 fn tensor_core_forward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a3a_ada9);
     let (full, plain) = (BranchSpec::full, BranchSpec::plain);
@@ -474,6 +474,8 @@ fn tensor_core_forward<H: Io>(gpu: &Gpu) {
     cases.push(Case::random::<H>(&mut rng, 2, 7, 48, true, steps(ResidualBeforeLn::False), &[full(4, Activation::Gelu, Scale::Channel, false)]));
     cases.push(Case::random::<H>(&mut rng, 2, 7, 48, false, steps(ResidualBeforeLn::PostAdd), &[full(6, Activation::Swish, Scale::Fixed(0.5), true), plain(130, Activation::Relu)]));
     cases.push(Case::random::<H>(&mut rng, 1, 40, 768, false, PFEIFFER, &[full(48, Activation::Relu, Scale::Channel, false), plain(48, Activation::Relu)]));
+    // An odd H: no 8-byte weight pairs, no 16-byte staging, a part column tile.
+    cases.push(Case::random::<H>(&mut rng, 2, 5, 45, false, HOULSBY, &[plain(7, Activation::Gelu), full(20, Activation::Tanh, Scale::Channel, true)]));
     // The adapters' own dropout (the up + post kernel's epilogue: each branch's stream, element
     // local·H + c of its block), a mixed Parallel over two 32-row tiles.
     let mut dropped = Case::random::<H>(&mut rng, 2, 20, 48, true, HOULSBY, &[full(6, Activation::Gelu, Scale::Learned, true), plain(16, Activation::Relu), plain(3, Activation::Swish)]);
