@@ -20,8 +20,9 @@
 # (scripts/device-accuracy.sh, ~50 s) and the starts. A third session's call took 569 s of a
 # 570 s limit (tests 203 s, test-nvrtc_compile 99 s of it; bench-cuda 219 s with the bf16 steps
 # failing early; bench_torch.py 119 s): since then the full kernel compile is left out here (CI
-# runs it) and bench-cuda measures 1 s a function, about 450 s in all [est]. If one call does not
-# fit, run SKIP_BENCH=1 first and SKIP_TESTS=1 second.
+# runs it) and bench-cuda measures 1 s a function, about 450 s in all [est]; the step variants
+# (share, cublaslt, mma) and adapter_location_bf16 added since are some 60-90 s more [est]. If one
+# call does not fit, run SKIP_BENCH=1 first and SKIP_TESTS=1 second.
 # Writes $OUT/device-check.txt (summary), $OUT/device-check.log (full output) and, with the
 # benchmarks, $OUT/bench.jsonl (JSON lines: tools/bench_torch.py's records, our criterion results,
 # the ratios) when $OUT is set.
