@@ -1266,7 +1266,8 @@ extern "C" __global__ void adapter_split_bias_act_f32(
 // down Linear (its input and weight in bf16 / f16, f32 accumulation); the pre step and the
 // activation are the f32 device functions of the split pre kernel and adapter_split_bias_act_f32.
 //
-// Mapping: grid (⌈B·T / ROWS⌉, branches), a block of 8 warps holds ROWS = 32 rows of one branch.
+// Mapping: grid (⌈B·T / TC_ROWS⌉, branches), a block of TC_WARPS = 8 warps holds ROWS = TC_ROWS = 32
+// rows of one branch.
 //   row phase   warp w computes rows w, w + 8, w + 16, w + 24 of the tile as a row team (each
 //               row's h and r staged in its shared memory with 16-byte loads, then
 //               location_pre_row into its own f32 row buffer), writes the pre step's statistics
@@ -1286,18 +1287,47 @@ extern "C" __global__ void adapter_split_bias_act_f32(
 // Shared memory (split_pre_down_smem_bytes in the launcher): the tile, ROWS · (KP + 8) 16-bit
 // values, then max(8 warps' row buffers — H f32, then H each of staged h and r, each region
 // rounded up to 16 bytes —, (S − 1)·MT·16·ROWS f32 partial sums).
-#define PRE_DOWN_ROWS 32
-#define PRE_DOWN_WARPS 8
-#define PRE_DOWN_NTILES (PRE_DOWN_ROWS / 8)
-// Blocks an SM the registers must allow: BERT-base's 74 KB of shared memory a block fits three on
-// sm_90. With no minimum ptxas capped the bf16 kernel at 64 registers and spilled 24 bytes (NVRTC
-// 13.0, sm_90); with three it takes 71 (80 for f16), no spills.
+// Both tensor-core kernels (this one and adapter_split_up_post_*) take tiles of TC_ROWS rows of one
+// branch in blocks of TC_WARPS warps (cuda::adapter::TENSOR_CORE_ROWS / _WARPS).
+#define TC_ROWS 32
+#define TC_WARPS 8
+#define PRE_DOWN_NTILES (TC_ROWS / 8)
+// A register budget rather than an occupancy target: BERT-base's 99 KB of shared memory a block
+// fits two on sm_90 either way. With no minimum ptxas capped the bf16 kernel at 64 registers and
+// spilled 24 bytes (NVRTC 13.0, sm_90); with three it takes 80, no spills.
 #define PRE_DOWN_MIN_BLOCKS 3
 
-__device__ __forceinline__ int pre_down_kp(int cols) { return (cols + 15) / 16 * 16; }
+// n rounded up to a multiple of 16 (the k step of m16n8k16).
+__device__ __forceinline__ int round_up_16(int n) { return (n + 15) / 16 * 16; }
+
+// Where branch `branch`'s down products start in the tensor-core kernels' `acts`: branch i's
+// [B·T, m_i] follow each other (the launcher's workspace layout).
+__device__ __forceinline__ size_t branch_acts_offset(const AdapterBranchDesc* descs, int branch, int per_branch) {
+    size_t offset = 0;
+    for (int i = 0; i < branch; ++i) {
+        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
+    }
+    return offset;
+}
+
+// A tensor-core block's per-warp row region (after its tiles, from `rows_region`): the f32 row
+// buffer, then the staged h and r (split_forward_team_bytes, staged, in the launcher).
+template <typename T>
+__device__ __forceinline__ char* tc_warp_rows(char* rows_region, int cols) {
+    return rows_region + (size_t)threadIdx.y * (size_t)(stage_region_bytes(cols, sizeof(float)) + 2 * stage_region_bytes(cols, sizeof(T)));
+}
+
+// Stages one row's h and r into the warp's row region (team_stage_h_r) and points hr, rr at the
+// copies; the barriers keep the previous row's readers and this row's copy apart.
+template <typename T>
+__device__ __forceinline__ void tc_stage_row(char* warp_rows, int cols, const T*& hr, const T*& rr) {
+    __syncwarp(FULL_WARP_MASK);  // the previous row's staged h and r are read
+    team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(warp_rows + stage_region_bytes(cols, sizeof(float)), cols, hr, rr);
+    __syncwarp(FULL_WARP_MASK);
+}
 
 // The down product's units: MT tiles of 16 outputs, S slices of the k steps.
-__device__ __forceinline__ int pre_down_slices(int mt) { return mt >= PRE_DOWN_WARPS ? 1 : PRE_DOWN_WARPS / mt; }
+__device__ __forceinline__ int pre_down_slices(int mt) { return mt >= TC_WARPS ? 1 : TC_WARPS / mt; }
 
 // Two adjacent f32 weights as one 8-byte unit (float2 is not defined on every route).
 struct alignas(8) WeightPair {
@@ -1326,7 +1356,7 @@ template <typename T>
 __device__ __forceinline__ void pre_down_unit(float (&acc)[PRE_DOWN_NTILES][4], const unsigned short* tile, int stride, const float* __restrict__ wd,
                                               int m, int cols, int tile_m, int slice, int slices) {
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-    const int ksteps = pre_down_kp(cols) / 16;
+    const int ksteps = round_up_16(cols) / 16;
     const int j0 = tile_m * 16;
 #pragma unroll
     for (int nt = 0; nt < PRE_DOWN_NTILES; ++nt) {
@@ -1384,21 +1414,21 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
 
     const int per_branch = batch * seq_len;
     const int branch = blockIdx.y;
-    const int tile0 = blockIdx.x * PRE_DOWN_ROWS;
+    const int tile0 = blockIdx.x * TC_ROWS;
     const AdapterBranchDesc& d = descs[branch];
-    const int kp = pre_down_kp(cols);
+    const int kp = round_up_16(cols);
     const int stride = kp + 8;  // 16-bit elements a tile row
     unsigned short* tile = reinterpret_cast<unsigned short*>(adapter_pre_down_smem);
-    float* after_tile = reinterpret_cast<float*>(reinterpret_cast<char*>(adapter_pre_down_smem) + stage_region_bytes(PRE_DOWN_ROWS * stride, 2));
+    float* after_tile = reinterpret_cast<float*>(reinterpret_cast<char*>(adapter_pre_down_smem) + stage_region_bytes(TC_ROWS * stride, 2));
     const int warp = threadIdx.y;
     const int lane = threadIdx.x;
 
     // Row phase: z of the tile's rows, rounded into the tile. A warp stages each of its rows' h
     // and r into its own shared memory with 16-byte loads (team_stage_h_r: one trip to memory a
     // row, not one a column) and runs the pre step there.
-    char* team = reinterpret_cast<char*>(after_tile) + (size_t)warp * (size_t)(stage_region_bytes(cols, sizeof(float)) + 2 * stage_region_bytes(cols, sizeof(T)));
+    char* team = tc_warp_rows<T>(reinterpret_cast<char*>(after_tile), cols);
     float* xs = reinterpret_cast<float*>(team);
-    for (int tr = warp; tr < PRE_DOWN_ROWS; tr += PRE_DOWN_WARPS) {
+    for (int tr = warp; tr < TC_ROWS; tr += TC_WARPS) {
         unsigned short* zt = tile + tr * stride;
         const int local = tile0 + tr;
         if (local < per_branch) {
@@ -1406,9 +1436,7 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
             const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
             const T* hr = h + src;
             const T* rr = r + src;
-            __syncwarp(FULL_WARP_MASK);  // the previous row's staged h and r are read
-            team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(team + stage_region_bytes(cols, sizeof(float)), cols, hr, rr);
-            __syncwarp(FULL_WARP_MASK);
+            tc_stage_row(team, cols, hr, rr);
             float pre_mean, pre_rstd;
             location_pre_row(xs, hr, rr, ln_gamma, ln_beta, d, cols, ln_eps, scratch, pre_mean, pre_rstd);
             if (stats != nullptr && lane == 0) {
@@ -1433,14 +1461,10 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
     const int mt = (m + 15) / 16;
     const int slices = pre_down_slices(mt);
     const float* wd = desc_ptr(d.down_w);
-    size_t offset = 0;
-    for (int i = 0; i < branch; ++i) {
-        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
-    }
-    float* a = acts + offset;
+    float* a = acts + branch_acts_offset(descs, branch, per_branch);
     float acc[PRE_DOWN_NTILES][4];
     if (slices == 1) {
-        for (int tile_m = warp; tile_m < mt; tile_m += PRE_DOWN_WARPS) {
+        for (int tile_m = warp; tile_m < mt; tile_m += TC_WARPS) {
             pre_down_unit<T>(acc, tile, stride, wd, m, cols, tile_m, 0, 1);
             pre_down_store(acc, a, d, tile_m, tile0, per_branch);
         }
@@ -1479,10 +1503,10 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
     }
 }
 
-// Grid (⌈B·T / PRE_DOWN_ROWS⌉, branches), block (32, PRE_DOWN_WARPS), shared memory as the header
+// Grid (⌈B·T / TC_ROWS⌉, branches), block (32, TC_WARPS), shared memory as the header
 // above says (split_pre_down_smem_bytes). acts: [Σ_i B·T·m_i] f32; stats: [N·B·T, 2] or null;
 // h, r, γ, β in bf16 as adapter_split_pre_bf16io.
-extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_bf16io(
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_bf16io(
     float* __restrict__ acts,
     float* __restrict__ stats,
     const unsigned short* __restrict__ h,
@@ -1502,7 +1526,7 @@ extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS
 }
 
 // f16 twin of adapter_split_pre_down_bf16io (f16_raw for bf16_raw: z and W_d rounded to f16).
-extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_f16io(
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_pre_down_f16io(
     float* __restrict__ acts,
     float* __restrict__ stats,
     const unsigned short* __restrict__ h,
@@ -1525,7 +1549,7 @@ extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS
 //
 // adapter_split_up_post_bf16io / _f16io (cuda::adapter::SplitForward::TensorCores, after
 // adapter_split_pre_down_*): the up products and the split path's post kernel in one launch. A
-// block of 8 warps takes ROWS = 32 rows of one branch:
+// block of TC_WARPS = 8 warps takes ROWS = TC_ROWS = 32 rows of one branch:
 //   a tile      A = a rounded to the 16-bit type, [ROWS][MP + 8] (MP = m rounded up to 16, zero
 //               past m and past B·T);
 //   mma phase   up = A·W_uᵀ ([ROWS][H]): B = W_uᵀ (W_u is row-major [H, m], so column c of B is
@@ -1538,13 +1562,10 @@ extern "C" __global__ __launch_bounds__(PRE_DOWN_WARPS * 32, PRE_DOWN_MIN_BLOCKS
 //               adapter_up_epilogue, location_post_row), reading up from the tile.
 // So up never goes to memory. Shared memory (split_up_post_smem_bytes in the launcher): the a
 // tile, the up tile, then the 8 warps' row regions (the f32 row buffer and staged h, r).
-#define UP_POST_ROWS 32
-#define UP_POST_WARPS 8
 #define UP_POST_NCHUNK 4
 // As PRE_DOWN_MIN_BLOCKS: BERT-base's ~104 KB a block fit two on sm_90 (116 registers, no spills).
 #define UP_POST_MIN_BLOCKS 2
 
-__device__ __forceinline__ int up_post_a_stride(int m) { return (m + 15) / 16 * 16 + 8; }
 __device__ __forceinline__ int up_post_up_stride(int cols) { return (cols + 7) / 8 * 8 + 8; }
 
 template <typename T, typename P>
@@ -1559,27 +1580,23 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
 
     const int per_branch = batch * seq_len;
     const int branch = blockIdx.y;
-    const int tile0 = blockIdx.x * UP_POST_ROWS;
+    const int tile0 = blockIdx.x * TC_ROWS;
     const AdapterBranchDesc& d = descs[branch];
     const int m = d.bottleneck;
-    const int mp = (m + 15) / 16 * 16;
-    const int a_stride = up_post_a_stride(m);
+    const int mp = round_up_16(m);
+    const int a_stride = mp + 8;
     const int u_stride = up_post_up_stride(cols);
     unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_up_post_smem);
-    unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(UP_POST_ROWS * a_stride, 2));
-    char* rows_region = reinterpret_cast<char*>(u_tile) + stage_region_bytes(UP_POST_ROWS * u_stride, 2);
+    unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(TC_ROWS * a_stride, 2));
+    char* rows_region = reinterpret_cast<char*>(u_tile) + stage_region_bytes(TC_ROWS * u_stride, 2);
     const int warp = threadIdx.y;
     const int lane = threadIdx.x;
     const int g = lane >> 2;
     const int t = lane & 3;
 
     // The a tile.
-    size_t offset = 0;
-    for (int i = 0; i < branch; ++i) {
-        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
-    }
-    const float* a = acts + offset;
-    for (int tr = warp; tr < UP_POST_ROWS; tr += UP_POST_WARPS) {
+    const float* a = acts + branch_acts_offset(descs, branch, per_branch);
+    for (int tr = warp; tr < TC_ROWS; tr += TC_WARPS) {
         const int local = tile0 + tr;
         for (int j = lane; j < mp; j += 32) {
             T v;
@@ -1594,7 +1611,7 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
     const float* bu = desc_ptr(d.up_b);
     const int ntiles = (cols + 7) / 8;
     const bool aligned = m % 16 == 0 && ((unsigned long long)wu & 7ull) == 0;
-    for (int n0 = warp * UP_POST_NCHUNK; n0 < ntiles; n0 += UP_POST_WARPS * UP_POST_NCHUNK) {
+    for (int n0 = warp * UP_POST_NCHUNK; n0 < ntiles; n0 += TC_WARPS * UP_POST_NCHUNK) {
         const bool whole = aligned && (n0 + UP_POST_NCHUNK) * 8 <= cols;
         float acc[2][UP_POST_NCHUNK][4];
 #pragma unroll
@@ -1650,11 +1667,11 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
     __syncthreads();
 
     // Row phase: the post kernel's epilogue and post step over the up tile.
-    char* team = rows_region + (size_t)warp * (size_t)(stage_region_bytes(cols, sizeof(float)) + 2 * stage_region_bytes(cols, sizeof(T)));
+    char* team = tc_warp_rows<T>(rows_region, cols);
     float* xs = reinterpret_cast<float*>(team);
     const float s_uniform = adapter_uniform_scaling(d);
     const PhiloxKey key = philox_key(seed_buf, seed_lo, seed_hi);
-    for (int tr = warp; tr < UP_POST_ROWS; tr += UP_POST_WARPS) {
+    for (int tr = warp; tr < TC_ROWS; tr += TC_WARPS) {
         const int local = tile0 + tr;
         if (local >= per_branch) {
             break;  // warp-uniform: the later rows of this warp are past the end too
@@ -1663,9 +1680,7 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
         const size_t src = (size_t)(replicate ? local : row) * (size_t)cols;
         const T* hr = h + src;
         const T* rr = r + src;
-        __syncwarp(FULL_WARP_MASK);  // the previous row's staged h and r are read
-        team_stage_h_r<SPLIT_TEAM_LOADS_IN_FLIGHT>(team + stage_region_bytes(cols, sizeof(float)), cols, hr, rr);
-        __syncwarp(FULL_WARP_MASK);
+        tc_stage_row(team, cols, hr, rr);
         const float pre_mean = stats != nullptr ? stats[2 * (size_t)row] : 0.0f;
         const float pre_rstd = stats != nullptr ? stats[2 * (size_t)row + 1] : 0.0f;
         const float gv = d.gate_w != 0 ? gate[branch * batch + local / seq_len] : 1.0f;
@@ -1680,10 +1695,10 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
     }
 }
 
-// Grid (⌈B·T / UP_POST_ROWS⌉, branches), block (32, UP_POST_WARPS), shared memory as the header
+// Grid (⌈B·T / TC_ROWS⌉, branches), block (32, TC_WARPS), shared memory as the header
 // above says (split_up_post_smem_bytes). acts: the down products as adapter_split_pre_down_*
 // wrote them; the other operands as adapter_split_post_bf16io.
-extern "C" __global__ __launch_bounds__(UP_POST_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_bf16io(
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_bf16io(
     unsigned short* __restrict__ out,
     const float* __restrict__ acts,
     const float* __restrict__ stats,
@@ -1709,7 +1724,7 @@ extern "C" __global__ __launch_bounds__(UP_POST_WARPS * 32, UP_POST_MIN_BLOCKS) 
 }
 
 // f16 twin of adapter_split_up_post_bf16io (f16_raw for bf16_raw: a, W_u and up rounded to f16).
-extern "C" __global__ __launch_bounds__(UP_POST_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_f16io(
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, UP_POST_MIN_BLOCKS) void adapter_split_up_post_f16io(
     unsigned short* __restrict__ out,
     const float* __restrict__ acts,
     const float* __restrict__ stats,

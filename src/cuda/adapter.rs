@@ -412,7 +412,7 @@ impl SplitForward {
     pub(crate) const NAMES: &[(&str, SplitForward)] = &[("gemm", SplitForward::Gemm), ("mma", SplitForward::TensorCores)];
 }
 
-/// Rows per block of the tensor-core kernels (`PRE_DOWN_ROWS`, `UP_POST_ROWS`) and their warps.
+/// Rows per block of the tensor-core kernels (`TC_ROWS` in kernels/adapter.cu) and their warps (`TC_WARPS`).
 pub const TENSOR_CORE_ROWS: usize = 32;
 const TENSOR_CORE_WARPS: usize = 8;
 
