@@ -1294,20 +1294,42 @@ extern "C" __global__ void adapter_split_bias_act_f32(
 #define PRE_DOWN_NTILES (TC_ROWS / 8)
 // A register budget rather than an occupancy target: BERT-base's 99 KB of shared memory a block
 // fits two on sm_90 either way. With no minimum ptxas capped the bf16 kernel at 64 registers and
-// spilled 24 bytes (NVRTC 13.0, sm_90); with three it takes 80, no spills.
-#define PRE_DOWN_MIN_BLOCKS 3
+// spilled 24 bytes (NVRTC 13.0, sm_90); a minimum of three (80 registers) held until the branch
+// mask of the backward's twin (adapter_split_bwd_pre_down_*) spilled 8-16 bytes on sm_80 and
+// sm_90; with two the kernels take 106-110 registers, no spills (two blocks an SM by registers,
+// as by BERT-base's shared memory; smaller H loses the third block the shared memory would fit).
+#define PRE_DOWN_MIN_BLOCKS 2
 
 // n rounded up to a multiple of 16 (the k step of m16n8k16).
 __device__ __forceinline__ int round_up_16(int n) { return (n + 15) / 16 * 16; }
 
-// Where branch `branch`'s down products start in the tensor-core kernels' `acts`: branch i's
-// [B·T, m_i] follow each other (the launcher's workspace layout).
-__device__ __forceinline__ size_t branch_acts_offset(const AdapterBranchDesc* descs, int branch, int per_branch) {
+// Where branch `branch`'s down products start in the tensor-core kernels' `acts`: the [B·T, m_i]
+// of the branches in `mask` follow each other in branch order (the launchers' workspace layouts:
+// every branch in the forward, the processed ones in the backward).
+__device__ __forceinline__ size_t branch_acts_offset(const AdapterBranchDesc* descs, int branch, int per_branch, unsigned mask) {
     size_t offset = 0;
     for (int i = 0; i < branch; ++i) {
-        offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
+        if ((mask >> i) & 1u) {
+            offset += (size_t)per_branch * (size_t)descs[i].bottleneck;
+        }
     }
     return offset;
+}
+
+// The tensor-core kernels' grid: blockIdx.y counts the branches of `mask` (all of a forward's:
+// tc_all_branches); its branch.
+__device__ __forceinline__ unsigned tc_all_branches() { return gridDim.y >= 32 ? ~0u : (1u << gridDim.y) - 1u; }
+__device__ __forceinline__ int tc_branch(unsigned mask) {
+    int k = blockIdx.y;
+    for (int i = 0; i < 32; ++i) {
+        if ((mask >> i) & 1u) {
+            if (k == 0) {
+                return i;
+            }
+            --k;
+        }
+    }
+    return -1;  // not reached: the launchers size grid.y to the set bits
 }
 
 // A tensor-core block's per-warp row region (after its tiles, from `rows_region`): the f32 row
@@ -1383,9 +1405,10 @@ __device__ __forceinline__ void pre_down_unit(float (&acc)[PRE_DOWN_NTILES][4], 
 }
 
 // The epilogue of W_d tile `tile_m`: a[local][j] = act(D[j][row] + b_d[j]) for the tile's rows
-// below B·T and j < m (accumulator q of column tile nt is D[16·tile_m + g + 8·(q/2)][8·nt + 2t + q%2]).
-__device__ __forceinline__ void pre_down_store(const float (&acc)[PRE_DOWN_NTILES][4], float* __restrict__ a, const AdapterBranchDesc& d,
-                                               int tile_m, int tile0, int per_branch) {
+// below B·T and j < m (accumulator q of column tile nt is D[16·tile_m + g + 8·(q/2)][8·nt + 2t + q%2]),
+// and pre[local][j] = D[j][row] + b_d[j] too when `pre` is not null (the backward's recompute).
+__device__ __forceinline__ void pre_down_store(const float (&acc)[PRE_DOWN_NTILES][4], float* __restrict__ a, float* __restrict__ pre,
+                                               const AdapterBranchDesc& d, int tile_m, int tile0, int per_branch) {
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
     const float* bd = desc_ptr(d.down_b);
     const int m = d.bottleneck;
@@ -1396,24 +1419,31 @@ __device__ __forceinline__ void pre_down_store(const float (&acc)[PRE_DOWN_NTILE
             const int j = tile_m * 16 + g + 8 * (q >> 1);
             const int local = tile0 + nt * 8 + 2 * t + (q & 1);
             if (j < m && local < per_branch) {
-                a[(size_t)local * (size_t)m + j] = adapter_activation(d.activation, acc[nt][q] + bd[j]);
+                const float v = acc[nt][q] + bd[j];
+                a[(size_t)local * (size_t)m + j] = adapter_activation(d.activation, v);
+                if (pre != nullptr) {
+                    pre[(size_t)local * (size_t)m + j] = v;
+                }
             }
         }
     }
 }
 
-// acts: the down products of every branch (branch i's [B·T, m_i] at Σ_{k<i} B·T·m_k); stats:
-// [N·B·T, 2] or null; the other operands as adapter_split_pre_*.
+// acts: the down products of the branches in `mask` (branch i's [B·T, m_i] at Σ_{k<i, k in mask}
+// B·T·m_k); stats: [N·B·T, 2] or null; the other operands as adapter_split_pre_*. For the
+// backward's recompute (adapter_split_bwd_pre_down_*), also pres (laid out as acts) the
+// pre-activations and z0 [N·B·T, H] the rounded z widened to f32; both null in the forward.
 template <typename T, typename P>
-__device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts, float* __restrict__ stats, const T* __restrict__ h,
-                                                        const T* __restrict__ r, const P* __restrict__ ln_gamma,
-                                                        const P* __restrict__ ln_beta, const AdapterBranchDesc* __restrict__ descs,
-                                                        int batch, int seq_len, int cols, int replicate, float ln_eps) {
+__device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts, float* __restrict__ pres, float* __restrict__ z0,
+                                                        float* __restrict__ stats, const T* __restrict__ h, const T* __restrict__ r,
+                                                        const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
+                                                        const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
+                                                        int replicate, float ln_eps, unsigned mask) {
     extern __shared__ float adapter_pre_down_smem[];
     __shared__ float scratch[32];  // team_sum's (not touched: a team is one warp)
 
     const int per_branch = batch * seq_len;
-    const int branch = blockIdx.y;
+    const int branch = tc_branch(mask);
     const int tile0 = blockIdx.x * TC_ROWS;
     const AdapterBranchDesc& d = descs[branch];
     const int kp = round_up_16(cols);
@@ -1443,10 +1473,14 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
                 stats[2 * (size_t)row] = pre_mean;
                 stats[2 * (size_t)row + 1] = pre_rstd;
             }
+            float* zr = z0 != nullptr ? z0 + (size_t)row * (size_t)cols : nullptr;
             for (int c = lane; c < kp; c += 32) {
                 T v;
                 store_f32(&v, c < cols ? xs[c] : 0.0f);  // each lane reads the columns it wrote
                 zt[c] = v.bits;
+                if (zr != nullptr && c < cols) {
+                    zr[c] = load_f32(&v);  // the product's operand, as autocast saves it
+                }
             }
         } else {
             for (int c = lane; c < kp; c += 32) {
@@ -1461,12 +1495,14 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
     const int mt = (m + 15) / 16;
     const int slices = pre_down_slices(mt);
     const float* wd = desc_ptr(d.down_w);
-    float* a = acts + branch_acts_offset(descs, branch, per_branch);
+    const size_t offset = branch_acts_offset(descs, branch, per_branch, mask);
+    float* a = acts + offset;
+    float* pre = pres != nullptr ? pres + offset : nullptr;
     float acc[PRE_DOWN_NTILES][4];
     if (slices == 1) {
         for (int tile_m = warp; tile_m < mt; tile_m += TC_WARPS) {
             pre_down_unit<T>(acc, tile, stride, wd, m, cols, tile_m, 0, 1);
-            pre_down_store(acc, a, d, tile_m, tile0, per_branch);
+            pre_down_store(acc, a, pre, d, tile_m, tile0, per_branch);
         }
         return;
     }
@@ -1499,7 +1535,7 @@ __device__ __forceinline__ void location_split_pre_down(float* __restrict__ acts
                 }
             }
         }
-        pre_down_store(acc, a, d, tile_m, tile0, per_branch);
+        pre_down_store(acc, a, pre, d, tile_m, tile0, per_branch);
     }
 }
 
@@ -1520,9 +1556,10 @@ extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void
     int replicate,
     float ln_eps)
 {
-    location_split_pre_down<bf16_raw, bf16_raw>(acts, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+    location_split_pre_down<bf16_raw, bf16_raw>(acts, nullptr, nullptr, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
                                                 reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
-                                                reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+                                                reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                                tc_all_branches());
 }
 
 // f16 twin of adapter_split_pre_down_bf16io (f16_raw for bf16_raw: z and W_d rounded to f16).
@@ -1540,9 +1577,65 @@ extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void
     int replicate,
     float ln_eps)
 {
-    location_split_pre_down<f16_raw, f16_raw>(acts, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+    location_split_pre_down<f16_raw, f16_raw>(acts, nullptr, nullptr, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
                                               reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
-                                              reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps);
+                                              reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                              tc_all_branches());
+}
+
+// The backward's recompute on the tensor-core path (cuda::adapter::adapter_location_backward_split
+// with SplitForward::TensorCores): adapter_split_bwd_pre_down_* is the forward's pre + down kernel
+// run over the rows of the branches in `branch_mask` (grid (⌈B·T / TC_ROWS⌉, popc(mask))), so
+// pre and a are the forward's bit for bit; it also writes pre (for act') and z0, the rounded z
+// widened to f32 (the down product's operand, which autocast saves for dW_down: the weight
+// gradient of the product the forward computed), where the split pre kernel wrote the f32 z.
+// acts, pres: [Σ_{i in mask} B·T·m_i] f32, in branch order; z0: [N·B·T, H] f32; stats: [N·B·T, 2]
+// or null; the other operands as adapter_split_pre_down_bf16io.
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_bwd_pre_down_bf16io(
+    float* __restrict__ acts,
+    float* __restrict__ pres,
+    float* __restrict__ z0,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    location_split_pre_down<bf16_raw, bf16_raw>(acts, pres, z0, stats, reinterpret_cast<const bf16_raw*>(h), reinterpret_cast<const bf16_raw*>(r),
+                                                reinterpret_cast<const bf16_raw*>(ln_gamma), reinterpret_cast<const bf16_raw*>(ln_beta),
+                                                reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                                branch_mask);
+}
+
+// f16 twin of adapter_split_bwd_pre_down_bf16io.
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void adapter_split_bwd_pre_down_f16io(
+    float* __restrict__ acts,
+    float* __restrict__ pres,
+    float* __restrict__ z0,
+    float* __restrict__ stats,
+    const unsigned short* __restrict__ h,
+    const unsigned short* __restrict__ r,
+    const unsigned short* __restrict__ ln_gamma,
+    const unsigned short* __restrict__ ln_beta,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    int replicate,
+    float ln_eps,
+    unsigned branch_mask)
+{
+    location_split_pre_down<f16_raw, f16_raw>(acts, pres, z0, stats, reinterpret_cast<const f16_raw*>(h), reinterpret_cast<const f16_raw*>(r),
+                                              reinterpret_cast<const f16_raw*>(ln_gamma), reinterpret_cast<const f16_raw*>(ln_beta),
+                                              reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, replicate, ln_eps,
+                                              branch_mask);
 }
 
 // ---- split forward: the up projection and the post step on tensor cores ---------------------
@@ -1568,47 +1661,33 @@ extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void
 
 __device__ __forceinline__ int up_post_up_stride(int cols) { return (cols + 7) / 8 * 8 + 8; }
 
-template <typename T, typename P>
-__device__ __forceinline__ void location_split_up_post(T* __restrict__ out, const float* __restrict__ acts, const float* __restrict__ stats,
-                                                       const float* __restrict__ gate, const T* __restrict__ h, const T* __restrict__ r,
-                                                       const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
-                                                       const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
-                                                       int replicate, float ln_eps, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
-                                                       unsigned seed_hi) {
-    extern __shared__ float adapter_up_post_smem[];
-    __shared__ float scratch[32];  // team_sum's (not touched: a team is one warp)
-
-    const int per_branch = batch * seq_len;
-    const int branch = blockIdx.y;
-    const int tile0 = blockIdx.x * TC_ROWS;
-    const AdapterBranchDesc& d = descs[branch];
-    const int m = d.bottleneck;
+// The a tile of the up kernels: rows [tile0, tile0 + TC_ROWS) of a branch's a ([B·T, m] f32)
+// rounded to T into a_tile [TC_ROWS][MP + 8], zero past m and past B·T. Ends with a barrier.
+template <typename T>
+__device__ __forceinline__ void up_fill_a_tile(unsigned short* a_tile, int a_stride, const float* __restrict__ a, int m, int tile0, int per_branch) {
     const int mp = round_up_16(m);
-    const int a_stride = mp + 8;
-    const int u_stride = up_post_up_stride(cols);
-    unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_up_post_smem);
-    unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(TC_ROWS * a_stride, 2));
-    char* rows_region = reinterpret_cast<char*>(u_tile) + stage_region_bytes(TC_ROWS * u_stride, 2);
-    const int warp = threadIdx.y;
-    const int lane = threadIdx.x;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-
-    // The a tile.
-    const float* a = acts + branch_acts_offset(descs, branch, per_branch);
-    for (int tr = warp; tr < TC_ROWS; tr += TC_WARPS) {
+    for (int tr = threadIdx.y; tr < TC_ROWS; tr += TC_WARPS) {
         const int local = tile0 + tr;
-        for (int j = lane; j < mp; j += 32) {
+        for (int j = threadIdx.x; j < mp; j += 32) {
             T v;
             store_f32(&v, j < m && local < per_branch ? a[(size_t)local * (size_t)m + j] : 0.0f);
             a_tile[tr * a_stride + j] = v.bits;
         }
     }
     __syncthreads();
+}
 
-    // Mma phase: the up tile.
-    const float* wu = desc_ptr(d.up_w);
-    const float* bu = desc_ptr(d.up_b);
+// The mma phase of the up kernels: up = A·W_uᵀ + b_u for the tile's TC_ROWS rows and every column
+// (the header above), handing each element, rounded once to T, to store(tile_row, column, bits)
+// (every tile row, also those past B·T: the store filters).
+template <typename T, typename Store>
+__device__ __forceinline__ void up_tile_products(const unsigned short* a_tile, int a_stride, const float* __restrict__ wu, const float* __restrict__ bu,
+                                                 int m, int cols, Store store) {
+    const int warp = threadIdx.y;
+    const int lane = threadIdx.x;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int mp = round_up_16(m);
     const int ntiles = (cols + 7) / 8;
     const bool aligned = m % 16 == 0 && ((unsigned long long)wu & 7ull) == 0;
     for (int n0 = warp * UP_POST_NCHUNK; n0 < ntiles; n0 += TC_WARPS * UP_POST_NCHUNK) {
@@ -1646,8 +1725,8 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
                 }
             }
         }
-        // up + b_u, rounded once, into the up tile (accumulator q: row 16·mt + g + 8·(q/2),
-        // column 8·(n0 + nc) + 2t + q%2).
+        // up + b_u, rounded once (accumulator q: row 16·mt + g + 8·(q/2), column
+        // 8·(n0 + nc) + 2t + q%2).
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -1658,12 +1737,41 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
                     if (c < cols) {
                         T v;
                         store_f32(&v, acc[mt][nc][q] + bu[c]);
-                        u_tile[(mt * 16 + g + 8 * (q >> 1)) * u_stride + c] = v.bits;
+                        store(mt * 16 + g + 8 * (q >> 1), c, v);
                     }
                 }
             }
         }
     }
+}
+
+template <typename T, typename P>
+__device__ __forceinline__ void location_split_up_post(T* __restrict__ out, const float* __restrict__ acts, const float* __restrict__ stats,
+                                                       const float* __restrict__ gate, const T* __restrict__ h, const T* __restrict__ r,
+                                                       const P* __restrict__ ln_gamma, const P* __restrict__ ln_beta,
+                                                       const AdapterBranchDesc* __restrict__ descs, int batch, int seq_len, int cols,
+                                                       int replicate, float ln_eps, const unsigned* __restrict__ seed_buf, unsigned seed_lo,
+                                                       unsigned seed_hi) {
+    extern __shared__ float adapter_up_post_smem[];
+    __shared__ float scratch[32];  // team_sum's (not touched: a team is one warp)
+
+    const int per_branch = batch * seq_len;
+    const int branch = blockIdx.y;
+    const int tile0 = blockIdx.x * TC_ROWS;
+    const AdapterBranchDesc& d = descs[branch];
+    const int m = d.bottleneck;
+    const int a_stride = round_up_16(m) + 8;
+    const int u_stride = up_post_up_stride(cols);
+    unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_up_post_smem);
+    unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(TC_ROWS * a_stride, 2));
+    char* rows_region = reinterpret_cast<char*>(u_tile) + stage_region_bytes(TC_ROWS * u_stride, 2);
+    const int warp = threadIdx.y;
+    const int lane = threadIdx.x;
+
+    up_fill_a_tile<T>(a_tile, a_stride, acts + branch_acts_offset(descs, branch, per_branch, tc_all_branches()), m, tile0, per_branch);
+    // Mma phase: the up tile.
+    up_tile_products<T>(a_tile, a_stride, desc_ptr(d.up_w), desc_ptr(d.up_b), m, cols,
+                        [&](int tr, int c, const T& v) { u_tile[tr * u_stride + c] = v.bits; });
     __syncthreads();
 
     // Row phase: the post kernel's epilogue and post step over the up tile.
@@ -1747,6 +1855,59 @@ extern "C" __global__ __launch_bounds__(TC_WARPS * 32, UP_POST_MIN_BLOCKS) void 
                                              reinterpret_cast<const f16_raw*>(r), reinterpret_cast<const f16_raw*>(ln_gamma),
                                              reinterpret_cast<const f16_raw*>(ln_beta), reinterpret_cast<const AdapterBranchDesc*>(descs),
                                              batch, seq_len, hidden, replicate, ln_eps, seed_buf, seed_lo, seed_hi);
+}
+
+// adapter_split_bwd_up_bf16io / _f16io: the backward's recompute of up on the tensor-core path,
+// after adapter_split_bwd_pre_down_*: the up kernel's a tile and mma phase (the forward's
+// arithmetic, so up is the forward's bit for bit), each element, rounded once to the 16-bit type,
+// widened into the f32 rows the split backward's post kernel reads. Grid (⌈B·T / TC_ROWS⌉,
+// popc(branch_mask)), block (32, TC_WARPS); shared memory the a tile, TC_ROWS · (MP + 8) 16-bit
+// values (split_bwd_up_smem_bytes). up: [N·B·T, H] f32 (row branch·B·T + local); acts: the down
+// products of the branches in the mask as adapter_split_bwd_pre_down_* wrote them.
+template <typename T>
+__device__ __forceinline__ void location_split_bwd_up(float* __restrict__ up, const float* __restrict__ acts, const AdapterBranchDesc* __restrict__ descs,
+                                                      int batch, int seq_len, int cols, unsigned mask) {
+    extern __shared__ float adapter_bwd_up_smem[];
+    const int per_branch = batch * seq_len;
+    const int branch = tc_branch(mask);
+    const int tile0 = blockIdx.x * TC_ROWS;
+    const AdapterBranchDesc& d = descs[branch];
+    const int m = d.bottleneck;
+    const int a_stride = round_up_16(m) + 8;
+    unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_bwd_up_smem);
+    up_fill_a_tile<T>(a_tile, a_stride, acts + branch_acts_offset(descs, branch, per_branch, mask), m, tile0, per_branch);
+    float* rows = up + ((size_t)branch * (size_t)per_branch + (size_t)tile0) * (size_t)cols;
+    const int valid = per_branch - tile0;  // rows of the tile below B·T
+    up_tile_products<T>(a_tile, a_stride, desc_ptr(d.up_w), desc_ptr(d.up_b), m, cols, [&](int tr, int c, const T& v) {
+        if (tr < valid) {
+            rows[(size_t)tr * (size_t)cols + c] = load_f32(&v);
+        }
+    });
+}
+
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32) void adapter_split_bwd_up_bf16io(
+    float* __restrict__ up,
+    const float* __restrict__ acts,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    unsigned branch_mask)
+{
+    location_split_bwd_up<bf16_raw>(up, acts, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branch_mask);
+}
+
+// f16 twin of adapter_split_bwd_up_bf16io.
+extern "C" __global__ __launch_bounds__(TC_WARPS * 32) void adapter_split_bwd_up_f16io(
+    float* __restrict__ up,
+    const float* __restrict__ acts,
+    const unsigned long long* __restrict__ descs,
+    int batch,
+    int seq_len,
+    int hidden,
+    unsigned branch_mask)
+{
+    location_split_bwd_up<f16_raw>(up, acts, reinterpret_cast<const AdapterBranchDesc*>(descs), batch, seq_len, hidden, branch_mask);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
@@ -2606,6 +2767,10 @@ extern "C" __global__ void adapter_location_backward_gate_f16io(
 //                                                statistics when ρ = x needs them
 //     per branch: GEMM pre = z0·W_dᵀ + b_d; adapter_split_act_f32 a = act(pre);
 //                 GEMM up = a·W_uᵀ + b_u
+//                 (with the tensor-core forward, SplitForward::TensorCores, the pre kernel and
+//                 these are adapter_split_bwd_pre_down_* and adapter_split_bwd_up_* instead: the
+//                 forward's arithmetic, so pre, a and up are its values bit for bit, and z0 holds
+//                 the rounded z the down product multiplied)
 //     post    adapter_split_bwd_post_*           recomputes the post step from up, h, r; walks it
 //                                                back to dup = s ⊙ dropout(g·du_g) (over up, in
 //                                                place), the residual's gradient dρ, the post

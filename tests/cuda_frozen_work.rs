@@ -176,8 +176,10 @@ fn the_forward_follows_the_location_path() {
 /// With 16-bit activations on the split path, [`SplitForward::TensorCores`] runs each location's
 /// forward as one `adapter_split_pre_down_*` and one `adapter_split_up_post_*` launch (the pre
 /// and post kernels and the bottleneck GEMMs go); the default keeps them. Parallel(pfeiffer,
-/// pfeiffer_b) over the tiny base in bf16 and in f16: 2 locations × 2 branches. A wiring check (the outputs of the two ways agree to
-/// a few 16-bit roundings); the kernel's numerics are tests/cuda_bf16_adapter.rs's.
+/// pfeiffer_b) over the tiny base in bf16 and in f16: 2 locations × 2 branches; and the backward's
+/// recompute follows it. A wiring check (the outputs of the two ways agree to a few 16-bit
+/// roundings); the kernels' numerics are tests/cuda_bf16_adapter.rs's and
+/// tests/cuda_bf16_adapter_backward.rs's.
 #[test]
 fn the_half_split_forward_takes_the_tensor_core_kernels_when_asked() {
     use bert_adapters::cuda::adapter::{LocationPath, SplitForward};
@@ -201,6 +203,15 @@ fn the_half_split_forward_takes_the_tensor_core_kernels_when_asked() {
                     SplitForward::TensorCores => assert_eq!(kernels, [0, 0, 2, 2], "{label}: {now:?}"),
                 }
                 outs.push(be.to_host(&out.last_hidden_state).unwrap());
+                // The backward recomputes on the path the forward took: per location one
+                // adapter_split_bwd_pre_down_* and one adapter_split_bwd_up_* launch in place of
+                // the pre kernel (and its forward products), training pfeiffer.
+                let (_, back) = backward_work(&mut model, &be, &batch, &["pfeiffer", "pfeiffer_b"], &["pfeiffer"]);
+                let kernels = ["adapter_split_bwd_pre", "adapter_split_bwd_pre_down", "adapter_split_bwd_up"].map(|k| back.of(&format!("{k}_{name}io")));
+                match down {
+                    SplitForward::Gemm => assert_eq!(kernels, [2, 0, 0], "{label} backward: {back:?}"),
+                    SplitForward::TensorCores => assert_eq!(kernels, [0, 2, 2], "{label} backward: {back:?}"),
+                }
             }
             let (a, b) = (&outs[0], &outs[1]);
             assert!(b.iter().all(|v| v.is_finite()), "{device:?} {name}: a non-finite output");

@@ -17,7 +17,8 @@
 //!   run its products on tensor cores instead ([`SplitForward::TensorCores`]: two launches a
 //!   location, no GEMM). The backward has the same two paths
 //!   ([`adapter_location_backward`], [`adapter_location_backward_split`]: row kernels around the
-//!   products on [`Gpu::gemm`]), dispatched by [`adapter_location_backward_on`].
+//!   products on [`Gpu::gemm`], its recompute on the tensor cores where the forward ran there),
+//!   dispatched by [`adapter_location_backward_on`].
 //! - [`LocationPlan`]: threads per row and rows per block. [`LocationPlan::auto`] takes one warp
 //!   per row, up to 8 rows per block, for H <= 1024 (no block barriers at all), else one block per
 //!   row with about 16 columns per thread.
@@ -55,7 +56,7 @@ use super::registry::adapter::{
     ADAPTER_LOCATION_FORWARD_BF16, ADAPTER_LOCATION_FORWARD_BF16IO, ADAPTER_LOCATION_FORWARD_F32, ADAPTER_LOCATION_GATE_BF16, ADAPTER_LOCATION_GATE_BF16IO,
     ADAPTER_LOCATION_GATE_F32, ADAPTER_SPLIT_BIAS_ACT_F32, ADAPTER_SPLIT_POST_BF16, ADAPTER_SPLIT_POST_BF16IO, ADAPTER_SPLIT_POST_F32, ADAPTER_SPLIT_PRE_BF16,
     ADAPTER_SPLIT_PRE_BF16IO, ADAPTER_SPLIT_PRE_F32, ADAPTER_LOCATION_FORWARD_F16, ADAPTER_LOCATION_FORWARD_F16IO, ADAPTER_LOCATION_GATE_F16,
-    ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_PRE_DOWN_BF16IO, ADAPTER_SPLIT_PRE_DOWN_F16IO, ADAPTER_SPLIT_PRE_F16,
+    ADAPTER_LOCATION_GATE_F16IO, ADAPTER_SPLIT_POST_F16, ADAPTER_SPLIT_POST_F16IO, ADAPTER_SPLIT_BWD_PRE_DOWN_BF16IO, ADAPTER_SPLIT_BWD_PRE_DOWN_F16IO, ADAPTER_SPLIT_BWD_UP_BF16IO, ADAPTER_SPLIT_BWD_UP_F16IO, ADAPTER_SPLIT_PRE_DOWN_BF16IO, ADAPTER_SPLIT_PRE_DOWN_F16IO, ADAPTER_SPLIT_PRE_F16,
     ADAPTER_SPLIT_PRE_F16IO, ADAPTER_SPLIT_UP_POST_BF16IO, ADAPTER_SPLIT_UP_POST_F16IO,
 };
 use super::registry::KernelName;
@@ -400,6 +401,12 @@ pub enum SplitForward {
     /// into shared memory and runs the post kernel's steps over it. z and up never go to memory:
     /// PyTorch autocast's arithmetic for both Linears. Falls back to `Gemm` where a block does
     /// not fit the shared memory ([`split_pre_down_smem_bytes`], [`split_up_post_smem_bytes`]).
+    ///
+    /// The split backward follows the same choice by the same rule: its recompute is then
+    /// `adapter_split_bwd_pre_down_*` and `adapter_split_bwd_up_*` (two launches for every
+    /// processed branch, in place of its pre kernel and, per branch, two GEMMs and an activation
+    /// pass), so pre, a and up are the forward's bit for bit, and dW_down multiplies the rounded
+    /// z the product used, as autocast's saved tensors do. The backward's own products stay f32.
     TensorCores,
 }
 
@@ -447,6 +454,27 @@ pub fn split_up_post_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: im
     stage_region_bytes(TENSOR_CORE_ROWS * (m.div_ceil(16) * 16 + 8), 2)
         + stage_region_bytes(TENSOR_CORE_ROWS * (hidden.div_ceil(8) * 8 + 8), 2)
         + TENSOR_CORE_WARPS * split_forward_team_bytes(hidden, act_bytes, true)
+}
+
+/// Dynamic shared memory of an `adapter_split_bwd_up_*` block, in bytes (kernels/adapter.cu): the
+/// tile of a, 32 rows of `⌈m/16⌉·16 + 8` 16-bit values for the largest bottleneck.
+pub fn split_bwd_up_smem_bytes(bottlenecks: impl IntoIterator<Item = usize>) -> usize {
+    let m = bottlenecks.into_iter().max().unwrap_or(0);
+    stage_region_bytes(TENSOR_CORE_ROWS * (m.div_ceil(16) * 16 + 8), 2)
+}
+
+/// The tensor-core kernels' shared memory a block, `(pre + down, up + post)`, where
+/// [`SplitForward::TensorCores`] applies to these descriptors (asked for, and both blocks within
+/// `max_shared`), else None (the GEMM path). The caller checks the activations' type. The
+/// backward decides by the same rule, so that its recompute takes the path the forward took.
+fn split_tensor_core_bytes(descriptors: &LocationDescriptors<'_>, act_bytes: usize, max_shared: usize) -> Option<(usize, usize)> {
+    if descriptors.split_forward() != SplitForward::TensorCores {
+        return None;
+    }
+    let hidden = descriptors.hidden();
+    let bottlenecks = || descriptors.descriptors().iter().map(|d| d.bottleneck as usize);
+    let (pre, post) = (split_pre_down_smem_bytes(hidden, act_bytes, bottlenecks()), split_up_post_smem_bytes(hidden, act_bytes, bottlenecks()));
+    (pre.max(post) <= max_shared).then_some((pre, post))
 }
 
 impl<'w> LocationDescriptors<'w> {
@@ -1014,6 +1042,15 @@ fn split_tensor_core_kernels<P: BaseScalar, A: ActivationScalar>() -> Option<(Ke
     }
 }
 
+/// The backward's recompute on the tensor cores (pre + down, up) for 16-bit activations.
+fn split_bwd_tensor_core_kernels<P: BaseScalar, A: ActivationScalar>() -> Option<(KernelName, KernelName)> {
+    match (A::DTYPE, P::DTYPE) {
+        (DType::BF16, DType::BF16) => Some((ADAPTER_SPLIT_BWD_PRE_DOWN_BF16IO, ADAPTER_SPLIT_BWD_UP_BF16IO)),
+        (DType::F16, DType::F16) => Some((ADAPTER_SPLIT_BWD_PRE_DOWN_F16IO, ADAPTER_SPLIT_BWD_UP_F16IO)),
+        _ => None,
+    }
+}
+
 /// The f32 workspace of the split path for `descriptors` at `shape`, in elements: the rows' z
 /// (then the up products) `[N·B·T, H]`, each branch's down product `[B·T, m_i]`, and the pre
 /// step's statistics `[N·B·T, 2]` when ρ is x after the original LayerNorm.
@@ -1116,14 +1153,7 @@ pub fn adapter_location_forward_split_with_plan<P: BaseScalar, A: ActivationScal
 
     // The tensor-core kernels, where asked for, available and fitting: then z and up stay on
     // chip and the workspace holds only the down products and the statistics.
-    let tensor_cores = match (descriptors.split_forward(), split_tensor_core_kernels::<P, A>()) {
-        (SplitForward::TensorCores, Some((pre_down, up_post))) => {
-            let bottlenecks = || descriptors.descriptors().iter().map(|d| d.bottleneck as usize);
-            let (pre_bytes, post_bytes) = (split_pre_down_smem_bytes(hidden, act_bytes, bottlenecks()), split_up_post_smem_bytes(hidden, act_bytes, bottlenecks()));
-            (pre_bytes.max(post_bytes) <= max_shared).then_some([(pre_down, pre_bytes), (up_post, post_bytes)])
-        }
-        _ => None,
-    };
+    let tensor_cores = split_tensor_core_kernels::<P, A>().zip(split_tensor_core_bytes(descriptors, act_bytes, max_shared)).map(|((pre_down, up_post), (pre_bytes, post_bytes))| [(pre_down, pre_bytes), (up_post, post_bytes)]);
 
     // Workspace: zu [N·B·T, H] (z, then each branch's up product over its own z; not on the
     // tensor-core path), the down products, the statistics.
@@ -2237,8 +2267,12 @@ pub struct SplitBackwardLayout {
     pub gate: Range<usize>,
     /// `[N·B·T, 2]` the pre step's statistics, when ρ = x after the original LayerNorm.
     pub stats: Range<usize>,
-    /// Per branch (None when not processed): its `[B·T, m]` pre-activation, activation and
-    /// da / dpre.
+    /// The processed branches' `[B·T, m_i]` pre-activations, end to end in branch order (the
+    /// tensor-core kernels index them so), and likewise their activations.
+    pub pres: Range<usize>,
+    pub acts: Range<usize>,
+    /// Per branch (None when not processed): its `[B·T, m]` pre-activation and activation (within
+    /// `pres` and `acts`) and da / dpre.
     pub branch: Vec<Option<[Range<usize>; 3]>>,
     /// The column sums' scratch.
     pub colsum: Range<usize>,
@@ -2285,20 +2319,24 @@ pub fn split_backward_layout(descs: &[BranchDescriptor], hidden: usize, shape: L
     let gate_q = take(if gated { rows } else { 0 })?;
     let gate = take(if gated { n * shape.batch } else { 0 })?;
     let stats = take(if steps_stats { 2 * rows } else { 0 })?;
+    let lens = descs.iter().enumerate().map(|(i, d)| if in_mask(i) { per_branch.checked_mul(d.bottleneck as usize) } else { Some(0) }).collect::<Option<Vec<usize>>>().ok_or_else(overflow)?;
+    let total = lens.iter().try_fold(0usize, |t, &l| t.checked_add(l)).ok_or_else(overflow)?;
+    let (pres, acts) = (take(total)?, take(total)?);
     let mut branch = Vec::with_capacity(n);
     let mut widest = hidden;
+    let mut offset = 0;
     for (i, d) in descs.iter().enumerate() {
         if !in_mask(i) {
             branch.push(None);
             continue;
         }
-        let m = d.bottleneck as usize;
-        widest = widest.max(m);
-        let len = per_branch.checked_mul(m).ok_or_else(overflow)?;
-        branch.push(Some([take(len)?, take(len)?, take(len)?]));
+        widest = widest.max(d.bottleneck as usize);
+        let len = lens[i];
+        branch.push(Some([pres.start + offset..pres.start + offset + len, acts.start + offset..acts.start + offset + len, take(len)?]));
+        offset += len;
     }
     let colsum = take(if train_mask != 0 { bias_grad_workspace_len(per_branch, widest) } else { 0 })?;
-    Ok(SplitBackwardLayout { z, up, rho_grad, r_grad, ln_after, ln_before, scale_channel, scale_learned, gate_x, dlogit, gate_q, gate, stats, branch, colsum, len: at })
+    Ok(SplitBackwardLayout { z, up, rho_grad, r_grad, ln_after, ln_before, scale_channel, scale_learned, gate_x, dlogit, gate_q, gate, stats, pres, acts, branch, colsum, len: at })
 }
 
 /// The automatic plan of the split backward's row kernels: the forward's rule
@@ -2361,8 +2399,10 @@ pub fn validate_split_backward_plan(plan: LocationPlan, hidden: usize, act_bytes
 /// activations too: with `A = P = bf16` (the `_bf16io` kernels) or `A = P = f16` (`_f16io`) h,
 /// r, d_out, dh and dr are bf16 / f16
 /// (dh, dr rounded once on store) while every weight, weight gradient and the workspace stay f32.
-/// The bottleneck products run on [`Gpu::gemm`] (f32, cuBLASLt on a GPU); the workspace
-/// ([`split_backward_layout`]) comes from the pool.
+/// The bottleneck products run on [`Gpu::gemm`] (f32, cuBLASLt on a GPU), except the
+/// recompute's two forward products under [`SplitForward::TensorCores`] (the forward's tensor-core
+/// arithmetic, where the forward took it); the workspace ([`split_backward_layout`]) comes from
+/// the pool.
 pub fn adapter_location_backward_split<P: BaseScalar, A: ActivationScalar>(
     gpu: &Gpu,
     inputs: &LocationInputs<'_, P, A>,
@@ -2458,8 +2498,36 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         unsafe { gpu.launch(gate_kernel, cfg, &args)? };
     }
 
+    // The recompute on the tensor cores where the forward ran there (the same rule), so that
+    // pre, a and up are the forward's bit for bit: two launches for every processed branch.
+    let tensor_cores = split_bwd_tensor_core_kernels::<P, A>().zip(split_tensor_core_bytes(descriptors, std::mem::size_of::<A>(), max_shared));
+    if let Some(((pre_down, up), (pre_bytes, _))) = tensor_cores {
+        let up_bytes = split_bwd_up_smem_bytes(descs.iter().map(|d| d.bottleneck as usize));
+        for (kernel, bytes) in [(pre_down, pre_bytes), (up, up_bytes)] {
+            if bytes > gpu.dynamic_shared_limit(kernel) {
+                gpu.allow_dynamic_shared(kernel, bytes)?;
+            }
+        }
+        let grid = (per_branch.div_ceil(TENSOR_CORE_ROWS) as u32, branch_mask.count_ones(), 1);
+        let block = (32, TENSOR_CORE_WARPS as u32, 1);
+        let mask = KernelArg::U32(branch_mask);
+        // Parameter order: acts, pres, z0, stats, h, r, ln_gamma, ln_beta, descs, batch,
+        // seq_len, hidden, replicate, ln_eps, branch_mask.
+        let args = [arg(&layout.acts)?, arg(&layout.pres)?, arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, mask];
+        // SAFETY: acts and pres hold the processed branches' [B·T, m_i] end to end in branch
+        // order, as the kernel indexes them (split_backward_layout), z0 N·B·T·H and the statistics
+        // (when passed) 2·N·B·T, all workspace; h, r, γ, β were checked; grid.y is the mask's
+        // branch count and the shared memory the forward's pre + down block for these bottlenecks.
+        unsafe { gpu.launch(pre_down, LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: pre_bytes as u32 }, &args)? };
+        // Parameter order: up, acts, descs, batch, seq_len, hidden, branch_mask.
+        let args = [arg(&layout.up)?, arg(&layout.acts)?, descriptors.view().arg(), b, t, hd, mask];
+        // SAFETY: up holds N·B·T·H elements (the processed branches' rows written), acts as just
+        // written; the shared memory is the a tile of the largest bottleneck.
+        unsafe { gpu.launch(up, LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: up_bytes as u32 }, &args)? };
+    }
+
     // Pre: z0 (and the statistics) of the processed rows.
-    {
+    if tensor_cores.is_none() {
         // Parameter order: z0, stats, h, r, ln_gamma, ln_beta, descs, batch, seq_len, hidden,
         // replicate, ln_eps, branch_mask, stage.
         let args = [arg(&layout.z)?, arg(&layout.stats)?, A::act_arg(&inputs.h), A::act_arg(&inputs.r), ln_gamma, ln_beta, descriptors.view().arg(), b, t, hd, rep, eps, KernelArg::U32(branch_mask), stage_arg];
@@ -2478,8 +2546,8 @@ pub fn adapter_location_backward_split_with_plan<P: BaseScalar, A: ActivationSca
         unsafe { (DeviceView::<f32>::from_raw(d.down_w, m * hidden), DeviceView::<f32>::from_raw(d.down_b, m), DeviceView::<f32>::from_raw(d.up_w, hidden * m), DeviceView::<f32>::from_raw(d.up_b, hidden)) }
     };
 
-    // Forward products: pre = z0·W_dᵀ + b_d, a = act(pre), up = a·W_uᵀ + b_u.
-    for (i, d) in descs.iter().enumerate() {
+    // Forward products: pre = z0·W_dᵀ + b_d, a = act(pre), up = a·W_uᵀ + b_u (the GEMM path).
+    for (i, d) in descs.iter().enumerate().filter(|_| tensor_cores.is_none()) {
         let Some([pre_r, act_r, _]) = &layout.branch[i] else { continue };
         let m = d.bottleneck as usize;
         let (wd, bd, wu, bu) = weights(d);
@@ -2862,18 +2930,27 @@ mod backward_tests {
         assert_eq!(l.colsum.len(), bias_grad_workspace_len(14, 48));
         // Regions are aligned and disjoint, inside len.
         let mut regions = vec![l.z.clone(), l.up.clone(), l.rho_grad.clone(), l.r_grad.clone(), l.scale_learned.clone(), l.gate_q.clone(), l.gate.clone(), l.colsum.clone()];
-        regions.extend(l.branch.iter().flatten().flat_map(|r| r.iter().cloned()));
+        regions.extend([l.pres.clone(), l.acts.clone()]);
+        regions.extend(l.branch.iter().flatten().map(|r| r[2].clone()));
         regions.sort_by_key(|r| r.start);
         for w in regions.windows(2) {
             assert!(w[0].end <= w[1].start && w[1].start % WORKSPACE_ALIGN == 0, "{w:?}");
         }
         assert!(regions.last().unwrap().end <= l.len);
+        // Each branch's pre-activation and activation lie end to end in branch order in pres and
+        // acts (the tensor-core kernels' indexing).
+        for (k, whole) in [(0, &l.pres), (1, &l.acts)] {
+            let parts: Vec<Range<usize>> = l.branch.iter().flatten().map(|r| r[k].clone()).collect();
+            assert_eq!((parts[0].start, parts[2].end), (whole.start, whole.end));
+            assert!(parts.windows(2).all(|w| w[0].end == w[1].start), "{parts:?}");
+        }
         // No input gradients, only branch 1 trains: no dρ / dr terms, its per-row terms, no
         // products for the others.
         let l = split_backward_layout(&descs, 40, s, 0b010, 0b010, false).unwrap();
         assert_eq!((l.rho_grad.len(), l.r_grad.len(), l.scale_learned.len()), (0, 0, 0));
         assert_eq!((l.ln_after.0.len(), l.ln_before.1.len(), l.scale_channel.len(), l.gate_x.len(), l.dlogit.len()), (rh, rh, rh, rh, rows));
         assert_eq!(l.branch.iter().map(Option::is_some).collect::<Vec<_>>(), [false, true, false]);
+        assert_eq!((l.pres.len(), l.branch[1].as_ref().map(|r| r[1].clone())), (14 * 5, Some(l.acts.clone())));
         // The pre step's statistics only where ρ = x after the original LayerNorm.
         let x_after_ln = |d: BranchDescriptor| BranchDescriptor { original_ln_before: 1, residual_before_ln: residual_code(ResidualBeforeLn::False), ..d };
         assert_eq!(split_backward_layout(&[x_after_ln(desc(3))], 40, shape(2, 7, 40, 1, false), 1, 1, true).unwrap().stats.len(), 28);
