@@ -42,6 +42,11 @@
 //!   `split_tf32` (its products on TF32 tensor cores) and `split_two_warps_a_row` (its row kernels
 //!   with a block of 64 threads a row instead of a warp), at BERT-base 32×128 and MiniLM 16×64 (H = 384, r = 24; tiny: H = 64 and 40). Bytes: d_out,
 //!   h, r read, dh, dr written.
+//! - `adapter_location_backward_bf16/<B>x<T>`: the backward of `adapter_location_bf16`'s location
+//!   (both branches trainable, input gradients), `split_tf32` (the recompute's pre kernel and
+//!   GEMMs on TF32) against `split_mma` (the recompute on tensor cores, as after `split_mma`'s
+//!   forward: `adapter_split_bwd_pre_down_*` and `adapter_split_bwd_up_*`). Bytes: d_out, h, r
+//!   read, dh, dr written, in bf16.
 //! - `adapter_branches/<B>x<T>` (inputs already replicated, `[2·B, T, H]`) and
 //!   `adapter_branches_shared/<B>x<T>` (the first adapter layer: both branches read one `[B, T, H]`
 //!   input): two pfeiffer branches in `one_launch` against `two_launches` (fused) and `split`.
@@ -83,7 +88,7 @@ use std::time::Duration;
 
 use adapter_location::{BranchSpec, DeviceBranch, HostBranch, PFEIFFER};
 use bert_adapters::cuda::adapter::{
-    adapter_location_backward, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
+    adapter_location_backward, adapter_location_backward_split, adapter_location_backward_split_with_plan, adapter_location_forward, adapter_location_forward_split,
     adapter_location_forward_split_with_plan, backward_workspace_len, split_backward_plan_auto, BranchGrads, LocationBackwardOutputs, LocationBackwardWorkspace,
     LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, RowStaging, SplitForward,
 };
@@ -658,6 +663,46 @@ impl LocationBackward {
     }
 }
 
+/// The backward of [`HalfLocation`] (both branches trainable, input gradients needed): bf16
+/// d_out, dh, dr, f32 weight gradients, the split backward with its recompute as the forward ran
+/// (`SplitForward::Gemm`: the pre kernel and GEMMs on TF32; `TensorCores`: the two tensor-core
+/// recompute kernels).
+struct HalfLocationBackward {
+    half: HalfLocation,
+    d_out: DeviceBuffer<bf16>,
+    dh: DeviceBuffer<bf16>,
+    dr: DeviceBuffer<bf16>,
+    grads: Vec<[DeviceBuffer<f32>; 4]>,
+}
+
+impl HalfLocationBackward {
+    fn new(gpu: &Gpu, s: &Shapes, bt: (usize, usize), forward: SplitForward) -> HalfLocationBackward {
+        let half = HalfLocation::new(gpu, s, bt, forward);
+        let (n, h, m) = (half.out.len(), half.loc.hidden, half.loc.bottleneck);
+        let d_out: Vec<bf16> = Fill(13).vec(n, -1.0, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
+        HalfLocationBackward {
+            d_out: gpu.upload(&d_out).expect("upload"),
+            dh: gpu.alloc_zeros::<bf16>(n).expect("device allocation"),
+            dr: gpu.alloc_zeros::<bf16>(n).expect("device allocation"),
+            grads: (0..2).map(|_| [zeros(gpu, m * h), zeros(gpu, m), zeros(gpu, h * m), zeros(gpu, h)]).collect(),
+            half,
+        }
+    }
+
+    fn run(&mut self, gpu: &Gpu) {
+        let HalfLocationBackward { half, d_out, dh, dr, grads } = self;
+        let mut g: Vec<Option<BranchGrads>> = grads
+            .iter_mut()
+            .map(|[dwd, dbd, dwu, dbu]| {
+                Some(BranchGrads { down_w: dwd.view_mut(), down_b: dbd.view_mut(), up_w: dwu.view_mut(), up_b: dbu.view_mut(), ln_before: None, ln_after: None, scaling: None, gate: None, accumulate: false })
+            })
+            .collect();
+        let inputs = LocationInputs { h: half.h.view(), r: half.r.view(), ln_gamma: half.gamma.view(), ln_beta: half.beta.view(), ln_eps: EPS, dropout_seed: None };
+        let mut outputs = LocationBackwardOutputs { input_grads: Some((dh.view_mut(), dr.view_mut())), grads: &mut g };
+        adapter_location_backward_split(gpu, &inputs, &d_out.view(), &half.loc.all, &mut outputs, half.loc.shape).expect("adapter_location_backward_split");
+    }
+}
+
 fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
     let gpu = bench.gpu();
     for &(model, hidden, bottleneck, b, t) in &bench.shapes.location_backward {
@@ -678,6 +723,17 @@ fn adapter_location_backward_bench(c: &mut Criterion, bench: &Bench) {
         // SM with one warp a team, ~28 with two; the reductions then cross warps (block barriers).
         let wide = LocationPlan { threads_per_row: 64, rows_per_block: 1 };
         bench_lazy(&mut group, gpu, "split_two_warps_a_row", || LocationBackward::new(gpu, &s, (b, t)), move |l| l.run_with_plan(gpu, Some(RowStaging::Auto), wide));
+        group.finish();
+    }
+    // The bf16 pipeline's Parallel location: the recompute on TF32 GEMMs against the tensor-core
+    // recompute. Bytes: d_out, h, r read, dh, dr written (bf16, both branches).
+    let s = &bench.shapes;
+    for &bt in &s.rows {
+        let n = bt.0 * bt.1;
+        let mut group = new_group(c, format!("adapter_location_backward_bf16/{}", shape_name(bt.0, bt.1)));
+        group.throughput(Throughput::Bytes((5 * 2 * n * s.hidden * 2) as u64));
+        bench_lazy(&mut group, gpu, "split_tf32", || HalfLocationBackward::new(gpu, s, bt, SplitForward::Gemm), |l| l.run(gpu));
+        bench_lazy(&mut group, gpu, "split_mma", || HalfLocationBackward::new(gpu, s, bt, SplitForward::TensorCores), |l| l.run(gpu));
         group.finish();
     }
 }
