@@ -68,7 +68,7 @@
 //!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
 //!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both;
 //!   `bf16_replayed_mma` (`SplitForward::TensorCores`: each adapter location's forward in two
-//!   tensor-core kernels, z and up never in memory). Throughput: B·T positions (padding included) per step.
+//!   tensor-core kernels, z and up never in memory, and its backward's recompute in two more). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a

@@ -476,6 +476,34 @@ fn tensor_core_backward_where_exact<H: Io>(gpu: &Gpu) {
 }
 test_both!(io_tensor_core_backward_is_exact_where_its_roundings_are, tensor_core_backward_where_exact);
 
+/// Where the forward's tensor-core kernels do not fit a block (H = 3000), the backward asked for
+/// the tensor-core recompute takes the GEMM path as the forward does (the same rule), bit for bit;
+/// and f32 activations, which have no tensor-core kernels, ignore the choice.
+fn tensor_core_backward_falls_back<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0xfa11_bac5);
+    let wide = Case::random::<H>(&mut rng, 1, 2, 3000, false, PFEIFFER, &[BranchSpec::plain(16, Activation::Relu)], &[true], true);
+    let small = Case::random::<H>(&mut rng, 2, 3, 48, false, HOULSBY, &[BranchSpec::plain(8, Activation::Gelu)], &[true], true);
+    let tc_kernels = |c: &bert_adapters::cuda::gpu::LaunchCounts| c.kernels.keys().filter(|k| k.starts_with("adapter_split_bwd_pre_down") || k.starts_with("adapter_split_bwd_up")).count();
+    let bits = |g: &Got| -> Vec<u32> { g.inputs.iter().flat_map(|(a, b)| a.iter().chain(b)).chain(g.grads.iter().flatten().flat_map(|v| v.iter().flat_map(|(_, x)| x.iter()))).map(|v| v.to_bits()).collect() };
+    let label = format!("{} {} {}", H::NAME, gpu.describe(), wide.label());
+    let (gemm, _) = run_half::<H>(gpu, &wide, SplitForward::Gemm);
+    let before = gpu.launch_counts();
+    let (asked, _) = run_half::<H>(gpu, &wide, SplitForward::TensorCores);
+    let ran = gpu.launch_counts().since(&before);
+    assert_eq!((tc_kernels(&ran), ran.of(&format!("adapter_split_bwd_pre_{}io", H::NAME))), (0, 1), "{label}: {ran:?}");
+    assert!(bits(&gemm).iter().all(|b| f32::from_bits(*b).is_finite()), "{label}: a non-finite gradient");
+    assert_eq!(bits(&asked), bits(&gemm), "{label}");
+    let f32_run = |forward: SplitForward| {
+        run::<f32>(gpu, &small, LocationPath::Split, forward, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", small.label()))
+    };
+    let gemm = f32_run(SplitForward::Gemm);
+    let before = gpu.launch_counts();
+    let asked = f32_run(SplitForward::TensorCores);
+    assert_eq!(tc_kernels(&gpu.launch_counts().since(&before)), 0, "f32 {}", small.label());
+    assert_eq!(bits(&asked), bits(&gemm), "f32 {}", small.label());
+}
+test_both!(tensor_core_backward_falls_back_with_the_forward, tensor_core_backward_falls_back);
+
 #[test]
 fn the_cases_cover_what_the_docs_claim() {
     let cs = cases::<bf16>(&mut StdRng::seed_from_u64(0xbf16_bac4));
