@@ -42,9 +42,15 @@ fn every_kernel_compiles_without_spills() {
     }
     let (major, minor) = nvrtc_version().expect("NVRTC loads, so its version is readable");
     report_line(&format!("NVRTC {major}.{minor}"));
-    for src in ALL_SOURCES {
-        for arch in ARCHS {
-            let report = compile(src.file, src.code, arch);
+    // One thread an arch: each compiles every source (NVRTC and ptxas are the test's ~2 minutes
+    // on one core; the programs are independent), then the reports are checked in order.
+    let reports: Vec<Vec<CompileReport>> = std::thread::scope(|scope| {
+        let per_arch: Vec<_> = ARCHS.iter().map(|&arch| scope.spawn(move || ALL_SOURCES.iter().map(|src| compile(src.file, src.code, arch)).collect::<Vec<_>>())).collect();
+        per_arch.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    for (i, src) in ALL_SOURCES.iter().enumerate() {
+        for (a, arch) in ARCHS.into_iter().enumerate() {
+            let report = &reports[a][i];
             assert!(!report.cubin.is_empty(), "{} {arch}: empty CUBIN", src.file);
             for &kernel in src.kernels {
                 let Some(k) = report.kernel(kernel) else {
@@ -120,7 +126,9 @@ fn cubins_compile_once_per_process() {
     if !nvrtc_for_test("nvrtc_compile::cubins_compile_once_per_process") {
         return;
     }
-    let src = ALL_SOURCES[0];
+    // The smallest source: the cache is what is tested, and this test runs beside the
+    // every-kernel compile on CI's two cores.
+    let src = ALL_SOURCES.iter().min_by_key(|s| s.code.len()).expect("kernel sources");
     // Private defines make these keys unique to this test, so parallel tests cannot interfere.
     let first = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"]).expect("compiles");
     let compiled = nvrtc_compilations();
