@@ -1316,11 +1316,9 @@ __device__ __forceinline__ size_t branch_acts_offset(const AdapterBranchDesc* de
     return offset;
 }
 
-// The tensor-core kernels' grid: blockIdx.y counts the branches of `mask` (all of a forward's:
-// tc_all_branches); its branch.
-__device__ __forceinline__ unsigned tc_all_branches() { return gridDim.y >= 32 ? ~0u : (1u << gridDim.y) - 1u; }
-__device__ __forceinline__ int tc_branch(unsigned mask) {
-    int k = blockIdx.y;
+// The index of the k-th set bit of `mask` (k counted from 0), or -1: the branch of the k-th
+// processed one (branch masks have a bit a branch, ADAPTER_BWD_MAX_BRANCHES = 32 of them).
+__device__ __forceinline__ int adapter_nth_branch(unsigned mask, int k) {
     for (int i = 0; i < 32; ++i) {
         if ((mask >> i) & 1u) {
             if (k == 0) {
@@ -1329,8 +1327,13 @@ __device__ __forceinline__ int tc_branch(unsigned mask) {
             --k;
         }
     }
-    return -1;  // not reached: the launchers size grid.y to the set bits
+    return -1;
 }
+
+// The tensor-core kernels' grid: blockIdx.y counts the branches of `mask` (all of a forward's:
+// tc_all_branches); its branch (the launchers size grid.y to the set bits).
+__device__ __forceinline__ unsigned tc_all_branches() { return gridDim.y >= 32 ? ~0u : (1u << gridDim.y) - 1u; }
+__device__ __forceinline__ int tc_branch(unsigned mask) { return adapter_nth_branch(mask, blockIdx.y); }
 
 // A tensor-core block's per-warp row region (after its tiles, from `rows_region`): the f32 row
 // buffer, then the staged h and r (split_forward_team_bytes, staged, in the launcher).
@@ -2060,19 +2063,6 @@ __device__ __forceinline__ AdapterPackLayout adapter_pack_layout(const AdapterBr
     }
     p.width = (k + 3) & ~3;
     return p;
-}
-
-// The index of the k-th set bit of `mask` (k counted from 0), or -1.
-__device__ __forceinline__ int adapter_nth_branch(unsigned mask, int k) {
-    for (int i = 0; i < ADAPTER_BWD_MAX_BRANCHES; ++i) {
-        if ((mask >> i) & 1u) {
-            if (k == 0) {
-                return i;
-            }
-            --k;
-        }
-    }
-    return -1;
 }
 
 // pre[j] = z·W_d[j]ᵀ + b_d[j] and act[j] = act(pre[j]) for j < m: down_projection's mapping, both

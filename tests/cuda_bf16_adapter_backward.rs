@@ -22,6 +22,12 @@
 //! pfeiffer / houlsby / residual_before_ln False / post_add, gates, the adapter's dropout at p = 0.1
 //! and 0.5, frozen branches, accumulation, without input gradients; the fused path refuses bf16.
 //!
+//! With the tensor-core forward (`SplitForward::TensorCores`) the backward recomputes pre, a and
+//! up with the forward's tensor-core kernels (`adapter_split_bwd_pre_down_*`,
+//! `adapter_split_bwd_up_*`): checked bit for bit against the GEMM path on cases whose roundings
+//! are exact, and falling back with the forward (see the tests' own docs for why no per-location
+//! rule holds for it).
+//!
 //! f16 (the `_f16io` kernels, f16 γ, β) runs the same bodies, generic over the 16-bit type `H`
 //! ([`Io`]): every "bf16" above reads "H" (its rounding, ulps, plain twin and the rule's floor);
 //! each test runs as `<name>::bf16` and `<name>::f16`, on the bf16 cases' draws: h, r ∈ ±2,
@@ -260,8 +266,8 @@ fn run<A: ActivationScalar + BaseScalar>(gpu: &Gpu, case: &Case, path: LocationP
     Ok(Got { inputs, grads: dests.iter().map(|d| d.as_ref().map(|d| d.download(gpu))).collect() })
 }
 
-fn run_f32(gpu: &Gpu, case: &Case) -> Got {
-    run::<f32>(gpu, case, LocationPath::Split, SplitForward::Gemm, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", case.label()))
+fn run_f32(gpu: &Gpu, case: &Case, forward: SplitForward) -> Got {
+    run::<f32>(gpu, case, LocationPath::Split, forward, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", case.label()))
 }
 
 fn run_half<H: Io>(gpu: &Gpu, case: &Case, forward: SplitForward) -> (Got, Option<InputGrads<H>>) {
@@ -301,7 +307,7 @@ fn assert_close(label: &str, got: &[f32], want: &[f32]) -> f32 {
 /// plain error, worst weight-gradient max|err|/tol).
 fn check<H: Io>(gpu: &Gpu, case: &Case) -> (f64, f32) {
     let label = format!("{} {} {}", H::NAME, gpu.describe(), case.label());
-    let f32_run = run_f32(gpu, case);
+    let f32_run = run_f32(gpu, case, SplitForward::Gemm);
     let (bf, bits) = run_half::<H>(gpu, case, SplitForward::Gemm);
     let (want_inputs, want_grads) = case.reference();
     let mut ratio = 0f64;
@@ -494,12 +500,9 @@ fn tensor_core_backward_falls_back<H: Io>(gpu: &Gpu) {
     assert_eq!((tc_kernels(&ran), ran.of(&format!("adapter_split_bwd_pre_{}io", H::NAME))), (0, 1), "{label}: {ran:?}");
     assert!(bits(&gemm).iter().all(|b| f32::from_bits(*b).is_finite()), "{label}: a non-finite gradient");
     assert_eq!(bits(&asked), bits(&gemm), "{label}");
-    let f32_run = |forward: SplitForward| {
-        run::<f32>(gpu, &small, LocationPath::Split, forward, |v| v.to_vec(), |v| v.to_vec(), f32::NAN).unwrap_or_else(|e| panic!("f32 {}: {e}", small.label()))
-    };
-    let gemm = f32_run(SplitForward::Gemm);
+    let gemm = run_f32(gpu, &small, SplitForward::Gemm);
     let before = gpu.launch_counts();
-    let asked = f32_run(SplitForward::TensorCores);
+    let asked = run_f32(gpu, &small, SplitForward::TensorCores);
     assert_eq!(tc_kernels(&gpu.launch_counts().since(&before)), 0, "f32 {}", small.label());
     assert_eq!(bits(&asked), bits(&gemm), "f32 {}", small.label());
 }
