@@ -1663,6 +1663,8 @@ extern "C" __global__ __launch_bounds__(TC_WARPS * 32, PRE_DOWN_MIN_BLOCKS) void
 #define UP_POST_MIN_BLOCKS 2
 
 __device__ __forceinline__ int up_post_up_stride(int cols) { return (cols + 7) / 8 * 8 + 8; }
+// The a tile's row stride (16-bit elements) for bottleneck m: MP + 8, MP = m rounded up to 16.
+__device__ __forceinline__ int up_a_stride(int m) { return round_up_16(m) + 8; }
 
 // The a tile of the up kernels: rows [tile0, tile0 + TC_ROWS) of a branch's a ([B·T, m] f32)
 // rounded to T into a_tile [TC_ROWS][MP + 8], zero past m and past B·T. Ends with a barrier.
@@ -1763,7 +1765,7 @@ __device__ __forceinline__ void location_split_up_post(T* __restrict__ out, cons
     const int tile0 = blockIdx.x * TC_ROWS;
     const AdapterBranchDesc& d = descs[branch];
     const int m = d.bottleneck;
-    const int a_stride = round_up_16(m) + 8;
+    const int a_stride = up_a_stride(m);
     const int u_stride = up_post_up_stride(cols);
     unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_up_post_smem);
     unsigned short* u_tile = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(adapter_up_post_smem) + stage_region_bytes(TC_ROWS * a_stride, 2));
@@ -1876,7 +1878,7 @@ __device__ __forceinline__ void location_split_bwd_up(float* __restrict__ up, co
     const int tile0 = blockIdx.x * TC_ROWS;
     const AdapterBranchDesc& d = descs[branch];
     const int m = d.bottleneck;
-    const int a_stride = round_up_16(m) + 8;
+    const int a_stride = up_a_stride(m);
     unsigned short* a_tile = reinterpret_cast<unsigned short*>(adapter_bwd_up_smem);
     up_fill_a_tile<T>(a_tile, a_stride, acts + branch_acts_offset(descs, branch, per_branch, mask), m, tile0, per_branch);
     float* rows = up + ((size_t)branch * (size_t)per_branch + (size_t)tile0) * (size_t)cols;

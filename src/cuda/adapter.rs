@@ -450,14 +450,14 @@ pub fn split_pre_down_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: i
 /// of up, 32 rows of `⌈H/8⌉·8 + 8`, then the 8 warps' row regions ([`split_forward_team_bytes`],
 /// staged).
 pub fn split_up_post_smem_bytes(hidden: usize, act_bytes: usize, bottlenecks: impl IntoIterator<Item = usize>) -> usize {
-    let m = bottlenecks.into_iter().max().unwrap_or(0);
-    stage_region_bytes(TENSOR_CORE_ROWS * (m.div_ceil(16) * 16 + 8), 2)
+    split_bwd_up_smem_bytes(bottlenecks)
         + stage_region_bytes(TENSOR_CORE_ROWS * (hidden.div_ceil(8) * 8 + 8), 2)
         + TENSOR_CORE_WARPS * split_forward_team_bytes(hidden, act_bytes, true)
 }
 
 /// Dynamic shared memory of an `adapter_split_bwd_up_*` block, in bytes (kernels/adapter.cu): the
-/// tile of a, 32 rows of `⌈m/16⌉·16 + 8` 16-bit values for the largest bottleneck.
+/// tile of a, 32 rows of `⌈m/16⌉·16 + 8` 16-bit values for the largest bottleneck (the first
+/// region of an `adapter_split_up_post_*` block too).
 pub fn split_bwd_up_smem_bytes(bottlenecks: impl IntoIterator<Item = usize>) -> usize {
     let m = bottlenecks.into_iter().max().unwrap_or(0);
     stage_region_bytes(TENSOR_CORE_ROWS * (m.div_ceil(16) * 16 + 8), 2)
