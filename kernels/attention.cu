@@ -3022,3 +3022,395 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 {
     attn_gemm_softmax_backward_body<1, f16_raw>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), s, dp, lse, mask_bias, rows, seq, heads, mask_rows, scale, AttnBwdPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
+
+// =================================================================================================
+// ---- the tensor-core forward: the GEMM path's forward in one launch (T <= 128, 16-bit) --------
+// =================================================================================================
+//
+// attention_mma_forward[_dropout]_{bf16io,f16io}_d{32,64}: the GEMM path's forward (ctx and lse;
+// the same semantics, dropout masks and roundings, section above) as one kernel for T <=
+// ATTN_MMA_MAX_SEQ = 128 and d = 32 or 64 (MiniLM, BERT-base): S = Q·Kᵀ and O = P·V on the tensor
+// cores (mma.sync m16n8k16, f32 accumulators: kernels/common.cuh), the softmax in registers. It
+// replaces that forward's five launches (to_heads, S = Q·Kᵀ, the softmax row kernel, P·V,
+// from_heads) and their traffic: the head-layout copies of Q, K, V and O, the f32 scores and P.
+// What it reads and writes is qkv, the mask, ctx and lse; the GEMM backward runs after it
+// unchanged (it needs only the lse). src/cuda/attention_gemm.rs (AttentionPath::TensorCores)
+// launches it where it applies and takes the GEMM forward elsewhere.
+//
+// Thread mapping: blocks of ATTN_MMA_WARPS = 4 warps, grid (⌈T / 64⌉, heads, B): block x of (b, h)
+// owns query rows 64x .. 64x + 63, warp w rows 64x + 16w .. + 15 (one mma row tile). The block
+// stages in shared memory, 16-bit, with 16-byte global loads (rows past T zero): its 64 Q rows
+// and the Tp = ⌈T / 16⌉·16 K rows as [row][d + 8], V transposed as [d][Tp + 8] (the B operand of
+// P·V pairs consecutive keys), and the mask row (f32). Row strides of 4 mod 8 words make every
+// fragment read conflict-free (lanes g = 0..7 hit 8 distinct groups of 4 banks); Q and K are
+// staged unit-major (coalesced rows), V key-major (32 consecutive keys a warp: conflict-free
+// 2-byte transposing stores).
+// Per warp: S (16 x Tp, f32) accumulates in registers, 16 n-tiles of 8 keys x 4 floats a lane
+// (lane g = l / 4, t = l % 4 holds rows g and g + 8, keys 8n + 2t and 8n + 2t + 1); each row's max
+// and sum are over its 4 lanes (two xor shuffles). The probabilities, rounded to the storage
+// type, are packed straight from the accumulators into A fragments of P·V (the C layout of two
+// adjacent n-tiles is the A layout of one 16-key k slice), so P never leaves registers. ctx is
+// stored as 32-bit pairs, the lse by lane t = 0. A warp whose rows all lie past T returns after
+// the staging barrier (no barrier follows).
+// Dropout: lanes t and t ^ 1 share a group of 4 keys; one draws the group's factors for row g,
+// the other for row g + 8 (AttnPhilox::factor4: one Philox block), and they swap the pairs the
+// other needs: one factor4 per 4 keys and row, as in the row kernels, the same element mapping.
+//
+// Numerics: the GEMM path's, step for step: s = f32(S·scale) + mask (attn_mul_rn; -inf past T),
+// m = max_j s_j, l = Σ_j exp(s_j − m) (expf), lse = m + log(l), P = exp(s − m)·(1/l)·f rounded once
+// to the storage type, O = P·V accumulated in f32 and rounded once on the store. Only summation
+// orders differ (S over d in the tensor cores' order; l per lane, then across the 4 lanes of a row,
+// where the row kernel sums per lane then across 32), so S and l agree with the GEMM path to a few
+// f32 ulps, P to one 16-bit ulp where a rounding boundary lies between, and the tests hold ctx to
+// the same 2x-plain rule and the lse to the f32 tolerance. A row whose every score is -inf writes
+// NaN for ctx (its P is NaN) and lse, as the GEMM path.
+//
+// Shared memory (bytes): 2·(64·(d + 8) + Tp·(d + 8) + d·(Tp + 8)) + 4·Tp: d = 64, T = 128: 44.5
+// KiB; d = 32: 24 KiB. Within the 48 KiB a kernel gets without an opt-in, so the launcher sets no
+// attribute (attention_mma_smem_bytes in src/cuda/attention_gemm.rs is the same formula).
+//
+// ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: d64 128 / 148,
+// dropout d64 128 / 152, d32 94 / 116, dropout d32 116-118 / 144. On sm_90 that is 3 blocks (12
+// warps) an SM at d = 64; a cap of 128 (4 blocks) spills 72 B in the dropout kernel, so there is
+// none. The SASS of the d64 kernels has 128 HMMA (64 for S, 64 for P·V) and no local memory.
+
+#define ATTN_MMA_WARPS 4
+#define ATTN_MMA_ROWS (16 * ATTN_MMA_WARPS)  // query rows a block
+#define ATTN_MMA_MAX_SEQ 128
+#define ATTN_MMA_NTILES (ATTN_MMA_MAX_SEQ / 8)  // n-tiles of 8 keys a warp's S holds
+
+// The block's shared-memory regions (16-bit elements; the mask row as f32) for T = seq.
+struct AttnMmaSmem {
+    int kp;   // keys padded to whole 16-key k slices
+    int ldk;  // Q and K row stride: d + 8
+    int ldv;  // Vᵀ row stride: kp + 8
+    unsigned short* q;
+    unsigned short* k;
+    unsigned short* vt;
+    float* mask;
+};
+
+template <int D>
+__device__ __forceinline__ AttnMmaSmem attn_mma_smem(void* base, int seq) {
+    AttnMmaSmem s;
+    s.kp = (seq + 15) & ~15;
+    s.ldk = D + 8;
+    s.ldv = s.kp + 8;
+    s.q = static_cast<unsigned short*>(base);
+    s.k = s.q + ATTN_MMA_ROWS * s.ldk;
+    s.vt = s.k + s.kp * s.ldk;
+    s.mask = reinterpret_cast<float*>(s.vt + D * s.ldv);  // an even element offset: 4-byte aligned
+    return s;
+}
+
+// One 32-bit mma register (two 16-bit elements, the lower index low) from shared memory.
+__device__ __forceinline__ unsigned attn_mma_ld32(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// Copies the block's Q rows q0.., every K row below kp and Vᵀ into shared memory (zero past T),
+// and the mask row; ends with the block barrier.
+template <typename T, int D>
+__device__ __forceinline__ void attn_mma_stage(const AttnMmaSmem& sm, const T* __restrict__ qkv, const float* __restrict__ mask_row, int b, int h, int q0, int seq, int hidden) {
+    constexpr int UNITS = D / 8;  // 16-byte units of a head's row
+    const size_t row_stride = 3 * (size_t)hidden;
+    const T* head = qkv + (size_t)b * (size_t)seq * row_stride + (size_t)(h * D);
+    const AttnBits16 zero = {{0u, 0u, 0u, 0u}};
+    for (int u = threadIdx.x; u < ATTN_MMA_ROWS * UNITS; u += blockDim.x) {
+        const int r = u / UNITS, c = (u % UNITS) * 8;
+        const int i = q0 + r;
+        const AttnBits16 v = i < seq ? *reinterpret_cast<const AttnBits16*>(head + (size_t)i * row_stride + c) : zero;
+        *reinterpret_cast<AttnBits16*>(sm.q + r * sm.ldk + c) = v;
+    }
+    for (int u = threadIdx.x; u < sm.kp * UNITS; u += blockDim.x) {
+        const int j = u / UNITS, c = (u % UNITS) * 8;
+        const AttnBits16 v = j < seq ? *reinterpret_cast<const AttnBits16*>(head + (size_t)j * row_stride + hidden + c) : zero;
+        *reinterpret_cast<AttnBits16*>(sm.k + j * sm.ldk + c) = v;
+    }
+    for (int u = threadIdx.x; u < sm.kp * UNITS; u += blockDim.x) {
+        const int j = u % sm.kp, c = (u / sm.kp) * 8;
+        const AttnBits16 v = j < seq ? *reinterpret_cast<const AttnBits16*>(head + (size_t)j * row_stride + 2 * (size_t)hidden + c) : zero;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            sm.vt[(c + e) * sm.ldv + j] = (unsigned short)(v.w[e >> 1] >> (16 * (e & 1)));
+        }
+    }
+    for (int j = threadIdx.x; j < sm.kp; j += blockDim.x) {
+        sm.mask[j] = j < seq ? mask_row[j] : 0.0f;  // past T the score is -inf, not read from here
+    }
+    __syncthreads();
+}
+
+// The dropout factors of this lane's keys 8n + 2t, +1 (n0 = 8n) for rows i_lo (g) and i_hi (g + 8):
+// 1 in eval.
+__device__ __forceinline__ void attn_mma_factors(const AttnNoDropout&, int, int, int, int, int, int, float (&lo)[2], float (&hi)[2]) {
+    lo[0] = lo[1] = hi[0] = hi[1] = 1.0f;
+}
+// Training: the lanes t and t ^ 1 share the group of 4 keys j0; the even one draws row i_lo's
+// factors, the odd one row i_hi's, and each hands the other the pair it needs.
+__device__ __forceinline__ void attn_mma_factors(const AttnPhiloxDropout& d, int b, int h, int i_lo, int i_hi, int n0, int t, float (&lo)[2], float (&hi)[2]) {
+    const bool odd = (t & 1) != 0;
+    float f[4];
+    d.factor4(b, h, odd ? i_hi : i_lo, n0 + 4 * (t >> 1), f);
+    // This lane's keys are j0 + 2·odd and the next; the partner's the other pair of the group.
+    const float own0 = odd ? f[2] : f[0], own1 = odd ? f[3] : f[1];
+    const float give0 = odd ? f[0] : f[2], give1 = odd ? f[1] : f[3];
+    const float got0 = __shfl_xor_sync(FULL_WARP_MASK, give0, 1), got1 = __shfl_xor_sync(FULL_WARP_MASK, give1, 1);
+    lo[0] = odd ? got0 : own0;
+    lo[1] = odd ? got1 : own1;
+    hi[0] = odd ? own0 : got0;
+    hi[1] = odd ? own1 : got1;
+}
+
+// The max (OP = fmaxf) or sum of a row's value over its 4 lanes (t = 0..3 of one g).
+__device__ __forceinline__ float attn_mma_row_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, 1));
+    return fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, 2));
+}
+__device__ __forceinline__ float attn_mma_row_sum(float v) {
+    v += __shfl_xor_sync(FULL_WARP_MASK, v, 1);
+    return v + __shfl_xor_sync(FULL_WARP_MASK, v, 2);
+}
+
+template <typename T, int D, typename Dropout>
+__device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float* __restrict__ lse, const T* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale, Dropout dropout) {
+    static_assert(D % 16 == 0 && D <= 64, "d a multiple of 16 up to 64");
+    extern __shared__ AttnVec4 attn_smem[];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTN_MMA_ROWS;
+    const AttnMmaSmem sm = attn_mma_smem<D>(attn_smem, seq);
+    attn_mma_stage<T, D>(sm, qkv, mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq, b, h, q0, seq, hidden);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = 16 * warp;  // the warp's first row of the block's Q tile
+    if (q0 + r0 >= seq) {
+        return;  // warp-uniform; no barrier follows
+    }
+    const int i_lo = q0 + r0 + g, i_hi = i_lo + 8;
+    const T* tag = nullptr;  // picks the bf16 or f16 mma and packing
+
+    // S = Q·Kᵀ: n-tile n holds keys 8n..8n+7; tiles at or past kp stay unused.
+    float s[ATTN_MMA_NTILES][4];
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            s[n][q] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        const unsigned short* qa = sm.q + (r0 + g) * sm.ldk + 16 * ks + 2 * t;
+        const unsigned a[4] = {attn_mma_ld32(qa), attn_mma_ld32(qa + 8 * sm.ldk), attn_mma_ld32(qa + 8), attn_mma_ld32(qa + 8 * sm.ldk + 8)};
+#pragma unroll
+        for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+            if (8 * n < sm.kp) {
+                const unsigned short* kb = sm.k + (8 * n + g) * sm.ldk + 16 * ks + 2 * t;
+                const unsigned bk[2] = {attn_mma_ld32(kb), attn_mma_ld32(kb + 8)};
+                const float c[4] = {s[n][0], s[n][1], s[n][2], s[n][3]};
+                mma_m16n8k16(tag, s[n], a, bk, c);
+            }
+        }
+    }
+
+    // Scores, row maxima (rows g: elements 0, 1; g + 8: elements 2, 3).
+    float m_lo = attn_neg_inf(), m_hi = attn_neg_inf();
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+        if (8 * n < sm.kp) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = 8 * n + 2 * t + e;
+                const bool in = j < seq;
+                const float bias = in ? sm.mask[j] : 0.0f;
+                s[n][e] = in ? attn_mul_rn(s[n][e], scale) + bias : attn_neg_inf();
+                s[n][2 + e] = in ? attn_mul_rn(s[n][2 + e], scale) + bias : attn_neg_inf();
+                m_lo = fmaxf(m_lo, s[n][e]);
+                m_hi = fmaxf(m_hi, s[n][2 + e]);
+            }
+        }
+    }
+    m_lo = attn_mma_row_max(m_lo);
+    m_hi = attn_mma_row_max(m_hi);
+    // Every score -inf: subtract 0 instead (exp(-inf) = 0, not NaN), and write NaN below.
+    const bool dead_lo = m_lo == attn_neg_inf(), dead_hi = m_hi == attn_neg_inf();
+    const float ref_lo = dead_lo ? 0.0f : m_lo, ref_hi = dead_hi ? 0.0f : m_hi;
+    float l_lo = 0.0f, l_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+        if (8 * n < sm.kp) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[n][e] = expf(s[n][e] - ref_lo);
+                s[n][2 + e] = expf(s[n][2 + e] - ref_hi);
+                l_lo += s[n][e];
+                l_hi += s[n][2 + e];
+            }
+        }
+    }
+    l_lo = attn_mma_row_sum(l_lo);
+    l_hi = attn_mma_row_sum(l_hi);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+
+    // O = P·V, one 16-key k slice (n-tiles 2ks, 2ks + 1) at a time.
+    float o[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            o[dn][q] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < ATTN_MMA_NTILES / 2; ++ks) {
+        if (16 * ks < sm.kp) {
+            unsigned a[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int n = 2 * ks + half;
+                float f_lo[2], f_hi[2];
+                attn_mma_factors(dropout, b, h, i_lo, i_hi, 8 * n, t, f_lo, f_hi);
+                const float p0 = dead_lo ? attn_nan() : s[n][0] * inv_lo * f_lo[0];
+                const float p1 = dead_lo ? attn_nan() : s[n][1] * inv_lo * f_lo[1];
+                const float p2 = dead_hi ? attn_nan() : s[n][2] * inv_hi * f_hi[0];
+                const float p3 = dead_hi ? attn_nan() : s[n][3] * inv_hi * f_hi[1];
+                a[2 * half] = pack2(tag, p0, p1);
+                a[2 * half + 1] = pack2(tag, p2, p3);
+            }
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                const unsigned short* vb = sm.vt + (8 * dn + g) * sm.ldv + 16 * ks + 2 * t;
+                const unsigned bv[2] = {attn_mma_ld32(vb), attn_mma_ld32(vb + 8)};
+                const float c[4] = {o[dn][0], o[dn][1], o[dn][2], o[dn][3]};
+                mma_m16n8k16(tag, o[dn], a, bv, c);
+            }
+        }
+    }
+
+    // ctx pairs (rounded once) and the lse.
+    const size_t col = (size_t)(h * D + 2 * t);
+    if (i_lo < seq) {
+        T* row = ctx + ((size_t)b * (size_t)seq + (size_t)i_lo) * (size_t)hidden + col;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            *reinterpret_cast<unsigned*>(row + 8 * dn) = pack2(tag, o[dn][0], o[dn][1]);
+        }
+    }
+    if (i_hi < seq) {
+        T* row = ctx + ((size_t)b * (size_t)seq + (size_t)i_hi) * (size_t)hidden + col;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            *reinterpret_cast<unsigned*>(row + 8 * dn) = pack2(tag, o[dn][2], o[dn][3]);
+        }
+    }
+    if (t == 0) {
+        float* lse_bh = lse + ((size_t)b * (size_t)heads + (size_t)h) * (size_t)seq;
+        if (i_lo < seq) {
+            lse_bh[i_lo] = dead_lo ? attn_nan() : m_lo + logf(l_lo);
+        }
+        if (i_hi < seq) {
+            lse_bh[i_hi] = dead_hi ? attn_nan() : m_hi + logf(l_hi);
+        }
+    }
+}
+
+// Tensor-core forward: ctx, lse, qkv, mask_bias; seq (<= 128), hidden (heads·d), heads, mask_rows,
+// scale (then the dropout policy's arguments, as the row kernels). Launch: grid (⌈T / 64⌉, heads,
+// B), block 128, dynamic shared memory as the section header says.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_bf16io_d32(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_bf16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_bf16io_d64(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_bf16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+// f16 twins of the bf16io kernels above (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_f16io_d32(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_f16io_d32(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_f16io_d64(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_f16io_d64(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}

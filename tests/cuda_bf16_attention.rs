@@ -880,18 +880,19 @@ test_both!(gemm_path_rule, gemm_path_matches_the_rule);
 
 /// Through `Backend` (what `CudaBackend::with_activations` runs): `attention_packed` and
 /// `attention_packed_backward` on `H` Q, K, V and dctx return `H` ctx and dqkv (f32 lse) from the
-/// `_*io` launchers tested above, on both attention paths: the same bits as those launchers called
-/// directly on the same operands (the fused backward from the backend's own forward ctx and lse,
-/// which it recomputes; the GEMM backward from the lse). The dispatch is what this checks.
+/// `_*io` launchers tested above, on the three attention paths: the same bits as those launchers
+/// called directly on the same operands (the fused backward from the backend's own forward ctx and
+/// lse, which it recomputes; the GEMM backward from the lse, after the GEMM or the tensor-core
+/// forward). The dispatch is what this checks.
 fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
     use bert_adapters::cuda::attention_gemm::AttentionPath;
     use bert_adapters::cuda::backend::CudaBackend;
     use bert_adapters::Backend;
     let mut rng = StdRng::seed_from_u64(0xbe16_a77e);
-    let case = BwdCase::random::<H>(&mut rng, 2, 9, 16, 2, MaskKind::Padded);
+    let case = BwdCase::random::<H>(&mut rng, 2, 9, 32, 2, MaskKind::Padded);
     let c = &case.fwd;
     let dtype = <H as ActivationScalar>::DTYPE;
-    for path in [AttentionPath::Fused, AttentionPath::Gemm] {
+    for path in [AttentionPath::Fused, AttentionPath::Gemm, AttentionPath::TensorCores] {
         let be = CudaBackend::on(gpu.reopen().unwrap()).with_attention_path(path);
         let label = format!("{} {} backend {path:?} {}", H::NAME, gpu.describe(), c.label());
         let in_type = |v: &[f32], shape: &[usize]| be.cast(&be.upload(v.to_vec(), shape).unwrap(), dtype).unwrap();
@@ -913,6 +914,12 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
                 let dqkv = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, None);
                 (fwd, dqkv)
             }
+            AttentionPath::TensorCores => {
+                let (fwd, counts) = run_mma_half::<H>(gpu, c, None);
+                assert_eq!(counts, (1, 0), "{label}: the tensor-core forward ran");
+                let dqkv = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, None);
+                (fwd, dqkv)
+            }
         };
         if gpu.kind() == GpuKind::Sim {
             assert_eq!(bits(&got.ctx), bits(&want.ctx), "{label}: ctx");
@@ -929,3 +936,166 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
     }
 }
 test_both!(backend_dispatch, backend_dispatches_half_attention);
+
+//
+// ---- the tensor-core forward (`attention_mma_forward`: one launch for T <= 128, d 32 or 64) ---
+//
+// The GEMM path's forward in one kernel (kernels/attention.cu, "the tensor-core forward"): S and
+// O on mma.sync, the softmax in registers, the same roundings (P and ctx once each) and dropout
+// masks. Checked three ways:
+// - the rule: ctx within twice the plain bf16 twin's error of the f64 reference, the lse within
+//   the f32 kernel's tolerance of it and of the GEMM forward's lse (every score S = Q·Kᵀ feeds
+//   the lse, so a misplaced Q or K element moves it far past 1e-5), at T 1..=128 with padded and
+//   shared masks, eval and dropout;
+// - exactly: where every rounding is exact (Q = 0, so every unmasked score is 0 and l counts the
+//   row's keys; V small integers, so each P·V sum is a multiple of the row's one probability, exact
+//   in any order), ctx and lse equal the GEMM forward's bit for bit: any misplaced V, P, dropout
+//   factor or ctx element shows;
+// - where it does not apply (d = 40, T = 130, f32, a misaligned qkv) it is the GEMM forward.
+// Each call must launch exactly one `attention_mma_forward*` kernel and no GEMM-path kernel.
+
+use bert_adapters::cuda::attention_gemm::{attention_mma_forward, attention_mma_forward_applies};
+
+/// The tensor-core forward on `H` (NaN-poisoned outputs; ctx widened), and how many kernels of
+/// the tensor-core forward and of the GEMM path it launched.
+fn run_mma_half<H: Io>(gpu: &Gpu, case: &Case, dropout: Option<&DeviceDropout<'_>>) -> (Outputs, (u64, u64)) {
+    let (b, t, h, n) = (case.batch, case.seq, case.hidden, case.heads);
+    let (qkv, mask) = (up(gpu, &to_half::<H>(&case.qkv)), up(gpu, &case.mask));
+    let mut ctx = up(gpu, &to_half::<H>(&vec![f32::NAN; b * t * h]));
+    let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
+    let before = gpu.launch_counts();
+    attention_mma_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: mma {}: {e}", case.label(), H::NAME));
+    let launched = gpu.launch_counts().since(&before);
+    let counts = (launched.with_prefix("attention_mma_forward"), launched.with_prefix("attention_gemm"));
+    (Outputs { ctx: widen_from::<H>(&gpu.download(&ctx.view()).unwrap()), lse: gpu.download(&lse.view()).unwrap() }, counts)
+}
+
+/// The dropout of case `i` (none, p 0.1 in one block, p 0.5 in two blocks or one), as the GEMM
+/// rule test draws them (offset 0: the reference's `prob_dropout` takes none).
+fn mma_case_dropout(i: usize, batch: usize, d: usize) -> Option<DeviceDropout<'static>> {
+    match i % 3 {
+        0 => None,
+        1 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a44 + d as u64, p: 0.1, streams: vec![(2u64 << 8) | 1], offset: 0 }),
+        _ if batch % 2 == 0 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a45 + d as u64, p: 0.5, streams: vec![(3u64 << 8) | 4, (3u64 << 8) | 5], offset: 0 }),
+        _ => Some(DeviceDropout { seed_buffer: None, seed: 0x3a46 + d as u64, p: 0.5, streams: vec![4u64 << 8], offset: 0 }),
+    }
+}
+
+/// T 1..=128 (one and two blocks of 64 query rows, part 16-key slices), d 32 and 64, padded,
+/// zero and shared masks, eval and dropout: ctx under the 2x-plain rule, the lse within the f32
+/// tolerance of the reference and of the GEMM forward's.
+fn mma_forward_matches_the_rule<H: Io>(gpu: &Gpu) {
+    const MMA_SHAPES: [(usize, usize, usize, MaskKind); 4] = [(1, 32, 2, MaskKind::Padded), (3, 32, 3, MaskKind::Shared(1)), (3, 64, 1, MaskKind::Padded), (2, 64, 3, MaskKind::Zeros)];
+    let mut rng = StdRng::seed_from_u64(0x3a_0f0e);
+    let (mut worst, mut cases, mut differing, mut elements) = ((0f64, String::new()), 0, 0usize, 0usize);
+    for seq in [1, 7, 33, 64, 70, 128] {
+        for (i, (batch, d, heads, mask)) in MMA_SHAPES.into_iter().enumerate() {
+            let c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, mask);
+            assert!(attention_mma_forward_applies(<H as ActivationScalar>::DTYPE, seq, c.hidden, heads), "{}", c.label());
+            let drop = mma_case_dropout(i + seq, batch, d);
+            let label = format!("{} {} {} mma dropout {:?}", H::NAME, gpu.describe(), c.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let factors = drop.as_ref().map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
+            let (got, (mma, gemm)) = run_mma_half::<H>(gpu, &c, drop.as_ref());
+            assert_eq!((mma, gemm), (1, 0), "{label}: launches of the tensor-core forward and of the GEMM path's kernels");
+            let (ref_ctx, ref_lse) = c.reference(factors.as_deref());
+            let (plain_ctx, _) = c.plain::<H>(factors.as_deref());
+            let (e, p) = assert_within_twice_plain_in::<H>(&format!("{label}: ctx"), &got.ctx, &ref_ctx, &plain_ctx);
+            assert_f32_close(&format!("{label}: lse"), &got.lse, &ref_lse, c.batch);
+            let gemm_path = run_gemm_half::<H>(gpu, &c, drop.as_ref());
+            assert_f32_close(&format!("{label}: lse against the GEMM forward's"), &got.lse, &gemm_path.lse, c.batch);
+            differing += got.ctx.iter().zip(&gemm_path.ctx).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            elements += got.ctx.len();
+            cases += 1;
+            if ratio((e, p)) > worst.0 {
+                worst = (ratio((e, p)), c.label());
+            }
+        }
+    }
+    report_line(&format!(
+        "{} tensor-core attention forward on {}: {cases} cases pass; worst err / plain err = {:.3} at {}; ctx differs from the GEMM forward's in {differing} of {elements} elements",
+        H::NAME,
+        gpu.describe(),
+        worst.0,
+        worst.1
+    ));
+}
+test_both!(mma_forward_rule, mma_forward_matches_the_rule);
+
+/// Q = 0 and V in small integers (the section's docs): ctx and lse equal the GEMM forward's bit for
+/// bit, eval and dropout (with a shard offset too), padded masks, and a batch row masked with
+/// -inf on every key (NaN ctx and lse in both).
+fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x3a_e8ac);
+    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 32), (128, 64)].into_iter().enumerate() {
+        let (batch, heads) = (4, 2);
+        let mut c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
+        let hidden = c.hidden;
+        for (idx, x) in c.qkv.iter_mut().enumerate() {
+            match (idx % (3 * hidden)) / hidden {
+                0 => *x = 0.0,
+                2 => *x = rng.random_range(-8i32..=8) as f32,
+                _ => {}
+            }
+        }
+        c.mask[3 * seq..4 * seq].fill(f32::NEG_INFINITY);
+        for i in 0..4 {
+            // The fourth: a data-parallel shard's offset, not a multiple of 4 (rows start mid
+            // Philox block), against the GEMM forward's handling of it.
+            let drop = match i {
+                3 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a47, p: 0.3, streams: vec![(5u64 << 8) | 2, (5u64 << 8) | 3], offset: 4 * 128 * 128 + 30 }),
+                _ => mma_case_dropout(i + k, batch, d),
+            };
+            let label = format!("{} {} {} exact mma dropout {:?}", H::NAME, gpu.describe(), c.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let (got, counts) = run_mma_half::<H>(gpu, &c, drop.as_ref());
+            assert_eq!(counts, (1, 0), "{label}: launches");
+            let want = run_gemm_half::<H>(gpu, &c, drop.as_ref());
+            for (name, g, w, per) in [("ctx", &got.ctx, &want.ctx, seq * hidden), ("lse", &got.lse, &want.lse, heads * seq)] {
+                for (j, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+                    let dead = j / per == 3;
+                    assert_eq!(dead, a.is_nan(), "{label}: {name}[{j}] = {a} (batch row 3 is masked on every key)");
+                    assert!(dead && b.is_nan() || a.to_bits() == b.to_bits(), "{label}: {name}[{j}] = {a}, the GEMM forward's {b}");
+                }
+            }
+        }
+    }
+}
+test_both!(mma_forward_exact, mma_forward_is_exact_where_its_roundings_are);
+
+/// Where the tensor-core kernel does not apply it runs the GEMM forward: the same bits, no
+/// tensor-core launch. d = 40 (not 32 or 64), T = 130 (past 128), and a qkv view one element
+/// into its buffer (not 16-byte aligned); f32 activations.
+fn mma_forward_falls_back_to_the_gemm_forward<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x3a_fa11);
+    for (seq, d) in [(9, 40), (130, 32)] {
+        let c = Case::rounded::<H>(&mut rng, 2, seq, d, 2, MaskKind::Padded);
+        assert!(!attention_mma_forward_applies(<H as ActivationScalar>::DTYPE, seq, c.hidden, 2), "{}", c.label());
+        let (got, counts) = run_mma_half::<H>(gpu, &c, None);
+        assert_eq!(counts.0, 0, "{}: no tensor-core launch", c.label());
+        assert!(counts.1 > 0, "{}: the GEMM forward ran", c.label());
+        let want = run_gemm_half::<H>(gpu, &c, None);
+        assert_eq!(bits(&got.ctx), bits(&want.ctx), "{}: ctx", c.label());
+        assert_eq!(bits(&got.lse), bits(&want.lse), "{}: lse", c.label());
+    }
+    // Misaligned: qkv starts one element into its buffer.
+    let c = Case::rounded::<H>(&mut rng, 2, 9, 32, 2, MaskKind::Padded);
+    let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
+    let mut shifted = vec![H::from_f32(0.0)];
+    shifted.extend(to_half::<H>(&c.qkv));
+    let (qkv, mask) = (up(gpu, &shifted), up(gpu, &c.mask));
+    let qkv_view = qkv.slice(1..shifted.len()).unwrap();
+    let mut ctx = up(gpu, &to_half::<H>(&vec![f32::NAN; b * t * h]));
+    let mut lse = up(gpu, &vec![f32::NAN; b * n * t]);
+    let before = gpu.launch_counts();
+    attention_mma_forward(gpu, &qkv_view, &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, None).unwrap();
+    assert_eq!(gpu.launch_counts().since(&before).with_prefix("attention_mma_forward"), 0, "a misaligned qkv takes the GEMM forward");
+    let want = run_gemm_half::<H>(gpu, &c, None);
+    assert_eq!(bits(&widen_from::<H>(&gpu.download(&ctx.view()).unwrap())), bits(&want.ctx), "misaligned qkv: ctx");
+    assert_eq!(bits(&gpu.download(&lse.view()).unwrap()), bits(&want.lse), "misaligned qkv: lse");
+    // f32 activations: the GEMM forward's f32 kernels.
+    let (qkv, mut ctx, mut lse) = (up(gpu, &c.qkv), up(gpu, &vec![f32::NAN; b * t * h]), up(gpu, &vec![f32::NAN; b * n * t]));
+    let before = gpu.launch_counts();
+    attention_mma_forward(gpu, &qkv.view(), &mask.view(), &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, None).unwrap();
+    let launched = gpu.launch_counts().since(&before);
+    assert_eq!((launched.with_prefix("attention_mma_forward"), launched.of("attention_gemm_softmax_f32_t128")), (0, 1), "f32 takes the GEMM forward");
+}
+test_both!(mma_forward_fallback, mma_forward_falls_back_to_the_gemm_forward);

@@ -40,7 +40,9 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_BACKWARD_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BF16IO_T128,
     ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO_T128,
     ATTENTION_GEMM_SOFTMAX_F16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128,
-    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128, ATTENTION_MMA_FORWARD_BF16IO_D32, ATTENTION_MMA_FORWARD_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
+    ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_F16IO_D32,
+    ATTENTION_MMA_FORWARD_F16IO_D64,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -66,16 +68,21 @@ pub const ATTENTION_PATH_VAR: &str = "BERT_ADAPTERS_ATTENTION_PATH";
 ///   tensor; the backward reads the forward's ctx).
 /// - `Gemm`: this module: the scores as batched GEMMs plus row kernels (same semantics within
 ///   the fused kernels' tolerances, the same dropout masks; the backward needs no ctx).
+/// - `TensorCores`: `Gemm`, with the forward in one tensor-core kernel where it applies
+///   ([`attention_mma_forward`]: 16-bit activations, `T <= 128`, `d` 32 or 64); the backward is
+///   the GEMM path's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
     Fused,
     Gemm,
+    TensorCores,
 }
 
 impl AttentionPath {
     /// `Gemm` on a GPU while `seq <= GEMM_MAX_SEQ` (the scores fit), `Fused` otherwise and on
     /// cuda-sim (whose fused kernels are what the CPU tests exercise most), unless
-    /// [`ATTENTION_PATH_VAR`] says `fused` or `gemm` (another value is `Error::Input`).
+    /// [`ATTENTION_PATH_VAR`] says `fused`, `gemm` or `mma` (another value is `Error::Input`).
+    /// `mma` ([`AttentionPath::TensorCores`]) is opt-in until a GPU has timed it.
     pub fn auto(gpu: &Gpu, seq: usize) -> Result<AttentionPath> {
         Ok(super::probe::env_choice(ATTENTION_PATH_VAR, Self::NAMES)?.unwrap_or(match gpu.kind() {
             GpuKind::Cuda if seq <= GEMM_MAX_SEQ => AttentionPath::Gemm,
@@ -83,12 +90,17 @@ impl AttentionPath {
         }))
     }
 
-    /// `fused` or `gemm` (as [`ATTENTION_PATH_VAR`] spells them).
+    /// `fused`, `gemm` or `mma` (as [`ATTENTION_PATH_VAR`] spells them).
     pub fn parse(v: &str) -> Result<AttentionPath> {
         super::probe::parse_choice(ATTENTION_PATH_VAR, v, Self::NAMES)
     }
 
-    const NAMES: &[(&str, AttentionPath)] = &[("fused", AttentionPath::Fused), ("gemm", AttentionPath::Gemm)];
+    /// Whether the backward is the GEMM path's (it reads the lse, not the forward's ctx).
+    pub fn gemm_backward(self) -> bool {
+        matches!(self, AttentionPath::Gemm | AttentionPath::TensorCores)
+    }
+
+    const NAMES: &[(&str, AttentionPath)] = &[("fused", AttentionPath::Fused), ("gemm", AttentionPath::Gemm), ("mma", AttentionPath::TensorCores)];
 }
 
 /// The longest sequence the `_t128` row kernels take (one group of 4 keys a lane).
@@ -275,6 +287,116 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     layout(gpu, Layout::FromHeads, ctx, &o.view(), batch, seq, hidden, heads, 1)
 }
 
+/// The longest sequence [`attention_mma_forward`]'s kernel takes (a warp holds a row tile's
+/// scores against every key in registers: `ATTN_MMA_MAX_SEQ` in kernels/attention.cu).
+pub const MMA_MAX_SEQ: usize = 128;
+/// Query rows per block of the tensor-core forward (`ATTN_MMA_ROWS`: 4 warps of 16 rows).
+const MMA_ROWS: usize = 64;
+const MMA_THREADS: u32 = 128;
+
+/// The tensor-core forward kernel for activations in `dtype`, head size `head_dim` and
+/// `seq` keys, with or without dropout, if there is one: 16-bit storage, `seq <= MMA_MAX_SEQ`,
+/// `head_dim` 32 or 64.
+fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<KernelName> {
+    if seq > MMA_MAX_SEQ {
+        return None;
+    }
+    Some(match (dtype, head_dim, dropout) {
+        (DType::BF16, 32, false) => ATTENTION_MMA_FORWARD_BF16IO_D32,
+        (DType::BF16, 64, false) => ATTENTION_MMA_FORWARD_BF16IO_D64,
+        (DType::BF16, 32, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
+        (DType::BF16, 64, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64,
+        (DType::F16, 32, false) => ATTENTION_MMA_FORWARD_F16IO_D32,
+        (DType::F16, 64, false) => ATTENTION_MMA_FORWARD_F16IO_D64,
+        (DType::F16, 32, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32,
+        (DType::F16, 64, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64,
+        _ => return None,
+    })
+}
+
+/// Whether [`attention_mma_forward`] runs its tensor-core kernel for these activations (and
+/// not the GEMM forward): 16-bit storage, `seq <= MMA_MAX_SEQ`, a head size of 32 or 64. The
+/// launch also needs `qkv` and `ctx` to start 16-byte aligned (pool allocations do).
+pub fn attention_mma_forward_applies(dtype: DType, seq: usize, hidden: usize, heads: usize) -> bool {
+    heads > 0 && hidden.is_multiple_of(heads) && mma_forward_kernel(dtype, seq, hidden / heads, false).is_some()
+}
+
+/// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention.cu's
+/// `AttnMmaSmem`): the block's Q rows and the keys' K rows (`[row][d + 8]`, 16-bit), Vᵀ
+/// (`[d][Tp + 8]`) and the mask row (f32), for `Tp = ⌈T / 16⌉·16`.
+pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
+    let kp = seq.div_ceil(16) * 16;
+    2 * (MMA_ROWS * (head_dim + 8) + kp * (head_dim + 8) + head_dim * (kp + 8)) + 4 * kp
+}
+
+/// Attention forward with the tensor-core kernel (`attention_mma_forward[_dropout]_*`,
+/// kernels/attention.cu): [`attention_gemm_forward`]'s operation (ctx and lse, the same
+/// roundings and dropout masks) in one launch, without the head-layout copies, the f32 scores or
+/// P in memory. Where it does not apply ([`attention_mma_forward_applies`], or `qkv` / `ctx` not
+/// 16-byte aligned) it runs [`attention_gemm_forward`] itself, so any input the GEMM path takes
+/// is taken here.
+#[allow(clippy::too_many_arguments)] // the packed attention's operands and its four sizes
+pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    qkv: &DeviceView<A>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &mut DeviceViewMut<A>,
+    lse: &mut DeviceViewMut<f32>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
+    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
+    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
+    let aligned = qkv.device_ptr().is_multiple_of(16) && ctx.device_ptr().is_multiple_of(16);
+    let kernel = mma_forward_kernel(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| aligned);
+    let Some(kernel) = kernel else {
+        return attention_gemm_forward(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, dropout);
+    };
+    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
+    disjoint_bytes(("ctx", "qkv"), c, q)?;
+    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
+    disjoint_bytes(("lse", "qkv"), l, q)?;
+    disjoint_bytes(("lse", "mask_bias"), l, m)?;
+    disjoint_bytes(("ctx", "lse"), c, l)?;
+    if batch == 0 || seq == 0 {
+        return Ok(());
+    }
+    const MAX_YZ: usize = 65535;
+    if heads > MAX_YZ || batch > MAX_YZ {
+        return Err(Error::shape(OP, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most {MAX_YZ} of each")));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32),
+        block_dim: (MMA_THREADS, 1, 1),
+        shared_mem_bytes: attention_mma_smem_bytes(seq, head_dim) as u32,
+    };
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    // ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale (then the dropout policy's);
+    // Gpu::launch checks them against kernels/attention.cu.
+    let args = [
+        A::act_arg_mut(ctx),
+        lse.arg(),
+        A::act_arg(qkv),
+        mask_bias.arg(),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(hidden as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+    // SAFETY: qkv holds B·T·3H elements, ctx B·T·H and lse B·heads·T (checked), both 16-byte
+    // aligned with H = heads·d and d 32 or 64, so every 16-byte unit of a head's row the kernel
+    // loads or 4-byte pair it stores lies inside them and is aligned; the kernel reads rows below
+    // T only; the mask holds mask_rows rows of T; the outputs alias nothing (checked); the dropout
+    // seed buffer holds 2 words; the shared memory is the kernel's layout for (T, d).
+    unsafe { gpu.launch(kernel, cfg, &args) }
+}
+
 /// Attention backward on the GEMM path: `dqkv` (`[batch, seq, 3·hidden]`, dQ, dK, dV side by
 /// side) from `dctx`, the forward's `qkv`, its `lse` and `mask_bias`, as
 /// [`super::attention::attention_packed_backward_dropout_as`] but without the forward's ctx (the
@@ -369,6 +491,7 @@ mod tests {
     fn paths_parse() {
         assert_eq!(AttentionPath::parse("fused").unwrap(), AttentionPath::Fused);
         assert_eq!(AttentionPath::parse("gemm").unwrap(), AttentionPath::Gemm);
+        assert_eq!(AttentionPath::parse("mma").unwrap(), AttentionPath::TensorCores);
         for bad in ["", "GEMM", "split", "auto"] {
             let e = AttentionPath::parse(bad).unwrap_err();
             assert!(matches!(e, Error::Input(_)) && e.to_string().contains(ATTENTION_PATH_VAR), "{bad}: {e}");

@@ -92,7 +92,7 @@ use half::{bf16, f16};
 
 use super::adapter::{ADAPTER_PRODUCTS, ADAPTER_PRODUCTS_VAR, SPLIT_FORWARD_VAR, SplitForward, adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
-use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, AttentionPath};
+use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{linear_16io, linear_16io_with, Epilogue, Gemm, GemmScalar, OutputType, Transpose};
@@ -992,9 +992,11 @@ impl CudaBackend {
     fn attention_typed<A: BufferElement + ActivationScalar + GemmScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
         const OP: &str = "attention_packed";
         let (q, m, mut c, mut l) = (self.view::<A>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut::<A>(OP, ctx)?, self.view_mut(OP, lse)?);
-        if self.attention_path(seq)? == AttentionPath::Gemm {
+        let path = self.attention_path(seq)?;
+        if path.gemm_backward() {
             let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
-            return attention_gemm_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, d.as_ref());
+            let forward = if path == AttentionPath::TensorCores { attention_mma_forward::<A> } else { attention_gemm_forward::<A> };
+            return forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads, d.as_ref());
         }
         match dropout {
             None => attention_packed_forward(&self.gpu, &q, &m, &mut c, &mut l, batch, seq, hidden, heads),
@@ -1057,6 +1059,7 @@ impl Backend for CudaBackend {
         };
         match self.attention_path {
             Some(AttentionPath::Gemm) => format!("{base} (GEMM attention)"),
+            Some(AttentionPath::TensorCores) => format!("{base} (tensor-core attention forward)"),
             Some(AttentionPath::Fused) => format!("{base} (fused attention)"),
             None => base,
         }
@@ -1460,7 +1463,7 @@ impl Backend for CudaBackend {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
-        if self.attention_path(seq)? == AttentionPath::Gemm {
+        if self.attention_path(seq)?.gemm_backward() {
             // The GEMM path recomputes P from the lse and needs no ctx.
             let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
             let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
