@@ -55,7 +55,9 @@
 //! - `attention/<B>x<T>`: fused `forward` and `backward` over a packed QKV, 12 heads of 64 (tiny:
 //!   4 of 16), 20 % padding, against the GEMM path (`gemm_forward`, `gemm_backward`:
 //!   `AttentionPath::Gemm`, batched GEMMs plus row kernels), each in f32 and with bf16 storage
-//!   (`bf16_*`); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
+//!   (`bf16_*`), and `bf16_mma_forward` (`AttentionPath::TensorCores`: the GEMM forward in one
+//!   tensor-core kernel, T <= 128 and d 16, 32 or 64, so at the tiny shapes too; elsewhere it is
+//!   the GEMM forward); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
 //! - `train_step/<model>_<B>x<T>`: the training step `train` runs — Parallel(scorenn, tasknn),
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`
@@ -67,8 +69,9 @@
 //!   `bf16_replayed_share` (`FrozenRows::Share`: the tape keeps views of tasknn's rows, no
 //!   copies) and `bf16_replayed_cublaslt` (`LinearEpilogue::Cublaslt`: the frozen Linears' biases
 //!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both;
-//!   `bf16_replayed_mma` (`SplitForward::TensorCores`: each adapter location's forward in two
-//!   tensor-core kernels, z and up never in memory, and its backward's recompute in two more). Throughput: B·T positions (padding included) per step.
+//!   `bf16_replayed_mma` (every tensor-core kernel: `SplitForward::TensorCores`, each adapter
+//!   location's forward in two tensor-core kernels, z and up never in memory, and its backward's
+//!   recompute in two more; and `AttentionPath::TensorCores`, the attention forward in one). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
@@ -93,7 +96,7 @@ use bert_adapters::cuda::adapter::{
     LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, RowStaging, SplitForward,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
-use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward};
+use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_forward, AttentionPath};
 use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::cuda::elementwise::{add, bias_act};
 use bert_adapters::cuda::gemm::{Gemm, GemmScalar, SurveyOptions, Transpose};
@@ -886,6 +889,10 @@ impl<A: ActivationScalar + GemmScalar> Attention<A> {
         attention_gemm_forward(gpu, &self.qkv.view(), &self.mask.view(), &mut self.ctx.view_mut(), &mut self.lse.view_mut(), self.batch, self.seq, self.hidden, self.heads, None).expect("GEMM attention forward");
     }
 
+    fn mma_forward(&mut self, gpu: &Gpu) {
+        attention_mma_forward(gpu, &self.qkv.view(), &self.mask.view(), &mut self.ctx.view_mut(), &mut self.lse.view_mut(), self.batch, self.seq, self.hidden, self.heads, None).expect("tensor-core attention forward");
+    }
+
     fn gemm_backward(&mut self, gpu: &Gpu) {
         attention_gemm_backward(gpu, &self.dctx.view(), &self.qkv.view(), &self.lse.view(), &self.mask.view(), &mut self.dqkv.view_mut(), self.batch, self.seq, self.hidden, self.heads, None)
             .expect("GEMM attention backward");
@@ -902,6 +909,7 @@ fn attention(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "gemm_forward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.gemm_forward(gpu));
         bench_lazy(&mut group, gpu, "bf16_forward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.forward(gpu));
         bench_lazy(&mut group, gpu, "bf16_gemm_forward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.gemm_forward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_mma_forward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.mma_forward(gpu));
         group.throughput(Throughput::Elements(2 * fwd as u64));
         bench_lazy(&mut group, gpu, "backward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.backward(gpu));
         bench_lazy(&mut group, gpu, "gemm_backward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.gemm_backward(gpu));
@@ -1016,20 +1024,22 @@ struct Step {
 }
 
 /// What a step benchmark changes from the defaults: the tape's frozen rows, the 16-bit Linears'
-/// epilogues and the split forward's down projection (None: the backend's own choice).
+/// epilogues, the split forward's down projection and the attention path (None: the backend's
+/// own choice).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StepVariant {
     frozen_rows: FrozenRows,
     linear_epilogue: Option<LinearEpilogue>,
     split_forward: Option<SplitForward>,
+    attention_path: Option<AttentionPath>,
 }
 
 impl StepVariant {
-    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None, split_forward: None };
+    const DEFAULT: StepVariant = StepVariant { frozen_rows: FrozenRows::Copy, linear_epilogue: None, split_forward: None, attention_path: None };
     const SHARE: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, ..StepVariant::DEFAULT };
     const CUBLASLT: StepVariant = StepVariant { linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
     const SHARE_CUBLASLT: StepVariant = StepVariant { frozen_rows: FrozenRows::Share, linear_epilogue: Some(LinearEpilogue::Cublaslt), ..StepVariant::DEFAULT };
-    const MMA: StepVariant = StepVariant { split_forward: Some(SplitForward::TensorCores), ..StepVariant::DEFAULT };
+    const MMA: StepVariant = StepVariant { split_forward: Some(SplitForward::TensorCores), attention_path: Some(AttentionPath::TensorCores), ..StepVariant::DEFAULT };
 
     /// The variants as `CUDA_BENCH_STEP_VARIANT` spells them.
     const NAMES: [(&'static str, StepVariant); 5] =
@@ -1074,6 +1084,9 @@ impl Step {
                     // On the split path, whose forward it changes (a GPU's default already;
                     // cuda-sim's is the fused kernel).
                     b = b.with_location_path(LocationPath::Split).with_split_forward(forward);
+                }
+                if let Some(path) = variant.attention_path {
+                    b = b.with_attention_path(path);
                 }
                 Arc::new(b)
             }

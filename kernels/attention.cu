@@ -3027,9 +3027,9 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 // ---- the tensor-core forward: the GEMM path's forward in one launch (T <= 128, 16-bit) --------
 // =================================================================================================
 //
-// attention_mma_forward[_dropout]_{bf16io,f16io}_d{32,64}: the GEMM path's forward (ctx and lse;
-// the same semantics, dropout masks and roundings, section above) as one kernel for T <=
-// ATTN_MMA_MAX_SEQ = 128 and d = 32 or 64 (MiniLM, BERT-base): S = Q·Kᵀ and O = P·V on the tensor
+// attention_mma_forward[_dropout]_{bf16io,f16io}_d{16,32,64}: the GEMM path's forward (ctx and
+// lse; the same semantics, dropout masks and roundings, section above) as one kernel for T <=
+// ATTN_MMA_MAX_SEQ = 128 and d = 16, 32 or 64 (the tests' tiny BERT, MiniLM, BERT-base): S = Q·Kᵀ and O = P·V on the tensor
 // cores (mma.sync m16n8k16, f32 accumulators: kernels/common.cuh), the softmax in registers. It
 // replaces that forward's five launches (to_heads, S = Q·Kᵀ, the softmax row kernel, P·V,
 // from_heads) and their traffic: the head-layout copies of Q, K, V and O, the f32 scores and P.
@@ -3066,11 +3066,12 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 // NaN for ctx (its P is NaN) and lse, as the GEMM path.
 //
 // Shared memory (bytes): 2·(64·(d + 8) + Tp·(d + 8) + d·(Tp + 8)) + 4·Tp: d = 64, T = 128: 44.5
-// KiB; d = 32: 24 KiB. Within the 48 KiB a kernel gets without an opt-in, so the launcher sets no
+// KiB; d = 32: 24 KiB; d = 16: 13.75 KiB. Within the 48 KiB a kernel gets without an opt-in, so the launcher sets no
 // attribute (attention_mma_smem_bytes in src/cuda/attention_gemm.rs is the same formula).
 //
 // ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: d64 128 / 148,
-// dropout d64 128 / 152, d32 94 / 116, dropout d32 116-118 / 144. On sm_90 that is 3 blocks (12
+// dropout d64 128 / 152, d32 94 / 116, dropout d32 116-118 / 144, d16 86-89 / 94, dropout d16
+// 106-110 / 128. On sm_90 that is 3 blocks (12
 // warps) an SM at d = 64; a cap of 128 (4 blocks) spills 72 B in the dropout kernel, so there is
 // none. The SASS of the d64 kernels has 128 HMMA (64 for S, 64 for P·V) and no local memory.
 
@@ -3313,8 +3314,33 @@ __device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float
 // Tensor-core forward: ctx, lse, qkv, mask_bias; seq (<= 128), hidden (heads·d), heads, mask_rows,
 // scale (then the dropout policy's arguments, as the row kernels). Launch: grid (⌈T / 64⌉, heads,
 // B), block 128, dynamic shared memory as the section header says.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_bf16io_d16(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<bf16_raw, 16>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
 extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_bf16io_d32(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
     attn_mma_forward_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_bf16io_d16(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<bf16_raw, 16>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_bf16io_d32(
     unsigned short* __restrict__ ctx,
@@ -3364,8 +3390,33 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_
     attn_mma_forward_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(ctx), lse, reinterpret_cast<const bf16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 // f16 twins of the bf16io kernels above (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_f16io_d16(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_forward_body<f16_raw, 16>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
 extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_f16io_d32(unsigned short* __restrict__ ctx, float* __restrict__ lse, const unsigned short* __restrict__ qkv, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
     attn_mma_forward_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_f16io_d16(
+    unsigned short* __restrict__ ctx,
+    float* __restrict__ lse,
+    const unsigned short* __restrict__ qkv,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_forward_body<f16_raw, 16>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }
 extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_forward_dropout_f16io_d32(
     unsigned short* __restrict__ ctx,

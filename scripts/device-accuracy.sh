@@ -9,7 +9,8 @@
 # Usage: bash scripts/device-accuracy.sh   (env, for a dry run: STEPS for --steps, DEVICE for
 # --device, cuda by default; PRECISIONS="f32 bf16 f16" adds the f16 run, held to the same
 # criterion, on the same bf16-rounded base loaded in f16; a run named PREC+lt sets
-# BERT_ADAPTERS_LINEAR_EPILOGUE=cublaslt, PREC+mma BERT_ADAPTERS_SPLIT_FORWARD=mma, PREC+share
+# BERT_ADAPTERS_LINEAR_EPILOGUE=cublaslt, PREC+mma BERT_ADAPTERS_SPLIT_FORWARD=mma and
+# BERT_ADAPTERS_ATTENTION_PATH=mma (every tensor-core kernel), PREC+share
 # --frozen-rows share, and they combine, e.g. "f32 bf16 bf16+lt bf16+mma+lt")
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,7 +36,7 @@ for p in "${precisions[@]}"; do
     envs=()
     if [ "$p" != "$precision" ]; then
         case "+${p#*+}+" in *+lt+*) envs+=(BERT_ADAPTERS_LINEAR_EPILOGUE=cublaslt) ;; esac
-        case "+${p#*+}+" in *+mma+*) envs+=(BERT_ADAPTERS_SPLIT_FORWARD=mma) ;; esac
+        case "+${p#*+}+" in *+mma+*) envs+=(BERT_ADAPTERS_SPLIT_FORWARD=mma BERT_ADAPTERS_ATTENTION_PATH=mma) ;; esac
         case "+${p#*+}+" in *+share+*) variant=(--frozen-rows share) ;; esac
     fi
     env "${envs[@]}" "$bin" train --model "$work/minilm-bf16" --data "$data" --out "$work/$p" --device "${DEVICE:-cuda}" --precision "$precision" "${variant[@]}" --quiet ${STEPS:+--steps "$STEPS"} >"$dest/$p.log" 2>&1 || { echo "$p: train failed (exit $?), see $p.log" >>"$summary"; status=1; }

@@ -938,7 +938,7 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
 test_both!(backend_dispatch, backend_dispatches_half_attention);
 
 //
-// ---- the tensor-core forward (`attention_mma_forward`: one launch for T <= 128, d 32 or 64) ---
+// ---- the tensor-core forward (`attention_mma_forward`: one launch, T <= 128, d 16, 32 or 64) --
 //
 // The GEMM path's forward in one kernel (kernels/attention.cu, "the tensor-core forward"): S and
 // O on mma.sync, the softmax in registers, the same roundings (P and ctx once each) and dropout
@@ -976,16 +976,17 @@ fn mma_case_dropout(i: usize, batch: usize, d: usize) -> Option<DeviceDropout<'s
     match i % 3 {
         0 => None,
         1 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a44 + d as u64, p: 0.1, streams: vec![(2u64 << 8) | 1], offset: 0 }),
-        _ if batch % 2 == 0 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a45 + d as u64, p: 0.5, streams: vec![(3u64 << 8) | 4, (3u64 << 8) | 5], offset: 0 }),
+        _ if batch.is_multiple_of(2) => Some(DeviceDropout { seed_buffer: None, seed: 0x3a45 + d as u64, p: 0.5, streams: vec![(3u64 << 8) | 4, (3u64 << 8) | 5], offset: 0 }),
         _ => Some(DeviceDropout { seed_buffer: None, seed: 0x3a46 + d as u64, p: 0.5, streams: vec![4u64 << 8], offset: 0 }),
     }
 }
 
-/// T 1..=128 (one and two blocks of 64 query rows, part 16-key slices), d 32 and 64, padded,
+/// T 1..=128 (one and two blocks of 64 query rows, part 16-key slices), d 16, 32 and 64, padded,
 /// zero and shared masks, eval and dropout: ctx under the 2x-plain rule, the lse within the f32
 /// tolerance of the reference and of the GEMM forward's.
 fn mma_forward_matches_the_rule<H: Io>(gpu: &Gpu) {
-    const MMA_SHAPES: [(usize, usize, usize, MaskKind); 4] = [(1, 32, 2, MaskKind::Padded), (3, 32, 3, MaskKind::Shared(1)), (3, 64, 1, MaskKind::Padded), (2, 64, 3, MaskKind::Zeros)];
+    const MMA_SHAPES: [(usize, usize, usize, MaskKind); 5] =
+        [(1, 32, 2, MaskKind::Padded), (3, 32, 3, MaskKind::Shared(1)), (3, 64, 1, MaskKind::Padded), (2, 64, 3, MaskKind::Zeros), (2, 16, 3, MaskKind::Padded)];
     let mut rng = StdRng::seed_from_u64(0x3a_0f0e);
     let (mut worst, mut cases, mut differing, mut elements) = ((0f64, String::new()), 0, 0usize, 0usize);
     for seq in [1, 7, 33, 64, 70, 128] {
@@ -1026,7 +1027,7 @@ test_both!(mma_forward_rule, mma_forward_matches_the_rule);
 /// -inf on every key (NaN ctx and lse in both).
 fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_e8ac);
-    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 32), (128, 64)].into_iter().enumerate() {
+    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 32), (128, 64), (33, 16)].into_iter().enumerate() {
         let (batch, heads) = (4, 2);
         let mut c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = c.hidden;
@@ -1062,7 +1063,7 @@ fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
 test_both!(mma_forward_exact, mma_forward_is_exact_where_its_roundings_are);
 
 /// Where the tensor-core kernel does not apply it runs the GEMM forward: the same bits, no
-/// tensor-core launch. d = 40 (not 32 or 64), T = 130 (past 128), and a qkv view one element
+/// tensor-core launch. d = 40 (not 16, 32 or 64), T = 130 (past 128), and a qkv view one element
 /// into its buffer (not 16-byte aligned); f32 activations.
 fn mma_forward_falls_back_to_the_gemm_forward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_fa11);

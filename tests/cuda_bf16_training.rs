@@ -42,6 +42,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bert_adapters::cuda::adapter::SplitForward;
+use bert_adapters::cuda::attention_gemm::AttentionPath;
 use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::model::heads::HeadConfig;
 use bert_adapters::model::step::TrainStepConfig;
@@ -63,20 +64,22 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         v.push(CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens"));
         // A GPU's automatic paths: split locations and GEMM attention (bf16 GEMM inputs).
         let split = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
-        v.push(split.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm));
+        v.push(split.with_attention_path(AttentionPath::Gemm));
         // And with PyTorch's arithmetic where we offer it: cuBLASLt adding the Linears' biases
         // (the sim's executor rounds once, so this checks the wiring: the activations and
-        // dropouts as passes of their own) and the adapters' forward products on tensor cores
-        // (z, a and the weights rounded, SplitForward::TensorCores).
+        // dropouts as passes of their own), the adapters' forward products on tensor cores
+        // (z, a and the weights rounded, SplitForward::TensorCores), and the attention forward
+        // on tensor cores (AttentionPath::TensorCores; the tiny BERT's d = 16 takes it).
         let lt = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
-        v.push(lt.with_attention_path(bert_adapters::cuda::attention_gemm::AttentionPath::Gemm).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
+        v.push(lt.with_attention_path(AttentionPath::TensorCores).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
     }
     match bert_adapters::cuda::probe::probe_gpu(0) {
         Ok(_) => {
             v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")));
-            // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90, and the
-            // adapters' tensor-core forward.
-            v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
+            // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90, and every
+            // tensor-core kernel (the adapters' split forward and recompute, the attention forward).
+            let gpu = CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"));
+            v.push(gpu.with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores).with_attention_path(AttentionPath::TensorCores));
         }
         Err(reason) if bert_adapters::cuda::probe::env_flag("REQUIRE_GPU") => panic!("REQUIRE_GPU is set but there is no GPU: {reason}"),
         Err(_) => {}
@@ -187,7 +190,14 @@ fn gradients_meet_the_rule(half: DType, loss_scale: f32, score_config: &str) {
             assert!(ref_grads.keys().any(|k| k.contains("invertible_adapters")) == want_nice, "{trained}: NICE gradients {:?}", ref_grads.keys());
             for be in &devices {
                 let label = format!("{} training {trained} (dropout {dropout:?}, adapter dropout {adapter_dropout})", be.name());
+                let before = be.gpu().map(|g| g.launch_counts());
                 let (loss, grads) = step(be, half, loss_scale, score_config, trained, dropout, adapter_dropout);
+                if let (Some(gpu), Some(before)) = (be.gpu(), before) {
+                    // The backend that asks for the tensor-core attention forward runs it (with the
+                    // probability dropout in training), two layers' worth at least.
+                    let mma = gpu.launch_counts().since(&before).with_prefix(if dropout.is_some() { "attention_mma_forward_dropout" } else { "attention_mma_forward" });
+                    assert_eq!(mma >= 2, be.name().contains("(tensor-core attention forward)"), "{label}: {mma} tensor-core attention launches");
+                }
                 losses.entry(be.name()).or_insert_with(|| [Vec::new(), Vec::new(), Vec::new()]).iter_mut().zip([loss, ref_loss, plain_loss]).for_each(|(v, l)| v.push(l));
                 assert_eq!(grads.keys().collect::<Vec<_>>(), ref_grads.keys().collect::<Vec<_>>(), "{label}: gradient keys");
                 let (worst, plain_worst) = assert_pooled_rule(&format!("{label}: gradients"), &grads, &ref_grads, &plain_grads);

@@ -279,7 +279,7 @@ fn attention_shards_on(gpu: &Gpu, path: AttentionPath) {
                 let bound = if k == 2 { 1e-4 } else { 1e-5 };
                 match path {
                     AttentionPath::Fused => assert_eq!(bits(&got[k]), bits(&whole_rows), "{label}: {what} of the shard against the whole batch's rows"),
-                    AttentionPath::Gemm => close(&format!("{label}: {what} of the shard against the whole batch's rows"), &got[k], &whole_rows, bound),
+                    AttentionPath::Gemm | AttentionPath::TensorCores => close(&format!("{label}: {what} of the shard against the whole batch's rows"), &got[k], &whole_rows, bound),
                 }
                 close(&format!("{label}: {what} against the CPU's shard"), &got[k], &want_cpu[k], bound);
             }

@@ -90,7 +90,7 @@ fn the_device_backward_skips_frozen_work() {
         let attention_bwd = |c: &LaunchCounts| c.with_prefix("attention_backward") + c.with_prefix("attention_gemm_softmax_backward");
         let (attention_per_layer, attention_what) = match be.attention_path(11).unwrap() {
             AttentionPath::Fused => (3, "prep, dK/dV, dQ"),
-            AttentionPath::Gemm => (1, "the softmax backward between the products"),
+            AttentionPath::Gemm | AttentionPath::TensorCores => (1, "the softmax backward between the products"),
         };
         let ln_param = |c: &LaunchCounts| c.with_prefix("layernorm_param_grad");
 

@@ -42,7 +42,8 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_F16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128,
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128, ATTENTION_MMA_FORWARD_BF16IO_D32, ATTENTION_MMA_FORWARD_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
     ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_F16IO_D32,
-    ATTENTION_MMA_FORWARD_F16IO_D64,
+    ATTENTION_MMA_FORWARD_F16IO_D64, ATTENTION_MMA_FORWARD_BF16IO_D16, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16, ATTENTION_MMA_FORWARD_F16IO_D16,
+    ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -69,7 +70,7 @@ pub const ATTENTION_PATH_VAR: &str = "BERT_ADAPTERS_ATTENTION_PATH";
 /// - `Gemm`: this module: the scores as batched GEMMs plus row kernels (same semantics within
 ///   the fused kernels' tolerances, the same dropout masks; the backward needs no ctx).
 /// - `TensorCores`: `Gemm`, with the forward in one tensor-core kernel where it applies
-///   ([`attention_mma_forward`]: 16-bit activations, `T <= 128`, `d` 32 or 64); the backward is
+///   ([`attention_mma_forward`]: 16-bit activations, `T <= 128`, `d` 16, 32 or 64); the backward is
 ///   the GEMM path's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
@@ -296,12 +297,16 @@ const MMA_THREADS: u32 = 128;
 
 /// The tensor-core forward kernel for activations in `dtype`, head size `head_dim` and
 /// `seq` keys, with or without dropout, if there is one: 16-bit storage, `seq <= MMA_MAX_SEQ`,
-/// `head_dim` 32 or 64.
+/// `head_dim` 16, 32 or 64.
 fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<KernelName> {
     if seq > MMA_MAX_SEQ {
         return None;
     }
     Some(match (dtype, head_dim, dropout) {
+        (DType::BF16, 16, false) => ATTENTION_MMA_FORWARD_BF16IO_D16,
+        (DType::BF16, 16, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16,
+        (DType::F16, 16, false) => ATTENTION_MMA_FORWARD_F16IO_D16,
+        (DType::F16, 16, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
         (DType::BF16, 32, false) => ATTENTION_MMA_FORWARD_BF16IO_D32,
         (DType::BF16, 64, false) => ATTENTION_MMA_FORWARD_BF16IO_D64,
         (DType::BF16, 32, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
@@ -315,7 +320,7 @@ fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) 
 }
 
 /// Whether [`attention_mma_forward`] runs its tensor-core kernel for these activations (and
-/// not the GEMM forward): 16-bit storage, `seq <= MMA_MAX_SEQ`, a head size of 32 or 64. The
+/// not the GEMM forward): 16-bit storage, `seq <= MMA_MAX_SEQ`, a head size of 16, 32 or 64. The
 /// launch also needs `qkv` and `ctx` to start 16-byte aligned (pool allocations do).
 pub fn attention_mma_forward_applies(dtype: DType, seq: usize, hidden: usize, heads: usize) -> bool {
     heads > 0 && hidden.is_multiple_of(heads) && mma_forward_kernel(dtype, seq, hidden / heads, false).is_some()
@@ -390,7 +395,7 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
     ];
     let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: qkv holds B·T·3H elements, ctx B·T·H and lse B·heads·T (checked), both 16-byte
-    // aligned with H = heads·d and d 32 or 64, so every 16-byte unit of a head's row the kernel
+    // aligned with H = heads·d and d 16, 32 or 64, so every 16-byte unit of a head's row the kernel
     // loads or 4-byte pair it stores lies inside them and is aligned; the kernel reads rows below
     // T only; the mask holds mask_rows rows of T; the outputs alias nothing (checked); the dropout
     // seed buffer holds 2 words; the shared memory is the kernel's layout for (T, d).
