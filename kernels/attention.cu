@@ -3065,9 +3065,10 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 // the same 2x-plain rule and the lse to the f32 tolerance. A row whose every score is -inf writes
 // NaN for ctx (its P is NaN) and lse, as the GEMM path.
 //
-// Shared memory (bytes): 2·(64·(d + 8) + Tp·(d + 8) + d·(Tp + 8)) + 4·Tp: d = 64, T = 128: 44.5
-// KiB; d = 32: 24 KiB; d = 16: 13.75 KiB. Within the 48 KiB a kernel gets without an opt-in, so the launcher sets no
-// attribute (attention_mma_smem_bytes in src/cuda/attention_gemm.rs is the same formula).
+// Shared memory (bytes): 2·(64·(d + 8) + Tp·(d + 8) + d·(Tp + 8)) + 4·Tp; at T = 128: 44.5 KiB
+// (d = 64), 24 KiB (d = 32), 13.75 KiB (d = 16). Within the 48 KiB a kernel gets without an
+// opt-in, so the launcher sets no attribute (attention_mma_smem_bytes in
+// src/cuda/attention_gemm.rs is the same formula).
 //
 // ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: d64 128 / 148,
 // dropout d64 128 / 152, d32 94 / 116, dropout d32 116-118 / 144, d16 86-89 / 94, dropout d16
