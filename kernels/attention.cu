@@ -3162,6 +3162,11 @@ __device__ __forceinline__ void attn_mma_factors(const AttnPhiloxDropout& d, int
     hi[1] = odd ? own1 : got1;
 }
 
+// The factor of a kept key: 1 in eval, 1/(1 − rate) in training (what attn_mma_factors returns
+// for a key it keeps).
+__device__ __forceinline__ float attn_mma_kept(const AttnNoDropout&) { return 1.0f; }
+__device__ __forceinline__ float attn_mma_kept(const AttnPhiloxDropout& d) { return d.d.scale; }
+
 // The max (OP = fmaxf) or sum of a row's value over its 4 lanes (t = 0..3 of one g).
 __device__ __forceinline__ float attn_mma_row_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, 1));
@@ -3311,6 +3316,219 @@ __device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float
         }
     }
 }
+
+// ---- the tensor-core backward scores: S, dP and the row step of the GEMM backward in one launch --
+//
+// attention_mma_backward_scores[_dropout]_{bf16io,f16io}_d{16,32,64}: what the GEMM backward's
+// S = Q·Kᵀ and dP = dO·Vᵀ products (f32 out) and its row kernel (attention_gemm_softmax_backward,
+// above) compute, in one kernel for T <= 128: P∘M and dS ([B·heads, T, T], the storage type),
+// the operands of its dV, dQ and dK products, from the packed qkv and dctx, the lse and the mask.
+// The [B·heads, T, T] f32 scores and dP never go to memory.
+//
+// Thread mapping: the forward's (blocks of 4 warps, grid (⌈T / 64⌉, heads, B), warp w of block x
+// owns query rows 64x + 16w .. + 15). Shared memory holds the Tp = ⌈T / 16⌉·16 rows of K and of V
+// as [row][d + 8] (16-byte loads; zero past T; both are B operands "col": a key's d elements
+// contiguous) and the mask row. The A fragments of Q and dO come straight from global memory: a
+// fragment's k slice is 16 elements, one 32-byte sector of each of its 16 rows, so these loads
+// use every byte they fetch. Per warp: S (16 x Tp) in registers becomes p in place; then per
+// n-tile dP, g = dP·f and the row's D = Σ_j p_j·g_j (per lane, then over the row's 4 lanes); then
+// P∘M = p·f and dS = p·(g − D), rounded once each, stored as pairs of keys (scalars when T is odd
+// or a row does not start 4-byte aligned).
+//
+// Numerics: the row kernel's, step for step: p = exp(f32(S·scale) + mask − lse), times c =
+// 1 / Σ_j p_j where |lse| >= ATTN_BWD_EXACT_LSE (then the row's sum over its 4 lanes), g = dP·f,
+// D by fma per lane, P∘M = p·f (f is 0 or the kept factor: the row kernel's kept-bit product,
+// bit for bit), dS = p·(g − D). S, dP and D differ from the GEMM path only in summation order, so
+// P∘M and dS agree with it to one 16-bit ulp where a rounding boundary lies between; the tests hold
+// dQ, dK and dV to the 2x-plain rule, and bit for bit where every rounding is exact. A NaN lse
+// (a row masked on every key) gives NaN downstream, as in the GEMM path.
+//
+// Shared memory (bytes): 4·Tp·(d + 8) + 4·Tp: 36.5 KiB at d = 64, T = 128 (no opt-in).
+//
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: eval 118-126 / 128-134, dropout 122-140 /
+// 162-166 (3 blocks an SM on sm_90). Keeping g = dP·f in registers beside p cost 234 with
+// dropout; the second pass recomputing dP (tensor-core work, cheap here) and the factors kept as
+// one bit a key brought it to 166.
+
+template <typename T, int D, typename Dropout>
+__device__ __forceinline__ void attn_mma_backward_scores_body(T* __restrict__ pd, T* __restrict__ ds, const T* __restrict__ qkv, const T* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale, Dropout dropout) {
+    static_assert(D % 16 == 0 && D <= 64, "d a multiple of 16 up to 64");
+    constexpr int UNITS = D / 8;  // 16-byte units of a head's row
+    extern __shared__ AttnVec4 attn_smem[];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTN_MMA_ROWS;
+    const int kp = (seq + 15) & ~15, ld = D + 8;
+    unsigned short* k_s = reinterpret_cast<unsigned short*>(attn_smem);
+    unsigned short* v_s = k_s + kp * ld;
+    float* mask_s = reinterpret_cast<float*>(v_s + kp * ld);  // an even element offset: 4-byte aligned
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const T* head = qkv + (size_t)b * (size_t)seq * qkv_stride + (size_t)(h * D);
+    const AttnBits16 zero = {{0u, 0u, 0u, 0u}};
+    for (int u = threadIdx.x; u < 2 * kp * UNITS; u += blockDim.x) {
+        const int part = u / (kp * UNITS);  // 0: K, 1: V
+        const int rest = u - part * kp * UNITS;
+        const int j = rest / UNITS, c = (rest % UNITS) * 8;
+        const AttnBits16 v = j < seq ? *reinterpret_cast<const AttnBits16*>(head + (size_t)j * qkv_stride + (size_t)(1 + part) * (size_t)hidden + c) : zero;
+        *reinterpret_cast<AttnBits16*>((part == 0 ? k_s : v_s) + j * ld + c) = v;
+    }
+    const float* mask_row = mask_bias + (size_t)attn_mask_row(b, mask_rows) * (size_t)seq;
+    for (int j = threadIdx.x; j < kp; j += blockDim.x) {
+        mask_s[j] = j < seq ? mask_row[j] : 0.0f;  // past T p is 0, not read from here
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    if (q0 + 16 * warp >= seq) {
+        return;  // warp-uniform; no barrier follows
+    }
+    const int i_lo = q0 + 16 * warp + g, i_hi = i_lo + 8;
+    const bool in_lo = i_lo < seq, in_hi = i_hi < seq;
+    const T* tag = nullptr;  // picks the bf16 or f16 mma and packing
+    // The A fragment of rows i_lo, i_hi at columns k0 + 2t (+ 8) of a [B·T, stride] array (zero past T).
+    auto a_fragment = [&](const T* base, size_t stride, int k0, unsigned (&a)[4]) {
+        const T* lo = base + ((size_t)b * (size_t)seq + (size_t)i_lo) * stride + (size_t)(h * D + k0 + 2 * t);
+        const T* hi = lo + 8 * stride;
+        a[0] = in_lo ? *reinterpret_cast<const unsigned*>(lo) : 0u;
+        a[1] = in_hi ? *reinterpret_cast<const unsigned*>(hi) : 0u;
+        a[2] = in_lo ? *reinterpret_cast<const unsigned*>(lo + 8) : 0u;
+        a[3] = in_hi ? *reinterpret_cast<const unsigned*>(hi + 8) : 0u;
+    };
+
+    // S = Q·Kᵀ, then p in place.
+    float p[ATTN_MMA_NTILES][4];
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            p[n][q] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        unsigned a[4];
+        a_fragment(qkv, qkv_stride, 16 * ks, a);
+#pragma unroll
+        for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+            if (8 * n < kp) {
+                const unsigned short* kb = k_s + (8 * n + g) * ld + 16 * ks + 2 * t;
+                const unsigned bk[2] = {attn_mma_ld32(kb), attn_mma_ld32(kb + 8)};
+                const float c[4] = {p[n][0], p[n][1], p[n][2], p[n][3]};
+                mma_m16n8k16(tag, p[n], a, bk, c);
+            }
+        }
+    }
+    const float* lse_bh = lse + ((size_t)b * (size_t)heads + (size_t)h) * (size_t)seq;
+    const float l_lo = in_lo ? lse_bh[i_lo] : 0.0f, l_hi = in_hi ? lse_bh[i_hi] : 0.0f;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+        if (8 * n < kp) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = 8 * n + 2 * t + e;
+                const bool in = j < seq;
+                const float bias = in ? mask_s[j] : 0.0f;
+                p[n][e] = in ? expf(attn_mul_rn(p[n][e], scale) + bias - l_lo) : 0.0f;
+                p[n][2 + e] = in ? expf(attn_mul_rn(p[n][2 + e], scale) + bias - l_hi) : 0.0f;
+                sum_lo += p[n][e];
+                sum_hi += p[n][2 + e];
+            }
+        }
+    }
+    // The row kernel's normaliser: exact only where the f32 lse is too coarse (per row; the
+    // shuffles run in every lane).
+    sum_lo = attn_mma_row_sum(sum_lo);
+    sum_hi = attn_mma_row_sum(sum_hi);
+    const bool exact_lo = fabsf(l_lo) >= ATTN_BWD_EXACT_LSE, exact_hi = fabsf(l_hi) >= ATTN_BWD_EXACT_LSE;
+    const float c_lo = 1.0f / sum_lo, c_hi = 1.0f / sum_hi;
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            p[n][e] = exact_lo ? p[n][e] * c_lo : p[n][e];
+            p[n][2 + e] = exact_hi ? p[n][2 + e] * c_hi : p[n][2 + e];
+        }
+    }
+
+    // dP = dO·Vᵀ per n-tile (kept in no array: the second pass recomputes each tile, the same
+    // products in the same order, so the same bits), g = dP·f, D per row. The dropout factors are
+    // 0 or the policy's kept value: one bit a key.
+    unsigned a_do[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        a_fragment(dctx, (size_t)hidden, 16 * ks, a_do[ks]);
+    }
+    auto dp_tile = [&](int n, float (&acc)[4]) {
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const unsigned short* vb = v_s + (8 * n + g) * ld + 16 * ks + 2 * t;
+            const unsigned bv[2] = {attn_mma_ld32(vb), attn_mma_ld32(vb + 8)};
+            const float c[4] = {acc[0], acc[1], acc[2], acc[3]};
+            mma_m16n8k16(tag, acc, a_do[ks], bv, c);
+        }
+    };
+    const float kept = attn_mma_kept(dropout);
+    unsigned keep_lo = 0u, keep_hi = 0u;  // bit 2n + e: key 8n + 2t + e is kept
+    float d_lo = 0.0f, d_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+        if (8 * n < kp) {
+            float acc[4];
+            dp_tile(n, acc);
+            float f_lo[2], f_hi[2];
+            attn_mma_factors(dropout, b, h, i_lo, i_hi, 8 * n, t, f_lo, f_hi);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool in = 8 * n + 2 * t + e < seq;
+                keep_lo |= (f_lo[e] != 0.0f ? 1u : 0u) << (2 * n + e);
+                keep_hi |= (f_hi[e] != 0.0f ? 1u : 0u) << (2 * n + e);
+                d_lo = fmaf(p[n][e], in ? acc[e] * f_lo[e] : 0.0f, d_lo);
+                d_hi = fmaf(p[n][2 + e], in ? acc[2 + e] * f_hi[e] : 0.0f, d_hi);
+            }
+        }
+    }
+    d_lo = attn_mma_row_sum(d_lo);
+    d_hi = attn_mma_row_sum(d_hi);
+
+    // P∘M and dS, rounded once each; pairs of keys where T is even and the rows start aligned.
+    const size_t row_lo = ((size_t)b * (size_t)heads + (size_t)h) * (size_t)seq + (size_t)i_lo;
+    const bool pairs = seq % 2 == 0 && ((unsigned long long)pd & 3ull) == 0 && ((unsigned long long)ds & 3ull) == 0;
+#pragma unroll
+    for (int n = 0; n < ATTN_MMA_NTILES; ++n) {
+        const int j = 8 * n + 2 * t;
+        if (8 * n < kp) {
+            float acc[4];
+            dp_tile(n, acc);  // warp-wide (mma): before any lane-dependent branch
+            if (j < seq) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    if (r == 0 ? !in_lo : !in_hi) {
+                        continue;
+                    }
+                    const unsigned keep = r == 0 ? keep_lo : keep_hi;
+                    const float dd = r == 0 ? d_lo : d_hi;
+                    const float f0 = (keep >> (2 * n)) & 1u ? kept : 0.0f, f1 = (keep >> (2 * n + 1)) & 1u ? kept : 0.0f;
+                    const float g0 = acc[2 * r] * f0, g1 = j + 1 < seq ? acc[2 * r + 1] * f1 : 0.0f;
+                    const float p0 = p[n][2 * r], p1 = p[n][2 * r + 1];
+                    const float pm0 = p0 * f0, pm1 = p1 * f1;
+                    const float ds0 = p0 * (g0 - dd), ds1 = p1 * (g1 - dd);
+                    const size_t at = (row_lo + (size_t)(8 * r)) * (size_t)seq + (size_t)j;
+                    if (pairs) {
+                        *reinterpret_cast<unsigned*>(pd + at) = pack2(tag, pm0, pm1);
+                        *reinterpret_cast<unsigned*>(ds + at) = pack2(tag, ds0, ds1);
+                    } else {
+                        store_f32(pd + at, pm0);
+                        store_f32(ds + at, ds0);
+                        if (j + 1 < seq) {
+                            store_f32(pd + at + 1, pm1);
+                            store_f32(ds + at + 1, ds1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 
 // Tensor-core forward: ctx, lse, qkv, mask_bias; seq (<= 128), hidden (heads·d), heads, mask_rows,
 // scale (then the dropout policy's arguments, as the row kernels). Launch: grid (⌈T / 64⌉, heads,
@@ -3465,4 +3683,171 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_
     unsigned long long drop_offset)
 {
     attn_mma_forward_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(ctx), lse, reinterpret_cast<const f16_raw*>(qkv), mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// Tensor-core backward scores: pd, ds, qkv, dctx, lse, mask_bias; seq (<= 128), hidden, heads,
+// mask_rows, scale (then the dropout policy's arguments). Launch: grid (⌈T / 64⌉, heads, B), block
+// 128, dynamic shared memory as its section says.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_bf16io_d16(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<bf16_raw, 16>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_bf16io_d16(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<bf16_raw, 16>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_bf16io_d32(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_bf16io_d32(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_bf16io_d64(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_bf16io_d64(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(pd), reinterpret_cast<bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+// f16 twins of the bf16io kernels above (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_f16io_d16(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<f16_raw, 16>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_f16io_d16(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<f16_raw, 16>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_f16io_d32(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_f16io_d32(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_f16io_d64(unsigned short* __restrict__ pd, unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, const float* __restrict__ lse, const float* __restrict__ mask_bias, int seq, int hidden, int heads, int mask_rows, float scale) {
+    attn_mma_backward_scores_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnNoDropout());
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_scores_dropout_f16io_d64(
+    unsigned short* __restrict__ pd,
+    unsigned short* __restrict__ ds,
+    const unsigned short* __restrict__ qkv,
+    const unsigned short* __restrict__ dctx,
+    const float* __restrict__ lse,
+    const float* __restrict__ mask_bias,
+    int seq,
+    int hidden,
+    int heads,
+    int mask_rows,
+    float scale,
+    const unsigned* __restrict__ seed_buf,
+    unsigned seed_lo,
+    unsigned seed_hi,
+    unsigned long long stream_base,
+    unsigned long long block_ids,
+    int batch_per_block,
+    unsigned threshold,
+    float drop_scale,
+    unsigned long long drop_offset)
+{
+    attn_mma_backward_scores_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
 }

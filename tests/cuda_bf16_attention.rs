@@ -882,8 +882,8 @@ test_both!(gemm_path_rule, gemm_path_matches_the_rule);
 /// `attention_packed_backward` on `H` Q, K, V and dctx return `H` ctx and dqkv (f32 lse) from the
 /// `_*io` launchers tested above, on the three attention paths: the same bits as those launchers
 /// called directly on the same operands (the fused backward from the backend's own forward ctx and
-/// lse, which it recomputes; the GEMM backward from the lse, after the GEMM or the tensor-core
-/// forward). The dispatch is what this checks.
+/// lse, which it recomputes; the GEMM backward, or its tensor-core twin, from the lse). The
+/// dispatch is what this checks.
 fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
     use bert_adapters::cuda::attention_gemm::AttentionPath;
     use bert_adapters::cuda::backend::CudaBackend;
@@ -917,7 +917,8 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
             AttentionPath::TensorCores => {
                 let (fwd, counts) = run_mma_half::<H>(gpu, c, None);
                 assert_eq!(counts, (1, 0), "{label}: the tensor-core forward ran");
-                let dqkv = run_gemm_bwd_half::<H>(gpu, &case, &fwd.lse, None);
+                let (dqkv, counts) = run_mma_bwd_half::<H>(gpu, &case, &fwd.lse, None);
+                assert_eq!(counts, (1, 0), "{label}: the tensor-core backward scores ran");
                 (fwd, dqkv)
             }
         };
@@ -1100,3 +1101,125 @@ fn mma_forward_falls_back_to_the_gemm_forward<H: Io>(gpu: &Gpu) {
     assert_eq!((launched.with_prefix("attention_mma_forward"), launched.of("attention_gemm_softmax_f32_t128")), (0, 1), "f32 takes the GEMM forward");
 }
 test_both!(mma_forward_fallback, mma_forward_falls_back_to_the_gemm_forward);
+
+// The backward's scores on the tensor cores (`attention_mma_backward`): one kernel in place of the
+// GEMM backward's S and dP products and its row kernel, the rest the GEMM backward's. Checked as
+// the forward: dQ, dK, dV under the 2x-plain rule from the tensor-core forward's lse; bit for bit
+// with the GEMM backward where every rounding is exact (Q = 0, so p is one value a row computed
+// by the same expf of the same operands; V zero but for one key per (batch row, head), so D has
+// one nonzero term and needs no summation order; small-integer V and dO, so dP is exact in any
+// order); and the fallbacks. Each call must launch one `attention_mma_backward_scores*` kernel and
+// no softmax backward row kernel.
+
+use bert_adapters::cuda::attention_gemm::attention_mma_backward;
+
+/// The tensor-core backward on `H` from `lse` into a NaN-poisoned dqkv (widened), and how many
+/// backward-scores kernels and softmax backward row kernels it launched.
+fn run_mma_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> (Vec<f32>, (u64, u64)) {
+    let c = &case.fwd;
+    let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
+    let (qkv, dctx, lse, mask) = (up(gpu, &to_half::<H>(&c.qkv)), up(gpu, &to_half::<H>(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
+    let mut dqkv = up(gpu, &to_half::<H>(&vec![f32::NAN; c.qkv.len()]));
+    let before = gpu.launch_counts();
+    attention_mma_backward(gpu, &dctx.view(), &qkv.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: mma {} backward: {e}", case.label(), H::NAME));
+    let launched = gpu.launch_counts().since(&before);
+    (widen_from::<H>(&gpu.download(&dqkv.view()).unwrap()), (launched.with_prefix("attention_mma_backward_scores"), launched.with_prefix("attention_gemm_softmax_backward")))
+}
+
+/// T 1..=128, d 16, 32 and 64, padded, zero and shared masks, eval and dropout: the tensor-core
+/// forward then the tensor-core backward, dQ, dK and dV under the 2x-plain rule.
+fn mma_backward_matches_the_rule<H: Io>(gpu: &Gpu) {
+    const SHAPES: [(usize, usize, usize, MaskKind); 4] = [(2, 32, 2, MaskKind::Padded), (3, 64, 1, MaskKind::Shared(1)), (2, 16, 3, MaskKind::Padded), (1, 64, 2, MaskKind::Zeros)];
+    let mut rng = StdRng::seed_from_u64(0x3a_b4c4);
+    let (mut worst, mut cases) = ((0f64, String::new()), 0);
+    for seq in [1, 7, 33, 64, 128] {
+        for (i, (batch, d, heads, mask)) in SHAPES.into_iter().enumerate() {
+            let case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
+            let c = &case.fwd;
+            let drop = mma_case_dropout(i + seq, batch, d);
+            let label = format!("{} {} {} mma backward dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let factors = drop.as_ref().map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
+            let (fwd, _) = run_mma_half::<H>(gpu, c, drop.as_ref());
+            let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &fwd.lse, drop.as_ref());
+            assert_eq!(counts, (1, 0), "{label}: launches of the backward-scores kernel and of the row kernel");
+            let (want, plain) = (case.reference(factors.as_deref()), case.plain::<H>(factors.as_deref()));
+            for (k, name) in ["dQ", "dK", "dV"].into_iter().enumerate() {
+                let e = assert_within_twice_plain_in::<H>(&format!("{label}: {name}"), &part(&got, c.hidden, k), &part(&want, c.hidden, k), &part(&plain, c.hidden, k));
+                if ratio(e) > worst.0 {
+                    worst = (ratio(e), format!("{} {name}", case.label()));
+                }
+            }
+            cases += 1;
+        }
+    }
+    report_line(&format!("{} tensor-core attention backward on {}: {cases} cases pass; worst err / plain err = {:.3} at {}", H::NAME, gpu.describe(), worst.0, worst.1));
+}
+test_both!(mma_backward_rule, mma_backward_matches_the_rule);
+
+/// Where the roundings are exact (the section's docs): dqkv equal to the GEMM backward's bit for
+/// bit from the same lse, eval and dropout (a shard offset too), padded masks, T odd and even, and
+/// a batch row masked on every key (NaN in both).
+fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x3a_b4e8);
+    for (k, (seq, d)) in [(7, 32), (16, 64), (33, 16), (128, 64)].into_iter().enumerate() {
+        let (batch, heads) = (4, 2);
+        let mut case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
+        let hidden = case.fwd.hidden;
+        for (idx, x) in case.fwd.qkv.iter_mut().enumerate() {
+            let (token, col) = (idx / (3 * hidden), idx % (3 * hidden));
+            let (b, j, part, head) = (token / seq, token % seq, col / hidden, (col % hidden) / d);
+            match part {
+                0 => *x = 0.0,
+                2 if j == (3 * b + 5 * head) % seq => *x = rng.random_range(-4i32..=4) as f32,
+                2 => *x = 0.0,
+                _ => {}
+            }
+        }
+        case.dctx.iter_mut().for_each(|x| *x = rng.random_range(-4i32..=4) as f32);
+        case.fwd.mask[3 * seq..4 * seq].fill(f32::NEG_INFINITY);
+        for i in 0..4 {
+            let drop = match i {
+                3 => Some(DeviceDropout { seed_buffer: None, seed: 0x3a48, p: 0.3, streams: vec![(5u64 << 8) | 2, (5u64 << 8) | 3], offset: 4 * 128 * 128 + 30 }),
+                _ => mma_case_dropout(i + k, batch, d),
+            };
+            let label = format!("{} {} {} exact mma backward dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
+            let lse = run_gemm_half::<H>(gpu, &case.fwd, drop.as_ref()).lse;
+            let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &lse, drop.as_ref());
+            assert_eq!(counts, (1, 0), "{label}: launches");
+            let want = run_gemm_bwd_half::<H>(gpu, &case, &lse, drop.as_ref());
+            let per = seq * 3 * hidden;
+            for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                let dead = j / per == 3;
+                assert_eq!(dead, a.is_nan(), "{label}: dqkv[{j}] = {a} (batch row 3 is masked on every key)");
+                assert!(dead && b.is_nan() || a.to_bits() == b.to_bits(), "{label}: dqkv[{j}] = {a}, the GEMM backward's {b}");
+            }
+            assert!(got.iter().any(|v| v.is_finite() && *v != 0.0), "{label}: some gradient is nonzero");
+        }
+    }
+}
+test_both!(mma_backward_exact, mma_backward_is_exact_where_its_roundings_are);
+
+/// Where it does not apply (d = 40, T = 130, a dctx view one element in: not 4-byte aligned) the
+/// tensor-core backward is the GEMM backward: the same bits, the row kernel launched.
+fn mma_backward_falls_back_to_the_gemm_backward<H: Io>(gpu: &Gpu) {
+    let mut rng = StdRng::seed_from_u64(0x3a_bfa1);
+    for (seq, d) in [(9, 40), (130, 32)] {
+        let case = BwdCase::random::<H>(&mut rng, 2, seq, d, 2, MaskKind::Padded);
+        let lse = run_gemm_half::<H>(gpu, &case.fwd, None).lse;
+        let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &lse, None);
+        assert_eq!(counts, (0, 1), "{}: the GEMM backward's row kernel, no tensor-core launch", case.label());
+        assert_eq!(bits(&got), bits(&run_gemm_bwd_half::<H>(gpu, &case, &lse, None)), "{}: dqkv", case.label());
+    }
+    let case = BwdCase::random::<H>(&mut rng, 2, 9, 32, 2, MaskKind::Padded);
+    let c = &case.fwd;
+    let lse = run_gemm_half::<H>(gpu, c, None).lse;
+    let mut shifted = vec![H::from_f32(0.0)];
+    shifted.extend(to_half::<H>(&case.dctx));
+    let (qkv, dctx, l, mask) = (up(gpu, &to_half::<H>(&c.qkv)), up(gpu, &shifted), up(gpu, &lse), up(gpu, &c.mask));
+    let mut dqkv = up(gpu, &to_half::<H>(&vec![f32::NAN; c.qkv.len()]));
+    let before = gpu.launch_counts();
+    attention_mma_backward(gpu, &dctx.slice(1..shifted.len()).unwrap(), &qkv.view(), &l.view(), &mask.view(), &mut dqkv.view_mut(), c.batch, c.seq, c.hidden, c.heads, None).unwrap();
+    assert_eq!(gpu.launch_counts().since(&before).with_prefix("attention_mma_backward_scores"), 0, "a misaligned dctx takes the GEMM backward");
+    assert_eq!(bits(&widen_from::<H>(&gpu.download(&dqkv.view()).unwrap())), bits(&run_gemm_bwd_half::<H>(gpu, &case, &lse, None)), "misaligned dctx: dqkv");
+}
+test_both!(mma_backward_fallback, mma_backward_falls_back_to_the_gemm_backward);

@@ -69,7 +69,8 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         // (the sim's executor rounds once, so this checks the wiring: the activations and
         // dropouts as passes of their own), the adapters' forward products on tensor cores
         // (z, a and the weights rounded, SplitForward::TensorCores), and the attention forward
-        // on tensor cores (AttentionPath::TensorCores; the tiny BERT's d = 16 takes it).
+        // and the backward's scores on tensor cores (AttentionPath::TensorCores; the tiny BERT's
+        // d = 16 takes them).
         let lt = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
         v.push(lt.with_attention_path(AttentionPath::TensorCores).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
     }
@@ -77,7 +78,8 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         Ok(_) => {
             v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")));
             // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90, and every
-            // tensor-core kernel (the adapters' split forward and recompute, the attention forward).
+            // tensor-core kernel (the adapters' split forward and recompute, the attention forward
+            // and backward scores).
             let gpu = CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"));
             v.push(gpu.with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores).with_attention_path(AttentionPath::TensorCores));
         }
@@ -193,10 +195,13 @@ fn gradients_meet_the_rule(half: DType, loss_scale: f32, score_config: &str) {
                 let before = be.gpu().map(|g| g.launch_counts());
                 let (loss, grads) = step(be, half, loss_scale, score_config, trained, dropout, adapter_dropout);
                 if let (Some(gpu), Some(before)) = (be.gpu(), before) {
-                    // The backend that asks for the tensor-core attention forward runs it (with the
-                    // probability dropout in training), two layers' worth at least.
-                    let mma = gpu.launch_counts().since(&before).with_prefix(if dropout.is_some() { "attention_mma_forward_dropout" } else { "attention_mma_forward" });
-                    assert_eq!(mma >= 2, be.name().contains("(tensor-core attention forward)"), "{label}: {mma} tensor-core attention launches");
+                    // The backend that asks for the tensor-core attention runs its forward and its
+                    // backward scores (with the probability dropout in training): two layers'
+                    // forwards and at least one layer's backward.
+                    let (counts, kind) = (gpu.launch_counts().since(&before), if dropout.is_some() { "_dropout" } else { "" });
+                    let (fwd, bwd) = (counts.with_prefix(&format!("attention_mma_forward{kind}")), counts.with_prefix(&format!("attention_mma_backward_scores{kind}")));
+                    let asked = be.name().contains("(tensor-core attention)");
+                    assert_eq!((fwd >= 2, bwd >= 1), (asked, asked), "{label}: {fwd} tensor-core attention forwards, {bwd} backwards");
                 }
                 losses.entry(be.name()).or_insert_with(|| [Vec::new(), Vec::new(), Vec::new()]).iter_mut().zip([loss, ref_loss, plain_loss]).for_each(|(v, l)| v.push(l));
                 assert_eq!(grads.keys().collect::<Vec<_>>(), ref_grads.keys().collect::<Vec<_>>(), "{label}: gradient keys");

@@ -43,7 +43,10 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128, ATTENTION_MMA_FORWARD_BF16IO_D32, ATTENTION_MMA_FORWARD_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
     ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_F16IO_D32,
     ATTENTION_MMA_FORWARD_F16IO_D64, ATTENTION_MMA_FORWARD_BF16IO_D16, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16, ATTENTION_MMA_FORWARD_F16IO_D16,
-    ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
+    ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64,
+    ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -421,6 +424,74 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     heads: usize,
     dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
+    gemm_backward(gpu, dctx, qkv, lse, mask_bias, dqkv, (batch, seq, hidden, heads), dropout, false)
+}
+
+/// [`attention_gemm_backward`] with its scores on the tensor cores where they apply
+/// (`attention_mma_backward_scores[_dropout]_*`, kernels/attention.cu: the same conditions as
+/// [`attention_mma_forward_applies`], `qkv` 16-byte and `dctx` 4-byte aligned): one kernel in
+/// place of the `S = Q·Kᵀ` and `dP = dO·Vᵀ` products and the softmax row kernel, writing the same
+/// P∘M and dS (the same roundings and dropout masks) without the f32 scores in memory. The dV, dQ
+/// and dK products and the layouts are the GEMM backward's. Elsewhere it is
+/// [`attention_gemm_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_mma_backward<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<A>,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<()> {
+    gemm_backward(gpu, dctx, qkv, lse, mask_bias, dqkv, (batch, seq, hidden, heads), dropout, true)
+}
+
+/// The tensor-core backward-scores kernel, where there is one (as [`mma_forward_kernel`]).
+fn mma_backward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<KernelName> {
+    if seq > MMA_MAX_SEQ {
+        return None;
+    }
+    Some(match (dtype, head_dim, dropout) {
+        (DType::BF16, 16, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16,
+        (DType::BF16, 16, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16,
+        (DType::BF16, 32, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32,
+        (DType::BF16, 32, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32,
+        (DType::BF16, 64, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64,
+        (DType::BF16, 64, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64,
+        (DType::F16, 16, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16,
+        (DType::F16, 16, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
+        (DType::F16, 32, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32,
+        (DType::F16, 32, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32,
+        (DType::F16, 64, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64,
+        (DType::F16, 64, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64,
+        _ => return None,
+    })
+}
+
+/// Dynamic shared memory of a tensor-core backward-scores block, in bytes: the keys' K and V rows
+/// (`[row][d + 8]`, 16-bit) and the mask row (f32), for `Tp = ⌈T / 16⌉·16`.
+pub fn attention_mma_backward_smem_bytes(seq: usize, head_dim: usize) -> usize {
+    let kp = seq.div_ceil(16) * 16;
+    4 * kp * (head_dim + 8) + 4 * kp
+}
+
+#[allow(clippy::too_many_arguments)] // attention_gemm_backward's operands, and the tensor-core choice
+fn gemm_backward<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    dctx: &DeviceView<A>,
+    qkv: &DeviceView<A>,
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    dqkv: &mut DeviceViewMut<A>,
+    (batch, seq, hidden, heads): (usize, usize, usize, usize),
+    dropout: Option<&DeviceDropout<'_>>,
+    tensor_cores: bool,
+) -> Result<()> {
     let sizes = AttentionBackwardSizes {
         batch,
         seq,
@@ -454,13 +525,71 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     layout(gpu, Layout::ToHeads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
     let prod = Products { bh: batch * heads, seq, d: head_dim };
     let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
-    let mut s = gpu.alloc::<f32>(scores)?;
-    gpu.gemm::<A, f32>(&prod.scores::<A>(), &kh, &qh, &mut s.view_mut(), None)?;
-    let mut dp = gpu.alloc::<f32>(scores)?;
-    gpu.gemm::<A, f32>(&prod.scores::<A>(), &vh, &doh, &mut dp.view_mut(), None)?;
     let mut pd: DeviceBuffer<A> = gpu.alloc(scores)?;
     let mut ds: DeviceBuffer<A> = gpu.alloc(scores)?;
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let aligned = qkv.device_ptr().is_multiple_of(16) && dctx.device_ptr().is_multiple_of(4);
+    let mma = mma_backward_kernel(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| tensor_cores && aligned);
+    if let Some(kernel) = mma {
+        if heads > 65535 || batch > 65535 {
+            return Err(Error::shape(BWD_OP, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most 65535 of each")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32),
+            block_dim: (MMA_THREADS, 1, 1),
+            shared_mem_bytes: attention_mma_backward_smem_bytes(seq, head_dim) as u32,
+        };
+        // pd, ds, qkv, dctx, lse, mask_bias, seq, hidden, heads, mask_rows, scale (then the
+        // dropout policy's); Gpu::launch checks them against kernels/attention.cu.
+        let args = [
+            A::act_arg_mut(&pd.view_mut()),
+            A::act_arg_mut(&ds.view_mut()),
+            A::act_arg(qkv),
+            A::act_arg(dctx),
+            lse.arg(),
+            mask_bias.arg(),
+            KernelArg::I32(seq as i32),
+            KernelArg::I32(hidden as i32),
+            KernelArg::I32(heads as i32),
+            KernelArg::I32(mask_rows as i32),
+            KernelArg::F32(scale),
+        ];
+        let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+        // SAFETY: pd and ds hold B·heads·T² elements (fresh allocations); qkv holds B·T·3H
+        // elements, 16-byte aligned, and dctx B·T·H, 4-byte aligned (checked), with H = heads·d
+        // and d 16, 32 or 64, so the 16-byte units of K and V rows and the 4-byte fragment pairs of
+        // Q and dO rows below T that the kernel reads lie inside them, aligned; lse holds
+        // B·heads·T, the mask mask_rows rows of T; the shared memory is the kernel's layout.
+        unsafe { gpu.launch(kernel, cfg, &args)? };
+    } else {
+        scores_on_gemms(gpu, &prod, (&qh, &kh, &vh, &doh), (&mut pd, &mut ds), lse, mask_bias, (rows, scores, batch, seq, heads, mask_rows), scale, drop, (backward, backward_dropout))?;
+    }
+    let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
+    layout(gpu, Layout::FromHeads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
+}
+
+/// The GEMM backward's P∘M and dS: `S = Q·Kᵀ` and `dP = dO·Vᵀ` (f32) on [`Gpu::gemm`], then the
+/// softmax backward row kernel.
+#[allow(clippy::too_many_arguments)] // the heads, the outputs, the statistics and the row kernel's sizes
+fn scores_on_gemms<A: ActivationScalar + GemmScalar>(
+    gpu: &Gpu,
+    prod: &Products,
+    (qh, kh, vh, doh): (&DeviceView<A>, &DeviceView<A>, &DeviceView<A>, &DeviceView<A>),
+    (pd, ds): (&mut DeviceBuffer<A>, &mut DeviceBuffer<A>),
+    lse: &DeviceView<f32>,
+    mask_bias: &DeviceView<f32>,
+    (rows, scores, batch, seq, heads, mask_rows): (usize, usize, usize, usize, usize, usize),
+    scale: f32,
+    drop: Option<[KernelArg; 9]>,
+    (backward, backward_dropout): (KernelName, KernelName),
+) -> Result<()> {
+    let mut s = gpu.alloc::<f32>(scores)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), kh, qh, &mut s.view_mut(), None)?;
+    let mut dp = gpu.alloc::<f32>(scores)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), vh, doh, &mut dp.view_mut(), None)?;
     let kernel = if drop.is_some() { backward_dropout } else { backward };
     // The row kernel's parameters: pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows,
     // scale (then the dropout policy's).
@@ -480,12 +609,7 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: pd, ds, s and dp hold B·heads·T² elements (fresh allocations), lse B·heads·T, the
     // mask a multiple of T whose row count divides B (checked); the grid covers `rows` warps.
-    unsafe { gpu.launch(kernel, row_config(BWD_OP, batch, heads, seq)?, &args)? };
-    let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
-    gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
-    gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
-    gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
-    layout(gpu, Layout::FromHeads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
+    unsafe { gpu.launch(kernel, row_config(BWD_OP, batch, heads, seq)?, &args) }
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ use half::{bf16, f16};
 
 use super::adapter::{ADAPTER_PRODUCTS, ADAPTER_PRODUCTS_VAR, SPLIT_FORWARD_VAR, SplitForward, adapter_location_backward_on, adapter_location_forward_on, LocationPath, location_dropout, BranchGrads, LocationBackwardOutputs, BranchWeights, DeviceLayerNorm, DeviceScaling, DropoutSeed, LocationDescriptors, LocationInputs, LocationOutputs, LocationShape};
 use super::attention::{attention_packed_backward_dropout_as, attention_packed_forward, attention_packed_forward_dropout};
-use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_forward, AttentionPath};
+use super::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_backward, attention_mma_forward, AttentionPath};
 use super::elementwise;
 use super::embedding::{check_flag, embedding_layernorm_forward, new_error_flag, EmbeddingInputs, EmbeddingOutputs};
 use super::gemm::{linear_16io, linear_16io_with, Epilogue, Gemm, GemmScalar, OutputType, Transpose};
@@ -1059,7 +1059,7 @@ impl Backend for CudaBackend {
         };
         match self.attention_path {
             Some(AttentionPath::Gemm) => format!("{base} (GEMM attention)"),
-            Some(AttentionPath::TensorCores) => format!("{base} (tensor-core attention forward)"),
+            Some(AttentionPath::TensorCores) => format!("{base} (tensor-core attention)"),
             Some(AttentionPath::Fused) => format!("{base} (fused attention)"),
             None => base,
         }
@@ -1463,12 +1463,17 @@ impl Backend for CudaBackend {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
-        if self.attention_path(seq)?.gemm_backward() {
+        let path = self.attention_path(seq)?;
+        if path.gemm_backward() {
             // The GEMM path recomputes P from the lse and needs no ctx.
             let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
             let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
             let (l, m) = (self.view::<f32>(OP, lse)?, self.view::<f32>(OP, mask_bias)?);
-            by_activation_dtype!(dqkv.dtype(), A => attention_gemm_backward::<A>(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref()))?;
+            let tensor_cores = path == AttentionPath::TensorCores;
+            by_activation_dtype!(dqkv.dtype(), A => {
+                let backward = if tensor_cores { attention_mma_backward::<A> } else { attention_gemm_backward::<A> };
+                backward(&self.gpu, &self.view(OP, dctx)?, &self.view(OP, qkv)?, &l, &m, &mut self.view_mut(OP, &dqkv)?, batch, seq, hidden, heads, d.as_ref())
+            })?;
             return Ok(dqkv);
         }
         // The fused kernels read the forward's output for D = rowsum(dO ⊙ O); the seam does not keep
