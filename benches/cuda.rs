@@ -55,9 +55,10 @@
 //! - `attention/<B>x<T>`: fused `forward` and `backward` over a packed QKV, 12 heads of 64 (tiny:
 //!   4 of 16), 20 % padding, against the GEMM path (`gemm_forward`, `gemm_backward`:
 //!   `AttentionPath::Gemm`, batched GEMMs plus row kernels), each in f32 and with bf16 storage
-//!   (`bf16_*`), and `bf16_mma_forward` (`AttentionPath::TensorCores`: the GEMM forward in one
-//!   tensor-core kernel, T <= 128 and d 16, 32 or 64, so at the tiny shapes too; elsewhere it is
-//!   the GEMM forward); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
+//!   (`bf16_*`), and `bf16_mma_forward` / `bf16_mma_backward` (`AttentionPath::TensorCores`:
+//!   the GEMM forward in one tensor-core kernel, and the GEMM backward with its S, dP and softmax
+//!   rows in one; T <= 128 and d 16, 32 or 64, so at the tiny shapes too; elsewhere the GEMM
+//!   path's); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
 //! - `train_step/<model>_<B>x<T>`: the training step `train` runs — Parallel(scorenn, tasknn),
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`
@@ -71,7 +72,8 @@
 //!   added by cuBLASLt, as PyTorch does), and `bf16_replayed_share_cublaslt` with both;
 //!   `bf16_replayed_mma` (every tensor-core kernel: `SplitForward::TensorCores`, each adapter
 //!   location's forward in two tensor-core kernels, z and up never in memory, and its backward's
-//!   recompute in two more; and `AttentionPath::TensorCores`, the attention forward in one). Throughput: B·T positions (padding included) per step.
+//!   recompute in two more; and `AttentionPath::TensorCores`, the attention forward in one and
+//!   the backward's scores in one). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a
@@ -96,7 +98,7 @@ use bert_adapters::cuda::adapter::{
     LocationDescriptors, LocationInputs, LocationOutputs, LocationPath, LocationPlan, LocationShape, RowStaging, SplitForward,
 };
 use bert_adapters::cuda::attention::{attention_backward_workspace_len, attention_packed_backward_with, attention_packed_forward, AttentionBackwardPlan};
-use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_forward, AttentionPath};
+use bert_adapters::cuda::attention_gemm::{attention_gemm_backward, attention_gemm_forward, attention_mma_backward, attention_mma_forward, AttentionPath};
 use bert_adapters::cuda::backend::{CudaBackend, LinearEpilogue};
 use bert_adapters::cuda::elementwise::{add, bias_act};
 use bert_adapters::cuda::gemm::{Gemm, GemmScalar, SurveyOptions, Transpose};
@@ -893,6 +895,11 @@ impl<A: ActivationScalar + GemmScalar> Attention<A> {
         attention_mma_forward(gpu, &self.qkv.view(), &self.mask.view(), &mut self.ctx.view_mut(), &mut self.lse.view_mut(), self.batch, self.seq, self.hidden, self.heads, None).expect("tensor-core attention forward");
     }
 
+    fn mma_backward(&mut self, gpu: &Gpu) {
+        attention_mma_backward(gpu, &self.dctx.view(), &self.qkv.view(), &self.lse.view(), &self.mask.view(), &mut self.dqkv.view_mut(), self.batch, self.seq, self.hidden, self.heads, None)
+            .expect("tensor-core attention backward");
+    }
+
     fn gemm_backward(&mut self, gpu: &Gpu) {
         attention_gemm_backward(gpu, &self.dctx.view(), &self.qkv.view(), &self.lse.view(), &self.mask.view(), &mut self.dqkv.view_mut(), self.batch, self.seq, self.hidden, self.heads, None)
             .expect("GEMM attention backward");
@@ -915,6 +922,7 @@ fn attention(c: &mut Criterion, bench: &Bench) {
         bench_lazy(&mut group, gpu, "gemm_backward", || Attention::<f32>::new(gpu, s, (b, t)), |a| a.gemm_backward(gpu));
         bench_lazy(&mut group, gpu, "bf16_backward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.backward(gpu));
         bench_lazy(&mut group, gpu, "bf16_gemm_backward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.gemm_backward(gpu));
+        bench_lazy(&mut group, gpu, "bf16_mma_backward", || Attention::<bf16>::new(gpu, s, (b, t)), |a| a.mma_backward(gpu));
         group.finish();
     }
 }

@@ -87,10 +87,11 @@ fn the_device_backward_skips_frozen_work() {
         // One per location on either path (the split path launches the gate means only for gates).
         let adapter_bwd = |c: &LaunchCounts| c.with_prefix("adapter_location_backward_f32") + c.with_prefix("adapter_split_bwd_post");
         // The launches that only an attention backward makes, and how many one layer's makes.
-        let attention_bwd = |c: &LaunchCounts| c.with_prefix("attention_backward") + c.with_prefix("attention_gemm_softmax_backward");
+        let attention_bwd = |c: &LaunchCounts| c.with_prefix("attention_backward") + c.with_prefix("attention_gemm_softmax_backward") + c.with_prefix("attention_mma_backward_scores");
         let (attention_per_layer, attention_what) = match be.attention_path(11).unwrap() {
             AttentionPath::Fused => (3, "prep, dK/dV, dQ"),
-            AttentionPath::Gemm | AttentionPath::TensorCores => (1, "the softmax backward between the products"),
+            AttentionPath::Gemm => (1, "the softmax backward between the products"),
+            AttentionPath::TensorCores => (1, "the tensor-core scores before the products"),
         };
         let ln_param = |c: &LaunchCounts| c.with_prefix("layernorm_param_grad");
 

@@ -16,6 +16,15 @@
 //!   `attention_gemm_softmax_backward[_dropout]` (P∘M and dS in the activation type),
 //!   `dV = (P∘M)ᵀ·dO`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `from_heads` → dqkv: 9 launches.
 //!
+//! Tensor cores ([`AttentionPath::TensorCores`], 16-bit activations, `T <= 128`, `d` 16, 32 or
+//! 64; kernels/attention.cu's "tensor-core" sections): [`attention_mma_forward`] is the forward
+//! in one launch (`attention_mma_forward[_dropout]_*`: S and P·V on mma.sync, the softmax in
+//! registers, straight from the packed qkv to ctx and lse), and [`attention_mma_backward`] the
+//! backward with `attention_mma_backward_scores[_dropout]_*` in place of the two score products
+//! and the row kernel: 1 and 7 launches, without the f32 scores (`BH·T²` and `2·BH·T²` floats)
+//! or the forward's layout copies. The same roundings and dropout masks as the GEMM path; where
+//! they do not apply, they are the GEMM path.
+//!
 //! Storage: generic over the activation type `A` (f32, or bf16 / f16 with the `_bf16io` /
 //! `_f16io` row kernels, the 16-bit layout kernels and bf16 / f16 GEMM inputs, f32 accumulation,
 //! f32 scores and statistics). Scratch comes from
