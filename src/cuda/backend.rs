@@ -455,6 +455,15 @@ impl CudaBackend {
         Ok(LocationDescriptors::new(&self.gpu, hidden, steps, weights)?.with_tf32_products(self.tf32_adapter_products()?).with_split_forward(forward))
     }
 
+    /// `path`, after checking the device's fragment layout (once) where it is the tensor-core
+    /// one in a 16-bit pipeline, as [`CudaBackend::location_descriptors`] does for the adapters.
+    fn tensor_core_checked(&self, path: AttentionPath) -> Result<AttentionPath> {
+        if path == AttentionPath::TensorCores && self.activations.is_half() {
+            self.gpu.check_tensor_core_layout()?;
+        }
+        Ok(path)
+    }
+
     /// The path attention over sequences of `seq` tokens takes.
     pub fn attention_path(&self, seq: usize) -> Result<AttentionPath> {
         self.attention_path.map_or_else(|| AttentionPath::auto(&self.gpu, seq), Ok)
@@ -992,7 +1001,7 @@ impl CudaBackend {
     fn attention_typed<A: BufferElement + ActivationScalar + GemmScalar>(&self, qkv: &Tensor, mask_bias: &Tensor, ctx: &Tensor, lse: &Tensor, (batch, seq, hidden, heads): (usize, usize, usize, usize), dropout: Option<&DropoutSpec>) -> Result<()> {
         const OP: &str = "attention_packed";
         let (q, m, mut c, mut l) = (self.view::<A>(OP, qkv)?, self.view(OP, mask_bias)?, self.view_mut::<A>(OP, ctx)?, self.view_mut(OP, lse)?);
-        let path = self.attention_path(seq)?;
+        let path = self.tensor_core_checked(self.attention_path(seq)?)?;
         if path.gemm_backward() {
             let d = dropout.map(|spec| self.device_dropout(OP, spec)).transpose()?;
             let forward = if path == AttentionPath::TensorCores { attention_mma_forward::<A> } else { attention_gemm_forward::<A> };
@@ -1463,7 +1472,7 @@ impl Backend for CudaBackend {
             [b, t, h3] if h3 % 3 == 0 => (*b, *t, h3 / 3),
             s => return Err(Error::shape(OP, format!("packed Q, K, V must be [B, T, 3H], got {s:?}"))),
         };
-        let path = self.attention_path(seq)?;
+        let path = self.tensor_core_checked(self.attention_path(seq)?)?;
         if path.gemm_backward() {
             // The GEMM path recomputes P from the lse and needs no ctx.
             let dqkv = self.empty(qkv.shape(), activation_dtype(qkv))?;
