@@ -1028,7 +1028,7 @@ test_both!(mma_forward_rule, mma_forward_matches_the_rule);
 /// -inf on every key (NaN ctx and lse in both).
 fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_e8ac);
-    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 32), (128, 64), (33, 16)].into_iter().enumerate() {
+    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 64), (33, 16)].into_iter().enumerate() {
         let (batch, heads) = (4, 2);
         let mut c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = c.hidden;
@@ -1161,7 +1161,7 @@ test_both!(mma_backward_rule, mma_backward_matches_the_rule);
 /// a batch row masked on every key (NaN in both).
 fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_b4e8);
-    for (k, (seq, d)) in [(7, 32), (16, 64), (33, 16), (128, 64)].into_iter().enumerate() {
+    for (k, (seq, d)) in [(7, 32), (33, 16), (128, 64)].into_iter().enumerate() {
         let (batch, heads) = (4, 2);
         let mut case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = case.fwd.hidden;
