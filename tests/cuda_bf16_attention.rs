@@ -370,6 +370,13 @@ fn half_sizes_are_checked<H: Io>(gpu: &Gpu) {
     shape_err(attention_packed_forward(gpu, &qkv.slice(0..b * t * 3 * h - 1).unwrap(), &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n), "qkv has 671 elements, expected 672");
     shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.slice_mut(1..b * t * h).unwrap(), &mut lse.view_mut(), b, t, h, n), "ctx has 223 elements, expected 224");
     shape_err(attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.slice_mut(0..b * n * t - 1).unwrap(), b, t, h, n), "lse has 27 elements, expected 28");
+    // The tensor-core forward (d = 16: its kernel applies) and backward make the same checks.
+    shape_err(attention_mma_forward(gpu, &qkv.slice(0..b * t * 3 * h - 1).unwrap(), &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n, None), "qkv has 671 elements, expected 672");
+    shape_err(attention_mma_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.slice_mut(0..b * n * t - 1).unwrap(), b, t, h, n, None), "lse has 27 elements, expected 28");
+    let (dctx, mut dqkv) = (up(gpu, &vec![H::from_f32(0.5); b * t * h]), up(gpu, &vec![H::from_f32(f32::NAN); b * t * 3 * h]));
+    shape_err(attention_mma_backward(gpu, &dctx.slice(1..b * t * h).unwrap(), &q, &lse.view(), &m, &mut dqkv.view_mut(), b, t, h, n, None), "dctx has 223 elements, expected 224");
+    shape_err(attention_mma_backward(gpu, &dctx.view(), &q, &lse.view(), &m, &mut dqkv.slice_mut(0..b * t * 3 * h - 1).unwrap(), b, t, h, n, None), "dqkv has 671 elements, expected 672");
+    assert!(gpu.download(&dqkv.view()).unwrap().iter().all(|v| v.to_f32().is_nan()), "a rejected launch wrote dqkv");
     assert!(gpu.download(&ctx.view()).unwrap().iter().all(|v| v.to_f32().is_nan()), "a rejected launch wrote ctx");
     assert!(gpu.download(&lse.view()).unwrap().iter().all(|v| v.is_nan()), "a rejected launch wrote lse");
     attention_packed_forward(gpu, &q, &m, &mut ctx.view_mut(), &mut lse.view_mut(), b, t, h, n).expect("the right sizes");

@@ -361,6 +361,59 @@ pub(super) fn dropout_args(op: &'static str, d: &DeviceDropout<'_>, batch: usize
     ]))
 }
 
+/// The forward's checks, shared by every attention forward (fused, GEMM, tensor-core): the
+/// sizes ([`AttentionSizes::check`]), the outputs apart from the inputs and from each other, and
+/// the dropout's kernel arguments (None without dropout or at rate 0).
+#[allow(clippy::type_complexity)] // the dims and the dropout arguments, as the launchers take them
+pub(super) fn checked_forward<A: ActivationScalar>(
+    op: &'static str,
+    qkv: &DeviceView<A>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &DeviceViewMut<A>,
+    lse: &DeviceViewMut<f32>,
+    (batch, seq, hidden, heads): (usize, usize, usize, usize),
+    dropout: Option<&DeviceDropout<'_>>,
+) -> Result<(AttentionDims, Option<[KernelArg; 9]>)> {
+    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
+    let dims = sizes.check()?;
+    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
+    disjoint_bytes(("ctx", "qkv"), c, q)?;
+    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
+    disjoint_bytes(("lse", "qkv"), l, q)?;
+    disjoint_bytes(("lse", "mask_bias"), l, m)?;
+    disjoint_bytes(("ctx", "lse"), c, l)?;
+    let drop = dropout.map(|d| dropout_args(op, d, batch, heads, seq)).transpose()?.flatten();
+    Ok((dims, drop))
+}
+
+/// The arguments of a forward kernel that reads the packed qkv and writes ctx and the lse (the
+/// fused kernels and the tensor-core one): ctx, lse, qkv, mask_bias, seq, hidden, heads,
+/// mask_rows, scale = 1/√d (ctx and qkv as `unsigned short*` for bf16 and f16), then the dropout
+/// policy's; Gpu::launch checks them against kernels/attention.cu.
+pub(super) fn forward_args<A: ActivationScalar>(
+    qkv: &DeviceView<A>,
+    mask_bias: &DeviceView<f32>,
+    ctx: &DeviceViewMut<A>,
+    lse: &DeviceViewMut<f32>,
+    (seq, hidden, heads, mask_rows): (usize, usize, usize, usize),
+    head_dim: usize,
+    drop: Option<[KernelArg; 9]>,
+) -> Vec<KernelArg> {
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let args = [
+        A::act_arg_mut(ctx),
+        lse.arg(),
+        A::act_arg(qkv),
+        mask_bias.arg(),
+        KernelArg::I32(seq as i32),
+        KernelArg::I32(hidden as i32),
+        KernelArg::I32(heads as i32),
+        KernelArg::I32(mask_rows as i32),
+        KernelArg::F32(scale),
+    ];
+    args.into_iter().chain(drop.into_iter().flatten()).collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward_launch<A: ActivationScalar>(
     gpu: &Gpu,
@@ -375,37 +428,14 @@ fn forward_launch<A: ActivationScalar>(
     plan: AttentionPlan,
     dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
-    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
-    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    let (AttentionDims { head_dim, mask_rows }, drop) = checked_forward(OP, qkv, mask_bias, ctx, lse, (batch, seq, hidden, heads), dropout)?;
     plan.validate(head_dim)?;
     let base = plan.kernel_for(A::DTYPE, head_dim)?;
-    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
-    disjoint_bytes(("ctx", "qkv"), c, q)?;
-    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
-    disjoint_bytes(("lse", "qkv"), l, q)?;
-    disjoint_bytes(("lse", "mask_bias"), l, m)?;
-    disjoint_bytes(("ctx", "lse"), c, l)?;
-    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(()); // a zero-sized grid is a launch error; there is nothing to do
     }
     let kernel = if drop.is_some() { dropout_kernel(base) } else { base };
-    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-    // The kernel's parameter order: ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows,
-    // scale (ctx and qkv as `unsigned short*` for bf16 and f16); Gpu::launch checks it against
-    // kernels/attention.cu.
-    let args = [
-        A::act_arg_mut(ctx),
-        lse.arg(),
-        A::act_arg(qkv),
-        mask_bias.arg(),
-        KernelArg::I32(seq as i32),
-        KernelArg::I32(hidden as i32),
-        KernelArg::I32(heads as i32),
-        KernelArg::I32(mask_rows as i32),
-        KernelArg::F32(scale),
-    ];
-    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+    let args = forward_args(qkv, mask_bias, ctx, lse, (seq, hidden, heads, mask_rows), head_dim, drop);
     // SAFETY: every view was checked above to have exactly the length the kernel indexes for
     // these sizes (qkv B·T·3H, ctx B·T·H elements of A, lse B·heads·T, mask a multiple of T whose
     // row count divides B), the kernel reads and writes A (kernel_for), the outputs alias

@@ -36,7 +36,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::attention::{byte_range, disjoint_bytes, dropout_args, AttentionBackwardSizes, AttentionDims, AttentionSizes};
+use super::attention::{byte_range, checked_forward, disjoint_bytes, dropout_args, forward_args, AttentionBackwardSizes, AttentionDims};
 use super::elementwise::DeviceDropout;
 use super::gemm::{Gemm, GemmScalar, OutputType, Transpose};
 use super::gpu::{ActivationScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
@@ -253,17 +253,9 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     heads: usize,
     dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
-    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
-    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
+    let (AttentionDims { head_dim, mask_rows }, drop) = checked_forward(OP, qkv, mask_bias, ctx, lse, (batch, seq, hidden, heads), dropout)?;
     let (rows, scores) = score_sizes(OP, batch, seq, heads)?;
     let [softmax, softmax_dropout, _, _] = kernels(A::DTYPE, seq, OP)?;
-    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
-    disjoint_bytes(("ctx", "qkv"), c, q)?;
-    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
-    disjoint_bytes(("lse", "qkv"), l, q)?;
-    disjoint_bytes(("lse", "mask_bias"), l, m)?;
-    disjoint_bytes(("ctx", "lse"), c, l)?;
-    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
     if batch == 0 || seq == 0 {
         return Ok(());
     }
@@ -365,20 +357,12 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
     heads: usize,
     dropout: Option<&DeviceDropout<'_>>,
 ) -> Result<()> {
-    let sizes = AttentionSizes { batch, seq, hidden, heads, qkv: qkv.len(), mask: mask_bias.len(), ctx: ctx.len(), lse: lse.len() };
-    let AttentionDims { head_dim, mask_rows } = sizes.check()?;
-    let drop = dropout.map(|d| dropout_args(OP, d, batch, heads, seq)).transpose()?.flatten();
+    let (AttentionDims { head_dim, mask_rows }, drop) = checked_forward(OP, qkv, mask_bias, ctx, lse, (batch, seq, hidden, heads), dropout)?;
     let aligned = qkv.device_ptr().is_multiple_of(16) && ctx.device_ptr().is_multiple_of(16);
     let kernel = mma_forward_kernel(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| aligned);
     let Some(kernel) = kernel else {
         return attention_gemm_forward(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, dropout);
     };
-    let (q, m, c, l) = (byte_range::<A>(qkv.device_ptr(), qkv.len()), byte_range::<f32>(mask_bias.device_ptr(), mask_bias.len()), byte_range::<A>(ctx.device_ptr(), ctx.len()), byte_range::<f32>(lse.device_ptr(), lse.len()));
-    disjoint_bytes(("ctx", "qkv"), c, q)?;
-    disjoint_bytes(("ctx", "mask_bias"), c, m)?;
-    disjoint_bytes(("lse", "qkv"), l, q)?;
-    disjoint_bytes(("lse", "mask_bias"), l, m)?;
-    disjoint_bytes(("ctx", "lse"), c, l)?;
     if batch == 0 || seq == 0 {
         return Ok(());
     }
@@ -391,21 +375,7 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
         block_dim: (MMA_THREADS, 1, 1),
         shared_mem_bytes: attention_mma_smem_bytes(seq, head_dim) as u32,
     };
-    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-    // ctx, lse, qkv, mask_bias, seq, hidden, heads, mask_rows, scale (then the dropout policy's);
-    // Gpu::launch checks them against kernels/attention.cu.
-    let args = [
-        A::act_arg_mut(ctx),
-        lse.arg(),
-        A::act_arg(qkv),
-        mask_bias.arg(),
-        KernelArg::I32(seq as i32),
-        KernelArg::I32(hidden as i32),
-        KernelArg::I32(heads as i32),
-        KernelArg::I32(mask_rows as i32),
-        KernelArg::F32(scale),
-    ];
-    let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+    let args = forward_args(qkv, mask_bias, ctx, lse, (seq, hidden, heads, mask_rows), head_dim, drop);
     // SAFETY: qkv holds B·T·3H elements, ctx B·T·H and lse B·heads·T (checked), both 16-byte
     // aligned with H = heads·d and d 16, 32 or 64, so every 16-byte unit of a head's row the kernel
     // loads or 4-byte pair it stores lies inside them and is aligned; the kernel reads rows below
