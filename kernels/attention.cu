@@ -3070,11 +3070,13 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_GEMM_ROW_WARPS) void attention
 // opt-in, so the launcher sets no attribute (attention_mma_smem_bytes in
 // src/cuda/attention_gemm.rs is the same formula).
 //
-// ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: d64 128 / 148,
-// dropout d64 128 / 152, d32 94 / 116, dropout d32 116-118 / 144, d16 86-89 / 94, dropout d16
-// 106-110 / 128. On sm_90 that is 3 blocks (12
-// warps) an SM at d = 64; a cap of 128 (4 blocks) spills 72 B in the dropout kernel, so there is
-// none. The SASS of the d64 kernels has 128 HMMA (64 for S, 64 for P·V) and no local memory.
+// ptxas (NVRTC 13.0, tests/nvrtc_compile.rs), registers sm_80 / sm_90, no spills: d64 95 / 120,
+// dropout d64 105-107 / 146, d32 80 / 115-116, dropout d32 103-106 / 141, d16 80 / 94-96, dropout
+// d16 103-106 / 128. P is packed into its 32 fragment registers before the first P·V product, so
+// S's 64 floats die first (packing inside the P·V loop held both: 148 / 152 on sm_90). On sm_90
+// that is 4 blocks (16 warps) an SM in eval at d = 64 and 3 in training; a cap of 128 spills 4 B
+// in the dropout kernel, so there is none. The SASS of the d64 kernels has 128 HMMA (64 for S,
+// 64 for P·V) and no local memory.
 
 #define ATTN_MMA_WARPS 4
 #define ATTN_MMA_ROWS (16 * ATTN_MMA_WARPS)  // query rows a block
@@ -3255,7 +3257,28 @@ __device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float
     l_hi = attn_mma_row_sum(l_hi);
     const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
 
-    // O = P·V, one 16-key k slice (n-tiles 2ks, 2ks + 1) at a time.
+    // P, rounded to T and packed into the A fragments of P·V (k slice ks: n-tiles 2ks, 2ks + 1),
+    // before any product: 32 registers in place of S's 64 floats, which die here.
+    unsigned pa[ATTN_MMA_NTILES / 2][4];
+#pragma unroll
+    for (int ks = 0; ks < ATTN_MMA_NTILES / 2; ++ks) {
+        if (16 * ks < sm.kp) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int n = 2 * ks + half;
+                float f_lo[2], f_hi[2];
+                attn_mma_factors(dropout, b, h, i_lo, i_hi, 8 * n, t, f_lo, f_hi);
+                const float p0 = dead_lo ? attn_nan() : s[n][0] * inv_lo * f_lo[0];
+                const float p1 = dead_lo ? attn_nan() : s[n][1] * inv_lo * f_lo[1];
+                const float p2 = dead_hi ? attn_nan() : s[n][2] * inv_hi * f_hi[0];
+                const float p3 = dead_hi ? attn_nan() : s[n][3] * inv_hi * f_hi[1];
+                pa[ks][2 * half] = pack2(tag, p0, p1);
+                pa[ks][2 * half + 1] = pack2(tag, p2, p3);
+            }
+        }
+    }
+
+    // O = P·V, one 16-key k slice at a time.
     float o[D / 8][4];
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
@@ -3267,25 +3290,12 @@ __device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float
 #pragma unroll
     for (int ks = 0; ks < ATTN_MMA_NTILES / 2; ++ks) {
         if (16 * ks < sm.kp) {
-            unsigned a[4];
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int n = 2 * ks + half;
-                float f_lo[2], f_hi[2];
-                attn_mma_factors(dropout, b, h, i_lo, i_hi, 8 * n, t, f_lo, f_hi);
-                const float p0 = dead_lo ? attn_nan() : s[n][0] * inv_lo * f_lo[0];
-                const float p1 = dead_lo ? attn_nan() : s[n][1] * inv_lo * f_lo[1];
-                const float p2 = dead_hi ? attn_nan() : s[n][2] * inv_hi * f_hi[0];
-                const float p3 = dead_hi ? attn_nan() : s[n][3] * inv_hi * f_hi[1];
-                a[2 * half] = pack2(tag, p0, p1);
-                a[2 * half + 1] = pack2(tag, p2, p3);
-            }
 #pragma unroll
             for (int dn = 0; dn < D / 8; ++dn) {
                 const unsigned short* vb = sm.vt + (8 * dn + g) * sm.ldv + 16 * ks + 2 * t;
                 const unsigned bv[2] = {attn_mma_ld32(vb), attn_mma_ld32(vb + 8)};
                 const float c[4] = {o[dn][0], o[dn][1], o[dn][2], o[dn][3]};
-                mma_m16n8k16(tag, o[dn], a, bv, c);
+                mma_m16n8k16(tag, o[dn], pa[ks], bv, c);
             }
         }
     }
