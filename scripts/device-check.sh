@@ -357,8 +357,10 @@ if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/be
         if [ "${NCU_DETAIL:-1}" = 1 ]; then
             NCU_TXT=$(mktemp)
             start=$(date +%s)
-            for spec in "5:linear_epilogue_bf16io|attention_gemm_softmax_dropout_bf16io|adapter_split_pre_bf16io|adapter_split_post_bf16io" \
-                "4:attention_gemm_softmax_backward_dropout_bf16io|adapter_split_bwd_input_bf16io|adapter_split_bwd_post_bf16io|activation_backward_bf16io"; do
+            # (The GEMM attention's rows are the _t128 kernels at T <= 128; with
+            # CUDA_BENCH_STEP_VARIANT=mma the tensor-core kernels run in place of some of these.)
+            for spec in "5:linear_epilogue_bf16io|attention_gemm_softmax_dropout_bf16io(_t128)?|adapter_split_pre_bf16io|adapter_split_post_bf16io|attention_mma_forward_dropout_bf16io_d64|adapter_split_pre_down_bf16io|adapter_split_up_post_bf16io" \
+                "4:attention_gemm_softmax_backward_dropout_bf16io(_t128)?|adapter_split_bwd_input_bf16io|adapter_split_bwd_post_bf16io|activation_backward_bf16io|attention_mma_backward_scores_dropout_bf16io_d64|adapter_split_bwd_pre_down_bf16io|adapter_split_bwd_up_bf16io"; do
                 env CUDA_BENCH_DEVICE=cuda CUDA_BENCH_PROFILE=ncu CUDA_BENCH_PROFILE_PRECISIONS=bf16 timeout "${NCU_TIMEOUT:-300}" \
                     "$NCU_BIN" --profile-from-start off --clock-control none --kernel-name "regex:^(${spec#*:})$" --launch-count "${spec%%:*}" \
                     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
