@@ -1,6 +1,8 @@
 // Attention family: fused masked scaled dot-product attention forward over packed Q, K, V, and
 // its backward (dQ, dK, dV from the saved log-sum-exp; the "backward" section after the forward
-// kernels has its own header).
+// kernels has its own header). Later sections, each with its own header: the GEMM path's row and
+// layout kernels, and for 16-bit storage and T <= 128 the tensor-core forward and the tensor-core
+// backward scores (mma.sync).
 //
 // Semantics (the spec is bert_adapters::cpu::reference::attention / attention_lse, HF BERT's eager
 // `BertSelfAttention` in eval mode). For batch row b, head h, query i, key j, d = hidden / heads:
