@@ -3396,12 +3396,18 @@ __device__ __forceinline__ void attn_mma_backward_scores_body(T* __restrict__ pd
     const T* tag = nullptr;  // picks the bf16 or f16 mma and packing
     // The A fragment of rows i_lo, i_hi at columns k0 + 2t (+ 8) of a [B·T, stride] array (zero past T).
     auto a_fragment = [&](const T* base, size_t stride, int k0, unsigned (&a)[4]) {
-        const T* lo = base + ((size_t)b * (size_t)seq + (size_t)i_lo) * stride + (size_t)(h * D + k0 + 2 * t);
-        const T* hi = lo + 8 * stride;
-        a[0] = in_lo ? *reinterpret_cast<const unsigned*>(lo) : 0u;
-        a[1] = in_hi ? *reinterpret_cast<const unsigned*>(hi) : 0u;
-        a[2] = in_lo ? *reinterpret_cast<const unsigned*>(lo + 8) : 0u;
-        a[3] = in_hi ? *reinterpret_cast<const unsigned*>(hi + 8) : 0u;
+        const size_t col = (size_t)(h * D + k0 + 2 * t);
+        a[0] = a[1] = a[2] = a[3] = 0u;
+        if (in_lo) {
+            const T* lo = base + ((size_t)b * (size_t)seq + (size_t)i_lo) * stride + col;
+            a[0] = *reinterpret_cast<const unsigned*>(lo);
+            a[2] = *reinterpret_cast<const unsigned*>(lo + 8);
+        }
+        if (in_hi) {
+            const T* hi = base + ((size_t)b * (size_t)seq + (size_t)i_hi) * stride + col;
+            a[1] = *reinterpret_cast<const unsigned*>(hi);
+            a[3] = *reinterpret_cast<const unsigned*>(hi + 8);
+        }
     };
 
     // S = Q·Kᵀ, then p in place.
