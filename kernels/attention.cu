@@ -3335,7 +3335,8 @@ __device__ __forceinline__ void attn_mma_forward_body(T* __restrict__ ctx, float
 // S = Q·Kᵀ and dP = dO·Vᵀ products (f32 out) and its row kernel (attention_gemm_softmax_backward,
 // above) compute, in one kernel for T <= 128: P∘M and dS ([B·heads, T, T], the storage type),
 // the operands of its dV, dQ and dK products, from the packed qkv and dctx, the lse and the mask.
-// The [B·heads, T, T] f32 scores and dP never go to memory.
+// The [B·heads, T, T] f32 scores and dP never go to memory. attention_mma_backward_grads (next
+// section) then makes dqkv from them in one more launch.
 //
 // Thread mapping: the forward's (blocks of 4 warps, grid (⌈T / 64⌉, heads, B), warp w of block x
 // owns query rows 64x + 16w .. + 15). Shared memory holds the Tp = ⌈T / 16⌉·16 rows of K and of V
@@ -3547,6 +3548,158 @@ __device__ __forceinline__ void attn_mma_backward_scores_body(T* __restrict__ pd
     }
 }
 
+
+// ---- the tensor-core backward products: dQ, dK and dV in one launch, straight into dqkv --------
+//
+// attention_mma_backward_grads_{bf16io,f16io}_d{16,32,64}: the GEMM backward's three products and
+// its layout copies (to_heads of qkv and of dO, dV = (P∘M)ᵀ·dO, dQ = scale·dS·K,
+// dK = scale·dSᵀ·Q, from_heads) in one kernel for T <= 128, from the backward scores kernel's P∘M
+// and dS ([B·heads, T, T], the storage type) and the packed qkv and dctx, into the packed dqkv.
+// After attention_mma_backward_scores the backward is two launches.
+//
+// Thread mapping: the forward's grid and blocks (4 warps, grid (⌈T / 64⌉, heads, B)); warp w of
+// block x owns rows r = 64x + 16w .. + 15 of each output: query rows of dQ, key rows of dK and dV
+// (one after the other: 16 x d accumulators at a time). Shared memory holds Kᵀ, Qᵀ and dOᵀ as
+// [d][Tp + 8] (16-byte global loads, key-major transposing stores as the forward's Vᵀ; zero past
+// T): the B operands ("col": a column's Tp elements contiguous). The A operands come from global
+// memory, where one (b, h)'s P∘M and dS (2·T² elements) stay in L2: dS rows for dQ (pairs of
+// keys), dS and P∘M columns for dK and dV (the transposed operand: 16-bit loads, 8 rows of one
+// column pair a load). Results are scaled (dQ, dK), rounded once and stored as pairs.
+//
+// Numerics: the GEMM products' (f32 accumulation of exact 16-bit products, alpha = scale applied
+// to the f32 sum, one rounding); only the summation order differs.
+//
+// Shared memory (bytes): 6·d·(Tp + 8): 51 KiB at d = 64, T = 128 (the launcher opts in), 25.5 KiB
+// at d = 32.
+
+// Element `idx` of `base` as the low 16 bits of an mma register half (0 where `ok` is false: the
+// element is not read).
+template <typename T>
+__device__ __forceinline__ unsigned attn_mma_el(const T* base, size_t idx, bool ok) {
+    return ok ? (unsigned)base[idx].bits : 0u;
+}
+
+// The A fragment (columns k0, k0 + 1 and k0 + 8, k0 + 9 of rows r_lo, r_hi) of a (b, h) block of
+// scores m ([T, T], row = query): `AttnMmaScoreRows` reads rows r of m (A = m), for dQ;
+// `AttnMmaScoreColumns` reads columns r (A = mᵀ), for dK and dV. Elements past T read as 0.
+template <typename T>
+struct AttnMmaScoreRows {
+    const T* m;
+    int seq, r_lo, r_hi;
+    bool in_lo, in_hi;
+    __device__ __forceinline__ unsigned el(int r, bool in, int k) const { return attn_mma_el(m, (size_t)r * (size_t)seq + (size_t)k, in && k < seq); }
+    __device__ __forceinline__ void operator()(int k0, unsigned (&a)[4]) const {
+        a[0] = el(r_lo, in_lo, k0) | el(r_lo, in_lo, k0 + 1) << 16;
+        a[1] = el(r_hi, in_hi, k0) | el(r_hi, in_hi, k0 + 1) << 16;
+        a[2] = el(r_lo, in_lo, k0 + 8) | el(r_lo, in_lo, k0 + 9) << 16;
+        a[3] = el(r_hi, in_hi, k0 + 8) | el(r_hi, in_hi, k0 + 9) << 16;
+    }
+};
+template <typename T>
+struct AttnMmaScoreColumns {
+    const T* m;
+    int seq, r_lo, r_hi;
+    bool in_lo, in_hi;
+    __device__ __forceinline__ unsigned el(int i, int r, bool in) const { return attn_mma_el(m, (size_t)i * (size_t)seq + (size_t)r, in && i < seq); }
+    __device__ __forceinline__ void operator()(int k0, unsigned (&a)[4]) const {
+        a[0] = el(k0, r_lo, in_lo) | el(k0 + 1, r_lo, in_lo) << 16;
+        a[1] = el(k0, r_hi, in_hi) | el(k0 + 1, r_hi, in_hi) << 16;
+        a[2] = el(k0 + 8, r_lo, in_lo) | el(k0 + 9, r_lo, in_lo) << 16;
+        a[3] = el(k0 + 8, r_hi, in_hi) | el(k0 + 9, r_hi, in_hi) << 16;
+    }
+};
+
+// acc = A·B over the Tp keys (or queries): A's fragment for k columns k0 = 16ks + 2t (and k0 + 8)
+// from a_of(k0, a), B from the transposed rows bt ([d][ld], shared memory).
+template <typename T, int D, typename AOf>
+__device__ __forceinline__ void attn_mma_grads_product(float (&acc)[D / 8][4], const unsigned short* bt, int ld, int kp, AOf a_of) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const T* tag = nullptr;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < ATTN_MMA_NTILES / 2; ++ks) {
+        if (16 * ks < kp) {
+            unsigned a[4];
+            a_of(16 * ks + 2 * t, a);
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                const unsigned short* bp = bt + (8 * dn + g) * ld + 16 * ks + 2 * t;
+                const unsigned bb[2] = {attn_mma_ld32(bp), attn_mma_ld32(bp + 8)};
+                const float c[4] = {acc[dn][0], acc[dn][1], acc[dn][2], acc[dn][3]};
+                mma_m16n8k16(tag, acc[dn], a, bb, c);
+            }
+        }
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void attn_mma_backward_grads_body(T* __restrict__ dqkv, const T* __restrict__ pd, const T* __restrict__ ds, const T* __restrict__ qkv, const T* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    static_assert(D % 16 == 0 && D <= 64, "d a multiple of 16 up to 64");
+    constexpr int UNITS = D / 8;
+    extern __shared__ AttnVec4 attn_smem[];
+    const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * ATTN_MMA_ROWS;
+    const int kp = (seq + 15) & ~15, ld = kp + 8;
+    unsigned short* kt = reinterpret_cast<unsigned short*>(attn_smem);  // Kᵀ, then Qᵀ, then dOᵀ
+    unsigned short* qt = kt + D * ld;
+    unsigned short* dot = qt + D * ld;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const AttnBits16 zero = {{0u, 0u, 0u, 0u}};
+    for (int u = threadIdx.x; u < 3 * kp * UNITS; u += blockDim.x) {
+        const int which = u / (kp * UNITS);  // 0: K, 1: Q, 2: dO
+        const int rest = u - which * kp * UNITS;
+        const int j = rest % kp, c = (rest / kp) * 8;
+        const T* src = which == 2 ? dctx + ((size_t)b * (size_t)seq + (size_t)j) * (size_t)hidden
+                                  : qkv + ((size_t)b * (size_t)seq + (size_t)j) * qkv_stride + (which == 0 ? (size_t)hidden : 0);
+        const AttnBits16 v = j < seq ? *reinterpret_cast<const AttnBits16*>(src + (size_t)(h * D + c)) : zero;
+        unsigned short* dst = which == 0 ? kt : which == 1 ? qt : dot;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            dst[(c + e) * ld + j] = (unsigned short)(v.w[e >> 1] >> (16 * (e & 1)));
+        }
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    if (r0 + 16 * warp >= seq) {
+        return;  // warp-uniform; no barrier follows
+    }
+    const int r_lo = r0 + 16 * warp + g, r_hi = r_lo + 8;
+    const bool in_lo = r_lo < seq, in_hi = r_hi < seq;
+    const T* tag = nullptr;
+    const size_t bh_rows = ((size_t)b * (size_t)heads + (size_t)h) * (size_t)seq;  // the (b, h) block's first score row
+    const T* ds_bh = ds + bh_rows * (size_t)seq;
+    const T* pd_bh = pd + bh_rows * (size_t)seq;
+
+    // Stores rows r_lo, r_hi of one output (part 0: dQ, 1: dK, 2: dV), times `alpha`, rounded once.
+    auto store = [&](int part, float alpha, const float (&acc)[D / 8][4]) {
+        const size_t col = (size_t)part * (size_t)hidden + (size_t)(h * D + 2 * t);
+        if (in_lo) {
+            T* row = dqkv + ((size_t)b * (size_t)seq + (size_t)r_lo) * qkv_stride + col;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                *reinterpret_cast<unsigned*>(row + 8 * dn) = pack2(tag, alpha * acc[dn][0], alpha * acc[dn][1]);
+            }
+        }
+        if (in_hi) {
+            T* row = dqkv + ((size_t)b * (size_t)seq + (size_t)r_hi) * qkv_stride + col;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                *reinterpret_cast<unsigned*>(row + 8 * dn) = pack2(tag, alpha * acc[dn][2], alpha * acc[dn][3]);
+            }
+        }
+    };
+    float acc[D / 8][4];
+    // dQ = scale·dS·K: A = dS rows r. dK = scale·dSᵀ·Q and dV = (P∘M)ᵀ·dO: A = columns r of dS
+    // and of P∘M.
+    attn_mma_grads_product<T, D>(acc, kt, ld, kp, AttnMmaScoreRows<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    store(0, scale, acc);
+    attn_mma_grads_product<T, D>(acc, qt, ld, kp, AttnMmaScoreColumns<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    store(1, scale, acc);
+    attn_mma_grads_product<T, D>(acc, dot, ld, kp, AttnMmaScoreColumns<T>{pd_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    store(2, 1.0f, acc);
+}
 
 // Tensor-core forward: ctx, lse, qkv, mask_bias; seq (<= 128), hidden (heads·d), heads, mask_rows,
 // scale (then the dropout policy's arguments, as the row kernels). Launch: grid (⌈T / 64⌉, heads,
@@ -3868,4 +4021,26 @@ extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_
     unsigned long long drop_offset)
 {
     attn_mma_backward_scores_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(pd), reinterpret_cast<f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), lse, mask_bias, seq, hidden, heads, mask_rows, scale, AttnPhiloxDropout{attn_philox(seed_buf, seed_lo, seed_hi, stream_base, block_ids, batch_per_block, heads, seq, threshold, drop_scale, drop_offset)});
+}
+
+// Tensor-core backward products: dqkv, pd, ds, qkv, dctx; seq (<= 128), hidden, heads, scale.
+// Launch: grid (⌈T / 64⌉, heads, B), block 128, dynamic shared memory as its section says.
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_bf16io_d16(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<bf16_raw, 16>(reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(pd), reinterpret_cast<const bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), seq, hidden, heads, scale);
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_bf16io_d32(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<bf16_raw, 32>(reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(pd), reinterpret_cast<const bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), seq, hidden, heads, scale);
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_bf16io_d64(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<bf16_raw, 64>(reinterpret_cast<bf16_raw*>(dqkv), reinterpret_cast<const bf16_raw*>(pd), reinterpret_cast<const bf16_raw*>(ds), reinterpret_cast<const bf16_raw*>(qkv), reinterpret_cast<const bf16_raw*>(dctx), seq, hidden, heads, scale);
+}
+// f16 twins of the bf16io kernels above (f16_raw for bf16_raw).
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_f16io_d16(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<f16_raw, 16>(reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(pd), reinterpret_cast<const f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), seq, hidden, heads, scale);
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_f16io_d32(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<f16_raw, 32>(reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(pd), reinterpret_cast<const f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), seq, hidden, heads, scale);
+}
+extern "C" __global__ __launch_bounds__(32 * ATTN_MMA_WARPS) void attention_mma_backward_grads_f16io_d64(unsigned short* __restrict__ dqkv, const unsigned short* __restrict__ pd, const unsigned short* __restrict__ ds, const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dctx, int seq, int hidden, int heads, float scale) {
+    attn_mma_backward_grads_body<f16_raw, 64>(reinterpret_cast<f16_raw*>(dqkv), reinterpret_cast<const f16_raw*>(pd), reinterpret_cast<const f16_raw*>(ds), reinterpret_cast<const f16_raw*>(qkv), reinterpret_cast<const f16_raw*>(dctx), seq, hidden, heads, scale);
 }

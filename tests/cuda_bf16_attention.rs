@@ -925,7 +925,7 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
                 let (fwd, counts) = run_mma_half::<H>(gpu, c, None);
                 assert_eq!(counts, (1, 0), "{label}: the tensor-core forward ran");
                 let (dqkv, counts) = run_mma_bwd_half::<H>(gpu, &case, &fwd.lse, None);
-                assert_eq!(counts, (1, 0), "{label}: the tensor-core backward scores ran");
+                assert_eq!(counts, MMA_BWD, "{label}: the tensor-core backward ran");
                 (fwd, dqkv)
             }
         };
@@ -1109,20 +1109,28 @@ fn mma_forward_falls_back_to_the_gemm_forward<H: Io>(gpu: &Gpu) {
 }
 test_both!(mma_forward_fallback, mma_forward_falls_back_to_the_gemm_forward);
 
-// The backward's scores on the tensor cores (`attention_mma_backward`): one kernel in place of the
-// GEMM backward's S and dP products and its row kernel, the rest the GEMM backward's. Checked as
-// the forward: dQ, dK, dV under the 2x-plain rule from the tensor-core forward's lse; bit for bit
-// with the GEMM backward where every rounding is exact (Q = 0, so p is one value a row computed
-// by the same expf of the same operands; V zero but for one key per (batch row, head), so D has
-// one nonzero term and needs no summation order; small-integer V and dO, so dP is exact in any
-// order); and the fallbacks. Each call must launch one `attention_mma_backward_scores*` kernel and
-// no softmax backward row kernel.
+// The backward on the tensor cores (`attention_mma_backward`): one kernel for the scores (in place
+// of the GEMM backward's S and dP products and its row kernel) and one for the gradient products
+// (in place of its layouts and three products), so two launches in all. Checked as the forward:
+// dQ, dK, dV under the 2x-plain rule from the tensor-core forward's lse; bit for bit with the GEMM
+// backward where every rounding is exact (Q = 0, so p is one value a row computed by the same
+// expf of the same operands; V zero but for one key per (batch row, head), so D has one nonzero
+// term; small-integer K, V and dO, so dP is exact and so are the products: dS takes two values a
+// row and P∘M one, times small integers, sums within f32's 24 bits in any order; d 16 and 64,
+// whose scale 1/√d is a power of two); and the fallbacks. Each call must launch one kernel of
+// each and nothing of the GEMM path.
 
 use bert_adapters::cuda::attention_gemm::attention_mma_backward;
 
-/// The tensor-core backward on `H` from `lse` into a NaN-poisoned dqkv (widened), and how many
-/// backward-scores kernels and softmax backward row kernels it launched.
-fn run_mma_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> (Vec<f32>, (u64, u64)) {
+/// What a backward launched: tensor-core scores kernels, tensor-core gradient kernels, GEMM-path
+/// kernels (row and layout kernels), GEMMs.
+type BwdLaunches = (u64, u64, u64, u64);
+/// The tensor-core backward alone: one scores kernel, one gradient kernel, nothing else.
+const MMA_BWD: BwdLaunches = (1, 1, 0, 0);
+
+/// The tensor-core backward on `H` from `lse` into a NaN-poisoned dqkv (widened), and what it
+/// launched.
+fn run_mma_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Option<&DeviceDropout<'_>>) -> (Vec<f32>, BwdLaunches) {
     let c = &case.fwd;
     let (b, t, h, n) = (c.batch, c.seq, c.hidden, c.heads);
     let (qkv, dctx, lse, mask) = (up(gpu, &to_half::<H>(&c.qkv)), up(gpu, &to_half::<H>(&case.dctx)), up(gpu, lse), up(gpu, &c.mask));
@@ -1130,7 +1138,8 @@ fn run_mma_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Opti
     let before = gpu.launch_counts();
     attention_mma_backward(gpu, &dctx.view(), &qkv.view(), &lse.view(), &mask.view(), &mut dqkv.view_mut(), b, t, h, n, dropout).unwrap_or_else(|e| panic!("{}: mma {} backward: {e}", case.label(), H::NAME));
     let launched = gpu.launch_counts().since(&before);
-    (widen_from::<H>(&gpu.download(&dqkv.view()).unwrap()), (launched.with_prefix("attention_mma_backward_scores"), launched.with_prefix("attention_gemm_softmax_backward")))
+    let counts = (launched.with_prefix("attention_mma_backward_scores"), launched.with_prefix("attention_mma_backward_grads"), launched.with_prefix("attention_gemm"), launched.gemm_calls);
+    (widen_from::<H>(&gpu.download(&dqkv.view()).unwrap()), counts)
 }
 
 /// T 1..=128, d 16, 32 and 64, padded, zero and shared masks, eval and dropout: the tensor-core
@@ -1148,7 +1157,7 @@ fn mma_backward_matches_the_rule<H: Io>(gpu: &Gpu) {
             let factors = drop.as_ref().map(|d| prob_dropout(d, c.batch, c.seq, c.heads));
             let (fwd, _) = run_mma_half::<H>(gpu, c, drop.as_ref());
             let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &fwd.lse, drop.as_ref());
-            assert_eq!(counts, (1, 0), "{label}: launches of the backward-scores kernel and of the row kernel");
+            assert_eq!(counts, MMA_BWD, "{label}: launches (tensor-core scores, tensor-core products, GEMM-path kernels, GEMMs)");
             let (want, plain) = (case.reference(factors.as_deref()), case.plain::<H>(factors.as_deref()));
             for (k, name) in ["dQ", "dK", "dV"].into_iter().enumerate() {
                 let e = assert_within_twice_plain_in::<H>(&format!("{label}: {name}"), &part(&got, c.hidden, k), &part(&want, c.hidden, k), &part(&plain, c.hidden, k));
@@ -1168,19 +1177,19 @@ test_both!(mma_backward_rule, mma_backward_matches_the_rule);
 /// a batch row masked on every key (NaN in both).
 fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_b4e8);
-    for (k, (seq, d)) in [(7, 32), (33, 16), (128, 64)].into_iter().enumerate() {
+    for (k, (seq, d)) in [(7, 64), (33, 16), (128, 64)].into_iter().enumerate() {
         let (batch, heads) = (4, 2);
         let mut case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = case.fwd.hidden;
         for (idx, x) in case.fwd.qkv.iter_mut().enumerate() {
             let (token, col) = (idx / (3 * hidden), idx % (3 * hidden));
             let (b, j, part, head) = (token / seq, token % seq, col / hidden, (col % hidden) / d);
-            match part {
-                0 => *x = 0.0,
-                2 if j == (3 * b + 5 * head) % seq => *x = rng.random_range(-4i32..=4) as f32,
-                2 => *x = 0.0,
-                _ => {}
-            }
+            *x = match part {
+                0 => 0.0,
+                1 => rng.random_range(-4i32..=4) as f32,
+                _ if j == (3 * b + 5 * head) % seq => rng.random_range(-4i32..=4) as f32,
+                _ => 0.0,
+            };
         }
         case.dctx.iter_mut().for_each(|x| *x = rng.random_range(-4i32..=4) as f32);
         case.fwd.mask[3 * seq..4 * seq].fill(f32::NEG_INFINITY);
@@ -1192,7 +1201,7 @@ fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
             let label = format!("{} {} {} exact mma backward dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
             let lse = run_gemm_half::<H>(gpu, &case.fwd, drop.as_ref()).lse;
             let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &lse, drop.as_ref());
-            assert_eq!(counts, (1, 0), "{label}: launches");
+            assert_eq!(counts, MMA_BWD, "{label}: launches");
             let want = run_gemm_bwd_half::<H>(gpu, &case, &lse, drop.as_ref());
             let per = seq * 3 * hidden;
             for (j, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -1214,7 +1223,7 @@ fn mma_backward_falls_back_to_the_gemm_backward<H: Io>(gpu: &Gpu) {
         let case = BwdCase::random::<H>(&mut rng, 2, seq, d, 2, MaskKind::Padded);
         let lse = run_gemm_half::<H>(gpu, &case.fwd, None).lse;
         let (got, counts) = run_mma_bwd_half::<H>(gpu, &case, &lse, None);
-        assert_eq!(counts, (0, 1), "{}: the GEMM backward's row kernel, no tensor-core launch", case.label());
+        assert_eq!((counts.0, counts.1, counts.3), (0, 0, 5), "{}: the GEMM backward (5 products), no tensor-core launch", case.label());
         assert_eq!(bits(&got), bits(&run_gemm_bwd_half::<H>(gpu, &case, &lse, None)), "{}: dqkv", case.label());
     }
     let case = BwdCase::random::<H>(&mut rng, 2, 9, 32, 2, MaskKind::Padded);
@@ -1226,7 +1235,7 @@ fn mma_backward_falls_back_to_the_gemm_backward<H: Io>(gpu: &Gpu) {
     let mut dqkv = up(gpu, &to_half::<H>(&vec![f32::NAN; c.qkv.len()]));
     let before = gpu.launch_counts();
     attention_mma_backward(gpu, &dctx.slice(1..shifted.len()).unwrap(), &qkv.view(), &l.view(), &mask.view(), &mut dqkv.view_mut(), c.batch, c.seq, c.hidden, c.heads, None).unwrap();
-    assert_eq!(gpu.launch_counts().since(&before).with_prefix("attention_mma_backward_scores"), 0, "a misaligned dctx takes the GEMM backward");
+    assert_eq!(gpu.launch_counts().since(&before).with_prefix("attention_mma_backward"), 0, "a misaligned dctx takes the GEMM backward");
     assert_eq!(bits(&widen_from::<H>(&gpu.download(&dqkv.view()).unwrap())), bits(&run_gemm_bwd_half::<H>(gpu, &case, &lse, None)), "misaligned dctx: dqkv");
 }
 test_both!(mma_backward_fallback, mma_backward_falls_back_to_the_gemm_backward);

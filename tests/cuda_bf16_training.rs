@@ -196,12 +196,13 @@ fn gradients_meet_the_rule(half: DType, loss_scale: f32, score_config: &str) {
                 let (loss, grads) = step(be, half, loss_scale, score_config, trained, dropout, adapter_dropout);
                 if let (Some(gpu), Some(before)) = (be.gpu(), before) {
                     // The backend that asks for the tensor-core attention runs its forward and its
-                    // backward scores (with the probability dropout in training): two layers'
-                    // forwards and at least one layer's backward.
+                    // backward's two kernels (with the probability dropout in training): two
+                    // layers' forwards and at least one layer's backward.
                     let (counts, kind) = (gpu.launch_counts().since(&before), if dropout.is_some() { "_dropout" } else { "" });
                     let (fwd, bwd) = (counts.with_prefix(&format!("attention_mma_forward{kind}")), counts.with_prefix(&format!("attention_mma_backward_scores{kind}")));
+                    let grads = counts.with_prefix("attention_mma_backward_grads");
                     let asked = be.name().contains("(tensor-core attention)");
-                    assert_eq!((fwd >= 2, bwd >= 1), (asked, asked), "{label}: {fwd} tensor-core attention forwards, {bwd} backwards");
+                    assert_eq!((fwd >= 2, bwd >= 1, grads == bwd), (asked, asked, true), "{label}: {fwd} tensor-core attention forwards, {bwd} backward scores, {grads} backward products");
                 }
                 losses.entry(be.name()).or_insert_with(|| [Vec::new(), Vec::new(), Vec::new()]).iter_mut().zip([loss, ref_loss, plain_loss]).for_each(|(v, l)| v.push(l));
                 assert_eq!(grads.keys().collect::<Vec<_>>(), ref_grads.keys().collect::<Vec<_>>(), "{label}: gradient keys");

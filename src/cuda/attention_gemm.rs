@@ -20,10 +20,11 @@
 //! 64; kernels/attention.cu's "tensor-core" sections): [`attention_mma_forward`] is the forward
 //! in one launch (`attention_mma_forward[_dropout]_*`: S and P·V on mma.sync, the softmax in
 //! registers, straight from the packed qkv to ctx and lse), and [`attention_mma_backward`] the
-//! backward with `attention_mma_backward_scores[_dropout]_*` in place of the two score products
-//! and the row kernel: 1 and 7 launches, without the f32 scores (`BH·T²` and `2·BH·T²` floats)
-//! or the forward's layout copies. The same roundings and dropout masks as the GEMM path; where
-//! they do not apply, they are the GEMM path.
+//! backward in two (`attention_mma_backward_scores[_dropout]_*`: P∘M and dS, in place of the two
+//! score products and the row kernel; `attention_mma_backward_grads_*`: dQ, dK, dV straight into
+//! the packed dqkv, in place of the layouts and the three products): 1 and 2 launches against 5
+//! and 9, without the f32 scores (`BH·T²` and `2·BH·T²` floats) or any layout copy. The same
+//! roundings and dropout masks as the GEMM path; where they do not apply, they are the GEMM path.
 //!
 //! Storage: generic over the activation type `A` (f32, or bf16 / f16 with the `_bf16io` /
 //! `_f16io` row kernels, the 16-bit layout kernels and bf16 / f16 GEMM inputs, f32 accumulation,
@@ -55,7 +56,9 @@ use super::registry::attention::{
     ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64,
     ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64,
     ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
-    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16,
+    ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32,
+    ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -406,13 +409,17 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     gemm_backward(gpu, dctx, qkv, lse, mask_bias, dqkv, (batch, seq, hidden, heads), dropout, false)
 }
 
-/// [`attention_gemm_backward`] with its scores on the tensor cores where they apply
-/// (`attention_mma_backward_scores[_dropout]_*`, kernels/attention.cu: the same conditions as
-/// [`attention_mma_forward_applies`], `qkv` 16-byte and `dctx` 4-byte aligned): one kernel in
-/// place of the `S = Q·Kᵀ` and `dP = dO·Vᵀ` products and the softmax row kernel, writing the same
-/// P∘M and dS (the same roundings and dropout masks) without the f32 scores in memory. The dV, dQ
-/// and dK products and the layouts are the GEMM backward's. Elsewhere it is
-/// [`attention_gemm_backward`].
+/// [`attention_gemm_backward`] on the tensor cores where they apply (kernels/attention.cu: the
+/// same conditions as [`attention_mma_forward_applies`], `qkv` and `dctx` 16-byte and `dqkv`
+/// 4-byte aligned), in two launches:
+/// - `attention_mma_backward_scores[_dropout]_*` in place of the `S = Q·Kᵀ` and `dP = dO·Vᵀ`
+///   products and the softmax row kernel: the same P∘M and dS (the same roundings and dropout
+///   masks), without the f32 scores in memory;
+/// - `attention_mma_backward_grads_*` in place of the layouts and the dV, dQ, dK products: the
+///   products' arithmetic (f32 sums, alpha on the sum, one rounding), from the packed qkv and
+///   dctx straight into the packed dqkv.
+///
+/// Elsewhere it is [`attention_gemm_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_mma_backward<A: ActivationScalar + GemmScalar>(
     gpu: &Gpu,
@@ -430,26 +437,34 @@ pub fn attention_mma_backward<A: ActivationScalar + GemmScalar>(
     gemm_backward(gpu, dctx, qkv, lse, mask_bias, dqkv, (batch, seq, hidden, heads), dropout, true)
 }
 
-/// The tensor-core backward-scores kernel, where there is one (as [`mma_forward_kernel`]).
-fn mma_backward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<KernelName> {
+/// The tensor-core backward's kernels, where there are (as [`mma_forward_kernel`]): the scores
+/// kernel (with or without dropout) and the gradient products.
+fn mma_backward_kernels(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<(KernelName, KernelName)> {
     if seq > MMA_MAX_SEQ {
         return None;
     }
     Some(match (dtype, head_dim, dropout) {
-        (DType::BF16, 16, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16,
-        (DType::BF16, 16, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16,
-        (DType::BF16, 32, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32,
-        (DType::BF16, 32, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32,
-        (DType::BF16, 64, false) => ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64,
-        (DType::BF16, 64, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64,
-        (DType::F16, 16, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16,
-        (DType::F16, 16, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
-        (DType::F16, 32, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32,
-        (DType::F16, 32, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32,
-        (DType::F16, 64, false) => ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64,
-        (DType::F16, 64, true) => ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64,
+        (DType::BF16, 16, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
+        (DType::BF16, 16, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
+        (DType::BF16, 32, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
+        (DType::BF16, 32, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
+        (DType::BF16, 64, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64),
+        (DType::BF16, 64, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64),
+        (DType::F16, 16, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16),
+        (DType::F16, 16, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16),
+        (DType::F16, 32, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32),
+        (DType::F16, 32, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32),
+        (DType::F16, 64, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64),
+        (DType::F16, 64, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64),
         _ => return None,
     })
+}
+
+/// Dynamic shared memory of a tensor-core gradient-products block, in bytes: Kᵀ, Qᵀ and dOᵀ as
+/// `[d][Tp + 8]` 16-bit rows, for `Tp = ⌈T / 16⌉·16` (51 KiB at d = 64, T = 128: opted in).
+pub fn attention_mma_backward_grads_smem_bytes(seq: usize, head_dim: usize) -> usize {
+    let kp = seq.div_ceil(16) * 16;
+    6 * head_dim * (kp + 8)
 }
 
 /// Dynamic shared memory of a tensor-core backward-scores block, in bytes: the keys' K and V rows
@@ -497,27 +512,16 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
     if batch == 0 || seq == 0 {
         return Ok(());
     }
-    let part = batch * seq * hidden;
-    let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
-    layout(gpu, Layout::ToHeads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
-    let mut heads_do: DeviceBuffer<A> = gpu.alloc(part)?;
-    layout(gpu, Layout::ToHeads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
-    let prod = Products { bh: batch * heads, seq, d: head_dim };
-    let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let aligned = qkv.device_ptr().is_multiple_of(16) && dctx.device_ptr().is_multiple_of(16) && dqkv.device_ptr().is_multiple_of(4);
+    let mma = mma_backward_kernels(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| tensor_cores && aligned);
     let mut pd: DeviceBuffer<A> = gpu.alloc(scores)?;
     let mut ds: DeviceBuffer<A> = gpu.alloc(scores)?;
-    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-    let aligned = qkv.device_ptr().is_multiple_of(16) && dctx.device_ptr().is_multiple_of(4);
-    let mma = mma_backward_kernel(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| tensor_cores && aligned);
-    if let Some(kernel) = mma {
+    if let Some((scores_kernel, grads_kernel)) = mma {
         if heads > 65535 || batch > 65535 {
             return Err(Error::shape(BWD_OP, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most 65535 of each")));
         }
-        let cfg = LaunchConfig {
-            grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32),
-            block_dim: (MMA_THREADS, 1, 1),
-            shared_mem_bytes: attention_mma_backward_smem_bytes(seq, head_dim) as u32,
-        };
+        let config = |smem: usize| LaunchConfig { grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
         // pd, ds, qkv, dctx, lse, mask_bias, seq, hidden, heads, mask_rows, scale (then the
         // dropout policy's); Gpu::launch checks them against kernels/attention.cu.
         let args = [
@@ -535,14 +539,40 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
         ];
         let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
         // SAFETY: pd and ds hold B·heads·T² elements (fresh allocations); qkv holds B·T·3H
-        // elements, 16-byte aligned, and dctx B·T·H, 4-byte aligned (checked), with H = heads·d
-        // and d 16, 32 or 64, so the 16-byte units of K and V rows and the 4-byte fragment pairs of
-        // Q and dO rows below T that the kernel reads lie inside them, aligned; lse holds
-        // B·heads·T, the mask mask_rows rows of T; the shared memory is the kernel's layout.
-        unsafe { gpu.launch(kernel, cfg, &args)? };
-    } else {
-        scores_on_gemms(gpu, &prod, (&qh, &kh, &vh, &doh), (&mut pd, &mut ds), lse, mask_bias, (rows, scores, batch, seq, heads, mask_rows), scale, drop, (backward, backward_dropout))?;
+        // elements and dctx B·T·H, both 16-byte aligned (checked), with H = heads·d and d 16, 32
+        // or 64, so the 16-byte units of K and V rows and the 4-byte fragment pairs of Q and dO
+        // rows below T that the kernel reads lie inside them, aligned; lse holds B·heads·T, the
+        // mask mask_rows rows of T; the shared memory is the kernel's layout.
+        unsafe { gpu.launch(scores_kernel, config(attention_mma_backward_smem_bytes(seq, head_dim)), &args)? };
+        let smem = attention_mma_backward_grads_smem_bytes(seq, head_dim);
+        gpu.allow_dynamic_shared(grads_kernel, smem)?;
+        // dqkv, pd, ds, qkv, dctx, seq, hidden, heads, scale.
+        let args = [
+            A::act_arg_mut(dqkv),
+            A::act_arg(&pd.view()),
+            A::act_arg(&ds.view()),
+            A::act_arg(qkv),
+            A::act_arg(dctx),
+            KernelArg::I32(seq as i32),
+            KernelArg::I32(hidden as i32),
+            KernelArg::I32(heads as i32),
+            KernelArg::F32(scale),
+        ];
+        // SAFETY: dqkv holds B·T·3H elements, 4-byte aligned (its 32-bit pair stores, rows below
+        // T), and aliases no input (checked); pd and ds hold B·heads·T² elements the scores
+        // kernel wrote (the same stream, so before this launch reads them); qkv and dctx as above
+        // (16-byte units of K, Q and dO rows below T); the shared memory is the kernel's layout,
+        // opted in above.
+        return unsafe { gpu.launch(grads_kernel, config(smem), &args) };
     }
+    let part = batch * seq * hidden;
+    let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    layout(gpu, Layout::ToHeads, &heads_qkv.view_mut(), qkv, batch, seq, hidden, heads, 3)?;
+    let mut heads_do: DeviceBuffer<A> = gpu.alloc(part)?;
+    layout(gpu, Layout::ToHeads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
+    let prod = Products { bh: batch * heads, seq, d: head_dim };
+    let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
+    scores_on_gemms(gpu, &prod, (&qh, &kh, &vh, &doh), (&mut pd, &mut ds), lse, mask_bias, (rows, scores, batch, seq, heads, mask_rows), scale, drop, (backward, backward_dropout))?;
     let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
     gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
     gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;

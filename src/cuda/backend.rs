@@ -378,7 +378,8 @@ impl CudaBackend {
     }
 
     /// This backend with attention (`attention_packed` and its backward) on `path` (the fused
-    /// flash-style kernels, or batched GEMMs plus row kernels); without it,
+    /// flash-style kernels, batched GEMMs plus row kernels, or the GEMM path with its forward and
+    /// its backward's scores in tensor-core kernels of our own); without it,
     /// [`AttentionPath::auto`] decides at each call (GEMMs on a GPU for T <= 512, fused on
     /// cuda-sim, `BERT_ADAPTERS_ATTENTION_PATH` overriding).
     pub fn with_attention_path(mut self, path: AttentionPath) -> CudaBackend {
