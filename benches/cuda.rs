@@ -56,9 +56,8 @@
 //!   4 of 16), 20 % padding, against the GEMM path (`gemm_forward`, `gemm_backward`:
 //!   `AttentionPath::Gemm`, batched GEMMs plus row kernels), each in f32 and with bf16 storage
 //!   (`bf16_*`), and `bf16_mma_forward` / `bf16_mma_backward` (`AttentionPath::TensorCores`:
-//!   the GEMM forward in one tensor-core kernel, and the GEMM backward with its S, dP and softmax
-//!   rows in one; T <= 128 and d 16, 32 or 64, so at the tiny shapes too; elsewhere the GEMM
-//!   path's); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
+//!   the GEMM forward in one tensor-core kernel, and the GEMM backward in two; T <= 128 and d 16,
+//!   32 or 64, so at the tiny shapes too; elsewhere the GEMM path's); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
 //! - `train_step/<model>_<B>x<T>`: the training step `train` runs — Parallel(scorenn, tasknn),
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`
@@ -73,7 +72,7 @@
 //!   `bf16_replayed_mma` (every tensor-core kernel: `SplitForward::TensorCores`, each adapter
 //!   location's forward in two tensor-core kernels, z and up never in memory, and its backward's
 //!   recompute in two more; and `AttentionPath::TensorCores`, the attention forward in one and
-//!   the backward's scores in one). Throughput: B·T positions (padding included) per step.
+//!   its backward in two). Throughput: B·T positions (padding included) per step.
 //!   Random weights (N(0, 0.02) like BERT's init, uniform).
 //!
 //! Setup (weights, buffers, the warm-up launch that compiles and loads each kernel) happens on a

@@ -344,4 +344,127 @@ __device__ __forceinline__ unsigned pack2(const f16_raw*, float lo, float hi) {
     return (unsigned)f32_to_f16_bits(lo) | ((unsigned)f32_to_f16_bits(hi) << 16);
 }
 
+// ---- attention's shared pieces (kernels/attention.cu and kernels/attention_mma.cu) -------------
+// The numerics helpers, the dropout policies with their Philox element mapping, the mask row and
+// the 16-byte units both attention families use; attention.cu's header documents them.
+
+// 16-byte shared-memory vector (a struct of our own: float4 is not defined on every route).
+struct alignas(16) AttnVec4 {
+    float x, y, z, w;
+};
+
+__device__ __forceinline__ float attn_neg_inf() { return __int_as_float((int)0xff800000u); }
+__device__ __forceinline__ float attn_nan() { return __int_as_float(0x7fc00000); }
+
+// a·b rounded to f32 on its own: the reference rounds the scaled score before adding the mask,
+// and NVRTC (fmad=true by default) would otherwise fuse the two into one fma.
+__device__ __forceinline__ float attn_mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;  // cuda-sim builds with -ffp-contract=off
+#endif
+}
+
+// Eval forward: the probabilities reach V unchanged. A training policy returns p·keep/(1-rate)
+// for query row i, key j of (b, h) from a Philox counter (the hook is the only change needed).
+struct AttnNoDropout {
+    __device__ __forceinline__ float operator()(float p, int /*b*/, int /*h*/, int /*i*/, int /*j*/) const { return p; }
+    // The factors of keys j0..j0+3 (the GEMM path's row kernels): 1 (p·1 is p, bit for bit).
+    __device__ __forceinline__ void factor4(int /*b*/, int /*h*/, int /*i*/, int /*j0*/, float (&f)[4]) const {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            f[t] = 1.0f;
+        }
+    }
+};
+
+// Training: the probability (b, h, i, j) is element ((b_local·heads + h)·T + i)·T + j + offset of
+// its dropout block's stream (cpu::prob_dropout's mapping), block = b / batch_per_block, whose id
+// is byte `block` of block_ids (the host packs at most 8 ids < 256); offset is DropoutSpec::offset
+// (a data-parallel shard's first row times heads·T·T; any value, so a row may start mid Philox
+// block: philox_keep_factor picks the word of each index on its own). Factor scale or 0.
+struct AttnPhilox {
+    PhiloxKey key;
+    unsigned long long stream_base;  // stream << 8
+    unsigned long long block_ids;
+    unsigned long long offset;
+    int batch_per_block;
+    int heads;
+    int seq;
+    unsigned threshold;
+    float scale;
+
+    __device__ __forceinline__ float factor(int b, int h, int i, int j) const {
+        if (i >= seq || j >= seq) {
+            return 0.0f;  // past T: p is 0 there and nothing stores the row
+        }
+        const int blk = b / batch_per_block;
+        const unsigned long long stream = stream_base | ((block_ids >> (8 * blk)) & 0xffull);
+        const unsigned long long row = ((unsigned long long)(b - blk * batch_per_block) * (unsigned long long)heads + (unsigned long long)h) * (unsigned long long)seq + (unsigned long long)i;
+        return philox_keep_factor(key, stream, row * (unsigned long long)seq + (unsigned long long)j + offset, threshold, scale);
+    }
+
+    // factor(b, h, i, j0 + t) for t < 4 (j0 a multiple of 4), from one Philox block when the four
+    // elements' indices start on a block boundary (T and the offset multiples of 4), else from the
+    // two blocks they span: a quarter or half of the Philox work of four factor() calls, the
+    // same bits.
+    __device__ __forceinline__ void factor4(int b, int h, int i, int j0, float (&f)[4]) const {
+        const int blk = b / batch_per_block;
+        const unsigned long long stream = stream_base | ((block_ids >> (8 * blk)) & 0xffull);
+        const unsigned long long row = ((unsigned long long)(b - blk * batch_per_block) * (unsigned long long)heads + (unsigned long long)h) * (unsigned long long)seq + (unsigned long long)i;
+        const unsigned long long first = row * (unsigned long long)seq + (unsigned long long)j0 + offset;
+        const unsigned shift = (unsigned)(first & 3ull);  // the same for every j0 of a row
+        const PhiloxWords w0 = philox_block(key, stream, first >> 2);
+        PhiloxWords w1 = w0;
+        if (shift != 0) {
+            w1 = philox_block(key, stream, (first >> 2) + 1);
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            // Word shift + t of the pair of blocks; selects, not an index (which would put the
+            // words in local memory).
+            const unsigned at = shift + (unsigned)t;
+            const unsigned word = at == 0 ? w0.w[0] : at == 1 ? w0.w[1] : at == 2 ? w0.w[2] : at == 3 ? w0.w[3] : at == 4 ? w1.w[0] : at == 5 ? w1.w[1] : w1.w[2];
+            f[t] = i < seq && j0 + t < seq && word >= threshold ? scale : 0.0f;
+        }
+    }
+};
+
+__device__ __forceinline__ AttnPhilox attn_philox(const unsigned* seed_buf, unsigned seed_lo, unsigned seed_hi, unsigned long long stream_base, unsigned long long block_ids, int batch_per_block, int heads, int seq, unsigned threshold, float drop_scale, unsigned long long drop_offset) {
+    AttnPhilox d;
+    d.offset = drop_offset;
+    d.key = philox_key(seed_buf, seed_lo, seed_hi);
+    d.stream_base = stream_base;
+    d.block_ids = block_ids;
+    d.batch_per_block = batch_per_block;
+    d.heads = heads;
+    d.seq = seq;
+    d.threshold = threshold;
+    d.scale = drop_scale;
+    return d;
+}
+
+// The forward's policy: what multiplies v_j is p·factor; l and lse keep the undropped p.
+struct AttnPhiloxDropout {
+    AttnPhilox d;
+    __device__ __forceinline__ float operator()(float p, int b, int h, int i, int j) const { return p * d.factor(b, h, i, j); }
+    __device__ __forceinline__ void factor4(int b, int h, int i, int j0, float (&f)[4]) const { d.factor4(b, h, i, j0, f); }
+};
+
+// Rows with |lse| at or above this get their normaliser recomputed (see c_i above).
+#define ATTN_BWD_EXACT_LSE 64.0f
+
+// The mask row of batch row b: b % mask_rows, without the division in the usual cases (one mask
+// row for all, or b within the first block of a replicated batch).
+__device__ __forceinline__ int attn_mask_row(int b, int mask_rows) {
+    return mask_rows == 1 ? 0 : b < mask_rows ? b : b % mask_rows;
+}
+
+// 16 bytes of any storage type, copied as they are (the layout kernels' units, the tensor-core
+// kernels' staging loads).
+struct alignas(16) AttnBits16 {
+    unsigned int w[4];
+};
+
 #endif  // BERT_ADAPTERS_COMMON_CUH

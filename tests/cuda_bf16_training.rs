@@ -69,8 +69,8 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
         // (the sim's executor rounds once, so this checks the wiring: the activations and
         // dropouts as passes of their own), the adapters' forward products on tensor cores
         // (z, a and the weights rounded, SplitForward::TensorCores), and the attention forward
-        // and the backward's scores on tensor cores (AttentionPath::TensorCores; the tiny BERT's
-        // d = 16 takes them).
+        // and backward on tensor cores (AttentionPath::TensorCores; the tiny BERT's d = 16 takes
+        // them).
         let lt = CudaBackend::open(Device::CudaSim).expect("the cuda-sim executor opens").with_location_path(bert_adapters::cuda::adapter::LocationPath::Split);
         v.push(lt.with_attention_path(AttentionPath::TensorCores).with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores));
     }
@@ -79,7 +79,7 @@ fn half_backends(half: DType) -> Vec<Arc<dyn Backend>> {
             v.push(CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}")));
             // cuBLASLt's own 16-bit epilogues, which round before the bias on sm_90, and every
             // tensor-core kernel (the adapters' split forward and recompute, the attention forward
-            // and backward scores).
+            // and backward).
             let gpu = CudaBackend::open(Device::Cuda(0)).unwrap_or_else(|e| panic!("a GPU was probed but its backend fails: {e}"));
             v.push(gpu.with_linear_epilogue(LinearEpilogue::Cublaslt).with_split_forward(SplitForward::TensorCores).with_attention_path(AttentionPath::TensorCores));
         }

@@ -17,10 +17,10 @@
 //!   `dV = (P∘M)ᵀ·dO`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `from_heads` → dqkv: 9 launches.
 //!
 //! Tensor cores ([`AttentionPath::TensorCores`], 16-bit activations, `T <= 128`, `d` 16, 32 or
-//! 64; kernels/attention.cu's "tensor-core" sections): [`attention_mma_forward`] is the forward
-//! in one launch (`attention_mma_forward[_dropout]_*`: S and P·V on mma.sync, the softmax in
+//! 64; kernels/attention_mma.cu): [`attention_mma_forward`] is the forward
+//! in one launch (`attention_mma_forward_dropout_*`, eval at rate 0: S and P·V on mma.sync, the softmax in
 //! registers, straight from the packed qkv to ctx and lse), and [`attention_mma_backward`] the
-//! backward in two (`attention_mma_backward_scores[_dropout]_*`: P∘M and dS, in place of the two
+//! backward in two (`attention_mma_backward_scores_dropout_*`: P∘M and dS, in place of the two
 //! score products and the row kernel; `attention_mma_backward_grads_*`: dQ, dK, dV straight into
 //! the packed dqkv, in place of the layouts and the three products): 1 and 2 launches against 5
 //! and 9, without the f32 scores (`BH·T²` and `2·BH·T²` floats) or any layout copy. The same
@@ -42,23 +42,24 @@ use super::elementwise::DeviceDropout;
 use super::gemm::{Gemm, GemmScalar, OutputType, Transpose};
 use super::gpu::{ActivationScalar, DeviceBuffer, DeviceView, DeviceViewMut, Gpu, GpuKind, KernelArg};
 use super::registry::attention::{
-    ATTENTION_GEMM_FROM_HEADS_BF16IO, ATTENTION_GEMM_FROM_HEADS_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO,
-    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32, ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO,
-    ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32, ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32,
-    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_F16IO,
-    ATTENTION_GEMM_FROM_HEADS_X16, ATTENTION_GEMM_TO_HEADS_X16, ATTENTION_GEMM_SOFTMAX_F32_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32_T128,
-    ATTENTION_GEMM_SOFTMAX_BACKWARD_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BF16IO_T128,
-    ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO_T128,
-    ATTENTION_GEMM_SOFTMAX_F16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128,
-    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128, ATTENTION_MMA_FORWARD_BF16IO_D32, ATTENTION_MMA_FORWARD_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
-    ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_F16IO_D32,
-    ATTENTION_MMA_FORWARD_F16IO_D64, ATTENTION_MMA_FORWARD_BF16IO_D16, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16, ATTENTION_MMA_FORWARD_F16IO_D16,
-    ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64,
-    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64,
-    ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
-    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16,
-    ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32,
-    ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64,
+    ATTENTION_GEMM_FROM_HEADS_BF16IO, ATTENTION_GEMM_FROM_HEADS_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32,
+    ATTENTION_GEMM_SOFTMAX_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32, ATTENTION_GEMM_SOFTMAX_F32,
+    ATTENTION_GEMM_TO_HEADS_BF16IO, ATTENTION_GEMM_TO_HEADS_F32, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO, ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO, ATTENTION_GEMM_SOFTMAX_F16IO, ATTENTION_GEMM_FROM_HEADS_X16,
+    ATTENTION_GEMM_TO_HEADS_X16, ATTENTION_GEMM_SOFTMAX_F32_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F32_T128,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F32_T128, ATTENTION_GEMM_SOFTMAX_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_DROPOUT_BF16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_BACKWARD_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_BF16IO_T128, ATTENTION_GEMM_SOFTMAX_F16IO_T128,
+    ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128,
+};
+use super::registry::attention_mma::{
+    ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64,
+    ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16,
+    ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16,
+    ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
+    ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32, ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64,
 };
 use super::registry::{KernelName, ScalarType};
 use crate::error::{Error, Result};
@@ -296,32 +297,26 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
 }
 
 /// The longest sequence [`attention_mma_forward`]'s kernel takes (a warp holds a row tile's
-/// scores against every key in registers: `ATTN_MMA_MAX_SEQ` in kernels/attention.cu).
+/// scores against every key in registers: `ATTN_MMA_MAX_SEQ` in kernels/attention_mma.cu).
 pub const MMA_MAX_SEQ: usize = 128;
 /// Query rows per block of the tensor-core forward (`ATTN_MMA_ROWS`: 4 warps of 16 rows).
 const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
 
-/// The tensor-core forward kernel for activations in `dtype`, head size `head_dim` and
-/// `seq` keys, with or without dropout, if there is one: 16-bit storage, `seq <= MMA_MAX_SEQ`,
-/// `head_dim` 16, 32 or 64.
-fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<KernelName> {
+/// The tensor-core forward kernel for activations in `dtype`, head size `head_dim` and `seq` keys,
+/// if there is one: 16-bit storage, `seq <= MMA_MAX_SEQ`, `head_dim` 16, 32 or 64. Training and
+/// eval alike: eval passes [`rate_zero_dropout`].
+fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize) -> Option<KernelName> {
     if seq > MMA_MAX_SEQ {
         return None;
     }
-    Some(match (dtype, head_dim, dropout) {
-        (DType::BF16, 16, false) => ATTENTION_MMA_FORWARD_BF16IO_D16,
-        (DType::BF16, 16, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16,
-        (DType::F16, 16, false) => ATTENTION_MMA_FORWARD_F16IO_D16,
-        (DType::F16, 16, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
-        (DType::BF16, 32, false) => ATTENTION_MMA_FORWARD_BF16IO_D32,
-        (DType::BF16, 64, false) => ATTENTION_MMA_FORWARD_BF16IO_D64,
-        (DType::BF16, 32, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
-        (DType::BF16, 64, true) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64,
-        (DType::F16, 32, false) => ATTENTION_MMA_FORWARD_F16IO_D32,
-        (DType::F16, 64, false) => ATTENTION_MMA_FORWARD_F16IO_D64,
-        (DType::F16, 32, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32,
-        (DType::F16, 64, true) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64,
+    Some(match (dtype, head_dim) {
+        (DType::BF16, 16) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16,
+        (DType::BF16, 32) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D32,
+        (DType::BF16, 64) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D64,
+        (DType::F16, 16) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D16,
+        (DType::F16, 32) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D32,
+        (DType::F16, 64) => ATTENTION_MMA_FORWARD_DROPOUT_F16IO_D64,
         _ => return None,
     })
 }
@@ -330,10 +325,10 @@ fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize, dropout: bool) 
 /// not the GEMM forward): 16-bit storage, `seq <= MMA_MAX_SEQ`, a head size of 16, 32 or 64. The
 /// launch also needs `qkv` and `ctx` to start 16-byte aligned (pool allocations do).
 pub fn attention_mma_forward_applies(dtype: DType, seq: usize, hidden: usize, heads: usize) -> bool {
-    heads > 0 && hidden.is_multiple_of(heads) && mma_forward_kernel(dtype, seq, hidden / heads, false).is_some()
+    heads > 0 && hidden.is_multiple_of(heads) && mma_forward_kernel(dtype, seq, hidden / heads).is_some()
 }
 
-/// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention.cu's
+/// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention_mma.cu's
 /// `AttnMmaSmem`): the block's Q rows and the keys' K rows (`[row][d + 8]`, 16-bit), Vᵀ
 /// (`[d][Tp + 8]`) and the mask row (f32), for `Tp = ⌈T / 16⌉·16`.
 pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
@@ -341,8 +336,8 @@ pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
     2 * (MMA_ROWS * (head_dim + 8) + kp * (head_dim + 8) + head_dim * (kp + 8)) + 4 * kp
 }
 
-/// Attention forward with the tensor-core kernel (`attention_mma_forward[_dropout]_*`,
-/// kernels/attention.cu): [`attention_gemm_forward`]'s operation (ctx and lse, the same
+/// Attention forward with the tensor-core kernel (`attention_mma_forward_dropout_*`,
+/// kernels/attention_mma.cu): [`attention_gemm_forward`]'s operation (ctx and lse, the same
 /// roundings and dropout masks) in one launch, without the head-layout copies, the f32 scores or
 /// P in memory. Where it does not apply ([`attention_mma_forward_applies`], or `qkv` / `ctx` not
 /// 16-byte aligned) it runs [`attention_gemm_forward`] itself, so any input the GEMM path takes
@@ -362,7 +357,7 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
 ) -> Result<()> {
     let (AttentionDims { head_dim, mask_rows }, drop) = checked_forward(OP, qkv, mask_bias, ctx, lse, (batch, seq, hidden, heads), dropout)?;
     let aligned = qkv.device_ptr().is_multiple_of(16) && ctx.device_ptr().is_multiple_of(16);
-    let kernel = mma_forward_kernel(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| aligned);
+    let kernel = mma_forward_kernel(A::DTYPE, seq, head_dim).filter(|_| aligned);
     let Some(kernel) = kernel else {
         return attention_gemm_forward(gpu, qkv, mask_bias, ctx, lse, batch, seq, hidden, heads, dropout);
     };
@@ -378,7 +373,7 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
         block_dim: (MMA_THREADS, 1, 1),
         shared_mem_bytes: attention_mma_smem_bytes(seq, head_dim) as u32,
     };
-    let args = forward_args(qkv, mask_bias, ctx, lse, (seq, hidden, heads, mask_rows), head_dim, drop);
+    let args = forward_args(qkv, mask_bias, ctx, lse, (seq, hidden, heads, mask_rows), head_dim, Some(drop.unwrap_or_else(|| rate_zero_dropout(batch))));
     // SAFETY: qkv holds B·T·3H elements, ctx B·T·H and lse B·heads·T (checked), both 16-byte
     // aligned with H = heads·d and d 16, 32 or 64, so every 16-byte unit of a head's row the kernel
     // loads or 4-byte pair it stores lies inside them and is aligned; the kernel reads rows below
@@ -409,10 +404,10 @@ pub fn attention_gemm_backward<A: ActivationScalar + GemmScalar>(
     gemm_backward(gpu, dctx, qkv, lse, mask_bias, dqkv, (batch, seq, hidden, heads), dropout, false)
 }
 
-/// [`attention_gemm_backward`] on the tensor cores where they apply (kernels/attention.cu: the
+/// [`attention_gemm_backward`] on the tensor cores where they apply (kernels/attention_mma.cu: the
 /// same conditions as [`attention_mma_forward_applies`], `qkv` and `dctx` 16-byte and `dqkv`
 /// 4-byte aligned), in two launches:
-/// - `attention_mma_backward_scores[_dropout]_*` in place of the `S = Q·Kᵀ` and `dP = dO·Vᵀ`
+/// - `attention_mma_backward_scores_dropout_*` (eval at rate 0) in place of the `S = Q·Kᵀ` and `dP = dO·Vᵀ`
 ///   products and the softmax row kernel: the same P∘M and dS (the same roundings and dropout
 ///   masks), without the f32 scores in memory;
 /// - `attention_mma_backward_grads_*` in place of the layouts and the dV, dQ, dK products: the
@@ -438,26 +433,36 @@ pub fn attention_mma_backward<A: ActivationScalar + GemmScalar>(
 }
 
 /// The tensor-core backward's kernels, where there are (as [`mma_forward_kernel`]): the scores
-/// kernel (with or without dropout) and the gradient products.
-fn mma_backward_kernels(dtype: DType, seq: usize, head_dim: usize, dropout: bool) -> Option<(KernelName, KernelName)> {
+/// kernel (eval at [`rate_zero_dropout`]) and the gradient products.
+fn mma_backward_kernels(dtype: DType, seq: usize, head_dim: usize) -> Option<(KernelName, KernelName)> {
     if seq > MMA_MAX_SEQ {
         return None;
     }
-    Some(match (dtype, head_dim, dropout) {
-        (DType::BF16, 16, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
-        (DType::BF16, 16, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
-        (DType::BF16, 32, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
-        (DType::BF16, 32, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
-        (DType::BF16, 64, false) => (ATTENTION_MMA_BACKWARD_SCORES_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64),
-        (DType::BF16, 64, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64),
-        (DType::F16, 16, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16),
-        (DType::F16, 16, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16),
-        (DType::F16, 32, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32),
-        (DType::F16, 32, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32),
-        (DType::F16, 64, false) => (ATTENTION_MMA_BACKWARD_SCORES_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64),
-        (DType::F16, 64, true) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64),
+    Some(match (dtype, head_dim) {
+        (DType::BF16, 16) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
+        (DType::BF16, 32) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
+        (DType::BF16, 64) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64),
+        (DType::F16, 16) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16),
+        (DType::F16, 32) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32),
+        (DType::F16, 64) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64),
         _ => return None,
     })
+}
+
+/// The dropout arguments of rate 0 for `batch` rows (no seed buffer, threshold 0, every factor 1):
+/// the tensor-core kernels' eval, the same bits as an eval kernel would give (p·1 is p).
+fn rate_zero_dropout(batch: usize) -> [KernelArg; 9] {
+    [
+        KernelArg::Null,
+        KernelArg::U32(0),
+        KernelArg::U32(0),
+        KernelArg::U64(0),
+        KernelArg::U64(0),
+        KernelArg::I32(i32::try_from(batch.max(1)).unwrap_or(i32::MAX)),
+        KernelArg::U32(0),
+        KernelArg::F32(1.0),
+        KernelArg::U64(0),
+    ]
 }
 
 /// Dynamic shared memory of a tensor-core gradient-products block, in bytes: Kᵀ, Qᵀ and dOᵀ as
@@ -514,7 +519,7 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
     }
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     let aligned = qkv.device_ptr().is_multiple_of(16) && dctx.device_ptr().is_multiple_of(16) && dqkv.device_ptr().is_multiple_of(4);
-    let mma = mma_backward_kernels(A::DTYPE, seq, head_dim, drop.is_some()).filter(|_| tensor_cores && aligned);
+    let mma = mma_backward_kernels(A::DTYPE, seq, head_dim).filter(|_| tensor_cores && aligned);
     let mut pd: DeviceBuffer<A> = gpu.alloc(scores)?;
     let mut ds: DeviceBuffer<A> = gpu.alloc(scores)?;
     if let Some((scores_kernel, grads_kernel)) = mma {
@@ -523,7 +528,7 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
         }
         let config = |smem: usize| LaunchConfig { grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
         // pd, ds, qkv, dctx, lse, mask_bias, seq, hidden, heads, mask_rows, scale (then the
-        // dropout policy's); Gpu::launch checks them against kernels/attention.cu.
+        // dropout policy's); Gpu::launch checks them against kernels/attention_mma.cu.
         let args = [
             A::act_arg_mut(&pd.view_mut()),
             A::act_arg_mut(&ds.view_mut()),
@@ -537,7 +542,7 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
             KernelArg::I32(mask_rows as i32),
             KernelArg::F32(scale),
         ];
-        let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
+        let args: Vec<KernelArg> = args.into_iter().chain(drop.unwrap_or_else(|| rate_zero_dropout(batch))).collect();
         // SAFETY: pd and ds hold B·heads·T² elements (fresh allocations); qkv holds B·T·3H
         // elements and dctx B·T·H, both 16-byte aligned (checked), with H = heads·d and d 16, 32
         // or 64, so the 16-byte units of K and V rows and the 4-byte fragment pairs of Q and dO
