@@ -336,6 +336,17 @@ pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
     2 * (MMA_ROWS * (head_dim + 8) + kp * (head_dim + 8) + head_dim * (kp + 8)) + 4 * kp
 }
 
+/// The launch of a tensor-core attention kernel: grid (⌈T / 64⌉, heads, B), 4 warps a block,
+/// `smem` bytes of dynamic shared memory; the y and z extents within CUDA's 65535 (an
+/// [`Error::Shape`] naming `op` otherwise).
+fn mma_config(op: &'static str, batch: usize, seq: usize, heads: usize, smem: usize) -> Result<LaunchConfig> {
+    const MAX_YZ: usize = 65535;
+    if heads > MAX_YZ || batch > MAX_YZ {
+        return Err(Error::shape(op, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most {MAX_YZ} of each")));
+    }
+    Ok(LaunchConfig { grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: smem as u32 })
+}
+
 /// Attention forward with the tensor-core kernel (`attention_mma_forward_dropout_*`,
 /// kernels/attention_mma.cu): [`attention_gemm_forward`]'s operation (ctx and lse, the same
 /// roundings and dropout masks) in one launch, without the head-layout copies, the f32 scores or
@@ -364,15 +375,7 @@ pub fn attention_mma_forward<A: ActivationScalar + GemmScalar>(
     if batch == 0 || seq == 0 {
         return Ok(());
     }
-    const MAX_YZ: usize = 65535;
-    if heads > MAX_YZ || batch > MAX_YZ {
-        return Err(Error::shape(OP, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most {MAX_YZ} of each")));
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32),
-        block_dim: (MMA_THREADS, 1, 1),
-        shared_mem_bytes: attention_mma_smem_bytes(seq, head_dim) as u32,
-    };
+    let cfg = mma_config(OP, batch, seq, heads, attention_mma_smem_bytes(seq, head_dim))?;
     let args = forward_args(qkv, mask_bias, ctx, lse, (seq, hidden, heads, mask_rows), head_dim, Some(drop.unwrap_or_else(|| rate_zero_dropout(batch))));
     // SAFETY: qkv holds B·T·3H elements, ctx B·T·H and lse B·heads·T (checked), both 16-byte
     // aligned with H = heads·d and d 16, 32 or 64, so every 16-byte unit of a head's row the kernel
@@ -523,10 +526,6 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
     let mut pd: DeviceBuffer<A> = gpu.alloc(scores)?;
     let mut ds: DeviceBuffer<A> = gpu.alloc(scores)?;
     if let Some((scores_kernel, grads_kernel)) = mma {
-        if heads > 65535 || batch > 65535 {
-            return Err(Error::shape(BWD_OP, format!("{batch} batch rows and {heads} heads: the tensor-core attention's grid takes at most 65535 of each")));
-        }
-        let config = |smem: usize| LaunchConfig { grid_dim: (seq.div_ceil(MMA_ROWS) as u32, heads as u32, batch as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
         // pd, ds, qkv, dctx, lse, mask_bias, seq, hidden, heads, mask_rows, scale (then the
         // dropout policy's); Gpu::launch checks them against kernels/attention_mma.cu.
         let args = [
@@ -548,7 +547,7 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
         // or 64, so the 16-byte units of K and V rows and the 4-byte fragment pairs of Q and dO
         // rows below T that the kernel reads lie inside them, aligned; lse holds B·heads·T, the
         // mask mask_rows rows of T; the shared memory is the kernel's layout.
-        unsafe { gpu.launch(scores_kernel, config(attention_mma_backward_smem_bytes(seq, head_dim)), &args)? };
+        unsafe { gpu.launch(scores_kernel, mma_config(BWD_OP, batch, seq, heads, attention_mma_backward_smem_bytes(seq, head_dim))?, &args)? };
         let smem = attention_mma_backward_grads_smem_bytes(seq, head_dim);
         gpu.allow_dynamic_shared(grads_kernel, smem)?;
         // dqkv, pd, ds, qkv, dctx, seq, hidden, heads, scale.
@@ -568,7 +567,7 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
         // kernel wrote (the same stream, so before this launch reads them); qkv and dctx as above
         // (16-byte units of K, Q and dO rows below T); the shared memory is the kernel's layout,
         // opted in above.
-        return unsafe { gpu.launch(grads_kernel, config(smem), &args) };
+        return unsafe { gpu.launch(grads_kernel, mma_config(BWD_OP, batch, seq, heads, smem)?, &args) };
     }
     let part = batch * seq * hidden;
     let mut heads_qkv: DeviceBuffer<A> = gpu.alloc(3 * part)?;
@@ -577,33 +576,10 @@ fn gemm_backward<A: ActivationScalar + GemmScalar>(
     layout(gpu, Layout::ToHeads, &heads_do.view_mut(), dctx, batch, seq, hidden, heads, 1)?;
     let prod = Products { bh: batch * heads, seq, d: head_dim };
     let (qh, kh, vh, doh) = (heads_qkv.slice(0..part)?, heads_qkv.slice(part..2 * part)?, heads_qkv.slice(2 * part..3 * part)?, heads_do.view());
-    scores_on_gemms(gpu, &prod, (&qh, &kh, &vh, &doh), (&mut pd, &mut ds), lse, mask_bias, (rows, scores, batch, seq, heads, mask_rows), scale, drop, (backward, backward_dropout))?;
-    let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
-    gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
-    gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
-    gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
-    layout(gpu, Layout::FromHeads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
-}
-
-/// The GEMM backward's P∘M and dS: `S = Q·Kᵀ` and `dP = dO·Vᵀ` (f32) on [`Gpu::gemm`], then the
-/// softmax backward row kernel.
-#[allow(clippy::too_many_arguments)] // the heads, the outputs, the statistics and the row kernel's sizes
-fn scores_on_gemms<A: ActivationScalar + GemmScalar>(
-    gpu: &Gpu,
-    prod: &Products,
-    (qh, kh, vh, doh): (&DeviceView<A>, &DeviceView<A>, &DeviceView<A>, &DeviceView<A>),
-    (pd, ds): (&mut DeviceBuffer<A>, &mut DeviceBuffer<A>),
-    lse: &DeviceView<f32>,
-    mask_bias: &DeviceView<f32>,
-    (rows, scores, batch, seq, heads, mask_rows): (usize, usize, usize, usize, usize, usize),
-    scale: f32,
-    drop: Option<[KernelArg; 9]>,
-    (backward, backward_dropout): (KernelName, KernelName),
-) -> Result<()> {
     let mut s = gpu.alloc::<f32>(scores)?;
-    gpu.gemm::<A, f32>(&prod.scores::<A>(), kh, qh, &mut s.view_mut(), None)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), &kh, &qh, &mut s.view_mut(), None)?;
     let mut dp = gpu.alloc::<f32>(scores)?;
-    gpu.gemm::<A, f32>(&prod.scores::<A>(), vh, doh, &mut dp.view_mut(), None)?;
+    gpu.gemm::<A, f32>(&prod.scores::<A>(), &vh, &doh, &mut dp.view_mut(), None)?;
     let kernel = if drop.is_some() { backward_dropout } else { backward };
     // The row kernel's parameters: pd, ds, s, dp, lse, mask_bias, rows, seq, heads, mask_rows,
     // scale (then the dropout policy's).
@@ -623,8 +599,14 @@ fn scores_on_gemms<A: ActivationScalar + GemmScalar>(
     let args: Vec<KernelArg> = args.into_iter().chain(drop.into_iter().flatten()).collect();
     // SAFETY: pd, ds, s and dp hold B·heads·T² elements (fresh allocations), lse B·heads·T, the
     // mask a multiple of T whose row count divides B (checked); the grid covers `rows` warps.
-    unsafe { gpu.launch(kernel, row_config(BWD_OP, batch, heads, seq)?, &args) }
+    unsafe { gpu.launch(kernel, row_config(BWD_OP, batch, heads, seq)?, &args)? };
+    let mut grads: DeviceBuffer<A> = gpu.alloc(3 * part)?;
+    gpu.gemm::<A, A>(&prod.p_x::<A>(scale), &kh, &ds.view(), &mut grads.slice_mut(0..part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(scale), &qh, &ds.view(), &mut grads.slice_mut(part..2 * part)?, None)?;
+    gpu.gemm::<A, A>(&prod.pt_x::<A>(1.0), &doh, &pd.view(), &mut grads.slice_mut(2 * part..3 * part)?, None)?;
+    layout(gpu, Layout::FromHeads, dqkv, &grads.view(), batch, seq, hidden, heads, 3)
 }
+
 
 #[cfg(test)]
 mod tests {
