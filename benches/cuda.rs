@@ -56,8 +56,8 @@
 //!   4 of 16), 20 % padding, against the GEMM path (`gemm_forward`, `gemm_backward`:
 //!   `AttentionPath::Gemm`, batched GEMMs plus row kernels), each in f32 and with bf16 storage
 //!   (`bf16_*`), and `bf16_mma_forward` / `bf16_mma_backward` (`AttentionPath::TensorCores`:
-//!   the GEMM forward in one tensor-core kernel, and the GEMM backward in two; T <= 128 and d 16,
-//!   32 or 64, so at the tiny shapes too; elsewhere the GEMM path's); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
+//!   the GEMM forward in one tensor-core kernel, and the GEMM backward in two; T <= 512 (past 128
+//!   in key tiles, at 8×512) and d 16, 32 or 64, so at the tiny shapes too); FLOPs 4·B·T²·H forward, 8·B·T²·H backward (no recompute counted).
 //! - `train_step/<model>_<B>x<T>`: the training step `train` runs — Parallel(scorenn, tasknn),
 //!   pfeiffer adapters, 3-class heads, dropout on (a new seed each step), 20 % padding, tasknn
 //!   and scorenn alternating every 10 steps with their own objectives and AdamW — `launched`

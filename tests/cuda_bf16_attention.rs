@@ -946,20 +946,22 @@ fn backend_dispatches_half_attention<H: Io>(gpu: &Gpu) {
 test_both!(backend_dispatch, backend_dispatches_half_attention);
 
 //
-// ---- the tensor-core forward (`attention_mma_forward`: one launch, T <= 128, d 16, 32 or 64) --
+// ---- the tensor-core forward (`attention_mma_forward`: one launch, T <= 512, d 16, 32 or 64) --
 //
 // The GEMM path's forward in one kernel (kernels/attention.cu, "the tensor-core forward"): S and
 // O on mma.sync, the softmax in registers, the same roundings (P and ctx once each) and dropout
 // masks. Checked three ways:
 // - the rule: ctx within twice the plain bf16 twin's error of the f64 reference, the lse within
 //   the f32 kernel's tolerance of it and of the GEMM forward's lse (every score S = Q·Kᵀ feeds
-//   the lse, so a misplaced Q or K element moves it far past 1e-5), at T 1..=128 with padded and
-//   shared masks, eval and dropout;
+//   the lse, so a misplaced Q or K element moves it far past 1e-5), at T 1..=257 (one key tile,
+//   and at d = 64 two or three: the `_long_` kernel's two passes) with padded and shared masks,
+//   eval and dropout;
 // - exactly: where every rounding is exact (Q = 0, so every unmasked score is 0 and l counts the
 //   row's keys; V small integers, so each P·V sum is a multiple of the row's one probability, exact
 //   in any order), ctx and lse equal the GEMM forward's bit for bit: any misplaced V, P, dropout
 //   factor or ctx element shows;
-// - where it does not apply (d = 40, T = 130, f32, a misaligned qkv) it is the GEMM forward.
+// - where it does not apply (d = 40, T > 128 at d = 32, f32, a misaligned qkv) it is the GEMM
+//   forward.
 // Each call must launch exactly one `attention_mma_forward*` kernel and no GEMM-path kernel.
 
 use bert_adapters::cuda::attention_gemm::{attention_mma_forward, attention_mma_forward_applies};
@@ -991,15 +993,25 @@ fn mma_case_dropout(i: usize, batch: usize, d: usize) -> Option<DeviceDropout<'s
 
 /// T 1..=128 (one and two blocks of 64 query rows, part 16-key slices), d 16, 32 and 64, padded,
 /// zero and shared masks, eval and dropout: ctx under the 2x-plain rule, the lse within the f32
-/// tolerance of the reference and of the GEMM forward's.
+/// tolerance of the reference and of the GEMM forward's. Past one key tile (T 144 and 257: two
+/// and three tiles, the last of 16 keys; the `_long_` kernel's two passes) at the two d = 64
+/// shapes, the last batch row masked with PAD on every key (uniform weights at a finite max of
+/// -10000).
 fn mma_forward_matches_the_rule<H: Io>(gpu: &Gpu) {
     const MMA_SHAPES: [(usize, usize, usize, MaskKind); 5] =
         [(1, 32, 2, MaskKind::Padded), (3, 32, 3, MaskKind::Shared(1)), (3, 64, 1, MaskKind::Padded), (2, 64, 3, MaskKind::Zeros), (2, 16, 3, MaskKind::Padded)];
     let mut rng = StdRng::seed_from_u64(0x3a_0f0e);
     let (mut worst, mut cases, mut differing, mut elements) = ((0f64, String::new()), 0, 0usize, 0usize);
-    for seq in [1, 7, 33, 64, 70, 128] {
+    for seq in [1, 7, 33, 64, 70, 128, 144, 257] {
         for (i, (batch, d, heads, mask)) in MMA_SHAPES.into_iter().enumerate() {
-            let c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, mask);
+            if seq > 128 && d != 64 {
+                continue;
+            }
+            let mut c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, mask);
+            if seq > 128 {
+                let last = c.mask.len() - seq;
+                c.mask[last..].fill(PAD);
+            }
             assert!(attention_mma_forward_applies(<H as ActivationScalar>::DTYPE, seq, c.hidden, heads), "{}", c.label());
             let drop = mma_case_dropout(i + seq, batch, d);
             let label = format!("{} {} {} mma dropout {:?}", H::NAME, gpu.describe(), c.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
@@ -1035,8 +1047,10 @@ test_both!(mma_forward_rule, mma_forward_matches_the_rule);
 /// -inf on every key (NaN ctx and lse in both).
 fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_e8ac);
-    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 64), (33, 16)].into_iter().enumerate() {
-        let (batch, heads) = (4, 2);
+    // 200: two key tiles (the `_long_` kernel: the max and sum over tiles, then P·V over them;
+    // one head, to keep the executor's time down).
+    for (k, (seq, d)) in [(7, 32), (16, 64), (70, 64), (128, 64), (33, 16), (200, 64)].into_iter().enumerate() {
+        let (batch, heads) = (4, if seq > 128 { 1 } else { 2 });
         let mut c = Case::rounded::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = c.hidden;
         for (idx, x) in c.qkv.iter_mut().enumerate() {
@@ -1071,8 +1085,9 @@ fn mma_forward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
 test_both!(mma_forward_exact, mma_forward_is_exact_where_its_roundings_are);
 
 /// Where the tensor-core kernel does not apply it runs the GEMM forward: the same bits, no
-/// tensor-core launch. d = 40 (not 16, 32 or 64), T = 130 (past 128), and a qkv view one element
-/// into its buffer (not 16-byte aligned); f32 activations.
+/// tensor-core launch. d = 40 (not 16, 32 or 64), T = 130 at d = 32 (past one key tile, only d = 64
+/// has the `_long_` kernels), and a qkv view one element into its buffer (not 16-byte aligned);
+/// f32 activations.
 fn mma_forward_falls_back_to_the_gemm_forward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_fa11);
     for (seq, d) in [(9, 40), (130, 32)] {
@@ -1143,14 +1158,22 @@ fn run_mma_bwd_half<H: Io>(gpu: &Gpu, case: &BwdCase, lse: &[f32], dropout: Opti
 }
 
 /// T 1..=128, d 16, 32 and 64, padded, zero and shared masks, eval and dropout: the tensor-core
-/// forward then the tensor-core backward, dQ, dK and dV under the 2x-plain rule.
+/// forward then the tensor-core backward, dQ, dK and dV under the 2x-plain rule. Past one key tile
+/// (T 144 and 257: the `_long_` kernels) at two d = 64 shapes, the last mask row PAD on every
+/// key: |lse| >= 64, so the scores kernel's extra pass for the exact normaliser runs.
 fn mma_backward_matches_the_rule<H: Io>(gpu: &Gpu) {
     const SHAPES: [(usize, usize, usize, MaskKind); 4] = [(2, 32, 2, MaskKind::Padded), (3, 64, 1, MaskKind::Shared(1)), (2, 16, 3, MaskKind::Padded), (1, 64, 2, MaskKind::Zeros)];
     let mut rng = StdRng::seed_from_u64(0x3a_b4c4);
     let (mut worst, mut cases) = ((0f64, String::new()), 0);
-    for seq in [1, 7, 33, 64, 128] {
-        for (i, (batch, d, heads, mask)) in SHAPES.into_iter().enumerate() {
-            let case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
+    const LONG_SHAPES: [(usize, usize, usize, MaskKind); 2] = [(2, 64, 2, MaskKind::Padded), (4, 64, 1, MaskKind::Shared(2))];
+    for seq in [1, 7, 33, 64, 128, 144, 257] {
+        let shapes: &[_] = if seq > 128 { &LONG_SHAPES } else { &SHAPES };
+        for (i, &(batch, d, heads, mask)) in shapes.iter().enumerate() {
+            let mut case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, mask);
+            if seq > 128 {
+                let last = case.fwd.mask.len() - seq;
+                case.fwd.mask[last..].fill(PAD);
+            }
             let c = &case.fwd;
             let drop = mma_case_dropout(i + seq, batch, d);
             let label = format!("{} {} {} mma backward dropout {:?}", H::NAME, gpu.describe(), case.label(), drop.as_ref().map(|d| (d.p, d.streams.clone())));
@@ -1177,8 +1200,10 @@ test_both!(mma_backward_rule, mma_backward_matches_the_rule);
 /// a batch row masked on every key (NaN in both).
 fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_b4e8);
-    for (k, (seq, d)) in [(7, 64), (33, 16), (128, 64)].into_iter().enumerate() {
-        let (batch, heads) = (4, 2);
+    // 257: three key tiles, the last of one key (the `_long_` kernels: D over tiles, then the
+    // outputs; query tiles for dK and dV; one head, to keep the executor's time down).
+    for (k, (seq, d)) in [(7, 64), (33, 16), (128, 64), (257, 64)].into_iter().enumerate() {
+        let (batch, heads) = (4, if seq > 128 { 1 } else { 2 });
         let mut case = BwdCase::random::<H>(&mut rng, batch, seq, d, heads, MaskKind::Padded);
         let hidden = case.fwd.hidden;
         for (idx, x) in case.fwd.qkv.iter_mut().enumerate() {
@@ -1215,8 +1240,8 @@ fn mma_backward_is_exact_where_its_roundings_are<H: Io>(gpu: &Gpu) {
 }
 test_both!(mma_backward_exact, mma_backward_is_exact_where_its_roundings_are);
 
-/// Where it does not apply (d = 40, T = 130, a dctx view one element in: not 4-byte aligned) the
-/// tensor-core backward is the GEMM backward: the same bits, the row kernel launched.
+/// Where it does not apply (d = 40, T = 130 at d = 32, a dctx view one element in: not 4-byte
+/// aligned) the tensor-core backward is the GEMM backward: the same bits, the row kernel launched.
 fn mma_backward_falls_back_to_the_gemm_backward<H: Io>(gpu: &Gpu) {
     let mut rng = StdRng::seed_from_u64(0x3a_bfa1);
     for (seq, d) in [(9, 40), (130, 32)] {

@@ -16,8 +16,8 @@
 //!   `attention_gemm_softmax_backward[_dropout]` (P∘M and dS in the activation type),
 //!   `dV = (P∘M)ᵀ·dO`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `from_heads` → dqkv: 9 launches.
 //!
-//! Tensor cores ([`AttentionPath::TensorCores`], 16-bit activations, `T <= 128`, `d` 16, 32 or
-//! 64; kernels/attention_mma.cu): [`attention_mma_forward`] is the forward
+//! Tensor cores ([`AttentionPath::TensorCores`], 16-bit activations, `T <= 128` with `d` 16, 32 or
+//! 64, or `T <= 512` with `d` 64; kernels/attention_mma.cu): [`attention_mma_forward`] is the forward
 //! in one launch (`attention_mma_forward_dropout_*`, eval at rate 0: S and P·V on mma.sync, the softmax in
 //! registers, straight from the packed qkv to ctx and lse), and [`attention_mma_backward`] the
 //! backward in two (`attention_mma_backward_scores_dropout_*`: P∘M and dS, in place of the two
@@ -53,6 +53,8 @@ use super::registry::attention::{
     ATTENTION_GEMM_SOFTMAX_DROPOUT_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_F16IO_T128, ATTENTION_GEMM_SOFTMAX_BACKWARD_DROPOUT_F16IO_T128,
 };
 use super::registry::attention_mma::{
+    ATTENTION_MMA_BACKWARD_GRADS_LONG_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_LONG_F16IO_D64, ATTENTION_MMA_BACKWARD_SCORES_LONG_DROPOUT_BF16IO_D64,
+    ATTENTION_MMA_BACKWARD_SCORES_LONG_DROPOUT_F16IO_D64, ATTENTION_MMA_FORWARD_LONG_DROPOUT_BF16IO_D64, ATTENTION_MMA_FORWARD_LONG_DROPOUT_F16IO_D64,
     ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D64,
     ATTENTION_MMA_BACKWARD_GRADS_F16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_F16IO_D64,
     ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32,
@@ -86,8 +88,8 @@ pub const ATTENTION_PATH_VAR: &str = "BERT_ADAPTERS_ATTENTION_PATH";
 /// - `Gemm`: this module: the scores as batched GEMMs plus row kernels (same semantics within
 ///   the fused kernels' tolerances, the same dropout masks; the backward needs no ctx).
 /// - `TensorCores`: `Gemm`, with the forward in one tensor-core kernel where it applies
-///   ([`attention_mma_forward`]: 16-bit activations, `T <= 128`, `d` 16, 32 or 64); the backward is
-///   the GEMM path's.
+///   ([`attention_mma_forward`]: 16-bit activations, `T <= 128` with `d` 16, 32 or 64, or
+///   `T <= 512` with `d` 64), and the backward in two ([`attention_mma_backward`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
     Fused,
@@ -296,19 +298,31 @@ pub fn attention_gemm_forward<A: ActivationScalar + GemmScalar>(
     layout(gpu, Layout::FromHeads, ctx, &o.view(), batch, seq, hidden, heads, 1)
 }
 
-/// The longest sequence [`attention_mma_forward`]'s kernel takes (a warp holds a row tile's
-/// scores against every key in registers: `ATTN_MMA_MAX_SEQ` in kernels/attention_mma.cu).
-pub const MMA_MAX_SEQ: usize = 128;
+/// The longest sequence the tensor-core kernels take: the GEMM path's (their backward writes its
+/// P∘M and dS). Up to [`MMA_KEY_TILE`] keys a warp holds a row tile's scores against every key in
+/// registers (head sizes 16, 32 and 64); past it the `_long_` kernels walk key tiles, for a head
+/// size of 64 only (kernels/attention_mma.cu).
+pub const MMA_MAX_SEQ: usize = GEMM_MAX_SEQ;
+/// Keys a tensor-core warp holds at a time (`ATTN_MMA_KEY_TILE`).
+pub const MMA_KEY_TILE: usize = 128;
 /// Query rows per block of the tensor-core forward (`ATTN_MMA_ROWS`: 4 warps of 16 rows).
 const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
 
 /// The tensor-core forward kernel for activations in `dtype`, head size `head_dim` and `seq` keys,
-/// if there is one: 16-bit storage, `seq <= MMA_MAX_SEQ`, `head_dim` 16, 32 or 64. Training and
-/// eval alike: eval passes [`rate_zero_dropout`].
+/// if there is one: 16-bit storage, and `seq <= MMA_KEY_TILE` with `head_dim` 16, 32 or 64, or
+/// `seq <= MMA_MAX_SEQ` with `head_dim` 64. Training and eval alike: eval passes
+/// [`rate_zero_dropout`].
 fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize) -> Option<KernelName> {
     if seq > MMA_MAX_SEQ {
         return None;
+    }
+    if seq > MMA_KEY_TILE {
+        return match (dtype, head_dim) {
+            (DType::BF16, 64) => Some(ATTENTION_MMA_FORWARD_LONG_DROPOUT_BF16IO_D64),
+            (DType::F16, 64) => Some(ATTENTION_MMA_FORWARD_LONG_DROPOUT_F16IO_D64),
+            _ => None,
+        };
     }
     Some(match (dtype, head_dim) {
         (DType::BF16, 16) => ATTENTION_MMA_FORWARD_DROPOUT_BF16IO_D16,
@@ -322,18 +336,26 @@ fn mma_forward_kernel(dtype: DType, seq: usize, head_dim: usize) -> Option<Kerne
 }
 
 /// Whether [`attention_mma_forward`] runs its tensor-core kernel for these activations (and
-/// not the GEMM forward): 16-bit storage, `seq <= MMA_MAX_SEQ`, a head size of 16, 32 or 64. The
+/// not the GEMM forward): 16-bit storage, and `seq <= MMA_KEY_TILE` with a head size of 16, 32 or
+/// 64, or `seq <= MMA_MAX_SEQ` with a head size of 64. The
 /// launch also needs `qkv` and `ctx` to start 16-byte aligned (pool allocations do).
 pub fn attention_mma_forward_applies(dtype: DType, seq: usize, hidden: usize, heads: usize) -> bool {
     heads > 0 && hidden.is_multiple_of(heads) && mma_forward_kernel(dtype, seq, hidden / heads).is_some()
 }
 
-/// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention_mma.cu's
-/// `AttnMmaSmem`): the block's Q rows and the keys' K rows (`[row][d + 8]`, 16-bit), Vᵀ
-/// (`[d][Tp + 8]`) and the mask row (f32), for `Tp = ⌈T / 16⌉·16`.
-pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
+/// `(Tp, kt)`: the keys padded to whole 16-key slices, `Tp = ⌈T / 16⌉·16`, and the rows of a key
+/// tile, `min(Tp, MMA_KEY_TILE)`.
+fn mma_key_rows(seq: usize) -> (usize, usize) {
     let kp = seq.div_ceil(16) * 16;
-    2 * (MMA_ROWS * (head_dim + 8) + kp * (head_dim + 8) + head_dim * (kp + 8)) + 4 * kp
+    (kp, kp.min(MMA_KEY_TILE))
+}
+
+/// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention_mma.cu's
+/// `AttnMmaSmem`): the block's Q rows and a key tile's K rows (`[row][d + 8]`, 16-bit), its Vᵀ
+/// (`[d][kt + 8]`) and the whole mask row (f32, `Tp` keys); see [`mma_key_rows`].
+pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
+    let (kp, kt) = mma_key_rows(seq);
+    2 * (MMA_ROWS * (head_dim + 8) + kt * (head_dim + 8) + head_dim * (kt + 8)) + 4 * kp
 }
 
 /// The launch of a tensor-core attention kernel: grid (⌈T / 64⌉, heads, B), 4 warps a block,
@@ -441,6 +463,13 @@ fn mma_backward_kernels(dtype: DType, seq: usize, head_dim: usize) -> Option<(Ke
     if seq > MMA_MAX_SEQ {
         return None;
     }
+    if seq > MMA_KEY_TILE {
+        return match (dtype, head_dim) {
+            (DType::BF16, 64) => Some((ATTENTION_MMA_BACKWARD_SCORES_LONG_DROPOUT_BF16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_LONG_BF16IO_D64)),
+            (DType::F16, 64) => Some((ATTENTION_MMA_BACKWARD_SCORES_LONG_DROPOUT_F16IO_D64, ATTENTION_MMA_BACKWARD_GRADS_LONG_F16IO_D64)),
+            _ => None,
+        };
+    }
     Some(match (dtype, head_dim) {
         (DType::BF16, 16) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D16, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D16),
         (DType::BF16, 32) => (ATTENTION_MMA_BACKWARD_SCORES_DROPOUT_BF16IO_D32, ATTENTION_MMA_BACKWARD_GRADS_BF16IO_D32),
@@ -468,18 +497,20 @@ fn rate_zero_dropout(batch: usize) -> [KernelArg; 9] {
     ]
 }
 
-/// Dynamic shared memory of a tensor-core gradient-products block, in bytes: Kᵀ, Qᵀ and dOᵀ as
-/// `[d][Tp + 8]` 16-bit rows, for `Tp = ⌈T / 16⌉·16` (51 KiB at d = 64, T = 128: opted in).
+/// Dynamic shared memory of a tensor-core gradient-products block, in bytes: in one key tile
+/// (`T <= MMA_KEY_TILE`) Kᵀ, Qᵀ and dOᵀ as `[d][Tp + 8]` 16-bit rows (51 KiB at d = 64, T = 128:
+/// opted in); past it one such tile at a time (17 KiB at d = 64).
 pub fn attention_mma_backward_grads_smem_bytes(seq: usize, head_dim: usize) -> usize {
-    let kp = seq.div_ceil(16) * 16;
-    6 * head_dim * (kp + 8)
+    let (kp, kt) = mma_key_rows(seq);
+    let slots = if kp == kt { 3 } else { 1 };
+    slots * 2 * head_dim * (kt + 8)
 }
 
-/// Dynamic shared memory of a tensor-core backward-scores block, in bytes: the keys' K and V rows
-/// (`[row][d + 8]`, 16-bit) and the mask row (f32), for `Tp = ⌈T / 16⌉·16`.
+/// Dynamic shared memory of a tensor-core backward-scores block, in bytes: a key tile's K and V
+/// rows (`[row][d + 8]`, 16-bit) and the whole mask row (f32); see [`mma_key_rows`].
 pub fn attention_mma_backward_smem_bytes(seq: usize, head_dim: usize) -> usize {
-    let kp = seq.div_ceil(16) * 16;
-    4 * kp * (head_dim + 8) + 4 * kp
+    let (kp, kt) = mma_key_rows(seq);
+    4 * kt * (head_dim + 8) + 4 * kp
 }
 
 #[allow(clippy::too_many_arguments)] // attention_gemm_backward's operands, and the tensor-core choice
