@@ -352,7 +352,8 @@ fn mma_key_rows(seq: usize) -> (usize, usize) {
 
 /// Dynamic shared memory of a tensor-core forward block, in bytes (kernels/attention_mma.cu's
 /// `AttnMmaSmem`): the block's Q rows and a key tile's K rows (`[row][d + 8]`, 16-bit), its Vᵀ
-/// (`[d][kt + 8]`) and the whole mask row (f32, `Tp` keys); see [`mma_key_rows`].
+/// (`[d][kt + 8]`) and the whole mask row (f32), for `Tp = ⌈T / 16⌉·16` keys and tiles of
+/// `kt = min(Tp, MMA_KEY_TILE)`.
 pub fn attention_mma_smem_bytes(seq: usize, head_dim: usize) -> usize {
     let (kp, kt) = mma_key_rows(seq);
     2 * (MMA_ROWS * (head_dim + 8) + kt * (head_dim + 8) + head_dim * (kt + 8)) + 4 * kp
@@ -507,7 +508,8 @@ pub fn attention_mma_backward_grads_smem_bytes(seq: usize, head_dim: usize) -> u
 }
 
 /// Dynamic shared memory of a tensor-core backward-scores block, in bytes: a key tile's K and V
-/// rows (`[row][d + 8]`, 16-bit) and the whole mask row (f32); see [`mma_key_rows`].
+/// rows (`[row][d + 8]`, 16-bit) and the whole mask row (f32), `Tp` and `kt` as in
+/// [`attention_mma_smem_bytes`].
 pub fn attention_mma_backward_smem_bytes(seq: usize, head_dim: usize) -> usize {
     let (kp, kt) = mma_key_rows(seq);
     4 * kt * (head_dim + 8) + 4 * kp
