@@ -688,6 +688,36 @@ mod tests {
         }
     }
 
+    /// Which tensor-core kernels a shape gets, and shared memory each launch can take without an
+    /// opt-in where the launcher sets none (the forward and the scores kernels): 48 KiB.
+    #[test]
+    fn tensor_core_kernels_and_their_shared_memory() {
+        let fwd = |t, seq, d| mma_forward_kernel(t, seq, d).map(|k| k.name);
+        let bwd = |t, seq, d| mma_backward_kernels(t, seq, d).map(|(s, g)| (s.name, g.name));
+        assert_eq!(fwd(DType::BF16, 128, 32), Some("attention_mma_forward_dropout_bf16io_d32"));
+        assert_eq!(fwd(DType::BF16, 129, 64), Some("attention_mma_forward_long_dropout_bf16io_d64"));
+        assert_eq!(fwd(DType::F16, 512, 64), Some("attention_mma_forward_long_dropout_f16io_d64"));
+        assert_eq!(bwd(DType::BF16, 512, 64), Some(("attention_mma_backward_scores_long_dropout_bf16io_d64", "attention_mma_backward_grads_long_bf16io_d64")));
+        assert_eq!(bwd(DType::F16, 16, 16), Some(("attention_mma_backward_scores_dropout_f16io_d16", "attention_mma_backward_grads_f16io_d16")));
+        // Past one tile only d = 64; past 512 nothing (the GEMM path refuses it too); f32 nothing.
+        for (t, seq, d) in [(DType::BF16, 129, 32), (DType::F16, 300, 16), (DType::BF16, 513, 64), (DType::F32, 64, 64), (DType::BF16, 64, 40)] {
+            assert_eq!((fwd(t, seq, d), bwd(t, seq, d)), (None, None), "{t:?} T={seq} d={d}");
+        }
+        const NO_OPT_IN: usize = 48 * 1024;
+        for seq in [1, 16, 100, 128, 129, 144, 257, 400, 512] {
+            for d in [16, 32, 64] {
+                assert!(attention_mma_smem_bytes(seq, d) <= NO_OPT_IN, "forward T={seq} d={d}");
+                assert!(attention_mma_backward_smem_bytes(seq, d) <= NO_OPT_IN, "scores T={seq} d={d}");
+            }
+        }
+        // The kernels' layouts (kernels/attention_mma.cu's headers).
+        assert_eq!(attention_mma_smem_bytes(128, 64), 45568);
+        assert_eq!(attention_mma_smem_bytes(512, 64), 47104);
+        assert_eq!(attention_mma_backward_smem_bytes(512, 64), 38912);
+        assert_eq!(attention_mma_backward_grads_smem_bytes(128, 64), 52224);
+        assert_eq!(attention_mma_backward_grads_smem_bytes(512, 64), 17408);
+    }
+
     #[test]
     fn score_sizes_are_checked() {
         assert_eq!(score_sizes(OP, 2, 5, 3).unwrap(), (30, 150));
