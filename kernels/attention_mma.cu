@@ -72,6 +72,8 @@
 // first P·V product, so S's 64 floats die first (packing inside the P·V loop held both: 152 on
 // sm_90). On sm_90 that is 3 blocks (12 warps) an SM at d = 64; a cap of 128 spills 4 B, so there
 // is none. The SASS of the d64 kernel has 128 HMMA (64 for S, 64 for P·V) and no local memory.
+// The long kernel (T > 128, d = 64): 168 / 168 under __launch_bounds__(128, 3), 3 blocks an SM
+// (183 without the bound: 2); o stays live across tiles beside S and P's fragments.
 
 #define ATTN_MMA_WARPS 4
 #define ATTN_MMA_ROWS (16 * ATTN_MMA_WARPS)  // query rows a block
@@ -455,10 +457,11 @@ __device__ __forceinline__ void attn_mma_forward_long_body(T* __restrict__ ctx, 
 // Shared memory (bytes): 4·kt·(d + 8) + 4·Tp, kt = min(Tp, 128): 36.5 KiB at d = 64, T = 128,
 // 38 KiB at T = 512 (no opt-in).
 //
-// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: 122-140 / 162-166 (3 blocks an SM on
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: 124-140 / 164-166 (3 blocks an SM on
 // sm_90). Keeping g = dP·f in registers beside p cost 234 with
 // dropout; the second pass recomputing dP (tensor-core work, cheap here) and the factors kept as
-// one bit a key brought it to 166.
+// one bit a key brought it to 166. The long kernel: 153 / 156-157 (Q's A fragments are loaded per
+// k slice in each pass rather than held beside dO's: holding both spilled 4-40 B).
 
 // The backward scores' shared memory: one key tile of K and V rows ([kt][d + 8], 16-bit) and the
 // whole mask row (f32).
@@ -843,6 +846,9 @@ __device__ __forceinline__ void attn_mma_backward_scores_long_body(T* __restrict
 //
 // Shared memory (bytes): 6·d·(Tp + 8) in one tile: 51 KiB at d = 64, T = 128 (the launcher opts
 // in), 25.5 KiB at d = 32; past it 2·d·(128 + 8): 17 KiB at d = 64.
+//
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: d64 72 / 72, d32 56 / 48, d16 40 / 40;
+// the long kernel 72 / 72.
 
 // Element `idx` of `base` as the low 16 bits of an mma register half (0 where `ok` is false: the
 // element is not read).
@@ -852,32 +858,22 @@ __device__ __forceinline__ unsigned attn_mma_el(const T* base, size_t idx, bool 
 }
 
 // The A fragment (columns k0, k0 + 1 and k0 + 8, k0 + 9 of rows r_lo, r_hi) of a (b, h) block of
-// scores m ([T, T], row = query): `AttnMmaScoreRows` reads rows r of m (A = m), for dQ;
-// `AttnMmaScoreColumns` reads columns r (A = mᵀ), for dK and dV. Elements past T read as 0.
+// scores m ([T, T], row = query), either orientation: rows r of m (A = m, for dQ), or with
+// `columns` columns r (A = mᵀ, for dK and dV). Elements past T read as 0.
 template <typename T>
-struct AttnMmaScoreRows {
+struct AttnMmaScores {
     const T* m;
     int seq, r_lo, r_hi;
-    bool in_lo, in_hi;
-    __device__ __forceinline__ unsigned el(int r, bool in, int k) const { return attn_mma_el(m, (size_t)r * (size_t)seq + (size_t)k, in && k < seq); }
+    bool in_lo, in_hi, columns;
+    __device__ __forceinline__ unsigned el(int r, bool in, int k) const {
+        const size_t idx = columns ? (size_t)k * (size_t)seq + (size_t)r : (size_t)r * (size_t)seq + (size_t)k;
+        return attn_mma_el(m, idx, in && k < seq);
+    }
     __device__ __forceinline__ void operator()(int k0, unsigned (&a)[4]) const {
         a[0] = el(r_lo, in_lo, k0) | el(r_lo, in_lo, k0 + 1) << 16;
         a[1] = el(r_hi, in_hi, k0) | el(r_hi, in_hi, k0 + 1) << 16;
         a[2] = el(r_lo, in_lo, k0 + 8) | el(r_lo, in_lo, k0 + 9) << 16;
         a[3] = el(r_hi, in_hi, k0 + 8) | el(r_hi, in_hi, k0 + 9) << 16;
-    }
-};
-template <typename T>
-struct AttnMmaScoreColumns {
-    const T* m;
-    int seq, r_lo, r_hi;
-    bool in_lo, in_hi;
-    __device__ __forceinline__ unsigned el(int i, int r, bool in) const { return attn_mma_el(m, (size_t)i * (size_t)seq + (size_t)r, in && i < seq); }
-    __device__ __forceinline__ void operator()(int k0, unsigned (&a)[4]) const {
-        a[0] = el(k0, r_lo, in_lo) | el(k0 + 1, r_lo, in_lo) << 16;
-        a[1] = el(k0, r_hi, in_hi) | el(k0 + 1, r_hi, in_hi) << 16;
-        a[2] = el(k0 + 8, r_lo, in_lo) | el(k0 + 9, r_lo, in_lo) << 16;
-        a[3] = el(k0 + 8, r_hi, in_hi) | el(k0 + 9, r_hi, in_hi) << 16;
     }
 };
 
@@ -974,35 +970,15 @@ __device__ __forceinline__ void attn_mma_backward_grads_body(T* __restrict__ dqk
     // dQ = scale·dS·K: A = dS rows r. dK = scale·dSᵀ·Q and dV = (P∘M)ᵀ·dO: A = columns r of dS
     // and of P∘M.
     attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, kt, ld, 0, kp, AttnMmaScoreRows<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    attn_mma_grads_product<T, D>(acc, kt, ld, 0, kp, AttnMmaScores<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi, false});
     attn_mma_grads_store<T, D>(dqkv, 0, scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
     attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, qt, ld, 0, kp, AttnMmaScoreColumns<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    attn_mma_grads_product<T, D>(acc, qt, ld, 0, kp, AttnMmaScores<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi, true});
     attn_mma_grads_store<T, D>(dqkv, 1, scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
     attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, dot, ld, 0, kp, AttnMmaScoreColumns<T>{pd_bh, seq, r_lo, r_hi, in_lo, in_hi});
+    attn_mma_grads_product<T, D>(acc, dot, ld, 0, kp, AttnMmaScores<T>{pd_bh, seq, r_lo, r_hi, in_lo, in_hi, true});
     attn_mma_grads_store<T, D>(dqkv, 2, 1.0f, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
 }
-
-// The A fragment of either orientation of a (b, h) block of scores m, chosen at run time (one
-// copy of the product's code for the three outputs of the long kernel): columns r (A = mᵀ) where
-// `columns`, rows r (A = m) otherwise.
-template <typename T>
-struct AttnMmaScoreEither {
-    const T* m;
-    int seq, r_lo, r_hi;
-    bool in_lo, in_hi, columns;
-    __device__ __forceinline__ unsigned el(int r, bool in, int k) const {
-        const size_t idx = columns ? (size_t)k * (size_t)seq + (size_t)r : (size_t)r * (size_t)seq + (size_t)k;
-        return attn_mma_el(m, idx, in && k < seq);
-    }
-    __device__ __forceinline__ void operator()(int k0, unsigned (&a)[4]) const {
-        a[0] = el(r_lo, in_lo, k0) | el(r_lo, in_lo, k0 + 1) << 16;
-        a[1] = el(r_hi, in_hi, k0) | el(r_hi, in_hi, k0 + 1) << 16;
-        a[2] = el(r_lo, in_lo, k0 + 8) | el(r_lo, in_lo, k0 + 9) << 16;
-        a[3] = el(r_hi, in_hi, k0 + 8) | el(r_hi, in_hi, k0 + 9) << 16;
-    }
-};
 
 // Past one tile (T > 128): the outputs one after the other, each over tiles of 128 keys (dQ) or
 // query rows (dK, dV); a tile stages the one transposed operand its output needs in one slot.
@@ -1036,7 +1012,7 @@ __device__ __forceinline__ void attn_mma_backward_grads_long_body(T* __restrict_
         if (k0 == 0) {
             attn_mma_zero_acc<D>(acc);
         }
-        attn_mma_grads_product<T, D>(acc, bt, ld, k0, kn, AttnMmaScoreEither<T>{which == 2 ? pd_bh : ds_bh, seq, r_lo, r_hi, in_lo, in_hi, which != 0});
+        attn_mma_grads_product<T, D>(acc, bt, ld, k0, kn, AttnMmaScores<T>{which == 2 ? pd_bh : ds_bh, seq, r_lo, r_hi, in_lo, in_hi, which != 0});
         if (k0 + kn == kp) {
             attn_mma_grads_store<T, D>(dqkv, which, which == 2 ? 1.0f : scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
         }
