@@ -460,7 +460,7 @@ __device__ __forceinline__ void attn_mma_forward_long_body(T* __restrict__ ctx, 
 // ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: 124-140 / 164-166 (3 blocks an SM on
 // sm_90). Keeping g = dP·f in registers beside p cost 234 with
 // dropout; the second pass recomputing dP (tensor-core work, cheap here) and the factors kept as
-// one bit a key brought it to 166. The long kernel: 153 / 156-157 (Q's A fragments are loaded per
+// one bit a key brought it to 166. The long kernel: 152-153 / 156-157 (Q's A fragments are loaded per
 // k slice in each pass rather than held beside dO's: holding both spilled 4-40 B).
 
 // The backward scores' shared memory: one key tile of K and V rows ([kt][d + 8], 16-bit) and the
@@ -808,7 +808,7 @@ __device__ __forceinline__ void attn_mma_backward_scores_long_body(T* __restrict
         if (pass == 0) {
             continue;
         }
-        attn_mma_bwd_normalise(p, exact_lo && need_sum, exact_hi && need_sum, c_lo, c_hi);
+        attn_mma_bwd_normalise(p, exact_lo, exact_hi, c_lo, c_hi);  // an exact row voted, so c is its sum's
         unsigned keep_lo, keep_hi;
         if (pass == 1) {
             attn_mma_bwd_tile_d<T, D>(p, sm, rows, a_do, dropout, k0, kn, d_lo, d_hi, keep_lo, keep_hi);
@@ -847,7 +847,7 @@ __device__ __forceinline__ void attn_mma_backward_scores_long_body(T* __restrict
 // Shared memory (bytes): 6·d·(Tp + 8) in one tile: 51 KiB at d = 64, T = 128 (the launcher opts
 // in), 25.5 KiB at d = 32; past it 2·d·(128 + 8): 17 KiB at d = 64.
 //
-// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: d64 72 / 72, d32 56 / 48, d16 40 / 40;
+// ptxas (NVRTC 13.0), registers sm_80 / sm_90, no spills: d64 72 / 64, d32 46 / 52, d16 40 / 44;
 // the long kernel 72 / 72.
 
 // Element `idx` of `base` as the low 16 bits of an mma register half (0 where `ok` is false: the
@@ -949,13 +949,11 @@ __device__ __forceinline__ void attn_mma_backward_grads_body(T* __restrict__ dqk
     extern __shared__ AttnVec4 attn_smem[];
     const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * ATTN_MMA_ROWS;
     const int kp = (seq + 15) & ~15, ld = kp + 8;
-    // Kᵀ, Qᵀ and dOᵀ, [d][Tp + 8] each: the B operands of dQ, dK and dV.
-    unsigned short* kt = reinterpret_cast<unsigned short*>(attn_smem);
-    unsigned short* qt = kt + D * ld;
-    unsigned short* dot = qt + D * ld;
-    attn_mma_grads_stage<T, D>(kt, ld, 0, qkv, dctx, b, h, 0, kp, seq, hidden);
-    attn_mma_grads_stage<T, D>(qt, ld, 1, qkv, dctx, b, h, 0, kp, seq, hidden);
-    attn_mma_grads_stage<T, D>(dot, ld, 2, qkv, dctx, b, h, 0, kp, seq, hidden);
+    // Kᵀ, Qᵀ and dOᵀ, [d][Tp + 8] each, one after the other: the B operands of dQ, dK and dV.
+    unsigned short* bt = reinterpret_cast<unsigned short*>(attn_smem);
+    for (int which = 0; which < 3; ++which) {
+        attn_mma_grads_stage<T, D>(bt + which * D * ld, ld, which, qkv, dctx, b, h, 0, kp, seq, hidden);
+    }
     __syncthreads();
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     if (r0 + 16 * warp >= seq) {
@@ -969,15 +967,12 @@ __device__ __forceinline__ void attn_mma_backward_grads_body(T* __restrict__ dqk
     float acc[D / 8][4];
     // dQ = scale·dS·K: A = dS rows r. dK = scale·dSᵀ·Q and dV = (P∘M)ᵀ·dO: A = columns r of dS
     // and of P∘M.
-    attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, kt, ld, 0, kp, AttnMmaScores<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi, false});
-    attn_mma_grads_store<T, D>(dqkv, 0, scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
-    attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, qt, ld, 0, kp, AttnMmaScores<T>{ds_bh, seq, r_lo, r_hi, in_lo, in_hi, true});
-    attn_mma_grads_store<T, D>(dqkv, 1, scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
-    attn_mma_zero_acc<D>(acc);
-    attn_mma_grads_product<T, D>(acc, dot, ld, 0, kp, AttnMmaScores<T>{pd_bh, seq, r_lo, r_hi, in_lo, in_hi, true});
-    attn_mma_grads_store<T, D>(dqkv, 2, 1.0f, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
+#pragma unroll
+    for (int which = 0; which < 3; ++which) {
+        attn_mma_zero_acc<D>(acc);
+        attn_mma_grads_product<T, D>(acc, bt + which * D * ld, ld, 0, kp, AttnMmaScores<T>{which == 2 ? pd_bh : ds_bh, seq, r_lo, r_hi, in_lo, in_hi, which != 0});
+        attn_mma_grads_store<T, D>(dqkv, which, which == 2 ? 1.0f : scale, acc, b, h, r_lo, r_hi, in_lo, in_hi, seq, hidden);
+    }
 }
 
 // Past one tile (T > 128): the outputs one after the other, each over tiles of 128 keys (dQ) or
