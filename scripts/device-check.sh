@@ -36,6 +36,10 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Compiled kernels are kept on disk (src/cuda/kernel_cache.rs): each test and bench executable
+# would otherwise compile every family it launches again, and while the machine stays warm the
+# next call reuses them too.
+export BERT_ADAPTERS_KERNEL_CACHE="${BERT_ADAPTERS_KERNEL_CACHE:-$PWD/target/kernel-cache}"
 BUNDLE=gpu-bundle
 TEST_TIMEOUT="${TEST_TIMEOUT:-120}"   # per executable: a hung kernel must not eat the session
 SANITIZE_TIMEOUT="${SANITIZE_TIMEOUT:-90}"

@@ -26,6 +26,8 @@ source scripts/install-cuda-tools.sh
 bash scripts/fetch-model.sh
 
 export REQUIRE_NVRTC=1 REQUIRE_MODEL=1
+# The tests' compiled kernels stay in this checkout (src/cuda/kernel_cache.rs), not in ~/.cache.
+export BERT_ADAPTERS_KERNEL_CACHE="${BERT_ADAPTERS_KERNEL_CACHE:-$PWD/target/kernel-cache}"
 log=$(mktemp)
 skips=$(mktemp)
 trap 'rm -f "$log" "$skips"' EXIT

@@ -215,3 +215,39 @@ fn gemm_matches_a_direct_product(gpu: &Gpu) {
     assert_eq!(gpu.download(&dc.view()).unwrap(), got);
 }
 test_device!(gemm, gemm_matches_a_direct_product);
+
+/// On a real GPU: a disk-cache entry the driver refuses (a sound entry holding an image for
+/// another arch, under this device's key) is compiled again, loaded, and replaced on disk by the
+/// image that loads.
+#[test]
+fn a_cached_image_the_driver_refuses_is_compiled_again() {
+    use bert_adapters::cuda::kernel_cache::DiskCache;
+    use bert_adapters::cuda::registry::KernelSource;
+    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    use bert_adapters::cuda::CudaRuntime;
+    let ctx = bert_adapters::require_gpu!("gpu_runtime::a_cached_image_the_driver_refuses_is_compiled_again");
+    // A source no other test loads, so the process's own map cannot answer.
+    static SOURCE: KernelSource = KernelSource {
+        family: "refusal_probe",
+        file: "refusal_probe.cu",
+        code: "extern \"C\" __global__ void refusal_probe(float* x) { x[threadIdx.x] += 1.0f; }\n",
+        kernels: &["refusal_probe"],
+    };
+    let mut rt = CudaRuntime::new(ctx).unwrap();
+    let dir = std::env::temp_dir().join(format!("refused-cubin-{}", std::process::id()));
+    let cache = DiskCache::new(&dir);
+    let arch = rt.arch().to_string();
+    let other_arch = if arch == "sm_80" { "sm_90" } else { "sm_80" };
+    let wrong = compile_cubin(SOURCE.file, SOURCE.code, other_arch, &[]).unwrap();
+    let key = disk_key(&cache, SOURCE.file, SOURCE.code, &arch, &[]).unwrap();
+    cache.store(&key, &wrong).unwrap();
+    assert_eq!(cache.load(&key).as_deref(), Some(&wrong[..]), "the planted entry is sound");
+
+    rt.set_kernel_cache(Some(cache.clone()));
+    let module = rt.module(&SOURCE, &[]).expect("the refused image is compiled again and loads");
+    module.load_function("refusal_probe").expect("the kernel is in the module");
+    let fresh = compile_cubin(SOURCE.file, SOURCE.code, &arch, &[]).unwrap();
+    assert_ne!(fresh, wrong);
+    assert_eq!(cache.load(&key), Some(fresh), "the entry now holds the image this GPU loads");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,7 +7,8 @@
 
 use bert_adapters::cuda::probe::{nvrtc_for_test, report_line};
 use bert_adapters::cuda::registry::{planned_block_limit, ALL_SOURCES};
-use bert_adapters::cuda::runtime::{cached_cubin, nvrtc_compilations, nvrtc_version};
+use bert_adapters::cuda::kernel_cache::CubinOrigin;
+use bert_adapters::cuda::runtime::{cached_cubin, cubin_through, nvrtc_version};
 use bert_adapters::cuda::{compile_with_report, CompileReport};
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
@@ -129,13 +130,69 @@ fn cubins_compile_once_per_process() {
     // The smallest source: the cache is what is tested, and this test runs beside the
     // every-kernel compile on CI's two cores.
     let src = ALL_SOURCES.iter().min_by_key(|s| s.code.len()).expect("kernel sources");
-    // Private defines make these keys unique to this test, so parallel tests cannot interfere.
-    let first = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"]).expect("compiles");
-    let compiled = nvrtc_compilations();
-    assert!(compiled >= 1);
+    // Private defines make these keys unique to this test, so parallel tests cannot interfere;
+    // no disk cache, so the first request is a compile whatever an earlier run left on disk.
+    let first = cubin_through(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"], None).expect("compiles");
+    assert_eq!(first.origin, CubinOrigin::Compiled);
     let second = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=1"]).expect("cached");
-    assert!(std::sync::Arc::ptr_eq(&first, &second), "the second request must be served from the cache");
+    assert!(std::sync::Arc::ptr_eq(&first.image, &second), "the second request must be served from the cache");
     // A different option set is a different key.
-    let other = cached_cubin(src.file, src.code, "sm_80", &["-DCACHE_TEST=2"]).expect("compiles");
-    assert!(!std::sync::Arc::ptr_eq(&first, &other));
+    let other = cubin_through(src.file, src.code, "sm_80", &["-DCACHE_TEST=2"], None).expect("compiles").image;
+    assert!(!std::sync::Arc::ptr_eq(&first.image, &other));
+}
+
+#[test]
+fn the_disk_cache_keeps_what_nvrtc_compiled() {
+    use bert_adapters::cuda::kernel_cache::DiskCache;
+    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    if !nvrtc_for_test("nvrtc_compile::the_disk_cache_keeps_what_nvrtc_compiled") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nvrtc-disk-cache-{}-{:x}", std::process::id(), rand::random::<u64>()));
+    let cache = DiskCache::new(&dir);
+    // A source of its own (and a define unique to this run) so the in-process map cannot answer.
+    let code = "extern \"C\" __global__ void disk_cache_probe(float* x) { x[threadIdx.x] = 2.0f * x[threadIdx.x] + DISK_CACHE_RUN; }\n";
+    let define = format!("-DDISK_CACHE_RUN={}", rand::random::<u16>());
+    let opts = [define.as_str()];
+
+    let first = cubin_through("probe.cu", code, "sm_80", &opts, Some(&cache)).expect("compiles");
+    assert_eq!(first.origin, CubinOrigin::Compiled);
+    let key = disk_key(&cache, "probe.cu", code, "sm_80", &opts).expect("NVRTC is loaded");
+    assert!(key.file_name.starts_with("probe-sm_80-"), "{}", key.file_name);
+    assert!(cache.entry_path(&key).is_file(), "the compile is kept on disk");
+
+    // What another process would find: the same bytes, and no compile.
+    let (image, origin) = cache.fetch_or_compile(&key, || panic!("an entry on disk must not be compiled again")).unwrap();
+    assert_eq!(origin, CubinOrigin::Disk);
+    assert_eq!(image, *first.image);
+    // NVRTC is deterministic, which the runtime's "refused twice" rule relies on.
+    assert_eq!(compile_cubin("probe.cu", code, "sm_80", &opts).unwrap(), *first.image);
+
+    // Everything the image depends on is in the key: another arch, another option, another source.
+    let others = [
+        disk_key(&cache, "probe.cu", code, "sm_90", &opts).unwrap(),
+        disk_key(&cache, "probe.cu", code, "sm_80", &[define.as_str(), "-DX=1"]).unwrap(),
+        disk_key(&cache, "probe.cu", &code.replace("2.0f", "3.0f"), "sm_80", &opts).unwrap(),
+    ];
+    for other in &others {
+        assert_ne!(other.file_name, key.file_name);
+        assert!(cache.load(other).is_none());
+    }
+
+    // A damaged entry is compiled again and rewritten.
+    let path = cache.entry_path(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let (image, origin) = cache.fetch_or_compile(&key, || compile_cubin("probe.cu", code, "sm_80", &opts)).unwrap();
+    assert_eq!((origin, &image), (CubinOrigin::Compiled, &*first.image));
+    assert_eq!(cache.load(&key).as_deref(), Some(&first.image[..]), "the rewritten entry is sound");
+
+    // A compile error is reported as NVRTC's, with no entry left behind.
+    let broken = "extern \"C\" __global__ void broken( { }\n";
+    let err = cubin_through("broken.cu", broken, "sm_80", &opts, Some(&cache)).unwrap_err().to_string();
+    assert!(err.contains("broken.cu"), "{err}");
+    assert!(!cache.entry_path(&disk_key(&cache, "broken.cu", broken, "sm_80", &opts).unwrap()).exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

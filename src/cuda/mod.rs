@@ -3,6 +3,7 @@
 //! - [`registry`]: every `kernels/*.cu` embedded in the binary, with typed kernel names;
 //! - [`probe`]: "is there NVRTC / a GPU?" without panicking, and the test skip helpers;
 //! - [`runtime`]: context + stream + NVRTC compile cache, and the GPU-less ptxas report;
+//!   [`kernel_cache`]: the compiled images kept on disk, so a machine compiles each family once;
 //! - [`gpu`]: the device-runtime layer launchers are written over ([`Gpu`]: a real GPU through
 //!   cudarc, or the `cuda-sim` CPU executor), with typed, signature-checked kernel arguments;
 //! - one launcher module per kernel family: [`layernorm`]; [`adapter`]: one adapter location for
@@ -31,6 +32,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod gpu;
 pub mod graph;
+pub mod kernel_cache;
 pub mod layernorm;
 pub mod loss;
 pub mod mma;

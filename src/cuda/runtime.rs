@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::path::Path;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::{sys::CUresult, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
+use super::kernel_cache::{toolchain_identity, warn, CubinOrigin, DiskCache, EntryKey};
 use super::probe;
 use super::registry::{KernelName, KernelSource};
 use crate::error::{Error, Result};
@@ -266,8 +268,7 @@ impl ModuleKey {
     }
 }
 
-/// FNV-1a: stable across runs and Rust versions (unlike `DefaultHasher`), which a future on-disk
-/// cache will need.
+/// FNV-1a, for the in-process map (the disk cache keys by a 128-bit digest of its own).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
@@ -277,22 +278,96 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The CUBIN for `code` on `arch` with `options`, compiled at most once per process.
+/// A CUBIN held by the process-wide cache, and whether it was read from the disk cache (an image
+/// the driver may still refuse, which a fresh compile then replaces).
+#[derive(Clone, Debug)]
+pub struct CachedCubin {
+    pub image: Arc<Vec<u8>>,
+    pub origin: CubinOrigin,
+}
+
+fn memory_cache() -> &'static Mutex<HashMap<ModuleKey, CachedCubin>> {
+    static CACHE: OnceLock<Mutex<HashMap<ModuleKey, CachedCubin>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The CUBIN for `code` on `arch` with `options`, compiled at most once per process and, through
+/// the disk cache the environment configures ([`DiskCache::configured`]), once per machine.
 pub fn cached_cubin(program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<Arc<Vec<u8>>> {
-    static CACHE: OnceLock<Mutex<HashMap<ModuleKey, Arc<Vec<u8>>>>> = OnceLock::new();
+    Ok(cubin_through(program_name, code, arch, options, DiskCache::configured())?.image)
+}
+
+/// [`cached_cubin`] with the disk cache `disk` (or none), saying where the image came from.
+pub fn cubin_through(program_name: &str, code: &str, arch: &str, options: &[&str], disk: Option<&DiskCache>) -> Result<CachedCubin> {
     check_arch(arch)?;
     let key = ModuleKey::new(code, arch, options);
     // Held across the compile on purpose: concurrent first users of a kernel wait for one compile.
-    let mut cache = lock(CACHE.get_or_init(Default::default));
+    let mut cache = lock(memory_cache());
     if let Some(hit) = cache.get(&key) {
         return Ok(hit.clone());
     }
+    let compile = || compile_cubin(program_name, code, arch, options);
+    let (image, origin) = match disk.map(|d| (d, disk_key(d, program_name, code, arch, options))) {
+        Some((d, Ok(entry))) => d.fetch_or_compile(&entry, compile)?,
+        // No NVRTC version to key by: the compile reports why NVRTC is missing.
+        Some((_, Err(_))) | None => (compile()?, CubinOrigin::Compiled),
+    };
+    let entry = CachedCubin { image: Arc::new(image), origin };
+    cache.insert(key, entry.clone());
+    Ok(entry)
+}
+
+/// Compiles again, bypassing both caches, and replaces their entries: the driver refused the
+/// image the disk cache held.
+fn recompile_refused(program_name: &str, code: &str, arch: &str, options: &[&str], disk: Option<&DiskCache>) -> Result<CachedCubin> {
+    let mut cache = lock(memory_cache());
+    let image = compile_cubin(program_name, code, arch, options)?;
+    if let Some(d) = disk {
+        let stored = disk_key(d, program_name, code, arch, options).and_then(|entry| d.store(&entry, &image));
+        if let Err(e) = stored {
+            warn(&format!("the kernel cache entry for {program_name} ({arch}) was not replaced: {e}"));
+        }
+    }
+    let entry = CachedCubin { image: Arc::new(image), origin: CubinOrigin::Compiled };
+    cache.insert(ModuleKey::new(code, arch, options), entry.clone());
+    Ok(entry)
+}
+
+/// NVRTC's full option list for a CUBIN of `code` on `arch` with `options`.
+fn full_options(arch: &str, options: &[&str]) -> Vec<String> {
     let mut all = vec![format!("--gpu-architecture={arch}")];
     all.extend(options.iter().map(|s| s.to_string()));
-    let (cubin, _log) = nvrtc_compile(code, program_name, &all)?;
-    let cubin = Arc::new(cubin);
-    cache.insert(key, cubin.clone());
-    Ok(cubin)
+    all
+}
+
+/// Compiles `code` to a CUBIN for `arch` with `options`, with no cache at all.
+pub fn compile_cubin(program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<Vec<u8>> {
+    check_arch(arch)?;
+    Ok(nvrtc_compile(code, program_name, &full_options(arch, options))?.0)
+}
+
+/// The disk cache's entry for `code` on `arch` with `options`, keyed by the NVRTC this process
+/// loaded (so it needs libnvrtc).
+pub fn disk_key(disk: &DiskCache, program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<EntryKey> {
+    let family = Path::new(program_name).file_stem().and_then(|s| s.to_str()).unwrap_or(program_name);
+    let toolchain = toolchain_identity(nvrtc_version()?, cuda_include_dir().as_deref());
+    Ok(disk.key(family, code, arch, &full_options(arch, options), &toolchain))
+}
+
+/// Loads `entry` with `load`; where the driver refuses an image the disk cache supplied, compiles
+/// afresh with `recompile` and loads that instead (the same bytes refused twice are an error).
+fn load_or_recompile<M>(entry: CachedCubin, load: impl Fn(&[u8]) -> Result<M>, recompile: impl FnOnce() -> Result<CachedCubin>) -> Result<M> {
+    let refused = match load(&entry.image) {
+        Ok(m) => return Ok(m),
+        Err(e) if entry.origin == CubinOrigin::Disk => e,
+        Err(e) => return Err(e),
+    };
+    warn(&format!("the driver refused a cached kernel image ({refused}); compiling it again"));
+    let fresh = recompile()?;
+    if fresh.image == entry.image {
+        return Err(refused);
+    }
+    load(&fresh.image)
 }
 
 // ---- the runtime ---------------------------------------------------------------------------------
@@ -305,6 +380,8 @@ pub struct CudaRuntime {
     arch: String,
     modules: Mutex<HashMap<ModuleKey, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Where compiled images are kept across processes; the environment's by default.
+    disk_cache: Option<DiskCache>,
 }
 
 impl std::fmt::Debug for CudaRuntime {
@@ -339,6 +416,7 @@ impl CudaRuntime {
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            disk_cache: DiskCache::configured().cloned(),
         })
     }
 
@@ -357,17 +435,36 @@ impl CudaRuntime {
         &self.arch
     }
 
+    /// The disk cache this runtime compiles through (see [`super::kernel_cache`]).
+    pub fn kernel_cache(&self) -> Option<&DiskCache> {
+        self.disk_cache.as_ref()
+    }
+
+    /// Compile through `cache` instead of the environment's (`None`: no disk cache). Modules
+    /// already loaded stay loaded.
+    pub fn set_kernel_cache(&mut self, cache: Option<DiskCache>) {
+        self.disk_cache = cache;
+    }
+
     /// The module for `source` built with `options` (beyond the arch), compiled and loaded once.
+    /// An image from the disk cache that the driver refuses is compiled again and replaced.
     pub fn module(&self, source: &KernelSource, options: &[&str]) -> Result<Arc<CudaModule>> {
         let key = ModuleKey::new(source.code, &self.arch, options);
         let mut modules = lock(&self.modules);
         if let Some(m) = modules.get(&key) {
             return Ok(m.clone());
         }
-        let cubin = cached_cubin(source.file, source.code, &self.arch, options)?;
+        let (file, code, arch, disk) = (source.file, source.code, self.arch.as_str(), self.disk_cache.as_ref());
+        let cubin = cubin_through(file, code, arch, options, disk)?;
+        let module = load_or_recompile(cubin, |image| self.load_image(file, image), || recompile_refused(file, code, arch, options, disk))?;
+        modules.insert(key, module.clone());
+        Ok(module)
+    }
+
+    fn load_image(&self, file: &str, image: &[u8]) -> Result<Arc<CudaModule>> {
         let arch = &self.arch;
-        let module = guard("cuModuleLoadData", || {
-            self.ctx.load_module(Ptx::from_binary(cubin.to_vec())).map_err(|e| {
+        guard("cuModuleLoadData", || {
+            self.ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| {
                 let hint = match e.0 {
                     CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
                     | CUresult::CUDA_ERROR_INVALID_IMAGE
@@ -376,11 +473,9 @@ impl CudaRuntime {
                     }
                     _ => "",
                 };
-                Error::Cuda(format!("loading {} built for {arch}: {e:?}{hint}", source.file))
+                Error::Cuda(format!("loading {file} built for {arch}: {e:?}{hint}"))
             })
-        })?;
-        modules.insert(key, module.clone());
-        Ok(module)
+        })
     }
 
     /// The kernel `kernel`, from its source built with default options.
@@ -514,5 +609,43 @@ ptxas info    : Compile time = 28.252 ms
     fn fnv_is_stable() {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn a_refused_cached_image_is_compiled_again_once() {
+        use std::cell::Cell;
+        let entry = |bytes: &[u8], origin| CachedCubin { image: Arc::new(bytes.to_vec()), origin };
+        // The driver stand-in accepts only the image "good".
+        let loads = Cell::new(0);
+        let load = |image: &[u8]| {
+            loads.set(loads.get() + 1);
+            if image == b"good" { Ok(image.len()) } else { Err(Error::Cuda(format!("refused {}", String::from_utf8_lossy(image)))) }
+        };
+        let recompiles = Cell::new(0);
+        let recompile = |bytes: &'static [u8]| {
+            let recompiles = &recompiles;
+            move || {
+                recompiles.set(recompiles.get() + 1);
+                Ok(entry(bytes, CubinOrigin::Compiled))
+            }
+        };
+        // A disk image the driver refuses: compiled again, and the fresh image loads.
+        assert_eq!(load_or_recompile(entry(b"stale", CubinOrigin::Disk), load, recompile(b"good")).unwrap(), 4);
+        assert_eq!((loads.get(), recompiles.get()), (2, 1));
+        // An accepted image is not compiled again.
+        assert_eq!(load_or_recompile(entry(b"good", CubinOrigin::Disk), load, recompile(b"good")).unwrap(), 4);
+        assert_eq!(recompiles.get(), 1);
+        // A freshly compiled image the driver refuses is the driver's error; nothing is retried.
+        let err = load_or_recompile(entry(b"new", CubinOrigin::Compiled), load, recompile(b"good")).unwrap_err();
+        assert!(err.to_string().contains("refused new"), "{err}");
+        assert_eq!(recompiles.get(), 1);
+        // The same bytes again: the driver's first answer, not a second load of the same image.
+        loads.set(0);
+        let err = load_or_recompile(entry(b"same", CubinOrigin::Disk), load, recompile(b"same")).unwrap_err();
+        assert!(err.to_string().contains("refused same"), "{err}");
+        assert_eq!((loads.get(), recompiles.get()), (1, 2));
+        // A failed recompile is that failure.
+        let err = load_or_recompile(entry(b"stale", CubinOrigin::Disk), load, || Err(Error::Cuda("NVRTC missing".into()))).unwrap_err();
+        assert!(err.to_string().contains("NVRTC missing"), "{err}");
     }
 }

@@ -252,7 +252,7 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
         )));
     }
     for warning in model.training_warnings() {
-        eprintln!("warning: {warning}");
+        warn!("warning: {warning}");
     }
     let backend = model.backend().clone();
     let be = backend.as_ref();

@@ -944,6 +944,14 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         args.batch_size,
         args.alternate
     );
+    if matches!(backend.device(), bert_adapters::Device::Cuda(_)) {
+        // The first run on a machine waits for NVRTC (a minute or more on a small host); say why,
+        // and where the compiled kernels are kept so the next run does not.
+        match bert_adapters::cuda::kernel_cache::DiskCache::configured() {
+            Some(cache) => say!("CUDA kernels: compiled on first use, kept in {} for later runs", cache.dir().display()),
+            None => say!("CUDA kernels: compiled on first use; not kept between runs ({} is off)", bert_adapters::cuda::kernel_cache::CACHE_ENV),
+        };
+    }
     if args.grad_accum > 1 {
         say!("gradient accumulation: each batch of {} runs as {} micro-batches", args.batch_size, args.grad_accum);
     }
