@@ -155,6 +155,20 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     say "DRY_RUN=1: GPU tests may skip; benchmarks only as a smoke test"
 fi
 
+# Every kernel family compiled for this GPU at once, one NVRTC compile a core, into the kernel
+# cache above: the test and bench executables then compile nothing (each would otherwise compile,
+# one family at a time, what it launches). KERNELS_AHEAD=0 leaves this out.
+if [ "${KERNELS_AHEAD:-1}" = 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/bert-adapters" ]; then
+    echo | tee -a "$LOG"
+    echo "== bert-adapters kernels (into $BERT_ADAPTERS_KERNEL_CACHE) ==" | tee -a "$LOG"
+    start=$(date +%s.%N)
+    "$BUNDLE/bert-adapters" kernels 2>&1 | tee -a "$LOG" >"$LOG.one"
+    rc=${PIPESTATUS[0]}
+    secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+    say "$(printf '%-28s %-22s %6ss  %s' "kernels ahead" "$([ "$rc" -eq 0 ] && echo done || echo "FAILED (rc $rc)")" "$secs" "$(tail -2 "$LOG.one" | head -1)")"
+    flush
+fi
+
 failed=0
 [ "${SKIP_TESTS:-0}" = 1 ] && say "SKIP_TESTS=1: test executables and sanitizer left out"
 for t in "$BUNDLE"/test-* "$BUNDLE"/unit-*; do

@@ -729,3 +729,53 @@ fn adapter_convert_on_roberta_keeps_the_model_type() {
         assert_close(&format!("converted {name}"), &read_f32(&got, &name).0, &read_f32(&want, &name).0, 1e-5);
     }
 }
+
+/// `bert-adapters kernels`: fills the disk cache with exactly the entries the runtime later reads,
+/// once; bad requests are one clear line.
+#[test]
+fn kernels_fills_the_cache_the_runtime_reads() {
+    use bert_adapters::cuda::kernel_cache::DiskCache;
+    use bert_adapters::cuda::probe::nvrtc_for_test;
+    use bert_adapters::cuda::registry::ALL_SOURCES;
+    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    let dir = std::env::temp_dir().join(format!("cli-kernels-{}", std::process::id()));
+    let kernels = |args: &[&str], cache: &str| {
+        let out = bin().arg("kernels").args(args).env("BERT_ADAPTERS_KERNEL_CACHE", cache).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let fails = |args: &[&str], cache: &str, says: &[&str]| {
+        let (ok, _, err) = kernels(args, cache);
+        assert!(!ok, "{args:?} succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: `{s}` not in: {err}");
+        }
+    };
+    let cache_dir = s(&dir).to_string();
+    fails(&["--arch", "sm_80", "--family", "nope"], &cache_dir, &["--family nope", "attention_mma"]);
+    fails(&["--arch", "compute_90", "--family", "mma"], &cache_dir, &["compute_90", "sm_90"]);
+    fails(&["--arch", "sm_80"], "off", &["BERT_ADAPTERS_KERNEL_CACHE"]);
+    if !bert_adapters::cuda::probe::driver_available() {
+        fails(&["--family", "mma"], &cache_dir, &["no GPU", "--arch"]);
+    }
+    assert!(!dir.exists(), "a refused request creates nothing");
+    if !nvrtc_for_test("cli::kernels_fills_the_cache_the_runtime_reads") {
+        return;
+    }
+    let (ok, out, err) = kernels(&["--arch", "sm_80", "--family", "mma", "--jobs", "2"], &cache_dir);
+    assert!(ok, "{err}");
+    assert!(out.contains("sm_80 mma: compiled in") && out.contains("1 compiled, 0 already cached"), "{out}");
+    let (ok, out, err) = kernels(&["--arch", "sm_80", "--family", "mma"], &cache_dir);
+    assert!(ok, "{err}");
+    assert!(out.contains("sm_80 mma: already in the cache") && out.contains("0 compiled, 1 already cached"), "{out}");
+    // The entry is the one this process's runtime would read, and it holds what NVRTC makes. The
+    // key is taken after this process has compiled (which maps more of NVRTC than the command had
+    // when it made the key): a key must not depend on that.
+    let mma = ALL_SOURCES.iter().find(|s| s.family == "mma").unwrap();
+    let expected = compile_cubin(mma.file, mma.code, "sm_80", &[]).unwrap();
+    let cache = DiskCache::new(&dir);
+    let key = disk_key(&cache, mma.file, mma.code, "sm_80", &[]).unwrap();
+    assert_eq!(cache.load(&key), Some(expected));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

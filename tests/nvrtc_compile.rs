@@ -196,3 +196,33 @@ fn the_disk_cache_keeps_what_nvrtc_compiled() {
     assert!(!cache.entry_path(&disk_key(&cache, "broken.cu", broken, "sm_80", &opts).unwrap()).exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn precompile_keeps_going_past_a_family_that_fails() {
+    use bert_adapters::cuda::kernel_cache::{CubinOrigin, DiskCache};
+    use bert_adapters::cuda::registry::KernelSource;
+    use bert_adapters::cuda::runtime::precompile;
+    if !nvrtc_for_test("nvrtc_compile::precompile_keeps_going_past_a_family_that_fails") {
+        return;
+    }
+    static BROKEN: KernelSource = KernelSource { family: "broken", file: "broken.cu", code: "extern \"C\" __global__ void broken( {}\n", kernels: &[] };
+    static FINE: KernelSource = KernelSource {
+        family: "fine",
+        file: "fine.cu",
+        code: "extern \"C\" __global__ void fine(float* x) { x[threadIdx.x] *= 3.0f; }\n",
+        kernels: &["fine"],
+    };
+    let dir = std::env::temp_dir().join(format!("precompile-{}-{:x}", std::process::id(), rand::random::<u64>()));
+    let cache = DiskCache::new(&dir);
+    let results = precompile(&cache, &[&BROKEN, &FINE], "sm_80", 2).unwrap();
+    assert_eq!(results.len(), 2);
+    let err = results[0].as_ref().unwrap_err().to_string();
+    assert!(err.contains("broken.cu"), "{err}");
+    let fine = results[1].as_ref().unwrap();
+    assert_eq!((fine.family, fine.origin), ("fine", CubinOrigin::Compiled));
+    // A second pass only reads.
+    let again = precompile(&cache, &[&FINE], "sm_80", 1).unwrap();
+    assert_eq!(again[0].as_ref().unwrap().origin, CubinOrigin::Disk);
+    assert!(precompile(&cache, &[&FINE], "compute_80", 1).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -333,7 +333,10 @@ pub fn toolchain_identity(nvrtc_version: (i32, i32), include_dir: Option<&Path>)
         }
     }
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut libraries: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.contains("libnvrtc")).collect();
+    // libnvrtc itself only: its builtins library is mapped by the first compile, and a key must
+    // not change once a process has compiled something.
+    let is_nvrtc = |p: &&str| Path::new(p).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc.so"));
+    let mut libraries: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(is_nvrtc).collect();
     libraries.sort_unstable();
     libraries.dedup();
     let mut identity = format!("nvrtc {}.{}", nvrtc_version.0, nvrtc_version.1);

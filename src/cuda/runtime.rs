@@ -354,6 +354,54 @@ pub fn disk_key(disk: &DiskCache, program_name: &str, code: &str, arch: &str, op
     Ok(disk.key(family, code, arch, &full_options(arch, options), &toolchain))
 }
 
+/// What [`precompile`] did for one kernel source.
+#[derive(Clone, Debug)]
+pub struct Precompiled {
+    pub family: &'static str,
+    /// `Disk`: the entry was already there; `Compiled`: NVRTC made it now.
+    pub origin: CubinOrigin,
+    pub seconds: f64,
+}
+
+/// Compiles `sources` for `arch` into `disk`, `jobs` NVRTC compiles at a time (NVRTC is
+/// thread-safe; each compile uses one core), the largest first so the longest compile does not
+/// start last. Entries already on disk are only checked. One result a source, in `sources`' order:
+/// a source that fails to compile does not stop the others. This is what later processes then
+/// read instead of compiling ([`cached_cubin`], with the same options: none beyond the arch).
+pub fn precompile(disk: &DiskCache, sources: &[&'static KernelSource], arch: &str, jobs: usize) -> Result<Vec<Result<Precompiled>>> {
+    check_arch(arch)?;
+    ensure_nvrtc()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| Error::Cuda(format!("cannot start {jobs} compile threads: {e}")))?;
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sources[i].code.len()));
+    let mut results: Vec<(usize, Result<Precompiled>)> = pool.install(|| {
+        use rayon::prelude::*;
+        order
+            .par_iter()
+            .with_max_len(1)
+            .map(|&i| {
+                let source = sources[i];
+                let start = std::time::Instant::now();
+                let done = disk_key(disk, source.file, source.code, arch, &[]).and_then(|key| {
+                    let (_, origin) = disk.fetch_or_compile(&key, || compile_cubin(source.file, source.code, arch, &[]))?;
+                    // fetch_or_compile only warns when it cannot keep a compile; here keeping it is the point.
+                    match disk.load(&key) {
+                        Some(_) => Ok(origin),
+                        None => Err(Error::Cuda(format!("{}: compiled, but not kept in {}", source.file, disk.entry_path(&key).display()))),
+                    }
+                });
+                let result = done.map(|origin| Precompiled { family: source.family, origin, seconds: start.elapsed().as_secs_f64() });
+                (i, result)
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
 /// Loads `entry` with `load`; where the driver refuses an image the disk cache supplied, compiles
 /// afresh with `recompile` and loads that instead (the same bytes refused twice are an error).
 fn load_or_recompile<M>(entry: CachedCubin, load: impl Fn(&[u8]) -> Result<M>, recompile: impl FnOnce() -> Result<CachedCubin>) -> Result<M> {

@@ -6,6 +6,7 @@ mod checkpoint;
 mod convert;
 mod flags;
 mod infer;
+mod kernels;
 mod limits;
 mod metrics;
 mod objective;
@@ -38,6 +39,8 @@ enum Command {
     Train(train::TrainFlags),
     /// Print one label per input line with an adapter and its head.
     Predict(predict::PredictArgs),
+    /// Compile the CUDA kernels into the on-disk kernel cache now, in parallel, so later runs start at once.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Adapter(args) => convert::run(args),
         Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Kernels(args) => kernels::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
