@@ -32,6 +32,9 @@
 # DRY_RUN=1 (for the dev box): run the bundle without REQUIRE_GPU/REQUIRE_NVRTC, so GPU tests
 # skip instead of failing, and the benchmarks only as a smoke test (each bench executable once
 # with --test, which skips without a GPU; the torch script's --help).
+# Before the tests it compiles every kernel family for the GPU at once into target/kernel-cache
+# (`bert-adapters kernels`, one NVRTC compile a core; KERNELS_AHEAD=0 leaves it out), so no test
+# or bench executable compiles a kernel, and a second call on the still-warm machine finds them.
 # Copy the summary into docs/gpu-log.md afterwards.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -776,6 +776,14 @@ fn kernels_fills_the_cache_the_runtime_reads() {
     let expected = compile_cubin(mma.file, mma.code, "sm_80", &[]).unwrap();
     let cache = DiskCache::new(&dir);
     let key = disk_key(&cache, mma.file, mma.code, "sm_80", &[]).unwrap();
+    assert_eq!(cache.load(&key), Some(expected.clone()));
+    // --prune: an entry this build no longer makes (an edited kernel) goes; the current one stays.
+    let stale = cache.key("mma", "an older mma.cu", "sm_80", &[], "an older NVRTC");
+    cache.store(&stale, &expected).unwrap();
+    let (ok, out, err) = kernels(&["--arch", "sm_80", "--family", "mma", "--prune"], &cache_dir);
+    assert!(ok, "{err}");
+    assert!(out.contains("sm_80: removed 1 stale entry"), "{out}");
+    assert!(!cache.entry_path(&stale).exists());
     assert_eq!(cache.load(&key), Some(expected));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -15,7 +15,8 @@
 //!   again and rewritten, with one line on stderr. A file at an entry's name that is not one of
 //!   ours (no magic) is left alone; the compile's result is then simply not kept.
 //! - **Writes** go through [`crate::io::atomic::write_atomic`] (a private temporary, fsynced, then
-//!   renamed), so a reader never sees half an entry and a failed write leaves the earlier one.
+//!   renamed), so a reader never sees half an entry and a failed write leaves the earlier one; the
+//!   temporaries a killed writer left beside an entry go when it is next written.
 //! - **Processes.** The first process to miss an entry holds an advisory lock (`.NAME.lock`,
 //!   `flock`) while it compiles; the others wait for it and then read its entry, so eight MPI
 //!   ranks on a fresh node compile once, not eight times. The wait is bounded (10 minutes): past
@@ -159,6 +160,9 @@ impl DiskCache {
             return Err(Error::Cuda(format!("kernel cache: {} is not a cache entry ({why}); left as it is", path.display())));
         }
         self.create_dir()?;
+        // What a process killed while writing this entry left (only its exact temporaries, only
+        // of processes no longer alive).
+        let _ = crate::io::atomic::clean_leftovers(&self.dir, &[&key.file_name], &[]);
         let mut bytes = Vec::with_capacity(HEADER_BYTES + cubin.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&key.digest.to_le_bytes());
@@ -193,6 +197,36 @@ impl DiskCache {
             warn_once(&UNWRITABLE, &format!("kernel cache {}: {e}; kernels are compiled without it", self.dir.display()));
         }
         Ok((cubin, CubinOrigin::Compiled))
+    }
+
+    /// Removes this folder's entries for `archs` whose names are not in `keep` (entries an earlier
+    /// version of the kernels or of the toolchain left), with their lock files. Only files named
+    /// as entries are (`FAMILY-ARCH-DIGEST.cubin`) whose header is the cache's are touched, so
+    /// nothing the cache did not write goes. Returns how many entries went, and their bytes.
+    pub fn prune(&self, archs: &[&str], keep: &[String]) -> Result<(usize, u64)> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(Error::io(&self.dir, e)),
+        };
+        let (mut removed, mut bytes) = (0, 0);
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(arch) = entry_arch(&name) else { continue };
+            if !archs.contains(&arch) || keep.iter().any(|k| *k == name) {
+                continue;
+            }
+            let path = entry.path();
+            if foreign_file(&path).is_some() {
+                continue;
+            }
+            let len = entry.metadata().map_or(0, |m| m.len());
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            let _ = std::fs::remove_file(self.dir.join(format!(".{name}.lock")));
+            removed += 1;
+            bytes += len;
+        }
+        Ok((removed, bytes))
     }
 
     fn create_dir(&self) -> Result<()> {
@@ -250,6 +284,14 @@ fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
 #[cfg(not(unix))]
 fn try_lock(_file: &std::fs::File) -> std::io::Result<bool> {
     Ok(true)
+}
+
+/// The arch part of an entry's file name (`FAMILY-ARCH-DIGEST.cubin`), if `name` has that form.
+fn entry_arch(name: &str) -> Option<&str> {
+    let (rest, digest) = name.strip_suffix(".cubin")?.rsplit_once('-')?;
+    let (family, arch) = rest.rsplit_once('-')?;
+    let hex = digest.len() == 32 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex && !family.is_empty() && arch.starts_with("sm_")).then_some(arch)
 }
 
 /// `Ok(None)`: no entry. `Err(why)`: a file is there but is not a sound entry for `digest`.
@@ -455,6 +497,56 @@ mod tests {
         std::fs::write(&path, flip(HEADER_BYTES + 3)).unwrap();
         cache.store(&key, &image).unwrap();
         assert_eq!(cache.load(&key).as_deref(), Some(&image[..]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_goes_with_the_next_write() {
+        let dir = tmp("leftovers");
+        let cache = DiskCache::new(&dir);
+        let key = cache.key("embedding", "code", "sm_90", &[], "t");
+        // A temporary of a process that no longer exists, one of a live process (this one), and a
+        // file of the same shape for another entry: only the first goes.
+        let dead = dir.join(format!(".{}.tmp-2147483600-00112233aabbccdd", key.file_name));
+        let live = dir.join(format!(".{}.tmp-{}-00112233aabbccdd", key.file_name, std::process::id()));
+        let other = dir.join(".other.cubin.tmp-2147483600-00112233aabbccdd");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        cache.store(&key, &elf(16)).unwrap();
+        assert!(!dead.exists(), "a dead writer's temporary is removed");
+        assert!(live.exists() && other.exists(), "nothing else is touched");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn prune_removes_only_stale_entries_of_the_named_archs() {
+        let dir = tmp("prune");
+        let cache = DiskCache::new(&dir);
+        let current = cache.key("attention", "new code", "sm_90", &[], "t");
+        let stale = cache.key("attention", "old code", "sm_90", &[], "t");
+        let other_arch = cache.key("attention", "old code", "sm_80", &[], "t");
+        for k in [&current, &stale, &other_arch] {
+            cache.store(k, &elf(100)).unwrap();
+            cache.lock(k).unwrap();
+        }
+        // Files of the entries' name form that the cache did not write, and files of other forms.
+        let foreign = dir.join(format!("notes-sm_90-{}.cubin", "ab".repeat(16)));
+        std::fs::write(&foreign, b"mine").unwrap();
+        let unrelated = dir.join("README");
+        std::fs::write(&unrelated, b"mine").unwrap();
+
+        let (removed, bytes) = cache.prune(&["sm_90"], std::slice::from_ref(&current.file_name)).unwrap();
+        assert_eq!((removed, bytes), (1, (HEADER_BYTES + 104) as u64));
+        assert!(!cache.entry_path(&stale).exists() && !dir.join(format!(".{}.lock", stale.file_name)).exists());
+        assert!(cache.load(&current).is_some() && cache.load(&other_arch).is_some(), "kept: the current entry and other archs");
+        assert_eq!(std::fs::read(&foreign).unwrap(), b"mine");
+        assert_eq!(std::fs::read(&unrelated).unwrap(), b"mine");
+        assert_eq!(DiskCache::new(dir.join("absent")).prune(&["sm_90"], &[]).unwrap(), (0, 0));
+        assert_eq!(entry_arch(&current.file_name), Some("sm_90"));
+        for not_entry in ["x.cubin", "a-sm_90-12.cubin", "-sm_90-00112233445566778899aabbccddeeff.cubin", "a-b-00112233445566778899aabbccddeeff.cubin"] {
+            assert_eq!(entry_arch(not_entry), None, "{not_entry}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

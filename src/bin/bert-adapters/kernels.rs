@@ -7,7 +7,7 @@ use clap::Args;
 
 use bert_adapters::cuda::kernel_cache::{CubinOrigin, DiskCache, CACHE_ENV};
 use bert_adapters::cuda::registry::{KernelSource, ALL_SOURCES};
-use bert_adapters::cuda::runtime::precompile;
+use bert_adapters::cuda::runtime::{disk_key, precompile};
 use bert_adapters::{Error, Result};
 
 #[derive(Args)]
@@ -22,6 +22,10 @@ pub struct KernelsArgs {
     /// NVRTC compiles at a time (each takes one core); default: the cores this process may use.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
+    /// Then remove the cache's entries for these architectures that this build does not use
+    /// (left by earlier versions of the kernels or of NVRTC); every family's current entry stays.
+    #[arg(long)]
+    prune: bool,
 }
 
 fn sources(names: &[String]) -> Result<Vec<&'static KernelSource>> {
@@ -73,6 +77,11 @@ pub fn run(args: KernelsArgs) -> Result<()> {
             }
         }
         say!("{arch}: {compiled} compiled, {cached} already cached, in {}", cache.dir().display());
+        if args.prune && failures.is_empty() {
+            let keep = ALL_SOURCES.iter().map(|s| disk_key(cache, s.file, s.code, arch, &[]).map(|k| k.file_name)).collect::<Result<Vec<_>>>()?;
+            let (removed, bytes) = cache.prune(&[arch.as_str()], &keep)?;
+            say!("{arch}: removed {removed} stale entr{} ({:.1} MB)", if removed == 1 { "y" } else { "ies" }, bytes as f64 / 1e6);
+        }
     }
     say!("{:.1} s with {jobs} compile{} at a time", start.elapsed().as_secs_f64(), if jobs == 1 { "" } else { "s" });
     match failures.len() {

@@ -948,7 +948,10 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         // The first run on a machine waits for NVRTC (a minute or more on a small host); say why,
         // and where the compiled kernels are kept so the next run does not.
         match bert_adapters::cuda::kernel_cache::DiskCache::configured() {
-            Some(cache) => say!("CUDA kernels: compiled on first use, kept in {} for later runs", cache.dir().display()),
+            Some(cache) => say!(
+                "CUDA kernels: compiled on first use, kept in {} for later runs (`bert-adapters kernels` compiles them all ahead, in parallel)",
+                cache.dir().display()
+            ),
             None => say!("CUDA kernels: compiled on first use; not kept between runs ({} is off)", bert_adapters::cuda::kernel_cache::CACHE_ENV),
         };
     }
