@@ -213,7 +213,7 @@ impl DiskCache {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(arch) = entry_arch(&name) else { continue };
-            if !archs.contains(&arch) || keep.iter().any(|k| *k == name) {
+            if !archs.contains(&arch) || keep.contains(&name) {
                 continue;
             }
             let path = entry.path();
