@@ -33,7 +33,8 @@
 # skip instead of failing, and the benchmarks only as a smoke test (each bench executable once
 # with --test, which skips without a GPU; the torch script's --help).
 # Before the tests it compiles every kernel family for the GPU at once into target/kernel-cache
-# (`bert-adapters kernels`, one NVRTC compile a core; KERNELS_AHEAD=0 leaves it out), so no test
+# (`bert-adapters kernels`, one NVRTC compile a core; KERNELS_AHEAD=0 leaves it out, KERNELS_ARCH
+# names the arch where there is no GPU to ask, as in a dry run here), so no test
 # or bench executable compiles a kernel, and a second call on the still-warm machine finds them.
 # Copy the summary into docs/gpu-log.md afterwards.
 set -uo pipefail
@@ -165,10 +166,10 @@ if [ "${KERNELS_AHEAD:-1}" = 1 ] && [ "${DRY_RUN:-0}" != 1 ] && [ -x "$BUNDLE/be
     echo | tee -a "$LOG"
     echo "== bert-adapters kernels (into $BERT_ADAPTERS_KERNEL_CACHE) ==" | tee -a "$LOG"
     start=$(date +%s.%N)
-    "$BUNDLE/bert-adapters" kernels 2>&1 | tee -a "$LOG" >"$LOG.one"
+    "$BUNDLE/bert-adapters" kernels ${KERNELS_ARCH:+--arch "$KERNELS_ARCH"} 2>&1 | tee -a "$LOG" >"$LOG.one"
     rc=${PIPESTATUS[0]}
     secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
-    say "$(printf '%-28s %-22s %6ss  %s' "kernels ahead" "$([ "$rc" -eq 0 ] && echo done || echo "FAILED (rc $rc)")" "$secs" "$(tail -2 "$LOG.one" | head -1)")"
+    say "$(printf '%-28s %-22s %6ss  %s' "kernels ahead" "$([ "$rc" -eq 0 ] && echo done || echo "FAILED (rc $rc)")" "$secs" "$(tail -2 "$LOG.one" | tr '\n' ' ')")"
     flush
 fi
 
