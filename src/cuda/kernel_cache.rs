@@ -5,7 +5,9 @@
 //! - **Where.** `$BERT_ADAPTERS_KERNEL_CACHE` when set (`off`, `0`, `false`, `none`, `no` or empty
 //!   turn the cache off), else `$XDG_CACHE_HOME/bert-adapters/kernels`, else
 //!   `$HOME/.cache/bert-adapters/kernels`; neither set, no cache. Folders it creates are private
-//!   (mode 0700). Every entry can be deleted at any time: it is compiled again when next needed.
+//!   (mode 0700); a folder the variable names is used as it is, so keep it writable by you alone:
+//!   an image found there runs on your GPU. Every entry can be deleted at any time: it is compiled
+//!   again when next needed.
 //! - **Key.** An xxh3-128 digest of everything the CUBIN depends on: the source text, the arch,
 //!   every NVRTC option, NVRTC's version and the identity (path, size, mtime) of the loaded
 //!   libnvrtc and of the header folder, so a reinstalled or upgraded toolchain misses rather than
@@ -316,17 +318,17 @@ fn read_entry(path: &Path, digest: u128) -> std::result::Result<Option<Vec<u8>>,
         return Err("its header names another key".into());
     }
     let (image_len, checksum) = (word(24), word(32));
-    let image = &bytes[HEADER_BYTES..];
+    let image = bytes.split_off(HEADER_BYTES);
     if image.len() as u64 != image_len {
         return Err(format!("truncated or padded: {} image bytes, the header says {image_len}", image.len()));
     }
-    if xxhash_rust::xxh3::xxh3_64(image) != checksum {
+    if xxhash_rust::xxh3::xxh3_64(&image) != checksum {
         return Err("its checksum does not match (damaged)".into());
     }
     if !image.starts_with(b"\x7fELF") {
         return Err("the image is not an ELF CUBIN".into());
     }
-    Ok(Some(image.to_vec()))
+    Ok(Some(image))
 }
 
 /// Why the file at `path` is not ours to replace, if it is not (a missing file is fine).
