@@ -36,7 +36,16 @@ BERT_ADAPTERS_SKIP_LOG="$skips" cargo test --locked --features cuda-sim "$@" 2>&
 # "Running tests/x.rs (...)" starts each test binary's section; count the passed cuda-sim tests.
 awk '
     /^ *Running / { executor = ($2 ~ /^tests\/cuda_sim/) }
-    /^test .* \.\.\. ok/ { if ($2 ~ /::cuda_sim$/) device++; else if (executor) own++ }
+    # Every "test NAME ... ok" on a line, not only at its start: a test that prints while others
+    # finish can leave another test'\''s report in the middle of its line.
+    {
+        line = $0
+        while (match(line, /test [^ ]+ \.\.\. ok/)) {
+            name = substr(line, RSTART + 5, RLENGTH - 12)
+            if (name ~ /::cuda_sim$/) device++; else if (executor) own++
+            line = substr(line, RSTART + RLENGTH)
+        }
+    }
     END { printf "cuda-sim: %d kernel tests passed on the CPU executor (%d device tests run from the same body as on a GPU, %d executor tests in tests/cuda_sim*.rs)\n", device + own, device, own }
 ' "$log"
 bash scripts/test-summary.sh "$log" "$skips"
