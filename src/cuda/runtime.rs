@@ -3,8 +3,10 @@
 //! Kernels are compiled at run time by NVRTC to a CUBIN for the device's exact architecture
 //! (`sm_XY`), not to PTX: a CUBIN does not depend on the driver's PTX JIT accepting the PTX
 //! version of a possibly newer NVRTC (CuPy made the same choice). Compiled images are cached per
-//! process under (source hash, arch, options), so each kernel family compiles once per process;
-//! each [`CudaRuntime`] additionally caches its loaded modules and functions.
+//! process under (source hash, arch, options), and on disk across processes
+//! ([`super::kernel_cache`]), so each kernel family compiles once per machine; each
+//! [`CudaRuntime`] additionally caches its loaded modules and functions. [`precompile`] fills the
+//! disk cache ahead of time, one compile a core (`bert-adapters kernels`).
 //!
 //! [`compile_with_report`] needs no GPU: it compiles for a named arch with `--ptxas-options=-v`
 //! and parses ptxas' register/spill/shared-memory report from the NVRTC log, which is how CI
