@@ -214,15 +214,19 @@ fn precompile_keeps_going_past_a_family_that_fails() {
     };
     let dir = std::env::temp_dir().join(format!("precompile-{}-{:x}", std::process::id(), rand::random::<u64>()));
     let cache = DiskCache::new(&dir);
-    let results = precompile(&cache, &[&BROKEN, &FINE], "sm_80", 2).unwrap();
+    let heard = std::sync::Mutex::new(Vec::new());
+    let results = precompile(&cache, &[&BROKEN, &FINE], "sm_80", 2, |source, result| heard.lock().unwrap().push((source.family, result.is_ok()))).unwrap();
+    let mut heard = heard.into_inner().unwrap();
+    heard.sort();
+    assert_eq!(heard, vec![("broken", false), ("fine", true)], "each source is reported as it finishes");
     assert_eq!(results.len(), 2);
     let err = results[0].as_ref().unwrap_err().to_string();
     assert!(err.contains("broken.cu"), "{err}");
     let fine = results[1].as_ref().unwrap();
     assert_eq!((fine.family, fine.origin), ("fine", CubinOrigin::Compiled));
     // A second pass only reads.
-    let again = precompile(&cache, &[&FINE], "sm_80", 1).unwrap();
+    let again = precompile(&cache, &[&FINE], "sm_80", 1, |_, _| {}).unwrap();
     assert_eq!(again[0].as_ref().unwrap().origin, CubinOrigin::Disk);
-    assert!(precompile(&cache, &[&FINE], "compute_80", 1).is_err());
+    assert!(precompile(&cache, &[&FINE], "compute_80", 1, |_, _| {}).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }

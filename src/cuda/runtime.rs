@@ -370,7 +370,14 @@ pub struct Precompiled {
 /// start last. Entries already on disk are only checked. One result a source, in `sources`' order:
 /// a source that fails to compile does not stop the others. This is what later processes then
 /// read instead of compiling ([`cached_cubin`], with the same options: none beyond the arch).
-pub fn precompile(disk: &DiskCache, sources: &[&'static KernelSource], arch: &str, jobs: usize) -> Result<Vec<Result<Precompiled>>> {
+/// `on_done` hears of each source as it finishes (from the compile threads), for progress.
+pub fn precompile(
+    disk: &DiskCache,
+    sources: &[&'static KernelSource],
+    arch: &str,
+    jobs: usize,
+    on_done: impl Fn(&KernelSource, &Result<Precompiled>) + Sync,
+) -> Result<Vec<Result<Precompiled>>> {
     check_arch(arch)?;
     ensure_nvrtc()?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -396,6 +403,7 @@ pub fn precompile(disk: &DiskCache, sources: &[&'static KernelSource], arch: &st
                     }
                 });
                 let result = done.map(|origin| Precompiled { family: source.family, origin, seconds: start.elapsed().as_secs_f64() });
+                on_done(source, &result);
                 (i, result)
             })
             .collect()

@@ -7,7 +7,7 @@ use clap::Args;
 
 use bert_adapters::cuda::kernel_cache::{CubinOrigin, DiskCache, CACHE_ENV};
 use bert_adapters::cuda::registry::{KernelSource, ALL_SOURCES};
-use bert_adapters::cuda::runtime::{disk_key, precompile};
+use bert_adapters::cuda::runtime::{disk_key, precompile, Precompiled};
 use bert_adapters::{Error, Result};
 
 #[derive(Args)]
@@ -63,16 +63,20 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     let mut failures = Vec::new();
     for arch in &archs {
         let (mut compiled, mut cached) = (0, 0);
-        for (source, result) in sources.iter().zip(precompile(cache, &sources, arch, jobs)?) {
+        // Each family is reported as it finishes; failures are gathered for the closing error.
+        let progress = |_: &KernelSource, result: &Result<Precompiled>| match result {
+            Ok(done) if done.origin == CubinOrigin::Compiled => {
+                say!("{arch} {}: compiled in {:.1} s", done.family, done.seconds);
+            }
+            Ok(done) => {
+                say!("{arch} {}: already in the cache", done.family);
+            }
+            Err(_) => {}
+        };
+        for (source, result) in sources.iter().zip(precompile(cache, &sources, arch, jobs, progress)?) {
             match result {
-                Ok(done) if done.origin == CubinOrigin::Compiled => {
-                    compiled += 1;
-                    say!("{arch} {}: compiled in {:.1} s", done.family, done.seconds);
-                }
-                Ok(done) => {
-                    cached += 1;
-                    say!("{arch} {}: already in the cache", done.family);
-                }
+                Ok(done) if done.origin == CubinOrigin::Compiled => compiled += 1,
+                Ok(_) => cached += 1,
                 Err(e) => failures.push(format!("{arch} {}: {e}", source.family)),
             }
         }
