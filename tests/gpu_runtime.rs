@@ -251,3 +251,47 @@ fn a_cached_image_the_driver_refuses_is_compiled_again() {
     assert_eq!(cache.load(&key), Some(fresh), "the entry now holds the image this GPU loads");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Device memory is finite: an allocation that does not fit first returns the pool's cached free
+/// blocks to the device and tries again (PyTorch's caching allocator does the same), and only
+/// then fails, saying how much was asked and held. On the executor, with a memory limit.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn an_allocation_that_does_not_fit_returns_the_cached_blocks_first() {
+    use bert_adapters::cuda::gpu::SimConfig;
+    let gpu = Gpu::sim(SimConfig { memory_limit: Some(1 << 20), ..SimConfig::default() });
+    // 600 KiB allocated and freed: the pool keeps it for reuse.
+    drop(gpu.alloc::<u8>(600 << 10).unwrap());
+    let before = gpu.memory_stats();
+    assert_eq!(before.cached_bytes, 600 << 10);
+    // 700 KiB does not fit beside it: the cached block goes back, and the allocation succeeds.
+    let held = gpu.alloc::<u8>(700 << 10).unwrap();
+    let after = gpu.memory_stats();
+    assert_eq!((after.cached_bytes, after.live_bytes), (0, 700 << 10));
+    assert_eq!(after.released, before.released + 1);
+    // Nothing cached to return: a clear error naming the sizes.
+    let e = gpu.alloc::<f32>(100 << 10).unwrap_err().to_string();
+    assert!(e.contains("out of device memory on cuda-sim") && e.contains("allocating 0.4 MiB more, with 0.7 MiB held"), "{e}");
+    assert!(e.contains("smaller batch") && !e.contains("returned"), "{e}");
+    // A cached block that is not enough: returned, tried again, and the error says so.
+    drop(held);
+    let e = gpu.alloc::<u8>(2 << 20).unwrap_err().to_string();
+    assert!(e.contains("allocating 2.0 MiB more") && e.contains("its 0.7 MiB of cached free blocks were returned to the device first"), "{e}");
+    assert_eq!(gpu.memory_stats().cached_bytes, 0);
+    // Within the limit again, everything works.
+    let fits = gpu.upload(&vec![1.5f32; 1000]).unwrap();
+    assert_eq!(gpu.download(&fits.view()).unwrap(), vec![1.5f32; 1000]);
+}
+
+/// On a real GPU: more than the device holds is an error naming the sizes and the device's
+/// free memory, not a panic or a bare driver code.
+#[test]
+fn more_than_the_gpu_holds_is_a_clear_error() {
+    let _ctx = bert_adapters::require_gpu!("gpu_runtime::more_than_the_gpu_holds_is_a_clear_error");
+    let gpu = Gpu::open(bert_adapters::Device::Cuda(0)).unwrap();
+    let e = gpu.alloc::<u8>(1 << 50).unwrap_err().to_string();
+    assert!(e.contains("out of device memory on cuda:0") && e.contains("MiB free"), "{e}");
+    // The device is still usable afterwards.
+    let b = gpu.upload(&[3.0f32; 16]).unwrap();
+    assert_eq!(gpu.download(&b.view()).unwrap(), vec![3.0f32; 16]);
+}

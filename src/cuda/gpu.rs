@@ -486,13 +486,16 @@ pub struct SimConfig {
     pub schedule: super::sim::Schedule,
     /// The compute capability whose launch limits the executor enforces.
     pub compute_capability: (i32, i32),
+    /// Device memory the executor lets this `Gpu` hold (live and cached blocks together), as a
+    /// GPU's is finite: past it an allocation fails as `cudaMalloc` would. `None`: the host's.
+    pub memory_limit: Option<usize>,
 }
 
 #[cfg(feature = "cuda-sim")]
 impl Default for SimConfig {
     /// The H100's limits (sm_90), forward schedule or `CUDA_SIM_SCHEDULE`'s when it parses.
     fn default() -> Self {
-        SimConfig { schedule: super::sim::Schedule::from_env().unwrap_or(super::sim::Schedule::Forward), compute_capability: (9, 0) }
+        SimConfig { schedule: super::sim::Schedule::from_env().unwrap_or(super::sim::Schedule::Forward), compute_capability: (9, 0), memory_limit: None }
     }
 }
 
@@ -502,6 +505,13 @@ impl Default for SimConfig {
 /// parameter gradients' 2112 bytes) use no dynamic shared memory; one that did, near the limit,
 /// would fail the simulator's exact check of static plus dynamic bytes.
 pub const SIM_STATIC_SHARED_BOUND: usize = 256;
+
+/// Why the device gave no block: out of memory (what the driver or the executor said), which
+/// releasing the pool's cached blocks may cure, or anything else.
+enum FreshError {
+    OutOfMemory(String),
+    Other(Error),
+}
 
 /// A GPU, real or simulated; see the module docs.
 pub struct Gpu {
@@ -717,7 +727,7 @@ impl Gpu {
                 )))
             }
             None => {
-                let b = self.fresh_block(class)?;
+                let b = self.fresh_block_or_release(class)?;
                 self.pool.note_fresh(class);
                 b
             }
@@ -725,19 +735,66 @@ impl Gpu {
         Ok(DeviceBuffer { ptr: block.ptr, len, block: Some(block), pool: self.pool.clone(), _elem: PhantomData })
     }
 
-    fn fresh_block(&self, bytes: usize) -> Result<Block> {
+    /// A block from the device; when the device is out of memory, the pool's cached free blocks
+    /// go back to it first and the allocation is tried once more (as PyTorch's caching allocator
+    /// does), and only then is it an error, one that says how much was asked and held.
+    fn fresh_block_or_release(&self, bytes: usize) -> Result<Block> {
+        let cached = match self.fresh_block(bytes) {
+            Err(FreshError::OutOfMemory(_)) if self.pool.stats().cached_bytes > 0 => {
+                let cached = self.pool.stats().cached_bytes;
+                self.pool.release_cached();
+                cached
+            }
+            other => return other.map_err(|e| self.fresh_error(e, bytes, 0)),
+        };
+        self.fresh_block(bytes).map_err(|e| self.fresh_error(e, bytes, cached))
+    }
+
+    fn fresh_error(&self, e: FreshError, bytes: usize, released: usize) -> Error {
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        match e {
+            FreshError::Other(e) => e,
+            FreshError::OutOfMemory(why) => {
+                let held = self.pool.stats();
+                let released = if released > 0 { format!("; its {:.1} MiB of cached free blocks were returned to the device first", mib(released)) } else { String::new() };
+                Error::Cuda(format!(
+                    "out of device memory on {}: allocating {:.1} MiB more, with {:.1} MiB held in this process's buffers{released} ({why}); a smaller batch or shorter sequences need less",
+                    self.describe(),
+                    mib(bytes),
+                    mib(held.live_bytes + held.cached_bytes),
+                ))
+            }
+        }
+    }
+
+    fn fresh_block(&self, bytes: usize) -> std::result::Result<Block, FreshError> {
         match &self.backend {
             Backend::Cuda(rt) => {
                 // SAFETY: u8 is plain data; uninitialised device memory is only ever read by
                 // kernels, which cannot observe it as anything but bits.
-                let slice = unsafe { rt.stream().alloc::<u8>(bytes) }.map_err(|e| Error::Cuda(format!("allocating {bytes} bytes on {}: {e:?}", self.arch)))?;
+                let slice = unsafe { rt.stream().alloc::<u8>(bytes) }.map_err(|e| {
+                    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                        let free = rt.context().mem_get_info().map_or_else(|_| String::new(), |(free, total)| {
+                            format!("the device has {:.1} of {:.1} MiB free", free as f64 / (1 << 20) as f64, total as f64 / (1 << 20) as f64)
+                        });
+                        FreshError::OutOfMemory(if free.is_empty() { format!("{e:?}") } else { free })
+                    } else {
+                        FreshError::Other(Error::Cuda(format!("allocating {bytes} bytes on {}: {e:?}", self.arch)))
+                    }
+                })?;
                 // With event tracking off, the guard records nothing.
                 let ptr = slice.device_ptr(rt.stream()).0;
                 Ok(Block { raw: RawBlock::Cuda(slice), ptr, bytes })
             }
             #[cfg(feature = "cuda-sim")]
-            Backend::Sim(_) => {
-                let a = super::sim::SimAllocation::new(bytes).map_err(|e| Error::Cuda(e.0))?;
+            Backend::Sim(config) => {
+                if let Some(limit) = config.memory_limit {
+                    let held = self.pool.stats();
+                    if held.live_bytes + held.cached_bytes + bytes > limit {
+                        return Err(FreshError::OutOfMemory(format!("the executor's memory limit is {limit} bytes")));
+                    }
+                }
+                let a = super::sim::SimAllocation::new(bytes).map_err(|e| FreshError::Other(Error::Cuda(e.0)))?;
                 Ok(Block { ptr: a.as_ptr() as u64, raw: RawBlock::Sim(a), bytes })
             }
         }
