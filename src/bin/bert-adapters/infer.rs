@@ -49,10 +49,32 @@ pub fn open(choice: &str, precision: Precision) -> Result<(Arc<dyn Backend>, Loa
 /// be compared with). `train` and `predict` share the rule, so `predict` on the device `train` ran
 /// on computes what its evaluation computed. A CUDA device is opened once, in the mode it keeps.
 pub fn open_on(device: Option<Device>, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
+    use bert_adapters::cuda::probe::{driver_available, nvrtc_unavailable_reason};
     let cuda = match device {
         Some(Device::Cpu) => None,
+        Some(d @ Device::Cuda(_)) => {
+            let backend = CudaBackend::open(d)?;
+            // Say it now, not after the model has loaded and the first kernel fails to compile.
+            if let Some(why) = nvrtc_unavailable_reason() {
+                return Err(Error::Cuda(format!("--device {d}: the GPU opens but its kernels cannot be compiled: {why}")));
+            }
+            Some(backend)
+        }
         Some(d) => Some(CudaBackend::open(d)?),
-        None => CudaBackend::open(Device::Cuda(0)).ok(),
+        // A machine with a CUDA driver whose GPU cannot be used is worth a line: the run then
+        // goes on the CPU, far slower than the user may expect. Without a driver, nothing to say.
+        None => match (CudaBackend::open(Device::Cuda(0)), nvrtc_unavailable_reason()) {
+            (Ok(backend), None) => Some(backend),
+            (Ok(_), Some(why)) => {
+                warn!("warning: --device auto: GPU 0 is there but its kernels cannot be compiled ({why}); running on the CPU");
+                None
+            }
+            (Err(e), _) if driver_available() => {
+                warn!("warning: --device auto: the CUDA driver is there but GPU 0 cannot be used ({e}); running on the CPU");
+                None
+            }
+            (Err(_), _) => None,
+        },
     };
     let Some(cuda) = cuda else {
         if let Some(half) = precision.half() {
