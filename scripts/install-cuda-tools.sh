@@ -10,7 +10,12 @@
 #                                           # PATH, for ptxas) in the current shell
 # Then: REQUIRE_NVRTC=1 cargo test --test nvrtc_compile
 #
-# After sourcing, _CUDA_TOOLS_LIB and _CUDA_TOOLS_BIN name the lib/ and bin/ folders (not exported).
+# CUDA_TOOLS_CUBLAS=1 also installs cuBLAS 13.0 (nvidia-cublas, a ~420 MB wheel, into its own
+# folder ${CUDA_PYPI_CUBLAS:-$HOME/.cache/cuda-pypi-13.0-cublas}) and puts it on LD_LIBRARY_PATH:
+# what a GPU machine without a CUDA toolkit needs to train (the tests and CI do not).
+#
+# After sourcing, _CUDA_TOOLS_LIB and _CUDA_TOOLS_BIN name the lib/ and bin/ folders (not exported);
+# _CUDA_TOOLS_CUBLAS_LIB cuBLAS's lib/, with CUDA_TOOLS_CUBLAS=1.
 # Idempotent: when libnvrtc.so.13 is already in the target folder nothing is downloaded.
 # The folder is ${CUDA_PYPI:-$HOME/.cache/cuda-pypi-13.0}.
 # All wheels go in ONE pip command: a second `pip install --target` into the same folder installs
@@ -36,16 +41,33 @@ _cuda_tools_main() {
     fi
     _CUDA_TOOLS_LIB="$lib"
     _CUDA_TOOLS_BIN="$dir/nvidia/cu13/bin"
+    if [ "${CUDA_TOOLS_CUBLAS:-0}" = 1 ]; then
+        # Its own folder: a second `pip install --target` into the NVRTC folder would install nothing.
+        local blas="${CUDA_PYPI_CUBLAS:-$HOME/.cache/cuda-pypi-13.0-cublas}"
+        if [ ! -e "$blas/nvidia/cu13/lib/libcublasLt.so.13" ]; then
+            echo "installing cuBLAS 13.0 into $blas" >&2
+            PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-cache-dir --no-deps --disable-pip-version-check --target "$blas" \
+                nvidia-cublas==13.0.2.14 || return 1
+            [ -e "$blas/nvidia/cu13/lib/libcublasLt.so.13" ] || { echo "error: pip finished but $blas/nvidia/cu13/lib/libcublasLt.so.13 is missing" >&2; return 1; }
+        else
+            echo "cuBLAS 13.0 already installed in $blas" >&2
+        fi
+        _CUDA_TOOLS_CUBLAS_LIB="$blas/nvidia/cu13/lib"
+    fi
 }
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then
     # Sourced: never `exit` or `set -e` here, that would act on the caller's shell. A failed
     # install makes `source` return 1 (so a caller under `set -e` stops).
     if _cuda_tools_main; then
-        case ":${LD_LIBRARY_PATH:-}:" in
-            *":$_CUDA_TOOLS_LIB:"*) ;;
-            *) export LD_LIBRARY_PATH="$_CUDA_TOOLS_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
-        esac
+        local_dir=""
+        for local_dir in ${_CUDA_TOOLS_CUBLAS_LIB:+"$_CUDA_TOOLS_CUBLAS_LIB"} "$_CUDA_TOOLS_LIB"; do
+            case ":${LD_LIBRARY_PATH:-}:" in
+                *":$local_dir:"*) ;;
+                *) export LD_LIBRARY_PATH="$local_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+            esac
+        done
+        unset local_dir
         case ":$PATH:" in
             *":$_CUDA_TOOLS_BIN:"*) ;;
             *) export PATH="$_CUDA_TOOLS_BIN:$PATH" ;;
@@ -59,5 +81,5 @@ if [ "${BASH_SOURCE[0]}" != "$0" ]; then
 else
     set -euo pipefail
     _cuda_tools_main
-    echo "export LD_LIBRARY_PATH=\"$_CUDA_TOOLS_LIB\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
+    echo "export LD_LIBRARY_PATH=\"$_CUDA_TOOLS_LIB${_CUDA_TOOLS_CUBLAS_LIB:+:$_CUDA_TOOLS_CUBLAS_LIB}\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
 fi
