@@ -36,15 +36,20 @@ BERT_ADAPTERS_SKIP_LOG="$skips" cargo test --locked --features cuda-sim "$@" 2>&
 # "Running tests/x.rs (...)" starts each test binary's section; count the passed cuda-sim tests.
 awk '
     /^ *Running / { executor = ($2 ~ /^tests\/cuda_sim/) }
-    # Every "test NAME ... ok" on a line, not only at its start: a test that prints while others
-    # finish can leave another test'\''s report in the middle of its line.
+    # Every "test NAME ... ok" on a line, not only at its start, and a "test NAME ... " whose "ok"
+    # comes alone on a later line: a test that prints while others finish can split or interleave
+    # the reports.
+    function credit(name) { if (name ~ /::cuda_sim$/) device++; else if (executor) own++ }
+    pending != "" && /^ok *$/ { credit(pending); pending = ""; next }
+    /^(FAILED|ignored)/ { pending = "" }
     {
+        if ($0 ~ /^test /) pending = ""
         line = $0
         while (match(line, /test [^ ]+ \.\.\. ok/)) {
-            name = substr(line, RSTART + 5, RLENGTH - 12)
-            if (name ~ /::cuda_sim$/) device++; else if (executor) own++
+            credit(substr(line, RSTART + 5, RLENGTH - 12))
             line = substr(line, RSTART + RLENGTH)
         }
+        if ($0 ~ /^test [^ ]+ \.\.\. / && $0 !~ /^test [^ ]+ \.\.\. (ok|FAILED|ignored)/) pending = $2
     }
     END { printf "cuda-sim: %d kernel tests passed on the CPU executor (%d device tests run from the same body as on a GPU, %d executor tests in tests/cuda_sim*.rs)\n", device + own, device, own }
 ' "$log"
