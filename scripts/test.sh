@@ -5,7 +5,7 @@
 #   3. cargo test with the `cuda-sim` feature: every CUDA
 #      kernel also runs on the CPU executor (needs a C++20 compiler), and a closing line counts
 #      those tests: the `*::cuda_sim` halves of the device tests (test_device!) and the executor's
-#      own tests in tests/cuda_sim*.rs;
+#      own tests in tests/cuda_sim*.rs (scripts/count-sim-tests.sh);
 #   4. a last line counts every test, e.g. `564 passed, 0 failed, 136 skipped (no GPU), 1 ignored`. A test that skips
 #      (no GPU here) passes for libtest; it records its skip in $BERT_ADAPTERS_SKIP_LOG instead of
 #      printing, and is counted as skipped, not passed (scripts/test-summary.sh).
@@ -33,25 +33,6 @@ skips=$(mktemp)
 trap 'rm -f "$log" "$skips"' EXIT
 status=0
 BERT_ADAPTERS_SKIP_LOG="$skips" cargo test --locked --features cuda-sim "$@" 2>&1 | tee "$log" || status=$?
-# "Running tests/x.rs (...)" starts each test binary's section; count the passed cuda-sim tests.
-awk '
-    /^ *Running / { executor = ($2 ~ /^tests\/cuda_sim/) }
-    # Every "test NAME ... ok" on a line, not only at its start, and a "test NAME ... " whose "ok"
-    # comes alone on a later line: a test that prints while others finish can split or interleave
-    # the reports.
-    function credit(name) { if (name ~ /::cuda_sim$/) device++; else if (executor) own++ }
-    pending != "" && /^ok *$/ { credit(pending); pending = ""; next }
-    /^(FAILED|ignored)/ { pending = "" }
-    {
-        if ($0 ~ /^test /) pending = ""
-        line = $0
-        while (match(line, /test [^ ]+ \.\.\. ok/)) {
-            credit(substr(line, RSTART + 5, RLENGTH - 12))
-            line = substr(line, RSTART + RLENGTH)
-        }
-        if ($0 ~ /^test [^ ]+ \.\.\. / && $0 !~ /^test [^ ]+ \.\.\. (ok|FAILED|ignored)/) pending = $2
-    }
-    END { printf "cuda-sim: %d kernel tests passed on the CPU executor (%d device tests run from the same body as on a GPU, %d executor tests in tests/cuda_sim*.rs)\n", device + own, device, own }
-' "$log"
+bash scripts/count-sim-tests.sh "$log"
 bash scripts/test-summary.sh "$log" "$skips"
 exit "$status"

@@ -589,6 +589,40 @@ fn the_test_summary_counts_skipped_tests_as_skipped() {
     assert!(summary("error[E0425]: cannot find value\n", "").starts_with("no test results"));
 }
 
+/// scripts/test.sh's cuda-sim line counts every passed cuda-sim test once, also when a test's
+/// printing splits or interleaves libtest's reports (as CI logs showed twice).
+#[test]
+fn the_cuda_sim_count_survives_interleaved_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let count = |text: &str| -> String {
+        std::fs::write(&log, text).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/count-sim-tests.sh");
+        let o = Command::new("bash").arg(script).arg(&log).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let text = "     Running tests/layernorm.rs (target/debug/deps/layernorm-0123)\n\
+        test plain::cuda_sim ... ok\n\
+        test plain::cuda ... ok\n\
+        test split::f16::cuda_sim ... worst kernel/plain error 0.4 at cuda-sim\n\
+        ok\n\
+        printed without a newline test inner::bf16::cuda_sim ... ok\n\
+        test failing::cuda_sim ... printed\n\
+        FAILED\n\
+        ok\n\
+        test skipped::cuda_sim ... ignored\n\
+        test not_a_sim_test ... ok\n\
+        \n     Running tests/cuda_sim_memory.rs (target/debug/deps/cuda_sim_memory-4567)\n\
+        test bounds_are_checked ... ok\n\
+        test races_are_found ... ok\n\
+        test broken ... FAILED\n";
+    assert_eq!(
+        count(text),
+        "cuda-sim: 5 kernel tests passed on the CPU executor (3 device tests run from the same body as on a GPU, 2 executor tests in tests/cuda_sim*.rs)\n"
+    );
+}
+
 // ---- RoBERTa (issue 17) ---------------------------------------------------------------------------
 
 fn roberta() -> PathBuf {
