@@ -329,7 +329,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// The backend on `device` (`cuda:N`, or `cuda-sim` in a binary built with that feature).
     pub fn open(device: Device) -> Result<CudaBackend> {
-        Ok(CudaBackend::with_defaults(Arc::new(Gpu::open(device)?), device))
+        let gpu = Gpu::open(device)?;
+        // Said now, not after a model has loaded and the first kernel fails to compile.
+        if let (Device::Cuda(_), Some(why)) = (device, super::probe::gpu_libraries_missing()) {
+            return Err(Error::Cuda(format!("device {device}: the GPU opens but {why}")));
+        }
+        Ok(CudaBackend::with_defaults(Arc::new(gpu), device))
     }
 
     /// A backend on `gpu` with every choice at its default (f32 activations, automatic paths).

@@ -364,9 +364,9 @@ pub(crate) fn warn(message: &str) {
 }
 
 /// What identifies the compiler a CUBIN came from: NVRTC's version, and the path, size and mtime
-/// of the loaded libnvrtc and of the header folder `-I` names. `nvrtc_version` is
+/// of the loaded libnvrtc (`libraries`) and of the header folder `-I` names. `nvrtc_version` is
 /// [`crate::cuda::runtime::nvrtc_version`]'s answer.
-pub fn toolchain_identity(nvrtc_version: (i32, i32), include_dir: Option<&Path>) -> String {
+pub fn toolchain_identity(nvrtc_version: (i32, i32), libraries: &[PathBuf], include_dir: Option<&Path>) -> String {
     fn stamp(path: &Path) -> String {
         match std::fs::metadata(path) {
             Ok(m) => {
@@ -376,16 +376,9 @@ pub fn toolchain_identity(nvrtc_version: (i32, i32), include_dir: Option<&Path>)
             Err(_) => format!("{}:?", path.display()),
         }
     }
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    // libnvrtc itself only: its builtins library is mapped by the first compile, and a key must
-    // not change once a process has compiled something.
-    let is_nvrtc = |p: &&str| Path::new(p).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc.so"));
-    let mut libraries: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(is_nvrtc).collect();
-    libraries.sort_unstable();
-    libraries.dedup();
     let mut identity = format!("nvrtc {}.{}", nvrtc_version.0, nvrtc_version.1);
     for lib in libraries {
-        identity.push_str(&format!(" lib {}", stamp(Path::new(lib))));
+        identity.push_str(&format!(" lib {}", stamp(lib)));
     }
     if let Some(dir) = include_dir {
         identity.push_str(&format!(" include {}", stamp(&dir.join("cuda_bf16.hpp"))));
@@ -642,11 +635,16 @@ mod tests {
     fn the_toolchain_identity_names_the_headers() {
         let dir = tmp("toolchain");
         std::fs::write(dir.join("cuda_bf16.hpp"), b"v1").unwrap();
-        let a = toolchain_identity((13, 0), Some(&dir));
-        assert!(a.starts_with("nvrtc 13.0") && a.contains("cuda_bf16.hpp:2:"), "{a}");
+        let lib = dir.join("libnvrtc.so.13");
+        std::fs::write(&lib, b"lib").unwrap();
+        let a = toolchain_identity((13, 0), std::slice::from_ref(&lib), Some(&dir));
+        assert!(a.starts_with("nvrtc 13.0") && a.contains("cuda_bf16.hpp:2:") && a.contains("libnvrtc.so.13:3:"), "{a}");
         std::fs::write(dir.join("cuda_bf16.hpp"), b"v2 longer").unwrap();
-        assert_ne!(toolchain_identity((13, 0), Some(&dir)), a, "another header is another toolchain");
-        assert_ne!(toolchain_identity((13, 1), Some(&dir)), toolchain_identity((13, 0), Some(&dir)));
+        let b = toolchain_identity((13, 0), std::slice::from_ref(&lib), Some(&dir));
+        assert_ne!(b, a, "another header is another toolchain");
+        std::fs::write(&lib, b"another build").unwrap();
+        assert_ne!(toolchain_identity((13, 0), std::slice::from_ref(&lib), Some(&dir)), b, "another libnvrtc is another toolchain");
+        assert_ne!(toolchain_identity((13, 1), &[], Some(&dir)), toolchain_identity((13, 0), &[], Some(&dir)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -45,6 +45,22 @@ pub fn nvrtc_unavailable_reason() -> Option<String> {
     }
 }
 
+/// What a GPU run needs beside the driver and is missing: NVRTC (the kernels are compiled at run
+/// time) and cuBLASLt (the dense products), with how to install them; `None` when both load.
+/// Neither needs a GPU to be checked.
+pub fn gpu_libraries_missing() -> Option<String> {
+    let missing = match (nvrtc_available(), super::gemm::cublaslt_available()) {
+        (true, true) => return None,
+        (false, true) => "libnvrtc (CUDA 13.0, which compiles the kernels) cannot be loaded",
+        (true, false) => "libcublasLt (CUDA 13, the dense products) cannot be loaded",
+        (false, false) => "neither libnvrtc nor libcublasLt (CUDA 13) can be loaded",
+    };
+    Some(format!(
+        "{missing} (LD_LIBRARY_PATH={:?}; `CUDA_TOOLS_CUBLAS=1 source scripts/install-cuda-tools.sh` installs both from PyPI, no root needed)",
+        std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+    ))
+}
+
 /// Opens device `ordinal`, or says why not. Never panics. The device-0 result is cached.
 pub fn probe_gpu(ordinal: usize) -> Result<Arc<CudaContext>, String> {
     static DEVICE0: OnceLock<Result<Arc<CudaContext>, String>> = OnceLock::new();

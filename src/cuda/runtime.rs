@@ -104,13 +104,23 @@ pub fn cuda_include_dir() -> Option<std::path::PathBuf> {
     }
     // Where libnvrtc is: this process's memory map once cudarc has loaded it, else the folders
     // the loader searches (LD_LIBRARY_PATH).
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.contains("libnvrtc.so")).map(|p| Path::new(p).parent().map(Path::to_path_buf));
+    let mapped = mapped_nvrtc().into_iter().map(|p| p.parent().map(Path::to_path_buf));
     let search = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
     let on_path = search.split(':').filter(|d| !d.is_empty() && Path::new(d).join("libnvrtc.so.13").exists()).map(|d| Some(PathBuf::from(d)));
     let beside = mapped.chain(on_path).flatten().filter_map(|lib| lib.parent().map(|d| d.join("include")));
     let found = beside.chain([PathBuf::from("/usr/local/cuda/include")]).find(|d| has_headers(d))?;
     Some(FOUND.get_or_init(|| found).clone())
+}
+
+/// The `libnvrtc.so*` files this process has mapped (none before cudarc loads NVRTC), from
+/// `/proc/self/maps`. Not `libnvrtc-builtins`, which only the first compile maps.
+fn mapped_nvrtc() -> Vec<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let is_nvrtc = |p: &Path| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc.so"));
+    let mut found: Vec<std::path::PathBuf> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(std::path::PathBuf::from).filter(|p| is_nvrtc(p)).collect();
+    found.sort_unstable();
+    found.dedup();
+    found
 }
 
 /// How many NVRTC compilations this process has run (the cache's hit rate is visible in tests).
@@ -352,7 +362,7 @@ pub fn compile_cubin(program_name: &str, code: &str, arch: &str, options: &[&str
 /// loaded (so it needs libnvrtc).
 pub fn disk_key(disk: &DiskCache, program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<EntryKey> {
     let family = Path::new(program_name).file_stem().and_then(|s| s.to_str()).unwrap_or(program_name);
-    let toolchain = toolchain_identity(nvrtc_version()?, cuda_include_dir().as_deref());
+    let toolchain = toolchain_identity(nvrtc_version()?, &mapped_nvrtc(), cuda_include_dir().as_deref());
     Ok(disk.key(family, code, arch, &full_options(arch, options), &toolchain))
 }
 

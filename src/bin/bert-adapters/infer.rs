@@ -42,23 +42,6 @@ pub fn open(choice: &str, precision: Precision) -> Result<(Arc<dyn Backend>, Loa
     }
 }
 
-/// What a GPU run needs beside the driver and is missing: NVRTC (the kernels are compiled at run
-/// time) and cuBLASLt (the dense products), with how to install them; `None` when both load.
-fn gpu_libraries_missing() -> Option<String> {
-    let nvrtc = bert_adapters::cuda::probe::nvrtc_available();
-    let cublaslt = bert_adapters::cuda::gemm::cublaslt_available();
-    let missing = match (nvrtc, cublaslt) {
-        (true, true) => return None,
-        (false, true) => "libnvrtc (CUDA 13.0, which compiles its kernels) cannot be loaded",
-        (true, false) => "libcublasLt (CUDA 13, its dense products) cannot be loaded",
-        (false, false) => "neither libnvrtc nor libcublasLt (CUDA 13) can be loaded",
-    };
-    Some(format!(
-        "{missing} (LD_LIBRARY_PATH={:?}; `CUDA_TOOLS_CUBLAS=1 source scripts/install-cuda-tools.sh` installs both from PyPI, no root needed)",
-        std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
-    ))
-}
-
 /// The backend on `device` (None: GPU 0 when it opens, else the CPU) in `precision`: f32 as it
 /// opens; bf16 (f16) the CUDA backend's bf16 (f16) activation mode over a base loaded in bf16
 /// (f16), refused on the CPU, which computes in f32; auto bf16 on a GPU and f32 elsewhere (cuda-sim, the simulator,
@@ -66,31 +49,19 @@ fn gpu_libraries_missing() -> Option<String> {
 /// be compared with). `train` and `predict` share the rule, so `predict` on the device `train` ran
 /// on computes what its evaluation computed. A CUDA device is opened once, in the mode it keeps.
 pub fn open_on(device: Option<Device>, precision: Precision) -> Result<(Arc<dyn Backend>, LoadOptions)> {
-    use bert_adapters::cuda::probe::driver_available;
     let cuda = match device {
         Some(Device::Cpu) => None,
-        Some(d @ Device::Cuda(_)) => {
-            let backend = CudaBackend::open(d)?;
-            // Say it now, not after the model has loaded and the first kernel fails to compile.
-            if let Some(why) = gpu_libraries_missing() {
-                return Err(Error::Cuda(format!("--device {d}: the GPU opens but {why}")));
-            }
-            Some(backend)
-        }
         Some(d) => Some(CudaBackend::open(d)?),
-        // A machine with a CUDA driver whose GPU cannot be used is worth a line: the run then
-        // goes on the CPU, far slower than the user may expect. Without a driver, nothing to say.
-        None => match (CudaBackend::open(Device::Cuda(0)), gpu_libraries_missing()) {
-            (Ok(backend), None) => Some(backend),
-            (Ok(_), Some(why)) => {
-                warn!("warning: --device auto: GPU 0 is there but {why}; running on the CPU");
+        // A machine with a CUDA driver whose GPU cannot be used (NVRTC or cuBLASLt missing, the
+        // device busy or broken) is worth a line: the run then goes on the CPU, far slower than
+        // the user may expect. Without a driver, nothing to say.
+        None => match CudaBackend::open(Device::Cuda(0)) {
+            Ok(backend) => Some(backend),
+            Err(e) if bert_adapters::cuda::probe::driver_available() => {
+                warn!("warning: --device auto: GPU 0 cannot be used ({e}); running on the CPU");
                 None
             }
-            (Err(e), _) if driver_available() => {
-                warn!("warning: --device auto: the CUDA driver is there but GPU 0 cannot be used ({e}); running on the CPU");
-                None
-            }
-            (Err(_), _) => None,
+            Err(_) => None,
         },
     };
     let Some(cuda) = cuda else {
