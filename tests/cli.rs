@@ -768,10 +768,10 @@ fn adapter_convert_on_roberta_keeps_the_model_type() {
 /// once; bad requests are one clear line.
 #[test]
 fn kernels_fills_the_cache_the_runtime_reads() {
-    use bert_adapters::cuda::kernel_cache::DiskCache;
+    use bert_adapters::cuda::kernel_cache::{DiskCache, EntryKey};
     use bert_adapters::cuda::probe::nvrtc_for_test;
     use bert_adapters::cuda::registry::ALL_SOURCES;
-    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    use bert_adapters::cuda::runtime::{compile_cubin, entry_key};
     let dir = std::env::temp_dir().join(format!("cli-kernels-{}", std::process::id()));
     let kernels = |args: &[&str], cache: &str| {
         let out = bin().arg("kernels").args(args).env("BERT_ADAPTERS_KERNEL_CACHE", cache).output().unwrap();
@@ -809,10 +809,10 @@ fn kernels_fills_the_cache_the_runtime_reads() {
     let mma = ALL_SOURCES.iter().find(|s| s.family == "mma").unwrap();
     let expected = compile_cubin(mma.file, mma.code, "sm_80", &[]).unwrap();
     let cache = DiskCache::new(&dir);
-    let key = disk_key(&cache, mma.file, mma.code, "sm_80", &[]).unwrap();
+    let key = entry_key(mma.file, mma.code, "sm_80", &[]).unwrap();
     assert_eq!(cache.load(&key), Some(expected.clone()));
     // --prune: an entry this build no longer makes (an edited kernel) goes; the current one stays.
-    let stale = cache.key("mma", "an older mma.cu", "sm_80", &[], "an older NVRTC");
+    let stale = EntryKey::new("mma", "an older mma.cu", "sm_80", &[], "an older NVRTC");
     cache.store(&stale, &expected).unwrap();
     let (ok, out, err) = kernels(&["--arch", "sm_80", "--family", "mma", "--prune"], &cache_dir);
     assert!(ok, "{err}");

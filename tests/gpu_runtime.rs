@@ -223,7 +223,7 @@ test_device!(gemm, gemm_matches_a_direct_product);
 fn a_cached_image_the_driver_refuses_is_compiled_again() {
     use bert_adapters::cuda::kernel_cache::DiskCache;
     use bert_adapters::cuda::registry::KernelSource;
-    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    use bert_adapters::cuda::runtime::{compile_cubin, entry_key};
     use bert_adapters::cuda::CudaRuntime;
     let ctx = bert_adapters::require_gpu!("gpu_runtime::a_cached_image_the_driver_refuses_is_compiled_again");
     // A source no other test loads, so the process's own map cannot answer.
@@ -239,7 +239,7 @@ fn a_cached_image_the_driver_refuses_is_compiled_again() {
     let arch = rt.arch().to_string();
     let other_arch = if arch == "sm_80" { "sm_90" } else { "sm_80" };
     let wrong = compile_cubin(SOURCE.file, SOURCE.code, other_arch, &[]).unwrap();
-    let key = disk_key(&cache, SOURCE.file, SOURCE.code, &arch, &[]).unwrap();
+    let key = entry_key(SOURCE.file, SOURCE.code, &arch, &[]).unwrap();
     cache.store(&key, &wrong).unwrap();
     assert_eq!(cache.load(&key).as_deref(), Some(&wrong[..]), "the planted entry is sound");
 

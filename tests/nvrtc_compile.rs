@@ -144,7 +144,7 @@ fn cubins_compile_once_per_process() {
 #[test]
 fn the_disk_cache_keeps_what_nvrtc_compiled() {
     use bert_adapters::cuda::kernel_cache::DiskCache;
-    use bert_adapters::cuda::runtime::{compile_cubin, disk_key};
+    use bert_adapters::cuda::runtime::{compile_cubin, entry_key};
     if !nvrtc_for_test("nvrtc_compile::the_disk_cache_keeps_what_nvrtc_compiled") {
         return;
     }
@@ -157,7 +157,7 @@ fn the_disk_cache_keeps_what_nvrtc_compiled() {
 
     let first = cubin_through("probe.cu", code, "sm_80", &opts, Some(&cache)).expect("compiles");
     assert_eq!(first.origin, CubinOrigin::Compiled);
-    let key = disk_key(&cache, "probe.cu", code, "sm_80", &opts).expect("NVRTC is loaded");
+    let key = entry_key("probe.cu", code, "sm_80", &opts).expect("NVRTC is loaded");
     assert!(key.file_name.starts_with("probe-sm_80-"), "{}", key.file_name);
     assert!(cache.entry_path(&key).is_file(), "the compile is kept on disk");
 
@@ -170,9 +170,9 @@ fn the_disk_cache_keeps_what_nvrtc_compiled() {
 
     // Everything the image depends on is in the key: another arch, another option, another source.
     let others = [
-        disk_key(&cache, "probe.cu", code, "sm_90", &opts).unwrap(),
-        disk_key(&cache, "probe.cu", code, "sm_80", &[define.as_str(), "-DX=1"]).unwrap(),
-        disk_key(&cache, "probe.cu", &code.replace("2.0f", "3.0f"), "sm_80", &opts).unwrap(),
+        entry_key("probe.cu", code, "sm_90", &opts).unwrap(),
+        entry_key("probe.cu", code, "sm_80", &[define.as_str(), "-DX=1"]).unwrap(),
+        entry_key("probe.cu", &code.replace("2.0f", "3.0f"), "sm_80", &opts).unwrap(),
     ];
     for other in &others {
         assert_ne!(other.file_name, key.file_name);
@@ -193,7 +193,7 @@ fn the_disk_cache_keeps_what_nvrtc_compiled() {
     let broken = "extern \"C\" __global__ void broken( { }\n";
     let err = cubin_through("broken.cu", broken, "sm_80", &opts, Some(&cache)).unwrap_err().to_string();
     assert!(err.contains("broken.cu"), "{err}");
-    assert!(!cache.entry_path(&disk_key(&cache, "broken.cu", broken, "sm_80", &opts).unwrap()).exists());
+    assert!(!cache.entry_path(&entry_key("broken.cu", broken, "sm_80", &opts).unwrap()).exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

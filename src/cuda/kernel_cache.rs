@@ -66,7 +66,33 @@ pub struct EntryKey {
     pub digest: u128,
 }
 
-/// The cache folder, and the toolchain identity every key includes.
+impl EntryKey {
+    /// The entry for `code` compiled for `arch` with the full NVRTC option list `options`, by the
+    /// toolchain `toolchain` describes (see [`toolchain_identity`]).
+    pub fn new(family: &str, code: &str, arch: &str, options: &[String], toolchain: &str) -> EntryKey {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        // Length-prefixed fields, so no two field lists hash the same bytes.
+        let mut field = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(MAGIC);
+        field(env!("CARGO_PKG_VERSION").as_bytes());
+        field(toolchain.as_bytes());
+        field(arch.as_bytes());
+        for o in options {
+            field(o.as_bytes());
+        }
+        field(code.as_bytes());
+        let digest = h.digest128();
+        let stem: String =
+            family.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).take(64).collect();
+        let arch_part: String = arch.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        EntryKey { file_name: format!("{stem}-{arch_part}-{digest:032x}.cubin"), digest }
+    }
+}
+
+/// A cache folder. Entries are named by [`EntryKey`], which does not depend on the folder.
 #[derive(Clone, Debug)]
 pub struct DiskCache {
     dir: PathBuf,
@@ -111,30 +137,6 @@ impl DiskCache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// The entry for `code` compiled for `arch` with the full NVRTC option list `options`, by the
-    /// toolchain `toolchain` describes (see [`toolchain_identity`]).
-    pub fn key(&self, family: &str, code: &str, arch: &str, options: &[String], toolchain: &str) -> EntryKey {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        // Length-prefixed fields, so no two field lists hash the same bytes.
-        let mut field = |bytes: &[u8]| {
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-        };
-        field(MAGIC);
-        field(env!("CARGO_PKG_VERSION").as_bytes());
-        field(toolchain.as_bytes());
-        field(arch.as_bytes());
-        for o in options {
-            field(o.as_bytes());
-        }
-        field(code.as_bytes());
-        let digest = h.digest128();
-        let stem: String =
-            family.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).take(64).collect();
-        let arch_part: String = arch.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-        EntryKey { file_name: format!("{stem}-{arch_part}-{digest:032x}.cubin"), digest }
     }
 
     pub fn entry_path(&self, key: &EntryKey) -> PathBuf {
@@ -190,13 +192,13 @@ impl DiskCache {
                 Some(lock)
             }
             Err(e) => {
-                warn_once(&UNWRITABLE, &format!("kernel cache {}: {e}; kernels are compiled without it", self.dir.display()));
+                self.unusable(e);
                 None
             }
         };
         let cubin = compile()?;
         if let Err(e) = self.store(key, &cubin) {
-            warn_once(&UNWRITABLE, &format!("kernel cache {}: {e}; kernels are compiled without it", self.dir.display()));
+            self.unusable(e);
         }
         Ok((cubin, CubinOrigin::Compiled))
     }
@@ -229,6 +231,11 @@ impl DiskCache {
             bytes += len;
         }
         Ok((removed, bytes))
+    }
+
+    /// The one line (a process) that says the folder cannot serve, and why.
+    fn unusable(&self, e: Error) {
+        warn_once(&UNWRITABLE, &format!("kernel cache {}: {e}; kernels are compiled without it", self.dir.display()));
     }
 
     fn create_dir(&self) -> Result<()> {
@@ -420,25 +427,24 @@ mod tests {
 
     #[test]
     fn keys_change_with_everything_the_image_depends_on() {
-        let cache = DiskCache::new("/nowhere");
         let opts = |s: &[&str]| s.iter().map(|o| o.to_string()).collect::<Vec<_>>();
-        let base = cache.key("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.0");
-        assert_eq!(base, cache.key("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.0"));
+        let base = EntryKey::new("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.0");
+        assert_eq!(base, EntryKey::new("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.0"));
         assert!(base.file_name.starts_with("attention-sm_90-") && base.file_name.ends_with(".cubin"), "{}", base.file_name);
         let others = [
-            cache.key("attention", "code!", "sm_90", &opts(&["-a"]), "nvrtc 13.0"),
-            cache.key("attention", "code", "sm_80", &opts(&["-a"]), "nvrtc 13.0"),
-            cache.key("attention", "code", "sm_90", &opts(&["-b"]), "nvrtc 13.0"),
-            cache.key("attention", "code", "sm_90", &opts(&["-a", ""]), "nvrtc 13.0"),
-            cache.key("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.1"),
+            EntryKey::new("attention", "code!", "sm_90", &opts(&["-a"]), "nvrtc 13.0"),
+            EntryKey::new("attention", "code", "sm_80", &opts(&["-a"]), "nvrtc 13.0"),
+            EntryKey::new("attention", "code", "sm_90", &opts(&["-b"]), "nvrtc 13.0"),
+            EntryKey::new("attention", "code", "sm_90", &opts(&["-a", ""]), "nvrtc 13.0"),
+            EntryKey::new("attention", "code", "sm_90", &opts(&["-a"]), "nvrtc 13.1"),
             // Field boundaries count: the option's tail moved into the code is another key.
-            cache.key("attention", "acode", "sm_90", &opts(&["-"]), "nvrtc 13.0"),
+            EntryKey::new("attention", "acode", "sm_90", &opts(&["-"]), "nvrtc 13.0"),
         ];
         for other in &others {
             assert_ne!(other.digest, base.digest);
         }
         // Odd family names cannot leave the folder.
-        let odd = cache.key("../../etc/passwd", "code", "sm_90", &[], "t");
+        let odd = EntryKey::new("../../etc/passwd", "code", "sm_90", &[], "t");
         assert!(!odd.file_name.contains('/') && !odd.file_name.contains(".."), "{}", odd.file_name);
     }
 
@@ -446,7 +452,7 @@ mod tests {
     fn entries_round_trip_and_damage_is_a_miss() {
         let dir = tmp("entries");
         let cache = DiskCache::new(dir.join("nested/kernels"));
-        let key = cache.key("layernorm", "code", "sm_90", &[], "t");
+        let key = EntryKey::new("layernorm", "code", "sm_90", &[], "t");
         assert_eq!(cache.load(&key), None, "empty cache");
         let image = elf(1000);
         cache.store(&key, &image).unwrap();
@@ -480,7 +486,7 @@ mod tests {
             assert_eq!(cache.load(&key), None, "{what}");
         }
         // Another key's sound entry at this name (a copied file) is a miss too.
-        let other = cache.key("layernorm", "code2", "sm_90", &[], "t");
+        let other = EntryKey::new("layernorm", "code2", "sm_90", &[], "t");
         cache.store(&other, &image).unwrap();
         std::fs::copy(cache.entry_path(&other), &path).unwrap();
         assert_eq!(cache.load(&key), None);
@@ -499,7 +505,7 @@ mod tests {
     fn a_killed_writers_temporary_goes_with_the_next_write() {
         let dir = tmp("leftovers");
         let cache = DiskCache::new(&dir);
-        let key = cache.key("embedding", "code", "sm_90", &[], "t");
+        let key = EntryKey::new("embedding", "code", "sm_90", &[], "t");
         // A temporary of a process that no longer exists, one of a live process (this one), and a
         // file of the same shape for another entry: only the first goes.
         let dead = dir.join(format!(".{}.tmp-2147483600-00112233aabbccdd", key.file_name));
@@ -518,9 +524,9 @@ mod tests {
     fn prune_removes_only_stale_entries_of_the_named_archs() {
         let dir = tmp("prune");
         let cache = DiskCache::new(&dir);
-        let current = cache.key("attention", "new code", "sm_90", &[], "t");
-        let stale = cache.key("attention", "old code", "sm_90", &[], "t");
-        let other_arch = cache.key("attention", "old code", "sm_80", &[], "t");
+        let current = EntryKey::new("attention", "new code", "sm_90", &[], "t");
+        let stale = EntryKey::new("attention", "old code", "sm_90", &[], "t");
+        let other_arch = EntryKey::new("attention", "old code", "sm_80", &[], "t");
         for k in [&current, &stale, &other_arch] {
             cache.store(k, &elf(100)).unwrap();
             cache.lock(k).unwrap();
@@ -549,7 +555,7 @@ mod tests {
     fn a_file_that_is_not_ours_is_never_replaced() {
         let dir = tmp("foreign");
         let cache = DiskCache::new(&dir);
-        let key = cache.key("adapter", "code", "sm_80", &[], "t");
+        let key = EntryKey::new("adapter", "code", "sm_80", &[], "t");
         let path = cache.entry_path(&key);
         std::fs::write(&path, b"a user's notes").unwrap();
         let err = cache.store(&key, &elf(10)).unwrap_err().to_string();
@@ -560,7 +566,7 @@ mod tests {
         assert_eq!((cubin, origin), (elf(10), CubinOrigin::Compiled));
         assert_eq!(std::fs::read(&path).unwrap(), b"a user's notes");
         // A folder at the entry's name is not replaced either.
-        let key2 = cache.key("adapter", "code2", "sm_80", &[], "t");
+        let key2 = EntryKey::new("adapter", "code2", "sm_80", &[], "t");
         std::fs::create_dir(cache.entry_path(&key2)).unwrap();
         assert!(cache.store(&key2, &elf(10)).is_err());
         assert!(cache.entry_path(&key2).is_dir());
@@ -571,7 +577,7 @@ mod tests {
     fn fetch_or_compile_compiles_once_and_survives_an_unusable_folder() {
         let dir = tmp("fetch");
         let cache = DiskCache::new(dir.join("k"));
-        let key = cache.key("loss", "code", "sm_90", &[], "t");
+        let key = EntryKey::new("loss", "code", "sm_90", &[], "t");
         let mut compiles = 0;
         let mut compile = || {
             compiles += 1;
@@ -586,7 +592,7 @@ mod tests {
         assert_eq!(names, vec![format!(".{}.lock", key.file_name), key.file_name.clone()]);
 
         // The compile's own error passes through, and nothing is stored.
-        let failing = cache.key("loss", "bad code", "sm_90", &[], "t");
+        let failing = EntryKey::new("loss", "bad code", "sm_90", &[], "t");
         let err = cache.fetch_or_compile(&failing, || Err(Error::Cuda("NVRTC said no".into()))).unwrap_err();
         assert!(err.to_string().contains("NVRTC said no"));
         assert!(!cache.entry_path(&failing).exists());
@@ -594,7 +600,7 @@ mod tests {
         // A cache folder that cannot exist (under a regular file) costs the cache, not the answer.
         std::fs::write(dir.join("file"), b"x").unwrap();
         let broken = DiskCache::new(dir.join("file/kernels"));
-        let key = broken.key("loss", "code", "sm_90", &[], "t");
+        let key = EntryKey::new("loss", "code", "sm_90", &[], "t");
         let mut compiles = 0;
         for _ in 0..2 {
             let got = broken.fetch_or_compile(&key, || {
@@ -612,7 +618,7 @@ mod tests {
         // Two "processes" (threads with their own file handles: flock locks are per open file).
         let dir = tmp("lock");
         let cache = DiskCache::new(&dir);
-        let key = cache.key("nice", "code", "sm_90", &[], "t");
+        let key = EntryKey::new("nice", "code", "sm_90", &[], "t");
         let held = cache.lock(&key).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = {

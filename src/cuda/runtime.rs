@@ -319,7 +319,7 @@ pub fn cubin_through(program_name: &str, code: &str, arch: &str, options: &[&str
         return Ok(hit.clone());
     }
     let compile = || compile_cubin(program_name, code, arch, options);
-    let (image, origin) = match disk.map(|d| (d, disk_key(d, program_name, code, arch, options))) {
+    let (image, origin) = match disk.map(|d| (d, entry_key(program_name, code, arch, options))) {
         Some((d, Ok(entry))) => d.fetch_or_compile(&entry, compile)?,
         // No NVRTC version to key by: the compile reports why NVRTC is missing.
         Some((_, Err(_))) | None => (compile()?, CubinOrigin::Compiled),
@@ -335,7 +335,7 @@ fn recompile_refused(program_name: &str, code: &str, arch: &str, options: &[&str
     let mut cache = lock(memory_cache());
     let image = compile_cubin(program_name, code, arch, options)?;
     if let Some(d) = disk {
-        let stored = disk_key(d, program_name, code, arch, options).and_then(|entry| d.store(&entry, &image));
+        let stored = entry_key(program_name, code, arch, options).and_then(|entry| d.store(&entry, &image));
         if let Err(e) = stored {
             warn(&format!("the kernel cache entry for {program_name} ({arch}) was not replaced: {e}"));
         }
@@ -360,10 +360,10 @@ pub fn compile_cubin(program_name: &str, code: &str, arch: &str, options: &[&str
 
 /// The disk cache's entry for `code` on `arch` with `options`, keyed by the NVRTC this process
 /// loaded (so it needs libnvrtc).
-pub fn disk_key(disk: &DiskCache, program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<EntryKey> {
+pub fn entry_key(program_name: &str, code: &str, arch: &str, options: &[&str]) -> Result<EntryKey> {
     let family = Path::new(program_name).file_stem().and_then(|s| s.to_str()).unwrap_or(program_name);
     let toolchain = toolchain_identity(nvrtc_version()?, &mapped_nvrtc(), cuda_include_dir().as_deref());
-    Ok(disk.key(family, code, arch, &full_options(arch, options), &toolchain))
+    Ok(EntryKey::new(family, code, arch, &full_options(arch, options), &toolchain))
 }
 
 /// What [`precompile`] did for one kernel source.
@@ -404,7 +404,7 @@ pub fn precompile(
             .map(|&i| {
                 let source = sources[i];
                 let start = std::time::Instant::now();
-                let done = disk_key(disk, source.file, source.code, arch, &[]).and_then(|key| {
+                let done = entry_key(source.file, source.code, arch, &[]).and_then(|key| {
                     let (_, origin) = disk.fetch_or_compile(&key, || compile_cubin(source.file, source.code, arch, &[]))?;
                     // fetch_or_compile only warns when it cannot keep a compile; here keeping it is the point.
                     match disk.load(&key) {

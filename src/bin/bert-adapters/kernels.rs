@@ -7,7 +7,7 @@ use clap::Args;
 
 use bert_adapters::cuda::kernel_cache::{CubinOrigin, DiskCache, CACHE_ENV};
 use bert_adapters::cuda::registry::{KernelSource, ALL_SOURCES};
-use bert_adapters::cuda::runtime::{disk_key, precompile, Precompiled};
+use bert_adapters::cuda::runtime::{entry_key, precompile, Precompiled};
 use bert_adapters::{Error, Result};
 
 #[derive(Args)]
@@ -82,7 +82,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
         }
         say!("{arch}: {compiled} compiled, {cached} already cached, in {}", cache.dir().display());
         if args.prune && failures.is_empty() {
-            let keep = ALL_SOURCES.iter().map(|s| disk_key(cache, s.file, s.code, arch, &[]).map(|k| k.file_name)).collect::<Result<Vec<_>>>()?;
+            let keep = ALL_SOURCES.iter().map(|s| entry_key(s.file, s.code, arch, &[]).map(|k| k.file_name)).collect::<Result<Vec<_>>>()?;
             let (removed, bytes) = cache.prune(&[arch.as_str()], &keep)?;
             say!("{arch}: removed {removed} stale entr{} ({:.1} MB)", if removed == 1 { "y" } else { "ies" }, bytes as f64 / 1e6);
         }
