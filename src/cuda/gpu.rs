@@ -506,6 +506,11 @@ impl Default for SimConfig {
 /// would fail the simulator's exact check of static plus dynamic bytes.
 pub const SIM_STATIC_SHARED_BOUND: usize = 256;
 
+/// Bytes in MiB, for the out-of-memory message.
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
 /// Why the device gave no block: out of memory (what the driver or the executor said), which
 /// releasing the pool's cached blocks may cure, or anything else.
 enum FreshError {
@@ -751,7 +756,6 @@ impl Gpu {
     }
 
     fn fresh_error(&self, e: FreshError, bytes: usize, released: usize) -> Error {
-        let mib = |b: usize| b as f64 / (1 << 20) as f64;
         match e {
             FreshError::Other(e) => e,
             FreshError::OutOfMemory(why) => {
@@ -775,7 +779,7 @@ impl Gpu {
                 let slice = unsafe { rt.stream().alloc::<u8>(bytes) }.map_err(|e| {
                     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                         let free = rt.context().mem_get_info().map_or_else(|_| String::new(), |(free, total)| {
-                            format!("the device has {:.1} of {:.1} MiB free", free as f64 / (1 << 20) as f64, total as f64 / (1 << 20) as f64)
+                            format!("the device has {:.1} of {:.1} MiB free", mib(free), mib(total))
                         });
                         FreshError::OutOfMemory(if free.is_empty() { format!("{e:?}") } else { free })
                     } else {
