@@ -126,10 +126,7 @@ const F32: usize = std::mem::size_of::<f32>();
 const EPS: f32 = 1e-12;
 /// `train`'s default: each adapter trains for this many steps, then the other.
 const ALTERNATE: u64 = 10;
-/// `train`'s objectives (src/bin/bert-adapters/objective.rs) and clipping.
-const LAMBDA: f64 = 0.1;
-const MARGIN: f64 = 1.0;
-const SCORE_CE: f64 = 0.1;
+/// `train`'s clipping (its objectives are `Objective::TASKNN` and `Objective::SCORENN`).
 const MAX_GRAD_NORM: f32 = 1.0;
 
 /// Benchmarks (a family, or one step shape) that panicked: reported, and the exit status is 1.
@@ -1005,7 +1002,7 @@ const TASKNN: &str = "tasknn";
 
 /// What `train` optimises when it trains `adapter`.
 fn step_config(adapter: &str) -> TrainStepConfig {
-    let objective = if adapter == TASKNN { Objective::TaskEnergy { lambda: LAMBDA } } else { Objective::ScoreMargin { margin: MARGIN, ce_weight: SCORE_CE } };
+    let objective = if adapter == TASKNN { Objective::TASKNN } else { Objective::SCORENN };
     TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: Some(MAX_GRAD_NORM) }
 }
 

@@ -27,6 +27,15 @@ pub enum Objective {
     ScoreMargin { margin: f64, ce_weight: f64 },
 }
 
+impl Objective {
+    /// tasknn's objective as `bert-adapters train` runs it: cross-entropy plus λ = 0.1 times the
+    /// energy of its own distribution under scorenn's scores.
+    pub const TASKNN: Objective = Objective::TaskEnergy { lambda: 0.1 };
+    /// scorenn's objective as `bert-adapters train` runs it: a margin Δ = 1 between the gold
+    /// label's score and tasknn's expected score, plus α = 0.1 times its own cross-entropy.
+    pub const SCORENN: Objective = Objective::ScoreMargin { margin: 1.0, ce_weight: 0.1 };
+}
+
 /// One loss evaluation on the device.
 pub struct LossOp<'a> {
     pub objective: Objective,

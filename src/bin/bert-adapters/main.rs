@@ -9,7 +9,6 @@ mod infer;
 mod kernels;
 mod limits;
 mod metrics;
-mod objective;
 mod outdir;
 mod plot;
 mod predict;

@@ -10,7 +10,6 @@ use bert_adapters::model::step::{StepValues, TrainStepConfig};
 use bert_adapters::train::{AdamW, LossScaler, Objective, ScaledStep};
 use bert_adapters::{BertModel, Error, InputBatch, Result};
 
-use crate::objective;
 use crate::ranks::Ranks;
 use crate::train::{SCORENN, TASKNN};
 
@@ -49,9 +48,9 @@ pub fn step(model: &mut BertModel, graphs: &mut StepGraphs, batch: &InputBatch, 
         return Err(Error::Internal(format!("expected Parallel(scorenn, tasknn), got {names:?}")));
     }
     let objective = if adapter == TASKNN {
-        Objective::TaskEnergy { lambda: objective::LAMBDA }
+        Objective::TASKNN
     } else {
-        Objective::ScoreMargin { margin: objective::MARGIN, ce_weight: objective::SCORE_CE }
+        Objective::SCORENN
     };
     let cfg = TrainStepConfig { objective, trained: adapter.to_string(), max_grad_norm: target.max_grad_norm };
     // The gradients over NCCL on GPU ranks built with it; the loss and flags below over MPI.
