@@ -87,3 +87,23 @@ mod tests {
         assert_eq!(e.to_string(), "internal error (a bug in bert-adapters, please report it): no tape recorded");
     }
 }
+
+/// A number for a message, written short: plainly between 1e-3 and 1e6, else in scientific
+/// notation with 4 significant digits (a factor of 1e-300 is `1.000e-300`, not 300 digits).
+pub fn short_number(value: f64) -> String {
+    if value == 0.0 || (1e-3..1e6).contains(&value.abs()) || !value.is_finite() {
+        format!("{value}")
+    } else {
+        format!("{value:.3e}")
+    }
+}
+
+/// User text for a message, at most 80 characters of it: a 100,000-character name in a file
+/// must not make a 100 kB "one line" error.
+pub fn clip_text(text: &str) -> String {
+    const KEEP: usize = 80;
+    match text.char_indices().nth(KEEP) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}… ({} more characters)", &text[..cut], text[cut..].chars().count()),
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{PaddingParams, PaddingStrategy, PostProcessor, Tokenizer, TruncationParams};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -56,7 +56,10 @@ impl BertTokenizer {
             return Err(Error::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
         }
         let tok_err = |msg: String| Error::Tokenizer { path: path.clone(), msg };
-        let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(format!("cannot load: {e}")))?;
+        // The largest tokenizer.json files (XLM-R's) are ~17 MB; the cap keeps a wrong file from
+        // being read whole.
+        let bytes = crate::io::read_capped(&path, 256 << 20, "a tokenizer.json")?;
+        let mut inner = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(format!("cannot load: {e}")))?;
         let mut padding = inner.get_padding().cloned().unwrap_or_else(|| {
             let (pad_id, pad_token) = ["[PAD]", "<pad>"]
                 .iter()
@@ -68,7 +71,15 @@ impl BertTokenizer {
         let pad = (padding.pad_id, padding.pad_type_id);
         padding.pad_to_multiple_of = None;
         inner.with_padding(Some(padding));
-        let truncation = TruncationParams { max_length: max_len, ..inner.get_truncation().cloned().unwrap_or_default() };
+        // The file's stride only shapes the overflowing pieces, which nothing here reads; kept,
+        // a stride as large as the room left by the specials panics inside tokenizers.
+        let truncation = TruncationParams { max_length: max_len, stride: 0, ..inner.get_truncation().cloned().unwrap_or_default() };
+        // Specials the post-processor adds to one text (BERT's [CLS] and [SEP]): if they fill
+        // max_len, tokenizers' room for the text would wrap around and truncation stop.
+        let specials = inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        if specials >= max_len {
+            return Err(tok_err(format!("its post-processor adds {specials} special tokens to every text, which leaves no room for a token in a max length of {max_len}")));
+        }
         inner.with_truncation(Some(truncation)).map_err(|e| tok_err(format!("cannot set truncation: {e}")))?;
         Ok(BertTokenizer { path, inner, max_chars: max_len.clamp(1, usize::MAX / MAX_CHARS_PER_TOKEN) * MAX_CHARS_PER_TOKEN, pad })
     }

@@ -417,7 +417,7 @@ fn strict_loads_name_what_does_not_fit() {
                 let x = t.iter_mut().find(|x| x.0 == up).unwrap();
                 x.1 = Dtype::I32;
             }),
-            vec![up, "dtype I32 is not a float type"],
+            vec![up, "dtype I32 is not supported"],
         ),
         (
             edited_safetensors(|t| {

@@ -120,13 +120,21 @@ fn named_json(name: &str) -> Option<Map<String, Value>> {
     Some(m)
 }
 
-/// Refuse names the library cannot hold (it keys modules by name in a ModuleDict).
+/// The longest adapter name accepted, in bytes.
+pub const MAX_ADAPTER_NAME_BYTES: usize = 256;
+
+/// Refuse names the library cannot hold (it keys modules by name in a ModuleDict), and names
+/// too long to be one.
 pub fn validate_adapter_name(name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::Input("an adapter name must not be empty".into()));
     }
     if name.contains('.') {
-        return Err(Error::Input(format!("adapter name `{name}` contains '.', which the adapters library refuses")));
+        return Err(Error::Input(format!("adapter name `{}` contains '.', which the adapters library refuses", crate::error::clip_text(name))));
+    }
+    // It becomes part of every tensor's key and of messages; no real name comes near this.
+    if name.len() > MAX_ADAPTER_NAME_BYTES {
+        return Err(Error::Input(format!("adapter name `{}` is {} bytes long; at most {MAX_ADAPTER_NAME_BYTES}", crate::error::clip_text(name), name.len())));
     }
     Ok(())
 }

@@ -202,11 +202,16 @@ struct RawBertConfig {
     add_cross_attention: Option<bool>,
 }
 
+/// The largest `config.json` read: Hugging Face's are a few kB.
+pub const MAX_CONFIG_JSON_BYTES: u64 = 16 << 20;
+
 impl BertConfig {
-    /// Read and validate `config.json`.
+    /// Read and validate `config.json` (at most [`MAX_CONFIG_JSON_BYTES`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Hugging Face configs are a few kB; a cap keeps a wrong file from being read whole.
+        let bytes = crate::io::read_capped(path, MAX_CONFIG_JSON_BYTES, "a config.json")?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::malformed(path, format!("not UTF-8: {e}")))?;
         Self::from_json_str(&text, path)
     }
 
@@ -298,15 +303,17 @@ impl BertConfig {
             pad_token_id,
             model_type,
         };
-        // RoBERTa's positions start after padding_idx: the table must hold at least one more row.
-        if model_type.is_roberta() && config.max_seq_len() == 0 {
+        // Every text holds two special tokens ([CLS] and [SEP], or <s> and </s>); RoBERTa's
+        // positions start after padding_idx, so its table needs pad_token_id + 1 more rows.
+        if config.max_seq_len() < 2 {
+            let offset = if model_type.is_roberta() { format!(" ({model_type} positions start at pad_token_id + 1 = {})", pad_token_id as u64 + 1) } else { String::new() };
             return Err(Error::config(
                 path,
                 "max_position_embeddings",
                 format!(
-                    "{} leaves no position for a token: {model_type} positions start at pad_token_id + 1 = {}, so it must be more than that",
+                    "{} leaves room for {} tokens{offset}; a text needs at least 2, its two special tokens",
                     config.max_position_embeddings,
-                    pad_token_id as u64 + 1
+                    config.max_seq_len()
                 ),
             ));
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::Activation;
-use crate::error::{Error, Result};
+use crate::error::{clip_text, Error, Result};
 
 /// The `config` object of the library's `head_config.json` for a classification head. Field names
 /// and defaults are the library's (`add_classification_head`); fields are declared in sorted
@@ -111,6 +111,18 @@ impl HeadConfig {
         if let Some(p) = self.dropout_prob {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::Input(format!("classification head dropout_prob {p} is not in [0, 1)")));
+            }
+        }
+        // Each id names one output: one out of range would be a label never predicted, two
+        // labels on one id a prediction that reads as either.
+        if let Some(map) = &self.label2id {
+            let mut seen = vec![None::<&str>; self.num_labels];
+            for (label, &id) in map {
+                match seen.get_mut(id) {
+                    None => return Err(Error::Input(format!("label2id gives `{}` the id {id}, but the head has {} labels (ids 0..{})", clip_text(label), self.num_labels, self.num_labels - 1))),
+                    Some(Some(other)) => return Err(Error::Input(format!("label2id gives both `{}` and `{}` the id {id}", clip_text(other), clip_text(label)))),
+                    Some(slot) => *slot = Some(label),
+                }
             }
         }
         Ok(())

@@ -99,6 +99,20 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// A rename replaces whatever is at `dest`: a device, a FIFO or a link the user named would be
+/// gone, not written to. Only a regular file (or nothing) may be replaced.
+fn refuse_non_regular(dest: &Path) -> Result<()> {
+    let kind = match std::fs::symlink_metadata(dest) {
+        Ok(meta) if meta.file_type().is_file() => return Ok(()),
+        Ok(meta) if meta.file_type().is_symlink() => "a symbolic link",
+        Ok(meta) if meta.is_dir() => "a folder",
+        Ok(_) => "not a regular file (a device, a FIFO or a socket)",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dest, e)),
+    };
+    Err(Error::Input(format!("{}: exists and is {kind}; it is not replaced (name a regular file, or a new path)", dest.display())))
+}
+
 /// A file being written under its temporary name; [`StagedFile::commit`] renames it into place.
 pub struct StagedFile {
     file: Option<File>,
@@ -109,6 +123,7 @@ pub struct StagedFile {
 impl StagedFile {
     /// Create the temporary sibling of `dest` (never following a link, never reusing a name).
     pub fn create(dest: &Path) -> Result<Self> {
+        refuse_non_regular(dest)?;
         let tmp = sibling(dest, Kind::Tmp)?;
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::io(dest, e))?;
         Ok(StagedFile { file: Some(file), tmp, dest: dest.to_path_buf() })

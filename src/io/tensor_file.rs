@@ -1,6 +1,5 @@
 //! A safetensors file, memory-mapped and validated once; tensors are decoded on request.
 
-use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +24,7 @@ impl TensorFile {
     /// covering the file exactly. Nothing is read beyond the header until a tensor is requested.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = crate::io::open_regular(&path)?;
         // SAFETY: the map is read-only; a concurrent writer could change bytes under us, which
         // safetensors' validation cannot prevent either, but it cannot cause unsoundness in the
         // decoding below (we only copy bytes out).
@@ -66,7 +65,7 @@ impl TensorFile {
             Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
-                return Err(Error::tensor(&self.path, name, format!("dtype {other:?} is not a float type (expected F32, F16 or BF16)")))
+                return Err(Error::tensor(&self.path, name, format!("dtype {other:?} is not supported (expected F32, F16 or BF16)")))
             }
         };
         Ok((data, info.shape.clone()))

@@ -107,7 +107,8 @@ impl BertModel {
     pub fn from_dir(dir: impl AsRef<Path>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<(Self, LoadReport)> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found")));
+            let why = if dir.exists() { "is not a folder (a model folder holds config.json and model.safetensors)" } else { "model folder not found" };
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
         }
         let config = BertConfig::from_file(dir.join("config.json"))?;
         let (weights, report) = BertWeights::load(dir.join("model.safetensors"), &config, backend.as_ref(), opts)?;

@@ -246,7 +246,11 @@ impl BertModel {
         if let Some(head) = loaded.head {
             if let Err(e) = self.insert_head(head) {
                 let _ = self.delete_adapter(&name);
-                return Err(e);
+                // The head came from the folder's head files: say so.
+                return Err(match e {
+                    Error::Input(msg) => Error::Input(format!("{}: {msg}", folder.dir.join(crate::io::adapter_files::HEAD_CONFIG_FILE).display())),
+                    other => other,
+                });
             }
         }
         Ok(loaded.report)

@@ -54,6 +54,12 @@ impl BertModel {
         if self.heads.contains_key(head.name()) {
             return Err(Error::Input(format!("adapter `{}` already has a head", head.name())));
         }
+        if head.config().use_pooler && !self.has_pooler() {
+            return Err(Error::Input(format!(
+                "head `{}` reads the pooler output (use_pooler in its config), but this model has no pooler (its weights hold no pooler.dense)",
+                head.name()
+            )));
+        }
         let head = self.head_on_backend(head)?;
         self.heads.insert(head.name().to_string(), head);
         Ok(())

@@ -1,7 +1,6 @@
 //! `adapter_config.json` and `head_config.json`: reading and validating the adapter config, and
 //! writing both files byte for byte as the library's `json.dump` does.
 
-use std::fs::File;
 use std::path::Path;
 
 use serde_json::Value;
@@ -25,7 +24,7 @@ pub struct AdapterConfigFile {
 
 /// Read and validate `adapter_config.json`.
 pub fn read_adapter_config(path: &Path) -> Result<AdapterConfigFile> {
-    parse_adapter_config(&read_capped(path, MAX_CONFIG_BYTES)?, path)
+    parse_adapter_config(&crate::io::read_capped(path, MAX_CONFIG_BYTES, "a config file")?, path)
 }
 
 /// Parse the bytes of an `adapter_config.json`; `path` names it in errors.
@@ -230,17 +229,6 @@ pub fn python_float_repr(x: f64) -> String {
         let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
         format!("{sign}{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
     }
-}
-
-pub(super) fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::new();
-    file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > cap {
-        return Err(Error::malformed(path, format!("larger than {cap} bytes; not a config file")));
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

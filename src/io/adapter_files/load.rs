@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::config::{read_adapter_config, read_capped, AdapterConfigFile};
+use super::config::{read_adapter_config, AdapterConfigFile};
+use crate::io::read_capped;
 use super::weights::{StoredTensor, WeightsFile};
+use crate::error::short_number;
 use super::{CONFIG_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, MAX_CONFIG_BYTES, MAX_WIDTH_FACTOR, TORCH_HEAD_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, WEIGHTS_FILE};
 use crate::config::{AdapterConfig, BertConfig, HeadConfigFile, Location, ReductionFactor};
 use crate::error::{Error, Result};
@@ -63,7 +65,8 @@ impl AdapterDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "adapter folder not found")));
+            let why = if dir.exists() { "is not a folder (an adapter folder holds adapter_config.json and the weights)" } else { "adapter folder not found" };
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
         }
         let config = read_adapter_config(&dir.join(CONFIG_FILE))?;
         // Like the library's `use_safetensors=True`: safetensors first, the .bin as fallback.
@@ -141,7 +144,8 @@ pub fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict
                 return Err(Error::config(
                     path,
                     "config.reduction_factor",
-                    format!("gives a bottleneck of {m} at layer {layer}, more than {MAX_WIDTH_FACTOR}× the hidden size {h}"),
+                    // m saturates for a tiny factor: name the bound, not a wrapped-around width.
+                    format!("gives a bottleneck wider than {max} at layer {layer}, {MAX_WIDTH_FACTOR}× the hidden size {h}"),
                 ));
             }
         }
@@ -149,10 +153,10 @@ pub fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict
     if let (true, Some(rf)) = (c.inv_adapter, c.inv_adapter_reduction_factor) {
         let k = (h as f64 / 2.0 / rf).floor();
         if k > max as f64 {
-            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{rf} gives a NICE layer of {k} units for hidden size {h}")));
+            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{} gives a NICE layer of {} units for hidden size {h}, more than {max}", short_number(rf), short_number(k))));
         }
         if k < 1.0 {
-            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{rf} leaves the NICE layer no units for hidden size {h}")));
+            return Err(Error::config(path, "config.inv_adapter_reduction_factor", format!("{} leaves the NICE layer no units for hidden size {h}", short_number(rf))));
         }
     }
     Ok(())
@@ -232,7 +236,7 @@ pub fn read_adapter_tensors(
     }
     let check = |t: &StoredTensor, shape: &[usize]| -> Result<()> {
         if t.float.is_none() {
-            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not supported (expected F32, F16 or BF16)", t.dtype)));
         }
         if t.shape != shape {
             return Err(Error::tensor(wpath, &t.name, format!("shape {:?} in the file, but the config needs {shape:?}", t.shape)));
@@ -293,7 +297,7 @@ pub fn read_head(dir: &Path, saved_adapter: &str, name: &str, strict: bool, hidd
             Ok(None)
         }
     };
-    let bytes = read_capped(&cfg_path, MAX_CONFIG_BYTES)?;
+    let bytes = read_capped(&cfg_path, MAX_CONFIG_BYTES, "a config file")?;
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
         Err(e) => return soft(Error::malformed(&cfg_path, format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to())), report),
@@ -344,7 +348,7 @@ pub fn read_head_tensors(
             continue;
         };
         if t.float.is_none() {
-            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+            return Err(Error::tensor(wpath, &t.name, format!("dtype {} is not supported (expected F32, F16 or BF16)", t.dtype)));
         }
         if &t.shape != shape {
             return Err(Error::tensor(wpath, &t.name, format!("shape {:?} in the file, but the head config needs {shape:?}", t.shape)));

@@ -1,6 +1,5 @@
 //! Adapter and head weights files in either format: safetensors or a `torch.save` archive.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -54,7 +53,7 @@ impl WeightsFile {
     /// Open a safetensors file or a `torch.save` archive (told apart by their first bytes).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::io::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Err(Error::malformed(path, "empty file (expected safetensors or a torch.save archive)"));
@@ -66,6 +65,7 @@ impl WeightsFile {
             drop(mmap);
             return Self::from_torch(TorchArchive::open(path)?);
         }
+        refuse_other_bin(&mmap, path)?;
         Self::from_safetensors(Bytes::Mapped(mmap), path)
     }
 
@@ -74,6 +74,7 @@ impl WeightsFile {
         if looks_like_torch(&bytes) {
             return Self::from_torch(TorchArchive::from_bytes(bytes, origin)?);
         }
+        refuse_other_bin(&bytes, origin)?;
         Self::from_safetensors(Bytes::Owned(bytes), origin)
     }
 
@@ -120,7 +121,7 @@ impl WeightsFile {
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::tensor(&self.path, name, "not in the file"))?;
         let Some(dtype) = t.float else {
-            return Err(Error::tensor(&self.path, name, format!("dtype {} is not a float type (expected F32, F16 or BF16)", t.dtype)));
+            return Err(Error::tensor(&self.path, name, format!("dtype {} is not supported (expected F32, F16 or BF16)", t.dtype)));
         };
         match &self.format {
             Format::Torch(archive) => archive.read_f32(name),
@@ -133,6 +134,23 @@ impl WeightsFile {
             }
         }
     }
+}
+
+/// A `.bin` that is not a torch.save zip archive is not safetensors either: say what it is
+/// rather than reading its first bytes as a safetensors header length.
+fn refuse_other_bin(bytes: &[u8], path: &Path) -> Result<()> {
+    if path.extension().is_none_or(|e| e != "bin") {
+        return Ok(());
+    }
+    Err(Error::malformed(
+        path,
+        match bytes.first() {
+            // A pickle stream's PROTO opcode: torch.save's legacy format (before torch 1.6).
+            Some(0x80) => "torch.save's legacy (pre-1.6, not zip) format, which is not read: save it again with torch >= 1.6, or as adapter.safetensors",
+            _ => "not a torch.save archive (no zip header) nor safetensors",
+        }
+        .to_string(),
+    ))
 }
 
 /// The safetensors header, with one clear message per way it can be broken.

@@ -88,7 +88,7 @@ impl TorchArchive {
     /// Map `path` and validate it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::io::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Err(Error::malformed(path, "empty file (expected a torch.save zip archive)"));
