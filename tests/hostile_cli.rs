@@ -568,3 +568,283 @@ fn a_bin_adapter_with_an_oversized_shared_storage_is_refused_unread() {
     fails(limited(run_tiny(&out).arg("--adapter").arg(&dir), LIMIT), &["pytorch_adapter.bin", "storage `pytorch_adapter/data/3` holds 67108864 bytes, but its tensors use only 12"]);
     assert!(!out.exists());
 }
+
+// ---- the second audit (2026-11-28): files, flags and folders --------------------------------
+
+/// The tiny model with its tokenizer.json passed through `edit`.
+fn with_tokenizer(tmp: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let model = trainable_tiny_model(tmp);
+    let path = model.join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_slice(&bytes(&path)).unwrap();
+    edit(&mut tok);
+    std::fs::write(&path, serde_json::to_vec(&tok).unwrap()).unwrap();
+    model
+}
+
+fn predict_cmd(model: &Path, adapter: &Path, text: &Path) -> Command {
+    let mut c = bin();
+    c.arg("predict").arg("--model").arg(model).arg("--adapter").arg(adapter).arg("--text").arg(text).args(["--device", "cpu"]);
+    c
+}
+
+#[test]
+fn a_tokenizer_file_cannot_make_truncation_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = trainable_tiny_model(&tmp.path().join("plain"));
+    let out = tmp.path().join("out");
+    ok(train_cmd(&plain, &data(), &out, &[]).output().unwrap());
+    let long = tmp.path().join("long.txt");
+    std::fs::write(&long, format!("{}\nbad\n", "good film ".repeat(20))).unwrap();
+    let want = ok(predict_cmd(&plain, &out.join("tasknn"), &long).args(["--max-len", "16"]).output().unwrap());
+
+    // A stride as long as the room the specials leave (16 - 2) panicked inside tokenizers; the
+    // overflowing pieces it shapes are never read, so it changes nothing.
+    let strided = with_tokenizer(&tmp.path().join("strided"), |t| {
+        t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 14});
+    });
+    assert_eq!(ok(predict_cmd(&strided, &out.join("tasknn"), &long).args(["--max-len", "16"]).output().unwrap()), want);
+
+    // More specials than the max length leaves no room for a token: refused, naming the file.
+    let crowded = with_tokenizer(&tmp.path().join("crowded"), |t| {
+        let cls = serde_json::json!({"SpecialToken": {"id": "[CLS]", "type_id": 0}});
+        let mut single = vec![cls; 20];
+        single.push(serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}));
+        t["post_processor"]["single"] = serde_json::Value::Array(single);
+    });
+    fails(predict_cmd(&crowded, &out.join("tasknn"), &long).args(["--max-len", "16"]).output().unwrap(), &["tokenizer.json", "adds 20 special tokens", "max length of 16"]);
+}
+
+#[test]
+fn run_never_replaces_a_fifo_a_device_or_a_link_named_as_its_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    fails(run_tiny(&fifo).output().unwrap(), &["fifo", "not a regular file", "not replaced"]);
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(&fifo).unwrap().file_type()));
+
+    let target = tmp.path().join("target.txt");
+    std::fs::write(&target, "mine").unwrap();
+    let link = tmp.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    fails(run_tiny(&link).output().unwrap(), &["link.safetensors", "a symbolic link", "not replaced"]);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(bytes(&target), b"mine");
+    // A regular file is replaced, as before.
+    let plain = tmp.path().join("plain.safetensors");
+    std::fs::write(&plain, "old").unwrap();
+    ok(run_tiny(&plain).output().unwrap());
+    assert!(TensorFile::open(&plain).is_ok());
+}
+
+#[test]
+fn a_second_run_into_a_busy_folder_is_refused_and_a_failed_fresh_run_leaves_no_folder() {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    // Another run holds the folder (its lock, taken here as that run would).
+    let held = std::fs::File::open(&out).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    fails(train_cmd(&model, &data(), &out, &[]).output().unwrap(), &["out", "another bert-adapters train is writing into this folder"]);
+    assert_eq!(listing(&out), ["notes.txt"]);
+    drop(held);
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    assert!(out.join("metrics.csv").is_file() && out.join("notes.txt").is_file());
+
+    // A fresh run that fails after taking its --out (here: at the model) removes the folder it
+    // made, and only that: an existing one stays.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{").unwrap();
+    let fresh = tmp.path().join("fresh/deeper");
+    fails(train_cmd(&broken, &data(), &fresh, &[]).output().unwrap(), &["config.json"]);
+    assert!(!fresh.exists());
+    let existing = tmp.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    fails(train_cmd(&broken, &data(), &existing, &[]).output().unwrap(), &["config.json"]);
+    assert!(existing.is_dir());
+}
+
+#[test]
+fn a_file_size_limit_is_an_error_naming_the_file_not_a_silent_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    let before = bytes(&out.join("training.svg"));
+    // 5 blocks of 512 bytes: the plot is larger. Without SIG_IGN the kernel's SIGXFSZ killed the
+    // process with status 153 and no message.
+    let train = train_cmd(&model, &data(), &out, &["--resume", "--steps", "4"]);
+    let args: Vec<String> = std::iter::once(train.get_program()).chain(train.get_args()).map(|a| format!("'{}'", a.to_string_lossy())).collect();
+    let o = Command::new("sh").arg("-c").arg(format!("ulimit -f 5; exec {}", args.join(" "))).output().unwrap();
+    fails(o, &["training.svg", "File too large"]);
+    // The write that failed left the previous plot whole, and no temporary beside it.
+    assert_eq!(bytes(&out.join("training.svg")), before);
+    assert!(listing(&out).iter().all(|name| !name.contains(".tmp-")), "{:?}", listing(&out));
+}
+
+#[test]
+fn numeric_flags_the_kernels_cannot_hold_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    let go = |extra: &[&str]| train_cmd(&model, &data(), &out, extra).output().unwrap();
+    // Was "0e0": a positive norm f32 rounds to 0, saved as "no clipping".
+    fails(go(&["--max-grad-norm", "1e-50"]), &["--max-grad-norm", "outside f32's normal range"]);
+    fails(go(&["--lr", "1e308"]), &["--lr", "outside f32's normal range"]);
+    fails(go(&["--lr", "1", "--weight-decay", "2"]), &["--weight-decay 2 with --lr 1", "must be below 1"]);
+    // A value starting with '-' reaches the flag's own check instead of reading as a flag.
+    let o = go(&["--steps", "-inf"]);
+    assert!(text(&o).1.contains("invalid value '-inf' for '--steps <N>'"), "{}", text(&o).1);
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_flag_given_twice_takes_its_last_value_in_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    let texts = tmp.path().join("t.txt");
+    std::fs::write(&texts, "good\nbad\n").unwrap();
+    let once = ok(predict_cmd(&model, &out.join("tasknn"), &texts).args(["--max-len", "8"]).output().unwrap());
+    assert_eq!(ok(predict_cmd(&model, &out.join("tasknn"), &texts).args(["--max-len", "40", "--max-len", "8"]).output().unwrap()), once);
+    fails(predict_cmd(&model, &out.join("tasknn"), &texts).args(["--max-len", "8", "--max-len", "41"]).output().unwrap(), &["--max-len: 41 must be in 2..=40"]);
+}
+
+#[test]
+fn predict_and_run_read_text_a_window_at_a_time_and_keep_every_line_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    // More lines than one window holds (65,536): the second window must follow the first.
+    let n = 70_000;
+    let line = |i: usize| match i % 3 {
+        0 => format!("good film {i}"),
+        1 => "bad".to_string(),
+        _ => String::new(),
+    };
+    let texts = tmp.path().join("many.txt");
+    std::fs::write(&texts, (0..n).map(|i| line(i) + "\n").collect::<String>()).unwrap();
+    let labels = ok(predict_cmd(&model, &out.join("tasknn"), &texts).args(["--max-len", "8", "--with-text"]).output().unwrap());
+    let rows: Vec<&str> = labels.lines().collect();
+    assert_eq!(rows.len(), n);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.split_once('\t').map(|(_, t)| t.to_string()), Some(line(i)), "line {}", i + 1);
+    }
+    let dest = tmp.path().join("o.safetensors");
+    let mut run = bin();
+    run.arg("run").arg("--model").arg(&model).arg("--text").arg(&texts).arg("--out").arg(&dest);
+    ok(run.output().unwrap());
+    let file = TensorFile::open(&dest).unwrap();
+    let (ids, shape) = file.read_i64("input_ids").unwrap();
+    assert_eq!(shape[0], n);
+    // Every third row is blank ([CLS] [SEP]); rows 69,999 and 70,000 sit in the second window.
+    let row = |i: usize| &ids[i * shape[1]..(i + 1) * shape[1]];
+    for i in [0, 1, 2, 65_535, 65_536, 65_537, n - 1] {
+        let tokens = row(i).iter().filter(|&&id| id != 0).count();
+        assert_eq!(tokens == 2, line(i).is_empty(), "row {}: {:?}", i + 1, row(i));
+    }
+}
+
+#[test]
+fn model_and_adapter_files_of_the_wrong_kind_are_named_without_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    let texts = tmp.path().join("t.txt");
+    std::fs::write(&texts, "good\n").unwrap();
+
+    // A FIFO as model.safetensors: opening it for reading would wait for a writer forever.
+    let fifo_model = tmp.path().join("fifo_model");
+    std::fs::create_dir(&fifo_model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model.join(f), fifo_model.join(f)).unwrap();
+    }
+    assert!(Command::new("mkfifo").arg(fifo_model.join("model.safetensors")).status().unwrap().success());
+    let mut child = predict_cmd(&fifo_model, &out.join("tasknn"), &texts).stderr(Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() > 60 {
+            child.kill().unwrap();
+            panic!("predict hung on a FIFO as model.safetensors");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    fails(child.wait_with_output().unwrap(), &["model.safetensors", "not a regular file"]);
+
+    // A file where a folder belongs.
+    fails(predict_cmd(&model.join("config.json"), &out.join("tasknn"), &texts).output().unwrap(), &["config.json", "is not a folder"]);
+    fails(predict_cmd(&model, &texts, &texts).output().unwrap(), &["t.txt", "is not a folder (an adapter folder holds"]);
+
+    // A config.json far larger than any real one is not read whole.
+    let big = tmp.path().join("big_config");
+    std::fs::create_dir(&big).unwrap();
+    std::fs::write(big.join("config.json"), format!("{{\"pad\": \"{}\"}}", " ".repeat(17 << 20))).unwrap();
+    fails(predict_cmd(&big, &out.join("tasknn"), &texts).output().unwrap(), &["config.json", "larger than 16777216 bytes"]);
+
+    // A .bin that is not a torch.save zip: the legacy pickle format, or anything else.
+    for (bytes, says) in [(vec![0x80u8, 0x02, 0x8a, 0x0a], "legacy (pre-1.6, not zip) format"), (b"junk junk junk".to_vec(), "not a torch.save archive")] {
+        let dir = tmp.path().join("bin_adapter");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(out.join("tasknn/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+        std::fs::write(dir.join("pytorch_adapter.bin"), bytes).unwrap();
+        fails(predict_cmd(&model, &dir, &texts).output().unwrap(), &["pytorch_adapter.bin", says]);
+    }
+
+    // train_info.json's max length out of range names the file and field, not --max-len.
+    let info = out.join("tasknn/train_info.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes(&info)).unwrap();
+    v["max_len"] = serde_json::json!(1000);
+    std::fs::write(&info, serde_json::to_vec(&v).unwrap()).unwrap();
+    fails(predict_cmd(&model, &out.join("tasknn"), &texts).output().unwrap(), &["max_len of", "train_info.json: 1000 must be in 2..=40"]);
+}
+
+#[test]
+fn head_and_model_configs_that_contradict_themselves_are_refused() {
+    use bert_adapters::config::HeadConfig;
+    use bert_adapters::BertConfig;
+    let head = |pairs: &[(&str, usize)]| HeadConfig { label2id: Some(pairs.iter().map(|(l, i)| (l.to_string(), *i)).collect()), ..HeadConfig::classification(3) };
+    assert!(head(&[("a", 0), ("b", 1), ("c", 2)]).validate().is_ok());
+    let e = head(&[("a", 0), ("b", 7)]).validate().unwrap_err().to_string();
+    assert!(e.contains("`b` the id 7, but the head has 3 labels"), "{e}");
+    let e = head(&[("a", 1), ("b", 1)]).validate().unwrap_err().to_string();
+    assert!(e.contains("both `a` and `b` the id 1"), "{e}");
+    // A 100,000-character name is named in a line of bounded length.
+    let long = "x".repeat(100_000);
+    let e = bert_adapters::config::validate_adapter_name(&long).unwrap_err().to_string();
+    assert!(e.len() < 300 && e.contains("100000 bytes long; at most 256"), "{e}");
+
+    // RoBERTa's positions start at pad_token_id + 1: 34 rows with pad 32 leave one token,
+    // too few for <s> and </s>; refused on reading, naming config.json's field.
+    let roberta = |pad: u32| format!(r#"{{"model_type": "roberta", "vocab_size": 120, "hidden_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 34, "pad_token_id": {pad}}}"#);
+    let path = Path::new("config.json");
+    assert!(BertConfig::from_json_str(&roberta(30), path).is_ok());
+    let e = BertConfig::from_json_str(&roberta(32), path).unwrap_err().to_string();
+    assert!(e.contains("max_position_embeddings") && e.contains("leaves room for 1 tokens"), "{e}");
+}
+
+#[test]
+fn a_head_reading_the_pooler_on_a_model_without_one_is_refused_when_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trainable_tiny_model(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train_cmd(&model, &data(), &out, &[]).output().unwrap());
+    let cfg = out.join("tasknn/head_config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes(&cfg)).unwrap();
+    v["config"]["use_pooler"] = serde_json::json!(true);
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    // The model without its pooler weights.
+    let weights = model.join("model.safetensors");
+    let kept: Vec<_> = read_raw_safetensors(&weights).into_iter().filter(|(name, ..)| !name.starts_with("pooler.")).collect();
+    write_raw_safetensors(&weights, &kept);
+    let texts = tmp.path().join("t.txt");
+    std::fs::write(&texts, "good\n").unwrap();
+    fails(predict_cmd(&model, &out.join("tasknn"), &texts).output().unwrap(), &["head_config.json", "use_pooler", "this model has no pooler"]);
+}

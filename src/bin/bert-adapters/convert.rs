@@ -34,6 +34,7 @@ enum AdapterCommand {
 }
 
 #[derive(Args)]
+#[command(args_override_self = true)]
 struct ConvertArgs {
     /// The adapter folder to read (adapter_config.json + adapter.safetensors or pytorch_adapter.bin).
     in_dir: PathBuf,

@@ -3,7 +3,7 @@
 //! predict see exactly the same computation.
 
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -81,64 +81,101 @@ pub fn open_on(device: Option<Device>, precision: Precision) -> Result<(Arc<dyn 
 }
 
 fn parse_device(s: &str) -> Result<Device> {
-    s.parse::<Device>().map_err(|_| Error::Input(format!("--device `{s}`: expected auto, cpu, cuda, cuda:N or cuda-sim")))
+    s.parse::<Device>().map_err(|_| Error::Input(format!("--device `{s}`: expected auto, cpu, cuda (or gpu), cuda:N or cuda-sim")))
 }
 
-/// Every line of `path`, one text each: blank lines keep their row, a trailing newline does not
-/// make an empty last text, `\r\n` is one line end. Each line is cut to `max_chars` characters
-/// while it is read, so a 40 MB line costs no more memory than a short one; the tokenizer would
-/// cut it anyway (see `BertTokenizer::max_chars`). Invalid UTF-8 is an error naming the line.
-pub fn read_text_lines(path: &Path, max_chars: usize) -> Result<Vec<String>> {
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    let max_bytes = max_chars.saturating_mul(4); // a char is at most 4 bytes
-    let (mut lines, mut line, mut cut) = (Vec::new(), Vec::new(), false);
-    loop {
-        let buf = reader.fill_buf().map_err(io)?;
-        if buf.is_empty() {
-            if !line.is_empty() || cut {
-                finish_line(path, &mut lines, &mut line, cut, max_chars)?;
+/// The lines of a text file, one text each, read a window at a time so that memory stays that
+/// of one window whatever the file's size: blank lines keep their row, a trailing newline does
+/// not make an empty last text, `\r\n` is one line end. Each line is cut to `max_chars`
+/// characters while it is read, so a 40 MB line costs no more memory than a short one; the
+/// tokenizer would cut it anyway (see `BertTokenizer::max_chars`). Invalid UTF-8 is an error
+/// naming the line.
+pub struct TextLines {
+    path: PathBuf,
+    reader: std::io::BufReader<std::fs::File>,
+    max_chars: usize,
+    /// Lines returned so far (for the line numbers of messages).
+    read: u64,
+    done: bool,
+}
+
+/// A window of [`TextLines`]: at most this many lines…
+pub const WINDOW_LINES: usize = 1 << 16;
+/// …or about this many bytes of text, whichever comes first.
+pub const WINDOW_BYTES: usize = 64 << 20;
+
+impl TextLines {
+    pub fn open(path: &Path, max_chars: usize) -> Result<TextLines> {
+        let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        Ok(TextLines { path: path.to_path_buf(), reader: std::io::BufReader::with_capacity(1 << 16, file), max_chars, read: 0, done: false })
+    }
+
+    /// The next lines, at most `max_lines` of them and no more once `max_bytes` of text are
+    /// held; `None` at the end of the file.
+    pub fn next_window(&mut self, max_lines: usize, max_bytes: usize) -> Result<Option<Vec<String>>> {
+        let path = self.path.clone();
+        let io = |e| Error::Io { path: path.clone(), source: e };
+        let max_line_bytes = self.max_chars.saturating_mul(4); // a char is at most 4 bytes
+        let (mut lines, mut held, mut line, mut cut) = (Vec::new(), 0usize, Vec::new(), false);
+        while !self.done && lines.len() < max_lines.max(1) && held < max_bytes {
+            let buf = self.reader.fill_buf().map_err(io)?;
+            if buf.is_empty() {
+                self.done = true;
+                if !line.is_empty() || cut {
+                    self.finish_line(&mut lines, &mut line, cut)?;
+                }
+                break;
             }
-            break;
+            let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], Some(i + 1)),
+                None => (buf, None),
+            };
+            let room = max_line_bytes.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            cut |= chunk.len() > room;
+            let used = newline.unwrap_or(buf.len());
+            self.reader.consume(used);
+            if newline.is_some() {
+                held += self.finish_line(&mut lines, &mut line, cut)?;
+                cut = false;
+            }
         }
-        let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
+        Ok(if lines.is_empty() { None } else { Some(lines) })
+    }
+
+    /// Decode one line (cut to `max_chars` if `cut`), append it, and return its size.
+    fn finish_line(&mut self, lines: &mut Vec<String>, line: &mut Vec<u8>, cut: bool) -> Result<usize> {
+        if line.last() == Some(&b'\r') && !cut {
+            line.pop();
+        }
+        self.read += 1;
+        let text = match std::str::from_utf8(line) {
+            Ok(t) => t,
+            // A multi-byte character split by the cut: keep what precedes it.
+            Err(e) if cut && e.error_len().is_none() => std::str::from_utf8(&line[..e.valid_up_to()]).unwrap_or_default(),
+            Err(e) => {
+                let msg = format!("line {}: invalid UTF-8 (byte offset {} in the line)", self.read, e.valid_up_to());
+                return Err(Error::Malformed { path: self.path.clone(), msg });
+            }
         };
-        let room = max_bytes.saturating_sub(line.len());
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        cut |= chunk.len() > room;
-        let used = newline.unwrap_or(buf.len());
-        reader.consume(used);
-        if newline.is_some() {
-            finish_line(path, &mut lines, &mut line, cut, max_chars)?;
-            cut = false;
-        }
+        let text = bert_adapters::tokenize::truncate_chars(text, self.max_chars).to_string();
+        let size = text.len() + std::mem::size_of::<String>();
+        lines.push(text);
+        line.clear();
+        Ok(size)
     }
-    if lines.is_empty() {
-        return Err(Error::Malformed { path: path.to_path_buf(), msg: "the file is empty (one text per line expected)".into() });
-    }
-    Ok(lines)
 }
 
-/// Decode one line read by `read_text_lines` (cut to `max_chars` if `cut`) and append it.
-fn finish_line(path: &Path, lines: &mut Vec<String>, line: &mut Vec<u8>, cut: bool, max_chars: usize) -> Result<()> {
-    if line.last() == Some(&b'\r') && !cut {
-        line.pop();
-    }
-    let text = match std::str::from_utf8(line) {
-        Ok(t) => t,
-        // A multi-byte character split by the cut: keep what precedes it.
-        Err(e) if cut && e.error_len().is_none() => std::str::from_utf8(&line[..e.valid_up_to()]).unwrap_or_default(),
-        Err(e) => {
-            let msg = format!("line {}: invalid UTF-8 (byte offset {} in the line)", lines.len() + 1, e.valid_up_to());
-            return Err(Error::Malformed { path: path.to_path_buf(), msg });
-        }
-    };
-    lines.push(bert_adapters::tokenize::truncate_chars(text, max_chars).to_string());
-    line.clear();
-    Ok(())
+/// The error for a text file with no line at all.
+pub fn empty_text_file(path: &Path) -> Error {
+    Error::Malformed { path: path.to_path_buf(), msg: "the file is empty (one text per line expected)".into() }
+}
+
+/// Every line of `path` at once (see [`TextLines`]); a file without a line is an error.
+#[cfg(test)]
+pub fn read_text_lines(path: &Path, max_chars: usize) -> Result<Vec<String>> {
+    let lines = TextLines::open(path, max_chars)?.next_window(usize::MAX, usize::MAX)?;
+    lines.ok_or_else(|| empty_text_file(path))
 }
 
 /// The arg-max label of `adapter`'s head for every text, run with `adapter` alone active (as its

@@ -11,6 +11,7 @@ use bert_adapters::cuda::runtime::{entry_key, precompile, Precompiled};
 use bert_adapters::{Error, Result};
 
 #[derive(Args)]
+#[command(args_override_self = true)]
 pub struct KernelsArgs {
     /// GPU architectures to compile for, e.g. sm_80 (A100), sm_90 (H100, H200); repeat or
     /// separate with commas. Default: GPU 0's.
@@ -52,10 +53,15 @@ fn device_arch() -> Result<String> {
 
 pub fn run(args: KernelsArgs) -> Result<()> {
     let cache = DiskCache::configured().ok_or_else(|| {
-        Error::Input(format!(
-            "the kernel cache is off ({CACHE_ENV} is off, or neither XDG_CACHE_HOME nor HOME is set): there is nowhere to keep the compiled kernels; set {CACHE_ENV} to a folder"
-        ))
+        let why = match std::env::var_os(CACHE_ENV) {
+            Some(v) => format!("{CACHE_ENV}={:?} turns it off", v.to_string_lossy()),
+            None => "neither XDG_CACHE_HOME nor HOME is set".to_string(),
+        };
+        Error::Input(format!("the kernel cache is off ({why}): there is nowhere to keep the compiled kernels; set {CACHE_ENV} to a folder"))
     })?;
+    if let Some(bad) = args.arch.iter().find(|a| !bert_adapters::cuda::runtime::is_real_arch(a)) {
+        return Err(Error::Input(format!("--arch `{bad}` is not a GPU architecture (expected e.g. sm_80, sm_90, sm_90a)")));
+    }
     let sources = sources(&args.family)?;
     let archs = if args.arch.is_empty() { vec![device_arch()?] } else { args.arch.clone() };
     let jobs = args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
@@ -64,20 +70,22 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     for arch in &archs {
         let (mut compiled, mut cached) = (0, 0);
         // Each family is reported as it finishes; failures are gathered for the closing error.
-        let progress = |_: &KernelSource, result: &Result<Precompiled>| match result {
+        let progress = |source: &KernelSource, result: &Result<Precompiled>| match result {
             Ok(done) if done.origin == CubinOrigin::Compiled => {
                 say!("{arch} {}: compiled in {:.1} s", done.family, done.seconds);
             }
             Ok(done) => {
                 say!("{arch} {}: already in the cache", done.family);
             }
-            Err(_) => {}
+            Err(e) => {
+                warn!("{arch} {}: {e}", source.family);
+            }
         };
         for (source, result) in sources.iter().zip(precompile(cache, &sources, arch, jobs, progress)?) {
             match result {
                 Ok(done) if done.origin == CubinOrigin::Compiled => compiled += 1,
                 Ok(_) => cached += 1,
-                Err(e) => failures.push(format!("{arch} {}: {e}", source.family)),
+                Err(_) => failures.push(format!("{arch} {}", source.family)),
             }
         }
         say!("{arch}: {compiled} compiled, {cached} already cached, in {}", cache.dir().display());
@@ -90,6 +98,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     say!("{:.1} s with {jobs} compile{} at a time", start.elapsed().as_secs_f64(), if jobs == 1 { "" } else { "s" });
     match failures.len() {
         0 => Ok(()),
-        _ => Err(Error::Cuda(failures.join("\n"))),
+        // One line: each family's error (an NVRTC log can be many lines) went out as it failed.
+        n => Err(Error::Cuda(format!("{n} compile{} failed ({}); the errors are above", if n == 1 { "" } else { "s" }, failures.join(", ")))),
     }
 }

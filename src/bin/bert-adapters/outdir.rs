@@ -40,12 +40,43 @@ pub enum Start {
     Resume,
 }
 
-/// What `prepare` found.
+/// What `prepare` found, and the run's hold on `--out`: an exclusive lock on the folder, so a
+/// second run into the same folder is refused rather than interleaving its files with this
+/// one's. Dropped, it lets go, and removes the folder if `prepare` created it and the run
+/// wrote nothing there (a run that failed early leaves no empty folder behind).
 pub struct Prepared {
     /// Leftovers cleaned or restored, for a log line each.
     pub cleaned: Vec<String>,
     /// Outputs of a previous run, by name.
     pub previous: Vec<String>,
+    out: PathBuf,
+    created: bool,
+    _lock: std::fs::File,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.created {
+            // Fails, harmlessly, unless the folder is empty.
+            let _ = std::fs::remove_dir(&self.out);
+        }
+    }
+}
+
+/// Lock `out` (a folder) for this process: `flock` on the folder itself, so no file of ours
+/// appears in it; released when the process ends, however it ends.
+fn lock_folder(out: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => refuse(out, "another bert-adapters train is writing into this folder; wait for it to end, or choose another --out".into()),
+            _ => Error::Io { path: out.to_path_buf(), source: e },
+        });
+    }
+    Ok(dir)
 }
 
 fn refuse(path: &Path, msg: String) -> Error {
@@ -53,13 +84,29 @@ fn refuse(path: &Path, msg: String) -> Error {
 }
 
 /// Check `out` before anything runs: clean leftovers, refuse foreign content in our folders, and
-/// refuse a fresh run over a previous one. Changes nothing but leftovers of dead processes.
+/// refuse a fresh run over a previous one; lock the folder (created if missing) for this run.
+/// Changes nothing but leftovers of dead processes.
 pub fn prepare(out: &Path, start: Start) -> Result<Prepared> {
-    if !out.exists() {
-        return Ok(Prepared { cleaned: Vec::new(), previous: Vec::new() });
-    }
-    if !out.is_dir() {
-        return Err(refuse(out, "exists and is not a folder".into()));
+    let created = match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| Error::Io { path: parent.to_path_buf(), source: e })?;
+            }
+            // Created here only if this process made it: two runs started together must not
+            // both think so (the loser would remove the winner's folder).
+            match std::fs::create_dir(out) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(Error::Io { path: out.to_path_buf(), source: e }),
+            }
+        }
+        _ if !out.is_dir() => return Err(refuse(out, "exists and is not a folder".into())),
+        _ => false,
+    };
+    let lock = lock_folder(out)?;
+    let mut prepared = Prepared { cleaned: Vec::new(), previous: Vec::new(), out: out.to_path_buf(), created, _lock: lock };
+    if created {
+        return Ok(prepared);
     }
     let cleaned = clean_leftovers(out, &FILES, &folders())?;
     let mut previous = Vec::new();
@@ -85,7 +132,9 @@ pub fn prepare(out: &Path, start: Start) -> Result<Prepared> {
             format!("holds a previous run ({}); --resume continues it, --overwrite replaces it (only files bert-adapters wrote), or choose another --out", previous.join(", ")),
         ));
     }
-    Ok(Prepared { cleaned, previous })
+    prepared.cleaned = cleaned;
+    prepared.previous = previous;
+    Ok(prepared)
 }
 
 /// Whether the file `name` at `path` starts as we write it (a CSV header, the plot's mark): a

@@ -13,6 +13,7 @@ use crate::train::{self, TRAIN_INFO};
 use crate::{checkpoint, flags, infer};
 
 #[derive(Args)]
+#[command(args_override_self = true)]
 pub struct PredictArgs {
     /// Hugging Face model folder: config.json, model.safetensors, tokenizer.json (as in `train`).
     #[arg(long, value_name = "DIR", default_value = train::DEFAULT_MODEL)]
@@ -26,7 +27,7 @@ pub struct PredictArgs {
     /// Tokens per text; default: what the adapter was trained with (its train_info.json, or the
     /// state.json of the checkpoint it is in), else the model's max_position_embeddings (less
     /// the position offset of RoBERTa / XLM-R).
-    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "T", allow_hyphen_values = true, value_parser = flags::whole)]
     max_len: Option<i128>,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
@@ -43,17 +44,22 @@ pub struct PredictArgs {
 }
 
 /// The max length recorded by `train` beside the adapter (`<out>/tasknn`), or in the state of
-/// the checkpoint the adapter is in (`<out>/checkpoint/tasknn`), if any.
-fn trained_max_len(args: &PredictArgs) -> Result<Option<usize>> {
+/// the checkpoint the adapter is in (`<out>/checkpoint/tasknn`), if any, with where it was read
+/// (for messages).
+fn trained_max_len(args: &PredictArgs) -> Result<Option<(usize, String)>> {
     let path = args.adapter.join(TRAIN_INFO);
     if !path.is_file() {
-        return checkpoint::max_len_of(&args.adapter);
+        let from = || format!("settings.max_len of {}", args.adapter.parent().unwrap_or(&args.adapter).join("state.json").display());
+        return Ok(checkpoint::max_len_of(&args.adapter)?.map(|m| (m, from())));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
+    let bytes = bert_adapters::io::read_capped(&path, 1 << 20, "a train_info.json")?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Malformed { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
     match v.get("max_len") {
         None => Ok(None),
-        Some(m) => m.as_u64().map(|m| Some(m as usize)).ok_or_else(|| Error::Config { path, field: "max_len".into(), msg: format!("expected an integer, got {m}") }),
+        Some(m) => match m.as_u64() {
+            Some(m) => Ok(Some((usize::try_from(m).unwrap_or(usize::MAX), format!("max_len of {}", path.display())))),
+            None => Err(Error::Config { path, field: "max_len".into(), msg: format!("expected an integer, got {}", bert_adapters::error::clip_text(&m.to_string())) }),
+        },
     }
 }
 
@@ -63,12 +69,12 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let (backend, load_options) = infer::open(&args.device, args.precision)?;
     let (mut model, _report) = BertModel::from_dir(&args.model, backend, load_options)?;
     let max_pos = model.config().max_seq_len();
-    let max_len = match asked {
-        Some(m) => m,
-        None => trained_max_len(&args)?.unwrap_or(max_pos),
+    let (max_len, from) = match asked {
+        Some(m) => (m, "--max-len".to_string()),
+        None => trained_max_len(&args)?.unwrap_or((max_pos, "the model's max length".to_string())),
     };
     if max_len < 2 || max_len > max_pos {
-        return Err(Error::Input(format!("max length {max_len} must be in 2..={max_pos} (the model's {})", model.config().max_seq_len_source())));
+        return Err(Error::Input(format!("{from}: {max_len} must be in 2..={max_pos} (the model's {})", model.config().max_seq_len_source())));
     }
     let name = model.load_adapter_with(&args.adapter, &AdapterLoadOptions::default())?.name;
     let head = model.head(&name).ok_or_else(|| Error::Io {
@@ -83,19 +89,30 @@ pub fn run(args: PredictArgs) -> Result<()> {
         }
     }
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), max_len)?;
-    let lines = infer::read_text_lines(&args.text, tokenizer.max_chars())?;
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let pred = infer::predict(&mut model, &tokenizer, &name, &refs)?;
+    // A window of lines at a time, each predicted in batches sorted by length (as evaluation
+    // batches) and written before the next is read: memory is one window's, whatever the file.
+    let mut lines_in = infer::TextLines::open(&args.text, tokenizer.max_chars())?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let written = pred
-        .iter()
-        .zip(&lines)
-        .try_for_each(|(&p, text)| if args.with_text { writeln!(out, "{}\t{text}", names[p]) } else { writeln!(out, "{}", names[p]) })
-        .and_then(|_| out.flush());
-    match written {
-        // A closed pipe (`| head`) is the reader's choice, not an error.
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io { path: PathBuf::from("<stdout>"), source: e }),
-        _ => Ok(()),
+    let mut any = false;
+    while let Some(lines) = lines_in.next_window(infer::WINDOW_LINES, infer::WINDOW_BYTES)? {
+        any = true;
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let pred = infer::predict(&mut model, &tokenizer, &name, &refs)?;
+        let written = pred
+            .iter()
+            .zip(&lines)
+            .try_for_each(|(&p, text)| if args.with_text { writeln!(out, "{}\t{text}", names[p]) } else { writeln!(out, "{}", names[p]) })
+            .and_then(|_| out.flush());
+        match written {
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(Error::Io { path: PathBuf::from("<stdout>"), source: e }),
+            Ok(()) => {}
+        }
     }
+    if !any {
+        return Err(infer::empty_text_file(&args.text));
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! `bert-adapters run`: one forward pass, outputs dumped to safetensors. Its flags are a
 //! contract that outside checks call exactly so.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -8,11 +9,12 @@ use clap::{ArgGroup, Args, ValueEnum};
 
 use bert_adapters::io::atomic::clean_leftovers;
 use bert_adapters::io::{OutDtype, SafetensorsWriter};
-use bert_adapters::{AdapterSetup, BertConfig, BertModel, BertTokenizer, Device, Error, InputBatch, Result};
+use bert_adapters::{AdapterSetup, BertConfig, BertModel, BertTokenizer, Error, InputBatch, Result};
 
 use crate::{infer, limits};
 
 #[derive(Args)]
+#[command(args_override_self = true)]
 #[command(group(ArgGroup::new("source").required(true).args(["inputs", "text"])))]
 #[command(group(ArgGroup::new("setup").args(["active", "parallel"])))]
 pub struct RunArgs {
@@ -43,7 +45,7 @@ pub struct RunArgs {
     /// safetensors with `W` shaped like last_hidden_state; loss = Σ last_hidden_state ⊙ W.
     #[arg(long, value_name = "FILE", requires = "train")]
     grad_probe: Option<PathBuf>,
-    /// cpu or cuda.
+    /// cpu, cuda, cuda:N, cuda-sim, or auto (CUDA when it can be used, else the CPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The forward's precision: f32, or bf16 on a CUDA device (the base loaded in bf16, every
@@ -105,7 +107,67 @@ fn read_probe(path: &Path, shape: &[usize]) -> Result<Vec<f32>> {
 /// Where the rows come from: a validated batch from `--inputs`, or lines of `--text`.
 enum Source {
     Ids(InputBatch),
-    Text { tokenizer: Box<BertTokenizer>, lines: Vec<String> },
+    Text(TextSource),
+}
+
+/// The lines of `--text`. A regular file is read twice, a window at a time: once for the row
+/// count and the longest tokenized line (every row is padded to it), then chunk by chunk as the
+/// forward goes, so memory stays that of one window whatever the file's size. A pipe cannot
+/// be read twice: its lines are held.
+struct TextSource {
+    tokenizer: Box<BertTokenizer>,
+    path: PathBuf,
+    rows: usize,
+    longest: usize,
+    held: Option<Vec<String>>,
+    /// The open second pass and the index of the next line it returns.
+    cursor: RefCell<Option<(infer::TextLines, usize)>>,
+}
+
+impl TextSource {
+    fn read(path: &Path, tokenizer: BertTokenizer, cfg: &BertConfig) -> Result<TextSource> {
+        let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+        let mut lines = infer::TextLines::open(path, tokenizer.max_chars())?;
+        let (mut rows, mut longest, mut held) = (0, 0, Vec::new());
+        while let Some(window) = lines.next_window(infer::WINDOW_LINES, infer::WINDOW_BYTES)? {
+            for chunk in window.chunks(limits::rows_per_chunk(cfg.max_seq_len())) {
+                longest = longest.max(tokenizer.encode_batch(chunk, cfg)?.seq_len);
+            }
+            rows += window.len();
+            if !regular {
+                held.extend(window);
+            }
+        }
+        if rows == 0 {
+            return Err(infer::empty_text_file(path));
+        }
+        Ok(TextSource { tokenizer: Box::new(tokenizer), path: path.to_path_buf(), rows, longest, held: (!regular).then_some(held), cursor: RefCell::new(None) })
+    }
+
+    /// Lines `range`: from the held lines, or read on from where the last call stopped (from
+    /// the start of the file again when `range` starts elsewhere).
+    fn lines(&self, range: std::ops::Range<usize>) -> Result<Vec<String>> {
+        if let Some(held) = &self.held {
+            return Ok(held[range].to_vec());
+        }
+        let mut cursor = self.cursor.borrow_mut();
+        if cursor.as_ref().is_none_or(|(_, next)| *next != range.start) {
+            let mut reader = infer::TextLines::open(&self.path, self.tokenizer.max_chars())?;
+            let mut skipped = 0;
+            while skipped < range.start {
+                let window = reader.next_window((range.start - skipped).min(infer::WINDOW_LINES), infer::WINDOW_BYTES)?;
+                skipped += window.map_or(usize::MAX, |w| w.len());
+            }
+            *cursor = Some((reader, range.start));
+        }
+        let (reader, next) = cursor.as_mut().expect("opened above");
+        let lines = reader.next_window(range.len(), usize::MAX)?.unwrap_or_default();
+        if lines.len() != range.len() {
+            return Err(Error::Malformed { path: self.path.clone(), msg: format!("changed while it was read: {} lines, then fewer", self.rows) });
+        }
+        *next = range.end;
+        Ok(lines)
+    }
 }
 
 impl Source {
@@ -114,8 +176,7 @@ impl Source {
             (Some(inputs), _) => Ok(Source::Ids(InputBatch::from_file(inputs, cfg)?)),
             (None, Some(text)) => {
                 let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), cfg.max_seq_len())?;
-                let lines = infer::read_text_lines(text, tokenizer.max_chars())?;
-                Ok(Source::Text { tokenizer: Box::new(tokenizer), lines })
+                Ok(Source::Text(TextSource::read(text, tokenizer, cfg)?))
             }
             (None, None) => Err(Error::Input("one of --inputs or --text is required".into())),
         }
@@ -124,21 +185,15 @@ impl Source {
     fn rows(&self) -> usize {
         match self {
             Source::Ids(b) => b.batch,
-            Source::Text { lines, .. } => lines.len(),
+            Source::Text(t) => t.rows,
         }
     }
 
     /// The padded length of every row: the input's, or the longest tokenized line.
-    fn seq_len(&self, cfg: &BertConfig) -> Result<usize> {
+    fn seq_len(&self) -> usize {
         match self {
-            Source::Ids(b) => Ok(b.seq_len),
-            Source::Text { tokenizer, lines } => {
-                let mut longest = 0;
-                for chunk in lines.chunks(limits::rows_per_chunk(cfg.max_seq_len())) {
-                    longest = longest.max(tokenizer.encode_batch(chunk, cfg)?.seq_len);
-                }
-                Ok(longest)
-            }
+            Source::Ids(b) => b.seq_len,
+            Source::Text(t) => t.longest,
         }
     }
 
@@ -149,7 +204,7 @@ impl Source {
                 let cut = |v: &[u32]| v[range.start * b.seq_len..range.end * b.seq_len].to_vec();
                 Ok(InputBatch { batch: range.len(), seq_len, input_ids: cut(&b.input_ids), attention_mask: cut(&b.attention_mask), token_type_ids: cut(&b.token_type_ids) })
             }
-            Source::Text { tokenizer, lines } => tokenizer.encode_batch_to(&lines[range], cfg, seq_len),
+            Source::Text(t) => t.tokenizer.encode_batch_to(&t.lines(range)?, cfg, seq_len),
         }
     }
 }
@@ -198,9 +253,9 @@ type Layout = Vec<(String, OutDtype, Vec<usize>)>;
 fn forward_streamed(model: &BertModel, source: &Source, out_path: &Path) -> Result<Layout> {
     let cfg = model.config();
     let be = model.backend().as_ref();
-    let (n, seq_len) = (source.rows(), source.seq_len(cfg)?);
+    let (n, seq_len) = (source.rows(), source.seq_len());
     let chunk = limits::rows_per_chunk(seq_len);
-    let with_ids = matches!(source, Source::Text { .. });
+    let with_ids = matches!(source, Source::Text(_));
     let mut writer: Option<SafetensorsWriter> = None;
     let mut layout = Layout::new();
     for start in (0..n).step_by(chunk) {
@@ -232,7 +287,7 @@ fn forward_streamed(model: &BertModel, source: &Source, out_path: &Path) -> Resu
 /// couples every row), refused up front if it cannot fit in memory.
 fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Result<Layout> {
     let cfg = model.config().clone();
-    let seq_len = source.seq_len(&cfg)?;
+    let seq_len = source.seq_len();
     let branches = args.parallel.len().max(1);
     limits::check_fits(
         &format!("--train on {} rows × {seq_len} tokens in one pass", source.rows()),
@@ -277,7 +332,7 @@ fn probe_gradients(model: &mut BertModel, args: &RunArgs, source: &Source) -> Re
         }
     }
 
-    let mut all = pieces(be, &out, &batch, matches!(source, Source::Text { .. }))?;
+    let mut all = pieces(be, &out, &batch, matches!(source, Source::Text(_)))?;
     all.push(Piece { name: "loss".into(), dtype: OutDtype::F32, shape: vec![1], data: (loss as f32).to_le_bytes().to_vec(), blocks: 1 });
     for (key, g) in &grads {
         all.push(Piece::f32(be, format!("grad.{key}"), g, 1)?);
@@ -321,8 +376,7 @@ fn scaled_backward(model: &BertModel, tape: &bert_adapters::model::Tape, w: &[f3
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let device: Device = args.device.parse()?;
-    let (backend, load) = crate::infer::open_on(Some(device), args.precision.into())?;
+    let (backend, load) = crate::infer::open(&args.device, args.precision.into())?;
     let start = Instant::now();
     let (mut model, _report) = BertModel::from_dir(&args.model, backend.clone(), load)?;
     apply_adapters(&mut model, &args)?;

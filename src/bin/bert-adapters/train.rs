@@ -75,13 +75,13 @@ pub struct TrainFlags {
     #[arg(long, value_name = "NAME", default_value = "pfeiffer")]
     config: String,
     /// Optimizer steps in all (both adapters together).
-    #[arg(long, value_name = "N", default_value = "400", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "N", default_value = "400", allow_hyphen_values = true, value_parser = flags::whole)]
     steps: i128,
-    #[arg(long, value_name = "B", default_value = "16", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "B", default_value = "16", allow_hyphen_values = true, value_parser = flags::whole)]
     batch_size: i128,
     /// Tokens per text, [CLS] and [SEP] included; longer texts are truncated. A training batch is
     /// padded to a multiple of 16 tokens covering its longest text, at most T.
-    #[arg(long, value_name = "T", default_value = "64", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "T", default_value = "64", allow_hyphen_values = true, value_parser = flags::whole)]
     max_len: i128,
     /// AdamW learning rate, for both adapters (the peak rate under --lr-schedule).
     #[arg(long, value_name = "X", default_value_t = 1e-3, allow_hyphen_values = true)]
@@ -93,7 +93,7 @@ pub struct TrainFlags {
     #[arg(long, value_name = "KIND", default_value = "constant", value_parser = ["constant", "linear"])]
     lr_schedule: String,
     /// Steps of linear warmup from 0 to --lr (the first step runs at 0, as under transformers).
-    #[arg(long, value_name = "N", default_value = "0", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "N", default_value = "0", allow_hyphen_values = true, value_parser = flags::whole)]
     warmup_steps: i128,
     /// AdamW's decoupled weight decay (torch's default), for both adapters and their heads.
     #[arg(long, value_name = "X", default_value_t = 0.01, allow_hyphen_values = true)]
@@ -106,7 +106,7 @@ pub struct TrainFlags {
     /// one after another, adding their gradients before one update (the same step within float
     /// rounding, with the memory of a batch K times smaller). Under mpirun each rank splits its
     /// share. Steps with K > 1 are launched, not replayed from captured graphs.
-    #[arg(long, value_name = "K", default_value = "1", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "K", default_value = "1", allow_hyphen_values = true, value_parser = flags::whole)]
     grad_accum: i128,
     /// Keep the adapters of the best validation by this metric (in <out>/best/, at each
     /// validation that beats the best so far) and test those at the end instead of the last
@@ -114,16 +114,16 @@ pub struct TrainFlags {
     #[arg(long, value_name = "METRIC", value_parser = ["accuracy", "macro-f1"])]
     keep_best: Option<String>,
     /// Train tasknn for K steps, then scorenn for K, and so on.
-    #[arg(long, value_name = "K", default_value = "10", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "K", default_value = "10", allow_hyphen_values = true, value_parser = flags::whole)]
     alternate: i128,
     /// Validate (and checkpoint) every N steps.
-    #[arg(long, value_name = "N", default_value = "100", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "N", default_value = "100", allow_hyphen_values = true, value_parser = flags::whole)]
     eval_every: i128,
     /// Validation examples used at each evaluation (a fixed subset of the validation split).
-    #[arg(long, value_name = "N", default_value = "500", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "N", default_value = "500", allow_hyphen_values = true, value_parser = flags::whole)]
     eval_size: i128,
     /// Seed of the split, the initialisation, the batch order and dropout.
-    #[arg(long, value_name = "S", default_value = "42", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "S", default_value = "42", allow_hyphen_values = true, value_parser = flags::whole)]
     seed: i128,
     /// auto (CUDA when available, else cpu), cpu or cuda.
     #[arg(long, default_value = "auto")]
@@ -162,7 +162,7 @@ pub struct TrainFlags {
     frozen_rows: String,
     /// Under mpirun: seconds a rank waits in a collective for the others before it gives up (a
     /// rank died or hangs) and ends the job.
-    #[arg(long, value_name = "S", default_value = "300", allow_negative_numbers = true, value_parser = flags::whole)]
+    #[arg(long, value_name = "S", default_value = "300", allow_hyphen_values = true, value_parser = flags::whole)]
     collective_timeout: i128,
 }
 
@@ -214,26 +214,35 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
             let v = flags::positive("--loss-scale", v)?;
             // The scaler never goes below 1 (an overflow there is an error), nor past f32.
             if !(1.0..=f32::MAX as f64).contains(&v) {
-                return Err(Error::Input(format!("--loss-scale {v} must be between 1 and {:e} (f32's largest)", f32::MAX)));
+                return Err(Error::Input(format!("--loss-scale {} must be between 1 and {:e} (f32's largest)", flags::short(v), f32::MAX)));
             }
             Some(v as f32)
         }
         None => None,
     };
+    let (lr, weight_decay) = (flags::positive("--lr", f.lr)?, flags::non_negative("--weight-decay", f.weight_decay)?);
+    // AdamW multiplies each weight by 1 - lr·weight_decay every step (torch's decoupled decay).
+    if lr * weight_decay >= 1.0 {
+        return Err(Error::Input(format!(
+            "--weight-decay {} with --lr {} would multiply every weight by 1 - lr·weight_decay = {} each step; their product must be below 1",
+            flags::short(weight_decay),
+            flags::short(lr),
+            flags::short(1.0 - lr * weight_decay)
+        )));
+    }
     Ok(TrainArgs {
         loss_scale,
         steps: flags::at_least("--steps", f.steps, 1)?,
         batch_size,
         max_len,
-        lr: flags::positive("--lr", f.lr)?,
+        lr,
         lr_schedule: f.lr_schedule.parse()?,
         warmup_steps: flags::at_least("--warmup-steps", f.warmup_steps, 0)?,
-        weight_decay: flags::non_negative("--weight-decay", f.weight_decay)?,
+        weight_decay,
         keep_best: f.keep_best.as_deref().map(BestMetric::parse).transpose()?,
         grad_accum: flags::at_least("--grad-accum", f.grad_accum, 1)?,
         max_grad_norm: match flags::non_negative("--max-grad-norm", f.max_grad_norm)? {
             0.0 => None,
-            v if v > f32::MAX as f64 => return Err(Error::Input(format!("--max-grad-norm {v:e} is past f32's largest, {:e} (0 turns clipping off)", f32::MAX))),
             v => Some(v as f32),
         },
         alternate: flags::at_least("--alternate", f.alternate, 1)?,
