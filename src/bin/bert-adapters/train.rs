@@ -323,7 +323,7 @@ impl BestMetric {
 }
 
 /// Which adapter step `step` (0-based) trains: tasknn first, then scorenn, K steps each.
-fn trained_at(step: u64, k: u64) -> &'static str {
+pub fn trained_at(step: u64, k: u64) -> &'static str {
     if (step / k).is_multiple_of(2) {
         TASKNN
     } else {
