@@ -410,8 +410,14 @@ impl RecentSteps {
     /// Time left for `left` more steps at the recent steps' mean time (evaluation excluded);
     /// none before the first step.
     fn eta(&self, left: u64) -> Option<Duration> {
-        (!self.steps.is_empty()).then(|| Duration::from_secs_f64(self.secs() / self.steps.len() as f64 * left as f64))
+        (!self.steps.is_empty()).then(|| saturating_secs(self.secs() / self.steps.len() as f64 * left as f64))
     }
+}
+
+/// `secs` as a Duration: negative or NaN is zero, past `Duration::MAX` is that (from_secs_f64
+/// would panic on either; the times shown may come from a file).
+fn saturating_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(if secs > 0.0 { Duration::MAX } else { Duration::ZERO })
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -1076,7 +1082,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     run.progress.bar.finish_and_clear();
     say!(
         "done: {end} steps in {} ({:.0} tokens/s this session{}); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
-        fmt_duration(Duration::from_secs_f64(run.elapsed())),
+        fmt_duration(saturating_secs(run.elapsed())),
         Run::tokens_per_s(run.train_tokens, run.train_secs),
         if run.graphs.replayed > 0 { format!(", {} of its {} steps replayed from captured graphs", run.graphs.replayed, run.train_steps) } else { String::new() },
         args.out.display(),
@@ -1106,5 +1112,18 @@ mod tests {
         assert!((r.tokens_per_s() - 2000.0).abs() < 1e-9, "{}", r.tokens_per_s());
         assert_eq!(r.eta(380), Some(Duration::from_secs(190)));
         assert_eq!(r.eta(0), Some(Duration::ZERO));
+    }
+
+    /// Times from a file (a checkpoint's elapsed_s) or an ETA past Duration's range become a
+    /// Duration without a panic: negative or NaN is zero, too large is the largest.
+    #[test]
+    fn times_out_of_duration_range_saturate() {
+        for (secs, want) in [(-5.0, Duration::ZERO), (-1e300, Duration::ZERO), (f64::NAN, Duration::ZERO), (1e20, Duration::MAX), (f64::INFINITY, Duration::MAX), (1.5, Duration::from_millis(1500))] {
+            assert_eq!(saturating_secs(secs), want, "{secs}");
+        }
+        let mut r = RecentSteps::default();
+        r.push(1e3, 1);
+        assert_eq!(r.eta(u64::MAX), Some(Duration::MAX));
+        assert!(fmt_duration(Duration::MAX).ends_with('m'));
     }
 }
