@@ -36,7 +36,7 @@ use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, BEST, METRICS, PLOT, PREDICTIONS};
 use crate::ranks::Ranks;
-use crate::step::{step, step_failed, StepGraphs, Target, DEFAULT_MAX_GRAD_NORM};
+use crate::step::{step, step_failed, StepGraphs, Target, DEFAULT_MAX_GRAD_NORM, RESUMED_OVERFLOW};
 use crate::{flags, infer, plot};
 
 pub const SCORENN: &str = "scorenn";
@@ -443,10 +443,12 @@ fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
     Ok(all)
 }
 
-/// An evaluation after `step` updates that meets non-finite values: the updates diverged.
-fn diverged_after(e: Error, step: u64) -> Error {
+/// An evaluation after `step` steps that meets non-finite values: the updates diverged, when
+/// this session made any (`updated`); else the weights it resumed from overflow.
+fn diverged_after(e: Error, step: u64, updated: bool) -> Error {
     match e {
-        Error::NonFinite { at } if step > 0 => Error::NonFinite { at: format!("{at} when evaluating after step {step}: training has diverged (try a lower --lr)") },
+        Error::NonFinite { at } if updated => Error::NonFinite { at: format!("{at} when evaluating after step {step}: training has diverged (try a lower --lr)") },
+        Error::NonFinite { at } if step > 0 => Error::NonFinite { at: format!("{at} when evaluating after step {step}, before any update of this session: {RESUMED_OVERFLOW}") },
         other => other,
     }
 }
@@ -1030,7 +1032,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
-        run.validate(start).map_err(|e| diverged_after(e, start))?;
+        run.validate(start).map_err(|e| diverged_after(e, start, false))?;
     }
     let train_indices = run.split.train.clone();
     let mut order = Order { train: &train_indices, seed: args.seed, epoch: None };
@@ -1057,7 +1059,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         optimizer.set_lr(run.schedule.lr_at(args.lr, s))?;
         let target = Target { adapter, max_grad_norm: args.max_grad_norm, micro_batches: args.grad_accum };
-        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
+        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s, start))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
@@ -1070,7 +1072,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let (speed, eta) = (run.recent.tokens_per_s(), run.recent.eta(total - (s + 1)));
         run.progress.stepped(s + 1, adapter, loss.loss, speed, eta, &run.steps);
         if (s + 1).is_multiple_of(args.eval_every) && s + 1 < total {
-            run.validate(s + 1).map_err(|e| diverged_after(e, s + 1))?;
+            run.validate(s + 1).map_err(|e| diverged_after(e, s + 1, true))?;
         }
     }
     let end = total;
@@ -1078,7 +1080,8 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let st = scaler.state();
         say!("f16 loss scaling: {} steps skipped for overflowing gradients so far; the scale is now {}", st.skipped, st.scale);
     }
-    run.finish(end).map_err(|e| diverged_after(e, end))?;
+    let updated = run.train_steps > 0;
+    run.finish(end).map_err(|e| diverged_after(e, end, updated))?;
     run.progress.bar.finish_and_clear();
     say!(
         "done: {end} steps in {} ({:.0} tokens/s this session{}); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
