@@ -646,7 +646,8 @@ impl Run<'_> {
         for name in [SCORENN, TASKNN] {
             self.model.delete_adapter(name)?;
         }
-        load_networks(&mut self.model, dir, &self.data.labels)?;
+        let config = AdapterConfig::named(&self.args.config)?;
+        load_networks(&mut self.model, dir, &self.data.labels, (&self.args.config, &config))?;
         self.model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))
     }
 
@@ -730,23 +731,60 @@ fn install_ctrlc() -> Arc<AtomicBool> {
 
 /// Fresh adapters and heads, initialised from `seed`.
 fn add_networks(model: &mut BertModel, config: &AdapterConfig, labels: &[String], seed: u64) -> Result<()> {
-    let label2id: BTreeMap<String, usize> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
     for (i, name) in [SCORENN, TASKNN].into_iter().enumerate() {
         model.add_adapter_seeded(name, config.clone(), derive_seed(seed, TAG_INIT + 2 * i as u64))?;
-        let head_config = HeadConfig { label2id: Some(label2id.clone()), ..HeadConfig::classification(labels.len()) };
-        let head = ClassificationHead::new(model.backend().as_ref(), name, head_config, model.config().hidden_size, derive_seed(seed, TAG_INIT + 2 * i as u64 + 1))?;
+        let head = ClassificationHead::new(model.backend().as_ref(), name, head_config(labels), model.config().hidden_size, derive_seed(seed, TAG_INIT + 2 * i as u64 + 1))?;
         model.insert_head(head)?;
     }
     Ok(())
 }
 
-/// Load scorenn and tasknn with their heads from a checkpoint, checking they fit the labels.
-fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result<()> {
+/// The head `add_networks` gives each adapter.
+fn head_config(labels: &[String]) -> HeadConfig {
+    let label2id = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
+    HeadConfig { label2id: Some(label2id), ..HeadConfig::classification(labels.len()) }
+}
+
+/// The first of the named fields in which `$got` differs from `$want`: (field, got, want).
+macro_rules! first_difference {
+    ($got:expr, $want:expr; $($field:ident),*) => {
+        None $(.or_else(|| ($got.$field != $want.$field).then(|| (stringify!($field), format!("{:?}", $got.$field), format!("{:?}", $want.$field)))))*
+    };
+}
+
+/// Where a loaded adapter's config differs from what `--config` makes, by what changes the
+/// math (the init fields only shape a fresh adapter): (field, loaded, expected).
+fn adapter_difference(got: &AdapterConfig, want: &AdapterConfig) -> Option<(&'static str, String, String)> {
+    first_difference!(got, want; mh_adapter, output_adapter, reduction_factor, non_linearity, original_ln_before, original_ln_after, residual_before_ln,
+        adapter_residual_before_ln, ln_before, ln_after, scaling, use_gating, inv_adapter, inv_adapter_reduction_factor, leave_out, dropout)
+}
+
+/// Where a loaded head's config differs from `head_config`'s (labels are checked on their own).
+fn head_difference(got: &HeadConfig, want: &HeadConfig) -> Option<(&'static str, String, String)> {
+    let activation = |h: &HeadConfig| h.activation.to_ascii_lowercase();
+    if activation(got) != activation(want) {
+        return Some(("activation_function", format!("{:?}", got.activation), format!("{:?}", want.activation)));
+    }
+    first_difference!(got, want; bias, dropout_prob, head_type, layers, use_pooler)
+}
+
+/// Load scorenn and tasknn with their heads from a checkpoint (or `<out>/best/`), checking they
+/// are what `config` (`--config`, by name and as parsed) and the labels make.
+fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String], (config_name, config): (&str, &AdapterConfig)) -> Result<()> {
+    let changed = "the saved adapter was changed or is damaged (restore it, or start afresh without --resume)";
     for name in [SCORENN, TASKNN] {
         let folder = dir.join(name);
         let got = model.load_adapter_with(&folder, &AdapterLoadOptions::default())?.name;
         if got != name {
             return Err(Error::Config { path: folder.join("adapter_config.json"), field: "name".into(), msg: format!("`{got}`, expected `{name}`") });
+        }
+        let loaded = model.adapter(name).ok_or_else(|| Error::Internal(format!("adapter `{name}` vanished after loading")))?;
+        if let Some((field, got, want)) = adapter_difference(loaded.config(), config) {
+            return Err(Error::Config {
+                path: folder.join("adapter_config.json"),
+                field: format!("config.{field}"),
+                msg: format!("{got}, but --config {config_name} (the run's settings) makes {want}: {changed}"),
+            });
         }
         let head = model.head(name).ok_or_else(|| Error::Io {
             path: folder.join(HEAD_CONFIG_FILE),
@@ -768,6 +806,9 @@ fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result
                 field: "label2id".into(),
                 msg: format!("{:?} differs from the checkpoint's labels {labels:?} (state.json): the checkpoint is damaged", head.config().label2id),
             });
+        }
+        if let Some((field, got, want)) = head_difference(head.config(), &head_config(labels)) {
+            return Err(Error::Config { path: folder.join(HEAD_CONFIG_FILE), field: format!("config.{field}"), msg: format!("{got}, but training builds {want}: {changed}") });
         }
     }
     Ok(())
@@ -883,7 +924,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
             );
             return Ok(());
         }
-        load_networks(&mut model, &dir, &r.labels)?;
+        load_networks(&mut model, &dir, &r.labels, (&args.config, &config))?;
         Some((dir, r))
     } else {
         None
