@@ -248,3 +248,19 @@ fn a_checkpoint_that_overflows_before_any_update_is_not_blamed_on_the_lr() {
     std::fs::write(&state, serde_json::to_string(&s).unwrap()).unwrap();
     fails(train_cmd(&model, &out, &["--resume", "--steps", "4", "--eval-every", "2"]).output().unwrap(), &["non-finite values", "after step 2, before any update of this session", "resumed from"]);
 }
+
+/// L2, in the library: a saved per-parameter step count past the u32 the device keeps is
+/// refused when the state is loaded, not at the first step.
+#[test]
+fn adamw_from_state_refuses_a_step_count_past_2_pow_32() {
+    use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, ParamState};
+    let state = |step: u64| AdamWState {
+        config: AdamWConfig::default(),
+        steps: step,
+        params: [("w".to_string(), ParamState { step, shape: vec![2], exp_avg: vec![0.0; 2], exp_avg_sq: vec![0.0; 2] })].into(),
+    };
+    assert!(AdamW::from_state(state(u64::from(u32::MAX))).is_ok());
+    let Err(err) = AdamW::from_state(state(1 << 40)) else { panic!("a step count past 2^32 is accepted") };
+    let err = err.to_string();
+    assert!(err.contains("`w`") && err.contains("1099511627776") && err.contains("2^32"), "{err}");
+}
