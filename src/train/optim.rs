@@ -288,10 +288,14 @@ impl AdamW {
         Ok(AdamW { config, steps: 0, state: BTreeMap::new(), device: None })
     }
 
-    /// Resume from a saved state (lengths and config checked).
+    /// Resume from a saved state (lengths, step counts and config checked).
     pub fn from_state(state: AdamWState) -> Result<Self> {
         state.config.validate()?;
         for (key, s) in &state.params {
+            // The device keeps step counts in u32: refused here, not at the first step.
+            if u32::try_from(s.step).is_err() {
+                return Err(Error::Input(format!("AdamW: `{key}` has taken {} steps, more than 2^32", s.step)));
+            }
             let n: usize = s.shape.iter().product();
             if s.exp_avg.len() != n || s.exp_avg_sq.len() != n {
                 return Err(Error::shape(

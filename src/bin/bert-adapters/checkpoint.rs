@@ -19,13 +19,16 @@ use bert_adapters::train::{AdamW, AdamWConfig, AdamWState, LossScaler, LossScale
 use bert_adapters::{BertModel, Error, Result};
 
 use crate::metrics::{EvalRecord, StepRecord};
-use crate::train::{SCORENN, TASKNN, TRAIN_INFO};
+use crate::train::{trained_at, SCORENN, TASKNN, TRAIN_INFO};
 
 pub const DIR: &str = "checkpoint";
 const STATE: &str = "state.json";
 const MOMENTS: &str = "optimizer.safetensors";
 /// 2: settings fingerprint the model's weights and parsed config (1 hashed config.json's bytes).
 const FORMAT: u32 = 2;
+/// The longest training time a checkpoint may record: 100 years (past it, negative or not
+/// finite, `elapsed_s` is damage).
+const MAX_ELAPSED_S: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
 
 /// Settings that decide the training trajectory: a resume must use the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -198,6 +201,11 @@ fn damaged(path: PathBuf, msg: String) -> Error {
     Error::Malformed { path, msg: format!("{msg}: the checkpoint is damaged (restore it, or start afresh without --resume)") }
 }
 
+/// `damaged`, naming the field of `path` at fault.
+fn damaged_field(path: &Path, field: impl Into<String>, msg: String) -> Error {
+    Error::Config { path: path.to_path_buf(), field: field.into(), msg: format!("{msg}: the checkpoint is damaged (restore it, or start afresh without --resume)") }
+}
+
 /// `damaged` for an error that may already name `path`.
 fn damaged_by(path: PathBuf, e: Error) -> Error {
     let text = e.to_string();
@@ -280,6 +288,7 @@ pub fn read(dir: &Path) -> Result<Restored> {
     if state.labels.len() < 2 || state.optimizers.keys().map(String::as_str).ne([SCORENN, TASKNN]) {
         return Err(damaged(path, format!("{} labels and optimizers {:?}; expected at least 2 labels and optimizers of scorenn and tasknn", state.labels.len(), state.optimizers.keys().collect::<Vec<_>>())));
     }
+    check_consistent(&state, &path)?;
     let moments = TensorFile::open(dir.join(MOMENTS)).map_err(|e| damaged_by(dir.join(MOMENTS), e))?;
     let mut optimizers = BTreeMap::new();
     for (name, meta) in state.optimizers {
@@ -320,4 +329,128 @@ pub fn read(dir: &Path) -> Result<Restored> {
         schedule_steps: state.schedule_steps,
         best: state.best,
     })
+}
+
+/// `v` for a message: plain when short, in exponent form when huge or tiny (a tampered 1e300
+/// is not shown as 301 digits).
+fn num(v: f64) -> String {
+    if v == 0.0 || (1e-4..1e6).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
+/// A value a run records from an f32 (a step's loss, a mean of those): finite, within f32's range.
+fn f32_range(v: f64) -> bool {
+    v.is_finite() && v.abs() <= f64::from(f32::MAX)
+}
+
+/// What state.json records must agree with itself and be values a run writes: one step record
+/// per step done, of the adapter the alternation trains at that step; optimizers with the
+/// hyper-parameters `train` gives them and no more updates than their adapter's steps; a history
+/// of finite values in range. Anything else is damage, reported with the field at fault.
+fn check_consistent(state: &StateFile, path: &Path) -> Result<()> {
+    let bad = |field: String, msg: String| Err(damaged_field(path, field, msg));
+    let s = &state.settings;
+    if s.alternate == 0 {
+        return bad("settings.alternate".into(), "0 steps per adapter".into());
+    }
+    if !(0.0..=MAX_ELAPSED_S).contains(&state.elapsed_s) {
+        return bad("elapsed_s".into(), format!("{} seconds is not a training time (0 to {MAX_ELAPSED_S:e})", num(state.elapsed_s)));
+    }
+    if state.steps.len() as u64 != state.step {
+        return bad("step".into(), format!("{} steps done, but `steps` records {}", state.step, state.steps.len()));
+    }
+    let max_tokens = (s.batch_size as u64).saturating_mul(s.max_len as u64);
+    for (i, r) in state.steps.iter().enumerate() {
+        let field = |name: &str| format!("steps[{i}].{name}");
+        let want = trained_at(i as u64, s.alternate);
+        if r.step != i as u64 + 1 {
+            return bad(field("step"), format!("{}, expected {} (one record per step, in order)", r.step, i + 1));
+        }
+        if r.adapter != want {
+            return bad(field("adapter"), format!("`{}`, but step {} trains {want} (alternating every {})", r.adapter, i + 1, s.alternate));
+        }
+        for (name, v) in [("loss", r.loss), ("ce", r.ce)] {
+            if !f32_range(v) {
+                return bad(field(name), format!("{} is not a loss a step records (finite, within float32's range)", num(v)));
+            }
+        }
+        if r.tokens > max_tokens {
+            return bad(field("tokens"), format!("{} tokens, more than a batch of {} texts × {} holds", r.tokens, s.batch_size, s.max_len));
+        }
+    }
+    // `train` gives both optimizers AdamW's default betas and eps and --weight-decay; the learning
+    // rate is set by the schedule before each step, so a saved one only has to be one.
+    let defaults = AdamWConfig::default();
+    let skipped = state.loss_scaler.map_or(0, |l| l.skipped);
+    let mut updates = skipped;
+    for (name, meta) in &state.optimizers {
+        let c = &meta.config;
+        let field = |f: &str| format!("optimizers.{name}.config.{f}");
+        if c.betas != defaults.betas {
+            return bad(field("betas"), format!("[{}, {}], but training uses [{}, {}]", num(c.betas.0), num(c.betas.1), defaults.betas.0, defaults.betas.1));
+        }
+        if c.eps != defaults.eps {
+            return bad(field("eps"), format!("{}, but training uses {:e}", num(c.eps), defaults.eps));
+        }
+        if c.weight_decay != s.weight_decay {
+            return bad(field("weight_decay"), format!("{}, but settings.weight_decay is {}", num(c.weight_decay), num(s.weight_decay)));
+        }
+        if !(c.lr.is_finite() && c.lr >= 0.0) {
+            return bad(field("lr"), format!("{} is not a learning rate", num(c.lr)));
+        }
+        let scheduled = state.steps.iter().filter(|r| r.adapter == *name).count() as u64;
+        if meta.steps > scheduled {
+            return bad(format!("optimizers.{name}.steps"), format!("{} updates, but `steps` records {scheduled} steps of {name}", meta.steps));
+        }
+        updates = updates.saturating_add(meta.steps);
+        if let Some((key, (step, _))) = meta.params.iter().find(|(_, (step, _))| *step > meta.steps) {
+            return bad(format!("optimizers.{name}.params.{key}"), format!("step {step}, more than the optimizer's {} updates", meta.steps));
+        }
+    }
+    if updates > state.step {
+        return bad("loss_scaler.skipped".into(), format!("{skipped} skipped steps and {} updates, more than the {} steps done", updates - skipped, state.step));
+    }
+    if let Some(t) = state.schedule_steps.filter(|&t| t < state.step) {
+        return bad("schedule_steps".into(), format!("{t}, fewer than the {} steps done", state.step));
+    }
+    for (i, e) in state.evals.iter().enumerate() {
+        let field = |name: &str| format!("evals[{i}].{name}");
+        if e.split != "validation" && e.split != "test" {
+            return bad(field("split"), format!("`{}`, expected validation or test", e.split));
+        }
+        if e.step == 0 || e.step > state.step || (e.split == "test" && e.step != state.step) {
+            return bad(field("step"), format!("a {} at step {}, but the run stands at step {}", e.split, e.step, state.step));
+        }
+        if e.examples == 0 {
+            return bad(field("examples"), "0 examples evaluated".into());
+        }
+        for (name, v) in [("accuracy", e.accuracy), ("macro_f1", e.macro_f1)] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(field(name), format!("{} is not a fraction (0 to 1)", num(v)));
+            }
+        }
+        for (name, v) in [("tasknn_loss", e.tasknn_loss), ("tasknn_ce", e.tasknn_ce), ("scorenn_loss", e.scorenn_loss)] {
+            if let Some(v) = v.filter(|v| !f32_range(*v)) {
+                return bad(field(name), format!("{} is not a mean of step losses (finite, within float32's range)", num(v)));
+            }
+        }
+        if !(e.tokens_per_s.is_finite() && e.tokens_per_s >= 0.0) {
+            return bad(field("tokens_per_s"), format!("{} is not a speed", num(e.tokens_per_s)));
+        }
+        if !(0.0..=MAX_ELAPSED_S).contains(&e.elapsed_s) {
+            return bad(field("elapsed_s"), format!("{} seconds is not a training time (0 to {MAX_ELAPSED_S:e})", num(e.elapsed_s)));
+        }
+    }
+    if let Some(b) = state.best {
+        if b.step == 0 || b.step > state.step {
+            return bad("best.step".into(), format!("{}, but the run stands at step {}", b.step, state.step));
+        }
+        if !(0.0..=1.0).contains(&b.value) {
+            return bad("best.value".into(), format!("{} is not a fraction (0 to 1)", num(b.value)));
+        }
+    }
+    Ok(())
 }

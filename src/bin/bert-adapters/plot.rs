@@ -30,7 +30,9 @@ fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v.abs() >= 1000.0 || v.fract().abs() < 1e-9 {
+    if v.abs() >= 1e6 {
+        format!("{v:.1e}")
+    } else if v.abs() >= 1000.0 || v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else {
         let s = format!("{v:.3}");
@@ -51,6 +53,12 @@ impl Panel {
     }
     fn py(&self, y: f64) -> f64 {
         self.top + PANEL_H - (y - self.y.0) / (self.y.1 - self.y.0).max(1e-12) * PANEL_H
+    }
+    /// The pixels of the points inside the panel's ranges (a value out of them, NaN or one so far
+    /// out that its pixel would not be finite, is left off).
+    fn pixels(&self, points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+        let inside = |(x, y): &(f64, f64)| (self.x.0..=self.x.1).contains(x) && (self.y.0..=self.y.1).contains(y);
+        points.iter().filter(|p| inside(p)).map(|&(x, y)| (self.px(x), self.py(y))).filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
     }
 
     fn frame(&self, svg: &mut String, title: &str, y_label: &str) {
@@ -77,22 +85,23 @@ impl Panel {
     }
 
     fn line(&self, svg: &mut String, points: &[(f64, f64)], color: &str, dots: bool) {
-        if points.is_empty() {
+        let pixels = self.pixels(points);
+        if pixels.is_empty() {
             return;
         }
-        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", self.px(x), self.py(y))).collect();
+        let path: Vec<String> = pixels.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = writeln!(svg, r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.6"/>"##, path.join(" "));
-        if dots || points.len() == 1 {
-            for &(x, y) in points {
-                let _ = writeln!(svg, r##"<circle cx="{:.1}" cy="{:.1}" r="2.8" fill="{color}"/>"##, self.px(x), self.py(y));
+        if dots || pixels.len() == 1 {
+            for (x, y) in pixels {
+                let _ = writeln!(svg, r##"<circle cx="{x:.1}" cy="{y:.1}" r="2.8" fill="{color}"/>"##);
             }
         }
     }
 
     /// Raw points, faint, under a trend line.
     fn dots(&self, svg: &mut String, points: &[(f64, f64)], color: &str) {
-        for &(x, y) in points.iter().filter(|p| p.1 >= self.y.0 && p.1 <= self.y.1) {
-            let _ = writeln!(svg, r##"<circle cx="{:.1}" cy="{:.1}" r="1.6" fill="{color}" fill-opacity="0.3"/>"##, self.px(x), self.py(y));
+        for (x, y) in self.pixels(points) {
+            let _ = writeln!(svg, r##"<circle cx="{x:.1}" cy="{y:.1}" r="1.6" fill="{color}" fill-opacity="0.3"/>"##);
         }
     }
 
@@ -110,7 +119,8 @@ fn smooth(points: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
         .map(|i| {
             let lo = (i + 1).saturating_sub(k);
             let w = &points[lo..=i];
-            (points[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+            // Each term divided first: the mean of values near f64's largest does not overflow.
+            (points[i].0, w.iter().map(|p| p.1 / w.len() as f64).sum::<f64>())
         })
         .collect()
 }
@@ -127,6 +137,9 @@ pub fn render(steps: &[StepRecord], evals: &[EvalRecord], total_steps: u64) -> S
     let trend = task_s.iter().chain(&score_s).map(|p| p.1);
     let (lo, hi) = trend.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo.is_finite() { (lo.min(0.0), hi.max(lo + 0.1) * 1.3) } else { (0.0, 1.0) };
+    // A span past f64's largest (losses near ±f64::MAX) maps every point to NaN: a range that
+    // holds, the points beyond it left off as any raw point off the axis is.
+    let (lo, hi) = if (hi - lo).is_finite() && hi.is_finite() { (lo, hi) } else { (lo.max(-f64::MAX / 4.0), hi.min(f64::MAX / 4.0)) };
     let loss = Panel { top: TOP, x: (0.0, x_max), y: (lo, hi) };
     let acc = Panel { top: TOP + PANEL_H + GAP, x: (0.0, x_max), y: (0.0, 1.0) };
 
@@ -152,8 +165,9 @@ pub fn render(steps: &[StepRecord], evals: &[EvalRecord], total_steps: u64) -> S
     acc.legend(&mut svg, 0, "#2ca02c", "accuracy");
     acc.legend(&mut svg, 1, "#9467bd", "macro-F1");
     if let Some(t) = evals.iter().rev().find(|e| e.split == "test") {
-        let (x, y) = (acc.px(t.step as f64), acc.py(t.accuracy));
-        let _ = writeln!(svg, r##"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="#d62728"/>"##, x - 4.0, y - 4.0);
+        if let Some(&(x, y)) = acc.pixels(&[(t.step as f64, t.accuracy)]).first() {
+            let _ = writeln!(svg, r##"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="#d62728"/>"##, x - 4.0, y - 4.0);
+        }
         acc.legend(&mut svg, 2, "#d62728", &format!("test acc {:.3}", t.accuracy));
     }
     svg.push_str("</svg>\n");
@@ -199,5 +213,36 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 4);
         assert!(svg.contains("test acc 0.500"));
         assert!(!svg.contains("NaN"));
+    }
+
+    /// Every coordinate of a plot drawn from extreme values (losses near ±f64's largest, a NaN,
+    /// fractions far outside 0..1) is a finite number on the canvas.
+    #[test]
+    fn extreme_values_draw_no_nan_or_infinite_coordinates() {
+        let losses = [f64::MAX, -f64::MAX, f64::from(f32::MAX), 1e300, f64::NAN, 0.5];
+        let steps: Vec<StepRecord> = (1..=12).map(|i| StepRecord { step: i, adapter: if i % 2 == 0 { "tasknn" } else { "scorenn" }.into(), loss: losses[i as usize % 6], ce: 0.0, tokens: 4 }).collect();
+        let eval = |step, split: &str, accuracy: f64, macro_f1: f64| EvalRecord {
+            step,
+            split: split.into(),
+            examples: 4,
+            accuracy,
+            macro_f1,
+            tasknn_loss: None,
+            tasknn_ce: None,
+            scorenn_loss: None,
+            tokens_per_s: 0.0,
+            elapsed_s: 0.0,
+        };
+        let evals = [eval(4, "validation", 1e308, -1.7e308), eval(8, "validation", 1e300, f64::NAN), eval(12, "validation", 0.5, 0.5), eval(12, "test", 1e308, 0.5)];
+        let svg = render(&steps, &evals, 12);
+        for attr in [" x=", " y=", " x1=", " y1=", " x2=", " y2=", " cx=", " cy=", " width=", " points="] {
+            for value in svg.split(attr).skip(1).map(|rest| rest[1..].split('"').next().unwrap()) {
+                for n in value.split([' ', ',']).filter(|n| !n.is_empty() && !n.ends_with('%')) {
+                    let v: f64 = n.parse().unwrap_or_else(|_| panic!("{attr}\"{value}\" is not numeric"));
+                    assert!(v.is_finite() && v.abs() < 1e4, "{attr}\"{value}\"");
+                }
+            }
+        }
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
 }

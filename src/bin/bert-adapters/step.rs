@@ -156,14 +156,21 @@ impl StepGraphs {
     }
 }
 
-/// What a failed step means: non-finite values before any update come from the model or data
-/// (no learning rate is to blame); after updates, training has diverged.
-pub fn step_failed(e: Error, step: u64) -> Error {
+/// What a resumed session's weights overflowing before its first update means.
+pub const RESUMED_OVERFLOW: &str = "the weights this run resumed from (the checkpoint's adapters and heads, or the base model's) overflow float32 on this data";
+
+/// What failed step `step` of a session that started at step `start` means: non-finite values
+/// before any update of the session come from the model, the checkpoint or the data (no learning
+/// rate is to blame); after updates, training has diverged.
+pub fn step_failed(e: Error, step: u64, start: u64) -> Error {
     match e {
         Error::NonFinite { at } if step == 0 => Error::NonFinite { at: format!("{at}, at step 1 before any update: the base model's weights overflow float32 on this data") },
+        Error::NonFinite { at } if step == start => Error::NonFinite { at: format!("{at}, at step {}, before any update of this session: {RESUMED_OVERFLOW}", step + 1) },
         Error::NonFinite { at } => Error::NonFinite { at: format!("{at} at step {}: training has diverged (try a lower --lr)", step + 1) },
         // A bug stays a bug: reported as internal, not as bad input.
         Error::Internal(msg) => Error::Internal(format!("step {}: {msg}", step + 1)),
+        // Said once: "invalid input: step N: …", not "…: step N: invalid input: …".
+        Error::Input(msg) => Error::Input(format!("step {}: {msg}", step + 1)),
         other => Error::Input(format!("step {}: {other}", step + 1)),
     }
 }

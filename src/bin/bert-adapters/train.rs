@@ -36,7 +36,7 @@ use crate::limits::{self, MAX_BATCH_SIZE};
 use crate::metrics::{self, EvalRecord, StepRecord};
 use crate::outdir::{self, Start, BEST, METRICS, PLOT, PREDICTIONS};
 use crate::ranks::Ranks;
-use crate::step::{step, step_failed, StepGraphs, Target, DEFAULT_MAX_GRAD_NORM};
+use crate::step::{step, step_failed, StepGraphs, Target, DEFAULT_MAX_GRAD_NORM, RESUMED_OVERFLOW};
 use crate::{flags, infer, plot};
 
 pub const SCORENN: &str = "scorenn";
@@ -332,7 +332,7 @@ impl BestMetric {
 }
 
 /// Which adapter step `step` (0-based) trains: tasknn first, then scorenn, K steps each.
-fn trained_at(step: u64, k: u64) -> &'static str {
+pub fn trained_at(step: u64, k: u64) -> &'static str {
     if (step / k).is_multiple_of(2) {
         TASKNN
     } else {
@@ -419,8 +419,14 @@ impl RecentSteps {
     /// Time left for `left` more steps at the recent steps' mean time (evaluation excluded);
     /// none before the first step.
     fn eta(&self, left: u64) -> Option<Duration> {
-        (!self.steps.is_empty()).then(|| Duration::from_secs_f64(self.secs() / self.steps.len() as f64 * left as f64))
+        (!self.steps.is_empty()).then(|| saturating_secs(self.secs() / self.steps.len() as f64 * left as f64))
     }
+}
+
+/// `secs` as a Duration: negative or NaN is zero, past `Duration::MAX` is that (from_secs_f64
+/// would panic on either; the times shown may come from a file).
+fn saturating_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(if secs > 0.0 { Duration::MAX } else { Duration::ZERO })
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -446,10 +452,12 @@ fn training_warnings(model: &mut BertModel) -> Result<Vec<String>> {
     Ok(all)
 }
 
-/// An evaluation after `step` updates that meets non-finite values: the updates diverged.
-fn diverged_after(e: Error, step: u64) -> Error {
+/// An evaluation after `step` steps that meets non-finite values: the updates diverged, when
+/// this session made any (`updated`); else the weights it resumed from overflow.
+fn diverged_after(e: Error, step: u64, updated: bool) -> Error {
     match e {
-        Error::NonFinite { at } if step > 0 => Error::NonFinite { at: format!("{at} when evaluating after step {step}: training has diverged (try a lower --lr)") },
+        Error::NonFinite { at } if updated => Error::NonFinite { at: format!("{at} when evaluating after step {step}: training has diverged (try a lower --lr)") },
+        Error::NonFinite { at } if step > 0 => Error::NonFinite { at: format!("{at} when evaluating after step {step}, before any update of this session: {RESUMED_OVERFLOW}") },
         other => other,
     }
 }
@@ -647,7 +655,8 @@ impl Run<'_> {
         for name in [SCORENN, TASKNN] {
             self.model.delete_adapter(name)?;
         }
-        load_networks(&mut self.model, dir, &self.data.labels)?;
+        let config = AdapterConfig::named(&self.args.config)?;
+        load_networks(&mut self.model, dir, &self.data.labels, (&self.args.config, &config))?;
         self.model.set_active_adapters(Some(AdapterSetup::Parallel(vec![SCORENN.into(), TASKNN.into()])))
     }
 
@@ -731,23 +740,60 @@ fn install_ctrlc() -> Arc<AtomicBool> {
 
 /// Fresh adapters and heads, initialised from `seed`.
 fn add_networks(model: &mut BertModel, config: &AdapterConfig, labels: &[String], seed: u64) -> Result<()> {
-    let label2id: BTreeMap<String, usize> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
     for (i, name) in [SCORENN, TASKNN].into_iter().enumerate() {
         model.add_adapter_seeded(name, config.clone(), derive_seed(seed, TAG_INIT + 2 * i as u64))?;
-        let head_config = HeadConfig { label2id: Some(label2id.clone()), ..HeadConfig::classification(labels.len()) };
-        let head = ClassificationHead::new(model.backend().as_ref(), name, head_config, model.config().hidden_size, derive_seed(seed, TAG_INIT + 2 * i as u64 + 1))?;
+        let head = ClassificationHead::new(model.backend().as_ref(), name, head_config(labels), model.config().hidden_size, derive_seed(seed, TAG_INIT + 2 * i as u64 + 1))?;
         model.insert_head(head)?;
     }
     Ok(())
 }
 
-/// Load scorenn and tasknn with their heads from a checkpoint, checking they fit the labels.
-fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result<()> {
+/// The head `add_networks` gives each adapter.
+fn head_config(labels: &[String]) -> HeadConfig {
+    let label2id = labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
+    HeadConfig { label2id: Some(label2id), ..HeadConfig::classification(labels.len()) }
+}
+
+/// The first of the named fields in which `$got` differs from `$want`: (field, got, want).
+macro_rules! first_difference {
+    ($got:expr, $want:expr; $($field:ident),*) => {
+        None $(.or_else(|| ($got.$field != $want.$field).then(|| (stringify!($field), format!("{:?}", $got.$field), format!("{:?}", $want.$field)))))*
+    };
+}
+
+/// Where a loaded adapter's config differs from what `--config` makes, by what changes the
+/// math (the init fields only shape a fresh adapter): (field, loaded, expected).
+fn adapter_difference(got: &AdapterConfig, want: &AdapterConfig) -> Option<(&'static str, String, String)> {
+    first_difference!(got, want; mh_adapter, output_adapter, reduction_factor, non_linearity, original_ln_before, original_ln_after, residual_before_ln,
+        adapter_residual_before_ln, ln_before, ln_after, scaling, use_gating, inv_adapter, inv_adapter_reduction_factor, leave_out, dropout)
+}
+
+/// Where a loaded head's config differs from `head_config`'s (labels are checked on their own).
+fn head_difference(got: &HeadConfig, want: &HeadConfig) -> Option<(&'static str, String, String)> {
+    let activation = |h: &HeadConfig| h.activation.to_ascii_lowercase();
+    if activation(got) != activation(want) {
+        return Some(("activation_function", format!("{:?}", got.activation), format!("{:?}", want.activation)));
+    }
+    first_difference!(got, want; bias, dropout_prob, head_type, layers, use_pooler)
+}
+
+/// Load scorenn and tasknn with their heads from a checkpoint (or `<out>/best/`), checking they
+/// are what `config` (`--config`, by name and as parsed) and the labels make.
+fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String], (config_name, config): (&str, &AdapterConfig)) -> Result<()> {
+    let changed = "the saved adapter was changed or is damaged (restore it, or start afresh without --resume)";
     for name in [SCORENN, TASKNN] {
         let folder = dir.join(name);
         let got = model.load_adapter_with(&folder, &AdapterLoadOptions::default())?.name;
         if got != name {
             return Err(Error::Config { path: folder.join("adapter_config.json"), field: "name".into(), msg: format!("`{got}`, expected `{name}`") });
+        }
+        let loaded = model.adapter(name).ok_or_else(|| Error::Internal(format!("adapter `{name}` vanished after loading")))?;
+        if let Some((field, got, want)) = adapter_difference(loaded.config(), config) {
+            return Err(Error::Config {
+                path: folder.join("adapter_config.json"),
+                field: format!("config.{field}"),
+                msg: format!("{got}, but --config {config_name} (the run's settings) makes {want}: {changed}"),
+            });
         }
         let head = model.head(name).ok_or_else(|| Error::Io {
             path: folder.join(HEAD_CONFIG_FILE),
@@ -769,6 +815,9 @@ fn load_networks(model: &mut BertModel, dir: &Path, labels: &[String]) -> Result
                 field: "label2id".into(),
                 msg: format!("{:?} differs from the checkpoint's labels {labels:?} (state.json): the checkpoint is damaged", head.config().label2id),
             });
+        }
+        if let Some((field, got, want)) = head_difference(head.config(), &head_config(labels)) {
+            return Err(Error::Config { path: folder.join(HEAD_CONFIG_FILE), field: format!("config.{field}"), msg: format!("{got}, but training builds {want}: {changed}") });
         }
     }
     Ok(())
@@ -884,7 +933,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
             );
             return Ok(());
         }
-        load_networks(&mut model, &dir, &r.labels)?;
+        load_networks(&mut model, &dir, &r.labels, (&args.config, &config))?;
         Some((dir, r))
     } else {
         None
@@ -1033,7 +1082,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     };
     // A checkpoint that Ctrl-C saved during its validation: that validation first.
     if start > 0 && start < total && start.is_multiple_of(args.eval_every) && !run.evals.iter().any(|e| e.split == "validation" && e.step == start) {
-        run.validate(start).map_err(|e| diverged_after(e, start))?;
+        run.validate(start).map_err(|e| diverged_after(e, start, false))?;
     }
     let train_indices = run.split.train.clone();
     let mut order = Order { train: &train_indices, seed: args.seed, epoch: None };
@@ -1060,7 +1109,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let optimizer = run.optimizers.get_mut(adapter).ok_or_else(|| Error::Internal(format!("no optimizer for `{adapter}`")))?;
         optimizer.set_lr(run.schedule.lr_at(args.lr, s))?;
         let target = Target { adapter, max_grad_norm: args.max_grad_norm, micro_batches: args.grad_accum };
-        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s))?;
+        let (loss, stop_now) = step(&mut run.model, &mut run.graphs, &batch, &labels[rows.clone()], target, optimizer, ranks, &rows, args.batch_size, stop.load(Ordering::SeqCst), run.scaler.as_mut()).map_err(|e| step_failed(e, s, start))?;
         stop_agreed = ranks.is_parallel() && stop_now;
         let secs = t0.elapsed().as_secs_f64();
         run.train_steps += 1;
@@ -1073,7 +1122,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let (speed, eta) = (run.recent.tokens_per_s(), run.recent.eta(total - (s + 1)));
         run.progress.stepped(s + 1, adapter, loss.loss, speed, eta, &run.steps);
         if (s + 1).is_multiple_of(args.eval_every) && s + 1 < total {
-            run.validate(s + 1).map_err(|e| diverged_after(e, s + 1))?;
+            run.validate(s + 1).map_err(|e| diverged_after(e, s + 1, true))?;
         }
     }
     let end = total;
@@ -1081,11 +1130,12 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         let st = scaler.state();
         say!("f16 loss scaling: {} steps skipped for overflowing gradients so far; the scale is now {}", st.skipped, st.scale);
     }
-    run.finish(end).map_err(|e| diverged_after(e, end))?;
+    let updated = run.train_steps > 0;
+    run.finish(end).map_err(|e| diverged_after(e, end, updated))?;
     run.progress.bar.finish_and_clear();
     say!(
         "done: {end} steps in {} ({:.0} tokens/s this session{}); wrote {}/{{{METRICS}, {PLOT}, {PREDICTIONS}, {SCORENN}/, {TASKNN}/, {}/}}",
-        fmt_duration(Duration::from_secs_f64(run.elapsed())),
+        fmt_duration(saturating_secs(run.elapsed())),
         Run::tokens_per_s(run.train_tokens, run.train_secs),
         if run.graphs.replayed > 0 { format!(", {} of its {} steps replayed from captured graphs", run.graphs.replayed, run.train_steps) } else { String::new() },
         args.out.display(),
@@ -1115,5 +1165,18 @@ mod tests {
         assert!((r.tokens_per_s() - 2000.0).abs() < 1e-9, "{}", r.tokens_per_s());
         assert_eq!(r.eta(380), Some(Duration::from_secs(190)));
         assert_eq!(r.eta(0), Some(Duration::ZERO));
+    }
+
+    /// Times from a file (a checkpoint's elapsed_s) or an ETA past Duration's range become a
+    /// Duration without a panic: negative or NaN is zero, too large is the largest.
+    #[test]
+    fn times_out_of_duration_range_saturate() {
+        for (secs, want) in [(-5.0, Duration::ZERO), (-1e300, Duration::ZERO), (f64::NAN, Duration::ZERO), (1e20, Duration::MAX), (f64::INFINITY, Duration::MAX), (1.5, Duration::from_millis(1500))] {
+            assert_eq!(saturating_secs(secs), want, "{secs}");
+        }
+        let mut r = RecentSteps::default();
+        r.push(1e3, 1);
+        assert_eq!(r.eta(u64::MAX), Some(Duration::MAX));
+        assert!(fmt_duration(Duration::MAX).ends_with('m'));
     }
 }
