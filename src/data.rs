@@ -804,7 +804,7 @@ fn read_csv<R: Read>(b: &mut Builder, input: &mut Input<R>, why: &str) -> Result
         if fields != h.names.len() {
             return Err(bad(path, line, format!("{fields} fields, but the header has {}", h.names.len())));
         }
-        if !text_beyond && std::str::from_utf8(&b.texts[text_start..]).map_or(false, |t| t.trim().is_empty()) {
+        if !text_beyond && std::str::from_utf8(&b.texts[text_start..]).is_ok_and(|t| t.trim().is_empty()) {
             return Err(bad(path, line, "`text` is empty"));
         }
         if label_long {
