@@ -87,8 +87,8 @@ pub fn run(device: Device, model_dir: &Path, data: &Dataset, out_dir: &Path, s: 
     for step in 0..s.steps {
         let trained = if (step / s.alternate).is_multiple_of(2) { TASKNN } else { SCORENN };
         let rows: Vec<usize> = (0..s.batch_size).map(|i| split.train[(step * s.batch_size + i) % split.train.len()]).collect();
-        let texts: Vec<&str> = rows.iter().map(|&r| data.examples[r].text.as_str()).collect();
-        let labels: Vec<usize> = rows.iter().map(|&r| data.examples[r].label).collect();
+        let texts: Vec<&str> = rows.iter().map(|&r| data.text(r)).collect();
+        let labels: Vec<usize> = rows.iter().map(|&r| data.label(r)).collect();
         let batch = tokenizer.encode_batch(&texts, model.config())?;
 
         // train_adapter freezes everything but `trained`; the Parallel setup stays active, so
@@ -131,7 +131,7 @@ fn accuracy_of(model: &mut BertModel, name: &str, tokenizer: &BertTokenizer, dat
     let backend: Arc<dyn Backend> = model.backend().clone();
     let (mut correct, mut all_logits) = (0usize, Vec::new());
     for chunk in rows.chunks(64) {
-        let texts: Vec<&str> = chunk.iter().map(|&r| data.examples[r].text.as_str()).collect();
+        let texts: Vec<&str> = chunk.iter().map(|&r| data.text(r)).collect();
         let batch = tokenizer.encode_batch(&texts, model.config())?;
         let output = model.forward(&batch)?;
         let logits = &model.head_logits(&output)?[0].logits;
@@ -139,7 +139,7 @@ fn accuracy_of(model: &mut BertModel, name: &str, tokenizer: &BertTokenizer, dat
         let host = backend.to_host(logits)?;
         for (&r, row) in chunk.iter().zip(host.chunks(classes)) {
             let predicted = (0..classes).fold(0, |best, j| if row[j] > row[best] { j } else { best });
-            correct += usize::from(predicted == data.examples[r].label);
+            correct += usize::from(predicted == data.label(r));
         }
         all_logits.extend(host);
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Dataset, Split, SplitMix64};
+use bert_adapters::data::{derive_seed, fingerprint_bytes, fingerprint_file, Dataset, ReadOptions, Split, SplitMix64};
 use bert_adapters::io::adapter_files::{AdapterLoadOptions, HEAD_CONFIG_FILE};
 use bert_adapters::io::atomic::{replace_dir, write_atomic};
 use bert_adapters::model::heads::{ClassificationHead, HeadConfig};
@@ -519,7 +519,7 @@ impl Run<'_> {
     fn evaluate(&mut self, indices: &[usize], what: &str) -> Result<Option<(f64, f64, Vec<usize>)>> {
         self.progress.doing(&format!("{what} ({} examples)", indices.len()));
         self.model.set_dropout(None);
-        let texts: Vec<&str> = indices.iter().map(|&i| self.data.examples[i].text.as_str()).collect();
+        let texts: Vec<&str> = indices.iter().map(|&i| self.data.text(i)).collect();
         // Among several ranks, each predicts its share of the batches and all gather the rest.
         let pred = if self.ranks.is_parallel() {
             let mine = infer::predict_part(&mut self.model, &self.tokenizer, TASKNN, &texts, &self.stop, self.ranks.rank(), self.ranks.size())?;
@@ -530,7 +530,7 @@ impl Run<'_> {
         let Some(pred) = pred else {
             return Ok(None);
         };
-        let gold: Vec<usize> = indices.iter().map(|&i| self.data.examples[i].label).collect();
+        let gold: Vec<usize> = indices.iter().map(|&i| self.data.label(i)).collect();
         let (acc, f1) = metrics::accuracy_f1(&gold, &pred, self.data.labels.len());
         Ok(Some((acc, f1, pred)))
     }
@@ -712,8 +712,7 @@ impl Run<'_> {
         let mut w = csv::Writer::from_writer(Vec::new());
         w.write_record(outdir::PREDICTIONS_HEADER.split(',')).map_err(|e| to_err(&e))?;
         for (&i, &p) in indices.iter().zip(pred) {
-            let ex = &self.data.examples[i];
-            w.write_record([ex.text.as_str(), &self.data.labels[ex.label], &self.data.labels[p]]).map_err(|e| to_err(&e))?;
+            w.write_record([self.data.text(i), &self.data.labels[self.data.label(i)], &self.data.labels[p]]).map_err(|e| to_err(&e))?;
         }
         let bytes = w.into_inner().map_err(|e| to_err(&e))?;
         write_atomic(&path, &bytes)
@@ -892,8 +891,9 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         "lower --batch-size or --max-len",
     )?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"), args.max_len)?;
-    // Read once: `--data <(…)` is a pipe that cannot be read twice.
-    let data_bytes = std::fs::read(&args.data).map_err(|e| Error::Io { path: args.data.clone(), source: e })?;
+    // Read once, as a stream (`--data <(…)` is a pipe that cannot be read twice), each text cut
+    // where the tokenizer would cut it; the labels are mapped once the checkpoint (if any) is read.
+    let data = Dataset::read(&args.data, &ReadOptions { max_chars: tokenizer.max_chars(), memory_limit: None })?;
     let settings = Settings {
         config: args.config.clone(),
         batch_size: args.batch_size,
@@ -908,7 +908,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         alternate: args.alternate,
         seed: args.seed,
         data: canonical(&args.data),
-        data_fingerprint: fingerprint_bytes(&data_bytes),
+        data_fingerprint: data.fingerprint().to_string(),
         model: canonical(&args.model),
         model_config_fingerprint: fingerprint_bytes(format!("{:?}", model.config()).as_bytes()),
         model_weights_fingerprint: fingerprint_file(args.model.join("model.safetensors"))?,
@@ -938,8 +938,7 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
     } else {
         None
     };
-    let data = Dataset::from_bytes(&args.data, &data_bytes, restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
-    drop(data_bytes);
+    let data = data.with_labels(restored.as_ref().map(|(_, r)| r.labels.as_slice()))?;
     let split = data.split(args.seed, VALIDATION, TEST)?;
     let (mut saved_scaler, mut saved_schedule_steps, mut best) = (None, None, None);
     let (start, optimizers, steps, mut evals, elapsed_before) = match restored {
@@ -1095,8 +1094,8 @@ fn train(args: &TrainArgs, ranks: &mut Ranks) -> Result<()> {
         }
         let adapter = trained_at(s, args.alternate);
         let idx = order.batch(s, args.batch_size);
-        let texts: Vec<String> = idx.iter().map(|&i| run.data.examples[i].text.clone()).collect();
-        let labels: Vec<usize> = idx.iter().map(|&i| run.data.examples[i].label).collect();
+        let texts: Vec<&str> = idx.iter().map(|&i| run.data.text(i)).collect();
+        let labels: Vec<usize> = idx.iter().map(|&i| run.data.label(i)).collect();
         // Padded to the backend's length bucket (capped at --max-len) so step shapes repeat where
         // that pays; see `bucket_len`.
         let batch = run.tokenizer.encode_batch_bucketed(&texts, run.model.config(), run.model.backend().length_bucket())?;
