@@ -74,11 +74,11 @@ impl BertTokenizer {
         // The file's stride only shapes the overflowing pieces, which nothing here reads; kept,
         // a stride as large as the room left by the specials panics inside tokenizers.
         let truncation = TruncationParams { max_length: max_len, stride: 0, ..inner.get_truncation().cloned().unwrap_or_default() };
-        // Specials the post-processor adds to one text (BERT's [CLS] and [SEP]): if they fill
+        // Specials the post-processor adds to one text (BERT's [CLS] and [SEP]): more than
         // max_len, tokenizers' room for the text would wrap around and truncation stop.
         let specials = inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
-        if specials >= max_len {
-            return Err(tok_err(format!("its post-processor adds {specials} special tokens to every text, which leaves no room for a token in a max length of {max_len}")));
+        if specials > max_len {
+            return Err(tok_err(format!("its post-processor adds {specials} special tokens to every text, more than a max length of {max_len} holds")));
         }
         inner.with_truncation(Some(truncation)).map_err(|e| tok_err(format!("cannot set truncation: {e}")))?;
         Ok(BertTokenizer { path, inner, max_chars: max_len.clamp(1, usize::MAX / MAX_CHARS_PER_TOKEN) * MAX_CHARS_PER_TOKEN, pad })

@@ -190,7 +190,7 @@ fn unimplemented_options_are_refused_not_ignored() {
     let model = tiny();
     let base = ["--model", s(&model), "--inputs", "x.safetensors", "--out", s(&out)];
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
-    let mut cases = vec![(&["--device", "tpu"][..], "unknown device `tpu`")];
+    let mut cases = vec![(&["--device", "tpu"][..], "--device `tpu`: expected auto, cpu")];
     // `--device cuda` without a GPU says why in one line (with one, the binary runs on it).
     if bert_adapters::cuda::probe::probe_gpu(0).is_err() {
         cases.push((&["--device", "cuda"][..], "libcuda"));

@@ -611,7 +611,7 @@ fn a_tokenizer_file_cannot_make_truncation_panic() {
         single.push(serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}));
         t["post_processor"]["single"] = serde_json::Value::Array(single);
     });
-    fails(predict_cmd(&crowded, &out.join("tasknn"), &long).args(["--max-len", "16"]).output().unwrap(), &["tokenizer.json", "adds 20 special tokens", "max length of 16"]);
+    fails(predict_cmd(&crowded, &out.join("tasknn"), &long).args(["--max-len", "16"]).output().unwrap(), &["tokenizer.json", "adds 20 special tokens", "more than a max length of 16 holds"]);
 }
 
 #[test]

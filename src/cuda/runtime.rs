@@ -174,12 +174,17 @@ fn number_before(line: &str, keyword: &str) -> Option<u32> {
     before.split_whitespace().last()?.parse().ok()
 }
 
-/// `sm_XY[a|f]` only: a CUBIN needs a real architecture, not a virtual `compute_XY`.
-fn check_arch(arch: &str) -> Result<()> {
+/// Whether `arch` names a real GPU architecture, `sm_XY[a|f]`: a CUBIN needs one, not a
+/// virtual `compute_XY`.
+pub fn is_real_arch(arch: &str) -> bool {
     let digits = arch.strip_prefix("sm_").map(|r| r.trim_end_matches(['a', 'f']));
-    match digits {
-        Some(d) if (2..=3).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
-        _ => Err(Error::Cuda(format!("invalid GPU architecture `{arch}` (expected e.g. sm_80, sm_90, sm_90a)"))),
+    matches!(digits, Some(d) if (2..=3).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn check_arch(arch: &str) -> Result<()> {
+    match is_real_arch(arch) {
+        true => Ok(()),
+        false => Err(Error::Cuda(format!("invalid GPU architecture `{arch}` (expected e.g. sm_80, sm_90, sm_90a)"))),
     }
 }
 

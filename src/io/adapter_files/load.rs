@@ -144,8 +144,11 @@ pub fn check_fit(cfg: &AdapterConfigFile, path: &Path, bert: &BertConfig, strict
                 return Err(Error::config(
                     path,
                     "config.reduction_factor",
-                    // m saturates for a tiny factor: name the bound, not a wrapped-around width.
-                    format!("gives a bottleneck wider than {max} at layer {layer}, {MAX_WIDTH_FACTOR}× the hidden size {h}"),
+                    // The width saturates for a tiny factor: say so rather than print usize::MAX.
+                    format!(
+                        "gives a bottleneck of {} at layer {layer}, more than {MAX_WIDTH_FACTOR}× the hidden size {h}",
+                        if m == usize::MAX { "2^64 or more".to_string() } else { m.to_string() }
+                    ),
                 ));
             }
         }
