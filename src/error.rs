@@ -76,18 +76,6 @@ impl Error {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Error;
-
-    #[test]
-    fn internal_errors_say_they_are_a_bug() {
-        let e = Error::internal("no tape recorded");
-        assert!(matches!(e, Error::Internal(_)));
-        assert_eq!(e.to_string(), "internal error (a bug in bert-adapters, please report it): no tape recorded");
-    }
-}
-
 /// A number for a message, written short: plainly between 1e-3 and 1e6, else in scientific
 /// notation with 4 significant digits (a factor of 1e-300 is `1.000e-300`, not 300 digits).
 pub fn short_number(value: f64) -> String {
@@ -105,5 +93,17 @@ pub fn clip_text(text: &str) -> String {
     match text.char_indices().nth(KEEP) {
         None => text.to_string(),
         Some((cut, _)) => format!("{}… ({} more characters)", &text[..cut], text[cut..].chars().count()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn internal_errors_say_they_are_a_bug() {
+        let e = Error::internal("no tape recorded");
+        assert!(matches!(e, Error::Internal(_)));
+        assert_eq!(e.to_string(), "internal error (a bug in bert-adapters, please report it): no tape recorded");
     }
 }
