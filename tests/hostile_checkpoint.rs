@@ -5,16 +5,16 @@
 //! update of the session has run.
 
 mod common;
+// The binary's helpers; outside common/mod.rs, which examples/seed_workflow.rs also includes.
+#[path = "common/cli.rs"]
+mod cli;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cli::{bin, ok, text};
 use common::{fixtures, read_raw_safetensors, trainable_tiny_model, write_raw_safetensors};
 use serde_json::{json, Value};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
-}
 
 /// A quick `train`: 2 steps of 4 texts, validated and tested at the end only.
 fn train_cmd(model: &Path, out: &Path, extra: &[&str]) -> Command {
@@ -25,26 +25,10 @@ fn train_cmd(model: &Path, out: &Path, extra: &[&str]) -> Command {
     c
 }
 
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
-fn ok(o: Output) -> String {
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", o.status.code());
-    stdout
-}
-
-/// Exit 1 with exactly one line on stderr, holding every one of `says` and no advice about --lr.
+/// The contract's one-line failure (`cli::fails`), with no advice about --lr.
 #[track_caller]
 fn fails(o: Output, says: &[&str]) -> String {
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one error line expected:\n{stderr}");
-    for s in says {
-        assert!(stderr.contains(s), "`{s}` not in: {stderr}");
-    }
+    let stderr = cli::fails(o, says);
     assert!(!stderr.contains("--lr"), "{stderr}");
     stderr
 }

@@ -5,19 +5,18 @@
 //! (`setrlimit(RLIMIT_AS)` in the child), so an unbounded allocation fails the test, not the machine.
 
 mod common;
+// The binary's helpers; outside common/mod.rs, which examples/seed_workflow.rs also includes.
+#[path = "common/cli.rs"]
+mod cli;
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use bert_adapters::io::TensorFile;
+use cli::{bin, fails, limited, ok, text};
 use common::{assert_close, fixtures, member, read_f32, read_raw_safetensors, trainable_tiny_model, unzip, write_raw_safetensors, zip_members};
 use safetensors::Dtype;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
-}
 
 fn data() -> PathBuf {
     fixtures().join("train/reviews.csv")
@@ -37,28 +36,6 @@ fn run_tiny(dest: &Path) -> Command {
     let mut c = bin();
     c.arg("run").arg("--model").arg(fixtures().join("tiny_bert")).arg("--inputs").arg(fixtures().join("tiny_bert/inputs.safetensors")).arg("--out").arg(dest);
     c
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
-fn ok(o: Output) -> String {
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", o.status.code());
-    stdout
-}
-
-/// Exit 1 with exactly one line on stderr, holding every one of `says`.
-fn fails(o: Output, says: &[&str]) -> String {
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one error line expected:\n{stderr}");
-    for s in says {
-        assert!(stderr.contains(s), "`{s}` not in: {stderr}");
-    }
-    stderr
 }
 
 fn bytes(path: &Path) -> Vec<u8> {
@@ -81,21 +58,6 @@ fn dead_pid() -> u32 {
     let pid = child.id();
     child.wait().unwrap();
     pid
-}
-
-/// Run `cmd` with its address space limited to `bytes`: an allocation past it fails in the child.
-fn limited(cmd: &mut Command, bytes: u64) -> Output {
-    // SAFETY: only async-signal-safe work (setrlimit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.output().unwrap()
 }
 
 /// The address-space limit of the memory-bound cases: the binary, its thread stacks and malloc

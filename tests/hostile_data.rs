@@ -5,17 +5,16 @@
 //! the file fails the test rather than the machine.
 
 mod common;
+// The binary's helpers; outside common/mod.rs, which examples/seed_workflow.rs also includes.
+#[path = "common/cli.rs"]
+mod cli;
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
+use cli::{bin, fails, limited, ok};
 use common::trainable_tiny_model;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bert-adapters"))
-}
 
 /// One step of 2 texts at `--max-len 8` (texts cut to 8 × 64 = 512 characters).
 fn train_cmd(model: &Path, data: &Path, out: &Path) -> Command {
@@ -27,39 +26,6 @@ fn train_at(model: &Path, data: &Path, out: &Path, max_len: &str) -> Command {
     c.arg("train").arg("--model").arg(model).arg("--data").arg(data).arg("--out").arg(out);
     c.args(["--steps", "1", "--batch-size", "2", "--max-len", max_len, "--eval-every", "1000", "--eval-size", "2", "--device", "cpu", "--quiet"]);
     c
-}
-
-/// Run `cmd` with its address space limited to `bytes`: an allocation past it fails in the child.
-fn limited(cmd: &mut Command, bytes: u64) -> Output {
-    // SAFETY: only async-signal-safe work (setrlimit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.output().unwrap()
-}
-
-fn ok(o: Output) -> String {
-    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", o.status.code());
-    stdout.into_owned()
-}
-
-/// Exit 1 with exactly one line on stderr, holding every one of `says`.
-fn fails(o: Output, says: &[&str]) -> String {
-    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one error line expected:\n{stderr}");
-    for s in says {
-        assert!(stderr.contains(s), "`{s}` not in: {stderr}");
-    }
-    stderr.into_owned()
 }
 
 fn predictions(out: &Path) -> Vec<Vec<String>> {

@@ -25,10 +25,7 @@ pub fn training_step_bytes(cfg: &BertConfig, rows: usize, seq_len: usize) -> u12
 
 /// Memory the OS says is available (Linux `MemAvailable`), if it can tell.
 fn available_bytes() -> Option<u128> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    bert_adapters::data::available_memory().map(u128::from)
 }
 
 fn gib(bytes: u128) -> f64 {
