@@ -27,13 +27,18 @@ pub use bert_adapters::error::short_number as short;
 /// `value` of `flag`, which must be a finite number above zero that f32 holds as a normal
 /// number (the kernels compute in f32: 1e-50 would silently be 0 there, 1e39 infinite).
 pub fn positive(flag: &str, value: f64) -> Result<f64> {
+    in_f32_range(flag, finite_positive(flag, value)?)
+}
+
+/// `value` of `flag`, which must be a finite number above zero (its own range checked after).
+pub fn finite_positive(flag: &str, value: f64) -> Result<f64> {
     if value.is_nan() || value.is_infinite() {
         return Err(Error::Input(format!("{flag} must be a finite number (got {value})")));
     }
     if value <= 0.0 {
         return Err(Error::Input(format!("{flag} must be > 0 (got {})", short(value))));
     }
-    in_f32_range(flag, value)
+    Ok(value)
 }
 
 /// `value` of `flag`, which must be a finite number, zero or more; above zero, within f32's

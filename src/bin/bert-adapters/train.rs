@@ -211,7 +211,7 @@ fn check(f: TrainFlags) -> Result<TrainArgs> {
     }
     let loss_scale = match f.loss_scale {
         Some(v) => {
-            let v = flags::positive("--loss-scale", v)?;
+            let v = flags::finite_positive("--loss-scale", v)?;
             // The scaler never goes below 1 (an overflow there is an error), nor past f32.
             if !(1.0..=f32::MAX as f64).contains(&v) {
                 return Err(Error::Input(format!("--loss-scale {} must be between 1 and {:e} (f32's largest)", flags::short(v), f32::MAX)));
