@@ -144,12 +144,9 @@ impl TextSource {
         Ok(TextSource { tokenizer: Box::new(tokenizer), path: path.to_path_buf(), rows, longest, held: (!regular).then_some(held), cursor: RefCell::new(None) })
     }
 
-    /// Lines `range`: from the held lines, or read on from where the last call stopped (from
-    /// the start of the file again when `range` starts elsewhere).
-    fn lines(&self, range: std::ops::Range<usize>) -> Result<Vec<String>> {
-        if let Some(held) = &self.held {
-            return Ok(held[range].to_vec());
-        }
+    /// Lines `range` of a file (not held): read on from where the last call stopped (from the
+    /// start of the file again when `range` starts elsewhere).
+    fn read_lines(&self, range: std::ops::Range<usize>) -> Result<Vec<String>> {
         let mut cursor = self.cursor.borrow_mut();
         if cursor.as_ref().is_none_or(|(_, next)| *next != range.start) {
             let mut reader = infer::TextLines::open(&self.path, self.tokenizer.max_chars())?;
@@ -204,7 +201,10 @@ impl Source {
                 let cut = |v: &[u32]| v[range.start * b.seq_len..range.end * b.seq_len].to_vec();
                 Ok(InputBatch { batch: range.len(), seq_len, input_ids: cut(&b.input_ids), attention_mask: cut(&b.attention_mask), token_type_ids: cut(&b.token_type_ids) })
             }
-            Source::Text(t) => t.tokenizer.encode_batch_to(&t.lines(range)?, cfg, seq_len),
+            Source::Text(t) => match &t.held {
+                Some(held) => t.tokenizer.encode_batch_to(&held[range], cfg, seq_len),
+                None => t.tokenizer.encode_batch_to(&t.read_lines(range)?, cfg, seq_len),
+            },
         }
     }
 }
